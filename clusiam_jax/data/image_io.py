@@ -1,0 +1,105 @@
+"""Reading patch files into RGB uint8 arrays, and telling bad files apart.
+
+PNG and JPEG go through OpenCV's decoder (about 1.5x faster than PIL's here and
+pixel-identical for PNG; for baseline JPEG both use libjpeg-turbo with the same
+defaults, checked in tests). Everything else goes through PIL.
+
+Conversions (the original opened files without ``convert('RGB')`` and crashed
+on RGBA): grayscale is replicated to three channels, alpha is dropped (as PIL's
+``convert('RGB')`` does), palette images are expanded, and 16-bit images are
+scaled to 8 bits by ``round(v / 257)`` (PIL would clip them at 255 instead).
+
+Anything that cannot be decoded raises :class:`BadImageError`, so the pipeline
+can skip it while any other exception (a bug) still surfaces.
+"""
+import io
+import os
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# Per-image work is far too small for OpenCV's thread pool to pay off; the
+# pipeline's parallelism comes from grain worker processes instead.
+cv2.setNumThreads(1)
+
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+_JPEG_MAGIC = b'\xff\xd8\xff'
+
+
+class BadImageError(ValueError):
+    """A file that is not a readable image (empty, truncated, not an image...)."""
+
+
+def _to_rgb_uint8(arr: np.ndarray, bgr: bool) -> np.ndarray:
+    """HxW, HxWx1..4 of uint8/uint16 -> HxWx3 uint8 RGB."""
+    if arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)  # round(v/257)
+    elif arr.dtype != np.uint8:
+        raise BadImageError(f'unsupported pixel type {arr.dtype}')
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    channels = arr.shape[2]
+    if channels in (1, 2):  # gray, gray+alpha
+        return np.ascontiguousarray(np.repeat(arr[:, :, :1], 3, axis=2))
+    if channels in (3, 4):
+        rgb = arr[:, :, 2::-1] if bgr else arr[:, :, :3]
+        return np.ascontiguousarray(rgb)
+    raise BadImageError(f'unsupported channel count {channels}')
+
+
+def _decode_with_cv2(data: bytes) -> np.ndarray:
+    buf = np.frombuffer(data, np.uint8)
+    if data.startswith(_JPEG_MAGIC):
+        # libjpeg pads a truncated JPEG with gray and only warns; PIL refuses
+        # it. A JPEG without its end-of-image marker is therefore rejected.
+        if b'\xff\xd9' not in data[-64:]:
+            raise BadImageError('truncated JPEG (no end-of-image marker)')
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    else:
+        flags = cv2.IMREAD_UNCHANGED
+    arr = cv2.imdecode(buf, flags)
+    if arr is None or arr.size == 0:
+        raise BadImageError('not decodable')
+    return _to_rgb_uint8(arr, bgr=arr.ndim == 3 and arr.shape[2] >= 3)
+
+
+def _decode_with_pil(data: bytes) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
+                arr = np.asarray(im)
+                arr = np.clip(arr, 0, 65535).astype(np.uint16)
+                return _to_rgb_uint8(arr, bgr=False)
+            return np.asarray(im.convert('RGB'))
+    except BadImageError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise BadImageError(f'{type(e).__name__}: {e}') from None
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> HxWx3 uint8 RGB; BadImageError if not an image."""
+    if not data:
+        raise BadImageError('empty file')
+    if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
+        arr = _decode_with_cv2(data)
+    else:
+        arr = _decode_with_pil(data)
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise BadImageError(f'empty image {arr.shape}')
+    return arr
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """Reads an image file as HxWx3 uint8 RGB; BadImageError if unreadable."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise BadImageError(f'{path}: {e.strerror or e}') from None
+    try:
+        return decode_rgb(data)
+    except BadImageError as e:
+        raise BadImageError(f'{os.fspath(path)}: {e}') from None

@@ -1,0 +1,229 @@
+"""The training input pipeline: shuffled records -> two augmented views -> batches.
+
+Everything is a pure function of an element's position, so the stream does not
+depend on the number of worker processes and resumes exactly:
+
+* element k of this process (k = 0 .. num_epochs * steps_per_epoch * B_local - 1)
+  belongs to epoch e = k // (steps_per_epoch * B_local), step s and slot j;
+* its position in the epoch's global order is
+  pos = s * B_global + process_index * B_local + j, i.e. each process takes a
+  contiguous share of every global batch, so the global batch assembled with
+  ``jax.make_array_from_process_local_data`` is the same for any process count;
+* the epoch's order is a permutation of all N records drawn from (seed, e),
+  truncated to steps_per_epoch * B_global (the incomplete last batch is dropped);
+* the augmentation generator is seeded with (seed, e, pos).
+
+Bad files (unreadable, truncated, empty, not an image): the element takes a
+substitute record drawn from (seed, e, pos, attempt) instead, so the batch stays
+full and deterministic; the bad path is logged once and appended to
+``<workdir>/skipped_files.txt``. Files are only checked when first read, so a
+run starts without scanning millions of files.
+
+grain runs it as ``MapDataset.range -> map(make pair) -> batch`` and, with
+``num_workers`` > 0, ``mp_prefetch`` over spawned worker processes, each making
+whole batches. The per-record code imports no JAX.
+"""
+import dataclasses
+import logging
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+from clusiam_jax.data import augment
+from clusiam_jax.data import image_io
+from clusiam_jax.data import skips
+from clusiam_jax.data import sources as sources_lib
+from clusiam_jax.data import stats as stats_lib
+
+logger = logging.getLogger(__name__)
+
+# Stream tags mixed into the seeds so the shuffle, the augmentation and the
+# substitutes for bad files never share random numbers.
+_SHUFFLE, _AUGMENT, _SUBSTITUTE = 0x5, 0xA, 0xB
+_MAX_SUBSTITUTES = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """Which record and which random stream each element of this process gets."""
+    num_records: int
+    global_batch: int
+    process_index: int
+    process_count: int
+    num_epochs: int
+    seed: int
+
+    def __post_init__(self):
+        if self.global_batch % self.process_count:
+            raise ValueError(f'train.batch_size {self.global_batch} is not divisible by '
+                             f'the process count {self.process_count}')
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f'train.batch_size {self.global_batch} is larger than the {self.num_records} '
+                f'records of the training list: not one full batch per epoch')
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.process_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_records // self.global_batch
+
+    @property
+    def local_elements(self) -> int:
+        return self.num_epochs * self.steps_per_epoch * self.local_batch
+
+    def locate(self, k: int) -> Tuple[int, int]:
+        """(epoch, position in the epoch's global order) of local element k."""
+        epoch, rest = divmod(k, self.steps_per_epoch * self.local_batch)
+        step, slot = divmod(rest, self.local_batch)
+        return epoch, step * self.global_batch + self.process_index * self.local_batch + slot
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, _SHUFFLE])
+        return rng.permutation(self.num_records)
+
+
+class PairMaker:
+    """Local element index -> dict(view1, view2) (runs in grain workers)."""
+
+    def __init__(self, source, plan: EpochPlan, aug: augment.AugmentConfig,
+                 skip_log: skips.SkipLog):
+        self.source = source
+        self.plan = plan
+        self.aug = aug
+        self.skip_log = skip_log
+        self._perm_epoch, self._perm = None, None
+        self._bad = set()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_perm_epoch=None, _perm=None, _bad=set())
+        return state
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:  # one epoch at a time: elements arrive in order
+            self._perm, self._perm_epoch = self.plan.permutation(epoch), epoch
+        return self._perm
+
+    def _load(self, index: int) -> Optional[np.ndarray]:
+        if index in self._bad:
+            return None
+        try:
+            return self.source.load(index)
+        except image_io.BadImageError as e:
+            self._bad.add(index)
+            self.skip_log.record(self.source.path(index), str(e).split(': ', 1)[-1])
+            return None
+
+    def record_index(self, k: int) -> Tuple[int, int, int]:
+        epoch, pos = self.plan.locate(k)
+        return epoch, pos, int(self._order(epoch)[pos])
+
+    def __call__(self, k: int):
+        epoch, pos, index = self.record_index(int(k))
+        img = self._load(index)
+        attempt = 0
+        while img is None:
+            attempt += 1
+            if attempt > _MAX_SUBSTITUTES:
+                raise RuntimeError(
+                    f'{_MAX_SUBSTITUTES} substitutes in a row were unreadable: is the patch '
+                    f'source mostly broken? See {self.skip_log.list_path}')
+            sub_rng = np.random.default_rng([self.plan.seed, epoch, pos, _SUBSTITUTE, attempt])
+            img = self._load(int(sub_rng.integers(self.plan.num_records)))
+        rng = np.random.default_rng([self.plan.seed, epoch, pos, _AUGMENT])
+        view1, view2 = augment.two_views(img, rng, self.aug)
+        return {'view1': view1, 'view2': view2}
+
+
+def _ensure_absl_flags_parsed():
+    # grain's mp_prefetch reads its absl flags; a caller that is not an absl app
+    # never parsed them. Marking them parsed keeps the defaults and leaves
+    # sys.argv alone.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class TrainLoader:
+    """The training stream of one process (see module docstring)."""
+
+    def __init__(self, source, plan: EpochPlan, aug: augment.AugmentConfig,
+                 mean, std, num_workers: int = 0, skip_list: Optional[str] = None):
+        self.source = source
+        self.plan = plan
+        self.aug = aug
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.num_workers = int(num_workers)
+        self.skip_log = skips.SkipLog(skip_list)
+
+    num_records = property(lambda self: self.plan.num_records)
+    steps_per_epoch = property(lambda self: self.plan.steps_per_epoch)
+    num_epochs = property(lambda self: self.plan.num_epochs)
+    local_batch_size = property(lambda self: self.plan.local_batch)
+    global_batch_size = property(lambda self: self.plan.global_batch)
+
+    @property
+    def num_steps(self) -> int:
+        return self.plan.num_epochs * self.plan.steps_per_epoch
+
+    def pair_maker(self) -> PairMaker:
+        return PairMaker(self.source, self.plan, self.aug, self.skip_log)
+
+    def dataset(self):
+        """The grain IterDataset of batches over all epochs."""
+        import grain  # pylint: disable=g-import-not-at-top
+        ds = (grain.MapDataset.range(self.plan.local_elements)
+              .map(self.pair_maker())
+              .batch(self.plan.local_batch, drop_remainder=True))
+        # One reading thread: the parallelism is in the worker processes (or, with
+        # num_workers=0, one background thread overlapping the train step). The
+        # buffer holds whole batches, so keep it short.
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+        if self.num_workers > 0:
+            _ensure_absl_flags_parsed()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.num_workers, per_worker_buffer_size=1))
+        return it_ds
+
+    def iterator(self):
+        """A grain DatasetIterator over all epochs; get_state/set_state resume it."""
+        return iter(self.dataset())
+
+    def skipped_files(self):
+        """Paths skipped so far (by any process writing to the same list)."""
+        return self.skip_log.paths()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_files())
+
+
+def create_train_loader(config, workdir: Optional[str] = None, process_index: int = 0,
+                        process_count: int = 1) -> TrainLoader:
+    """The training loader of this process, from ``config.data`` and ``config.train``.
+
+    Raises ValueError / FileNotFoundError (one line) for an empty or missing
+    source, a manifest without a ``path`` column, or a batch larger than the list.
+    """
+    data_path = config.data.path
+    recs, source = sources_lib.open_source(data_path)
+    plan = EpochPlan(num_records=len(recs), global_batch=int(config.train.batch_size),
+                     process_index=int(process_index), process_count=int(process_count),
+                     num_epochs=int(config.train.num_epochs), seed=int(config.train.seed))
+    skip_list = os.path.join(workdir, skips.SKIPPED_FILES) if workdir else None
+    mean, std = config.data.mean, config.data.std
+    if (mean is None) != (std is None):
+        raise ValueError('set both data.mean and data.std, or neither (computed)')
+    if mean is None:
+        mean, std = stats_lib.cached_stats(
+            data_path, source, workdir=workdir, num_workers=int(config.data.num_workers),
+            skip_log=skips.SkipLog(skip_list))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f'data.mean/std need 3 values, std > 0: got {mean}, {std}')
+    return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
+                       num_workers=int(config.data.num_workers), skip_list=skip_list)

@@ -1,0 +1,142 @@
+"""Packing a patch source into a TFDS dataset of ArrayRecord shards (no TensorFlow).
+
+Each example holds the encoded image and the patch's metadata:
+``image`` (PNG/JPEG bytes), ``path``, ``slide_id``, ``label`` (text, '' when
+unknown) and ``x``, ``y`` (int64, -1 when unknown). RGB 8-bit PNG and JPEG
+files are stored byte for byte; anything else (grayscale, RGBA, 16-bit, TIFF...)
+is converted with :func:`load_rgb` and stored as a lossless RGB PNG, so every
+stored image decodes to exactly the pixels training would read from the file.
+Unreadable files are left out and listed in ``skipped_files.txt``.
+
+Examples keep the order of the (sorted) source list (shuffling at write time
+is disabled), and ``records.csv`` beside the shards lists them in that order,
+so record i of the manifest is example i of the data source.
+
+Read back with :func:`open_data_source` (``tfds.builder_from_directory`` +
+``as_data_source``, which needs no TensorFlow either).
+"""
+import io
+import os
+from typing import List, Optional
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+import tqdm
+
+from clusiam_jax.data import image_io
+from clusiam_jax.data import records as records_lib
+
+DATASET_NAME = 'clusiam_patches'
+SKIPPED_FILE = 'skipped_files.txt'
+
+
+def _stored_bytes(path: str) -> bytes:
+    """The bytes to store for one file; BadImageError if it is not an image."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    rgb = image_io.decode_rgb(data)  # validates; raises BadImageError
+    if data.startswith(b'\xff\xd8\xff'):
+        # JPEG: keep the file only if it decodes to the same RGB pixels as stored
+        # bytes would (3-channel 8-bit baseline); anything odd is re-encoded.
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.mode == 'RGB':
+                    return data
+        except Exception:  # decode_rgb succeeded, PIL's opinion is secondary
+            pass
+    elif data.startswith(b'\x89PNG\r\n\x1a\n'):
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode == 'RGB':
+                return data
+    buf = io.BytesIO()
+    Image.fromarray(rgb, 'RGB').save(buf, format='PNG', compress_level=1)
+    return buf.getvalue()
+
+
+class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
+    """Histopathology patches with slide id, label and level-0 coordinates."""
+
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'First version.'}
+
+    def __init__(self, *, records: Optional[List[records_lib.PatchRecord]] = None,
+                 **kwargs):
+        self._source_records = records
+        self.skipped: List[str] = []
+        self.written: List[records_lib.PatchRecord] = []
+        super().__init__(**kwargs)
+
+    @classmethod
+    def _get_name(cls):  # a stable name whatever the class is called
+        return DATASET_NAME
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(None, None, 3)),
+                'path': tfds.features.Text(),
+                'slide_id': tfds.features.Text(),
+                'label': tfds.features.Text(),
+                'x': np.int64,
+                'y': np.int64,
+            }),
+            disable_shuffling=True,  # example i == manifest row i
+            description='Histopathology patches packed for clusiam_jax.',
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+        if self._source_records is None:
+            raise ValueError('ClusiamPatches needs records=... to be built')
+        for index, rec in enumerate(tqdm.tqdm(self._source_records, desc='packing patches',
+                                              unit='patch', mininterval=1.0)):
+            try:
+                data = _stored_bytes(rec.path)
+            except (image_io.BadImageError, OSError) as e:
+                self.skipped.append(f'{rec.path}\t{e}')
+                continue
+            self.written.append(rec)
+            yield index, {
+                'image': data,
+                'path': rec.path,
+                'slide_id': rec.slide_id or '',
+                'label': rec.label or '',
+                'x': -1 if rec.x is None else rec.x,
+                'y': -1 if rec.y is None else rec.y,
+            }
+
+
+def build_dataset(source: str, out_dir: str) -> str:
+    """Packs a patch folder or manifest CSV into ``out_dir``; returns the dataset dir.
+
+    The returned folder (``out_dir/clusiam_patches/1.0.0``) is what
+    ``config.data.path`` takes (``out_dir`` itself works too).
+    """
+    recs = records_lib.discover(source)
+    if records_lib.find_tfds_dataset(source) is not None:
+        raise ValueError(f'{source} is already a built dataset')
+    os.makedirs(out_dir, exist_ok=True)
+    builder = ClusiamPatches(records=recs, data_dir=out_dir, file_format='array_record')
+    if os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
+        raise FileExistsError(f'a dataset is already built at {builder.data_dir}; '
+                              f'remove it or choose another --out')
+    builder.download_and_prepare()
+    dataset_dir = builder.data_dir
+    if not builder.written:
+        raise ValueError(f'no readable image in {source}')
+    records_lib.write_manifest(builder.written,
+                               os.path.join(dataset_dir, records_lib.DATASET_MANIFEST))
+    with open(os.path.join(dataset_dir, SKIPPED_FILE), 'w') as f:
+        f.writelines(line + '\n' for line in builder.skipped)
+    return dataset_dir
+
+
+def open_data_source(dataset_dir: str):
+    """The train split as a random-access sequence of dicts, image left encoded."""
+    builder = tfds.builder_from_directory(dataset_dir)
+    return builder.as_data_source(split='train',
+                                  decoders={'image': tfds.decode.SkipDecoding()})
