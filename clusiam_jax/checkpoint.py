@@ -1,0 +1,55 @@
+"""Orbax checkpoints of a run: the train state plus the data iterator's state.
+
+Checkpoints live in `<workdir>/checkpoints/<step>/`, are written asynchronously and
+atomically (orbax writes to a temporary directory and renames it), and the last
+`train.keep_checkpoints` are kept. Restoring takes an abstract target carrying the
+shardings of the current mesh, so optax states come back as their own types and the
+state lands on however many devices this run has.
+"""
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, max_to_keep: int = 3):
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state=None):
+        items = {'state': ocp.args.StandardSave(state)}
+        if data_state is not None:
+            items['data'] = ocp.args.JsonSave(data_state)
+        self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore(self, step: int, abstract_state):
+        """Returns (state, data_state or None) placed as `abstract_state`'s shardings."""
+        items = {'state': ocp.args.StandardRestore(abstract_state)}
+        saved = self.manager.item_metadata(step)
+        has_data = saved is not None and 'data' in saved and saved['data'] is not None
+        if has_data:
+            items['data'] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored['state'], (restored['data'] if has_data else None)
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state):
+    """ShapeDtypeStructs with the shardings of `state` (a restore target)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

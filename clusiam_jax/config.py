@@ -1,0 +1,125 @@
+"""The config schema: defaults for every key, and the checks run before anything compiles.
+
+Recipes in configs/ start from `default_config()` and override a few fields. Every key a
+run may use is defined here, so a typo or a wrong type is caught by `validate` with a
+one-line error instead of being silently ignored.
+"""
+import os
+
+import ml_collections
+
+from clusiam_jax.models import BACKBONES, METHOD_SPECS
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the key."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = 'clusiam'          # clusiam | clubyol | simsiam | byol
+    c.model.backbone = 'resnet18'     # resnet18 | resnet50 (| resnet_tiny: tests only)
+    c.model.feat_size = 2048          # D: projector output size
+    c.model.pred_hidden = 512         # predictor hidden width (4096 for BYOL-type)
+    c.model.num_clusters = 100        # K
+    c.model.dtype = 'float32'         # compute dtype: float32 | bfloat16 (params stay float32)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.alpha = 0.5                # L = (1 - alpha) * L_inv + alpha * S
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ''                  # patch folder, manifest CSV or built TFDS dataset dir
+    c.data.image_size = 224
+    c.data.num_workers = 0            # grain worker processes (0: in the main process)
+    c.data.prefetch = 2               # batches prefetched to the devices
+    c.data.mean = ml_collections.FieldReference(None, field_type=tuple)  # None: computed over the training list
+    c.data.std = ml_collections.FieldReference(None, field_type=tuple)
+    c.data.vflip = False              # histology option: vertical flips
+    c.data.rot90 = False              # histology option: random 90-degree rotations
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 512          # global batch (pairs per step)
+    c.train.num_epochs = 50
+    c.train.seed = 0
+    c.train.log_every_steps = 10
+    c.train.checkpoint_every_epochs = 10
+    c.train.keep_checkpoints = 3
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 0.05            # lr = base_lr * batch_size / 256
+    c.optim.weight_decay = 1e-4       # coupled (PyTorch SGD) weight decay
+    c.optim.momentum = 0.9
+    c.optim.fix_pred_lr = False       # predictor keeps the initial lr
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.momentum = 0.99             # target = m * target + (1 - m) * online
+    c.ema.schedule = 'constant'       # constant | cosine (BYOL: m -> 1 over training)
+    return c
+
+
+def _check_schema(config, schema, prefix=''):
+    """Unknown keys and wrong types, recursively, against the defaults."""
+    for key in config.keys():
+        name = f'{prefix}{key}'
+        if key not in schema:
+            raise ConfigError(f'unknown config key {name!r}; known keys here: '
+                              f'{", ".join(sorted(schema.keys()))}')
+        value, default = config[key], schema[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f'config key {name!r} must be a section, got {value!r}')
+            _check_schema(value, default, name + '.')
+            continue
+        expected = schema.get_type(key) if hasattr(schema, 'get_type') else type(default)
+        if value is None or expected is type(None):
+            continue
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if expected is tuple and isinstance(value, list):
+            continue
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f'config key {name!r} must be {expected.__name__}, '
+                              f'got {type(value).__name__} {value!r}')
+
+
+def validate(config, num_devices: int = 1, check_data_path: bool = True):
+    """Raise ConfigError (one line) for anything that would fail later or compute nonsense."""
+    _check_schema(config, default_config())
+    m = config.model
+    if m.name not in METHOD_SPECS:
+        raise ConfigError(f'model.name must be one of {", ".join(METHOD_SPECS)}; got {m.name!r}')
+    if m.backbone not in BACKBONES:
+        raise ConfigError(f'model.backbone must be one of {", ".join(BACKBONES)}; '
+                          f'got {m.backbone!r}')
+    if m.dtype not in ('float32', 'bfloat16'):
+        raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16'; got {m.dtype!r}")
+    for key in ('feat_size', 'pred_hidden', 'num_clusters'):
+        if m[key] < 1:
+            raise ConfigError(f'model.{key} must be positive; got {m[key]}')
+    if not 0.0 <= config.loss.alpha <= 1.0:
+        raise ConfigError(f'loss.alpha must be in [0, 1]; got {config.loss.alpha}')
+    if not METHOD_SPECS[m.name].has_cluster_head and config.loss.alpha != 0.0:
+        raise ConfigError(f'{m.name} has no cluster term: loss.alpha must be 0; '
+                          f'got {config.loss.alpha}')
+    t = config.train
+    if t.batch_size < 1 or t.num_epochs < 1:
+        raise ConfigError('train.batch_size and train.num_epochs must be positive; got '
+                          f'{t.batch_size} and {t.num_epochs}')
+    if t.batch_size % num_devices:
+        raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by the '
+                          f'{num_devices} devices')
+    if config.ema.schedule not in ('constant', 'cosine'):
+        raise ConfigError(f"ema.schedule must be 'constant' or 'cosine'; "
+                          f'got {config.ema.schedule!r}')
+    for key in ('mean', 'std'):
+        value = config.data[key]
+        if value is not None and len(value) != 3:
+            raise ConfigError(f'data.{key} must have 3 values (R, G, B); got {value!r}')
+    if check_data_path:
+        if not config.data.path:
+            raise ConfigError('data.path is not set: pass --config.data.path=DIR '
+                              '(a patch folder, a manifest CSV or a built dataset)')
+        if not os.path.exists(config.data.path):
+            raise ConfigError(f'data.path does not exist: {config.data.path}')

@@ -1,0 +1,89 @@
+"""Losses of SPEC section 4 as pure functions.
+
+The cluster similarity is split in two: `cluster_similarity(reps, logits, gumbel)` takes
+the Gumbel noise as an argument (tests and PyTorch parity feed fixed noise), and
+`sampled_cluster_similarity` draws it. Shapes are static everywhere: the "mean over
+non-zero entries" of the original is a masked mean, never boolean indexing.
+"""
+import jax
+import jax.numpy as jnp
+
+COSINE_EPS = 1e-8     # torch.nn.CosineSimilarity / F.cosine_similarity default
+NORMALIZE_EPS = 1e-8  # the original's eps for F.normalize in the cluster loss
+
+
+def safe_norm(x, axis=-1, keepdims=True):
+    """L2 norm whose gradient at an all-zero row is 0, not NaN ("double where").
+
+    sqrt has an infinite derivative at 0; masking the input before the sqrt keeps the
+    backward pass finite, which is what PyTorch returns for an empty cluster's centroid.
+    """
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def l2_normalize(x, eps=NORMALIZE_EPS):
+    """F.normalize: x / max(|x|, eps) row-wise."""
+    return x / jnp.maximum(safe_norm(x), eps)
+
+
+def cosine_similarity(a, b, eps=COSINE_EPS):
+    """Row-wise a.b / max(|a||b|, eps) (SPEC s4)."""
+    dot = jnp.sum(a * b, axis=-1)
+    return dot / jnp.maximum(safe_norm(a, keepdims=False) * safe_norm(b, keepdims=False), eps)
+
+
+def simsiam_invariance(p1, p2, z1, z2):
+    """-(mean cos(p1, sg z2) + mean cos(p2, sg z1)); in [-2, 2], -2 is perfect."""
+    sg = jax.lax.stop_gradient
+    return -(jnp.mean(cosine_similarity(p1, sg(z2))) + jnp.mean(cosine_similarity(p2, sg(z1))))
+
+
+def byol_invariance(p1, p2, t1, t2):
+    """mean(1 - cos(p1, sg t2)) + mean(1 - cos(p2, sg t1)); in [0, 4], 0 is perfect."""
+    sg = jax.lax.stop_gradient
+    return (jnp.mean(1.0 - cosine_similarity(p1, sg(t2)))
+            + jnp.mean(1.0 - cosine_similarity(p2, sg(t1))))
+
+
+def straight_through_assignment(logits, gumbel):
+    """Y = softmax(A + G) and H = onehot(argmax Y) - sg(Y) + Y (temperature 1)."""
+    soft = jax.nn.softmax(logits + gumbel, axis=-1)
+    hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+    return hard - jax.lax.stop_gradient(soft) + soft
+
+
+def cluster_similarity(reps, logits, gumbel):
+    """Mean pairwise cosine between the centroids of the non-empty clusters (SPEC s4).
+
+    Args:
+      reps: [N, D] representations (both views stacked); no gradient flows into them.
+      logits: [N, K] cluster logits.
+      gumbel: [N, K] Gumbel(0, 1) noise.
+    Returns:
+      The scalar S. With at most one non-empty cluster S = 1 and its gradient is 0.
+    """
+    reps = l2_normalize(jax.lax.stop_gradient(reps.astype(jnp.float32)))
+    assign = straight_through_assignment(logits.astype(jnp.float32), gumbel)
+    counts = jnp.sum(assign, axis=0)
+    centroids = (assign.T @ reps) / jnp.maximum(counts, 1.0)[:, None]
+    centroids = l2_normalize(centroids)
+    sims = centroids @ centroids.T
+    k = sims.shape[0]
+    upper = jnp.triu(jnp.ones((k, k), dtype=bool), k=1)
+    # The original averages the non-zero entries of the strict upper triangle: empty
+    # clusters have zero centroids, hence zero similarities, and drop out.
+    mask = upper & (sims != 0)
+    num = jnp.sum(mask)
+    mean = jnp.sum(jnp.where(mask, sims, 0.0)) / jnp.maximum(num, 1)
+    return jnp.where(num > 0, mean, jnp.ones_like(mean))
+
+
+def sample_gumbel(key, shape, dtype=jnp.float32):
+    return jax.random.gumbel(key, shape, dtype)
+
+
+def sampled_cluster_similarity(key, reps, logits):
+    """cluster_similarity with fresh Gumbel noise drawn from `key`."""
+    return cluster_similarity(reps, logits, sample_gumbel(key, logits.shape))

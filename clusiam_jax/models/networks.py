@@ -1,0 +1,97 @@
+"""The four methods' networks: encoder (backbone + projector), predictor, cluster head.
+
+One Flax module, `SSLNetwork`, is applied once per view (per-view BatchNorm, SPEC s3).
+Its `encoder` sub-tree is exactly what the BYOL-type target network holds, so the EMA
+target is `Encoder` applied to a copy of `params['encoder']`.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clusiam_jax.models.heads import ClusterHead, Predictor, Projector
+from clusiam_jax.models.resnet import BACKBONES, FEATURE_WIDTH
+
+METHODS = ('clusiam', 'clubyol', 'simsiam', 'byol')
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """What distinguishes the methods, besides the config's sizes."""
+    invariance: str          # 'simsiam' (-cos) or 'byol' (1 - cos against an EMA target)
+    has_cluster_head: bool
+
+    @property
+    def has_target(self) -> bool:
+        return self.invariance == 'byol'
+
+
+METHOD_SPECS = {
+    'clusiam': MethodSpec('simsiam', True),
+    'clubyol': MethodSpec('byol', True),
+    'simsiam': MethodSpec('simsiam', False),
+    'byol': MethodSpec('byol', False),
+}
+
+
+class Encoder(nn.Module):
+    """Backbone + projector. Returns (pooled backbone features, projection z)."""
+    backbone: str
+    feat_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        features = BACKBONES[self.backbone](dtype=self.dtype, name='backbone')(x, train)
+        width = FEATURE_WIDTH[self.backbone]
+        z = Projector(width, self.feat_size, self.dtype, name='projector')(features, train)
+        return features, z.astype(jnp.float32)
+
+
+class SSLNetwork(nn.Module):
+    """The online network of one method, applied to one view.
+
+    Returns a dict: `features` (pooled backbone output, what evaluation uses), `z`
+    (projection), `p` (prediction) and, with a cluster head, `logits` (cluster logits).
+    """
+    method: str
+    backbone: str = 'resnet18'
+    feat_size: int = 2048
+    pred_hidden: int = 512
+    num_clusters: int = 100
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        spec = METHOD_SPECS[self.method]
+        features, z = Encoder(self.backbone, self.feat_size, self.dtype, name='encoder')(x, train)
+        # SimSiam's predictor has no first bias (it is followed by BN); BYOL's has one.
+        p = Predictor(self.pred_hidden, self.feat_size, first_bias=spec.has_target,
+                      dtype=self.dtype, name='predictor')(z, train)
+        out = {'features': features, 'z': z, 'p': p.astype(jnp.float32)}
+        if spec.has_cluster_head:
+            # CluSiam's cluster projector is 512 wide (its predictor's hidden width);
+            # CluBYOL's keeps the projection width D (SPEC s2).
+            hidden = self.feat_size if spec.has_target else self.pred_hidden
+            out['logits'] = ClusterHead(hidden, self.num_clusters, self.dtype,
+                                        name='cluster_head')(z, train)
+        return out
+
+
+def build_network(model_config) -> SSLNetwork:
+    """SSLNetwork from a config's `model` section."""
+    if model_config.name not in METHOD_SPECS:
+        raise ValueError(f'model.name must be one of {METHODS}, got {model_config.name!r}')
+    if model_config.backbone not in BACKBONES:
+        raise ValueError(f'model.backbone must be one of {tuple(BACKBONES)}, '
+                         f'got {model_config.backbone!r}')
+    return SSLNetwork(
+        method=model_config.name, backbone=model_config.backbone,
+        feat_size=model_config.feat_size, pred_hidden=model_config.pred_hidden,
+        num_clusters=model_config.num_clusters, dtype=jnp.dtype(model_config.dtype))
+
+
+def build_target_encoder(network: SSLNetwork) -> Encoder:
+    """The EMA target: the online encoder's architecture, with its own params/BN stats."""
+    return Encoder(network.backbone, network.feat_size, network.dtype)

@@ -1,0 +1,32 @@
+"""Device mesh and shardings: the batch is split along a `data` axis, the state replicated.
+
+Under `jax.jit` with these shardings, BatchNorm statistics and the cluster loss are
+computed over the global batch, exactly as the single-GPU original computes them.
+"""
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all (global) devices."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the devices."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh):
+    num_devices = mesh.devices.size
+    if batch_size % num_devices:
+        raise ValueError(f'train.batch_size={batch_size} is not divisible by the '
+                         f'{num_devices} devices; pick a multiple of {num_devices}')

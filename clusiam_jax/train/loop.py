@@ -1,0 +1,217 @@
+"""The training loop: build, restore, run epochs, log, checkpoint, resume.
+
+A run lives in its work directory. Started again on the same directory it resumes from
+the latest checkpoint (state and data iterator), and a finished run says so and returns.
+"""
+import collections
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from clusiam_jax import data as data_lib
+from clusiam_jax import parallel
+from clusiam_jax.checkpoint import Checkpointer, abstract_like
+from clusiam_jax.config import validate
+from clusiam_jax.models import METHOD_SPECS, build_network
+from clusiam_jax.train.logging_utils import MetricWriter, collapse_warnings
+from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
+from clusiam_jax.train.state import create_train_state
+from clusiam_jax.train.step import make_train_step
+
+log = logging.getLogger('clusiam_jax')
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/Inf metric; raised before anything is checkpointed."""
+
+
+def _device_batches(iterator, sharding, size):
+    """Device-resident batches, prefetched `size` ahead, each with the iterator state
+    right after it: a checkpoint taken after consuming a batch resumes on the next one.
+    """
+    queue = collections.deque()
+
+    def enqueue():
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return False
+        queue.append((data_lib.to_device(batch, sharding), iterator.get_state()))
+        return True
+
+    for _ in range(max(size, 1)):
+        if not enqueue():
+            break
+    while queue:
+        item = queue.popleft()
+        enqueue()
+        yield item
+
+
+class _EpochStats:
+    """Host-side means of the per-step metrics, fetched only at log steps."""
+
+    def __init__(self):
+        self.pending, self.sums, self.count = [], collections.defaultdict(float), 0
+
+    def add(self, step, metrics):
+        self.pending.append((step, metrics))
+
+    def flush(self):
+        """Fetches the pending device metrics (a host sync) and returns their means."""
+        fetched = jax.device_get([m for _, m in self.pending])
+        window = collections.defaultdict(float)
+        for (step, _), metrics in zip(self.pending, fetched):
+            for name, value in metrics.items():
+                value = float(value)
+                if not math.isfinite(value):
+                    raise NonFiniteError(f'non-finite {name}={value} at step {step}; '
+                                         f'no checkpoint was written for it')
+                window[name] += value
+                self.sums[name] += value
+        n = len(self.pending)
+        self.count += n
+        self.pending = []
+        return {k: v / n for k, v in window.items()} if n else {}
+
+    def means(self):
+        self.flush()
+        return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+
+
+def init_state(network, tx, config, mesh):
+    """The initial TrainState, created on the devices already replicated."""
+    spec = METHOD_SPECS[network.method]
+    init = jax.jit(lambda: create_train_state(network, tx, spec.has_target, config.train.seed,
+                                              config.data.image_size),
+                   out_shardings=parallel.replicated(mesh))
+    return init()
+
+
+def compile_train_step(step, mesh):
+    """jit over the mesh: state replicated (and donated), batch split along `data`."""
+    replicated = parallel.replicated(mesh)
+    return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def _write_config(workdir, config):
+    path = os.path.join(workdir, 'config.json')
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() != text:
+                log.warning('config differs from the one this work directory was started '
+                            'with (kept in config.json); continuing with the new one')
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def train(config, workdir: str, loader=None):
+    """Trains per `config` in `workdir`; returns the final TrainState.
+
+    `loader` defaults to the data pipeline for `config.data.path`; tests may inject one
+    with the same interface (steps_per_epoch, mean, std, iterator()).
+    """
+    mesh = parallel.make_mesh()
+    validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if loader is None:
+        loader = data_lib.create_train_loader(config, workdir=workdir,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+    if is_main:
+        _write_config(workdir, config)
+
+    steps_per_epoch = loader.steps_per_epoch
+    num_epochs = config.train.num_epochs
+    total_steps = steps_per_epoch * num_epochs
+    network = build_network(config.model)
+    spec = METHOD_SPECS[config.model.name]
+    tx, lr_schedule = make_optimizer(config, steps_per_epoch)
+    ema_schedule = ema_momentum(config, total_steps)
+    batch_sharding = parallel.batch_sharded(mesh)
+
+    state = init_state(network, tx, config, mesh)
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
+    data_state = None
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, data_state = checkpointer.restore(latest, abstract_like(state))
+        if latest >= total_steps:
+            log.info('run in %s is complete (step %d of %d); nothing to do',
+                     workdir, latest, total_steps)
+            checkpointer.close()
+            return state
+        log.info('resuming from the checkpoint at step %d (epoch %d, step %d of the epoch)',
+                 latest, latest // steps_per_epoch, latest % steps_per_epoch)
+
+    step_fn = compile_train_step(make_train_step(network, tx, config, loader.mean, loader.std,
+                                                 lr_schedule, ema_schedule), mesh)
+
+    iterator = loader.iterator()
+    if data_state is not None:
+        iterator.set_state(data_state)
+    batches = _device_batches(iterator, batch_sharding, config.data.prefetch)
+    writer = MetricWriter(workdir, enabled=is_main)
+    step = int(jax.device_get(state.step))
+    log_every = max(1, config.train.log_every_steps)
+    pairs_per_step = config.train.batch_size
+    data_state = None
+    try:
+        for epoch in range(step // steps_per_epoch, num_epochs):
+            stats = _EpochStats()
+            first = step
+            end = (epoch + 1) * steps_per_epoch
+            bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
+                       desc=f'epoch {epoch + 1}/{num_epochs}', unit='step',
+                       disable=not is_main, dynamic_ncols=True)
+            start_time = time.perf_counter()
+            while step < end:
+                try:
+                    batch, data_state = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f'the data iterator ended at step {step}, before '
+                                       f'the {total_steps} steps of the run') from None
+                state, metrics = step_fn(state, batch)
+                stats.add(step, metrics)
+                step += 1
+                bar.update(1)
+                if step % log_every == 0 or step == end:
+                    window = stats.flush()
+                    elapsed = time.perf_counter() - start_time
+                    rate = (step - first) * pairs_per_step / max(elapsed, 1e-9)
+                    bar.set_postfix(loss=f"{window['loss']:.4f}", pairs_s=f'{rate:.1f}')
+                    writer.scalars(step, window)
+            bar.close()
+            means = stats.means()
+            elapsed = time.perf_counter() - start_time
+            row = dict(means, epoch=epoch + 1, step=step, time_s=round(elapsed, 3),
+                       pairs_per_s=round((step - first) * pairs_per_step / elapsed, 3))
+            writer.epoch_row(row)
+            writer.scalars(epoch + 1, {'pairs_per_s': row['pairs_per_s']}, prefix='epoch/')
+            if is_main:
+                log.info('epoch %d/%d: %s', epoch + 1, num_epochs,
+                         ', '.join(f'{k}={v:.4g}' for k, v in sorted(means.items())))
+                # Logits start near uniform: judge collapse only after a full epoch.
+                if spec.has_cluster_head and epoch > 0:
+                    for warning in collapse_warnings(means, config.model.num_clusters):
+                        log.warning('epoch %d: %s', epoch + 1, warning)
+            every = config.train.checkpoint_every_epochs
+            if (every > 0 and (epoch + 1) % every == 0) or step == total_steps:
+                checkpointer.save(step, state, data_state)
+    finally:
+        writer.close()
+        checkpointer.close()
+        if hasattr(iterator, 'close'):
+            iterator.close()
+    return state

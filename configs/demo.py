@@ -1,0 +1,27 @@
+r"""Demo: CluBYOL on the 42 H&E tiles shipped in the package (CMU-1, CC0), a few minutes on CPU.
+
+  python launch.py --config configs/demo.py --workdir runs/demo
+
+Smaller crops (96 px; SPEC's 224 px costs ~5x more per step on a laptop CPU) and a small
+batch, so a newcomer sees the whole flow — training, logs, checkpoints — within minutes.
+"""
+import os
+
+from configs import clubyol
+
+import clusiam_jax
+
+DEMO_TILES = os.path.join(os.path.dirname(clusiam_jax.__file__), 'demo_data',
+                          'cmu-1-small-region')
+
+
+def get_config():
+    c = clubyol.get_config()
+    c.data.path = DEMO_TILES
+    c.data.image_size = 96
+    c.model.num_clusters = 10
+    c.train.batch_size = 16
+    c.train.num_epochs = 10
+    c.train.log_every_steps = 1
+    c.train.checkpoint_every_epochs = 5
+    return c

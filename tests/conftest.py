@@ -1,0 +1,12 @@
+"""Test setup: 8 simulated CPU devices (set before JAX is imported) and the repo on sys.path."""
+import os
+import sys
+
+# Sharding tests compare 1 device with 8; XLA reads this once, at backend start.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (REPO, os.path.join(REPO, 'tests')):
+    if path not in sys.path:
+        sys.path.insert(0, path)
