@@ -91,12 +91,18 @@ def compute_stats(source, num_workers: int = 0, skip_log=None):
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def cache_paths(data_path: str, workdir: Optional[str]) -> List[str]:
-    """Where the stats may be cached: next to the source first, then the workdir."""
+def cache_paths(data_path: str, workdir: Optional[str],
+                dataset_dir: Optional[str] = None) -> List[str]:
+    """Where the stats may be cached: next to the source first, then the workdir.
+
+    A built dataset keeps them in its own folder, a patch folder in a hidden
+    file at its root, a manifest in ``<manifest>.clusiam_stats.json``.
+    """
     data_path = os.path.abspath(data_path)
-    if os.path.isdir(data_path):
-        first = os.path.join(data_path, '.' + CACHE_NAME if not os.path.exists(
-            os.path.join(data_path, 'dataset_info.json')) else CACHE_NAME)
+    if dataset_dir is not None:
+        first = os.path.join(dataset_dir, CACHE_NAME)
+    elif os.path.isdir(data_path):
+        first = os.path.join(data_path, '.' + CACHE_NAME)
     else:
         first = data_path + '.' + CACHE_NAME
     out = [first]
@@ -138,7 +144,7 @@ def cached_stats(data_path: str, source, workdir: Optional[str] = None,
                  num_workers: int = 0, skip_log=None):
     """(mean, std) from the cache, or computed over ``source`` and cached."""
     key = list_key([source.path(i) for i in range(len(source))])
-    candidates = cache_paths(data_path, workdir)
+    candidates = cache_paths(data_path, workdir, getattr(source, 'dataset_dir', None))
     for path in candidates:
         hit = _read_cache(path, key)
         if hit is not None:
