@@ -48,20 +48,20 @@ def _to_rgb_uint8(arr: np.ndarray, bgr: bool) -> np.ndarray:
     raise BadImageError(f'unsupported channel count {channels}')
 
 
+# Decoded straight to RGB (no BGR->RGB copy), alpha dropped and gray
+# replicated by the decoder; ANYDEPTH keeps 16-bit samples for our own scaling.
+_CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+
+
 def _decode_with_cv2(data: bytes) -> np.ndarray:
-    buf = np.frombuffer(data, np.uint8)
-    if data.startswith(_JPEG_MAGIC):
+    if data.startswith(_JPEG_MAGIC) and b'\xff\xd9' not in data[-64:]:
         # libjpeg pads a truncated JPEG with gray and only warns; PIL refuses
         # it. A JPEG without its end-of-image marker is therefore rejected.
-        if b'\xff\xd9' not in data[-64:]:
-            raise BadImageError('truncated JPEG (no end-of-image marker)')
-        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    else:
-        flags = cv2.IMREAD_UNCHANGED
-    arr = cv2.imdecode(buf, flags)
+        raise BadImageError('truncated JPEG (no end-of-image marker)')
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
     if arr is None or arr.size == 0:
         raise BadImageError('not decodable')
-    return _to_rgb_uint8(arr, bgr=arr.ndim == 3 and arr.shape[2] >= 3)
+    return _to_rgb_uint8(arr, bgr=False)
 
 
 def _decode_with_pil(data: bytes) -> np.ndarray:
