@@ -142,30 +142,34 @@ class DSMILConfig:
     min_bucket: int = 64
 
 
-def make_optimizer(config, steps_per_epoch):
-    """Adam with coupled weight decay and a cosine lr set once per epoch."""
-    def schedule(step):
-        epoch = step // steps_per_epoch
-        cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / config.epochs))
-        return config.eta_min + (config.lr - config.eta_min) * cosine
+def make_optimizer(config):
+    """Adam with coupled weight decay (PyTorch Adam's weight_decay), before the lr.
 
+    The learning rate is applied by the train step (``epoch_learning_rate``),
+    so one compiled step serves every schedule length and base lr.
+    """
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay),
         optax.scale_by_adam(b1=config.betas[0], b2=config.betas[1], eps=1e-8),
-        optax.scale_by_learning_rate(schedule),
     )
 
 
+def epoch_learning_rate(config, epoch):
+    """Cosine annealing set once per epoch (0-based), from lr down to eta_min."""
+    cosine = 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    return config.eta_min + (config.lr - config.eta_min) * cosine
+
+
 @functools.lru_cache(maxsize=16)
-def _trainer(num_classes, query_dim, config_items, steps_per_epoch):
-    """A _Trainer shared by runs with the same model and recipe.
+def _trainer(num_classes, query_dim, betas, weight_decay):
+    """A _Trainer shared by runs with the same model and optimizer.
 
     jit caches compiled code per function object; reusing the trainer lets
     several seeds (and tests) pay each bucket's compile only once.
     """
-    config = DSMILConfig(**dict(config_items))
+    config = DSMILConfig(betas=betas, weight_decay=weight_decay)
     return _Trainer(DSMIL(num_classes=num_classes, query_dim=query_dim),
-                    make_optimizer(config, steps_per_epoch))
+                    make_optimizer(config))
 
 
 def _one_hot(label, num_classes):
@@ -183,15 +187,18 @@ class _Trainer:
             bag, inst, _ = model.apply({"params": params}, feats, mask)
             return dsmil_loss(bag, inst, targets)
 
-        def train_step(params, opt_state, feats, mask, targets):
+        def train_step(params, opt_state, feats, mask, targets, lr):
             loss, grads = jax.value_and_grad(loss_fn)(params, feats, mask, targets)
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+            params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+            return params, opt_state, loss
 
         def eval_step(params, feats, mask, targets):
             bag, inst, _ = model.apply({"params": params}, feats, mask)
             return dsmil_score(bag, inst), dsmil_loss(bag, inst, targets)
 
+        # Jitted: eager init would compile every primitive separately (seconds).
+        self.init = jax.jit(model.init)
         self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
         self.eval_step = jax.jit(eval_step)
 
@@ -258,18 +265,16 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
     if not train_bags or not val_bags:
         raise ValueError("DSMIL needs training and validation bags")
     dim = np.shape(train_bags[0][0])[1]
-    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                         for k, v in dataclasses.asdict(config).items()))
-    trainer = _trainer(num_classes, config.query_dim, items, len(train_bags))
-    model, optimizer = trainer.model, trainer.optimizer
+    trainer = _trainer(num_classes, config.query_dim, tuple(config.betas),
+                       float(config.weight_decay))
+    optimizer = trainer.optimizer
     train = _prepare(train_bags, config.min_bucket)
     val = _prepare(val_bags, config.min_bucket)
     val_labels = np.array([label for _, _, label in val])
 
     init_key = jax.random.PRNGKey(seed)
-    # Jitted: eager init would compile every primitive separately (seconds).
-    params = jax.jit(model.init)(init_key, jnp.zeros((config.min_bucket, dim)),
-                                 jnp.ones((config.min_bucket,), bool))["params"]
+    params = trainer.init(init_key, jnp.zeros((config.min_bucket, dim)),
+                          jnp.ones((config.min_bucket,), bool))["params"]
     opt_state = optimizer.init(params)
     order_rng = np.random.default_rng(seed)
 
@@ -277,10 +282,11 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
     history = []
     for epoch in range(1, config.epochs + 1):
         losses = []
+        lr = np.float32(epoch_learning_rate(config, epoch - 1))
         for i in order_rng.permutation(len(train)):
             feats, mask, label = train[i]
             params, opt_state, loss = trainer.train_step(
-                params, opt_state, feats, mask, _one_hot(label, num_classes))
+                params, opt_state, feats, mask, _one_hot(label, num_classes), lr)
             losses.append(loss)
         val_scores, val_loss = trainer.evaluate(params, val, num_classes)
         val_auc = _nanmean(per_class_auc(val_labels, val_scores))
