@@ -100,6 +100,72 @@ def machine():
     return dict(cpu=model, nproc=os.cpu_count())
 
 
+def _pil_reference_pair(path, rng, size):
+    """The original's per-pair CPU work with PIL as torchvision runs it (no torch).
+
+    Decode + convert, then per view: crop+resize, ColorJitter via ImageEnhance and
+    PIL's HSV hue shift, grayscale, PIL GaussianBlur, flip, and ToTensor+Normalize
+    emulated in numpy float32 (CHW). Parameters come from our own sampler.
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from PIL import Image, ImageEnhance, ImageFilter  # pylint: disable=g-import-not-at-top
+    from clusiam_jax.data import augment  # pylint: disable=g-import-not-at-top
+    mean = np.float32([0.6684, 0.5115, 0.6791])[:, None, None]
+    std = np.float32([0.2521, 0.2875, 0.2100])[:, None, None]
+    with Image.open(path) as im:
+        img = im.convert('RGB')
+    cfg = augment.AugmentConfig(image_size=size)
+    out = []
+    for _ in range(2):
+        p = augment.sample_view_params(rng, img.height, img.width, cfg)
+        top, left, h, w = p.crop
+        v = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+        for op in p.jitter_order or ():
+            if op == augment.BRIGHTNESS:
+                v = ImageEnhance.Brightness(v).enhance(p.brightness)
+            elif op == augment.CONTRAST:
+                v = ImageEnhance.Contrast(v).enhance(p.contrast)
+            elif op == augment.SATURATION:
+                v = ImageEnhance.Color(v).enhance(p.saturation)
+            else:
+                hh, ss, vv = v.convert('HSV').split()
+                hue = np.asarray(hh).copy()
+                hue += np.uint8(int(p.hue * 255) % 256)
+                v = Image.merge('HSV', (Image.fromarray(hue, 'L'), ss, vv)).convert('RGB')
+        if p.gray:
+            v = v.convert('L').convert('RGB')
+        if p.blur_sigma is not None:
+            v = v.filter(ImageFilter.GaussianBlur(radius=p.blur_sigma))
+        if p.hflip:
+            v = v.transpose(Image.FLIP_LEFT_RIGHT)
+        chw = np.asarray(v, np.float32).transpose(2, 0, 1) / np.float32(255)
+        out.append((chw - mean) / std)
+    return out
+
+
+def compare_with_pil(paths, size, pairs, seed):
+    """Single-process CPU ms per pair, ours vs the PIL reference, interleaved."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from clusiam_jax.data import augment, image_io  # pylint: disable=g-import-not-at-top
+    cfg = augment.AugmentConfig(image_size=size)
+    rng = np.random.default_rng(seed)
+    ours = ref = 0.0
+    for start in range(0, pairs, 32):  # alternate chunks: both see the same load
+        chunk = [paths[i % len(paths)] for i in range(start, start + 32)]
+        t = time.process_time()
+        for path in chunk:
+            augment.two_views(image_io.load_rgb(path), rng, cfg)
+        ours += time.process_time() - t
+        t = time.process_time()
+        for path in chunk:
+            _pil_reference_pair(path, rng, size)
+        ref += time.process_time() - t
+    n = -(-pairs // 32) * 32
+    return dict(ours_cpu_ms_per_pair=round(1000 * ours / n, 3),
+                pil_reference_cpu_ms_per_pair=round(1000 * ref / n, 3),
+                speedup_vs_pil_reference=round(ref / ours, 2))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--data-dir', default=os.path.join(tempfile.gettempdir(),
@@ -111,6 +177,9 @@ def main():
     ap.add_argument('--batch-size', type=int, default=64)
     ap.add_argument('--num-patches', type=int, default=512)
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--pil-reference', type=int, default=0, metavar='PAIRS',
+                    help='also time PAIRS pairs of the original\'s PIL pipeline (no torch '
+                         'needed) against ours, interleaved in this process')
     args = ap.parse_args()
 
     import ml_collections  # pylint: disable=g-import-not-at-top
@@ -158,6 +227,9 @@ def main():
         output='uint8 views; normalization on the device',
         machine=machine(), versions=versions(),
         command=' '.join([os.path.basename(sys.executable)] + sys.argv))
+    if args.pil_reference:
+        files = [r.path for r in data.discover(args.data_dir)]
+        result.update(compare_with_pil(files, args.image_size, args.pil_reference, args.seed))
     print(json.dumps(result), flush=True)
 
 
