@@ -126,10 +126,12 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
         raise ValueError("cluster ids must be non-negative")
 
     if thumbnail is not None:
-        base = np.asarray(Image.fromarray(np.asarray(thumbnail)).convert("RGB")
-                          if not isinstance(thumbnail, Image.Image)
-                          else thumbnail.convert("RGB"))
+        if not isinstance(thumbnail, Image.Image):
+            thumbnail = Image.fromarray(np.asarray(thumbnail))
+        base = np.asarray(thumbnail.convert("RGB"))
         if downsample is None:
+            # From the width; thumbnails round their sides, so x and y
+            # downsamples differ by under a pixel's worth.
             if slide_dimensions is None:
                 raise ValueError("a thumbnail needs downsample or slide_dimensions")
             downsample = slide_dimensions[0] / base.shape[1]

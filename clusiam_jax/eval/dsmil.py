@@ -299,7 +299,10 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
         # saturates on small validation sets); NaN AUC counts as worst.
         key = (val_auc if np.isfinite(val_auc) else -1.0, -val_loss)
         if best is None or key > best["key"]:
-            best = {"key": key, "epoch": epoch, "params": jax.device_get(params),
+            # A real host copy: on CPU device_get may alias the buffers that
+            # the next (donating) train step reuses.
+            kept = jax.tree.map(lambda a: np.array(a, copy=True), params)
+            best = {"key": key, "epoch": epoch, "params": kept,
                     "val_scores": val_scores, "val_loss": val_loss}
 
     thresholds = np.array([youden_threshold(val_labels == c, best["val_scores"][:, c])

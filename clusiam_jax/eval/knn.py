@@ -59,15 +59,16 @@ def _pad_rows(x, rows):
     return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)])
 
 
-def knn_search(queries, references, k=1, query_chunk=4096, ref_chunk=65536,
+def knn_search(queries, references, k=1, query_chunk=1024, ref_chunk=32768,
                normalize=True):
     """Top-k references by cosine similarity for every query.
 
     Args:
       queries: [Q, D] array; references: [R, D] array (host memory is fine).
       k: neighbours per query (k <= R).
-      query_chunk, ref_chunk: chunk sizes; the device holds all queries plus one
-        reference chunk and a [query_chunk, ref_chunk] similarity block.
+      query_chunk, ref_chunk: chunk sizes; the device holds all queries
+        ([Q, D] float32: 2 GB per million at D=512), one reference chunk and a
+        [query_chunk, ref_chunk] similarity block (128 MB at the defaults).
       normalize: L2-normalize both sets first (pass False if already done).
 
     Returns:
