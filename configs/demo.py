@@ -21,7 +21,7 @@ def get_config():
     c.data.image_size = 96
     c.model.num_clusters = 10
     c.train.batch_size = 16
-    c.train.num_epochs = 10
+    c.train.num_epochs = 20
     c.train.log_every_steps = 1
     c.train.checkpoint_every_epochs = 5
     return c

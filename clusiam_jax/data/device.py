@@ -23,16 +23,20 @@ def to_device(batch: Mapping, sharding):
     return out
 
 
-def prefetch_to_device(iterator: Iterator, sharding, size: int = 2):
+def prefetch_to_device(iterator: Iterator, sharding, size: int = 2, with_state: bool = False):
     """Yields device batches, keeping ``size`` transfers in flight ahead.
 
     Transfers are asynchronous, so while the train step runs on batch t the
-    host-to-device copies of batches t+1 .. t+size proceed.
+    host-to-device copies of batches t+1 .. t+size proceed. With ``with_state``
+    it yields ``(batch, state)`` where ``state`` is ``iterator.get_state()`` taken
+    right after that batch was drawn: a checkpoint saved after consuming the batch
+    resumes on the next one, however far ahead the prefetch has read.
     """
     queue = collections.deque()
     size = max(1, int(size))
     for batch in iterator:
-        queue.append(to_device(batch, sharding))
+        item = to_device(batch, sharding)
+        queue.append((item, iterator.get_state()) if with_state else item)
         if len(queue) > size:
             yield queue.popleft()
     while queue:

@@ -4,7 +4,6 @@ A run lives in its work directory. Started again on the same directory it resume
 the latest checkpoint (state and data iterator), and a finished run says so and returns.
 """
 import collections
-import json
 import logging
 import math
 import os
@@ -29,29 +28,6 @@ log = logging.getLogger('clusiam_jax')
 
 class NonFiniteError(FloatingPointError):
     """A NaN/Inf metric; raised before anything is checkpointed."""
-
-
-def _device_batches(iterator, sharding, size):
-    """Device-resident batches, prefetched `size` ahead, each with the iterator state
-    right after it: a checkpoint taken after consuming a batch resumes on the next one.
-    """
-    queue = collections.deque()
-
-    def enqueue():
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return False
-        queue.append((data_lib.to_device(batch, sharding), iterator.get_state()))
-        return True
-
-    for _ in range(max(size, 1)):
-        if not enqueue():
-            break
-    while queue:
-        item = queue.popleft()
-        enqueue()
-        yield item
 
 
 class _EpochStats:
@@ -161,7 +137,8 @@ def train(config, workdir: str, loader=None):
     iterator = loader.iterator()
     if data_state is not None:
         iterator.set_state(data_state)
-    batches = _device_batches(iterator, batch_sharding, config.data.prefetch)
+    batches = data_lib.prefetch_to_device(iterator, batch_sharding, config.data.prefetch,
+                                          with_state=True)
     writer = MetricWriter(workdir, enabled=is_main)
     step = int(jax.device_get(state.step))
     log_every = max(1, config.train.log_every_steps)
