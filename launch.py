@@ -5,7 +5,8 @@ r"""The one entry point.
       --config.data.path=PATCHES --out DATASET_DIR
 
 Modes: train (default; resumes from DIR's latest checkpoint), build_dataset (packs a patch
-folder or manifest CSV into TFDS ArrayRecord shards that training reads faster).
+folder or manifest CSV into TFDS ArrayRecord shards that training reads faster), export
+(per-patch embeddings and cluster assignments from DIR's latest checkpoint).
 """
 import logging
 import sys
@@ -16,7 +17,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None, 'Path to a configs/<recipe>.py file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Work directory of the run (checkpoints, logs).')
-flags.DEFINE_enum('mode', 'train', ['train', 'build_dataset'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'build_dataset', 'export'], 'What to do.')
 flags.DEFINE_string('out', None, 'build_dataset: output directory of the dataset.')
 FLAGS = flags.FLAGS
 
@@ -54,8 +55,15 @@ def main(argv):
             return
         if not FLAGS.workdir:
             fail('--workdir DIR is required')
+        if FLAGS.mode == 'export':
+            from clusiam_jax.export import export_run
+            export_run(config, FLAGS.workdir)
+            return
         from clusiam_jax.train.loop import train
         train(config, FLAGS.workdir)
+        if config.export.after_training:
+            from clusiam_jax.export import export_run
+            export_run(config, FLAGS.workdir)
     except (ConfigError, FileNotFoundError) as e:
         fail(str(e))
 

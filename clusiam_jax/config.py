@@ -56,6 +56,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.ema = ml_collections.ConfigDict()
     c.ema.momentum = 0.99             # target = m * target + (1 - m) * online
     c.ema.schedule = 'constant'       # constant | cosine (BYOL: m -> 1 over training)
+
+    # Embedding export (python launch.py --mode export) and what runs after training.
+    c.export = ml_collections.ConfigDict()
+    c.export.data_path = ''           # patches to embed; '' means data.path
+    c.export.out_dir = ''             # '' means <workdir>/export
+    c.export.batch_size = 256
+    c.export.after_training = False   # the demo exports (and draws cluster maps) when done
     return c
 
 
