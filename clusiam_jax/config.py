@@ -63,6 +63,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.out_dir = ''             # '' means <workdir>/export
     c.export.batch_size = 256
     c.export.after_training = False   # the demo exports (and draws cluster maps) when done
+    c.export.format = 'h5'            # h5: <out>/h5_files/<slide>.h5 (CLAM) | npz: one embeddings.npz
+    c.export.with_projection = False  # also store the projector output z ('projections')
+    c.export.num_workers = 4          # image-decoding threads
+    c.export.cluster_maps = False     # draw <out>/cluster_maps/<slide>.png after the export
+    c.export.thumbnail = ''           # slide thumbnail: an image file (one slide) or a folder of
+                                      # <slide_id>[_thumb].{png,jpg}; '' paints over a mosaic
+    c.export.thumbnail_downsample = 0.0  # level-0 pixels per thumbnail pixel (needed with one)
     return c
 
 
