@@ -3,7 +3,8 @@ r"""Demo: CluBYOL on the 42 H&E tiles shipped in the package (CMU-1, CC0), a few
   python launch.py --config configs/demo.py --workdir runs/demo
 
 Smaller crops (96 px; SPEC's 224 px costs ~5x more per step on a laptop CPU) and a small
-batch, so a newcomer sees the whole flow — training, logs, checkpoints — within minutes.
+batch, so a newcomer sees the whole flow — training, logs, checkpoints, then the embedding export
+and a cluster map of the slide (runs/demo/export/cluster_maps/) — within minutes.
 """
 import os
 
@@ -11,8 +12,8 @@ from configs import clubyol
 
 import clusiam_jax
 
-DEMO_TILES = os.path.join(os.path.dirname(clusiam_jax.__file__), 'demo_data',
-                          'cmu-1-small-region')
+DEMO_DATA = os.path.join(os.path.dirname(clusiam_jax.__file__), 'demo_data')
+DEMO_TILES = os.path.join(DEMO_DATA, 'cmu-1-small-region')
 
 
 def get_config():
@@ -24,4 +25,10 @@ def get_config():
     c.train.num_epochs = 20
     c.train.log_every_steps = 1
     c.train.checkpoint_every_epochs = 5
+    # Then embed the slide's tiles and paint their clusters over its thumbnail:
+    # runs/demo/export/cluster_maps/cmu-1-small-region.png
+    c.export.after_training = True
+    c.export.cluster_maps = True
+    c.export.thumbnail = os.path.join(DEMO_DATA, 'cmu-1-small-region_thumb.jpg')
+    c.export.thumbnail_downsample = 8.0  # the thumbnail is level 0 / 8 (demo_data/README.md)
     return c
