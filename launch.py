@@ -9,6 +9,7 @@ folder or manifest CSV into TFDS ArrayRecord shards that training reads faster),
 (per-patch embeddings and cluster assignments from DIR's latest checkpoint).
 """
 import logging
+import re
 import sys
 
 from absl import app, flags
@@ -76,9 +77,14 @@ def parse_flags(argv):
     except flags.Error as e:
         fail(' '.join(line.strip() for line in str(e).splitlines()))
     except (AttributeError, KeyError) as e:
-        key = str(e).strip('"\'')
+        # ml_collections words it as a nested repr: "'key'\nDid you mean "other"?".
+        text = str(e).replace('\\', '')
+        key = re.search(r"'([A-Za-z_][\w]*)", text)
+        key = key.group(1) if key else text
         culprits = [a for a in argv[1:] if a.startswith('--config.') and key in a]
-        fail(f'unknown config key {key!r} in {" ".join(culprits) or "the overrides"}')
+        hint = re.search(r'Did you mean "([\w]+)"', text)
+        fail(f'unknown config key {key!r} in {" ".join(culprits) or "the overrides"}'
+             + (f'; did you mean {hint.group(1)!r}?' if hint else ''))
     except (TypeError, ValueError) as e:
         fail(f'bad config override: {e}')
 

@@ -20,7 +20,8 @@ class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int = 3):
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        self.directory = checkpoint_dir(workdir)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -34,8 +35,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """Returns (state, data_state or None) placed as `abstract_state`'s shardings."""
         items = {'state': ocp.args.StandardRestore(abstract_state)}
-        saved = self.manager.item_metadata(step)
-        has_data = saved is not None and 'data' in saved and saved['data'] is not None
+        # Each item is a sub-directory of the step's directory (asking orbax for the item
+        # metadata instead warns about every item it was not given a handler for).
+        has_data = os.path.isdir(os.path.join(self.directory, str(step), 'data'))
         if has_data:
             items['data'] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))

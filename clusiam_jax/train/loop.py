@@ -128,8 +128,9 @@ def train(config, workdir: str, loader=None):
                      workdir, latest, total_steps)
             checkpointer.close()
             return state
-        log.info('resuming from the checkpoint at step %d (epoch %d, step %d of the epoch)',
-                 latest, latest // steps_per_epoch, latest % steps_per_epoch)
+        log.info('resuming from the checkpoint at step %d of %d (epoch %d of %d, %d steps in)',
+                 latest, total_steps, latest // steps_per_epoch + 1, num_epochs,
+                 latest % steps_per_epoch)
 
     step_fn = compile_train_step(make_train_step(network, tx, config, loader.mean, loader.std,
                                                  lr_schedule, ema_schedule), mesh)
