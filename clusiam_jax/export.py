@@ -506,12 +506,28 @@ def _write_manifest(path, rows):
 
 # --------------------------------------------------------------------- the entry
 
+def check_export_config(exp):
+    """One-line ConfigErrors for export settings, before anything is restored or computed."""
+    from clusiam_jax.config import ConfigError
+    if exp.format not in ('h5', 'npz'):
+        raise ConfigError(f"export.format must be 'h5' or 'npz'; got {exp.format!r}")
+    if exp.batch_size < 1:
+        raise ConfigError(f'export.batch_size must be positive; got {exp.batch_size}')
+    if exp.cluster_maps and exp.thumbnail:
+        if not os.path.exists(exp.thumbnail):
+            raise ConfigError(f'export.thumbnail does not exist: {exp.thumbnail}')
+        if not exp.thumbnail_downsample or exp.thumbnail_downsample <= 0:
+            raise ConfigError('export.thumbnail needs export.thumbnail_downsample (level-0 '
+                              'pixels per thumbnail pixel, e.g. 8)')
+
+
 def export_run(config, workdir: str):
     """`launch.py --mode export`: the latest checkpoint of `workdir` over export.data_path.
 
     The model, image size and normalization come from the run's own config.json; the
     `export` section (and nothing else) from `config`.
     """
+    check_export_config(config.export)
     run_config, network, state = load_run(workdir, config=config)
     for section in ('model',):
         if run_config[section].to_dict() != config[section].to_dict():

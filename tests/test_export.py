@@ -217,3 +217,21 @@ def test_training_normalization_from_the_training_list(run, tmp_path):
     c.data.path = str(tmp_path / 'gone')
     with pytest.raises(FileNotFoundError, match='data.mean'):
         export.training_normalization(c)
+
+
+def test_bad_export_settings_fail_early(tmp_path):
+    from clusiam_jax.config import ConfigError
+    c = tiny_config()
+    c.export.format = 'parquet'
+    with pytest.raises(ConfigError, match='export.format'):
+        export.export_run(c, str(tmp_path))  # fails before looking for a run
+    c.export.format = 'h5'
+    c.export.cluster_maps = True
+    thumb = tmp_path / 'thumb.png'
+    Image.new('RGB', (4, 4)).save(thumb)
+    c.export.thumbnail = str(thumb)
+    with pytest.raises(ConfigError, match='thumbnail_downsample'):
+        export.export_run(c, str(tmp_path))
+    c.export.thumbnail_downsample = 8.0
+    with pytest.raises(FileNotFoundError, match='checkpoints'):
+        export.export_run(c, str(tmp_path / 'no_run'))
