@@ -31,29 +31,12 @@ IMAGE = 32
 ATOL = 1e-4
 
 
-def randomize_(model, seed):
-    """Non-trivial weights: BN affine and running stats away from their init, and a
-    non-zero frozen projector bias (its folding into the running mean must be exact)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-                module.num_batches_tracked.fill_(123)
-                if module.affine:
-                    module.weight.copy_(1 + 0.2 * torch.randn(n, generator=gen))
-                    module.bias.copy_(0.1 * torch.randn(n, generator=gen))
-    return model
-
-
 def reference_model(method, seed=0):
     torch.manual_seed(seed)
     model = ref.ReferenceNetwork(method, 'resnet18', **SIZES[method])
-    randomize_(model, seed)
+    ref.randomize_(model, seed)
     if method == 'clubyol':
-        randomize_(model.target_encoder, seed + 1)   # a target that differs from the online
+        ref.randomize_(model.target_encoder, seed + 1)   # a target that differs from the online
     return model.eval()
 
 

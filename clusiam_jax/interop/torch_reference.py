@@ -19,7 +19,14 @@ BYOL_TYPE = ('clubyol', 'byol')
 
 
 def torch_backbone(name: str) -> nn.Module:
-    """torchvision ResNet with zero-init residuals, no pretrained weights."""
+    """torchvision ResNet with zero-init residuals, no pretrained weights.
+
+    'resnet10' (one BasicBlock per stage) is torchvision's ResNet class at half the depth
+    of resnet18: the same code paths for quicker parity tests.
+    """
+    if name == 'resnet10':
+        from torchvision.models.resnet import BasicBlock, ResNet
+        return ResNet(BasicBlock, [1, 1, 1, 1], zero_init_residual=True)
     factory = {'resnet18': torchvision.models.resnet18,
                'resnet50': torchvision.models.resnet50}[name]
     return factory(weights=None, zero_init_residual=True)
@@ -142,7 +149,7 @@ def train_step(model: ReferenceNetwork, optimizer, x1, x2, gumbel, alpha: float,
         with torch.no_grad():
             for t, o in zip(model.target_encoder.parameters(), model.encoder.parameters()):
                 t.mul_(ema_momentum).add_(o, alpha=1 - ema_momentum)
-    return {'loss': float(loss), 'invariance': float(inv), 'cluster_similarity': float(sim)}
+    return {'loss': loss.item(), 'invariance': inv.item(), 'cluster_similarity': sim.item()}
 
 
 def use_biased_running_var(model: nn.Module):
@@ -161,9 +168,29 @@ def use_biased_running_var(model: nn.Module):
 
     def after(module, args, output):
         if module.training:
-            module.running_var.copy_(module._flax_var)
+            # Through .data: torch saves running_var for the backward pass (which does
+            # not read it in training mode) and would reject a versioned in-place write.
+            module.running_var.data.copy_(module._flax_var)
 
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.register_forward_pre_hook(before)
             module.register_forward_hook(after)
+
+
+def randomize_(model: nn.Module, seed: int) -> nn.Module:
+    """Move every BatchNorm away from its init (affine and running statistics), so parity
+    checks exercise every variable: zero-init residual scales would hide a misplaced
+    tensor. (The frozen projector bias keeps its non-zero Linear init.)"""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+                module.num_batches_tracked.fill_(123)
+                if module.affine:
+                    module.weight.copy_(1 + 0.2 * torch.randn(n, generator=gen))
+                    module.bias.copy_(0.1 * torch.randn(n, generator=gen))
+    return model
