@@ -7,6 +7,8 @@ import collections
 import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -28,6 +30,30 @@ log = logging.getLogger('clusiam_jax')
 
 class NonFiniteError(FloatingPointError):
     """A NaN/Inf metric; raised before anything is checkpointed."""
+
+
+class _StopRequest:
+    """SIGTERM, a scheduler's preemption notice, asks the loop to checkpoint and stop.
+
+    The handler only sets a flag: the loop finishes the step in flight, saves the state
+    and the data iterator position at that step, and returns normally (exit status 0).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _EpochStats:
@@ -91,13 +117,14 @@ def _write_config(workdir, config):
     os.replace(tmp, path)
 
 
-def train(config, workdir: str, loader=None):
+def train(config, workdir: str, loader=None, mesh=None):
     """Trains per `config` in `workdir`; returns the final TrainState.
 
     `loader` defaults to the data pipeline for `config.data.path`; tests may inject one
-    with the same interface (steps_per_epoch, mean, std, iterator()).
+    with the same interface (steps_per_epoch, mean, std, iterator()). `mesh` defaults to
+    all devices.
     """
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -145,51 +172,59 @@ def train(config, workdir: str, loader=None):
     log_every = max(1, config.train.log_every_steps)
     pairs_per_step = config.train.batch_size
     data_state = None
-    try:
-        for epoch in range(step // steps_per_epoch, num_epochs):
-            stats = _EpochStats()
-            first = step
-            end = (epoch + 1) * steps_per_epoch
-            bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
-                       desc=f'epoch {epoch + 1}/{num_epochs}', unit='step',
-                       disable=not is_main, dynamic_ncols=True)
-            start_time = time.perf_counter()
-            while step < end:
-                try:
-                    batch, data_state = next(batches)
-                except StopIteration:
-                    raise RuntimeError(f'the data iterator ended at step {step}, before '
-                                       f'the {total_steps} steps of the run') from None
-                state, metrics = step_fn(state, batch)
-                stats.add(step, metrics)
-                step += 1
-                bar.update(1)
-                if step % log_every == 0 or step == end:
-                    window = stats.flush()
-                    elapsed = time.perf_counter() - start_time
-                    rate = (step - first) * pairs_per_step / max(elapsed, 1e-9)
-                    bar.set_postfix(loss=f"{window['loss']:.4f}", pairs_s=f'{rate:.1f}')
-                    writer.scalars(step, window)
-            bar.close()
-            means = stats.means()
-            elapsed = time.perf_counter() - start_time
-            row = dict(means, epoch=epoch + 1, step=step, time_s=round(elapsed, 3),
-                       pairs_per_s=round((step - first) * pairs_per_step / elapsed, 3))
-            writer.epoch_row(row)
-            writer.scalars(epoch + 1, {'pairs_per_s': row['pairs_per_s']}, prefix='epoch/')
-            if is_main:
-                log.info('epoch %d/%d: %s', epoch + 1, num_epochs,
-                         ', '.join(f'{k}={v:.4g}' for k, v in sorted(means.items())))
-                # Logits start near uniform: judge collapse only after a full epoch.
-                if spec.has_cluster_head and epoch > 0:
-                    for warning in collapse_warnings(means, config.model.num_clusters):
-                        log.warning('epoch %d: %s', epoch + 1, warning)
-            every = config.train.checkpoint_every_epochs
-            if (every > 0 and (epoch + 1) % every == 0) or step == total_steps:
-                checkpointer.save(step, state, data_state)
-    finally:
-        writer.close()
-        checkpointer.close()
-        if hasattr(iterator, 'close'):
-            iterator.close()
+    with _StopRequest() as stop:
+        try:
+            for epoch in range(step // steps_per_epoch, num_epochs):
+                stats = _EpochStats()
+                first = step
+                end = (epoch + 1) * steps_per_epoch
+                bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
+                           desc=f'epoch {epoch + 1}/{num_epochs}', unit='step',
+                           disable=not is_main, dynamic_ncols=True)
+                start_time = time.perf_counter()
+                while step < end:
+                    try:
+                        batch, data_state = next(batches)
+                    except StopIteration:
+                        raise RuntimeError(f'the data iterator ended at step {step}, before '
+                                           f'the {total_steps} steps of the run') from None
+                    state, metrics = step_fn(state, batch)
+                    stats.add(step, metrics)
+                    step += 1
+                    bar.update(1)
+                    if step % log_every == 0 or step == end:
+                        window = stats.flush()
+                        elapsed = time.perf_counter() - start_time
+                        rate = (step - first) * pairs_per_step / max(elapsed, 1e-9)
+                        bar.set_postfix(loss=f"{window['loss']:.4f}", pairs_s=f'{rate:.1f}')
+                        writer.scalars(step, window)
+                    if stop.requested:
+                        stats.flush()  # never checkpoint a non-finite state
+                        checkpointer.save(step, state, data_state)
+                        bar.close()
+                        log.warning('SIGTERM: saved a checkpoint at step %d of %d and stopped; '
+                                    'start the same command again to resume', step, total_steps)
+                        return state
+                bar.close()
+                means = stats.means()
+                elapsed = time.perf_counter() - start_time
+                row = dict(means, epoch=epoch + 1, step=step, time_s=round(elapsed, 3),
+                           pairs_per_s=round((step - first) * pairs_per_step / elapsed, 3))
+                writer.epoch_row(row)
+                writer.scalars(epoch + 1, {'pairs_per_s': row['pairs_per_s']}, prefix='epoch/')
+                if is_main:
+                    log.info('epoch %d/%d: %s', epoch + 1, num_epochs,
+                             ', '.join(f'{k}={v:.4g}' for k, v in sorted(means.items())))
+                    # Logits start near uniform: judge collapse only after a full epoch.
+                    if spec.has_cluster_head and epoch > 0:
+                        for warning in collapse_warnings(means, config.model.num_clusters):
+                            log.warning('epoch %d: %s', epoch + 1, warning)
+                every = config.train.checkpoint_every_epochs
+                if (every > 0 and (epoch + 1) % every == 0) or step == total_steps:
+                    checkpointer.save(step, state, data_state)
+        finally:
+            writer.close()
+            checkpointer.close()
+            if hasattr(iterator, 'close'):
+                iterator.close()
     return state
