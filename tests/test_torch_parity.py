@@ -138,10 +138,12 @@ def _ours(state):
 
 
 def _relative_error(a, b, start):
-    """The worst tensor's |a - b| / |b - start| (L2 norms): the error relative to how far
-    the step moved that tensor. Tensors that did not move (the frozen bias) must be equal."""
+    """The worst online tensor's |a - b| / |b - start| (L2 norms): the error relative to
+    how far the step moved that tensor. Tensors that did not move (the frozen bias) must
+    be equal. The EMA target moves by 1% of an update, below float32 resolution at small
+    learning rates, so its tensors are compared in absolute terms (_target_error)."""
     worst = 0.0
-    for k in b:
+    for k in (k for k in b if not k.startswith('target_encoder.')):
         moved = np.linalg.norm(b[k] - start[k])
         error = np.linalg.norm(a[k] - b[k])
         if moved == 0:
@@ -149,6 +151,11 @@ def _relative_error(a, b, start):
             continue
         worst = max(worst, error / moved)
     return worst
+
+
+def _target_error(a, b):
+    keys = [k for k in b if k.startswith('target_encoder.')]
+    return max((float(np.max(np.abs(a[k] - b[k]))) for k in keys), default=0.0)
 
 
 @pytest.mark.parametrize('method', ['clusiam', 'clubyol'])
@@ -192,7 +199,9 @@ def test_train_steps_match_reference(method, resnet10):
         assert sorted(w32) == sorted(k for k in ours if not k.endswith('num_batches_tracked'))
         ours_error = _relative_error(ours, w64, start)
         torch_error = _relative_error(w32, w64, start)
-        report.append((i, ours_error, torch_error, float(metrics['loss']) - m32['loss']))
+        ours_target, torch_target = _target_error(ours, w64), _target_error(w32, w64)
+        report.append((i, ours_error, torch_error, ours_target, torch_target,
+                       float(metrics['loss']) - m32['loss']))
         if i == 0:
             assert abs(float(metrics['loss']) - m32['loss']) < 1e-4
             assert abs(float(metrics['cluster_similarity']) - m32['cluster_similarity']) < 1e-5
@@ -201,6 +210,7 @@ def test_train_steps_match_reference(method, resnet10):
                 error = np.max(np.abs(ours[key] - w32[key]))
                 assert error <= 1e-6 + 1e-3 * moved, (key, error, moved)
         assert ours_error <= 3 * torch_error + 1e-4, report
+        assert ours_target <= 3 * torch_target + 1e-6, report
     # The steps really moved the weights (steps that did nothing would also "match").
     w = 'encoder.layer1.0.conv1.weight'
     assert np.max(np.abs(ours[w] - start[w])) > 1e-5
