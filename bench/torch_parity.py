@@ -110,7 +110,6 @@ def _step_reference(method):
         model.encoder.fc[6].bias.zero_()   # frozen; zero keeps running means comparable
         if method == 'clubyol':
             model.target_encoder.load_state_dict(model.encoder.state_dict())
-    ref.use_biased_running_var(model)
     return model
 
 

@@ -93,12 +93,15 @@ def test_batchnorm_runs_once_per_view(clubyol_two_steps):
     (mu1, var1), (mu2, var2) = stem_moments(before.params, v1), stem_moments(before.params, v2)
     old = before.batch_stats['encoder']['backbone']['bn1']
     new = after.batch_stats['encoder']['backbone']['bn1']
+    # PyTorch semantics: the running variance averages the unbiased batch variance.
+    n = v1.shape[0] * (v1.shape[1] // 2) * (v1.shape[2] // 2)
+    var1, var2 = var1 * n / (n - 1), var2 * n / (n - 1)
     per_view_mean = 0.9 * (0.9 * old['mean'] + 0.1 * mu1) + 0.1 * mu2
     per_view_var = 0.9 * (0.9 * old['var'] + 0.1 * var1) + 0.1 * var2
     np.testing.assert_allclose(new['mean'], per_view_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(new['var'], per_view_var, rtol=1e-4, atol=1e-5)
     mu_cat, var_cat = stem_moments(before.params, jnp.concatenate([v1, v2]))
-    concatenated_var = 0.9 * old['var'] + 0.1 * var_cat
+    concatenated_var = 0.9 * old['var'] + 0.1 * var_cat * (2 * n) / (2 * n - 1)
     assert np.abs(np.asarray(new['var']) - concatenated_var).max() > 1e-3
     # Every BN layer of the online network matches a per-view forward done by hand.
     _, want = jax.jit(lambda p, s, v: apply_per_view(network, p, s, v))(

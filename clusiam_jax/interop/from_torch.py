@@ -11,10 +11,8 @@ Conventions:
   after folding it into the following BatchNorm's running mean: in inference mode
   BN(Wx + b) with running mean m equals BN(Wx) with running mean m - b, and in training
   mode the batch mean absorbs it. Inference outputs stay identical.
-- Running variances are copied as they are. PyTorch's running_var averages the unbiased
-  batch variance, Flax's the biased one, so a run continued here accumulates the slightly
-  smaller (by n/(n-1) on each batch term) estimate from now on; for inference the copied
-  values are exactly the original's.
+- Running statistics are copied as they are: our BatchNorm (models/batch_norm.py) keeps
+  PyTorch's semantics, averaging the unbiased batch variance like running_var.
 - `num_batches_tracked` is consumed and dropped (only torch's momentum=None uses it).
 - The work directory's checkpoint is at step 0 with a fresh optimizer state (the SGD
   momentum buffers are not imported): training on it starts a new schedule from these

@@ -152,32 +152,6 @@ def train_step(model: ReferenceNetwork, optimizer, x1, x2, gumbel, alpha: float,
     return {'loss': loss.item(), 'invariance': inv.item(), 'cluster_similarity': sim.item()}
 
 
-def use_biased_running_var(model: nn.Module):
-    """Make every BatchNorm of `model` average the biased batch variance, as Flax does.
-
-    PyTorch's running_var averages the unbiased (n-1) variance, Flax's the biased one;
-    training-mode outputs (what gradients see) are the same in both. This lets the step
-    parity test compare running variances exactly; everything else stays torch's own.
-    """
-    def before(module, args):
-        if module.training:
-            x = args[0].detach()
-            dims = [0] + list(range(2, x.dim()))
-            m = module.momentum
-            module._flax_var = (1 - m) * module.running_var + m * x.var(dims, unbiased=False)
-
-    def after(module, args, output):
-        if module.training:
-            # Through .data: torch saves running_var for the backward pass (which does
-            # not read it in training mode) and would reject a versioned in-place write.
-            module.running_var.data.copy_(module._flax_var)
-
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.register_forward_pre_hook(before)
-            module.register_forward_hook(after)
-
-
 def randomize_(model: nn.Module, seed: int) -> nn.Module:
     """Move every BatchNorm away from its init (affine and running statistics), so parity
     checks exercise every variable: zero-init residual scales would hide a misplaced

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clusiam_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
+from clusiam_jax.models.batch_norm import BatchNorm
 
 # variance_scaling(1/3, fan_in, uniform) is exactly U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
@@ -27,9 +27,8 @@ def torch_linear(features: int, fan_in: int, use_bias: bool, dtype: Any, name: s
 
 
 def batch_norm_1d(train: bool, dtype: Any, name: str, affine: bool = True):
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                        epsilon=BN_EPSILON, use_scale=affine, use_bias=affine,
-                        dtype=dtype, param_dtype=jnp.float32, name=name)
+    return BatchNorm(use_running_average=not train, use_scale=affine, use_bias=affine,
+                     dtype=dtype, name=name)
 
 
 class Projector(nn.Module):

@@ -2,9 +2,9 @@
 
 Matches torchvision's `resnet18` / `resnet50` layer for layer so weights can be moved
 between the two: explicit paddings (Flax 'SAME' pads stride-2 convolutions differently
-from PyTorch), no conv biases, He-normal fan_out conv init, BatchNorm with eps 1e-5 and
-running-average momentum 0.9 (PyTorch's 0.1), and zero-init residuals (the last BN scale
-of every block starts at 0), as the original's `zero_init_residual=True`.
+from PyTorch), no conv biases, He-normal fan_out conv init, PyTorch-semantics BatchNorm
+(eps 1e-5, momentum 0.1 in PyTorch terms; batch_norm.py), and zero-init residuals (the
+last BN scale of every block starts at 0), as the original's `zero_init_residual=True`.
 The classifier `fc` is omitted: the module returns the globally average-pooled features.
 """
 from functools import partial
@@ -13,19 +13,15 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clusiam_jax.models.batch_norm import BatchNorm
+
 # kaiming_normal_(mode='fan_out', nonlinearity='relu'): an untruncated normal.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
-BN_MOMENTUM = 0.9   # Flax convention: new = m * old + (1 - m) * batch; PyTorch momentum 0.1
-BN_EPSILON = 1e-5
-
-
 def batch_norm(train: bool, dtype: Any, zero_init: bool = False, name: str = None):
-    return nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-            dtype=dtype, param_dtype=jnp.float32,
-            scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
-            name=name)
+    return BatchNorm(use_running_average=not train, dtype=dtype,
+                     scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+                     name=name)
 
 
 def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str):
