@@ -39,19 +39,14 @@ import os
 import re
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from clusiam_jax import parallel
-from clusiam_jax.checkpoint import Checkpointer, checkpoint_dir
-from clusiam_jax.config import default_config
 from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
-from clusiam_jax.models import METHOD_SPECS, build_network
-from clusiam_jax.train.optimizer import make_optimizer
-from clusiam_jax.train.state import create_train_state
+from clusiam_jax.run_dir import load_run
 from clusiam_jax.train.step import normalize_images
 
 log = logging.getLogger('clusiam_jax')
@@ -63,73 +58,6 @@ MANIFEST_NAME = 'manifest.csv'
 INFO_NAME = 'export_info.json'
 MAPS_DIR = 'cluster_maps'
 UNKNOWN_SLIDE = 'unknown_slide'
-
-
-# ------------------------------------------------------------------ loading a run
-
-def _tuples(value):
-    """JSON lists -> tuples (ConfigDict's tuple fields, e.g. data.mean, reject lists)."""
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
-def _merge(dst, src, prefix=''):
-    for key, value in src.items():
-        if key not in dst:
-            log.warning('ignoring key %s%s of the run config (unknown to this version)',
-                        prefix, key)
-        elif isinstance(dst[key], ml_collections.ConfigDict) and isinstance(value, dict):
-            _merge(dst[key], value, f'{prefix}{key}.')
-        else:
-            dst[key] = _tuples(value)
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (`<workdir>/config.json`) over today's defaults."""
-    path = os.path.join(workdir, 'config.json')
-    with open(path) as f:
-        saved = json.load(f)
-    config = default_config()
-    _merge(config, saved)
-    return config
-
-
-def load_run(workdir: str, step=None, mesh=None, config=None):
-    """(config, network, state) of a run: its config.json and a checkpoint (latest default).
-
-    The state is restored onto `mesh` (default: this process's devices), replicated.
-    `config` is used only when the work directory has no config.json.
-    """
-    if os.path.exists(os.path.join(workdir, 'config.json')):
-        config = read_run_config(workdir)
-    elif config is None:
-        raise FileNotFoundError(f'{workdir} has no config.json (not a run directory?)')
-    else:
-        log.warning('%s has no config.json; using the given config for the model', workdir)
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        raise FileNotFoundError(f'{workdir} has no checkpoints/ folder: train first, or '
-                                f'point --workdir at a run')
-    mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
-    network = build_network(config.model)
-    spec = METHOD_SPECS[config.model.name]
-    # steps_per_epoch only shapes the lr schedule, never the optimizer state's structure.
-    tx, _ = make_optimizer(config, 1)
-    # The abstract state costs no compute: restore only needs shapes, dtypes, shardings.
-    shapes = jax.eval_shape(lambda: create_train_state(
-        network, tx, spec.has_target, config.train.seed, config.data.image_size))
-    replicated = parallel.replicated(mesh)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
-    checkpointer = Checkpointer(workdir)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
-        state, _ = checkpointer.restore(step, abstract)
-    finally:
-        checkpointer.close()
-    return config, network, state
 
 
 def training_normalization(config, workdir=None, fallback=None):

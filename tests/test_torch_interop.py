@@ -21,7 +21,8 @@ import torchvision  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from clusiam_jax import convert  # noqa: E402
-from clusiam_jax.interop import from_torch, run_io, to_torch  # noqa: E402
+from clusiam_jax import run_dir  # noqa: E402
+from clusiam_jax.interop import from_torch, to_torch  # noqa: E402
 from clusiam_jax.interop import torch_reference as ref  # noqa: E402
 from clusiam_jax.models import build_network, build_target_encoder  # noqa: E402
 
@@ -79,7 +80,7 @@ def imported(request, tmp_path_factory):
 
 def test_import_writes_a_work_directory(imported):
     method, _, out = imported
-    config, state = run_io.restore_run(out)
+    config, _, state = run_dir.load_run(out)
     assert config.model.name == method
     assert config.model.backbone == 'resnet18'
     for key, value in SIZES[method].items():
@@ -92,14 +93,14 @@ def test_import_writes_a_work_directory(imported):
     # The recipe's training settings come along (CluBYOL forces fix_pred_lr off).
     assert config.optim.fix_pred_lr == (method == 'clusiam')
     # A fresh optimizer state of the structure training builds.
-    _, _, shapes = run_io.abstract_state(config)
+    _, _, shapes = run_dir.abstract_train_state(config)
     assert (jax.tree.structure(state.opt_state) == jax.tree.structure(shapes.opt_state))
 
 
 def test_imported_network_matches_torch_in_inference(imported):
     """Features, projections, predictions and cluster logits, online and EMA target."""
     method, model, out = imported
-    config, state = run_io.restore_run(out)
+    config, _, state = run_dir.load_run(out)
     network = build_network(config.model)
     x = images()
     with jax.default_matmul_precision('highest'):

@@ -26,6 +26,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from clusiam_jax import run_dir
 from clusiam_jax.interop import layout, run_io
 from clusiam_jax.models import BACKBONES
 
@@ -187,7 +188,7 @@ def _fold_projector_bias(remaining: Dict, encoder_stats: Dict, prefix: str, prob
 def state_dict_to_variables(state_dict: Dict, config):
     """(params, batch_stats, target_params, target_batch_stats) from an original-format
     state_dict; raises ConversionError listing every key that does not fit."""
-    _, _, shapes = run_io.abstract_state(config)
+    _, _, shapes = run_dir.abstract_train_state(config)
     remaining = dict(state_dict)
     problems = {'missing': [], 'shape': []}
     online = fill_variables(remaining, {'params': shapes.params,
@@ -231,7 +232,7 @@ def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: in
         raise FileExistsError(f'{out} already holds checkpoints; choose another --out')
     state_dict, epoch = load_torch_checkpoint(path)
     config, state = import_state_dict(state_dict, model, seed, mean, std)
-    run_io.write_run(out, config, state)
+    run_dir.write_run(out, config, state)
     info = {'source': os.path.abspath(path), 'epoch': epoch, 'model': config.model.name,
             'backbone': config.model.backbone, 'feat_size': config.model.feat_size,
             'pred_hidden': config.model.pred_hidden,

@@ -82,8 +82,8 @@ def save_safetensors(state_dict: Dict[str, np.ndarray], path: str,
 def export_run(workdir: str, out: str, with_projector: bool = False, target: bool = False,
                step: Optional[int] = None) -> Dict[str, str]:
     """Writes a run's encoder (online or EMA target) to `out`; returns the metadata."""
-    from clusiam_jax.interop.run_io import restore_run
-    config, state = restore_run(workdir, step)
+    from clusiam_jax.run_dir import load_run
+    config, _, state = load_run(workdir, step)
     if target:
         if not state.target_params:
             raise ValueError(f'{config.model.name} has no EMA target encoder; drop --target')

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clusiam_jax import data as data_lib
-from clusiam_jax import parallel
+from clusiam_jax import parallel, run_dir
 from clusiam_jax.checkpoint import Checkpointer, abstract_like
 from clusiam_jax.config import validate
 from clusiam_jax.models import METHOD_SPECS, build_network
@@ -103,18 +103,15 @@ def compile_train_step(step, mesh):
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def _write_config(workdir, config):
-    path = os.path.join(workdir, 'config.json')
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
+def _record_config(workdir, config):
+    """Writes config.json, warning when it differs from the one the run started with."""
+    path = os.path.join(workdir, run_dir.CONFIG_NAME)
     if os.path.exists(path):
         with open(path) as f:
-            if f.read() != text:
+            if f.read() != run_dir.config_text(config):
                 log.warning('config differs from the one this work directory was started '
                             'with (kept in config.json); continuing with the new one')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    run_dir.write_run_config(workdir, config)
 
 
 def train(config, workdir: str, loader=None, mesh=None):
@@ -133,7 +130,7 @@ def train(config, workdir: str, loader=None, mesh=None):
                                               process_index=jax.process_index(),
                                               process_count=jax.process_count())
     if is_main:
-        _write_config(workdir, config)
+        _record_config(workdir, config)
 
     steps_per_epoch = loader.steps_per_epoch
     num_epochs = config.train.num_epochs
