@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """kNN and linear-probe accuracy on CRCHistoPhenotypes nuclei: random init vs CluBYOL vs BYOL.
 
-    python bench/crchp_eval.py [--data ../shared/data/crchp] [--workdir runs/crchp_eval]
+    python bench/nuclei_probe_eval.py [--data ../shared/data/crchp] [--workdir runs/nuclei_probe_eval]
         [--steps 30] [--batch 32] [--max-train 2000] [--max-val 500] [--max-test 2000]
 
 Data (../shared/data/README.md; research-use only, never committed): 100 H&E images of
