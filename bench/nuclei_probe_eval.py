@@ -204,7 +204,7 @@ def raw_pixel_all_nuclei(data_dir, nuclei, size=32):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', default=DEFAULT_DATA)
-    parser.add_argument('--workdir', default=os.path.join(REPO, 'runs', 'crchp_eval'))
+    parser.add_argument('--workdir', default=os.path.join(REPO, 'runs', 'nuclei_probe_eval'))
     parser.add_argument('--steps', type=int, default=30, help='pretraining steps per model')
     parser.add_argument('--batch', type=int, default=32)
     parser.add_argument('--base-lr', type=float, default=0.4,
