@@ -6,10 +6,14 @@ atomically (orbax writes to a temporary directory and renames it), and the last
 shardings of the current mesh, so optax states come back as their own types and the
 state lands on however many devices this run has.
 """
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+
+
+log = logging.getLogger('clusiam_jax')
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -42,6 +46,27 @@ class Checkpointer:
             items['data'] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored['state'], (restored['data'] if has_data else None)
+
+    def restore_latest_readable(self, abstract_state):
+        """(step, state, data_state) of the newest checkpoint that restores, else Nones.
+
+        A checkpoint cut short by a crash (kill -9 mid-write, a full disk) or damaged
+        later is skipped with a warning, falling back to the one before it; orbax's
+        atomic rename already keeps unfinished saves out of the step list.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data_state = self.restore(step, abstract_state)
+                return step, state, data_state
+            except Exception as e:  # noqa: BLE001 - any failure means: not usable
+                reason = ' '.join(str(e).split())[:300]
+                log.warning('checkpoint at step %d in %s cannot be restored (%s: %s); '
+                            'falling back to the previous one', step, self.directory,
+                            type(e).__name__, reason)
+        if self.manager.all_steps():
+            raise RuntimeError(f'no checkpoint in {self.directory} can be restored; move '
+                               f'the folder away to start afresh')
+        return None, None, None
 
     def wait(self):
         self.manager.wait_until_finished()

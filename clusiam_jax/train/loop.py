@@ -143,10 +143,9 @@ def train(config, workdir: str, loader=None, mesh=None):
 
     state = init_state(network, tx, config, mesh)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    data_state = None
-    latest = checkpointer.latest_step()
+    latest, restored, data_state = checkpointer.restore_latest_readable(abstract_like(state))
     if latest is not None:
-        state, data_state = checkpointer.restore(latest, abstract_like(state))
+        state = restored
         if latest >= total_steps:
             log.info('run in %s is complete (step %d of %d); nothing to do',
                      workdir, latest, total_steps)
