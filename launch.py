@@ -9,6 +9,7 @@ folder or manifest CSV into TFDS ArrayRecord shards that training reads faster),
 (per-patch embeddings and cluster assignments from DIR's latest checkpoint).
 """
 import logging
+import os
 import re
 import sys
 
@@ -45,6 +46,10 @@ def main(argv):
         cause = e.__cause__ or e
         fail(f'cannot load --config {FLAGS["config"].config_filename}: '
              + ' '.join(str(cause).split()))
+    if config.train.distributed or os.environ.get('CLUSIAM_DISTRIBUTED') == '1':
+        # Before anything touches a device: one process per host joins the run.
+        from clusiam_jax.parallel import initialize_distributed
+        initialize_distributed()
     try:
         if FLAGS.mode == 'build_dataset':
             if not FLAGS.out:

@@ -46,12 +46,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every_steps = 10
     c.train.checkpoint_every_epochs = 10
     c.train.keep_checkpoints = 3
+    c.train.distributed = False       # multi-process: jax.distributed.initialize() first
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 0.05            # lr = base_lr * batch_size / 256
     c.optim.weight_decay = 1e-4       # coupled (PyTorch SGD) weight decay
     c.optim.momentum = 0.9
     c.optim.fix_pred_lr = False       # predictor keeps the initial lr
+    c.optim.name = 'sgd'              # sgd (original) | lars (pod-scale batches, as BYOL)
+    c.optim.warmup_epochs = 0         # linear warmup before the cosine (with lars)
 
     c.ema = ml_collections.ConfigDict()
     c.ema.momentum = 0.99             # target = m * target + (1 - m) * online
@@ -124,6 +127,11 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     if t.batch_size % num_devices:
         raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by the '
                           f'{num_devices} devices')
+    if config.optim.name not in ('sgd', 'lars'):
+        raise ConfigError(f"optim.name must be 'sgd' or 'lars'; got {config.optim.name!r}")
+    if not 0 <= config.optim.warmup_epochs < t.num_epochs:
+        raise ConfigError(f'optim.warmup_epochs must be in [0, train.num_epochs); '
+                          f'got {config.optim.warmup_epochs}')
     if config.ema.schedule not in ('constant', 'cosine'):
         raise ConfigError(f"ema.schedule must be 'constant' or 'cosine'; "
                           f'got {config.ema.schedule!r}')

@@ -3,6 +3,8 @@
 Under `jax.jit` with these shardings, BatchNorm statistics and the cluster loss are
 computed over the global batch, exactly as the single-GPU original computes them.
 """
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -30,3 +32,16 @@ def check_batch_divisible(batch_size: int, mesh: Mesh):
     if batch_size % num_devices:
         raise ValueError(f'train.batch_size={batch_size} is not divisible by the '
                          f'{num_devices} devices; pick a multiple of {num_devices}')
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+    """Joins a multi-process run (TPU pod slice, multi-node GPU, or local CPU processes).
+
+    Without arguments jax.distributed.initialize() finds the coordinator itself on TPU
+    and under SLURM (or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+    CPU processes need the gloo collectives, which must be chosen before initializing.
+    """
+    if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)

@@ -19,8 +19,10 @@ class SyntheticIterator:
         rng = np.random.default_rng([self.loader.seed, self.index])
         shape = (self.loader.batch_size, self.loader.image_size, self.loader.image_size, 3)
         self.index += 1
-        return {'view1': rng.integers(0, 256, shape, dtype=np.uint8),
-                'view2': rng.integers(0, 256, shape, dtype=np.uint8)}
+        local = self.loader.batch_size // self.loader.process_count
+        share = slice(self.loader.process_index * local, (self.loader.process_index + 1) * local)
+        return {'view1': rng.integers(0, 256, shape, dtype=np.uint8)[share],
+                'view2': rng.integers(0, 256, shape, dtype=np.uint8)[share]}
 
     def get_state(self):
         return {'index': self.index}
@@ -33,10 +35,13 @@ class SyntheticLoader:
     mean = (0.6684, 0.5115, 0.6791)
     std = (0.2521, 0.2875, 0.2100)
 
-    def __init__(self, steps_per_epoch, num_epochs, batch_size, image_size, seed=0):
+    def __init__(self, steps_per_epoch, num_epochs, batch_size, image_size, seed=0,
+                 process_index=0, process_count=1):
         self.steps_per_epoch, self.num_epochs = steps_per_epoch, num_epochs
         self.batch_size, self.image_size, self.seed = batch_size, image_size, seed
         self.num_records = steps_per_epoch * batch_size
+        # Multi-host: each process yields its contiguous share of every global batch.
+        self.process_index, self.process_count = process_index, process_count
 
     def iterator(self):
         return SyntheticIterator(self)

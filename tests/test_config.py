@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from clusiam_jax.config import ConfigError, default_config, validate
-from configs import byol, clubyol, clusiam, demo, simsiam
+from configs import byol, clubyol, clubyol_pod, clusiam, demo, simsiam
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def test_recipes_are_the_papers(tmp_path):
                 c.optim.base_lr, c.optim.weight_decay, c.optim.momentum) == \
             ('resnet18', 100, 512, 50, 0.05, 1e-4, 0.9)
     assert simsiam.get_config().loss.alpha == 0 and byol.get_config().loss.alpha == 0
-    for recipe in (clusiam, clubyol, simsiam, byol):
+    for recipe in (clusiam, clubyol, simsiam, byol, clubyol_pod):
         validate(with_path(recipe.get_config(), str(tmp_path)), num_devices=8)
     validate(demo.get_config())  # the demo's data ships with the package
 

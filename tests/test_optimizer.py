@@ -87,3 +87,31 @@ def test_ema_update_and_cosine_schedule():
                                [0.996, 0.998, 1.0], rtol=1e-6)
     c.ema.schedule = 'constant'
     assert float(optimizer.ema_momentum(c, 100)(37)) == np.float32(0.996)
+
+
+def test_warmup_then_per_epoch_cosine():
+    schedule = optimizer.per_epoch_cosine(0.4, steps_per_epoch=4, num_epochs=6, warmup_epochs=2)
+    for step in range(24):
+        if step < 8:
+            want = 0.4 * (step + 1) / 8
+        else:
+            want = 0.4 * 0.5 * (1 + math.cos(math.pi * ((step - 8) // 4) / 4))
+        np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-6)
+
+
+def test_lars_adapts_kernels_and_leaves_biases_plain():
+    c = tiny_config('clubyol')
+    c.optim.name, c.optim.weight_decay, c.optim.momentum = 'lars', 1e-3, 0.9
+    tx, schedule = optimizer.make_optimizer(c, steps_per_epoch=10)
+    lr = float(schedule(0))
+    rng = np.random.default_rng(1)
+    params = {'encoder': {'kernel': rng.normal(size=(4, 3)).astype(np.float32),
+                          'bias': rng.normal(size=(3,)).astype(np.float32)}}
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    w, g = params['encoder']['kernel'], grads['encoder']['kernel']
+    d = g + 1e-3 * w                                    # decay on kernels only
+    trust = 0.001 * np.linalg.norm(w) / np.linalg.norm(d)  # LARS trust ratio
+    np.testing.assert_allclose(updates['encoder']['kernel'], -lr * trust * d, rtol=1e-4)
+    np.testing.assert_allclose(updates['encoder']['bias'], -lr * grads['encoder']['bias'],
+                               rtol=1e-5)

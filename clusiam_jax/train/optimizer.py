@@ -1,4 +1,5 @@
-"""SGD with PyTorch-style coupled weight decay and the original's per-epoch schedules.
+"""SGD with PyTorch-style coupled weight decay and the original's per-epoch schedules
+(LARS with warmup as a pod-scale option).
 
 PyTorch's SGD does d = g + wd * p; buf = momentum * buf + d; p -= lr * buf. In optax
 that is add_decayed_weights -> trace -> scale by -lr, in this order (decay before the
@@ -15,11 +16,24 @@ def initial_lr(config) -> float:
     return config.optim.base_lr * config.train.batch_size / 256
 
 
-def per_epoch_cosine(init_lr: float, steps_per_epoch: int, num_epochs: int):
-    """lr_e = lr * 0.5 * (1 + cos(pi * e / epochs)), constant within epoch e."""
+def per_epoch_cosine(init_lr: float, steps_per_epoch: int, num_epochs: int,
+                     warmup_epochs: int = 0):
+    """lr_e = lr * 0.5 * (1 + cos(pi * e / epochs)), constant within epoch e (SPEC s5).
+
+    With warmup (pod-scale option, as BYOL): a linear ramp per step over the first
+    `warmup_epochs`, then the per-epoch cosine over the remaining epochs.
+    """
+    warmup_steps = warmup_epochs * steps_per_epoch
+    decay_epochs = max(num_epochs - warmup_epochs, 1)
+
     def schedule(step):
-        epoch = jnp.asarray(step) // steps_per_epoch
-        return init_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / num_epochs))
+        step = jnp.asarray(step)
+        epoch = (step - warmup_steps) // steps_per_epoch
+        cosine = init_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / decay_epochs))
+        if warmup_steps == 0:
+            return cosine
+        ramp = init_lr * (step + 1) / warmup_steps
+        return jnp.where(step < warmup_steps, ramp, cosine)
     return schedule
 
 
@@ -37,16 +51,32 @@ def predictor_labels(params):
             for name, sub in params.items()}
 
 
+def is_matrix(params):
+    """LARS convention: kernels get weight decay and trust-ratio scaling; biases and
+    BatchNorm parameters (1-d) get neither."""
+    return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def base_optimizer(config, learning_rate):
+    opt = config.optim
+    if opt.name == 'sgd':
+        return coupled_sgd(learning_rate, opt.weight_decay, opt.momentum)
+    if opt.name == 'lars':
+        return optax.lars(learning_rate, weight_decay=opt.weight_decay,
+                          weight_decay_mask=is_matrix, trust_ratio_mask=is_matrix,
+                          momentum=opt.momentum)
+    raise ValueError(f"optim.name must be 'sgd' or 'lars', got {opt.name!r}")
+
+
 def make_optimizer(config, steps_per_epoch: int):
     """Returns (optax transformation, lr schedule of the scheduled groups)."""
     lr = initial_lr(config)
-    schedule = per_epoch_cosine(lr, steps_per_epoch, config.train.num_epochs)
-    opt = config.optim
-    scheduled = coupled_sgd(schedule, opt.weight_decay, opt.momentum)
-    if not opt.fix_pred_lr:
+    schedule = per_epoch_cosine(lr, steps_per_epoch, config.train.num_epochs,
+                                config.optim.warmup_epochs)
+    scheduled = base_optimizer(config, schedule)
+    if not config.optim.fix_pred_lr:
         return scheduled, schedule
-    fixed = coupled_sgd(lr, opt.weight_decay, opt.momentum)
-    return optax.multi_transform({'scheduled': scheduled, 'fixed': fixed},
+    return optax.multi_transform({'scheduled': scheduled, 'fixed': base_optimizer(config, lr)},
                                  predictor_labels), schedule
 
 
