@@ -1,0 +1,46 @@
+"""A training process for test_kill.py: tiny CluBYOL on synthetic data, one device.
+
+Batches from the second epoch on are slowed down so the parent can SIGKILL the process
+in the middle of that epoch, after the first epoch's checkpoint is on disk.
+"""
+import os
+import sys
+import time
+
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                os.path.dirname(os.path.abspath(__file__))]
+
+import jax  # noqa: E402
+
+from clusiam_jax import parallel  # noqa: E402
+from clusiam_jax.train.loop import train  # noqa: E402
+from fakes import SyntheticIterator, SyntheticLoader  # noqa: E402
+from tiny import tiny_config  # noqa: E402
+
+SIZES = dict(steps_per_epoch=3, num_epochs=3, batch_size=8, image_size=32)
+
+
+class SlowIterator(SyntheticIterator):
+    def __next__(self):
+        if self.index >= self.loader.steps_per_epoch:
+            time.sleep(float(os.environ.get('BATCH_DELAY_S', '0')))
+        return super().__next__()
+
+
+class SlowLoader(SyntheticLoader):
+    def iterator(self):
+        return SlowIterator(self)
+
+
+def config():
+    c = tiny_config('clubyol', num_epochs=SIZES['num_epochs'])
+    c.train.checkpoint_every_epochs = 1
+    return c
+
+
+def run(workdir):
+    return train(config(), workdir, SlowLoader(**SIZES), parallel.make_mesh(jax.devices()[:1]))
+
+
+if __name__ == '__main__':
+    run(sys.argv[1])

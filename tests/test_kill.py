@@ -1,0 +1,45 @@
+"""kill -9 in the middle of an epoch, after a checkpoint: the restarted run ends with the
+parameters of an uninterrupted one, bit for bit (XLA on CPU is deterministic)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+import kill_worker
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kill_worker.py')
+
+
+def test_sigkill_mid_epoch_then_restart_equals_uninterrupted(tmp_path):
+    workdir = str(tmp_path / 'killed')
+    env = dict(os.environ, BATCH_DELAY_S='1.0')
+    proc = subprocess.Popen([sys.executable, WORKER, workdir], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first_checkpoint = os.path.join(workdir, 'checkpoints', '3')
+    deadline = time.time() + 600
+    while not os.path.isdir(first_checkpoint):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, 'no checkpoint after the first epoch'
+        time.sleep(0.2)
+    time.sleep(1.5)  # into the second epoch (1 s per batch), before its checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
+
+    restarted = subprocess.run([sys.executable, WORKER, workdir], capture_output=True,
+                               text=True, timeout=900)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    # The progress bars show it restarted at epoch 2, the one the kill interrupted.
+    assert 'epoch 2/3' in restarted.stderr and 'epoch 1/3' not in restarted.stderr
+
+    from clusiam_jax.run_dir import load_run
+    _, _, resumed = load_run(workdir)
+    reference = kill_worker.run(str(tmp_path / 'straight'))
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed)),
+                    jax.tree.leaves(jax.device_get(reference))):
+        np.testing.assert_array_equal(a, b)
