@@ -47,6 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_epochs = 10
     c.train.keep_checkpoints = 3
     c.train.distributed = False       # multi-process: jax.distributed.initialize() first
+    c.train.resume_from = ''          # a new workdir starts from another run (or its checkpoints/<step>)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 0.05            # lr = base_lr * batch_size / 256
@@ -139,6 +140,8 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
         value = config.data[key]
         if value is not None and len(value) != 3:
             raise ConfigError(f'data.{key} must have 3 values (R, G, B); got {value!r}')
+    if t.resume_from and not os.path.exists(t.resume_from):
+        raise ConfigError(f'train.resume_from does not exist: {t.resume_from}')
     if check_data_path:
         if not config.data.path:
             raise ConfigError('data.path is not set: pass --config.data.path=DIR '

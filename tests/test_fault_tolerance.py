@@ -83,3 +83,12 @@ def test_checkpoint_moves_between_device_counts(tmp_path, first, second):
     assert resumed.params['encoder']['projector']['linear1']['kernel'].sharding.mesh.size == second
     assert_trees_close(resumed.params, reference.params, rtol=1e-4, atol=1e-5)
     assert_trees_close(resumed.batch_stats, reference.batch_stats, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_from_another_runs_checkpoint(finished_run, tmp_path):
+    source, final = finished_run
+    config = tiny_config('clubyol')
+    config.train.resume_from = os.path.join(source, 'checkpoints', '3')
+    state = train(config, str(tmp_path / 'fork'), SyntheticLoader(**SIZES), mesh_of(1))
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(final)):
+        np.testing.assert_array_equal(a, b)

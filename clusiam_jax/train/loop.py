@@ -12,7 +12,7 @@ import threading
 import time
 
 import jax
-import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from clusiam_jax import data as data_lib
@@ -33,23 +33,38 @@ class NonFiniteError(FloatingPointError):
 
 
 class _StopRequest:
-    """SIGTERM, a scheduler's preemption notice, asks the loop to checkpoint and stop.
+    """A preemption notice asks the loop to checkpoint at the current step and stop.
 
-    The handler only sets a flag: the loop finishes the step in flight, saves the state
-    and the data iterator position at that step, and returns normally (exit status 0).
+    One process: SIGTERM (what schedulers send before evicting a job) sets a flag; the
+    loop finishes the step in flight, saves the state and the data iterator position,
+    and returns normally (exit status 0). Several processes must all save at the same
+    step: there JAX's preemption sync (jax.distributed turns a SIGTERM on any host into
+    an agreed step, the same service orbax uses on TPU) decides, polled every step.
     """
 
     def __init__(self):
-        self.requested = False
+        self.signalled = False
         self._previous = None
+        self._multi_process = jax.process_count() > 1
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signalled = True
+
+    def requested(self, step: int) -> bool:
+        if not self._multi_process:
+            return self.signalled
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # no preemption service in this cluster set-up
+            log.warning('no preemption sync service: SIGTERM will not checkpoint this '
+                        'multi-process run')
+            self._multi_process = None  # falls back to the (uninstalled) flag: never stops
+            return False
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -103,6 +118,28 @@ def compile_train_step(step, mesh):
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+def _restore_other_run(path, abstract_state):
+    """(step, state, data_state) from another run's directory (its latest checkpoint) or
+    from one of its `checkpoints/<step>` folders: train.resume_from, for a new work
+    directory that continues (or forks) an earlier run."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if os.path.basename(parent) == 'checkpoints' and name.isdigit():
+        workdir, step = os.path.dirname(parent), int(name)
+    else:
+        workdir, step = path, None
+    other = Checkpointer(workdir)
+    try:
+        step = other.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f'train.resume_from: no checkpoint in {path}')
+        state, data_state = other.restore(step, abstract_state)
+    finally:
+        other.close()
+    log.info('starting from the checkpoint at step %d of %s (train.resume_from)', step, workdir)
+    return step, state, data_state
+
+
 def _record_config(workdir, config):
     """Writes config.json, warning when it differs from the one the run started with."""
     path = os.path.join(workdir, run_dir.CONFIG_NAME)
@@ -144,6 +181,9 @@ def train(config, workdir: str, loader=None, mesh=None):
     state = init_state(network, tx, config, mesh)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
     latest, restored, data_state = checkpointer.restore_latest_readable(abstract_like(state))
+    if latest is None and config.train.resume_from:
+        latest, restored, data_state = _restore_other_run(config.train.resume_from,
+                                                          abstract_like(state))
     if latest is not None:
         state = restored
         if latest >= total_steps:
@@ -194,7 +234,7 @@ def train(config, workdir: str, loader=None, mesh=None):
                         rate = (step - first) * pairs_per_step / max(elapsed, 1e-9)
                         bar.set_postfix(loss=f"{window['loss']:.4f}", pairs_s=f'{rate:.1f}')
                         writer.scalars(step, window)
-                    if stop.requested:
+                    if stop.requested(step):
                         stats.flush()  # never checkpoint a non-finite state
                         checkpointer.save(step, state, data_state)
                         bar.close()
