@@ -100,7 +100,9 @@ def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
 
         # Weighted parts, as the original logs them: loss = invariance + cluster.
         metrics = {'loss': loss, 'invariance': (1.0 - alpha) * aux['invariance'],
-                   'lr': lr_schedule(state.step)}
+                   'lr': lr_schedule(state.step),
+                   # A NaN/Inf gradient shows here the step it happens (the loop checks).
+                   'grad_norm': optax.global_norm(grads)}
         if spec.has_target:
             momentum = ema_schedule(state.step)
             target_params = ema_update(state.target_params, params['encoder'], momentum)
