@@ -102,7 +102,7 @@ def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
         metrics = {'loss': loss, 'invariance': (1.0 - alpha) * aux['invariance'],
                    'lr': lr_schedule(state.step),
                    # A NaN/Inf gradient shows here the step it happens (the loop checks).
-                   'grad_norm': optax.global_norm(grads)}
+                   'grad_norm': optax.tree.norm(grads)}
         if spec.has_target:
             momentum = ema_schedule(state.step)
             target_params = ema_update(state.target_params, params['encoder'], momentum)
