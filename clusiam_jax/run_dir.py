@@ -96,15 +96,21 @@ def load_run(workdir: str, step=None, mesh=None, config=None):
     replicated = parallel.replicated(mesh)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+    _, state, _ = restore_checkpoint(workdir, abstract, step)
+    return config, network, state
+
+
+def restore_checkpoint(workdir: str, abstract_state, step=None):
+    """(step, state, data_state) of a run's checkpoint (the latest by default)."""
     checkpointer = Checkpointer(workdir)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
-        state, _ = checkpointer.restore(step, abstract)
+        state, data_state = checkpointer.restore(step, abstract_state)
     finally:
         checkpointer.close()
-    return config, network, state
+    return step, state, data_state
 
 
 def write_run(workdir: str, config, state):

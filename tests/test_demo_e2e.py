@@ -30,7 +30,8 @@ def test_demo_trains_checkpoints_and_resumes(tmp_path):
     rows = csv_rows(workdir)
     assert [r['epoch'] for r in rows] == ['1', '2']
     assert all(float(r['loss']) == float(r['loss']) for r in rows)  # no NaN
-    assert int(rows[0]['active_clusters']) >= 1 if rows[0]['active_clusters'].isdigit() else True
+    # Collapse diagnostics are logged: at least one cluster in use, at most K (10).
+    assert all(1 <= float(r['active_clusters']) <= 10 for r in rows)
     assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
     assert any(name.startswith('events') for name in os.listdir(workdir / 'tb'))
     assert 'resuming' not in log

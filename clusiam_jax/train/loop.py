@@ -63,7 +63,7 @@ class _StopRequest:
         except RuntimeError:  # no preemption service in this cluster set-up
             log.warning('no preemption sync service: SIGTERM will not checkpoint this '
                         'multi-process run')
-            self._multi_process = None  # falls back to the (uninstalled) flag: never stops
+            self._multi_process = False  # no handler was installed: never stops
             return False
 
     def __exit__(self, *exc):
@@ -128,14 +128,7 @@ def _restore_other_run(path, abstract_state):
         workdir, step = os.path.dirname(parent), int(name)
     else:
         workdir, step = path, None
-    other = Checkpointer(workdir)
-    try:
-        step = other.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f'train.resume_from: no checkpoint in {path}')
-        state, data_state = other.restore(step, abstract_state)
-    finally:
-        other.close()
+    step, state, data_state = run_dir.restore_checkpoint(workdir, abstract_state, step)
     log.info('starting from the checkpoint at step %d of %s (train.resume_from)', step, workdir)
     return step, state, data_state
 
