@@ -30,6 +30,7 @@ output; a rerun skips slides whose file was written from the same checkpoint wit
 same patch count.
 """
 import concurrent.futures
+import contextlib
 import collections
 import csv
 import datetime
@@ -133,47 +134,41 @@ def slide_file_name(slide_id: str) -> str:
     return re.sub(r'[^\w.\-]+', '_', slide_id) or '_'
 
 
-def _atomic_path(path):
-    return f'{path}.tmp{os.getpid()}'
+@contextlib.contextmanager
+def _atomic_write(path):
+    """Yields a temporary path next to `path`, renamed onto it only if the body finishes:
+    a crash never leaves a half-written file under the final name."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _write_h5(path, arrays, attrs, coords_attrs):
     import h5py  # only the export needs it
-    tmp = _atomic_path(path)
-    try:
-        with h5py.File(tmp, 'w') as f:
-            for name, value in arrays.items():
-                if value.dtype.kind in 'OU':
-                    f.create_dataset(name, data=np.asarray(value, dtype=object),
-                                     dtype=h5py.string_dtype('utf-8'))
-                else:
-                    f.create_dataset(name, data=value)
-            f.attrs.update(attrs)
-            f['coords'].attrs.update(coords_attrs)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
+        for name, value in arrays.items():
+            if value.dtype.kind in 'OU':
+                f.create_dataset(name, data=np.asarray(value, dtype=object),
+                                 dtype=h5py.string_dtype('utf-8'))
+            else:
+                f.create_dataset(name, data=value)
+        f.attrs.update(attrs)
+        f['coords'].attrs.update(coords_attrs)
 
 
 def _write_npz(path, arrays):
-    tmp = _atomic_path(path)
-    try:
-        with open(tmp, 'wb') as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _atomic_write(path) as tmp, open(tmp, 'wb') as f:
+        np.savez(f, **arrays)
 
 
 def _write_text(path, text):
-    tmp = _atomic_path(path)
-    with open(tmp, 'w', newline='') as f:
+    with _atomic_write(path) as tmp, open(tmp, 'w', newline='') as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _remove_stale_temporaries(folder):
