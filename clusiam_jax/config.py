@@ -38,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.std = ml_collections.FieldReference(None, field_type=tuple)
     c.data.vflip = False              # histology option: vertical flips
     c.data.rot90 = False              # histology option: random 90-degree rotations
+    c.data.augment_on_device = False  # CPU workers only decode + crop (uint8); jitter, gray,
+                                      # blur and hflip run in the jitted step (device_augment)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 512          # global batch (pairs per step)

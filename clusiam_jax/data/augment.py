@@ -68,12 +68,16 @@ class AugmentConfig:
     hflip_p: float = 0.5
     vflip: bool = False
     rot90: bool = False
+    # data.augment_on_device: the CPU makes only the crops (two_crops); steps 2-5 run
+    # in the train step (device_augment).
+    on_device: bool = False
 
     @classmethod
     def from_config(cls, config) -> 'AugmentConfig':
         return cls(image_size=int(config.data.image_size),
                    vflip=bool(config.data.get('vflip', False)),
-                   rot90=bool(config.data.get('rot90', False)))
+                   rot90=bool(config.data.get('rot90', False)),
+                   on_device=bool(config.data.get('augment_on_device', False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +291,29 @@ def two_views(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig):
     p1 = sample_view_params(rng, h, w, cfg)
     p2 = sample_view_params(rng, h, w, cfg)
     return apply_view(img, p1, cfg.image_size), apply_view(img, p2, cfg.image_size)
+
+
+def crop_view(img: np.ndarray, params: ViewParams, size: int) -> np.ndarray:
+    """The CPU share of a view with data.augment_on_device: crop + resize, then the
+    histology options vflip / rot90 (the rest of `params` is left to device_augment)."""
+    out = resized_crop(img, params.crop, size)
+    if params.vflip:
+        out = cv2.flip(out, 0)
+    if params.rot90:
+        out = cv2.rotate(out, _ROTATIONS[params.rot90])
+    return np.ascontiguousarray(out)
+
+
+def two_crops(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig):
+    """(crop1, crop2) for on-device augmentation.
+
+    The parameters are drawn exactly as in `two_views` (same generator calls), so the
+    crops, flips and rotations equal those the CPU path would make from the same rng.
+    """
+    h, w = img.shape[:2]
+    p1 = sample_view_params(rng, h, w, cfg)
+    p2 = sample_view_params(rng, h, w, cfg)
+    return crop_view(img, p1, cfg.image_size), crop_view(img, p2, cfg.image_size)
 
 
 def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

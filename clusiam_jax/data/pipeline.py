@@ -11,7 +11,10 @@ depend on the number of worker processes and resumes exactly:
   ``jax.make_array_from_process_local_data`` is the same for any process count;
 * the epoch's order is a permutation of all N records drawn from (seed, e),
   truncated to steps_per_epoch * B_global (the incomplete last batch is dropped);
-* the augmentation generator is seeded with (seed, e, pos).
+* the augmentation generator is seeded with (seed, e, pos). With
+  ``data.augment_on_device`` the same draws are made but only the crop (and the
+  optional vflip / rot90) is applied here; the rest runs in the train step
+  (``device_augment``).
 
 Bad files (unreadable, truncated, empty, not an image): the element takes a
 substitute record drawn from (seed, e, pos, attempt) instead, so the batch stays
@@ -135,7 +138,10 @@ class PairMaker:
             sub_rng = np.random.default_rng([self.plan.seed, epoch, pos, _SUBSTITUTE, attempt])
             img = self._load(int(sub_rng.integers(self.plan.num_records)))
         rng = np.random.default_rng([self.plan.seed, epoch, pos, _AUGMENT])
-        view1, view2 = augment.two_views(img, rng, self.aug)
+        if self.aug.on_device:  # only the crops; colour, blur, hflip in the train step
+            view1, view2 = augment.two_crops(img, rng, self.aug)
+        else:
+            view1, view2 = augment.two_views(img, rng, self.aug)
         return {'view1': view1, 'view2': view2}
 
 
