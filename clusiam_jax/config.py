@@ -9,6 +9,7 @@ import os
 import ml_collections
 
 from clusiam_jax.models import BACKBONES, METHOD_SPECS
+from clusiam_jax.models.conv import CONV_IMPLS
 
 
 class ConfigError(ValueError):
@@ -25,6 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.pred_hidden = 512         # predictor hidden width (4096 for BYOL-type)
     c.model.num_clusters = 100        # K
     c.model.dtype = 'float32'         # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.conv_impl = 'auto'        # auto | xla | im2col: how convolutions run (same maths;
+                                      # auto = im2col gradients on CPU, XLA's on GPU/TPU)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.alpha = 0.5                # L = (1 - alpha) * L_inv + alpha * S
@@ -115,6 +118,9 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
                           f'got {m.backbone!r}')
     if m.dtype not in ('float32', 'bfloat16'):
         raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16'; got {m.dtype!r}")
+    if m.conv_impl not in CONV_IMPLS:
+        raise ConfigError(f'model.conv_impl must be one of {", ".join(CONV_IMPLS)}; '
+                          f'got {m.conv_impl!r}')
     for key in ('feat_size', 'pred_hidden', 'num_clusters'):
         if m[key] < 1:
             raise ConfigError(f'model.{key} must be positive; got {m[key]}')

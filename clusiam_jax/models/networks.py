@@ -40,10 +40,12 @@ class Encoder(nn.Module):
     backbone: str
     feat_size: int
     dtype: Any = jnp.float32
+    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train: bool):
-        features = BACKBONES[self.backbone](dtype=self.dtype, name='backbone')(x, train)
+        features = BACKBONES[self.backbone](dtype=self.dtype, conv_impl=self.conv_impl,
+                                            name='backbone')(x, train)
         width = FEATURE_WIDTH[self.backbone]
         z = Projector(width, self.feat_size, self.dtype, name='projector')(features, train)
         return features, z.astype(jnp.float32)
@@ -61,11 +63,13 @@ class SSLNetwork(nn.Module):
     pred_hidden: int = 512
     num_clusters: int = 100
     dtype: Any = jnp.float32
+    conv_impl: str = 'auto'   # how convolutions are computed (models/conv.py); same maths
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         spec = METHOD_SPECS[self.method]
-        features, z = Encoder(self.backbone, self.feat_size, self.dtype, name='encoder')(x, train)
+        features, z = Encoder(self.backbone, self.feat_size, self.dtype, self.conv_impl,
+                              name='encoder')(x, train)
         # SimSiam's predictor has no first bias (it is followed by BN); BYOL's has one.
         p = Predictor(self.pred_hidden, self.feat_size, first_bias=spec.has_target,
                       dtype=self.dtype, name='predictor')(z, train)
@@ -89,9 +93,10 @@ def build_network(model_config) -> SSLNetwork:
     return SSLNetwork(
         method=model_config.name, backbone=model_config.backbone,
         feat_size=model_config.feat_size, pred_hidden=model_config.pred_hidden,
-        num_clusters=model_config.num_clusters, dtype=jnp.dtype(model_config.dtype))
+        num_clusters=model_config.num_clusters, dtype=jnp.dtype(model_config.dtype),
+        conv_impl=model_config.conv_impl)
 
 
 def build_target_encoder(network: SSLNetwork) -> Encoder:
     """The EMA target: the online encoder's architecture, with its own params/BN stats."""
-    return Encoder(network.backbone, network.feat_size, network.dtype)
+    return Encoder(network.backbone, network.feat_size, network.dtype, network.conv_impl)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clusiam_jax.models.batch_norm import BatchNorm
+from clusiam_jax.models.conv import flax_conv_fn
 
 # kaiming_normal_(mode='fan_out', nonlinearity='relu'): an untruncated normal.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -24,11 +25,13 @@ def batch_norm(train: bool, dtype: Any, zero_init: bool = False, name: str = Non
                      name=name)
 
 
-def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str):
+def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, impl: str,
+         name: str):
     return nn.Conv(
             features, (kernel, kernel), strides=(stride, stride),
             padding=((padding, padding), (padding, padding)), use_bias=False,
-            kernel_init=conv_kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+            kernel_init=conv_kernel_init, dtype=dtype, param_dtype=jnp.float32,
+            conv_general_dilated=flax_conv_fn(impl), name=name)
 
 
 class BasicBlock(nn.Module):
@@ -36,17 +39,19 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv_impl: str = 'auto'
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
         residual = x
-        y = conv(self.features, 3, self.stride, 1, self.dtype, 'conv1')(x)
+        y = conv(self.features, 3, self.stride, 1, self.dtype, self.conv_impl, 'conv1')(x)
         y = nn.relu(batch_norm(train, self.dtype, name='bn1')(y))
-        y = conv(self.features, 3, 1, 1, self.dtype, 'conv2')(y)
+        y = conv(self.features, 3, 1, 1, self.dtype, self.conv_impl, 'conv2')(y)
         y = batch_norm(train, self.dtype, zero_init=True, name='bn2')(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            residual = conv(self.features, 1, self.stride, 0, self.dtype, 'downsample_conv')(x)
+            residual = conv(self.features, 1, self.stride, 0, self.dtype, self.conv_impl,
+                            'downsample_conv')(x)
             residual = batch_norm(train, self.dtype, name='downsample_bn')(residual)
         return nn.relu(y + residual)
 
@@ -56,20 +61,22 @@ class Bottleneck(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv_impl: str = 'auto'
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool):
         residual = x
         out_features = self.features * self.expansion
-        y = conv(self.features, 1, 1, 0, self.dtype, 'conv1')(x)
+        y = conv(self.features, 1, 1, 0, self.dtype, self.conv_impl, 'conv1')(x)
         y = nn.relu(batch_norm(train, self.dtype, name='bn1')(y))
-        y = conv(self.features, 3, self.stride, 1, self.dtype, 'conv2')(y)
+        y = conv(self.features, 3, self.stride, 1, self.dtype, self.conv_impl, 'conv2')(y)
         y = nn.relu(batch_norm(train, self.dtype, name='bn2')(y))
-        y = conv(out_features, 1, 1, 0, self.dtype, 'conv3')(y)
+        y = conv(out_features, 1, 1, 0, self.dtype, self.conv_impl, 'conv3')(y)
         y = batch_norm(train, self.dtype, zero_init=True, name='bn3')(y)
         if self.stride != 1 or x.shape[-1] != out_features:
-            residual = conv(out_features, 1, self.stride, 0, self.dtype, 'downsample_conv')(x)
+            residual = conv(out_features, 1, self.stride, 0, self.dtype, self.conv_impl,
+                            'downsample_conv')(x)
             residual = batch_norm(train, self.dtype, name='downsample_bn')(residual)
         return nn.relu(y + residual)
 
@@ -80,18 +87,19 @@ class ResNet(nn.Module):
     block: Any
     width: int = 64
     dtype: Any = jnp.float32
+    conv_impl: str = 'auto'   # conv.py: 'auto' | 'xla' | 'im2col'
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)
-        x = conv(self.width, 7, 2, 3, self.dtype, 'conv1')(x)
+        x = conv(self.width, 7, 2, 3, self.dtype, self.conv_impl, 'conv1')(x)
         x = nn.relu(batch_norm(train, self.dtype, name='bn1')(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
-                x = self.block(self.width * 2**stage, stride, self.dtype,
-                                              name=f'layer{stage + 1}_{index}')(x, train)
+                x = self.block(self.width * 2**stage, stride, self.dtype, self.conv_impl,
+                               name=f'layer{stage + 1}_{index}')(x, train)
         # Pool in float32: the features are what evaluation consumes.
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 

@@ -1,0 +1,136 @@
+"""2-D convolution for the ResNet: XLA's, or XLA's with matmul gradients for CPU.
+
+Measured on this project's 2-core x86 CPU (jax 0.10.2; /tmp-free probe in
+bench/conv_kernels.py), XLA:CPU has two slow paths that dominate a ResNet training step:
+
+* the filter gradient of a convolution (the backward pass w.r.t. the kernel) runs 2-7x
+  slower than the forward convolution on large maps (e.g. 1.1 s against 0.17 s for a
+  3x3, 64->64 convolution on 32 x 56 x 56 maps);
+* a 3x3 convolution on a map smaller than its kernel (2 x 2 maps in layer4 at 64 px
+  input) takes ~100x longer than the same work as a matrix product (DESIGN.md).
+
+`conv_impl='im2col'` keeps XLA's forward and input-gradient convolutions where they
+are fast and computes the rest as matrix products over explicit patches ("im2col"):
+the filter gradient always, and the forward and input gradient for maps smaller than
+the kernel. The maths is the same convolution, only the summation order differs.
+On GPU/TPU the vendor convolutions are fast in both directions, so `auto` picks XLA's
+there and this path on CPU.
+"""
+from functools import partial
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ('auto', 'xla', 'im2col')
+# Below this many input channels the filter gradient uses one patch-column product.
+_MIN_CHANNELS_PER_TAP = 16
+# flax.linen.Conv lays out NHWC inputs and HWIO kernels as these (lhs, rhs, out) specs.
+_NHWC_SPECS = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def resolve_conv_impl(name: str) -> str:
+    """'auto' -> 'im2col' on the CPU backend, 'xla' on accelerators."""
+    if name not in CONV_IMPLS:
+        raise ValueError(f'conv_impl must be one of {CONV_IMPLS}; got {name!r}')
+    if name == 'auto':
+        return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+    return name
+
+
+def _xla_conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding,
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _output_size(size, kernel, stride, pad):
+    return (size + pad[0] + pad[1] - kernel) // stride + 1
+
+
+def _tap_windows(x, kernel_hw, strides, padding):
+    """For each kernel tap (i, j), row-major: the [N, Ho, Wo, C] input window it sees."""
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    ho = _output_size(x.shape[1], kh, sh, padding[0])
+    wo = _output_size(x.shape[2], kw, sw, padding[1])
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    return [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+            for i in range(kh) for j in range(kw)]
+
+
+def _im2col_conv(x, w, strides, padding):
+    """The convolution as one matrix product over all kh * kw * C patch columns."""
+    kh, kw, cin, cout = w.shape
+    patches = jnp.concatenate(_tap_windows(x, (kh, kw), strides, padding), axis=-1)
+    return jnp.einsum('nhwk,ko->nhwo', patches, w.reshape(kh * kw * cin, cout),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _filter_grad(x, g, kernel_shape, strides, padding):
+    """d(loss)/d(kernel): for each kernel tap, g^T @ (the input window it sees).
+
+    One [M, Cout]^T @ [M, C] product per tap (M = N * Ho * Wo). Concatenating the
+    windows into patch columns first measured 2-3x slower: XLA:CPU's concatenate of
+    strided windows is memory-bound.
+    """
+    kh, kw, cin, cout = kernel_shape
+    g2 = g.reshape(-1, cout)
+    windows = _tap_windows(x, (kh, kw), strides, padding)
+    if cin < _MIN_CHANNELS_PER_TAP:
+        # Few input channels (the RGB stem): per-tap products would be [Cout, 3] each;
+        # one product over all kh * kw * C columns keeps the matmul efficient.
+        patches = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * cin)
+        return jnp.matmul(patches.T, g2, preferred_element_type=jnp.float32).reshape(
+            kernel_shape)
+    taps = [jnp.matmul(g2.T, window.reshape(-1, cin), preferred_element_type=jnp.float32)
+            for window in windows]
+    return jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
+
+
+def _tiny_map(x, w) -> bool:
+    return x.shape[1] < w.shape[0] or x.shape[2] < w.shape[1]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def im2col_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
+    """NHWC x HWIO convolution whose slow XLA:CPU parts are matrix products."""
+    return (_im2col_conv if _tiny_map(x, w) else _xla_conv)(x, w, strides, padding)
+
+
+def _im2col_conv_fwd(x, w, strides, padding):
+    return im2col_conv(x, w, strides, padding), (x, w)
+
+
+def _im2col_conv_bwd(strides, padding, residuals, g):
+    x, w = residuals
+    forward = _im2col_conv if _tiny_map(x, w) else _xla_conv
+    # The convolution is linear in x: its transpose is XLA's input-gradient convolution
+    # (fast on CPU), or the matmul's transpose for tiny maps.
+    _, input_vjp = jax.vjp(lambda x_: forward(x_, w, strides, padding), x)
+    (dx,) = input_vjp(g)
+    dw = _filter_grad(x, g, w.shape, strides, padding).astype(w.dtype)
+    return dx, dw
+
+
+im2col_conv.defvjp(_im2col_conv_fwd, _im2col_conv_bwd)
+
+
+def flax_conv_fn(impl: str):
+    """A `conv_general_dilated` for flax.linen.Conv, or None for Flax's default (XLA)."""
+    if resolve_conv_impl(impl) == 'xla':
+        return None
+
+    def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
+                             lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                             feature_group_count=1, precision=None):
+        dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+        nhwc = (lhs.ndim == 4 and rhs.ndim == 4 and lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, dimension_numbers) == _NHWC_SPECS)
+        if dilated or feature_group_count != 1 or not nhwc or isinstance(padding, str):
+            raise NotImplementedError(
+                'conv_impl=im2col covers the ResNet convolutions only (NHWC, explicit '
+                'padding, no dilation or groups); use model.conv_impl=xla')
+        return im2col_conv(lhs, rhs, tuple(window_strides),
+                           tuple(tuple(p) for p in padding))
+
+    return conv_general_dilated
