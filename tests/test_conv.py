@@ -1,0 +1,120 @@
+"""model.conv_impl='im2col' (models/conv.py) against XLA's convolution: values and both
+gradients for every convolution shape the ResNets use, and a whole network."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from clusiam_jax.config import ConfigError, validate
+from clusiam_jax.models import build_network
+from clusiam_jax.models.conv import flax_conv_fn, im2col_conv, resolve_conv_impl
+from tiny import tiny_config
+
+# (map size, input channels, output channels, kernel, stride, padding), as in ResNet:
+SHAPES = [
+    (20, 3, 8, 7, 2, 3),    # the RGB stem (few input channels: one patch-column product)
+    (9, 16, 16, 3, 1, 1),   # a 3x3 block convolution
+    (9, 16, 24, 3, 2, 1),   # the strided 3x3 of a stage's first block
+    (8, 16, 24, 1, 2, 0),   # the 1x1 strided downsample
+    (2, 16, 16, 3, 1, 1),   # a map smaller than the kernel (layer4 at 64 px input)
+    (1, 16, 16, 3, 1, 1),   # 1x1 map, the extreme case
+]
+
+
+def xla_conv(x, w, stride, pad):
+    return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                    precision=lax.Precision.HIGHEST)
+
+
+def random_pair(size, cin, cout, kernel, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(3, size, size, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)) / kernel, jnp.float32)
+    return x, w
+
+
+def relative_error(a, b):
+    return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                 / jnp.max(jnp.abs(b.astype(jnp.float32))))
+
+
+@pytest.mark.parametrize('size,cin,cout,kernel,stride,pad', SHAPES)
+def test_values_and_gradients_match_xla(size, cin, cout, kernel, stride, pad):
+    x, w = random_pair(size, cin, cout, kernel)
+    padding = ((pad, pad), (pad, pad))
+    ours = im2col_conv(x, w, (stride, stride), padding)
+    assert ours.shape == xla_conv(x, w, stride, pad).shape
+    assert relative_error(ours, xla_conv(x, w, stride, pad)) < 1e-5
+
+    # A non-linear loss, so the incoming cotangent varies per output element.
+    def loss(conv):
+        return lambda x_, w_: jnp.sum(jnp.tanh(conv(x_, w_)) * jnp.arange(cout))
+
+    grads = jax.grad(loss(lambda a, b: im2col_conv(a, b, (stride, stride), padding)),
+                     (0, 1))(x, w)
+    expected = jax.grad(loss(lambda a, b: xla_conv(a, b, stride, pad)), (0, 1))(x, w)
+    for got, want in zip(grads, expected):
+        assert got.dtype == want.dtype
+        assert relative_error(got, want) < 1e-4
+
+
+def test_bfloat16_inputs_keep_dtypes_and_values():
+    x, w = random_pair(9, 16, 16, 3)
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = im2col_conv(x16, w16, (1, 1), ((1, 1), (1, 1)))
+    assert out.dtype == jnp.bfloat16
+    assert relative_error(out, xla_conv(x, w, 1, 1)) < 2e-2
+    dx, dw = jax.grad(lambda a, b: jnp.sum(im2col_conv(a, b, (1, 1), ((1, 1), (1, 1)))
+                                           .astype(jnp.float32) ** 2), (0, 1))(x16, w16)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    want = jax.grad(lambda b: jnp.sum(xla_conv(x, b, 1, 1) ** 2))(w)
+    assert relative_error(dw, want) < 3e-2
+
+
+def test_whole_network_matches_xla():
+    """Same params, same batch: outputs, loss-like scalar and every gradient agree."""
+    config = tiny_config('clusiam', image_size=32)
+    images = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    outputs = {}
+    for impl in ('xla', 'im2col'):
+        config.model.conv_impl = impl
+        network = build_network(config.model)
+        variables = network.init(jax.random.PRNGKey(0), images, train=False)
+
+        def scalar(params):
+            out, _ = network.apply({**variables, 'params': params}, images, train=True,
+                                   mutable=['batch_stats'])
+            return jnp.sum(jnp.tanh(out['z'])) + jnp.sum(jnp.tanh(out['p']))
+
+        outputs[impl] = jax.value_and_grad(scalar)(variables['params'])
+    (value_x, grads_x), (value_i, grads_i) = outputs['xla'], outputs['im2col']
+    np.testing.assert_allclose(value_i, value_x, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads_i), jax.tree.leaves(grads_x)):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(want))) + 1e-7)
+
+
+def test_auto_resolves_by_backend_and_bad_names_fail():
+    assert resolve_conv_impl('auto') == ('im2col' if jax.default_backend() == 'cpu' else 'xla')
+    assert resolve_conv_impl('xla') == 'xla'
+    assert flax_conv_fn('xla') is None
+    with pytest.raises(ValueError, match='conv_impl'):
+        resolve_conv_impl('cudnn')
+    config = tiny_config()
+    config.model.conv_impl = 'cudnn'
+    with pytest.raises(ConfigError, match='model.conv_impl'):
+        validate(config, check_data_path=False)
+
+
+def test_unsupported_convolutions_say_so():
+    conv = flax_conv_fn('im2col')
+    x, w = random_pair(9, 16, 16, 3)
+    nhwc = ('NHWC', 'HWIO', 'NHWC')
+    with pytest.raises(NotImplementedError, match='conv_impl=xla'):
+        conv(x, w, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2), dimension_numbers=nhwc)
+    with pytest.raises(NotImplementedError, match='conv_impl=xla'):
+        conv(x, w[:, :, :8], (1, 1), ((1, 1), (1, 1)), dimension_numbers=nhwc,
+             feature_group_count=2)
+    with pytest.raises(NotImplementedError, match='conv_impl=xla'):
+        conv(x, w, (1, 1), 'SAME', dimension_numbers=nhwc)
