@@ -1,0 +1,180 @@
+r"""The performance suite: ours beside the authors' PyTorch code, same settings, ratios.
+
+  python bench/suite.py --preset cpu [--original-repo PATH] [--parts train data]
+  python bench/suite.py --preset gpu --original-repo .gpu_carry/CluSiam \
+      --harness .gpu_carry/torch_original.py --out $OUT/suite.jsonl   # bench/gpu_check.sh
+
+Each part runs our benchmark scripts as separate processes (a fresh process per setting:
+its compile time and peak device memory are its own) and, when the original's harness
+(../shared/bench/torch_original.py by default) and the authors' repository are given,
+the original at the same setting, alternately, `--repeats` times. It prints every JSON
+line it gets and one `ratio` line per setting (ours / original, medians over repeats).
+Interleaving keeps the ratio meaningful on a shared machine, where absolute times drift.
+
+Presets (what issue 7's targets are measured at):
+  cpu  train: both methods at 224 px batch 32 and 64 px batch 64, float32 (--dtypes to
+       add bfloat16); data: 0/1/2 workers, CPU augmentation and data.augment_on_device;
+       e2e: pipeline + step at 64 px batch 64.
+  gpu  train: both methods at 224 px batch 512 then 256, float32 against the original in
+       float32, bfloat16 against the original with bf16 autocast and channels_last;
+       e2e: 224 px batch 512 bfloat16 with CPU and with on-device augmentation.
+The most important settings run first, so a run cut short still answers the targets.
+The original's code is never copied here: its harness extracts it from the repository
+given (e.g. one brought by `git clone https://github.com/wwyi1828/CluSiam`).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_HARNESS = os.path.join(REPO, '..', 'shared', 'bench', 'torch_original.py')
+METHODS = ('clusiam', 'clubyol')
+PRESETS = {
+    'cpu': dict(train=[(size, batch) for size, batch in ((224, 32), (64, 64))],
+                dtypes=['float32'], steps=5, warmup=2, threads=2, torch_device='cpu',
+                data_workers=[0, 1, 2], e2e=dict(size=64, batch=64, workers=1, steps=10,
+                                                 dtype='float32', patches=512)),
+    'gpu': dict(train=[(224, 512), (224, 256)], dtypes=['float32', 'bfloat16'], steps=20,
+                warmup=3, threads=4, torch_device='cuda', data_workers=[],
+                e2e=dict(size=224, batch=512, workers=14, steps=30, dtype='bfloat16',
+                         patches=2048)),
+}
+
+
+class Suite:
+    def __init__(self, out_path):
+        self.out = open(out_path, 'a') if out_path else None
+
+    def emit(self, record):
+        line = json.dumps(record)
+        print(line, flush=True)
+        if self.out:
+            self.out.write(line + '\n')
+            self.out.flush()
+
+    def run_json(self, cmd):
+        """Run one benchmark process; its last JSON line, or an error record."""
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+        if proc.returncode or not lines:
+            self.emit(dict(bench='error', command=' '.join(cmd), returncode=proc.returncode,
+                           stderr_tail=proc.stderr[-3000:]))
+            return None
+        record = json.loads(lines[-1])
+        self.emit(record)
+        return record
+
+    def compare(self, label, ours_cmd, theirs_cmd, ours_key, theirs_key, repeats):
+        """Alternate ours and theirs (who goes first alternates too); emit the ratio."""
+        ours, theirs = [], []
+        for i in range(repeats):
+            pair = [(ours_cmd, ours, ours_key), (theirs_cmd, theirs, theirs_key)]
+            for cmd, results, key in (pair if i % 2 == 0 else pair[::-1]):
+                if cmd is None:
+                    continue
+                record = self.run_json(cmd)
+                if record is not None:
+                    results.append(record[key])
+        if ours and theirs:
+            ratio = statistics.median(ours) / statistics.median(theirs)
+            self.emit(dict(bench='ratio', setting=label, metric='pairs_per_s',
+                           ours=statistics.median(ours), original=statistics.median(theirs),
+                           ratio=round(ratio, 3)))
+
+
+def train_part(suite, preset, theirs, args, settings):
+    py = sys.executable
+    for size, batch in settings:
+        for dtype in args.dtypes or preset['dtypes']:
+            for model in METHODS:
+                common = ['--model', model, '--image-size', str(size),
+                          '--batch-size', str(batch), '--steps', str(preset['steps']),
+                          '--warmup', str(preset['warmup'])]
+                ours = [py, 'bench/train_step.py', '--dtype', dtype] + common
+                original = None
+                if theirs:
+                    # bfloat16 is compared with what a PyTorch user would do for speed.
+                    fast = ['--amp', '--channels-last'] if dtype == 'bfloat16' else []
+                    original = theirs + ['--bench', 'train', '--threads', str(preset['threads']),
+                                         '--device', preset['torch_device']] + fast + common
+                suite.compare(f'train {model} {size}px batch {batch} {dtype}'
+                              + (' vs original amp+channels_last' if dtype == 'bfloat16' else ''),
+                              ours, original, 'pairs_per_s', 'images_per_s',  # its image = our pair
+                              args.repeats)
+
+
+def data_part(suite, preset, theirs, args):
+    py = sys.executable
+    for workers in preset['data_workers']:
+        w = ['--workers', str(workers)]
+        original = theirs + ['--bench', 'data'] + w if theirs else None
+        suite.compare(f'data {workers} workers', [py, 'bench/data_pipeline.py'] + w,
+                      original, 'pairs_per_s', 'pairs_per_s', args.repeats)
+        suite.compare(f'data {workers} workers, on-device augmentation',
+                      [py, 'bench/data_pipeline.py', '--on-device-augment'] + w,
+                      original, 'pairs_per_s', 'pairs_per_s', args.repeats)
+    # CPU ms per pair, ours (both paths) against the original's PIL pipeline in one process.
+    suite.run_json([py, 'bench/data_pipeline.py', '--workers', '0', '--batches', '4',
+                    '--pil-reference', '256', '--on-device-augment'])
+
+
+def e2e_part(suite, preset, args):
+    e = preset['e2e']
+    for on_device in ([False, True] if preset['name'] == 'gpu' else [False]):
+        cmd = [sys.executable, 'bench/end_to_end.py', '--model', 'clusiam',
+               '--image-size', str(e['size']), '--batch-size', str(e['batch']),
+               '--dtype', e['dtype'], '--workers', str(e['workers']),
+               '--steps', str(e['steps']), '--synthetic-patches', str(e['patches'])]
+        suite.run_json(cmd + (['--on-device-augment'] if on_device else []))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--preset', choices=sorted(PRESETS), default='cpu')
+    parser.add_argument('--parts', nargs='+', choices=['train', 'data', 'e2e'],
+                        default=['train', 'data', 'e2e'])
+    parser.add_argument('--original-repo', default=os.environ.get('CLUSIAM_ORIGINAL_REPO'),
+                        help="the authors' repository (git dir or extracted tree); "
+                             'without it only ours runs')
+    parser.add_argument('--harness', default=DEFAULT_HARNESS)
+    parser.add_argument('--torch-python', default=sys.executable)
+    parser.add_argument('--dtypes', nargs='+', choices=['float32', 'bfloat16'])
+    parser.add_argument('--train-settings', nargs='+', metavar='SIZExBATCH',
+                        help="override the preset's train settings, e.g. 64x8 224x32")
+    parser.add_argument('--steps', type=int, help="override the preset's timed steps")
+    parser.add_argument('--repeats', type=int, default=None,
+                        help='interleaved repeats per setting (default: 2 cpu, 1 gpu)')
+    parser.add_argument('--out', help='also append every JSON line to this file')
+    args = parser.parse_args()
+    preset = dict(PRESETS[args.preset], name=args.preset)
+    if args.train_settings:
+        preset['train'] = [tuple(int(v) for v in s.split('x')) for s in args.train_settings]
+    if args.steps:
+        preset['steps'] = args.steps
+    if args.repeats is None:
+        args.repeats = 1 if args.preset == 'gpu' else 2
+    theirs = None
+    if args.original_repo:
+        if not os.path.isfile(args.harness):
+            parser.error(f'--harness {args.harness}: no such file')
+        theirs = [args.torch_python, args.harness, '--seed-repo', args.original_repo]
+    suite = Suite(args.out)
+    if theirs is None:
+        suite.emit(dict(bench='note', text='no --original-repo: the original is not run, '
+                                           'no ratios'))
+    first, rest = preset['train'][:1], preset['train'][1:]
+    if 'train' in args.parts:
+        train_part(suite, preset, theirs, args, first)
+    if 'e2e' in args.parts:
+        e2e_part(suite, preset, args)
+    if 'train' in args.parts:
+        train_part(suite, preset, theirs, args, rest)
+    if 'data' in args.parts:
+        data_part(suite, preset, theirs, args)
+
+
+if __name__ == '__main__':
+    main()
