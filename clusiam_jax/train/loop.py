@@ -71,7 +71,7 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _EpochStats:
+class EpochStats:
     """Host-side means of the per-step metrics, fetched only at log steps."""
 
     def __init__(self):
@@ -204,7 +204,7 @@ def train(config, workdir: str, loader=None, mesh=None):
     with _StopRequest() as stop:
         try:
             for epoch in range(step // steps_per_epoch, num_epochs):
-                stats = _EpochStats()
+                stats = EpochStats()
                 first = step
                 end = (epoch + 1) * steps_per_epoch
                 bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
