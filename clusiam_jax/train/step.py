@@ -2,21 +2,41 @@
 
 `make_train_step` closes over everything static (networks, optimizer, schedules, the
 normalization) and returns `step(state, batch) -> (state, metrics)`, jitted once by the
-loop over the mesh. Views arrive as uint8 NHWC; normalization happens here, on device.
+loop over the mesh. Views arrive as uint8 NHWC; normalization happens here, on device
+(with data.augment_on_device, after the colour/blur/flip augmentation of device_augment).
 """
 import jax
 import jax.numpy as jnp
 import optax
 
 from clusiam_jax import losses
+from clusiam_jax.data import device_augment
+from clusiam_jax.data.augment import AugmentConfig
 from clusiam_jax.models import METHOD_SPECS, build_target_encoder
 from clusiam_jax.train.optimizer import ema_update
 
 
 def normalize_images(x, mean, std, dtype=jnp.float32):
     """ToTensor + Normalize: uint8 [0, 255] -> (x / 255 - mean) / std."""
-    x = x.astype(jnp.float32) / 255.0
-    return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
+    return device_augment.normalize(x.astype(jnp.float32) / 255.0, mean, std, dtype)
+
+
+def make_input_views(config, mean, std, dtype):
+    """`views(key, batch)`: the two normalized views of a batch, in the network's dtype.
+
+    With data.augment_on_device the batch holds bare uint8 crops: jitter, grayscale, blur
+    and hflip are drawn here per sample (device_augment), each view with its own key.
+    """
+    if not config.data.get('augment_on_device', False):
+        return lambda key, batch: [normalize_images(batch[name], mean, std, dtype)
+                                   for name in ('view1', 'view2')]
+    cfg = AugmentConfig.from_config(config)
+
+    def views(key, batch):
+        return [device_augment.normalize(device_augment.augment_views(k, batch[name], cfg),
+                                         mean, std, dtype)
+                for k, name in zip(jax.random.split(key), ('view1', 'view2'))]
+    return views
 
 
 def apply_per_view(module, params, batch_stats, views):
@@ -61,12 +81,14 @@ def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
     spec = METHOD_SPECS[network.method]
     target_encoder = build_target_encoder(network) if spec.has_target else None
     alpha = float(config.loss.alpha)
+    input_views = make_input_views(config, mean, std, network.dtype)
 
     def step(state, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        gumbel_key, diagnostics_key = jax.random.split(key)
-        views = [normalize_images(batch[name], mean, std, network.dtype)
-                 for name in ('view1', 'view2')]
+        # With JAX's (default) partitionable threefry the first two keys are those of
+        # split(key): adding the augmentation key leaves the Gumbel draws as they were.
+        gumbel_key, diagnostics_key, augment_key = jax.random.split(key, 3)
+        views = input_views(augment_key, batch)
 
         if spec.has_target:
             # The target runs in training mode too and updates its own BN statistics.
