@@ -13,10 +13,10 @@ parameters drawn from the same distributions as ``augment.sample_view_params``:
 4. horizontal flip with p=0.5.
 
 Everything is vectorised over the batch (no per-sample control flow): the random
-jitter order is four "slots", each applying the op that the sample's permutation puts
-there (one blend covers brightness, contrast and saturation, ``jnp.where`` picks hue);
-an op a sample does not get is masked out with ``jnp.where``, so it leaves the pixels
-exactly as they were. The blur kernel is computed per sample from sigma on a fixed tap
+jitter order is applied as blend "slots" before and after one hue rotation, each slot
+applying the blend (brightness, contrast or saturation: one formula) that the sample's
+permutation puts there; an op a sample does not get is masked out with ``jnp.where``,
+so it leaves the pixels exactly as they were. The blur kernel is computed per sample from sigma on a fixed tap
 grid (13 taps for sigma <= 2) and applied as 2 x 13 shifted multiply-adds, which XLA
 fuses into a few elementwise passes.
 
@@ -134,19 +134,32 @@ def adjust_hue(x, shift):
     return jnp.clip(jnp.stack(out, axis=-1), 0.0, 1.0)
 
 
+def _blend_slot(x, op, active, brightness, contrast, saturation):
+    """Where `active`, the blend op `op` ([N, 1, 1, 1] op ids, never HUE) on x."""
+    factor = jnp.where(op == BRIGHTNESS, _per_sample(brightness),
+                       jnp.where(op == CONTRAST, _per_sample(contrast),
+                                 _per_sample(saturation)))
+    y = luma(x)
+    degenerate = jnp.where(op == BRIGHTNESS, 0.0,
+                           jnp.where(op == CONTRAST,
+                                     jnp.mean(y, axis=(1, 2, 3), keepdims=True), y))
+    return jnp.where(active, _blend(degenerate, x, factor), x)
+
+
 def color_jitter(x, order, brightness, contrast, saturation, hue):
-    """The four jitter ops in each sample's order (`order` [N, 4] of op ids)."""
-    for slot in range(4):
-        op = order[:, slot].reshape(-1, 1, 1, 1)
-        factor = jnp.where(op == BRIGHTNESS, _per_sample(brightness),
-                           jnp.where(op == CONTRAST, _per_sample(contrast),
-                                     _per_sample(saturation)))
-        y = luma(x)
-        degenerate = jnp.where(op == BRIGHTNESS, 0.0,
-                               jnp.where(op == CONTRAST, jnp.mean(y, axis=(1, 2, 3),
-                                                                  keepdims=True), y))
-        blended = jnp.clip(degenerate + factor * (x - degenerate), 0.0, 1.0)
-        x = jnp.where(op == HUE, adjust_hue(x, hue), blended)
+    """The four jitter ops in each sample's order (`order` [N, 4] of op ids).
+
+    Hue (the costly op) is computed once, not once per slot: the slots before each
+    sample's hue slot, then hue, then the slots after it. Slot 3 can only precede the
+    hue and slot 0 only follow it, so 3 + 3 blend passes cover every order.
+    """
+    hue_slot = jnp.argmax(order == HUE, axis=1).reshape(-1, 1, 1, 1)
+    blends = (brightness, contrast, saturation)
+    for slot in range(3):
+        x = _blend_slot(x, order[:, slot].reshape(-1, 1, 1, 1), slot < hue_slot, *blends)
+    x = adjust_hue(x, hue)
+    for slot in range(1, 4):
+        x = _blend_slot(x, order[:, slot].reshape(-1, 1, 1, 1), slot > hue_slot, *blends)
     return x
 
 
