@@ -2,6 +2,8 @@
 """Throughput of the training input pipeline (decode + two augmented views + batch).
 
     python bench/data_pipeline.py --data-dir DIR --workers N [--image-size 224] [--batches N]
+        [--on-device-augment]
+    python bench/data_pipeline.py --time-device-augment [--image-size 224] [--batch-size 32]
 
 Prints one JSON line: workers, pairs_per_s, cpu_ms_per_pair (CPU time of this
 process and its worker processes per augmented pair, in the timed window),
@@ -15,6 +17,12 @@ read the same files. As there, one long stream (several epochs) is timed after
 a few warm-up batches, with batch 64. The views leave the pipeline as uint8;
 normalization is done on the device by the train step (the original's
 ToTensor+Normalize happen in its workers).
+
+--on-device-augment measures the CPU side of data.augment_on_device: the workers
+only decode and crop; jitter, grayscale, blur, flip and normalization are left to
+the train step (clusiam_jax/data/device_augment.py). --time-device-augment times
+that device side instead: the jitted augment_views on one batch of random uint8
+crops, on JAX's default backend (one JSON line, no data needed).
 """
 import argparse
 import importlib.util
@@ -143,14 +151,18 @@ def _pil_reference_pair(path, rng, size):
     return out
 
 
-def compare_with_pil(paths, size, pairs, seed):
-    """Single-process CPU ms per pair, ours vs the PIL reference, interleaved."""
+def compare_with_pil(paths, size, pairs, seed, on_device=False):
+    """Single-process CPU ms per pair, ours vs the PIL reference, interleaved.
+
+    With on_device, the CPU side of data.augment_on_device (decode + two crops) is
+    timed in the same rotation.
+    """
     import numpy as np  # pylint: disable=g-import-not-at-top
     from clusiam_jax.data import augment, image_io  # pylint: disable=g-import-not-at-top
     cfg = augment.AugmentConfig(image_size=size)
     rng = np.random.default_rng(seed)
-    ours = ref = 0.0
-    for start in range(0, pairs, 32):  # alternate chunks: both see the same load
+    ours = ref = crops = 0.0
+    for start in range(0, pairs, 32):  # alternate chunks: all see the same load
         chunk = [paths[i % len(paths)] for i in range(start, start + 32)]
         t = time.process_time()
         for path in chunk:
@@ -160,10 +172,45 @@ def compare_with_pil(paths, size, pairs, seed):
         for path in chunk:
             _pil_reference_pair(path, rng, size)
         ref += time.process_time() - t
+        if on_device:
+            t = time.process_time()
+            for path in chunk:
+                augment.two_crops(image_io.load_rgb(path), rng, cfg)
+            crops += time.process_time() - t
     n = -(-pairs // 32) * 32
-    return dict(ours_cpu_ms_per_pair=round(1000 * ours / n, 3),
-                pil_reference_cpu_ms_per_pair=round(1000 * ref / n, 3),
-                speedup_vs_pil_reference=round(ref / ours, 2))
+    result = dict(ours_cpu_ms_per_pair=round(1000 * ours / n, 3),
+                  pil_reference_cpu_ms_per_pair=round(1000 * ref / n, 3),
+                  speedup_vs_pil_reference=round(ref / ours, 2))
+    if on_device:
+        result.update(on_device_cpu_ms_per_pair=round(1000 * crops / n, 3),
+                      on_device_vs_cpu_path=round(ours / crops, 2),
+                      on_device_vs_pil_reference=round(ref / crops, 2))
+    return result
+
+
+def time_device_augment(size, batch, repeats):
+    """Wall and process CPU time of the jitted augment_views, per batch and per pair."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from clusiam_jax.data import augment, device_augment  # pylint: disable=g-import-not-at-top
+    cfg = augment.AugmentConfig(image_size=size)
+    fn = jax.jit(lambda k, x: device_augment.augment_views(k, x, cfg))
+    x = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3),
+                                                          dtype=np.uint8))
+    key = jax.random.PRNGKey(0)
+    fn(key, x).block_until_ready()  # compile
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(repeats):
+        fn(jax.random.fold_in(key, i), x).block_until_ready()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    device = jax.devices()[0]
+    return dict(bench='device_augment', backend=jax.default_backend(),
+                device_kind=device.device_kind, batch_size=batch, image_size=size,
+                repeats=repeats, ms_per_batch=round(1000 * wall / repeats, 3),
+                # a pair is two views: two calls of augment_views on a batch
+                wall_ms_per_pair=round(2000 * wall / repeats / batch, 4),
+                process_cpu_ms_per_pair=round(2000 * cpu / repeats / batch, 4),
+                jax=jax.__version__)
 
 
 def main():
@@ -180,7 +227,19 @@ def main():
     ap.add_argument('--pil-reference', type=int, default=0, metavar='PAIRS',
                     help='also time PAIRS pairs of the original\'s PIL pipeline (no torch '
                          'needed) against ours, interleaved in this process')
+    ap.add_argument('--on-device-augment', action='store_true',
+                    help='data.augment_on_device=True: the CPU side only decodes and crops')
+    ap.add_argument('--time-device-augment', action='store_true',
+                    help='time the device side (jitted augment_views) instead; '
+                         'use --batch-size 32 for the issue\'s setting')
+    ap.add_argument('--repeats', type=int, default=20, help='with --time-device-augment')
     args = ap.parse_args()
+    if args.time_device_augment:
+        result = time_device_augment(args.image_size, args.batch_size, args.repeats)
+        result.update(machine=machine(),
+                      command=' '.join([os.path.basename(sys.executable)] + sys.argv))
+        print(json.dumps(result), flush=True)
+        return
 
     import ml_collections  # pylint: disable=g-import-not-at-top
     from clusiam_jax import data  # pylint: disable=g-import-not-at-top
@@ -190,7 +249,7 @@ def main():
     config = ml_collections.ConfigDict()
     config.data = ml_collections.ConfigDict(dict(
         path=args.data_dir, image_size=args.image_size, num_workers=args.workers,
-        prefetch=2, vflip=False, rot90=False,
+        prefetch=2, vflip=False, rot90=False, augment_on_device=args.on_device_augment,
         # constants as in the torch baseline: stats do not affect speed
         mean=(0.6684, 0.5115, 0.6791), std=(0.2521, 0.2875, 0.2100)))
     n_files = len(data.discover(args.data_dir))
@@ -224,12 +283,15 @@ def main():
         cpu_ms_per_pair=round(1000 * own / pairs, 3),
         own_cpus=round(own / window, 3),
         foreign_cpus=round(max(0.0, (busy1 - busy0) - own) / window, 3),
-        output='uint8 views; normalization on the device',
+        augment_on_device=args.on_device_augment,
+        output=('uint8 crops; jitter, gray, blur, flip and normalization on the device'
+                if args.on_device_augment else 'uint8 views; normalization on the device'),
         machine=machine(), versions=versions(),
         command=' '.join([os.path.basename(sys.executable)] + sys.argv))
     if args.pil_reference:
         files = [r.path for r in data.discover(args.data_dir)]
-        result.update(compare_with_pil(files, args.image_size, args.pil_reference, args.seed))
+        result.update(compare_with_pil(files, args.image_size, args.pil_reference, args.seed,
+                                       on_device=args.on_device_augment))
     print(json.dumps(result), flush=True)
 
 
