@@ -4,6 +4,8 @@ The cluster similarity is split in two: `cluster_similarity(reps, logits, gumbel
 the Gumbel noise as an argument (tests and PyTorch parity feed fixed noise), and
 `sampled_cluster_similarity` draws it. Shapes are static everywhere: the "mean over
 non-zero entries" of the original is a masked mean, never boolean indexing.
+Every loss computes and reduces in float32 whatever its inputs' dtype, so bfloat16
+compute (model.dtype) changes the network's arithmetic, never the loss's.
 """
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,8 @@ def l2_normalize(x, eps=NORMALIZE_EPS):
 
 
 def cosine_similarity(a, b, eps=COSINE_EPS):
-    """Row-wise a.b / max(|a||b|, eps) (SPEC s4)."""
+    """Row-wise a.b / max(|a||b|, eps) (SPEC s4), in float32 whatever the inputs' dtype."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     dot = jnp.sum(a * b, axis=-1)
     return dot / jnp.maximum(safe_norm(a, keepdims=False) * safe_norm(b, keepdims=False), eps)
 
@@ -65,7 +68,7 @@ def cluster_similarity(reps, logits, gumbel):
       The scalar S. With at most one non-empty cluster S = 1 and its gradient is 0.
     """
     reps = l2_normalize(jax.lax.stop_gradient(reps.astype(jnp.float32)))
-    assign = straight_through_assignment(logits.astype(jnp.float32), gumbel)
+    assign = straight_through_assignment(logits.astype(jnp.float32), gumbel.astype(jnp.float32))
     counts = jnp.sum(assign, axis=0)
     centroids = (assign.T @ reps) / jnp.maximum(counts, 1.0)[:, None]
     centroids = l2_normalize(centroids)

@@ -15,15 +15,34 @@ from clusiam_jax.models.batch_norm import BatchNorm
 linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
-def torch_linear(features: int, fan_in: int, use_bias: bool, dtype: Any, name: str):
-    """nn.Dense initialised like torch.nn.Linear(fan_in, features)."""
-    bound = 1.0 / fan_in**0.5
+class TorchLinear(nn.Module):
+    """torch.nn.Linear(fan_in, features): x @ kernel (+ bias), PyTorch's default init.
 
-    def bias_init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    Parameters are float32 and named as nn.Dense names them (`kernel` [in, out], `bias`).
+    The product runs in the compute dtype; the bias is added in float32 and the output is
+    then float32, so under bfloat16 compute the bias gradient (a sum over the batch) is
+    reduced in float32. Every biased Linear here feeds a BatchNorm or a float32 output,
+    which take float32 anyway; under float32 compute this is exactly nn.Dense.
+    """
+    features: int
+    use_bias: bool
+    dtype: Any = jnp.float32
 
-    return nn.Dense(features, use_bias=use_bias, kernel_init=linear_kernel_init,
-                    bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+    @nn.compact
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        bound = 1.0 / fan_in**0.5
+
+        def bias_init(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        kernel = self.param('kernel', linear_kernel_init, (fan_in, self.features), jnp.float32)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                (((x.ndim - 1,), (0,)), ((), ())))
+        if not self.use_bias:
+            return y
+        bias = self.param('bias', bias_init, (self.features,), jnp.float32)
+        return y.astype(jnp.float32) + bias
 
 
 def batch_norm_1d(train: bool, dtype: Any, name: str, affine: bool = True):
@@ -43,13 +62,14 @@ class Projector(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        fan_in = x.shape[-1]
-        x = torch_linear(self.hidden, fan_in, False, self.dtype, 'linear1')(x)
+        x = TorchLinear(self.hidden, False, self.dtype, name='linear1')(x)
         x = nn.relu(batch_norm_1d(train, self.dtype, 'bn1')(x))
-        x = torch_linear(self.hidden, self.hidden, False, self.dtype, 'linear2')(x)
+        x = TorchLinear(self.hidden, False, self.dtype, name='linear2')(x)
         x = nn.relu(batch_norm_1d(train, self.dtype, 'bn2')(x))
-        x = torch_linear(self.out, self.hidden, False, self.dtype, 'linear3')(x)
-        return batch_norm_1d(train, self.dtype, 'bn3', affine=False)(x)
+        x = TorchLinear(self.out, False, self.dtype, name='linear3')(x)
+        # The projection z is a float32 output (the loss's target, the EMA target's output):
+        # the last BN hands it over unrounded rather than through the compute dtype.
+        return batch_norm_1d(train, jnp.float32, 'bn3', affine=False)(x)
 
 
 class Predictor(nn.Module):
@@ -61,9 +81,9 @@ class Predictor(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = torch_linear(self.hidden, x.shape[-1], self.first_bias, self.dtype, 'linear1')(x)
+        x = TorchLinear(self.hidden, self.first_bias, self.dtype, name='linear1')(x)
         x = nn.relu(batch_norm_1d(train, self.dtype, 'bn1')(x))
-        return torch_linear(self.out, self.hidden, True, self.dtype, 'linear2')(x)
+        return TorchLinear(self.out, True, self.dtype, name='linear2')(x)
 
 
 class ClusterHead(nn.Module):
@@ -74,8 +94,8 @@ class ClusterHead(nn.Module):
 
     @nn.compact
     def __call__(self, z, train: bool):
-        h = torch_linear(self.hidden, z.shape[-1], True, self.dtype, 'projector_linear')(z)
+        h = TorchLinear(self.hidden, True, self.dtype, name='projector_linear')(z)
         h = nn.relu(batch_norm_1d(train, self.dtype, 'projector_bn')(h))
-        logits = torch_linear(self.num_clusters, self.hidden, True, self.dtype, 'assigner')(h)
+        logits = TorchLinear(self.num_clusters, True, self.dtype, name='assigner')(h)
         # Logits feed a softmax and the loss: keep them float32 under bfloat16 compute.
         return logits.astype(jnp.float32)
