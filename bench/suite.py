@@ -34,11 +34,13 @@ DEFAULT_HARNESS = os.path.join(REPO, '..', 'shared', 'bench', 'torch_original.py
 METHODS = ('clusiam', 'clubyol')
 PRESETS = {
     'cpu': dict(train=[(size, batch) for size, batch in ((224, 32), (64, 64))],
-                dtypes=['float32'], steps=5, warmup=2, threads=2, torch_device='cpu',
+                dtypes=['float32'], steps=5, warmup=2, sync_every=1, threads=2,
+                torch_device='cpu',
                 data_workers=[0, 1, 2], e2e=dict(size=64, batch=64, workers=1, steps=10,
                                                  dtype='float32', patches=512)),
     'gpu': dict(train=[(224, 512), (224, 256)], dtypes=['float32', 'bfloat16'], steps=20,
-                warmup=3, threads=4, torch_device='cuda', data_workers=[],
+                # the loop syncs only at log steps; the original syncs every step (.item())
+                warmup=3, sync_every=10, threads=4, torch_device='cuda', data_workers=[],
                 e2e=dict(size=224, batch=512, workers=14, steps=30, dtype='bfloat16',
                          patches=2048)),
 }
@@ -93,7 +95,8 @@ def train_part(suite, preset, theirs, args, settings):
                 common = ['--model', model, '--image-size', str(size),
                           '--batch-size', str(batch), '--steps', str(preset['steps']),
                           '--warmup', str(preset['warmup'])]
-                ours = [py, 'bench/train_step.py', '--dtype', dtype] + common
+                ours = [py, 'bench/train_step.py', '--dtype', dtype,
+                        '--sync-every', str(preset['sync_every'])] + common
                 original = None
                 if theirs:
                     # bfloat16 is compared with what a PyTorch user would do for speed.
@@ -172,7 +175,7 @@ def main():
         e2e_part(suite, preset, args)
     if 'train' in args.parts:
         train_part(suite, preset, theirs, args, rest)
-    if 'data' in args.parts:
+    if 'data' in args.parts and preset['data_workers']:
         data_part(suite, preset, theirs, args)
 
 
