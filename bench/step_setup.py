@@ -12,6 +12,7 @@ import numpy as np
 from clusiam_jax import parallel
 from clusiam_jax.config import validate
 from clusiam_jax.models import build_network
+from clusiam_jax.models.conv import CONV_IMPLS
 from clusiam_jax.train.loop import compile_train_step, init_state
 from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
 from clusiam_jax.train.step import make_train_step
@@ -30,12 +31,15 @@ def add_model_args(parser):
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
+    parser.add_argument('--conv-impl', choices=CONV_IMPLS, default='auto',
+                        help='model.conv_impl (auto: im2col gradients on CPU, XLA elsewhere)')
 
 
 def recipe_config(args):
     """The method's recipe config with the benchmark's model, size, batch and dtype."""
     config = RECIPES[args.model].get_config()
     config.model.backbone, config.model.dtype = args.backbone, args.dtype
+    config.model.conv_impl = args.conv_impl
     config.data.image_size, config.train.batch_size = args.image_size, args.batch_size
     return config
 

@@ -57,6 +57,7 @@ def main():
     median = float(np.median(times))
     record = dict(bench='train_step', model=args.model, backbone=args.backbone,
                   image_size=args.image_size, batch_size=args.batch_size, dtype=args.dtype,
+                  conv_impl=args.conv_impl,
                   steps=args.steps, sync_every=args.sync_every, compile_s=round(compile_s, 2),
                   step_s_median=round(median, 4), steps_per_s=round(1 / median, 3),
                   pairs_per_s=round(args.batch_size / median, 2),

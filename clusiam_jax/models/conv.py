@@ -1,6 +1,6 @@
 """2-D convolution for the ResNet: XLA's, or XLA's with matmul gradients for CPU.
 
-Measured on this project's 2-core x86 CPU (jax 0.10.2; /tmp-free probe in
+Measured on this project's 2-core x86 CPU (jax 0.10.2; the probe is
 bench/conv_kernels.py), XLA:CPU has two slow paths that dominate a ResNet training step:
 
 * the filter gradient of a convolution (the backward pass w.r.t. the kernel) runs 2-7x
