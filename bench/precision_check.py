@@ -1,0 +1,168 @@
+r"""model.dtype=bfloat16 against float32 on a short real-data run (issue 7, item 2).
+
+  python bench/precision_check.py [--data ../shared/data/crchp] [--methods clusiam,clubyol]
+      [--backbone resnet18] [--image-size 64] [--batch 32] [--steps 60] [--last 20]
+
+For each method, three runs of --steps steps on the *same* batches (augmented views of
+real H&E tiles, drawn once by the project's data pipeline):
+
+  float32  seed A   the reference;
+  bfloat16 seed A   same init, same Gumbel noise, same data: only the arithmetic differs;
+  float32  seed B   another init and Gumbel stream: the run-to-run noise yardstick.
+
+Training is chaotic (a flipped Gumbel argmax changes the next gradient), so after a few
+steps bf16 and f32 follow different trajectories, as two seeds do. bf16 is "within noise"
+when its gap to the f32 reference is of the size of the seed-B gap: compare
+`gap_bf16` with `gap_seed` in the summary line (the final loss level, mean of the last
+--last steps; the whole curve's mean and max |difference|; step 0, where only rounding
+differs). One pair of seeds is a noisy yardstick: run with other --seed-b values before
+reading much into a ratio near 1.
+
+Data: the 100 500x500 crchp images (../shared/data/README.md; research use, never
+committed) cut into --tile px tiles in a temporary folder (or --workdir, reused), then
+the recipe's augmentation crops them to --image-size. One JSON line per run, one summary
+per method, and a last line with the machine and the command.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+DEFAULT_DATA = os.path.join(REPO, '..', 'shared', 'data', 'crchp')
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--data', default=DEFAULT_DATA, help='folder with images/*.png')
+    parser.add_argument('--workdir', default=None,
+                        help='where tiles and stats go (default: a temporary folder)')
+    parser.add_argument('--methods', default='clusiam,clubyol')
+    parser.add_argument('--backbone', default='resnet18')
+    parser.add_argument('--image-size', type=int, default=64)
+    parser.add_argument('--tile', type=int, default=96)
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--steps', type=int, default=60)
+    parser.add_argument('--last', type=int, default=20, help='steps in the final-loss mean')
+    parser.add_argument('--base-lr', type=float, default=0.4,
+                        help='lr = base_lr * batch / 256 (recipes: 0.05; a short run moves '
+                             'more with a larger one)')
+    parser.add_argument('--clusters', type=int, default=None, help='default: the recipe\'s')
+    parser.add_argument('--seed-a', type=int, default=0)
+    parser.add_argument('--seed-b', type=int, default=1)
+    return parser.parse_args()
+
+
+def make_tiles(data_dir, work, tile):
+    """Every non-overlapping --tile px tile of every image, as <image>/<x>_<y>.png."""
+    from bench.nuclei_probe_eval import write_tiles
+    names = sorted(f[:-4] for f in os.listdir(os.path.join(data_dir, 'images'))
+                   if f.endswith('.png'))
+    return write_tiles(data_dir, names, os.path.join(work, f'tiles{tile}'), tile,
+                       count=10**9, seed=0)
+
+
+def run_config(method, args, tiles, dtype, seed):
+    from bench.step_setup import RECIPES
+    c = RECIPES[method].get_config()
+    c.model.backbone, c.model.dtype = args.backbone, dtype
+    if args.clusters:
+        c.model.num_clusters = args.clusters
+    c.data.path, c.data.image_size = tiles, args.image_size
+    c.train.batch_size, c.train.seed = args.batch, seed
+    c.optim.base_lr = args.base_lr
+    return c
+
+
+def fixed_batches(config, work, steps):
+    """The first `steps` batches of the pipeline (seed A's augmentation draws), in memory,
+    so every run sees the same views; and the data set's mean/std."""
+    from clusiam_jax.data.pipeline import create_train_loader
+    probe = create_train_loader(config, workdir=work)
+    config.train.num_epochs = -(-steps // probe.steps_per_epoch)  # enough epochs
+    loader = create_train_loader(config, workdir=work)
+    iterator = loader.iterator()
+    return [next(iterator) for _ in range(steps)], loader.mean, loader.std
+
+
+def train_curve(compiled, state, batches):
+    """Per-step metrics of `len(batches)` steps and the median step seconds."""
+    import jax
+    import numpy as np
+    metrics, times = [], []
+    for batch in batches:
+        start = time.perf_counter()
+        state, m = compiled(state, batch)
+        metrics.append(jax.device_get(m))  # waits for the step: per-step timing
+        times.append(time.perf_counter() - start)
+    curves = {k: np.array([float(m[k]) for m in metrics])
+              for k in ('loss', 'invariance', 'cluster') if k in metrics[0]}
+    return curves, float(np.median(times))
+
+
+def method_runs(method, args, tiles, batches, mean, std):
+    """{label: curves} for f32 seed A, bf16 seed A and f32 seed B; emits one line each.
+    The seed lives in the train state only, so both float32 runs share one compilation."""
+    from bench.common import emit
+    from bench.step_setup import build_step
+    from clusiam_jax import parallel
+    mesh = parallel.make_mesh()
+    runs, compiled = {}, {}
+    for label, dtype, seed in (('f32', 'float32', args.seed_a), ('bf16', 'bfloat16', args.seed_a),
+                               ('f32_seed_b', 'float32', args.seed_b)):
+        config = run_config(method, args, tiles, dtype, seed)
+        step, state = build_step(config, mesh, steps_per_epoch=args.steps, mean=mean, std=std)
+        start = time.perf_counter()
+        if dtype not in compiled:
+            compiled[dtype] = step.lower(state, batches[0]).compile()
+        compile_s = time.perf_counter() - start
+        curves, step_s = train_curve(compiled[dtype], state, batches)
+        runs[label] = curves
+        emit({'bench': 'precision_check', 'method': method, 'run': label, 'dtype': dtype,
+              'seed': seed, 'compile_s': round(compile_s, 1), 'step_s_median': round(step_s, 3),
+              'loss_step0': round(float(curves['loss'][0]), 5),
+              **{f'{k}_last{args.last}_mean': round(float(v[-args.last:].mean()), 5)
+                 for k, v in curves.items()},
+              'loss_curve': [round(float(x), 4) for x in curves['loss']]})
+    return runs
+
+
+def gaps(reference, other, last):
+    """How far `other`'s loss curve is from `reference`'s."""
+    import numpy as np
+    a, b = reference['loss'], other['loss']
+    return {'final': round(float(b[-last:].mean() - a[-last:].mean()), 5),
+            'curve_mean_abs': round(float(np.abs(b - a).mean()), 5),
+            'curve_max_abs': round(float(np.abs(b - a).max()), 5),
+            'step0_abs': round(float(abs(b[0] - a[0])), 5)}
+
+
+def main():
+    args = parse_args()
+    data = os.path.abspath(args.data)
+    if not os.path.isdir(os.path.join(data, 'images')):
+        print(f'no images/ under {data} (../shared/data/README.md); nothing to check.')
+        return 0
+    from bench.common import emit, machine_info
+    with tempfile.TemporaryDirectory(prefix='precision_check_') as tmp:
+        work = os.path.abspath(args.workdir) if args.workdir else tmp
+        os.makedirs(work, exist_ok=True)
+        tiles = make_tiles(data, work, args.tile)
+        batches, mean, std = fixed_batches(
+            run_config('clusiam', args, tiles, 'float32', args.seed_a), work, args.steps)
+        for method in args.methods.split(','):
+            runs = method_runs(method, args, tiles, batches, mean, std)
+            emit({'bench': 'precision_check', 'method': method, 'summary': True,
+                  'last': args.last, 'steps': args.steps,
+                  'gap_bf16': gaps(runs['f32'], runs['bf16'], args.last),
+                  'gap_seed': gaps(runs['f32'], runs['f32_seed_b'], args.last)})
+    emit({**machine_info(), 'bench': 'precision_check', 'backbone': args.backbone,
+          'image_size': args.image_size, 'batch': args.batch, 'steps': args.steps,
+          'base_lr': args.base_lr, 'tile': args.tile, 'data': data})
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
