@@ -18,6 +18,7 @@ SHAPES = [
     (9, 16, 24, 3, 2, 1),   # the strided 3x3 of a stage's first block
     (8, 16, 24, 1, 2, 0),   # the 1x1 strided downsample
     (2, 16, 16, 3, 1, 1),   # a map smaller than the kernel (layer4 at 64 px input)
+    (4, 16, 16, 3, 2, 1),   # an output map smaller than the kernel (4x4 -> 2x2)
     (1, 16, 16, 3, 1, 1),   # 1x1 map, the extreme case
 ]
 

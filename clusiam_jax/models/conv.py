@@ -6,8 +6,9 @@ bench/conv_kernels.py), XLA:CPU has two slow paths that dominate a ResNet traini
 * the filter gradient of a convolution (the backward pass w.r.t. the kernel) runs 2-7x
   slower than the forward convolution on large maps (e.g. 1.1 s against 0.17 s for a
   3x3, 64->64 convolution on 32 x 56 x 56 maps);
-* a 3x3 convolution on a map smaller than its kernel (2 x 2 maps in layer4 at 64 px
-  input) takes ~100x longer than the same work as a matrix product (DESIGN.md).
+* a 3x3 convolution whose input or output map is smaller than its kernel (2 x 2 maps
+  in layer4 at 64 px input) takes 10-100x longer than the same work as a matrix
+  product (DESIGN.md).
 
 `conv_impl='im2col'` keeps XLA's forward and input-gradient convolutions where they
 are fast and computes the rest as matrix products over explicit patches ("im2col"):
@@ -87,14 +88,22 @@ def _filter_grad(x, g, kernel_shape, strides, padding):
     return jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
 
 
-def _tiny_map(x, w) -> bool:
-    return x.shape[1] < w.shape[0] or x.shape[2] < w.shape[1]
+def _tiny_map(x, w, strides) -> bool:
+    """Input or output map smaller than the kernel: XLA:CPU's slow convolution path.
+
+    E.g. at 64 px input, layer4's 3x3 convolutions see 2 x 2 maps and its strided one
+    makes 2 x 2 maps from 4 x 4; as matmuls they measured 10-15x faster
+    (bench/conv_kernels.py).
+    """
+    kh, kw = w.shape[:2]
+    out_h, out_w = -(-x.shape[1] // strides[0]), -(-x.shape[2] // strides[1])
+    return min(x.shape[1], out_h) < kh or min(x.shape[2], out_w) < kw
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def im2col_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
     """NHWC x HWIO convolution whose slow XLA:CPU parts are matrix products."""
-    return (_im2col_conv if _tiny_map(x, w) else _xla_conv)(x, w, strides, padding)
+    return (_im2col_conv if _tiny_map(x, w, strides) else _xla_conv)(x, w, strides, padding)
 
 
 def _im2col_conv_fwd(x, w, strides, padding):
@@ -103,7 +112,7 @@ def _im2col_conv_fwd(x, w, strides, padding):
 
 def _im2col_conv_bwd(strides, padding, residuals, g):
     x, w = residuals
-    forward = _im2col_conv if _tiny_map(x, w) else _xla_conv
+    forward = _im2col_conv if _tiny_map(x, w, strides) else _xla_conv
     # The convolution is linear in x: its transpose is XLA's input-gradient convolution
     # (fast on CPU), or the matmul's transpose for tiny maps.
     _, input_vjp = jax.vjp(lambda x_: forward(x_, w, strides, padding), x)
