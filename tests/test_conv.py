@@ -8,7 +8,7 @@ from jax import lax
 
 from clusiam_jax.config import ConfigError, validate
 from clusiam_jax.models import build_network
-from clusiam_jax.models.conv import flax_conv_fn, im2col_conv, resolve_conv_impl
+from clusiam_jax.models.conv import flax_conv_fn, im2col_conv, max_pool, resolve_conv_impl
 from tiny import tiny_config
 
 # (map size, input channels, output channels, kernel, stride, padding), as in ResNet:
@@ -119,3 +119,38 @@ def test_unsupported_convolutions_say_so():
              feature_group_count=2)
     with pytest.raises(NotImplementedError, match='conv_impl=xla'):
         conv(x, w, (1, 1), 'SAME', dimension_numbers=nhwc)
+
+
+def numpy_max_pool_grad(x, g, size=3, stride=2, pad=1):
+    """PyTorch's max_pool2d backward: each output's gradient to its first maximum."""
+    n, h, w, c = x.shape
+    padded = np.full((n, h + 2 * pad, w + 2 * pad, c), -np.inf, x.dtype)
+    padded[:, pad:pad + h, pad:pad + w] = x
+    dx = np.zeros_like(padded)
+    for b, i, j, ch in np.ndindex(*g.shape):
+        window = padded[b, i * stride:i * stride + size, j * stride:j * stride + size, ch]
+        first = np.argmax(window)  # argmax returns the first maximum, row-major
+        dx[b, i * stride + first // size, j * stride + first % size, ch] += g[b, i, j, ch]
+    return dx[:, pad:pad + h, pad:pad + w]
+
+
+@pytest.mark.parametrize('size', [9, 8, 2])
+def test_max_pool_matches_xla_and_routes_ties_like_pytorch(size):
+    rng = np.random.default_rng(size)
+    x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+    x[0] = np.maximum(x[0], 0.0)  # after a ReLU: windows of tied zeros
+    x[1, :3, :3] = 1.5            # ties between positive values
+    expected = lax.reduce_window(x, -np.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+    g = rng.normal(size=expected.shape).astype(np.float32)
+    for impl in ('im2col', 'xla'):
+        pool = lambda a: max_pool(a, (3, 3), (2, 2), ((1, 1), (1, 1)), impl)
+        np.testing.assert_array_equal(pool(jnp.asarray(x)), expected)
+        dx = jax.grad(lambda a: jnp.sum(pool(a) * g))(jnp.asarray(x))
+        if impl == 'im2col':  # XLA's own gradient may break ties elsewhere
+            np.testing.assert_allclose(dx, numpy_max_pool_grad(x, g), rtol=1e-6, atol=1e-6)
+        else:
+            x_untied = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+            np.testing.assert_allclose(
+                jax.grad(lambda a: jnp.sum(pool(a) * g))(x_untied),
+                numpy_max_pool_grad(np.asarray(x_untied), g), rtol=1e-6, atol=1e-6)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clusiam_jax.models.batch_norm import BatchNorm
-from clusiam_jax.models.conv import flax_conv_fn
+from clusiam_jax.models.conv import flax_conv_fn, max_pool
 
 # kaiming_normal_(mode='fan_out', nonlinearity='relu'): an untruncated normal.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -94,7 +94,7 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = conv(self.width, 7, 2, 3, self.dtype, self.conv_impl, 'conv1')(x)
         x = nn.relu(batch_norm(train, self.dtype, name='bn1')(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), self.conv_impl)
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
