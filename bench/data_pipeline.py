@@ -36,42 +36,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 TORCH_BENCH = os.path.join(REPO, '..', 'shared', 'bench', 'torch_original.py')
-_TICKS = os.sysconf('SC_CLK_TCK')
-
-
-def _tree_cpu_s(root_pid: int) -> float:
-    """User+system CPU seconds of root_pid, its live descendants and reaped children."""
-    parent, ticks = {}, {}
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f'/proc/{entry}/stat') as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(')') + 2:].split()
-        pid = int(entry)
-        parent[pid] = int(fields[1])
-        # utime, stime (+ cutime, cstime of the root: workers that already exited)
-        used = int(fields[11]) + int(fields[12])
-        if pid == root_pid:
-            used += int(fields[13]) + int(fields[14])
-        ticks[pid] = used
-    tree, todo = {root_pid}, [root_pid]
-    while todo:
-        current = todo.pop()
-        for pid, pp in parent.items():
-            if pp == current and pid not in tree:
-                tree.add(pid)
-                todo.append(pid)
-    return sum(ticks.get(p, 0) for p in tree) / _TICKS
-
-
-def _machine_busy_s() -> float:
-    with open('/proc/stat') as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6]) / _TICKS
+from bench.common import machine_busy_s, process_tree_cpu_s  # noqa: E402
 
 
 def ensure_patches(data_dir: str, num_patches: int, seed: int) -> None:
@@ -266,8 +231,8 @@ def main():
         assert batch['view1'].shape == (args.batch_size, args.image_size, args.image_size, 3)
         stamps.append(time.perf_counter())
         if len(stamps) == args.warmup:
-            cpu0, busy0 = _tree_cpu_s(os.getpid()), _machine_busy_s()
-    cpu1, busy1 = _tree_cpu_s(os.getpid()), _machine_busy_s()
+            cpu0, busy0 = process_tree_cpu_s(os.getpid()), machine_busy_s()
+    cpu1, busy1 = process_tree_cpu_s(os.getpid()), machine_busy_s()
     if hasattr(it, 'close'):
         it.close()
     if args.warmup == 0:

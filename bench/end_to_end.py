@@ -40,8 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 # Only light imports up here: grain's spawned workers re-run this top level.
-from bench.common import emit, machine_info  # noqa: E402
-from bench.data_pipeline import _machine_busy_s, _tree_cpu_s  # noqa: E402
+from bench.common import emit, machine_busy_s, machine_info, process_tree_cpu_s  # noqa: E402
 
 SYNTHETIC_SIZE = 256
 
@@ -147,10 +146,10 @@ def run_steps(step_fn, state, next_batch, steps: int, log_every: int):
 def timed_phase(step_fn, state, next_batch, args, log_every):
     """Warm-up, then the timed window with process-tree CPU and foreign load around it."""
     state, _, warmup_waits = run_steps(step_fn, state, next_batch, args.warmup, log_every)
-    cpu0, busy0 = _tree_cpu_s(os.getpid()), _machine_busy_s()
+    cpu0, busy0 = process_tree_cpu_s(os.getpid()), machine_busy_s()
     state, wall, waits = run_steps(step_fn, state, next_batch, args.steps, log_every)
-    own = _tree_cpu_s(os.getpid()) - cpu0
-    foreign = max(0.0, _machine_busy_s() - busy0 - own)
+    own = process_tree_cpu_s(os.getpid()) - cpu0
+    foreign = max(0.0, machine_busy_s() - busy0 - own)
     return state, dict(wall=wall, waits=waits, cpu=own, foreign_cpus=foreign / wall,
                        first_wait=warmup_waits[0] if warmup_waits else None)
 
