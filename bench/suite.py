@@ -37,12 +37,13 @@ PRESETS = {
                 dtypes=['float32'], steps=5, warmup=2, sync_every=1, threads=2,
                 torch_device='cpu',
                 data_workers=[0, 1, 2], e2e=dict(size=64, batch=64, workers=1, steps=10,
-                                                 dtype='float32', patches=512)),
+                                                 dtype='float32', patches=512,
+                                                 on_device=[False])),
     'gpu': dict(train=[(224, 512), (224, 256)], dtypes=['float32', 'bfloat16'], steps=20,
                 # the loop syncs only at log steps; the original syncs every step (.item())
                 warmup=3, sync_every=10, threads=4, torch_device='cuda', data_workers=[],
                 e2e=dict(size=224, batch=512, workers=14, steps=30, dtype='bfloat16',
-                         patches=2048)),
+                         patches=2048, on_device=[False, True])),
 }
 
 
@@ -126,7 +127,7 @@ def data_part(suite, preset, theirs, args):
 
 def e2e_part(suite, preset, args):
     e = preset['e2e']
-    for on_device in ([False, True] if preset['name'] == 'gpu' else [False]):
+    for on_device in e['on_device']:
         cmd = [sys.executable, 'bench/end_to_end.py', '--model', 'clusiam',
                '--image-size', str(e['size']), '--batch-size', str(e['batch']),
                '--dtype', e['dtype'], '--workers', str(e['workers']),
@@ -152,7 +153,7 @@ def main():
                         help='interleaved repeats per setting (default: 2 cpu, 1 gpu)')
     parser.add_argument('--out', help='also append every JSON line to this file')
     args = parser.parse_args()
-    preset = dict(PRESETS[args.preset], name=args.preset)
+    preset = dict(PRESETS[args.preset])
     if args.train_settings:
         preset['train'] = [tuple(int(v) for v in s.split('x')) for s in args.train_settings]
     if args.steps:

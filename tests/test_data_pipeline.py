@@ -24,7 +24,7 @@ def make_config(path, batch=4, epochs=2, seed=0, workers=0, size=24, mean=None, 
     c = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict(dict(
         path=str(path), image_size=size, num_workers=workers, prefetch=2,
-        vflip=False, rot90=False))
+        vflip=False, rot90=False, augment_on_device=False))
     c.data.mean = ml_collections.FieldReference(mean, field_type=tuple)
     c.data.std = ml_collections.FieldReference(std, field_type=tuple)
     c.train = ml_collections.ConfigDict(dict(batch_size=batch, num_epochs=epochs, seed=seed))

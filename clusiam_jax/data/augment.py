@@ -77,7 +77,7 @@ class AugmentConfig:
         return cls(image_size=int(config.data.image_size),
                    vflip=bool(config.data.get('vflip', False)),
                    rot90=bool(config.data.get('rot90', False)),
-                   on_device=bool(config.data.get('augment_on_device', False)))
+                   on_device=bool(config.data.augment_on_device))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,9 @@
 Measured on this project's 2-core x86 CPU (jax 0.10.2; the probe is
 bench/conv_kernels.py), XLA:CPU has two slow paths that dominate a ResNet training step:
 
-* the filter gradient of a convolution (the backward pass w.r.t. the kernel) runs 2-7x
-  slower than the forward convolution on large maps (e.g. 1.1 s against 0.17 s for a
-  3x3, 64->64 convolution on 32 x 56 x 56 maps);
+* the filter gradient of a convolution (the backward pass w.r.t. the kernel) runs
+  several times slower than the forward convolution (e.g. the 7x7 stem at 224 px,
+  batch 32: forward 0.14 s, forward + both gradients 1.12 s; 0.62 s here);
 * a 3x3 convolution whose input or output map is smaller than its kernel (2 x 2 maps
   in layer4 at 64 px input) takes 10-100x longer than the same work as a matrix
   product (DESIGN.md).
@@ -13,7 +13,9 @@ bench/conv_kernels.py), XLA:CPU has two slow paths that dominate a ResNet traini
 `conv_impl='im2col'` keeps XLA's forward and input-gradient convolutions where they
 are fast and computes the rest as matrix products over explicit patches ("im2col"):
 the filter gradient always, and the forward and input gradient for maps smaller than
-the kernel. The maths is the same convolution, only the summation order differs.
+the kernel. The maths is the same convolution, only the summation order differs. The
+ResNet's max-pool gets the same treatment (`max_pool`): its gradient as strided window
+selects instead of JAX's index-map reduce-window.
 On GPU/TPU the vendor convolutions are fast in both directions, so `auto` picks XLA's
 there and this path on CPU.
 """
@@ -89,22 +91,23 @@ def _filter_grad(x, g, kernel_shape, strides, padding):
     return jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
 
 
-def _tiny_map(x, w, strides) -> bool:
+def _tiny_map(x, w, strides, padding) -> bool:
     """Input or output map smaller than the kernel: XLA:CPU's slow convolution path.
 
     E.g. at 64 px input, layer4's 3x3 convolutions see 2 x 2 maps and its strided one
-    makes 2 x 2 maps from 4 x 4; as matmuls they measured 10-15x faster
-    (bench/conv_kernels.py).
+    makes 2 x 2 maps from 4 x 4; as matmuls their forward + gradients measured 10-30x
+    faster (bench/conv_kernels.py).
     """
     kh, kw = w.shape[:2]
-    out_h, out_w = -(-x.shape[1] // strides[0]), -(-x.shape[2] // strides[1])
+    out_h = _output_size(x.shape[1], kh, strides[0], padding[0])
+    out_w = _output_size(x.shape[2], kw, strides[1], padding[1])
     return min(x.shape[1], out_h) < kh or min(x.shape[2], out_w) < kw
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def im2col_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
     """NHWC x HWIO convolution whose slow XLA:CPU parts are matrix products."""
-    return (_im2col_conv if _tiny_map(x, w, strides) else _xla_conv)(x, w, strides, padding)
+    return (_im2col_conv if _tiny_map(x, w, strides, padding) else _xla_conv)(x, w, strides, padding)
 
 
 def _im2col_conv_fwd(x, w, strides, padding):
@@ -113,7 +116,7 @@ def _im2col_conv_fwd(x, w, strides, padding):
 
 def _im2col_conv_bwd(strides, padding, residuals, g):
     x, w = residuals
-    forward = _im2col_conv if _tiny_map(x, w, strides) else _xla_conv
+    forward = _im2col_conv if _tiny_map(x, w, strides, padding) else _xla_conv
     # The convolution is linear in x: its transpose is XLA's input-gradient convolution
     # (fast on CPU), or the matmul's transpose for tiny maps.
     _, input_vjp = jax.vjp(lambda x_: forward(x_, w, strides, padding), x)

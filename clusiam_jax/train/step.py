@@ -27,7 +27,7 @@ def make_input_views(config, mean, std, dtype):
     With data.augment_on_device the batch holds bare uint8 crops: jitter, grayscale, blur
     and hflip are drawn here per sample (device_augment), each view with its own key.
     """
-    if not config.data.get('augment_on_device', False):
+    if not config.data.augment_on_device:
         return lambda key, batch: [normalize_images(batch[name], mean, std, dtype)
                                    for name in ('view1', 'view2')]
     cfg = AugmentConfig.from_config(config)
