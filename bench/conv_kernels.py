@@ -4,7 +4,8 @@ r"""Per-convolution cost of the ResNet-18 convolutions, XLA's against conv_impl=
 
 For each layer shape (224 px and 64 px inputs) it times, jitted and on the default
 backend, the forward convolution, and the full gradient (forward + input gradient +
-filter gradient) of a scalar loss. Prints one JSON line per (shape, impl). This is the
+filter gradient) of a scalar loss; then the same for the stem's max-pool. Prints one
+JSON line per (shape, impl). This is the
 probe behind models/conv.py's choice for CPU; on GPU both should be close.
 """
 import argparse
@@ -20,7 +21,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from bench.common import emit, machine_info  # noqa: E402
-from clusiam_jax.models.conv import im2col_conv  # noqa: E402
+from clusiam_jax.models.conv import im2col_conv, max_pool  # noqa: E402
 
 # (label, map size, in channels, out channels, kernel, stride, padding)
 SHAPES = [
@@ -30,8 +31,11 @@ SHAPES = [
     ('layer2 1x1/2 224px', 56, 64, 128, 1, 2, 0),
     ('layer3 3x3 224px', 14, 256, 256, 3, 1, 1),
     ('layer4 3x3 224px', 7, 512, 512, 3, 1, 1),
+    ('layer4 3x3/2 64px', 4, 256, 512, 3, 2, 1),
     ('layer4 3x3 64px', 2, 512, 512, 3, 1, 1),
 ]
+# (label, map size, channels): the 3x3 / 2 max-pool after the stem.
+POOLS = [('maxpool 224px', 112, 64), ('maxpool 64px', 32, 64)]
 
 
 def conv_fn(impl, stride, pad):
@@ -61,6 +65,14 @@ def main():
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     info = machine_info()
+    for label, size, channels in POOLS:
+        x = jnp.asarray(rng.normal(size=(args.batch, size, size, channels)), jnp.float32)
+        for impl in args.impls:
+            pool = lambda a, impl=impl: max_pool(a, (3, 3), (2, 2), ((1, 1), (1, 1)), impl)
+            gradient = jax.jit(jax.grad(lambda a, pool=pool: jnp.sum(pool(a) ** 2)))
+            emit(dict(bench='max_pool', layer=label, impl=impl, batch=args.batch, map=size,
+                      channels=channels, forward_ms=median_ms(jax.jit(pool), (x,), args.repeats),
+                      grad_ms=median_ms(gradient, (x,), args.repeats), **info))
     for label, size, cin, cout, kernel, stride, pad in SHAPES:
         x = jnp.asarray(rng.normal(size=(args.batch, size, size, cin)), jnp.float32)
         w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
