@@ -9,7 +9,14 @@ faithful default keeps PyTorch's. Variable names match flax.linen.BatchNorm (`sc
 
 Statistics are computed in float32 whatever the compute dtype, over every axis but the
 last; under jit with a batch-sharded input that is the global batch.
+
+Training-mode normalization has a hand-written gradient (`normalize_with_batch_stats`):
+the textbook BatchNorm backward, two reductions and one elementwise pass. Autodiff of
+the two-pass variance gives the same values in more passes over the activations. On
+the 2-core CPU, BN + ReLU forward and backward of the stem's 112 x 112 x 64 map at batch
+32 took 136 ms instead of 239 (`python bench/conv_kernels.py --torch`; PyTorch's: 384).
 """
+from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -18,6 +25,47 @@ import jax.numpy as jnp
 
 BN_MOMENTUM = 0.9   # Flax convention: new = m * old + (1 - m) * batch; PyTorch momentum 0.1
 BN_EPSILON = 1e-5
+
+
+def batch_moments(x32, axes):
+    """Biased batch mean and variance, two-pass (no cancellation)."""
+    mean = jnp.mean(x32, axes)
+    return mean, jnp.mean(jnp.square(x32 - mean), axes)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize_with_batch_stats(x, scale, bias, epsilon: float, out_dtype):
+    """(x - batch mean) / sqrt(batch var + eps) * scale + bias over all axes but the last.
+
+    x in any float dtype (kept as the backward's residual, so bf16 activations stay bf16),
+    float32 statistics, scale and bias; the result in `out_dtype`.
+    """
+    return _normalize_fwd(x, scale, bias, epsilon, out_dtype)[0]
+
+
+def _normalize_fwd(x, scale, bias, epsilon, out_dtype):
+    x32 = x.astype(jnp.float32)
+    mean, var = batch_moments(x32, tuple(range(x.ndim - 1)))
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    y = ((x32 - mean) * (inv_std * scale) + bias).astype(out_dtype)
+    return y, (x, mean, inv_std, scale)
+
+
+def _normalize_bwd(epsilon, out_dtype, residuals, dy):
+    del epsilon, out_dtype
+    x, mean, inv_std, scale = residuals
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    dy32 = dy.astype(jnp.float32)
+    x_hat = (x.astype(jnp.float32) - mean) * inv_std
+    d_bias = jnp.sum(dy32, axes)
+    d_scale = jnp.sum(dy32 * x_hat, axes)
+    # d/dx of the normalization, the batch mean and variance included.
+    dx = (scale * inv_std) * (dy32 - (d_bias + x_hat * d_scale) / n)
+    return dx.astype(x.dtype), d_scale, d_bias
+
+
+normalize_with_batch_stats.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -35,21 +83,21 @@ class BatchNorm(nn.Module):
         axes = tuple(range(x.ndim - 1))
         running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
         running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
-        x32 = x.astype(jnp.float32)
+        scale = (self.param('scale', self.scale_init, (features,), jnp.float32)
+                 if self.use_scale else jnp.ones((features,), jnp.float32))
+        bias = (self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+                if self.use_bias else jnp.zeros((features,), jnp.float32))
         if self.use_running_average:
-            mean, var = running_mean.value, running_var.value
-        else:
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)  # two-pass: no cancellation
-            if not self.is_initializing():
-                n = x.size // features
-                unbiased = var * (n / max(n - 1, 1))
-                m = self.momentum
-                running_mean.value = m * running_mean.value + (1 - m) * mean
-                running_var.value = m * running_var.value + (1 - m) * unbiased
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        if self.use_scale:
-            y = y * self.param('scale', self.scale_init, (features,), jnp.float32)
-        if self.use_bias:
-            y = y + self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-        return y.astype(self.dtype)
+            y = ((x.astype(jnp.float32) - running_mean.value)
+                 * jax.lax.rsqrt(running_var.value + self.epsilon))
+            return (y * scale + bias).astype(self.dtype)
+        if not self.is_initializing():
+            # The running averages see the same statistics as the normalization (XLA
+            # computes them once); no gradient flows through them.
+            mean, var = batch_moments(jax.lax.stop_gradient(x).astype(jnp.float32), axes)
+            n = x.size // features
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            running_mean.value = m * running_mean.value + (1 - m) * mean
+            running_var.value = m * running_var.value + (1 - m) * unbiased
+        return normalize_with_batch_stats(x, scale, bias, self.epsilon, self.dtype)
