@@ -5,7 +5,7 @@ bench/conv_kernels.py), XLA:CPU has two slow paths that dominate a ResNet traini
 
 * the filter gradient of a convolution (the backward pass w.r.t. the kernel) runs
   several times slower than the forward convolution (e.g. the 7x7 stem at 224 px,
-  batch 32: forward 0.14 s, forward + both gradients 1.12 s; 0.62 s here);
+  batch 32: forward 0.10 s, forward + both gradients 1.18 s; 0.77 s here);
 * a 3x3 convolution whose input or output map is smaller than its kernel (2 x 2 maps
   in layer4 at 64 px input) takes 10-100x longer than the same work as a matrix
   product (DESIGN.md).
