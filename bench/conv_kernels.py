@@ -68,6 +68,7 @@ BATCH_NORM_IMPLS = {
 
 
 def median_ms(fn, args, repeats):
+    """Median wall time of fn(*args); JAX results are waited for (PyTorch's CPU ops return done)."""
     jax.block_until_ready(fn(*args))  # compile / warm up
     times = []
     for _ in range(repeats):
@@ -166,20 +167,10 @@ def torch_timer(repeats):
             leaves = [t.detach().requires_grad_(True) for t in inputs]
             (fn(*leaves) ** 2).sum().backward()
 
-        return dict(forward_ms=median_wall_ms(forward, repeats),
-                    grad_ms=median_wall_ms(gradient, repeats), torch=torch.__version__)
+        return dict(forward_ms=median_ms(forward, (), repeats),
+                    grad_ms=median_ms(gradient, (), repeats), torch=torch.__version__)
 
     return time_layer
-
-
-def median_wall_ms(fn, repeats):
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(1000 * float(np.median(times)), 2)
 
 
 if __name__ == '__main__':
