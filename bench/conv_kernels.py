@@ -25,7 +25,7 @@ from jax import lax  # noqa: E402
 
 from bench.common import emit, machine_info  # noqa: E402
 from clusiam_jax.models.batch_norm import BN_EPSILON, normalize_with_batch_stats  # noqa: E402
-from clusiam_jax.models.conv import im2col_conv, max_pool  # noqa: E402
+from clusiam_jax.models.conv import compiler_options, im2col_conv, max_pool  # noqa: E402
 
 # (label, map size, in channels, out channels, kernel, stride, padding)
 SHAPES = [
@@ -94,9 +94,12 @@ def main():
         x = jnp.asarray(rng.normal(size=(args.batch, size, size, channels)), jnp.float32)
         for impl in args.impls:
             pool = lambda a, impl=impl: max_pool(a, (3, 3), (2, 2), ((1, 1), (1, 1)), impl)
-            gradient = jax.jit(jax.grad(lambda a, pool=pool: jnp.sum(pool(a) ** 2)))
+            options = compiler_options(impl)
+            forward = jax.jit(pool, compiler_options=options)
+            gradient = jax.jit(jax.grad(lambda a, pool=pool: jnp.sum(pool(a) ** 2)),
+                               compiler_options=options)
             emit(dict(bench='max_pool', layer=label, impl=impl, batch=args.batch, map=size,
-                      channels=channels, forward_ms=median_ms(jax.jit(pool), (x,), args.repeats),
+                      channels=channels, forward_ms=median_ms(forward, (x,), args.repeats),
                       grad_ms=median_ms(gradient, (x,), args.repeats), **info))
         if torch_ms:
             emit(dict(bench='max_pool', layer=label, impl='torch', batch=args.batch, map=size,
@@ -120,8 +123,10 @@ def main():
         w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
         for impl in args.impls:  # same process, back to back: the ratio is what counts
             conv = conv_fn(impl, stride, pad)
-            forward = jax.jit(conv)
-            gradient = jax.jit(jax.grad(lambda a, b: jnp.sum(conv(a, b) ** 2), (0, 1)))
+            options = compiler_options(impl)   # im2col on CPU: XLA's kernels, not YNNPACK's
+            forward = jax.jit(conv, compiler_options=options)
+            gradient = jax.jit(jax.grad(lambda a, b: jnp.sum(conv(a, b) ** 2), (0, 1)),
+                               compiler_options=options)
             emit(dict(bench='conv_kernel', layer=label, impl=impl, batch=args.batch,
                       map=size, cin=cin, cout=cout, kernel=kernel, stride=stride,
                       forward_ms=median_ms(forward, (x, w), args.repeats),

@@ -47,6 +47,7 @@ from clusiam_jax import parallel
 from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
+from clusiam_jax.models.conv import compiler_options
 from clusiam_jax.run_dir import load_run
 from clusiam_jax.train.step import normalize_images
 
@@ -101,7 +102,8 @@ def make_embed_fn(network, mean, std, mesh, with_projection=False):
         return result
 
     return jax.jit(embed, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                   out_shardings=parallel.batch_sharded(mesh))
+                   out_shardings=parallel.batch_sharded(mesh),
+                   compiler_options=compiler_options(network.conv_impl))
 
 
 def _load_patch(source, index, size):

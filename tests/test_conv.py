@@ -1,5 +1,7 @@
 """model.conv_impl='im2col' (models/conv.py) against XLA's convolution: values and both
 gradients for every convolution shape the ResNets use, and a whole network."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,8 @@ from jax import lax
 
 from clusiam_jax.config import ConfigError, validate
 from clusiam_jax.models import build_network
-from clusiam_jax.models.conv import flax_conv_fn, im2col_conv, max_pool, resolve_conv_impl
+from clusiam_jax.models.conv import (compiler_options, flax_conv_fn, im2col_conv, max_pool,
+                                     resolve_conv_impl)
 from tiny import tiny_config
 
 # (map size, input channels, output channels, kernel, stride, padding), as in ResNet:
@@ -61,8 +64,9 @@ def test_values_and_gradients_match_xla(size, cin, cout, kernel, stride, pad):
         assert relative_error(got, want) < 1e-4
 
 
-def test_bfloat16_inputs_keep_dtypes_and_values():
-    x, w = random_pair(9, 16, 16, 3)
+@pytest.mark.parametrize('size', [9, 2])   # XLA's convolution; the all-matmul tiny map
+def test_bfloat16_inputs_keep_dtypes_and_values(size):
+    x, w = random_pair(size, 16, 16, 3)
     x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     out = im2col_conv(x16, w16, (1, 1), ((1, 1), (1, 1)))
     assert out.dtype == jnp.bfloat16
@@ -72,6 +76,30 @@ def test_bfloat16_inputs_keep_dtypes_and_values():
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
     want = jax.grad(lambda b: jnp.sum(xla_conv(x, b, 1, 1) ** 2))(w)
     assert relative_error(dw, want) < 3e-2
+
+
+def ynn_convolutions(compiled_text):
+    """How many YNNPACK fusions of the compiled HLO hold a convolution."""
+    computations = re.split(r'\n(?=\S)', compiled_text)   # one block per computation
+    called = set(re.findall(r'kind=kCustom, calls=%?([\w.\-]+)', compiled_text))
+    return sum(1 for block in computations
+               if block.split(' ', 1)[0].lstrip('%') in called and ' convolution(' in block)
+
+
+def test_cpu_compiler_options_take_convolutions_off_ynnpack():
+    """conv_impl im2col on CPU compiles convolutions with XLA's own kernels (conv.py)."""
+    assert compiler_options('xla') is None
+    options = compiler_options('im2col')
+    assert options is not None and compiler_options('auto') == options   # the CPU backend
+    # A layer1-like shape, large enough for XLA:CPU to hand it to YNNPACK by default.
+    x, w = random_pair(28, 64, 64, 3)
+    x = jnp.tile(x, (4, 1, 1, 1))
+    grad = jax.grad(lambda a, b: jnp.sum(xla_conv(a, b, 1, 1) ** 2), (0, 1))
+    default = jax.jit(grad).lower(x, w).compile().as_text()
+    tuned = jax.jit(grad, compiler_options=options).lower(x, w).compile().as_text()
+    # If this jaxlib no longer uses YNNPACK for convolutions, the option is obsolete.
+    assert ynn_convolutions(default) > 0
+    assert ynn_convolutions(tuned) == 0 and ' convolution(' in tuned
 
 
 def test_whole_network_matches_xla():

@@ -1,19 +1,22 @@
-"""2-D convolution for the ResNet: XLA's, or XLA's with matmul gradients for CPU.
+"""2-D convolution for the ResNet: XLA's, or XLA's tuned for XLA:CPU.
 
-Measured on this project's 2-core x86 CPU (jax 0.10.2; the probe is
-bench/conv_kernels.py), XLA:CPU has two slow paths that dominate a ResNet training step:
+Measured on this project's 2-core x86 CPU (jaxlib 0.10.2; the probe is
+bench/conv_kernels.py), XLA:CPU has three slow paths that dominate a ResNet training step:
 
-* the filter gradient of a convolution (the backward pass w.r.t. the kernel) runs
-  several times slower than the forward convolution (e.g. the 7x7 stem at 224 px,
-  batch 32: forward 0.10 s, forward + both gradients 1.18 s; 0.77 s here);
-* a 3x3 convolution whose input or output map is smaller than its kernel (2 x 2 maps
-  in layer4 at 64 px input) takes 10-100x longer than the same work as a matrix
-  product (DESIGN.md).
+* by default it runs convolutions through YNNPACK, whose kernels took 1.5-2.5x longer
+  than XLA's own (Eigen) ones here, forward and backward (layer1's 3x3 at batch 32:
+  forward 93 vs 37 ms); `compiler_options` turns YNNPACK off for convolutions only
+  (its dots and reductions stay);
+* a convolution whose input or output map is smaller than its kernel (2 x 2 maps in
+  layer4 at 64 px input) takes 10-100x longer than the same work as a matrix product
+  (DESIGN.md), forward and backward;
+* the filter gradient of the 1x1 strided downsample is about twice as slow as one
+  matrix product.
 
-`conv_impl='im2col'` keeps XLA's forward and input-gradient convolutions where they
-are fast and computes the rest as matrix products over explicit patches ("im2col"):
-the filter gradient always, and the forward and input gradient for maps smaller than
-the kernel. The maths is the same convolution, only the summation order differs. The
+`conv_impl='im2col'` keeps XLA's convolutions (without YNNPACK) where they are fast and
+computes the rest as matrix products over explicit patches ("im2col"): for maps smaller
+than the kernel, the forward, input and filter gradients; for 1x1 kernels, the filter
+gradient. The maths is the same convolution, only the summation order differs. The
 ResNet's max-pool gets the same treatment (`max_pool`): its gradient as strided window
 selects instead of JAX's index-map reduce-window.
 On GPU/TPU the vendor convolutions are fast in both directions, so `auto` picks XLA's
@@ -27,6 +30,10 @@ import jax.numpy as jnp
 from jax import lax
 
 CONV_IMPLS = ('auto', 'xla', 'im2col')
+# XLA:CPU's YNNPACK library fusions without INDIVIDUAL_CONVOLUTION: jaxlib 0.10's default
+# set is these two plus it (same compiled dots and reductions as with the default).
+_CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
+                         'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 # Below this many input channels the filter gradient uses one patch-column product.
 _MIN_CHANNELS_PER_TAP = 16
 # flax.linen.Conv lays out NHWC inputs and HWIO kernels as these (lhs, rhs, out) specs.
@@ -40,6 +47,18 @@ def resolve_conv_impl(name: str) -> str:
     if name == 'auto':
         return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
     return name
+
+
+def compiler_options(impl: str):
+    """`jax.jit(..., compiler_options=...)` for code that runs the ResNet with `impl`.
+
+    For 'im2col' on the CPU backend, XLA's own convolution kernels instead of YNNPACK's
+    (module docstring); None (XLA's defaults) otherwise. Every jit of the network (train
+    step, export) passes it: per compilation, so nothing else in the process changes.
+    """
+    if resolve_conv_impl(impl) == 'im2col' and jax.default_backend() == 'cpu':
+        return dict(_CPU_COMPILER_OPTIONS)
+    return None
 
 
 def _xla_conv(x, w, strides, padding):
@@ -104,28 +123,38 @@ def _tiny_map(x, w, strides, padding) -> bool:
     return min(x.shape[1], out_h) < kh or min(x.shape[2], out_w) < kw
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def im2col_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
     """NHWC x HWIO convolution whose slow XLA:CPU parts are matrix products."""
+    if _tiny_map(x, w, strides, padding) or w.shape[:2] == (1, 1):
+        return _matmul_grad_conv(x, w, strides, padding)
+    # With compiler_options, XLA's own kernels are the fastest here in every direction
+    # (filter gradient included: 180 vs 355 ms per-tap matmuls for layer1's 3x3).
+    return _xla_conv(x, w, strides, padding)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_grad_conv(x, w, strides, padding):
+    """Convolution with the filter gradient as matmuls; maps smaller than the kernel are
+    matmuls in every direction."""
     return (_im2col_conv if _tiny_map(x, w, strides, padding) else _xla_conv)(x, w, strides, padding)
 
 
-def _im2col_conv_fwd(x, w, strides, padding):
-    return im2col_conv(x, w, strides, padding), (x, w)
+def _matmul_grad_conv_fwd(x, w, strides, padding):
+    return _matmul_grad_conv(x, w, strides, padding), (x, w)
 
 
-def _im2col_conv_bwd(strides, padding, residuals, g):
+def _matmul_grad_conv_bwd(strides, padding, residuals, g):
     x, w = residuals
     forward = _im2col_conv if _tiny_map(x, w, strides, padding) else _xla_conv
-    # The convolution is linear in x: its transpose is XLA's input-gradient convolution
-    # (fast on CPU), or the matmul's transpose for tiny maps.
+    # The convolution is linear in x: its transpose is XLA's input-gradient convolution,
+    # or the matmul's transpose for tiny maps.
     _, input_vjp = jax.vjp(lambda x_: forward(x_, w, strides, padding), x)
     (dx,) = input_vjp(g)
     dw = _filter_grad(x, g, w.shape, strides, padding).astype(w.dtype)
     return dx, dw
 
 
-im2col_conv.defvjp(_im2col_conv_fwd, _im2col_conv_bwd)
+_matmul_grad_conv.defvjp(_matmul_grad_conv_fwd, _matmul_grad_conv_bwd)
 
 
 def flax_conv_fn(impl: str):

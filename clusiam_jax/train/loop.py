@@ -20,6 +20,7 @@ from clusiam_jax import parallel, run_dir
 from clusiam_jax.checkpoint import Checkpointer, abstract_like
 from clusiam_jax.config import validate
 from clusiam_jax.models import METHOD_SPECS, build_network
+from clusiam_jax.models.conv import compiler_options as conv_compiler_options
 from clusiam_jax.train.logging_utils import MetricWriter, collapse_warnings
 from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
 from clusiam_jax.train.state import create_train_state
@@ -111,11 +112,15 @@ def init_state(network, tx, config, mesh):
     return init()
 
 
-def compile_train_step(step, mesh):
-    """jit over the mesh: state replicated (and donated), batch split along `data`."""
+def compile_train_step(step, mesh, compiler_options=None):
+    """jit over the mesh: state replicated (and donated), batch split along `data`.
+
+    compiler_options: models.conv.compiler_options(conv_impl) of the step's network.
+    """
     replicated = parallel.replicated(mesh)
     return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+                   out_shardings=(replicated, replicated), donate_argnums=0,
+                   compiler_options=compiler_options)
 
 
 def _restore_other_run(path, abstract_state):
@@ -189,7 +194,8 @@ def train(config, workdir: str, loader=None, mesh=None):
                  latest % steps_per_epoch)
 
     step_fn = compile_train_step(make_train_step(network, tx, config, loader.mean, loader.std,
-                                                 lr_schedule, ema_schedule), mesh)
+                                                 lr_schedule, ema_schedule), mesh,
+                                 conv_compiler_options(network.conv_impl))
 
     iterator = loader.iterator()
     if data_state is not None:
