@@ -128,8 +128,11 @@ def im2col_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], 
     if _tiny_map(x, w, strides, padding) or w.shape[:2] == (1, 1):
         return _matmul_grad_conv(x, w, strides, padding)
     # With compiler_options, XLA's own kernels are the fastest here in every direction
-    # (filter gradient included: 180 vs 355 ms per-tap matmuls for layer1's 3x3).
-    return _xla_conv(x, w, strides, padding)
+    # (filter gradient included: 180 vs 355 ms per-tap matmuls for layer1's 3x3). The
+    # barrier keeps XLA from fusing the input's producers (BN, residual add, ReLU) into
+    # the batch<->channel transpose its filter gradient makes of it, which recomputed
+    # that chain per use (~20% of the 64 px step); the input is materialized anyway.
+    return _xla_conv(lax.optimization_barrier(x), w, strides, padding)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
