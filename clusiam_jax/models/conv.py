@@ -3,10 +3,10 @@
 Measured on this project's 2-core x86 CPU (jaxlib 0.10.2; the probe is
 bench/conv_kernels.py), XLA:CPU has three slow paths that dominate a ResNet training step:
 
-* by default it runs convolutions through YNNPACK, whose kernels took 1.5-2.5x longer
-  than XLA's own (Eigen) ones here, forward and backward (layer1's 3x3 at batch 32:
-  forward 93 vs 37 ms); `compiler_options` turns YNNPACK off for convolutions only
-  (its dots and reductions stay);
+* by default it runs convolutions through YNNPACK, whose forward kernels took 1.3-3x
+  longer than XLA's own (Eigen) ones here (layer1's 3x3 at batch 32: 74 vs 36 ms;
+  bench/results/conv_kernels_cpu_2core_2026-11-27.jsonl); `compiler_options` turns
+  YNNPACK off for convolutions only (its dots and reductions stay);
 * a convolution whose input or output map is smaller than its kernel (2 x 2 maps in
   layer4 at 64 px input) takes 10-100x longer than the same work as a matrix product
   (DESIGN.md), forward and backward;
@@ -127,11 +127,11 @@ def im2col_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], 
     """NHWC x HWIO convolution whose slow XLA:CPU parts are matrix products."""
     if _tiny_map(x, w, strides, padding) or w.shape[:2] == (1, 1):
         return _matmul_grad_conv(x, w, strides, padding)
-    # With compiler_options, XLA's own kernels are the fastest here in every direction
-    # (filter gradient included: 180 vs 355 ms per-tap matmuls for layer1's 3x3). The
+    # With compiler_options, XLA's own kernels beat per-tap matmuls here in every
+    # direction, the filter gradient included (measured with a probe, not committed). The
     # barrier keeps XLA from fusing the input's producers (BN, residual add, ReLU) into
     # the batch<->channel transpose its filter gradient makes of it, which recomputed
-    # that chain per use (~20% of the 64 px step); the input is materialized anyway.
+    # that chain per use (seen in a jax.profiler trace); the input is materialized anyway.
     return _xla_conv(lax.optimization_barrier(x), w, strides, padding)
 
 
