@@ -10,8 +10,8 @@ from jax import lax
 
 from clusiam_jax.config import ConfigError, validate
 from clusiam_jax.models import build_network
-from clusiam_jax.models.conv import (compiler_options, flax_conv_fn, im2col_conv, max_pool,
-                                     resolve_conv_impl)
+from clusiam_jax.models.conv import (compiler_options, flax_conv_fn, fusion_barrier,
+                                     im2col_conv, max_pool, resolve_conv_impl)
 from tiny import tiny_config
 
 # (map size, input channels, output channels, kernel, stride, padding), as in ResNet:
@@ -22,6 +22,7 @@ SHAPES = [
     (8, 16, 24, 1, 2, 0),   # the 1x1 strided downsample
     (2, 16, 16, 3, 1, 1),   # a map smaller than the kernel (layer4 at 64 px input)
     (4, 16, 16, 3, 2, 1),   # an output map smaller than the kernel (4x4 -> 2x2)
+    (2, 16, 16, 3, 2, 1),   # a strided kernel on a tiny map (2x2 -> 1x1)
     (1, 16, 16, 3, 1, 1),   # 1x1 map, the extreme case
 ]
 
@@ -100,6 +101,41 @@ def test_cpu_compiler_options_take_convolutions_off_ynnpack():
     # If this jaxlib no longer uses YNNPACK for convolutions, the option is obsolete.
     assert ynn_convolutions(default) > 0
     assert ynn_convolutions(tuned) == 0 and ' convolution(' in tuned
+
+
+def fusions_recomputing_relu_into_transpose(compiled_text):
+    """Fused computations of the compiled HLO that both apply a ReLU and transpose."""
+    blocks = re.split(r'\n(?=\S)', compiled_text)
+    return [b.split(' ', 1)[0] for b in blocks if b.lstrip('%').startswith('fused')
+            and ' maximum(' in b and ' transpose(' in b]
+
+
+def test_fusion_barrier_keeps_producers_out_of_the_filter_gradient_transpose():
+    """BN-like scale + ReLU feeding a convolution: without the barrier XLA:CPU fuses them
+    into the transpose of the filter gradient (recomputed there); with it, it cannot."""
+    x, w = random_pair(8, 32, 32, 3)
+    x = jnp.tile(x, (8, 1, 1, 1))
+    scale = jnp.linspace(0.5, 1.5, 32)
+
+    def compiled(conv):
+        loss = lambda a, s, b: jnp.sum(conv(jax.nn.relu(a * s), b) ** 2)
+        return jax.jit(jax.grad(loss, (0, 1, 2)), compiler_options=compiler_options(
+            'im2col')).lower(x, scale, w).compile().as_text()
+
+    plain = compiled(lambda a, b: xla_conv(a, b, 1, 1))
+    ours = compiled(lambda a, b: im2col_conv(a, b, (1, 1), ((1, 1), (1, 1))))
+    # If XLA stops fusing here the barrier is no longer needed: this test says so.
+    assert fusions_recomputing_relu_into_transpose(plain)
+    assert not fusions_recomputing_relu_into_transpose(ours)
+    assert ' conditional(' in ours
+
+
+def test_fusion_barrier_is_the_identity_with_an_identity_gradient():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 4)), jnp.float32)
+    for value in (x, x.at[0, 0, 0, 0].set(jnp.nan)):   # the NaN takes the other branch
+        np.testing.assert_array_equal(jax.jit(fusion_barrier)(value), value)
+    g = jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape)
+    np.testing.assert_array_equal(jax.grad(lambda a: jnp.sum(fusion_barrier(a) * g))(x), g)
 
 
 def test_whole_network_matches_xla():

@@ -1,22 +1,24 @@
 """2-D convolution for the ResNet: XLA's, or XLA's tuned for XLA:CPU.
 
 Measured on this project's 2-core x86 CPU (jaxlib 0.10.2; the probe is
-bench/conv_kernels.py), XLA:CPU has three slow paths that dominate a ResNet training step:
+bench/conv_kernels.py), XLA:CPU has slow paths that dominate a ResNet training step:
 
 * by default it runs convolutions through YNNPACK, whose forward kernels took 1.3-3x
   longer than XLA's own (Eigen) ones here (layer1's 3x3 at batch 32: 74 vs 36 ms;
   bench/results/conv_kernels_cpu_2core_2026-11-27.jsonl); `compiler_options` turns
   YNNPACK off for convolutions only (its dots and reductions stay);
 * a convolution whose input or output map is smaller than its kernel (2 x 2 maps in
-  layer4 at 64 px input) takes 10-100x longer than the same work as a matrix product
+  layer4 at 64 px input) takes 10-100x longer than the same work as matrix products
   (DESIGN.md), forward and backward;
 * the filter gradient of the 1x1 strided downsample is about twice as slow as one
-  matrix product.
+  matrix product;
+* XLA fuses a convolution input's producers (BatchNorm, residual add, ReLU) into the
+  transpose its filter gradient makes of that input, recomputing them there.
 
-`conv_impl='im2col'` keeps XLA's convolutions (without YNNPACK) where they are fast and
-computes the rest as matrix products over explicit patches ("im2col"): for maps smaller
-than the kernel, the forward, input and filter gradients; for 1x1 kernels, the filter
-gradient. The maths is the same convolution, only the summation order differs. The
+`conv_impl='im2col'` keeps XLA's convolutions (without YNNPACK) where they are fast, behind
+a `fusion_barrier`, and computes the rest as matrix products: maps smaller than the kernel
+as one product per kernel tap over the real (unpadded) input, 1x1 kernels' filter gradient
+as one product. The maths is the same convolution, only the summation order differs. The
 ResNet's max-pool gets the same treatment (`max_pool`): its gradient as strided window
 selects instead of JAX's index-map reduce-window.
 On GPU/TPU the vendor convolutions are fast in both directions, so `auto` picks XLA's
@@ -34,8 +36,6 @@ CONV_IMPLS = ('auto', 'xla', 'im2col')
 # set is these two plus it (same compiled dots and reductions as with the default).
 _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
-# Below this many input channels the filter gradient uses one patch-column product.
-_MIN_CHANNELS_PER_TAP = 16
 # flax.linen.Conv lays out NHWC inputs and HWIO kernels as these (lhs, rhs, out) specs.
 _NHWC_SPECS = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
@@ -81,33 +81,95 @@ def _tap_windows(x, kernel_hw, strides, padding, pad_value=0.0):
             for i in range(kh) for j in range(kw)]
 
 
-def _im2col_conv(x, w, strides, padding):
-    """The convolution as one matrix product over all kh * kw * C patch columns."""
-    kh, kw, cin, cout = w.shape
-    patches = jnp.concatenate(_tap_windows(x, (kh, kw), strides, padding), axis=-1)
-    return jnp.einsum('nhwk,ko->nhwo', patches, w.reshape(kh * kw * cin, cout),
-                      preferred_element_type=jnp.float32).astype(x.dtype)
+def _valid_range(size, out_size, tap, stride, pad_before):
+    """(first output index, count) whose input index o * stride + tap - pad_before is in
+    [0, size): the outputs this kernel tap sees real input for, along one axis."""
+    first = max(0, -(-(pad_before - tap) // stride))
+    last = min(out_size - 1, (size - 1 + pad_before - tap) // stride)
+    return first, last - first + 1
 
 
-def _filter_grad(x, g, kernel_shape, strides, padding):
-    """d(loss)/d(kernel): for each kernel tap, g^T @ (the input window it sees).
+def _valid_taps(x_shape, w_shape, strides, padding):
+    """Per kernel tap that meets real input: (i, j, input window, output rectangle).
 
-    One [M, Cout]^T @ [M, C] product per tap (M = N * Ho * Wo). Concatenating the
-    windows into patch columns first measured 2-3x slower: XLA:CPU's concatenate of
-    strided windows is memory-bound.
+    The input window is (top, left, rows, cols) with the convolution's stride; the output
+    rectangle is (first row, rows, first col, cols). Taps that only meet padding are left
+    out: they add nothing to the output and get a zero filter gradient.
     """
-    kh, kw, cin, cout = kernel_shape
-    g2 = g.reshape(-1, cout)
-    windows = _tap_windows(x, (kh, kw), strides, padding)
-    if cin < _MIN_CHANNELS_PER_TAP:
-        # Few input channels (the RGB stem): per-tap products would be [Cout, 3] each;
-        # one product over all kh * kw * C columns keeps the matmul efficient.
-        patches = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * cin)
-        return jnp.matmul(patches.T, g2, preferred_element_type=jnp.float32).reshape(
-            kernel_shape)
-    taps = [jnp.matmul(g2.T, window.reshape(-1, cin), preferred_element_type=jnp.float32)
-            for window in windows]
-    return jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
+    kh, kw = w_shape[:2]
+    ho = _output_size(x_shape[1], kh, strides[0], padding[0])
+    wo = _output_size(x_shape[2], kw, strides[1], padding[1])
+    taps = []
+    for i in range(kh):
+        h0, hn = _valid_range(x_shape[1], ho, i, strides[0], padding[0][0])
+        for j in range(kw):
+            w0, wn = _valid_range(x_shape[2], wo, j, strides[1], padding[1][0])
+            if hn > 0 and wn > 0:
+                top = h0 * strides[0] + i - padding[0][0]
+                left = w0 * strides[1] + j - padding[1][0]
+                taps.append((i, j, (top, left, hn, wn), (h0, hn, w0, wn)))
+    return taps, (ho, wo)
+
+
+def _strided_window(x, window, strides):
+    top, left, rows, cols = window
+    return x[:, top:top + strides[0] * (rows - 1) + 1:strides[0],
+             left:left + strides[1] * (cols - 1) + 1:strides[1], :]
+
+
+def _place(product, at, size, stride):
+    """Zero-pad a [N, rows, cols, C] product into a [N, *size, C] map at `at`, spaced by
+    `stride` (the transpose of `_strided_window`, or of a rectangle slice for stride 1)."""
+    (top, left), (rows, cols) = at, product.shape[1:3]
+    config = [(0, 0, 0),
+              (top, size[0] - top - stride[0] * (rows - 1) - 1, stride[0] - 1),
+              (left, size[1] - left - stride[1] * (cols - 1) - 1, stride[1] - 1),
+              (0, 0, 0)]
+    return lax.pad(product, jnp.zeros((), product.dtype), config)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _valid_tap_conv(x, w, strides, padding):
+    """The convolution as one matrix product per kernel tap, over real input only.
+
+    For maps smaller than the kernel most (tap, output) pairs read padding: on a 2 x 2 map
+    a 3x3 kernel meets real input in 16 of its 36 pairs. Patch columns ("im2col") multiply
+    the padding zeros too; here each tap multiplies only the output rectangle whose inputs
+    are real, then pads its product back in place. The gradients are the same per-tap
+    products, hand-written so the filter gradient is one stack of the taps (autodiff
+    summed kh * kw zero-padded copies of the whole kernel: ~60 ms of a 64 px step).
+    """
+    taps, out_size = _valid_taps(x.shape, w.shape, strides, padding)
+    out = jnp.zeros((x.shape[0], *out_size, w.shape[-1]), jnp.float32)
+    for i, j, window, (h0, _, w0, _) in taps:
+        product = jnp.matmul(_strided_window(x, window, strides), w[i, j],
+                             preferred_element_type=jnp.float32)
+        out = out + _place(product, (h0, w0), out_size, (1, 1))
+    return out.astype(x.dtype)
+
+
+def _valid_tap_conv_fwd(x, w, strides, padding):
+    return _valid_tap_conv(x, w, strides, padding), (x, w)
+
+
+def _valid_tap_conv_bwd(strides, padding, residuals, g):
+    x, w = residuals
+    taps, _ = _valid_taps(x.shape, w.shape, strides, padding)
+    dx = jnp.zeros(x.shape, jnp.float32)
+    dw = [[None] * w.shape[1] for _ in range(w.shape[0])]
+    for i, j, window, (h0, hn, w0, wn) in taps:
+        g_tap = g[:, h0:h0 + hn, w0:w0 + wn, :]
+        dx_tap = jnp.einsum('nhwo,co->nhwc', g_tap, w[i, j],
+                            preferred_element_type=jnp.float32)
+        dx = dx + _place(dx_tap, window[:2], x.shape[1:3], strides)
+        dw[i][j] = jnp.einsum('nhwc,nhwo->co', _strided_window(x, window, strides), g_tap,
+                              preferred_element_type=jnp.float32)
+    zero = jnp.zeros(w.shape[2:], jnp.float32)
+    dw = jnp.stack([jnp.stack([t if t is not None else zero for t in row]) for row in dw])
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_valid_tap_conv.defvjp(_valid_tap_conv_fwd, _valid_tap_conv_bwd)
 
 
 def _tiny_map(x, w, strides, padding) -> bool:
@@ -125,39 +187,66 @@ def _tiny_map(x, w, strides, padding) -> bool:
 
 def im2col_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
     """NHWC x HWIO convolution whose slow XLA:CPU parts are matrix products."""
-    if _tiny_map(x, w, strides, padding) or w.shape[:2] == (1, 1):
-        return _matmul_grad_conv(x, w, strides, padding)
+    if _tiny_map(x, w, strides, padding):
+        return _valid_tap_conv(x, w, strides, padding)
+    if w.shape[:2] == (1, 1):
+        return _pointwise_conv(x, w, strides, padding)
     # With compiler_options, XLA's own kernels beat per-tap matmuls here in every
-    # direction, the filter gradient included (measured with a probe, not committed). The
-    # barrier keeps XLA from fusing the input's producers (BN, residual add, ReLU) into
-    # the batch<->channel transpose its filter gradient makes of it, which recomputed
-    # that chain per use (seen in a jax.profiler trace); the input is materialized anyway.
-    return _xla_conv(lax.optimization_barrier(x), w, strides, padding)
+    # direction, the filter gradient included (measured with a probe, not committed).
+    return _xla_conv(fusion_barrier(x), w, strides, padding)
+
+
+@jax.custom_vjp
+def fusion_barrier(x):
+    """x, materialized: XLA cannot fuse x's producers into x's consumers.
+
+    XLA's filter gradient of a convolution reads its input transposed (batch <-> channel);
+    XLA:CPU fuses the input's producers (BatchNorm, residual add, ReLU) into that
+    transpose, recomputing them in a cache-hostile order: in a 64 px step profile these
+    fusions took ~200 ms of ~1 s, against ~80 ms as plain transposes of the stored input.
+    `lax.optimization_barrier` does not help: XLA:CPU removes it before fusion. An
+    identity `lax.cond` on a runtime predicate does, as XLA never fuses across a
+    conditional. The cotangent passes straight through (a conditional there measured
+    slower).
+    """
+    return _identity_conditional(x)
+
+
+def _identity_conditional(x):
+    # True unless x[0, 0, 0, 0] is NaN; both branches return x, so the value is x anyway.
+    first = x[(0,) * x.ndim]
+    return lax.cond(first == first, lambda v: v, lambda v: v * 1, x)
+
+
+fusion_barrier.defvjp(lambda x: (_identity_conditional(x), None), lambda _, g: (g,))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul_grad_conv(x, w, strides, padding):
-    """Convolution with the filter gradient as matmuls; maps smaller than the kernel are
-    matmuls in every direction."""
-    return (_im2col_conv if _tiny_map(x, w, strides, padding) else _xla_conv)(x, w, strides, padding)
+def _pointwise_conv(x, w, strides, padding):
+    """A 1x1 convolution whose filter gradient is one matrix product.
+
+    XLA's filter-gradient convolution for the strided 1x1 downsample measured about twice
+    as slow as (strided input window)^T @ (output gradient).
+    """
+    return _xla_conv(x, w, strides, padding)
 
 
-def _matmul_grad_conv_fwd(x, w, strides, padding):
-    return _matmul_grad_conv(x, w, strides, padding), (x, w)
+def _pointwise_conv_fwd(x, w, strides, padding):
+    return _pointwise_conv(x, w, strides, padding), (x, w)
 
 
-def _matmul_grad_conv_bwd(strides, padding, residuals, g):
+def _pointwise_conv_bwd(strides, padding, residuals, g):
     x, w = residuals
-    forward = _im2col_conv if _tiny_map(x, w, strides, padding) else _xla_conv
-    # The convolution is linear in x: its transpose is XLA's input-gradient convolution,
-    # or the matmul's transpose for tiny maps.
-    _, input_vjp = jax.vjp(lambda x_: forward(x_, w, strides, padding), x)
+    # Linear in x: the input gradient is XLA's transposed convolution.
+    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
     (dx,) = input_vjp(g)
-    dw = _filter_grad(x, g, w.shape, strides, padding).astype(w.dtype)
-    return dx, dw
+    (window,) = _tap_windows(x, (1, 1), strides, padding)
+    dw = jnp.matmul(window.reshape(-1, x.shape[-1]).T, g.reshape(-1, w.shape[-1]),
+                    preferred_element_type=jnp.float32)
+    return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
-_matmul_grad_conv.defvjp(_matmul_grad_conv_fwd, _matmul_grad_conv_bwd)
+_pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
 
 
 def flax_conv_fn(impl: str):
