@@ -241,8 +241,10 @@ def _pointwise_conv_bwd(strides, padding, residuals, g):
     _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
     (dx,) = input_vjp(g)
     (window,) = _tap_windows(x, (1, 1), strides, padding)
-    dw = jnp.matmul(window.reshape(-1, x.shape[-1]).T, g.reshape(-1, w.shape[-1]),
-                    preferred_element_type=jnp.float32)
+    # g^T @ window, then transposed: measured a few % faster per step than window^T @ g
+    # at both 224 and 64 px (in-process A/B, throwaway script).
+    dw = jnp.matmul(g.reshape(-1, w.shape[-1]).T, window.reshape(-1, x.shape[-1]),
+                    preferred_element_type=jnp.float32).T
     return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
