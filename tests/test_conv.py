@@ -16,7 +16,7 @@ from tiny import tiny_config
 
 # (map size, input channels, output channels, kernel, stride, padding), as in ResNet:
 SHAPES = [
-    (20, 3, 8, 7, 2, 3),    # the RGB stem (few input channels: one patch-column product)
+    (20, 3, 8, 7, 2, 3),    # the RGB stem (few input channels)
     (9, 16, 16, 3, 1, 1),   # a 3x3 block convolution
     (9, 16, 24, 3, 2, 1),   # the strided 3x3 of a stage's first block
     (8, 16, 24, 1, 2, 0),   # the 1x1 strided downsample
