@@ -12,7 +12,7 @@ import numpy as np
 from clusiam_jax import parallel
 from clusiam_jax.config import validate
 from clusiam_jax.models import build_network
-from clusiam_jax.models.conv import CONV_IMPLS, compiler_options
+from clusiam_jax.models.conv import CONV_IMPLS
 from clusiam_jax.train.loop import compile_train_step, init_state
 from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
 from clusiam_jax.train.step import make_train_step
@@ -55,7 +55,7 @@ def build_step(config, mesh, steps_per_epoch, mean=MEAN, std=STD):
     tx, lr = make_optimizer(config, steps_per_epoch)
     ema = ema_momentum(config, steps_per_epoch * config.train.num_epochs)
     step = compile_train_step(make_train_step(network, tx, config, mean, std, lr, ema), mesh,
-                              compiler_options(network.conv_impl))
+                              network.conv_impl)
     return step, init_state(network, tx, config, mesh)
 
 

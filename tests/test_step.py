@@ -116,8 +116,8 @@ def test_one_device_equals_eight_devices(method):
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:8]):
         mesh = parallel.make_mesh(devices)
-        c, _, state, step = build(method, mesh)
-        step = compile_train_step(step, mesh)
+        c, network, state, step = build(method, mesh)
+        step = compile_train_step(step, mesh, network.conv_impl)
         losses = []
         for batch in batches(c, 3):
             state, metrics = step(state, batch)

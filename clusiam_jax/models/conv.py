@@ -70,15 +70,21 @@ def _output_size(size, kernel, stride, pad):
     return (size + pad[0] + pad[1] - kernel) // stride + 1
 
 
+def _strided_window(x, window, strides):
+    """x[:, top::sh, left::sw, :] cut to (rows, cols): window = (top, left, rows, cols)."""
+    top, left, rows, cols = window
+    return x[:, top:top + strides[0] * (rows - 1) + 1:strides[0],
+             left:left + strides[1] * (cols - 1) + 1:strides[1], :]
+
+
 def _tap_windows(x, kernel_hw, strides, padding, pad_value=0.0):
     """For each kernel tap (i, j), row-major: the [N, Ho, Wo, C] input window it sees."""
-    (kh, kw), (sh, sw) = kernel_hw, strides
-    ho = _output_size(x.shape[1], kh, sh, padding[0])
-    wo = _output_size(x.shape[2], kw, sw, padding[1])
+    ho = _output_size(x.shape[1], kernel_hw[0], strides[0], padding[0])
+    wo = _output_size(x.shape[2], kernel_hw[1], strides[1], padding[1])
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)),
                 constant_values=pad_value)
-    return [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-            for i in range(kh) for j in range(kw)]
+    return [_strided_window(x, (i, j, ho, wo), strides)
+            for i in range(kernel_hw[0]) for j in range(kernel_hw[1])]
 
 
 def _valid_range(size, out_size, tap, stride, pad_before):
@@ -109,12 +115,6 @@ def _valid_taps(x_shape, w_shape, strides, padding):
                 left = w0 * strides[1] + j - padding[1][0]
                 taps.append((i, j, (top, left, hn, wn), (h0, hn, w0, wn)))
     return taps, (ho, wo)
-
-
-def _strided_window(x, window, strides):
-    top, left, rows, cols = window
-    return x[:, top:top + strides[0] * (rows - 1) + 1:strides[0],
-             left:left + strides[1] * (cols - 1) + 1:strides[1], :]
 
 
 def _place(product, at, size, stride):
@@ -156,17 +156,18 @@ def _valid_tap_conv_bwd(strides, padding, residuals, g):
     x, w = residuals
     taps, _ = _valid_taps(x.shape, w.shape, strides, padding)
     dx = jnp.zeros(x.shape, jnp.float32)
-    dw = [[None] * w.shape[1] for _ in range(w.shape[0])]
+    tap_grads = {}
     for i, j, window, (h0, hn, w0, wn) in taps:
         g_tap = g[:, h0:h0 + hn, w0:w0 + wn, :]
         dx_tap = jnp.einsum('nhwo,co->nhwc', g_tap, w[i, j],
                             preferred_element_type=jnp.float32)
         dx = dx + _place(dx_tap, window[:2], x.shape[1:3], strides)
-        dw[i][j] = jnp.einsum('nhwc,nhwo->co', _strided_window(x, window, strides), g_tap,
-                              preferred_element_type=jnp.float32)
-    zero = jnp.zeros(w.shape[2:], jnp.float32)
-    dw = jnp.stack([jnp.stack([t if t is not None else zero for t in row]) for row in dw])
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+        tap_grads[i, j] = jnp.einsum('nhwc,nhwo->co', _strided_window(x, window, strides),
+                                     g_tap, preferred_element_type=jnp.float32)
+    zero = jnp.zeros(w.shape[2:], jnp.float32)   # taps that only meet padding
+    dw = jnp.stack([tap_grads.get((i, j), zero)
+                    for i in range(w.shape[0]) for j in range(w.shape[1])])
+    return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
 _valid_tap_conv.defvjp(_valid_tap_conv_fwd, _valid_tap_conv_bwd)

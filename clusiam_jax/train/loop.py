@@ -20,7 +20,7 @@ from clusiam_jax import parallel, run_dir
 from clusiam_jax.checkpoint import Checkpointer, abstract_like
 from clusiam_jax.config import validate
 from clusiam_jax.models import METHOD_SPECS, build_network
-from clusiam_jax.models.conv import compiler_options as conv_compiler_options
+from clusiam_jax.models.conv import compiler_options
 from clusiam_jax.train.logging_utils import MetricWriter, collapse_warnings
 from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
 from clusiam_jax.train.state import create_train_state
@@ -112,15 +112,13 @@ def init_state(network, tx, config, mesh):
     return init()
 
 
-def compile_train_step(step, mesh, compiler_options=None):
-    """jit over the mesh: state replicated (and donated), batch split along `data`.
-
-    compiler_options: models.conv.compiler_options(conv_impl) of the step's network.
-    """
+def compile_train_step(step, mesh, conv_impl: str):
+    """jit over the mesh: state replicated (and donated), batch split along `data`,
+    compiled with the options the network's conv_impl needs (models.conv)."""
     replicated = parallel.replicated(mesh)
     return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=0,
-                   compiler_options=compiler_options)
+                   compiler_options=compiler_options(conv_impl))
 
 
 def _restore_other_run(path, abstract_state):
@@ -195,7 +193,7 @@ def train(config, workdir: str, loader=None, mesh=None):
 
     step_fn = compile_train_step(make_train_step(network, tx, config, loader.mean, loader.std,
                                                  lr_schedule, ema_schedule), mesh,
-                                 conv_compiler_options(network.conv_impl))
+                                 network.conv_impl)
 
     iterator = loader.iterator()
     if data_state is not None:
