@@ -137,7 +137,7 @@ def _valid_tap_conv(x, w, strides, padding):
     the padding zeros too; here each tap multiplies only the output rectangle whose inputs
     are real, then pads its product back in place. The gradients are the same per-tap
     products, hand-written so the filter gradient is one stack of the taps (autodiff
-    summed kh * kw zero-padded copies of the whole kernel: ~60 ms of a 64 px step).
+    summed kh * kw zero-padded copies of the whole kernel, a slow fusion in the profile).
     """
     taps, out_size = _valid_taps(x.shape, w.shape, strides, padding)
     out = jnp.zeros((x.shape[0], *out_size, w.shape[-1]), jnp.float32)
@@ -203,8 +203,8 @@ def fusion_barrier(x):
 
     XLA's filter gradient of a convolution reads its input transposed (batch <-> channel);
     XLA:CPU fuses the input's producers (BatchNorm, residual add, ReLU) into that
-    transpose, recomputing them in a cache-hostile order: in a 64 px step profile these
-    fusions took ~200 ms of ~1 s, against ~80 ms as plain transposes of the stored input.
+    transpose, recomputing them in a cache-hostile order (64 px step, with the tiny-map
+    change: transpose fusions 179 -> 62 ms; `bench/profile_step.py`, README).
     `lax.optimization_barrier` does not help: XLA:CPU removes it before fusion. An
     identity `lax.cond` on a runtime predicate does, as XLA never fuses across a
     conditional. The cotangent passes straight through (a conditional there measured
@@ -242,8 +242,8 @@ def _pointwise_conv_bwd(strides, padding, residuals, g):
     _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
     (dx,) = input_vjp(g)
     (window,) = _tap_windows(x, (1, 1), strides, padding)
-    # g^T @ window, then transposed: measured a few % faster per step than window^T @ g
-    # at both 224 and 64 px (in-process A/B, throwaway script).
+    # g^T @ window, then transposed: a throwaway in-process A/B found it a little faster
+    # per step than window^T @ g at 224 and 64 px.
     dw = jnp.matmul(g.reshape(-1, w.shape[-1]).T, window.reshape(-1, x.shape[-1]),
                     preferred_element_type=jnp.float32).T
     return dx, dw.reshape(w.shape).astype(w.dtype)
