@@ -17,7 +17,8 @@ Presets (what issue 7's targets are measured at):
        e2e: pipeline + step at 64 px batch 64.
   gpu  train: both methods at 224 px batch 512 then 256, float32 against the original in
        float32, bfloat16 against the original with bf16 autocast and channels_last;
-       e2e: 224 px batch 512 bfloat16 with CPU and with on-device augmentation.
+       e2e: 224 px batch 512 bfloat16 with on-device augmentation;
+       variants: float32 at batch 512 also with XLA's convolutions forced to NHWC.
 The most important settings run first, so a run cut short still answers the targets.
 The original's code is never copied here: its harness extracts it from the repository
 given (e.g. one brought by `git clone https://github.com/wwyi1828/CluSiam`).
@@ -35,15 +36,20 @@ METHODS = ('clusiam', 'clubyol')
 PRESETS = {
     'cpu': dict(train=[(size, batch) for size, batch in ((224, 32), (64, 64))],
                 dtypes=['float32'], steps=5, warmup=2, sync_every=1, threads=2,
-                torch_device='cpu',
+                torch_device='cpu', variants=[],
                 data_workers=[0, 1, 2], e2e=dict(size=64, batch=64, workers=1, steps=10,
                                                  dtype='float32', patches=512,
                                                  on_device=[False])),
     'gpu': dict(train=[(224, 512), (224, 256)], dtypes=['float32', 'bfloat16'], steps=20,
                 # the loop syncs only at log steps; the original syncs every step (.item())
                 warmup=3, sync_every=10, threads=4, torch_device='cuda', data_workers=[],
+                # XLA picks NCHW for float32 convolutions on NVIDIA GPUs, NHWC for bf16;
+                # the original's float32 runs NCHW with TF32 (float32 target: 2x)
+                variants=['xla_gpu_force_conv_nhwc=true'],
                 e2e=dict(size=224, batch=512, workers=14, steps=30, dtype='bfloat16',
-                         patches=2048, on_device=[False, True])),
+                         # with CPU augmentation 14 workers starve an H200 (0.29 of the
+                         # step, measured 2026-11-27): the check times the on-device path
+                         patches=2048, on_device=[True])),
 }
 
 
@@ -70,25 +76,37 @@ class Suite:
         self.emit(record)
         return record
 
-    def compare(self, label, ours_cmd, theirs_cmd, ours_key, theirs_key, repeats):
-        """Alternate ours and theirs (who goes first alternates too); emit the ratio."""
-        ours, theirs = [], []
+    def compare(self, label, ours_cmd, theirs_cmd, ours_key, theirs_key, repeats,
+                variants=()):
+        """Alternate ours and theirs (who goes first alternates too); emit the ratio.
+
+        variants: (name, cmd) pairs, other builds of ours run in the same alternation,
+        each with its own ratio line against the same original runs.
+        """
+        runs = [(ours_cmd, ours_key, label)] + [(cmd, ours_key, f'{label} [{name}]')
+                                                 for name, cmd in variants]
+        results = {run_label: [] for _, _, run_label in runs}
+        theirs = []
         for i in range(repeats):
-            pair = [(ours_cmd, ours, ours_key), (theirs_cmd, theirs, theirs_key)]
-            for cmd, results, key in (pair if i % 2 == 0 else pair[::-1]):
+            order = [(cmd, results[run_label], key) for cmd, key, run_label in runs]
+            order.append((theirs_cmd, theirs, theirs_key))
+            for cmd, got, key in (order if i % 2 == 0 else order[::-1]):
                 if cmd is None:
                     continue
                 record = self.run_json(cmd)
                 if record is not None:
-                    results.append(record[key])
-        if ours and theirs:
-            ratio = statistics.median(ours) / statistics.median(theirs)
-            self.emit(dict(bench='ratio', setting=label, metric='pairs_per_s',
-                           ours=statistics.median(ours), original=statistics.median(theirs),
-                           ratio=round(ratio, 3)))
+                    got.append(record[key])
+        for run_label, ours in results.items():
+            if ours and theirs:
+                ratio = statistics.median(ours) / statistics.median(theirs)
+                self.emit(dict(bench='ratio', setting=run_label, metric='pairs_per_s',
+                               ours=statistics.median(ours), original=statistics.median(theirs),
+                               ratio=round(ratio, 3)))
 
 
-def train_part(suite, preset, theirs, args, settings):
+def train_part(suite, preset, theirs, args, settings, variants=()):
+    """variants: XLA options ('key=value') to also try on ours in float32 (train_step.py
+    --xla-option), one extra run each, beside the default build."""
     py = sys.executable
     for size, batch in settings:
         for dtype in args.dtypes or preset['dtypes']:
@@ -104,10 +122,12 @@ def train_part(suite, preset, theirs, args, settings):
                     fast = ['--amp', '--channels-last'] if dtype == 'bfloat16' else []
                     original = theirs + ['--bench', 'train', '--threads', str(preset['threads']),
                                          '--device', preset['torch_device']] + fast + common
+                tries = [(option, ours + ['--xla-option', option])
+                         for option in (variants if dtype == 'float32' else ())]
                 suite.compare(f'train {model} {size}px batch {batch} {dtype}'
                               + (' vs original amp+channels_last' if dtype == 'bfloat16' else ''),
                               ours, original, 'pairs_per_s', 'images_per_s',  # its image = our pair
-                              args.repeats)
+                              args.repeats, tries)
 
 
 def data_part(suite, preset, theirs, args):
@@ -151,6 +171,9 @@ def main():
     parser.add_argument('--steps', type=int, help="override the preset's timed steps")
     parser.add_argument('--repeats', type=int, default=None,
                         help='interleaved repeats per setting (default: 2 cpu, 1 gpu)')
+    parser.add_argument('--xla-variant', action='append', metavar='KEY=VALUE',
+                        help="an XLA option to also try on ours at the first train setting in "
+                             "float32 (repeatable; default: the preset's variants)")
     parser.add_argument('--out', help='also append every JSON line to this file')
     args = parser.parse_args()
     preset = dict(PRESETS[args.preset])
@@ -171,7 +194,8 @@ def main():
                                            'no ratios'))
     first, rest = preset['train'][:1], preset['train'][1:]
     if 'train' in args.parts:
-        train_part(suite, preset, theirs, args, first)
+        variants = preset['variants'] if args.xla_variant is None else args.xla_variant
+        train_part(suite, preset, theirs, args, first, variants)
     if 'e2e' in args.parts:
         e2e_part(suite, preset, args)
     if 'train' in args.parts:

@@ -2,6 +2,7 @@ r"""Train-step throughput of one method: compile time and pairs/s of the jitted 
 
   python bench/train_step.py --model clusiam --image-size 224 --batch-size 32 --steps 10
   python bench/train_step.py --model clubyol --image-size 64 --batch-size 64 --dtype bfloat16
+  python bench/train_step.py --batch-size 512 --xla-option xla_gpu_force_conv_nhwc=true
 
 Prints one JSON line. A pair is one image's two views. The batch is synthetic uint8 data
 already on the devices, so this measures the step alone (normalization included); see
@@ -24,6 +25,19 @@ from bench.step_setup import (add_model_args, build_step, peak_device_bytes,  # 
 from clusiam_jax import parallel  # noqa: E402
 
 
+def parse_xla_option(parser, text):
+    """'key=value' -> (key, value), value as bool or int where it reads as one."""
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        parser.error(f'--xla-option {text!r}: expected KEY=VALUE')
+    if value.lower() in ('true', 'false'):
+        return key, value.lower() == 'true'
+    try:
+        return key, int(value)
+    except ValueError:
+        return key, value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_model_args(parser)
@@ -33,7 +47,12 @@ def main():
                         help='wait for the device every N steps (the loop waits only at log '
                              'steps: on a GPU, 10 or more measures what training sees; 1 '
                              'times each step, robust to a noisy CPU host)')
+    parser.add_argument('--xla-option', action='append', default=[], metavar='KEY=VALUE',
+                        help='an XLA compiler option for this step only, on top of the ones '
+                             'the step always gets (repeatable); for trying a flag before '
+                             'making it a default')
     args = parser.parse_args()
+    xla_options = dict(parse_xla_option(parser, text) for text in args.xla_option)
 
     config = recipe_config(args)
     mesh = parallel.make_mesh()
@@ -41,7 +60,7 @@ def main():
     batch = random_device_batch(mesh, args.batch_size, args.image_size)
 
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile(compiler_options=xla_options or None)
     compile_s = time.perf_counter() - start
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
@@ -57,7 +76,7 @@ def main():
     median = float(np.median(times))
     record = dict(bench='train_step', model=args.model, backbone=args.backbone,
                   image_size=args.image_size, batch_size=args.batch_size, dtype=args.dtype,
-                  conv_impl=args.conv_impl,
+                  conv_impl=args.conv_impl, xla_options=xla_options,
                   steps=args.steps, sync_every=args.sync_every, compile_s=round(compile_s, 2),
                   step_s_median=round(median, 4), steps_per_s=round(1 / median, 3),
                   pairs_per_s=round(args.batch_size / median, 2),
