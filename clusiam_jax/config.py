@@ -53,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.distributed = False       # multi-process: jax.distributed.initialize() first
     c.train.resume_from = ''          # a new workdir starts from another run (or its checkpoints/<step>)
+    c.train.on_nonfinite = 'stop'     # stop: a NaN/Inf metric ends the run | skip: a step with
+                                      # NaN/Inf loss or gradient leaves the state unchanged
+    c.train.max_consecutive_skips = 10  # skip: stop after this many skipped steps in a row
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 0.05            # lr = base_lr * batch_size / 256
@@ -136,6 +139,12 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     if t.batch_size % num_devices:
         raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by the '
                           f'{num_devices} devices')
+    if t.on_nonfinite not in ('stop', 'skip'):
+        raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip'; "
+                          f'got {t.on_nonfinite!r}')
+    if t.max_consecutive_skips < 1:
+        raise ConfigError(f'train.max_consecutive_skips must be positive; '
+                          f'got {t.max_consecutive_skips}')
     if config.optim.name not in ('sgd', 'lars'):
         raise ConfigError(f"optim.name must be 'sgd' or 'lars'; got {config.optim.name!r}")
     if not 0 <= config.optim.warmup_epochs < t.num_epochs:

@@ -40,6 +40,10 @@ def test_recipes_are_the_papers(tmp_path):
     (lambda c: c.model.__setattr__('name', 'simclr'), 'model.name must be one of'),
     (lambda c: c.loss.__setattr__('alpha', 1.5), 'loss.alpha must be in [0, 1]'),
     (lambda c: c.data.__setattr__('mean', (0.5, 0.5)), 'data.mean must have 3 values'),
+    (lambda c: c.train.__setattr__('on_nonfinite', 'ignore'),
+     "train.on_nonfinite must be 'stop' or 'skip'"),
+    (lambda c: c.train.__setattr__('max_consecutive_skips', 0),
+     'train.max_consecutive_skips must be positive'),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, mutate, message):
     c = with_path(clusiam.get_config(), str(tmp_path))

@@ -72,11 +72,45 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class EpochStats:
-    """Host-side means of the per-step metrics, fetched only at log steps."""
+class SkippedSteps:
+    """train.on_nonfinite='skip': the steps the train step rejected (NaN/Inf loss or
+    gradient, state left as it was), each logged and appended to
+    <workdir>/nonfinite_steps.txt; more than `max_in_a_row` in a row end the run, since
+    a run that only skips has diverged. The count in a row restarts with the process."""
 
-    def __init__(self):
+    FILE_NAME = 'nonfinite_steps.txt'
+
+    def __init__(self, workdir: str, max_in_a_row: int, write: bool):
+        self.path = os.path.join(workdir, self.FILE_NAME) if write else None
+        self.max_in_a_row, self.in_a_row = max_in_a_row, 0
+
+    def accepted(self):
+        self.in_a_row = 0
+
+    def skipped(self, step: int, metrics: dict):
+        self.in_a_row += 1
+        values = f"loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])}"
+        log.warning('step %d: %s; skipped (the state is unchanged, the batch is consumed)',
+                    step, values)
+        if self.path:
+            with open(self.path, 'a') as f:
+                f.write(f'{step} {values}\n')
+        if self.in_a_row > self.max_in_a_row:
+            raise NonFiniteError(f'{self.in_a_row} steps in a row up to step {step} had a '
+                                 f'non-finite loss or gradient (train.max_consecutive_skips='
+                                 f'{self.max_in_a_row}); the last checkpoint is untouched')
+
+
+class EpochStats:
+    """Host-side means of the per-step metrics, fetched only at log steps.
+
+    Without `skips`, a non-finite metric raises NonFiniteError; with it, the steps the
+    train step marked `skipped` go to `skips` and are left out of the means.
+    """
+
+    def __init__(self, skips: SkippedSteps = None):
         self.pending, self.sums, self.count = [], collections.defaultdict(float), 0
+        self.skips, self.skipped = skips, 0
 
     def add(self, step, metrics):
         self.pending.append((step, metrics))
@@ -84,8 +118,14 @@ class EpochStats:
     def flush(self):
         """Fetches the pending device metrics (a host sync) and returns their means."""
         fetched = jax.device_get([m for _, m in self.pending])
-        window = collections.defaultdict(float)
+        window, n, skipped = collections.defaultdict(float), 0, 0
         for (step, _), metrics in zip(self.pending, fetched):
+            if self.skips is not None:
+                if metrics.pop('skipped') > 0:
+                    skipped += 1
+                    self.skips.skipped(step, metrics)
+                    continue
+                self.skips.accepted()
             for name, value in metrics.items():
                 value = float(value)
                 if not math.isfinite(value):
@@ -93,14 +133,21 @@ class EpochStats:
                                          f'no checkpoint was written for it')
                 window[name] += value
                 self.sums[name] += value
-        n = len(self.pending)
+            n += 1
         self.count += n
+        self.skipped += skipped
         self.pending = []
-        return {k: v / n for k, v in window.items()} if n else {}
+        means = {k: v / n for k, v in window.items()} if n else {}
+        if self.skips is not None:
+            means['skipped_steps'] = skipped
+        return means
 
     def means(self):
         self.flush()
-        return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        if self.skips is not None:
+            means['skipped_steps'] = self.skipped
+        return means
 
 
 def init_state(network, tx, config, mesh):
@@ -205,10 +252,12 @@ def train(config, workdir: str, loader=None, mesh=None):
     log_every = max(1, config.train.log_every_steps)
     pairs_per_step = config.train.batch_size
     data_state = None
+    skips = (SkippedSteps(workdir, config.train.max_consecutive_skips, write=is_main)
+             if config.train.on_nonfinite == 'skip' else None)
     with _StopRequest() as stop:
         try:
             for epoch in range(step // steps_per_epoch, num_epochs):
-                stats = EpochStats()
+                stats = EpochStats(skips)
                 first = step
                 end = (epoch + 1) * steps_per_epoch
                 bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
@@ -229,7 +278,8 @@ def train(config, workdir: str, loader=None, mesh=None):
                         window = stats.flush()
                         elapsed = time.perf_counter() - start_time
                         rate = (step - first) * pairs_per_step / max(elapsed, 1e-9)
-                        bar.set_postfix(loss=f"{window['loss']:.4f}", pairs_s=f'{rate:.1f}')
+                        bar.set_postfix(loss=f"{window.get('loss', math.nan):.4f}",
+                                        pairs_s=f'{rate:.1f}')
                         writer.scalars(step, window)
                     if stop.requested(step):
                         stats.flush()  # never checkpoint a non-finite state

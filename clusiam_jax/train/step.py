@@ -77,11 +77,27 @@ def cluster_diagnostics(key, logits):
     }
 
 
+def keep_floats_unless(accept, new_state, old_state):
+    """new_state where `accept`, else old_state's floating-point leaves with new_state's
+    integer ones (train.on_nonfinite='skip').
+
+    A rejected step leaves parameters, momentum, BN statistics and the target as they
+    were, while every counter (the step, which indexes data and noise, and the optimizer's
+    schedule counts) advances, so the lr and EMA schedules stay tied to the step.
+    """
+    def pick(new, old):
+        if jnp.issubdtype(new.dtype, jnp.floating):
+            return jnp.where(accept, new, old)
+        return new
+    return jax.tree.map(pick, new_state, old_state)
+
+
 def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
     spec = METHOD_SPECS[network.method]
     target_encoder = build_target_encoder(network) if spec.has_target else None
     alpha = float(config.loss.alpha)
     input_views = make_input_views(config, mean, std, network.dtype)
+    skip_nonfinite = config.train.on_nonfinite == 'skip'
 
     def step(state, batch):
         key = jax.random.fold_in(state.rng, state.step)
@@ -140,6 +156,10 @@ def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
                                   batch_stats=aux['batch_stats'], opt_state=opt_state,
                                   target_params=target_params,
                                   target_batch_stats=target_batch_stats)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+            new_state = keep_floats_unless(finite, new_state, state)
+            metrics['skipped'] = jnp.where(finite, 0.0, 1.0)
         return new_state, metrics
 
     return step
