@@ -37,6 +37,7 @@ def main(argv):
     logging.getLogger('absl').setLevel(logging.WARNING)
     # Imported here so that `--help` and flag errors answer without loading JAX.
     from clusiam_jax.config import ConfigError, validate
+    from clusiam_jax.data.records import DataError
     config = FLAGS.config
     if config is None:
         fail('--config is required, e.g. --config configs/demo.py')
@@ -54,6 +55,8 @@ def main(argv):
         if FLAGS.mode == 'build_dataset':
             if not FLAGS.out:
                 fail('--out DATASET_DIR is required with --mode build_dataset')
+            if os.path.isfile(FLAGS.out):
+                fail(f'--out {FLAGS.out} is a file, not a folder')
             validate(config)
             from clusiam_jax import data
             path = data.build_dataset(config.data.path, FLAGS.out)
@@ -61,6 +64,8 @@ def main(argv):
             return
         if not FLAGS.workdir:
             fail('--workdir DIR is required')
+        if os.path.isfile(FLAGS.workdir):
+            fail(f'--workdir {FLAGS.workdir} is a file, not a folder')
         if FLAGS.mode == 'export':
             from clusiam_jax.export import export_run
             export_run(config, FLAGS.workdir)
@@ -70,7 +75,8 @@ def main(argv):
         if config.export.after_training:
             from clusiam_jax.export import export_run
             export_run(config, FLAGS.workdir)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError,
+            NotADirectoryError) as e:  # bad input, told in one line
         fail(str(e))
 
 

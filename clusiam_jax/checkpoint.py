@@ -11,7 +11,9 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from clusiam_jax.config import ConfigError
 
 log = logging.getLogger('clusiam_jax')
 
@@ -21,8 +23,12 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, max_to_keep: int = 3):
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+    def __init__(self, workdir: str, max_to_keep: int = 3, create: bool = True):
+        """create=False for reading another run: a missing checkpoints/ folder stays
+        missing (FileNotFoundError) instead of being made inside that run."""
+        if not create and not os.path.isdir(checkpoint_dir(workdir)):
+            raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                enable_async_checkpointing=True)
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -37,7 +43,18 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, abstract_state):
-        """Returns (state, data_state or None) placed as `abstract_state`'s shardings."""
+        """Returns (state, data_state or None) placed as `abstract_state`'s shardings.
+
+        A checkpoint of another model (its stored parameter shapes differ from
+        `abstract_state`'s: a changed num_clusters, feat_size, backbone or method) raises
+        ConfigError before anything is read.
+        """
+        difference = self._parameter_difference(step, abstract_state)
+        if difference:
+            raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds a '
+                              f'different model than this config ({difference}): use the '
+                              f'config it was trained with (the run\'s config.json) or a '
+                              f'new --workdir')
         items = {'state': ocp.args.StandardRestore(abstract_state)}
         # Each item is a sub-directory of the step's directory (asking orbax for the item
         # metadata instead warns about every item it was not given a handler for).
@@ -46,6 +63,27 @@ class Checkpointer:
             items['data'] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored['state'], (restored['data'] if has_data else None)
+
+    def _parameter_difference(self, step, abstract_state):
+        """The first parameter whose stored shape differs from abstract_state's, as
+        'params[...]: stored (10,), this config (20,)'; None when they match or when the
+        checkpoint's metadata cannot be read (then restoring says what is wrong)."""
+        try:
+            # The item handler, not a Checkpointer: that one warns about step metadata.
+            stored = ocp.StandardCheckpointHandler().metadata(
+                epath.Path(self.directory) / str(step) / 'state')['params']
+        except Exception:  # noqa: BLE001 - damaged or foreign: restore() reports it
+            return None
+
+        def shapes(tree):
+            return {jax.tree_util.keystr(path): tuple(leaf.shape)
+                    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+        have, want = shapes(stored), shapes(abstract_state.params)
+        for key in sorted(have.keys() | want.keys()):
+            if have.get(key) != want.get(key):
+                return (f'params{key}: stored {have.get(key, "absent")}, this config '
+                        f'{want.get(key, "absent")}')
+        return None
 
     def restore_latest_readable(self, abstract_state):
         """(step, state, data_state) of the newest checkpoint that restores, else Nones.
@@ -58,7 +96,9 @@ class Checkpointer:
             try:
                 state, data_state = self.restore(step, abstract_state)
                 return step, state, data_state
-            except Exception as e:  # noqa: BLE001 - any failure means: not usable
+            except ConfigError:
+                raise  # an intact checkpoint of another model: falling back cannot help
+            except Exception as e:  # noqa: BLE001 - any other failure means: not usable
                 reason = ' '.join(str(e).split())[:300]
                 log.warning('checkpoint at step %d in %s cannot be restored (%s: %s); '
                             'falling back to the previous one', step, self.directory,

@@ -157,6 +157,17 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
         value = config.data[key]
         if value is not None and len(value) != 3:
             raise ConfigError(f'data.{key} must have 3 values (R, G, B); got {value!r}')
+    if (config.data.mean is None) != (config.data.std is None):
+        raise ConfigError('set both data.mean and data.std, or neither (computed)')
+    if config.data.std is not None and min(config.data.std) <= 0:
+        raise ConfigError(f'data.std must be positive; got {config.data.std!r}')
+    # keep_checkpoints=0 would train and keep nothing to resume from or export.
+    for name, value, least in (('data.image_size', config.data.image_size, 1),
+                               ('data.num_workers', config.data.num_workers, 0),
+                               ('train.keep_checkpoints', t.keep_checkpoints, 1),
+                               ('train.checkpoint_every_epochs', t.checkpoint_every_epochs, 0)):
+        if value < least:
+            raise ConfigError(f'{name} must be at least {least}; got {value}')
     if t.resume_from and not os.path.exists(t.resume_from):
         raise ConfigError(f'train.resume_from does not exist: {t.resume_from}')
     if check_data_path:

@@ -438,6 +438,8 @@ def check_export_config(exp):
         raise ConfigError(f"export.format must be 'h5' or 'npz'; got {exp.format!r}")
     if exp.batch_size < 1:
         raise ConfigError(f'export.batch_size must be positive; got {exp.batch_size}')
+    if exp.out_dir and os.path.isfile(exp.out_dir):
+        raise ConfigError(f'export.out_dir {exp.out_dir} is a file, not a folder')
     if exp.cluster_maps and exp.thumbnail:
         if not os.path.exists(exp.thumbnail):
             raise ConfigError(f'export.thumbnail does not exist: {exp.thumbnail}')
@@ -474,12 +476,21 @@ def export_run(config, workdir: str):
         image_size=run_config.data.image_size, export_format=exp.format,
         with_projection=exp.with_projection, num_workers=exp.num_workers,
         checkpoint_step=step, info=info)
-    log.info('export: %d slides, %d patches in %s', len(rows),
-             sum(r['n_patches'] for r in rows), out_dir)
+    n_patches = sum(r['n_patches'] for r in rows)
+    if not n_patches:
+        from clusiam_jax.data.records import DataError
+        raise DataError(f'no readable patch in {data_path}: nothing was exported '
+                        f'(unreadable files: {os.path.join(out_dir, "skipped_files.txt")})')
+    log.info('export: %d slides, %d patches in %s', len(rows), n_patches, out_dir)
     if exp.cluster_maps:
+        from clusiam_jax.config import ConfigError
         from clusiam_jax.eval.exported import draw_export_maps
-        maps = draw_export_maps(out_dir, thumbnail=exp.thumbnail or None,
-                                downsample=exp.thumbnail_downsample or None)
+        try:
+            maps = draw_export_maps(out_dir, thumbnail=exp.thumbnail or None,
+                                    downsample=exp.thumbnail_downsample or None)
+        except ValueError as e:  # the thumbnail settings do not fit this export
+            raise ConfigError(f'{e}; the embeddings are exported in {out_dir} (a rerun '
+                              f'skips finished slides)') from None
         if maps:
             log.info('cluster maps: %s', ', '.join(maps))
     return out_dir

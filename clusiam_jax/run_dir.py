@@ -13,7 +13,7 @@ import ml_collections
 
 from clusiam_jax import parallel
 from clusiam_jax.checkpoint import Checkpointer, checkpoint_dir
-from clusiam_jax.config import default_config
+from clusiam_jax.config import ConfigError, default_config
 from clusiam_jax.models import METHOD_SPECS, build_network
 from clusiam_jax.train.optimizer import make_optimizer
 from clusiam_jax.train.state import create_train_state
@@ -47,8 +47,13 @@ def config_text(config) -> str:
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was written with, over today's defaults."""
-    with open(os.path.join(workdir, CONFIG_NAME)) as f:
-        saved = json.load(f)
+    path = os.path.join(workdir, CONFIG_NAME)
+    with open(path) as f:
+        try:
+            saved = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f'{path} is not valid JSON ({e}); restore it from the '
+                              f'config the run was started with') from None
     config = default_config()
     _merge(config, saved)
     return config
@@ -102,7 +107,7 @@ def load_run(workdir: str, step=None, mesh=None, config=None):
 
 def restore_checkpoint(workdir: str, abstract_state, step=None):
     """(step, state, data_state) of a run's checkpoint (the latest by default)."""
-    checkpointer = Checkpointer(workdir)
+    checkpointer = Checkpointer(workdir, create=False)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:

@@ -44,6 +44,12 @@ def test_recipes_are_the_papers(tmp_path):
      "train.on_nonfinite must be 'stop' or 'skip'"),
     (lambda c: c.train.__setattr__('max_consecutive_skips', 0),
      'train.max_consecutive_skips must be positive'),
+    (lambda c: c.train.__setattr__('keep_checkpoints', 0), 'train.keep_checkpoints must be'),
+    (lambda c: c.data.__setattr__('image_size', 0), 'data.image_size must be at least 1'),
+    (lambda c: c.data.__setattr__('num_workers', -1), 'data.num_workers must be at least 0'),
+    (lambda c: c.data.__setattr__('mean', (0.5, 0.5, 0.5)), 'set both data.mean and data.std'),
+    (lambda c: (c.data.__setattr__('mean', (0.5,) * 3), c.data.__setattr__('std', (0.2, 0, 0.2))),
+     'data.std must be positive'),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, mutate, message):
     c = with_path(clusiam.get_config(), str(tmp_path))
@@ -82,8 +88,16 @@ def test_baselines_reject_a_cluster_weight(tmp_path):
     (['--config.train.batch_size=many'], 'invalid literal for int'),
     (['--config.data.path=/no/such/dir'], 'data.path does not exist'),
     (['--config.train.batch_size=12'], 'not divisible by the 8 devices'),
+    (['--config.data.path=EMPTY_DIR'], 'no image files'),             # a DataError
+    (['--config.data.path=A_FILE'], 'is a file but not a manifest CSV'),
+    (['--mode', 'export', '--config.export.out_dir=A_FILE'], 'is a file, not a folder'),
 ])
 def test_cli_errors_are_one_line_before_compiling(tmp_path, args, message):
+    os.makedirs(tmp_path / 'empty')
+    (tmp_path / 'a_file').write_text('not a folder')
+    paths = {'EMPTY_DIR': str(tmp_path / 'empty'), 'A_FILE': str(tmp_path / 'a_file')}
+    args = [a.split('=')[0] + '=' + paths[a.split('=')[1]]
+            if '=' in a and a.split('=')[1] in paths else a for a in args]
     cmd = [sys.executable, 'launch.py', '--config', 'configs/demo.py',
            '--workdir', str(tmp_path / 'run')] + args
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

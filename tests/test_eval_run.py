@@ -5,6 +5,7 @@ import os
 
 import h5py
 import numpy as np
+import pytest
 
 from clusiam_jax.eval import run as eval_run
 
@@ -90,6 +91,49 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert eval_run.main(['knn', '--export', str(tmp_path / 'exp'), '--splits',
                           str(tmp_path / 'splits.csv')]) == 2
     assert 'not in the export' in capsys.readouterr().err
+
+
+def test_dsmil_reads_files_by_the_manifest(tmp_path, capsys):
+    # Slide ids the export writes under other file names (a space becomes '_' there).
+    slides = {f'slide {i}': split for i, split in
+              enumerate(['train'] * 4 + ['val'] * 2 + ['test'] * 2)}
+    _make_export(tmp_path / 'exp', {s: (np.full((3, 4), i, float), ['x'] * 3)
+                                    for i, s in enumerate(slides)})
+    for slide in slides:
+        os.rename(tmp_path / 'exp' / 'h5_files' / f'{slide}.h5',
+                  tmp_path / 'exp' / 'h5_files' / f'{slide.replace(" ", "_")}.h5')
+    manifest = (tmp_path / 'exp' / 'manifest.csv').read_text()
+    (tmp_path / 'exp' / 'manifest.csv').write_text(
+        manifest.replace('h5_files/slide ', 'h5_files/slide_'))
+    with open(tmp_path / 'splits.csv', 'w') as f:
+        f.write('slide_id,split,label\n')
+        f.writelines(f'{s},{split},{"ab"[i % 2]}\n' for i, (s, split) in enumerate(slides.items()))
+    args = ['dsmil', '--export', str(tmp_path / 'exp'), '--splits', str(tmp_path / 'splits.csv')]
+    assert eval_run.main(args + ['--epochs', '2', '--seeds', '0']) == 0
+    assert json.loads(capsys.readouterr().out)['seeds'] == [0]
+    assert eval_run.main(args + ['--epochs', '0']) == 2
+    assert 'at least 1' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['knn', '--ks', '1,a'], 'comma-separated integers'),
+    (['knn', '--key', 'projections'], "no 'projections'"),
+    (['dsmil', '--seeds', ','], 'at least one seed'),
+    (['maps', '--thumbnail', 'THUMB', '--downsample', '-8'], 'must be positive'),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
+    from PIL import Image
+    _make_export(tmp_path / 'exp', {'a': (np.ones((2, 4)), ['x', 'x']),
+                                    'b': (np.zeros((2, 4)), ['y', 'y'])})
+    _write_splits(tmp_path / 'splits.csv', {'a': 'train', 'b': 'test'})
+    os.makedirs(tmp_path / 'thumbs')
+    for slide in 'ab':
+        Image.new('RGB', (8, 8)).save(tmp_path / 'thumbs' / f'{slide}.png')
+    args = [str(tmp_path / 'thumbs') if a == 'THUMB' else a for a in args]
+    assert eval_run.main(args[:1] + ['--export', str(tmp_path / 'exp'), '--splits',
+                                     str(tmp_path / 'splits.csv')] + args[1:]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and message in err and len(err.splitlines()) == 1
 
 
 def test_maps_cli(tmp_path, capsys):

@@ -219,6 +219,17 @@ def test_training_normalization_from_the_training_list(run, tmp_path):
         export.training_normalization(c)
 
 
+def test_nothing_readable_is_an_error_not_an_empty_export(run, tmp_path):
+    from clusiam_jax.data import DataError
+    config, workdir, _ = run
+    garbage = tmp_path / 'garbage' / 'slide'
+    os.makedirs(garbage)
+    for i in range(3):
+        (garbage / f'{i * 32}_0.png').write_bytes(b'not an image')
+    with pytest.raises(DataError, match='no readable patch'):
+        _export(config, workdir, tmp_path / 'out', data_path=str(tmp_path / 'garbage'))
+
+
 def test_bad_export_settings_fail_early(tmp_path):
     from clusiam_jax.config import ConfigError
     c = tiny_config()

@@ -69,6 +69,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(finished_run, 
     assert file_snapshot(os.path.join(workdir, 'checkpoints')) == before
 
 
+def test_a_checkpoint_of_another_model_is_a_config_error(finished_run, tmp_path):
+    from clusiam_jax.config import ConfigError
+    source, _ = finished_run
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(source, workdir)
+    with open(os.path.join(workdir, 'config.json')) as f:
+        recorded = f.read()
+    before = file_snapshot(os.path.join(workdir, 'checkpoints'))
+    config = tiny_config('clubyol')
+    config.model.num_clusters += 2
+    # Not "damaged, falling back": both checkpoints are intact, of another model.
+    with pytest.raises(ConfigError, match=r"step 6 .* different model .*assigner"):
+        train(config, workdir, SyntheticLoader(**SIZES), mesh_of(1))
+    with open(os.path.join(workdir, 'config.json')) as f:
+        assert f.read() == recorded  # the run's config is not replaced by the refused one
+    assert file_snapshot(os.path.join(workdir, 'checkpoints')) == before
+    config.train.resume_from = source  # the same check for another run's checkpoint
+    with pytest.raises(ConfigError, match='different model'):
+        train(config, str(tmp_path / 'fork'), SyntheticLoader(**SIZES), mesh_of(1))
+
+
 @pytest.mark.parametrize('first, second', [(8, 1), (1, 8)])
 def test_checkpoint_moves_between_device_counts(tmp_path, first, second):
     config = tiny_config('clubyol')

@@ -25,6 +25,7 @@ from clusiam_jax.data.image_io import load_rgb
 from clusiam_jax.data.pipeline import EpochPlan
 from clusiam_jax.data.pipeline import TrainLoader
 from clusiam_jax.data.pipeline import create_train_loader
+from clusiam_jax.data.records import DataError
 from clusiam_jax.data.records import PatchRecord
 from clusiam_jax.data.records import discover
 from clusiam_jax.data.records import read_manifest

@@ -38,6 +38,7 @@ from clusiam_jax.data import image_io
 from clusiam_jax.data import skips
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
+from clusiam_jax.data.records import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class EpochPlan:
             raise ValueError(f'train.batch_size {self.global_batch} is not divisible by '
                              f'the process count {self.process_count}')
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f'train.batch_size {self.global_batch} is larger than the {self.num_records} '
                 f'records of the training list: not one full batch per epoch')
 

@@ -27,6 +27,11 @@ MANIFEST_COLUMNS = ('path', 'slide_id', 'label', 'x', 'y')
 DATASET_MANIFEST = 'records.csv'
 
 
+class DataError(ValueError):
+    """Input data that cannot be used (no images, a bad manifest, nothing readable): the
+    message is for the user, and launch.py prints it as one line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PatchRecord:
     """One patch: its file and the metadata export/evaluation needs."""
@@ -71,7 +76,7 @@ def discover_folder(root: str) -> List[PatchRecord]:
             if _is_image_file(name):
                 records.append(parse_patch_path(os.path.join(dirpath, name), root))
     if not records:
-        raise ValueError(
+        raise DataError(
             f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
     records.sort(key=lambda r: r.path)
     return records
@@ -84,7 +89,7 @@ def _optional_int(value: str, column: str, line: int, csv_path: str):
     try:
         return int(float(value))
     except ValueError:
-        raise ValueError(
+        raise DataError(
             f'{csv_path}:{line}: column {column!r} is not a number: {value!r}'
         ) from None
 
@@ -96,17 +101,17 @@ def read_manifest(csv_path: str) -> List[PatchRecord]:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         if 'path' not in columns:
-            raise ValueError(
+            raise DataError(
                 f'manifest {csv_path} has no "path" column (columns: {columns}); '
                 f'expected path[,slide_id][,label][,x,y]')
         if ('x' in columns) != ('y' in columns):
-            raise ValueError(f'manifest {csv_path} has only one of the columns "x", "y"')
+            raise DataError(f'manifest {csv_path} has only one of the columns "x", "y"')
         reader.fieldnames = columns
         records = []
         for line, row in enumerate(reader, start=2):
             raw = (row.get('path') or '').strip()
             if not raw:
-                raise ValueError(f'{csv_path}:{line}: empty "path"')
+                raise DataError(f'{csv_path}:{line}: empty "path"')
             path = raw if os.path.isabs(raw) else os.path.normpath(os.path.join(base, raw))
             parsed = parse_patch_path(path)
             slide = (row.get('slide_id') or '').strip() if 'slide_id' in columns else None
@@ -122,7 +127,7 @@ def read_manifest(csv_path: str) -> List[PatchRecord]:
                 label=label or None,
                 x=x, y=y))
     if not records:
-        raise ValueError(f'manifest {csv_path} lists no patches')
+        raise DataError(f'manifest {csv_path} lists no patches')
     records.sort(key=lambda r: r.path)
     return records
 
@@ -152,7 +157,7 @@ def find_tfds_dataset(path: str) -> Optional[str]:
         hits = sorted(glob.glob(os.path.join(*pattern_parts)))
         if hits:
             if len(hits) > 1:
-                raise ValueError(
+                raise DataError(
                     f'{path} holds several built datasets: '
                     f'{[os.path.dirname(h) for h in hits]}; point data.path at one')
             return os.path.dirname(hits[0])
@@ -162,13 +167,13 @@ def find_tfds_dataset(path: str) -> Optional[str]:
 def discover(path: str) -> List[PatchRecord]:
     """The training list of a patch source (folder, manifest CSV or built dataset)."""
     if not path:
-        raise ValueError('data.path is empty: give a patch folder, a manifest CSV '
+        raise DataError('data.path is empty: give a patch folder, a manifest CSV '
                          'or a built dataset folder')
     if not os.path.exists(path):
         raise FileNotFoundError(f'patch source not found: {path}')
     if os.path.isfile(path):
         if not path.lower().endswith('.csv'):
-            raise ValueError(f'{path} is a file but not a manifest CSV')
+            raise DataError(f'{path} is a file but not a manifest CSV')
         return read_manifest(path)
     dataset_dir = find_tfds_dataset(path)
     if dataset_dir is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 
 from clusiam_jax.data import image_io
+from clusiam_jax.data.records import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def compute_stats(source, num_workers: int = 0, skip_log=None):
             consume(_chunk_moments(source, c), len(c))
     progress.close()
     if count == 0:
-        raise ValueError('no readable image to compute normalization stats from')
+        raise DataError('no readable image to compute normalization stats from')
     mean = total1 / count
     std = np.sqrt(np.maximum(total2 / count - mean ** 2, 0.0))
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)

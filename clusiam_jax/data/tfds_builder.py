@@ -118,7 +118,7 @@ def build_dataset(source: str, out_dir: str) -> str:
     """
     recs = records_lib.discover(source)
     if records_lib.find_tfds_dataset(source) is not None:
-        raise ValueError(f'{source} is already a built dataset')
+        raise records_lib.DataError(f'{source} is already a built dataset')
     os.makedirs(out_dir, exist_ok=True)
     builder = ClusiamPatches(records=recs, data_dir=out_dir, file_format='array_record')
     if os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
@@ -127,7 +127,7 @@ def build_dataset(source: str, out_dir: str) -> str:
     builder.download_and_prepare()
     dataset_dir = builder.data_dir
     if not builder.written:
-        raise ValueError(f'no readable image in {source}')
+        raise records_lib.DataError(f'no readable image in {source}')
     records_lib.write_manifest(builder.written,
                                os.path.join(dataset_dir, records_lib.DATASET_MANIFEST))
     with open(os.path.join(dataset_dir, SKIPPED_FILE), 'w') as f:

@@ -377,16 +377,27 @@ def read_split_csv(path, class_names=None):
     return splits, list(class_names)
 
 
-def load_h5_features(feature_dir, slide_id, key="features"):
-    """``features`` of ``<feature_dir>/<slide_id>.h5`` (the CLAM layout of the export)."""
+def load_h5_features(features, slide_id, key="features"):
+    """``features`` of one slide's HDF5 file (the CLAM layout of the export).
+
+    features: a folder holding ``<slide_id>.h5``, or {slide_id: path of its file} (an
+    export's manifest: its file names replace characters a slide id may hold).
+    """
     import h5py  # only needed when reading exports
-    with h5py.File(os.path.join(feature_dir, f"{slide_id}.h5"), "r") as f:
+    if isinstance(features, dict):
+        if slide_id not in features:
+            raise ValueError(f"slide {slide_id!r} of the splits is not in the export")
+        path = features[slide_id]
+    else:
+        path = os.path.join(features, f"{slide_id}.h5")
+    with h5py.File(path, "r") as f:
         return np.asarray(f[key], np.float32)
 
 
-def run_dsmil(split_csv, feature_dir, seeds=(0, 1, 2, 3, 4), config=None,
+def run_dsmil(split_csv, features, seeds=(0, 1, 2, 3, 4), config=None,
               class_names=None, log_fn=None):
-    """DSMIL over several seeds on exported per-slide features.
+    """DSMIL over several seeds on exported per-slide features (`features`: as
+    load_h5_features takes it).
 
     Returns {"class_names", "seeds", "runs" (per seed, without params),
     "summary" (mean/std over seeds)}.
@@ -398,7 +409,7 @@ def run_dsmil(split_csv, feature_dir, seeds=(0, 1, 2, 3, 4), config=None,
         out = []
         for slide_id, label in splits[split]:
             if slide_id not in cache:
-                cache[slide_id] = load_h5_features(feature_dir, slide_id)
+                cache[slide_id] = load_h5_features(features, slide_id)
             out.append((cache[slide_id], label))
         return out
 

@@ -100,10 +100,15 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, num_clusters=None
         thumb_path = find_thumbnail(thumbnail, row['slide_id'], len(rows))
         thumb = None
         if thumb_path is not None:
+            if downsample is not None and downsample <= 0:
+                raise ValueError(f'the thumbnail downsample must be positive; got {downsample}')
             if not downsample:
                 raise ValueError('a thumbnail needs export.thumbnail_downsample (level-0 '
                                  'pixels per thumbnail pixel)')
-            thumb = Image.open(thumb_path).convert('RGB')
+            try:
+                thumb = Image.open(thumb_path).convert('RGB')
+            except OSError as e:  # PIL's UnidentifiedImageError is one
+                raise ValueError(f'thumbnail {thumb_path} is not a readable image ({e})') from None
         k = num_clusters or (arrays['cluster_logits'].shape[1]
                              if 'cluster_logits' in arrays else None)
         patch_size = arrays.get('patch_size') or 224

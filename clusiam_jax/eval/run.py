@@ -45,17 +45,24 @@ def read_splits(path):
     return out
 
 
+def _require_in_export(splits_csv, listed, exported_slides):
+    missing = sorted(set(listed) - set(exported_slides))
+    if missing:
+        raise ValueError(f'{len(missing)} slides of {splits_csv} are not in the export, '
+                         f'e.g. {missing[:3]}')
+
+
 def patch_sets(export_dir, splits_csv, key='features'):
     """{split: (embeddings [N, D], labels [N], slide ids [N])} over the listed slides."""
     splits = read_splits(splits_csv)
     data = exported.read_export(export_dir, slides=set(splits))
-    missing = sorted(set(splits) - set(data))
-    if missing:
-        raise ValueError(f'{len(missing)} slides of {splits_csv} are not in the export, '
-                         f'e.g. {missing[:3]}')
+    _require_in_export(splits_csv, splits, data)
     parts = {s: ([], [], []) for s in SPLITS}
     for slide, arrays in data.items():
         split, slide_label = splits[slide]
+        if key not in arrays:
+            raise ValueError(f'the export has no {key!r} for slide {slide} (projections are '
+                             f'exported with --config.export.with_projection=True)')
         n = arrays[key].shape[0]
         if 'labels' in arrays:
             labels = np.asarray(arrays['labels'], dtype=object)
@@ -72,6 +79,9 @@ def patch_sets(export_dir, splits_csv, key='features'):
         if x:
             out[split] = (np.concatenate(x).astype(np.float32),
                           np.concatenate(y).astype(str), np.concatenate(g).astype(str))
+    for split in ('train', 'test'):
+        if split not in out:
+            raise ValueError(f'{splits_csv} lists no {split} slide')
     return out
 
 
@@ -99,8 +109,17 @@ def run_linear(export_dir, splits_csv, positive_label=None, key='features', seed
 def run_dsmil_eval(export_dir, splits_csv, seeds=(0, 1, 2, 3, 4), epochs=200):
     import os
     from clusiam_jax.eval.dsmil import DSMILConfig, run_dsmil
-    result = run_dsmil(splits_csv, os.path.join(export_dir, 'h5_files'), seeds=seeds,
-                       config=DSMILConfig(epochs=epochs))
+    if not seeds:
+        raise ValueError('dsmil needs at least one seed (--seeds 0,1,2)')
+    if epochs < 1:
+        raise ValueError(f'dsmil needs --epochs of at least 1; got {epochs}')
+    rows = exported.read_manifest(export_dir)
+    if any(not row['file'].endswith('.h5') for row in rows):
+        raise ValueError(f'dsmil reads per-slide HDF5 files; {export_dir} is an npz export '
+                         f'(export again with --config.export.format=h5)')
+    files = {row['slide_id']: os.path.join(export_dir, row['file']) for row in rows}
+    _require_in_export(splits_csv, read_splits(splits_csv), files)
+    result = run_dsmil(splits_csv, files, seeds=seeds, config=DSMILConfig(epochs=epochs))
     for r in result['runs']:  # per-epoch history and scores make the line unreadable
         r.pop('history', None)
         r.pop('test_scores', None)
@@ -108,7 +127,10 @@ def run_dsmil_eval(export_dir, splits_csv, seeds=(0, 1, 2, 3, 4), epochs=200):
 
 
 def _ints(text):
-    return tuple(int(v) for v in text.split(',') if v)
+    try:
+        return tuple(int(v) for v in text.split(',') if v)
+    except ValueError:
+        raise ValueError(f'expected comma-separated integers, got {text!r}') from None
 
 
 def main(argv=None):

@@ -63,7 +63,13 @@ def load_torch_checkpoint(path: str):
     except ImportError as e:
         raise ImportError('reading a PyTorch checkpoint needs torch: '
                           'pip install -r requirements-torch.txt') from e
-    blob = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        blob = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a foreign file
+        raise ConversionError(f'{path} is not a PyTorch checkpoint torch.load can read '
+                              f'({type(e).__name__}: {e})') from None
     epoch = None
     if isinstance(blob, dict) and 'state_dict' in blob:
         epoch = blob.get('epoch')

@@ -72,6 +72,9 @@ def save_safetensors(state_dict: Dict[str, np.ndarray], path: str,
                      metadata: Optional[Dict[str, str]] = None):
     """Atomic write (temporary name, then rename) with the safetensors NumPy API."""
     from safetensors.numpy import save_file
+    if os.path.isdir(path):
+        raise FileExistsError(f'{path} is a folder: give the file to write, e.g. '
+                              f'{os.path.join(path, "encoder.safetensors")}')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
     # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.

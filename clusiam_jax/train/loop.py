@@ -178,7 +178,10 @@ def _restore_other_run(path, abstract_state):
         workdir, step = os.path.dirname(parent), int(name)
     else:
         workdir, step = path, None
-    step, state, data_state = run_dir.restore_checkpoint(workdir, abstract_state, step)
+    try:
+        step, state, data_state = run_dir.restore_checkpoint(workdir, abstract_state, step)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f'train.resume_from={path}: {e}') from None
     log.info('starting from the checkpoint at step %d of %s (train.resume_from)', step, workdir)
     return step, state, data_state
 
@@ -209,8 +212,6 @@ def train(config, workdir: str, loader=None, mesh=None):
         loader = data_lib.create_train_loader(config, workdir=workdir,
                                               process_index=jax.process_index(),
                                               process_count=jax.process_count())
-    if is_main:
-        _record_config(workdir, config)
 
     steps_per_epoch = loader.steps_per_epoch
     num_epochs = config.train.num_epochs
@@ -223,10 +224,17 @@ def train(config, workdir: str, loader=None, mesh=None):
 
     state = init_state(network, tx, config, mesh)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    latest, restored, data_state = checkpointer.restore_latest_readable(abstract_like(state))
-    if latest is None and config.train.resume_from:
-        latest, restored, data_state = _restore_other_run(config.train.resume_from,
-                                                          abstract_like(state))
+    try:
+        latest, restored, data_state = checkpointer.restore_latest_readable(
+            abstract_like(state))
+        if latest is None and config.train.resume_from:
+            latest, restored, data_state = _restore_other_run(config.train.resume_from,
+                                                              abstract_like(state))
+    except BaseException:
+        checkpointer.close()
+        raise
+    if is_main:  # only now: a config the checkpoints refuse must not replace the run's
+        _record_config(workdir, config)
     if latest is not None:
         state = restored
         if latest >= total_steps:
