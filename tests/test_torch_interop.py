@@ -146,6 +146,23 @@ def test_export_loads_into_torchvision_strictly(imported, tmp_path, monkeypatch)
         assert float((encoder(x) - model.encoder(x)).abs().max()) < ATOL
     # The frozen bias is written as zeros; its value lives in fc.7's running mean.
     assert float(encoder.fc[6].bias.abs().max()) == 0.0
+    from safetensors import safe_open
+    with safe_open(backbone_file, 'np') as f:
+        normalization = json.loads(f.metadata()['normalization'])
+    assert normalization['mean'] == [0.6684, 0.5115, 0.6791]
+    assert normalization['std'] == [0.2521, 0.2875, 0.2100]
+
+
+def test_conversion_errors_are_one_line(imported, tmp_path, capsys):
+    _, _, out = imported
+    (tmp_path / 'folder').mkdir()
+    assert convert.main(['to-torch', '--workdir', out, '--out', str(tmp_path / 'folder')]) == 2
+    assert 'is a folder' in capsys.readouterr().err
+    assert not os.path.exists(str(tmp_path / 'folder') + '.tmp')
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'not a checkpoint')
+    assert convert.main(['from-torch', str(garbage), '--out', str(tmp_path / 'run')]) == 2
+    assert 'not a PyTorch checkpoint' in capsys.readouterr().err
 
 
 def test_export_target_encoder(imported, tmp_path):

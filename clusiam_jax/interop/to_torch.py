@@ -105,14 +105,20 @@ def export_run(workdir: str, out: str, with_projector: bool = False, target: boo
                 'network': 'ema target' if target else 'online',
                 'step': str(step_value), 'feat_size': str(config.model.feat_size),
                 'source': os.path.abspath(workdir),
-                'normalization': json.dumps({'mean': _maybe_list(config.data.mean),
-                                             'std': _maybe_list(config.data.std)})}
+                'normalization': json.dumps(_run_normalization(config, workdir))}
     save_safetensors(state_dict, out, metadata)
     return metadata
 
 
-def _maybe_list(value):
-    return None if value is None else [float(v) for v in value]
+def _run_normalization(config, workdir):
+    """{mean, std, origin} the run trained with (computed stats included, as export
+    finds them); mean and std None when they cannot be recovered."""
+    from clusiam_jax.export import training_normalization
+    try:
+        mean, std, origin = training_normalization(config, workdir)
+    except FileNotFoundError as e:
+        return {'mean': None, 'std': None, 'origin': str(e)}
+    return {'mean': [float(v) for v in mean], 'std': [float(v) for v in std], 'origin': origin}
 
 
 def _to_numpy(tree):
