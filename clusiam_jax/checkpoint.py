@@ -45,14 +45,15 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """Returns (state, data_state or None) placed as `abstract_state`'s shardings.
 
-        A checkpoint of another model (its stored parameter shapes differ from
-        `abstract_state`'s: a changed num_clusters, feat_size, backbone or method) raises
-        ConfigError before anything is read.
+        A checkpoint of another model or optimizer (its stored arrays differ from
+        `abstract_state`'s: a changed num_clusters, feat_size, backbone, method, optim.name
+        or fix_pred_lr) raises ConfigError before anything is read.
         """
         difference = self._parameter_difference(step, abstract_state)
         if difference:
             raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds a '
-                              f'different model than this config ({difference}): use the '
+                              f'different model or optimizer than this config '
+                              f'({difference}): use the '
                               f'config it was trained with (the run\'s config.json) or a '
                               f'new --workdir')
         items = {'state': ocp.args.StandardRestore(abstract_state)}
@@ -65,25 +66,26 @@ class Checkpointer:
         return restored['state'], (restored['data'] if has_data else None)
 
     def _parameter_difference(self, step, abstract_state):
-        """The first parameter whose stored shape differs from abstract_state's, as
-        'params[...]: stored (10,), this config (20,)'; None when they match or when the
-        checkpoint's metadata cannot be read (then restoring says what is wrong)."""
+        """The first array whose stored shape differs from abstract_state's (parameters
+        first), as 'params/cluster_head/assigner/bias: stored (10,), this config (20,)';
+        None when all match or when the checkpoint's metadata cannot be read (then
+        restoring says what is wrong)."""
         try:
             # The item handler, not a Checkpointer: that one warns about step metadata.
             stored = ocp.StandardCheckpointHandler().metadata(
-                epath.Path(self.directory) / str(step) / 'state')['params']
+                epath.Path(self.directory) / str(step) / 'state')
+            have = _shapes_by_path(stored)
         except Exception:  # noqa: BLE001 - damaged or foreign: restore() reports it
             return None
-
-        def shapes(tree):
-            return {jax.tree_util.keystr(path): tuple(leaf.shape)
-                    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-        have, want = shapes(stored), shapes(abstract_state.params)
-        for key in sorted(have.keys() | want.keys()):
-            if have.get(key) != want.get(key):
-                return (f'params{key}: stored {have.get(key, "absent")}, this config '
-                        f'{want.get(key, "absent")}')
-        return None
+        want = _shapes_by_path(abstract_state)
+        differ = [k for k in have.keys() | want.keys() if have.get(k) != want.get(k)]
+        if not differ:
+            return None
+        key = min(differ, key=lambda k: (not k.startswith('params/'), k))
+        hint = ('; optim.name or optim.fix_pred_lr changed?'
+                if key.startswith('opt_state/') else '')
+        return (f'{key}: stored {have.get(key, "absent")}, this config '
+                f'{want.get(key, "absent")}{hint}')
 
     def restore_latest_readable(self, abstract_state):
         """(step, state, data_state) of the newest checkpoint that restores, else Nones.
@@ -114,6 +116,18 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _shapes_by_path(tree):
+    """{'params/encoder/.../kernel': shape} for a state or its stored metadata: on disk
+    attributes and namedtuple fields are dict keys, so paths are compared by name."""
+    def name(entry):
+        for attr in ('key', 'name', 'idx'):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+    return {'/'.join(name(e) for e in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def abstract_like(state):

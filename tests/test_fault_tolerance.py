@@ -88,6 +88,10 @@ def test_a_checkpoint_of_another_model_is_a_config_error(finished_run, tmp_path)
     config.train.resume_from = source  # the same check for another run's checkpoint
     with pytest.raises(ConfigError, match='different model'):
         train(config, str(tmp_path / 'fork'), SyntheticLoader(**SIZES), mesh_of(1))
+    config = tiny_config('clubyol')
+    config.optim.name = 'lars'  # same parameters, another optimizer state
+    with pytest.raises(ConfigError, match=r'opt_state/.* optim.name'):
+        train(config, workdir, SyntheticLoader(**SIZES), mesh_of(1))
 
 
 @pytest.mark.parametrize('first, second', [(8, 1), (1, 8)])
