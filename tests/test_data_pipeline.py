@@ -219,6 +219,18 @@ def test_bad_files_are_skipped_once_and_listed(tmp_path):
     assert all(0 < s < 0.5 for s in loader.std)
 
 
+def test_a_source_of_only_unreadable_files_is_a_data_error(tmp_path):
+    root = tmp_path / 'data' / 'slide'
+    os.makedirs(root)
+    for i in range(6):
+        (root / f'{i * 32}_0.png').write_bytes(b'not an image')
+    # With mean/std given nothing reads the files up front: the batch assembly finds out.
+    it = data.create_train_loader(make_config(tmp_path / 'data', mean=MEAN, std=STD),
+                                  workdir=str(tmp_path / 'work')).iterator()
+    with pytest.raises(data.DataError, match='substitutes in a row were unreadable'):
+        next(it)
+
+
 def test_stats_are_the_pixel_mean_and_population_std(tmp_path):
     root = tmp_path / 'd'
     paths = write_patches(str(root), 7, size=20, seed=3)

@@ -133,7 +133,7 @@ class PairMaker:
         while img is None:
             attempt += 1
             if attempt > _MAX_SUBSTITUTES:
-                raise RuntimeError(
+                raise DataError(
                     f'{_MAX_SUBSTITUTES} substitutes in a row were unreadable: is the patch '
                     f'source mostly broken? See {self.skip_log.list_path}')
             sub_rng = np.random.default_rng([self.plan.seed, epoch, pos, _SUBSTITUTE, attempt])
