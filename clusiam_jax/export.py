@@ -466,6 +466,15 @@ def export_run(config, workdir: str):
     if not data_path:
         raise FileNotFoundError('nothing to export: set --config.export.data_path=DIR')
     out_dir = exp.out_dir or os.path.join(workdir, 'export')
+    if exp.cluster_maps and exp.thumbnail and os.path.isfile(exp.thumbnail):
+        # Found out before embedding, not after: one thumbnail file fits one slide.
+        from clusiam_jax.config import ConfigError
+        from clusiam_jax.eval.exported import find_thumbnail
+        n_slides = len(_group_by_slide(sources_lib.open_source(data_path)[0]))
+        try:
+            find_thumbnail(exp.thumbnail, None, n_slides)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     step = int(jax.device_get(state.step))
     log.info('export: step %d of %s, %s -> %s (normalization: %s)', step, workdir,
              data_path, out_dir, origin)

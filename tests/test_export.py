@@ -202,6 +202,16 @@ def test_cluster_map_cells_sit_at_patch_coordinates(run, tmp_path):
             np.testing.assert_array_equal(image[y + size // 2, x + size // 2], want)
 
 
+def test_one_thumbnail_for_several_slides_fails_before_embedding(run, tmp_path):
+    from clusiam_jax.config import ConfigError
+    config, workdir, _ = run
+    Image.new('RGB', (8, 8)).save(tmp_path / 'thumb.png')
+    with pytest.raises(ConfigError, match='is one file but the export has'):
+        _export(config, workdir, tmp_path / 'out', cluster_maps=True,
+                thumbnail=str(tmp_path / 'thumb.png'), thumbnail_downsample=8.0)
+    assert not (tmp_path / 'out').exists()  # nothing was embedded
+
+
 def test_training_normalization_from_the_training_list(run, tmp_path):
     config, _, patches = run
     c = config.copy_and_resolve_references()
