@@ -47,9 +47,10 @@ class Checkpointer:
 
         A checkpoint of another model or optimizer (its stored arrays differ from
         `abstract_state`'s: a changed num_clusters, feat_size, backbone, method, optim.name
-        or fix_pred_lr) raises ConfigError before anything is read.
+        or fix_pred_lr) raises ConfigError from the checkpoint's metadata, before any
+        array is read.
         """
-        difference = self._parameter_difference(step, abstract_state)
+        difference = self._stored_shape_difference(step, abstract_state)
         if difference:
             raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds a '
                               f'different model or optimizer than this config '
@@ -65,7 +66,7 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored['state'], (restored['data'] if has_data else None)
 
-    def _parameter_difference(self, step, abstract_state):
+    def _stored_shape_difference(self, step, abstract_state):
         """The first array whose stored shape differs from abstract_state's (parameters
         first), as 'params/cluster_head/assigner/bias: stored (10,), this config (20,)';
         None when all match or when the checkpoint's metadata cannot be read (then

@@ -243,16 +243,19 @@ def _group_by_slide(records):
 
 def export_embeddings(network, state, data_path, out_dir, mean, std, *, batch_size=256,
                       image_size=224, export_format='h5', with_projection=False,
-                      num_workers=4, checkpoint_step=None, info=None, mesh=None):
+                      num_workers=4, checkpoint_step=None, info=None, mesh=None,
+                      opened=None):
     """Embeds every patch of `data_path` and writes the export to `out_dir`.
 
+    opened: `sources_lib.open_source(data_path)` when the caller has it already (a
+    listing of millions of patches is not read twice).
     Returns the manifest rows (dicts: slide_id, n_patches, label, file).
     """
     if export_format not in ('h5', 'npz'):
         raise ValueError(f"export.format must be 'h5' or 'npz'; got {export_format!r}")
     mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
     step = int(jax.device_get(state.step)) if checkpoint_step is None else int(checkpoint_step)
-    records, source = sources_lib.open_source(data_path)
+    records, source = opened or sources_lib.open_source(data_path)
     index_of = {id(r): i for i, r in enumerate(records)}
     groups = _group_by_slide(records)
     os.makedirs(out_dir, exist_ok=True)
@@ -466,11 +469,12 @@ def export_run(config, workdir: str):
     if not data_path:
         raise FileNotFoundError('nothing to export: set --config.export.data_path=DIR')
     out_dir = exp.out_dir or os.path.join(workdir, 'export')
+    opened = sources_lib.open_source(data_path)
     if exp.cluster_maps and exp.thumbnail and os.path.isfile(exp.thumbnail):
         # Found out before embedding, not after: one thumbnail file fits one slide.
         from clusiam_jax.config import ConfigError
         from clusiam_jax.eval.exported import find_thumbnail
-        n_slides = len(_group_by_slide(sources_lib.open_source(data_path)[0]))
+        n_slides = len(_group_by_slide(opened[0]))
         try:
             find_thumbnail(exp.thumbnail, None, n_slides)
         except ValueError as e:
@@ -484,7 +488,7 @@ def export_run(config, workdir: str):
         network, state, data_path, out_dir, mean, std, batch_size=exp.batch_size,
         image_size=run_config.data.image_size, export_format=exp.format,
         with_projection=exp.with_projection, num_workers=exp.num_workers,
-        checkpoint_step=step, info=info)
+        checkpoint_step=step, info=info, opened=opened)
     n_patches = sum(r['n_patches'] for r in rows)
     if not n_patches:
         from clusiam_jax.data.records import DataError
