@@ -4,7 +4,8 @@ Checkpoints live in `<workdir>/checkpoints/<step>/`, are written asynchronously 
 atomically (orbax writes to a temporary directory and renames it), and the last
 `train.keep_checkpoints` are kept. Restoring takes an abstract target carrying the
 shardings of the current mesh, so optax states come back as their own types and the
-state lands on however many devices this run has.
+state lands on however many devices this run has. Inference restores only the weights
+(`restore_weights`, an orbax partial restore): no optimizer is built or read.
 """
 import logging
 import os
@@ -13,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from clusiam_jax.config import ConfigError
+from clusiam_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger('clusiam_jax')
 
@@ -27,7 +28,8 @@ class Checkpointer:
         """create=False for reading another run: a missing checkpoints/ folder stays
         missing (FileNotFoundError) instead of being made inside that run."""
         if not create and not os.path.isdir(checkpoint_dir(workdir)):
-            raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
+            raise CheckpointError(f'{workdir} has no checkpoints/ folder: train first, or '
+                                  f'point at a run')
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                enable_async_checkpointing=True)
         self.directory = checkpoint_dir(workdir)
@@ -35,6 +37,22 @@ class Checkpointer:
 
     def latest_step(self):
         return self.manager.latest_step()
+
+    def all_steps(self):
+        return sorted(self.manager.all_steps())
+
+    def checked_step(self, step=None) -> int:
+        """`step` (default: the latest) if this run has a checkpoint there, else
+        CheckpointError listing the steps it has."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f'no checkpoint in {self.directory}: train first')
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f'no checkpoint at step {step} in {self.directory}; it '
+                                  f'has {", ".join(map(str, steps))}')
+        return step
 
     def save(self, step: int, state, data_state=None):
         items = {'state': ocp.args.StandardSave(state)}
@@ -50,13 +68,7 @@ class Checkpointer:
         or fix_pred_lr) raises ConfigError from the checkpoint's metadata, before any
         array is read.
         """
-        difference = self._stored_shape_difference(step, abstract_state)
-        if difference:
-            raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds a '
-                              f'different model or optimizer than this config '
-                              f'({difference}): use the '
-                              f'config it was trained with (the run\'s config.json) or a '
-                              f'new --workdir')
+        self._check_shapes(step, abstract_state)
         items = {'state': ocp.args.StandardRestore(abstract_state)}
         # Each item is a sub-directory of the step's directory (asking orbax for the item
         # metadata instead warns about every item it was not given a handler for).
@@ -66,19 +78,49 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored['state'], (restored['data'] if has_data else None)
 
-    def _stored_shape_difference(self, step, abstract_state):
+    def restore_weights(self, step: int, abstract_weights: dict) -> dict:
+        """The entries of `abstract_weights` (a dict of top-level state fields, e.g.
+        params and batch_stats) from the checkpoint at `step`, without the rest (the
+        optimizer state): an orbax partial restore. CheckpointError if it cannot be read."""
+        self._check_shapes(step, abstract_weights, partial=True)
+        args = ocp.args.PyTreeRestore(
+            item=abstract_weights, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_weights))
+        try:
+            return ocp.PyTreeCheckpointHandler().restore(self._state_path(step), args=args)
+        except Exception as e:
+            raise CheckpointError(f'the checkpoint at step {step} in {self.directory} '
+                                  f'cannot be read ({_one_line(e)}); move it away to use '
+                                  f'the one before') from None
+
+    def _state_path(self, step):
+        return epath.Path(self.directory) / str(step) / 'state'
+
+    def _check_shapes(self, step, abstract_state, partial=False):
+        difference = self._stored_shape_difference(step, abstract_state, partial)
+        if difference:
+            raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds a '
+                              f'different model or optimizer than this config '
+                              f'({difference}): use the '
+                              f'config it was trained with (the run\'s config.json) or a '
+                              f'new --workdir')
+
+    def _stored_shape_difference(self, step, abstract_state, partial=False):
         """The first array whose stored shape differs from abstract_state's (parameters
         first), as 'params/cluster_head/assigner/bias: stored (10,), this config (20,)';
         None when all match or when the checkpoint's metadata cannot be read (then
-        restoring says what is wrong)."""
+        restoring says what is wrong). With `partial`, stored arrays outside
+        abstract_state's top-level fields are not compared."""
         try:
             # The item handler, not a Checkpointer: that one warns about step metadata.
-            stored = ocp.StandardCheckpointHandler().metadata(
-                epath.Path(self.directory) / str(step) / 'state')
+            stored = ocp.StandardCheckpointHandler().metadata(self._state_path(step))
             have = _shapes_by_path(stored)
-        except Exception:  # noqa: BLE001 - damaged or foreign: restore() reports it
+        except Exception:
             return None
         want = _shapes_by_path(abstract_state)
+        if partial:
+            fields = {k.split('/')[0] for k in want}
+            have = {k: v for k, v in have.items() if k.split('/')[0] in fields}
         differ = [k for k in have.keys() | want.keys() if have.get(k) != want.get(k)]
         if not differ:
             return None
@@ -101,22 +143,23 @@ class Checkpointer:
                 return step, state, data_state
             except ConfigError:
                 raise  # an intact checkpoint of another model: falling back cannot help
-            except Exception as e:  # noqa: BLE001 - any other failure means: not usable
-                reason = ' '.join(str(e).split())[:300]
-                log.warning('checkpoint at step %d in %s cannot be restored (%s: %s); '
+            except Exception as e:
+                log.warning('checkpoint at step %d in %s cannot be restored (%s); '
                             'falling back to the previous one', step, self.directory,
-                            type(e).__name__, reason)
+                            _one_line(e))
         if self.manager.all_steps():
-            raise RuntimeError(f'no checkpoint in {self.directory} can be restored; move '
-                               f'the folder away to start afresh')
+            raise CheckpointError(f'no checkpoint in {self.directory} can be restored '
+                                  f'(each is damaged; see the warnings above); move the '
+                                  f'folder away to start afresh')
         return None, None, None
-
-    def wait(self):
-        self.manager.wait_until_finished()
 
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _one_line(error, limit=300):
+    return f'{type(error).__name__}: ' + ' '.join(str(error).split())[:limit]
 
 
 def _shapes_by_path(tree):
@@ -130,8 +173,3 @@ def _shapes_by_path(tree):
     return {'/'.join(name(e) for e in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
-
-def abstract_like(state):
-    """ShapeDtypeStructs with the shardings of `state` (a restore target)."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

@@ -1,19 +1,21 @@
-"""The config schema: defaults for every key, and the checks run before anything compiles.
+"""The config schema: defaults for every key, the methods' recipes, and every check run
+before anything compiles.
 
-Recipes in configs/ start from `default_config()` and override a few fields. Every key a
-run may use is defined here, so a typo or a wrong type is caught by `validate` with a
-one-line error instead of being silently ignored.
+Recipes in configs/ start from `method_config(name)` (the paper's settings of a method,
+docs/method.md) and override a few fields. Every key a run may use is defined here, so a
+typo or a wrong type is caught by `validate` with a one-line error instead of being
+silently ignored, and `validate` is the one place that checks values: the builders
+downstream trust a validated config.
 """
 import os
 
 import ml_collections
 
+from clusiam_jax.errors import ConfigError
 from clusiam_jax.models import BACKBONES, METHOD_SPECS
 from clusiam_jax.models.conv import CONV_IMPLS
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one line naming the key."""
+EXPORT_FORMATS = ('h5', 'npz')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -37,7 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.image_size = 224
     c.data.num_workers = 0            # grain worker processes (0: in the main process)
     c.data.prefetch = 2               # batches prefetched to the devices
-    c.data.mean = ml_collections.FieldReference(None, field_type=tuple)  # None: computed over the training list
+    # None: computed over the training list (and recorded in the run's normalization.json)
+    c.data.mean = ml_collections.FieldReference(None, field_type=tuple)
     c.data.std = ml_collections.FieldReference(None, field_type=tuple)
     c.data.vflip = False              # histology option: vertical flips
     c.data.rot90 = False              # histology option: random 90-degree rotations
@@ -52,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_epochs = 10
     c.train.keep_checkpoints = 3
     c.train.distributed = False       # multi-process: jax.distributed.initialize() first
-    c.train.resume_from = ''          # a new workdir starts from another run (or its checkpoints/<step>)
+    c.train.resume_from = ''          # a new workdir starts from another run (or RUN/checkpoints/N)
     c.train.on_nonfinite = 'stop'     # stop: a NaN/Inf metric ends the run | skip: a step with
                                       # NaN/Inf loss or gradient leaves the state unchanged
     c.train.max_consecutive_skips = 10  # skip: stop after this many skipped steps in a row
@@ -63,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.momentum = 0.9
     c.optim.fix_pred_lr = False       # predictor keeps the initial lr
     c.optim.name = 'sgd'              # sgd (original) | lars (pod-scale batches, as BYOL)
-    c.optim.warmup_epochs = 0         # linear warmup before the cosine (with lars)
+    c.optim.warmup_epochs = 0         # linear warmup per step before the per-epoch cosine
 
     c.ema = ml_collections.ConfigDict()
     c.ema.momentum = 0.99             # target = m * target + (1 - m) * online
@@ -75,14 +78,63 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.out_dir = ''             # '' means <workdir>/export
     c.export.batch_size = 256
     c.export.after_training = False   # the demo exports (and draws cluster maps) when done
-    c.export.format = 'h5'            # h5: <out>/h5_files/<slide>.h5 (CLAM) | npz: one embeddings.npz
+    c.export.format = 'h5'            # h5: <out>/h5_files/<slide>.h5 (CLAM) | npz: one .npz
     c.export.with_projection = False  # also store the projector output z ('projections')
     c.export.num_workers = 4          # image-decoding threads
     c.export.cluster_maps = False     # draw <out>/cluster_maps/<slide>.png after the export
     c.export.thumbnail = ''           # slide thumbnail: an image file (one slide) or a folder of
                                       # <slide_id>[_thumb].{png,jpg}; '' paints over a mosaic
     c.export.thumbnail_downsample = 0.0  # level-0 pixels per thumbnail pixel (needed with one)
+    c.export.image_size = 0           # patches are resized to this; 0: the run's data.image_size
     return c
+
+
+# The settings that make each method the paper's (docs/method.md, "Networks" and
+# "Optimization"); everything else is default_config's.
+_CLUSIAM = {'model.feat_size': 2048, 'model.pred_hidden': 512, 'loss.alpha': 0.5,
+            'optim.fix_pred_lr': True}
+# The original forces fix_pred_lr off for CluBYOL.
+_CLUBYOL = {'model.feat_size': 256, 'model.pred_hidden': 4096, 'loss.alpha': 0.9,
+            'optim.fix_pred_lr': False, 'ema.momentum': 0.99}
+METHOD_RECIPES = {
+    'clusiam': _CLUSIAM,
+    'clubyol': _CLUBYOL,
+    # The baselines of the paper's tables: the same networks without the cluster term.
+    'simsiam': dict(_CLUSIAM, **{'loss.alpha': 0.0}),
+    'byol': dict(_CLUBYOL, **{'loss.alpha': 0.0}),
+}
+
+
+def method_config(name: str) -> ml_collections.ConfigDict:
+    """default_config() with the paper's settings for method `name`."""
+    if name not in METHOD_RECIPES:
+        raise ConfigError(f'model.name must be one of {", ".join(METHOD_RECIPES)}; '
+                          f'got {name!r}')
+    c = default_config()
+    c.model.name = name
+    for key, value in METHOD_RECIPES[name].items():
+        section, field = key.split('.')
+        c[section][field] = value
+    return c
+
+
+def flatten(config, prefix: str = '') -> dict:
+    """{'train.batch_size': 512, ...} for a ConfigDict (or a plain nested dict)."""
+    out = {}
+    for key, value in config.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            out.update(flatten(value, name + '.'))
+        else:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def config_changes(old, new) -> list:
+    """['train.num_epochs: 2 -> 3', ...]: the keys whose value differs, sorted."""
+    a, b = flatten(old), flatten(new)
+    return [f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def _check_schema(config, schema, prefix=''):
@@ -111,7 +163,11 @@ def _check_schema(config, schema, prefix=''):
 
 
 def validate(config, num_devices: int = 1, check_data_path: bool = True):
-    """Raise ConfigError (one line) for anything that would fail later or compute nonsense."""
+    """Raise ConfigError (one line) for anything that would fail later or compute nonsense.
+
+    check_data_path=False for callers that bring their own data (tests, benchmarks) or
+    read a run's (export).
+    """
     _check_schema(config, default_config())
     m = config.model
     if m.name not in METHOD_SPECS:
@@ -170,9 +226,36 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
             raise ConfigError(f'{name} must be at least {least}; got {value}')
     if t.resume_from and not os.path.exists(t.resume_from):
         raise ConfigError(f'train.resume_from does not exist: {t.resume_from}')
+    _validate_export(config.export)
     if check_data_path:
         if not config.data.path:
             raise ConfigError('data.path is not set: pass --config.data.path=DIR '
                               '(a patch folder, a manifest CSV or a built dataset)')
         if not os.path.exists(config.data.path):
             raise ConfigError(f'data.path does not exist: {config.data.path}')
+
+
+def _validate_export(exp):
+    if exp.format not in EXPORT_FORMATS:
+        raise ConfigError(f"export.format must be one of {', '.join(EXPORT_FORMATS)}; "
+                          f'got {exp.format!r}')
+    for name, value, least in (('export.batch_size', exp.batch_size, 1),
+                               ('export.num_workers', exp.num_workers, 1),
+                               ('export.image_size', exp.image_size, 0)):
+        if value < least:
+            raise ConfigError(f'{name} must be at least {least}; got {value}')
+    if exp.out_dir and os.path.isfile(exp.out_dir):
+        raise ConfigError(f'export.out_dir {exp.out_dir} is a file, not a folder')
+    if exp.data_path and not os.path.exists(exp.data_path):
+        raise ConfigError(f'export.data_path does not exist: {exp.data_path}')
+    if exp.thumbnail_downsample < 0:
+        raise ConfigError(f'export.thumbnail_downsample must be positive; '
+                          f'got {exp.thumbnail_downsample}')
+    if exp.thumbnail:
+        if not exp.cluster_maps:
+            raise ConfigError('export.thumbnail is used only with export.cluster_maps=True')
+        if not os.path.exists(exp.thumbnail):
+            raise ConfigError(f'export.thumbnail does not exist: {exp.thumbnail}')
+        if not exp.thumbnail_downsample:
+            raise ConfigError('export.thumbnail needs export.thumbnail_downsample (level-0 '
+                              'pixels per thumbnail pixel, e.g. 8)')

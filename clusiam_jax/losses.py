@@ -1,4 +1,4 @@
-"""Losses of SPEC section 4 as pure functions.
+"""Losses of docs/method.md §4 as pure functions.
 
 The cluster similarity is split in two: `cluster_similarity(reps, logits, gumbel)` takes
 the Gumbel noise as an argument (tests and PyTorch parity feed fixed noise), and
@@ -31,7 +31,8 @@ def l2_normalize(x, eps=NORMALIZE_EPS):
 
 
 def cosine_similarity(a, b, eps=COSINE_EPS):
-    """Row-wise a.b / max(|a||b|, eps) (SPEC s4), in float32 whatever the inputs' dtype."""
+    """Row-wise a.b / max(|a||b|, eps) (docs/method.md §4), in float32 whatever the
+    inputs' dtype."""
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     dot = jnp.sum(a * b, axis=-1)
     return dot / jnp.maximum(safe_norm(a, keepdims=False) * safe_norm(b, keepdims=False), eps)
@@ -58,7 +59,7 @@ def straight_through_assignment(logits, gumbel):
 
 
 def cluster_similarity(reps, logits, gumbel):
-    """Mean pairwise cosine between the centroids of the non-empty clusters (SPEC s4).
+    """Mean pairwise cosine between the centroids of the non-empty clusters (docs/method.md §4).
 
     Args:
       reps: [N, D] representations (both views stacked); no gradient flows into them.

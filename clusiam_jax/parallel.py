@@ -7,7 +7,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 
@@ -25,13 +26,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over the devices."""
     return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def check_batch_divisible(batch_size: int, mesh: Mesh):
-    num_devices = mesh.devices.size
-    if batch_size % num_devices:
-        raise ValueError(f'train.batch_size={batch_size} is not divisible by the '
-                         f'{num_devices} devices; pick a multiple of {num_devices}')
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):

@@ -1,26 +1,36 @@
-"""A run's work directory: `config.json` plus orbax checkpoints under `checkpoints/`.
+"""A run's work directory: what a run is, on disk, for everything that reads one.
 
-Training writes it, `launch.py --mode export` and `convert to-torch` read it, and
+  config.json          the full config (today's defaults fill keys an older run lacks)
+  normalization.json   the per-channel mean/std the run trained with, and where they came
+                       from: written when training starts, so export and conversion never
+                       rescan the data set
+  checkpoints/<step>/  orbax checkpoints (checkpoint.py)
+
+Training writes it, export, `convert to-torch` and evaluation read it, and
 `convert from-torch` writes one from an original PyTorch checkpoint: one reader and one
-writer serve them all, so every producer's directories load everywhere.
+writer serve them all. Reading restores the weights only (parameters and BatchNorm
+statistics): no optimizer is built, nothing from `train/` is imported.
 """
+import dataclasses
 import json
 import logging
 import os
+from typing import Optional, Tuple
 
 import jax
 import ml_collections
 
 from clusiam_jax import parallel
-from clusiam_jax.checkpoint import Checkpointer, checkpoint_dir
-from clusiam_jax.config import ConfigError, default_config
-from clusiam_jax.models import METHOD_SPECS, build_network
-from clusiam_jax.train.optimizer import make_optimizer
-from clusiam_jax.train.state import create_train_state
+from clusiam_jax.checkpoint import Checkpointer
+from clusiam_jax.config import default_config
+from clusiam_jax.errors import CheckpointError, ConfigError
+from clusiam_jax.models import METHOD_SPECS, SSLNetwork, build_network
+from clusiam_jax.state import Weights, init_weights
 
 log = logging.getLogger('clusiam_jax')
 
 CONFIG_NAME = 'config.json'
+NORMALIZATION_NAME = 'normalization.json'
 
 
 def _tuples(value):
@@ -45,9 +55,26 @@ def config_text(config) -> str:
     return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
+def write_text_atomically(path: str, text: str):
+    """Temporary file, then rename: a crash never leaves half a file."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_NAME))
+
+
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was written with, over today's defaults."""
     path = os.path.join(workdir, CONFIG_NAME)
+    if not os.path.isdir(workdir):
+        raise CheckpointError(f'run directory not found: {workdir}')
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{workdir} has no {CONFIG_NAME}: not a run directory (train '
+                              f'first, or point at a run)')
     with open(path) as f:
         try:
             saved = json.load(f)
@@ -60,70 +87,105 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def write_run_config(workdir: str, config):
-    """Atomically (temporary file, then rename): a crash never leaves half a config."""
-    path = os.path.join(workdir, CONFIG_NAME)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(config_text(config))
-    os.replace(tmp, path)
+    write_text_atomically(os.path.join(workdir, CONFIG_NAME), config_text(config))
 
 
-def abstract_train_state(config):
-    """(network, tx, ShapeDtypeStruct TrainState) exactly as training builds them; no compute.
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """The per-channel mean and std (of pixels in [0, 1]) a run trained with."""
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    origin: str
 
-    steps_per_epoch only shapes the lr schedule, never the optimizer state's structure.
-    """
+    def to_json(self) -> dict:
+        return {'mean': list(self.mean), 'std': list(self.std), 'origin': self.origin}
+
+
+def write_normalization(workdir: str, normalization: Normalization):
+    write_text_atomically(os.path.join(workdir, NORMALIZATION_NAME),
+                          json.dumps(normalization.to_json(), indent=2) + '\n')
+
+
+def read_normalization(workdir: str, fallback_config=None) -> Optional[Normalization]:
+    """What the run recorded in normalization.json; without it (runs of older versions,
+    imports without --mean/--std), `fallback_config`'s data.mean/std when set; else None."""
+    path = os.path.join(workdir, NORMALIZATION_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            try:
+                saved = json.load(f)
+                return Normalization(tuple(float(v) for v in saved['mean']),
+                                     tuple(float(v) for v in saved['std']),
+                                     str(saved.get('origin', '')))
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f'{path} is damaged ({e}); delete it and give '
+                                      f'--config.data.mean/std') from None
+    config = fallback_config
+    if config is not None and config.data.mean is not None and config.data.std is not None:
+        return Normalization(tuple(config.data.mean), tuple(config.data.std),
+                             'the run config\'s data.mean/std')
+    return None
+
+
+def abstract_weights(config) -> Weights:
+    """ShapeDtypeStructs of a run's Weights, as training creates them; no compute."""
     network = build_network(config.model)
-    tx, _ = make_optimizer(config, 1)
-    spec = METHOD_SPECS[config.model.name]
-    shapes = jax.eval_shape(lambda: create_train_state(
-        network, tx, spec.has_target, config.train.seed, config.data.image_size))
-    return network, tx, shapes
+    has_target = METHOD_SPECS[config.model.name].has_target
+    return jax.eval_shape(lambda: init_weights(network, has_target, config.train.seed,
+                                               config.data.image_size))
 
 
-def load_run(workdir: str, step=None, mesh=None, config=None):
-    """(config, network, state) of a run: its config.json and a checkpoint (latest default).
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run read back for inference: its config, network and the weights of one step."""
+    workdir: str
+    config: ml_collections.ConfigDict
+    network: SSLNetwork
+    weights: Weights
+    step: int
+    normalization: Optional[Normalization]
 
-    The state is restored onto `mesh` (default: this process's devices), replicated.
-    `config` is used only when the work directory has no config.json.
-    """
-    if os.path.exists(os.path.join(workdir, CONFIG_NAME)):
-        config = read_run_config(workdir)
-    elif config is None:
-        raise FileNotFoundError(f'{workdir} has no {CONFIG_NAME} (not a run directory?)')
-    else:
-        log.warning('%s has no %s; using the given config for the model', workdir, CONFIG_NAME)
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        raise FileNotFoundError(f'{workdir} has no checkpoints/ folder: train first, or '
-                                f'point --workdir at a run')
+
+def checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
+    """(run directory, step or None) for a run directory or one of its
+    `checkpoints/<step>` folders (train.resume_from takes both)."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if os.path.basename(parent) == 'checkpoints' and name.isdigit():
+        return os.path.dirname(parent), int(name)
+    return path, None
+
+
+def load_run(workdir: str, step: Optional[int] = None, mesh=None) -> Run:
+    """A run's config.json, normalization and the weights of checkpoint `step` (default:
+    the latest), restored replicated onto `mesh` (default: this process's devices)."""
+    config = read_run_config(workdir)
     mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
-    network, _, shapes = abstract_train_state(config)
     replicated = parallel.replicated(mesh)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
-    _, state, _ = restore_checkpoint(workdir, abstract, step)
-    return config, network, state
-
-
-def restore_checkpoint(workdir: str, abstract_state, step=None):
-    """(step, state, data_state) of a run's checkpoint (the latest by default)."""
+    shapes = abstract_weights(config)
+    abstract = {name: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        getattr(shapes, name)) for name in Weights.__dataclass_fields__}
     checkpointer = Checkpointer(workdir, create=False)
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
-        state, data_state = checkpointer.restore(step, abstract_state)
+        step = checkpointer.checked_step(step)
+        restored = checkpointer.restore_weights(step, abstract)
     finally:
         checkpointer.close()
-    return step, state, data_state
+    return Run(workdir=os.path.abspath(workdir), config=config,
+               network=build_network(config.model), weights=Weights(**restored), step=step,
+               normalization=read_normalization(workdir, config))
 
 
-def write_run(workdir: str, config, state):
-    """config.json + checkpoints/<step>/, as a training run leaves them."""
+def write_run(workdir: str, config, state, normalization: Optional[Normalization] = None):
+    """config.json (+ normalization.json) + checkpoints/<step>/, as training leaves them."""
     os.makedirs(workdir, exist_ok=True)
     write_run_config(workdir, config)
+    if normalization is not None:
+        write_normalization(workdir, normalization)
     checkpointer = Checkpointer(workdir)
     try:
         checkpointer.save(int(state.step), state)
     finally:
         checkpointer.close()
+

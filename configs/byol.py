@@ -3,11 +3,8 @@ r"""BYOL baseline of the paper's tables: CluBYOL's networks without the cluster 
   python launch.py --config configs/byol.py --workdir runs/byol \
       --config.data.path=/data/camelyon16_patches
 """
-from configs import clubyol
+from clusiam_jax.config import method_config
 
 
 def get_config():
-    c = clubyol.get_config()
-    c.model.name = 'byol'
-    c.loss.alpha = 0.0
-    return c
+    return method_config('byol')

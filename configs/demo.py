@@ -2,22 +2,22 @@ r"""Demo: CluBYOL on the 42 H&E tiles shipped in the package (CMU-1, CC0), a few
 
   python launch.py --config configs/demo.py --workdir runs/demo
 
-Smaller crops (96 px; SPEC's 224 px costs ~5x more per step on a laptop CPU) and a small
-batch, so a newcomer sees the whole flow — training, logs, checkpoints, then the embedding export
-and a cluster map of the slide (runs/demo/export/cluster_maps/) — within minutes.
+Smaller crops (96 px; the recipes' 224 px costs several times more per step on a laptop
+CPU) and a small batch, so a newcomer sees the whole flow — training, logs, checkpoints,
+then the embedding export and a cluster map of the slide (runs/demo/export/cluster_maps/)
+— within minutes.
 """
 import os
 
-from configs import clubyol
-
 import clusiam_jax
+from clusiam_jax.config import method_config
 
 DEMO_DATA = os.path.join(os.path.dirname(clusiam_jax.__file__), 'demo_data')
 DEMO_TILES = os.path.join(DEMO_DATA, 'cmu-1-small-region')
 
 
 def get_config():
-    c = clubyol.get_config()
+    c = method_config('clubyol')
     c.data.path = DEMO_TILES
     c.data.image_size = 96
     c.model.num_clusters = 10

@@ -3,11 +3,8 @@ r"""SimSiam baseline of the paper's tables: CluSiam's networks without the clust
   python launch.py --config configs/simsiam.py --workdir runs/simsiam \
       --config.data.path=/data/camelyon16_patches
 """
-from configs import clusiam
+from clusiam_jax.config import method_config
 
 
 def get_config():
-    c = clusiam.get_config()
-    c.model.name = 'simsiam'
-    c.loss.alpha = 0.0
-    return c
+    return method_config('simsiam')

@@ -1,4 +1,4 @@
-"""The two-view augmentation of SPEC section 1, on uint8 RGB numpy arrays.
+"""The two-view augmentation of docs/method.md §1, on uint8 RGB numpy arrays.
 
 Each view is drawn independently (``sample_view_params``) and then applied
 (``apply_view``); splitting the two makes the parameter distributions testable.
@@ -40,7 +40,7 @@ original's draws; the distributions are the same.
 """
 import dataclasses
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -53,7 +53,7 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Parameters of the augmentation; the defaults are SPEC section 1."""
+    """Parameters of the augmentation; the defaults are docs/method.md §1."""
     image_size: int = 224
     scale: Tuple[float, float] = (0.2, 1.0)
     ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -315,13 +315,3 @@ def two_crops(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig):
     p2 = sample_view_params(rng, h, w, cfg)
     return crop_view(img, p1, cfg.image_size), crop_view(img, p2, cfg.image_size)
 
-
-def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """ToTensor + Normalize on uint8 NHWC/HWC: (x / 255 - mean) / std, float32.
-
-    Reference for the device-side normalization in the train step (channels
-    last, unlike torchvision's CHW tensors).
-    """
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    return (x.astype(np.float32) / np.float32(255.0) - mean) / std

@@ -1,4 +1,4 @@
-"""On-device augmentation (option ``data.augment_on_device``): SPEC s1 steps 2-5 in JAX.
+"""On-device augmentation (option ``data.augment_on_device``): docs/method.md §1 steps 2-5 in JAX.
 
 With the option on, the CPU workers only decode and random-resized-crop (plus the
 optional vflip / rot90, see below) to uint8; the colour and blur ops, which are most of
@@ -16,9 +16,9 @@ Everything is vectorised over the batch (no per-sample control flow): the random
 jitter order is applied as blend "slots" before and after one hue rotation, each slot
 applying the blend (brightness, contrast or saturation: one formula) that the sample's
 permutation puts there; an op a sample does not get is masked out with ``jnp.where``,
-so it leaves the pixels exactly as they were. The blur kernel is computed per sample from sigma on a fixed tap
-grid (13 taps for sigma <= 2) and applied as 2 x 13 shifted multiply-adds, which XLA
-fuses into a few elementwise passes.
+so it leaves the pixels exactly as they were. The blur kernel is computed per sample
+from sigma on a fixed tap grid (13 taps for sigma <= 2) and applied as 2 x 13 shifted
+multiply-adds, which XLA fuses into a few elementwise passes.
 
 Arithmetic is float32 in [0, 1], clamped after each op as PIL's uint8 blends clamp, but
 not rounded to 256 levels between ops (PIL rounds after every op). Compared with the CPU
@@ -43,8 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clusiam_jax.data.augment import (AugmentConfig, BRIGHTNESS, CONTRAST, HUE,
-                                      SATURATION, pil_gaussian_kernel)
+from clusiam_jax.data.augment import (
+    BRIGHTNESS,
+    CONTRAST,
+    HUE,
+    AugmentConfig,
+)
 
 # ITU-R 601-2 luma, as PIL's convert('L') (which uses the 16-bit fixed-point version).
 LUMA = (0.299, 0.587, 0.114)
@@ -228,13 +232,8 @@ def apply_device_params(images, params, cfg: AugmentConfig):
 
 
 def augment_views(key, images, cfg: AugmentConfig):
-    """SPEC s1 steps 2-5 on a batch of crops: uint8 [N, H, W, 3] -> float32 in [0, 1].
+    """docs/method.md §1 steps 2-5 on a batch of crops: uint8 [N, H, W, 3] -> float32 in [0, 1].
 
     Pure and jittable (`cfg` is static); each sample draws its own parameters.
     """
     return apply_device_params(images, sample_device_params(key, images.shape[0], cfg), cfg)
-
-
-def normalize(x, mean, std, dtype=jnp.float32):
-    """Normalize float views in [0, 1] (the train step's normalize_images after /255)."""
-    return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)

@@ -1,7 +1,7 @@
 """Reading patch files into RGB uint8 arrays, and telling bad files apart.
 
-PNG and JPEG go through OpenCV's decoder (about 1.5x faster than PIL's here and
-pixel-identical for PNG; for baseline JPEG both use libjpeg-turbo with the same
+PNG and JPEG go through OpenCV's decoder (faster than PIL's, and pixel-identical for
+PNG; for baseline JPEG both use libjpeg-turbo with the same
 defaults, checked in tests). Everything else goes through PIL.
 
 Conversions (the original opened files without ``convert('RGB')`` and crashed

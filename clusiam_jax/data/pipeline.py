@@ -33,12 +33,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from clusiam_jax.data import augment
-from clusiam_jax.data import image_io
-from clusiam_jax.data import skips
+from clusiam_jax import interrupts
+from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
-from clusiam_jax.data.records import DataError
+from clusiam_jax.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +58,8 @@ class EpochPlan:
     seed: int
 
     def __post_init__(self):
-        if self.global_batch % self.process_count:
-            raise ValueError(f'train.batch_size {self.global_batch} is not divisible by '
-                             f'the process count {self.process_count}')
+        # train.batch_size divides into the processes: config.validate checked it against
+        # the device count, a multiple of the process count.
         if self.steps_per_epoch == 0:
             raise DataError(
                 f'train.batch_size {self.global_batch} is larger than the {self.num_records} '
@@ -159,24 +157,20 @@ class TrainLoader:
     """The training stream of one process (see module docstring)."""
 
     def __init__(self, source, plan: EpochPlan, aug: augment.AugmentConfig,
-                 mean, std, num_workers: int = 0, skip_list: Optional[str] = None):
+                 mean, std, num_workers: int = 0, skip_list: Optional[str] = None,
+                 normalization_origin: str = 'given'):
         self.source = source
         self.plan = plan
         self.aug = aug
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
+        self.normalization_origin = normalization_origin
         self.num_workers = int(num_workers)
         self.skip_log = skips.SkipLog(skip_list)
 
     num_records = property(lambda self: self.plan.num_records)
     steps_per_epoch = property(lambda self: self.plan.steps_per_epoch)
     num_epochs = property(lambda self: self.plan.num_epochs)
-    local_batch_size = property(lambda self: self.plan.local_batch)
-    global_batch_size = property(lambda self: self.plan.global_batch)
-
-    @property
-    def num_steps(self) -> int:
-        return self.plan.num_epochs * self.plan.steps_per_epoch
 
     def pair_maker(self) -> PairMaker:
         return PairMaker(self.source, self.plan, self.aug, self.skip_log)
@@ -193,8 +187,10 @@ class TrainLoader:
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
         if self.num_workers > 0:
             _ensure_absl_flags_parsed()
-            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.num_workers, per_worker_buffer_size=1))
+            it_ds = it_ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                             per_worker_buffer_size=1),
+                worker_init_fn=interrupts.ignore_in_worker)
         return it_ds
 
     def iterator(self):
@@ -212,10 +208,11 @@ class TrainLoader:
 
 def create_train_loader(config, workdir: Optional[str] = None, process_index: int = 0,
                         process_count: int = 1) -> TrainLoader:
-    """The training loader of this process, from ``config.data`` and ``config.train``.
+    """The training loader of this process, from ``config.data`` and ``config.train``
+    (checked by ``config.validate``).
 
-    Raises ValueError / FileNotFoundError (one line) for an empty or missing
-    source, a manifest without a ``path`` column, or a batch larger than the list.
+    Raises DataError (one line) for an empty or missing source, a manifest without a
+    ``path`` column, or a batch larger than the list.
     """
     data_path = config.data.path
     recs, source = sources_lib.open_source(data_path)
@@ -224,13 +221,11 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
                      num_epochs=int(config.train.num_epochs), seed=int(config.train.seed))
     skip_list = os.path.join(workdir, skips.SKIPPED_FILES) if workdir else None
     mean, std = config.data.mean, config.data.std
-    if (mean is None) != (std is None):
-        raise ValueError('set both data.mean and data.std, or neither (computed)')
+    origin = 'config data.mean/std'
     if mean is None:
-        mean, std = stats_lib.cached_stats(
+        mean, std, origin = stats_lib.cached_stats(
             data_path, source, workdir=workdir, num_workers=int(config.data.num_workers),
             skip_log=skips.SkipLog(skip_list))
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f'data.mean/std need 3 values, std > 0: got {mean}, {std}')
     return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
-                       num_workers=int(config.data.num_workers), skip_list=skip_list)
+                       num_workers=int(config.data.num_workers), skip_list=skip_list,
+                       normalization_origin=origin)

@@ -16,6 +16,8 @@ import os
 import re
 from typing import List, Optional
 
+from clusiam_jax.errors import DataError
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
 
 # `<x>_<y>` at the end of the file stem, optionally after a prefix and `_`/`-`
@@ -25,11 +27,6 @@ _COORDS_RE = re.compile(r'(?:^|[_\-])(\d+)_(\d+)$')
 MANIFEST_COLUMNS = ('path', 'slide_id', 'label', 'x', 'y')
 # Name of the manifest a built TFDS dataset keeps next to its ArrayRecord shards.
 DATASET_MANIFEST = 'records.csv'
-
-
-class DataError(ValueError):
-    """Input data that cannot be used (no images, a bad manifest, nothing readable): the
-    message is for the user, and launch.py prints it as one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +91,7 @@ def _optional_int(value: str, column: str, line: int, csv_path: str):
         ) from None
 
 
-def read_manifest(csv_path: str) -> List[PatchRecord]:
+def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
     """Records from a manifest CSV (``path`` required; see module docstring)."""
     base = os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path, newline='') as f:
@@ -123,7 +120,7 @@ def read_manifest(csv_path: str) -> List[PatchRecord]:
                 x, y = parsed.x, parsed.y
             records.append(PatchRecord(
                 path=path,
-                slide_id=slide if slide else (parsed.slide_id if 'slide_id' not in columns else None),
+                slide_id=slide or (None if 'slide_id' in columns else parsed.slide_id),
                 label=label or None,
                 x=x, y=y))
     if not records:
@@ -132,7 +129,7 @@ def read_manifest(csv_path: str) -> List[PatchRecord]:
     return records
 
 
-def write_manifest(records, csv_path: str) -> None:
+def write_patch_manifest(records, csv_path: str) -> None:
     """Writes records as a manifest CSV (absolute paths, empty = unknown)."""
     with open(csv_path, 'w', newline='') as f:
         writer = csv.writer(f)
@@ -170,16 +167,16 @@ def discover(path: str) -> List[PatchRecord]:
         raise DataError('data.path is empty: give a patch folder, a manifest CSV '
                          'or a built dataset folder')
     if not os.path.exists(path):
-        raise FileNotFoundError(f'patch source not found: {path}')
+        raise DataError(f'patch source not found: {path}')
     if os.path.isfile(path):
         if not path.lower().endswith('.csv'):
             raise DataError(f'{path} is a file but not a manifest CSV')
-        return read_manifest(path)
+        return read_patch_manifest(path)
     dataset_dir = find_tfds_dataset(path)
     if dataset_dir is not None:
         manifest = os.path.join(dataset_dir, DATASET_MANIFEST)
         if not os.path.exists(manifest):
-            raise FileNotFoundError(f'built dataset {dataset_dir} has no {DATASET_MANIFEST}')
+            raise DataError(f'built dataset {dataset_dir} has no {DATASET_MANIFEST}')
         with open(manifest, newline='') as f:
             rows = list(csv.DictReader(f))
         # Keep the stored order: it is the order of the ArrayRecord index.

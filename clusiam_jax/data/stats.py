@@ -1,4 +1,4 @@
-"""Per-channel normalization statistics over the exact training list (SPEC s1).
+"""Per-channel normalization statistics over the exact training list (docs/method.md §1).
 
 mean = the mean over images of each image's per-channel mean pixel (in [0, 1]);
 std  = the population standard deviation (ddof=0) of the pixels, every image
@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 
 from clusiam_jax.data import image_io
-from clusiam_jax.data.records import DataError
+from clusiam_jax.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -143,17 +143,20 @@ def _write_cache(path: str, key: str, mean, std) -> bool:
 
 def cached_stats(data_path: str, source, workdir: Optional[str] = None,
                  num_workers: int = 0, skip_log=None):
-    """(mean, std) from the cache, or computed over ``source`` and cached."""
+    """(mean, std, origin) from the cache, or computed over ``source`` and cached;
+    origin says which, for the run's record (normalization.json)."""
     key = list_key([source.path(i) for i in range(len(source))])
     candidates = cache_paths(data_path, workdir, getattr(source, 'dataset_dir', None))
     for path in candidates:
         hit = _read_cache(path, key)
         if hit is not None:
             logger.info('normalization stats from %s: mean %s std %s', path, *hit)
-            return hit
+            return hit + (f'computed over the training list of {data_path} (cached in '
+                          f'{path})',)
     mean, std = compute_stats(source, num_workers=num_workers, skip_log=skip_log)
+    origin = f'computed over the training list of {data_path}'
     for path in candidates:
         if _write_cache(path, key, mean, std):
             logger.info('normalization stats cached in %s', path)
-            break
-    return mean, std
+            return mean, std, f'{origin} (cached in {path})'
+    return mean, std, origin

@@ -20,12 +20,13 @@ import os
 from typing import List, Optional
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
+from PIL import Image
 
 from clusiam_jax.data import image_io
 from clusiam_jax.data import records as records_lib
+from clusiam_jax.errors import DataError
 
 DATASET_NAME = 'clusiam_patches'
 SKIPPED_FILE = 'skipped_files.txt'
@@ -118,17 +119,17 @@ def build_dataset(source: str, out_dir: str) -> str:
     """
     recs = records_lib.discover(source)
     if records_lib.find_tfds_dataset(source) is not None:
-        raise records_lib.DataError(f'{source} is already a built dataset')
+        raise DataError(f'{source} is already a built dataset')
     os.makedirs(out_dir, exist_ok=True)
     builder = ClusiamPatches(records=recs, data_dir=out_dir, file_format='array_record')
     if os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
-        raise FileExistsError(f'a dataset is already built at {builder.data_dir}; '
-                              f'remove it or choose another --out')
+        raise DataError(f'a dataset is already built at {builder.data_dir}; '
+                        f'remove it or choose another --out')
     builder.download_and_prepare()
     dataset_dir = builder.data_dir
     if not builder.written:
-        raise records_lib.DataError(f'no readable image in {source}')
-    records_lib.write_manifest(builder.written,
+        raise DataError(f'no readable image in {source}')
+    records_lib.write_patch_manifest(builder.written,
                                os.path.join(dataset_dir, records_lib.DATASET_MANIFEST))
     with open(os.path.join(dataset_dir, SKIPPED_FILE), 'w') as f:
         f.writelines(line + '\n' for line in builder.skipped)

@@ -12,10 +12,9 @@ last; under jit with a batch-sharded input that is the global batch.
 
 Training-mode normalization has a hand-written gradient (`normalize_with_batch_stats`):
 the textbook BatchNorm backward, two reductions and one elementwise pass. Autodiff of
-the two-pass variance gives the same values in more passes over the activations. On
-the 2-core CPU, BN + ReLU forward and backward of the stem's 112 x 112 x 64 map at batch
-32 took 132 ms instead of 248 (`python bench/conv_kernels.py --torch`, PyTorch's 393;
-bench/results/conv_kernels_cpu_2core_2026-11-27.jsonl).
+the two-pass variance gives the same values in more passes over the activations, which
+on large maps costs a visible share of the step (README, "Measured results";
+`python -m bench.conv_kernels --torch`).
 """
 from functools import partial
 from typing import Any, Callable

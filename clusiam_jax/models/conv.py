@@ -1,17 +1,15 @@
 """2-D convolution for the ResNet: XLA's, or XLA's tuned for XLA:CPU.
 
-Measured on this project's 2-core x86 CPU (jaxlib 0.10.2; the probe is
-bench/conv_kernels.py), XLA:CPU has slow paths that dominate a ResNet training step:
+Measured on CPU (README, "Measured results"; `python -m bench.conv_kernels`), XLA:CPU
+has slow paths that dominate a ResNet training step:
 
-* by default it runs convolutions through YNNPACK, whose forward kernels took 1.3-3x
-  longer than XLA's own (Eigen) ones here (layer1's 3x3 at batch 32: 74 vs 36 ms;
-  bench/results/conv_kernels_cpu_2core_2026-11-27.jsonl); `compiler_options` turns
-  YNNPACK off for convolutions only (its dots and reductions stay);
+* by default it runs convolutions through YNNPACK, whose forward kernels were slower
+  than XLA's own (Eigen) ones; `compiler_options` turns YNNPACK off for convolutions
+  only (its dots and reductions stay);
 * a convolution whose input or output map is smaller than its kernel (2 x 2 maps in
-  layer4 at 64 px input) takes 10-100x longer than the same work as matrix products
-  (DESIGN.md), forward and backward;
-* the filter gradient of the 1x1 strided downsample is about twice as slow as one
-  matrix product;
+  layer4 at 64 px input) is many times slower than the same work as matrix products,
+  forward and backward;
+* the filter gradient of the 1x1 strided downsample is slower than one matrix product;
 * XLA fuses a convolution input's producers (BatchNorm, residual add, ReLU) into the
   transpose its filter gradient makes of that input, recomputing them there.
 
@@ -32,8 +30,9 @@ import jax.numpy as jnp
 from jax import lax
 
 CONV_IMPLS = ('auto', 'xla', 'im2col')
-# XLA:CPU's YNNPACK library fusions without INDIVIDUAL_CONVOLUTION: jaxlib 0.10's default
-# set is these two plus it (same compiled dots and reductions as with the default).
+# XLA:CPU's YNNPACK library fusions without INDIVIDUAL_CONVOLUTION: the default set is
+# these two plus it (same compiled dots and reductions as with the default);
+# tests/test_conv.py checks that the installed jaxlib accepts the option.
 _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 # flax.linen.Conv lays out NHWC inputs and HWIO kernels as these (lhs, rhs, out) specs.
@@ -42,8 +41,6 @@ _NHWC_SPECS = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 def resolve_conv_impl(name: str) -> str:
     """'auto' -> 'im2col' on the CPU backend, 'xla' on accelerators."""
-    if name not in CONV_IMPLS:
-        raise ValueError(f'conv_impl must be one of {CONV_IMPLS}; got {name!r}')
     if name == 'auto':
         return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
     return name
@@ -177,8 +174,8 @@ def _tiny_map(x, w, strides, padding) -> bool:
     """Input or output map smaller than the kernel: XLA:CPU's slow convolution path.
 
     E.g. at 64 px input, layer4's 3x3 convolutions see 2 x 2 maps and its strided one
-    makes 2 x 2 maps from 4 x 4; as per-tap products their forward + gradients measured
-    15-50x faster (bench/conv_kernels.py, batch 32).
+    makes 2 x 2 maps from 4 x 4; per-tap products are far faster there, forward and
+    backward (`python -m bench.conv_kernels`).
     """
     kh, kw = w.shape[:2]
     out_h = _output_size(x.shape[1], kh, strides[0], padding[0])
@@ -192,8 +189,8 @@ def im2col_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], 
         return _valid_tap_conv(x, w, strides, padding)
     if w.shape[:2] == (1, 1):
         return _pointwise_conv(x, w, strides, padding)
-    # With compiler_options, XLA's own kernels beat per-tap matmuls here in every
-    # direction, the filter gradient included (measured with a probe, not committed).
+    # With compiler_options, XLA's own kernels beat per-tap matmuls on these maps in every
+    # direction, the filter gradient included.
     return _xla_conv(fusion_barrier(x), w, strides, padding)
 
 
@@ -203,12 +200,11 @@ def fusion_barrier(x):
 
     XLA's filter gradient of a convolution reads its input transposed (batch <-> channel);
     XLA:CPU fuses the input's producers (BatchNorm, residual add, ReLU) into that
-    transpose, recomputing them in a cache-hostile order (64 px step, with the tiny-map
-    change: transpose fusions 179 -> 62 ms; `bench/profile_step.py`, README).
+    transpose, recomputing them in a cache-hostile order (the profile before and after is
+    in the README, from `python -m bench.profile_step`).
     `lax.optimization_barrier` does not help: XLA:CPU removes it before fusion. An
     identity `lax.cond` on a runtime predicate does, as XLA never fuses across a
-    conditional. The cotangent passes straight through (a conditional there measured
-    slower).
+    conditional. The cotangent passes straight through (a conditional there was slower).
     """
     return _identity_conditional(x)
 
@@ -226,8 +222,8 @@ fusion_barrier.defvjp(lambda x: (_identity_conditional(x), None), lambda _, g: (
 def _pointwise_conv(x, w, strides, padding):
     """A 1x1 convolution whose filter gradient is one matrix product.
 
-    XLA's filter-gradient convolution for the strided 1x1 downsample measured about twice
-    as slow as (strided input window)^T @ (output gradient).
+    XLA's filter-gradient convolution for the strided 1x1 downsample is slower than
+    (strided input window)^T @ (output gradient).
     """
     return _xla_conv(x, w, strides, padding)
 
@@ -280,7 +276,7 @@ def tap_max_pool(x, window: Tuple[int, int], strides: Tuple[int, int],
 
     JAX differentiates reduce_window(max) through a variadic reduce-window that carries
     s32 index maps of the padded input; on XLA:CPU those index maps and that reduction
-    took ~1.2 s of an 8 s ResNet-18 step at 224 px batch 32. Here the gradient goes, per
+    were a large share of a ResNet-18 step at 224 px. Here the gradient goes, per
     output, to the first input in row-major window order that equals the max (as
     PyTorch's max_pool2d), through one strided window per tap.
     """

@@ -1,4 +1,4 @@
-"""Projector, predictor and cluster head of SPEC section 2, in PyTorch's default init.
+"""Projector, predictor and cluster head of docs/method.md §2, in PyTorch's default init.
 
 torch.nn.Linear draws weight and bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)); Flax's
 defaults differ (lecun normal, zero bias), and init matters for reproducing the method.

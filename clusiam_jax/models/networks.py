@@ -1,6 +1,6 @@
 """The four methods' networks: encoder (backbone + projector), predictor, cluster head.
 
-One Flax module, `SSLNetwork`, is applied once per view (per-view BatchNorm, SPEC s3).
+One Flax module, `SSLNetwork`, is applied once per view (per-view BatchNorm, docs/method.md §3).
 Its `encoder` sub-tree is exactly what the BYOL-type target network holds, so the EMA
 target is `Encoder` applied to a copy of `params['encoder']`.
 """
@@ -12,8 +12,6 @@ import jax.numpy as jnp
 
 from clusiam_jax.models.heads import ClusterHead, Predictor, Projector
 from clusiam_jax.models.resnet import BACKBONES, FEATURE_WIDTH
-
-METHODS = ('clusiam', 'clubyol', 'simsiam', 'byol')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +74,7 @@ class SSLNetwork(nn.Module):
         out = {'features': features, 'z': z, 'p': p.astype(jnp.float32)}
         if spec.has_cluster_head:
             # CluSiam's cluster projector is 512 wide (its predictor's hidden width);
-            # CluBYOL's keeps the projection width D (SPEC s2).
+            # CluBYOL's keeps the projection width D (docs/method.md §2).
             hidden = self.feat_size if spec.has_target else self.pred_hidden
             out['logits'] = ClusterHead(hidden, self.num_clusters, self.dtype,
                                         name='cluster_head')(z, train)
@@ -84,12 +82,7 @@ class SSLNetwork(nn.Module):
 
 
 def build_network(model_config) -> SSLNetwork:
-    """SSLNetwork from a config's `model` section."""
-    if model_config.name not in METHOD_SPECS:
-        raise ValueError(f'model.name must be one of {METHODS}, got {model_config.name!r}')
-    if model_config.backbone not in BACKBONES:
-        raise ValueError(f'model.backbone must be one of {tuple(BACKBONES)}, '
-                         f'got {model_config.backbone!r}')
+    """SSLNetwork from a config's `model` section (checked by config.validate)."""
     return SSLNetwork(
         method=model_config.name, backbone=model_config.backbone,
         feat_size=model_config.feat_size, pred_hidden=model_config.pred_hidden,

@@ -1,0 +1,17 @@
+"""The network's input: images -> normalized arrays, one function for training, export and
+on-device augmentation (docs/method.md §1, step 6).
+
+Views leave the data pipeline as uint8 [0, 255] (a quarter of float32's bytes to copy to
+the device); on-device augmentation hands over float32 in [0, 1]. Both are normalized here
+with the run's per-channel mean and std, as torchvision's ToTensor + Normalize, then cast
+to the network's compute dtype.
+"""
+import jax.numpy as jnp
+
+
+def normalize_input(x, mean, std, dtype=jnp.float32):
+    """uint8 [0, 255] or float [0, 1] images (NHWC) -> (x - mean) / std in `dtype`."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        x = x.astype(jnp.float32) / 255.0  # ToTensor divides (as the reference tests do)
+    x = x.astype(jnp.float32)
+    return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
