@@ -1,8 +1,8 @@
 """One pure training step: two views -> networks once per view -> loss -> SGD -> EMA.
 
 `make_train_step` closes over everything static (networks, optimizer, schedules, the
-normalization) and returns `step(state, batch) -> (state, metrics)`, jitted once by the
-loop over the mesh. Views arrive as uint8 NHWC; normalization happens here, on device
+normalization) and returns `step(state, batch) -> (state, metrics)`; `trainer.py` jits it
+once over the mesh. Views arrive as uint8 NHWC; normalization happens here, on device
 (with data.augment_on_device, after the colour/blur/flip augmentation of device_augment).
 """
 import jax
@@ -13,12 +13,8 @@ from clusiam_jax import losses
 from clusiam_jax.data import device_augment
 from clusiam_jax.data.augment import AugmentConfig
 from clusiam_jax.models import METHOD_SPECS, build_target_encoder
+from clusiam_jax.models.preprocess import normalize_input
 from clusiam_jax.train.optimizer import ema_update
-
-
-def normalize_images(x, mean, std, dtype=jnp.float32):
-    """ToTensor + Normalize: uint8 [0, 255] -> (x / 255 - mean) / std."""
-    return device_augment.normalize(x.astype(jnp.float32) / 255.0, mean, std, dtype)
 
 
 def make_input_views(config, mean, std, dtype):
@@ -28,19 +24,19 @@ def make_input_views(config, mean, std, dtype):
     and hflip are drawn here per sample (device_augment), each view with its own key.
     """
     if not config.data.augment_on_device:
-        return lambda key, batch: [normalize_images(batch[name], mean, std, dtype)
+        return lambda key, batch: [normalize_input(batch[name], mean, std, dtype)
                                    for name in ('view1', 'view2')]
     cfg = AugmentConfig.from_config(config)
 
     def views(key, batch):
-        return [device_augment.normalize(device_augment.augment_views(k, batch[name], cfg),
-                                         mean, std, dtype)
+        return [normalize_input(device_augment.augment_views(k, batch[name], cfg),
+                                mean, std, dtype)
                 for k, name in zip(jax.random.split(key), ('view1', 'view2'))]
     return views
 
 
 def apply_per_view(module, params, batch_stats, views):
-    """Apply `module` to each view in turn, threading BatchNorm statistics (SPEC s3).
+    """Apply `module` to each view in turn, threading BatchNorm statistics (docs/method.md §3).
 
     Each view is normalised by its own batch statistics and the running averages update
     once per view, view 1 first: never concatenate the views into one batch.
@@ -55,7 +51,7 @@ def apply_per_view(module, params, batch_stats, views):
 
 
 def cluster_diagnostics(key, logits):
-    """Collapse diagnostics (SPEC s6) over the stacked logits [N, K].
+    """Collapse diagnostics (docs/method.md §6) over the stacked logits [N, K].
 
     active_clusters: distinct argmax clusters without noise; active_clusters_gumbel: after
     a fresh Gumbel draw; gumbel_agreement: fraction of rows whose noisy argmax equals the

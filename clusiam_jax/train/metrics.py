@@ -1,0 +1,157 @@
+"""What a run reports: per-step metrics fetched at log steps, the per-epoch CSV, TensorBoard
+scalars, skipped non-finite steps and the collapse warnings (files: process 0 only)."""
+import collections
+import csv
+import logging
+import math
+import os
+
+import jax
+
+from clusiam_jax.errors import NonFiniteError
+
+log = logging.getLogger('clusiam_jax')
+
+CSV_FIELDS = ('epoch', 'step', 'time_s', 'pairs_per_s', 'lr', 'loss', 'invariance', 'cluster',
+              'active_clusters', 'active_clusters_gumbel', 'gumbel_agreement',
+              'cluster_entropy')
+TB_DIR = 'tb'
+
+
+class MetricWriter:
+    """Appends one CSV row per epoch to <workdir>/metrics.csv and writes TensorBoard events
+    to <workdir>/tb (open with `tensorboard --logdir <workdir>/tb`)."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.csv_path = os.path.join(workdir, 'metrics.csv')
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # no TensorFlow needed
+            self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
+
+    def scalars(self, step: int, values: dict, prefix: str = 'train/'):
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self._tb.add_scalar(prefix + name, value, step)
+
+    def epoch_row(self, row: dict):
+        if not self.enabled:
+            return
+        new = not os.path.exists(self.csv_path)
+        with open(self.csv_path, 'a', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, '') for k in CSV_FIELDS})
+        self._tb.flush()
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+class SkippedSteps:
+    """train.on_nonfinite='skip': the steps the train step rejected (NaN/Inf loss or
+    gradient, state left as it was), each logged and appended to
+    <workdir>/nonfinite_steps.txt; more than `max_in_a_row` in a row end the run, since
+    a run that only skips has diverged. The count in a row restarts with the process."""
+
+    FILE_NAME = 'nonfinite_steps.txt'
+
+    def __init__(self, workdir: str, max_in_a_row: int, write: bool):
+        self.path = os.path.join(workdir, self.FILE_NAME) if write else None
+        self.max_in_a_row, self.in_a_row = max_in_a_row, 0
+
+    def accepted(self):
+        self.in_a_row = 0
+
+    def skipped(self, step: int, metrics: dict):
+        self.in_a_row += 1
+        values = f"loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])}"
+        log.warning('step %d: %s; skipped (the state is unchanged, the batch is consumed)',
+                    step, values)
+        if self.path:
+            with open(self.path, 'a') as f:
+                f.write(f'{step} {values}\n')
+        if self.in_a_row > self.max_in_a_row:
+            raise NonFiniteError(f'{self.in_a_row} steps in a row up to step {step} had a '
+                                 f'non-finite loss or gradient (train.max_consecutive_skips='
+                                 f'{self.max_in_a_row}); the last checkpoint is untouched')
+
+
+class EpochStats:
+    """Host-side means of the per-step metrics, fetched only at log steps.
+
+    Without `skips`, a non-finite metric raises NonFiniteError; with it, the steps the
+    train step marked `skipped` go to `skips` and are left out of the means.
+    """
+
+    def __init__(self, skips: SkippedSteps = None):
+        self.pending, self.sums, self.count = [], collections.defaultdict(float), 0
+        self.skips, self.skipped = skips, 0
+
+    def add(self, step, metrics):
+        self.pending.append((step, metrics))
+
+    def flush(self):
+        """Fetches the pending device metrics (a host sync) and returns their means."""
+        fetched = jax.device_get([m for _, m in self.pending])
+        window, n, skipped = collections.defaultdict(float), 0, 0
+        for (step, _), metrics in zip(self.pending, fetched):
+            if self.skips is not None:
+                if metrics.pop('skipped') > 0:
+                    skipped += 1
+                    self.skips.skipped(step, metrics)
+                    continue
+                self.skips.accepted()
+            for name, value in metrics.items():
+                value = float(value)
+                if not math.isfinite(value):
+                    raise NonFiniteError(f'non-finite {name}={value} at step {step}; '
+                                         f'no checkpoint was written for it')
+                window[name] += value
+                self.sums[name] += value
+            n += 1
+        self.count += n
+        self.skipped += skipped
+        self.pending = []
+        means = {k: v / n for k, v in window.items()} if n else {}
+        if self.skips is not None:
+            means['skipped_steps'] = skipped
+        return means
+
+    def means(self):
+        self.flush()
+        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        if self.skips is not None:
+            means['skipped_steps'] = self.skipped
+        return means
+
+
+def collapse_warnings(means: dict, num_clusters: int, num_samples: int):
+    """The two collapse modes the original's README names (docs/method.md §6), from the
+    epoch means over `num_samples` cluster assignments (steps x 2 x batch).
+
+    Mode 1: one logit dimension dominates, so even with Gumbel noise nearly every sample
+    lands in the same one or two clusters. Mode 2: the logits are nearly uniform, so the
+    Gumbel draw decides the assignment at random: the noisy argmax agrees with the clean
+    one about 1/K of the time. Mode 2 is called only when the agreement is below 1.5/K by
+    more than its sampling noise (a one-sided 95% bound): an epoch of a few small batches
+    (the demo's 64 assignments) measures it to about +-0.07, far coarser than 1/K.
+    """
+    found = []
+    gumbel_active = means.get('active_clusters_gumbel')
+    if gumbel_active is not None and gumbel_active <= max(2.0, num_clusters / 50):
+        found.append(f'collapse mode 1 (one cluster dimension dominates): only '
+                     f'{gumbel_active:.1f} clusters used even after Gumbel noise; the cluster '
+                     f'weight loss.alpha may be too large')
+    agreement = means.get('gumbel_agreement')
+    if agreement is not None and num_samples > 0:
+        noise = 1.645 * math.sqrt(max(agreement * (1 - agreement), 1e-12) / num_samples)
+        if agreement + noise < 1.5 / num_clusters:
+            found.append(f'collapse mode 2 (near-uniform logits): Gumbel assignments agree '
+                         f'with the argmax only {agreement:.3f} of the time (random: '
+                         f'{1 / num_clusters:.3f}); loss.alpha may be too small')
+    return found

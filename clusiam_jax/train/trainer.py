@@ -1,0 +1,114 @@
+"""The one builder of what trains: network, optimizer, schedules, state and compiled step.
+
+    trainer = build_trainer(config, mesh, steps_per_epoch, mean, std)
+    state = trainer.init_state()                 # replicated on the mesh
+    state, metrics = trainer.step(state, batch)  # jitted; donates `state`
+
+The training loop, every benchmark and every test that trains build their step here, so a
+change to the step's inputs is one edit. `config` must have passed `config.validate`.
+"""
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from clusiam_jax import parallel
+from clusiam_jax.models import METHOD_SPECS, SSLNetwork, build_network
+from clusiam_jax.models.conv import compiler_options
+from clusiam_jax.state import TrainState, create_train_state
+from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
+from clusiam_jax.train.step import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    config: object
+    mesh: Mesh
+    network: SSLNetwork
+    tx: optax.GradientTransformation
+    lr_schedule: Callable
+    ema_schedule: Callable
+    mean: Sequence[float]
+    std: Sequence[float]
+    step_fn: Callable          # the pure step (state, batch) -> (state, metrics)
+
+    @property
+    def has_target(self) -> bool:
+        return METHOD_SPECS[self.network.method].has_target
+
+    def new_state(self) -> TrainState:
+        """The initial state, unplaced (call under jit or eval_shape)."""
+        return create_train_state(self.network, self.tx, self.has_target,
+                                  self.config.train.seed, self.config.data.image_size)
+
+    def init_state(self) -> TrainState:
+        """The initial state, created on the devices already replicated."""
+        return jax.jit(self.new_state, out_shardings=parallel.replicated(self.mesh))()
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs of the state with the mesh's (replicated) sharding: the
+        target of a checkpoint restore."""
+        replicated = parallel.replicated(self.mesh)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            jax.eval_shape(self.new_state))
+
+    def abstract_batch(self, batch_size=None):
+        """The global batch the step takes: two uint8 views, split along the mesh."""
+        size = self.config.data.image_size
+        shape = (batch_size or self.config.train.batch_size, size, size, 3)
+        sharding = parallel.batch_sharded(self.mesh)
+        return {name: jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=sharding)
+                for name in ('view1', 'view2')}
+
+    @functools.cached_property
+    def step(self):
+        """jit over the mesh: state replicated (and donated), batch split along `data`,
+        compiled with the options the network's conv_impl needs (models.conv)."""
+        replicated = parallel.replicated(self.mesh)
+        return jax.jit(self.step_fn,
+                       in_shardings=(replicated, parallel.batch_sharded(self.mesh)),
+                       out_shardings=(replicated, replicated), donate_argnums=0,
+                       compiler_options=compiler_options(self.network.conv_impl))
+
+    def compile(self, state=None, batch=None):
+        """(compiled step, seconds it took) for the avals of `state` and `batch` (default:
+        the abstract state and batch of the config), so a run can say it is compiling and
+        its throughput excludes the compilation. The compiled step takes only inputs
+        like these (jax.jit's own cache does not see it)."""
+        start = time.perf_counter()
+        compiled = self.step.lower(self.abstract_state() if state is None else state,
+                                   self.abstract_batch() if batch is None else batch).compile()
+        return compiled, time.perf_counter() - start
+
+
+def build_trainer(config, mesh=None, steps_per_epoch: int = 1, mean=None, std=None) -> Trainer:
+    """Everything a run trains with, from a validated config and a mesh (default: all
+    devices). steps_per_epoch shapes the per-epoch lr and EMA schedules; mean/std (the
+    normalization, default data.mean/std) are applied on the device in the step."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    mean = config.data.mean if mean is None else mean
+    std = config.data.std if std is None else std
+    if mean is None or std is None:
+        raise ValueError('build_trainer needs mean/std, or data.mean/std in the config')
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    network = build_network(config.model)
+    tx, lr_schedule = make_optimizer(config, steps_per_epoch)
+    ema_schedule = ema_momentum(config, steps_per_epoch * config.train.num_epochs)
+    step_fn = make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule)
+    return Trainer(config=config, mesh=mesh, network=network, tx=tx, lr_schedule=lr_schedule,
+                   ema_schedule=ema_schedule, mean=mean, std=std, step_fn=step_fn)
+
+
+def random_batch(trainer: Trainer, seed: int = 0, batch_size=None):
+    """Two views of random uint8 pixels, placed on the mesh like a real batch (benchmarks
+    and tests that need no data)."""
+    rng = np.random.default_rng(seed)
+    abstract = trainer.abstract_batch(batch_size)
+    return {name: jax.device_put(rng.integers(0, 256, a.shape, dtype=np.uint8), a.sharding)
+            for name, a in abstract.items()}
