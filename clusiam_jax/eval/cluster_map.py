@@ -5,13 +5,25 @@ is drawn at ``downsample`` (level-0 pixels per map pixel). Without a thumbnail,
 the canvas is sized from the slide's level-0 dimensions when known, so the map
 lines up with the slide; only when they are unknown does it fall back to the
 extent of the patches (largest coordinate + patch size).
+
+``draw_export_maps`` draws one map per slide of an export (read through
+export/format.py), over thumbnails found by slide id.
 """
 
 import functools
+import logging
 import math
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.export import format as fmt
+
+log = logging.getLogger("clusiam_jax")
+
+THUMBNAIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
 
 # ---------------------------------------------------------------------- palette
@@ -175,3 +187,68 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
     if out_path is not None:
         Image.fromarray(image).save(out_path, format="PNG")
     return image
+
+
+# -------------------------------------------------------------------- over an export
+
+def find_thumbnail(thumbnail, slide_id, n_slides):
+    """The thumbnail file for a slide: `thumbnail` itself when it is a file (only for
+    a one-slide export), else `<thumbnail>/<slide_id>[_thumb].<ext>`; None if absent."""
+    if not thumbnail:
+        return None
+    if os.path.isfile(thumbnail):
+        if n_slides > 1:
+            raise ConfigError(f"export.thumbnail {thumbnail} is one file but the export has "
+                              f"{n_slides} slides: give a folder of <slide_id>.png thumbnails")
+        return thumbnail
+    if not os.path.isdir(thumbnail):
+        raise ConfigError(f"thumbnail not found: {thumbnail}")
+    for stem in (slide_id, slide_id + "_thumb"):
+        for ext in THUMBNAIL_EXTENSIONS:
+            path = os.path.join(thumbnail, stem + ext)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _open_thumbnail(path, downsample):
+    if not downsample or downsample <= 0:
+        raise ConfigError("a thumbnail needs its downsample (level-0 pixels per thumbnail "
+                          "pixel: export.thumbnail_downsample, or --downsample)")
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError is one
+        raise DataError(f"thumbnail {path} is not a readable image ({e})") from None
+
+
+def draw_export_maps(out_dir, thumbnail=None, downsample=None):
+    """Draws `<out_dir>/cluster_maps/<slide>.png` for every slide with coordinates and
+    cluster ids; returns the written paths. Over the slide's thumbnail when one is found
+    (then `downsample`, level-0 pixels per thumbnail pixel, is required), else over a
+    white mosaic canvas."""
+    if downsample is not None and downsample < 0:
+        raise ConfigError(f"the thumbnail downsample must be positive; got {downsample}")
+    rows = fmt.read_export_manifest(out_dir)
+    written = []
+    for row in rows:
+        arrays = fmt.read_slide(out_dir, row)
+        if "cluster_ids" not in arrays:
+            log.info("cluster maps: the model has no cluster head; nothing to draw")
+            return written
+        coords, ids = arrays["coords"], arrays["cluster_ids"]
+        known = np.all(coords >= 0, axis=1)
+        if not known.any():
+            log.warning("cluster maps: slide %s has no patch coordinates; skipped",
+                        row["slide_id"])
+            continue
+        thumb_path = find_thumbnail(thumbnail, row["slide_id"], len(rows))
+        thumb = _open_thumbnail(thumb_path, downsample) if thumb_path else None
+        k = arrays["cluster_logits"].shape[1] if "cluster_logits" in arrays else None
+        path = fmt.map_file(out_dir, row)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with fmt.atomic_write(path) as tmp:
+            draw_cluster_map(coords[known], ids[known], arrays.get("patch_size") or 224,
+                             thumbnail=thumb, downsample=downsample if thumb else None,
+                             num_clusters=k, out_path=tmp)
+        written.append(path)
+    return written

@@ -1,4 +1,4 @@
-"""DSMIL slide-level evaluation (SPEC section 7), written from its description.
+"""DSMIL slide-level evaluation (docs/method.md §7), written from its description.
 
 A bag is one slide: its patch embeddings [N, D]. The model scores instances
 with a linear classifier, takes per class the highest-scoring ("critical")
@@ -21,11 +21,9 @@ Selection discipline: the best epoch and the per-class decision thresholds are
 chosen on the validation split; the test split is evaluated once, with them.
 """
 
-import csv
 import dataclasses
 import functools
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -33,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clusiam_jax.errors import DataError
 from clusiam_jax.eval.metrics import roc_auc, youden_threshold
-
+from clusiam_jax.eval.splits import read_splits, require_in_export
+from clusiam_jax.export.format import read_h5_array, slide_feature_files
 
 # --------------------------------------------------------------------------- model
 
@@ -102,7 +102,10 @@ def dsmil_score(bag_logits, max_instance_logits):
 
 # ----------------------------------------------------------------------- padding
 
-def bucket_length(n, min_size=64, growth=math.sqrt(2)):
+SQRT2 = math.sqrt(2)
+
+
+def bucket_length(n, min_size=64, growth=SQRT2):
     """Smallest size >= n on the ladder min_size, x growth, ... (multiples of 8).
 
     A sqrt(2) ladder wastes at most ~41% on padding and gives ~2 shapes per
@@ -132,7 +135,7 @@ def pad_bag(features, min_size=64):
 
 @dataclasses.dataclass
 class DSMILConfig:
-    """Training recipe; the defaults are SPEC section 7 (eta_min from DSMIL's code)."""
+    """Training recipe; the defaults are docs/method.md §7 (eta_min from DSMIL's code)."""
     epochs: int = 200
     lr: float = 2e-4
     betas: tuple = (0.5, 0.9)
@@ -142,7 +145,7 @@ class DSMILConfig:
     min_bucket: int = 64
 
 
-def make_optimizer(config):
+def dsmil_optimizer(config):
     """Adam with coupled weight decay (PyTorch Adam's weight_decay), before the lr.
 
     The learning rate is applied by the train step (``epoch_learning_rate``),
@@ -169,7 +172,7 @@ def _trainer(num_classes, query_dim, betas, weight_decay):
     """
     config = DSMILConfig(betas=betas, weight_decay=weight_decay)
     return _Trainer(DSMIL(num_classes=num_classes, query_dim=query_dim),
-                    make_optimizer(config))
+                    dsmil_optimizer(config))
 
 
 def _one_hot(label, num_classes):
@@ -206,9 +209,9 @@ class _Trainer:
         """(scores [B, C], mean loss) over padded device bags."""
         scores, losses = [], []
         for feats, mask, label in bags:
-            s, l = self.eval_step(params, feats, mask, _one_hot(label, num_classes))
-            scores.append(s)
-            losses.append(l)
+            score, loss = self.eval_step(params, feats, mask, _one_hot(label, num_classes))
+            scores.append(score)
+            losses.append(loss)
         # Gathered on the host: jnp.stack would compile once per list length.
         return np.stack(jax.device_get(scores)), float(np.mean(jax.device_get(losses)))
 
@@ -251,7 +254,7 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
     Args:
       *_bags: lists of (features [N, D], label int in [0, num_classes)).
       num_classes: C; labels are one-hot targets over C sigmoid outputs.
-      config: DSMILConfig (defaults: SPEC section 7).
+      config: DSMILConfig (defaults: docs/method.md §7).
       seed: initializes the model and orders the training bags each epoch.
       log_fn: optional callable(dict) called once per epoch.
 
@@ -346,70 +349,53 @@ def summarize_seeds(results):
 
 # -------------------------------------------------------------------- data input
 
-def read_split_csv(path, class_names=None):
-    """Reads ``slide_id,label,split`` rows into {split: [(slide_id, label index)]}.
-
-    ``split`` is train, val (or validation) or test. Labels that are all
-    integers are used as class indices; otherwise the class names are sorted
-    (or taken in the order of ``class_names``) and mapped to 0..C-1.
-    Returns (splits, class_names).
-    """
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = {"slide_id", "label", "split"} - set(rows[0].keys() if rows else ())
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}")
-    raw = [r["label"].strip() for r in rows]
+def class_splits(splits_path, class_names=None):
+    """{split: [(slide_id, label index)]} and the class names, from a splits file with
+    labels (eval/splits.py). Labels that are all integers are class indices; otherwise
+    the names are sorted (or taken in the order of `class_names`) and mapped to 0..C-1."""
+    table = read_splits(splits_path)
+    unlabeled = [slide for slide, (_, label) in table.items() if not label]
+    if unlabeled:
+        raise DataError(f'{splits_path}: slide-level evaluation needs a label column; '
+                        f'{len(unlabeled)} slides have none, e.g. {unlabeled[:3]}')
+    raw = [label for _, label in table.values()]
     if class_names is None:
         if all(v.lstrip("-").isdigit() for v in raw):
-            n = max(int(v) for v in raw) + 1
-            class_names = [str(i) for i in range(n)]
+            class_names = [str(i) for i in range(max(int(v) for v in raw) + 1)]
         else:
             class_names = sorted(set(raw))
     index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(raw) - set(index))
+    if unknown:
+        raise DataError(f'{splits_path}: labels {unknown} are not among {class_names}')
     splits = {"train": [], "val": [], "test": []}
-    for r, label in zip(rows, raw):
-        split = r["split"].strip().lower()
-        split = "val" if split == "validation" else split
-        if split not in splits:
-            raise ValueError(f"{path}: unknown split {r['split']!r}")
-        splits[split].append((r["slide_id"].strip(), index[label]))
+    for slide, (split, label) in table.items():
+        splits[split].append((slide, index[label]))
+    for split in ("train", "val"):
+        if not splits[split]:
+            raise DataError(f'{splits_path} lists no {split} slide (DSMIL chooses its epoch '
+                            f'and thresholds on val)')
     return splits, list(class_names)
 
 
-def load_h5_features(features, slide_id, key="features"):
-    """``features`` of one slide's HDF5 file (the CLAM layout of the export).
-
-    features: a folder holding ``<slide_id>.h5``, or {slide_id: path of its file} (an
-    export's manifest: its file names replace characters a slide id may hold).
-    """
-    import h5py  # only needed when reading exports
-    if isinstance(features, dict):
-        if slide_id not in features:
-            raise ValueError(f"slide {slide_id!r} of the splits is not in the export")
-        path = features[slide_id]
-    else:
-        path = os.path.join(features, f"{slide_id}.h5")
-    with h5py.File(path, "r") as f:
-        return np.asarray(f[key], np.float32)
-
-
-def run_dsmil(split_csv, features, seeds=(0, 1, 2, 3, 4), config=None,
+def run_dsmil(splits_path, features, seeds=(0, 1, 2, 3, 4), config=None,
               class_names=None, log_fn=None):
-    """DSMIL over several seeds on exported per-slide features (`features`: as
-    load_h5_features takes it).
+    """DSMIL over several seeds on per-slide HDF5 features (`features`: an export of
+    ours or a folder of CLAM-style `<slide_id>.h5`, export/format.py).
 
     Returns {"class_names", "seeds", "runs" (per seed, without params),
     "summary" (mean/std over seeds)}.
     """
-    splits, class_names = read_split_csv(split_csv, class_names)
+    splits, class_names = class_splits(splits_path, class_names)
+    files = slide_feature_files(features)
+    require_in_export(splits_path, [s for rows in splits.values() for s, _ in rows], files)
     cache = {}
 
     def bags(split):
         out = []
         for slide_id, label in splits[split]:
             if slide_id not in cache:
-                cache[slide_id] = load_h5_features(features, slide_id)
+                cache[slide_id] = read_h5_array(files[slide_id])
             out.append((cache[slide_id], label))
         return out
 

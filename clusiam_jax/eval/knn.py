@@ -1,4 +1,4 @@
-"""k-nearest-neighbour evaluation by cosine similarity (SPEC section 7, patch level).
+"""k-nearest-neighbour evaluation by cosine similarity (docs/method.md §7, patch level).
 
 References and queries are L2-normalized, so cosine similarity is a dot product.
 Millions of references do not fit one similarity matrix, so the search is

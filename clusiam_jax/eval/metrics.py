@@ -68,10 +68,11 @@ def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
         "accuracy": float(np.mean(y_true == y_pred)) if y_true.size else float("nan"),
         "balanced_accuracy": float(recall.mean()) if recall.size else float("nan"),
         "macro_f1": float(f1.mean()) if f1.size else float("nan"),
-        "per_class_f1": {_python_scalar(l): float(v) for l, v in zip(labels, f1)},
+        "per_class_f1": {_python_scalar(c): float(v) for c, v in zip(labels, f1)},
     }
     if positive_label is not None:
-        out["positive_f1"] = out["per_class_f1"].get(_python_scalar(np.asarray(positive_label)[()]), 0.0)
+        positive = _python_scalar(np.asarray(positive_label)[()])
+        out["positive_f1"] = out["per_class_f1"].get(positive, 0.0)
     return out
 
 

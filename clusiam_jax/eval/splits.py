@@ -1,0 +1,47 @@
+"""Splits files: which slide (or image) is in train, val or test, and its label.
+
+  slide_id,split[,label]      split: train, val (or validation), test
+
+Splits are by slide, never by patch: patches of one slide are correlated, and a patch
+split would let a probe learn the slide instead of the class.
+"""
+import csv
+import os
+from typing import Dict, Tuple
+
+from clusiam_jax.errors import DataError
+
+SPLITS = ('train', 'val', 'test')
+
+
+def read_splits(path: str) -> Dict[str, Tuple[str, str]]:
+    """{slide_id: (split, label or '')}; DataError (one line) for a file that does not fit."""
+    if not os.path.isfile(path):
+        raise DataError(f'splits file not found: {path}')
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in (reader.fieldnames or ())]
+        missing = {'slide_id', 'split'} - set(fields)
+        if missing:
+            raise DataError(f'{path}: missing column(s) {sorted(missing)} '
+                            f'(expected slide_id,split[,label])')
+        reader.fieldnames = fields
+        out = {}
+        for line, row in enumerate(reader, start=2):
+            split = (row['split'] or '').strip().lower()
+            split = 'val' if split == 'validation' else split
+            if split not in SPLITS:
+                raise DataError(f'{path}:{line}: unknown split {row["split"]!r} for '
+                                f'{row["slide_id"]!r} (use train, val or test)')
+            out[(row['slide_id'] or '').strip()] = (split, (row.get('label') or '').strip())
+    if not out:
+        raise DataError(f'{path} lists no slides')
+    return out
+
+
+def require_in_export(splits_path, listed, exported):
+    """DataError naming the listed slides the export lacks."""
+    missing = sorted(set(listed) - set(exported))
+    if missing:
+        raise DataError(f'{len(missing)} slides of {splits_path} are not in the export, '
+                        f'e.g. {missing[:3]}')

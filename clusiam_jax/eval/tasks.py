@@ -1,0 +1,89 @@
+"""The evaluators over an export, by name: each returns one JSON-able dict.
+
+  knn     patch kNN: references = train slides, queries = test slides (cosine, top-k vote)
+  linear  patch linear probe: weight decay chosen on the val slides (or on 20% of the
+          train slides when there are none)
+  dsmil   slide-level DSMIL: labels from the splits file; epoch and thresholds chosen on val
+  maps    cluster maps of every slide (no splits)
+
+Patch tasks use each patch's own label when the export has `labels` (from the patch
+source), else the slide's label (splits file, else the export's manifest).
+"""
+import numpy as np
+
+from clusiam_jax.errors import DataError
+from clusiam_jax.eval.splits import read_splits, require_in_export
+from clusiam_jax.export import format as fmt
+
+
+def patch_sets(export_dir, splits_path, key='features'):
+    """{split: (embeddings [N, D], labels [N], slide ids [N])} over the listed slides."""
+    splits = read_splits(splits_path)
+    data = fmt.read_export(export_dir, slides=set(splits))
+    require_in_export(splits_path, splits, data)
+    parts = {s: ([], [], []) for s in ('train', 'val', 'test')}
+    for slide, arrays in data.items():
+        split, slide_label = splits[slide]
+        if key not in arrays:
+            raise DataError(f'the export has no {key!r} for slide {slide} (projections are '
+                            f'exported with --config.export.with_projection=True)')
+        n = arrays[key].shape[0]
+        if 'labels' in arrays:
+            labels = np.asarray(arrays['labels'], dtype=object)
+        else:
+            label = slide_label or arrays['label']
+            if not label:
+                raise DataError(f'slide {slide} has no label (splits file or manifest)')
+            labels = np.full(n, label, dtype=object)
+        parts[split][0].append(arrays[key])
+        parts[split][1].append(labels)
+        parts[split][2].append(np.full(n, slide, dtype=object))
+    out = {}
+    for split, (x, y, g) in parts.items():
+        if x:
+            out[split] = (np.concatenate(x).astype(np.float32),
+                          np.concatenate(y).astype(str), np.concatenate(g).astype(str))
+    for split in ('train', 'test'):
+        if split not in out:
+            raise DataError(f'{splits_path} lists no {split} slide')
+    return out
+
+
+def run_knn(export_dir, splits_path, ks=(1,), positive_label=None, key='features'):
+    from clusiam_jax.eval.knn import knn_evaluate
+    sets = patch_sets(export_dir, splits_path, key)
+    (ref_x, ref_y, _), (query_x, query_y, _) = sets['train'], sets['test']
+    result = knn_evaluate(ref_x, ref_y, query_x, query_y, ks=ks,
+                          positive_label=positive_label)
+    return {'task': 'knn', 'n_reference': len(ref_y), 'n_query': len(query_y), **result}
+
+
+def run_linear(export_dir, splits_path, positive_label=None, key='features', seed=0):
+    from clusiam_jax.eval.linear import linear_probe
+    sets = patch_sets(export_dir, splits_path, key)
+    train_x, train_y, train_g = sets['train']
+    test_x, test_y, _ = sets['test']
+    val_x, val_y = (sets['val'][0], sets['val'][1]) if 'val' in sets else (None, None)
+    result = linear_probe(train_x, train_y, test_x, test_y, val_x=val_x, val_y=val_y,
+                          groups=train_g, seed=seed, positive_label=positive_label)
+    result['val_scores'] = {str(k): v for k, v in result['val_scores'].items()}
+    return {'task': 'linear', 'n_train': len(train_y), 'n_test': len(test_y), **result}
+
+
+def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
+    from clusiam_jax.eval import dsmil
+    if not seeds:
+        raise DataError('dsmil needs at least one seed (--seeds 0,1,2)')
+    if epochs < 1:
+        raise DataError(f'dsmil needs --epochs of at least 1; got {epochs}')
+    result = dsmil.run_dsmil(splits_path, export_dir, seeds=seeds,
+                             config=dsmil.DSMILConfig(epochs=epochs))
+    for r in result['runs']:  # per-epoch history and scores make the line unreadable
+        r.pop('history', None)
+        r.pop('test_scores', None)
+    return {'task': 'dsmil', **result}
+
+
+def run_maps(export_dir, thumbnail=None, downsample=None):
+    from clusiam_jax.eval.cluster_map import draw_export_maps
+    return {'task': 'maps', 'written': draw_export_maps(export_dir, thumbnail, downsample)}

@@ -1,0 +1,284 @@
+"""The embedding loop: every patch of a source through the online network, per slide.
+
+What is embedded (docs/method.md §7): each whole patch, resized to `image_size` with the
+training's bilinear resize, normalized with the *training* mean/std, through the online
+network in inference mode (BatchNorm running statistics). `features` is the pooled
+backbone output (512-d for ResNet-18), `cluster_logits` the cluster head's logits and
+`cluster_ids` their argmax (no Gumbel noise); `projections` (the projector output z)
+only with `with_projection`.
+
+Images are decoded by a thread pool ahead of the device, the forward pass is one jitted
+function over the mesh with a fixed batch (the last one padded), and each slide's file is
+written (export/format.py) the moment its last patch is through, so an interrupted export
+keeps every finished slide.
+"""
+import collections
+import concurrent.futures
+import dataclasses
+import datetime
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from clusiam_jax import parallel
+from clusiam_jax.data import augment, image_io, skips
+from clusiam_jax.export import format as fmt
+from clusiam_jax.models.conv import compiler_options
+from clusiam_jax.models.preprocess import normalize_input
+
+log = logging.getLogger('clusiam_jax')
+
+UNKNOWN_SLIDE = 'unknown_slide'
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedOptions:
+    """How to embed (the `export` config section, resolved against the run)."""
+    image_size: int = 224          # patches are resized to this (the run's training size)
+    batch_size: int = 256
+    export_format: str = 'h5'      # h5 | npz (export/format.py)
+    with_projection: bool = False
+    num_workers: int = 4           # image-decoding threads
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedder:
+    """A network with its inference weights and normalization, on a mesh."""
+    network: object
+    variables: dict                # {'params', 'batch_stats'} of the online network
+    mean: Sequence[float]
+    std: Sequence[float]
+    checkpoint_step: int
+    mesh: object = None
+
+    def embed_fn(self, with_projection: bool):
+        """jit(variables, uint8 [B, H, W, 3]) -> dict of per-patch outputs, batch sharded.
+
+        B must be a multiple of the mesh size (the caller pads the last batch).
+        """
+        network, mean, std = self.network, self.mean, self.std
+
+        def embed(variables, images):
+            x = normalize_input(images, mean, std, network.dtype)
+            out = network.apply(variables, x, train=False)
+            result = {'features': out['features'].astype(np.float32)}
+            if 'logits' in out:
+                result['cluster_logits'] = out['logits'].astype(np.float32)
+            if with_projection:
+                result['projections'] = out['z']
+            return result
+
+        return jax.jit(embed, in_shardings=(parallel.replicated(self.mesh),
+                                            parallel.batch_sharded(self.mesh)),
+                       out_shardings=parallel.batch_sharded(self.mesh),
+                       compiler_options=compiler_options(network.conv_impl))
+
+
+def group_by_slide(records) -> Dict[str, list]:
+    """{slide_id: [records]} in order of first appearance (records keep their order)."""
+    groups = collections.OrderedDict()
+    for r in records:
+        groups.setdefault(r.slide_id or UNKNOWN_SLIDE, []).append(r)
+    return groups
+
+
+def slide_label(labels) -> str:
+    """A slide's label: the one label its patches share, else ''."""
+    distinct = {label for label in labels if label}
+    return distinct.pop() if len(distinct) == 1 else ''
+
+
+def _load_patch(source, index, size):
+    """(uint8 [size, size, 3], original (h, w)) or (None, reason) for an unreadable file."""
+    try:
+        img = source.load(index)
+    except image_io.BadImageError as e:
+        return None, str(e)
+    h, w = img.shape[:2]
+    if (h, w) != (size, size):
+        img = augment.resized_crop(img, (0, 0, h, w), size)
+    return img, (h, w)
+
+
+def _prefetched(loads, executor, window):
+    """Results of `loads` (callables) in order, with at most `window` in flight."""
+    pending = collections.deque()
+    for fn in loads:
+        pending.append(executor.submit(fn))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class _SlideWriter:
+    """Gathers each slide's rows in order and writes its file when its last record is
+    through (npz: all slides into one file at the end)."""
+
+    def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log):
+        self.groups, self.out_dir, self.options = groups, out_dir, options
+        self.attrs, self.skip_log = attrs, skip_log
+        self.rows = {s: [] for s in groups}
+        self.seen = collections.Counter()
+        self.patch_size = {}
+        self.npz_parts = []
+        self.resize_noted = False
+
+    def add(self, slide, record, outputs: Optional[dict], shape_or_reason):
+        self.seen[slide] += 1
+        if outputs is None:
+            self.skip_log.record(record.path, shape_or_reason)
+        else:
+            self._note_resize(shape_or_reason)
+            self.patch_size.setdefault(slide, int(shape_or_reason[1]))
+            self.rows[slide].append((record, outputs))
+        if self.seen[slide] == len(self.groups[slide]):
+            self._finish(slide)
+
+    def _note_resize(self, shape):
+        """Says once that patches are resized: a model trained at 64 px embeds 224 px
+        tiles at 64 px (as its training saw whole tiles), which is right but not obvious."""
+        size = self.options.image_size
+        if self.resize_noted or tuple(shape) == (size, size):
+            return
+        self.resize_noted = True
+        log.info('export: patches of %dx%d px are resized to %d px (the image size the run '
+                 'trained at; --config.export.image_size embeds at another)', shape[1],
+                 shape[0], size)
+
+    def _arrays(self, rows):
+        recs = [r for r, _ in rows]
+        out = {'coords': np.array([[-1 if r.x is None else r.x, -1 if r.y is None else r.y]
+                                   for r in recs], np.int64).reshape(-1, 2),
+               'paths': np.array([r.path for r in recs], dtype=object)}
+        for name in rows[0][1]:
+            out[name] = np.stack([o[name] for _, o in rows])
+        if 'cluster_logits' in out:
+            out['cluster_ids'] = np.argmax(out['cluster_logits'], axis=1).astype(np.int32)
+        if any(r.label for r in recs):
+            out['labels'] = np.array([r.label or '' for r in recs], dtype=object)
+        return out
+
+    def _finish(self, slide):
+        rows = self.rows.pop(slide)
+        if not rows:
+            log.warning('export: slide %s has no readable patch; no file written', slide)
+            return
+        arrays = self._arrays(rows)
+        if self.options.export_format == 'npz':
+            arrays['patch_sizes'] = np.full(len(rows), self.patch_size[slide], np.int32)
+            self.npz_parts.append((slide, arrays))
+            return
+        attrs = dict(self.attrs, slide_id=slide, n_records=len(self.groups[slide]),
+                     n_patches=len(rows))
+        coords_attrs = {'patch_level': 0, 'patch_size': self.patch_size[slide],
+                        'downsample': np.array([1.0, 1.0]), 'name': slide}
+        fmt.write_slide_h5(os.path.join(self.out_dir, fmt.slide_file('h5', slide)), arrays,
+                           attrs, coords_attrs)
+
+    def close(self, n_records: int):
+        if self.options.export_format == 'npz':
+            fmt.write_npz(os.path.join(self.out_dir, fmt.NPZ_NAME), self.npz_parts,
+                          {'checkpoint_step': np.int64(self.attrs['checkpoint_step']),
+                           'n_records': np.int64(n_records),
+                           'norm_mean': self.attrs['norm_mean'],
+                           'norm_std': self.attrs['norm_std']})
+
+
+def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOptions,
+                      info: Optional[dict] = None) -> List[dict]:
+    """Embeds every patch of `opened` (records, source) into `out_dir`.
+
+    A rerun skips slides already written from the same checkpoint with the same patch
+    count. `info` (run, config, normalization origin) goes into export_info.json and the
+    files' attributes. Returns the manifest rows (slide_id, n_patches, label, file).
+    """
+    mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(
+        jax.local_devices())
+    embedder = dataclasses.replace(embedder, mesh=mesh)
+    records, source = opened
+    step, fmt_name = embedder.checkpoint_step, options.export_format
+    groups = group_by_slide(records)
+    fmt.prepare_out_dir(out_dir, fmt_name)
+    skip_log = skips.SkipLog(os.path.join(out_dir, fmt.SKIPPED_NAME))
+
+    if fmt_name == 'npz':
+        todo = [] if fmt.is_finished(out_dir, 'npz', '', step, len(records)) else list(groups)
+    else:
+        todo = [s for s in groups
+                if not fmt.is_finished(out_dir, 'h5', s, step, len(groups[s]))]
+    if len(todo) < len(groups):
+        log.info('export: %d of %d slides already exported from step %d; skipping them',
+                 len(groups) - len(todo), len(groups), step)
+    attrs = {'checkpoint_step': step, 'method': embedder.network.method,
+             'backbone': embedder.network.backbone, 'image_size': options.image_size,
+             'norm_mean': np.asarray(embedder.mean, np.float64),
+             'norm_std': np.asarray(embedder.std, np.float64),
+             'export_version': fmt.FORMAT_VERSION,
+             'features': 'pooled backbone output, inference-mode BatchNorm'}
+    if info is not None:
+        attrs['config_json'] = info['config_json']
+    writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log)
+    stream = [(s, r) for s in todo for r in groups[s]]
+    if stream:
+        _embed_stream(embedder, source, records, stream, writer, options)
+        writer.close(len(records))
+
+    counts = fmt.written_counts(out_dir, fmt_name, list(groups))
+    rows = [{'slide_id': s, 'n_patches': counts[s],
+             'label': slide_label([r.label for r in groups[s]]),
+             'file': fmt.slide_file(fmt_name, s)} for s in groups if s in counts]
+    fmt.write_manifest(out_dir, rows)
+    if info is not None:
+        fmt.write_info(out_dir, dict(
+            {k: v for k, v in info.items() if k != 'config_json'},
+            checkpoint_step=step, format=fmt_name, image_size=options.image_size,
+            with_projection=options.with_projection, n_slides=len(rows),
+            n_patches=int(sum(r['n_patches'] for r in rows)),
+            n_skipped=len(skip_log.paths()),
+            finished=datetime.datetime.now().isoformat(timespec='seconds')))
+    return rows
+
+
+def _embed_stream(embedder, source, records, stream, writer, options):
+    """The device loop: fixed-size batches of decoded patches through the network."""
+    ndev = embedder.mesh.devices.size
+    # One compiled shape: a fixed batch, a multiple of the devices, no larger than the
+    # work (a 40-patch demo must not pad to 256).
+    batch = min(-(-options.batch_size // ndev) * ndev, -(-len(stream) // ndev) * ndev)
+    embed = embedder.embed_fn(options.with_projection)
+    size = options.image_size
+    index_of = {id(r): i for i, r in enumerate(records)}
+    loads = (lambda r=r: _load_patch(source, index_of[id(r)], size) for _, r in stream)
+    bar = tqdm(total=len(stream), unit='patch', desc='export', dynamic_ncols=True)
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, options.num_workers))
+    try:
+        chunk = []
+        for item in zip(stream, _prefetched(loads, pool, window=2 * batch)):
+            chunk.append(item)
+            if len(chunk) == batch:
+                _embed_chunk(embed, embedder.variables, chunk, batch, size, writer)
+                bar.update(len(chunk))
+                chunk = []
+        if chunk:
+            _embed_chunk(embed, embedder.variables, chunk, batch, size, writer)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _embed_chunk(embed, variables, chunk, batch, size, writer):
+    images = np.zeros((batch, size, size, 3), np.uint8)
+    valid = [i for i, (_, (img, _)) in enumerate(chunk) if img is not None]
+    for i in valid:
+        images[i] = chunk[i][1][0]
+    outputs = jax.device_get(embed(variables, images)) if valid else {}
+    for i, ((slide, record), (img, shape)) in enumerate(chunk):
+        writer.add(slide, record, {k: v[i] for k, v in outputs.items()} if img is not None
+                   else None, shape)
+

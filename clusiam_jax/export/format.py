@@ -1,0 +1,256 @@
+"""The export's on-disk layout: names, writers, readers and the resume check.
+
+This module is the only one that knows how an export is laid out (docs/formats.md);
+the embedding loop writes through it, and evaluation, cluster maps and DSMIL read
+through it, so an export copied to another machine is read without the run.
+
+  h5_files/<slide>.h5   per slide, the CLAM layout: `features` float32 [N, D], `coords`
+                        int64 [N, 2] (level-0 top-left x, y; -1 when unknown) with attrs
+                        patch_level, patch_size, downsample, name; plus `cluster_ids`
+                        int32 [N], `cluster_logits` float32 [N, K], `paths` (utf-8),
+                        `labels` (utf-8, when the source has them), `projections`
+                        (optional); file attrs: checkpoint step, model, normalization,
+                        image size, the run's config
+  embeddings.npz        instead of h5_files/ (format npz): the same arrays over all
+                        patches, plus `slide_ids` and `patch_sizes`
+  manifest.csv          slide_id, n_patches, label, file (relative to the export)
+  export_info.json      run, checkpoint step, normalization, counts
+  skipped_files.txt     unreadable patches (skipped, as in training)
+  cluster_maps/<slide>.png
+
+Every file is written under a temporary name and renamed, so a crash leaves no
+half-written file under a final name.
+"""
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+from typing import Dict, Iterable, List
+
+import numpy as np
+
+from clusiam_jax.errors import DataError
+
+FORMAT_VERSION = 1
+H5_DIR = 'h5_files'
+NPZ_NAME = 'embeddings.npz'
+MANIFEST_NAME = 'manifest.csv'
+INFO_NAME = 'export_info.json'
+SKIPPED_NAME = 'skipped_files.txt'
+MAPS_DIR = 'cluster_maps'
+MANIFEST_FIELDS = ('slide_id', 'n_patches', 'label', 'file')
+_TEMPORARY = re.compile(r'\.tmp\d+$')
+
+
+# ------------------------------------------------------------------------- names
+
+def slide_file_name(slide_id: str) -> str:
+    """A file-system safe stem for a slide id."""
+    return re.sub(r'[^\w.\-]+', '_', slide_id) or '_'
+
+
+def slide_file(export_format: str, slide_id: str) -> str:
+    """The file (relative to the export) that holds a slide's arrays."""
+    if export_format == 'npz':
+        return NPZ_NAME
+    return os.path.join(H5_DIR, slide_file_name(slide_id) + '.h5')
+
+
+def map_file(out_dir: str, row: dict) -> str:
+    """Where a slide's cluster map goes: named like its h5 file, or by slide id."""
+    stem = (os.path.splitext(os.path.basename(row['file']))[0]
+            if row['file'].endswith('.h5') else slide_file_name(row['slide_id']))
+    return os.path.join(out_dir, MAPS_DIR, stem + '.png')
+
+
+# ------------------------------------------------------------------------ writing
+
+@contextlib.contextmanager
+def atomic_write(path: str):
+    """Yields a temporary path next to `path`, renamed onto it only if the body
+    finishes: a crash never leaves a half-written file under the final name."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def prepare_out_dir(out_dir: str, export_format: str):
+    """Creates the folders and deletes temporaries a killed export left (never read:
+    they do not end in .h5 / .npz)."""
+    folders = [out_dir] + ([os.path.join(out_dir, H5_DIR)] if export_format == 'h5' else [])
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if _TEMPORARY.search(name):
+                os.remove(os.path.join(folder, name))
+
+
+def write_slide_h5(path: str, arrays: Dict[str, np.ndarray], attrs: dict, coords_attrs: dict):
+    import h5py  # only exports need it
+    with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
+        for name, value in arrays.items():
+            if value.dtype.kind in 'OU':
+                f.create_dataset(name, data=np.asarray(value, dtype=object),
+                                 dtype=h5py.string_dtype('utf-8'))
+            else:
+                f.create_dataset(name, data=value)
+        f.attrs.update(attrs)
+        f['coords'].attrs.update(coords_attrs)
+
+
+def write_npz(path: str, parts, attrs: dict):
+    """One set of arrays over all slides (`parts`: [(slide_id, arrays)]), strings as
+    unicode so that loading needs no pickle; `attrs` as 0-d arrays."""
+    out = {}
+    for name in sorted({k for _, arrays in parts for k in arrays}):
+        # Only `labels` can be missing for some slides (their patches have none): '' rows
+        # keep every array aligned with slide_ids.
+        values = [arrays[name] if name in arrays else
+                  np.full(len(arrays['coords']), '', dtype=object) for _, arrays in parts]
+        joined = np.concatenate(values) if values else np.zeros((0,))
+        out[name] = joined.astype(str) if joined.dtype == object else joined
+    out['slide_ids'] = (np.concatenate([np.full(len(arrays['coords']), slide)
+                                        for slide, arrays in parts]).astype(str)
+                        if parts else np.zeros((0,), str))
+    for name, value in attrs.items():
+        out[name] = np.asarray(value)
+    with atomic_write(path) as tmp, open(tmp, 'wb') as f:
+        np.savez(f, **out)
+
+
+def write_text(path: str, text: str):
+    with atomic_write(path) as tmp, open(tmp, 'w', newline='') as f:
+        f.write(text)
+
+
+def write_manifest(out_dir: str, rows: Iterable[dict]):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(os.path.join(out_dir, MANIFEST_NAME), buf.getvalue())
+
+
+def write_info(out_dir: str, info: dict):
+    write_text(os.path.join(out_dir, INFO_NAME), json.dumps(info, indent=2, default=str))
+
+
+# ----------------------------------------------------------------- resume check
+
+def is_finished(out_dir: str, export_format: str, slide_id: str, checkpoint_step: int,
+                n_records: int) -> bool:
+    """Whether the slide (every slide, for npz) is written from this checkpoint with
+    this many patch records: then a rerun skips it."""
+    path = os.path.join(out_dir, slide_file(export_format, slide_id))
+    if not os.path.exists(path):
+        return False
+    try:
+        if export_format == 'npz':
+            with np.load(path, allow_pickle=False) as f:
+                return (int(f['checkpoint_step']) == checkpoint_step
+                        and int(f['n_records']) == n_records)
+        import h5py
+        with h5py.File(path, 'r') as f:
+            return (int(f.attrs.get('checkpoint_step', -1)) == checkpoint_step
+                    and int(f.attrs.get('n_records', -1)) == n_records)
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def written_counts(out_dir: str, export_format: str, slide_ids) -> Dict[str, int]:
+    """{slide_id: patches written} for the slides whose output exists, read back from
+    the files (the manifest describes what is on disk, not what was planned)."""
+    counts = {}
+    if export_format == 'npz':
+        path = os.path.join(out_dir, NPZ_NAME)
+        if os.path.exists(path):
+            with np.load(path) as f:
+                ids, n = np.unique(f['slide_ids'], return_counts=True)
+            stored = dict(zip(ids.tolist(), n.tolist()))
+            counts = {s: stored[s] for s in slide_ids if stored.get(s)}
+        return counts
+    import h5py
+    for slide in slide_ids:
+        path = os.path.join(out_dir, slide_file('h5', slide))
+        if os.path.exists(path):
+            with h5py.File(path, 'r') as f:
+                counts[slide] = int(f['features'].shape[0])
+    return counts
+
+
+# ------------------------------------------------------------------------ reading
+
+def read_export_manifest(out_dir: str) -> List[dict]:
+    """The export's manifest rows (slide_id, n_patches, label, file)."""
+    path = os.path.join(out_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise DataError(f'{out_dir} is not an export: it has no {MANIFEST_NAME} (export '
+                        f'first: python launch.py --mode export --workdir RUN)')
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def _decode(values):
+    return np.array([v.decode('utf-8') if isinstance(v, bytes) else str(v) for v in values],
+                    dtype=object)
+
+
+def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
+    """{name: array} of one manifest row, plus `patch_size`; strings as str objects."""
+    path = os.path.join(out_dir, row['file'])
+    if row['file'].endswith('.npz'):
+        with np.load(path) as f:
+            keep = f['slide_ids'] == row['slide_id']
+            out = {k: (f[k][keep].astype(object) if f[k].dtype.kind == 'U' else f[k][keep])
+                   for k in f.files if f[k].ndim >= 1 and f[k].shape[0] == keep.shape[0]
+                   and k not in ('slide_ids', 'patch_sizes')}
+            out['patch_size'] = int(f['patch_sizes'][keep][0])
+            return out
+    import h5py
+    with h5py.File(path, 'r') as f:
+        out = {name: (_decode(ds[()]) if ds.dtype.kind in 'OS' else ds[()])
+               for name, ds in f.items()}
+        out['patch_size'] = int(f['coords'].attrs.get('patch_size', 0))
+        return out
+
+
+def read_export(out_dir: str, slides=None) -> Dict[str, dict]:
+    """{slide_id: arrays + its manifest `label`} for every slide (or only `slides`)."""
+    data = {}
+    for row in read_export_manifest(out_dir):
+        if slides is None or row['slide_id'] in slides:
+            data[row['slide_id']] = dict(read_slide(out_dir, row), label=row['label'])
+    return data
+
+
+def slide_feature_files(features: str) -> Dict[str, str]:
+    """{slide_id: path of its HDF5 file} for an export of ours (through its manifest:
+    file names replace characters a slide id may hold) or a folder of CLAM-style
+    `<slide_id>.h5` feature files."""
+    if os.path.isfile(os.path.join(features, MANIFEST_NAME)):
+        rows = read_export_manifest(features)
+        if any(not row['file'].endswith('.h5') for row in rows):
+            raise DataError(f'{features} is an npz export; slide-level evaluation reads '
+                            f'per-slide HDF5 files (export again with '
+                            f'--config.export.format=h5)')
+        return {row['slide_id']: os.path.join(features, row['file']) for row in rows}
+    if not os.path.isdir(features):
+        raise DataError(f'features folder not found: {features}')
+    return {os.path.splitext(name)[0]: os.path.join(features, name)
+            for name in sorted(os.listdir(features)) if name.endswith('.h5')}
+
+
+def read_h5_array(path: str, key: str = 'features') -> np.ndarray:
+    """One array of a per-slide HDF5 file (ours or CLAM's), as float32."""
+    import h5py
+    with h5py.File(path, 'r') as f:
+        if key not in f:
+            raise DataError(f'{path} has no {key!r} array (it has {", ".join(f.keys())})')
+        return np.asarray(f[key], np.float32)

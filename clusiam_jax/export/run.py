@@ -1,0 +1,107 @@
+r"""Export a run: the weights of its checkpoint over a patch source, to export/format.py's
+layout.
+
+  python launch.py --mode export --workdir RUN [--config.export.data_path=DIR]
+      [--config.export.out_dir=DIR] [--config.export.format=npz] ...
+
+The model, the image size it trained at and its normalization come from the run
+(config.json, normalization.json); the `export` config section says what to embed and
+how. `prepare_export` does everything that can fail on bad input before a patch is read
+(restore, normalization, listing the source); `ExportJob.run()` embeds.
+"""
+import dataclasses
+import json
+import logging
+import os
+from typing import List, Optional
+
+from clusiam_jax import run_dir
+from clusiam_jax.data import sources as sources_lib
+from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.export import format as fmt
+from clusiam_jax.export.embed import Embedder, EmbedOptions, export_embeddings, group_by_slide
+
+log = logging.getLogger('clusiam_jax')
+
+DEFAULT_DIR = 'export'
+
+
+def resolve_normalization(run: run_dir.Run, given: Optional[run_dir.Normalization]):
+    """The normalization to embed with: the run's; `given` (command line) only for runs
+    that recorded none, since embedding with other statistics than training's changes
+    every feature."""
+    recorded = run.normalization
+    if recorded is not None:
+        if given is not None and (tuple(given.mean), tuple(given.std)) != (recorded.mean,
+                                                                           recorded.std):
+            raise ConfigError(f'the run trained with mean {list(recorded.mean)} std '
+                              f'{list(recorded.std)} ({recorded.origin}); export uses '
+                              f'those: drop --config.data.mean/std')
+        return recorded
+    if given is not None:
+        return given
+    raise ConfigError(f'{run.workdir} records no normalization (no {run_dir.NORMALIZATION_NAME}'
+                      f' and no data.mean/std in its config): pass the training statistics '
+                      f'with --config.data.mean=R,G,B --config.data.std=R,G,B')
+
+
+@dataclasses.dataclass
+class ExportJob:
+    run: run_dir.Run
+    data_path: str
+    out_dir: str
+    opened: tuple                  # (records, source) of data_path
+    options: EmbedOptions
+    normalization: run_dir.Normalization
+
+    @property
+    def slide_ids(self) -> List[str]:
+        return list(group_by_slide(self.opened[0]))
+
+    def run_export(self) -> List[dict]:
+        """Embeds and writes; returns the manifest rows. DataError if nothing was
+        readable."""
+        log.info('export: step %d of %s, %s -> %s (%d slides, %d patches at %d px; '
+                 'normalization: %s)', self.run.step, self.run.workdir, self.data_path,
+                 self.out_dir, len(self.slide_ids), len(self.opened[0]),
+                 self.options.image_size, self.normalization.origin)
+        embedder = Embedder(self.run.network, self.run.weights.online_variables,
+                            self.normalization.mean, self.normalization.std, self.run.step)
+        info = {'workdir': self.run.workdir, 'data_path': self.data_path,
+                'normalization': self.normalization.to_json(),
+                'config_json': json.dumps(json.loads(self.run.config.to_json_best_effort()),
+                                          sort_keys=True)}
+        info['config'] = json.loads(info['config_json'])
+        rows = export_embeddings(embedder, self.opened, self.out_dir, self.options, info)
+        n_patches = sum(r['n_patches'] for r in rows)
+        if not n_patches:
+            raise DataError(f'no readable patch in {self.data_path}: nothing was exported '
+                            f'(unreadable files: '
+                            f'{os.path.join(self.out_dir, fmt.SKIPPED_NAME)})')
+        log.info('export: %d slides, %d patches in %s', len(rows), n_patches, self.out_dir)
+        return rows
+
+
+def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalization] = None,
+                   step: Optional[int] = None) -> ExportJob:
+    """Restores the run's weights and lists what to embed; `exp` is a validated `export`
+    config section, `normalization` one given on the command line (see
+    resolve_normalization)."""
+    run = run_dir.load_run(workdir, step)
+    data_path = exp.data_path or run.config.data.path
+    if not data_path:
+        raise ConfigError('nothing to export: set --config.export.data_path=DIR')
+    if not os.path.exists(data_path):
+        raise DataError(f'the patches to export are gone: {data_path} (the run\'s data.path);'
+                        f' set --config.export.data_path=DIR')
+    trained_at = run.config.data.image_size
+    options = EmbedOptions(image_size=exp.image_size or trained_at,
+                           batch_size=exp.batch_size, export_format=exp.format,
+                           with_projection=exp.with_projection, num_workers=exp.num_workers)
+    if options.image_size != trained_at:
+        log.warning('export: embedding at %d px; the run trained at %d px (data.image_size)',
+                    options.image_size, trained_at)
+    return ExportJob(run=run, data_path=data_path,
+                     out_dir=exp.out_dir or os.path.join(workdir, DEFAULT_DIR),
+                     opened=sources_lib.open_source(data_path), options=options,
+                     normalization=resolve_normalization(run, normalization))
