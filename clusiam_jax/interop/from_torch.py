@@ -16,27 +16,27 @@ Conventions:
 - `num_batches_tracked` is consumed and dropped (only torch's momentum=None uses it).
 - The work directory's checkpoint is at step 0 with a fresh optimizer state (the SGD
   momentum buffers are not imported): training on it starts a new schedule from these
-  weights. The original's epoch is recorded in `imported_from.json`.
+  weights. The original's epoch is recorded in `imported_from.json`, the normalization
+  (when given) in `normalization.json`.
 """
-import importlib.util
 import json
 import os
 import re
 from typing import Dict, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from clusiam_jax import run_dir
-from clusiam_jax.interop import layout, run_io
+from clusiam_jax.config import method_config
+from clusiam_jax.errors import CheckpointError, ConversionError
+from clusiam_jax.interop import layout
 from clusiam_jax.models import BACKBONES
+from clusiam_jax.state import Weights, state_from_weights
+from clusiam_jax.train.optimizer import make_optimizer
 
-MODELS = ('clusiam', 'clubyol')
 IMPORT_INFO = 'imported_from.json'
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class ConversionError(ValueError):
-    """A checkpoint that does not map one-to-one onto our network."""
 
 
 def _format_keys(keys, limit=40):
@@ -60,14 +60,14 @@ def load_torch_checkpoint(path: str):
     """
     try:
         import torch
-    except ImportError as e:
-        raise ImportError('reading a PyTorch checkpoint needs torch: '
-                          'pip install -r requirements-torch.txt') from e
+    except ImportError:
+        raise ConversionError('reading a PyTorch checkpoint needs torch: '
+                              'pip install -r requirements-torch.txt') from None
+    if not os.path.isfile(path):
+        raise ConversionError(f'checkpoint not found: {path}')
     try:
         blob = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a foreign file
+    except Exception as e:
         raise ConversionError(f'{path} is not a PyTorch checkpoint torch.load can read '
                               f'({type(e).__name__}: {e})') from None
     epoch = None
@@ -126,19 +126,10 @@ def infer_model(state_dict: Dict, model: Optional[str] = None) -> Dict:
     return dict(name=detected, backbone=infer_backbone(state_dict), **sizes)
 
 
-def load_recipe(name: str):
-    """configs/<name>.py's get_config(), found next to the package (any working directory)."""
-    path = os.path.join(_REPO, 'configs', f'{name}.py')
-    spec = importlib.util.spec_from_file_location(f'_recipe_{name}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def config_for(model: Dict, seed: int = 0, mean: Optional[Sequence[float]] = None,
                std: Optional[Sequence[float]] = None):
     """The method's recipe with the checkpoint's sizes."""
-    config = load_recipe(model['name'])
+    config = method_config(model['name'])
     for key in ('name', 'backbone', 'feat_size', 'pred_hidden', 'num_clusters'):
         config.model[key] = model[key]
     config.train.seed = seed
@@ -194,7 +185,7 @@ def _fold_projector_bias(remaining: Dict, encoder_stats: Dict, prefix: str, prob
 def state_dict_to_variables(state_dict: Dict, config):
     """(params, batch_stats, target_params, target_batch_stats) from an original-format
     state_dict; raises ConversionError listing every key that does not fit."""
-    _, _, shapes = run_dir.abstract_train_state(config)
+    shapes = run_dir.abstract_weights(config)
     remaining = dict(state_dict)
     problems = {'missing': [], 'shape': []}
     online = fill_variables(remaining, {'params': shapes.params,
@@ -223,22 +214,40 @@ def state_dict_to_variables(state_dict: Dict, config):
     return online['params'], online['batch_stats'], target['params'], target['batch_stats']
 
 
+def new_state(config, params, batch_stats, target_params=None, target_batch_stats=None,
+              step: int = 0):
+    """A full TrainState around given weights: a fresh optimizer state and the seed's
+    rng (the stream a run started from scratch draws), so training can continue."""
+    weights = Weights(step=jnp.asarray(step, jnp.int32),
+                      params=jax.tree.map(jnp.asarray, params),
+                      batch_stats=jax.tree.map(jnp.asarray, batch_stats),
+                      target_params=jax.tree.map(jnp.asarray, target_params or {}),
+                      target_batch_stats=jax.tree.map(jnp.asarray, target_batch_stats or {}))
+    tx, _ = make_optimizer(config, 1)  # steps_per_epoch shapes the lr, not the state
+    return state_from_weights(weights, tx, config.train.seed)
+
+
 def import_state_dict(state_dict: Dict, model: Optional[str] = None, seed: int = 0,
                       mean=None, std=None):
     """(config, TrainState) from an original-format state_dict of NumPy arrays."""
     config = config_for(infer_model(state_dict, model), seed, mean, std)
     params, stats, target_params, target_stats = state_dict_to_variables(state_dict, config)
-    return config, run_io.new_state(config, params, stats, target_params, target_stats)
+    return config, new_state(config, params, stats, target_params, target_stats)
 
 
 def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: int = 0,
                       mean=None, std=None):
     """Writes `out` as a work directory holding the checkpoint; returns (config, state)."""
+    if os.path.isfile(out):
+        raise ConversionError(f'--out {out} is a file, not a folder')
     if os.path.isdir(os.path.join(out, 'checkpoints')):
-        raise FileExistsError(f'{out} already holds checkpoints; choose another --out')
+        raise CheckpointError(f'{out} already holds checkpoints; choose another --out')
     state_dict, epoch = load_torch_checkpoint(path)
     config, state = import_state_dict(state_dict, model, seed, mean, std)
-    run_dir.write_run(out, config, state)
+    normalization = (run_dir.Normalization(tuple(config.data.mean), tuple(config.data.std),
+                                           'given to convert from-torch')
+                     if mean is not None else None)
+    run_dir.write_run(out, config, state, normalization)
     info = {'source': os.path.abspath(path), 'epoch': epoch, 'model': config.model.name,
             'backbone': config.model.backbone, 'feat_size': config.model.feat_size,
             'pred_hidden': config.model.pred_hidden,

@@ -1,7 +1,7 @@
 """Where each of our variables lives in a PyTorch state_dict, and how its array is laid out.
 
 Pure NumPy, no torch: the exporter must run without it. The torch names are those of
-torchvision's ResNet and of the original CluSiam/CluBYOL modules (SPEC s2):
+torchvision's ResNet and of the original CluSiam/CluBYOL modules (docs/method.md §2):
 
   encoder.<torchvision resnet keys>       backbone; `layer2.0.downsample.0` etc.
   encoder.fc.{0,1,3,4,6,7}                projector: Linear, BN, (ReLU), Linear, BN,
@@ -38,7 +38,6 @@ LEAF_NAMES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
 # The projector's last Linear has a bias in the original that is frozen at its random
 # init; we drop the parameter (a BN follows). Its value lives on in the BN's running mean.
 PROJECTOR_FROZEN_BIAS = 'fc.6.bias'
-PROJECTOR_LAST_BN = 'fc.7'
 
 _LAYER = re.compile(r'^layer(\d+)_(\d+)$')
 

@@ -12,6 +12,10 @@ Three shapes of state_dict, all plain `{name: numpy array}`:
 The original's frozen projector bias `fc.6.bias` is written as zeros: our running mean of
 the following BatchNorm was accumulated without it, so zero is the value that keeps
 inference outputs identical.
+
+The file is what its name says: `.safetensors` (written with NumPy, no torch; metadata
+in its header) or `.pth` / `.pt` (torch.save of the state_dict, needs torch; metadata in
+`<file>.json` beside it). Any other name is refused.
 """
 import json
 import os
@@ -19,7 +23,12 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from clusiam_jax import run_dir
+from clusiam_jax.errors import ConversionError
 from clusiam_jax.interop import layout
+
+SAFETENSORS = ('.safetensors',)
+TORCH_PICKLE = ('.pth', '.pt')
 
 
 def _num_batches(step) -> np.ndarray:
@@ -68,57 +77,78 @@ def network_state_dict(params, batch_stats, target_params=None, target_stats=Non
     return out
 
 
-def save_safetensors(state_dict: Dict[str, np.ndarray], path: str,
-                     metadata: Optional[Dict[str, str]] = None):
-    """Atomic write (temporary name, then rename) with the safetensors NumPy API."""
-    from safetensors.numpy import save_file
+def _readable_by_all(path):
+    """The mode a plain `open` gives (0666 less the umask): safetensors writes 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
+                    metadata: Optional[Dict[str, str]] = None):
+    """Writes `path` in the format its extension names (module docstring), atomically
+    (temporary name, then rename)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in SAFETENSORS + TORCH_PICKLE:
+        raise ConversionError(f'{path}: name the file .safetensors (no torch needed) or '
+                              f'.pth / .pt (torch.save, needs torch)')
     if os.path.isdir(path):
-        raise FileExistsError(f'{path} is a folder: give the file to write, e.g. '
+        raise ConversionError(f'{path} is a folder: give the file to write, e.g. '
                               f'{os.path.join(path, "encoder.safetensors")}')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
-    save_file(state_dict, tmp, metadata={'format': 'pt', **(metadata or {})})
-    os.replace(tmp, path)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        if ext in SAFETENSORS:
+            from safetensors.numpy import save_file
+            # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
+            save_file(state_dict, tmp, metadata={'format': 'pt', **(metadata or {})})
+        else:
+            try:
+                import torch
+            except ImportError:
+                raise ConversionError(f'writing {path} needs torch (pip install -r '
+                                      f'requirements-torch.txt); a .safetensors file does '
+                                      f'not') from None
+            torch.save({k: torch.from_numpy(np.array(v))  # a writable copy
+                        for k, v in state_dict.items()}, tmp)
+            run_dir.write_text_atomically(path + '.json', json.dumps(metadata or {}, indent=2))
+        _readable_by_all(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def export_run(workdir: str, out: str, with_projector: bool = False, target: bool = False,
-               step: Optional[int] = None) -> Dict[str, str]:
+def write_torch_weights(workdir: str, out: str, with_projector: bool = False,
+                        target: bool = False, step: Optional[int] = None) -> Dict[str, str]:
     """Writes a run's encoder (online or EMA target) to `out`; returns the metadata."""
-    from clusiam_jax.run_dir import load_run
-    config, _, state = load_run(workdir, step)
+    run = run_dir.load_run(workdir, step)
+    config, weights = run.config, run.weights
     if target:
-        if not state.target_params:
-            raise ValueError(f'{config.model.name} has no EMA target encoder; drop --target')
-        params, stats = state.target_params, state.target_batch_stats
+        if not weights.target_params:
+            raise ConversionError(f'{config.model.name} has no EMA target encoder; drop '
+                                  f'--target')
+        params, stats = weights.target_params, weights.target_batch_stats
     else:
-        params, stats = state.params['encoder'], state.batch_stats['encoder']
+        params, stats = weights.params['encoder'], weights.batch_stats['encoder']
     params, stats = _to_numpy(params), _to_numpy(stats)
-    step_value = int(np.asarray(state.step))
     if with_projector:
-        state_dict = encoder_state_dict(params, stats, step_value)
+        state_dict = encoder_state_dict(params, stats, run.step)
     else:
-        state_dict = backbone_state_dict(params, stats, step_value)
+        state_dict = backbone_state_dict(params, stats, run.step)
+    normalization = run.normalization
     metadata = {'arch': config.model.backbone, 'method': config.model.name,
                 'contents': 'encoder (backbone + projector as fc)' if with_projector
                             else 'backbone (torchvision keys, fc removed)',
                 'network': 'ema target' if target else 'online',
-                'step': str(step_value), 'feat_size': str(config.model.feat_size),
-                'source': os.path.abspath(workdir),
-                'normalization': json.dumps(_run_normalization(config, workdir))}
-    save_safetensors(state_dict, out, metadata)
+                'step': str(run.step), 'feat_size': str(config.model.feat_size),
+                'image_size': str(config.data.image_size),
+                'source': run.workdir,
+                'normalization': json.dumps(
+                    normalization.to_json() if normalization is not None else
+                    {'mean': None, 'std': None, 'origin': 'the run records none'})}
+    save_state_dict(state_dict, out, metadata)
     return metadata
-
-
-def _run_normalization(config, workdir):
-    """{mean, std, origin} the run trained with (computed stats included, as export
-    finds them); mean and std None when they cannot be recovered."""
-    from clusiam_jax.export import training_normalization
-    try:
-        mean, std, origin = training_normalization(config, workdir)
-    except FileNotFoundError as e:
-        return {'mean': None, 'std': None, 'origin': str(e)}
-    return {'mean': [float(v) for v in mean], 'std': [float(v) for v in std], 'origin': origin}
 
 
 def _to_numpy(tree):

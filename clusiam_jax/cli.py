@@ -1,0 +1,476 @@
+r"""The command line: every action of the project behind one entry point.
+
+  python launch.py [--mode train] --config configs/<recipe>.py --workdir RUN [--config.KEY=V ...]
+  python launch.py --mode export --workdir RUN [--config.export.KEY=VALUE ...]
+  python launch.py --mode build_dataset --config.data.path=PATCHES --out DATASET_DIR
+  python launch.py --mode eval knn|linear|dsmil|maps --export DIR [--splits CSV] ...
+  python launch.py --mode convert from-torch CHECKPOINT --out RUN
+  python launch.py --mode convert to-torch --workdir RUN --out FILE
+
+`python launch.py --help` lists the modes; `python launch.py --mode MODE --help` their
+flags. The console script `clusiam` (installed with the package) is the same command.
+Conventions: long flags (`--flag VALUE` or `--flag=VALUE`), config keys as
+`--config.section.key=VALUE`; a flag or config key that the action does not use is an
+error, never silently dropped. Bad input ends in one `error:` line and exit status 2;
+SIGTERM exits 0 (and Ctrl-C 130) after saving a checkpoint when training had started.
+"""
+import argparse
+import ast
+import difflib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+
+from clusiam_jax import errors, interrupts
+
+log = logging.getLogger('clusiam_jax')
+
+LOG_NAME = 'log.txt'
+MODES = {
+    'train': 'train per --config in --workdir (the default); started again, it resumes',
+    'export': 'embeddings and cluster assignments of a run, per slide (CLAM-style HDF5)',
+    'build_dataset': 'pack a patch folder or manifest CSV into ArrayRecord shards (--out)',
+    'eval': 'evaluate an export: knn, linear, dsmil (need --splits) or maps',
+    'convert': 'from-torch: an original PyTorch checkpoint -> a run; to-torch: a run -> '
+               'torchvision weights',
+}
+EVAL_TASKS = ('knn', 'linear', 'dsmil', 'maps')
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = {'SIGTERM': 0, 'SIGINT': 130}  # SIGTERM: a scheduler's notice, resumable
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised as ConfigError, printed once by main)."""
+
+    def error(self, message):
+        raise errors.ConfigError(f'{message} (see {self.prog} --help)')
+
+
+# ---------------------------------------------------------------------- the config
+
+def load_config_file(path: str):
+    """`get_config()` of a recipe file (configs/<recipe>.py)."""
+    if not os.path.isfile(path):
+        raise errors.ConfigError(f'--config {path}: no such file')
+    try:
+        spec = importlib.util.spec_from_file_location('_clusiam_recipe', path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except errors.ClusiamError:
+        raise
+    except Exception as e:
+        raise errors.ConfigError(f'cannot load --config {path}: {type(e).__name__}: '
+                                 + ' '.join(str(e).split())) from None
+
+
+def split_overrides(argv):
+    """(argv without them, [(key, text)]) for `--config.KEY=VALUE` / `--config.KEY VALUE`."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith('--config.'):
+            key, eq, text = arg[len('--config.'):].partition('=')
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise errors.ConfigError(f'{arg} needs a value ({arg}=VALUE)')
+                i += 1
+                text = argv[i]
+            overrides.append((key, text))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parse_value(text: str, kind, flag: str):
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ('true', 't', '1', 'yes'):
+                return True
+            if lowered in ('false', 'f', '0', 'no'):
+                return False
+            raise ValueError(f'expected true or false, got {text!r}')
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        value = ast.literal_eval(text)
+        return tuple(value) if kind is tuple and isinstance(value, list) else value
+    except (ValueError, SyntaxError) as e:
+        raise errors.ConfigError(f'bad config override {flag}: {e}') from None
+
+
+def apply_overrides(config, overrides):
+    """Sets each (dotted key, text) on `config`, parsed as the key's type; an unknown key
+    is an error that suggests the closest known one."""
+    for key, text in overrides:
+        flag = f'--config.{key}={text}'
+        node, parts = config, key.split('.')
+        for depth, part in enumerate(parts):
+            known = list(node.keys()) if hasattr(node, 'keys') else []
+            if part not in known:
+                close = difflib.get_close_matches(part, known, n=1)
+                raise errors.ConfigError(
+                    f'unknown config key {part!r} in {flag}'
+                    + (f'; did you mean {close[0]!r}?' if close else
+                       f'; known here: {", ".join(sorted(known))}'))
+            if depth < len(parts) - 1:
+                node = node[part]
+        field = parts[-1]
+        if hasattr(node[field], 'keys'):
+            raise errors.ConfigError(f'{flag}: {key} is a section; set one of its keys')
+        value = _parse_value(text, node.get_type(field), flag)
+        try:
+            node[field] = value
+        except TypeError as e:
+            raise errors.ConfigError(f'bad config override {flag}: {e}') from None
+    return config
+
+
+def refuse_unused(overrides, used, mode, why):
+    """ConfigError for an override whose key `used(key)` says the action ignores."""
+    for key, text in overrides:
+        if not used(key):
+            raise errors.ConfigError(f'--config.{key}={text} is not used by --mode {mode}: '
+                                     f'{why}')
+
+
+# --------------------------------------------------------------------- logging
+
+class _ConsoleHandler(logging.Handler):
+    """Log lines through tqdm, so they do not tear a progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging():
+    """The project's INFO lines on the console; other libraries' WARNING and above only
+    (JAX's backend probing and orbax's per-save lines are INFO)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _ConsoleHandler):
+            root.removeHandler(handler)
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s',
+                                           '%H:%M:%S'))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    for noisy in ('absl', 'jax', 'orbax'):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_to_workdir(workdir: str, argv):
+    """Appends this command's log to <workdir>/log.txt (process 0 of a run), starting with
+    the command itself."""
+    path = os.path.abspath(os.path.join(workdir, LOG_NAME))
+    root = logging.getLogger()
+    if any(getattr(h, 'baseFilename', None) == path for h in root.handlers):
+        return
+    try:
+        handler = logging.FileHandler(path)
+    except OSError as e:  # another user's run, read-only: the console still has it all
+        log.warning('cannot write %s (%s); logging to the console only', path, e.strerror)
+        return
+    handler.clusiam_owned = True  # removed when the command ends (main)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
+    root.addHandler(handler)
+    log.info('%s', ' '.join(['launch.py'] + list(argv)))
+
+
+# ----------------------------------------------------------------------- actions
+
+def writable_folder(path, flag):
+    """Creates `path` if needed; ConfigError (one line) when it is a file or cannot be
+    written (a read-only disk, a path through a file), before anything runs."""
+    if os.path.isfile(path):
+        raise errors.ConfigError(f'{flag} {path} is a file, not a folder')
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise errors.ConfigError(f'{flag} {path}: cannot write there ({e.strerror})') from None
+
+
+def is_distributed(config) -> bool:
+    return bool(config.train.distributed) or os.environ.get('CLUSIAM_DISTRIBUTED') == '1'
+
+
+def run_train(args, config, overrides):
+    if not config.export.after_training:
+        refuse_unused(overrides,
+                      lambda k: not k.startswith('export.') or k == 'export.after_training',
+                      'train',
+                      'the export section is used only with export.after_training=True '
+                      '(or by --mode export)')
+    writable_folder(args.workdir, '--workdir')
+    if is_distributed(config):
+        # Before anything touches a device: one process per host joins the run.
+        from clusiam_jax.parallel import initialize_distributed
+        initialize_distributed()
+    import jax
+    if jax.process_index() == 0:
+        log_to_workdir(args.workdir, args.argv)
+    from clusiam_jax.train.loop import train
+    train(config, args.workdir)
+    if interrupts.received() is not None:
+        return EXIT_INTERRUPTED[interrupts.Interrupted(interrupts.received()).name]
+    if config.export.after_training and jax.process_index() == 0:
+        export_with(args.workdir, config.export, None)
+    return 0
+
+
+def export_with(workdir, exp, normalization):
+    """Export (and draw the cluster maps when asked): the export action, also after
+    training with export.after_training."""
+    from clusiam_jax.eval.cluster_map import draw_export_maps, find_thumbnail
+    from clusiam_jax.export.run import prepare_export
+    job = prepare_export(workdir, exp, normalization)
+    if exp.cluster_maps and exp.thumbnail:
+        find_thumbnail(exp.thumbnail, None, len(job.slide_ids))  # before embedding
+    job.run_export()
+    if exp.cluster_maps:
+        try:
+            maps = draw_export_maps(job.out_dir, thumbnail=exp.thumbnail or None,
+                                    downsample=exp.thumbnail_downsample or None)
+        except errors.ClusiamError as e:
+            raise type(e)(f'{e}; the embeddings are exported in {job.out_dir} (a rerun '
+                          f'skips finished slides)') from None
+        if maps:
+            log.info('cluster maps: %s', ', '.join(maps))
+    return job.out_dir
+
+
+def run_export(args, config, overrides):
+    from clusiam_jax import run_dir
+    from clusiam_jax.config import validate
+    from clusiam_jax.export.run import DEFAULT_DIR
+    refuse_unused(overrides, lambda k: k.startswith('export.') or k in ('data.mean', 'data.std'),
+                  'export', "the run's config.json fixes the model, the image size and the "
+                  'data; export takes --config.export.* (e.g. export.data_path, '
+                  'export.image_size) and, for runs that record no normalization, '
+                  '--config.data.mean/std')
+    validate(config, check_data_path=False)
+    run_dir.read_run_config(args.workdir)  # one line if it is not a run
+    writable_folder(config.export.out_dir or os.path.join(args.workdir, DEFAULT_DIR),
+                    '--config.export.out_dir')
+    given = {k for k, _ in overrides}
+    normalization = None
+    if {'data.mean', 'data.std'} & given:
+        if not {'data.mean', 'data.std'} <= given:
+            raise errors.ConfigError('give --config.data.mean and --config.data.std together')
+        normalization = run_dir.Normalization(tuple(config.data.mean), tuple(config.data.std),
+                                              'given on the command line')
+    log_to_workdir(args.workdir, args.argv)
+    export_with(args.workdir, config.export, normalization)
+    return 0
+
+
+def run_build_dataset(args, config, overrides):
+    from clusiam_jax.config import validate
+    refuse_unused(overrides, lambda k: k == 'data.path', 'build_dataset',
+                  'it packs --config.data.path into --out')
+    writable_folder(args.out, '--out')
+    validate(config)
+    from clusiam_jax import data
+    path = data.build_dataset(config.data.path, args.out)
+    print(f'dataset written to {path}; train on it with --config.data.path={path}')
+    return 0
+
+
+def _ints(text):
+    try:
+        return tuple(int(v) for v in text.split(',') if v)
+    except ValueError:
+        raise errors.ConfigError(f'expected comma-separated integers, got {text!r}') from None
+
+
+def run_eval(args, config, overrides):
+    import json
+
+    from clusiam_jax.eval import tasks
+    if args.task == 'knn':
+        result = tasks.run_knn(args.export, args.splits, _ints(args.ks), args.positive,
+                               args.key)
+    elif args.task == 'linear':
+        result = tasks.run_linear(args.export, args.splits, args.positive, args.key)
+    elif args.task == 'dsmil':
+        result = tasks.run_dsmil(args.export, args.splits, _ints(args.seeds), args.epochs)
+    else:
+        result = tasks.run_maps(args.export, args.thumbnail, args.downsample)
+    text = json.dumps(result, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o))
+    print(text)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(text + '\n')
+    return 0
+
+
+def run_convert(args, config, overrides):
+    import json
+    if args.direction == 'from-torch':
+        if (args.mean is None) != (args.std is None):
+            raise errors.ConfigError('give --mean and --std together')
+        from clusiam_jax.interop.from_torch import import_checkpoint
+        config, state = import_checkpoint(args.checkpoint, args.out, args.model, args.seed,
+                                          args.mean, args.std)
+        m = config.model
+        print(f'imported {m.name} ({m.backbone}, D={m.feat_size}, K={m.num_clusters}) '
+              f'into {args.out} at step {int(state.step)}')
+    else:
+        from clusiam_jax.interop.to_torch import write_torch_weights
+        metadata = write_torch_weights(args.workdir, args.out, args.with_projector,
+                                       args.target, args.step)
+        print(f'wrote {args.out}: ' + json.dumps(metadata))
+    return 0
+
+
+# ------------------------------------------------------------------- the parsers
+
+def _mode_parser(mode: str) -> argparse.ArgumentParser:
+    prog = f'launch.py --mode {mode}'
+    parser = _Parser(prog=prog, description=MODES[mode])
+    if mode in ('train', 'export', 'build_dataset'):
+        parser.add_argument('--config', required=mode == 'train',
+                            help='recipe file, configs/<recipe>.py'
+                                 + ('' if mode == 'train' else ' (optional: defaults)'))
+    if mode == 'train':
+        parser.add_argument('--workdir', required=True, help='work directory of the run')
+        parser.epilog = ('Every config key can be set with --config.<section>.<key>=VALUE '
+                         '(clusiam_jax/config.py lists them).')
+    elif mode == 'export':
+        parser.add_argument('--workdir', required=True,
+                            help='the run to export (its latest checkpoint)')
+        parser.epilog = ('Set what to embed with --config.export.<key>=VALUE: data_path, '
+                         'out_dir, format (h5|npz), image_size, batch_size, '
+                         'with_projection, cluster_maps, thumbnail, thumbnail_downsample.')
+    elif mode == 'build_dataset':
+        parser.add_argument('--out', required=True, help='output folder of the dataset')
+    elif mode == 'eval':
+        tasks = parser.add_subparsers(dest='task', required=True, metavar='TASK',
+                                      parser_class=_Parser)
+        for task in EVAL_TASKS:
+            sub = tasks.add_parser(task, prog=f'{prog} {task}')
+            sub.add_argument('--export', required=True,
+                             help='export directory (has manifest.csv)')
+            if task != 'maps':
+                sub.add_argument('--splits', required=True, help='CSV slide_id,split[,label]')
+            if task in ('knn', 'linear'):
+                sub.add_argument('--positive', help='the positive class, for its F1')
+                sub.add_argument('--key', default='features',
+                                 help='which embedding: features (default) or projections')
+            if task == 'knn':
+                sub.add_argument('--ks', default='1,5,20', help='neighbour counts')
+            if task == 'dsmil':
+                sub.add_argument('--seeds', default='0,1,2,3,4', help='seeds')
+                sub.add_argument('--epochs', type=int, default=200, help='epochs')
+            if task == 'maps':
+                sub.add_argument('--thumbnail', help='thumbnail file or folder')
+                sub.add_argument('--downsample', type=float,
+                                 help='level-0 px per thumbnail px')
+            sub.add_argument('--out', help='also write the JSON line here')
+    elif mode == 'convert':
+        directions = parser.add_subparsers(dest='direction', required=True,
+                                           metavar='DIRECTION', parser_class=_Parser)
+        imp = directions.add_parser('from-torch', prog=f'{prog} from-torch',
+                                    help='original checkpoint -> work directory')
+        imp.add_argument('checkpoint', help='.pth/.pth.tar of the original (or a state_dict)')
+        imp.add_argument('--out', required=True, help='work directory to create')
+        imp.add_argument('--model', choices=('clusiam', 'clubyol'), default=None,
+                         help='expected method (default: detected from target_encoder.* keys)')
+        imp.add_argument('--seed', type=int, default=0, help='train.seed of the new run')
+        imp.add_argument('--mean', type=float, nargs=3, default=None,
+                         help="the training normalization's per-channel mean")
+        imp.add_argument('--std', type=float, nargs=3, default=None, help='... and std')
+        exp = directions.add_parser('to-torch', prog=f'{prog} to-torch',
+                                    help="a run's encoder -> torchvision weights")
+        exp.add_argument('--workdir', required=True, help='run (or imported) work directory')
+        exp.add_argument('--out', required=True,
+                         help='file to write: .safetensors (no torch needed) or .pth/.pt')
+        exp.add_argument('--with-projector', action='store_true',
+                         help="include the projector as the original's encoder.fc")
+        exp.add_argument('--target', action='store_true',
+                         help='BYOL-type runs: the EMA target encoder instead')
+        exp.add_argument('--step', type=int, default=None,
+                         help='checkpoint step (default: the latest)')
+    return parser
+
+
+ACTIONS = {'train': run_train, 'export': run_export, 'build_dataset': run_build_dataset,
+           'eval': run_eval, 'convert': run_convert}
+
+
+def _usage() -> str:
+    lines = [__doc__.split('\n\n')[1].rstrip(), '', 'modes:']
+    lines += [f'  {mode:<14} {text}' for mode, text in MODES.items()]
+    lines += ['', 'python launch.py --mode MODE --help: the flags of a mode.']
+    return '\n'.join(lines)
+
+
+def parse(argv):
+    """(mode, args, config or None, overrides)."""
+    mode_parser = _Parser(prog='launch.py', add_help=False)
+    mode_parser.add_argument('--mode', choices=list(MODES), default=None)
+    mode_parser.add_argument('-h', '--help', action='store_true')
+    known, rest = mode_parser.parse_known_args(argv)
+    if known.help and known.mode is None:
+        print(_usage())
+        raise SystemExit(0)
+    mode = known.mode or 'train'
+    rest, overrides = split_overrides(rest + (['--help'] if known.help else []))
+    args = _mode_parser(mode).parse_args(rest)
+    args.argv = list(argv)  # for the run's log    config = None
+    if mode in ('train', 'export', 'build_dataset'):
+        from clusiam_jax.config import default_config
+        config = load_config_file(args.config) if args.config else default_config()
+        apply_overrides(config, overrides)
+    elif overrides:
+        raise errors.ConfigError(f'--mode {mode} takes no config '
+                                 f'(--config.{overrides[0][0]}=...)')
+    return mode, args, config, overrides
+
+
+def main(argv=None) -> int:
+    """Runs one action; returns the exit status (0; 2 for bad input; after a signal, 0
+    for SIGTERM and 130 for Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    setup_logging()
+    previous = interrupts.install()
+    try:
+        mode, args, config, overrides = parse(argv)
+        if mode == 'train' and is_distributed(config):
+            # JAX's preemption service turns SIGTERM into a step all processes agree on.
+            interrupts.restore(previous, only=('SIGTERM',))
+        return ACTIONS[mode](args, config, overrides)
+    except interrupts.Interrupted as e:
+        print(f'stopped by {e.name}; nothing was left half-written: start the same command '
+              f'again to continue', file=sys.stderr)
+        return EXIT_INTERRUPTED[e.name]
+    except KeyboardInterrupt:
+        print('stopped by Ctrl-C', file=sys.stderr)
+        return EXIT_INTERRUPTED['SIGINT']
+    except Exception as e:
+        found = errors.find_clusiam_error(e)
+        if found is None:
+            raise
+        print(f'error: {found}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        interrupts.restore(previous)
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if getattr(h, 'clusiam_owned', False)]:
+            root.removeHandler(handler)
+            handler.close()
