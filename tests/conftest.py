@@ -1,6 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before JAX is imported) and the repo on sys.path."""
+"""Test setup: 8 simulated CPU devices, set before JAX is imported."""
 import os
-import sys
 
 # Sharding tests compare 1 device with 8; XLA reads this once, at backend start.
 # XLA's backend optimisation level 0 cuts compile times (what dominates these tiny
@@ -8,8 +7,3 @@ import sys
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
                       '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (REPO, os.path.join(REPO, 'tests')):
-    if path not in sys.path:
-        sys.path.insert(0, path)

@@ -7,15 +7,8 @@ import os
 import sys
 import time
 
-sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                os.path.dirname(os.path.abspath(__file__))]
-
-import jax  # noqa: E402
-
-from clusiam_jax import parallel  # noqa: E402
-from clusiam_jax.train.loop import train  # noqa: E402
-from fakes import SyntheticIterator, SyntheticLoader  # noqa: E402
-from tiny import tiny_config  # noqa: E402
+from clusiam_jax.train.loop import train
+from tests.helpers import SyntheticIterator, SyntheticLoader, mesh_of, tiny_config
 
 SIZES = dict(steps_per_epoch=3, num_epochs=3, batch_size=8, image_size=32)
 
@@ -39,7 +32,7 @@ def config():
 
 
 def run(workdir):
-    return train(config(), workdir, SlowLoader(**SIZES), parallel.make_mesh(jax.devices()[:1]))
+    return train(config(), workdir, SlowLoader(**SIZES), mesh_of(1))
 
 
 if __name__ == '__main__':

@@ -5,20 +5,17 @@ import sys
 os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=4 '
                            '--xla_backend_optimization_level=0')
-sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                os.path.dirname(os.path.abspath(__file__))]
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from clusiam_jax import parallel  # noqa: E402
+from clusiam_jax import parallel
 
 
 def main(port, process_id, workdir, out):
     parallel.initialize_distributed(f'127.0.0.1:{port}', 2, process_id)
     from clusiam_jax.train.loop import train
-    from fakes import SyntheticLoader
-    from tiny import tiny_config
+    from tests.helpers import SyntheticLoader, tiny_config
     assert jax.process_count() == 2 and jax.device_count() == 8
     loader = SyntheticLoader(steps_per_epoch=3, num_epochs=1, batch_size=8, image_size=32,
                              process_index=jax.process_index(), process_count=2)

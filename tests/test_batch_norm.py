@@ -78,7 +78,8 @@ def test_module_running_statistics_follow_pytorch(affine):
     inference = BatchNorm(use_running_average=True, use_scale=affine, use_bias=affine)
     stats = mutated['batch_stats']
     y_eval = inference.apply({**variables, 'batch_stats': stats}, x)
-    expected_eval = (xs - np.asarray(stats['mean'])) / np.sqrt(np.asarray(stats['var']) + BN_EPSILON)
+    expected_eval = ((xs - np.asarray(stats['mean']))
+                     / np.sqrt(np.asarray(stats['var']) + BN_EPSILON))
     np.testing.assert_allclose(np.asarray(y_eval).reshape(-1, 5), expected_eval, rtol=1e-4,
                                atol=1e-5)
     if affine:   # the module's parameter gradients reach scale and bias

@@ -6,7 +6,8 @@ import sys
 import ml_collections
 import pytest
 
-from clusiam_jax.config import ConfigError, default_config, validate
+from clusiam_jax.config import default_config, validate
+from clusiam_jax.errors import ConfigError
 from configs import byol, clubyol, clubyol_pod, clusiam, demo, simsiam
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

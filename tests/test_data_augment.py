@@ -2,27 +2,20 @@
 
 PIL (what the original's torchvision transforms call) is the independent
 reference for the pixel ops; the parameter draws are checked against the
-distributions of SPEC section 1 with tolerances of several standard errors.
+distributions of docs/method.md §1 with tolerances of several standard errors.
 """
 import itertools
 import math
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
 import pytest
+from PIL import Image, ImageEnhance, ImageFilter
 
 from clusiam_jax.data import augment
+from clusiam_jax.models.preprocess import normalize_input
+from tests.helpers import tissue_like, within
 
 N_DRAWS = 4000
-
-
-def _tissue_like(h=48, w=56, seed=0):
-    """A smooth, colourful image (not pure noise), like a stained patch."""
-    rng = np.random.default_rng(seed)
-    low = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC)).astype(np.int16)
-    img += rng.integers(-12, 13, img.shape).astype(np.int16)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope='module')
@@ -30,10 +23,6 @@ def draws():
     rng = np.random.default_rng(123)
     cfg = augment.AugmentConfig(image_size=32)
     return [augment.sample_view_params(rng, 60, 80, cfg) for _ in range(N_DRAWS)]
-
-
-def _within(p_hat, p, n, sigmas=5.0):
-    return abs(p_hat - p) <= sigmas * math.sqrt(p * (1 - p) / n)
 
 
 # ---------------------------------------------------------------------------
@@ -73,8 +62,8 @@ def test_op_probabilities_match_spec(draws):
     gray = np.mean([p.gray for p in draws])
     blur = np.mean([p.blur_sigma is not None for p in draws])
     hflip = np.mean([p.hflip for p in draws])
-    assert _within(jitter, 0.8, n) and _within(gray, 0.2, n)
-    assert _within(blur, 0.5, n) and _within(hflip, 0.5, n)
+    assert within(jitter, 0.8, n) and within(gray, 0.2, n)
+    assert within(blur, 0.5, n) and within(hflip, 0.5, n)
     # Off by default (histology options).
     assert not any(p.vflip or p.rot90 for p in draws)
 
@@ -109,9 +98,9 @@ def test_histology_options_draw_vflip_and_rotations():
     rng = np.random.default_rng(5)
     cfg = augment.AugmentConfig(image_size=16, vflip=True, rot90=True)
     params = [augment.sample_view_params(rng, 32, 32, cfg) for _ in range(2000)]
-    assert _within(np.mean([p.vflip for p in params]), 0.5, 2000)
+    assert within(np.mean([p.vflip for p in params]), 0.5, 2000)
     ks = np.bincount([p.rot90 for p in params], minlength=4) / 2000
-    assert all(_within(k, 0.25, 2000) for k in ks)
+    assert all(within(k, 0.25, 2000) for k in ks)
 
 
 # ---------------------------------------------------------------------------
@@ -120,7 +109,7 @@ def test_histology_options_draw_vflip_and_rotations():
 
 @pytest.mark.parametrize('factor', [0.6, 0.83, 1.0, 1.17, 1.4])
 def test_brightness_contrast_saturation_are_bit_exact(factor):
-    img = _tissue_like()
+    img = tissue_like()
     pil = Image.fromarray(img)
     np.testing.assert_array_equal(augment.adjust_brightness(img, factor),
                                   np.asarray(ImageEnhance.Brightness(pil).enhance(factor)))
@@ -146,7 +135,7 @@ def _pil_hue(img, hue_factor):
 
 @pytest.mark.parametrize('hue_factor', [-0.1, -0.04, 0.03, 0.1])
 def test_hue_close_to_pil(hue_factor):
-    img = _tissue_like(seed=3)
+    img = tissue_like(seed=3)
     got = augment.adjust_hue(img, hue_factor).astype(int)
     ref = _pil_hue(img, hue_factor).astype(int)
     diff = np.abs(got - ref)
@@ -159,9 +148,10 @@ def test_hue_close_to_pil(hue_factor):
 
 @pytest.mark.parametrize('sigma', [0.1, 0.4, 0.9, 1.5, 2.0])
 def test_blur_close_to_pil_gaussian_blur(sigma):
-    img = _tissue_like(64, 64, seed=2)
+    img = tissue_like(64, 64, seed=2)
     got = augment.gaussian_blur(img, sigma).astype(int)
-    ref = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=sigma))).astype(int)
+    blurred = Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=sigma))
+    ref = np.asarray(blurred).astype(int)
     diff = got - ref
     inner = np.abs(diff)[6:-6, 6:-6]  # PIL re-clamps the border at each pass
     # PIL rounds to uint8 after each of its 6 passes, we round once: unbiased
@@ -172,7 +162,7 @@ def test_blur_close_to_pil_gaussian_blur(sigma):
 
 @pytest.mark.parametrize('crop', [(0, 0, 48, 56), (5, 9, 20, 27), (10, 3, 31, 40)])
 def test_resized_crop_upscale_matches_pil_bilinear(crop):
-    img = _tissue_like()
+    img = tissue_like()
     top, left, h, w = crop
     ref = np.asarray(Image.fromarray(img).crop((left, top, left + w, top + h))
                      .resize((64, 64), Image.BILINEAR)).astype(int)
@@ -181,14 +171,14 @@ def test_resized_crop_upscale_matches_pil_bilinear(crop):
 
 
 def test_resized_crop_downscale_is_pil_exactly():
-    img = _tissue_like(120, 100)
+    img = tissue_like(120, 100)
     crop = (7, 4, 90, 80)
     ref = np.asarray(Image.fromarray(img).crop((4, 7, 84, 97)).resize((32, 32), Image.BILINEAR))
     np.testing.assert_array_equal(augment.resized_crop(img, crop, 32), ref)
 
 
 def test_apply_view_flip_and_gray_follow_params():
-    img = _tissue_like()
+    img = tissue_like()
     base = augment.ViewParams(crop=(0, 0, 48, 56), jitter_order=None)
     plain = augment.apply_view(img, base, 32)
     flipped = augment.apply_view(img, augment.ViewParams(**{**base.__dict__, 'hflip': True}), 32)
@@ -202,7 +192,7 @@ def test_apply_view_flip_and_gray_follow_params():
 
 
 def test_two_views_shape_dtype_and_differ():
-    img = _tissue_like(80, 80)
+    img = tissue_like(80, 80)
     cfg = augment.AugmentConfig(image_size=40)
     rng = np.random.default_rng(0)
     differing = 0
@@ -214,10 +204,14 @@ def test_two_views_shape_dtype_and_differ():
     assert differing == 20
 
 
-def test_normalize_matches_totensor_normalize():
+def test_normalize_input_matches_totensor_normalize():
+    """The network's one input function (train step, export, on-device augmentation):
+    uint8 views as ToTensor + Normalize, float views in [0, 1] the same without /255."""
     x = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
     mean, std = (0.6684, 0.5115, 0.6791), (0.2521, 0.2875, 0.2100)
-    got = augment.normalize(x, mean, std)
+    got = np.asarray(normalize_input(x, mean, std))
+    np.testing.assert_allclose(
+        np.asarray(normalize_input(x.astype(np.float32) / 255.0, mean, std)), got, atol=1e-6)
     assert got.dtype == np.float32 and got.shape == x.shape
     # ToTensor: CHW float in [0, 1]; Normalize: per channel (t - m) / s
     for n in range(2):

@@ -4,11 +4,12 @@ import io
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from clusiam_jax import data
 from clusiam_jax.data import records
+from clusiam_jax.errors import DataError
 
 
 def _png(path, size=(12, 10), mode='RGB', seed=0):
@@ -58,8 +59,8 @@ def test_manifest_gives_the_same_records(original_layout, tmp_path):
 def test_write_then_read_manifest_roundtrip(original_layout, tmp_path):
     _, expected = original_layout
     path = tmp_path / 'm.csv'
-    data.write_manifest(expected, str(path))
-    assert data.read_manifest(str(path)) == expected
+    data.write_patch_manifest(expected, str(path))
+    assert data.read_patch_manifest(str(path)) == expected
 
 
 @pytest.mark.parametrize('name,slide,x,y', [
@@ -83,7 +84,7 @@ def test_any_depth_and_no_label_outside_original_layout(tmp_path):
 
 
 def test_clear_errors_for_missing_empty_and_bad_manifests(tmp_path):
-    with pytest.raises(FileNotFoundError, match='not found'):
+    with pytest.raises(DataError, match="not found"):
         data.discover(str(tmp_path / 'nope'))
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='no image files'):
@@ -114,13 +115,17 @@ def _encode(im, fmt):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize('mode,fmt', [('RGB', 'PNG'), ('RGB', 'JPEG'), ('L', 'PNG'), ('RGBA', 'PNG'),
-                                      ('LA', 'PNG'), ('P', 'PNG'), ('1', 'PNG'), ('RGB', 'TIFF'),
-                                      ('RGB', 'BMP'), ('L', 'JPEG')])
+@pytest.mark.parametrize('mode,fmt', [('RGB', 'PNG'), ('RGB', 'JPEG'), ('L', 'PNG'),
+                                      ('RGBA', 'PNG'), ('LA', 'PNG'), ('P', 'PNG'),
+                                      ('1', 'PNG'), ('RGB', 'TIFF'), ('RGB', 'BMP'),
+                                      ('L', 'JPEG')])
 def test_load_rgb_converts_like_pil(tmp_path, mode, fmt):
     arr = np.random.default_rng(0).integers(0, 256, (9, 13, 3), dtype=np.uint8)
     im = Image.fromarray(arr)
-    im = Image.fromarray(np.dstack([arr, arr[..., :1]]), 'RGBA') if mode == 'RGBA' else im.convert(mode)
+    if mode == 'RGBA':
+        im = Image.fromarray(np.dstack([arr, arr[..., :1]]), 'RGBA')
+    else:
+        im = im.convert(mode)
     path = tmp_path / f'x.{fmt.lower()}'
     path.write_bytes(_encode(im, fmt))
     got = data.load_rgb(str(path))

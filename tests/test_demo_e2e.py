@@ -1,20 +1,23 @@
 """The demo config end to end through launch.py, at a reduced size: trains on the shipped
-tiles, writes checkpoints, a CSV and TensorBoard events, and resumes when started again."""
+tiles, writes checkpoints, a CSV, TensorBoard events and its log, resumes when started
+again (naming what changed), and exports without --config."""
 import csv
+import json
 import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, subprocess_env
+
 # 42 tiles / batch 16 = 2 steps per epoch; the tiny backbone keeps compiles short.
 REDUCED = ['--config.model.backbone=resnet_tiny', '--config.data.image_size=32',
            '--config.train.batch_size=16', '--config.train.checkpoint_every_epochs=1']
 
 
-def launch(workdir, *args):
-    cmd = [sys.executable, 'launch.py', '--config', 'configs/demo.py', '--workdir',
-           str(workdir)] + REDUCED + list(args)
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+def launch(workdir, *args, recipe=('--config', 'configs/demo.py'), reduced=REDUCED):
+    cmd = [sys.executable, 'launch.py', *recipe, '--workdir', str(workdir)] + reduced + list(args)
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env=subprocess_env())
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stderr + out.stdout
 
@@ -35,10 +38,22 @@ def test_demo_trains_checkpoints_and_resumes(tmp_path):
     assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
     assert any(name.startswith('events') for name in os.listdir(workdir / 'tb'))
     assert 'resuming' not in log
+    # The demo's own export (export.after_training) ran, with its cluster map.
+    assert (workdir / 'export' / 'cluster_maps' / 'cmu-1-small-region.png').exists()
+    # What a newcomer sees first: no backend probing, no collapse warning, no traceback.
+    for noise in ("backend 'tpu'", 'collapse mode', 'Traceback'):
+        assert noise not in log, noise
+    logged = (workdir / 'log.txt').read_text()
+    assert 'compiling the train step' in logged and 'compiled in' in logged
+    assert 'epoch 2/2:' in logged and 'tensorboard --logdir' in logged
+    normalization = json.loads((workdir / 'normalization.json').read_text())
+    assert len(normalization['mean']) == 3 and 'computed over the training list' in \
+        normalization['origin']
 
     # Started again with more epochs: continues from step 4, epoch 3 only.
     log = launch(workdir, '--config.train.num_epochs=3')
     assert 'resuming from the checkpoint at step 4 of 6 (epoch 3 of 3, 0 steps in)' in log
+    assert 'train.num_epochs: 2 -> 3' in log
     assert [r['epoch'] for r in csv_rows(workdir)] == ['1', '2', '3']
     assert '6' in os.listdir(workdir / 'checkpoints')
 
@@ -46,3 +61,14 @@ def test_demo_trains_checkpoints_and_resumes(tmp_path):
     log = launch(workdir, '--config.train.num_epochs=3')
     assert 'is complete (step 6 of 6)' in log
     assert len(csv_rows(workdir)) == 3
+
+
+def test_export_needs_no_config(tmp_path):
+    """A finished run exports with only --workdir: model, size and normalization are the
+    run's; export-section overrides apply."""
+    workdir = tmp_path / 'demo'
+    launch(workdir, '--config.train.num_epochs=1', '--config.export.after_training=False')
+    launch(workdir, '--mode', 'export', f'--config.export.out_dir={tmp_path / "out"}',
+           '--config.export.format=npz', recipe=(), reduced=[])
+    info = json.loads((tmp_path / 'out' / 'export_info.json').read_text())
+    assert info['format'] == 'npz' and info['n_patches'] == 42 and info['image_size'] == 32

@@ -5,21 +5,27 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from clusiam_jax import data, parallel
-from clusiam_jax.config import ConfigError, validate
+from clusiam_jax.config import validate
 from clusiam_jax.data import augment, pipeline
 from clusiam_jax.data import device_augment as da
-from clusiam_jax.models import build_network
-from clusiam_jax.train.loop import init_state
-from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
-from clusiam_jax.train.step import make_train_step
-from fakes import SyntheticLoader
-from test_data_augment import _tissue_like, _within
-from test_data_pipeline import MEAN, STD, make_config, take, write_patches
-from tiny import tiny_config
+from clusiam_jax.errors import ConfigError
+from clusiam_jax.train.trainer import build_trainer
+from tests.helpers import (
+    MEAN,
+    STD,
+    SyntheticLoader,
+    data_config,
+    mesh_of,
+    take,
+    tiny_config,
+    tissue_like,
+    within,
+    write_patches,
+)
 
 CFG = augment.AugmentConfig(image_size=32)
 N_DRAWS = 20000
@@ -60,10 +66,10 @@ def params():
 def test_op_probabilities_match_spec(params):
     for name, p in (('jitter', 0.8), ('gray', 0.2), ('blur', 0.5), ('hflip', 0.5)):
         assert params[name].shape == (N_DRAWS,) and params[name].dtype == bool
-        assert _within(params[name].mean(), p, N_DRAWS), (name, params[name].mean())
-    # Independent of each other (SPEC: each op drawn on its own).
+        assert within(params[name].mean(), p, N_DRAWS), (name, params[name].mean())
+    # Independent of each other (docs/method.md §1: each op drawn on its own).
     both = (params['jitter'] & params['gray']).mean()
-    assert _within(both, 0.8 * 0.2, N_DRAWS)
+    assert within(both, 0.8 * 0.2, N_DRAWS)
 
 
 def test_factors_sigma_and_order(params):
@@ -81,7 +87,7 @@ def test_factors_sigma_and_order(params):
     np.testing.assert_array_equal(np.sort(order, axis=1), np.tile(np.arange(4), (N_DRAWS, 1)))
     for slot in range(4):  # every op equally likely in every slot
         counts = np.bincount(order[:, slot], minlength=4) / N_DRAWS
-        assert all(_within(c, 0.25, N_DRAWS) for c in counts), (slot, counts)
+        assert all(within(c, 0.25, N_DRAWS) for c in counts), (slot, counts)
     perms = {tuple(o) for o in order}
     assert len(perms) == 24
 
@@ -92,7 +98,7 @@ def test_factors_sigma_and_order(params):
 
 @pytest.mark.parametrize('factor', [0.6, 0.83, 1.17, 1.4])
 def test_brightness_contrast_saturation_within_two_levels(factor):
-    img = _tissue_like(40, 40)
+    img = tissue_like(40, 40)
     x = _dev(img)
     for dev_op, cpu_op in ((da.adjust_brightness, augment.adjust_brightness),
                            (da.adjust_contrast, augment.adjust_contrast),
@@ -103,7 +109,7 @@ def test_brightness_contrast_saturation_within_two_levels(factor):
 
 
 def test_grayscale_within_one_level():
-    img = _tissue_like(40, 40)
+    img = tissue_like(40, 40)
     out = _levels(da.grayscale(_dev(img)))
     assert np.abs(out - augment.grayscale(img)).max() <= 1.0
     np.testing.assert_array_equal(out[..., 0], out[..., 2])
@@ -112,13 +118,13 @@ def test_grayscale_within_one_level():
 @pytest.mark.parametrize('hue', [-0.1, -0.04, 0.03, 0.1])
 def test_hue_within_a_few_levels(hue):
     shift = int(hue * 255) / 256  # the CPU path's (PIL's) quantized shift, in turns
-    for img, worst in ((_he_like(), 6.0), (_tissue_like(40, 40), 12.0)):
+    for img, worst in ((_he_like(), 6.0), (tissue_like(40, 40), 12.0)):
         diff = np.abs(_levels(da.adjust_hue(_dev(img), _f(shift))) - augment.adjust_hue(img, hue))
         assert diff.mean() < 1.0 and diff.max() <= worst, (diff.mean(), diff.max())
 
 
 def test_hue_zero_shift_and_gray_pixels_are_unchanged():
-    img = _tissue_like(40, 40)
+    img = tissue_like(40, 40)
     np.testing.assert_allclose(da.adjust_hue(_dev(img), _f(0.0)), _dev(img), atol=1e-6)
     gray = _dev(augment.grayscale(img))
     np.testing.assert_allclose(da.adjust_hue(gray, _f(0.09)), gray, atol=1e-6)
@@ -130,14 +136,14 @@ def test_blur_kernel_is_pils_and_blur_within_one_level(sigma):
     ref = augment.pil_gaussian_kernel(sigma)
     # The fixed tap grid holds PIL's kernel, zero-padded for the smaller sigmas.
     np.testing.assert_allclose(kernel, np.pad(ref, (len(kernel) - len(ref)) // 2), atol=1e-6)
-    img = _tissue_like(40, 40)
+    img = tissue_like(40, 40)
     diff = np.abs(_levels(da.gaussian_blur(_dev(img), _f(sigma)))
                   - augment.gaussian_blur(img, sigma))
     assert diff.max() <= 1.0  # the CPU path rounds once: within half a level + float error
 
 
 def test_hflip_is_exact():
-    x = _dev(_tissue_like(40, 40))
+    x = _dev(tissue_like(40, 40))
     np.testing.assert_array_equal(da.hflip(x), x[:, :, ::-1])
 
 
@@ -156,7 +162,7 @@ def _view_params(p, i):
 def test_whole_chain_matches_apply_view_for_the_same_params():
     """Random order, masks and op composition agree with the CPU path's apply_view."""
     n = 24
-    images = np.stack([_he_like(seed=s) if s % 2 else _tissue_like(40, 40, seed=s)
+    images = np.stack([_he_like(seed=s) if s % 2 else tissue_like(40, 40, seed=s)
                        for s in range(n)])
     p = jax.device_get(da.sample_device_params(jax.random.PRNGKey(7), n, CFG))
     # The device shifts hue continuously; give it the CPU path's 1/256-turn quantization.
@@ -175,9 +181,9 @@ def test_whole_chain_matches_apply_view_for_the_same_params():
 def test_augment_views_same_draws_on_one_and_eight_devices():
     """Each sample's parameters depend on the key and its batch position only, not on
     how the batch is sharded (the step runs on the global, sharded batch)."""
-    images = jnp.asarray(np.stack([_tissue_like(40, 40, seed=s) for s in range(8)]))
+    images = jnp.asarray(np.stack([tissue_like(40, 40, seed=s) for s in range(8)]))
     key = jax.random.PRNGKey(11)
-    fn = lambda k, x: da.augment_views(k, x, CFG)  # noqa: E731
+    fn = lambda k, x: da.augment_views(k, x, CFG)
     one = jax.jit(fn)(key, images)
     assert one.dtype == jnp.float32 and one.shape == images.shape
     assert float(one.min()) >= 0.0 and float(one.max()) <= 1.0
@@ -216,7 +222,7 @@ def patch_dir(tmp_path_factory):
 
 
 def _crop_config(path, **kw):
-    c = make_config(path, mean=MEAN, std=STD, **kw)
+    c = data_config(path, mean=MEAN, std=STD, **kw)
     c.data.augment_on_device = True
     return c
 
@@ -271,14 +277,15 @@ def test_step_augments_the_loaders_crops(monkeypatch, patch_dir):
     monkeypatch.setattr(da, 'augment_views', spy)
     batch = next(data.create_train_loader(_crop_config(patch_dir)).iterator())
     c = tiny_config('clusiam', batch_size=4, image_size=24)
-    network = build_network(c.model)
-    tx, lr = make_optimizer(c, 2)
-    state = init_state(network, tx, c, parallel.make_mesh(jax.devices()[:1]))
+
+    def trainer_for(on):
+        c.data.augment_on_device = on
+        return build_trainer(c, mesh_of(1), 2, SyntheticLoader.mean, SyntheticLoader.std)
+
+    state = trainer_for(False).init_state()
 
     def step_for(on):
-        c.data.augment_on_device = on
-        return make_train_step(network, tx, c, SyntheticLoader.mean, SyntheticLoader.std,
-                               lr, ema_momentum(c, 4))
+        return trainer_for(on).step_fn
 
     jax.eval_shape(step_for(False), state, batch)
     assert not calls

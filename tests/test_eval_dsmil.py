@@ -9,9 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clusiam_jax.eval.dsmil import (DSMIL, DSMILConfig, bag_accuracy, bucket_length,
-                                    dsmil_loss, dsmil_score, epoch_learning_rate,
-                                    make_optimizer, pad_bag, run_dsmil, train_dsmil)
+from clusiam_jax.eval.dsmil import (
+    DSMIL,
+    DSMILConfig,
+    bag_accuracy,
+    bucket_length,
+    dsmil_loss,
+    dsmil_optimizer,
+    dsmil_score,
+    epoch_learning_rate,
+    pad_bag,
+    run_dsmil,
+    train_dsmil,
+)
 from clusiam_jax.eval.metrics import youden_threshold
 
 
@@ -25,7 +35,7 @@ def _init(num_classes, dim, length=8, seed=0):
 
 
 def _numpy_dsmil(p, x, y):
-    """Reference from the SPEC text, in float64."""
+    """Reference from docs/method.md §7, in float64."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     dense = lambda name, h: h @ p[name]["kernel"] + p[name]["bias"]
     inst = dense("instance_classifier", x)                        # [N, C]
@@ -97,7 +107,7 @@ def test_bucket_ladder_is_short():
 
 def test_optimizer_is_adam_with_coupled_l2_and_epoch_cosine():
     config = DSMILConfig(epochs=4, lr=0.1, weight_decay=0.5, eta_min=0.0)
-    opt = make_optimizer(config)
+    opt = dsmil_optimizer(config)
     w = jnp.array([1.0, -2.0])
     state = opt.init(w)
     m = v = np.zeros(2)

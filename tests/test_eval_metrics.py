@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from clusiam_jax.eval.metrics import (classification_metrics, roc_auc, roc_curve,
-                                      youden_threshold)
+from clusiam_jax.eval.metrics import classification_metrics, roc_auc, roc_curve, youden_threshold
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

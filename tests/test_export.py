@@ -4,20 +4,19 @@ import json
 import os
 
 import h5py
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from clusiam_jax import export
+from clusiam_jax import cli, run_dir
 from clusiam_jax.data import augment, load_rgb
-from clusiam_jax.eval import exported
+from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.eval.cluster_map import cluster_palette
+from clusiam_jax.export import format as fmt
 from clusiam_jax.models import FEATURE_WIDTH
+from clusiam_jax.models.preprocess import normalize_input
 from clusiam_jax.train.loop import train
-from clusiam_jax.train.step import normalize_images
-from fakes import SyntheticLoader
-from tiny import tiny_config
+from tests.helpers import SyntheticLoader, tiny_config
 
 # slide -> patch coordinates; 19 readable patches over 3 slides, so with a batch of 8
 # the batches straddle slides and the last one is padded.
@@ -57,24 +56,23 @@ def run(tmp_path_factory):
     return config, workdir, patches
 
 
-def _export(config, workdir, out_dir, **overrides):
+def _export(config, workdir, out_dir, normalization=None, **overrides):
     config = config.copy_and_resolve_references()
     config.export.out_dir = str(out_dir)
     for key, value in overrides.items():
         config.export[key] = value
-    return export.export_run(config, workdir)
+    return cli.export_with(workdir, config.export, normalization)
 
 
-def _direct_forward(network, state, paths, image_size, mean, std):
+def _direct_forward(run, paths, image_size, mean, std):
     images = []
     for p in paths:
         img = load_rgb(p)
         if img.shape[:2] != (image_size, image_size):
             img = augment.resized_crop(img, (0, 0) + img.shape[:2], image_size)
         images.append(img)
-    x = normalize_images(np.stack(images), mean, std)
-    out = network.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                        train=False)
+    x = normalize_input(np.stack(images), mean, std)
+    out = run.network.apply(run.weights.online_variables, x, train=False)
     return np.asarray(out['features']), np.asarray(out['logits'])
 
 
@@ -82,8 +80,8 @@ def test_export_layout_and_values(run, tmp_path):
     config, workdir, patches = run
     out = tmp_path / 'out'
     _export(config, workdir, out)
-    run_config, network, state = export.load_run(workdir)
-    assert int(state.step) == 2
+    run = run_dir.load_run(workdir)
+    assert run.step == 2 and int(run.weights.step) == 2
 
     manifest = list(csv.DictReader(open(out / 'manifest.csv')))
     assert [r['slide_id'] for r in manifest] == sorted(SLIDES)
@@ -110,8 +108,8 @@ def test_export_layout_and_values(run, tmp_path):
         assert paths == expected
         for p, (x, y) in zip(paths, coords):
             assert os.path.basename(p) == f'{x}_{y}.png'
-        want_feats, want_logits = _direct_forward(network, state, paths, 32,
-                                                  SyntheticLoader.mean, SyntheticLoader.std)
+        want_feats, want_logits = _direct_forward(run, paths, 32, SyntheticLoader.mean,
+                                                  SyntheticLoader.std)
         np.testing.assert_allclose(feats, want_feats, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-5)
 
@@ -129,7 +127,7 @@ def test_rerun_skips_finished_slides(run, tmp_path, monkeypatch):
     _export(config, workdir, out)
     before = {n: os.stat(out / 'h5_files' / n).st_mtime_ns for n in os.listdir(out / 'h5_files')}
     writes = []
-    monkeypatch.setattr(export, '_write_h5', lambda path, *a, **k: writes.append(path))
+    monkeypatch.setattr(fmt, 'write_slide_h5', lambda path, *a, **k: writes.append(path))
     _export(config, workdir, out)
     assert writes == []
     after = {n: os.stat(out / 'h5_files' / n).st_mtime_ns for n in os.listdir(out / 'h5_files')}
@@ -159,8 +157,8 @@ def test_crash_mid_export_leaves_no_partial_file(run, tmp_path, monkeypatch):
     (out / 'h5_files' / 'slide_b.h5.tmp12345').write_bytes(b'half')
 
     writes = []
-    real_write = export._write_h5
-    monkeypatch.setattr(export, '_write_h5',
+    real_write = fmt.write_slide_h5
+    monkeypatch.setattr(fmt, 'write_slide_h5',
                         lambda path, *a: writes.append(os.path.basename(path))
                         or real_write(path, *a))
     _export(config, workdir, out)
@@ -174,8 +172,8 @@ def test_npz_format_matches_h5(run, tmp_path):
     _export(config, workdir, tmp_path / 'h5')
     _export(config, workdir, tmp_path / 'npz', format='npz', with_projection=True)
     assert not (tmp_path / 'npz' / 'h5_files').exists()
-    from_h5 = exported.read_export(str(tmp_path / 'h5'))
-    from_npz = exported.read_export(str(tmp_path / 'npz'))
+    from_h5 = fmt.read_export(str(tmp_path / 'h5'))
+    from_npz = fmt.read_export(str(tmp_path / 'npz'))
     assert sorted(from_h5) == sorted(from_npz) == sorted(SLIDES)
     for slide in SLIDES:
         a, b = from_h5[slide], from_npz[slide]
@@ -185,11 +183,27 @@ def test_npz_format_matches_h5(run, tmp_path):
         assert b['projections'].shape == (len(SLIDES[slide]), 16)
 
 
+def test_npz_keeps_labels_aligned_when_only_some_slides_have_them(run, tmp_path):
+    """A manifest that labels slide_a only: every slide keeps its rows of `labels`."""
+    config, workdir, patches = run
+    manifest = tmp_path / 'patches.csv'
+    rows = ['path,slide_id,label']
+    for slide, coords in SLIDES.items():
+        for x, y in coords:
+            rows.append(f'{patches / slide / f"{x}_{y}.png"},{slide},'
+                        f'{"tumor" if slide == "slide_a" else ""}')
+    manifest.write_text('\n'.join(rows) + '\n')
+    _export(config, workdir, tmp_path / 'npz', format='npz', data_path=str(manifest))
+    data = fmt.read_export(str(tmp_path / 'npz'))
+    assert list(data['slide_a']['labels']) == ['tumor'] * len(SLIDES['slide_a'])
+    assert list(data['slide_b']['labels']) == [''] * len(SLIDES['slide_b'])
+
+
 def test_cluster_map_cells_sit_at_patch_coordinates(run, tmp_path):
     config, workdir, _ = run
     out = tmp_path / 'out'
     _export(config, workdir, out, cluster_maps=True)
-    data = exported.read_export(str(out))
+    data = fmt.read_export(str(out))
     palette = cluster_palette(128)[:8]
     for slide, arrays in data.items():
         png = out / 'cluster_maps' / f'{slide}.png'
@@ -203,7 +217,6 @@ def test_cluster_map_cells_sit_at_patch_coordinates(run, tmp_path):
 
 
 def test_one_thumbnail_for_several_slides_fails_before_embedding(run, tmp_path):
-    from clusiam_jax.config import ConfigError
     config, workdir, _ = run
     Image.new('RGB', (8, 8)).save(tmp_path / 'thumb.png')
     with pytest.raises(ConfigError, match='is one file but the export has'):
@@ -212,25 +225,49 @@ def test_one_thumbnail_for_several_slides_fails_before_embedding(run, tmp_path):
     assert not (tmp_path / 'out').exists()  # nothing was embedded
 
 
-def test_training_normalization_from_the_training_list(run, tmp_path):
-    config, _, patches = run
-    c = config.copy_and_resolve_references()
-    c.data.mean = None
-    c.data.std = None
-    c.data.path = str(patches)
-    mean, std, origin = export.training_normalization(c, str(tmp_path))
-    from clusiam_jax.data import compute_stats
-    from clusiam_jax.data.sources import open_source
-    want_mean, want_std = compute_stats(open_source(str(patches))[1])
-    np.testing.assert_allclose(mean, want_mean)
-    np.testing.assert_allclose(std, want_std)
-    c.data.path = str(tmp_path / 'gone')
-    with pytest.raises(FileNotFoundError, match='data.mean'):
-        export.training_normalization(c)
+def test_export_reads_the_recorded_normalization_and_never_the_data(run, tmp_path,
+                                                                     monkeypatch):
+    """Training recorded its normalization in the run; export uses it without looking at
+    the training data's statistics again (the data set may be huge, or gone)."""
+    config, workdir, _ = run
+    recorded = run_dir.read_normalization(workdir)
+    assert recorded.mean == SyntheticLoader.mean and recorded.origin == 'synthetic'
+    from clusiam_jax.data import stats
+
+    def no_rescan(*args, **kwargs):
+        raise AssertionError('export rescanned the data set')
+    monkeypatch.setattr(stats, 'compute_stats', no_rescan)
+    monkeypatch.setattr(stats, 'cached_stats', no_rescan)
+    _export(config, workdir, tmp_path / 'out')
+    info = json.loads((tmp_path / 'out' / 'export_info.json').read_text())
+    assert info['normalization'] == recorded.to_json()
+    # A command-line normalization that contradicts the run's is refused.
+    other = run_dir.Normalization((0.5,) * 3, (0.25,) * 3, 'given on the command line')
+    with pytest.raises(ConfigError, match='drop --config.data.mean/std'):
+        _export(config, workdir, tmp_path / 'other', normalization=other)
+
+
+def test_a_run_without_recorded_normalization_needs_one_given(run, tmp_path):
+    config, workdir, _ = run
+    old = str(tmp_path / 'old_run')
+    import shutil
+    shutil.copytree(workdir, old)
+    os.remove(os.path.join(old, run_dir.NORMALIZATION_NAME))
+    run_config = run_dir.read_run_config(old)
+    run_config.data.mean = run_config.data.std = None
+    run_dir.write_run_config(old, run_config)
+    with pytest.raises(ConfigError, match='records no normalization'):
+        _export(config, old, tmp_path / 'out')
+    given = run_dir.Normalization(SyntheticLoader.mean, SyntheticLoader.std, 'given')
+    _export(config, old, tmp_path / 'out', normalization=given)
+    a = fmt.read_export(str(tmp_path / 'out'))
+    _export(config, workdir, tmp_path / 'reference')
+    b = fmt.read_export(str(tmp_path / 'reference'))
+    for slide in SLIDES:
+        np.testing.assert_array_equal(a[slide]['features'], b[slide]['features'])
 
 
 def test_nothing_readable_is_an_error_not_an_empty_export(run, tmp_path):
-    from clusiam_jax.data import DataError
     config, workdir, _ = run
     garbage = tmp_path / 'garbage' / 'slide'
     os.makedirs(garbage)
@@ -240,19 +277,11 @@ def test_nothing_readable_is_an_error_not_an_empty_export(run, tmp_path):
         _export(config, workdir, tmp_path / 'out', data_path=str(tmp_path / 'garbage'))
 
 
-def test_bad_export_settings_fail_early(tmp_path):
-    from clusiam_jax.config import ConfigError
-    c = tiny_config()
-    c.export.format = 'parquet'
-    with pytest.raises(ConfigError, match='export.format'):
-        export.export_run(c, str(tmp_path))  # fails before looking for a run
-    c.export.format = 'h5'
-    c.export.cluster_maps = True
-    thumb = tmp_path / 'thumb.png'
-    Image.new('RGB', (4, 4)).save(thumb)
-    c.export.thumbnail = str(thumb)
-    with pytest.raises(ConfigError, match='thumbnail_downsample'):
-        export.export_run(c, str(tmp_path))
-    c.export.thumbnail_downsample = 8.0
-    with pytest.raises(FileNotFoundError, match='checkpoints'):
-        export.export_run(c, str(tmp_path / 'no_run'))
+def test_export_at_another_image_size(run, tmp_path):
+    config, workdir, patches = run
+    _export(config, workdir, tmp_path / 'out', image_size=48)
+    arrays = fmt.read_export(str(tmp_path / 'out'))['slide_a']
+    want, _ = _direct_forward(run_dir.load_run(workdir), list(arrays['paths']), 48,
+                              SyntheticLoader.mean, SyntheticLoader.std)
+    np.testing.assert_allclose(arrays['features'], want, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / 'out' / 'export_info.json').read_text())['image_size'] == 48

@@ -8,22 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from clusiam_jax import parallel
-from clusiam_jax.train.loop import NonFiniteError, train
-from fakes import SyntheticLoader
-from test_resume import PreemptedLoader
-from tiny import tiny_config
+from clusiam_jax.errors import CheckpointError, ConfigError, NonFiniteError
+from clusiam_jax.train.loop import train
+from tests.helpers import PreemptedLoader, SyntheticLoader, assert_trees_close, mesh_of, tiny_config
 
 SIZES = dict(steps_per_epoch=3, num_epochs=2, batch_size=8, image_size=32)
-
-
-def mesh_of(n):
-    return parallel.make_mesh(jax.devices()[:n])
-
-
-def assert_trees_close(a, b, **tol):
-    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
-        np.testing.assert_allclose(x, y, **tol)
 
 
 def file_snapshot(folder):
@@ -39,14 +28,18 @@ def finished_run(tmp_path_factory):
     return workdir, jax.device_get(state)
 
 
+def damage(workdir, step):
+    """Truncates every file of the checkpoint's state."""
+    for root, _, names in os.walk(os.path.join(workdir, 'checkpoints', str(step), 'state')):
+        for name in names:
+            open(os.path.join(root, name), 'w').close()
+
+
 def test_damaged_latest_checkpoint_is_skipped(finished_run, tmp_path, caplog):
     source, final = finished_run
     workdir = str(tmp_path / 'run')
     shutil.copytree(source, workdir)
-    state_dir = os.path.join(workdir, 'checkpoints', '6', 'state')
-    for root, _, names in os.walk(state_dir):  # truncate every file of step 6
-        for name in names:
-            open(os.path.join(root, name), 'w').close()
+    damage(workdir, 6)
     with caplog.at_level(logging.WARNING, logger='clusiam_jax'):
         resumed = train(tiny_config('clubyol'), workdir, SyntheticLoader(**SIZES), mesh_of(1))
     assert any('checkpoint at step 6' in r.message and 'falling back' in r.message
@@ -54,6 +47,17 @@ def test_damaged_latest_checkpoint_is_skipped(finished_run, tmp_path, caplog):
     # Retrained from step 3 on the same batches: the same parameters, bit for bit.
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(final)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_no_readable_checkpoint_is_one_checkpoint_error(finished_run, tmp_path):
+    source, _ = finished_run
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(source, workdir)
+    damage(workdir, 3)
+    damage(workdir, 6)
+    with pytest.raises(CheckpointError, match='no checkpoint in .* can be restored') as err:
+        train(tiny_config('clubyol'), workdir, SyntheticLoader(**SIZES), mesh_of(1))
+    assert '\n' not in str(err.value)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
@@ -70,7 +74,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(finished_run, 
 
 
 def test_a_checkpoint_of_another_model_is_a_config_error(finished_run, tmp_path):
-    from clusiam_jax.config import ConfigError
     source, _ = finished_run
     workdir = str(tmp_path / 'run')
     shutil.copytree(source, workdir)

@@ -6,17 +6,16 @@ import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
-
-import kill_worker
+from clusiam_jax.run_dir import load_run
+from tests import kill_worker
+from tests.helpers import assert_trees_equal, subprocess_env
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kill_worker.py')
 
 
 def test_sigkill_mid_epoch_then_restart_equals_uninterrupted(tmp_path):
     workdir = str(tmp_path / 'killed')
-    env = dict(os.environ, BATCH_DELAY_S='1.0')
+    env = subprocess_env(BATCH_DELAY_S='1.0')
     proc = subprocess.Popen([sys.executable, WORKER, workdir], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first_checkpoint = os.path.join(workdir, 'checkpoints', '3')
@@ -32,14 +31,11 @@ def test_sigkill_mid_epoch_then_restart_equals_uninterrupted(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
 
     restarted = subprocess.run([sys.executable, WORKER, workdir], capture_output=True,
-                               text=True, timeout=900)
+                               text=True, timeout=900, env=subprocess_env())
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     # The progress bars show it restarted at epoch 2, the one the kill interrupted.
     assert 'epoch 2/3' in restarted.stderr and 'epoch 1/3' not in restarted.stderr
 
-    from clusiam_jax.run_dir import load_run
-    _, _, resumed = load_run(workdir)
+    resumed = load_run(workdir).weights
     reference = kill_worker.run(str(tmp_path / 'straight'))
-    for a, b in zip(jax.tree.leaves(jax.device_get(resumed)),
-                    jax.tree.leaves(jax.device_get(reference))):
-        np.testing.assert_array_equal(a, b)
+    assert_trees_equal(resumed, reference.weights())

@@ -1,4 +1,4 @@
-"""The losses against independent NumPy references (SPEC s4), edge cases included."""
+"""The losses against independent NumPy references (docs/method.md §4), edge cases included."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,11 +18,13 @@ losses = _Jitted()
 
 
 def np_cosine(a, b, eps=1e-8):
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), eps)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(norms, eps)
 
 
 def np_cluster_similarity(reps, logits, gumbel, eps=1e-8):
-    """SPEC s4 step by step in float64: hard assignments, centroids, mean non-zero cosine."""
+    """docs/method.md §4 step by step in float64: hard assignments, centroids, mean
+    non-zero cosine."""
     reps, logits, gumbel = (np.asarray(a, np.float64) for a in (reps, logits, gumbel))
     r = reps / np.maximum(np.linalg.norm(reps, axis=1, keepdims=True), eps)
     y = logits + gumbel
@@ -92,7 +94,8 @@ def test_single_cluster_is_one_with_zero_finite_gradients():
 
 def test_gradient_flows_only_through_the_assignment():
     reps, logits, gumbel = random_inputs(11, n=24, k=5)
-    g_reps, g_logits = jax.jit(jax.grad(eager_losses.cluster_similarity, argnums=(0, 1)))(reps, logits, gumbel)
+    grad = jax.jit(jax.grad(eager_losses.cluster_similarity, argnums=(0, 1)))
+    g_reps, g_logits = grad(reps, logits, gumbel)
     assert np.all(np.asarray(g_reps) == 0)
     assert np.all(np.isfinite(g_logits)) and np.abs(g_logits).max() > 1e-4
 
@@ -129,4 +132,5 @@ def test_invariance_losses_match_numpy_and_stop_gradients():
 def test_cosine_eps_guards_zero_vectors():
     zero = np.zeros((1, 4), np.float32)
     assert float(losses.cosine_similarity(zero, zero)[0]) == 0.0
-    assert np.all(np.isfinite(jax.jit(jax.grad(lambda a: eager_losses.cosine_similarity(a, a).sum()))(zero)))
+    grad = jax.jit(jax.grad(lambda a: eager_losses.cosine_similarity(a, a).sum()))
+    assert np.all(np.isfinite(grad(zero)))

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 
-from clusiam_jax.models import METHOD_SPECS, build_network, resnet
-from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
-from clusiam_jax.train.state import create_train_state
-from clusiam_jax.train.step import make_train_step, normalize_images
-from fakes import SyntheticLoader
-from tiny import tiny_config
+from clusiam_jax.models import resnet
+from clusiam_jax.models.preprocess import normalize_input
+from clusiam_jax.state import create_train_state
+from clusiam_jax.train.trainer import build_trainer
+from tests.helpers import SyntheticLoader, tiny_config
 
 METHODS = ['clusiam', 'clubyol']
 STEPS = 30
@@ -33,16 +32,14 @@ def build(method, dtype, base_lr=None, backbone=None, image_size=32):
         c.optim.base_lr = base_lr
     if backbone is not None:
         c.model.backbone = backbone
-    network = build_network(c.model)
-    tx, lr = make_optimizer(c, STEPS)
-    step = make_train_step(network, tx, c, SyntheticLoader.mean, SyntheticLoader.std, lr,
-                           ema_momentum(c, STEPS))
-    return c, network, tx, step
+    trainer = build_trainer(c, None, STEPS, SyntheticLoader.mean, SyntheticLoader.std)
+    return c, trainer.network, trainer, trainer.step_fn
 
 
-def new_state(network, tx, c, seed=None):
+def new_state(trainer, c, seed=None):
+    """The initial state from `seed` (traced inside jit below), else the config's."""
     seed = c.train.seed if seed is None else seed
-    return create_train_state(network, tx, METHOD_SPECS[network.method].has_target, seed,
+    return create_train_state(trainer.network, trainer.tx, trainer.has_target, seed,
                               c.data.image_size)
 
 
@@ -56,8 +53,8 @@ def first_batch(c):
 
 
 def abstract_state(method, dtype):
-    c, network, tx, _ = build(method, dtype)
-    return jax.eval_shape(lambda: new_state(network, tx, c))
+    c, _, trainer, _ = build(method, dtype)
+    return jax.eval_shape(lambda: new_state(trainer, c))
 
 
 def float_leaf_dtypes(tree):
@@ -89,10 +86,10 @@ def test_state_is_float32_with_the_float32_tree(method):
 
 @pytest.mark.parametrize('method', METHODS)
 def test_forward_convs_and_matmuls_run_in_bfloat16(method):
-    c, network, tx, _ = build(method, 'bfloat16')
-    variables = jax.eval_shape(lambda: new_state(network, tx, c))
-    x = normalize_images(first_batch(c)['view1'], SyntheticLoader.mean, SyntheticLoader.std,
-                         network.dtype)
+    c, network, trainer, _ = build(method, 'bfloat16')
+    variables = jax.eval_shape(lambda: new_state(trainer, c))
+    x = normalize_input(first_batch(c)['view1'], SyntheticLoader.mean, SyntheticLoader.std,
+                        network.dtype)
     forward = lambda p, s: network.apply({'params': p, 'batch_stats': s}, x, train=True,
                                          mutable=['batch_stats'])
     closed = jax.make_jaxpr(forward)(variables.params, variables.batch_stats)
@@ -111,8 +108,8 @@ def test_forward_convs_and_matmuls_run_in_bfloat16(method):
 
 @pytest.mark.parametrize('method', METHODS)
 def test_train_step_reduces_and_updates_in_float32(method):
-    c, network, tx, step = build(method, 'bfloat16')
-    state = jax.eval_shape(lambda: new_state(network, tx, c))
+    c, _, trainer, step = build(method, 'bfloat16')
+    state = jax.eval_shape(lambda: new_state(trainer, c))
     batch = first_batch(c)
     eqns = list(equations(jax.make_jaxpr(step)(state, batch).jaxpr))
     convs = [e for e in eqns if e.primitive.name == 'conv_general_dilated']
@@ -145,14 +142,14 @@ def micro_backbone(monkeypatch):
 def loss_curves(method, dtype, seeds, backbone):
     """Per-step losses of STEPS steps from each seed (init and Gumbel stream), all on the
     same fixed synthetic batches. One compilation serves every seed."""
-    c, network, tx, step = build(method, dtype, BASE_LR, backbone, image_size=16)
+    c, _, trainer, step = build(method, dtype, BASE_LR, backbone, image_size=16)
     pool = synthetic_batches(c, 4)
     batches = {k: np.stack([pool[i % len(pool)][k] for i in range(STEPS)])
                for k in ('view1', 'view2')}
 
     @jax.jit
     def run(seed):
-        _, metrics = jax.lax.scan(step, new_state(network, tx, c, seed), batches)
+        _, metrics = jax.lax.scan(step, new_state(trainer, c, seed), batches)
         return metrics['loss']
     return [np.asarray(run(jnp.int32(s))) for s in seeds]
 

@@ -10,8 +10,7 @@ import numpy as np
 import portpicker
 
 from clusiam_jax.train.loop import train
-from fakes import SyntheticLoader
-from tiny import tiny_config
+from tests.helpers import SyntheticLoader, subprocess_env, tiny_config
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
 
@@ -20,7 +19,7 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
     port = portpicker.pick_unused_port()
     out = str(tmp_path / 'params.npz')
     workdir = str(tmp_path / 'multi')
-    env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+    env = {k: v for k, v in subprocess_env().items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
     procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), workdir, out],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]

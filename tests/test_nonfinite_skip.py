@@ -8,27 +8,31 @@ import jax
 import numpy as np
 import pytest
 
-from clusiam_jax import parallel
-from clusiam_jax.models import build_network
-from clusiam_jax.train.loop import NonFiniteError, SkippedSteps, init_state, train
-from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
-from clusiam_jax.train.step import make_train_step
-from fakes import SyntheticIterator, SyntheticLoader
-from tiny import tiny_config
+from clusiam_jax.errors import NonFiniteError
+from clusiam_jax.train.loop import train
+from clusiam_jax.train.metrics import SkippedSteps
+from clusiam_jax.train.trainer import build_trainer
+from tests.helpers import SyntheticIterator, SyntheticLoader, mesh_of, tiny_config
 
 SIZES = dict(steps_per_epoch=3, num_epochs=2, batch_size=8, image_size=32)
 
 
+def as_float(batch):
+    """The views as float32 in [0, 1] (what on-device augmentation hands the network)."""
+    return {k: v.astype(np.float32) / 255.0 for k, v in batch.items()}
+
+
 def poison(batch):
-    """The batch as float32 views with one NaN pixel: the step normalizes it to a NaN
-    input, so its loss and gradient are NaN (a new input dtype: the step retraces)."""
-    views = {k: v.astype(np.float32) for k, v in batch.items()}
+    """The float32 views with one NaN pixel: the step normalizes it to a NaN input, so
+    its loss and gradient are NaN."""
+    views = as_float(batch)
     views['view1'][0, 0, 0, 0] = np.nan
     return views
 
 
 class PoisonedLoader(SyntheticLoader):
-    """SyntheticLoader whose batches at `steps` are poisoned."""
+    """SyntheticLoader of float32 batches, those at `steps` poisoned (one input dtype
+    throughout: the loop compiles its step for the first batch's)."""
 
     def __init__(self, steps, **sizes):
         super().__init__(**sizes)
@@ -41,7 +45,7 @@ class PoisonedLoader(SyntheticLoader):
             def __next__(self):
                 index = self.index
                 batch = super().__next__()
-                return poison(batch) if index in loader.poisoned_steps else batch
+                return poison(batch) if index in loader.poisoned_steps else as_float(batch)
         return Iterator(self)
 
 
@@ -53,18 +57,15 @@ def leaves(tree):
 def one_step():
     """A tiny CluBYOL's first step from the same state: finite under both modes, and
     a poisoned batch under 'skip'."""
-    mesh = parallel.make_mesh(jax.devices()[:1])
     steps = {}
     for mode in ('stop', 'skip'):
         c = tiny_config('clubyol')
         c.train.on_nonfinite = mode
-        network = build_network(c.model)
-        tx, lr = make_optimizer(c, SIZES['steps_per_epoch'])
-        steps[mode] = jax.jit(make_train_step(network, tx, c, SyntheticLoader.mean,
-                                              SyntheticLoader.std, lr, ema_momentum(c, 6)))
-    state0 = init_state(network, tx, c, mesh)
-    batch = next(SyntheticLoader(**SIZES).iterator())
-    return state0, batch, steps
+        trainer = build_trainer(c, mesh_of(1), SIZES['steps_per_epoch'], SyntheticLoader.mean,
+                                SyntheticLoader.std)
+        steps[mode] = jax.jit(trainer.step_fn)  # not donating: state0 is reused
+    batch = as_float(next(SyntheticLoader(**SIZES).iterator()))
+    return trainer.init_state(), batch, steps
 
 
 def test_skip_mode_leaves_finite_steps_as_they_were(one_step):
@@ -80,7 +81,9 @@ def test_skip_mode_leaves_finite_steps_as_they_were(one_step):
 def test_a_rejected_step_keeps_every_float_and_advances_every_counter(one_step):
     state0, batch, steps = one_step
     accepted, _ = steps['skip'](state0, batch)
-    rejected, metrics = steps['skip'](state0, poison(batch))
+    poisoned = dict(batch, view1=batch['view1'].copy())
+    poisoned['view1'][0, 0, 0, 0] = np.nan
+    rejected, metrics = steps['skip'](state0, poisoned)
     metrics = jax.device_get(metrics)
     assert np.isnan(metrics['loss']) and float(metrics['skipped']) == 1.0
     counters = 0
@@ -98,8 +101,7 @@ def test_the_loop_skips_a_poisoned_batch_and_goes_on(tmp_path, caplog):
     config.train.on_nonfinite = 'skip'
     workdir = str(tmp_path / 'run')
     with caplog.at_level(logging.WARNING, logger='clusiam_jax'):
-        state = train(config, workdir, PoisonedLoader([2], **SIZES),
-                      parallel.make_mesh(jax.devices()[:1]))
+        state = train(config, workdir, PoisonedLoader([2], **SIZES), mesh_of(1))
     assert int(state.step) == 6
     assert all(np.all(np.isfinite(x)) for x in leaves(state.params))
     with open(os.path.join(workdir, SkippedSteps.FILE_NAME)) as f:
@@ -113,8 +115,7 @@ def test_too_many_skips_in_a_row_stop_the_run(tmp_path):
     config.train.max_consecutive_skips = 2
     workdir = str(tmp_path / 'run')
     with pytest.raises(NonFiniteError, match='3 steps in a row up to step 3'):
-        train(config, workdir, PoisonedLoader(range(1, 6), **SIZES),
-              parallel.make_mesh(jax.devices()[:1]))
+        train(config, workdir, PoisonedLoader(range(1, 6), **SIZES), mesh_of(1))
     with open(os.path.join(workdir, SkippedSteps.FILE_NAME)) as f:
         assert [line.split()[0] for line in f] == ['1', '2', '3']
     # Two skips in a row were allowed: epoch 1 ended and was checkpointed.

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusiam_jax.train import optimizer
-from tiny import tiny_config
+from tests.helpers import tiny_config
 
 
 def params_and_grads():
@@ -63,7 +63,7 @@ def test_fix_pred_lr_keeps_the_predictor_at_the_initial_lr():
         c.optim.fix_pred_lr = fixed
         tx, schedule = optimizer.make_optimizer(c, steps_per_epoch=1)
         state = tx.init(params)
-        for step in range(3):  # the third step is in epoch 2: scheduled lr = lr0 / 2
+        for _ in range(3):  # the third step is in epoch 2: scheduled lr = lr0 / 2
             updates, state = tx.update(grads[0], state, params)
         lr_now = float(schedule(2))
         np.testing.assert_allclose(lr_now, lr0 * 0.5, rtol=1e-6)

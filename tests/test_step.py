@@ -5,24 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clusiam_jax import parallel
-from clusiam_jax.models import build_network, build_target_encoder
-from clusiam_jax.train.loop import compile_train_step, init_state
-from clusiam_jax.train.optimizer import ema_momentum, make_optimizer
-from clusiam_jax.train.step import apply_per_view, make_train_step, normalize_images
-from fakes import SyntheticLoader
-from tiny import tiny_config
+from clusiam_jax.models import build_target_encoder
+from clusiam_jax.models.preprocess import normalize_input
+from clusiam_jax.train.step import apply_per_view
+from clusiam_jax.train.trainer import build_trainer
+from tests.helpers import SyntheticLoader, mesh_of, tiny_config
 
 STEPS_PER_EPOCH = 3
 
 
 def build(method, mesh):
     c = tiny_config(method)
-    network = build_network(c.model)
-    tx, lr = make_optimizer(c, STEPS_PER_EPOCH)
-    step = make_train_step(network, tx, c, SyntheticLoader.mean, SyntheticLoader.std, lr,
-                           ema_momentum(c, STEPS_PER_EPOCH * c.train.num_epochs))
-    return c, network, init_state(network, tx, c, mesh), step
+    trainer = build_trainer(c, mesh, STEPS_PER_EPOCH, SyntheticLoader.mean, SyntheticLoader.std)
+    return c, trainer
 
 
 def batches(c, n):
@@ -34,17 +29,16 @@ def batches(c, n):
 @pytest.fixture(scope='module')
 def clubyol_two_steps():
     """State before and after the second step of a tiny CluBYOL (no donation: kept)."""
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    c, network, state0, step = build('clubyol', mesh)
-    step = jax.jit(step)
+    c, trainer = build('clubyol', mesh_of(1))
+    step = jax.jit(trainer.step_fn)
     b1, b2 = batches(c, 2)
-    state1, _ = step(state0, b1)
+    state1, _ = step(trainer.init_state(), b1)
     state2, metrics = step(state1, b2)
-    return c, network, state1, state2, b2, metrics
+    return c, trainer.network, state1, state2, b2, metrics
 
 
 def views_of(batch, network):
-    return [normalize_images(batch[k], SyntheticLoader.mean, SyntheticLoader.std, network.dtype)
+    return [normalize_input(batch[k], SyntheticLoader.mean, SyntheticLoader.std, network.dtype)
             for k in ('view1', 'view2')]
 
 
@@ -115,12 +109,10 @@ def test_one_device_equals_eight_devices(method):
     assert jax.device_count() >= 8, 'tests/conftest.py sets 8 simulated CPU devices'
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:8]):
-        mesh = parallel.make_mesh(devices)
-        c, network, state, step = build(method, mesh)
-        step = compile_train_step(step, mesh, network.conv_impl)
-        losses = []
+        c, trainer = build(method, mesh_of(len(devices)))
+        state, losses = trainer.init_state(), []
         for batch in batches(c, 3):
-            state, metrics = step(state, batch)
+            state, metrics = trainer.step(state, batch)
             losses.append(float(metrics['loss']))
         assert state.params['encoder']['backbone']['conv1']['kernel'].sharding.is_fully_replicated
         results.append((losses, jax.device_get(state)))

@@ -1,7 +1,7 @@
 """PyTorch interop: importing original-format checkpoints and exporting torchvision weights.
 
 Skipped without torch (pip install -r requirements-torch.txt). The "original" checkpoints
-are built here with torchvision plus the SPEC heads (clusiam_jax/interop/torch_reference),
+are built here with torchvision plus the heads of docs/method.md (tests/torch_reference.py),
 carrying the original's key names, randomized BatchNorm statistics and a non-zero frozen
 projector bias, so that every layout rule and the bias folding are exercised.
 """
@@ -20,11 +20,14 @@ import jax.numpy as jnp  # noqa: E402
 import torchvision  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from clusiam_jax import convert  # noqa: E402
-from clusiam_jax import run_dir  # noqa: E402
+from clusiam_jax import convert, run_dir  # noqa: E402
+from clusiam_jax.checkpoint import Checkpointer  # noqa: E402
+from clusiam_jax.errors import ConversionError  # noqa: E402
 from clusiam_jax.interop import from_torch, to_torch  # noqa: E402
-from clusiam_jax.interop import torch_reference as ref  # noqa: E402
 from clusiam_jax.models import build_network, build_target_encoder  # noqa: E402
+from clusiam_jax.train.trainer import build_trainer  # noqa: E402
+from tests import torch_reference as ref  # noqa: E402
+from tests.helpers import mesh_of  # noqa: E402
 
 SIZES = {'clusiam': dict(feat_size=32, pred_hidden=16, num_clusters=8),
          'clubyol': dict(feat_size=24, pred_hidden=48, num_clusters=6)}
@@ -80,7 +83,8 @@ def imported(request, tmp_path_factory):
 
 def test_import_writes_a_work_directory(imported):
     method, _, out = imported
-    config, _, state = run_dir.load_run(out)
+    run = run_dir.load_run(out)
+    config, state = run.config, run.weights
     assert config.model.name == method
     assert config.model.backbone == 'resnet18'
     for key, value in SIZES[method].items():
@@ -92,15 +96,24 @@ def test_import_writes_a_work_directory(imported):
     assert info['epoch'] == 50
     # The recipe's training settings come along (CluBYOL forces fix_pred_lr off).
     assert config.optim.fix_pred_lr == (method == 'clusiam')
-    # A fresh optimizer state of the structure training builds.
-    _, _, shapes = run_dir.abstract_train_state(config)
-    assert (jax.tree.structure(state.opt_state) == jax.tree.structure(shapes.opt_state))
+    assert run.normalization.mean == (0.6684, 0.5115, 0.6791)
+    # A full train state (a fresh optimizer state of the structure training builds): the
+    # run restores for training, not only for inference.
+    trainer = build_trainer(config, mesh_of(1))
+    checkpointer = Checkpointer(out, create=False)
+    try:
+        full, _ = checkpointer.restore(0, trainer.abstract_state())
+    finally:
+        checkpointer.close()
+    assert (jax.tree.structure(full.opt_state)
+            == jax.tree.structure(trainer.abstract_state().opt_state))
 
 
 def test_imported_network_matches_torch_in_inference(imported):
     """Features, projections, predictions and cluster logits, online and EMA target."""
     method, model, out = imported
-    config, _, state = run_dir.load_run(out)
+    run = run_dir.load_run(out)
+    config, state = run.config, run.weights
     network = build_network(config.model)
     x = images()
     with jax.default_matmul_precision('highest'):
@@ -151,14 +164,44 @@ def test_export_loads_into_torchvision_strictly(imported, tmp_path, monkeypatch)
         normalization = json.loads(f.metadata()['normalization'])
     assert normalization['mean'] == [0.6684, 0.5115, 0.6791]
     assert normalization['std'] == [0.2521, 0.2875, 0.2100]
+    with safe_open(backbone_file, 'np') as f:
+        assert f.metadata()['image_size'] == '224'
+    # Readable by everyone the umask allows, like any file this user writes.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(backbone_file).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_pth_output_is_a_torch_file(imported, tmp_path):
+    """.pth means torch.save: torch.load reads it (weights_only) into torchvision."""
+    method, model, out = imported
+    path = str(tmp_path / 'backbone.pth')
+    assert convert.main(['to-torch', '--workdir', out, '--out', path]) == 0
+    net = torchvision.models.resnet18()
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = torch_images(images(1))
+    with torch.no_grad():
+        want = ref.resnet_features(model.encoder, x)
+        assert float((net.eval()(x) - want).abs().max()) < ATOL
+    assert json.load(open(path + '.json'))['method'] == method
+
+
+def test_an_output_name_without_a_known_extension_is_refused(imported, tmp_path, capsys):
+    _, _, out = imported
+    assert convert.main(['to-torch', '--workdir', out, '--out', str(tmp_path / 'w.bin')]) == 2
+    assert '.safetensors' in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
 
 
 def test_conversion_errors_are_one_line(imported, tmp_path, capsys):
     _, _, out = imported
     (tmp_path / 'folder').mkdir()
-    assert convert.main(['to-torch', '--workdir', out, '--out', str(tmp_path / 'folder')]) == 2
+    (tmp_path / 'folder.safetensors').mkdir()
+    assert convert.main(['to-torch', '--workdir', out, '--out',
+                         str(tmp_path / 'folder.safetensors')]) == 2
     assert 'is a folder' in capsys.readouterr().err
-    assert not os.path.exists(str(tmp_path / 'folder') + '.tmp')
+    assert sorted(os.listdir(tmp_path)) == ['folder', 'folder.safetensors']
     garbage = tmp_path / 'garbage.pth'
     garbage.write_bytes(b'not a checkpoint')
     assert convert.main(['from-torch', str(garbage), '--out', str(tmp_path / 'run')]) == 2
@@ -202,7 +245,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     del state_dict['encoder.layer3.1.bn2.running_var']
     del state_dict['predictor.3.bias']
     state_dict['encoder.fc.9.weight'] = np.zeros((3, 3), np.float32)
-    with pytest.raises(from_torch.ConversionError) as error:
+    with pytest.raises(ConversionError) as error:
         from_torch.import_state_dict(state_dict)
     message = str(error.value)
     for key in ('encoder.layer3.1.bn2.running_var', 'predictor.3.bias', 'encoder.fc.9.weight'):
@@ -214,9 +257,9 @@ def test_shape_mismatch_and_wrong_model_fail(tmp_path):
     model = reference_model('clusiam')
     state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
     state_dict['cluster_projector.1.weight'] = np.ones((7,), np.float32)
-    with pytest.raises(from_torch.ConversionError, match='cluster_projector.1.weight'):
+    with pytest.raises(ConversionError, match='cluster_projector.1.weight'):
         from_torch.import_state_dict(state_dict)
-    with pytest.raises(from_torch.ConversionError, match='clusiam'):
+    with pytest.raises(ConversionError, match='clusiam'):
         from_torch.import_state_dict(state_dict, model='clubyol')
     # The command line reports it in one line per problem and exits 2, writing nothing.
     path = str(tmp_path / 'bad.pth')
@@ -229,5 +272,5 @@ def test_shape_mismatch_and_wrong_model_fail(tmp_path):
 def test_refuses_a_non_checkpoint(tmp_path):
     path = str(tmp_path / 'weird.pth')
     torch.save({'epoch': 3, 'something': [1, 2]}, path)
-    with pytest.raises(from_torch.ConversionError):
+    with pytest.raises(ConversionError):
         from_torch.load_torch_checkpoint(path)

@@ -1,8 +1,8 @@
-"""Parity with a PyTorch reference written from SPEC.md: cluster similarity and a whole
-training step (per-view BN, straight-through assignment, coupled-decay SGD with momentum,
-per-epoch cosine with fix_pred_lr, EMA target). Skipped without torch.
+"""Parity with a PyTorch reference written from docs/method.md: cluster similarity and a
+whole training step (per-view BN, straight-through assignment, coupled-decay SGD with
+momentum, per-epoch cosine with fix_pred_lr, EMA target). Skipped without torch.
 
-The reference lives in clusiam_jax/interop/torch_reference.py; both sides start from the
+The reference lives in tests/torch_reference.py; both sides start from the
 same weights (the torch model's, imported) and see the same batch and Gumbel noise (drawn
 with the JAX calls our step makes).
 """
@@ -19,13 +19,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from clusiam_jax import losses  # noqa: E402
 from clusiam_jax.interop import from_torch, to_torch  # noqa: E402
-from clusiam_jax.interop import torch_reference as ref  # noqa: E402
-from clusiam_jax.models import build_network  # noqa: E402
-from clusiam_jax.models.resnet import (BACKBONES, FEATURE_WIDTH, BasicBlock,  # noqa: E402
-                                       ResNet)
-from clusiam_jax.train.optimizer import ema_momentum, make_optimizer  # noqa: E402
-from clusiam_jax.train.step import make_train_step  # noqa: E402
-
+from clusiam_jax.models.resnet import BACKBONES, FEATURE_WIDTH, BasicBlock, ResNet  # noqa: E402
+from clusiam_jax.train.trainer import build_trainer  # noqa: E402
+from tests import torch_reference as ref  # noqa: E402
+from tests.helpers import mesh_of  # noqa: E402
 
 # ------------------------------------------------------------ cluster similarity
 
@@ -179,10 +176,8 @@ def test_train_steps_match_reference(method, resnet10):
     config.train.num_epochs = STEPS
     config.optim.base_lr = init_lr * 256 / BATCH
 
-    network = build_network(config.model)
-    tx, lr_schedule = make_optimizer(config, steps_per_epoch=1)
-    step = jax.jit(make_train_step(network, tx, config, MEAN, STD, lr_schedule,
-                                   ema_momentum(config, STEPS)))
+    trainer = build_trainer(config, mesh_of(1), steps_per_epoch=1, mean=MEAN, std=STD)
+    step = jax.jit(trainer.step_fn)
     t32 = _TorchRun(method, torch.float32, config, init_lr)
     t64 = _TorchRun(method, torch.float64, config, init_lr)
     views1, views2 = _batches()

@@ -1,0 +1,1 @@
+"""The test suite: `python -m pytest -q tests` (README); shared helpers in helpers.py."""

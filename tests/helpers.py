@@ -1,0 +1,173 @@
+"""What the tests share: tiny configs, a synthetic loader, image and data helpers.
+
+Tiny configs run every code path of the real recipes at a fraction of the compute. The
+synthetic loader stands in for the data pipeline with the interface the loop uses;
+its batches are a pure function of (seed, batch index), so runs are reproducible and a
+restored iterator state continues with exactly the batch an uninterrupted run would see.
+"""
+import math
+import os
+import signal
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from clusiam_jax import parallel
+from clusiam_jax.config import method_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CRCHP = os.path.join(REPO, '..', 'shared', 'data', 'crchp')
+# Normalization of the data-pipeline tests (any valid values).
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def tiny_config(method='clusiam', batch_size=8, image_size=32, num_epochs=2):
+    c = method_config(method)
+    c.model.backbone = 'resnet_tiny'
+    c.model.feat_size = 16
+    c.model.pred_hidden = 32
+    c.model.num_clusters = 8
+    c.data.image_size = image_size
+    c.train.batch_size = batch_size
+    c.train.num_epochs = num_epochs
+    c.train.log_every_steps = 1
+    c.train.checkpoint_every_epochs = 1
+    return c
+
+
+def mesh_of(n):
+    """A mesh of the first n (simulated) devices."""
+    return parallel.make_mesh(jax.devices()[:n])
+
+
+# ------------------------------------------------------------------ synthetic loader
+
+class SyntheticIterator:
+    def __init__(self, loader):
+        self.loader, self.index = loader, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.index >= self.loader.steps_per_epoch * self.loader.num_epochs:
+            raise StopIteration
+        rng = np.random.default_rng([self.loader.seed, self.index])
+        shape = (self.loader.batch_size, self.loader.image_size, self.loader.image_size, 3)
+        self.index += 1
+        local = self.loader.batch_size // self.loader.process_count
+        share = slice(self.loader.process_index * local, (self.loader.process_index + 1) * local)
+        return {'view1': rng.integers(0, 256, shape, dtype=np.uint8)[share],
+                'view2': rng.integers(0, 256, shape, dtype=np.uint8)[share]}
+
+    def get_state(self):
+        return {'index': self.index}
+
+    def set_state(self, state):
+        self.index = int(state['index'])
+
+
+class SyntheticLoader:
+    mean = (0.6684, 0.5115, 0.6791)
+    std = (0.2521, 0.2875, 0.2100)
+    normalization_origin = 'synthetic'
+
+    def __init__(self, steps_per_epoch, num_epochs, batch_size, image_size, seed=0,
+                 process_index=0, process_count=1):
+        self.steps_per_epoch, self.num_epochs = steps_per_epoch, num_epochs
+        self.batch_size, self.image_size, self.seed = batch_size, image_size, seed
+        self.num_records = steps_per_epoch * batch_size
+        # Multi-host: each process yields its contiguous share of every global batch.
+        self.process_index, self.process_count = process_index, process_count
+
+    def iterator(self):
+        return SyntheticIterator(self)
+
+
+class PreemptedIterator(SyntheticIterator):
+    """Sends this process `signum` when batch `at` is drawn, as a scheduler (SIGTERM) or
+    a person (SIGINT) would."""
+
+    def __init__(self, loader, at, signum):
+        super().__init__(loader)
+        self.at, self.signum = at, signum
+
+    def __next__(self):
+        if self.index == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().__next__()
+
+
+class PreemptedLoader(SyntheticLoader):
+    def __init__(self, at, signum=signal.SIGTERM, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.signum = at, signum
+
+    def iterator(self):
+        return PreemptedIterator(self, self.at, self.signum)
+
+
+# ------------------------------------------------------------------- images, data
+
+def tissue_like(h=48, w=56, seed=0):
+    """A smooth, colourful image (not pure noise), like a stained patch."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC)).astype(np.int16)
+    img += rng.integers(-12, 13, img.shape).astype(np.int16)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def within(p_hat, p, n, sigmas=5.0):
+    """Whether a frequency p_hat over n draws is within `sigmas` standard errors of p."""
+    return abs(p_hat - p) <= sigmas * math.sqrt(p * (1 - p) / n)
+
+
+def data_config(path, batch=4, epochs=2, seed=0, workers=0, size=24, mean=None, std=None):
+    """The config sections the data pipeline reads."""
+    c = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict(dict(
+        path=str(path), image_size=size, num_workers=workers, prefetch=2,
+        vflip=False, rot90=False, augment_on_device=False))
+    c.data.mean = ml_collections.FieldReference(mean, field_type=tuple)
+    c.data.std = ml_collections.FieldReference(std, field_type=tuple)
+    c.train = ml_collections.ConfigDict(dict(batch_size=batch, num_epochs=epochs, seed=seed))
+    return c
+
+
+def write_patches(root, n, size=32, seed=0):
+    """n small smooth RGB PNGs in the original layout; returns their paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        d = os.path.join(root, f'class_{i % 2}', f'slide_{i % 3}')
+        os.makedirs(d, exist_ok=True)
+        low = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((size, size), Image.BILINEAR)
+        path = os.path.join(d, f'{i * 32}_{i * 64}.png')
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+        np.testing.assert_array_equal(x, y)
+
+
+def assert_trees_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+        np.testing.assert_allclose(x, y, **tol)
+
+
+def subprocess_env(**extra):
+    """The environment for a test's child Python process: the repo importable."""
+    env = dict(os.environ, **extra)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p)
+    return env

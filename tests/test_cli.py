@@ -1,0 +1,157 @@
+"""The command line: one surface for every action, one-line errors, no value silently
+ignored, and a clean stop on SIGTERM or Ctrl-C at any moment of a run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clusiam_jax import cli
+from tests.helpers import REPO, subprocess_env
+
+# The demo at the tiny model's size: compiles in seconds.
+TINY = ['--config.model.backbone=resnet_tiny', '--config.data.image_size=32']
+
+
+def one_error(capsys, code, expected=2):
+    """The single `error:` line of a command that failed with exit status `expected`."""
+    assert code == expected
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'Traceback' not in err, err
+    return errors[0]
+
+
+def test_help_lists_every_action(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(['--help'])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for mode in ('train', 'export', 'build_dataset', 'eval', 'convert'):
+        assert f'  {mode} ' in out
+    with pytest.raises(SystemExit):
+        cli.main(['--mode', 'eval', 'dsmil', '--help'])
+    assert '--seeds' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv, message', [
+    # The defect: export used the run's image size and said nothing.
+    (['--mode', 'export', '--workdir', 'RUN', '--config.data.image_size=64'],
+     "--config.data.image_size=64 is not used by --mode export: the run's config.json"),
+    (['--mode', 'export', '--workdir', 'RUN', '--config.train.batch_size=64'],
+     'not used by --mode export'),
+    (['--config', 'configs/clusiam.py', '--workdir', 'RUN', '--config.data.path=RUN',
+      '--config.export.format=npz'], 'used only with export.after_training=True'),
+    (['--mode', 'build_dataset', '--out', 'RUN/ds', '--config.train.seed=3'],
+     'is not used by --mode build_dataset'),
+    (['--mode', 'eval', 'dsmil', '--export', 'RUN', '--splits', 'x.csv', '--ks', '1'],
+     'unrecognized arguments: --ks 1'),
+    (['--mode', 'eval', 'maps', '--export', 'RUN', '--config.model.name=byol'],
+     '--mode eval takes no config'),
+    (['--mode', 'convert', 'to-torch', '--workdir', 'RUN', '--out', 'x.safetensors',
+      '--mean', '1', '2', '3'], 'unrecognized arguments: --mean'),
+])
+def test_values_an_action_does_not_use_are_refused(tmp_path, capsys, argv, message):
+    argv = [a.replace('RUN', str(tmp_path)).replace('configs/', f'{REPO}/configs/')
+            for a in argv]
+    assert message in one_error(capsys, cli.main(argv))
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--config', 'configs/nope.py', '--workdir', 'RUN', '--config.train.batch_size=8'],
+     'configs/nope.py: no such file'),
+    (['--config', 'configs/demo.py', '--workdir', 'FILE/run'], 'cannot write there'),
+    (['--config', 'configs/demo.py', '--workdir', 'FILE'], 'is a file, not a folder'),
+    (['--mode', 'export', '--workdir', 'RUN'], 'no config.json: not a run directory'),
+    (['--mode', 'eval', 'knn', '--export', 'RUN', '--splits', 'RUN/s.csv'],
+     'splits file not found'),
+    (['--mode', 'convert', 'to-torch', '--workdir', 'RUN', '--out', 'x.safetensors'],
+     'no config.json'),
+])
+def test_bad_paths_are_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / 'file').write_text('not a folder')
+    argv = [a.replace('FILE', str(tmp_path / 'file')).replace('RUN', str(tmp_path))
+            .replace('configs/', f'{REPO}/configs/') for a in argv]
+    assert message in one_error(capsys, cli.main(argv))
+
+
+def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    """Every file of the only checkpoint truncated: export says so in one line."""
+    from clusiam_jax.train.loop import train
+    from tests.helpers import SyntheticLoader, mesh_of, tiny_config
+    workdir = tmp_path / 'run'
+    config = tiny_config('clusiam', num_epochs=1)
+    config.train.checkpoint_every_epochs = 0
+    train(config, str(workdir), SyntheticLoader(1, 1, 8, 32), mesh_of(1))
+    for root, _, names in os.walk(workdir / 'checkpoints' / '1' / 'state'):
+        for name in names:
+            open(os.path.join(root, name), 'w').close()
+    message = one_error(capsys, cli.main(['--mode', 'export', '--workdir', str(workdir)]))
+    assert 'the checkpoint at step 1' in message and 'cannot be read' in message
+
+
+def _launch(args, **kwargs):
+    return subprocess.Popen([sys.executable, 'launch.py'] + args, cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _wait_for(proc, text, timeout=300):
+    """Reads the child's stderr until a line contains `text`; returns what was read."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return ''.join(seen)
+    proc.kill()
+    raise AssertionError(f'{text!r} never appeared: {"".join(seen)[-3000:]}')
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_and_ctrl_c_during_training(tmp_path):
+    """SIGTERM while the step compiles: exit 0 and one line, nothing to save. Ctrl-C
+    while training: a checkpoint at that step, one line, exit 130."""
+    workdir = str(tmp_path / 'run')
+    args = ['--config', 'configs/demo.py', '--workdir', workdir] + TINY
+    proc = _launch(args)
+    _wait_for(proc, 'compiling the train step')
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 0, rest
+    assert 'Traceback' not in rest and 'stopped by SIGTERM' in rest
+    assert not os.listdir(os.path.join(workdir, 'checkpoints'))
+
+    proc = _launch(args + ['--config.train.num_epochs=100000'])
+    _wait_for(proc, 'INFO epoch 1/100000:')  # the log line at the end of epoch 1
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 130, rest
+    assert 'Traceback' not in rest and 'SIGINT: saved a checkpoint at step' in rest
+    steps = [int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))]
+    assert len(steps) == 1 and 2 <= steps[0] < 200000
+    with open(os.path.join(workdir, cli.LOG_NAME)) as f:  # the log is in the run too
+        log = f.read()
+    assert 'compiled in' in log and f'saved a checkpoint at step {steps[0]}' in log
+
+
+@pytest.mark.slow
+def test_a_data_error_in_a_worker_process_is_one_line(tmp_path):
+    """Every patch unreadable, read by a grain worker process: one `error:` line."""
+    garbage = tmp_path / 'garbage' / 'slide'
+    os.makedirs(garbage)
+    for i in range(20):
+        (garbage / f'{i}_0.png').write_bytes(b'not an image')
+    proc = _launch(['--config', 'configs/demo.py', '--workdir', str(tmp_path / 'run'),
+                    f'--config.data.path={tmp_path / "garbage"}', '--config.data.num_workers=1',
+                    '--config.data.mean=(0.5,0.5,0.5)', '--config.data.std=(0.2,0.2,0.2)']
+                   + TINY)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and '100 substitutes in a row were unreadable' in errors[0], err
+    assert 'Traceback' not in err, err
