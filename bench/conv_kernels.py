@@ -1,6 +1,6 @@
 r"""Per-layer cost of ResNet-18's convolutions, max-pool and BatchNorm, by implementation.
 
-  python bench/conv_kernels.py [--batch 32] [--repeats 3] [--impls xla im2col] [--torch]
+  python -m bench.conv_kernels [--batch 32] [--repeats 3] [--impls xla im2col] [--torch]
 
 For each layer shape (224 px and 64 px inputs) it times, jitted and on the default
 backend, the forward convolution, and the full gradient (forward + input gradient +
@@ -13,19 +13,16 @@ and batch_norm.py's choices for CPU; on GPU the implementations should be close.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-
-from bench.common import emit, machine_info  # noqa: E402
-from clusiam_jax.models.batch_norm import BN_EPSILON, normalize_with_batch_stats  # noqa: E402
-from clusiam_jax.models.conv import compiler_options, im2col_conv, max_pool  # noqa: E402
+from bench.common import emit, machine_info
+from clusiam_jax.models.batch_norm import BN_EPSILON, normalize_with_batch_stats
+from clusiam_jax.models.conv import compiler_options, im2col_conv, max_pool
 
 # (label, map size, in channels, out channels, kernel, stride, padding)
 SHAPES = [
@@ -125,7 +122,7 @@ def main():
             conv = conv_fn(impl, stride, pad)
             options = compiler_options(impl)   # im2col on CPU: XLA's kernels, not YNNPACK's
             forward = jax.jit(conv, compiler_options=options)
-            gradient = jax.jit(jax.grad(lambda a, b: jnp.sum(conv(a, b) ** 2), (0, 1)),
+            gradient = jax.jit(jax.grad(lambda a, b, conv=conv: jnp.sum(conv(a, b) ** 2), (0, 1)),
                                compiler_options=options)
             emit(dict(bench='conv_kernel', layer=label, impl=impl, batch=args.batch,
                       map=size, cin=cin, cout=cout, kernel=kernel, stride=stride,
@@ -143,7 +140,7 @@ def torch_timer(repeats):
     NCHW float32 on all cores, as the original's training step runs; the gradient covers
     the same tensors as the JAX timing (input, and kernel or BN affine parameters).
     """
-    import torch  # noqa: PLC0415 - optional, only with --torch
+    import torch  # optional: only with --torch
     torch.set_num_threads(os.cpu_count())
     functional = torch.nn.functional
 

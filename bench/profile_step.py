@@ -1,15 +1,17 @@
 r"""Where a train step's time goes: a jax.profiler trace of the real step, by HLO op.
 
-  python bench/profile_step.py --model clusiam --image-size 64 --batch-size 64
-  python bench/profile_step.py --image-size 224 --batch-size 32 --top 30
+  python -m bench.profile_step --model clusiam --image-size 64 --batch-size 64
+  python -m bench.profile_step --image-size 224 --batch-size 32 --top 30
 
 Prints JSON lines: one `profile_kind` per kind of compiled op (fusion kinds such as
 `transpose_copy_fusion`, `ynn_fusion`, `convolution`; the name without its number),
 then the `--top` costliest single ops with the framework op they come from, all in ms
-per step averaged over `--steps` traced steps. Caveat measured on XLA:CPU: forward
-convolution thunks can show far less than their real time (the trace summed ~11 ms for
-all forward convolutions at 64 px, where bench/conv_kernels.py puts them near 60 ms per
-view); read fusions and dots here, time convolutions with bench/conv_kernels.py.
+per step averaged over `--steps` traced steps. The step is the training loop's own
+(train/trainer.py), so the ops are the ones training runs.
+
+Caveat on XLA:CPU: the trace under-reports forward convolution thunks, by several times
+against what bench/conv_kernels.py measures for the same layers; read fusions and dots
+here, and time convolutions with bench/conv_kernels.py.
 """
 import argparse
 import collections
@@ -18,16 +20,12 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from bench.common import emit, machine_info  # noqa: E402
-from bench.step_setup import add_model_args, build_step, random_device_batch, recipe_config  # noqa: E402
-from clusiam_jax import parallel  # noqa: E402
+from bench.common import add_model_args, bench_trainer, emit, machine_info, recipe_config
+from clusiam_jax.train.trainer import random_batch
 
 
 def op_times_ms(trace_dir, steps):
@@ -49,11 +47,9 @@ def main():
     parser.add_argument('--top', type=int, default=20, help='single ops to print')
     args = parser.parse_args()
 
-    config = recipe_config(args)
-    mesh = parallel.make_mesh()
-    step, state = build_step(config, mesh, steps_per_epoch=1000)
-    batch = random_device_batch(mesh, args.batch_size, args.image_size)
-    compiled = step.lower(state, batch).compile()
+    trainer = bench_trainer(recipe_config(args))
+    state, batch = trainer.init_state(), random_batch(trainer)
+    compiled, _ = trainer.compile(state, batch)
     # Op name -> its HLO line, to tell which thunks are compiled ops and where they come from.
     hlo = {m.group(1): line for line in compiled.as_text().splitlines()
            if (m := re.match(r'\s*(?:ROOT )?%([\w.\-]+) = ', line))}

@@ -1,17 +1,18 @@
 r"""The performance suite: ours beside the authors' PyTorch code, same settings, ratios.
 
-  python bench/suite.py --preset cpu [--original-repo PATH] [--parts train data]
-  python bench/suite.py --preset gpu --original-repo .gpu_carry/CluSiam \
+  python -m bench.suite --preset cpu [--original-repo PATH] [--parts train data]
+  python -m bench.suite --preset gpu --original-repo .gpu_carry/CluSiam \
       --harness .gpu_carry/torch_original.py --out $OUT/suite.jsonl   # bench/gpu_check.sh
 
-Each part runs our benchmark scripts as separate processes (a fresh process per setting:
-its compile time and peak device memory are its own) and, when the original's harness
+Each part runs our benchmark scripts as separate processes (`python -m bench.<script>`
+from the repository root; a fresh process per setting: its compile time and peak device
+memory are its own) and, when the original's harness
 (../shared/bench/torch_original.py by default) and the authors' repository are given,
 the original at the same setting, alternately, `--repeats` times. It prints every JSON
 line it gets and one `ratio` line per setting (ours / original, medians over repeats).
 Interleaving keeps the ratio meaningful on a shared machine, where absolute times drift.
 
-Presets (what issue 7's targets are measured at):
+Presets (the settings the performance targets are measured at):
   cpu  train: both methods at 224 px batch 32 and 64 px batch 64, float32 (--dtypes to
        add bfloat16); data: 0/1/2 workers, CPU augmentation and data.augment_on_device;
        e2e: pipeline + step at 64 px batch 64.
@@ -47,8 +48,8 @@ PRESETS = {
                 # the original's float32 runs NCHW with TF32 (float32 target: 2x)
                 variants=['xla_gpu_force_conv_nhwc=true'],
                 e2e=dict(size=224, batch=512, workers=14, steps=30, dtype='bfloat16',
-                         # with CPU augmentation 14 workers starve an H200 (0.29 of the
-                         # step, measured 2026-11-27): the check times the on-device path
+                         # with CPU augmentation the workers cannot keep an H200 busy
+                         # (bench/results): the check times the on-device path
                          patches=2048, on_device=[True])),
 }
 
@@ -67,7 +68,7 @@ class Suite:
     def run_json(self, cmd):
         """Run one benchmark process; its last JSON line, or an error record."""
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
         if proc.returncode or not lines:
             self.emit(dict(bench='error', command=' '.join(cmd), returncode=proc.returncode,
                            stderr_tail=proc.stderr[-3000:]))
@@ -114,7 +115,7 @@ def train_part(suite, preset, theirs, args, settings, variants=()):
                 common = ['--model', model, '--image-size', str(size),
                           '--batch-size', str(batch), '--steps', str(preset['steps']),
                           '--warmup', str(preset['warmup'])]
-                ours = [py, 'bench/train_step.py', '--dtype', dtype,
+                ours = [py, '-m', 'bench.train_step', '--dtype', dtype,
                         '--sync-every', str(preset['sync_every'])] + common
                 original = None
                 if theirs:
@@ -135,20 +136,20 @@ def data_part(suite, preset, theirs, args):
     for workers in preset['data_workers']:
         w = ['--workers', str(workers)]
         original = theirs + ['--bench', 'data'] + w if theirs else None
-        suite.compare(f'data {workers} workers', [py, 'bench/data_pipeline.py'] + w,
+        suite.compare(f'data {workers} workers', [py, '-m', 'bench.data_pipeline'] + w,
                       original, 'pairs_per_s', 'pairs_per_s', args.repeats)
         suite.compare(f'data {workers} workers, on-device augmentation',
-                      [py, 'bench/data_pipeline.py', '--on-device-augment'] + w,
+                      [py, '-m', 'bench.data_pipeline', '--on-device-augment'] + w,
                       original, 'pairs_per_s', 'pairs_per_s', args.repeats)
     # CPU ms per pair, ours (both paths) against the original's PIL pipeline in one process.
-    suite.run_json([py, 'bench/data_pipeline.py', '--workers', '0', '--batches', '4',
+    suite.run_json([py, '-m', 'bench.data_pipeline', '--workers', '0', '--batches', '4',
                     '--pil-reference', '256', '--on-device-augment'])
 
 
 def e2e_part(suite, preset, args):
     e = preset['e2e']
     for on_device in e['on_device']:
-        cmd = [sys.executable, 'bench/end_to_end.py', '--model', 'clusiam',
+        cmd = [sys.executable, '-m', 'bench.end_to_end', '--model', 'clusiam',
                '--image-size', str(e['size']), '--batch-size', str(e['batch']),
                '--dtype', e['dtype'], '--workers', str(e['workers']),
                '--steps', str(e['steps']), '--synthetic-patches', str(e['patches'])]

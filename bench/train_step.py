@@ -1,28 +1,31 @@
 r"""Train-step throughput of one method: compile time and pairs/s of the jitted step.
 
-  python bench/train_step.py --model clusiam --image-size 224 --batch-size 32 --steps 10
-  python bench/train_step.py --model clubyol --image-size 64 --batch-size 64 --dtype bfloat16
-  python bench/train_step.py --batch-size 512 --xla-option xla_gpu_force_conv_nhwc=true
+  python -m bench.train_step --model clusiam --image-size 224 --batch-size 32 --steps 10
+  python -m bench.train_step --model clubyol --image-size 64 --batch-size 64 --dtype bfloat16
+  python -m bench.train_step --batch-size 512 --xla-option xla_gpu_force_conv_nhwc=true
 
-Prints one JSON line. A pair is one image's two views. The batch is synthetic uint8 data
-already on the devices, so this measures the step alone (normalization included); see
+Prints one JSON line. A pair is one image's two views. The step is the training loop's
+own (train/trainer.py: same jit, shardings, buffer donation and compiler options), so
+what is timed here is what training runs. The batch is synthetic uint8 data already on
+the devices, so this measures the step alone (normalization included); see
 bench/data_pipeline.py for the input side. Compare against ../shared/bench/torch_original.py
 --bench train at the same settings, run side by side on the same machine.
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench.common import emit, machine_info  # noqa: E402
-from bench.step_setup import (add_model_args, build_step, peak_device_bytes,  # noqa: E402
-                              random_device_batch, recipe_config)
-from clusiam_jax import parallel  # noqa: E402
+from bench.common import (
+    add_model_args,
+    bench_trainer,
+    emit,
+    machine_info,
+    peak_device_bytes,
+    recipe_config,
+)
+from clusiam_jax.train.trainer import random_batch
 
 
 def parse_xla_option(parser, text):
@@ -54,14 +57,15 @@ def main():
     args = parser.parse_args()
     xla_options = dict(parse_xla_option(parser, text) for text in args.xla_option)
 
-    config = recipe_config(args)
-    mesh = parallel.make_mesh()
-    step, state = build_step(config, mesh, steps_per_epoch=1000)
-    batch = random_device_batch(mesh, args.batch_size, args.image_size)
-
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile(compiler_options=xla_options or None)
-    compile_s = time.perf_counter() - start
+    trainer = bench_trainer(recipe_config(args))
+    state, batch = trainer.init_state(), random_batch(trainer)
+    if xla_options:
+        # Added to the options the step is jitted with (jax merges them at compile time).
+        start = time.perf_counter()
+        compiled = trainer.step.lower(state, batch).compile(compiler_options=xla_options)
+        compile_s = time.perf_counter() - start
+    else:
+        compiled, compile_s = trainer.compile(state, batch)
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)

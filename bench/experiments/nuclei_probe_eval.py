@@ -1,8 +1,8 @@
-#!/usr/bin/env python
 """kNN and linear-probe accuracy on CRCHistoPhenotypes nuclei: random init vs CluBYOL vs BYOL.
 
-    python bench/nuclei_probe_eval.py [--data ../shared/data/crchp] [--workdir runs/nuclei_probe_eval]
-        [--steps 30] [--batch 32] [--max-train 2000] [--max-val 500] [--max-test 2000]
+    python -m bench.experiments.nuclei_probe_eval [--data ../shared/data/crchp]
+        [--workdir runs/nuclei_probe_eval] [--steps 30] [--batch 32] [--max-train 2000]
+        [--max-val 500] [--max-test 2000] [--models random,clubyol,byol]
 
 Data (../shared/data/README.md; research-use only, never committed): 100 H&E images of
 500x500 px with 22,444 labeled nucleus centres and the data set's own image-level split.
@@ -14,9 +14,12 @@ Data (../shared/data/README.md; research-use only, never committed): 100 H&E ima
     border), a random subset per split; embedded by the project's export (whole crop
     resized to the training image size, training normalization, inference-mode BN);
     kNN (cosine, references = train images, queries = test images) and a linear probe
-    (weight decay chosen on the validation images) through clusiam_jax.eval.run;
+    (weight decay chosen on the validation images) through clusiam_jax.eval.tasks;
   * models: (a) randomly initialized encoder, (b) CluBYOL, (c) BYOL, both trained here
-    for the same number of steps; next to raw pixels (the central 32 px of each crop).
+    for the same number of steps by the training loop (clusiam_jax.train.loop); next to
+    raw pixels (the central 32 px of each crop). The random encoder is the loop's own
+    initial state (build_trainer), written as a step-0 run, so all three models go
+    through the same export (clusiam_jax.export.run) and evaluation.
 
 Prints one JSON line per model, then one with the command and the machine. Work files
 (tiles, crops, runs, exports) live under --workdir; a rerun reuses finished runs.
@@ -30,8 +33,7 @@ import platform
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_DATA = os.path.join(REPO, '..', 'shared', 'data', 'crchp')
 
 
@@ -111,9 +113,9 @@ def subsample(nuclei, limits, seed):
 
 
 def pretrain_config(method, args, tiles):
-    from configs import byol, clubyol
-    c = (clubyol if method == 'clubyol' else byol).get_config()
-    c.model.backbone = 'resnet18'
+    from clusiam_jax.config import method_config
+    c = method_config(method)
+    c.model.backbone = args.backbone
     c.model.num_clusters = args.clusters
     c.data.path = tiles
     c.data.image_size = args.image_size
@@ -127,10 +129,26 @@ def pretrain_config(method, args, tiles):
     return c
 
 
+def random_init_run(config, run_dir, tiles):
+    """A step-0 run directory holding the training loop's initial state, with the
+    normalization training on `tiles` would use: the export reads it like a trained run."""
+    from bench.common import bench_trainer
+    from clusiam_jax import run_dir as run_dir_lib
+    from clusiam_jax.data import sources, stats
+    if run_dir_lib.is_run_dir(run_dir):
+        return
+    _, source = sources.open_source(tiles)
+    mean, std, origin = stats.cached_stats(tiles, source, workdir=run_dir)
+    trainer = bench_trainer(config, steps_per_epoch=1, mean=mean, std=std)
+    run_dir_lib.write_run(run_dir, config, trainer.init_state(),
+                          run_dir_lib.Normalization(tuple(trainer.mean), tuple(trainer.std),
+                                                    origin))
+
+
 def evaluate(export_dir, splits_csv):
-    from clusiam_jax.eval import run as eval_run
-    knn = eval_run.run_knn(export_dir, splits_csv, ks=(1, 5, 20))
-    linear = eval_run.run_linear(export_dir, splits_csv)
+    from clusiam_jax.eval import tasks
+    knn = tasks.run_knn(export_dir, splits_csv, ks=(1, 5, 20))
+    linear = tasks.run_linear(export_dir, splits_csv)
     return {'knn_k1_acc': knn['k=1']['accuracy'], 'knn_k5_acc': knn['k=5']['accuracy'],
             'knn_k20_acc': knn['k=20']['accuracy'], 'knn_k1_macro_f1': knn['k=1']['macro_f1'],
             'linear_acc': linear['test']['accuracy'],
@@ -142,6 +160,7 @@ def evaluate(export_dir, splits_csv):
 def raw_pixel_rows(manifest, nuclei_split, size=32):
     """Raw pixels (central `size` px of each crop) kNN and linear probe, same subsets."""
     import numpy as np
+
     from clusiam_jax.data import load_rgb
     from clusiam_jax.eval.knn import knn_evaluate
     from clusiam_jax.eval.linear import linear_probe
@@ -167,10 +186,11 @@ def raw_pixel_rows(manifest, nuclei_split, size=32):
 
 
 def raw_pixel_all_nuclei(data_dir, nuclei, size=32):
-    """Raw-pixel kNN over every nucleus (the README's ~0.56 reference: all 15,533 train
-    nuclei as references, all test nuclei as queries), central `size` px, cosine."""
+    """Raw-pixel kNN over every nucleus (the data README's reference: all train nuclei
+    as references, all test nuclei as queries), central `size` px, cosine."""
     import numpy as np
     from PIL import Image
+
     from clusiam_jax.eval.knn import knn_evaluate
     half = size // 2
     sets = {'train': ([], []), 'test': ([], [])}
@@ -190,7 +210,7 @@ def raw_pixel_all_nuclei(data_dir, nuclei, size=32):
     (rx, ry), (qx, qy) = [(np.stack(x), np.array(y)) for x, y in sets.values()]
     knn = knn_evaluate(rx, ry, qx, qy, ks=(1, 5, 20))
     # Cosine on raw [0, 1] pixels is dominated by overall brightness; subtracting the
-    # mean training crop first is the usual raw-pixel baseline (and gives the ~0.56).
+    # mean training crop first is the usual raw-pixel baseline (the data README's).
     center = rx.mean(axis=0)
     centered = knn_evaluate(rx - center, ry, qx - center, qy, ks=(1, 5, 20))
     return {'knn_k1_acc': knn['k=1']['accuracy'], 'knn_k5_acc': knn['k=5']['accuracy'],
@@ -220,6 +240,8 @@ def main():
     parser.add_argument('--export-batch', type=int, default=128)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--models', default='random,clubyol,byol')
+    parser.add_argument('--backbone', default='resnet18',
+                        help='resnet_tiny makes a quick smoke run (not a measurement)')
     args = parser.parse_args()
 
     data = os.path.abspath(args.data)
@@ -229,10 +251,10 @@ def main():
         return 0
 
     import jax
-    from clusiam_jax import export, parallel
-    from clusiam_jax.models import build_network
-    from clusiam_jax.train.loop import init_state, train
-    from clusiam_jax.train.optimizer import make_optimizer
+
+    from bench.common import command_line
+    from clusiam_jax.export.run import prepare_export
+    from clusiam_jax.train.loop import train
 
     work = os.path.abspath(args.workdir)
     os.makedirs(work, exist_ok=True)
@@ -252,40 +274,33 @@ def main():
         f.write('slide_id,split\n' + ''.join(f'{i},{image_split[i]}\n' for i in present))
 
     common = {'steps': args.steps, 'batch': args.batch, 'image_size': args.image_size,
-              'tile': args.tile, 'crop': args.crop, 'backbone': 'resnet18'}
+              'tile': args.tile, 'crop': args.crop, 'backbone': args.backbone}
     print(json.dumps({'model': 'raw_pixels_32px_all_nuclei',
                       **raw_pixel_all_nuclei(data, nuclei)}), flush=True)
     print(json.dumps({'model': 'raw_pixels_32px', **raw_pixel_rows(crops, image_split)}),
           flush=True)
     for model in args.models.split(','):
         out_dir = os.path.join(work, 'exports', model)
+        run_dir = os.path.join(work, 'runs', model)
         start = time.perf_counter()
         if model == 'random':
             config = pretrain_config('clubyol', args, tiles)
-            mesh = parallel.make_mesh(jax.local_devices())
-            network = build_network(config.model)
-            tx, _ = make_optimizer(config, 1)
-            state = init_state(network, tx, config, mesh)
-            mean, std, _ = export.training_normalization(config, work)
-            export.export_embeddings(network, state, crops, out_dir, mean, std,
-                                     batch_size=args.export_batch,
-                                     image_size=args.image_size, mesh=mesh)
+            random_init_run(config, run_dir, tiles)
             train_s = 0.0
         else:
             config = pretrain_config(model, args, tiles)
-            run_dir = os.path.join(work, 'runs', model)
             train(config, run_dir)
             train_s = time.perf_counter() - start
-            config.export.data_path = crops
-            config.export.out_dir = out_dir
-            export.export_run(config, run_dir)
+        config.export.data_path = crops
+        config.export.out_dir = out_dir
+        prepare_export(run_dir, config.export).run_export()
         total_s = time.perf_counter() - start
         row = {'model': model, **evaluate(out_dir, splits_csv), **common,
                'train_s': round(train_s, 1), 'train_and_export_s': round(total_s, 1)}
         if model == 'random':
             row['steps'] = 0
         print(json.dumps(row), flush=True)
-    print(json.dumps({'command': ' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+    print(json.dumps({'command': command_line(),
                       'machine': platform.machine(), 'cpus': os.cpu_count(),
                       'jax': jax.__version__, 'devices': str(jax.devices()[0].platform),
                       'reference': 'raw-pixel kNN on 32 px crops ~0.56, majority ~0.38 '

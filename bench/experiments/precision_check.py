@@ -1,7 +1,8 @@
-r"""model.dtype=bfloat16 against float32 on a short real-data run (issue 7, item 2).
+r"""model.dtype=bfloat16 against float32 on a short real-data run, beside seed noise.
 
-  python bench/precision_check.py [--data ../shared/data/crchp] [--methods clusiam,clubyol]
-      [--backbone resnet18] [--image-size 64] [--batch 32] [--steps 60] [--last 20]
+  python -m bench.experiments.precision_check [--data ../shared/data/crchp]
+      [--methods clusiam,clubyol] [--backbone resnet18] [--image-size 64] [--batch 32]
+      [--steps 60] [--last 20]
 
 For each method, three runs of --steps steps on the *same* batches (augmented views of
 real H&E tiles, drawn once by the project's data pipeline):
@@ -29,8 +30,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_DATA = os.path.join(REPO, '..', 'shared', 'data', 'crchp')
 
 
@@ -57,7 +57,7 @@ def parse_args():
 
 def make_tiles(data_dir, work, tile):
     """Every non-overlapping --tile px tile of every image, as <image>/<x>_<y>.png."""
-    from bench.nuclei_probe_eval import write_tiles
+    from bench.experiments.nuclei_probe_eval import write_tiles
     names = sorted(f[:-4] for f in os.listdir(os.path.join(data_dir, 'images'))
                    if f.endswith('.png'))
     return write_tiles(data_dir, names, os.path.join(work, f'tiles{tile}'), tile,
@@ -65,8 +65,8 @@ def make_tiles(data_dir, work, tile):
 
 
 def run_config(method, args, tiles, dtype, seed):
-    from bench.step_setup import RECIPES
-    c = RECIPES[method].get_config()
+    from clusiam_jax.config import method_config
+    c = method_config(method)
     c.model.backbone, c.model.dtype = args.backbone, dtype
     if args.clusters:
         c.model.num_clusters = args.clusters
@@ -105,19 +105,16 @@ def train_curve(compiled, state, batches):
 def method_runs(method, args, tiles, batches, mean, std):
     """{label: curves} for f32 seed A, bf16 seed A and f32 seed B; emits one line each.
     The seed lives in the train state only, so both float32 runs share one compilation."""
-    from bench.common import emit
-    from bench.step_setup import build_step
-    from clusiam_jax import parallel
-    mesh = parallel.make_mesh()
+    from bench.common import bench_trainer, emit
     runs, compiled = {}, {}
     for label, dtype, seed in (('f32', 'float32', args.seed_a), ('bf16', 'bfloat16', args.seed_a),
                                ('f32_seed_b', 'float32', args.seed_b)):
         config = run_config(method, args, tiles, dtype, seed)
-        step, state = build_step(config, mesh, steps_per_epoch=args.steps, mean=mean, std=std)
-        start = time.perf_counter()
+        trainer = bench_trainer(config, steps_per_epoch=args.steps, mean=mean, std=std)
+        state = trainer.init_state()
+        compile_s = 0.0
         if dtype not in compiled:
-            compiled[dtype] = step.lower(state, batches[0]).compile()
-        compile_s = time.perf_counter() - start
+            compiled[dtype], compile_s = trainer.compile(state, batches[0])
         curves, step_s = train_curve(compiled[dtype], state, batches)
         runs[label] = curves
         emit({'bench': 'precision_check', 'method': method, 'run': label, 'dtype': dtype,
