@@ -1,7 +1,7 @@
 """Cut the demo tile set from the CC0 OpenSlide CMU-1 small region.
 
     python clusiam_jax/demo_data/cut_tiles.py \
-        --slide ../shared/data/slides/cmu-1-small-region.svs \
+        --slide PATH/cmu-1-small-region.svs \
         --out clusiam_jax/demo_data
 
 Writes <out>/<slide_id>/<x>_<y>.jpg (224x224 tiles on a stride-224 level-0 grid,
@@ -40,11 +40,13 @@ def saturation(rgb):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slide", default="../shared/data/slides/cmu-1-small-region.svs")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slide", required=True, help="the CMU-1 small-region slide (.svs)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     ap.add_argument("--tile", type=int, default=224)
-    ap.add_argument("--min-tissue", type=float, default=0.5, help="minimum fraction of tissue pixels per tile")
+    ap.add_argument("--min-tissue", type=float, default=0.5,
+                    help="minimum fraction of tissue pixels per tile")
     ap.add_argument("--thumb-downsample", type=int, default=8)
     ap.add_argument("--quality", type=int, default=90)
     args = ap.parse_args()
@@ -78,7 +80,8 @@ def main():
         for x in range(0, width - t + 1, t):
             total += 1
             if tissue[y:y + t, x:x + t].mean() >= args.min_tissue:
-                Image.fromarray(region[y:y + t, x:x + t]).save(tile_dir / f"{x}_{y}.jpg", quality=args.quality)
+                Image.fromarray(region[y:y + t, x:x + t]).save(tile_dir / f"{x}_{y}.jpg",
+                                                               quality=args.quality)
                 kept += 1
     print(f"{slide_id}: {width}x{height}, saturation Otsu threshold {thresh}, "
           f"kept {kept} of {total} grid tiles ({t}px, >= {args.min_tissue:.0%} tissue), "
