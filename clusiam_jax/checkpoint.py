@@ -35,9 +35,6 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def latest_step(self):
-        return self.manager.latest_step()
-
     def all_steps(self):
         return sorted(self.manager.all_steps())
 
@@ -75,20 +72,25 @@ class Checkpointer:
         has_data = os.path.isdir(os.path.join(self.directory, str(step), 'data'))
         if has_data:
             items['data'] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax and tensorstore raise many kinds
+            raise CheckpointError(f'the checkpoint at step {step} in {self.directory} '
+                                  f'cannot be read ({_one_line(e)})') from e
         return restored['state'], (restored['data'] if has_data else None)
 
     def restore_weights(self, step: int, abstract_weights: dict) -> dict:
         """The entries of `abstract_weights` (a dict of top-level state fields, e.g.
         params and batch_stats) from the checkpoint at `step`, without the rest (the
         optimizer state): an orbax partial restore. CheckpointError if it cannot be read."""
-        self._check_shapes(step, abstract_weights, partial=True)
+        self._check_shapes(step, abstract_weights, partial=True,
+                           advice="the run's config.json does not match its checkpoints")
         args = ocp.args.PyTreeRestore(
             item=abstract_weights, partial_restore=True,
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_weights))
         try:
             return ocp.PyTreeCheckpointHandler().restore(self._state_path(step), args=args)
-        except Exception as e:
+        except Exception as e:  # orbax and tensorstore raise many kinds
             raise CheckpointError(f'the checkpoint at step {step} in {self.directory} '
                                   f'cannot be read ({_one_line(e)}); move it away to use '
                                   f'the one before') from None
@@ -96,14 +98,14 @@ class Checkpointer:
     def _state_path(self, step):
         return epath.Path(self.directory) / str(step) / 'state'
 
-    def _check_shapes(self, step, abstract_state, partial=False):
+    def _check_shapes(self, step, abstract_state, partial=False,
+                      advice="use the config it was trained with (the run's config.json) "
+                             'or a new --workdir'):
         difference = self._stored_shape_difference(step, abstract_state, partial)
         if difference:
             raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds a '
                               f'different model or optimizer than this config '
-                              f'({difference}): use the '
-                              f'config it was trained with (the run\'s config.json) or a '
-                              f'new --workdir')
+                              f'({difference}): {advice}')
 
     def _stored_shape_difference(self, step, abstract_state, partial=False):
         """The first array whose stored shape differs from abstract_state's (parameters
@@ -115,7 +117,7 @@ class Checkpointer:
             # The item handler, not a Checkpointer: that one warns about step metadata.
             stored = ocp.StandardCheckpointHandler().metadata(self._state_path(step))
             have = _shapes_by_path(stored)
-        except Exception:
+        except Exception:  # damaged or foreign: restore() reports it
             return None
         want = _shapes_by_path(abstract_state)
         if partial:
@@ -143,7 +145,7 @@ class Checkpointer:
                 return step, state, data_state
             except ConfigError:
                 raise  # an intact checkpoint of another model: falling back cannot help
-            except Exception as e:
+            except Exception as e:  # any other failure means: not usable
                 log.warning('checkpoint at step %d in %s cannot be restored (%s); '
                             'falling back to the previous one', step, self.directory,
                             _one_line(e))
@@ -152,6 +154,10 @@ class Checkpointer:
                                   f'(each is damaged; see the warnings above); move the '
                                   f'folder away to start afresh')
         return None, None, None
+
+    def wait(self):
+        """Until the asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
 
     def close(self):
         self.manager.wait_until_finished()

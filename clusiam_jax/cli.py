@@ -11,8 +11,10 @@ r"""The command line: every action of the project behind one entry point.
 flags. The console script `clusiam` (installed with the package) is the same command.
 Conventions: long flags (`--flag VALUE` or `--flag=VALUE`), config keys as
 `--config.section.key=VALUE`; a flag or config key that the action does not use is an
-error, never silently dropped. Bad input ends in one `error:` line and exit status 2;
-SIGTERM exits 0 (and Ctrl-C 130) after saving a checkpoint when training had started.
+error, never silently dropped. Bad input ends in one `error:` line and exit status 2.
+A training run stopped by SIGTERM exits 0 (a scheduler's notice: the run is resumable,
+with a checkpoint when training had started); by Ctrl-C, 130. Other actions stopped by a
+signal exit 128 + the signal number, as a killed command does.
 """
 import argparse
 import ast
@@ -20,6 +22,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import tempfile
 
@@ -38,7 +41,6 @@ MODES = {
 }
 EVAL_TASKS = ('knn', 'linear', 'dsmil', 'maps')
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = {'SIGTERM': 0, 'SIGINT': 130}  # SIGTERM: a scheduler's notice, resumable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +63,7 @@ def load_config_file(path: str):
         return module.get_config()
     except errors.ClusiamError:
         raise
-    except Exception as e:
+    except Exception as e:  # any failure to load the recipe ends the command
         raise errors.ConfigError(f'cannot load --config {path}: {type(e).__name__}: '
                                  + ' '.join(str(e).split())) from None
 
@@ -75,7 +77,7 @@ def split_overrides(argv):
         if arg.startswith('--config.'):
             key, eq, text = arg[len('--config.'):].partition('=')
             if not eq:
-                if i + 1 >= len(argv):
+                if i + 1 >= len(argv) or argv[i + 1].startswith('--'):
                     raise errors.ConfigError(f'{arg} needs a value ({arg}=VALUE)')
                 i += 1
                 text = argv[i]
@@ -151,7 +153,7 @@ class _ConsoleHandler(logging.Handler):
         try:
             from tqdm import tqdm
             tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
+        except Exception:  # logging must never raise
             self.handleError(record)
 
 
@@ -210,12 +212,14 @@ def is_distributed(config) -> bool:
 
 
 def run_train(args, config, overrides):
+    from clusiam_jax.config import validate
     if not config.export.after_training:
         refuse_unused(overrides,
                       lambda k: not k.startswith('export.') or k == 'export.after_training',
                       'train',
                       'the export section is used only with export.after_training=True '
                       '(or by --mode export)')
+    validate(config)  # before anything is created (train() checks the device count too)
     writable_folder(args.workdir, '--workdir')
     if is_distributed(config):
         # Before anything touches a device: one process per host joins the run.
@@ -226,21 +230,22 @@ def run_train(args, config, overrides):
         log_to_workdir(args.workdir, args.argv)
     from clusiam_jax.train.loop import train
     train(config, args.workdir)
-    if interrupts.received() is not None:
-        return EXIT_INTERRUPTED[interrupts.Interrupted(interrupts.received()).name]
+    stopped_by = interrupts.received()
+    if stopped_by is not None:  # the loop saved a checkpoint and said so
+        return 0 if stopped_by == signal.SIGTERM else 128 + stopped_by
     if config.export.after_training and jax.process_index() == 0:
         export_with(args.workdir, config.export, None)
     return 0
 
 
-def export_with(workdir, exp, normalization):
+def export_with(workdir, exp, normalization, step=None):
     """Export (and draw the cluster maps when asked): the export action, also after
     training with export.after_training."""
-    from clusiam_jax.eval.cluster_map import draw_export_maps, find_thumbnail
+    from clusiam_jax.eval.cluster_map import check_thumbnail, draw_export_maps
     from clusiam_jax.export.run import prepare_export
-    job = prepare_export(workdir, exp, normalization)
-    if exp.cluster_maps and exp.thumbnail:
-        find_thumbnail(exp.thumbnail, None, len(job.slide_ids))  # before embedding
+    job = prepare_export(workdir, exp, normalization, step)
+    if exp.cluster_maps:
+        check_thumbnail(exp.thumbnail, len(job.slide_ids))  # before embedding
     job.run_export()
     if exp.cluster_maps:
         try:
@@ -257,25 +262,29 @@ def export_with(workdir, exp, normalization):
 def run_export(args, config, overrides):
     from clusiam_jax import run_dir
     from clusiam_jax.config import validate
-    from clusiam_jax.export.run import DEFAULT_DIR
-    refuse_unused(overrides, lambda k: k.startswith('export.') or k in ('data.mean', 'data.std'),
-                  'export', "the run's config.json fixes the model, the image size and the "
-                  'data; export takes --config.export.* (e.g. export.data_path, '
-                  'export.image_size) and, for runs that record no normalization, '
-                  '--config.data.mean/std')
+
+    def used(key):
+        return ((key.startswith('export.') and key != 'export.after_training')
+                or key in ('data.mean', 'data.std'))
+    refuse_unused(overrides, used, 'export', "the run's config.json fixes the model, the "
+                  'image size and the data; export takes --config.export.* (e.g. '
+                  'export.data_path, export.image_size) and, for runs that record no '
+                  'normalization, --config.data.mean/std')
     validate(config, check_data_path=False)
     run_dir.read_run_config(args.workdir)  # one line if it is not a run
-    writable_folder(config.export.out_dir or os.path.join(args.workdir, DEFAULT_DIR),
-                    '--config.export.out_dir')
     given = {k for k, _ in overrides}
     normalization = None
     if {'data.mean', 'data.std'} & given:
-        if not {'data.mean', 'data.std'} <= given:
-            raise errors.ConfigError('give --config.data.mean and --config.data.std together')
+        if not {'data.mean', 'data.std'} <= given or config.data.mean is None:
+            raise errors.ConfigError('give --config.data.mean=(R,G,B) and '
+                                     '--config.data.std=(R,G,B) together')
         normalization = run_dir.Normalization(tuple(config.data.mean), tuple(config.data.std),
                                               'given on the command line')
     log_to_workdir(args.workdir, args.argv)
-    export_with(args.workdir, config.export, normalization)
+    if args.config:
+        log.info('export: the export section of %s; the model, image size and data are '
+                 "the run's (config.json)", args.config)
+    export_with(args.workdir, config.export, normalization, args.step)
     return 0
 
 
@@ -283,8 +292,8 @@ def run_build_dataset(args, config, overrides):
     from clusiam_jax.config import validate
     refuse_unused(overrides, lambda k: k == 'data.path', 'build_dataset',
                   'it packs --config.data.path into --out')
-    writable_folder(args.out, '--out')
     validate(config)
+    writable_folder(args.out, '--out')
     from clusiam_jax import data
     path = data.build_dataset(config.data.path, args.out)
     print(f'dataset written to {path}; train on it with --config.data.path={path}')
@@ -314,8 +323,12 @@ def run_eval(args, config, overrides):
     text = json.dumps(result, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o))
     print(text)
     if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
+        try:
+            with open(args.out, 'w') as f:
+                f.write(text + '\n')
+        except OSError as e:
+            raise errors.ConfigError(f'--out {args.out}: cannot write it ({e.strerror})') \
+                from None
     return 0
 
 
@@ -352,8 +365,9 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
         parser.epilog = ('Every config key can be set with --config.<section>.<key>=VALUE '
                          '(clusiam_jax/config.py lists them).')
     elif mode == 'export':
-        parser.add_argument('--workdir', required=True,
-                            help='the run to export (its latest checkpoint)')
+        parser.add_argument('--workdir', required=True, help='the run to export')
+        parser.add_argument('--step', type=int, default=None,
+                            help='checkpoint step (default: the latest)')
         parser.epilog = ('Set what to embed with --config.export.<key>=VALUE: data_path, '
                          'out_dir, format (h5|npz), image_size, batch_size, '
                          'with_projection, cluster_maps, thumbnail, thumbnail_downsample.')
@@ -432,7 +446,8 @@ def parse(argv):
     mode = known.mode or 'train'
     rest, overrides = split_overrides(rest + (['--help'] if known.help else []))
     args = _mode_parser(mode).parse_args(rest)
-    args.argv = list(argv)  # for the run's log    config = None
+    args.argv = list(argv)  # for the run's log
+    config = None
     if mode in ('train', 'export', 'build_dataset'):
         from clusiam_jax.config import default_config
         config = load_config_file(args.config) if args.config else default_config()
@@ -443,34 +458,53 @@ def parse(argv):
     return mode, args, config, overrides
 
 
+def _log_error_to_files(message):
+    """The `error:` line also in the run's log.txt, so an unattended run says why it
+    ended (the console already printed it)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, 'clusiam_owned', False):
+            handler.handle(record)
+
+
 def main(argv=None) -> int:
-    """Runs one action; returns the exit status (0; 2 for bad input; after a signal, 0
-    for SIGTERM and 130 for Ctrl-C)."""
+    """Runs one action; returns the exit status (0; 2 for bad input; after a signal see
+    the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    root = logging.getLogger()
+    root_state = (root.level, list(root.handlers))
     setup_logging()
-    previous = interrupts.install()
+    previous = {}
+    mode = None
     try:
         mode, args, config, overrides = parse(argv)
-        if mode == 'train' and is_distributed(config):
-            # JAX's preemption service turns SIGTERM into a step all processes agree on.
-            interrupts.restore(previous, only=('SIGTERM',))
+        # Several processes leave SIGTERM to JAX's preemption service, which turns it into
+        # a step all processes agree on.
+        sigterm = not (mode == 'train' and is_distributed(config))
+        previous = interrupts.install(interrupts.SIGNALS if sigterm else (signal.SIGINT,))
         return ACTIONS[mode](args, config, overrides)
     except interrupts.Interrupted as e:
-        print(f'stopped by {e.name}; nothing was left half-written: start the same command '
-              f'again to continue', file=sys.stderr)
-        return EXIT_INTERRUPTED[e.name]
+        if e.forced:
+            print(f'stopped by {e.name} again, without a checkpoint of the step in flight; '
+                  f'the last checkpoint stands', file=sys.stderr)
+        else:
+            print(f'stopped by {e.name}; start the same command again to continue (what '
+                  f'was finished is kept)', file=sys.stderr)
+        clean = mode == 'train' and e.name == 'SIGTERM' and not e.forced
+        return 0 if clean else 128 + e.signum
     except KeyboardInterrupt:
         print('stopped by Ctrl-C', file=sys.stderr)
-        return EXIT_INTERRUPTED['SIGINT']
-    except Exception as e:
+        return 128 + signal.SIGINT
+    except Exception as e:  # bad input anywhere below: one line
         found = errors.find_clusiam_error(e)
         if found is None:
             raise
         print(f'error: {found}', file=sys.stderr)
+        _log_error_to_files(f'error: {found}')
         return EXIT_BAD_INPUT
     finally:
         interrupts.restore(previous)
-        root = logging.getLogger()
         for handler in [h for h in root.handlers if getattr(h, 'clusiam_owned', False)]:
-            root.removeHandler(handler)
             handler.close()
+        root.handlers[:] = root_state[1]
+        root.setLevel(root_state[0])

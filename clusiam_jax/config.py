@@ -162,14 +162,9 @@ def _check_schema(config, schema, prefix=''):
                               f'got {type(value).__name__} {value!r}')
 
 
-def validate(config, num_devices: int = 1, check_data_path: bool = True):
-    """Raise ConfigError (one line) for anything that would fail later or compute nonsense.
-
-    check_data_path=False for callers that bring their own data (tests, benchmarks) or
-    read a run's (export).
-    """
-    _check_schema(config, default_config())
-    m = config.model
+def validate_model(m):
+    """The `model` section: what a network is built from (also checked when a run's
+    config.json is read back for inference)."""
     if m.name not in METHOD_SPECS:
         raise ConfigError(f'model.name must be one of {", ".join(METHOD_SPECS)}; got {m.name!r}')
     if m.backbone not in BACKBONES:
@@ -183,6 +178,16 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     for key in ('feat_size', 'pred_hidden', 'num_clusters'):
         if m[key] < 1:
             raise ConfigError(f'model.{key} must be positive; got {m[key]}')
+
+
+def validate(config, num_devices: int = 1, check_data_path: bool = True):
+    """Raise ConfigError (one line) for anything that would fail later or compute nonsense.
+
+    check_data_path=False for callers that bring their own data (tests, benchmarks).
+    """
+    _check_schema(config, default_config())
+    validate_model(config.model)
+    m = config.model
     if not 0.0 <= config.loss.alpha <= 1.0:
         raise ConfigError(f'loss.alpha must be in [0, 1]; got {config.loss.alpha}')
     if not METHOD_SPECS[m.name].has_cluster_head and config.loss.alpha != 0.0:

@@ -38,15 +38,16 @@ class NonFiniteError(ClusiamError, FloatingPointError):
 
 
 def find_clusiam_error(error: BaseException):
-    """The ClusiamError behind `error`, following `__cause__` / `__context__`, or None.
+    """The ClusiamError that `error` is or was raised from (`raise ... from`), or None.
 
-    grain re-raises an exception of a worker process inside its own; the user's one-line
-    message is the worker's DataError, not grain's wrapper.
+    A library that re-raises an input error inside its own (`from`) still gets the user's
+    one line. Only explicit causes are followed: a bug raised while a ClusiamError was
+    being handled keeps its traceback.
     """
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, ClusiamError):
             return error
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return None

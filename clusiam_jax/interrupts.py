@@ -1,15 +1,16 @@
 """SIGTERM and Ctrl-C (SIGINT): any command stops cleanly, at any moment.
 
 Schedulers send SIGTERM before they evict a job; people press Ctrl-C. Outside training
-(scanning data, computing statistics, compiling, exporting) there is nothing worth
-saving, so the signal raises `Interrupted` at once and the command line prints one line.
-Inside the training loop (`deferred()`), the signal only sets a flag: the loop finishes
-the step in flight, saves a checkpoint and returns. A second signal while one is pending
-stops at once without saving.
+(listing data, computing statistics, compiling, exporting) there is nothing worth saving,
+so the signal raises `Interrupted` as soon as Python runs again (a compile in progress
+finishes first) and the command line prints one line. Inside the training loop
+(`deferred()`), a first signal only sets a flag: the loop finishes the step in flight,
+saves a checkpoint and returns. A second signal while one is pending raises at once,
+without saving (`Interrupted.forced`).
 
 `Interrupted` is a BaseException, like KeyboardInterrupt, so `except Exception` blocks
 on the way do not swallow it. Handlers can only be installed in the main thread; in
-other threads (or when the caller installed none) these functions change nothing.
+other threads these functions change nothing.
 """
 import contextlib
 import signal
@@ -19,9 +20,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Interrupted(BaseException):
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, forced: bool = False):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.forced = signum, forced
 
     @property
     def name(self) -> str:
@@ -29,16 +30,17 @@ class Interrupted(BaseException):
 
 
 class _State:
-    received = None     # the first signal of this command, or None
+    received = None     # the first signal of this command (or stop notice), or None
     deferring = 0       # > 0 inside deferred()
 
 
 def _handle(signum, frame):
-    first = _State.received is None
-    if first:
-        _State.received = signum
-    if _State.deferring and first:
-        return  # the loop checkpoints at the end of the step in flight
+    if _State.deferring:
+        if _State.received is None:
+            _State.received = signum
+            return  # the loop checkpoints at the end of the step in flight
+        raise Interrupted(signum, forced=True)
+    _State.received = signum
     raise Interrupted(signum)
 
 
@@ -46,33 +48,33 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _signals(sigterm: bool):
-    # Multi-process runs leave SIGTERM to JAX's preemption service, which turns it into
-    # a step every process agrees on (train/loop.py).
-    return SIGNALS if sigterm else (signal.SIGINT,)
-
-
-def install(sigterm: bool = True) -> dict:
-    """Make SIGTERM and SIGINT raise Interrupted (the command line, at start); returns
-    the handlers they replace, for `restore`."""
+def install(signals=SIGNALS) -> dict:
+    """Make `signals` raise Interrupted (the command line, at start); returns the
+    handlers they replace, for `restore`."""
     previous = {}
     if _in_main_thread():
         reset()
-        for sig in _signals(sigterm):
+        for sig in signals:
             previous[sig] = signal.signal(sig, _handle)
     return previous
 
 
-def restore(previous: dict, only=None):
-    """Put back handlers `install` replaced (`only`: signal names, e.g. ('SIGTERM',))."""
+def restore(previous: dict):
+    """Put back the handlers `install` replaced."""
     for sig, handler in previous.items():
-        if only is None or signal.Signals(sig).name in only:
-            signal.signal(sig, handler)
+        signal.signal(sig, handler)
 
 
 def received():
-    """The signal number this command received, or None."""
+    """The signal number this command received (or a stop notice recorded with
+    `note`), or None."""
     return _State.received
+
+
+def note(signum: int):
+    """Records a stop decided elsewhere (JAX's multi-process preemption notice) as if
+    `signum` had been received."""
+    _State.received = signum
 
 
 def reset():
@@ -80,25 +82,25 @@ def reset():
 
 
 @contextlib.contextmanager
-def deferred(sigterm: bool = True):
+def deferred(enabled: bool = True):
     """Inside: a first SIGTERM/SIGINT only sets `received()` (poll it between steps).
 
     Starts with nothing received (a signal before it raised Interrupted already). Installs
-    the handlers itself when the caller has not (train() called from Python), and puts
-    back whatever was there before on exit.
+    the handlers itself (train() called from Python has none) and puts back whatever was
+    there before on exit. `enabled=False` (several processes, which must agree on the
+    step to save at: JAX's preemption sync does that for SIGTERM) changes nothing.
     """
+    if not enabled:
+        yield
+        return
     reset()
-    previous = {}
-    if _in_main_thread():
-        for sig in _signals(sigterm):
-            previous[sig] = signal.signal(sig, _handle)
+    previous = install()
     _State.deferring += 1
     try:
         yield
     finally:
         _State.deferring -= 1
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore(previous)
 
 
 def ignore_in_worker(*_):

@@ -22,7 +22,7 @@ import ml_collections
 
 from clusiam_jax import parallel
 from clusiam_jax.checkpoint import Checkpointer
-from clusiam_jax.config import default_config
+from clusiam_jax.config import default_config, validate_model
 from clusiam_jax.errors import CheckpointError, ConfigError
 from clusiam_jax.models import METHOD_SPECS, SSLNetwork, build_network
 from clusiam_jax.state import Weights, init_weights
@@ -83,6 +83,10 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
                               f'config the run was started with') from None
     config = default_config()
     _merge(config, saved)
+    try:
+        validate_model(config.model)
+    except ConfigError as e:
+        raise ConfigError(f'{path}: {e}') from None
     return config
 
 
@@ -142,8 +146,11 @@ class Run:
     config: ml_collections.ConfigDict
     network: SSLNetwork
     weights: Weights
-    step: int
     normalization: Optional[Normalization]
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.weights.step))
 
 
 def checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
@@ -168,12 +175,11 @@ def load_run(workdir: str, step: Optional[int] = None, mesh=None) -> Run:
         getattr(shapes, name)) for name in Weights.__dataclass_fields__}
     checkpointer = Checkpointer(workdir, create=False)
     try:
-        step = checkpointer.checked_step(step)
-        restored = checkpointer.restore_weights(step, abstract)
+        restored = checkpointer.restore_weights(checkpointer.checked_step(step), abstract)
     finally:
         checkpointer.close()
     return Run(workdir=os.path.abspath(workdir), config=config,
-               network=build_network(config.model), weights=Weights(**restored), step=step,
+               network=build_network(config.model), weights=Weights(**restored),
                normalization=read_normalization(workdir, config))
 
 

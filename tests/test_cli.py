@@ -77,6 +77,12 @@ def test_bad_paths_are_one_line(tmp_path, capsys, argv, message):
     assert message in one_error(capsys, cli.main(argv))
 
 
+def test_a_run_config_of_an_unknown_model_is_one_line(tmp_path, capsys):
+    (tmp_path / 'config.json').write_text('{"model": {"backbone": "resnet99"}}')
+    message = one_error(capsys, cli.main(['--mode', 'export', '--workdir', str(tmp_path)]))
+    assert 'config.json: model.backbone must be one of' in message
+
+
 def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys):
     """Every file of the only checkpoint truncated: export says so in one line."""
     from clusiam_jax.train.loop import train

@@ -73,6 +73,20 @@ def test_process_shares_assemble_the_single_process_batch(patch_dir):
             np.testing.assert_array_equal(joined, whole[step][k])
 
 
+def test_a_resumed_run_keeps_its_recorded_normalization(patch_dir, monkeypatch):
+    """The statistics a run recorded when it started are used as they are: nothing is
+    computed or read from the data set's cache (its list may have changed since)."""
+    from clusiam_jax.run_dir import Normalization
+
+    def no_rescan(*args, **kwargs):
+        raise AssertionError('the data set was scanned for statistics')
+    monkeypatch.setattr(stats_lib, 'cached_stats', no_rescan)
+    recorded = Normalization((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 'recorded at the start')
+    loader = data.create_train_loader(data_config(patch_dir), recorded=recorded)
+    assert (loader.mean, loader.std) == (recorded.mean, recorded.std)
+    assert loader.normalization_origin == 'recorded at the start'
+
+
 def test_config_errors_are_one_line(tmp_path, patch_dir):
     with pytest.raises(DataError, match='patch source not found'):
         data.create_train_loader(data_config(tmp_path / 'missing', mean=MEAN, std=STD))

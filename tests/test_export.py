@@ -134,6 +134,21 @@ def test_rerun_skips_finished_slides(run, tmp_path, monkeypatch):
     assert before == after
 
 
+def test_other_settings_are_exported_again_not_skipped(run, tmp_path, monkeypatch):
+    """Same checkpoint, other settings (here the projections): every slide is redone."""
+    config, workdir, _ = run
+    out = tmp_path / 'out'
+    _export(config, workdir, out)
+    writes = []
+    real_write = fmt.write_slide_h5
+    monkeypatch.setattr(fmt, 'write_slide_h5',
+                        lambda path, *a: writes.append(os.path.basename(path))
+                        or real_write(path, *a))
+    _export(config, workdir, out, with_projection=True)
+    assert sorted(writes) == ['slide_a.h5', 'slide_b.h5', 'slide_c.h5']
+    assert all('projections' in arrays for arrays in fmt.read_export(str(out)).values())
+
+
 def test_crash_mid_export_leaves_no_partial_file(run, tmp_path, monkeypatch):
     config, workdir, _ = run
     out = tmp_path / 'out'

@@ -113,6 +113,22 @@ def test_checkpoint_moves_between_device_counts(tmp_path, first, second):
     assert_trees_close(resumed.batch_stats, reference.batch_stats, rtol=1e-4, atol=1e-5)
 
 
+def test_resume_from_a_run_with_a_damaged_latest_checkpoint(finished_run, tmp_path):
+    """train.resume_from=RUN takes RUN's latest readable checkpoint, as a resume does."""
+    source, final = finished_run
+    damaged = str(tmp_path / 'damaged')
+    shutil.copytree(source, damaged)
+    damage(damaged, 6)
+    config = tiny_config('clubyol')
+    config.train.resume_from = damaged
+    state = train(config, str(tmp_path / 'fork'), SyntheticLoader(**SIZES), mesh_of(1))
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(final)):
+        np.testing.assert_array_equal(a, b)
+    config.train.resume_from = os.path.join(damaged, 'checkpoints', '6')
+    with pytest.raises(CheckpointError, match='resume_from=.*step 6.*cannot be read'):
+        train(config, str(tmp_path / 'fork2'), SyntheticLoader(**SIZES), mesh_of(1))
+
+
 def test_resume_from_another_runs_checkpoint(finished_run, tmp_path):
     source, final = finished_run
     config = tiny_config('clubyol')

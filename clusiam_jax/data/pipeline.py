@@ -207,12 +207,14 @@ class TrainLoader:
 
 
 def create_train_loader(config, workdir: Optional[str] = None, process_index: int = 0,
-                        process_count: int = 1) -> TrainLoader:
+                        process_count: int = 1, recorded=None) -> TrainLoader:
     """The training loader of this process, from ``config.data`` and ``config.train``
     (checked by ``config.validate``).
 
-    Raises DataError (one line) for an empty or missing source, a manifest without a
-    ``path`` column, or a batch larger than the list.
+    The normalization is ``data.mean/std`` when set, else ``recorded`` (what a resumed
+    run recorded when it started, with ``mean``, ``std`` and ``origin``), else computed
+    over the training list (cached). Raises DataError (one line) for an empty or missing
+    source, a manifest without a ``path`` column, or a batch larger than the list.
     """
     data_path = config.data.path
     recs, source = sources_lib.open_source(data_path)
@@ -222,7 +224,11 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     skip_list = os.path.join(workdir, skips.SKIPPED_FILES) if workdir else None
     mean, std = config.data.mean, config.data.std
     origin = 'config data.mean/std'
-    if mean is None:
+    if mean is None and recorded is not None:
+        mean, std, origin = recorded.mean, recorded.std, recorded.origin
+        logger.info('normalization recorded by the run: mean %s std %s (%s)', mean, std,
+                    origin)
+    elif mean is None:
         mean, std, origin = stats_lib.cached_stats(
             data_path, source, workdir=workdir, num_workers=int(config.data.num_workers),
             skip_log=skips.SkipLog(skip_list))

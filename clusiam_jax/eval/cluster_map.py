@@ -191,18 +191,26 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
 
 # -------------------------------------------------------------------- over an export
 
+def check_thumbnail(thumbnail, n_slides):
+    """ConfigError when `thumbnail` cannot serve `n_slides` slides: missing, or one file
+    for several slides (checked before an export embeds anything)."""
+    if not thumbnail:
+        return
+    if not os.path.exists(thumbnail):
+        raise ConfigError(f"thumbnail not found: {thumbnail}")
+    if os.path.isfile(thumbnail) and n_slides > 1:
+        raise ConfigError(f"export.thumbnail {thumbnail} is one file but the export has "
+                          f"{n_slides} slides: give a folder of <slide_id>.png thumbnails")
+
+
 def find_thumbnail(thumbnail, slide_id, n_slides):
     """The thumbnail file for a slide: `thumbnail` itself when it is a file (only for
     a one-slide export), else `<thumbnail>/<slide_id>[_thumb].<ext>`; None if absent."""
     if not thumbnail:
         return None
+    check_thumbnail(thumbnail, n_slides)
     if os.path.isfile(thumbnail):
-        if n_slides > 1:
-            raise ConfigError(f"export.thumbnail {thumbnail} is one file but the export has "
-                              f"{n_slides} slides: give a folder of <slide_id>.png thumbnails")
         return thumbnail
-    if not os.path.isdir(thumbnail):
-        raise ConfigError(f"thumbnail not found: {thumbnail}")
     for stem in (slide_id, slide_id + "_thumb"):
         for ext in THUMBNAIL_EXTENSIONS:
             path = os.path.join(thumbnail, stem + ext)
@@ -229,9 +237,10 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None):
     if downsample is not None and downsample < 0:
         raise ConfigError(f"the thumbnail downsample must be positive; got {downsample}")
     rows = fmt.read_export_manifest(out_dir)
+    data = fmt.read_export(out_dir)
     written = []
     for row in rows:
-        arrays = fmt.read_slide(out_dir, row)
+        arrays = data[row["slide_id"]]
         if "cluster_ids" not in arrays:
             log.info("cluster maps: the model has no cluster head; nothing to draw")
             return written

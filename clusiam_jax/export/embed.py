@@ -8,9 +8,9 @@ backbone output (512-d for ResNet-18), `cluster_logits` the cluster head's logit
 only with `with_projection`.
 
 Images are decoded by a thread pool ahead of the device, the forward pass is one jitted
-function over the mesh with a fixed batch (the last one padded), and each slide's file is
-written (export/format.py) the moment its last patch is through, so an interrupted export
-keeps every finished slide.
+function over the mesh with a fixed batch (the last one padded), and each slide's h5 file
+is written (export/format.py) the moment its last patch is through, so an interrupted h5
+export keeps every finished slide (an npz export is one file, written at the end).
 """
 import collections
 import concurrent.futures
@@ -37,12 +37,13 @@ UNKNOWN_SLIDE = 'unknown_slide'
 
 @dataclasses.dataclass(frozen=True)
 class EmbedOptions:
-    """How to embed (the `export` config section, resolved against the run)."""
-    image_size: int = 224          # patches are resized to this (the run's training size)
-    batch_size: int = 256
-    export_format: str = 'h5'      # h5 | npz (export/format.py)
-    with_projection: bool = False
-    num_workers: int = 4           # image-decoding threads
+    """How to embed: the `export` config section (config.py has the defaults), resolved
+    against the run."""
+    image_size: int                # patches are resized to this (the run's training size)
+    batch_size: int
+    export_format: str             # h5 | npz (export/format.py)
+    with_projection: bool
+    num_workers: int               # image-decoding threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +185,7 @@ class _SlideWriter:
         if self.options.export_format == 'npz':
             fmt.write_npz(os.path.join(self.out_dir, fmt.NPZ_NAME), self.npz_parts,
                           {'checkpoint_step': np.int64(self.attrs['checkpoint_step']),
+                           'export_key': self.attrs['export_key'],
                            'n_records': np.int64(n_records),
                            'norm_mean': self.attrs['norm_mean'],
                            'norm_std': self.attrs['norm_std']})
@@ -206,26 +208,28 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
     fmt.prepare_out_dir(out_dir, fmt_name)
     skip_log = skips.SkipLog(os.path.join(out_dir, fmt.SKIPPED_NAME))
 
-    if fmt_name == 'npz':
-        todo = [] if fmt.is_finished(out_dir, 'npz', '', step, len(records)) else list(groups)
-    else:
-        todo = [s for s in groups
-                if not fmt.is_finished(out_dir, 'h5', s, step, len(groups[s]))]
-    if len(todo) < len(groups):
-        log.info('export: %d of %d slides already exported from step %d; skipping them',
-                 len(groups) - len(todo), len(groups), step)
     attrs = {'checkpoint_step': step, 'method': embedder.network.method,
              'backbone': embedder.network.backbone, 'image_size': options.image_size,
              'norm_mean': np.asarray(embedder.mean, np.float64),
              'norm_std': np.asarray(embedder.std, np.float64),
+             'with_projection': options.with_projection,
              'export_version': fmt.FORMAT_VERSION,
              'features': 'pooled backbone output, inference-mode BatchNorm'}
     if info is not None:
-        attrs['config_json'] = info['config_json']
+        attrs.update(config_json=info['config_json'], data_path=info['data_path'])
+    attrs['export_key'] = key = fmt.export_key(attrs)
+    if fmt_name == 'npz':
+        todo = [] if fmt.is_finished(out_dir, 'npz', '', key, len(records)) else list(groups)
+    else:
+        todo = [s for s in groups if not fmt.is_finished(out_dir, 'h5', s, key, len(groups[s]))]
+    if len(todo) < len(groups):
+        log.info('export: %d of %d slides already exported with these settings from step '
+                 '%d; skipping them', len(groups) - len(todo), len(groups), step)
     writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log)
-    stream = [(s, r) for s in todo for r in groups[s]]
+    index_of = {id(r): i for i, r in enumerate(records)}
+    stream = [(s, r, index_of[id(r)]) for s in todo for r in groups[s]]
     if stream:
-        _embed_stream(embedder, source, records, stream, writer, options)
+        _embed_stream(embedder, source, stream, writer, options)
         writer.close(len(records))
 
     counts = fmt.written_counts(out_dir, fmt_name, list(groups))
@@ -244,16 +248,16 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
     return rows
 
 
-def _embed_stream(embedder, source, records, stream, writer, options):
-    """The device loop: fixed-size batches of decoded patches through the network."""
+def _embed_stream(embedder, source, stream, writer, options):
+    """The device loop: fixed-size batches of decoded patches through the network.
+    `stream`: (slide, record, index in the source) in the order slides are written."""
     ndev = embedder.mesh.devices.size
     # One compiled shape: a fixed batch, a multiple of the devices, no larger than the
     # work (a 40-patch demo must not pad to 256).
     batch = min(-(-options.batch_size // ndev) * ndev, -(-len(stream) // ndev) * ndev)
     embed = embedder.embed_fn(options.with_projection)
     size = options.image_size
-    index_of = {id(r): i for i, r in enumerate(records)}
-    loads = (lambda r=r: _load_patch(source, index_of[id(r)], size) for _, r in stream)
+    loads = (lambda i=i: _load_patch(source, i, size) for _, _, i in stream)
     bar = tqdm(total=len(stream), unit='patch', desc='export', dynamic_ncols=True)
     pool = concurrent.futures.ThreadPoolExecutor(max(1, options.num_workers))
     try:
@@ -278,7 +282,7 @@ def _embed_chunk(embed, variables, chunk, batch, size, writer):
     for i in valid:
         images[i] = chunk[i][1][0]
     outputs = jax.device_get(embed(variables, images)) if valid else {}
-    for i, ((slide, record), (img, shape)) in enumerate(chunk):
+    for i, ((slide, record, _), (img, shape)) in enumerate(chunk):
         writer.add(slide, record, {k: v[i] for k, v in outputs.items()} if img is not None
                    else None, shape)
 

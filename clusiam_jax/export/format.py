@@ -23,6 +23,7 @@ half-written file under a final name.
 """
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -82,14 +83,22 @@ def atomic_write(path: str):
 
 
 def prepare_out_dir(out_dir: str, export_format: str):
-    """Creates the folders and deletes temporaries a killed export left (never read:
-    they do not end in .h5 / .npz)."""
+    """Creates the folders, deletes temporaries a killed export left (never read: they
+    do not end in .h5 / .npz), and the manifest and info of a previous export: until this
+    one finishes, the folder must not read as a finished export."""
     folders = [out_dir] + ([os.path.join(out_dir, H5_DIR)] if export_format == 'h5' else [])
-    for folder in folders:
-        os.makedirs(folder, exist_ok=True)
-        for name in os.listdir(folder):
-            if _TEMPORARY.search(name):
-                os.remove(os.path.join(folder, name))
+    try:
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            for name in os.listdir(folder):
+                if _TEMPORARY.search(name):
+                    os.remove(os.path.join(folder, name))
+        for name in (MANIFEST_NAME, INFO_NAME):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    except OSError as e:
+        raise DataError(f'export.out_dir {out_dir}: cannot write there ({e.strerror})') \
+            from None
 
 
 def write_slide_h5(path: str, arrays: Dict[str, np.ndarray], attrs: dict, coords_attrs: dict):
@@ -144,21 +153,29 @@ def write_info(out_dir: str, info: dict):
 
 # ----------------------------------------------------------------- resume check
 
-def is_finished(out_dir: str, export_format: str, slide_id: str, checkpoint_step: int,
+def export_key(attrs: dict) -> str:
+    """What makes two exports of a slide the same: the run's config, the checkpoint step,
+    the normalization, the image size, the projections and this format's version. A
+    rerun skips a slide only when its file carries the same key."""
+    fields = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
+              for k, v in sorted(attrs.items())}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_finished(out_dir: str, export_format: str, slide_id: str, key: str,
                 n_records: int) -> bool:
-    """Whether the slide (every slide, for npz) is written from this checkpoint with
-    this many patch records: then a rerun skips it."""
+    """Whether the slide (every slide, for npz) is written with this export key and this
+    many patch records: then a rerun skips it."""
     path = os.path.join(out_dir, slide_file(export_format, slide_id))
     if not os.path.exists(path):
         return False
     try:
         if export_format == 'npz':
             with np.load(path, allow_pickle=False) as f:
-                return (int(f['checkpoint_step']) == checkpoint_step
-                        and int(f['n_records']) == n_records)
+                return str(f['export_key']) == key and int(f['n_records']) == n_records
         import h5py
         with h5py.File(path, 'r') as f:
-            return (int(f.attrs.get('checkpoint_step', -1)) == checkpoint_step
+            return (str(f.attrs.get('export_key', '')) == key
                     and int(f.attrs.get('n_records', -1)) == n_records)
     except (OSError, KeyError, ValueError):
         return False
@@ -206,13 +223,7 @@ def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
     """{name: array} of one manifest row, plus `patch_size`; strings as str objects."""
     path = os.path.join(out_dir, row['file'])
     if row['file'].endswith('.npz'):
-        with np.load(path) as f:
-            keep = f['slide_ids'] == row['slide_id']
-            out = {k: (f[k][keep].astype(object) if f[k].dtype.kind == 'U' else f[k][keep])
-                   for k in f.files if f[k].ndim >= 1 and f[k].shape[0] == keep.shape[0]
-                   and k not in ('slide_ids', 'patch_sizes')}
-            out['patch_size'] = int(f['patch_sizes'][keep][0])
-            return out
+        return _npz_slides(path, [row['slide_id']])[row['slide_id']]
     import h5py
     with h5py.File(path, 'r') as f:
         out = {name: (_decode(ds[()]) if ds.dtype.kind in 'OS' else ds[()])
@@ -221,13 +232,32 @@ def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
         return out
 
 
+def _npz_slides(path: str, slide_ids) -> Dict[str, dict]:
+    """{slide_id: arrays} of an embeddings.npz, each array read once."""
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    owner = arrays.pop('slide_ids')
+    per_patch = {k: v for k, v in arrays.items()
+                 if v.ndim >= 1 and v.shape[0] == owner.shape[0] and k != 'patch_sizes'}
+    out = {}
+    for slide in slide_ids:
+        keep = owner == slide
+        out[slide] = {k: (v[keep].astype(object) if v.dtype.kind == 'U' else v[keep])
+                      for k, v in per_patch.items()}
+        out[slide]['patch_size'] = int(arrays['patch_sizes'][keep][0])
+    return out
+
+
 def read_export(out_dir: str, slides=None) -> Dict[str, dict]:
     """{slide_id: arrays + its manifest `label`} for every slide (or only `slides`)."""
-    data = {}
-    for row in read_export_manifest(out_dir):
-        if slides is None or row['slide_id'] in slides:
-            data[row['slide_id']] = dict(read_slide(out_dir, row), label=row['label'])
-    return data
+    rows = [row for row in read_export_manifest(out_dir)
+            if slides is None or row['slide_id'] in slides]
+    npz = [row['slide_id'] for row in rows if row['file'].endswith('.npz')]
+    data = _npz_slides(os.path.join(out_dir, NPZ_NAME), npz) if npz else {}
+    for row in rows:
+        arrays = data[row['slide_id']] if row['slide_id'] in data else read_slide(out_dir, row)
+        data[row['slide_id']] = dict(arrays, label=row['label'])
+    return {row['slide_id']: data[row['slide_id']] for row in rows}
 
 
 def slide_feature_files(features: str) -> Dict[str, str]:

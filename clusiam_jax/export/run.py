@@ -7,9 +7,10 @@ layout.
 The model, the image size it trained at and its normalization come from the run
 (config.json, normalization.json); the `export` config section says what to embed and
 how. `prepare_export` does everything that can fail on bad input before a patch is read
-(restore, normalization, listing the source); `ExportJob.run()` embeds.
+(restore, normalization, listing the source); `ExportJob.run_export()` embeds.
 """
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ class ExportJob:
     options: EmbedOptions
     normalization: run_dir.Normalization
 
-    @property
+    @functools.cached_property
     def slide_ids(self) -> List[str]:
         return list(group_by_slide(self.opened[0]))
 
@@ -67,11 +68,10 @@ class ExportJob:
                  self.options.image_size, self.normalization.origin)
         embedder = Embedder(self.run.network, self.run.weights.online_variables,
                             self.normalization.mean, self.normalization.std, self.run.step)
+        config_json = run_dir.config_text(self.run.config)
         info = {'workdir': self.run.workdir, 'data_path': self.data_path,
-                'normalization': self.normalization.to_json(),
-                'config_json': json.dumps(json.loads(self.run.config.to_json_best_effort()),
-                                          sort_keys=True)}
-        info['config'] = json.loads(info['config_json'])
+                'normalization': self.normalization.to_json(), 'config_json': config_json,
+                'config': json.loads(config_json)}
         rows = export_embeddings(embedder, self.opened, self.out_dir, self.options, info)
         n_patches = sum(r['n_patches'] for r in rows)
         if not n_patches:

@@ -67,7 +67,7 @@ def load_torch_checkpoint(path: str):
         raise ConversionError(f'checkpoint not found: {path}')
     try:
         blob = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
+    except Exception as e:  # torch raises many kinds for a foreign file
         raise ConversionError(f'{path} is not a PyTorch checkpoint torch.load can read '
                               f'({type(e).__name__}: {e})') from None
     epoch = None
@@ -247,7 +247,10 @@ def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: in
     normalization = (run_dir.Normalization(tuple(config.data.mean), tuple(config.data.std),
                                            'given to convert from-torch')
                      if mean is not None else None)
-    run_dir.write_run(out, config, state, normalization)
+    try:
+        run_dir.write_run(out, config, state, normalization)
+    except OSError as e:
+        raise ConversionError(f'--out {out}: cannot write there ({e.strerror})') from None
     info = {'source': os.path.abspath(path), 'epoch': epoch, 'model': config.model.name,
             'backbone': config.model.backbone, 'feat_size': config.model.feat_size,
             'pred_hidden': config.model.pred_hidden,

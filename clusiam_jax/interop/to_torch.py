@@ -95,9 +95,9 @@ def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
     if os.path.isdir(path):
         raise ConversionError(f'{path} is a folder: give the file to write, e.g. '
                               f'{os.path.join(path, "encoder.safetensors")}')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if ext in SAFETENSORS:
             from safetensors.numpy import save_file
             # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
@@ -114,6 +114,8 @@ def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
             run_dir.write_text_atomically(path + '.json', json.dumps(metadata or {}, indent=2))
         _readable_by_all(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ConversionError(f'{path}: cannot write it ({e.strerror})') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

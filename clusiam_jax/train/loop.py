@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import time
 
 import jax
@@ -40,8 +41,8 @@ class _StopRequest:
     One process: SIGTERM or SIGINT (interrupts.deferred) sets a flag the loop polls after
     every step. Several processes must all save at the same step: there JAX's preemption
     sync (jax.distributed turns a SIGTERM on any host into an agreed step, the same
-    service orbax uses on TPU) decides, polled every step; Ctrl-C still stops the
-    process it reaches.
+    service orbax uses on TPU) decides, polled every step, and is recorded as a SIGTERM;
+    Ctrl-C stops such a run at once, without a checkpoint.
     """
 
     def __init__(self):
@@ -53,31 +54,34 @@ class _StopRequest:
         if not self._multi_process:
             return False
         try:
-            return multihost_utils.reached_preemption_sync_point(step)
+            reached = multihost_utils.reached_preemption_sync_point(step)
         except RuntimeError:  # no preemption service in this cluster set-up
             log.warning('no preemption sync service: SIGTERM will not checkpoint this '
                         'multi-process run')
             self._multi_process = False
             return False
+        if reached:
+            interrupts.note(signal.SIGTERM)
+        return reached
 
     @staticmethod
     def reason() -> str:
-        signum = interrupts.received()
-        return interrupts.Interrupted(signum).name if signum else 'preemption notice'
+        return signal.Signals(interrupts.received()).name
 
 
-def _restore_other_run(path, checkpointer_target):
-    """(step, state, data_state) from another run's directory (its latest checkpoint) or
-    from one of its `checkpoints/<step>` folders: train.resume_from, for a new work
-    directory that continues (or forks) an earlier run."""
+def _restore_other_run(path, target):
+    """(step, state, data_state) from another run's directory (its latest readable
+    checkpoint) or from one of its `checkpoints/<step>` folders: train.resume_from, for a
+    new work directory that continues (or forks) an earlier run."""
     workdir, step = run_dir.checkpoint_location(path)
     try:
-        checkpointer = Checkpointer(workdir, create=False)
-        try:
-            step = checkpointer.checked_step(step)
-            state, data_state = checkpointer.restore(step, checkpointer_target)
-        finally:
-            checkpointer.close()
+        with contextlib.closing(Checkpointer(workdir, create=False)) as other:
+            if step is None:
+                step, state, data_state = other.restore_latest_readable(target)
+                if step is None:
+                    raise CheckpointError(f'no checkpoint in {other.directory}')
+            else:
+                state, data_state = other.restore(other.checked_step(step), target)
     except CheckpointError as e:
         raise CheckpointError(f'train.resume_from={path}: {e}') from None
     log.info('starting from the checkpoint at step %d of %s (train.resume_from)', step, workdir)
@@ -108,15 +112,19 @@ def train(config, workdir: str, loader=None, mesh=None):
 
     `loader` defaults to the data pipeline for `config.data.path`; tests may inject one
     with the same interface (steps_per_epoch, mean, std, iterator()). `mesh` defaults to
-    all devices.
+    all devices. A run stopped by SIGTERM or Ctrl-C returns the state it checkpointed;
+    `interrupts.received()` then says which signal stopped it.
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
     os.makedirs(workdir, exist_ok=True)
     if loader is None:
+        # A resumed run keeps the normalization it started with, whatever the data now.
+        recorded = run_dir.read_normalization(workdir) if config.data.mean is None else None
         loader = data_lib.create_train_loader(config, workdir=workdir,
                                               process_index=jax.process_index(),
-                                              process_count=jax.process_count())
+                                              process_count=jax.process_count(),
+                                              recorded=recorded)
     trainer = build_trainer(config, mesh, loader.steps_per_epoch, loader.mean, loader.std)
     run = _Run(config, workdir, trainer, loader.steps_per_epoch)
     with contextlib.closing(Checkpointer(workdir, config.train.keep_checkpoints)) as ckpt:
@@ -149,16 +157,17 @@ class _Run:
 
     def restore(self, ckpt, loader):
         """(state, data iterator state or None): the latest readable checkpoint, else
-        train.resume_from's, else a fresh state. Records config and normalization."""
+        train.resume_from's, else a fresh state (created only then). Records config and
+        normalization."""
         config = self.config
-        state, target = self.trainer.init_state(), self.trainer.abstract_state()
+        target = self.trainer.abstract_state()
         latest, restored, data_state = ckpt.restore_latest_readable(target)
         if latest is None and config.train.resume_from:
             latest, restored, data_state = _restore_other_run(config.train.resume_from, target)
         if self.is_main:  # only now: a config the checkpoints refuse must not replace the run's
             _record_run(self.workdir, config, loader)
         if latest is None:
-            return state, None
+            return self.trainer.init_state(), None
         if latest >= self.total_steps:
             log.info('run in %s is complete (step %d of %d); nothing to do', self.workdir,
                      latest, self.total_steps)
@@ -199,7 +208,18 @@ class _Run:
         # the ETA swing.
         bar = tqdm(total=self.total_steps, initial=step, unit='step', disable=not is_main,
                    dynamic_ncols=True, smoothing=0.1)
-        with interrupts.deferred(sigterm=jax.process_count() == 1), contextlib.closing(bar):
+
+        def stop_here(saved):
+            if not saved:
+                stats.flush()  # never checkpoint a non-finite state
+                ckpt.save(step, state, data_state)
+            ckpt.wait()  # inside the deferral: a signal now cannot cut the save short
+            bar.update(step - synced)
+            log.warning('%s: saved a checkpoint at step %d of %d and stopped; start the '
+                        'same command again to resume', stop.reason(), step, self.total_steps)
+            return state
+
+        with interrupts.deferred(enabled=jax.process_count() == 1), contextlib.closing(bar):
             for epoch in range(step // self.steps_per_epoch, self.num_epochs):
                 stats = EpochStats(skips)
                 first = synced = step
@@ -224,19 +244,18 @@ class _Run:
                         bar.set_postfix(loss=f"{window.get('loss', math.nan):.4f}",
                                         pairs_s=f'{rate:.1f}')
                         writer.scalars(step, window)
-                    if stop.requested(step):
-                        stats.flush()  # never checkpoint a non-finite state
-                        ckpt.save(step, state, data_state)
-                        bar.update(step - synced)
-                        log.warning('%s: saved a checkpoint at step %d of %d and stopped; '
-                                    'start the same command again to resume', stop.reason(),
-                                    step, self.total_steps)
-                        return state
+                    if step < end and stop.requested(step):
+                        return stop_here(saved=False)
+                # The epoch is complete: its row and checkpoint first, then a pending stop.
                 self.end_epoch(epoch, stats, step, first, time.perf_counter() - start_time,
                                writer)
                 every = config.train.checkpoint_every_epochs
-                if (every > 0 and (epoch + 1) % every == 0) or step == self.total_steps:
+                saved = (every > 0 and (epoch + 1) % every == 0) or step == self.total_steps
+                if saved:
                     ckpt.save(step, state, data_state)
+                if stop.requested(step):
+                    return stop_here(saved)
+            ckpt.wait()
         return state
 
     def end_epoch(self, epoch, stats, step, first, elapsed, writer):

@@ -32,8 +32,6 @@ class Trainer:
     mesh: Mesh
     network: SSLNetwork
     tx: optax.GradientTransformation
-    lr_schedule: Callable
-    ema_schedule: Callable
     mean: Sequence[float]
     std: Sequence[float]
     step_fn: Callable          # the pure step (state, batch) -> (state, metrics)
@@ -101,8 +99,8 @@ def build_trainer(config, mesh=None, steps_per_epoch: int = 1, mean=None, std=No
     tx, lr_schedule = make_optimizer(config, steps_per_epoch)
     ema_schedule = ema_momentum(config, steps_per_epoch * config.train.num_epochs)
     step_fn = make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule)
-    return Trainer(config=config, mesh=mesh, network=network, tx=tx, lr_schedule=lr_schedule,
-                   ema_schedule=ema_schedule, mean=mean, std=std, step_fn=step_fn)
+    return Trainer(config=config, mesh=mesh, network=network, tx=tx, mean=mean, std=std,
+                   step_fn=step_fn)
 
 
 def random_batch(trainer: Trainer, seed: int = 0, batch_size=None):
