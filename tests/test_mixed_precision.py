@@ -1,6 +1,6 @@
 """model.dtype=bfloat16: bfloat16 convolutions and matmuls; float32 parameters, BatchNorm
 statistics, logits, losses, reductions, gradients, optimizer state and EMA target; and
-learning curves within run-to-run noise of float32's (issue 7, item 2)."""
+learning curves within run-to-run noise of float32's."""
 import itertools
 from functools import partial
 
