@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import json
 import logging
 import os
 from typing import Dict, List, Optional, Sequence
@@ -192,12 +193,13 @@ class _SlideWriter:
 
 
 def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOptions,
-                      info: Optional[dict] = None) -> List[dict]:
+                      info: dict) -> List[dict]:
     """Embeds every patch of `opened` (records, source) into `out_dir`.
 
-    A rerun skips slides already written from the same checkpoint with the same patch
-    count. `info` (run, config, normalization origin) goes into export_info.json and the
-    files' attributes. Returns the manifest rows (slide_id, n_patches, label, file).
+    A rerun skips the slides already written with the same settings (format.export_key)
+    and patch count. `info` (workdir, data_path, normalization, the run's config) goes
+    into export_info.json and, in part, the files' attributes. Returns the manifest rows
+    (slide_id, n_patches, label, file).
     """
     mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(
         jax.local_devices())
@@ -214,9 +216,9 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
              'norm_std': np.asarray(embedder.std, np.float64),
              'with_projection': options.with_projection,
              'export_version': fmt.FORMAT_VERSION,
-             'features': 'pooled backbone output, inference-mode BatchNorm'}
-    if info is not None:
-        attrs.update(config_json=info['config_json'], data_path=info['data_path'])
+             'features': 'pooled backbone output, inference-mode BatchNorm',
+             'config_json': json.dumps(info['config'], sort_keys=True),
+             'data_path': info['data_path']}
     attrs['export_key'] = key = fmt.export_key(attrs)
     if fmt_name == 'npz':
         todo = [] if fmt.is_finished(out_dir, 'npz', '', key, len(records)) else list(groups)
@@ -237,14 +239,11 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
              'label': slide_label([r.label for r in groups[s]]),
              'file': fmt.slide_file(fmt_name, s)} for s in groups if s in counts]
     fmt.write_manifest(out_dir, rows)
-    if info is not None:
-        fmt.write_info(out_dir, dict(
-            {k: v for k, v in info.items() if k != 'config_json'},
-            checkpoint_step=step, format=fmt_name, image_size=options.image_size,
-            with_projection=options.with_projection, n_slides=len(rows),
-            n_patches=int(sum(r['n_patches'] for r in rows)),
-            n_skipped=len(skip_log.paths()),
-            finished=datetime.datetime.now().isoformat(timespec='seconds')))
+    fmt.write_info(out_dir, dict(
+        info, checkpoint_step=step, format=fmt_name, image_size=options.image_size,
+        with_projection=options.with_projection, n_slides=len(rows),
+        n_patches=int(sum(r['n_patches'] for r in rows)), n_skipped=len(skip_log.paths()),
+        finished=datetime.datetime.now().isoformat(timespec='seconds')))
     return rows
 
 

@@ -68,10 +68,9 @@ class ExportJob:
                  self.options.image_size, self.normalization.origin)
         embedder = Embedder(self.run.network, self.run.weights.online_variables,
                             self.normalization.mean, self.normalization.std, self.run.step)
-        config_json = run_dir.config_text(self.run.config)
         info = {'workdir': self.run.workdir, 'data_path': self.data_path,
-                'normalization': self.normalization.to_json(), 'config_json': config_json,
-                'config': json.loads(config_json)}
+                'normalization': self.normalization.to_json(),
+                'config': json.loads(run_dir.config_text(self.run.config))}
         rows = export_embeddings(embedder, self.opened, self.out_dir, self.options, info)
         n_patches = sum(r['n_patches'] for r in rows)
         if not n_patches:
