@@ -1,5 +1,7 @@
 r"""The command line: every action of the project behind one entry point.
 
+  python launch.py --mode tile [--config configs/<recipe>.py] --config.tile.slides=DIR_OR_CSV \
+      --config.tile.out_dir=TILES
   python launch.py [--mode train] --config configs/<recipe>.py --workdir RUN [--config.KEY=V ...]
   python launch.py --mode export --workdir RUN [--config.export.KEY=VALUE ...]
   python launch.py --mode build_dataset --config.data.path=PATCHES --out DATASET_DIR
@@ -32,6 +34,8 @@ log = logging.getLogger('clusiam_jax')
 
 LOG_NAME = 'log.txt'
 MODES = {
+    'tile': 'find the tissue of whole slides and write their patch coordinates (TRIDENT '
+            'layout) into tile.out_dir',
     'train': 'train per --config in --workdir (the default); started again, it resumes',
     'export': 'embeddings and cluster assignments of a run, per slide (CLAM-style HDF5)',
     'build_dataset': 'pack a patch folder or manifest CSV into ArrayRecord shards (--out)',
@@ -241,21 +245,30 @@ def run_train(args, config, overrides):
 def export_with(workdir, exp, normalization, step=None):
     """Export (and draw the cluster maps when asked): the export action, also after
     training with export.after_training."""
-    from clusiam_jax.eval.cluster_map import check_thumbnail, draw_export_maps
+    from clusiam_jax.eval.cluster_map import (
+        check_thumbnail,
+        draw_export_maps,
+        write_export_geojson,
+    )
     from clusiam_jax.export.run import prepare_export
     job = prepare_export(workdir, exp, normalization, step)
     if exp.cluster_maps:
         check_thumbnail(exp.thumbnail, len(job.slide_ids))  # before embedding
     job.run_export()
-    if exp.cluster_maps:
-        try:
+    try:
+        if exp.qupath:
+            files = write_export_geojson(job.out_dir)
+            log.info('QuPath tiles (File > Import objects): %d files in %s', len(files),
+                     os.path.dirname(files[0]) if files else job.out_dir)
+        if exp.cluster_maps:
             maps = draw_export_maps(job.out_dir, thumbnail=exp.thumbnail or None,
-                                    downsample=exp.thumbnail_downsample or None)
-        except errors.ClusiamError as e:
-            raise type(e)(f'{e}; the embeddings are exported in {job.out_dir} (a rerun '
-                          f'skips finished slides)') from None
-        if maps:
-            log.info('cluster maps: %s', ', '.join(maps))
+                                    downsample=exp.thumbnail_downsample or None,
+                                    alpha=exp.map_alpha, annotations=exp.annotations or None)
+            if maps:
+                log.info('cluster maps: %s', ', '.join(maps))
+    except errors.ClusiamError as e:
+        raise type(e)(f'{e}; the embeddings are exported in {job.out_dir} (a rerun '
+                      f'skips finished slides)') from None
     return job.out_dir
 
 
@@ -288,6 +301,24 @@ def run_export(args, config, overrides):
     return 0
 
 
+def run_tile(args, config, overrides):
+    from clusiam_jax.config import validate_tile
+    refuse_unused(overrides, lambda k: k.startswith('tile.'), 'tile',
+                  'tiling takes --config.tile.* only')
+    validate_tile(config.tile)
+    writable_folder(config.tile.out_dir, '--config.tile.out_dir')
+    log_to_workdir(config.tile.out_dir, args.argv)
+    from clusiam_jax.slides import tiling
+    entries = tiling.list_slides(config.tile.slides)
+    params = tiling.TileParams.from_config(config.tile)
+    rows = tiling.tile_slides(entries, params, config.tile.out_dir,
+                              num_workers=int(config.tile.num_workers))
+    n_ok = sum(r['status'] == tiling.TILED for r in rows)
+    print(f'{n_ok} of {len(rows)} slides tiled into {config.tile.out_dir}; train on them '
+          f'with --config.data.path={config.tile.out_dir}')
+    return 0
+
+
 def run_build_dataset(args, config, overrides):
     from clusiam_jax.config import validate
     refuse_unused(overrides, lambda k: k == 'data.path', 'build_dataset',
@@ -313,13 +344,15 @@ def run_eval(args, config, overrides):
     from clusiam_jax.eval import tasks
     if args.task == 'knn':
         result = tasks.run_knn(args.export, args.splits, _ints(args.ks), args.positive,
-                               args.key)
+                               args.key, annotations=args.annotations)
     elif args.task == 'linear':
-        result = tasks.run_linear(args.export, args.splits, args.positive, args.key)
+        result = tasks.run_linear(args.export, args.splits, args.positive, args.key,
+                                  annotations=args.annotations)
     elif args.task == 'dsmil':
         result = tasks.run_dsmil(args.export, args.splits, _ints(args.seeds), args.epochs)
     else:
-        result = tasks.run_maps(args.export, args.thumbnail, args.downsample)
+        result = tasks.run_maps(args.export, args.thumbnail, args.downsample, args.alpha,
+                                args.annotations)
     text = json.dumps(result, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o))
     print(text)
     if args.out:
@@ -356,7 +389,7 @@ def run_convert(args, config, overrides):
 def _mode_parser(mode: str) -> argparse.ArgumentParser:
     prog = f'launch.py --mode {mode}'
     parser = _Parser(prog=prog, description=MODES[mode])
-    if mode in ('train', 'export', 'build_dataset'):
+    if mode in ('train', 'export', 'build_dataset', 'tile'):
         parser.add_argument('--config', required=mode == 'train',
                             help='recipe file, configs/<recipe>.py'
                                  + ('' if mode == 'train' else ' (optional: defaults)'))
@@ -373,6 +406,11 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
                          'with_projection, cluster_maps, thumbnail, thumbnail_downsample.')
     elif mode == 'build_dataset':
         parser.add_argument('--out', required=True, help='output folder of the dataset')
+    elif mode == 'tile':
+        parser.epilog = ('Set the slides and the output with --config.tile.slides=DIR_OR_CSV '
+                         '--config.tile.out_dir=DIR; the other tile.* keys (target_mpp, '
+                         'patch_size, overlap, min_tissue, mpp, masks, num_workers and the '
+                         'detection parameters) are listed in clusiam_jax/config.py.')
     elif mode == 'eval':
         tasks = parser.add_subparsers(dest='task', required=True, metavar='TASK',
                                       parser_class=_Parser)
@@ -386,6 +424,14 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
                 sub.add_argument('--positive', help='the positive class, for its F1')
                 sub.add_argument('--key', default='features',
                                  help='which embedding: features (default) or projections')
+            if task in ('knn', 'linear', 'maps'):
+                sub.add_argument('--annotations',
+                                 help='folder of <slide_id>.geojson/.xml (QuPath GeoJSON, '
+                                      'ASAP XML): ' + ('contours drawn on the maps'
+                                                       if task == 'maps' else
+                                                       'patch labels = the class of the '
+                                                       'polygon holding the patch centre, '
+                                                       'else normal'))
             if task == 'knn':
                 sub.add_argument('--ks', default='1,5,20', help='neighbour counts')
             if task == 'dsmil':
@@ -395,6 +441,8 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
                 sub.add_argument('--thumbnail', help='thumbnail file or folder')
                 sub.add_argument('--downsample', type=float,
                                  help='level-0 px per thumbnail px')
+                sub.add_argument('--alpha', type=float, default=0.5,
+                                 help='opacity of the cluster colours (default 0.5)')
             sub.add_argument('--out', help='also write the JSON line here')
     elif mode == 'convert':
         directions = parser.add_subparsers(dest='direction', required=True,
@@ -423,8 +471,8 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
     return parser
 
 
-ACTIONS = {'train': run_train, 'export': run_export, 'build_dataset': run_build_dataset,
-           'eval': run_eval, 'convert': run_convert}
+ACTIONS = {'tile': run_tile, 'train': run_train, 'export': run_export,
+           'build_dataset': run_build_dataset, 'eval': run_eval, 'convert': run_convert}
 
 
 def _usage() -> str:
@@ -448,7 +496,7 @@ def parse(argv):
     args = _mode_parser(mode).parse_args(rest)
     args.argv = list(argv)  # for the run's log
     config = None
-    if mode in ('train', 'export', 'build_dataset'):
+    if mode in ('train', 'export', 'build_dataset', 'tile'):
         from clusiam_jax.config import default_config
         config = load_config_file(args.config) if args.config else default_config()
         apply_overrides(config, overrides)

@@ -16,6 +16,7 @@ from clusiam_jax.models import BACKBONES, METHOD_SPECS
 from clusiam_jax.models.conv import CONV_IMPLS
 
 EXPORT_FORMATS = ('h5', 'npz')
+SAMPLINGS = ('uniform', 'slide_balanced')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -46,6 +47,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.rot90 = False              # histology option: random 90-degree rotations
     c.data.augment_on_device = False  # CPU workers only decode + crop (uint8); jitter, gray,
                                       # blur and hflip run in the jitted step (device_augment)
+    c.data.slide_dir = ''             # slides of a CLAM/TRIDENT patches/ folder (data.path);
+                                      # a tiling's own slides.csv says where its slides are
+    c.data.sampling = 'uniform'       # uniform over patches (the original) | slide_balanced:
+                                      # every slide drawn equally often per epoch
+    c.data.min_tissue = 0.0           # patch files: a patch with less tissue than this
+                                      # fraction is skipped (listed) like an unreadable one
+    c.data.stats_sample = 4096        # slide sources: normalization over this many patches
+    c.data.open_slides = 64           # slide handles kept open per worker (LRU)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 512          # global batch (pairs per step)
@@ -86,6 +95,31 @@ def default_config() -> ml_collections.ConfigDict:
                                       # <slide_id>[_thumb].{png,jpg}; '' paints over a mosaic
     c.export.thumbnail_downsample = 0.0  # level-0 pixels per thumbnail pixel (needed with one)
     c.export.image_size = 0           # patches are resized to this; 0: the run's data.image_size
+    c.export.slide_dir = ''           # slides of a CLAM/TRIDENT export.data_path; '' data.slide_dir
+    c.export.pt_files = False         # also pt_files/<slide>.pt (CLAM's MIL loader; needs torch)
+    c.export.map_alpha = 0.5          # cluster maps: colour opacity over the thumbnail
+    c.export.annotations = ''         # cluster maps: folder of <slide_id>.geojson/.xml contours
+    c.export.qupath = False           # also qupath/<slide>.geojson: clusters as QuPath tiles
+
+    # Tiling whole slides (python launch.py --mode tile), docs/method.md §9.
+    c.tile = ml_collections.ConfigDict()
+    c.tile.slides = ''                # slide folder (recursive) | CSV path[,slide_id,mpp,label]
+    c.tile.out_dir = ''               # patches/, masks/, slides.csv
+    c.tile.target_mpp = 0.5           # µm per pixel of the patches (0.5 ~ 20x)
+    c.tile.patch_size = 224           # patch side in pixels at target_mpp
+    c.tile.overlap = 0                # pixels (at target_mpp) shared by neighbouring patches
+    c.tile.min_tissue = 0.5           # fraction of a patch that must be tissue
+    c.tile.mpp = 0.0                  # force every slide's level-0 µm/px; 0: the slide's own
+    c.tile.masks = ''                 # folder of <slide_id>.geojson/.xml tissue polygons
+    c.tile.num_workers = 2            # slides tiled in parallel (processes)
+    c.tile.tissue_mpp = 8.0           # µm/px of the image tissue is detected on
+    c.tile.median_blur = 7            # px (of that image)
+    c.tile.saturation_threshold = 0   # 0: Otsu on the saturation
+    c.tile.min_saturation = 15        # floor of the threshold (0-255)
+    c.tile.black_value = 30           # darker pixels (ink, empty tiles) are not tissue
+    c.tile.morph_kernel = 5           # px: closing then opening
+    c.tile.max_hole_um2 = 50000.0     # holes up to this area are filled
+    c.tile.min_area_um2 = 10000.0     # smaller tissue components are dropped
     return c
 
 
@@ -229,6 +263,18 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
                                ('train.checkpoint_every_epochs', t.checkpoint_every_epochs, 0)):
         if value < least:
             raise ConfigError(f'{name} must be at least {least}; got {value}')
+    d = config.data
+    if d.sampling not in SAMPLINGS:
+        raise ConfigError(f"data.sampling must be one of {', '.join(SAMPLINGS)}; "
+                          f'got {d.sampling!r}')
+    if not 0.0 <= d.min_tissue <= 1.0:
+        raise ConfigError(f'data.min_tissue must be in [0, 1]; got {d.min_tissue}')
+    for name, value in (('data.stats_sample', d.stats_sample),
+                        ('data.open_slides', d.open_slides)):
+        if value < 1:
+            raise ConfigError(f'{name} must be at least 1; got {value}')
+    if d.slide_dir and not os.path.isdir(d.slide_dir):
+        raise ConfigError(f'data.slide_dir is not a folder: {d.slide_dir}')
     if t.resume_from and not os.path.exists(t.resume_from):
         raise ConfigError(f'train.resume_from does not exist: {t.resume_from}')
     _validate_export(config.export)
@@ -256,6 +302,15 @@ def _validate_export(exp):
     if exp.thumbnail_downsample < 0:
         raise ConfigError(f'export.thumbnail_downsample must be positive; '
                           f'got {exp.thumbnail_downsample}')
+    if not 0.0 < exp.map_alpha <= 1.0:
+        raise ConfigError(f'export.map_alpha must be in (0, 1]; got {exp.map_alpha}')
+    if exp.slide_dir and not os.path.isdir(exp.slide_dir):
+        raise ConfigError(f'export.slide_dir is not a folder: {exp.slide_dir}')
+    if exp.annotations:
+        if not exp.cluster_maps:
+            raise ConfigError('export.annotations is used only with export.cluster_maps=True')
+        if not os.path.isdir(exp.annotations):
+            raise ConfigError(f'export.annotations is not a folder: {exp.annotations}')
     if exp.thumbnail:
         if not exp.cluster_maps:
             raise ConfigError('export.thumbnail is used only with export.cluster_maps=True')
@@ -264,3 +319,33 @@ def _validate_export(exp):
         if not exp.thumbnail_downsample:
             raise ConfigError('export.thumbnail needs export.thumbnail_downsample (level-0 '
                               'pixels per thumbnail pixel, e.g. 8)')
+
+
+def validate_tile(t):
+    """The `tile` section (--mode tile)."""
+    if not t.slides:
+        raise ConfigError('tile.slides is not set: --config.tile.slides=DIR (a folder of '
+                          'slides) or a CSV with a "path" column')
+    if not os.path.exists(t.slides):
+        raise ConfigError(f'tile.slides does not exist: {t.slides}')
+    if not t.out_dir:
+        raise ConfigError('tile.out_dir is not set: --config.tile.out_dir=DIR')
+    if t.target_mpp <= 0:
+        raise ConfigError(f'tile.target_mpp must be positive; got {t.target_mpp}')
+    if t.patch_size < 8:
+        raise ConfigError(f'tile.patch_size must be at least 8; got {t.patch_size}')
+    if not 0 <= t.overlap < t.patch_size:
+        raise ConfigError(f'tile.overlap must be in [0, tile.patch_size); got {t.overlap}')
+    if not 0.0 <= t.min_tissue <= 1.0:
+        raise ConfigError(f'tile.min_tissue must be in [0, 1]; got {t.min_tissue}')
+    if t.mpp < 0:
+        raise ConfigError(f'tile.mpp must be positive (or 0: from the slide); got {t.mpp}')
+    if t.masks and not os.path.isdir(t.masks):
+        raise ConfigError(f'tile.masks is not a folder: {t.masks}')
+    for key in ('num_workers', 'median_blur', 'saturation_threshold', 'min_saturation',
+                'black_value', 'morph_kernel'):
+        if t[key] < 0:
+            raise ConfigError(f'tile.{key} must not be negative; got {t[key]}')
+    for key in ('tissue_mpp', 'max_hole_um2', 'min_area_um2'):
+        if t[key] < 0 or (key == 'tissue_mpp' and t[key] == 0):
+            raise ConfigError(f'tile.{key} must be positive; got {t[key]}')

@@ -125,12 +125,16 @@ def within(p_hat, p, n, sigmas=5.0):
     return abs(p_hat - p) <= sigmas * math.sqrt(p * (1 - p) / n)
 
 
-def data_config(path, batch=4, epochs=2, seed=0, workers=0, size=24, mean=None, std=None):
-    """The config sections the data pipeline reads."""
+def data_config(path, batch=4, epochs=2, seed=0, workers=0, size=24, mean=None, std=None,
+                **data_keys):
+    """The config sections the data pipeline reads (other `data` keys: their defaults)."""
     c = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict(dict(
         path=str(path), image_size=size, num_workers=workers, prefetch=2,
-        vflip=False, rot90=False, augment_on_device=False))
+        vflip=False, rot90=False, augment_on_device=False, slide_dir='', sampling='uniform',
+        min_tissue=0.0, stats_sample=4096, open_slides=64))
+    for key, value in data_keys.items():
+        c.data[key] = value
     c.data.mean = ml_collections.FieldReference(mean, field_type=tuple)
     c.data.std = ml_collections.FieldReference(std, field_type=tuple)
     c.train = ml_collections.ConfigDict(dict(batch_size=batch, num_epochs=epochs, seed=seed))
@@ -171,3 +175,39 @@ def subprocess_env(**extra):
     env = dict(os.environ, **extra)
     env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p)
     return env
+
+
+# ------------------------------------------------------------------ synthetic slides
+
+def synthetic_tissue(height, width, blobs, seed=0):
+    """A slide-like RGB image: near-white glass with stained discs (cx, cy, r in px)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 240, np.uint8)
+    img += rng.integers(0, 6, img.shape, dtype=np.uint8)
+    texture = tissue_like(height, width, seed=seed + 1).astype(np.float32)
+    stain = np.array([190, 80, 160], np.float32)
+    yy, xx = np.mgrid[:height, :width]
+    for cx, cy, r in blobs:
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        img[inside] = np.clip(0.55 * stain + 0.45 * texture[inside], 0, 255).astype(np.uint8)
+    return img
+
+
+def write_pyramid(path, rgb, mpp, tile=128, min_side=200):
+    """A tiled pyramidal TIFF OpenSlide reads as generic-tiff with openslide.mpp-x: level
+    k is level k-1 area-averaged by 2, until a side would drop below `min_side`."""
+    import cv2
+    import tifffile
+    level, k = rgb, 0
+    with tifffile.TiffWriter(path) as tw:
+        while True:
+            res = 1e4 / (mpp * 2 ** k)   # pixels per centimetre
+            tw.write(level, tile=(tile, tile), compression='zlib', photometric='rgb',
+                     resolution=(res, res), resolutionunit='CENTIMETER',
+                     subfiletype=0 if k == 0 else 1)
+            if min(level.shape[:2]) // 2 < min_side:
+                break
+            level = cv2.resize(level, (level.shape[1] // 2, level.shape[0] // 2),
+                               interpolation=cv2.INTER_AREA)
+            k += 1
+    return path

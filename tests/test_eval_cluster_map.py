@@ -1,10 +1,28 @@
-"""Cluster maps: colored cells sit at the patches' level-0 coordinates."""
+"""Cluster maps: colored cells sit at the patches' level-0 coordinates; maps of slide
+exports are drawn over the slide itself, titled, and never replaced by blank-canvas ones."""
 
+import logging
+import os
+
+import h5py
 import numpy as np
+import openslide
 import pytest
+import tifffile
 from PIL import Image
 
-from clusiam_jax.eval.cluster_map import _srgb_to_lab, cluster_palette, draw_cluster_map
+from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.eval.cluster_map import (
+    _srgb_to_lab,
+    cluster_palette,
+    draw_cluster_map,
+    draw_export_maps,
+    header_height,
+    legend_font_size,
+    map_background,
+    title_font_size,
+)
+from clusiam_jax.export import format as fmt
 
 
 def _blend(under, color, alpha):
@@ -81,3 +99,191 @@ def test_rejects_bad_inputs():
         draw_cluster_map([[0, 0]], [-1], 10)
     with pytest.raises(ValueError):
         draw_cluster_map([[0, 0]], [0], 10, thumbnail=np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DataError, match='non-negative'):
+        draw_cluster_map([[0, 0]], [-1], 10)
+    with pytest.raises(ConfigError, match='alpha'):
+        draw_cluster_map([[0, 0]], [0], 10, alpha=1.5)
+
+
+# ------------------------------------------------------------------ title and legend
+
+def _dark_runs(region):
+    """Lengths of the vertical runs of rows that hold a dark (text) pixel, top first."""
+    dark = (np.asarray(region) < 100).all(axis=-1).any(axis=1)
+    runs, length = [], 0
+    for row in dark:
+        if row:
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    return runs + ([length] if length else [])
+
+
+def test_title_band_sits_above_an_unchanged_map():
+    coords = np.array([[0, 0], [320, 160], [640, 480]])
+    kwargs = dict(downsample=8, slide_dimensions=(1600, 1200), alpha=0.7)
+    plain = draw_cluster_map(coords, [0, 1, 2], 160, **kwargs)
+    title = 'slide_a · step 12 · K=3 · run demo'
+    titled = draw_cluster_map(coords, [0, 1, 2], 160, title=title, **kwargs)
+    top = header_height(150, 200, title)
+    assert top > 0 and header_height(150, 200, None) == 0
+    # The band is the only difference: the map (and legend) below it are pixel-identical.
+    assert titled.shape[0] == plain.shape[0] + top
+    np.testing.assert_array_equal(titled[top:, :plain.shape[1]], plain)
+    assert (titled[:top] < 100).all(axis=-1).any()          # dark title text in the band
+
+
+def test_legend_header_and_title_grow_with_the_map():
+    """Text that reads on a 64-px map is a few pixels on a 2048-px one shown on a screen:
+    the legend (with its "cluster: patches" header) and the title scale up."""
+    heights, title_heights = {}, {}
+    for side in (64, 2048):
+        coords = np.array([[0, 0], [side // 2, side // 2]])
+        image = draw_cluster_map(coords, [3, 7], side // 4, downsample=1,
+                                 slide_dimensions=(side, side), title='slide · K=8')
+        top = header_height(side, side, 'slide · K=8')
+        legend = image[top:, side:]
+        # The header is the legend's first line of text (above the first swatch).
+        heights[side] = _dark_runs(legend)[0]
+        title_heights[side] = _dark_runs(image[:top - 1])[0]   # above the band's rule
+    assert legend_font_size(2048) >= 3 * legend_font_size(64)
+    assert title_font_size(2048, 2048) >= 3 * title_font_size(64, 64)
+    assert heights[2048] >= 2.5 * heights[64] and heights[64] >= 7
+    assert title_heights[2048] >= 2.5 * title_heights[64]
+
+
+# ------------------------------------------------------------------ slide exports
+
+SLIDE_SIZE = (1024, 768)   # level-0 width, height
+MAX_SIDE = 256             # thumbnail 256 x 192: downsample 4
+PATCH = 128                # level-0 px: 32-px cells
+K = 12
+
+
+def _write_slide(path):
+    """A generic tiled TIFF (what OpenSlide reads as generic-tiff) of 16-px blocks of
+    random colors: blocks align with the thumbnail's 4-px cells, so any area-averaging
+    thumbnail has their exact colors."""
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(30, 226, (SLIDE_SIZE[1] // 16, SLIDE_SIZE[0] // 16, 3), np.uint8)
+    image = np.repeat(np.repeat(blocks, 16, axis=0), 16, axis=1)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, tile=(256, 256), compression='zlib', photometric='rgb',
+                  resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit='CENTIMETER')
+
+
+def _write_export(out_dir, slide_path, coords, ids, info=True):
+    """A one-slide h5 export as read_slide reads exports made from whole slides."""
+    os.makedirs(out_dir / fmt.H5_DIR)
+    n = len(coords)
+    with h5py.File(out_dir / fmt.H5_DIR / 's1.h5', 'w') as f:
+        f['features'] = np.zeros((n, 4), np.float32)
+        f['coords'] = np.asarray(coords, np.int64)
+        f['cluster_ids'] = np.asarray(ids, np.int32)
+        f['cluster_logits'] = np.eye(K, dtype=np.float32)[ids]
+        f['coords'].attrs.update(patch_level=0, patch_size=64, patch_size_level0=PATCH,
+                                 level0_width=SLIDE_SIZE[0], level0_height=SLIDE_SIZE[1])
+        if slide_path is not None:
+            f.attrs['slide_path'] = str(slide_path)
+    fmt.write_manifest(str(out_dir), [dict(slide_id='s1', n_patches=n, label='',
+                                           file=f'{fmt.H5_DIR}/s1.h5')])
+    if info:
+        fmt.write_info(str(out_dir), {'checkpoint_step': 7, 'workdir': '/runs/demo_run/'})
+
+
+@pytest.fixture
+def slide_export(tmp_path):
+    slide = tmp_path / 'slides' / 's1.tif'
+    os.makedirs(slide.parent)
+    _write_slide(slide)
+    coords = [(0, 0), (128, 0), (384, 128), (896, 640), (512, 256), (640, 256)]
+    ids = [0, 5, 11, 3, 5, 9]
+    out = tmp_path / 'export'
+    _write_export(out, slide, coords, ids)
+    return out, slide, np.array(coords), np.array(ids)
+
+
+def test_slide_export_map_is_drawn_over_the_slides_own_thumbnail(slide_export):
+    out, slide, coords, ids = slide_export
+    written = draw_export_maps(str(out), alpha=0.4, max_side=MAX_SIDE)
+    assert written == [str(out / 'cluster_maps' / 's1.png')]
+    png = Image.open(written[0])
+    title = 's1 · step 7 · K=12 · run demo_run'
+    assert png.text['clusiam_background'] == 'slide' and png.text['Title'] == title
+    image = np.asarray(png.convert('RGB'))
+    top = header_height(192, 256, title)
+    assert int(png.text['clusiam_map_top']) == top > 0
+    assert (image[:top] < 100).all(axis=-1).any()              # the title is drawn
+
+    # Reference: the slide's level-0 pixels read here with OpenSlide, averaged over
+    # the 4 x 4 level-0 pixels of each map pixel.
+    with openslide.OpenSlide(str(slide)) as reference:
+        level0 = np.asarray(reference.read_region((0, 0), 0, SLIDE_SIZE))[..., :3]
+    thumb = level0.reshape(192, 4, 256, 4, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+    expect = thumb.copy()
+    palette = cluster_palette(128)
+    for (x, y), cid in zip(coords, ids):
+        cell = np.s_[y // 4:(y + PATCH) // 4, x // 4:(x + PATCH) // 4]
+        expect[cell] = _blend(thumb[cell], palette[cid], 0.4)
+    # Painted cells are the blend of the slide and the cluster's color; the rest is the
+    # slide's thumbnail, untouched.
+    np.testing.assert_array_equal(image[top:top + 192, :256], expect)
+
+
+def test_a_missing_slide_is_an_error_naming_it_never_a_blank_map(slide_export):
+    out, slide, _, _ = slide_export
+    os.remove(slide)
+    with pytest.raises(DataError) as error:
+        draw_export_maps(str(out), max_side=MAX_SIDE)
+    message = str(error.value)
+    assert 'slide s1' in message and str(slide) in message and 'thumbnail' in message
+    assert len(message.splitlines()) == 1
+    assert not os.path.exists(out / 'cluster_maps' / 's1.png')
+    # Given a thumbnail instead, the map is drawn over it.
+    os.makedirs(out.parent / 'thumbs')
+    Image.new('RGB', (128, 96), (10, 20, 30)).save(out.parent / 'thumbs' / 's1.png')
+    written = draw_export_maps(str(out), thumbnail=str(out.parent / 'thumbs'), downsample=8)
+    assert map_background(written[0]) == 'thumbnail'
+
+
+def test_a_mosaic_map_never_replaces_one_drawn_over_the_slide(slide_export, caplog):
+    out, _, _, _ = slide_export
+    path = out / 'cluster_maps' / 's1.png'
+    draw_export_maps(str(out), max_side=MAX_SIDE)
+    original = path.read_bytes()
+    # The same export without its slide (as an export of patches): the mosaic map goes
+    # next to the slide's map, which stays byte for byte.
+    with h5py.File(out / fmt.H5_DIR / 's1.h5', 'a') as f:
+        del f.attrs['slide_path']
+    with caplog.at_level(logging.WARNING, logger='clusiam_jax'):
+        written = draw_export_maps(str(out), max_side=MAX_SIDE)
+    mosaic = out / 'cluster_maps' / 's1.mosaic.png'
+    assert written == [str(mosaic)] and map_background(str(mosaic)) == 'mosaic'
+    assert path.read_bytes() == original
+    assert str(mosaic) in caplog.text and 'over its slide' in caplog.text
+    # A thumbnail map replaces it; a mosaic map again does not.
+    os.makedirs(out.parent / 'thumbs')
+    Image.new('RGB', (128, 96), (10, 20, 30)).save(out.parent / 'thumbs' / 's1.png')
+    assert draw_export_maps(str(out), thumbnail=str(out.parent / 'thumbs'),
+                            downsample=8) == [str(path)]
+    assert map_background(str(path)) == 'thumbnail'
+    thumbnail_map = path.read_bytes()
+    assert draw_export_maps(str(out)) == [str(mosaic)]
+    assert path.read_bytes() == thumbnail_map
+
+
+def test_mosaic_maps_replace_mosaic_maps_and_keep_unrecorded_ones(tmp_path):
+    out = tmp_path / 'export'
+    _write_export(out, None, [(0, 0), (128, 128)], [1, 2], info=False)
+    path = out / 'cluster_maps' / 's1.png'
+    assert draw_export_maps(str(out)) == [str(path)]
+    png = Image.open(path)
+    # No export_info.json: the title leaves out the step and the run.
+    assert png.text['Title'] == 's1 · K=12' and png.text['clusiam_background'] == 'mosaic'
+    assert draw_export_maps(str(out), alpha=0.9) == [str(path)]   # replaced in place
+    # A map from an older version records nothing: it may be over a thumbnail, so it stays.
+    Image.new('RGB', (8, 8)).save(path)
+    assert draw_export_maps(str(out)) == [str(out / 'cluster_maps' / 's1.mosaic.png')]
+    with pytest.raises(ConfigError, match='alpha'):
+        draw_export_maps(str(out), alpha=-0.1)

@@ -223,12 +223,14 @@ def test_cluster_map_cells_sit_at_patch_coordinates(run, tmp_path):
     for slide, arrays in data.items():
         png = out / 'cluster_maps' / f'{slide}.png'
         assert png.exists()
-        image = np.asarray(Image.open(png).convert('RGB'))
+        with Image.open(png) as saved:
+            top = int(saved.text['clusiam_map_top'])   # the map starts below its title
+            image = np.asarray(saved.convert('RGB'))
         size = arrays['patch_size']
         for (x, y), cid in zip(arrays['coords'], arrays['cluster_ids']):
             # Mosaic over white, alpha 0.5: the cell's center shows its cluster's color.
             want = np.round(0.5 * 255 + 0.5 * palette[cid]).astype(np.uint8)
-            np.testing.assert_array_equal(image[y + size // 2, x + size // 2], want)
+            np.testing.assert_array_equal(image[top + y + size // 2, x + size // 2], want)
 
 
 def test_one_thumbnail_for_several_slides_fails_before_embedding(run, tmp_path):

@@ -38,6 +38,7 @@ from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.errors import DataError
+from clusiam_jax.slides import tissue
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class EpochPlan:
     process_count: int
     num_epochs: int
     seed: int
+    sampling: str = 'uniform'             # uniform | slide_balanced (config data.sampling)
+    slide_index: Optional[np.ndarray] = dataclasses.field(default=None, compare=False,
+                                                          repr=False)  # [N] slide of each
 
     def __post_init__(self):
         # train.batch_size divides into the processes: config.validate checked it against
@@ -84,19 +88,46 @@ class EpochPlan:
         return epoch, step * self.global_batch + self.process_index * self.local_batch + slot
 
     def permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's order: N record indices drawn from (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch, _SHUFFLE])
+        if self.sampling == 'slide_balanced':
+            return balanced_order(self.slide_index, rng)
         return rng.permutation(self.num_records)
+
+
+def balanced_order(slide_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """N record indices where every slide is drawn equally often (N // S each, the
+    remainder to slides drawn at random): within a slide its patches are taken in a
+    random order without repeats until all were seen, then again. The whole list is
+    shuffled at the end, so batches mix slides."""
+    n = len(slide_index)
+    members = np.argsort(slide_index, kind='stable')
+    counts = np.bincount(slide_index)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    present = np.flatnonzero(counts)
+    base, extra = divmod(n, len(present))
+    quota = np.full(len(present), base)
+    quota[rng.permutation(len(present))[:extra]] += 1
+    picks = []
+    for slide, q in zip(present, quota):
+        own = members[starts[slide]:starts[slide] + counts[slide]]
+        rounds = -(-q // len(own))
+        picks.append(np.concatenate([own[rng.permutation(len(own))]
+                                     for _ in range(rounds)])[:q])
+    order = np.concatenate(picks)
+    return order[rng.permutation(n)]
 
 
 class PairMaker:
     """Local element index -> dict(view1, view2) (runs in grain workers)."""
 
     def __init__(self, source, plan: EpochPlan, aug: augment.AugmentConfig,
-                 skip_log: skips.SkipLog):
+                 skip_log: skips.SkipLog, min_tissue: float = 0.0):
         self.source = source
         self.plan = plan
         self.aug = aug
         self.skip_log = skip_log
+        self.min_tissue = float(min_tissue)
         self._perm_epoch, self._perm = None, None
         self._bad = set()
 
@@ -114,11 +145,21 @@ class PairMaker:
         if index in self._bad:
             return None
         try:
-            return self.source.load(index)
+            img = self.source.load(index)
         except image_io.BadImageError as e:
             self._bad.add(index)
-            self.skip_log.record(self.source.path(index), str(e).split(': ', 1)[-1])
+            self.skip_log.record(getattr(e, 'subject', None) or self.source.path(index),
+                                 str(e).split(': ', 1)[-1])
             return None
+        if self.min_tissue > 0:
+            fraction = tissue.patch_tissue_fraction(img)
+            if fraction < self.min_tissue:
+                self._bad.add(index)
+                self.skip_log.record(self.source.path(index),
+                                     f'background: tissue {fraction:.0%} < data.min_tissue '
+                                     f'{self.min_tissue:g}')
+                return None
+        return img
 
     def record_index(self, k: int) -> Tuple[int, int, int]:
         epoch, pos = self.plan.locate(k)
@@ -158,7 +199,7 @@ class TrainLoader:
 
     def __init__(self, source, plan: EpochPlan, aug: augment.AugmentConfig,
                  mean, std, num_workers: int = 0, skip_list: Optional[str] = None,
-                 normalization_origin: str = 'given'):
+                 normalization_origin: str = 'given', min_tissue: float = 0.0):
         self.source = source
         self.plan = plan
         self.aug = aug
@@ -167,13 +208,14 @@ class TrainLoader:
         self.normalization_origin = normalization_origin
         self.num_workers = int(num_workers)
         self.skip_log = skips.SkipLog(skip_list)
+        self.min_tissue = float(min_tissue)
 
     num_records = property(lambda self: self.plan.num_records)
     steps_per_epoch = property(lambda self: self.plan.steps_per_epoch)
     num_epochs = property(lambda self: self.plan.num_epochs)
 
     def pair_maker(self) -> PairMaker:
-        return PairMaker(self.source, self.plan, self.aug, self.skip_log)
+        return PairMaker(self.source, self.plan, self.aug, self.skip_log, self.min_tissue)
 
     def dataset(self):
         """The grain IterDataset of batches over all epochs."""
@@ -216,11 +258,18 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     over the training list (cached). Raises DataError (one line) for an empty or missing
     source, a manifest without a ``path`` column, or a batch larger than the list.
     """
-    data_path = config.data.path
-    recs, source = sources_lib.open_source(data_path)
-    plan = EpochPlan(num_records=len(recs), global_batch=int(config.train.batch_size),
+    data = config.data
+    data_path = data.path
+    recs, source = sources_lib.open_source(data_path, data.slide_dir, int(data.open_slides))
+    slide_index = None
+    if data.sampling == 'slide_balanced':
+        slide_index = getattr(source, 'slide_index', None)
+        if slide_index is None:
+            slide_index = _slide_index_of(recs)
+    plan = EpochPlan(num_records=len(source), global_batch=int(config.train.batch_size),
                      process_index=int(process_index), process_count=int(process_count),
-                     num_epochs=int(config.train.num_epochs), seed=int(config.train.seed))
+                     num_epochs=int(config.train.num_epochs), seed=int(config.train.seed),
+                     sampling=data.sampling, slide_index=slide_index)
     skip_list = os.path.join(workdir, skips.SKIPPED_FILES) if workdir else None
     mean, std = config.data.mean, config.data.std
     origin = 'config data.mean/std'
@@ -229,9 +278,19 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
         logger.info('normalization recorded by the run: mean %s std %s (%s)', mean, std,
                     origin)
     elif mean is None:
+        sample = None
+        if hasattr(source, 'slide_index'):  # slides: a deterministic sample of patches
+            sample = stats_lib.sample_indices(len(source), int(data.stats_sample))
         mean, std, origin = stats_lib.cached_stats(
-            data_path, source, workdir=workdir, num_workers=int(config.data.num_workers),
-            skip_log=skips.SkipLog(skip_list))
+            data_path, source, workdir=workdir, num_workers=int(data.num_workers),
+            skip_log=skips.SkipLog(skip_list), indices=sample)
     return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
-                       num_workers=int(config.data.num_workers), skip_list=skip_list,
-                       normalization_origin=origin)
+                       num_workers=int(data.num_workers), skip_list=skip_list,
+                       normalization_origin=origin, min_tissue=float(data.min_tissue))
+
+
+def _slide_index_of(recs) -> np.ndarray:
+    """int32 [N]: each record's slide (its slide_id, else its folder), for balancing."""
+    keys = [r.slide_id or os.path.dirname(r.path) for r in recs]
+    _, index = np.unique(np.array(keys, dtype=object).astype(str), return_inverse=True)
+    return index.astype(np.int32)

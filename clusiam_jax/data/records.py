@@ -12,11 +12,15 @@ from the seed, does not depend on the file system's listing order.
 """
 import csv
 import dataclasses
+import logging
 import os
 import re
 from typing import List, Optional
 
 from clusiam_jax.errors import DataError
+from clusiam_jax.slides.reader import SLIDE_ONLY_EXTENSIONS
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
 
@@ -64,17 +68,29 @@ def _is_image_file(name: str) -> bool:
 
 
 def discover_folder(root: str) -> List[PatchRecord]:
-    """All image files under ``root`` (any depth, symlinks followed), sorted."""
+    """All image files under ``root`` (any depth, symlinks followed), sorted. Whole-slide
+    files (.svs, .ndpi, ...) are never patches: they are flagged, not trained on."""
     root = os.path.abspath(root)
-    records = []
+    records, slides = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith('.')]
         for name in filenames:
             if _is_image_file(name):
                 records.append(parse_patch_path(os.path.join(dirpath, name), root))
+            elif name.lower().endswith(SLIDE_ONLY_EXTENSIONS):
+                slides.append(os.path.join(dirpath, name))
+    hint = (f'tile slides first: python launch.py --mode tile --config.tile.slides={root} '
+            f'--config.tile.out_dir=TILES, then train with --config.data.path=TILES')
     if not records:
+        if slides:
+            raise DataError(f'{root} holds {len(slides)} whole-slide files (e.g. '
+                            f'{os.path.basename(slides[0])}), not patches: {hint}')
         raise DataError(
             f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
+    if slides:
+        logger.warning('%d whole-slide files under %s are not patches and are left out '
+                       '(e.g. %s); to train on them, %s', len(slides), root,
+                       os.path.basename(slides[0]), hint)
     records.sort(key=lambda r: r.path)
     return records
 

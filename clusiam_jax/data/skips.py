@@ -36,7 +36,7 @@ class SkipLog:
             return
         self._seen.add(path)
         if self.list_path is None or _append_once(self.list_path, path):
-            logger.warning('skipping unreadable image %s (%s)', path, reason)
+            logger.warning('skipping %s (%s)', path, reason)
 
     def paths(self) -> List[str]:
         return read_list(self.list_path) if self.list_path else sorted(self._seen)

@@ -11,6 +11,11 @@ import numpy as np
 
 from clusiam_jax.data import image_io
 from clusiam_jax.data import records as records_lib
+from clusiam_jax.errors import DataError
+
+# An image file with a longer side is not a patch (a slide region, a whole slide saved as
+# a plain TIFF): training on it as one patch would crop a speck of it at random.
+MAX_PATCH_SIDE = 4096
 
 
 class FileSource:
@@ -26,8 +31,13 @@ class FileSource:
         return os.fsdecode(self._paths[index])
 
     def load(self, index: int) -> np.ndarray:
-        """HxWx3 uint8 RGB; BadImageError if unreadable."""
-        return image_io.load_rgb(self.path(index))
+        """HxWx3 uint8 RGB; BadImageError if unreadable or far larger than a patch."""
+        img = image_io.load_rgb(self.path(index))
+        if max(img.shape[:2]) > MAX_PATCH_SIDE:
+            raise image_io.BadImageError(
+                f'{self.path(index)}: {img.shape[1]}x{img.shape[0]} px is far larger than '
+                f'a patch (a slide or a slide region? tile it: --mode tile)')
+        return img
 
 
 class TfdsSource:
@@ -63,8 +73,17 @@ class TfdsSource:
             raise image_io.BadImageError(f'{self.path(index)}: {e}') from None
 
 
-def open_source(path: str):
-    """(records, source) for a patch folder, manifest CSV or built dataset."""
+def open_source(path: str, slide_dir: str = '', open_slides: int = 64):
+    """(records, source) for a tiling output or CLAM/TRIDENT patch folder (slides read
+    directly, `slide_dir`: where the latter's slides are), a patch folder, a manifest CSV
+    or a built dataset."""
+    from clusiam_jax.data import slide_source  # openslide only where slides are read
+    if slide_source.is_slide_source(path):
+        return slide_source.open_slide_source(path, slide_dir, open_slides)
+    if slide_dir:
+        raise DataError(f'data.slide_dir is set but {path} is not a CLAM/TRIDENT patch '
+                        f'folder (no patches/*.h5): drop data.slide_dir or point data.path '
+                        f'at the folder holding patches/')
     recs = records_lib.discover(path)
     dataset_dir = records_lib.find_tfds_dataset(path) if os.path.isdir(path) else None
     if dataset_dir is not None:

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_NAME = 'clusiam_stats.json'
 _CHUNK = 256
+_SAMPLE_SEED = 0x57A7
 
 
 def list_key(paths: Sequence[str]) -> str:
@@ -59,11 +60,20 @@ def _chunk_moments(source, indices):
     return s1, s2, n, bad
 
 
-def compute_stats(source, num_workers: int = 0, skip_log=None):
-    """(mean, std) tuples over every readable image of ``source``."""
-    chunks = [range(i, min(i + _CHUNK, len(source))) for i in range(0, len(source), _CHUNK)]
+def sample_indices(n: int, size: int) -> np.ndarray:
+    """A fixed, sorted sample of `size` of n indices (all when n <= size): slide sources
+    have millions of patches, and a few thousand pin the statistics to ~1e-3."""
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(_SAMPLE_SEED).choice(n, size, replace=False))
+
+
+def compute_stats(source, num_workers: int = 0, skip_log=None, indices=None):
+    """(mean, std) tuples over every readable image of ``source`` (or of ``indices``)."""
+    indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+    chunks = [indices[i:i + _CHUNK] for i in range(0, len(indices), _CHUNK)]
     total1, total2, count = np.zeros(3), np.zeros(3), 0
-    progress = tqdm.tqdm(total=len(source), desc='normalization stats', unit='img',
+    progress = tqdm.tqdm(total=len(indices), desc='normalization stats', unit='img',
                          mininterval=1.0)
 
     def consume(result, size):
@@ -142,19 +152,24 @@ def _write_cache(path: str, key: str, mean, std) -> bool:
 
 
 def cached_stats(data_path: str, source, workdir: Optional[str] = None,
-                 num_workers: int = 0, skip_log=None):
-    """(mean, std, origin) from the cache, or computed over ``source`` and cached;
-    origin says which, for the run's record (normalization.json)."""
-    key = list_key([source.path(i) for i in range(len(source))])
+                 num_workers: int = 0, skip_log=None, indices=None):
+    """(mean, std, origin) from the cache, or computed over ``source`` (or the sample
+    ``indices`` of it) and cached; origin says which, for the run's record
+    (normalization.json)."""
+    over = range(len(source)) if indices is None else indices
+    key = list_key([source.path(int(i)) for i in over])
+    origin = f'computed over the training list of {data_path}'
+    if indices is not None and len(indices) < len(source):
+        origin = (f'computed over a fixed sample of {len(indices)} of the {len(source)} '
+                  f'patches of {data_path}')
     candidates = cache_paths(data_path, workdir, getattr(source, 'dataset_dir', None))
     for path in candidates:
         hit = _read_cache(path, key)
         if hit is not None:
             logger.info('normalization stats from %s: mean %s std %s', path, *hit)
-            return hit + (f'computed over the training list of {data_path} (cached in '
-                          f'{path})',)
-    mean, std = compute_stats(source, num_workers=num_workers, skip_log=skip_log)
-    origin = f'computed over the training list of {data_path}'
+            return hit + (f'{origin} (cached in {path})',)
+    mean, std = compute_stats(source, num_workers=num_workers, skip_log=skip_log,
+                              indices=indices)
     for path in candidates:
         if _write_cache(path, key, mean, std):
             logger.info('normalization stats cached in %s', path)

@@ -6,17 +6,28 @@ the canvas is sized from the slide's level-0 dimensions when known, so the map
 lines up with the slide; only when they are unknown does it fall back to the
 extent of the patches (largest coordinate + patch size).
 
+A map may carry a title band above it (its font grows with the map, as does the
+legend's, so both read on a 2048-px map shown on a screen) and a legend on its
+right; the map keeps its own pixel coordinates, shifted down by
+``header_height(...)`` rows when titled.
+
 ``draw_export_maps`` draws one map per slide of an export (read through
-export/format.py), over thumbnails found by slide id.
+export/format.py): over a thumbnail found by slide id, else over the slide the
+export was made from (read through slides/reader.py), else, for patch exports,
+over a white mosaic canvas. Each PNG records what it was drawn over (text key
+``clusiam_background``) so that a mosaic map never replaces one drawn over a
+slide or thumbnail.
 """
 
 import functools
+import json
 import logging
 import math
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
@@ -24,6 +35,12 @@ from clusiam_jax.export import format as fmt
 log = logging.getLogger("clusiam_jax")
 
 THUMBNAIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+# PNG text key recording what a map was drawn over, and its values.
+BACKGROUND_KEY = "clusiam_background"
+BACKGROUNDS = ("slide", "thumbnail", "mosaic")
+# A mosaic map that would replace one drawn over a slide or thumbnail goes here instead.
+MOSAIC_SUFFIX = ".mosaic.png"
+LEGEND_HEADER = "cluster: patches"
 
 
 # ---------------------------------------------------------------------- palette
@@ -84,26 +101,100 @@ def _cell_bounds(coords, patch_size, downsample):
     return start, np.maximum(end, start + 1)   # at least one pixel per patch
 
 
-def _legend(ids, counts, colors, height, row_height=16, pad=6):
-    """A white panel listing "id: count" next to each cluster's color swatch."""
-    font = ImageFont.load_default()
-    rows_per_column = max(1, (height - 2 * pad) // row_height)
-    columns = math.ceil(len(ids) / rows_per_column)
-    column_width = 14 + 8 * (len(str(int(max(ids)))) + len(str(int(max(counts)))) + 2) + 12
-    panel = Image.new("RGB", (columns * column_width + pad, height), (255, 255, 255))
+def legend_font_size(map_height):
+    """The legend's font size (px) for a map ``map_height`` px high: 11 up to ~690 px,
+    then growing with the map (34 at 2048 px, so it reads when the map is shown
+    scaled down to a screen), at most 40."""
+    return int(np.clip(round(map_height / 60), 11, 40))
+
+
+def title_font_size(map_height, map_width):
+    """The title's font size (px): 12 on small maps, then ``longest side / 48``
+    (43 on a 2048-px map), at most 48."""
+    return int(np.clip(round(max(map_height, map_width) / 48), 12, 48))
+
+
+def header_height(map_height, map_width, title):
+    """Rows of the title band above a ``map_height`` x ``map_width`` map: the map (and
+    its legend) start at this row of the image; 0 without a title."""
+    if not title:
+        return 0
+    return int(round(1.8 * title_font_size(map_height, map_width)))
+
+
+def _title_band(title, width, map_height, map_width):
+    """A white band with the title in black, at least ``width`` wide (wider when the
+    title does not fit at the smallest font), with a grey rule at its bottom."""
+    height = header_height(map_height, map_width, title)
+    size = title_font_size(map_height, map_width)
+    margin = max(6, size // 2)
+    font = ImageFont.load_default(size=size)
+    length = font.getlength(title)
+    if length + 2 * margin > width and size > 12:   # shrink to fit, down to 12 px
+        size = max(12, int(size * (width - 2 * margin) / length))
+        font = ImageFont.load_default(size=size)
+        length = font.getlength(title)
+    band = Image.new("RGB", (max(width, int(math.ceil(length)) + 2 * margin), height),
+                     (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    draw.text((margin, height // 2), title, fill=(0, 0, 0), font=font, anchor="lm")
+    draw.line([(0, height - 1), (band.width - 1, height - 1)], fill=(190, 190, 190))
+    return np.asarray(band)
+
+
+def _legend(ids, counts, colors, map_height):
+    """A white panel: a "cluster: patches" header over each column, then one row per
+    cluster with its color swatch, id and patch count; font and rows scale with the
+    map's height. At least as high as the map, and high enough for 16 rows (or all)."""
+    size = legend_font_size(map_height)
+    font = ImageFont.load_default(size=size)
+    row = int(round(1.5 * size))
+    pad, gap = max(6, size // 2), max(4, size // 3)
+    labels = [f"{int(cid)}: {int(count)}" for cid, count in zip(ids, counts)]
+    entry = size + gap + max(font.getlength(text) for text in labels)
+    column_width = int(math.ceil(max(entry, font.getlength(LEGEND_HEADER)))) + 2 * gap
+    height = max(map_height, 2 * pad + row * (1 + min(len(ids), 16)))
+    per_column = max(1, (height - 2 * pad) // row - 1)   # the header takes one row
+    columns = math.ceil(len(ids) / per_column)
+    panel = Image.new("RGB", (pad + columns * column_width, height), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
-    for i, (cid, count, color) in enumerate(zip(ids, counts, colors)):
-        x = pad + (i // rows_per_column) * column_width
-        y = pad + (i % rows_per_column) * row_height
-        draw.rectangle([x, y + 2, x + 11, y + 13], fill=tuple(int(v) for v in color),
-                       outline=(0, 0, 0))
-        draw.text((x + 16, y + 1), f"{int(cid)}: {int(count)}", fill=(0, 0, 0), font=font)
+    for column in range(columns):
+        draw.text((pad + column * column_width, pad + row // 2), LEGEND_HEADER,
+                  fill=(0, 0, 0), font=font, anchor="lm")
+    for i, (text, color) in enumerate(zip(labels, colors)):
+        x = pad + (i // per_column) * column_width
+        y = pad + (1 + i % per_column) * row
+        top = y + (row - size) // 2
+        draw.rectangle([x, top, x + size - 1, top + size - 1],
+                       fill=tuple(int(v) for v in color), outline=(0, 0, 0))
+        draw.text((x + size + gap, y + row // 2), text, fill=(0, 0, 0), font=font,
+                  anchor="lm")
     return np.asarray(panel)
+
+
+def save_map(image, path, text=None):
+    """Saves ``image`` as PNG with ``text`` ({key: str}) as PNG text chunks."""
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, str(value))
+    Image.fromarray(image).save(path, format="PNG", pnginfo=info)
+
+
+def map_background(path):
+    """What the map at ``path`` was drawn over ('slide', 'thumbnail' or 'mosaic', from
+    its PNG text); None when unreadable or not recorded (drawn by an older version)."""
+    try:
+        with Image.open(path) as image:
+            value = getattr(image, "text", {}).get(BACKGROUND_KEY)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return value if value in BACKGROUNDS else None
 
 
 def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample=None,
                      slide_dimensions=None, alpha=0.5, background=(255, 255, 255),
-                     num_clusters=None, legend=True, max_side=2048, out_path=None):
+                     num_clusters=None, legend=True, max_side=2048, out_path=None,
+                     title=None, png_text=None, annotations=None):
     """Paints every patch's cell in its cluster's color; returns the RGB image.
 
     Args:
@@ -118,24 +209,38 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
         (never below 1).
       slide_dimensions: level-0 (width, height) of the slide; sizes the mosaic
         canvas when no thumbnail is given.
-      alpha: color weight in the blend ``(1 - alpha) * under + alpha * color``.
+      alpha: opacity of the colors, in [0, 1]: the blend is
+        ``(1 - alpha) * under + alpha * color``.
       background: mosaic canvas color (no thumbnail).
       num_clusters: palette size K (default: max id + 1, at least 1); cluster c
         gets palette color c % K of ``cluster_palette(max(K, 128))``.
-      legend: append a panel on the right with each cluster's color, id and
-        patch count; the map itself keeps its pixel coordinates at the left.
-      out_path: if given, the image is saved there as PNG.
+      legend: append a panel on the right with a "cluster: patches" header and each
+        cluster's color, id and patch count; its font grows with the map's height.
+      out_path: if given, the image is saved there as PNG, recording in its text
+        what it was drawn over (``clusiam_background``: 'thumbnail' or 'mosaic'),
+        the row the map starts at (``clusiam_map_top``) and the downsample.
+      title: if given, a band with this text above the map and legend, its font
+        growing with the map's size; the map then starts at row
+        ``header_height(map_height, map_width, title)``.
+      png_text: more PNG text for ``out_path`` ({key: str}), overriding the above.
+      annotations: slides.annotations.Annotation list (level-0 polygons) whose contours
+        are drawn over the colors in their class colors.
 
     Returns:
-      uint8 array [H, W (+ legend width), 3]. Patches that overlap are painted
-      in order, the later one on top.
+      uint8 array [header + H, W (+ legend width), 3]: the map at the left, below
+      the title band (if any), in its own pixel coordinates. Patches that overlap
+      are painted in order, the later one on top.
     """
     coords = np.asarray(coords)
     cluster_ids = np.asarray(cluster_ids).astype(np.int64)
     if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != cluster_ids.shape[0]:
-        raise ValueError(f"coords {coords.shape} must be [N, 2] with N = {cluster_ids.shape[0]}")
+        raise DataError(f"coords {coords.shape} must be [N, 2] with N = {cluster_ids.shape[0]} "
+                        f"(one row per cluster id)")
     if cluster_ids.size and cluster_ids.min() < 0:
-        raise ValueError("cluster ids must be non-negative")
+        raise DataError(f"cluster ids must be non-negative; got {int(cluster_ids.min())}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ConfigError(f"the cluster map's alpha (opacity of the colors) must be in "
+                          f"[0, 1]; got {alpha}")
 
     if thumbnail is not None:
         if not isinstance(thumbnail, Image.Image):
@@ -145,7 +250,8 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
             # From the width; thumbnails round their sides, so x and y
             # downsamples differ by under a pixel's worth.
             if slide_dimensions is None:
-                raise ValueError("a thumbnail needs downsample or slide_dimensions")
+                raise ConfigError("a thumbnail needs its downsample (level-0 pixels per "
+                                  "thumbnail pixel) or the slide's level-0 dimensions")
             downsample = slide_dimensions[0] / base.shape[1]
     else:
         if slide_dimensions is not None:
@@ -174,18 +280,34 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
     under = base[painted].astype(np.float64)
     image[painted] = np.round((1 - alpha) * under
                               + alpha * palette[label[painted]]).astype(np.uint8)
+    if annotations:
+        from clusiam_jax.slides.annotations import draw_contours
+        image = draw_contours(image, annotations, downsample)
 
     if legend and cluster_ids.size:
         ids, counts = np.unique(cluster_ids, return_counts=True)
-        panel = _legend(ids, counts, palette[ids % k], height=max(height, 64))
-        if panel.shape[0] > height:   # tiny maps: extend with background below
+        panel = _legend(ids, counts, palette[ids % k], map_height=height)
+        if panel.shape[0] > height:   # short maps: extend with background below
             pad = np.empty((panel.shape[0] - height, width, 3), np.uint8)
             pad[:] = np.asarray(background, np.uint8)
             image = np.concatenate([image, pad], axis=0)
         image = np.concatenate([image, panel], axis=1)
 
+    top = 0
+    if title:
+        band = _title_band(str(title), image.shape[1], height, width)
+        if band.shape[1] > image.shape[1]:   # a long title: widen with white on the right
+            right = np.full((image.shape[0], band.shape[1] - image.shape[1], 3), 255, np.uint8)
+            image = np.concatenate([image, right], axis=1)
+        top = band.shape[0]
+        image = np.concatenate([band, image], axis=0)
+
     if out_path is not None:
-        Image.fromarray(image).save(out_path, format="PNG")
+        text = {BACKGROUND_KEY: "thumbnail" if thumbnail is not None else "mosaic",
+                "clusiam_map_top": top, "clusiam_downsample": repr(float(downsample))}
+        if title:
+            text["Title"] = str(title)
+        save_map(image, out_path, dict(text, **(png_text or {})))
     return image
 
 
@@ -229,35 +351,182 @@ def _open_thumbnail(path, downsample):
         raise DataError(f"thumbnail {path} is not a readable image ({e})") from None
 
 
-def draw_export_maps(out_dir, thumbnail=None, downsample=None):
+def _slide_thumbnail(slide_id, path, dimensions, max_side):
+    """(thumbnail, downsample) of the slide an export was made from, its longest side at
+    most `max_side`; DataError naming the slide, the file and the fix when unreadable."""
+    import openslide
+
+    from clusiam_jax.slides import reader
+    fix = (f"move the slide back to {path}, or give its thumbnail and downsample "
+           f"(export.thumbnail and export.thumbnail_downsample, or maps --thumbnail and "
+           f"--downsample)")
+    try:
+        slide = reader.open_slide(path)
+    except DataError as e:
+        raise DataError(f"cluster map of slide {slide_id}: cannot read the slide it was "
+                        f"exported from ({e}); {fix}") from None
+    try:
+        if dimensions is not None and tuple(slide.dimensions) != tuple(dimensions):
+            raise DataError(
+                f"cluster map of slide {slide_id}: {path} is {slide.dimensions[0]} x "
+                f"{slide.dimensions[1]} px but the export was made from a {dimensions[0]} x "
+                f"{dimensions[1]} px slide (another file under that name?); {fix}")
+        return reader.thumbnail_for_side(slide, max_side)
+    except openslide.OpenSlideError as e:
+        raise DataError(f"cluster map of slide {slide_id}: reading {path} failed "
+                        f"({' '.join(str(e).split())}); {fix}") from None
+    finally:
+        slide.close()
+
+
+def _read_info(out_dir):
+    """The export's export_info.json as a dict; {} when missing or unreadable."""
+    path = os.path.join(out_dir, fmt.INFO_NAME)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("cluster maps: %s is unreadable (%s); titles omit the run and step",
+                    path, e)
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def map_title(slide_id, step=None, num_clusters=None, workdir=None):
+    """The map's title, `<slide> · step <step> · K=<K> · run <workdir name>`, leaving
+    out what is unknown."""
+    parts = [str(slide_id)]
+    if step is not None:
+        parts.append(f"step {step}")
+    if num_clusters:
+        parts.append(f"K={num_clusters}")
+    if workdir:
+        parts.append(f"run {os.path.basename(os.path.normpath(str(workdir)))}")
+    return " · ".join(parts)
+
+
+def mosaic_path(path):
+    """Where a map drawn over the mosaic canvas goes: `path`, unless a map there was drawn
+    over a slide or thumbnail (or by an older version that did not record how), which
+    is kept: then `<stem>.mosaic.png` next to it, with a warning."""
+    if not os.path.exists(path):
+        return path
+    drawn_over = map_background(path)
+    if drawn_over == "mosaic":
+        return path
+    other = os.path.splitext(path)[0] + MOSAIC_SUFFIX
+    how = (f"over its {drawn_over}" if drawn_over else
+           "by an older version that did not record over what")
+    log.warning("cluster maps: %s was drawn %s and is kept; the map without a thumbnail "
+                "goes to %s (give the thumbnail, or the slide, to redraw it)", path, how, other)
+    return other
+
+
+def _slide_annotations(folder, slide_id):
+    """The slide's annotations from `folder` (None when no folder or no file for it)."""
+    if not folder:
+        return None
+    from clusiam_jax.slides import annotations
+    path = annotations.find_annotation_file(folder, slide_id)
+    if path is None:
+        log.info("cluster maps: no annotation file for %s in %s", slide_id, folder)
+        return None
+    return annotations.read_annotations(path)
+
+
+def write_export_geojson(out_dir):
+    """`<out_dir>/qupath/<slide>.geojson` for every slide with coordinates and cluster
+    ids: each patch a QuPath tile classified `cluster c` in its map color, so a
+    pathologist opens the clusters in QuPath (File > Import objects). Returns the paths."""
+    from clusiam_jax.slides.annotations import write_cluster_geojson
+    written = []
+    data = fmt.read_export(out_dir)
+    for row in fmt.read_export_manifest(out_dir):
+        arrays = data[row["slide_id"]]
+        if "cluster_ids" not in arrays:
+            log.info("qupath: the model has no cluster head; nothing to write")
+            return written
+        known = np.all(arrays["coords"] >= 0, axis=1)
+        if not known.any():
+            log.warning("qupath: slide %s has no patch coordinates; skipped", row["slide_id"])
+            continue
+        k = (arrays["cluster_logits"].shape[1] if "cluster_logits" in arrays
+             else int(arrays["cluster_ids"].max()) + 1)
+        path = os.path.join(out_dir, fmt.QUPATH_DIR,
+                            fmt.slide_file_name(row["slide_id"]) + ".geojson")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_cluster_geojson(path, arrays["coords"][known], arrays.get("patch_size") or 224,
+                              arrays["cluster_ids"][known], cluster_palette(max(k, 128))[:k],
+                              row["slide_id"])
+        written.append(path)
+    return written
+
+
+def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_side=2048,
+                     annotations=None):
     """Draws `<out_dir>/cluster_maps/<slide>.png` for every slide with coordinates and
-    cluster ids; returns the written paths. Over the slide's thumbnail when one is found
-    (then `downsample`, level-0 pixels per thumbnail pixel, is required), else over a
-    white mosaic canvas."""
-    if downsample is not None and downsample < 0:
+    cluster ids; returns the written paths.
+
+    Each map is drawn over, in this order: the slide's thumbnail file when one is found
+    in `thumbnail` (then `downsample`, level-0 pixels per thumbnail pixel, is required);
+    else, for exports made from whole slides (`slide_path`), the slide's own thumbnail
+    read at at most `max_side` px (DataError when the slide is gone or unreadable, never
+    a blank canvas); else (patch exports) a white mosaic canvas. `alpha` is the colors'
+    opacity. The title names the slide, the checkpoint step, K and the run (from
+    export_info.json). A mosaic map never replaces one drawn over a slide or thumbnail:
+    it goes to `<stem>.mosaic.png` next to it (see `mosaic_path`). `annotations`: a
+    folder of `<slide_id>.geojson|.json|.xml` (QuPath GeoJSON, ASAP XML) whose contours
+    are drawn on the map of their slide.
+    """
+    if annotations and not os.path.isdir(annotations):
+        raise ConfigError(f"annotations folder not found: {annotations}")
+    if downsample is not None and downsample <= 0:
         raise ConfigError(f"the thumbnail downsample must be positive; got {downsample}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ConfigError(f"the cluster map's alpha (opacity of the colors) must be in "
+                          f"[0, 1]; got {alpha}")
+    if int(max_side) < 16:
+        raise ConfigError(f"the cluster map's max_side must be at least 16 px; got {max_side}")
     rows = fmt.read_export_manifest(out_dir)
     data = fmt.read_export(out_dir)
+    info = _read_info(out_dir)
     written = []
     for row in rows:
-        arrays = data[row["slide_id"]]
+        slide_id = row["slide_id"]
+        arrays = data[slide_id]
         if "cluster_ids" not in arrays:
             log.info("cluster maps: the model has no cluster head; nothing to draw")
             return written
         coords, ids = arrays["coords"], arrays["cluster_ids"]
         known = np.all(coords >= 0, axis=1)
         if not known.any():
-            log.warning("cluster maps: slide %s has no patch coordinates; skipped",
-                        row["slide_id"])
+            log.warning("cluster maps: slide %s has no patch coordinates; skipped", slide_id)
             continue
-        thumb_path = find_thumbnail(thumbnail, row["slide_id"], len(rows))
-        thumb = _open_thumbnail(thumb_path, downsample) if thumb_path else None
         k = arrays["cluster_logits"].shape[1] if "cluster_logits" in arrays else None
+        thumb_path = find_thumbnail(thumbnail, slide_id, len(rows))
+        dimensions = arrays.get("level0_dimensions")
+        thumb, scale, drawn_over = None, None, "mosaic"
+        if thumb_path:
+            thumb, scale = _open_thumbnail(thumb_path, downsample), downsample
+            drawn_over = "thumbnail"
+        elif arrays.get("slide_path"):
+            thumb, scale = _slide_thumbnail(slide_id, arrays["slide_path"], dimensions,
+                                            int(max_side))
+            drawn_over = "slide"
         path = fmt.map_file(out_dir, row)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if drawn_over == "mosaic":
+            path = mosaic_path(path)
+        title = map_title(slide_id, info.get("checkpoint_step"),
+                          k or int(ids[known].max()) + 1, info.get("workdir"))
+        contours = _slide_annotations(annotations, slide_id)
         with fmt.atomic_write(path) as tmp:
             draw_cluster_map(coords[known], ids[known], arrays.get("patch_size") or 224,
-                             thumbnail=thumb, downsample=downsample if thumb else None,
-                             num_clusters=k, out_path=tmp)
+                             thumbnail=thumb, downsample=scale, slide_dimensions=dimensions,
+                             alpha=alpha, num_clusters=k, max_side=int(max_side),
+                             out_path=tmp, title=title,
+                             png_text={BACKGROUND_KEY: drawn_over}, annotations=contours)
         written.append(path)
     return written

@@ -6,18 +6,44 @@
   dsmil   slide-level DSMIL: labels from the splits file; epoch and thresholds chosen on val
   maps    cluster maps of every slide (no splits)
 
-Patch tasks use each patch's own label when the export has `labels` (from the patch
-source), else the slide's label (splits file, else the export's manifest).
+Patch tasks label each patch from annotations when given (`--annotations DIR`: the class
+of the polygon its centre is in, else `normal`; a slide without an annotation file is all
+`normal`, as Camelyon16's normal slides), else with its own label when the export has
+`labels` (from the patch source), else with the slide's label (splits file, else the
+export's manifest).
 """
+import logging
+import os
+
 import numpy as np
 
 from clusiam_jax.errors import DataError
 from clusiam_jax.eval.splits import read_splits, require_in_export
 from clusiam_jax.export import format as fmt
 
+log = logging.getLogger('clusiam_jax')
 
-def patch_sets(export_dir, splits_path, key='features'):
+
+def annotation_labels(folder, slide, arrays):
+    """Each patch's class from the slide's annotation file (see module docstring)."""
+    from clusiam_jax.slides import annotations as ann
+    coords = np.asarray(arrays['coords'])
+    if (coords < 0).any():
+        raise DataError(f'slide {slide} has patches without coordinates: annotations '
+                        f'cannot label them')
+    path = ann.find_annotation_file(folder, slide)
+    if path is None:
+        log.info('eval: no annotation file for %s in %s: its patches are "normal"', slide,
+                 folder)
+        return np.full(len(coords), 'normal', dtype=object)
+    centres = ann.patch_centres(coords, arrays['patch_size'])
+    return ann.label_points(ann.read_annotations(path), centres)
+
+
+def patch_sets(export_dir, splits_path, key='features', annotations=None):
     """{split: (embeddings [N, D], labels [N], slide ids [N])} over the listed slides."""
+    if annotations and not os.path.isdir(annotations):
+        raise DataError(f'annotations folder not found: {annotations}')
     splits = read_splits(splits_path)
     data = fmt.read_export(export_dir, slides=set(splits))
     require_in_export(splits_path, splits, data)
@@ -28,7 +54,9 @@ def patch_sets(export_dir, splits_path, key='features'):
             raise DataError(f'the export has no {key!r} for slide {slide} (projections are '
                             f'exported with --config.export.with_projection=True)')
         n = arrays[key].shape[0]
-        if 'labels' in arrays:
+        if annotations:
+            labels = annotation_labels(annotations, slide, arrays)
+        elif 'labels' in arrays:
             labels = np.asarray(arrays['labels'], dtype=object)
         else:
             label = slide_label or arrays['label']
@@ -49,18 +77,20 @@ def patch_sets(export_dir, splits_path, key='features'):
     return out
 
 
-def run_knn(export_dir, splits_path, ks=(1,), positive_label=None, key='features'):
+def run_knn(export_dir, splits_path, ks=(1,), positive_label=None, key='features',
+            annotations=None):
     from clusiam_jax.eval.knn import knn_evaluate
-    sets = patch_sets(export_dir, splits_path, key)
+    sets = patch_sets(export_dir, splits_path, key, annotations)
     (ref_x, ref_y, _), (query_x, query_y, _) = sets['train'], sets['test']
     result = knn_evaluate(ref_x, ref_y, query_x, query_y, ks=ks,
                           positive_label=positive_label)
     return {'task': 'knn', 'n_reference': len(ref_y), 'n_query': len(query_y), **result}
 
 
-def run_linear(export_dir, splits_path, positive_label=None, key='features', seed=0):
+def run_linear(export_dir, splits_path, positive_label=None, key='features', seed=0,
+               annotations=None):
     from clusiam_jax.eval.linear import linear_probe
-    sets = patch_sets(export_dir, splits_path, key)
+    sets = patch_sets(export_dir, splits_path, key, annotations)
     train_x, train_y, train_g = sets['train']
     test_x, test_y, _ = sets['test']
     val_x, val_y = (sets['val'][0], sets['val'][1]) if 'val' in sets else (None, None)
@@ -84,6 +114,7 @@ def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
     return {'task': 'dsmil', **result}
 
 
-def run_maps(export_dir, thumbnail=None, downsample=None):
+def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None):
     from clusiam_jax.eval.cluster_map import draw_export_maps
-    return {'task': 'maps', 'written': draw_export_maps(export_dir, thumbnail, downsample)}
+    return {'task': 'maps', 'written': draw_export_maps(export_dir, thumbnail, downsample,
+                                                        alpha, annotations=annotations)}

@@ -45,6 +45,7 @@ class EmbedOptions:
     export_format: str             # h5 | npz (export/format.py)
     with_projection: bool
     num_workers: int               # image-decoding threads
+    pt_files: bool = False         # also pt_files/<slide>.pt (h5 only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +122,12 @@ class _SlideWriter:
     """Gathers each slide's rows in order and writes its file when its last record is
     through (npz: all slides into one file at the end)."""
 
-    def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log):
+    def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log,
+                 source=None):
         self.groups, self.out_dir, self.options = groups, out_dir, options
         self.attrs, self.skip_log = attrs, skip_log
+        # Slide sources know each slide's tiling (coords attributes, the slide file).
+        self.slide_attrs = getattr(source, 'coords_attrs', None)
         self.rows = {s: [] for s in groups}
         self.seen = collections.Counter()
         self.patch_size = {}
@@ -177,10 +181,17 @@ class _SlideWriter:
             return
         attrs = dict(self.attrs, slide_id=slide, n_records=len(self.groups[slide]),
                      n_patches=len(rows))
-        coords_attrs = {'patch_level': 0, 'patch_size': self.patch_size[slide],
-                        'downsample': np.array([1.0, 1.0]), 'name': slide}
+        if self.slide_attrs is not None:  # the tiling's attributes, TRIDENT's schema
+            coords_attrs = self.slide_attrs(slide)
+            attrs['slide_path'] = coords_attrs.pop('slide_path')
+            coords_attrs.pop('tiling_key', None)
+        else:
+            coords_attrs = {'patch_level': 0, 'patch_size': self.patch_size[slide],
+                            'downsample': np.array([1.0, 1.0]), 'name': slide}
         fmt.write_slide_h5(os.path.join(self.out_dir, fmt.slide_file('h5', slide)), arrays,
                            attrs, coords_attrs)
+        if self.options.pt_files:
+            fmt.write_slide_pt(self.out_dir, slide, arrays['features'])
 
     def close(self, n_records: int):
         if self.options.export_format == 'npz':
@@ -227,7 +238,8 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
     if len(todo) < len(groups):
         log.info('export: %d of %d slides already exported with these settings from step '
                  '%d; skipping them', len(groups) - len(todo), len(groups), step)
-    writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log)
+    writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log,
+                          source)
     index_of = {id(r): i for i, r in enumerate(records)}
     stream = [(s, r, index_of[id(r)]) for s in todo for r in groups[s]]
     if stream:

@@ -11,17 +11,18 @@ through it, so an export copied to another machine is read without the run.
                         `labels` (utf-8, when the source has them), `projections`
                         (optional); file attrs: checkpoint step, model, normalization,
                         image size, the run's config
+  pt_files/<slide>.pt   with export.pt_files: `features` as a torch tensor (CLAM's MIL loader)
   embeddings.npz        instead of h5_files/ (format npz): the same arrays over all
                         patches, plus `slide_ids` and `patch_sizes`
   manifest.csv          slide_id, n_patches, label, file (relative to the export)
   export_info.json      run, checkpoint step, normalization, counts
   skipped_files.txt     unreadable patches (skipped, as in training)
   cluster_maps/<slide>.png
+  qupath/<slide>.geojson with export.qupath: each patch a QuPath tile classified by cluster
 
 Every file is written under a temporary name and renamed, so a crash leaves no
 half-written file under a final name.
 """
-import contextlib
 import csv
 import hashlib
 import io
@@ -32,15 +33,18 @@ from typing import Dict, Iterable, List
 
 import numpy as np
 
+from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import DataError
 
 FORMAT_VERSION = 1
 H5_DIR = 'h5_files'
+PT_DIR = 'pt_files'
 NPZ_NAME = 'embeddings.npz'
 MANIFEST_NAME = 'manifest.csv'
 INFO_NAME = 'export_info.json'
 SKIPPED_NAME = 'skipped_files.txt'
 MAPS_DIR = 'cluster_maps'
+QUPATH_DIR = 'qupath'
 MANIFEST_FIELDS = ('slide_id', 'n_patches', 'label', 'file')
 _TEMPORARY = re.compile(r'\.tmp\d+$')
 
@@ -67,20 +71,6 @@ def map_file(out_dir: str, row: dict) -> str:
 
 
 # ------------------------------------------------------------------------ writing
-
-@contextlib.contextmanager
-def atomic_write(path: str):
-    """Yields a temporary path next to `path`, renamed onto it only if the body
-    finishes: a crash never leaves a half-written file under the final name."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def prepare_out_dir(out_dir: str, export_format: str):
     """Creates the folders, deletes temporaries a killed export left (never read: they
@@ -112,6 +102,17 @@ def write_slide_h5(path: str, arrays: Dict[str, np.ndarray], attrs: dict, coords
                 f.create_dataset(name, data=value)
         f.attrs.update(attrs)
         f['coords'].attrs.update(coords_attrs)
+
+
+def write_slide_pt(out_dir: str, slide_id: str, features: np.ndarray):
+    """`pt_files/<slide>.pt`: the features as a torch tensor, what CLAM's MIL training
+    loads by default (torch is the optional extra; prepare_export checked it)."""
+    import torch
+    folder = os.path.join(out_dir, PT_DIR)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, slide_file_name(slide_id) + '.pt')
+    with atomic_write(path) as tmp, open(tmp, 'wb') as f:
+        torch.save(torch.from_numpy(np.ascontiguousarray(features, np.float32)), f)
 
 
 def write_npz(path: str, parts, attrs: dict):
@@ -220,7 +221,9 @@ def _decode(values):
 
 
 def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
-    """{name: array} of one manifest row, plus `patch_size`; strings as str objects."""
+    """{name: array} of one manifest row, plus `patch_size` (the side of a patch in
+    level-0 pixels) and, for exports from slides, `slide_path` and `level0_dimensions`
+    (width, height); strings as str objects."""
     path = os.path.join(out_dir, row['file'])
     if row['file'].endswith('.npz'):
         return _npz_slides(path, [row['slide_id']])[row['slide_id']]
@@ -228,7 +231,15 @@ def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
     with h5py.File(path, 'r') as f:
         out = {name: (_decode(ds[()]) if ds.dtype.kind in 'OS' else ds[()])
                for name, ds in f.items()}
-        out['patch_size'] = int(f['coords'].attrs.get('patch_size', 0))
+        coords = f['coords'].attrs
+        # TRIDENT's `patch_size` is in pixels at the target resolution; its level-0 side
+        # is `patch_size_level0`. CLAM's (and patch exports') `patch_size` is level 0.
+        out['patch_size'] = int(coords.get('patch_size_level0', coords.get('patch_size', 0)))
+        if 'slide_path' in f.attrs:
+            out['slide_path'] = str(f.attrs['slide_path'])
+        if 'level0_width' in coords:
+            out['level0_dimensions'] = (int(coords['level0_width']),
+                                        int(coords['level0_height']))
         return out
 
 

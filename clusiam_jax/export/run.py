@@ -96,11 +96,22 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     trained_at = run.config.data.image_size
     options = EmbedOptions(image_size=exp.image_size or trained_at,
                            batch_size=exp.batch_size, export_format=exp.format,
-                           with_projection=exp.with_projection, num_workers=exp.num_workers)
+                           with_projection=exp.with_projection, num_workers=exp.num_workers,
+                           pt_files=exp.pt_files)
+    if exp.pt_files:
+        if exp.format != 'h5':
+            raise ConfigError('export.pt_files goes with export.format=h5 (per-slide files)')
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ConfigError('export.pt_files needs torch: pip install -r '
+                              'requirements-torch.txt (or clusiam_jax[torch])') from None
     if options.image_size != trained_at:
         log.warning('export: embedding at %d px; the run trained at %d px (data.image_size)',
                     options.image_size, trained_at)
     return ExportJob(run=run, data_path=data_path,
                      out_dir=exp.out_dir or os.path.join(workdir, DEFAULT_DIR),
-                     opened=sources_lib.open_source(data_path), options=options,
+                     opened=sources_lib.open_source(
+                         data_path, exp.slide_dir or run.config.data.slide_dir),
+                     options=options,
                      normalization=resolve_normalization(run, normalization))

@@ -1,0 +1,233 @@
+"""Training and export straight from whole slides: a random-access source over
+(slide, x, y), with the slides opened lazily in each process.
+
+Three layouts are read (docs/formats.md):
+  * our tiling (`--mode tile`): `<dir>/slides.csv` + `<dir>/patches/<id>_patches.h5`; the
+    slides are where slides.csv says;
+  * TRIDENT's and CLAM's patch folders: `<dir>/patches/*.h5` (or the `patches` folder
+    itself), with `data.slide_dir` saying where the slides are (found by slide id, at any
+    depth).
+
+Each patch is read from the pyramid level closest to (not coarser than) its resolution
+and area-resized to its patch size (slides/reader.py), so slides scanned at 40x and 20x
+give the same physical patches. Handles are never opened before a worker process forks
+(the source pickles without them); each process keeps at most `open_slides` of them in
+an LRU, each with a bounded OpenSlide tile cache, so memory stays flat over thousands of
+slides. A slide that vanished or cannot be read, or a region that fails to decode, is a
+BadImageError: the pipeline skips it and lists it (the slide once, not every patch).
+"""
+import collections
+import csv
+import dataclasses
+import logging
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from clusiam_jax.data import image_io
+from clusiam_jax.data import records as records_lib
+from clusiam_jax.errors import DataError
+from clusiam_jax.slides import coords as coords_lib
+from clusiam_jax.slides import reader
+
+logger = logging.getLogger(__name__)
+
+SLIDES_CSV = 'slides.csv'   # slides/tiling.py writes it
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidePatches:
+    """One slide of a slide source."""
+    slide_id: str
+    path: str                  # the slide file
+    label: str
+    coords: coords_lib.SlideCoords
+
+
+class SlideSource:
+    """Patches of whole slides, index -> uint8 [S, S, 3] (S: the slide's patch size)."""
+
+    def __init__(self, slides: List[SlidePatches], open_slides: int = 64):
+        self.slides = [dataclasses.replace(s, coords=dataclasses.replace(s.coords,
+                                                                         coords=None))
+                       for s in slides]
+        counts = [len(s.coords.coords) for s in slides]
+        self._slide_of = np.repeat(np.arange(len(slides), dtype=np.int32), counts)
+        self._xy = (np.concatenate([s.coords.coords for s in slides]).astype(np.int64)
+                    if slides else np.zeros((0, 2), np.int64))
+        self.open_slides = int(open_slides)
+        self._handles = collections.OrderedDict()
+        self._bad: Dict[int, str] = {}
+        self._sizes: Dict[int, tuple] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_handles=collections.OrderedDict(), _bad={}, _sizes={})
+        return state
+
+    def __len__(self) -> int:
+        return len(self._slide_of)
+
+    @property
+    def slide_index(self) -> np.ndarray:
+        """int32 [N]: the slide of each patch (for slide-balanced sampling)."""
+        return self._slide_of
+
+    def path(self, index: int) -> str:
+        s = self.slides[self._slide_of[index]]
+        x, y = self._xy[index]
+        return f'{s.path}#x={x},y={y}'
+
+    def records(self) -> List[records_lib.PatchRecord]:
+        return [records_lib.PatchRecord(path=self.path(i), slide_id=self.slides[s].slide_id,
+                                        label=self.slides[s].label or None, x=int(x),
+                                        y=int(y))
+                for i, (s, (x, y)) in enumerate(zip(self._slide_of, self._xy))]
+
+    def coords_attrs(self, slide_id: str) -> dict:
+        """The coordinate file's attributes of a slide (copied into its export file)."""
+        for s in self.slides:
+            if s.slide_id == slide_id:
+                return dict(s.coords.attrs, slide_path=os.path.abspath(s.path))
+        raise KeyError(slide_id)
+
+    # ------------------------------------------------------------ reading
+
+    def _handle(self, s: int):
+        if s in self._bad:
+            raise _slide_error(self.slides[s].path, self._bad[s])
+        handle = self._handles.get(s)
+        if handle is not None:
+            self._handles.move_to_end(s)
+            return handle
+        try:
+            handle = reader.open_slide(self.slides[s].path)
+        except DataError as e:
+            self._bad[s] = str(e).split(': ', 1)[-1]
+            raise _slide_error(self.slides[s].path, self._bad[s]) from None
+        self._handles[s] = handle
+        while len(self._handles) > self.open_slides:
+            _, old = self._handles.popitem(last=False)
+            old.close()
+        return handle
+
+    def _patch_sizes(self, s: int, handle) -> tuple:
+        """(level-0 side, output side) of slide s's patches."""
+        if s not in self._sizes:
+            c = self.slides[s].coords
+            size0, out = c.patch_size_level0, c.patch_size
+            if c.patch_level is not None:  # CLAM without `downsample`: from the slide
+                size0 = out * handle.level_downsamples[c.patch_level]
+            self._sizes[s] = (float(size0), int(out))
+        return self._sizes[s]
+
+    def load(self, index: int) -> np.ndarray:
+        """HxWx3 uint8 RGB; BadImageError when the slide or the region is unreadable."""
+        s = int(self._slide_of[index])
+        handle = self._handle(s)
+        size0, out = self._patch_sizes(s, handle)
+        x, y = self._xy[index]
+        try:
+            return reader.read_patch(handle, x, y, size0, out)
+        except Exception as e:  # OpenSlideError leaves the handle unusable: reopen later
+            import openslide
+            if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)):
+                raise
+            self._handles.pop(s, None)
+            handle.close()
+            raise image_io.BadImageError(
+                f'{self.path(index)}: region unreadable ({" ".join(str(e).split())})') \
+                from None
+
+
+def _slide_error(path: str, reason: str) -> image_io.BadImageError:
+    error = image_io.BadImageError(f'{path}: {reason}')
+    error.subject = path   # the skip list names the slide once, not each of its patches
+    return error
+
+
+# -------------------------------------------------------------------- discovery
+
+def _has_h5(folder: str) -> bool:
+    return any(n.endswith('.h5') for n in os.listdir(folder))
+
+
+def _patches_folder(path: str) -> Optional[str]:
+    """The folder of coordinate files of a slide layout at `path` (see module), or None."""
+    if not os.path.isdir(path):
+        return None
+    inner = os.path.join(path, coords_lib.PATCHES_DIR)
+    if os.path.isdir(inner) and (os.path.isfile(os.path.join(path, SLIDES_CSV))
+                                 or _has_h5(inner)):
+        return inner
+    if os.path.basename(os.path.normpath(path)) == coords_lib.PATCHES_DIR and _has_h5(path):
+        return path
+    return None
+
+
+def is_slide_source(path: str) -> bool:
+    """Our tiling output, or a CLAM/TRIDENT patch folder."""
+    return _patches_folder(path) is not None
+
+
+def _index_slides(slide_dir: str) -> Dict[str, str]:
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(slide_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+        for name in sorted(filenames):
+            if name.lower().endswith(reader.SLIDE_EXTENSIONS) and not name.startswith('.'):
+                found.setdefault(reader.slide_id_of(name), os.path.join(dirpath, name))
+    return found
+
+
+def _tiling_slides(path: str, folder: str) -> List[SlidePatches]:
+    with open(os.path.join(path, SLIDES_CSV), newline='') as f:
+        rows = [r for r in csv.DictReader(f) if r.get('status') == 'tiled']
+    if not rows:
+        raise DataError(f'{path}: slides.csv lists no tiled slide (see its status and '
+                        f'reason columns)')
+    out = []
+    for row in rows:
+        coord_file = coords_lib.trident_file(path, row['slide_id'])
+        if not os.path.exists(coord_file):
+            raise DataError(f'{path}: slides.csv lists {row["slide_id"]} as tiled but '
+                            f'{coord_file} is missing (tile again: --mode tile)')
+        out.append(SlidePatches(row['slide_id'], row['path'], row.get('label') or '',
+                                coords_lib.read_coords(coord_file)))
+    return out
+
+
+def _patch_folder_slides(path: str, folder: str, slide_dir: str) -> List[SlidePatches]:
+    files = coords_lib.list_coord_files(folder)
+    if not slide_dir:
+        raise DataError(f'{path} is a CLAM/TRIDENT patch folder ({len(files)} coordinate '
+                        f'files): say where its slides are with data.slide_dir=DIR '
+                        f'(export: export.slide_dir)')
+    if not os.path.isdir(slide_dir):
+        raise DataError(f'slide folder not found: {slide_dir}')
+    on_disk = _index_slides(slide_dir)
+    missing = [s for s in files if s not in on_disk]
+    if len(missing) == len(files):
+        raise DataError(f'none of the {len(files)} slides of {path} is in {slide_dir} '
+                        f'(looked for {missing[0]}.<slide extension> at any depth)')
+    if missing:
+        logger.warning('%d of %d slides of %s are not in %s and are left out: %s%s',
+                       len(missing), len(files), path, slide_dir, ', '.join(missing[:5]),
+                       ' ...' if len(missing) > 5 else '')
+    return [SlidePatches(s, on_disk[s], '', coords_lib.read_coords(p))
+            for s, p in files.items() if s in on_disk]
+
+
+def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 64):
+    """(records, SlideSource) of a tiling output or a CLAM/TRIDENT patch folder."""
+    folder = _patches_folder(path)
+    if os.path.isfile(os.path.join(path, SLIDES_CSV)):
+        slides = _tiling_slides(path, folder)
+    else:
+        slides = _patch_folder_slides(path, folder, slide_dir)
+    slides = [s for s in slides if len(s.coords.coords)]
+    if not slides:
+        raise DataError(f'{path}: no slide has any patch coordinates')
+    source = SlideSource(slides, open_slides)
+    return source.records(), source

@@ -1,0 +1,155 @@
+"""Opening whole-slide images and reading patches at a physical resolution (OpenSlide).
+
+OpenSlide reads every format our users scan to (Aperio .svs, Hamamatsu .ndpi, MIRAX
+.mrxs, Leica .scn, Ventana .bif, Philips TIFF, generic pyramidal TIFF and OME-TIFF
+through libtiff) and ships inside the `openslide-bin` wheel. tiffslide (tifffile-based)
+reads fewer formats; pyvips brings a second native library. OpenSlide's own tile cache
+is bounded per handle (`set_cache`), so a process holding many slides stays flat.
+
+Resolution (docs/method.md §9): a slide's level-0 µm/px comes from `openslide.mpp-x/y`
+(which OpenSlide fills from the vendor's metadata or the TIFF resolution tags); with only
+an objective power it is 10 / power (logged as an estimate); with neither the slide is
+refused, never guessed.
+
+A patch of `patch_size` px at `target_mpp` covers `patch_size * target_mpp / level0_mpp`
+level-0 pixels. It is read from the pyramid level closest to, but not coarser than,
+`target_mpp` and resized to `patch_size` with area averaging (antialiased), so a 40x and a
+20x scan of one slide give the same physical patch.
+"""
+import dataclasses
+import math
+import os
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+from clusiam_jax.errors import DataError
+
+# What a folder of slides is searched for (lower case; `.ome.tif(f)` ends in `.tif(f)`).
+SLIDE_EXTENSIONS = ('.svs', '.tif', '.tiff', '.ndpi', '.mrxs', '.scn', '.bif', '.vms',
+                    '.vmu', '.svslide', '.dcm')
+# Extensions that are never single patches: found in a patch folder they are flagged.
+SLIDE_ONLY_EXTENSIONS = tuple(e for e in SLIDE_EXTENSIONS if e not in ('.tif', '.tiff'))
+# OpenSlide caches decoded tiles per handle (default 32 MiB each, shared by default
+# through one global cache in OpenSlide 4); a bounded cache keeps RSS flat with many
+# open slides.
+TILE_CACHE_BYTES = 16 * 1024 * 1024
+# A level is "as fine as the target" within this tolerance: scanners write downsamples
+# like 4.0002, and reading the next finer level for 0.02% costs 4x the pixels.
+_LEVEL_TOLERANCE = 1e-2
+
+
+class SlideError(DataError):
+    """A file that is not a readable slide (missing, truncated, unknown format)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    """A slide's level-0 µm per pixel and where it came from (None: unknown, with why)."""
+    mpp: Optional[float]
+    origin: str
+
+
+def open_slide(path: str, cache_bytes: int = TILE_CACHE_BYTES):
+    """An OpenSlide handle with a bounded tile cache; SlideError (one line) otherwise."""
+    import openslide  # local: the package import stays light for grain workers
+    if not os.path.isfile(path):
+        raise SlideError(f'{path}: no such file')
+    try:
+        slide = openslide.OpenSlide(path)
+    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError,
+            OSError, ValueError) as e:
+        raise SlideError(f'{path}: not a readable slide ({type(e).__name__}: '
+                         f'{" ".join(str(e).split()) or "unsupported format"})') from None
+    if cache_bytes:
+        slide.set_cache(openslide.OpenSlideCache(cache_bytes))
+    return slide
+
+
+def slide_id_of(path: str) -> str:
+    """The slide id of a file: its name without the (possibly double) extension."""
+    name = os.path.basename(path)
+    lower = name.lower()
+    for ext in ('.ome.tiff', '.ome.tif'):
+        if lower.endswith(ext):
+            return name[:-len(ext)]
+    return os.path.splitext(name)[0]
+
+
+def level0_resolution(slide, forced: Optional[float] = None,
+                      forced_origin: str = 'tile.mpp') -> Resolution:
+    """The level-0 µm/px: `forced` when given, else the slide's metadata (see module)."""
+    if forced:
+        return Resolution(float(forced), forced_origin)
+    props = slide.properties
+    try:
+        mpp_x = float(props.get('openslide.mpp-x', 'nan'))
+        mpp_y = float(props.get('openslide.mpp-y', 'nan'))
+    except ValueError:
+        mpp_x = mpp_y = math.nan
+    if mpp_x > 0 and mpp_y > 0:
+        if abs(mpp_x - mpp_y) > 0.01 * max(mpp_x, mpp_y):
+            return Resolution(None, f'non-square pixels ({mpp_x} x {mpp_y} µm)')
+        return Resolution((mpp_x + mpp_y) / 2, 'slide metadata (openslide.mpp-x/y)')
+    try:
+        power = float(props.get('openslide.objective-power', 'nan'))
+    except ValueError:
+        power = math.nan
+    if power > 0:
+        return Resolution(10.0 / power, f'estimated as 10 / objective power {power:g}')
+    return Resolution(None, 'no µm/px or objective power in the slide\'s metadata')
+
+
+def best_level(slide, downsample: float) -> int:
+    """The coarsest level whose downsample does not exceed `downsample` (within 1%)."""
+    best = 0
+    for level, ds in enumerate(slide.level_downsamples):
+        if ds <= downsample * (1 + _LEVEL_TOLERANCE):
+            best = level if ds >= slide.level_downsamples[best] else best
+    return best
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """OpenSlide's RGBA (transparent outside the scanned area) over white."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def read_patch(slide, x: int, y: int, size_level0: float, out_size: int) -> np.ndarray:
+    """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`,
+    read from the best level for out_size/size_level0 and area-resized."""
+    downsample = size_level0 / out_size
+    level = best_level(slide, downsample)
+    ds = slide.level_downsamples[level]
+    side = max(1, int(round(size_level0 / ds)))
+    region = np.asarray(slide.read_region((int(x), int(y)), level, (side, side)))
+    rgb = rgba_to_rgb(region)
+    if side != out_size:
+        interp = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
+        rgb = cv2.resize(rgb, (out_size, out_size), interpolation=interp)
+    return rgb
+
+
+def thumbnail(slide, downsample: float) -> Tuple[np.ndarray, float]:
+    """(uint8 RGB image, exact level-0 px per image px in x) of the whole slide at about
+    `downsample` level-0 pixels per pixel (read from the best level, area-resized)."""
+    width, height = slide.dimensions
+    out_w = max(1, int(round(width / downsample)))
+    out_h = max(1, int(round(height / downsample)))
+    level = best_level(slide, downsample)
+    lw, lh = slide.level_dimensions[level]
+    region = rgba_to_rgb(np.asarray(slide.read_region((0, 0), level, (lw, lh))))
+    if (lw, lh) != (out_w, out_h):
+        region = cv2.resize(region, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    return region, width / out_w
+
+
+def thumbnail_for_side(slide, max_side: int = 2048) -> Tuple[np.ndarray, float]:
+    """A thumbnail whose longest side is at most `max_side` (and not above level 0)."""
+    downsample = max(1.0, max(slide.dimensions) / max_side)
+    return thumbnail(slide, downsample)
