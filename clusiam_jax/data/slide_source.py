@@ -199,14 +199,19 @@ def _tiling_slides(path: str, folder: str) -> List[SlidePatches]:
 
 
 def _patch_folder_slides(path: str, folder: str, slide_dir: str) -> List[SlidePatches]:
-    files = coords_lib.list_coord_files(folder)
-    if not slide_dir:
-        raise DataError(f'{path} is a CLAM/TRIDENT patch folder ({len(files)} coordinate '
-                        f'files): say where its slides are with data.slide_dir=DIR '
-                        f'(export: export.slide_dir)')
-    if not os.path.isdir(slide_dir):
-        raise DataError(f'slide folder not found: {slide_dir}')
-    on_disk = _index_slides(slide_dir)
+    """Slides of a patches/ folder: found in `slide_dir` by id, else where the file says
+    (`slide_path`, which our tiling records; CLAM and TRIDENT files record none)."""
+    files = {s: coords_lib.read_coords(p) for s, p in coords_lib.list_coord_files(folder).items()}
+    if slide_dir:
+        if not os.path.isdir(slide_dir):
+            raise DataError(f'slide folder not found: {slide_dir}')
+        on_disk = _index_slides(slide_dir)
+    else:
+        on_disk = {s: c.attrs['slide_path'] for s, c in files.items() if 'slide_path' in c.attrs}
+        if len(on_disk) < len(files):
+            raise DataError(f'{path} is a CLAM/TRIDENT patch folder ({len(files)} coordinate '
+                            f'files): say where its slides are with data.slide_dir=DIR '
+                            f'(export: export.slide_dir)')
     missing = [s for s in files if s not in on_disk]
     if len(missing) == len(files):
         raise DataError(f'none of the {len(files)} slides of {path} is in {slide_dir} '
@@ -215,8 +220,7 @@ def _patch_folder_slides(path: str, folder: str, slide_dir: str) -> List[SlidePa
         logger.warning('%d of %d slides of %s are not in %s and are left out: %s%s',
                        len(missing), len(files), path, slide_dir, ', '.join(missing[:5]),
                        ' ...' if len(missing) > 5 else '')
-    return [SlidePatches(s, on_disk[s], '', coords_lib.read_coords(p))
-            for s, p in files.items() if s in on_disk]
+    return [SlidePatches(s, on_disk[s], '', c) for s, c in files.items() if s in on_disk]
 
 
 def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 64):
