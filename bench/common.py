@@ -81,6 +81,32 @@ def process_tree_cpu_s(root_pid: int) -> float:
     return sum(ticks.get(p, 0) for p in tree) / _TICKS
 
 
+def process_tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of root_pid and its live descendants (grain workers), summed."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(')') + 2:].split()[1]), []).append(
+                int(entry))
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f'/proc/{pid}/status') as f:
+                for line in f:
+                    if line.startswith('VmRSS:'):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine has been busy (user, nice, system, irq, softirq)."""
     with open('/proc/stat') as f:

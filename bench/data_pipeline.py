@@ -3,6 +3,7 @@
     python -m bench.data_pipeline --data-dir DIR --workers N [--image-size 224] [--batches N]
         [--on-device-augment]
     python -m bench.data_pipeline --time-device-augment [--image-size 224] [--batch-size 32]
+    python -m bench.data_pipeline --slides 200 --workers 2 [--rounds 2] [--epochs 1]
 
 Prints one JSON line: workers, pairs_per_s, cpu_ms_per_pair (CPU time of this
 process and its worker processes per augmented pair, in the timed window),
@@ -23,6 +24,11 @@ the train step (clusiam_jax/data/device_augment.py). --time-device-augment times
 that device side instead: the jitted augment_views on one batch of random uint8
 crops, on JAX's default backend (one JSON line, no data needed).
 
+--slides COPIES reads patches straight from whole slides (COPIES links to the two shared
+slides, tiled at --image-size px and 0.5 µm/px) and, alternately, from PNG files of exactly
+those patches: pairs/s, CPU ms per pair and the memory of the process tree (peak, at 10%
+and at the end of the stream) for each, one line per source and round.
+
 JAX is imported only inside the functions that use it: grain's spawned workers re-run
 this module's top level.
 """
@@ -35,7 +41,14 @@ import sys
 import tempfile
 import time
 
-from bench.common import MEAN, STD, command_line, machine_busy_s, process_tree_cpu_s
+from bench.common import (
+    MEAN,
+    STD,
+    command_line,
+    machine_busy_s,
+    process_tree_cpu_s,
+    process_tree_rss_bytes,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_BENCH = os.path.join(REPO, '..', 'shared', 'bench', 'torch_original.py')
@@ -206,6 +219,13 @@ def main():
                     help='time the device side (jitted augment_views) instead; '
                          '--batch-size 32 is the setting the README reports')
     ap.add_argument('--repeats', type=int, default=20, help='with --time-device-augment')
+    ap.add_argument('--slides', type=int, default=0, metavar='COPIES',
+                    help='read from COPIES copies of the shared slides (tiled at '
+                         '--image-size px) and from PNGs of the same patches, alternately; '
+                         'one JSON line per source and round, with peak RSS')
+    ap.add_argument('--rounds', type=int, default=2, help='with --slides')
+    ap.add_argument('--epochs', type=int, default=1,
+                    help='with --slides: whole epochs timed (memory over an epoch)')
     args = ap.parse_args()
     if args.time_device_augment:
         result = time_device_augment(args.image_size, args.batch_size, args.repeats)
@@ -213,58 +233,126 @@ def main():
         print(json.dumps(result), flush=True)
         return
 
-    import ml_collections
-
-    from clusiam_jax import data
-
+    if args.warmup == 0:
+        raise SystemExit('--warmup must be >= 1 (the first batch includes start-up)')
+    if args.slides:
+        tiles, pngs = prepare_slides(args.slides, args.image_size)
+        # Alternate the two sources round by round: both see the same machine load.
+        for round_ in range(args.rounds):
+            for source, path in (('slides', tiles), ('png_patches', pngs)):
+                result = time_stream(args, path, epochs_of_patches=args.epochs)
+                result.update(source=source, round=round_, n_slides=args.slides)
+                print(json.dumps(result), flush=True)
+        return
     ensure_patches(args.data_dir, args.num_patches, args.seed)
-    total = args.warmup + args.batches
-    config = ml_collections.ConfigDict()
-    config.data = ml_collections.ConfigDict(dict(
-        path=args.data_dir, image_size=args.image_size, num_workers=args.workers,
-        prefetch=2, vflip=False, rot90=False, augment_on_device=args.on_device_augment,
-        # constants as in the torch baseline: stats do not affect speed
-        mean=MEAN, std=STD))
-    n_files = len(data.discover(args.data_dir))
-    epochs = -(-total // (n_files // args.batch_size))
-    config.train = ml_collections.ConfigDict(dict(
-        batch_size=args.batch_size, num_epochs=epochs, seed=args.seed))
+    result = time_stream(args, args.data_dir)
+    if args.pil_reference:
+        from clusiam_jax import data
+        files = [r.path for r in data.discover(args.data_dir)]
+        result.update(compare_with_pil(files, args.image_size, args.pil_reference, args.seed,
+                                       on_device=args.on_device_augment))
+    print(json.dumps(result), flush=True)
 
+
+def time_stream(args, data_path, epochs_of_patches=None):
+    """Times `args.batches` batches after `args.warmup`; with epochs_of_patches, the
+    stream runs that many whole epochs instead (for the memory curve over an epoch)."""
+    from clusiam_jax import data
+    from clusiam_jax.config import default_config
+
+    config = default_config()
+    d = config.data
+    d.path, d.image_size, d.num_workers = data_path, args.image_size, args.workers
+    d.augment_on_device = args.on_device_augment
+    d.mean, d.std = MEAN, STD   # constants as in the torch baseline: no effect on speed
     start = time.perf_counter()
+    _, source = data.sources.open_source(data_path)
+    n_files = len(source)
+    steps_per_epoch = n_files // args.batch_size
+    total = (args.warmup + args.batches if epochs_of_patches is None
+             else epochs_of_patches * steps_per_epoch)
+    config.train.batch_size, config.train.seed = args.batch_size, args.seed
+    config.train.num_epochs = -(-total // steps_per_epoch)
     loader = data.create_train_loader(config)
     it = loader.iterator()
-    stamps, cpu0, busy0 = [], None, None
+    stamps, cpu0, busy0, rss = [], None, None, []
     for _ in range(total):
         batch = next(it)
         assert batch['view1'].shape == (args.batch_size, args.image_size, args.image_size, 3)
         stamps.append(time.perf_counter())
+        rss.append(process_tree_rss_bytes(os.getpid()))
         if len(stamps) == args.warmup:
             cpu0, busy0 = process_tree_cpu_s(os.getpid()), machine_busy_s()
     cpu1, busy1 = process_tree_cpu_s(os.getpid()), machine_busy_s()
     if hasattr(it, 'close'):
         it.close()
-    if args.warmup == 0:
-        raise SystemExit('--warmup must be >= 1 (the first batch includes start-up)')
     window = stamps[-1] - stamps[args.warmup - 1]
-    pairs = args.batches * args.batch_size
+    pairs = (total - args.warmup) * args.batch_size
     own = cpu1 - cpu0
-    result = dict(
+    tenth = max(args.warmup, len(rss) // 10)
+    return dict(
         bench='data_pipeline', workers=args.workers, batch_size=args.batch_size,
         image_size=args.image_size, n_files=n_files, warmup_batches=args.warmup,
-        timed_batches=args.batches, first_batch_s=round(stamps[0] - start, 3),
+        timed_batches=total - args.warmup, first_batch_s=round(stamps[0] - start, 3),
         timed_window_s=round(window, 3), pairs_per_s=round(pairs / window, 2),
         cpu_ms_per_pair=round(1000 * own / pairs, 3),
         own_cpus=round(own / window, 3),
         foreign_cpus=round(max(0.0, (busy1 - busy0) - own) / window, 3),
+        # process tree (main + grain workers): peak, and at 10% and at the end of the
+        # stream: flat memory shows as rss_end_mb close to rss_10pct_mb
+        peak_rss_mb=round(max(rss) / 2 ** 20, 1),
+        rss_10pct_mb=round(rss[tenth - 1] / 2 ** 20, 1),
+        rss_end_mb=round(rss[-1] / 2 ** 20, 1),
         augment_on_device=args.on_device_augment,
         output=('uint8 crops; jitter, gray, blur, flip and normalization on the device'
                 if args.on_device_augment else 'uint8 views; normalization on the device'),
         machine=machine(), versions=versions(), command=command_line())
-    if args.pil_reference:
-        files = [r.path for r in data.discover(args.data_dir)]
-        result.update(compare_with_pil(files, args.image_size, args.pil_reference, args.seed,
-                                       on_device=args.on_device_augment))
-    print(json.dumps(result), flush=True)
+
+
+def prepare_slides(copies, patch_size):
+    """A folder of `copies` links to the shared slides (the CC0 region and the TCGA slide
+    at 0.5 µm/px, alternately), tiled at `patch_size` px and 0.5 µm/px, and a PNG folder
+    of exactly the same patches (lossless), so the two sources hold the same pixels.
+    Made once under <tmp>/clusiam_bench_slides_<copies>_<size>."""
+    import cv2
+
+    from clusiam_jax.data import slide_source
+    from clusiam_jax.slides import tiling
+    shared = os.path.join(REPO, '..', 'shared', 'data', 'slides')
+    originals = [os.path.join(shared, n) for n in ('cmu-1-small-region.svs',
+                                                   'tcga-cr-7395-01a-01-ts1.svs')]
+    if not all(os.path.isfile(p) for p in originals):
+        sys.exit(f'--slides needs the shared slides in {shared}')
+    root = os.path.join(tempfile.gettempdir(), f'clusiam_bench_slides_{copies}_{patch_size}')
+    tiles, pngs = os.path.join(root, 'tiles'), os.path.join(root, 'png')
+    if os.path.isdir(pngs):
+        return tiles, pngs
+    links = os.path.join(root, 'wsi')
+    os.makedirs(links, exist_ok=True)
+    rows = ['path,slide_id,mpp']
+    for i in range(copies):
+        original = originals[i % 2]
+        link = os.path.join(links, f'copy{i:04d}.svs')
+        if not os.path.exists(link):
+            os.symlink(os.path.abspath(original), link)
+        rows.append(f'{link},copy{i:04d},{"" if i % 2 == 0 else 0.5}')
+    listing = os.path.join(root, 'slides.csv')
+    with open(listing, 'w') as f:
+        f.write('\n'.join(rows) + '\n')
+    from clusiam_jax.config import default_config
+    tile = default_config().tile
+    tile.patch_size = patch_size
+    tiling.tile_slides(tiling.list_slides(listing), tiling.TileParams.from_config(tile), tiles,
+                       num_workers=2)
+    recs, source = slide_source.open_slide_source(tiles)
+    tmp = pngs + '.partial'
+    for i, r in enumerate(recs):
+        folder = os.path.join(tmp, r.slide_id)
+        os.makedirs(folder, exist_ok=True)
+        cv2.imwrite(os.path.join(folder, f'{r.x}_{r.y}.png'),
+                    cv2.cvtColor(source.load(i), cv2.COLOR_RGB2BGR))
+    os.replace(tmp, pngs)
+    return tiles, pngs
 
 
 if __name__ == '__main__':

@@ -104,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Tiling whole slides (python launch.py --mode tile), docs/method.md §9.
     c.tile = ml_collections.ConfigDict()
     c.tile.slides = ''                # slide folder (recursive) | CSV path[,slide_id,mpp,label]
+                                      # | one slide file
     c.tile.out_dir = ''               # patches/, masks/, slides.csv
     c.tile.target_mpp = 0.5           # µm per pixel of the patches (0.5 ~ 20x)
     c.tile.patch_size = 224           # patch side in pixels at target_mpp
@@ -283,7 +284,12 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
             raise ConfigError('data.path is not set: pass --config.data.path=DIR '
                               '(a patch folder, a manifest CSV or a built dataset)')
         if not os.path.exists(config.data.path):
-            raise ConfigError(f'data.path does not exist: {config.data.path}')
+            hint = ''
+            if config.tile.slides and os.path.abspath(config.tile.out_dir or '') == \
+                    os.path.abspath(config.data.path):
+                hint = ('; it is the tiling output of tile.slides: tile first (python '
+                        'launch.py --mode tile --config ...)')
+            raise ConfigError(f'data.path does not exist: {config.data.path}{hint}')
 
 
 def _validate_export(exp):

@@ -7,3 +7,19 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
                       '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+import pytest
+
+
+@pytest.fixture(scope='session')
+def demo_tiles(tmp_path_factory):
+    """The demo slide tiled as configs/demo.py tiles it (once per session, ~1 s): the
+    demo's training data."""
+    from clusiam_jax.slides import tiling
+    from configs import demo
+    tile = demo.get_config().tile
+    out = str(tmp_path_factory.mktemp('demo_tiles'))
+    tiling.tile_slides(tiling.list_slides(tile.slides), tiling.TileParams.from_config(tile),
+                       out)
+    return out

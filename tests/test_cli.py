@@ -62,8 +62,10 @@ def test_values_an_action_does_not_use_are_refused(tmp_path, capsys, argv, messa
 @pytest.mark.parametrize('argv, message', [
     (['--config', 'configs/nope.py', '--workdir', 'RUN', '--config.train.batch_size=8'],
      'configs/nope.py: no such file'),
-    (['--config', 'configs/demo.py', '--workdir', 'FILE/run'], 'cannot write there'),
-    (['--config', 'configs/demo.py', '--workdir', 'FILE'], 'is a file, not a folder'),
+    (['--config', 'configs/demo.py', '--workdir', 'FILE/run', '--config.data.path=RUN'],
+     'cannot write there'),
+    (['--config', 'configs/demo.py', '--workdir', 'FILE', '--config.data.path=RUN'],
+     'is a file, not a folder'),
     (['--mode', 'export', '--workdir', 'RUN'], 'no config.json: not a run directory'),
     (['--mode', 'eval', 'knn', '--export', 'RUN', '--splits', 'RUN/s.csv'],
      'splits file not found'),
@@ -119,11 +121,12 @@ def _wait_for(proc, text, timeout=300):
 
 
 @pytest.mark.slow
-def test_sigterm_during_start_up_and_ctrl_c_during_training(tmp_path):
+def test_sigterm_during_start_up_and_ctrl_c_during_training(tmp_path, demo_tiles):
     """SIGTERM while the step compiles: exit 0 and one line, nothing to save. Ctrl-C
     while training: a checkpoint at that step, one line, exit 130."""
     workdir = str(tmp_path / 'run')
-    args = ['--config', 'configs/demo.py', '--workdir', workdir] + TINY
+    args = ['--config', 'configs/demo.py', '--workdir', workdir,
+            f'--config.data.path={demo_tiles}'] + TINY
     proc = _launch(args)
     _wait_for(proc, 'compiling the train step')
     proc.send_signal(signal.SIGTERM)

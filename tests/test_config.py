@@ -6,7 +6,7 @@ import sys
 import ml_collections
 import pytest
 
-from clusiam_jax.config import default_config, validate
+from clusiam_jax.config import default_config, validate, validate_tile
 from clusiam_jax.errors import ConfigError
 from configs import byol, clubyol, clubyol_pod, clusiam, demo, simsiam
 
@@ -31,7 +31,8 @@ def test_recipes_are_the_papers(tmp_path):
     assert simsiam.get_config().loss.alpha == 0 and byol.get_config().loss.alpha == 0
     for recipe in (clusiam, clubyol, simsiam, byol, clubyol_pod):
         validate(with_path(recipe.get_config(), str(tmp_path)), num_devices=8)
-    validate(demo.get_config())  # the demo's data ships with the package
+    validate(with_path(demo.get_config(), str(tmp_path)))
+    validate_tile(demo.get_config().tile)   # the demo's slide ships with the package
 
 
 @pytest.mark.parametrize('mutate, message', [
@@ -88,15 +89,17 @@ def test_baselines_reject_a_cluster_weight(tmp_path):
     (['--config.train.batchsize=32'], "did you mean 'batch_size'?"),
     (['--config.train.batch_size=many'], 'invalid literal for int'),
     (['--config.data.path=/no/such/dir'], 'data.path does not exist'),
-    (['--config.train.batch_size=12'], 'not divisible by the 8 devices'),
+    (['--config.train.batch_size=12', '--config.data.path=DEMO_TILES'],
+     'not divisible by the 8 devices'),
     (['--config.data.path=EMPTY_DIR'], 'no image files'),             # a DataError
     (['--config.data.path=A_FILE'], 'is a file but not a manifest CSV'),
     (['--mode', 'export', '--config.export.out_dir=A_FILE'], 'is a file, not a folder'),
 ])
-def test_cli_errors_are_one_line_before_compiling(tmp_path, args, message):
+def test_cli_errors_are_one_line_before_compiling(tmp_path, demo_tiles, args, message):
     os.makedirs(tmp_path / 'empty')
     (tmp_path / 'a_file').write_text('not a folder')
-    paths = {'EMPTY_DIR': str(tmp_path / 'empty'), 'A_FILE': str(tmp_path / 'a_file')}
+    paths = {'EMPTY_DIR': str(tmp_path / 'empty'), 'A_FILE': str(tmp_path / 'a_file'),
+             'DEMO_TILES': demo_tiles}
     args = [a.split('=')[0] + '=' + paths[a.split('=')[1]]
             if '=' in a and a.split('=')[1] in paths else a for a in args]
     cmd = [sys.executable, 'launch.py', '--config', 'configs/demo.py',

@@ -1,6 +1,7 @@
-"""The demo config end to end through launch.py, at a reduced size: trains on the shipped
-tiles, writes checkpoints, a CSV, TensorBoard events and its log, resumes when started
-again (naming what changed), and exports without --config."""
+"""The demo config end to end through launch.py, at a reduced size: tiles the shipped
+slide, trains on its patches read from the slide, writes checkpoints, a CSV, TensorBoard
+events and its log, resumes when started again (naming what changed), and exports without
+--config."""
 import csv
 import json
 import os
@@ -15,7 +16,8 @@ REDUCED = ['--config.model.backbone=resnet_tiny', '--config.data.image_size=32',
 
 
 def launch(workdir, *args, recipe=('--config', 'configs/demo.py'), reduced=REDUCED):
-    cmd = [sys.executable, 'launch.py', *recipe, '--workdir', str(workdir)] + reduced + list(args)
+    cmd = [sys.executable, 'launch.py', *recipe] + (['--workdir', str(workdir)] if workdir
+                                                    else []) + reduced + list(args)
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                          env=subprocess_env())
     assert out.returncode == 0, out.stderr[-3000:]
@@ -27,9 +29,16 @@ def csv_rows(workdir):
         return list(csv.DictReader(f))
 
 
-def test_demo_trains_checkpoints_and_resumes(tmp_path):
+def test_demo_tiles_trains_checkpoints_and_resumes(tmp_path):
+    tiles = tmp_path / 'tiles'
+    log = launch(None, '--mode', 'tile', f'--config.tile.out_dir={tiles}', reduced=[])
+    assert 'tiled into' in log
+    with open(tiles / 'slides.csv') as f:
+        row, = list(csv.DictReader(f))
+    assert row['status'] == 'tiled' and int(row['n_patches']) > 32
+    assert (tiles / 'masks' / 'cmu-1-small-region.png').exists()
     workdir = tmp_path / 'demo'
-    log = launch(workdir, '--config.train.num_epochs=2')
+    log = launch(workdir, '--config.train.num_epochs=2', f'--config.data.path={tiles}')
     rows = csv_rows(workdir)
     assert [r['epoch'] for r in rows] == ['1', '2']
     assert all(float(r['loss']) == float(r['loss']) for r in rows)  # no NaN
@@ -51,24 +60,28 @@ def test_demo_trains_checkpoints_and_resumes(tmp_path):
         normalization['origin']
 
     # Started again with more epochs: continues from step 4, epoch 3 only.
-    log = launch(workdir, '--config.train.num_epochs=3')
+    log = launch(workdir, '--config.train.num_epochs=3', f'--config.data.path={tiles}')
     assert 'resuming from the checkpoint at step 4 of 6 (epoch 3 of 3, 0 steps in)' in log
     assert 'train.num_epochs: 2 -> 3' in log
     assert [r['epoch'] for r in csv_rows(workdir)] == ['1', '2', '3']
     assert '6' in os.listdir(workdir / 'checkpoints')
 
     # A finished run says so and exits 0 without training.
-    log = launch(workdir, '--config.train.num_epochs=3')
+    log = launch(workdir, '--config.train.num_epochs=3', f'--config.data.path={tiles}')
     assert 'is complete (step 6 of 6)' in log
     assert len(csv_rows(workdir)) == 3
 
 
-def test_export_needs_no_config(tmp_path):
+def test_export_needs_no_config(tmp_path, demo_tiles):
     """A finished run exports with only --workdir: model, size and normalization are the
     run's; export-section overrides apply."""
     workdir = tmp_path / 'demo'
-    launch(workdir, '--config.train.num_epochs=1', '--config.export.after_training=False')
+    launch(workdir, '--config.train.num_epochs=1', '--config.export.after_training=False',
+           f'--config.data.path={demo_tiles}')
     launch(workdir, '--mode', 'export', f'--config.export.out_dir={tmp_path / "out"}',
            '--config.export.format=npz', recipe=(), reduced=[])
     info = json.loads((tmp_path / 'out' / 'export_info.json').read_text())
-    assert info['format'] == 'npz' and info['n_patches'] == 42 and info['image_size'] == 32
+    with open(os.path.join(demo_tiles, 'slides.csv')) as f:
+        n_patches = int(next(csv.DictReader(f))['n_patches'])
+    assert info['format'] == 'npz' and info['n_patches'] == n_patches
+    assert info['image_size'] == 32

@@ -121,16 +121,20 @@ def _read_slide_csv(path: str) -> List[SlideEntry]:
 
 
 def list_slides(slides: str) -> List[SlideEntry]:
-    """The slides of `tile.slides`: a folder searched recursively, or a CSV."""
+    """The slides of `tile.slides`: a folder searched recursively, a CSV, or one slide."""
     if not slides:
         raise ConfigError('tile.slides is empty: give a folder of slides or a CSV with a '
                           '"path" column (--config.tile.slides=...)')
     if not os.path.exists(slides):
         raise DataError(f'tile.slides not found: {slides}')
     if os.path.isfile(slides):
-        if not slides.lower().endswith('.csv'):
-            raise DataError(f'tile.slides {slides} is a file but not a CSV of slides')
-        entries = _read_slide_csv(slides)
+        if slides.lower().endswith(reader.SLIDE_EXTENSIONS):
+            entries = [SlideEntry(reader.slide_id_of(slides), slides)]
+        elif not slides.lower().endswith('.csv'):
+            raise DataError(f'tile.slides {slides} is neither a slide file '
+                            f'({", ".join(reader.SLIDE_EXTENSIONS)}) nor a CSV of slides')
+        else:
+            entries = _read_slide_csv(slides)
     else:
         entries = [SlideEntry(reader.slide_id_of(p), p) for p in _find_slides(slides)]
         if not entries:
