@@ -155,3 +155,18 @@ def test_export_resumes_per_slide(exported, monkeypatch, tmp_path):
     os.remove(exported['out'] / 'h5_files' / 'beta.h5')
     cli.export_with(exported['workdir'], exp, None)
     assert calls == [{'beta'}]
+
+
+def test_a_vanished_slide_is_listed_once_and_the_rest_exported(exported, tmp_path):
+    import shutil
+    tiles = tmp_path / 'tiles'
+    shutil.copytree(exported['tiles'], tiles)
+    text = (tiles / 'slides.csv').read_text()
+    gone = str(tmp_path / 'moved' / 'beta.tif')
+    (tiles / 'slides.csv').write_text(text.replace(str(exported['slides'] / 'beta.tif'), gone))
+    config = tiny_config('clusiam', image_size=32)
+    exp = config.export
+    exp.data_path, exp.out_dir, exp.batch_size = str(tiles), str(tmp_path / 'out'), 16
+    cli.export_with(exported['workdir'], exp, None)
+    assert os.listdir(tmp_path / 'out' / 'h5_files') == ['alpha.h5']
+    assert (tmp_path / 'out' / 'skipped_files.txt').read_text().split() == [gone]

@@ -96,11 +96,11 @@ def slide_label(labels) -> str:
 
 
 def _load_patch(source, index, size):
-    """(uint8 [size, size, 3], original (h, w)) or (None, reason) for an unreadable file."""
+    """(uint8 [size, size, 3], original (h, w)) or (None, the BadImageError)."""
     try:
         img = source.load(index)
     except image_io.BadImageError as e:
-        return None, str(e)
+        return None, e
     h, w = img.shape[:2]
     if (h, w) != (size, size):
         img = augment.resized_crop(img, (0, 0, h, w), size)
@@ -136,8 +136,10 @@ class _SlideWriter:
 
     def add(self, slide, record, outputs: Optional[dict], shape_or_reason):
         self.seen[slide] += 1
-        if outputs is None:
-            self.skip_log.record(record.path, shape_or_reason)
+        if outputs is None:  # a slide that cannot be opened is listed once, not per patch
+            error = shape_or_reason
+            self.skip_log.record(getattr(error, 'subject', None) or record.path,
+                                 str(error).split(': ', 1)[-1])
         else:
             self._note_resize(shape_or_reason)
             self.patch_size.setdefault(slide, int(shape_or_reason[1]))
