@@ -498,3 +498,59 @@ def test_slides_csv_rows_have_the_documented_columns(tiled):
         rows = list(reader_)
     assert [r['slide_id'] for r in rows] == ['s20', 's40']
     assert rows[0]['n_patches'] == rows[1]['n_patches']
+
+
+# ------------------------------------------------------------ review fixes
+
+def test_slide_paths_are_recorded_absolute_and_earlier_rows_kept(scans, tmp_path,
+                                                                 monkeypatch):
+    folder = tmp_path / 'wsi'
+    folder.mkdir()
+    shutil.copy(scans[0.5], folder / 'one.tif')
+    shutil.copy(scans[1.0], folder / 'two.tif')
+    monkeypatch.chdir(tmp_path)
+    tiling.tile_slides(tiling.list_slides('wsi/one.tif'), tile_params(), 'out')
+    first, = tiling.read_slides_csv('out')
+    assert first['path'] == str(folder / 'one.tif') and float(first['tissue_fraction']) > 0
+    # Another list into the same folder: one's row is kept, two's added; a rerun of one
+    # reuses it and keeps its tissue fraction.
+    tiling.tile_slides(tiling.list_slides('wsi/two.tif'), tile_params(), 'out')
+    tiling.tile_slides(tiling.list_slides('wsi/one.tif'), tile_params(), 'out')
+    rows = {r['slide_id']: r for r in tiling.read_slides_csv('out')}
+    assert set(rows) == {'one', 'two'}
+    assert rows['one']['tissue_fraction'] == first['tissue_fraction']
+    # From anywhere else, the tiling's slides are found; moved, data.slide_dir finds them.
+    monkeypatch.chdir('/')
+    _, source = sources_lib.open_source(str(tmp_path / 'out'))
+    assert source.load(0).shape == (64, 64, 3)
+    shutil.move(str(folder), str(tmp_path / 'moved'))
+    _, source = sources_lib.open_source(str(tmp_path / 'out'), str(tmp_path / 'moved'))
+    assert source.load(0).shape == (64, 64, 3)
+
+
+def test_a_slide_csv_with_a_byte_order_mark(scans, tmp_path):
+    listing = tmp_path / 'bom.csv'
+    listing.write_text(f'path,mpp\n{scans[0.5]},0.5\n', encoding='utf-8-sig')
+    entry, = tiling.list_slides(str(listing))
+    assert entry.mpp == 0.5
+
+
+def test_clam_attributes_get_their_level0_side_for_exports(scans, tmp_path):
+    patches = tmp_path / 'patches'
+    patches.mkdir()
+    shutil.copy(scans[0.25], tmp_path / 's.tif')
+    with h5py.File(patches / 's.h5', 'w') as f:   # no `downsample`: from the slide
+        f.create_dataset('coords', data=np.array([[0, 0]])).attrs.update(
+            patch_level=2, patch_size=32, name='s')
+    _, source = sources_lib.open_source(str(patches), str(tmp_path))
+    attrs = source.coords_attrs('s')
+    assert attrs['patch_size_level0'] == 128   # 32 px at level 2 (downsample 4)
+    assert (attrs['level0_width'], attrs['level0_height']) == (2048, 1536)
+
+
+def test_thumbnail_read_in_bands_equals_one_read(scans):
+    with reader.open_slide(scans[0.25]) as slide:
+        whole, ds = reader.thumbnail(slide, 3.0)
+        banded, ds2 = reader.thumbnail(slide, 3.0, band_pixels=1024 * 40)
+    assert ds == ds2 and whole.shape == banded.shape == (512, 683, 3)
+    assert np.abs(whole.astype(int) - banded.astype(int)).mean() < 1.0

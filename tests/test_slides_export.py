@@ -170,3 +170,25 @@ def test_a_vanished_slide_is_listed_once_and_the_rest_exported(exported, tmp_pat
     cli.export_with(exported['workdir'], exp, None)
     assert os.listdir(tmp_path / 'out' / 'h5_files') == ['alpha.h5']
     assert (tmp_path / 'out' / 'skipped_files.txt').read_text().split() == [gone]
+
+
+def test_npz_from_slides_is_refused_and_pt_files_resume(exported, tmp_path, monkeypatch):
+    from clusiam_jax.errors import ConfigError
+    from clusiam_jax.export import embed
+    config = tiny_config('clusiam', image_size=32)
+    exp = config.export
+    exp.data_path, exp.out_dir, exp.format = str(exported['tiles']), str(tmp_path / 'n'), 'npz'
+    with pytest.raises(ConfigError, match='export.format=h5'):
+        cli.export_with(exported['workdir'], exp, None)
+    calls = []
+    original = embed._embed_stream
+
+    def counting(embedder, source, stream, writer, options):
+        calls.append({s for s, _, _ in stream})
+        return original(embedder, source, stream, writer, options)
+    monkeypatch.setattr(embed, '_embed_stream', counting)
+    exp.format, exp.out_dir, exp.batch_size = 'h5', str(exported['out']), 16
+    exp.pt_files, exp.qupath = True, True
+    os.remove(exported['out'] / 'pt_files' / 'alpha.pt')
+    cli.export_with(exported['workdir'], exp, None)
+    assert calls == [{'alpha'}] and (exported['out'] / 'pt_files' / 'alpha.pt').exists()

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 # substitutes for bad files never share random numbers.
 _SHUFFLE, _AUGMENT, _SUBSTITUTE = 0x5, 0xA, 0xB
 _MAX_SUBSTITUTES = 100
+_SAME_SLIDE_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +131,11 @@ class PairMaker:
         self.min_tissue = float(min_tissue)
         self._perm_epoch, self._perm = None, None
         self._bad = set()
+        self._members = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_perm_epoch=None, _perm=None, _bad=set())
+        state.update(_perm_epoch=None, _perm=None, _bad=set(), _members=None)
         return state
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -161,6 +163,21 @@ class PairMaker:
                 return None
         return img
 
+    def _substitute(self, index: int, attempt: int, rng) -> int:
+        """A record to take the place of an unreadable one: with slide-balanced sampling
+        first from the same slide (keeping the balance), then from anywhere (a slide that
+        vanished has nothing to offer)."""
+        if self.plan.sampling == 'slide_balanced' and attempt <= _SAME_SLIDE_ATTEMPTS:
+            if self._members is None:
+                order = np.argsort(self.plan.slide_index, kind='stable')
+                counts = np.bincount(self.plan.slide_index)
+                self._members = (order, np.concatenate([[0], np.cumsum(counts)]))
+            order, starts = self._members
+            slide = self.plan.slide_index[index]
+            lo, hi = starts[slide], starts[slide + 1]
+            return int(order[lo + rng.integers(hi - lo)])
+        return int(rng.integers(self.plan.num_records))
+
     def record_index(self, k: int) -> Tuple[int, int, int]:
         epoch, pos = self.plan.locate(k)
         return epoch, pos, int(self._order(epoch)[pos])
@@ -176,7 +193,7 @@ class PairMaker:
                     f'{_MAX_SUBSTITUTES} substitutes in a row were unreadable: is the patch '
                     f'source mostly broken? See {self.skip_log.list_path}')
             sub_rng = np.random.default_rng([self.plan.seed, epoch, pos, _SUBSTITUTE, attempt])
-            img = self._load(int(sub_rng.integers(self.plan.num_records)))
+            img = self._load(self._substitute(index, attempt, sub_rng))
         rng = np.random.default_rng([self.plan.seed, epoch, pos, _AUGMENT])
         if self.aug.on_device:  # only the crops; colour, blur, hflip in the train step
             view1, view2 = augment.two_crops(img, rng, self.aug)

@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import logging
 import os
+import threading
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -57,14 +58,28 @@ class SlideSource:
         self._xy = (np.concatenate([s.coords.coords for s in slides]).astype(np.int64)
                     if slides else np.zeros((0, 2), np.int64))
         self.open_slides = int(open_slides)
+        self._reset()
+
+    def _reset(self):
+        """The per-process state: never pickled (handles must not cross a fork)."""
         self._handles = collections.OrderedDict()
         self._bad: Dict[int, str] = {}
         self._sizes: Dict[int, tuple] = {}
+        # The export reads with several threads: the table and eviction are locked. An
+        # evicted or failed handle is only dropped, never closed here: a thread may be
+        # reading from it, and OpenSlide closes it when the last reference goes.
+        self._lock = threading.Lock()
+        self._cache = None   # one tile cache for all the handles of this process
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_handles=collections.OrderedDict(), _bad={}, _sizes={})
+        for key in ('_handles', '_bad', '_sizes', '_lock', '_cache'):
+            state.pop(key)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
 
     def __len__(self) -> int:
         return len(self._slide_of)
@@ -86,31 +101,41 @@ class SlideSource:
                 for i, (s, (x, y)) in enumerate(zip(self._slide_of, self._xy))]
 
     def coords_attrs(self, slide_id: str) -> dict:
-        """The coordinate file's attributes of a slide (copied into its export file)."""
-        for s in self.slides:
-            if s.slide_id == slide_id:
-                return dict(s.coords.attrs, slide_path=os.path.abspath(s.path))
-        raise KeyError(slide_id)
+        """The coordinate file's attributes of a slide (copied into its export file), with
+        `patch_size_level0` and the level-0 size always present (CLAM files lack them),
+        and the slide's path."""
+        index = [s.slide_id for s in self.slides].index(slide_id)
+        slide = self.slides[index]
+        attrs = dict(slide.coords.attrs, slide_path=os.path.abspath(slide.path))
+        if 'patch_size_level0' not in attrs or 'level0_width' not in attrs:
+            handle = self._handle(index)
+            attrs.setdefault('patch_size_level0', self._patch_sizes(index, handle)[0])
+            attrs.setdefault('level0_width', handle.dimensions[0])
+            attrs.setdefault('level0_height', handle.dimensions[1])
+        return attrs
 
     # ------------------------------------------------------------ reading
 
     def _handle(self, s: int):
-        if s in self._bad:
-            raise _slide_error(self.slides[s].path, self._bad[s])
-        handle = self._handles.get(s)
-        if handle is not None:
-            self._handles.move_to_end(s)
+        with self._lock:
+            if s in self._bad:
+                raise _slide_error(self.slides[s].path, self._bad[s])
+            handle = self._handles.get(s)
+            if handle is not None:
+                self._handles.move_to_end(s)
+                return handle
+            if self._cache is None:
+                import openslide
+                self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
+            try:
+                handle = reader.open_slide(self.slides[s].path, cache=self._cache)
+            except DataError as e:
+                self._bad[s] = str(e).split(': ', 1)[-1]
+                raise _slide_error(self.slides[s].path, self._bad[s]) from None
+            self._handles[s] = handle
+            while len(self._handles) > self.open_slides:
+                self._handles.popitem(last=False)
             return handle
-        try:
-            handle = reader.open_slide(self.slides[s].path)
-        except DataError as e:
-            self._bad[s] = str(e).split(': ', 1)[-1]
-            raise _slide_error(self.slides[s].path, self._bad[s]) from None
-        self._handles[s] = handle
-        while len(self._handles) > self.open_slides:
-            _, old = self._handles.popitem(last=False)
-            old.close()
-        return handle
 
     def _patch_sizes(self, s: int, handle) -> tuple:
         """(level-0 side, output side) of slide s's patches."""
@@ -134,8 +159,9 @@ class SlideSource:
             import openslide
             if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)):
                 raise
-            self._handles.pop(s, None)
-            handle.close()
+            with self._lock:
+                if self._handles.get(s) is handle:
+                    del self._handles[s]
             raise image_io.BadImageError(
                 f'{self.path(index)}: region unreadable ({" ".join(str(e).split())})') \
                 from None
@@ -181,19 +207,28 @@ def _index_slides(slide_dir: str) -> Dict[str, str]:
     return found
 
 
-def _tiling_slides(path: str, folder: str) -> List[SlidePatches]:
-    with open(os.path.join(path, SLIDES_CSV), newline='') as f:
+def _tiling_slides(path: str, slide_dir: str) -> List[SlidePatches]:
+    """The tiled slides of slides.csv; with `slide_dir` (slides moved since tiling) each
+    is looked up there by slide id instead of at its recorded path."""
+    with open(os.path.join(path, SLIDES_CSV), newline='', encoding='utf-8-sig') as f:
         rows = [r for r in csv.DictReader(f) if r.get('status') == 'tiled']
     if not rows:
         raise DataError(f'{path}: slides.csv lists no tiled slide (see its status and '
                         f'reason columns)')
+    moved = _index_slides(slide_dir) if slide_dir else None
     out = []
     for row in rows:
         coord_file = coords_lib.trident_file(path, row['slide_id'])
         if not os.path.exists(coord_file):
             raise DataError(f'{path}: slides.csv lists {row["slide_id"]} as tiled but '
                             f'{coord_file} is missing (tile again: --mode tile)')
-        out.append(SlidePatches(row['slide_id'], row['path'], row.get('label') or '',
+        slide_path = row['path']
+        if moved is not None:
+            if row['slide_id'] not in moved:
+                raise DataError(f'slide {row["slide_id"]} of {path} is not in data.slide_dir '
+                                f'{slide_dir} (looked for it at any depth)')
+            slide_path = moved[row['slide_id']]
+        out.append(SlidePatches(row['slide_id'], slide_path, row.get('label') or '',
                                 coords_lib.read_coords(coord_file)))
     return out
 
@@ -226,8 +261,10 @@ def _patch_folder_slides(path: str, folder: str, slide_dir: str) -> List[SlidePa
 def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 64):
     """(records, SlideSource) of a tiling output or a CLAM/TRIDENT patch folder."""
     folder = _patches_folder(path)
+    if slide_dir and not os.path.isdir(slide_dir):
+        raise DataError(f'slide folder not found: {slide_dir}')
     if os.path.isfile(os.path.join(path, SLIDES_CSV)):
-        slides = _tiling_slides(path, folder)
+        slides = _tiling_slides(path, slide_dir)
     else:
         slides = _patch_folder_slides(path, folder, slide_dir)
     slides = [s for s in slides if len(s.coords.coords)]

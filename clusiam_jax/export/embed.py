@@ -236,7 +236,8 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
     if fmt_name == 'npz':
         todo = [] if fmt.is_finished(out_dir, 'npz', '', key, len(records)) else list(groups)
     else:
-        todo = [s for s in groups if not fmt.is_finished(out_dir, 'h5', s, key, len(groups[s]))]
+        todo = [s for s in groups if not fmt.is_finished(out_dir, 'h5', s, key, len(groups[s]))
+                or (options.pt_files and not os.path.exists(fmt.pt_file(out_dir, s)))]
     if len(todo) < len(groups):
         log.info('export: %d of %d slides already exported with these settings from step '
                  '%d; skipping them', len(groups) - len(todo), len(groups), step)

@@ -63,6 +63,11 @@ def slide_file(export_format: str, slide_id: str) -> str:
     return os.path.join(H5_DIR, slide_file_name(slide_id) + '.h5')
 
 
+def pt_file(out_dir: str, slide_id: str) -> str:
+    """Where a slide's CLAM-style torch features go (export.pt_files)."""
+    return os.path.join(out_dir, PT_DIR, slide_file_name(slide_id) + '.pt')
+
+
 def map_file(out_dir: str, row: dict) -> str:
     """Where a slide's cluster map goes: named like its h5 file, or by slide id."""
     stem = (os.path.splitext(os.path.basename(row['file']))[0]
@@ -108,9 +113,8 @@ def write_slide_pt(out_dir: str, slide_id: str, features: np.ndarray):
     """`pt_files/<slide>.pt`: the features as a torch tensor, what CLAM's MIL training
     loads by default (torch is the optional extra; prepare_export checked it)."""
     import torch
-    folder = os.path.join(out_dir, PT_DIR)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, slide_file_name(slide_id) + '.pt')
+    path = pt_file(out_dir, slide_id)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_write(path) as tmp, open(tmp, 'wb') as f:
         torch.save(torch.from_numpy(np.ascontiguousarray(features, np.float32)), f)
 

@@ -81,6 +81,19 @@ class ExportJob:
         return rows
 
 
+def _open(data_path, exp, trained_on):
+    """The source to export: `export.slide_dir`, else the run's `data.slide_dir` when the
+    export reads the run's own data; slide sources only as per-slide h5."""
+    slide_dir = exp.slide_dir or (trained_on.slide_dir if data_path == trained_on.path
+                                  else '')
+    opened = sources_lib.open_source(data_path, slide_dir)
+    if exp.format == 'npz' and hasattr(opened[1], 'slide_index'):
+        raise ConfigError(f'{data_path} is read from whole slides: export it as per-slide '
+                          f'h5 files (export.format=h5), which carry each slide\'s tiling '
+                          f'attributes and slide path')
+    return opened
+
+
 def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalization] = None,
                    step: Optional[int] = None) -> ExportJob:
     """Restores the run's weights and lists what to embed; `exp` is a validated `export`
@@ -111,7 +124,5 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
                     options.image_size, trained_at)
     return ExportJob(run=run, data_path=data_path,
                      out_dir=exp.out_dir or os.path.join(workdir, DEFAULT_DIR),
-                     opened=sources_lib.open_source(
-                         data_path, exp.slide_dir or run.config.data.slide_dir),
-                     options=options,
+                     opened=_open(data_path, exp, run.config.data), options=options,
                      normalization=resolve_normalization(run, normalization))

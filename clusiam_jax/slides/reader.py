@@ -27,14 +27,15 @@ import numpy as np
 from clusiam_jax.errors import DataError
 
 # What a folder of slides is searched for (lower case; `.ome.tif(f)` ends in `.tif(f)`).
+# DICOM is left out: one slide is a folder of .dcm instances, which a file search would
+# count as many slides.
 SLIDE_EXTENSIONS = ('.svs', '.tif', '.tiff', '.ndpi', '.mrxs', '.scn', '.bif', '.vms',
-                    '.vmu', '.svslide', '.dcm')
+                    '.vmu', '.svslide')
 # Extensions that are never single patches: found in a patch folder they are flagged.
 SLIDE_ONLY_EXTENSIONS = tuple(e for e in SLIDE_EXTENSIONS if e not in ('.tif', '.tiff'))
-# OpenSlide caches decoded tiles per handle (default 32 MiB each, shared by default
-# through one global cache in OpenSlide 4); a bounded cache keeps RSS flat with many
-# open slides.
-TILE_CACHE_BYTES = 16 * 1024 * 1024
+# OpenSlide caches decoded tiles; the slide source gives all the handles of a process one
+# cache of this size, so memory does not grow with the number of open slides.
+TILE_CACHE_BYTES = 64 * 1024 * 1024
 # A level is "as fine as the target" within this tolerance: scanners write downsamples
 # like 4.0002, and reading the next finer level for 0.02% costs 4x the pixels.
 _LEVEL_TOLERANCE = 1e-2
@@ -51,8 +52,9 @@ class Resolution:
     origin: str
 
 
-def open_slide(path: str, cache_bytes: int = TILE_CACHE_BYTES):
-    """An OpenSlide handle with a bounded tile cache; SlideError (one line) otherwise."""
+def open_slide(path: str, cache=None):
+    """An OpenSlide handle with a bounded tile cache (`cache`, an OpenSlideCache shared by
+    the caller's handles, or one of its own); SlideError (one line) otherwise."""
     import openslide  # local: the package import stays light for grain workers
     if not os.path.isfile(path):
         raise SlideError(f'{path}: no such file')
@@ -62,8 +64,7 @@ def open_slide(path: str, cache_bytes: int = TILE_CACHE_BYTES):
             OSError, ValueError) as e:
         raise SlideError(f'{path}: not a readable slide ({type(e).__name__}: '
                          f'{" ".join(str(e).split()) or "unsupported format"})') from None
-    if cache_bytes:
-        slide.set_cache(openslide.OpenSlideCache(cache_bytes))
+    slide.set_cache(cache if cache is not None else openslide.OpenSlideCache(TILE_CACHE_BYTES))
     return slide
 
 
@@ -135,18 +136,29 @@ def read_patch(slide, x: int, y: int, size_level0: float, out_size: int) -> np.n
     return rgb
 
 
-def thumbnail(slide, downsample: float) -> Tuple[np.ndarray, float]:
+def thumbnail(slide, downsample: float, band_pixels: int = 32 * 1024 * 1024
+              ) -> Tuple[np.ndarray, float]:
     """(uint8 RGB image, exact level-0 px per image px in x) of the whole slide at about
-    `downsample` level-0 pixels per pixel (read from the best level, area-resized)."""
+    `downsample` level-0 pixels per pixel: read from the best level in horizontal bands of
+    at most `band_pixels` (a slide without a pyramid is never read whole) and
+    area-resized band by band."""
     width, height = slide.dimensions
     out_w = max(1, int(round(width / downsample)))
     out_h = max(1, int(round(height / downsample)))
     level = best_level(slide, downsample)
     lw, lh = slide.level_dimensions[level]
-    region = rgba_to_rgb(np.asarray(slide.read_region((0, 0), level, (lw, lh))))
-    if (lw, lh) != (out_w, out_h):
-        region = cv2.resize(region, (out_w, out_h), interpolation=cv2.INTER_AREA)
-    return region, width / out_w
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    rows_per_band = max(1, int(band_pixels // max(lw, 1) * out_h // max(lh, 1)))
+    ds = slide.level_downsamples[level]
+    for r0 in range(0, out_h, rows_per_band):
+        r1 = min(out_h, r0 + rows_per_band)
+        y0, y1 = int(round(r0 * lh / out_h)), max(int(round(r1 * lh / out_h)),
+                                                   int(round(r0 * lh / out_h)) + 1)
+        band = rgba_to_rgb(np.asarray(slide.read_region((0, int(round(y0 * ds))), level,
+                                                        (lw, y1 - y0))))
+        out[r0:r1] = cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA) \
+            if band.shape[:2] != (r1 - r0, out_w) else band
+    return out, width / out_w
 
 
 def thumbnail_for_side(slide, max_side: int = 2048) -> Tuple[np.ndarray, float]:

@@ -94,7 +94,7 @@ def _find_slides(folder: str) -> List[str]:
 
 def _read_slide_csv(path: str) -> List[SlideEntry]:
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline='') as f:
+    with open(path, newline='', encoding='utf-8-sig') as f:   # Excel writes a BOM
         rows = csv.DictReader(f)
         columns = [c.strip() for c in (rows.fieldnames or [])]
         if 'path' not in columns:
@@ -106,7 +106,8 @@ def _read_slide_csv(path: str) -> List[SlideEntry]:
             raw = (row.get('path') or '').strip()
             if not raw:
                 raise DataError(f'{path}:{line}: empty "path"')
-            slide_path = raw if os.path.isabs(raw) else os.path.normpath(os.path.join(base, raw))
+            slide_path = raw if os.path.isabs(raw) else os.path.join(base, raw)
+            slide_path = os.path.abspath(slide_path)
             mpp_text = (row.get('mpp') or '').strip()
             try:
                 mpp = float(mpp_text) if mpp_text else None
@@ -127,6 +128,7 @@ def list_slides(slides: str) -> List[SlideEntry]:
                           '"path" column (--config.tile.slides=...)')
     if not os.path.exists(slides):
         raise DataError(f'tile.slides not found: {slides}')
+    slides = os.path.abspath(slides)   # slides.csv records where the slides are, for good
     if os.path.isfile(slides):
         if slides.lower().endswith(reader.SLIDE_EXTENSIONS):
             entries = [SlideEntry(reader.slide_id_of(slides), slides)]
@@ -153,15 +155,25 @@ def list_slides(slides: str) -> List[SlideEntry]:
 
 # -------------------------------------------------------------------- one slide
 
-def tiling_key(entry: SlideEntry, params: TileParams) -> str:
-    """Config + file identity: a rerun reuses a slide's coordinates only when equal."""
+def _file_identity(path: Optional[str]):
+    if not path:
+        return None
     try:
-        st = os.stat(entry.path)
-        identity = [os.path.abspath(entry.path), st.st_size, int(st.st_mtime)]
+        st = os.stat(path)
+        return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
     except OSError:
-        identity = [os.path.abspath(entry.path), None, None]
-    payload = json.dumps([identity, entry.mpp, dataclasses.asdict(params)], sort_keys=True,
-                         default=str)
+        return [os.path.abspath(path), None, None]
+
+
+def tiling_key(entry: SlideEntry, params: TileParams) -> str:
+    """Config + the slide file's identity (+ its mask file's): a rerun reuses a slide's
+    coordinates only when equal."""
+    mask = None
+    if params.masks:
+        from clusiam_jax.slides import annotations
+        mask = _file_identity(annotations.find_annotation_file(params.masks, entry.slide_id))
+    payload = json.dumps([_file_identity(entry.path), mask, entry.mpp,
+                          dataclasses.asdict(params)], sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
@@ -235,11 +247,10 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
         return _row(entry, UNREADABLE, str(e))
     try:
         return _tile_open_slide(slide, entry, params, out_dir)
-    except Exception as e:  # a truncated file fails while reading its pixels
-        import openslide
-        if isinstance(e, (openslide.OpenSlideError, DataError, OSError)):
-            return _row(entry, UNREADABLE, f'{type(e).__name__}: {" ".join(str(e).split())}')
-        raise
+    except Exception as e:  # a truncated file fails while reading its pixels; any failure
+        # of one slide is that slide's row, never the end of the job
+        log.debug('tile: %s failed', entry.slide_id, exc_info=True)
+        return _row(entry, UNREADABLE, f'{type(e).__name__}: {" ".join(str(e).split())}')
     finally:
         slide.close()
 
@@ -277,7 +288,8 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
              'overlap': params.overlap, 'level0_width': width, 'level0_height': height,
              'name': entry.slide_id, 'target_mpp': params.target_mpp,
              'level0_mpp': res.mpp, 'mpp_origin': res.origin, 'slide_path':
-             os.path.abspath(entry.path), 'tiling_key': tiling_key(entry, params)}
+             os.path.abspath(entry.path), 'tiling_key': tiling_key(entry, params),
+             'tissue_fraction': float(mask.mean())}
     title = (f'{entry.slide_id}: {len(kept)} patches of {params.patch_size} px at '
              f'{params.target_mpp:g} um/px ({size0} px at level 0)')
     qc_thumb, qc_ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE)
@@ -315,15 +327,29 @@ def _reuse(entry: SlideEntry, params: TileParams, out_dir: str) -> Optional[dict
     if found.attrs.get('tiling_key') != tiling_key(entry, params):
         return None
     return _row(entry, TILED, '', float(found.attrs['level0_mpp']),
-                str(found.attrs.get('mpp_origin', '')), len(found.coords))
+                str(found.attrs.get('mpp_origin', '')), len(found.coords),
+                found.attrs.get('tissue_fraction'))
 
 
 # --------------------------------------------------------------------- the job
 
 def read_slides_csv(out_dir: str) -> List[dict]:
     path = os.path.join(out_dir, SLIDES_CSV)
-    with open(path, newline='') as f:
+    with open(path, newline='', encoding='utf-8-sig') as f:
         return list(csv.DictReader(f))
+
+
+def _earlier_rows(out_dir: str, entries: List[SlideEntry]) -> List[dict]:
+    """Rows of slides.csv from earlier runs into `out_dir` whose slides are not in this
+    run: kept (their coordinate files are still there and still trained on)."""
+    if not os.path.isfile(os.path.join(out_dir, SLIDES_CSV)):
+        return []
+    current = {e.slide_id for e in entries}
+    kept = [r for r in read_slides_csv(out_dir) if r.get('slide_id') not in current]
+    if kept:
+        log.info('tile: %d slides of an earlier run into %s are kept in its slides.csv',
+                 len(kept), out_dir)
+    return [{k: r.get(k, '') for k in SLIDES_FIELDS} for r in kept]
 
 
 def _write_slides_csv(out_dir: str, rows: List[dict]):
@@ -347,6 +373,7 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
     """Tiles every slide (reusing finished ones); writes slides.csv as slides finish.
     DataError when no slide could be tiled."""
     os.makedirs(os.path.join(out_dir, coords_lib.PATCHES_DIR), exist_ok=True)
+    earlier = _earlier_rows(out_dir, entries)
     rows: Dict[str, dict] = {}
     todo = []
     for entry in entries:
@@ -361,7 +388,7 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
     order = [e.slide_id for e in entries]
 
     def current():
-        return [rows[s] for s in order if s in rows]
+        return earlier + [rows[s] for s in order if s in rows]
 
     bar = tqdm.tqdm(total=len(entries), initial=len(rows), unit='slide', desc='tile',
                     dynamic_ncols=True)
@@ -397,7 +424,7 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
     finally:
         bar.close()
         _write_slides_csv(out_dir, current())   # what is finished is kept on Ctrl-C
-    final = current()
+    final = [rows[s] for s in order]
     n_ok = sum(r['status'] == TILED for r in final)
     n_patches = sum(int(r['n_patches']) for r in final if r['status'] == TILED)
     log.info('tile: %d of %d slides tiled, %d patches -> %s (%s)', n_ok, len(final),
