@@ -9,6 +9,7 @@ every patch the source returns.
 import csv
 import os
 import shutil
+import signal
 
 import h5py
 import numpy as np
@@ -554,3 +555,64 @@ def test_thumbnail_read_in_bands_equals_one_read(scans):
         banded, ds2 = reader.thumbnail(slide, 3.0, band_pixels=1024 * 40)
     assert ds == ds2 and whole.shape == banded.shape == (512, 683, 3)
     assert np.abs(whole.astype(int) - banded.astype(int)).mean() < 1.0
+
+
+class _SignalAt:
+    """A real loader whose iterator sends SIGTERM when batch `at` is drawn."""
+
+    def __init__(self, loader, at):
+        self.loader, self.at = loader, at
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def iterator(self):
+        return _SignalIterator(self.loader.iterator(), self.at)
+
+
+class _SignalIterator:
+    def __init__(self, it, at):
+        self.it, self.at, self.drawn = it, at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.drawn == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.drawn += 1
+        return next(self.it)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+    def close(self):
+        self.it.close()
+
+
+def test_training_from_slides_resumes_mid_epoch_bit_exactly(tiled, tmp_path):
+    """SIGTERM in the middle of epoch 2 of a run reading slides; started again it ends
+    with the parameters of the uninterrupted run, bit for bit."""
+    import jax
+
+    from clusiam_jax.train.loop import train
+    from tests.helpers import assert_trees_equal, mesh_of, tiny_config
+    config = tiny_config('clubyol', batch_size=8, image_size=32, num_epochs=2)
+    config.data.path = str(tiled)
+    config.data.mean, config.data.std = MEAN, STD
+    config.train.checkpoint_every_epochs = 0
+
+    def loader():
+        return data.create_train_loader(config, workdir=None)
+    steps = loader().steps_per_epoch
+    reference = jax.device_get(train(config, str(tmp_path / 'straight'), loader(),
+                                     mesh_of(1)))
+    workdir = str(tmp_path / 'stopped')
+    stopped = train(config, workdir, _SignalAt(loader(), steps + 1), mesh_of(1))
+    assert 0 < int(stopped.step) < 2 * steps
+    resumed = jax.device_get(train(config, workdir, loader(), mesh_of(1)))
+    assert int(resumed.step) == 2 * steps
+    assert_trees_equal(resumed, reference)
