@@ -24,10 +24,11 @@ the train step (clusiam_jax/data/device_augment.py). --time-device-augment times
 that device side instead: the jitted augment_views on one batch of random uint8
 crops, on JAX's default backend (one JSON line, no data needed).
 
---slides COPIES reads patches straight from whole slides (COPIES links to the two shared
-slides, tiled at --image-size px and 0.5 µm/px) and, alternately, from PNG files of exactly
-those patches: pairs/s, CPU ms per pair and the memory of the process tree (peak, at 10%
-and at the end of the stream) for each, one line per source and round.
+--slides COPIES reads patches straight from whole slides (COPIES links to the shared
+slides, both or one kind with --slide-mix, tiled at --image-size px and 0.5 µm/px) and,
+alternately, from PNG files of exactly those patches: pairs/s, CPU ms per pair and the
+memory of the process tree (peak, at 10% and at the end of the stream) for each, one line
+per source and round.
 
 JAX is imported only inside the functions that use it: grain's spawned workers re-run
 this module's top level.
@@ -224,6 +225,9 @@ def main():
                          '--image-size px) and from PNGs of the same patches, alternately; '
                          'one JSON line per source and round, with peak RSS')
     ap.add_argument('--rounds', type=int, default=2, help='with --slides')
+    ap.add_argument('--slide-mix', choices=sorted(SLIDE_MIXES), default='both',
+                    help='with --slides: which shared slides are copied (the CC0 region is '
+                         'JPEG-compressed, the TCGA slide JPEG 2000)')
     ap.add_argument('--epochs', type=int, default=1,
                     help='with --slides: whole epochs timed (memory over an epoch)')
     args = ap.parse_args()
@@ -236,12 +240,13 @@ def main():
     if args.warmup == 0:
         raise SystemExit('--warmup must be >= 1 (the first batch includes start-up)')
     if args.slides:
-        tiles, pngs = prepare_slides(args.slides, args.image_size)
+        tiles, pngs = prepare_slides(args.slides, args.image_size, args.slide_mix)
         # Alternate the two sources round by round: both see the same machine load.
         for round_ in range(args.rounds):
             for source, path in (('slides', tiles), ('png_patches', pngs)):
                 result = time_stream(args, path, epochs_of_patches=args.epochs)
-                result.update(source=source, round=round_, n_slides=args.slides)
+                result.update(source=source, round=round_, n_slides=args.slides,
+                              slide_mix=args.slide_mix)
                 print(json.dumps(result), flush=True)
         return
     ensure_patches(args.data_dir, args.num_patches, args.seed)
@@ -309,7 +314,12 @@ def time_stream(args, data_path, epochs_of_patches=None):
         machine=machine(), versions=versions(), command=command_line())
 
 
-def prepare_slides(copies, patch_size):
+SLIDE_MIXES = {'both': ('cmu-1-small-region.svs', 'tcga-cr-7395-01a-01-ts1.svs'),
+               'jpeg': ('cmu-1-small-region.svs',),
+               'jpeg2000': ('tcga-cr-7395-01a-01-ts1.svs',)}
+
+
+def prepare_slides(copies, patch_size, mix='both'):
     """A folder of `copies` links to the shared slides (the CC0 region and the TCGA slide
     at 0.5 µm/px, alternately), tiled at `patch_size` px and 0.5 µm/px, and a PNG folder
     of exactly the same patches (lossless), so the two sources hold the same pixels.
@@ -319,11 +329,11 @@ def prepare_slides(copies, patch_size):
     from clusiam_jax.data import slide_source
     from clusiam_jax.slides import tiling
     shared = os.path.join(REPO, '..', 'shared', 'data', 'slides')
-    originals = [os.path.join(shared, n) for n in ('cmu-1-small-region.svs',
-                                                   'tcga-cr-7395-01a-01-ts1.svs')]
+    originals = [os.path.join(shared, n) for n in SLIDE_MIXES[mix]]
     if not all(os.path.isfile(p) for p in originals):
         sys.exit(f'--slides needs the shared slides in {shared}')
-    root = os.path.join(tempfile.gettempdir(), f'clusiam_bench_slides_{copies}_{patch_size}')
+    root = os.path.join(tempfile.gettempdir(),
+                        f'clusiam_bench_slides_{mix}_{copies}_{patch_size}')
     tiles, pngs = os.path.join(root, 'tiles'), os.path.join(root, 'png')
     if os.path.isdir(pngs):
         return tiles, pngs
@@ -331,11 +341,12 @@ def prepare_slides(copies, patch_size):
     os.makedirs(links, exist_ok=True)
     rows = ['path,slide_id,mpp']
     for i in range(copies):
-        original = originals[i % 2]
+        original = originals[i % len(originals)]
         link = os.path.join(links, f'copy{i:04d}.svs')
         if not os.path.exists(link):
             os.symlink(os.path.abspath(original), link)
-        rows.append(f'{link},copy{i:04d},{"" if i % 2 == 0 else 0.5}')
+        # the TCGA slide records no µm/px: 0.5 in the list
+        rows.append(f'{link},copy{i:04d},{0.5 if "tcga" in original else ""}')
     listing = os.path.join(root, 'slides.csv')
     with open(listing, 'w') as f:
         f.write('\n'.join(rows) + '\n')

@@ -132,7 +132,7 @@ def data_config(path, batch=4, epochs=2, seed=0, workers=0, size=24, mean=None, 
     c.data = ml_collections.ConfigDict(dict(
         path=str(path), image_size=size, num_workers=workers, prefetch=2,
         vflip=False, rot90=False, augment_on_device=False, slide_dir='', sampling='uniform',
-        min_tissue=0.0, stats_sample=4096, open_slides=64))
+        min_tissue=0.0, stats_sample=4096, open_slides=512))
     for key, value in data_keys.items():
         c.data[key] = value
     c.data.mean = ml_collections.FieldReference(mean, field_type=tuple)

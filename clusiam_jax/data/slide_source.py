@@ -49,7 +49,7 @@ class SlidePatches:
 class SlideSource:
     """Patches of whole slides, index -> uint8 [S, S, 3] (S: the slide's patch size)."""
 
-    def __init__(self, slides: List[SlidePatches], open_slides: int = 64):
+    def __init__(self, slides: List[SlidePatches], open_slides: int = 512):
         self.slides = [dataclasses.replace(s, coords=dataclasses.replace(s.coords,
                                                                          coords=None))
                        for s in slides]
@@ -258,7 +258,7 @@ def _patch_folder_slides(path: str, folder: str, slide_dir: str) -> List[SlidePa
     return [SlidePatches(s, on_disk[s], '', c) for s, c in files.items() if s in on_disk]
 
 
-def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 64):
+def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512):
     """(records, SlideSource) of a tiling output or a CLAM/TRIDENT patch folder."""
     folder = _patches_folder(path)
     if slide_dir and not os.path.isdir(slide_dir):
