@@ -616,3 +616,26 @@ def test_training_from_slides_resumes_mid_epoch_bit_exactly(tiled, tmp_path):
     resumed = jax.device_get(train(config, workdir, loader(), mesh_of(1)))
     assert int(resumed.step) == 2 * steps
     assert_trees_equal(resumed, reference)
+
+
+@pytest.mark.parametrize('which', ['synthetic', 'cmu', 'tcga'])
+def test_direct_tile_reads_equal_openslide(scans, which):
+    """Level-0 patches read tile by tile (slides/tiles.py) are OpenSlide's pixels, also
+    across tile borders and the slide's edge (white outside)."""
+    from clusiam_jax.slides.tiles import TiffTiles
+    path = {'synthetic': scans[0.5], 'cmu': CMU, 'tcga': TCGA}[which]
+    if not os.path.isfile(path):
+        pytest.skip('../shared/data/slides is absent')
+    with reader.open_slide(path) as slide:
+        tiles = TiffTiles.open(path, slide)
+        assert tiles is not None and 0 in tiles.levels
+        w, h = slide.dimensions
+        rng = np.random.default_rng(1)
+        spots = [(int(x), int(y)) for x, y in zip(rng.integers(0, w - 100, 12),
+                                                  rng.integers(0, h - 100, 12))]
+        spots += [(w - 100, h - 60), (0, 0)]   # over the right and bottom edges
+        for x, y in spots:
+            fast = reader.read_patch(slide, x, y, 150, 150, tiles)
+            plain = reader.read_patch(slide, x, y, 150, 150)
+            np.testing.assert_array_equal(fast, plain)
+        tiles.close()

@@ -31,6 +31,7 @@ from clusiam_jax.data import records as records_lib
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import coords as coords_lib
 from clusiam_jax.slides import reader
+from clusiam_jax.slides.tiles import TiffTiles
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class SlidePatches:
 class SlideSource:
     """Patches of whole slides, index -> uint8 [S, S, 3] (S: the slide's patch size)."""
 
-    def __init__(self, slides: List[SlidePatches], open_slides: int = 512):
+    def __init__(self, slides: List[SlidePatches], open_slides: int = 512,
+                 fast_tiles: bool = True):
         self.slides = [dataclasses.replace(s, coords=dataclasses.replace(s.coords,
                                                                          coords=None))
                        for s in slides]
@@ -58,6 +60,7 @@ class SlideSource:
         self._xy = (np.concatenate([s.coords.coords for s in slides]).astype(np.int64)
                     if slides else np.zeros((0, 2), np.int64))
         self.open_slides = int(open_slides)
+        self.fast_tiles = fast_tiles   # False: every read through OpenSlide (benchmarks)
         self._reset()
 
     def _reset(self):
@@ -110,8 +113,8 @@ class SlideSource:
         if 'patch_size_level0' not in attrs or 'level0_width' not in attrs:
             handle = self._handle(index)
             attrs.setdefault('patch_size_level0', self._patch_sizes(index, handle)[0])
-            attrs.setdefault('level0_width', handle.dimensions[0])
-            attrs.setdefault('level0_height', handle.dimensions[1])
+            attrs.setdefault('level0_width', handle.slide.dimensions[0])
+            attrs.setdefault('level0_height', handle.slide.dimensions[1])
         return attrs
 
     # ------------------------------------------------------------ reading
@@ -127,11 +130,13 @@ class SlideSource:
             if self._cache is None:
                 import openslide
                 self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
+            path = self.slides[s].path
             try:
-                handle = reader.open_slide(self.slides[s].path, cache=self._cache)
+                slide = reader.open_slide(path, cache=self._cache)
             except DataError as e:
                 self._bad[s] = str(e).split(': ', 1)[-1]
-                raise _slide_error(self.slides[s].path, self._bad[s]) from None
+                raise _slide_error(path, self._bad[s]) from None
+            handle = _Open(slide, TiffTiles.open(path, slide) if self.fast_tiles else None)
             self._handles[s] = handle
             while len(self._handles) > self.open_slides:
                 self._handles.popitem(last=False)
@@ -143,7 +148,7 @@ class SlideSource:
             c = self.slides[s].coords
             size0, out = c.patch_size_level0, c.patch_size
             if c.patch_level is not None:  # CLAM without `downsample`: from the slide
-                size0 = out * handle.level_downsamples[c.patch_level]
+                size0 = out * handle.slide.level_downsamples[c.patch_level]
             self._sizes[s] = (float(size0), int(out))
         return self._sizes[s]
 
@@ -154,7 +159,7 @@ class SlideSource:
         size0, out = self._patch_sizes(s, handle)
         x, y = self._xy[index]
         try:
-            return reader.read_patch(handle, x, y, size0, out)
+            return reader.read_patch(handle.slide, x, y, size0, out, handle.tiles)
         except Exception as e:  # OpenSlideError leaves the handle unusable: reopen later
             import openslide
             if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)):
@@ -165,6 +170,14 @@ class SlideSource:
             raise image_io.BadImageError(
                 f'{self.path(index)}: region unreadable ({" ".join(str(e).split())})') \
                 from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Open:
+    """An open slide: its OpenSlide handle and, for TIFF-based slides, the faster tile
+    reader of the levels it covers (slides/tiles.py)."""
+    slide: object
+    tiles: Optional[TiffTiles]
 
 
 def _slide_error(path: str, reason: str) -> image_io.BadImageError:

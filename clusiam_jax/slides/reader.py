@@ -121,15 +121,20 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def read_patch(slide, x: int, y: int, size_level0: float, out_size: int) -> np.ndarray:
+def read_patch(slide, x: int, y: int, size_level0: float, out_size: int,
+               tiles=None) -> np.ndarray:
     """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`,
-    read from the best level for out_size/size_level0 and area-resized."""
+    read from the best level for out_size/size_level0 and area-resized. `tiles`: the
+    slide's slides.tiles.TiffTiles, which reads the levels it covers faster."""
     downsample = size_level0 / out_size
     level = best_level(slide, downsample)
     ds = slide.level_downsamples[level]
     side = max(1, int(round(size_level0 / ds)))
-    region = np.asarray(slide.read_region((int(x), int(y)), level, (side, side)))
-    rgb = rgba_to_rgb(region)
+    if tiles is not None and level in tiles.levels:
+        rgb = tiles.read(level, int(round(x / ds)), int(round(y / ds)), side, side)
+    else:
+        rgb = rgba_to_rgb(np.asarray(slide.read_region((int(x), int(y)), level,
+                                                       (side, side))))
     if side != out_size:
         interp = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
         rgb = cv2.resize(rgb, (out_size, out_size), interpolation=interp)
