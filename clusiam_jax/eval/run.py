@@ -1,5 +1,6 @@
-r"""`python -m clusiam_jax.eval.run knn|linear|dsmil|maps ...`: an alias of
-`python launch.py --mode eval ...` (clusiam_jax/cli.py), kept for existing scripts."""
+r"""`python -m clusiam_jax.eval.run TASK ...` (knn, linear, dsmil, abmil, clusters, meanpool,
+maps): an alias of `python launch.py --mode eval ...` (clusiam_jax/cli.py), kept for
+existing scripts."""
 import sys
 
 from clusiam_jax import cli

@@ -1,10 +1,14 @@
 """The evaluators over an export, by name: each returns one JSON-able dict.
 
-  knn     patch kNN: references = train slides, queries = test slides (cosine, top-k vote)
-  linear  patch linear probe: weight decay chosen on the val slides (or on 20% of the
-          train slides when there are none)
-  dsmil   slide-level DSMIL: labels from the splits file; epoch and thresholds chosen on val
-  maps    cluster maps of every slide (no splits)
+  knn       patch kNN: references = train slides, queries = test slides (cosine, top-k vote)
+  linear    patch linear probe: weight decay chosen on the val slides (or on 20% of the
+            train slides when there are none)
+  dsmil     slide-level DSMIL: labels from the splits file; epoch and thresholds chosen on val
+  abmil     slide-level gated attention MIL: epoch chosen on val, mean and std over seeds
+  clusters  slide-level: a slide's hard and soft cluster composition [2K] + logistic
+            regression, weight decay chosen on val
+  meanpool  slide-level: a slide's mean patch embedding + the same logistic regression
+  maps      cluster maps of every slide (no splits)
 
 Patch tasks label each patch from annotations when given (`--annotations DIR`: the class
 of the polygon its centre is in, else `normal`; a slide without an annotation file is all
@@ -112,6 +116,31 @@ def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
         r.pop('history', None)
         r.pop('test_scores', None)
     return {'task': 'dsmil', **result}
+
+
+def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=100):
+    from clusiam_jax.eval import slide_models
+    if not seeds:
+        raise DataError('abmil needs at least one seed (--seeds 0,1,2)')
+    if epochs < 1:
+        raise DataError(f'abmil needs --epochs of at least 1; got {epochs}')
+    result = slide_models.run_abmil(splits_path, export_dir, seeds=seeds,
+                                    config=slide_models.ABMILConfig(epochs=epochs))
+    return {'task': 'abmil', **result}
+
+
+def run_clusters(export_dir, splits_path, seed=0):
+    from clusiam_jax.eval import slide_models
+    result = slide_models.run_clusters(splits_path, export_dir, seed=seed)
+    result.pop('test_probs')  # per-slide scores make the line unreadable
+    return {'task': 'clusters', **result}
+
+
+def run_meanpool(export_dir, splits_path, seed=0):
+    from clusiam_jax.eval import slide_models
+    result = slide_models.run_meanpool(splits_path, export_dir, seed=seed)
+    result.pop('test_probs')
+    return {'task': 'meanpool', **result}
 
 
 def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None):
