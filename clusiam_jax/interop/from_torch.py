@@ -68,8 +68,9 @@ def load_torch_checkpoint(path: str):
     try:
         blob = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many kinds for a foreign file
+        reason = ' '.join(str(e).split())[:300]  # weights_only errors run over many lines
         raise ConversionError(f'{path} is not a PyTorch checkpoint torch.load can read '
-                              f'({type(e).__name__}: {e})') from None
+                              f'({type(e).__name__}: {reason})') from None
     epoch = None
     if isinstance(blob, dict) and 'state_dict' in blob:
         epoch = blob.get('epoch')
@@ -83,6 +84,29 @@ def load_torch_checkpoint(path: str):
         return (t.float() if t.is_floating_point() else t).numpy()
 
     return {k: to_numpy(v) for k, v in strip_prefix(blob).items()}, epoch
+
+
+def load_safetensors(path: str) -> Dict:
+    """A .safetensors state_dict as NumPy arrays without `module.`; no torch needed."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    if not os.path.isfile(path):
+        raise ConversionError(f'checkpoint not found: {path}')
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        reason = ' '.join(str(e).split())[:300]
+        raise ConversionError(f'{path} is not a safetensors file NumPy can read '
+                              f'({type(e).__name__}: {reason})') from None
+    return strip_prefix({k: np.asarray(v) for k, v in tensors.items()})
+
+
+def load_state_dict_file(path: str):
+    """(state_dict of NumPy arrays, epoch or None) from a `.safetensors` file (no torch)
+    or anything torch.save wrote (.pth, .pt, .pth.tar, .bin; needs torch)."""
+    if path.endswith('.safetensors'):
+        return load_safetensors(path), None
+    return load_torch_checkpoint(path)
 
 
 # ---------------------------------------------------------------- the model's sizes
@@ -171,7 +195,10 @@ def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, prob
     return out
 
 
-def _fold_projector_bias(remaining: Dict, encoder_stats: Dict, prefix: str, problems: Dict):
+def fold_projector_bias(remaining: Dict, encoder_stats: Dict, prefix: str, problems: Dict):
+    """Pops the frozen projector bias `<prefix>fc.6.bias` from `remaining` and folds it
+    into the filled projector's bn3 running mean (module docstring); a missing one goes
+    to `problems`."""
     key = prefix + layout.PROJECTOR_FROZEN_BIAS
     if key not in remaining:
         problems['missing'].append(key)
@@ -191,14 +218,14 @@ def state_dict_to_variables(state_dict: Dict, config):
     online = fill_variables(remaining, {'params': shapes.params,
                                         'batch_stats': shapes.batch_stats},
                             layout.network_module, '', problems)
-    _fold_projector_bias(remaining, online['batch_stats'].get('encoder', {}), 'encoder.',
-                         problems)
+    fold_projector_bias(remaining, online['batch_stats'].get('encoder', {}), 'encoder.',
+                        problems)
     target = {'params': {}, 'batch_stats': {}}
     if shapes.target_params:
         target = fill_variables(remaining, {'params': shapes.target_params,
                                             'batch_stats': shapes.target_batch_stats},
                                 layout.encoder_module, 'target_encoder.', problems)
-        _fold_projector_bias(remaining, target['batch_stats'], 'target_encoder.', problems)
+        fold_projector_bias(remaining, target['batch_stats'], 'target_encoder.', problems)
     if problems['missing'] or problems['shape'] or remaining:
         lines = [f'the checkpoint does not match a {config.model.name} '
                  f'{config.model.backbone} network:']
