@@ -20,6 +20,8 @@ Presets (the settings the performance targets are measured at):
        float32, bfloat16 against the original with bf16 autocast and channels_last;
        e2e: 224 px batch 512 bfloat16 with on-device augmentation;
        variants: float32 at batch 512 also with XLA's convolutions forced to NHWC.
+  Both: monitor, the label-free monitor's time against the train step's at the first
+       train setting (bench/monitor_overhead.py).
 The most important settings run first, so a run cut short still answers the targets.
 The original's code is never copied here: its harness extracts it from the repository
 given (e.g. one brought by `git clone https://github.com/wwyi1828/CluSiam`).
@@ -156,11 +158,19 @@ def e2e_part(suite, preset, args):
         suite.run_json(cmd + (['--on-device-augment'] if on_device else []))
 
 
+def monitor_part(suite, preset):
+    """What the label-free monitor adds to an epoch (ours only: the original has none)."""
+    size, batch = preset['train'][0]
+    suite.run_json([sys.executable, '-m', 'bench.monitor_overhead', '--model', 'clusiam',
+                    '--image-size', str(size), '--batch-size', str(batch),
+                    '--steps', str(preset['steps'])])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--preset', choices=sorted(PRESETS), default='cpu')
-    parser.add_argument('--parts', nargs='+', choices=['train', 'data', 'e2e'],
-                        default=['train', 'data', 'e2e'])
+    parser.add_argument('--parts', nargs='+', choices=['train', 'data', 'e2e', 'monitor'],
+                        default=['train', 'data', 'e2e', 'monitor'])
     parser.add_argument('--original-repo', default=os.environ.get('CLUSIAM_ORIGINAL_REPO'),
                         help="the authors' repository (git dir or extracted tree); "
                              'without it only ours runs')
@@ -203,6 +213,8 @@ def main():
         train_part(suite, preset, theirs, args, rest)
     if 'data' in args.parts and preset['data_workers']:
         data_part(suite, preset, theirs, args)
+    if 'monitor' in args.parts:
+        monitor_part(suite, preset)
 
 
 if __name__ == '__main__':

@@ -19,20 +19,32 @@ from clusiam_jax.errors import CheckpointError, ConfigError
 log = logging.getLogger('clusiam_jax')
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), 'checkpoints')
+LATEST_DIR = 'checkpoints'
+# The best checkpoint by train.best_metric, beside the latest ones; BEST_JSON says which
+# step, by which metric and value.
+BEST_DIR = 'best_checkpoint'
+BEST_JSON = 'best_checkpoint.json'
+
+
+def checkpoint_dir(workdir: str, subdir: str = LATEST_DIR) -> str:
+    return os.path.join(os.path.abspath(workdir), subdir)
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, max_to_keep: int = 3, create: bool = True):
+    def __init__(self, workdir: str, max_to_keep: int = 3, create: bool = True,
+                 subdir: str = LATEST_DIR):
         """create=False for reading another run: a missing checkpoints/ folder stays
-        missing (FileNotFoundError) instead of being made inside that run."""
-        if not create and not os.path.isdir(checkpoint_dir(workdir)):
+        missing (FileNotFoundError) instead of being made inside that run. `subdir`:
+        checkpoints/ (the latest ones) or best_checkpoint/ (the best one)."""
+        if not create and not os.path.isdir(checkpoint_dir(workdir, subdir)):
+            if subdir == BEST_DIR:
+                raise CheckpointError(f'{workdir} has no best checkpoint (train with '
+                                      f'train.best_metric and the monitor to keep one)')
             raise CheckpointError(f'{workdir} has no checkpoints/ folder: train first, or '
                                   f'point at a run')
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                enable_async_checkpointing=True)
-        self.directory = checkpoint_dir(workdir)
+        self.directory = checkpoint_dir(workdir, subdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self):

@@ -5,7 +5,8 @@ r"""The command line: every action of the project behind one entry point.
   python launch.py [--mode train] --config configs/<recipe>.py --workdir RUN [--config.KEY=V ...]
   python launch.py --mode export --workdir RUN [--config.export.KEY=VALUE ...]
   python launch.py --mode build_dataset --config.data.path=PATCHES --out DATASET_DIR
-  python launch.py --mode eval knn|linear|dsmil|maps --export DIR [--splits CSV] ...
+  python launch.py --mode eval knn|linear|dsmil|abmil|clusters|meanpool|maps --export DIR \
+      [--splits CSV] ...
   python launch.py --mode convert from-torch CHECKPOINT --out RUN
   python launch.py --mode convert to-torch --workdir RUN --out FILE
 
@@ -39,11 +40,12 @@ MODES = {
     'train': 'train per --config in --workdir (the default); started again, it resumes',
     'export': 'embeddings and cluster assignments of a run, per slide (CLAM-style HDF5)',
     'build_dataset': 'pack a patch folder or manifest CSV into ArrayRecord shards (--out)',
-    'eval': 'evaluate an export: knn, linear, dsmil (need --splits) or maps',
+    'eval': 'evaluate an export: knn, linear, dsmil, abmil, clusters, meanpool (need '
+            '--splits) or maps',
     'convert': 'from-torch: an original PyTorch checkpoint -> a run; to-torch: a run -> '
                'torchvision weights',
 }
-EVAL_TASKS = ('knn', 'linear', 'dsmil', 'maps')
+EVAL_TASKS = ('knn', 'linear', 'dsmil', 'abmil', 'clusters', 'meanpool', 'maps')
 EXIT_BAD_INPUT = 2
 
 
@@ -232,8 +234,9 @@ def run_train(args, config, overrides):
     import jax
     if jax.process_index() == 0:
         log_to_workdir(args.workdir, args.argv)
+    from clusiam_jax.interop.init_from import read_weights
     from clusiam_jax.train.loop import train
-    train(config, args.workdir)
+    train(config, args.workdir, read_init=read_weights)
     stopped_by = interrupts.received()
     if stopped_by is not None:  # the loop saved a checkpoint and said so
         return 0 if stopped_by == signal.SIGTERM else 128 + stopped_by
@@ -297,6 +300,8 @@ def run_export(args, config, overrides):
     if args.config:
         log.info('export: the export section of %s; the model, image size and data are '
                  "the run's (config.json)", args.config)
+    if args.step is not None and 'export.checkpoint' in given:
+        raise errors.ConfigError('give --step or --config.export.checkpoint, not both')
     export_with(args.workdir, config.export, normalization, args.step)
     return 0
 
@@ -350,6 +355,12 @@ def run_eval(args, config, overrides):
                                   annotations=args.annotations)
     elif args.task == 'dsmil':
         result = tasks.run_dsmil(args.export, args.splits, _ints(args.seeds), args.epochs)
+    elif args.task == 'abmil':
+        result = tasks.run_abmil(args.export, args.splits, _ints(args.seeds), args.epochs)
+    elif args.task == 'clusters':
+        result = tasks.run_clusters(args.export, args.splits, args.seed)
+    elif args.task == 'meanpool':
+        result = tasks.run_meanpool(args.export, args.splits, args.seed)
     else:
         result = tasks.run_maps(args.export, args.thumbnail, args.downsample, args.alpha,
                                 args.annotations)
@@ -377,9 +388,14 @@ def run_convert(args, config, overrides):
         print(f'imported {m.name} ({m.backbone}, D={m.feat_size}, K={m.num_clusters}) '
               f'into {args.out} at step {int(state.step)}')
     else:
+        from clusiam_jax.config import parse_checkpoint_choice
         from clusiam_jax.interop.to_torch import write_torch_weights
+        if args.step is not None and args.checkpoint is not None:
+            raise errors.ConfigError('give --step or --checkpoint, not both')
+        choice = args.step if args.step is not None else parse_checkpoint_choice(
+            args.checkpoint or 'latest')
         metadata = write_torch_weights(args.workdir, args.out, args.with_projector,
-                                       args.target, args.step)
+                                       args.target, choice)
         print(f'wrote {args.out}: ' + json.dumps(metadata))
     return 0
 
@@ -402,8 +418,10 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
         parser.add_argument('--step', type=int, default=None,
                             help='checkpoint step (default: the latest)')
         parser.epilog = ('Set what to embed with --config.export.<key>=VALUE: data_path, '
-                         'out_dir, format (h5|npz), image_size, batch_size, '
-                         'with_projection, cluster_maps, thumbnail, thumbnail_downsample.')
+                         'out_dir, format (h5|npz), checkpoint (latest|best|STEP), '
+                         'image_size, batch_size, with_projection, cluster_maps, thumbnail, '
+                         'thumbnail_downsample, pt_files, qupath, annotations, map_alpha, '
+                         'slide_dir.')
     elif mode == 'build_dataset':
         parser.add_argument('--out', required=True, help='output folder of the dataset')
     elif mode == 'tile':
@@ -434,9 +452,17 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
                                                        'else normal'))
             if task == 'knn':
                 sub.add_argument('--ks', default='1,5,20', help='neighbour counts')
-            if task == 'dsmil':
-                sub.add_argument('--seeds', default='0,1,2,3,4', help='seeds')
-                sub.add_argument('--epochs', type=int, default=200, help='epochs')
+            if task in ('dsmil', 'abmil'):
+                sub.add_argument('--seeds', default='0,1,2,3,4', help='seeds (mean and std '
+                                                                      'over them)')
+                default_epochs = 200 if task == 'dsmil' else 100
+                sub.add_argument('--epochs', type=int, default=default_epochs,
+                                 help=f'epochs (default {default_epochs}; the best on val '
+                                      f'is kept)')
+            if task in ('clusters', 'meanpool'):
+                sub.add_argument('--seed', type=int, default=0,
+                                 help='picks the validation slides (20%% of train) when the '
+                                      'splits file has none')
             if task == 'maps':
                 sub.add_argument('--thumbnail', help='thumbnail file or folder')
                 sub.add_argument('--downsample', type=float,
@@ -468,6 +494,9 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
                          help='BYOL-type runs: the EMA target encoder instead')
         exp.add_argument('--step', type=int, default=None,
                          help='checkpoint step (default: the latest)')
+        exp.add_argument('--checkpoint', default=None,
+                         help="latest (default), best (the run's train.best_metric) or a "
+                              'step')
     return parser
 
 

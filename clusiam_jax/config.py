@@ -54,7 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.min_tissue = 0.0           # patch files: a patch with less tissue than this
                                       # fraction is skipped (listed) like an unreadable one
     c.data.stats_sample = 4096        # slide sources: normalization over this many patches
-    c.data.open_slides = 64           # slide handles kept open per worker (LRU)
+    c.data.open_slides = 512          # slide handles kept open per worker (LRU; ~25 kB and
+                                      # one file descriptor each; reopening costs 2-5 ms)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 512          # global batch (pairs per step)
@@ -65,9 +66,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.distributed = False       # multi-process: jax.distributed.initialize() first
     c.train.resume_from = ''          # a new workdir starts from another run (or RUN/checkpoints/N)
+    c.train.init_from = ''            # a fresh run starts from these weights (torchvision/timm
+                                      # .pth/.safetensors, original .pth.tar, a run of ours);
+                                      # optimizer, step and schedules start fresh
     c.train.on_nonfinite = 'stop'     # stop: a NaN/Inf metric ends the run | skip: a step with
                                       # NaN/Inf loss or gradient leaves the state unchanged
     c.train.max_consecutive_skips = 10  # skip: stop after this many skipped steps in a row
+
+    c.train.best_metric = ''          # e.g. monitor/rankme: keep the best checkpoint by it
+                                      # beside the latest ones ('' none; needs the monitor)
+    c.train.best_mode = 'max'         # max | min: which direction of best_metric is better
+    c.train.stop_on_collapse = False  # end the run (with a checkpoint) when the monitor
+                                      # flags collapse
+
+    # Representation monitoring without labels (docs/method.md §6); off by default.
+    c.monitor = ml_collections.ConfigDict()
+    c.monitor.every_epochs = 0        # embed the monitor set every N epochs (and at the end)
+    c.monitor.data_path = ''          # the monitor set: any source data.path takes, or ...
+    c.monitor.holdout = 0.0           # ... this fraction of the training slides, held out
+    c.monitor.num_patches = 1024      # patches embedded (each + two augmented views)
+    c.monitor.min_rankme = 2.0        # RankMe below this flags collapse
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 0.05            # lr = base_lr * batch_size / 256
@@ -95,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
                                       # <slide_id>[_thumb].{png,jpg}; '' paints over a mosaic
     c.export.thumbnail_downsample = 0.0  # level-0 pixels per thumbnail pixel (needed with one)
     c.export.image_size = 0           # patches are resized to this; 0: the run's data.image_size
+    c.export.checkpoint = 'latest'    # latest | best (train.best_metric) | a step number
     c.export.slide_dir = ''           # slides of a CLAM/TRIDENT export.data_path; '' data.slide_dir
     c.export.pt_files = False         # also pt_files/<slide>.pt (CLAM's MIL loader; needs torch)
     c.export.map_alpha = 0.5          # cluster maps: colour opacity over the thumbnail
@@ -264,6 +283,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
                                ('train.checkpoint_every_epochs', t.checkpoint_every_epochs, 0)):
         if value < least:
             raise ConfigError(f'{name} must be at least {least}; got {value}')
+    _validate_monitor(config)
     d = config.data
     if d.sampling not in SAMPLINGS:
         raise ConfigError(f"data.sampling must be one of {', '.join(SAMPLINGS)}; "
@@ -278,6 +298,12 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
         raise ConfigError(f'data.slide_dir is not a folder: {d.slide_dir}')
     if t.resume_from and not os.path.exists(t.resume_from):
         raise ConfigError(f'train.resume_from does not exist: {t.resume_from}')
+    if t.init_from and not os.path.exists(t.init_from):
+        raise ConfigError(f'train.init_from does not exist: {t.init_from}')
+    if t.init_from and t.resume_from:
+        raise ConfigError('set train.init_from or train.resume_from, not both: resume_from '
+                          'continues a run (optimizer, step, schedules), init_from starts a new '
+                          'one from weights')
     _validate_export(config.export)
     if check_data_path:
         if not config.data.path:
@@ -290,6 +316,49 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
                 hint = ('; it is the tiling output of tile.slides: tile first (python '
                         'launch.py --mode tile --config ...)')
             raise ConfigError(f'data.path does not exist: {config.data.path}{hint}')
+
+
+MONITOR_METRICS = ('rankme', 'alignment', 'uniformity', 'active_clusters',
+                   'active_clusters_gumbel', 'gumbel_agreement', 'cluster_entropy',
+                   'knn_top1', 'knn_balanced')
+
+
+def _validate_monitor(config):
+    mon, t = config.monitor, config.train
+    if mon.every_epochs < 0:
+        raise ConfigError(f'monitor.every_epochs must not be negative; got {mon.every_epochs}')
+    if not 0.0 <= mon.holdout < 1.0:
+        raise ConfigError(f'monitor.holdout must be in [0, 1); got {mon.holdout}')
+    if mon.num_patches < 8:
+        raise ConfigError(f'monitor.num_patches must be at least 8; got {mon.num_patches}')
+    if mon.every_epochs and not mon.data_path and not mon.holdout:
+        raise ConfigError('monitor.every_epochs needs a monitor set: monitor.data_path=DIR or '
+                          'monitor.holdout=0.05 (a fraction of the training slides)')
+    if mon.data_path and mon.holdout:
+        raise ConfigError('set monitor.data_path or monitor.holdout, not both')
+    if mon.data_path and not os.path.exists(mon.data_path):
+        raise ConfigError(f'monitor.data_path does not exist: {mon.data_path}')
+    if t.best_mode not in ('max', 'min'):
+        raise ConfigError(f"train.best_mode must be 'max' or 'min'; got {t.best_mode!r}")
+    if t.best_metric:
+        name = t.best_metric.removeprefix('monitor/')
+        if not t.best_metric.startswith('monitor/') or name not in MONITOR_METRICS:
+            raise ConfigError(f'train.best_metric must be one of '
+                              f'{", ".join("monitor/" + m for m in MONITOR_METRICS)}; got '
+                              f'{t.best_metric!r}')
+    if (t.best_metric or t.stop_on_collapse) and not mon.every_epochs:
+        raise ConfigError('train.best_metric and train.stop_on_collapse need the monitor: set '
+                          'monitor.every_epochs (and monitor.data_path or monitor.holdout)')
+
+
+def parse_checkpoint_choice(text) -> object:
+    """'latest' | 'best' | a step (int), from export.checkpoint / --checkpoint."""
+    text = str(text).strip()
+    if text in ('latest', 'best'):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise ConfigError(f"a checkpoint is 'latest', 'best' or a step number; got {text!r}")
 
 
 def _validate_export(exp):
@@ -308,6 +377,7 @@ def _validate_export(exp):
     if exp.thumbnail_downsample < 0:
         raise ConfigError(f'export.thumbnail_downsample must be positive; '
                           f'got {exp.thumbnail_downsample}')
+    parse_checkpoint_choice(exp.checkpoint)
     if not 0.0 < exp.map_alpha <= 1.0:
         raise ConfigError(f'export.map_alpha must be in (0, 1]; got {exp.map_alpha}')
     if exp.slide_dir and not os.path.isdir(exp.slide_dir):

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 from clusiam_jax import parallel
-from clusiam_jax.checkpoint import Checkpointer
+from clusiam_jax.checkpoint import BEST_DIR, BEST_JSON, LATEST_DIR, Checkpointer
 from clusiam_jax.config import default_config, validate_model
 from clusiam_jax.errors import CheckpointError, ConfigError
 from clusiam_jax.models import METHOD_SPECS, SSLNetwork, build_network
@@ -163,9 +163,19 @@ def checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
     return path, None
 
 
-def load_run(workdir: str, step: Optional[int] = None, mesh=None) -> Run:
-    """A run's config.json, normalization and the weights of checkpoint `step` (default:
-    the latest), restored replicated onto `mesh` (default: this process's devices)."""
+def read_best(workdir: str) -> Optional[dict]:
+    """best_checkpoint.json of a run (step, metric, value, mode, epoch), or None."""
+    path = os.path.join(workdir, BEST_JSON)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_run(workdir: str, step=None, mesh=None) -> Run:
+    """A run's config.json, normalization and the weights of checkpoint `step`: a step
+    number, 'latest' (or None) or 'best' (train.best_metric's), restored replicated onto
+    `mesh` (default: this process's devices)."""
     config = read_run_config(workdir)
     mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
     replicated = parallel.replicated(mesh)
@@ -173,7 +183,9 @@ def load_run(workdir: str, step: Optional[int] = None, mesh=None) -> Run:
     abstract = {name: jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         getattr(shapes, name)) for name in Weights.__dataclass_fields__}
-    checkpointer = Checkpointer(workdir, create=False)
+    best = step == 'best'
+    step = None if step in ('latest', 'best') else step
+    checkpointer = Checkpointer(workdir, create=False, subdir=BEST_DIR if best else LATEST_DIR)
     try:
         restored = checkpointer.restore_weights(checkpointer.checked_step(step), abstract)
     finally:

@@ -278,6 +278,15 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     data = config.data
     data_path = data.path
     recs, source = sources_lib.open_source(data_path, data.slide_dir, int(data.open_slides))
+    monitor = None
+    mon = config.get('monitor')
+    if mon is not None and mon.every_epochs > 0 and not mon.data_path and mon.holdout > 0:
+        keep, held = sources_lib.holdout_slides(recs, float(mon.holdout), int(config.train.seed))
+        monitor = (recs, source, held)   # the monitor set's records, before the subset
+        logger.info('monitor: %d patches of the training source held out (monitor.holdout '
+                    '%g of its slides); training on the other %d', len(held), mon.holdout,
+                    len(keep))
+        recs, source = [recs[i] for i in keep], sources_lib.SubsetSource(source, keep)
     slide_index = None
     if data.sampling == 'slide_balanced':
         slide_index = getattr(source, 'slide_index', None)
@@ -301,9 +310,11 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
         mean, std, origin = stats_lib.cached_stats(
             data_path, source, workdir=workdir, num_workers=int(data.num_workers),
             skip_log=skips.SkipLog(skip_list), indices=sample)
-    return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
-                       num_workers=int(data.num_workers), skip_list=skip_list,
-                       normalization_origin=origin, min_tissue=float(data.min_tissue))
+    loader = TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
+                         num_workers=int(data.num_workers), skip_list=skip_list,
+                         normalization_origin=origin, min_tissue=float(data.min_tissue))
+    loader.monitor_source = monitor   # (records, source, indices) held out, or None
+    return loader
 
 
 def _slide_index_of(recs) -> np.ndarray:

@@ -73,7 +73,7 @@ class TfdsSource:
             raise image_io.BadImageError(f'{self.path(index)}: {e}') from None
 
 
-def open_source(path: str, slide_dir: str = '', open_slides: int = 64):
+def open_source(path: str, slide_dir: str = '', open_slides: int = 512):
     """(records, source) for a tiling output or CLAM/TRIDENT patch folder (slides read
     directly, `slide_dir`: where the latter's slides are), a patch folder, a manifest CSV
     or a built dataset."""
@@ -89,3 +89,40 @@ def open_source(path: str, slide_dir: str = '', open_slides: int = 64):
     if dataset_dir is not None:
         return recs, TfdsSource(dataset_dir, recs)
     return recs, FileSource(recs)
+
+
+class SubsetSource:
+    """Some records of a source (the training records when a monitor set is held out):
+    index i of the subset is index `indices[i]` of the source."""
+
+    def __init__(self, source, indices):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+        if hasattr(source, 'slide_index'):
+            self.slide_index = source.slide_index[self.indices]
+        if hasattr(source, 'dataset_dir'):
+            self.dataset_dir = source.dataset_dir
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def path(self, index: int) -> str:
+        return self.source.path(int(self.indices[index]))
+
+    def load(self, index: int) -> np.ndarray:
+        return self.source.load(int(self.indices[index]))
+
+
+def holdout_slides(records, fraction: float, seed: int):
+    """(training indices, held-out indices): `fraction` of the slides (at least one, never
+    all), drawn from `seed`, held out whole: patches of one slide are correlated, so a
+    monitor set that shares slides with training would flatter it."""
+    keys = np.array([r.slide_id or os.path.dirname(r.path) for r in records], dtype=object)
+    slides = np.unique(keys.astype(str))
+    if len(slides) < 2:
+        raise DataError(f'monitor.holdout needs at least 2 slides in the training source; it '
+                        f'has {len(slides)} (give monitor.data_path instead)')
+    count = min(len(slides) - 1, max(1, int(round(fraction * len(slides)))))
+    held = set(np.random.default_rng([seed, 0x401D]).permutation(slides)[:count])
+    out = np.array([k in held for k in keys.astype(str)])
+    return np.flatnonzero(~out), np.flatnonzero(out)

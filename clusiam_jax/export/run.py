@@ -17,6 +17,7 @@ import os
 from typing import List, Optional
 
 from clusiam_jax import run_dir
+from clusiam_jax.config import parse_checkpoint_choice
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
@@ -54,10 +55,20 @@ class ExportJob:
     opened: tuple                  # (records, source) of data_path
     options: EmbedOptions
     normalization: run_dir.Normalization
+    choice: object = 'latest'      # export.checkpoint / --step: latest | best | a step
 
     @functools.cached_property
     def slide_ids(self) -> List[str]:
         return list(group_by_slide(self.opened[0]))
+
+    @property
+    def checkpoint_note(self) -> str:
+        """Which checkpoint and why, for export_info.json."""
+        best = run_dir.read_best(self.run.workdir)
+        if best is not None and best['step'] == self.run.step and self.choice == 'best':
+            return (f"best: step {best['step']} by {best['metric']} = {best['value']:.6g} "
+                    f"({best['mode']})")
+        return f'{self.choice}: step {self.run.step}'
 
     def run_export(self) -> List[dict]:
         """Embeds and writes; returns the manifest rows. DataError if nothing was
@@ -69,6 +80,7 @@ class ExportJob:
         embedder = Embedder(self.run.network, self.run.weights.online_variables,
                             self.normalization.mean, self.normalization.std, self.run.step)
         info = {'workdir': self.run.workdir, 'data_path': self.data_path,
+                'checkpoint': self.checkpoint_note,
                 'normalization': self.normalization.to_json(),
                 'config': json.loads(run_dir.config_text(self.run.config))}
         rows = export_embeddings(embedder, self.opened, self.out_dir, self.options, info)
@@ -99,7 +111,8 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     """Restores the run's weights and lists what to embed; `exp` is a validated `export`
     config section, `normalization` one given on the command line (see
     resolve_normalization)."""
-    run = run_dir.load_run(workdir, step)
+    choice = step if step is not None else parse_checkpoint_choice(exp.checkpoint)
+    run = run_dir.load_run(workdir, choice)
     data_path = exp.data_path or run.config.data.path
     if not data_path:
         raise ConfigError('nothing to export: set --config.export.data_path=DIR')
@@ -122,7 +135,7 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     if options.image_size != trained_at:
         log.warning('export: embedding at %d px; the run trained at %d px (data.image_size)',
                     options.image_size, trained_at)
-    return ExportJob(run=run, data_path=data_path,
+    return ExportJob(run=run, data_path=data_path, choice=choice,
                      out_dir=exp.out_dir or os.path.join(workdir, DEFAULT_DIR),
                      opened=_open(data_path, exp, run.config.data), options=options,
                      normalization=resolve_normalization(run, normalization))

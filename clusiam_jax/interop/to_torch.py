@@ -122,8 +122,9 @@ def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
 
 
 def write_torch_weights(workdir: str, out: str, with_projector: bool = False,
-                        target: bool = False, step: Optional[int] = None) -> Dict[str, str]:
-    """Writes a run's encoder (online or EMA target) to `out`; returns the metadata."""
+                        target: bool = False, step=None) -> Dict[str, str]:
+    """Writes a run's encoder (online or EMA target) to `out`; returns the metadata.
+    `step`: a step, 'latest' (None) or 'best'."""
     run = run_dir.load_run(workdir, step)
     config, weights = run.config, run.weights
     if target:

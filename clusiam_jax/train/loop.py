@@ -7,6 +7,7 @@ returns (clusiam_jax/interrupts.py).
 """
 import contextlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -14,15 +15,17 @@ import signal
 import time
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from clusiam_jax import data as data_lib
 from clusiam_jax import interrupts, parallel, run_dir
-from clusiam_jax.checkpoint import Checkpointer
+from clusiam_jax.checkpoint import BEST_DIR, BEST_JSON, Checkpointer
 from clusiam_jax.config import config_changes, validate
-from clusiam_jax.errors import CheckpointError
+from clusiam_jax.errors import CheckpointError, ConfigError
 from clusiam_jax.models import METHOD_SPECS
+from clusiam_jax.train import init_from
 from clusiam_jax.train.metrics import (
     TB_DIR,
     EpochStats,
@@ -107,13 +110,15 @@ def _record_run(workdir, config, loader):
     run_dir.write_normalization(workdir, normalization)
 
 
-def train(config, workdir: str, loader=None, mesh=None):
+def train(config, workdir: str, loader=None, mesh=None, read_init=None):
     """Trains per `config` in `workdir`; returns the final TrainState.
 
     `loader` defaults to the data pipeline for `config.data.path`; tests may inject one
     with the same interface (steps_per_epoch, mean, std, iterator()). `mesh` defaults to
     all devices. A run stopped by SIGTERM or Ctrl-C returns the state it checkpointed;
-    `interrupts.received()` then says which signal stopped it.
+    `interrupts.received()` then says which signal stopped it. `read_init` reads
+    train.init_from (clusiam_jax.interop.init_from.read_weights; default: runs of ours
+    only, train/init_from.py).
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
@@ -126,8 +131,11 @@ def train(config, workdir: str, loader=None, mesh=None):
                                               process_count=jax.process_count(),
                                               recorded=recorded)
     trainer = build_trainer(config, mesh, loader.steps_per_epoch, loader.mean, loader.std)
-    run = _Run(config, workdir, trainer, loader.steps_per_epoch)
-    with contextlib.closing(Checkpointer(workdir, config.train.keep_checkpoints)) as ckpt:
+    run = _Run(config, workdir, trainer, loader.steps_per_epoch, read_init)
+    run.monitor = _build_monitor(config, loader, trainer)
+    with contextlib.closing(Checkpointer(workdir, config.train.keep_checkpoints)) as ckpt, \
+            contextlib.closing(_BestCheckpoint(workdir, config)) as best:
+        run.best = best
         state, data_state = run.restore(ckpt, loader)
         if int(jax.device_get(state.step)) >= run.total_steps:
             return state
@@ -144,30 +152,105 @@ def train(config, workdir: str, loader=None, mesh=None):
                 iterator.close()
 
 
+def _build_monitor(config, loader, trainer):
+    """The monitor (train/monitor.py) of a run with monitor.every_epochs, else None."""
+    mon = config.monitor
+    if not mon.every_epochs:
+        return None
+    from clusiam_jax.data import sources as sources_lib
+    from clusiam_jax.train import monitor as monitor_lib
+    if mon.data_path:
+        records, source = sources_lib.open_source(mon.data_path, config.data.slide_dir)
+        pool = np.arange(len(records))
+    elif getattr(loader, 'monitor_source', None) is not None:
+        records, source, pool = loader.monitor_source
+    else:
+        raise ConfigError('monitor.holdout holds out slides of the data pipeline\'s source; '
+                          'this run was given its own loader: use monitor.data_path')
+    seed = int(config.train.seed)
+    chosen = pool[monitor_lib.sample_indices(len(pool), int(mon.num_patches), seed)]
+    monitor_set = monitor_lib.build_monitor_set(records, source, chosen, config, seed)
+    log.info('monitor: %d patches (%s), every %d epochs%s', len(monitor_set.images),
+             mon.data_path or f'{mon.holdout:g} of the training slides held out',
+             mon.every_epochs, '' if monitor_set.labels is None else ', with labels (kNN)')
+    return monitor_lib.Monitor(trainer.network, trainer.mean, trainer.std, monitor_set,
+                               trainer.mesh, config.model.num_clusters,
+                               float(mon.min_rankme), seed)
+
+
+class _BestCheckpoint:
+    """train.best_metric: the best state so far in best_checkpoint/ (one kept) and
+    best_checkpoint.json; the latest checkpoints are kept as usual, and resume uses them."""
+
+    def __init__(self, workdir, config):
+        self.workdir, self.metric = workdir, config.train.best_metric
+        self.mode = config.train.best_mode
+        # Every process saves (orbax writes each one's shards); process 0 writes the json.
+        self.ckpt = Checkpointer(workdir, 1, subdir=BEST_DIR) if self.metric else None
+        recorded = run_dir.read_best(workdir) if self.metric else None
+        self.value = recorded['value'] if recorded and recorded['metric'] == self.metric \
+            else None
+
+    def better(self, value) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        if self.value is None:
+            return True
+        return value > self.value if self.mode == 'max' else value < self.value
+
+    def offer(self, step, epoch, scores, state, data_state):
+        """Saves `state` as the best when its score beats the best so far."""
+        if self.ckpt is None:
+            return
+        value = scores.get(self.metric.removeprefix('monitor/'))
+        if not self.better(value):
+            return
+        self.ckpt.save(step, state, data_state)
+        self.ckpt.wait()
+        self.value = value
+        if jax.process_index() == 0:
+            run_dir.write_text_atomically(
+                os.path.join(self.workdir, BEST_JSON),
+                json.dumps({'step': step, 'epoch': epoch, 'metric': self.metric,
+                            'value': value, 'mode': self.mode}, indent=1))
+            log.info('best checkpoint: step %d (%s %.4g)', step, self.metric, value)
+
+    def close(self):
+        if self.ckpt is not None:
+            self.ckpt.close()
+
+
 class _Run:
     """One start of a run: what it restores, compiles and trains, and how it reports."""
 
-    def __init__(self, config, workdir, trainer, steps_per_epoch):
+    def __init__(self, config, workdir, trainer, steps_per_epoch, read_init=None):
         self.config, self.workdir, self.trainer = config, workdir, trainer
+        self.read_init = read_init
         self.steps_per_epoch = steps_per_epoch
         self.num_epochs = config.train.num_epochs
         self.total_steps = steps_per_epoch * self.num_epochs
         self.is_main = jax.process_index() == 0
         self.has_cluster_head = METHOD_SPECS[config.model.name].has_cluster_head
+        self.monitor, self.best = None, None
 
     def restore(self, ckpt, loader):
         """(state, data iterator state or None): the latest readable checkpoint, else
-        train.resume_from's, else a fresh state (created only then). Records config and
-        normalization."""
+        train.resume_from's, else a fresh state (created only then, with train.init_from's
+        weights when set). Records config and normalization."""
         config = self.config
         target = self.trainer.abstract_state()
         latest, restored, data_state = ckpt.restore_latest_readable(target)
         if latest is None and config.train.resume_from:
             latest, restored, data_state = _restore_other_run(config.train.resume_from, target)
+        if latest is None:  # before config.json: weights that do not fit leave no trace
+            restored, _ = init_from.initial_state(self.trainer, self.read_init)
+        elif config.train.init_from:
+            log.info('train.init_from=%s is not applied: this run resumes from its checkpoint '
+                     '(init_from only starts a fresh run)', config.train.init_from)
         if self.is_main:  # only now: a config the checkpoints refuse must not replace the run's
             _record_run(self.workdir, config, loader)
         if latest is None:
-            return self.trainer.init_state(), None
+            return restored, None
         if latest >= self.total_steps:
             log.info('run in %s is complete (step %d of %d); nothing to do', self.workdir,
                      latest, self.total_steps)
@@ -247,29 +330,61 @@ class _Run:
                     if step < end and stop.requested(step):
                         return stop_here(saved=False)
                 # The epoch is complete: its row and checkpoint first, then a pending stop.
+                scores = self.monitor_epoch(epoch, state)
                 self.end_epoch(epoch, stats, step, first, time.perf_counter() - start_time,
-                               writer)
+                               writer, scores)
+                if scores:
+                    self.best.offer(step, epoch + 1, scores, state, data_state)
                 every = config.train.checkpoint_every_epochs
                 saved = (every > 0 and (epoch + 1) % every == 0) or step == self.total_steps
-                if saved:
+                collapsed = bool(scores) and scores['collapse'] and config.train.stop_on_collapse
+                if saved or collapsed:
                     ckpt.save(step, state, data_state)
+                if collapsed:
+                    ckpt.wait()
+                    bar.update(step - synced)
+                    log.warning('train.stop_on_collapse: the monitor flags collapse at epoch '
+                                '%d (%s); saved a checkpoint at step %d and stopped', epoch + 1,
+                                '; '.join(self.monitor.warnings), step)
+                    return state
                 if stop.requested(step):
                     return stop_here(saved)
             ckpt.wait()
         return state
 
-    def end_epoch(self, epoch, stats, step, first, elapsed, writer):
-        """The epoch's CSV row, TensorBoard scalars, log line and collapse warnings."""
+    def monitor_epoch(self, epoch, state):
+        """The monitor's scores at this epoch (every monitor.every_epochs and the last),
+        else {}; the monitor's time is in the scores as `seconds`."""
+        every = self.config.monitor.every_epochs
+        if self.monitor is None or not ((epoch + 1) % every == 0 or
+                                        epoch + 1 == self.num_epochs):
+            return {}
+        start = time.perf_counter()
+        scores = self.monitor.scores({'params': state.params,
+                                      'batch_stats': state.batch_stats})
+        scores['seconds'] = round(time.perf_counter() - start, 3)
+        return scores
+
+    def end_epoch(self, epoch, stats, step, first, elapsed, writer, scores=None):
+        """The epoch's CSV row, TensorBoard scalars, log lines and collapse warnings."""
         pairs_per_step = self.config.train.batch_size
         means = stats.means()
         row = dict(means, epoch=epoch + 1, step=step, time_s=round(elapsed, 3),
                    pairs_per_s=round((step - first) * pairs_per_step / elapsed, 3))
+        row.update({f'monitor_{k}': v for k, v in (scores or {}).items()})
         writer.epoch_row(row)
         writer.scalars(epoch + 1, {'pairs_per_s': row['pairs_per_s']}, prefix='epoch/')
+        if scores:
+            writer.scalars(epoch + 1, scores, prefix='monitor/')
         if not self.is_main:
             return
         log.info('epoch %d/%d: %s', epoch + 1, self.num_epochs,
                  ', '.join(f'{k}={v:.4g}' for k, v in sorted(means.items())))
+        if scores:
+            log.info('epoch %d monitor: %s', epoch + 1,
+                     ', '.join(f'{k}={v:.4g}' for k, v in sorted(scores.items())))
+            for warning in self.monitor.warnings:
+                log.warning('epoch %d monitor: %s', epoch + 1, warning)
         # Logits start near uniform: judge collapse only after a full epoch.
         if self.has_cluster_head and epoch > 0:
             samples = stats.count * 2 * pairs_per_step  # assignments in the means

@@ -14,7 +14,10 @@ log = logging.getLogger('clusiam_jax')
 
 CSV_FIELDS = ('epoch', 'step', 'time_s', 'pairs_per_s', 'lr', 'loss', 'invariance', 'cluster',
               'active_clusters', 'active_clusters_gumbel', 'gumbel_agreement',
-              'cluster_entropy')
+              'cluster_entropy', 'monitor_rankme', 'monitor_alignment', 'monitor_uniformity',
+              'monitor_active_clusters', 'monitor_active_clusters_gumbel',
+              'monitor_gumbel_agreement', 'monitor_cluster_entropy', 'monitor_knn_top1',
+              'monitor_knn_balanced', 'monitor_collapse', 'monitor_seconds')
 TB_DIR = 'tb'
 
 
@@ -40,12 +43,29 @@ class MetricWriter:
         if not self.enabled:
             return
         new = not os.path.exists(self.csv_path)
+        if not new:
+            self._widen_old_header()
         with open(self.csv_path, 'a', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
             if new:
                 writer.writeheader()
             writer.writerow({k: row.get(k, '') for k in CSV_FIELDS})
         self._tb.flush()
+
+    def _widen_old_header(self):
+        """A run started before a column existed gets the column (empty in its old rows)
+        instead of rows longer than the header."""
+        with open(self.csv_path, newline='') as f:
+            rows = list(csv.DictReader(f))
+            header = tuple(rows[0].keys()) if rows else None
+        if header is None or header == CSV_FIELDS:
+            return
+        tmp = self.csv_path + '.tmp'
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows({k: r.get(k, '') for k in CSV_FIELDS} for r in rows)
+        os.replace(tmp, self.csv_path)
 
     def close(self):
         if self._tb is not None:
