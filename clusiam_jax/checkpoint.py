@@ -54,6 +54,10 @@ class Checkpointer:
         """`step` (default: the latest) if this run has a checkpoint there, else
         CheckpointError listing the steps it has."""
         steps = self.all_steps()
+        if not steps and os.path.basename(self.directory) == BEST_DIR:
+            raise CheckpointError(f'no best checkpoint in {self.directory}: no monitor epoch '
+                                  f'has improved train.best_metric yet (or every one was '
+                                  f'flagged as collapsed); export the latest instead')
         if not steps:
             raise CheckpointError(f'no checkpoint in {self.directory}: train first')
         if step is None:
@@ -63,11 +67,15 @@ class Checkpointer:
                                   f'has {", ".join(map(str, steps))}')
         return step
 
-    def save(self, step: int, state, data_state=None):
+    @staticmethod
+    def save_args(state, data_state=None):
         items = {'state': ocp.args.StandardSave(state)}
         if data_state is not None:
             items['data'] = ocp.args.JsonSave(data_state)
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        return ocp.args.Composite(**items)
+
+    def save(self, step: int, state, data_state=None):
+        self.manager.save(step, args=self.save_args(state, data_state))
 
     def restore(self, step: int, abstract_state):
         """Returns (state, data_state or None) placed as `abstract_state`'s shardings.

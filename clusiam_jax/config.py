@@ -75,7 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.train.best_metric = ''          # e.g. monitor/rankme: keep the best checkpoint by it
                                       # beside the latest ones ('' none; needs the monitor)
-    c.train.best_mode = 'max'         # max | min: which direction of best_metric is better
+    c.train.best_mode = ''            # max | min: which direction of best_metric is better
+                                      # ('' : the metric's own: min for alignment, uniformity)
     c.train.stop_on_collapse = False  # end the run (with a checkpoint) when the monitor
                                       # flags collapse
 
@@ -338,17 +339,42 @@ def _validate_monitor(config):
         raise ConfigError('set monitor.data_path or monitor.holdout, not both')
     if mon.data_path and not os.path.exists(mon.data_path):
         raise ConfigError(f'monitor.data_path does not exist: {mon.data_path}')
-    if t.best_mode not in ('max', 'min'):
-        raise ConfigError(f"train.best_mode must be 'max' or 'min'; got {t.best_mode!r}")
+    if t.best_mode not in ('', 'max', 'min'):
+        raise ConfigError(f"train.best_mode must be 'max', 'min' or '' (the metric's own "
+                          f"direction); got {t.best_mode!r}")
+    if mon.holdout and not mon.every_epochs:
+        raise ConfigError('monitor.holdout holds slides out of training for the monitor: set '
+                          'monitor.every_epochs too (or drop monitor.holdout)')
+    if mon.num_patches > 8192:
+        raise ConfigError(f'monitor.num_patches must be at most 8192 (the scores compare '
+                          f'every pair); got {mon.num_patches}')
     if t.best_metric:
         name = t.best_metric.removeprefix('monitor/')
         if not t.best_metric.startswith('monitor/') or name not in MONITOR_METRICS:
             raise ConfigError(f'train.best_metric must be one of '
                               f'{", ".join("monitor/" + m for m in MONITOR_METRICS)}; got '
                               f'{t.best_metric!r}')
+        if name in CLUSTER_METRICS and not METHOD_SPECS[config.model.name].has_cluster_head:
+            raise ConfigError(f'train.best_metric={t.best_metric}: {config.model.name} has no '
+                              f'cluster head')
+    if (config.export.after_training and str(config.export.checkpoint) == 'best'
+            and not t.best_metric):
+        raise ConfigError('export.checkpoint=best after training needs train.best_metric')
     if (t.best_metric or t.stop_on_collapse) and not mon.every_epochs:
         raise ConfigError('train.best_metric and train.stop_on_collapse need the monitor: set '
                           'monitor.every_epochs (and monitor.data_path or monitor.holdout)')
+
+
+CLUSTER_METRICS = ('active_clusters', 'active_clusters_gumbel', 'gumbel_agreement',
+                   'cluster_entropy')
+LOWER_IS_BETTER = ('alignment', 'uniformity')
+
+
+def best_mode(train) -> str:
+    """train.best_mode, or the metric's own direction when it is ''."""
+    if train.best_mode:
+        return train.best_mode
+    return 'min' if train.best_metric.removeprefix('monitor/') in LOWER_IS_BETTER else 'max'
 
 
 def parse_checkpoint_choice(text) -> object:

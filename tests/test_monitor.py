@@ -191,3 +191,38 @@ def test_stop_on_collapse_ends_with_a_checkpoint(patches, tmp_path):
     assert int(state.step) == 2        # stopped after the first epoch
     assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
     assert _rows(workdir)[0]['monitor_collapse'] == '1.0'
+
+
+def test_a_collapsed_state_is_never_kept_as_best(tmp_path):
+    from clusiam_jax.train.loop import _BestCheckpoint
+    config = tiny_config('clusiam')
+    config.train.best_metric = 'monitor/alignment'   # a collapsed encoder aligns perfectly
+    best = _BestCheckpoint(str(tmp_path), config)
+    assert best.mode == 'min'                       # the metric's own direction
+    best.offer(3, 1, {'alignment': 0.0, 'collapse': 1.0}, None, None)
+    assert best.value is None and run_dir.read_best(str(tmp_path)) is None
+    best.close()
+
+
+@pytest.mark.parametrize('keys, message', [
+    ({'monitor.holdout': 0.1}, 'set monitor.every_epochs too'),
+    ({'monitor.every_epochs': 1, 'monitor.holdout': 0.1, 'train.best_metric':
+      'monitor/active_clusters', 'model.name': 'simsiam', 'loss.alpha': 0.0},
+     'simsiam has no cluster head'),
+    ({'monitor.every_epochs': 1}, 'needs a monitor set'),
+    ({'train.best_metric': 'monitor/rankme'}, 'need the monitor'),
+    ({'train.best_metric': 'rankme'}, 'must be one of'),
+    ({'export.after_training': True, 'export.checkpoint': 'best'},
+     'needs train.best_metric'),
+    ({'export.checkpoint': 'newest'}, "'latest', 'best' or a step"),
+])
+def test_monitor_config_errors(tmp_path, keys, message):
+    from clusiam_jax.config import validate
+    from clusiam_jax.errors import ConfigError
+    config = tiny_config('clusiam')
+    config.data.path = str(tmp_path)
+    for key, value in keys.items():
+        section, name = key.split('.')
+        config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config)

@@ -4,6 +4,7 @@ Both sources are cheap to pickle (grain sends them to spawned worker
 processes): the file source keeps its paths in one numpy bytes array, and the
 dataset source opens its ArrayRecord reader lazily in each process.
 """
+import logging
 import os
 from typing import List
 
@@ -12,6 +13,8 @@ import numpy as np
 from clusiam_jax.data import image_io
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 # An image file with a longer side is not a patch (a slide region, a whole slide saved as
 # a plain TIFF): training on it as one patch would crop a speck of it at random.
@@ -124,5 +127,9 @@ def holdout_slides(records, fraction: float, seed: int):
                         f'has {len(slides)} (give monitor.data_path instead)')
     count = min(len(slides) - 1, max(1, int(round(fraction * len(slides)))))
     held = set(np.random.default_rng([seed, 0x401D]).permutation(slides)[:count])
+    if len(slides) < 20:
+        logger.warning('monitor.holdout: only %d slides (or folders) in the training source; '
+                       'holding out %s. With class folders and no slide ids a folder is a '
+                       'class: prefer monitor.data_path', len(slides), sorted(held))
     out = np.array([k in held for k in keys.astype(str)])
     return np.flatnonzero(~out), np.flatnonzero(out)

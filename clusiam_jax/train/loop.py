@@ -22,7 +22,7 @@ from tqdm import tqdm
 from clusiam_jax import data as data_lib
 from clusiam_jax import interrupts, parallel, run_dir
 from clusiam_jax.checkpoint import BEST_DIR, BEST_JSON, Checkpointer
-from clusiam_jax.config import config_changes, validate
+from clusiam_jax.config import best_mode, config_changes, validate
 from clusiam_jax.errors import CheckpointError, ConfigError
 from clusiam_jax.models import METHOD_SPECS
 from clusiam_jax.train import init_from
@@ -170,6 +170,11 @@ def _build_monitor(config, loader, trainer):
     seed = int(config.train.seed)
     chosen = pool[monitor_lib.sample_indices(len(pool), int(mon.num_patches), seed)]
     monitor_set = monitor_lib.build_monitor_set(records, source, chosen, config, seed)
+    metric = config.train.best_metric.removeprefix('monitor/')
+    if metric.startswith('knn') and (monitor_set.labels is None or
+                                     len(set(monitor_set.slides)) < 2):
+        raise ConfigError(f'train.best_metric={config.train.best_metric} needs a monitor set '
+                          f'with labels on every patch and at least 2 slides')
     log.info('monitor: %d patches (%s), every %d epochs%s', len(monitor_set.images),
              mon.data_path or f'{mon.holdout:g} of the training slides held out',
              mon.every_epochs, '' if monitor_set.labels is None else ', with labels (kNN)')
@@ -184,12 +189,13 @@ class _BestCheckpoint:
 
     def __init__(self, workdir, config):
         self.workdir, self.metric = workdir, config.train.best_metric
-        self.mode = config.train.best_mode
+        self.mode = best_mode(config.train)
         # Every process saves (orbax writes each one's shards); process 0 writes the json.
         self.ckpt = Checkpointer(workdir, 1, subdir=BEST_DIR) if self.metric else None
         recorded = run_dir.read_best(workdir) if self.metric else None
-        self.value = recorded['value'] if recorded and recorded['metric'] == self.metric \
-            else None
+        same = recorded and (recorded['metric'], recorded.get('mode')) == (self.metric,
+                                                                           self.mode)
+        self.value = recorded['value'] if same else None
 
     def better(self, value) -> bool:
         if value is None or not math.isfinite(value):
@@ -200,12 +206,18 @@ class _BestCheckpoint:
 
     def offer(self, step, epoch, scores, state, data_state):
         """Saves `state` as the best when its score beats the best so far."""
-        if self.ckpt is None:
+        if self.ckpt is None or scores.get('collapse'):   # never keep a collapsed state
             return
         value = scores.get(self.metric.removeprefix('monitor/'))
         if not self.better(value):
             return
-        self.ckpt.save(step, state, data_state)
+        # A run resumed from before an earlier best replays steps: orbax only saves steps
+        # beyond the last it holds, so the old best goes first.
+        for old in self.ckpt.all_steps():
+            if old >= step:
+                self.ckpt.manager.delete(old)
+        if not self.ckpt.manager.save(step, args=self.ckpt.save_args(state, data_state)):
+            raise CheckpointError(f'the best checkpoint at step {step} was not saved')
         self.ckpt.wait()
         self.value = value
         if jax.process_index() == 0:
@@ -330,9 +342,9 @@ class _Run:
                     if step < end and stop.requested(step):
                         return stop_here(saved=False)
                 # The epoch is complete: its row and checkpoint first, then a pending stop.
+                elapsed = time.perf_counter() - start_time   # the monitor's time is its own
                 scores = self.monitor_epoch(epoch, state)
-                self.end_epoch(epoch, stats, step, first, time.perf_counter() - start_time,
-                               writer, scores)
+                self.end_epoch(epoch, stats, step, first, elapsed, writer, scores)
                 if scores:
                     self.best.offer(step, epoch + 1, scores, state, data_state)
                 every = config.train.checkpoint_every_epochs
@@ -361,7 +373,8 @@ class _Run:
             return {}
         start = time.perf_counter()
         scores = self.monitor.scores({'params': state.params,
-                                      'batch_stats': state.batch_stats})
+                                      'batch_stats': state.batch_stats},
+                                     judge_clusters=epoch > 0)
         scores['seconds'] = round(time.perf_counter() - start, 3)
         return scores
 

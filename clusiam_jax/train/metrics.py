@@ -28,6 +28,7 @@ class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
         self.csv_path = os.path.join(workdir, 'metrics.csv')
+        self._header_checked = False
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter  # no TensorFlow needed
@@ -43,8 +44,9 @@ class MetricWriter:
         if not self.enabled:
             return
         new = not os.path.exists(self.csv_path)
-        if not new:
+        if not new and not self._header_checked:
             self._widen_old_header()
+        self._header_checked = True
         with open(self.csv_path, 'a', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
             if new:
@@ -56,9 +58,10 @@ class MetricWriter:
         """A run started before a column existed gets the column (empty in its old rows)
         instead of rows longer than the header."""
         with open(self.csv_path, newline='') as f:
-            rows = list(csv.DictReader(f))
-            header = tuple(rows[0].keys()) if rows else None
-        if header is None or header == CSV_FIELDS:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = tuple(reader.fieldnames or ())
+        if header == CSV_FIELDS:
             return
         tmp = self.csv_path + '.tmp'
         with open(tmp, 'w', newline='') as f:

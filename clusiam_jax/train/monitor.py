@@ -39,6 +39,7 @@ import numpy as np
 
 from clusiam_jax import parallel
 from clusiam_jax.data import augment, image_io
+from clusiam_jax.errors import DataError
 from clusiam_jax.losses import sample_gumbel
 from clusiam_jax.models.conv import compiler_options
 from clusiam_jax.models.preprocess import normalize_input
@@ -129,7 +130,7 @@ def build_monitor_set(records, source, indices, config, seed: int) -> MonitorSet
     for i in indices:
         try:
             img = source.load(int(i))
-        except image_io.BadImageError as e:
+        except (image_io.BadImageError, DataError, OSError) as e:
             log.warning('monitor: skipping %s (%s)', source.path(int(i)), e)
             continue
         rng = np.random.default_rng([seed, int(i), _VIEWS])
@@ -141,6 +142,9 @@ def build_monitor_set(records, source, indices, config, seed: int) -> MonitorSet
         v2.append(b)
         labels.append(records[int(i)].label or '')
         slides.append(records[int(i)].slide_id or '')
+    if len(images) < 2:
+        raise DataError(f'the monitor set has {len(images)} readable patches of '
+                        f'{len(indices)} drawn: give monitor.data_path a readable source')
     labels = np.array(labels, dtype=object)
     return MonitorSet(np.stack(images), np.stack(v1), np.stack(v2),
                       labels if all(labels) else None, np.array(slides, dtype=object))
@@ -173,9 +177,11 @@ class Monitor:
             if 'logits' in out:
                 result['logits'] = out['logits'].astype(jnp.float32)
             return result
+        # Replicated outputs: every process can fetch them (a mesh over several
+        # processes refuses to fetch a batch-sharded array).
         self._embed = jax.jit(embed, in_shardings=(parallel.replicated(mesh),
                                                    parallel.batch_sharded(mesh)),
-                              out_shardings=parallel.batch_sharded(mesh),
+                              out_shardings=parallel.replicated(mesh),
                               compiler_options=compiler_options(network.conv_impl))
 
     def _batches(self):
@@ -186,8 +192,12 @@ class Monitor:
             stacked = np.concatenate([stacked, np.zeros((pad,) + stacked.shape[1:],
                                                         stacked.dtype)])
             sharding = parallel.batch_sharded(self.mesh)
-            self._device_batches = [jax.device_put(stacked[i:i + self.batch], sharding)
-                                    for i in range(0, len(stacked), self.batch)]
+            # Every process holds the whole (deterministic) set: each places its shards.
+            self._device_batches = [
+                jax.make_array_from_callback(chunk.shape, sharding,
+                                             lambda index, chunk=chunk: chunk[index])
+                for chunk in (stacked[i:i + self.batch]
+                              for i in range(0, len(stacked), self.batch))]
         return self._device_batches
 
     def embed_all(self, variables) -> Dict[str, np.ndarray]:
@@ -197,7 +207,10 @@ class Monitor:
         n = 3 * len(self.set.images)
         return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
-    def scores(self, variables) -> Dict[str, float]:
+    def scores(self, variables, judge_clusters: bool = True) -> Dict[str, float]:
+        """The scores (module docstring). `judge_clusters=False` leaves the cluster
+        collapse modes out of the flag: logits start near uniform, so the training's own
+        check skips the first epoch, and so does the monitor."""
         m = len(self.set.images)
         out = self.embed_all(variables)
         feats = out['features']
@@ -211,7 +224,8 @@ class Monitor:
                                              logits.shape))
             usage = cluster_usage(logits, logits + noise)
             result.update(usage)
-            warnings = collapse_warnings(usage, self.num_clusters, m)
+            if judge_clusters:
+                warnings = collapse_warnings(usage, self.num_clusters, m)
         if result['rankme'] < self.min_rankme:
             warnings.append(f'RankMe {result["rankme"]:.2f} < monitor.min_rankme '
                             f'{self.min_rankme:g}: the features use about one direction')
