@@ -54,8 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.min_tissue = 0.0           # patch files: a patch with less tissue than this
                                       # fraction is skipped (listed) like an unreadable one
     c.data.stats_sample = 4096        # slide sources: normalization over this many patches
-    c.data.open_slides = 512          # slide handles kept open per worker (LRU; ~25 kB and
-                                      # one file descriptor each; reopening costs 2-5 ms)
+    c.data.open_slides = 512          # slide handles kept open per worker (LRU; a few kB and
+                                      # one file descriptor each; reopening costs more than
+                                      # reading a patch)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 512          # global batch (pairs per step)

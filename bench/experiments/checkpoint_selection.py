@@ -53,10 +53,9 @@ import warnings
 
 from bench.experiments.nuclei_probe_eval import (
     evaluate,
+    evaluation_crops,
     pretrain_config,
     read_nuclei,
-    subsample,
-    write_crops,
     write_tiles,
 )
 
@@ -354,14 +353,7 @@ def main():
         work, f'monitor_tiles{args.tile}_{args.monitor_patches}_s{args.seed}'), args.tile,
         args.monitor_patches, args.seed)
     monitor_size = sum(len(files) for _, _, files in os.walk(monitor_tiles))
-    chosen = subsample(nuclei, {'train': args.max_train, 'validation': args.max_val,
-                                'test': args.max_test}, args.seed)
-    crops = write_crops(data, chosen, os.path.join(
-        work, f'crops{args.crop}_{args.max_train}_{args.max_val}_{args.max_test}'), args.crop)
-    splits_csv = os.path.join(work, 'splits.csv')
-    with open(splits_csv, 'w', newline='') as f:
-        present = sorted({n['image'] for n in chosen})
-        f.write('slide_id,split\n' + ''.join(f'{i},{image_split[i]}\n' for i in present))
+    chosen, crops, splits_csv = evaluation_crops(data, nuclei, args, work)
 
     runs = [('main', args.alpha, args.epochs)]
     for a in filter(None, args.collapse_alphas.split(',')):

@@ -221,6 +221,23 @@ def raw_pixel_all_nuclei(data_dir, nuclei, size=32):
             'n_reference': len(ry), 'n_query': len(qy)}
 
 
+def evaluation_crops(data, nuclei, args, work):
+    """(chosen nuclei, crop folder, splits CSV): the labeled nucleus crops of the
+    evaluation (--max-train/--max-val/--max-test per split, --crop px) and the image-level
+    splits file listing the images that have crops."""
+    image_split = {n['image']: n['split'] for n in nuclei}
+    chosen = subsample(nuclei, {'train': args.max_train, 'validation': args.max_val,
+                                'test': args.max_test}, args.seed)
+    crops = write_crops(data, chosen, os.path.join(
+        work, f'crops{args.crop}_{args.max_train}_{args.max_val}_{args.max_test}'), args.crop)
+    splits_csv = os.path.join(work, 'splits.csv')
+    with open(splits_csv, 'w', newline='') as f:
+        # Only the images that have crops: the evaluation refuses listed slides it lacks.
+        present = sorted({n['image'] for n in chosen})
+        f.write('slide_id,split\n' + ''.join(f'{i},{image_split[i]}\n' for i in present))
+    return chosen, crops, splits_csv
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', default=DEFAULT_DATA)
@@ -263,15 +280,7 @@ def main():
     train_images = sorted(i for i, s in image_split.items() if s == 'train')
     tiles = write_tiles(data, train_images, os.path.join(work, f'tiles{args.tile}'),
                         args.tile, args.steps * args.batch, args.seed)
-    chosen = subsample(nuclei, {'train': args.max_train, 'validation': args.max_val,
-                                'test': args.max_test}, args.seed)
-    crops = write_crops(data, chosen, os.path.join(
-        work, f'crops{args.crop}_{args.max_train}_{args.max_val}_{args.max_test}'), args.crop)
-    splits_csv = os.path.join(work, 'splits.csv')
-    with open(splits_csv, 'w', newline='') as f:
-        # Only the images that have crops: the evaluation refuses listed slides it lacks.
-        present = sorted({n['image'] for n in chosen})
-        f.write('slide_id,split\n' + ''.join(f'{i},{image_split[i]}\n' for i in present))
+    chosen, crops, splits_csv = evaluation_crops(data, nuclei, args, work)
 
     common = {'steps': args.steps, 'batch': args.batch, 'image_size': args.image_size,
               'tile': args.tile, 'crop': args.crop, 'backbone': args.backbone}

@@ -29,7 +29,7 @@ from clusiam_jax import parallel
 from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.export import format as fmt
 from clusiam_jax.models.conv import compiler_options
-from clusiam_jax.models.preprocess import normalize_input
+from clusiam_jax.models.preprocess import embed_images
 
 log = logging.getLogger('clusiam_jax')
 
@@ -66,13 +66,9 @@ class Embedder:
         network, mean, std = self.network, self.mean, self.std
 
         def embed(variables, images):
-            x = normalize_input(images, mean, std, network.dtype)
-            out = network.apply(variables, x, train=False)
-            result = {'features': out['features'].astype(np.float32)}
-            if 'logits' in out:
-                result['cluster_logits'] = out['logits'].astype(np.float32)
-            if with_projection:
-                result['projections'] = out['z']
+            result = embed_images(network, variables, images, mean, std, with_projection)
+            if 'logits' in result:
+                result['cluster_logits'] = result.pop('logits')
             return result
 
         return jax.jit(embed, in_shardings=(parallel.replicated(self.mesh),

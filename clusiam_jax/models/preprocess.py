@@ -1,5 +1,6 @@
 """The network's input: images -> normalized arrays, one function for training, export and
-on-device augmentation (docs/method.md §1, step 6).
+on-device augmentation (docs/method.md §1, step 6); and inference on images, one function
+for the export and the training monitor (docs/method.md §7, §6).
 
 Views leave the data pipeline as uint8 [0, 255] (a quarter of float32's bytes to copy to
 the device); on-device augmentation hands over float32 in [0, 1]. Both are normalized here
@@ -15,3 +16,17 @@ def normalize_input(x, mean, std, dtype=jnp.float32):
         x = x.astype(jnp.float32) / 255.0  # ToTensor divides (as the reference tests do)
     x = x.astype(jnp.float32)
     return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
+
+
+def embed_images(network, variables, images, mean, std, with_projection=False):
+    """The online network in inference mode (BatchNorm running statistics) on uint8
+    images: {'features' float32 [B, F], 'logits' float32 [B, K] with a cluster head,
+    'projections' [B, D] on request}."""
+    out = network.apply(variables, normalize_input(images, mean, std, network.dtype),
+                        train=False)
+    result = {'features': out['features'].astype(jnp.float32)}
+    if 'logits' in out:
+        result['logits'] = out['logits'].astype(jnp.float32)
+    if with_projection:
+        result['projections'] = out['z']
+    return result

@@ -34,7 +34,6 @@ import math
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from clusiam_jax import parallel
@@ -42,7 +41,7 @@ from clusiam_jax.data import augment, image_io
 from clusiam_jax.errors import DataError
 from clusiam_jax.losses import sample_gumbel
 from clusiam_jax.models.conv import compiler_options
-from clusiam_jax.models.preprocess import normalize_input
+from clusiam_jax.models.preprocess import embed_images
 from clusiam_jax.train.metrics import collapse_warnings
 
 log = logging.getLogger('clusiam_jax')
@@ -171,12 +170,7 @@ class Monitor:
         self._device_batches = None
 
         def embed(variables, images):
-            x = normalize_input(images, mean, std, network.dtype)
-            out = network.apply(variables, x, train=False)
-            result = {'features': out['features'].astype(jnp.float32)}
-            if 'logits' in out:
-                result['logits'] = out['logits'].astype(jnp.float32)
-            return result
+            return embed_images(network, variables, images, mean, std)
         # Replicated outputs: every process can fetch them (a mesh over several
         # processes refuses to fetch a batch-sharded array).
         self._embed = jax.jit(embed, in_shardings=(parallel.replicated(mesh),
