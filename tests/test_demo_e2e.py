@@ -79,9 +79,9 @@ def test_export_needs_no_config(tmp_path, demo_tiles):
     launch(workdir, '--config.train.num_epochs=1', '--config.export.after_training=False',
            f'--config.data.path={demo_tiles}')
     launch(workdir, '--mode', 'export', f'--config.export.out_dir={tmp_path / "out"}',
-           '--config.export.format=npz', recipe=(), reduced=[])
+           '--config.export.with_projection=True', recipe=(), reduced=[])
     info = json.loads((tmp_path / 'out' / 'export_info.json').read_text())
     with open(os.path.join(demo_tiles, 'slides.csv')) as f:
         n_patches = int(next(csv.DictReader(f))['n_patches'])
-    assert info['format'] == 'npz' and info['n_patches'] == n_patches
-    assert info['image_size'] == 32
+    assert info['with_projection'] and info['n_patches'] == n_patches
+    assert info['format'] == 'h5' and info['image_size'] == 32
