@@ -139,7 +139,8 @@ def test_patch_labels_from_annotations(exported, tmp_path):
     assert set(sets['test'][1]) == {'normal'}    # beta has no annotation file
 
 
-def test_export_resumes_per_slide(exported, monkeypatch, tmp_path):
+def _count_embedded_slides(monkeypatch):
+    """A list that gets, per embedding pass of an export, the set of slides embedded."""
     from clusiam_jax.export import embed
     calls = []
     original = embed._embed_stream
@@ -148,6 +149,11 @@ def test_export_resumes_per_slide(exported, monkeypatch, tmp_path):
         calls.append({s for s, _, _ in stream})
         return original(embedder, source, stream, writer, options)
     monkeypatch.setattr(embed, '_embed_stream', counting)
+    return calls
+
+
+def test_export_resumes_per_slide(exported, monkeypatch, tmp_path):
+    calls = _count_embedded_slides(monkeypatch)
     config = tiny_config('clusiam', image_size=32)
     exp = config.export
     exp.data_path, exp.out_dir = str(exported['tiles']), str(exported['out'])
@@ -174,19 +180,12 @@ def test_a_vanished_slide_is_listed_once_and_the_rest_exported(exported, tmp_pat
 
 def test_npz_from_slides_is_refused_and_pt_files_resume(exported, tmp_path, monkeypatch):
     from clusiam_jax.errors import ConfigError
-    from clusiam_jax.export import embed
     config = tiny_config('clusiam', image_size=32)
     exp = config.export
     exp.data_path, exp.out_dir, exp.format = str(exported['tiles']), str(tmp_path / 'n'), 'npz'
     with pytest.raises(ConfigError, match='export.format=h5'):
         cli.export_with(exported['workdir'], exp, None)
-    calls = []
-    original = embed._embed_stream
-
-    def counting(embedder, source, stream, writer, options):
-        calls.append({s for s, _, _ in stream})
-        return original(embedder, source, stream, writer, options)
-    monkeypatch.setattr(embed, '_embed_stream', counting)
+    calls = _count_embedded_slides(monkeypatch)
     exp.format, exp.out_dir, exp.batch_size = 'h5', str(exported['out']), 16
     exp.pt_files, exp.qupath = True, True
     os.remove(exported['out'] / 'pt_files' / 'alpha.pt')

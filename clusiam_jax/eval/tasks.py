@@ -104,12 +104,17 @@ def run_linear(export_dir, splits_path, positive_label=None, key='features', see
     return {'task': 'linear', 'n_train': len(train_y), 'n_test': len(test_y), **result}
 
 
+def _check_seeds_and_epochs(task, seeds, epochs):
+    """DataError for the trained slide models' --seeds / --epochs that cannot run."""
+    if not seeds:
+        raise DataError(f'{task} needs at least one seed (--seeds 0,1,2)')
+    if epochs < 1:
+        raise DataError(f'{task} needs --epochs of at least 1; got {epochs}')
+
+
 def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
     from clusiam_jax.eval import dsmil
-    if not seeds:
-        raise DataError('dsmil needs at least one seed (--seeds 0,1,2)')
-    if epochs < 1:
-        raise DataError(f'dsmil needs --epochs of at least 1; got {epochs}')
+    _check_seeds_and_epochs('dsmil', seeds, epochs)
     result = dsmil.run_dsmil(splits_path, export_dir, seeds=seeds,
                              config=dsmil.DSMILConfig(epochs=epochs))
     for r in result['runs']:  # per-epoch history and scores make the line unreadable
@@ -120,10 +125,7 @@ def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
 
 def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=100):
     from clusiam_jax.eval import slide_models
-    if not seeds:
-        raise DataError('abmil needs at least one seed (--seeds 0,1,2)')
-    if epochs < 1:
-        raise DataError(f'abmil needs --epochs of at least 1; got {epochs}')
+    _check_seeds_and_epochs('abmil', seeds, epochs)
     result = slide_models.run_abmil(splits_path, export_dir, seeds=seeds,
                                     config=slide_models.ABMILConfig(epochs=epochs))
     return {'task': 'abmil', **result}
