@@ -3,7 +3,7 @@
     python -m bench.data_pipeline --data-dir DIR --workers N [--image-size 224] [--batches N]
         [--on-device-augment]
     python -m bench.data_pipeline --time-device-augment [--image-size 224] [--batch-size 32]
-    python -m bench.data_pipeline --slides 200 --workers 2 [--rounds 2] [--epochs 1]
+    python -m bench.data_pipeline --slides 200 --workers 2 [--rounds 2] [--epochs 1] [--align]
 
 Prints one JSON line: workers, pairs_per_s, cpu_ms_per_pair (CPU time of this
 process and its worker processes per augmented pair, in the timed window),
@@ -28,7 +28,8 @@ crops, on JAX's default backend (one JSON line, no data needed).
 slides, both or one kind with --slide-mix, tiled at --image-size px and 0.5 µm/px) and,
 alternately, from PNG files of exactly those patches: pairs/s, CPU ms per pair and the
 memory of the process tree (peak, at 10% and at the end of the stream) for each, one line
-per source and round.
+per source and round. --align tiles with tile.align (patches on the scanner's tile
+corners, one tile decoded per patch); the PNGs are then of those patches.
 
 JAX is imported only inside the functions that use it: grain's spawned workers re-run
 this module's top level.
@@ -230,6 +231,9 @@ def main():
                          'JPEG-compressed, the TCGA slide JPEG 2000)')
     ap.add_argument('--epochs', type=int, default=1,
                     help='with --slides: whole epochs timed (memory over an epoch)')
+    ap.add_argument('--align', action='store_true',
+                    help='with --slides: tile with tile.align (patches on scanner-tile '
+                         'corners)')
     args = ap.parse_args()
     if args.time_device_augment:
         result = time_device_augment(args.image_size, args.batch_size, args.repeats)
@@ -240,13 +244,14 @@ def main():
     if args.warmup == 0:
         raise SystemExit('--warmup must be >= 1 (the first batch includes start-up)')
     if args.slides:
-        tiles, pngs = prepare_slides(args.slides, args.image_size, args.slide_mix)
+        tiles, pngs = prepare_slides(args.slides, args.image_size, args.slide_mix,
+                                     args.align)
         # Alternate the two sources round by round: both see the same machine load.
         for round_ in range(args.rounds):
             for source, path in (('slides', tiles), ('png_patches', pngs)):
                 result = time_stream(args, path, epochs_of_patches=args.epochs)
                 result.update(source=source, round=round_, n_slides=args.slides,
-                              slide_mix=args.slide_mix)
+                              slide_mix=args.slide_mix, tile_align=args.align)
                 print(json.dumps(result), flush=True)
         return
     ensure_patches(args.data_dir, args.num_patches, args.seed)
@@ -319,11 +324,11 @@ SLIDE_MIXES = {'both': ('cmu-1-small-region.svs', 'tcga-cr-7395-01a-01-ts1.svs')
                'jpeg2000': ('tcga-cr-7395-01a-01-ts1.svs',)}
 
 
-def prepare_slides(copies, patch_size, mix='both'):
+def prepare_slides(copies, patch_size, mix='both', align=False):
     """A folder of `copies` links to the shared slides (the CC0 region and the TCGA slide
     at 0.5 µm/px, alternately), tiled at `patch_size` px and 0.5 µm/px, and a PNG folder
     of exactly the same patches (lossless), so the two sources hold the same pixels.
-    Made once under <tmp>/clusiam_bench_slides_<copies>_<size>."""
+    Made once under <tmp>/clusiam_bench_slides_<mix>_<copies>_<size>[_aligned]."""
     import cv2
 
     from clusiam_jax.data import slide_source
@@ -333,7 +338,8 @@ def prepare_slides(copies, patch_size, mix='both'):
     if not all(os.path.isfile(p) for p in originals):
         sys.exit(f'--slides needs the shared slides in {shared}')
     root = os.path.join(tempfile.gettempdir(),
-                        f'clusiam_bench_slides_{mix}_{copies}_{patch_size}')
+                        f'clusiam_bench_slides_{mix}_{copies}_{patch_size}'
+                        + ('_aligned' if align else ''))
     tiles, pngs = os.path.join(root, 'tiles'), os.path.join(root, 'png')
     if os.path.isdir(pngs):
         return tiles, pngs
@@ -352,7 +358,7 @@ def prepare_slides(copies, patch_size, mix='both'):
         f.write('\n'.join(rows) + '\n')
     from clusiam_jax.config import default_config
     tile = default_config().tile
-    tile.patch_size = patch_size
+    tile.patch_size, tile.align = patch_size, align
     tiling.tile_slides(tiling.list_slides(listing), tiling.TileParams.from_config(tile), tiles,
                        num_workers=2)
     recs, source = slide_source.open_slide_source(tiles)

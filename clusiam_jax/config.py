@@ -130,6 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tile.target_mpp = 0.5           # µm per pixel of the patches (0.5 ~ 20x)
     c.tile.patch_size = 224           # patch side in pixels at target_mpp
     c.tile.overlap = 0                # pixels (at target_mpp) shared by neighbouring patches
+    c.tile.align = False              # True: patches start on scanner-tile corners (faster reads)
     c.tile.min_tissue = 0.5           # fraction of a patch that must be tissue
     c.tile.mpp = 0.0                  # force every slide's level-0 µm/px; 0: the slide's own
     c.tile.masks = ''                 # folder of <slide_id>.geojson/.xml tissue polygons
@@ -439,6 +440,9 @@ def validate_tile(t):
         raise ConfigError(f'tile.patch_size must be at least 8; got {t.patch_size}')
     if not 0 <= t.overlap < t.patch_size:
         raise ConfigError(f'tile.overlap must be in [0, tile.patch_size); got {t.overlap}')
+    if t.align and t.overlap:
+        raise ConfigError(f'tile.align steps by whole scanner tiles, so tile.overlap '
+                          f'({t.overlap}) cannot apply: set one of them')
     if not 0.0 <= t.min_tissue <= 1.0:
         raise ConfigError(f'tile.min_tissue must be in [0, 1]; got {t.min_tissue}')
     if t.mpp < 0:

@@ -215,6 +215,98 @@ def test_rerun_reuses_finished_slides_and_redoes_changed_ones(scans, tmp_path):
     assert len(coords_lib.read_coords(files['a']).coords) > len(old)
 
 
+def _tile_decodes(path, coords, size0, out_size):
+    """Tiles decoded per patch when each patch is read tile by tile; the patches are
+    checked against OpenSlide's own read on the way."""
+    from clusiam_jax.slides.tiles import TiffTiles
+    with reader.open_slide(path) as slide:
+        tiles = TiffTiles.open(path, slide)
+        decoded = []
+        original = tiles._tile
+        tiles._tile = lambda level, index: decoded.append(index) or original(level, index)
+        counts = []
+        for x, y in coords:
+            before = len(decoded)
+            fast = reader.read_patch(slide, int(x), int(y), size0, out_size, tiles)
+            counts.append(len(decoded) - before)
+            np.testing.assert_array_equal(fast, reader.read_patch(slide, int(x), int(y),
+                                                                  size0, out_size))
+        tiles.close()
+    return np.array(counts)
+
+
+def test_aligned_patches_start_on_tile_corners_and_decode_one_tile(scans, tmp_path):
+    """tile.align: every patch starts on a corner of the scanner's 128-px tiles and
+    decodes one tile, where the regular grid of 100-px patches decodes up to four."""
+    found = {}
+    for align in (False, True):
+        out = tmp_path / str(align)
+        assert tile_one(scans[0.5], out, patch_size=100, align=align)['status'] == 'tiled'
+        found[align] = coords_lib.read_coords(coords_lib.trident_file(str(out), 'field_0.5'))
+    aligned = found[True]
+    assert len(aligned.coords) > 3
+    assert not (aligned.coords % 128).any()
+    np.testing.assert_array_equal(aligned.attrs['step_level0'], [128, 128])
+    np.testing.assert_array_equal(found[False].attrs['step_level0'], [100, 100])
+    counts = _tile_decodes(scans[0.5], aligned.coords, 100, 100)
+    assert (counts == 1).all()
+    regular = _tile_decodes(scans[0.5], found[False].coords, 100, 100)
+    assert regular.mean() > 1.5, regular
+    # Still only tissue: min_tissue applies to the aligned cells as to the regular ones.
+    w, h = int(FIELD_UM[0] / 0.5), int(FIELD_UM[1] / 0.5)
+    yy, xx = np.mgrid[:h, :w]
+    discs = np.zeros((h, w), bool)
+    for cx, cy, r in BLOBS_UM:
+        discs |= (xx - cx / 0.5) ** 2 + (yy - cy / 0.5) ** 2 <= (r / 0.5) ** 2
+    for x, y in aligned.coords:
+        assert discs[y:y + 100, x:x + 100].mean() >= 0.4
+
+
+def test_aligned_patches_of_a_40x_scan_follow_the_tiles_of_the_level_read(scans,
+                                                                          tmp_path):
+    """At 0.25 µm/px the patches are read from level 1 (2x): the grid follows that
+    level's tiles, so the level-1 start of every patch is a tile corner."""
+    assert tile_one(scans[0.25], tmp_path, align=True)['status'] == 'tiled'
+    found = coords_lib.read_coords(coords_lib.trident_file(str(tmp_path), 'field_0.25'))
+    with reader.open_slide(scans[0.25]) as slide:
+        assert reader.best_level(slide, found.attrs['patch_size_level0'] / 64) == 1
+        ds = slide.level_downsamples[1]
+    level1 = np.round(found.coords / ds).astype(int)
+    assert len(found.coords) > 3 and not (level1 % 128).any()
+    np.testing.assert_array_equal(found.attrs['step_level0'], [256, 256])
+
+
+@needs_shared
+def test_aligned_patches_of_the_cc0_slide_decode_one_jpeg_tile_each(tmp_path):
+    assert tile_one(CMU, tmp_path, patch_size=224, align=True)['status'] == 'tiled'
+    found = coords_lib.read_coords(
+        coords_lib.trident_file(str(tmp_path), 'cmu-1-small-region'))
+    assert not (found.coords % 240).any()   # the scanner's 240-px JPEG tiles
+    size0 = int(found.attrs['patch_size_level0'])
+    assert (_tile_decodes(CMU, found.coords[:12], size0, 224) == 1).all()
+
+
+def test_align_without_a_reported_tile_size_is_said_and_regular(scans, tmp_path,
+                                                                monkeypatch, caplog):
+    regular = tile_one(scans[0.5], tmp_path / 'regular')
+    monkeypatch.setattr(reader, 'scanner_tile_size', lambda slide, level: None)
+    row = tile_one(scans[0.5], tmp_path / 'aligned', align=True)
+    assert row['status'] == 'tiled' and 'tile.align' in row['reason']
+    assert row['n_patches'] == regular['n_patches']
+    assert 'tile size' in caplog.text
+    entry = tiling.SlideEntry('a', scans[0.5])
+    assert tiling.tiling_key(entry, tile_params(align=True)) != tiling.tiling_key(
+        entry, tile_params())
+
+
+def test_align_with_overlap_is_refused(tmp_path, scans):
+    code = cli.main(['--mode', 'tile', f'--config.tile.slides={scans[0.5]}',
+                     f'--config.tile.out_dir={tmp_path / "o"}', '--config.tile.align=True',
+                     '--config.tile.overlap=16'])
+    assert code == 2
+    assert not (tmp_path / 'o').exists()
+
+
 def test_corrupt_and_fake_slides_are_rows_and_the_rest_is_tiled(scans, tmp_path):
     folder = tmp_path / 'slides'
     folder.mkdir()

@@ -111,6 +111,18 @@ def best_level(slide, downsample: float) -> int:
     return best
 
 
+def scanner_tile_size(slide, level: int) -> Optional[Tuple[int, int]]:
+    """(width, height) of the tiles the scanner stored `level` in, from OpenSlide's
+    `openslide.level[N].tile-width/-height`; None when the format does not say."""
+    props = slide.properties
+    try:
+        w = int(props.get(f'openslide.level[{level}].tile-width', 0))
+        h = int(props.get(f'openslide.level[{level}].tile-height', 0))
+    except ValueError:
+        return None
+    return (w, h) if w > 0 and h > 0 else None
+
+
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     """OpenSlide's RGBA (transparent outside the scanned area) over white."""
     rgb = rgba[..., :3]

@@ -11,9 +11,10 @@ For each slide (docs/formats.md, "Tiling output"):
 
 The grid: patches of `tile.patch_size` px at `tile.target_mpp` µm/px, i.e.
 round(patch_size * target_mpp / level0_mpp) level-0 px, stepped by (patch_size - overlap)
-at the same scale from the slide's top-left corner, whole patches only, row by row. A
-patch is kept when at least `tile.min_tissue` of it is tissue (tissue.py, or the
-polygons of `tile.masks`). Everything is a function of the slide and the config, so the
+at the same scale from the slide's top-left corner, whole patches only, row by row
+(`tile.align`: stepped by whole scanner tiles instead, see aligned_steps). A patch is
+kept when at least `tile.min_tissue` of it is tissue (tissue.py, or the polygons of
+`tile.masks`). Everything is a function of the slide and the config, so the
 coordinates are the same on every rerun.
 
 Slides are tiled by a process pool; a slide that cannot be read, has no resolution or
@@ -27,10 +28,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -72,12 +74,13 @@ class TileParams:
     mpp: float                    # 0: from the slide
     masks: str                    # '' : detect tissue
     detection: tissue.TissueParams
+    align: bool = False           # patches start on the scanner's tile corners
 
     @classmethod
     def from_config(cls, tile):
         return cls(float(tile.target_mpp), int(tile.patch_size), int(tile.overlap),
                    float(tile.min_tissue), float(tile.mpp or 0), str(tile.masks or ''),
-                   tissue.TissueParams.from_config(tile))
+                   tissue.TissueParams.from_config(tile), bool(tile.align))
 
 
 # ------------------------------------------------------------------- the slide list
@@ -172,17 +175,47 @@ def tiling_key(entry: SlideEntry, params: TileParams) -> str:
     if params.masks:
         from clusiam_jax.slides import annotations
         mask = _file_identity(annotations.find_annotation_file(params.masks, entry.slide_id))
-    payload = json.dumps([_file_identity(entry.path), mask, entry.mpp,
-                          dataclasses.asdict(params)], sort_keys=True, default=str)
+    settings = dataclasses.asdict(params)
+    if not settings['align']:   # tilings made before the option keep their key
+        del settings['align']
+    payload = json.dumps([_file_identity(entry.path), mask, entry.mpp, settings],
+                         sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
-def grid(width: int, height: int, size0: int, step0: int) -> np.ndarray:
+def _starts(extent: int, size0: int, step: float) -> np.ndarray:
+    """Patch starts 0, step, 2*step, ... (rounded) whose whole patch fits in `extent`."""
+    if extent < size0:
+        return np.zeros(0, np.int64)
+    starts = np.round(np.arange(int((extent - size0) // step) + 1) * step).astype(np.int64)
+    return starts[starts + size0 <= extent]
+
+
+def grid(width: int, height: int, size0: int, step_x: float,
+         step_y: Optional[float] = None) -> np.ndarray:
     """int64 [N, 2] top-left corners of the whole patches, row by row."""
-    xs = np.arange(0, width - size0 + 1, step0, dtype=np.int64)
-    ys = np.arange(0, height - size0 + 1, step0, dtype=np.int64)
+    xs = _starts(width, size0, step_x)
+    ys = _starts(height, size0, step_x if step_y is None else step_y)
     yy, xx = np.meshgrid(ys, xs, indexing='ij')
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
+
+
+def aligned_steps(slide, size0: int, patch_size: int) -> Optional[Tuple[float, float]]:
+    """`tile.align`: the level-0 steps (x, y) that start every patch on a corner of the
+    scanner's tiles at the level its pixels are read from (reader.read_patch's level),
+    a whole number of tiles apart; None when the slide does not report its tile size.
+
+    A patch then decodes ceil(side / tile)^2 tiles instead of up to (ceil + 1)^2: one
+    instead of four for 224-px patches on 240- or 256-px tiles. The strips between
+    patches (tile - patch wide) are never trained on."""
+    level = reader.best_level(slide, size0 / patch_size)
+    tile = reader.scanner_tile_size(slide, level)
+    if tile is None:
+        return None
+    ds = slide.level_downsamples[level]
+    side = max(1, int(round(size0 / ds)))
+    step_x, step_y = (math.ceil(side / t) * t * ds for t in tile)
+    return step_x, step_y
 
 
 def cell_fractions(mask: np.ndarray, coords: np.ndarray, size0: float,
@@ -277,7 +310,17 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
                         f'tile.masks {params.masks}', res.mpp, res.origin)
     else:
         mask = tissue.tissue_mask(small, res.mpp * ds, params.detection)
-    candidates = grid(width, height, size0, step0)
+    step_x = step_y = step0
+    reason = ''
+    if params.align:
+        steps = aligned_steps(slide, size0, params.patch_size)
+        if steps is None:
+            reason = ('tile.align: the slide does not report its tile size '
+                      '(openslide.level[N].tile-width); tiled on the regular grid')
+            log.warning('%s: %s', entry.slide_id, reason)
+        else:
+            step_x, step_y = steps
+    candidates = grid(width, height, size0, step_x, step_y)
     fractions = cell_fractions(mask, candidates, size0, ds)
     keep = (fractions >= params.min_tissue) & (fractions > 0)
     kept = candidates[keep]
@@ -289,7 +332,8 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
              'name': entry.slide_id, 'target_mpp': params.target_mpp,
              'level0_mpp': res.mpp, 'mpp_origin': res.origin, 'slide_path':
              os.path.abspath(entry.path), 'tiling_key': tiling_key(entry, params),
-             'tissue_fraction': float(mask.mean())}
+             'tissue_fraction': float(mask.mean()),
+             'step_level0': np.array([step_x, step_y], np.float64)}
     title = (f'{entry.slide_id}: {len(kept)} patches of {params.patch_size} px at '
              f'{params.target_mpp:g} um/px ({size0} px at level 0)')
     qc_thumb, qc_ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE)
@@ -304,7 +348,7 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
                     f'{params.min_tissue:g} (tissue {tissue_fraction:.1%} of the slide; see '
                     f'{qc_path})', res.mpp, res.origin, 0, tissue_fraction)
     coords_lib.write_trident(coords_lib.trident_file(out_dir, entry.slide_id), kept, attrs)
-    return _row(entry, TILED, '', res.mpp, res.origin, len(kept), tissue_fraction)
+    return _row(entry, TILED, reason, res.mpp, res.origin, len(kept), tissue_fraction)
 
 
 def _supplied_mask(folder, entry, shape, downsample):
