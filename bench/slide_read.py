@@ -1,0 +1,119 @@
+"""Where the time of one patch read from a slide goes, against decoding a PNG of it.
+
+    python -m bench.slide_read [--patches 300] [--patch-size 224] [--slides PATH ...]
+
+For each slide (default: the shared CC0 region and TCGA slide) one JSON line with CPU ms
+per 224-px level-0 patch: OpenSlide's read_region at patch positions of the regular grid
+(its tile cache off: an epoch over many slides in random order rarely hits it, while
+repeated reads of one small slide here would);
+the direct tile reads (slides/tiles.py) at the same positions and at positions on tile
+corners (`tile.align`); one tile decode alone; cv2's decode of lossless PNGs of the
+same patches; and one slide open (OpenSlide, then the direct reader's index and check
+read), plus the tiles a patch decodes on average. Positions are random grid cells
+(seeded); every timing is process CPU time over all patches.
+
+bench/data_pipeline.py --slides measures the whole pipeline; this says why its numbers
+are what they are (the codec, the tiles per patch, the cost of opening).
+"""
+import argparse
+import json
+import os
+import time
+
+import cv2
+import numpy as np
+
+from bench.common import command_line
+from bench.data_pipeline import REPO, machine
+
+SHARED = os.path.join(REPO, '..', 'shared', 'data', 'slides')
+DEFAULT_SLIDES = [os.path.join(SHARED, n) for n in ('cmu-1-small-region.svs',
+                                                     'tcga-cr-7395-01a-01-ts1.svs')]
+
+
+def cpu_ms_per(fn, items) -> float:
+    start = time.process_time()
+    for item in items:
+        fn(item)
+    return 1000 * (time.process_time() - start) / len(items)
+
+
+def measure(path: str, n: int, size: int, seed: int) -> dict:
+    import imagecodecs
+    import openslide
+
+    from clusiam_jax.slides import reader
+    from clusiam_jax.slides.tiles import TiffTiles
+    slide = reader.open_slide(path)
+    tiles = TiffTiles.open(path, slide)
+    if tiles is None:
+        raise SystemExit(f'{path}: level 0 is not read tile by tile (slides/tiles.py)')
+    level = tiles.levels[0]
+    rng = np.random.default_rng(seed)
+    regular = [(int(i) * size, int(j) * size) for i, j in zip(
+        rng.integers(0, level.width // size, n), rng.integers(0, level.height // size, n))]
+    aligned = [(int(i) * level.tile_w, int(j) * level.tile_h) for i, j in zip(
+        rng.integers(0, level.width // level.tile_w, n),
+        rng.integers(0, level.height // level.tile_h, n))]
+    decoded = []
+    original = tiles._tile
+    tiles._tile = lambda lv, index: decoded.append(index) or original(lv, index)
+    tiles_regular = cpu_ms_per(lambda p: tiles.read(0, p[0], p[1], size, size), regular)
+    per_patch_regular = len(decoded) / n
+    decoded.clear()
+    tiles_aligned = cpu_ms_per(lambda p: tiles.read(0, p[0], p[1], size, size), aligned)
+    per_patch_aligned = len(decoded) / n
+    tiles._tile = original
+    one_tile = cpu_ms_per(lambda i: original(level, i), list(rng.integers(0, len(
+        level.offsets), n)))
+    uncached = reader.open_slide(path, cache=openslide.OpenSlideCache(0))
+    openslide_regular = cpu_ms_per(
+        lambda p: reader.rgba_to_rgb(np.asarray(uncached.read_region(p, 0, (size, size)))),
+        regular)
+    uncached.close()
+    pngs = [cv2.imencode('.png', cv2.cvtColor(tiles.read(0, x, y, size, size),
+                                              cv2.COLOR_RGB2BGR))[1] for x, y in regular]
+    png = cpu_ms_per(lambda b: cv2.imdecode(b, cv2.IMREAD_COLOR), pngs)
+    tiles.close()
+    slide.close()
+
+    def open_once(_):
+        s = reader.open_slide(path)
+        t = TiffTiles.open(path, s)
+        t.close()
+        s.close()
+    opening = cpu_ms_per(open_once, range(20))
+    return dict(
+        bench='slide_read', slide=os.path.basename(path),
+        compression=int(level.page.compression),
+        tile=[level.tile_w, level.tile_h], patch=size, patches=n,
+        cpu_ms_openslide_regular=round(openslide_regular, 3),
+        cpu_ms_tiles_regular=round(tiles_regular, 3),
+        tiles_per_patch_regular=round(per_patch_regular, 2),
+        cpu_ms_tiles_aligned=round(tiles_aligned, 3),
+        tiles_per_patch_aligned=round(per_patch_aligned, 2),
+        cpu_ms_one_tile_decode=round(one_tile, 3),
+        cpu_ms_png_decode=round(png, 3),
+        png_kb=round(float(np.mean([len(b) for b in pngs])) / 1024, 1),
+        cpu_ms_open_slide=round(opening, 2),
+        machine=machine(), imagecodecs=imagecodecs.__version__, opencv=cv2.__version__,
+        command=command_line())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--slides', nargs='+', default=DEFAULT_SLIDES)
+    ap.add_argument('--patches', type=int, default=300)
+    ap.add_argument('--patch-size', type=int, default=224)
+    ap.add_argument('--seed', type=int, default=0)
+    args = ap.parse_args()
+    for path in args.slides:
+        if not os.path.isfile(path):
+            raise SystemExit(f'{path}: no such slide (the defaults are ../shared/data/slides)')
+    for path in args.slides:
+        print(json.dumps(measure(path, args.patches, args.patch_size, args.seed)),
+              flush=True)
+
+
+if __name__ == '__main__':
+    main()
