@@ -193,21 +193,43 @@ def synthetic_tissue(height, width, blobs, seed=0):
     return img
 
 
+def _halvings(rgb, min_side):
+    """rgb, then each level area-averaged by 2 from the one before, until a side would
+    drop below `min_side`."""
+    import cv2
+    level = rgb
+    while True:
+        yield level
+        if min(level.shape[:2]) // 2 < min_side:
+            return
+        level = cv2.resize(level, (level.shape[1] // 2, level.shape[0] // 2),
+                           interpolation=cv2.INTER_AREA)
+
+
 def write_pyramid(path, rgb, mpp, tile=128, min_side=200):
     """A tiled pyramidal TIFF OpenSlide reads as generic-tiff with openslide.mpp-x: level
     k is level k-1 area-averaged by 2, until a side would drop below `min_side`."""
-    import cv2
     import tifffile
-    level, k = rgb, 0
     with tifffile.TiffWriter(path) as tw:
-        while True:
+        for k, level in enumerate(_halvings(rgb, min_side)):
             res = 1e4 / (mpp * 2 ** k)   # pixels per centimetre
             tw.write(level, tile=(tile, tile), compression='zlib', photometric='rgb',
                      resolution=(res, res), resolutionunit='CENTIMETER',
                      subfiletype=0 if k == 0 else 1)
-            if min(level.shape[:2]) // 2 < min_side:
-                break
-            level = cv2.resize(level, (level.shape[1] // 2, level.shape[0] // 2),
-                               interpolation=cv2.INTER_AREA)
-            k += 1
+    return path
+
+
+def write_ome_pyramid(path, rgb, mpp, tile=128, min_side=200):
+    """The same levels as write_pyramid, as an OME-TIFF keeping the reduced levels in
+    SubIFDs (as QuPath and bfconvert write them): OpenSlide sees level 0 only."""
+    import tifffile
+    levels = list(_halvings(rgb, min_side))
+    res = 1e4 / mpp
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(levels[0], subifds=len(levels) - 1, tile=(tile, tile), compression='zlib',
+                 photometric='rgb', resolution=(res, res), resolutionunit='CENTIMETER',
+                 metadata={'PhysicalSizeX': mpp, 'PhysicalSizeY': mpp})
+        for level in levels[1:]:
+            tw.write(level, tile=(tile, tile), compression='zlib', photometric='rgb',
+                     subfiletype=1)
     return path

@@ -30,6 +30,7 @@ from tests.helpers import (
     data_config,
     synthetic_tissue,
     take,
+    write_ome_pyramid,
     write_pyramid,
 )
 
@@ -305,6 +306,33 @@ def test_align_with_overlap_is_refused(tmp_path, scans):
                      '--config.tile.overlap=16'])
     assert code == 2
     assert not (tmp_path / 'o').exists()
+
+
+def test_ome_tiff_levels_in_subifds_serve_thumbnails_and_tiling(scans, tmp_path):
+    """OpenSlide sees level 0 of an OME-TIFF alone; its thumbnails are read from the
+    SubIFD levels (never from level 0), so it tiles as the same slide with its levels in
+    plain IFDs does, and trains on the same patches."""
+    from clusiam_jax.slides import tiles
+    ome = write_ome_pyramid(str(tmp_path / 'field.ome.tif'), synthetic_base(0.25), 0.25)
+    with reader.open_slide(ome) as slide, reader.open_slide(scans[0.25]) as plain:
+        assert slide.level_count == 1 and plain.level_count == 3
+        with tiles.hidden_levels(ome, slide) as pyramid:
+            assert sorted(pyramid.levels) == [0, 1, 2]
+
+            def no_openslide_reads(*args, **kwargs):
+                raise AssertionError(f'OpenSlide read {args}')
+            slide.read_region = no_openslide_reads
+            np.testing.assert_array_equal(reader.thumbnail(slide, 16, pyramid=pyramid)[0],
+                                          reader.thumbnail(plain, 16)[0])
+        assert tiles.hidden_pyramid(scans[0.25], plain) is None   # OpenSlide sees them
+    found = {}
+    for name, path in (('ome', ome), ('plain', scans[0.25])):
+        assert tile_one(path, tmp_path / name)['status'] == 'tiled'
+        found[name] = sources_lib.open_source(str(tmp_path / name))
+    (ome_recs, ome_source), (plain_recs, plain_source) = found['ome'], found['plain']
+    assert [(r.x, r.y) for r in ome_recs] == [(r.x, r.y) for r in plain_recs]
+    for i in (0, len(ome_recs) // 2, len(ome_recs) - 1):
+        np.testing.assert_array_equal(ome_source.load(i), plain_source.load(i))
 
 
 def test_corrupt_and_fake_slides_are_rows_and_the_rest_is_tiled(scans, tmp_path):

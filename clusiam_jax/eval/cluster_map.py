@@ -356,7 +356,7 @@ def _slide_thumbnail(slide_id, path, dimensions, max_side):
     most `max_side`; DataError naming the slide, the file and the fix when unreadable."""
     import openslide
 
-    from clusiam_jax.slides import reader
+    from clusiam_jax.slides import reader, tiles
     fix = (f"move the slide back to {path}, or give its thumbnail and downsample "
            f"(export.thumbnail and export.thumbnail_downsample, or maps --thumbnail and "
            f"--downsample)")
@@ -371,7 +371,8 @@ def _slide_thumbnail(slide_id, path, dimensions, max_side):
                 f"cluster map of slide {slide_id}: {path} is {slide.dimensions[0]} x "
                 f"{slide.dimensions[1]} px but the export was made from a {dimensions[0]} x "
                 f"{dimensions[1]} px slide (another file under that name?); {fix}")
-        return reader.thumbnail_for_side(slide, max_side)
+        with tiles.hidden_levels(path, slide) as pyramid:
+            return reader.thumbnail_for_side(slide, max_side, pyramid)
     except openslide.OpenSlideError as e:
         raise DataError(f"cluster map of slide {slide_id}: reading {path} failed "
                         f"({' '.join(str(e).split())}); {fix}") from None

@@ -153,32 +153,54 @@ def read_patch(slide, x: int, y: int, size_level0: float, out_size: int,
     return rgb
 
 
-def thumbnail(slide, downsample: float, band_pixels: int = 32 * 1024 * 1024
-              ) -> Tuple[np.ndarray, float]:
+def _band_reader(slide, downsample: float, pyramid=None):
+    """(level size, function reading rows [y0, y1) of it whole) for the coarsest level not
+    coarser than `downsample`: OpenSlide's, or one of `pyramid`'s (slides.tiles.
+    hidden_pyramid: levels OpenSlide does not see) when that one is coarser."""
+    level = best_level(slide, downsample)
+    ds = slide.level_downsamples[level]
+    size = slide.level_dimensions[level]
+
+    def openslide_rows(y0, y1):
+        return rgba_to_rgb(np.asarray(slide.read_region((0, int(round(y0 * ds))), level,
+                                                        (size[0], y1 - y0))))
+    best = (ds, size, openslide_rows)
+    if pyramid is not None:
+        width0 = pyramid.levels[0].width
+        for index, lv in pyramid.levels.items():
+            lds = width0 / lv.width
+            if best[0] < lds <= downsample * (1 + _LEVEL_TOLERANCE):
+                best = (lds, (lv.width, lv.height),
+                        lambda y0, y1, index=index, w=lv.width: pyramid.read(index, 0, y0,
+                                                                           w, y1 - y0))
+    return best[1], best[2]
+
+
+def thumbnail(slide, downsample: float, band_pixels: int = 32 * 1024 * 1024,
+              pyramid=None) -> Tuple[np.ndarray, float]:
     """(uint8 RGB image, exact level-0 px per image px in x) of the whole slide at about
-    `downsample` level-0 pixels per pixel: read from the best level in horizontal bands of
+    `downsample` level-0 pixels per pixel: read from the best level (`pyramid`: also the
+    levels OpenSlide does not see, slides.tiles.hidden_pyramid) in horizontal bands of
     at most `band_pixels` (a slide without a pyramid is never read whole) and
     area-resized band by band."""
     width, height = slide.dimensions
     out_w = max(1, int(round(width / downsample)))
     out_h = max(1, int(round(height / downsample)))
-    level = best_level(slide, downsample)
-    lw, lh = slide.level_dimensions[level]
+    (lw, lh), read_rows = _band_reader(slide, downsample, pyramid)
     out = np.empty((out_h, out_w, 3), np.uint8)
     rows_per_band = max(1, int(band_pixels // max(lw, 1) * out_h // max(lh, 1)))
-    ds = slide.level_downsamples[level]
     for r0 in range(0, out_h, rows_per_band):
         r1 = min(out_h, r0 + rows_per_band)
         y0, y1 = int(round(r0 * lh / out_h)), max(int(round(r1 * lh / out_h)),
                                                    int(round(r0 * lh / out_h)) + 1)
-        band = rgba_to_rgb(np.asarray(slide.read_region((0, int(round(y0 * ds))), level,
-                                                        (lw, y1 - y0))))
+        band = read_rows(y0, y1)
         out[r0:r1] = cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA) \
             if band.shape[:2] != (r1 - r0, out_w) else band
     return out, width / out_w
 
 
-def thumbnail_for_side(slide, max_side: int = 2048) -> Tuple[np.ndarray, float]:
+def thumbnail_for_side(slide, max_side: int = 2048, pyramid=None
+                       ) -> Tuple[np.ndarray, float]:
     """A thumbnail whose longest side is at most `max_side` (and not above level 0)."""
     downsample = max(1.0, max(slide.dimensions) / max_side)
-    return thumbnail(slide, downsample)
+    return thumbnail(slide, downsample, pyramid=pyramid)

@@ -11,12 +11,14 @@ OpenSlide stays the reader of record: the geometry comes from it, coarser levels
 by it, and when a slide is opened one level-0 tile read here is compared with OpenSlide's
 read of the same pixels; a slide where they differ in a single value (another colour
 conversion, a codec tifffile lacks) is read through OpenSlide. Either way the pixels are
-OpenSlide's.
+OpenSlide's. The one exception is `hidden_pyramid`: the reduced levels an OME-TIFF keeps
+in SubIFDs, which OpenSlide does not list, read here for thumbnails.
 """
+import contextlib
 import dataclasses
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 
@@ -123,16 +125,67 @@ class TiffTiles:
 def _level_of(tiff, width: int, height: int) -> Optional[_Level]:
     """The tiled, 8-bit RGB(A), contiguous page of that size, if any."""
     for page in tiff.pages:
-        if (page.imagewidth, page.imagelength) != (width, height):
-            continue
-        if not page.is_tiled or page.planarconfig != 1 or page.samplesperpixel not in (3, 4):
-            return None
-        if any(b != 8 for b in np.atleast_1d(page.bitspersample)):
-            return None
-        if len(page.dataoffsets) != (-(-width // page.tilewidth)) * (-(-height //
-                                                                      page.tilelength)):
-            return None
-        return _Level(page, width, height, page.tilewidth, page.tilelength,
-                      -(-width // page.tilewidth), np.asarray(page.dataoffsets, np.int64),
-                      np.asarray(page.databytecounts, np.int64))
+        if (page.imagewidth, page.imagelength) == (width, height):
+            return _level_from_page(page)
     return None
+
+
+def _level_from_page(page) -> Optional[_Level]:
+    """The page as a level read tile by tile, if it is tiled, 8-bit RGB(A), contiguous."""
+    width, height = page.imagewidth, page.imagelength
+    if not page.is_tiled or page.planarconfig != 1 or page.samplesperpixel not in (3, 4):
+        return None
+    if any(b != 8 for b in np.atleast_1d(page.bitspersample)):
+        return None
+    if len(page.dataoffsets) != (-(-width // page.tilewidth)) * (-(-height //
+                                                                  page.tilelength)):
+        return None
+    return _Level(page, width, height, page.tilewidth, page.tilelength,
+                  -(-width // page.tilewidth), np.asarray(page.dataoffsets, np.int64),
+                  np.asarray(page.databytecounts, np.int64))
+
+
+def hidden_pyramid(path: str, slide) -> Optional[TiffTiles]:
+    """The reduced levels of a TIFF that OpenSlide does not see, read tile by tile.
+
+    OME-TIFF (QuPath's and bfconvert's export) keeps its pyramid in SubIFDs, which
+    OpenSlide's generic TIFF reader skips: it shows level 0 alone, so a thumbnail of the
+    whole slide would decode every level-0 tile. tifffile lists those levels; this reader
+    has them as levels 0..n of tifffile's first series (level 0 checked against
+    OpenSlide's read as in TiffTiles.open; the reduced levels have no OpenSlide reading
+    to compare with and are the file's own pixels). None when OpenSlide already sees as
+    many levels, the file is no such TIFF, or a level is not readable tile by tile."""
+    if not path.lower().endswith(('.tif', '.tiff')):
+        return None
+    try:
+        import tifffile
+        tiff = tifffile.TiffFile(path)
+    except Exception:   # not a TIFF tifffile understands: no hidden levels to use
+        return None
+    try:
+        levels = tiff.series[0].levels if tiff.series else []
+        found = [_level_from_page(level.keyframe) for level in levels]
+        if (len(found) <= slide.level_count or any(lv is None for lv in found)
+                or (found[0].width, found[0].height) != tuple(slide.dimensions)):
+            tiff.close()
+            return None
+    except Exception:   # an unusual layout: OpenSlide's levels only
+        tiff.close()
+        return None
+    reader = TiffTiles(tiff, {})
+    if not reader._agrees(slide, 0, found[0]):
+        tiff.close()
+        return None
+    reader.levels = dict(enumerate(found))
+    return reader
+
+
+@contextlib.contextmanager
+def hidden_levels(path: str, slide) -> Iterator[Optional[TiffTiles]]:
+    """hidden_pyramid(path, slide) for the block, closed after it."""
+    pyramid = hidden_pyramid(path, slide)
+    try:
+        yield pyramid
+    finally:
+        if pyramid is not None:
+            pyramid.close()

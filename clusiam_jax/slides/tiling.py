@@ -42,7 +42,7 @@ from clusiam_jax import interrupts
 from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.slides import coords as coords_lib
-from clusiam_jax.slides import reader, tissue
+from clusiam_jax.slides import reader, tiles, tissue
 
 log = logging.getLogger('clusiam_jax')
 
@@ -279,7 +279,8 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
     except DataError as e:
         return _row(entry, UNREADABLE, str(e))
     try:
-        return _tile_open_slide(slide, entry, params, out_dir)
+        with tiles.hidden_levels(entry.path, slide) as pyramid:
+            return _tile_open_slide(slide, pyramid, entry, params, out_dir)
     except Exception as e:  # a truncated file fails while reading its pixels; any failure
         # of one slide is that slide's row, never the end of the job
         log.debug('tile: %s failed', entry.slide_id, exc_info=True)
@@ -288,7 +289,7 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
         slide.close()
 
 
-def _tile_open_slide(slide, entry, params, out_dir) -> dict:
+def _tile_open_slide(slide, pyramid, entry, params, out_dir) -> dict:
     res = _resolution(slide, entry, params)
     if res.mpp is None:
         return _row(entry, NO_MPP, f'{res.origin}: set its µm/px with --config.tile.mpp=... '
@@ -302,7 +303,7 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
         return _row(entry, NO_MPP, f'level-0 µm/px {res.mpp} makes a patch of {size0} px')
     # The detection image, never finer than level 0.
     ds = max(1.0, params.detection.tissue_mpp / res.mpp)
-    small, ds = reader.thumbnail(slide, ds)
+    small, ds = reader.thumbnail(slide, ds, pyramid=pyramid)
     if params.masks:
         mask = _supplied_mask(params.masks, entry, small.shape[:2], ds)
         if mask is None:
@@ -336,7 +337,7 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
              'step_level0': np.array([step_x, step_y], np.float64)}
     title = (f'{entry.slide_id}: {len(kept)} patches of {params.patch_size} px at '
              f'{params.target_mpp:g} um/px ({size0} px at level 0)')
-    qc_thumb, qc_ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE)
+    qc_thumb, qc_ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE, pyramid)
     qc = _qc_picture(qc_thumb, mask, kept, size0, qc_ds, title)
     os.makedirs(os.path.join(out_dir, MASKS_DIR), exist_ok=True)
     qc_path = os.path.join(out_dir, MASKS_DIR, entry.slide_id + '.png')
