@@ -561,6 +561,32 @@ def test_normalization_from_a_fixed_sample_of_slide_patches(tiled, tmp_path):
     assert again.mean == loader.mean and 'cached' in again.normalization_origin
 
 
+def test_slide_records_are_made_on_access_and_match_a_list_of_them(tiled):
+    """A slide source's records are a lazy sequence (8 bytes a patch, not a list of
+    objects); subsets, slide ids, export groups and the monitor hold-out read from it
+    agree with the same operations on the plain list of its records."""
+    from clusiam_jax.data import records as records_lib
+    from clusiam_jax.export.embed import group_by_slide
+    recs, source = sources_lib.open_source(str(tiled))
+    plain = list(recs)
+    assert not isinstance(recs, list) and len(plain) == len(source)
+    assert recs[-1] == plain[-1] and recs[3] == plain[3] and recs[2:5] == plain[2:5]
+    assert plain[3] == records_lib.PatchRecord(source.path(3), plain[3].slide_id, None,
+                                               int(source._xy[3][0]), int(source._xy[3][1]))
+    keep = np.array([5, 1, len(plain) - 1])
+    assert list(records_lib.take(recs, keep)) == [plain[i] for i in keep]
+    np.testing.assert_array_equal(records_lib.slide_ids(recs),
+                                  [r.slide_id for r in plain])
+    lazy_groups, list_groups = group_by_slide(recs), group_by_slide(plain)
+    assert list(lazy_groups) == list(list_groups) and len(lazy_groups) >= 2
+    for slide, members in lazy_groups.items():
+        np.testing.assert_array_equal(members, list_groups[slide])
+        assert all(plain[i].slide_id == slide for i in members)
+    held = sources_lib.holdout_slides(recs, 0.3, 7)
+    for a, b in zip(held, sources_lib.holdout_slides(plain, 0.3, 7)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_open_slides_are_bounded_per_worker(tiled):
     _, source = sources_lib.open_source(str(tiled), open_slides=1)
     for i in range(len(source)):

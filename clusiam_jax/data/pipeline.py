@@ -35,6 +35,7 @@ import numpy as np
 
 from clusiam_jax import interrupts
 from clusiam_jax.data import augment, image_io, skips
+from clusiam_jax.data import records as records_lib
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.errors import DataError
@@ -286,7 +287,7 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
         logger.info('monitor: %d patches of the training source held out (monitor.holdout '
                     '%g of its slides); training on the other %d', len(held), mon.holdout,
                     len(keep))
-        recs, source = [recs[i] for i in keep], sources_lib.SubsetSource(source, keep)
+        recs, source = records_lib.take(recs, keep), sources_lib.SubsetSource(source, keep)
     slide_index = None
     if data.sampling == 'slide_balanced':
         slide_index = getattr(source, 'slide_index', None)

@@ -15,7 +15,9 @@ import dataclasses
 import logging
 import os
 import re
-from typing import List, Optional
+from typing import List, Optional, Sequence
+
+import numpy as np
 
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides.reader import SLIDE_ONLY_EXTENSIONS
@@ -41,6 +43,22 @@ class PatchRecord:
     label: Optional[str] = None
     x: Optional[int] = None
     y: Optional[int] = None
+
+
+def take(records, indices) -> Sequence[PatchRecord]:
+    """records[i] for i in indices, still lazy when `records` makes its records on
+    access (a slide source's, data/slide_source.SlideRecords)."""
+    if hasattr(records, 'take'):
+        return records.take(indices)
+    return [records[int(i)] for i in indices]
+
+
+def slide_ids(records) -> np.ndarray:
+    """str [N]: each record's slide_id ('' when it has none), without making the records
+    of a source that makes them on access."""
+    if hasattr(records, 'slide_ids'):
+        return records.slide_ids()
+    return np.array([r.slide_id or '' for r in records], dtype=object).astype(str)
 
 
 def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:

@@ -17,6 +17,7 @@ slides. A slide that vanished or cannot be read, or a region that fails to decod
 BadImageError: the pipeline skips it and lists it (the slide once, not every patch).
 """
 import collections
+import collections.abc
 import csv
 import dataclasses
 import logging
@@ -97,11 +98,14 @@ class SlideSource:
         x, y = self._xy[index]
         return f'{s.path}#x={x},y={y}'
 
-    def records(self) -> List[records_lib.PatchRecord]:
-        return [records_lib.PatchRecord(path=self.path(i), slide_id=self.slides[s].slide_id,
-                                        label=self.slides[s].label or None, x=int(x),
-                                        y=int(y))
-                for i, (s, (x, y)) in enumerate(zip(self._slide_of, self._xy))]
+    def record(self, index: int) -> records_lib.PatchRecord:
+        s = self.slides[self._slide_of[index]]
+        x, y = self._xy[index]
+        return records_lib.PatchRecord(path=self.path(index), slide_id=s.slide_id,
+                                       label=s.label or None, x=int(x), y=int(y))
+
+    def records(self) -> 'SlideRecords':
+        return SlideRecords(self, np.arange(len(self), dtype=np.int64))
 
     def coords_attrs(self, slide_id: str) -> dict:
         """The coordinate file's attributes of a slide (copied into its export file), with
@@ -178,6 +182,32 @@ class _Open:
     reader of the levels it covers (slides/tiles.py)."""
     slide: object
     tiles: Optional[TiffTiles]
+
+
+class SlideRecords(collections.abc.Sequence):
+    """The PatchRecords of a slide source (or of some of its patches), made on access: a
+    list would hold an object and a path string per patch, gigabytes at the tens of
+    millions of patches of a cohort, in every process that opens the source; this holds
+    one index per patch (records.take and records.slide_ids serve subsets and slide ids
+    without making any record)."""
+
+    def __init__(self, source: SlideSource, indices: np.ndarray):
+        self._source, self._indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._source.record(int(self._indices[i]))
+
+    def take(self, indices) -> 'SlideRecords':
+        return SlideRecords(self._source, self._indices[np.asarray(indices, np.int64)])
+
+    def slide_ids(self) -> np.ndarray:
+        ids = np.array([s.slide_id for s in self._source.slides], dtype=str)
+        return ids[self._source.slide_index[self._indices]]
 
 
 def _slide_error(path: str, reason: str) -> image_io.BadImageError:

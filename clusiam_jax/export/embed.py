@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from clusiam_jax import parallel
 from clusiam_jax.data import augment, image_io, skips
+from clusiam_jax.data import records as records_lib
 from clusiam_jax.export import format as fmt
 from clusiam_jax.models.conv import compiler_options
 from clusiam_jax.models.preprocess import embed_images
@@ -77,12 +78,33 @@ class Embedder:
                        compiler_options=compiler_options(network.conv_impl))
 
 
-def group_by_slide(records) -> Dict[str, list]:
-    """{slide_id: [records]} in order of first appearance (records keep their order)."""
-    groups = collections.OrderedDict()
-    for r in records:
-        groups.setdefault(r.slide_id or UNKNOWN_SLIDE, []).append(r)
-    return groups
+def group_by_slide(records) -> Dict[str, np.ndarray]:
+    """{slide_id: int64 indices of its records, in order}, slides in order of first
+    appearance; made from the slide ids alone (records_lib.slide_ids), so a slide
+    source's records are never all made at once."""
+    keys = records_lib.slide_ids(records).astype(object)
+    keys[keys == ''] = UNKNOWN_SLIDE
+    names, first, inverse, counts = np.unique(keys.astype(str), return_index=True,
+                                              return_inverse=True, return_counts=True)
+    members = np.split(np.argsort(inverse, kind='stable'), np.cumsum(counts)[:-1])
+    return collections.OrderedDict((str(names[k]), members[k].astype(np.int64))
+                                   for k in np.argsort(first))
+
+
+class _Stream:
+    """(slide, record, index in the source) of every patch of `slides`, slide by slide;
+    iterable more than once, records made as they are reached."""
+
+    def __init__(self, records, groups, slides):
+        self.records, self.groups, self.slides = records, groups, slides
+
+    def __len__(self) -> int:
+        return int(sum(len(self.groups[s]) for s in self.slides))
+
+    def __iter__(self):
+        for slide in self.slides:
+            for i in self.groups[slide]:
+                yield slide, self.records[int(i)], int(i)
 
 
 def slide_label(labels) -> str:
@@ -239,15 +261,14 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
                  '%d; skipping them', len(groups) - len(todo), len(groups), step)
     writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log,
                           source)
-    index_of = {id(r): i for i, r in enumerate(records)}
-    stream = [(s, r, index_of[id(r)]) for s in todo for r in groups[s]]
-    if stream:
+    stream = _Stream(records, groups, todo)
+    if len(stream):
         _embed_stream(embedder, source, stream, writer, options)
         writer.close(len(records))
 
     counts = fmt.written_counts(out_dir, fmt_name, list(groups))
     rows = [{'slide_id': s, 'n_patches': counts[s],
-             'label': slide_label([r.label for r in groups[s]]),
+             'label': slide_label(records[int(i)].label for i in groups[s]),
              'file': fmt.slide_file(fmt_name, s)} for s in groups if s in counts]
     fmt.write_manifest(out_dir, rows)
     fmt.write_info(out_dir, dict(
