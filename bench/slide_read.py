@@ -5,12 +5,14 @@
 For each slide (default: the shared CC0 region and TCGA slide) one JSON line with CPU ms
 per 224-px level-0 patch: OpenSlide's read_region at patch positions of the regular grid
 (its tile cache off: an epoch over many slides in random order rarely hits it, while
-repeated reads of one small slide here would);
-the direct tile reads (slides/tiles.py) at the same positions and at positions on tile
-corners (`tile.align`); one tile decode alone; cv2's decode of lossless PNGs of the
-same patches; and one slide open (OpenSlide, then the direct reader's index and check
-read), plus the tiles a patch decodes on average. Positions are random grid cells
-(seeded); every timing is process CPU time over all patches.
+repeated reads of one small slide here would); the direct tile reads (slides/tiles.py)
+at the same positions and at positions of the `tile.align` grid; one decode alone of
+the tiles under the latter; cv2's decode of lossless PNGs of the regular patches; one
+slide open (OpenSlide, then the direct reader's index and check read); and the tiles a
+patch decodes on average. Positions are drawn (seeded) from the slide's own tilings at
+0.5 µm/px (the regular one and the aligned one; 0.5 µm/px forced where the slide
+records none), so they are tissue, as in training; every timing is process CPU time
+over all patches.
 
 bench/data_pipeline.py --slides measures the whole pipeline; this says why its numbers
 are what they are (the codec, the tiles per patch, the cost of opening).
@@ -38,6 +40,27 @@ def cpu_ms_per(fn, items) -> float:
     return 1000 * (time.process_time() - start) / len(items)
 
 
+def tissue_positions(path, slide, size, align, rng, n):
+    """n level-0 patch corners drawn from the slide's tiling at 0.5 µm/px."""
+    import tempfile
+
+    from clusiam_jax.config import default_config
+    from clusiam_jax.slides import coords, reader, tiling
+    tile = default_config().tile
+    tile.patch_size, tile.align = size, align
+    mpp = None if reader.level0_resolution(slide).mpp else 0.5
+    entry = tiling.SlideEntry('s', path, mpp)
+    with tempfile.TemporaryDirectory() as out:
+        row = tiling.tile_slide(entry, tiling.TileParams.from_config(tile), out)
+        if row['status'] != tiling.TILED:
+            raise SystemExit(f'{path}: {row["status"]} {row["reason"]}')
+        found = coords.read_coords(coords.trident_file(out, 's'))
+    if int(found.attrs['patch_size_level0']) != size:
+        raise SystemExit(f'{path}: not a 0.5 µm/px level 0; the timings assume one')
+    picks = rng.integers(0, len(found.coords), n)
+    return [(int(x), int(y)) for x, y in found.coords[picks]]
+
+
 def measure(path: str, n: int, size: int, seed: int) -> dict:
     import imagecodecs
     import openslide
@@ -50,11 +73,8 @@ def measure(path: str, n: int, size: int, seed: int) -> dict:
         raise SystemExit(f'{path}: level 0 is not read tile by tile (slides/tiles.py)')
     level = tiles.levels[0]
     rng = np.random.default_rng(seed)
-    regular = [(int(i) * size, int(j) * size) for i, j in zip(
-        rng.integers(0, level.width // size, n), rng.integers(0, level.height // size, n))]
-    aligned = [(int(i) * level.tile_w, int(j) * level.tile_h) for i, j in zip(
-        rng.integers(0, level.width // level.tile_w, n),
-        rng.integers(0, level.height // level.tile_h, n))]
+    regular, aligned = (tissue_positions(path, slide, size, align, rng, n)
+                        for align in (False, True))
     decoded = []
     original = tiles._tile
     tiles._tile = lambda lv, index: decoded.append(index) or original(lv, index)
@@ -64,8 +84,8 @@ def measure(path: str, n: int, size: int, seed: int) -> dict:
     tiles_aligned = cpu_ms_per(lambda p: tiles.read(0, p[0], p[1], size, size), aligned)
     per_patch_aligned = len(decoded) / n
     tiles._tile = original
-    one_tile = cpu_ms_per(lambda i: original(level, i), list(rng.integers(0, len(
-        level.offsets), n)))
+    under = [(y // level.tile_h) * level.tiles_across + x // level.tile_w for x, y in aligned]
+    one_tile = cpu_ms_per(lambda i: original(level, i), under)
     uncached = reader.open_slide(path, cache=openslide.OpenSlideCache(0))
     openslide_regular = cpu_ms_per(
         lambda p: reader.rgba_to_rgb(np.asarray(uncached.read_region(p, 0, (size, size)))),

@@ -236,23 +236,26 @@ def _tile_decodes(path, coords, size0, out_size):
     return np.array(counts)
 
 
-def test_aligned_patches_start_on_tile_corners_and_decode_one_tile(scans, tmp_path):
-    """tile.align: every patch starts on a corner of the scanner's 128-px tiles and
-    decodes one tile, where the regular grid of 100-px patches decodes up to four."""
+@pytest.mark.parametrize('patch', [120, 60])
+def test_aligned_patches_lie_in_one_tile_each(scans, tmp_path, patch):
+    """tile.align on 128-px tiles: 120-px patches start on tile corners, 60-px ones are
+    packed two per tile and axis; every patch decodes one tile, where the regular grid
+    of the same patches decodes more."""
     found = {}
     for align in (False, True):
         out = tmp_path / str(align)
-        assert tile_one(scans[0.5], out, patch_size=100, align=align)['status'] == 'tiled'
+        assert tile_one(scans[0.5], out, patch_size=patch, align=align)['status'] == 'tiled'
         found[align] = coords_lib.read_coords(coords_lib.trident_file(str(out), 'field_0.5'))
     aligned = found[True]
     assert len(aligned.coords) > 3
-    assert not (aligned.coords % 128).any()
-    np.testing.assert_array_equal(aligned.attrs['step_level0'], [128, 128])
-    np.testing.assert_array_equal(found[False].attrs['step_level0'], [100, 100])
-    counts = _tile_decodes(scans[0.5], aligned.coords, 100, 100)
+    offsets = aligned.coords % 128
+    assert set(np.unique(offsets)) == ({0} if patch == 120 else {0, 60})
+    np.testing.assert_array_equal(aligned.attrs['aligned_to_tiles'], [128, 128, 0])
+    assert found[False].attrs['step_level0'] == patch
+    counts = _tile_decodes(scans[0.5], aligned.coords, patch, patch)
     assert (counts == 1).all()
-    regular = _tile_decodes(scans[0.5], found[False].coords, 100, 100)
-    assert regular.mean() > 1.5, regular
+    regular = _tile_decodes(scans[0.5], found[False].coords, patch, patch)
+    assert regular.mean() > 1.2, regular
     # Still only tissue: min_tissue applies to the aligned cells as to the regular ones.
     w, h = int(FIELD_UM[0] / 0.5), int(FIELD_UM[1] / 0.5)
     yy, xx = np.mgrid[:h, :w]
@@ -260,21 +263,25 @@ def test_aligned_patches_start_on_tile_corners_and_decode_one_tile(scans, tmp_pa
     for cx, cy, r in BLOBS_UM:
         discs |= (xx - cx / 0.5) ** 2 + (yy - cy / 0.5) ** 2 <= (r / 0.5) ** 2
     for x, y in aligned.coords:
-        assert discs[y:y + 100, x:x + 100].mean() >= 0.4
+        assert discs[y:y + patch, x:x + patch].mean() >= 0.4
 
 
-def test_aligned_patches_of_a_40x_scan_follow_the_tiles_of_the_level_read(scans,
-                                                                          tmp_path):
-    """At 0.25 µm/px the patches are read from level 1 (2x): the grid follows that
-    level's tiles, so the level-1 start of every patch is a tile corner."""
-    assert tile_one(scans[0.25], tmp_path, align=True)['status'] == 'tiled'
-    found = coords_lib.read_coords(coords_lib.trident_file(str(tmp_path), 'field_0.25'))
-    with reader.open_slide(scans[0.25]) as slide:
+def test_aligned_patches_of_a_40x_scan_follow_the_tiles_of_the_level_read(tmp_path):
+    """At 0.25 µm/px the patches are read from level 1. Its downsample is fractional
+    here (an odd level-0 width): OpenSlide finds a region's first tile from
+    floor(x / downsample), which must land on the packed starts (0 or 64 in each
+    128-px tile), never a pixel short of them."""
+    rgb = synthetic_base(0.25)[:, :2047]
+    path = write_pyramid(str(tmp_path / 'odd.tif'), rgb, 0.25)
+    assert tile_one(path, tmp_path, align=True)['status'] == 'tiled'
+    found = coords_lib.read_coords(coords_lib.trident_file(str(tmp_path), 'odd'))
+    with reader.open_slide(path) as slide:
         assert reader.best_level(slide, found.attrs['patch_size_level0'] / 64) == 1
         ds = slide.level_downsamples[1]
-    level1 = np.round(found.coords / ds).astype(int)
-    assert len(found.coords) > 3 and not (level1 % 128).any()
-    np.testing.assert_array_equal(found.attrs['step_level0'], [256, 256])
+    assert ds != int(ds)
+    first = np.floor(found.coords / ds).astype(int)
+    assert len(found.coords) > 3 and not (first % 64).any()
+    np.testing.assert_array_equal(found.attrs['aligned_to_tiles'], [128, 128, 1])
 
 
 @needs_shared
@@ -287,14 +294,23 @@ def test_aligned_patches_of_the_cc0_slide_decode_one_jpeg_tile_each(tmp_path):
     assert (_tile_decodes(CMU, found.coords[:12], size0, 224) == 1).all()
 
 
-def test_align_without_a_reported_tile_size_is_said_and_regular(scans, tmp_path,
-                                                                monkeypatch, caplog):
-    regular = tile_one(scans[0.5], tmp_path / 'regular')
-    monkeypatch.setattr(reader, 'scanner_tile_size', lambda slide, level: None)
-    row = tile_one(scans[0.5], tmp_path / 'aligned', align=True)
-    assert row['status'] == 'tiled' and 'tile.align' in row['reason']
+def test_align_falls_back_to_the_regular_grid_and_says_why(scans, tmp_path, monkeypatch,
+                                                           caplog):
+    """No tile size reported, or tiles the patches would leave mostly unread (100-px
+    patches on 128-px tiles: 61%): the regular grid, with the reason in the row, the
+    log, and again when a rerun reuses the slide."""
+    regular = tile_one(scans[0.5], tmp_path / 'regular', patch_size=100)
+    row = tile_one(scans[0.5], tmp_path / 'sparse', patch_size=100, align=True)
+    assert row['status'] == 'tiled' and 'cover 61%' in row['reason']
     assert row['n_patches'] == regular['n_patches']
-    assert 'tile size' in caplog.text
+    entries = [tiling.SlideEntry('field_0.5', scans[0.5])]
+    reused = tiling.tile_slides(entries, tile_params(patch_size=100, align=True),
+                                str(tmp_path / 'sparse'))
+    assert reused[0]['reason'] == row['reason']
+    monkeypatch.setattr(reader, 'scanner_tile_size', lambda slide, level: None)
+    row = tile_one(scans[0.5], tmp_path / 'unknown', align=True)
+    assert row['status'] == 'tiled' and 'does not report its tile size' in row['reason']
+    assert 'tile.align' in caplog.text
     entry = tiling.SlideEntry('a', scans[0.5])
     assert tiling.tiling_key(entry, tile_params(align=True)) != tiling.tiling_key(
         entry, tile_params())

@@ -12,7 +12,7 @@ For each slide (docs/formats.md, "Tiling output"):
 The grid: patches of `tile.patch_size` px at `tile.target_mpp` µm/px, i.e.
 round(patch_size * target_mpp / level0_mpp) level-0 px, stepped by (patch_size - overlap)
 at the same scale from the slide's top-left corner, whole patches only, row by row
-(`tile.align`: stepped by whole scanner tiles instead, see aligned_steps). A patch is
+(`tile.align`: on the scanner's tiles instead, slides/aligned_grid.py). A patch is
 kept when at least `tile.min_tissue` of it is tissue (tissue.py, or the polygons of
 `tile.masks`). Everything is a function of the slide and the config, so the
 coordinates are the same on every rerun.
@@ -28,11 +28,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
@@ -41,8 +40,8 @@ import tqdm
 from clusiam_jax import interrupts
 from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.slides import aligned_grid, reader, tiles, tissue
 from clusiam_jax.slides import coords as coords_lib
-from clusiam_jax.slides import reader, tiles, tissue
 
 log = logging.getLogger('clusiam_jax')
 
@@ -183,39 +182,17 @@ def tiling_key(entry: SlideEntry, params: TileParams) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
-def _starts(extent: int, size0: int, step: float) -> np.ndarray:
-    """Patch starts 0, step, 2*step, ... (rounded) whose whole patch fits in `extent`."""
-    if extent < size0:
-        return np.zeros(0, np.int64)
-    starts = np.round(np.arange(int((extent - size0) // step) + 1) * step).astype(np.int64)
-    return starts[starts + size0 <= extent]
-
-
-def grid(width: int, height: int, size0: int, step_x: float,
-         step_y: Optional[float] = None) -> np.ndarray:
+def grid(width: int, height: int, size0: int, step0: int) -> np.ndarray:
     """int64 [N, 2] top-left corners of the whole patches, row by row."""
-    xs = _starts(width, size0, step_x)
-    ys = _starts(height, size0, step_x if step_y is None else step_y)
+    xs = np.arange(0, width - size0 + 1, step0, dtype=np.int64)
+    ys = np.arange(0, height - size0 + 1, step0, dtype=np.int64)
+    return mesh(xs, ys)
+
+
+def mesh(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """int64 [N, 2]: every (x, y) of the starts along each axis, row by row."""
     yy, xx = np.meshgrid(ys, xs, indexing='ij')
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
-
-
-def aligned_steps(slide, size0: int, patch_size: int) -> Optional[Tuple[float, float]]:
-    """`tile.align`: the level-0 steps (x, y) that start every patch on a corner of the
-    scanner's tiles at the level its pixels are read from (reader.read_patch's level),
-    a whole number of tiles apart; None when the slide does not report its tile size.
-
-    A patch then decodes ceil(side / tile)^2 tiles instead of up to (ceil + 1)^2: one
-    instead of four for 224-px patches on 240- or 256-px tiles. The strips between
-    patches (tile - patch wide) are never trained on."""
-    level = reader.best_level(slide, size0 / patch_size)
-    tile = reader.scanner_tile_size(slide, level)
-    if tile is None:
-        return None
-    ds = slide.level_downsamples[level]
-    side = max(1, int(round(size0 / ds)))
-    step_x, step_y = (math.ceil(side / t) * t * ds for t in tile)
-    return step_x, step_y
 
 
 def cell_fractions(mask: np.ndarray, coords: np.ndarray, size0: float,
@@ -311,17 +288,19 @@ def _tile_open_slide(slide, pyramid, entry, params, out_dir) -> dict:
                         f'tile.masks {params.masks}', res.mpp, res.origin)
     else:
         mask = tissue.tissue_mask(small, res.mpp * ds, params.detection)
-    step_x = step_y = step0
-    reason = ''
+    candidates, note = None, ''
+    grid_attrs = {'step_level0': np.int64(step0)}
     if params.align:
-        steps = aligned_steps(slide, size0, params.patch_size)
-        if steps is None:
-            reason = ('tile.align: the slide does not report its tile size '
-                      '(openslide.level[N].tile-width); tiled on the regular grid')
-            log.warning('%s: %s', entry.slide_id, reason)
+        aligned = aligned_grid.aligned_grid(slide, size0, params.patch_size)
+        if isinstance(aligned, str):   # why it cannot apply to this slide
+            note = f'tile.align: {aligned}; tiled on the regular grid'
+            log.warning('%s: %s', entry.slide_id, note)
         else:
-            step_x, step_y = steps
-    candidates = grid(width, height, size0, step_x, step_y)
+            candidates = mesh(aligned.xs, aligned.ys)
+            grid_attrs = {'aligned_to_tiles': np.array(
+                [aligned.tile[0], aligned.tile[1], aligned.level], np.int64)}
+    if candidates is None:
+        candidates = grid(width, height, size0, step0)
     fractions = cell_fractions(mask, candidates, size0, ds)
     keep = (fractions >= params.min_tissue) & (fractions > 0)
     kept = candidates[keep]
@@ -333,8 +312,7 @@ def _tile_open_slide(slide, pyramid, entry, params, out_dir) -> dict:
              'name': entry.slide_id, 'target_mpp': params.target_mpp,
              'level0_mpp': res.mpp, 'mpp_origin': res.origin, 'slide_path':
              os.path.abspath(entry.path), 'tiling_key': tiling_key(entry, params),
-             'tissue_fraction': float(mask.mean()),
-             'step_level0': np.array([step_x, step_y], np.float64)}
+             'tissue_fraction': float(mask.mean()), 'tiling_note': note, **grid_attrs}
     title = (f'{entry.slide_id}: {len(kept)} patches of {params.patch_size} px at '
              f'{params.target_mpp:g} um/px ({size0} px at level 0)')
     qc_thumb, qc_ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE, pyramid)
@@ -349,7 +327,7 @@ def _tile_open_slide(slide, pyramid, entry, params, out_dir) -> dict:
                     f'{params.min_tissue:g} (tissue {tissue_fraction:.1%} of the slide; see '
                     f'{qc_path})', res.mpp, res.origin, 0, tissue_fraction)
     coords_lib.write_trident(coords_lib.trident_file(out_dir, entry.slide_id), kept, attrs)
-    return _row(entry, TILED, reason, res.mpp, res.origin, len(kept), tissue_fraction)
+    return _row(entry, TILED, note, res.mpp, res.origin, len(kept), tissue_fraction)
 
 
 def _supplied_mask(folder, entry, shape, downsample):
@@ -371,7 +349,8 @@ def _reuse(entry: SlideEntry, params: TileParams, out_dir: str) -> Optional[dict
         return None
     if found.attrs.get('tiling_key') != tiling_key(entry, params):
         return None
-    return _row(entry, TILED, '', float(found.attrs['level0_mpp']),
+    return _row(entry, TILED, str(found.attrs.get('tiling_note', '')),
+                float(found.attrs['level0_mpp']),
                 str(found.attrs.get('mpp_origin', '')), len(found.coords),
                 found.attrs.get('tissue_fraction'))
 

@@ -1,0 +1,70 @@
+"""`tile.align`: a patch grid laid on the scanner's own tiles.
+
+A slide is stored as compressed tiles (240 or 256 px for most scanners, 512 or more for
+some), and reading a patch decodes every tile it touches: a 224-px patch on the regular
+grid straddles tile borders and decodes two to four tiles. Here every patch lies inside
+as few tiles as it can, at the pyramid level its pixels are read from (the level
+reader.read_patch picks): patches no larger than a tile are packed into each tile,
+floor(tile / side) of them per axis, side by side from its corner; a larger patch
+starts on a tile corner and spans ceil(side / tile) tiles per axis. The strips left over
+in each tile are never trained on; a slide where they would exceed
+1 - MIN_COVERAGE of the area, or that does not report its tile size, is tiled on the
+regular grid instead, with the reason in its slides.csv row.
+
+Level-0 starts are ceil(level start * downsample): OpenSlide finds the first tile of a
+region from floor(level-0 x / downsample), which for a fractional downsample (4443 px
+over 2221 is 2.0005...) would fall one pixel short of the tile corner if rounded down.
+"""
+import dataclasses
+import math
+from typing import Tuple, Union
+
+import numpy as np
+
+from clusiam_jax.slides import reader
+
+# The least fraction of a tile's area the packed patches must cover (about 0.77 for
+# 224-px patches on 256-px tiles, 0.87 on 240-px tiles).
+MIN_COVERAGE = 0.7
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignedGrid:
+    xs: np.ndarray               # int64 level-0 starts of the columns
+    ys: np.ndarray               # and of the rows (every pair is a patch)
+    tile: Tuple[int, int]        # the scanner's tile (width, height) at `level`
+    level: int                   # the pyramid level the patches are read from
+    coverage: float              # fraction of the area under patches
+
+
+def _axis(extent0: int, size0: int, side: int, tile: int, ds: float
+          ) -> Tuple[np.ndarray, float]:
+    """(level-0 starts along one axis whose whole patch fits, covered fraction)."""
+    if side <= tile:
+        offsets, period = np.arange(tile // side) * side, tile
+    else:
+        offsets, period = np.zeros(1, np.int64), math.ceil(side / tile) * tile
+    periods = np.arange(int(extent0 / ds // period) + 1) * period
+    level_starts = (periods[:, None] + offsets[None, :]).ravel()
+    starts = np.ceil(level_starts * ds - 1e-9).astype(np.int64)
+    return starts[starts + size0 <= extent0], len(offsets) * side / period
+
+
+def aligned_grid(slide, size0: int, patch_size: int) -> Union[AlignedGrid, str]:
+    """The aligned grid of patches of `size0` level-0 px read at `patch_size` px, or why
+    there is none for this slide (a sentence)."""
+    level = reader.best_level(slide, size0 / patch_size)
+    tile = reader.scanner_tile_size(slide, level)
+    if tile is None:
+        return (f'the slide does not report its tile size at level {level} '
+                f'(openslide.level[{level}].tile-width)')
+    ds = slide.level_downsamples[level]
+    side = max(1, int(round(size0 / ds)))
+    width, height = slide.dimensions
+    xs, cover_x = _axis(width, size0, side, tile[0], ds)
+    ys, cover_y = _axis(height, size0, side, tile[1], ds)
+    coverage = cover_x * cover_y
+    if coverage < MIN_COVERAGE:
+        return (f'{side}-px patches on its {tile[0]}x{tile[1]}-px tiles (level {level}) '
+                f'would cover {coverage:.0%} of the area (less than {MIN_COVERAGE:.0%})')
+    return AlignedGrid(xs, ys, tuple(tile), level, coverage)
