@@ -28,8 +28,8 @@ crops, on JAX's default backend (one JSON line, no data needed).
 slides, both or one kind with --slide-mix, tiled at --image-size px and 0.5 µm/px) and,
 alternately, from PNG files of exactly those patches: pairs/s, CPU ms per pair and the
 memory of the process tree (peak, at 10% and at the end of the stream) for each, one line
-per source and round. --align tiles with tile.align (patches on the scanner's tile
-corners, one tile decoded per patch); the PNGs are then of those patches.
+per source and round. --align tiles with tile.align (patches laid on the scanner's
+tiles, one tile decoded per patch); the PNGs are then of those patches.
 
 JAX is imported only inside the functions that use it: grain's spawned workers re-run
 this module's top level.
@@ -232,8 +232,8 @@ def main():
     ap.add_argument('--epochs', type=int, default=1,
                     help='with --slides: whole epochs timed (memory over an epoch)')
     ap.add_argument('--align', action='store_true',
-                    help='with --slides: tile with tile.align (patches on scanner-tile '
-                         'corners)')
+                    help='with --slides: tile with tile.align (patches laid on the '
+                         'scanner\'s tiles)')
     args = ap.parse_args()
     if args.time_device_augment:
         result = time_device_augment(args.image_size, args.batch_size, args.repeats)

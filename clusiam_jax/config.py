@@ -130,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tile.target_mpp = 0.5           # µm per pixel of the patches (0.5 ~ 20x)
     c.tile.patch_size = 224           # patch side in pixels at target_mpp
     c.tile.overlap = 0                # pixels (at target_mpp) shared by neighbouring patches
-    c.tile.align = False              # True: patches start on scanner-tile corners (faster reads)
+    c.tile.align = False              # True: patches laid on the scanner's tiles (fewer decodes)
     c.tile.min_tissue = 0.5           # fraction of a patch that must be tissue
     c.tile.mpp = 0.0                  # force every slide's level-0 µm/px; 0: the slide's own
     c.tile.masks = ''                 # folder of <slide_id>.geojson/.xml tissue polygons
