@@ -284,6 +284,33 @@ def test_aligned_patches_of_a_40x_scan_follow_the_tiles_of_the_level_read(tmp_pa
     np.testing.assert_array_equal(found.attrs['aligned_to_tiles'], [128, 128, 1])
 
 
+@pytest.mark.parametrize('ds', [1.0, 2.0, 2.0005055500659967, 2.0076, 3.9997395833333336,
+                                4.000244])
+@pytest.mark.parametrize('side,tile', [(224, 240), (224, 256), (128, 256), (300, 256)])
+def test_aligned_starts_stay_in_their_tiles_as_openslide_places_them(ds, side, tile):
+    """OpenSlide reads a region of `side` level pixels from x / ds (level-0 x): its first
+    tile is floor(x / ds) // tile, its last the tile of ceil(x / ds + side) - 1. Every
+    aligned patch must start on its planned place and touch no more tiles than planned
+    (one when it fits a tile), except a patch ending exactly on a tile edge at a
+    fractional downsample, which reaches a sub-pixel into the next."""
+    from clusiam_jax.slides import aligned_grid
+    extent0 = int(40 * tile * ds)
+    starts, coverage = aligned_grid._axis(extent0, int(round(side * ds)), side, tile, ds)
+    assert len(starts) >= 15 and 0.5 <= coverage <= 1
+    first = np.floor(starts / ds).astype(np.int64)
+    last = np.ceil(starts / ds + side).astype(np.int64) - 1
+    spanned = last // tile - first // tile + 1
+    planned = -(-side // tile)
+    exact_fit = (tile % side == 0 or side % tile == 0) and ds != int(ds)
+    assert (spanned <= planned + exact_fit).all() and (spanned >= planned).all()
+    if not exact_fit:
+        assert (spanned == planned).all(), (ds, side, tile)
+    offsets = first % tile
+    assert set(np.unique(offsets)) <= set(range(0, tile, side))
+    # The smallest such start: one pixel less would start a pixel earlier.
+    assert (np.floor((starts - 1) / ds) < first).all()
+
+
 @needs_shared
 def test_aligned_patches_of_the_cc0_slide_decode_one_jpeg_tile_each(tmp_path):
     assert tile_one(CMU, tmp_path, patch_size=224, align=True)['status'] == 'tiled'
@@ -349,6 +376,24 @@ def test_ome_tiff_levels_in_subifds_serve_thumbnails_and_tiling(scans, tmp_path)
     assert [(r.x, r.y) for r in ome_recs] == [(r.x, r.y) for r in plain_recs]
     for i in (0, len(ome_recs) // 2, len(ome_recs) - 1):
         np.testing.assert_array_equal(ome_source.load(i), plain_source.load(i))
+
+
+def test_a_damaged_hidden_level_falls_back_to_openslides_levels(scans, tmp_path, caplog):
+    """A tile of an OME-TIFF's SubIFD level that does not decode: the thumbnail is read
+    from the levels OpenSlide lists instead (said once), and the slide still tiles as
+    its undamaged copy does."""
+    import tifffile
+    ome = write_ome_pyramid(str(tmp_path / 'field.ome.tif'), synthetic_base(0.25), 0.25)
+    with tifffile.TiffFile(ome) as tiff:
+        page = tiff.series[0].levels[2].keyframe
+        offset, count = page.dataoffsets[0], page.databytecounts[0]   # not the middle
+    with open(ome, 'r+b') as f:
+        f.seek(offset)
+        f.write(b'\xff' * count)
+    row = tile_one(ome, tmp_path / 'damaged')
+    assert row['status'] == 'tiled' and 'unreadable' in caplog.text
+    plain = tile_one(scans[0.25], tmp_path / 'plain')
+    assert row['n_patches'] == plain['n_patches']
 
 
 def test_corrupt_and_fake_slides_are_rows_and_the_rest_is_tiled(scans, tmp_path):
@@ -591,8 +636,10 @@ def test_slide_records_are_made_on_access_and_match_a_list_of_them(tiled):
                                                int(source._xy[3][0]), int(source._xy[3][1]))
     keep = np.array([5, 1, len(plain) - 1])
     assert list(records_lib.take(recs, keep)) == [plain[i] for i in keep]
-    np.testing.assert_array_equal(records_lib.slide_ids(recs),
-                                  [r.slide_id for r in plain])
+    names, codes = records_lib.slide_codes(recs)
+    np.testing.assert_array_equal(names[codes], [r.slide_id for r in plain])
+    assert list(names) == sorted({r.slide_id for r in plain})
+    assert records_lib.labels_of(recs, keep) == [plain[i].label for i in keep]
     lazy_groups, list_groups = group_by_slide(recs), group_by_slide(plain)
     assert list(lazy_groups) == list(list_groups) and len(lazy_groups) >= 2
     for slide, members in lazy_groups.items():
@@ -601,6 +648,24 @@ def test_slide_records_are_made_on_access_and_match_a_list_of_them(tiled):
     held = sources_lib.holdout_slides(recs, 0.3, 7)
     for a, b in zip(held, sources_lib.holdout_slides(plain, 0.3, 7)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_export_groups_lists_of_records_by_slide_in_first_appearance_order():
+    """group_by_slide against a dictionary built record by record: slides in the order
+    they first appear, records in their order, no slide id and 'unknown_slide' one."""
+    from clusiam_jax.data.records import PatchRecord
+    from clusiam_jax.export.embed import UNKNOWN_SLIDE, group_by_slide
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        ids = rng.choice(['b', 'a', 'c10', 'c2', '', None, UNKNOWN_SLIDE],
+                         int(rng.integers(1, 40)))
+        recs = [PatchRecord(f'p{i}.png', slide_id=s) for i, s in enumerate(ids)]
+        expected = {}
+        for i, r in enumerate(recs):
+            expected.setdefault(r.slide_id or UNKNOWN_SLIDE, []).append(i)
+        got = group_by_slide(recs)
+        assert list(got) == list(expected)
+        assert {k: list(v) for k, v in got.items()} == expected
 
 
 def test_open_slides_are_bounded_per_worker(tiled):

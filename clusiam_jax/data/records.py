@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import re
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,12 +53,22 @@ def take(records, indices) -> Sequence[PatchRecord]:
     return [records[int(i)] for i in indices]
 
 
-def slide_ids(records) -> np.ndarray:
-    """str [N]: each record's slide_id ('' when it has none), without making the records
-    of a source that makes them on access."""
-    if hasattr(records, 'slide_ids'):
-        return records.slide_ids()
-    return np.array([r.slide_id or '' for r in records], dtype=object).astype(str)
+def slide_codes(records) -> Tuple[np.ndarray, np.ndarray]:
+    """(names, codes): the distinct slide ids, sorted ('' for records without one), and
+    each record's index into them (int [N]), without making the records of a source
+    that makes them on access (grouping on the integers, not on a string per patch)."""
+    if hasattr(records, 'slide_codes'):
+        return records.slide_codes()
+    ids = np.array([r.slide_id or '' for r in records], dtype=object).astype(str)
+    names, codes = np.unique(ids, return_inverse=True)
+    return names, codes.reshape(-1)
+
+
+def labels_of(records, indices) -> List[Optional[str]]:
+    """records[i].label for i in indices (a slide source's from its slides' labels)."""
+    if hasattr(records, 'labels_of'):
+        return records.labels_of(indices)
+    return [records[int(i)].label for i in indices]
 
 
 def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:

@@ -188,8 +188,8 @@ class SlideRecords(collections.abc.Sequence):
     """The PatchRecords of a slide source (or of some of its patches), made on access: a
     list would hold an object and a path string per patch, gigabytes at the tens of
     millions of patches of a cohort, in every process that opens the source; this holds
-    one index per patch (records.take and records.slide_ids serve subsets and slide ids
-    without making any record)."""
+    one index per patch (records.take, slide_codes and labels_of serve subsets, slide
+    grouping and labels without making any record)."""
 
     def __init__(self, source: SlideSource, indices: np.ndarray):
         self._source, self._indices = source, indices
@@ -205,9 +205,17 @@ class SlideRecords(collections.abc.Sequence):
     def take(self, indices) -> 'SlideRecords':
         return SlideRecords(self._source, self._indices[np.asarray(indices, np.int64)])
 
-    def slide_ids(self) -> np.ndarray:
+    def slide_codes(self):
+        """As records.slide_codes, from the source's slide index."""
         ids = np.array([s.slide_id for s in self._source.slides], dtype=str)
-        return ids[self._source.slide_index[self._indices]]
+        names, of_slide = np.unique(ids, return_inverse=True)
+        codes = of_slide.reshape(-1)[self._source.slide_index[self._indices]]
+        used = np.unique(codes)
+        return names[used], np.searchsorted(used, codes)
+
+    def labels_of(self, indices):
+        slides = self._source.slide_index[self._indices[np.asarray(indices, np.int64)]]
+        return [self._source.slides[s].label or None for s in slides]
 
 
 def _slide_error(path: str, reason: str) -> image_io.BadImageError:

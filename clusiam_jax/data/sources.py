@@ -120,11 +120,11 @@ def holdout_slides(records, fraction: float, seed: int):
     """(training indices, held-out indices): `fraction` of the slides (at least one, never
     all), drawn from `seed`, held out whole: patches of one slide are correlated, so a
     monitor set that shares slides with training would flatter it."""
-    keys = records_lib.slide_ids(records)
-    if not keys.all():   # patch files without a slide id: their folder is the slide
-        keys = np.array([k or os.path.dirname(records[i].path) for i, k in enumerate(keys)],
+    slides, codes = records_lib.slide_codes(records)
+    if (slides == '').any():   # patch files without a slide id: their folder is the slide
+        keys = np.array([r.slide_id or os.path.dirname(r.path) for r in records],
                         dtype=object).astype(str)
-    slides = np.unique(keys)
+        slides, codes = np.unique(keys, return_inverse=True)
     if len(slides) < 2:
         raise DataError(f'monitor.holdout needs at least 2 slides in the training source; it '
                         f'has {len(slides)} (give monitor.data_path instead)')
@@ -134,5 +134,5 @@ def holdout_slides(records, fraction: float, seed: int):
         logger.warning('monitor.holdout: only %d slides (or folders) in the training source; '
                        'holding out %s. With class folders and no slide ids a folder is a '
                        'class: prefer monitor.data_path', len(slides), sorted(held))
-    out = np.isin(keys, sorted(held))
+    out = np.isin(codes.reshape(-1), np.flatnonzero(np.isin(slides, sorted(held))))
     return np.flatnonzero(~out), np.flatnonzero(out)

@@ -82,12 +82,14 @@ def group_by_slide(records) -> Dict[str, np.ndarray]:
     """{slide_id: int64 indices of its records, in order}, slides in order of first
     appearance; made from the slide ids alone (records_lib.slide_ids), so a slide
     source's records are never all made at once."""
-    keys = records_lib.slide_ids(records).astype(object)
-    keys[keys == ''] = UNKNOWN_SLIDE
-    names, first, inverse, counts = np.unique(keys.astype(str), return_index=True,
-                                              return_inverse=True, return_counts=True)
-    members = np.split(np.argsort(inverse, kind='stable'), np.cumsum(counts)[:-1])
-    return collections.OrderedDict((str(names[k]), members[k].astype(np.int64))
+    names, codes = records_lib.slide_codes(records)
+    names = np.where(names == '', UNKNOWN_SLIDE, names.astype(object)).astype(str)
+    names, merged = np.unique(names, return_inverse=True)   # '' and a literal id agree
+    codes = merged.reshape(-1)[codes]
+    _, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    members = np.split(np.argsort(codes, kind='stable'), np.cumsum(counts)[:-1])
+    present = np.unique(codes)
+    return collections.OrderedDict((str(names[present[k]]), members[k].astype(np.int64))
                                    for k in np.argsort(first))
 
 
@@ -268,7 +270,7 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
 
     counts = fmt.written_counts(out_dir, fmt_name, list(groups))
     rows = [{'slide_id': s, 'n_patches': counts[s],
-             'label': slide_label(records[int(i)].label for i in groups[s]),
+             'label': slide_label(records_lib.labels_of(records, groups[s])),
              'file': fmt.slide_file(fmt_name, s)} for s in groups if s in counts]
     fmt.write_manifest(out_dir, rows)
     fmt.write_info(out_dir, dict(

@@ -11,9 +11,12 @@ in each tile are never trained on; a slide where they would exceed
 1 - MIN_COVERAGE of the area, or that does not report its tile size, is tiled on the
 regular grid instead, with the reason in its slides.csv row.
 
-Level-0 starts are ceil(level start * downsample): OpenSlide finds the first tile of a
-region from floor(level-0 x / downsample), which for a fractional downsample (4443 px
-over 2221 is 2.0005...) would fall one pixel short of the tile corner if rounded down.
+Level-0 starts are the smallest x with floor(x / downsample) = the level start, as
+OpenSlide computes it to find a region's first tile: for a fractional downsample (4443
+px over 2221 is 2.0005...) a rounded product can fall a pixel short of the tile corner.
+There OpenSlide's region also reaches that fraction of a pixel past its end, so a
+patch that ends exactly on a tile edge (side a divisor or multiple of the tile) touches
+the next tile too; 224-px patches on 240-, 256- or 512-px tiles never do.
 """
 import dataclasses
 import math
@@ -46,7 +49,11 @@ def _axis(extent0: int, size0: int, side: int, tile: int, ds: float
         offsets, period = np.zeros(1, np.int64), math.ceil(side / tile) * tile
     periods = np.arange(int(extent0 / ds // period) + 1) * period
     level_starts = (periods[:, None] + offsets[None, :]).ravel()
-    starts = np.ceil(level_starts * ds - 1e-9).astype(np.int64)
+    starts = np.ceil(level_starts * ds).astype(np.int64)
+    # The smallest level-0 start whose floor(start / ds), in OpenSlide's floating point,
+    # is the level start: the product above can round either way.
+    starts += np.floor(starts / ds) < level_starts
+    starts -= np.floor((starts - 1) / ds) >= level_starts
     return starts[starts + size0 <= extent0], len(offsets) * side / period
 
 

@@ -17,6 +17,7 @@ level-0 pixels. It is read from the pyramid level closest to, but not coarser th
 20x scan of one slide give the same physical patch.
 """
 import dataclasses
+import logging
 import math
 import os
 from typing import Optional, Tuple
@@ -25,6 +26,8 @@ import cv2
 import numpy as np
 
 from clusiam_jax.errors import DataError
+
+log = logging.getLogger('clusiam_jax')
 
 # What a folder of slides is searched for (lower case; `.ome.tif(f)` ends in `.tif(f)`).
 # DICOM is left out: one slide is a folder of .dcm instances, which a file search would
@@ -182,7 +185,19 @@ def thumbnail(slide, downsample: float, band_pixels: int = 32 * 1024 * 1024,
     `downsample` level-0 pixels per pixel: read from the best level (`pyramid`: also the
     levels OpenSlide does not see, slides.tiles.hidden_pyramid) in horizontal bands of
     at most `band_pixels` (a slide without a pyramid is never read whole) and
-    area-resized band by band."""
+    area-resized band by band. A hidden level that fails to decode somewhere is given
+    up for OpenSlide's levels, with a warning: slower, never wrong."""
+    if pyramid is not None:
+        try:
+            return _thumbnail(slide, downsample, band_pixels, pyramid)
+        except Exception as e:   # a damaged tile, a codec tifffile lacks
+            log.warning('%s: a reduced level OpenSlide does not list is unreadable (%s); '
+                        'reading the levels OpenSlide lists instead', slide,
+                        ' '.join(str(e).split()) or type(e).__name__)
+    return _thumbnail(slide, downsample, band_pixels, None)
+
+
+def _thumbnail(slide, downsample, band_pixels, pyramid):
     width, height = slide.dimensions
     out_w = max(1, int(round(width / downsample)))
     out_h = max(1, int(round(height / downsample)))

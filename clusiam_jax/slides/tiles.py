@@ -60,15 +60,14 @@ class TiffTiles:
             return None
         # Level 0 only: OpenSlide places regions of coarser levels with sub-pixel
         # precision (level-0 coordinates / downsample), which whole tiles cannot match.
-        reader = cls(tiff, {})
-        w, h = slide.level_dimensions[0]
-        candidate = _level_of(tiff, w, h)
-        if candidate is not None and reader._agrees(slide, 0, candidate):
-            reader.levels[0] = candidate
-        if not reader.levels:
-            tiff.close()
-            return None
-        return reader
+        with _closed_unless_kept(tiff) as keep:
+            reader = cls(tiff, {})
+            w, h = slide.level_dimensions[0]
+            candidate = _level_of(tiff, w, h)
+            if candidate is not None and reader._agrees(slide, 0, candidate):
+                reader.levels[0] = candidate
+                keep.append(reader)
+        return keep[0] if keep else None
 
     def close(self):
         self._tiff.close()
@@ -76,7 +75,7 @@ class TiffTiles:
     def _tile(self, level: _Level, index: int) -> np.ndarray:
         data = os.pread(self._fd, int(level.counts[index]), int(level.offsets[index]))
         decoded = level.page.decode(data, index, jpegtables=level.page.jpegtables)[0]
-        return decoded.reshape(level.tile_h, level.tile_w, -1)[..., :3]
+        return decoded.reshape(level.tile_h, level.tile_w, 3)
 
     def read(self, level_index: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """uint8 [h, w, 3] of the level's pixels at (x, y) in that level's coordinates;
@@ -98,6 +97,17 @@ class TiffTiles:
                     ay0 - ty * level.tile_h:ay1 - ty * level.tile_h,
                     ax0 - tx * level.tile_w:ax1 - tx * level.tile_w]
         return out
+
+    def _decodes(self, level_index: int, level: _Level) -> bool:
+        """Whether the middle tile of a level without an OpenSlide reading decodes."""
+        index = (level.height // 2 // level.tile_h) * level.tiles_across + (
+            level.width // 2 // level.tile_w)
+        try:
+            self._tile(level, index)
+            return True
+        except Exception as e:  # a codec tifffile lacks, a damaged tile
+            log.debug('hidden level %d: not readable by tifffile (%s)', level_index, e)
+            return False
 
     def _agrees(self, slide, level_index: int, level: _Level) -> bool:
         """Whether the tile at the middle of the level reads here exactly as OpenSlide
@@ -123,7 +133,7 @@ class TiffTiles:
 
 
 def _level_of(tiff, width: int, height: int) -> Optional[_Level]:
-    """The tiled, 8-bit RGB(A), contiguous page of that size, if any."""
+    """The tiled, 8-bit RGB, contiguous page of that size, if any."""
     for page in tiff.pages:
         if (page.imagewidth, page.imagelength) == (width, height):
             return _level_from_page(page)
@@ -131,9 +141,10 @@ def _level_of(tiff, width: int, height: int) -> Optional[_Level]:
 
 
 def _level_from_page(page) -> Optional[_Level]:
-    """The page as a level read tile by tile, if it is tiled, 8-bit RGB(A), contiguous."""
+    """The page as a level read tile by tile, if it is tiled, 8-bit RGB, contiguous."""
     width, height = page.imagewidth, page.imagelength
-    if not page.is_tiled or page.planarconfig != 1 or page.samplesperpixel not in (3, 4):
+    # RGB only: an alpha channel would need OpenSlide's compositing over white.
+    if not page.is_tiled or page.planarconfig != 1 or page.samplesperpixel != 3:
         return None
     if any(b != 8 for b in np.atleast_1d(page.bitspersample)):
         return None
@@ -162,22 +173,37 @@ def hidden_pyramid(path: str, slide) -> Optional[TiffTiles]:
         tiff = tifffile.TiffFile(path)
     except Exception:   # not a TIFF tifffile understands: no hidden levels to use
         return None
-    try:
-        levels = tiff.series[0].levels if tiff.series else []
-        found = [_level_from_page(level.keyframe) for level in levels]
+    with _closed_unless_kept(tiff) as keep:
+        try:
+            levels = tiff.series[0].levels if tiff.series else []
+            found = [_level_from_page(level.keyframe) for level in levels]
+        except Exception:   # an unusual layout: OpenSlide's levels only
+            return None
         if (len(found) <= slide.level_count or any(lv is None for lv in found)
                 or (found[0].width, found[0].height) != tuple(slide.dimensions)):
-            tiff.close()
             return None
-    except Exception:   # an unusual layout: OpenSlide's levels only
-        tiff.close()
-        return None
-    reader = TiffTiles(tiff, {})
-    if not reader._agrees(slide, 0, found[0]):
-        tiff.close()
-        return None
-    reader.levels = dict(enumerate(found))
-    return reader
+        reader = TiffTiles(tiff, {})
+        if not reader._agrees(slide, 0, found[0]):
+            return None
+        reader.levels = {0: found[0]}
+        for index, level in enumerate(found[1:], start=1):
+            if not reader._decodes(index, level):
+                break   # a level tifffile cannot decode, and the ones below it, unused
+            reader.levels[index] = level
+        keep.append(reader)
+    return keep[0] if keep else None
+
+
+@contextlib.contextmanager
+def _closed_unless_kept(tiff):
+    """Closes `tiff` when the block ends without appending a reader to the list it
+    yields, also when it raises (OpenSlide's check read can)."""
+    keep = []
+    try:
+        yield keep
+    finally:
+        if not keep:
+            tiff.close()
 
 
 @contextlib.contextmanager
