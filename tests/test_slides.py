@@ -391,7 +391,7 @@ def test_a_damaged_hidden_level_falls_back_to_openslides_levels(scans, tmp_path,
         f.seek(offset)
         f.write(b'\xff' * count)
     row = tile_one(ome, tmp_path / 'damaged')
-    assert row['status'] == 'tiled' and 'unreadable' in caplog.text
+    assert row['status'] == 'tiled' and caplog.text.count('unreadable') == 1
     plain = tile_one(scans[0.25], tmp_path / 'plain')
     assert row['n_patches'] == plain['n_patches']
 

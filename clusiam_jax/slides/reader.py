@@ -185,15 +185,17 @@ def thumbnail(slide, downsample: float, band_pixels: int = 32 * 1024 * 1024,
     `downsample` level-0 pixels per pixel: read from the best level (`pyramid`: also the
     levels OpenSlide does not see, slides.tiles.hidden_pyramid) in horizontal bands of
     at most `band_pixels` (a slide without a pyramid is never read whole) and
-    area-resized band by band. A hidden level that fails to decode somewhere is given
-    up for OpenSlide's levels, with a warning: slower, never wrong."""
-    if pyramid is not None:
+    area-resized band by band. Hidden levels that fail to decode somewhere are given up
+    (dropped from `pyramid`, so later thumbnails do not try them again) for OpenSlide's
+    levels, with a warning: slower, never wrong."""
+    if pyramid is not None and len(pyramid.levels) > 1:
         try:
             return _thumbnail(slide, downsample, band_pixels, pyramid)
         except Exception as e:   # a damaged tile, a codec tifffile lacks
             log.warning('%s: a reduced level OpenSlide does not list is unreadable (%s); '
                         'reading the levels OpenSlide lists instead', slide,
                         ' '.join(str(e).split()) or type(e).__name__)
+            pyramid.levels = {0: pyramid.levels[0]}
     return _thumbnail(slide, downsample, band_pixels, None)
 
 

@@ -164,8 +164,9 @@ def hidden_pyramid(path: str, slide) -> Optional[TiffTiles]:
     whole slide would decode every level-0 tile. tifffile lists those levels; this reader
     has them as levels 0..n of tifffile's first series (level 0 checked against
     OpenSlide's read as in TiffTiles.open; the reduced levels have no OpenSlide reading
-    to compare with and are the file's own pixels). None when OpenSlide already sees as
-    many levels, the file is no such TIFF, or a level is not readable tile by tile."""
+    to compare with and are the file's own pixels; one whose middle tile does not decode
+    is left out with those below it). None when OpenSlide already sees as many levels,
+    the file is no such TIFF, or a level is not an RGB tiled page."""
     if not path.lower().endswith(('.tif', '.tiff')):
         return None
     try:

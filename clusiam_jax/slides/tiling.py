@@ -73,7 +73,7 @@ class TileParams:
     mpp: float                    # 0: from the slide
     masks: str                    # '' : detect tissue
     detection: tissue.TissueParams
-    align: bool = False           # patches start on the scanner's tile corners
+    align: bool = False           # patches laid on the scanner's tiles (aligned_grid.py)
 
     @classmethod
     def from_config(cls, tile):
