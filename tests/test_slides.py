@@ -18,7 +18,7 @@ import pytest
 
 from clusiam_jax import cli, data
 from clusiam_jax.config import default_config
-from clusiam_jax.data import pipeline
+from clusiam_jax.data import image_io, pipeline
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import coords as coords_lib
@@ -334,7 +334,7 @@ def test_align_falls_back_to_the_regular_grid_and_says_why(scans, tmp_path, monk
     reused = tiling.tile_slides(entries, tile_params(patch_size=100, align=True),
                                 str(tmp_path / 'sparse'))
     assert reused[0]['reason'] == row['reason']
-    monkeypatch.setattr(reader, 'scanner_tile_size', lambda slide, level: None)
+    monkeypatch.setattr(reader, 'scanner_tile_size', lambda slide, level, tiles=None: None)
     row = tile_one(scans[0.5], tmp_path / 'unknown', align=True)
     assert row['status'] == 'tiled' and 'does not report its tile size' in row['reason']
     assert 'tile.align' in caplog.text
@@ -351,31 +351,39 @@ def test_align_with_overlap_is_refused(tmp_path, scans):
     assert not (tmp_path / 'o').exists()
 
 
-def test_ome_tiff_levels_in_subifds_serve_thumbnails_and_tiling(scans, tmp_path):
-    """OpenSlide sees level 0 of an OME-TIFF alone; its thumbnails are read from the
-    SubIFD levels (never from level 0), so it tiles as the same slide with its levels in
-    plain IFDs does, and trains on the same patches."""
+def test_ome_tiff_levels_in_subifds_serve_thumbnails_tiling_and_patches(scans, tmp_path):
+    """OpenSlide sees level 0 of an OME-TIFF alone; its SubIFD levels are read directly
+    (thumbnails never decode level 0, 20x patches of a 40x scan come from its 2x
+    level), so it tiles, aligned or not, as the same slide with its levels in plain IFDs
+    does, and trains on the same patches."""
     from clusiam_jax.slides import tiles
     ome = write_ome_pyramid(str(tmp_path / 'field.ome.tif'), synthetic_base(0.25), 0.25)
     with reader.open_slide(ome) as slide, reader.open_slide(scans[0.25]) as plain:
         assert slide.level_count == 1 and plain.level_count == 3
-        with tiles.hidden_levels(ome, slide) as pyramid:
-            assert sorted(pyramid.levels) == [0, 1, 2]
+        with tiles.opened(ome, slide) as direct:
+            assert sorted(direct.levels) == [0, 1, 2]
+            assert reader.level_downsamples(slide, direct) == [1.0, 2.0, 4.0]
+            assert reader.best_level(slide, 2.0, direct) == 1
 
             def no_openslide_reads(*args, **kwargs):
                 raise AssertionError(f'OpenSlide read {args}')
             slide.read_region = no_openslide_reads
-            np.testing.assert_array_equal(reader.thumbnail(slide, 16, pyramid=pyramid)[0],
+            np.testing.assert_array_equal(reader.thumbnail(slide, 16, tiles=direct)[0],
                                           reader.thumbnail(plain, 16)[0])
-        assert tiles.hidden_pyramid(scans[0.25], plain) is None   # OpenSlide sees them
-    found = {}
-    for name, path in (('ome', ome), ('plain', scans[0.25])):
-        assert tile_one(path, tmp_path / name)['status'] == 'tiled'
-        found[name] = sources_lib.open_source(str(tmp_path / name))
-    (ome_recs, ome_source), (plain_recs, plain_source) = found['ome'], found['plain']
-    assert [(r.x, r.y) for r in ome_recs] == [(r.x, r.y) for r in plain_recs]
-    for i in (0, len(ome_recs) // 2, len(ome_recs) - 1):
-        np.testing.assert_array_equal(ome_source.load(i), plain_source.load(i))
+            np.testing.assert_array_equal(reader.read_patch(slide, 256, 512, 128, 64, direct),
+                                          reader.read_patch(plain, 256, 512, 128, 64))
+        with tiles.opened(scans[0.25], plain) as direct:   # OpenSlide lists them all
+            assert sorted(direct.levels) == [0]
+    for align in (False, True):
+        found = {}
+        for name, path in (('ome', ome), ('plain', scans[0.25])):
+            out = tmp_path / f'{name}_{align}'
+            assert tile_one(path, out, align=align)['status'] == 'tiled'
+            found[name] = sources_lib.open_source(str(out))
+        (ome_recs, ome_source), (plain_recs, plain_source) = found['ome'], found['plain']
+        assert [(r.x, r.y) for r in ome_recs] == [(r.x, r.y) for r in plain_recs]
+        for i in (0, len(ome_recs) // 2, len(ome_recs) - 1):
+            np.testing.assert_array_equal(ome_source.load(i), plain_source.load(i))
 
 
 def test_a_damaged_hidden_level_falls_back_to_openslides_levels(scans, tmp_path, caplog):
@@ -568,6 +576,42 @@ def test_vanished_slide_is_skipped_once_and_listed(scans, tmp_path):
     assert len(batches) == loader.steps_per_epoch and all(
         b['view1'].shape[0] == 4 for b in batches)
     assert loader.skipped_files() == [str(folder / 'gone.tif')]
+
+
+def test_a_damaged_tile_is_a_skipped_patch_not_a_crash(scans, tmp_path):
+    """A level-0 tile read directly (slides/tiles.py) that does not decode is reported
+    as OpenSlide reports one, so training skips that patch, lists it and goes on."""
+    import tifffile
+    folder = tmp_path / 'wsi'
+    folder.mkdir()
+    path = str(folder / 'damaged.tif')
+    shutil.copy(scans[0.5], path)
+    out = tmp_path / 'tiles'
+    tiling.tile_slides(tiling.list_slides(str(folder)), tile_params(), str(out))
+    coords = coords_lib.read_coords(coords_lib.trident_file(str(out), 'damaged')).coords
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        middle = (page.imagelength // 2 // page.tilelength) * across + (
+            page.imagewidth // 2 // page.tilewidth)   # the tile the open-time check reads
+        x, y = next((x, y) for x, y in coords
+                    if (y // 128) * across + x // 128 != middle)
+        index = (y // 128) * across + x // 128
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with open(path, 'r+b') as f:
+        f.seek(offset)
+        f.write(b'\xff' * count)
+    _, source = sources_lib.open_source(str(out))
+    assert source._handle(0).tiles is not None   # read directly, not through OpenSlide
+    damaged = [i for i, (cx, cy) in enumerate(coords) if (cx, cy) == (x, y)]
+    with pytest.raises(image_io.BadImageError, match='does not decode'):
+        source.load(damaged[0])
+    loader = data.create_train_loader(
+        data_config(out, mean=MEAN, std=STD, batch=4, size=32, epochs=1),
+        workdir=str(tmp_path / 'run'))
+    batches = list(loader.iterator())
+    assert len(batches) == loader.steps_per_epoch
+    assert any(f'x={x},y={y}' in p for p in loader.skipped_files())
 
 
 def test_slide_balanced_draws_every_slide_equally_often():

@@ -371,8 +371,8 @@ def _slide_thumbnail(slide_id, path, dimensions, max_side):
                 f"cluster map of slide {slide_id}: {path} is {slide.dimensions[0]} x "
                 f"{slide.dimensions[1]} px but the export was made from a {dimensions[0]} x "
                 f"{dimensions[1]} px slide (another file under that name?); {fix}")
-        with tiles.hidden_levels(path, slide) as pyramid:
-            return reader.thumbnail_for_side(slide, max_side, pyramid)
+        with tiles.opened(path, slide) as direct:   # an OME-TIFF's hidden levels
+            return reader.thumbnail_for_side(slide, max_side, direct)
     except openslide.OpenSlideError as e:
         raise DataError(f"cluster map of slide {slide_id}: reading {path} failed "
                         f"({' '.join(str(e).split())}); {fix}") from None

@@ -57,15 +57,17 @@ def _axis(extent0: int, size0: int, side: int, tile: int, ds: float
     return starts[starts + size0 <= extent0], len(offsets) * side / period
 
 
-def aligned_grid(slide, size0: int, patch_size: int) -> Union[AlignedGrid, str]:
+def aligned_grid(slide, size0: int, patch_size: int, tiles=None
+                 ) -> Union[AlignedGrid, str]:
     """The aligned grid of patches of `size0` level-0 px read at `patch_size` px, or why
-    there is none for this slide (a sentence)."""
-    level = reader.best_level(slide, size0 / patch_size)
-    tile = reader.scanner_tile_size(slide, level)
+    there is none for this slide (a sentence). `tiles`: the slide's TiffTiles, whose
+    hidden levels patches are read from too."""
+    level = reader.best_level(slide, size0 / patch_size, tiles)
+    tile = reader.scanner_tile_size(slide, level, tiles)
     if tile is None:
         return (f'the slide does not report its tile size at level {level} '
                 f'(openslide.level[{level}].tile-width)')
-    ds = slide.level_downsamples[level]
+    ds = reader.level_downsamples(slide, tiles)[level]
     side = max(1, int(round(size0 / ds)))
     width, height = slide.dimensions
     xs, cover_x = _axis(width, size0, side, tile[0], ds)

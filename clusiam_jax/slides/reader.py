@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -105,18 +105,30 @@ def level0_resolution(slide, forced: Optional[float] = None,
     return Resolution(None, 'no µm/px or objective power in the slide\'s metadata')
 
 
-def best_level(slide, downsample: float) -> int:
-    """The coarsest level whose downsample does not exceed `downsample` (within 1%)."""
+def level_downsamples(slide, tiles=None) -> List[float]:
+    """Level-0 px per pixel of every level: OpenSlide's, then those only `tiles` (the
+    slide's slides.tiles.TiffTiles) has, an OME-TIFF's hidden levels."""
+    extra = tiles.hidden_downsamples(slide) if tiles is not None else []
+    return list(slide.level_downsamples) + extra
+
+
+def best_level(slide, downsample: float, tiles=None) -> int:
+    """The coarsest level (of level_downsamples) whose downsample does not exceed
+    `downsample` (within 1%)."""
+    downsamples = level_downsamples(slide, tiles)
     best = 0
-    for level, ds in enumerate(slide.level_downsamples):
+    for level, ds in enumerate(downsamples):
         if ds <= downsample * (1 + _LEVEL_TOLERANCE):
-            best = level if ds >= slide.level_downsamples[best] else best
+            best = level if ds >= downsamples[best] else best
     return best
 
 
-def scanner_tile_size(slide, level: int) -> Optional[Tuple[int, int]]:
+def scanner_tile_size(slide, level: int, tiles=None) -> Optional[Tuple[int, int]]:
     """(width, height) of the tiles the scanner stored `level` in, from OpenSlide's
-    `openslide.level[N].tile-width/-height`; None when the format does not say."""
+    `openslide.level[N].tile-width/-height` (a hidden level's from `tiles`); None when
+    the format does not say."""
+    if level >= slide.level_count:
+        return tiles.levels[level].tile_w, tiles.levels[level].tile_h
     props = slide.properties
     try:
         w = int(props.get(f'openslide.level[{level}].tile-width', 0))
@@ -140,10 +152,11 @@ def read_patch(slide, x: int, y: int, size_level0: float, out_size: int,
                tiles=None) -> np.ndarray:
     """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`,
     read from the best level for out_size/size_level0 and area-resized. `tiles`: the
-    slide's slides.tiles.TiffTiles, which reads the levels it covers faster."""
+    slide's slides.tiles.TiffTiles, which reads the levels it covers faster (and has
+    the hidden ones)."""
     downsample = size_level0 / out_size
-    level = best_level(slide, downsample)
-    ds = slide.level_downsamples[level]
+    level = best_level(slide, downsample, tiles)
+    ds = level_downsamples(slide, tiles)[level]
     side = max(1, int(round(size_level0 / ds)))
     if tiles is not None and level in tiles.levels:
         rgb = tiles.read(level, int(round(x / ds)), int(round(y / ds)), side, side)
@@ -156,54 +169,47 @@ def read_patch(slide, x: int, y: int, size_level0: float, out_size: int,
     return rgb
 
 
-def _band_reader(slide, downsample: float, pyramid=None):
+def _band_reader(slide, downsample: float, tiles=None):
     """(level size, function reading rows [y0, y1) of it whole) for the coarsest level not
-    coarser than `downsample`: OpenSlide's, or one of `pyramid`'s (slides.tiles.
-    hidden_pyramid: levels OpenSlide does not see) when that one is coarser."""
-    level = best_level(slide, downsample)
+    coarser than `downsample`, hidden levels of `tiles` included."""
+    level = best_level(slide, downsample, tiles)
+    if level >= slide.level_count:   # a hidden level
+        lv = tiles.levels[level]
+        return (lv.width, lv.height), lambda y0, y1: tiles.read(level, 0, y0, lv.width,
+                                                                   y1 - y0)
     ds = slide.level_downsamples[level]
     size = slide.level_dimensions[level]
 
     def openslide_rows(y0, y1):
         return rgba_to_rgb(np.asarray(slide.read_region((0, int(round(y0 * ds))), level,
                                                         (size[0], y1 - y0))))
-    best = (ds, size, openslide_rows)
-    if pyramid is not None:
-        width0 = pyramid.levels[0].width
-        for index, lv in pyramid.levels.items():
-            lds = width0 / lv.width
-            if best[0] < lds <= downsample * (1 + _LEVEL_TOLERANCE):
-                best = (lds, (lv.width, lv.height),
-                        lambda y0, y1, index=index, w=lv.width: pyramid.read(index, 0, y0,
-                                                                           w, y1 - y0))
-    return best[1], best[2]
+    return size, openslide_rows
 
 
 def thumbnail(slide, downsample: float, band_pixels: int = 32 * 1024 * 1024,
-              pyramid=None) -> Tuple[np.ndarray, float]:
+              tiles=None) -> Tuple[np.ndarray, float]:
     """(uint8 RGB image, exact level-0 px per image px in x) of the whole slide at about
-    `downsample` level-0 pixels per pixel: read from the best level (`pyramid`: also the
-    levels OpenSlide does not see, slides.tiles.hidden_pyramid) in horizontal bands of
-    at most `band_pixels` (a slide without a pyramid is never read whole) and
-    area-resized band by band. Hidden levels that fail to decode somewhere are given up
-    (dropped from `pyramid`, so later thumbnails do not try them again) for OpenSlide's
-    levels, with a warning: slower, never wrong."""
-    if pyramid is not None and len(pyramid.levels) > 1:
+    `downsample` level-0 pixels per pixel: read from the best level (with `tiles`, the
+    slide's slides.tiles.TiffTiles, also the hidden levels OpenSlide does not list) in
+    horizontal bands of at most `band_pixels` (a slide without a pyramid is never read
+    whole) and area-resized band by band. Hidden levels that fail to decode somewhere
+    are given up (dropped from `tiles`, for later reads too) for OpenSlide's levels,
+    with a warning: slower, never wrong."""
+    if tiles is not None and tiles.hidden_downsamples(slide):
         try:
-            return _thumbnail(slide, downsample, band_pixels, pyramid)
-        except Exception as e:   # a damaged tile, a codec tifffile lacks
+            return _thumbnail(slide, downsample, band_pixels, tiles)
+        except (ValueError, OSError) as e:   # a damaged tile, a codec tifffile lacks
             log.warning('%s: a reduced level OpenSlide does not list is unreadable (%s); '
-                        'reading the levels OpenSlide lists instead', slide,
-                        ' '.join(str(e).split()) or type(e).__name__)
-            pyramid.levels = {0: pyramid.levels[0]}
+                        'reading the levels OpenSlide lists instead', slide, e)
+            tiles.drop_hidden_levels(slide)
     return _thumbnail(slide, downsample, band_pixels, None)
 
 
-def _thumbnail(slide, downsample, band_pixels, pyramid):
+def _thumbnail(slide, downsample, band_pixels, tiles):
     width, height = slide.dimensions
     out_w = max(1, int(round(width / downsample)))
     out_h = max(1, int(round(height / downsample)))
-    (lw, lh), read_rows = _band_reader(slide, downsample, pyramid)
+    (lw, lh), read_rows = _band_reader(slide, downsample, tiles)
     out = np.empty((out_h, out_w, 3), np.uint8)
     rows_per_band = max(1, int(band_pixels // max(lw, 1) * out_h // max(lh, 1)))
     for r0 in range(0, out_h, rows_per_band):
@@ -216,8 +222,8 @@ def _thumbnail(slide, downsample, band_pixels, pyramid):
     return out, width / out_w
 
 
-def thumbnail_for_side(slide, max_side: int = 2048, pyramid=None
+def thumbnail_for_side(slide, max_side: int = 2048, tiles=None
                        ) -> Tuple[np.ndarray, float]:
     """A thumbnail whose longest side is at most `max_side` (and not above level 0)."""
     downsample = max(1.0, max(slide.dimensions) / max_side)
-    return thumbnail(slide, downsample, pyramid=pyramid)
+    return thumbnail(slide, downsample, tiles=tiles)

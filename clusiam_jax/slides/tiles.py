@@ -11,14 +11,17 @@ OpenSlide stays the reader of record: the geometry comes from it, coarser levels
 by it, and when a slide is opened one level-0 tile read here is compared with OpenSlide's
 read of the same pixels; a slide where they differ in a single value (another colour
 conversion, a codec tifffile lacks) is read through OpenSlide. Either way the pixels are
-OpenSlide's. The one exception is `hidden_pyramid`: the reduced levels an OME-TIFF keeps
-in SubIFDs, which OpenSlide does not list, read here for thumbnails.
+OpenSlide's. The one exception are the hidden levels: the reduced levels an OME-TIFF
+keeps in SubIFDs, which OpenSlide does not list (it shows level 0 alone, so a thumbnail
+or a patch at a coarser resolution would decode level 0). tifffile lists them; they are
+read here, numbered after OpenSlide's levels (reader.level_downsamples), with no
+OpenSlide reading to compare with: they are the file's own pixels.
 """
 import contextlib
 import dataclasses
 import logging
 import os
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -49,8 +52,9 @@ class TiffTiles:
 
     @classmethod
     def open(cls, path: str, slide) -> Optional['TiffTiles']:
-        """The reader of `path` for the levels of `slide` (an OpenSlide handle of it) that
-        tifffile reads exactly as OpenSlide does; None when there are none."""
+        """The reader of `path` (`slide`: an OpenSlide handle of it): level 0 when tifffile
+        reads it exactly as OpenSlide does, and then the hidden levels; None when level 0
+        does not qualify."""
         if not path.lower().endswith(('.svs', '.tif', '.tiff')):
             return None
         try:
@@ -58,24 +62,57 @@ class TiffTiles:
             tiff = tifffile.TiffFile(path)
         except Exception:  # not a TIFF tifffile understands: OpenSlide reads it all
             return None
-        # Level 0 only: OpenSlide places regions of coarser levels with sub-pixel
-        # precision (level-0 coordinates / downsample), which whole tiles cannot match.
+        # Level 0 of OpenSlide's levels only: OpenSlide places regions of coarser levels
+        # with sub-pixel precision (level-0 coordinates / downsample), which whole tiles
+        # cannot match.
         with _closed_unless_kept(tiff) as keep:
             reader = cls(tiff, {})
             w, h = slide.level_dimensions[0]
             candidate = _level_of(tiff, w, h)
             if candidate is not None and reader._agrees(slide, 0, candidate):
                 reader.levels[0] = candidate
+                reader._add_hidden_levels(slide)
                 keep.append(reader)
         return keep[0] if keep else None
+
+    def _add_hidden_levels(self, slide):
+        """The reduced levels of tifffile's first series past OpenSlide's own (an
+        OME-TIFF's SubIFDs), numbered after them, down to the first that is not an RGB
+        tiled page or whose middle tile does not decode."""
+        try:
+            series = self._tiff.series[0]
+            levels = series.levels if (series.levels[0].keyframe.imagewidth,
+                                       series.levels[0].keyframe.imagelength) == tuple(
+                                           slide.dimensions) else []
+        except Exception:   # an unusual layout: OpenSlide's levels only
+            return
+        for index in range(slide.level_count, len(levels)):
+            level = _level_from_page(levels[index].keyframe)
+            if level is None or not self._decodes(index, level):
+                return
+            self.levels[index] = level
+
+    def hidden_downsamples(self, slide) -> List[float]:
+        """The level-0 px per pixel of the levels here past OpenSlide's, in order."""
+        width0 = slide.dimensions[0]
+        return [width0 / self.levels[k].width for k in sorted(self.levels)
+                if k >= slide.level_count]
+
+    def drop_hidden_levels(self, slide):
+        self.levels = {k: v for k, v in self.levels.items() if k < slide.level_count}
 
     def close(self):
         self._tiff.close()
 
     def _tile(self, level: _Level, index: int) -> np.ndarray:
         data = os.pread(self._fd, int(level.counts[index]), int(level.offsets[index]))
-        decoded = level.page.decode(data, index, jpegtables=level.page.jpegtables)[0]
-        return decoded.reshape(level.tile_h, level.tile_w, 3)
+        try:
+            decoded = level.page.decode(data, index, jpegtables=level.page.jpegtables)[0]
+            return decoded.reshape(level.tile_h, level.tile_w, 3)
+        except Exception as e:  # the codec's own error type: a damaged tile, as OpenSlide
+            # reports one, is a ValueError the slide source skips
+            raise ValueError(f'tile {index} does not decode '
+                             f'({type(e).__name__}: {" ".join(str(e).split())})') from None
 
     def read(self, level_index: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """uint8 [h, w, 3] of the level's pixels at (x, y) in that level's coordinates;
@@ -156,45 +193,6 @@ def _level_from_page(page) -> Optional[_Level]:
                   np.asarray(page.databytecounts, np.int64))
 
 
-def hidden_pyramid(path: str, slide) -> Optional[TiffTiles]:
-    """The reduced levels of a TIFF that OpenSlide does not see, read tile by tile.
-
-    OME-TIFF (QuPath's and bfconvert's export) keeps its pyramid in SubIFDs, which
-    OpenSlide's generic TIFF reader skips: it shows level 0 alone, so a thumbnail of the
-    whole slide would decode every level-0 tile. tifffile lists those levels; this reader
-    has them as levels 0..n of tifffile's first series (level 0 checked against
-    OpenSlide's read as in TiffTiles.open; the reduced levels have no OpenSlide reading
-    to compare with and are the file's own pixels; one whose middle tile does not decode
-    is left out with those below it). None when OpenSlide already sees as many levels,
-    the file is no such TIFF, or a level is not an RGB tiled page."""
-    if not path.lower().endswith(('.tif', '.tiff')):
-        return None
-    try:
-        import tifffile
-        tiff = tifffile.TiffFile(path)
-    except Exception:   # not a TIFF tifffile understands: no hidden levels to use
-        return None
-    with _closed_unless_kept(tiff) as keep:
-        try:
-            levels = tiff.series[0].levels if tiff.series else []
-            found = [_level_from_page(level.keyframe) for level in levels]
-        except Exception:   # an unusual layout: OpenSlide's levels only
-            return None
-        if (len(found) <= slide.level_count or any(lv is None for lv in found)
-                or (found[0].width, found[0].height) != tuple(slide.dimensions)):
-            return None
-        reader = TiffTiles(tiff, {})
-        if not reader._agrees(slide, 0, found[0]):
-            return None
-        reader.levels = {0: found[0]}
-        for index, level in enumerate(found[1:], start=1):
-            if not reader._decodes(index, level):
-                break   # a level tifffile cannot decode, and the ones below it, unused
-            reader.levels[index] = level
-        keep.append(reader)
-    return keep[0] if keep else None
-
-
 @contextlib.contextmanager
 def _closed_unless_kept(tiff):
     """Closes `tiff` when the block ends without appending a reader to the list it
@@ -208,11 +206,11 @@ def _closed_unless_kept(tiff):
 
 
 @contextlib.contextmanager
-def hidden_levels(path: str, slide) -> Iterator[Optional[TiffTiles]]:
-    """hidden_pyramid(path, slide) for the block, closed after it."""
-    pyramid = hidden_pyramid(path, slide)
+def opened(path: str, slide) -> Iterator[Optional[TiffTiles]]:
+    """TiffTiles.open(path, slide) for the block, closed after it."""
+    reader = TiffTiles.open(path, slide)
     try:
-        yield pyramid
+        yield reader
     finally:
-        if pyramid is not None:
-            pyramid.close()
+        if reader is not None:
+            reader.close()

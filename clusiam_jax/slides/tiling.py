@@ -256,8 +256,8 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
     except DataError as e:
         return _row(entry, UNREADABLE, str(e))
     try:
-        with tiles.hidden_levels(entry.path, slide) as pyramid:
-            return _tile_open_slide(slide, pyramid, entry, params, out_dir)
+        with tiles.opened(entry.path, slide) as direct:
+            return _tile_open_slide(slide, direct, entry, params, out_dir)
     except Exception as e:  # a truncated file fails while reading its pixels; any failure
         # of one slide is that slide's row, never the end of the job
         log.debug('tile: %s failed', entry.slide_id, exc_info=True)
@@ -266,7 +266,8 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
         slide.close()
 
 
-def _tile_open_slide(slide, pyramid, entry, params, out_dir) -> dict:
+def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
+    """`direct`: the slide's slides.tiles.TiffTiles (or None), for its hidden levels."""
     res = _resolution(slide, entry, params)
     if res.mpp is None:
         return _row(entry, NO_MPP, f'{res.origin}: set its µm/px with --config.tile.mpp=... '
@@ -280,7 +281,7 @@ def _tile_open_slide(slide, pyramid, entry, params, out_dir) -> dict:
         return _row(entry, NO_MPP, f'level-0 µm/px {res.mpp} makes a patch of {size0} px')
     # The detection image, never finer than level 0.
     ds = max(1.0, params.detection.tissue_mpp / res.mpp)
-    small, ds = reader.thumbnail(slide, ds, pyramid=pyramid)
+    small, ds = reader.thumbnail(slide, ds, tiles=direct)
     if params.masks:
         mask = _supplied_mask(params.masks, entry, small.shape[:2], ds)
         if mask is None:
@@ -291,7 +292,7 @@ def _tile_open_slide(slide, pyramid, entry, params, out_dir) -> dict:
     candidates, note = None, ''
     grid_attrs = {'step_level0': np.int64(step0)}
     if params.align:
-        aligned = aligned_grid.aligned_grid(slide, size0, params.patch_size)
+        aligned = aligned_grid.aligned_grid(slide, size0, params.patch_size, direct)
         if isinstance(aligned, str):   # why it cannot apply to this slide
             note = f'tile.align: {aligned}; tiled on the regular grid'
             log.warning('%s: %s', entry.slide_id, note)
@@ -315,7 +316,7 @@ def _tile_open_slide(slide, pyramid, entry, params, out_dir) -> dict:
              'tissue_fraction': float(mask.mean()), 'tiling_note': note, **grid_attrs}
     title = (f'{entry.slide_id}: {len(kept)} patches of {params.patch_size} px at '
              f'{params.target_mpp:g} um/px ({size0} px at level 0)')
-    qc_thumb, qc_ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE, pyramid)
+    qc_thumb, qc_ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE, direct)
     qc = _qc_picture(qc_thumb, mask, kept, size0, qc_ds, title)
     os.makedirs(os.path.join(out_dir, MASKS_DIR), exist_ok=True)
     qc_path = os.path.join(out_dir, MASKS_DIR, entry.slide_id + '.png')
