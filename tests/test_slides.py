@@ -387,21 +387,34 @@ def test_ome_tiff_levels_in_subifds_serve_thumbnails_tiling_and_patches(scans, t
 
 
 def test_a_damaged_hidden_level_falls_back_to_openslides_levels(scans, tmp_path, caplog):
-    """A tile of an OME-TIFF's SubIFD level that does not decode: the thumbnail is read
-    from the levels OpenSlide lists instead (said once), and the slide still tiles as
+    """Tiles of an OME-TIFF's SubIFD levels that do not decode (not the middle ones the
+    open-time check reads): the thumbnail and the patches over them are read from the
+    levels OpenSlide lists instead, each said once, and the slide tiles and trains as
     its undamaged copy does."""
     import tifffile
     ome = write_ome_pyramid(str(tmp_path / 'field.ome.tif'), synthetic_base(0.25), 0.25)
-    with tifffile.TiffFile(ome) as tiff:
-        page = tiff.series[0].levels[2].keyframe
-        offset, count = page.dataoffsets[0], page.databytecounts[0]   # not the middle
-    with open(ome, 'r+b') as f:
-        f.seek(offset)
-        f.write(b'\xff' * count)
-    row = tile_one(ome, tmp_path / 'damaged')
-    assert row['status'] == 'tiled' and caplog.text.count('unreadable') == 1
     plain = tile_one(scans[0.25], tmp_path / 'plain')
+    _, plain_source = sources_lib.open_source(str(tmp_path / 'plain'))
+    plain_recs, _ = sources_lib.open_source(str(tmp_path / 'plain'))
+    x, y = plain_recs[0].x, plain_recs[0].y   # its level-1 tile: damaged below
+    with tifffile.TiffFile(ome) as tiff:
+        spans = []
+        for level, index in ((2, 0), (1, (y // 2 // 128) * 8 + x // 2 // 128)):
+            page = tiff.series[0].levels[level].keyframe
+            assert -(-page.imagewidth // 128) == (8 if level == 1 else 4)
+            spans.append((page.dataoffsets[index], page.databytecounts[index]))
+    with open(ome, 'r+b') as f:
+        for offset, count in spans:
+            f.seek(offset)
+            f.write(b'\xff' * count)
+    row = tile_one(ome, tmp_path / 'damaged')
+    assert row['status'] == 'tiled' and caplog.text.count('is unreadable') == 1
     assert row['n_patches'] == plain['n_patches']
+    recs, source = sources_lib.open_source(str(tmp_path / 'damaged'))
+    assert (recs[0].x, recs[0].y) == (x, y)
+    for i in (0, 1, len(recs) - 1):
+        np.testing.assert_array_equal(source.load(i), plain_source.load(i))
+    assert caplog.text.count("read from OpenSlide's levels") == 1
 
 
 def test_corrupt_and_fake_slides_are_rows_and_the_rest_is_tiled(scans, tmp_path):

@@ -164,13 +164,16 @@ class SlideSource:
         x, y = self._xy[index]
         try:
             return reader.read_patch(handle.slide, x, y, size0, out, handle.tiles)
-        except Exception as e:  # OpenSlideError leaves the handle unusable: reopen later
+        except Exception as e:
             import openslide
             if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)):
                 raise
-            with self._lock:
-                if self._handles.get(s) is handle:
-                    del self._handles[s]
+            # OpenSlideError leaves the handle unusable and a failed read may be the file:
+            # reopen later. A tile that does not decode (ValueError) is that tile alone.
+            if not isinstance(e, ValueError):
+                with self._lock:
+                    if self._handles.get(s) is handle:
+                        del self._handles[s]
             raise image_io.BadImageError(
                 f'{self.path(index)}: region unreadable ({" ".join(str(e).split())})') \
                 from None

@@ -152,21 +152,39 @@ def read_patch(slide, x: int, y: int, size_level0: float, out_size: int,
                tiles=None) -> np.ndarray:
     """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`,
     read from the best level for out_size/size_level0 and area-resized. `tiles`: the
-    slide's slides.tiles.TiffTiles, which reads the levels it covers faster (and has
-    the hidden ones)."""
+    slide's slides.tiles.TiffTiles, which reads the levels it covers faster and has the
+    hidden ones; a hidden level that does not decode there is read from OpenSlide's
+    levels instead (said once per reader): slower, the same patch."""
     downsample = size_level0 / out_size
     level = best_level(slide, downsample, tiles)
-    ds = level_downsamples(slide, tiles)[level]
+    if level >= slide.level_count:   # a hidden level (slides/tiles.py)
+        try:
+            ds = level_downsamples(slide, tiles)[level]
+            side = max(1, int(round(size_level0 / ds)))
+            rgb = tiles.read(level, int(round(x / ds)), int(round(y / ds)), side, side)
+            return _resized(rgb, side, out_size)
+        except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
+            if not getattr(tiles, 'fallback_said', False):
+                tiles.fallback_said = True
+                log.warning('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) '
+                            '(%s); such patches are read from OpenSlide\'s levels', slide,
+                            level, x, y, e)
+            level = best_level(slide, downsample)
+    ds = slide.level_downsamples[level]
     side = max(1, int(round(size_level0 / ds)))
     if tiles is not None and level in tiles.levels:
         rgb = tiles.read(level, int(round(x / ds)), int(round(y / ds)), side, side)
     else:
         rgb = rgba_to_rgb(np.asarray(slide.read_region((int(x), int(y)), level,
                                                        (side, side))))
-    if side != out_size:
-        interp = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
-        rgb = cv2.resize(rgb, (out_size, out_size), interpolation=interp)
-    return rgb
+    return _resized(rgb, side, out_size)
+
+
+def _resized(rgb: np.ndarray, side: int, out_size: int) -> np.ndarray:
+    if side == out_size:
+        return rgb
+    interp = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (out_size, out_size), interpolation=interp)
 
 
 def _band_reader(slide, downsample: float, tiles=None):
