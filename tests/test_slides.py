@@ -343,12 +343,14 @@ def test_align_falls_back_to_the_regular_grid_and_says_why(scans, tmp_path, monk
         entry, tile_params())
 
 
-def test_align_with_overlap_is_refused(tmp_path, scans):
-    code = cli.main(['--mode', 'tile', f'--config.tile.slides={scans[0.5]}',
-                     f'--config.tile.out_dir={tmp_path / "o"}', '--config.tile.align=True',
-                     '--config.tile.overlap=16'])
-    assert code == 2
+def test_align_with_overlap_is_refused(tmp_path, scans, capsys):
+    args = ['--mode', 'tile', f'--config.tile.slides={scans[0.5]}',
+            f'--config.tile.out_dir={tmp_path / "o"}', '--config.tile.align=True']
+    assert cli.main(args + ['--config.tile.overlap=16']) == 2
+    err = capsys.readouterr().err
+    assert 'tile.align' in err and 'tile.overlap' in err
     assert not (tmp_path / 'o').exists()
+    assert cli.main(args + ['--config.tile.num_workers=0']) == 0   # alone: accepted
 
 
 def test_ome_tiff_levels_in_subifds_serve_thumbnails_tiling_and_patches(scans, tmp_path):

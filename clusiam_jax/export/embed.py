@@ -80,7 +80,7 @@ class Embedder:
 
 def group_by_slide(records) -> Dict[str, np.ndarray]:
     """{slide_id: int64 indices of its records, in order}, slides in order of first
-    appearance; made from the slide ids alone (records_lib.slide_ids), so a slide
+    appearance; made from integer slide codes (records_lib.slide_codes), so a slide
     source's records are never all made at once."""
     names, codes = records_lib.slide_codes(records)
     names = np.where(names == '', UNKNOWN_SLIDE, names.astype(object)).astype(str)

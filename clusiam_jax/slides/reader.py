@@ -157,27 +157,31 @@ def read_patch(slide, x: int, y: int, size_level0: float, out_size: int,
     levels instead (said once per reader): slower, the same patch."""
     downsample = size_level0 / out_size
     level = best_level(slide, downsample, tiles)
-    if level >= slide.level_count:   # a hidden level (slides/tiles.py)
-        try:
-            ds = level_downsamples(slide, tiles)[level]
-            side = max(1, int(round(size_level0 / ds)))
-            rgb = tiles.read(level, int(round(x / ds)), int(round(y / ds)), side, side)
-            return _resized(rgb, side, out_size)
-        except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
-            if not getattr(tiles, 'fallback_said', False):
-                tiles.fallback_said = True
-                log.warning('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) '
-                            '(%s); such patches are read from OpenSlide\'s levels', slide,
-                            level, x, y, e)
-            level = best_level(slide, downsample)
-    ds = slide.level_downsamples[level]
-    side = max(1, int(round(size_level0 / ds)))
-    if tiles is not None and level in tiles.levels:
-        rgb = tiles.read(level, int(round(x / ds)), int(round(y / ds)), side, side)
-    else:
-        rgb = rgba_to_rgb(np.asarray(slide.read_region((int(x), int(y)), level,
-                                                       (side, side))))
+    try:
+        rgb, side = _read_level(slide, tiles, level, x, y, size_level0)
+    except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
+        if level < slide.level_count:
+            raise
+        if not tiles.fallback_said:
+            tiles.fallback_said = True
+            log.warning('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) '
+                        '(%s); such patches are read from OpenSlide\'s levels', slide,
+                        level, x, y, e)
+        rgb, side = _read_level(slide, tiles, best_level(slide, downsample), x, y,
+                                size_level0)
     return _resized(rgb, side, out_size)
+
+
+def _read_level(slide, tiles, level, x, y, size_level0) -> Tuple[np.ndarray, int]:
+    """(the square at level-0 (x, y) of side size_level0 at `level`, its side there):
+    through `tiles` when it has the level (a hidden level always: KeyError when it no
+    longer has it, never an OpenSlide read of a level OpenSlide does not list)."""
+    ds = level_downsamples(slide, tiles)[level]
+    side = max(1, int(round(size_level0 / ds)))
+    if level >= slide.level_count or (tiles is not None and level in tiles.levels):
+        return tiles.read(level, int(round(x / ds)), int(round(y / ds)), side, side), side
+    rgba = np.asarray(slide.read_region((int(x), int(y)), level, (side, side)))
+    return rgba_to_rgb(rgba), side
 
 
 def _resized(rgb: np.ndarray, side: int, out_size: int) -> np.ndarray:

@@ -49,6 +49,7 @@ class TiffTiles:
         self._tiff = tiff          # keeps the pages' parent (and its file) open
         self._fd = tiff.filehandle._fh.fileno()
         self.levels = levels
+        self.fallback_said = False   # reader.read_patch warns once per reader
 
     @classmethod
     def open(cls, path: str, slide) -> Optional['TiffTiles']:

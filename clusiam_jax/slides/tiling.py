@@ -289,19 +289,7 @@ def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
                         f'tile.masks {params.masks}', res.mpp, res.origin)
     else:
         mask = tissue.tissue_mask(small, res.mpp * ds, params.detection)
-    candidates, note = None, ''
-    grid_attrs = {'step_level0': np.int64(step0)}
-    if params.align:
-        aligned = aligned_grid.aligned_grid(slide, size0, params.patch_size, direct)
-        if isinstance(aligned, str):   # why it cannot apply to this slide
-            note = f'tile.align: {aligned}; tiled on the regular grid'
-            log.warning('%s: %s', entry.slide_id, note)
-        else:
-            candidates = mesh(aligned.xs, aligned.ys)
-            grid_attrs = {'aligned_to_tiles': np.array(
-                [aligned.tile[0], aligned.tile[1], aligned.level], np.int64)}
-    if candidates is None:
-        candidates = grid(width, height, size0, step0)
+    candidates, grid_attrs, note = _candidates(slide, direct, entry, params, size0, step0)
     fractions = cell_fractions(mask, candidates, size0, ds)
     keep = (fractions >= params.min_tissue) & (fractions > 0)
     kept = candidates[keep]
@@ -329,6 +317,22 @@ def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
                     f'{qc_path})', res.mpp, res.origin, 0, tissue_fraction)
     coords_lib.write_trident(coords_lib.trident_file(out_dir, entry.slide_id), kept, attrs)
     return _row(entry, TILED, note, res.mpp, res.origin, len(kept), tissue_fraction)
+
+
+def _candidates(slide, direct, entry, params, size0, step0):
+    """(every patch corner before the tissue test, the coordinate file's attributes that
+    say which grid, why tile.align did not apply or '')."""
+    if params.align:
+        aligned = aligned_grid.aligned_grid(slide, size0, params.patch_size, direct)
+        if not isinstance(aligned, str):
+            return mesh(aligned.xs, aligned.ys), {'aligned_to_tiles': np.array(
+                [aligned.tile[0], aligned.tile[1], aligned.level], np.int64)}, ''
+        note = f'tile.align: {aligned}; tiled on the regular grid'   # aligned: the reason
+        log.warning('%s: %s', entry.slide_id, note)
+    else:
+        note = ''
+    width, height = slide.dimensions
+    return grid(width, height, size0, step0), {'step_level0': np.int64(step0)}, note
 
 
 def _supplied_mask(folder, entry, shape, downsample):
