@@ -15,6 +15,9 @@ give the same physical patches. Handles are never opened before a worker process
 an LRU, each with a bounded OpenSlide tile cache, so memory stays flat over thousands of
 slides. A slide that vanished or cannot be read, or a region that fails to decode, is a
 BadImageError: the pipeline skips it and lists it (the slide once, not every patch).
+Coordinate files are checked (slides/coords.py): a damaged one, or a slide id that
+names no file of its folder, leaves its slide out with one warning line saying why; a
+slide whose coordinates fall outside it (known once it is opened) is a bad slide.
 """
 import collections
 import collections.abc
@@ -60,6 +63,7 @@ class SlideSource:
         self._slide_of = np.repeat(np.arange(len(slides), dtype=np.int32), counts)
         self._xy = (np.concatenate([s.coords.coords for s in slides]).astype(np.int64)
                     if slides else np.zeros((0, 2), np.int64))
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.open_slides = int(open_slides)
         self.fast_tiles = fast_tiles   # False: every read through OpenSlide (benchmarks)
         self._reset()
@@ -140,11 +144,29 @@ class SlideSource:
             except DataError as e:
                 self._bad[s] = str(e).split(': ', 1)[-1]
                 raise _slide_error(path, self._bad[s]) from None
+            outside = self._outside(s, slide.dimensions)
+            if outside:
+                slide.close()
+                self._bad[s] = outside
+                raise _slide_error(path, outside)
             handle = _Open(slide, TiffTiles.open(path, slide) if self.fast_tiles else None)
             self._handles[s] = handle
             while len(self._handles) > self.open_slides:
                 self._handles.popitem(last=False)
             return handle
+
+    def _outside(self, s: int, dimensions) -> str:
+        """Why slide s's patches do not fit the slide (some start outside it), or ''.
+        Only here is a CLAM file's slide size known; a slide moved or replaced since
+        tiling is caught here too."""
+        xy = self._xy[self._starts[s]:self._starts[s + 1]]
+        width, height = dimensions
+        bad = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
+        if not bad.any():
+            return ''
+        return (f'{int(bad.sum())} of {len(xy)} patch coordinates start outside the slide '
+                f'({width} x {height} px at level 0), e.g. {tuple(xy[bad.argmax()].tolist())}: '
+                f'its coordinate file is not of this slide')
 
     def _patch_sizes(self, s: int, handle) -> tuple:
         """(level-0 side, output side) of slide s's patches."""
@@ -261,7 +283,18 @@ def _index_slides(slide_dir: str) -> Dict[str, str]:
     return found
 
 
-def _tiling_slides(path: str, slide_dir: str) -> List[SlidePatches]:
+def _usable(coord_file: str, slide_id: str, left_out: List[str]):
+    """The SlideCoords of a coordinate file, or None, with why in `left_out` and the log
+    (a damaged or foreign file, an id that names no file: that slide only is left out)."""
+    try:
+        return coords_lib.read_coords(coord_file)
+    except DataError as e:
+        left_out.append(str(e))
+        logger.warning('slide %r left out: %s', slide_id, e)
+        return None
+
+
+def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[SlidePatches]:
     """The tiled slides of slides.csv; with `slide_dir` (slides moved since tiling) each
     is looked up there by slide id instead of at its recorded path."""
     with open(os.path.join(path, SLIDES_CSV), newline='', encoding='utf-8-sig') as f:
@@ -272,7 +305,12 @@ def _tiling_slides(path: str, slide_dir: str) -> List[SlidePatches]:
     moved = _index_slides(slide_dir) if slide_dir else None
     out = []
     for row in rows:
-        coord_file = coords_lib.trident_file(path, row['slide_id'])
+        try:   # a hand-edited slides.csv may hold an id that leads out of `path`
+            coord_file = coords_lib.trident_file(path, row['slide_id'])
+        except DataError as e:
+            left_out.append(str(e))
+            logger.warning('slide %r left out: %s', row['slide_id'], e)
+            continue
         if not os.path.exists(coord_file):
             raise DataError(f'{path}: slides.csv lists {row["slide_id"]} as tiled but '
                             f'{coord_file} is missing (tile again: --mode tile)')
@@ -282,15 +320,21 @@ def _tiling_slides(path: str, slide_dir: str) -> List[SlidePatches]:
                 raise DataError(f'slide {row["slide_id"]} of {path} is not in data.slide_dir '
                                 f'{slide_dir} (looked for it at any depth)')
             slide_path = moved[row['slide_id']]
-        out.append(SlidePatches(row['slide_id'], slide_path, row.get('label') or '',
-                                coords_lib.read_coords(coord_file)))
+        coords = _usable(coord_file, row['slide_id'], left_out)
+        if coords is not None:
+            out.append(SlidePatches(row['slide_id'], slide_path, row.get('label') or '',
+                                    coords))
     return out
 
 
-def _patch_folder_slides(path: str, folder: str, slide_dir: str) -> List[SlidePatches]:
+def _patch_folder_slides(path: str, folder: str, slide_dir: str,
+                         left_out: List[str]) -> List[SlidePatches]:
     """Slides of a patches/ folder: found in `slide_dir` by id, else where the file says
     (`slide_path`, which our tiling records; CLAM and TRIDENT files record none)."""
-    files = {s: coords_lib.read_coords(p) for s, p in coords_lib.list_coord_files(folder).items()}
+    files = {s: _usable(p, s, left_out) for s, p in coords_lib.list_coord_files(folder).items()}
+    files = {s: c for s, c in files.items() if c is not None}
+    if not files:
+        return []
     if slide_dir:
         if not os.path.isdir(slide_dir):
             raise DataError(f'slide folder not found: {slide_dir}')
@@ -317,12 +361,15 @@ def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512):
     folder = _patches_folder(path)
     if slide_dir and not os.path.isdir(slide_dir):
         raise DataError(f'slide folder not found: {slide_dir}')
+    left_out: List[str] = []
     if os.path.isfile(os.path.join(path, SLIDES_CSV)):
-        slides = _tiling_slides(path, slide_dir)
+        slides = _tiling_slides(path, slide_dir, left_out)
     else:
-        slides = _patch_folder_slides(path, folder, slide_dir)
+        slides = _patch_folder_slides(path, folder, slide_dir, left_out)
     slides = [s for s in slides if len(s.coords.coords)]
     if not slides:
-        raise DataError(f'{path}: no slide has any patch coordinates')
+        why = (f' ({len(left_out)} coordinate files left out; the first: {left_out[0]})'
+               if left_out else '')
+        raise DataError(f'{path}: no slide has usable patch coordinates{why}')
     source = SlideSource(slides, open_slides)
     return source.records(), source

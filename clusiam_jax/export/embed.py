@@ -240,6 +240,8 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
     records, source = opened
     step, fmt_name = embedder.checkpoint_step, options.export_format
     groups = group_by_slide(records)
+    for slide in groups:   # every slide's files are named by its id: refuse, before any
+        fmt.slide_file_name(slide)   # work, an id that would name a file elsewhere
     fmt.prepare_out_dir(out_dir, fmt_name)
     skip_log = skips.SkipLog(os.path.join(out_dir, fmt.SKIPPED_NAME))
 

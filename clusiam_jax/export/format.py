@@ -35,6 +35,7 @@ import numpy as np
 
 from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import DataError
+from clusiam_jax.slides import coords as coords_lib
 
 FORMAT_VERSION = 1
 H5_DIR = 'h5_files'
@@ -52,27 +53,31 @@ _TEMPORARY = re.compile(r'\.tmp\d+$')
 # ------------------------------------------------------------------------- names
 
 def slide_file_name(slide_id: str) -> str:
-    """A file-system safe stem for a slide id."""
-    return re.sub(r'[^\w.\-]+', '_', slide_id) or '_'
+    """The stem of a slide's files: the id itself, so two ids never share a file (`x y`
+    and `x_y` are two slides); DataError (one line) for an id that is no plain file name
+    (a path separator, `..`, ...: slides/coords.py), which could write elsewhere."""
+    return coords_lib.check_slide_id(slide_id)
 
 
 def slide_file(export_format: str, slide_id: str) -> str:
     """The file (relative to the export) that holds a slide's arrays."""
     if export_format == 'npz':
         return NPZ_NAME
-    return os.path.join(H5_DIR, slide_file_name(slide_id) + '.h5')
+    return coords_lib.slide_path(H5_DIR, slide_id, '.h5')
 
 
 def pt_file(out_dir: str, slide_id: str) -> str:
     """Where a slide's CLAM-style torch features go (export.pt_files)."""
-    return os.path.join(out_dir, PT_DIR, slide_file_name(slide_id) + '.pt')
+    return coords_lib.slide_path(os.path.join(out_dir, PT_DIR), slide_id, '.pt')
 
 
 def map_file(out_dir: str, row: dict) -> str:
     """Where a slide's cluster map goes: named like its h5 file, or by slide id."""
-    stem = (os.path.splitext(os.path.basename(row['file']))[0]
-            if row['file'].endswith('.h5') else slide_file_name(row['slide_id']))
-    return os.path.join(out_dir, MAPS_DIR, stem + '.png')
+    if row['file'].endswith('.h5'):   # named like its file (older exports named files
+        # after a cleaned-up id); the base name alone, whatever the manifest says
+        return os.path.join(out_dir, MAPS_DIR,
+                            os.path.splitext(os.path.basename(row['file']))[0] + '.png')
+    return coords_lib.slide_path(os.path.join(out_dir, MAPS_DIR), row['slide_id'], '.png')
 
 
 # ------------------------------------------------------------------------ writing
@@ -277,7 +282,7 @@ def read_export(out_dir: str, slides=None) -> Dict[str, dict]:
 
 def slide_feature_files(features: str) -> Dict[str, str]:
     """{slide_id: path of its HDF5 file} for an export of ours (through its manifest:
-    file names replace characters a slide id may hold) or a folder of CLAM-style
+    older exports named files after a cleaned-up id) or a folder of CLAM-style
     `<slide_id>.h5` feature files."""
     if os.path.isfile(os.path.join(features, MANIFEST_NAME)):
         rows = read_export_manifest(features)

@@ -9,7 +9,15 @@ TRIDENT, `patches/<slide_id>_patches.h5`: dataset `coords` int64 [N, 2], level-0
 CLAM, `patches/<slide_id>.h5`: `coords` with `patch_level` and `patch_size` in pixels
 *at that level* (plus `downsample`, `level_dim`, `name`, optional `custom_downsample`).
 The two `patch_size`s differ in meaning; `read_coords` turns both into a `SlideCoords`
-that says how many level-0 pixels a patch covers and at what size it is embedded.
+that says how many level-0 pixels a patch covers and at what size it is embedded, after
+checking what it can of the coordinates (shape, whole finite numbers, inside the slide the
+attributes describe, on the grid they say): a damaged or foreign file is refused in one
+line rather than read as patches that are not there.
+
+A slide id is the name of every file written for the slide, verbatim
+(`patches/<id>_patches.h5`, `masks/<id>.png`, an export's `h5_files/<id>.h5`, ...), so two
+ids never share a file; `slide_path` is the one way to such a file, and refuses the ids
+that are no file name of their folder (`id_problem`).
 """
 import dataclasses
 import os
@@ -23,6 +31,9 @@ from clusiam_jax.errors import DataError
 
 PATCHES_DIR = 'patches'
 TRIDENT_SUFFIX = '_patches.h5'
+# Bytes of UTF-8 a slide id may have: file systems take 255 per name, and the longest
+# suffix and temporary ending (`_patches.h5.tmp<pid>`) must fit beside it.
+MAX_ID_BYTES = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +47,51 @@ class SlideCoords:
     patch_level: Optional[int] = None  # CLAM: the level its patch_size refers to
 
 
+def id_problem(slide_id: str) -> Optional[str]:
+    """Why `slide_id` cannot name a file of its own in a folder (completing "slide id
+    '...' ..."), or None. Spaces, punctuation and any letters are fine: ids are kept
+    verbatim, so `x y` and `x_y` stay two files."""
+    if not slide_id:
+        return 'is empty'
+    if '/' in slide_id or '\\' in slide_id:
+        return 'holds a path separator (/ or \\)'
+    if slide_id.startswith('.'):
+        # `.` and `..` are folders; other dot names are hidden, and skipped by the folder
+        # searches that read these files back.
+        return "starts with '.'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in slide_id):
+        return 'holds a control character (NUL, newline, tab, ...)'
+    try:
+        size = len(slide_id.encode('utf-8'))
+    except UnicodeEncodeError:   # a file name that was not UTF-8 (surrogate escapes)
+        return 'is not valid UTF-8'
+    if size > MAX_ID_BYTES:
+        return f'is {size} bytes long (at most {MAX_ID_BYTES})'
+    return None
+
+
+def check_slide_id(slide_id: str) -> str:
+    """`slide_id` when it can name a file (id_problem), else DataError (one line)."""
+    problem = id_problem(slide_id)
+    if problem is not None:
+        raise DataError(f'slide id {slide_id!r} {problem}: a slide id names its files, so it '
+                        f'must be a plain file name (give the slide another id: the '
+                        f'slide_id column of the CSV, or the file or folder name)')
+    return slide_id
+
+
+def slide_path(folder: str, slide_id: str, suffix: str) -> str:
+    """`folder/<slide_id><suffix>`: a file inside `folder` whatever the id, or DataError."""
+    path = os.path.join(folder, check_slide_id(slide_id) + suffix)
+    # The checks above make the name one entry of `folder`; said once more here, as this
+    # is what keeps every file written for a slide inside its output folder.
+    if os.path.dirname(os.path.normpath(path)) != os.path.normpath(folder):
+        raise DataError(f'slide id {slide_id!r} leads outside {folder}')
+    return path
+
+
 def trident_file(out_dir: str, slide_id: str) -> str:
-    return os.path.join(out_dir, PATCHES_DIR, slide_id + TRIDENT_SUFFIX)
+    return slide_path(os.path.join(out_dir, PATCHES_DIR), slide_id, TRIDENT_SUFFIX)
 
 
 def write_trident(path: str, coords: np.ndarray, attrs: dict):
@@ -74,10 +128,11 @@ def read_coords(path: str) -> SlideCoords:
             if 'coords' not in f:
                 raise DataError(f'{path}: no "coords" dataset (not a CLAM/TRIDENT patch file)')
             ds = f['coords']
-            coords = np.asarray(ds[()], np.int64).reshape(-1, 2)
+            raw = np.asarray(ds[()])
             attrs = {k: _attr(ds.attrs, k) for k in ds.attrs.keys()}
     except OSError as e:
         raise DataError(f'{path}: not a readable HDF5 file ({e})') from None
+    coords = _checked_coords(path, raw, attrs)
     slide_id = slide_id_of_file(path)
     if 'patch_size_level0' in attrs:  # TRIDENT
         return SlideCoords(slide_id, coords, float(attrs['patch_size_level0']),
@@ -95,6 +150,56 @@ def read_coords(path: str) -> SlideCoords:
     raise DataError(f'{path}: the coords attributes have neither TRIDENT\'s '
                     f'patch_size_level0 nor CLAM\'s patch_level + patch_size '
                     f'(found: {", ".join(sorted(attrs)) or "none"})')
+
+
+def _checked_coords(path: str, raw: np.ndarray, attrs: dict) -> np.ndarray:
+    """int64 [N, 2] of a file's `coords`, or DataError saying what is wrong with them.
+
+    Inside the slide means each patch starts inside it: CLAM pads patches that run past
+    the edge (OpenSlide reads the outside as transparent, trained on as white), and our
+    tiling's patches all fit. The slide's size is known here only from TRIDENT's
+    `level0_width`/`level0_height`; a CLAM file's coordinates are checked against the
+    slide when it is opened (data/slide_source.py). The grid is checked only where the
+    file says one (our regular grid's `step_level0`)."""
+    if raw.size == 0:
+        return np.zeros((0, 2), np.int64)
+    if raw.ndim != 2 or raw.shape[1] != 2:
+        raise DataError(f'{path}: coords has shape {list(raw.shape)}, not [N, 2] (level-0 '
+                        f'x, y): not a patch coordinate file, or a damaged one')
+    if raw.dtype.kind == 'f':
+        bad = ~np.isfinite(raw).all(axis=1)
+        if bad.any():
+            raise DataError(f'{path}: coords holds non-finite values (NaN or infinity) in '
+                            f'{int(bad.sum())} of {len(raw)} rows, first row {int(bad.argmax())}')
+        bad = (raw != np.round(raw)).any(axis=1)
+        if bad.any():
+            raise DataError(f'{path}: coords are not whole pixel numbers in '
+                            f'{int(bad.sum())} of {len(raw)} rows, e.g. '
+                            f'{tuple(raw[bad.argmax()].tolist())}')
+        if np.abs(raw).max() >= 2 ** 62:
+            raise DataError(f'{path}: coords hold values too large for pixel coordinates '
+                            f'({np.abs(raw).max():g})')
+    elif raw.dtype.kind not in 'iu':
+        raise DataError(f'{path}: coords are of type {raw.dtype}, not integers (level-0 '
+                        f'pixels)')
+    coords = raw.astype(np.int64)
+    width, height = _attr(attrs, 'level0_width'), _attr(attrs, 'level0_height')
+    outside = (coords < 0).any(axis=1)
+    where = ''
+    if isinstance(width, (int, float)) and isinstance(height, (int, float)):
+        outside |= (coords[:, 0] >= width) | (coords[:, 1] >= height)
+        where = f' ({width:g} x {height:g} px at level 0, as level0_width/height say)'
+    if outside.any():
+        raise DataError(f'{path}: {int(outside.sum())} of {len(coords)} patches start outside '
+                        f'the slide{where}, e.g. {tuple(coords[outside.argmax()].tolist())}')
+    step = _attr(attrs, 'step_level0')
+    if isinstance(step, (int, float)) and step > 0:
+        off = ((coords - coords[0]) % int(step) != 0).any(axis=1)
+        if off.any():
+            raise DataError(f'{path}: {int(off.sum())} of {len(coords)} patches are off the '
+                            f'grid of step_level0 {int(step)} from the first one, e.g. '
+                            f'{tuple(coords[off.argmax()].tolist())}')
+    return coords
 
 
 def list_coord_files(folder: str):

@@ -42,10 +42,21 @@ TILE_CACHE_BYTES = 64 * 1024 * 1024
 # A level is "as fine as the target" within this tolerance: scanners write downsamples
 # like 4.0002, and reading the next finer level for 0.02% costs 4x the pixels.
 _LEVEL_TOLERANCE = 1e-2
+# The most pixels a thumbnail may decode from the level it is read from, and have itself.
+# A 200k x 100k px 40x scan with the usual pyramid (downsamples 1, 4, 16, 64) decodes
+# about 78 M px for a thumbnail at 8 µm/px; a file with no reduced level near the
+# thumbnail's resolution, or whose header claims far more pixels than it holds (65535 or
+# 200000 px a side), would decode gigapixels, for minutes, so its thumbnail is refused.
+MAX_THUMBNAIL_READ_PIXELS = 2 ** 30
+MAX_THUMBNAIL_PIXELS = 2 ** 28
 
 
 class SlideError(DataError):
     """A file that is not a readable slide (missing, truncated, unknown format)."""
+
+
+class SlideTooLarge(DataError):
+    """A thumbnail that would decode too many pixels (thumbnail_problem)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +219,33 @@ def _band_reader(slide, downsample: float, tiles=None):
     return size, openslide_rows
 
 
+def thumbnail_problem(slide, downsample: float, tiles=None) -> Optional[str]:
+    """Why a thumbnail of the whole slide at `downsample` level-0 px per pixel would take
+    too long to make (the pixels it decodes, or its own size: see
+    MAX_THUMBNAIL_READ_PIXELS), or None."""
+    width, height = slide.dimensions
+    out_w = max(1, int(round(width / downsample)))
+    out_h = max(1, int(round(height / downsample)))
+    if out_w * out_h > MAX_THUMBNAIL_PIXELS:
+        return (f'{width} x {height} px at level 0: a thumbnail at {downsample:.4g} level-0 '
+                f'px per pixel would be {out_w} x {out_h} px (more than '
+                f'{MAX_THUMBNAIL_PIXELS} px); read it at a coarser resolution (tiling: '
+                f'tile.tissue_mpp)')
+    level = best_level(slide, downsample, tiles)
+    if level >= slide.level_count:
+        lw, lh = tiles.levels[level].width, tiles.levels[level].height
+    else:
+        lw, lh = slide.level_dimensions[level]
+    if lw * lh > MAX_THUMBNAIL_READ_PIXELS:
+        ds = level_downsamples(slide, tiles)[level]
+        return (f'{width} x {height} px at level 0 and no reduced level near {downsample:.4g} '
+                f'level-0 px per pixel: its thumbnail would decode level {level} (downsample '
+                f'{ds:.4g}, {lw} x {lh} px, more than {MAX_THUMBNAIL_READ_PIXELS} px); a file '
+                f'whose header claims more pixels than it holds, or one to convert to a '
+                f'pyramid (e.g. vips tiffsave --tile --pyramid)')
+    return None
+
+
 def thumbnail(slide, downsample: float, band_pixels: int = 32 * 1024 * 1024,
               tiles=None) -> Tuple[np.ndarray, float]:
     """(uint8 RGB image, exact level-0 px per image px in x) of the whole slide at about
@@ -216,7 +254,13 @@ def thumbnail(slide, downsample: float, band_pixels: int = 32 * 1024 * 1024,
     horizontal bands of at most `band_pixels` (a slide without a pyramid is never read
     whole) and area-resized band by band. Hidden levels that fail to decode somewhere
     are given up (dropped from `tiles`, for later reads too) for OpenSlide's levels,
-    with a warning: slower, never wrong."""
+    with a warning: slower, never wrong. SlideTooLarge (one line) before reading anything
+    when that would take minutes (thumbnail_problem)."""
+    problem = thumbnail_problem(slide, downsample, tiles)
+    if problem is not None:
+        error = SlideTooLarge(f'{slide}: {problem}')
+        error.problem = problem   # without the slide, for a row that names it already
+        raise error
     if tiles is not None and tiles.hidden_downsamples(slide):
         try:
             return _thumbnail(slide, downsample, band_pixels, tiles)

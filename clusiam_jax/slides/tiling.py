@@ -18,13 +18,19 @@ kept when at least `tile.min_tissue` of it is tissue (tissue.py, or the polygons
 coordinates are the same on every rerun.
 
 Slides are tiled by a process pool; a slide that cannot be read, has no resolution or
-no tissue is a row with its status and reason, never the end of the job. A rerun
-reuses every slide whose file carries the same `tiling_key` (config + file size and
-modification time) and redoes the others.
+no tissue, an id that is no file name (every file of a slide is named by its id, inside
+`out_dir`: slides/coords.py) or a size whose thumbnail would take minutes to decode is a
+row with its status and reason, never the end of the job. Failing to write the output
+(a full disk) is the job's error, not the slide's: the job stops, its finished slides
+kept. A rerun reuses every slide whose file carries the same `tiling_key` (config + file
+size and modification time) and redoes the others; slides.csv is read again before
+each write, so the rows of slides this job does not (yet) redo stay as they are.
 """
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -51,6 +57,28 @@ SLIDES_FIELDS = ('slide_id', 'path', 'label', 'level0_mpp', 'mpp_origin', 'n_pat
                  'tissue_fraction', 'status', 'reason')
 # status values of slides.csv
 TILED, NO_TISSUE, NO_MPP, UNREADABLE = 'tiled', 'no_tissue', 'no_mpp', 'unreadable'
+BAD_ID, TOO_LARGE = 'bad_id', 'too_large'
+# What a full disk or quota looks like, also inside h5py's messages (no errno there).
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class OutputError(DataError):
+    """Writing the job's output failed (a full disk, a read-only folder): an error of the
+    job, which stops, not of the slide being written."""
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """Turns a failure to write `path` into the job's OutputError (one line)."""
+    try:
+        yield
+    except OSError as e:
+        text = ' '.join(str(e).split())
+        if e.errno in _FULL or any(os.strerror(c) in text for c in _FULL):
+            raise OutputError(f'out of space writing {path}: free space and rerun; finished '
+                              f'slides are kept') from None
+        raise OutputError(f'cannot write {path} ({e.strerror or text}): fix the output '
+                          f'folder and rerun; finished slides are kept') from None
 QC_MAX_SIDE = 1024
 
 
@@ -249,8 +277,21 @@ def _qc_picture(thumb, mask_small, coords, size0, downsample, title) -> np.ndarr
     return np.concatenate([band, image], axis=0)
 
 
+def _bad_id_row(entry: SlideEntry) -> Optional[dict]:
+    """The row of a slide whose id cannot name its files, else None."""
+    problem = coords_lib.id_problem(entry.slide_id)
+    if problem is None:
+        return None
+    return _row(entry, BAD_ID, f'slide id {entry.slide_id!r} {problem}: it names the slide\'s '
+                f'files, so give it a plain file name (the slide_id column of the slide CSV)')
+
+
 def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
-    """Tiles one slide; returns its slides.csv row (never raises for a bad slide)."""
+    """Tiles one slide; returns its slides.csv row (never raises for a bad slide; raises
+    OutputError when its output cannot be written)."""
+    bad = _bad_id_row(entry)
+    if bad is not None:
+        return bad
     try:
         slide = reader.open_slide(entry.path)
     except DataError as e:
@@ -258,6 +299,10 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
     try:
         with tiles.opened(entry.path, slide) as direct:
             return _tile_open_slide(slide, direct, entry, params, out_dir)
+    except OutputError:
+        raise
+    except reader.SlideTooLarge as e:
+        return _row(entry, TOO_LARGE, getattr(e, 'problem', str(e)))
     except Exception as e:  # a truncated file fails while reading its pixels; any failure
         # of one slide is that slide's row, never the end of the job
         log.debug('tile: %s failed', entry.slide_id, exc_info=True)
@@ -281,6 +326,9 @@ def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
         return _row(entry, NO_MPP, f'level-0 µm/px {res.mpp} makes a patch of {size0} px')
     # The detection image, never finer than level 0.
     ds = max(1.0, params.detection.tissue_mpp / res.mpp)
+    too_large = reader.thumbnail_problem(slide, ds, direct)
+    if too_large is not None:
+        return _row(entry, TOO_LARGE, too_large, res.mpp, res.origin)
     small, ds = reader.thumbnail(slide, ds, tiles=direct)
     if params.masks:
         mask = _supplied_mask(params.masks, entry, small.shape[:2], ds)
@@ -306,16 +354,19 @@ def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
              f'{params.target_mpp:g} um/px ({size0} px at level 0)')
     qc_thumb, qc_ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE, direct)
     qc = _qc_picture(qc_thumb, mask, kept, size0, qc_ds, title)
-    os.makedirs(os.path.join(out_dir, MASKS_DIR), exist_ok=True)
-    qc_path = os.path.join(out_dir, MASKS_DIR, entry.slide_id + '.png')
+    qc_path = coords_lib.slide_path(os.path.join(out_dir, MASKS_DIR), entry.slide_id, '.png')
     ok, encoded = cv2.imencode('.png', cv2.cvtColor(qc, cv2.COLOR_RGB2BGR))
-    with atomic_write(qc_path) as tmp, open(tmp, 'wb') as f:
-        f.write(encoded.tobytes())
+    with _writing(qc_path):
+        os.makedirs(os.path.dirname(qc_path), exist_ok=True)
+        with atomic_write(qc_path) as tmp, open(tmp, 'wb') as f:
+            f.write(encoded.tobytes())
     if not len(kept):
         return _row(entry, NO_TISSUE, f'no patch with tissue >= tile.min_tissue '
                     f'{params.min_tissue:g} (tissue {tissue_fraction:.1%} of the slide; see '
                     f'{qc_path})', res.mpp, res.origin, 0, tissue_fraction)
-    coords_lib.write_trident(coords_lib.trident_file(out_dir, entry.slide_id), kept, attrs)
+    coords_path = coords_lib.trident_file(out_dir, entry.slide_id)
+    with _writing(coords_path):
+        coords_lib.write_trident(coords_path, kept, attrs)
     return _row(entry, TILED, note, res.mpp, res.origin, len(kept), tissue_fraction)
 
 
@@ -368,22 +419,38 @@ def read_slides_csv(out_dir: str) -> List[dict]:
         return list(csv.DictReader(f))
 
 
-def _earlier_rows(out_dir: str, entries: List[SlideEntry]) -> List[dict]:
-    """Rows of slides.csv from earlier runs into `out_dir` whose slides are not in this
-    run: kept (their coordinate files are still there and still trained on)."""
-    if not os.path.isfile(os.path.join(out_dir, SLIDES_CSV)):
-        return []
-    current = {e.slide_id for e in entries}
-    kept = [r for r in read_slides_csv(out_dir) if r.get('slide_id') not in current]
-    if kept:
-        log.info('tile: %d slides of an earlier run into %s are kept in its slides.csv',
-                 len(kept), out_dir)
-    return [{k: r.get(k, '') for k in SLIDES_FIELDS} for r in kept]
-
-
-def _write_slides_csv(out_dir: str, rows: List[dict]):
+def _rows_on_disk(out_dir: str) -> List[dict]:
+    """The rows slides.csv has now ([] when there is none): those of earlier jobs, and of
+    any job writing into the folder meanwhile."""
     path = os.path.join(out_dir, SLIDES_CSV)
-    with atomic_write(path) as tmp, open(tmp, 'w', newline='') as f:
+    if not os.path.isfile(path):
+        return []
+    try:
+        rows = read_slides_csv(out_dir)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f'cannot read {path} ({e}): it lists the slides tiled there; '
+                        f'move it away to start the list anew') from None
+    return [{k: r.get(k) or '' for k in SLIDES_FIELDS} for r in rows]
+
+
+def _merged_rows(out_dir: str, finished: Dict[str, dict], order: List[str]) -> List[dict]:
+    """slides.csv to write: the rows on disk, read again now, with this job's finished
+    rows in place of theirs and new slides after them. Rows of slides this job has not
+    finished (yet) are kept: their coordinate files are still there and trained on, and
+    another job tiling into the folder may have written them since this one started."""
+    rows, seen = [], set()
+    for row in _rows_on_disk(out_dir):
+        if row['slide_id'] not in seen:
+            seen.add(row['slide_id'])
+            rows.append(finished.get(row['slide_id'], row))
+    return rows + [finished[s] for s in order if s in finished and s not in seen]
+
+
+def _write_slides_csv(out_dir: str, finished: Dict[str, dict], order: List[str]):
+    path = os.path.join(out_dir, SLIDES_CSV)
+    rows = _merged_rows(out_dir, finished, order)
+    with _writing(path), atomic_write(path) as tmp, \
+            open(tmp, 'w', newline='', encoding='utf-8') as f:
         writer = csv.DictWriter(f, fieldnames=SLIDES_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -392,32 +459,42 @@ def _write_slides_csv(out_dir: str, rows: List[dict]):
 def _clear_stale(out_dir: str, entry: SlideEntry):
     """A slide redone (changed config or file) must not keep an old coordinate file if
     it now fails or has no tissue."""
+    if coords_lib.id_problem(entry.slide_id) is not None:
+        return   # no file of this slide was ever written: its id names none
     path = coords_lib.trident_file(out_dir, entry.slide_id)
     if os.path.exists(path):
-        os.remove(path)
+        with _writing(path):
+            os.remove(path)
 
 
 def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
                 num_workers: int = 0) -> List[dict]:
     """Tiles every slide (reusing finished ones); writes slides.csv as slides finish.
-    DataError when no slide could be tiled."""
-    os.makedirs(os.path.join(out_dir, coords_lib.PATCHES_DIR), exist_ok=True)
-    earlier = _earlier_rows(out_dir, entries)
+    DataError when no slide could be tiled; OutputError when the output cannot be
+    written (the job stops, the slides finished so far are kept)."""
+    with _writing(out_dir):
+        os.makedirs(os.path.join(out_dir, coords_lib.PATCHES_DIR), exist_ok=True)
+    order = [e.slide_id for e in entries]
+    kept = {r['slide_id'] for r in _rows_on_disk(out_dir)} - set(order)
+    if kept:
+        log.info('tile: %d slides of an earlier run into %s are kept in its slides.csv',
+                 len(kept), out_dir)
     rows: Dict[str, dict] = {}
     todo = []
     for entry in entries:
-        row = _reuse(entry, params, out_dir)
+        row = _bad_id_row(entry) or _reuse(entry, params, out_dir)
         if row is None:
             todo.append(entry)
         else:
             rows[entry.slide_id] = row
-    if rows:
+    n_reused = sum(r['status'] == TILED for r in rows.values())
+    if n_reused:
         log.info('tile: %d of %d slides already tiled with these settings; reusing them',
-                 len(rows), len(entries))
-    order = [e.slide_id for e in entries]
-
-    def current():
-        return earlier + [rows[s] for s in order if s in rows]
+                 n_reused, len(entries))
+    for entry in entries:
+        if rows.get(entry.slide_id, {}).get('status') == BAD_ID:
+            log.warning('tile: %s %s: %s', entry.slide_id, BAD_ID,
+                        rows[entry.slide_id]['reason'])
 
     bar = tqdm.tqdm(total=len(entries), initial=len(rows), unit='slide', desc='tile',
                     dynamic_ncols=True)
@@ -431,7 +508,7 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
         rows[entry.slide_id] = row
         bar.update(1)
         if time.monotonic() - last_write > 2.0:
-            _write_slides_csv(out_dir, current())
+            _write_slides_csv(out_dir, rows, order)
             last_write = time.monotonic()
 
     try:
@@ -450,9 +527,15 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
         else:
             for entry in todo:
                 done(entry, tile_slide(entry, params, out_dir))
-    finally:
+    except BaseException:
         bar.close()
-        _write_slides_csv(out_dir, current())   # what is finished is kept on Ctrl-C
+        try:   # what is finished is kept on Ctrl-C or a full disk
+            _write_slides_csv(out_dir, rows, order)
+        except DataError as e:   # the disk is still full: the first error is the one told
+            log.warning('tile: %s', e)
+        raise
+    bar.close()
+    _write_slides_csv(out_dir, rows, order)
     final = [rows[s] for s in order]
     n_ok = sum(r['status'] == TILED for r in final)
     n_patches = sum(int(r['n_patches']) for r in final if r['status'] == TILED)
