@@ -14,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from clusiam_jax import interrupts
 from clusiam_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger('clusiam_jax')
@@ -92,12 +93,26 @@ class Checkpointer:
         has_data = os.path.isdir(os.path.join(self.directory, str(step), 'data'))
         if has_data:
             items['data'] = ocp.args.JsonRestore()
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # orbax and tensorstore raise many kinds
-            raise CheckpointError(f'the checkpoint at step {step} in {self.directory} '
-                                  f'cannot be read ({_one_line(e)})') from e
+        restored = self._read(step, lambda: self.manager.restore(
+            step, args=ocp.args.Composite(**items)))
         return restored['state'], (restored['data'] if has_data else None)
+
+    def _read(self, step, read):
+        """`read()`, whose failure is evidence of a damaged checkpoint only when it is not
+        a stop request and it fails again: a signal, a dropped network file system
+        connection or a busy disk are not damage, and declaring an intact checkpoint
+        damaged rolls the run back to an older one. CheckpointError after the retry."""
+        for attempt in (1, 2):
+            try:
+                return read()
+            except Exception as e:  # orbax and tensorstore raise many kinds
+                interrupts.check()  # an interrupted read says nothing about the file
+                if attempt == 2:
+                    raise CheckpointError(f'the checkpoint at step {step} in '
+                                          f'{self.directory} cannot be read '
+                                          f'({_one_line(e)})') from e
+                log.warning('reading the checkpoint at step %d in %s failed (%s); trying '
+                            'again', step, self.directory, _one_line(e))
 
     def restore_weights(self, step: int, abstract_weights: dict) -> dict:
         """The entries of `abstract_weights` (a dict of top-level state fields, e.g.
@@ -109,11 +124,10 @@ class Checkpointer:
             item=abstract_weights, partial_restore=True,
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_weights))
         try:
-            return ocp.PyTreeCheckpointHandler().restore(self._state_path(step), args=args)
-        except Exception as e:  # orbax and tensorstore raise many kinds
-            raise CheckpointError(f'the checkpoint at step {step} in {self.directory} '
-                                  f'cannot be read ({_one_line(e)}); move it away to use '
-                                  f'the one before') from None
+            return self._read(step, lambda: ocp.PyTreeCheckpointHandler().restore(
+                self._state_path(step), args=args))
+        except CheckpointError as e:
+            raise CheckpointError(f'{e}; move it away to use the one before') from None
 
     def _state_path(self, step):
         return epath.Path(self.directory) / str(step) / 'state'
@@ -165,10 +179,10 @@ class Checkpointer:
                 return step, state, data_state
             except ConfigError:
                 raise  # an intact checkpoint of another model: falling back cannot help
-            except Exception as e:  # any other failure means: not usable
+            except CheckpointError as e:  # failed twice, and no stop request: damaged
                 log.warning('checkpoint at step %d in %s cannot be restored (%s); '
                             'falling back to the previous one', step, self.directory,
-                            _one_line(e))
+                            _one_line(e.__cause__ or e))
         if self.manager.all_steps():
             raise CheckpointError(f'no checkpoint in {self.directory} can be restored '
                                   f'(each is damaged; see the warnings above); move the '

@@ -33,6 +33,7 @@ from clusiam_jax.train.metrics import (
     SkippedSteps,
     collapse_warnings,
 )
+from clusiam_jax.train.saveable import check_saveable
 from clusiam_jax.train.trainer import build_trainer
 
 log = logging.getLogger('clusiam_jax')
@@ -123,6 +124,9 @@ def train(config, workdir: str, loader=None, mesh=None, read_init=None):
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
     os.makedirs(workdir, exist_ok=True)
+    # Safe points (interrupts.py): a signal before the training loop stops the command
+    # at the next one, never inside a library call.
+    interrupts.check()
     if loader is None:
         # A resumed run keeps the normalization it started with, whatever the data now.
         recorded = run_dir.read_normalization(workdir) if config.data.mean is None else None
@@ -130,13 +134,16 @@ def train(config, workdir: str, loader=None, mesh=None, read_init=None):
                                               process_index=jax.process_index(),
                                               process_count=jax.process_count(),
                                               recorded=recorded)
+    interrupts.check()
     trainer = build_trainer(config, mesh, loader.steps_per_epoch, loader.mean, loader.std)
     run = _Run(config, workdir, trainer, loader.steps_per_epoch, read_init)
     run.monitor = _build_monitor(config, loader, trainer)
+    interrupts.check()
     with contextlib.closing(Checkpointer(workdir, config.train.keep_checkpoints)) as ckpt, \
             contextlib.closing(_BestCheckpoint(workdir, config)) as best:
         run.best = best
         state, data_state = run.restore(ckpt, loader)
+        interrupts.check()
         if int(jax.device_get(state.step)) >= run.total_steps:
             return state
         iterator = loader.iterator()
@@ -181,6 +188,12 @@ def _build_monitor(config, loader, trainer):
     return monitor_lib.Monitor(trainer.network, trainer.mean, trainer.std, monitor_set,
                                trainer.mesh, config.model.num_clusters,
                                float(mon.min_rankme), seed)
+
+
+def _last_step(ckpt):
+    """The newest checkpoint step on disk (or being written), or None."""
+    steps = ckpt.all_steps()
+    return steps[-1] if steps else None
 
 
 class _BestCheckpoint:
@@ -283,6 +296,7 @@ class _Run:
                  config.train.batch_size, config.data.image_size, mesh.devices.size)
         step_fn, seconds = self.trainer.compile(state, first[0])
         log.info('compiled in %.1f s', seconds)
+        interrupts.check()
         return step_fn, itertools.chain([first], batches)
 
     def epochs(self, state, batches, ckpt, writer):
@@ -307,7 +321,7 @@ class _Run:
         def stop_here(saved):
             if not saved:
                 stats.flush()  # never checkpoint a non-finite state
-                ckpt.save(step, state, data_state)
+                self.save(ckpt, step, state, data_state)
             ckpt.wait()  # inside the deferral: a signal now cannot cut the save short
             bar.update(step - synced)
             log.warning('%s: saved a checkpoint at step %d of %d and stopped; start the '
@@ -345,11 +359,13 @@ class _Run:
                 elapsed = time.perf_counter() - start_time   # the monitor's time is its own
                 scores = self.monitor_epoch(epoch, state)
                 self.end_epoch(epoch, stats, step, first, elapsed, writer, scores)
-                if scores:
-                    self.best.offer(step, epoch + 1, scores, state, data_state)
                 every = config.train.checkpoint_every_epochs
                 saved = (every > 0 and (epoch + 1) % every == 0) or step == self.total_steps
                 collapsed = bool(scores) and scores['collapse'] and config.train.stop_on_collapse
+                if scores or saved or collapsed:
+                    check_saveable(state, step, _last_step(ckpt))
+                if scores:
+                    self.best.offer(step, epoch + 1, scores, state, data_state)
                 if saved or collapsed:
                     ckpt.save(step, state, data_state)
                 if collapsed:
@@ -363,6 +379,11 @@ class _Run:
                     return stop_here(saved)
             ckpt.wait()
         return state
+
+    @staticmethod
+    def save(ckpt, step, state, data_state):
+        check_saveable(state, step, _last_step(ckpt))
+        ckpt.save(step, state, data_state)
 
     def monitor_epoch(self, epoch, state):
         """The monitor's scores at this epoch (every monitor.every_epochs and the last),
