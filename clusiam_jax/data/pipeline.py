@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 # substitutes for bad files never share random numbers.
 _SHUFFLE, _AUGMENT, _SUBSTITUTE = 0x5, 0xA, 0xB
 _MAX_SUBSTITUTES = 100
+# The data item of a checkpoint: {STATE_KEY: batches drawn} (BatchIterator).
+STATE_KEY = 'batches_drawn'
 _SAME_SLIDE_ATTEMPTS = 3
 
 
@@ -203,6 +205,66 @@ class PairMaker:
         return {'view1': view1, 'view2': view2}
 
 
+class BatchIterator:
+    """The loader's batches from a position on, the position being the only state.
+
+    grain's own iterator state describes its workers (one sub-state per worker under
+    mp_prefetch, a bare index without), so a run checkpointed with one `data.num_workers`
+    could not resume with another. Every batch is a function of its index alone (module
+    docstring), so the number of batches drawn is a complete state for any worker count:
+    `set_state` starts a fresh grain pipeline at that batch. States written by grain
+    itself (checkpoints made before this iterator) are translated (`batches_drawn`).
+    """
+
+    def __init__(self, loader: 'TrainLoader', start: int = 0):
+        self._loader, self._next, self._it = loader, int(start), None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:   # started lazily: set_state right after creation is free
+            self._it = iter(self._loader.dataset(start_batch=self._next))
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {STATE_KEY: self._next}
+
+    def set_state(self, state: dict):
+        drawn = batches_drawn(state)
+        total = self._loader.num_epochs * self._loader.steps_per_epoch
+        if not 0 <= drawn <= total:
+            raise DataError(f'the saved data position (batch {drawn}) is outside this run\'s '
+                            f'{total} batches: the checkpoint belongs to another data set or '
+                            f'batch size')
+        self.close()
+        self._next = drawn
+
+    def close(self):
+        if self._it is not None:
+            if hasattr(self._it, 'close'):
+                self._it.close()
+            self._it = None
+
+
+
+def batches_drawn(state: dict) -> int:
+    """The number of batches drawn before `state`: ours, or grain's (a serial iterator's
+    `next_index`; under mp_prefetch, workers take batches in turn, so the batches drawn
+    are the sum of the workers' own `next_index`)."""
+    try:
+        if STATE_KEY in state:
+            return int(state[STATE_KEY])
+        if 'next_index' in state:
+            return int(state['next_index'])
+        return int(sum(s['next_index'] for s in state['iterators_in_use_states'] if s))
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f'the checkpoint\'s data position is not one this pipeline wrote: '
+                        f'{str(state)[:200]}') from None
+
+
 def _ensure_absl_flags_parsed():
     # grain's mp_prefetch reads its absl flags; a caller that is not an absl app
     # never parsed them. Marking them parsed keeps the defaults and leaves
@@ -235,10 +297,11 @@ class TrainLoader:
     def pair_maker(self) -> PairMaker:
         return PairMaker(self.source, self.plan, self.aug, self.skip_log, self.min_tissue)
 
-    def dataset(self):
-        """The grain IterDataset of batches over all epochs."""
+    def dataset(self, start_batch: int = 0):
+        """The grain IterDataset of batches over all epochs, from batch `start_batch` on."""
         import grain  # pylint: disable=g-import-not-at-top
-        ds = (grain.MapDataset.range(self.plan.local_elements)
+        start = int(start_batch) * self.plan.local_batch
+        ds = (grain.MapDataset.range(start, self.plan.local_elements)
               .map(self.pair_maker())
               .batch(self.plan.local_batch, drop_remainder=True))
         # One reading thread: the parallelism is in the worker processes (or, with
@@ -253,9 +316,10 @@ class TrainLoader:
                 worker_init_fn=interrupts.ignore_in_worker)
         return it_ds
 
-    def iterator(self):
-        """A grain DatasetIterator over all epochs; get_state/set_state resume it."""
-        return iter(self.dataset())
+    def iterator(self) -> 'BatchIterator':
+        """An iterator over the batches of all epochs; get_state/set_state resume it, with
+        any number of workers."""
+        return BatchIterator(self)
 
     def skipped_files(self):
         """Paths skipped so far (by any process writing to the same list)."""
