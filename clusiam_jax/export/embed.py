@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from clusiam_jax import parallel
+from clusiam_jax import interrupts, parallel
 from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.export import format as fmt
@@ -133,8 +133,10 @@ def _prefetched(loads, executor, window):
     for fn in loads:
         pending.append(executor.submit(fn))
         if len(pending) >= window:
+            interrupts.check()  # a safe point per patch: a signal stops the export here
             yield pending.popleft().result()
     while pending:
+        interrupts.check()
         yield pending.popleft().result()
 
 
@@ -220,6 +222,8 @@ class _SlideWriter:
             fmt.write_npz(os.path.join(self.out_dir, fmt.NPZ_NAME), self.npz_parts,
                           {'checkpoint_step': np.int64(self.attrs['checkpoint_step']),
                            'export_key': self.attrs['export_key'],
+                           'workdir': self.attrs['workdir'],
+                           'weights_sha256': self.attrs['weights_sha256'],
                            'n_records': np.int64(n_records),
                            'norm_mean': self.attrs['norm_mean'],
                            'norm_std': self.attrs['norm_std']})
@@ -253,7 +257,9 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
              'export_version': fmt.FORMAT_VERSION,
              'features': 'pooled backbone output, inference-mode BatchNorm',
              'config_json': json.dumps(info['config'], sort_keys=True),
-             'data_path': info['data_path']}
+             'data_path': info['data_path'],
+             # the run and its exact weights: another checkpoint is never "already done"
+             'workdir': info.get('workdir', ''), 'weights_sha256': info.get('weights_sha256', '')}
     attrs['export_key'] = key = fmt.export_key(attrs)
     if fmt_name == 'npz':
         todo = [] if fmt.is_finished(out_dir, 'npz', '', key, len(records)) else list(groups)

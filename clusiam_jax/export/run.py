@@ -7,17 +7,31 @@ layout.
 The model, the image size it trained at and its normalization come from the run
 (config.json, normalization.json); the `export` config section says what to embed and
 how. `prepare_export` does everything that can fail on bad input before a patch is read
-(restore, normalization, listing the source); `ExportJob.run_export()` embeds.
+(restore, normalization, listing the source, what the output folder already holds);
+`ExportJob.run_export()` embeds.
+
+Resuming into a folder that holds files never keeps features of other weights or other
+patches: each file records the run's folder and a digest of the weights it was made
+with (beside the step and the settings, format.export_key), so a slide exported from
+another checkpoint of the same run is exported again, and a folder holding another
+run's export is refused (overwriting it silently would lose that run's export); a slide
+whose patches changed since (re-tiled: other coordinates or patch sizes, other patch
+files) is exported again.
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+import jax
+import numpy as np
 
 from clusiam_jax import run_dir
 from clusiam_jax.config import parse_checkpoint_choice
+from clusiam_jax.data import records as records_lib
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
@@ -47,6 +61,187 @@ def resolve_normalization(run: run_dir.Run, given: Optional[run_dir.Normalizatio
                       f'with --config.data.mean=R,G,B --config.data.std=R,G,B')
 
 
+def weights_digest(variables) -> str:
+    """sha256 over the weights an export embeds with (every leaf's path, dtype, shape and
+    bytes, in path order): the same step of a run trained again, or of another run, gives
+    other weights and another digest."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))
+    digest = hashlib.sha256()
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        array = np.ascontiguousarray(leaf)
+        digest.update(f'{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}|'.encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+# What an earlier export's files are compared on (besides the run's folder), as named
+# in the log when a slide is exported again.
+_SETTINGS = ('checkpoint_step', 'weights_sha256', 'image_size', 'with_projection',
+             'norm_mean', 'norm_std', 'data_path', 'config_json')
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, (str, bytes)) or isinstance(b, (str, bytes)):
+        return str(a) == str(b)
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and bool(np.all(a == b))
+
+
+def previous_files(out_dir: str, export_format: str) -> Dict[str, dict]:
+    """{file: its attributes (those in _SETTINGS, `workdir`, `slide_id`)} of the slide
+    files an earlier export left in `out_dir`; files that cannot be read are left out
+    (the export redoes them)."""
+    wanted = _SETTINGS + ('workdir', 'slide_id')
+    out = {}
+    if export_format == 'npz':
+        path = os.path.join(out_dir, fmt.NPZ_NAME)
+        if os.path.isfile(path):
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    out[path] = {k: (f[k].item() if f[k].ndim == 0 else f[k])
+                                 for k in wanted if k in f.files}
+            except (OSError, ValueError, KeyError):
+                pass
+        return out
+    folder = os.path.join(out_dir, fmt.H5_DIR)
+    if not os.path.isdir(folder):
+        return out
+    import h5py
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith('.h5'):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with h5py.File(path, 'r') as f:
+                out[path] = {k: f.attrs[k] for k in wanted if k in f.attrs}
+        except (OSError, KeyError, ValueError):
+            continue
+    return out
+
+
+def _belongs_to(recorded, workdir: str) -> bool:
+    return bool(recorded) and os.path.realpath(str(recorded)) == os.path.realpath(workdir)
+
+
+def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
+                  slide_ids):
+    """Refuses (ConfigError, one line) a folder holding another run's export, and says
+    when files of this run's earlier export of `slide_ids` are exported again and why.
+    `current`: this export's values of _SETTINGS. A folder inside the run (the default
+    RUN/export) is the run's own, even when the run was moved since."""
+    files = previous_files(out_dir, export_format)
+    if not files:
+        return
+    inside = os.path.realpath(out_dir).startswith(os.path.realpath(workdir) + os.sep)
+    foreign = {p: a for p, a in files.items() if not _belongs_to(a.get('workdir'), workdir)}
+    if foreign and not inside:
+        path, attrs = next(iter(foreign.items()))
+        whose = (f"the run {attrs['workdir']}" if attrs.get('workdir') else
+                 'an export made before exports recorded their run')
+        raise ConfigError(
+            f'export.out_dir {out_dir} holds {len(foreign)} files of another export '
+            f'({os.path.basename(path)}: {whose}, step {attrs.get("checkpoint_step", "?")}); '
+            f'export {workdir} into another folder (--config.export.out_dir=DIR) or delete '
+            f'{out_dir} first')
+    ours = set(slide_ids)
+    files = {p: a for p, a in files.items()
+             if export_format == 'npz' or str(a.get('slide_id')) in ours}
+    differ = [name for name in _SETTINGS
+              if any(not _same(a.get(name), current[name]) for a in files.values())]
+    if differ:
+        steps = sorted({int(a['checkpoint_step']) for a in files.values()
+                        if 'checkpoint_step' in a})
+        log.warning('export: %s holds %d files exported with other weights or settings '
+                    '(step %s; differing: %s); those are exported again with step %d',
+                    out_dir, len(files), ', '.join(map(str, steps)) or '?',
+                    ', '.join(differ), current['checkpoint_step'])
+
+
+def _rows(records, indices, by_path: bool):
+    """The identity of each patch of a slide, as the export's files record it: (path,
+    x, y, label), or (x, y, label) for slide sources (the slide file may move; its
+    coordinates say which patch)."""
+    out = []
+    for r in records_lib.take(records, indices):
+        xy = (-1 if r.x is None else int(r.x), -1 if r.y is None else int(r.y))
+        out.append(((r.path,) if by_path else ()) + xy + (r.label or '',))
+    return out
+
+
+def _is_subsequence(stored, current) -> bool:
+    """Whether the written rows are the source's rows in order, some left out (patches
+    that were unreadable are not written)."""
+    if len(stored) == len(current):   # nothing was left out: one comparison
+        return stored == current
+    it = iter(current)
+    return all(any(row == c for c in it) for row in stored)
+
+
+def _stored_rows(arrays, by_path: bool):
+    n = len(arrays['coords'])
+    labels = arrays.get('labels')
+    labels = [''] * n if labels is None else [str(v) for v in labels]
+    paths = [str(v) for v in arrays['paths']]
+    return [((paths[i],) if by_path else ()) + (int(arrays['coords'][i][0]),
+                                                 int(arrays['coords'][i][1]), labels[i])
+            for i in range(n)]
+
+
+def _decoded(values):
+    return [v.decode('utf-8') if isinstance(v, bytes) else v for v in values]
+
+
+def stale_slides(out_dir: str, export_format: str, records, source, groups) -> Dict[str, str]:
+    """{slide_id: why} of the slides whose file in `out_dir` was made from other patches
+    than the source lists now: other coordinates, patch files or labels, or (slides)
+    another tiling (patch size, resolution: the coordinate file's attributes)."""
+    slides = getattr(source, 'slides', None)
+    by_path = slides is None
+    tiling = ({s.slide_id: s.coords.attrs for s in slides} if slides is not None else {})
+    stale = {}
+    if export_format == 'npz':
+        path = os.path.join(out_dir, fmt.NPZ_NAME)
+        if not os.path.isfile(path):
+            return stale
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                owner = f['slide_ids']
+                arrays = {k: f[k] for k in ('coords', 'paths', 'labels') if k in f.files}
+        except (OSError, ValueError, KeyError):
+            return stale
+        for slide, indices in groups.items():
+            keep = owner == slide
+            part = {k: v[keep] for k, v in arrays.items()}
+            if not _is_subsequence(_stored_rows(part, by_path), _rows(records, indices, by_path)):
+                stale[slide] = 'its patches (files or coordinates) changed'
+        return stale
+    import h5py
+    for slide, indices in groups.items():
+        path = os.path.join(out_dir, fmt.slide_file('h5', slide))
+        if not os.path.isfile(path):
+            continue
+        try:
+            with h5py.File(path, 'r') as f:
+                arrays = {'coords': f['coords'][()], 'paths': _decoded(f['paths'][()])}
+                if 'labels' in f:
+                    arrays['labels'] = _decoded(f['labels'][()])
+                written_attrs = dict(f['coords'].attrs)
+        except (OSError, KeyError, ValueError):
+            continue   # unreadable: the export redoes it
+        changed = [k for k, v in tiling.get(slide, {}).items()
+                   if k not in ('tiling_key', 'slide_path')
+                   and not _same(_decoded([written_attrs.get(k)])[0], _decoded([v])[0])]
+        if changed:
+            stale[slide] = f'it was tiled again ({", ".join(sorted(changed))} differ)'
+        elif not _is_subsequence(_stored_rows(arrays, by_path),
+                                 _rows(records, indices, by_path)):
+            stale[slide] = ('its patch coordinates changed' if not by_path else
+                            'its patches (files or coordinates) changed')
+    return stale
+
+
 @dataclasses.dataclass
 class ExportJob:
     run: run_dir.Run
@@ -60,6 +255,43 @@ class ExportJob:
     @functools.cached_property
     def slide_ids(self) -> List[str]:
         return list(group_by_slide(self.opened[0]))
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        return weights_digest(self.run.weights.online_variables)
+
+    @property
+    def settings(self) -> dict:
+        """This export's values of what its files record (_SETTINGS)."""
+        return {'checkpoint_step': self.run.step, 'weights_sha256': self.weights_sha256,
+                'image_size': self.options.image_size,
+                'with_projection': self.options.with_projection,
+                'norm_mean': np.asarray(self.normalization.mean, np.float64),
+                'norm_std': np.asarray(self.normalization.std, np.float64),
+                'data_path': self.data_path,
+                'config_json': json.dumps(json.loads(run_dir.config_text(self.run.config)),
+                                          sort_keys=True)}
+
+    def _drop_stale(self):
+        """Deletes the files of slides whose patches changed since they were exported, so
+        that they are exported again (their features describe other patches)."""
+        records, source = self.opened
+        stale = stale_slides(self.out_dir, self.options.export_format, records, source,
+                             group_by_slide(records))
+        if not stale:
+            return
+        log.warning('export: %d slides are exported again because their patches changed '
+                    'since they were exported: %s', len(stale),
+                    '; '.join(f'{s}: {why}' for s, why in list(stale.items())[:5])
+                    + (' ...' if len(stale) > 5 else ''))
+        if self.options.export_format == 'npz':
+            os.remove(os.path.join(self.out_dir, fmt.NPZ_NAME))
+            return
+        for slide in stale:
+            for path in (os.path.join(self.out_dir, fmt.slide_file('h5', slide)),
+                         fmt.pt_file(self.out_dir, slide)):
+                if os.path.exists(path):
+                    os.remove(path)
 
     @property
     def checkpoint_note(self) -> str:
@@ -77,9 +309,11 @@ class ExportJob:
                  'normalization: %s)', self.run.step, self.run.workdir, self.data_path,
                  self.out_dir, len(self.slide_ids), len(self.opened[0]),
                  self.options.image_size, self.normalization.origin)
+        self._drop_stale()
         embedder = Embedder(self.run.network, self.run.weights.online_variables,
                             self.normalization.mean, self.normalization.std, self.run.step)
-        info = {'workdir': self.run.workdir, 'data_path': self.data_path,
+        info = {'workdir': os.path.abspath(self.run.workdir), 'data_path': self.data_path,
+                'weights_sha256': self.weights_sha256,
                 'checkpoint': self.checkpoint_note,
                 'normalization': self.normalization.to_json(),
                 'config': json.loads(run_dir.config_text(self.run.config))}
@@ -135,7 +369,9 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     if options.image_size != trained_at:
         log.warning('export: embedding at %d px; the run trained at %d px (data.image_size)',
                     options.image_size, trained_at)
-    return ExportJob(run=run, data_path=data_path, choice=choice,
-                     out_dir=exp.out_dir or os.path.join(workdir, DEFAULT_DIR),
-                     opened=_open(data_path, exp, run.config.data), options=options,
-                     normalization=resolve_normalization(run, normalization))
+    job = ExportJob(run=run, data_path=data_path, choice=choice,
+                    out_dir=exp.out_dir or os.path.join(workdir, DEFAULT_DIR),
+                    opened=_open(data_path, exp, run.config.data), options=options,
+                    normalization=resolve_normalization(run, normalization))
+    check_out_dir(job.out_dir, options.export_format, workdir, job.settings, job.slide_ids)
+    return job
