@@ -28,6 +28,7 @@ on the way do not swallow it. Handlers can only be installed in the main thread;
 other threads these functions change nothing.
 """
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -199,18 +200,26 @@ def deferred(enabled: bool = True):
 
 
 def _exit_when_orphaned(parent: int, every_s: float = 1.0):
-    """A worker whose parent died (kill -9) exits instead of running on: its parent
-    changes to init or a subreaper."""
+    """Exits this worker once its parent is gone: its parent pid changes (to init or a
+    subreaper) when the parent dies, however it died."""
     while os.getppid() == parent:
         time.sleep(every_s)
     os._exit(0)
 
 
-def ignore_in_worker(*_):
-    """Initializer of input and tiling worker processes: they ignore SIGINT and SIGTERM
-    (the terminal and schedulers signal the whole process group; the main process decides
-    when to stop and closes them), and exit by themselves when the main process is gone."""
+def _init_worker(parent: int, *_):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True,
+    if os.getppid() != parent:  # killed while this worker was still starting
+        os._exit(0)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True,
                      name='exit-when-orphaned').start()
+
+
+def worker_initializer():
+    """The initializer of input, statistics and tiling worker processes started by this
+    process: they ignore SIGINT and SIGTERM (the terminal and schedulers signal the whole
+    process group; the main process decides when to stop and closes them), and exit by
+    themselves when this process is gone (`kill -9`), even if it died while they started.
+    A partial of a module function: it pickles into spawned workers."""
+    return functools.partial(_init_worker, os.getpid())

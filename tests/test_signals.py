@@ -247,7 +247,9 @@ def _kill_9_then_no_worker_lives(proc, workers_at_least, timeout=120):
     workers = _children(proc.pid)
     assert len(workers) >= workers_at_least
     proc.kill()
-    proc.communicate()
+    proc.wait()
+    proc.stdout.close()  # not communicate(): a surviving worker would hold these open
+    proc.stderr.close()
     deadline = time.time() + 10
     while _alive(workers) and time.time() < deadline:
         time.sleep(0.2)

@@ -313,7 +313,7 @@ class TrainLoader:
             it_ds = it_ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.num_workers,
                                              per_worker_buffer_size=1),
-                worker_init_fn=interrupts.ignore_in_worker)
+                worker_init_fn=interrupts.worker_initializer())
         return it_ds
 
     def iterator(self) -> 'BatchIterator':

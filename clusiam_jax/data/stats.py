@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tqdm
 
+from clusiam_jax import interrupts
 from clusiam_jax.data import image_io
 from clusiam_jax.errors import DataError
 
@@ -133,6 +134,7 @@ def compute_stats(source, num_workers: int = 0, skip_log=None, indices=None,
 
     def consume(result, size):
         nonlocal total1, total2, count
+        interrupts.check()  # a safe point per chunk
         s1, s2, n, bad = result
         total1, total2, count = total1 + s1, total2 + s2, count + n
         for path, reason in bad:
@@ -144,7 +146,9 @@ def compute_stats(source, num_workers: int = 0, skip_log=None, indices=None,
 
     if num_workers > 0 and len(chunks) > 1:
         ctx = multiprocessing.get_context('spawn')
-        with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+        # Workers ignore the terminal's signals and exit when this process is killed.
+        with concurrent.futures.ProcessPoolExecutor(
+                num_workers, mp_context=ctx, initializer=interrupts.worker_initializer()) as pool:
             futures = {pool.submit(_chunk_moments, source, c): len(c) for c in chunks}
             for fut in concurrent.futures.as_completed(futures):
                 consume(fut.result(), futures[fut])
