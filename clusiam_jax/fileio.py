@@ -1,0 +1,170 @@
+"""Files the user hands us and files we write, when they fail for reasons outside the
+code: a CSV that is not UTF-8, a full disk, a folder made read-only or deleted while a
+command runs. Each becomes one line that names the file and the fix.
+
+This module imports only the standard library and errors.py, so grain worker processes
+(which must stay free of JAX) and the slide code may use it too.
+"""
+import contextlib
+import csv
+import errno
+import io
+import logging
+import os
+import re
+from typing import Dict, List, Optional, Tuple
+
+from clusiam_jax.errors import DataError
+
+# ------------------------------------------------------------------ CSV files we read
+
+
+def _decode(path: str, raw: bytes, what: str) -> str:
+    """`raw` as UTF-8 (a byte-order mark, as Excel writes, is dropped); DataError naming
+    the first byte that is not UTF-8, its position and line, when it is not."""
+    try:
+        return raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = raw.count(b'\n', 0, e.start) + 1
+        raise DataError(f'{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at '
+                        f'position {e.start}, line {line}): save it as UTF-8 CSV (in Excel: '
+                        f'"CSV UTF-8")') from None
+
+
+def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Dict[str, str]]]:
+    """(column names, rows) of a CSV file with a header line; column names and the rows'
+    keys are stripped of surrounding spaces. `what` names the file in the DataError
+    raised when it is missing, unreadable, not UTF-8 or not CSV, e.g. 'splits file'.
+    The rows' line numbers in the file are `2 + index` when no field spans lines."""
+    if not os.path.isfile(path):
+        raise DataError(f'{what} not found: {path}')
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f'{what} {path}: cannot read it ({e.strerror})') from None
+    text = _decode(path, raw, what)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=''))
+        columns = [c.strip() for c in (reader.fieldnames or ())]
+        reader.fieldnames = columns
+        rows = list(reader)
+    except csv.Error as e:
+        raise DataError(f'{what} {path} is not a readable CSV file (line '
+                        f'{reader.line_num}: {e})') from None
+    return columns, rows
+
+
+# --------------------------------------------------------- failures of the environment
+
+# Errors that say the disk or the folder, not the input or the code, failed: the disk
+# or quota is full, the file system went read-only, the folder was deleted or its
+# permissions changed while the command ran, the storage failed.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.EACCES,
+                      errno.EPERM, errno.EIO, errno.EFBIG, errno.ESTALE}
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_ADVICE = {
+    errno.ENOSPC: 'free some space and start the same command again',
+    errno.EDQUOT: 'free some of your quota and start the same command again',
+    errno.EFBIG: 'the file system cannot hold a file that large',
+    errno.EROFS: 'the file system is read-only (remounted after an error?)',
+    errno.ENOENT: 'was the folder moved or deleted while the command ran?',
+    errno.EACCES: 'check the permissions of the folder',
+    errno.EPERM: 'check the permissions of the folder',
+    errno.ESTALE: 'the network file system dropped the file; start the command again',
+    errno.EIO: 'the storage failed to read or write; check the disk',
+}
+# TensorStore (orbax's writer) reports an OS error in its own ValueError, e.g.
+# 'RESOURCE_EXHAUSTED: Error writing ... Failed writing: "/run/checkpoints/4.orbax-
+# checkpoint-tmp/state.orbax-checkpoint-tmp/d/1f82...": Failed to write 228689 bytes to
+# file 18: No space left on device [os_error_code='28']'.
+_TENSORSTORE_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_QUOTED_PATH = re.compile(r'"(/[^"]+)"')
+# ... or only its status, as when the folder of a save in flight is deleted:
+# 'NOT_FOUND: Error opening "zarr" driver: Error writing ... at local file "/run/...": ...'
+_STATUS_ERRNO = {'NOT_FOUND': errno.ENOENT, 'PERMISSION_DENIED': errno.EACCES}
+_TENSORSTORE_STATUS = re.compile(r'(NOT_FOUND|PERMISSION_DENIED): ')
+_LOCAL_FILE = re.compile(r'local file "(/[^"]+)"')
+_ORBAX_TMP = re.compile(r'\.orbax-checkpoint-tmp.*$')
+# atomic.atomic_write's temporary name: the user knows the file by its final name.
+_ATOMIC_TMP = re.compile(r'\.tmp\d+$')
+
+
+def _errno_and_path(error: BaseException) -> Tuple[Optional[int], Optional[str]]:
+    if isinstance(error, OSError):
+        path = error.filename
+        if path is None:  # h5py's OSError carries the path in its text only
+            found = re.search(r"name = '([^']+)'", str(error))
+            path = found.group(1) if found else None
+        return error.errno, (os.fsdecode(path) if path is not None else None)
+    text = str(error)
+    found = _TENSORSTORE_CODE.search(text)
+    if found is not None:
+        paths = _QUOTED_PATH.findall(text[:found.start()])
+        return int(found.group(1)), (paths[-1] if paths else None)
+    # Without the OS's code (a file gone from under a write in flight): the status.
+    status = _TENSORSTORE_STATUS.match(text) if isinstance(error, ValueError) else None
+    local = _LOCAL_FILE.search(text)
+    if status is None or local is None:
+        return None, None
+    return _STATUS_ERRNO[status.group(1)], local.group(1)
+
+
+def environment_failure(error: BaseException) -> Optional[str]:
+    """One line for an error that is, or was raised from (`raise ... from`), an OS error
+    of ENVIRONMENT_ERRNOS, or that was raised while handling a full disk, a read-only
+    file system or an I/O error (as orbax's clean-up after a failed save is); None for
+    anything else. Only those unambiguous failures count when merely being handled: a
+    bug raised in an `except FileNotFoundError:` clause keeps its traceback. An orbax
+    checkpoint's temporary path is shortened to the checkpoint's folder."""
+    seen, pending = set(), [(error, ENVIRONMENT_ERRNOS)]
+    while pending:
+        current, accepted = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        code, path = _errno_and_path(current)
+        if code in accepted:
+            return _message(code, path)
+        pending += [(current.__cause__, accepted),
+                    (current.__context__, _WRITE_ERRNOS | {errno.EIO})]
+    return None
+
+
+def _message(code: int, path: Optional[str]) -> str:
+    reason = os.strerror(code)
+    if path is not None:
+        checkpoint = _ORBAX_TMP.sub('', path)
+        target = (f'the checkpoint {checkpoint}' if checkpoint != path
+                  else _ATOMIC_TMP.sub('', path))
+        verb = 'cannot write' if code in _WRITE_ERRNOS else 'cannot access'
+        head = f'{verb} {target}: {reason}'
+    else:
+        head = reason
+    return f'{head} ({errno.errorcode.get(code, code)}); {_ADVICE[code]}'
+
+
+class _QuietEnvironmentTracebacks(logging.Filter):
+    """Drops the traceback (keeps the message) of log records about an environment
+    failure."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and environment_failure(exc) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def quiet_environment_tracebacks(logger_name: str = 'absl'):
+    """For the body, records of `logger_name` about an environment failure keep their
+    message but lose their traceback: orbax logs (through absl's logger) every thread of
+    a failed background save with its traceback, pages of it before the command's own
+    one-line error says the same. Other records, tracebacks of bugs included, pass."""
+    logger = logging.getLogger(logger_name)
+    log_filter = _QuietEnvironmentTracebacks()
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
