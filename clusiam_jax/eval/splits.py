@@ -5,35 +5,30 @@
 Splits are by slide, never by patch: patches of one slide are correlated, and a patch
 split would let a probe learn the slide instead of the class.
 """
-import csv
-import os
 from typing import Dict, Tuple
 
 from clusiam_jax.errors import DataError
+from clusiam_jax.fileio import read_csv_rows
 
 SPLITS = ('train', 'val', 'test')
 
 
 def read_splits(path: str) -> Dict[str, Tuple[str, str]]:
-    """{slide_id: (split, label or '')}; DataError (one line) for a file that does not fit."""
-    if not os.path.isfile(path):
-        raise DataError(f'splits file not found: {path}')
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or ())]
-        missing = {'slide_id', 'split'} - set(fields)
-        if missing:
-            raise DataError(f'{path}: missing column(s) {sorted(missing)} '
-                            f'(expected slide_id,split[,label])')
-        reader.fieldnames = fields
-        out = {}
-        for line, row in enumerate(reader, start=2):
-            split = (row['split'] or '').strip().lower()
-            split = 'val' if split == 'validation' else split
-            if split not in SPLITS:
-                raise DataError(f'{path}:{line}: unknown split {row["split"]!r} for '
-                                f'{row["slide_id"]!r} (use train, val or test)')
-            out[(row['slide_id'] or '').strip()] = (split, (row.get('label') or '').strip())
+    """{slide_id: (split, label or '')}; DataError (one line) for a file that does not fit
+    (missing, not UTF-8, not CSV, missing columns, an unknown split)."""
+    fields, rows = read_csv_rows(path, 'splits file')
+    missing = {'slide_id', 'split'} - set(fields)
+    if missing:
+        raise DataError(f'{path}: missing column(s) {sorted(missing)} '
+                        f'(expected slide_id,split[,label])')
+    out = {}
+    for line, row in enumerate(rows, start=2):
+        split = (row['split'] or '').strip().lower()
+        split = 'val' if split == 'validation' else split
+        if split not in SPLITS:
+            raise DataError(f'{path}:{line}: unknown split {row["split"]!r} for '
+                            f'{row["slide_id"]!r} (use train, val or test)')
+        out[(row['slide_id'] or '').strip()] = (split, (row.get('label') or '').strip())
     if not out:
         raise DataError(f'{path} lists no slides')
     return out
