@@ -45,7 +45,7 @@ class MetricWriter:
             return
         new = not os.path.exists(self.csv_path)
         if not new and not self._header_checked:
-            self._widen_old_header()
+            self._rewrite_old_rows(int(row['epoch']))
         self._header_checked = True
         with open(self.csv_path, 'a', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
@@ -54,15 +54,20 @@ class MetricWriter:
             writer.writerow({k: row.get(k, '') for k in CSV_FIELDS})
         self._tb.flush()
 
-    def _widen_old_header(self):
-        """A run started before a column existed gets the column (empty in its old rows)
-        instead of rows longer than the header."""
+    def _rewrite_old_rows(self, epoch: int):
+        """Before this process's first row: a run started before a column existed gets
+        the column (empty in its old rows) instead of rows longer than the header, and
+        the rows of epochs from `epoch` on go. A resumed run replays the epochs after
+        its last checkpoint; their rows from before the crash (or the full disk) describe
+        states that no checkpoint kept, and the file keeps one row per epoch."""
         with open(self.csv_path, newline='') as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             header = tuple(reader.fieldnames or ())
-        if header == CSV_FIELDS:
+        kept = [r for r in rows if _epoch_of(r) < epoch]
+        if header == CSV_FIELDS and len(kept) == len(rows):
             return
+        rows = kept
         tmp = self.csv_path + '.tmp'
         with open(tmp, 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
@@ -73,6 +78,13 @@ class MetricWriter:
     def close(self):
         if self._tb is not None:
             self._tb.close()
+
+
+def _epoch_of(row) -> int:
+    try:
+        return int(row.get('epoch') or '')
+    except ValueError:  # a row damaged by hand: kept, not judged
+        return -1
 
 
 class SkippedSteps:
