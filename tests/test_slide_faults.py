@@ -126,7 +126,8 @@ class _MeanEmbedder(embed.Embedder):
 
 def test_ids_differing_in_punctuation_are_exported_to_their_own_files(tmp_path):
     rows = []
-    colours = {'x y': (200, 30, 30), 'x_y': (30, 200, 30), 'x-y': (30, 30, 200)}
+    colours = {'x y': (200, 30, 30), 'x_y': (30, 200, 30), 'x-y': (30, 30, 200),
+               'CMU 1 région 😐': (90, 90, 90)}
     for k, (slide_id, colour) in enumerate(colours.items()):
         path = tmp_path / f'p{k}.png'
         Image.fromarray(np.full((8, 8, 3), colour, np.uint8)).save(path)
@@ -145,8 +146,12 @@ def test_ids_differing_in_punctuation_are_exported_to_their_own_files(tmp_path):
     embed.export_embeddings(embedder, opened, out, options,
                             {'config': {}, 'data_path': str(tmp_path)})
     manifest = fmt.read_export_manifest(out)
-    assert len({r['file'] for r in manifest}) == 3
-    assert len(os.listdir(os.path.join(out, fmt.H5_DIR))) == 3
+    assert len({r['file'] for r in manifest}) == len(colours)
+    assert len(os.listdir(os.path.join(out, fmt.H5_DIR))) == len(colours)
+    # CLAM finds a slide's file as os.path.join(dir, 'h5_files', f'{slide_id}.h5') from
+    # the slide_id column of its CSV: the ids of the manifest, verbatim.
+    for row in manifest:
+        assert os.path.isfile(os.path.join(out, 'h5_files', '{}.h5'.format(row['slide_id'])))
     exported = fmt.read_export(out)
     for slide_id, colour in colours.items():
         np.testing.assert_allclose(exported[slide_id]['features'], [colour])
