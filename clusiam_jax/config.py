@@ -132,7 +132,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.tile.overlap = 0                # pixels (at target_mpp) shared by neighbouring patches
     c.tile.align = False              # True: patches laid on the scanner's tiles (fewer decodes)
     c.tile.min_tissue = 0.5           # fraction of a patch that must be tissue
-    c.tile.mpp = 0.0                  # force every slide's level-0 µm/px; 0: the slide's own
+    c.tile.mpp_default = 0.0          # level-0 µm/px of slides whose metadata has none; 0: none
+    c.tile.mpp_override = 0.0         # force every slide's level-0 µm/px, over its metadata (each
+                                      # slide it contradicts is logged); 0: the slide's own
+    c.tile.mpp = 0.0                  # renamed: refused when set (mpp_default / mpp_override)
     c.tile.masks = ''                 # folder of <slide_id>.geojson/.xml tissue polygons
     c.tile.num_workers = 2            # slides tiled in parallel (processes)
     c.tile.tissue_mpp = 8.0           # µm/px of the image tissue is detected on
@@ -445,8 +448,18 @@ def validate_tile(t):
                           f'({t.overlap}) cannot apply: set one of them')
     if not 0.0 <= t.min_tissue <= 1.0:
         raise ConfigError(f'tile.min_tissue must be in [0, 1]; got {t.min_tissue}')
-    if t.mpp < 0:
-        raise ConfigError(f'tile.mpp must be positive (or 0: from the slide); got {t.mpp}')
+    if t.get('mpp'):
+        raise ConfigError(f'tile.mpp is split in two: --config.tile.mpp_default={t.mpp:g} '
+                          f'sets the µm/px of the slides whose metadata has none; '
+                          f'--config.tile.mpp_override={t.mpp:g} forces it on every slide, '
+                          f'over their metadata')
+    for key in ('mpp_default', 'mpp_override'):
+        if t[key] < 0:
+            raise ConfigError(f'tile.{key} must be positive (or 0: none); got {t[key]}')
+    if t.mpp_default and t.mpp_override:
+        raise ConfigError('set one of tile.mpp_default (slides without µm/px) and '
+                          'tile.mpp_override (every slide): the override leaves the default '
+                          'nothing to fill in')
     if t.masks and not os.path.isdir(t.masks):
         raise ConfigError(f'tile.masks is not a folder: {t.masks}')
     for key in ('num_workers', 'median_blur', 'saturation_threshold', 'min_saturation',

@@ -8,8 +8,9 @@ is bounded per handle (`set_cache`), so a process holding many slides stays flat
 
 Resolution (docs/method.md §9): a slide's level-0 µm/px comes from `openslide.mpp-x/y`
 (which OpenSlide fills from the vendor's metadata or the TIFF resolution tags); with only
-an objective power it is 10 / power (logged as an estimate); with neither the slide is
-refused, never guessed.
+an objective power it is 10 / power (logged as an estimate); with neither it is the
+default the user gave for such slides (`tile.mpp_default`), else the slide is refused,
+never guessed. A value forced on every slide (`tile.mpp_override`) comes first.
 
 A patch of `patch_size` px at `target_mpp` covers `patch_size * target_mpp / level0_mpp`
 level-0 pixels. It is read from the pyramid level closest to, but not coarser than,
@@ -59,6 +60,11 @@ class SlideTooLarge(DataError):
     """A thumbnail that would decode too many pixels (thumbnail_problem)."""
 
 
+# The origin of a Resolution whose slide has no µm/px and no objective power (the case
+# tile.mpp_default fills in).
+NO_MPP_ORIGIN = 'no µm/px or objective power in the slide\'s metadata'
+
+
 @dataclasses.dataclass(frozen=True)
 class Resolution:
     """A slide's level-0 µm per pixel and where it came from (None: unknown, with why)."""
@@ -93,8 +99,11 @@ def slide_id_of(path: str) -> str:
 
 
 def level0_resolution(slide, forced: Optional[float] = None,
-                      forced_origin: str = 'tile.mpp') -> Resolution:
-    """The level-0 µm/px: `forced` when given, else the slide's metadata (see module)."""
+                      forced_origin: str = 'tile.mpp', default: Optional[float] = None,
+                      default_origin: str = 'tile.mpp_default') -> Resolution:
+    """The level-0 µm/px: `forced` when given, else the slide's metadata (see module),
+    else `default` when given (a slide whose metadata gives no µm/px nor objective power;
+    not one with non-square pixels, whose metadata says something else is wrong)."""
     if forced:
         return Resolution(float(forced), forced_origin)
     props = slide.properties
@@ -113,7 +122,9 @@ def level0_resolution(slide, forced: Optional[float] = None,
         power = math.nan
     if power > 0:
         return Resolution(10.0 / power, f'estimated as 10 / objective power {power:g}')
-    return Resolution(None, 'no µm/px or objective power in the slide\'s metadata')
+    if default:
+        return Resolution(float(default), default_origin)
+    return Resolution(None, NO_MPP_ORIGIN)
 
 
 def level_downsamples(slide, tiles=None) -> List[float]:

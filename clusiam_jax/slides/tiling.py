@@ -17,14 +17,22 @@ kept when at least `tile.min_tissue` of it is tissue (tissue.py, or the polygons
 `tile.masks`). Everything is a function of the slide and the config, so the
 coordinates are the same on every rerun.
 
+A slide's level-0 µm/px, first found first: the slide CSV's `mpp` column,
+`tile.mpp_override` (forced on every slide; a slide whose metadata it contradicts is
+logged with both values and their ratio, and says so in its row), the slide's metadata
+(reader.level0_resolution: µm/px, else 10 / objective power), `tile.mpp_default` (only
+for slides whose metadata has neither), else the slide is a `no_mpp` row.
+
 Slides are tiled by a process pool; a slide that cannot be read, has no resolution or
 no tissue, an id that is no file name (every file of a slide is named by its id, inside
-`out_dir`: slides/coords.py) or a size whose thumbnail would take minutes to decode is a
-row with its status and reason, never the end of the job. Failing to write the output
-(a full disk) is the job's error, not the slide's: the job stops, its finished slides
-kept. A rerun reuses every slide whose file carries the same `tiling_key` (config + file
-size and modification time) and redoes the others; slides.csv is read again before
-each write, so the rows of slides this job does not (yet) redo stay as they are.
+`out_dir`: slides/coords.py), an id another slide of the list has too, or a size whose
+thumbnail would take minutes to decode is a row with its status and reason, never the
+end of the job. Failing to write the output (a full disk) is the job's error, not the
+slide's: the job stops, its finished slides kept. A rerun reuses every slide whose file
+carries the same `tiling_key` (config + file size and modification time) and, when its
+µm/px came from `tile.mpp_default`, the same default; it redoes the others, with one
+line per slide saying what changed; slides.csv is read again before each write, so the
+rows of slides this job does not (yet) redo stay as they are.
 """
 import concurrent.futures
 import contextlib
@@ -57,7 +65,9 @@ SLIDES_FIELDS = ('slide_id', 'path', 'label', 'level0_mpp', 'mpp_origin', 'n_pat
                  'tissue_fraction', 'status', 'reason')
 # status values of slides.csv
 TILED, NO_TISSUE, NO_MPP, UNREADABLE = 'tiled', 'no_tissue', 'no_mpp', 'unreadable'
-BAD_ID, TOO_LARGE = 'bad_id', 'too_large'
+BAD_ID, TOO_LARGE, DUPLICATE_ID = 'bad_id', 'too_large', 'duplicate_id'
+# mpp_origin of a µm/px from the config
+OVERRIDE_ORIGIN, DEFAULT_ORIGIN = 'tile.mpp_override', 'tile.mpp_default'
 # What a full disk or quota looks like, also inside h5py's messages (no errno there).
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -98,16 +108,18 @@ class TileParams:
     patch_size: int
     overlap: int
     min_tissue: float
-    mpp: float                    # 0: from the slide
+    mpp_override: float           # forced on every slide; 0: from the slide
     masks: str                    # '' : detect tissue
     detection: tissue.TissueParams
     align: bool = False           # patches laid on the scanner's tiles (aligned_grid.py)
+    mpp_default: float = 0.0      # for slides whose metadata has no µm/px; 0: none
 
     @classmethod
     def from_config(cls, tile):
         return cls(float(tile.target_mpp), int(tile.patch_size), int(tile.overlap),
-                   float(tile.min_tissue), float(tile.mpp or 0), str(tile.masks or ''),
-                   tissue.TissueParams.from_config(tile), bool(tile.align))
+                   float(tile.min_tissue), float(tile.mpp_override or 0),
+                   str(tile.masks or ''), tissue.TissueParams.from_config(tile),
+                   bool(tile.align), float(tile.mpp_default or 0))
 
 
 # ------------------------------------------------------------------- the slide list
@@ -174,13 +186,29 @@ def list_slides(slides: str) -> List[SlideEntry]:
                             f'{slides}')
     if not entries:
         raise DataError(f'{slides} lists no slides')
-    seen: Dict[str, str] = {}
+    return entries   # slides sharing an id are rows of their own (tile_slides)
+
+
+def _duplicate_rows(entries: List[SlideEntry]) -> Dict[int, dict]:
+    """{index in entries: its row} of every slide whose id another slide has too. None
+    of them is tiled: their files would be one, and picking one would be arbitrary."""
+    paths: Dict[str, List[str]] = {}
     for e in entries:
-        if e.slide_id in seen:
-            raise DataError(f'two slides share the id {e.slide_id!r}: {seen[e.slide_id]} and '
-                            f'{e.path} (give a CSV with a slide_id column)')
-        seen[e.slide_id] = e.path
-    return entries
+        paths.setdefault(e.slide_id, []).append(e.path)
+    rows = {}
+    for i, e in enumerate(entries):
+        group = paths[e.slide_id]
+        if len(group) < 2:
+            continue
+        others = sorted(group)
+        others.remove(e.path)
+        where = ('listed again' if all(p == e.path for p in others) else
+                 f'also {", ".join(others)}')
+        rows[i] = _row(e, DUPLICATE_ID, f'{len(group)} slides have the id {e.slide_id!r} '
+                       f'({where}); none of them is tiled: give each its own id (the '
+                       f'slide_id column of a slide CSV, tile.slides=slides.csv) or remove '
+                       f'the copies')
+    return rows
 
 
 # -------------------------------------------------------------------- one slide
@@ -195,18 +223,30 @@ def _file_identity(path: Optional[str]):
         return [os.path.abspath(path), None, None]
 
 
-def tiling_key(entry: SlideEntry, params: TileParams) -> str:
-    """Config + the slide file's identity (+ its mask file's): a rerun reuses a slide's
-    coordinates only when equal."""
+def _key_inputs(entry: SlideEntry, params: TileParams) -> dict:
+    """What tiling_key hashes, as the coordinate file records it (`tiling_inputs`), so
+    a rerun can say what changed. tile.mpp_default is not part of the key (it changes
+    only the slides whose µm/px came from it: _previous); tile.mpp_override is, as `mpp`,
+    its name before it was split in two."""
     mask = None
     if params.masks:
         from clusiam_jax.slides import annotations
         mask = _file_identity(annotations.find_annotation_file(params.masks, entry.slide_id))
     settings = dataclasses.asdict(params)
+    settings['mpp'] = settings.pop('mpp_override')   # tilings made before keep their key
+    del settings['mpp_default']
     if not settings['align']:   # tilings made before the option keep their key
         del settings['align']
-    payload = json.dumps([_file_identity(entry.path), mask, entry.mpp, settings],
-                         sort_keys=True, default=str)
+    return {'file': _file_identity(entry.path), 'mask': mask, 'mpp_column': entry.mpp,
+            'settings': settings}
+
+
+def tiling_key(entry: SlideEntry, params: TileParams) -> str:
+    """Config + the slide file's identity (+ its mask file's): a rerun reuses a slide's
+    coordinates only when equal."""
+    inputs = _key_inputs(entry, params)
+    payload = json.dumps([inputs['file'], inputs['mask'], inputs['mpp_column'],
+                          inputs['settings']], sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
@@ -249,10 +289,31 @@ def _row(entry: SlideEntry, status: str, reason: str = '', mpp=None, origin='',
             'status': status, 'reason': reason}
 
 
-def _resolution(slide, entry: SlideEntry, params: TileParams) -> reader.Resolution:
+def _resolution(slide, entry: SlideEntry, params: TileParams):
+    """(the slide's level-0 reader.Resolution, a note when tile.mpp_override contradicts
+    the slide's metadata, else ''); the order is the module's."""
     if entry.mpp:
-        return reader.Resolution(entry.mpp, 'the slide list\'s mpp column')
-    return reader.level0_resolution(slide, params.mpp or None)
+        return reader.Resolution(entry.mpp, 'the slide list\'s mpp column'), ''
+    own = reader.level0_resolution(slide, default=params.mpp_default or None,
+                                   default_origin=DEFAULT_ORIGIN)
+    if not params.mpp_override:
+        return own, ''
+    forced = reader.Resolution(params.mpp_override, OVERRIDE_ORIGIN)
+    if own.mpp is None or own.origin == DEFAULT_ORIGIN or \
+            abs(forced.mpp / own.mpp - 1) < 1e-3:
+        return forced, ''
+    return forced, (f'{OVERRIDE_ORIGIN} {forced.mpp:g} replaces the slide\'s level-0 µm/px '
+                    f'{own.mpp:.4g} ({own.origin}): x{forced.mpp / own.mpp:.3g}')
+
+
+def _no_mpp_reason(res: reader.Resolution) -> str:
+    if res.origin == reader.NO_MPP_ORIGIN:
+        return (f'{res.origin}: give it with --config.tile.mpp_default=... (used only for '
+                f'slides without µm/px) or in an "mpp" column of a slide CSV '
+                f'(tile.slides=slides.csv)')
+    return (f'{res.origin}: give its µm/px in an "mpp" column of a slide CSV '
+            f'(tile.slides=slides.csv), or --config.tile.mpp_override=... when every slide '
+            f'of the list has that µm/px')
 
 
 def _qc_picture(thumb, mask_small, coords, size0, downsample, title) -> np.ndarray:
@@ -313,10 +374,9 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
 
 def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
     """`direct`: the slide's slides.tiles.TiffTiles (or None), for its hidden levels."""
-    res = _resolution(slide, entry, params)
+    res, mpp_note = _resolution(slide, entry, params)
     if res.mpp is None:
-        return _row(entry, NO_MPP, f'{res.origin}: set its µm/px with --config.tile.mpp=... '
-                    f'or an "mpp" column in a slide CSV (tile.slides=slides.csv)')
+        return _row(entry, NO_MPP, _no_mpp_reason(res))
     if res.origin.startswith('estimated'):
         log.warning('%s: level-0 µm/px %s (%s)', entry.slide_id, f'{res.mpp:.4g}', res.origin)
     width, height = slide.dimensions
@@ -337,7 +397,9 @@ def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
                         f'tile.masks {params.masks}', res.mpp, res.origin)
     else:
         mask = tissue.tissue_mask(small, res.mpp * ds, params.detection)
-    candidates, grid_attrs, note = _candidates(slide, direct, entry, params, size0, step0)
+    candidates, grid_attrs, align_note = _candidates(slide, direct, entry, params, size0,
+                                                     step0)
+    note = '; '.join(n for n in (mpp_note, align_note) if n)
     fractions = cell_fractions(mask, candidates, size0, ds)
     keep = (fractions >= params.min_tissue) & (fractions > 0)
     kept = candidates[keep]
@@ -349,6 +411,8 @@ def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
              'name': entry.slide_id, 'target_mpp': params.target_mpp,
              'level0_mpp': res.mpp, 'mpp_origin': res.origin, 'slide_path':
              os.path.abspath(entry.path), 'tiling_key': tiling_key(entry, params),
+             'tiling_inputs': json.dumps(_key_inputs(entry, params), sort_keys=True,
+                                         default=str),
              'tissue_fraction': float(mask.mean()), 'tiling_note': note, **grid_attrs}
     title = (f'{entry.slide_id}: {len(kept)} patches of {params.patch_size} px at '
              f'{params.target_mpp:g} um/px ({size0} px at level 0)')
@@ -394,21 +458,89 @@ def _supplied_mask(folder, entry, shape, downsample):
     return tissue.polygon_mask(annotations.read_annotations(path), shape, downsample)
 
 
-def _reuse(entry: SlideEntry, params: TileParams, out_dir: str) -> Optional[dict]:
-    """The row of a slide already tiled with this key (a rerun), else None."""
+@dataclasses.dataclass(frozen=True)
+class _Redo:
+    """A finished slide a rerun redoes: why, and what it had."""
+    why: str
+    mpp: str
+    origin: str
+    n_patches: int
+
+
+def _previous(entry: SlideEntry, params: TileParams, out_dir: str):
+    """(the row of a slide already tiled with these settings (a rerun), else None;
+    a _Redo when the slide has a coordinate file made with other settings, else None)."""
     path = coords_lib.trident_file(out_dir, entry.slide_id)
     if not os.path.exists(path):
-        return None
+        return None, None
     try:
         found = coords_lib.read_coords(path)
     except DataError:
-        return None
-    if found.attrs.get('tiling_key') != tiling_key(entry, params):
-        return None
-    return _row(entry, TILED, str(found.attrs.get('tiling_note', '')),
-                float(found.attrs['level0_mpp']),
-                str(found.attrs.get('mpp_origin', '')), len(found.coords),
-                found.attrs.get('tissue_fraction'))
+        return None, None
+    attrs = found.attrs
+    mpp, origin = float(attrs['level0_mpp']), str(attrs.get('mpp_origin', ''))
+    why = []
+    if attrs.get('tiling_key') != tiling_key(entry, params):
+        why = _changes(attrs, entry, params)
+    if origin == DEFAULT_ORIGIN and mpp != params.mpp_default:
+        why.append(f'its µm/px came from {DEFAULT_ORIGIN} {mpp:g}, now '
+                   + (f'{params.mpp_default:g}' if params.mpp_default else 'unset'))
+    if why:
+        return None, _Redo('; '.join(why), f'{mpp:.6g}', origin, len(found.coords))
+    return _row(entry, TILED, str(attrs.get('tiling_note', '')), mpp, origin,
+                len(found.coords), attrs.get('tissue_fraction')), None
+
+
+def _flat_settings(settings: dict) -> dict:
+    """tile.<key> -> value of _key_inputs' settings (today's key names)."""
+    flat = {'align': False}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat['mpp_override' if key == 'mpp' else key] = value
+    return flat
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f'{value:g}'
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _changes(attrs: dict, entry: SlideEntry, params: TileParams) -> List[str]:
+    """What differs between the tiling of a coordinate file (its attributes) and this
+    one, in words; a file from before `tiling_inputs` was recorded says less."""
+    new = json.loads(json.dumps(_key_inputs(entry, params), default=str))
+    try:
+        old = json.loads(attrs['tiling_inputs'])
+    except (KeyError, TypeError, ValueError):
+        old = None
+    out = []
+    if old is None:
+        for key in ('target_mpp', 'patch_size', 'overlap'):
+            before, now = attrs.get(key), getattr(params, key)
+            if before is not None and before != now:
+                out.append(f'tile.{key} {_shown(before)} -> {_shown(now)}')
+        if os.path.abspath(entry.path) != attrs.get('slide_path'):
+            out.append(f'the slide file is now {entry.path} (was {attrs.get("slide_path")})')
+        return out or ['other settings or a changed slide file (the coordinate file does '
+                       'not record which)']
+    if old.get('file') != new['file']:
+        before = (old.get('file') or [None])[0]
+        out.append('the slide file changed (size or modification time)'
+                   if before == new['file'][0] else
+                   f'the slide file is now {entry.path} (was {before})')
+    if old.get('mask') != new['mask']:
+        out.append('its tile.masks file changed')
+    if old.get('mpp_column') != new['mpp_column']:
+        out.append(f'its "mpp" column {_shown(old.get("mpp_column"))} -> '
+                   f'{_shown(new["mpp_column"])}')
+    before, now = _flat_settings(old.get('settings', {})), _flat_settings(new['settings'])
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) != now.get(key):
+            out.append(f'tile.{key} {_shown(before.get(key))} -> {_shown(now.get(key))}')
+    return out or ['the tiling key changed']
 
 
 # --------------------------------------------------------------------- the job
@@ -433,20 +565,29 @@ def _rows_on_disk(out_dir: str) -> List[dict]:
     return [{k: r.get(k) or '' for k in SLIDES_FIELDS} for r in rows]
 
 
-def _merged_rows(out_dir: str, finished: Dict[str, dict], order: List[str]) -> List[dict]:
+def _merged_rows(out_dir: str, finished: Dict[str, List[dict]],
+                 order: List[str]) -> List[dict]:
     """slides.csv to write: the rows on disk, read again now, with this job's finished
     rows in place of theirs and new slides after them. Rows of slides this job has not
     finished (yet) are kept: their coordinate files are still there and trained on, and
-    another job tiling into the folder may have written them since this one started."""
-    rows, seen = [], set()
+    another job tiling into the folder may have written them since this one started.
+    `finished`: slide id -> its rows (several for slides sharing an id, all
+    `duplicate_id`); on disk, an id has one row, or several `duplicate_id` ones."""
+    rows, seen, on_disk = [], set(), {}
     for row in _rows_on_disk(out_dir):
-        if row['slide_id'] not in seen:
-            seen.add(row['slide_id'])
-            rows.append(finished.get(row['slide_id'], row))
-    return rows + [finished[s] for s in order if s in finished and s not in seen]
+        on_disk.setdefault(row['slide_id'], []).append(row)
+    for slide_id, found in on_disk.items():
+        seen.add(slide_id)
+        if slide_id in finished:
+            rows.extend(finished[slide_id])
+        elif all(r['status'] == DUPLICATE_ID for r in found):
+            rows.extend({r['path']: r for r in found}.values())
+        else:
+            rows.append(found[0])
+    return rows + [r for s in order if s in finished and s not in seen for r in finished[s]]
 
 
-def _write_slides_csv(out_dir: str, finished: Dict[str, dict], order: List[str]):
+def _write_slides_csv(out_dir: str, finished: Dict[str, List[dict]], order: List[str]):
     path = os.path.join(out_dir, SLIDES_CSV)
     rows = _merged_rows(out_dir, finished, order)
     with _writing(path), atomic_write(path) as tmp, \
@@ -474,30 +615,51 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
     written (the job stops, the slides finished so far are kept)."""
     with _writing(out_dir):
         os.makedirs(os.path.join(out_dir, coords_lib.PATCHES_DIR), exist_ok=True)
-    order = [e.slide_id for e in entries]
+    order = list(dict.fromkeys(e.slide_id for e in entries))   # slides sharing an id: one
     kept = {r['slide_id'] for r in _rows_on_disk(out_dir)} - set(order)
     if kept:
         log.info('tile: %d slides of an earlier run into %s are kept in its slides.csv',
                  len(kept), out_dir)
-    rows: Dict[str, dict] = {}
-    todo = []
-    for entry in entries:
-        row = _bad_id_row(entry) or _reuse(entry, params, out_dir)
-        if row is None:
-            todo.append(entry)
-        else:
-            rows[entry.slide_id] = row
-    n_reused = sum(r['status'] == TILED for r in rows.values())
-    if n_reused:
+    if params.mpp_override:
+        log.info('tile: %s forces level-0 µm/px %g on every slide (but those a slide CSV\'s '
+                 '"mpp" column gives); each slide whose metadata says otherwise is logged',
+                 OVERRIDE_ORIGIN, params.mpp_override)
+    rows: Dict[str, List[dict]] = {}   # slide id -> its row (rows, for an id shared)
+    todo, redo = [], {}
+    duplicates = _duplicate_rows(entries)
+    for i, entry in enumerate(entries):
+        row = _bad_id_row(entry) or duplicates.get(i)
+        if row is not None:
+            log.warning('tile: %s %s: %s', entry.path if i in duplicates else entry.slide_id,
+                        row['status'], row['reason'])
+            if row['status'] == DUPLICATE_ID and entry.slide_id not in rows:
+                _clear_stale(out_dir, entry)   # which slide it was is no longer known
+            rows.setdefault(entry.slide_id, []).append(row)
+            continue
+        row, previous = _previous(entry, params, out_dir)
+        if row is not None:
+            rows[entry.slide_id] = [row]
+            continue
+        todo.append(entry)
+        if previous is not None:
+            redo[entry.slide_id] = previous
+            log.info('tile: redoing %s (tiled before at level-0 µm/px %s, %s; %d patches): '
+                     '%s', entry.slide_id, previous.mpp, previous.origin or 'origin unknown',
+                     previous.n_patches, previous.why)
+    reused = [r for group in rows.values() for r in group if r['status'] == TILED]
+    if reused:
         log.info('tile: %d of %d slides already tiled with these settings; reusing them',
-                 n_reused, len(entries))
-    for entry in entries:
-        if rows.get(entry.slide_id, {}).get('status') == BAD_ID:
-            log.warning('tile: %s %s: %s', entry.slide_id, BAD_ID,
-                        rows[entry.slide_id]['reason'])
+                 len(reused), len(entries))
+    overridden = sum(r['reason'].startswith(OVERRIDE_ORIGIN) for r in reused)
+    if overridden:
+        log.warning('tile: %d of the reused slides have the µm/px of their metadata replaced '
+                    'by %s (their reason in %s)', overridden, OVERRIDE_ORIGIN, SLIDES_CSV)
+    if redo:
+        log.info('tile: %d slides tiled before with other settings or files are redone',
+                 len(redo))
 
-    bar = tqdm.tqdm(total=len(entries), initial=len(rows), unit='slide', desc='tile',
-                    dynamic_ncols=True)
+    bar = tqdm.tqdm(total=len(entries), initial=sum(len(g) for g in rows.values()),
+                    unit='slide', desc='tile', dynamic_ncols=True)
     last_write = 0.0
 
     def done(entry, row):
@@ -505,7 +667,15 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
         if row['status'] != TILED:
             _clear_stale(out_dir, entry)
             log.warning('tile: %s %s: %s', entry.slide_id, row['status'], row['reason'])
-        rows[entry.slide_id] = row
+        elif row['reason'].startswith(OVERRIDE_ORIGIN):
+            log.warning('tile: %s: %s', entry.slide_id, row['reason'])
+        before = redo.get(entry.slide_id)
+        if before is not None and row['level0_mpp'] and row['level0_mpp'] != before.mpp:
+            log.info('tile: %s redone at level-0 µm/px %s (%s), was %s (%s): %s patches, '
+                     'were %d', entry.slide_id, row['level0_mpp'], row['mpp_origin'],
+                     before.mpp, before.origin or 'origin unknown', row['n_patches'],
+                     before.n_patches)
+        rows[entry.slide_id] = [row]
         bar.update(1)
         if time.monotonic() - last_write > 2.0:
             _write_slides_csv(out_dir, rows, order)
@@ -516,16 +686,18 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
             ctx = multiprocessing.get_context('spawn')
             with concurrent.futures.ProcessPoolExecutor(
                     min(num_workers, len(todo)), mp_context=ctx,
-                    initializer=interrupts.ignore_in_worker) as pool:
+                    initializer=interrupts.worker_initializer()) as pool:
                 futures = {pool.submit(tile_slide, e, params, out_dir): e for e in todo}
                 try:
                     for fut in concurrent.futures.as_completed(futures):
+                        interrupts.check()
                         done(futures[fut], fut.result())
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
         else:
             for entry in todo:
+                interrupts.check()
                 done(entry, tile_slide(entry, params, out_dir))
     except BaseException:
         bar.close()
@@ -536,7 +708,7 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
         raise
     bar.close()
     _write_slides_csv(out_dir, rows, order)
-    final = [rows[s] for s in order]
+    final = [r for s in order for r in rows[s]]
     n_ok = sum(r['status'] == TILED for r in final)
     n_patches = sum(int(r['n_patches']) for r in final if r['status'] == TILED)
     log.info('tile: %d of %d slides tiled, %d patches -> %s (%s)', n_ok, len(final),
