@@ -135,6 +135,10 @@ def train(config, workdir: str, loader=None, mesh=None, read_init=None):
                                               process_count=jax.process_count(),
                                               recorded=recorded)
     interrupts.check()
+    # Seconds to minutes on a CPU with nothing else said: say what is happening.
+    log.info('building %s (%s, %d clusters) and its initial state on %d devices',
+             config.model.name, config.model.backbone, config.model.num_clusters,
+             mesh.devices.size)
     trainer = build_trainer(config, mesh, loader.steps_per_epoch, loader.mean, loader.std)
     run = _Run(config, workdir, trainer, loader.steps_per_epoch, read_init)
     run.monitor = _build_monitor(config, loader, trainer)
