@@ -15,8 +15,16 @@ inference outputs identical.
 
 The file is what its name says: `.safetensors` (written with NumPy, no torch; metadata
 in its header) or `.pth` / `.pt` (torch.save of the state_dict, needs torch; metadata in
-`<file>.json` beside it). Any other name is refused.
+`<file>.json` beside it). Any other name is refused, and so is a place that cannot be
+written (checked before the run is read; a write that fails is one ConversionError line).
+
+The metadata says how to feed the weights as the export fed them (`training_field_of_view`,
+PATCH_READ, RESIZE): the µm/px and patch size of the tiling the run trained on, how a
+patch is read and how it is resized to `image_size`, and the normalization. README.md
+(PyTorch interoperability) has these steps as code, which tests/test_torch_preprocessing.py
+runs against an export.
 """
+import io
 import json
 import os
 from typing import Dict, Optional
@@ -24,11 +32,24 @@ from typing import Dict, Optional
 import numpy as np
 
 from clusiam_jax import run_dir
-from clusiam_jax.errors import ConversionError
+from clusiam_jax.atomic import atomic_write
+from clusiam_jax.errors import ConversionError, DataError
 from clusiam_jax.interop import layout
 
 SAFETENSORS = ('.safetensors',)
 TORCH_PICKLE = ('.pth', '.pt')
+
+# How the export turns a slide region into the network's input (slides/reader.read_patch,
+# then export/embed.py's _load_patch -> data/augment.resized_crop, then
+# models/preprocess.normalize_input); written into the metadata.
+PATCH_READ = ('slides: the level-0 square of patch_size_level0 px (the tiling\'s coords '
+              'attribute, round(patch_size_px * target_mpp / level-0 µm/px)) read from the '
+              'coarsest pyramid level not coarser than target_mpp (1% tolerance), transparent '
+              'pixels over white, resized to patch_size_px with OpenCV INTER_AREA (INTER_LINEAR '
+              'if enlarged)')
+RESIZE = ('the whole patch (no crop) resized to image_size x image_size: PIL bilinear '
+          '(antialiased) when it is larger, OpenCV INTER_LINEAR when it is not; then /255 and '
+          '(x - mean) / std per channel')
 
 
 def _num_batches(step) -> np.ndarray:
@@ -77,17 +98,9 @@ def network_state_dict(params, batch_stats, target_params=None, target_stats=Non
     return out
 
 
-def _readable_by_all(path):
-    """The mode a plain `open` gives (0666 less the umask): safetensors writes 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
-                    metadata: Optional[Dict[str, str]] = None):
-    """Writes `path` in the format its extension names (module docstring), atomically
-    (temporary name, then rename)."""
+def check_destination(path: str):
+    """ConversionError (one line) unless `path` is a file this format can be written to:
+    a .safetensors / .pth / .pt name, not a folder, in an existing folder."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in SAFETENSORS + TORCH_PICKLE:
         raise ConversionError(f'{path}: name the file .safetensors (no torch needed) or '
@@ -95,36 +108,132 @@ def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
     if os.path.isdir(path):
         raise ConversionError(f'{path} is a folder: give the file to write, e.g. '
                               f'{os.path.join(path, "encoder.safetensors")}')
-    tmp = f'{path}.tmp{os.getpid()}'
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        above = folder
+        while not os.path.exists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        why = (f'{above} is a file, not a folder' if os.path.isfile(above)
+               else f'the folder {folder} does not exist (create it first)')
+        raise ConversionError(f'{path}: cannot write it: {why}')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConversionError(f'{path}: cannot write it: no permission to write in {folder}')
+
+
+def _serialized(state_dict: Dict[str, np.ndarray], ext: str,
+                metadata: Dict[str, str]) -> bytes:
+    """The file's bytes: made in memory, so that only plain writes touch the disk."""
+    if ext in SAFETENSORS:
+        from safetensors.numpy import save
+        # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
+        return save(state_dict, metadata={'format': 'pt', **metadata})
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if ext in SAFETENSORS:
-            from safetensors.numpy import save_file
-            # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
-            save_file(state_dict, tmp, metadata={'format': 'pt', **(metadata or {})})
-        else:
-            try:
-                import torch
-            except ImportError:
-                raise ConversionError(f'writing {path} needs torch (pip install -r '
-                                      f'requirements-torch.txt); a .safetensors file does '
-                                      f'not') from None
-            torch.save({k: torch.from_numpy(np.array(v))  # a writable copy
-                        for k, v in state_dict.items()}, tmp)
-            run_dir.write_text_atomically(path + '.json', json.dumps(metadata or {}, indent=2))
-        _readable_by_all(tmp)
-        os.replace(tmp, path)
+        import torch
+    except ImportError:
+        raise ConversionError('writing a .pth / .pt file needs torch (pip install -r '
+                              'requirements-torch.txt); a .safetensors file does not') from None
+    buffer = io.BytesIO()
+    torch.save({k: torch.from_numpy(np.array(v))  # a writable copy
+                for k, v in state_dict.items()}, buffer)
+    return buffer.getvalue()
+
+
+def _write_bytes(path: str, data: bytes):
+    """Atomically (temporary name, then rename); the mode a plain `open` gives."""
+    with atomic_write(path) as tmp:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+
+
+def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
+                    metadata: Optional[Dict[str, str]] = None):
+    """Writes `path` in the format its extension names (module docstring), atomically;
+    ConversionError (one line naming the path and why) when it cannot."""
+    check_destination(path)
+    ext = os.path.splitext(path)[1].lower()
+    data = _serialized(state_dict, ext, metadata or {})
+    try:
+        if ext in TORCH_PICKLE:
+            _write_bytes(path + '.json', json.dumps(metadata or {}, indent=2).encode())
+        _write_bytes(path, data)
     except OSError as e:
-        raise ConversionError(f'{path}: cannot write it ({e.strerror})') from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        raise ConversionError(f'{path}: cannot write it ({e.strerror or e})') from None
+
+
+def _unknown_field(why: str) -> Dict[str, str]:
+    return {'target_mpp': 'null', 'patch_size_px': 'null', 'field_of_view_um': 'null',
+            'resolution_source': why}
+
+
+def _coords_resolution(coord_file: str):
+    """(target_mpp or None, patch size in px or None, target_magnification or None) of a
+    coordinate file's attributes (TRIDENT's schema, ours with target_mpp; CLAM's patch
+    size is at its patch_level, no µm/px); None when the file does not read."""
+    import h5py
+    try:
+        with h5py.File(coord_file, 'r') as f:
+            attrs = dict(f['coords'].attrs)
+    except (OSError, KeyError):
+        return None
+
+    def number(key):
+        value = attrs.get(key)
+        return None if value is None else float(np.asarray(value).ravel()[0])
+    size = number('patch_size')
+    if size is not None and 'patch_size_level0' not in attrs:   # CLAM
+        size = size // max(1.0, number('custom_downsample') or 1.0)
+    return (number('target_mpp'), None if size is None else int(size),
+            number('target_magnification'))
+
+
+def training_field_of_view(config) -> Dict[str, str]:
+    """What the run's training data (config.data.path) says about the patches the encoder
+    saw, as metadata strings: `target_mpp` (µm/px), `patch_size_px` (px at that
+    resolution), `field_of_view_um` (their product), each JSON (`null` when unknown), and
+    `resolution_source`: where they come from, or why they are unknown. Only a tiling
+    (coordinate files) records a resolution; image files have none."""
+    path = str(config.data.path or '')
+    if not path:
+        return _unknown_field('the run records no data.path (an imported checkpoint?): '
+                              'the µm/px it trained at is unknown')
+    if not os.path.exists(path):
+        return _unknown_field(f'data.path {path} is not found here: the µm/px it trained at '
+                              f'is unknown (convert where the tiling is to record it)')
+    from clusiam_jax.data import slide_source
+    if not slide_source.is_slide_source(path):
+        return _unknown_field(f'trained on image files ({path}), which record no µm/px: '
+                              f'feed patches at the resolution and size of those files')
+    from clusiam_jax.slides import coords as coords_lib
+    inner = os.path.join(path, coords_lib.PATCHES_DIR)
+    folder = inner if os.path.isdir(inner) else path
+    try:
+        files = coords_lib.list_coord_files(folder).values()
+    except (DataError, OSError) as e:   # the weights are still worth writing
+        return _unknown_field(f'the coordinate files of {path} do not read ({e})')
+    found = [r for r in map(_coords_resolution, files) if r is not None]
+    kinds = sorted(set(found), key=str)
+    where = f'the coordinate files of {os.path.abspath(path)}'
+    if len(kinds) != 1:
+        listed = ', '.join(f'{m} µm/px at {s} px' for m, s, _ in kinds[:4]) or 'none readable'
+        return _unknown_field(f'{where} disagree or say nothing ({listed})')
+    mpp, size, magnification = kinds[0]
+    out = _unknown_field(f'{where} ({len(found)} slide{"" if len(found) == 1 else "s"})')
+    out['patch_size_px'] = json.dumps(size)
+    if mpp is None:
+        said = f' (target_magnification {magnification:g}x)' if magnification else ''
+        out['resolution_source'] += f': they record no target_mpp{said}'
+        return out
+    out['target_mpp'] = json.dumps(mpp)
+    if size is not None:
+        out['field_of_view_um'] = json.dumps(round(mpp * size, 6))
+    return out
 
 
 def write_torch_weights(workdir: str, out: str, with_projector: bool = False,
                         target: bool = False, step=None) -> Dict[str, str]:
     """Writes a run's encoder (online or EMA target) to `out`; returns the metadata.
     `step`: a step, 'latest' (None) or 'best'."""
+    check_destination(out)   # before the run is read
     run = run_dir.load_run(workdir, step)
     config, weights = run.config, run.weights
     if target:
@@ -146,6 +255,8 @@ def write_torch_weights(workdir: str, out: str, with_projector: bool = False,
                 'network': 'ema target' if target else 'online',
                 'step': str(run.step), 'feat_size': str(config.model.feat_size),
                 'image_size': str(config.data.image_size),
+                **training_field_of_view(config),
+                'patch_read': PATCH_READ, 'resize': RESIZE,
                 'source': run.workdir,
                 'normalization': json.dumps(
                     normalization.to_json() if normalization is not None else
