@@ -6,7 +6,7 @@ r"""The one entry point: python launch.py --help lists the modes (clusiam_jax/cl
 """
 import sys
 
-from clusiam_jax.cli import main
+from clusiam_jax.cli import console
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(console())

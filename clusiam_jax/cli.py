@@ -14,7 +14,11 @@ r"""The command line: every action of the project behind one entry point.
 flags. The console script `clusiam` (installed with the package) is the same command.
 Conventions: long flags (`--flag VALUE` or `--flag=VALUE`), config keys as
 `--config.section.key=VALUE`; a flag or config key that the action does not use is an
-error, never silently dropped. Bad input ends in one `error:` line and exit status 2.
+error, never silently dropped. Bad input ends in one `error:` line and exit status 2; a
+disk or folder that fails under a command (full, read-only, deleted while it runs) in one
+`error:` line naming the file and exit status 1. One command at a time per work
+directory, tiling output and export folder: a second one is refused (exit 2) with the
+first one's pid, host, start time and command line (clusiam_jax/workdir_lock.py).
 A training run stopped by SIGTERM exits 0 (a scheduler's notice: the run is resumable,
 with a checkpoint when training had started); by Ctrl-C, 130. Other actions stopped by a
 signal exit 128 + the signal number, as a killed command does.
@@ -47,6 +51,9 @@ MODES = {
 }
 EVAL_TASKS = ('knn', 'linear', 'dsmil', 'abmil', 'clusters', 'meanpool', 'maps')
 EXIT_BAD_INPUT = 2
+# The disk or a folder failed under the command (full, read-only, deleted): not the
+# command's input, so not 2; starting it again once that is fixed resumes the work.
+EXIT_ENVIRONMENT = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,12 +73,19 @@ def load_config_file(path: str):
         spec = importlib.util.spec_from_file_location('_clusiam_recipe', path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.get_config()
+        config = module.get_config()
     except errors.ClusiamError:
         raise
     except Exception as e:  # any failure to load the recipe ends the command
         raise errors.ConfigError(f'cannot load --config {path}: {type(e).__name__}: '
                                  + ' '.join(str(e).split())) from None
+    import ml_collections
+    if not isinstance(config, ml_collections.ConfigDict):
+        # A recipe that forgot its `return config` would fail later, far from its cause.
+        raise errors.ConfigError(f'--config {path}: get_config() returned '
+                                 f'{type(config).__name__}, not a ConfigDict (does it end '
+                                 f'with `return config`?)')
+    return config
 
 
 def split_overrides(argv):
@@ -232,22 +246,45 @@ def run_train(args, config, overrides):
         from clusiam_jax.parallel import initialize_distributed
         initialize_distributed()
     import jax
-    if jax.process_index() == 0:
-        log_to_workdir(args.workdir, args.argv)
-    from clusiam_jax.interop.init_from import read_weights
-    from clusiam_jax.train.loop import train
-    train(config, args.workdir, read_init=read_weights)
-    stopped_by = interrupts.received()
-    if stopped_by is not None:  # the loop saved a checkpoint and said so
-        return 0 if stopped_by == signal.SIGTERM else 128 + stopped_by
-    if config.export.after_training and jax.process_index() == 0:
-        export_with(args.workdir, config.export, None)
+
+    from clusiam_jax import fileio, workdir_lock
+    main_process = jax.process_index() == 0
+    # One run per work directory (process 0 holds it for the run's processes), export
+    # after training included; before log.txt, which a refused start must not touch.
+    with workdir_lock.hold(args.workdir, '--workdir', args.argv, enabled=main_process), \
+            fileio.quiet_environment_tracebacks():
+        if main_process:
+            log_to_workdir(args.workdir, args.argv)
+        from clusiam_jax.interop.init_from import read_weights
+        from clusiam_jax.train.loop import train
+        train(config, args.workdir, read_init=read_weights)
+        stopped_by = interrupts.received()
+        if stopped_by is not None:  # the loop saved a checkpoint and said so
+            return 0 if stopped_by == signal.SIGTERM else 128 + stopped_by
+        if config.export.after_training and main_process:
+            export_with(args.workdir, config.export, None, argv=args.argv)
     return 0
 
 
-def export_with(workdir, exp, normalization, step=None):
+def export_with(workdir, exp, normalization, step=None, argv=None):
     """Export (and draw the cluster maps when asked): the export action, also after
-    training with export.after_training."""
+    training with export.after_training. Holds the export folder's lock throughout."""
+    with _export_folder_lock(workdir, exp, argv):
+        return _export_locked(workdir, exp, normalization, step)
+
+
+def _export_folder_lock(workdir, exp, argv):
+    """The lock of the folder an export writes (export.out_dir, else <workdir>/export:
+    prepare_export's choice), created if needed: one export per folder."""
+    from clusiam_jax import workdir_lock
+    from clusiam_jax.export.run import DEFAULT_DIR
+    out_dir = exp.out_dir or os.path.join(workdir, DEFAULT_DIR)
+    created = not os.path.isdir(out_dir)
+    writable_folder(out_dir, '--config.export.out_dir')
+    return workdir_lock.hold(out_dir, '--config.export.out_dir', argv, created=created)
+
+
+def _export_locked(workdir, exp, normalization, step):
     from clusiam_jax.eval.cluster_map import (
         check_thumbnail,
         draw_export_maps,
@@ -269,6 +306,9 @@ def export_with(workdir, exp, normalization, step=None):
                                     alpha=exp.map_alpha, annotations=exp.annotations or None)
             if maps:
                 log.info('cluster maps: %s', ', '.join(maps))
+        if exp.get('atlas'):   # atlas/index.html: each cluster's most typical patches
+            from clusiam_jax.eval.atlas import write_atlas
+            write_atlas(job.out_dir)
     except errors.ClusiamError as e:
         raise type(e)(f'{e}; the embeddings are exported in {job.out_dir} (a rerun '
                       f'skips finished slides)') from None
@@ -296,13 +336,15 @@ def run_export(args, config, overrides):
                                      '--config.data.std=(R,G,B) together')
         normalization = run_dir.Normalization(tuple(config.data.mean), tuple(config.data.std),
                                               'given on the command line')
-    log_to_workdir(args.workdir, args.argv)
-    if args.config:
-        log.info('export: the export section of %s; the model, image size and data are '
-                 "the run's (config.json)", args.config)
     if args.step is not None and 'export.checkpoint' in given:
         raise errors.ConfigError('give --step or --config.export.checkpoint, not both')
-    export_with(args.workdir, config.export, normalization, args.step)
+    # Before the run's log.txt, which a refused export must not write to.
+    with _export_folder_lock(args.workdir, config.export, args.argv):
+        log_to_workdir(args.workdir, args.argv)
+        if args.config:
+            log.info('export: the export section of %s; the model, image size and data '
+                     "are the run's (config.json)", args.config)
+        export_with(args.workdir, config.export, normalization, args.step, argv=args.argv)
     return 0
 
 
@@ -312,12 +354,14 @@ def run_tile(args, config, overrides):
                   'tiling takes --config.tile.* only')
     validate_tile(config.tile)
     writable_folder(config.tile.out_dir, '--config.tile.out_dir')
-    log_to_workdir(config.tile.out_dir, args.argv)
+    from clusiam_jax import workdir_lock
     from clusiam_jax.slides import tiling
-    entries = tiling.list_slides(config.tile.slides)
-    params = tiling.TileParams.from_config(config.tile)
-    rows = tiling.tile_slides(entries, params, config.tile.out_dir,
-                              num_workers=int(config.tile.num_workers))
+    with workdir_lock.hold(config.tile.out_dir, '--config.tile.out_dir', args.argv):
+        log_to_workdir(config.tile.out_dir, args.argv)
+        entries = tiling.list_slides(config.tile.slides)
+        params = tiling.TileParams.from_config(config.tile)
+        rows = tiling.tile_slides(entries, params, config.tile.out_dir,
+                                  num_workers=int(config.tile.num_workers))
     n_ok = sum(r['status'] == tiling.TILED for r in rows)
     print(f'{n_ok} of {len(rows)} slides tiled into {config.tile.out_dir}; train on them '
           f'with --config.data.path={config.tile.out_dir}')
@@ -535,6 +579,30 @@ def parse(argv):
     return mode, args, config, overrides
 
 
+def _mode_of(argv):
+    """The --mode of `argv` as far as it can be told before parsing (train by default)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith('--mode='):
+            return arg.split('=', 1)[1]
+        if arg == '--mode' and i + 1 < len(argv):
+            return argv[i + 1]
+    return 'train'
+
+
+def stop_status(mode, signum) -> int:
+    """The exit status of a command stopped by `signum` (see the module docstring)."""
+    return 0 if mode == 'train' and signum == signal.SIGTERM else 128 + signum
+
+
+def console() -> int:
+    """launch.py and the `clusiam` script: `main`, then, after a signal, an exit that
+    does not tear down native threads mid-flight (interrupts.exit_now)."""
+    status = main()
+    if interrupts.received() is not None:
+        interrupts.exit_now(status)
+    return status
+
+
 def _log_error_to_files(message):
     """The `error:` line also in the run's log.txt, so an unattended run says why it
     ended (the console already printed it)."""
@@ -545,37 +613,41 @@ def _log_error_to_files(message):
 
 
 def main(argv=None) -> int:
-    """Runs one action; returns the exit status (0; 2 for bad input; after a signal see
-    the module docstring)."""
+    """Runs one action; returns the exit status (0; 2 for bad input; 1 for a disk or
+    folder that failed under it; after a signal see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     root = logging.getLogger()
     root_state = (root.level, list(root.handlers))
     setup_logging()
-    previous = {}
-    mode = None
+    mode = _mode_of(argv)
+    # First of all: parsing loads the recipe (and JAX with it), seconds in which a signal
+    # must already be recorded rather than kill the command with no word.
+    previous = interrupts.install(status=lambda signum: stop_status(mode, signum))
     try:
         mode, args, config, overrides = parse(argv)
-        # Several processes leave SIGTERM to JAX's preemption service, which turns it into
-        # a step all processes agree on.
-        sigterm = not (mode == 'train' and is_distributed(config))
-        previous = interrupts.install(interrupts.SIGNALS if sigterm else (signal.SIGINT,))
+        if mode == 'train' and is_distributed(config) and signal.SIGTERM in previous:
+            # Several processes leave SIGTERM to JAX's preemption service, which turns it
+            # into a step all processes agree on.
+            signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
+        interrupts.check()
         return ACTIONS[mode](args, config, overrides)
     except interrupts.Interrupted as e:
-        if e.forced:
-            print(f'stopped by {e.name} again, without a checkpoint of the step in flight; '
-                  f'the last checkpoint stands', file=sys.stderr)
-        else:
-            print(f'stopped by {e.name}; start the same command again to continue (what '
-                  f'was finished is kept)', file=sys.stderr)
-        clean = mode == 'train' and e.name == 'SIGTERM' and not e.forced
-        return 0 if clean else 128 + e.signum
+        print(interrupts.stop_message(e.name), file=sys.stderr)
+        return stop_status(mode, e.signum)
     except KeyboardInterrupt:
         print('stopped by Ctrl-C', file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as e:  # bad input anywhere below: one line
         found = errors.find_clusiam_error(e)
         if found is None:
-            raise
+            # A full disk, a folder gone read-only or deleted mid-run: one line as well.
+            from clusiam_jax.fileio import environment_failure
+            failure = environment_failure(e)
+            if failure is None:
+                raise
+            print(f'error: {failure}', file=sys.stderr)
+            _log_error_to_files(f'error: {failure}')
+            return EXIT_ENVIRONMENT
         print(f'error: {found}', file=sys.stderr)
         _log_error_to_files(f'error: {found}')
         return EXIT_BAD_INPUT
