@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clusiam_jax.eval import tasks
 from clusiam_jax.eval.dsmil import (
+    ACCURACIES,
     DSMIL,
     DSMILConfig,
     bag_accuracy,
@@ -147,7 +149,9 @@ def test_learns_bag_labels_decided_by_few_instances():
     train, val, test = (_synthetic_bags(rng, n) for n in (60, 30, 40))
     result = train_dsmil(train, val, test, num_classes=2, config=FAST, seed=0)
     assert result["test"]["auc"][1] > 0.9
-    assert result["test"]["accuracy"] > 0.8
+    assert result["test"]["accuracy_val_thresholds"] > 0.8
+    assert result["test"]["accuracy_argmax"] > 0.8
+    assert "accuracy" not in result["test"] and "accuracy" not in result["val"]
     # The thresholds are Youden's on the validation scores of the kept model.
     assert 1 <= result["best_epoch"] <= FAST.epochs
     apply = jax.jit(DSMIL(num_classes=2).apply)
@@ -174,7 +178,7 @@ def test_bag_accuracy_needs_the_whole_one_hot_vector():
     assert bag_accuracy([0, 0, 1, 1], scores, [0.5, 0.5]) == 0.5
 
 
-def test_run_dsmil_reads_split_csv_and_h5(tmp_path):
+def test_run_dsmil_reads_split_csv_and_h5(tmp_path, caplog):
     rng = np.random.default_rng(2)
     rows = []
     for split, n in (("train", 20), ("validation", 10), ("test", 10)):
@@ -198,3 +202,38 @@ def test_run_dsmil_reads_split_csv_and_h5(tmp_path):
     assert len(values) == 2
     assert summary["auc"][1]["mean"] == pytest.approx(np.mean(values))
     assert summary["auc"][1]["std"] == pytest.approx(np.std(values))
+
+    # The two accuracies, named for what they are; neither is a bare "accuracy".
+    assert "accuracy" not in summary
+    assert set(out["accuracies"]) == {"accuracy_argmax", "accuracy_val_thresholds"}
+    assert out["accuracies"] == ACCURACIES
+    assert "report this one" in ACCURACIES["accuracy_argmax"]
+    assert "validation" in ACCURACIES["accuracy_val_thresholds"]
+    labels = np.array([["normal", "tumor"].index(r["label"]) for r in rows
+                       if r["split"] == "test"])
+    for run in out["runs"]:
+        scores = np.array(run["test_scores"])
+        assert run["test"]["accuracy_argmax"] == np.mean(scores.argmax(1) == labels)
+        decisions = scores >= np.array(run["thresholds"])
+        assert run["test"]["accuracy_val_thresholds"] == np.mean(
+            (decisions == np.eye(2, dtype=bool)[labels]).all(1))
+
+    # Test-set size, intervals of the seed means, and the caution (10 test slides).
+    assert out["n_test_slides"] == 10
+    assert out["n_test_per_class"] == {"normal": 5, "tumor": 5}
+    assert out["caution"].startswith("10 test slides: scores are not measurable")
+    intervals = out["confidence_intervals"]
+    assert set(intervals) == {"accuracy_argmax", "accuracy_val_thresholds", "mean_auc",
+                              "auc_normal", "auc_tumor"}
+    for name, ci in intervals.items():
+        mean = (summary["auc"][("normal", "tumor").index(name[4:])]["mean"]
+                if name.startswith("auc_") else summary[name]["mean"])
+        assert ci["estimate"] == pytest.approx(mean, abs=1e-12)
+        assert ci["low"] <= ci["estimate"] <= ci["high"]
+    caplog.set_level("INFO", logger="clusiam_jax")
+    tasks.log_slide_result({"task": "dsmil", **out})
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("dsmil: 10 test slides (5 normal, 5 tumor): accuracy_argmax ")
+               for m in messages), messages
+    assert any(r.levelname == "WARNING" and "10 test slides" in r.getMessage()
+               for r in caplog.records)

@@ -12,6 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 from clusiam_jax import cli
 from clusiam_jax.errors import DataError
 from clusiam_jax.eval import slide_models as sm
+from clusiam_jax.eval import tasks
 from clusiam_jax.eval.dsmil import pad_bag
 from clusiam_jax.export import format as fmt
 
@@ -185,6 +186,14 @@ def test_abmil_recovers_planted_signal_attends_to_it_and_is_deterministic(data):
     values = summary['auc']['values']
     assert values == [r['test']['auc'] for r in out['runs']]
     assert summary['auc']['std'] == pytest.approx(np.std(values))
+    # Intervals over test slides of the seed mean: the estimate is the summary's mean.
+    assert out['n_test_slides'] == 40 and out['caution'] is None
+    assert out['n_test_per_class'] == {'normal': 20, 'tumour': 20}
+    assert 'seed mean' in out['bootstrap']
+    for name in ('accuracy', 'balanced_accuracy', 'auc'):
+        ci = out['confidence_intervals'][name]
+        assert ci['estimate'] == pytest.approx(summary[name]['mean'], abs=1e-12)
+        assert ci['low'] <= ci['estimate'] <= ci['high'] and ci['n_resamples'] == 1000
 
     bags, splits, _ = _bags(data)
     first = sm.train_abmil(bags['train'], bags['val'], bags['test'], 2, FAST, seed=0)
@@ -251,6 +260,58 @@ def test_logistic_tasks_are_near_chance_on_shuffled_labels(data):
         aucs = [run(_shuffled_splits(data, seed), data['export'])['test']['auc']
                 for seed in range(5)]
         assert abs(np.mean(aucs) - 0.5) < 0.2, (run.__name__, aucs)
+
+
+def _interval_width(result, name):
+    ci = result['confidence_intervals'][name]
+    return ci['high'] - ci['low']
+
+
+def test_slide_results_give_test_size_intervals_and_caution(data, caplog):
+    full = sm.run_meanpool(data['splits'], data['export'])
+    assert (full['n_test_slides'], full['caution']) == (40, None)
+    assert full['n_test_per_class'] == {'normal': 20, 'tumour': 20}
+    assert set(full['confidence_intervals']) == {'accuracy', 'balanced_accuracy', 'auc'}
+    for name, ci in full['confidence_intervals'].items():
+        assert ci['estimate'] == full['test'][name]
+        assert ci['low'] <= ci['estimate'] <= ci['high']
+    assert full['confidence_intervals']['accuracy']['n_skipped'] == 0
+
+    # Fewer test slides (training and selection do not see them: the same model), two of
+    # them misclassified: a wider interval.
+    test_rows = [r for r in data['rows'] if r[1] == 'test']
+    wrong = np.argmax(full['test_probs'], axis=1) != np.array(
+        [['normal', 'tumour'].index(r[2]) for r in test_rows])
+    assert 1 <= wrong.sum() <= 10
+    few = [r for r, w in zip(test_rows, wrong) if w][:2]
+    few += [r for r, w in zip(test_rows, wrong) if not w][:10 - len(few)]
+    others = [r for r in data['rows'] if r[1] != 'test']
+    _write_splits(data['root'] / 'ten_test.csv', others + few)
+    ten = sm.run_meanpool(data['root'] / 'ten_test.csv', data['export'])
+    assert ten['n_test_slides'] == 10 and ten['caution'].startswith('10 test slides')
+    assert ten['weight_decay'] == full['weight_decay']
+    for name in ('accuracy', 'balanced_accuracy'):
+        assert _interval_width(ten, name) > _interval_width(full, name)
+
+    # Two test slides: the caution, in the JSON and as a warning, with the intervals.
+    two = [next(r for r in test_rows if r[2] == label) for label in ('normal', 'tumour')]
+    _write_splits(data['root'] / 'two_test.csv', others + two)
+    caplog.set_level('INFO', logger='clusiam_jax')
+    for task in ('meanpool', 'clusters'):
+        caplog.clear()
+        out = getattr(tasks, f'run_{task}')(data['export'], data['root'] / 'two_test.csv')
+        assert out['n_test_slides'] == 2
+        assert out['n_test_per_class'] == {'normal': 1, 'tumour': 1}
+        assert out['caution'].startswith(
+            '2 test slides: scores are not measurable at this size')
+        auc = out['confidence_intervals']['auc']
+        assert 300 < auc['n_skipped'] < 700          # half the resamples hold one class
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+        assert any('2 test slides: scores are not measurable' in w for w in warnings)
+        info = [r.getMessage() for r in caplog.records if r.levelname == 'INFO']
+        assert any(m.startswith(f'{task}: 2 test slides (1 normal, 1 tumour): accuracy ')
+                   for m in info), info
+    json.dumps(out)
 
 
 def test_meanpool_reads_a_clam_folder_like_the_export(data):
@@ -324,6 +385,9 @@ def test_cli_prints_one_json_line(data, capsys):
     result = json.loads(lines[0])
     assert result['task'] == 'meanpool' and result['test']['auc'] > 0.9
     assert 'test_probs' not in result
+    assert result['n_test_slides'] == 40 and result['caution'] is None
+    ci = result['confidence_intervals']['auc']
+    assert ci['low'] <= result['test']['auc'] <= ci['high']
 
     code = cli.main(['--mode', 'eval', 'abmil', '--export', str(data['export']),
                      '--splits', str(data['splits']), '--seeds', '0,1', '--epochs', '2'])
@@ -331,6 +395,7 @@ def test_cli_prints_one_json_line(data, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result['task'] == 'abmil' and [r['seed'] for r in result['runs']] == [0, 1]
     assert result['config']['epochs'] == 2
+    assert result['n_test_slides'] == 40 and 'auc' in result['confidence_intervals']
     assert all(1 <= r['best_epoch'] <= 2 for r in result['runs'])
 
     code = cli.main(['--mode', 'eval', 'clusters', '--export', str(data['clam']),

@@ -19,6 +19,15 @@ bag's outputs do not depend on its padding.
 
 Selection discipline: the best epoch and the per-class decision thresholds are
 chosen on the validation split; the test split is evaluated once, with them.
+
+Two accuracies, named for what they are (``ACCURACIES``): ``accuracy_argmax``, the class
+with the highest score, the rule of abmil, clusters and meanpool and the one to report;
+and ``accuracy_val_thresholds``, DSMIL's own rule (each class called when its score
+passes its threshold, right only when exactly the true class is called) with thresholds
+chosen on validation. DSMIL's published scripts choose those thresholds on the very
+split they score, which makes their accuracy optimistic; this one is not, but it is
+not theirs either. Beside every test score: a 95% bootstrap interval over test slides
+of the seed mean, and the test-set size (metrics.slide_scores_report).
 """
 
 import dataclasses
@@ -32,7 +41,12 @@ import numpy as np
 import optax
 
 from clusiam_jax.errors import DataError
-from clusiam_jax.eval.metrics import roc_auc, youden_threshold
+from clusiam_jax.eval.metrics import (
+    mean_over_seeds,
+    roc_auc,
+    slide_scores_report,
+    youden_threshold,
+)
 from clusiam_jax.eval.splits import read_splits, require_in_export
 from clusiam_jax.export.format import read_h5_array, slide_feature_files
 
@@ -240,6 +254,22 @@ def classify(scores, thresholds):
     return np.asarray(scores) >= np.asarray(thresholds)[None, :]
 
 
+ACCURACIES = {
+    'accuracy_argmax': 'the class with the highest score is the prediction; the rule of '
+                       'abmil, clusters and meanpool, no threshold: report this one',
+    'accuracy_val_thresholds': "DSMIL's rule: every class whose score reaches its "
+                               "threshold (Youden's J on validation) is called, right only "
+                               "when exactly the true class is; DSMIL's published scripts "
+                               "choose the thresholds on the split they score (optimistic)"
+                               ', here they come from validation',
+}
+
+
+def argmax_accuracy(labels, scores):
+    """The share of bags whose highest-scoring class is their label."""
+    return float(np.mean(np.argmax(scores, axis=1) == np.asarray(labels)))
+
+
 def bag_accuracy(labels, scores, thresholds):
     """DSMIL's accuracy: the thresholded multi-hot vector must equal the one-hot label."""
     decisions = classify(scores, thresholds)
@@ -260,7 +290,8 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
 
     Returns:
       dict: ``best_epoch`` (1-based), ``thresholds`` [C] (Youden on validation),
-      ``val`` and ``test`` dicts with ``accuracy``, ``accuracy_argmax``,
+      ``val`` and ``test`` dicts with ``accuracy_val_thresholds`` (``bag_accuracy`` with
+      those thresholds), ``accuracy_argmax`` (see ``ACCURACIES``),
       ``auc`` (per class), ``mean_auc``, ``loss``; ``test_scores`` [B, C];
       ``history`` (per epoch: train loss, val loss, val mean AUC); ``params``.
     """
@@ -313,8 +344,8 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
 
     def summarize(labels, scores, loss):
         aucs = per_class_auc(labels, scores)
-        return {"accuracy": bag_accuracy(labels, scores, thresholds),
-                "accuracy_argmax": float(np.mean(np.argmax(scores, axis=1) == labels)),
+        return {"accuracy_val_thresholds": bag_accuracy(labels, scores, thresholds),
+                "accuracy_argmax": argmax_accuracy(labels, scores),
                 "auc": aucs, "mean_auc": _nanmean(aucs), "loss": loss}
 
     result = {"best_epoch": best["epoch"], "thresholds": thresholds.tolist(),
@@ -330,7 +361,7 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
 
 
 def summarize_seeds(results):
-    """Mean and std (population) over seeds of test accuracy and per-class AUC."""
+    """Mean and std (population) over seeds of the test accuracies and per-class AUC."""
     def stats(values):
         values = np.asarray(values, np.float64)
         return {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)),
@@ -339,8 +370,8 @@ def summarize_seeds(results):
     tests = [r["test"] for r in results]
     num_classes = len(tests[0]["auc"])
     return {
-        "accuracy": stats([t["accuracy"] for t in tests]),
         "accuracy_argmax": stats([t["accuracy_argmax"] for t in tests]),
+        "accuracy_val_thresholds": stats([t["accuracy_val_thresholds"] for t in tests]),
         "mean_auc": stats([t["mean_auc"] for t in tests]),
         "auc": [stats([t["auc"][c] for t in tests]) for c in range(num_classes)],
         "best_epoch": [r["best_epoch"] for r in results],
@@ -384,7 +415,9 @@ def run_dsmil(splits_path, features, seeds=(0, 1, 2, 3, 4), config=None,
     ours or a folder of CLAM-style `<slide_id>.h5`, export/format.py).
 
     Returns {"class_names", "seeds", "runs" (per seed, without params),
-    "summary" (mean/std over seeds)}.
+    "summary" (mean/std over seeds), "accuracies" (what each accuracy is,
+    ``ACCURACIES``), and ``dsmil_intervals``' n_test_slides, n_test_per_class, caution,
+    confidence_intervals and bootstrap}.
     """
     splits, class_names = class_splits(splits_path, class_names)
     files = slide_feature_files(features)
@@ -408,5 +441,32 @@ def run_dsmil(splits_path, features, seeds=(0, 1, 2, 3, 4), config=None,
         result["seed"] = seed
         result["test_scores"] = np.asarray(result.get("test_scores", [])).tolist()
         runs.append(result)
+    test_labels = [label for _, label in test_bags]
     return {"class_names": class_names, "seeds": list(seeds), "runs": runs,
-            "summary": summarize_seeds(runs) if test_bags else None}
+            "summary": summarize_seeds(runs) if test_bags else None,
+            "accuracies": dict(ACCURACIES),
+            **dsmil_intervals(test_labels, class_names, runs)}
+
+
+def dsmil_intervals(labels, class_names, runs):
+    """n_test_slides, n_test_per_class, caution and a bootstrap interval over the test
+    slides (metrics.slide_scores_report) of each summary score: both accuracies,
+    ``mean_auc`` and ``auc_<class>``. Each resample scores every seed (its test scores and
+    thresholds) on the same slides and takes their mean, as the summary does."""
+    labels = np.asarray(labels, np.int64)
+    seeds = [(np.asarray(r.get("test_scores", []), np.float64).reshape(labels.size,
+                                                                      len(class_names)),
+              np.asarray(r["thresholds"])) for r in runs]
+
+    def seed_mean(score):
+        return lambda idx: mean_over_seeds([score(labels[idx], s[idx], t) for s, t in seeds])
+
+    scores = {
+        "accuracy_argmax": (seed_mean(lambda y, s, t: argmax_accuracy(y, s)), False),
+        "accuracy_val_thresholds": (seed_mean(bag_accuracy), False),
+        "mean_auc": (seed_mean(lambda y, s, t: _nanmean(per_class_auc(y, s))), True),
+    }
+    for c, name in enumerate(class_names):
+        scores[f"auc_{name}"] = (seed_mean(lambda y, s, t, c=c: roc_auc(y == c, s[:, c])),
+                                 True)
+    return slide_scores_report(labels, class_names, scores, n_seeds=len(runs))

@@ -1,8 +1,9 @@
 """Classification metrics for the evaluation protocols, in plain NumPy.
 
-Written here rather than imported from scikit-learn so that evaluation needs no
-extra runtime dependency; tests check every function against scikit-learn on the
-same inputs. Conventions follow scikit-learn's defaults:
+Written in NumPy rather than called from scikit-learn: the bootstrap below scores
+thousands of resamples, and scikit-learn's per-call input validation would dominate;
+tests check every function against scikit-learn on the same inputs. Conventions
+follow scikit-learn's defaults:
 
 - the label set is the sorted union of the true and predicted labels unless
   ``labels`` is given;
@@ -100,11 +101,13 @@ def roc_auc(y_true, scores):
     order = np.argsort(s, kind="mergesort")
     sorted_s = s[order]
     ranks = np.empty(s.size, dtype=np.float64)
-    # Average rank (1-based) over each run of tied scores.
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], s.size]
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = 0.5 * (a + 1 + b)
+    # Average rank (1-based) over each run of tied scores [a, b): (a + 1 + b) / 2.
+    new_run = np.empty(s.size, bool)
+    new_run[0] = True
+    np.not_equal(sorted_s[1:], sorted_s[:-1], out=new_run[1:])
+    starts = np.flatnonzero(new_run)
+    ends = np.append(starts[1:], s.size)
+    ranks[order] = (0.5 * (starts + 1 + ends))[np.cumsum(new_run) - 1]
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
@@ -144,3 +147,130 @@ def youden_threshold(y_true, scores):
     # +inf would mean "never positive"; J there is 0, so it is only chosen when
     # no threshold separates at all. Use the largest score then instead.
     return float(threshold if np.isfinite(threshold) else thresholds[1])
+
+
+# ------------------------------------------------------ test-set size and intervals
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+# Below these a slide-level score is reported with a caution: with 2 test slides an
+# AUC is 0, 0.5 or 1, and even 20 slides give a 95% interval about +-0.2 wide.
+MIN_TEST_SLIDES = 20
+MIN_TEST_PER_CLASS = 5
+
+
+def bootstrap_indices(n, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
+    """[n_resamples, n] sample indices, row b the b-th resample (drawn with replacement):
+    ``np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))``, the same
+    stream as n_resamples successive ``integers(0, n, n)`` draws."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+def mean_over_seeds(values):
+    """The mean of the finite values (NaN when none): np.nanmean of a few floats, without
+    its overhead (a bootstrap takes thousands)."""
+    finite = [float(v) for v in values if np.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float('nan')
+
+
+def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAMPLES,
+                 confidence=CONFIDENCE, seed=BOOTSTRAP_SEED):
+    """Percentile bootstrap confidence interval of a score over samples (test slides).
+
+    Args:
+      statistic: callable(idx) -> float, the score on the samples ``idx`` (an index
+        array into the test set, with repeats); ``statistic(arange(n))`` is the estimate.
+        A multi-seed score averages its seeds inside (each resample scores every seed
+        on the same slides).
+      labels: the samples' class indices [n], for ``per_class``.
+      per_class: the score needs every class (AUC, balanced accuracy): a resample that
+        lacks a class of ``labels`` is skipped, and counted.
+      n_resamples, confidence, seed: resamples are ``bootstrap_indices(n, n_resamples,
+        seed)``: the same for every score of one test set, so intervals are
+        reproducible.
+
+    A resample whose score is NaN is skipped and counted too. The interval is the
+    (1 - confidence) / 2 and (1 + confidence) / 2 percentiles (NumPy's linear
+    interpolation) of the scores of the resamples kept.
+
+    Returns:
+      {estimate, low, high, confidence, n_resamples, n_skipped}; low and high are None
+      when no resample could be scored (no test sample, or a class never drawn).
+    """
+    labels = np.asarray(labels).ravel()
+    n = labels.size
+    estimate = float(statistic(np.arange(n))) if n else float('nan')
+    out = {'estimate': estimate, 'low': None, 'high': None, 'confidence': confidence,
+           'n_resamples': int(n_resamples) if n else 0, 'n_skipped': 0}
+    if not n:
+        return out
+    classes, codes = np.unique(labels, return_inverse=True)
+    values = []
+    for idx in bootstrap_indices(n, n_resamples, seed):
+        if per_class and np.bincount(codes[idx], minlength=classes.size).min() == 0:
+            continue
+        value = float(statistic(idx))
+        if np.isfinite(value):
+            values.append(value)
+    out['n_skipped'] = int(n_resamples) - len(values)
+    if values:
+        tail = 100.0 * (1.0 - confidence) / 2.0
+        low, high = np.percentile(values, [tail, 100.0 - tail])
+        out['low'], out['high'] = float(low), float(high)
+    return out
+
+
+def count_test_slides(labels, class_names, min_slides=MIN_TEST_SLIDES,
+                  min_per_class=MIN_TEST_PER_CLASS):
+    """{n_test_slides, n_test_per_class ({class name: count}), caution}: ``caution`` is
+    None, or one line when the test set has fewer than ``min_slides`` slides or a class
+    fewer than ``min_per_class`` ("2 test slides: scores are not measurable at this
+    size (...)")."""
+    labels = np.asarray(labels, np.int64).ravel()
+    counts = np.bincount(labels, minlength=len(class_names)) if labels.size else \
+        np.zeros(len(class_names), np.int64)
+    per_class = {str(name): int(c) for name, c in zip(class_names, counts)}
+    n = int(labels.size)
+    small = [name for name, c in per_class.items() if c < min_per_class]
+    caution = None
+    if n < min_slides or small:
+        listed = ', '.join(f'{c} {name}' for name, c in per_class.items())
+        caution = (f'{n} test slides: scores are not measurable at this size ({listed}; '
+                   f'a score needs at least {min_slides} test slides and {min_per_class} '
+                   f'of each class, and below that the bootstrap interval understates '
+                   f'the uncertainty too)')
+    return {'n_test_slides': n, 'n_test_per_class': per_class, 'caution': caution}
+
+
+def slide_scores_report(labels, class_names, scores, n_seeds=1,
+                        n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
+    """The test-set block of a slide-level result: ``count_test_slides`` (n_test_slides,
+    n_test_per_class, caution), ``confidence_intervals`` ({name: ``bootstrap_ci``} for
+    ``scores`` {name: (statistic(idx), per_class)}, all on the same resamples) and
+    ``bootstrap``, one line saying how they were computed."""
+    labels = np.asarray(labels, np.int64).ravel()
+    out = count_test_slides(labels, class_names)
+    out['confidence_intervals'] = {
+        name: bootstrap_ci(statistic, labels, per_class, n_resamples, CONFIDENCE, seed)
+        for name, (statistic, per_class) in scores.items()}
+    skipping = [name for name, (_, per_class) in scores.items() if per_class]
+    line = (f'{CONFIDENCE:.0%} percentile bootstrap over the {labels.size} test slides '
+            f'({n_resamples} resamples drawn with replacement, seed {seed})')
+    if n_seeds > 1:
+        line += (f'; each resample scores all {n_seeds} seeds on the same slides and '
+                 f'averages them: the interval of the seed mean, for other test slides '
+                 f'(the seeds\' spread is the std)')
+    if skipping:
+        line += (f'; {", ".join(skipping)}: resamples lacking a class are skipped and '
+                 f'counted in n_skipped')
+    out['bootstrap'] = line
+    return out
+
+
+def format_interval(ci, digits=3):
+    """'0.875 [0.775, 0.950]' from a ``bootstrap_ci`` result ('[n/a]' for no interval)."""
+    estimate = f'{ci["estimate"]:.{digits}f}'
+    if ci['low'] is None:
+        return f'{estimate} [n/a]'
+    return f'{estimate} [{ci["low"]:.{digits}f}, {ci["high"]:.{digits}f}]'

@@ -17,6 +17,10 @@ ties; the test split is scored once. A splits file without val slides holds out 
 the train slides (stratified by class, picked by a seed) instead. Reported: accuracy and
 balanced accuracy of the argmax class, and AUC: of class index 1 (the positive class)
 for two classes, the mean one-vs-rest AUC over the classes for more.
+
+Beside them (``slide_intervals``): the test-set size, per class, a caution when it is too
+small to measure anything, and a 95% bootstrap interval over test slides for each score
+(metrics.bootstrap_ci); for ABMIL's seeds, the interval of the seed mean.
 """
 
 import dataclasses
@@ -43,7 +47,12 @@ from clusiam_jax.eval.linear import (
     standardize,
     validation_split,
 )
-from clusiam_jax.eval.metrics import classification_metrics, roc_auc
+from clusiam_jax.eval.metrics import (
+    classification_metrics,
+    mean_over_seeds,
+    roc_auc,
+    slide_scores_report,
+)
 from clusiam_jax.eval.splits import SPLITS, read_splits, require_in_export
 from clusiam_jax.export.format import read_h5_array, slide_feature_files
 
@@ -203,6 +212,42 @@ def slide_metrics(labels, logits):
             'balanced_accuracy': counts['balanced_accuracy'],
             'auc': slide_auc(labels, np.exp(log_probs)),
             'loss': float(-np.mean(log_probs[np.arange(labels.size), labels]))}
+
+
+def _argmax_accuracy(labels, probs):
+    return float(np.mean(np.argmax(probs, axis=1) == labels))
+
+
+def _argmax_balanced_accuracy(labels, probs):
+    """classification_metrics' balanced accuracy (mean recall over the classes present)
+    of the argmax class, in a few array operations (the bootstrap calls it often)."""
+    c = probs.shape[1]
+    support = np.bincount(labels, minlength=c)
+    hits = np.bincount(labels[np.argmax(probs, axis=1) == labels], minlength=c)
+    present = support > 0
+    return float(np.mean(hits[present] / support[present])) if present.any() else \
+        float('nan')
+
+
+# name: (score(labels, probs), needs every class); the scores of ``slide_metrics``.
+SLIDE_SCORES = {'accuracy': (_argmax_accuracy, False),
+                'balanced_accuracy': (_argmax_balanced_accuracy, True),
+                'auc': (slide_auc, True)}
+
+
+def slide_intervals(labels, class_names, probs_per_seed):
+    """n_test_slides, n_test_per_class, caution, and a bootstrap interval over the test
+    slides of each score (metrics.slide_scores_report) from the test probabilities of
+    each seed [seeds][n, C]: each resample scores every seed and takes their mean, as the
+    summary does, so the estimate is the reported (seed-mean) score."""
+    labels = np.asarray(labels, np.int64)
+    probs = [np.asarray(p, np.float64).reshape(labels.size, -1) for p in probs_per_seed]
+
+    def seed_mean(score):
+        return lambda idx: mean_over_seeds([score(labels[idx], p[idx]) for p in probs])
+    scores = {name: (seed_mean(score), per_class)
+              for name, (score, per_class) in SLIDE_SCORES.items()}
+    return slide_scores_report(labels, class_names, scores, n_seeds=len(probs))
 
 
 def _selection_key(metrics):
@@ -382,19 +427,23 @@ def run_abmil(splits_path, features, seeds=(0, 1, 2, 3, 4), config=None, log_fn=
     splits file has no val slides, is drawn once, with seed 0).
 
     Returns {class_names, n_train, n_val, n_test, config, runs (per seed: seed, best_epoch,
-    val, test), summary (mean/std over seeds of the test metrics)}.
+    val, test), summary (mean/std over seeds of the test metrics), and
+    ``slide_intervals``' n_test_slides, n_test_per_class, caution, confidence_intervals
+    (of the seed means) and bootstrap}.
     """
     config = config or ABMILConfig()
     splits, names = labelled_splits(splits_path, 'abmil')
     sets = read_slides(features, splits_path, splits, slide_features)
     bags = {split: list(zip(*sets[split])) for split in SPLITS}
-    runs = []
+    runs, probs = [], []
     for seed in seeds:
         result = train_abmil(bags['train'], bags['val'], bags['test'], len(names), config,
                              seed=seed, log_fn=log_fn)
         runs.append({k: result[k] for k in ('seed', 'best_epoch', 'val', 'test')})
+        probs.append(result['test_probs'])
     return {'class_names': names, **_counts(splits), 'config': dataclasses.asdict(config),
-            'runs': runs, 'summary': summarize_runs(runs)}
+            'runs': runs, 'summary': summarize_runs(runs),
+            **slide_intervals(sets['test'][1], names, probs)}
 
 
 # ------------------------------------------------- logistic regression on a vector
@@ -437,7 +486,7 @@ def _run_vector_task(task, describe, splits_path, features, seed):
     arrays = {split: (np.stack(values), labels) for split, (values, labels) in sets.items()}
     result = slide_logistic_regression(arrays, len(names))
     return {'class_names': names, **_counts(splits), 'dim': arrays['train'][0].shape[1],
-            **result}
+            **result, **slide_intervals(arrays['test'][1], names, [result['test_probs']])}
 
 
 def run_meanpool(splits_path, features, seed=0):
