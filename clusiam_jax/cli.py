@@ -29,6 +29,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -257,12 +258,22 @@ def run_train(args, config, overrides):
             log_to_workdir(args.workdir, args.argv)
         from clusiam_jax.interop.init_from import read_weights
         from clusiam_jax.train.loop import train
-        train(config, args.workdir, read_init=read_weights)
+        state = train(config, args.workdir, read_init=read_weights)
         stopped_by = interrupts.received()
         if stopped_by is not None:  # the loop saved a checkpoint and said so
-            return 0 if stopped_by == signal.SIGTERM else 128 + stopped_by
-        if config.export.after_training and main_process:
-            export_with(args.workdir, config.export, None, argv=args.argv)
+            return stop_status('train', stopped_by)
+        if not main_process:
+            return 0
+        step = int(jax.device_get(state.step))
+        if config.export.after_training:
+            out_dir = export_with(args.workdir, config.export, None, argv=args.argv)
+            log.info('run complete: %s at step %d, exported to %s; next: %s',
+                     args.workdir, step, out_dir,
+                     command_hint('--mode', 'eval', 'knn', '--export', out_dir, '--splits',
+                                  'SPLITS.csv'))
+        else:
+            log.info('run complete: %s at step %d; next: %s', args.workdir, step,
+                     command_hint('--mode', 'export', '--workdir', args.workdir))
     return 0
 
 
@@ -363,8 +374,9 @@ def run_tile(args, config, overrides):
         rows = tiling.tile_slides(entries, params, config.tile.out_dir,
                                   num_workers=int(config.tile.num_workers))
     n_ok = sum(r['status'] == tiling.TILED for r in rows)
-    print(f'{n_ok} of {len(rows)} slides tiled into {config.tile.out_dir}; train on them '
-          f'with --config.data.path={config.tile.out_dir}')
+    print(f'{n_ok} of {len(rows)} slides tiled into {config.tile.out_dir}; train on them: '
+          + command_hint('--config', 'configs/clubyol.py', '--workdir', 'RUN',
+                         f'--config.data.path={config.tile.out_dir}'))
     return 0
 
 
@@ -376,7 +388,9 @@ def run_build_dataset(args, config, overrides):
     writable_folder(args.out, '--out')
     from clusiam_jax import data
     path = data.build_dataset(config.data.path, args.out)
-    print(f'dataset written to {path}; train on it with --config.data.path={path}')
+    print(f'dataset written to {path}; train on it: '
+          + command_hint('--config', 'configs/clubyol.py', '--workdir', 'RUN',
+                         f'--config.data.path={path}'))
     return 0
 
 
@@ -446,8 +460,46 @@ def run_convert(args, config, overrides):
 
 # ------------------------------------------------------------------- the parsers
 
+def program_name() -> str:
+    """How the user called us: `clusiam` (the installed script) or `launch.py`."""
+    return 'clusiam' if os.path.basename(sys.argv[0] or '') == 'clusiam' else 'launch.py'
+
+
+def command_hint(*words) -> str:
+    """A command line the user can paste: our program and shell-quoted words (paths
+    with spaces, quotes or brackets included)."""
+    program = 'clusiam' if program_name() == 'clusiam' else 'python launch.py'
+    return ' '.join([program] + [shlex.quote(str(w)) for w in words])
+
+
+def _flags_of(parser) -> set:
+    """Every option string of `parser` and of its subcommands."""
+    flags = set()
+    for action in parser._actions:
+        flags.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _flags_of(sub)
+    return flags
+
+
+def _refuse_unknown_flags(parser, argv):
+    """A misspelt flag is named, with the closest one (argparse would first complain
+    about the required flag it hides, e.g. --workdir behind --workdri)."""
+    known = _flags_of(parser)
+    for arg in argv:
+        if not arg.startswith('--') or arg == '--':
+            continue
+        flag = arg.split('=', 1)[0]
+        if flag not in known and len([k for k in known if k.startswith(flag)]) != 1:
+            close = difflib.get_close_matches(flag, sorted(known), n=1)
+            raise errors.ConfigError(f'unknown flag {flag}'
+                                     + (f'; did you mean {close[0]}?' if close else '')
+                                     + f' (see {parser.prog} --help)')
+
+
 def _mode_parser(mode: str) -> argparse.ArgumentParser:
-    prog = f'launch.py --mode {mode}'
+    prog = f'{program_name()} --mode {mode}'
     parser = _Parser(prog=prog, description=MODES[mode])
     if mode in ('train', 'export', 'build_dataset', 'tile'):
         parser.add_argument('--config', required=mode == 'train',
@@ -551,13 +603,13 @@ ACTIONS = {'tile': run_tile, 'train': run_train, 'export': run_export,
 def _usage() -> str:
     lines = [__doc__.split('\n\n')[1].rstrip(), '', 'modes:']
     lines += [f'  {mode:<14} {text}' for mode, text in MODES.items()]
-    lines += ['', 'python launch.py --mode MODE --help: the flags of a mode.']
+    lines += ['', f'{program_name()} --mode MODE --help: the flags of a mode.']
     return '\n'.join(lines)
 
 
 def parse(argv):
     """(mode, args, config or None, overrides)."""
-    mode_parser = _Parser(prog='launch.py', add_help=False)
+    mode_parser = _Parser(prog=program_name(), add_help=False)
     mode_parser.add_argument('--mode', choices=list(MODES), default=None)
     mode_parser.add_argument('-h', '--help', action='store_true')
     known, rest = mode_parser.parse_known_args(argv)
@@ -566,7 +618,9 @@ def parse(argv):
         raise SystemExit(0)
     mode = known.mode or 'train'
     rest, overrides = split_overrides(rest + (['--help'] if known.help else []))
-    args = _mode_parser(mode).parse_args(rest)
+    parser = _mode_parser(mode)
+    _refuse_unknown_flags(parser, rest)
+    args = parser.parse_args(rest)
     args.argv = list(argv)  # for the run's log
     config = None
     if mode in ('train', 'export', 'build_dataset', 'tile'):

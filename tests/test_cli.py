@@ -164,3 +164,23 @@ def test_a_data_error_in_a_worker_process_is_one_line(tmp_path):
     errors = [line for line in err.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and '100 substitutes in a row were unreadable' in errors[0], err
     assert 'Traceback' not in err, err
+
+
+def test_a_misspelt_flag_is_named_with_the_closest_one(capsys):
+    message = one_error(capsys, cli.main(['--config', 'configs/demo.py', '--workdri', 'x']))
+    assert 'unknown flag --workdri; did you mean --workdir?' in message
+    message = one_error(capsys, cli.main(['--mode', 'eval', 'knn', '--exprot', 'x',
+                                          '--splits', 'y']))
+    assert 'unknown flag --exprot; did you mean --export?' in message
+
+
+def test_help_names_the_command_the_user_ran(capsys, monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['/usr/local/bin/clusiam', '--help'])
+    with pytest.raises(SystemExit):
+        cli.main(['--help'])
+    assert 'clusiam --mode MODE --help' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(['--mode', 'export', '--help'])
+    assert 'usage: clusiam --mode export' in capsys.readouterr().out
+    monkeypatch.setattr(sys, 'argv', ['launch.py'])
+    assert cli.command_hint('--workdir', 'my run') == "python launch.py --workdir 'my run'"

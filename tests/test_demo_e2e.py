@@ -5,6 +5,7 @@ events and its log, resumes when started again (naming what changed), and export
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -30,14 +31,16 @@ def csv_rows(workdir):
 
 
 def test_demo_tiles_trains_checkpoints_and_resumes(tmp_path):
-    tiles = tmp_path / 'tiles'
+    tiles = tmp_path / 'my tiles'  # paths with spaces, as users have them
     log = launch(None, '--mode', 'tile', f'--config.tile.out_dir={tiles}', reduced=[])
-    assert 'tiled into' in log
+    # The next command is printed ready to paste: the shell gives back the path whole.
+    hint, = [line for line in log.splitlines() if 'tiled into' in line]
+    assert f'--config.data.path={tiles}' in shlex.split(hint.split('train on them: ')[1])
     with open(tiles / 'slides.csv') as f:
         row, = list(csv.DictReader(f))
     assert row['status'] == 'tiled' and int(row['n_patches']) > 32
     assert (tiles / 'masks' / 'cmu-1-small-region.png').exists()
-    workdir = tmp_path / 'demo'
+    workdir = tmp_path / 'demo run'
     log = launch(workdir, '--config.train.num_epochs=2', f'--config.data.path={tiles}')
     rows = csv_rows(workdir)
     assert [r['epoch'] for r in rows] == ['1', '2']
@@ -55,6 +58,11 @@ def test_demo_tiles_trains_checkpoints_and_resumes(tmp_path):
     logged = (workdir / 'log.txt').read_text()
     assert 'compiling the train step' in logged and 'compiled in' in logged
     assert 'epoch 2/2:' in logged and 'tensorboard --logdir' in logged
+    # The closing line: the run is complete, and what to run next, ready to paste.
+    closing, = [line for line in logged.splitlines() if 'run complete:' in line]
+    next_command = shlex.split(closing.split('next: ')[1])
+    assert next_command[:4] == ['python', 'launch.py', '--mode', 'eval']
+    assert next_command[5:7] == ['--export', str(workdir / 'export')]
     normalization = json.loads((workdir / 'normalization.json').read_text())
     assert len(normalization['mean']) == 3 and 'computed over the training list' in \
         normalization['origin']
