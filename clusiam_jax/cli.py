@@ -25,6 +25,7 @@ signal exit 128 + the signal number, as a killed command does.
 """
 import argparse
 import ast
+import contextlib
 import difflib
 import importlib.util
 import logging
@@ -195,6 +196,21 @@ def setup_logging():
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class _RunLogFile(logging.FileHandler):
+    """log.txt of a run: a write that fails (a full disk, a deleted folder) drops this
+    file with one warning on the console, instead of a traceback per log line."""
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        logging.getLogger().removeHandler(self)
+        with contextlib.suppress(OSError):
+            self.close()
+        log.warning('cannot write %s (%s); logging to the console only from here',
+                    self.baseFilename, error.strerror or error)
+
+
 def log_to_workdir(workdir: str, argv):
     """Appends this command's log to <workdir>/log.txt (process 0 of a run), starting with
     the command itself."""
@@ -203,7 +219,7 @@ def log_to_workdir(workdir: str, argv):
     if any(getattr(h, 'baseFilename', None) == path for h in root.handlers):
         return
     try:
-        handler = logging.FileHandler(path)
+        handler = _RunLogFile(path)
     except OSError as e:  # another user's run, read-only: the console still has it all
         log.warning('cannot write %s (%s); logging to the console only', path, e.strerror)
         return

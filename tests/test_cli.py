@@ -184,3 +184,27 @@ def test_help_names_the_command_the_user_ran(capsys, monkeypatch):
     assert 'usage: clusiam --mode export' in capsys.readouterr().out
     monkeypatch.setattr(sys, 'argv', ['launch.py'])
     assert cli.command_hint('--workdir', 'my run') == "python launch.py --workdir 'my run'"
+
+
+def test_a_log_file_on_a_full_disk_is_dropped_with_one_warning(tmp_path, capsys):
+    """Every failed write to log.txt printed a 'Logging error' traceback."""
+    import errno
+    import logging
+    root = logging.getLogger()
+    before = list(root.handlers)
+    cli.setup_logging()
+    try:
+        cli.log_to_workdir(str(tmp_path), ['--workdir', str(tmp_path)])
+        handler, = [h for h in root.handlers if getattr(h, 'clusiam_owned', False)]
+
+        def full(*_):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        handler.stream.write = full
+        for i in range(3):
+            cli.log.info('line %d', i)
+        err = capsys.readouterr().err
+        assert 'Logging error' not in err and 'Traceback' not in err, err
+        assert err.count('cannot write') == 1 and 'line 2' in err
+        assert handler not in root.handlers
+    finally:
+        root.handlers[:] = before
