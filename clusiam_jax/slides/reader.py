@@ -1,16 +1,20 @@
 """Opening whole-slide images and reading patches at a physical resolution (OpenSlide).
 
-OpenSlide reads every format our users scan to (Aperio .svs, Hamamatsu .ndpi, MIRAX
-.mrxs, Leica .scn, Ventana .bif, Philips TIFF, generic pyramidal TIFF and OME-TIFF
-through libtiff) and ships inside the `openslide-bin` wheel. tiffslide (tifffile-based)
-reads fewer formats; pyvips brings a second native library. OpenSlide's own tile cache
-is bounded per handle (`set_cache`), so a process holding many slides stays flat.
+OpenSlide reads every format our users scan to (Aperio .svs, Hamamatsu .ndpi/.vms/.vmu,
+MIRAX .mrxs, Leica .scn, Ventana .bif, Sakura .svslide, Zeiss .czi, Philips TIFF, generic
+pyramidal TIFF and OME-TIFF through libtiff, DICOM WSI: a folder of .dcm instances) and
+ships inside the `openslide-bin` wheel (OpenSlide 4.0.1, whose vendors these are).
+tiffslide (tifffile-based) reads fewer formats; pyvips brings a second native library.
+OpenSlide's own tile cache is bounded per handle (`set_cache`), so a process holding many
+slides stays flat.
 
 Resolution (docs/method.md §9): a slide's level-0 µm/px comes from `openslide.mpp-x/y`
 (which OpenSlide fills from the vendor's metadata or the TIFF resolution tags); with only
 an objective power it is 10 / power (logged as an estimate); with neither it is the
 default the user gave for such slides (`tile.mpp_default`), else the slide is refused,
-never guessed. A value forced on every slide (`tile.mpp_override`) comes first.
+never guessed. A value forced on every slide (`tile.mpp_override`) comes first. A
+metadata value no scan has (the 72-dpi default of image editors = 352.8 µm/px, anything
+outside MPP_RANGE) counts as none, and says why (`Resolution.implausible`).
 
 A patch of `patch_size` px at `target_mpp` covers `patch_size * target_mpp / level0_mpp`
 level-0 pixels. It is read from the pyramid level closest to, but not coarser than,
@@ -31,10 +35,21 @@ from clusiam_jax.errors import DataError
 log = logging.getLogger('clusiam_jax')
 
 # What a folder of slides is searched for (lower case; `.ome.tif(f)` ends in `.tif(f)`).
-# DICOM is left out: one slide is a folder of .dcm instances, which a file search would
-# count as many slides.
+# DICOM is apart: one slide is a folder of .dcm instances (one per level and associated
+# image), opened through any of them (dicom_file), its id the folder's name.
 SLIDE_EXTENSIONS = ('.svs', '.tif', '.tiff', '.ndpi', '.mrxs', '.scn', '.bif', '.vms',
-                    '.vmu', '.svslide')
+                    '.vmu', '.svslide', '.czi')
+DICOM_EXTENSION = '.dcm'
+# The formats these are, for messages and the README (one phrase).
+SLIDE_FORMATS = ('Aperio .svs, Hamamatsu .ndpi .vms .vmu, MIRAX .mrxs, Leica .scn, Ventana '
+                 '.bif, Sakura .svslide, Zeiss .czi, Philips, generic tiled and OME '
+                 '.tif/.tiff, DICOM folders of .dcm')
+# Level-0 µm/px no slide scanner writes: finer than light microscopy resolves, or coarser
+# than a macro photograph of the slide. Metadata outside it is taken as no µm/px.
+MPP_RANGE = (0.05, 100.0)
+# Image editors' and printers' default resolutions, which land in the TIFF tags of an
+# image saved by them: 25400 / dpi µm/px (72 dpi: 352.8; 300 dpi: 84.67, inside MPP_RANGE).
+EDITOR_DPIS = (72, 96, 150, 300)
 # Extensions that are never single patches: found in a patch folder they are flagged.
 SLIDE_ONLY_EXTENSIONS = tuple(e for e in SLIDE_EXTENSIONS if e not in ('.tif', '.tiff'))
 # OpenSlide caches decoded tiles; the slide source gives all the handles of a process one
@@ -67,9 +82,44 @@ NO_MPP_ORIGIN = 'no µm/px or objective power in the slide\'s metadata'
 
 @dataclasses.dataclass(frozen=True)
 class Resolution:
-    """A slide's level-0 µm per pixel and where it came from (None: unknown, with why)."""
+    """A slide's level-0 µm per pixel and where it came from (None: unknown, with why);
+    `implausible`: why the slide's own value was set aside (implausible_mpp), else ''."""
     mpp: Optional[float]
     origin: str
+    implausible: str = ''
+
+
+def implausible_mpp(mpp: float) -> Optional[str]:
+    """Why a level-0 µm/px from a slide's metadata is no scan's, else None."""
+    for dpi in EDITOR_DPIS:
+        if abs(mpp * dpi / 25400 - 1) < 1e-3:
+            return (f'level-0 µm/px {mpp:.4g} is the {dpi}-dpi default of image editors, '
+                    f'not a scan\'s')
+    low, high = MPP_RANGE
+    if mpp > high:
+        return f'level-0 µm/px {mpp:.4g} is coarser than any scan (over {high:g})'
+    if mpp < low:
+        return f'level-0 µm/px {mpp:.4g} is finer than any scan (under {low:g})'
+    return None
+
+
+def dicom_file(folder: str, names: Optional[List[str]] = None) -> Optional[str]:
+    """The .dcm file of `folder` to open its DICOM slide with (OpenSlide finds the other
+    instances of the series beside it): the first, in name order, that OpenSlide detects
+    as DICOM WSI (not a DICOM annotation or report), else the first; None without any.
+    `names`: the folder's file names, when already listed."""
+    import openslide
+    if names is None:
+        names = os.listdir(folder)
+    found = sorted(n for n in names if n.lower().endswith(DICOM_EXTENSION)
+                   and not n.startswith('.'))
+    for name in found:
+        try:
+            if openslide.OpenSlide.detect_format(os.path.join(folder, name)) == 'dicom':
+                return os.path.join(folder, name)
+        except (openslide.OpenSlideError, OSError):
+            continue
+    return os.path.join(folder, found[0]) if found else None
 
 
 def open_slide(path: str, cache=None):
@@ -89,9 +139,12 @@ def open_slide(path: str, cache=None):
 
 
 def slide_id_of(path: str) -> str:
-    """The slide id of a file: its name without the (possibly double) extension."""
+    """The slide id of a file: its name without the (possibly double) extension; of a
+    DICOM instance, its folder's name (the folder is the slide)."""
     name = os.path.basename(path)
     lower = name.lower()
+    if lower.endswith(DICOM_EXTENSION):
+        return os.path.basename(os.path.dirname(os.path.abspath(path)))
     for ext in ('.ome.tiff', '.ome.tif'):
         if lower.endswith(ext):
             return name[:-len(ext)]
@@ -102,8 +155,9 @@ def level0_resolution(slide, forced: Optional[float] = None,
                       forced_origin: str = 'tile.mpp', default: Optional[float] = None,
                       default_origin: str = 'tile.mpp_default') -> Resolution:
     """The level-0 µm/px: `forced` when given, else the slide's metadata (see module),
-    else `default` when given (a slide whose metadata gives no µm/px nor objective power;
-    not one with non-square pixels, whose metadata says something else is wrong)."""
+    else `default` when given (a slide whose metadata gives no µm/px nor objective power,
+    or one no scan has: its `implausible` says why; not one with non-square pixels,
+    whose metadata says something else is wrong)."""
     if forced:
         return Resolution(float(forced), forced_origin)
     props = slide.properties
@@ -115,13 +169,21 @@ def level0_resolution(slide, forced: Optional[float] = None,
     if mpp_x > 0 and mpp_y > 0:
         if abs(mpp_x - mpp_y) > 0.01 * max(mpp_x, mpp_y):
             return Resolution(None, f'non-square pixels ({mpp_x} x {mpp_y} µm)')
-        return Resolution((mpp_x + mpp_y) / 2, 'slide metadata (openslide.mpp-x/y)')
-    try:
-        power = float(props.get('openslide.objective-power', 'nan'))
-    except ValueError:
-        power = math.nan
-    if power > 0:
-        return Resolution(10.0 / power, f'estimated as 10 / objective power {power:g}')
+        own = Resolution((mpp_x + mpp_y) / 2, 'slide metadata (openslide.mpp-x/y)')
+    else:
+        try:
+            power = float(props.get('openslide.objective-power', 'nan'))
+        except ValueError:
+            power = math.nan
+        own = Resolution(10.0 / power, f'estimated as 10 / objective power {power:g}') \
+            if power > 0 else None
+    if own is not None:
+        problem = implausible_mpp(own.mpp)
+        if problem is None:
+            return own
+        problem = f'{problem} ({own.origin})'
+        return Resolution(float(default), default_origin, problem) if default else \
+            Resolution(None, own.origin, problem)
     if default:
         return Resolution(float(default), default_origin)
     return Resolution(None, NO_MPP_ORIGIN)

@@ -3,9 +3,17 @@ r"""`--mode tile`: a folder (or CSV) of slides -> per-slide patch coordinates.
   python launch.py --mode tile --config configs/<recipe>.py \
       --config.tile.slides=DIR_OR_CSV --config.tile.out_dir=DIR
 
+The slides: every slide file under the folder (reader.SLIDE_EXTENSIONS), and each folder
+holding DICOM instances (.dcm) as one slide named after that folder; the other files are
+counted in one log line (`skipped 12 files that are not slides: 8 .txt, 4 .json`).
+
 For each slide (docs/formats.md, "Tiling output"):
   <out_dir>/patches/<slide_id>_patches.h5   coords at level 0 + TRIDENT's attributes
-  <out_dir>/masks/<slide_id>.png            QC: thumbnail, tissue contour, kept grid
+  <out_dir>/masks/<slide_id>.png            QC: thumbnail, tissue contour, kept grid, and
+                                            in words (also in the PNG's "Title" text) the
+                                            keys and sizes in µm, a scale bar; a slide
+                                            without a usable µm/px gets its thumbnail and
+                                            tissue, with what to set
   <out_dir>/slides.csv                      one row per slide: resolution and its origin,
                                             patch count, tissue fraction, status, reason
 
@@ -21,7 +29,9 @@ A slide's level-0 µm/px, first found first: the slide CSV's `mpp` column,
 `tile.mpp_override` (forced on every slide; a slide whose metadata it contradicts is
 logged with both values and their ratio, and says so in its row), the slide's metadata
 (reader.level0_resolution: µm/px, else 10 / objective power), `tile.mpp_default` (only
-for slides whose metadata has neither), else the slide is a `no_mpp` row.
+for slides whose metadata has neither, or a value no scan has: reader.implausible_mpp),
+else the slide is a `no_mpp` row, or `bad_mpp` when its metadata has such a value (the
+72-dpi default of image editors, 352.8 µm/px), naming the key that fixes it.
 
 Slides are tiled by a process pool; a slide that cannot be read, has no resolution or
 no tissue, an id that is no file name (every file of a slide is named by its id, inside
@@ -45,6 +55,7 @@ import logging
 import multiprocessing
 import os
 import time
+import zlib
 from typing import Dict, List, Optional
 
 import cv2
@@ -66,6 +77,7 @@ SLIDES_FIELDS = ('slide_id', 'path', 'label', 'level0_mpp', 'mpp_origin', 'n_pat
 # status values of slides.csv
 TILED, NO_TISSUE, NO_MPP, UNREADABLE = 'tiled', 'no_tissue', 'no_mpp', 'unreadable'
 BAD_ID, TOO_LARGE, DUPLICATE_ID = 'bad_id', 'too_large', 'duplicate_id'
+BAD_MPP = 'bad_mpp'   # the slide's metadata µm/px is no scan's (reader.implausible_mpp)
 # mpp_origin of a µm/px from the config
 OVERRIDE_ORIGIN, DEFAULT_ORIGIN = 'tile.mpp_override', 'tile.mpp_default'
 # What a full disk or quota looks like, also inside h5py's messages (no errno there).
@@ -124,14 +136,45 @@ class TileParams:
 
 # ------------------------------------------------------------------- the slide list
 
-def _find_slides(folder: str) -> List[str]:
-    found = []
+# Files a slide beside them needs, by the extension of that slide: not slides themselves,
+# nor files left out (VMS/VMU: the JPEG tiles and the optimisation file they list).
+_SIDECARS = {'.vms': ('.jpg', '.jpeg', '.opt'), '.vmu': ('.jpg', '.jpeg', '.opt')}
+
+
+def _find_slides(folder: str):
+    """(the slides under `folder`, at any depth: slide files, and each folder of DICOM
+    instances as one slide named after the folder; {extension: count} of the other files,
+    those the slides beside them need apart). Hidden files and folders are left out, and
+    so is a MIRAX slide's data folder (`X/` beside `X.mrxs`)."""
+    found, skipped = [], {}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-        for name in filenames:
-            if name.lower().endswith(reader.SLIDE_EXTENSIONS) and not name.startswith('.'):
-                found.append(os.path.join(dirpath, name))
-    return sorted(found)
+        names = sorted(n for n in filenames if not n.startswith('.'))
+        lower = [n.lower() for n in names]
+        mirax = {os.path.splitext(n)[0] for n, low in zip(names, lower)
+                 if low.endswith('.mrxs')}
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.') and d not in mirax)
+        needed = tuple(e for low in lower for ext, sidecars in _SIDECARS.items()
+                       if low.endswith(ext) for e in sidecars)
+        if any(low.endswith(reader.DICOM_EXTENSION) for low in lower):
+            found.append(SlideEntry(os.path.basename(dirpath),
+                                    reader.dicom_file(dirpath, names)))
+        for name, low in zip(names, lower):
+            if low.endswith(reader.SLIDE_EXTENSIONS):
+                path = os.path.join(dirpath, name)
+                found.append(SlideEntry(reader.slide_id_of(path), path))
+            elif not low.endswith((reader.DICOM_EXTENSION,) + needed):
+                ext = os.path.splitext(low)[1] or 'without extension'
+                skipped[ext] = skipped.get(ext, 0) + 1
+    return sorted(found, key=lambda e: e.path), skipped
+
+
+def _skipped_line(skipped: Dict[str, int]) -> str:
+    """'12 files that are not slides: 8 .txt, 4 .json' ('' when none)."""
+    if not skipped:
+        return ''
+    n = sum(skipped.values())
+    kinds = ', '.join(f'{c} {e}' for e, c in sorted(skipped.items(), key=lambda i: (-i[1], i[0])))
+    return f'{n} file{"s" if n > 1 else ""} that {"are" if n > 1 else "is"} not slides: {kinds}'
 
 
 def _read_slide_csv(path: str) -> List[SlideEntry]:
@@ -149,7 +192,7 @@ def _read_slide_csv(path: str) -> List[SlideEntry]:
             if not raw:
                 raise DataError(f'{path}:{line}: empty "path"')
             slide_path = raw if os.path.isabs(raw) else os.path.join(base, raw)
-            slide_path = os.path.abspath(slide_path)
+            slide_path = _dicom_folder_file(os.path.abspath(slide_path))
             mpp_text = (row.get('mpp') or '').strip()
             try:
                 mpp = float(mpp_text) if mpp_text else None
@@ -163,8 +206,18 @@ def _read_slide_csv(path: str) -> List[SlideEntry]:
     return entries
 
 
+def _dicom_folder_file(path: str) -> str:
+    """A folder of DICOM instances -> the file it is opened through; other paths as they
+    are."""
+    if os.path.isdir(path):
+        return reader.dicom_file(path) or path
+    return path
+
+
 def list_slides(slides: str) -> List[SlideEntry]:
-    """The slides of `tile.slides`: a folder searched recursively, a CSV, or one slide."""
+    """The slides of `tile.slides`: a folder searched recursively (each folder of DICOM
+    instances one slide), a CSV, or one slide. The files of a folder that are not slides
+    are counted in one log line."""
     if not slides:
         raise ConfigError('tile.slides is empty: give a folder of slides or a CSV with a '
                           '"path" column (--config.tile.slides=...)')
@@ -172,18 +225,21 @@ def list_slides(slides: str) -> List[SlideEntry]:
         raise DataError(f'tile.slides not found: {slides}')
     slides = os.path.abspath(slides)   # slides.csv records where the slides are, for good
     if os.path.isfile(slides):
-        if slides.lower().endswith(reader.SLIDE_EXTENSIONS):
+        if slides.lower().endswith(reader.SLIDE_EXTENSIONS + (reader.DICOM_EXTENSION,)):
             entries = [SlideEntry(reader.slide_id_of(slides), slides)]
         elif not slides.lower().endswith('.csv'):
             raise DataError(f'tile.slides {slides} is neither a slide file '
-                            f'({", ".join(reader.SLIDE_EXTENSIONS)}) nor a CSV of slides')
+                            f'({reader.SLIDE_FORMATS}) nor a CSV of slides')
         else:
             entries = _read_slide_csv(slides)
     else:
-        entries = [SlideEntry(reader.slide_id_of(p), p) for p in _find_slides(slides)]
+        entries, skipped = _find_slides(slides)
+        others = _skipped_line(skipped)
         if not entries:
-            raise DataError(f'no slide files ({", ".join(reader.SLIDE_EXTENSIONS)}) under '
-                            f'{slides}')
+            raise DataError(f'no slide files ({reader.SLIDE_FORMATS}) under {slides}'
+                            + (f'; it has {others}' if others else ''))
+        if others:
+            log.warning('tile: skipped %s (under %s)', others, slides)
     if not entries:
         raise DataError(f'{slides} lists no slides')
     return entries   # slides sharing an id are rows of their own (tile_slides)
@@ -297,6 +353,8 @@ def _resolution(slide, entry: SlideEntry, params: TileParams):
     own = reader.level0_resolution(slide, default=params.mpp_default or None,
                                    default_origin=DEFAULT_ORIGIN)
     if not params.mpp_override:
+        if own.mpp is not None and own.implausible:
+            return own, f'{DEFAULT_ORIGIN} {own.mpp:g} used: {own.implausible}'
         return own, ''
     forced = reader.Resolution(params.mpp_override, OVERRIDE_ORIGIN)
     if own.mpp is None or own.origin == DEFAULT_ORIGIN or \
@@ -307,6 +365,10 @@ def _resolution(slide, entry: SlideEntry, params: TileParams):
 
 
 def _no_mpp_reason(res: reader.Resolution) -> str:
+    if res.implausible:
+        return (f'{res.implausible}: set --config.tile.mpp_default=... (used for slides '
+                f'without a usable µm/px) or the slide CSV\'s "mpp" column '
+                f'(tile.slides=slides.csv)')
     if res.origin == reader.NO_MPP_ORIGIN:
         return (f'{res.origin}: give it with --config.tile.mpp_default=... (used only for '
                 f'slides without µm/px) or in an "mpp" column of a slide CSV '
@@ -316,26 +378,150 @@ def _no_mpp_reason(res: reader.Resolution) -> str:
             f'of the list has that µm/px')
 
 
-def _qc_picture(thumb, mask_small, coords, size0, downsample, title) -> np.ndarray:
-    """Thumbnail, tissue contour (green) and kept patches (blue squares)."""
+def _no_mpp_title(res: reader.Resolution) -> str:
+    """The QC picture's words for a slide without a usable µm/px: what, and the fix."""
+    if res.implausible:
+        return f'{res.implausible}: set tile.mpp_default or the CSV mpp column'
+    if res.origin == reader.NO_MPP_ORIGIN:
+        return 'no µm/px: set tile.mpp_default or the CSV mpp column'
+    return f'{res.origin}: set the CSV mpp column'
+
+
+# The QC picture is at least this wide, so its words stay readable over a narrow slide.
+QC_MIN_WIDTH = 720
+QC_GREEN, QC_BLUE = (0, 170, 0), (30, 60, 220)
+# Without µm/px: the holes filled and the specks dropped, as shares of the picture.
+QC_HOLE_SHARE, QC_SPECK_SHARE = 1e-3, 2e-4
+
+
+def _qc_picture(thumb, mask_small, coords, size0, downsample, lines,
+                thumb_mpp: Optional[float]) -> np.ndarray:
+    """Thumbnail, tissue contour (green) and kept patches (blue squares) under `lines` of
+    words, with a scale bar in µm when `thumb_mpp` (µm per thumbnail px) is known."""
+    from PIL import Image, ImageDraw
     image = thumb.copy()
     h, w = image.shape[:2]
     contour_mask = cv2.resize(mask_small.astype(np.uint8), (w, h),
                               interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(contour_mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     thick = max(1, round(max(h, w) / 600))
-    cv2.drawContours(image, contours, -1, (0, 170, 0), thick, cv2.LINE_AA)
+    cv2.drawContours(image, contours, -1, QC_GREEN, thick, cv2.LINE_AA)
     for x, y in coords:
         p0 = (int(x / downsample), int(y / downsample))
         p1 = (int((x + size0) / downsample) - 1, int((y + size0) / downsample) - 1)
-        cv2.rectangle(image, p0, p1, (30, 60, 220), 1)
-    # The title on a white band, as large as fits the width (between 0.35 and 0.8).
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    (text_w, text_h), _ = cv2.getTextSize(title, font, 1.0, 1)
-    scale = min(0.8, max(0.35, (w - 8) / text_w))
-    band = np.full((int(text_h * scale * 1.8) + 6, w, 3), 255, np.uint8)
-    cv2.putText(band, title, (4, band.shape[0] - 6), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.concatenate([band, image], axis=0)
+        cv2.rectangle(image, p0, p1, QC_BLUE, 1)
+    font, micro = _qc_font(15)
+    if not micro:
+        lines = [line.replace('µ', 'u') for line in lines]
+    width = max(w, QC_MIN_WIDTH)
+    text = [part for line in lines for part in _wrapped(line, font, width - 12)]
+    line_h = 20
+    band = len(text) * line_h + 10
+    canvas = Image.new('RGB', (width, band + h), (255, 255, 255))
+    canvas.paste(Image.fromarray(image), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(text):
+        draw.text((6, 5 + i * line_h), line, fill=(0, 0, 0), font=font)
+    if thumb_mpp:
+        _scale_bar(draw, font, thumb_mpp, w, band + h, 'µm' if micro else 'um')
+    return np.asarray(canvas)
+
+
+def _qc_font(size: int):
+    """(a scalable font, whether it draws µ): DejaVu Sans where the system has it, else
+    Pillow's own (which has no µ: the picture then says um; its PNG text keeps µm)."""
+    from PIL import ImageFont
+    try:
+        font = ImageFont.truetype('DejaVuSans.ttf', size)
+    except OSError:
+        try:
+            font = ImageFont.load_default(size)
+        except (TypeError, OSError):   # without FreeType: a bitmap font, ASCII
+            return ImageFont.load_default(), False
+    missing = font.getmask('\uffff')
+    micro = font.getmask('µ')
+    return font, (micro.size != missing.size or bytes(micro) != bytes(missing))
+
+
+def _wrapped(line: str, font, width: int) -> List[str]:
+    """`line` broken at spaces into pieces at most `width` px wide in `font`."""
+    out, current = [], ''
+    for word in line.split(' '):
+        trial = f'{current} {word}' if current else word
+        if current and font.getlength(trial) > width:
+            out.append(current)
+            current = word
+        else:
+            current = trial
+    return out + [current]
+
+
+def _scale_bar(draw, font, mpp: float, w: int, bottom: int, um: str):
+    """A bar of a round length in µm (about a fifth of the width) at the bottom left."""
+    target = w * mpp / 5
+    length = max((m * 10 ** e for e in range(-1, 6) for m in (1, 2, 5)
+                  if m * 10 ** e <= target), default=0.1)
+    px = max(1, round(length / mpp))
+    label = f'{length / 1000:g} mm' if length >= 1000 else f'{length:g} {um}'
+    label_w = font.getlength(label)
+    x0, y1 = 8, bottom - 8
+    draw.rectangle((x0 - 4, y1 - 30, x0 + max(px, label_w) + 4, y1 + 4), fill=(255, 255, 255))
+    draw.rectangle((x0, y1 - 6, x0 + px, y1), fill=(0, 0, 0))
+    draw.text((x0, y1 - 28), label, fill=(0, 0, 0), font=font)
+
+
+def _write_qc(out_dir: str, entry: SlideEntry, picture: np.ndarray, lines: List[str]) -> str:
+    """masks/<id>.png, its words also in the PNG's text ("Title")."""
+    ok, encoded = cv2.imencode('.png', cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    path = coords_lib.slide_path(os.path.join(out_dir, MASKS_DIR), entry.slide_id, '.png')
+    with _writing(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_write(path) as tmp, open(tmp, 'wb') as f:
+            f.write(_with_text(encoded.tobytes(), 'Title', '\n'.join(lines)))
+    return path
+
+
+def _with_text(png: bytes, key: str, text: str) -> bytes:
+    """`png` with an iTXt chunk (UTF-8 text) after its header chunk."""
+    data = key.encode('latin-1') + b'\0\0\0\0\0' + text.encode('utf-8')
+    chunk = (len(data).to_bytes(4, 'big') + b'iTXt' + data
+             + zlib.crc32(b'iTXt' + data).to_bytes(4, 'big'))
+    end_of_header = 8 + 4 + 4 + 13 + 4   # signature, IHDR's length, type, data, CRC
+    return png[:end_of_header] + chunk + png[end_of_header:]
+
+
+def _no_grid_row(slide, direct, entry, params, out_dir, status, reason, title) -> dict:
+    """The row of a slide without a usable µm/px (none, or one no scan has), after its QC
+    picture: the thumbnail and its tissue, no grid, `title` saying what to set. A slide
+    whose thumbnail cannot be made keeps its row, which says so."""
+    try:
+        picture = _no_grid_picture(slide, direct, entry, params, title)
+    except OutputError:
+        raise
+    except Exception as e:  # a slide whose pixels do not decode: its row says what it is
+        log.debug('tile: %s: no QC picture', entry.slide_id, exc_info=True)
+        return _row(entry, status, f'{reason}; no QC picture ({entry.path}: '
+                    f'{type(e).__name__}: {" ".join(str(e).split())})')
+    if picture is not None:
+        _write_qc(out_dir, entry, *picture)
+    return _row(entry, status, reason)
+
+
+def _no_grid_picture(slide, direct, entry, params, title):
+    downsample = max(1.0, max(slide.dimensions) / QC_MAX_SIDE)
+    if reader.thumbnail_problem(slide, downsample, direct) is not None:
+        return None
+    thumb, ds = reader.thumbnail(slide, downsample, tiles=direct)
+    # Holes and specks by their share of the picture (the keys in µm² need µm/px).
+    area = thumb.shape[0] * thumb.shape[1]
+    by_share = dataclasses.replace(params.detection, max_hole_um2=area * QC_HOLE_SHARE,
+                                   min_area_um2=area * QC_SPECK_SHARE)
+    mask = tissue.tissue_mask(thumb, 1.0, by_share)
+    lines = [f'{entry.slide_id}: no patch grid', title,
+             f'green: tissue, holes under {QC_HOLE_SHARE:.1%} and specks under '
+             f'{QC_SPECK_SHARE:.2%} of the picture left out (tile.max_hole_um2 and '
+             f'tile.min_area_um2 need µm/px)']
+    return _qc_picture(thumb, mask, np.zeros((0, 2), np.int64), 1, ds, lines, None), lines
 
 
 def _bad_id_row(entry: SlideEntry) -> Optional[dict]:
@@ -367,7 +553,8 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
     except Exception as e:  # a truncated file fails while reading its pixels; any failure
         # of one slide is that slide's row, never the end of the job
         log.debug('tile: %s failed', entry.slide_id, exc_info=True)
-        return _row(entry, UNREADABLE, f'{type(e).__name__}: {" ".join(str(e).split())}')
+        return _row(entry, UNREADABLE, f'{entry.path}: {type(e).__name__}: '
+                    f'{" ".join(str(e).split())}')
     finally:
         slide.close()
 
@@ -376,7 +563,9 @@ def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
     """`direct`: the slide's slides.tiles.TiffTiles (or None), for its hidden levels."""
     res, mpp_note = _resolution(slide, entry, params)
     if res.mpp is None:
-        return _row(entry, NO_MPP, _no_mpp_reason(res))
+        return _no_grid_row(slide, direct, entry, params, out_dir,
+                            BAD_MPP if res.implausible else NO_MPP, _no_mpp_reason(res),
+                            _no_mpp_title(res))
     if res.origin.startswith('estimated'):
         log.warning('%s: level-0 µm/px %s (%s)', entry.slide_id, f'{res.mpp:.4g}', res.origin)
     width, height = slide.dimensions
@@ -414,16 +603,15 @@ def _tile_open_slide(slide, direct, entry, params, out_dir) -> dict:
              'tiling_inputs': json.dumps(_key_inputs(entry, params), sort_keys=True,
                                          default=str),
              'tissue_fraction': float(mask.mean()), 'tiling_note': note, **grid_attrs}
-    title = (f'{entry.slide_id}: {len(kept)} patches of {params.patch_size} px at '
-             f'{params.target_mpp:g} um/px ({size0} px at level 0)')
+    lines = [f'{entry.slide_id}: {len(kept)} patches kept',
+             f'patch tile.patch_size {params.patch_size} px at tile.target_mpp '
+             f'{params.target_mpp:g} µm/px = {params.patch_size * params.target_mpp:g} µm '
+             f'({size0} px at level 0); tile.overlap {params.overlap}; tile.min_tissue '
+             f'{params.min_tissue:g}',
+             f'level-0 µm/px {res.mpp:.4g} ({res.origin}); green: tissue, blue: kept patches']
     qc_thumb, qc_ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE, direct)
-    qc = _qc_picture(qc_thumb, mask, kept, size0, qc_ds, title)
-    qc_path = coords_lib.slide_path(os.path.join(out_dir, MASKS_DIR), entry.slide_id, '.png')
-    ok, encoded = cv2.imencode('.png', cv2.cvtColor(qc, cv2.COLOR_RGB2BGR))
-    with _writing(qc_path):
-        os.makedirs(os.path.dirname(qc_path), exist_ok=True)
-        with atomic_write(qc_path) as tmp, open(tmp, 'wb') as f:
-            f.write(encoded.tobytes())
+    qc = _qc_picture(qc_thumb, mask, kept, size0, qc_ds, lines, res.mpp * qc_ds)
+    qc_path = _write_qc(out_dir, entry, qc, lines)
     if not len(kept):
         return _row(entry, NO_TISSUE, f'no patch with tissue >= tile.min_tissue '
                     f'{params.min_tissue:g} (tissue {tissue_fraction:.1%} of the slide; see '
@@ -667,7 +855,7 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
         if row['status'] != TILED:
             _clear_stale(out_dir, entry)
             log.warning('tile: %s %s: %s', entry.slide_id, row['status'], row['reason'])
-        elif row['reason'].startswith(OVERRIDE_ORIGIN):
+        elif row['reason'].startswith((OVERRIDE_ORIGIN, DEFAULT_ORIGIN)):
             log.warning('tile: %s: %s', entry.slide_id, row['reason'])
         before = redo.get(entry.slide_id)
         if before is not None and row['level0_mpp'] and row['level0_mpp'] != before.mpp:
