@@ -242,9 +242,6 @@ def test_a_splits_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert read_splits(str(splits)) == {'névus_1': ('train', '')}
 
 
-@pytest.mark.xfail(strict=True, reason='slides/tiling.py reads tile.slides itself (utf-8-sig, '
-                   'no UnicodeDecodeError handling); its owner is to use '
-                   'fileio.read_csv_rows there')
 def test_a_slides_csv_that_is_not_utf8_is_one_line(tmp_path, capsys):
     slides = tmp_path / 'slides.csv'
     slides.write_bytes(f'path,slide_id\n{DEMO_SLIDE},névus\n'.encode('latin-1'))

@@ -62,7 +62,7 @@ import cv2
 import numpy as np
 import tqdm
 
-from clusiam_jax import interrupts
+from clusiam_jax import fileio, interrupts
 from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.slides import aligned_grid, reader, tiles, tissue
@@ -179,30 +179,28 @@ def _skipped_line(skipped: Dict[str, int]) -> str:
 
 def _read_slide_csv(path: str) -> List[SlideEntry]:
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline='', encoding='utf-8-sig') as f:   # Excel writes a BOM
-        rows = csv.DictReader(f)
-        columns = [c.strip() for c in (rows.fieldnames or [])]
-        if 'path' not in columns:
-            raise DataError(f'{path} has no "path" column (columns: {columns}); expected '
-                            f'path[,slide_id][,mpp][,label]')
-        rows.fieldnames = columns
-        entries = []
-        for line, row in enumerate(rows, start=2):
-            raw = (row.get('path') or '').strip()
-            if not raw:
-                raise DataError(f'{path}:{line}: empty "path"')
-            slide_path = raw if os.path.isabs(raw) else os.path.join(base, raw)
-            slide_path = _dicom_folder_file(os.path.abspath(slide_path))
-            mpp_text = (row.get('mpp') or '').strip()
-            try:
-                mpp = float(mpp_text) if mpp_text else None
-            except ValueError:
-                raise DataError(f'{path}:{line}: "mpp" is not a number: {mpp_text!r}') from None
-            if mpp is not None and not mpp > 0:
-                raise DataError(f'{path}:{line}: "mpp" must be positive, got {mpp_text}')
-            entries.append(SlideEntry((row.get('slide_id') or '').strip()
-                                      or reader.slide_id_of(slide_path), slide_path, mpp,
-                                      (row.get('label') or '').strip()))
+    # One reader for every CSV a user gives: a BOM, a non-UTF-8 file, a broken one.
+    columns, rows = fileio.read_csv_rows(path, 'tile.slides CSV')
+    if 'path' not in columns:
+        raise DataError(f'{path} has no "path" column (columns: {columns}); expected '
+                        f'path[,slide_id][,mpp][,label]')
+    entries = []
+    for line, row in enumerate(rows, start=2):
+        raw = (row.get('path') or '').strip()
+        if not raw:
+            raise DataError(f'{path}:{line}: empty "path"')
+        slide_path = raw if os.path.isabs(raw) else os.path.join(base, raw)
+        slide_path = _dicom_folder_file(os.path.abspath(slide_path))
+        mpp_text = (row.get('mpp') or '').strip()
+        try:
+            mpp = float(mpp_text) if mpp_text else None
+        except ValueError:
+            raise DataError(f'{path}:{line}: "mpp" is not a number: {mpp_text!r}') from None
+        if mpp is not None and not mpp > 0:
+            raise DataError(f'{path}:{line}: "mpp" must be positive, got {mpp_text}')
+        entries.append(SlideEntry((row.get('slide_id') or '').strip()
+                                  or reader.slide_id_of(slide_path), slide_path, mpp,
+                                  (row.get('label') or '').strip()))
     return entries
 
 
