@@ -121,6 +121,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.map_alpha = 0.5          # cluster maps: colour opacity over the thumbnail
     c.export.annotations = ''         # cluster maps: folder of <slide_id>.geojson/.xml contours
     c.export.qupath = False           # also qupath/<slide>.geojson: clusters as QuPath tiles
+    c.export.atlas = False            # also atlas/index.html: each cluster's typical patches
 
     # Tiling whole slides (python launch.py --mode tile), docs/method.md §9.
     c.tile = ml_collections.ConfigDict()

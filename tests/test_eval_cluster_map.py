@@ -13,11 +13,14 @@ from PIL import Image
 
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.eval.cluster_map import (
+    HE_REFERENCES,
     _srgb_to_lab,
     cluster_palette,
+    delta_e_2000,
     draw_cluster_map,
     draw_export_maps,
     header_height,
+    in_he_hues,
     legend_font_size,
     map_background,
     title_font_size,
@@ -30,14 +33,53 @@ def _blend(under, color, alpha):
                     + alpha * np.asarray(color, float)).astype(np.uint8)
 
 
-def test_palette_has_100_clearly_distinct_colors():
+def test_delta_e_2000_matches_sharmas_test_pairs():
+    # Sharma, Wu & Dalal (2005), Table 1: pairs 1, 3, 7, 13, 17, 19, 25, 34.
+    pairs = [((50, 2.6772, -79.7751), (50, 0, -82.7485), 2.0425),
+             ((50, 2.8361, -74.0200), (50, 0, -82.7485), 3.4412),
+             ((50, 0, 0), (50, -1, 2), 2.3669),
+             ((50, 2.5, 0), (56, -27, -3), 31.9030),
+             ((50, 2.5, 0), (50, 3.1736, 0.5854), 1.0),
+             ((50, 2.5, 0), (50, 3.2972, 0), 1.0),
+             ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644),
+             ((2.0776, 0.0795, -1.1350), (0.9033, -0.0636, -0.5514), 0.9082)]
+    a, b, want = (np.array(v, float) for v in zip(*pairs))
+    np.testing.assert_allclose(delta_e_2000(a, b), want, atol=1e-4)
+    np.testing.assert_allclose(delta_e_2000(b, a), want, atol=1e-4)
+
+
+def _min_pairwise(colors):
+    lab = _srgb_to_lab(colors / 255.0)
+    dist = delta_e_2000(lab[:, None], lab[None])
+    np.fill_diagonal(dist, np.inf)
+    return dist.min()
+
+
+def test_palette_colors_stay_distinct_and_away_from_h_and_e():
+    """CIEDE2000 (about 2: just noticeable; 10+: another color at a glance). Ten colors:
+    more than 20 apart, clearly different hues or lightness (no three reds or blues: the
+    old CIE76 palette's three blues were 16 apart). A hundred colors cannot all be that
+    far apart in sRGB (the best known sets of 100 reach about 9); more than 7.5, what this
+    palette reaches (7.7) and above a fixed Glasbey palette's 7.0. Every color more than
+    20 from H&E's haematoxylin (80, 60, 140), eosin (230, 150, 190) and white glass (and
+    the darker, deeper, mixed and pale variants), and none with a hue of H&E."""
     colors = cluster_palette(128)
     assert colors.shape == (128, 3) and colors.dtype == np.uint8
-    lab = _srgb_to_lab(colors[:100] / 255.0)
-    dist = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
-    np.fill_diagonal(dist, np.inf)
-    assert dist.min() > 15            # CIE76 delta-E: distinct at a glance
-    np.testing.assert_array_equal(cluster_palette(10), colors[:10])
+    assert _min_pairwise(colors[:10]) > 20
+    assert _min_pairwise(colors[:100]) > 7.5
+    for k in (10, 100):                         # computed per K, the same colors
+        np.testing.assert_array_equal(cluster_palette(k), colors[:k])
+    stains = _srgb_to_lab(np.array([[80, 60, 140], [230, 150, 190], [255, 255, 255]]) / 255.0)
+    lab = _srgb_to_lab(colors / 255.0)
+    assert delta_e_2000(lab[:, None], stains[None]).min() > 20
+    assert delta_e_2000(lab[:, None], _srgb_to_lab(HE_REFERENCES / 255.0)[None]).min() > 20
+    assert not in_he_hues(lab).any()
+    # Purple and pink are H&E's: a magenta, a violet and a pink are refused.
+    assert in_he_hues(_srgb_to_lab(np.array([[255, 0, 255], [128, 0, 255], [255, 105, 180]])
+                                   / 255.0)).all()
+    # Overlays show over tissue and white: not too dark, light or grey.
+    assert (lab[:, 0] > 30).all() and (lab[:, 0] < 88).all()
+    assert (np.hypot(lab[:, 1], lab[:, 2]) > 30).all()
 
 
 def test_mosaic_cells_have_cluster_colors_and_background_elsewhere(tmp_path):
@@ -287,3 +329,28 @@ def test_mosaic_maps_replace_mosaic_maps_and_keep_unrecorded_ones(tmp_path):
     assert draw_export_maps(str(out)) == [str(out / 'cluster_maps' / 's1.mosaic.png')]
     with pytest.raises(ConfigError, match='alpha'):
         draw_export_maps(str(out), alpha=-0.1)
+
+
+def test_legend_lists_clusters_in_decreasing_share(tmp_path):
+    """A crafted export whose largest clusters have the highest ids: the legend starts
+    with them, each with its share, not with the 1-patch clusters of low ids."""
+    counts = {0: 1, 1: 1, 2: 1, 4: 2, 5: 6, 9: 9, 11: 20}          # 40 patches
+    ids = np.concatenate([np.full(n, c) for c, n in counts.items()])
+    coords = [(x * 16, y * 16) for y in range(5) for x in range(8)]
+    out = tmp_path / 'export'
+    _write_export(out, None, coords, ids)
+    image = np.asarray(Image.open(draw_export_maps(str(out))[0]).convert('RGB'))
+    top = int(Image.open(out / 'cluster_maps' / 's1.png').text['clusiam_map_top'])
+    legend = image[top:, SLIDE_SIZE[0]:]   # right of the 1024-px map (downsample 1)
+    palette = cluster_palette(128)
+    first_row = {}
+    for c in counts:   # the row where the cluster's swatch (its pure color) starts
+        rows = np.flatnonzero((legend == palette[c]).all(axis=-1).any(axis=1))
+        first_row[c] = rows.min()
+    assert sorted(counts, key=first_row.get) == [11, 9, 5, 4, 0, 1, 2]
+    # Each entry reads `id: patches (share)`; ties by id.
+    from clusiam_jax.eval.cluster_map import legend_order, share_text
+    ordered, n = legend_order(list(counts), list(counts.values()))
+    assert ordered.tolist() == [11, 9, 5, 4, 0, 1, 2] and n.tolist() == [20, 9, 6, 2, 1, 1, 1]
+    assert [share_text(v, 40) for v in (20, 2, 1)] == ['50%', '5.0%', '2.5%']
+    assert share_text(1, 5000) == '<0.1%' and share_text(3, 1000) == '0.3%'

@@ -6,10 +6,14 @@ the canvas is sized from the slide's level-0 dimensions when known, so the map
 lines up with the slide; only when they are unknown does it fall back to the
 extent of the patches (largest coordinate + patch size).
 
+Colors (``cluster_palette``) are chosen for K up to 100 and more: greedy farthest
+points in CIEDE2000 over an sRGB grid, away from H&E's own colors and hues, so no two
+clusters look alike and no overlay reads as stain.
+
 A map may carry a title band above it (its font grows with the map, as does the
 legend's, so both read on a 2048-px map shown on a screen) and a legend on its
-right; the map keeps its own pixel coordinates, shifted down by
-``header_height(...)`` rows when titled.
+right, clusters in decreasing share of the map's patches; the map keeps its own pixel
+coordinates, shifted down by ``header_height(...)`` rows when titled.
 
 ``draw_export_maps`` draws one map per slide of an export (read through
 export/format.py): over a thumbnail found by slide id, else over the slide the
@@ -40,7 +44,7 @@ BACKGROUND_KEY = "clusiam_background"
 BACKGROUNDS = ("slide", "thumbnail", "mosaic")
 # A mosaic map that would replace one drawn over a slide or thumbnail goes here instead.
 MOSAIC_SUFFIX = ".mosaic.png"
-LEGEND_HEADER = "cluster: patches"
+LEGEND_HEADER = "cluster: patches (share)"
 
 
 # ---------------------------------------------------------------------- palette
@@ -59,34 +63,101 @@ def _srgb_to_lab(rgb):
                      200 * (f[..., 1] - f[..., 2])], axis=-1)
 
 
+def delta_e_2000(lab1, lab2):
+    """CIEDE2000 color difference between CIELAB colors (broadcast, shape [..., 3]).
+
+    Unlike the Euclidean CIE76 distance, it does not overrate differences among
+    saturated blues (where CIE76 calls three blues "far apart") nor underrate those among
+    dark and light ones; about 2 is a just noticeable difference and 10 or more reads as
+    another color at a glance (Sharma, Wu & Dalal 2005, whose test pairs it matches)."""
+    lab1, lab2 = np.broadcast_arrays(np.asarray(lab1, np.float64), np.asarray(lab2, np.float64))
+    l1, a1, b1 = np.moveaxis(lab1, -1, 0)
+    l2, a2, b2 = np.moveaxis(lab2, -1, 0)
+    c7 = ((np.hypot(a1, b1) + np.hypot(a2, b2)) / 2) ** 7
+    g = 0.5 * (1 - np.sqrt(c7 / (c7 + 25.0 ** 7)))
+    a1, a2 = (1 + g) * a1, (1 + g) * a2
+    c1, c2 = np.hypot(a1, b1), np.hypot(a2, b2)
+    h1, h2 = np.degrees(np.arctan2(b1, a1)) % 360, np.degrees(np.arctan2(b2, a2)) % 360
+    grey = c1 * c2 == 0
+    dh = h2 - h1
+    dh = np.where(grey, 0, np.where(dh > 180, dh - 360, np.where(dh < -180, dh + 360, dh)))
+    d_hue = 2 * np.sqrt(c1 * c2) * np.sin(np.radians(dh) / 2)
+    l_mean, c_mean, h_sum = (l1 + l2) / 2, (c1 + c2) / 2, h1 + h2
+    h_mean = np.where(grey, h_sum, np.where(np.abs(h1 - h2) > 180,
+                                           np.where(h_sum < 360, h_sum + 360, h_sum - 360),
+                                           h_sum) / 2)
+    t = (1 - 0.17 * np.cos(np.radians(h_mean - 30)) + 0.24 * np.cos(np.radians(2 * h_mean))
+         + 0.32 * np.cos(np.radians(3 * h_mean + 6))
+         - 0.20 * np.cos(np.radians(4 * h_mean - 63)))
+    c_mean7 = c_mean ** 7
+    r_t = (-np.sin(np.radians(60 * np.exp(-(((h_mean - 275) / 25) ** 2))))
+           * 2 * np.sqrt(c_mean7 / (c_mean7 + 25.0 ** 7)))
+    s_l = 1 + 0.015 * (l_mean - 50) ** 2 / np.sqrt(20 + (l_mean - 50) ** 2)
+    s_c, s_h = 1 + 0.045 * c_mean, 1 + 0.015 * c_mean * t
+    d_l, d_c, d_h = (l2 - l1) / s_l, (c2 - c1) / s_c, d_hue / s_h
+    return np.sqrt(d_l ** 2 + d_c ** 2 + d_h ** 2 + r_t * d_c * d_h)
+
+
+# What a cluster color must stay away from: H&E itself, so an overlay never reads as
+# stain. Haematoxylin (nuclei: blue-purple, dark and typical), eosin (stroma, cytoplasm:
+# pink, deep and typical), their mixture (lavender), pale eosin and the white glass.
+HE_REFERENCES = np.array([[80, 60, 140], [50, 30, 100], [230, 150, 190], [200, 100, 170],
+                          [160, 110, 170], [245, 215, 235], [255, 255, 255]], np.uint8)
+# The least CIEDE2000 difference between a cluster color and every H&E reference color.
+HE_MIN_DELTA_E = 20.0
+# CIELAB hue angles (degrees) no cluster color has: H&E's own, purple to pink (its
+# references lie at 305-347 degrees), with a margin of about 20. A raspberry or magenta
+# overlay differs enough from the stain's colors, yet blended over eosin it reads as
+# darker eosin, and a pathologist cannot tell a painted patch from a bare one.
+HE_HUES = (285.0, 20.0)
+# Candidates: an 18-level sRGB grid (5832 colors), neither too dark nor too light to show
+# over tissue and white (CIELAB L* in (30, 88)), and not greyish (chroma above 30: a grey
+# overlay reads as "no cluster").
+_GRID_LEVELS, _LIGHTNESS, _MIN_CHROMA = 18, (30.0, 88.0), 30.0
+
+
+def in_he_hues(lab):
+    """bool [...]: whether CIELAB colors have a hue of H&E (HE_HUES)."""
+    hue = np.degrees(np.arctan2(lab[..., 2], lab[..., 1])) % 360
+    return (hue >= HE_HUES[0]) | (hue < HE_HUES[1])
+
+
 @functools.lru_cache(maxsize=8)
 def _palette(n):
-    # Greedy farthest-point sampling in CIELAB over a grid of sRGB colors: each
-    # new color is the candidate farthest (perceptually) from all chosen ones,
-    # which spreads 100+ colors far better than stepping hues. Very dark and
-    # very light candidates are excluded so every color shows over white
-    # background and pale tissue alike. Deterministic: no randomness.
-    levels = np.linspace(0.0, 1.0, 18)
+    # Greedy farthest-point selection in CIEDE2000 over the candidates: each new color is
+    # the candidate farthest (perceptually) from all the chosen ones and from the H&E
+    # references, which start as "chosen". Deterministic (no randomness, ties to the first
+    # candidate), and a prefix of a longer palette is the shorter palette.
+    levels = np.linspace(0.0, 1.0, _GRID_LEVELS)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
     lab = _srgb_to_lab(grid)
-    keep = (lab[:, 0] > 25) & (lab[:, 0] < 90)
-    grid, lab = grid[keep], lab[keep]
-    chosen = [int(np.argmax(np.hypot(lab[:, 1], lab[:, 2])))]  # most saturated first
-    dist = np.linalg.norm(lab - lab[chosen[0]], axis=1)
-    for _ in range(1, min(n, grid.shape[0])):
+    to_stain = delta_e_2000(lab[:, None], _srgb_to_lab(HE_REFERENCES / 255.0)[None]).min(1)
+    keep = ((lab[:, 0] > _LIGHTNESS[0]) & (lab[:, 0] < _LIGHTNESS[1])
+            & (np.hypot(lab[:, 1], lab[:, 2]) > _MIN_CHROMA) & (to_stain > HE_MIN_DELTA_E)
+            & ~in_he_hues(lab))
+    grid, lab, dist = grid[keep], lab[keep], to_stain[keep]
+    chosen = []
+    for _ in range(min(n, grid.shape[0])):
         nxt = int(np.argmax(dist))
         chosen.append(nxt)
-        dist = np.minimum(dist, np.linalg.norm(lab - lab[nxt], axis=1))
+        dist = np.minimum(dist, delta_e_2000(lab, lab[nxt]))
     colors = np.round(grid[chosen] * 255).astype(np.uint8)
+    if len(colors) < n:   # more clusters than candidates: colors repeat
+        colors = np.resize(colors, (n, 3))
     colors.setflags(write=False)
     return colors
 
 
 def cluster_palette(n=128):
-    """[n, 3] uint8 colors, pairwise distinct and perceptually spread.
+    """[n, 3] uint8 colors, pairwise distinct and away from H&E, computed once per n.
 
-    Cluster id c gets ``cluster_palette(K)[c % K]``; the first colors are the
-    most distinct, so a few clusters get very different colors.
+    Cluster id c gets ``cluster_palette(K)[c % K]``; the first colors are the most
+    distinct (a prefix of a longer palette is the shorter one), so a few clusters get
+    very different colors. None has a hue of H&E (HE_HUES), each differs by more than
+    HE_MIN_DELTA_E from every HE_REFERENCES color. Measured (CIEDE2000): at least 23.8
+    between any two of the first 10 colors, 7.7 among the first 100 (a fixed Glasbey
+    palette, colorcet's glasbey_bw_minc_20: 29 and 7.0, but 3 of its first 10 and 30 of
+    its first 100 within 20 of an H&E color, its 6th, a pink, 8 from eosin).
     """
     return np.array(_palette(int(n)))
 
@@ -142,15 +213,34 @@ def _title_band(title, width, map_height, map_width):
     return np.asarray(band)
 
 
+def share_text(count, total):
+    """A share as a legend or atlas shows it: `45%`, `4.5%`, `0.3%`, `<0.1%`."""
+    share = 100.0 * count / max(total, 1)
+    if share >= 10 or share == 0:
+        return f"{share:.0f}%"
+    return f"{share:.1f}%" if share >= 0.05 else "<0.1%"
+
+
+def legend_order(ids, counts):
+    """The legend's order of (ids, counts): decreasing patch count (share), ties by id,
+    so the few clusters covering most of a slide come first, not among 1-patch ones."""
+    ids, counts = np.asarray(ids), np.asarray(counts)
+    order = np.lexsort((ids, -counts))
+    return ids[order], counts[order]
+
+
 def _legend(ids, counts, colors, map_height):
-    """A white panel: a "cluster: patches" header over each column, then one row per
-    cluster with its color swatch, id and patch count; font and rows scale with the
-    map's height. At least as high as the map, and high enough for 16 rows (or all)."""
+    """A white panel: a "cluster: patches (share)" header over each column, then one row
+    per cluster, in the order given, with its color swatch, id, patch count and share of
+    the slide's patches; font and rows scale with the map's height. At least as high as
+    the map, and high enough for 16 rows (or all)."""
     size = legend_font_size(map_height)
     font = ImageFont.load_default(size=size)
     row = int(round(1.5 * size))
     pad, gap = max(6, size // 2), max(4, size // 3)
-    labels = [f"{int(cid)}: {int(count)}" for cid, count in zip(ids, counts)]
+    total = int(np.sum(counts))
+    labels = [f"{int(cid)}: {int(count)} ({share_text(count, total)})"
+              for cid, count in zip(ids, counts)]
     entry = size + gap + max(font.getlength(text) for text in labels)
     column_width = int(math.ceil(max(entry, font.getlength(LEGEND_HEADER)))) + 2 * gap
     height = max(map_height, 2 * pad + row * (1 + min(len(ids), 16)))
@@ -214,8 +304,9 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
       background: mosaic canvas color (no thumbnail).
       num_clusters: palette size K (default: max id + 1, at least 1); cluster c
         gets palette color c % K of ``cluster_palette(max(K, 128))``.
-      legend: append a panel on the right with a "cluster: patches" header and each
-        cluster's color, id and patch count; its font grows with the map's height.
+      legend: append a panel on the right with a "cluster: patches (share)" header and
+        each cluster's color, id, patch count and share of the map's patches, in
+        decreasing share (``legend_order``); its font grows with the map's height.
       out_path: if given, the image is saved there as PNG, recording in its text
         what it was drawn over (``clusiam_background``: 'thumbnail' or 'mosaic'),
         the row the map starts at (``clusiam_map_top``) and the downsample.
@@ -285,7 +376,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
         image = draw_contours(image, annotations, downsample)
 
     if legend and cluster_ids.size:
-        ids, counts = np.unique(cluster_ids, return_counts=True)
+        ids, counts = legend_order(*np.unique(cluster_ids, return_counts=True))
         panel = _legend(ids, counts, palette[ids % k], map_height=height)
         if panel.shape[0] > height:   # short maps: extend with background below
             pad = np.empty((panel.shape[0] - height, width, 3), np.uint8)
@@ -380,7 +471,7 @@ def _slide_thumbnail(slide_id, path, dimensions, max_side):
         slide.close()
 
 
-def _read_info(out_dir):
+def read_export_info(out_dir):
     """The export's export_info.json as a dict; {} when missing or unreadable."""
     path = os.path.join(out_dir, fmt.INFO_NAME)
     try:
@@ -492,7 +583,7 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
         raise ConfigError(f"the cluster map's max_side must be at least 16 px; got {max_side}")
     rows = fmt.read_export_manifest(out_dir)
     data = fmt.read_export(out_dir)
-    info = _read_info(out_dir)
+    info = read_export_info(out_dir)
     written = []
     for row in rows:
         slide_id = row["slide_id"]

@@ -1,0 +1,473 @@
+"""Cluster atlas: what each cluster *is*, shown by its most typical patches.
+
+For every cluster with patches, `<export>/atlas/cluster_<id>.png` is a sheet: a caption
+(the cluster's color as on the maps, its id, its share of the export's patches and the
+number of slides it appears in) over a grid of its most typical patches, each labelled
+with its slide; `<export>/atlas/index.html` shows them all, clusters in decreasing
+share, with a table of contents. The page is self-contained: inline CSS and one inline
+script (it says when an image did not load), the sheets as relative files of the same
+folder; no font, style, script or image from elsewhere, so it opens offline, from a copy
+of the folder (keep index.html with its PNGs).
+
+Most typical = highest softmax probability of the cluster, among the patches assigned to
+it, from the exported `cluster_logits`: patches are ranked by the log-odds
+``logit_c - logsumexp(other logits)``, the same order as the probability but without its
+float32 saturation at 1.0 (an export without logits ranks its patches in file order).
+Patches come from several slides: at most ceil(N / slides holding candidates) from one
+slide while other slides have candidates left, the rest filled by the best remaining.
+
+Patches are read as the export saw them: for exports of whole slides, the level-0 square
+at the tiling's coordinates (`patch_size` level-0 px: the tiling's patch at its target
+µm/px) through slides/reader.py, shown at `tile` px; for exports of patch folders, the
+image files of `paths`. A slide that cannot be read is an error naming it (as for the
+maps); a patch file that cannot be read is left out of its grid, with one warning.
+"""
+import collections
+import dataclasses
+import html
+import logging
+import math
+import os
+import re
+from typing import Dict, List, Optional
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from clusiam_jax.atomic import atomic_write
+from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.eval import cluster_map
+from clusiam_jax.export import format as fmt
+
+log = logging.getLogger("clusiam_jax")
+
+ATLAS_DIR = "atlas"
+INDEX_NAME = "index.html"
+PER_CLUSTER = 16      # patches per cluster
+TILE = 192            # px of a patch on the sheet
+COLUMNS = 4
+_SHEET = re.compile(r"^cluster_\d+\.png$")
+
+
+@dataclasses.dataclass
+class Pick:
+    """A patch chosen for a cluster's grid."""
+    slide_id: str
+    index: int          # row in the slide's arrays
+    score: float        # log-odds of the cluster (higher: more typical)
+
+
+@dataclasses.dataclass
+class ClusterEntry:
+    """One cluster of the atlas."""
+    cluster_id: int
+    n_patches: int
+    n_slides: int
+    top_slides: List[tuple]                 # [(slide_id, patches of this cluster)]
+    picks: List[Pick]
+    png: Optional[str] = None               # the sheet's path
+    boxes: List[tuple] = dataclasses.field(default_factory=list)  # (x0, y0, x1, y1) per pick
+
+
+@dataclasses.dataclass
+class Atlas:
+    index: str                              # path of index.html
+    entries: List[ClusterEntry]             # in decreasing share
+    n_patches: int
+    n_slides: int
+    num_clusters: int
+
+
+# ------------------------------------------------------------------ typicality
+
+def typicality(logits, ids):
+    """float64 [N]: each patch's log-odds of its own cluster, ``l_c - logsumexp(l_other)``
+    (monotone in the softmax probability of c, never saturating); zeros without logits
+    or with one cluster."""
+    ids = np.asarray(ids, np.int64)
+    if logits is None or np.asarray(logits).shape[1] < 2:
+        return np.zeros(len(ids))
+    logits = np.asarray(logits, np.float64)
+    rows = np.arange(len(ids))
+    own = logits[rows, ids]
+    others = logits.copy()
+    others[rows, ids] = -np.inf
+    top = others.max(axis=1)
+    return own - (top + np.log(np.exp(others - top[:, None]).sum(axis=1)))
+
+
+def _best_per_cluster(ids, scores, n):
+    """Indices of the (at most) n highest-scoring patches of each cluster, by cluster."""
+    order = np.lexsort((np.arange(len(ids)), -scores, ids))
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    keep = order[rank < n]
+    return {int(c): keep[ids[keep] == c] for c in np.unique(ids[keep])}
+
+
+def choose(candidates, n):
+    """At most n Picks of `candidates` (one cluster's): the most typical first, at most
+    ceil(n / slides) from a slide while other slides have candidates left, then the best
+    remaining; returned most typical first."""
+    ranked = sorted(candidates, key=lambda p: (-p.score, p.slide_id, p.index))
+    cap = max(1, math.ceil(n / max(1, len({p.slide_id for p in ranked}))))
+    taken, per_slide = [], collections.Counter()
+    for pick in ranked:
+        if len(taken) < n and per_slide[pick.slide_id] < cap:
+            taken.append(pick)
+            per_slide[pick.slide_id] += 1
+    chosen = {(p.slide_id, p.index) for p in taken}
+    taken += [p for p in ranked if (p.slide_id, p.index) not in chosen][:n - len(taken)]
+    return sorted(taken, key=lambda p: (-p.score, p.slide_id, p.index))
+
+
+# ---------------------------------------------------------------------- reading
+
+def _export_slides(out_dir, rows):
+    """(slide_id, arrays) per manifest row, one slide in memory at a time (h5 exports;
+    an npz export is read once)."""
+    npz = {row["slide_id"] for row in rows if row["file"].endswith(".npz")}
+    loaded = fmt.read_export(out_dir, slides=npz) if npz else {}
+    for row in rows:
+        slide_id = row["slide_id"]
+        yield slide_id, loaded.pop(slide_id) if slide_id in loaded else \
+            fmt.read_slide(out_dir, row)
+
+
+def _readable(arrays):
+    """bool [N]: the patches whose pixels can be read back (known coordinates on a
+    recorded slide, or a recorded patch file)."""
+    n = len(arrays["cluster_ids"])
+    if arrays.get("slide_path"):
+        return np.all(np.asarray(arrays["coords"]) >= 0, axis=1)
+    if "paths" in arrays:
+        return np.array([bool(p) and "#" not in str(p) for p in arrays["paths"]], bool)
+    return np.zeros(n, bool)
+
+
+def _read_slide_patches(slide_id, info, picks, tile):
+    """{index: uint8 [tile, tile, 3]} of the picks of one slide, read from the slide."""
+    import openslide
+
+    from clusiam_jax.slides import reader, tiles
+    path = info["slide_path"]
+    fix = f"move the slide back to {path}, or draw the atlas where the slides are"
+    try:
+        slide = reader.open_slide(path)
+    except DataError as e:
+        raise DataError(f"atlas: cannot read slide {slide_id} ({e}); {fix}") from None
+    try:
+        dimensions = info.get("level0_dimensions")
+        if dimensions is not None and tuple(slide.dimensions) != tuple(dimensions):
+            raise DataError(f"atlas: {path} is {slide.dimensions[0]} x {slide.dimensions[1]} "
+                            f"px but slide {slide_id} was exported from a {dimensions[0]} x "
+                            f"{dimensions[1]} px slide (another file under that name?); {fix}")
+        out = {}
+        with tiles.opened(path, slide) as direct:
+            for pick in picks:
+                x, y = (int(v) for v in info["coords"][pick.index])
+                out[pick.index] = reader.read_patch(slide, x, y, float(info["patch_size"]),
+                                                    tile, direct)
+        return out
+    except DataError:
+        raise
+    except (openslide.OpenSlideError, ValueError) as e:
+        raise DataError(f"atlas: reading slide {slide_id} ({path}) failed "
+                        f"({' '.join(str(e).split())}); {fix}") from None
+    finally:
+        slide.close()
+
+
+def _read_patch_files(info, picks, tile, unreadable):
+    """{index: uint8 [tile, tile, 3]} of the picks' patch files; the unreadable ones are
+    appended to `unreadable` (path: why) and left out."""
+    from clusiam_jax.data import image_io
+    out = {}
+    for pick in picks:
+        path = str(info["paths"][pick.index])
+        try:
+            rgb = image_io.load_rgb(path)
+        except image_io.BadImageError as e:
+            unreadable.append(str(e))
+            continue
+        if rgb.shape[:2] != (tile, tile):
+            interp = cv2.INTER_AREA if max(rgb.shape[:2]) > tile else cv2.INTER_LINEAR
+            rgb = cv2.resize(rgb, (tile, tile), interpolation=interp)
+        out[pick.index] = rgb
+    return out
+
+
+# ---------------------------------------------------------------------- drawing
+
+def _hex(color):
+    return "#" + "".join(f"{int(v):02x}" for v in color)
+
+
+def _fit(text, font, width):
+    """`text`, shortened with an ellipsis in the middle to fit `width` px."""
+    if font.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 2 and font.getlength(text[:keep // 2] + "…" + text[len(text) - keep // 2:]) \
+            > width:
+        keep -= 1
+    return text[:keep // 2] + "…" + text[len(text) - keep // 2:]
+
+
+def caption_lines(entry, n_patches, n_slides):
+    """The sheet's caption: the title line and the details line."""
+    return (f"Cluster {entry.cluster_id}",
+            f"{cluster_map.share_text(entry.n_patches, n_patches)} of patches "
+            f"({entry.n_patches:,} of {n_patches:,}) · in {entry.n_slides} of {n_slides} "
+            f"slide{'s' if n_slides != 1 else ''}")
+
+
+def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS):
+    """(RGB PIL image, [(x0, y0, x1, y1)] box of each image): the caption (a swatch of
+    `color`, `title`, `details`) over a grid of `images` ([tile, tile, 3] each), each
+    with its label (its slide) below."""
+    columns = max(1, min(columns, len(images))) if images else columns
+    margin, gap = 16, 8
+    title_font = ImageFont.load_default(size=26)
+    text_font = ImageFont.load_default(size=17)
+    label_font = ImageFont.load_default(size=14)
+    label_height = 20
+    grid_width = columns * tile + (columns - 1) * gap
+    swatch = 44
+    text_width = max(title_font.getlength(title), text_font.getlength(details))
+    width = max(grid_width, swatch + 14 + int(math.ceil(text_width))) + 2 * margin
+    header = swatch + 2 * margin
+    rows = math.ceil(len(images) / columns) if images else 1
+    height = header + rows * (tile + label_height + gap) + margin
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.rectangle([margin, margin, margin + swatch - 1, margin + swatch - 1],
+                   fill=tuple(int(v) for v in color), outline=(0, 0, 0), width=2)
+    left = margin + swatch + 14
+    draw.text((left, margin - 2), title, fill=(0, 0, 0), font=title_font)
+    draw.text((left, margin + swatch - 2), details, fill=(60, 60, 60), font=text_font,
+              anchor="lb")
+    draw.line([(margin, header - margin // 2), (width - margin, header - margin // 2)],
+              fill=(200, 200, 200))
+    boxes = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x = margin + (i % columns) * (tile + gap)
+        y = header + (i // columns) * (tile + label_height + gap)
+        sheet.paste(Image.fromarray(np.ascontiguousarray(image)), (x, y))
+        boxes.append((x, y, x + tile, y + tile))
+        draw.text((x + tile // 2, y + tile + 3), _fit(label, label_font, tile),
+                  fill=(70, 70, 70), font=label_font, anchor="mt")
+    if not images:
+        draw.text((margin, header + tile // 2), "no readable patch (see the log)",
+                  fill=(120, 120, 120), font=text_font, anchor="lm")
+    return sheet, boxes
+
+
+# ------------------------------------------------------------------------ atlas
+
+def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
+    """Writes `<out_dir>/atlas/cluster_<id>.png` per cluster with patches and
+    `<out_dir>/atlas/index.html` (see the module docstring); returns the Atlas (None when
+    the model has no cluster head, or the export records neither slides nor patch files).
+    """
+    if int(per_cluster) < 1:
+        raise ConfigError(f"the atlas needs at least 1 patch per cluster; got {per_cluster}")
+    if int(tile) < 16:
+        raise ConfigError(f"the atlas's patches must be at least 16 px; got {tile}")
+    rows = fmt.read_export_manifest(out_dir)
+    counts: Dict[str, np.ndarray] = {}
+    candidates = collections.defaultdict(list)
+    kept = {}                       # slide_id: what reading its picks needs
+    k, readable_any = 0, False
+    for slide_id, arrays in _export_slides(out_dir, rows):
+        if "cluster_ids" not in arrays:
+            log.info("atlas: the model has no cluster head; no atlas")
+            return None
+        ids = np.asarray(arrays["cluster_ids"], np.int64)
+        logits = arrays.get("cluster_logits")
+        if ids.size and ids.min() < 0:
+            raise DataError(f"atlas: slide {slide_id} has negative cluster ids")
+        k = max(k, logits.shape[1] if logits is not None else 0,
+                int(ids.max(initial=-1)) + 1)
+        counts[slide_id] = np.bincount(ids, minlength=1)
+        readable = _readable(arrays)
+        readable_any |= bool(readable.any())
+        rows_ok = np.flatnonzero(readable)
+        scores = typicality(logits[rows_ok] if logits is not None else None, ids[rows_ok])
+        for c, best in _best_per_cluster(ids[rows_ok], scores, int(per_cluster)).items():
+            candidates[c] += [Pick(slide_id, int(rows_ok[i]), float(scores[i])) for i in best]
+        kept[slide_id] = {key: arrays[key] for key in
+                          ("coords", "paths", "slide_path", "patch_size", "level0_dimensions")
+                          if key in arrays}
+    if not readable_any:
+        log.warning("atlas: the export records neither its slides nor its patch files "
+                    "(coordinates and slide_path, or paths); no atlas")
+        return None
+    k = max(k, 1)
+    per_slide = np.zeros((len(counts), k), np.int64)
+    slide_ids = list(counts)
+    for row, slide_id in enumerate(slide_ids):
+        per_slide[row, :len(counts[slide_id])] = counts[slide_id]
+    totals = per_slide.sum(axis=0)
+    n_patches = int(totals.sum())
+
+    entries = []
+    for c in np.lexsort((np.arange(k), -totals)):
+        if totals[c] == 0:
+            continue
+        holders = np.flatnonzero(per_slide[:, c])
+        top = sorted(((slide_ids[s], int(per_slide[s, c])) for s in holders),
+                     key=lambda t: (-t[1], t[0]))
+        entries.append(ClusterEntry(int(c), int(totals[c]), len(holders), top,
+                                    choose(candidates.get(int(c), []), int(per_cluster))))
+
+    images, unreadable = _read_picks(entries, kept, int(tile))
+    if unreadable:
+        log.warning("atlas: %d patch files are unreadable and left out of the grids; the "
+                    "first: %s", len(unreadable), unreadable[0])
+    folder = os.path.join(out_dir, ATLAS_DIR)
+    os.makedirs(folder, exist_ok=True)
+    palette = cluster_map.cluster_palette(max(k, 128))[:k]
+    digits = len(str(k - 1))
+    written = set()
+    for entry in entries:
+        shown = [p for p in entry.picks if (p.slide_id, p.index) in images]
+        entry.picks = shown
+        title, details = caption_lines(entry, n_patches, len(slide_ids))
+        sheet, entry.boxes = draw_sheet([images[(p.slide_id, p.index)] for p in shown],
+                                        [_where(p, kept[p.slide_id]) for p in shown],
+                                        title, details,
+                                        palette[entry.cluster_id], int(tile), int(columns))
+        name = f"cluster_{entry.cluster_id:0{digits}d}.png"
+        entry.png = os.path.join(folder, name)
+        info = PngInfo()
+        info.add_text("Title", title)
+        info.add_text("Description", details)
+        with atomic_write(entry.png) as tmp:   # level 1: 5x faster, 10% larger
+            sheet.save(tmp, format="PNG", pnginfo=info, compress_level=1)
+        written.add(name)
+    for name in os.listdir(folder):   # sheets of clusters that have no patch now
+        if _SHEET.match(name) and name not in written:
+            os.remove(os.path.join(folder, name))
+    atlas = Atlas(os.path.join(folder, INDEX_NAME), entries, n_patches, len(slide_ids), k)
+    page = render_index(atlas, palette, cluster_map.read_export_info(out_dir),
+                        int(per_cluster))
+    with atomic_write(atlas.index) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(page)
+    log.info("cluster atlas: %s (%d clusters)", atlas.index, len(entries))
+    return atlas
+
+
+def _where(pick, info):
+    """A patch's label under its image: its slide and level-0 (x, y), or its file name
+    (patch exports), so that it can be found again."""
+    if info.get("slide_path"):
+        x, y = (int(v) for v in info["coords"][pick.index])
+        return f"{pick.slide_id} · {x}, {y}"
+    return f"{pick.slide_id} · {os.path.basename(str(info['paths'][pick.index]))}"
+
+
+def _read_picks(entries, kept, tile):
+    """({(slide_id, index): image}, [unreadable patch files]) of every pick, each slide
+    opened once."""
+    by_slide = collections.defaultdict(list)
+    for entry in entries:
+        for pick in entry.picks:
+            by_slide[pick.slide_id].append(pick)
+    images, unreadable = {}, []
+    for slide_id, picks in by_slide.items():
+        info = kept[slide_id]
+        if info.get("slide_path"):
+            read = _read_slide_patches(slide_id, info, picks, tile)
+        else:
+            read = _read_patch_files(info, picks, tile, unreadable)
+        images.update({(slide_id, index): image for index, image in read.items()})
+    return images, unreadable
+
+
+# ------------------------------------------------------------------------- page
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial,
+       sans-serif; margin: 24px; color: #222; background: #fff; max-width: 1100px; }
+h1 { margin-bottom: 4px; }
+.meta, .how { color: #555; }
+.swatch { display: inline-block; width: 1.1em; height: 1.1em; border: 1px solid #000;
+          vertical-align: -0.15em; margin-right: 0.4em; }
+table.toc { border-collapse: collapse; margin: 12px 0 24px; }
+table.toc td, table.toc th { padding: 3px 12px; text-align: right; }
+table.toc td:first-child, table.toc th:first-child { text-align: left; }
+table.toc tr:nth-child(even) { background: #f4f4f4; }
+section { margin: 28px 0; padding-top: 8px; border-top: 1px solid #ddd; }
+section h2 { margin: 6px 0; }
+section img { max-width: 100%; height: auto; display: block; margin-top: 8px; }
+#missing { background: #fee; border: 1px solid #c00; padding: 8px; }
+"""
+
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var images = document.images, loaded = 0;
+  for (var i = 0; i < images.length; i++) {
+    if (images[i].complete && images[i].naturalWidth > 0) { loaded++; }
+  }
+  document.body.setAttribute('data-images-loaded', loaded + '/' + images.length);
+  if (loaded < images.length) { document.getElementById('missing').hidden = false; }
+});
+"""
+
+
+def render_index(atlas, palette, info, per_cluster):
+    """The atlas page (see the module docstring)."""
+    esc = html.escape
+    run = []
+    if info.get("workdir"):
+        run.append(f"run {os.path.basename(os.path.normpath(str(info['workdir'])))}")
+    if info.get("checkpoint_step") is not None:
+        run.append(f"step {info['checkpoint_step']}")
+    run.append(f"K={atlas.num_clusters}")
+    title = "Cluster atlas · " + " · ".join(run)
+    n_slides = atlas.n_slides
+    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+             f"<title>{esc(title)}</title>", f"<style>{_STYLE}</style>", "</head>",
+             "<body>", f"<h1>{esc(title)}</h1>",
+             f'<p class="meta">{atlas.n_patches:,} patches of {n_slides} slide'
+             f'{"s" if n_slides != 1 else ""}; {len(atlas.entries)} of '
+             f"{atlas.num_clusters} clusters hold patches, listed by their share of the "
+             f"patches.</p>",
+             f'<p class="how">Each cluster shows its {per_cluster} most typical patches (the '
+             f"highest probability of that cluster), from several slides, most typical "
+             f"first; under each patch, its slide and level-0 x, y (or its file); the "
+             f"cluster's color is the one on the cluster maps.</p>",
+             '<p id="missing" hidden>Some images did not load: keep this page in its '
+             "atlas folder, next to its cluster_*.png files.</p>",
+             '<table class="toc"><tr><th>cluster</th><th>patches</th><th>share</th>'
+             "<th>slides</th></tr>"]
+    for entry in atlas.entries:
+        color = _hex(palette[entry.cluster_id])
+        parts.append(
+            f'<tr><td><span class="swatch" style="background:{color}"></span>'
+            f'<a href="#cluster-{entry.cluster_id}">cluster {entry.cluster_id}</a></td>'
+            f"<td>{entry.n_patches:,}</td>"
+            f"<td>{cluster_map.share_text(entry.n_patches, atlas.n_patches)}</td>"
+            f"<td>{entry.n_slides} of {n_slides}</td></tr>")
+    parts.append("</table>")
+    for entry in atlas.entries:
+        color = _hex(palette[entry.cluster_id])
+        _, details = caption_lines(entry, atlas.n_patches, n_slides)
+        most = ", ".join(f"{esc(slide)} ({cluster_map.share_text(n, entry.n_patches)})"
+                         for slide, n in entry.top_slides[:5])
+        more = len(entry.top_slides) - 5
+        if more > 0:
+            most += f" and {more} more"
+        name = os.path.basename(entry.png)
+        parts += [f'<section id="cluster-{entry.cluster_id}">',
+                  f'<h2><span class="swatch" style="background:{color}"></span>'
+                  f"Cluster {entry.cluster_id}</h2>",
+                  f"<p>{esc(details)}. Its patches by slide: {most}.</p>",
+                  f'<img src="{esc(name)}" alt="the most typical patches of cluster '
+                  f'{entry.cluster_id}">', "</section>"]
+    parts += [f"<script>{_SCRIPT}</script>", "</body>", "</html>", ""]
+    return "\n".join(parts)
