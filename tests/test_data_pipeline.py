@@ -206,7 +206,14 @@ def test_a_source_of_only_unreadable_files_is_a_data_error(tmp_path):
         next(it)
 
 
-def test_stats_are_the_pixel_mean_and_population_std(tmp_path):
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """Normalization caches in a folder of the test's own ($XDG_CACHE_HOME)."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    return tmp_path / 'cache'
+
+
+def test_stats_are_the_pixel_mean_and_population_std(tmp_path, user_cache):
     root = tmp_path / 'd'
     paths = write_patches(str(root), 7, size=20, seed=3)
     pixels = np.concatenate([np.asarray(Image.open(p).convert('RGB')).reshape(-1, 3)
@@ -214,10 +221,12 @@ def test_stats_are_the_pixel_mean_and_population_std(tmp_path):
     loader = data.create_train_loader(data_config(root, batch=2), workdir=str(tmp_path / 'w'))
     np.testing.assert_allclose(loader.mean, pixels.mean(0), rtol=1e-10)
     np.testing.assert_allclose(loader.std, pixels.std(0), rtol=1e-9)
-    assert os.path.exists(root / ('.' + stats_lib.CACHE_NAME))
+    # Cached in the user's cache folder, never inside the data folder (input).
+    assert os.path.exists(stats_lib.cache_file(str(root)))
+    assert sorted(os.listdir(root)) == ['class_0', 'class_1']
 
 
-def test_stats_cache_is_keyed_by_the_file_list(tmp_path, monkeypatch):
+def test_stats_cache_is_keyed_by_the_file_list(tmp_path, user_cache, monkeypatch):
     root = tmp_path / 'd'
     write_patches(str(root), 5, size=16)
     first = data.create_train_loader(data_config(root, batch=2))
@@ -262,7 +271,7 @@ def test_tfds_dataset_yields_exactly_the_source_pixels(tmp_path):
     assert 'tensorflow' not in sys.modules
 
 
-def test_built_dataset_trains_like_its_folder(tmp_path):
+def test_built_dataset_trains_like_its_folder(tmp_path, user_cache):
     src = tmp_path / 'src'
     write_patches(str(src), 9)
     dataset_dir = data.build_dataset(str(src), str(tmp_path / 'built'))
@@ -274,7 +283,8 @@ def test_built_dataset_trains_like_its_folder(tmp_path):
     a = data.create_train_loader(data_config(src))
     b = data.create_train_loader(data_config(tmp_path / 'built'))
     np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12)
-    assert os.path.exists(os.path.join(dataset_dir, stats_lib.CACHE_NAME))
+    assert os.path.exists(stats_lib.cache_file(str(tmp_path / 'built'), dataset_dir))
+    assert not os.path.exists(os.path.join(dataset_dir, stats_lib.CACHE_NAME))
 
 
 def test_to_device_and_prefetch(patch_dir):

@@ -9,6 +9,7 @@
 """
 import json
 import os
+import pathlib
 import shutil
 import signal
 
@@ -172,11 +173,19 @@ def _pixel_stats(paths):
     return pixels.mean(0), pixels.std(0)
 
 
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """Normalization caches in a folder of the test's own ($XDG_CACHE_HOME)."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    return tmp_path / 'cache'
+
+
 def _cache_file(root):
-    return root / ('.' + stats_lib.CACHE_NAME)
+    """Where the statistics of the patch folder `root` are cached (never inside it)."""
+    return pathlib.Path(stats_lib.cache_file(str(root)))
 
 
-def test_a_blank_data_set_is_refused_and_nothing_cached(tmp_path):
+def test_a_blank_data_set_is_refused_and_nothing_cached(tmp_path, user_cache):
     root = tmp_path / 'blank'
     _uniform_patches(root)
     with pytest.raises(DataError, match='blank or uniform') as err:
@@ -185,12 +194,13 @@ def test_a_blank_data_set_is_refused_and_nothing_cached(tmp_path):
     assert not _cache_file(root).exists()
 
 
-def test_a_cached_zero_std_is_not_reused(tmp_path):
+def test_a_cached_zero_std_is_not_reused(tmp_path, user_cache):
     """An entry with std 0 (as earlier versions cached for blank sets) is never used:
     the statistics are computed again from the images."""
     root = tmp_path / 'd'
     paths = write_patches(str(root), 6, size=16)
     key = stats_lib.list_key([r.path for r in data.discover(str(root))])
+    _cache_file(root).parent.mkdir(parents=True)
     _cache_file(root).write_text(json.dumps({key: {'mean': [0.5] * 3, 'std': [0.0] * 3}}))
     loader = data.create_train_loader(data_config(root, batch=2))
     mean, std = _pixel_stats(paths)
@@ -204,7 +214,7 @@ def _break(paths):
             f.write(b'not an image')
 
 
-def test_statistics_of_a_mostly_unreadable_source_are_not_cached(tmp_path):
+def test_statistics_of_a_mostly_unreadable_source_are_not_cached(tmp_path, user_cache):
     """5 of 7 images unreadable: the run gets the statistics of the 2 it can read, the
     cache gets nothing, and once repaired the statistics are those of all 7."""
     root = tmp_path / 'd'
@@ -225,7 +235,7 @@ def test_statistics_of_a_mostly_unreadable_source_are_not_cached(tmp_path):
     np.testing.assert_allclose(repaired.std, std, rtol=1e-9)
 
 
-def test_a_repaired_file_recomputes_cached_statistics(tmp_path):
+def test_a_repaired_file_recomputes_cached_statistics(tmp_path, user_cache):
     """1 of 7 unreadable: the statistics of the 6 are cached (and reused while nothing
     changes); repairing the file recomputes them over all 7."""
     root = tmp_path / 'd'

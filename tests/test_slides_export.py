@@ -190,4 +190,7 @@ def test_npz_from_slides_is_refused_and_pt_files_resume(exported, tmp_path, monk
     exp.pt_files, exp.qupath = True, True
     os.remove(exported['out'] / 'pt_files' / 'alpha.pt')
     cli.export_with(exported['workdir'], exp, None)
-    assert calls == [{'alpha'}] and (exported['out'] / 'pt_files' / 'alpha.pt').exists()
+    # A missing pt file of a finished slide is made from its h5 features: nothing is
+    # embedded again (issue 23 item 8).
+    assert calls == [] and (exported['out'] / 'pt_files' / 'alpha.pt').exists()
+    test_pt_files_hold_the_features(exported)

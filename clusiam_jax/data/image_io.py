@@ -14,6 +14,7 @@ can skip it while any other exception (a bug) still surfaces.
 """
 import io
 import os
+import struct
 
 import cv2
 import numpy as np
@@ -25,6 +26,14 @@ cv2.setNumThreads(1)
 
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 _JPEG_MAGIC = b'\xff\xd8\xff'
+
+
+# An image with a longer side is not a patch (a slide region, a whole slide saved as a
+# plain TIFF): training on it as one patch would crop a speck of it at random.
+MAX_PATCH_SIDE = 4096
+
+# TIFF tags read by tiff_is_slide.
+_IMAGE_WIDTH, _IMAGE_LENGTH, _TILE_WIDTH, _SUBIFDS = 256, 257, 322, 330
 
 
 class BadImageError(ValueError):
@@ -103,3 +112,61 @@ def load_rgb(path: str) -> np.ndarray:
         return decode_rgb(data)
     except BadImageError as e:
         raise BadImageError(f'{os.fspath(path)}: {e}') from None
+
+
+def _tiff_first_ifd(f):
+    """(tags of the first IFD: {tag: first value}, offset of the next IFD) of an open
+    TIFF or BigTIFF file; None when it is not one."""
+    head = f.read(16)
+    if head[:2] not in (b'II', b'MM'):
+        return None
+    order = '<' if head[:2] == b'II' else '>'
+    version = struct.unpack(order + 'H', head[2:4])[0]
+    if version == 42:        # classic: 2-byte count, 12-byte entries, 4-byte offsets
+        offset = struct.unpack(order + 'I', head[4:8])[0]
+        count_fmt, entry_size, value_at, offset_fmt = 'H', 12, 8, 'I'
+    elif version == 43:      # BigTIFF: 8-byte count, 20-byte entries, 8-byte offsets
+        offset = struct.unpack(order + 'Q', head[8:16])[0]
+        count_fmt, entry_size, value_at, offset_fmt = 'Q', 20, 12, 'Q'
+    else:
+        return None
+    f.seek(offset)
+    count_size = struct.calcsize(count_fmt)
+    count = struct.unpack(order + count_fmt, f.read(count_size))[0]
+    if count > 4096:
+        return None
+    table = f.read(count * entry_size + struct.calcsize(offset_fmt))
+    tags = {}
+    for i in range(count):
+        entry = table[i * entry_size:(i + 1) * entry_size]
+        tag, kind = struct.unpack(order + 'HH', entry[:4])
+        value = entry[value_at:]
+        if kind == 3:      # SHORT
+            tags[tag] = struct.unpack(order + 'H', value[:2])[0]
+        elif kind in (4, 13):   # LONG, IFD
+            tags[tag] = struct.unpack(order + 'I', value[:4])[0]
+        elif kind in (16, 18):  # LONG8, IFD8
+            tags[tag] = struct.unpack(order + 'Q', value[:8])[0]
+        else:
+            tags[tag] = None
+    next_ifd = struct.unpack(order + offset_fmt, table[count * entry_size:])[0]
+    return tags, next_ifd
+
+
+def tiff_is_slide(path: str) -> bool:
+    """Whether a .tif/.tiff file is a whole slide, not a patch: a pyramid (more than one
+    image, or reduced levels in SubIFDs as OME-TIFF keeps them), or tiled and larger than
+    MAX_PATCH_SIDE. Reads the first image's header only (a few hundred bytes); a file
+    that is no readable TIFF is not a slide (decoding it tells what it is)."""
+    try:
+        with open(path, 'rb') as f:
+            first = _tiff_first_ifd(f)
+    except (OSError, struct.error):
+        return False
+    if first is None:
+        return False
+    tags, next_ifd = first
+    if next_ifd or _SUBIFDS in tags:
+        return True
+    side = max(tags.get(_IMAGE_WIDTH) or 0, tags.get(_IMAGE_LENGTH) or 0)
+    return _TILE_WIDTH in tags and side > MAX_PATCH_SIDE

@@ -7,6 +7,9 @@ A patch source is one of
     ``x``, ``y`` columns (relative paths are relative to the CSV's folder);
   * a dataset built by :mod:`clusiam_jax.data.tfds_builder` (its ``records.csv``).
 
+A folder holding whole slides (slide formats, pyramidal or tiled large TIFFs) is refused
+with the tiling command: slides are read through a tiling (data/slide_source.py).
+
 Records are sorted by path so that the list, and with it every shuffle drawn
 from the seed, does not depend on the file system's listing order.
 """
@@ -19,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from clusiam_jax.data import image_io
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides.reader import SLIDE_ONLY_EXTENSIONS
 
@@ -95,30 +99,45 @@ def _is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
 
 
+def _is_slide_file(path: str, name: str) -> bool:
+    """Whole-slide formats (.svs, .ndpi, ...), and TIFFs that are pyramids or tiled and
+    larger than a patch (image_io.tiff_is_slide): small plain TIFFs are patches."""
+    lower = name.lower()
+    if lower.endswith(SLIDE_ONLY_EXTENSIONS):
+        return True
+    return lower.endswith(('.tif', '.tiff')) and image_io.tiff_is_slide(path)
+
+
 def discover_folder(root: str) -> List[PatchRecord]:
-    """All image files under ``root`` (any depth, symlinks followed), sorted. Whole-slide
-    files (.svs, .ndpi, ...) are never patches: they are flagged, not trained on."""
+    """All image files under ``root`` (any depth, symlinks followed), sorted. A folder
+    holding whole-slide files (.svs, .ndpi, pyramidal or tiled TIFF, ...) is refused with
+    the tiling command: slides are never patches, and training on the few small images
+    beside them (labels, thumbnails) would look like success."""
     root = os.path.abspath(root)
     records, slides = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith('.')]
         for name in filenames:
-            if _is_image_file(name):
-                records.append(parse_patch_path(os.path.join(dirpath, name), root))
-            elif name.lower().endswith(SLIDE_ONLY_EXTENSIONS):
-                slides.append(os.path.join(dirpath, name))
-    hint = (f'tile slides first: python launch.py --mode tile --config.tile.slides={root} '
-            f'--config.tile.out_dir=TILES, then train with --config.data.path=TILES')
+            if name.startswith('.'):
+                continue
+            path = os.path.join(dirpath, name)
+            if _is_slide_file(path, name):
+                slides.append(path)
+            elif _is_image_file(name):
+                records.append(parse_patch_path(path, root))
+    if slides:
+        slides.sort()
+        beside = f' beside {len(records)} images' if records else ''
+        raise DataError(
+            f'{root} holds {len(slides)} whole-slide file{"s" if len(slides) > 1 else ""} '
+            f'(e.g. {os.path.relpath(slides[0], root)}){beside}, which are not patches: '
+            f'tile them first: python launch.py --mode tile --config.tile.slides={root} '
+            f'--config.tile.out_dir=TILES, then train with --config.data.path=TILES'
+            + (f' (or move the slides out of {root} to train on its images)'
+               if records else ''))
     if not records:
-        if slides:
-            raise DataError(f'{root} holds {len(slides)} whole-slide files (e.g. '
-                            f'{os.path.basename(slides[0])}), not patches: {hint}')
         raise DataError(
             f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
-    if slides:
-        logger.warning('%d whole-slide files under %s are not patches and are left out '
-                       '(e.g. %s); to train on them, %s', len(slides), root,
-                       os.path.basename(slides[0]), hint)
     records.sort(key=lambda r: r.path)
     return records
 

@@ -16,9 +16,9 @@ from clusiam_jax.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-# An image file with a longer side is not a patch (a slide region, a whole slide saved as
-# a plain TIFF): training on it as one patch would crop a speck of it at random.
-MAX_PATCH_SIDE = 4096
+# An image file with a longer side is not a patch (image_io.MAX_PATCH_SIDE); a tiled or
+# pyramidal TIFF that large is a slide, refused when the folder is listed (records.py).
+MAX_PATCH_SIDE = image_io.MAX_PATCH_SIDE
 
 
 class FileSource:

@@ -7,8 +7,11 @@ one size (the usual case) this is exactly the std over all pixels of the set.
 
 The original computed its stats over a glob one level shallower than the one it
 trained on; here they come from the very list the loader trains on (unreadable
-files are skipped, as in training). The result is cached in a JSON file next to
-the source, keyed by a hash of the file list, so a changed list recomputes.
+files are skipped, as in training). The result is cached, keyed by a hash of the file
+list (a changed list recomputes), in the user's cache folder
+(`$XDG_CACHE_HOME/clusiam_jax/stats/<sha1 of the source's path>.json`, default
+`~/.cache`), else in the run's folder: never inside the source, which is input (it may
+be read-only, shared, or another user's).
 
 Statistics that would poison every run reading them are never used or cached: a
 channel with (almost) no spread (a blank or uniform data set: normalizing by it
@@ -35,6 +38,8 @@ from clusiam_jax.errors import DataError
 logger = logging.getLogger(__name__)
 
 CACHE_NAME = 'clusiam_stats.json'
+# Below $XDG_CACHE_HOME (default ~/.cache): one file per patch source.
+CACHE_SUBDIR = os.path.join('clusiam_jax', 'stats')
 _CHUNK = 256
 _SAMPLE_SEED = 0x57A7
 # Below this std (pixels in [0, 1]) a channel is flat: a blank or uniform data set, whose
@@ -165,23 +170,24 @@ def compute_stats(source, num_workers: int = 0, skip_log=None, indices=None,
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def cache_file(data_path: str, dataset_dir: Optional[str] = None) -> str:
+    """The user-level cache file of a patch source (a built dataset: its dataset folder):
+    `$XDG_CACHE_HOME/clusiam_jax/stats/<sha1 of its absolute path>.json`."""
+    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'),
+                                                            '.cache')
+    source = os.path.abspath(dataset_dir if dataset_dir is not None else data_path)
+    digest = hashlib.sha1(os.fsencode(source)).hexdigest()
+    return os.path.join(os.path.abspath(root), CACHE_SUBDIR, f'{digest}.json')
+
+
 def cache_paths(data_path: str, workdir: Optional[str],
                 dataset_dir: Optional[str] = None) -> List[str]:
-    """Where the stats may be cached: next to the source first, then the workdir.
-
-    A built dataset keeps them in its own folder, a patch folder in a hidden
-    file at its root, a manifest in ``<manifest>.clusiam_stats.json``.
-    """
-    data_path = os.path.abspath(data_path)
-    if dataset_dir is not None:
-        first = os.path.join(dataset_dir, CACHE_NAME)
-    elif os.path.isdir(data_path):
-        first = os.path.join(data_path, '.' + CACHE_NAME)
-    else:
-        first = data_path + '.' + CACHE_NAME
-    out = [first]
+    """Where the stats are cached, in order: the user's cache folder (cache_file, shared
+    by every run on the source), then the run's folder (when the first cannot be
+    written). Never inside the source: `data.path` is input."""
+    out = [cache_file(data_path, dataset_dir)]
     if workdir:
-        out.append(os.path.join(workdir, CACHE_NAME))
+        out.append(os.path.join(os.path.abspath(workdir), CACHE_NAME))
     return out
 
 

@@ -216,6 +216,8 @@ class _SlideWriter:
                            attrs, coords_attrs)
         if self.options.pt_files:
             fmt.write_slide_pt(self.out_dir, slide, arrays['features'])
+        elif os.path.exists(fmt.pt_file(self.out_dir, slide)):
+            _refresh_pt(self.out_dir, slide, arrays['features'])
 
     def close(self, n_records: int):
         if self.options.export_format == 'npz':
@@ -234,9 +236,12 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
     """Embeds every patch of `opened` (records, source) into `out_dir`.
 
     A rerun skips the slides already written with the same settings (format.export_key)
-    and patch count. `info` (workdir, data_path, normalization, the run's config) goes
-    into export_info.json and, in part, the files' attributes. Returns the manifest rows
-    (slide_id, n_patches, label, file).
+    and patch count; with `pt_files`, a finished slide without its pt file gets one made
+    from its h5 file's features, without embedding again (pt files change no feature, so
+    they are not part of the export key). `info` (workdir, data_path, normalization, the
+    run's config, `export`: this export's settings) goes into export_info.json and, in
+    part, the files' attributes. Returns the manifest rows (slide_id, n_patches, label,
+    file).
     """
     mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(
         jax.local_devices())
@@ -264,11 +269,12 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
     if fmt_name == 'npz':
         todo = [] if fmt.is_finished(out_dir, 'npz', '', key, len(records)) else list(groups)
     else:
-        todo = [s for s in groups if not fmt.is_finished(out_dir, 'h5', s, key, len(groups[s]))
-                or (options.pt_files and not os.path.exists(fmt.pt_file(out_dir, s)))]
+        todo = [s for s in groups if not fmt.is_finished(out_dir, 'h5', s, key, len(groups[s]))]
     if len(todo) < len(groups):
         log.info('export: %d of %d slides already exported with these settings from step '
                  '%d; skipping them', len(groups) - len(todo), len(groups), step)
+    if options.pt_files:
+        _pt_files_of_finished(out_dir, [s for s in groups if s not in set(todo)])
     writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log,
                           source)
     stream = _Stream(records, groups, todo)
@@ -281,12 +287,40 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
              'label': slide_label(records_lib.labels_of(records, groups[s])),
              'file': fmt.slide_file(fmt_name, s)} for s in groups if s in counts]
     fmt.write_manifest(out_dir, rows)
+    # `config` is the run's: its `export` section (what an export after training would
+    # do) is left out, as `export` holds this export's own settings.
     fmt.write_info(out_dir, dict(
-        info, checkpoint_step=step, format=fmt_name, image_size=options.image_size,
+        info, config={k: v for k, v in info['config'].items() if k != 'export'},
+        checkpoint_step=step, format=fmt_name, image_size=options.image_size,
         with_projection=options.with_projection, n_slides=len(rows),
         n_patches=int(sum(r['n_patches'] for r in rows)), n_skipped=len(skip_log.paths()),
         finished=datetime.datetime.now().isoformat(timespec='seconds')))
     return rows
+
+
+def _refresh_pt(out_dir: str, slide: str, features: np.ndarray):
+    """A pt file an earlier export left beside a slide embedded again is rewritten with
+    it: a pt file never holds other features than its h5 file (pt files added to a
+    finished export are made from the h5). Without torch it is removed instead."""
+    try:
+        fmt.write_slide_pt(out_dir, slide, features)
+    except ImportError:
+        os.remove(fmt.pt_file(out_dir, slide))
+        log.warning('export: removed %s, made with other features (torch is not installed '
+                    'to rewrite it; export.pt_files=True needs it)', fmt.pt_file(out_dir, slide))
+
+
+def _pt_files_of_finished(out_dir: str, slides):
+    """pt_files/<slide>.pt of finished slides that have none, from their h5 file's
+    features (what the slide's pt file would have held had it been written with them)."""
+    missing = [s for s in slides if not os.path.exists(fmt.pt_file(out_dir, s))]
+    for slide in missing:
+        interrupts.check()
+        features = fmt.read_h5_array(os.path.join(out_dir, fmt.slide_file('h5', slide)))
+        fmt.write_slide_pt(out_dir, slide, features)
+    if missing:
+        log.info('export: pt files of %d finished slides written from their h5 features',
+                 len(missing))
 
 
 def _embed_stream(embedder, source, stream, writer, options):

@@ -251,6 +251,9 @@ class ExportJob:
     options: EmbedOptions
     normalization: run_dir.Normalization
     choice: object = 'latest'      # export.checkpoint / --step: latest | best | a step
+    # This export's own settings (the `export` section it was given, resolved against
+    # the run), for export_info.json: the run's config holds its own export section.
+    export_settings: dict = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def slide_ids(self) -> List[str]:
@@ -316,7 +319,8 @@ class ExportJob:
                 'weights_sha256': self.weights_sha256,
                 'checkpoint': self.checkpoint_note,
                 'normalization': self.normalization.to_json(),
-                'config': json.loads(run_dir.config_text(self.run.config))}
+                'config': json.loads(run_dir.config_text(self.run.config)),
+                'export': dict(self.export_settings, checkpoint_step=self.run.step)}
         rows = export_embeddings(embedder, self.opened, self.out_dir, self.options, info)
         n_patches = sum(r['n_patches'] for r in rows)
         if not n_patches:
@@ -327,17 +331,32 @@ class ExportJob:
         return rows
 
 
+def _slide_dir(data_path, exp, trained_on) -> str:
+    """`export.slide_dir`, else the run's `data.slide_dir` when the export reads the
+    run's own data."""
+    return exp.slide_dir or (trained_on.slide_dir if data_path == trained_on.path else '')
+
+
 def _open(data_path, exp, trained_on):
-    """The source to export: `export.slide_dir`, else the run's `data.slide_dir` when the
-    export reads the run's own data; slide sources only as per-slide h5."""
-    slide_dir = exp.slide_dir or (trained_on.slide_dir if data_path == trained_on.path
-                                  else '')
-    opened = sources_lib.open_source(data_path, slide_dir)
+    """The source to export (_slide_dir); slide sources only as per-slide h5."""
+    opened = sources_lib.open_source(data_path, _slide_dir(data_path, exp, trained_on))
     if exp.format == 'npz' and hasattr(opened[1], 'slide_index'):
         raise ConfigError(f'{data_path} is read from whole slides: export it as per-slide '
                           f'h5 files (export.format=h5), which carry each slide\'s tiling '
                           f'attributes and slide path')
     return opened
+
+
+def effective_settings(exp, out_dir: str, data_path: str, choice, options: EmbedOptions,
+                       trained_on) -> dict:
+    """The `export` section this export was given, with what it resolved to: its folder
+    (absolute), the data and slide folder read, the checkpoint chosen, the image size."""
+    settings = json.loads(json.dumps(exp.to_dict(), default=str))
+    settings.update(out_dir=os.path.abspath(out_dir), data_path=data_path,
+                    slide_dir=_slide_dir(data_path, exp, trained_on),
+                    checkpoint=choice if isinstance(choice, int) else str(choice),
+                    image_size=options.image_size)
+    return settings
 
 
 def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalization] = None,
@@ -369,9 +388,11 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     if options.image_size != trained_at:
         log.warning('export: embedding at %d px; the run trained at %d px (data.image_size)',
                     options.image_size, trained_at)
-    job = ExportJob(run=run, data_path=data_path, choice=choice,
-                    out_dir=exp.out_dir or os.path.join(workdir, DEFAULT_DIR),
+    out_dir = exp.out_dir or os.path.join(workdir, DEFAULT_DIR)
+    job = ExportJob(run=run, data_path=data_path, choice=choice, out_dir=out_dir,
                     opened=_open(data_path, exp, run.config.data), options=options,
-                    normalization=resolve_normalization(run, normalization))
+                    normalization=resolve_normalization(run, normalization),
+                    export_settings=effective_settings(exp, out_dir, data_path, choice,
+                                                       options, run.config.data))
     check_out_dir(job.out_dir, options.export_format, workdir, job.settings, job.slide_ids)
     return job
