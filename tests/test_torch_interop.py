@@ -22,7 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from clusiam_jax import convert, run_dir  # noqa: E402
 from clusiam_jax.checkpoint import Checkpointer  # noqa: E402
-from clusiam_jax.errors import ConversionError  # noqa: E402
+from clusiam_jax.errors import ClusiamError, ConversionError  # noqa: E402
 from clusiam_jax.interop import from_torch, to_torch  # noqa: E402
 from clusiam_jax.models import build_network, build_target_encoder  # noqa: E402
 from clusiam_jax.train.trainer import build_trainer  # noqa: E402
@@ -274,3 +274,36 @@ def test_refuses_a_non_checkpoint(tmp_path):
     torch.save({'epoch': 3, 'something': [1, 2]}, path)
     with pytest.raises(ConversionError):
         from_torch.load_torch_checkpoint(path)
+
+
+class _Payload:
+    """A pickle that runs a command when loaded: what a hostile .pth file holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.parametrize('entry', ['convert', 'init_from'])
+def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, capsys, entry):
+    """`convert from-torch` and `train.init_from` read checkpoints with weights_only: a
+    pickle carrying code is one error line and its code never runs."""
+    import pickle
+
+    from clusiam_jax import cli
+    from clusiam_jax.interop.init_from import read_weights
+    marker = tmp_path / 'the_payload_ran'
+    evil = tmp_path / 'model.pth'
+    with open(evil, 'wb') as f:
+        pickle.dump({'state_dict': _Payload(marker)}, f)
+    if entry == 'convert':
+        code = cli.main(['--mode', 'convert', 'from-torch', str(evil), '--out',
+                         str(tmp_path / 'run')])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count('error:') == 1 and 'Traceback' not in err, err
+    else:
+        with pytest.raises(ClusiamError):
+            read_weights(str(evil), None)
+    assert not marker.exists()
