@@ -297,8 +297,9 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         readable_any |= bool(readable.any())
         rows_ok = np.flatnonzero(readable)
         scores = typicality(logits[rows_ok] if logits is not None else None, ids[rows_ok])
+        # Arrays, not Picks: a cohort holds slides x K x per_cluster candidates.
         for c, best in _best_per_cluster(ids[rows_ok], scores, int(per_cluster)).items():
-            candidates[c] += [Pick(slide_id, int(rows_ok[i]), float(scores[i])) for i in best]
+            candidates[c].append((slide_id, rows_ok[best].astype(np.int64), scores[best]))
         kept[slide_id] = {key: arrays[key] for key in
                           ("coords", "paths", "slide_path", "patch_size", "level0_dimensions")
                           if key in arrays}
@@ -321,8 +322,11 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         holders = np.flatnonzero(per_slide[:, c])
         top = sorted(((slide_ids[s], int(per_slide[s, c])) for s in holders),
                      key=lambda t: (-t[1], t[0]))
+        picks = [Pick(slide_id, int(row), float(score))
+                 for slide_id, rows_of, scores_of in candidates.get(int(c), [])
+                 for row, score in zip(rows_of, scores_of)]
         entries.append(ClusterEntry(int(c), int(totals[c]), len(holders), top,
-                                    choose(candidates.get(int(c), []), int(per_cluster))))
+                                    choose(picks, int(per_cluster))))
 
     images, unreadable = _read_picks(entries, kept, int(tile))
     if unreadable:
