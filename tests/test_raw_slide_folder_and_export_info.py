@@ -128,6 +128,7 @@ def test_training_never_writes_into_the_data_folder(trained):
 
 def test_pt_files_added_to_a_finished_export_are_written_from_its_features(
         trained, monkeypatch):
+    torch = pytest.importorskip('torch')
     out = trained['out']
     assert not (out / 'pt_files').exists()
     first = json.loads((out / 'export_info.json').read_text())
@@ -141,7 +142,6 @@ def test_pt_files_added_to_a_finished_export_are_written_from_its_features(
     exp.pt_files, exp.qupath = True, True
     cli.export_with(trained['workdir'], exp, None)
 
-    import torch
     for slide in PATCHES:
         with h5py.File(out / 'h5_files' / f'{slide}.h5', 'r') as f:
             features = f['features'][()]
