@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices, set before JAX is imported."""
 import os
+import tempfile
 
 # Sharding tests compare 1 device with 8; XLA reads this once, at backend start.
 # XLA's backend optimisation level 0 cuts compile times (what dominates these tiny
@@ -7,6 +8,10 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
                       '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Caches the product keeps across runs (normalization statistics) go to a folder of this
+# test session, never to the user's ~/.cache, where an entry of an earlier session could
+# decide a test. Child processes inherit it.
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='clusiam-test-cache-')
 
 
 import pytest

@@ -250,6 +250,15 @@ def test_a_slides_csv_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert f'{slides} is not UTF-8 text (byte 0xe9' in message
 
 
+def test_a_manifest_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    manifest = tmp_path / 'patches.csv'
+    manifest.write_bytes('path,slide_id\npatch_0_0.png,névus\n'.encode('latin-1'))
+    message = one_error(capsys, cli.main(['--config', 'configs/demo.py', '--workdir',
+                                          str(tmp_path / 'run'),
+                                          f'--config.data.path={manifest}']))
+    assert f'{manifest} is not UTF-8 text (byte 0xe9' in message
+
+
 # TensorStore's report of a full disk under an orbax save, as it reaches the main thread.
 TENSORSTORE_ENOSPC = (
     'RESOURCE_EXHAUSTED: Error writing "rng/0" in OCDBT database at local file "/runs/a/'

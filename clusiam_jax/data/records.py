@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from clusiam_jax import fileio
 from clusiam_jax.data import image_io
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides.reader import SLIDE_ONLY_EXTENSIONS
@@ -157,35 +158,33 @@ def _optional_int(value: str, column: str, line: int, csv_path: str):
 def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
     """Records from a manifest CSV (``path`` required; see module docstring)."""
     base = os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline='') as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        if 'path' not in columns:
-            raise DataError(
-                f'manifest {csv_path} has no "path" column (columns: {columns}); '
-                f'expected path[,slide_id][,label][,x,y]')
-        if ('x' in columns) != ('y' in columns):
-            raise DataError(f'manifest {csv_path} has only one of the columns "x", "y"')
-        reader.fieldnames = columns
-        records = []
-        for line, row in enumerate(reader, start=2):
-            raw = (row.get('path') or '').strip()
-            if not raw:
-                raise DataError(f'{csv_path}:{line}: empty "path"')
-            path = raw if os.path.isabs(raw) else os.path.normpath(os.path.join(base, raw))
-            parsed = parse_patch_path(path)
-            slide = (row.get('slide_id') or '').strip() if 'slide_id' in columns else None
-            label = (row.get('label') or '').strip() if 'label' in columns else None
-            if 'x' in columns:
-                x = _optional_int(row.get('x'), 'x', line, csv_path)
-                y = _optional_int(row.get('y'), 'y', line, csv_path)
-            else:
-                x, y = parsed.x, parsed.y
-            records.append(PatchRecord(
-                path=path,
-                slide_id=slide or (None if 'slide_id' in columns else parsed.slide_id),
-                label=label or None,
-                x=x, y=y))
+    # One reader for every CSV a user gives: a BOM, a non-UTF-8 file, a broken one.
+    columns, rows = fileio.read_csv_rows(csv_path, 'manifest')
+    if 'path' not in columns:
+        raise DataError(
+            f'manifest {csv_path} has no "path" column (columns: {columns}); '
+            f'expected path[,slide_id][,label][,x,y]')
+    if ('x' in columns) != ('y' in columns):
+        raise DataError(f'manifest {csv_path} has only one of the columns "x", "y"')
+    records = []
+    for line, row in enumerate(rows, start=2):
+        raw = (row.get('path') or '').strip()
+        if not raw:
+            raise DataError(f'{csv_path}:{line}: empty "path"')
+        path = raw if os.path.isabs(raw) else os.path.normpath(os.path.join(base, raw))
+        parsed = parse_patch_path(path)
+        slide = (row.get('slide_id') or '').strip() if 'slide_id' in columns else None
+        label = (row.get('label') or '').strip() if 'label' in columns else None
+        if 'x' in columns:
+            x = _optional_int(row.get('x'), 'x', line, csv_path)
+            y = _optional_int(row.get('y'), 'y', line, csv_path)
+        else:
+            x, y = parsed.x, parsed.y
+        records.append(PatchRecord(
+            path=path,
+            slide_id=slide or (None if 'slide_id' in columns else parsed.slide_id),
+            label=label or None,
+            x=x, y=y))
     if not records:
         raise DataError(f'manifest {csv_path} lists no patches')
     records.sort(key=lambda r: r.path)
