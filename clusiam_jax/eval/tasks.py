@@ -8,13 +8,19 @@
   clusters  slide-level: a slide's hard and soft cluster composition [2K] + logistic
             regression, weight decay chosen on val
   meanpool  slide-level: a slide's mean patch embedding + the same logistic regression
-  maps      cluster maps of every slide (no splits)
+  maps      cluster maps of every slide, and the cluster atlas (no splits)
 
 Patch tasks label each patch from annotations when given (`--annotations DIR`: the class
 of the polygon its centre is in, else `normal`; a slide without an annotation file is all
 `normal`, as Camelyon16's normal slides), else with its own label when the export has
 `labels` (from the patch source), else with the slide's label (splits file, else the
 export's manifest).
+
+Slide tasks (dsmil, abmil, clusters, meanpool) also report the test set's size
+(`n_test_slides`, `n_test_per_class`), a 95% bootstrap interval over test slides beside
+every score (`confidence_intervals`, how in `bootstrap`; eval/metrics.py) and a `caution`
+when the test set is too small to measure anything (fewer than 20 slides or 5 of a
+class), logged as a warning; the log has a one-line summary of scores and intervals.
 """
 import logging
 import os
@@ -22,6 +28,7 @@ import os
 import numpy as np
 
 from clusiam_jax.errors import DataError
+from clusiam_jax.eval.metrics import format_interval
 from clusiam_jax.eval.splits import read_splits, require_in_export
 from clusiam_jax.export import format as fmt
 
@@ -112,6 +119,19 @@ def _check_seeds_and_epochs(task, seeds, epochs):
         raise DataError(f'{task} needs --epochs of at least 1; got {epochs}')
 
 
+def log_slide_result(result):
+    """Logs a slide task's summary: test-set size, each score with its interval, and the
+    caution (a warning) when the test set is too small. Returns ``result``."""
+    counts = ', '.join(f'{n} {name}' for name, n in result['n_test_per_class'].items())
+    scores = ', '.join(f'{name} {format_interval(ci)}'
+                       for name, ci in result['confidence_intervals'].items())
+    log.info('%s: %d test slides (%s): %s (95%% bootstrap intervals over test slides)',
+             result['task'], result['n_test_slides'], counts, scores)
+    if result['caution']:
+        log.warning('%s: %s', result['task'], result['caution'])
+    return result
+
+
 def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
     from clusiam_jax.eval import dsmil
     _check_seeds_and_epochs('dsmil', seeds, epochs)
@@ -120,7 +140,7 @@ def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
     for r in result['runs']:  # per-epoch history and scores make the line unreadable
         r.pop('history', None)
         r.pop('test_scores', None)
-    return {'task': 'dsmil', **result}
+    return log_slide_result({'task': 'dsmil', **result})
 
 
 def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=100):
@@ -128,24 +148,32 @@ def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=100):
     _check_seeds_and_epochs('abmil', seeds, epochs)
     result = slide_models.run_abmil(splits_path, export_dir, seeds=seeds,
                                     config=slide_models.ABMILConfig(epochs=epochs))
-    return {'task': 'abmil', **result}
+    return log_slide_result({'task': 'abmil', **result})
 
 
 def run_clusters(export_dir, splits_path, seed=0):
     from clusiam_jax.eval import slide_models
     result = slide_models.run_clusters(splits_path, export_dir, seed=seed)
     result.pop('test_probs')  # per-slide scores make the line unreadable
-    return {'task': 'clusters', **result}
+    return log_slide_result({'task': 'clusters', **result})
 
 
 def run_meanpool(export_dir, splits_path, seed=0):
     from clusiam_jax.eval import slide_models
     result = slide_models.run_meanpool(splits_path, export_dir, seed=seed)
     result.pop('test_probs')
-    return {'task': 'meanpool', **result}
+    return log_slide_result({'task': 'meanpool', **result})
 
 
-def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None):
+def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None,
+             atlas=True):
+    """The cluster maps, then (with `atlas`) the cluster atlas (eval/atlas.py): its
+    index.html under 'atlas', None when the export has no cluster head or no pixels."""
+    from clusiam_jax.eval.atlas import write_atlas
     from clusiam_jax.eval.cluster_map import draw_export_maps
-    return {'task': 'maps', 'written': draw_export_maps(export_dir, thumbnail, downsample,
-                                                        alpha, annotations=annotations)}
+    result = {'task': 'maps', 'written': draw_export_maps(export_dir, thumbnail, downsample,
+                                                          alpha, annotations=annotations)}
+    if atlas:
+        drawn = write_atlas(export_dir)
+        result['atlas'] = drawn.index if drawn is not None else None
+    return result
