@@ -9,10 +9,12 @@ state lands on however many devices this run has. Inference restores only the we
 """
 import logging
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from clusiam_jax import interrupts
 from clusiam_jax.errors import CheckpointError, ConfigError
@@ -21,6 +23,8 @@ log = logging.getLogger('clusiam_jax')
 
 
 LATEST_DIR = 'checkpoints'
+# Pause before the second try of a checkpoint read that failed.
+RETRY_S = 1.0
 # The best checkpoint by train.best_metric, beside the latest ones; BEST_JSON says which
 # step, by which metric and value.
 BEST_DIR = 'best_checkpoint'
@@ -76,7 +80,13 @@ class Checkpointer:
         return ocp.args.Composite(**items)
 
     def save(self, step: int, state, data_state=None):
-        self.manager.save(step, args=self.save_args(state, data_state))
+        """Starts writing checkpoint `step`. CheckpointError when orbax declines (it skips,
+        silently, any step not beyond the newest it lists): a run must never say it saved
+        what it did not."""
+        if not self.manager.save(step, args=self.save_args(state, data_state)):
+            raise CheckpointError(f'the checkpoint at step {step} was not written: '
+                                  f'{self.directory} already lists step '
+                                  f'{max(self.all_steps())}')
 
     def restore(self, step: int, abstract_state):
         """Returns (state, data_state or None) placed as `abstract_state`'s shardings.
@@ -112,7 +122,9 @@ class Checkpointer:
                                           f'{self.directory} cannot be read '
                                           f'({_one_line(e)})') from e
                 log.warning('reading the checkpoint at step %d in %s failed (%s); trying '
-                            'again', step, self.directory, _one_line(e))
+                            'again in %g s', step, self.directory, _one_line(e), RETRY_S)
+                time.sleep(RETRY_S)  # a passing failure (a network file system) passes
+                interrupts.check()
 
     def restore_weights(self, step: int, abstract_weights: dict) -> dict:
         """The entries of `abstract_weights` (a dict of top-level state fields, e.g.
@@ -166,28 +178,54 @@ class Checkpointer:
         return (f'{key}: stored {have.get(key, "absent")}, this config '
                 f'{want.get(key, "absent")}{hint}')
 
-    def restore_latest_readable(self, abstract_state):
+    def restore_latest_readable(self, abstract_state, set_aside: bool = True):
         """(step, state, data_state) of the newest checkpoint that restores, else Nones.
 
         A checkpoint cut short by a crash (kill -9 mid-write, a full disk) or damaged
         later is skipped with a warning, falling back to the one before it; orbax's
-        atomic rename already keeps unfinished saves out of the step list.
+        atomic rename already keeps unfinished saves out of the step list. With
+        `set_aside` (this run's own checkpoints), the newer unreadable ones are then
+        renamed `unreadable-<step>`: left in the list, orbax would skip every save up to
+        their step, and the run could never pass them. Nothing is set aside when no
+        checkpoint restores.
         """
+        unreadable = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, data_state = self.restore(step, abstract_state)
-                return step, state, data_state
             except ConfigError:
                 raise  # an intact checkpoint of another model: falling back cannot help
             except CheckpointError as e:  # failed twice, and no stop request: damaged
                 log.warning('checkpoint at step %d in %s cannot be restored (%s); '
                             'falling back to the previous one', step, self.directory,
                             _one_line(e.__cause__ or e))
-        if self.manager.all_steps():
+                unreadable.append(step)
+                continue
+            if unreadable and set_aside:
+                self._set_aside(unreadable)
+            return step, state, data_state
+        if unreadable:
             raise CheckpointError(f'no checkpoint in {self.directory} can be restored '
                                   f'(each is damaged; see the warnings above); move the '
                                   f'folder away to start afresh')
         return None, None, None
+
+    def _set_aside(self, steps):
+        """Renames the checkpoints of `steps` to unreadable-<step> (kept, for a person to
+        look at or move back), so that orbax lists and saves past them."""
+        if jax.process_index() == 0:
+            for step in steps:
+                target = os.path.join(self.directory, f'unreadable-{step}')
+                n = 1
+                while os.path.exists(target):
+                    target = os.path.join(self.directory, f'unreadable-{step}-{n}')
+                    n += 1
+                os.replace(os.path.join(self.directory, str(step)), target)
+                log.warning('moved the unreadable checkpoint at step %d aside to %s', step,
+                            target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices('clusiam_jax: unreadable checkpoints')
+        self.manager.reload()
 
     def wait(self):
         """Until the asynchronous saves are on disk."""

@@ -97,16 +97,22 @@ def test_weights_trained_again_at_the_same_step_are_exported_again(run, tmp_path
 
 
 def test_a_folder_holding_another_runs_export_is_refused(run, tmp_path):
-    """Another run (here a copy: the same weights, another folder) is refused with one
-    line naming the folder and the way out; its own folder is exported as usual."""
+    """Another run (other weights, another folder) is refused with one line naming the
+    folder and the way out; its own folder is exported as usual. The same run moved to
+    another folder (the same weights) is not another run."""
     config, workdir, _ = run
     out = tmp_path / 'out'
     _export(config, workdir, out)
+    moved = tmp_path / 'moved_run'
+    shutil.copytree(workdir, moved)
+    _export(config, str(moved), out)   # the same weights: accepted
     other = tmp_path / 'other_run'
     shutil.copytree(workdir, other)
+    shutil.rmtree(other / 'checkpoints')
+    _train(config, other, seed=1)
     with pytest.raises(ConfigError, match='holds .* another export .*export.out_dir') as err:
         _export(config, str(other), out)
-    assert '\n' not in str(err.value) and workdir in str(err.value)
+    assert '\n' not in str(err.value) and str(moved) in str(err.value)
     _export(config, str(other), other / 'export')   # inside the run: its own
     assert _features(other / 'export').keys() == _features(out).keys()
 

@@ -47,6 +47,15 @@ def test_damaged_latest_checkpoint_is_skipped(finished_run, tmp_path, caplog):
     # Retrained from step 3 on the same batches: the same parameters, bit for bit.
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(final)):
         np.testing.assert_array_equal(a, b)
+    # The unreadable step was set aside, so step 6 was really saved again (orbax skips,
+    # silently, a step it still lists): a restart finds the run complete, no fallback.
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6',
+                                                                         'unreadable-6']
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='clusiam_jax'):
+        train(tiny_config('clubyol'), workdir, SyntheticLoader(**SIZES), mesh_of(1))
+    assert any('is complete (step 6 of 6)' in r.message for r in caplog.records)
+    assert not any('falling back' in r.message for r in caplog.records)
 
 
 def test_no_readable_checkpoint_is_one_checkpoint_error(finished_run, tmp_path):

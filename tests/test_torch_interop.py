@@ -307,3 +307,26 @@ def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, capsys,
         with pytest.raises(ClusiamError):
             read_weights(str(evil), None)
     assert not marker.exists()
+
+
+def test_an_import_stopped_while_writing_leaves_no_half_run(tmp_path, monkeypatch):
+    """A signal (or a full disk) while `convert from-torch` writes its checkpoint left
+    config.json and an empty checkpoints/ under --out: the suggested rerun was refused,
+    and training there would have started from random weights."""
+    import signal
+
+    from clusiam_jax import interrupts
+    from clusiam_jax.checkpoint import Checkpointer
+    ckpt = str(tmp_path / 'checkpoint.pth.tar')
+    save_original_checkpoint(reference_model('clusiam'), ckpt)
+    out = str(tmp_path / 'run')
+
+    def stopped(self, *args, **kwargs):
+        raise interrupts.Interrupted(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, 'save', stopped)
+        code = convert.main(['from-torch', ckpt, '--out', out, '--model', 'clusiam'])
+    assert code == 128 + signal.SIGTERM  # 'stopped by SIGTERM', as any command but train
+    assert not os.path.exists(out) and os.listdir(tmp_path) == ['checkpoint.pth.tar']
+    assert convert.main(['from-torch', ckpt, '--out', out, '--model', 'clusiam']) == 0
+    assert int(run_dir.load_run(out).step) == 0

@@ -135,7 +135,10 @@ def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
     if not files:
         return
     inside = os.path.realpath(out_dir).startswith(os.path.realpath(workdir) + os.sep)
-    foreign = {p: a for p, a in files.items() if not _belongs_to(a.get('workdir'), workdir)}
+    # Files of these very weights are this run's, wherever the run was moved since.
+    foreign = {p: a for p, a in files.items()
+               if not _belongs_to(a.get('workdir'), workdir)
+               and a.get('weights_sha256') != current.get('weights_sha256')}
     if foreign and not inside:
         path, attrs = next(iter(foreign.items()))
         whose = (f"the run {attrs['workdir']}" if attrs.get('workdir') else

@@ -22,13 +22,15 @@ Conventions:
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clusiam_jax import run_dir
+from clusiam_jax import interrupts, run_dir
 from clusiam_jax.config import method_config
 from clusiam_jax.errors import CheckpointError, ConversionError
 from clusiam_jax.interop import layout
@@ -264,25 +266,43 @@ def import_state_dict(state_dict: Dict, model: Optional[str] = None, seed: int =
 
 def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: int = 0,
                       mean=None, std=None):
-    """Writes `out` as a work directory holding the checkpoint; returns (config, state)."""
+    """Writes `out` as a work directory holding the checkpoint; returns (config, state).
+
+    The run is written into a hidden folder beside `out` and renamed onto it when
+    complete: a command stopped halfway (a signal, a full disk) leaves no `out` that
+    looks like a run and holds no weights."""
     if os.path.isfile(out):
         raise ConversionError(f'--out {out} is a file, not a folder')
-    if os.path.isdir(os.path.join(out, 'checkpoints')):
-        raise CheckpointError(f'{out} already holds checkpoints; choose another --out')
+    if os.path.isdir(out) and os.listdir(out):
+        what = ('holds checkpoints' if os.path.isdir(os.path.join(out, 'checkpoints'))
+                else 'is not empty')
+        raise CheckpointError(f'{out} already {what}; choose another --out')
     state_dict, epoch = load_torch_checkpoint(path)
     config, state = import_state_dict(state_dict, model, seed, mean, std)
     normalization = (run_dir.Normalization(tuple(config.data.mean), tuple(config.data.std),
                                            'given to convert from-torch')
                      if mean is not None else None)
-    try:
-        run_dir.write_run(out, config, state, normalization)
-    except OSError as e:
-        raise ConversionError(f'--out {out}: cannot write there ({e.strerror})') from None
     info = {'source': os.path.abspath(path), 'epoch': epoch, 'model': config.model.name,
             'backbone': config.model.backbone, 'feat_size': config.model.feat_size,
             'pred_hidden': config.model.pred_hidden,
             'num_clusters': config.model.num_clusters, 'tensors': len(state_dict),
             'step': int(state.step)}
-    with open(os.path.join(out, IMPORT_INFO), 'w') as f:
-        json.dump(info, f, indent=2)
+    out = os.path.abspath(out)
+    interrupts.check()
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.importing-',
+                                   dir=os.path.dirname(out))
+    except OSError as e:
+        raise ConversionError(f'--out {out}: cannot write there ({e.strerror})') from None
+    try:
+        run_dir.write_run(staging, config, state, normalization)
+        with open(os.path.join(staging, IMPORT_INFO), 'w') as f:
+            json.dump(info, f, indent=2)
+        os.replace(staging, out)   # onto a missing or empty folder
+    except OSError as e:
+        raise ConversionError(f'--out {out}: cannot write there ({e.strerror})') from None
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
     return config, state

@@ -81,7 +81,8 @@ def _restore_other_run(path, target):
     try:
         with contextlib.closing(Checkpointer(workdir, create=False)) as other:
             if step is None:
-                step, state, data_state = other.restore_latest_readable(target)
+                step, state, data_state = other.restore_latest_readable(target,
+                                                                        set_aside=False)
                 if step is None:
                     raise CheckpointError(f'no checkpoint in {other.directory}')
             else:
