@@ -54,6 +54,9 @@ class _StopRequest:
 
     def requested(self, step: int) -> bool:
         if interrupts.received() is not None:
+            if self._multi_process:
+                # Only this process saw it: a save would wait for the others forever.
+                raise interrupts.Interrupted(interrupts.received())
             return True
         if not self._multi_process:
             return False
