@@ -83,7 +83,8 @@ class Checkpointer:
         """Starts writing checkpoint `step`. CheckpointError when orbax declines (it skips,
         silently, any step not beyond the newest it lists): a run must never say it saved
         what it did not."""
-        if not self.manager.save(step, args=self.save_args(state, data_state)):
+        if not self._writing(lambda: self.manager.save(
+                step, args=self.save_args(state, data_state))):
             raise CheckpointError(f'the checkpoint at step {step} was not written: '
                                   f'{self.directory} already lists step '
                                   f'{max(self.all_steps())}')
@@ -229,11 +230,23 @@ class Checkpointer:
 
     def wait(self):
         """Until the asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        self._writing(self.manager.wait_until_finished)
 
     def close(self):
-        self.manager.wait_until_finished()
+        self._writing(self.manager.wait_until_finished)
         self.manager.close()
+
+    def _writing(self, call):
+        """`call()`; an OS error of a save that names no file (orbax writes its metadata
+        in background threads, whose errors surface here or at the next save) is raised
+        again naming this checkpoint folder, so the one-line error says where."""
+        try:
+            return call()
+        except OSError as e:
+            if e.filename is None and e.errno is not None:
+                raise OSError(e.errno, e.strerror or os.strerror(e.errno),
+                              self.directory) from e
+            raise
 
 
 def _one_line(error, limit=300):

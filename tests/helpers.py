@@ -170,6 +170,13 @@ def assert_trees_close(a, b, **tol):
         np.testing.assert_allclose(x, y, **tol)
 
 
+def as_from_a_terminal():
+    """`preexec_fn` for a child the test will send SIGINT: Ctrl-C's default action, as in
+    a terminal. A test run started as a shell script's background job inherits SIGINT
+    ignored, and the command line keeps an ignored SIGINT ignored, as Python does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def subprocess_env(**extra):
     """The environment for a test's child Python process: the repo importable."""
     env = dict(os.environ, **extra)

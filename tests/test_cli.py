@@ -9,7 +9,7 @@ import time
 import pytest
 
 from clusiam_jax import cli
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, as_from_a_terminal, subprocess_env
 
 # The demo at the tiny model's size: compiles in seconds.
 TINY = ['--config.model.backbone=resnet_tiny', '--config.data.image_size=32']
@@ -102,6 +102,7 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys):
 
 def _launch(args, **kwargs):
     return subprocess.Popen([sys.executable, 'launch.py'] + args, cwd=REPO,
+                            preexec_fn=as_from_a_terminal,
                             env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 

@@ -28,6 +28,7 @@ from clusiam_jax.train.loop import train
 from tests.helpers import (
     REPO,
     SyntheticLoader,
+    as_from_a_terminal,
     assert_trees_equal,
     mesh_of,
     subprocess_env,
@@ -170,10 +171,21 @@ FATAL = ('Traceback', 'Fatal Python error', 'Segmentation fault', 'Exception ign
          'core dumped')
 
 
-def _launch(args):
-    return subprocess.Popen([sys.executable, 'launch.py'] + args, cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _launch(args, log_dir):
+    """The command with its output in files: a pipe nobody reads until the end fills up
+    (64 kB of progress bars) and blocks the command before it can react to a signal."""
+    out = open(os.path.join(log_dir, f'out{len(os.listdir(log_dir))}.txt'), 'w+')
+    proc = subprocess.Popen([sys.executable, 'launch.py'] + args, cwd=REPO,
+                            preexec_fn=as_from_a_terminal,
+                            env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+                            text=True)
+    proc.output = out
+    return proc
+
+
+def _output(proc):
+    proc.output.seek(0)
+    return proc.output.read()
 
 
 @pytest.mark.slow
@@ -184,6 +196,8 @@ def test_signals_at_spread_moments_of_start_up_and_compile(tmp_path, demo_tiles)
     # From after Python's own start-up (before it, the default actions apply) to past the
     # first compile of this tiny model on a loaded 2-core machine.
     delays = np.linspace(0.4, 16.0, 20)
+    logs = tmp_path / 'logs'
+    logs.mkdir()
     pending = list(enumerate(delays))
     running, results = [], []
     while pending or running:
@@ -191,7 +205,7 @@ def test_signals_at_spread_moments_of_start_up_and_compile(tmp_path, demo_tiles)
             i, delay = pending.pop(0)
             signum = signal.SIGTERM if i % 2 == 0 else signal.SIGINT
             proc = _launch(TINY_DEMO + ['--workdir', str(tmp_path / f'run{i}'),
-                                        f'--config.data.path={demo_tiles}'])
+                                        f'--config.data.path={demo_tiles}'], logs)
             running.append((proc, time.time() + delay, signum, delay, False))
         still = []
         for proc, at, signum, delay, sent in running:
@@ -199,7 +213,7 @@ def test_signals_at_spread_moments_of_start_up_and_compile(tmp_path, demo_tiles)
                 proc.send_signal(signum)
                 sent = True
             if sent and proc.poll() is not None:
-                results.append((signum, delay, proc.returncode, proc.communicate()[1]))
+                results.append((signum, delay, proc.returncode, _output(proc)))
             else:
                 still.append((proc, at, signum, delay, sent))
         running = still
@@ -242,14 +256,12 @@ def _alive(pids):
 def _kill_9_then_no_worker_lives(proc, workers_at_least, timeout=120):
     deadline = time.time() + timeout
     while len(_children(proc.pid)) < workers_at_least and time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, _output(proc)[-3000:]
         time.sleep(0.1)
     workers = _children(proc.pid)
     assert len(workers) >= workers_at_least
     proc.kill()
     proc.wait()
-    proc.stdout.close()  # not communicate(): a surviving worker would hold these open
-    proc.stderr.close()
     deadline = time.time() + 10
     while _alive(workers) and time.time() < deadline:
         time.sleep(0.2)
@@ -258,9 +270,11 @@ def _kill_9_then_no_worker_lives(proc, workers_at_least, timeout=120):
 
 @pytest.mark.slow
 def test_kill_9_of_training_and_tiling_leaves_no_worker(tmp_path, demo_tiles):
+    logs = tmp_path / 'logs'
+    logs.mkdir()
     train_proc = _launch(TINY_DEMO + ['--workdir', str(tmp_path / 'run'),
                                       f'--config.data.path={demo_tiles}',
-                                      '--config.data.num_workers=2'])
+                                      '--config.data.num_workers=2'], logs)
     _kill_9_then_no_worker_lives(train_proc, workers_at_least=2)
 
     from configs import demo
@@ -270,5 +284,5 @@ def test_kill_9_of_training_and_tiling_leaves_no_worker(tmp_path, demo_tiles):
         os.symlink(demo.DEMO_SLIDE, slides / f'slide{i}.svs')
     tile_proc = _launch(['--mode', 'tile', f'--config.tile.slides={slides}',
                          f'--config.tile.out_dir={tmp_path / "tiles"}',
-                         '--config.tile.num_workers=2'])
+                         '--config.tile.num_workers=2'], logs)
     _kill_9_then_no_worker_lives(tile_proc, workers_at_least=2)
