@@ -253,14 +253,20 @@ def _one_line(error, limit=300):
     return f'{type(error).__name__}: ' + ' '.join(str(error).split())[:limit]
 
 
-def _shapes_by_path(tree):
-    """{'params/encoder/.../kernel': shape} for a state or its stored metadata: on disk
-    attributes and namedtuple fields are dict keys, so paths are compared by name."""
+def leaf_name(path) -> str:
+    """'params/encoder/.../kernel' for a pytree key path: on disk attributes and
+    namedtuple fields are dict keys, so paths are named alike in a state and in its
+    stored metadata."""
     def name(entry):
         for attr in ('key', 'name', 'idx'):
             if hasattr(entry, attr):
                 return str(getattr(entry, attr))
         return str(entry)
-    return {'/'.join(name(e) for e in path): tuple(leaf.shape)
+    return '/'.join(name(e) for e in path)
+
+
+def _shapes_by_path(tree):
+    """{'params/encoder/.../kernel': shape} for a state or its stored metadata."""
+    return {leaf_name(path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 

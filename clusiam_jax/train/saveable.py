@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clusiam_jax.checkpoint import leaf_name
 from clusiam_jax.errors import NonFiniteError
 
 # Magnitude beyond which a value of a normalised network's state means divergence: weights
@@ -28,9 +29,7 @@ def _largest_magnitudes(tree):
 
 
 def _float_leaf_paths(tree):
-    return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-                     for k in path)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    return [leaf_name(path) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
             if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.size]
 
 
