@@ -213,7 +213,7 @@ def main():
     ap.add_argument('--num-patches', type=int, default=512)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--pil-reference', type=int, default=0, metavar='PAIRS',
-                    help='also time PAIRS pairs of the original\'s PIL pipeline (no torch '
+                    help="also time PAIRS pairs of the original's PIL pipeline (no torch "
                          'needed) against ours, interleaved in this process')
     ap.add_argument('--on-device-augment', action='store_true',
                     help='data.augment_on_device=True: the CPU side only decodes and crops')
@@ -233,7 +233,7 @@ def main():
                     help='with --slides: whole epochs timed (memory over an epoch)')
     ap.add_argument('--align', action='store_true',
                     help='with --slides: tile with tile.align (patches laid on the '
-                         'scanner\'s tiles)')
+                         "scanner's tiles)")
     args = ap.parse_args()
     if args.time_device_augment:
         result = time_device_augment(args.image_size, args.batch_size, args.repeats)

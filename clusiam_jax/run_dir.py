@@ -127,7 +127,7 @@ def read_normalization(workdir: str, fallback_config=None) -> Optional[Normaliza
     config = fallback_config
     if config is not None and config.data.mean is not None and config.data.std is not None:
         return Normalization(tuple(config.data.mean), tuple(config.data.std),
-                             'the run config\'s data.mean/std')
+                             "the run config's data.mean/std")
     return None
 
 

@@ -94,7 +94,7 @@ def test_config_errors_are_one_line(tmp_path, patch_dir):
         data.create_train_loader(data_config(patch_dir, batch=32, mean=MEAN, std=STD))
 
 
-_RESUME_SCRIPT = textwrap.dedent('''
+_RESUME_SCRIPT = textwrap.dedent("""
     import json
     import numpy as np
     from tests.helpers import data_config
@@ -109,7 +109,7 @@ _RESUME_SCRIPT = textwrap.dedent('''
         batch = next(it)
         np.savez({out!r}, **batch)
         it.close()
-''')
+""")
 
 
 def test_resume_in_a_fresh_process_with_workers(patch_dir, tmp_path):

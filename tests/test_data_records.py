@@ -84,7 +84,7 @@ def test_any_depth_and_no_label_outside_original_layout(tmp_path):
 
 
 def test_clear_errors_for_missing_empty_and_bad_manifests(tmp_path):
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match='not found'):
         data.discover(str(tmp_path / 'nope'))
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='no image files'):

@@ -87,7 +87,7 @@ def test_mosaic_cells_have_cluster_colors_and_background_elsewhere(tmp_path):
     # cells) on a canvas sized from the slide (larger than the patches' extent).
     coords = np.array([[0, 0], [224, 0], [448, 0], [0, 224], [448, 224]])
     ids = np.array([0, 5, 5, 2, 7])
-    out = tmp_path / "map.png"
+    out = tmp_path / 'map.png'
     image = draw_cluster_map(coords, ids, 224, downsample=16, slide_dimensions=(1000, 600),
                              alpha=0.6, background=(250, 250, 250), out_path=out)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), image)

@@ -21,7 +21,7 @@ def test_known_nearest_neighbour_with_uneven_chunks():
         sims, idx = knn_search(queries, refs, k=5, query_chunk=q_chunk, ref_chunk=r_chunk)
         np.testing.assert_array_equal(idx[:, 0], owner)
         brute = _unit(queries) @ _unit(refs).T
-        expect = np.argsort(-brute, axis=1, kind="stable")[:, :5]
+        expect = np.argsort(-brute, axis=1, kind='stable')[:, :5]
         np.testing.assert_array_equal(idx, expect)
         np.testing.assert_allclose(sims, np.take_along_axis(brute, expect, 1), atol=1e-5)
 
@@ -46,7 +46,7 @@ def test_majority_vote_counts_then_nearest_breaks_ties():
     assert majority_vote(np.array([labels[0]])).tolist() == [2]
     assert majority_vote(np.array([labels[1]])).tolist() == [3]
     assert majority_vote(np.array([labels[2]])).tolist() == [1]
-    assert majority_vote(np.array([["b", "a"]])).tolist() == ["b"]
+    assert majority_vote(np.array([['b', 'a']])).tolist() == ['b']
 
 
 def test_top1_and_topk_predictions_on_clusters():
@@ -63,6 +63,6 @@ def test_top1_and_topk_predictions_on_clusters():
     assert preds[1].tolist() == [0, 0, 2, 0]
     assert preds[5].tolist() == [0, 1, 2, 0]
     result = knn_evaluate(refs, ref_y, queries, query_y, ks=(1, 5), positive_label=1)
-    assert result["k=5"]["accuracy"] == 1.0
-    assert result["k=1"]["accuracy"] == 0.75
-    assert result["k=1"]["positive_f1"] == 0.0
+    assert result['k=5']['accuracy'] == 1.0
+    assert result['k=1']['accuracy'] == 0.75
+    assert result['k=1']['positive_f1'] == 0.0

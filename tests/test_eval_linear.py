@@ -24,9 +24,9 @@ def test_lbfgs_reaches_sklearn_optimum():
     params = fit_logistic_regression(x, y, 3, wd, max_iter=500, tol=1e-6)
     # sklearn minimizes C * sum(CE) + |W|^2 / 2, i.e. ours with wd = 1 / (C N).
     ref = LogisticRegression(C=1.0 / (wd * len(y)), tol=1e-10, max_iter=10000).fit(x, y)
-    np.testing.assert_allclose(_softmax(x @ params["w"] + params["b"]),
+    np.testing.assert_allclose(_softmax(x @ params['w'] + params['b']),
                                ref.predict_proba(x), atol=2e-3)
-    np.testing.assert_allclose(params["w"], ref.coef_.T, atol=5e-3)
+    np.testing.assert_allclose(params['w'], ref.coef_.T, atol=5e-3)
 
 
 def test_probe_beats_chance_and_picks_wd_on_validation():
@@ -38,31 +38,31 @@ def test_probe_beats_chance_and_picks_wd_on_validation():
     scale = rng.uniform(0.1, 50, 32).astype(np.float32)
     shifted = linear_probe(x * scale + 100, y, tx * scale + 100, ty, seed=3)
     result = linear_probe(x, y, tx, ty, seed=3)
-    assert result["test"]["accuracy"] > 0.8            # chance is 0.25
-    assert shifted["weight_decay"] == result["weight_decay"]
-    assert shifted["test"]["accuracy"] == pytest.approx(result["test"]["accuracy"], abs=0.01)
-    scores = result["val_scores"]
+    assert result['test']['accuracy'] > 0.8            # chance is 0.25
+    assert shifted['weight_decay'] == result['weight_decay']
+    assert shifted['test']['accuracy'] == pytest.approx(result['test']['accuracy'], abs=0.01)
+    scores = result['val_scores']
     best = max(scores.values())
-    assert result["weight_decay"] == max(wd for wd, s in scores.items() if s == best)
+    assert result['weight_decay'] == max(wd for wd, s in scores.items() if s == best)
     # The test split plays no part in selection: scrambled test labels change
     # nothing but the test metrics.
     scrambled = linear_probe(x, y, tx, rng.permutation(ty), seed=3)
-    assert scrambled["weight_decay"] == result["weight_decay"]
-    assert scrambled["val_scores"] == result["val_scores"]
+    assert scrambled['weight_decay'] == result['weight_decay']
+    assert scrambled['val_scores'] == result['val_scores']
 
 
 def test_explicit_validation_set_and_string_labels():
     rng = np.random.default_rng(2)
     means = 2.0 * rng.normal(size=(2, 6))
-    names = np.array(["normal", "tumor"])
+    names = np.array(['normal', 'tumor'])
     x, y = _blobs(rng, 200, means)
     vx, vy = _blobs(rng, 100, means)
     tx, ty = _blobs(rng, 100, means)
     result = linear_probe(x, names[y], tx, names[ty], val_x=vx, val_y=names[vy],
-                          weight_decays=(1e-3, 1e-1), positive_label="tumor")
-    assert result["classes"] == ["normal", "tumor"]
-    assert set(result["val_scores"]) == {1e-3, 1e-1}
-    assert result["test"]["positive_f1"] > 0.9
+                          weight_decays=(1e-3, 1e-1), positive_label='tumor')
+    assert result['classes'] == ['normal', 'tumor']
+    assert set(result['val_scores']) == {1e-3, 1e-1}
+    assert result['test']['positive_f1'] > 0.9
 
 
 def test_validation_split_keeps_groups_whole_and_classes_in_train():

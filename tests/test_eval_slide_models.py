@@ -328,7 +328,7 @@ def test_missing_slides_are_named(data):
     _write_splits(path, data['rows'] + [('ghost_a', 'test', 'tumour'),
                                         ('ghost_b', 'train', 'normal')])
     for run in (sm.run_meanpool, sm.run_clusters):
-        with pytest.raises(DataError, match=r"2 slides .* not in the export.*ghost_a"):
+        with pytest.raises(DataError, match=r'2 slides .* not in the export.*ghost_a'):
             run(path, data['export'])
     with pytest.raises(DataError, match='ghost_a'):
         sm.run_abmil(path, data['clam'], seeds=(0,), config=FAST)

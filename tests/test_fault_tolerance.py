@@ -92,7 +92,7 @@ def test_a_checkpoint_of_another_model_is_a_config_error(finished_run, tmp_path)
     config = tiny_config('clubyol')
     config.model.num_clusters += 2
     # Not "damaged, falling back": both checkpoints are intact, of another model.
-    with pytest.raises(ConfigError, match=r"step 6 .* different model .*assigner"):
+    with pytest.raises(ConfigError, match=r'step 6 .* different model .*assigner'):
         train(config, workdir, SyntheticLoader(**SIZES), mesh_of(1))
     with open(os.path.join(workdir, 'config.json')) as f:
         assert f.read() == recorded  # the run's config is not replaced by the refused one

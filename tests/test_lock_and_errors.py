@@ -19,22 +19,22 @@ from clusiam_jax.errors import ConfigError, DataError
 from tests.helpers import REPO, SyntheticLoader, mesh_of, subprocess_env
 
 DEMO_SLIDE = os.path.join(REPO, 'clusiam_jax', 'demo_data', 'cmu-1-small-region.svs')
-RECIPE = '''
+RECIPE = """
 from tests.helpers import tiny_config
 
 
 def get_config():
     return tiny_config('clusiam', num_epochs=2)
-'''
+"""
 # A child process that holds the locks of the folders it is given until it is killed.
-HOLDER = '''
+HOLDER = """
 import sys, time
 from clusiam_jax.workdir_lock import FolderLock
 for folder in sys.argv[1:]:
     FolderLock(folder, 'test', ['--mode', 'train', '--workdir', folder]).acquire()
 print('locked', flush=True)
 time.sleep(600)
-'''
+"""
 
 
 def one_error(capsys, code, expected=2):

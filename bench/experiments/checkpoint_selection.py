@@ -278,7 +278,7 @@ def markdown(summary, main_run):
     a = summary['analysis']
     se = ', '.join(f'{k} {v:.3f}' for k, v in a['accuracy_se'].items())
     lines = [f'Main run ({main_run}), {summary["settings"]["epochs"]} checkpoints. '
-             f'rho: Spearman with the test accuracy, + = the score\'s better direction '
+             f"rho: Spearman with the test accuracy, + = the score's better direction "
              f'goes with higher accuracy. Standard error of one accuracy: {se}.', '',
              '| score (better) | rho kNN k=1 | rho kNN k=20 | rho linear | picks epoch '
              '| test kNN k=1 | kNN k=20 | linear |', '|---|---|---|---|---|---|---|---|']
@@ -419,7 +419,7 @@ def main():
                 'eval': f'{args.crop} px nucleus crops: <= {args.max_train} train-image '
                         f'nuclei as references, <= {args.max_test} test-image nuclei as '
                         f'queries, <= {args.max_val} validation-image nuclei for the '
-                        f'linear probe\'s weight decay and val_knn'}
+                        f"linear probe's weight decay and val_knn"}
     summary = {'summary': 'checkpoint_selection', 'settings': settings,
                'analysis': analyse(rows, 'main'), 'timings': timings,
                'this_process_wall_s': round(time.perf_counter() - wall, 1),

@@ -49,7 +49,7 @@ def parse_args():
     parser.add_argument('--base-lr', type=float, default=0.4,
                         help='lr = base_lr * batch / 256 (recipes: 0.05; a short run moves '
                              'more with a larger one)')
-    parser.add_argument('--clusters', type=int, default=None, help='default: the recipe\'s')
+    parser.add_argument('--clusters', type=int, default=None, help="default: the recipe's")
     parser.add_argument('--seed-a', type=int, default=0)
     parser.add_argument('--seed-b', type=int, default=1)
     return parser.parse_args()

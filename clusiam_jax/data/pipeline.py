@@ -236,7 +236,7 @@ class BatchIterator:
         drawn = batches_drawn(state)
         total = self._loader.num_epochs * self._loader.steps_per_epoch
         if not 0 <= drawn <= total:
-            raise DataError(f'the saved data position (batch {drawn}) is outside this run\'s '
+            raise DataError(f"the saved data position (batch {drawn}) is outside this run's "
                             f'{total} batches: the checkpoint belongs to another data set or '
                             f'batch size')
         self.close()
@@ -261,7 +261,7 @@ def batches_drawn(state: dict) -> int:
             return int(state['next_index'])
         return int(sum(s['next_index'] for s in state['iterators_in_use_states'] if s))
     except (KeyError, TypeError, ValueError):
-        raise DataError(f'the checkpoint\'s data position is not one this pipeline wrote: '
+        raise DataError(f"the checkpoint's data position is not one this pipeline wrote: "
                         f'{str(state)[:200]}') from None
 
 

@@ -41,14 +41,14 @@ from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.eval import cluster_map
 from clusiam_jax.export import format as fmt
 
-log = logging.getLogger("clusiam_jax")
+log = logging.getLogger('clusiam_jax')
 
-ATLAS_DIR = "atlas"
-INDEX_NAME = "index.html"
+ATLAS_DIR = 'atlas'
+INDEX_NAME = 'index.html'
 PER_CLUSTER = 16      # patches per cluster
 TILE = 192            # px of a patch on the sheet
 COLUMNS = 4
-_SHEET = re.compile(r"^cluster_\d+\.png$")
+_SHEET = re.compile(r'^cluster_\d+\.png$')
 
 
 @dataclasses.dataclass
@@ -129,10 +129,10 @@ def choose(candidates, n):
 def _export_slides(out_dir, rows):
     """(slide_id, arrays) per manifest row, one slide in memory at a time (h5 exports;
     an npz export is read once)."""
-    npz = {row["slide_id"] for row in rows if row["file"].endswith(".npz")}
+    npz = {row['slide_id'] for row in rows if row['file'].endswith('.npz')}
     loaded = fmt.read_export(out_dir, slides=npz) if npz else {}
     for row in rows:
-        slide_id = row["slide_id"]
+        slide_id = row['slide_id']
         yield slide_id, loaded.pop(slide_id) if slide_id in loaded else \
             fmt.read_slide(out_dir, row)
 
@@ -140,11 +140,11 @@ def _export_slides(out_dir, rows):
 def _readable(arrays):
     """bool [N]: the patches whose pixels can be read back (known coordinates on a
     recorded slide, or a recorded patch file)."""
-    n = len(arrays["cluster_ids"])
-    if arrays.get("slide_path"):
-        return np.all(np.asarray(arrays["coords"]) >= 0, axis=1)
-    if "paths" in arrays:
-        return np.array([bool(p) and "#" not in str(p) for p in arrays["paths"]], bool)
+    n = len(arrays['cluster_ids'])
+    if arrays.get('slide_path'):
+        return np.all(np.asarray(arrays['coords']) >= 0, axis=1)
+    if 'paths' in arrays:
+        return np.array([bool(p) and '#' not in str(p) for p in arrays['paths']], bool)
     return np.zeros(n, bool)
 
 
@@ -153,23 +153,23 @@ def _read_slide_patches(slide_id, info, picks, tile):
     import openslide
 
     from clusiam_jax.slides import reader, tiles
-    path = info["slide_path"]
-    fix = f"move the slide back to {path}, or draw the atlas where the slides are"
+    path = info['slide_path']
+    fix = f'move the slide back to {path}, or draw the atlas where the slides are'
     try:
         slide = reader.open_slide(path)
     except DataError as e:
-        raise DataError(f"atlas: cannot read slide {slide_id} ({e}); {fix}") from None
+        raise DataError(f'atlas: cannot read slide {slide_id} ({e}); {fix}') from None
     try:
-        dimensions = info.get("level0_dimensions")
+        dimensions = info.get('level0_dimensions')
         if dimensions is not None and tuple(slide.dimensions) != tuple(dimensions):
-            raise DataError(f"atlas: {path} is {slide.dimensions[0]} x {slide.dimensions[1]} "
-                            f"px but slide {slide_id} was exported from a {dimensions[0]} x "
-                            f"{dimensions[1]} px slide (another file under that name?); {fix}")
+            raise DataError(f'atlas: {path} is {slide.dimensions[0]} x {slide.dimensions[1]} '
+                            f'px but slide {slide_id} was exported from a {dimensions[0]} x '
+                            f'{dimensions[1]} px slide (another file under that name?); {fix}')
         out = {}
         with tiles.opened(path, slide) as direct:
             for pick in picks:
-                x, y = (int(v) for v in info["coords"][pick.index])
-                out[pick.index] = reader.read_patch(slide, x, y, float(info["patch_size"]),
+                x, y = (int(v) for v in info['coords'][pick.index])
+                out[pick.index] = reader.read_patch(slide, x, y, float(info['patch_size']),
                                                     tile, direct)
         return out
     except DataError:
@@ -187,7 +187,7 @@ def _read_patch_files(info, picks, tile, unreadable):
     from clusiam_jax.data import image_io
     out = {}
     for pick in picks:
-        path = str(info["paths"][pick.index])
+        path = str(info['paths'][pick.index])
         try:
             rgb = image_io.load_rgb(path)
         except image_io.BadImageError as e:
@@ -203,7 +203,7 @@ def _read_patch_files(info, picks, tile, unreadable):
 # ---------------------------------------------------------------------- drawing
 
 def _hex(color):
-    return "#" + "".join(f"{int(v):02x}" for v in color)
+    return '#' + ''.join(f'{int(v):02x}' for v in color)
 
 
 def _fit(text, font, width):
@@ -211,15 +211,15 @@ def _fit(text, font, width):
     if font.getlength(text) <= width:
         return text
     keep = len(text)
-    while keep > 2 and font.getlength(text[:keep // 2] + "…" + text[len(text) - keep // 2:]) \
+    while keep > 2 and font.getlength(text[:keep // 2] + '…' + text[len(text) - keep // 2:]) \
             > width:
         keep -= 1
-    return text[:keep // 2] + "…" + text[len(text) - keep // 2:]
+    return text[:keep // 2] + '…' + text[len(text) - keep // 2:]
 
 
 def caption_lines(entry, n_patches, n_slides):
     """The sheet's caption: the title line and the details line."""
-    return (f"Cluster {entry.cluster_id}",
+    return (f'Cluster {entry.cluster_id}',
             f"{cluster_map.share_text(entry.n_patches, n_patches)} of patches "
             f"({entry.n_patches:,} of {n_patches:,}) · in {entry.n_slides} of {n_slides} "
             f"slide{'s' if n_slides != 1 else ''}")
@@ -242,14 +242,14 @@ def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS
     header = swatch + 2 * margin
     rows = math.ceil(len(images) / columns) if images else 1
     height = header + rows * (tile + label_height + gap) + margin
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    sheet = Image.new('RGB', (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     draw.rectangle([margin, margin, margin + swatch - 1, margin + swatch - 1],
                    fill=tuple(int(v) for v in color), outline=(0, 0, 0), width=2)
     left = margin + swatch + 14
     draw.text((left, margin - 2), title, fill=(0, 0, 0), font=title_font)
     draw.text((left, margin + swatch - 2), details, fill=(60, 60, 60), font=text_font,
-              anchor="lb")
+              anchor='lb')
     draw.line([(margin, header - margin // 2), (width - margin, header - margin // 2)],
               fill=(200, 200, 200))
     boxes = []
@@ -259,10 +259,10 @@ def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS
         sheet.paste(Image.fromarray(np.ascontiguousarray(image)), (x, y))
         boxes.append((x, y, x + tile, y + tile))
         draw.text((x + tile // 2, y + tile + 3), _fit(label, label_font, tile),
-                  fill=(70, 70, 70), font=label_font, anchor="mt")
+                  fill=(70, 70, 70), font=label_font, anchor='mt')
     if not images:
-        draw.text((margin, header + tile // 2), "no readable patch (see the log)",
-                  fill=(120, 120, 120), font=text_font, anchor="lm")
+        draw.text((margin, header + tile // 2), 'no readable patch (see the log)',
+                  fill=(120, 120, 120), font=text_font, anchor='lm')
     return sheet, boxes
 
 
@@ -274,7 +274,7 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
     the model has no cluster head, or the export records neither slides nor patch files).
     """
     if int(per_cluster) < 1:
-        raise ConfigError(f"the atlas needs at least 1 patch per cluster; got {per_cluster}")
+        raise ConfigError(f'the atlas needs at least 1 patch per cluster; got {per_cluster}')
     if int(tile) < 16:
         raise ConfigError(f"the atlas's patches must be at least 16 px; got {tile}")
     rows = fmt.read_export_manifest(out_dir)
@@ -283,13 +283,13 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
     kept = {}                       # slide_id: what reading its picks needs
     k, readable_any = 0, False
     for slide_id, arrays in _export_slides(out_dir, rows):
-        if "cluster_ids" not in arrays:
-            log.info("atlas: the model has no cluster head; no atlas")
+        if 'cluster_ids' not in arrays:
+            log.info('atlas: the model has no cluster head; no atlas')
             return None
-        ids = np.asarray(arrays["cluster_ids"], np.int64)
-        logits = arrays.get("cluster_logits")
+        ids = np.asarray(arrays['cluster_ids'], np.int64)
+        logits = arrays.get('cluster_logits')
         if ids.size and ids.min() < 0:
-            raise DataError(f"atlas: slide {slide_id} has negative cluster ids")
+            raise DataError(f'atlas: slide {slide_id} has negative cluster ids')
         k = max(k, logits.shape[1] if logits is not None else 0,
                 int(ids.max(initial=-1)) + 1)
         counts[slide_id] = np.bincount(ids, minlength=1)
@@ -301,11 +301,11 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         for c, best in _best_per_cluster(ids[rows_ok], scores, int(per_cluster)).items():
             candidates[c].append((slide_id, rows_ok[best].astype(np.int64), scores[best]))
         kept[slide_id] = {key: arrays[key] for key in
-                          ("coords", "paths", "slide_path", "patch_size", "level0_dimensions")
+                          ('coords', 'paths', 'slide_path', 'patch_size', 'level0_dimensions')
                           if key in arrays}
     if not readable_any:
-        log.warning("atlas: the export records neither its slides nor its patch files "
-                    "(coordinates and slide_path, or paths); no atlas")
+        log.warning('atlas: the export records neither its slides nor its patch files '
+                    '(coordinates and slide_path, or paths); no atlas')
         return None
     k = max(k, 1)
     per_slide = np.zeros((len(counts), k), np.int64)
@@ -330,8 +330,8 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
 
     images, unreadable = _read_picks(entries, kept, int(tile))
     if unreadable:
-        log.warning("atlas: %d patch files are unreadable and left out of the grids; the "
-                    "first: %s", len(unreadable), unreadable[0])
+        log.warning('atlas: %d patch files are unreadable and left out of the grids; the '
+                    'first: %s', len(unreadable), unreadable[0])
     folder = os.path.join(out_dir, ATLAS_DIR)
     os.makedirs(folder, exist_ok=True)
     palette = cluster_map.cluster_palette(max(k, 128))[:k]
@@ -345,14 +345,14 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
                                         [_where(p, kept[p.slide_id]) for p in shown],
                                         title, details,
                                         palette[entry.cluster_id], int(tile), int(columns))
-        name = f"cluster_{entry.cluster_id:0{digits}d}.png"
+        name = f'cluster_{entry.cluster_id:0{digits}d}.png'
         entry.png = os.path.join(folder, name)
         info = PngInfo()
-        info.add_text("Title", title)
-        info.add_text("Description", details)
+        info.add_text('Title', title)
+        info.add_text('Description', details)
         # PNG compression level 1: most of the saving time goes, the files grow a little.
         with atomic_write(entry.png) as tmp:
-            sheet.save(tmp, format="PNG", pnginfo=info, compress_level=1)
+            sheet.save(tmp, format='PNG', pnginfo=info, compress_level=1)
         written.add(name)
     for name in os.listdir(folder):   # sheets of clusters that have no patch now
         if _SHEET.match(name) and name not in written:
@@ -360,18 +360,18 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
     atlas = Atlas(os.path.join(folder, INDEX_NAME), entries, n_patches, len(slide_ids), k)
     page = render_index(atlas, palette, cluster_map.read_export_info(out_dir),
                         int(per_cluster))
-    with atomic_write(atlas.index) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(atlas.index) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         f.write(page)
-    log.info("cluster atlas: %s (%d clusters)", atlas.index, len(entries))
+    log.info('cluster atlas: %s (%d clusters)', atlas.index, len(entries))
     return atlas
 
 
 def _where(pick, info):
     """A patch's label under its image: its slide and level-0 (x, y), or its file name
     (patch exports), so that it can be found again."""
-    if info.get("slide_path"):
-        x, y = (int(v) for v in info["coords"][pick.index])
-        return f"{pick.slide_id} · {x}, {y}"
+    if info.get('slide_path'):
+        x, y = (int(v) for v in info['coords'][pick.index])
+        return f'{pick.slide_id} · {x}, {y}'
     return f"{pick.slide_id} · {os.path.basename(str(info['paths'][pick.index]))}"
 
 
@@ -385,7 +385,7 @@ def _read_picks(entries, kept, tile):
     images, unreadable = {}, []
     for slide_id, picks in by_slide.items():
         info = kept[slide_id]
-        if info.get("slide_path"):
+        if info.get('slide_path'):
             read = _read_slide_patches(slide_id, info, picks, tile)
         else:
             read = _read_patch_files(info, picks, tile, unreadable)
@@ -428,51 +428,51 @@ def render_index(atlas, palette, info, per_cluster):
     """The atlas page (see the module docstring)."""
     esc = html.escape
     run = []
-    if info.get("workdir"):
+    if info.get('workdir'):
         run.append(f"run {os.path.basename(os.path.normpath(str(info['workdir'])))}")
-    if info.get("checkpoint_step") is not None:
+    if info.get('checkpoint_step') is not None:
         run.append(f"step {info['checkpoint_step']}")
-    run.append(f"K={atlas.num_clusters}")
-    title = "Cluster atlas · " + " · ".join(run)
+    run.append(f'K={atlas.num_clusters}')
+    title = 'Cluster atlas · ' + ' · '.join(run)
     n_slides = atlas.n_slides
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-             f"<title>{esc(title)}</title>", f"<style>{_STYLE}</style>", "</head>",
-             "<body>", f"<h1>{esc(title)}</h1>",
+    parts = ['<!DOCTYPE html>', '<html lang="en">', '<head>', '<meta charset="utf-8">',
+             f'<title>{esc(title)}</title>', f'<style>{_STYLE}</style>', '</head>',
+             '<body>', f'<h1>{esc(title)}</h1>',
              f'<p class="meta">{atlas.n_patches:,} patches of {n_slides} slide'
              f'{"s" if n_slides != 1 else ""}; {len(atlas.entries)} of '
-             f"{atlas.num_clusters} clusters hold patches, listed by their share of the "
-             f"patches.</p>",
+             f'{atlas.num_clusters} clusters hold patches, listed by their share of the '
+             f'patches.</p>',
              f'<p class="how">Each cluster shows its {per_cluster} most typical patches (the '
              f"highest probability of that cluster), from several slides, most typical "
              f"first; under each patch, its slide and level-0 x, y (or its file); the "
              f"cluster's color is the one on the cluster maps.</p>",
              '<p id="missing" hidden>Some images did not load: keep this page in its '
-             "atlas folder, next to its cluster_*.png files.</p>",
+             'atlas folder, next to its cluster_*.png files.</p>',
              '<table class="toc"><tr><th>cluster</th><th>patches</th><th>share</th>'
-             "<th>slides</th></tr>"]
+             '<th>slides</th></tr>']
     for entry in atlas.entries:
         color = _hex(palette[entry.cluster_id])
         parts.append(
             f'<tr><td><span class="swatch" style="background:{color}"></span>'
             f'<a href="#cluster-{entry.cluster_id}">cluster {entry.cluster_id}</a></td>'
-            f"<td>{entry.n_patches:,}</td>"
-            f"<td>{cluster_map.share_text(entry.n_patches, atlas.n_patches)}</td>"
-            f"<td>{entry.n_slides} of {n_slides}</td></tr>")
-    parts.append("</table>")
+            f'<td>{entry.n_patches:,}</td>'
+            f'<td>{cluster_map.share_text(entry.n_patches, atlas.n_patches)}</td>'
+            f'<td>{entry.n_slides} of {n_slides}</td></tr>')
+    parts.append('</table>')
     for entry in atlas.entries:
         color = _hex(palette[entry.cluster_id])
         _, details = caption_lines(entry, atlas.n_patches, n_slides)
-        most = ", ".join(f"{esc(slide)} ({cluster_map.share_text(n, entry.n_patches)})"
+        most = ', '.join(f'{esc(slide)} ({cluster_map.share_text(n, entry.n_patches)})'
                          for slide, n in entry.top_slides[:5])
         more = len(entry.top_slides) - 5
         if more > 0:
-            most += f" and {more} more"
+            most += f' and {more} more'
         name = os.path.basename(entry.png)
         parts += [f'<section id="cluster-{entry.cluster_id}">',
                   f'<h2><span class="swatch" style="background:{color}"></span>'
-                  f"Cluster {entry.cluster_id}</h2>",
-                  f"<p>{esc(details)}. Its patches by slide: {most}.</p>",
+                  f'Cluster {entry.cluster_id}</h2>',
+                  f'<p>{esc(details)}. Its patches by slide: {most}.</p>',
                   f'<img src="{esc(name)}" alt="the most typical patches of cluster '
-                  f'{entry.cluster_id}">', "</section>"]
-    parts += [f"<script>{_SCRIPT}</script>", "</body>", "</html>", ""]
-    return "\n".join(parts)
+                  f'{entry.cluster_id}">', '</section>']
+    parts += [f'<script>{_SCRIPT}</script>', '</body>', '</html>', '']
+    return '\n'.join(parts)

@@ -36,15 +36,15 @@ from PIL.PngImagePlugin import PngInfo
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
 
-log = logging.getLogger("clusiam_jax")
+log = logging.getLogger('clusiam_jax')
 
-THUMBNAIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+THUMBNAIL_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.webp')
 # PNG text key recording what a map was drawn over, and its values.
-BACKGROUND_KEY = "clusiam_background"
-BACKGROUNDS = ("slide", "thumbnail", "mosaic")
+BACKGROUND_KEY = 'clusiam_background'
+BACKGROUNDS = ('slide', 'thumbnail', 'mosaic')
 # A mosaic map that would replace one drawn over a slide or thumbnail goes here instead.
-MOSAIC_SUFFIX = ".mosaic.png"
-LEGEND_HEADER = "cluster: patches (share)"
+MOSAIC_SUFFIX = '.mosaic.png'
+LEGEND_HEADER = 'cluster: patches (share)'
 
 
 # ---------------------------------------------------------------------- palette
@@ -129,7 +129,7 @@ def _palette(n):
     # references, which start as "chosen". Deterministic (no randomness, ties to the first
     # candidate), and a prefix of a longer palette is the shorter palette.
     levels = np.linspace(0.0, 1.0, _GRID_LEVELS)
-    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing='ij'), -1).reshape(-1, 3)
     lab = _srgb_to_lab(grid)
     to_stain = delta_e_2000(lab[:, None], _srgb_to_lab(HE_REFERENCES / 255.0)[None]).min(1)
     keep = ((lab[:, 0] > _LIGHTNESS[0]) & (lab[:, 0] < _LIGHTNESS[1])
@@ -204,10 +204,10 @@ def _title_band(title, width, map_height, map_width):
         size = max(12, int(size * (width - 2 * margin) / length))
         font = ImageFont.load_default(size=size)
         length = font.getlength(title)
-    band = Image.new("RGB", (max(width, int(math.ceil(length)) + 2 * margin), height),
+    band = Image.new('RGB', (max(width, int(math.ceil(length)) + 2 * margin), height),
                      (255, 255, 255))
     draw = ImageDraw.Draw(band)
-    draw.text((margin, height // 2), title, fill=(0, 0, 0), font=font, anchor="lm")
+    draw.text((margin, height // 2), title, fill=(0, 0, 0), font=font, anchor='lm')
     draw.line([(0, height - 1), (band.width - 1, height - 1)], fill=(190, 190, 190))
     return np.asarray(band)
 
@@ -216,8 +216,8 @@ def share_text(count, total):
     """A share as a legend or atlas shows it: `45%`, `4.5%`, `0.3%`, `<0.1%`."""
     share = 100.0 * count / max(total, 1)
     if share >= 10 or share == 0:
-        return f"{share:.0f}%"
-    return f"{share:.1f}%" if share >= 0.05 else "<0.1%"
+        return f'{share:.0f}%'
+    return f'{share:.1f}%' if share >= 0.05 else '<0.1%'
 
 
 def legend_order(ids, counts):
@@ -238,18 +238,18 @@ def _legend(ids, counts, colors, map_height):
     row = int(round(1.5 * size))
     pad, gap = max(6, size // 2), max(4, size // 3)
     total = int(np.sum(counts))
-    labels = [f"{int(cid)}: {int(count)} ({share_text(count, total)})"
+    labels = [f'{int(cid)}: {int(count)} ({share_text(count, total)})'
               for cid, count in zip(ids, counts)]
     entry = size + gap + max(font.getlength(text) for text in labels)
     column_width = int(math.ceil(max(entry, font.getlength(LEGEND_HEADER)))) + 2 * gap
     height = max(map_height, 2 * pad + row * (1 + min(len(ids), 16)))
     per_column = max(1, (height - 2 * pad) // row - 1)   # the header takes one row
     columns = math.ceil(len(ids) / per_column)
-    panel = Image.new("RGB", (pad + columns * column_width, height), (255, 255, 255))
+    panel = Image.new('RGB', (pad + columns * column_width, height), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
     for column in range(columns):
         draw.text((pad + column * column_width, pad + row // 2), LEGEND_HEADER,
-                  fill=(0, 0, 0), font=font, anchor="lm")
+                  fill=(0, 0, 0), font=font, anchor='lm')
     for i, (text, color) in enumerate(zip(labels, colors)):
         x = pad + (i // per_column) * column_width
         y = pad + (1 + i % per_column) * row
@@ -257,7 +257,7 @@ def _legend(ids, counts, colors, map_height):
         draw.rectangle([x, top, x + size - 1, top + size - 1],
                        fill=tuple(int(v) for v in color), outline=(0, 0, 0))
         draw.text((x + size + gap, y + row // 2), text, fill=(0, 0, 0), font=font,
-                  anchor="lm")
+                  anchor='lm')
     return np.asarray(panel)
 
 
@@ -266,7 +266,7 @@ def save_map(image, path, text=None):
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, str(value))
-    Image.fromarray(image).save(path, format="PNG", pnginfo=info)
+    Image.fromarray(image).save(path, format='PNG', pnginfo=info)
 
 
 def map_background(path):
@@ -274,7 +274,7 @@ def map_background(path):
     its PNG text); None when unreadable or not recorded (drawn by an older version)."""
     try:
         with Image.open(path) as image:
-            value = getattr(image, "text", {}).get(BACKGROUND_KEY)
+            value = getattr(image, 'text', {}).get(BACKGROUND_KEY)
     except (OSError, ValueError, SyntaxError):
         return None
     return value if value in BACKGROUNDS else None
@@ -324,10 +324,10 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
     coords = np.asarray(coords)
     cluster_ids = np.asarray(cluster_ids).astype(np.int64)
     if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != cluster_ids.shape[0]:
-        raise DataError(f"coords {coords.shape} must be [N, 2] with N = {cluster_ids.shape[0]} "
-                        f"(one row per cluster id)")
+        raise DataError(f'coords {coords.shape} must be [N, 2] with N = {cluster_ids.shape[0]} '
+                        f'(one row per cluster id)')
     if cluster_ids.size and cluster_ids.min() < 0:
-        raise DataError(f"cluster ids must be non-negative; got {int(cluster_ids.min())}")
+        raise DataError(f'cluster ids must be non-negative; got {int(cluster_ids.min())}')
     if not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"the cluster map's alpha (opacity of the colors) must be in "
                           f"[0, 1]; got {alpha}")
@@ -335,7 +335,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
     if thumbnail is not None:
         if not isinstance(thumbnail, Image.Image):
             thumbnail = Image.fromarray(np.asarray(thumbnail))
-        base = np.asarray(thumbnail.convert("RGB"))
+        base = np.asarray(thumbnail.convert('RGB'))
         if downsample is None:
             # From the width; thumbnails round their sides, so x and y
             # downsamples differ by under a pixel's worth.
@@ -393,10 +393,10 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
         image = np.concatenate([band, image], axis=0)
 
     if out_path is not None:
-        text = {BACKGROUND_KEY: "thumbnail" if thumbnail is not None else "mosaic",
-                "clusiam_map_top": top, "clusiam_downsample": repr(float(downsample))}
+        text = {BACKGROUND_KEY: 'thumbnail' if thumbnail is not None else 'mosaic',
+                'clusiam_map_top': top, 'clusiam_downsample': repr(float(downsample))}
         if title:
-            text["Title"] = str(title)
+            text['Title'] = str(title)
         save_map(image, out_path, dict(text, **(png_text or {})))
     return image
 
@@ -409,10 +409,10 @@ def check_thumbnail(thumbnail, n_slides):
     if not thumbnail:
         return
     if not os.path.exists(thumbnail):
-        raise ConfigError(f"thumbnail not found: {thumbnail}")
+        raise ConfigError(f'thumbnail not found: {thumbnail}')
     if os.path.isfile(thumbnail) and n_slides > 1:
-        raise ConfigError(f"export.thumbnail {thumbnail} is one file but the export has "
-                          f"{n_slides} slides: give a folder of <slide_id>.png thumbnails")
+        raise ConfigError(f'export.thumbnail {thumbnail} is one file but the export has '
+                          f'{n_slides} slides: give a folder of <slide_id>.png thumbnails')
 
 
 def find_thumbnail(thumbnail, slide_id, n_slides):
@@ -423,7 +423,7 @@ def find_thumbnail(thumbnail, slide_id, n_slides):
     check_thumbnail(thumbnail, n_slides)
     if os.path.isfile(thumbnail):
         return thumbnail
-    for stem in (slide_id, slide_id + "_thumb"):
+    for stem in (slide_id, slide_id + '_thumb'):
         for ext in THUMBNAIL_EXTENSIONS:
             path = os.path.join(thumbnail, stem + ext)
             if os.path.isfile(path):
@@ -433,12 +433,12 @@ def find_thumbnail(thumbnail, slide_id, n_slides):
 
 def _open_thumbnail(path, downsample):
     if not downsample or downsample <= 0:
-        raise ConfigError("a thumbnail needs its downsample (level-0 pixels per thumbnail "
-                          "pixel: export.thumbnail_downsample, or --downsample)")
+        raise ConfigError('a thumbnail needs its downsample (level-0 pixels per thumbnail '
+                          'pixel: export.thumbnail_downsample, or --downsample)')
     try:
-        return Image.open(path).convert("RGB")
+        return Image.open(path).convert('RGB')
     except OSError as e:  # PIL's UnidentifiedImageError is one
-        raise DataError(f"thumbnail {path} is not a readable image ({e})") from None
+        raise DataError(f'thumbnail {path} is not a readable image ({e})') from None
 
 
 def _slide_thumbnail(slide_id, path, dimensions, max_side):
@@ -447,20 +447,20 @@ def _slide_thumbnail(slide_id, path, dimensions, max_side):
     import openslide
 
     from clusiam_jax.slides import reader, tiles
-    fix = (f"move the slide back to {path}, or give its thumbnail and downsample "
-           f"(export.thumbnail and export.thumbnail_downsample, or maps --thumbnail and "
-           f"--downsample)")
+    fix = (f'move the slide back to {path}, or give its thumbnail and downsample '
+           f'(export.thumbnail and export.thumbnail_downsample, or maps --thumbnail and '
+           f'--downsample)')
     try:
         slide = reader.open_slide(path)
     except DataError as e:
-        raise DataError(f"cluster map of slide {slide_id}: cannot read the slide it was "
-                        f"exported from ({e}); {fix}") from None
+        raise DataError(f'cluster map of slide {slide_id}: cannot read the slide it was '
+                        f'exported from ({e}); {fix}') from None
     try:
         if dimensions is not None and tuple(slide.dimensions) != tuple(dimensions):
             raise DataError(
-                f"cluster map of slide {slide_id}: {path} is {slide.dimensions[0]} x "
-                f"{slide.dimensions[1]} px but the export was made from a {dimensions[0]} x "
-                f"{dimensions[1]} px slide (another file under that name?); {fix}")
+                f'cluster map of slide {slide_id}: {path} is {slide.dimensions[0]} x '
+                f'{slide.dimensions[1]} px but the export was made from a {dimensions[0]} x '
+                f'{dimensions[1]} px slide (another file under that name?); {fix}')
         with tiles.opened(path, slide) as direct:   # an OME-TIFF's hidden levels
             return reader.thumbnail_for_side(slide, max_side, direct)
     except openslide.OpenSlideError as e:
@@ -479,7 +479,7 @@ def read_export_info(out_dir):
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        log.warning("cluster maps: %s is unreadable (%s); titles omit the run and step",
+        log.warning('cluster maps: %s is unreadable (%s); titles omit the run and step',
                     path, e)
         return {}
     return info if isinstance(info, dict) else {}
@@ -490,12 +490,12 @@ def map_title(slide_id, step=None, num_clusters=None, workdir=None):
     out what is unknown."""
     parts = [str(slide_id)]
     if step is not None:
-        parts.append(f"step {step}")
+        parts.append(f'step {step}')
     if num_clusters:
-        parts.append(f"K={num_clusters}")
+        parts.append(f'K={num_clusters}')
     if workdir:
-        parts.append(f"run {os.path.basename(os.path.normpath(str(workdir)))}")
-    return " · ".join(parts)
+        parts.append(f'run {os.path.basename(os.path.normpath(str(workdir)))}')
+    return ' · '.join(parts)
 
 
 def mosaic_path(path):
@@ -505,13 +505,13 @@ def mosaic_path(path):
     if not os.path.exists(path):
         return path
     drawn_over = map_background(path)
-    if drawn_over == "mosaic":
+    if drawn_over == 'mosaic':
         return path
     other = os.path.splitext(path)[0] + MOSAIC_SUFFIX
-    how = (f"over its {drawn_over}" if drawn_over else
-           "by an older version that did not record over what")
-    log.warning("cluster maps: %s was drawn %s and is kept; the map without a thumbnail "
-                "goes to %s (give the thumbnail, or the slide, to redraw it)", path, how, other)
+    how = (f'over its {drawn_over}' if drawn_over else
+           'by an older version that did not record over what')
+    log.warning('cluster maps: %s was drawn %s and is kept; the map without a thumbnail '
+                'goes to %s (give the thumbnail, or the slide, to redraw it)', path, how, other)
     return other
 
 
@@ -522,7 +522,7 @@ def _slide_annotations(folder, slide_id):
     from clusiam_jax.slides import annotations
     path = annotations.find_annotation_file(folder, slide_id)
     if path is None:
-        log.info("cluster maps: no annotation file for %s in %s", slide_id, folder)
+        log.info('cluster maps: no annotation file for %s in %s', slide_id, folder)
         return None
     return annotations.read_annotations(path)
 
@@ -535,22 +535,22 @@ def write_export_geojson(out_dir):
     written = []
     data = fmt.read_export(out_dir)
     for row in fmt.read_export_manifest(out_dir):
-        arrays = data[row["slide_id"]]
-        if "cluster_ids" not in arrays:
-            log.info("qupath: the model has no cluster head; nothing to write")
+        arrays = data[row['slide_id']]
+        if 'cluster_ids' not in arrays:
+            log.info('qupath: the model has no cluster head; nothing to write')
             return written
-        known = np.all(arrays["coords"] >= 0, axis=1)
+        known = np.all(arrays['coords'] >= 0, axis=1)
         if not known.any():
-            log.warning("qupath: slide %s has no patch coordinates; skipped", row["slide_id"])
+            log.warning('qupath: slide %s has no patch coordinates; skipped', row['slide_id'])
             continue
-        k = (arrays["cluster_logits"].shape[1] if "cluster_logits" in arrays
-             else int(arrays["cluster_ids"].max()) + 1)
+        k = (arrays['cluster_logits'].shape[1] if 'cluster_logits' in arrays
+             else int(arrays['cluster_ids'].max()) + 1)
         path = os.path.join(out_dir, fmt.QUPATH_DIR,
-                            fmt.slide_file_name(row["slide_id"]) + ".geojson")
+                            fmt.slide_file_name(row['slide_id']) + '.geojson')
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_cluster_geojson(path, arrays["coords"][known], arrays.get("patch_size") or 224,
-                              arrays["cluster_ids"][known], cluster_palette(max(k, 128))[:k],
-                              row["slide_id"])
+        write_cluster_geojson(path, arrays['coords'][known], arrays.get('patch_size') or 224,
+                              arrays['cluster_ids'][known], cluster_palette(max(k, 128))[:k],
+                              row['slide_id'])
         written.append(path)
     return written
 
@@ -572,9 +572,9 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
     are drawn on the map of their slide.
     """
     if annotations and not os.path.isdir(annotations):
-        raise ConfigError(f"annotations folder not found: {annotations}")
+        raise ConfigError(f'annotations folder not found: {annotations}')
     if downsample is not None and downsample <= 0:
-        raise ConfigError(f"the thumbnail downsample must be positive; got {downsample}")
+        raise ConfigError(f'the thumbnail downsample must be positive; got {downsample}')
     if not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"the cluster map's alpha (opacity of the colors) must be in "
                           f"[0, 1]; got {alpha}")
@@ -585,36 +585,36 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
     info = read_export_info(out_dir)
     written = []
     for row in rows:
-        slide_id = row["slide_id"]
+        slide_id = row['slide_id']
         arrays = data[slide_id]
-        if "cluster_ids" not in arrays:
-            log.info("cluster maps: the model has no cluster head; nothing to draw")
+        if 'cluster_ids' not in arrays:
+            log.info('cluster maps: the model has no cluster head; nothing to draw')
             return written
-        coords, ids = arrays["coords"], arrays["cluster_ids"]
+        coords, ids = arrays['coords'], arrays['cluster_ids']
         known = np.all(coords >= 0, axis=1)
         if not known.any():
-            log.warning("cluster maps: slide %s has no patch coordinates; skipped", slide_id)
+            log.warning('cluster maps: slide %s has no patch coordinates; skipped', slide_id)
             continue
-        k = arrays["cluster_logits"].shape[1] if "cluster_logits" in arrays else None
+        k = arrays['cluster_logits'].shape[1] if 'cluster_logits' in arrays else None
         thumb_path = find_thumbnail(thumbnail, slide_id, len(rows))
-        dimensions = arrays.get("level0_dimensions")
-        thumb, scale, drawn_over = None, None, "mosaic"
+        dimensions = arrays.get('level0_dimensions')
+        thumb, scale, drawn_over = None, None, 'mosaic'
         if thumb_path:
             thumb, scale = _open_thumbnail(thumb_path, downsample), downsample
-            drawn_over = "thumbnail"
-        elif arrays.get("slide_path"):
-            thumb, scale = _slide_thumbnail(slide_id, arrays["slide_path"], dimensions,
+            drawn_over = 'thumbnail'
+        elif arrays.get('slide_path'):
+            thumb, scale = _slide_thumbnail(slide_id, arrays['slide_path'], dimensions,
                                             int(max_side))
-            drawn_over = "slide"
+            drawn_over = 'slide'
         path = fmt.map_file(out_dir, row)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if drawn_over == "mosaic":
+        if drawn_over == 'mosaic':
             path = mosaic_path(path)
-        title = map_title(slide_id, info.get("checkpoint_step"),
-                          k or int(ids[known].max()) + 1, info.get("workdir"))
+        title = map_title(slide_id, info.get('checkpoint_step'),
+                          k or int(ids[known].max()) + 1, info.get('workdir'))
         contours = _slide_annotations(annotations, slide_id)
         with fmt.atomic_write(path) as tmp:
-            draw_cluster_map(coords[known], ids[known], arrays.get("patch_size") or 224,
+            draw_cluster_map(coords[known], ids[known], arrays.get('patch_size') or 224,
                              thumbnail=thumb, downsample=scale, slide_dimensions=dimensions,
                              alpha=alpha, num_clusters=k, max_side=int(max_side),
                              out_path=tmp, title=title,

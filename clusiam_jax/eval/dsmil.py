@@ -65,7 +65,7 @@ def _torch_dense(features, fan_in, name):
     # variance_scaling(1/3, fan_in, uniform) has bound sqrt(1/fan_in), which is
     # PyTorch's default (kaiming_uniform with a=sqrt(5)) weight init.
     return nn.Dense(features, name=name,
-                    kernel_init=nn.initializers.variance_scaling(1.0 / 3, "fan_in", "uniform"),
+                    kernel_init=nn.initializers.variance_scaling(1.0 / 3, 'fan_in', 'uniform'),
                     bias_init=_torch_bias_init(fan_in))
 
 
@@ -84,9 +84,9 @@ class DSMIL(nn.Module):
     def __call__(self, feats, mask):
         n, dim = feats.shape
         c = self.num_classes
-        instance_logits = _torch_dense(c, dim, "instance_classifier")(feats)
-        q = nn.relu(_torch_dense(self.query_dim, dim, "query_1")(feats))
-        q = jnp.tanh(_torch_dense(self.query_dim, self.query_dim, "query_2")(q))
+        instance_logits = _torch_dense(c, dim, 'instance_classifier')(feats)
+        q = nn.relu(_torch_dense(self.query_dim, dim, 'query_1')(feats))
+        q = jnp.tanh(_torch_dense(self.query_dim, self.query_dim, 'query_2')(q))
 
         masked_scores = jnp.where(mask[:, None], instance_logits, -jnp.inf)
         critical = jnp.argmax(masked_scores, axis=0)                      # [C]
@@ -96,9 +96,9 @@ class DSMIL(nn.Module):
         attn_logits = jnp.where(mask[:, None], attn_logits, -jnp.inf)
         attention = jax.nn.softmax(attn_logits, axis=0)                   # [N, C]
         bag_embedding = attention.T @ feats                               # [C, D]
-        bag_logits = _torch_dense(c, c * dim, "bag_classifier")(bag_embedding.reshape(-1))
-        extras = {"instance_logits": instance_logits, "attention": attention,
-                  "critical": critical}
+        bag_logits = _torch_dense(c, c * dim, 'bag_classifier')(bag_embedding.reshape(-1))
+        extras = {'instance_logits': instance_logits, 'attention': attention,
+                  'critical': critical}
         return bag_logits, max_instance_logits, extras
 
 
@@ -126,7 +126,7 @@ def bucket_length(n, min_size=64, growth=SQRT2):
     doubling of bag size, so jit compiles only a few times.
     """
     if n < 1:
-        raise ValueError("a bag needs at least one instance")
+        raise ValueError('a bag needs at least one instance')
     size = min_size
     while size < n:
         size = int(math.ceil(size * growth / 8.0) * 8)
@@ -201,7 +201,7 @@ class _Trainer:
         self.optimizer = optimizer
 
         def loss_fn(params, feats, mask, targets):
-            bag, inst, _ = model.apply({"params": params}, feats, mask)
+            bag, inst, _ = model.apply({'params': params}, feats, mask)
             return dsmil_loss(bag, inst, targets)
 
         def train_step(params, opt_state, feats, mask, targets, lr):
@@ -211,7 +211,7 @@ class _Trainer:
             return params, opt_state, loss
 
         def eval_step(params, feats, mask, targets):
-            bag, inst, _ = model.apply({"params": params}, feats, mask)
+            bag, inst, _ = model.apply({'params': params}, feats, mask)
             return dsmil_score(bag, inst), dsmil_loss(bag, inst, targets)
 
         # Jitted: eager init would compile every primitive separately (seconds).
@@ -246,7 +246,7 @@ def per_class_auc(labels, scores):
 
 def _nanmean(values):
     values = np.asarray(values, np.float64)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float('nan')
 
 
 def classify(scores, thresholds):
@@ -297,7 +297,7 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
     """
     config = config or DSMILConfig()
     if not train_bags or not val_bags:
-        raise ValueError("DSMIL needs training and validation bags")
+        raise ValueError('DSMIL needs training and validation bags')
     dim = np.shape(train_bags[0][0])[1]
     trainer = _trainer(num_classes, config.query_dim, tuple(config.betas),
                        float(config.weight_decay))
@@ -308,7 +308,7 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
 
     init_key = jax.random.PRNGKey(seed)
     params = trainer.init(init_key, jnp.zeros((config.min_bucket, dim)),
-                          jnp.ones((config.min_bucket,), bool))["params"]
+                          jnp.ones((config.min_bucket,), bool))['params']
     opt_state = optimizer.init(params)
     order_rng = np.random.default_rng(seed)
 
@@ -324,39 +324,39 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
             losses.append(loss)
         val_scores, val_loss = trainer.evaluate(params, val, num_classes)
         val_auc = _nanmean(per_class_auc(val_labels, val_scores))
-        record = {"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses))),
-                  "val_loss": val_loss, "val_mean_auc": val_auc}
+        record = {'epoch': epoch, 'train_loss': float(np.mean(jax.device_get(losses))),
+                  'val_loss': val_loss, 'val_mean_auc': val_auc}
         history.append(record)
         if log_fn is not None:
             log_fn(record)
         # Higher validation AUC first, lower validation loss breaks ties (AUC
         # saturates on small validation sets); NaN AUC counts as worst.
         key = (val_auc if np.isfinite(val_auc) else -1.0, -val_loss)
-        if best is None or key > best["key"]:
+        if best is None or key > best['key']:
             # A real host copy: on CPU device_get may alias the buffers that
             # the next (donating) train step reuses.
             kept = jax.tree.map(lambda a: np.array(a, copy=True), params)
-            best = {"key": key, "epoch": epoch, "params": kept,
-                    "val_scores": val_scores, "val_loss": val_loss}
+            best = {'key': key, 'epoch': epoch, 'params': kept,
+                    'val_scores': val_scores, 'val_loss': val_loss}
 
-    thresholds = np.array([youden_threshold(val_labels == c, best["val_scores"][:, c])
+    thresholds = np.array([youden_threshold(val_labels == c, best['val_scores'][:, c])
                            for c in range(num_classes)])
 
     def summarize(labels, scores, loss):
         aucs = per_class_auc(labels, scores)
-        return {"accuracy_val_thresholds": bag_accuracy(labels, scores, thresholds),
-                "accuracy_argmax": argmax_accuracy(labels, scores),
-                "auc": aucs, "mean_auc": _nanmean(aucs), "loss": loss}
+        return {'accuracy_val_thresholds': bag_accuracy(labels, scores, thresholds),
+                'accuracy_argmax': argmax_accuracy(labels, scores),
+                'auc': aucs, 'mean_auc': _nanmean(aucs), 'loss': loss}
 
-    result = {"best_epoch": best["epoch"], "thresholds": thresholds.tolist(),
-              "val": summarize(val_labels, best["val_scores"], best["val_loss"]),
-              "history": history, "params": best["params"]}
+    result = {'best_epoch': best['epoch'], 'thresholds': thresholds.tolist(),
+              'val': summarize(val_labels, best['val_scores'], best['val_loss']),
+              'history': history, 'params': best['params']}
     if test_bags:
         test = _prepare(test_bags, config.min_bucket)
         test_labels = np.array([label for _, _, label in test])
-        test_scores, test_loss = trainer.evaluate(best["params"], test, num_classes)
-        result["test"] = summarize(test_labels, test_scores, test_loss)
-        result["test_scores"] = test_scores
+        test_scores, test_loss = trainer.evaluate(best['params'], test, num_classes)
+        result['test'] = summarize(test_labels, test_scores, test_loss)
+        result['test_scores'] = test_scores
     return result
 
 
@@ -364,17 +364,17 @@ def summarize_seeds(results):
     """Mean and std (population) over seeds of the test accuracies and per-class AUC."""
     def stats(values):
         values = np.asarray(values, np.float64)
-        return {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)),
-                "values": values.tolist()}
+        return {'mean': float(np.nanmean(values)), 'std': float(np.nanstd(values)),
+                'values': values.tolist()}
 
-    tests = [r["test"] for r in results]
-    num_classes = len(tests[0]["auc"])
+    tests = [r['test'] for r in results]
+    num_classes = len(tests[0]['auc'])
     return {
-        "accuracy_argmax": stats([t["accuracy_argmax"] for t in tests]),
-        "accuracy_val_thresholds": stats([t["accuracy_val_thresholds"] for t in tests]),
-        "mean_auc": stats([t["mean_auc"] for t in tests]),
-        "auc": [stats([t["auc"][c] for t in tests]) for c in range(num_classes)],
-        "best_epoch": [r["best_epoch"] for r in results],
+        'accuracy_argmax': stats([t['accuracy_argmax'] for t in tests]),
+        'accuracy_val_thresholds': stats([t['accuracy_val_thresholds'] for t in tests]),
+        'mean_auc': stats([t['mean_auc'] for t in tests]),
+        'auc': [stats([t['auc'][c] for t in tests]) for c in range(num_classes)],
+        'best_epoch': [r['best_epoch'] for r in results],
     }
 
 
@@ -391,7 +391,7 @@ def class_splits(splits_path, class_names=None):
                         f'{len(unlabeled)} slides have none, e.g. {unlabeled[:3]}')
     raw = [label for _, label in table.values()]
     if class_names is None:
-        if all(v.lstrip("-").isdigit() for v in raw):
+        if all(v.lstrip('-').isdigit() for v in raw):
             class_names = [str(i) for i in range(max(int(v) for v in raw) + 1)]
         else:
             class_names = sorted(set(raw))
@@ -399,10 +399,10 @@ def class_splits(splits_path, class_names=None):
     unknown = sorted(set(raw) - set(index))
     if unknown:
         raise DataError(f'{splits_path}: labels {unknown} are not among {class_names}')
-    splits = {"train": [], "val": [], "test": []}
+    splits = {'train': [], 'val': [], 'test': []}
     for slide, (split, label) in table.items():
         splits[split].append((slide, index[label]))
-    for split in ("train", "val"):
+    for split in ('train', 'val'):
         if not splits[split]:
             raise DataError(f'{splits_path} lists no {split} slide (DSMIL chooses its epoch '
                             f'and thresholds on val)')
@@ -432,19 +432,19 @@ def run_dsmil(splits_path, features, seeds=(0, 1, 2, 3, 4), config=None,
             out.append((cache[slide_id], label))
         return out
 
-    train_bags, val_bags, test_bags = bags("train"), bags("val"), bags("test")
+    train_bags, val_bags, test_bags = bags('train'), bags('val'), bags('test')
     runs = []
     for seed in seeds:
         result = train_dsmil(train_bags, val_bags, test_bags, len(class_names), config,
                              seed=seed, log_fn=log_fn)
-        result.pop("params")
-        result["seed"] = seed
-        result["test_scores"] = np.asarray(result.get("test_scores", [])).tolist()
+        result.pop('params')
+        result['seed'] = seed
+        result['test_scores'] = np.asarray(result.get('test_scores', [])).tolist()
         runs.append(result)
     test_labels = [label for _, label in test_bags]
-    return {"class_names": class_names, "seeds": list(seeds), "runs": runs,
-            "summary": summarize_seeds(runs) if test_bags else None,
-            "accuracies": dict(ACCURACIES),
+    return {'class_names': class_names, 'seeds': list(seeds), 'runs': runs,
+            'summary': summarize_seeds(runs) if test_bags else None,
+            'accuracies': dict(ACCURACIES),
             **dsmil_intervals(test_labels, class_names, runs)}
 
 
@@ -454,19 +454,19 @@ def dsmil_intervals(labels, class_names, runs):
     ``mean_auc`` and ``auc_<class>``. Each resample scores every seed (its test scores and
     thresholds) on the same slides and takes their mean, as the summary does."""
     labels = np.asarray(labels, np.int64)
-    seeds = [(np.asarray(r.get("test_scores", []), np.float64).reshape(labels.size,
+    seeds = [(np.asarray(r.get('test_scores', []), np.float64).reshape(labels.size,
                                                                       len(class_names)),
-              np.asarray(r["thresholds"])) for r in runs]
+              np.asarray(r['thresholds'])) for r in runs]
 
     def seed_mean(score):
         return lambda idx: mean_over_seeds([score(labels[idx], s[idx], t) for s, t in seeds])
 
     scores = {
-        "accuracy_argmax": (seed_mean(lambda y, s, t: argmax_accuracy(y, s)), False),
-        "accuracy_val_thresholds": (seed_mean(bag_accuracy), False),
-        "mean_auc": (seed_mean(lambda y, s, t: _nanmean(per_class_auc(y, s))), True),
+        'accuracy_argmax': (seed_mean(lambda y, s, t: argmax_accuracy(y, s)), False),
+        'accuracy_val_thresholds': (seed_mean(bag_accuracy), False),
+        'mean_auc': (seed_mean(lambda y, s, t: _nanmean(per_class_auc(y, s))), True),
     }
     for c, name in enumerate(class_names):
-        scores[f"auc_{name}"] = (seed_mean(lambda y, s, t, c=c: roc_auc(y == c, s[:, c])),
+        scores[f'auc_{name}'] = (seed_mean(lambda y, s, t, c=c: roc_auc(y == c, s[:, c])),
                                  True)
     return slide_scores_report(labels, class_names, scores, n_seeds=len(runs))

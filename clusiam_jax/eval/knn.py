@@ -24,7 +24,7 @@ def l2_normalize(x, eps=1e-12):
     return x / np.maximum(norm, eps)
 
 
-@functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnames=('k',), donate_argnums=(0, 1))
 def _merge_reference_chunk(best_sims, best_idx, queries, refs, ref_offset, n_refs, k):
     """Merges one reference chunk into the running top-k of every query chunk.
 
@@ -80,9 +80,9 @@ def knn_search(queries, references, k=1, query_chunk=1024, ref_chunk=32768,
     n_q, dim = queries.shape
     n_r = references.shape[0]
     if references.shape[1] != dim:
-        raise ValueError(f"dimension mismatch: queries {dim}, references {references.shape[1]}")
+        raise ValueError(f'dimension mismatch: queries {dim}, references {references.shape[1]}')
     if not 1 <= k <= n_r:
-        raise ValueError(f"k={k} must be in [1, {n_r}]")
+        raise ValueError(f'k={k} must be in [1, {n_r}]')
     if normalize:
         queries = l2_normalize(queries)
         references = l2_normalize(references)
@@ -133,7 +133,7 @@ def knn_predict(ref_embeddings, ref_labels, query_embeddings, ks=(1,), **search_
     ks = tuple(sorted(set(int(k) for k in ks)))
     ref_labels = np.asarray(ref_labels)
     if ref_labels.shape[0] != np.shape(ref_embeddings)[0]:
-        raise ValueError("ref_labels and ref_embeddings differ in length")
+        raise ValueError('ref_labels and ref_embeddings differ in length')
     _, idx = knn_search(query_embeddings, ref_embeddings, k=ks[-1], **search_kwargs)
     neighbour_labels = ref_labels[idx]
     return {k: majority_vote(neighbour_labels[:, :k]) for k in ks}
@@ -153,6 +153,6 @@ def knn_evaluate(ref_embeddings, ref_labels, query_embeddings, query_labels, ks=
     query_labels = np.asarray(query_labels)
     predictions = knn_predict(ref_embeddings, ref_labels, query_embeddings, ks=ks,
                               **search_kwargs)
-    return {f"k={k}": classification_metrics(query_labels, pred, labels=labels,
+    return {f'k={k}': classification_metrics(query_labels, pred, labels=labels,
                                              positive_label=positive_label)
             for k, pred in predictions.items()}

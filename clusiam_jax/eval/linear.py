@@ -57,19 +57,19 @@ def validation_split(labels, fraction=0.2, seed=0, groups=None):
 
 
 def _objective(params, x, y, weight_decay):
-    logits = x @ params["w"] + params["b"]
+    logits = x @ params['w'] + params['b']
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     # The bias is not decayed, as usual for logistic regression.
-    return ce + 0.5 * weight_decay * jnp.sum(params["w"] ** 2)
+    return ce + 0.5 * weight_decay * jnp.sum(params['w'] ** 2)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))
+@functools.partial(jax.jit, static_argnames=('num_classes', 'max_iter'))
 def _fit_lbfgs(x, y, weight_decay, num_classes, max_iter, tol):
     fun = functools.partial(_objective, x=x, y=y, weight_decay=weight_decay)
     solver = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(fun)
-    params = {"w": jnp.zeros((x.shape[1], num_classes), jnp.float32),
-              "b": jnp.zeros((num_classes,), jnp.float32)}
+    params = {'w': jnp.zeros((x.shape[1], num_classes), jnp.float32),
+              'b': jnp.zeros((num_classes,), jnp.float32)}
 
     def step(carry):
         params, state, _, it = carry
@@ -97,12 +97,12 @@ def fit_logistic_regression(x, y, num_classes, weight_decay, max_iter=500, tol=1
 
 def predict(params, x):
     """Class indices of the argmax logits."""
-    return np.argmax(np.asarray(x, np.float32) @ params["w"] + params["b"], axis=1)
+    return np.argmax(np.asarray(x, np.float32) @ params['w'] + params['b'], axis=1)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, val_x=None, val_y=None,
                  weight_decays=DEFAULT_WEIGHT_DECAYS, val_fraction=0.2, groups=None,
-                 seed=0, selection_metric="accuracy", positive_label=None,
+                 seed=0, selection_metric='accuracy', positive_label=None,
                  max_iter=500):
     """Linear-probe metrics on test, with the weight decay chosen on validation.
 
@@ -146,10 +146,10 @@ def linear_probe(train_x, train_y, test_x, test_y, val_x=None, val_y=None,
             best_wd = wd
     test_pred = classes[predict(fitted[best_wd], standardize(test_x, stats))]
     return {
-        "weight_decay": best_wd,
-        "val_scores": val_scores,
-        "val": val_metrics[best_wd],
-        "test": classification_metrics(np.asarray(test_y), test_pred,
+        'weight_decay': best_wd,
+        'val_scores': val_scores,
+        'val': val_metrics[best_wd],
+        'test': classification_metrics(np.asarray(test_y), test_pred,
                                        positive_label=positive_label),
-        "classes": classes.tolist(),
+        'classes': classes.tolist(),
     }

@@ -51,7 +51,7 @@ def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
-        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D")
+        raise ValueError(f'y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D')
     if labels is None:
         labels = np.unique(np.concatenate([y_true, y_pred]))
     labels = np.asarray(labels)
@@ -65,15 +65,15 @@ def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
     present = support > 0
     recall = tp[present] / support[present]
     out = {
-        "n": int(y_true.size),
-        "accuracy": float(np.mean(y_true == y_pred)) if y_true.size else float("nan"),
-        "balanced_accuracy": float(recall.mean()) if recall.size else float("nan"),
-        "macro_f1": float(f1.mean()) if f1.size else float("nan"),
-        "per_class_f1": {_python_scalar(c): float(v) for c, v in zip(labels, f1)},
+        'n': int(y_true.size),
+        'accuracy': float(np.mean(y_true == y_pred)) if y_true.size else float('nan'),
+        'balanced_accuracy': float(recall.mean()) if recall.size else float('nan'),
+        'macro_f1': float(f1.mean()) if f1.size else float('nan'),
+        'per_class_f1': {_python_scalar(c): float(v) for c, v in zip(labels, f1)},
     }
     if positive_label is not None:
         positive = _python_scalar(np.asarray(positive_label)[()])
-        out["positive_f1"] = out["per_class_f1"].get(positive, 0.0)
+        out['positive_f1'] = out['per_class_f1'].get(positive, 0.0)
     return out
 
 
@@ -81,7 +81,7 @@ def _binary_inputs(y_true, scores):
     y = np.asarray(y_true).astype(bool).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
-        raise ValueError(f"y_true {y.shape} and scores {s.shape} differ")
+        raise ValueError(f'y_true {y.shape} and scores {s.shape} differ')
     return y, s
 
 
@@ -97,8 +97,8 @@ def roc_auc(y_true, scores):
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
+        return float('nan')
+    order = np.argsort(s, kind='mergesort')
     sorted_s = s[order]
     ranks = np.empty(s.size, dtype=np.float64)
     # Average rank (1-based) over each run of tied scores [a, b): (a + 1 + b) / 2.
@@ -119,7 +119,7 @@ def roc_curve(y_true, scores):
     (nothing positive), like scikit-learn with ``drop_intermediate=False``.
     """
     y, s = _binary_inputs(y_true, scores)
-    order = np.argsort(-s, kind="mergesort")
+    order = np.argsort(-s, kind='mergesort')
     s_sorted, y_sorted = s[order], y[order]
     last_of_run = np.r_[s_sorted[1:] != s_sorted[:-1], True]
     tps = np.cumsum(y_sorted)[last_of_run].astype(np.float64)
@@ -260,7 +260,7 @@ def slide_scores_report(labels, class_names, scores, n_seeds=1,
     if n_seeds > 1:
         line += (f'; each resample scores all {n_seeds} seeds on the same slides and '
                  f'averages them: the interval of the seed mean, for other test slides '
-                 f'(the seeds\' spread is the std)')
+                 f"(the seeds' spread is the std)")
     if skipping:
         line += (f'; {", ".join(skipping)}: resamples lacking a class are skipped and '
                  f'counted in n_skipped')

@@ -345,7 +345,7 @@ def _open(data_path, exp, trained_on):
     opened = sources_lib.open_source(data_path, _slide_dir(data_path, exp, trained_on))
     if exp.format == 'npz' and hasattr(opened[1], 'slide_index'):
         raise ConfigError(f'{data_path} is read from whole slides: export it as per-slide '
-                          f'h5 files (export.format=h5), which carry each slide\'s tiling '
+                          f"h5 files (export.format=h5), which carry each slide's tiling "
                           f'attributes and slide path')
     return opened
 
@@ -373,7 +373,7 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     if not data_path:
         raise ConfigError('nothing to export: set --config.export.data_path=DIR')
     if not os.path.exists(data_path):
-        raise DataError(f'the patches to export are gone: {data_path} (the run\'s data.path);'
+        raise DataError(f"the patches to export are gone: {data_path} (the run's data.path);"
                         f' set --config.export.data_path=DIR')
     trained_at = run.config.data.image_size
     options = EmbedOptions(image_size=exp.image_size or trained_at,

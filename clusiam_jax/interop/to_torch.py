@@ -42,7 +42,7 @@ TORCH_PICKLE = ('.pth', '.pt')
 # How the export turns a slide region into the network's input (slides/reader.read_patch,
 # then export/embed.py's _load_patch -> data/augment.resized_crop, then
 # models/preprocess.normalize_input); written into the metadata.
-PATCH_READ = ('slides: the level-0 square of patch_size_level0 px (the tiling\'s coords '
+PATCH_READ = ("slides: the level-0 square of patch_size_level0 px (the tiling's coords "
               'attribute, round(patch_size_px * target_mpp / level-0 µm/px)) read from the '
               'coarsest pyramid level not coarser than target_mpp (1% tolerance), transparent '
               'pixels over white, resized to patch_size_px with OpenCV INTER_AREA (INTER_LINEAR '

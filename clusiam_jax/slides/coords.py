@@ -147,8 +147,8 @@ def read_coords(path: str) -> SlideCoords:
         return SlideCoords(slide_id, coords, level0 if level0 else float(size),
                            max(1, size // custom), attrs,
                            patch_level=None if level0 else level)
-    raise DataError(f'{path}: the coords attributes have neither TRIDENT\'s '
-                    f'patch_size_level0 nor CLAM\'s patch_level + patch_size '
+    raise DataError(f"{path}: the coords attributes have neither TRIDENT's "
+                    f"patch_size_level0 nor CLAM's patch_level + patch_size "
                     f'(found: {", ".join(sorted(attrs)) or "none"})')
 
 

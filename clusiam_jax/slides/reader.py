@@ -77,7 +77,7 @@ class SlideTooLarge(DataError):
 
 # The origin of a Resolution whose slide has no µm/px and no objective power (the case
 # tile.mpp_default fills in).
-NO_MPP_ORIGIN = 'no µm/px or objective power in the slide\'s metadata'
+NO_MPP_ORIGIN = "no µm/px or objective power in the slide's metadata"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ def implausible_mpp(mpp: float) -> Optional[str]:
     for dpi in EDITOR_DPIS:
         if abs(mpp * dpi / 25400 - 1) < 1e-3:
             return (f'level-0 µm/px {mpp:.4g} is the {dpi}-dpi default of image editors, '
-                    f'not a scan\'s')
+                    f"not a scan's")
     low, high = MPP_RANGE
     if mpp > high:
         return f'level-0 µm/px {mpp:.4g} is coarser than any scan (over {high:g})'
@@ -249,7 +249,7 @@ def read_patch(slide, x: int, y: int, size_level0: float, out_size: int,
         if not tiles.fallback_said:
             tiles.fallback_said = True
             log.warning('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) '
-                        '(%s); such patches are read from OpenSlide\'s levels', slide,
+                        "(%s); such patches are read from OpenSlide's levels", slide,
                         level, x, y, e)
         rgb, side = _read_level(slide, tiles, best_level(slide, downsample), x, y,
                                 size_level0)

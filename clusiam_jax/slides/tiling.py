@@ -347,7 +347,7 @@ def _resolution(slide, entry: SlideEntry, params: TileParams):
     """(the slide's level-0 reader.Resolution, a note when tile.mpp_override contradicts
     the slide's metadata, else ''); the order is the module's."""
     if entry.mpp:
-        return reader.Resolution(entry.mpp, 'the slide list\'s mpp column'), ''
+        return reader.Resolution(entry.mpp, "the slide list's mpp column"), ''
     own = reader.level0_resolution(slide, default=params.mpp_default or None,
                                    default_origin=DEFAULT_ORIGIN)
     if not params.mpp_override:
@@ -358,7 +358,7 @@ def _resolution(slide, entry: SlideEntry, params: TileParams):
     if own.mpp is None or own.origin == DEFAULT_ORIGIN or \
             abs(forced.mpp / own.mpp - 1) < 1e-3:
         return forced, ''
-    return forced, (f'{OVERRIDE_ORIGIN} {forced.mpp:g} replaces the slide\'s level-0 µm/px '
+    return forced, (f"{OVERRIDE_ORIGIN} {forced.mpp:g} replaces the slide's level-0 µm/px "
                     f'{own.mpp:.4g} ({own.origin}): x{forced.mpp / own.mpp:.3g}')
 
 
@@ -527,7 +527,7 @@ def _bad_id_row(entry: SlideEntry) -> Optional[dict]:
     problem = coords_lib.id_problem(entry.slide_id)
     if problem is None:
         return None
-    return _row(entry, BAD_ID, f'slide id {entry.slide_id!r} {problem}: it names the slide\'s '
+    return _row(entry, BAD_ID, f"slide id {entry.slide_id!r} {problem}: it names the slide's "
                 f'files, so give it a plain file name (the slide_id column of the slide CSV)')
 
 
@@ -807,7 +807,7 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
         log.info('tile: %d slides of an earlier run into %s are kept in its slides.csv',
                  len(kept), out_dir)
     if params.mpp_override:
-        log.info('tile: %s forces level-0 µm/px %g on every slide (but those a slide CSV\'s '
+        log.info("tile: %s forces level-0 µm/px %g on every slide (but those a slide CSV's "
                  '"mpp" column gives); each slide whose metadata says otherwise is logged',
                  OVERRIDE_ORIGIN, params.mpp_override)
     rows: Dict[str, List[dict]] = {}   # slide id -> its row (rows, for an id shared)

@@ -192,7 +192,7 @@ def _match(online: Dict[str, object], source: Source) -> Report:
             parts.append(f'{len(extra)} arrays of the source not in it ({_listing(extra, 5)})')
         if misshapen:
             parts.append(f'shapes differ: {_listing(misshapen, 5)}')
-        raise ConfigError(f'train.init_from={source.path} does not fit this run\'s {backbone} '
+        raise ConfigError(f"train.init_from={source.path} does not fit this run's {backbone} "
                           f'(the whole backbone must load): {"; ".join(parts)}')
     return report
 

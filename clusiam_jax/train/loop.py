@@ -180,7 +180,7 @@ def _build_monitor(config, loader, trainer):
     elif getattr(loader, 'monitor_source', None) is not None:
         records, source, pool = loader.monitor_source
     else:
-        raise ConfigError('monitor.holdout holds out slides of the data pipeline\'s source; '
+        raise ConfigError("monitor.holdout holds out slides of the data pipeline's source; "
                           'this run was given its own loader: use monitor.data_path')
     seed = int(config.train.seed)
     chosen = pool[monitor_lib.sample_indices(len(pool), int(mon.num_patches), seed)]
