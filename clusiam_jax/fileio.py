@@ -9,12 +9,50 @@ import contextlib
 import csv
 import errno
 import io
+import json
 import logging
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from clusiam_jax.errors import DataError
+
+# ------------------------------------------------------------------- files we write
+
+
+@contextlib.contextmanager
+def atomic_write(path: str):
+    """Yields a temporary path next to `path`, renamed onto it only if the body
+    finishes, so a crash never leaves a half-written file under its final name. The
+    temporary name ends in `.tmp<pid>`, which no reader takes for output."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    with atomic_write(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+    """`obj` as JSON (indent 2 unless told otherwise), with a final newline."""
+    dump_kwargs.setdefault('indent', 2)
+    write_text(path, json.dumps(obj, **dump_kwargs) + '\n')
+
+
+def write_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    """Rows (dicts; keys outside `columns` are an error) under a header line."""
+    with atomic_write(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
 
 # ------------------------------------------------------------------ CSV files we read
 

@@ -36,10 +36,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.eval import cluster_map
 from clusiam_jax.export import format as fmt
+from clusiam_jax.fileio import atomic_write
 
 log = logging.getLogger('clusiam_jax')
 

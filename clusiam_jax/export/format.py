@@ -33,8 +33,8 @@ from typing import Dict, Iterable, List
 
 import numpy as np
 
-from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import DataError
+from clusiam_jax.fileio import atomic_write
 from clusiam_jax.slides import coords as coords_lib
 
 FORMAT_VERSION = 1

@@ -32,8 +32,8 @@ from typing import Dict, Optional
 import numpy as np
 
 from clusiam_jax import run_dir
-from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import ConversionError, DataError
+from clusiam_jax.fileio import atomic_write
 from clusiam_jax.interop import layout
 
 SAFETENSORS = ('.safetensors',)

@@ -41,8 +41,8 @@ import shapely
 from shapely.errors import ShapelyError
 from shapely.geometry import MultiPolygon, Polygon, shape
 
-from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import DataError
+from clusiam_jax.fileio import atomic_write
 
 # Searched in this order next to a slide; `.json` is QuPath's other GeoJSON extension.
 ANNOTATION_EXTENSIONS = ('.geojson', '.json', '.xml')

@@ -26,8 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import DataError
+from clusiam_jax.fileio import atomic_write
 
 PATCHES_DIR = 'patches'
 TRIDENT_SUFFIX = '_patches.h5'

@@ -63,8 +63,8 @@ import numpy as np
 import tqdm
 
 from clusiam_jax import fileio, interrupts
-from clusiam_jax.atomic import atomic_write
 from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.fileio import atomic_write
 from clusiam_jax.slides import aligned_grid, reader, tiles, tissue
 from clusiam_jax.slides import coords as coords_lib
 
