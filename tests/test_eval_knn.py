@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from clusiam_jax.eval.knn import knn_evaluate, knn_predict, knn_search, majority_vote
+from clusiam_jax.eval.knn import knn_evaluate
+from clusiam_jax.knn import knn_predict, knn_search, majority_vote
 
 
 def _unit(x):
