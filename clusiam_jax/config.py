@@ -1,15 +1,16 @@
-"""The config schema: defaults for every key, the methods' recipes, and every check run
-before anything compiles.
+"""The config: defaults for every key, the methods' recipes, and every check of its values.
 
-Recipes in configs/ start from `method_config(name)` (the paper's settings of a method,
-docs/method.md) and override a few fields. Every key a run may use is defined here, so a
-typo or a wrong type is caught by `validate` with a one-line error instead of being
-silently ignored, and `validate` is the one place that checks values: the builders
+Recipes in configs/ start from `method_config(name)` and override a few fields. The config
+is locked, so ml_collections refuses unknown keys and wrong types; `validate` runs the
+RULES table and the cross-field rules, the one place that checks values: the builders
 downstream trust a validated config.
 """
+import difflib
 import os
 
 import ml_collections
+from absl import flags
+from ml_collections.config_flags import config_path, tuple_parser
 
 from clusiam_jax.errors import ConfigError
 from clusiam_jax.models import BACKBONES, METHOD_SPECS
@@ -17,9 +18,17 @@ from clusiam_jax.models.conv import CONV_IMPLS
 
 EXPORT_FORMATS = ('h5', 'npz')
 SAMPLINGS = ('uniform', 'slide_balanced')
+MONITOR_METRICS = ('rankme', 'alignment', 'uniformity', 'active_clusters',
+                   'active_clusters_gumbel', 'gumbel_agreement', 'cluster_entropy',
+                   'knn_top1', 'knn_balanced')
+CLUSTER_METRICS = ('active_clusters', 'active_clusters_gumbel', 'gumbel_agreement',
+                   'cluster_entropy')
+LOWER_IS_BETTER = ('alignment', 'uniformity')
 
 
 def default_config() -> ml_collections.ConfigDict:
+    """Every key a run may use, locked: an unknown key or a value of another type is refused
+    on assignment (ConfigDict's own checks)."""
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
@@ -147,7 +156,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tile.morph_kernel = 5           # px: closing then opening
     c.tile.max_hole_um2 = 50000.0     # holes up to this area are filled
     c.tile.min_area_um2 = 10000.0     # smaller tissue components are dropped
-    return c
+    return c.lock()
 
 
 # The settings that make each method the paper's (docs/method.md, "Networks" and
@@ -174,8 +183,7 @@ def method_config(name: str) -> ml_collections.ConfigDict:
     c = default_config()
     c.model.name = name
     for key, value in METHOD_RECIPES[name].items():
-        section, field = key.split('.')
-        c[section][field] = value
+        config_path.set_value(key, c, value)
     return c
 
 
@@ -198,47 +206,153 @@ def config_changes(old, new) -> list:
             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def _check_schema(config, schema, prefix=''):
-    """Unknown keys and wrong types, recursively, against the defaults."""
-    for key in config.keys():
-        name = f'{prefix}{key}'
-        if key not in schema:
-            raise ConfigError(f'unknown config key {name!r}; known keys here: '
-                              f'{", ".join(sorted(schema.keys()))}')
-        value, default = config[key], schema[key]
-        if isinstance(default, ml_collections.ConfigDict):
-            if not isinstance(value, ml_collections.ConfigDict):
-                raise ConfigError(f'config key {name!r} must be a section, got {value!r}')
-            _check_schema(value, default, name + '.')
+# ---------------------------------------------------------------- typing and overrides
+
+def _unknown_key(config, key: str, name: str) -> str:
+    """The one-line error for `key`, naming its first unknown part as `name` does."""
+    node = config
+    for part in key.split('.'):
+        known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if part not in known:
+            break
+        node = node[part]
+    close = difflib.get_close_matches(part, known, n=1)
+    return (f'unknown config key {name.format(part=part, key=key)!r}'
+            + (f'; did you mean {close[0]!r}?' if close else
+               f'; known here: {", ".join(sorted(known))}'))
+
+
+def _check_types(config):
+    """Unknown keys and wrong types of a config not built on the locked defaults (a recipe
+    that rebuilt a section), by ConfigDict's own checks on assignment."""
+    schema = default_config()
+    for key, value in flatten(config).items():
+        try:
+            config_path.set_value(key, schema, value)
+        except (KeyError, AttributeError):
+            raise ConfigError(_unknown_key(schema, key, '{key}')) from None
+        except TypeError:
+            kind = config_path.get_type(key, schema).__name__
+            raise ConfigError(f'config key {key!r} must be {kind}, got '
+                              f'{type(value).__name__} {value!r}') from None
+
+
+_PARSERS = {int: flags.IntegerParser(), float: flags.FloatParser(),
+            bool: flags.BooleanParser(), tuple: tuple_parser.TupleParser(),
+            str: flags.ArgumentParser()}
+
+
+def override(config, key: str, text: str):
+    """Sets `--config.KEY=TEXT`: parsed as the key's type (absl's parsers, as
+    ml_collections' config flags), refused by the locked config if it does not fit."""
+    flag = f'--config.{key}={text}'
+    try:
+        kind = config_path.get_type(key, config)
+    except (KeyError, AttributeError):
+        raise ConfigError(_unknown_key(config, key, '{part}') + f' ({flag})') from None
+    if kind not in _PARSERS:
+        raise ConfigError(f'{flag}: {key} is a section; set one of its keys')
+    try:
+        value = None if kind is tuple and text == 'None' else _PARSERS[kind].parse(text)
+        config_path.set_value(key, config, value)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f'bad config override {flag}: {e}') from None
+
+
+# ------------------------------------------------------------------------- the rules
+
+# Each key's own rule: a tuple of choices, an interval, or 'path' / 'folder' (when set,
+# it must exist / be a folder). Rules between keys are code, in validate.
+_POSITIVE, _NONNEGATIVE, _FRACTION = '(0, inf)', '[0, inf)', '[0, 1]'
+RULES = {
+    'model.name': tuple(METHOD_SPECS),
+    'model.backbone': tuple(BACKBONES),
+    'model.dtype': ('float32', 'bfloat16'),
+    'model.conv_impl': tuple(CONV_IMPLS),
+    'model.feat_size': _POSITIVE,
+    'model.pred_hidden': _POSITIVE,
+    'model.num_clusters': _POSITIVE,
+    'loss.alpha': _FRACTION,
+    'data.image_size': '[1, inf)',
+    'data.num_workers': _NONNEGATIVE,
+    'data.sampling': SAMPLINGS,
+    'data.min_tissue': _FRACTION,
+    'data.stats_sample': '[1, inf)',
+    'data.open_slides': '[1, inf)',
+    'data.slide_dir': 'folder',
+    'train.batch_size': _POSITIVE,
+    'train.num_epochs': _POSITIVE,
+    # keep_checkpoints=0 would train and keep nothing to resume from or export.
+    'train.keep_checkpoints': '[1, inf)',
+    'train.checkpoint_every_epochs': _NONNEGATIVE,
+    'train.on_nonfinite': ('stop', 'skip'),
+    'train.max_consecutive_skips': _POSITIVE,
+    'train.resume_from': 'path',
+    'train.init_from': 'path',
+    'train.best_metric': ('',) + tuple(f'monitor/{m}' for m in MONITOR_METRICS),
+    'train.best_mode': ('', 'max', 'min'),   # '': the metric's own direction
+    'monitor.every_epochs': _NONNEGATIVE,
+    'monitor.holdout': '[0, 1)',
+    'monitor.num_patches': '[8, 8192]',      # the scores compare every pair
+    'monitor.data_path': 'path',
+    'optim.name': ('sgd', 'lars'),
+    'ema.schedule': ('constant', 'cosine'),
+    'export.format': EXPORT_FORMATS,
+    'export.batch_size': '[1, inf)',
+    'export.num_workers': '[1, inf)',
+    'export.image_size': _NONNEGATIVE,
+    'export.thumbnail_downsample': _NONNEGATIVE,
+    'export.map_alpha': '(0, 1]',
+    'export.data_path': 'path',
+    'export.slide_dir': 'folder',
+    'export.annotations': 'folder',
+    'export.thumbnail': 'path',
+    'tile.slides': 'path',
+    'tile.masks': 'folder',
+    'tile.target_mpp': _POSITIVE,
+    'tile.tissue_mpp': _POSITIVE,
+    'tile.patch_size': '[8, inf)',
+    'tile.min_tissue': _FRACTION,
+    **{f'tile.{key}': _NONNEGATIVE for key in (
+        'mpp_default', 'mpp_override', 'num_workers', 'median_blur', 'saturation_threshold',
+        'min_saturation', 'black_value', 'morph_kernel', 'max_hole_um2', 'min_area_um2')},
+}
+
+
+def _within(value, interval: str) -> bool:
+    low, high = (float(v) for v in interval[1:-1].split(','))
+    return ((low <= value if interval[0] == '[' else low < value)
+            and (value <= high if interval[-1] == ']' else value < high))
+
+
+def _check_rules(section, name: str):
+    """The RULES of the config section `name`."""
+    for key, rule in RULES.items():
+        if not key.startswith(name + '.'):
             continue
-        expected = schema.get_type(key) if hasattr(schema, 'get_type') else type(default)
-        if value is None or expected is type(None):
-            continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if expected is tuple and isinstance(value, list):
-            continue
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f'config key {name!r} must be {expected.__name__}, '
-                              f'got {type(value).__name__} {value!r}')
+        value = section[key.split('.')[1]]
+        if isinstance(rule, tuple):
+            if value not in rule:
+                words = (' or '.join(map(repr, rule)) if len(rule) == 2 else
+                         'one of ' + ', '.join(map(repr, rule)))
+                raise ConfigError(f'{key} must be {words}; got {value!r}')
+        elif rule == 'path':
+            if value and not os.path.exists(value):
+                raise ConfigError(f'{key} does not exist: {value}')
+        elif rule == 'folder':
+            if value and not os.path.isdir(value):
+                raise ConfigError(f'{key} is not a folder: {value}')
+        elif not _within(value, rule):
+            low = rule[1:].split(',')[0]
+            words = (f'in {rule}' if not rule.endswith('inf)') else
+                     'positive' if rule == _POSITIVE else f'at least {low}')
+            raise ConfigError(f'{key} must be {words}; got {value}')
 
 
 def validate_model(m):
     """The `model` section: what a network is built from (also checked when a run's
     config.json is read back for inference)."""
-    if m.name not in METHOD_SPECS:
-        raise ConfigError(f'model.name must be one of {", ".join(METHOD_SPECS)}; got {m.name!r}')
-    if m.backbone not in BACKBONES:
-        raise ConfigError(f'model.backbone must be one of {", ".join(BACKBONES)}; '
-                          f'got {m.backbone!r}')
-    if m.dtype not in ('float32', 'bfloat16'):
-        raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16'; got {m.dtype!r}")
-    if m.conv_impl not in CONV_IMPLS:
-        raise ConfigError(f'model.conv_impl must be one of {", ".join(CONV_IMPLS)}; '
-                          f'got {m.conv_impl!r}')
-    for key in ('feat_size', 'pred_hidden', 'num_clusters'):
-        if m[key] < 1:
-            raise ConfigError(f'model.{key} must be positive; got {m[key]}')
+    _check_rules(m, 'model')
 
 
 def validate(config, num_devices: int = 1, check_data_path: bool = True):
@@ -246,134 +360,74 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
 
     check_data_path=False for callers that bring their own data (tests, benchmarks).
     """
-    _check_schema(config, default_config())
-    validate_model(config.model)
-    m = config.model
-    if not 0.0 <= config.loss.alpha <= 1.0:
-        raise ConfigError(f'loss.alpha must be in [0, 1]; got {config.loss.alpha}')
-    if not METHOD_SPECS[m.name].has_cluster_head and config.loss.alpha != 0.0:
-        raise ConfigError(f'{m.name} has no cluster term: loss.alpha must be 0; '
+    _check_types(config)
+    for name in config.keys():
+        if name != 'tile':
+            _check_rules(config[name], name)
+    t, d, mon, exp = config.train, config.data, config.monitor, config.export
+    has_clusters = METHOD_SPECS[config.model.name].has_cluster_head
+    if not has_clusters and config.loss.alpha != 0.0:
+        raise ConfigError(f'{config.model.name} has no cluster term: loss.alpha must be 0; '
                           f'got {config.loss.alpha}')
-    t = config.train
-    if t.batch_size < 1 or t.num_epochs < 1:
-        raise ConfigError('train.batch_size and train.num_epochs must be positive; got '
-                          f'{t.batch_size} and {t.num_epochs}')
     if t.batch_size % num_devices:
         raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by the '
                           f'{num_devices} devices')
-    if t.on_nonfinite not in ('stop', 'skip'):
-        raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip'; "
-                          f'got {t.on_nonfinite!r}')
-    if t.max_consecutive_skips < 1:
-        raise ConfigError(f'train.max_consecutive_skips must be positive; '
-                          f'got {t.max_consecutive_skips}')
-    if config.optim.name not in ('sgd', 'lars'):
-        raise ConfigError(f"optim.name must be 'sgd' or 'lars'; got {config.optim.name!r}")
     if not 0 <= config.optim.warmup_epochs < t.num_epochs:
         raise ConfigError(f'optim.warmup_epochs must be in [0, train.num_epochs); '
                           f'got {config.optim.warmup_epochs}')
-    if config.ema.schedule not in ('constant', 'cosine'):
-        raise ConfigError(f"ema.schedule must be 'constant' or 'cosine'; "
-                          f'got {config.ema.schedule!r}')
     for key in ('mean', 'std'):
-        value = config.data[key]
-        if value is not None and len(value) != 3:
-            raise ConfigError(f'data.{key} must have 3 values (R, G, B); got {value!r}')
-    if (config.data.mean is None) != (config.data.std is None):
+        if d[key] is not None and len(d[key]) != 3:
+            raise ConfigError(f'data.{key} must have 3 values (R, G, B); got {d[key]!r}')
+    if (d.mean is None) != (d.std is None):
         raise ConfigError('set both data.mean and data.std, or neither (computed)')
-    if config.data.std is not None and min(config.data.std) <= 0:
-        raise ConfigError(f'data.std must be positive; got {config.data.std!r}')
-    # keep_checkpoints=0 would train and keep nothing to resume from or export.
-    for name, value, least in (('data.image_size', config.data.image_size, 1),
-                               ('data.num_workers', config.data.num_workers, 0),
-                               ('train.keep_checkpoints', t.keep_checkpoints, 1),
-                               ('train.checkpoint_every_epochs', t.checkpoint_every_epochs, 0)):
-        if value < least:
-            raise ConfigError(f'{name} must be at least {least}; got {value}')
-    _validate_monitor(config)
-    d = config.data
-    if d.sampling not in SAMPLINGS:
-        raise ConfigError(f"data.sampling must be one of {', '.join(SAMPLINGS)}; "
-                          f'got {d.sampling!r}')
-    if not 0.0 <= d.min_tissue <= 1.0:
-        raise ConfigError(f'data.min_tissue must be in [0, 1]; got {d.min_tissue}')
-    for name, value in (('data.stats_sample', d.stats_sample),
-                        ('data.open_slides', d.open_slides)):
-        if value < 1:
-            raise ConfigError(f'{name} must be at least 1; got {value}')
-    if d.slide_dir and not os.path.isdir(d.slide_dir):
-        raise ConfigError(f'data.slide_dir is not a folder: {d.slide_dir}')
-    if t.resume_from and not os.path.exists(t.resume_from):
-        raise ConfigError(f'train.resume_from does not exist: {t.resume_from}')
-    if t.init_from and not os.path.exists(t.init_from):
-        raise ConfigError(f'train.init_from does not exist: {t.init_from}')
+    if d.std is not None and min(d.std) <= 0:
+        raise ConfigError(f'data.std must be positive; got {d.std!r}')
     if t.init_from and t.resume_from:
         raise ConfigError('set train.init_from or train.resume_from, not both: resume_from '
                           'continues a run (optimizer, step, schedules), init_from starts a new '
                           'one from weights')
-    _validate_export(config.export)
-    if check_data_path:
-        if not config.data.path:
-            raise ConfigError('data.path is not set: pass --config.data.path=DIR '
-                              '(a patch folder, a manifest CSV or a built dataset)')
-        if not os.path.exists(config.data.path):
-            hint = ''
-            if config.tile.slides and os.path.abspath(config.tile.out_dir or '') == \
-                    os.path.abspath(config.data.path):
-                hint = ('; it is the tiling output of tile.slides: tile first (python '
-                        'launch.py --mode tile --config ...)')
-            raise ConfigError(f'data.path does not exist: {config.data.path}{hint}')
-
-
-MONITOR_METRICS = ('rankme', 'alignment', 'uniformity', 'active_clusters',
-                   'active_clusters_gumbel', 'gumbel_agreement', 'cluster_entropy',
-                   'knn_top1', 'knn_balanced')
-
-
-def _validate_monitor(config):
-    mon, t = config.monitor, config.train
-    if mon.every_epochs < 0:
-        raise ConfigError(f'monitor.every_epochs must not be negative; got {mon.every_epochs}')
-    if not 0.0 <= mon.holdout < 1.0:
-        raise ConfigError(f'monitor.holdout must be in [0, 1); got {mon.holdout}')
-    if mon.num_patches < 8:
-        raise ConfigError(f'monitor.num_patches must be at least 8; got {mon.num_patches}')
     if mon.every_epochs and not mon.data_path and not mon.holdout:
         raise ConfigError('monitor.every_epochs needs a monitor set: monitor.data_path=DIR or '
                           'monitor.holdout=0.05 (a fraction of the training slides)')
     if mon.data_path and mon.holdout:
         raise ConfigError('set monitor.data_path or monitor.holdout, not both')
-    if mon.data_path and not os.path.exists(mon.data_path):
-        raise ConfigError(f'monitor.data_path does not exist: {mon.data_path}')
-    if t.best_mode not in ('', 'max', 'min'):
-        raise ConfigError(f"train.best_mode must be 'max', 'min' or '' (the metric's own "
-                          f"direction); got {t.best_mode!r}")
     if mon.holdout and not mon.every_epochs:
         raise ConfigError('monitor.holdout holds slides out of training for the monitor: set '
                           'monitor.every_epochs too (or drop monitor.holdout)')
-    if mon.num_patches > 8192:
-        raise ConfigError(f'monitor.num_patches must be at most 8192 (the scores compare '
-                          f'every pair); got {mon.num_patches}')
-    if t.best_metric:
-        name = t.best_metric.removeprefix('monitor/')
-        if not t.best_metric.startswith('monitor/') or name not in MONITOR_METRICS:
-            raise ConfigError(f'train.best_metric must be one of '
-                              f'{", ".join("monitor/" + m for m in MONITOR_METRICS)}; got '
-                              f'{t.best_metric!r}')
-        if name in CLUSTER_METRICS and not METHOD_SPECS[config.model.name].has_cluster_head:
-            raise ConfigError(f'train.best_metric={t.best_metric}: {config.model.name} has no '
-                              f'cluster head')
-    if (config.export.after_training and str(config.export.checkpoint) == 'best'
-            and not t.best_metric):
+    if t.best_metric.removeprefix('monitor/') in CLUSTER_METRICS and not has_clusters:
+        raise ConfigError(f'train.best_metric={t.best_metric}: {config.model.name} has no '
+                          f'cluster head')
+    if exp.after_training and str(exp.checkpoint) == 'best' and not t.best_metric:
         raise ConfigError('export.checkpoint=best after training needs train.best_metric')
     if (t.best_metric or t.stop_on_collapse) and not mon.every_epochs:
         raise ConfigError('train.best_metric and train.stop_on_collapse need the monitor: set '
                           'monitor.every_epochs (and monitor.data_path or monitor.holdout)')
+    _validate_export(exp)
+    if check_data_path:
+        if not d.path:
+            raise ConfigError('data.path is not set: pass --config.data.path=DIR '
+                              '(a patch folder, a manifest CSV or a built dataset)')
+        if not os.path.exists(d.path):
+            hint = ''
+            if config.tile.slides and os.path.abspath(config.tile.out_dir or '') == \
+                    os.path.abspath(d.path):
+                hint = ('; it is the tiling output of tile.slides: tile first (python '
+                        'launch.py --mode tile --config ...)')
+            raise ConfigError(f'data.path does not exist: {d.path}{hint}')
 
 
-CLUSTER_METRICS = ('active_clusters', 'active_clusters_gumbel', 'gumbel_agreement',
-                   'cluster_entropy')
-LOWER_IS_BETTER = ('alignment', 'uniformity')
+def _validate_export(exp):
+    if exp.out_dir and os.path.isfile(exp.out_dir):
+        raise ConfigError(f'export.out_dir {exp.out_dir} is a file, not a folder')
+    parse_checkpoint_choice(exp.checkpoint)
+    for key in ('annotations', 'thumbnail'):
+        if exp[key] and not exp.cluster_maps:
+            raise ConfigError(f'export.{key} is used only with export.cluster_maps=True')
+    if exp.thumbnail and not exp.thumbnail_downsample:
+        raise ConfigError('export.thumbnail needs export.thumbnail_downsample (level-0 '
+                          'pixels per thumbnail pixel, e.g. 8)')
+    if exp.pt_files and exp.format != 'h5':
+        raise ConfigError('export.pt_files goes with export.format=h5 (per-slide files)')
 
 
 def best_mode(train) -> str:
@@ -393,80 +447,25 @@ def parse_checkpoint_choice(text) -> object:
     raise ConfigError(f"a checkpoint is 'latest', 'best' or a step number; got {text!r}")
 
 
-def _validate_export(exp):
-    if exp.format not in EXPORT_FORMATS:
-        raise ConfigError(f"export.format must be one of {', '.join(EXPORT_FORMATS)}; "
-                          f'got {exp.format!r}')
-    for name, value, least in (('export.batch_size', exp.batch_size, 1),
-                               ('export.num_workers', exp.num_workers, 1),
-                               ('export.image_size', exp.image_size, 0)):
-        if value < least:
-            raise ConfigError(f'{name} must be at least {least}; got {value}')
-    if exp.out_dir and os.path.isfile(exp.out_dir):
-        raise ConfigError(f'export.out_dir {exp.out_dir} is a file, not a folder')
-    if exp.data_path and not os.path.exists(exp.data_path):
-        raise ConfigError(f'export.data_path does not exist: {exp.data_path}')
-    if exp.thumbnail_downsample < 0:
-        raise ConfigError(f'export.thumbnail_downsample must be positive; '
-                          f'got {exp.thumbnail_downsample}')
-    parse_checkpoint_choice(exp.checkpoint)
-    if not 0.0 < exp.map_alpha <= 1.0:
-        raise ConfigError(f'export.map_alpha must be in (0, 1]; got {exp.map_alpha}')
-    if exp.slide_dir and not os.path.isdir(exp.slide_dir):
-        raise ConfigError(f'export.slide_dir is not a folder: {exp.slide_dir}')
-    if exp.annotations:
-        if not exp.cluster_maps:
-            raise ConfigError('export.annotations is used only with export.cluster_maps=True')
-        if not os.path.isdir(exp.annotations):
-            raise ConfigError(f'export.annotations is not a folder: {exp.annotations}')
-    if exp.thumbnail:
-        if not exp.cluster_maps:
-            raise ConfigError('export.thumbnail is used only with export.cluster_maps=True')
-        if not os.path.exists(exp.thumbnail):
-            raise ConfigError(f'export.thumbnail does not exist: {exp.thumbnail}')
-        if not exp.thumbnail_downsample:
-            raise ConfigError('export.thumbnail needs export.thumbnail_downsample (level-0 '
-                              'pixels per thumbnail pixel, e.g. 8)')
-
-
 def validate_tile(t):
     """The `tile` section (--mode tile)."""
     if not t.slides:
         raise ConfigError('tile.slides is not set: --config.tile.slides=DIR (a folder of '
                           'slides) or a CSV with a "path" column')
-    if not os.path.exists(t.slides):
-        raise ConfigError(f'tile.slides does not exist: {t.slides}')
     if not t.out_dir:
         raise ConfigError('tile.out_dir is not set: --config.tile.out_dir=DIR')
-    if t.target_mpp <= 0:
-        raise ConfigError(f'tile.target_mpp must be positive; got {t.target_mpp}')
-    if t.patch_size < 8:
-        raise ConfigError(f'tile.patch_size must be at least 8; got {t.patch_size}')
+    _check_rules(t, 'tile')
     if not 0 <= t.overlap < t.patch_size:
         raise ConfigError(f'tile.overlap must be in [0, tile.patch_size); got {t.overlap}')
     if t.align and t.overlap:
         raise ConfigError(f'tile.align steps by whole scanner tiles, so tile.overlap '
                           f'({t.overlap}) cannot apply: set one of them')
-    if not 0.0 <= t.min_tissue <= 1.0:
-        raise ConfigError(f'tile.min_tissue must be in [0, 1]; got {t.min_tissue}')
-    if t.get('mpp'):
+    if t.mpp:
         raise ConfigError(f'tile.mpp is split in two: --config.tile.mpp_default={t.mpp:g} '
                           f'sets the µm/px of the slides whose metadata has none; '
                           f'--config.tile.mpp_override={t.mpp:g} forces it on every slide, '
                           f'over their metadata')
-    for key in ('mpp_default', 'mpp_override'):
-        if t[key] < 0:
-            raise ConfigError(f'tile.{key} must be positive (or 0: none); got {t[key]}')
     if t.mpp_default and t.mpp_override:
         raise ConfigError('set one of tile.mpp_default (slides without µm/px) and '
                           'tile.mpp_override (every slide): the override leaves the default '
                           'nothing to fill in')
-    if t.masks and not os.path.isdir(t.masks):
-        raise ConfigError(f'tile.masks is not a folder: {t.masks}')
-    for key in ('num_workers', 'median_blur', 'saturation_threshold', 'min_saturation',
-                'black_value', 'morph_kernel'):
-        if t[key] < 0:
-            raise ConfigError(f'tile.{key} must not be negative; got {t[key]}')
-    for key in ('tissue_mpp', 'max_hole_um2', 'min_area_um2'):
-        if t[key] < 0 or (key == 'tissue_mpp' and t[key] == 0):
-            raise ConfigError(f'tile.{key} must be positive; got {t[key]}')
