@@ -272,9 +272,8 @@ def run_train(args, config, overrides):
             fileio.quiet_environment_tracebacks():
         if main_process:
             log_to_workdir(args.workdir, args.argv)
-        from clusiam_jax.interop.init_from import read_weights
         from clusiam_jax.train.loop import train
-        state = train(config, args.workdir, read_init=read_weights)
+        state = train(config, args.workdir)
         stopped_by = interrupts.received()
         if stopped_by is not None:  # the loop saved a checkpoint and said so
             return stop_status('train', stopped_by)
@@ -456,11 +455,12 @@ def run_convert(args, config, overrides):
         if (args.mean is None) != (args.std is None):
             raise errors.ConfigError('give --mean and --std together')
         from clusiam_jax.interop.from_torch import import_checkpoint
-        config, state = import_checkpoint(args.checkpoint, args.out, args.model, args.seed,
-                                          args.mean, args.std)
+        config, weights = import_checkpoint(args.checkpoint, args.out, args.model, args.seed,
+                                            args.mean, args.std)
         m = config.model
         print(f'imported {m.name} ({m.backbone}, D={m.feat_size}, K={m.num_clusters}) '
-              f'into {args.out} at step {int(state.step)}')
+              f'into {args.out} at step {int(weights.step)} (weights only: train from it '
+              f'with train.init_from={args.out})')
     else:
         from clusiam_jax.config import parse_checkpoint_choice
         from clusiam_jax.interop.to_torch import write_torch_weights

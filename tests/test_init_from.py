@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from clusiam_jax import run_dir
 from clusiam_jax.config import validate
 from clusiam_jax.errors import ConfigError, ConversionError
-from clusiam_jax.interop import init_from as torch_init
+from clusiam_jax.interop import read_weights as torch_init
 from clusiam_jax.interop import to_torch
 from clusiam_jax.train import init_from
 from clusiam_jax.train.loop import train
@@ -69,7 +69,7 @@ def test_a_run_of_ours_loads_every_array_with_a_fresh_start(source_run, caplog):
     for path in (source, os.path.join(source, 'checkpoints', '7')):
         trainer.config.train.init_from = path
         with caplog.at_level(logging.INFO, logger='clusiam_jax'):
-            state, report = init_from.initial_state(trainer, torch_init.read_weights)
+            state, report = init_from.initial_state(trainer)
         state = jax.device_get(state)
         assert report.fresh == () and report.unused == () and report.misshapen == ()
         assert set(report.loaded) == names(online(saved))
@@ -93,7 +93,7 @@ def test_heads_that_do_not_fit_stay_fresh(source_run, caplog):
     trainer = trainer_for(config, source)
     fresh = online(trainer.init_state())
     with caplog.at_level(logging.INFO, logger='clusiam_jax'):
-        state, report = init_from.initial_state(trainer)   # default reader: runs of ours
+        state, report = init_from.initial_state(trainer)
     assert report.fresh == ('params/cluster_head/assigner/bias',
                             'params/cluster_head/assigner/kernel')
     assert len(report.misshapen) == 2
@@ -112,10 +112,10 @@ def test_a_run_with_another_backbone_is_refused(source_run):
     config.model.backbone = 'resnet18'
     trainer = trainer_for(config, source)
     with pytest.raises(ConfigError, match='resnet_tiny backbone; this run trains a resnet18'):
-        init_from.initial_state(trainer, torch_init.read_weights)
+        init_from.initial_state(trainer)
 
 
-def test_the_loop_applies_it_at_a_fresh_start_only(source_run, tmp_path, caplog):
+def test_the_loop_applies_it_at_a_fresh_start_only(source_run, tmp_path, caplog, monkeypatch):
     source, saved = source_run
     config = tiny_config('clubyol', num_epochs=1)
     config.train.init_from = source
@@ -126,8 +126,9 @@ def test_the_loop_applies_it_at_a_fresh_start_only(source_run, tmp_path, caplog)
         calls.append(path)
         return torch_init.read_weights(path, cfg)
 
+    monkeypatch.setattr(init_from, 'read_weights', reader)
     with caplog.at_level(logging.INFO, logger='clusiam_jax'):
-        first = train(config, workdir, SyntheticLoader(**SIZES), mesh_of(1), read_init=reader)
+        first = train(config, workdir, SyntheticLoader(**SIZES), mesh_of(1))
     assert calls == [source] and int(first.step) == 2
     assert 'train.init_from: loaded' in caplog.text
     caplog.clear()
@@ -137,8 +138,9 @@ def test_the_loop_applies_it_at_a_fresh_start_only(source_run, tmp_path, caplog)
 
     config.train.num_epochs = 2
     loader = SyntheticLoader(**dict(SIZES, num_epochs=2))
+    monkeypatch.setattr(init_from, 'read_weights', never)
     with caplog.at_level(logging.INFO, logger='clusiam_jax'):
-        resumed = train(config, workdir, loader, mesh_of(1), read_init=never)
+        resumed = train(config, workdir, loader, mesh_of(1))
     assert int(resumed.step) == 4
     assert 'is not applied: this run resumes' in caplog.text
     assert 'train.init_from: loaded' not in caplog.text
@@ -153,7 +155,7 @@ def test_safetensors_from_to_torch_loads_the_backbone(source_run, tmp_path, capl
     to_torch.write_torch_weights(source, path)
     trainer = trainer_for(tiny_config('clusiam'), path)
     with caplog.at_level(logging.INFO, logger='clusiam_jax'):
-        state, report = init_from.initial_state(trainer, torch_init.read_weights)
+        state, report = init_from.initial_state(trainer)
     state = online(state)
     assert_trees_equal(state['params']['encoder']['backbone'],
                        saved.params['encoder']['backbone'])
@@ -176,7 +178,7 @@ def test_bad_files_are_one_line_errors(source_run, tmp_path):
     def refused(path, error, match):
         trainer.config.train.init_from = path
         with pytest.raises(error, match=match) as raised:
-            init_from.initial_state(trainer, torch_init.read_weights)
+            init_from.initial_state(trainer)
         assert '\n' not in str(raised.value)
 
     garbage = tmp_path / 'garbage.safetensors'
@@ -190,10 +192,6 @@ def test_bad_files_are_one_line_errors(source_run, tmp_path):
     bad = str(tmp_path / 'misshapen.safetensors')
     save_file(misshapen, bad)
     refused(bad, ConfigError, r'does not fit .*layer1\.0\.conv1\.weight')
-    # train() without the interop reader refuses a file instead of ignoring it.
-    trainer.config.train.init_from = other
-    with pytest.raises(ConfigError, match='read_weights'):
-        init_from.initial_state(trainer)
 
 
 def test_config_checks():
@@ -242,7 +240,7 @@ def test_torchvision_weights_give_torchvision_features(tmp_path, caplog):
         want = ref.resnet_features(net, _torch_images(x))
     trainer.config.train.init_from = pth
     with caplog.at_level(logging.INFO, logger='clusiam_jax'):
-        state, report = init_from.initial_state(trainer, torch_init.read_weights)
+        state, report = init_from.initial_state(trainer)
     assert int(state.step) == 0
     assert _max_diff(_apply(trainer, state, x)['features'], want) < ATOL
     backbone = {n for n in names(online(state)) if n.split('/')[1:3] == ['encoder', 'backbone']}
@@ -281,7 +279,7 @@ def test_original_checkpoint_loads_backbone_and_heads(tmp_path, caplog):
     config.model.update(sizes)
     trainer = trainer_for(config, path)
     with caplog.at_level(logging.INFO, logger='clusiam_jax'):
-        state, report = init_from.initial_state(trainer, torch_init.read_weights)
+        state, report = init_from.initial_state(trainer)
     assert report.fresh == () and report.misshapen == ()
     assert report.source.kind == torch_init.ORIGINAL
     assert all(name.startswith('target_encoder.') for name in report.unused)

@@ -21,13 +21,10 @@ import torchvision  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from clusiam_jax import convert, run_dir  # noqa: E402
-from clusiam_jax.checkpoint import Checkpointer  # noqa: E402
 from clusiam_jax.errors import ClusiamError, ConversionError  # noqa: E402
-from clusiam_jax.interop import from_torch, to_torch  # noqa: E402
+from clusiam_jax.interop import from_torch, read_weights, to_torch  # noqa: E402
 from clusiam_jax.models import build_network, build_target_encoder  # noqa: E402
-from clusiam_jax.train.trainer import build_trainer  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
-from tests.helpers import mesh_of  # noqa: E402
 
 SIZES = {'clusiam': dict(feat_size=32, pred_hidden=16, num_clusters=8),
          'clubyol': dict(feat_size=24, pred_hidden=48, num_clusters=6)}
@@ -97,16 +94,11 @@ def test_import_writes_a_work_directory(imported):
     # The recipe's training settings come along (CluBYOL forces fix_pred_lr off).
     assert config.optim.fix_pred_lr == (method == 'clusiam')
     assert run.normalization.mean == (0.6684, 0.5115, 0.6791)
-    # A full train state (a fresh optimizer state of the structure training builds): the
-    # run restores for training, not only for inference.
-    trainer = build_trainer(config, mesh_of(1))
-    checkpointer = Checkpointer(out, create=False)
-    try:
-        full, _ = checkpointer.restore(0, trainer.abstract_state())
-    finally:
-        checkpointer.close()
-    assert (jax.tree.structure(full.opt_state)
-            == jax.tree.structure(trainer.abstract_state().opt_state))
+    # Weights only (no optimizer state): training starts from it with train.init_from,
+    # whose reader finds every array of the online network there.
+    source = read_weights.read_weights(out, config)
+    online = run_dir.abstract_weights(config).online_variables
+    assert set(source.arrays) == set(read_weights.variable_names(online))
 
 
 def test_imported_network_matches_torch_in_inference(imported):
@@ -273,7 +265,7 @@ def test_refuses_a_non_checkpoint(tmp_path):
     path = str(tmp_path / 'weird.pth')
     torch.save({'epoch': 3, 'something': [1, 2]}, path)
     with pytest.raises(ConversionError):
-        from_torch.load_torch_checkpoint(path)
+        read_weights.load_torch_checkpoint(path)
 
 
 class _Payload:
@@ -293,7 +285,6 @@ def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, capsys,
     import pickle
 
     from clusiam_jax import cli
-    from clusiam_jax.interop.init_from import read_weights
     marker = tmp_path / 'the_payload_ran'
     evil = tmp_path / 'model.pth'
     with open(evil, 'wb') as f:
@@ -305,7 +296,7 @@ def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, capsys,
         assert code == 2 and err.count('error:') == 1 and 'Traceback' not in err, err
     else:
         with pytest.raises(ClusiamError):
-            read_weights(str(evil), None)
+            read_weights.read_weights(str(evil), None)
     assert not marker.exists()
 
 

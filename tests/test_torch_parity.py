@@ -20,6 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 from clusiam_jax import losses  # noqa: E402
 from clusiam_jax.interop import from_torch, to_torch  # noqa: E402
 from clusiam_jax.models.resnet import BACKBONES, FEATURE_WIDTH, BasicBlock, ResNet  # noqa: E402
+from clusiam_jax.state import state_from_weights  # noqa: E402
 from clusiam_jax.train.trainer import build_trainer  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 from tests.helpers import mesh_of  # noqa: E402
@@ -170,13 +171,14 @@ def test_train_steps_match_reference(method, resnet10):
     start = {k: v.detach().numpy().astype(np.float64)
              for k, v in _reference(method).state_dict().items()
              if not k.endswith('num_batches_tracked')}
-    config, state = from_torch.import_state_dict(
+    config, weights = from_torch.import_state_dict(
         {k: v.astype(np.float32) for k, v in start.items()}, method)
     config.train.batch_size = BATCH
     config.train.num_epochs = STEPS
     config.optim.base_lr = init_lr * 256 / BATCH
 
     trainer = build_trainer(config, mesh_of(1), steps_per_epoch=1, mean=MEAN, std=STD)
+    state = state_from_weights(weights, trainer.tx, config.train.seed)
     step = jax.jit(trainer.step_fn)
     t32 = _TorchRun(method, torch.float32, config, init_lr)
     t64 = _TorchRun(method, torch.float64, config, init_lr)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from clusiam_jax import cli, run_dir  # noqa: E402
 from clusiam_jax.interop import to_torch  # noqa: E402
-from clusiam_jax.interop.from_torch import new_state  # noqa: E402
+from clusiam_jax.interop.from_torch import weights_of  # noqa: E402
 from clusiam_jax.models import build_network  # noqa: E402
 from clusiam_jax.slides import tiling  # noqa: E402
 from tests.helpers import MEAN, REPO, STD, tiny_config, write_pyramid  # noqa: E402
@@ -82,7 +82,7 @@ def write_tiny_run(workdir, data_path):
         return rng.normal(0, 0.2, shape).astype(np.float32)   # bias, mean
     params = jax.tree_util.tree_map_with_path(random, shapes['params'])
     stats = jax.tree_util.tree_map_with_path(random, shapes['batch_stats'])
-    run_dir.write_run(workdir, config, new_state(config, params, stats, step=3),
+    run_dir.write_run(workdir, config, weights_of(params, stats, step=3),
                       run_dir.Normalization(MEAN, STD, 'given by the test'))
     return config
 

@@ -1,49 +1,32 @@
 """train.init_from: a fresh run whose weights start from existing ones.
 
 A new run (no checkpoint in its work directory) creates its state as usual, then takes
-every array of the online network that the source has under the same name and shape:
-the backbone must be complete, the projector, predictor and cluster head are taken where
-they fit and stay freshly initialised where not. Parameters and BatchNorm statistics
-come together. Step, optimizer state, rng and schedules are those of a fresh start
-(unlike train.resume_from, which continues a run), and a BYOL-type target starts as a
-copy of the initialised online encoder, as at any fresh start. The log says which arrays
-were loaded, which were initialised and what of the source was not used.
-
-Two halves, split by the layers of docs/architecture.md:
-  here (train)              applying a `Source` to the fresh state; reading another run
-                            of ours (a work directory or RUN/checkpoints/<step>)
-  interop/init_from.py      reading PyTorch / safetensors files (torchvision, timm and
-                            the original's checkpoints) into a `Source`
-`train()` takes the reader as `read_init`; without one, files are refused in one line.
+every array of the online network that the source (interop/read_weights.py: PyTorch,
+safetensors or a run of ours) has under the same name and shape: the backbone must be
+complete; the projector, predictor and cluster head are taken where they fit and stay
+freshly initialised where not. Step, optimizer state, rng and schedules are those of a
+fresh start (unlike train.resume_from, which continues a run), and a BYOL-type target
+starts as a copy of the initialised online encoder. The log says which arrays were
+loaded, which were initialised and what of the source was not used.
 """
 import dataclasses
 import logging
-import os
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clusiam_jax import parallel, run_dir
-from clusiam_jax.errors import CheckpointError, ConfigError
+from clusiam_jax import parallel
+from clusiam_jax.checkpoint import leaf_name
+from clusiam_jax.errors import ConfigError
+from clusiam_jax.interop.read_weights import Source, listing, read_weights, variable_names
 from clusiam_jax.state import TrainState, Weights, state_from_weights
 
 log = logging.getLogger('clusiam_jax')
 
 # Arrays of the online network under this module path must all come from the source.
 BACKBONE = ('encoder', 'backbone')
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """Weights to start from, named like our variables: 'params/encoder/backbone/conv1/
-    kernel', 'batch_stats/encoder/backbone/bn1/mean', ... (NumPy, our array layouts)."""
-    path: str
-    kind: str                                 # what the file or directory is, for the log
-    arrays: Dict[str, np.ndarray]
-    unused: Tuple[str, ...] = ()              # the source's own names that map to nothing
-    notes: Tuple[str, ...] = ()               # e.g. shape mismatches found while mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,20 +48,10 @@ class Report:
                f'{compact(self.fresh, every) or "none"}')
         if self.misshapen:
             yield (f'train.init_from: shapes differ, initialised instead: '
-                   f'{_listing(self.misshapen, 8)}')
+                   f'{listing(self.misshapen, 8)}')
         if self.unused:
             yield (f'train.init_from: not used from the source ({len(self.unused)}): '
                    f'{_grouped(self.unused)}')
-
-
-Reader = Callable[[str, object], Source]
-
-
-def variable_names(variables: Dict) -> Dict[str, object]:
-    """{'params': ..., 'batch_stats': ...} -> {'params/encoder/.../kernel': leaf}."""
-    def name(path):
-        return '/'.join(str(getattr(entry, 'key', entry)) for entry in path)
-    return {name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
 
 
 def _module(name: str) -> Tuple[str, ...]:
@@ -113,12 +86,6 @@ def compact(names: Sequence[str], every: Sequence[str]) -> str:
     return ', '.join(walk(()))
 
 
-def _listing(names: Sequence[str], limit: int = 20) -> str:
-    names = list(names)
-    shown = ', '.join(names[:limit])
-    return shown + (f' ... ({len(names) - limit} more)' if len(names) > limit else '')
-
-
 def _grouped(names: Sequence[str], spell_out: int = 3) -> str:
     """Names by their top module ('target_encoder.* (122)'); small groups in full."""
     groups = {}
@@ -132,35 +99,7 @@ def _grouped(names: Sequence[str], spell_out: int = 3) -> str:
             parts.extend(sorted(members))
         else:
             parts.append(f'{top}{"/" if "/" in members[0] else "."}* ({len(members)})')
-    return _listing(parts)
-
-
-def _one_line(error) -> str:
-    return ' '.join(str(error).split())
-
-
-# ------------------------------------------------------------------ another run of ours
-
-def read_run(path: str, config) -> Source:
-    """The online weights of another run: its latest checkpoint, or RUN/checkpoints/<step>."""
-    if not os.path.isdir(path):
-        raise ConfigError(f'train.init_from={path} is a file: PyTorch and safetensors '
-                          f'weights are read by clusiam_jax.interop.init_from.read_weights, '
-                          f'which the command line passes to train() as read_init')
-    workdir, step = run_dir.checkpoint_location(path)
-    try:
-        run = run_dir.load_run(workdir, step)
-    except (CheckpointError, ConfigError) as e:
-        raise type(e)(f'train.init_from={path}: {_one_line(e)}') from None
-    source_backbone = run.config.model.backbone
-    if source_backbone != config.model.backbone:
-        raise ConfigError(f'train.init_from={path} is a run with a {source_backbone} '
-                          f'backbone; this run trains a {config.model.backbone} '
-                          f'(model.backbone)')
-    arrays = {name: np.asarray(jax.device_get(value))
-              for name, value in variable_names(run.weights.online_variables).items()}
-    kind = f'{run.config.model.name} run (checkpoint at step {run.step})'
-    return Source(path=os.path.abspath(path), kind=kind, arrays=arrays)
+    return listing(parts)
 
 
 # ------------------------------------------------------------------ applying a source
@@ -187,11 +126,11 @@ def _match(online: Dict[str, object], source: Source) -> Report:
         parts = []
         if missing:
             parts.append(f'{len(missing)} of its arrays not in the source '
-                         f'({_listing(missing, 5)})')
+                         f'({listing(missing, 5)})')
         if extra:
-            parts.append(f'{len(extra)} arrays of the source not in it ({_listing(extra, 5)})')
+            parts.append(f'{len(extra)} arrays of the source not in it ({listing(extra, 5)})')
         if misshapen:
-            parts.append(f'shapes differ: {_listing(misshapen, 5)}')
+            parts.append(f'shapes differ: {listing(misshapen, 5)}')
         raise ConfigError(f"train.init_from={source.path} does not fit this run's {backbone} "
                           f'(the whole backbone must load): {"; ".join(parts)}')
     return report
@@ -212,7 +151,7 @@ def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState
     loaded = set(report.loaded)
 
     def take(path, leaf):
-        name = '/'.join(str(getattr(entry, 'key', entry)) for entry in path)
+        name = leaf_name(path)
         return _placed(source.arrays[name], leaf) if name in loaded else leaf
 
     online = jax.tree_util.tree_map_with_path(take, online)
@@ -234,15 +173,13 @@ def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState
     return state, report
 
 
-def initial_state(trainer, read_init: Optional[Reader] = None) -> Tuple[TrainState,
-                                                                         Optional[Report]]:
+def initial_state(trainer) -> Tuple[TrainState, Optional[Report]]:
     """(the state a fresh run starts from, the init_from report or None): the trainer's
-    fresh state, with train.init_from's weights applied when it is set. `read_init` reads
-    the source (default: `read_run`, runs of ours only)."""
+    fresh state, with train.init_from's weights applied when it is set."""
     path = trainer.config.train.init_from
     if not path:
         return trainer.init_state(), None
-    source = (read_init or read_run)(path, trainer.config)   # first: a bad file fails fast
+    source = read_weights(path, trainer.config)   # first: a bad file fails fast
     state, report = apply_source(trainer, trainer.init_state(), source)
     if jax.process_index() == 0:
         for line in report.lines():

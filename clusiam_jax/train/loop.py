@@ -115,15 +115,13 @@ def _record_run(workdir, config, loader):
     run_dir.write_normalization(workdir, normalization)
 
 
-def train(config, workdir: str, loader=None, mesh=None, read_init=None):
+def train(config, workdir: str, loader=None, mesh=None):
     """Trains per `config` in `workdir`; returns the final TrainState.
 
     `loader` defaults to the data pipeline for `config.data.path`; tests may inject one
     with the same interface (steps_per_epoch, mean, std, iterator()). `mesh` defaults to
     all devices. A run stopped by SIGTERM or Ctrl-C returns the state it checkpointed;
-    `interrupts.received()` then says which signal stopped it. `read_init` reads
-    train.init_from (clusiam_jax.interop.init_from.read_weights; default: runs of ours
-    only, train/init_from.py).
+    `interrupts.received()` then says which signal stopped it.
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
@@ -144,7 +142,7 @@ def train(config, workdir: str, loader=None, mesh=None, read_init=None):
              config.model.name, config.model.backbone, config.model.num_clusters,
              mesh.devices.size)
     trainer = build_trainer(config, mesh, loader.steps_per_epoch, loader.mean, loader.std)
-    run = _Run(config, workdir, trainer, loader.steps_per_epoch, read_init)
+    run = _Run(config, workdir, trainer, loader.steps_per_epoch)
     run.monitor = _build_monitor(config, loader, trainer)
     interrupts.check()
     with contextlib.closing(Checkpointer(workdir, config.train.keep_checkpoints)) as ckpt, \
@@ -256,9 +254,8 @@ class _BestCheckpoint:
 class _Run:
     """One start of a run: what it restores, compiles and trains, and how it reports."""
 
-    def __init__(self, config, workdir, trainer, steps_per_epoch, read_init=None):
+    def __init__(self, config, workdir, trainer, steps_per_epoch):
         self.config, self.workdir, self.trainer = config, workdir, trainer
-        self.read_init = read_init
         self.steps_per_epoch = steps_per_epoch
         self.num_epochs = config.train.num_epochs
         self.total_steps = steps_per_epoch * self.num_epochs
@@ -276,7 +273,7 @@ class _Run:
         if latest is None and config.train.resume_from:
             latest, restored, data_state = _restore_other_run(config.train.resume_from, target)
         if latest is None:  # before config.json: weights that do not fit leave no trace
-            restored, _ = init_from.initial_state(self.trainer, self.read_init)
+            restored, _ = init_from.initial_state(self.trainer)
         elif config.train.init_from:
             log.info('train.init_from=%s is not applied: this run resumes from its checkpoint '
                      '(init_from only starts a fresh run)', config.train.init_from)

@@ -1,0 +1,277 @@
+"""Reading weights under our variable names: PyTorch files (.pth/.pt via torch,
+.safetensors without it), the original CluSiam/CluBYOL checkpoint, and runs of ours.
+
+`convert from-torch` maps the original strictly (`state_dict_to_variables`: every key
+used, every variable filled, or one ConversionError listing all that does not fit);
+train.init_from takes what fits (`read_weights` -> a `Source`, applied by
+train/init_from.py). The original's frozen projector bias `fc.6.bias` is folded into the
+following BatchNorm's running mean: in inference BN(Wx + b) with running mean m equals
+BN(Wx) with m - b, and in training the batch mean absorbs it. Running statistics are
+copied as they are (models/batch_norm.py keeps PyTorch's semantics);
+`num_batches_tracked` is dropped (only torch's momentum=None uses it).
+"""
+import dataclasses
+import os
+import re
+from typing import Dict, Tuple
+
+import jax
+import numpy as np
+
+from clusiam_jax import run_dir
+from clusiam_jax.checkpoint import leaf_name
+from clusiam_jax.errors import CheckpointError, ConfigError, ConversionError
+from clusiam_jax.interop import layout
+from clusiam_jax.models import BACKBONES
+
+TORCHVISION = 'torchvision/timm ResNet state_dict'
+ORIGINAL = 'original CluSiam/CluBYOL checkpoint'
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Weights to start from, named like our variables ('params/encoder/backbone/conv1/
+    kernel', ...), as NumPy arrays in our layouts."""
+    path: str
+    kind: str                                 # what the file or directory is, for the log
+    arrays: Dict[str, np.ndarray]
+    unused: Tuple[str, ...] = ()              # the source's own names that map to nothing
+    notes: Tuple[str, ...] = ()               # e.g. shape mismatches found while mapping
+
+
+def variable_names(variables: Dict) -> Dict[str, object]:
+    """{'params': ..., 'batch_stats': ...} -> {'params/encoder/.../kernel': leaf}."""
+    return {leaf_name(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+
+
+def listing(names, limit: int = 20) -> str:
+    names = list(names)
+    shown = ', '.join(names[:limit])
+    return shown + (f' ... ({len(names) - limit} more)' if len(names) > limit else '')
+
+
+def _one_line(error) -> str:
+    return ' '.join(str(error).split())
+
+
+# ------------------------------------------------------------------- files -> arrays
+
+def strip_prefix(state_dict: Dict, prefix: str = 'module.') -> Dict:
+    """DataParallel / DistributedDataParallel wrap keys in `module.`."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def load_torch_checkpoint(path: str):
+    """(state_dict of NumPy arrays without `module.`, epoch or None). Needs torch;
+    weights_only, because unpickling arbitrary objects runs the sender's code."""
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError('reading a PyTorch checkpoint needs torch: '
+                              'pip install -r requirements-torch.txt') from None
+    if not os.path.isfile(path):
+        raise ConversionError(f'checkpoint not found: {path}')
+    try:
+        blob = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises many kinds for a foreign file
+        raise ConversionError(f'{path} is not a PyTorch checkpoint torch.load can read '
+                              f'({type(e).__name__}: {_one_line(e)[:300]})') from None
+    epoch = None
+    if isinstance(blob, dict) and 'state_dict' in blob:
+        epoch = blob.get('epoch')
+        blob = blob['state_dict']
+    if not isinstance(blob, dict) or not all(torch.is_tensor(v) for v in blob.values()):
+        raise ConversionError(f'{path} holds neither a state_dict nor a '
+                              f'{{"epoch", "state_dict", "optimizer"}} checkpoint')
+
+    def to_numpy(t):
+        t = t.detach().cpu()
+        return (t.float() if t.is_floating_point() else t).numpy()
+
+    return {k: to_numpy(v) for k, v in strip_prefix(blob).items()}, epoch
+
+
+def load_state_dict_file(path: str):
+    """(state_dict of NumPy arrays, epoch or None) from a `.safetensors` file (no torch)
+    or anything torch.save wrote (.pth, .pt, .pth.tar, .bin; needs torch)."""
+    if not path.endswith('.safetensors'):
+        return load_torch_checkpoint(path)
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    if not os.path.isfile(path):
+        raise ConversionError(f'checkpoint not found: {path}')
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise ConversionError(f'{path} is not a safetensors file NumPy can read '
+                              f'({type(e).__name__}: {_one_line(e)[:300]})') from None
+    return strip_prefix({k: np.asarray(v) for k, v in tensors.items()}), None
+
+
+def infer_backbone(state_dict: Dict, prefix: str = 'encoder.') -> str:
+    """Which of our BACKBONES has this checkpoint's stages, block type and width."""
+    stages = {}
+    pattern = re.compile(re.escape(prefix) + r'layer(\d+)\.(\d+)\.')
+    for key in state_dict:
+        match = pattern.match(key)
+        if match:
+            stage, index = int(match.group(1)), int(match.group(2))
+            stages[stage] = max(stages.get(stage, 0), index + 1)
+    stem = state_dict.get(prefix + 'conv1.weight')
+    if not stages or stem is None:
+        raise ConversionError(f'no ResNet under {prefix!r}: not a CluSiam/CluBYOL checkpoint')
+    found = (tuple(stages[s] for s in sorted(stages)),
+             'Bottleneck' if prefix + 'layer1.0.conv3.weight' in state_dict else 'BasicBlock',
+             int(stem.shape[0]))
+    for name, factory in BACKBONES.items():
+        kw = factory.keywords
+        if (tuple(kw['stage_sizes']), kw['block'].__name__, kw.get('width', 64)) == found:
+            return name
+    raise ConversionError(f'a ResNet with stages {found[0]}, {found[1]} blocks and width '
+                          f'{found[2]} is none of our backbones ({", ".join(BACKBONES)})')
+
+
+# ------------------------------------------------------------- tensors -> variables
+
+def _set(tree: Dict, path, value):
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, problems: Dict):
+    """Pops each variable's tensor from `remaining`; returns {'params', 'batch_stats'}.
+    Missing keys and shape mismatches go to `problems`, so one error lists them all."""
+    out = {'params': {}, 'batch_stats': {}}
+    for collection, path, leaf, shape_dtype in layout.iter_leaves(abstract):
+        key = prefix + layout.torch_key(module_fn, collection, path, leaf)
+        if key not in remaining:
+            problems['missing'].append(key)
+            continue
+        value = layout.from_torch_layout(leaf, remaining.pop(key)).astype(np.float32)
+        if value.shape != tuple(shape_dtype.shape):
+            problems['shape'].append(f'{key}: checkpoint {tuple(value.shape)} (our layout) '
+                                     f'vs model {tuple(shape_dtype.shape)}')
+            continue
+        _set(out[collection], path + (leaf,), value)
+    for module in layout.bn_modules(abstract, module_fn):
+        remaining.pop(f'{prefix}{module}.num_batches_tracked', None)
+    return out
+
+
+def fold_projector_bias(remaining: Dict, encoder_stats: Dict, prefix: str, problems: Dict):
+    """Pops the frozen projector bias `<prefix>fc.6.bias` and folds it into the filled
+    projector's bn3 running mean (module docstring); a missing one goes to `problems`."""
+    key = prefix + layout.PROJECTOR_FROZEN_BIAS
+    if key not in remaining:
+        problems['missing'].append(key)
+        return
+    bias = remaining.pop(key).astype(np.float32)
+    bn3 = encoder_stats.get('projector', {}).get('bn3')
+    if bn3 is not None and bn3.get('mean') is not None and bn3['mean'].shape == bias.shape:
+        bn3['mean'] = bn3['mean'] - bias
+
+
+def state_dict_to_variables(state_dict: Dict, config):
+    """(params, batch_stats, target_params, target_batch_stats) from an original-format
+    state_dict; raises ConversionError listing every key that does not fit."""
+    shapes = run_dir.abstract_weights(config)
+    remaining = dict(state_dict)
+    problems = {'missing': [], 'shape': []}
+    online = fill_variables(remaining, {'params': shapes.params,
+                                        'batch_stats': shapes.batch_stats},
+                            layout.network_module, '', problems)
+    fold_projector_bias(remaining, online['batch_stats'].get('encoder', {}), 'encoder.',
+                        problems)
+    target = {'params': {}, 'batch_stats': {}}
+    if shapes.target_params:
+        target = fill_variables(remaining, {'params': shapes.target_params,
+                                            'batch_stats': shapes.target_batch_stats},
+                                layout.encoder_module, 'target_encoder.', problems)
+        fold_projector_bias(remaining, target['batch_stats'], 'target_encoder.', problems)
+    if problems['missing'] or problems['shape'] or remaining:
+        lines = [f'the checkpoint does not match a {config.model.name} '
+                 f'{config.model.backbone} network:']
+        if problems['missing']:
+            lines.append(f'  missing keys ({len(problems["missing"])}): '
+                         f'{listing(sorted(problems["missing"]), 40)}')
+        if remaining:
+            lines.append(f'  unexpected keys ({len(remaining)}): '
+                         f'{listing(sorted(remaining), 40)}')
+        if problems['shape']:
+            lines.append(f'  shape mismatches ({len(problems["shape"])}): '
+                         + '; '.join(problems['shape'][:20]))
+        raise ConversionError('\n'.join(lines))
+    return online['params'], online['batch_stats'], target['params'], target['batch_stats']
+
+
+# ------------------------------------------------------------------ train.init_from
+
+def state_dict_source(state_dict, config, path: str) -> Source:
+    """What of a state_dict (torchvision/timm: the backbone, `fc.0 ... fc.7` the
+    projector; the original's: all but `target_encoder.*`) fits `config`'s network."""
+    shapes = run_dir.abstract_weights(config)
+    if any(key.startswith('encoder.') for key in state_dict):
+        kind, backbone_prefix, module_fn, sub = ORIGINAL, 'encoder.', layout.network_module, ''
+        abstract = {'params': shapes.params, 'batch_stats': shapes.batch_stats}
+    elif 'conv1.weight' in state_dict:
+        kind, backbone_prefix, module_fn, sub = TORCHVISION, '', layout.encoder_module, 'encoder'
+        abstract = {'params': shapes.params['encoder'],
+                    'batch_stats': shapes.batch_stats['encoder']}
+    else:
+        raise ConversionError(f'train.init_from={path} holds neither a torchvision/timm ResNet '
+                              f'state_dict (conv1.weight, layer1.0.*) nor an original '
+                              f'CluSiam/CluBYOL checkpoint (encoder.*); its keys start '
+                              f'{", ".join(sorted(state_dict)[:3])}')
+    try:
+        found = infer_backbone(state_dict, backbone_prefix)
+    except ConversionError as e:
+        raise ConversionError(f'train.init_from={path}: {e}') from None
+    if found != config.model.backbone:
+        raise ConversionError(f'train.init_from={path} holds a {found} backbone; this run '
+                              f'trains a {config.model.backbone} (model.backbone)')
+    remaining = dict(state_dict)
+    problems = {'missing': [], 'shape': []}   # missing keys: the report's fresh arrays
+    variables = fill_variables(remaining, abstract, module_fn, '', problems)
+    encoder_stats = (variables['batch_stats'] if sub
+                     else variables['batch_stats'].get('encoder', {}))
+    if 'mean' in encoder_stats.get('projector', {}).get('bn3', {}):
+        fold_projector_bias(remaining, encoder_stats, backbone_prefix, problems)
+    unused = sorted(key for key in remaining if not key.endswith('.num_batches_tracked'))
+    if sub:
+        variables = {collection: {sub: tree} for collection, tree in variables.items()}
+    return Source(path=os.path.abspath(path), kind=kind, arrays=variable_names(variables),
+                  unused=tuple(unused), notes=tuple(problems['shape']))
+
+
+def read_run(path: str, config) -> Source:
+    """The online weights of another run: its latest checkpoint, or RUN/checkpoints/<step>."""
+    workdir, step = run_dir.checkpoint_location(path)
+    try:
+        run = run_dir.load_run(workdir, step)
+    except (CheckpointError, ConfigError) as e:
+        raise type(e)(f'train.init_from={path}: {_one_line(e)}') from None
+    if run.config.model.backbone != config.model.backbone:
+        raise ConfigError(f'train.init_from={path} is a run with a {run.config.model.backbone}'
+                          f' backbone; this run trains a {config.model.backbone} '
+                          f'(model.backbone)')
+    arrays = {name: np.asarray(jax.device_get(value))
+              for name, value in variable_names(run.weights.online_variables).items()}
+    kind = f'{run.config.model.name} run (checkpoint at step {run.step})'
+    return Source(path=os.path.abspath(path), kind=kind, arrays=arrays)
+
+
+def read_weights(path: str, config) -> Source:
+    """train.init_from's source: a run of ours (a directory), else a weights file."""
+    if os.path.isdir(path):
+        return read_run(path, config)
+    try:
+        state_dict, _ = load_state_dict_file(path)
+    except ConversionError as e:
+        raise ConversionError(f'train.init_from: {e}') from None
+    if not state_dict:
+        raise ConversionError(f'train.init_from={path} holds no tensors')
+    return state_dict_source(state_dict, config, path)
