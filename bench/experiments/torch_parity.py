@@ -36,6 +36,7 @@ from bench.common import MEAN, STD, bench_trainer
 from clusiam_jax import losses, parallel
 from clusiam_jax.interop import from_torch, to_torch
 from clusiam_jax.models import build_network
+from clusiam_jax.state import state_from_weights
 from tests import torch_reference as ref
 
 PAPER = {'clusiam': dict(feat_size=2048, pred_hidden=512, num_clusters=100),
@@ -61,7 +62,7 @@ def check_inference(method, image_size, batch):
     config, state = from_torch.import_state_dict(state_dict, method)
     x = np.random.RandomState(0).randn(batch, image_size, image_size, 3).astype(np.float32)
     with jax.default_matmul_precision('highest'):
-        ours = build_network(config.model).apply(state.weights().online_variables,
+        ours = build_network(config.model).apply(state.online_variables,
                                                  jnp.asarray(x), train=False)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
@@ -119,7 +120,7 @@ def check_train_step(method, image_size, batch, steps=2, init_lr=1e-3):
     start = {k: v.numpy().astype(np.float64)
              for k, v in _step_reference(method).state_dict().items()
              if not k.endswith('num_batches_tracked')}
-    config, state = from_torch.import_state_dict(
+    config, weights = from_torch.import_state_dict(
         {k: v.astype(np.float32) for k, v in start.items()}, method)
     config.train.batch_size, config.train.num_epochs = batch, steps
     config.optim.base_lr = init_lr * 256 / batch
@@ -129,6 +130,7 @@ def check_train_step(method, image_size, batch, steps=2, init_lr=1e-3):
     step = trainer.step
     # Placed as the step returns it, so the second step reuses the first one's compilation
     # (and jax_step_s times the step, not a recompile).
+    state = state_from_weights(weights, trainer.tx, config.train.seed)
     state = jax.device_put(state, parallel.replicated(trainer.mesh))
     runs = {}
     for dtype in (torch.float32, torch.float64):
