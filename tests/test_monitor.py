@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from clusiam_jax import cli, data, interrupts, run_dir
+from clusiam_jax import data, interrupts, run_dir
+from clusiam_jax.export import run as export_run
 from clusiam_jax.train import monitor as monitor_lib
 from clusiam_jax.train.loop import train
 from tests.helpers import (
@@ -84,22 +85,22 @@ def test_held_out_slides_never_train(patches):
     cfg.monitor = tiny_config().monitor
     cfg.monitor.every_epochs, cfg.monitor.holdout = 1, 0.34
     loader = data.create_train_loader(cfg)
-    records, source, held = loader.monitor_source
+    held = loader.held_out
     trained = {loader.source.path(i) for i in range(len(loader.source))}
-    held_paths = {records[i].path for i in held}
+    held_paths = {held.path(i) for i in range(len(held))}
     assert held_paths and not trained & held_paths
     assert len(trained) + len(held_paths) == 36
-    slide_of = {r.path: os.path.dirname(r.path) for r in records}
-    assert not {slide_of[p] for p in trained} & {slide_of[p] for p in held_paths}
+    slide_of = os.path.dirname
+    assert not {slide_of(p) for p in trained} & {slide_of(p) for p in held_paths}
 
 
 def _monitor(config, patches, mesh, min_rankme=2.0):
     from clusiam_jax.data import sources as sources_lib
     from clusiam_jax.train.trainer import build_trainer
     trainer = build_trainer(config, mesh, 2, SyntheticLoader.mean, SyntheticLoader.std)
-    records, source = sources_lib.open_source(str(patches))
-    chosen = monitor_lib.sample_indices(len(records), 16, 0)
-    mset = monitor_lib.build_monitor_set(records, source, chosen, config, 0)
+    source = sources_lib.open_source(str(patches))
+    chosen = monitor_lib.sample_indices(len(source), 16, 0)
+    mset = monitor_lib.build_monitor_set(source, chosen, config, 0)
     mon = monitor_lib.Monitor(trainer.network, trainer.mean, trainer.std, mset, mesh,
                               config.model.num_clusters, min_rankme, 0)
     return trainer, mon
@@ -162,8 +163,8 @@ def test_best_checkpoint_kept_beside_latest_and_exported(patches, tmp_path):
     # Export reads the best one when asked, and says so.
     exp = config.export.copy_and_resolve_references()
     exp.data_path, exp.out_dir, exp.checkpoint = str(patches), str(tmp_path / 'e'), 'best'
-    cli.export_with(workdir, exp, run_dir.Normalization(SyntheticLoader.mean,
-                                                        SyntheticLoader.std, 'test'))
+    export_run.export(workdir, exp, run_dir.Normalization(SyntheticLoader.mean,
+                                                          SyntheticLoader.std, 'test'))
     info = json.loads((tmp_path / 'e' / 'export_info.json').read_text())
     assert info['checkpoint_step'] == best['step']
     assert info['checkpoint'].startswith(f"best: step {best['step']} by monitor/uniformity")
@@ -194,7 +195,7 @@ def test_stop_on_collapse_ends_with_a_checkpoint(patches, tmp_path):
 
 
 def test_a_collapsed_state_is_never_kept_as_best(tmp_path):
-    from clusiam_jax.train.loop import _BestCheckpoint
+    from clusiam_jax.train.monitor import BestCheckpoint as _BestCheckpoint
     config = tiny_config('clusiam')
     config.train.best_metric = 'monitor/alignment'   # a collapsed encoder aligns perfectly
     best = _BestCheckpoint(str(tmp_path), config)

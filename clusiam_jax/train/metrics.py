@@ -9,6 +9,7 @@ import os
 import jax
 
 from clusiam_jax.errors import NonFiniteError
+from clusiam_jax.fileio import read_csv_rows, write_csv
 
 log = logging.getLogger('clusiam_jax')
 
@@ -22,14 +23,11 @@ TB_DIR = 'tb'
 
 
 class MetricWriter:
-    """Appends one CSV row per epoch to <workdir>/metrics.csv and writes TensorBoard events
-    to <workdir>/tb (open with `tensorboard --logdir <workdir>/tb`)."""
+    """One row per epoch in <workdir>/metrics.csv, TensorBoard events in <workdir>/tb."""
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.enabled = enabled
+        self.enabled, self._header_checked, self._tb = enabled, False, None
         self.csv_path = os.path.join(workdir, 'metrics.csv')
-        self._header_checked = False
-        self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter  # no TensorFlow needed
             self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
@@ -55,25 +53,14 @@ class MetricWriter:
         self._tb.flush()
 
     def _rewrite_old_rows(self, epoch: int):
-        """Before this process's first row: a run started before a column existed gets
-        the column (empty in its old rows) instead of rows longer than the header, and
-        the rows of epochs from `epoch` on go. A resumed run replays the epochs after
-        its last checkpoint; their rows from before the crash (or the full disk) describe
-        states that no checkpoint kept, and the file keeps one row per epoch."""
-        with open(self.csv_path, newline='') as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = tuple(reader.fieldnames or ())
+        """Before this process's first row: a column added since the run started joins
+        the header, and the rows of epochs from `epoch` on go (a resumed run replays the
+        epochs after its last checkpoint; the file keeps one row per epoch)."""
+        header, rows = read_csv_rows(self.csv_path, 'metrics file')
         kept = [r for r in rows if _epoch_of(r) < epoch]
-        if header == CSV_FIELDS and len(kept) == len(rows):
-            return
-        rows = kept
-        tmp = self.csv_path + '.tmp'
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
-            writer.writeheader()
-            writer.writerows({k: r.get(k, '') for k in CSV_FIELDS} for r in rows)
-        os.replace(tmp, self.csv_path)
+        if tuple(header) != CSV_FIELDS or len(kept) != len(rows):
+            write_csv(self.csv_path, CSV_FIELDS,
+                      ({k: r.get(k, '') for k in CSV_FIELDS} for r in kept))
 
     def close(self):
         if self._tb is not None:
@@ -88,19 +75,15 @@ def _epoch_of(row) -> int:
 
 
 class SkippedSteps:
-    """train.on_nonfinite='skip': the steps the train step rejected (NaN/Inf loss or
-    gradient, state left as it was), each logged and appended to
-    <workdir>/nonfinite_steps.txt; more than `max_in_a_row` in a row end the run, since
-    a run that only skips has diverged. The count in a row restarts with the process."""
+    """train.on_nonfinite='skip': each step the train step rejected is logged and appended
+    to <workdir>/nonfinite_steps.txt; more than `max_in_a_row` in a row (counted since the
+    process started) end the run, which has diverged."""
 
     FILE_NAME = 'nonfinite_steps.txt'
 
     def __init__(self, workdir: str, max_in_a_row: int, write: bool):
         self.path = os.path.join(workdir, self.FILE_NAME) if write else None
         self.max_in_a_row, self.in_a_row = max_in_a_row, 0
-
-    def accepted(self):
-        self.in_a_row = 0
 
     def skipped(self, step: int, metrics: dict):
         self.in_a_row += 1
@@ -117,11 +100,9 @@ class SkippedSteps:
 
 
 class EpochStats:
-    """Host-side means of the per-step metrics, fetched only at log steps.
-
-    Without `skips`, a non-finite metric raises NonFiniteError; with it, the steps the
-    train step marked `skipped` go to `skips` and are left out of the means.
-    """
+    """Host-side means of the per-step metrics, fetched only at log steps. Without
+    `skips` a non-finite metric raises NonFiniteError; with it, steps marked `skipped`
+    go to `skips` and out of the means."""
 
     def __init__(self, skips: SkippedSteps = None):
         self.pending, self.sums, self.count = [], collections.defaultdict(float), 0
@@ -140,7 +121,7 @@ class EpochStats:
                     skipped += 1
                     self.skips.skipped(step, metrics)
                     continue
-                self.skips.accepted()
+                self.skips.in_a_row = 0
             for name, value in metrics.items():
                 value = float(value)
                 if not math.isfinite(value):
@@ -152,32 +133,27 @@ class EpochStats:
         self.count += n
         self.skipped += skipped
         self.pending = []
-        means = {k: v / n for k, v in window.items()} if n else {}
+        return self._means(window, n, skipped)
+
+    def means(self):
+        self.flush()
+        return self._means(self.sums, self.count, self.skipped)
+
+    def _means(self, sums, n, skipped):
+        means = {k: v / n for k, v in sums.items()} if n else {}
         if self.skips is not None:
             means['skipped_steps'] = skipped
         return means
 
-    def means(self):
-        self.flush()
-        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
-        if self.skips is not None:
-            means['skipped_steps'] = self.skipped
-        return means
-
 
 def collapse_warnings(means: dict, num_clusters: int, num_samples: int):
-    """The two collapse modes the original's README names (docs/method.md §6), from the
-    epoch means over `num_samples` cluster assignments (steps x 2 x batch).
-
-    Mode 1: one logit dimension dominates, so even with Gumbel noise nearly every sample
-    lands in the same one or two clusters. Mode 2: the logits are nearly uniform, so the
-    Gumbel draw decides the assignment at random: the noisy argmax agrees with the clean
-    one about 1/K of the time. Mode 2 is called only when a one-sided test at 5% rejects
-    'agreement >= 1.5/K' (the normal approximation, with the variance at 1.5/K; it
-    matches scipy's exact binomial test in tests/test_collapse_warnings.py): an epoch of
-    a few small batches (the demo's 64 assignments) measures the agreement to about
-    +-0.07, far coarser than 1/K.
-    """
+    """The two collapse modes the original's README names (docs/method.md §6), from means
+    over `num_samples` cluster assignments. Mode 1: one logit dimension dominates, so even
+    Gumbel noise leaves nearly every sample in one or two clusters. Mode 2: near-uniform
+    logits, so the noisy argmax agrees with the clean one about 1/K of the time; called
+    only when a one-sided test at 5% rejects 'agreement >= 1.5/K' (normal approximation,
+    checked against scipy's exact test in tests/test_collapse_warnings.py), since a small
+    epoch measures the agreement far more coarsely than 1/K."""
     found = []
     gumbel_active = means.get('active_clusters_gumbel')
     if gumbel_active is not None and gumbel_active <= max(2.0, num_clusters / 50):

@@ -1,48 +1,34 @@
-"""Representation monitoring during training, without labels (docs/method.md §6).
+"""Representation monitoring without labels and the best checkpoint (docs/method.md §6):
+the training loop's one optional hook (MonitorHook), built only with monitor.every_epochs.
 
-At the end of every `monitor.every_epochs`-th epoch (and the last) the online network,
-in inference mode, embeds a fixed monitor set: `monitor.num_patches` patches (whole
-patches, resized to data.image_size, as the export embeds them) plus two augmented views
-of each (drawn once, with a fixed seed, by the training's own augmentation). The images
-live on the devices, batch-sharded, from the first call; one compiled function embeds
-them, so a monitor epoch costs one forward pass over 3 x num_patches images and no
-recompilation. The scores (`monitor/...` in metrics.csv, TensorBoard and the log):
-
-  rankme            RankMe (Garrido et al. 2023): exp of the entropy of the normalized
-                    singular values of the backbone features [M, D]; the effective
-                    number of dimensions in use (1 when one direction dominates)
-  alignment         mean squared distance between the L2-normalized features of the two
-                    views of a patch (Wang & Isola 2020, alpha 2; lower is more invariant)
-  uniformity        log of the mean of exp(-2 |f(x) - f(y)|^2) over all pairs of patches
-                    (t 2; lower is more spread over the sphere)
-  active_clusters, active_clusters_gumbel, gumbel_agreement, cluster_entropy
-                    the training's cluster diagnostics, on the monitor set
-  knn_top1, knn_balanced
-                    with labels only: cosine 1-NN of the query slides' patches among the
-                    reference slides' (the monitor set's slides split in two, never a
-                    slide in both)
-  collapse          1 when RankMe < monitor.min_rankme or the cluster head shows one of
-                    the two collapse modes (train/metrics.collapse_warnings), else 0
-
-The monitor set is either `monitor.data_path` (any source data.path takes) or, with
-`monitor.holdout` > 0, that fraction of the training source's slides, held out of
-training (data/pipeline.py): chosen by slide, deterministically from train.seed.
+Every monitor.every_epochs-th epoch (and the last) the online network, in inference mode,
+embeds a fixed monitor set: whole patches plus two augmented views of each, drawn once
+with a fixed seed and kept on the devices, so a monitor epoch is one forward pass and no
+recompilation. Its scores go to metrics.csv (monitor_*), TensorBoard and the log.
 """
 import dataclasses
 import logging
 import math
+import time
 from typing import Dict, Optional
 
 import jax
 import numpy as np
 
-from clusiam_jax import parallel
+from clusiam_jax import parallel, run_dir
+from clusiam_jax.checkpoint import BEST_DIR, BEST_JSON, Checkpointer
+from clusiam_jax.config import best_mode
 from clusiam_jax.data import augment, image_io
-from clusiam_jax.errors import DataError
-from clusiam_jax.losses import sample_gumbel
+from clusiam_jax.data.sources import open_source
+from clusiam_jax.data.stats import sample_indices
+from clusiam_jax.errors import CheckpointError, ConfigError, DataError
+from clusiam_jax.fileio import write_json
+from clusiam_jax.knn import knn_predict
 from clusiam_jax.models.conv import compiler_options
 from clusiam_jax.models.preprocess import embed_images
 from clusiam_jax.train.metrics import collapse_warnings
+from clusiam_jax.train.saveable import check_saveable
+from clusiam_jax.train.step import cluster_diagnostics
 
 log = logging.getLogger('clusiam_jax')
 
@@ -53,7 +39,8 @@ _BATCH = 128
 # ----------------------------------------------------------------- scores (NumPy)
 
 def rankme(features: np.ndarray, eps: float = 1e-7) -> float:
-    """exp(entropy) of the singular values of [M, D], normalized to sum 1."""
+    """RankMe (Garrido et al. 2023): exp(entropy) of the singular values of [M, D],
+    normalized to sum 1: the number of directions in use."""
     sigma = np.linalg.svd(np.asarray(features, np.float64), compute_uv=False)
     p = sigma / max(sigma.sum(), eps) + eps
     return float(np.exp(-np.sum(p * np.log(p))))
@@ -65,41 +52,25 @@ def _normalized(x):
 
 
 def alignment(view1: np.ndarray, view2: np.ndarray) -> float:
-    """E |f(x) - f(x')|^2 over positive pairs, features L2-normalized."""
+    """E |f(x) - f(x')|^2 over positive pairs, L2-normalized (Wang & Isola 2020)."""
     return float(np.mean(np.sum((_normalized(view1) - _normalized(view2)) ** 2, axis=1)))
 
 
 def uniformity(features: np.ndarray, t: float = 2.0) -> float:
-    """log E exp(-t |f(x) - f(y)|^2) over all pairs x != y, features L2-normalized."""
+    """log E exp(-t |f(x) - f(y)|^2) over all pairs x != y, L2-normalized."""
     z = _normalized(features)
     sq = np.maximum(2.0 - 2.0 * (z @ z.T), 0.0)
-    off = ~np.eye(len(z), dtype=bool)
-    return float(np.log(np.mean(np.exp(-t * sq[off]))))
-
-
-def cluster_usage(logits: np.ndarray, noisy_logits: np.ndarray) -> Dict[str, float]:
-    """The training's cluster diagnostics (train/step.cluster_diagnostics) over [M, K]."""
-    k = logits.shape[1]
-    clean, noisy = logits.argmax(1), noisy_logits.argmax(1)
-    freq = np.bincount(clean, minlength=k) / len(clean)
-    nz = freq[freq > 0]
-    return {'active_clusters': float((freq > 0).sum()),
-            'active_clusters_gumbel': float(len(np.unique(noisy))),
-            'gumbel_agreement': float(np.mean(clean == noisy)),
-            'cluster_entropy': float(-np.sum(nz * np.log(nz)))}
+    return float(np.log(np.mean(np.exp(-t * sq[~np.eye(len(z), dtype=bool)]))))
 
 
 def knn_scores(features, labels, slides) -> Optional[Dict[str, float]]:
-    """Cosine 1-NN of the second half of the slides among the first half's patches."""
+    """Cosine 1-NN of the second half of the slides' patches among the first half's (no
+    slide on both sides); None with fewer than 2 slides."""
     names = sorted(set(slides))
     if len(names) < 2:
         return None
     reference = np.isin(slides, names[: (len(names) + 1) // 2])
-    if reference.all() or not reference.any():
-        return None
-    z = _normalized(features)
-    nearest = np.argmax(z[~reference] @ z[reference].T, axis=1)
-    predicted = labels[reference][nearest]
+    predicted = knn_predict(features[reference], labels[reference], features[~reference])[1]
     truth = labels[~reference]
     recalls = [np.mean(predicted[truth == c] == c) for c in np.unique(truth)]
     return {'knn_top1': float(np.mean(predicted == truth)),
@@ -110,8 +81,8 @@ def knn_scores(features, labels, slides) -> Optional[Dict[str, float]]:
 
 @dataclasses.dataclass(frozen=True)
 class MonitorSet:
-    """uint8 images [M, S, S, 3] (whole patches) and two views of each, plus labels and
-    slides (None / '' when unknown)."""
+    """uint8 images [M, S, S, 3] (whole patches), two views of each, labels (None unless
+    every patch has one) and slides ('' when unknown)."""
     images: np.ndarray
     view1: np.ndarray
     view2: np.ndarray
@@ -119,28 +90,27 @@ class MonitorSet:
     slides: np.ndarray
 
 
-def build_monitor_set(records, source, indices, config, seed: int) -> MonitorSet:
-    """Reads `indices` of `source` (unreadable ones are left out), resized to
-    data.image_size; views from the training's augmentation with a fixed seed."""
+def build_monitor_set(source, indices, config, seed: int) -> MonitorSet:
+    """`indices` of `source` resized to data.image_size (unreadable ones left out), with
+    views from the training's augmentation drawn with a fixed seed."""
     size = int(config.data.image_size)
-    aug = augment.AugmentConfig.from_config(config)
-    aug = dataclasses.replace(aug, on_device=False)
+    aug = dataclasses.replace(augment.AugmentConfig.from_config(config), on_device=False)
     images, v1, v2, labels, slides = [], [], [], [], []
-    for i in indices:
+    for i in map(int, indices):
         try:
-            img = source.load(int(i))
+            img = source.load(i)
         except (image_io.BadImageError, DataError, OSError) as e:
-            log.warning('monitor: skipping %s (%s)', source.path(int(i)), e)
+            log.warning('monitor: skipping %s (%s)', source.path(i), e)
             continue
-        rng = np.random.default_rng([seed, int(i), _VIEWS])
-        a, b = augment.two_views(img, rng, aug)
+        a, b = augment.two_views(img, np.random.default_rng([seed, i, _VIEWS]), aug)
         h, w = img.shape[:2]
         images.append(img if (h, w) == (size, size) else
                       augment.resized_crop(img, (0, 0, h, w), size))
         v1.append(a)
         v2.append(b)
-        labels.append(records[int(i)].label or '')
-        slides.append(records[int(i)].slide_id or '')
+        record = source.record(i)
+        labels.append(record.label or '')
+        slides.append(record.slide_id or '')
     if len(images) < 2:
         raise DataError(f'the monitor set has {len(images)} readable patches of '
                         f'{len(indices)} drawn: give monitor.data_path a readable source')
@@ -149,42 +119,48 @@ def build_monitor_set(records, source, indices, config, seed: int) -> MonitorSet
                       labels if all(labels) else None, np.array(slides, dtype=object))
 
 
-def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
-    """A fixed, sorted sample of `size` of n indices (all when n <= size)."""
-    if n <= size:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, _SAMPLE]).choice(n, size, replace=False))
+def _monitor_set(config, loader) -> MonitorSet:
+    """monitor.data_path's patches, or the slides the data pipeline held out."""
+    mon = config.monitor
+    if mon.data_path:
+        source = open_source(mon.data_path, config.data.slide_dir)
+    else:
+        source = getattr(loader, 'held_out', None)   # a loader given to train() has none
+        if source is None:
+            raise ConfigError("monitor.holdout holds out slides of the data pipeline's "
+                              'source; this run was given its own loader: use '
+                              'monitor.data_path')
+    seed = int(config.train.seed)
+    chosen = sample_indices(len(source), int(mon.num_patches), [seed, _SAMPLE])
+    return build_monitor_set(source, chosen, config, seed)
 
 
 # --------------------------------------------------------------- on the devices
 
 class Monitor:
-    """Embeds the monitor set with the online network and scores it (see module)."""
+    """Embeds the monitor set with the online network and scores it."""
 
     def __init__(self, network, mean, std, monitor_set: MonitorSet, mesh, num_clusters,
                  min_rankme: float, seed: int):
-        self.network, self.mesh, self.set = network, mesh, monitor_set
-        self.num_clusters, self.min_rankme, self.seed = num_clusters, min_rankme, seed
+        self.mesh, self.set = mesh, monitor_set
+        self.num_clusters, self.min_rankme = num_clusters, min_rankme
+        self.gumbel_key = jax.random.PRNGKey(seed ^ _GUMBEL)
         ndev = mesh.devices.size
         self.batch = -(-min(_BATCH, len(monitor_set.images)) // ndev) * ndev
-        self._device_batches = None
-
-        def embed(variables, images):
-            return embed_images(network, variables, images, mean, std)
-        # Replicated outputs: every process can fetch them (a mesh over several
-        # processes refuses to fetch a batch-sharded array).
-        self._embed = jax.jit(embed, in_shardings=(parallel.replicated(mesh),
-                                                   parallel.batch_sharded(mesh)),
-                              out_shardings=parallel.replicated(mesh),
-                              compiler_options=compiler_options(network.conv_impl))
+        self._device_batches, self.warnings = None, []
+        # Replicated outputs: every process can fetch them.
+        self._embed = jax.jit(
+            lambda variables, images: embed_images(network, variables, images, mean, std),
+            in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+            out_shardings=parallel.replicated(mesh),
+            compiler_options=compiler_options(network.conv_impl))
 
     def _batches(self):
         """The images of all three sets, padded to whole batches, on the devices once."""
         if self._device_batches is None:
             stacked = np.concatenate([self.set.images, self.set.view1, self.set.view2])
-            pad = -len(stacked) % self.batch
-            stacked = np.concatenate([stacked, np.zeros((pad,) + stacked.shape[1:],
-                                                        stacked.dtype)])
+            pad = np.zeros((-len(stacked) % self.batch,) + stacked.shape[1:], stacked.dtype)
+            stacked = np.concatenate([stacked, pad])
             sharding = parallel.batch_sharded(self.mesh)
             # Every process holds the whole (deterministic) set: each places its shards.
             self._device_batches = [
@@ -196,38 +172,121 @@ class Monitor:
 
     def embed_all(self, variables) -> Dict[str, np.ndarray]:
         """{'features', 'logits'?} over images, view1, view2 (in that order, unpadded)."""
-        outs = [self._embed(variables, b) for b in self._batches()]
-        outs = jax.device_get(outs)
+        outs = jax.device_get([self._embed(variables, b) for b in self._batches()])
         n = 3 * len(self.set.images)
         return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
     def scores(self, variables, judge_clusters: bool = True) -> Dict[str, float]:
-        """The scores (module docstring). `judge_clusters=False` leaves the cluster
-        collapse modes out of the flag: logits start near uniform, so the training's own
-        check skips the first epoch, and so does the monitor."""
+        """rankme, alignment, uniformity, the step's cluster diagnostics, knn_* (with
+        labels) and collapse (1 on a RankMe below monitor.min_rankme or, when
+        `judge_clusters`, a collapse mode: logits start near uniform, so not at epoch 1)."""
         m = len(self.set.images)
         out = self.embed_all(variables)
-        feats = out['features']
-        images, view1, view2 = feats[:m], feats[m:2 * m], feats[2 * m:]
+        images, view1, view2 = np.split(out['features'], 3)
         result = {'rankme': rankme(images), 'alignment': alignment(view1, view2),
                   'uniformity': uniformity(images)}
         warnings = []
         if 'logits' in out:
-            logits = out['logits'][:m]
-            noise = np.asarray(sample_gumbel(jax.random.PRNGKey(self.seed ^ _GUMBEL),
-                                             logits.shape))
-            usage = cluster_usage(logits, logits + noise)
+            usage = jax.device_get(cluster_diagnostics(self.gumbel_key, out['logits'][:m]))
             result.update(usage)
             if judge_clusters:
-                warnings = collapse_warnings(usage, self.num_clusters, m)
+                warnings = collapse_warnings(result, self.num_clusters, m)
         if result['rankme'] < self.min_rankme:
             warnings.append(f'RankMe {result["rankme"]:.2f} < monitor.min_rankme '
                             f'{self.min_rankme:g}: the features use about one direction')
         if self.set.labels is not None:
-            knn = knn_scores(images, self.set.labels, self.set.slides)
-            if knn is not None:
-                result.update(knn)
-        result['collapse'] = float(bool(warnings))
+            result.update(knn_scores(images, self.set.labels, self.set.slides) or {})
+        result['collapse'] = bool(warnings)
         self.warnings = warnings
-        return {k: (float(v) if math.isfinite(v) else float('nan')) for k, v in
-                result.items()}
+        return {k: (float(v) if math.isfinite(v) else math.nan) for k, v in result.items()}
+
+
+# ------------------------------------------------------------------ the loop's hook
+
+class BestCheckpoint:
+    """train.best_metric: the best state so far in best_checkpoint/ (one kept) and
+    best_checkpoint.json, beside the latest checkpoints (which resume uses). `latest`
+    is the loop's Checkpointer, named when a state is refused."""
+
+    def __init__(self, workdir, config, latest=None):
+        self.workdir, self.metric, self.latest = workdir, config.train.best_metric, latest
+        self.mode = best_mode(config.train)
+        # Every process saves (orbax writes each one's shards); process 0 writes the json.
+        self.ckpt = Checkpointer(workdir, 1, subdir=BEST_DIR) if self.metric else None
+        recorded = run_dir.read_best(workdir) if self.metric else None
+        same = recorded and (recorded['metric'], recorded.get('mode')) == (self.metric,
+                                                                           self.mode)
+        self.value = recorded['value'] if same else None
+
+    def better(self, value) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        return (self.value is None or
+                (value > self.value if self.mode == 'max' else value < self.value))
+
+    def offer(self, step, epoch, scores, state, data_state):
+        """Saves `state` when its score beats the best so far and it did not collapse."""
+        value = scores.get(self.metric.removeprefix('monitor/'))
+        if self.ckpt is None or scores.get('collapse') or not self.better(value):
+            return
+        check_saveable(state, step, self.latest)
+        # A run resumed from before an earlier best replays steps: orbax only saves steps
+        # beyond the last it holds, so the old best goes first.
+        for old in self.ckpt.all_steps():
+            if old >= step:
+                self.ckpt.manager.delete(old)
+        if not self.ckpt.manager.save(step, args=self.ckpt.save_args(state, data_state)):
+            raise CheckpointError(f'the best checkpoint at step {step} was not saved')
+        self.ckpt.wait()
+        self.value = value
+        if jax.process_index() == 0:
+            write_json(f'{self.workdir}/{BEST_JSON}', {
+                'step': step, 'epoch': epoch, 'metric': self.metric, 'value': value,
+                'mode': self.mode}, indent=1)
+            log.info('best checkpoint: step %d (%s %.4g)', step, self.metric, value)
+
+    def close(self):
+        if self.ckpt is not None:
+            self.ckpt.close()
+
+
+class MonitorHook:
+    """The loop's epoch hook (train/loop.py) of a run with monitor.every_epochs: scores,
+    the best checkpoint and, with train.stop_on_collapse, a stop on collapse."""
+
+    def __init__(self, config, workdir, loader, trainer, ckpt):
+        self.config, mon = config, config.monitor
+        monitor_set = _monitor_set(config, loader)
+        if config.train.best_metric.startswith('monitor/knn') and (
+                monitor_set.labels is None or len(set(monitor_set.slides)) < 2):
+            raise ConfigError(f'train.best_metric={config.train.best_metric} needs a monitor '
+                              f'set with labels on every patch and at least 2 slides')
+        log.info('monitor: %d patches (%s), every %d epochs%s', len(monitor_set.images),
+                 mon.data_path or f'{mon.holdout:g} of the training slides held out',
+                 mon.every_epochs, '' if monitor_set.labels is None else ', with labels (kNN)')
+        self.monitor = Monitor(trainer.network, trainer.mean, trainer.std, monitor_set,
+                               trainer.mesh, config.model.num_clusters,
+                               float(mon.min_rankme), int(config.train.seed))
+        self.best = BestCheckpoint(workdir, config, ckpt)
+
+    def __call__(self, epoch, step, state, data_state):
+        if epoch % self.config.monitor.every_epochs and epoch != self.config.train.num_epochs:
+            return {}, None
+        start = time.perf_counter()
+        scores = self.monitor.scores({'params': state.params, 'batch_stats': state.batch_stats},
+                                     judge_clusters=epoch > 1)
+        scores['seconds'] = round(time.perf_counter() - start, 3)
+        if jax.process_index() == 0:
+            log.info('epoch %d monitor: %s', epoch,
+                     ', '.join(f'{k}={v:.4g}' for k, v in sorted(scores.items())))
+            for warning in self.monitor.warnings:
+                log.warning('epoch %d monitor: %s', epoch, warning)
+        self.best.offer(step, epoch, scores, state, data_state)
+        stop = None
+        if scores['collapse'] and self.config.train.stop_on_collapse:
+            stop = (f'train.stop_on_collapse: the monitor flags collapse at epoch {epoch} '
+                    f'({"; ".join(self.monitor.warnings)})')
+        return {f'monitor/{k}': v for k, v in scores.items()}, stop
+
+    def close(self):
+        self.best.close()
