@@ -15,16 +15,15 @@ from clusiam_jax.eval.dsmil import (
     DSMIL,
     DSMILConfig,
     bag_accuracy,
-    bucket_length,
     dsmil_loss,
     dsmil_optimizer,
     dsmil_score,
     epoch_learning_rate,
-    pad_bag,
     run_dsmil,
     train_dsmil,
 )
 from clusiam_jax.eval.metrics import youden_threshold
+from clusiam_jax.eval.mil import bucket_length, pad_bag
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +192,7 @@ def test_run_dsmil_reads_split_csv_and_h5(tmp_path, caplog):
         writer = csv.DictWriter(f, ['slide_id', 'label', 'split'])
         writer.writeheader()
         writer.writerows(rows)
-    out = run_dsmil(tmp_path / 'splits.csv', tmp_path, seeds=(0, 1),
+    out = run_dsmil(tmp_path, tmp_path / 'splits.csv', seeds=(0, 1),
                     config=DSMILConfig(epochs=3, lr=2e-3))
     assert out['class_names'] == ['normal', 'tumor']
     assert [r['seed'] for r in out['runs']] == [0, 1]

@@ -13,7 +13,7 @@ from clusiam_jax import cli
 from clusiam_jax.errors import DataError
 from clusiam_jax.eval import slide_models as sm
 from clusiam_jax.eval import tasks
-from clusiam_jax.eval.dsmil import pad_bag
+from clusiam_jax.eval.mil import pad_bag, read_slides
 from clusiam_jax.export import format as fmt
 
 DIM, K = 16, 6
@@ -92,7 +92,7 @@ def _shuffled_splits(data, seed):
 
 def _bags(data, flip_test=False):
     splits, names = sm.labelled_splits(data['splits'], 'abmil')
-    sets = sm.read_slides(data['export'], data['splits'], splits, sm.slide_features)
+    sets = read_slides(data['export'], data['splits'], splits)
     bags = {s: [(x, (1 - y) if flip_test and s == 'test' else y) for x, y in zip(*sets[s])]
             for s in sets}
     return bags, splits, names
@@ -177,7 +177,7 @@ def test_cluster_composition_by_hand(tmp_path):
 
 
 def test_abmil_recovers_planted_signal_attends_to_it_and_is_deterministic(data):
-    out = sm.run_abmil(data['splits'], data['export'], seeds=(0, 1), config=FAST)
+    out = sm.run_abmil(data['export'], data['splits'], seeds=(0, 1), config=FAST)
     assert out['class_names'] == ['normal', 'tumour']
     assert (out['n_train'], out['n_val'], out['n_test']) == (40, 20, 40)
     summary = out['summary']
@@ -226,7 +226,7 @@ def test_abmil_recovers_planted_signal_attends_to_it_and_is_deterministic(data):
 
 
 def test_abmil_is_near_chance_on_shuffled_labels(data):
-    aucs = [sm.run_abmil(_shuffled_splits(data, seed), data['export'], seeds=(seed,),
+    aucs = [sm.run_abmil(data['export'], _shuffled_splits(data, seed), seeds=(seed,),
                          config=FAST)['summary']['auc']['mean'] for seed in range(3)]
     assert abs(np.mean(aucs) - 0.5) < 0.25, aucs
 
@@ -234,7 +234,7 @@ def test_abmil_is_near_chance_on_shuffled_labels(data):
 @pytest.mark.parametrize('task', ['meanpool', 'clusters'])
 def test_logistic_tasks_recover_planted_signal(data, task):
     run = getattr(sm, f'run_{task}')
-    out = run(data['splits'], data['export'])
+    out = run(data['export'], data['splits'])
     # Measured: meanpool AUC 0.95, accuracy 0.875 (the planted patches are diluted in
     # the mean); clusters 0.985, 0.925.
     assert out['test']['auc'] > (0.9 if task == 'meanpool' else 0.95)
@@ -246,18 +246,18 @@ def test_logistic_tasks_recover_planted_signal(data, task):
     assert out['weight_decay'] == best
     assert out['val']['auc'] == scores[best]['auc']
     # Deterministic, and blind to test labels.
-    assert run(data['splits'], data['export']) == out
+    assert run(data['export'], data['splits']) == out
     rows = [(s, sp, {'normal': 'tumour', 'tumour': 'normal'}[lab] if sp == 'test' else lab)
             for s, sp, lab in data['rows']]
     _write_splits(data['root'] / 'flipped.csv', rows)
-    mirror = run(data['root'] / 'flipped.csv', data['export'])
+    mirror = run(data['export'], data['root'] / 'flipped.csv')
     assert mirror['weight_decay'] == out['weight_decay']
     assert mirror['test']['auc'] == pytest.approx(1 - out['test']['auc'])
 
 
 def test_logistic_tasks_are_near_chance_on_shuffled_labels(data):
     for run in (sm.run_meanpool, sm.run_clusters):
-        aucs = [run(_shuffled_splits(data, seed), data['export'])['test']['auc']
+        aucs = [run(data['export'], _shuffled_splits(data, seed))['test']['auc']
                 for seed in range(5)]
         assert abs(np.mean(aucs) - 0.5) < 0.2, (run.__name__, aucs)
 
@@ -268,7 +268,7 @@ def _interval_width(result, name):
 
 
 def test_slide_results_give_test_size_intervals_and_caution(data, caplog):
-    full = sm.run_meanpool(data['splits'], data['export'])
+    full = sm.run_meanpool(data['export'], data['splits'])
     assert (full['n_test_slides'], full['caution']) == (40, None)
     assert full['n_test_per_class'] == {'normal': 20, 'tumour': 20}
     assert set(full['confidence_intervals']) == {'accuracy', 'balanced_accuracy', 'auc'}
@@ -287,7 +287,7 @@ def test_slide_results_give_test_size_intervals_and_caution(data, caplog):
     few += [r for r, w in zip(test_rows, wrong) if not w][:10 - len(few)]
     others = [r for r in data['rows'] if r[1] != 'test']
     _write_splits(data['root'] / 'ten_test.csv', others + few)
-    ten = sm.run_meanpool(data['root'] / 'ten_test.csv', data['export'])
+    ten = sm.run_meanpool(data['export'], data['root'] / 'ten_test.csv')
     assert ten['n_test_slides'] == 10 and ten['caution'].startswith('10 test slides')
     assert ten['weight_decay'] == full['weight_decay']
     for name in ('accuracy', 'balanced_accuracy'):
@@ -315,8 +315,8 @@ def test_slide_results_give_test_size_intervals_and_caution(data, caplog):
 
 
 def test_meanpool_reads_a_clam_folder_like_the_export(data):
-    ours = sm.run_meanpool(data['splits'], data['export'])
-    clam = sm.run_meanpool(data['splits'], data['clam'])
+    ours = sm.run_meanpool(data['export'], data['splits'])
+    clam = sm.run_meanpool(data['clam'], data['splits'])
     assert clam == ours
 
 
@@ -329,14 +329,14 @@ def test_missing_slides_are_named(data):
                                         ('ghost_b', 'train', 'normal')])
     for run in (sm.run_meanpool, sm.run_clusters):
         with pytest.raises(DataError, match=r'2 slides .* not in the export.*ghost_a'):
-            run(path, data['export'])
+            run(data['export'], path)
     with pytest.raises(DataError, match='ghost_a'):
-        sm.run_abmil(path, data['clam'], seeds=(0,), config=FAST)
+        sm.run_abmil(data['clam'], path, seeds=(0,), config=FAST)
 
 
 def test_clusters_needs_cluster_ids(data):
     with pytest.raises(DataError, match='has no cluster_ids') as error:
-        sm.run_clusters(data['splits'], data['clam'])
+        sm.run_clusters(data['clam'], data['splits'])
     assert '\n' not in str(error.value) and 'train_00' in str(error.value)
 
 
@@ -369,7 +369,7 @@ def test_without_val_slides_a_stratified_share_of_train_is_held_out(data):
         held.append({slide for slide, _ in splits['val']})
         assert not held[-1] & {slide for slide, _ in splits['train']}
     assert held[0] != held[1]
-    out = sm.run_meanpool(path, data['export'], seed=1)
+    out = sm.run_meanpool(data['export'], path, seed=1)
     assert (out['n_train'], out['n_val'], out['n_test']) == (32, 8, 40)
 
 

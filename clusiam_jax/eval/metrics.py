@@ -1,152 +1,129 @@
-"""Classification metrics for the evaluation protocols, in plain NumPy.
-
-Written in NumPy rather than called from scikit-learn: the bootstrap below scores
-thousands of resamples, and scikit-learn's per-call input validation would dominate;
-tests check every function against scikit-learn on the same inputs. Conventions
-follow scikit-learn's defaults:
-
-- the label set is the sorted union of the true and predicted labels unless
-  ``labels`` is given;
-- F1 of a class is 2TP / (2TP + FP + FN), and 0 when that denominator is 0;
-- balanced accuracy is the mean recall over the classes present in ``y_true``.
-"""
-
+"""The evaluators' scores: classification metrics and the ROC threshold are scikit-learn's;
+the scores a bootstrap takes thousands of times (AUC, argmax accuracies) are NumPy, as a
+scikit-learn call spends longer checking its input than these take. Then the bootstrap
+interval over test slides and the small-test-set caution of the slide-level results."""
 import numpy as np
-
-
-def confusion_matrix(y_true, y_pred, labels):
-    """Counts [i, j] = number of samples with true labels[i] predicted as labels[j].
-
-    Samples whose true or predicted label is not in ``labels`` are ignored.
-    """
-    labels = np.asarray(labels)
-    index = {label: i for i, label in enumerate(labels.tolist())}
-    n = len(labels)
-    t = np.array([index.get(v, -1) for v in np.asarray(y_true).tolist()], dtype=np.int64)
-    p = np.array([index.get(v, -1) for v in np.asarray(y_pred).tolist()], dtype=np.int64)
-    keep = (t >= 0) & (p >= 0)
-    counts = np.bincount(t[keep] * n + p[keep], minlength=n * n)
-    return counts.reshape(n, n)
-
-
-def _python_scalar(value):
-    # Keeps dictionaries JSON-serializable (np.int64 keys are not).
-    return value.item() if isinstance(value, np.generic) else value
+from sklearn import metrics as skm
 
 
 def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
-    """Accuracy, balanced accuracy, macro F1, per-class F1 and the F1 of a positive class.
-
-    Args:
-      y_true, y_pred: 1-D arrays of labels (ints or strings), same length.
-      labels: the label set over which macro F1 averages; defaults to the
-        sorted union of ``y_true`` and ``y_pred`` (scikit-learn's default).
-      positive_label: if given, ``positive_f1`` reports that class's F1 (the
-        paper's "tumor F1"); it is 0 when the class never occurs.
-
-    Returns:
-      dict with ``accuracy``, ``balanced_accuracy``, ``macro_f1``,
-      ``per_class_f1`` ({label: f1}), ``n`` and, if asked, ``positive_f1``.
-    """
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
+    """{n, accuracy, balanced_accuracy (mean recall over the classes of y_true), macro_f1,
+    per_class_f1 {label: F1}} over `labels` (default: the sorted union of both), and with
+    `positive_label` its F1 as positive_f1 (0 when the class never occurs)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f'y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D')
-    if labels is None:
-        labels = np.unique(np.concatenate([y_true, y_pred]))
-    labels = np.asarray(labels)
-    cm = confusion_matrix(y_true, y_pred, labels)
-    tp = np.diag(cm).astype(np.float64)
-    fp = cm.sum(axis=0) - tp
-    fn = cm.sum(axis=1) - tp
-    denom = 2 * tp + fp + fn
-    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    support = cm.sum(axis=1)
-    present = support > 0
-    recall = tp[present] / support[present]
-    out = {
-        'n': int(y_true.size),
-        'accuracy': float(np.mean(y_true == y_pred)) if y_true.size else float('nan'),
-        'balanced_accuracy': float(recall.mean()) if recall.size else float('nan'),
-        'macro_f1': float(f1.mean()) if f1.size else float('nan'),
-        'per_class_f1': {_python_scalar(c): float(v) for c, v in zip(labels, f1)},
-    }
+    labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else \
+        np.asarray(labels)
+    _, recall, f1, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
+    out = {'n': int(y_true.size), 'accuracy': float(np.mean(y_true == y_pred)),
+           'balanced_accuracy': float(np.mean(recall[support > 0])),
+           'macro_f1': float(np.mean(f1)),
+           'per_class_f1': {c: float(v) for c, v in zip(labels.tolist(), f1)}}
     if positive_label is not None:
-        positive = _python_scalar(np.asarray(positive_label)[()])
-        out['positive_f1'] = out['per_class_f1'].get(positive, 0.0)
+        out['positive_f1'] = out['per_class_f1'].get(np.asarray(positive_label).item(), 0.0)
     return out
 
 
-def _binary_inputs(y_true, scores):
-    y = np.asarray(y_true).astype(bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f'y_true {y.shape} and scores {s.shape} differ')
-    return y, s
-
-
 def roc_auc(y_true, scores):
-    """Area under the ROC curve of binary ``y_true`` (truthy = positive) vs ``scores``.
-
-    Uses the Mann-Whitney statistic with average ranks for ties, which equals the
-    trapezoidal area under the ROC curve. NaN when only one class is present
-    (scikit-learn raises instead; a per-class AUC over a split that lacks a class
-    is undefined, and NaN keeps a multi-seed summary going).
-    """
-    y, s = _binary_inputs(y_true, scores)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve (truthy y_true = positive), ties counting half; NaN, where
+    scikit-learn raises, when one class is absent: a summary over seeds goes on."""
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(scores, np.float64).ravel()
+    positive, negative = s[y], np.sort(s[~y])
+    if not positive.size or not negative.size:
         return float('nan')
-    order = np.argsort(s, kind='mergesort')
-    sorted_s = s[order]
-    ranks = np.empty(s.size, dtype=np.float64)
-    # Average rank (1-based) over each run of tied scores [a, b): (a + 1 + b) / 2.
-    new_run = np.empty(s.size, bool)
-    new_run[0] = True
-    np.not_equal(sorted_s[1:], sorted_s[:-1], out=new_run[1:])
-    starts = np.flatnonzero(new_run)
-    ends = np.append(starts[1:], s.size)
-    ranks[order] = (0.5 * (starts + 1 + ends))[np.cumsum(new_run) - 1]
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    below = (np.searchsorted(negative, positive, 'left')
+             + np.searchsorted(negative, positive, 'right'))
+    return float(below.sum() / (2 * positive.size * negative.size))
+
+
+def per_class_auc(labels, scores):
+    """AUC of scores[:, c] for "label == c", for every class c (NaN if undefined)."""
+    labels = np.asarray(labels)
+    return [roc_auc(labels == c, scores[:, c]) for c in range(scores.shape[1])]
+
+
+def nanmean(values):
+    """The mean of the finite values; NaN (without NumPy's warning) when none is."""
+    values = np.asarray(values, np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float('nan')
 
 
 def roc_curve(y_true, scores):
-    """(fpr, tpr, thresholds) at every distinct score, thresholds descending.
-
-    Predicting positive when ``score >= threshold``. Starts with threshold +inf
-    (nothing positive), like scikit-learn with ``drop_intermediate=False``.
-    """
-    y, s = _binary_inputs(y_true, scores)
-    order = np.argsort(-s, kind='mergesort')
-    s_sorted, y_sorted = s[order], y[order]
-    last_of_run = np.r_[s_sorted[1:] != s_sorted[:-1], True]
-    tps = np.cumsum(y_sorted)[last_of_run].astype(np.float64)
-    fps = np.cumsum(~y_sorted)[last_of_run].astype(np.float64)
-    thresholds = np.r_[np.inf, s_sorted[last_of_run]]
-    tps = np.r_[0.0, tps]
-    fps = np.r_[0.0, fps]
-    tpr = tps / tps[-1] if tps[-1] > 0 else np.full_like(tps, np.nan)
-    fpr = fps / fps[-1] if fps[-1] > 0 else np.full_like(fps, np.nan)
-    return fpr, tpr, thresholds
+    """(fpr, tpr, thresholds) at every distinct score, thresholds descending from +inf."""
+    return skm.roc_curve(y_true, scores, drop_intermediate=False)
 
 
 def youden_threshold(y_true, scores):
-    """The score threshold maximizing Youden's J = TPR - FPR (first maximum).
-
-    When the curve is undefined (one class only) returns 0.5, the natural cut
-    for a sigmoid score.
-    """
-    fpr, tpr, thresholds = roc_curve(y_true, scores)
-    j = tpr - fpr
-    if not np.isfinite(j).any():
+    """The threshold maximizing Youden's J = TPR - FPR (the first maximum); 0.5, the cut
+    of a sigmoid, when one class is absent."""
+    y = np.asarray(y_true).astype(bool).ravel()
+    if y.all() or not y.any():
         return 0.5
-    best = int(np.nanargmax(j))
-    threshold = thresholds[best]
-    # +inf would mean "never positive"; J there is 0, so it is only chosen when
-    # no threshold separates at all. Use the largest score then instead.
-    return float(threshold if np.isfinite(threshold) else thresholds[1])
+    fpr, tpr, thresholds = roc_curve(y, np.asarray(scores, np.float64).ravel())
+    best = int(np.argmax(tpr - fpr))
+    # +inf (never positive) wins only when no threshold separates at all.
+    return float(thresholds[best] if np.isfinite(thresholds[best]) else thresholds[1])
+
+
+# --------------------------------------------------------------- slide-level scores
+
+
+def log_softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def argmax_accuracy(labels, scores):
+    """The share of samples whose highest-scoring class is their label."""
+    return float(np.mean(np.argmax(scores, axis=1) == np.asarray(labels)))
+
+
+def argmax_balanced_accuracy(labels, scores):
+    """The mean recall, over the classes present, of the highest-scoring class."""
+    labels, c = np.asarray(labels), scores.shape[1]
+    support = np.bincount(labels, minlength=c)
+    hits = np.bincount(labels[np.argmax(scores, axis=1) == labels], minlength=c)
+    present = support > 0
+    return float(np.mean(hits[present] / support[present])) if present.any() else \
+        float('nan')
+
+
+def slide_auc(labels, probs):
+    """AUC of class 1 for two classes; the mean one-vs-rest AUC over classes for more."""
+    probs = np.asarray(probs)
+    if probs.shape[1] == 2:
+        return roc_auc(np.asarray(labels) == 1, probs[:, 1])
+    return nanmean(per_class_auc(labels, probs))
+
+
+# name: (score(labels, probs), needs every class); the scores of slide_metrics.
+SLIDE_SCORES = {'accuracy': (argmax_accuracy, False),
+                'balanced_accuracy': (argmax_balanced_accuracy, True),
+                'auc': (slide_auc, True)}
+
+
+def slide_metrics(labels, logits):
+    """{n, accuracy, balanced_accuracy (of the argmax class), auc, loss (mean
+    cross-entropy)} of slide logits [n, C]."""
+    labels = np.asarray(labels)
+    log_probs = log_softmax(logits)
+    probs = np.exp(log_probs)
+    return {'n': int(labels.size),
+            **{name: score(labels, probs) for name, (score, _) in SLIDE_SCORES.items()},
+            'loss': float(-np.mean(log_probs[np.arange(labels.size), labels]))}
+
+
+def seed_stats(values):
+    """{mean, std (population), values} over seeds, NaN ignored."""
+    values = np.asarray(values, np.float64)
+    finite = np.isfinite(values).any()
+    return {'mean': float(np.nanmean(values)) if finite else float('nan'),
+            'std': float(np.nanstd(values)) if finite else float('nan'),
+            'values': values.tolist()}
 
 
 # ------------------------------------------------------ test-set size and intervals
@@ -154,49 +131,28 @@ def youden_threshold(y_true, scores):
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
-# Below these a slide-level score is reported with a caution: with 2 test slides an
-# AUC is 0, 0.5 or 1, and even 20 slides give a 95% interval about +-0.2 wide.
+# Below these a slide-level score comes with a caution: with 2 test slides an AUC is 0,
+# 0.5 or 1, and even 20 slides give a wide interval.
 MIN_TEST_SLIDES = 20
 MIN_TEST_PER_CLASS = 5
 
 
-def bootstrap_indices(n, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
-    """[n_resamples, n] sample indices, row b the b-th resample (drawn with replacement):
-    ``np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))``, the same
-    stream as n_resamples successive ``integers(0, n, n)`` draws."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-
-
 def mean_over_seeds(values):
-    """The mean of the finite values (NaN when none): np.nanmean of a few floats, without
-    its overhead (a bootstrap takes thousands)."""
+    """np.nanmean of a few floats (NaN when none is finite), without its overhead."""
     finite = [float(v) for v in values if np.isfinite(v)]
     return sum(finite) / len(finite) if finite else float('nan')
 
 
 def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAMPLES,
                  confidence=CONFIDENCE, seed=BOOTSTRAP_SEED):
-    """Percentile bootstrap confidence interval of a score over samples (test slides).
+    """Percentile bootstrap interval of `statistic(idx)`, a score on the samples `idx`
+    (indices into the test set, with repeats); `statistic(arange(n))` is the estimate.
 
-    Args:
-      statistic: callable(idx) -> float, the score on the samples ``idx`` (an index
-        array into the test set, with repeats); ``statistic(arange(n))`` is the estimate.
-        A multi-seed score averages its seeds inside (each resample scores every seed
-        on the same slides).
-      labels: the samples' class indices [n], for ``per_class``.
-      per_class: the score needs every class (AUC, balanced accuracy): a resample that
-        lacks a class of ``labels`` is skipped, and counted.
-      n_resamples, confidence, seed: resamples are ``bootstrap_indices(n, n_resamples,
-        seed)``: the same for every score of one test set, so intervals are
-        reproducible.
-
-    A resample whose score is NaN is skipped and counted too. The interval is the
-    (1 - confidence) / 2 and (1 + confidence) / 2 percentiles (NumPy's linear
-    interpolation) of the scores of the resamples kept.
-
-    Returns:
-      {estimate, low, high, confidence, n_resamples, n_skipped}; low and high are None
-      when no resample could be scored (no test sample, or a class never drawn).
+    Resamples are `default_rng(seed).integers(0, n, (n_resamples, n))`, the same for every
+    score of a test set. A resample whose score is NaN, or with `per_class` (AUC, balanced
+    accuracy) one lacking a class of `labels`, is skipped and counted. Returns {estimate,
+    low, high, confidence, n_resamples, n_skipped}; low and high are None when no
+    resample could be scored.
     """
     labels = np.asarray(labels).ravel()
     n = labels.size
@@ -207,7 +163,7 @@ def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAM
         return out
     classes, codes = np.unique(labels, return_inverse=True)
     values = []
-    for idx in bootstrap_indices(n, n_resamples, seed):
+    for idx in np.random.default_rng(seed).integers(0, n, size=(n_resamples, n)):
         if per_class and np.bincount(codes[idx], minlength=classes.size).min() == 0:
             continue
         value = float(statistic(idx))
@@ -222,19 +178,16 @@ def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAM
 
 
 def count_test_slides(labels, class_names, min_slides=MIN_TEST_SLIDES,
-                  min_per_class=MIN_TEST_PER_CLASS):
-    """{n_test_slides, n_test_per_class ({class name: count}), caution}: ``caution`` is
-    None, or one line when the test set has fewer than ``min_slides`` slides or a class
-    fewer than ``min_per_class`` ("2 test slides: scores are not measurable at this
-    size (...)")."""
+                      min_per_class=MIN_TEST_PER_CLASS):
+    """{n_test_slides, n_test_per_class {class name: count}, caution}: caution is one line
+    when the test set has fewer than `min_slides` slides or a class fewer than
+    `min_per_class`, else None."""
     labels = np.asarray(labels, np.int64).ravel()
-    counts = np.bincount(labels, minlength=len(class_names)) if labels.size else \
-        np.zeros(len(class_names), np.int64)
+    counts = np.bincount(labels, minlength=len(class_names))
     per_class = {str(name): int(c) for name, c in zip(class_names, counts)}
     n = int(labels.size)
-    small = [name for name, c in per_class.items() if c < min_per_class]
     caution = None
-    if n < min_slides or small:
+    if n < min_slides or min(per_class.values()) < min_per_class:
         listed = ', '.join(f'{c} {name}' for name, c in per_class.items())
         caution = (f'{n} test slides: scores are not measurable at this size ({listed}; '
                    f'a score needs at least {min_slides} test slides and {min_per_class} '
@@ -245,10 +198,9 @@ def count_test_slides(labels, class_names, min_slides=MIN_TEST_SLIDES,
 
 def slide_scores_report(labels, class_names, scores, n_seeds=1,
                         n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
-    """The test-set block of a slide-level result: ``count_test_slides`` (n_test_slides,
-    n_test_per_class, caution), ``confidence_intervals`` ({name: ``bootstrap_ci``} for
-    ``scores`` {name: (statistic(idx), per_class)}, all on the same resamples) and
-    ``bootstrap``, one line saying how they were computed."""
+    """count_test_slides' block, confidence_intervals ({name: bootstrap_ci} of `scores`
+    {name: (statistic(idx), per_class)}, on the same resamples) and bootstrap, one line
+    saying how they were computed."""
     labels = np.asarray(labels, np.int64).ravel()
     out = count_test_slides(labels, class_names)
     out['confidence_intervals'] = {
@@ -268,8 +220,24 @@ def slide_scores_report(labels, class_names, scores, n_seeds=1,
     return out
 
 
+def seed_mean_intervals(labels, class_names, scores, per_seed):
+    """slide_scores_report of the seed mean of each of `scores` {name: (score(labels,
+    *seed_data), per_class)}, `per_seed` holding each seed's test data (arrays over the
+    test slides, then anything else): each resample scores every seed on the same
+    slides and averages them, as the summary over seeds does."""
+    labels = np.asarray(labels, np.int64)
+
+    def seed_mean(score):
+        return lambda idx: mean_over_seeds([score(labels[idx], data[idx], *rest)
+                                            for data, *rest in per_seed])
+    return slide_scores_report(labels, class_names,
+                               {name: (seed_mean(score), per_class)
+                                for name, (score, per_class) in scores.items()},
+                               n_seeds=len(per_seed))
+
+
 def format_interval(ci, digits=3):
-    """'0.875 [0.775, 0.950]' from a ``bootstrap_ci`` result ('[n/a]' for no interval)."""
+    """'0.875 [0.775, 0.950]' from a bootstrap_ci result ('[n/a]' for no interval)."""
     estimate = f'{ci["estimate"]:.{digits}f}'
     if ci['low'] is None:
         return f'{estimate} [n/a]'

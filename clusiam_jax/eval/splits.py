@@ -34,6 +34,30 @@ def read_splits(path: str) -> Dict[str, Tuple[str, str]]:
     return out
 
 
+def class_splits(path, task):
+    """({split: [(slide_id, class index)]}, class names) of a splits file with labels, by
+    the one convention: labels that are all integers are class indices, others are names,
+    sorted. DataError for a slide without a label or an integer label below 0."""
+    table = read_splits(path)
+    unlabeled = [slide for slide, (_, label) in table.items() if not label]
+    if unlabeled:
+        raise DataError(f'{path}: {task} needs a label column; {len(unlabeled)} slides '
+                        f'have none, e.g. {unlabeled[:3]}')
+    raw = [label for _, label in table.values()]
+    if all(v.lstrip('-').isdigit() for v in raw):
+        names = [str(i) for i in range(max(int(v) for v in raw) + 1)]
+    else:
+        names = sorted(set(raw))
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(raw) - set(index))
+    if unknown:
+        raise DataError(f'{path}: labels {unknown} are not class indices 0..{len(names) - 1}')
+    splits = {split: [] for split in SPLITS}
+    for slide, (split, label) in table.items():
+        splits[split].append((slide, index[label]))
+    return splits, names
+
+
 def require_in_export(splits_path, listed, exported):
     """DataError naming the listed slides the export lacks."""
     missing = sorted(set(listed) - set(exported))

@@ -111,17 +111,9 @@ def run_linear(export_dir, splits_path, positive_label=None, key='features', see
     return {'task': 'linear', 'n_train': len(train_y), 'n_test': len(test_y), **result}
 
 
-def _check_seeds_and_epochs(task, seeds, epochs):
-    """DataError for the trained slide models' --seeds / --epochs that cannot run."""
-    if not seeds:
-        raise DataError(f'{task} needs at least one seed (--seeds 0,1,2)')
-    if epochs < 1:
-        raise DataError(f'{task} needs --epochs of at least 1; got {epochs}')
-
-
 def log_slide_result(result):
     """Logs a slide task's summary: test-set size, each score with its interval, and the
-    caution (a warning) when the test set is too small. Returns ``result``."""
+    caution (a warning) when the test set is too small. Returns `result`."""
     counts = ', '.join(f'{n} {name}' for name, n in result['n_test_per_class'].items())
     scores = ', '.join(f'{name} {format_interval(ci)}'
                        for name, ci in result['confidence_intervals'].items())
@@ -132,37 +124,49 @@ def log_slide_result(result):
     return result
 
 
+def _slide_task(task, result, per_run=(), bulky=()):
+    """The logged result of a slide task, without the per-slide scores and per-epoch
+    history that would make its JSON line unreadable."""
+    for run in result.get('runs', ()):
+        for key in per_run:
+            run.pop(key, None)
+    return log_slide_result({'task': task, **{k: v for k, v in result.items()
+                                              if k not in bulky}})
+
+
+def _trained(task, seeds, epochs):
+    """DataError for --seeds / --epochs that cannot train."""
+    if not seeds:
+        raise DataError(f'{task} needs at least one seed (--seeds 0,1,2)')
+    if epochs < 1:
+        raise DataError(f'{task} needs --epochs of at least 1; got {epochs}')
+
+
 def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
     from clusiam_jax.eval import dsmil
-    _check_seeds_and_epochs('dsmil', seeds, epochs)
-    result = dsmil.run_dsmil(splits_path, export_dir, seeds=seeds,
-                             config=dsmil.DSMILConfig(epochs=epochs))
-    for r in result['runs']:  # per-epoch history and scores make the line unreadable
-        r.pop('history', None)
-        r.pop('test_scores', None)
-    return log_slide_result({'task': 'dsmil', **result})
+    _trained('dsmil', seeds, epochs)
+    return _slide_task('dsmil', dsmil.run_dsmil(export_dir, splits_path, seeds,
+                                                dsmil.DSMILConfig(epochs=epochs)),
+                       per_run=('history', 'test_scores'))
 
 
 def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=100):
     from clusiam_jax.eval import slide_models
-    _check_seeds_and_epochs('abmil', seeds, epochs)
-    result = slide_models.run_abmil(splits_path, export_dir, seeds=seeds,
-                                    config=slide_models.ABMILConfig(epochs=epochs))
-    return log_slide_result({'task': 'abmil', **result})
+    _trained('abmil', seeds, epochs)
+    return _slide_task('abmil', slide_models.run_abmil(
+        export_dir, splits_path, seeds, slide_models.ABMILConfig(epochs=epochs)))
 
 
 def run_clusters(export_dir, splits_path, seed=0):
     from clusiam_jax.eval import slide_models
-    result = slide_models.run_clusters(splits_path, export_dir, seed=seed)
-    result.pop('test_probs')  # per-slide scores make the line unreadable
-    return log_slide_result({'task': 'clusters', **result})
+    return _slide_task('clusters', slide_models.run_clusters(export_dir, splits_path, seed),
+                       bulky=('test_probs',))
 
 
 def run_meanpool(export_dir, splits_path, seed=0):
     from clusiam_jax.eval import slide_models
-    result = slide_models.run_meanpool(splits_path, export_dir, seed=seed)
-    result.pop('test_probs')
-    return log_slide_result({'task': 'meanpool', **result})
+    return _slide_task('meanpool', slide_models.run_meanpool(export_dir, splits_path, seed),
+                       bulky=('test_probs',))
 
 
 def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None,
@@ -170,7 +174,7 @@ def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations
     """The cluster maps, then (with `atlas`) the cluster atlas (eval/atlas.py): its
     index.html under 'atlas', None when the export has no cluster head or no pixels."""
     from clusiam_jax.eval.atlas import write_atlas
-    from clusiam_jax.eval.cluster_map import draw_export_maps
+    from clusiam_jax.export.maps import draw_export_maps
     result = {'task': 'maps', 'written': draw_export_maps(export_dir, thumbnail, downsample,
                                                           alpha, annotations=annotations)}
     if atlas:

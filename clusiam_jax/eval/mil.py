@@ -1,0 +1,194 @@
+"""The one trainer of multiple-instance models over slides (docs/method.md §7): DSMIL and
+ABMIL are a module, a loss and a score on it.
+
+A bag is a slide's patch embeddings [N, D], zero-padded to a length of a short geometric
+ladder (`bucket_length`) with a mask, so jit compiles a handful of shapes; the modules
+keep padded rows out of every max, argmax and softmax. One bag per step, in an order drawn
+from the seed; the epoch kept is the best on validation (higher AUC, NaN worst, then
+lower loss), and the test split is scored once, with it.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clusiam_jax.errors import DataError
+from clusiam_jax.eval.splits import require_in_export
+from clusiam_jax.export.format import read_h5_array, slide_feature_files
+
+
+def bucket_length(n, min_size=64, growth=math.sqrt(2)):
+    """Smallest size >= n on the ladder min_size, x growth, ... (multiples of 8): a sqrt(2)
+    ladder pads at most ~41% and has ~2 shapes per doubling of bag size."""
+    if n < 1:
+        raise ValueError('a bag needs at least one instance')
+    size = min_size
+    while size < n:
+        size = int(math.ceil(size * growth / 8.0) * 8)
+    return size
+
+
+def pad_bag(features, min_size=64):
+    """(padded features [L, D], mask [L]) with L = bucket_length(N)."""
+    features = np.asarray(features, np.float32)
+    n, dim = features.shape
+    length = bucket_length(n, min_size)
+    padded = np.zeros((length, dim), np.float32)
+    padded[:n] = features
+    return padded, np.arange(length) < n
+
+
+def adam_l2(betas, weight_decay):
+    """PyTorch's Adam(weight_decay): L2 added to the gradient, not AdamW. The step applies
+    the learning rate, so one compiled step serves every schedule."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=1e-8))
+
+
+class Steps:
+    """Jitted init, train and eval steps of a module with `loss(outputs, target)` and
+    `score(outputs)`, per bag (one compile per bucket length)."""
+
+    def __init__(self, model, loss, score, optimizer):
+        self.optimizer = optimizer
+        self.apply = jax.jit(lambda params, feats, mask: model.apply({'params': params},
+                                                                     feats, mask))
+
+        def loss_fn(params, feats, mask, target):
+            return loss(model.apply({'params': params}, feats, mask), target)
+
+        def train_step(params, opt_state, feats, mask, target, lr):
+            value, grads = jax.value_and_grad(loss_fn)(params, feats, mask, target)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return jax.tree.map(lambda p, u: p - lr * u, params, updates), opt_state, value
+
+        def eval_step(params, feats, mask, target):
+            outputs = model.apply({'params': params}, feats, mask)
+            return score(outputs), loss(outputs, target)
+
+        # Jitted: eager init would compile every primitive separately.
+        self.init = jax.jit(model.init)
+        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self.eval_step = jax.jit(eval_step)
+
+    def evaluate(self, params, bags):
+        """(scores [B, ...], losses [B]) of padded device bags, gathered on the host
+        (jnp.stack would compile once per list length)."""
+        out = jax.device_get([self.eval_step(params, *bag[:2], bag[3]) for bag in bags])
+        return np.stack([s for s, _ in out]), np.array([loss for _, loss in out])
+
+
+@functools.lru_cache(maxsize=16)
+def steps(model, loss, score, betas, weight_decay):
+    """Steps shared by runs of one model and optimizer: jit caches per function object,
+    so seeds (and tests) compile each bucket once."""
+    return Steps(model, loss, score, adam_l2(tuple(betas), float(weight_decay)))
+
+
+def device_bags(bags, min_bucket, target):
+    """[(padded features, mask, label, target(label))] on the device."""
+    return [(jnp.asarray(padded), jnp.asarray(mask), int(label), target(int(label)))
+            for (padded, mask), label in ((pad_bag(x, min_bucket), y) for x, y in bags)]
+
+
+def train(trainer, config, bags, target, select, seed=0, learning_rate=None, log_fn=None):
+    """Trains on bags['train'] ([(features [N, D], class index)]) and keeps the epoch best
+    by `select(labels, scores, losses) -> (auc, loss)` on bags['val'].
+
+    `learning_rate(epoch)`, 0-based, defaults to config.lr; `log_fn(record)` is called
+    once per epoch. Returns {best_epoch (1-based), params (on the host), history (per
+    epoch: train_loss, val_loss, val_auc), and per split of val and test (when given)
+    (labels, scores, losses) of the kept epoch}.
+    """
+    if not bags['train'] or not bags['val']:
+        raise ValueError('multiple-instance training needs training and validation bags')
+    dim = np.shape(bags['train'][0][0])[1]
+    train_set, val = (device_bags(bags[s], config.min_bucket, target) for s in ('train', 'val'))
+    val_labels = np.array([bag[2] for bag in val])
+    params = trainer.init(jax.random.PRNGKey(seed), jnp.zeros((config.min_bucket, dim)),
+                          jnp.ones((config.min_bucket,), bool))['params']
+    opt_state = trainer.optimizer.init(params)
+    order = np.random.default_rng(seed)
+    best, history = None, []
+    for epoch in range(1, config.epochs + 1):
+        lr = np.float32(config.lr if learning_rate is None else learning_rate(epoch - 1))
+        losses = []
+        for i in order.permutation(len(train_set)):
+            feats, mask, _, target_i = train_set[i]
+            params, opt_state, loss = trainer.train_step(params, opt_state, feats, mask,
+                                                         target_i, lr)
+            losses.append(loss)
+        scores, val_losses = trainer.evaluate(params, val)
+        auc, val_loss = select(val_labels, scores, val_losses)
+        record = {'epoch': epoch, 'train_loss': float(np.mean(jax.device_get(losses))),
+                  'val_loss': val_loss, 'val_auc': auc}
+        history.append(record)
+        if log_fn is not None:
+            log_fn(record)
+        key = (auc if np.isfinite(auc) else -1.0, -val_loss)
+        if best is None or key > best['key']:
+            # A real host copy: on CPU device_get may alias the buffers that the next
+            # (donating) step reuses.
+            kept = jax.tree.map(lambda a: np.array(a, copy=True), params)
+            best = {'key': key, 'epoch': epoch, 'params': kept,
+                    'val': (val_labels, scores, val_losses)}
+    out = {'best_epoch': best['epoch'], 'params': best['params'], 'history': history,
+           'val': best['val']}
+    if bags.get('test'):
+        test = device_bags(bags['test'], config.min_bucket, target)
+        out['test'] = (np.array([bag[2] for bag in test]),
+                       *trainer.evaluate(best['params'], test))
+    return out
+
+
+# ------------------------------------------------------------------- slides' data
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_array(files, slide, key, missing=None):
+    """One array of a slide's HDF5 file; DataError naming the slide if it cannot be read
+    (`missing`: the message when the file lacks `key`)."""
+    try:
+        return read_h5_array(files[slide], key)
+    except OSError as e:
+        raise DataError(f'slide {slide}: cannot read {files[slide]} ({_first_line(e)})') \
+            from None
+    except DataError:
+        if missing is None:
+            raise
+        raise DataError(missing) from None
+
+
+def slide_features(files, slide):
+    """The patch embeddings [N, D] of a slide, checked: two-dimensional, N >= 1, finite."""
+    x = read_array(files, slide, 'features')
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise DataError(f'slide {slide}: {files[slide]} holds features of shape '
+                        f'{list(x.shape)}; expected [patches >= 1, dim]')
+    if not np.isfinite(x).all():
+        raise DataError(f'slide {slide}: {files[slide]} has non-finite features')
+    return x
+
+
+def read_slides(export_dir, splits_path, splits, describe=slide_features):
+    """{split: ([describe(files, slide) per slide], labels [n])} of the listed slides of an
+    export of ours or a folder of CLAM-style `<slide_id>.h5`; DataError naming the slides
+    it lacks, or when their vectors differ in size."""
+    files = slide_feature_files(str(export_dir))
+    require_in_export(splits_path, [slide for rows in splits.values() for slide, _ in rows],
+                      files)
+    out = {split: ([describe(files, slide) for slide, _ in rows],
+                   np.array([label for _, label in rows], np.int64))
+           for split, rows in splits.items()}
+    sizes = {np.shape(v)[-1] for values, _ in out.values() for v in values}
+    if len(sizes) > 1:
+        raise DataError(f'{export_dir}: the slides have vectors of different sizes '
+                        f'{sorted(sizes)}; evaluate features of one model')
+    return out
