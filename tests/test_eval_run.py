@@ -2,12 +2,18 @@
 import csv
 import json
 import os
+import runpy
+import sys
 
 import h5py
 import numpy as np
 import pytest
 
-from clusiam_jax.eval import run as eval_run
+from clusiam_jax import cli
+
+
+def _eval(argv):
+    return cli.main(['--mode', 'eval'] + argv)
 
 
 def _make_export(root, slides):
@@ -53,14 +59,14 @@ def test_knn_and_linear_cli_on_separable_embeddings(tmp_path, capsys):
                   {'img0': 'train', 'img1': 'train', 'img2': 'train', 'img3': 'validation',
                    'img4': 'test', 'img5': 'test'})
     # A slide of the export that the split does not list is left out.
-    code = eval_run.main(['knn', '--export', str(tmp_path / 'exp'), '--splits',
+    code = _eval(['knn', '--export', str(tmp_path / 'exp'), '--splits',
                           str(tmp_path / 'splits.csv'), '--ks', '1,3', '--positive', 'epi'])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result['n_reference'] == 36 and result['n_query'] == 24
     assert result['k=1']['accuracy'] == 1.0 and result['k=3']['positive_f1'] == 1.0
 
-    code = eval_run.main(['linear', '--export', str(tmp_path / 'exp'), '--splits',
+    code = _eval(['linear', '--export', str(tmp_path / 'exp'), '--splits',
                           str(tmp_path / 'splits.csv'), '--out', str(tmp_path / 'lin.json')])
     assert code == 0
     result = json.loads((tmp_path / 'lin.json').read_text())
@@ -78,7 +84,7 @@ def test_knn_known_neighbours_and_slide_labels(tmp_path, capsys):
             del f['labels']
     with open(tmp_path / 'splits.csv', 'w') as f:
         f.write('slide_id,split,label\na,train,x\nb,train,y\nq,test,x\n')
-    assert eval_run.main(['knn', '--export', str(tmp_path / 'exp'), '--splits',
+    assert _eval(['knn', '--export', str(tmp_path / 'exp'), '--splits',
                           str(tmp_path / 'splits.csv'), '--ks', '1']) == 0
     result = json.loads(capsys.readouterr().out)
     # Neighbours by cosine: x, y, x; all queries are labelled x -> 2 of 3 right.
@@ -88,7 +94,7 @@ def test_knn_known_neighbours_and_slide_labels(tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     _make_export(tmp_path / 'exp', {'a': (np.ones((2, 4)), ['x', 'x'])})
     _write_splits(tmp_path / 'splits.csv', {'a': 'train', 'missing': 'test'})
-    assert eval_run.main(['knn', '--export', str(tmp_path / 'exp'), '--splits',
+    assert _eval(['knn', '--export', str(tmp_path / 'exp'), '--splits',
                           str(tmp_path / 'splits.csv')]) == 2
     assert 'not in the export' in capsys.readouterr().err
 
@@ -109,9 +115,9 @@ def test_dsmil_reads_files_by_the_manifest(tmp_path, capsys):
         f.write('slide_id,split,label\n')
         f.writelines(f'{s},{split},{"ab"[i % 2]}\n' for i, (s, split) in enumerate(slides.items()))
     args = ['dsmil', '--export', str(tmp_path / 'exp'), '--splits', str(tmp_path / 'splits.csv')]
-    assert eval_run.main(args + ['--epochs', '2', '--seeds', '0']) == 0
+    assert _eval(args + ['--epochs', '2', '--seeds', '0']) == 0
     assert json.loads(capsys.readouterr().out)['seeds'] == [0]
-    assert eval_run.main(args + ['--epochs', '0']) == 2
+    assert _eval(args + ['--epochs', '0']) == 2
     assert 'at least 1' in capsys.readouterr().err
 
 
@@ -131,7 +137,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
         Image.new('RGB', (8, 8)).save(tmp_path / 'thumbs' / f'{slide}.png')
     args = [str(tmp_path / 'thumbs') if a == 'THUMB' else a for a in args]
     splits = [] if args[0] == 'maps' else ['--splits', str(tmp_path / 'splits.csv')]
-    assert eval_run.main(args[:1] + ['--export', str(tmp_path / 'exp')] + splits
+    assert _eval(args[:1] + ['--export', str(tmp_path / 'exp')] + splits
                          + args[1:]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and message in err and len(err.splitlines()) == 1
@@ -139,5 +145,16 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
 
 def test_maps_cli(tmp_path, capsys):
     _make_export(tmp_path / 'exp', {'a': (np.ones((4, 4)), ['x'] * 4)})
-    assert eval_run.main(['maps', '--export', str(tmp_path / 'exp')]) == 0
+    assert _eval(['maps', '--export', str(tmp_path / 'exp')]) == 0
     assert os.path.exists(tmp_path / 'exp' / 'cluster_maps' / 'a.png')
+
+
+def test_the_old_entry_point_runs_the_eval_command(tmp_path, capsys, monkeypatch):
+    # `python -m clusiam_jax.eval.run TASK ...` is `--mode eval TASK ...`.
+    _make_export(tmp_path / 'exp', {'a': (np.ones((2, 4)), ['x', 'x'])})
+    _write_splits(tmp_path / 'splits.csv', {'a': 'train', 'missing': 'test'})
+    monkeypatch.setattr(sys, 'argv', ['run', 'knn', '--export', str(tmp_path / 'exp'),
+                                      '--splits', str(tmp_path / 'splits.csv')])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module('clusiam_jax.eval.run', run_name='__main__')
+    assert done.value.code == 2 and 'not in the export' in capsys.readouterr().err

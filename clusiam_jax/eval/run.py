@@ -1,14 +1,7 @@
-r"""`python -m clusiam_jax.eval.run TASK ...` (knn, linear, dsmil, abmil, clusters, meanpool,
-maps): an alias of `python launch.py --mode eval ...` (clusiam_jax/cli.py), kept for
-existing scripts."""
+"""`python -m clusiam_jax.eval.run TASK ...`, the old spelling of `clusiam --mode eval TASK
+...`: a script, not a module to import, reaching the command line (a layer above) by name."""
+import importlib
 import sys
 
-from clusiam_jax import cli
-
-
-def main(argv=None) -> int:
-    return cli.main(['--mode', 'eval'] + list(sys.argv[1:] if argv is None else argv))
-
-
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(importlib.import_module('clusiam_jax.cli').main(['--mode', 'eval'] + sys.argv[1:]))
