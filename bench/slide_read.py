@@ -66,9 +66,8 @@ def measure(path: str, n: int, size: int, seed: int) -> dict:
     import openslide
 
     from clusiam_jax.slides import reader
-    from clusiam_jax.slides.tiles import TiffTiles
     slide = reader.open_slide(path)
-    tiles = TiffTiles.open(path, slide)
+    tiles = slide.tiles
     if tiles is None:
         raise SystemExit(f'{path}: level 0 is not read tile by tile (slides/tiles.py)')
     level = tiles.levels[0]
@@ -86,22 +85,16 @@ def measure(path: str, n: int, size: int, seed: int) -> dict:
     tiles._tile = original
     under = [(y // level.tile_h) * level.tiles_across + x // level.tile_w for x, y in aligned]
     one_tile = cpu_ms_per(lambda i: original(level, i), under)
-    uncached = reader.open_slide(path, cache=openslide.OpenSlideCache(0))
-    openslide_regular = cpu_ms_per(
-        lambda p: reader.rgba_to_rgb(np.asarray(uncached.read_region(p, 0, (size, size)))),
-        regular)
+    uncached = reader.open_slide(path, cache=openslide.OpenSlideCache(0), direct=False)
+    openslide_regular = cpu_ms_per(lambda p: uncached.read(0, p[0], p[1], size, size), regular)
     uncached.close()
     pngs = [cv2.imencode('.png', cv2.cvtColor(tiles.read(0, x, y, size, size),
                                               cv2.COLOR_RGB2BGR))[1] for x, y in regular]
     png = cpu_ms_per(lambda b: cv2.imdecode(b, cv2.IMREAD_COLOR), pngs)
-    tiles.close()
     slide.close()
 
     def open_once(_):
-        s = reader.open_slide(path)
-        t = TiffTiles.open(path, s)
-        t.close()
-        s.close()
+        reader.open_slide(path).close()
     opening = cpu_ms_per(open_once, range(20))
     return dict(
         bench='slide_read', slide=os.path.basename(path),

@@ -20,7 +20,7 @@ from PIL import Image
 
 from clusiam_jax import cli
 from clusiam_jax.errors import DataError
-from clusiam_jax.slides import reader, tiling
+from clusiam_jax.slides import qc, reader, slides_csv, tiling
 from tests.helpers import write_pyramid
 from tests.test_slides import synthetic_base, tile_params
 from tests.test_tile_mpp import write_bare_pyramid
@@ -100,7 +100,7 @@ def tile(slides, out, *flags):
 
 
 def rows_of(out):
-    return {r['slide_id']: r for r in tiling.read_slides_csv(str(out))}
+    return {r['slide_id']: r for r in slides_csv.read_rows(str(out))}
 
 
 def qc_words(out, slide_id):
@@ -126,7 +126,7 @@ def test_a_folder_of_dicom_instances_is_one_slide_and_is_tiled(tmp_path, caplog)
     # Opened through a level, not through the report sorted before it.
     assert os.path.basename(dicom.path) == '2.25.3.dcm'
     with reader.open_slide(dicom.path) as slide:
-        assert slide.level_count == 2
+        assert slide.handle.level_count == 2
         assert reader.level0_resolution(slide).mpp == pytest.approx(0.5)
 
     caplog.set_level(logging.INFO)
@@ -244,7 +244,7 @@ def test_qc_pictures_name_their_keys_and_sizes_in_um(tiled):
     words, (width, _) = qc_words(out, 'ok')
     assert 'tile.patch_size 64 px at tile.target_mpp 0.5 µm/px = 32 µm' in words, words
     assert 'tile.min_tissue 0.5' in words and 'level-0 µm/px 0.5' in words, words
-    assert width >= tiling.QC_MIN_WIDTH   # readable over a slide of 512 px
+    assert width >= qc.QC_MIN_WIDTH   # readable over a slide of 512 px
 
 
 def test_a_slide_without_mpp_gets_its_tissue_picture(tiled):

@@ -16,7 +16,7 @@ import tifffile
 
 from clusiam_jax import cli
 from clusiam_jax.slides import coords as coords_lib
-from clusiam_jax.slides import tiling
+from clusiam_jax.slides import slides_csv
 from tests.helpers import write_pyramid
 from tests.test_slides import synthetic_base
 
@@ -50,7 +50,7 @@ def tile(slides, out, *flags):
 
 
 def rows_of(out):
-    return {r['slide_id']: r for r in tiling.read_slides_csv(str(out))}
+    return {r['slide_id']: r for r in slides_csv.read_rows(str(out))}
 
 
 def lines_with(caplog, *words):
@@ -160,7 +160,7 @@ def test_slides_sharing_an_id_are_rows_and_the_others_are_tiled(tmp_path):
     os.symlink(field, slides / 'c' / 's2.tif')
     out = tmp_path / 'tiles'
     assert tile(slides, out) == 0
-    rows = tiling.read_slides_csv(str(out))
+    rows = slides_csv.read_rows(str(out))
     assert sorted(r['slide_id'] for r in rows) == ['s1', 's1', 's2']
     s2 = [r for r in rows if r['slide_id'] == 's2'][0]
     assert s2['status'] == 'tiled' and int(s2['n_patches']) > 0
@@ -175,7 +175,7 @@ def test_slides_sharing_an_id_are_rows_and_the_others_are_tiled(tmp_path):
     # One copy removed: the rerun tiles s1 and its one row replaces both.
     os.remove(slides / 'b' / 's1.tif')
     assert tile(slides, out) == 0
-    rows = tiling.read_slides_csv(str(out))
+    rows = slides_csv.read_rows(str(out))
     assert sorted((r['slide_id'], r['status']) for r in rows) == [('s1', 'tiled'),
                                                                   ('s2', 'tiled')]
 
@@ -183,7 +183,7 @@ def test_slides_sharing_an_id_are_rows_and_the_others_are_tiled(tmp_path):
     # slide it belongs to is no longer known).
     os.symlink(field, slides / 'b' / 's1.tif')
     assert tile(slides, out) == 0
-    rows = tiling.read_slides_csv(str(out))
+    rows = slides_csv.read_rows(str(out))
     assert sorted((r['slide_id'], r['status']) for r in rows) == [
         ('s1', 'duplicate_id'), ('s1', 'duplicate_id'), ('s2', 'tiled')]
     assert not os.path.exists(coords_lib.trident_file(str(out), 's1'))

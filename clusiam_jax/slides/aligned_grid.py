@@ -1,15 +1,11 @@
 """`tile.align`: a patch grid laid on the scanner's own tiles.
 
-A slide is stored as compressed tiles (240 or 256 px for most scanners, 512 or more for
-some), and reading a patch decodes every tile it touches: a 224-px patch on the regular
-grid straddles tile borders and decodes two to four tiles. Here every patch lies inside
-as few tiles as it can, at the pyramid level its pixels are read from (the level
-reader.read_patch picks): patches no larger than a tile are packed into each tile,
-floor(tile / side) of them per axis, side by side from its corner; a larger patch
-starts on a tile corner and spans ceil(side / tile) tiles per axis. The strips left over
-in each tile are never trained on; a slide where they would exceed
-1 - MIN_COVERAGE of the area, or that does not report its tile size, is tiled on the
-regular grid instead, with the reason in its slides.csv row.
+Reading a patch decodes every tile it touches: a patch on the regular grid straddles
+tile borders. Here every patch lies inside as few tiles as it can, at the level
+reader.read_patch reads it from: patches no larger than a tile are packed into each tile
+from its corner, a larger one starts on a tile corner. A slide where the strips left
+over would exceed 1 - MIN_COVERAGE of the area, or that does not report its tile size,
+is tiled on the regular grid instead, with the reason in its slides.csv row.
 
 Level-0 starts are the smallest x with floor(x / downsample) = the level start, as
 OpenSlide computes it to find a region's first tile: for a fractional downsample (4443
@@ -26,8 +22,7 @@ import numpy as np
 
 from clusiam_jax.slides import reader
 
-# The least fraction of a tile's area the packed patches must cover (about 0.77 for
-# 224-px patches on 256-px tiles, 0.87 on 240-px tiles).
+# The least fraction of a tile's area the packed patches must cover.
 MIN_COVERAGE = 0.7
 
 
@@ -57,17 +52,16 @@ def _axis(extent0: int, size0: int, side: int, tile: int, ds: float
     return starts[starts + size0 <= extent0], len(offsets) * side / period
 
 
-def aligned_grid(slide, size0: int, patch_size: int, tiles=None
+def aligned_grid(slide: reader.Slide, size0: int, patch_size: int
                  ) -> Union[AlignedGrid, str]:
     """The aligned grid of patches of `size0` level-0 px read at `patch_size` px, or why
-    there is none for this slide (a sentence). `tiles`: the slide's TiffTiles, whose
-    hidden levels patches are read from too."""
-    level = reader.best_level(slide, size0 / patch_size, tiles)
-    tile = reader.scanner_tile_size(slide, level, tiles)
+    there is none for this slide (a sentence)."""
+    level = slide.best_level(size0 / patch_size)
+    tile = slide.tile_size(level)
     if tile is None:
         return (f'the slide does not report its tile size at level {level} '
                 f'(openslide.level[{level}].tile-width)')
-    ds = reader.level_downsamples(slide, tiles)[level]
+    ds = slide.levels[level].downsample
     side = max(1, int(round(size0 / ds)))
     width, height = slide.dimensions
     xs, cover_x = _axis(width, size0, side, tile[0], ds)

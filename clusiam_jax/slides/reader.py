@@ -1,25 +1,19 @@
-"""Opening whole-slide images and reading patches at a physical resolution (OpenSlide).
+"""Whole-slide images: a `Slide` (one level list over its readers) and patches read at a
+physical resolution.
 
-OpenSlide reads every format our users scan to (Aperio .svs, Hamamatsu .ndpi/.vms/.vmu,
-MIRAX .mrxs, Leica .scn, Ventana .bif, Sakura .svslide, Zeiss .czi, Philips TIFF, generic
-pyramidal TIFF and OME-TIFF through libtiff, DICOM WSI: a folder of .dcm instances) and
-ships inside the `openslide-bin` wheel (OpenSlide 4.0.1, whose vendors these are).
-tiffslide (tifffile-based) reads fewer formats; pyvips brings a second native library.
-OpenSlide's own tile cache is bounded per handle (`set_cache`), so a process holding many
-slides stays flat.
+OpenSlide (the `openslide-bin` wheel) is the reader of record: it reads every format our
+users scan to. For TIFF-based slides, slides/tiles.py reads level 0 tile by tile when it
+reads it exactly as OpenSlide does, and the reduced levels of an OME-TIFF that OpenSlide
+does not list ("hidden" levels, numbered after OpenSlide's). A remote reader would be one
+more backend: an object with `read(level, x0, y0, w, h)` serving some of the levels.
 
-Resolution (docs/method.md §9): a slide's level-0 µm/px comes from `openslide.mpp-x/y`
-(which OpenSlide fills from the vendor's metadata or the TIFF resolution tags); with only
-an objective power it is 10 / power (logged as an estimate); with neither it is the
-default the user gave for such slides (`tile.mpp_default`), else the slide is refused,
-never guessed. A value forced on every slide (`tile.mpp_override`) comes first. A
-metadata value no scan has (the 72-dpi default of image editors = 352.8 µm/px, anything
+Resolution (docs/method.md §9): the level-0 µm/px comes from `openslide.mpp-x/y`, else 10 /
+objective power (an estimate), else the user's default (`tile.mpp_default`), else the
+slide is refused, never guessed. A value no scan has (an image editor's dpi, anything
 outside MPP_RANGE) counts as none, and says why (`Resolution.implausible`).
 
-A patch of `patch_size` px at `target_mpp` covers `patch_size * target_mpp / level0_mpp`
-level-0 pixels. It is read from the pyramid level closest to, but not coarser than,
-`target_mpp` and resized to `patch_size` with area averaging (antialiased), so a 40x and a
-20x scan of one slide give the same physical patch.
+A patch of `out_size` px covering `size_level0` level-0 px is read from the coarsest level
+not coarser than it and area-resized, so 40x and 20x scans of a slide give one patch.
 """
 import dataclasses
 import logging
@@ -35,36 +29,29 @@ from clusiam_jax.errors import DataError
 log = logging.getLogger('clusiam_jax')
 
 # What a folder of slides is searched for (lower case; `.ome.tif(f)` ends in `.tif(f)`).
-# DICOM is apart: one slide is a folder of .dcm instances (one per level and associated
-# image), opened through any of them (dicom_file), its id the folder's name.
+# A DICOM slide is a folder of .dcm instances, opened through one (dicom_file).
 SLIDE_EXTENSIONS = ('.svs', '.tif', '.tiff', '.ndpi', '.mrxs', '.scn', '.bif', '.vms',
                     '.vmu', '.svslide', '.czi')
 DICOM_EXTENSION = '.dcm'
-# The formats these are, for messages and the README (one phrase).
 SLIDE_FORMATS = ('Aperio .svs, Hamamatsu .ndpi .vms .vmu, MIRAX .mrxs, Leica .scn, Ventana '
                  '.bif, Sakura .svslide, Zeiss .czi, Philips, generic tiled and OME '
                  '.tif/.tiff, DICOM folders of .dcm')
-# Level-0 µm/px no slide scanner writes: finer than light microscopy resolves, or coarser
-# than a macro photograph of the slide. Metadata outside it is taken as no µm/px.
+# Level-0 µm/px no scanner writes; metadata outside it is taken as no µm/px.
 MPP_RANGE = (0.05, 100.0)
-# Image editors' and printers' default resolutions, which land in the TIFF tags of an
-# image saved by them: 25400 / dpi µm/px (72 dpi: 352.8; 300 dpi: 84.67, inside MPP_RANGE).
+# Image editors' default dpis, which land in the TIFF tags of images they saved.
 EDITOR_DPIS = (72, 96, 150, 300)
 # Extensions that are never single patches: found in a patch folder they are flagged.
 SLIDE_ONLY_EXTENSIONS = tuple(e for e in SLIDE_EXTENSIONS if e not in ('.tif', '.tiff'))
-# OpenSlide caches decoded tiles; the slide source gives all the handles of a process one
-# cache of this size, so memory does not grow with the number of open slides.
+# OpenSlide's tile cache per process (the slide source shares one among its handles).
 TILE_CACHE_BYTES = 64 * 1024 * 1024
-# A level is "as fine as the target" within this tolerance: scanners write downsamples
-# like 4.0002, and reading the next finer level for 0.02% costs 4x the pixels.
+# Scanners write downsamples like 4.0002: reading the next finer level costs 4x pixels.
 _LEVEL_TOLERANCE = 1e-2
-# The most pixels a thumbnail may decode from the level it is read from, and have itself.
-# A 200k x 100k px 40x scan with the usual pyramid (downsamples 1, 4, 16, 64) decodes
-# about 78 M px for a thumbnail at 8 µm/px; a file with no reduced level near the
-# thumbnail's resolution, or whose header claims far more pixels than it holds (65535 or
-# 200000 px a side), would decode gigapixels, for minutes, so its thumbnail is refused.
+# A thumbnail decoding more pixels than this (no reduced level near it, or a header
+# claiming far more pixels than the file holds) would take minutes: it is refused.
 MAX_THUMBNAIL_READ_PIXELS = 2 ** 30
 MAX_THUMBNAIL_PIXELS = 2 ** 28
+# The origin of a Resolution without µm/px nor objective power (tile.mpp_default's case).
+NO_MPP_ORIGIN = "no µm/px or objective power in the slide's metadata"
 
 
 class SlideError(DataError):
@@ -75,15 +62,10 @@ class SlideTooLarge(DataError):
     """A thumbnail that would decode too many pixels (thumbnail_problem)."""
 
 
-# The origin of a Resolution whose slide has no µm/px and no objective power (the case
-# tile.mpp_default fills in).
-NO_MPP_ORIGIN = "no µm/px or objective power in the slide's metadata"
-
-
 @dataclasses.dataclass(frozen=True)
 class Resolution:
-    """A slide's level-0 µm per pixel and where it came from (None: unknown, with why);
-    `implausible`: why the slide's own value was set aside (implausible_mpp), else ''."""
+    """Level-0 µm/px (None: unknown) and its origin; `implausible`: why the slide's own
+    value was set aside, else ''."""
     mpp: Optional[float]
     origin: str
     implausible: str = ''
@@ -103,61 +85,11 @@ def implausible_mpp(mpp: float) -> Optional[str]:
     return None
 
 
-def dicom_file(folder: str, names: Optional[List[str]] = None) -> Optional[str]:
-    """The .dcm file of `folder` to open its DICOM slide with (OpenSlide finds the other
-    instances of the series beside it): the first, in name order, that OpenSlide detects
-    as DICOM WSI (not a DICOM annotation or report), else the first; None without any.
-    `names`: the folder's file names, when already listed."""
-    import openslide
-    if names is None:
-        names = os.listdir(folder)
-    found = sorted(n for n in names if n.lower().endswith(DICOM_EXTENSION)
-                   and not n.startswith('.'))
-    for name in found:
-        try:
-            if openslide.OpenSlide.detect_format(os.path.join(folder, name)) == 'dicom':
-                return os.path.join(folder, name)
-        except (openslide.OpenSlideError, OSError):
-            continue
-    return os.path.join(folder, found[0]) if found else None
-
-
-def open_slide(path: str, cache=None):
-    """An OpenSlide handle with a bounded tile cache (`cache`, an OpenSlideCache shared by
-    the caller's handles, or one of its own); SlideError (one line) otherwise."""
-    import openslide  # local: the package import stays light for grain workers
-    if not os.path.isfile(path):
-        raise SlideError(f'{path}: no such file')
-    try:
-        slide = openslide.OpenSlide(path)
-    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError,
-            OSError, ValueError) as e:
-        raise SlideError(f'{path}: not a readable slide ({type(e).__name__}: '
-                         f'{" ".join(str(e).split()) or "unsupported format"})') from None
-    slide.set_cache(cache if cache is not None else openslide.OpenSlideCache(TILE_CACHE_BYTES))
-    return slide
-
-
-def slide_id_of(path: str) -> str:
-    """The slide id of a file: its name without the (possibly double) extension; of a
-    DICOM instance, its folder's name (the folder is the slide)."""
-    name = os.path.basename(path)
-    lower = name.lower()
-    if lower.endswith(DICOM_EXTENSION):
-        return os.path.basename(os.path.dirname(os.path.abspath(path)))
-    for ext in ('.ome.tiff', '.ome.tif'):
-        if lower.endswith(ext):
-            return name[:-len(ext)]
-    return os.path.splitext(name)[0]
-
-
 def level0_resolution(slide, forced: Optional[float] = None,
                       forced_origin: str = 'tile.mpp', default: Optional[float] = None,
                       default_origin: str = 'tile.mpp_default') -> Resolution:
-    """The level-0 µm/px: `forced` when given, else the slide's metadata (see module),
-    else `default` when given (a slide whose metadata gives no µm/px nor objective power,
-    or one no scan has: its `implausible` says why; not one with non-square pixels,
-    whose metadata says something else is wrong)."""
+    """`forced`, else the metadata's (see module), else `default` for a slide without a
+    usable value (not for non-square pixels: their metadata is wrong otherwise)."""
     if forced:
         return Resolution(float(forced), forced_origin)
     props = slide.properties
@@ -189,38 +121,37 @@ def level0_resolution(slide, forced: Optional[float] = None,
     return Resolution(None, NO_MPP_ORIGIN)
 
 
-def level_downsamples(slide, tiles=None) -> List[float]:
-    """Level-0 px per pixel of every level: OpenSlide's, then those only `tiles` (the
-    slide's slides.tiles.TiffTiles) has, an OME-TIFF's hidden levels."""
-    extra = tiles.hidden_downsamples(slide) if tiles is not None else []
-    return list(slide.level_downsamples) + extra
+def dicom_file(folder: str, names: Optional[List[str]] = None) -> Optional[str]:
+    """The .dcm file of `folder` to open its DICOM slide with: the first, by name, that
+    OpenSlide detects as DICOM WSI (not an annotation or report), else the first."""
+    import openslide
+    if names is None:
+        names = os.listdir(folder)
+    found = sorted(n for n in names if n.lower().endswith(DICOM_EXTENSION)
+                   and not n.startswith('.'))
+    for name in found:
+        try:
+            if openslide.OpenSlide.detect_format(os.path.join(folder, name)) == 'dicom':
+                return os.path.join(folder, name)
+        except (openslide.OpenSlideError, OSError):
+            continue
+    return os.path.join(folder, found[0]) if found else None
 
 
-def best_level(slide, downsample: float, tiles=None) -> int:
-    """The coarsest level (of level_downsamples) whose downsample does not exceed
-    `downsample` (within 1%)."""
-    downsamples = level_downsamples(slide, tiles)
-    best = 0
-    for level, ds in enumerate(downsamples):
-        if ds <= downsample * (1 + _LEVEL_TOLERANCE):
-            best = level if ds >= downsamples[best] else best
-    return best
+def slide_id_of(path: str) -> str:
+    """A file's name without its (possibly double) extension; of a DICOM instance, its
+    folder's name (the folder is the slide)."""
+    name = os.path.basename(path)
+    lower = name.lower()
+    if lower.endswith(DICOM_EXTENSION):
+        return os.path.basename(os.path.dirname(os.path.abspath(path)))
+    for ext in ('.ome.tiff', '.ome.tif'):
+        if lower.endswith(ext):
+            return name[:-len(ext)]
+    return os.path.splitext(name)[0]
 
 
-def scanner_tile_size(slide, level: int, tiles=None) -> Optional[Tuple[int, int]]:
-    """(width, height) of the tiles the scanner stored `level` in, from OpenSlide's
-    `openslide.level[N].tile-width/-height` (a hidden level's from `tiles`); None when
-    the format does not say."""
-    if level >= slide.level_count:
-        return tiles.levels[level].tile_w, tiles.levels[level].tile_h
-    props = slide.properties
-    try:
-        w = int(props.get(f'openslide.level[{level}].tile-width', 0))
-        h = int(props.get(f'openslide.level[{level}].tile-height', 0))
-    except ValueError:
-        return None
-    return (w, h) if w > 0 and h > 0 else None
-
+# ------------------------------------------------------------------------ the slide
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     """OpenSlide's RGBA (transparent outside the scanned area) over white."""
@@ -232,70 +163,155 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def read_patch(slide, x: int, y: int, size_level0: float, out_size: int,
-               tiles=None) -> np.ndarray:
-    """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`,
-    read from the best level for out_size/size_level0 and area-resized. `tiles`: the
-    slide's slides.tiles.TiffTiles, which reads the levels it covers faster and has the
-    hidden ones; a hidden level that does not decode there is read from OpenSlide's
-    levels instead (said once per reader): slower, the same patch."""
-    downsample = size_level0 / out_size
-    level = best_level(slide, downsample, tiles)
+class OpenSlideLevels:
+    """The backend of the levels OpenSlide lists."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def read(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """uint8 [h, w, 3] of `level` from level-0 (x0, y0): OpenSlide places it with
+        sub-pixel precision."""
+        rgba = self.handle.read_region((int(x0), int(y0)), level, (w, h))
+        return rgba_to_rgb(np.asarray(rgba))
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    downsample: float                 # level-0 px per pixel
+    size: Tuple[int, int]             # (width, height)
+    tile: Optional[Tuple[int, int]]   # the scanner's tile (width, height); None: unknown
+    backend: object                   # what reads it: .read(level, x0, y0, w, h)
+
+
+class Slide:
+    """One open slide: the OpenSlide handle, the direct TIFF reader when there is one,
+    and one list of levels (OpenSlide's, then the hidden ones)."""
+
+    def __init__(self, handle, direct=None, path: str = ''):
+        tiles = direct   # a slides.tiles.TiffTiles
+        self.handle, self.tiles, self.path = handle, tiles, path or str(handle)
+        self.dimensions = tuple(handle.dimensions)
+        self.properties = getattr(handle, 'properties', {})
+        self.listed = handle.level_count   # the levels OpenSlide lists come first
+        openslide_levels = OpenSlideLevels(handle)
+        self.levels = []
+        for index, (ds, size) in enumerate(zip(handle.level_downsamples,
+                                               handle.level_dimensions)):
+            backend = tiles if tiles is not None and index in tiles.levels else \
+                openslide_levels
+            self.levels.append(Level(float(ds), tuple(size), self._tile_of(index), backend))
+        for index, lv in sorted(tiles.levels.items() if tiles is not None else ()):
+            if index >= self.listed:
+                self.levels.append(Level(self.dimensions[0] / lv.width,
+                                         (lv.width, lv.height), (lv.tile_w, lv.tile_h), tiles))
+        self._said = set()
+
+    def _tile_of(self, level: int) -> Optional[Tuple[int, int]]:
+        try:
+            w = int(self.properties.get(f'openslide.level[{level}].tile-width', 0))
+            h = int(self.properties.get(f'openslide.level[{level}].tile-height', 0))
+        except ValueError:
+            return None
+        return (w, h) if w > 0 and h > 0 else None
+
+    def __str__(self):
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.tiles is not None:
+            self.tiles.close()
+        self.handle.close()
+
+    def best_level(self, downsample: float, listed_only: bool = False) -> int:
+        """The coarsest level whose downsample does not exceed `downsample` (within 1%)."""
+        levels = self.levels[:self.listed] if listed_only else self.levels
+        best = 0
+        for level, lv in enumerate(levels):
+            if lv.downsample <= downsample * (1 + _LEVEL_TOLERANCE):
+                best = level if lv.downsample >= levels[best].downsample else best
+        return best
+
+    def tile_size(self, level: int) -> Optional[Tuple[int, int]]:
+        return self.levels[level].tile
+
+    def read(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """uint8 [h, w, 3] of `level` from level-0 (x0, y0), white outside the image."""
+        return self.levels[level].backend.read(level, x0, y0, w, h)
+
+    def drop_hidden_levels(self):
+        self.levels = self.levels[:self.listed]
+
+    def warn_once(self, message: str, *args):
+        """log.warning(message, *args) the first time this slide says `message`."""
+        if message not in self._said:
+            self._said.add(message)
+            log.warning(message, *args)
+
+
+def open_slide(path: str, cache=None, direct: bool = True) -> Slide:
+    """A Slide with a bounded OpenSlide tile cache (`cache`, shared by the caller's
+    handles, or its own) and, unless `direct` is False, the direct TIFF reader;
+    SlideError (one line) when the file is no readable slide."""
+    import openslide  # local: the package import stays light for grain workers
+
+    from clusiam_jax.slides import tiles
+    if not os.path.isfile(path):
+        raise SlideError(f'{path}: no such file')
     try:
-        rgb, side = _read_level(slide, tiles, level, x, y, size_level0)
+        handle = openslide.OpenSlide(path)
+    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError,
+            OSError, ValueError) as e:
+        raise SlideError(f'{path}: not a readable slide ({type(e).__name__}: '
+                         f'{" ".join(str(e).split()) or "unsupported format"})') from None
+    handle.set_cache(cache if cache is not None else
+                     openslide.OpenSlideCache(TILE_CACHE_BYTES))
+    try:
+        return Slide(handle, tiles.TiffTiles.open(path, handle) if direct else None, path)
+    except BaseException:
+        handle.close()
+        raise
+
+
+# ------------------------------------------------------------------------ reading
+
+def read_patch(slide: Slide, x: int, y: int, size_level0: float, out_size: int
+               ) -> np.ndarray:
+    """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`,
+    read from the best level and area-resized. A hidden level that does not decode there
+    is read from OpenSlide's levels instead (said once per slide): slower, same patch."""
+    downsample = size_level0 / out_size
+    level = slide.best_level(downsample)
+    try:
+        rgb, side = _read_square(slide, level, x, y, size_level0)
     except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
-        if level < slide.level_count:
+        if level < slide.listed:
             raise
-        if not tiles.fallback_said:
-            tiles.fallback_said = True
-            log.warning('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) '
-                        "(%s); such patches are read from OpenSlide's levels", slide,
-                        level, x, y, e)
-        rgb, side = _read_level(slide, tiles, best_level(slide, downsample), x, y,
-                                size_level0)
-    return _resized(rgb, side, out_size)
-
-
-def _read_level(slide, tiles, level, x, y, size_level0) -> Tuple[np.ndarray, int]:
-    """(the square at level-0 (x, y) of side size_level0 at `level`, its side there):
-    through `tiles` when it has the level (a hidden level always: KeyError when it no
-    longer has it, never an OpenSlide read of a level OpenSlide does not list)."""
-    ds = level_downsamples(slide, tiles)[level]
-    side = max(1, int(round(size_level0 / ds)))
-    if level >= slide.level_count or (tiles is not None and level in tiles.levels):
-        return tiles.read(level, int(round(x / ds)), int(round(y / ds)), side, side), side
-    rgba = np.asarray(slide.read_region((int(x), int(y)), level, (side, side)))
-    return rgba_to_rgb(rgba), side
-
-
-def _resized(rgb: np.ndarray, side: int, out_size: int) -> np.ndarray:
+        slide.warn_once('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) '
+                        "(%s); such patches are read from OpenSlide's levels", slide, level,
+                        x, y, e)
+        rgb, side = _read_square(slide, slide.best_level(downsample, listed_only=True), x, y,
+                                 size_level0)
     if side == out_size:
         return rgb
     interp = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
     return cv2.resize(rgb, (out_size, out_size), interpolation=interp)
 
 
-def _band_reader(slide, downsample: float, tiles=None):
-    """(level size, function reading rows [y0, y1) of it whole) for the coarsest level not
-    coarser than `downsample`, hidden levels of `tiles` included."""
-    level = best_level(slide, downsample, tiles)
-    if level >= slide.level_count:   # a hidden level
-        lv = tiles.levels[level]
-        return (lv.width, lv.height), lambda y0, y1: tiles.read(level, 0, y0, lv.width,
-                                                                   y1 - y0)
-    ds = slide.level_downsamples[level]
-    size = slide.level_dimensions[level]
-
-    def openslide_rows(y0, y1):
-        return rgba_to_rgb(np.asarray(slide.read_region((0, int(round(y0 * ds))), level,
-                                                        (size[0], y1 - y0))))
-    return size, openslide_rows
+def _read_square(slide, level, x, y, size_level0) -> Tuple[np.ndarray, int]:
+    side = max(1, int(round(size_level0 / slide.levels[level].downsample)))
+    return slide.read(level, x, y, side, side), side
 
 
-def thumbnail_problem(slide, downsample: float, tiles=None) -> Optional[str]:
-    """Why a thumbnail of the whole slide at `downsample` level-0 px per pixel would take
-    too long to make (the pixels it decodes, or its own size: see
-    MAX_THUMBNAIL_READ_PIXELS), or None."""
+def thumbnail_problem(slide: Slide, downsample: float) -> Optional[str]:
+    """Why a thumbnail at `downsample` level-0 px per pixel would take too long (the
+    pixels it decodes, or its own size), or None."""
     width, height = slide.dimensions
     out_w = max(1, int(round(width / downsample)))
     out_h = max(1, int(round(height / downsample)))
@@ -304,65 +320,57 @@ def thumbnail_problem(slide, downsample: float, tiles=None) -> Optional[str]:
                 f'px per pixel would be {out_w} x {out_h} px (more than '
                 f'{MAX_THUMBNAIL_PIXELS} px); read it at a coarser resolution (tiling: '
                 f'tile.tissue_mpp)')
-    level = best_level(slide, downsample, tiles)
-    if level >= slide.level_count:
-        lw, lh = tiles.levels[level].width, tiles.levels[level].height
-    else:
-        lw, lh = slide.level_dimensions[level]
+    level = slide.best_level(downsample)
+    lv = slide.levels[level]
+    lw, lh = lv.size
     if lw * lh > MAX_THUMBNAIL_READ_PIXELS:
-        ds = level_downsamples(slide, tiles)[level]
         return (f'{width} x {height} px at level 0 and no reduced level near {downsample:.4g} '
                 f'level-0 px per pixel: its thumbnail would decode level {level} (downsample '
-                f'{ds:.4g}, {lw} x {lh} px, more than {MAX_THUMBNAIL_READ_PIXELS} px); a file '
-                f'whose header claims more pixels than it holds, or one to convert to a '
-                f'pyramid (e.g. vips tiffsave --tile --pyramid)')
+                f'{lv.downsample:.4g}, {lw} x {lh} px, more than {MAX_THUMBNAIL_READ_PIXELS} '
+                f'px); a file whose header claims more pixels than it holds, or one to '
+                f'convert to a pyramid (e.g. vips tiffsave --tile --pyramid)')
     return None
 
 
-def thumbnail(slide, downsample: float, band_pixels: int = 32 * 1024 * 1024,
-              tiles=None) -> Tuple[np.ndarray, float]:
+def thumbnail(slide: Slide, downsample: float, band_pixels: int = 32 * 1024 * 1024
+              ) -> Tuple[np.ndarray, float]:
     """(uint8 RGB image, exact level-0 px per image px in x) of the whole slide at about
-    `downsample` level-0 pixels per pixel: read from the best level (with `tiles`, the
-    slide's slides.tiles.TiffTiles, also the hidden levels OpenSlide does not list) in
-    horizontal bands of at most `band_pixels` (a slide without a pyramid is never read
-    whole) and area-resized band by band. Hidden levels that fail to decode somewhere
-    are given up (dropped from `tiles`, for later reads too) for OpenSlide's levels,
-    with a warning: slower, never wrong. SlideTooLarge (one line) before reading anything
-    when that would take minutes (thumbnail_problem)."""
-    problem = thumbnail_problem(slide, downsample, tiles)
+    `downsample`, read from the best level in bands of at most `band_pixels` and
+    area-resized band by band. Hidden levels that fail to decode are given up for
+    OpenSlide's, with a warning; SlideTooLarge before reading when it would take minutes."""
+    problem = thumbnail_problem(slide, downsample)
     if problem is not None:
         error = SlideTooLarge(f'{slide}: {problem}')
         error.problem = problem   # without the slide, for a row that names it already
         raise error
-    if tiles is not None and tiles.hidden_downsamples(slide):
+    if len(slide.levels) > slide.listed:
         try:
-            return _thumbnail(slide, downsample, band_pixels, tiles)
+            return _thumbnail(slide, downsample, band_pixels)
         except (ValueError, OSError) as e:   # a damaged tile, a codec tifffile lacks
             log.warning('%s: a reduced level OpenSlide does not list is unreadable (%s); '
                         'reading the levels OpenSlide lists instead', slide, e)
-            tiles.drop_hidden_levels(slide)
-    return _thumbnail(slide, downsample, band_pixels, None)
+            slide.drop_hidden_levels()
+    return _thumbnail(slide, downsample, band_pixels)
 
 
-def _thumbnail(slide, downsample, band_pixels, tiles):
+def _thumbnail(slide, downsample, band_pixels):
     width, height = slide.dimensions
     out_w = max(1, int(round(width / downsample)))
     out_h = max(1, int(round(height / downsample)))
-    (lw, lh), read_rows = _band_reader(slide, downsample, tiles)
+    level = slide.best_level(downsample)
+    ds, (lw, lh) = slide.levels[level].downsample, slide.levels[level].size
     out = np.empty((out_h, out_w, 3), np.uint8)
     rows_per_band = max(1, int(band_pixels // max(lw, 1) * out_h // max(lh, 1)))
     for r0 in range(0, out_h, rows_per_band):
         r1 = min(out_h, r0 + rows_per_band)
         y0, y1 = int(round(r0 * lh / out_h)), max(int(round(r1 * lh / out_h)),
                                                    int(round(r0 * lh / out_h)) + 1)
-        band = read_rows(y0, y1)
+        band = slide.read(level, 0, int(round(y0 * ds)), lw, y1 - y0)
         out[r0:r1] = cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA) \
             if band.shape[:2] != (r1 - r0, out_w) else band
     return out, width / out_w
 
 
-def thumbnail_for_side(slide, max_side: int = 2048, tiles=None
-                       ) -> Tuple[np.ndarray, float]:
+def thumbnail_for_side(slide: Slide, max_side: int = 2048) -> Tuple[np.ndarray, float]:
     """A thumbnail whose longest side is at most `max_side` (and not above level 0)."""
-    downsample = max(1.0, max(slide.dimensions) / max_side)
-    return thumbnail(slide, downsample, tiles=tiles)
+    return thumbnail(slide, max(1.0, max(slide.dimensions) / max_side))

@@ -1,27 +1,18 @@
-"""Reading patches of TIFF-based slides tile by tile (tifffile + imagecodecs).
+"""The direct backend of TIFF-based slides: tiles read with one `pread` each and decoded
+by tifffile's codecs (imagecodecs), without OpenSlide's per-read machinery, which
+dominates when training reads each patch once per epoch in random order.
 
-Training reads each patch once per epoch in random order, so OpenSlide's tile cache
-rarely hits and most of a patch's cost is OpenSlide's per-read machinery around the
-tile decodes. When level 0 of a slide is a tiled TIFF page (Aperio SVS, generic pyramidal
-TIFF, most JPEG / JPEG 2000 / deflate / LZW slides), the tiles a level-0 patch covers are
-read with one `pread` each, decoded by tifffile's codecs and cut to the region: about 20%
-less time per patch than OpenSlide (bench/results, `bench.data_pipeline --slides`).
-
-OpenSlide stays the reader of record: the geometry comes from it, coarser levels are read
-by it, and when a slide is opened one level-0 tile read here is compared with OpenSlide's
-read of the same pixels; a slide where they differ in a single value (another colour
-conversion, a codec tifffile lacks) is read through OpenSlide. Either way the pixels are
-OpenSlide's. The one exception are the hidden levels: the reduced levels an OME-TIFF
-keeps in SubIFDs, which OpenSlide does not list (it shows level 0 alone, so a thumbnail
-or a patch at a coarser resolution would decode level 0). tifffile lists them; they are
-read here, numbered after OpenSlide's levels (reader.level_downsamples), with no
-OpenSlide reading to compare with: they are the file's own pixels.
+Level 0 is read here only when one tile reads exactly as OpenSlide reads it (else the
+slide is OpenSlide's alone): the pixels stay OpenSlide's. The exception are the reduced
+levels an OME-TIFF keeps in SubIFDs, which OpenSlide does not list (it would decode level
+0 for a thumbnail): tifffile lists them, and they are read here as the file's own pixels,
+numbered after OpenSlide's levels.
 """
 import contextlib
 import dataclasses
 import logging
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -45,17 +36,16 @@ class _Level:
 class TiffTiles:
     """Direct reads of the levels of one slide that passed the check against OpenSlide."""
 
-    def __init__(self, tiff, levels: Dict[int, _Level]):
+    def __init__(self, tiff, levels: Dict[int, _Level], width0: int):
         self._tiff = tiff          # keeps the pages' parent (and its file) open
         self._fd = tiff.filehandle._fh.fileno()
         self.levels = levels
-        self.fallback_said = False   # reader.read_patch warns once per reader
+        self.width0 = width0
 
     @classmethod
     def open(cls, path: str, slide) -> Optional['TiffTiles']:
-        """The reader of `path` (`slide`: an OpenSlide handle of it): level 0 when tifffile
-        reads it exactly as OpenSlide does, and then the hidden levels; None when level 0
-        does not qualify."""
+        """The reader of `path` (`slide`: its OpenSlide handle): level 0 when tifffile
+        reads it as OpenSlide does, then the hidden levels; None when level 0 does not."""
         if not path.lower().endswith(('.svs', '.tif', '.tiff')):
             return None
         try:
@@ -63,11 +53,10 @@ class TiffTiles:
             tiff = tifffile.TiffFile(path)
         except Exception:  # not a TIFF tifffile understands: OpenSlide reads it all
             return None
-        # Level 0 of OpenSlide's levels only: OpenSlide places regions of coarser levels
-        # with sub-pixel precision (level-0 coordinates / downsample), which whole tiles
-        # cannot match.
+        # Not OpenSlide's coarser levels: it places their regions with sub-pixel precision,
+        # which whole tiles cannot match.
         with _closed_unless_kept(tiff) as keep:
-            reader = cls(tiff, {})
+            reader = cls(tiff, {}, slide.dimensions[0])
             w, h = slide.level_dimensions[0]
             candidate = _level_of(tiff, w, h)
             if candidate is not None and reader._agrees(slide, 0, candidate):
@@ -93,15 +82,6 @@ class TiffTiles:
                 return
             self.levels[index] = level
 
-    def hidden_downsamples(self, slide) -> List[float]:
-        """The level-0 px per pixel of the levels here past OpenSlide's, in order."""
-        width0 = slide.dimensions[0]
-        return [width0 / self.levels[k].width for k in sorted(self.levels)
-                if k >= slide.level_count]
-
-    def drop_hidden_levels(self, slide):
-        self.levels = {k: v for k, v in self.levels.items() if k < slide.level_count}
-
     def close(self):
         self._tiff.close()
 
@@ -115,10 +95,12 @@ class TiffTiles:
             raise ValueError(f'tile {index} does not decode '
                              f'({type(e).__name__}: {" ".join(str(e).split())})') from None
 
-    def read(self, level_index: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """uint8 [h, w, 3] of the level's pixels at (x, y) in that level's coordinates;
-        outside the image, white (OpenSlide's transparent, over white)."""
+    def read(self, level_index: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """uint8 [h, w, 3] of the level from level-0 (x0, y0) (rounded to the level's
+        pixel); white outside the image, as OpenSlide's transparent over white."""
         level = self.levels[level_index]
+        ds = self.width0 / level.width
+        x, y = int(round(x0 / ds)), int(round(y0 / ds))
         out = np.full((h, w, 3), WHITE, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, level.width), min(y + h, level.height)
@@ -204,14 +186,3 @@ def _closed_unless_kept(tiff):
     finally:
         if not keep:
             tiff.close()
-
-
-@contextlib.contextmanager
-def opened(path: str, slide) -> Iterator[Optional[TiffTiles]]:
-    """TiffTiles.open(path, slide) for the block, closed after it."""
-    reader = TiffTiles.open(path, slide)
-    try:
-        yield reader
-    finally:
-        if reader is not None:
-            reader.close()

@@ -1,0 +1,109 @@
+"""The slides of `tile.slides`: the slide files under a folder (each folder of DICOM
+instances one slide, named after the folder), or the rows of a CSV of slides.
+"""
+import dataclasses
+import os
+from typing import Dict, List, Optional
+
+from clusiam_jax import fileio
+from clusiam_jax.errors import DataError
+from clusiam_jax.slides import reader, slides_csv
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideEntry:
+    """A slide to tile: from a folder (path only) or a CSV row."""
+    slide_id: str
+    path: str
+    mpp: Optional[float] = None   # the CSV's `mpp` column
+    label: str = ''
+
+
+# Files a slide beside them needs, by the extension of that slide: not slides themselves,
+# nor files left out (VMS/VMU: the JPEG tiles and the optimisation file they list).
+_SIDECARS = {'.vms': ('.jpg', '.jpeg', '.opt'), '.vmu': ('.jpg', '.jpeg', '.opt')}
+
+
+def find_slides(folder: str):
+    """(the slides under `folder` at any depth, {extension: count} of the other files but
+    those slides need beside them); hidden files and a MIRAX slide's data folder (`X/`
+    beside `X.mrxs`) are left out."""
+    found, skipped = [], {}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        names = sorted(n for n in filenames if not n.startswith('.'))
+        lower = [n.lower() for n in names]
+        mirax = {os.path.splitext(n)[0] for n, low in zip(names, lower)
+                 if low.endswith('.mrxs')}
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.') and d not in mirax)
+        needed = tuple(e for low in lower for ext, sidecars in _SIDECARS.items()
+                       if low.endswith(ext) for e in sidecars)
+        if any(low.endswith(reader.DICOM_EXTENSION) for low in lower):
+            found.append(SlideEntry(os.path.basename(dirpath),
+                                    reader.dicom_file(dirpath, names)))
+        for name, low in zip(names, lower):
+            if low.endswith(reader.SLIDE_EXTENSIONS):
+                path = os.path.join(dirpath, name)
+                found.append(SlideEntry(reader.slide_id_of(path), path))
+            elif not low.endswith((reader.DICOM_EXTENSION,) + needed):
+                ext = os.path.splitext(low)[1] or 'without extension'
+                skipped[ext] = skipped.get(ext, 0) + 1
+    return sorted(found, key=lambda e: e.path), skipped
+
+
+def skipped_line(skipped: Dict[str, int]) -> str:
+    """'12 files that are not slides: 8 .txt, 4 .json' ('' when none)."""
+    if not skipped:
+        return ''
+    n = sum(skipped.values())
+    kinds = ', '.join(f'{c} {e}' for e, c in sorted(skipped.items(), key=lambda i: (-i[1], i[0])))
+    return f'{n} file{"s" if n > 1 else ""} that {"are" if n > 1 else "is"} not slides: {kinds}'
+
+
+def read_slide_list(path: str) -> List[SlideEntry]:
+    """The rows of a CSV of slides: path[,slide_id][,mpp][,label]."""
+    base = os.path.dirname(os.path.abspath(path))
+    columns, rows = fileio.read_csv_rows(path, 'tile.slides CSV')
+    if 'path' not in columns:
+        raise DataError(f'{path} has no "path" column (columns: {columns}); expected '
+                        f'path[,slide_id][,mpp][,label]')
+    entries = []
+    for line, row in enumerate(rows, start=2):
+        raw = (row.get('path') or '').strip()
+        if not raw:
+            raise DataError(f'{path}:{line}: empty "path"')
+        slide_path = os.path.abspath(os.path.join(base, raw))   # an absolute raw stays
+        if os.path.isdir(slide_path):   # a folder of DICOM instances
+            slide_path = reader.dicom_file(slide_path) or slide_path
+        mpp_text = (row.get('mpp') or '').strip()
+        try:
+            mpp = float(mpp_text) if mpp_text else None
+        except ValueError:
+            raise DataError(f'{path}:{line}: "mpp" is not a number: {mpp_text!r}') from None
+        if mpp is not None and not mpp > 0:
+            raise DataError(f'{path}:{line}: "mpp" must be positive, got {mpp_text}')
+        entries.append(SlideEntry((row.get('slide_id') or '').strip()
+                                  or reader.slide_id_of(slide_path), slide_path, mpp,
+                                  (row.get('label') or '').strip()))
+    return entries
+
+
+def duplicate_rows(entries: List[SlideEntry]) -> Dict[int, dict]:
+    """{index in entries: its row} of every slide whose id another slide has too: none of
+    them is tiled, as their files would be one."""
+    paths: Dict[str, List[str]] = {}
+    for e in entries:
+        paths.setdefault(e.slide_id, []).append(e.path)
+    rows = {}
+    for i, e in enumerate(entries):
+        group = paths[e.slide_id]
+        if len(group) < 2:
+            continue
+        others = sorted(group)
+        others.remove(e.path)
+        where = ('listed again' if all(p == e.path for p in others) else
+                 f'also {", ".join(others)}')
+        rows[i] = slides_csv.row(
+            e, slides_csv.DUPLICATE_ID, f'{len(group)} slides have the id {e.slide_id!r} '
+            f'({where}); none of them is tiled: give each its own id (the slide_id column '
+            f'of a slide CSV, tile.slides=slides.csv) or remove the copies')
+    return rows
