@@ -38,8 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.pred_hidden = 512         # predictor hidden width (4096 for BYOL-type)
     c.model.num_clusters = 100        # K
     c.model.dtype = 'float32'         # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.conv_impl = 'auto'        # auto | xla | im2col: how convolutions run (same maths;
-                                      # auto = im2col gradients on CPU, XLA's on GPU/TPU)
+    c.model.conv_impl = 'auto'        # auto (im2col gradients on CPU, else XLA) | xla | im2col
 
     c.loss = ml_collections.ConfigDict()
     c.loss.alpha = 0.5                # L = (1 - alpha) * L_inv + alpha * S
@@ -54,18 +53,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.std = ml_collections.FieldReference(None, field_type=tuple)
     c.data.vflip = False              # histology option: vertical flips
     c.data.rot90 = False              # histology option: random 90-degree rotations
-    c.data.augment_on_device = False  # CPU workers only decode + crop (uint8); jitter, gray,
-                                      # blur and hflip run in the jitted step (device_augment)
-    c.data.slide_dir = ''             # slides of a CLAM/TRIDENT patches/ folder (data.path);
-                                      # a tiling's own slides.csv says where its slides are
-    c.data.sampling = 'uniform'       # uniform over patches (the original) | slide_balanced:
-                                      # every slide drawn equally often per epoch
-    c.data.min_tissue = 0.0           # patch files: a patch with less tissue than this
-                                      # fraction is skipped (listed) like an unreadable one
+    c.data.augment_on_device = False  # workers decode + crop; the rest runs in the jitted step
+    c.data.slide_dir = ''             # slides of a CLAM/TRIDENT data.path (a tiling has its own)
+    c.data.sampling = 'uniform'       # uniform over patches (original) | slide_balanced
+    c.data.min_tissue = 0.0           # patch files with less tissue are skipped (listed)
     c.data.stats_sample = 4096        # slide sources: normalization over this many patches
-    c.data.open_slides = 512          # slide handles kept open per worker (LRU; a few kB and
-                                      # one file descriptor each; reopening costs more than
-                                      # reading a patch)
+    c.data.open_slides = 512          # slide handles kept open per worker (LRU)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 512          # global batch (pairs per step)
@@ -76,19 +69,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.distributed = False       # multi-process: jax.distributed.initialize() first
     c.train.resume_from = ''          # a new workdir starts from another run (or RUN/checkpoints/N)
-    c.train.init_from = ''            # a fresh run starts from these weights (torchvision/timm
-                                      # .pth/.safetensors, original .pth.tar, a run of ours);
-                                      # optimizer, step and schedules start fresh
-    c.train.on_nonfinite = 'stop'     # stop: a NaN/Inf metric ends the run | skip: a step with
-                                      # NaN/Inf loss or gradient leaves the state unchanged
+    c.train.init_from = ''            # a fresh run starts from these weights (torch, a run)
+    c.train.on_nonfinite = 'stop'     # stop the run | skip the step (state unchanged)
     c.train.max_consecutive_skips = 10  # skip: stop after this many skipped steps in a row
-
-    c.train.best_metric = ''          # e.g. monitor/rankme: keep the best checkpoint by it
-                                      # beside the latest ones ('' none; needs the monitor)
-    c.train.best_mode = ''            # max | min: which direction of best_metric is better
-                                      # ('' : the metric's own: min for alignment, uniformity)
-    c.train.stop_on_collapse = False  # end the run (with a checkpoint) when the monitor
-                                      # flags collapse
+    c.train.best_metric = ''          # e.g. monitor/rankme: also keep the best checkpoint by it
+    c.train.best_mode = ''            # max | min ('': the metric's own direction)
+    c.train.stop_on_collapse = False  # end the run (with a checkpoint) when the monitor says so
 
     # Representation monitoring without labels (docs/method.md §6); off by default.
     c.monitor = ml_collections.ConfigDict()
@@ -120,8 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.with_projection = False  # also store the projector output z ('projections')
     c.export.num_workers = 4          # image-decoding threads
     c.export.cluster_maps = False     # draw <out>/cluster_maps/<slide>.png after the export
-    c.export.thumbnail = ''           # slide thumbnail: an image file (one slide) or a folder of
-                                      # <slide_id>[_thumb].{png,jpg}; '' paints over a mosaic
+    c.export.thumbnail = ''           # image (one slide) or folder of <slide_id>[_thumb].png/jpg
     c.export.thumbnail_downsample = 0.0  # level-0 pixels per thumbnail pixel (needed with one)
     c.export.image_size = 0           # patches are resized to this; 0: the run's data.image_size
     c.export.checkpoint = 'latest'    # latest | best (train.best_metric) | a step number
@@ -134,8 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Tiling whole slides (python launch.py --mode tile), docs/method.md §9.
     c.tile = ml_collections.ConfigDict()
-    c.tile.slides = ''                # slide folder (recursive) | CSV path[,slide_id,mpp,label]
-                                      # | one slide file
+    c.tile.slides = ''                # slide folder | CSV path[,slide_id,mpp,label] | one slide
     c.tile.out_dir = ''               # patches/, masks/, slides.csv
     c.tile.target_mpp = 0.5           # µm per pixel of the patches (0.5 ~ 20x)
     c.tile.patch_size = 224           # patch side in pixels at target_mpp
@@ -143,8 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tile.align = False              # True: patches laid on the scanner's tiles (fewer decodes)
     c.tile.min_tissue = 0.5           # fraction of a patch that must be tissue
     c.tile.mpp_default = 0.0          # level-0 µm/px of slides whose metadata has none; 0: none
-    c.tile.mpp_override = 0.0         # force every slide's level-0 µm/px, over its metadata (each
-                                      # slide it contradicts is logged); 0: the slide's own
+    c.tile.mpp_override = 0.0         # level-0 µm/px of every slide, over its metadata; 0: none
     c.tile.mpp = 0.0                  # renamed: refused when set (mpp_default / mpp_override)
     c.tile.masks = ''                 # folder of <slide_id>.geojson/.xml tissue polygons
     c.tile.num_workers = 2            # slides tiled in parallel (processes)
@@ -255,68 +238,49 @@ def override(config, key: str, text: str):
     try:
         value = None if kind is tuple and text == 'None' else _PARSERS[kind].parse(text)
         config_path.set_value(key, config, value)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f'bad config override {flag}: {e}') from None
+    except (ValueError, TypeError) as e:  # absl's bool parser gives (message, value)
+        raise ConfigError(f'bad config override {flag}: '
+                          + '; '.join(map(str, e.args))) from None
 
 
 # ------------------------------------------------------------------------- the rules
 
-# Each key's own rule: a tuple of choices, an interval, or 'path' / 'folder' (when set,
-# it must exist / be a folder). Rules between keys are code, in validate.
-_POSITIVE, _NONNEGATIVE, _FRACTION = '(0, inf)', '[0, inf)', '[0, 1]'
+# Each key's own rule: a tuple of choices, an interval, or 'path' / 'folder' (when set, it
+# must exist / be a folder). Rules between keys are code, in validate.
 RULES = {
     'model.name': tuple(METHOD_SPECS),
     'model.backbone': tuple(BACKBONES),
     'model.dtype': ('float32', 'bfloat16'),
     'model.conv_impl': tuple(CONV_IMPLS),
-    'model.feat_size': _POSITIVE,
-    'model.pred_hidden': _POSITIVE,
-    'model.num_clusters': _POSITIVE,
-    'loss.alpha': _FRACTION,
-    'data.image_size': '[1, inf)',
-    'data.num_workers': _NONNEGATIVE,
     'data.sampling': SAMPLINGS,
-    'data.min_tissue': _FRACTION,
-    'data.stats_sample': '[1, inf)',
-    'data.open_slides': '[1, inf)',
-    'data.slide_dir': 'folder',
-    'train.batch_size': _POSITIVE,
-    'train.num_epochs': _POSITIVE,
-    # keep_checkpoints=0 would train and keep nothing to resume from or export.
-    'train.keep_checkpoints': '[1, inf)',
-    'train.checkpoint_every_epochs': _NONNEGATIVE,
     'train.on_nonfinite': ('stop', 'skip'),
-    'train.max_consecutive_skips': _POSITIVE,
-    'train.resume_from': 'path',
-    'train.init_from': 'path',
     'train.best_metric': ('',) + tuple(f'monitor/{m}' for m in MONITOR_METRICS),
     'train.best_mode': ('', 'max', 'min'),   # '': the metric's own direction
-    'monitor.every_epochs': _NONNEGATIVE,
-    'monitor.holdout': '[0, 1)',
-    'monitor.num_patches': '[8, 8192]',      # the scores compare every pair
-    'monitor.data_path': 'path',
     'optim.name': ('sgd', 'lars'),
     'ema.schedule': ('constant', 'cosine'),
     'export.format': EXPORT_FORMATS,
-    'export.batch_size': '[1, inf)',
-    'export.num_workers': '[1, inf)',
-    'export.image_size': _NONNEGATIVE,
-    'export.thumbnail_downsample': _NONNEGATIVE,
+    'monitor.holdout': '[0, 1)',
+    'monitor.num_patches': '[8, 8192]',      # the scores compare every pair
     'export.map_alpha': '(0, 1]',
-    'export.data_path': 'path',
-    'export.slide_dir': 'folder',
-    'export.annotations': 'folder',
-    'export.thumbnail': 'path',
-    'tile.slides': 'path',
-    'tile.masks': 'folder',
-    'tile.target_mpp': _POSITIVE,
-    'tile.tissue_mpp': _POSITIVE,
     'tile.patch_size': '[8, inf)',
-    'tile.min_tissue': _FRACTION,
-    **{f'tile.{key}': _NONNEGATIVE for key in (
-        'mpp_default', 'mpp_override', 'num_workers', 'median_blur', 'saturation_threshold',
-        'min_saturation', 'black_value', 'morph_kernel', 'max_hole_um2', 'min_area_um2')},
 }
+_POSITIVE = '(0, inf)'
+RULES.update({key: rule for rule, keys in {
+    _POSITIVE: 'model.feat_size model.pred_hidden model.num_clusters train.batch_size '
+               'train.num_epochs train.max_consecutive_skips tile.target_mpp tile.tissue_mpp',
+    # keep_checkpoints=0 would train and keep nothing to resume from or export.
+    '[1, inf)': 'data.image_size data.stats_sample data.open_slides train.keep_checkpoints '
+                'export.batch_size export.num_workers',
+    '[0, inf)': 'data.num_workers train.checkpoint_every_epochs monitor.every_epochs '
+                'export.image_size export.thumbnail_downsample tile.mpp_default '
+                'tile.mpp_override tile.num_workers tile.median_blur tile.saturation_threshold '
+                'tile.min_saturation tile.black_value tile.morph_kernel tile.max_hole_um2 '
+                'tile.min_area_um2',
+    '[0, 1]': 'loss.alpha data.min_tissue tile.min_tissue',
+    'path': 'train.resume_from train.init_from monitor.data_path export.data_path '
+            'export.thumbnail tile.slides',
+    'folder': 'data.slide_dir export.slide_dir export.annotations tile.masks',
+}.items() for key in keys.split()})
 
 
 def _within(value, interval: str) -> bool:

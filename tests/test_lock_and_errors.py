@@ -68,7 +68,7 @@ def fake_training(monkeypatch):
     from clusiam_jax.train import loop
     calls = []
 
-    def train(config, workdir, read_init=None):
+    def train(config, workdir):
         with open(workdir_lock.lock_path(workdir)) as f:
             assert json.load(f)['pid'] == os.getpid()
         calls.append(workdir)
@@ -83,10 +83,10 @@ def synthetic_training(monkeypatch):
     from clusiam_jax.train import loop
     real = loop.train
 
-    def train(config, workdir, read_init=None):
+    def train(config, workdir):
         loader = SyntheticLoader(1, config.train.num_epochs, config.train.batch_size,
                                  config.data.image_size)
-        return real(config, workdir, loader, mesh_of(1), read_init=read_init)
+        return real(config, workdir, loader, mesh_of(1))
     monkeypatch.setattr(loop, 'train', train)
 
 
@@ -145,7 +145,7 @@ def test_the_lock_is_released_after_a_normal_end_and_after_an_error(tmp_path, ca
     assert fake_training == [str(run)]  # which saw the lock held (fake_training)
     assert_free(run)
 
-    def failing(config, workdir, read_init=None):
+    def failing(config, workdir):
         raise DataError('no usable patch')
     monkeypatch.setattr(loop, 'train', failing)
     assert 'no usable patch' in one_error(capsys, cli.main(train_argv(tmp_path, run)))
