@@ -33,9 +33,8 @@ import os
 import shlex
 import signal
 import sys
-import tempfile
 
-from clusiam_jax import errors, interrupts
+from clusiam_jax import errors, fileio, interrupts
 
 log = logging.getLogger('clusiam_jax')
 
@@ -231,19 +230,6 @@ def log_to_workdir(workdir: str, argv):
 
 # ----------------------------------------------------------------------- actions
 
-def writable_folder(path, flag):
-    """Creates `path` if needed; ConfigError (one line) when it is a file or cannot be
-    written (a read-only disk, a path through a file), before anything runs."""
-    if os.path.isfile(path):
-        raise errors.ConfigError(f'{flag} {path} is a file, not a folder')
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise errors.ConfigError(f'{flag} {path}: cannot write there ({e.strerror})') from None
-
-
 def is_distributed(config) -> bool:
     return bool(config.train.distributed) or os.environ.get('CLUSIAM_DISTRIBUTED') == '1'
 
@@ -257,14 +243,14 @@ def run_train(args, config, overrides):
                       'the export section is used only with export.after_training=True '
                       '(or by --mode export)')
     validate(config)  # before anything is created (train() checks the device count too)
-    writable_folder(args.workdir, '--workdir')
+    fileio.writable_folder(args.workdir, '--workdir')
     if is_distributed(config):
         # Before anything touches a device: one process per host joins the run.
         from clusiam_jax.parallel import initialize_distributed
         initialize_distributed()
     import jax
 
-    from clusiam_jax import fileio, workdir_lock
+    from clusiam_jax import workdir_lock
     main_process = jax.process_index() == 0
     # One run per work directory (process 0 holds it for the run's processes), export
     # after training included; before log.txt, which a refused start must not touch.
@@ -281,7 +267,9 @@ def run_train(args, config, overrides):
             return 0
         step = int(jax.device_get(state.step))
         if config.export.after_training:
-            out_dir = export_with(args.workdir, config.export, None, argv=args.argv)
+            from clusiam_jax.eval.atlas import write_atlas
+            from clusiam_jax.export.run import export
+            out_dir = export(args.workdir, config.export, argv=args.argv, atlas=write_atlas)
             log.info('run complete: %s at step %d, exported to %s; next: %s',
                      args.workdir, step, out_dir,
                      command_hint('--mode', 'eval', 'knn', '--export', out_dir, '--splits',
@@ -290,55 +278,6 @@ def run_train(args, config, overrides):
             log.info('run complete: %s at step %d; next: %s', args.workdir, step,
                      command_hint('--mode', 'export', '--workdir', args.workdir))
     return 0
-
-
-def export_with(workdir, exp, normalization, step=None, argv=None):
-    """Export (and draw the cluster maps when asked): the export action, also after
-    training with export.after_training. Holds the export folder's lock throughout."""
-    with _export_folder_lock(workdir, exp, argv):
-        return _export_locked(workdir, exp, normalization, step)
-
-
-def _export_folder_lock(workdir, exp, argv):
-    """The lock of the folder an export writes (export.out_dir, else <workdir>/export:
-    prepare_export's choice), created if needed: one export per folder."""
-    from clusiam_jax import workdir_lock
-    from clusiam_jax.export.run import DEFAULT_DIR
-    out_dir = exp.out_dir or os.path.join(workdir, DEFAULT_DIR)
-    created = not os.path.isdir(out_dir)
-    writable_folder(out_dir, '--config.export.out_dir')
-    return workdir_lock.hold(out_dir, '--config.export.out_dir', argv, created=created)
-
-
-def _export_locked(workdir, exp, normalization, step):
-    from clusiam_jax.eval.cluster_map import (
-        check_thumbnail,
-        draw_export_maps,
-        write_export_geojson,
-    )
-    from clusiam_jax.export.run import prepare_export
-    job = prepare_export(workdir, exp, normalization, step)
-    if exp.cluster_maps:
-        check_thumbnail(exp.thumbnail, len(job.slide_ids))  # before embedding
-    job.run_export()
-    try:
-        if exp.qupath:
-            files = write_export_geojson(job.out_dir)
-            log.info('QuPath tiles (File > Import objects): %d files in %s', len(files),
-                     os.path.dirname(files[0]) if files else job.out_dir)
-        if exp.cluster_maps:
-            maps = draw_export_maps(job.out_dir, thumbnail=exp.thumbnail or None,
-                                    downsample=exp.thumbnail_downsample or None,
-                                    alpha=exp.map_alpha, annotations=exp.annotations or None)
-            if maps:
-                log.info('cluster maps: %s', ', '.join(maps))
-        if exp.get('atlas'):   # atlas/index.html: each cluster's most typical patches
-            from clusiam_jax.eval.atlas import write_atlas
-            write_atlas(job.out_dir)
-    except errors.ClusiamError as e:
-        raise type(e)(f'{e}; the embeddings are exported in {job.out_dir} (a rerun '
-                      f'skips finished slides)') from None
-    return job.out_dir
 
 
 def run_export(args, config, overrides):
@@ -365,12 +304,15 @@ def run_export(args, config, overrides):
     if args.step is not None and 'export.checkpoint' in given:
         raise errors.ConfigError('give --step or --config.export.checkpoint, not both')
     # Before the run's log.txt, which a refused export must not write to.
-    with _export_folder_lock(args.workdir, config.export, args.argv):
+    from clusiam_jax.eval.atlas import write_atlas
+    from clusiam_jax.export import run as export_run
+    with export_run.folder_lock(args.workdir, config.export, args.argv):
         log_to_workdir(args.workdir, args.argv)
         if args.config:
             log.info('export: the export section of %s; the model, image size and data '
                      "are the run's (config.json)", args.config)
-        export_with(args.workdir, config.export, normalization, args.step, argv=args.argv)
+        export_run.export(args.workdir, config.export, normalization, args.step, args.argv,
+                          atlas=write_atlas)
     return 0
 
 
@@ -379,7 +321,7 @@ def run_tile(args, config, overrides):
     refuse_unused(overrides, lambda k: k.startswith('tile.'), 'tile',
                   'tiling takes --config.tile.* only')
     validate_tile(config.tile)
-    writable_folder(config.tile.out_dir, '--config.tile.out_dir')
+    fileio.writable_folder(config.tile.out_dir, '--config.tile.out_dir')
     from clusiam_jax import workdir_lock
     from clusiam_jax.slides import tiling
     with workdir_lock.hold(config.tile.out_dir, '--config.tile.out_dir', args.argv):
@@ -400,7 +342,7 @@ def run_build_dataset(args, config, overrides):
     refuse_unused(overrides, lambda k: k == 'data.path', 'build_dataset',
                   'it packs --config.data.path into --out')
     validate(config)
-    writable_folder(args.out, '--out')
+    fileio.writable_folder(args.out, '--out')
     from clusiam_jax import data
     path = data.build_dataset(config.data.path, args.out)
     print(f'dataset written to {path}; train on it: '

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import re
+import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from clusiam_jax.errors import DataError
+from clusiam_jax.errors import ConfigError, DataError
 
 # ------------------------------------------------------------------- files we write
 
@@ -206,3 +207,23 @@ def quiet_environment_tracebacks(logger_name: str = 'absl'):
         yield
     finally:
         logger.removeFilter(log_filter)
+
+
+def remove_temporaries(folder: str) -> None:
+    """Deletes the temporaries of atomic_write that a killed process left in `folder`."""
+    for name in os.listdir(folder):
+        if _ATOMIC_TMP.search(name):
+            os.remove(os.path.join(folder, name))
+
+
+def writable_folder(path: str, flag: str) -> None:
+    """Creates `path` if needed; ConfigError (one line) when it is a file or cannot be
+    written (a read-only disk, a path through a file), before anything runs."""
+    if os.path.isfile(path):
+        raise ConfigError(f'{flag} {path} is a file, not a folder')
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f'{flag} {path}: cannot write there ({e.strerror})') from None

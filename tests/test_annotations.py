@@ -9,6 +9,7 @@ import pytest
 from shapely.geometry import Polygon
 
 from clusiam_jax.errors import DataError
+from clusiam_jax.export.qupath import write_cluster_geojson
 from clusiam_jax.slides.annotations import (
     ANNOTATION_EXTENSIONS,
     Annotation,
@@ -18,7 +19,6 @@ from clusiam_jax.slides.annotations import (
     label_points,
     patch_centres,
     read_annotations,
-    write_cluster_geojson,
 )
 
 

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from clusiam_jax.eval import atlas, tasks
-from clusiam_jax.eval.cluster_map import cluster_palette
 from clusiam_jax.export import format as fmt
+from clusiam_jax.export.palette import cluster_palette
 from clusiam_jax.slides import coords as coords_lib
 
 K = 10
@@ -309,7 +309,6 @@ def test_eval_maps_and_export_write_the_atlas(slide_export, tmp_path, monkeypatc
     assert result['atlas'] == str(out / 'atlas' / 'index.html')
     assert os.path.isfile(result['atlas']) and len(result['written']) == 1
     # export.atlas (default False): after the export, the atlas is drawn.
-    from clusiam_jax import cli
     from clusiam_jax.config import default_config
     from clusiam_jax.export import run as export_run
     exp = default_config().export
@@ -322,8 +321,8 @@ def test_eval_maps_and_export_write_the_atlas(slide_export, tmp_path, monkeypatc
         def run_export(self):
             pass
     monkeypatch.setattr(export_run, 'prepare_export', lambda *args: Job())
-    cli._export_locked('unused', exp, None, None)
+    export_run.export(str(tmp_path), exp, atlas=atlas.write_atlas)
     assert not (out / 'atlas').exists()
     exp.atlas = True
-    cli._export_locked('unused', exp, None, None)
+    export_run.export(str(tmp_path), exp, atlas=atlas.write_atlas)
     assert (out / 'atlas' / 'index.html').is_file()

@@ -12,20 +12,22 @@ import tifffile
 from PIL import Image
 
 from clusiam_jax.errors import ConfigError, DataError
-from clusiam_jax.eval.cluster_map import (
-    HE_REFERENCES,
-    _srgb_to_lab,
-    cluster_palette,
-    delta_e_2000,
+from clusiam_jax.export import format as fmt
+from clusiam_jax.export.maps import (
     draw_cluster_map,
     draw_export_maps,
     header_height,
-    in_he_hues,
     legend_font_size,
     map_background,
     title_font_size,
 )
-from clusiam_jax.export import format as fmt
+from clusiam_jax.export.palette import (
+    HE_REFERENCES,
+    _srgb_to_lab,
+    cluster_palette,
+    delta_e_2000,
+    in_he_hues,
+)
 
 
 def _blend(under, color, alpha):
@@ -349,7 +351,7 @@ def test_legend_lists_clusters_in_decreasing_share(tmp_path):
         first_row[c] = rows.min()
     assert sorted(counts, key=first_row.get) == [11, 9, 5, 4, 0, 1, 2]
     # Each entry reads `id: patches (share)`; ties by id.
-    from clusiam_jax.eval.cluster_map import legend_order, share_text
+    from clusiam_jax.export.maps import legend_order, share_text
     ordered, n = legend_order(list(counts), list(counts.values()))
     assert ordered.tolist() == [11, 9, 5, 4, 0, 1, 2] and n.tolist() == [20, 9, 6, 2, 1, 1, 1]
     assert [share_text(v, 40) for v in (20, 2, 1)] == ['50%', '5.0%', '2.5%']

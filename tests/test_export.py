@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clusiam_jax import cli, run_dir
+from clusiam_jax import run_dir
 from clusiam_jax.data import augment, load_rgb
 from clusiam_jax.errors import ConfigError, DataError
-from clusiam_jax.eval.cluster_map import cluster_palette
 from clusiam_jax.export import format as fmt
+from clusiam_jax.export import run as export_run
+from clusiam_jax.export.palette import cluster_palette
 from clusiam_jax.models import FEATURE_WIDTH
 from clusiam_jax.models.preprocess import normalize_input
 from clusiam_jax.train.loop import train
@@ -61,7 +62,7 @@ def _export(config, workdir, out_dir, normalization=None, **overrides):
     config.export.out_dir = str(out_dir)
     for key, value in overrides.items():
         config.export[key] = value
-    return cli.export_with(workdir, config.export, normalization)
+    return export_run.export(workdir, config.export, normalization)
 
 
 def _direct_forward(run, paths, image_size, mean, std):

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clusiam_jax import cli, data, interrupts
+from clusiam_jax import data, interrupts
 from clusiam_jax.data import pipeline
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
+from clusiam_jax.export import run as export_run
 from clusiam_jax.slides import tiling
 from clusiam_jax.train.loop import train
 from tests.helpers import (
@@ -68,7 +69,7 @@ def _export(config, workdir, out_dir, **overrides):
     exp.out_dir = str(out_dir)
     for key, value in overrides.items():
         exp[key] = value
-    return cli.export_with(workdir, exp, None)
+    return export_run.export(workdir, exp, None)
 
 
 def _features(out_dir):

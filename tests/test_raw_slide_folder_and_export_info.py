@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clusiam_jax import cli
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.errors import DataError
 from clusiam_jax.export import embed as embed_lib
+from clusiam_jax.export import run as export_run
 from clusiam_jax.train.loop import train
 from tests.helpers import (
     mesh_of,
@@ -110,7 +110,7 @@ def trained(tmp_path_factory):
         cached = stats_lib.cache_file(str(patches))
         exp = config.export.copy_and_resolve_references()
         exp.out_dir, exp.batch_size = str(base / 'export'), 8
-        cli.export_with(workdir, exp, None)
+        export_run.export(workdir, exp, None)
         yield dict(patches=patches, listing=listing, after_training=after_training,
                    cached=cached, workdir=workdir, exp=exp, out=base / 'export', base=base)
 
@@ -140,7 +140,7 @@ def test_pt_files_added_to_a_finished_export_are_written_from_its_features(
     monkeypatch.setattr(embed_lib, '_embed_stream', no_embedding)
     exp = trained['exp'].copy_and_resolve_references()
     exp.pt_files, exp.qupath = True, True
-    cli.export_with(trained['workdir'], exp, None)
+    export_run.export(trained['workdir'], exp, None)
 
     for slide in PATCHES:
         with h5py.File(out / 'h5_files' / f'{slide}.h5', 'r') as f:

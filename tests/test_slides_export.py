@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clusiam_jax import cli
 from clusiam_jax.data import augment
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.eval import tasks
-from clusiam_jax.eval.cluster_map import cluster_palette
+from clusiam_jax.export import run as export_run
+from clusiam_jax.export.palette import cluster_palette
 from clusiam_jax.models.preprocess import normalize_input
 from clusiam_jax.run_dir import load_run
 from clusiam_jax.slides import annotations as ann
@@ -52,7 +52,7 @@ def exported(tmp_path_factory):
     exp.data_path, exp.out_dir, exp.batch_size = str(tiles), str(base / 'export'), 16
     exp.pt_files, exp.qupath, exp.cluster_maps = True, True, True
     exp.annotations = str(notes)
-    cli.export_with(workdir, exp, None)
+    export_run.export(workdir, exp, None)
     return dict(tiles=tiles, out=base / 'export', workdir=workdir, notes=notes,
                 slides=slides)
 
@@ -159,7 +159,7 @@ def test_export_resumes_per_slide(exported, monkeypatch, tmp_path):
     exp.data_path, exp.out_dir = str(exported['tiles']), str(exported['out'])
     exp.batch_size, exp.pt_files, exp.qupath = 16, True, True
     os.remove(exported['out'] / 'h5_files' / 'beta.h5')
-    cli.export_with(exported['workdir'], exp, None)
+    export_run.export(exported['workdir'], exp, None)
     assert calls == [{'beta'}]
 
 
@@ -173,7 +173,7 @@ def test_a_vanished_slide_is_listed_once_and_the_rest_exported(exported, tmp_pat
     config = tiny_config('clusiam', image_size=32)
     exp = config.export
     exp.data_path, exp.out_dir, exp.batch_size = str(tiles), str(tmp_path / 'out'), 16
-    cli.export_with(exported['workdir'], exp, None)
+    export_run.export(exported['workdir'], exp, None)
     assert os.listdir(tmp_path / 'out' / 'h5_files') == ['alpha.h5']
     assert (tmp_path / 'out' / 'skipped_files.txt').read_text().split() == [gone]
 
@@ -184,12 +184,12 @@ def test_npz_from_slides_is_refused_and_pt_files_resume(exported, tmp_path, monk
     exp = config.export
     exp.data_path, exp.out_dir, exp.format = str(exported['tiles']), str(tmp_path / 'n'), 'npz'
     with pytest.raises(ConfigError, match='export.format=h5'):
-        cli.export_with(exported['workdir'], exp, None)
+        export_run.export(exported['workdir'], exp, None)
     calls = _count_embedded_slides(monkeypatch)
     exp.format, exp.out_dir, exp.batch_size = 'h5', str(exported['out']), 16
     exp.pt_files, exp.qupath = True, True
     os.remove(exported['out'] / 'pt_files' / 'alpha.pt')
-    cli.export_with(exported['workdir'], exp, None)
+    export_run.export(exported['workdir'], exp, None)
     # A missing pt file of a finished slide is made from its h5 features: nothing is
     # embedded again (issue 23 item 8).
     assert calls == [] and (exported['out'] / 'pt_files' / 'alpha.pt').exists()

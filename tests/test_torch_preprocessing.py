@@ -24,6 +24,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from clusiam_jax import cli, run_dir  # noqa: E402
+from clusiam_jax.export import run as export_run  # noqa: E402
 from clusiam_jax.interop import to_torch  # noqa: E402
 from clusiam_jax.interop.from_torch import weights_of  # noqa: E402
 from clusiam_jax.models import build_network  # noqa: E402
@@ -107,7 +108,7 @@ def run(demo_tiles, tmp_path_factory):
     for name, data_path in (('demo', demo_tiles), ('synthetic', synthetic_tiles)):
         exp = config.export.copy_and_resolve_references()
         exp.data_path, exp.out_dir, exp.batch_size = data_path, str(base / name), 64
-        cli.export_with(workdir, exp, None)
+        export_run.export(workdir, exp, None)
         exports[name] = base / name / 'h5_files'
 
     weights = str(base / 'encoder.safetensors')

@@ -18,7 +18,7 @@ not copied): the training tiles, the nucleus crops, the splits file and `evaluat
   * monitor (clusiam_jax/train/monitor.py, every epoch): `--monitor-patches` random
     tiles of the 10 validation images, unlabeled: RankMe, alignment, uniformity, cluster
     usage and the collapse flag land in the run's metrics.csv (`monitor_*`);
-  * every checkpoint is exported (clusiam_jax.cli.export_with at that step) over the
+  * every checkpoint is exported (clusiam_jax.export.run.export at that step) over the
     nucleus crops and scored on the test images' nuclei (kNN k=1/5/20 against the train
     images' nuclei, linear probe with weight decay chosen on the validation images), plus
     `val_knn_*`: kNN of the validation nuclei against the train nuclei, the labeled
@@ -139,7 +139,7 @@ def val_knn(export_dir, splits_csv):
 
 def score_checkpoint(run_dir, config, step, crops, splits_csv, out_dir, linear):
     """Export checkpoint `step` over the crops and score it (cached in out_dir)."""
-    from clusiam_jax.cli import export_with
+    from clusiam_jax.export.run import export
     cached = os.path.join(out_dir, 'scores.json')
     if os.path.exists(cached):
         with open(cached) as f:
@@ -147,7 +147,7 @@ def score_checkpoint(run_dir, config, step, crops, splits_csv, out_dir, linear):
     start = time.perf_counter()
     config.export.data_path = crops
     config.export.out_dir = out_dir
-    export_with(run_dir, config.export, None, step)
+    export(run_dir, config.export, None, step)
     export_s = time.perf_counter() - start
     if linear:
         scores = evaluate(out_dir, splits_csv)

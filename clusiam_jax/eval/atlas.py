@@ -37,8 +37,9 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from clusiam_jax.errors import ConfigError, DataError
-from clusiam_jax.eval import cluster_map
 from clusiam_jax.export import format as fmt
+from clusiam_jax.export.maps import share_text
+from clusiam_jax.export.palette import palette_for
 from clusiam_jax.fileio import atomic_write
 
 log = logging.getLogger('clusiam_jax')
@@ -220,7 +221,7 @@ def _fit(text, font, width):
 def caption_lines(entry, n_patches, n_slides):
     """The sheet's caption: the title line and the details line."""
     return (f'Cluster {entry.cluster_id}',
-            f"{cluster_map.share_text(entry.n_patches, n_patches)} of patches "
+            f"{share_text(entry.n_patches, n_patches)} of patches "
             f"({entry.n_patches:,} of {n_patches:,}) · in {entry.n_slides} of {n_slides} "
             f"slide{'s' if n_slides != 1 else ''}")
 
@@ -334,7 +335,7 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
                     'first: %s', len(unreadable), unreadable[0])
     folder = os.path.join(out_dir, ATLAS_DIR)
     os.makedirs(folder, exist_ok=True)
-    palette = cluster_map.cluster_palette(max(k, 128))[:k]
+    palette = palette_for(k)
     digits = len(str(k - 1))
     written = set()
     for entry in entries:
@@ -358,7 +359,7 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         if _SHEET.match(name) and name not in written:
             os.remove(os.path.join(folder, name))
     atlas = Atlas(os.path.join(folder, INDEX_NAME), entries, n_patches, len(slide_ids), k)
-    page = render_index(atlas, palette, cluster_map.read_export_info(out_dir),
+    page = render_index(atlas, palette, fmt.read_export_info(out_dir),
                         int(per_cluster))
     with atomic_write(atlas.index) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         f.write(page)
@@ -456,13 +457,13 @@ def render_index(atlas, palette, info, per_cluster):
             f'<tr><td><span class="swatch" style="background:{color}"></span>'
             f'<a href="#cluster-{entry.cluster_id}">cluster {entry.cluster_id}</a></td>'
             f'<td>{entry.n_patches:,}</td>'
-            f'<td>{cluster_map.share_text(entry.n_patches, atlas.n_patches)}</td>'
+            f'<td>{share_text(entry.n_patches, atlas.n_patches)}</td>'
             f'<td>{entry.n_slides} of {n_slides}</td></tr>')
     parts.append('</table>')
     for entry in atlas.entries:
         color = _hex(palette[entry.cluster_id])
         _, details = caption_lines(entry, atlas.n_patches, n_slides)
-        most = ', '.join(f'{esc(slide)} ({cluster_map.share_text(n, entry.n_patches)})'
+        most = ', '.join(f'{esc(slide)} ({share_text(n, entry.n_patches)})'
                          for slide, n in entry.top_slides[:5])
         more = len(entry.top_slides) - 5
         if more > 0:

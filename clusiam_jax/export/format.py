@@ -1,8 +1,5 @@
-"""The export's on-disk layout: names, writers, readers and the resume check.
-
-This module is the only one that knows how an export is laid out (docs/formats.md);
-the embedding loop writes through it, and evaluation, cluster maps and DSMIL read
-through it, so an export copied to another machine is read without the run.
+"""The export's on-disk layout (docs/formats.md): names, writers, readers and the resume
+check. The only module that knows it: an export copied elsewhere is read without the run.
 
   h5_files/<slide>.h5   per slide, the CLAM layout: `features` float32 [N, D], `coords`
                         int64 [N, 2] (level-0 top-left x, y; -1 when unknown) with attrs
@@ -17,22 +14,17 @@ through it, so an export copied to another machine is read without the run.
   manifest.csv          slide_id, n_patches, label, file (relative to the export)
   export_info.json      run, checkpoint step, normalization, counts
   skipped_files.txt     unreadable patches (skipped, as in training)
-  cluster_maps/<slide>.png
-  qupath/<slide>.geojson with export.qupath: each patch a QuPath tile classified by cluster
-
-Every file is written under a temporary name and renamed, so a crash leaves no
-half-written file under a final name.
+  cluster_maps/<slide>.png (maps.py), qupath/<slide>.geojson (qupath.py), atlas/ (eval)
 """
-import csv
 import hashlib
-import io
 import json
+import logging
 import os
-import re
 from typing import Dict, Iterable, List
 
 import numpy as np
 
+from clusiam_jax import fileio
 from clusiam_jax.errors import DataError
 from clusiam_jax.fileio import atomic_write
 from clusiam_jax.slides import coords as coords_lib
@@ -47,7 +39,8 @@ SKIPPED_NAME = 'skipped_files.txt'
 MAPS_DIR = 'cluster_maps'
 QUPATH_DIR = 'qupath'
 MANIFEST_FIELDS = ('slide_id', 'n_patches', 'label', 'file')
-_TEMPORARY = re.compile(r'\.tmp\d+$')
+
+log = logging.getLogger('clusiam_jax')
 
 
 # ------------------------------------------------------------------------- names
@@ -83,16 +76,13 @@ def map_file(out_dir: str, row: dict) -> str:
 # ------------------------------------------------------------------------ writing
 
 def prepare_out_dir(out_dir: str, export_format: str):
-    """Creates the folders, deletes temporaries a killed export left (never read: they
-    do not end in .h5 / .npz), and the manifest and info of a previous export: until this
-    one finishes, the folder must not read as a finished export."""
+    """Creates the folders, deletes temporaries a killed export left, and the manifest
+    and info of a previous one: until this export finishes, it must not read as done."""
     folders = [out_dir] + ([os.path.join(out_dir, H5_DIR)] if export_format == 'h5' else [])
     try:
         for folder in folders:
             os.makedirs(folder, exist_ok=True)
-            for name in os.listdir(folder):
-                if _TEMPORARY.search(name):
-                    os.remove(os.path.join(folder, name))
+            fileio.remove_temporaries(folder)
         for name in (MANIFEST_NAME, INFO_NAME):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
@@ -144,21 +134,12 @@ def write_npz(path: str, parts, attrs: dict):
         np.savez(f, **out)
 
 
-def write_text(path: str, text: str):
-    with atomic_write(path) as tmp, open(tmp, 'w', newline='') as f:
-        f.write(text)
-
-
 def write_manifest(out_dir: str, rows: Iterable[dict]):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(os.path.join(out_dir, MANIFEST_NAME), buf.getvalue())
+    fileio.write_csv(os.path.join(out_dir, MANIFEST_NAME), MANIFEST_FIELDS, rows)
 
 
 def write_info(out_dir: str, info: dict):
-    write_text(os.path.join(out_dir, INFO_NAME), json.dumps(info, indent=2, default=str))
+    fileio.write_json(os.path.join(out_dir, INFO_NAME), info, default=str)
 
 
 # ----------------------------------------------------------------- resume check
@@ -220,8 +201,21 @@ def read_export_manifest(out_dir: str) -> List[dict]:
     if not os.path.isfile(path):
         raise DataError(f'{out_dir} is not an export: it has no {MANIFEST_NAME} (export '
                         f'first: python launch.py --mode export --workdir RUN)')
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
+    return fileio.read_csv_rows(path, 'export manifest')[1]
+
+
+def read_export_info(out_dir: str) -> dict:
+    """The export's export_info.json; {} when missing or unreadable (with a warning)."""
+    path = os.path.join(out_dir, INFO_NAME)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning('%s is unreadable (%s); titles omit the run and step', path, e)
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _decode(values):
@@ -278,6 +272,24 @@ def read_export(out_dir: str, slides=None) -> Dict[str, dict]:
         arrays = data[row['slide_id']] if row['slide_id'] in data else read_slide(out_dir, row)
         data[row['slide_id']] = dict(arrays, label=row['label'])
     return {row['slide_id']: data[row['slide_id']] for row in rows}
+
+
+def clustered_slides(out_dir: str, what: str):
+    """(manifest row, arrays, bool [N] of patches with coordinates, K) of each slide with
+    coordinates and cluster ids, in manifest order; nothing when there is no cluster head."""
+    data = read_export(out_dir)
+    for row in read_export_manifest(out_dir):
+        arrays = data[row['slide_id']]
+        if 'cluster_ids' not in arrays:
+            log.info('%s: the model has no cluster head; nothing to draw', what)
+            return
+        known = np.all(arrays['coords'] >= 0, axis=1)
+        if not known.any():
+            log.warning('%s: slide %s has no patch coordinates; skipped', what, row['slide_id'])
+            continue
+        k = (arrays['cluster_logits'].shape[1] if 'cluster_logits' in arrays
+             else int(arrays['cluster_ids'][known].max()) + 1)
+        yield row, arrays, known, k
 
 
 def slide_feature_files(features: str) -> Dict[str, str]:

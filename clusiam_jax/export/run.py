@@ -29,13 +29,16 @@ from typing import Dict, List, Optional
 import jax
 import numpy as np
 
-from clusiam_jax import run_dir
+from clusiam_jax import run_dir, workdir_lock
 from clusiam_jax.config import parse_checkpoint_choice
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.data import sources as sources_lib
-from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.errors import ClusiamError, ConfigError, DataError
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export.embed import Embedder, EmbedOptions, export_embeddings, group_by_slide
+from clusiam_jax.export.maps import check_thumbnail, draw_export_maps
+from clusiam_jax.export.qupath import write_export_geojson
+from clusiam_jax.fileio import writable_folder
 
 log = logging.getLogger('clusiam_jax')
 
@@ -399,3 +402,40 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
                                                        options, run.config.data))
     check_out_dir(job.out_dir, options.export_format, workdir, job.settings, job.slide_ids)
     return job
+
+
+def export(workdir, exp, normalization=None, step=None, argv=None, atlas=None) -> str:
+    """The export action (also after training, export.after_training): embeds, then
+    writes the QuPath tiles, the cluster maps and, with export.atlas, the atlas (`atlas`:
+    eval's writer, which sits above export), holding the folder's lock; returns it."""
+    with folder_lock(workdir, exp, argv):
+        job = prepare_export(workdir, exp, normalization, step)
+        if exp.cluster_maps:
+            check_thumbnail(exp.thumbnail, len(job.slide_ids))  # before embedding
+        job.run_export()
+        try:
+            if exp.qupath:
+                files = write_export_geojson(job.out_dir)
+                log.info('QuPath tiles (File > Import objects): %d files in %s', len(files),
+                         os.path.dirname(files[0]) if files else job.out_dir)
+            if exp.cluster_maps:
+                maps = draw_export_maps(job.out_dir, thumbnail=exp.thumbnail or None,
+                                        downsample=exp.thumbnail_downsample or None,
+                                        alpha=exp.map_alpha,
+                                        annotations=exp.annotations or None)
+                if maps:
+                    log.info('cluster maps: %s', ', '.join(maps))
+            if exp.atlas and atlas is not None:
+                atlas(job.out_dir)
+        except ClusiamError as e:
+            raise type(e)(f'{e}; the embeddings are exported in {job.out_dir} (a rerun '
+                          f'skips finished slides)') from None
+    return job.out_dir
+
+
+def folder_lock(workdir, exp, argv=None):
+    """The lock of the folder an export writes, created if needed: one export per folder."""
+    out_dir = exp.out_dir or os.path.join(workdir, DEFAULT_DIR)
+    created = not os.path.isdir(out_dir)
+    writable_folder(out_dir, '--config.export.out_dir')
+    return workdir_lock.hold(out_dir, '--config.export.out_dir', argv, created=created)

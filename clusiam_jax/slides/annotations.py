@@ -1,6 +1,6 @@
 """Region annotations on a slide: reading QuPath GeoJSON and ASAP XML, labelling patches by
-the region they fall in, drawing outlines on a thumbnail, and writing cluster tiles back
-out as GeoJSON that QuPath imports.
+the region they fall in, drawing outlines on a thumbnail (export/qupath.py writes the
+cluster tiles QuPath imports).
 
 All coordinates are level-0 slide pixels, x to the right and y down, in every format read
 or written here, so an annotation, a patch's top-left corner and a tile written back line
@@ -42,7 +42,6 @@ from shapely.errors import ShapelyError
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from clusiam_jax.errors import DataError
-from clusiam_jax.fileio import atomic_write
 
 # Searched in this order next to a slide; `.json` is QuPath's other GeoJSON extension.
 ANNOTATION_EXTENSIONS = ('.geojson', '.json', '.xml')
@@ -366,73 +365,3 @@ def _scaled_rings(geometry, downsample: float) -> List[np.ndarray]:
             xy = np.asarray(ring.coords, dtype=np.float64)[:, :2]
             rings.append(np.round(xy * scale).astype(np.int32).reshape(-1, 1, 2))
     return rings
-
-
-# ------------------------------------------------------------------------ writing
-
-def write_cluster_geojson(path: str, coords: np.ndarray, patch_size_level0: float,
-                          cluster_ids: np.ndarray, palette: np.ndarray, slide_id: str) -> None:
-    """Writes a slide's patches as QuPath tile objects coloured by cluster, so the clusters
-    can be inspected over the full-resolution slide in QuPath (File > Import objects).
-
-    One Feature per patch: a closed square polygon in level-0 pixels with properties
-    `objectType` 'tile', `classification` {name 'cluster c', color palette[c % K]},
-    `cluster` c and `slide_id`. Written compactly (slides have 100k tiles) and atomically.
-    """
-    coords = np.asarray(coords)
-    cluster_ids = np.asarray(cluster_ids).reshape(-1)
-    palette = np.asarray(palette)
-    _check_tiles(path, coords, cluster_ids, palette, patch_size_level0)
-    size = float(patch_size_level0)
-    colors = [[int(v) for v in row] for row in palette[:, :3]]
-    with atomic_write(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
-        f.write('{"type":"FeatureCollection","features":[')
-        for i, ((x, y), cluster) in enumerate(zip(coords.tolist(), cluster_ids.tolist())):
-            if i:
-                f.write(',')
-            f.write(json.dumps(_tile_feature(float(x), float(y), size, int(cluster),
-                                             colors[int(cluster) % len(colors)], slide_id),
-                               separators=(',', ':')))
-        f.write(']}')
-
-
-def _check_tiles(path: str, coords: np.ndarray, cluster_ids: np.ndarray, palette: np.ndarray,
-                 patch_size_level0: float) -> None:
-    """Refuses arrays that would write a wrong map: patches without coordinates (-1 in an
-    export from a patch folder), lengths that differ, an empty palette, negative clusters."""
-    if coords.ndim != 2 or coords.shape[1] != 2:
-        raise ValueError(f'coords must be [N, 2], got shape {coords.shape}')
-    if len(cluster_ids) != len(coords):
-        raise ValueError(f'{len(coords)} coords but {len(cluster_ids)} cluster ids')
-    if palette.ndim != 2 or palette.shape[0] == 0 or palette.shape[1] < 3:
-        raise ValueError(f'palette must be [K, 3] with K >= 1, got shape {palette.shape}')
-    if not float(patch_size_level0) > 0:
-        raise ValueError(f'patch_size_level0 must be positive, got {patch_size_level0}')
-    if len(cluster_ids) and cluster_ids.min() < 0:
-        raise ValueError(f'cluster ids must be >= 0, got {cluster_ids.min()}')
-    if (coords < 0).any():
-        unknown = int((coords < 0).any(axis=1).sum())
-        raise DataError(f'{path}: {unknown} patches have no level-0 coordinates (-1); a '
-                        f'cluster GeoJSON needs patches tiled from a slide')
-
-
-def _tile_feature(x: float, y: float, size: float, cluster: int, color: List[int],
-                  slide_id: str) -> dict:
-    """One tile as a QuPath GeoJSON Feature (the ring closes on its first corner)."""
-    x0, y0, x1, y1 = (_number(v) for v in (x, y, x + size, y + size))
-    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-    return {
-        'type': 'Feature',
-        'geometry': {'type': 'Polygon', 'coordinates': [ring]},
-        'properties': {
-            'objectType': 'tile',
-            'classification': {'name': f'cluster {cluster}', 'color': color},
-            'cluster': cluster,
-            'slide_id': slide_id,
-        },
-    }
-
-
-def _number(value: float):
-    """An int when whole (most tiles), else 3 decimals: keeps 100k-tile files small."""
-    return int(value) if float(value).is_integer() else round(float(value), 3)

@@ -1,0 +1,391 @@
+"""Cluster maps: each patch's cluster id painted over a slide thumbnail or a mosaic canvas.
+
+Coordinates are level-0 pixels (top-left x, y), as in the export; the map is drawn at
+`downsample` level-0 pixels per map pixel. A map may carry a title band above it and a
+legend on its right (fonts grow with the map, so a 2048-px map reads on a screen); the
+map keeps its own pixel coordinates, shifted down by `header_height(...)` rows.
+
+Each PNG records what it was drawn over (text key `clusiam_background`), so that a
+mosaic map never replaces one drawn over a slide or thumbnail.
+"""
+import logging
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.export import format as fmt
+from clusiam_jax.export.palette import palette_for
+from clusiam_jax.fileio import atomic_write
+
+log = logging.getLogger('clusiam_jax')
+
+THUMBNAIL_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.webp')
+BACKGROUND_KEY = 'clusiam_background'
+BACKGROUNDS = ('slide', 'thumbnail', 'mosaic')
+MOSAIC_SUFFIX = '.mosaic.png'
+LEGEND_HEADER = 'cluster: patches (share)'
+
+
+# ---------------------------------------------------------------------- drawing
+
+def _cell_bounds(coords, patch_size, downsample):
+    """Map-pixel [x0, x1) x [y0, y1) of each patch; floor keeps neighbours gap-free."""
+    coords = np.asarray(coords, np.float64)
+    start = np.floor(coords / downsample).astype(np.int64)
+    end = np.floor((coords + patch_size) / downsample).astype(np.int64)
+    return start, np.maximum(end, start + 1)   # at least one pixel per patch
+
+
+def legend_font_size(map_height):
+    return int(np.clip(round(map_height / 60), 11, 40))
+
+
+def title_font_size(map_height, map_width):
+    return int(np.clip(round(max(map_height, map_width) / 48), 12, 48))
+
+
+def header_height(map_height, map_width, title):
+    """Rows of the title band above the map: the map starts at this row; 0 untitled."""
+    if not title:
+        return 0
+    return int(round(1.8 * title_font_size(map_height, map_width)))
+
+
+def _title_band(title, width, map_height, map_width):
+    """The title in black on white, at least `width` wide (wider when it does not fit at
+    the smallest font), over a grey rule."""
+    height = header_height(map_height, map_width, title)
+    size = title_font_size(map_height, map_width)
+    margin = max(6, size // 2)
+    font = ImageFont.load_default(size=size)
+    length = font.getlength(title)
+    if length + 2 * margin > width and size > 12:   # shrink to fit, down to 12 px
+        size = max(12, int(size * (width - 2 * margin) / length))
+        font = ImageFont.load_default(size=size)
+        length = font.getlength(title)
+    band = Image.new('RGB', (max(width, int(math.ceil(length)) + 2 * margin), height),
+                     (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    draw.text((margin, height // 2), title, fill=(0, 0, 0), font=font, anchor='lm')
+    draw.line([(0, height - 1), (band.width - 1, height - 1)], fill=(190, 190, 190))
+    return np.asarray(band)
+
+
+def share_text(count, total):
+    """A share as a legend or atlas shows it: `45%`, `4.5%`, `0.3%`, `<0.1%`."""
+    share = 100.0 * count / max(total, 1)
+    if share >= 10 or share == 0:
+        return f'{share:.0f}%'
+    return f'{share:.1f}%' if share >= 0.05 else '<0.1%'
+
+
+def legend_order(ids, counts):
+    """(ids, counts) by decreasing count, ties by id: the clusters covering most of a
+    slide come first, not among 1-patch ones."""
+    ids, counts = np.asarray(ids), np.asarray(counts)
+    order = np.lexsort((ids, -counts))
+    return ids[order], counts[order]
+
+
+def _legend(ids, counts, colors, map_height):
+    """A white panel, a header over each column, then per cluster its swatch, id, patch
+    count and share; at least as high as the map, and high enough for 16 rows (or all)."""
+    size = legend_font_size(map_height)
+    font = ImageFont.load_default(size=size)
+    row = int(round(1.5 * size))
+    pad, gap = max(6, size // 2), max(4, size // 3)
+    total = int(np.sum(counts))
+    labels = [f'{int(cid)}: {int(count)} ({share_text(count, total)})'
+              for cid, count in zip(ids, counts)]
+    entry = size + gap + max(font.getlength(text) for text in labels)
+    column_width = int(math.ceil(max(entry, font.getlength(LEGEND_HEADER)))) + 2 * gap
+    height = max(map_height, 2 * pad + row * (1 + min(len(ids), 16)))
+    per_column = max(1, (height - 2 * pad) // row - 1)   # the header takes one row
+    columns = math.ceil(len(ids) / per_column)
+    panel = Image.new('RGB', (pad + columns * column_width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    for column in range(columns):
+        draw.text((pad + column * column_width, pad + row // 2), LEGEND_HEADER,
+                  fill=(0, 0, 0), font=font, anchor='lm')
+    for i, (text, color) in enumerate(zip(labels, colors)):
+        x = pad + (i // per_column) * column_width
+        y = pad + (1 + i % per_column) * row
+        top = y + (row - size) // 2
+        draw.rectangle([x, top, x + size - 1, top + size - 1],
+                       fill=tuple(int(v) for v in color), outline=(0, 0, 0))
+        draw.text((x + size + gap, y + row // 2), text, fill=(0, 0, 0), font=font,
+                  anchor='lm')
+    return np.asarray(panel)
+
+
+def map_background(path):
+    """What the map at `path` was drawn over (BACKGROUNDS); None when unreadable or not
+    recorded (an older version's map)."""
+    try:
+        with Image.open(path) as image:
+            value = getattr(image, 'text', {}).get(BACKGROUND_KEY)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return value if value in BACKGROUNDS else None
+
+
+def _check_alpha(alpha):
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ConfigError(f"the cluster map's alpha (opacity of the colors) must be in "
+                          f'[0, 1]; got {alpha}')
+
+
+def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample=None,
+                     slide_dimensions=None, alpha=0.5, background=(255, 255, 255),
+                     num_clusters=None, legend=True, max_side=2048, out_path=None,
+                     title=None, png_text=None, annotations=None):
+    """Paints every patch's cell ([N, 2] level-0 `coords`, `patch_size` level-0 px) in
+    its cluster's color, blended `(1 - alpha) * under + alpha * color` over `thumbnail`
+    (PIL image or array) or a `background` canvas; returns the uint8 RGB image.
+
+    `downsample` (level-0 px per map pixel) defaults to slide_dimensions[0] / thumbnail
+    width, or, on a canvas (sized by `slide_dimensions`, else by the patches' extent), to
+    what keeps its longest side at most `max_side`. Cluster c gets color c % K of
+    `palette_for(K)`, K = `num_clusters` or max id + 1. `legend`: a panel on the right in
+    decreasing share (legend_order); `title`: a band above; `annotations`: slides'
+    Annotation polygons outlined on top. `out_path`: saved as PNG recording what it was
+    drawn over, the map's top row and the downsample, plus `png_text`.
+    """
+    coords = np.asarray(coords)
+    cluster_ids = np.asarray(cluster_ids).astype(np.int64)
+    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != cluster_ids.shape[0]:
+        raise DataError(f'coords {coords.shape} must be [N, 2] with N = {cluster_ids.shape[0]} '
+                        f'(one row per cluster id)')
+    if cluster_ids.size and cluster_ids.min() < 0:
+        raise DataError(f'cluster ids must be non-negative; got {int(cluster_ids.min())}')
+    _check_alpha(alpha)
+
+    if thumbnail is not None:
+        if not isinstance(thumbnail, Image.Image):
+            thumbnail = Image.fromarray(np.asarray(thumbnail))
+        base = np.asarray(thumbnail.convert('RGB'))
+        if downsample is None:   # from the width: thumbnails round their sides
+            if slide_dimensions is None:
+                raise ConfigError("a thumbnail needs its downsample (level-0 pixels per "
+                                  "thumbnail pixel) or the slide's level-0 dimensions")
+            downsample = slide_dimensions[0] / base.shape[1]
+    else:
+        if slide_dimensions is not None:
+            extent = np.asarray(slide_dimensions, np.float64)
+        elif coords.size:
+            extent = coords.max(axis=0).astype(np.float64) + patch_size
+        else:
+            extent = np.array([patch_size, patch_size], np.float64)
+        if downsample is None:
+            downsample = max(1.0, float(extent.max()) / max_side)
+        width, height = (int(math.ceil(v / downsample)) for v in extent)
+        base = np.empty((height, width, 3), np.uint8)
+        base[:] = np.asarray(background, np.uint8)
+
+    height, width = base.shape[:2]
+    k = int(num_clusters) if num_clusters else int(cluster_ids.max(initial=0)) + 1
+    palette = palette_for(k)
+    label = np.full((height, width), -1, np.int64)   # -1: no patch; then one blend
+    start, end = _cell_bounds(coords, patch_size, downsample)
+    for (x0, y0), (x1, y1), cid in zip(start, end, cluster_ids):
+        label[max(y0, 0):min(y1, height), max(x0, 0):min(x1, width)] = cid % k
+    painted = label >= 0
+    image = base.copy()
+    under = base[painted].astype(np.float64)
+    image[painted] = np.round((1 - alpha) * under
+                              + alpha * palette[label[painted]]).astype(np.uint8)
+    if annotations:
+        from clusiam_jax.slides.annotations import draw_contours
+        image = draw_contours(image, annotations, downsample)
+
+    if legend and cluster_ids.size:
+        ids, counts = legend_order(*np.unique(cluster_ids, return_counts=True))
+        panel = _legend(ids, counts, palette[ids % k], map_height=height)
+        if panel.shape[0] > height:   # short maps: extend with background below
+            pad = np.empty((panel.shape[0] - height, width, 3), np.uint8)
+            pad[:] = np.asarray(background, np.uint8)
+            image = np.concatenate([image, pad], axis=0)
+        image = np.concatenate([image, panel], axis=1)
+
+    top = 0
+    if title:
+        band = _title_band(str(title), image.shape[1], height, width)
+        if band.shape[1] > image.shape[1]:   # a long title: widen with white on the right
+            right = np.full((image.shape[0], band.shape[1] - image.shape[1], 3), 255, np.uint8)
+            image = np.concatenate([image, right], axis=1)
+        top = band.shape[0]
+        image = np.concatenate([band, image], axis=0)
+
+    if out_path is not None:
+        text = {BACKGROUND_KEY: 'thumbnail' if thumbnail is not None else 'mosaic',
+                'clusiam_map_top': top, 'clusiam_downsample': repr(float(downsample))}
+        if title:
+            text['Title'] = str(title)
+        info = PngInfo()
+        for key, value in dict(text, **(png_text or {})).items():
+            info.add_text(key, str(value))
+        Image.fromarray(image).save(out_path, format='PNG', pnginfo=info)
+    return image
+
+
+# -------------------------------------------------------------------- over an export
+
+def check_thumbnail(thumbnail, n_slides):
+    """ConfigError when `thumbnail` is missing, or one file for several slides (checked
+    before an export embeds anything)."""
+    if not thumbnail:
+        return
+    if not os.path.exists(thumbnail):
+        raise ConfigError(f'thumbnail not found: {thumbnail}')
+    if os.path.isfile(thumbnail) and n_slides > 1:
+        raise ConfigError(f'export.thumbnail {thumbnail} is one file but the export has '
+                          f'{n_slides} slides: give a folder of <slide_id>.png thumbnails')
+
+
+def find_thumbnail(thumbnail, slide_id, n_slides):
+    """`thumbnail` itself when a file (one-slide exports), else
+    `<thumbnail>/<slide_id>[_thumb].<ext>`; None if absent."""
+    if not thumbnail:
+        return None
+    check_thumbnail(thumbnail, n_slides)
+    if os.path.isfile(thumbnail):
+        return thumbnail
+    for stem in (slide_id, slide_id + '_thumb'):
+        for ext in THUMBNAIL_EXTENSIONS:
+            path = os.path.join(thumbnail, stem + ext)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _open_thumbnail(path, downsample):
+    if not downsample or downsample <= 0:
+        raise ConfigError('a thumbnail needs its downsample (level-0 pixels per thumbnail '
+                          'pixel: export.thumbnail_downsample, or --downsample)')
+    try:
+        return Image.open(path).convert('RGB')
+    except OSError as e:  # PIL's UnidentifiedImageError is one
+        raise DataError(f'thumbnail {path} is not a readable image ({e})') from None
+
+
+def _slide_thumbnail(slide_id, path, dimensions, max_side):
+    """(thumbnail, downsample) of the slide an export was made from, its longest side at
+    most `max_side`; DataError naming the slide, the file and the fix when unreadable."""
+    import openslide
+
+    from clusiam_jax.slides import reader
+    fix = (f'move the slide back to {path}, or give its thumbnail and downsample '
+           f'(export.thumbnail and export.thumbnail_downsample, or maps --thumbnail and '
+           f'--downsample)')
+    try:
+        slide = reader.open_slide(path)
+    except DataError as e:
+        raise DataError(f'cluster map of slide {slide_id}: cannot read the slide it was '
+                        f'exported from ({e}); {fix}') from None
+    try:
+        if dimensions is not None and tuple(slide.dimensions) != tuple(dimensions):
+            raise DataError(
+                f'cluster map of slide {slide_id}: {path} is {slide.dimensions[0]} x '
+                f'{slide.dimensions[1]} px but the export was made from a {dimensions[0]} x '
+                f'{dimensions[1]} px slide (another file under that name?); {fix}')
+        return reader.thumbnail_for_side(slide, max_side)
+    except (openslide.OpenSlideError, ValueError) as e:   # ValueError: a damaged TIFF tile
+        raise DataError(f"cluster map of slide {slide_id}: reading {path} failed "
+                        f"({' '.join(str(e).split())}); {fix}") from None
+    finally:
+        slide.close()
+
+
+def map_title(slide_id, step=None, num_clusters=None, workdir=None):
+    """`<slide> · step <step> · K=<K> · run <workdir name>`, without what is unknown."""
+    parts = [str(slide_id)]
+    if step is not None:
+        parts.append(f'step {step}')
+    if num_clusters:
+        parts.append(f'K={num_clusters}')
+    if workdir:
+        parts.append(f'run {os.path.basename(os.path.normpath(str(workdir)))}')
+    return ' · '.join(parts)
+
+
+def mosaic_path(path):
+    """Where a mosaic map goes: `path`, unless the map there was drawn over a slide or
+    thumbnail (or by an older version), which is kept: then `<stem>.mosaic.png`."""
+    if not os.path.exists(path):
+        return path
+    drawn_over = map_background(path)
+    if drawn_over == 'mosaic':
+        return path
+    other = os.path.splitext(path)[0] + MOSAIC_SUFFIX
+    how = (f'over its {drawn_over}' if drawn_over else
+           'by an older version that did not record over what')
+    log.warning('cluster maps: %s was drawn %s and is kept; the map without a thumbnail '
+                'goes to %s (give the thumbnail, or the slide, to redraw it)', path, how, other)
+    return other
+
+
+def _slide_annotations(folder, slide_id):
+    if not folder:
+        return None
+    from clusiam_jax.slides import annotations
+    path = annotations.find_annotation_file(folder, slide_id)
+    if path is None:
+        log.info('cluster maps: no annotation file for %s in %s', slide_id, folder)
+        return None
+    return annotations.read_annotations(path)
+
+
+def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_side=2048,
+                     annotations=None):
+    """Draws `<out_dir>/cluster_maps/<slide>.png` for every slide with coordinates and
+    cluster ids; returns the paths written.
+
+    Each map is drawn over the slide's thumbnail file found in `thumbnail` (with
+    `downsample`, level-0 px per thumbnail pixel), else the slide the export was made
+    from, read at at most `max_side` px (DataError when it is gone: never a blank
+    canvas), else (patch exports) a mosaic canvas, which goes to `<stem>.mosaic.png`
+    rather than replace a map over a slide or thumbnail. The title names the slide, the
+    step, K and the run; `annotations`: a folder of `<slide_id>.geojson|.json|.xml`
+    outlined on the map of their slide.
+    """
+    if annotations and not os.path.isdir(annotations):
+        raise ConfigError(f'annotations folder not found: {annotations}')
+    if downsample is not None and downsample <= 0:
+        raise ConfigError(f'the thumbnail downsample must be positive; got {downsample}')
+    _check_alpha(alpha)
+    if int(max_side) < 16:
+        raise ConfigError(f"the cluster map's max_side must be at least 16 px; got {max_side}")
+    info = fmt.read_export_info(out_dir)
+    n_slides = len(fmt.read_export_manifest(out_dir))
+    written = []
+    for row, arrays, known, k in fmt.clustered_slides(out_dir, 'cluster maps'):
+        slide_id = row['slide_id']
+        thumb_path = find_thumbnail(thumbnail, slide_id, n_slides)
+        dimensions = arrays.get('level0_dimensions')
+        thumb, scale, drawn_over = None, None, 'mosaic'
+        if thumb_path:
+            thumb, scale = _open_thumbnail(thumb_path, downsample), downsample
+            drawn_over = 'thumbnail'
+        elif arrays.get('slide_path'):
+            thumb, scale = _slide_thumbnail(slide_id, arrays['slide_path'], dimensions,
+                                            int(max_side))
+            drawn_over = 'slide'
+        path = fmt.map_file(out_dir, row)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if drawn_over == 'mosaic':
+            path = mosaic_path(path)
+        title = map_title(slide_id, info.get('checkpoint_step'), k, info.get('workdir'))
+        contours = _slide_annotations(annotations, slide_id)
+        with atomic_write(path) as tmp:
+            draw_cluster_map(arrays['coords'][known], arrays['cluster_ids'][known],
+                             arrays.get('patch_size') or 224, thumbnail=thumb,
+                             downsample=scale, slide_dimensions=dimensions, alpha=alpha,
+                             num_clusters=k, max_side=int(max_side), out_path=tmp,
+                             title=title, png_text={BACKGROUND_KEY: drawn_over},
+                             annotations=contours)
+        written.append(path)
+    return written
