@@ -1,19 +1,11 @@
-"""Packing a patch source into a TFDS dataset of ArrayRecord shards (no TensorFlow).
+"""Packing a patch source into a TFDS dataset of ArrayRecord shards, and reading it back
+(tensorflow-datasets, no TensorFlow).
 
-Each example holds the encoded image and the patch's metadata:
-``image`` (PNG/JPEG bytes), ``path``, ``slide_id``, ``label`` (text, '' when
-unknown) and ``x``, ``y`` (int64, -1 when unknown). RGB 8-bit PNG and JPEG
-files are stored byte for byte; anything else (grayscale, RGBA, 16-bit, TIFF...)
-is converted with :func:`load_rgb` and stored as a lossless RGB PNG, so every
-stored image decodes to exactly the pixels training would read from the file.
-Unreadable files are left out and listed in ``skipped_files.txt``.
-
-Examples keep the order of the (sorted) source list (shuffling at write time
-is disabled), and ``records.csv`` beside the shards lists them in that order,
-so record i of the manifest is example i of the data source.
-
-Read back with :func:`open_data_source` (``tfds.builder_from_directory`` +
-``as_data_source``, which needs no TensorFlow either).
+Each example holds the encoded image, ``path``, ``slide_id``, ``label`` ('' when unknown)
+and ``x``, ``y`` (-1 when unknown). RGB 8-bit PNG and JPEG files are stored byte for byte,
+anything else as a lossless RGB PNG, so every image decodes to the pixels training would
+read from the file. Unreadable files are listed in ``skipped_files.txt``. Examples keep
+the source's order, so row i of ``records.csv`` beside the shards is example i.
 """
 import io
 import os
@@ -24,6 +16,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
+from clusiam_jax import fileio
 from clusiam_jax.data import image_io
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.errors import DataError
@@ -38,8 +31,7 @@ def _stored_bytes(path: str) -> bytes:
         data = f.read()
     rgb = image_io.decode_rgb(data)  # validates; raises BadImageError
     if data.startswith(b'\xff\xd8\xff'):
-        # JPEG: keep the file only if it decodes to the same RGB pixels as stored
-        # bytes would (3-channel 8-bit baseline); anything odd is re-encoded.
+        # JPEG: kept only when it is 3-channel 8-bit, which decodes to the same pixels.
         try:
             with Image.open(io.BytesIO(data)) as im:
                 if im.mode == 'RGB':
@@ -112,11 +104,8 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
 
 
 def build_dataset(source: str, out_dir: str) -> str:
-    """Packs a patch folder or manifest CSV into ``out_dir``; returns the dataset dir.
-
-    The returned folder (``out_dir/clusiam_patches/1.0.0``) is what
-    ``config.data.path`` takes (``out_dir`` itself works too).
-    """
+    """Packs a patch folder or manifest CSV into ``out_dir``; returns the dataset folder
+    (``out_dir/clusiam_patches/1.0.0``, which data.path takes, as does ``out_dir``)."""
     recs = records_lib.discover(source)
     if records_lib.find_tfds_dataset(source) is not None:
         raise DataError(f'{source} is already a built dataset')
@@ -131,8 +120,8 @@ def build_dataset(source: str, out_dir: str) -> str:
         raise DataError(f'no readable image in {source}')
     records_lib.write_patch_manifest(builder.written,
                                os.path.join(dataset_dir, records_lib.DATASET_MANIFEST))
-    with open(os.path.join(dataset_dir, SKIPPED_FILE), 'w') as f:
-        f.writelines(line + '\n' for line in builder.skipped)
+    fileio.write_text(os.path.join(dataset_dir, SKIPPED_FILE),
+                      ''.join(line + '\n' for line in builder.skipped))
     return dataset_dir
 
 
