@@ -1,23 +1,13 @@
 """Per-slide coordinate files: TRIDENT's (which `--mode tile` writes) and CLAM's.
 
-TRIDENT, `patches/<slide_id>_patches.h5`: dataset `coords` int64 [N, 2], level-0 top-left
-(x, y), with attributes `patch_size` (pixels at the target resolution),
-`patch_size_level0`, `level0_magnification`, `target_magnification`, `overlap`,
-`level0_width`, `level0_height`, `name`; we add `target_mpp`, `level0_mpp` and
-`tiling_key` (what a rerun compares).
+TRIDENT, `patches/<slide_id>_patches.h5`: `coords` int64 [N, 2] (level-0 top-left x, y)
+with `patch_size` in pixels at the target resolution and `patch_size_level0`; we add
+`target_mpp`, `level0_mpp` and `tiling_key`. CLAM, `patches/<slide_id>.h5`: `patch_size`
+in pixels *at* `patch_level`. `read_coords` turns both into a SlideCoords after checking
+the coordinates, so a damaged or foreign file is refused in one line.
 
-CLAM, `patches/<slide_id>.h5`: `coords` with `patch_level` and `patch_size` in pixels
-*at that level* (plus `downsample`, `level_dim`, `name`, optional `custom_downsample`).
-The two `patch_size`s differ in meaning; `read_coords` turns both into a `SlideCoords`
-that says how many level-0 pixels a patch covers and at what size it is embedded, after
-checking what it can of the coordinates (shape, whole finite numbers, inside the slide the
-attributes describe, on the grid they say): a damaged or foreign file is refused in one
-line rather than read as patches that are not there.
-
-A slide id is the name of every file written for the slide, verbatim
-(`patches/<id>_patches.h5`, `masks/<id>.png`, an export's `h5_files/<id>.h5`, ...), so two
-ids never share a file; `slide_path` is the one way to such a file, and refuses the ids
-that are no file name of their folder (`id_problem`).
+A slide id names every file written for the slide verbatim; `slide_path` is the one way
+to such a file, and refuses ids that are no file name of their folder (`id_problem`).
 """
 import dataclasses
 import os
@@ -49,8 +39,7 @@ class SlideCoords:
 
 def id_problem(slide_id: str) -> Optional[str]:
     """Why `slide_id` cannot name a file of its own in a folder (completing "slide id
-    '...' ..."), or None. Spaces, punctuation and any letters are fine: ids are kept
-    verbatim, so `x y` and `x_y` stay two files."""
+    '...' ..."), or None; ids are kept verbatim, so `x y` and `x_y` stay two files."""
     if not slide_id:
         return 'is empty'
     if '/' in slide_id or '\\' in slide_id:
@@ -83,8 +72,7 @@ def check_slide_id(slide_id: str) -> str:
 def slide_path(folder: str, slide_id: str, suffix: str) -> str:
     """`folder/<slide_id><suffix>`: a file inside `folder` whatever the id, or DataError."""
     path = os.path.join(folder, check_slide_id(slide_id) + suffix)
-    # The checks above make the name one entry of `folder`; said once more here, as this
-    # is what keeps every file written for a slide inside its output folder.
+    # Said once more: this keeps every file written for a slide inside its folder.
     if os.path.dirname(os.path.normpath(path)) != os.path.normpath(folder):
         raise DataError(f'slide id {slide_id!r} leads outside {folder}')
     return path
@@ -154,13 +142,8 @@ def read_coords(path: str) -> SlideCoords:
 
 def _checked_coords(path: str, raw: np.ndarray, attrs: dict) -> np.ndarray:
     """int64 [N, 2] of a file's `coords`, or DataError saying what is wrong with them.
-
-    Inside the slide means each patch starts inside it: CLAM pads patches that run past
-    the edge (OpenSlide reads the outside as transparent, trained on as white), and our
-    tiling's patches all fit. The slide's size is known here only from TRIDENT's
-    `level0_width`/`level0_height`; a CLAM file's coordinates are checked against the
-    slide when it is opened (data/slide_source.py). The grid is checked only where the
-    file says one (our regular grid's `step_level0`)."""
+    Each patch must start inside the slide (CLAM pads patches past the edge); the size is
+    known here from TRIDENT's attributes only (CLAM's: when the slide is opened)."""
     if raw.size == 0:
         return np.zeros((0, 2), np.int64)
     if raw.ndim != 2 or raw.shape[1] != 2:

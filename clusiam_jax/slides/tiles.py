@@ -178,8 +178,7 @@ def _level_from_page(page) -> Optional[_Level]:
 
 @contextlib.contextmanager
 def _closed_unless_kept(tiff):
-    """Closes `tiff` when the block ends without appending a reader to the list it
-    yields, also when it raises (OpenSlide's check read can)."""
+    """Closes `tiff` unless the block appended a reader to the list it yields."""
     keep = []
     try:
         yield keep

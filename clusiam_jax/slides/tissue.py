@@ -1,22 +1,9 @@
-"""Tissue detection on a low-resolution image of a slide (docs/method.md §9).
-
-The method the field starts from (CLAM, TRIDENT's classic path, histolab), with every
-step a parameter of the `tile` config section:
-
-1. the slide read at `tile.tissue_mpp` µm/px (default 8, a thumbnail of a few thousand
-   pixels for a whole slide); transparent out-of-slide areas count as white;
-2. HSV saturation, median-blurred (`tile.median_blur` px): stained tissue is saturated,
-   glass, fat and the white of the scanner's background are not;
-3. a threshold: Otsu's on the blurred saturation (`tile.saturation_threshold=0`) or a
-   fixed value, never below `tile.min_saturation` (a slide of only glass has no
-   saturated mode, and Otsu would split its noise); pixels darker than
-   `tile.black_value` (pen ink, the black of empty scanner tiles) are not tissue;
-4. morphological closing then opening with a `tile.morph_kernel` px ellipse;
-5. holes smaller than `tile.max_hole_um2` filled; components smaller than
-   `tile.min_area_um2` dropped.
-
-Masks may be supplied instead (GeoJSON / ASAP XML polygons, e.g. drawn in QuPath):
-`polygon_mask` rasterizes them on the same grid.
+"""Tissue detection on a low-resolution image of a slide (docs/method.md §9), as CLAM,
+TRIDENT's classic path and histolab do, every step a key of the `tile` config section:
+the slide at `tile.tissue_mpp`; HSV saturation, median-blurred; a threshold (Otsu's, never
+below `tile.min_saturation`, or fixed), pixels darker than `tile.black_value` excluded;
+closing then opening; small holes filled and small components dropped (µm²). Supplied
+polygons (`polygon_mask`) replace it.
 """
 import dataclasses
 
