@@ -1,39 +1,27 @@
-"""Export: our weights as PyTorch state_dicts in safetensors, written without torch.
+"""`convert to-torch`: our weights as PyTorch state_dicts, as plain {name: array}.
 
-Three shapes of state_dict, all plain `{name: numpy array}`:
-  backbone_state_dict   torchvision resnet18/resnet50 keys without `fc`: loads with
-                        strict=True into `torchvision.models.resnet18()` once its `fc` is
-                        `nn.Identity()` (what CLAM, TRIDENT, eva and timm-style loaders take).
-  encoder_state_dict    the same plus the projector as the original's `encoder.fc`
-                        Sequential (fc.0 ... fc.7), loading into the original's `encoder`.
-  network_state_dict    the whole original-format model (encoder., predictor.,
-                        cluster_projector., cluster_assigner., target_encoder.).
+  backbone_state_dict   torchvision ResNet keys without `fc` (strict=True into a
+                        torchvision resnet whose fc is nn.Identity: CLAM, TRIDENT, timm)
+  encoder_state_dict    plus the projector as the original's `encoder.fc` (fc.0 ... fc.7)
+  network_state_dict    the whole original-format model (heads, target_encoder.)
 
 The original's frozen projector bias `fc.6.bias` is written as zeros: our running mean of
-the following BatchNorm was accumulated without it, so zero is the value that keeps
-inference outputs identical.
-
-The file is what its name says: `.safetensors` (written with NumPy, no torch; metadata
-in its header) or `.pth` / `.pt` (torch.save of the state_dict, needs torch; metadata in
-`<file>.json` beside it). Any other name is refused, and so is a place that cannot be
-written (checked before the run is read; a write that fails is one ConversionError line).
-
-The metadata says how to feed the weights as the export fed them (`training_field_of_view`,
-PATCH_READ, RESIZE): the µm/px and patch size of the tiling the run trained on, how a
-patch is read and how it is resized to `image_size`, and the normalization. README.md
-(PyTorch interoperability) has these steps as code, which tests/test_torch_preprocessing.py
-runs against an export.
+the following BatchNorm was accumulated without it. A `.safetensors` file is written with
+NumPy (metadata in its header), a `.pth` / `.pt` with torch.save (metadata in
+`<file>.json`). The metadata says how the export fed the network (README.md, PyTorch
+interoperability, has it as code, which tests/test_torch_preprocessing.py runs).
 """
 import io
 import json
 import os
 from typing import Dict, Optional
 
+import jax
 import numpy as np
 
 from clusiam_jax import run_dir
 from clusiam_jax.errors import ConversionError, DataError
-from clusiam_jax.fileio import atomic_write
+from clusiam_jax.fileio import atomic_write, write_json
 from clusiam_jax.interop import layout
 
 SAFETENSORS = ('.safetensors',)
@@ -52,11 +40,6 @@ RESIZE = ('the whole patch (no crop) resized to image_size x image_size: PIL bil
           '(x - mean) / std per channel')
 
 
-def _num_batches(step) -> np.ndarray:
-    # Each step applies every module once per view: two BatchNorm updates per step.
-    return np.asarray(2 * int(step), dtype=np.int64)
-
-
 def variables_to_state_dict(variables: Dict, module_fn, step: int = 0,
                             prefix: str = '') -> Dict[str, np.ndarray]:
     """{'params', 'batch_stats'} -> torch names via `module_fn`, arrays in torch layout."""
@@ -65,7 +48,8 @@ def variables_to_state_dict(variables: Dict, module_fn, step: int = 0,
         key = prefix + layout.torch_key(module_fn, collection, path, leaf)
         out[key] = layout.to_torch_layout(leaf, np.asarray(array, dtype=np.float32))
     for module in layout.bn_modules(variables, module_fn):
-        out[f'{prefix}{module}.num_batches_tracked'] = _num_batches(step)
+        # Each step applies every module once per view: two BatchNorm updates per step.
+        out[f'{prefix}{module}.num_batches_tracked'] = np.asarray(2 * int(step), np.int64)
     return out
 
 
@@ -101,8 +85,7 @@ def network_state_dict(params, batch_stats, target_params=None, target_stats=Non
 def check_destination(path: str):
     """ConversionError (one line) unless `path` is a file this format can be written to:
     a .safetensors / .pth / .pt name, not a folder, in an existing folder."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in SAFETENSORS + TORCH_PICKLE:
+    if os.path.splitext(path)[1].lower() not in SAFETENSORS + TORCH_PICKLE:
         raise ConversionError(f'{path}: name the file .safetensors (no torch needed) or '
                               f'.pth / .pt (torch.save, needs torch)')
     if os.path.isdir(path):
@@ -111,7 +94,7 @@ def check_destination(path: str):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         above = folder
-        while not os.path.exists(above) and os.path.dirname(above) != above:
+        while not os.path.exists(above):
             above = os.path.dirname(above)
         why = (f'{above} is a file, not a folder' if os.path.isfile(above)
                else f'the folder {folder} does not exist (create it first)')
@@ -120,42 +103,31 @@ def check_destination(path: str):
         raise ConversionError(f'{path}: cannot write it: no permission to write in {folder}')
 
 
-def _serialized(state_dict: Dict[str, np.ndarray], ext: str,
-                metadata: Dict[str, str]) -> bytes:
-    """The file's bytes: made in memory, so that only plain writes touch the disk."""
-    if ext in SAFETENSORS:
-        from safetensors.numpy import save
-        # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
-        return save(state_dict, metadata={'format': 'pt', **metadata})
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError('writing a .pth / .pt file needs torch (pip install -r '
-                              'requirements-torch.txt); a .safetensors file does not') from None
-    buffer = io.BytesIO()
-    torch.save({k: torch.from_numpy(np.array(v))  # a writable copy
-                for k, v in state_dict.items()}, buffer)
-    return buffer.getvalue()
-
-
-def _write_bytes(path: str, data: bytes):
-    """Atomically (temporary name, then rename); the mode a plain `open` gives."""
-    with atomic_write(path) as tmp:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-
-
 def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
                     metadata: Optional[Dict[str, str]] = None):
-    """Writes `path` in the format its extension names (module docstring), atomically;
-    ConversionError (one line naming the path and why) when it cannot."""
+    """Writes `path` in the format its extension names, atomically; ConversionError (one
+    line naming the path and why) when it cannot."""
     check_destination(path)
-    ext = os.path.splitext(path)[1].lower()
-    data = _serialized(state_dict, ext, metadata or {})
+    metadata = metadata or {}
+    if path.lower().endswith(SAFETENSORS):
+        from safetensors.numpy import save
+        # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
+        data = save(state_dict, metadata={'format': 'pt', **metadata})
+    else:
+        try:
+            import torch
+        except ImportError:
+            raise ConversionError('writing a .pth / .pt file needs torch (pip install -r '
+                                  'requirements-torch.txt); a .safetensors file does '
+                                  'not') from None
+        buffer = io.BytesIO()
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, buffer)
+        data = buffer.getvalue()
     try:
-        if ext in TORCH_PICKLE:
-            _write_bytes(path + '.json', json.dumps(metadata or {}, indent=2).encode())
-        _write_bytes(path, data)
+        if not path.lower().endswith(SAFETENSORS):
+            write_json(path + '.json', metadata)
+        with atomic_write(path) as tmp, open(tmp, 'wb') as f:
+            f.write(data)
     except OSError as e:
         raise ConversionError(f'{path}: cannot write it ({e.strerror or e})') from None
 
@@ -166,32 +138,25 @@ def _unknown_field(why: str) -> Dict[str, str]:
 
 
 def _coords_resolution(coord_file: str):
-    """(target_mpp or None, patch size in px or None, target_magnification or None) of a
-    coordinate file's attributes (TRIDENT's schema, ours with target_mpp; CLAM's patch
-    size is at its patch_level, no µm/px); None when the file does not read."""
-    import h5py
+    """(target_mpp, patch size in px, target_magnification), each None when unknown, of a
+    coordinate file (CLAM's patch size is at its patch_level); None when it does not read."""
+    from clusiam_jax.slides import coords as coords_lib
     try:
-        with h5py.File(coord_file, 'r') as f:
-            attrs = dict(f['coords'].attrs)
-    except (OSError, KeyError):
+        found = coords_lib.read_coords(coord_file)
+    except DataError:
         return None
 
     def number(key):
-        value = attrs.get(key)
+        value = found.attrs.get(key)
         return None if value is None else float(np.asarray(value).ravel()[0])
-    size = number('patch_size')
-    if size is not None and 'patch_size_level0' not in attrs:   # CLAM
-        size = size // max(1.0, number('custom_downsample') or 1.0)
-    return (number('target_mpp'), None if size is None else int(size),
-            number('target_magnification'))
+    return number('target_mpp'), found.patch_size, number('target_magnification')
 
 
 def training_field_of_view(config) -> Dict[str, str]:
     """What the run's training data (config.data.path) says about the patches the encoder
-    saw, as metadata strings: `target_mpp` (µm/px), `patch_size_px` (px at that
-    resolution), `field_of_view_um` (their product), each JSON (`null` when unknown), and
-    `resolution_source`: where they come from, or why they are unknown. Only a tiling
-    (coordinate files) records a resolution; image files have none."""
+    saw, as metadata strings (JSON, `null` when unknown): `target_mpp`, `patch_size_px`,
+    `field_of_view_um` and `resolution_source` (where from, or why unknown). Only a
+    tiling (coordinate files) records a resolution."""
     path = str(config.data.path or '')
     if not path:
         return _unknown_field('the run records no data.path (an imported checkpoint?): '
@@ -205,9 +170,8 @@ def training_field_of_view(config) -> Dict[str, str]:
                               f'feed patches at the resolution and size of those files')
     from clusiam_jax.slides import coords as coords_lib
     inner = os.path.join(path, coords_lib.PATCHES_DIR)
-    folder = inner if os.path.isdir(inner) else path
     try:
-        files = coords_lib.list_coord_files(folder).values()
+        files = coords_lib.list_coord_files(inner if os.path.isdir(inner) else path).values()
     except (DataError, OSError) as e:   # the weights are still worth writing
         return _unknown_field(f'the coordinate files of {path} do not read ({e})')
     found = [r for r in map(_coords_resolution, files) if r is not None]
@@ -236,19 +200,14 @@ def write_torch_weights(workdir: str, out: str, with_projector: bool = False,
     check_destination(out)   # before the run is read
     run = run_dir.load_run(workdir, step)
     config, weights = run.config, run.weights
-    if target:
-        if not weights.target_params:
-            raise ConversionError(f'{config.model.name} has no EMA target encoder; drop '
-                                  f'--target')
-        params, stats = weights.target_params, weights.target_batch_stats
-    else:
-        params, stats = weights.params['encoder'], weights.batch_stats['encoder']
-    params, stats = _to_numpy(params), _to_numpy(stats)
-    if with_projector:
-        state_dict = encoder_state_dict(params, stats, run.step)
-    else:
-        state_dict = backbone_state_dict(params, stats, run.step)
-    normalization = run.normalization
+    if target and not weights.target_params:
+        raise ConversionError(f'{config.model.name} has no EMA target encoder; drop --target')
+    params, stats = jax.device_get(
+        (weights.target_params, weights.target_batch_stats) if target
+        else (weights.params['encoder'], weights.batch_stats['encoder']))
+    to_state_dict = encoder_state_dict if with_projector else backbone_state_dict
+    normalization = (run.normalization.to_json() if run.normalization is not None else
+                     {'mean': None, 'std': None, 'origin': 'the run records none'})
     metadata = {'arch': config.model.backbone, 'method': config.model.name,
                 'contents': 'encoder (backbone + projector as fc)' if with_projector
                             else 'backbone (torchvision keys, fc removed)',
@@ -257,14 +216,6 @@ def write_torch_weights(workdir: str, out: str, with_projector: bool = False,
                 'image_size': str(config.data.image_size),
                 **training_field_of_view(config),
                 'patch_read': PATCH_READ, 'resize': RESIZE,
-                'source': run.workdir,
-                'normalization': json.dumps(
-                    normalization.to_json() if normalization is not None else
-                    {'mean': None, 'std': None, 'origin': 'the run records none'})}
-    save_state_dict(state_dict, out, metadata)
+                'source': run.workdir, 'normalization': json.dumps(normalization)}
+    save_state_dict(to_state_dict(params, stats, run.step), out, metadata)
     return metadata
-
-
-def _to_numpy(tree):
-    import jax
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
