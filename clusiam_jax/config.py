@@ -366,21 +366,6 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     if (t.best_metric or t.stop_on_collapse) and not mon.every_epochs:
         raise ConfigError('train.best_metric and train.stop_on_collapse need the monitor: set '
                           'monitor.every_epochs (and monitor.data_path or monitor.holdout)')
-    _validate_export(exp)
-    if check_data_path:
-        if not d.path:
-            raise ConfigError('data.path is not set: pass --config.data.path=DIR '
-                              '(a patch folder, a manifest CSV or a built dataset)')
-        if not os.path.exists(d.path):
-            hint = ''
-            if config.tile.slides and os.path.abspath(config.tile.out_dir or '') == \
-                    os.path.abspath(d.path):
-                hint = ('; it is the tiling output of tile.slides: tile first (python '
-                        'launch.py --mode tile --config ...)')
-            raise ConfigError(f'data.path does not exist: {d.path}{hint}')
-
-
-def _validate_export(exp):
     if exp.out_dir and os.path.isfile(exp.out_dir):
         raise ConfigError(f'export.out_dir {exp.out_dir} is a file, not a folder')
     parse_checkpoint_choice(exp.checkpoint)
@@ -392,6 +377,17 @@ def _validate_export(exp):
                           'pixels per thumbnail pixel, e.g. 8)')
     if exp.pt_files and exp.format != 'h5':
         raise ConfigError('export.pt_files goes with export.format=h5 (per-slide files)')
+    if check_data_path:
+        if not d.path:
+            raise ConfigError('data.path is not set: pass --config.data.path=DIR '
+                              '(a patch folder, a manifest CSV or a built dataset)')
+        if not os.path.exists(d.path):
+            hint = ''
+            if config.tile.slides and os.path.abspath(config.tile.out_dir or '') == \
+                    os.path.abspath(d.path):
+                hint = ('; it is the tiling output of tile.slides: tile first (python '
+                        'launch.py --mode tile --config ...)')
+            raise ConfigError(f'data.path does not exist: {d.path}{hint}')
 
 
 def best_mode(train) -> str:
