@@ -1,15 +1,12 @@
 """The training loop: build, restore, compile, run epochs, log, checkpoint, stop, resume.
 
-A run lives in its work directory. Started again on the same directory it resumes from
-the latest checkpoint (state and data iterator); a finished run says so and returns.
-SIGTERM or Ctrl-C during training finishes the step in flight, saves a checkpoint and
-returns (clusiam_jax/interrupts.py).
+Started again on its work directory a run resumes from the latest checkpoint (state and
+data iterator). SIGTERM or Ctrl-C finishes the step in flight, saves and returns.
 
-Work between epochs is done by hooks: `hook(epoch, step, state, data_state)`, called
-after every epoch (1-based), returns (metrics, stop): the metrics, named as in
-TensorBoard ('monitor/rankme'), join the epoch's row of metrics.csv ('monitor_rankme');
-a stop reason ends the run after a checkpoint. `hook.close()` at the end. The one hook
-is the monitor's (train/monitor.py), present only with monitor.every_epochs.
+Work between epochs is done by hooks: `hook(epoch, step, state, data_state)` after each
+epoch returns (metrics named as in TensorBoard, 'monitor/rankme', which join the epoch's
+metrics.csv row as 'monitor_rankme'; a reason to stop after a checkpoint, or None), and
+`hook.close()` at the end. The one hook is the monitor's (train/monitor.py).
 """
 import contextlib
 import itertools
@@ -23,10 +20,10 @@ import jax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from clusiam_jax import data as data_lib
 from clusiam_jax import interrupts, parallel, run_dir
 from clusiam_jax.checkpoint import Checkpointer
 from clusiam_jax.config import config_changes, validate
+from clusiam_jax.data import create_train_loader
 from clusiam_jax.errors import CheckpointError
 from clusiam_jax.models import METHOD_SPECS
 from clusiam_jax.train import init_from
@@ -46,13 +43,9 @@ log = logging.getLogger('clusiam_jax')
 
 
 class _StopRequest:
-    """Whether the loop should checkpoint at the current step and stop.
-
-    One process: SIGTERM or SIGINT (interrupts.deferred) sets a flag polled after every
-    step. Several processes must all save at the same step: JAX's preemption sync turns
-    a SIGTERM on any host into an agreed step, recorded as a SIGTERM; Ctrl-C stops such
-    a run at once, without a checkpoint.
-    """
+    """Whether to checkpoint at this step and stop: a SIGTERM or SIGINT seen by this
+    process; with several processes, JAX's preemption sync point (every process saves at
+    the same step), while Ctrl-C stops at once without a checkpoint."""
 
     def __init__(self):
         self._multi_process = jax.process_count() > 1
@@ -101,8 +94,7 @@ def _restore_other_run(path, target):
 
 
 def _record_run(workdir, config, loader):
-    """config.json (naming the keys changed since the run's last start) and
-    normalization.json."""
+    """config.json (naming keys changed since the last start) and normalization.json."""
     if run_dir.is_run_dir(workdir):
         changes = config_changes(run_dir.read_run_config(workdir), config)
         if changes:
@@ -120,26 +112,19 @@ def _record_run(workdir, config, loader):
 
 
 def train(config, workdir: str, loader=None, mesh=None):
-    """Trains per `config` in `workdir`; returns the final TrainState.
-
-    `loader` defaults to the data pipeline for `config.data.path`; tests may inject one
-    with the same interface (steps_per_epoch, mean, std, iterator()). `mesh` defaults to
-    all devices. A run stopped by SIGTERM or Ctrl-C returns the state it checkpointed;
-    `interrupts.received()` then says which signal stopped it.
-    """
+    """Trains per `config` in `workdir`; returns the final TrainState (or the one a
+    signal checkpointed: `interrupts.received()` says which). `loader`: default the data
+    pipeline of data.path (tests inject one: steps_per_epoch, mean, std, iterator()).
+    `mesh`: default all devices."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
     os.makedirs(workdir, exist_ok=True)
-    # Safe points (interrupts.py): a signal before the training loop stops the command
-    # at the next one, never inside a library call.
-    interrupts.check()
+    interrupts.check()  # safe points: a signal before the loop stops the command here
     if loader is None:
         # A resumed run keeps the normalization it started with, whatever the data now.
         recorded = run_dir.read_normalization(workdir) if config.data.mean is None else None
-        loader = data_lib.create_train_loader(config, workdir=workdir,
-                                              process_index=jax.process_index(),
-                                              process_count=jax.process_count(),
-                                              recorded=recorded)
+        loader = create_train_loader(config, workdir=workdir, process_index=jax.process_index(),
+                                     process_count=jax.process_count(), recorded=recorded)
     interrupts.check()
     log.info('building %s (%s, %d clusters) and its initial state on %d devices',
              config.model.name, config.model.backbone, config.model.num_clusters,
@@ -209,8 +194,8 @@ class _Run:
         return restored, data_state
 
     def compile_on_first_batch(self, state, batches):
-        """(compiled step, the batches with the first one put back). Said out loud: the
-        first compile of a ResNet step takes long enough to look like a hang."""
+        """(compiled step, the batches with the first put back); said out loud, since the
+        first compile of a ResNet step looks like a hang."""
         config, mesh = self.config, self.trainer.mesh
         first = next(batches)
         log.info('compiling the train step (%s, %s, batch %d at %d px on %d devices); the '
@@ -232,8 +217,7 @@ class _Run:
         skips = (SkippedSteps(self.workdir, config.train.max_consecutive_skips, write=is_main)
                  if config.train.on_nonfinite == 'skip' else None)
         stop = _StopRequest()
-        # One bar over the run, moved at log steps after the metrics are fetched: steps
-        # are dispatched asynchronously, so counting dispatches would make the ETA swing.
+        # Moved at log steps, after the fetch: counting async dispatches swings the ETA.
         bar = tqdm(total=self.total_steps, initial=step, unit='step', disable=not is_main,
                    dynamic_ncols=True, smoothing=0.1)
 
@@ -245,7 +229,8 @@ class _Run:
             ckpt.wait()  # inside the deferral: a signal now cannot cut the save short
             bar.update(step - synced)
             log.warning('%s: saved a checkpoint at step %d of %d and stopped%s', reason, step,
-                        self.total_steps, '; start the same command again to resume' * resume)
+                        self.total_steps,
+                        '; start the same command again to resume' if resume else '')
             return state
 
         with interrupts.deferred(enabled=jax.process_count() == 1), contextlib.closing(bar):

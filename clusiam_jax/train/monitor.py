@@ -9,6 +9,7 @@ recompilation. Its scores go to metrics.csv (monitor_*), TensorBoard and the log
 import dataclasses
 import logging
 import math
+import os
 import time
 from typing import Dict, Optional
 
@@ -35,8 +36,6 @@ log = logging.getLogger('clusiam_jax')
 _SAMPLE, _VIEWS, _GUMBEL = 0x3011, 0x3012, 0x3013
 _BATCH = 128
 
-
-# ----------------------------------------------------------------- scores (NumPy)
 
 def rankme(features: np.ndarray, eps: float = 1e-7) -> float:
     """RankMe (Garrido et al. 2023): exp(entropy) of the singular values of [M, D],
@@ -76,8 +75,6 @@ def knn_scores(features, labels, slides) -> Optional[Dict[str, float]]:
     return {'knn_top1': float(np.mean(predicted == truth)),
             'knn_balanced': float(np.mean(recalls))}
 
-
-# ----------------------------------------------------------------- the monitor set
 
 @dataclasses.dataclass(frozen=True)
 class MonitorSet:
@@ -119,35 +116,17 @@ def build_monitor_set(source, indices, config, seed: int) -> MonitorSet:
                       labels if all(labels) else None, np.array(slides, dtype=object))
 
 
-def _monitor_set(config, loader) -> MonitorSet:
-    """monitor.data_path's patches, or the slides the data pipeline held out."""
-    mon = config.monitor
-    if mon.data_path:
-        source = open_source(mon.data_path, config.data.slide_dir)
-    else:
-        source = getattr(loader, 'held_out', None)   # a loader given to train() has none
-        if source is None:
-            raise ConfigError("monitor.holdout holds out slides of the data pipeline's "
-                              'source; this run was given its own loader: use '
-                              'monitor.data_path')
-    seed = int(config.train.seed)
-    chosen = sample_indices(len(source), int(mon.num_patches), [seed, _SAMPLE])
-    return build_monitor_set(source, chosen, config, seed)
-
-
-# --------------------------------------------------------------- on the devices
-
 class Monitor:
     """Embeds the monitor set with the online network and scores it."""
 
     def __init__(self, network, mean, std, monitor_set: MonitorSet, mesh, num_clusters,
                  min_rankme: float, seed: int):
-        self.mesh, self.set = mesh, monitor_set
+        self.set = monitor_set
         self.num_clusters, self.min_rankme = num_clusters, min_rankme
         self.gumbel_key = jax.random.PRNGKey(seed ^ _GUMBEL)
         ndev = mesh.devices.size
         self.batch = -(-min(_BATCH, len(monitor_set.images)) // ndev) * ndev
-        self._device_batches, self.warnings = None, []
+        self.warnings = []
         # Replicated outputs: every process can fetch them.
         self._embed = jax.jit(
             lambda variables, images: embed_images(network, variables, images, mean, std),
@@ -155,24 +134,18 @@ class Monitor:
             out_shardings=parallel.replicated(mesh),
             compiler_options=compiler_options(network.conv_impl))
 
-    def _batches(self):
-        """The images of all three sets, padded to whole batches, on the devices once."""
-        if self._device_batches is None:
-            stacked = np.concatenate([self.set.images, self.set.view1, self.set.view2])
-            pad = np.zeros((-len(stacked) % self.batch,) + stacked.shape[1:], stacked.dtype)
-            stacked = np.concatenate([stacked, pad])
-            sharding = parallel.batch_sharded(self.mesh)
-            # Every process holds the whole (deterministic) set: each places its shards.
-            self._device_batches = [
-                jax.make_array_from_callback(chunk.shape, sharding,
-                                             lambda index, chunk=chunk: chunk[index])
-                for chunk in (stacked[i:i + self.batch]
-                              for i in range(0, len(stacked), self.batch))]
-        return self._device_batches
+        # The three sets, padded to whole batches, on the devices once; every process
+        # holds the whole (deterministic) set and places its own shards.
+        stacked = np.concatenate([monitor_set.images, monitor_set.view1, monitor_set.view2])
+        stacked = np.concatenate([stacked, np.zeros((-len(stacked) % self.batch,) +
+                                                    stacked.shape[1:], stacked.dtype)])
+        self.batches = [jax.make_array_from_callback(chunk.shape, parallel.batch_sharded(mesh),
+                                                     lambda index, chunk=chunk: chunk[index])
+                        for chunk in np.split(stacked, len(stacked) // self.batch)]
 
     def embed_all(self, variables) -> Dict[str, np.ndarray]:
         """{'features', 'logits'?} over images, view1, view2 (in that order, unpadded)."""
-        outs = jax.device_get([self._embed(variables, b) for b in self._batches()])
+        outs = jax.device_get([self._embed(variables, b) for b in self.batches])
         n = 3 * len(self.set.images)
         return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
@@ -201,8 +174,6 @@ class Monitor:
         return {k: (float(v) if math.isfinite(v) else math.nan) for k, v in result.items()}
 
 
-# ------------------------------------------------------------------ the loop's hook
-
 class BestCheckpoint:
     """train.best_metric: the best state so far in best_checkpoint/ (one kept) and
     best_checkpoint.json, beside the latest checkpoints (which resume uses). `latest`
@@ -218,16 +189,12 @@ class BestCheckpoint:
                                                                            self.mode)
         self.value = recorded['value'] if same else None
 
-    def better(self, value) -> bool:
-        if value is None or not math.isfinite(value):
-            return False
-        return (self.value is None or
-                (value > self.value if self.mode == 'max' else value < self.value))
-
     def offer(self, step, epoch, scores, state, data_state):
         """Saves `state` when its score beats the best so far and it did not collapse."""
-        value = scores.get(self.metric.removeprefix('monitor/'))
-        if self.ckpt is None or scores.get('collapse') or not self.better(value):
+        value = scores.get(self.metric.removeprefix('monitor/'), math.nan)
+        if self.ckpt is None or scores.get('collapse') or not math.isfinite(value) or (
+                self.value is not None and (value <= self.value if self.mode == 'max'
+                                            else value >= self.value)):
             return
         check_saveable(state, step, self.latest)
         # A run resumed from before an earlier best replays steps: orbax only saves steps
@@ -240,7 +207,7 @@ class BestCheckpoint:
         self.ckpt.wait()
         self.value = value
         if jax.process_index() == 0:
-            write_json(f'{self.workdir}/{BEST_JSON}', {
+            write_json(os.path.join(self.workdir, BEST_JSON), {
                 'step': step, 'epoch': epoch, 'metric': self.metric, 'value': value,
                 'mode': self.mode}, indent=1)
             log.info('best checkpoint: step %d (%s %.4g)', step, self.metric, value)
@@ -255,8 +222,17 @@ class MonitorHook:
     the best checkpoint and, with train.stop_on_collapse, a stop on collapse."""
 
     def __init__(self, config, workdir, loader, trainer, ckpt):
-        self.config, mon = config, config.monitor
-        monitor_set = _monitor_set(config, loader)
+        self.config, mon, seed = config, config.monitor, int(config.train.seed)
+        # monitor.data_path, or the slides the data pipeline held out (a loader given to
+        # train() holds none out).
+        source = (open_source(mon.data_path, config.data.slide_dir) if mon.data_path else
+                  getattr(loader, 'held_out', None))
+        if source is None:
+            raise ConfigError("monitor.holdout holds out slides of the data pipeline's "
+                              'source; this run was given its own loader: use '
+                              'monitor.data_path')
+        chosen = sample_indices(len(source), int(mon.num_patches), [seed, _SAMPLE])
+        monitor_set = build_monitor_set(source, chosen, config, seed)
         if config.train.best_metric.startswith('monitor/knn') and (
                 monitor_set.labels is None or len(set(monitor_set.slides)) < 2):
             raise ConfigError(f'train.best_metric={config.train.best_metric} needs a monitor '
@@ -266,7 +242,7 @@ class MonitorHook:
                  mon.every_epochs, '' if monitor_set.labels is None else ', with labels (kNN)')
         self.monitor = Monitor(trainer.network, trainer.mean, trainer.std, monitor_set,
                                trainer.mesh, config.model.num_clusters,
-                               float(mon.min_rankme), int(config.train.seed))
+                               float(mon.min_rankme), seed)
         self.best = BestCheckpoint(workdir, config, ckpt)
 
     def __call__(self, epoch, step, state, data_state):

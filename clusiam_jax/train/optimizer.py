@@ -1,11 +1,10 @@
 """SGD with PyTorch-style coupled weight decay and the original's per-epoch schedules
 (LARS with warmup as a pod-scale option).
 
-PyTorch's SGD does d = g + wd * p; buf = momentum * buf + d; p -= lr * buf. In optax
-that is add_decayed_weights -> trace -> scale by -lr, in this order (decay before the
-momentum buffer, unlike AdamW-style decoupled decay).
+PyTorch's SGD does d = g + wd * p; buf = momentum * buf + d; p -= lr * buf: in optax,
+add_decayed_weights -> trace -> scale by -lr, in this order (decay before the momentum
+buffer, unlike AdamW-style decoupled decay).
 """
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -18,11 +17,8 @@ def initial_lr(config) -> float:
 
 def per_epoch_cosine(init_lr: float, steps_per_epoch: int, num_epochs: int,
                      warmup_epochs: int = 0):
-    """lr_e = lr * 0.5 * (1 + cos(pi * e / epochs)), constant within epoch e (docs/method.md §5).
-
-    With warmup (pod-scale option, as BYOL): a linear ramp per step over the first
-    `warmup_epochs`, then the per-epoch cosine over the remaining epochs.
-    """
+    """lr * 0.5 * (1 + cos(pi * e / epochs)), constant within epoch e (docs/method.md §5);
+    with warmup (as BYOL), a linear ramp per step first, then the cosine over the rest."""
     warmup_steps = warmup_epochs * steps_per_epoch
     decay_epochs = max(num_epochs - warmup_epochs, 1)
 
@@ -32,35 +28,30 @@ def per_epoch_cosine(init_lr: float, steps_per_epoch: int, num_epochs: int,
         cosine = init_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / decay_epochs))
         if warmup_steps == 0:
             return cosine
-        ramp = init_lr * (step + 1) / warmup_steps
-        return jnp.where(step < warmup_steps, ramp, cosine)
+        return jnp.where(step < warmup_steps, init_lr * (step + 1) / warmup_steps, cosine)
     return schedule
 
 
 def coupled_sgd(learning_rate, weight_decay: float, momentum: float):
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.trace(decay=momentum, nesterov=False),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.trace(decay=momentum, nesterov=False),
+                       optax.scale_by_learning_rate(learning_rate))
 
 
 def predictor_labels(params):
     """'fixed' for the predictor's leaves, 'scheduled' for everything else."""
-    # The lambda runs inside its own iteration of the comprehension.
-    return {name: jax.tree.map(lambda _: 'fixed' if name == 'predictor' else 'scheduled',  # noqa: B023
+    return {name: jax.tree.map(lambda _, n=name: 'fixed' if n == 'predictor' else 'scheduled',
                                sub)
             for name, sub in params.items()}
 
 
 def is_matrix(params):
-    """LARS convention: kernels get weight decay and trust-ratio scaling; biases and
-    BatchNorm parameters (1-d) get neither."""
+    """LARS: kernels get weight decay and trust-ratio scaling; 1-d leaves neither."""
     return jax.tree.map(lambda x: x.ndim > 1, params)
 
 
 def base_optimizer(config, learning_rate):
-    """optim.name (checked by config.validate): 'sgd' or 'lars'."""
+    """optim.name: 'sgd' or 'lars'."""
     opt = config.optim
     if opt.name == 'lars':
         return optax.lars(learning_rate, weight_decay=opt.weight_decay,
@@ -70,7 +61,7 @@ def base_optimizer(config, learning_rate):
 
 
 def make_optimizer(config, steps_per_epoch: int):
-    """Returns (optax transformation, lr schedule of the scheduled groups)."""
+    """(optax transformation, lr schedule of the scheduled groups)."""
     lr = initial_lr(config)
     schedule = per_epoch_cosine(lr, steps_per_epoch, config.train.num_epochs,
                                 config.optim.warmup_epochs)
@@ -82,8 +73,8 @@ def make_optimizer(config, steps_per_epoch: int):
 
 
 def ema_momentum(config, total_steps: int):
-    """Target momentum at a step: constant (original) or, with ema.schedule='cosine',
-    BYOL's cosine m0 -> 1."""
+    """Target momentum: constant (original) or, with ema.schedule='cosine', BYOL's cosine
+    m0 -> 1."""
     m0 = config.ema.momentum
     if config.ema.schedule == 'cosine':
         return lambda step: 1.0 - (1.0 - m0) * 0.5 * (1.0 + jnp.cos(jnp.pi * step / total_steps))
@@ -91,5 +82,5 @@ def ema_momentum(config, total_steps: int):
 
 
 def ema_update(target, online, momentum):
-    """target = m * target + (1 - m) * online, leaf by leaf (parameters only)."""
+    """target = m * target + (1 - m) * online, leaf by leaf."""
     return jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o, target, online)

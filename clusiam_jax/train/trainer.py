@@ -1,11 +1,8 @@
-"""The one builder of what trains: network, optimizer, schedules, state and compiled step.
+"""The one builder of what trains (the loop, every benchmark and test): network,
+optimizer, schedules, state and the step jitted over the mesh, from a validated config.
 
     trainer = build_trainer(config, mesh, steps_per_epoch, mean, std)
-    state = trainer.init_state()                 # replicated on the mesh
-    state, metrics = trainer.step(state, batch)  # jitted; donates `state`
-
-The training loop, every benchmark and every test that trains build their step here, so a
-change to the step's inputs is one edit. `config` must have passed `config.validate`.
+    state, metrics = trainer.step(trainer.init_state(), batch)  # donates the state
 """
 import dataclasses
 import functools
@@ -50,8 +47,7 @@ class Trainer:
         return jax.jit(self.new_state, out_shardings=parallel.replicated(self.mesh))()
 
     def abstract_state(self) -> TrainState:
-        """ShapeDtypeStructs of the state with the mesh's (replicated) sharding: the
-        target of a checkpoint restore."""
+        """The state's ShapeDtypeStructs, replicated: a checkpoint restore's target."""
         replicated = parallel.replicated(self.mesh)
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             jax.eval_shape(self.new_state))
@@ -66,8 +62,7 @@ class Trainer:
 
     @functools.cached_property
     def step(self):
-        """jit over the mesh: state replicated (and donated), batch split along `data`,
-        compiled with the options the network's conv_impl needs (models.conv)."""
+        """jit over the mesh: state replicated (and donated), batch split along `data`."""
         replicated = parallel.replicated(self.mesh)
         return jax.jit(self.step_fn,
                        in_shardings=(replicated, parallel.batch_sharded(self.mesh)),
@@ -75,10 +70,8 @@ class Trainer:
                        compiler_options=compiler_options(self.network.conv_impl))
 
     def compile(self, state=None, batch=None):
-        """(compiled step, seconds it took) for the avals of `state` and `batch` (default:
-        the abstract state and batch of the config), so a run can say it is compiling and
-        its throughput excludes the compilation. The compiled step takes only inputs
-        like these (jax.jit's own cache does not see it)."""
+        """(compiled step, seconds) for the avals of `state` and `batch` (default: the
+        config's), so throughput excludes compiling; it takes only inputs like these."""
         start = time.perf_counter()
         compiled = self.step.lower(self.abstract_state() if state is None else state,
                                    self.abstract_batch() if batch is None else batch).compile()
@@ -86,9 +79,8 @@ class Trainer:
 
 
 def build_trainer(config, mesh=None, steps_per_epoch: int = 1, mean=None, std=None) -> Trainer:
-    """Everything a run trains with, from a validated config and a mesh (default: all
-    devices). steps_per_epoch shapes the per-epoch lr and EMA schedules; mean/std (the
-    normalization, default data.mean/std) are applied on the device in the step."""
+    """Everything a run trains with. steps_per_epoch shapes the lr and EMA schedules;
+    mean/std (default data.mean/std) normalize on the device, in the step."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     mean = config.data.mean if mean is None else mean
     std = config.data.std if std is None else std
@@ -104,8 +96,7 @@ def build_trainer(config, mesh=None, steps_per_epoch: int = 1, mean=None, std=No
 
 
 def random_batch(trainer: Trainer, seed: int = 0, batch_size=None):
-    """Two views of random uint8 pixels, placed on the mesh like a real batch (benchmarks
-    and tests that need no data)."""
+    """Two views of random uint8 pixels, placed like a real batch (for benchmarks)."""
     rng = np.random.default_rng(seed)
     abstract = trainer.abstract_batch(batch_size)
     return {name: jax.device_put(rng.integers(0, 256, a.shape, dtype=np.uint8), a.sharding)
