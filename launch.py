@@ -1,9 +1,4 @@
-r"""The one entry point: python launch.py --help lists the modes (clusiam_jax/cli.py).
-
-  python launch.py --config configs/<recipe>.py --workdir DIR [--config.key=value ...]
-  python launch.py --mode export --workdir DIR
-  python launch.py --mode eval knn --export DIR/export --splits splits.csv
-"""
+"""The one entry point: `python launch.py --help` lists the modes (clusiam_jax/cli_args.py)."""
 import sys
 
 from clusiam_jax.cli import console
