@@ -1,13 +1,7 @@
-"""The one family of errors the user is meant to read.
-
-Everything that stops a command because of its input (a config key, a data source, a
-run directory, a checkpoint, a file to convert, an evaluation input) raises a subclass
-of `ClusiamError` whose message is one line naming the culprit and, where there is one,
-the fix. The command line (`clusiam_jax.cli`) catches `ClusiamError` once and prints
-`error: <message>`; anything else is a bug and keeps its traceback.
-
-This module imports nothing: grain worker processes, which must stay free of JAX, raise
-`DataError` too.
+"""The one family of errors the user reads: bad input stops a command with a
+`ClusiamError` whose message is one line naming the culprit and the fix; `cli.main` prints
+it as `error: <message>`, anything else keeps its traceback. Imports nothing (grain
+workers raise DataError too).
 """
 
 
@@ -38,12 +32,8 @@ class NonFiniteError(ClusiamError, FloatingPointError):
 
 
 def find_clusiam_error(error: BaseException):
-    """The ClusiamError that `error` is or was raised from (`raise ... from`), or None.
-
-    A library that re-raises an input error inside its own (`from`) still gets the user's
-    one line. Only explicit causes are followed: a bug raised while a ClusiamError was
-    being handled keeps its traceback.
-    """
+    """The ClusiamError that `error` is or was raised from (`raise ... from`: a library
+    re-raising our input error), or None; a bug raised while handling one is no cause."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, ClusiamError):

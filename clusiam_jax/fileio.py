@@ -1,9 +1,7 @@
-"""Files the user hands us and files we write, when they fail for reasons outside the
-code: a CSV that is not UTF-8, a full disk, a folder made read-only or deleted while a
-command runs. Each becomes one line that names the file and the fix.
-
-This module imports only the standard library and errors.py, so grain worker processes
-(which must stay free of JAX) and the slide code may use it too.
+"""The one file-I/O module: atomic writes, CSV read and written, and failures from outside
+the code (a CSV that is not UTF-8, a full disk, a folder made read-only or deleted while a
+command runs) told in one line naming the file and the fix. Standard library only, so
+grain workers and the slide code use it too.
 """
 import contextlib
 import csv
@@ -18,14 +16,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from clusiam_jax.errors import ConfigError, DataError
 
-# ------------------------------------------------------------------- files we write
-
 
 @contextlib.contextmanager
 def atomic_write(path: str):
-    """Yields a temporary path next to `path`, renamed onto it only if the body
-    finishes, so a crash never leaves a half-written file under its final name. The
-    temporary name ends in `.tmp<pid>`, which no reader takes for output."""
+    """Yields a temporary path (`<path>.tmp<pid>`, which no reader takes for output),
+    renamed onto `path` only if the body finishes: a crash leaves no half-written file."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         yield tmp
@@ -48,33 +43,17 @@ def write_json(path: str, obj, **dump_kwargs) -> None:
 
 
 def write_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
-    """Rows (dicts; keys outside `columns` are an error) under a header line."""
+    """Rows (dicts; a key outside `columns` is an error) under a header line."""
     with atomic_write(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
 
 
-# ------------------------------------------------------------------ CSV files we read
-
-
-def _decode(path: str, raw: bytes, what: str) -> str:
-    """`raw` as UTF-8 (a byte-order mark, as Excel writes, is dropped); DataError naming
-    the first byte that is not UTF-8, its position and line, when it is not."""
-    try:
-        return raw.decode('utf-8-sig')
-    except UnicodeDecodeError as e:
-        line = raw.count(b'\n', 0, e.start) + 1
-        raise DataError(f'{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at '
-                        f'position {e.start}, line {line}): save it as UTF-8 CSV (in Excel: '
-                        f'"CSV UTF-8")') from None
-
-
 def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Dict[str, str]]]:
-    """(column names, rows) of a CSV file with a header line; column names and the rows'
-    keys are stripped of surrounding spaces. `what` names the file in the DataError
-    raised when it is missing, unreadable, not UTF-8 or not CSV, e.g. 'splits file'.
-    The rows' line numbers in the file are `2 + index` when no field spans lines."""
+    """(column names stripped of spaces, rows) of a CSV file with a header line (UTF-8;
+    Excel's byte-order mark dropped). `what` (e.g. 'splits file') names the file in the
+    one-line DataError when it is missing, unreadable, not UTF-8 or not CSV."""
     if not os.path.isfile(path):
         raise DataError(f'{what} not found: {path}')
     try:
@@ -82,7 +61,13 @@ def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Di
             raw = f.read()
     except OSError as e:
         raise DataError(f'{what} {path}: cannot read it ({e.strerror})') from None
-    text = _decode(path, raw, what)
+    try:
+        text = raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = raw.count(b'\n', 0, e.start) + 1
+        raise DataError(f'{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at '
+                        f'position {e.start}, line {line}): save it as UTF-8 CSV (in Excel: '
+                        f'"CSV UTF-8")') from None
     try:
         reader = csv.DictReader(io.StringIO(text, newline=''))
         columns = [c.strip() for c in (reader.fieldnames or ())]
@@ -94,11 +79,7 @@ def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Di
     return columns, rows
 
 
-# --------------------------------------------------------- failures of the environment
-
-# Errors that say the disk or the folder, not the input or the code, failed: the disk
-# or quota is full, the file system went read-only, the folder was deleted or its
-# permissions changed while the command ran, the storage failed.
+# The disk or the folder failed, not the input or the code.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.EACCES,
                       errno.EPERM, errno.EIO, errno.EFBIG, errno.ESTALE}
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -113,19 +94,17 @@ _ADVICE = {
     errno.ESTALE: 'the network file system dropped the file; start the command again',
     errno.EIO: 'the storage failed to read or write; check the disk',
 }
-# TensorStore (orbax's writer) reports an OS error in its own ValueError, e.g.
-# 'RESOURCE_EXHAUSTED: Error writing ... Failed writing: "/run/checkpoints/4.orbax-
-# checkpoint-tmp/state.orbax-checkpoint-tmp/d/1f82...": Failed to write 228689 bytes to
-# file 18: No space left on device [os_error_code='28']'.
+# TensorStore (orbax's writer) reports an OS error in its own ValueError: '... Failed
+# writing: "/run/checkpoints/4.orbax-checkpoint-tmp/...": ... [os_error_code='28']'.
 _TENSORSTORE_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
-# ... or only its status, as when the folder of a save in flight is deleted:
-# 'NOT_FOUND: Error opening "zarr" driver: Error writing ... at local file "/run/...": ...'
+# ... or only its status (the folder of a save in flight deleted): 'NOT_FOUND: ... at
+# local file "/run/...": ...'
 _STATUS_ERRNO = {'NOT_FOUND': errno.ENOENT, 'PERMISSION_DENIED': errno.EACCES}
 _TENSORSTORE_STATUS = re.compile(r'(NOT_FOUND|PERMISSION_DENIED): ')
 _LOCAL_FILE = re.compile(r'local file "(/[^"]+)"')
 _ORBAX_TMP = re.compile(r'\.orbax-checkpoint-tmp.*$')
-# atomic.atomic_write's temporary name: the user knows the file by its final name.
+# atomic_write's temporary name: the user knows the file by its final name.
 _ATOMIC_TMP = re.compile(r'\.tmp\d+$')
 
 
@@ -150,12 +129,10 @@ def _errno_and_path(error: BaseException) -> Tuple[Optional[int], Optional[str]]
 
 
 def environment_failure(error: BaseException) -> Optional[str]:
-    """One line for an error that is, or was raised from (`raise ... from`), an OS error
-    of ENVIRONMENT_ERRNOS, or that was raised while handling a full disk, a read-only
-    file system or an I/O error (as orbax's clean-up after a failed save is); None for
-    anything else. Only those unambiguous failures count when merely being handled: a
-    bug raised in an `except FileNotFoundError:` clause keeps its traceback. An orbax
-    checkpoint's temporary path is shortened to the checkpoint's folder."""
+    """One line for an error that is, or was raised from, an OS error of
+    ENVIRONMENT_ERRNOS, or was raised while handling a full disk, read-only file system
+    or I/O error (orbax's clean-up after a failed save); None otherwise. A bug raised in
+    an `except FileNotFoundError:` keeps its traceback."""
     seen, pending = set(), [(error, ENVIRONMENT_ERRNOS)]
     while pending:
         current, accepted = pending.pop(0)
@@ -183,30 +160,22 @@ def _message(code: int, path: Optional[str]) -> str:
     return f'{head} ({errno.errorcode.get(code, code)}); {_ADVICE[code]}'
 
 
-class _QuietEnvironmentTracebacks(logging.Filter):
-    """Drops the traceback (keeps the message) of log records about an environment
-    failure."""
-
-    def filter(self, record):
+@contextlib.contextmanager
+def quiet_environment_tracebacks(logger_name: str = 'absl'):
+    """For the body, `logger_name`'s records about an environment failure lose their
+    traceback: orbax logs one per thread of a failed save, pages before the command's own
+    one-line error. Tracebacks of bugs pass."""
+    def drop_traceback(record):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and environment_failure(exc) is not None:
             record.exc_info, record.exc_text = None, None
         return True
-
-
-@contextlib.contextmanager
-def quiet_environment_tracebacks(logger_name: str = 'absl'):
-    """For the body, records of `logger_name` about an environment failure keep their
-    message but lose their traceback: orbax logs (through absl's logger) every thread of
-    a failed background save with its traceback, pages of it before the command's own
-    one-line error says the same. Other records, tracebacks of bugs included, pass."""
     logger = logging.getLogger(logger_name)
-    log_filter = _QuietEnvironmentTracebacks()
-    logger.addFilter(log_filter)
+    logger.addFilter(drop_traceback)
     try:
         yield
     finally:
-        logger.removeFilter(log_filter)
+        logger.removeFilter(drop_traceback)
 
 
 def remove_temporaries(folder: str) -> None:

@@ -1,11 +1,7 @@
-"""Losses of docs/method.md §4 as pure functions.
-
-The cluster similarity is split in two: `cluster_similarity(reps, logits, gumbel)` takes
-the Gumbel noise as an argument (tests and PyTorch parity feed fixed noise), and
-`sampled_cluster_similarity` draws it. Shapes are static everywhere: the "mean over
-non-zero entries" of the original is a masked mean, never boolean indexing.
-Every loss computes and reduces in float32 whatever its inputs' dtype, so bfloat16
-compute (model.dtype) changes the network's arithmetic, never the loss's.
+"""Losses of docs/method.md §4 as pure functions, computed and reduced in float32 whatever
+the inputs' dtype. `cluster_similarity` takes the Gumbel noise as an argument (tests and
+PyTorch parity feed fixed noise). Shapes are static: the original's "mean over non-zero
+entries" is a masked mean.
 """
 import jax
 import jax.numpy as jnp
@@ -15,11 +11,8 @@ NORMALIZE_EPS = 1e-8  # the original's eps for F.normalize in the cluster loss
 
 
 def safe_norm(x, axis=-1, keepdims=True):
-    """L2 norm whose gradient at an all-zero row is 0, not NaN ("double where").
-
-    sqrt has an infinite derivative at 0; masking the input before the sqrt keeps the
-    backward pass finite, which is what PyTorch returns for an empty cluster's centroid.
-    """
+    """L2 norm whose gradient at an all-zero row is 0, as PyTorch's for an empty
+    cluster's centroid, not NaN ("double where")."""
     sq = jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)
     positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
@@ -31,8 +24,7 @@ def l2_normalize(x, eps=NORMALIZE_EPS):
 
 
 def cosine_similarity(a, b, eps=COSINE_EPS):
-    """Row-wise a.b / max(|a||b|, eps) (docs/method.md §4), in float32 whatever the
-    inputs' dtype."""
+    """Row-wise a.b / max(|a||b|, eps) in float32."""
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     dot = jnp.sum(a * b, axis=-1)
     return dot / jnp.maximum(safe_norm(a, keepdims=False) * safe_norm(b, keepdims=False), eps)
@@ -59,15 +51,9 @@ def straight_through_assignment(logits, gumbel):
 
 
 def cluster_similarity(reps, logits, gumbel):
-    """Mean pairwise cosine between the centroids of the non-empty clusters (docs/method.md §4).
-
-    Args:
-      reps: [N, D] representations (both views stacked); no gradient flows into them.
-      logits: [N, K] cluster logits.
-      gumbel: [N, K] Gumbel(0, 1) noise.
-    Returns:
-      The scalar S. With at most one non-empty cluster S = 1 and its gradient is 0.
-    """
+    """S, the mean pairwise cosine between the centroids of the non-empty clusters of
+    [N, D] `reps` (no gradient into them) by [N, K] `logits` + Gumbel noise; 1 (zero
+    gradient) with at most one non-empty cluster."""
     reps = l2_normalize(jax.lax.stop_gradient(reps.astype(jnp.float32)))
     assign = straight_through_assignment(logits.astype(jnp.float32), gumbel.astype(jnp.float32))
     counts = jnp.sum(assign, axis=0)
@@ -86,8 +72,3 @@ def cluster_similarity(reps, logits, gumbel):
 
 def sample_gumbel(key, shape, dtype=jnp.float32):
     return jax.random.gumbel(key, shape, dtype)
-
-
-def sampled_cluster_similarity(key, reps, logits):
-    """cluster_similarity with fresh Gumbel noise drawn from `key`."""
-    return cluster_similarity(reps, logits, sample_gumbel(key, logits.shape))

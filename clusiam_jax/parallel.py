@@ -29,12 +29,8 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-    """Joins a multi-process run (TPU pod slice, multi-node GPU, or local CPU processes).
-
-    Without arguments jax.distributed.initialize() finds the coordinator itself on TPU
-    and under SLURM (or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
-    CPU processes need the gloo collectives, which must be chosen before initializing.
-    """
+    """Joins a multi-process run; without arguments JAX finds the coordinator on TPU,
+    under SLURM or from JAX_COORDINATOR_ADDRESS etc. CPU processes need gloo, chosen first."""
     if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator_address,

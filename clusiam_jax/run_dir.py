@@ -1,16 +1,9 @@
-"""A run's work directory: what a run is, on disk, for everything that reads one.
-
-  config.json          the full config (today's defaults fill keys an older run lacks)
-  normalization.json   the per-channel mean/std the run trained with, and where they came
-                       from: written when training starts, so export and conversion never
-                       rescan the data set
-  checkpoints/<step>/  orbax checkpoints (checkpoint.py)
-
-Training writes it, export, `convert to-torch` and evaluation read it, and
-`convert from-torch` writes one from an original PyTorch checkpoint: one reader and one
-writer serve them all. Reading restores the weights only (parameters and BatchNorm
-statistics): no optimizer is built, nothing from `train/` is imported.
+"""A run's work directory, for everything that reads or writes one: config.json (today's
+defaults fill keys an older run lacks), normalization.json (the mean/std it trained with,
+so export and conversion never rescan the data) and checkpoints/<step>/. Reading restores
+the weights only: no optimizer is built, nothing from `train/` is imported.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,7 +13,7 @@ from typing import Optional, Tuple
 import jax
 import ml_collections
 
-from clusiam_jax import parallel
+from clusiam_jax import fileio, parallel
 from clusiam_jax.checkpoint import BEST_DIR, BEST_JSON, LATEST_DIR, Checkpointer
 from clusiam_jax.config import default_config, validate_model
 from clusiam_jax.errors import CheckpointError, ConfigError
@@ -35,9 +28,7 @@ NORMALIZATION_NAME = 'normalization.json'
 
 def _tuples(value):
     """JSON lists -> tuples (ConfigDict's tuple fields, e.g. data.mean, reject lists)."""
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _merge(dst, src, prefix=''):
@@ -53,14 +44,6 @@ def _merge(dst, src, prefix=''):
 
 def config_text(config) -> str:
     return config.to_json_best_effort(indent=2, sort_keys=True)
-
-
-def write_text_atomically(path: str, text: str):
-    """Temporary file, then rename: a crash never leaves half a file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def is_run_dir(path: str) -> bool:
@@ -91,7 +74,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def write_run_config(workdir: str, config):
-    write_text_atomically(os.path.join(workdir, CONFIG_NAME), config_text(config))
+    fileio.write_text(os.path.join(workdir, CONFIG_NAME), config_text(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +89,12 @@ class Normalization:
 
 
 def write_normalization(workdir: str, normalization: Normalization):
-    write_text_atomically(os.path.join(workdir, NORMALIZATION_NAME),
-                          json.dumps(normalization.to_json(), indent=2) + '\n')
+    fileio.write_json(os.path.join(workdir, NORMALIZATION_NAME), normalization.to_json())
 
 
 def read_normalization(workdir: str, fallback_config=None) -> Optional[Normalization]:
-    """What the run recorded in normalization.json; without it (runs of older versions,
-    imports without --mean/--std), `fallback_config`'s data.mean/std when set; else None."""
+    """normalization.json; without it (older runs, imports without --mean/--std),
+    `fallback_config`'s data.mean/std when set; else None."""
     path = os.path.join(workdir, NORMALIZATION_NAME)
     if os.path.isfile(path):
         with open(path) as f:
@@ -124,10 +106,9 @@ def read_normalization(workdir: str, fallback_config=None) -> Optional[Normaliza
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f'{path} is damaged ({e}); delete it and give '
                                       f'--config.data.mean/std') from None
-    config = fallback_config
-    if config is not None and config.data.mean is not None and config.data.std is not None:
-        return Normalization(tuple(config.data.mean), tuple(config.data.std),
-                             "the run config's data.mean/std")
+    data = fallback_config.data if fallback_config is not None else None
+    if data is not None and data.mean is not None and data.std is not None:
+        return Normalization(tuple(data.mean), tuple(data.std), "the run config's data.mean/std")
     return None
 
 
@@ -180,16 +161,13 @@ def load_run(workdir: str, step=None, mesh=None) -> Run:
     mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
     replicated = parallel.replicated(mesh)
     shapes = abstract_weights(config)
-    abstract = {name: jax.tree.map(
+    abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        getattr(shapes, name)) for name in Weights.__dataclass_fields__}
-    best = step == 'best'
-    step = None if step in ('latest', 'best') else step
-    checkpointer = Checkpointer(workdir, create=False, subdir=BEST_DIR if best else LATEST_DIR)
-    try:
-        restored = checkpointer.restore_weights(checkpointer.checked_step(step), abstract)
-    finally:
-        checkpointer.close()
+        {name: getattr(shapes, name) for name in Weights.__dataclass_fields__})
+    subdir = BEST_DIR if step == 'best' else LATEST_DIR
+    with contextlib.closing(Checkpointer(workdir, create=False, subdir=subdir)) as checkpointer:
+        step = checkpointer.checked_step(None if step in ('latest', 'best') else step)
+        restored = checkpointer.restore_weights(step, abstract)
     return Run(workdir=os.path.abspath(workdir), config=config,
                network=build_network(config.model), weights=Weights(**restored),
                normalization=read_normalization(workdir, config))
@@ -201,9 +179,6 @@ def write_run(workdir: str, config, state, normalization: Optional[Normalization
     write_run_config(workdir, config)
     if normalization is not None:
         write_normalization(workdir, normalization)
-    checkpointer = Checkpointer(workdir)
-    try:
+    with contextlib.closing(Checkpointer(workdir)) as checkpointer:
         checkpointer.save(int(state.step), state)
-    finally:
-        checkpointer.close()
 

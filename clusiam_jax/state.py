@@ -1,11 +1,6 @@
-"""What a run learns, as pytrees: the full train state, and the weights inference needs.
-
-The BYOL-type target (EMA copy of the encoder) keeps its own BatchNorm statistics, which
-come from its own training-mode forward passes and are never averaged (docs/method.md
-§5). For SimSiam-type methods the target fields are empty dicts.
-
-`Weights` is the part of a checkpoint that export and conversion read (parameters and
-BatchNorm statistics, online and target): restoring it needs no optimizer.
+"""What a run learns, as pytrees: the full train state, and the `Weights` export and
+conversion read (restoring them needs no optimizer). The BYOL-type target keeps its own
+BatchNorm statistics, never averaged (docs/method.md §5); SimSiam-type: empty dicts.
 """
 from typing import Any
 
@@ -44,15 +39,14 @@ class TrainState(flax.struct.PyTreeNode):
 
 def init_weights(network, has_target: bool, seed: int, image_size: int) -> Weights:
     """Freshly initialised weights at step 0 (the target an exact copy of the encoder)."""
-    # Parameters are drawn with the 'rbg' generator: one XLA op per draw instead of an
-    # unrolled threefry, which compiles much faster on CPU. Its values are a
-    # deterministic function of the seed on a given backend.
+    # 'rbg': one XLA op per draw instead of an unrolled threefry (far faster to compile
+    # on CPU); deterministic in the seed on a given backend.
     init_key = jax.random.key(seed, impl='rbg')
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = network.init(init_key, dummy, train=True)
     params, batch_stats = variables['params'], variables['batch_stats']
     if has_target:
-        # The target starts as an exact copy of the online encoder, as deepcopy in the original.
+        # An exact copy of the online encoder, as deepcopy in the original.
         target_params = jax.tree.map(jnp.copy, params['encoder'])
         target_batch_stats = jax.tree.map(jnp.copy, batch_stats['encoder'])
     else:
@@ -61,18 +55,14 @@ def init_weights(network, has_target: bool, seed: int, image_size: int) -> Weigh
                    target_params=target_params, target_batch_stats=target_batch_stats)
 
 
-def train_rng(seed: int) -> jax.Array:
-    """The training stream (Gumbel noise, on-device augmentation): threefry, whose values
-    do not depend on how the batch is sharded."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-
-
 def state_from_weights(weights: Weights, tx, seed: int) -> TrainState:
-    """A TrainState around given weights with a fresh optimizer state."""
+    """A TrainState around given weights with a fresh optimizer state. The training
+    stream (Gumbel noise, on-device augmentation) is threefry: sharding-independent."""
     return TrainState(step=weights.step, params=weights.params,
                       batch_stats=weights.batch_stats, opt_state=tx.init(weights.params),
                       target_params=weights.target_params,
-                      target_batch_stats=weights.target_batch_stats, rng=train_rng(seed))
+                      target_batch_stats=weights.target_batch_stats,
+                      rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
 
 
 def create_train_state(network, tx, has_target: bool, seed: int, image_size: int) -> TrainState:

@@ -1,20 +1,10 @@
-"""BatchNorm with PyTorch's semantics, so running statistics match the original's.
-
-Training mode normalizes with the biased batch variance (as both frameworks do), but
-PyTorch's running variance averages the *unbiased* batch variance (n / (n - 1) times the
-biased one), where flax.linen.BatchNorm averages the biased one. The running statistics
-are what inference-mode embeddings (export, kNN, DSMIL) are computed with, so the
-faithful default keeps PyTorch's. Variable names match flax.linen.BatchNorm (`scale`,
-`bias`; `mean`, `var`), so checkpoints and the PyTorch key mapping are unchanged.
-
-Statistics are computed in float32 whatever the compute dtype, over every axis but the
-last; under jit with a batch-sharded input that is the global batch.
-
-Training-mode normalization has a hand-written gradient (`normalize_with_batch_stats`):
-the textbook BatchNorm backward, two reductions and one elementwise pass. Autodiff of
-the two-pass variance gives the same values in more passes over the activations, which
-on large maps costs a visible share of the step (README, "Measured results";
-`python -m bench.conv_kernels --torch`).
+"""BatchNorm with PyTorch's semantics, so running statistics (what export, kNN and DSMIL
+embed with) match the original's: the running variance averages the *unbiased* batch
+variance, where flax.linen.BatchNorm averages the biased one. Variable names are flax's
+(`scale`, `bias`; `mean`, `var`). Statistics are float32 over every axis but the last: the
+global batch under jit with a batch-sharded input. Training-mode normalization has the
+textbook backward (two reductions, one elementwise pass), fewer passes than autodiff of
+the two-pass variance (README, "Measured results").
 """
 from functools import partial
 from typing import Any, Callable
@@ -35,11 +25,8 @@ def batch_moments(x32, axes):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def normalize_with_batch_stats(x, scale, bias, epsilon: float, out_dtype):
-    """(x - batch mean) / sqrt(batch var + eps) * scale + bias over all axes but the last.
-
-    x in any float dtype (kept as the backward's residual, so bf16 activations stay bf16),
-    float32 statistics, scale and bias; the result in `out_dtype`.
-    """
+    """(x - batch mean) / sqrt(batch var + eps) * scale + bias over all axes but the last;
+    x is the backward's residual in its own dtype (bf16 stays bf16), the rest float32."""
     return _normalize_fwd(x, scale, bias, epsilon, out_dtype)[0]
 
 
@@ -70,8 +57,6 @@ normalize_with_batch_stats.defvjp(_normalize_fwd, _normalize_bwd)
 
 class BatchNorm(nn.Module):
     use_running_average: bool
-    momentum: float = BN_MOMENTUM
-    epsilon: float = BN_EPSILON
     dtype: Any = jnp.float32
     use_scale: bool = True
     use_bias: bool = True
@@ -89,15 +74,22 @@ class BatchNorm(nn.Module):
                 if self.use_bias else jnp.zeros((features,), jnp.float32))
         if self.use_running_average:
             y = ((x.astype(jnp.float32) - running_mean.value)
-                 * jax.lax.rsqrt(running_var.value + self.epsilon))
+                 * jax.lax.rsqrt(running_var.value + BN_EPSILON))
             return (y * scale + bias).astype(self.dtype)
         if not self.is_initializing():
-            # The running averages see the same statistics as the normalization (XLA
-            # computes them once); no gradient flows through them.
+            # The normalization's statistics (XLA computes them once), without gradient.
             mean, var = batch_moments(jax.lax.stop_gradient(x).astype(jnp.float32), axes)
             n = x.size // features
             unbiased = var * (n / max(n - 1, 1))
-            m = self.momentum
+            m = BN_MOMENTUM
             running_mean.value = m * running_mean.value + (1 - m) * mean
             running_var.value = m * running_var.value + (1 - m) * unbiased
-        return normalize_with_batch_stats(x, scale, bias, self.epsilon, self.dtype)
+        return normalize_with_batch_stats(x, scale, bias, BN_EPSILON, self.dtype)
+
+
+def batch_norm(train: bool, dtype: Any, name: str, zero_init: bool = False,
+               affine: bool = True) -> BatchNorm:
+    """BatchNorm in `train` mode or inference; `zero_init`: a residual block's last BN
+    (the original's zero_init_residual); `affine=False`: no scale and bias."""
+    return BatchNorm(not train, dtype, affine, affine,
+                     nn.initializers.zeros if zero_init else nn.initializers.ones, name=name)

@@ -1,38 +1,24 @@
-"""2-D convolution for the ResNet: XLA's, or XLA's tuned for XLA:CPU.
+"""2-D convolution for the ResNet: XLA's, or XLA's tuned for XLA:CPU (`conv_impl='im2col'`).
 
-Measured on CPU (README, "Measured results"; `python -m bench.conv_kernels`), XLA:CPU
-has slow paths that dominate a ResNet training step:
-
-* by default it runs convolutions through YNNPACK, whose forward kernels were slower
-  than XLA's own (Eigen) ones; `compiler_options` turns YNNPACK off for convolutions
-  only (its dots and reductions stay);
-* a convolution whose input or output map is smaller than its kernel (2 x 2 maps in
-  layer4 at 64 px input) is many times slower than the same work as matrix products,
-  forward and backward;
-* the filter gradient of the 1x1 strided downsample is slower than one matrix product;
-* XLA fuses a convolution input's producers (BatchNorm, residual add, ReLU) into the
-  transpose its filter gradient makes of that input, recomputing them there.
-
-`conv_impl='im2col'` keeps XLA's convolutions (without YNNPACK) where they are fast, behind
-a `fusion_barrier`, and computes the rest as matrix products: maps smaller than the kernel
-as one product per kernel tap over the real (unpadded) input, 1x1 kernels' filter gradient
-as one product. The maths is the same convolution, only the summation order differs. The
-ResNet's max-pool gets the same treatment (`max_pool`): its gradient as strided window
-selects instead of JAX's index-map reduce-window.
-On GPU/TPU the vendor convolutions are fast in both directions, so `auto` picks XLA's
-there and this path on CPU.
+XLA:CPU has slow paths that dominate a ResNet step (README, "Measured results";
+`python -m bench.conv_kernels`): YNNPACK's convolutions (`compiler_options` turns them
+off), maps smaller than the kernel, the 1x1 strided filter gradient, and fusing a
+convolution input's producers into the transpose of its filter gradient. 'im2col' keeps
+XLA's convolutions behind a `fusion_barrier` where they are fast and computes the rest as
+matrix products (per kernel tap over real input; the 1x1 filter gradient as one product);
+the max-pool's gradient becomes strided window selects. Same maths, another summation
+order. `auto` picks XLA's on GPU/TPU, whose vendor convolutions are fast.
 """
 from functools import partial
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 CONV_IMPLS = ('auto', 'xla', 'im2col')
-# XLA:CPU's YNNPACK library fusions without INDIVIDUAL_CONVOLUTION: the default set is
-# these two plus it (same compiled dots and reductions as with the default);
-# tests/test_conv.py checks that the installed jaxlib accepts the option.
+# XLA:CPU's default YNNPACK fusions less INDIVIDUAL_CONVOLUTION (tests/test_conv.py checks
+# that the installed jaxlib accepts the option).
 _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 # flax.linen.Conv lays out NHWC inputs and HWIO kernels as these (lhs, rhs, out) specs.
@@ -47,12 +33,8 @@ def resolve_conv_impl(name: str) -> str:
 
 
 def compiler_options(impl: str):
-    """`jax.jit(..., compiler_options=...)` for code that runs the ResNet with `impl`.
-
-    For 'im2col' on the CPU backend, XLA's own convolution kernels instead of YNNPACK's
-    (module docstring); None (XLA's defaults) otherwise. Every jit of the network (train
-    step, export) passes it: per compilation, so nothing else in the process changes.
-    """
+    """`jax.jit(..., compiler_options=...)` for every jit of a network run with `impl`
+    (per compilation, so nothing else in the process changes); None for XLA's defaults."""
     if resolve_conv_impl(impl) == 'im2col' and jax.default_backend() == 'cpu':
         return dict(_CPU_COMPILER_OPTIONS)
     return None
@@ -63,8 +45,9 @@ def _xla_conv(x, w, strides, padding):
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _output_size(size, kernel, stride, pad):
-    return (size + pad[0] + pad[1] - kernel) // stride + 1
+def _output_hw(x_shape, kernel_hw, strides, padding):
+    return tuple((x_shape[1 + a] + sum(padding[a]) - kernel_hw[a]) // strides[a] + 1
+                 for a in (0, 1))
 
 
 def _strided_window(x, window, strides):
@@ -76,8 +59,7 @@ def _strided_window(x, window, strides):
 
 def _tap_windows(x, kernel_hw, strides, padding, pad_value=0.0):
     """For each kernel tap (i, j), row-major: the [N, Ho, Wo, C] input window it sees."""
-    ho = _output_size(x.shape[1], kernel_hw[0], strides[0], padding[0])
-    wo = _output_size(x.shape[2], kernel_hw[1], strides[1], padding[1])
+    ho, wo = _output_hw(x.shape, kernel_hw, strides, padding)
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)),
                 constant_values=pad_value)
     return [_strided_window(x, (i, j, ho, wo), strides)
@@ -85,23 +67,18 @@ def _tap_windows(x, kernel_hw, strides, padding, pad_value=0.0):
 
 
 def _valid_range(size, out_size, tap, stride, pad_before):
-    """(first output index, count) whose input index o * stride + tap - pad_before is in
-    [0, size): the outputs this kernel tap sees real input for, along one axis."""
+    """(first output, count) whose input o * stride + tap - pad_before is in [0, size)."""
     first = max(0, -(-(pad_before - tap) // stride))
     last = min(out_size - 1, (size - 1 + pad_before - tap) // stride)
     return first, last - first + 1
 
 
 def _valid_taps(x_shape, w_shape, strides, padding):
-    """Per kernel tap that meets real input: (i, j, input window, output rectangle).
-
-    The input window is (top, left, rows, cols) with the convolution's stride; the output
-    rectangle is (first row, rows, first col, cols). Taps that only meet padding are left
-    out: they add nothing to the output and get a zero filter gradient.
-    """
+    """Per kernel tap that meets real input: (i, j, input window (top, left, rows, cols),
+    output rectangle (first row, rows, first col, cols)); taps that only meet padding add
+    nothing and get a zero filter gradient."""
     kh, kw = w_shape[:2]
-    ho = _output_size(x_shape[1], kh, strides[0], padding[0])
-    wo = _output_size(x_shape[2], kw, strides[1], padding[1])
+    ho, wo = _output_hw(x_shape, (kh, kw), strides, padding)
     taps = []
     for i in range(kh):
         h0, hn = _valid_range(x_shape[1], ho, i, strides[0], padding[0][0])
@@ -116,7 +93,7 @@ def _valid_taps(x_shape, w_shape, strides, padding):
 
 def _place(product, at, size, stride):
     """Zero-pad a [N, rows, cols, C] product into a [N, *size, C] map at `at`, spaced by
-    `stride` (the transpose of `_strided_window`, or of a rectangle slice for stride 1)."""
+    `stride` (the transpose of `_strided_window`)."""
     (top, left), (rows, cols) = at, product.shape[1:3]
     config = [(0, 0, 0),
               (top, size[0] - top - stride[0] * (rows - 1) - 1, stride[0] - 1),
@@ -125,17 +102,17 @@ def _place(product, at, size, stride):
     return lax.pad(product, jnp.zeros((), product.dtype), config)
 
 
+def _keep_inputs(f):
+    """The forward rule of a custom_vjp conv that keeps its inputs as residuals."""
+    return lambda x, w, strides, padding: (f(x, w, strides, padding), (x, w))
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _valid_tap_conv(x, w, strides, padding):
-    """The convolution as one matrix product per kernel tap, over real input only.
-
-    For maps smaller than the kernel most (tap, output) pairs read padding: on a 2 x 2 map
-    a 3x3 kernel meets real input in 16 of its 36 pairs. Patch columns ("im2col") multiply
-    the padding zeros too; here each tap multiplies only the output rectangle whose inputs
-    are real, then pads its product back in place. The gradients are the same per-tap
-    products, hand-written so the filter gradient is one stack of the taps (autodiff
-    summed kh * kw zero-padded copies of the whole kernel, a slow fusion in the profile).
-    """
+    """The convolution as one matrix product per kernel tap over real input only: on a
+    2 x 2 map a 3x3 kernel meets real input in 16 of 36 (tap, output) pairs, and im2col
+    would multiply the padding too. The backward stacks the taps' filter gradients
+    (autodiff summed kh * kw zero-padded kernels, a slow fusion)."""
     taps, out_size = _valid_taps(x.shape, w.shape, strides, padding)
     out = jnp.zeros((x.shape[0], *out_size, w.shape[-1]), jnp.float32)
     for i, j, window, (h0, _, w0, _) in taps:
@@ -143,10 +120,6 @@ def _valid_tap_conv(x, w, strides, padding):
                              preferred_element_type=jnp.float32)
         out = out + _place(product, (h0, w0), out_size, (1, 1))
     return out.astype(x.dtype)
-
-
-def _valid_tap_conv_fwd(x, w, strides, padding):
-    return _valid_tap_conv(x, w, strides, padding), (x, w)
 
 
 def _valid_tap_conv_bwd(strides, padding, residuals, g):
@@ -167,69 +140,40 @@ def _valid_tap_conv_bwd(strides, padding, residuals, g):
     return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
-_valid_tap_conv.defvjp(_valid_tap_conv_fwd, _valid_tap_conv_bwd)
+_valid_tap_conv.defvjp(_keep_inputs(_valid_tap_conv), _valid_tap_conv_bwd)
 
 
-def _tiny_map(x, w, strides, padding) -> bool:
-    """Input or output map smaller than the kernel: XLA:CPU's slow convolution path.
-
-    E.g. at 64 px input, layer4's 3x3 convolutions see 2 x 2 maps and its strided one
-    makes 2 x 2 maps from 4 x 4; per-tap products are far faster there, forward and
-    backward (`python -m bench.conv_kernels`).
-    """
-    kh, kw = w.shape[:2]
-    out_h = _output_size(x.shape[1], kh, strides[0], padding[0])
-    out_w = _output_size(x.shape[2], kw, strides[1], padding[1])
-    return min(x.shape[1], out_h) < kh or min(x.shape[2], out_w) < kw
-
-
-def im2col_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
+def im2col_conv(x, w, strides, padding):
     """NHWC x HWIO convolution whose slow XLA:CPU parts are matrix products."""
-    if _tiny_map(x, w, strides, padding):
+    kh, kw = w.shape[:2]
+    out_h, out_w = _output_hw(x.shape, (kh, kw), strides, padding)
+    if min(x.shape[1], out_h) < kh or min(x.shape[2], out_w) < kw:  # a map < the kernel
         return _valid_tap_conv(x, w, strides, padding)
-    if w.shape[:2] == (1, 1):
+    if (kh, kw) == (1, 1):
         return _pointwise_conv(x, w, strides, padding)
-    # With compiler_options, XLA's own kernels beat per-tap matmuls on these maps in every
-    # direction, the filter gradient included.
+    # Without YNNPACK, XLA's kernels beat per-tap products here in every direction.
     return _xla_conv(fusion_barrier(x), w, strides, padding)
 
 
 @jax.custom_vjp
 def fusion_barrier(x):
-    """x, materialized: XLA cannot fuse x's producers into x's consumers.
-
-    XLA's filter gradient of a convolution reads its input transposed (batch <-> channel);
-    XLA:CPU fuses the input's producers (BatchNorm, residual add, ReLU) into that
-    transpose, recomputing them in a cache-hostile order (the profile before and after is
-    in the README, from `python -m bench.profile_step`).
-    `lax.optimization_barrier` does not help: XLA:CPU removes it before fusion. An
-    identity `lax.cond` on a runtime predicate does, as XLA never fuses across a
-    conditional. The cotangent passes straight through (a conditional there was slower).
-    """
-    return _identity_conditional(x)
-
-
-def _identity_conditional(x):
+    """x, materialized: XLA:CPU cannot fuse x's producers (BatchNorm, residual add, ReLU)
+    into the batch <-> channel transpose of a filter gradient, which recomputed them in a
+    cache-hostile order. `lax.optimization_barrier` is removed before fusion; XLA never
+    fuses across a conditional. The cotangent passes straight through."""
     # True unless x[0, 0, 0, 0] is NaN; both branches return x, so the value is x anyway.
     first = x[(0,) * x.ndim]
     return lax.cond(first == first, lambda v: v, lambda v: v * 1, x)
 
 
-fusion_barrier.defvjp(lambda x: (_identity_conditional(x), None), lambda _, g: (g,))
+fusion_barrier.defvjp(lambda x: (fusion_barrier(x), None), lambda _, g: (g,))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _pointwise_conv(x, w, strides, padding):
-    """A 1x1 convolution whose filter gradient is one matrix product.
-
-    XLA's filter-gradient convolution for the strided 1x1 downsample is slower than
-    (strided input window)^T @ (output gradient).
-    """
+    """A 1x1 convolution whose filter gradient is one matrix product (XLA's is slower for
+    the strided downsample)."""
     return _xla_conv(x, w, strides, padding)
-
-
-def _pointwise_conv_fwd(x, w, strides, padding):
-    return _pointwise_conv(x, w, strides, padding), (x, w)
 
 
 def _pointwise_conv_bwd(strides, padding, residuals, g):
@@ -238,14 +182,13 @@ def _pointwise_conv_bwd(strides, padding, residuals, g):
     _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
     (dx,) = input_vjp(g)
     (window,) = _tap_windows(x, (1, 1), strides, padding)
-    # g^T @ window, then transposed: a throwaway in-process A/B found it a little faster
-    # per step than window^T @ g at 224 and 64 px.
+    # g^T @ window, then transposed (a little faster than window^T @ g).
     dw = jnp.matmul(g.reshape(-1, w.shape[-1]).T, window.reshape(-1, x.shape[-1]),
                     preferred_element_type=jnp.float32).T
     return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
-_pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
+_pointwise_conv.defvjp(_keep_inputs(_pointwise_conv), _pointwise_conv_bwd)
 
 
 def flax_conv_fn(impl: str):
@@ -270,16 +213,10 @@ def flax_conv_fn(impl: str):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def tap_max_pool(x, window: Tuple[int, int], strides: Tuple[int, int],
-                 padding: Tuple[Tuple[int, int], ...]):
-    """NHWC max pooling (padding never wins) whose gradient is elementwise work.
-
-    JAX differentiates reduce_window(max) through a variadic reduce-window that carries
-    s32 index maps of the padded input; on XLA:CPU those index maps and that reduction
-    were a large share of a ResNet-18 step at 224 px. Here the gradient goes, per
-    output, to the first input in row-major window order that equals the max (as
-    PyTorch's max_pool2d), through one strided window per tap.
-    """
+def tap_max_pool(x, window, strides, padding):
+    """NHWC max pooling (padding never wins) whose gradient goes, per output, to the first
+    input in row-major window order equal to the max (as PyTorch's), through one strided
+    window per tap: JAX's gradient carries s32 index maps, slow on XLA:CPU."""
     return _xla_max_pool(x, window, strides, padding)
 
 
@@ -289,23 +226,22 @@ def _xla_max_pool(x, window, strides, padding):
                              ((0, 0), *padding, (0, 0)))
 
 
-def _tap_max_pool_fwd(x, window, strides, padding):
-    y = tap_max_pool(x, window, strides, padding)
-    return y, (x, y)
-
-
 def _tap_max_pool_bwd(window, strides, padding, residuals, g):
     x, y = residuals
-    windows_of = lambda x_: _tap_windows(x_, window, strides, padding, -jnp.inf)
-    windows, scatter_back = jax.vjp(windows_of, x)
+    windows, scatter_back = jax.vjp(
+        lambda x_: _tap_windows(x_, window, strides, padding, -jnp.inf), x)
     taken = jnp.zeros(y.shape, bool)
     routed = []
     for tap in windows:  # row-major, so a tie goes to the first maximum
         hit = (tap == y) & ~taken
         taken = taken | hit
         routed.append(jnp.where(hit, g, jnp.zeros_like(g)))
-    (dx,) = scatter_back(routed)
-    return (dx,)
+    return scatter_back(routed)
+
+
+def _tap_max_pool_fwd(x, window, strides, padding):
+    y = tap_max_pool(x, window, strides, padding)
+    return y, (x, y)
 
 
 tap_max_pool.defvjp(_tap_max_pool_fwd, _tap_max_pool_bwd)

@@ -1,8 +1,5 @@
-"""The four methods' networks: encoder (backbone + projector), predictor, cluster head.
-
-One Flax module, `SSLNetwork`, is applied once per view (per-view BatchNorm, docs/method.md §3).
-Its `encoder` sub-tree is exactly what the BYOL-type target network holds, so the EMA
-target is `Encoder` applied to a copy of `params['encoder']`.
+"""The four methods' networks: `SSLNetwork`, applied once per view (per-view BatchNorm,
+docs/method.md §3). Its `encoder` sub-tree is what the BYOL-type EMA target holds.
 """
 import dataclasses
 from typing import Any
@@ -16,21 +13,12 @@ from clusiam_jax.models.resnet import BACKBONES, FEATURE_WIDTH
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """What distinguishes the methods, besides the config's sizes."""
-    invariance: str          # 'simsiam' (-cos) or 'byol' (1 - cos against an EMA target)
+    has_target: bool         # BYOL-type: 1 - cos against an EMA target; else SimSiam's -cos
     has_cluster_head: bool
 
-    @property
-    def has_target(self) -> bool:
-        return self.invariance == 'byol'
 
-
-METHOD_SPECS = {
-    'clusiam': MethodSpec('simsiam', True),
-    'clubyol': MethodSpec('byol', True),
-    'simsiam': MethodSpec('simsiam', False),
-    'byol': MethodSpec('byol', False),
-}
+METHOD_SPECS = {'clusiam': MethodSpec(False, True), 'clubyol': MethodSpec(True, True),
+                'simsiam': MethodSpec(False, False), 'byol': MethodSpec(True, False)}
 
 
 class Encoder(nn.Module):
@@ -50,25 +38,21 @@ class Encoder(nn.Module):
 
 
 class SSLNetwork(nn.Module):
-    """The online network of one method, applied to one view.
-
-    Returns a dict: `features` (pooled backbone output, what evaluation uses), `z`
-    (projection), `p` (prediction) and, with a cluster head, `logits` (cluster logits).
-    """
+    """One method's online network on one view: {'features' (pooled backbone, what
+    evaluation uses), 'z' (projection), 'p' (prediction), 'logits' (with a cluster head)}."""
     method: str
     backbone: str = 'resnet18'
     feat_size: int = 2048
     pred_hidden: int = 512
     num_clusters: int = 100
     dtype: Any = jnp.float32
-    conv_impl: str = 'auto'   # how convolutions are computed (models/conv.py); same maths
+    conv_impl: str = 'auto'   # models/conv.py
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         spec = METHOD_SPECS[self.method]
         features, z = Encoder(self.backbone, self.feat_size, self.dtype, self.conv_impl,
                               name='encoder')(x, train)
-        # SimSiam's predictor has no first bias (it is followed by BN); BYOL's has one.
         p = Predictor(self.pred_hidden, self.feat_size, first_bias=spec.has_target,
                       dtype=self.dtype, name='predictor')(z, train)
         out = {'features': features, 'z': z, 'p': p.astype(jnp.float32)}

@@ -1,11 +1,7 @@
-"""The network's input: images -> normalized arrays, one function for training, export and
-on-device augmentation (docs/method.md §1, step 6); and inference on images, one function
-for the export and the training monitor (docs/method.md §7, §6).
-
-Views leave the data pipeline as uint8 [0, 255] (a quarter of float32's bytes to copy to
-the device); on-device augmentation hands over float32 in [0, 1]. Both are normalized here
-with the run's per-channel mean and std, as torchvision's ToTensor + Normalize, then cast
-to the network's compute dtype.
+"""The network's input, one function for training, export and on-device augmentation
+(docs/method.md §1, step 6): uint8 [0, 255] views (a quarter of float32's bytes to copy)
+or float32 [0, 1] ones, normalized as torchvision's ToTensor + Normalize; and inference on
+images for the export and the training monitor (§7, §6).
 """
 import jax.numpy as jnp
 
