@@ -1,31 +1,13 @@
-"""Region annotations on a slide: reading QuPath GeoJSON and ASAP XML, labelling patches by
-the region they fall in, drawing outlines on a thumbnail (export/qupath.py writes the
-cluster tiles QuPath imports).
+"""Region annotations: reading QuPath GeoJSON and ASAP XML (told by content: a `.json`
+may be either), labelling patches by the region they fall in, drawing outlines on a
+thumbnail. Coordinates are level-0 pixels everywhere, so annotations and patches line up.
 
-All coordinates are level-0 slide pixels, x to the right and y down, in every format read
-or written here, so an annotation, a patch's top-left corner and a tile written back line
-up without any conversion.
-
-Formats read (chosen by content, not by extension, since `.json` files can hold either):
-
-  QuPath GeoJSON   a FeatureCollection, a single Feature, or a bare list of Features (what
-                   QuPath before 0.3 wrote). Polygon and MultiPolygon geometries are kept,
-                   holes included; features with no area (points, lines) are skipped. The
-                   class is `properties.classification.name` (or `classification` itself
-                   when it is a string), else `properties.name`, else 'annotation'.
-  ASAP XML         the Camelyon16/17 format. The class is the `PartOfGroup` attribute (else
-                   `Name`); Polygon, Spline and Rectangle annotations give polygons (a
-                   spline is taken as the polygon through its control points), Dot and
-                   PointSet are skipped. In Camelyon16 the groups `_0` and `_1` are tumour
-                   and `_2` marks exclusion regions (normal tissue drawn inside a tumour
-                   outline). The names are kept as written: `label_points` gives a point
-                   inside several regions the class of the smallest one, so an exclusion
-                   drawn inside a tumour wins over the tumour around it.
-
-Self-intersecting polygons (common in hand-drawn outlines) are repaired with
-`shapely.make_valid`, keeping only the polygonal parts.
-
-Nothing here imports JAX: it runs inside data worker processes as well.
+GeoJSON: a FeatureCollection, a Feature, or a bare list of Features (QuPath before 0.3);
+the class is `classification.name` (or a string `classification`), else `name`. ASAP XML
+(Camelyon16/17): the class is `PartOfGroup`, else `Name`; splines are taken as the polygon
+through their control points. Names are kept as written: a point inside several regions
+gets the smallest one's class, so a Camelyon16 exclusion (`_2`) drawn inside a tumour wins.
+Arealess shapes are skipped; self-intersecting outlines are repaired (shapely.make_valid).
 """
 import colorsys
 import dataclasses
@@ -61,8 +43,7 @@ _DRAW_SHIFT = 4
 
 @dataclasses.dataclass(frozen=True)
 class Annotation:
-    """One annotated region: its class name and its outline (holes included) in level-0
-    pixels."""
+    """One annotated region: its class and outline (holes included), level-0 px."""
     name: str
     geometry: object  # shapely Polygon or MultiPolygon
 
@@ -70,12 +51,8 @@ class Annotation:
 # ------------------------------------------------------------------------ reading
 
 def read_annotations(path: str) -> List[Annotation]:
-    """The polygonal annotations of a QuPath GeoJSON or ASAP XML file, in file order.
-
-    The format is told from the content (a `.json` may be either); a file that cannot be
-    read, parsed, or holds no polygon at all raises DataError, since labelling a slide with
-    no regions would silently call every patch 'normal'.
-    """
+    """The polygonal annotations of a file, in file order; DataError also when it holds
+    none, which would silently call every patch 'normal'."""
     data = _read_bytes(path)
     start = data.lstrip(b'\xef\xbb\xbf \t\r\n')[:1]
     if start == b'<':
@@ -90,9 +67,8 @@ def read_annotations(path: str) -> List[Annotation]:
 
 
 def find_annotation_file(folder: str, slide_id: str) -> Optional[str]:
-    """`<folder>/<slide_id><ext>` for the first extension of ANNOTATION_EXTENSIONS that
-    exists (lower case first, then upper case, as some scanners' exports write `.XML`),
-    or None: a slide without annotations is normal, not an error."""
+    """`<folder>/<slide_id><ext>` for the first extension that exists (lower case, then
+    upper: some exports write `.XML`), or None: a slide may have no annotations."""
     for ext in ANNOTATION_EXTENSIONS:
         for variant in (ext, ext.upper()):
             candidate = os.path.join(folder, slide_id + variant)
@@ -102,8 +78,7 @@ def find_annotation_file(folder: str, slide_id: str) -> Optional[str]:
 
 
 def _read_bytes(path: str) -> bytes:
-    """The file's bytes, or DataError naming the file. Bytes, not text: XML declares its
-    own encoding, which ElementTree honours only when given bytes."""
+    """Bytes, not text: ElementTree honours XML's declared encoding only in bytes."""
     if not os.path.isfile(path):
         raise DataError(f'{path}: no such annotation file')
     try:
@@ -114,8 +89,8 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _polygonal(geometry) -> Optional[object]:
-    """The area-bearing part of a geometry as one Polygon or MultiPolygon, repaired when
-    invalid (a self-intersecting outline still encloses tissue); None when there is none."""
+    """The area-bearing part as one (Multi)Polygon, repaired when invalid (a
+    self-intersecting outline still encloses tissue); None without any."""
     if geometry is None or geometry.is_empty:
         return None
     geometry = shapely.force_2d(geometry)
@@ -141,7 +116,6 @@ def _flat_parts(geometry) -> Iterable[object]:
 # ------------------------------------------------------------------------ GeoJSON
 
 def _parse_geojson(path: str, raw: bytes) -> Tuple[List[Annotation], int]:
-    """Annotations of a QuPath GeoJSON file and the number of features without area."""
     try:
         data = json.loads(raw)  # bytes: json detects UTF-8/16/32 and a byte-order mark
     except json.JSONDecodeError as e:
@@ -161,8 +135,7 @@ def _parse_geojson(path: str, raw: bytes) -> Tuple[List[Annotation], int]:
 
 
 def _features(path: str, data) -> List[dict]:
-    """The features of a FeatureCollection, a single Feature, a bare geometry or a list
-    of Features (older QuPath), so every shape QuPath has exported is accepted."""
+    """The features of every shape QuPath has exported (see module), or a bare geometry."""
     if isinstance(data, list):
         features = data
     elif isinstance(data, dict) and data.get('type') == 'FeatureCollection':
@@ -180,8 +153,8 @@ def _features(path: str, data) -> List[dict]:
 
 
 def _feature_geometry(path: str, index: int, feature: dict) -> Optional[object]:
-    """A feature's polygonal geometry, None when it has no area; DataError when the
-    geometry is malformed (a broken file should not pass as one with fewer regions)."""
+    """A feature's polygonal geometry, None without area; DataError when malformed (a
+    broken file must not pass as one with fewer regions)."""
     geometry = feature.get('geometry')
     if not geometry:
         return None
@@ -193,8 +166,6 @@ def _feature_geometry(path: str, index: int, feature: dict) -> Optional[object]:
 
 
 def _feature_name(feature: dict) -> str:
-    """The class of a feature: QuPath's classification (an object with a name, or a plain
-    string in some exporters), else the object's name, else 'annotation'."""
     properties = feature.get('properties')
     if not isinstance(properties, dict):
         return DEFAULT_NAME
@@ -211,7 +182,6 @@ def _feature_name(feature: dict) -> str:
 # ------------------------------------------------------------------------ ASAP XML
 
 def _parse_asap(path: str, raw: bytes) -> Tuple[List[Annotation], int]:
-    """Annotations of an ASAP XML file and the number of annotations without area."""
     try:
         root = ET.fromstring(raw)
     except ET.ParseError as e:
@@ -230,8 +200,8 @@ def _parse_asap(path: str, raw: bytes) -> Tuple[List[Annotation], int]:
 
 
 def _asap_points(path: str, index: int, element) -> List[Tuple[float, float]]:
-    """An annotation's vertices sorted by their `Order` attribute (ASAP does not promise
-    document order); a vertex without Order keeps its place after the numbered ones."""
+    """Vertices by `Order` (ASAP does not promise document order), those without it
+    after, in place."""
     rows = []
     for position, coordinate in enumerate(element.iter('Coordinate')):
         try:
@@ -257,7 +227,6 @@ def _asap_number(value: Optional[str]) -> float:
 
 
 def _asap_name(element) -> str:
-    """The class of an ASAP annotation: its group, else its own name, else 'annotation'."""
     group = (element.get('PartOfGroup') or '').strip()
     if group.lower() not in _ASAP_NO_GROUP:
         return group
@@ -267,8 +236,7 @@ def _asap_name(element) -> str:
 # ------------------------------------------------------------------------ labelling
 
 def patch_centres(coords: np.ndarray, patch_size_level0: float) -> np.ndarray:
-    """Centres of patches given their level-0 top-left corners: a patch is labelled by
-    where its middle falls, not its corner, which would shift every label by half a patch."""
+    """A patch is labelled by its middle, not its corner (half a patch off)."""
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f'coords must be [N, 2], got shape {coords.shape}')
@@ -277,11 +245,9 @@ def patch_centres(coords: np.ndarray, patch_size_level0: float) -> np.ndarray:
 
 def label_points(annotations: Sequence[Annotation], points: np.ndarray,
                  default: str = 'normal') -> np.ndarray:
-    """The class of each point [N, 2] (level-0 x, y): the annotation it lies in or on the
-    edge of (a point in a hole is not in it); inside several, the smallest one (so a
-    region drawn inside another, such as a Camelyon16 exclusion inside a tumour, wins;
-    equal areas: the first in the list); inside none, `default`. Vectorised over points,
-    one pass per annotation."""
+    """The class of each level-0 point [N, 2]: of the annotation it lies in or on (not in
+    a hole); inside several, the smallest (the first of equal ones), so a region drawn
+    inside another wins; inside none, `default`."""
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 2:
         raise ValueError(f'points must be [N, 2], got shape {points.shape}')
@@ -298,8 +264,8 @@ def label_points(annotations: Sequence[Annotation], points: np.ndarray,
 
 
 def _inside(geometry, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Whether each point lies in or on `geometry`; the bounding box is checked first so
-    a small region on a slide of 100k patches tests only the few points near it."""
+    """Whether each point lies in or on `geometry`; only those in its bounding box are
+    tested."""
     x_min, y_min, x_max, y_max = geometry.bounds
     near = (x >= x_min) & (x <= x_max) & (y >= y_min) & (y <= y_max)
     inside = np.zeros(len(x), dtype=bool)
@@ -312,8 +278,8 @@ def _inside(geometry, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------ drawing
 
 def class_colors(names: Iterable[str]) -> Dict[str, Tuple[int, int, int]]:
-    """An RGB colour per distinct name, assigned in sorted order so one set of classes is
-    always drawn alike; after the fixed strong colours, hues spread by the golden ratio."""
+    """An RGB colour per name, in sorted order so one set of classes is always drawn
+    alike; past the fixed colours, hues spread by the golden ratio."""
     colors = {}
     for i, name in enumerate(sorted(set(names))):
         colors[name] = _COLORS[i] if i < len(_COLORS) else _extra_color(i - len(_COLORS))
@@ -321,7 +287,6 @@ def class_colors(names: Iterable[str]) -> Dict[str, Tuple[int, int, int]]:
 
 
 def _extra_color(i: int) -> Tuple[int, int, int]:
-    """The i-th colour past the fixed list: saturated, hues as far apart as possible."""
     hue = (0.13 + i * 0.618033988749895) % 1.0
     r, g, b = colorsys.hsv_to_rgb(hue, 1.0, 0.85)
     return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
@@ -329,10 +294,8 @@ def _extra_color(i: int) -> Tuple[int, int, int]:
 
 def draw_contours(image: np.ndarray, annotations: Sequence[Annotation], downsample: float,
                   thickness: Optional[int] = None) -> np.ndarray:
-    """A copy of an RGB uint8 image [H, W, 3] (a thumbnail at `downsample` level-0 px per
-    pixel) with every annotation's outline and holes drawn in its class colour; the input
-    stays untouched so the caller can still save the plain thumbnail. `thickness` is
-    OpenCV's: 2 * thickness - 1 solid pixels plus an antialiased one on each side."""
+    """A copy of a uint8 RGB thumbnail at `downsample` level-0 px per pixel with every
+    outline and hole drawn in its class colour (`thickness`: OpenCV's)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f'image must be uint8 [H, W, 3], got {image.dtype} {image.shape}')
@@ -354,8 +317,7 @@ def draw_contours(image: np.ndarray, annotations: Sequence[Annotation], downsamp
 
 
 def _scaled_rings(geometry, downsample: float) -> List[np.ndarray]:
-    """Every exterior and hole of a (Multi)Polygon in thumbnail pixels, as the fixed-point
-    int32 arrays cv2.polylines takes with `shift`."""
+    """Every ring of a (Multi)Polygon in thumbnail px, fixed-point for cv2.polylines."""
     scale = (1 << _DRAW_SHIFT) / float(downsample)
     rings = []
     for polygon in _flat_parts(geometry):
