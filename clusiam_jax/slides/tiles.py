@@ -8,7 +8,6 @@ levels an OME-TIFF keeps in SubIFDs, which OpenSlide does not list (it would dec
 0 for a thumbnail): tifffile lists them, and they are read here as the file's own pixels,
 numbered after OpenSlide's levels.
 """
-import contextlib
 import dataclasses
 import logging
 import os
@@ -55,15 +54,20 @@ class TiffTiles:
             return None
         # Not OpenSlide's coarser levels: it places their regions with sub-pixel precision,
         # which whole tiles cannot match.
-        with _closed_unless_kept(tiff) as keep:
+        kept = None
+        try:   # closes `tiff` unless kept, also when OpenSlide's check read raises
             reader = cls(tiff, {}, slide.dimensions[0])
-            w, h = slide.level_dimensions[0]
-            candidate = _level_of(tiff, w, h)
+            size = tuple(slide.level_dimensions[0])
+            candidate = next((_level_from_page(page) for page in tiff.pages
+                              if (page.imagewidth, page.imagelength) == size), None)
             if candidate is not None and reader._agrees(slide, 0, candidate):
                 reader.levels[0] = candidate
                 reader._add_hidden_levels(slide)
-                keep.append(reader)
-        return keep[0] if keep else None
+                kept = reader
+        finally:
+            if kept is None:
+                tiff.close()
+        return kept
 
     def _add_hidden_levels(self, slide):
         """The reduced levels of tifffile's first series past OpenSlide's own (an
@@ -152,14 +156,6 @@ class TiffTiles:
         return bool(np.array_equal(mine, theirs))
 
 
-def _level_of(tiff, width: int, height: int) -> Optional[_Level]:
-    """The tiled, 8-bit RGB, contiguous page of that size, if any."""
-    for page in tiff.pages:
-        if (page.imagewidth, page.imagelength) == (width, height):
-            return _level_from_page(page)
-    return None
-
-
 def _level_from_page(page) -> Optional[_Level]:
     """The page as a level read tile by tile, if it is tiled, 8-bit RGB, contiguous."""
     width, height = page.imagewidth, page.imagelength
@@ -174,14 +170,3 @@ def _level_from_page(page) -> Optional[_Level]:
     return _Level(page, width, height, page.tilewidth, page.tilelength,
                   -(-width // page.tilewidth), np.asarray(page.dataoffsets, np.int64),
                   np.asarray(page.databytecounts, np.int64))
-
-
-@contextlib.contextmanager
-def _closed_unless_kept(tiff):
-    """Closes `tiff` unless the block appended a reader to the list it yields."""
-    keep = []
-    try:
-        yield keep
-    finally:
-        if not keep:
-            tiff.close()
