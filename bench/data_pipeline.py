@@ -147,6 +147,7 @@ def compare_with_pil(paths, size, pairs, seed, on_device=False):
 
     from clusiam_jax.data import augment, image_io
     cfg = augment.AugmentConfig(image_size=size)
+    crop_cfg = augment.AugmentConfig(image_size=size, on_device=True)
     rng = np.random.default_rng(seed)
     ours = ref = crops = 0.0
     for start in range(0, pairs, 32):  # alternate chunks: all see the same load
@@ -162,7 +163,7 @@ def compare_with_pil(paths, size, pairs, seed, on_device=False):
         if on_device:
             t = time.process_time()
             for path in chunk:
-                augment.two_crops(image_io.load_rgb(path), rng, cfg)
+                augment.two_views(image_io.load_rgb(path), rng, crop_cfg)
             crops += time.process_time() - t
     n = -(-pairs // 32) * 32
     result = dict(ours_cpu_ms_per_pair=round(1000 * ours / n, 3),
@@ -180,7 +181,8 @@ def time_device_augment(size, batch, repeats):
     import jax
     import numpy as np
 
-    from clusiam_jax.data import augment, device_augment
+    from clusiam_jax.data import augment
+    from clusiam_jax.train import device_augment
     cfg = augment.AugmentConfig(image_size=size)
     fn = jax.jit(lambda k, x: device_augment.augment_views(k, x, cfg))
     x = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3),
@@ -276,7 +278,7 @@ def time_stream(args, data_path, epochs_of_patches=None):
     d.augment_on_device = args.on_device_augment
     d.mean, d.std = MEAN, STD   # constants as in the torch baseline: no effect on speed
     start = time.perf_counter()
-    _, source = data.sources.open_source(data_path)
+    source = data.open_source(data_path)
     n_files = len(source)
     steps_per_epoch = n_files // args.batch_size
     total = (args.warmup + args.batches if epochs_of_patches is None
@@ -361,9 +363,9 @@ def prepare_slides(copies, patch_size, mix='both', align=False):
     tile.patch_size, tile.align = patch_size, align
     tiling.tile_slides(tiling.list_slides(listing), tiling.TileParams.from_config(tile), tiles,
                        num_workers=2)
-    recs, source = slide_source.open_slide_source(tiles)
+    source = slide_source.open_slide_source(tiles)
     tmp = pngs + '.partial'
-    for i, r in enumerate(recs):
+    for i, r in enumerate(map(source.record, range(len(source)))):
         folder = os.path.join(tmp, r.slide_id)
         os.makedirs(folder, exist_ok=True)
         cv2.imwrite(os.path.join(folder, f'{r.x}_{r.y}.png'),

@@ -11,7 +11,7 @@ train.log_every_steps, through the loop's EpochStats):
 
   step_only  on one fixed batch already on the devices;
   e2e        on batches pulled from the real pipeline: patch discovery, the grain loader
-             with --workers spawned processes, data.prefetch_to_device as the loop uses it.
+             with --workers spawned processes, train/prefetch.py as the loop uses it.
 
 Each phase runs --warmup untimed steps first (compilation, and the grain workers' start-up
 and first batches), then --steps timed ones; the timed window ends when the devices are
@@ -172,6 +172,7 @@ def measure(args, data_path: str) -> dict:
     from bench.common import bench_trainer, peak_device_bytes
     from clusiam_jax import data as data_lib
     from clusiam_jax import parallel
+    from clusiam_jax.train.prefetch import prefetch_to_device
     from clusiam_jax.train.trainer import random_batch
 
     config = pipeline_config(args, data_path)
@@ -189,8 +190,8 @@ def measure(args, data_path: str) -> dict:
     state, step_only = timed_phase(compiled, state, lambda: fixed, args, log_every)
 
     iterator = loader.iterator()
-    batches = data_lib.prefetch_to_device(iterator, parallel.batch_sharded(mesh),
-                                          config.data.prefetch, with_state=True)
+    batches = prefetch_to_device(iterator, parallel.batch_sharded(mesh),
+                                 config.data.prefetch, with_state=True)
     try:
         state, e2e = timed_phase(compiled, state, lambda: next(batches)[0], args, log_every)
     finally:

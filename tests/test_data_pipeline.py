@@ -290,16 +290,18 @@ def test_built_dataset_trains_like_its_folder(tmp_path, user_cache):
 def test_to_device_and_prefetch(patch_dir):
     jax = pytest.importorskip('jax')
     from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+    from clusiam_jax.train import prefetch
     mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
     sharding = NamedSharding(mesh, PartitionSpec('data'))
     loader = data.create_train_loader(data_config(patch_dir, epochs=1, mean=MEAN, std=STD))
     host = list(loader.iterator())
-    on_device = list(data.prefetch_to_device(iter(host), sharding, size=2))
+    on_device = list(prefetch.prefetch_to_device(iter(host), sharding, size=2))
     assert len(on_device) == len(host)
     for h, d in zip(host, on_device):
         assert d['view1'].sharding == sharding and d['view1'].dtype == np.uint8
         np.testing.assert_array_equal(np.asarray(d['view2']), h['view2'])
-    x = data.to_device(host[0], {'view1': sharding, 'view2': sharding})['view1']
+    x = prefetch.to_device(host[0], {'view1': sharding, 'view2': sharding})['view1']
     assert x.sharding == sharding
     np.testing.assert_array_equal(np.asarray(x), host[0]['view1'])
 

@@ -11,8 +11,8 @@ from PIL import Image
 from clusiam_jax import data, parallel
 from clusiam_jax.config import validate
 from clusiam_jax.data import augment, pipeline
-from clusiam_jax.data import device_augment as da
 from clusiam_jax.errors import ConfigError
+from clusiam_jax.train import device_augment as da
 from clusiam_jax.train.trainer import build_trainer
 from tests.helpers import (
     MEAN,

@@ -73,7 +73,8 @@ def test_export_coords_are_the_tiling_coords_with_its_attributes(exported):
 
 def test_features_are_the_network_on_the_slide_patches(exported):
     run = load_run(exported['workdir'])
-    recs, source = sources_lib.open_source(str(exported['tiles']))
+    source = sources_lib.open_source(str(exported['tiles']))
+    recs = list(map(source.record, range(len(source))))
     picks = [i for i, r in enumerate(recs) if r.slide_id == 'beta'][:5]
     images = np.stack([augment.resized_crop(source.load(i), (0, 0, 64, 64), 32)
                        for i in picks])

@@ -137,7 +137,7 @@ def random_init_run(config, run_dir, tiles):
     from clusiam_jax.data import sources, stats
     if run_dir_lib.is_run_dir(run_dir):
         return
-    _, source = sources.open_source(tiles)
+    source = sources.open_source(tiles)
     mean, std, origin = stats.cached_stats(tiles, source, workdir=run_dir)
     trainer = bench_trainer(config, steps_per_epoch=1, mean=mean, std=std)
     run_dir_lib.write_run(run_dir, config, trainer.init_state(),

@@ -1,42 +1,15 @@
-"""The two-view augmentation of docs/method.md §1, on uint8 RGB numpy arrays.
+"""The two-view augmentation of docs/method.md §1 on uint8 RGB numpy arrays, with
+torchvision's order and distributions (as the original used them).
 
-Each view is drawn independently (``sample_view_params``) and then applied
-(``apply_view``); splitting the two makes the parameter distributions testable.
-The order and distributions are torchvision's (as used by the original):
-
-1. RandomResizedCrop(size, scale=(0.2, 1), ratio=(3/4, 4/3)), bilinear, with
-   torchvision's 10 tries and center-crop fallback;
-2. with p=0.8 ColorJitter(0.4, 0.4, 0.4, 0.1): brightness, contrast,
-   saturation factors U(0.6, 1.4), hue shift U(-0.1, 0.1), in a random order;
-3. with p=0.2 grayscale (ITU-R 601-2 luma, replicated to 3 channels);
-4. with p=0.5 Gaussian blur, sigma U(0.1, 2) (PIL ``GaussianBlur(radius=sigma)``);
-5. horizontal flip with p=0.5;
-6. optional (off by default, histology has no orientation): vertical flip with
-   p=0.5 and a rotation by k*90 degrees, k uniform in {0, 1, 2, 3}.
-
-The views stay uint8 (everything before ToTensor); ``normalize`` is the
-ToTensor+Normalize reference that the train step reproduces on the device.
-
-Fidelity to the original's PIL operations (tests compare against PIL itself):
-  * brightness, contrast, saturation, grayscale: bit-exact (same float32
-    blend with truncation as PIL's ``Image.blend``, same fixed-point luma);
-  * crop + resize: when no axis is downscaled (always the case for 224 px
-    patches cropped to 224 px) OpenCV's bilinear is used, which equals PIL's
-    bilinear up to fixed-point rounding (at most 1 level); when an axis
-    shrinks, PIL's antialiased resize itself is used (exact);
-  * blur: PIL's GaussianBlur is three passes of an "extended" box filter; the
-    same three box kernels are convolved into one separable kernel and applied
-    with OpenCV (replicated border as PIL). PIL rounds to uint8 after each of
-    its 6 passes (3 per axis), we round once: unbiased differences of at most
-    2 levels (mean |diff| under 0.8); within the outermost few pixels, where
-    PIL re-clamps at each pass, a few levels more;
-  * hue: OpenCV's 8-bit HSV (hue in 256 steps, like PIL's) instead of PIL's;
-    both quantize hue to 1/256 turn but round differently, so a shifted pixel
-    differs by about 1 level on average (a few levels, rarely up to ~12, on
-    highly saturated pixels). This is the one op not made exact: PIL's HSV
-    round trip alone costs more than the whole rest of a view.
-Random numbers come from numpy, not torch, so the same seed does not give the
-original's draws; the distributions are the same.
+Each view's parameters are drawn (``sample_view_params``), then applied
+(``apply_view``), so the distributions are testable. Fidelity to PIL's operations (tests
+compare against PIL itself): brightness, contrast, saturation and grayscale are bit-exact
+(PIL's float32 blend with truncation, its fixed-point luma); crop + resize is OpenCV's
+bilinear (PIL's up to fixed-point rounding) when nothing shrinks, PIL's antialiased
+resize otherwise; blur is PIL's three extended-box passes as one separable kernel,
+rounded once instead of six times; hue uses OpenCV's 8-bit HSV, a level or so from PIL's
+(its HSV round trip alone costs more than a whole view). Draws come from numpy, not
+torch: the distributions are the original's, not its draws.
 """
 import dataclasses
 import math
@@ -46,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-cv2.setNumThreads(1)  # see image_io: parallelism comes from worker processes
+cv2.setNumThreads(1)  # the parallelism is in the worker processes
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
@@ -68,9 +41,7 @@ class AugmentConfig:
     hflip_p: float = 0.5
     vflip: bool = False
     rot90: bool = False
-    # data.augment_on_device: the CPU makes only the crops (two_crops); steps 2-5 run
-    # in the train step (device_augment).
-    on_device: bool = False
+    on_device: bool = False   # crops only here; the rest in the step (train/device_augment)
 
     @classmethod
     def from_config(cls, config) -> 'AugmentConfig':
@@ -110,7 +81,7 @@ def sample_crop(rng: np.random.Generator, height: int, width: int,
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
             return top, left, h, w
-    # Fallback: the largest center crop with an aspect ratio inside `ratio`.
+    # The largest center crop with an aspect ratio inside `ratio`.
     in_ratio = width / height
     if in_ratio < min(ratio):
         w = width
@@ -148,12 +119,10 @@ def sample_view_params(rng: np.random.Generator, height: int, width: int,
                       rot90=rot90, **jitter)
 
 
-# ---------------------------------------------------------------------------
-# The operations (uint8 HxWx3 in, uint8 HxWx3 out)
-# ---------------------------------------------------------------------------
+# The operations: uint8 HxWx3 in, uint8 HxWx3 out.
 
 def resized_crop(img: np.ndarray, crop, size: int) -> np.ndarray:
-    """Crop (top, left, h, w) and bilinear resize to size x size (see docstring)."""
+    """Crop (top, left, h, w) and bilinear resize to size x size."""
     top, left, h, w = crop
     if h <= size and w <= size:
         patch = img[top:top + h, left:left + w]
@@ -168,11 +137,8 @@ _LEVELS = np.arange(256, dtype=np.float32)
 
 
 def luma(img: np.ndarray) -> np.ndarray:
-    """PIL's RGB->L: ITU-R 601-2 with its 16-bit fixed-point rounding, exactly.
-
-    (r*19595 + g*38470 + b*7471 + 2**15) >> 16 stays below 2**24, so float32
-    (a fast BLAS dot product) computes it without any rounding.
-    """
+    """PIL's RGB->L exactly: (r*19595 + g*38470 + b*7471 + 2**15) >> 16 stays below
+    2**24, so a float32 dot product computes it without rounding."""
     s = img.reshape(-1, 3).astype(np.float32) @ _LUMA_WEIGHTS
     s += np.float32(32768.0)
     s *= np.float32(1.0 / 65536.0)
@@ -180,12 +146,8 @@ def luma(img: np.ndarray) -> np.ndarray:
 
 
 def _blend_table(degenerate, factor: float) -> np.ndarray:
-    """PIL Image.blend(degenerate, img, factor) for every pair of levels.
-
-    PIL computes ``d + factor * (x - d)`` in float32 and truncates to uint8;
-    ``degenerate`` is a scalar (-> 256-entry table) or the levels 0..255
-    (-> 256x256 table indexed [d, x]).
-    """
+    """PIL's Image.blend (``d + factor * (x - d)`` in float32, truncated) for every level:
+    a 256 table for a scalar ``degenerate``, a 256x256 one [d, x] for the levels."""
     d = np.asarray(degenerate, np.float32)
     out = d + np.float32(factor) * (_LEVELS - d)
     return np.clip(out, 0, 255).astype(np.uint8)
@@ -202,8 +164,7 @@ def adjust_contrast(img: np.ndarray, factor: float) -> np.ndarray:
 
 
 def adjust_saturation(img: np.ndarray, factor: float) -> np.ndarray:
-    # PIL: blend with the luma image; a 256x256 table indexed by (luma, value)
-    # is exact and cheaper than per-pixel float arithmetic.
+    # PIL: blend with the luma image; a (luma, value) table, exact and cheap.
     table = _blend_table(_LEVELS[:, None], factor).ravel()
     index = cv2.cvtColor(luma(img), cv2.COLOR_GRAY2RGB).astype(np.uint16)
     index <<= 8
@@ -212,13 +173,12 @@ def adjust_saturation(img: np.ndarray, factor: float) -> np.ndarray:
 
 
 def adjust_hue(img: np.ndarray, hue_factor: float) -> np.ndarray:
-    # torchvision adds uint8(hue_factor * 255) to PIL's uint8 hue (wrapping);
-    # int() truncates toward zero like the C cast it relies on.
+    # torchvision adds uint8(hue_factor * 255) to PIL's uint8 hue, wrapping (int(): C cast).
     shift = int(hue_factor * 255) % 256
     if shift == 0:
         return img
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
-    hsv[..., 0] += np.uint8(shift)  # uint8 wrap-around = rotation of the hue circle
+    hsv[..., 0] += np.uint8(shift)
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
@@ -234,18 +194,19 @@ def _box_kernel(radius: float) -> np.ndarray:
     return k / (2 * radius + 1)
 
 
-def pil_gaussian_kernel(sigma: float, passes: int = 3) -> np.ndarray:
-    """The 1-D kernel equal to PIL's GaussianBlur(radius=sigma) (3 box passes)."""
-    sigma2 = sigma * sigma / passes
-    big_l = math.sqrt(sigma2 * 12 + 1)
-    small_l = math.floor((big_l - 1) / 2)
+def box_radius(sigma, xp=np):
+    """The extended-box radius of PIL's GaussianBlur(radius=sigma), three passes (xp:
+    numpy, or jax.numpy on the device)."""
+    sigma2 = sigma * sigma / 3.0
+    small_l = xp.floor((xp.sqrt(sigma2 * 12.0 + 1.0) - 1.0) / 2.0)
     a = (2 * small_l + 1) * (small_l * (small_l + 1) - 3 * sigma2)
-    a /= 6 * (sigma2 - (small_l + 1) ** 2)
-    box = _box_kernel(small_l + a)
-    kernel = box
-    for _ in range(passes - 1):
-        kernel = np.convolve(kernel, box)
-    return kernel
+    return small_l + a / (6 * (sigma2 - (small_l + 1) ** 2))
+
+
+def pil_gaussian_kernel(sigma: float) -> np.ndarray:
+    """The 1-D kernel equal to PIL's GaussianBlur(radius=sigma) (3 box passes)."""
+    box = _box_kernel(float(box_radius(sigma)))
+    return np.convolve(np.convolve(box, box), box)
 
 
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -266,18 +227,20 @@ _JITTER_OPS = {
 }
 
 
-def apply_view(img: np.ndarray, params: ViewParams, size: int) -> np.ndarray:
-    """One augmented view (uint8 size x size x 3) of an RGB uint8 image."""
+def apply_view(img: np.ndarray, params: ViewParams, size: int,
+               crop_only: bool = False) -> np.ndarray:
+    """One augmented view (uint8 size x size x 3); `crop_only`: the CPU share of
+    data.augment_on_device (crop, vflip, rot90: the device ops commute with the last two)."""
     out = resized_crop(img, params.crop, size)
-    if params.jitter_order is not None:
-        for op in params.jitter_order:
+    if not crop_only:
+        for op in params.jitter_order or ():
             out = _JITTER_OPS[op](out, params)
-    if params.gray:
-        out = grayscale(out)
-    if params.blur_sigma is not None:
-        out = gaussian_blur(out, params.blur_sigma)
-    if params.hflip:
-        out = cv2.flip(out, 1)
+        if params.gray:
+            out = grayscale(out)
+        if params.blur_sigma is not None:
+            out = gaussian_blur(out, params.blur_sigma)
+        if params.hflip:
+            out = cv2.flip(out, 1)
     if params.vflip:
         out = cv2.flip(out, 0)
     if params.rot90:  # counter-clockwise, as np.rot90
@@ -286,32 +249,8 @@ def apply_view(img: np.ndarray, params: ViewParams, size: int) -> np.ndarray:
 
 
 def two_views(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig):
-    """(view1, view2): two independent draws applied to the same image."""
+    """(view1, view2): two independent draws applied to the same image (with
+    cfg.on_device, their crops: the same draws, so the same crops)."""
     h, w = img.shape[:2]
-    p1 = sample_view_params(rng, h, w, cfg)
-    p2 = sample_view_params(rng, h, w, cfg)
-    return apply_view(img, p1, cfg.image_size), apply_view(img, p2, cfg.image_size)
-
-
-def crop_view(img: np.ndarray, params: ViewParams, size: int) -> np.ndarray:
-    """The CPU share of a view with data.augment_on_device: crop + resize, then the
-    histology options vflip / rot90 (the rest of `params` is left to device_augment)."""
-    out = resized_crop(img, params.crop, size)
-    if params.vflip:
-        out = cv2.flip(out, 0)
-    if params.rot90:
-        out = cv2.rotate(out, _ROTATIONS[params.rot90])
-    return np.ascontiguousarray(out)
-
-
-def two_crops(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig):
-    """(crop1, crop2) for on-device augmentation.
-
-    The parameters are drawn exactly as in `two_views` (same generator calls), so the
-    crops, flips and rotations equal those the CPU path would make from the same rng.
-    """
-    h, w = img.shape[:2]
-    p1 = sample_view_params(rng, h, w, cfg)
-    p2 = sample_view_params(rng, h, w, cfg)
-    return crop_view(img, p1, cfg.image_size), crop_view(img, p2, cfg.image_size)
-
+    params = [sample_view_params(rng, h, w, cfg) for _ in range(2)]
+    return tuple(apply_view(img, p, cfg.image_size, cfg.on_device) for p in params)

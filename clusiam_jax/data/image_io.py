@@ -1,43 +1,36 @@
 """Reading patch files into RGB uint8 arrays, and telling bad files apart.
 
-PNG and JPEG go through OpenCV's decoder (faster than PIL's, and pixel-identical for
-PNG; for baseline JPEG both use libjpeg-turbo with the same
-defaults, checked in tests). Everything else goes through PIL.
-
-Conversions (the original opened files without ``convert('RGB')`` and crashed
-on RGBA): grayscale is replicated to three channels, alpha is dropped (as PIL's
-``convert('RGB')`` does), palette images are expanded, and 16-bit images are
-scaled to 8 bits by ``round(v / 257)`` (PIL would clip them at 255 instead).
-
-Anything that cannot be decoded raises :class:`BadImageError`, so the pipeline
-can skip it while any other exception (a bug) still surfaces.
+PNG and JPEG go through OpenCV's decoder (pixel-identical to PIL's for PNG and baseline
+JPEG, checked in tests), the rest through PIL. Gray is replicated, alpha dropped, palettes
+expanded, 16 bits scaled by round(v / 257) (the original crashed on RGBA). What does not
+decode raises BadImageError, which the pipeline skips; any other exception is a bug.
 """
 import io
 import os
 import struct
+from typing import Optional
 
 import cv2
 import numpy as np
+import tifffile
 from PIL import Image
 
-# Per-image work is far too small for OpenCV's thread pool to pay off; the
-# pipeline's parallelism comes from grain worker processes instead.
-cv2.setNumThreads(1)
+cv2.setNumThreads(1)   # the parallelism is in the worker processes
 
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 _JPEG_MAGIC = b'\xff\xd8\xff'
-
-
-# An image with a longer side is not a patch (a slide region, a whole slide saved as a
-# plain TIFF): training on it as one patch would crop a speck of it at random.
+# A longer side is no patch (a slide or a region of one): training would crop a speck.
 MAX_PATCH_SIDE = 4096
-
-# TIFF tags read by tiff_is_slide.
-_IMAGE_WIDTH, _IMAGE_LENGTH, _TILE_WIDTH, _SUBIFDS = 256, 257, 322, 330
+_SUBIFDS = 330   # the TIFF tag of an OME-TIFF's reduced levels
 
 
 class BadImageError(ValueError):
-    """A file that is not a readable image (empty, truncated, not an image...)."""
+    """A file that is not a readable image; `subject`: what the skip list names (a slide,
+    once for all its patches), else the patch."""
+
+    def __init__(self, message: str, subject: Optional[str] = None):
+        super().__init__(message)
+        self.subject = subject
 
 
 def _to_rgb_uint8(arr: np.ndarray, bgr: bool) -> np.ndarray:
@@ -57,15 +50,13 @@ def _to_rgb_uint8(arr: np.ndarray, bgr: bool) -> np.ndarray:
     raise BadImageError(f'unsupported channel count {channels}')
 
 
-# Decoded straight to RGB (no BGR->RGB copy), alpha dropped and gray
-# replicated by the decoder; ANYDEPTH keeps 16-bit samples for our own scaling.
+# Straight to RGB, alpha dropped, gray replicated; ANYDEPTH keeps 16 bits for our scaling.
 _CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def _decode_with_cv2(data: bytes) -> np.ndarray:
     if data.startswith(_JPEG_MAGIC) and b'\xff\xd9' not in data[-64:]:
-        # libjpeg pads a truncated JPEG with gray and only warns; PIL refuses
-        # it. A JPEG without its end-of-image marker is therefore rejected.
+        # libjpeg pads a truncated JPEG with gray and only warns; PIL refuses it.
         raise BadImageError('truncated JPEG (no end-of-image marker)')
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
     if arr is None or arr.size == 0:
@@ -114,59 +105,15 @@ def load_rgb(path: str) -> np.ndarray:
         raise BadImageError(f'{os.fspath(path)}: {e}') from None
 
 
-def _tiff_first_ifd(f):
-    """(tags of the first IFD: {tag: first value}, offset of the next IFD) of an open
-    TIFF or BigTIFF file; None when it is not one."""
-    head = f.read(16)
-    if head[:2] not in (b'II', b'MM'):
-        return None
-    order = '<' if head[:2] == b'II' else '>'
-    version = struct.unpack(order + 'H', head[2:4])[0]
-    if version == 42:        # classic: 2-byte count, 12-byte entries, 4-byte offsets
-        offset = struct.unpack(order + 'I', head[4:8])[0]
-        count_fmt, entry_size, value_at, offset_fmt = 'H', 12, 8, 'I'
-    elif version == 43:      # BigTIFF: 8-byte count, 20-byte entries, 8-byte offsets
-        offset = struct.unpack(order + 'Q', head[8:16])[0]
-        count_fmt, entry_size, value_at, offset_fmt = 'Q', 20, 12, 'Q'
-    else:
-        return None
-    f.seek(offset)
-    count_size = struct.calcsize(count_fmt)
-    count = struct.unpack(order + count_fmt, f.read(count_size))[0]
-    if count > 4096:
-        return None
-    table = f.read(count * entry_size + struct.calcsize(offset_fmt))
-    tags = {}
-    for i in range(count):
-        entry = table[i * entry_size:(i + 1) * entry_size]
-        tag, kind = struct.unpack(order + 'HH', entry[:4])
-        value = entry[value_at:]
-        if kind == 3:      # SHORT
-            tags[tag] = struct.unpack(order + 'H', value[:2])[0]
-        elif kind in (4, 13):   # LONG, IFD
-            tags[tag] = struct.unpack(order + 'I', value[:4])[0]
-        elif kind in (16, 18):  # LONG8, IFD8
-            tags[tag] = struct.unpack(order + 'Q', value[:8])[0]
-        else:
-            tags[tag] = None
-    next_ifd = struct.unpack(order + offset_fmt, table[count * entry_size:])[0]
-    return tags, next_ifd
-
-
 def tiff_is_slide(path: str) -> bool:
-    """Whether a .tif/.tiff file is a whole slide, not a patch: a pyramid (more than one
-    image, or reduced levels in SubIFDs as OME-TIFF keeps them), or tiled and larger than
-    MAX_PATCH_SIDE. Reads the first image's header only (a few hundred bytes); a file
-    that is no readable TIFF is not a slide (decoding it tells what it is)."""
+    """Whether a .tif/.tiff file is a whole slide: a pyramid (several images, or SubIFDs
+    as OME-TIFF keeps them), or tiled and larger than MAX_PATCH_SIDE. A file that is no
+    readable TIFF is not a slide (decoding it tells what it is)."""
     try:
-        with open(path, 'rb') as f:
-            first = _tiff_first_ifd(f)
-    except (OSError, struct.error):
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages.first
+            if len(tiff.pages) > 1 or _SUBIFDS in page.tags:
+                return True
+            return page.is_tiled and max(page.imagewidth, page.imagelength) > MAX_PATCH_SIDE
+    except (OSError, ValueError, IndexError, struct.error):
         return False
-    if first is None:
-        return False
-    tags, next_ifd = first
-    if next_ifd or _SUBIFDS in tags:
-        return True
-    side = max(tags.get(_IMAGE_WIDTH) or 0, tags.get(_IMAGE_LENGTH) or 0)
-    return _TILE_WIDTH in tags and side > MAX_PATCH_SIDE

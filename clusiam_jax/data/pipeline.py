@@ -1,30 +1,11 @@
-"""The training input pipeline: shuffled records -> two augmented views -> batches.
+"""The training stream: shuffled records -> two augmented views -> batches (grain).
 
-Everything is a pure function of an element's position, so the stream does not
-depend on the number of worker processes and resumes exactly:
-
-* element k of this process (k = 0 .. num_epochs * steps_per_epoch * B_local - 1)
-  belongs to epoch e = k // (steps_per_epoch * B_local), step s and slot j;
-* its position in the epoch's global order is
-  pos = s * B_global + process_index * B_local + j, i.e. each process takes a
-  contiguous share of every global batch, so the global batch assembled with
-  ``jax.make_array_from_process_local_data`` is the same for any process count;
-* the epoch's order is a permutation of all N records drawn from (seed, e),
-  truncated to steps_per_epoch * B_global (the incomplete last batch is dropped);
-* the augmentation generator is seeded with (seed, e, pos). With
-  ``data.augment_on_device`` the same draws are made but only the crop (and the
-  optional vflip / rot90) is applied here; the rest runs in the train step
-  (``device_augment``).
-
-Bad files (unreadable, truncated, empty, not an image): the element takes a
-substitute record drawn from (seed, e, pos, attempt) instead, so the batch stays
-full and deterministic; the bad path is logged once and appended to
-``<workdir>/skipped_files.txt``. Files are only checked when first read, so a
-run starts without scanning millions of files.
-
-grain runs it as ``MapDataset.range -> map(make pair) -> batch`` and, with
-``num_workers`` > 0, ``mp_prefetch`` over spawned worker processes, each making
-whole batches. The per-record code imports no JAX.
+Every element is a pure function of its position, so the stream resumes exactly and does
+not depend on the number of workers: element k of a process is at place s * B_global +
+process_index * B_local + j of epoch e's order (drawn from (seed, e)), so the global batch
+is the same for any process count; its views are drawn from (seed, e, place). An
+unreadable file gives way to a substitute drawn from (seed, e, place, attempt), is logged
+once and listed in <workdir>/skipped_files.txt: files are checked when read, not before.
 """
 import dataclasses
 import logging
@@ -35,21 +16,19 @@ import numpy as np
 
 from clusiam_jax import interrupts
 from clusiam_jax.data import augment, image_io, skips
-from clusiam_jax.data import records as records_lib
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
+from clusiam_jax.data.records import PatchSource
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import tissue
 
 logger = logging.getLogger(__name__)
 
-# Stream tags mixed into the seeds so the shuffle, the augmentation and the
-# substitutes for bad files never share random numbers.
+# Stream tags mixed into the seeds: shuffle, augmentation and substitutes never share draws.
 _SHUFFLE, _AUGMENT, _SUBSTITUTE = 0x5, 0xA, 0xB
 _MAX_SUBSTITUTES = 100
-# The data item of a checkpoint: {STATE_KEY: batches drawn} (BatchIterator).
-STATE_KEY = 'batches_drawn'
 _SAME_SLIDE_ATTEMPTS = 3
+STATE_KEY = 'batches_drawn'   # a checkpoint's data item: {STATE_KEY: batches drawn}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +45,6 @@ class EpochPlan:
                                                           repr=False)  # [N] slide of each
 
     def __post_init__(self):
-        # train.batch_size divides into the processes: config.validate checked it against
-        # the device count, a multiple of the process count.
         if self.steps_per_epoch == 0:
             raise DataError(
                 f'train.batch_size {self.global_batch} is larger than the {self.num_records} '
@@ -100,10 +77,9 @@ class EpochPlan:
 
 
 def balanced_order(slide_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """N record indices where every slide is drawn equally often (N // S each, the
-    remainder to slides drawn at random): within a slide its patches are taken in a
-    random order without repeats until all were seen, then again. The whole list is
-    shuffled at the end, so batches mix slides."""
+    """N record indices drawing every slide equally often (the remainder of N // S to
+    random slides), each slide's patches without repeats until all were seen; shuffled
+    at the end so batches mix slides."""
     n = len(slide_index)
     members = np.argsort(slide_index, kind='stable')
     counts = np.bincount(slide_index)
@@ -125,21 +101,21 @@ def balanced_order(slide_index: np.ndarray, rng: np.random.Generator) -> np.ndar
 class PairMaker:
     """Local element index -> dict(view1, view2) (runs in grain workers)."""
 
-    def __init__(self, source, plan: EpochPlan, aug: augment.AugmentConfig,
+    def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
                  skip_log: skips.SkipLog, min_tissue: float = 0.0):
-        self.source = source
-        self.plan = plan
-        self.aug = aug
-        self.skip_log = skip_log
-        self.min_tissue = float(min_tissue)
-        self._perm_epoch, self._perm = None, None
-        self._bad = set()
-        self._members = None
+        self.source, self.plan, self.aug = source, plan, aug
+        self.skip_log, self.min_tissue = skip_log, float(min_tissue)
+        self._reset()
+
+    def _reset(self):   # per process
+        self._perm_epoch, self._perm, self._bad, self._members = None, None, set(), None
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state.update(_perm_epoch=None, _perm=None, _bad=set(), _members=None)
-        return state
+        return {k: v for k, v in self.__dict__.items() if not k.startswith('_')}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:  # one epoch at a time: elements arrive in order
@@ -153,7 +129,7 @@ class PairMaker:
             img = self.source.load(index)
         except image_io.BadImageError as e:
             self._bad.add(index)
-            self.skip_log.record(getattr(e, 'subject', None) or self.source.path(index),
+            self.skip_log.record(e.subject or self.source.path(index),
                                  str(e).split(': ', 1)[-1])
             return None
         if self.min_tissue > 0:
@@ -167,9 +143,8 @@ class PairMaker:
         return img
 
     def _substitute(self, index: int, attempt: int, rng) -> int:
-        """A record to take the place of an unreadable one: with slide-balanced sampling
-        first from the same slide (keeping the balance), then from anywhere (a slide that
-        vanished has nothing to offer)."""
+        """A record in place of an unreadable one: slide-balanced, first from the same
+        slide (keeping the balance), then from anywhere (the slide may be gone)."""
         if self.plan.sampling == 'slide_balanced' and attempt <= _SAME_SLIDE_ATTEMPTS:
             if self._members is None:
                 order = np.argsort(self.plan.slide_index, kind='stable')
@@ -198,23 +173,13 @@ class PairMaker:
             sub_rng = np.random.default_rng([self.plan.seed, epoch, pos, _SUBSTITUTE, attempt])
             img = self._load(self._substitute(index, attempt, sub_rng))
         rng = np.random.default_rng([self.plan.seed, epoch, pos, _AUGMENT])
-        if self.aug.on_device:  # only the crops; colour, blur, hflip in the train step
-            view1, view2 = augment.two_crops(img, rng, self.aug)
-        else:
-            view1, view2 = augment.two_views(img, rng, self.aug)
+        view1, view2 = augment.two_views(img, rng, self.aug)
         return {'view1': view1, 'view2': view2}
 
 
 class BatchIterator:
-    """The loader's batches from a position on, the position being the only state.
-
-    grain's own iterator state describes its workers (one sub-state per worker under
-    mp_prefetch, a bare index without), so a run checkpointed with one `data.num_workers`
-    could not resume with another. Every batch is a function of its index alone (module
-    docstring), so the number of batches drawn is a complete state for any worker count:
-    `set_state` starts a fresh grain pipeline at that batch. States written by grain
-    itself (checkpoints made before this iterator) are translated (`batches_drawn`).
-    """
+    """The loader's batches, the number drawn being the whole state (grain's own state
+    describes its workers: a run could not resume with another data.num_workers)."""
 
     def __init__(self, loader: 'TrainLoader', start: int = 0):
         self._loader, self._next, self._it = loader, int(start), None
@@ -244,16 +209,13 @@ class BatchIterator:
 
     def close(self):
         if self._it is not None:
-            if hasattr(self._it, 'close'):
-                self._it.close()
+            self._it.close()
             self._it = None
 
 
-
 def batches_drawn(state: dict) -> int:
-    """The number of batches drawn before `state`: ours, or grain's (a serial iterator's
-    `next_index`; under mp_prefetch, workers take batches in turn, so the batches drawn
-    are the sum of the workers' own `next_index`)."""
+    """The batches drawn before `state`: ours, or grain's (`next_index`; under mp_prefetch
+    workers take batches in turn: the sum of theirs)."""
     try:
         if STATE_KEY in state:
             return int(state[STATE_KEY])
@@ -265,24 +227,15 @@ def batches_drawn(state: dict) -> int:
                         f'{str(state)[:200]}') from None
 
 
-def _ensure_absl_flags_parsed():
-    # grain's mp_prefetch reads its absl flags; a caller that is not an absl app
-    # never parsed them. Marking them parsed keeps the defaults and leaves
-    # sys.argv alone.
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 class TrainLoader:
     """The training stream of one process (see module docstring)."""
 
-    def __init__(self, source, plan: EpochPlan, aug: augment.AugmentConfig,
+    def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
                  mean, std, num_workers: int = 0, skip_list: Optional[str] = None,
-                 normalization_origin: str = 'given', min_tissue: float = 0.0):
-        self.source = source
-        self.plan = plan
-        self.aug = aug
+                 normalization_origin: str = 'given', min_tissue: float = 0.0,
+                 held_out: Optional[PatchSource] = None):
+        self.source, self.plan, self.aug = source, plan, aug
+        self.held_out = held_out   # the monitor set's slides, held out of `source`
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.normalization_origin = normalization_origin
@@ -304,21 +257,20 @@ class TrainLoader:
         ds = (grain.MapDataset.range(start, self.plan.local_elements)
               .map(self.pair_maker())
               .batch(self.plan.local_batch, drop_remainder=True))
-        # One reading thread: the parallelism is in the worker processes (or, with
-        # num_workers=0, one background thread overlapping the train step). The
-        # buffer holds whole batches, so keep it short.
+        # One reading thread (the parallelism is in the workers); a short buffer of batches.
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
         if self.num_workers > 0:
-            _ensure_absl_flags_parsed()
+            from absl import flags  # grain reads absl flags a non-absl caller never parsed
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
             it_ds = it_ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.num_workers,
                                              per_worker_buffer_size=1),
                 worker_init_fn=interrupts.worker_initializer())
         return it_ds
 
-    def iterator(self) -> 'BatchIterator':
-        """An iterator over the batches of all epochs; get_state/set_state resume it, with
-        any number of workers."""
+    def iterator(self) -> BatchIterator:
+        """The batches of all epochs; get_state/set_state resume it, any worker count."""
         return BatchIterator(self)
 
     def skipped_files(self):
@@ -332,58 +284,41 @@ class TrainLoader:
 
 def create_train_loader(config, workdir: Optional[str] = None, process_index: int = 0,
                         process_count: int = 1, recorded=None) -> TrainLoader:
-    """The training loader of this process, from ``config.data`` and ``config.train``
-    (checked by ``config.validate``).
+    """The training loader of this process, from a validated ``config``.
 
     The normalization is ``data.mean/std`` when set, else ``recorded`` (what a resumed
-    run recorded when it started, with ``mean``, ``std`` and ``origin``), else computed
-    over the training list (cached). Raises DataError (one line) for an empty or missing
-    source, a manifest without a ``path`` column, or a batch larger than the list.
+    run recorded, with ``mean``, ``std`` and ``origin``), else computed over the training
+    list (cached). DataError (one line) for a source that lists nothing usable.
     """
     data = config.data
-    data_path = data.path
-    recs, source = sources_lib.open_source(data_path, data.slide_dir, int(data.open_slides))
-    monitor = None
+    source = sources_lib.open_source(data.path, data.slide_dir, int(data.open_slides))
+    held_out = None
     mon = config.get('monitor')
     if mon is not None and mon.every_epochs > 0 and not mon.data_path and mon.holdout > 0:
-        keep, held = sources_lib.holdout_slides(recs, float(mon.holdout), int(config.train.seed))
-        monitor = (recs, source, held)   # the monitor set's records, before the subset
+        keep, held = sources_lib.holdout_slides(source, float(mon.holdout),
+                                                int(config.train.seed))
         logger.info('monitor: %d patches of the training source held out (monitor.holdout '
                     '%g of its slides); training on the other %d', len(held), mon.holdout,
                     len(keep))
-        recs, source = records_lib.take(recs, keep), sources_lib.SubsetSource(source, keep)
-    slide_index = None
-    if data.sampling == 'slide_balanced':
-        slide_index = getattr(source, 'slide_index', None)
-        if slide_index is None:
-            slide_index = _slide_index_of(recs)
+        source, held_out = source.subset(keep), source.subset(held)
     plan = EpochPlan(num_records=len(source), global_batch=int(config.train.batch_size),
                      process_index=int(process_index), process_count=int(process_count),
                      num_epochs=int(config.train.num_epochs), seed=int(config.train.seed),
-                     sampling=data.sampling, slide_index=slide_index)
+                     sampling=data.sampling, slide_index=(
+                         source.slide_index if data.sampling == 'slide_balanced' else None))
     skip_list = os.path.join(workdir, skips.SKIPPED_FILES) if workdir else None
-    mean, std = config.data.mean, config.data.std
-    origin = 'config data.mean/std'
+    mean, std, origin = data.mean, data.std, 'config data.mean/std'
     if mean is None and recorded is not None:
         mean, std, origin = recorded.mean, recorded.std, recorded.origin
         logger.info('normalization recorded by the run: mean %s std %s (%s)', mean, std,
                     origin)
     elif mean is None:
-        sample = None
-        if hasattr(source, 'slide_index'):  # slides: a deterministic sample of patches
-            sample = stats_lib.sample_indices(len(source), int(data.stats_sample))
+        sample = (stats_lib.sample_indices(len(source), int(data.stats_sample))
+                  if source.from_slides else None)   # slides: millions of patches
         mean, std, origin = stats_lib.cached_stats(
-            data_path, source, workdir=workdir, num_workers=int(data.num_workers),
+            data.path, source, workdir=workdir, num_workers=int(data.num_workers),
             skip_log=skips.SkipLog(skip_list), indices=sample)
-    loader = TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
-                         num_workers=int(data.num_workers), skip_list=skip_list,
-                         normalization_origin=origin, min_tissue=float(data.min_tissue))
-    loader.monitor_source = monitor   # (records, source, indices) held out, or None
-    return loader
-
-
-def _slide_index_of(recs) -> np.ndarray:
-    """int32 [N]: each record's slide (its slide_id, else its folder), for balancing."""
-    keys = [r.slide_id or os.path.dirname(r.path) for r in recs]
-    _, index = np.unique(np.array(keys, dtype=object).astype(str), return_inverse=True)
-    return index.astype(np.int32)
+    return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
+                       num_workers=int(data.num_workers), skip_list=skip_list,
+                       normalization_origin=origin, min_tissue=float(data.min_tissue),
+                       held_out=held_out)

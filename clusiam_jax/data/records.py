@@ -1,24 +1,13 @@
-"""Patch discovery: what the training list is, and what travels with each patch.
-
-A patch source is one of
-  * a folder of image files at any depth; the original CluSiam layout
-    ``root/<class>/<slide>/<x>_<y>.png`` works as is (label = <class>);
-  * a manifest CSV with a ``path`` column and optional ``slide_id``, ``label``,
-    ``x``, ``y`` columns (relative paths are relative to the CSV's folder);
-  * a dataset built by :mod:`clusiam_jax.data.tfds_builder` (its ``records.csv``).
-
-A folder holding whole slides (slide formats, pyramidal or tiled large TIFFs) is refused
-with the tiling command: slides are read through a tiling (data/slide_source.py).
-
-Records are sorted by path so that the list, and with it every shuffle drawn
-from the seed, does not depend on the file system's listing order.
+"""What a patch is (PatchRecord), what serves patches (PatchSource), and the listing of
+patch files: a folder at any depth (``<class>/<slide>/<x>_<y>.png`` as the original),
+a manifest CSV (``path``[, ``slide_id``, ``label``, ``x``, ``y``]) or a built dataset.
+Sorted by path, so a shuffle drawn from the seed ignores the file system's order.
 """
-import csv
 import dataclasses
-import logging
+import glob
 import os
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional
 
 import numpy as np
 
@@ -27,17 +16,11 @@ from clusiam_jax.data import image_io
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides.reader import SLIDE_ONLY_EXTENSIONS
 
-logger = logging.getLogger(__name__)
-
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
-
-# `<x>_<y>` at the end of the file stem, optionally after a prefix and `_`/`-`
-# (e.g. `1024_2048.png`, `slideA_1024_2048.png`); level-0 pixel coordinates.
+# `<x>_<y>` (level-0 pixels) ending the file stem, optionally after a prefix and `_`/`-`.
 _COORDS_RE = re.compile(r'(?:^|[_\-])(\d+)_(\d+)$')
-
 MANIFEST_COLUMNS = ('path', 'slide_id', 'label', 'x', 'y')
-# Name of the manifest a built TFDS dataset keeps next to its ArrayRecord shards.
-DATASET_MANIFEST = 'records.csv'
+DATASET_MANIFEST = 'records.csv'   # a built dataset's records, in its ArrayRecord order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,59 +33,70 @@ class PatchRecord:
     y: Optional[int] = None
 
 
-def take(records, indices) -> Sequence[PatchRecord]:
-    """records[i] for i in indices, still lazy when `records` makes its records on
-    access (a slide source's, data/slide_source.SlideRecords)."""
-    if hasattr(records, 'take'):
-        return records.take(indices)
-    return [records[int(i)] for i in indices]
+class PatchSource:
+    """The protocol of every patch source (files, a built dataset, slides, a subset of
+    one). Records are made on access: tens of millions would fill every worker's memory."""
+    slide_ids: np.ndarray      # str [S]: each slide's id ('' for patch files without one)
+    slide_index: np.ndarray    # int [N]: each patch's slide, an index into slide_ids
+    dataset_dir: Optional[str] = None   # a built dataset's folder
+    from_slides = False        # read from whole slides
+
+    def __len__(self) -> int:
+        return len(self.slide_index)
+
+    def load(self, index: int) -> np.ndarray:
+        """uint8 [H, W, 3] RGB; BadImageError when unreadable."""
+        raise NotImplementedError
+
+    def path(self, index: int) -> str:
+        raise NotImplementedError
+
+    def record(self, index: int) -> PatchRecord:
+        raise NotImplementedError
+
+    def labels(self, indices) -> List[Optional[str]]:
+        return [self.record(int(i)).label for i in indices]
+
+    def subset(self, indices) -> 'Subset':
+        return Subset(self, indices)
 
 
-def slide_codes(records) -> Tuple[np.ndarray, np.ndarray]:
-    """(names, codes): the distinct slide ids, sorted ('' for records without one), and
-    each record's index into them (int [N]), without making the records of a source
-    that makes them on access (grouping on the integers, not on a string per patch)."""
-    if hasattr(records, 'slide_codes'):
-        return records.slide_codes()
-    ids = np.array([r.slide_id or '' for r in records], dtype=object).astype(str)
-    names, codes = np.unique(ids, return_inverse=True)
-    return names, codes.reshape(-1)
+class Subset(PatchSource):
+    """Patches `indices` of `parent`: index i here is index indices[i] there."""
 
+    def __init__(self, parent: PatchSource, indices):
+        self.parent, self.indices = parent, np.asarray(indices, np.int64)
+        self.slide_ids, self.slide_index = parent.slide_ids, parent.slide_index[self.indices]
+        self.dataset_dir, self.from_slides = parent.dataset_dir, parent.from_slides
 
-def labels_of(records, indices) -> List[Optional[str]]:
-    """records[i].label for i in indices (a slide source's from its slides' labels)."""
-    if hasattr(records, 'labels_of'):
-        return records.labels_of(indices)
-    return [records[int(i)].label for i in indices]
+    def load(self, index: int) -> np.ndarray:
+        return self.parent.load(int(self.indices[index]))
+
+    def path(self, index: int) -> str:
+        return self.parent.path(int(self.indices[index]))
+
+    def record(self, index: int) -> PatchRecord:
+        return self.parent.record(int(self.indices[index]))
+
+    def labels(self, indices) -> List[Optional[str]]:
+        return self.parent.labels(self.indices[np.asarray(indices, np.int64)])
 
 
 def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:
-    """Slide id, label and coordinates read off ``.../<slide>/<x>_<y>.<ext>``.
-
-    The slide is the parent folder (``root`` itself for files directly in it).
-    The label is only taken when the file sits exactly two folders below
-    ``root`` (the original ``<class>/<slide>/file`` layout); deeper or
-    shallower layouts carry no reliable class folder.
-    """
-    stem = os.path.splitext(os.path.basename(path))[0]
-    match = _COORDS_RE.search(stem)
+    """Slide id (the parent folder), coordinates and, for a file exactly two folders below
+    ``root`` (``<class>/<slide>/file``), the label, read off the path."""
+    match = _COORDS_RE.search(os.path.splitext(os.path.basename(path))[0])
     x, y = (int(match.group(1)), int(match.group(2))) if match else (None, None)
-    parent = os.path.basename(os.path.dirname(path)) or None
     label = None
     if root is not None:
         rel_parts = os.path.relpath(path, root).split(os.sep)
         if len(rel_parts) == 3:
             label = rel_parts[0]
-    return PatchRecord(path=path, slide_id=parent, label=label, x=x, y=y)
-
-
-def _is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+    return PatchRecord(path, os.path.basename(os.path.dirname(path)) or None, label, x, y)
 
 
 def _is_slide_file(path: str, name: str) -> bool:
-    """Whole-slide formats (.svs, .ndpi, ...), and TIFFs that are pyramids or tiled and
-    larger than a patch (image_io.tiff_is_slide): small plain TIFFs are patches."""
+    """Whole-slide formats, and TIFFs that are pyramids or tiled and larger than a patch."""
     lower = name.lower()
     if lower.endswith(SLIDE_ONLY_EXTENSIONS):
         return True
@@ -111,9 +105,8 @@ def _is_slide_file(path: str, name: str) -> bool:
 
 def discover_folder(root: str) -> List[PatchRecord]:
     """All image files under ``root`` (any depth, symlinks followed), sorted. A folder
-    holding whole-slide files (.svs, .ndpi, pyramidal or tiled TIFF, ...) is refused with
-    the tiling command: slides are never patches, and training on the few small images
-    beside them (labels, thumbnails) would look like success."""
+    holding whole slides is refused: training on the few small images beside them
+    (labels, thumbnails) would look like success."""
     root = os.path.abspath(root)
     records, slides = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -124,7 +117,7 @@ def discover_folder(root: str) -> List[PatchRecord]:
             path = os.path.join(dirpath, name)
             if _is_slide_file(path, name):
                 slides.append(path)
-            elif _is_image_file(name):
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
                 records.append(parse_patch_path(path, root))
     if slides:
         slides.sort()
@@ -145,7 +138,7 @@ def discover_folder(root: str) -> List[PatchRecord]:
 
 def _optional_int(value: str, column: str, line: int, csv_path: str):
     value = (value or '').strip()
-    if value == '' or value == '-1':
+    if value in ('', '-1'):
         return None
     try:
         return int(float(value))
@@ -158,7 +151,6 @@ def _optional_int(value: str, column: str, line: int, csv_path: str):
 def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
     """Records from a manifest CSV (``path`` required; see module docstring)."""
     base = os.path.dirname(os.path.abspath(csv_path))
-    # One reader for every CSV a user gives: a BOM, a non-UTF-8 file, a broken one.
     columns, rows = fileio.read_csv_rows(csv_path, 'manifest')
     if 'path' not in columns:
         raise DataError(
@@ -193,32 +185,23 @@ def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
 
 def write_patch_manifest(records, csv_path: str) -> None:
     """Writes records as a manifest CSV (absolute paths, empty = unknown)."""
-    with open(csv_path, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(MANIFEST_COLUMNS)
-        for r in records:
-            writer.writerow([
-                r.path, r.slide_id or '', r.label or '',
-                '' if r.x is None else r.x, '' if r.y is None else r.y])
+    fileio.write_csv(csv_path, MANIFEST_COLUMNS, (
+        {'path': r.path, 'slide_id': r.slide_id or '', 'label': r.label or '',
+         'x': '' if r.x is None else r.x, 'y': '' if r.y is None else r.y}
+        for r in records))
 
 
 def find_tfds_dataset(path: str) -> Optional[str]:
-    """The folder holding ``dataset_info.json`` of a built dataset, or None.
-
-    Accepts the build output folder itself or any folder above the version
-    folder (``out/<name>/<version>/``), at most three levels deep.
-    """
+    """The folder holding ``dataset_info.json`` of a built dataset at or at most three
+    levels below `path` (``out/<name>/<version>/``), or None."""
     if not os.path.isdir(path):
         return None
     for depth in range(4):
-        pattern_parts = [path] + ['*'] * depth + ['dataset_info.json']
-        import glob  # local: only needed here
-        hits = sorted(glob.glob(os.path.join(*pattern_parts)))
+        hits = sorted(glob.glob(os.path.join(path, *['*'] * depth, 'dataset_info.json')))
+        if len(hits) > 1:
+            raise DataError(f'{path} holds several built datasets: '
+                            f'{[os.path.dirname(h) for h in hits]}; point data.path at one')
         if hits:
-            if len(hits) > 1:
-                raise DataError(
-                    f'{path} holds several built datasets: '
-                    f'{[os.path.dirname(h) for h in hits]}; point data.path at one')
             return os.path.dirname(hits[0])
     return None
 
@@ -235,15 +218,12 @@ def discover(path: str) -> List[PatchRecord]:
             raise DataError(f'{path} is a file but not a manifest CSV')
         return read_patch_manifest(path)
     dataset_dir = find_tfds_dataset(path)
-    if dataset_dir is not None:
-        manifest = os.path.join(dataset_dir, DATASET_MANIFEST)
-        if not os.path.exists(manifest):
-            raise DataError(f'built dataset {dataset_dir} has no {DATASET_MANIFEST}')
-        with open(manifest, newline='') as f:
-            rows = list(csv.DictReader(f))
-        # Keep the stored order: it is the order of the ArrayRecord index.
-        return [PatchRecord(
-            path=r['path'], slide_id=r['slide_id'] or None, label=r['label'] or None,
-            x=int(r['x']) if r['x'] else None, y=int(r['y']) if r['y'] else None)
-            for r in rows]
-    return discover_folder(path)
+    if dataset_dir is None:
+        return discover_folder(path)
+    manifest = os.path.join(dataset_dir, DATASET_MANIFEST)
+    if not os.path.exists(manifest):
+        raise DataError(f'built dataset {dataset_dir} has no {DATASET_MANIFEST}')
+    _, rows = fileio.read_csv_rows(manifest, 'built dataset records')
+    return [PatchRecord(r['path'], r['slide_id'] or None, r['label'] or None,
+                        int(r['x']) if r['x'] else None, int(r['y']) if r['y'] else None)
+            for r in rows]   # the stored order: that of the ArrayRecord index

@@ -1,10 +1,7 @@
-"""The record of skipped (unreadable) files: logged once, listed in the workdir.
+"""The list of skipped (unreadable) files: logged once, kept in the workdir.
 
-Several grain worker processes may meet the same bad file (in different
-epochs), so the list file is the shared memory: a path is appended under an
-exclusive ``flock`` only if it is not listed yet, and only the process that
-appends it logs the warning. Skips are rare, so reading the file each time
-costs nothing that matters.
+Worker processes meeting the same bad file share the list file: a path is appended under
+an exclusive flock only if it is not listed yet, and only the process appending it logs.
 """
 import fcntl
 import logging
@@ -17,21 +14,19 @@ logger = logging.getLogger(__name__)
 
 
 class SkipLog:
-    """Picklable (for worker processes): holds only the list file's path."""
+    """Pickles as the list file's path alone (for worker processes)."""
 
     def __init__(self, list_path: Optional[str]):
-        self.list_path = list_path
-        self._seen = set()
+        self.list_path, self._seen = list_path, set()
 
     def __getstate__(self):
-        return {'list_path': self.list_path}
+        return (self.list_path,)
 
     def __setstate__(self, state):
-        self.list_path = state['list_path']
-        self._seen = set()
+        self.__init__(*state)
 
     def record(self, path: str, reason: str) -> None:
-        """Notes one unreadable file; logs it the first time any process sees it."""
+        """Notes an unreadable file; logged the first time any process sees it."""
         if path in self._seen:
             return
         self._seen.add(path)
@@ -44,17 +39,13 @@ class SkipLog:
 
 def _append_once(list_path: str, path: str) -> bool:
     os.makedirs(os.path.dirname(os.path.abspath(list_path)), exist_ok=True)
-    with open(list_path, 'a+') as f:
+    with open(list_path, 'a+') as f:   # closing it (flushed) releases the lock
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.seek(0)
-            if path in set(f.read().splitlines()):
-                return False
-            f.write(path + '\n')
-            f.flush()
-            return True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        f.seek(0)
+        if path in f.read().splitlines():
+            return False
+        f.write(path + '\n')
+        return True
 
 
 def read_list(list_path: str) -> List[str]:

@@ -1,45 +1,27 @@
-"""Training and export straight from whole slides: a random-access source over
-(slide, x, y), with the slides opened lazily in each process.
+"""Patches read straight from whole slides: a PatchSource over (slide, x, y).
 
-Three layouts are read (docs/formats.md):
-  * our tiling (`--mode tile`): `<dir>/slides.csv` + `<dir>/patches/<id>_patches.h5`; the
-    slides are where slides.csv says;
-  * TRIDENT's and CLAM's patch folders: `<dir>/patches/*.h5` (or the `patches` folder
-    itself), with `data.slide_dir` saying where the slides are (found by slide id, at any
-    depth).
-
-Each patch is read from the pyramid level closest to (not coarser than) its resolution
-and area-resized to its patch size (slides/reader.py), so slides scanned at 40x and 20x
-give the same physical patches. Handles are never opened before a worker process forks
-(the source pickles without them); each process keeps at most `open_slides` of them in
-an LRU, each with a bounded OpenSlide tile cache, so memory stays flat over thousands of
-slides. A slide that vanished or cannot be read, or a region that fails to decode, is a
-BadImageError: the pipeline skips it and lists it (the slide once, not every patch).
-Coordinate files are checked (slides/coords.py): a damaged one, or a slide id that
-names no file of its folder, leaves its slide out with one warning line saying why; a
-slide whose coordinates fall outside it (known once it is opened) is a bad slide.
+Two layouts (docs/formats.md): our tiling (slides.csv + patches/<id>_patches.h5), and
+TRIDENT's or CLAM's patches/*.h5 with data.slide_dir saying where the slides are. Slides
+open lazily in each process, at most `open_slides` at a time with one bounded tile cache,
+so memory stays flat over thousands of slides. An unreadable slide or region is a
+BadImageError; a damaged coordinate file leaves its slide out with a warning.
 """
 import collections
-import collections.abc
-import csv
 import dataclasses
 import logging
 import os
 import threading
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
 from clusiam_jax.data import image_io
-from clusiam_jax.data import records as records_lib
+from clusiam_jax.data.records import PatchRecord, PatchSource
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import coords as coords_lib
-from clusiam_jax.slides import reader
-from clusiam_jax.slides.tiles import TiffTiles
+from clusiam_jax.slides import reader, slides_csv
 
 logger = logging.getLogger(__name__)
-
-SLIDES_CSV = 'slides.csv'   # slides/tiling.py writes it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +33,18 @@ class SlidePatches:
     coords: coords_lib.SlideCoords
 
 
-class SlideSource:
+class SlideSource(PatchSource):
     """Patches of whole slides, index -> uint8 [S, S, 3] (S: the slide's patch size)."""
+    from_slides = True
 
     def __init__(self, slides: List[SlidePatches], open_slides: int = 512,
                  fast_tiles: bool = True):
         self.slides = [dataclasses.replace(s, coords=dataclasses.replace(s.coords,
                                                                          coords=None))
                        for s in slides]
+        self.slide_ids = np.array([s.slide_id for s in slides], dtype=str)
         counts = [len(s.coords.coords) for s in slides]
-        self._slide_of = np.repeat(np.arange(len(slides), dtype=np.int32), counts)
+        self.slide_index = np.repeat(np.arange(len(slides), dtype=np.int32), counts)
         self._xy = (np.concatenate([s.coords.coords for s in slides]).astype(np.int64)
                     if slides else np.zeros((0, 2), np.int64))
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
@@ -69,96 +53,77 @@ class SlideSource:
         self._reset()
 
     def _reset(self):
-        """The per-process state: never pickled (handles must not cross a fork)."""
+        """The per-process state, never pickled (handles must not cross a fork). An evicted
+        or failed handle is dropped, never closed: another export thread may read it."""
         self._handles = collections.OrderedDict()
         self._bad: Dict[int, str] = {}
         self._sizes: Dict[int, tuple] = {}
-        # The export reads with several threads: the table and eviction are locked. An
-        # evicted or failed handle is only dropped, never closed here: a thread may be
-        # reading from it, and OpenSlide closes it when the last reference goes.
         self._lock = threading.Lock()
         self._cache = None   # one tile cache for all the handles of this process
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        for key in ('_handles', '_bad', '_sizes', '_lock', '_cache'):
-            state.pop(key)
-        return state
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ('_handles', '_bad', '_sizes', '_lock', '_cache')}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._reset()
 
-    def __len__(self) -> int:
-        return len(self._slide_of)
-
-    @property
-    def slide_index(self) -> np.ndarray:
-        """int32 [N]: the slide of each patch (for slide-balanced sampling)."""
-        return self._slide_of
-
     def path(self, index: int) -> str:
-        s = self.slides[self._slide_of[index]]
         x, y = self._xy[index]
-        return f'{s.path}#x={x},y={y}'
+        return f'{self.slides[self.slide_index[index]].path}#x={x},y={y}'
 
-    def record(self, index: int) -> records_lib.PatchRecord:
-        s = self.slides[self._slide_of[index]]
+    def record(self, index: int) -> PatchRecord:
+        s = self.slides[self.slide_index[index]]
         x, y = self._xy[index]
-        return records_lib.PatchRecord(path=self.path(index), slide_id=s.slide_id,
-                                       label=s.label or None, x=int(x), y=int(y))
+        return PatchRecord(self.path(index), s.slide_id, s.label or None, int(x), int(y))
 
-    def records(self) -> 'SlideRecords':
-        return SlideRecords(self, np.arange(len(self), dtype=np.int64))
+    def labels(self, indices):
+        return [self.slides[s].label or None
+                for s in self.slide_index[np.asarray(indices, np.int64)]]
 
     def coords_attrs(self, slide_id: str) -> dict:
-        """The coordinate file's attributes of a slide (copied into its export file), with
-        `patch_size_level0` and the level-0 size always present (CLAM files lack them),
-        and the slide's path."""
-        index = [s.slide_id for s in self.slides].index(slide_id)
+        """A slide's coordinate-file attributes (for its export file), with its path and the
+        `patch_size_level0` and level-0 size CLAM files lack."""
+        index = self.slide_ids.tolist().index(slide_id)
         slide = self.slides[index]
         attrs = dict(slide.coords.attrs, slide_path=os.path.abspath(slide.path))
         if 'patch_size_level0' not in attrs or 'level0_width' not in attrs:
-            handle = self._handle(index)
-            attrs.setdefault('patch_size_level0', self._patch_sizes(index, handle)[0])
-            attrs.setdefault('level0_width', handle.slide.dimensions[0])
-            attrs.setdefault('level0_height', handle.slide.dimensions[1])
+            opened = self._handle(index)
+            attrs.setdefault('patch_size_level0', self._patch_sizes(index, opened)[0])
+            attrs.setdefault('level0_width', opened.dimensions[0])
+            attrs.setdefault('level0_height', opened.dimensions[1])
         return attrs
 
-    # ------------------------------------------------------------ reading
-
-    def _handle(self, s: int):
+    def _handle(self, s: int) -> reader.Slide:
         with self._lock:
             if s in self._bad:
                 raise _slide_error(self.slides[s].path, self._bad[s])
-            handle = self._handles.get(s)
-            if handle is not None:
+            opened = self._handles.get(s)
+            if opened is not None:
                 self._handles.move_to_end(s)
-                return handle
+                return opened
             if self._cache is None:
                 import openslide
                 self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
             path = self.slides[s].path
             try:
-                slide = reader.open_slide(path, cache=self._cache)
+                opened = reader.open_slide(path, cache=self._cache, direct=self.fast_tiles)
             except DataError as e:
                 self._bad[s] = str(e).split(': ', 1)[-1]
                 raise _slide_error(path, self._bad[s]) from None
-            outside = self._outside(s, slide.dimensions)
+            outside = self._outside(s, opened.dimensions)
             if outside:
-                slide.close()
+                opened.close()
                 self._bad[s] = outside
                 raise _slide_error(path, outside)
-            handle = _Open(slide, TiffTiles.open(path, slide) if self.fast_tiles else None)
-            self._handles[s] = handle
+            self._handles[s] = opened
             while len(self._handles) > self.open_slides:
                 self._handles.popitem(last=False)
-            return handle
+            return opened
 
     def _outside(self, s: int, dimensions) -> str:
-        """Why slide s's patches do not fit the slide (some start outside it), or ''.
-        Only here is a CLAM file's slide size known; a slide moved or replaced since
-        tiling is caught here too."""
+        """Why slide s's patches do not fit it (a CLAM file's, a slide replaced), or ''."""
         xy = self._xy[self._starts[s]:self._starts[s + 1]]
         width, height = dimensions
         bad = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
@@ -168,85 +133,40 @@ class SlideSource:
                 f'({width} x {height} px at level 0), e.g. {tuple(xy[bad.argmax()].tolist())}: '
                 f'its coordinate file is not of this slide')
 
-    def _patch_sizes(self, s: int, handle) -> tuple:
+    def _patch_sizes(self, s: int, opened: reader.Slide) -> tuple:
         """(level-0 side, output side) of slide s's patches."""
         if s not in self._sizes:
             c = self.slides[s].coords
             size0, out = c.patch_size_level0, c.patch_size
             if c.patch_level is not None:  # CLAM without `downsample`: from the slide
-                size0 = out * handle.slide.level_downsamples[c.patch_level]
+                size0 = out * opened.handle.level_downsamples[c.patch_level]
             self._sizes[s] = (float(size0), int(out))
         return self._sizes[s]
 
     def load(self, index: int) -> np.ndarray:
-        """HxWx3 uint8 RGB; BadImageError when the slide or the region is unreadable."""
-        s = int(self._slide_of[index])
-        handle = self._handle(s)
-        size0, out = self._patch_sizes(s, handle)
+        s = int(self.slide_index[index])
+        opened = self._handle(s)
+        size0, out = self._patch_sizes(s, opened)
         x, y = self._xy[index]
         try:
-            return reader.read_patch(handle.slide, x, y, size0, out, handle.tiles)
+            return reader.read_patch(opened, x, y, size0, out)
         except Exception as e:
             import openslide
             if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)):
                 raise
-            # OpenSlideError leaves the handle unusable and a failed read may be the file:
-            # reopen later. A tile that does not decode (ValueError) is that tile alone.
+            # OpenSlideError leaves the handle unusable: reopen later. A tile that does not
+            # decode (ValueError) is that tile alone.
             if not isinstance(e, ValueError):
                 with self._lock:
-                    if self._handles.get(s) is handle:
+                    if self._handles.get(s) is opened:
                         del self._handles[s]
             raise image_io.BadImageError(
                 f'{self.path(index)}: region unreadable ({" ".join(str(e).split())})') \
                 from None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Open:
-    """An open slide: its OpenSlide handle and, for TIFF-based slides, the faster tile
-    reader of the levels it covers (slides/tiles.py)."""
-    slide: object
-    tiles: Optional[TiffTiles]
-
-
-class SlideRecords(collections.abc.Sequence):
-    """The PatchRecords of a slide source (or of some of its patches), made on access: a
-    list would hold an object and a path string per patch, gigabytes at the tens of
-    millions of patches of a cohort, in every process that opens the source; this holds
-    one index per patch (records.take, slide_codes and labels_of serve subsets, slide
-    grouping and labels without making any record)."""
-
-    def __init__(self, source: SlideSource, indices: np.ndarray):
-        self._source, self._indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self._source.record(int(self._indices[i]))
-
-    def take(self, indices) -> 'SlideRecords':
-        return SlideRecords(self._source, self._indices[np.asarray(indices, np.int64)])
-
-    def slide_codes(self):
-        """As records.slide_codes, from the source's slide index."""
-        ids = np.array([s.slide_id for s in self._source.slides], dtype=str)
-        names, of_slide = np.unique(ids, return_inverse=True)
-        codes = of_slide.reshape(-1)[self._source.slide_index[self._indices]]
-        used = np.unique(codes)
-        return names[used], np.searchsorted(used, codes)
-
-    def labels_of(self, indices):
-        slides = self._source.slide_index[self._indices[np.asarray(indices, np.int64)]]
-        return [self._source.slides[s].label or None for s in slides]
-
-
 def _slide_error(path: str, reason: str) -> image_io.BadImageError:
-    error = image_io.BadImageError(f'{path}: {reason}')
-    error.subject = path   # the skip list names the slide once, not each of its patches
-    return error
+    return image_io.BadImageError(f'{path}: {reason}', subject=path)
 
 
 # -------------------------------------------------------------------- discovery
@@ -255,13 +175,12 @@ def _has_h5(folder: str) -> bool:
     return any(n.endswith('.h5') for n in os.listdir(folder))
 
 
-def _patches_folder(path: str) -> Optional[str]:
-    """The folder of coordinate files of a slide layout at `path` (see module), or None."""
+def _patches_folder(path: str):
+    """The folder of coordinate files of a slide layout at `path`, or None."""
     if not os.path.isdir(path):
         return None
     inner = os.path.join(path, coords_lib.PATCHES_DIR)
-    if os.path.isdir(inner) and (os.path.isfile(os.path.join(path, SLIDES_CSV))
-                                 or _has_h5(inner)):
+    if os.path.isdir(inner) and (slides_csv.has_table(path) or _has_h5(inner)):
         return inner
     if os.path.basename(os.path.normpath(path)) == coords_lib.PATCHES_DIR and _has_h5(path):
         return path
@@ -284,8 +203,8 @@ def _index_slides(slide_dir: str) -> Dict[str, str]:
 
 
 def _usable(coord_file: str, slide_id: str, left_out: List[str]):
-    """The SlideCoords of a coordinate file, or None, with why in `left_out` and the log
-    (a damaged or foreign file, an id that names no file: that slide only is left out)."""
+    """The SlideCoords of a coordinate file, or None (that slide left out: why in
+    `left_out` and the log)."""
     try:
         return coords_lib.read_coords(coord_file)
     except DataError as e:
@@ -295,13 +214,8 @@ def _usable(coord_file: str, slide_id: str, left_out: List[str]):
 
 
 def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[SlidePatches]:
-    """The tiled slides of slides.csv; with `slide_dir` (slides moved since tiling) each
-    is looked up there by slide id instead of at its recorded path."""
-    with open(os.path.join(path, SLIDES_CSV), newline='', encoding='utf-8-sig') as f:
-        rows = [r for r in csv.DictReader(f) if r.get('status') == 'tiled']
-    if not rows:
-        raise DataError(f'{path}: slides.csv lists no tiled slide (see its status and '
-                        f'reason columns)')
+    """The tiled slides of slides.csv, looked up by id in `slide_dir` when given."""
+    rows = slides_csv.tiled_rows(path)
     moved = _index_slides(slide_dir) if slide_dir else None
     out = []
     for row in rows:
@@ -322,22 +236,19 @@ def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[Slide
             slide_path = moved[row['slide_id']]
         coords = _usable(coord_file, row['slide_id'], left_out)
         if coords is not None:
-            out.append(SlidePatches(row['slide_id'], slide_path, row.get('label') or '',
-                                    coords))
+            out.append(SlidePatches(row['slide_id'], slide_path, row['label'], coords))
     return out
 
 
 def _patch_folder_slides(path: str, folder: str, slide_dir: str,
                          left_out: List[str]) -> List[SlidePatches]:
-    """Slides of a patches/ folder: found in `slide_dir` by id, else where the file says
-    (`slide_path`, which our tiling records; CLAM and TRIDENT files record none)."""
+    """Slides of a patches/ folder: found in `slide_dir` by id, else at the `slide_path`
+    our tiling records (CLAM and TRIDENT files record none)."""
     files = {s: _usable(p, s, left_out) for s, p in coords_lib.list_coord_files(folder).items()}
     files = {s: c for s, c in files.items() if c is not None}
     if not files:
         return []
     if slide_dir:
-        if not os.path.isdir(slide_dir):
-            raise DataError(f'slide folder not found: {slide_dir}')
         on_disk = _index_slides(slide_dir)
     else:
         on_disk = {s: c.attrs['slide_path'] for s, c in files.items() if 'slide_path' in c.attrs}
@@ -356,20 +267,18 @@ def _patch_folder_slides(path: str, folder: str, slide_dir: str,
     return [SlidePatches(s, on_disk[s], '', c) for s, c in files.items() if s in on_disk]
 
 
-def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512):
-    """(records, SlideSource) of a tiling output or a CLAM/TRIDENT patch folder."""
-    folder = _patches_folder(path)
+def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512) -> SlideSource:
+    """The SlideSource of a tiling output or a CLAM/TRIDENT patch folder."""
     if slide_dir and not os.path.isdir(slide_dir):
         raise DataError(f'slide folder not found: {slide_dir}')
     left_out: List[str] = []
-    if os.path.isfile(os.path.join(path, SLIDES_CSV)):
+    if slides_csv.has_table(path):
         slides = _tiling_slides(path, slide_dir, left_out)
     else:
-        slides = _patch_folder_slides(path, folder, slide_dir, left_out)
+        slides = _patch_folder_slides(path, _patches_folder(path), slide_dir, left_out)
     slides = [s for s in slides if len(s.coords.coords)]
     if not slides:
         why = (f' ({len(left_out)} coordinate files left out; the first: {left_out[0]})'
                if left_out else '')
         raise DataError(f'{path}: no slide has usable patch coordinates{why}')
-    source = SlideSource(slides, open_slides)
-    return source.records(), source
+    return SlideSource(slides, open_slides)

@@ -1,73 +1,71 @@
-"""Random access to the training images: by file path, or from a built dataset.
+"""`open_source`: the one way to a PatchSource (records.py), whatever data.path holds.
 
-Both sources are cheap to pickle (grain sends them to spawned worker
-processes): the file source keeps its paths in one numpy bytes array, and the
-dataset source opens its ArrayRecord reader lazily in each process.
+Sources pickle cheaply (grain sends them to spawned workers): per-patch columns in numpy
+arrays, readers opened lazily in each process.
 """
 import logging
 import os
-from typing import List
+from typing import Optional, Sequence
 
 import numpy as np
 
-from clusiam_jax.data import image_io
+from clusiam_jax.data import image_io, slide_source
 from clusiam_jax.data import records as records_lib
+from clusiam_jax.data.records import PatchRecord, PatchSource
 from clusiam_jax.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-# An image file with a longer side is not a patch (image_io.MAX_PATCH_SIDE); a tiled or
-# pyramidal TIFF that large is a slide, refused when the folder is listed (records.py).
-MAX_PATCH_SIDE = image_io.MAX_PATCH_SIDE
 
+class FileSource(PatchSource):
+    """Patch files (a folder or a manifest), or the images of a built dataset
+    (`dataset_dir`, ArrayRecord)."""
 
-class FileSource:
-    """Images read from their files (a patch folder or a manifest)."""
-
-    def __init__(self, recs: List[records_lib.PatchRecord]):
-        self._paths = np.array([os.fsencode(r.path) for r in recs])
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def path(self, index: int) -> str:
-        return os.fsdecode(self._paths[index])
-
-    def load(self, index: int) -> np.ndarray:
-        """HxWx3 uint8 RGB; BadImageError if unreadable or far larger than a patch."""
-        img = image_io.load_rgb(self.path(index))
-        if max(img.shape[:2]) > MAX_PATCH_SIDE:
-            raise image_io.BadImageError(
-                f'{self.path(index)}: {img.shape[1]}x{img.shape[0]} px is far larger than '
-                f'a patch (a slide or a slide region? tile it: --mode tile)')
-        return img
-
-
-class TfdsSource:
-    """Images stored in a dataset built by ``tfds_builder`` (ArrayRecord)."""
-
-    def __init__(self, dataset_dir: str, recs: List[records_lib.PatchRecord]):
+    def __init__(self, records: Sequence[PatchRecord], dataset_dir: Optional[str] = None):
         self.dataset_dir = dataset_dir
-        self._paths = np.array([os.fsencode(r.path) for r in recs])
-        self._source = None
+        self._paths = np.array([os.fsencode(r.path) for r in records])
+        # A patch without a slide id belongs to its folder (balancing, holding out).
+        keys = np.array([r.slide_id or os.path.dirname(r.path) for r in records],
+                        dtype=object).astype(str)
+        names, index = np.unique(keys, return_inverse=True)
+        self.slide_index = index.reshape(-1).astype(np.int32)
+        ids = dict(zip(keys.tolist(), (r.slide_id or '' for r in records)))
+        self.slide_ids = np.array([ids[k] for k in names.tolist()], dtype=str)
+        self._label_names, labels = np.unique(np.array([r.label or '' for r in records],
+                                                       dtype=str), return_inverse=True)
+        self._labels = labels.reshape(-1)
+        self._xy = np.array([(-1 if r.x is None else r.x, -1 if r.y is None else r.y)
+                             for r in records], np.int64).reshape(-1, 2)
+        self._reader = None
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state['_source'] = None  # reopened in each process
-        return state
-
-    def __len__(self) -> int:
-        return len(self._paths)
+        return dict(self.__dict__, _reader=None)   # reopened in each process
 
     def path(self, index: int) -> str:
         return os.fsdecode(self._paths[index])
 
+    def record(self, index: int) -> PatchRecord:
+        x, y = (int(v) if v >= 0 else None for v in self._xy[index])
+        return PatchRecord(self.path(index), str(self.slide_ids[self.slide_index[index]])
+                           or None, str(self._label_names[self._labels[index]]) or None, x, y)
+
+    def labels(self, indices):
+        return [str(v) or None for v in self._label_names[self._labels[np.asarray(
+            indices, np.int64)]]]
+
     def load(self, index: int) -> np.ndarray:
-        if self._source is None:
-            from clusiam_jax.data import tfds_builder  # tfds import only where used
-            self._source = tfds_builder.open_data_source(self.dataset_dir)
+        if self.dataset_dir is None:
+            img = image_io.load_rgb(self.path(index))
+            if max(img.shape[:2]) > image_io.MAX_PATCH_SIDE:
+                raise image_io.BadImageError(
+                    f'{self.path(index)}: {img.shape[1]}x{img.shape[0]} px is far larger '
+                    f'than a patch (a slide or a slide region? tile it: --mode tile)')
+            return img
+        if self._reader is None:
+            from clusiam_jax.data import tfds_builder  # tensorflow-datasets: only here
+            self._reader = tfds_builder.open_data_source(self.dataset_dir)
         try:
-            example = self._source[index]
+            example = self._reader[index]
         except Exception as e:  # a damaged shard: treat like a damaged file
             raise image_io.BadImageError(f'{self.path(index)}: record {index}: {e}') from None
         try:
@@ -76,11 +74,10 @@ class TfdsSource:
             raise image_io.BadImageError(f'{self.path(index)}: {e}') from None
 
 
-def open_source(path: str, slide_dir: str = '', open_slides: int = 512):
-    """(records, source) for a tiling output or CLAM/TRIDENT patch folder (slides read
-    directly, `slide_dir`: where the latter's slides are), a patch folder, a manifest CSV
-    or a built dataset."""
-    from clusiam_jax.data import slide_source  # openslide only where slides are read
+def open_source(path: str, slide_dir: str = '', open_slides: int = 512) -> PatchSource:
+    """The source of a tiling output or CLAM/TRIDENT patch folder (slides read directly;
+    `slide_dir`: where the latter's slides are), a patch folder, a manifest CSV or a
+    built dataset."""
     if slide_source.is_slide_source(path):
         return slide_source.open_slide_source(path, slide_dir, open_slides)
     if slide_dir:
@@ -88,51 +85,27 @@ def open_source(path: str, slide_dir: str = '', open_slides: int = 512):
                         f'folder (no patches/*.h5): drop data.slide_dir or point data.path '
                         f'at the folder holding patches/')
     recs = records_lib.discover(path)
-    dataset_dir = records_lib.find_tfds_dataset(path) if os.path.isdir(path) else None
-    if dataset_dir is not None:
-        return recs, TfdsSource(dataset_dir, recs)
-    return recs, FileSource(recs)
+    return FileSource(recs, records_lib.find_tfds_dataset(path) if os.path.isdir(path)
+                      else None)
 
 
-class SubsetSource:
-    """Some records of a source (the training records when a monitor set is held out):
-    index i of the subset is index `indices[i]` of the source."""
-
-    def __init__(self, source, indices):
-        self.source = source
-        self.indices = np.asarray(indices, np.int64)
-        if hasattr(source, 'slide_index'):
-            self.slide_index = source.slide_index[self.indices]
-        if hasattr(source, 'dataset_dir'):
-            self.dataset_dir = source.dataset_dir
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def path(self, index: int) -> str:
-        return self.source.path(int(self.indices[index]))
-
-    def load(self, index: int) -> np.ndarray:
-        return self.source.load(int(self.indices[index]))
-
-
-def holdout_slides(records, fraction: float, seed: int):
+def holdout_slides(source: PatchSource, fraction: float, seed: int):
     """(training indices, held-out indices): `fraction` of the slides (at least one, never
     all), drawn from `seed`, held out whole: patches of one slide are correlated, so a
-    monitor set that shares slides with training would flatter it."""
-    slides, codes = records_lib.slide_codes(records)
-    if (slides == '').any():   # patch files without a slide id: their folder is the slide
-        keys = np.array([r.slide_id or os.path.dirname(r.path) for r in records],
-                        dtype=object).astype(str)
-        slides, codes = np.unique(keys, return_inverse=True)
+    monitor set sharing slides with training would flatter it."""
+    ids, codes = source.slide_ids, source.slide_index
+    if (ids[np.unique(codes)] == '').any():   # no slide ids: the folder is the slide
+        keys = [str(ids[c]) or os.path.dirname(source.path(i)) for i, c in enumerate(codes)]
+        ids, codes = np.unique(np.array(keys, dtype=object).astype(str), return_inverse=True)
+    slides = np.unique(ids[np.unique(codes)])
     if len(slides) < 2:
         raise DataError(f'monitor.holdout needs at least 2 slides in the training source; it '
                         f'has {len(slides)} (give monitor.data_path instead)')
     count = min(len(slides) - 1, max(1, int(round(fraction * len(slides)))))
-    held = set(np.random.default_rng([seed, 0x401D]).permutation(slides)[:count])
+    held = sorted(np.random.default_rng([seed, 0x401D]).permutation(slides)[:count].tolist())
     if len(slides) < 20:
         logger.warning('monitor.holdout: only %d slides (or folders) in the training source; '
                        'holding out %s. With class folders and no slide ids a folder is a '
-                       'class: prefer monitor.data_path', len(slides), sorted(held))
-    out = np.isin(codes.reshape(-1), np.flatnonzero(np.isin(slides, sorted(held))))
+                       'class: prefer monitor.data_path', len(slides), held)
+    out = np.isin(ids, held)[codes.reshape(-1)]
     return np.flatnonzero(~out), np.flatnonzero(out)

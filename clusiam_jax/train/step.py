@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import optax
 
 from clusiam_jax import losses
-from clusiam_jax.data import device_augment
 from clusiam_jax.data.augment import AugmentConfig
 from clusiam_jax.models import METHOD_SPECS, build_target_encoder
 from clusiam_jax.models.preprocess import normalize_input
+from clusiam_jax.train import device_augment
 from clusiam_jax.train.optimizer import ema_update
 
 

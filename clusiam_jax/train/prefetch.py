@@ -1,0 +1,31 @@
+"""Host batches -> global jax.Arrays, with a small device-side prefetch queue."""
+import collections
+from typing import Iterator, Mapping
+
+import jax
+import numpy as np
+
+
+def to_device(batch: Mapping, sharding):
+    """Each process's local rows -> global arrays sharded along the batch axis;
+    ``sharding``: one for every entry, or a mapping from entry name to sharding."""
+    out = {}
+    for name, value in batch.items():
+        s = sharding[name] if isinstance(sharding, Mapping) else sharding
+        out[name] = jax.make_array_from_process_local_data(s, np.asarray(value))
+    return out
+
+
+def prefetch_to_device(iterator: Iterator, sharding, size: int = 2, with_state: bool = False):
+    """Device batches, ``size`` asynchronous transfers in flight ahead. With
+    ``with_state``, (batch, iterator.get_state() right after it was drawn): a checkpoint
+    saved after the batch resumes on the next, however far ahead the prefetch read."""
+    queue = collections.deque()
+    size = max(1, int(size))
+    for batch in iterator:
+        item = to_device(batch, sharding)
+        queue.append((item, iterator.get_state()) if with_state else item)
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
