@@ -136,14 +136,14 @@ def test_ids_differing_in_punctuation_are_exported_to_their_own_files(tmp_path):
         writer = csv.DictWriter(f, fieldnames=['path', 'slide_id'])
         writer.writeheader()
         writer.writerows(rows)
-    opened = sources_lib.open_source(str(tmp_path / 'patches.csv'))
+    source = sources_lib.open_source(str(tmp_path / 'patches.csv'))
     embedder = _MeanEmbedder(types.SimpleNamespace(method='clusiam', backbone='none'), {},
                              (0.0,) * 3, (1.0,) * 3, 0,
                              parallel.make_mesh(jax.local_devices()[:1]))
     options = embed.EmbedOptions(image_size=8, batch_size=4, export_format='h5',
                                  with_projection=False, num_workers=1)
     out = str(tmp_path / 'export')
-    embed.export_embeddings(embedder, opened, out, options,
+    embed.export_embeddings(embedder, source, out, options,
                             {'config': {}, 'data_path': str(tmp_path)})
     manifest = fmt.read_export_manifest(out)
     assert len({r['file'] for r in manifest}) == len(colours)
@@ -267,7 +267,7 @@ def test_bad_coordinate_files_are_left_out_with_their_reason(slide, tmp_path, ca
     for slide_id, coords in bad.items():
         _rewrite_coords(coords_lib.trident_file(out, slide_id), coords)
     with caplog.at_level(logging.WARNING, logger='clusiam_jax'):
-        records, source = sources_lib.open_source(out)
+        source = sources_lib.open_source(out)
     assert [s.slide_id for s in source.slides] == ['good']
     assert len(records) == n
     text = caplog.text
@@ -305,7 +305,8 @@ def test_clam_coordinates_outside_the_slide_skip_that_slide_once(slide, tmp_path
         with h5py.File(folder / f'{name}.h5', 'w') as f:
             ds = f.create_dataset('coords', data=np.array(coords, np.int64))
             ds.attrs.update({'patch_level': 0, 'patch_size': 64})
-    records, source = sources_lib.open_source(str(tmp_path / 'job'), str(slides))
+    source = sources_lib.open_source(str(tmp_path / 'job'), str(slides))
+    records = list(map(source.record, range(len(source))))
     by_slide = {r.slide_id: i for i, r in enumerate(records)}
     assert source.load(by_slide['inside']).shape == (64, 64, 3)
     first = [i for i, r in enumerate(records) if r.slide_id == 'beyond'][0]

@@ -151,7 +151,7 @@ def test_40x_20x_and_10x_scans_give_the_same_physical_patches(scans, tmp_path):
     np.testing.assert_array_equal(coords[1.0] * 2, coords[0.5])
     patches = {}
     for mpp in scans:
-        _, source = sources_lib.open_source(str(tmp_path / str(mpp)))
+        source = sources_lib.open_source(str(tmp_path / str(mpp)))
         assert len(source) == len(coords[0.5])
         patches[mpp] = np.stack([source.load(i) for i in range(len(source))])
     assert patches[0.5].shape[1:] == (64, 64, 3)
@@ -164,7 +164,8 @@ def test_40x_20x_and_10x_scans_give_the_same_physical_patches(scans, tmp_path):
 
 def test_patches_equal_openslides_own_read(scans, tmp_path):
     tile_one(scans[0.25], tmp_path)
-    recs, source = sources_lib.open_source(str(tmp_path))
+    source = sources_lib.open_source(str(tmp_path))
+    recs = list(map(source.record, range(len(source))))
     with openslide.OpenSlide(scans[0.25]) as slide:
         for i in (0, len(source) // 2, len(source) - 1):
             x, y = recs[i].x, recs[i].y
@@ -382,9 +383,10 @@ def test_ome_tiff_levels_in_subifds_serve_thumbnails_tiling_and_patches(scans, t
             out = tmp_path / f'{name}_{align}'
             assert tile_one(path, out, align=align)['status'] == 'tiled'
             found[name] = sources_lib.open_source(str(out))
-        (ome_recs, ome_source), (plain_recs, plain_source) = found['ome'], found['plain']
-        assert [(r.x, r.y) for r in ome_recs] == [(r.x, r.y) for r in plain_recs]
-        for i in (0, len(ome_recs) // 2, len(ome_recs) - 1):
+        ome_source, plain_source = found['ome'], found['plain']
+        xy = [[(s.record(i).x, s.record(i).y) for i in range(len(s))] for s in found.values()]
+        assert xy[0] == xy[1]
+        for i in (0, len(ome_source) // 2, len(ome_source) - 1):
             np.testing.assert_array_equal(ome_source.load(i), plain_source.load(i))
 
 
@@ -396,9 +398,8 @@ def test_a_damaged_hidden_level_falls_back_to_openslides_levels(scans, tmp_path,
     import tifffile
     ome = write_ome_pyramid(str(tmp_path / 'field.ome.tif'), synthetic_base(0.25), 0.25)
     plain = tile_one(scans[0.25], tmp_path / 'plain')
-    _, plain_source = sources_lib.open_source(str(tmp_path / 'plain'))
-    plain_recs, _ = sources_lib.open_source(str(tmp_path / 'plain'))
-    x, y = plain_recs[0].x, plain_recs[0].y   # its level-1 tile: damaged below
+    plain_source = sources_lib.open_source(str(tmp_path / 'plain'))
+    x, y = plain_source.record(0).x, plain_source.record(0).y   # its level-1 tile: damaged below
     with tifffile.TiffFile(ome) as tiff:
         spans = []
         for level, index in ((2, 0), (1, (y // 2 // 128) * 8 + x // 2 // 128)):
@@ -412,9 +413,9 @@ def test_a_damaged_hidden_level_falls_back_to_openslides_levels(scans, tmp_path,
     row = tile_one(ome, tmp_path / 'damaged')
     assert row['status'] == 'tiled' and caplog.text.count('is unreadable') == 1
     assert row['n_patches'] == plain['n_patches']
-    recs, source = sources_lib.open_source(str(tmp_path / 'damaged'))
-    assert (recs[0].x, recs[0].y) == (x, y)
-    for i in (0, 1, len(recs) - 1):
+    source = sources_lib.open_source(str(tmp_path / 'damaged'))
+    assert (source.record(0).x, source.record(0).y) == (x, y)
+    for i in (0, 1, len(source) - 1):
         np.testing.assert_array_equal(source.load(i), plain_source.load(i))
     assert caplog.text.count("read from OpenSlide's levels") == 1
 
@@ -520,7 +521,8 @@ def test_clam_and_trident_files_read_back_against_openslide(scans, tmp_path):
     with pytest.raises(DataError, match='data.slide_dir'):
         sources_lib.open_source(str(tmp_path / 'job'))
     for path in (tmp_path / 'job', patches):   # the job folder or its patches/ folder
-        recs, source = sources_lib.open_source(str(path), str(slide_dir))
+        source = sources_lib.open_source(str(path), str(slide_dir))
+        recs = list(map(source.record, range(len(source))))
         assert [r.slide_id for r in recs] == ['clam_slide'] * 3 + ['trident_slide'] * 3
         with openslide.OpenSlide(scans[0.25]) as slide:
             for i, r in enumerate(recs):
@@ -616,7 +618,7 @@ def test_a_damaged_tile_is_a_skipped_patch_not_a_crash(scans, tmp_path):
     with open(path, 'r+b') as f:
         f.seek(offset)
         f.write(b'\xff' * count)
-    _, source = sources_lib.open_source(str(out))
+    source = sources_lib.open_source(str(out))
     assert source._handle(0).tiles is not None   # read directly, not through OpenSlide
     damaged = [i for i, (cx, cy) in enumerate(coords) if (cx, cy) == (x, y)]
     with pytest.raises(image_io.BadImageError, match='does not decode'):
@@ -687,25 +689,25 @@ def test_slide_records_are_made_on_access_and_match_a_list_of_them(tiled):
     agree with the same operations on the plain list of its records."""
     from clusiam_jax.data import records as records_lib
     from clusiam_jax.export.embed import group_by_slide
-    recs, source = sources_lib.open_source(str(tiled))
-    plain = list(recs)
-    assert not isinstance(recs, list) and len(plain) == len(source)
-    assert recs[-1] == plain[-1] and recs[3] == plain[3] and recs[2:5] == plain[2:5]
+    source = sources_lib.open_source(str(tiled))
+    plain = [source.record(i) for i in range(len(source))]
+    listed = sources_lib.FileSource(plain)
+    assert [listed.record(i) for i in range(len(listed))] == plain
     assert plain[3] == records_lib.PatchRecord(source.path(3), plain[3].slide_id, None,
                                                int(source._xy[3][0]), int(source._xy[3][1]))
     keep = np.array([5, 1, len(plain) - 1])
-    assert list(records_lib.take(recs, keep)) == [plain[i] for i in keep]
-    names, codes = records_lib.slide_codes(recs)
-    np.testing.assert_array_equal(names[codes], [r.slide_id for r in plain])
-    assert list(names) == sorted({r.slide_id for r in plain})
-    assert records_lib.labels_of(recs, keep) == [plain[i].label for i in keep]
-    lazy_groups, list_groups = group_by_slide(recs), group_by_slide(plain)
+    subset = source.subset(keep)
+    assert [subset.record(i) for i in range(len(subset))] == [plain[i] for i in keep]
+    np.testing.assert_array_equal(source.slide_ids[source.slide_index],
+                                  [r.slide_id for r in plain])
+    assert source.labels(keep) == [plain[i].label for i in keep] == listed.labels(keep)
+    lazy_groups, list_groups = group_by_slide(source), group_by_slide(listed)
     assert list(lazy_groups) == list(list_groups) and len(lazy_groups) >= 2
     for slide, members in lazy_groups.items():
         np.testing.assert_array_equal(members, list_groups[slide])
         assert all(plain[i].slide_id == slide for i in members)
-    held = sources_lib.holdout_slides(recs, 0.3, 7)
-    for a, b in zip(held, sources_lib.holdout_slides(plain, 0.3, 7)):
+    held = sources_lib.holdout_slides(source, 0.3, 7)
+    for a, b in zip(held, sources_lib.holdout_slides(listed, 0.3, 7)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -722,13 +724,13 @@ def test_export_groups_lists_of_records_by_slide_in_first_appearance_order():
         expected = {}
         for i, r in enumerate(recs):
             expected.setdefault(r.slide_id or UNKNOWN_SLIDE, []).append(i)
-        got = group_by_slide(recs)
+        got = group_by_slide(sources_lib.FileSource(recs))
         assert list(got) == list(expected)
         assert {k: list(v) for k, v in got.items()} == expected
 
 
 def test_open_slides_are_bounded_per_worker(tiled):
-    _, source = sources_lib.open_source(str(tiled), open_slides=1)
+    source = sources_lib.open_source(str(tiled), open_slides=1)
     for i in range(len(source)):
         source.load(i)
         assert len(source._handles) <= 1
@@ -776,8 +778,8 @@ def test_slides_in_a_patch_folder_are_flagged(tmp_path):
     with pytest.raises(DataError, match='1 whole-slide file .*beside 2 images.*--mode tile'):
         sources_lib.open_source(str(tmp_path / 'mixed'))
     (mixed / 'b.ndpi').unlink()
-    recs, source = sources_lib.open_source(str(tmp_path / 'mixed'))
-    assert [os.path.basename(r.path) for r in recs] == ['0_0.png', '0_1.png']
+    source = sources_lib.open_source(str(tmp_path / 'mixed'))
+    assert [os.path.basename(source.path(i)) for i in range(len(source))] == ['0_0.png', '0_1.png']
     with pytest.raises(data.BadImageError, match='far larger than a patch'):
         source.load(1)
 
@@ -815,10 +817,10 @@ def test_slide_paths_are_recorded_absolute_and_earlier_rows_kept(scans, tmp_path
     assert rows['one']['tissue_fraction'] == first['tissue_fraction']
     # From anywhere else, the tiling's slides are found; moved, data.slide_dir finds them.
     monkeypatch.chdir('/')
-    _, source = sources_lib.open_source(str(tmp_path / 'out'))
+    source = sources_lib.open_source(str(tmp_path / 'out'))
     assert source.load(0).shape == (64, 64, 3)
     shutil.move(str(folder), str(tmp_path / 'moved'))
-    _, source = sources_lib.open_source(str(tmp_path / 'out'), str(tmp_path / 'moved'))
+    source = sources_lib.open_source(str(tmp_path / 'out'), str(tmp_path / 'moved'))
     assert source.load(0).shape == (64, 64, 3)
 
 
@@ -836,7 +838,7 @@ def test_clam_attributes_get_their_level0_side_for_exports(scans, tmp_path):
     with h5py.File(patches / 's.h5', 'w') as f:   # no `downsample`: from the slide
         f.create_dataset('coords', data=np.array([[0, 0]])).attrs.update(
             patch_level=2, patch_size=32, name='s')
-    _, source = sources_lib.open_source(str(patches), str(tmp_path))
+    source = sources_lib.open_source(str(patches), str(tmp_path))
     attrs = source.coords_attrs('s')
     assert attrs['patch_size_level0'] == 128   # 32 px at level 2 (downsample 4)
     assert (attrs['level0_width'], attrs['level0_height']) == (2048, 1536)
