@@ -1,21 +1,9 @@
-"""Where each of our variables lives in a PyTorch state_dict, and how its array is laid out.
-
-Pure NumPy, no torch: the exporter must run without it. The torch names are those of
-torchvision's ResNet and of the original CluSiam/CluBYOL modules (docs/method.md §2):
-
-  encoder.<torchvision resnet keys>       backbone; `layer2.0.downsample.0` etc.
-  encoder.fc.{0,1,3,4,6,7}                projector: Linear, BN, (ReLU), Linear, BN,
-                                          (ReLU), Linear (+ frozen bias), BN (no affine)
-  predictor.{0,1,3}                       Linear, BN, (ReLU), Linear
-  cluster_projector.{0,1}                 Linear, BN, (ReLU)
-  cluster_assigner.0                      Linear
-  target_encoder.<as encoder>             CluBYOL's EMA target
-
-Array layouts: conv kernels are HWIO here and OIHW in torch; dense kernels are
-(in, out) here and torch's Linear weight is (out, in). BatchNorm `scale`/`bias` are
-torch's `weight`/`bias`; running statistics `mean`/`var` are `running_mean`/`running_var`.
-Torch's BatchNorm also keeps `num_batches_tracked`, which we do not (it only matters for
-torch's momentum=None cumulative averaging).
+"""Where each of our variables lives in a PyTorch state_dict, and how its array is laid out
+(pure NumPy: exporting needs no torch). The names are torchvision's ResNet and the
+original's modules (docs/method.md §2): `encoder.<resnet keys>`, the projector
+`encoder.fc.{0,1,3,4,6,7}`, `predictor.{0,1,3}`, `cluster_projector.{0,1}`,
+`cluster_assigner.0` and CluBYOL's `target_encoder.<as encoder>`. Conv kernels are HWIO
+here and OIHW in torch, dense kernels (in, out) here and (out, in) there.
 """
 import re
 from typing import Dict, Iterator, Tuple
@@ -44,14 +32,8 @@ _LAYER = re.compile(r'^layer(\d+)_(\d+)$')
 
 def backbone_module(path: Tuple[str, ...]) -> str:
     """('layer2_0', 'downsample_conv') -> 'layer2.0.downsample.0'; the stem keeps its name."""
-    parts = []
-    for name in path:
-        match = _LAYER.match(name)
-        if match:
-            parts.append(f'layer{match.group(1)}.{match.group(2)}')
-        else:
-            parts.append(BLOCK_MODULES.get(name, name))
-    return '.'.join(parts)
+    return '.'.join(_LAYER.sub(r'layer\1.\2', name) if _LAYER.match(name)
+                    else BLOCK_MODULES.get(name, name) for name in path)
 
 
 def encoder_module(path: Tuple[str, ...]) -> str:
@@ -79,11 +61,10 @@ def iter_leaves(variables: Dict) -> Iterator[Tuple[str, Tuple[str, ...], str, ob
     """(collection, module path, leaf name, array) for each leaf of {'params', 'batch_stats'}."""
     def walk(collection, tree, path):
         for name in sorted(tree):
-            value = tree[name]
-            if isinstance(value, dict) or hasattr(value, 'items'):
-                yield from walk(collection, value, path + (name,))
+            if hasattr(tree[name], 'items'):
+                yield from walk(collection, tree[name], path + (name,))
             else:
-                yield collection, path, name, value
+                yield collection, path, name, tree[name]
     for collection in ('params', 'batch_stats'):
         yield from walk(collection, variables.get(collection, {}), ())
 
@@ -95,25 +76,20 @@ def torch_key(module_fn, collection: str, path: Tuple[str, ...], leaf: str) -> s
 def to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
     """Our array -> torch's layout (contiguous, as safetensors needs)."""
     array = np.asarray(array)
-    if leaf == 'kernel' and array.ndim == 4:
-        array = array.transpose(3, 2, 0, 1)       # HWIO -> OIHW
-    elif leaf == 'kernel' and array.ndim == 2:
-        array = array.T                           # (in, out) -> (out, in)
+    if leaf == 'kernel':
+        array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
     return np.ascontiguousarray(array)
 
 
 def from_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
     """Torch's layout -> ours."""
     array = np.asarray(array)
-    if leaf == 'kernel' and array.ndim == 4:
-        array = array.transpose(2, 3, 1, 0)       # OIHW -> HWIO
-    elif leaf == 'kernel' and array.ndim == 2:
-        array = array.T
+    if leaf == 'kernel':
+        array = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
     return np.ascontiguousarray(array)
 
 
 def bn_modules(variables: Dict, module_fn) -> list:
     """Torch names of the BatchNorm modules (those with running statistics)."""
-    names = {module_fn(path) for collection, path, _, _ in iter_leaves(variables)
-             if collection == 'batch_stats'}
-    return sorted(names)
+    return sorted({module_fn(path) for collection, path, _, _ in iter_leaves(variables)
+                   if collection == 'batch_stats'})

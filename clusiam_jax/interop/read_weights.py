@@ -23,6 +23,7 @@ from clusiam_jax.checkpoint import leaf_name
 from clusiam_jax.errors import CheckpointError, ConfigError, ConversionError
 from clusiam_jax.interop import layout
 from clusiam_jax.models import BACKBONES
+from clusiam_jax.models.resnet import Bottleneck
 
 TORCHVISION = 'torchvision/timm ResNet state_dict'
 ORIGINAL = 'original CluSiam/CluBYOL checkpoint'
@@ -128,7 +129,8 @@ def infer_backbone(state_dict: Dict, prefix: str = 'encoder.') -> str:
              int(stem.shape[0]))
     for name, factory in BACKBONES.items():
         kw = factory.keywords
-        if (tuple(kw['stage_sizes']), kw['block'].__name__, kw.get('width', 64)) == found:
+        block = 'Bottleneck' if kw['block'] is Bottleneck else 'BasicBlock'
+        if (tuple(kw['stage_sizes']), block, kw.get('width', 64)) == found:
             return name
     raise ConversionError(f'a ResNet with stages {found[0]}, {found[1]} blocks and width '
                           f'{found[2]} is none of our backbones ({", ".join(BACKBONES)})')
@@ -136,15 +138,12 @@ def infer_backbone(state_dict: Dict, prefix: str = 'encoder.') -> str:
 
 # ------------------------------------------------------------- tensors -> variables
 
-def _set(tree: Dict, path, value):
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, problems: Dict):
+def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, problems: Dict,
+                   encoder: str = ''):
     """Pops each variable's tensor from `remaining`; returns {'params', 'batch_stats'}.
-    Missing keys and shape mismatches go to `problems`, so one error lists them all."""
+    Missing keys and shape mismatches go to `problems`, so one error lists them all. When
+    the projector of the encoder (at `encoder` in the tree, '' at its top) is filled, the
+    original's frozen projector bias is folded into its bn3 (module docstring)."""
     out = {'params': {}, 'batch_stats': {}}
     for collection, path, leaf, shape_dtype in layout.iter_leaves(abstract):
         key = prefix + layout.torch_key(module_fn, collection, path, leaf)
@@ -156,42 +155,34 @@ def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, prob
             problems['shape'].append(f'{key}: checkpoint {tuple(value.shape)} (our layout) '
                                      f'vs model {tuple(shape_dtype.shape)}')
             continue
-        _set(out[collection], path + (leaf,), value)
+        tree = out[collection]
+        for name in path:
+            tree = tree.setdefault(name, {})
+        tree[leaf] = value
     for module in layout.bn_modules(abstract, module_fn):
         remaining.pop(f'{prefix}{module}.num_batches_tracked', None)
+    stats = out['batch_stats'].get(encoder, {}) if encoder else out['batch_stats']
+    bn3 = stats.get('projector', {}).get('bn3', {})
+    bias_key = prefix + (f'{encoder}.' if encoder else '') + layout.PROJECTOR_FROZEN_BIAS
+    if 'mean' in bn3 and bias_key not in remaining:
+        problems['missing'].append(bias_key)
+    elif 'mean' in bn3:
+        bias = remaining.pop(bias_key).astype(np.float32)
+        if bias.shape == bn3['mean'].shape:
+            bn3['mean'] = bn3['mean'] - bias
     return out
-
-
-def fold_projector_bias(remaining: Dict, encoder_stats: Dict, prefix: str, problems: Dict):
-    """Pops the frozen projector bias `<prefix>fc.6.bias` and folds it into the filled
-    projector's bn3 running mean (module docstring); a missing one goes to `problems`."""
-    key = prefix + layout.PROJECTOR_FROZEN_BIAS
-    if key not in remaining:
-        problems['missing'].append(key)
-        return
-    bias = remaining.pop(key).astype(np.float32)
-    bn3 = encoder_stats.get('projector', {}).get('bn3')
-    if bn3 is not None and bn3.get('mean') is not None and bn3['mean'].shape == bias.shape:
-        bn3['mean'] = bn3['mean'] - bias
 
 
 def state_dict_to_variables(state_dict: Dict, config):
     """(params, batch_stats, target_params, target_batch_stats) from an original-format
     state_dict; raises ConversionError listing every key that does not fit."""
     shapes = run_dir.abstract_weights(config)
-    remaining = dict(state_dict)
-    problems = {'missing': [], 'shape': []}
-    online = fill_variables(remaining, {'params': shapes.params,
-                                        'batch_stats': shapes.batch_stats},
-                            layout.network_module, '', problems)
-    fold_projector_bias(remaining, online['batch_stats'].get('encoder', {}), 'encoder.',
-                        problems)
-    target = {'params': {}, 'batch_stats': {}}
-    if shapes.target_params:
-        target = fill_variables(remaining, {'params': shapes.target_params,
-                                            'batch_stats': shapes.target_batch_stats},
-                                layout.encoder_module, 'target_encoder.', problems)
-        fold_projector_bias(remaining, target['batch_stats'], 'target_encoder.', problems)
+    remaining, problems = dict(state_dict), {'missing': [], 'shape': []}
+    online = fill_variables(remaining, shapes.online_variables, layout.network_module, '',
+                            problems, 'encoder')
+    target = fill_variables(remaining, {'params': shapes.target_params,
+                                        'batch_stats': shapes.target_batch_stats},
+                            layout.encoder_module, 'target_encoder.', problems)
     if problems['missing'] or problems['shape'] or remaining:
         lines = [f'the checkpoint does not match a {config.model.name} '
                  f'{config.model.backbone} network:']
@@ -213,21 +204,19 @@ def state_dict_to_variables(state_dict: Dict, config):
 def state_dict_source(state_dict, config, path: str) -> Source:
     """What of a state_dict (torchvision/timm: the backbone, `fc.0 ... fc.7` the
     projector; the original's: all but `target_encoder.*`) fits `config`'s network."""
-    shapes = run_dir.abstract_weights(config)
+    online = run_dir.abstract_weights(config).online_variables
     if any(key.startswith('encoder.') for key in state_dict):
-        kind, backbone_prefix, module_fn, sub = ORIGINAL, 'encoder.', layout.network_module, ''
-        abstract = {'params': shapes.params, 'batch_stats': shapes.batch_stats}
+        kind, module_fn, encoder = ORIGINAL, layout.network_module, 'encoder'
     elif 'conv1.weight' in state_dict:
-        kind, backbone_prefix, module_fn, sub = TORCHVISION, '', layout.encoder_module, 'encoder'
-        abstract = {'params': shapes.params['encoder'],
-                    'batch_stats': shapes.batch_stats['encoder']}
+        kind, module_fn, encoder = TORCHVISION, layout.encoder_module, ''
+        online = {collection: tree['encoder'] for collection, tree in online.items()}
     else:
         raise ConversionError(f'train.init_from={path} holds neither a torchvision/timm ResNet '
                               f'state_dict (conv1.weight, layer1.0.*) nor an original '
                               f'CluSiam/CluBYOL checkpoint (encoder.*); its keys start '
                               f'{", ".join(sorted(state_dict)[:3])}')
     try:
-        found = infer_backbone(state_dict, backbone_prefix)
+        found = infer_backbone(state_dict, f'{encoder}.' if encoder else '')
     except ConversionError as e:
         raise ConversionError(f'train.init_from={path}: {e}') from None
     if found != config.model.backbone:
@@ -235,14 +224,10 @@ def state_dict_source(state_dict, config, path: str) -> Source:
                               f'trains a {config.model.backbone} (model.backbone)')
     remaining = dict(state_dict)
     problems = {'missing': [], 'shape': []}   # missing keys: the report's fresh arrays
-    variables = fill_variables(remaining, abstract, module_fn, '', problems)
-    encoder_stats = (variables['batch_stats'] if sub
-                     else variables['batch_stats'].get('encoder', {}))
-    if 'mean' in encoder_stats.get('projector', {}).get('bn3', {}):
-        fold_projector_bias(remaining, encoder_stats, backbone_prefix, problems)
+    variables = fill_variables(remaining, online, module_fn, '', problems, encoder)
+    if not encoder:
+        variables = {collection: {'encoder': tree} for collection, tree in variables.items()}
     unused = sorted(key for key in remaining if not key.endswith('.num_batches_tracked'))
-    if sub:
-        variables = {collection: {sub: tree} for collection, tree in variables.items()}
     return Source(path=os.path.abspath(path), kind=kind, arrays=variable_names(variables),
                   unused=tuple(unused), notes=tuple(problems['shape']))
 
