@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def l2_normalize(x, eps=1e-12):
+def l2_normalize(x, eps=1e-12, dtype=np.float32):
     """Row-wise x / max(|x|, eps); an all-zero row stays zero."""
-    x = np.asarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=dtype)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 

@@ -1,7 +1,6 @@
 """What a run reports: per-step metrics fetched at log steps, the per-epoch CSV, TensorBoard
 scalars, skipped non-finite steps and the collapse warnings (files: process 0 only)."""
 import collections
-import csv
 import logging
 import math
 import os
@@ -26,7 +25,7 @@ class MetricWriter:
     """One row per epoch in <workdir>/metrics.csv, TensorBoard events in <workdir>/tb."""
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.enabled, self._header_checked, self._tb = enabled, False, None
+        self.enabled, self.rows, self._tb = enabled, None, None
         self.csv_path = os.path.join(workdir, 'metrics.csv')
         if enabled:
             from tensorboardX import SummaryWriter  # no TensorFlow needed
@@ -39,28 +38,19 @@ class MetricWriter:
             self._tb.add_scalar(prefix + name, value, step)
 
     def epoch_row(self, row: dict):
+        """metrics.csv with `row` after the rows of the epochs before it: a resumed run
+        replays the epochs after its last checkpoint, and the file keeps one row per
+        epoch (under the current header, should a column have been added since)."""
         if not self.enabled:
             return
-        new = not os.path.exists(self.csv_path)
-        if not new and not self._header_checked:
-            self._rewrite_old_rows(int(row['epoch']))
-        self._header_checked = True
-        with open(self.csv_path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k, '') for k in CSV_FIELDS})
+        if self.rows is None:
+            old = (read_csv_rows(self.csv_path, 'metrics file')[1]
+                   if os.path.exists(self.csv_path) else [])
+            self.rows = [r for r in old if _epoch_of(r) < int(row['epoch'])]
+        self.rows.append(row)
+        write_csv(self.csv_path, CSV_FIELDS,
+                  ({k: r.get(k, '') for k in CSV_FIELDS} for r in self.rows))
         self._tb.flush()
-
-    def _rewrite_old_rows(self, epoch: int):
-        """Before this process's first row: a column added since the run started joins
-        the header, and the rows of epochs from `epoch` on go (a resumed run replays the
-        epochs after its last checkpoint; the file keeps one row per epoch)."""
-        header, rows = read_csv_rows(self.csv_path, 'metrics file')
-        kept = [r for r in rows if _epoch_of(r) < epoch]
-        if tuple(header) != CSV_FIELDS or len(kept) != len(rows):
-            write_csv(self.csv_path, CSV_FIELDS,
-                      ({k: r.get(k, '') for k in CSV_FIELDS} for r in kept))
 
     def close(self):
         if self._tb is not None:
@@ -75,9 +65,8 @@ def _epoch_of(row) -> int:
 
 
 class SkippedSteps:
-    """train.on_nonfinite='skip': each step the train step rejected is logged and appended
-    to <workdir>/nonfinite_steps.txt; more than `max_in_a_row` in a row (counted since the
-    process started) end the run, which has diverged."""
+    """train.on_nonfinite='skip': each step the train step rejected is logged and listed in
+    nonfinite_steps.txt; more than `max_in_a_row` in a row (in this process) end the run."""
 
     FILE_NAME = 'nonfinite_steps.txt'
 
@@ -100,9 +89,8 @@ class SkippedSteps:
 
 
 class EpochStats:
-    """Host-side means of the per-step metrics, fetched only at log steps. Without
-    `skips` a non-finite metric raises NonFiniteError; with it, steps marked `skipped`
-    go to `skips` and out of the means."""
+    """Host-side means of the per-step metrics, fetched only at log steps. A non-finite
+    metric raises NonFiniteError; with `skips`, steps marked `skipped` go there instead."""
 
     def __init__(self, skips: SkippedSteps = None):
         self.pending, self.sums, self.count = [], collections.defaultdict(float), 0
@@ -147,12 +135,9 @@ class EpochStats:
 
 
 def collapse_warnings(means: dict, num_clusters: int, num_samples: int):
-    """The two collapse modes the original's README names (docs/method.md §6), from means
-    over `num_samples` cluster assignments. Mode 1: one logit dimension dominates, so even
-    Gumbel noise leaves nearly every sample in one or two clusters. Mode 2: near-uniform
-    logits, so the noisy argmax agrees with the clean one about 1/K of the time; called
-    only when a one-sided test at 5% rejects 'agreement >= 1.5/K' (normal approximation,
-    checked against scipy's exact test in tests/test_collapse_warnings.py), since a small
+    """The original's two collapse modes (docs/method.md §6), from means over `num_samples`
+    cluster assignments. Mode 2 (near-uniform logits: Gumbel and clean argmax agree about
+    1/K of the time) only when a one-sided 5% test rejects 'agreement >= 1.5/K': a small
     epoch measures the agreement far more coarsely than 1/K."""
     found = []
     gumbel_active = means.get('active_clusters_gumbel')

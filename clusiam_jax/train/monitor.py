@@ -24,7 +24,7 @@ from clusiam_jax.data.sources import open_source
 from clusiam_jax.data.stats import sample_indices
 from clusiam_jax.errors import CheckpointError, ConfigError, DataError
 from clusiam_jax.fileio import write_json
-from clusiam_jax.knn import knn_predict
+from clusiam_jax.knn import knn_predict, l2_normalize
 from clusiam_jax.models.conv import compiler_options
 from clusiam_jax.models.preprocess import embed_images
 from clusiam_jax.train.metrics import collapse_warnings
@@ -45,19 +45,15 @@ def rankme(features: np.ndarray, eps: float = 1e-7) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def _normalized(x):
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def alignment(view1: np.ndarray, view2: np.ndarray) -> float:
     """E |f(x) - f(x')|^2 over positive pairs, L2-normalized (Wang & Isola 2020)."""
-    return float(np.mean(np.sum((_normalized(view1) - _normalized(view2)) ** 2, axis=1)))
+    diff = l2_normalize(view1, dtype=np.float64) - l2_normalize(view2, dtype=np.float64)
+    return float(np.mean(np.sum(diff ** 2, axis=1)))
 
 
 def uniformity(features: np.ndarray, t: float = 2.0) -> float:
     """log E exp(-t |f(x) - f(y)|^2) over all pairs x != y, L2-normalized."""
-    z = _normalized(features)
+    z = l2_normalize(features, dtype=np.float64)
     sq = np.maximum(2.0 - 2.0 * (z @ z.T), 0.0)
     return float(np.log(np.mean(np.exp(-t * sq[~np.eye(len(z), dtype=bool)]))))
 
