@@ -1,15 +1,9 @@
 """DSMIL slide-level evaluation (docs/method.md §7), written from its description, on the
-MIL trainer of eval/mil.py.
-
-The model scores instances with a linear classifier, takes per class the highest-scoring
-("critical") instance, attends from every instance to it, and classifies the
-attention-pooled bag embedding. The original's bag classifier, a Conv1d over the C rows
-of the bag embedding with kernel size = feature size, is a Linear over the flattened C*D
-embedding, fan_in = C*D.
-
-Two accuracies, named for what they are (`ACCURACIES`); the decision thresholds are
-chosen on validation, and the test split is scored once. Beside every test score: a 95%
-bootstrap interval over test slides of the seed mean, and the test-set size.
+trainer of eval/mil.py: instances scored by a linear classifier, per class the
+highest-scoring ("critical") instance, attention from every instance to it, and the
+attention-pooled bag embedding classified. The original's bag classifier, a Conv1d with
+kernel size = feature size over the C rows of the bag embedding, is a Linear over the
+flattened C*D. Thresholds come from validation; the test split is scored once.
 """
 import dataclasses
 import functools
@@ -37,9 +31,9 @@ from clusiam_jax.models.heads import TorchLinear
 
 
 class DSMIL(nn.Module):
-    """DSMIL on one (padded) bag: feats [N, D], mask [N] (True = real instance; one at
-    least). Returns (bag_logits [C], max_instance_logits [C], extras: instance_logits
-    [N, C], attention [N, C] (zero on padding), critical [C] (each class's instance))."""
+    """DSMIL on a padded bag: feats [N, D], mask [N] (True = real; one at least).
+    Returns (bag_logits [C], max_instance_logits [C], extras: instance_logits [N, C],
+    attention [N, C] (zero on padding), critical [C])."""
     num_classes: int
     query_dim: int = 128
 
@@ -75,11 +69,11 @@ def dsmil_score(bag_logits, max_instance_logits):
 
 
 def _loss(outputs, targets):
-    return dsmil_loss(outputs[0], outputs[1], targets)
+    return dsmil_loss(*outputs[:2], targets)
 
 
 def _score(outputs):
-    return dsmil_score(outputs[0], outputs[1])
+    return dsmil_score(*outputs[:2])
 
 
 @dataclasses.dataclass
@@ -128,13 +122,10 @@ def _select(labels, scores, losses):
 
 def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0,
                 log_fn=None):
-    """Trains DSMIL (mil.train) on lists of (features [N, D], class index); labels are
-    one-hot targets over C sigmoid outputs.
-
-    Returns {best_epoch, thresholds [C] (Youden's on validation), val and test:
-    {accuracy_val_thresholds, accuracy_argmax, auc (per class), mean_auc, loss},
-    test_scores [B, C], history, params}.
-    """
+    """Trains DSMIL (mil.train) on lists of (features [N, D], class index), one-hot
+    targets over C sigmoid outputs. Returns {best_epoch, thresholds [C] (Youden's on
+    validation), val and test: {accuracy_val_thresholds, accuracy_argmax, auc (per
+    class), mean_auc, loss}, test_scores [B, C], history, params}."""
     config = config or DSMILConfig()
     trainer = mil.steps(DSMIL(num_classes, config.query_dim), _loss, _score,
                         config.betas, config.weight_decay)
@@ -174,9 +165,9 @@ def summarize_seeds(results):
 
 
 def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None, log_fn=None):
-    """DSMIL over several seeds on per-slide HDF5 features (an export of ours or a folder
-    of CLAM-style `<slide_id>.h5`). Returns {class_names, seeds, runs (per seed, without
-    params), summary (summarize_seeds), accuracies, and dsmil_intervals' block}."""
+    """DSMIL over seeds on per-slide features (an export or a CLAM folder). Returns
+    {class_names, seeds, runs (without params), summary, accuracies, and
+    dsmil_intervals' block}."""
     splits, class_names = class_splits(splits_path, 'dsmil')
     for split in ('train', 'val'):
         if not splits[split]:
@@ -199,8 +190,7 @@ def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None, log_f
 
 
 def dsmil_intervals(labels, class_names, runs):
-    """n_test_slides, n_test_per_class, caution and a bootstrap interval of the seed mean
-    over the test slides of each summary score: both accuracies, mean_auc, auc_<class>."""
+    """seed_mean_intervals of both accuracies, mean_auc and auc_<class>."""
     per_seed = [(np.asarray(r.get('test_scores', []), np.float64).reshape(
         len(labels), len(class_names)), np.asarray(r['thresholds'])) for r in runs]
     scores = {'accuracy_argmax': (lambda y, s, t: argmax_accuracy(y, s), False),

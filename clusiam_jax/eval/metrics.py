@@ -27,8 +27,8 @@ def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
 
 
 def roc_auc(y_true, scores):
-    """Area under the ROC curve (truthy y_true = positive), ties counting half; NaN, where
-    scikit-learn raises, when one class is absent: a summary over seeds goes on."""
+    """ROC AUC (truthy y_true = positive), ties counting half; NaN where scikit-learn
+    raises (one class absent), so a summary over seeds goes on."""
     y = np.asarray(y_true).astype(bool).ravel()
     s = np.asarray(scores, np.float64).ravel()
     positive, negative = s[y], np.sort(s[~y])
@@ -71,7 +71,7 @@ def youden_threshold(y_true, scores):
 # --------------------------------------------------------------- slide-level scores
 
 
-def log_softmax(logits):
+def log_softmax(logits):  # float64
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -107,8 +107,7 @@ SLIDE_SCORES = {'accuracy': (argmax_accuracy, False),
 
 
 def slide_metrics(labels, logits):
-    """{n, accuracy, balanced_accuracy (of the argmax class), auc, loss (mean
-    cross-entropy)} of slide logits [n, C]."""
+    """{n, SLIDE_SCORES, loss (mean cross-entropy)} of slide logits [n, C]."""
     labels = np.asarray(labels)
     log_probs = log_softmax(logits)
     probs = np.exp(log_probs)
@@ -131,8 +130,8 @@ def seed_stats(values):
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
-# Below these a slide-level score comes with a caution: with 2 test slides an AUC is 0,
-# 0.5 or 1, and even 20 slides give a wide interval.
+# Below these a slide-level score comes with a caution (2 test slides: an AUC is 0, 0.5
+# or 1).
 MIN_TEST_SLIDES = 20
 MIN_TEST_PER_CLASS = 5
 
@@ -145,15 +144,12 @@ def mean_over_seeds(values):
 
 def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAMPLES,
                  confidence=CONFIDENCE, seed=BOOTSTRAP_SEED):
-    """Percentile bootstrap interval of `statistic(idx)`, a score on the samples `idx`
-    (indices into the test set, with repeats); `statistic(arange(n))` is the estimate.
-
-    Resamples are `default_rng(seed).integers(0, n, (n_resamples, n))`, the same for every
-    score of a test set. A resample whose score is NaN, or with `per_class` (AUC, balanced
-    accuracy) one lacking a class of `labels`, is skipped and counted. Returns {estimate,
-    low, high, confidence, n_resamples, n_skipped}; low and high are None when no
-    resample could be scored.
-    """
+    """Percentile bootstrap interval of `statistic(idx)`, a score on the test samples
+    `idx` (with repeats); `statistic(arange(n))` is the estimate. The resamples, drawn
+    from `seed`, are the same for every score of a test set. One whose score is NaN, or
+    with `per_class` one lacking a class of `labels`, is skipped and counted. Returns
+    {estimate, low, high (None when nothing was scored), confidence, n_resamples,
+    n_skipped}."""
     labels = np.asarray(labels).ravel()
     n = labels.size
     estimate = float(statistic(np.arange(n))) if n else float('nan')
@@ -179,9 +175,8 @@ def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAM
 
 def count_test_slides(labels, class_names, min_slides=MIN_TEST_SLIDES,
                       min_per_class=MIN_TEST_PER_CLASS):
-    """{n_test_slides, n_test_per_class {class name: count}, caution}: caution is one line
-    when the test set has fewer than `min_slides` slides or a class fewer than
-    `min_per_class`, else None."""
+    """{n_test_slides, n_test_per_class, caution (one line when the test set or a class
+    is too small, else None)}."""
     labels = np.asarray(labels, np.int64).ravel()
     counts = np.bincount(labels, minlength=len(class_names))
     per_class = {str(name): int(c) for name, c in zip(class_names, counts)}
@@ -198,9 +193,8 @@ def count_test_slides(labels, class_names, min_slides=MIN_TEST_SLIDES,
 
 def slide_scores_report(labels, class_names, scores, n_seeds=1,
                         n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
-    """count_test_slides' block, confidence_intervals ({name: bootstrap_ci} of `scores`
-    {name: (statistic(idx), per_class)}, on the same resamples) and bootstrap, one line
-    saying how they were computed."""
+    """count_test_slides' block, confidence_intervals {name: bootstrap_ci} of `scores`
+    {name: (statistic(idx), per_class)}, and bootstrap: how, in one line."""
     labels = np.asarray(labels, np.int64).ravel()
     out = count_test_slides(labels, class_names)
     out['confidence_intervals'] = {
@@ -221,10 +215,9 @@ def slide_scores_report(labels, class_names, scores, n_seeds=1,
 
 
 def seed_mean_intervals(labels, class_names, scores, per_seed):
-    """slide_scores_report of the seed mean of each of `scores` {name: (score(labels,
-    *seed_data), per_class)}, `per_seed` holding each seed's test data (arrays over the
-    test slides, then anything else): each resample scores every seed on the same
-    slides and averages them, as the summary over seeds does."""
+    """slide_scores_report of the seed mean of `scores` {name: (score(labels, data,
+    *rest), per_class)} over `per_seed` [(data [n, ...], *rest)]: each resample scores
+    every seed on the same slides, as the summary over seeds averages them."""
     labels = np.asarray(labels, np.int64)
 
     def seed_mean(score):

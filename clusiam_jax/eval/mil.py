@@ -1,11 +1,7 @@
-"""The one trainer of multiple-instance models over slides (docs/method.md §7): DSMIL and
-ABMIL are a module, a loss and a score on it.
-
-A bag is a slide's patch embeddings [N, D], zero-padded to a length of a short geometric
-ladder (`bucket_length`) with a mask, so jit compiles a handful of shapes; the modules
-keep padded rows out of every max, argmax and softmax. One bag per step, in an order drawn
-from the seed; the epoch kept is the best on validation (higher AUC, NaN worst, then
-lower loss), and the test split is scored once, with it.
+"""The one trainer of multiple-instance models over slides (docs/method.md §7); DSMIL and
+ABMIL are a module, a loss and a score on it. A bag (a slide's patch embeddings [N, D])
+is zero-padded to a short ladder of lengths with a mask, so jit compiles a handful of
+shapes; the modules keep padding out of every max, argmax and softmax.
 """
 import functools
 import math
@@ -19,8 +15,10 @@ from clusiam_jax.errors import DataError
 from clusiam_jax.eval.splits import require_in_export
 from clusiam_jax.export.format import read_h5_array, slide_feature_files
 
+SQRT2 = math.sqrt(2)
 
-def bucket_length(n, min_size=64, growth=math.sqrt(2)):
+
+def bucket_length(n, min_size=64, growth=SQRT2):
     """Smallest size >= n on the ladder min_size, x growth, ... (multiples of 8): a sqrt(2)
     ladder pads at most ~41% and has ~2 shapes per doubling of bag size."""
     if n < 1:
@@ -34,15 +32,13 @@ def bucket_length(n, min_size=64, growth=math.sqrt(2)):
 def pad_bag(features, min_size=64):
     """(padded features [L, D], mask [L]) with L = bucket_length(N)."""
     features = np.asarray(features, np.float32)
-    n, dim = features.shape
+    n = len(features)
     length = bucket_length(n, min_size)
-    padded = np.zeros((length, dim), np.float32)
-    padded[:n] = features
-    return padded, np.arange(length) < n
+    return np.pad(features, ((0, length - n), (0, 0))), np.arange(length) < n
 
 
 def adam_l2(betas, weight_decay):
-    """PyTorch's Adam(weight_decay): L2 added to the gradient, not AdamW. The step applies
+    """PyTorch's Adam(weight_decay): L2 added to the gradient, not AdamW; the step applies
     the learning rate, so one compiled step serves every schedule."""
     return optax.chain(optax.add_decayed_weights(weight_decay),
                        optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=1e-8))
@@ -95,13 +91,13 @@ def device_bags(bags, min_bucket, target):
 
 
 def train(trainer, config, bags, target, select, seed=0, learning_rate=None, log_fn=None):
-    """Trains on bags['train'] ([(features [N, D], class index)]) and keeps the epoch best
-    by `select(labels, scores, losses) -> (auc, loss)` on bags['val'].
+    """Trains on bags['train'] ([(features [N, D], class index)]), one bag per step in
+    an order drawn from `seed`, at `learning_rate(epoch)` (0-based; default config.lr).
+    Keeps the epoch best on bags['val'] by `select(labels, scores, losses) -> (auc,
+    loss)`: higher AUC (NaN worst), then lower loss; scores bags['test'] once, with it.
 
-    `learning_rate(epoch)`, 0-based, defaults to config.lr; `log_fn(record)` is called
-    once per epoch. Returns {best_epoch (1-based), params (on the host), history (per
-    epoch: train_loss, val_loss, val_auc), and per split of val and test (when given)
-    (labels, scores, losses) of the kept epoch}.
+    Returns {best_epoch (1-based), params (host), history (per epoch: train_loss,
+    val_loss, val_auc), val and test (if given): (labels, scores, losses)}.
     """
     if not bags['train'] or not bags['val']:
         raise ValueError('multiple-instance training needs training and validation bags')

@@ -1,19 +1,10 @@
-"""Slide-level evaluators beside DSMIL (docs/method.md §7):
+"""Slide-level evaluators beside DSMIL (docs/method.md §7), selected on validation only and
+reported with bootstrap intervals over test slides:
 
-  abmil     gated attention MIL (Ilse et al., 2018) on a slide's patch embeddings, on the
-            MIL trainer of eval/mil.py
-  clusters  the slide as its composition over the K clusters, [2K]: the fraction of its
-            patches per cluster (`cluster_ids`) and the mean softmax of `cluster_logits`,
-            with a logistic regression
-  meanpool  the mean patch embedding with the same logistic regression: the floor a MIL
-            method has to beat
-
-Selection uses validation only (ABMIL: the epoch; the regressions: the weight decay),
-higher AUC first, lower loss on ties; a splits file without val slides holds out 20% of
-the train slides (stratified by class, picked by a seed). Reported: accuracy and balanced
-accuracy of the argmax class, and AUC (of class 1 for two classes, the mean one-vs-rest
-AUC for more), each with a bootstrap interval over test slides (for ABMIL's seeds, of
-their mean), the test-set size and a caution when it is too small.
+  abmil     gated attention MIL (Ilse et al., 2018) on the trainer of eval/mil.py
+  clusters  the slide's composition over the K clusters [2K] (the fraction of its patches
+            per cluster, the mean softmax of their cluster logits) + logistic regression
+  meanpool  the mean patch embedding + the same regression: the floor MIL has to beat
 """
 import dataclasses
 
@@ -25,12 +16,7 @@ import optax
 
 from clusiam_jax.errors import DataError
 from clusiam_jax.eval import mil
-from clusiam_jax.eval.linear import (
-    fit_logistic_regression,
-    fit_standardizer,
-    standardize,
-    validation_split,
-)
+from clusiam_jax.eval.linear import fit_sweep, standardizer, validation_split
 from clusiam_jax.eval.metrics import (
     SLIDE_SCORES,
     log_softmax,
@@ -41,10 +27,11 @@ from clusiam_jax.eval.metrics import (
 from clusiam_jax.eval.splits import SPLITS, class_splits
 from clusiam_jax.models.heads import TorchLinear
 
+
 def labelled_splits(splits_path, task, holdout_seed=0, val_fraction=0.2):
-    """splits.class_splits, with `val_fraction` of the train slides (stratified by
-    class, `holdout_seed` picks them) as validation when there are no val slides.
-    DataError unless there are two classes or more, each in train, val and test."""
+    """splits.class_splits; without val slides, `val_fraction` of the train slides
+    (stratified, `holdout_seed` picks them) are held out. DataError unless there are two
+    classes or more, each in train, val and test."""
     splits, names = class_splits(splits_path, task)
     if len(names) < 2:
         raise DataError(f'{splits_path}: every slide has label {names[0]!r}; {task} needs '
@@ -76,8 +63,8 @@ def mean_embedding(files, slide):
 
 
 def cluster_composition(files, slide):
-    """clusters' slide vector [2K]: per cluster, the fraction of the slide's patches
-    assigned to it (`cluster_ids`), then the mean softmax of their `cluster_logits`."""
+    """clusters' slide vector [2K]: the share of the slide's patches per cluster, then the
+    mean softmax of their logits."""
     missing = (f'slide {slide}: {files[slide]} has no cluster_ids / cluster_logits (a model '
                f'without a cluster head?); clusters needs them, meanpool and abmil do not')
     ids = mil.read_array(files, slide, 'cluster_ids', missing)
@@ -98,8 +85,7 @@ def cluster_composition(files, slide):
 
 
 def slide_intervals(labels, class_names, probs_per_seed):
-    """Test-set size, caution and bootstrap intervals of the seed mean of SLIDE_SCORES,
-    from the test probabilities of each seed [seeds][n, C]."""
+    """seed_mean_intervals of SLIDE_SCORES from each seed's test probabilities [n, C]."""
     per_seed = [(np.asarray(p, np.float64).reshape(len(labels), -1),) for p in probs_per_seed]
     return seed_mean_intervals(labels, class_names, SLIDE_SCORES, per_seed)
 
@@ -112,14 +98,9 @@ def _counts(splits):
 
 
 class GatedAttentionMIL(nn.Module):
-    """Gated attention MIL on one (padded) bag [N, D] with mask [N] (True = real):
-
-        h_i = ReLU(W_h x_i + b)                      (skipped when hidden_dim is 0)
-        a_i = softmax_i( w . (tanh(V h_i) * sigmoid(U h_i)) )   over the real instances
-        logits = classifier(sum_i a_i h_i)           (C classes)
-
-    Returns (logits [C], attention [N], zero on padding).
-    """
+    """Gated attention MIL on a padded bag [N, D], mask [N]: h = ReLU(W x) (none when
+    hidden_dim is 0), a = softmax(w . (tanh(V h) * sigmoid(U h))) over the real
+    instances, logits = classifier(sum a h). Returns (logits [C], attention [N])."""
     num_classes: int
     hidden_dim: int = 128
     attention_dim: int = 128
@@ -139,9 +120,8 @@ class GatedAttentionMIL(nn.Module):
 
 @dataclasses.dataclass
 class ABMILConfig:
-    """CLAM's published recipe for attention MIL: Adam, lr 2e-4, weight decay 1e-5 added
-    to the gradient, a constant lr, one bag per step; no dropout, and the epoch chosen on
-    validation instead of CLAM's early stopping."""
+    """CLAM's published recipe for attention MIL (Adam with L2, constant lr, one bag per
+    step), without dropout, the epoch chosen on validation instead of early stopping."""
     epochs: int = 100
     lr: float = 2e-4
     betas: tuple = (0.9, 0.999)
@@ -160,13 +140,11 @@ def _logits(outputs):
 
 
 def _select(labels, logits, _):
-    metrics = slide_metrics(labels, logits)
-    return metrics['auc'], metrics['loss']
+    return tuple(slide_metrics(labels, logits)[k] for k in ('auc', 'loss'))
 
 
 def _steps(num_classes, config):
-    model = GatedAttentionMIL(int(num_classes), int(config.hidden_dim),
-                              int(config.attention_dim))
+    model = GatedAttentionMIL(num_classes, config.hidden_dim, config.attention_dim)
     return mil.steps(model, _loss, _logits, config.betas, config.weight_decay)
 
 
@@ -181,10 +159,7 @@ def abmil_attention(params, features, num_classes, config=None):
 def train_abmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0,
                 log_fn=None):
     """Trains gated attention MIL (mil.train) on lists of (features [N, D], class index).
-
-    Returns {seed, best_epoch, val and test (slide_metrics), test_probs [B, C], history,
-    params}.
-    """
+    Returns {seed, best_epoch, val, test (slide_metrics), test_probs, history, params}."""
     config = config or ABMILConfig()
     if not test_bags:
         raise ValueError('ABMIL needs training, validation and test bags')
@@ -200,11 +175,9 @@ def train_abmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
 
 
 def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None, log_fn=None):
-    """ABMIL over several seeds on per-slide HDF5 features (an export of ours or a CLAM
-    folder), all on the same splits (a validation hold-out is drawn once, with seed 0).
-    Returns {class_names, n_train, n_val, n_test, config, runs (per seed: seed,
-    best_epoch, val, test), summary (seed_stats of the test metrics), and slide_intervals'
-    block}."""
+    """ABMIL over seeds on per-slide features (an export or a CLAM folder), all on the
+    same splits. Returns {class_names, n_<split>, config, runs (seed, best_epoch, val,
+    test), summary (seed_stats of the test metrics), and slide_intervals' block}."""
     config = config or ABMILConfig()
     splits, names = labelled_splits(splits_path, 'abmil')
     sets = mil.read_slides(export_dir, splits_path, splits)
@@ -227,25 +200,22 @@ SLIDE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def slide_logistic_regression(sets, num_classes, weight_decays=SLIDE_WEIGHT_DECAYS):
-    """Logistic regression (linear.py's fit, on features standardized with train
-    statistics) on {split: (vectors [n, F], class indices [n])}; the weight decay best on
-    val (AUC, then loss; the larger on ties) wins.
-
-    Returns {weight_decay, val_scores ({wd: {auc, loss}}), val, test, test_probs}.
-    """
-    stats = fit_standardizer(np.asarray(sets['train'][0], np.float32))
-    z = {split: (standardize(x, stats), np.asarray(y)) for split, (x, y) in sets.items()}
-    best, scores = None, {}
-    for wd in sorted(weight_decays):
-        params = fit_logistic_regression(z['train'][0], z['train'][1], num_classes, wd)
-        val = slide_metrics(z['val'][1], z['val'][0] @ params['w'] + params['b'])
-        scores[repr(float(wd))] = {'auc': val['auc'], 'loss': val['loss']}
-        key = (val['auc'] if np.isfinite(val['auc']) else -1.0, -val['loss'])
-        if best is None or key >= best['key']:
-            best = {'key': key, 'wd': float(wd), 'val': val, 'params': params}
-    test_logits = z['test'][0] @ best['params']['w'] + best['params']['b']
-    return {'weight_decay': best['wd'], 'val_scores': scores, 'val': best['val'],
-            'test': slide_metrics(z['test'][1], test_logits),
+    """linear.py's logistic regression on {split: (vectors [n, F], class indices [n])},
+    standardized with train statistics; the weight decay best on val (AUC, then loss; the
+    larger on ties) wins. Returns {weight_decay, val_scores ({wd: {auc, loss}}), val,
+    test, test_probs}."""
+    z = standardizer(sets['train'][0])
+    data = {split: (z(x), np.asarray(y)) for split, (x, y) in sets.items()}
+    fits = fit_sweep(*data['train'], num_classes, weight_decays)
+    val = {wd: slide_metrics(data['val'][1], data['val'][0] @ p['w'] + p['b'])
+           for wd, p in fits.items()}
+    best = max(val, key=lambda wd: (val[wd]['auc'] if np.isfinite(val[wd]['auc']) else -1.0,
+                                    -val[wd]['loss'], wd))
+    test_logits = data['test'][0] @ fits[best]['w'] + fits[best]['b']
+    return {'weight_decay': float(best),
+            'val_scores': {repr(float(wd)): {'auc': m['auc'], 'loss': m['loss']}
+                           for wd, m in val.items()},
+            'val': val[best], 'test': slide_metrics(data['test'][1], test_logits),
             'test_probs': np.exp(log_softmax(test_logits)).tolist()}
 
 
@@ -259,14 +229,12 @@ def _run_vector_task(task, describe, export_dir, splits_path, seed):
 
 
 def run_meanpool(export_dir, splits_path, seed=0):
-    """meanpool: the mean patch embedding per slide + the validation-tuned logistic
-    regression (`seed` picks the validation hold-out when the splits file has none)."""
+    """meanpool (`seed` picks the validation hold-out when the splits file has none)."""
     return _run_vector_task('meanpool', mean_embedding, export_dir, splits_path, seed)
 
 
 def run_clusters(export_dir, splits_path, seed=0):
-    """clusters: each slide's hard and soft cluster composition [2K] + the validation-tuned
-    logistic regression; DataError for an export without cluster ids."""
+    """clusters; DataError for an export without cluster ids."""
     result = _run_vector_task('clusters', cluster_composition, export_dir, splits_path,
                               seed)
     return {**result, 'num_clusters': result['dim'] // 2}

@@ -1,26 +1,14 @@
-"""The evaluators over an export, by name: each returns one JSON-able dict.
+"""The evaluators over an export, by the CLI's task names; each returns one JSON-able dict.
 
-  knn       patch kNN: references = train slides, queries = test slides (cosine, top-k vote)
-  linear    patch linear probe: weight decay chosen on the val slides (or on 20% of the
-            train slides when there are none)
-  dsmil     slide-level DSMIL: labels from the splits file; epoch and thresholds chosen on val
-  abmil     slide-level gated attention MIL: epoch chosen on val, mean and std over seeds
-  clusters  slide-level: a slide's hard and soft cluster composition [2K] + logistic
-            regression, weight decay chosen on val
-  meanpool  slide-level: a slide's mean patch embedding + the same logistic regression
-  maps      cluster maps of every slide, and the cluster atlas (no splits)
+  knn, linear         patch-level: references or training = train slides, queries = test
+  dsmil, abmil        slide-level MIL (eval/dsmil.py, eval/slide_models.py on eval/mil.py)
+  clusters, meanpool  slide-level logistic regressions on one vector per slide
+  maps                cluster maps of every slide, and the cluster atlas (no splits)
 
-Patch tasks label each patch from annotations when given (`--annotations DIR`: the class
-of the polygon its centre is in, else `normal`; a slide without an annotation file is all
-`normal`, as Camelyon16's normal slides), else with its own label when the export has
-`labels` (from the patch source), else with the slide's label (splits file, else the
-export's manifest).
-
-Slide tasks (dsmil, abmil, clusters, meanpool) also report the test set's size
-(`n_test_slides`, `n_test_per_class`), a 95% bootstrap interval over test slides beside
-every score (`confidence_intervals`, how in `bootstrap`; eval/metrics.py) and a `caution`
-when the test set is too small to measure anything (fewer than 20 slides or 5 of a
-class), logged as a warning; the log has a one-line summary of scores and intervals.
+A patch's label: from annotations when given (the class of the polygon holding its centre,
+else `normal`; a slide without an annotation file is all `normal`), else its own label in
+the export, else its slide's (splits file, else manifest). Slide tasks log a summary of
+their scores with bootstrap intervals, and their caution for a small test set.
 """
 import logging
 import os
@@ -29,14 +17,14 @@ import numpy as np
 
 from clusiam_jax.errors import DataError
 from clusiam_jax.eval.metrics import format_interval
-from clusiam_jax.eval.splits import read_splits, require_in_export
+from clusiam_jax.eval.splits import SPLITS, read_splits, require_in_export
 from clusiam_jax.export import format as fmt
 
 log = logging.getLogger('clusiam_jax')
 
 
 def annotation_labels(folder, slide, arrays):
-    """Each patch's class from the slide's annotation file (see module docstring)."""
+    """Each patch's class from the slide's annotation file."""
     from clusiam_jax.slides import annotations as ann
     coords = np.asarray(arrays['coords'])
     if (coords < 0).any():
@@ -58,7 +46,7 @@ def patch_sets(export_dir, splits_path, key='features', annotations=None):
     splits = read_splits(splits_path)
     data = fmt.read_export(export_dir, slides=set(splits))
     require_in_export(splits_path, splits, data)
-    parts = {s: ([], [], []) for s in ('train', 'val', 'test')}
+    parts = {s: ([], [], []) for s in SPLITS}
     for slide, arrays in data.items():
         split, slide_label = splits[slide]
         if key not in arrays:
@@ -77,11 +65,8 @@ def patch_sets(export_dir, splits_path, key='features', annotations=None):
         parts[split][0].append(arrays[key])
         parts[split][1].append(labels)
         parts[split][2].append(np.full(n, slide, dtype=object))
-    out = {}
-    for split, (x, y, g) in parts.items():
-        if x:
-            out[split] = (np.concatenate(x).astype(np.float32),
-                          np.concatenate(y).astype(str), np.concatenate(g).astype(str))
+    out = {split: (np.concatenate(x).astype(np.float32), np.concatenate(y).astype(str),
+                   np.concatenate(g).astype(str)) for split, (x, y, g) in parts.items() if x}
     for split in ('train', 'test'):
         if split not in out:
             raise DataError(f'{splits_path} lists no {split} slide')
@@ -102,9 +87,8 @@ def run_linear(export_dir, splits_path, positive_label=None, key='features', see
                annotations=None):
     from clusiam_jax.eval.linear import linear_probe
     sets = patch_sets(export_dir, splits_path, key, annotations)
-    train_x, train_y, train_g = sets['train']
-    test_x, test_y, _ = sets['test']
-    val_x, val_y = (sets['val'][0], sets['val'][1]) if 'val' in sets else (None, None)
+    (train_x, train_y, train_g), (test_x, test_y, _) = sets['train'], sets['test']
+    val_x, val_y, _ = sets.get('val', (None, None, None))
     result = linear_probe(train_x, train_y, test_x, test_y, val_x=val_x, val_y=val_y,
                           groups=train_g, seed=seed, positive_label=positive_label)
     result['val_scores'] = {str(k): v for k, v in result['val_scores'].items()}
@@ -112,8 +96,8 @@ def run_linear(export_dir, splits_path, positive_label=None, key='features', see
 
 
 def log_slide_result(result):
-    """Logs a slide task's summary: test-set size, each score with its interval, and the
-    caution (a warning) when the test set is too small. Returns `result`."""
+    """Logs a slide task's test-set size and scores with their intervals, and its caution
+    as a warning. Returns `result`."""
     counts = ', '.join(f'{n} {name}' for name, n in result['n_test_per_class'].items())
     scores = ', '.join(f'{name} {format_interval(ci)}'
                        for name, ci in result['confidence_intervals'].items())
@@ -125,8 +109,8 @@ def log_slide_result(result):
 
 
 def _slide_task(task, result, per_run=(), bulky=()):
-    """The logged result of a slide task, without the per-slide scores and per-epoch
-    history that would make its JSON line unreadable."""
+    """The logged result, without the per-slide scores and per-epoch history that would
+    make its JSON line unreadable."""
     for run in result.get('runs', ()):
         for key in per_run:
             run.pop(key, None)
@@ -171,8 +155,8 @@ def run_meanpool(export_dir, splits_path, seed=0):
 
 def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None,
              atlas=True):
-    """The cluster maps, then (with `atlas`) the cluster atlas (eval/atlas.py): its
-    index.html under 'atlas', None when the export has no cluster head or no pixels."""
+    """The cluster maps, then (with `atlas`) the atlas: its index.html under 'atlas', None
+    when the export has no cluster head or no pixels."""
     from clusiam_jax.eval.atlas import write_atlas
     from clusiam_jax.export.maps import draw_export_maps
     result = {'task': 'maps', 'written': draw_export_maps(export_dir, thumbnail, downsample,
