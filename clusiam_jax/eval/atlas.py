@@ -1,26 +1,16 @@
 """Cluster atlas: what each cluster *is*, shown by its most typical patches.
 
-For every cluster with patches, `<export>/atlas/cluster_<id>.png` is a sheet: a caption
-(the cluster's color as on the maps, its id, its share of the export's patches and the
-number of slides it appears in) over a grid of its most typical patches, each labelled
-with its slide; `<export>/atlas/index.html` shows them all, clusters in decreasing
-share, with a table of contents. The page is self-contained: inline CSS and one inline
-script (it says when an image did not load), the sheets as relative files of the same
-folder; no font, style, script or image from elsewhere, so it opens offline, from a copy
-of the folder (keep index.html with its PNGs).
+Per cluster with patches, `<export>/atlas/cluster_<id>.png`: a caption (the cluster's map
+color, id, share of the patches, slides it appears in) over a grid of its most typical
+patches, each labelled with its slide; `<export>/atlas/index.html` shows them all by
+decreasing share. The page is self-contained (inline CSS and script, the sheets as
+files of its folder), so it opens offline from a copy of the folder.
 
-Most typical = highest softmax probability of the cluster, among the patches assigned to
-it, from the exported `cluster_logits`: patches are ranked by the log-odds
-``logit_c - logsumexp(other logits)``, the same order as the probability but without its
-float32 saturation at 1.0 (an export without logits ranks its patches in file order).
-Patches come from several slides: at most ceil(N / slides holding candidates) from one
-slide while other slides have candidates left, the rest filled by the best remaining.
-
-Patches are read as the export saw them: for exports of whole slides, the level-0 square
-at the tiling's coordinates (`patch_size` level-0 px: the tiling's patch at its target
-µm/px) through slides/reader.py, shown at `tile` px; for exports of patch folders, the
-image files of `paths`. A slide that cannot be read is an error naming it (as for the
-maps); a patch file that cannot be read is left out of its grid, with one warning.
+Most typical = highest softmax probability of the cluster among its patches, ranked by
+the log-odds `logit_c - logsumexp(other logits)`, which does not saturate at 1.0 in
+float32. At most ceil(N / slides holding candidates) patches come from one slide while
+other slides have some left. Patches are read as the export saw them: the level-0 square
+at the tiling's coordinates of the slide, or the patch files of `paths`.
 """
 import collections
 import dataclasses
@@ -29,7 +19,7 @@ import logging
 import math
 import os
 import re
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import cv2
 import numpy as np
@@ -40,7 +30,7 @@ from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export.maps import share_text
 from clusiam_jax.export.palette import palette_for
-from clusiam_jax.fileio import atomic_write
+from clusiam_jax.fileio import atomic_write, write_text
 
 log = logging.getLogger('clusiam_jax')
 
@@ -54,7 +44,6 @@ _SHEET = re.compile(r'^cluster_\d+\.png$')
 
 @dataclasses.dataclass
 class Pick:
-    """A patch chosen for a cluster's grid."""
     slide_id: str
     index: int          # row in the slide's arrays
     score: float        # log-odds of the cluster (higher: more typical)
@@ -62,7 +51,6 @@ class Pick:
 
 @dataclasses.dataclass
 class ClusterEntry:
-    """One cluster of the atlas."""
     cluster_id: int
     n_patches: int
     n_slides: int
@@ -81,12 +69,9 @@ class Atlas:
     num_clusters: int
 
 
-# ------------------------------------------------------------------ typicality
-
 def typicality(logits, ids):
-    """float64 [N]: each patch's log-odds of its own cluster, ``l_c - logsumexp(l_other)``
-    (monotone in the softmax probability of c, never saturating); zeros without logits
-    or with one cluster."""
+    """float64 [N]: each patch's log-odds of its own cluster, `l_c - logsumexp(l_other)`;
+    zeros without logits or with one cluster."""
     ids = np.asarray(ids, np.int64)
     if logits is None or np.asarray(logits).shape[1] < 2:
         return np.zeros(len(ids))
@@ -100,7 +85,7 @@ def typicality(logits, ids):
 
 
 def _best_per_cluster(ids, scores, n):
-    """Indices of the (at most) n highest-scoring patches of each cluster, by cluster."""
+    """{cluster: indices of its (at most) n highest-scoring patches}."""
     order = np.lexsort((np.arange(len(ids)), -scores, ids))
     sorted_ids = ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
@@ -110,9 +95,9 @@ def _best_per_cluster(ids, scores, n):
 
 
 def choose(candidates, n):
-    """At most n Picks of `candidates` (one cluster's): the most typical first, at most
+    """At most n Picks of one cluster's `candidates`, most typical first: at most
     ceil(n / slides) from a slide while other slides have candidates left, then the best
-    remaining; returned most typical first."""
+    remaining."""
     ranked = sorted(candidates, key=lambda p: (-p.score, p.slide_id, p.index))
     cap = max(1, math.ceil(n / max(1, len({p.slide_id for p in ranked}))))
     taken, per_slide = [], collections.Counter()
@@ -128,8 +113,8 @@ def choose(candidates, n):
 # ---------------------------------------------------------------------- reading
 
 def _export_slides(out_dir, rows):
-    """(slide_id, arrays) per manifest row, one slide in memory at a time (h5 exports;
-    an npz export is read once)."""
+    """(slide_id, arrays) per manifest row, one slide in memory at a time (an npz export
+    is read once)."""
     npz = {row['slide_id'] for row in rows if row['file'].endswith('.npz')}
     loaded = fmt.read_export(out_dir, slides=npz) if npz else {}
     for row in rows:
@@ -141,45 +126,38 @@ def _export_slides(out_dir, rows):
 def _readable(arrays):
     """bool [N]: the patches whose pixels can be read back (known coordinates on a
     recorded slide, or a recorded patch file)."""
-    n = len(arrays['cluster_ids'])
     if arrays.get('slide_path'):
         return np.all(np.asarray(arrays['coords']) >= 0, axis=1)
     if 'paths' in arrays:
         return np.array([bool(p) and '#' not in str(p) for p in arrays['paths']], bool)
-    return np.zeros(n, bool)
+    return np.zeros(len(arrays['cluster_ids']), bool)
 
 
 def _read_slide_patches(slide_id, info, picks, tile):
     """{index: uint8 [tile, tile, 3]} of the picks of one slide, read from the slide."""
     import openslide
 
-    from clusiam_jax.slides import reader, tiles
+    from clusiam_jax.slides import reader
     path = info['slide_path']
     fix = f'move the slide back to {path}, or draw the atlas where the slides are'
     try:
         slide = reader.open_slide(path)
     except DataError as e:
         raise DataError(f'atlas: cannot read slide {slide_id} ({e}); {fix}') from None
-    try:
+    with slide:
         dimensions = info.get('level0_dimensions')
         if dimensions is not None and tuple(slide.dimensions) != tuple(dimensions):
             raise DataError(f'atlas: {path} is {slide.dimensions[0]} x {slide.dimensions[1]} '
                             f'px but slide {slide_id} was exported from a {dimensions[0]} x '
                             f'{dimensions[1]} px slide (another file under that name?); {fix}')
-        out = {}
-        with tiles.opened(path, slide) as direct:
-            for pick in picks:
-                x, y = (int(v) for v in info['coords'][pick.index])
-                out[pick.index] = reader.read_patch(slide, x, y, float(info['patch_size']),
-                                                    tile, direct)
-        return out
-    except DataError:
-        raise
-    except (openslide.OpenSlideError, ValueError) as e:
-        raise DataError(f"atlas: reading slide {slide_id} ({path}) failed "
-                        f"({' '.join(str(e).split())}); {fix}") from None
-    finally:
-        slide.close()
+        try:
+            return {pick.index: reader.read_patch(slide, *(int(v) for v in
+                                                           info['coords'][pick.index]),
+                                                  float(info['patch_size']), tile)
+                    for pick in picks}
+        except (openslide.OpenSlideError, ValueError) as e:
+            raise DataError(f"atlas: reading slide {slide_id} ({path}) failed "
+                            f"({' '.join(str(e).split())}); {fix}") from None
 
 
 def _read_patch_files(info, picks, tile, unreadable):
@@ -188,9 +166,8 @@ def _read_patch_files(info, picks, tile, unreadable):
     from clusiam_jax.data import image_io
     out = {}
     for pick in picks:
-        path = str(info['paths'][pick.index])
         try:
-            rgb = image_io.load_rgb(path)
+            rgb = image_io.load_rgb(str(info['paths'][pick.index]))
         except image_io.BadImageError as e:
             unreadable.append(str(e))
             continue
@@ -201,6 +178,31 @@ def _read_patch_files(info, picks, tile, unreadable):
     return out
 
 
+def _read_picks(entries, kept, tile):
+    """({(slide_id, index): image}, [unreadable patch files]) of every pick, each slide
+    opened once."""
+    by_slide = collections.defaultdict(list)
+    for entry in entries:
+        for pick in entry.picks:
+            by_slide[pick.slide_id].append(pick)
+    images, unreadable = {}, []
+    for slide_id, picks in by_slide.items():
+        info = kept[slide_id]
+        read = _read_slide_patches(slide_id, info, picks, tile) if info.get('slide_path') \
+            else _read_patch_files(info, picks, tile, unreadable)
+        images.update({(slide_id, index): image for index, image in read.items()})
+    return images, unreadable
+
+
+def _where(pick, info):
+    """A patch's label on the sheet, to find it again: its slide and level-0 (x, y), or
+    its file name."""
+    if info.get('slide_path'):
+        x, y = (int(v) for v in info['coords'][pick.index])
+        return f'{pick.slide_id} · {x}, {y}'
+    return f"{pick.slide_id} · {os.path.basename(str(info['paths'][pick.index]))}"
+
+
 # ---------------------------------------------------------------------- drawing
 
 def _hex(color):
@@ -209,13 +211,14 @@ def _hex(color):
 
 def _fit(text, font, width):
     """`text`, shortened with an ellipsis in the middle to fit `width` px."""
+    def cut(keep):
+        return text[:keep // 2] + '…' + text[len(text) - keep // 2:]
     if font.getlength(text) <= width:
         return text
     keep = len(text)
-    while keep > 2 and font.getlength(text[:keep // 2] + '…' + text[len(text) - keep // 2:]) \
-            > width:
+    while keep > 2 and font.getlength(cut(keep)) > width:
         keep -= 1
-    return text[:keep // 2] + '…' + text[len(text) - keep // 2:]
+    return cut(keep)
 
 
 def caption_lines(entry, n_patches, n_slides):
@@ -227,23 +230,18 @@ def caption_lines(entry, n_patches, n_slides):
 
 
 def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS):
-    """(RGB PIL image, [(x0, y0, x1, y1)] box of each image): the caption (a swatch of
-    `color`, `title`, `details`) over a grid of `images` ([tile, tile, 3] each), each
-    with its label (its slide) below."""
+    """(RGB PIL image, [(x0, y0, x1, y1)] of each image): the caption (a swatch of
+    `color`, `title`, `details`) over a grid of `images` [tile, tile, 3], each labelled."""
     columns = max(1, min(columns, len(images))) if images else columns
-    margin, gap = 16, 8
-    title_font = ImageFont.load_default(size=26)
-    text_font = ImageFont.load_default(size=17)
-    label_font = ImageFont.load_default(size=14)
-    label_height = 20
+    margin, gap, swatch, label_height = 16, 8, 44, 20
+    title_font, text_font, label_font = (ImageFont.load_default(size=s) for s in (26, 17, 14))
     grid_width = columns * tile + (columns - 1) * gap
-    swatch = 44
     text_width = max(title_font.getlength(title), text_font.getlength(details))
     width = max(grid_width, swatch + 14 + int(math.ceil(text_width))) + 2 * margin
     header = swatch + 2 * margin
     rows = math.ceil(len(images) / columns) if images else 1
-    height = header + rows * (tile + label_height + gap) + margin
-    sheet = Image.new('RGB', (width, height), (255, 255, 255))
+    sheet = Image.new('RGB', (width, header + rows * (tile + label_height + gap) + margin),
+                      (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     draw.rectangle([margin, margin, margin + swatch - 1, margin + swatch - 1],
                    fill=tuple(int(v) for v in color), outline=(0, 0, 0), width=2)
@@ -270,20 +268,17 @@ def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS
 # ------------------------------------------------------------------------ atlas
 
 def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
-    """Writes `<out_dir>/atlas/cluster_<id>.png` per cluster with patches and
-    `<out_dir>/atlas/index.html` (see the module docstring); returns the Atlas (None when
-    the model has no cluster head, or the export records neither slides nor patch files).
-    """
+    """Writes `<out_dir>/atlas/`: cluster_<id>.png per cluster with patches and
+    index.html; returns the Atlas (None when the model has no cluster head, or the export
+    records neither slides nor patch files)."""
     if int(per_cluster) < 1:
         raise ConfigError(f'the atlas needs at least 1 patch per cluster; got {per_cluster}')
     if int(tile) < 16:
         raise ConfigError(f"the atlas's patches must be at least 16 px; got {tile}")
-    rows = fmt.read_export_manifest(out_dir)
-    counts: Dict[str, np.ndarray] = {}
+    counts, kept = {}, {}           # kept: slide_id -> what reading its picks needs
     candidates = collections.defaultdict(list)
-    kept = {}                       # slide_id: what reading its picks needs
     k, readable_any = 0, False
-    for slide_id, arrays in _export_slides(out_dir, rows):
+    for slide_id, arrays in _export_slides(out_dir, fmt.read_export_manifest(out_dir)):
         if 'cluster_ids' not in arrays:
             log.info('atlas: the model has no cluster head; no atlas')
             return None
@@ -294,9 +289,8 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         k = max(k, logits.shape[1] if logits is not None else 0,
                 int(ids.max(initial=-1)) + 1)
         counts[slide_id] = np.bincount(ids, minlength=1)
-        readable = _readable(arrays)
-        readable_any |= bool(readable.any())
-        rows_ok = np.flatnonzero(readable)
+        rows_ok = np.flatnonzero(_readable(arrays))
+        readable_any |= bool(rows_ok.size)
         scores = typicality(logits[rows_ok] if logits is not None else None, ids[rows_ok])
         # Arrays, not Picks: a cohort holds slides x K x per_cluster candidates.
         for c, best in _best_per_cluster(ids[rows_ok], scores, int(per_cluster)).items():
@@ -308,14 +302,10 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         log.warning('atlas: the export records neither its slides nor its patch files '
                     '(coordinates and slide_path, or paths); no atlas')
         return None
-    k = max(k, 1)
-    per_slide = np.zeros((len(counts), k), np.int64)
-    slide_ids = list(counts)
-    for row, slide_id in enumerate(slide_ids):
-        per_slide[row, :len(counts[slide_id])] = counts[slide_id]
+    k, slide_ids = max(k, 1), list(counts)
+    per_slide = np.array([np.pad(counts[s], (0, k - len(counts[s]))) for s in slide_ids])
     totals = per_slide.sum(axis=0)
     n_patches = int(totals.sum())
-
     entries = []
     for c in np.lexsort((np.arange(k), -totals)):
         if totals[c] == 0:
@@ -336,17 +326,15 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
     folder = os.path.join(out_dir, ATLAS_DIR)
     os.makedirs(folder, exist_ok=True)
     palette = palette_for(k)
-    digits = len(str(k - 1))
     written = set()
     for entry in entries:
-        shown = [p for p in entry.picks if (p.slide_id, p.index) in images]
-        entry.picks = shown
+        entry.picks = [p for p in entry.picks if (p.slide_id, p.index) in images]
         title, details = caption_lines(entry, n_patches, len(slide_ids))
-        sheet, entry.boxes = draw_sheet([images[(p.slide_id, p.index)] for p in shown],
-                                        [_where(p, kept[p.slide_id]) for p in shown],
-                                        title, details,
-                                        palette[entry.cluster_id], int(tile), int(columns))
-        name = f'cluster_{entry.cluster_id:0{digits}d}.png'
+        sheet, entry.boxes = draw_sheet([images[(p.slide_id, p.index)] for p in entry.picks],
+                                        [_where(p, kept[p.slide_id]) for p in entry.picks],
+                                        title, details, palette[entry.cluster_id],
+                                        int(tile), int(columns))
+        name = f'cluster_{entry.cluster_id:0{len(str(k - 1))}d}.png'
         entry.png = os.path.join(folder, name)
         info = PngInfo()
         info.add_text('Title', title)
@@ -359,39 +347,10 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         if _SHEET.match(name) and name not in written:
             os.remove(os.path.join(folder, name))
     atlas = Atlas(os.path.join(folder, INDEX_NAME), entries, n_patches, len(slide_ids), k)
-    page = render_index(atlas, palette, fmt.read_export_info(out_dir),
-                        int(per_cluster))
-    with atomic_write(atlas.index) as tmp, open(tmp, 'w', encoding='utf-8') as f:
-        f.write(page)
+    write_text(atlas.index, render_index(atlas, palette, fmt.read_export_info(out_dir),
+                                         int(per_cluster)))
     log.info('cluster atlas: %s (%d clusters)', atlas.index, len(entries))
     return atlas
-
-
-def _where(pick, info):
-    """A patch's label under its image: its slide and level-0 (x, y), or its file name
-    (patch exports), so that it can be found again."""
-    if info.get('slide_path'):
-        x, y = (int(v) for v in info['coords'][pick.index])
-        return f'{pick.slide_id} · {x}, {y}'
-    return f"{pick.slide_id} · {os.path.basename(str(info['paths'][pick.index]))}"
-
-
-def _read_picks(entries, kept, tile):
-    """({(slide_id, index): image}, [unreadable patch files]) of every pick, each slide
-    opened once."""
-    by_slide = collections.defaultdict(list)
-    for entry in entries:
-        for pick in entry.picks:
-            by_slide[pick.slide_id].append(pick)
-    images, unreadable = {}, []
-    for slide_id, picks in by_slide.items():
-        info = kept[slide_id]
-        if info.get('slide_path'):
-            read = _read_slide_patches(slide_id, info, picks, tile)
-        else:
-            read = _read_patch_files(info, picks, tile, unreadable)
-        images.update({(slide_id, index): image for index, image in read.items()})
-    return images, unreadable
 
 
 # ------------------------------------------------------------------------- page
@@ -433,8 +392,7 @@ def render_index(atlas, palette, info, per_cluster):
         run.append(f"run {os.path.basename(os.path.normpath(str(info['workdir'])))}")
     if info.get('checkpoint_step') is not None:
         run.append(f"step {info['checkpoint_step']}")
-    run.append(f'K={atlas.num_clusters}')
-    title = 'Cluster atlas · ' + ' · '.join(run)
+    title = ' · '.join(['Cluster atlas'] + run + [f'K={atlas.num_clusters}'])
     n_slides = atlas.n_slides
     parts = ['<!DOCTYPE html>', '<html lang="en">', '<head>', '<meta charset="utf-8">',
              f'<title>{esc(title)}</title>', f'<style>{_STYLE}</style>', '</head>',
@@ -452,28 +410,25 @@ def render_index(atlas, palette, info, per_cluster):
              '<table class="toc"><tr><th>cluster</th><th>patches</th><th>share</th>'
              '<th>slides</th></tr>']
     for entry in atlas.entries:
-        color = _hex(palette[entry.cluster_id])
         parts.append(
-            f'<tr><td><span class="swatch" style="background:{color}"></span>'
+            f'<tr><td><span class="swatch" style="background:'
+            f'{_hex(palette[entry.cluster_id])}"></span>'
             f'<a href="#cluster-{entry.cluster_id}">cluster {entry.cluster_id}</a></td>'
             f'<td>{entry.n_patches:,}</td>'
             f'<td>{share_text(entry.n_patches, atlas.n_patches)}</td>'
             f'<td>{entry.n_slides} of {n_slides}</td></tr>')
     parts.append('</table>')
     for entry in atlas.entries:
-        color = _hex(palette[entry.cluster_id])
         _, details = caption_lines(entry, atlas.n_patches, n_slides)
         most = ', '.join(f'{esc(slide)} ({share_text(n, entry.n_patches)})'
                          for slide, n in entry.top_slides[:5])
-        more = len(entry.top_slides) - 5
-        if more > 0:
-            most += f' and {more} more'
-        name = os.path.basename(entry.png)
+        if len(entry.top_slides) > 5:
+            most += f' and {len(entry.top_slides) - 5} more'
         parts += [f'<section id="cluster-{entry.cluster_id}">',
-                  f'<h2><span class="swatch" style="background:{color}"></span>'
-                  f'Cluster {entry.cluster_id}</h2>',
+                  f'<h2><span class="swatch" style="background:'
+                  f'{_hex(palette[entry.cluster_id])}"></span>Cluster {entry.cluster_id}</h2>',
                   f'<p>{esc(details)}. Its patches by slide: {most}.</p>',
-                  f'<img src="{esc(name)}" alt="the most typical patches of cluster '
-                  f'{entry.cluster_id}">', '</section>']
+                  f'<img src="{esc(os.path.basename(entry.png))}" alt="the most typical '
+                  f'patches of cluster {entry.cluster_id}">', '</section>']
     parts += [f'<script>{_SCRIPT}</script>', '</body>', '</html>', '']
     return '\n'.join(parts)
