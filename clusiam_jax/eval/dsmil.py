@@ -155,12 +155,9 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
 def summarize_seeds(results):
     """seed_stats of the test accuracies, mean AUC and per-class AUC; the best epochs."""
     tests = [r['test'] for r in results]
-    return {'accuracy_argmax': seed_stats([t['accuracy_argmax'] for t in tests]),
-            'accuracy_val_thresholds': seed_stats([t['accuracy_val_thresholds']
-                                                   for t in tests]),
-            'mean_auc': seed_stats([t['mean_auc'] for t in tests]),
-            'auc': [seed_stats([t['auc'][c] for t in tests])
-                    for c in range(len(tests[0]['auc']))],
+    out = {key: seed_stats([t[key] for t in tests])
+           for key in ('accuracy_argmax', 'accuracy_val_thresholds', 'mean_auc')}
+    return {**out, 'auc': [seed_stats(values) for values in zip(*(t['auc'] for t in tests))],
             'best_epoch': [r['best_epoch'] for r in results]}
 
 
