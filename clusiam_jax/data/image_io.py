@@ -33,7 +33,7 @@ class BadImageError(ValueError):
         self.subject = subject
 
 
-def _to_rgb_uint8(arr: np.ndarray, bgr: bool) -> np.ndarray:
+def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     """HxW, HxWx1..4 of uint8/uint16 -> HxWx3 uint8 RGB."""
     if arr.dtype == np.uint16:
         arr = ((arr.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)  # round(v/257)
@@ -45,8 +45,7 @@ def _to_rgb_uint8(arr: np.ndarray, bgr: bool) -> np.ndarray:
     if channels in (1, 2):  # gray, gray+alpha
         return np.ascontiguousarray(np.repeat(arr[:, :, :1], 3, axis=2))
     if channels in (3, 4):
-        rgb = arr[:, :, 2::-1] if bgr else arr[:, :, :3]
-        return np.ascontiguousarray(rgb)
+        return np.ascontiguousarray(arr[:, :, :3])
     raise BadImageError(f'unsupported channel count {channels}')
 
 
@@ -61,7 +60,7 @@ def _decode_with_cv2(data: bytes) -> np.ndarray:
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
     if arr is None or arr.size == 0:
         raise BadImageError('not decodable')
-    return _to_rgb_uint8(arr, bgr=False)
+    return _to_rgb_uint8(arr)
 
 
 def _decode_with_pil(data: bytes) -> np.ndarray:
@@ -69,9 +68,7 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
-                arr = np.asarray(im)
-                arr = np.clip(arr, 0, 65535).astype(np.uint16)
-                return _to_rgb_uint8(arr, bgr=False)
+                return _to_rgb_uint8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
             return np.asarray(im.convert('RGB'))
     except BadImageError:
         raise

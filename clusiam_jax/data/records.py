@@ -78,9 +78,6 @@ class Subset(PatchSource):
     def record(self, index: int) -> PatchRecord:
         return self.parent.record(int(self.indices[index]))
 
-    def labels(self, indices) -> List[Optional[str]]:
-        return self.parent.labels(self.indices[np.asarray(indices, np.int64)])
-
 
 def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:
     """Slide id (the parent folder), coordinates and, for a file exactly two folders below
@@ -95,14 +92,6 @@ def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:
     return PatchRecord(path, os.path.basename(os.path.dirname(path)) or None, label, x, y)
 
 
-def _is_slide_file(path: str, name: str) -> bool:
-    """Whole-slide formats, and TIFFs that are pyramids or tiled and larger than a patch."""
-    lower = name.lower()
-    if lower.endswith(SLIDE_ONLY_EXTENSIONS):
-        return True
-    return lower.endswith(('.tif', '.tiff')) and image_io.tiff_is_slide(path)
-
-
 def discover_folder(root: str) -> List[PatchRecord]:
     """All image files under ``root`` (any depth, symlinks followed), sorted. A folder
     holding whole slides is refused: training on the few small images beside them
@@ -114,10 +103,11 @@ def discover_folder(root: str) -> List[PatchRecord]:
         for name in filenames:
             if name.startswith('.'):
                 continue
-            path = os.path.join(dirpath, name)
-            if _is_slide_file(path, name):
+            path, lower = os.path.join(dirpath, name), name.lower()
+            if lower.endswith(SLIDE_ONLY_EXTENSIONS) or (
+                    lower.endswith(('.tif', '.tiff')) and image_io.tiff_is_slide(path)):
                 slides.append(path)
-            elif name.lower().endswith(IMAGE_EXTENSIONS):
+            elif lower.endswith(IMAGE_EXTENSIONS):
                 records.append(parse_patch_path(path, root))
     if slides:
         slides.sort()
@@ -138,14 +128,11 @@ def discover_folder(root: str) -> List[PatchRecord]:
 
 def _optional_int(value: str, column: str, line: int, csv_path: str):
     value = (value or '').strip()
-    if value in ('', '-1'):
-        return None
     try:
-        return int(float(value))
+        return None if value in ('', '-1') else int(float(value))
     except ValueError:
-        raise DataError(
-            f'{csv_path}:{line}: column {column!r} is not a number: {value!r}'
-        ) from None
+        raise DataError(f'{csv_path}:{line}: column {column!r} is not a number: '
+                        f'{value!r}') from None
 
 
 def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
@@ -166,17 +153,11 @@ def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
         path = raw if os.path.isabs(raw) else os.path.normpath(os.path.join(base, raw))
         parsed = parse_patch_path(path)
         slide = (row.get('slide_id') or '').strip() if 'slide_id' in columns else None
-        label = (row.get('label') or '').strip() if 'label' in columns else None
-        if 'x' in columns:
-            x = _optional_int(row.get('x'), 'x', line, csv_path)
-            y = _optional_int(row.get('y'), 'y', line, csv_path)
-        else:
-            x, y = parsed.x, parsed.y
+        x, y = ((_optional_int(row.get(c), c, line, csv_path) for c in 'xy')
+                if 'x' in columns else (parsed.x, parsed.y))
         records.append(PatchRecord(
-            path=path,
-            slide_id=slide or (None if 'slide_id' in columns else parsed.slide_id),
-            label=label or None,
-            x=x, y=y))
+            path, slide or (None if 'slide_id' in columns else parsed.slide_id),
+            (row.get('label') or '').strip() or None, x, y))
     if not records:
         raise DataError(f'manifest {csv_path} lists no patches')
     records.sort(key=lambda r: r.path)

@@ -15,6 +15,7 @@ from clusiam_jax.data.records import PatchRecord, PatchSource
 from clusiam_jax.errors import DataError
 
 logger = logging.getLogger(__name__)
+_NONE = np.iinfo(np.int64).min   # a coordinate the record does not have
 
 
 class FileSource(PatchSource):
@@ -31,10 +32,8 @@ class FileSource(PatchSource):
         self.slide_index = index.reshape(-1).astype(np.int32)
         ids = dict(zip(keys.tolist(), (r.slide_id or '' for r in records)))
         self.slide_ids = np.array([ids[k] for k in names.tolist()], dtype=str)
-        self._label_names, labels = np.unique(np.array([r.label or '' for r in records],
-                                                       dtype=str), return_inverse=True)
-        self._labels = labels.reshape(-1)
-        self._xy = np.array([(-1 if r.x is None else r.x, -1 if r.y is None else r.y)
+        self._labels = np.array([r.label or '' for r in records], dtype=str)
+        self._xy = np.array([(_NONE if r.x is None else r.x, _NONE if r.y is None else r.y)
                              for r in records], np.int64).reshape(-1, 2)
         self._reader = None
 
@@ -45,13 +44,9 @@ class FileSource(PatchSource):
         return os.fsdecode(self._paths[index])
 
     def record(self, index: int) -> PatchRecord:
-        x, y = (int(v) if v >= 0 else None for v in self._xy[index])
+        x, y = (None if v == _NONE else int(v) for v in self._xy[index])
         return PatchRecord(self.path(index), str(self.slide_ids[self.slide_index[index]])
-                           or None, str(self._label_names[self._labels[index]]) or None, x, y)
-
-    def labels(self, indices):
-        return [str(v) or None for v in self._label_names[self._labels[np.asarray(
-            indices, np.int64)]]]
+                           or None, str(self._labels[index]) or None, x, y)
 
     def load(self, index: int) -> np.ndarray:
         if self.dataset_dir is None:

@@ -214,17 +214,12 @@ def cached_stats(data_path: str, source, workdir: Optional[str] = None,
     mean, std = compute_stats(source, num_workers=num_workers, skip_log=skip_log,
                               indices=indices, unreadable=unreadable,
                               what=f'the patches of {data_path}')
-    if len(unreadable) > MAX_UNREADABLE_TO_CACHE * len(over):
-        logger.warning('normalization: %d of the %d patches sampled from %s were unreadable '
-                       '(skipped_files.txt); the statistics of the other %d are used but not '
-                       'cached', len(unreadable), len(over), data_path,
-                       len(over) - len(unreadable))
-        return mean, std, f'{origin}; {len(unreadable)} of {len(over)} unreadable, not cached'
     files = file_states(_file_of(p) for p, _ in unreadable)
-    if len(files) > _MAX_REMEMBERED:
-        logger.warning('normalization: %d files of %s were unreadable; the statistics are '
-                       'not cached', len(files), data_path)
-        return mean, std, f'{origin}; {len(unreadable)} unreadable, not cached'
+    if len(unreadable) > MAX_UNREADABLE_TO_CACHE * len(over) or len(files) > _MAX_REMEMBERED:
+        logger.warning('normalization: %d of the %d patches sampled from %s were unreadable '
+                       '(skipped_files.txt); the statistics of the others are used but not '
+                       'cached', len(unreadable), len(over), data_path)
+        return mean, std, f'{origin}; {len(unreadable)} of {len(over)} unreadable, not cached'
     for path in candidates:
         if _write_cache(path, key, mean, std, files):
             logger.info('normalization stats cached in %s', path)
