@@ -11,7 +11,7 @@ loaded, which were initialised and what of the source was not used.
 """
 import dataclasses
 import logging
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,7 @@ class Report:
 
     def lines(self):
         every = self.loaded + self.fresh
-        total = len(every)
-        yield (f'train.init_from: loaded {len(self.loaded)} of {total} arrays (parameters and '
+        yield (f'train.init_from: loaded {len(self.loaded)} of {len(every)} arrays (parameters and '
                f'BatchNorm statistics) from the {self.source.kind} {self.source.path}: '
                f'{compact(self.loaded, every)}')
         yield (f'train.init_from: freshly initialised {len(self.fresh)}: '
@@ -56,12 +55,8 @@ class Report:
 
 def _module(name: str) -> Tuple[str, ...]:
     """'params/encoder/backbone/conv1/kernel' -> ('encoder', 'backbone', 'conv1', 'kernel'):
-    parameters and statistics of one module side by side (their leaf names differ)."""
+    parameters and statistics of one module side by side."""
     return tuple(name.split('/')[1:])
-
-
-def _in_backbone(name: str) -> bool:
-    return _module(name)[:len(BACKBONE)] == BACKBONE
 
 
 def compact(names: Sequence[str], every: Sequence[str]) -> str:
@@ -102,75 +97,48 @@ def _grouped(names: Sequence[str], spell_out: int = 3) -> str:
     return listing(parts)
 
 
-# ------------------------------------------------------------------ applying a source
-
-def _match(online: Dict[str, object], source: Source) -> Report:
+def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState, Report]:
+    """The fresh `state` with the source's arrays where they fit (module docstring);
+    ConfigError when the backbone does not load completely."""
+    online = variable_names({'params': state.params, 'batch_stats': state.batch_stats})
     loaded, fresh, misshapen = [], [], list(source.notes)
     for name, leaf in online.items():
         value = source.arrays.get(name)
-        if value is None:
-            fresh.append(name)
-        elif tuple(value.shape) != tuple(leaf.shape):
+        if value is not None and tuple(value.shape) != tuple(leaf.shape):
             misshapen.append(f'{name}: source {tuple(value.shape)} vs model '
                              f'{tuple(leaf.shape)}')
-            fresh.append(name)
-        else:
-            loaded.append(name)
-    unused = sorted(set(source.arrays) - set(online)) + list(source.unused)
-    report = Report(source=source, loaded=tuple(loaded), fresh=tuple(fresh),
-                    misshapen=tuple(misshapen), unused=tuple(unused))
-    backbone = '/'.join(BACKBONE)
-    missing = [n for n in fresh if _in_backbone(n)]
-    extra = [n for n in source.arrays if n not in online and _in_backbone(n)]
+        fits = value is not None and tuple(value.shape) == tuple(leaf.shape)
+        (loaded if fits else fresh).append(name)
+    missing = [n for n in fresh if _module(n)[:2] == BACKBONE]
+    extra = [n for n in source.arrays if n not in online and _module(n)[:2] == BACKBONE]
     if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f'{len(missing)} of its arrays not in the source '
-                         f'({listing(missing, 5)})')
-        if extra:
-            parts.append(f'{len(extra)} arrays of the source not in it ({listing(extra, 5)})')
-        if misshapen:
-            parts.append(f'shapes differ: {listing(misshapen, 5)}')
-        raise ConfigError(f"train.init_from={source.path} does not fit this run's {backbone} "
-                          f'(the whole backbone must load): {"; ".join(parts)}')
-    return report
+        parts = [f'{len(missing)} of its arrays not in the source ({listing(missing, 5)})',
+                 f'{len(extra)} arrays of the source not in it ({listing(extra, 5)})',
+                 f'shapes differ: {listing(misshapen, 5)}']
+        parts = [part for part, said in zip(parts, (missing, extra, misshapen)) if said]
+        raise ConfigError(f"train.init_from={source.path} does not fit this run's "
+                          f'{"/".join(BACKBONE)} (the whole backbone must load): '
+                          f'{"; ".join(parts)}')
+    unused = sorted(set(source.arrays) - set(online)) + list(source.unused)
+    report = Report(source, tuple(loaded), tuple(fresh), tuple(misshapen), tuple(unused))
 
-
-def _placed(value: np.ndarray, like) -> jax.Array:
-    """`value` with the dtype and sharding of the fresh array `like` (on every process:
-    each one read the same source)."""
-    value = np.asarray(value, dtype=like.dtype)
-    return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
-
-
-def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState, Report]:
-    """The fresh `state` with the source's arrays where they fit (see the module
-    docstring); ConfigError when the backbone does not load completely."""
-    online = {'params': state.params, 'batch_stats': state.batch_stats}
-    report = _match(variable_names(online), source)
-    loaded = set(report.loaded)
-
-    def take(path, leaf):
-        name = leaf_name(path)
-        return _placed(source.arrays[name], leaf) if name in loaded else leaf
-
-    online = jax.tree_util.tree_map_with_path(take, online)
-    has_target = trainer.has_target
-    seed = trainer.config.train.seed
+    def take(path, leaf):   # placed as the fresh array, on every process (each read it)
+        if leaf_name(path) not in loaded:
+            return leaf
+        value = np.asarray(source.arrays[leaf_name(path)], dtype=leaf.dtype)
+        return jax.make_array_from_callback(value.shape, leaf.sharding, lambda i: value[i])
 
     def fresh_start(params, batch_stats):
-        # What state.init_weights does after drawing: the target copies the online encoder.
-        target_params = jax.tree.map(jnp.copy, params['encoder']) if has_target else {}
-        target_stats = jax.tree.map(jnp.copy, batch_stats['encoder']) if has_target else {}
+        def target(tree):   # as state.init_weights: the target copies the online encoder
+            return jax.tree.map(jnp.copy, tree['encoder']) if trainer.has_target else {}
         weights = Weights(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=batch_stats, target_params=target_params,
-                          target_batch_stats=target_stats)
-        return state_from_weights(weights, trainer.tx, seed)
+                          batch_stats=batch_stats, target_params=target(params),
+                          target_batch_stats=target(batch_stats))
+        return state_from_weights(weights, trainer.tx, trainer.config.train.seed)
 
-    replicated = parallel.replicated(trainer.mesh)
-    state = jax.jit(fresh_start, out_shardings=replicated)(online['params'],
-                                                           online['batch_stats'])
-    return state, report
+    placed = jax.tree_util.tree_map_with_path(take, {'params': state.params,
+                                                     'batch_stats': state.batch_stats})
+    return jax.jit(fresh_start, out_shardings=parallel.replicated(trainer.mesh))(**placed), report
 
 
 def initial_state(trainer) -> Tuple[TrainState, Optional[Report]]:
