@@ -1,6 +1,5 @@
-"""Embedding export: a run's weights over a patch source, written per slide.
+"""Export: a run's weights over a patch source, and everything written from it.
 
-  format.py   the on-disk layout (names, writers, readers, resume check): the only owner
-  embed.py    the embedding loop (an Embedder and EmbedOptions)
-  run.py      the run-level entry point (restore, normalization, what to embed)
+  run.py (the action), embed.py (the loop), format.py (the layout: the only owner),
+  maps.py (cluster maps), qupath.py (QuPath tiles), palette.py (the clusters' colors)
 """

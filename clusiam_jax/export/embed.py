@@ -1,21 +1,15 @@
-"""The embedding loop: every patch of a source through the online network, per slide.
-
-What is embedded (docs/method.md §7): each whole patch, resized to `image_size` with the
-training's bilinear resize, normalized with the *training* mean/std, through the online
-network in inference mode (BatchNorm running statistics). `features` is the pooled
-backbone output (512-d for ResNet-18), `cluster_logits` the cluster head's logits and
-`cluster_ids` their argmax (no Gumbel noise); `projections` (the projector output z)
-only with `with_projection`.
-
-Images are decoded by a thread pool ahead of the device, the forward pass is one jitted
-function over the mesh with a fixed batch (the last one padded), and each slide's h5 file
-is written (export/format.py) the moment its last patch is through, so an interrupted h5
-export keeps every finished slide (an npz export is one file, written at the end).
+"""The embedding loop (docs/method.md §7): each whole patch, resized to `image_size`,
+normalized with the training's mean/std, through the online network in inference mode:
+`features` (pooled backbone), `cluster_logits` and their argmax `cluster_ids`,
+`projections` with `with_projection`. A thread pool decodes ahead of one jitted forward
+pass over the mesh; each slide's h5 file is written when its last patch is through, so an
+interrupted export keeps every finished slide.
 """
 import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -27,7 +21,6 @@ from tqdm import tqdm
 
 from clusiam_jax import interrupts, parallel
 from clusiam_jax.data import augment, image_io, skips
-from clusiam_jax.data import records as records_lib
 from clusiam_jax.export import format as fmt
 from clusiam_jax.models.conv import compiler_options
 from clusiam_jax.models.preprocess import embed_images
@@ -39,8 +32,7 @@ UNKNOWN_SLIDE = 'unknown_slide'
 
 @dataclasses.dataclass(frozen=True)
 class EmbedOptions:
-    """How to embed: the `export` config section (config.py has the defaults), resolved
-    against the run."""
+    """How to embed: the `export` section, resolved against the run."""
     image_size: int                # patches are resized to this (the run's training size)
     batch_size: int
     export_format: str             # h5 | npz (export/format.py)
@@ -60,10 +52,8 @@ class Embedder:
     mesh: object = None
 
     def embed_fn(self, with_projection: bool):
-        """jit(variables, uint8 [B, H, W, 3]) -> dict of per-patch outputs, batch sharded.
-
-        B must be a multiple of the mesh size (the caller pads the last batch).
-        """
+        """jit(variables, uint8 [B, H, W, 3]) -> per-patch outputs, batch sharded (B a
+        multiple of the mesh size: the caller pads the last batch)."""
         network, mean, std = self.network, self.mean, self.std
 
         def embed(variables, images):
@@ -78,11 +68,10 @@ class Embedder:
                        compiler_options=compiler_options(network.conv_impl))
 
 
-def group_by_slide(records) -> Dict[str, np.ndarray]:
-    """{slide_id: int64 indices of its records, in order}, slides in order of first
-    appearance; made from integer slide codes (records_lib.slide_codes), so a slide
-    source's records are never all made at once."""
-    names, codes = records_lib.slide_codes(records)
+def group_by_slide(source) -> Dict[str, np.ndarray]:
+    """{slide_id: int64 indices of its patches}, slides in order of first appearance,
+    from the source's slide index (no record made)."""
+    names, codes = source.slide_ids, source.slide_index
     names = np.where(names == '', UNKNOWN_SLIDE, names.astype(object)).astype(str)
     names, merged = np.unique(names, return_inverse=True)   # '' and a literal id agree
     codes = merged.reshape(-1)[codes]
@@ -94,11 +83,11 @@ def group_by_slide(records) -> Dict[str, np.ndarray]:
 
 
 class _Stream:
-    """(slide, record, index in the source) of every patch of `slides`, slide by slide;
-    iterable more than once, records made as they are reached."""
+    """(slide, record, index) of every patch of `slides`; iterable more than once,
+    records made as they are reached."""
 
-    def __init__(self, records, groups, slides):
-        self.records, self.groups, self.slides = records, groups, slides
+    def __init__(self, source, groups, slides):
+        self.source, self.groups, self.slides = source, groups, slides
 
     def __len__(self) -> int:
         return int(sum(len(self.groups[s]) for s in self.slides))
@@ -106,7 +95,7 @@ class _Stream:
     def __iter__(self):
         for slide in self.slides:
             for i in self.groups[slide]:
-                yield slide, self.records[int(i)], int(i)
+                yield slide, self.source.record(int(i)), int(i)
 
 
 def slide_label(labels) -> str:
@@ -141,15 +130,15 @@ def _prefetched(loads, executor, window):
 
 
 class _SlideWriter:
-    """Gathers each slide's rows in order and writes its file when its last record is
-    through (npz: all slides into one file at the end)."""
+    """Gathers each slide's rows and writes its file when its last record is through
+    (npz: all slides into one file at the end)."""
 
     def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log,
                  source=None):
         self.groups, self.out_dir, self.options = groups, out_dir, options
         self.attrs, self.skip_log = attrs, skip_log
         # Slide sources know each slide's tiling (coords attributes, the slide file).
-        self.slide_attrs = getattr(source, 'coords_attrs', None)
+        self.slide_attrs = source.coords_attrs if source.from_slides else None
         self.rows = {s: [] for s in groups}
         self.seen = collections.Counter()
         self.patch_size = {}
@@ -170,8 +159,8 @@ class _SlideWriter:
             self._finish(slide)
 
     def _note_resize(self, shape):
-        """Says once that patches are resized: a model trained at 64 px embeds 224 px
-        tiles at 64 px (as its training saw whole tiles), which is right but not obvious."""
+        """Says once that patches are resized (to the run's training size): right, as
+        training saw whole tiles, but not obvious."""
         size = self.options.image_size
         if self.resize_noted or tuple(shape) == (size, size):
             return
@@ -221,34 +210,23 @@ class _SlideWriter:
 
     def close(self, n_records: int):
         if self.options.export_format == 'npz':
+            keep = ('export_key', 'workdir', 'weights_sha256', 'norm_mean', 'norm_std')
             fmt.write_npz(os.path.join(self.out_dir, fmt.NPZ_NAME), self.npz_parts,
-                          {'checkpoint_step': np.int64(self.attrs['checkpoint_step']),
-                           'export_key': self.attrs['export_key'],
-                           'workdir': self.attrs['workdir'],
-                           'weights_sha256': self.attrs['weights_sha256'],
-                           'n_records': np.int64(n_records),
-                           'norm_mean': self.attrs['norm_mean'],
-                           'norm_std': self.attrs['norm_std']})
+                          dict({k: self.attrs[k] for k in keep}, n_records=np.int64(n_records),
+                               checkpoint_step=np.int64(self.attrs['checkpoint_step'])))
 
 
-def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOptions,
+def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOptions,
                       info: dict) -> List[dict]:
-    """Embeds every patch of `opened` (records, source) into `out_dir`.
-
-    A rerun skips the slides already written with the same settings (format.export_key)
-    and patch count; with `pt_files`, a finished slide without its pt file gets one made
-    from its h5 file's features, without embedding again (pt files change no feature, so
-    they are not part of the export key). `info` (workdir, data_path, normalization, the
-    run's config, `export`: this export's settings) goes into export_info.json and, in
-    part, the files' attributes. Returns the manifest rows (slide_id, n_patches, label,
-    file).
-    """
+    """Embeds every patch of `source` (a data.PatchSource) into `out_dir`; returns the
+    manifest rows. A rerun skips slides written with the same export key and patch count
+    (pt files, which change no feature, are made from a finished slide's h5). `info` goes
+    into export_info.json and, in part, the files' attributes."""
     mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(
         jax.local_devices())
     embedder = dataclasses.replace(embedder, mesh=mesh)
-    records, source = opened
     step, fmt_name = embedder.checkpoint_step, options.export_format
-    groups = group_by_slide(records)
+    groups = group_by_slide(source)
     for slide in groups:   # every slide's files are named by its id: refuse, before any
         fmt.slide_file_name(slide)   # work, an id that would name a file elsewhere
     fmt.prepare_out_dir(out_dir, fmt_name)
@@ -267,7 +245,7 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
              'workdir': info.get('workdir', ''), 'weights_sha256': info.get('weights_sha256', '')}
     attrs['export_key'] = key = fmt.export_key(attrs)
     if fmt_name == 'npz':
-        todo = [] if fmt.is_finished(out_dir, 'npz', '', key, len(records)) else list(groups)
+        todo = [] if fmt.is_finished(out_dir, 'npz', '', key, len(source)) else list(groups)
     else:
         todo = [s for s in groups if not fmt.is_finished(out_dir, 'h5', s, key, len(groups[s]))]
     if len(todo) < len(groups):
@@ -277,18 +255,17 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
         _pt_files_of_finished(out_dir, [s for s in groups if s not in set(todo)])
     writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log,
                           source)
-    stream = _Stream(records, groups, todo)
+    stream = _Stream(source, groups, todo)
     if len(stream):
         _embed_stream(embedder, source, stream, writer, options)
-        writer.close(len(records))
+        writer.close(len(source))
 
     counts = fmt.written_counts(out_dir, fmt_name, list(groups))
     rows = [{'slide_id': s, 'n_patches': counts[s],
-             'label': slide_label(records_lib.labels_of(records, groups[s])),
+             'label': slide_label(source.labels(groups[s])),
              'file': fmt.slide_file(fmt_name, s)} for s in groups if s in counts]
     fmt.write_manifest(out_dir, rows)
-    # `config` is the run's: its `export` section (what an export after training would
-    # do) is left out, as `export` holds this export's own settings.
+    # The run's config without its `export` section: `export` holds this export's own.
     fmt.write_info(out_dir, dict(
         info, config={k: v for k, v in info['config'].items() if k != 'export'},
         checkpoint_step=step, format=fmt_name, image_size=options.image_size,
@@ -299,9 +276,8 @@ def export_embeddings(embedder: Embedder, opened, out_dir: str, options: EmbedOp
 
 
 def _refresh_pt(out_dir: str, slide: str, features: np.ndarray):
-    """A pt file an earlier export left beside a slide embedded again is rewritten with
-    it: a pt file never holds other features than its h5 file (pt files added to a
-    finished export are made from the h5). Without torch it is removed instead."""
+    """Rewrites (without torch: removes) the pt file an earlier export left beside a slide
+    embedded again: a pt file never holds other features than its h5 file."""
     try:
         fmt.write_slide_pt(out_dir, slide, features)
     except ImportError:
@@ -311,8 +287,7 @@ def _refresh_pt(out_dir: str, slide: str, features: np.ndarray):
 
 
 def _pt_files_of_finished(out_dir: str, slides):
-    """pt_files/<slide>.pt of finished slides that have none, from their h5 file's
-    features (what the slide's pt file would have held had it been written with them)."""
+    """The missing pt files of finished slides, from their h5 file's features."""
     missing = [s for s in slides if not os.path.exists(fmt.pt_file(out_dir, s))]
     for slide in missing:
         interrupts.check()
@@ -324,26 +299,18 @@ def _pt_files_of_finished(out_dir: str, slides):
 
 
 def _embed_stream(embedder, source, stream, writer, options):
-    """The device loop: fixed-size batches of decoded patches through the network.
-    `stream`: (slide, record, index in the source) in the order slides are written."""
+    """Fixed-size batches of decoded patches through the network."""
     ndev = embedder.mesh.devices.size
-    # One compiled shape: a fixed batch, a multiple of the devices, no larger than the
-    # work (a 40-patch demo must not pad to 256).
+    # One compiled shape: a multiple of the devices, no larger than the work.
     batch = min(-(-options.batch_size // ndev) * ndev, -(-len(stream) // ndev) * ndev)
     embed = embedder.embed_fn(options.with_projection)
     size = options.image_size
     loads = (lambda i=i: _load_patch(source, i, size) for _, _, i in stream)
     bar = tqdm(total=len(stream), unit='patch', desc='export', dynamic_ncols=True)
     pool = concurrent.futures.ThreadPoolExecutor(max(1, options.num_workers))
+    items = zip(stream, _prefetched(loads, pool, window=2 * batch))
     try:
-        chunk = []
-        for item in zip(stream, _prefetched(loads, pool, window=2 * batch)):
-            chunk.append(item)
-            if len(chunk) == batch:
-                _embed_chunk(embed, embedder.variables, chunk, batch, size, writer)
-                bar.update(len(chunk))
-                chunk = []
-        if chunk:
+        while chunk := list(itertools.islice(items, batch)):
             _embed_chunk(embed, embedder.variables, chunk, batch, size, writer)
             bar.update(len(chunk))
     finally:

@@ -1,19 +1,12 @@
 """The export's on-disk layout (docs/formats.md): names, writers, readers and the resume
 check. The only module that knows it: an export copied elsewhere is read without the run.
 
-  h5_files/<slide>.h5   per slide, the CLAM layout: `features` float32 [N, D], `coords`
-                        int64 [N, 2] (level-0 top-left x, y; -1 when unknown) with attrs
-                        patch_level, patch_size, downsample, name; plus `cluster_ids`
-                        int32 [N], `cluster_logits` float32 [N, K], `paths` (utf-8),
-                        `labels` (utf-8, when the source has them), `projections`
-                        (optional); file attrs: checkpoint step, model, normalization,
-                        image size, the run's config
-  pt_files/<slide>.pt   with export.pt_files: `features` as a torch tensor (CLAM's MIL loader)
-  embeddings.npz        instead of h5_files/ (format npz): the same arrays over all
-                        patches, plus `slide_ids` and `patch_sizes`
-  manifest.csv          slide_id, n_patches, label, file (relative to the export)
-  export_info.json      run, checkpoint step, normalization, counts
-  skipped_files.txt     unreadable patches (skipped, as in training)
+  h5_files/<slide>.h5   CLAM's layout (`features`, `coords` level-0 x, y or -1, with the
+                        tiling's attrs) plus `cluster_ids`, `cluster_logits`, `paths`,
+                        `labels`, `projections`; file attrs: the run, step, settings
+  pt_files/<slide>.pt   with export.pt_files: `features` as a torch tensor (CLAM's MIL)
+  embeddings.npz        (format npz) the same arrays over all patches, `slide_ids`
+  manifest.csv, export_info.json, skipped_files.txt
   cluster_maps/<slide>.png (maps.py), qupath/<slide>.geojson (qupath.py), atlas/ (eval)
 """
 import hashlib
@@ -46,9 +39,8 @@ log = logging.getLogger('clusiam_jax')
 # ------------------------------------------------------------------------- names
 
 def slide_file_name(slide_id: str) -> str:
-    """The stem of a slide's files: the id itself, so two ids never share a file (`x y`
-    and `x_y` are two slides); DataError (one line) for an id that is no plain file name
-    (a path separator, `..`, ...: slides/coords.py), which could write elsewhere."""
+    """The stem of a slide's files: the id itself, so two ids never share a file;
+    DataError for an id that is no plain file name, which could write elsewhere."""
     return coords_lib.check_slide_id(slide_id)
 
 
@@ -65,9 +57,9 @@ def pt_file(out_dir: str, slide_id: str) -> str:
 
 
 def map_file(out_dir: str, row: dict) -> str:
-    """Where a slide's cluster map goes: named like its h5 file, or by slide id."""
-    if row['file'].endswith('.h5'):   # named like its file (older exports named files
-        # after a cleaned-up id); the base name alone, whatever the manifest says
+    """Where a slide's cluster map goes: named like its h5 file (older exports named
+    files after a cleaned-up id), or by slide id."""
+    if row['file'].endswith('.h5'):
         return os.path.join(out_dir, MAPS_DIR,
                             os.path.splitext(os.path.basename(row['file']))[0] + '.png')
     return coords_lib.slide_path(os.path.join(out_dir, MAPS_DIR), row['slide_id'], '.png')
@@ -105,8 +97,7 @@ def write_slide_h5(path: str, arrays: Dict[str, np.ndarray], attrs: dict, coords
 
 
 def write_slide_pt(out_dir: str, slide_id: str, features: np.ndarray):
-    """`pt_files/<slide>.pt`: the features as a torch tensor, what CLAM's MIL training
-    loads by default (torch is the optional extra; prepare_export checked it)."""
+    """The features as a torch tensor, what CLAM's MIL training loads."""
     import torch
     path = pt_file(out_dir, slide_id)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -115,12 +106,11 @@ def write_slide_pt(out_dir: str, slide_id: str, features: np.ndarray):
 
 
 def write_npz(path: str, parts, attrs: dict):
-    """One set of arrays over all slides (`parts`: [(slide_id, arrays)]), strings as
-    unicode so that loading needs no pickle; `attrs` as 0-d arrays."""
+    """The arrays of all slides (`parts`: [(slide_id, arrays)]), strings as unicode so that
+    loading needs no pickle, plus `attrs`."""
     out = {}
     for name in sorted({k for _, arrays in parts for k in arrays}):
-        # Only `labels` can be missing for some slides (their patches have none): '' rows
-        # keep every array aligned with slide_ids.
+        # Only `labels` can be missing for some slides: '' keeps the arrays aligned.
         values = [arrays[name] if name in arrays else
                   np.full(len(arrays['coords']), '', dtype=object) for _, arrays in parts]
         joined = np.concatenate(values) if values else np.zeros((0,))
@@ -145,36 +135,40 @@ def write_info(out_dir: str, info: dict):
 # ----------------------------------------------------------------- resume check
 
 def export_key(attrs: dict) -> str:
-    """What makes two exports of a slide the same: the run's config, the checkpoint step,
-    the normalization, the image size, the projections and this format's version. A
-    rerun skips a slide only when its file carries the same key."""
+    """A digest of what makes two exports of a slide the same (run, weights, settings,
+    format version): a rerun skips a slide only when its file carries the same key."""
     fields = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
               for k, v in sorted(attrs.items())}
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_attrs(path: str, keys) -> dict:
+    """Those of `keys` a slide file records (npz: as arrays, 0-d ones as scalars); OSError,
+    KeyError or ValueError when it is missing or unreadable."""
+    if path.endswith('.npz'):
+        with np.load(path, allow_pickle=False) as f:
+            return {k: (f[k].item() if f[k].ndim == 0 else f[k]) for k in keys if k in f.files}
+    import h5py
+    with h5py.File(path, 'r') as f:
+        return {k: f.attrs[k] for k in keys if k in f.attrs}
 
 
 def is_finished(out_dir: str, export_format: str, slide_id: str, key: str,
                 n_records: int) -> bool:
     """Whether the slide (every slide, for npz) is written with this export key and this
     many patch records: then a rerun skips it."""
-    path = os.path.join(out_dir, slide_file(export_format, slide_id))
-    if not os.path.exists(path):
-        return False
     try:
-        if export_format == 'npz':
-            with np.load(path, allow_pickle=False) as f:
-                return str(f['export_key']) == key and int(f['n_records']) == n_records
-        import h5py
-        with h5py.File(path, 'r') as f:
-            return (str(f.attrs.get('export_key', '')) == key
-                    and int(f.attrs.get('n_records', -1)) == n_records)
+        attrs = file_attrs(os.path.join(out_dir, slide_file(export_format, slide_id)),
+                           ('export_key', 'n_records'))
     except (OSError, KeyError, ValueError):
         return False
+    return (str(attrs.get('export_key', '')) == key
+            and int(attrs.get('n_records', -1)) == n_records)
 
 
 def written_counts(out_dir: str, export_format: str, slide_ids) -> Dict[str, int]:
-    """{slide_id: patches written} for the slides whose output exists, read back from
-    the files (the manifest describes what is on disk, not what was planned)."""
+    """{slide_id: patches written}, read back from the files (the manifest describes
+    what is on disk, not what was planned)."""
     counts = {}
     if export_format == 'npz':
         path = os.path.join(out_dir, NPZ_NAME)
@@ -224,9 +218,8 @@ def _decode(values):
 
 
 def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
-    """{name: array} of one manifest row, plus `patch_size` (the side of a patch in
-    level-0 pixels) and, for exports from slides, `slide_path` and `level0_dimensions`
-    (width, height); strings as str objects."""
+    """{name: array} of one manifest row, plus `patch_size` (level-0 px) and, from
+    slides, `slide_path` and `level0_dimensions`; strings as str objects."""
     path = os.path.join(out_dir, row['file'])
     if row['file'].endswith('.npz'):
         return _npz_slides(path, [row['slide_id']])[row['slide_id']]
@@ -235,8 +228,7 @@ def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
         out = {name: (_decode(ds[()]) if ds.dtype.kind in 'OS' else ds[()])
                for name, ds in f.items()}
         coords = f['coords'].attrs
-        # TRIDENT's `patch_size` is in pixels at the target resolution; its level-0 side
-        # is `patch_size_level0`. CLAM's (and patch exports') `patch_size` is level 0.
+        # TRIDENT's `patch_size` is at the target resolution; CLAM's is level 0.
         out['patch_size'] = int(coords.get('patch_size_level0', coords.get('patch_size', 0)))
         if 'slide_path' in f.attrs:
             out['slide_path'] = str(f.attrs['slide_path'])
@@ -293,9 +285,8 @@ def clustered_slides(out_dir: str, what: str):
 
 
 def slide_feature_files(features: str) -> Dict[str, str]:
-    """{slide_id: path of its HDF5 file} for an export of ours (through its manifest:
-    older exports named files after a cleaned-up id) or a folder of CLAM-style
-    `<slide_id>.h5` feature files."""
+    """{slide_id: path of its HDF5 file} of an export of ours (through its manifest) or
+    of a folder of CLAM-style `<slide_id>.h5` feature files."""
     if os.path.isfile(os.path.join(features, MANIFEST_NAME)):
         rows = read_export_manifest(features)
         if any(not row['file'].endswith('.h5') for row in rows):

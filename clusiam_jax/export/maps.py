@@ -1,13 +1,7 @@
-"""Cluster maps: each patch's cluster id painted over a slide thumbnail or a mosaic canvas.
-
-Coordinates are level-0 pixels (top-left x, y), as in the export; the map is drawn at
-`downsample` level-0 pixels per map pixel. A map may carry a title band above it and a
-legend on its right (fonts grow with the map, so a 2048-px map reads on a screen); the
-map keeps its own pixel coordinates, shifted down by `header_height(...)` rows.
-
-Each PNG records what it was drawn over (text key `clusiam_background`), so that a
-mosaic map never replaces one drawn over a slide or thumbnail.
-"""
+"""Cluster maps: each patch's cluster painted over a slide thumbnail or a mosaic canvas,
+at `downsample` level-0 px per map pixel, with a title band above (the map shifted down
+by `header_height`) and a legend on the right, their fonts growing with the map. Each PNG
+records what it was drawn over, so a mosaic map never replaces one over a slide."""
 import logging
 import math
 import os
@@ -29,15 +23,12 @@ BACKGROUNDS = ('slide', 'thumbnail', 'mosaic')
 MOSAIC_SUFFIX = '.mosaic.png'
 LEGEND_HEADER = 'cluster: patches (share)'
 
-
-# ---------------------------------------------------------------------- drawing
-
 def _cell_bounds(coords, patch_size, downsample):
-    """Map-pixel [x0, x1) x [y0, y1) of each patch; floor keeps neighbours gap-free."""
-    coords = np.asarray(coords, np.float64)
-    start = np.floor(coords / downsample).astype(np.int64)
-    end = np.floor((coords + patch_size) / downsample).astype(np.int64)
-    return start, np.maximum(end, start + 1)   # at least one pixel per patch
+    """Map-pixel [x0, x1) x [y0, y1) of each patch, at least one pixel; floor keeps
+    neighbours gap-free."""
+    start = np.floor(np.asarray(coords, np.float64) / downsample).astype(np.int64)
+    end = np.floor((np.asarray(coords, np.float64) + patch_size) / downsample).astype(np.int64)
+    return start, np.maximum(end, start + 1)
 
 
 def legend_font_size(map_height):
@@ -50,9 +41,7 @@ def title_font_size(map_height, map_width):
 
 def header_height(map_height, map_width, title):
     """Rows of the title band above the map: the map starts at this row; 0 untitled."""
-    if not title:
-        return 0
-    return int(round(1.8 * title_font_size(map_height, map_width)))
+    return int(round(1.8 * title_font_size(map_height, map_width))) if title else 0
 
 
 def _title_band(title, width, map_height, map_width):
@@ -183,8 +172,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
         if downsample is None:
             downsample = max(1.0, float(extent.max()) / max_side)
         width, height = (int(math.ceil(v / downsample)) for v in extent)
-        base = np.empty((height, width, 3), np.uint8)
-        base[:] = np.asarray(background, np.uint8)
+        base = np.full((height, width, 3), background, np.uint8)
 
     height, width = base.shape[:2]
     k = int(num_clusters) if num_clusters else int(cluster_ids.max(initial=0)) + 1
@@ -195,8 +183,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
         label[max(y0, 0):min(y1, height), max(x0, 0):min(x1, width)] = cid % k
     painted = label >= 0
     image = base.copy()
-    under = base[painted].astype(np.float64)
-    image[painted] = np.round((1 - alpha) * under
+    image[painted] = np.round((1 - alpha) * base[painted].astype(np.float64)
                               + alpha * palette[label[painted]]).astype(np.uint8)
     if annotations:
         from clusiam_jax.slides.annotations import draw_contours
@@ -206,8 +193,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
         ids, counts = legend_order(*np.unique(cluster_ids, return_counts=True))
         panel = _legend(ids, counts, palette[ids % k], map_height=height)
         if panel.shape[0] > height:   # short maps: extend with background below
-            pad = np.empty((panel.shape[0] - height, width, 3), np.uint8)
-            pad[:] = np.asarray(background, np.uint8)
+            pad = np.full((panel.shape[0] - height, width, 3), background, np.uint8)
             image = np.concatenate([image, pad], axis=0)
         image = np.concatenate([image, panel], axis=1)
 
@@ -222,17 +208,13 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
 
     if out_path is not None:
         text = {BACKGROUND_KEY: 'thumbnail' if thumbnail is not None else 'mosaic',
-                'clusiam_map_top': top, 'clusiam_downsample': repr(float(downsample))}
-        if title:
-            text['Title'] = str(title)
+                'clusiam_map_top': top, 'clusiam_downsample': repr(float(downsample)),
+                **({'Title': str(title)} if title else {}), **(png_text or {})}
         info = PngInfo()
-        for key, value in dict(text, **(png_text or {})).items():
+        for key, value in text.items():
             info.add_text(key, str(value))
         Image.fromarray(image).save(out_path, format='PNG', pnginfo=info)
     return image
-
-
-# -------------------------------------------------------------------- over an export
 
 def check_thumbnail(thumbnail, n_slides):
     """ConfigError when `thumbnail` is missing, or one file for several slides (checked
@@ -302,14 +284,10 @@ def _slide_thumbnail(slide_id, path, dimensions, max_side):
 
 def map_title(slide_id, step=None, num_clusters=None, workdir=None):
     """`<slide> · step <step> · K=<K> · run <workdir name>`, without what is unknown."""
-    parts = [str(slide_id)]
-    if step is not None:
-        parts.append(f'step {step}')
-    if num_clusters:
-        parts.append(f'K={num_clusters}')
-    if workdir:
-        parts.append(f'run {os.path.basename(os.path.normpath(str(workdir)))}')
-    return ' · '.join(parts)
+    parts = [str(slide_id), step is not None and f'step {step}',
+             num_clusters and f'K={num_clusters}',
+             workdir and f'run {os.path.basename(os.path.normpath(str(workdir)))}']
+    return ' · '.join(p for p in parts if p)
 
 
 def mosaic_path(path):

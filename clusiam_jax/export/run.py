@@ -1,22 +1,8 @@
-r"""Export a run: the weights of its checkpoint over a patch source, to export/format.py's
-layout.
-
-  python launch.py --mode export --workdir RUN [--config.export.data_path=DIR]
-      [--config.export.out_dir=DIR] [--config.export.format=npz] ...
-
-The model, the image size it trained at and its normalization come from the run
-(config.json, normalization.json); the `export` config section says what to embed and
-how. `prepare_export` does everything that can fail on bad input before a patch is read
-(restore, normalization, listing the source, what the output folder already holds);
-`ExportJob.run_export()` embeds.
-
-Resuming into a folder that holds files never keeps features of other weights or other
-patches: each file records the run's folder and a digest of the weights it was made
-with (beside the step and the settings, format.export_key), so a slide exported from
-another checkpoint of the same run is exported again, and a folder holding another
-run's export is refused (overwriting it silently would lose that run's export); a slide
-whose patches changed since (re-tiled: other coordinates or patch sizes, other patch
-files) is exported again.
+"""The export action: a run's checkpoint over a patch source, then what export.* asks to
+draw. The model, image size and normalization are the run's; `prepare_export` does all
+that can fail on bad input before a patch is read. A rerun never keeps features of other
+weights or patches: each file records the run and a digest of its weights, a folder of
+another run's export is refused, and slides whose patches changed are exported again.
 """
 import dataclasses
 import functools
@@ -31,7 +17,6 @@ import numpy as np
 
 from clusiam_jax import run_dir, workdir_lock
 from clusiam_jax.config import parse_checkpoint_choice
-from clusiam_jax.data import records as records_lib
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.errors import ClusiamError, ConfigError, DataError
 from clusiam_jax.export import format as fmt
@@ -46,9 +31,8 @@ DEFAULT_DIR = 'export'
 
 
 def resolve_normalization(run: run_dir.Run, given: Optional[run_dir.Normalization]):
-    """The normalization to embed with: the run's; `given` (command line) only for runs
-    that recorded none, since embedding with other statistics than training's changes
-    every feature."""
+    """The run's normalization; `given` (command line) only for runs that recorded none:
+    other statistics than training's change every feature."""
     recorded = run.normalization
     if recorded is not None:
         if given is not None and (tuple(given.mean), tuple(given.std)) != (recorded.mean,
@@ -65,9 +49,8 @@ def resolve_normalization(run: run_dir.Run, given: Optional[run_dir.Normalizatio
 
 
 def weights_digest(variables) -> str:
-    """sha256 over the weights an export embeds with (every leaf's path, dtype, shape and
-    bytes, in path order): the same step of a run trained again, or of another run, gives
-    other weights and another digest."""
+    """sha256 over every leaf's path, dtype, shape and bytes, in path order: the same step
+    of a run trained again, or of another run, gives another digest."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))
     digest = hashlib.sha256()
     for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
@@ -77,8 +60,7 @@ def weights_digest(variables) -> str:
     return digest.hexdigest()
 
 
-# What an earlier export's files are compared on (besides the run's folder), as named
-# in the log when a slide is exported again.
+# What an earlier export's files are compared on (besides the run), named in the log.
 _SETTINGS = ('checkpoint_step', 'weights_sha256', 'image_size', 'with_projection',
              'norm_mean', 'norm_std', 'data_path', 'config_json')
 
@@ -93,32 +75,16 @@ def _same(a, b) -> bool:
 
 
 def previous_files(out_dir: str, export_format: str) -> Dict[str, dict]:
-    """{file: its attributes (those in _SETTINGS, `workdir`, `slide_id`)} of the slide
-    files an earlier export left in `out_dir`; files that cannot be read are left out
-    (the export redoes them)."""
-    wanted = _SETTINGS + ('workdir', 'slide_id')
-    out = {}
-    if export_format == 'npz':
-        path = os.path.join(out_dir, fmt.NPZ_NAME)
-        if os.path.isfile(path):
-            try:
-                with np.load(path, allow_pickle=False) as f:
-                    out[path] = {k: (f[k].item() if f[k].ndim == 0 else f[k])
-                                 for k in wanted if k in f.files}
-            except (OSError, ValueError, KeyError):
-                pass
-        return out
+    """{file: its _SETTINGS, `workdir` and `slide_id`} of the slide files an earlier
+    export left in `out_dir`; unreadable files are left out (the export redoes them)."""
     folder = os.path.join(out_dir, fmt.H5_DIR)
-    if not os.path.isdir(folder):
-        return out
-    import h5py
-    for name in sorted(os.listdir(folder)):
-        if not name.endswith('.h5'):
-            continue
-        path = os.path.join(folder, name)
+    paths = ([os.path.join(out_dir, fmt.NPZ_NAME)] if export_format == 'npz' else
+             [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+              if name.endswith('.h5')] if os.path.isdir(folder) else [])
+    out = {}
+    for path in paths:
         try:
-            with h5py.File(path, 'r') as f:
-                out[path] = {k: f.attrs[k] for k in wanted if k in f.attrs}
+            out[path] = fmt.file_attrs(path, _SETTINGS + ('workdir', 'slide_id'))
         except (OSError, KeyError, ValueError):
             continue
     return out
@@ -130,10 +96,9 @@ def _belongs_to(recorded, workdir: str) -> bool:
 
 def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
                   slide_ids):
-    """Refuses (ConfigError, one line) a folder holding another run's export, and says
-    when files of this run's earlier export of `slide_ids` are exported again and why.
-    `current`: this export's values of _SETTINGS. A folder inside the run (the default
-    RUN/export) is the run's own, even when the run was moved since."""
+    """Refuses a folder holding another run's export (one inside the run is its own, even
+    when the run moved), and says why files of this run's `slide_ids` are exported again.
+    `current`: this export's values of _SETTINGS."""
     files = previous_files(out_dir, export_format)
     if not files:
         return
@@ -165,86 +130,72 @@ def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
                     ', '.join(differ), current['checkpoint_step'])
 
 
-def _rows(records, indices, by_path: bool):
-    """The identity of each patch of a slide, as the export's files record it: (path,
-    x, y, label), or (x, y, label) for slide sources (the slide file may move; its
-    coordinates say which patch)."""
-    out = []
-    for r in records_lib.take(records, indices):
-        xy = (-1 if r.x is None else int(r.x), -1 if r.y is None else int(r.y))
-        out.append(((r.path,) if by_path else ()) + xy + (r.label or '',))
-    return out
+def _rows(source, indices, by_path: bool):
+    """Each patch as the export's files record it: (path, x, y, label), or (x, y, label)
+    for slide sources (the slide file may move; its coordinates say which patch)."""
+    return [((r.path,) if by_path else ()) + (-1 if r.x is None else int(r.x),
+                                              -1 if r.y is None else int(r.y), r.label or '')
+            for r in map(source.record, indices)]
+
+
+def _stored_rows(arrays, by_path: bool):
+    labels = arrays.get('labels', [''] * len(arrays['coords']))
+    return [((str(p),) if by_path else ()) + (int(x), int(y), str(label))
+            for p, (x, y), label in zip(arrays['paths'], arrays['coords'], labels)]
 
 
 def _is_subsequence(stored, current) -> bool:
-    """Whether the written rows are the source's rows in order, some left out (patches
-    that were unreadable are not written)."""
+    """Whether the written rows are the source's in order, some (unreadable) left out."""
     if len(stored) == len(current):   # nothing was left out: one comparison
         return stored == current
     it = iter(current)
     return all(any(row == c for c in it) for row in stored)
 
 
-def _stored_rows(arrays, by_path: bool):
-    n = len(arrays['coords'])
-    labels = arrays.get('labels')
-    labels = [''] * n if labels is None else [str(v) for v in labels]
-    paths = [str(v) for v in arrays['paths']]
-    return [((paths[i],) if by_path else ()) + (int(arrays['coords'][i][0]),
-                                                 int(arrays['coords'][i][1]), labels[i])
-            for i in range(n)]
-
-
 def _decoded(values):
     return [v.decode('utf-8') if isinstance(v, bytes) else v for v in values]
 
 
-def stale_slides(out_dir: str, export_format: str, records, source, groups) -> Dict[str, str]:
-    """{slide_id: why} of the slides whose file in `out_dir` was made from other patches
-    than the source lists now: other coordinates, patch files or labels, or (slides)
-    another tiling (patch size, resolution: the coordinate file's attributes)."""
-    slides = getattr(source, 'slides', None)
-    by_path = slides is None
-    tiling = ({s.slide_id: s.coords.attrs for s in slides} if slides is not None else {})
-    stale = {}
+def _written(out_dir: str, export_format: str, slides):
+    """(slide, {coords, paths, labels}, coords attributes) of each of `slides` written in
+    `out_dir`; unreadable files are left out (the export redoes them)."""
     if export_format == 'npz':
-        path = os.path.join(out_dir, fmt.NPZ_NAME)
-        if not os.path.isfile(path):
-            return stale
         try:
-            with np.load(path, allow_pickle=False) as f:
+            with np.load(os.path.join(out_dir, fmt.NPZ_NAME), allow_pickle=False) as f:
                 owner = f['slide_ids']
                 arrays = {k: f[k] for k in ('coords', 'paths', 'labels') if k in f.files}
-        except (OSError, ValueError, KeyError):
-            return stale
-        for slide, indices in groups.items():
-            keep = owner == slide
-            part = {k: v[keep] for k, v in arrays.items()}
-            if not _is_subsequence(_stored_rows(part, by_path), _rows(records, indices, by_path)):
-                stale[slide] = 'its patches (files or coordinates) changed'
-        return stale
+        except (OSError, ValueError, KeyError):   # FileNotFoundError included
+            return
+        for slide in slides:
+            yield slide, {k: v[owner == slide] for k, v in arrays.items()}, {}
+        return
     import h5py
-    for slide, indices in groups.items():
-        path = os.path.join(out_dir, fmt.slide_file('h5', slide))
-        if not os.path.isfile(path):
-            continue
+    for slide in slides:
         try:
-            with h5py.File(path, 'r') as f:
-                arrays = {'coords': f['coords'][()], 'paths': _decoded(f['paths'][()])}
-                if 'labels' in f:
-                    arrays['labels'] = _decoded(f['labels'][()])
-                written_attrs = dict(f['coords'].attrs)
+            with h5py.File(os.path.join(out_dir, fmt.slide_file('h5', slide)), 'r') as f:
+                arrays = {k: _decoded(f[k][()]) for k in ('paths', 'labels') if k in f}
+                yield slide, dict(arrays, coords=f['coords'][()]), dict(f['coords'].attrs)
         except (OSError, KeyError, ValueError):
-            continue   # unreadable: the export redoes it
+            continue
+
+
+def stale_slides(out_dir: str, export_format: str, source, groups) -> Dict[str, str]:
+    """{slide_id: why} of the slides whose file in `out_dir` was made from other patches
+    than the source lists now: other coordinates, patch files or labels, or another
+    tiling (the coordinate file's attributes: patch size, resolution)."""
+    by_path = not source.from_slides
+    tiling = {} if by_path else {s.slide_id: s.coords.attrs for s in source.slides}
+    stale = {}
+    for slide, arrays, written in _written(out_dir, export_format, groups):
         changed = [k for k, v in tiling.get(slide, {}).items()
                    if k not in ('tiling_key', 'slide_path')
-                   and not _same(_decoded([written_attrs.get(k)])[0], _decoded([v])[0])]
+                   and not _same(_decoded([written.get(k)])[0], _decoded([v])[0])]
         if changed:
             stale[slide] = f'it was tiled again ({", ".join(sorted(changed))} differ)'
         elif not _is_subsequence(_stored_rows(arrays, by_path),
-                                 _rows(records, indices, by_path)):
-            stale[slide] = ('its patch coordinates changed' if not by_path else
-                            'its patches (files or coordinates) changed')
+                                 _rows(source, groups[slide], by_path)):
+            stale[slide] = ('its patches (files or coordinates) changed' if by_path else
+                            'its patch coordinates changed')
     return stale
 
 
@@ -253,17 +204,16 @@ class ExportJob:
     run: run_dir.Run
     data_path: str
     out_dir: str
-    opened: tuple                  # (records, source) of data_path
+    source: sources_lib.PatchSource   # of data_path
     options: EmbedOptions
     normalization: run_dir.Normalization
-    choice: object = 'latest'      # export.checkpoint / --step: latest | best | a step
-    # This export's own settings (the `export` section it was given, resolved against
-    # the run), for export_info.json: the run's config holds its own export section.
+    choice: object = 'latest'      # export.checkpoint: latest | best | a step
+    # The `export` section given, resolved against the run (for export_info.json).
     export_settings: dict = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def slide_ids(self) -> List[str]:
-        return list(group_by_slide(self.opened[0]))
+        return list(group_by_slide(self.source))
 
     @functools.cached_property
     def weights_sha256(self) -> str:
@@ -282,11 +232,10 @@ class ExportJob:
                                           sort_keys=True)}
 
     def _drop_stale(self):
-        """Deletes the files of slides whose patches changed since they were exported, so
-        that they are exported again (their features describe other patches)."""
-        records, source = self.opened
-        stale = stale_slides(self.out_dir, self.options.export_format, records, source,
-                             group_by_slide(records))
+        """Deletes the files of slides whose patches changed since (their features
+        describe other patches), so that they are exported again."""
+        stale = stale_slides(self.out_dir, self.options.export_format, self.source,
+                             group_by_slide(self.source))
         if not stale:
             return
         log.warning('export: %d slides are exported again because their patches changed '
@@ -312,11 +261,10 @@ class ExportJob:
         return f'{self.choice}: step {self.run.step}'
 
     def run_export(self) -> List[dict]:
-        """Embeds and writes; returns the manifest rows. DataError if nothing was
-        readable."""
+        """Embeds and writes; returns the manifest rows; DataError if nothing was read."""
         log.info('export: step %d of %s, %s -> %s (%d slides, %d patches at %d px; '
                  'normalization: %s)', self.run.step, self.run.workdir, self.data_path,
-                 self.out_dir, len(self.slide_ids), len(self.opened[0]),
+                 self.out_dir, len(self.slide_ids), len(self.source),
                  self.options.image_size, self.normalization.origin)
         self._drop_stale()
         embedder = Embedder(self.run.network, self.run.weights.online_variables,
@@ -327,7 +275,7 @@ class ExportJob:
                 'normalization': self.normalization.to_json(),
                 'config': json.loads(run_dir.config_text(self.run.config)),
                 'export': dict(self.export_settings, checkpoint_step=self.run.step)}
-        rows = export_embeddings(embedder, self.opened, self.out_dir, self.options, info)
+        rows = export_embeddings(embedder, self.source, self.out_dir, self.options, info)
         n_patches = sum(r['n_patches'] for r in rows)
         if not n_patches:
             raise DataError(f'no readable patch in {self.data_path}: nothing was exported '
@@ -338,25 +286,24 @@ class ExportJob:
 
 
 def _slide_dir(data_path, exp, trained_on) -> str:
-    """`export.slide_dir`, else the run's `data.slide_dir` when the export reads the
-    run's own data."""
+    """`export.slide_dir`, else the run's when the export reads the run's own data."""
     return exp.slide_dir or (trained_on.slide_dir if data_path == trained_on.path else '')
 
 
 def _open(data_path, exp, trained_on):
     """The source to export (_slide_dir); slide sources only as per-slide h5."""
-    opened = sources_lib.open_source(data_path, _slide_dir(data_path, exp, trained_on))
-    if exp.format == 'npz' and hasattr(opened[1], 'slide_index'):
+    source = sources_lib.open_source(data_path, _slide_dir(data_path, exp, trained_on))
+    if exp.format == 'npz' and source.from_slides:
         raise ConfigError(f'{data_path} is read from whole slides: export it as per-slide '
                           f"h5 files (export.format=h5), which carry each slide's tiling "
                           f'attributes and slide path')
-    return opened
+    return source
 
 
 def effective_settings(exp, out_dir: str, data_path: str, choice, options: EmbedOptions,
                        trained_on) -> dict:
-    """The `export` section this export was given, with what it resolved to: its folder
-    (absolute), the data and slide folder read, the checkpoint chosen, the image size."""
+    """The `export` section given, with its folder, data, slide folder, checkpoint and
+    image size as resolved."""
     settings = json.loads(json.dumps(exp.to_dict(), default=str))
     settings.update(out_dir=os.path.abspath(out_dir), data_path=data_path,
                     slide_dir=_slide_dir(data_path, exp, trained_on),
@@ -367,9 +314,8 @@ def effective_settings(exp, out_dir: str, data_path: str, choice, options: Embed
 
 def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalization] = None,
                    step: Optional[int] = None) -> ExportJob:
-    """Restores the run's weights and lists what to embed; `exp` is a validated `export`
-    config section, `normalization` one given on the command line (see
-    resolve_normalization)."""
+    """Restores the run's weights and lists what to embed (`exp`: a validated `export`
+    section; `normalization`: one given on the command line)."""
     choice = step if step is not None else parse_checkpoint_choice(exp.checkpoint)
     run = run_dir.load_run(workdir, choice)
     data_path = exp.data_path or run.config.data.path
@@ -384,8 +330,6 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
                            with_projection=exp.with_projection, num_workers=exp.num_workers,
                            pt_files=exp.pt_files)
     if exp.pt_files:
-        if exp.format != 'h5':
-            raise ConfigError('export.pt_files goes with export.format=h5 (per-slide files)')
         try:
             import torch  # noqa: F401
         except ImportError:
@@ -396,7 +340,7 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
                     options.image_size, trained_at)
     out_dir = exp.out_dir or os.path.join(workdir, DEFAULT_DIR)
     job = ExportJob(run=run, data_path=data_path, choice=choice, out_dir=out_dir,
-                    opened=_open(data_path, exp, run.config.data), options=options,
+                    source=_open(data_path, exp, run.config.data), options=options,
                     normalization=resolve_normalization(run, normalization),
                     export_settings=effective_settings(exp, out_dir, data_path, choice,
                                                        options, run.config.data))
