@@ -30,7 +30,7 @@ from clusiam_jax.errors import DataError
 from clusiam_jax.export import embed
 from clusiam_jax.export import format as fmt
 from clusiam_jax.slides import coords as coords_lib
-from clusiam_jax.slides import reader, tiling
+from clusiam_jax.slides import reader, slides_csv, tiling
 from tests.helpers import write_pyramid
 from tests.test_slides import synthetic_base, tile_params
 
@@ -86,7 +86,7 @@ def test_hostile_slide_ids_write_nothing_outside_out_dir(slide, tmp_path):
     assert os.path.isfile(out / 'patches' / 'normal one_patches.h5')
     for bad in ('../../../victim', absolute, '..', 'x\\y'):
         assert rows[bad]['status'] == 'bad_id' and rows[bad]['reason'], bad
-    on_disk = {r['slide_id']: r for r in tiling.read_slides_csv(str(out))}
+    on_disk = {r['slide_id']: r for r in slides_csv.read_rows(str(out))}
     assert set(on_disk) == set(rows) and on_disk[absolute]['status'] == 'bad_id'
     # Every file written is under out/patches or out/masks, named after the normal id.
     written = sorted(os.path.relpath(p, out) for p in _tree(out))
@@ -174,7 +174,7 @@ def test_a_second_tiling_job_keeps_the_rows_the_first_wrote_meanwhile(slide, tmp
 
     monkeypatch.setattr(tiling, 'tile_slide', interleaving)
     tiling.tile_slides(tiling.list_slides(first), tile_params(), out)
-    rows = {r['slide_id']: r['status'] for r in tiling.read_slides_csv(out)}
+    rows = {r['slide_id']: r['status'] for r in slides_csv.read_rows(out)}
     assert rows == {'one': 'tiled', 'two': 'tiled', 'three': 'tiled'}
 
 
@@ -193,7 +193,7 @@ def test_an_interrupted_retiling_keeps_the_rows_of_slides_it_did_not_reach(slide
     monkeypatch.setattr(tiling, 'tile_slide', interrupted)
     with pytest.raises(KeyboardInterrupt):   # other settings: both are redone
         tiling.tile_slides(tiling.list_slides(listing), tile_params(min_tissue=0.6), out)
-    rows = {r['slide_id']: r['status'] for r in tiling.read_slides_csv(out)}
+    rows = {r['slide_id']: r['status'] for r in slides_csv.read_rows(out)}
     # 'two' still has its earlier coordinate file: its row stays, so training keeps it.
     assert rows == {'one': 'tiled', 'two': 'tiled'}
     assert os.path.isfile(coords_lib.trident_file(out, 'two'))
@@ -216,7 +216,7 @@ def test_a_full_disk_stops_the_tiling_job_and_keeps_finished_slides(slide, tmp_p
     monkeypatch.setattr(coords_lib, 'write_trident', filling_up)
     with pytest.raises(DataError, match='out of space writing .*finished slides are kept'):
         tiling.tile_slides(tiling.list_slides(listing), tile_params(), out)
-    rows = tiling.read_slides_csv(out)
+    rows = slides_csv.read_rows(out)
     assert [(r['slide_id'], r['status']) for r in rows] == [('s0', 'tiled'), ('s1', 'tiled')]
     # The rerun, with space again, reuses the two and tiles the rest.
     monkeypatch.setattr(coords_lib, 'write_trident', write_trident)
@@ -269,7 +269,7 @@ def test_bad_coordinate_files_are_left_out_with_their_reason(slide, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger='clusiam_jax'):
         source = sources_lib.open_source(out)
     assert [s.slide_id for s in source.slides] == ['good']
-    assert len(records) == n
+    assert len(source) == n
     text = caplog.text
     for slide_id, words in (('three_columns', 'shape'), ('nan', 'finite'),
                             ('fraction', 'whole'), ('outside', 'outside'),
@@ -378,10 +378,10 @@ def test_the_size_cap_passes_a_large_real_slide_with_a_pyramid():
     """A 200k x 100k px 40x scan with levels at 1, 4, 16, 64 is normal; the same without
     a pyramid, or a header claiming 65535 px a side with one level, is not."""
     def fake(levels):
-        return types.SimpleNamespace(
+        return reader.Slide(types.SimpleNamespace(
             dimensions=levels[0][1], level_count=len(levels),
             level_downsamples=tuple(float(d) for d, _ in levels),
-            level_dimensions=tuple(s for _, s in levels))
+            level_dimensions=tuple(s for _, s in levels)))
 
     pyramid = fake([(d, (200000 // d, 100000 // d)) for d in (1, 4, 16, 64)])
     for downsample in (32, 16, 195):   # tissue at 8 or 4 µm/px, QC at 1024 px

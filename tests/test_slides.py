@@ -22,7 +22,7 @@ from clusiam_jax.data import image_io, pipeline
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import coords as coords_lib
-from clusiam_jax.slides import reader, tiling, tissue
+from clusiam_jax.slides import reader, slides_csv, tiling, tissue
 from tests.helpers import (
     MEAN,
     REPO,
@@ -100,11 +100,11 @@ def test_shared_slides_resolution():
 
 def test_best_level_is_the_coarsest_not_coarser_than_the_target(scans):
     with reader.open_slide(scans[0.25]) as slide:
-        assert slide.level_downsamples[:3] == (1.0, 2.0, 4.0)
-        assert reader.best_level(slide, 1.0) == 0
-        assert reader.best_level(slide, 2.0) == 1
-        assert reader.best_level(slide, 3.9) == 1
-        assert reader.best_level(slide, 4.02) == 2   # within 1% of a level: that level
+        assert [lv.downsample for lv in slide.levels[:3]] == [1.0, 2.0, 4.0]
+        assert slide.best_level(1.0) == 0
+        assert slide.best_level(2.0) == 1
+        assert slide.best_level(3.9) == 1
+        assert slide.best_level(4.02) == 2   # within 1% of a level: that level
 
 
 # ------------------------------------------------------------------ tiling
@@ -179,7 +179,7 @@ def test_tcga_slide_is_refused_with_its_reason_then_tiled_with_mpp(tmp_path):
     code = cli.main(['--mode', 'tile', f'--config.tile.slides={SLIDES}',
                      f'--config.tile.out_dir={out}', '--config.tile.num_workers=0'])
     assert code == 0
-    rows = {r['slide_id']: r for r in tiling.read_slides_csv(str(out))}
+    rows = {r['slide_id']: r for r in slides_csv.read_rows(str(out))}
     tcga = rows['tcga-cr-7395-01a-01-ts1']
     assert tcga['status'] == 'no_mpp' and 'tile.mpp' in tcga['reason']
     assert rows['cmu-1-small-region']['status'] == 'tiled'
@@ -191,7 +191,7 @@ def test_tcga_slide_is_refused_with_its_reason_then_tiled_with_mpp(tmp_path):
     code = cli.main(['--mode', 'tile', f'--config.tile.slides={listing}',
                      f'--config.tile.out_dir={out}', '--config.tile.num_workers=0'])
     assert code == 0
-    rows = {r['slide_id']: r for r in tiling.read_slides_csv(str(out))}
+    rows = {r['slide_id']: r for r in slides_csv.read_rows(str(out))}
     assert rows['tcga-cr-7395-01a-01-ts1']['status'] == 'tiled'
     assert rows['tcga-cr-7395-01a-01-ts1']['label'] == 'tumour'
     assert float(rows['tcga-cr-7395-01a-01-ts1']['level0_mpp']) == 0.5
@@ -220,20 +220,18 @@ def test_rerun_reuses_finished_slides_and_redoes_changed_ones(scans, tmp_path):
 def _tile_decodes(path, coords, size0, out_size):
     """Tiles decoded per patch when each patch is read tile by tile; the patches are
     checked against OpenSlide's own read on the way."""
-    from clusiam_jax.slides.tiles import TiffTiles
-    with reader.open_slide(path) as slide:
-        tiles = TiffTiles.open(path, slide)
+    with reader.open_slide(path) as slide, reader.open_slide(path, direct=False) as plain:
+        tiles = slide.tiles
         decoded = []
         original = tiles._tile
         tiles._tile = lambda level, index: decoded.append(index) or original(level, index)
         counts = []
         for x, y in coords:
             before = len(decoded)
-            fast = reader.read_patch(slide, int(x), int(y), size0, out_size, tiles)
+            fast = reader.read_patch(slide, int(x), int(y), size0, out_size)
             counts.append(len(decoded) - before)
-            np.testing.assert_array_equal(fast, reader.read_patch(slide, int(x), int(y),
+            np.testing.assert_array_equal(fast, reader.read_patch(plain, int(x), int(y),
                                                                   size0, out_size))
-        tiles.close()
     return np.array(counts)
 
 
@@ -277,8 +275,8 @@ def test_aligned_patches_of_a_40x_scan_follow_the_tiles_of_the_level_read(tmp_pa
     assert tile_one(path, tmp_path, align=True)['status'] == 'tiled'
     found = coords_lib.read_coords(coords_lib.trident_file(str(tmp_path), 'odd'))
     with reader.open_slide(path) as slide:
-        assert reader.best_level(slide, found.attrs['patch_size_level0'] / 64) == 1
-        ds = slide.level_downsamples[1]
+        assert slide.best_level(found.attrs['patch_size_level0'] / 64) == 1
+        ds = slide.levels[1].downsample
     assert ds != int(ds)
     first = np.floor(found.coords / ds).astype(int)
     assert len(found.coords) > 3 and not (first % 64).any()
@@ -335,7 +333,7 @@ def test_align_falls_back_to_the_regular_grid_and_says_why(scans, tmp_path, monk
     reused = tiling.tile_slides(entries, tile_params(patch_size=100, align=True),
                                 str(tmp_path / 'sparse'))
     assert reused[0]['reason'] == row['reason']
-    monkeypatch.setattr(reader, 'scanner_tile_size', lambda slide, level, tiles=None: None)
+    monkeypatch.setattr(reader.Slide, 'tile_size', lambda slide, level: None)
     row = tile_one(scans[0.5], tmp_path / 'unknown', align=True)
     assert row['status'] == 'tiled' and 'does not report its tile size' in row['reason']
     assert 'tile.align' in caplog.text
@@ -359,24 +357,21 @@ def test_ome_tiff_levels_in_subifds_serve_thumbnails_tiling_and_patches(scans, t
     (thumbnails never decode level 0, 20x patches of a 40x scan come from its 2x
     level), so it tiles, aligned or not, as the same slide with its levels in plain IFDs
     does, and trains on the same patches."""
-    from clusiam_jax.slides import tiles
     ome = write_ome_pyramid(str(tmp_path / 'field.ome.tif'), synthetic_base(0.25), 0.25)
     with reader.open_slide(ome) as slide, reader.open_slide(scans[0.25]) as plain:
-        assert slide.level_count == 1 and plain.level_count == 3
-        with tiles.opened(ome, slide) as direct:
-            assert sorted(direct.levels) == [0, 1, 2]
-            assert reader.level_downsamples(slide, direct) == [1.0, 2.0, 4.0]
-            assert reader.best_level(slide, 2.0, direct) == 1
+        assert slide.handle.level_count == 1 and plain.handle.level_count == 3
+        assert sorted(slide.tiles.levels) == [0, 1, 2]
+        assert [lv.downsample for lv in slide.levels] == [1.0, 2.0, 4.0]
+        assert slide.best_level(2.0) == 1
 
-            def no_openslide_reads(*args, **kwargs):
-                raise AssertionError(f'OpenSlide read {args}')
-            slide.read_region = no_openslide_reads
-            np.testing.assert_array_equal(reader.thumbnail(slide, 16, tiles=direct)[0],
-                                          reader.thumbnail(plain, 16)[0])
-            np.testing.assert_array_equal(reader.read_patch(slide, 256, 512, 128, 64, direct),
-                                          reader.read_patch(plain, 256, 512, 128, 64))
-        with tiles.opened(scans[0.25], plain) as direct:   # OpenSlide lists them all
-            assert sorted(direct.levels) == [0]
+        def no_openslide_reads(*args, **kwargs):
+            raise AssertionError(f'OpenSlide read {args}')
+        slide.handle.read_region = no_openslide_reads
+        np.testing.assert_array_equal(reader.thumbnail(slide, 16)[0],
+                                      reader.thumbnail(plain, 16)[0])
+        np.testing.assert_array_equal(reader.read_patch(slide, 256, 512, 128, 64),
+                                      reader.read_patch(plain, 256, 512, 128, 64))
+        assert sorted(plain.tiles.levels) == [0]   # OpenSlide lists them all
     for align in (False, True):
         found = {}
         for name, path in (('ome', ome), ('plain', scans[0.25])):
@@ -444,7 +439,7 @@ def test_corrupt_and_fake_slides_are_rows_and_the_rest_is_tiled(scans, tmp_path)
     os.remove(folder / 'good.tif')
     with pytest.raises(DataError, match='no slide could be tiled'):
         tiling.tile_slides(tiling.list_slides(str(folder)), params, str(tmp_path / 'o2'))
-    assert len(tiling.read_slides_csv(str(tmp_path / 'o2'))) == 4
+    assert len(slides_csv.read_rows(str(tmp_path / 'o2'))) == 4
 
 
 def test_bad_tile_input_is_one_line(tmp_path, scans):
@@ -684,9 +679,9 @@ def test_normalization_from_a_fixed_sample_of_slide_patches(tiled, tmp_path):
 
 
 def test_slide_records_are_made_on_access_and_match_a_list_of_them(tiled):
-    """A slide source's records are a lazy sequence (8 bytes a patch, not a list of
-    objects); subsets, slide ids, export groups and the monitor hold-out read from it
-    agree with the same operations on the plain list of its records."""
+    """A slide source makes its records on access (8 bytes a patch, not a list of
+    objects); subsets, slide ids, labels, export groups and the monitor hold-out read from
+    it agree with the same operations on a file source of the list of its records."""
     from clusiam_jax.data import records as records_lib
     from clusiam_jax.export.embed import group_by_slide
     source = sources_lib.open_source(str(tiled))
@@ -806,13 +801,13 @@ def test_slide_paths_are_recorded_absolute_and_earlier_rows_kept(scans, tmp_path
     shutil.copy(scans[1.0], folder / 'two.tif')
     monkeypatch.chdir(tmp_path)
     tiling.tile_slides(tiling.list_slides('wsi/one.tif'), tile_params(), 'out')
-    first, = tiling.read_slides_csv('out')
+    first, = slides_csv.read_rows('out')
     assert first['path'] == str(folder / 'one.tif') and float(first['tissue_fraction']) > 0
     # Another list into the same folder: one's row is kept, two's added; a rerun of one
     # reuses it and keeps its tissue fraction.
     tiling.tile_slides(tiling.list_slides('wsi/two.tif'), tile_params(), 'out')
     tiling.tile_slides(tiling.list_slides('wsi/one.tif'), tile_params(), 'out')
-    rows = {r['slide_id']: r for r in tiling.read_slides_csv('out')}
+    rows = {r['slide_id']: r for r in slides_csv.read_rows('out')}
     assert set(rows) == {'one', 'two'}
     assert rows['one']['tissue_fraction'] == first['tissue_fraction']
     # From anywhere else, the tiling's slides are found; moved, data.slide_dir finds them.
@@ -917,20 +912,16 @@ def test_training_from_slides_resumes_mid_epoch_bit_exactly(tiled, tmp_path):
 def test_direct_tile_reads_equal_openslide(scans, which):
     """Level-0 patches read tile by tile (slides/tiles.py) are OpenSlide's pixels, also
     across tile borders and the slide's edge (white outside)."""
-    from clusiam_jax.slides.tiles import TiffTiles
     path = {'synthetic': scans[0.5], 'cmu': CMU, 'tcga': TCGA}[which]
     if not os.path.isfile(path):
         pytest.skip('../shared/data/slides is absent')
-    with reader.open_slide(path) as slide:
-        tiles = TiffTiles.open(path, slide)
-        assert tiles is not None and 0 in tiles.levels
+    with reader.open_slide(path) as slide, reader.open_slide(path, direct=False) as plain:
+        assert slide.tiles is not None and 0 in slide.tiles.levels
         w, h = slide.dimensions
         rng = np.random.default_rng(1)
         spots = [(int(x), int(y)) for x, y in zip(rng.integers(0, w - 100, 12),
                                                   rng.integers(0, h - 100, 12))]
         spots += [(w - 100, h - 60), (0, 0)]   # over the right and bottom edges
         for x, y in spots:
-            fast = reader.read_patch(slide, x, y, 150, 150, tiles)
-            plain = reader.read_patch(slide, x, y, 150, 150)
-            np.testing.assert_array_equal(fast, plain)
-        tiles.close()
+            np.testing.assert_array_equal(reader.read_patch(slide, x, y, 150, 150),
+                                          reader.read_patch(plain, x, y, 150, 150))
