@@ -25,7 +25,7 @@ QC_HOLE_SHARE, QC_SPECK_SHARE = 1e-3, 2e-4
 
 
 def picture(thumb, mask_small, coords, size0, downsample, lines,
-                thumb_mpp: Optional[float]) -> np.ndarray:
+            thumb_mpp: Optional[float]) -> np.ndarray:
     """Thumbnail, tissue contour (green) and kept patches (blue squares) under `lines` of
     words, with a scale bar in µm when `thumb_mpp` (µm per thumbnail px) is known."""
     from PIL import Image, ImageDraw
