@@ -1,9 +1,8 @@
 """One pure training step: two views -> networks once per view -> loss -> SGD -> EMA.
 
-`make_train_step` closes over everything static (networks, optimizer, schedules, the
-normalization) and returns `step(state, batch) -> (state, metrics)`; `trainer.py` jits it
-once over the mesh. Views arrive as uint8 NHWC; normalization happens here, on device
-(with data.augment_on_device, after the colour/blur/flip augmentation of device_augment).
+`make_train_step` closes over everything static and returns `step(state, batch) ->
+(state, metrics)`, which trainer.py jits over the mesh. Views arrive as uint8 and are
+normalized here, on the device (after device_augment with data.augment_on_device).
 """
 import jax
 import jax.numpy as jnp
@@ -18,11 +17,8 @@ from clusiam_jax.train.optimizer import ema_update
 
 
 def make_input_views(config, mean, std, dtype):
-    """`views(key, batch)`: the two normalized views of a batch, in the network's dtype.
-
-    With data.augment_on_device the batch holds bare uint8 crops: jitter, grayscale, blur
-    and hflip are drawn here per sample (device_augment), each view with its own key.
-    """
+    """`views(key, batch)`: the two normalized views of a batch, in the network's dtype;
+    with data.augment_on_device, augmented here first, each view with its own key."""
     if not config.data.augment_on_device:
         return lambda key, batch: [normalize_input(batch[name], mean, std, dtype)
                                    for name in ('view1', 'view2')]
@@ -36,11 +32,9 @@ def make_input_views(config, mean, std, dtype):
 
 
 def apply_per_view(module, params, batch_stats, views):
-    """Apply `module` to each view in turn, threading BatchNorm statistics (docs/method.md §3).
-
-    Each view is normalised by its own batch statistics and the running averages update
-    once per view, view 1 first: never concatenate the views into one batch.
-    """
+    """`module` on each view in turn, threading BatchNorm statistics (docs/method.md §3):
+    each view has its own batch statistics and the running averages update once per
+    view, view 1 first. Never concatenate the views into one batch."""
     outputs = []
     for x in views:
         out, mutated = module.apply({'params': params, 'batch_stats': batch_stats}, x,
@@ -51,13 +45,9 @@ def apply_per_view(module, params, batch_stats, views):
 
 
 def cluster_diagnostics(key, logits):
-    """Collapse diagnostics (docs/method.md §6) over the stacked logits [N, K].
-
-    active_clusters: distinct argmax clusters without noise; active_clusters_gumbel: after
-    a fresh Gumbel draw; gumbel_agreement: fraction of rows whose noisy argmax equals the
-    clean one (about 1/K when the logits are near uniform: collapse mode 2);
-    cluster_entropy: entropy (nats) of the clean argmax cluster usage.
-    """
+    """Collapse diagnostics over logits [N, K] (docs/method.md §6), for the step and
+    the monitor: clusters used by the argmax without and with Gumbel noise, how often the
+    two agree (about 1/K for near-uniform logits) and the entropy (nats) of the usage."""
     k = logits.shape[-1]
     clean = jnp.argmax(logits, axis=-1)
     noisy = jnp.argmax(logits + losses.sample_gumbel(key, logits.shape), axis=-1)
@@ -65,22 +55,15 @@ def cluster_diagnostics(key, logits):
     noisy_usage = jnp.sum(jax.nn.one_hot(noisy, k), axis=0)
     freq = usage / logits.shape[0]
     entropy = -jnp.sum(jnp.where(freq > 0, freq * jnp.log(jnp.where(freq > 0, freq, 1.0)), 0.0))
-    return {
-        'active_clusters': jnp.sum(usage > 0),
-        'active_clusters_gumbel': jnp.sum(noisy_usage > 0),
-        'gumbel_agreement': jnp.mean(clean == noisy),
-        'cluster_entropy': entropy,
-    }
+    return {'active_clusters': jnp.sum(usage > 0),
+            'active_clusters_gumbel': jnp.sum(noisy_usage > 0),
+            'gumbel_agreement': jnp.mean(clean == noisy), 'cluster_entropy': entropy}
 
 
 def keep_floats_unless(accept, new_state, old_state):
-    """new_state where `accept`, else old_state's floating-point leaves with new_state's
-    integer ones (train.on_nonfinite='skip').
-
-    A rejected step leaves parameters, momentum, BN statistics and the target as they
-    were, while every counter (the step, which indexes data and noise, and the optimizer's
-    schedule counts) advances, so the lr and EMA schedules stay tied to the step.
-    """
+    """new_state where `accept`, else old_state's float leaves with new_state's integer
+    ones (train.on_nonfinite='skip'): the counters (step, schedule counts) still advance,
+    so data, noise and the lr and EMA schedules stay tied to the step."""
     def pick(new, old):
         if jnp.issubdtype(new.dtype, jnp.floating):
             return jnp.where(accept, new, old)
