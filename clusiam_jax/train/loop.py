@@ -193,22 +193,18 @@ class _Run:
                      latest % self.steps_per_epoch)
         return restored, data_state
 
-    def compile_on_first_batch(self, state, batches):
-        """(compiled step, the batches with the first put back); said out loud, since the
-        first compile of a ResNet step looks like a hang."""
-        config, mesh = self.config, self.trainer.mesh
-        first = next(batches)
-        log.info('compiling the train step (%s, %s, batch %d at %d px on %d devices); the '
-                 'first compile takes a while', config.model.name, config.model.backbone,
-                 config.train.batch_size, config.data.image_size, mesh.devices.size)
-        step_fn, seconds = self.trainer.compile(state, first[0])
-        log.info('compiled in %.1f s', seconds)
-        interrupts.check()
-        return step_fn, itertools.chain([first], batches)
-
     def epochs(self, state, batches, ckpt, writer):
         config, is_main = self.config, self.is_main
-        step_fn, batches = self.compile_on_first_batch(state, batches)
+        head = next(batches)
+        # Said out loud: the first compile of a ResNet step looks like a hang.
+        log.info('compiling the train step (%s, %s, batch %d at %d px on %d devices); the '
+                 'first compile takes a while', config.model.name, config.model.backbone,
+                 config.train.batch_size, config.data.image_size,
+                 self.trainer.mesh.devices.size)
+        step_fn, seconds = self.trainer.compile(state, head[0])
+        log.info('compiled in %.1f s', seconds)
+        interrupts.check()
+        batches = itertools.chain([head], batches)
         if is_main:
             log.info('TensorBoard: tensorboard --logdir %s', os.path.join(self.workdir, TB_DIR))
         step = int(jax.device_get(state.step))

@@ -46,7 +46,9 @@ class MetricWriter:
         if self.rows is None:
             old = (read_csv_rows(self.csv_path, 'metrics file')[1]
                    if os.path.exists(self.csv_path) else [])
-            self.rows = [r for r in old if _epoch_of(r) < int(row['epoch'])]
+            # A row damaged by hand (no epoch number) is kept, not judged.
+            self.rows = [r for r in old if not (r.get('epoch') or '').isdigit() or
+                         int(r['epoch']) < int(row['epoch'])]
         self.rows.append(row)
         write_csv(self.csv_path, CSV_FIELDS,
                   ({k: r.get(k, '') for k in CSV_FIELDS} for r in self.rows))
@@ -55,13 +57,6 @@ class MetricWriter:
     def close(self):
         if self._tb is not None:
             self._tb.close()
-
-
-def _epoch_of(row) -> int:
-    try:
-        return int(row.get('epoch') or '')
-    except ValueError:  # a row damaged by hand: kept, not judged
-        return -1
 
 
 class SkippedSteps:
