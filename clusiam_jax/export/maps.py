@@ -23,6 +23,7 @@ BACKGROUNDS = ('slide', 'thumbnail', 'mosaic')
 MOSAIC_SUFFIX = '.mosaic.png'
 LEGEND_HEADER = 'cluster: patches (share)'
 
+
 def _cell_bounds(coords, patch_size, downsample):
     """Map-pixel [x0, x1) x [y0, y1) of each patch, at least one pixel; floor keeps
     neighbours gap-free."""
