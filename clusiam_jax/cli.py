@@ -192,40 +192,18 @@ def run_build_dataset(args, config, overrides):
     return 0
 
 
-def _ints(text):
-    try:
-        return tuple(int(v) for v in text.split(',') if v)
-    except ValueError:
-        raise errors.ConfigError(f'expected comma-separated integers, got {text!r}') from None
-
-
 def run_eval(args, config, overrides):
     import json
 
     from clusiam_jax.eval import tasks
-    if args.task == 'knn':
-        result = tasks.run_knn(args.export, args.splits, _ints(args.ks), args.positive,
-                               args.key, annotations=args.annotations)
-    elif args.task == 'linear':
-        result = tasks.run_linear(args.export, args.splits, args.positive, args.key,
-                                  annotations=args.annotations)
-    elif args.task == 'dsmil':
-        result = tasks.run_dsmil(args.export, args.splits, _ints(args.seeds), args.epochs)
-    elif args.task == 'abmil':
-        result = tasks.run_abmil(args.export, args.splits, _ints(args.seeds), args.epochs)
-    elif args.task == 'clusters':
-        result = tasks.run_clusters(args.export, args.splits, args.seed)
-    elif args.task == 'meanpool':
-        result = tasks.run_meanpool(args.export, args.splits, args.seed)
-    else:
-        result = tasks.run_maps(args.export, args.thumbnail, args.downsample, args.alpha,
-                                args.annotations)
+    # The flags are the evaluator's keyword arguments (cli_args._eval_parser).
+    kwargs = {k: v for k, v in vars(args).items() if k not in ('task', 'out', 'argv')}
+    result = getattr(tasks, f'run_{args.task}')(**kwargs)
     text = json.dumps(result, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o))
     print(text)
     if args.out:
         try:
-            with open(args.out, 'w') as f:
-                f.write(text + '\n')
+            fileio.write_text(args.out, text + '\n')
         except OSError as e:
             raise errors.ConfigError(f'--out {args.out}: cannot write it ({e.strerror})') \
                 from None

@@ -158,12 +158,24 @@ def _step_flag(parser, instead: str):
     parser.add_argument('--step', type=refuse, help=argparse.SUPPRESS)
 
 
+def _ints(text):
+    try:
+        return tuple(int(v) for v in text.split(',') if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}') \
+            from None
+
+
 def _eval_parser(sub, task: str):
-    sub.add_argument('--export', required=True, help='export directory (has manifest.csv)')
+    """The flags of an eval task, named as its evaluator's arguments (eval/tasks.py)."""
+    sub.add_argument('--export', required=True, dest='export_dir', metavar='DIR',
+                     help='export directory (has manifest.csv)')
     if task != 'maps':
-        sub.add_argument('--splits', required=True, help='CSV slide_id,split[,label]')
+        sub.add_argument('--splits', required=True, dest='splits_path', metavar='CSV',
+                         help='CSV slide_id,split[,label]')
     if task in ('knn', 'linear'):
-        sub.add_argument('--positive', help='the positive class, for its F1')
+        sub.add_argument('--positive', dest='positive_label',
+                         help='the positive class, for its F1')
         sub.add_argument('--key', default='features',
                          help='which embedding: features (default) or projections')
     if task in ('knn', 'linear', 'maps'):
@@ -172,9 +184,10 @@ def _eval_parser(sub, task: str):
             + ('contours drawn on the maps' if task == 'maps' else 'patch labels = the class '
                'of the polygon holding the patch centre, else normal')))
     if task == 'knn':
-        sub.add_argument('--ks', default='1,5,20', help='neighbour counts')
+        sub.add_argument('--ks', type=_ints, default='1,5,20', help='neighbour counts')
     if task in ('dsmil', 'abmil'):
-        sub.add_argument('--seeds', default='0,1,2,3,4', help='seeds (mean and std over them)')
+        sub.add_argument('--seeds', type=_ints, default='0,1,2,3,4',
+                         help='seeds (mean and std over them)')
         epochs = 200 if task == 'dsmil' else 100
         sub.add_argument('--epochs', type=int, default=epochs,
                          help=f'epochs (default {epochs}; the best on val is kept)')
