@@ -265,7 +265,7 @@ def test_refuses_a_non_checkpoint(tmp_path):
     path = str(tmp_path / 'weird.pth')
     torch.save({'epoch': 3, 'something': [1, 2]}, path)
     with pytest.raises(ConversionError):
-        read_weights.load_torch_checkpoint(path)
+        read_weights.load_state_dict_file(path)
 
 
 class _Payload:

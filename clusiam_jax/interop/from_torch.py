@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clusiam_jax import fileio, interrupts, run_dir
 from clusiam_jax.config import method_config
@@ -24,29 +25,23 @@ from clusiam_jax.state import Weights
 IMPORT_INFO = 'imported_from.json'
 
 
-def infer_model(state_dict: Dict, model: Optional[str] = None) -> Dict:
-    """name, backbone, feat_size, pred_hidden, num_clusters from the tensors' shapes."""
+def config_for(state_dict: Dict, model: Optional[str] = None, seed: int = 0,
+               mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+    """The method's recipe with the checkpoint's method and sizes (from its shapes)."""
     detected = 'clubyol' if any(k.startswith('target_encoder.') for k in state_dict) else 'clusiam'
     if model is not None and model != detected:
         raise ConversionError(
             f'--model {model} but the checkpoint is a {detected} one (it '
             f'{"has" if detected == "clubyol" else "has no"} target_encoder.* keys)')
-    needed = {'feat_size': ('encoder.fc.6.weight', 0), 'pred_hidden': ('predictor.0.weight', 0),
-              'num_clusters': ('cluster_assigner.0.weight', 0)}
-    missing = [key for key, _ in needed.values() if key not in state_dict]
+    sizes = {'feat_size': 'encoder.fc.6.weight', 'pred_hidden': 'predictor.0.weight',
+             'num_clusters': 'cluster_assigner.0.weight'}
+    missing = sorted(key for key in sizes.values() if key not in state_dict)
     if missing:
-        raise ConversionError(f'not a CluSiam/CluBYOL checkpoint: missing '
-                              f'{", ".join(sorted(missing))}')
-    sizes = {name: int(state_dict[key].shape[axis]) for name, (key, axis) in needed.items()}
-    return dict(name=detected, backbone=read_weights.infer_backbone(state_dict), **sizes)
-
-
-def config_for(model: Dict, seed: int = 0, mean: Optional[Sequence[float]] = None,
-               std: Optional[Sequence[float]] = None):
-    """The method's recipe with the checkpoint's sizes."""
-    config = method_config(model['name'])
-    for key in ('name', 'backbone', 'feat_size', 'pred_hidden', 'num_clusters'):
-        config.model[key] = model[key]
+        raise ConversionError(f'not a CluSiam/CluBYOL checkpoint: missing {", ".join(missing)}')
+    config = method_config(detected)
+    config.model.backbone = read_weights.infer_backbone(state_dict)
+    for name, key in sizes.items():
+        config.model[name] = int(state_dict[key].shape[0])
     config.train.seed = seed
     if mean is not None:
         config.data.mean = tuple(float(v) for v in mean)
@@ -58,17 +53,15 @@ def config_for(model: Dict, seed: int = 0, mean: Optional[Sequence[float]] = Non
 def weights_of(params, batch_stats, target_params=None, target_batch_stats=None,
                step: int = 0) -> Weights:
     """Weights (JAX arrays) around NumPy trees."""
-    return Weights(step=jnp.asarray(step, jnp.int32),
-                   params=jax.tree.map(jnp.asarray, params),
-                   batch_stats=jax.tree.map(jnp.asarray, batch_stats),
-                   target_params=jax.tree.map(jnp.asarray, target_params or {}),
-                   target_batch_stats=jax.tree.map(jnp.asarray, target_batch_stats or {}))
+    return jax.tree.map(jnp.asarray, Weights(
+        step=np.asarray(step, np.int32), params=params, batch_stats=batch_stats,
+        target_params=target_params or {}, target_batch_stats=target_batch_stats or {}))
 
 
 def import_state_dict(state_dict: Dict, model: Optional[str] = None, seed: int = 0,
                       mean=None, std=None):
     """(config, Weights at step 0) from an original-format state_dict of NumPy arrays."""
-    config = config_for(infer_model(state_dict, model), seed, mean, std)
+    config = config_for(state_dict, model, seed, mean, std)
     return config, weights_of(*read_weights.state_dict_to_variables(state_dict, config))
 
 
@@ -85,7 +78,7 @@ def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: in
         what = ('holds checkpoints' if os.path.isdir(os.path.join(out, 'checkpoints'))
                 else 'is not empty')
         raise CheckpointError(f'{out} already {what}; choose another --out')
-    state_dict, epoch = read_weights.load_torch_checkpoint(path)
+    state_dict, epoch = read_weights.load_state_dict_file(path)
     config, weights = import_state_dict(state_dict, model, seed, mean, std)
     normalization = (run_dir.Normalization(tuple(config.data.mean), tuple(config.data.std),
                                            'given to convert from-torch')
@@ -94,21 +87,18 @@ def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: in
     info = {'source': os.path.abspath(path), 'epoch': epoch, 'model': m.name,
             'backbone': m.backbone, 'feat_size': m.feat_size, 'pred_hidden': m.pred_hidden,
             'num_clusters': m.num_clusters, 'tensors': len(state_dict), 'step': 0}
-    out = os.path.abspath(out)
+    out, staging = os.path.abspath(out), None
     interrupts.check()
     try:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.importing-',
                                    dir=os.path.dirname(out))
-    except OSError as e:
-        raise ConversionError(f'--out {out}: cannot write there ({e.strerror})') from None
-    try:
         run_dir.write_run(staging, config, weights, normalization)
         fileio.write_json(os.path.join(staging, IMPORT_INFO), info)
         os.replace(staging, out)   # onto a missing or empty folder
     except OSError as e:
         raise ConversionError(f'--out {out}: cannot write there ({e.strerror})') from None
     finally:
-        if os.path.isdir(staging):
+        if staging is not None and os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
     return config, weights

@@ -1,14 +1,12 @@
-"""Reading weights under our variable names: PyTorch files (.pth/.pt via torch,
-.safetensors without it), the original CluSiam/CluBYOL checkpoint, and runs of ours.
+"""Weights under our variable names, from PyTorch files (.pth/.pt need torch,
+.safetensors not), the original CluSiam/CluBYOL checkpoint and runs of ours: strictly for
+`convert from-torch` (`state_dict_to_variables`: every key used, every variable filled),
+what fits for train.init_from (`read_weights`, applied by train/init_from.py).
 
-`convert from-torch` maps the original strictly (`state_dict_to_variables`: every key
-used, every variable filled, or one ConversionError listing all that does not fit);
-train.init_from takes what fits (`read_weights` -> a `Source`, applied by
-train/init_from.py). The original's frozen projector bias `fc.6.bias` is folded into the
-following BatchNorm's running mean: in inference BN(Wx + b) with running mean m equals
-BN(Wx) with m - b, and in training the batch mean absorbs it. Running statistics are
-copied as they are (models/batch_norm.py keeps PyTorch's semantics);
-`num_batches_tracked` is dropped (only torch's momentum=None uses it).
+The original's frozen projector bias `fc.6.bias` is folded into the following
+BatchNorm's running mean: in inference BN(Wx + b) with mean m equals BN(Wx) with m - b,
+and in training the batch mean absorbs it. Running statistics are copied as they are
+(models/batch_norm.py keeps PyTorch's semantics); `num_batches_tracked` is dropped.
 """
 import dataclasses
 import os
@@ -58,23 +56,26 @@ def _one_line(error) -> str:
 
 # ------------------------------------------------------------------- files -> arrays
 
-def strip_prefix(state_dict: Dict, prefix: str = 'module.') -> Dict:
-    """DataParallel / DistributedDataParallel wrap keys in `module.`."""
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
-
-
-def load_torch_checkpoint(path: str):
-    """(state_dict of NumPy arrays without `module.`, epoch or None). Needs torch;
-    weights_only, because unpickling arbitrary objects runs the sender's code."""
+def load_state_dict_file(path: str):
+    """(state_dict of NumPy arrays, epoch or None) of a `.safetensors` file (no torch) or
+    of anything torch.save wrote (.pth, .pt, .pth.tar, .bin), read with weights_only:
+    unpickling arbitrary objects would run the sender's code. `module.` (DataParallel)
+    is stripped."""
+    if not os.path.isfile(path):
+        raise ConversionError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+        try:
+            return _unwrapped(load_file(path)), None
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise ConversionError(f'{path} is not a safetensors file NumPy can read '
+                                  f'({type(e).__name__}: {_one_line(e)[:300]})') from None
     try:
         import torch
     except ImportError:
         raise ConversionError('reading a PyTorch checkpoint needs torch: '
                               'pip install -r requirements-torch.txt') from None
-    if not os.path.isfile(path):
-        raise ConversionError(f'checkpoint not found: {path}')
     try:
         blob = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many kinds for a foreign file
@@ -82,34 +83,19 @@ def load_torch_checkpoint(path: str):
                               f'({type(e).__name__}: {_one_line(e)[:300]})') from None
     epoch = None
     if isinstance(blob, dict) and 'state_dict' in blob:
-        epoch = blob.get('epoch')
-        blob = blob['state_dict']
+        epoch, blob = blob.get('epoch'), blob['state_dict']
     if not isinstance(blob, dict) or not all(torch.is_tensor(v) for v in blob.values()):
         raise ConversionError(f'{path} holds neither a state_dict nor a '
                               f'{{"epoch", "state_dict", "optimizer"}} checkpoint')
-
-    def to_numpy(t):
-        t = t.detach().cpu()
-        return (t.float() if t.is_floating_point() else t).numpy()
-
-    return {k: to_numpy(v) for k, v in strip_prefix(blob).items()}, epoch
+    return _unwrapped({k: (t.float() if t.is_floating_point() else t).detach().cpu().numpy()
+                       for k, t in blob.items()}), epoch
 
 
-def load_state_dict_file(path: str):
-    """(state_dict of NumPy arrays, epoch or None) from a `.safetensors` file (no torch)
-    or anything torch.save wrote (.pth, .pt, .pth.tar, .bin; needs torch)."""
-    if not path.endswith('.safetensors'):
-        return load_torch_checkpoint(path)
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    if not os.path.isfile(path):
-        raise ConversionError(f'checkpoint not found: {path}')
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise ConversionError(f'{path} is not a safetensors file NumPy can read '
-                              f'({type(e).__name__}: {_one_line(e)[:300]})') from None
-    return strip_prefix({k: np.asarray(v) for k, v in tensors.items()}), None
+def _unwrapped(state_dict: Dict) -> Dict:
+    """Without the `module.` DataParallel / DistributedDataParallel put before each key."""
+    if state_dict and all(k.startswith('module.') for k in state_dict):
+        return {k[len('module.'):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def infer_backbone(state_dict: Dict, prefix: str = 'encoder.') -> str:
@@ -243,8 +229,7 @@ def read_run(path: str, config) -> Source:
         raise ConfigError(f'train.init_from={path} is a run with a {run.config.model.backbone}'
                           f' backbone; this run trains a {config.model.backbone} '
                           f'(model.backbone)')
-    arrays = {name: np.asarray(jax.device_get(value))
-              for name, value in variable_names(run.weights.online_variables).items()}
+    arrays = jax.device_get(variable_names(run.weights.online_variables))
     kind = f'{run.config.model.name} run (checkpoint at step {run.step})'
     return Source(path=os.path.abspath(path), kind=kind, arrays=arrays)
 

@@ -1,15 +1,10 @@
-"""`convert to-torch`: our weights as PyTorch state_dicts, as plain {name: array}.
-
-  backbone_state_dict   torchvision ResNet keys without `fc` (strict=True into a
-                        torchvision resnet whose fc is nn.Identity: CLAM, TRIDENT, timm)
-  encoder_state_dict    plus the projector as the original's `encoder.fc` (fc.0 ... fc.7)
-  network_state_dict    the whole original-format model (heads, target_encoder.)
-
-The original's frozen projector bias `fc.6.bias` is written as zeros: our running mean of
-the following BatchNorm was accumulated without it. A `.safetensors` file is written with
-NumPy (metadata in its header), a `.pth` / `.pt` with torch.save (metadata in
-`<file>.json`). The metadata says how the export fed the network (README.md, PyTorch
-interoperability, has it as code, which tests/test_torch_preprocessing.py runs).
+"""`convert to-torch`: our weights as PyTorch state_dicts ({name: array}): the backbone
+with torchvision keys (strict=True into a resnet whose fc is nn.Identity, as CLAM, TRIDENT
+and timm load it), the encoder (plus the projector as the original's `encoder.fc`) or the
+whole original-format network. `fc.6.bias` is written as zeros: our BatchNorm after it
+averaged without it. `.safetensors` is written with NumPy (metadata in its header), `.pth`
+/ `.pt` with torch.save (metadata in `<file>.json`); the metadata says how the export fed
+the network (README.md has it as code, which tests/test_torch_preprocessing.py runs).
 """
 import io
 import json
@@ -28,8 +23,7 @@ SAFETENSORS = ('.safetensors',)
 TORCH_PICKLE = ('.pth', '.pt')
 
 # How the export turns a slide region into the network's input (slides/reader.read_patch,
-# then export/embed.py's _load_patch -> data/augment.resized_crop, then
-# models/preprocess.normalize_input); written into the metadata.
+# export/embed.py, data/augment.resized_crop, models/preprocess.normalize_input).
 PATCH_READ = ("slides: the level-0 square of patch_size_level0 px (the tiling's coords "
               'attribute, round(patch_size_px * target_mpp / level-0 µm/px)) read from the '
               'coarsest pyramid level not coarser than target_mpp (1% tolerance), transparent '

@@ -1,13 +1,9 @@
-"""train.init_from: a fresh run whose weights start from existing ones.
-
-A new run (no checkpoint in its work directory) creates its state as usual, then takes
-every array of the online network that the source (interop/read_weights.py: PyTorch,
-safetensors or a run of ours) has under the same name and shape: the backbone must be
-complete; the projector, predictor and cluster head are taken where they fit and stay
-freshly initialised where not. Step, optimizer state, rng and schedules are those of a
-fresh start (unlike train.resume_from, which continues a run), and a BYOL-type target
-starts as a copy of the initialised online encoder. The log says which arrays were
-loaded, which were initialised and what of the source was not used.
+"""train.init_from: a fresh run (no checkpoint yet) whose online network takes every
+array of a source (interop/read_weights.py) that fits by name and shape: the backbone
+must load completely, heads that do not fit stay fresh. Step, optimizer state, rng and
+schedules are a fresh start's (train.resume_from continues a run instead), and a
+BYOL-type target copies the online encoder. The log says what was loaded, initialised
+and left unused.
 """
 import dataclasses
 import logging
