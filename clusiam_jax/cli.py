@@ -156,7 +156,7 @@ def run_export(args, config, overrides):
         if args.config:
             log.info('export: the export section of %s; the model, image size and data '
                      "are the run's (config.json)", args.config)
-        export_run.export(args.workdir, config.export, normalization, args.step, args.argv,
+        export_run.export(args.workdir, config.export, normalization, argv=args.argv,
                           atlas=write_atlas)
     return 0
 
@@ -225,10 +225,7 @@ def run_convert(args, config, overrides):
     else:
         from clusiam_jax.config import parse_checkpoint_choice
         from clusiam_jax.interop.to_torch import write_torch_weights
-        if args.step is not None and args.checkpoint is not None:
-            raise errors.ConfigError('give --step or --checkpoint, not both')
-        choice = args.step if args.step is not None else parse_checkpoint_choice(
-            args.checkpoint or 'latest')
+        choice = parse_checkpoint_choice(args.checkpoint or 'latest')
         metadata = write_torch_weights(args.workdir, args.out, args.with_projector,
                                        args.target, choice)
         print(f'wrote {args.out}: ' + json.dumps(metadata))
