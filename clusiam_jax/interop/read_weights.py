@@ -15,6 +15,7 @@ from typing import Dict, Tuple
 
 import jax
 import numpy as np
+from flax.traverse_util import unflatten_dict
 
 from clusiam_jax import run_dir
 from clusiam_jax.checkpoint import leaf_name
@@ -125,12 +126,12 @@ def infer_backbone(state_dict: Dict, prefix: str = 'encoder.') -> str:
 # ------------------------------------------------------------- tensors -> variables
 
 def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, problems: Dict,
-                   encoder: str = ''):
-    """Pops each variable's tensor from `remaining`; returns {'params', 'batch_stats'}.
-    Missing keys and shape mismatches go to `problems`, so one error lists them all. When
-    the projector of the encoder (at `encoder` in the tree, '' at its top) is filled, the
-    original's frozen projector bias is folded into its bn3 (module docstring)."""
-    out = {'params': {}, 'batch_stats': {}}
+                   encoder: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], np.ndarray]:
+    """{(collection, *module path, leaf): array}, each popped from `remaining`; missing
+    keys and shape mismatches go to `problems`, so one error lists them all. When the
+    projector of the encoder (at `encoder` in `abstract`) is filled, the original's
+    frozen projector bias is folded into its bn3 (module docstring)."""
+    out = {}
     for collection, path, leaf, shape_dtype in layout.iter_leaves(abstract):
         key = prefix + layout.torch_key(module_fn, collection, path, leaf)
         if key not in remaining:
@@ -141,21 +142,17 @@ def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, prob
             problems['shape'].append(f'{key}: checkpoint {tuple(value.shape)} (our layout) '
                                      f'vs model {tuple(shape_dtype.shape)}')
             continue
-        tree = out[collection]
-        for name in path:
-            tree = tree.setdefault(name, {})
-        tree[leaf] = value
+        out[(collection, *path, leaf)] = value
     for module in layout.bn_modules(abstract, module_fn):
         remaining.pop(f'{prefix}{module}.num_batches_tracked', None)
-    stats = out['batch_stats'].get(encoder, {}) if encoder else out['batch_stats']
-    bn3 = stats.get('projector', {}).get('bn3', {})
-    bias_key = prefix + (f'{encoder}.' if encoder else '') + layout.PROJECTOR_FROZEN_BIAS
-    if 'mean' in bn3 and bias_key not in remaining:
+    mean = ('batch_stats', *encoder, 'projector', 'bn3', 'mean')
+    bias_key = prefix + ''.join(f'{name}.' for name in encoder) + layout.PROJECTOR_FROZEN_BIAS
+    if mean in out and bias_key not in remaining:
         problems['missing'].append(bias_key)
-    elif 'mean' in bn3:
+    elif mean in out:
         bias = remaining.pop(bias_key).astype(np.float32)
-        if bias.shape == bn3['mean'].shape:
-            bn3['mean'] = bn3['mean'] - bias
+        if bias.shape == out[mean].shape:
+            out[mean] = out[mean] - bias
     return out
 
 
@@ -164,11 +161,11 @@ def state_dict_to_variables(state_dict: Dict, config):
     state_dict; raises ConversionError listing every key that does not fit."""
     shapes = run_dir.abstract_weights(config)
     remaining, problems = dict(state_dict), {'missing': [], 'shape': []}
-    online = fill_variables(remaining, shapes.online_variables, layout.network_module, '',
-                            problems, 'encoder')
-    target = fill_variables(remaining, {'params': shapes.target_params,
-                                        'batch_stats': shapes.target_batch_stats},
-                            layout.encoder_module, 'target_encoder.', problems)
+    online = unflatten_dict(fill_variables(remaining, shapes.online_variables,
+                                           layout.network_module, '', problems, ('encoder',)))
+    target = unflatten_dict(fill_variables(remaining, {'params': shapes.target_params,
+                                                       'batch_stats': shapes.target_batch_stats},
+                                           layout.encoder_module, 'target_encoder.', problems))
     if problems['missing'] or problems['shape'] or remaining:
         lines = [f'the checkpoint does not match a {config.model.name} '
                  f'{config.model.backbone} network:']
@@ -182,7 +179,8 @@ def state_dict_to_variables(state_dict: Dict, config):
             lines.append(f'  shape mismatches ({len(problems["shape"])}): '
                          + '; '.join(problems['shape'][:20]))
         raise ConversionError('\n'.join(lines))
-    return online['params'], online['batch_stats'], target['params'], target['batch_stats']
+    return (online['params'], online['batch_stats'], target.get('params', {}),
+            target.get('batch_stats', {}))
 
 
 # ------------------------------------------------------------------ train.init_from
@@ -192,9 +190,9 @@ def state_dict_source(state_dict, config, path: str) -> Source:
     projector; the original's: all but `target_encoder.*`) fits `config`'s network."""
     online = run_dir.abstract_weights(config).online_variables
     if any(key.startswith('encoder.') for key in state_dict):
-        kind, module_fn, encoder = ORIGINAL, layout.network_module, 'encoder'
+        kind, module_fn, encoder = ORIGINAL, layout.network_module, ('encoder',)
     elif 'conv1.weight' in state_dict:
-        kind, module_fn, encoder = TORCHVISION, layout.encoder_module, ''
+        kind, module_fn, encoder = TORCHVISION, layout.encoder_module, ()
         online = {collection: tree['encoder'] for collection, tree in online.items()}
     else:
         raise ConversionError(f'train.init_from={path} holds neither a torchvision/timm ResNet '
@@ -202,7 +200,7 @@ def state_dict_source(state_dict, config, path: str) -> Source:
                               f'CluSiam/CluBYOL checkpoint (encoder.*); its keys start '
                               f'{", ".join(sorted(state_dict)[:3])}')
     try:
-        found = infer_backbone(state_dict, f'{encoder}.' if encoder else '')
+        found = infer_backbone(state_dict, ''.join(f'{name}.' for name in encoder))
     except ConversionError as e:
         raise ConversionError(f'train.init_from={path}: {e}') from None
     if found != config.model.backbone:
@@ -210,11 +208,11 @@ def state_dict_source(state_dict, config, path: str) -> Source:
                               f'trains a {config.model.backbone} (model.backbone)')
     remaining = dict(state_dict)
     problems = {'missing': [], 'shape': []}   # missing keys: the report's fresh arrays
-    variables = fill_variables(remaining, online, module_fn, '', problems, encoder)
-    if not encoder:
-        variables = {collection: {'encoder': tree} for collection, tree in variables.items()}
+    filled = fill_variables(remaining, online, module_fn, '', problems, encoder)
+    where = () if encoder else ('encoder',)   # a torchvision file fills the encoder
+    arrays = {'/'.join((key[0], *where, *key[1:])): value for key, value in filled.items()}
     unused = sorted(key for key in remaining if not key.endswith('.num_batches_tracked'))
-    return Source(path=os.path.abspath(path), kind=kind, arrays=variable_names(variables),
+    return Source(path=os.path.abspath(path), kind=kind, arrays=arrays,
                   unused=tuple(unused), notes=tuple(problems['shape']))
 
 
