@@ -17,8 +17,9 @@ A flag or config key that the action does not use is an error, never silently dr
 """
 import argparse
 import difflib
-import importlib.util
 import os
+import re
+import runpy
 import shlex
 import sys
 
@@ -74,15 +75,17 @@ def load_config_file(path: str):
     if not os.path.isfile(path):
         raise errors.ConfigError(f'--config {path}: no such file')
     try:
-        spec = importlib.util.spec_from_file_location('_clusiam_recipe', path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config()
+        config = runpy.run_path(path, run_name='_clusiam_recipe')['get_config']()
     except errors.ClusiamError:
         raise
     except Exception as e:  # any failure to load the recipe ends the command
+        while len(e.args) == 1 and isinstance(e.args[0], Exception):
+            e = e.args[0]  # a locked config's refusal: a KeyError inside an AttributeError
+        text = str(e.args[0]) if len(e.args) == 1 else str(e)
+        # ... which lists every other field: its key and hint say enough.
+        text = re.sub(r'Other fields present: ".*"\n', '', text, flags=re.S)
         raise errors.ConfigError(f'cannot load --config {path}: {type(e).__name__}: '
-                                 + ' '.join(str(e).split())) from None
+                                 + ' '.join(text.split())) from None
     import ml_collections
     if not isinstance(config, ml_collections.ConfigDict):
         # A recipe that forgot its `return config` would fail later, far from its cause.

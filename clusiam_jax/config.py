@@ -1,9 +1,7 @@
 """The config: defaults for every key, the methods' recipes, and every check of its values.
 
-Recipes in configs/ start from `method_config(name)` and override a few fields. The config
-is locked, so ml_collections refuses unknown keys and wrong types; `validate` runs the
-RULES table and the cross-field rules, the one place that checks values: the builders
-downstream trust a validated config.
+The config is locked, so ml_collections refuses unknown keys and wrong types; `validate`
+runs the RULES table and the cross-field rules: the builders downstream trust its result.
 """
 import difflib
 import os
@@ -16,8 +14,6 @@ from clusiam_jax.errors import ConfigError
 from clusiam_jax.models import BACKBONES, METHOD_SPECS
 from clusiam_jax.models.conv import CONV_IMPLS
 
-EXPORT_FORMATS = ('h5', 'npz')
-SAMPLINGS = ('uniform', 'slide_balanced')
 MONITOR_METRICS = ('rankme', 'alignment', 'uniformity', 'active_clusters',
                    'active_clusters_gumbel', 'gumbel_agreement', 'cluster_entropy',
                    'knn_top1', 'knn_balanced')
@@ -252,13 +248,13 @@ RULES = {
     'model.backbone': tuple(BACKBONES),
     'model.dtype': ('float32', 'bfloat16'),
     'model.conv_impl': tuple(CONV_IMPLS),
-    'data.sampling': SAMPLINGS,
+    'data.sampling': ('uniform', 'slide_balanced'),
     'train.on_nonfinite': ('stop', 'skip'),
     'train.best_metric': ('',) + tuple(f'monitor/{m}' for m in MONITOR_METRICS),
     'train.best_mode': ('', 'max', 'min'),   # '': the metric's own direction
     'optim.name': ('sgd', 'lars'),
     'ema.schedule': ('constant', 'cosine'),
-    'export.format': EXPORT_FORMATS,
+    'export.format': ('h5', 'npz'),
     'monitor.holdout': '[0, 1)',
     'monitor.num_patches': '[8, 8192]',      # the scores compare every pair
     'export.map_alpha': '(0, 1]',
@@ -314,8 +310,7 @@ def _check_rules(section, name: str):
 
 
 def validate_model(m):
-    """The `model` section: what a network is built from (also checked when a run's
-    config.json is read back for inference)."""
+    """The `model` section (also checked when a run's config.json is read back)."""
     _check_rules(m, 'model')
 
 

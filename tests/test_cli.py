@@ -52,6 +52,11 @@ def test_help_lists_every_action(capsys):
      '--mode eval takes no config'),
     (['--mode', 'convert', 'to-torch', '--workdir', 'RUN', '--out', 'x.safetensors',
       '--mean', '1', '2', '3'], 'unrecognized arguments: --mean'),
+    # One way to pick a checkpoint: the retired --step names its replacement.
+    (['--mode', 'export', '--workdir', 'RUN', '--step', '5'],
+     'give --config.export.checkpoint=5 instead'),
+    (['--mode', 'convert', 'to-torch', '--workdir', 'RUN', '--out', 'x.pt', '--step', '5'],
+     'give --checkpoint 5 instead'),
 ])
 def test_values_an_action_does_not_use_are_refused(tmp_path, capsys, argv, message):
     argv = [a.replace('RUN', str(tmp_path)).replace('configs/', f'{REPO}/configs/')

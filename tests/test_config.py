@@ -77,6 +77,19 @@ def test_unknown_keys_and_wrong_types(tmp_path):
         validate(c)
 
 
+def test_a_recipe_typo_is_one_line(tmp_path, capsys):
+    """The config is locked: a recipe setting an unknown key fails where it does so."""
+    from clusiam_jax import cli
+    recipe = tmp_path / 'recipe.py'
+    recipe.write_text('from configs.clusiam import get_config as base\n\n\n'
+                      'def get_config():\n    c = base()\n    c.train.batchsize = 3\n'
+                      '    return c\n')
+    assert cli.main(['--config', str(recipe), '--workdir', str(tmp_path / 'run')]) == 2
+    error, = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
+    assert 'Key "batchsize" does not exist' in error and 'Did you mean "batch_size"' in error
+    assert 'Other fields present' not in error
+
+
 def test_baselines_reject_a_cluster_weight(tmp_path):
     c = with_path(simsiam.get_config(), str(tmp_path))
     c.loss.alpha = 0.5
