@@ -147,7 +147,8 @@ def score_checkpoint(run_dir, config, step, crops, splits_csv, out_dir, linear):
     start = time.perf_counter()
     config.export.data_path = crops
     config.export.out_dir = out_dir
-    export(run_dir, config.export, None, step)
+    config.export.checkpoint = str(step)
+    export(run_dir, config.export)
     export_s = time.perf_counter() - start
     if linear:
         scores = evaluate(out_dir, splits_csv)

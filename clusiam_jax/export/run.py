@@ -312,11 +312,11 @@ def effective_settings(exp, out_dir: str, data_path: str, choice, options: Embed
     return settings
 
 
-def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalization] = None,
-                   step: Optional[int] = None) -> ExportJob:
+def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalization] = None
+                   ) -> ExportJob:
     """Restores the run's weights and lists what to embed (`exp`: a validated `export`
     section; `normalization`: one given on the command line)."""
-    choice = step if step is not None else parse_checkpoint_choice(exp.checkpoint)
+    choice = parse_checkpoint_choice(exp.checkpoint)
     run = run_dir.load_run(workdir, choice)
     data_path = exp.data_path or run.config.data.path
     if not data_path:
@@ -348,12 +348,12 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     return job
 
 
-def export(workdir, exp, normalization=None, step=None, argv=None, atlas=None) -> str:
+def export(workdir, exp, normalization=None, argv=None, atlas=None) -> str:
     """The export action (also after training, export.after_training): embeds, then
     writes the QuPath tiles, the cluster maps and, with export.atlas, the atlas (`atlas`:
     eval's writer, which sits above export), holding the folder's lock; returns it."""
     with folder_lock(workdir, exp, argv):
-        job = prepare_export(workdir, exp, normalization, step)
+        job = prepare_export(workdir, exp, normalization)
         if exp.cluster_maps:
             check_thumbnail(exp.thumbnail, len(job.slide_ids))  # before embedding
         job.run_export()
