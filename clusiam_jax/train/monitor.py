@@ -22,7 +22,7 @@ from clusiam_jax.config import best_mode
 from clusiam_jax.data import augment, image_io
 from clusiam_jax.data.sources import open_source
 from clusiam_jax.data.stats import sample_indices
-from clusiam_jax.errors import CheckpointError, ConfigError, DataError
+from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.fileio import write_json
 from clusiam_jax.knn import knn_predict, l2_normalize
 from clusiam_jax.models.conv import compiler_options
@@ -198,8 +198,7 @@ class BestCheckpoint:
         for old in self.ckpt.all_steps():
             if old >= step:
                 self.ckpt.manager.delete(old)
-        if not self.ckpt.manager.save(step, args=self.ckpt.save_args(state, data_state)):
-            raise CheckpointError(f'the best checkpoint at step {step} was not saved')
+        self.ckpt.save(step, state, data_state)
         self.ckpt.wait()
         self.value = value
         if jax.process_index() == 0:
