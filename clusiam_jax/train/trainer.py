@@ -10,7 +10,6 @@ import time
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -52,14 +51,6 @@ class Trainer:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             jax.eval_shape(self.new_state))
 
-    def abstract_batch(self, batch_size=None):
-        """The global batch the step takes: two uint8 views, split along the mesh."""
-        size = self.config.data.image_size
-        shape = (batch_size or self.config.train.batch_size, size, size, 3)
-        sharding = parallel.batch_sharded(self.mesh)
-        return {name: jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=sharding)
-                for name in ('view1', 'view2')}
-
     @functools.cached_property
     def step(self):
         """jit over the mesh: state replicated (and donated), batch split along `data`."""
@@ -69,12 +60,11 @@ class Trainer:
                        out_shardings=(replicated, replicated), donate_argnums=0,
                        compiler_options=compiler_options(self.network.conv_impl))
 
-    def compile(self, state=None, batch=None):
-        """(compiled step, seconds) for the avals of `state` and `batch` (default: the
-        config's), so throughput excludes compiling; it takes only inputs like these."""
+    def compile(self, state, batch):
+        """(compiled step, seconds) for the avals of `state` and `batch`, so throughput
+        excludes compiling; it takes only inputs like these."""
         start = time.perf_counter()
-        compiled = self.step.lower(self.abstract_state() if state is None else state,
-                                   self.abstract_batch() if batch is None else batch).compile()
+        compiled = self.step.lower(state, batch).compile()
         return compiled, time.perf_counter() - start
 
 
@@ -97,7 +87,8 @@ def build_trainer(config, mesh=None, steps_per_epoch: int = 1, mean=None, std=No
 
 def random_batch(trainer: Trainer, seed: int = 0, batch_size=None):
     """Two views of random uint8 pixels, placed like a real batch (for benchmarks)."""
-    rng = np.random.default_rng(seed)
-    abstract = trainer.abstract_batch(batch_size)
-    return {name: jax.device_put(rng.integers(0, 256, a.shape, dtype=np.uint8), a.sharding)
-            for name, a in abstract.items()}
+    size = trainer.config.data.image_size
+    shape = (batch_size or trainer.config.train.batch_size, size, size, 3)
+    rng, sharding = np.random.default_rng(seed), parallel.batch_sharded(trainer.mesh)
+    return {name: jax.device_put(rng.integers(0, 256, shape, dtype=np.uint8), sharding)
+            for name in ('view1', 'view2')}
