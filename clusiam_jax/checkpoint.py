@@ -141,6 +141,9 @@ class Checkpointer:
             return
         key = min(differ, key=lambda k: (not k.startswith('params/'), k))
         hint = '; optim.name or optim.fix_pred_lr changed?' if key.startswith('opt_state/') else ''
+        if not partial and not any(k.startswith('opt_state/') for k in have):
+            hint = ('; it holds weights only (convert from-torch): train from them in a new '
+                    '--workdir with train.init_from')
         raise ConfigError(f'the checkpoint at step {step} in {self.directory} holds a '
                           f'different model or optimizer than this config ({key}: stored '
                           f'{have.get(key, "absent")}, this config {want.get(key, "absent")}'
