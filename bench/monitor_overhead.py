@@ -57,7 +57,7 @@ def main():
     mon = monitor_lib.Monitor(trainer.network, trainer.mean, trainer.std, mset, trainer.mesh,
                               config.model.num_clusters, 2.0, 0)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    mon.scores(variables)   # compile, and put the images on the devices
+    mon.scores(variables)   # compile (the images went to the devices with Monitor)
     start = time.perf_counter()
     mon.scores(variables)
     monitor_s = time.perf_counter() - start
