@@ -82,15 +82,11 @@ def sample_crop(rng: np.random.Generator, height: int, width: int,
             left = int(rng.integers(0, width - w + 1))
             return top, left, h, w
     # The largest center crop with an aspect ratio inside `ratio`.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w = width
+    w, h = width, height
+    if width / height < min(ratio):
         h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
+    elif width / height > max(ratio):
         w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
 
 
@@ -98,25 +94,20 @@ def sample_view_params(rng: np.random.Generator, height: int, width: int,
                        cfg: AugmentConfig) -> ViewParams:
     """Draws one view's parameters in the original's order of operations."""
     crop = sample_crop(rng, height, width, cfg.scale, cfg.ratio)
-    jitter = {}
+    jitter = {'jitter_order': None}
     if rng.random() < cfg.jitter_p:
-        order = tuple(int(i) for i in rng.permutation(4))
         jitter = dict(
-            jitter_order=order,
+            jitter_order=tuple(int(i) for i in rng.permutation(4)),
             brightness=float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)),
             contrast=float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)),
             saturation=float(rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)),
             hue=float(rng.uniform(-cfg.hue, cfg.hue)))
     gray = bool(rng.random() < cfg.gray_p)
-    blur_sigma = None
-    if rng.random() < cfg.blur_p:
-        blur_sigma = float(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1]))
-    hflip = bool(rng.random() < cfg.hflip_p)
-    vflip = bool(rng.random() < 0.5) if cfg.vflip else False
-    rot90 = int(rng.integers(0, 4)) if cfg.rot90 else 0
-    return ViewParams(crop=crop, jitter_order=jitter.pop('jitter_order', None),
-                      gray=gray, blur_sigma=blur_sigma, hflip=hflip, vflip=vflip,
-                      rot90=rot90, **jitter)
+    blur = float(rng.uniform(*cfg.blur_sigma)) if rng.random() < cfg.blur_p else None
+    return ViewParams(crop=crop, gray=gray, blur_sigma=blur, **jitter,
+                      hflip=bool(rng.random() < cfg.hflip_p),
+                      vflip=bool(rng.random() < 0.5) if cfg.vflip else False,
+                      rot90=int(rng.integers(0, 4)) if cfg.rot90 else 0)
 
 
 # The operations: uint8 HxWx3 in, uint8 HxWx3 out.
