@@ -122,9 +122,8 @@ def run_train(args, config, overrides):
             return 0
         step = int(jax.device_get(state.step))
         if config.export.after_training:
-            from clusiam_jax.eval.atlas import write_atlas
             from clusiam_jax.export.run import export
-            out_dir = export(args.workdir, config.export, argv=args.argv, atlas=write_atlas)
+            out_dir = export(args.workdir, config.export, argv=args.argv)
             log.info('run complete: %s at step %d, exported to %s; next: %s',
                      args.workdir, step, out_dir,
                      command_hint('--mode', 'eval', 'knn', '--export', out_dir, '--splits',
@@ -149,15 +148,13 @@ def run_export(args, config, overrides):
         normalization = run_dir.Normalization(tuple(config.data.mean), tuple(config.data.std),
                                               'given on the command line')
     # Before the run's log.txt, which a refused export must not write to.
-    from clusiam_jax.eval.atlas import write_atlas
     from clusiam_jax.export import run as export_run
     with export_run.folder_lock(args.workdir, config.export, args.argv):
         log_to_workdir(args.workdir, args.argv)
         if args.config:
             log.info('export: the export section of %s; the model, image size and data '
                      "are the run's (config.json)", args.config)
-        export_run.export(args.workdir, config.export, normalization, argv=args.argv,
-                          atlas=write_atlas)
+        export_run.export(args.workdir, config.export, normalization, argv=args.argv)
     return 0
 
 

@@ -14,7 +14,8 @@ import openslide
 import pytest
 from PIL import Image
 
-from clusiam_jax.eval import atlas, tasks
+from clusiam_jax.eval import tasks
+from clusiam_jax.export import atlas
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export.palette import cluster_palette
 from clusiam_jax.slides import coords as coords_lib
@@ -321,8 +322,8 @@ def test_eval_maps_and_export_write_the_atlas(slide_export, tmp_path, monkeypatc
         def run_export(self):
             pass
     monkeypatch.setattr(export_run, 'prepare_export', lambda *args: Job())
-    export_run.export(str(tmp_path), exp, atlas=atlas.write_atlas)
+    export_run.export(str(tmp_path), exp)
     assert not (out / 'atlas').exists()
     exp.atlas = True
-    export_run.export(str(tmp_path), exp, atlas=atlas.write_atlas)
+    export_run.export(str(tmp_path), exp)
     assert (out / 'atlas' / 'index.html').is_file()

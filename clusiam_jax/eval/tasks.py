@@ -157,7 +157,7 @@ def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations
              atlas=True):
     """The cluster maps, then (with `atlas`) the atlas: its index.html under 'atlas', None
     when the export has no cluster head or no pixels."""
-    from clusiam_jax.eval.atlas import write_atlas
+    from clusiam_jax.export.atlas import write_atlas
     from clusiam_jax.export.maps import draw_export_maps
     result = {'task': 'maps', 'written': draw_export_maps(export_dir, thumbnail, downsample,
                                                           alpha, annotations=annotations)}

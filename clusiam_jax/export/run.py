@@ -20,6 +20,7 @@ from clusiam_jax.config import parse_checkpoint_choice
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.errors import ClusiamError, ConfigError, DataError
 from clusiam_jax.export import format as fmt
+from clusiam_jax.export.atlas import write_atlas
 from clusiam_jax.export.embed import Embedder, EmbedOptions, export_embeddings, group_by_slide
 from clusiam_jax.export.maps import check_thumbnail, draw_export_maps
 from clusiam_jax.export.qupath import write_export_geojson
@@ -348,10 +349,10 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     return job
 
 
-def export(workdir, exp, normalization=None, argv=None, atlas=None) -> str:
+def export(workdir, exp, normalization=None, argv=None) -> str:
     """The export action (also after training, export.after_training): embeds, then
-    writes the QuPath tiles, the cluster maps and, with export.atlas, the atlas (`atlas`:
-    eval's writer, which sits above export), holding the folder's lock; returns it."""
+    writes the QuPath tiles, the cluster maps and, with export.atlas, the atlas, holding
+    the folder's lock; returns it."""
     with folder_lock(workdir, exp, argv):
         job = prepare_export(workdir, exp, normalization)
         if exp.cluster_maps:
@@ -369,8 +370,8 @@ def export(workdir, exp, normalization=None, argv=None, atlas=None) -> str:
                                         annotations=exp.annotations or None)
                 if maps:
                     log.info('cluster maps: %s', ', '.join(maps))
-            if exp.atlas and atlas is not None:
-                atlas(job.out_dir)
+            if exp.atlas:
+                write_atlas(job.out_dir)
         except ClusiamError as e:
             raise type(e)(f'{e}; the embeddings are exported in {job.out_dir} (a rerun '
                           f'skips finished slides)') from None
