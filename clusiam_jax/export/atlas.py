@@ -1,16 +1,7 @@
-"""Cluster atlas: what each cluster *is*, shown by its most typical patches.
-
-Per cluster with patches, `<export>/atlas/cluster_<id>.png`: a caption (the cluster's map
-color, id, share of the patches, slides it appears in) over a grid of its most typical
-patches, each labelled with its slide; `<export>/atlas/index.html` shows them all by
-decreasing share. The page is self-contained (inline CSS and script, the sheets as
-files of its folder), so it opens offline from a copy of the folder.
-
-Most typical = highest softmax probability of the cluster among its patches, ranked by
-the log-odds `logit_c - logsumexp(other logits)`, which does not saturate at 1.0 in
-float32. At most ceil(N / slides holding candidates) patches come from one slide while
-other slides have some left. Patches are read as the export saw them: the level-0 square
-at the tiling's coordinates of the slide, or the patch files of `paths`.
+"""Cluster atlas: `<export>/atlas/cluster_<id>.png` per cluster (its color, id, share and
+slides over a grid of its most typical patches) and a self-contained index.html. Typical
+= highest log-odds `logit_c - logsumexp(other logits)` (no float32 saturation at 1.0),
+at most ceil(N / slides) per slide while other slides have candidates left.
 """
 import collections
 import dataclasses
@@ -28,9 +19,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
-from clusiam_jax.export.maps import share_text
+from clusiam_jax.export.maps import exported_slide, share_text
 from clusiam_jax.export.palette import palette_for
 from clusiam_jax.fileio import atomic_write, write_text
+from clusiam_jax.slides.reader import read_patch
 
 log = logging.getLogger('clusiam_jax')
 
@@ -110,8 +102,6 @@ def choose(candidates, n):
     return sorted(taken, key=lambda p: (-p.score, p.slide_id, p.index))
 
 
-# ---------------------------------------------------------------------- reading
-
 def _export_slides(out_dir, rows):
     """(slide_id, arrays) per manifest row, one slide in memory at a time (an npz export
     is read once)."""
@@ -135,29 +125,11 @@ def _readable(arrays):
 
 def _read_slide_patches(slide_id, info, picks, tile):
     """{index: uint8 [tile, tile, 3]} of the picks of one slide, read from the slide."""
-    import openslide
-
-    from clusiam_jax.slides import reader
-    path = info['slide_path']
-    fix = f'move the slide back to {path}, or draw the atlas where the slides are'
-    try:
-        slide = reader.open_slide(path)
-    except DataError as e:
-        raise DataError(f'atlas: cannot read slide {slide_id} ({e}); {fix}') from None
-    with slide:
-        dimensions = info.get('level0_dimensions')
-        if dimensions is not None and tuple(slide.dimensions) != tuple(dimensions):
-            raise DataError(f'atlas: {path} is {slide.dimensions[0]} x {slide.dimensions[1]} '
-                            f'px but slide {slide_id} was exported from a {dimensions[0]} x '
-                            f'{dimensions[1]} px slide (another file under that name?); {fix}')
-        try:
-            return {pick.index: reader.read_patch(slide, *(int(v) for v in
-                                                           info['coords'][pick.index]),
-                                                  float(info['patch_size']), tile)
-                    for pick in picks}
-        except (openslide.OpenSlideError, ValueError) as e:
-            raise DataError(f"atlas: reading slide {slide_id} ({path}) failed "
-                            f"({' '.join(str(e).split())}); {fix}") from None
+    fix = f"move the slide back to {info['slide_path']}, or draw the atlas where the slides are"
+    with exported_slide('atlas', slide_id, info['slide_path'], info.get('level0_dimensions'),
+                        fix) as slide:
+        return {p.index: read_patch(slide, *(int(v) for v in info['coords'][p.index]),
+                                    float(info['patch_size']), tile) for p in picks}
 
 
 def _read_patch_files(info, picks, tile, unreadable):
@@ -202,8 +174,6 @@ def _where(pick, info):
         return f'{pick.slide_id} · {x}, {y}'
     return f"{pick.slide_id} · {os.path.basename(str(info['paths'][pick.index]))}"
 
-
-# ---------------------------------------------------------------------- drawing
 
 def _hex(color):
     return '#' + ''.join(f'{int(v):02x}' for v in color)
@@ -264,8 +234,6 @@ def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS
                   fill=(120, 120, 120), font=text_font, anchor='lm')
     return sheet, boxes
 
-
-# ------------------------------------------------------------------------ atlas
 
 def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
     """Writes `<out_dir>/atlas/`: cluster_<id>.png per cluster with patches and
@@ -352,8 +320,6 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
     log.info('cluster atlas: %s (%d clusters)', atlas.index, len(entries))
     return atlas
 
-
-# ------------------------------------------------------------------------- page
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial,

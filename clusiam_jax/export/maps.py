@@ -2,6 +2,7 @@
 at `downsample` level-0 px per map pixel, with a title band above (the map shifted down
 by `header_height`) and a legend on the right, their fonts growing with the map. Each PNG
 records what it was drawn over, so a mosaic map never replaces one over a slide."""
+import contextlib
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export.palette import palette_for
 from clusiam_jax.fileio import atomic_write
+from clusiam_jax.slides import reader
 
 log = logging.getLogger('clusiam_jax')
 
@@ -255,32 +257,25 @@ def _open_thumbnail(path, downsample):
         raise DataError(f'thumbnail {path} is not a readable image ({e})') from None
 
 
-def _slide_thumbnail(slide_id, path, dimensions, max_side):
-    """(thumbnail, downsample) of the slide an export was made from, its longest side at
-    most `max_side`; DataError naming the slide, the file and the fix when unreadable."""
+@contextlib.contextmanager
+def exported_slide(what, slide_id, path, dimensions, fix):
+    """The slide an export was made from, open; DataError naming it, its file and `fix`
+    when it is unreadable or not the size it was exported at."""
     import openslide
-
-    from clusiam_jax.slides import reader
-    fix = (f'move the slide back to {path}, or give its thumbnail and downsample '
-           f'(export.thumbnail and export.thumbnail_downsample, or maps --thumbnail and '
-           f'--downsample)')
     try:
         slide = reader.open_slide(path)
     except DataError as e:
-        raise DataError(f'cluster map of slide {slide_id}: cannot read the slide it was '
-                        f'exported from ({e}); {fix}') from None
-    try:
+        raise DataError(f'{what}: cannot read slide {slide_id} ({e}); {fix}') from None
+    with slide:
         if dimensions is not None and tuple(slide.dimensions) != tuple(dimensions):
-            raise DataError(
-                f'cluster map of slide {slide_id}: {path} is {slide.dimensions[0]} x '
-                f'{slide.dimensions[1]} px but the export was made from a {dimensions[0]} x '
-                f'{dimensions[1]} px slide (another file under that name?); {fix}')
-        return reader.thumbnail_for_side(slide, max_side)
-    except (openslide.OpenSlideError, ValueError) as e:   # ValueError: a damaged TIFF tile
-        raise DataError(f"cluster map of slide {slide_id}: reading {path} failed "
-                        f"({' '.join(str(e).split())}); {fix}") from None
-    finally:
-        slide.close()
+            raise DataError(f'{what}: {path} is {slide.dimensions[0]} x {slide.dimensions[1]} '
+                            f'px but slide {slide_id} was exported from a {dimensions[0]} x '
+                            f'{dimensions[1]} px slide (another file under that name?); {fix}')
+        try:
+            yield slide
+        except (openslide.OpenSlideError, ValueError) as e:   # ValueError: a damaged tile
+            raise DataError(f"{what}: reading slide {slide_id} ({path}) failed "
+                            f"({' '.join(str(e).split())}); {fix}") from None
 
 
 def map_title(slide_id, step=None, num_clusters=None, workdir=None):
@@ -350,8 +345,12 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
             thumb, scale = _open_thumbnail(thumb_path, downsample), downsample
             drawn_over = 'thumbnail'
         elif arrays.get('slide_path'):
-            thumb, scale = _slide_thumbnail(slide_id, arrays['slide_path'], dimensions,
-                                            int(max_side))
+            fix = (f"move the slide back to {arrays['slide_path']}, or give its thumbnail and "
+                   f'downsample (export.thumbnail and export.thumbnail_downsample, or maps '
+                   f'--thumbnail and --downsample)')
+            with exported_slide('cluster map', slide_id, arrays['slide_path'], dimensions,
+                                fix) as slide:
+                thumb, scale = reader.thumbnail_for_side(slide, int(max_side))
             drawn_over = 'slide'
         path = fmt.map_file(out_dir, row)
         os.makedirs(os.path.dirname(path), exist_ok=True)
