@@ -15,6 +15,7 @@ from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export.palette import palette_for
 from clusiam_jax.fileio import atomic_write
+from clusiam_jax.slides import annotations as ann_lib
 from clusiam_jax.slides import reader
 
 log = logging.getLogger('clusiam_jax')
@@ -24,14 +25,6 @@ BACKGROUND_KEY = 'clusiam_background'
 BACKGROUNDS = ('slide', 'thumbnail', 'mosaic')
 MOSAIC_SUFFIX = '.mosaic.png'
 LEGEND_HEADER = 'cluster: patches (share)'
-
-
-def _cell_bounds(coords, patch_size, downsample):
-    """Map-pixel [x0, x1) x [y0, y1) of each patch, at least one pixel; floor keeps
-    neighbours gap-free."""
-    start = np.floor(np.asarray(coords, np.float64) / downsample).astype(np.int64)
-    end = np.floor((np.asarray(coords, np.float64) + patch_size) / downsample).astype(np.int64)
-    return start, np.maximum(end, start + 1)
 
 
 def legend_font_size(map_height):
@@ -135,19 +128,11 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
                      slide_dimensions=None, alpha=0.5, background=(255, 255, 255),
                      num_clusters=None, legend=True, max_side=2048, out_path=None,
                      title=None, png_text=None, annotations=None):
-    """Paints every patch's cell ([N, 2] level-0 `coords`, `patch_size` level-0 px) in
-    its cluster's color, blended `(1 - alpha) * under + alpha * color` over `thumbnail`
-    (PIL image or array) or a `background` canvas; returns the uint8 RGB image.
-
-    `downsample` (level-0 px per map pixel) defaults to slide_dimensions[0] / thumbnail
-    width, or, on a canvas (sized by `slide_dimensions`, else by the patches' extent), to
-    what keeps its longest side at most `max_side`. Cluster c gets color c % K of
-    `palette_for(K)`, K = `num_clusters` or max id + 1. `legend`: a panel on the right in
-    decreasing share (legend_order); `title`: a band above; `annotations`: slides'
-    Annotation polygons outlined on top. `out_path`: saved as PNG recording what it was
-    drawn over, the map's top row and the downsample, plus `png_text`.
-    """
-    coords = np.asarray(coords)
+    """uint8 RGB: each patch's cell blended `(1 - alpha) * under + alpha * color` over
+    `thumbnail` or a `background` canvas (sized by `slide_dimensions`, else the patches'
+    extent, at most `max_side`); `out_path` records what it was drawn over, the map's top
+    row and the downsample in the PNG."""
+    coords = np.asarray(coords, np.float64)
     cluster_ids = np.asarray(cluster_ids).astype(np.int64)
     if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != cluster_ids.shape[0]:
         raise DataError(f'coords {coords.shape} must be [N, 2] with N = {cluster_ids.shape[0]} '
@@ -181,7 +166,9 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
     k = int(num_clusters) if num_clusters else int(cluster_ids.max(initial=0)) + 1
     palette = palette_for(k)
     label = np.full((height, width), -1, np.int64)   # -1: no patch; then one blend
-    start, end = _cell_bounds(coords, patch_size, downsample)
+    # Map-pixel [x0, x1) x [y0, y1), at least one pixel; floor keeps neighbours gap-free.
+    start = np.floor(coords / downsample).astype(np.int64)
+    end = np.maximum(np.floor((coords + patch_size) / downsample).astype(np.int64), start + 1)
     for (x0, y0), (x1, y1), cid in zip(start, end, cluster_ids):
         label[max(y0, 0):min(y1, height), max(x0, 0):min(x1, width)] = cid % k
     painted = label >= 0
@@ -189,8 +176,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
     image[painted] = np.round((1 - alpha) * base[painted].astype(np.float64)
                               + alpha * palette[label[painted]]).astype(np.uint8)
     if annotations:
-        from clusiam_jax.slides.annotations import draw_contours
-        image = draw_contours(image, annotations, downsample)
+        image = ann_lib.draw_contours(image, annotations, downsample)
 
     if legend and cluster_ids.size:
         ids, counts = legend_order(*np.unique(cluster_ids, return_counts=True))
@@ -219,6 +205,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
         Image.fromarray(image).save(out_path, format='PNG', pnginfo=info)
     return image
 
+
 def check_thumbnail(thumbnail, n_slides):
     """ConfigError when `thumbnail` is missing, or one file for several slides (checked
     before an export embeds anything)."""
@@ -231,30 +218,14 @@ def check_thumbnail(thumbnail, n_slides):
                           f'{n_slides} slides: give a folder of <slide_id>.png thumbnails')
 
 
-def find_thumbnail(thumbnail, slide_id, n_slides):
+def find_thumbnail(thumbnail, slide_id):
     """`thumbnail` itself when a file (one-slide exports), else
     `<thumbnail>/<slide_id>[_thumb].<ext>`; None if absent."""
-    if not thumbnail:
-        return None
-    check_thumbnail(thumbnail, n_slides)
     if os.path.isfile(thumbnail):
         return thumbnail
-    for stem in (slide_id, slide_id + '_thumb'):
-        for ext in THUMBNAIL_EXTENSIONS:
-            path = os.path.join(thumbnail, stem + ext)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def _open_thumbnail(path, downsample):
-    if not downsample or downsample <= 0:
-        raise ConfigError('a thumbnail needs its downsample (level-0 pixels per thumbnail '
-                          'pixel: export.thumbnail_downsample, or --downsample)')
-    try:
-        return Image.open(path).convert('RGB')
-    except OSError as e:  # PIL's UnidentifiedImageError is one
-        raise DataError(f'thumbnail {path} is not a readable image ({e})') from None
+    paths = (os.path.join(thumbnail, stem + ext) for stem in (slide_id, slide_id + '_thumb')
+             for ext in THUMBNAIL_EXTENSIONS)
+    return next((path for path in paths if os.path.isfile(path)), None)
 
 
 @contextlib.contextmanager
@@ -278,14 +249,6 @@ def exported_slide(what, slide_id, path, dimensions, fix):
                             f"({' '.join(str(e).split())}); {fix}") from None
 
 
-def map_title(slide_id, step=None, num_clusters=None, workdir=None):
-    """`<slide> · step <step> · K=<K> · run <workdir name>`, without what is unknown."""
-    parts = [str(slide_id), step is not None and f'step {step}',
-             num_clusters and f'K={num_clusters}',
-             workdir and f'run {os.path.basename(os.path.normpath(str(workdir)))}']
-    return ' · '.join(p for p in parts if p)
-
-
 def mosaic_path(path):
     """Where a mosaic map goes: `path`, unless the map there was drawn over a slide or
     thumbnail (or by an older version), which is kept: then `<stem>.mosaic.png`."""
@@ -302,30 +265,12 @@ def mosaic_path(path):
     return other
 
 
-def _slide_annotations(folder, slide_id):
-    if not folder:
-        return None
-    from clusiam_jax.slides import annotations
-    path = annotations.find_annotation_file(folder, slide_id)
-    if path is None:
-        log.info('cluster maps: no annotation file for %s in %s', slide_id, folder)
-        return None
-    return annotations.read_annotations(path)
-
-
 def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_side=2048,
                      annotations=None):
-    """Draws `<out_dir>/cluster_maps/<slide>.png` for every slide with coordinates and
-    cluster ids; returns the paths written.
-
-    Each map is drawn over the slide's thumbnail file found in `thumbnail` (with
-    `downsample`, level-0 px per thumbnail pixel), else the slide the export was made
-    from, read at at most `max_side` px (DataError when it is gone: never a blank
-    canvas), else (patch exports) a mosaic canvas, which goes to `<stem>.mosaic.png`
-    rather than replace a map over a slide or thumbnail. The title names the slide, the
-    step, K and the run; `annotations`: a folder of `<slide_id>.geojson|.json|.xml`
-    outlined on the map of their slide.
-    """
+    """`<out_dir>/cluster_maps/<slide>.png` of every slide with coordinates and cluster ids
+    (returns their paths), over its thumbnail in `thumbnail`, else its slide (DataError when
+    gone: never a blank canvas), else (patch exports) a mosaic canvas; `annotations`: a
+    folder of annotation files outlined on their slide's map."""
     if annotations and not os.path.isdir(annotations):
         raise ConfigError(f'annotations folder not found: {annotations}')
     if downsample is not None and downsample <= 0:
@@ -334,15 +279,24 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
     if int(max_side) < 16:
         raise ConfigError(f"the cluster map's max_side must be at least 16 px; got {max_side}")
     info = fmt.read_export_info(out_dir)
-    n_slides = len(fmt.read_export_manifest(out_dir))
+    check_thumbnail(thumbnail, len(fmt.read_export_manifest(out_dir)))
+    run = info.get('workdir') and f"run {os.path.basename(os.path.normpath(info['workdir']))}"
     written = []
     for row, arrays, known, k in fmt.clustered_slides(out_dir, 'cluster maps'):
         slide_id = row['slide_id']
-        thumb_path = find_thumbnail(thumbnail, slide_id, n_slides)
+        thumb_path = thumbnail and find_thumbnail(thumbnail, slide_id)
         dimensions = arrays.get('level0_dimensions')
         thumb, scale, drawn_over = None, None, 'mosaic'
         if thumb_path:
-            thumb, scale = _open_thumbnail(thumb_path, downsample), downsample
+            if not downsample:
+                raise ConfigError('a thumbnail needs its downsample (level-0 pixels per '
+                                  'thumbnail pixel: export.thumbnail_downsample, or '
+                                  '--downsample)')
+            try:
+                thumb, scale = Image.open(thumb_path).convert('RGB'), downsample
+            except OSError as e:  # PIL's UnidentifiedImageError is one
+                raise DataError(f'thumbnail {thumb_path} is not a readable image ({e})') \
+                    from None
             drawn_over = 'thumbnail'
         elif arrays.get('slide_path'):
             fix = (f"move the slide back to {arrays['slide_path']}, or give its thumbnail and "
@@ -356,8 +310,15 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if drawn_over == 'mosaic':
             path = mosaic_path(path)
-        title = map_title(slide_id, info.get('checkpoint_step'), k, info.get('workdir'))
-        contours = _slide_annotations(annotations, slide_id)
+        step = info.get('checkpoint_step')
+        title = ' · '.join(p for p in (slide_id, step is not None and f'step {step}',
+                                       k and f'K={k}', run) if p)
+        contours = None
+        if annotations:   # outlined on the map of their slide
+            found = ann_lib.find_annotation_file(annotations, slide_id)
+            if found is None:
+                log.info('cluster maps: no annotation file for %s in %s', slide_id, annotations)
+            contours = found and ann_lib.read_annotations(found)
         with atomic_write(path) as tmp:
             draw_cluster_map(arrays['coords'][known], arrays['cluster_ids'][known],
                              arrays.get('patch_size') or 224, thumbnail=thumb,
