@@ -1,15 +1,13 @@
-"""Packing a patch source into a TFDS dataset of ArrayRecord shards, and reading it back
-(tensorflow-datasets, no TensorFlow).
+"""Packing a patch source into a TFDS dataset of ArrayRecord shards, and reading it back.
 
-Each example holds the encoded image, ``path``, ``slide_id``, ``label`` ('' when unknown)
-and ``x``, ``y`` (-1 when unknown). RGB 8-bit PNG and JPEG files are stored byte for byte,
-anything else as a lossless RGB PNG, so every image decodes to the pixels training would
-read from the file. Unreadable files are listed in ``skipped_files.txt``. Examples keep
-the source's order, so row i of ``records.csv`` beside the shards is example i.
+RGB 8-bit PNG and JPEG files are stored byte for byte, anything else as a lossless RGB PNG, so
+every image decodes to the pixels training would read from the file. Examples keep the source's
+order: row i of ``records.csv`` beside the shards is example i.
 """
+import contextlib
 import io
 import os
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,16 +28,9 @@ def _stored_bytes(path: str) -> bytes:
     with open(path, 'rb') as f:
         data = f.read()
     rgb = image_io.decode_rgb(data)  # validates; raises BadImageError
-    if data.startswith(b'\xff\xd8\xff'):
-        # JPEG: kept only when it is 3-channel 8-bit, which decodes to the same pixels.
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                if im.mode == 'RGB':
-                    return data
-        except Exception:  # decode_rgb succeeded, PIL's opinion is secondary
-            pass
-    elif data.startswith(b'\x89PNG\r\n\x1a\n'):
-        with Image.open(io.BytesIO(data)) as im:
+    if data.startswith((b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n')):
+        # Kept only when 3-channel 8-bit, which decodes to the same pixels.
+        with contextlib.suppress(Exception), Image.open(io.BytesIO(data)) as im:
             if im.mode == 'RGB':
                 return data
     buf = io.BytesIO()
@@ -53,8 +44,7 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'First version.'}
 
-    def __init__(self, *, records: Optional[List[records_lib.PatchRecord]] = None,
-                 **kwargs):
+    def __init__(self, *, records: List[records_lib.PatchRecord], **kwargs):
         self._source_records = records
         self.skipped: List[str] = []
         self.written: List[records_lib.PatchRecord] = []
@@ -68,12 +58,8 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
                 'image': tfds.features.Image(shape=(None, None, 3)),
-                'path': tfds.features.Text(),
-                'slide_id': tfds.features.Text(),
-                'label': tfds.features.Text(),
-                'x': np.int64,
-                'y': np.int64,
-            }),
+                **{k: tfds.features.Text() for k in ('path', 'slide_id', 'label')},
+                'x': np.int64, 'y': np.int64}),
             disable_shuffling=True,  # example i == manifest row i
             description='Histopathology patches packed for clusiam_jax.',
         )
@@ -83,8 +69,6 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
         return {'train': self._generate_examples()}
 
     def _generate_examples(self):
-        if self._source_records is None:
-            raise ValueError('ClusiamPatches needs records=... to be built')
         for index, rec in enumerate(tqdm.tqdm(self._source_records, desc='packing patches',
                                               unit='patch', mininterval=1.0)):
             try:
@@ -93,14 +77,9 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
                 self.skipped.append(f'{rec.path}\t{e}')
                 continue
             self.written.append(rec)
-            yield index, {
-                'image': data,
-                'path': rec.path,
-                'slide_id': rec.slide_id or '',
-                'label': rec.label or '',
-                'x': -1 if rec.x is None else rec.x,
-                'y': -1 if rec.y is None else rec.y,
-            }
+            yield index, {'image': data, 'path': rec.path, 'slide_id': rec.slide_id or '',
+                          'label': rec.label or '', 'x': -1 if rec.x is None else rec.x,
+                          'y': -1 if rec.y is None else rec.y}
 
 
 def build_dataset(source: str, out_dir: str) -> str:
@@ -115,18 +94,17 @@ def build_dataset(source: str, out_dir: str) -> str:
         raise DataError(f'a dataset is already built at {builder.data_dir}; '
                         f'remove it or choose another --out')
     builder.download_and_prepare()
-    dataset_dir = builder.data_dir
     if not builder.written:
         raise DataError(f'no readable image in {source}')
-    records_lib.write_patch_manifest(builder.written,
-                               os.path.join(dataset_dir, records_lib.DATASET_MANIFEST))
-    fileio.write_text(os.path.join(dataset_dir, SKIPPED_FILE),
+    records_lib.write_patch_manifest(
+        builder.written, os.path.join(builder.data_dir, records_lib.DATASET_MANIFEST))
+    # The unreadable files, one per line with the reason.
+    fileio.write_text(os.path.join(builder.data_dir, SKIPPED_FILE),
                       ''.join(line + '\n' for line in builder.skipped))
-    return dataset_dir
+    return builder.data_dir
 
 
 def open_data_source(dataset_dir: str):
     """The train split as a random-access sequence of dicts, image left encoded."""
     builder = tfds.builder_from_directory(dataset_dir)
-    return builder.as_data_source(split='train',
-                                  decoders={'image': tfds.decode.SkipDecoding()})
+    return builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
