@@ -3,7 +3,6 @@
 QuPath (File > Import objects). Coordinates are level-0 pixels, as QuPath's."""
 import json
 import os
-from typing import List
 
 import numpy as np
 
@@ -31,53 +30,27 @@ def write_cluster_geojson(path: str, coords: np.ndarray, patch_size_level0: floa
     """One Feature per patch: a closed square in level-0 pixels with `objectType` 'tile',
     `classification` {name 'cluster c', color palette[c % K]}, `cluster` and `slide_id`;
     written compactly (slides have 100k tiles)."""
-    coords = np.asarray(coords)
-    cluster_ids = np.asarray(cluster_ids).reshape(-1)
-    palette = np.asarray(palette)
-    _check_tiles(path, coords, cluster_ids, palette, patch_size_level0)
-    size = float(patch_size_level0)
-    colors = [[int(v) for v in row] for row in palette[:, :3]]
-    with atomic_write(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
-        f.write('{"type":"FeatureCollection","features":[')
-        for i, ((x, y), cluster) in enumerate(zip(coords.tolist(), cluster_ids.tolist())):
-            if i:
-                f.write(',')
-            f.write(json.dumps(_tile_feature(float(x), float(y), size, int(cluster),
-                                             colors[int(cluster) % len(colors)], slide_id),
-                               separators=(',', ':')))
-        f.write(']}')
-
-
-def _check_tiles(path: str, coords: np.ndarray, cluster_ids: np.ndarray, palette: np.ndarray,
-                 patch_size_level0: float) -> None:
-    """Refuses arrays that would write a wrong map, patches without coordinates (-1, in
-    an export of a patch folder) included."""
-    if coords.ndim != 2 or coords.shape[1] != 2:
-        raise ValueError(f'coords must be [N, 2], got shape {coords.shape}')
-    if len(cluster_ids) != len(coords):
-        raise ValueError(f'{len(coords)} coords but {len(cluster_ids)} cluster ids')
-    if palette.ndim != 2 or palette.shape[0] == 0 or palette.shape[1] < 3:
-        raise ValueError(f'palette must be [K, 3] with K >= 1, got shape {palette.shape}')
-    if not float(patch_size_level0) > 0:
-        raise ValueError(f'patch_size_level0 must be positive, got {patch_size_level0}')
-    if len(cluster_ids) and cluster_ids.min() < 0:
-        raise ValueError(f'cluster ids must be >= 0, got {cluster_ids.min()}')
-    if (coords < 0).any():
+    coords, cluster_ids = np.asarray(coords), np.asarray(cluster_ids).reshape(-1)
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(cluster_ids) != len(coords):
+        raise ValueError(f'coords {coords.shape} must be [N, 2], N = {len(cluster_ids)} ids')
+    if (coords < 0).any():   # an export of a patch folder
         unknown = int((coords < 0).any(axis=1).sum())
         raise DataError(f'{path}: {unknown} patches have no level-0 coordinates (-1); a '
                         f'cluster GeoJSON needs patches tiled from a slide')
+    size = float(patch_size_level0)
+    colors = [[int(v) for v in row] for row in np.asarray(palette)[:, :3]]
 
+    def number(value):   # an int when whole (most tiles): keeps the files small
+        return int(value) if float(value).is_integer() else round(float(value), 3)
 
-def _tile_feature(x: float, y: float, size: float, cluster: int, color: List[int],
-                  slide_id: str) -> dict:
-    x0, y0, x1, y1 = (_number(v) for v in (x, y, x + size, y + size))
-    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-    return {'type': 'Feature', 'geometry': {'type': 'Polygon', 'coordinates': [ring]},
-            'properties': {'objectType': 'tile',
-                           'classification': {'name': f'cluster {cluster}', 'color': color},
-                           'cluster': cluster, 'slide_id': slide_id}}
-
-
-def _number(value: float):
-    """An int when whole (most tiles), else 3 decimals: keeps 100k-tile files small."""
-    return int(value) if float(value).is_integer() else round(float(value), 3)
+    with atomic_write(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        f.write('{"type":"FeatureCollection","features":[')
+        for i, ((x, y), cluster) in enumerate(zip(coords.tolist(), map(int, cluster_ids.tolist()))):
+            x0, y0, x1, y1 = (number(v) for v in (x, y, float(x) + size, float(y) + size))
+            feature = {'type': 'Feature', 'geometry': {'type': 'Polygon', 'coordinates': [
+                [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+                'properties': {'objectType': 'tile', 'classification': {
+                    'name': f'cluster {cluster}', 'color': colors[cluster % len(colors)]},
+                    'cluster': cluster, 'slide_id': slide_id}}
+            f.write((',' if i else '') + json.dumps(feature, separators=(',', ':')))
+        f.write(']}')
