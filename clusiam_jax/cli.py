@@ -1,12 +1,10 @@
 """The command line: runs one action per command (the modes and their flags: cli_args.py).
 
-Bad input ends in one `error:` line and exit status 2; a disk or folder that fails under
-a command (full, read-only, deleted while it runs) in one `error:` line naming the file
-and exit status 1. One command at a time per work directory, tiling output and export
-folder: a second one is refused (exit 2) naming the first (clusiam_jax/workdir_lock.py).
-A training run stopped by SIGTERM exits 0 (a scheduler's notice: the run is resumable,
-with a checkpoint when training had started); by Ctrl-C, 130. Other actions stopped by a
-signal exit 128 + the signal number, as a killed command does.
+Bad input ends in one `error:` line and exit status 2; a disk or folder failing under the
+command (full, read-only, deleted) in one naming the file and status 1. A second command on a
+work directory, tiling output or export folder is refused (2) naming the first (workdir_lock).
+SIGTERM ends training with 0 (resumable, with a checkpoint once training started), Ctrl-C
+with 130; other actions stopped by a signal exit 128 + the signal number, as a killed one does.
 """
 import contextlib
 import logging
@@ -14,15 +12,14 @@ import os
 import signal
 import sys
 
-from clusiam_jax import errors, fileio, interrupts
+from clusiam_jax import errors, fileio, interrupts, workdir_lock
 from clusiam_jax.cli_args import command_hint, mode_of, parse
 
 log = logging.getLogger('clusiam_jax')
 
 LOG_NAME = 'log.txt'
 EXIT_BAD_INPUT = 2
-# The disk or a folder failed under the command (full, read-only, deleted): not the
-# command's input, so not 2; starting it again once that is fixed resumes the work.
+# Not the command's input: starting it again once the disk or folder is fixed resumes the work.
 EXIT_ENVIRONMENT = 1
 
 
@@ -40,15 +37,11 @@ class _ConsoleHandler(logging.Handler):
 
 
 def setup_logging():
-    """The project's INFO lines on the console; other libraries' WARNING and above only
-    (JAX's backend probing and orbax's per-save lines are INFO)."""
+    """The project's INFO lines on the console; other libraries' (JAX's backend probing,
+    orbax's saves) from WARNING up."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, _ConsoleHandler):
-            root.removeHandler(handler)
     handler = _ConsoleHandler()
-    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s',
-                                           '%H:%M:%S'))
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S'))
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
@@ -72,8 +65,7 @@ class _RunLogFile(logging.FileHandler):
 
 
 def log_to_workdir(workdir: str, argv):
-    """Appends this command's log to <workdir>/log.txt (process 0 of a run), starting with
-    the command itself."""
+    """Appends this command's log, from the command line on, to <workdir>/log.txt."""
     path = os.path.abspath(os.path.join(workdir, LOG_NAME))
     root = logging.getLogger()
     if any(getattr(h, 'baseFilename', None) == path for h in root.handlers):
@@ -96,16 +88,12 @@ def is_distributed(config) -> bool:
 
 
 def run_train(args, config, overrides):
-    from clusiam_jax.config import validate
-    validate(config)  # before anything is created (train() checks the device count too)
     fileio.writable_folder(args.workdir, '--workdir')
     if is_distributed(config):
         # Before anything touches a device: one process per host joins the run.
         from clusiam_jax.parallel import initialize_distributed
         initialize_distributed()
     import jax
-
-    from clusiam_jax import workdir_lock
     main_process = jax.process_index() == 0
     # One run per work directory (process 0 holds it for the run's processes), export
     # after training included; before log.txt, which a refused start must not touch.
@@ -136,8 +124,6 @@ def run_train(args, config, overrides):
 
 def run_export(args, config, overrides):
     from clusiam_jax import run_dir
-    from clusiam_jax.config import validate
-    validate(config, check_data_path=False)
     run_dir.read_run_config(args.workdir)  # one line if it is not a run
     given = {k for k, _ in overrides}
     normalization = None
@@ -159,27 +145,21 @@ def run_export(args, config, overrides):
 
 
 def run_tile(args, config, overrides):
-    from clusiam_jax.config import validate_tile
-    validate_tile(config.tile)
-    fileio.writable_folder(config.tile.out_dir, '--config.tile.out_dir')
-    from clusiam_jax import workdir_lock
+    t = config.tile
+    fileio.writable_folder(t.out_dir, '--config.tile.out_dir')
     from clusiam_jax.slides import tiling
-    with workdir_lock.hold(config.tile.out_dir, '--config.tile.out_dir', args.argv):
-        log_to_workdir(config.tile.out_dir, args.argv)
-        entries = tiling.list_slides(config.tile.slides)
-        params = tiling.TileParams.from_config(config.tile)
-        rows = tiling.tile_slides(entries, params, config.tile.out_dir,
-                                  num_workers=int(config.tile.num_workers))
+    with workdir_lock.hold(t.out_dir, '--config.tile.out_dir', args.argv):
+        log_to_workdir(t.out_dir, args.argv)
+        rows = tiling.tile_slides(tiling.list_slides(t.slides), tiling.TileParams.from_config(t),
+                                  t.out_dir, num_workers=int(t.num_workers))
     n_ok = sum(r['status'] == tiling.TILED for r in rows)
-    print(f'{n_ok} of {len(rows)} slides tiled into {config.tile.out_dir}; train on them: '
+    print(f'{n_ok} of {len(rows)} slides tiled into {t.out_dir}; train on them: '
           + command_hint('--config', 'configs/clubyol.py', '--workdir', 'RUN',
-                         f'--config.data.path={config.tile.out_dir}'))
+                         f'--config.data.path={t.out_dir}'))
     return 0
 
 
 def run_build_dataset(args, config, overrides):
-    from clusiam_jax.config import validate
-    validate(config)
     fileio.writable_folder(args.out, '--out')
     from clusiam_jax import data
     path = data.build_dataset(config.data.path, args.out)

@@ -38,15 +38,15 @@ MODES = {
 }
 CONFIG_MODES = ('train', 'export', 'build_dataset', 'tile')
 EVAL_TASKS = ('knn', 'linear', 'dsmil', 'abmil', 'clusters', 'meanpool', 'maps')
-# Why an action refuses the config keys it does not read.
-_UNUSED = {
-    'tile': 'tiling takes --config.tile.* only',
-    'build_dataset': 'it packs --config.data.path into --out',
+# The config keys each action reads (its --help), and why it refuses the others.
+_READS = {
+    'tile': 'tiling reads --config.tile.* only',
+    'build_dataset': 'it reads --config.data.path only, packed into --out',
     'export': "the run's config.json fixes the model, the image size and the data; export "
-              'takes --config.export.* (e.g. export.data_path, export.image_size) and, for '
+              'reads --config.export.* (e.g. export.data_path, export.image_size) and, for '
               'runs that record no normalization, --config.data.mean/std',
-    'train': 'the export section is used only with export.after_training=True (or by '
-             '--mode export)',
+    'train': 'training reads every key but export.*, used only with '
+             'export.after_training=True (or by --mode export)',
 }
 
 
@@ -128,21 +128,13 @@ def _used(mode: str, key: str, config) -> bool:
 
 # ------------------------------------------------------------------------ the flags
 
-def _flags_of(parser) -> set:
-    """Every option string of `parser` and of its subcommands."""
-    flags = set()
-    for action in parser._actions:
-        flags.update(action.option_strings)
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                flags |= _flags_of(sub)
-    return flags
-
-
 def _refuse_unknown_flags(parser, argv):
     """A misspelt flag is named, with the closest one (argparse would first complain
     about the required flag it hides, e.g. --workdir behind --workdri)."""
-    known = _flags_of(parser)
+    parsers = [parser] + [sub for action in parser._actions
+                          if isinstance(action, argparse._SubParsersAction)
+                          for sub in action.choices.values()]
+    known = {flag for p in parsers for action in p._actions for flag in action.option_strings}
     for arg in argv:
         if not arg.startswith('--') or arg == '--':
             continue
@@ -237,13 +229,8 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
         parser.add_argument('--config', required=mode == 'train',
                             help='recipe file, configs/<recipe>.py'
                                  + ('' if mode == 'train' else ' (optional: defaults)'))
-        parser.epilog = (f'Config keys: --config.<section>.<key>=VALUE; {mode} reads '
-                         + {'train': 'every key but export.* (unless '
-                                     'export.after_training=True)',
-                            'export': 'export.* (and data.mean/std for a run that records '
-                                      'no normalization)',
-                            'build_dataset': 'data.path', 'tile': 'tile.*'}[mode]
-                         + '. clusiam_jax/config.py lists them.')
+        parser.epilog = ('Config keys: --config.<section>.<key>=VALUE (clusiam_jax/config.py '
+                         f'lists them); {_READS[mode]}.')
     if mode in ('train', 'export'):
         parser.add_argument('--workdir', required=True,
                             help='work directory of the run' if mode == 'train' else
@@ -282,8 +269,8 @@ def mode_of(argv) -> str:
 
 
 def parse(argv):
-    """(mode, args, config or None, overrides): the config with the overrides applied and
-    every override the action would not read refused."""
+    """(mode, args, config or None, overrides): the config with the overrides applied,
+    validated, and every override the action would not read refused."""
     mode_parser = _Parser(prog=program_name(), add_help=False)
     mode_parser.add_argument('--mode', choices=list(MODES), default=None)
     mode_parser.add_argument('-h', '--help', action='store_true')
@@ -302,12 +289,16 @@ def parse(argv):
             raise errors.ConfigError(f'--mode {mode} takes no config '
                                      f'(--config.{overrides[0][0]}=...)')
         return mode, args, None, overrides
-    from clusiam_jax.config import default_config, override
+    from clusiam_jax.config import default_config, override, validate, validate_tile
     config = load_config_file(args.config) if args.config else default_config()
     for key, text in overrides:
         override(config, key, text)
     for key, text in overrides:
         if not _used(mode, key, config):
             raise errors.ConfigError(f'--config.{key}={text} is not used by --mode {mode}: '
-                                     f'{_UNUSED[mode]}')
+                                     f'{_READS[mode]}')
+    if mode == 'tile':
+        validate_tile(config.tile)
+    else:  # before anything is created; an export's data is its run's
+        validate(config, check_data_path=mode != 'export')
     return mode, args, config, overrides

@@ -23,8 +23,7 @@ LOWER_IS_BETTER = ('alignment', 'uniformity')
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every key a run may use, locked: an unknown key or a value of another type is refused
-    on assignment (ConfigDict's own checks)."""
+    """Every key a run may use, locked: ConfigDict refuses an unknown key or another type."""
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
@@ -157,8 +156,7 @@ METHOD_RECIPES = {
 def method_config(name: str) -> ml_collections.ConfigDict:
     """default_config() with the paper's settings for method `name`."""
     if name not in METHOD_RECIPES:
-        raise ConfigError(f'model.name must be one of {", ".join(METHOD_RECIPES)}; '
-                          f'got {name!r}')
+        raise ConfigError(f'model.name must be one of {", ".join(METHOD_RECIPES)}; got {name!r}')
     c = default_config()
     c.model.name = name
     for key, value in METHOD_RECIPES[name].items():
@@ -279,12 +277,6 @@ RULES.update({key: rule for rule, keys in {
 }.items() for key in keys.split()})
 
 
-def _within(value, interval: str) -> bool:
-    low, high = (float(v) for v in interval[1:-1].split(','))
-    return ((low <= value if interval[0] == '[' else low < value)
-            and (value <= high if interval[-1] == ']' else value < high))
-
-
 def _check_rules(section, name: str):
     """The RULES of the config section `name`."""
     for key, rule in RULES.items():
@@ -302,11 +294,13 @@ def _check_rules(section, name: str):
         elif rule == 'folder':
             if value and not os.path.isdir(value):
                 raise ConfigError(f'{key} is not a folder: {value}')
-        elif not _within(value, rule):
-            low = rule[1:].split(',')[0]
-            words = (f'in {rule}' if not rule.endswith('inf)') else
-                     'positive' if rule == _POSITIVE else f'at least {low}')
-            raise ConfigError(f'{key} must be {words}; got {value}')
+        else:
+            low, high = (float(v) for v in rule[1:-1].split(','))
+            if not ((low <= value if rule[0] == '[' else low < value)
+                    and (value <= high if rule[-1] == ']' else value < high)):
+                words = (f'in {rule}' if not rule.endswith('inf)') else
+                         'positive' if rule == _POSITIVE else f'at least {low:g}')
+                raise ConfigError(f'{key} must be {words}; got {value}')
 
 
 def validate_model(m):
@@ -324,9 +318,10 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
         if name != 'tile':
             _check_rules(config[name], name)
     t, d, mon, exp = config.train, config.data, config.monitor, config.export
-    has_clusters = METHOD_SPECS[config.model.name].has_cluster_head
+    method = config.model.name
+    has_clusters = METHOD_SPECS[method].has_cluster_head
     if not has_clusters and config.loss.alpha != 0.0:
-        raise ConfigError(f'{config.model.name} has no cluster term: loss.alpha must be 0; '
+        raise ConfigError(f'{method} has no cluster term: loss.alpha must be 0; '
                           f'got {config.loss.alpha}')
     if t.batch_size % num_devices:
         raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by the '
@@ -343,8 +338,8 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
         raise ConfigError(f'data.std must be positive; got {d.std!r}')
     if t.init_from and t.resume_from:
         raise ConfigError('set train.init_from or train.resume_from, not both: resume_from '
-                          'continues a run (optimizer, step, schedules), init_from starts a new '
-                          'one from weights')
+                          'continues a run (optimizer, step, schedules), init_from starts one '
+                          'from weights')
     if mon.every_epochs and not mon.data_path and not mon.holdout:
         raise ConfigError('monitor.every_epochs needs a monitor set: monitor.data_path=DIR or '
                           'monitor.holdout=0.05 (a fraction of the training slides)')
@@ -354,8 +349,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
         raise ConfigError('monitor.holdout holds slides out of training for the monitor: set '
                           'monitor.every_epochs too (or drop monitor.holdout)')
     if t.best_metric.removeprefix('monitor/') in CLUSTER_METRICS and not has_clusters:
-        raise ConfigError(f'train.best_metric={t.best_metric}: {config.model.name} has no '
-                          f'cluster head')
+        raise ConfigError(f'train.best_metric={t.best_metric}: {method} has no cluster head')
     if exp.after_training and str(exp.checkpoint) == 'best' and not t.best_metric:
         raise ConfigError('export.checkpoint=best after training needs train.best_metric')
     if (t.best_metric or t.stop_on_collapse) and not mon.every_epochs:
@@ -372,24 +366,20 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
                           'pixels per thumbnail pixel, e.g. 8)')
     if exp.pt_files and exp.format != 'h5':
         raise ConfigError('export.pt_files goes with export.format=h5 (per-slide files)')
-    if check_data_path:
-        if not d.path:
-            raise ConfigError('data.path is not set: pass --config.data.path=DIR '
-                              '(a patch folder, a manifest CSV or a built dataset)')
-        if not os.path.exists(d.path):
-            hint = ''
-            if config.tile.slides and os.path.abspath(config.tile.out_dir or '') == \
-                    os.path.abspath(d.path):
-                hint = ('; it is the tiling output of tile.slides: tile first (python '
-                        'launch.py --mode tile --config ...)')
-            raise ConfigError(f'data.path does not exist: {d.path}{hint}')
+    if check_data_path and not d.path:
+        raise ConfigError('data.path is not set: pass --config.data.path=DIR (a patch folder, a '
+                          'manifest CSV or a built dataset)')
+    if check_data_path and not os.path.exists(d.path):
+        tiled = os.path.abspath(config.tile.out_dir) == os.path.abspath(d.path)
+        raise ConfigError(f'data.path does not exist: {d.path}' + (
+            '; it is the tiling output of tile.slides: tile first (python launch.py --mode tile '
+            '--config ...)' if config.tile.slides and tiled else ''))
 
 
 def best_mode(train) -> str:
     """train.best_mode, or the metric's own direction when it is ''."""
-    if train.best_mode:
-        return train.best_mode
-    return 'min' if train.best_metric.removeprefix('monitor/') in LOWER_IS_BETTER else 'max'
+    lower = train.best_metric.removeprefix('monitor/') in LOWER_IS_BETTER
+    return train.best_mode or ('min' if lower else 'max')
 
 
 def parse_checkpoint_choice(text) -> object:
@@ -416,11 +406,9 @@ def validate_tile(t):
         raise ConfigError(f'tile.align steps by whole scanner tiles, so tile.overlap '
                           f'({t.overlap}) cannot apply: set one of them')
     if t.mpp:
-        raise ConfigError(f'tile.mpp is split in two: --config.tile.mpp_default={t.mpp:g} '
-                          f'sets the µm/px of the slides whose metadata has none; '
-                          f'--config.tile.mpp_override={t.mpp:g} forces it on every slide, '
-                          f'over their metadata')
+        raise ConfigError(f'tile.mpp is split in two: --config.tile.mpp_default={t.mpp:g} sets the '
+                          f'µm/px of the slides whose metadata has none; --config.tile.mpp_'
+                          f'override={t.mpp:g} forces it on every slide, over their metadata')
     if t.mpp_default and t.mpp_override:
-        raise ConfigError('set one of tile.mpp_default (slides without µm/px) and '
-                          'tile.mpp_override (every slide): the override leaves the default '
-                          'nothing to fill in')
+        raise ConfigError('set one of tile.mpp_default (slides without µm/px) and tile.mpp_'
+                          'override (every slide): the override leaves the default nothing to fill')
