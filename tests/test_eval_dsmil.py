@@ -16,14 +16,13 @@ from clusiam_jax.eval.dsmil import (
     DSMILConfig,
     bag_accuracy,
     dsmil_loss,
-    dsmil_optimizer,
     dsmil_score,
     epoch_learning_rate,
     run_dsmil,
     train_dsmil,
 )
 from clusiam_jax.eval.metrics import youden_threshold
-from clusiam_jax.eval.mil import bucket_length, pad_bag
+from clusiam_jax.eval.mil import adam_l2, bucket_length, pad_bag
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +67,8 @@ def test_forward_and_loss_match_numpy_reference():
     np.testing.assert_allclose(extras['attention'], att, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bag, ref_bag, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mx, ref_mx, rtol=1e-5, atol=1e-6)
-    assert float(dsmil_loss(bag, mx, y)) == pytest.approx(ref_loss, rel=1e-5)
-    np.testing.assert_allclose(dsmil_score(bag, mx), ref_score, rtol=1e-5)
+    assert float(dsmil_loss((bag, mx), y)) == pytest.approx(ref_loss, rel=1e-5)
+    np.testing.assert_allclose(dsmil_score((bag, mx)), ref_score, rtol=1e-5)
 
 
 def test_padding_and_mask_do_not_change_outputs_or_gradients():
@@ -82,7 +81,7 @@ def test_padding_and_mask_do_not_change_outputs_or_gradients():
     def run(feats, mask):
         def loss(p):
             bag, mx, _ = model.apply({'params': p}, feats, mask)
-            return dsmil_loss(bag, mx, y), (bag, mx)
+            return dsmil_loss((bag, mx), y), (bag, mx)
         (value, outs), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return value, outs, grads
 
@@ -108,7 +107,7 @@ def test_bucket_ladder_is_short():
 
 def test_optimizer_is_adam_with_coupled_l2_and_epoch_cosine():
     config = DSMILConfig(epochs=4, lr=0.1, weight_decay=0.5, eta_min=0.0)
-    opt = dsmil_optimizer(config)
+    opt = adam_l2(config.betas, config.weight_decay)
     w = jnp.array([1.0, -2.0])
     state = opt.init(w)
     m = v = np.zeros(2)
@@ -158,7 +157,7 @@ def test_learns_bag_labels_decided_by_few_instances():
     for x, _ in val:
         padded, mask = pad_bag(x)
         bag, mx, _ = apply({'params': result['params']}, padded, mask)
-        val_scores.append(np.asarray(dsmil_score(bag, mx)))
+        val_scores.append(np.asarray(dsmil_score((bag, mx))))
     val_scores, val_labels = np.array(val_scores), np.array([y for _, y in val])
     np.testing.assert_allclose(
         result['thresholds'],

@@ -1,10 +1,6 @@
-"""DSMIL slide-level evaluation (docs/method.md §7), written from its description, on the
-trainer of eval/mil.py: instances scored by a linear classifier, per class the
-highest-scoring ("critical") instance, attention from every instance to it, and the
-attention-pooled bag embedding classified. The original's bag classifier, a Conv1d with
-kernel size = feature size over the C rows of the bag embedding, is a Linear over the
-flattened C*D. Thresholds come from validation; the test split is scored once.
-"""
+"""DSMIL (docs/method.md §7), written from its description, on the trainer of eval/mil.py.
+The original's bag classifier, a Conv1d with kernel size = feature size over the C rows of
+the bag embedding, is a Linear over the flattened C*D. Thresholds come from validation."""
 import dataclasses
 import functools
 import math
@@ -56,24 +52,16 @@ class DSMIL(nn.Module):
         return bag_logits, max_instance_logits, extras
 
 
-def dsmil_loss(bag_logits, max_instance_logits, targets):
+def dsmil_loss(outputs, targets):
     """0.5 * BCE(bag) + 0.5 * BCE(max over instances), each a mean over classes."""
+    bag_logits, max_instance_logits = outputs[:2]
     bce = optax.sigmoid_binary_cross_entropy
-    return (0.5 * bce(bag_logits, targets).mean()
-            + 0.5 * bce(max_instance_logits, targets).mean())
+    return 0.5 * bce(bag_logits, targets).mean() + 0.5 * bce(max_instance_logits, targets).mean()
 
 
-def dsmil_score(bag_logits, max_instance_logits):
-    """Per-class bag score: the mean of the two sigmoids."""
-    return 0.5 * (jax.nn.sigmoid(bag_logits) + jax.nn.sigmoid(max_instance_logits))
-
-
-def _loss(outputs, targets):
-    return dsmil_loss(*outputs[:2], targets)
-
-
-def _score(outputs):
-    return dsmil_score(*outputs[:2])
+def dsmil_score(outputs):
+    """Per-class bag score: the mean of the sigmoids of the bag and max-instance logits."""
+    return 0.5 * (jax.nn.sigmoid(outputs[0]) + jax.nn.sigmoid(outputs[1]))
 
 
 @dataclasses.dataclass
@@ -88,10 +76,6 @@ class DSMILConfig:
     min_bucket: int = 64
 
 
-def dsmil_optimizer(config):
-    return mil.adam_l2(config.betas, config.weight_decay)
-
-
 def epoch_learning_rate(config, epoch):
     """Cosine annealing set once per epoch (0-based), from lr down to eta_min."""
     cosine = 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
@@ -99,14 +83,12 @@ def epoch_learning_rate(config, epoch):
 
 
 ACCURACIES = {
-    'accuracy_argmax': 'the class with the highest score is the prediction; the rule of '
-                       'abmil, clusters and meanpool, no threshold: report this one',
-    'accuracy_val_thresholds': "DSMIL's rule: every class whose score reaches its "
-                               "threshold (Youden's J on validation) is called, right only "
-                               "when exactly the true class is; DSMIL's published scripts "
-                               "choose the thresholds on the split they score (optimistic)"
-                               ', here they come from validation',
-}
+    'accuracy_argmax': 'the highest-scoring class is the prediction, no threshold (the rule '
+                       'of abmil, clusters and meanpool): report this one',
+    'accuracy_val_thresholds': "DSMIL's rule: every class whose score reaches its threshold "
+                               "(Youden's J, here on validation; DSMIL's scripts choose it on "
+                               'the split they score: optimistic) is called, right only when '
+                               'exactly the true class is'}
 
 
 def bag_accuracy(labels, scores, thresholds):
@@ -120,19 +102,18 @@ def _select(labels, scores, losses):
     return nanmean(per_class_auc(labels, scores)), float(np.mean(losses))
 
 
-def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0,
-                log_fn=None):
-    """Trains DSMIL (mil.train) on lists of (features [N, D], class index), one-hot
-    targets over C sigmoid outputs. Returns {best_epoch, thresholds [C] (Youden's on
-    validation), val and test: {accuracy_val_thresholds, accuracy_argmax, auc (per
-    class), mean_auc, loss}, test_scores [B, C], history, params}."""
+def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0):
+    """Trains DSMIL (mil.train) on lists of (features [N, D], class index), one-hot targets
+    over C sigmoid outputs. Returns {best_epoch, thresholds [C] (Youden's on validation),
+    val and test: {both accuracies, auc (per class), mean_auc, loss}, test_scores [B, C],
+    history, params}."""
     config = config or DSMILConfig()
-    trainer = mil.steps(DSMIL(num_classes, config.query_dim), _loss, _score,
+    trainer = mil.steps(DSMIL(num_classes, config.query_dim), dsmil_loss, dsmil_score,
                         config.betas, config.weight_decay)
     eye = np.eye(num_classes, dtype=np.float32)
     fit = mil.train(trainer, config, {'train': train_bags, 'val': val_bags, 'test': test_bags},
                     lambda label: eye[label], _select, seed,
-                    functools.partial(epoch_learning_rate, config), log_fn)
+                    functools.partial(epoch_learning_rate, config))
     val_labels, val_scores, _ = fit['val']
     thresholds = np.array([youden_threshold(val_labels == c, val_scores[:, c])
                            for c in range(num_classes)])
@@ -152,19 +133,10 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
     return result
 
 
-def summarize_seeds(results):
-    """seed_stats of the test accuracies, mean AUC and per-class AUC; the best epochs."""
-    tests = [r['test'] for r in results]
-    out = {key: seed_stats([t[key] for t in tests])
-           for key in ('accuracy_argmax', 'accuracy_val_thresholds', 'mean_auc')}
-    return {**out, 'auc': [seed_stats(values) for values in zip(*(t['auc'] for t in tests))],
-            'best_epoch': [r['best_epoch'] for r in results]}
-
-
-def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None, log_fn=None):
+def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None):
     """DSMIL over seeds on per-slide features (an export or a CLAM folder). Returns
-    {class_names, seeds, runs (without params), summary, accuracies, and
-    dsmil_intervals' block}."""
+    {class_names, seeds, runs (without params), summary (seed_stats of the test scores),
+    accuracies, and seed_mean_intervals' block}."""
     splits, class_names = class_splits(splits_path, 'dsmil')
     for split in ('train', 'val'):
         if not splits[split]:
@@ -175,19 +147,19 @@ def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None, log_f
     runs = []
     for seed in seeds:
         result = train_dsmil(bags['train'], bags['val'], bags['test'], len(class_names),
-                             config, seed=seed, log_fn=log_fn)
+                             config, seed=seed)
         result.pop('params')
         result['seed'] = seed
         result['test_scores'] = np.asarray(result.get('test_scores', [])).tolist()
         runs.append(result)
-    return {'class_names': class_names, 'seeds': list(seeds), 'runs': runs,
-            'summary': summarize_seeds(runs) if bags['test'] else None,
-            'accuracies': dict(ACCURACIES),
-            **dsmil_intervals(sets['test'][1], class_names, runs)}
-
-
-def dsmil_intervals(labels, class_names, runs):
-    """seed_mean_intervals of both accuracies, mean_auc and auc_<class>."""
+    summary = None
+    if bags['test']:
+        tests = [r['test'] for r in runs]
+        summary = {key: seed_stats([t[key] for t in tests])
+                   for key in ('accuracy_argmax', 'accuracy_val_thresholds', 'mean_auc')}
+        summary['auc'] = [seed_stats(values) for values in zip(*(t['auc'] for t in tests))]
+        summary['best_epoch'] = [r['best_epoch'] for r in runs]
+    labels = sets['test'][1]
     per_seed = [(np.asarray(r.get('test_scores', []), np.float64).reshape(
         len(labels), len(class_names)), np.asarray(r['thresholds'])) for r in runs]
     scores = {'accuracy_argmax': (lambda y, s, t: argmax_accuracy(y, s), False),
@@ -195,4 +167,6 @@ def dsmil_intervals(labels, class_names, runs):
               'mean_auc': (lambda y, s, t: nanmean(per_class_auc(y, s)), True)}
     for c, name in enumerate(class_names):
         scores[f'auc_{name}'] = (lambda y, s, t, c=c: roc_auc(y == c, s[:, c]), True)
-    return seed_mean_intervals(labels, class_names, scores, per_seed)
+    return {'class_names': class_names, 'seeds': list(seeds), 'runs': runs,
+            'summary': summary, 'accuracies': dict(ACCURACIES),
+            **seed_mean_intervals(labels, class_names, scores, per_seed)}

@@ -1,9 +1,7 @@
-"""Linear probe: multinomial logistic regression on frozen embeddings, standardized with
-statistics of the training part only, fitted full-batch with optax's L-BFGS from zero
-weights. The objective is strictly convex for a weight decay > 0, so the fit depends on
-no seed or order; the weight decay is chosen on validation, never on test. The training
-set lives on the device in full: subsample beforehand if it does not fit.
-"""
+"""Linear probe: multinomial logistic regression on frozen embeddings standardized by the
+training part, fitted full-batch with optax's L-BFGS from zero weights: strictly convex for a
+weight decay > 0, so the fit depends on no seed or order. The training set lives on the device
+in full; the weight decay is chosen on validation, never on test."""
 import functools
 
 import jax
@@ -44,15 +42,12 @@ def validation_split(labels, fraction=0.2, seed=0, groups=None):
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def _objective(params, x, y, weight_decay):
-    logits = x @ params['w'] + params['b']
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return ce + 0.5 * weight_decay * jnp.sum(params['w'] ** 2)   # the bias is not decayed
-
-
 @functools.partial(jax.jit, static_argnames=('num_classes', 'max_iter'))
 def _fit_lbfgs(x, y, weight_decay, num_classes, max_iter, tol):
-    fun = functools.partial(_objective, x=x, y=y, weight_decay=weight_decay)
+    def fun(params):
+        ce = optax.softmax_cross_entropy_with_integer_labels(x @ params['w'] + params['b'], y)
+        return ce.mean() + 0.5 * weight_decay * jnp.sum(params['w'] ** 2)  # bias not decayed
+
     solver = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(fun)
     params = {'w': jnp.zeros((x.shape[1], num_classes), jnp.float32),
@@ -81,26 +76,20 @@ def fit_logistic_regression(x, y, num_classes, weight_decay, max_iter=500, tol=1
     return jax.device_get(params)
 
 
-def fit_sweep(x, y, num_classes, weight_decays, max_iter=500):
+def fit_sweep(x, y, num_classes, weight_decays):
     """{weight decay: fit_logistic_regression's params}, in ascending order."""
-    return {wd: fit_logistic_regression(x, y, num_classes, wd, max_iter)
-            for wd in sorted(weight_decays)}
+    return {wd: fit_logistic_regression(x, y, num_classes, wd) for wd in sorted(weight_decays)}
 
 
 def linear_probe(train_x, train_y, test_x, test_y, val_x=None, val_y=None,
-                 weight_decays=DEFAULT_WEIGHT_DECAYS, val_fraction=0.2, groups=None,
-                 seed=0, selection_metric='accuracy', positive_label=None,
-                 max_iter=500):
-    """Linear-probe classification_metrics on test, with the weight decay best on
-    validation by `selection_metric` (the larger on ties: the most regularized model
-    that does as well). Without a validation set, `val_fraction` of the training set is
-    held out (whole `groups`, e.g. slides, when given; `seed` picks them).
-
-    Returns {weight_decay, val_scores {wd: score}, val, test, classes}.
-    """
+                 weight_decays=DEFAULT_WEIGHT_DECAYS, groups=None, seed=0, positive_label=None):
+    """Linear-probe classification_metrics on test, with the weight decay best on validation
+    accuracy (the larger on ties: the most regularized model that does as well). Without a
+    validation set, 20% of the training set is held out (whole `groups`, e.g. slides, when
+    given; `seed` picks them). Returns {weight_decay, val_scores, val, test, classes}."""
     train_x, train_y = np.asarray(train_x, np.float32), np.asarray(train_y)
     if val_x is None:
-        tr, va = validation_split(train_y, val_fraction, seed, groups)
+        tr, va = validation_split(train_y, 0.2, seed, groups)
         train_x, val_x = train_x[tr], train_x[va]
         train_y, val_y = train_y[tr], train_y[va]
     classes = np.unique(train_y)
@@ -111,11 +100,9 @@ def linear_probe(train_x, train_y, test_x, test_y, val_x=None, val_y=None,
         return classification_metrics(np.asarray(y), classes[predicted],
                                       positive_label=positive_label)
 
-    fits = fit_sweep(z(train_x), np.searchsorted(classes, train_y), classes.size,
-                     weight_decays, max_iter)
+    fits = fit_sweep(z(train_x), np.searchsorted(classes, train_y), classes.size, weight_decays)
     val = {wd: metrics(params, val_x, val_y) for wd, params in fits.items()}
-    best = max(val, key=lambda wd: (val[wd][selection_metric], wd))
-    return {'weight_decay': best,
-            'val_scores': {wd: m[selection_metric] for wd, m in val.items()},
+    best = max(val, key=lambda wd: (val[wd]['accuracy'], wd))
+    return {'weight_decay': best, 'val_scores': {wd: m['accuracy'] for wd, m in val.items()},
             'val': val[best], 'test': metrics(fits[best], test_x, test_y),
             'classes': classes.tolist()}

@@ -5,6 +5,13 @@ interval over test slides and the small-test-set caution of the slide-level resu
 import numpy as np
 from sklearn import metrics as skm
 
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+# Below these a slide-level score comes with a caution (2 test slides: an AUC is 0, 0.5 or 1).
+MIN_TEST_SLIDES = 20
+MIN_TEST_PER_CLASS = 5
+
 
 def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
     """{n, accuracy, balanced_accuracy (mean recall over the classes of y_true), macro_f1,
@@ -27,8 +34,8 @@ def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
 
 
 def roc_auc(y_true, scores):
-    """ROC AUC (truthy y_true = positive), ties counting half; NaN where scikit-learn
-    raises (one class absent), so a summary over seeds goes on."""
+    """ROC AUC (truthy y_true = positive), ties counting half; NaN with one class absent
+    (where scikit-learn raises), so a summary over seeds goes on."""
     y = np.asarray(y_true).astype(bool).ravel()
     s = np.asarray(scores, np.float64).ravel()
     positive, negative = s[y], np.sort(s[~y])
@@ -68,9 +75,6 @@ def youden_threshold(y_true, scores):
     return float(thresholds[best] if np.isfinite(thresholds[best]) else thresholds[1])
 
 
-# --------------------------------------------------------------- slide-level scores
-
-
 def log_softmax(logits):  # float64
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -78,7 +82,6 @@ def log_softmax(logits):  # float64
 
 
 def argmax_accuracy(labels, scores):
-    """The share of samples whose highest-scoring class is their label."""
     return float(np.mean(np.argmax(scores, axis=1) == np.asarray(labels)))
 
 
@@ -125,35 +128,16 @@ def seed_stats(values):
             'values': values.tolist()}
 
 
-# ------------------------------------------------------ test-set size and intervals
-
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_SEED = 0
-CONFIDENCE = 0.95
-# Below these a slide-level score comes with a caution (2 test slides: an AUC is 0, 0.5
-# or 1).
-MIN_TEST_SLIDES = 20
-MIN_TEST_PER_CLASS = 5
-
-
-def mean_over_seeds(values):
-    """np.nanmean of a few floats (NaN when none is finite), without its overhead."""
-    finite = [float(v) for v in values if np.isfinite(v)]
-    return sum(finite) / len(finite) if finite else float('nan')
-
-
 def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAMPLES,
-                 confidence=CONFIDENCE, seed=BOOTSTRAP_SEED):
-    """Percentile bootstrap interval of `statistic(idx)`, a score on the test samples
-    `idx` (with repeats); `statistic(arange(n))` is the estimate. The resamples, drawn
-    from `seed`, are the same for every score of a test set. One whose score is NaN, or
-    with `per_class` one lacking a class of `labels`, is skipped and counted. Returns
-    {estimate, low, high (None when nothing was scored), confidence, n_resamples,
-    n_skipped}."""
+                 seed=BOOTSTRAP_SEED):
+    """Percentile bootstrap interval of `statistic(idx)`, a score on the test samples `idx`
+    (with repeats; `arange(n)` gives the estimate). The resamples, drawn from `seed`, are the
+    same for every score of a test set; one scored NaN, or with `per_class` lacking a class
+    of `labels`, is skipped and counted. low and high are None when nothing was scored."""
     labels = np.asarray(labels).ravel()
     n = labels.size
     estimate = float(statistic(np.arange(n))) if n else float('nan')
-    out = {'estimate': estimate, 'low': None, 'high': None, 'confidence': confidence,
+    out = {'estimate': estimate, 'low': None, 'high': None, 'confidence': CONFIDENCE,
            'n_resamples': int(n_resamples) if n else 0, 'n_skipped': 0}
     if not n:
         return out
@@ -167,14 +151,13 @@ def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAM
             values.append(value)
     out['n_skipped'] = int(n_resamples) - len(values)
     if values:
-        tail = 100.0 * (1.0 - confidence) / 2.0
+        tail = 100.0 * (1.0 - CONFIDENCE) / 2.0
         low, high = np.percentile(values, [tail, 100.0 - tail])
         out['low'], out['high'] = float(low), float(high)
     return out
 
 
-def count_test_slides(labels, class_names, min_slides=MIN_TEST_SLIDES,
-                      min_per_class=MIN_TEST_PER_CLASS):
+def count_test_slides(labels, class_names):
     """{n_test_slides, n_test_per_class, caution (one line when the test set or a class
     is too small, else None)}."""
     labels = np.asarray(labels, np.int64).ravel()
@@ -182,27 +165,25 @@ def count_test_slides(labels, class_names, min_slides=MIN_TEST_SLIDES,
     per_class = {str(name): int(c) for name, c in zip(class_names, counts)}
     n = int(labels.size)
     caution = None
-    if n < min_slides or min(per_class.values()) < min_per_class:
+    if n < MIN_TEST_SLIDES or min(per_class.values()) < MIN_TEST_PER_CLASS:
         listed = ', '.join(f'{c} {name}' for name, c in per_class.items())
         caution = (f'{n} test slides: scores are not measurable at this size ({listed}; '
-                   f'a score needs at least {min_slides} test slides and {min_per_class} '
-                   f'of each class, and below that the bootstrap interval understates '
-                   f'the uncertainty too)')
+                   f'a score needs at least {MIN_TEST_SLIDES} test slides and '
+                   f'{MIN_TEST_PER_CLASS} of each class, and below that the bootstrap '
+                   f'interval understates the uncertainty too)')
     return {'n_test_slides': n, 'n_test_per_class': per_class, 'caution': caution}
 
 
-def slide_scores_report(labels, class_names, scores, n_seeds=1,
-                        n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
+def slide_scores_report(labels, class_names, scores, n_seeds=1):
     """count_test_slides' block, confidence_intervals {name: bootstrap_ci} of `scores`
     {name: (statistic(idx), per_class)}, and bootstrap: how, in one line."""
     labels = np.asarray(labels, np.int64).ravel()
     out = count_test_slides(labels, class_names)
-    out['confidence_intervals'] = {
-        name: bootstrap_ci(statistic, labels, per_class, n_resamples, CONFIDENCE, seed)
-        for name, (statistic, per_class) in scores.items()}
+    out['confidence_intervals'] = {name: bootstrap_ci(statistic, labels, per_class)
+                                   for name, (statistic, per_class) in scores.items()}
     skipping = [name for name, (_, per_class) in scores.items() if per_class]
     line = (f'{CONFIDENCE:.0%} percentile bootstrap over the {labels.size} test slides '
-            f'({n_resamples} resamples drawn with replacement, seed {seed})')
+            f'({BOOTSTRAP_RESAMPLES} resamples drawn with replacement, seed {BOOTSTRAP_SEED})')
     if n_seeds > 1:
         line += (f'; each resample scores all {n_seeds} seeds on the same slides and '
                  f'averages them: the interval of the seed mean, for other test slides '
@@ -215,14 +196,17 @@ def slide_scores_report(labels, class_names, scores, n_seeds=1,
 
 
 def seed_mean_intervals(labels, class_names, scores, per_seed):
-    """slide_scores_report of the seed mean of `scores` {name: (score(labels, data,
-    *rest), per_class)} over `per_seed` [(data [n, ...], *rest)]: each resample scores
-    every seed on the same slides, as the summary over seeds averages them."""
+    """slide_scores_report of the seed mean of `scores` {name: (score(labels, data, *rest),
+    per_class)} over `per_seed` [(data [n, ...], *rest)]: each resample scores every seed on
+    the same slides, as the summary over seeds averages them."""
     labels = np.asarray(labels, np.int64)
 
     def seed_mean(score):
-        return lambda idx: mean_over_seeds([score(labels[idx], data[idx], *rest)
-                                            for data, *rest in per_seed])
+        def statistic(idx):  # np.nanmean of a few floats without its overhead
+            finite = [v for v in (float(score(labels[idx], data[idx], *rest))
+                                  for data, *rest in per_seed) if np.isfinite(v)]
+            return sum(finite) / len(finite) if finite else float('nan')
+        return statistic
     return slide_scores_report(labels, class_names,
                                {name: (seed_mean(score), per_class)
                                 for name, (score, per_class) in scores.items()},

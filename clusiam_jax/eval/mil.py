@@ -1,8 +1,6 @@
 """The one trainer of multiple-instance models over slides (docs/method.md §7); DSMIL and
-ABMIL are a module, a loss and a score on it. A bag (a slide's patch embeddings [N, D])
-is zero-padded to a short ladder of lengths with a mask, so jit compiles a handful of
-shapes; the modules keep padding out of every max, argmax and softmax.
-"""
+ABMIL are a module, a loss and a score on it. A bag (patch embeddings [N, D]) is zero-padded
+to a short ladder of lengths with a mask, so jit compiles a handful of shapes."""
 import functools
 import math
 
@@ -15,17 +13,15 @@ from clusiam_jax.errors import DataError
 from clusiam_jax.eval.splits import require_in_export
 from clusiam_jax.export.format import read_h5_array, slide_feature_files
 
-SQRT2 = math.sqrt(2)
 
-
-def bucket_length(n, min_size=64, growth=SQRT2):
-    """Smallest size >= n on the ladder min_size, x growth, ... (multiples of 8): a sqrt(2)
-    ladder pads at most ~41% and has ~2 shapes per doubling of bag size."""
+def bucket_length(n, min_size=64):
+    """Smallest size >= n on the ladder min_size, x sqrt(2), ... (multiples of 8): it pads
+    at most ~41% and has ~2 shapes per doubling of bag size."""
     if n < 1:
         raise ValueError('a bag needs at least one instance')
     size = min_size
     while size < n:
-        size = int(math.ceil(size * growth / 8.0) * 8)
+        size = int(math.ceil(size * math.sqrt(2) / 8.0) * 8)
     return size
 
 
@@ -50,14 +46,11 @@ class Steps:
 
     def __init__(self, model, loss, score, optimizer):
         self.optimizer = optimizer
-        self.apply = jax.jit(lambda params, feats, mask: model.apply({'params': params},
-                                                                     feats, mask))
-
-        def loss_fn(params, feats, mask, target):
-            return loss(model.apply({'params': params}, feats, mask), target)
+        self.apply = jax.jit(lambda params, *bag: model.apply({'params': params}, *bag))
 
         def train_step(params, opt_state, feats, mask, target, lr):
-            value, grads = jax.value_and_grad(loss_fn)(params, feats, mask, target)
+            value, grads = jax.value_and_grad(
+                lambda p: loss(model.apply({'params': p}, feats, mask), target))(params)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return jax.tree.map(lambda p, u: p - lr * u, params, updates), opt_state, value
 
@@ -90,14 +83,12 @@ def device_bags(bags, min_bucket, target):
             for (padded, mask), label in ((pad_bag(x, min_bucket), y) for x, y in bags)]
 
 
-def train(trainer, config, bags, target, select, seed=0, learning_rate=None, log_fn=None):
-    """Trains on bags['train'] ([(features [N, D], class index)]), one bag per step in
-    an order drawn from `seed`, at `learning_rate(epoch)` (0-based; default config.lr).
-    Keeps the epoch best on bags['val'] by `select(labels, scores, losses) -> (auc,
-    loss)`: higher AUC (NaN worst), then lower loss; scores bags['test'] once, with it.
-
-    Returns {best_epoch (1-based), params (host), history (per epoch: train_loss,
-    val_loss, val_auc), val and test (if given): (labels, scores, losses)}.
+def train(trainer, config, bags, target, select, seed=0, learning_rate=None):
+    """Trains on bags['train'] ([(features [N, D], class index)]), one bag per step in an
+    order drawn from `seed`, at `learning_rate(epoch)` (0-based; default config.lr). Keeps
+    the epoch best on bags['val'] by `select(labels, scores, losses) -> (auc, loss)`: higher
+    AUC (NaN worst), then lower loss; scores bags['test'] once, with it. Returns
+    {best_epoch (1-based), params (host), history, val and test: (labels, scores, losses)}.
     """
     if not bags['train'] or not bags['val']:
         raise ValueError('multiple-instance training needs training and validation bags')
@@ -113,17 +104,13 @@ def train(trainer, config, bags, target, select, seed=0, learning_rate=None, log
         lr = np.float32(config.lr if learning_rate is None else learning_rate(epoch - 1))
         losses = []
         for i in order.permutation(len(train_set)):
-            feats, mask, _, target_i = train_set[i]
-            params, opt_state, loss = trainer.train_step(params, opt_state, feats, mask,
-                                                         target_i, lr)
+            feats, mask, _, y = train_set[i]
+            params, opt_state, loss = trainer.train_step(params, opt_state, feats, mask, y, lr)
             losses.append(loss)
         scores, val_losses = trainer.evaluate(params, val)
         auc, val_loss = select(val_labels, scores, val_losses)
-        record = {'epoch': epoch, 'train_loss': float(np.mean(jax.device_get(losses))),
-                  'val_loss': val_loss, 'val_auc': auc}
-        history.append(record)
-        if log_fn is not None:
-            log_fn(record)
+        history.append({'epoch': epoch, 'train_loss': float(np.mean(jax.device_get(losses))),
+                        'val_loss': val_loss, 'val_auc': auc})
         key = (auc if np.isfinite(auc) else -1.0, -val_loss)
         if best is None or key > best['key']:
             # A real host copy: on CPU device_get may alias the buffers that the next
@@ -140,22 +127,14 @@ def train(trainer, config, bags, target, select, seed=0, learning_rate=None, log
     return out
 
 
-# ------------------------------------------------------------------- slides' data
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def read_array(files, slide, key, missing=None):
     """One array of a slide's HDF5 file; DataError naming the slide if it cannot be read
     (`missing`: the message when the file lacks `key`)."""
     try:
         return read_h5_array(files[slide], key)
     except OSError as e:
-        raise DataError(f'slide {slide}: cannot read {files[slide]} ({_first_line(e)})') \
-            from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f'slide {slide}: cannot read {files[slide]} ({first})') from None
     except DataError:
         if missing is None:
             raise
@@ -178,8 +157,7 @@ def read_slides(export_dir, splits_path, splits, describe=slide_features):
     export of ours or a folder of CLAM-style `<slide_id>.h5`; DataError naming the slides
     it lacks, or when their vectors differ in size."""
     files = slide_feature_files(str(export_dir))
-    require_in_export(splits_path, [slide for rows in splits.values() for slide, _ in rows],
-                      files)
+    require_in_export(splits_path, [s for rows in splits.values() for s, _ in rows], files)
     out = {split: ([describe(files, slide) for slide, _ in rows],
                    np.array([label for _, label in rows], np.int64))
            for split, rows in splits.items()}

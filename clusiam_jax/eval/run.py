@@ -1,7 +1,6 @@
-"""`python -m clusiam_jax.eval.run TASK ...`, the old spelling of `clusiam --mode eval TASK
-...`: a script, not a module to import, reaching the command line (a layer above) by name."""
+"""`python -m clusiam_jax.eval.run TASK ...`, the older spelling of `--mode eval TASK ...`."""
 import importlib
 import sys
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # a script entry, never imported: the CLI is a layer above, named here
     sys.exit(importlib.import_module('clusiam_jax.cli').main(['--mode', 'eval'] + sys.argv[1:]))

@@ -1,11 +1,7 @@
-"""Slide-level evaluators beside DSMIL (docs/method.md §7), selected on validation only and
-reported with bootstrap intervals over test slides:
-
-  abmil     gated attention MIL (Ilse et al., 2018) on the trainer of eval/mil.py
-  clusters  the slide's composition over the K clusters [2K] (the fraction of its patches
-            per cluster, the mean softmax of their cluster logits) + logistic regression
-  meanpool  the mean patch embedding + the same regression: the floor MIL has to beat
-"""
+"""Slide-level evaluators beside DSMIL (docs/method.md §7), selected on validation only:
+abmil (gated attention MIL, Ilse et al. 2018, on eval/mil.py's trainer); clusters and
+meanpool, a logistic regression on one vector per slide (its cluster composition, its mean
+patch embedding: the floor MIL has to beat)."""
 import dataclasses
 
 import flax.linen as nn
@@ -42,8 +38,7 @@ def labelled_splits(splits_path, task, holdout_seed=0, val_fraction=0.2):
     where = str(splits_path)
     if not splits['val']:
         train = splits['train']
-        keep, held = validation_split(np.array([label for _, label in train]), val_fraction,
-                                      holdout_seed)
+        keep, held = validation_split(np.array([y for _, y in train]), val_fraction, holdout_seed)
         splits['train'] = [train[i] for i in keep]
         splits['val'] = [train[i] for i in held]
         where = (f'{splits_path} (it has no val slides: {len(held)} of its train slides '
@@ -94,13 +89,10 @@ def _counts(splits):
     return {f'n_{split}': len(splits[split]) for split in SPLITS}
 
 
-# ------------------------------------------------------------------------ ABMIL
-
-
 class GatedAttentionMIL(nn.Module):
     """Gated attention MIL on a padded bag [N, D], mask [N]: h = ReLU(W x) (none when
-    hidden_dim is 0), a = softmax(w . (tanh(V h) * sigmoid(U h))) over the real
-    instances, logits = classifier(sum a h). Returns (logits [C], attention [N])."""
+    hidden_dim is 0), a = softmax(w . (tanh(V h) * sigmoid(U h))) over the real instances.
+    Returns (classifier(sum a h) [C], attention [N])."""
     num_classes: int
     hidden_dim: int = 128
     attention_dim: int = 128
@@ -144,8 +136,8 @@ def _select(labels, logits, _):
 
 
 def _steps(num_classes, config):
-    model = GatedAttentionMIL(num_classes, config.hidden_dim, config.attention_dim)
-    return mil.steps(model, _loss, _logits, config.betas, config.weight_decay)
+    return mil.steps(GatedAttentionMIL(num_classes, config.hidden_dim, config.attention_dim),
+                     _loss, _logits, config.betas, config.weight_decay)
 
 
 def abmil_attention(params, features, num_classes, config=None):
@@ -156,8 +148,7 @@ def abmil_attention(params, features, num_classes, config=None):
     return np.asarray(attention)[:np.shape(features)[0]]
 
 
-def train_abmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0,
-                log_fn=None):
+def train_abmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0):
     """Trains gated attention MIL (mil.train) on lists of (features [N, D], class index).
     Returns {seed, best_epoch, val, test (slide_metrics), test_probs, history, params}."""
     config = config or ABMILConfig()
@@ -165,7 +156,7 @@ def train_abmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
         raise ValueError('ABMIL needs training, validation and test bags')
     fit = mil.train(_steps(num_classes, config), config,
                     {'train': train_bags, 'val': val_bags, 'test': test_bags},
-                    np.int32, _select, seed, log_fn=log_fn)
+                    np.int32, _select, seed)
     test_labels, test_logits, _ = fit['test']
     return {'seed': seed, 'best_epoch': fit['best_epoch'],
             'val': slide_metrics(*fit['val'][:2]),
@@ -174,18 +165,17 @@ def train_abmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
             'history': fit['history'], 'params': fit['params']}
 
 
-def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None, log_fn=None):
-    """ABMIL over seeds on per-slide features (an export or a CLAM folder), all on the
-    same splits. Returns {class_names, n_<split>, config, runs (seed, best_epoch, val,
-    test), summary (seed_stats of the test metrics), and slide_intervals' block}."""
+def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None):
+    """ABMIL over seeds on per-slide features (an export or a CLAM folder), all on the same
+    splits. Returns {class_names, n_<split>, config, runs (seed, best_epoch, val, test),
+    summary (seed_stats of the test metrics), and slide_intervals' block}."""
     config = config or ABMILConfig()
     splits, names = labelled_splits(splits_path, 'abmil')
     sets = mil.read_slides(export_dir, splits_path, splits)
     bags = {split: list(zip(*sets[split])) for split in SPLITS}
     runs, probs = [], []
     for seed in seeds:
-        result = train_abmil(bags['train'], bags['val'], bags['test'], len(names), config,
-                             seed=seed, log_fn=log_fn)
+        result = train_abmil(bags['train'], bags['val'], bags['test'], len(names), config, seed)
         runs.append({k: result[k] for k in ('seed', 'best_epoch', 'val', 'test')})
         probs.append(result['test_probs'])
     summary = {key: seed_stats([r['test'][key] for r in runs]) for key in SLIDE_SCORES}
@@ -194,19 +184,16 @@ def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None, log_f
             **slide_intervals(sets['test'][1], names, probs)}
 
 
-# ------------------------------------------------- logistic regression on a vector
-
 SLIDE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def slide_logistic_regression(sets, num_classes, weight_decays=SLIDE_WEIGHT_DECAYS):
+def slide_logistic_regression(sets, num_classes):
     """linear.py's logistic regression on {split: (vectors [n, F], class indices [n])},
     standardized with train statistics; the weight decay best on val (AUC, then loss; the
-    larger on ties) wins. Returns {weight_decay, val_scores ({wd: {auc, loss}}), val,
-    test, test_probs}."""
+    larger on ties) wins."""
     z = standardizer(sets['train'][0])
     data = {split: (z(x), np.asarray(y)) for split, (x, y) in sets.items()}
-    fits = fit_sweep(*data['train'], num_classes, weight_decays)
+    fits = fit_sweep(*data['train'], num_classes, SLIDE_WEIGHT_DECAYS)
     val = {wd: slide_metrics(data['val'][1], data['val'][0] @ p['w'] + p['b'])
            for wd, p in fits.items()}
     best = max(val, key=lambda wd: (val[wd]['auc'] if np.isfinite(val[wd]['auc']) else -1.0,
@@ -235,6 +222,5 @@ def run_meanpool(export_dir, splits_path, seed=0):
 
 def run_clusters(export_dir, splits_path, seed=0):
     """clusters; DataError for an export without cluster ids."""
-    result = _run_vector_task('clusters', cluster_composition, export_dir, splits_path,
-                              seed)
+    result = _run_vector_task('clusters', cluster_composition, export_dir, splits_path, seed)
     return {**result, 'num_clusters': result['dim'] // 2}

@@ -1,10 +1,6 @@
-"""Splits files: which slide (or image) is in train, val or test, and its label.
-
-  slide_id,split[,label]      split: train, val (or validation), test
-
-Splits are by slide, never by patch: patches of one slide are correlated, and a patch
-split would let a probe learn the slide instead of the class.
-"""
+"""Splits files (slide_id,split[,label]; split train, val or validation, test). Splits are by
+slide, never by patch: patches of one slide are correlated, and a patch split would let a
+probe learn the slide instead of the class."""
 from typing import Dict, Tuple
 
 from clusiam_jax.errors import DataError
@@ -14,13 +10,11 @@ SPLITS = ('train', 'val', 'test')
 
 
 def read_splits(path: str) -> Dict[str, Tuple[str, str]]:
-    """{slide_id: (split, label or '')}; DataError (one line) for a file that does not fit
-    (missing, not UTF-8, not CSV, missing columns, an unknown split)."""
+    """{slide_id: (split, label or '')}; DataError (one line) for a file that does not fit."""
     fields, rows = read_csv_rows(path, 'splits file')
-    missing = {'slide_id', 'split'} - set(fields)
+    missing = sorted({'slide_id', 'split'} - set(fields))
     if missing:
-        raise DataError(f'{path}: missing column(s) {sorted(missing)} '
-                        f'(expected slide_id,split[,label])')
+        raise DataError(f'{path}: missing column(s) {missing} (expected slide_id,split[,label])')
     out = {}
     for line, row in enumerate(rows, start=2):
         split = (row['split'] or '').strip().lower()

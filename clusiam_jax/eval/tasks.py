@@ -1,15 +1,6 @@
 """The evaluators over an export, by the CLI's task names; each returns one JSON-able dict.
-
-  knn, linear         patch-level: references or training = train slides, queries = test
-  dsmil, abmil        slide-level MIL (eval/dsmil.py, eval/slide_models.py on eval/mil.py)
-  clusters, meanpool  slide-level logistic regressions on one vector per slide
-  maps                cluster maps of every slide, and the cluster atlas (no splits)
-
-A patch's label: from annotations when given (the class of the polygon holding its centre,
-else `normal`; a slide without an annotation file is all `normal`), else its own label in
-the export, else its slide's (splits file, else manifest). Slide tasks log a summary of
-their scores with bootstrap intervals, and their caution for a small test set.
-"""
+knn and linear are patch-level (train slides against test slides); the slide tasks log their
+scores with bootstrap intervals, and a caution for a small test set."""
 import logging
 import os
 
@@ -24,7 +15,7 @@ log = logging.getLogger('clusiam_jax')
 
 
 def annotation_labels(folder, slide, arrays):
-    """Each patch's class from the slide's annotation file."""
+    """Each patch's class: the polygon holding its centre, else (and without a file) normal."""
     from clusiam_jax.slides import annotations as ann
     coords = np.asarray(arrays['coords'])
     if (coords < 0).any():
@@ -40,7 +31,8 @@ def annotation_labels(folder, slide, arrays):
 
 
 def patch_sets(export_dir, splits_path, key='features', annotations=None):
-    """{split: (embeddings [N, D], labels [N], slide ids [N])} over the listed slides."""
+    """{split: (embeddings [N, D], labels [N], slide ids [N])} over the listed slides; a
+    patch's label from annotations, else its own in the export, else its slide's."""
     if annotations and not os.path.isdir(annotations):
         raise DataError(f'annotations folder not found: {annotations}')
     splits = read_splits(splits_path)
@@ -78,8 +70,7 @@ def run_knn(export_dir, splits_path, ks=(1,), positive_label=None, key='features
     from clusiam_jax.eval.knn import knn_evaluate
     sets = patch_sets(export_dir, splits_path, key, annotations)
     (ref_x, ref_y, _), (query_x, query_y, _) = sets['train'], sets['test']
-    result = knn_evaluate(ref_x, ref_y, query_x, query_y, ks=ks,
-                          positive_label=positive_label)
+    result = knn_evaluate(ref_x, ref_y, query_x, query_y, ks=ks, positive_label=positive_label)
     return {'task': 'knn', 'n_reference': len(ref_y), 'n_query': len(query_y), **result}
 
 
@@ -96,8 +87,7 @@ def run_linear(export_dir, splits_path, positive_label=None, key='features', see
 
 
 def log_slide_result(result):
-    """Logs a slide task's test-set size and scores with their intervals, and its caution
-    as a warning. Returns `result`."""
+    """Logs a slide task's test-set size, scores and intervals, and its caution as a warning."""
     counts = ', '.join(f'{n} {name}' for name, n in result['n_test_per_class'].items())
     scores = ', '.join(f'{name} {format_interval(ci)}'
                        for name, ci in result['confidence_intervals'].items())
@@ -108,18 +98,16 @@ def log_slide_result(result):
     return result
 
 
-def _slide_task(task, result, per_run=(), bulky=()):
-    """The logged result, without the per-slide scores and per-epoch history that would
-    make its JSON line unreadable."""
-    for run in result.get('runs', ()):
-        for key in per_run:
-            run.pop(key, None)
-    return log_slide_result({'task': task, **{k: v for k, v in result.items()
-                                              if k not in bulky}})
+def _slide_task(task, result, drop=()):
+    """The logged result, without the per-slide scores and per-epoch history (`drop`, of the
+    result and its runs) that would make its JSON line unreadable."""
+    for part in (result, *result.get('runs', ())):
+        for key in drop:
+            part.pop(key, None)
+    return log_slide_result({'task': task, **result})
 
 
 def _trained(task, seeds, epochs):
-    """DataError for --seeds / --epochs that cannot train."""
     if not seeds:
         raise DataError(f'{task} needs at least one seed (--seeds 0,1,2)')
     if epochs < 1:
@@ -131,7 +119,7 @@ def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
     _trained('dsmil', seeds, epochs)
     return _slide_task('dsmil', dsmil.run_dsmil(export_dir, splits_path, seeds,
                                                 dsmil.DSMILConfig(epochs=epochs)),
-                       per_run=('history', 'test_scores'))
+                       ('history', 'test_scores'))
 
 
 def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=100):
@@ -142,15 +130,13 @@ def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=100):
 
 
 def run_clusters(export_dir, splits_path, seed=0):
-    from clusiam_jax.eval import slide_models
-    return _slide_task('clusters', slide_models.run_clusters(export_dir, splits_path, seed),
-                       bulky=('test_probs',))
+    from clusiam_jax.eval.slide_models import run_clusters
+    return _slide_task('clusters', run_clusters(export_dir, splits_path, seed), ('test_probs',))
 
 
 def run_meanpool(export_dir, splits_path, seed=0):
-    from clusiam_jax.eval import slide_models
-    return _slide_task('meanpool', slide_models.run_meanpool(export_dir, splits_path, seed),
-                       bulky=('test_probs',))
+    from clusiam_jax.eval.slide_models import run_meanpool
+    return _slide_task('meanpool', run_meanpool(export_dir, splits_path, seed), ('test_probs',))
 
 
 def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None,
