@@ -1,7 +1,6 @@
-"""Orbax checkpoints of a run (train state and data iterator state) in
-`<workdir>/checkpoints/<step>/`, written asynchronously and atomically. Restoring takes an
-abstract target with the current mesh's shardings (optax states come back typed, on this
-run's devices); inference restores the weights only, without an optimizer.
+"""Orbax checkpoints (train state and data iterator state) in `<workdir>/checkpoints/<step>/`,
+written asynchronously and atomically, restored onto an abstract target with this mesh's
+shardings; inference restores the weights only, without an optimizer.
 """
 import logging
 import os
@@ -27,7 +26,6 @@ RETRY_S = 1.0  # pause before the second try of a failed checkpoint read
 class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int = 3, create: bool = True,
                  subdir: str = LATEST_DIR):
-        """create=False reads another run: a missing folder is an error, not made there."""
         self.directory = os.path.join(os.path.abspath(workdir), subdir)
         if not create and not os.path.isdir(self.directory):
             if subdir == BEST_DIR:
@@ -57,25 +55,20 @@ class Checkpointer:
                                   f'has {", ".join(map(str, steps))}')
         return steps[-1] if step is None else step
 
-    @staticmethod
-    def save_args(state, data_state=None):
+    def save(self, step: int, state, data_state=None):
+        """Starts writing checkpoint `step`; CheckpointError when orbax declines (it skips a
+        step not beyond its newest silently)."""
         items = {'state': ocp.args.StandardSave(state)}
         if data_state is not None:
             items['data'] = ocp.args.JsonSave(data_state)
-        return ocp.args.Composite(**items)
-
-    def save(self, step: int, state, data_state=None):
-        """Starts writing checkpoint `step`; CheckpointError when orbax declines (it skips,
-        silently, a step not beyond its newest): a run never says it saved what it did not."""
-        if not self._writing(lambda: self.manager.save(
-                step, args=self.save_args(state, data_state))):
+        if not self._writing(lambda: self.manager.save(step, args=ocp.args.Composite(**items))):
             raise CheckpointError(f'the checkpoint at step {step} was not written: '
                                   f'{self.directory} already lists step '
                                   f'{max(self.all_steps())}')
 
     def restore(self, step: int, abstract_state):
-        """(state, data_state or None) placed as `abstract_state`'s shardings; ConfigError,
-        before any array is read, for a checkpoint of another model or optimizer."""
+        """(state, data_state or None); ConfigError, before any array is read, for a
+        checkpoint of another model or optimizer."""
         self._check_shapes(step, abstract_state)
         items = {'state': ocp.args.StandardRestore(abstract_state)}
         # Items are sub-directories (orbax's item metadata warns about unhandled items).
@@ -87,8 +80,7 @@ class Checkpointer:
         return restored['state'], (restored['data'] if has_data else None)
 
     def restore_weights(self, step: int, abstract_weights: dict) -> dict:
-        """The top-level state fields in `abstract_weights` (params, batch_stats, ...) of
-        checkpoint `step`, without the optimizer state: an orbax partial restore."""
+        """`abstract_weights`' top-level state fields of checkpoint `step` (partial restore)."""
         self._check_shapes(step, abstract_weights, partial=True,
                            advice="the run's config.json does not match its checkpoints")
         args = ocp.args.PyTreeRestore(
@@ -101,8 +93,7 @@ class Checkpointer:
             raise CheckpointError(f'{e}; move it away to use the one before') from None
 
     def _read(self, step, read):
-        """`read()`, retried once: a failure is damage only when it fails twice and is no
-        stop request (declaring an intact checkpoint damaged rolls the run back)."""
+        """`read()`, retried once: damage only if it fails twice and is no stop request."""
         for attempt in (1, 2):
             try:
                 return read()
@@ -123,9 +114,8 @@ class Checkpointer:
     def _check_shapes(self, step, abstract_state, partial=False,
                       advice="use the config it was trained with (the run's config.json) "
                              'or a new --workdir'):
-        """ConfigError naming the first array (parameters first) whose stored shape
-        differs; with `partial`, only abstract_state's top-level fields are compared.
-        Unreadable metadata passes: restoring then says what is wrong."""
+        """ConfigError naming the first array (parameters first) whose stored shape differs
+        (`partial`: abstract_state's top-level fields only); unreadable metadata passes."""
         try:
             # The item handler: a Checkpointer would warn about step metadata.
             stored = ocp.StandardCheckpointHandler().metadata(self._state_path(step))
@@ -150,9 +140,9 @@ class Checkpointer:
                           f'{hint}): {advice}')
 
     def restore_latest_readable(self, abstract_state, set_aside: bool = True):
-        """(step, state, data_state) of the newest checkpoint that restores (damaged ones
-        skipped with a warning), else Nones. With `set_aside` the newer unreadable ones are
-        renamed `unreadable-<step>`: listed, orbax would skip every save up to their step."""
+        """(step, state, data_state) of the newest checkpoint that restores, else Nones. With
+        `set_aside` newer damaged ones become `unreadable-<step>` (listed, orbax would skip
+        every save up to their step)."""
         unreadable = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
@@ -175,7 +165,6 @@ class Checkpointer:
         return None, None, None
 
     def _set_aside(self, steps):
-        """Kept for a person to look at or move back; a directory rename, not a write."""
         if jax.process_index() == 0:
             for step in steps:
                 target = os.path.join(self.directory, f'unreadable-{step}')
@@ -191,7 +180,6 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self):
-        """Until the asynchronous saves are on disk."""
         self._writing(self.manager.wait_until_finished)
 
     def close(self):
@@ -199,8 +187,7 @@ class Checkpointer:
         self.manager.close()
 
     def _writing(self, call):
-        """`call()`, with an OS error that names no file (orbax's background writes) raised
-        again naming this folder, so the one-line error says where."""
+        """`call()`; an OS error naming no file (orbax's background writes) names this folder."""
         try:
             return call()
         except OSError as e:
@@ -215,8 +202,7 @@ def _one_line(error, limit=300):
 
 
 def leaf_name(path) -> str:
-    """'params/encoder/.../kernel' for a pytree key path, alike in a state and in its
-    stored metadata."""
+    """'params/encoder/.../kernel' for a pytree key path (state and stored metadata alike)."""
     return jax.tree_util.keystr(path, simple=True, separator='/')
 
 

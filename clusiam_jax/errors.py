@@ -1,7 +1,5 @@
-"""The one family of errors the user reads: bad input stops a command with a
-`ClusiamError` whose message is one line naming the culprit and the fix; `cli.main` prints
-it as `error: <message>`, anything else keeps its traceback. Imports nothing (grain
-workers raise DataError too).
+"""The errors the user reads: bad input stops a command with a one-line `ClusiamError`
+(`cli.main` prints `error: <message>`; anything else keeps its traceback). Imports nothing.
 """
 
 
@@ -14,13 +12,11 @@ class ConfigError(ClusiamError, ValueError):
 
 
 class DataError(ClusiamError, ValueError):
-    """Input data that cannot be used: a missing or empty source, a bad manifest,
-    nothing readable, a splits file that does not fit the export."""
+    """Input data that cannot be used (missing, empty, unreadable, not fitting)."""
 
 
 class CheckpointError(ClusiamError):
-    """A work directory or checkpoint that cannot be read: no run there, no checkpoint,
-    or none that restores."""
+    """A work directory or checkpoint that cannot be read."""
 
 
 class ConversionError(ClusiamError, ValueError):
@@ -32,8 +28,7 @@ class NonFiniteError(ClusiamError, FloatingPointError):
 
 
 def find_clusiam_error(error: BaseException):
-    """The ClusiamError that `error` is or was raised from (`raise ... from`: a library
-    re-raising our input error), or None; a bug raised while handling one is no cause."""
+    """The ClusiamError `error` is or was raised from (`__cause__` only), or None."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, ClusiamError):

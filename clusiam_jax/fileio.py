@@ -1,7 +1,6 @@
-"""The one file-I/O module: atomic writes, CSV read and written, and failures from outside
-the code (a CSV that is not UTF-8, a full disk, a folder made read-only or deleted while a
-command runs) told in one line naming the file and the fix. Standard library only, so
-grain workers and the slide code use it too.
+"""The one file-I/O module: atomic writes, CSV, and failures from outside the code (a CSV
+that is not UTF-8, a full disk, a folder gone) told in one line naming the file and the fix.
+Standard library only: grain workers and the slide code use it too.
 """
 import contextlib
 import csv
@@ -19,8 +18,7 @@ from clusiam_jax.errors import ConfigError, DataError
 
 @contextlib.contextmanager
 def atomic_write(path: str):
-    """Yields a temporary path (`<path>.tmp<pid>`, which no reader takes for output),
-    renamed onto `path` only if the body finishes: a crash leaves no half-written file."""
+    """Yields `<path>.tmp<pid>`, renamed onto `path` only if the body finishes."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         yield tmp
@@ -37,7 +35,6 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj, **dump_kwargs) -> None:
-    """`obj` as JSON (indent 2 unless told otherwise), with a final newline."""
     dump_kwargs.setdefault('indent', 2)
     write_text(path, json.dumps(obj, **dump_kwargs) + '\n')
 
@@ -51,9 +48,8 @@ def write_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
 
 
 def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Dict[str, str]]]:
-    """(column names stripped of spaces, rows) of a CSV file with a header line (UTF-8;
-    Excel's byte-order mark dropped). `what` (e.g. 'splits file') names the file in the
-    one-line DataError when it is missing, unreadable, not UTF-8 or not CSV."""
+    """(column names stripped of spaces, rows) of a UTF-8 CSV with a header; `what` names
+    the file in the one-line DataError."""
     if not os.path.isfile(path):
         raise DataError(f'{what} not found: {path}')
     try:
@@ -94,12 +90,10 @@ _ADVICE = {
     errno.ESTALE: 'the network file system dropped the file; start the command again',
     errno.EIO: 'the storage failed to read or write; check the disk',
 }
-# TensorStore (orbax's writer) reports an OS error in its own ValueError: '... Failed
-# writing: "/run/checkpoints/4.orbax-checkpoint-tmp/...": ... [os_error_code='28']'.
+# TensorStore (orbax's writer) wraps an OS error: '... "/run/...": ... [os_error_code='28']',
 _TENSORSTORE_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
-# ... or only its status (the folder of a save in flight deleted): 'NOT_FOUND: ... at
-# local file "/run/...": ...'
+# or gives only its status: 'NOT_FOUND: ... at local file "/run/...": ...'.
 _STATUS_ERRNO = {'NOT_FOUND': errno.ENOENT, 'PERMISSION_DENIED': errno.EACCES}
 _TENSORSTORE_STATUS = re.compile(r'(NOT_FOUND|PERMISSION_DENIED): ')
 _LOCAL_FILE = re.compile(r'local file "(/[^"]+)"')
@@ -129,10 +123,8 @@ def _errno_and_path(error: BaseException) -> Tuple[Optional[int], Optional[str]]
 
 
 def environment_failure(error: BaseException) -> Optional[str]:
-    """One line for an error that is, or was raised from, an OS error of
-    ENVIRONMENT_ERRNOS, or was raised while handling a full disk, read-only file system
-    or I/O error (orbax's clean-up after a failed save); None otherwise. A bug raised in
-    an `except FileNotFoundError:` keeps its traceback."""
+    """One line for an error from (or raised while handling a write failure of) an OS error
+    of ENVIRONMENT_ERRNOS; None otherwise, so a bug keeps its traceback."""
     seen, pending = set(), [(error, ENVIRONMENT_ERRNOS)]
     while pending:
         current, accepted = pending.pop(0)
@@ -161,16 +153,15 @@ def _message(code: int, path: Optional[str]) -> str:
 
 
 @contextlib.contextmanager
-def quiet_environment_tracebacks(logger_name: str = 'absl'):
-    """For the body, `logger_name`'s records about an environment failure lose their
-    traceback: orbax logs one per thread of a failed save, pages before the command's own
-    one-line error. Tracebacks of bugs pass."""
+def quiet_environment_tracebacks():
+    """For the body, absl records about an environment failure lose their traceback (orbax
+    logs one per thread of a failed save, pages before the one-line error)."""
     def drop_traceback(record):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and environment_failure(exc) is not None:
             record.exc_info, record.exc_text = None, None
         return True
-    logger = logging.getLogger(logger_name)
+    logger = logging.getLogger('absl')
     logger.addFilter(drop_traceback)
     try:
         yield
@@ -186,8 +177,7 @@ def remove_temporaries(folder: str) -> None:
 
 
 def writable_folder(path: str, flag: str) -> None:
-    """Creates `path` if needed; ConfigError (one line) when it is a file or cannot be
-    written (a read-only disk, a path through a file), before anything runs."""
+    """Creates `path` if needed; ConfigError (one line) when it cannot be written there."""
     if os.path.isfile(path):
         raise ConfigError(f'{flag} {path} is a file, not a folder')
     try:

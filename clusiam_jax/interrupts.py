@@ -1,10 +1,7 @@
-"""SIGTERM and Ctrl-C: any command stops cleanly, at any moment. The handler only records
-the signal: raised from a handler, an exception lands in whatever runs (an orbax restore,
-then taken for damage; a JAX callback that swallows it). Outside the training loop safe
-points (`check()`) raise `Interrupted`, and a watchdog ends code that reaches none within
-`GRACE_S` (every file appears only when complete); the loop (`deferred()`) polls
-`received()`, saves and returns; a second signal stops at once. Exits skip interpreter
-teardown (`exit_now`), which crashed under XLA's threads. Main thread only.
+"""SIGTERM and Ctrl-C stop any command cleanly. The handler only records the signal (raised
+there, an exception lands in whatever runs); safe points (`check()`) raise `Interrupted`, a
+watchdog ends code reaching none within `GRACE_S`, the training loop (`deferred()`) saves
+and returns; a second signal stops at once. Exits skip interpreter teardown (`exit_now`).
 """
 import contextlib
 import functools
@@ -39,7 +36,7 @@ class _State:
 
 
 def exit_now(status: int):
-    """Flushes what Python buffered, then `os._exit`: native threads are not torn down."""
+    """Flushes Python's buffers, then `os._exit` (tearing down XLA's threads crashed)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -82,8 +79,8 @@ def _in_main_thread() -> bool:
 
 
 def install(signals=SIGNALS, status=lambda signum: 128 + signum) -> dict:
-    """Make `signals` record a stop (the command line, at start); `status(signum)` is the
-    exit status of a command stopped by one. Returns the replaced handlers, for `restore`."""
+    """Make `signals` record a stop; `status(signum)` is the exit status after one. Returns
+    the replaced handlers, for `restore`."""
     previous = {}
     if _in_main_thread():
         reset()
@@ -96,7 +93,6 @@ def install(signals=SIGNALS, status=lambda signum: 128 + signum) -> dict:
 
 
 def restore(previous: dict):
-    """Put back the handlers `install` replaced."""
     for sig, handler in previous.items():
         signal.signal(sig, handler)
     if _in_main_thread():
@@ -105,13 +101,11 @@ def restore(previous: dict):
 
 
 def received():
-    """The signal number this command received (or noted), or None."""
     return _State.received
 
 
 def check():
-    """A safe point: raises Interrupted if the command line's handlers recorded a signal,
-    except inside the training loop (which saves first)."""
+    """A safe point: raises Interrupted after a signal, except inside `deferred()`."""
     if _State.received is not None and not _State.deferring and _State.installed:
         raise Interrupted(_State.received)
 
@@ -128,9 +122,8 @@ def reset():
 
 @contextlib.contextmanager
 def deferred(enabled: bool = True):
-    """Inside, `check()` does nothing: the training loop polls `received()`. Without the
-    command line's handlers, its own for the body. `enabled=False` (several processes,
-    which agree on the step to save through JAX's preemption sync) changes nothing."""
+    """Inside, `check()` does nothing: the training loop polls `received()`. `enabled=False`
+    (several processes, which agree on the step through JAX's preemption sync): a no-op."""
     if not enabled:
         yield
         return
@@ -165,6 +158,6 @@ def _init_worker(parent: int, *_):
 
 
 def worker_initializer():
-    """Workers (input, statistics, tiling) ignore the signals sent to the whole process
-    group (this process stops them) and exit once it is gone (`kill -9`). Picklable."""
+    """Workers ignore the process group's signals (this process stops them) and exit once
+    it is gone (`kill -9`). Picklable."""
     return functools.partial(_init_worker, os.getpid())

@@ -1,9 +1,6 @@
-"""Cosine k-nearest neighbours, the one implementation: the evaluation (eval/knn.py) and
-the training monitor (train/monitor.py) both search here, below both layers.
-
-References are streamed to the device one chunk at a time; for each, one jitted call
-scans fixed-size query chunks and merges the chunk's best k into a running top-k per
-query. Chunks are padded to fixed shapes so the function compiles once.
+"""Cosine k-nearest neighbours for the evaluation and the training monitor. References stream
+to the device in chunks, each merged into a running top-k per query by one jitted call over
+fixed-size (padded) query chunks, compiled once.
 """
 import functools
 
@@ -44,8 +41,7 @@ def _pad_rows(x, rows):
 
 def knn_search(queries, references, k=1, query_chunk=1024, ref_chunk=32768, normalize=True):
     """(similarities [Q, k] float32, indices [Q, k] int64) of the top-k references by
-    cosine similarity, best first, ties to the smaller index. The device holds all
-    queries, one reference chunk and a [query_chunk, ref_chunk] block."""
+    cosine similarity, best first, ties to the smaller index."""
     queries = np.asarray(queries, dtype=np.float32)
     references = np.asarray(references, dtype=np.float32)
     n_q, dim = queries.shape
@@ -64,16 +60,15 @@ def knn_search(queries, references, k=1, query_chunk=1024, ref_chunk=32768, norm
     best_idx = jnp.full((n_qchunks, query_chunk, k), -1, jnp.int32)
     for start in range(0, n_r, ref_chunk):
         chunk = _pad_rows(references[start:start + ref_chunk], ref_chunk)
-        best_sims, best_idx = _merge_reference_chunk(
-            best_sims, best_idx, q_dev, jnp.asarray(chunk), jnp.int32(start), jnp.int32(n_r),
-            k=k)
+        best_sims, best_idx = _merge_reference_chunk(best_sims, best_idx, q_dev, jnp.asarray(chunk),
+                                                     jnp.int32(start), jnp.int32(n_r), k=k)
     sims = np.asarray(best_sims).reshape(-1, k)[:n_q]
     return sims, np.asarray(best_idx).reshape(-1, k)[:n_q].astype(np.int64)
 
 
 def majority_vote(neighbour_labels):
-    """The most frequent label of each row of [Q, k] labels (nearest first); a tie goes
-    to the tied label that ranks first, so k=1 is the nearest neighbour's label."""
+    """The most frequent label of each row of [Q, k] labels (nearest first); ties go to
+    the one ranked first."""
     classes, codes = np.unique(np.asarray(neighbour_labels), return_inverse=True)
     codes = codes.reshape(np.shape(neighbour_labels))
     n_q, k = codes.shape

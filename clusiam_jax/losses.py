@@ -1,7 +1,5 @@
-"""Losses of docs/method.md §4 as pure functions, computed and reduced in float32 whatever
-the inputs' dtype. `cluster_similarity` takes the Gumbel noise as an argument (tests and
-PyTorch parity feed fixed noise). Shapes are static: the original's "mean over non-zero
-entries" is a masked mean.
+"""Losses of docs/method.md §4, pure and in float32. `cluster_similarity` takes the Gumbel
+noise as an argument (parity tests feed fixed noise).
 """
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,5 @@
-"""Device mesh and shardings: the batch is split along a `data` axis, the state replicated.
-
-Under `jax.jit` with these shardings, BatchNorm statistics and the cluster loss are
-computed over the global batch, exactly as the single-GPU original computes them.
+"""Device mesh and shardings: the batch split along a `data` axis, the state replicated, so
+BatchNorm statistics and the cluster loss see the global batch, as the single-GPU original.
 """
 import os
 
@@ -14,7 +12,6 @@ DATA_AXIS = 'data'
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all (global) devices."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 

@@ -1,7 +1,6 @@
-"""A run's work directory, for everything that reads or writes one: config.json (today's
-defaults fill keys an older run lacks), normalization.json (the mean/std it trained with,
-so export and conversion never rescan the data) and checkpoints/<step>/. Reading restores
-the weights only: no optimizer is built, nothing from `train/` is imported.
+"""A run's work directory: config.json (over today's defaults), normalization.json (so
+export and conversion never rescan the data) and checkpoints/<step>/. Reading restores the
+weights only: no optimizer, nothing from `train/`.
 """
 import contextlib
 import dataclasses
@@ -27,7 +26,7 @@ NORMALIZATION_NAME = 'normalization.json'
 
 
 def _tuples(value):
-    """JSON lists -> tuples (ConfigDict's tuple fields, e.g. data.mean, reject lists)."""
+    """JSON lists -> tuples (ConfigDict's tuple fields reject lists)."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
@@ -93,8 +92,7 @@ def write_normalization(workdir: str, normalization: Normalization):
 
 
 def read_normalization(workdir: str, fallback_config=None) -> Optional[Normalization]:
-    """normalization.json; without it (older runs, imports without --mean/--std),
-    `fallback_config`'s data.mean/std when set; else None."""
+    """normalization.json, else `fallback_config`'s data.mean/std when set, else None."""
     path = os.path.join(workdir, NORMALIZATION_NAME)
     if os.path.isfile(path):
         with open(path) as f:
@@ -135,8 +133,7 @@ class Run:
 
 
 def checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
-    """(run directory, step or None) for a run directory or one of its
-    `checkpoints/<step>` folders (train.resume_from takes both)."""
+    """(run directory, step or None) of a run directory or its `checkpoints/<step>`."""
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     if os.path.basename(parent) == 'checkpoints' and name.isdigit():
@@ -154,9 +151,8 @@ def read_best(workdir: str) -> Optional[dict]:
 
 
 def load_run(workdir: str, step=None, mesh=None) -> Run:
-    """A run's config.json, normalization and the weights of checkpoint `step`: a step
-    number, 'latest' (or None) or 'best' (train.best_metric's), restored replicated onto
-    `mesh` (default: this process's devices)."""
+    """A run with the weights of checkpoint `step` (a number, 'latest'/None or 'best'),
+    replicated onto `mesh` (default: this process's devices)."""
     config = read_run_config(workdir)
     mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
     replicated = parallel.replicated(mesh)

@@ -1,6 +1,5 @@
-"""What a run learns, as pytrees: the full train state, and the `Weights` export and
-conversion read (restoring them needs no optimizer). The BYOL-type target keeps its own
-BatchNorm statistics, never averaged (docs/method.md §5); SimSiam-type: empty dicts.
+"""What a run learns: the train state, and the `Weights` export and conversion read (no
+optimizer). The BYOL-type target keeps its own BatchNorm statistics (docs/method.md §5).
 """
 from typing import Any
 
@@ -44,15 +43,15 @@ def init_weights(network, has_target: bool, seed: int, image_size: int) -> Weigh
     init_key = jax.random.key(seed, impl='rbg')
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = network.init(init_key, dummy, train=True)
-    params, batch_stats = variables['params'], variables['batch_stats']
-    if has_target:
-        # An exact copy of the online encoder, as deepcopy in the original.
-        target_params = jax.tree.map(jnp.copy, params['encoder'])
-        target_batch_stats = jax.tree.map(jnp.copy, batch_stats['encoder'])
-    else:
-        target_params, target_batch_stats = {}, {}
+    return fresh_weights(variables['params'], variables['batch_stats'], has_target)
+
+
+def fresh_weights(params, batch_stats, has_target: bool) -> Weights:
+    """Weights at step 0; a target is an exact copy of the encoder (deepcopy in the original)."""
+    def target(tree):
+        return jax.tree.map(jnp.copy, tree['encoder']) if has_target else {}
     return Weights(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                   target_params=target_params, target_batch_stats=target_batch_stats)
+                   target_params=target(params), target_batch_stats=target(batch_stats))
 
 
 def state_from_weights(weights: Weights, tx, seed: int) -> TrainState:

@@ -1,10 +1,7 @@
-"""One command per folder (a training's work directory, a tiling's or an export's output):
-a second one ends with one line naming the first, instead of racing its checkpoints.
-
-`fcntl.flock` on `<folder>/.clusiam.lock`, which the kernel drops however its process ends;
-the file's text only names the holder. Where the file system refuses flock, creating the
-file with O_EXCL is the lock, taken over only from a gone pid of this host: guessing that
-another host's run is dead could let two runs write one folder.
+"""One command per folder (a work directory, a tiling's or an export's output): a second
+ends with one line naming the first. `fcntl.flock` on `<folder>/.clusiam.lock` (the kernel
+drops it however its process ends; the text names the holder); where flock is refused, an
+O_EXCL file, taken over only from a gone pid of this host.
 """
 import contextlib
 import datetime
@@ -33,8 +30,7 @@ def lock_path(folder: str) -> str:
 
 
 def _read_holder(path: str, fd: Optional[int] = None, tries: int = 10) -> Optional[dict]:
-    """The holder the lock file names; an empty file (its holder about to write) is read
-    again for a moment."""
+    """The holder the lock file names; an empty one (being written) is read again."""
     for attempt in range(tries):
         try:
             if fd is None:
@@ -53,7 +49,6 @@ def _read_holder(path: str, fd: Optional[int] = None, tries: int = 10) -> Option
 
 
 def describe(holder: Optional[dict]) -> str:
-    """'pid 1234 on host X since 2024-05-01 10:02:11 (launch.py --mode train ...)'."""
     if holder is None:
         return 'a command that has not said who it is'
     started = str(holder.get('started', '?')).replace('T', ' ')
@@ -72,8 +67,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _flock_refused(folder: str) -> Optional[str]:
-    """Why `folder`'s file system refuses flock, or None; probed on a file of its own (the
-    lock file must not exist unless it locks)."""
+    """Why `folder`'s file system refuses flock, or None (probed on a file of its own)."""
     with tempfile.TemporaryFile(dir=folder) as probe:
         try:
             fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,7 +94,6 @@ class FolderLock:
                           f'{extra}')
 
     def acquire(self):
-        """Takes the lock or raises ConfigError naming its holder."""
         refused = _flock_refused(self.folder)
         if refused is not None:
             log.info('%s: the file system does not support flock (%s); locking with an '
@@ -138,7 +131,6 @@ class FolderLock:
         return None
 
     def _take_exclusive(self) -> Optional[int]:
-        """The O_EXCL fallback: the file's existence is the lock."""
         try:
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileExistsError:
@@ -168,8 +160,7 @@ class FolderLock:
             raise OSError(e.errno, e.strerror, self.path) from None
 
     def release(self):
-        """Removes the lock file while still holding it (no one locks the doomed inode
-        unnoticed), then drops the lock."""
+        """Unlinks the lock file while still holding it, then drops the lock."""
         if self._fd is None:
             return
         try:
@@ -184,9 +175,8 @@ class FolderLock:
 @contextlib.contextmanager
 def hold(folder: str, what: str, argv: Optional[Sequence[str]] = None,
          enabled: bool = True, created: bool = False):
-    """Holds `folder`'s lock for the body; a no-op when not `enabled` (processes other
-    than 0) or already held by this process. `created`: the folder was made for this
-    command, and goes again if the command leaves it empty."""
+    """Holds `folder`'s lock for the body (a no-op when not `enabled` or already held here);
+    a `created` folder goes again if the command leaves it empty."""
     key = os.path.realpath(folder)
     if not enabled or key in _held:
         yield None

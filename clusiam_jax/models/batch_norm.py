@@ -1,10 +1,7 @@
-"""BatchNorm with PyTorch's semantics, so running statistics (what export, kNN and DSMIL
-embed with) match the original's: the running variance averages the *unbiased* batch
-variance, where flax.linen.BatchNorm averages the biased one. Variable names are flax's
-(`scale`, `bias`; `mean`, `var`). Statistics are float32 over every axis but the last: the
-global batch under jit with a batch-sharded input. Training-mode normalization has the
-textbook backward (two reductions, one elementwise pass), fewer passes than autodiff of
-the two-pass variance (README, "Measured results").
+"""BatchNorm with PyTorch's semantics, so running statistics match the original's: the
+running variance averages the *unbiased* batch variance (flax's the biased one). Float32
+statistics over every axis but the last (the global batch under jit); training mode has the
+textbook backward, fewer passes than autodiff of the two-pass variance.
 """
 from functools import partial
 from typing import Any, Callable
@@ -89,7 +86,7 @@ class BatchNorm(nn.Module):
 
 def batch_norm(train: bool, dtype: Any, name: str, zero_init: bool = False,
                affine: bool = True) -> BatchNorm:
-    """BatchNorm in `train` mode or inference; `zero_init`: a residual block's last BN
-    (the original's zero_init_residual); `affine=False`: no scale and bias."""
+    """`zero_init`: a residual block's last BN (zero_init_residual); `affine=False`: no
+    scale and bias."""
     return BatchNorm(not train, dtype, affine, affine,
                      nn.initializers.zeros if zero_init else nn.initializers.ones, name=name)

@@ -1,13 +1,7 @@
-"""2-D convolution for the ResNet: XLA's, or XLA's tuned for XLA:CPU (`conv_impl='im2col'`).
-
-XLA:CPU has slow paths that dominate a ResNet step (README, "Measured results";
-`python -m bench.conv_kernels`): YNNPACK's convolutions (`compiler_options` turns them
-off), maps smaller than the kernel, the 1x1 strided filter gradient, and fusing a
-convolution input's producers into the transpose of its filter gradient. 'im2col' keeps
-XLA's convolutions behind a `fusion_barrier` where they are fast and computes the rest as
-matrix products (per kernel tap over real input; the 1x1 filter gradient as one product);
-the max-pool's gradient becomes strided window selects. Same maths, another summation
-order. `auto` picks XLA's on GPU/TPU, whose vendor convolutions are fast.
+"""2-D convolution for the ResNet: XLA's, or (`conv_impl='im2col'`, `auto` on CPU) XLA's
+behind a `fusion_barrier` where XLA:CPU is fast and matrix products where it is slow (maps
+smaller than the kernel, the 1x1 strided filter gradient, the max-pool's gradient), without
+YNNPACK (`compiler_options`). Same maths, another summation order (bench/conv_kernels.py).
 """
 from functools import partial
 from typing import Sequence
@@ -17,8 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 CONV_IMPLS = ('auto', 'xla', 'im2col')
-# XLA:CPU's default YNNPACK fusions less INDIVIDUAL_CONVOLUTION (tests/test_conv.py checks
-# that the installed jaxlib accepts the option).
+# XLA:CPU's default YNNPACK fusions less INDIVIDUAL_CONVOLUTION (tests/test_conv.py).
 _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 # flax.linen.Conv lays out NHWC inputs and HWIO kernels as these (lhs, rhs, out) specs.
@@ -33,8 +26,7 @@ def resolve_conv_impl(name: str) -> str:
 
 
 def compiler_options(impl: str):
-    """`jax.jit(..., compiler_options=...)` for every jit of a network run with `impl`
-    (per compilation, so nothing else in the process changes); None for XLA's defaults."""
+    """`jax.jit(..., compiler_options=...)` for a network run with `impl`; None: defaults."""
     if resolve_conv_impl(impl) == 'im2col' and jax.default_backend() == 'cpu':
         return dict(_CPU_COMPILER_OPTIONS)
     return None
@@ -109,10 +101,8 @@ def _keep_inputs(f):
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _valid_tap_conv(x, w, strides, padding):
-    """The convolution as one matrix product per kernel tap over real input only: on a
-    2 x 2 map a 3x3 kernel meets real input in 16 of 36 (tap, output) pairs, and im2col
-    would multiply the padding too. The backward stacks the taps' filter gradients
-    (autodiff summed kh * kw zero-padded kernels, a slow fusion)."""
+    """The convolution as one matrix product per kernel tap over real input only (im2col
+    would multiply the padding too); the backward stacks the taps' filter gradients."""
     taps, out_size = _valid_taps(x.shape, w.shape, strides, padding)
     out = jnp.zeros((x.shape[0], *out_size, w.shape[-1]), jnp.float32)
     for i, j, window, (h0, _, w0, _) in taps:
@@ -157,10 +147,8 @@ def im2col_conv(x, w, strides, padding):
 
 @jax.custom_vjp
 def fusion_barrier(x):
-    """x, materialized: XLA:CPU cannot fuse x's producers (BatchNorm, residual add, ReLU)
-    into the batch <-> channel transpose of a filter gradient, which recomputed them in a
-    cache-hostile order. `lax.optimization_barrier` is removed before fusion; XLA never
-    fuses across a conditional. The cotangent passes straight through."""
+    """x, materialized, so XLA:CPU cannot fuse x's producers into a filter gradient's
+    transpose (`lax.optimization_barrier` is removed before fusion; a conditional is not)."""
     # True unless x[0, 0, 0, 0] is NaN; both branches return x, so the value is x anyway.
     first = x[(0,) * x.ndim]
     return lax.cond(first == first, lambda v: v, lambda v: v * 1, x)
@@ -171,8 +159,7 @@ fusion_barrier.defvjp(lambda x: (fusion_barrier(x), None), lambda _, g: (g,))
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _pointwise_conv(x, w, strides, padding):
-    """A 1x1 convolution whose filter gradient is one matrix product (XLA's is slower for
-    the strided downsample)."""
+    """A 1x1 convolution whose filter gradient is one matrix product."""
     return _xla_conv(x, w, strides, padding)
 
 
@@ -214,9 +201,8 @@ def flax_conv_fn(impl: str):
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def tap_max_pool(x, window, strides, padding):
-    """NHWC max pooling (padding never wins) whose gradient goes, per output, to the first
-    input in row-major window order equal to the max (as PyTorch's), through one strided
-    window per tap: JAX's gradient carries s32 index maps, slow on XLA:CPU."""
+    """NHWC max pooling whose gradient goes to the first maximum in row-major window order
+    (as PyTorch's), through one strided window per tap (JAX's index maps are slow on CPU)."""
     return _xla_max_pool(x, window, strides, padding)
 
 

@@ -15,12 +15,8 @@ linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unif
 
 
 class TorchLinear(nn.Module):
-    """torch.nn.Linear: x @ kernel (+ bias), float32 parameters named as nn.Dense's.
-
-    The product runs in the compute dtype; the bias is added in float32 and the output is
-    float32, so the bias gradient is reduced in float32 under bfloat16 (every biased
-    Linear here feeds a BatchNorm or a float32 output). Under float32, exactly nn.Dense.
-    """
+    """torch.nn.Linear, float32 parameters named as nn.Dense's; the product in the compute
+    dtype, the bias added in float32 (its gradient reduced in float32 under bfloat16)."""
     features: int
     use_bias: bool
     dtype: Any = jnp.float32

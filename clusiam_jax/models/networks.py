@@ -66,12 +66,11 @@ class SSLNetwork(nn.Module):
 
 
 def build_network(model_config) -> SSLNetwork:
-    """SSLNetwork from a config's `model` section (checked by config.validate)."""
-    return SSLNetwork(
-        method=model_config.name, backbone=model_config.backbone,
-        feat_size=model_config.feat_size, pred_hidden=model_config.pred_hidden,
-        num_clusters=model_config.num_clusters, dtype=jnp.dtype(model_config.dtype),
-        conv_impl=model_config.conv_impl)
+    """SSLNetwork from a config's `model` section."""
+    m = model_config
+    return SSLNetwork(method=m.name, backbone=m.backbone, feat_size=m.feat_size,
+                      pred_hidden=m.pred_hidden, num_clusters=m.num_clusters,
+                      dtype=jnp.dtype(m.dtype), conv_impl=m.conv_impl)
 
 
 def build_target_encoder(network: SSLNetwork) -> Encoder:

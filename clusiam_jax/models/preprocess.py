@@ -1,7 +1,5 @@
-"""The network's input, one function for training, export and on-device augmentation
-(docs/method.md §1, step 6): uint8 [0, 255] views (a quarter of float32's bytes to copy)
-or float32 [0, 1] ones, normalized as torchvision's ToTensor + Normalize; and inference on
-images for the export and the training monitor (§7, §6).
+"""The network's input for training, export and augmentation (ToTensor + Normalize of
+docs/method.md §1), and inference on images for the export and the monitor.
 """
 import jax.numpy as jnp
 
@@ -15,9 +13,8 @@ def normalize_input(x, mean, std, dtype=jnp.float32):
 
 
 def embed_images(network, variables, images, mean, std, with_projection=False):
-    """The online network in inference mode (BatchNorm running statistics) on uint8
-    images: {'features' float32 [B, F], 'logits' float32 [B, K] with a cluster head,
-    'projections' [B, D] on request}."""
+    """The online network in inference mode on uint8 images: {'features', 'logits' (with a
+    cluster head), 'projections' (on request)}."""
     out = network.apply(variables, normalize_input(images, mean, std, network.dtype),
                         train=False)
     result = {'features': out['features'].astype(jnp.float32)}

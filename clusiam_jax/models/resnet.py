@@ -1,8 +1,6 @@
-"""A torchvision-compatible ResNet backbone in Flax Linen, layer for layer, so weights move
-between the two: explicit paddings (Flax 'SAME' pads stride-2 convolutions otherwise), no
-conv biases, He-normal fan_out init, PyTorch-semantics BatchNorm (batch_norm.py), the last
-BN of every block zero-initialised (the original's `zero_init_residual=True`), no `fc`:
-the output is the globally average-pooled features.
+"""A torchvision-compatible ResNet in Flax, layer for layer, so weights move between the two:
+explicit paddings, no conv biases, He-normal fan_out init, PyTorch-semantics BatchNorm, each
+block's last BN zero-initialised (`zero_init_residual`), no `fc` (average-pooled features).
 """
 from functools import partial
 from typing import Any, Sequence

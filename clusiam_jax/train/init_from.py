@@ -1,23 +1,19 @@
-"""train.init_from: a fresh run (no checkpoint yet) whose online network takes every
-array of a source (interop/read_weights.py) that fits by name and shape: the backbone
-must load completely, heads that do not fit stay fresh. Step, optimizer state, rng and
-schedules are a fresh start's (train.resume_from continues a run instead), and a
-BYOL-type target copies the online encoder. The log says what was loaded, initialised
-and left unused.
+"""train.init_from: a fresh run whose online network takes every array of a source
+(interop/read_weights.py) that fits by name and shape; the backbone must load completely.
+Step, optimizer, rng and schedules start fresh; a BYOL-type target copies the encoder.
 """
 import dataclasses
 import logging
 from typing import Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from clusiam_jax import parallel
 from clusiam_jax.checkpoint import leaf_name
 from clusiam_jax.errors import ConfigError
 from clusiam_jax.interop.read_weights import Source, listing, read_weights, variable_names
-from clusiam_jax.state import TrainState, Weights, state_from_weights
+from clusiam_jax.state import TrainState, fresh_weights, state_from_weights
 
 log = logging.getLogger('clusiam_jax')
 
@@ -50,14 +46,13 @@ class Report:
 
 
 def _module(name: str) -> Tuple[str, ...]:
-    """'params/encoder/backbone/conv1/kernel' -> ('encoder', 'backbone', 'conv1', 'kernel'):
-    parameters and statistics of one module side by side."""
+    """'params/encoder/backbone/conv1/kernel' -> ('encoder', 'backbone', 'conv1', 'kernel')."""
     return tuple(name.split('/')[1:])
 
 
 def compact(names: Sequence[str], every: Sequence[str]) -> str:
-    """An exact, short listing of `names` among `every`: a module all of whose arrays are
-    in `names` is named once, with their count ('encoder/backbone (120)')."""
+    """`names` among `every`, a module all of whose arrays are in `names` named once with
+    their count ('encoder/backbone (120)')."""
     chosen = {_module(n) for n in names}
     universe = sorted({_module(n) for n in every})
     if not chosen:
@@ -94,8 +89,8 @@ def _grouped(names: Sequence[str], spell_out: int = 3) -> str:
 
 
 def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState, Report]:
-    """The fresh `state` with the source's arrays where they fit (module docstring);
-    ConfigError when the backbone does not load completely."""
+    """The fresh `state` with the source's arrays where they fit; ConfigError when the
+    backbone does not load completely."""
     online = variable_names({'params': state.params, 'batch_stats': state.batch_stats})
     loaded, fresh, misshapen = [], [], list(source.notes)
     for name, leaf in online.items():
@@ -125,11 +120,7 @@ def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState
         return jax.make_array_from_callback(value.shape, leaf.sharding, lambda i: value[i])
 
     def fresh_start(params, batch_stats):
-        def target(tree):   # as state.init_weights: the target copies the online encoder
-            return jax.tree.map(jnp.copy, tree['encoder']) if trainer.has_target else {}
-        weights = Weights(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=batch_stats, target_params=target(params),
-                          target_batch_stats=target(batch_stats))
+        weights = fresh_weights(params, batch_stats, trainer.has_target)
         return state_from_weights(weights, trainer.tx, trainer.config.train.seed)
 
     placed = jax.tree_util.tree_map_with_path(take, {'params': state.params,
@@ -138,8 +129,7 @@ def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState
 
 
 def initial_state(trainer) -> Tuple[TrainState, Optional[Report]]:
-    """(the state a fresh run starts from, the init_from report or None): the trainer's
-    fresh state, with train.init_from's weights applied when it is set."""
+    """(the state a fresh run starts from, with train.init_from applied; its report or None)."""
     path = trainer.config.train.init_from
     if not path:
         return trainer.init_state(), None
