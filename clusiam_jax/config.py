@@ -4,6 +4,7 @@ The config is locked, so ml_collections refuses unknown keys and wrong types; `v
 runs the RULES table and the cross-field rules: the builders downstream trust its result.
 """
 import difflib
+import functools
 import os
 
 import ml_collections
@@ -303,9 +304,13 @@ def _check_rules(section, name: str):
                 raise ConfigError(f'{key} must be {words}; got {value}')
 
 
-def validate_model(m):
-    """The `model` section (also checked when a run's config.json is read back)."""
-    _check_rules(m, 'model')
+# The `model` section alone (checked again when a run's config.json is read back).
+validate_model = functools.partial(_check_rules, name='model')
+
+
+def _refuse(broken, message: str):
+    if broken:
+        raise ConfigError(message)
 
 
 def validate(config, num_devices: int = 1, check_data_path: bool = True):
@@ -318,62 +323,56 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
         if name != 'tile':
             _check_rules(config[name], name)
     t, d, mon, exp = config.train, config.data, config.monitor, config.export
-    method = config.model.name
+    method, alpha, warmup = config.model.name, config.loss.alpha, config.optim.warmup_epochs
     has_clusters = METHOD_SPECS[method].has_cluster_head
-    if not has_clusters and config.loss.alpha != 0.0:
-        raise ConfigError(f'{method} has no cluster term: loss.alpha must be 0; '
-                          f'got {config.loss.alpha}')
-    if t.batch_size % num_devices:
-        raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by the '
-                          f'{num_devices} devices')
-    if not 0 <= config.optim.warmup_epochs < t.num_epochs:
-        raise ConfigError(f'optim.warmup_epochs must be in [0, train.num_epochs); '
-                          f'got {config.optim.warmup_epochs}')
+    _refuse(not has_clusters and alpha != 0.0,
+            f'{method} has no cluster term: loss.alpha must be 0; got {alpha}')
+    _refuse(t.batch_size % num_devices,
+            f'train.batch_size={t.batch_size} is not divisible by the {num_devices} devices')
+    _refuse(not 0 <= warmup < t.num_epochs,
+            f'optim.warmup_epochs must be in [0, train.num_epochs); got {warmup}')
     for key in ('mean', 'std'):
-        if d[key] is not None and len(d[key]) != 3:
-            raise ConfigError(f'data.{key} must have 3 values (R, G, B); got {d[key]!r}')
-    if (d.mean is None) != (d.std is None):
-        raise ConfigError('set both data.mean and data.std, or neither (computed)')
-    if d.std is not None and min(d.std) <= 0:
-        raise ConfigError(f'data.std must be positive; got {d.std!r}')
-    if t.init_from and t.resume_from:
-        raise ConfigError('set train.init_from or train.resume_from, not both: resume_from '
-                          'continues a run (optimizer, step, schedules), init_from starts one '
-                          'from weights')
-    if mon.every_epochs and not mon.data_path and not mon.holdout:
-        raise ConfigError('monitor.every_epochs needs a monitor set: monitor.data_path=DIR or '
-                          'monitor.holdout=0.05 (a fraction of the training slides)')
-    if mon.data_path and mon.holdout:
-        raise ConfigError('set monitor.data_path or monitor.holdout, not both')
-    if mon.holdout and not mon.every_epochs:
-        raise ConfigError('monitor.holdout holds slides out of training for the monitor: set '
-                          'monitor.every_epochs too (or drop monitor.holdout)')
-    if t.best_metric.removeprefix('monitor/') in CLUSTER_METRICS and not has_clusters:
-        raise ConfigError(f'train.best_metric={t.best_metric}: {method} has no cluster head')
-    if exp.after_training and str(exp.checkpoint) == 'best' and not t.best_metric:
-        raise ConfigError('export.checkpoint=best after training needs train.best_metric')
-    if (t.best_metric or t.stop_on_collapse) and not mon.every_epochs:
-        raise ConfigError('train.best_metric and train.stop_on_collapse need the monitor: set '
-                          'monitor.every_epochs (and monitor.data_path or monitor.holdout)')
-    if exp.out_dir and os.path.isfile(exp.out_dir):
-        raise ConfigError(f'export.out_dir {exp.out_dir} is a file, not a folder')
+        _refuse(d[key] is not None and len(d[key]) != 3,
+                f'data.{key} must have 3 values (R, G, B); got {d[key]!r}')
+    _refuse((d.mean is None) != (d.std is None),
+            'set both data.mean and data.std, or neither (computed)')
+    _refuse(d.std is not None and min(d.std) <= 0, f'data.std must be positive; got {d.std!r}')
+    _refuse(t.init_from and t.resume_from,
+            'set train.init_from or train.resume_from, not both: resume_from continues a run '
+            '(optimizer, step, schedules), init_from starts one from weights')
+    _refuse(mon.every_epochs and not mon.data_path and not mon.holdout,
+            'monitor.every_epochs needs a monitor set: monitor.data_path=DIR or '
+            'monitor.holdout=0.05 (a fraction of the training slides)')
+    _refuse(mon.data_path and mon.holdout, 'set monitor.data_path or monitor.holdout, not both')
+    _refuse(mon.holdout and not mon.every_epochs,
+            'monitor.holdout holds slides out of training for the monitor: set '
+            'monitor.every_epochs too (or drop monitor.holdout)')
+    _refuse(t.best_metric.removeprefix('monitor/') in CLUSTER_METRICS and not has_clusters,
+            f'train.best_metric={t.best_metric}: {method} has no cluster head')
+    _refuse(exp.after_training and str(exp.checkpoint) == 'best' and not t.best_metric,
+            'export.checkpoint=best after training needs train.best_metric')
+    _refuse((t.best_metric or t.stop_on_collapse) and not mon.every_epochs,
+            'train.best_metric and train.stop_on_collapse need the monitor: set '
+            'monitor.every_epochs (and monitor.data_path or monitor.holdout)')
+    _refuse(exp.out_dir and os.path.isfile(exp.out_dir),
+            f'export.out_dir {exp.out_dir} is a file, not a folder')
     parse_checkpoint_choice(exp.checkpoint)
     for key in ('annotations', 'thumbnail'):
-        if exp[key] and not exp.cluster_maps:
-            raise ConfigError(f'export.{key} is used only with export.cluster_maps=True')
-    if exp.thumbnail and not exp.thumbnail_downsample:
-        raise ConfigError('export.thumbnail needs export.thumbnail_downsample (level-0 '
-                          'pixels per thumbnail pixel, e.g. 8)')
-    if exp.pt_files and exp.format != 'h5':
-        raise ConfigError('export.pt_files goes with export.format=h5 (per-slide files)')
-    if check_data_path and not d.path:
-        raise ConfigError('data.path is not set: pass --config.data.path=DIR (a patch folder, a '
-                          'manifest CSV or a built dataset)')
-    if check_data_path and not os.path.exists(d.path):
-        tiled = os.path.abspath(config.tile.out_dir) == os.path.abspath(d.path)
-        raise ConfigError(f'data.path does not exist: {d.path}' + (
-            '; it is the tiling output of tile.slides: tile first (python launch.py --mode tile '
-            '--config ...)' if config.tile.slides and tiled else ''))
+        _refuse(exp[key] and not exp.cluster_maps,
+                f'export.{key} is used only with export.cluster_maps=True')
+    _refuse(exp.thumbnail and not exp.thumbnail_downsample,
+            'export.thumbnail needs export.thumbnail_downsample (level-0 pixels per thumbnail '
+            'pixel, e.g. 8)')
+    _refuse(exp.pt_files and exp.format != 'h5',
+            'export.pt_files goes with export.format=h5 (per-slide files)')
+    if not check_data_path:
+        return
+    _refuse(not d.path, 'data.path is not set: pass --config.data.path=DIR (a patch folder, a '
+            'manifest CSV or a built dataset)')
+    tiled = config.tile.slides and os.path.abspath(config.tile.out_dir) == os.path.abspath(d.path)
+    _refuse(not os.path.exists(d.path), f'data.path does not exist: {d.path}' + (
+        '; it is the tiling output of tile.slides: tile first (python launch.py --mode tile '
+        '--config ...)' if tiled else ''))
 
 
 def best_mode(train) -> str:
@@ -394,21 +393,17 @@ def parse_checkpoint_choice(text) -> object:
 
 def validate_tile(t):
     """The `tile` section (--mode tile)."""
-    if not t.slides:
-        raise ConfigError('tile.slides is not set: --config.tile.slides=DIR (a folder of '
-                          'slides) or a CSV with a "path" column')
-    if not t.out_dir:
-        raise ConfigError('tile.out_dir is not set: --config.tile.out_dir=DIR')
+    _refuse(not t.slides, 'tile.slides is not set: --config.tile.slides=DIR (a folder of slides) '
+            'or a CSV with a "path" column')
+    _refuse(not t.out_dir, 'tile.out_dir is not set: --config.tile.out_dir=DIR')
     _check_rules(t, 'tile')
-    if not 0 <= t.overlap < t.patch_size:
-        raise ConfigError(f'tile.overlap must be in [0, tile.patch_size); got {t.overlap}')
-    if t.align and t.overlap:
-        raise ConfigError(f'tile.align steps by whole scanner tiles, so tile.overlap '
-                          f'({t.overlap}) cannot apply: set one of them')
-    if t.mpp:
-        raise ConfigError(f'tile.mpp is split in two: --config.tile.mpp_default={t.mpp:g} sets the '
-                          f'µm/px of the slides whose metadata has none; --config.tile.mpp_'
-                          f'override={t.mpp:g} forces it on every slide, over their metadata')
-    if t.mpp_default and t.mpp_override:
-        raise ConfigError('set one of tile.mpp_default (slides without µm/px) and tile.mpp_'
-                          'override (every slide): the override leaves the default nothing to fill')
+    _refuse(not 0 <= t.overlap < t.patch_size,
+            f'tile.overlap must be in [0, tile.patch_size); got {t.overlap}')
+    _refuse(t.align and t.overlap, f'tile.align steps by whole scanner tiles, so tile.overlap '
+            f'({t.overlap}) cannot apply: set one of them')
+    _refuse(t.mpp, f'tile.mpp is split in two: --config.tile.mpp_default={t.mpp:g} sets the '
+            f'µm/px of the slides whose metadata has none; --config.tile.mpp_override='
+            f'{t.mpp:g} forces it on every slide, over their metadata')
+    _refuse(t.mpp_default and t.mpp_override,
+            'set one of tile.mpp_default (slides without µm/px) and tile.mpp_override (every '
+            'slide): the override leaves the default nothing to fill in')
