@@ -1,13 +1,7 @@
-"""Region annotations: reading QuPath GeoJSON and ASAP XML (told by content: a `.json`
-may be either), labelling patches by the region they fall in, drawing outlines on a
-thumbnail. Coordinates are level-0 pixels everywhere, so annotations and patches line up.
-
-GeoJSON: a FeatureCollection, a Feature, or a bare list of Features (QuPath before 0.3);
-the class is `classification.name` (or a string `classification`), else `name`. ASAP XML
-(Camelyon16/17): the class is `PartOfGroup`, else `Name`; splines are taken as the polygon
-through their control points. Names are kept as written: a point inside several regions
-gets the smallest one's class, so a Camelyon16 exclusion (`_2`) drawn inside a tumour wins.
-Arealess shapes are skipped; self-intersecting outlines are repaired (shapely.make_valid).
+"""Region annotations in level-0 px: QuPath GeoJSON and ASAP XML (told by content), patches
+labelled by the region they fall in (the smallest, so a Camelyon16 exclusion drawn inside a
+tumour wins), outlines drawn on a thumbnail. ASAP splines are taken as the polygon through
+their control points; self-intersecting outlines are repaired (shapely.make_valid).
 """
 import colorsys
 import dataclasses
@@ -48,21 +42,27 @@ class Annotation:
     geometry: object  # shapely Polygon or MultiPolygon
 
 
-# ------------------------------------------------------------------------ reading
-
 def read_annotations(path: str) -> List[Annotation]:
     """The polygonal annotations of a file, in file order; DataError also when it holds
     none, which would silently call every patch 'normal'."""
-    data = _read_bytes(path)
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: no such annotation file')
+    try:
+        with open(path, 'rb') as f:   # bytes: ElementTree honours XML's declared encoding
+            data = f.read()
+    except OSError as e:
+        raise DataError(f'{path}: cannot read the annotation file ({e.strerror})') from None
     start = data.lstrip(b'\xef\xbb\xbf \t\r\n')[:1]
     if start == b'<':
-        annotations, skipped = _parse_asap(path, data)
+        found = _parse_asap(path, data)
     elif start in (b'{', b'['):
-        annotations, skipped = _parse_geojson(path, data)
+        found = _parse_geojson(path, data)
     else:
         raise DataError(f'{path}: neither GeoJSON nor ASAP XML (starts with {start!r})')
+    annotations = [Annotation(name, g) for name, g in found if g is not None]
     if not annotations:
-        raise DataError(f'{path}: no polygon annotation ({skipped} without an area skipped)')
+        raise DataError(f'{path}: no polygon annotation ({len(found)} without an area '
+                        f'skipped)')
     return annotations
 
 
@@ -77,20 +77,8 @@ def find_annotation_file(folder: str, slide_id: str) -> Optional[str]:
     return None
 
 
-def _read_bytes(path: str) -> bytes:
-    """Bytes, not text: ElementTree honours XML's declared encoding only in bytes."""
-    if not os.path.isfile(path):
-        raise DataError(f'{path}: no such annotation file')
-    try:
-        with open(path, 'rb') as f:
-            return f.read()
-    except OSError as e:
-        raise DataError(f'{path}: cannot read the annotation file ({e.strerror})') from None
-
-
 def _polygonal(geometry) -> Optional[object]:
-    """The area-bearing part as one (Multi)Polygon, repaired when invalid (a
-    self-intersecting outline still encloses tissue); None without any."""
+    """The area-bearing part as one (Multi)Polygon, repaired when invalid; None without."""
     if geometry is None or geometry.is_empty:
         return None
     geometry = shapely.force_2d(geometry)
@@ -105,17 +93,14 @@ def _polygonal(geometry) -> Optional[object]:
 
 def _flat_parts(geometry) -> Iterable[object]:
     """The single (non-multi, non-collection) geometries inside `geometry`."""
-    if isinstance(geometry, (shapely.GeometryCollection, MultiPolygon,
-                             shapely.MultiLineString, shapely.MultiPoint)):
-        for part in shapely.get_parts(geometry):
-            yield from _flat_parts(part)
-    else:
-        yield geometry
+    parts = shapely.get_parts(geometry)
+    while any(hasattr(p, 'geoms') for p in parts):
+        parts = shapely.get_parts(parts)
+    return parts
 
 
-# ------------------------------------------------------------------------ GeoJSON
-
-def _parse_geojson(path: str, raw: bytes) -> Tuple[List[Annotation], int]:
+def _parse_geojson(path: str, raw: bytes) -> List[tuple]:
+    """(name, polygonal geometry or None) of each feature."""
     try:
         data = json.loads(raw)  # bytes: json detects UTF-8/16/32 and a byte-order mark
     except json.JSONDecodeError as e:
@@ -124,18 +109,12 @@ def _parse_geojson(path: str, raw: bytes) -> Tuple[List[Annotation], int]:
     except UnicodeDecodeError as e:
         raise DataError(f'{path}: not valid JSON text ({e.reason} at byte {e.start})') \
             from None
-    annotations, skipped = [], 0
-    for index, feature in enumerate(_features(path, data)):
-        geometry = _feature_geometry(path, index, feature)
-        if geometry is None:
-            skipped += 1
-            continue
-        annotations.append(Annotation(_feature_name(feature), geometry))
-    return annotations, skipped
+    return [(_feature_name(feature), _feature_geometry(path, index, feature))
+            for index, feature in enumerate(_features(path, data))]
 
 
 def _features(path: str, data) -> List[dict]:
-    """The features of every shape QuPath has exported (see module), or a bare geometry."""
+    """A FeatureCollection's, a Feature, a bare list (QuPath before 0.3), or a geometry."""
     if isinstance(data, list):
         features = data
     elif isinstance(data, dict) and data.get('type') == 'FeatureCollection':
@@ -167,41 +146,29 @@ def _feature_geometry(path: str, index: int, feature: dict) -> Optional[object]:
 
 def _feature_name(feature: dict) -> str:
     properties = feature.get('properties')
-    if not isinstance(properties, dict):
-        return DEFAULT_NAME
-    classification = properties.get('classification')
-    if isinstance(classification, dict) and classification.get('name'):
-        return str(classification['name'])
-    if isinstance(classification, str) and classification:
-        return classification
-    if properties.get('name'):
-        return str(properties['name'])
-    return DEFAULT_NAME
+    properties = properties if isinstance(properties, dict) else {}
+    c = properties.get('classification')
+    name = c.get('name') if isinstance(c, dict) else c if isinstance(c, str) else None
+    return str(name or properties.get('name') or DEFAULT_NAME)
 
 
-# ------------------------------------------------------------------------ ASAP XML
-
-def _parse_asap(path: str, raw: bytes) -> Tuple[List[Annotation], int]:
+def _parse_asap(path: str, raw: bytes) -> List[tuple]:
     try:
         root = ET.fromstring(raw)
     except ET.ParseError as e:
         raise DataError(f'{path}: not valid XML ({e})') from None
-    annotations, skipped = [], 0
+    found = []
     for index, element in enumerate(root.iter('Annotation')):
         geometry = None
         if element.get('Type', 'Polygon').strip().lower() in _ASAP_AREA_TYPES:
             points = _asap_points(path, index, element)
             geometry = _polygonal(Polygon(points)) if len(points) >= 3 else None
-        if geometry is None:
-            skipped += 1
-            continue
-        annotations.append(Annotation(_asap_name(element), geometry))
-    return annotations, skipped
+        found.append((_asap_name(element), geometry))
+    return found
 
 
 def _asap_points(path: str, index: int, element) -> List[Tuple[float, float]]:
-    """Vertices by `Order` (ASAP does not promise document order), those without it
-    after, in place."""
+    """Vertices by `Order` (not promised in document order), those without it after."""
     rows = []
     for position, coordinate in enumerate(element.iter('Coordinate')):
         try:
@@ -233,10 +200,8 @@ def _asap_name(element) -> str:
     return (element.get('Name') or '').strip() or DEFAULT_NAME
 
 
-# ------------------------------------------------------------------------ labelling
-
 def patch_centres(coords: np.ndarray, patch_size_level0: float) -> np.ndarray:
-    """A patch is labelled by its middle, not its corner (half a patch off)."""
+    """A patch is labelled by its middle, not its corner."""
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f'coords must be [N, 2], got shape {coords.shape}')
@@ -245,85 +210,53 @@ def patch_centres(coords: np.ndarray, patch_size_level0: float) -> np.ndarray:
 
 def label_points(annotations: Sequence[Annotation], points: np.ndarray,
                  default: str = 'normal') -> np.ndarray:
-    """The class of each level-0 point [N, 2]: of the annotation it lies in or on (not in
-    a hole); inside several, the smallest (the first of equal ones), so a region drawn
-    inside another wins; inside none, `default`."""
+    """The class of each level-0 point [N, 2]: of the smallest annotation it lies in or on
+    (not in a hole; the first of equal ones), else `default`."""
     points = np.asarray(points, dtype=np.float64)
-    if points.ndim != 2 or points.shape[1] != 2:
-        raise ValueError(f'points must be [N, 2], got shape {points.shape}')
     labels = np.full(len(points), default, dtype=object)
     best_area = np.full(len(points), np.inf)
     x, y = points[:, 0], points[:, 1]
     for annotation in annotations:
-        inside = _inside(annotation.geometry, x, y)
-        area = annotation.geometry.area
-        wins = inside & (area < best_area)
-        labels[wins] = annotation.name
-        best_area[wins] = area
+        geometry, area = annotation.geometry, annotation.geometry.area
+        x_min, y_min, x_max, y_max = geometry.bounds   # only the points in its box tested
+        near = (x >= x_min) & (x <= x_max) & (y >= y_min) & (y <= y_max) & (area < best_area)
+        if near.any():
+            shapely.prepare(geometry)  # a no-op when already prepared
+            wins = np.flatnonzero(near)[shapely.intersects_xy(geometry, x[near], y[near])]
+            labels[wins] = annotation.name
+            best_area[wins] = area
     return labels
 
-
-def _inside(geometry, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Whether each point lies in or on `geometry`; only those in its bounding box are
-    tested."""
-    x_min, y_min, x_max, y_max = geometry.bounds
-    near = (x >= x_min) & (x <= x_max) & (y >= y_min) & (y <= y_max)
-    inside = np.zeros(len(x), dtype=bool)
-    if near.any():
-        shapely.prepare(geometry)  # a no-op when already prepared
-        inside[near] = shapely.intersects_xy(geometry, x[near], y[near])
-    return inside
-
-
-# ------------------------------------------------------------------------ drawing
 
 def class_colors(names: Iterable[str]) -> Dict[str, Tuple[int, int, int]]:
     """An RGB colour per name, in sorted order so one set of classes is always drawn
     alike; past the fixed colours, hues spread by the golden ratio."""
     colors = {}
     for i, name in enumerate(sorted(set(names))):
-        colors[name] = _COLORS[i] if i < len(_COLORS) else _extra_color(i - len(_COLORS))
+        hue = (0.13 + (i - len(_COLORS)) * 0.618033988749895) % 1.0
+        colors[name] = _COLORS[i] if i < len(_COLORS) else tuple(
+            int(round(c * 255)) for c in colorsys.hsv_to_rgb(hue, 1.0, 0.85))
     return colors
-
-
-def _extra_color(i: int) -> Tuple[int, int, int]:
-    hue = (0.13 + i * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 1.0, 0.85)
-    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
 
 
 def draw_contours(image: np.ndarray, annotations: Sequence[Annotation], downsample: float,
                   thickness: Optional[int] = None) -> np.ndarray:
     """A copy of a uint8 RGB thumbnail at `downsample` level-0 px per pixel with every
     outline and hole drawn in its class colour (`thickness`: OpenCV's)."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f'image must be uint8 [H, W, 3], got {image.dtype} {image.shape}')
-    if not downsample > 0:
-        raise ValueError(f'downsample must be positive, got {downsample}')
     out = np.ascontiguousarray(image).copy()
     if thickness is None:
         thickness = max(2, round(max(out.shape[:2]) / 500))
     colors = class_colors(a.name for a in annotations)
+    scale = (1 << _DRAW_SHIFT) / float(downsample)   # fixed point for cv2.polylines
     rings: Dict[str, list] = {}
     for annotation in annotations:
-        rings.setdefault(annotation.name, []).extend(
-            _scaled_rings(annotation.geometry, downsample))
+        for polygon in _flat_parts(annotation.geometry):
+            if isinstance(polygon, Polygon) and not polygon.is_empty:
+                rings.setdefault(annotation.name, []).extend(
+                    np.round(np.asarray(ring.coords, np.float64)[:, :2] * scale).astype(
+                        np.int32).reshape(-1, 1, 2)
+                    for ring in (polygon.exterior, *polygon.interiors))
     for name, polylines in rings.items():
-        if polylines:
-            cv2.polylines(out, polylines, isClosed=True, color=colors[name],
-                          thickness=int(thickness), lineType=cv2.LINE_AA, shift=_DRAW_SHIFT)
+        cv2.polylines(out, polylines, isClosed=True, color=colors[name],
+                      thickness=int(thickness), lineType=cv2.LINE_AA, shift=_DRAW_SHIFT)
     return out
-
-
-def _scaled_rings(geometry, downsample: float) -> List[np.ndarray]:
-    """Every ring of a (Multi)Polygon in thumbnail px, fixed-point for cv2.polylines."""
-    scale = (1 << _DRAW_SHIFT) / float(downsample)
-    rings = []
-    for polygon in _flat_parts(geometry):
-        if not isinstance(polygon, Polygon) or polygon.is_empty:
-            continue
-        for ring in (polygon.exterior, *polygon.interiors):
-            xy = np.asarray(ring.coords, dtype=np.float64)[:, :2]
-            rings.append(np.round(xy * scale).astype(np.int32).reshape(-1, 1, 2))
-    return rings
