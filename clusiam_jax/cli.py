@@ -7,6 +7,7 @@ SIGTERM ends training with 0 (resumable, with a checkpoint once training started
 with 130; other actions stopped by a signal exit 128 + the signal number, as a killed one does.
 """
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -18,12 +19,7 @@ from clusiam_jax.cli_args import command_hint, mode_of, parse
 log = logging.getLogger('clusiam_jax')
 
 LOG_NAME = 'log.txt'
-EXIT_BAD_INPUT = 2
-# Not the command's input: starting it again once the disk or folder is fixed resumes the work.
-EXIT_ENVIRONMENT = 1
 
-
-# --------------------------------------------------------------------- logging
 
 class _ConsoleHandler(logging.Handler):
     """Log lines through tqdm, so they do not tear a progress bar."""
@@ -67,9 +63,6 @@ class _RunLogFile(logging.FileHandler):
 def log_to_workdir(workdir: str, argv):
     """Appends this command's log, from the command line on, to <workdir>/log.txt."""
     path = os.path.abspath(os.path.join(workdir, LOG_NAME))
-    root = logging.getLogger()
-    if any(getattr(h, 'baseFilename', None) == path for h in root.handlers):
-        return
     try:
         handler = _RunLogFile(path)
     except OSError as e:  # another user's run, read-only: the console still has it all
@@ -77,11 +70,9 @@ def log_to_workdir(workdir: str, argv):
         return
     handler.clusiam_owned = True  # removed when the command ends (main)
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
-    root.addHandler(handler)
+    logging.getLogger().addHandler(handler)
     log.info('%s', ' '.join(['launch.py'] + list(argv)))
 
-
-# ----------------------------------------------------------------------- actions
 
 def is_distributed(config) -> bool:
     return bool(config.train.distributed) or os.environ.get('CLUSIAM_DISTRIBUTED') == '1'
@@ -170,8 +161,6 @@ def run_build_dataset(args, config, overrides):
 
 
 def run_eval(args, config, overrides):
-    import json
-
     from clusiam_jax.eval import tasks
     # The flags are the evaluator's keyword arguments (cli_args._eval_parser).
     kwargs = {k: v for k, v in vars(args).items() if k not in ('task', 'out', 'argv')}
@@ -188,7 +177,6 @@ def run_eval(args, config, overrides):
 
 
 def run_convert(args, config, overrides):
-    import json
     if args.direction == 'from-torch':
         if (args.mean is None) != (args.std is None):
             raise errors.ConfigError('give --mean and --std together')
@@ -263,7 +251,7 @@ def main(argv=None) -> int:
         record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
         for handler in [h for h in root.handlers if getattr(h, 'clusiam_owned', False)]:
             handler.handle(record)
-        return EXIT_BAD_INPUT if found is not None else EXIT_ENVIRONMENT
+        return 2 if found is not None else 1  # 1: fixing the disk or folder, a rerun resumes
     finally:
         interrupts.restore(previous)
         for handler in [h for h in root.handlers if getattr(h, 'clusiam_owned', False)]:

@@ -68,8 +68,6 @@ def command_hint(*words) -> str:
     return ' '.join([program] + [shlex.quote(str(w)) for w in words])
 
 
-# ---------------------------------------------------------------------- the config
-
 def load_config_file(path: str):
     """`get_config()` of a recipe file (configs/<recipe>.py), locked."""
     if not os.path.isfile(path):
@@ -97,21 +95,17 @@ def load_config_file(path: str):
 
 def split_overrides(argv):
     """(argv without them, [(key, text)]) for `--config.KEY=VALUE` / `--config.KEY VALUE`."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith('--config.'):
-            key, eq, text = arg[len('--config.'):].partition('=')
-            if not eq:
-                if i + 1 >= len(argv) or argv[i + 1].startswith('--'):
-                    raise errors.ConfigError(f'{arg} needs a value ({arg}=VALUE)')
-                i += 1
-                text = argv[i]
-            overrides.append((key, text))
-        else:
+    rest, overrides, args = [], [], iter(argv)
+    for arg in args:
+        if not arg.startswith('--config.'):
             rest.append(arg)
-        i += 1
+            continue
+        key, eq, text = arg.removeprefix('--config.').partition('=')
+        if not eq:
+            text = next(args, '--')  # the next word is its value
+            if text.startswith('--'):
+                raise errors.ConfigError(f'{arg} needs a value ({arg}=VALUE)')
+        overrides.append((key, text))
     return rest, overrides
 
 
@@ -125,8 +119,6 @@ def _used(mode: str, key: str, config) -> bool:
         return exporting or key in ('data.mean', 'data.std')
     return not exporting or config.export.after_training
 
-
-# ------------------------------------------------------------------------ the flags
 
 def _refuse_unknown_flags(parser, argv):
     """A misspelt flag is named, with the closest one (argparse would first complain
@@ -169,8 +161,7 @@ def _eval_parser(sub, task: str):
         sub.add_argument('--splits', required=True, dest='splits_path', metavar='CSV',
                          help='CSV slide_id,split[,label]')
     if task in ('knn', 'linear'):
-        sub.add_argument('--positive', dest='positive_label',
-                         help='the positive class, for its F1')
+        sub.add_argument('--positive', dest='positive_label', help='the positive class, for its F1')
         sub.add_argument('--key', default='features',
                          help='which embedding: features (default) or projections')
     if task in ('knn', 'linear', 'maps'):
@@ -202,12 +193,11 @@ def _convert_parsers(directions, prog: str):
                                 help='original checkpoint -> work directory')
     imp.add_argument('checkpoint', help='.pth/.pth.tar of the original (or a state_dict)')
     imp.add_argument('--out', required=True, help='work directory to create')
-    imp.add_argument('--model', choices=('clusiam', 'clubyol'), default=None,
+    imp.add_argument('--model', choices=('clusiam', 'clubyol'),
                      help='expected method (default: detected from target_encoder.* keys)')
     imp.add_argument('--seed', type=int, default=0, help='train.seed of the new run')
-    imp.add_argument('--mean', type=float, nargs=3, default=None,
-                     help="the training normalization's per-channel mean")
-    imp.add_argument('--std', type=float, nargs=3, default=None, help='... and std')
+    imp.add_argument('--mean', type=float, nargs=3, help="the training's normalization mean (RGB)")
+    imp.add_argument('--std', type=float, nargs=3, help='... and std')
     exp = directions.add_parser('to-torch', prog=f'{prog} to-torch',
                                 help="a run's encoder -> torchvision weights")
     exp.add_argument('--workdir', required=True, help='run (or imported) work directory')
@@ -217,7 +207,7 @@ def _convert_parsers(directions, prog: str):
                      help="include the projector as the original's encoder.fc")
     exp.add_argument('--target', action='store_true',
                      help='BYOL-type runs: the EMA target encoder instead')
-    exp.add_argument('--checkpoint', default=None,
+    exp.add_argument('--checkpoint',
                      help="latest (default), best (the run's train.best_metric) or a step")
     _step_flag(exp, '--checkpoint ')
 
@@ -232,9 +222,8 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
         parser.epilog = ('Config keys: --config.<section>.<key>=VALUE (clusiam_jax/config.py '
                          f'lists them); {_READS[mode]}.')
     if mode in ('train', 'export'):
-        parser.add_argument('--workdir', required=True,
-                            help='work directory of the run' if mode == 'train' else
-                            'the run to export')
+        parser.add_argument('--workdir', required=True, help='work directory of the run'
+                            if mode == 'train' else 'the run to export')
     if mode == 'export':
         _step_flag(parser, '--config.export.checkpoint=')
     elif mode == 'build_dataset':
@@ -249,13 +238,6 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
                                                metavar='DIRECTION', parser_class=_Parser),
                          prog)
     return parser
-
-
-def _usage() -> str:
-    lines = [__doc__.split('\n\n')[1].rstrip(), '', 'modes:']
-    lines += [f'  {mode:<14} {text}' for mode, text in MODES.items()]
-    lines += ['', f'{program_name()} --mode MODE --help: the flags of a mode.']
-    return '\n'.join(lines)
 
 
 def mode_of(argv) -> str:
@@ -276,7 +258,9 @@ def parse(argv):
     mode_parser.add_argument('-h', '--help', action='store_true')
     known, rest = mode_parser.parse_known_args(argv)
     if known.help and known.mode is None:
-        print(_usage())
+        print(__doc__.split('\n\n')[1].rstrip(), '', 'modes:',
+              *(f'  {mode:<14} {text}' for mode, text in MODES.items()), '',
+              f'{program_name()} --mode MODE --help: the flags of a mode.', sep='\n')
         raise SystemExit(0)
     mode = known.mode or 'train'
     rest, overrides = split_overrides(rest + (['--help'] if known.help else []))
