@@ -25,9 +25,8 @@ LOWER_IS_BETTER = ('alignment', 'uniformity')
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key a run may use, locked: ConfigDict refuses an unknown key or another type."""
-    c = ml_collections.ConfigDict()
-
-    c.model = ml_collections.ConfigDict()
+    c = ml_collections.ConfigDict({section: {} for section in (
+        'model', 'loss', 'data', 'train', 'monitor', 'optim', 'ema', 'export', 'tile')})
     c.model.name = 'clusiam'          # clusiam | clubyol | simsiam | byol
     c.model.backbone = 'resnet18'     # resnet18 | resnet50 (| resnet_tiny: tests only)
     c.model.feat_size = 2048          # D: projector output size
@@ -36,10 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = 'float32'         # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.conv_impl = 'auto'        # auto (im2col gradients on CPU, else XLA) | xla | im2col
 
-    c.loss = ml_collections.ConfigDict()
     c.loss.alpha = 0.5                # L = (1 - alpha) * L_inv + alpha * S
 
-    c.data = ml_collections.ConfigDict()
     c.data.path = ''                  # patch folder, manifest CSV or built TFDS dataset dir
     c.data.image_size = 224
     c.data.num_workers = 0            # grain worker processes (0: in the main process)
@@ -56,7 +53,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.stats_sample = 4096        # slide sources: normalization over this many patches
     c.data.open_slides = 512          # slide handles kept open per worker (LRU)
 
-    c.train = ml_collections.ConfigDict()
     c.train.batch_size = 512          # global batch (pairs per step)
     c.train.num_epochs = 50
     c.train.seed = 0
@@ -73,14 +69,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.stop_on_collapse = False  # end the run (with a checkpoint) when the monitor says so
 
     # Representation monitoring without labels (docs/method.md §6); off by default.
-    c.monitor = ml_collections.ConfigDict()
     c.monitor.every_epochs = 0        # embed the monitor set every N epochs (and at the end)
     c.monitor.data_path = ''          # the monitor set: any source data.path takes, or ...
     c.monitor.holdout = 0.0           # ... this fraction of the training slides, held out
     c.monitor.num_patches = 1024      # patches embedded (each + two augmented views)
     c.monitor.min_rankme = 2.0        # RankMe below this flags collapse
 
-    c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 0.05            # lr = base_lr * batch_size / 256
     c.optim.weight_decay = 1e-4       # coupled (PyTorch SGD) weight decay
     c.optim.momentum = 0.9
@@ -88,12 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.name = 'sgd'              # sgd (original) | lars (pod-scale batches, as BYOL)
     c.optim.warmup_epochs = 0         # linear warmup per step before the per-epoch cosine
 
-    c.ema = ml_collections.ConfigDict()
     c.ema.momentum = 0.99             # target = m * target + (1 - m) * online
     c.ema.schedule = 'constant'       # constant | cosine (BYOL: m -> 1 over training)
 
     # Embedding export (python launch.py --mode export) and what runs after training.
-    c.export = ml_collections.ConfigDict()
     c.export.data_path = ''           # patches to embed; '' means data.path
     c.export.out_dir = ''             # '' means <workdir>/export
     c.export.batch_size = 256
@@ -114,7 +106,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.atlas = False            # also atlas/index.html: each cluster's typical patches
 
     # Tiling whole slides (python launch.py --mode tile), docs/method.md §9.
-    c.tile = ml_collections.ConfigDict()
     c.tile.slides = ''                # slide folder | CSV path[,slide_id,mpp,label] | one slide
     c.tile.out_dir = ''               # patches/, masks/, slides.csv
     c.tile.target_mpp = 0.5           # µm per pixel of the patches (0.5 ~ 20x)
@@ -184,8 +175,6 @@ def config_changes(old, new) -> list:
             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-# ---------------------------------------------------------------- typing and overrides
-
 def _unknown_key(config, key: str, name: str) -> str:
     """The one-line error for `key`, naming its first unknown part as `name` does."""
     node = config
@@ -215,9 +204,8 @@ def _check_types(config):
                               f'{type(value).__name__} {value!r}') from None
 
 
-_PARSERS = {int: flags.IntegerParser(), float: flags.FloatParser(),
-            bool: flags.BooleanParser(), tuple: tuple_parser.TupleParser(),
-            str: flags.ArgumentParser()}
+_PARSERS = {int: flags.IntegerParser(), float: flags.FloatParser(), bool: flags.BooleanParser(),
+            tuple: tuple_parser.TupleParser(), str: flags.ArgumentParser()}
 
 
 def override(config, key: str, text: str):
@@ -234,11 +222,8 @@ def override(config, key: str, text: str):
         value = None if kind is tuple and text == 'None' else _PARSERS[kind].parse(text)
         config_path.set_value(key, config, value)
     except (ValueError, TypeError) as e:  # absl's bool parser gives (message, value)
-        raise ConfigError(f'bad config override {flag}: '
-                          + '; '.join(map(str, e.args))) from None
+        raise ConfigError(f'bad config override {flag}: ' + '; '.join(map(str, e.args))) from None
 
-
-# ------------------------------------------------------------------------- the rules
 
 # Each key's own rule: a tuple of choices, an interval, or 'path' / 'folder' (when set, it
 # must exist / be a folder). Rules between keys are code, in validate.
