@@ -13,6 +13,7 @@ from clusiam_jax import cli
 from clusiam_jax.errors import DataError
 from clusiam_jax.eval import slide_models as sm
 from clusiam_jax.eval import tasks
+from clusiam_jax.eval.metrics import slide_metrics
 from clusiam_jax.eval.mil import pad_bag, read_slides
 from clusiam_jax.export import format as fmt
 
@@ -150,7 +151,7 @@ def test_slide_metrics_match_sklearn():
         labels = np.arange(30) % classes
         logits = rng.normal(size=(30, classes)) + 0.8 * np.eye(classes)[labels]
         probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-        out = sm.slide_metrics(labels, logits)
+        out = slide_metrics(labels, logits)
         ref_auc = (roc_auc_score(labels, probs[:, 1]) if classes == 2 else
                    roc_auc_score(labels, probs, multi_class='ovr', average='macro'))
         assert out['auc'] == pytest.approx(ref_auc, abs=1e-12)

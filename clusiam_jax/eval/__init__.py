@@ -1,2 +1,1 @@
-"""Evaluation of frozen embeddings read from an export: kNN, linear probe, DSMIL, ABMIL,
-cluster composition, mean pooling, cluster atlas."""
+"""Evaluation of frozen embeddings read from an export (eval/tasks.py lists the evaluators)."""

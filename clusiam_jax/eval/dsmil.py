@@ -12,16 +12,7 @@ import numpy as np
 import optax
 
 from clusiam_jax.errors import DataError
-from clusiam_jax.eval import mil
-from clusiam_jax.eval.metrics import (
-    argmax_accuracy,
-    nanmean,
-    per_class_auc,
-    roc_auc,
-    seed_mean_intervals,
-    seed_stats,
-    youden_threshold,
-)
+from clusiam_jax.eval import metrics, mil
 from clusiam_jax.eval.splits import class_splits
 from clusiam_jax.models.heads import TorchLinear
 
@@ -39,7 +30,6 @@ class DSMIL(nn.Module):
         instance_logits = TorchLinear(c, True, name='instance_classifier')(feats)
         q = nn.relu(TorchLinear(self.query_dim, True, name='query_1')(feats))
         q = jnp.tanh(TorchLinear(self.query_dim, True, name='query_2')(q))
-
         masked_scores = jnp.where(mask[:, None], instance_logits, -jnp.inf)
         critical = jnp.argmax(masked_scores, axis=0)                      # [C]
         max_instance_logits = jnp.max(masked_scores, axis=0)              # [C]
@@ -99,7 +89,7 @@ def bag_accuracy(labels, scores, thresholds):
 
 
 def _select(labels, scores, losses):
-    return nanmean(per_class_auc(labels, scores)), float(np.mean(losses))
+    return metrics.nanmean(metrics.per_class_auc(labels, scores)), float(np.mean(losses))
 
 
 def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0):
@@ -115,18 +105,17 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
                     lambda label: eye[label], _select, seed,
                     functools.partial(epoch_learning_rate, config))
     val_labels, val_scores, _ = fit['val']
-    thresholds = np.array([youden_threshold(val_labels == c, val_scores[:, c])
+    thresholds = np.array([metrics.youden_threshold(val_labels == c, val_scores[:, c])
                            for c in range(num_classes)])
 
     def summarize(labels, scores, losses):
-        aucs = per_class_auc(labels, scores)
+        aucs = metrics.per_class_auc(labels, scores)
         return {'accuracy_val_thresholds': bag_accuracy(labels, scores, thresholds),
-                'accuracy_argmax': argmax_accuracy(labels, scores),
-                'auc': aucs, 'mean_auc': nanmean(aucs), 'loss': float(np.mean(losses))}
+                'accuracy_argmax': metrics.argmax_accuracy(labels, scores),
+                'auc': aucs, 'mean_auc': metrics.nanmean(aucs), 'loss': float(np.mean(losses))}
 
     result = {'best_epoch': fit['best_epoch'], 'thresholds': thresholds.tolist(),
-              'val': summarize(*fit['val']), 'history': fit['history'],
-              'params': fit['params']}
+              'val': summarize(*fit['val']), 'history': fit['history'], 'params': fit['params']}
     if 'test' in fit:
         result['test'] = summarize(*fit['test'])
         result['test_scores'] = fit['test'][1]
@@ -155,18 +144,18 @@ def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None):
     summary = None
     if bags['test']:
         tests = [r['test'] for r in runs]
-        summary = {key: seed_stats([t[key] for t in tests])
+        summary = {key: metrics.seed_stats([t[key] for t in tests])
                    for key in ('accuracy_argmax', 'accuracy_val_thresholds', 'mean_auc')}
-        summary['auc'] = [seed_stats(values) for values in zip(*(t['auc'] for t in tests))]
+        summary['auc'] = [metrics.seed_stats(values) for values in zip(*(t['auc'] for t in tests))]
         summary['best_epoch'] = [r['best_epoch'] for r in runs]
     labels = sets['test'][1]
     per_seed = [(np.asarray(r.get('test_scores', []), np.float64).reshape(
         len(labels), len(class_names)), np.asarray(r['thresholds'])) for r in runs]
-    scores = {'accuracy_argmax': (lambda y, s, t: argmax_accuracy(y, s), False),
+    scores = {'accuracy_argmax': (lambda y, s, t: metrics.argmax_accuracy(y, s), False),
               'accuracy_val_thresholds': (bag_accuracy, False),
-              'mean_auc': (lambda y, s, t: nanmean(per_class_auc(y, s)), True)}
+              'mean_auc': (lambda y, s, t: metrics.nanmean(metrics.per_class_auc(y, s)), True)}
     for c, name in enumerate(class_names):
-        scores[f'auc_{name}'] = (lambda y, s, t, c=c: roc_auc(y == c, s[:, c]), True)
+        scores[f'auc_{name}'] = (lambda y, s, t, c=c: metrics.roc_auc(y == c, s[:, c]), True)
     return {'class_names': class_names, 'seeds': list(seeds), 'runs': runs,
             'summary': summary, 'accuracies': dict(ACCURACIES),
-            **seed_mean_intervals(labels, class_names, scores, per_seed)}
+            **metrics.seed_mean_intervals(labels, class_names, scores, per_seed)}

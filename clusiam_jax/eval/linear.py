@@ -14,12 +14,12 @@ from clusiam_jax.eval.metrics import classification_metrics
 DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def standardizer(train_x, eps=1e-6):
+def standardizer(train_x):
     """x -> float32 z-scores by the per-feature mean and std of `train_x` (std floored,
     so constant features stay finite)."""
     x = np.asarray(train_x, np.float64)
     mean = x.mean(axis=0).astype(np.float32)
-    std = np.maximum(x.std(axis=0), eps).astype(np.float32)
+    std = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
     return lambda v: (np.asarray(v, np.float32) - mean) / std
 
 
@@ -60,12 +60,9 @@ def _fit_lbfgs(x, y, weight_decay, num_classes, max_iter, tol):
                                        value_fn=fun)
         return optax.apply_updates(params, updates), state, optax.tree.norm(grad), it + 1
 
-    def not_done(carry):
-        _, _, grad_norm, it = carry
-        return (it < max_iter) & (grad_norm > tol)
-
     init = (params, solver.init(params), jnp.array(jnp.inf, jnp.float32), jnp.array(0))
-    return jax.lax.while_loop(not_done, step, init)[0]
+    # carry: (params, state, gradient norm, iterations)
+    return jax.lax.while_loop(lambda c: (c[3] < max_iter) & (c[2] > tol), step, init)[0]
 
 
 def fit_logistic_regression(x, y, num_classes, weight_decay, max_iter=500, tol=1e-5):

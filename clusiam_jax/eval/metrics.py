@@ -1,7 +1,6 @@
-"""The evaluators' scores: classification metrics and the ROC threshold are scikit-learn's;
-the scores a bootstrap takes thousands of times (AUC, argmax accuracies) are NumPy, as a
-scikit-learn call spends longer checking its input than these take. Then the bootstrap
-interval over test slides and the small-test-set caution of the slide-level results."""
+"""The evaluators' scores, the bootstrap interval over test slides and the small-test-set
+caution. Scores a bootstrap takes thousands of times (AUC, argmax accuracies) are NumPy, as
+a scikit-learn call spends longer checking its input than these take."""
 import numpy as np
 from sklearn import metrics as skm
 

@@ -3,6 +3,7 @@ abmil (gated attention MIL, Ilse et al. 2018, on eval/mil.py's trainer); cluster
 meanpool, a logistic regression on one vector per slide (its cluster composition, its mean
 patch embedding: the floor MIL has to beat)."""
 import dataclasses
+import operator
 
 import flax.linen as nn
 import jax
@@ -11,15 +12,8 @@ import numpy as np
 import optax
 
 from clusiam_jax.errors import DataError
-from clusiam_jax.eval import mil
+from clusiam_jax.eval import metrics, mil
 from clusiam_jax.eval.linear import fit_sweep, standardizer, validation_split
-from clusiam_jax.eval.metrics import (
-    SLIDE_SCORES,
-    log_softmax,
-    seed_mean_intervals,
-    seed_stats,
-    slide_metrics,
-)
 from clusiam_jax.eval.splits import SPLITS, class_splits
 from clusiam_jax.models.heads import TorchLinear
 
@@ -82,7 +76,7 @@ def cluster_composition(files, slide):
 def slide_intervals(labels, class_names, probs_per_seed):
     """seed_mean_intervals of SLIDE_SCORES from each seed's test probabilities [n, C]."""
     per_seed = [(np.asarray(p, np.float64).reshape(len(labels), -1),) for p in probs_per_seed]
-    return seed_mean_intervals(labels, class_names, SLIDE_SCORES, per_seed)
+    return metrics.seed_mean_intervals(labels, class_names, metrics.SLIDE_SCORES, per_seed)
 
 
 def _counts(splits):
@@ -127,12 +121,11 @@ def _loss(outputs, label):
     return optax.softmax_cross_entropy_with_integer_labels(outputs[0], label)
 
 
-def _logits(outputs):
-    return outputs[0]
-
-
 def _select(labels, logits, _):
-    return tuple(slide_metrics(labels, logits)[k] for k in ('auc', 'loss'))
+    return tuple(metrics.slide_metrics(labels, logits)[k] for k in ('auc', 'loss'))
+
+
+_logits = operator.itemgetter(0)
 
 
 def _steps(num_classes, config):
@@ -159,9 +152,9 @@ def train_abmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
                     np.int32, _select, seed)
     test_labels, test_logits, _ = fit['test']
     return {'seed': seed, 'best_epoch': fit['best_epoch'],
-            'val': slide_metrics(*fit['val'][:2]),
-            'test': slide_metrics(test_labels, test_logits),
-            'test_probs': np.exp(log_softmax(test_logits)).tolist(),
+            'val': metrics.slide_metrics(*fit['val'][:2]),
+            'test': metrics.slide_metrics(test_labels, test_logits),
+            'test_probs': np.exp(metrics.log_softmax(test_logits)).tolist(),
             'history': fit['history'], 'params': fit['params']}
 
 
@@ -178,7 +171,8 @@ def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None):
         result = train_abmil(bags['train'], bags['val'], bags['test'], len(names), config, seed)
         runs.append({k: result[k] for k in ('seed', 'best_epoch', 'val', 'test')})
         probs.append(result['test_probs'])
-    summary = {key: seed_stats([r['test'][key] for r in runs]) for key in SLIDE_SCORES}
+    summary = {key: metrics.seed_stats([r['test'][key] for r in runs])
+               for key in metrics.SLIDE_SCORES}
     return {'class_names': names, **_counts(splits), 'config': dataclasses.asdict(config),
             'runs': runs, 'summary': summary,
             **slide_intervals(sets['test'][1], names, probs)}
@@ -194,7 +188,7 @@ def slide_logistic_regression(sets, num_classes):
     z = standardizer(sets['train'][0])
     data = {split: (z(x), np.asarray(y)) for split, (x, y) in sets.items()}
     fits = fit_sweep(*data['train'], num_classes, SLIDE_WEIGHT_DECAYS)
-    val = {wd: slide_metrics(data['val'][1], data['val'][0] @ p['w'] + p['b'])
+    val = {wd: metrics.slide_metrics(data['val'][1], data['val'][0] @ p['w'] + p['b'])
            for wd, p in fits.items()}
     best = max(val, key=lambda wd: (val[wd]['auc'] if np.isfinite(val[wd]['auc']) else -1.0,
                                     -val[wd]['loss'], wd))
@@ -202,8 +196,8 @@ def slide_logistic_regression(sets, num_classes):
     return {'weight_decay': float(best),
             'val_scores': {repr(float(wd)): {'auc': m['auc'], 'loss': m['loss']}
                            for wd, m in val.items()},
-            'val': val[best], 'test': slide_metrics(data['test'][1], test_logits),
-            'test_probs': np.exp(log_softmax(test_logits)).tolist()}
+            'val': val[best], 'test': metrics.slide_metrics(data['test'][1], test_logits),
+            'test_probs': np.exp(metrics.log_softmax(test_logits)).tolist()}
 
 
 def _run_vector_task(task, describe, export_dir, splits_path, seed):
