@@ -33,8 +33,7 @@ class _ConsoleHandler(logging.Handler):
 
 
 def setup_logging():
-    """The project's INFO lines on the console; other libraries' (JAX's backend probing,
-    orbax's saves) from WARNING up."""
+    """The project's INFO lines on the console; other libraries' (JAX, orbax) from WARNING up."""
     root = logging.getLogger()
     handler = _ConsoleHandler()
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S'))
@@ -103,10 +102,9 @@ def run_train(args, config, overrides):
         if config.export.after_training:
             from clusiam_jax.export.run import export
             out_dir = export(args.workdir, config.export, argv=args.argv)
-            log.info('run complete: %s at step %d, exported to %s; next: %s',
-                     args.workdir, step, out_dir,
-                     command_hint('--mode', 'eval', 'knn', '--export', out_dir, '--splits',
-                                  'SPLITS.csv'))
+            log.info('run complete: %s at step %d, exported to %s; next: %s', args.workdir, step,
+                     out_dir, command_hint('--mode', 'eval', 'knn', '--export', out_dir,
+                                           '--splits', 'SPLITS.csv'))
         else:
             log.info('run complete: %s at step %d; next: %s', args.workdir, step,
                      command_hint('--mode', 'export', '--workdir', args.workdir))
@@ -216,8 +214,7 @@ def console() -> int:
 
 
 def main(argv=None) -> int:
-    """Runs one action; returns the exit status (0; 2 for bad input; 1 for a disk or
-    folder that failed under it; after a signal see the module docstring)."""
+    """Runs one action; returns its exit status (the module docstring lists them)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     root = logging.getLogger()
     root_state = (root.level, list(root.handlers))

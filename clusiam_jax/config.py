@@ -209,8 +209,7 @@ _PARSERS = {int: flags.IntegerParser(), float: flags.FloatParser(), bool: flags.
 
 
 def override(config, key: str, text: str):
-    """Sets `--config.KEY=TEXT`: parsed as the key's type (absl's parsers, as
-    ml_collections' config flags), refused by the locked config if it does not fit."""
+    """Sets `--config.KEY=TEXT`, parsed as the key's type by absl's parsers (as config flags)."""
     flag = f'--config.{key}={text}'
     try:
         kind = config_path.get_type(key, config)
@@ -299,10 +298,8 @@ def _refuse(broken, message: str):
 
 
 def validate(config, num_devices: int = 1, check_data_path: bool = True):
-    """Raise ConfigError (one line) for anything that would fail later or compute nonsense.
-
-    check_data_path=False for callers that bring their own data (tests, benchmarks).
-    """
+    """Raise ConfigError (one line) for anything that would fail later or compute nonsense;
+    check_data_path=False for callers that bring their own data (tests, benchmarks)."""
     _check_types(config)
     for name in config.keys():
         if name != 'tile':

@@ -19,7 +19,6 @@ from clusiam_jax.data import image_io
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.errors import DataError
 
-DATASET_NAME = 'clusiam_patches'
 SKIPPED_FILE = 'skipped_files.txt'
 
 
@@ -41,6 +40,7 @@ def _stored_bytes(path: str) -> bytes:
 class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
     """Histopathology patches with slide id, label and level-0 coordinates."""
 
+    name = 'clusiam_patches'  # a stable name whatever the class is called
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'First version.'}
 
@@ -49,10 +49,6 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
         self.skipped: List[str] = []
         self.written: List[records_lib.PatchRecord] = []
         super().__init__(**kwargs)
-
-    @classmethod
-    def _get_name(cls):  # a stable name whatever the class is called
-        return DATASET_NAME
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
