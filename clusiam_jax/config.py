@@ -262,6 +262,11 @@ RULES.update({key: rule for rule, keys in {
 }.items() for key in keys.split()})
 
 
+def _refuse(broken, message: str):
+    if broken:
+        raise ConfigError(message)
+
+
 def _check_rules(section, name: str):
     """The RULES of the config section `name`."""
     for key, rule in RULES.items():
@@ -269,32 +274,24 @@ def _check_rules(section, name: str):
             continue
         value = section[key.split('.')[1]]
         if isinstance(rule, tuple):
-            if value not in rule:
-                words = (' or '.join(map(repr, rule)) if len(rule) == 2 else
-                         'one of ' + ', '.join(map(repr, rule)))
-                raise ConfigError(f'{key} must be {words}; got {value!r}')
+            words = (' or '.join(map(repr, rule)) if len(rule) == 2 else
+                     'one of ' + ', '.join(map(repr, rule)))
+            _refuse(value not in rule, f'{key} must be {words}; got {value!r}')
         elif rule == 'path':
-            if value and not os.path.exists(value):
-                raise ConfigError(f'{key} does not exist: {value}')
+            _refuse(value and not os.path.exists(value), f'{key} does not exist: {value}')
         elif rule == 'folder':
-            if value and not os.path.isdir(value):
-                raise ConfigError(f'{key} is not a folder: {value}')
+            _refuse(value and not os.path.isdir(value), f'{key} is not a folder: {value}')
         else:
             low, high = (float(v) for v in rule[1:-1].split(','))
-            if not ((low <= value if rule[0] == '[' else low < value)
-                    and (value <= high if rule[-1] == ']' else value < high)):
-                words = (f'in {rule}' if not rule.endswith('inf)') else
-                         'positive' if rule == _POSITIVE else f'at least {low:g}')
-                raise ConfigError(f'{key} must be {words}; got {value}')
+            inside = ((low <= value if rule[0] == '[' else low < value)
+                      and (value <= high if rule[-1] == ']' else value < high))
+            words = (f'in {rule}' if not rule.endswith('inf)') else
+                     'positive' if rule == _POSITIVE else f'at least {low:g}')
+            _refuse(not inside, f'{key} must be {words}; got {value}')
 
 
 # The `model` section alone (checked again when a run's config.json is read back).
 validate_model = functools.partial(_check_rules, name='model')
-
-
-def _refuse(broken, message: str):
-    if broken:
-        raise ConfigError(message)
 
 
 def validate(config, num_devices: int = 1, check_data_path: bool = True):

@@ -57,11 +57,9 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
                 **{k: tfds.features.Text() for k in ('path', 'slide_id', 'label')},
                 'x': np.int64, 'y': np.int64}),
             disable_shuffling=True,  # example i == manifest row i
-            description='Histopathology patches packed for clusiam_jax.',
-        )
+            description='Histopathology patches packed for clusiam_jax.')
 
     def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
         return {'train': self._generate_examples()}
 
     def _generate_examples(self):
