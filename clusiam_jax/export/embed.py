@@ -1,10 +1,7 @@
-"""The embedding loop (docs/method.md §7): each whole patch, resized to `image_size`,
-normalized with the training's mean/std, through the online network in inference mode:
-`features` (pooled backbone), `cluster_logits` and their argmax `cluster_ids`,
-`projections` with `with_projection`. A thread pool decodes ahead of one jitted forward
-pass over the mesh; each slide's h5 file is written when its last patch is through, so an
-interrupted export keeps every finished slide.
-"""
+"""The embedding loop (docs/method.md §7): whole patches at `image_size` through the online
+network in inference mode, decoded by a thread pool ahead of one jitted pass over the
+mesh; each slide's file is written when its last patch is through, so an interrupted
+export keeps every finished slide."""
 import collections
 import concurrent.futures
 import dataclasses
@@ -52,8 +49,7 @@ class Embedder:
     mesh: object = None
 
     def embed_fn(self, with_projection: bool):
-        """jit(variables, uint8 [B, H, W, 3]) -> per-patch outputs, batch sharded (B a
-        multiple of the mesh size: the caller pads the last batch)."""
+        """jit(variables, uint8 [B, H, W, 3]), B a multiple of the mesh size."""
         network, mean, std = self.network, self.mean, self.std
 
         def embed(variables, images):
@@ -69,8 +65,7 @@ class Embedder:
 
 
 def group_by_slide(source) -> Dict[str, np.ndarray]:
-    """{slide_id: int64 indices of its patches}, slides in order of first appearance,
-    from the source's slide index (no record made)."""
+    """{slide_id: int64 indices of its patches}, slides in order of first appearance."""
     names, codes = source.slide_ids, source.slide_index
     names = np.where(names == '', UNKNOWN_SLIDE, names.astype(object)).astype(str)
     names, merged = np.unique(names, return_inverse=True)   # '' and a literal id agree
@@ -83,8 +78,7 @@ def group_by_slide(source) -> Dict[str, np.ndarray]:
 
 
 class _Stream:
-    """(slide, record, index) of every patch of `slides`; iterable more than once,
-    records made as they are reached."""
+    """(slide, record, index) of every patch of `slides`; iterable more than once."""
 
     def __init__(self, source, groups, slides):
         self.source, self.groups, self.slides = source, groups, slides
@@ -96,12 +90,6 @@ class _Stream:
         for slide in self.slides:
             for i in self.groups[slide]:
                 yield slide, self.source.record(int(i)), int(i)
-
-
-def slide_label(labels) -> str:
-    """A slide's label: the one label its patches share, else ''."""
-    distinct = {label for label in labels if label}
-    return distinct.pop() if len(distinct) == 1 else ''
 
 
 def _load_patch(source, index, size):
@@ -130,8 +118,7 @@ def _prefetched(loads, executor, window):
 
 
 class _SlideWriter:
-    """Gathers each slide's rows and writes its file when its last record is through
-    (npz: all slides into one file at the end)."""
+    """Writes each slide's file when its last record is through (npz: all at the end)."""
 
     def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log,
                  source=None):
@@ -148,26 +135,19 @@ class _SlideWriter:
     def add(self, slide, record, outputs: Optional[dict], shape_or_reason):
         self.seen[slide] += 1
         if outputs is None:  # a slide that cannot be opened is listed once, not per patch
-            error = shape_or_reason
-            self.skip_log.record(getattr(error, 'subject', None) or record.path,
-                                 str(error).split(': ', 1)[-1])
-        else:
-            self._note_resize(shape_or_reason)
+            self.skip_log.record(getattr(shape_or_reason, 'subject', None) or record.path,
+                                 str(shape_or_reason).split(': ', 1)[-1])
+        else:   # said once: right (training saw whole tiles), but not obvious
+            size, shape = self.options.image_size, shape_or_reason
+            if not self.resize_noted and tuple(shape) != (size, size):
+                self.resize_noted = True
+                log.info('export: patches of %dx%d px are resized to %d px (the image size the '
+                         'run trained at; --config.export.image_size embeds at another)',
+                         shape[1], shape[0], size)
             self.patch_size.setdefault(slide, int(shape_or_reason[1]))
             self.rows[slide].append((record, outputs))
         if self.seen[slide] == len(self.groups[slide]):
             self._finish(slide)
-
-    def _note_resize(self, shape):
-        """Says once that patches are resized (to the run's training size): right, as
-        training saw whole tiles, but not obvious."""
-        size = self.options.image_size
-        if self.resize_noted or tuple(shape) == (size, size):
-            return
-        self.resize_noted = True
-        log.info('export: patches of %dx%d px are resized to %d px (the image size the run '
-                 'trained at; --config.export.image_size embeds at another)', shape[1],
-                 shape[0], size)
 
     def _arrays(self, rows):
         recs = [r for r, _ in rows]
@@ -206,7 +186,13 @@ class _SlideWriter:
         if self.options.pt_files:
             fmt.write_slide_pt(self.out_dir, slide, arrays['features'])
         elif os.path.exists(fmt.pt_file(self.out_dir, slide)):
-            _refresh_pt(self.out_dir, slide, arrays['features'])
+            try:   # a pt file never holds other features than its h5 file
+                fmt.write_slide_pt(self.out_dir, slide, arrays['features'])
+            except ImportError:
+                os.remove(fmt.pt_file(self.out_dir, slide))
+                log.warning('export: removed %s, made with other features (torch is not '
+                            'installed to rewrite it; export.pt_files=True needs it)',
+                            fmt.pt_file(self.out_dir, slide))
 
     def close(self, n_records: int):
         if self.options.export_format == 'npz':
@@ -218,10 +204,9 @@ class _SlideWriter:
 
 def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOptions,
                       info: dict) -> List[dict]:
-    """Embeds every patch of `source` (a data.PatchSource) into `out_dir`; returns the
-    manifest rows. A rerun skips slides written with the same export key and patch count
-    (pt files, which change no feature, are made from a finished slide's h5). `info` goes
-    into export_info.json and, in part, the files' attributes."""
+    """Embeds every patch of `source` into `out_dir`; returns the manifest rows. A rerun
+    skips slides written with the same export key and patch count. `info` goes into
+    export_info.json and, in part, the files' attributes."""
     mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(
         jax.local_devices())
     embedder = dataclasses.replace(embedder, mesh=mesh)
@@ -251,8 +236,16 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
     if len(todo) < len(groups):
         log.info('export: %d of %d slides already exported with these settings from step '
                  '%d; skipping them', len(groups) - len(todo), len(groups), step)
-    if options.pt_files:
-        _pt_files_of_finished(out_dir, [s for s in groups if s not in set(todo)])
+    # pt files change no feature: those of finished slides are made from their h5 file.
+    finished = set(groups).difference(todo) if options.pt_files else set()
+    missing = [s for s in groups if s in finished and not os.path.exists(fmt.pt_file(out_dir, s))]
+    for slide in missing:
+        interrupts.check()
+        fmt.write_slide_pt(out_dir, slide, fmt.read_h5_array(
+            os.path.join(out_dir, fmt.slide_file('h5', slide))))
+    if missing:
+        log.info('export: pt files of %d finished slides written from their h5 features',
+                 len(missing))
     writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log,
                           source)
     stream = _Stream(source, groups, todo)
@@ -261,8 +254,10 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
         writer.close(len(source))
 
     counts = fmt.written_counts(out_dir, fmt_name, list(groups))
+    # A slide's label: the one label its patches share, else ''.
+    labels = {s: {label for label in source.labels(groups[s]) if label} for s in counts}
     rows = [{'slide_id': s, 'n_patches': counts[s],
-             'label': slide_label(source.labels(groups[s])),
+             'label': labels[s].pop() if len(labels[s]) == 1 else '',
              'file': fmt.slide_file(fmt_name, s)} for s in groups if s in counts]
     fmt.write_manifest(out_dir, rows)
     # The run's config without its `export` section: `export` holds this export's own.
@@ -273,29 +268,6 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
         n_patches=int(sum(r['n_patches'] for r in rows)), n_skipped=len(skip_log.paths()),
         finished=datetime.datetime.now().isoformat(timespec='seconds')))
     return rows
-
-
-def _refresh_pt(out_dir: str, slide: str, features: np.ndarray):
-    """Rewrites (without torch: removes) the pt file an earlier export left beside a slide
-    embedded again: a pt file never holds other features than its h5 file."""
-    try:
-        fmt.write_slide_pt(out_dir, slide, features)
-    except ImportError:
-        os.remove(fmt.pt_file(out_dir, slide))
-        log.warning('export: removed %s, made with other features (torch is not installed '
-                    'to rewrite it; export.pt_files=True needs it)', fmt.pt_file(out_dir, slide))
-
-
-def _pt_files_of_finished(out_dir: str, slides):
-    """The missing pt files of finished slides, from their h5 file's features."""
-    missing = [s for s in slides if not os.path.exists(fmt.pt_file(out_dir, s))]
-    for slide in missing:
-        interrupts.check()
-        features = fmt.read_h5_array(os.path.join(out_dir, fmt.slide_file('h5', slide)))
-        fmt.write_slide_pt(out_dir, slide, features)
-    if missing:
-        log.info('export: pt files of %d finished slides written from their h5 features',
-                 len(missing))
 
 
 def _embed_stream(embedder, source, stream, writer, options):
@@ -310,21 +282,16 @@ def _embed_stream(embedder, source, stream, writer, options):
     pool = concurrent.futures.ThreadPoolExecutor(max(1, options.num_workers))
     items = zip(stream, _prefetched(loads, pool, window=2 * batch))
     try:
-        while chunk := list(itertools.islice(items, batch)):
-            _embed_chunk(embed, embedder.variables, chunk, batch, size, writer)
+        while chunk := list(itertools.islice(items, batch)):   # padded to `batch`
+            images = np.zeros((batch, size, size, 3), np.uint8)
+            valid = [i for i, (_, (img, _)) in enumerate(chunk) if img is not None]
+            for i in valid:
+                images[i] = chunk[i][1][0]
+            outputs = jax.device_get(embed(embedder.variables, images)) if valid else {}
+            for i, ((slide, record, _), (img, shape)) in enumerate(chunk):
+                writer.add(slide, record, None if img is None else
+                           {k: v[i] for k, v in outputs.items()}, shape)
             bar.update(len(chunk))
     finally:
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _embed_chunk(embed, variables, chunk, batch, size, writer):
-    images = np.zeros((batch, size, size, 3), np.uint8)
-    valid = [i for i, (_, (img, _)) in enumerate(chunk) if img is not None]
-    for i in valid:
-        images[i] = chunk[i][1][0]
-    outputs = jax.device_get(embed(variables, images)) if valid else {}
-    for i, ((slide, record, _), (img, shape)) in enumerate(chunk):
-        writer.add(slide, record, {k: v[i] for k, v in outputs.items()} if img is not None
-                   else None, shape)
-
