@@ -1,16 +1,14 @@
-"""The export action: a run's checkpoint over a patch source, then what export.* asks to
-draw. The model, image size and normalization are the run's; `prepare_export` does all
-that can fail on bad input before a patch is read. A rerun never keeps features of other
-weights or patches: each file records the run and a digest of its weights, a folder of
-another run's export is refused, and slides whose patches changed are exported again.
-"""
+"""The export action: a run's checkpoint over a patch source (model, image size and
+normalization the run's; all that can fail on bad input before a patch is read), then
+what export.* asks to draw. A rerun never keeps features of other weights or patches:
+another run's folder is refused, slides whose patches changed are exported again."""
 import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import jax
 import numpy as np
@@ -75,39 +73,28 @@ def _same(a, b) -> bool:
     return a.shape == b.shape and bool(np.all(a == b))
 
 
-def previous_files(out_dir: str, export_format: str) -> Dict[str, dict]:
-    """{file: its _SETTINGS, `workdir` and `slide_id`} of the slide files an earlier
-    export left in `out_dir`; unreadable files are left out (the export redoes them)."""
+def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
+                  slide_ids):
+    """Refuses a folder holding another run's export (one inside the run is its own, even
+    when the run moved); says why files of `slide_ids` are exported again."""
     folder = os.path.join(out_dir, fmt.H5_DIR)
     paths = ([os.path.join(out_dir, fmt.NPZ_NAME)] if export_format == 'npz' else
              [os.path.join(folder, name) for name in sorted(os.listdir(folder))
               if name.endswith('.h5')] if os.path.isdir(folder) else [])
-    out = {}
-    for path in paths:
+    files = {}
+    for path in paths:   # unreadable files are left out: the export redoes them
         try:
-            out[path] = fmt.file_attrs(path, _SETTINGS + ('workdir', 'slide_id'))
+            files[path] = fmt.file_attrs(path, _SETTINGS + ('workdir', 'slide_id'))
         except (OSError, KeyError, ValueError):
             continue
-    return out
-
-
-def _belongs_to(recorded, workdir: str) -> bool:
-    return bool(recorded) and os.path.realpath(str(recorded)) == os.path.realpath(workdir)
-
-
-def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
-                  slide_ids):
-    """Refuses a folder holding another run's export (one inside the run is its own, even
-    when the run moved), and says why files of this run's `slide_ids` are exported again.
-    `current`: this export's values of _SETTINGS."""
-    files = previous_files(out_dir, export_format)
     if not files:
         return
-    inside = os.path.realpath(out_dir).startswith(os.path.realpath(workdir) + os.sep)
     # Files of these very weights are this run's, wherever the run was moved since.
+    mine = os.path.realpath(workdir)
+    inside = os.path.realpath(out_dir).startswith(mine + os.sep)
     foreign = {p: a for p, a in files.items()
-               if not _belongs_to(a.get('workdir'), workdir)
-               and a.get('weights_sha256') != current.get('weights_sha256')}
+               if a.get('weights_sha256') != current.get('weights_sha256')
+               and not (a.get('workdir') and os.path.realpath(str(a['workdir'])) == mine)}
     if foreign and not inside:
         path, attrs = next(iter(foreign.items()))
         whose = (f"the run {attrs['workdir']}" if attrs.get('workdir') else
@@ -153,13 +140,12 @@ def _is_subsequence(stored, current) -> bool:
     return all(any(row == c for c in it) for row in stored)
 
 
-def _decoded(values):
-    return [v.decode('utf-8') if isinstance(v, bytes) else v for v in values]
+def _text(value):
+    return value.decode('utf-8') if isinstance(value, bytes) else value
 
 
 def _written(out_dir: str, export_format: str, slides):
-    """(slide, {coords, paths, labels}, coords attributes) of each of `slides` written in
-    `out_dir`; unreadable files are left out (the export redoes them)."""
+    """(slide, {coords, paths, labels}, coords attrs) of each readable file of `slides`."""
     if export_format == 'npz':
         try:
             with np.load(os.path.join(out_dir, fmt.NPZ_NAME), allow_pickle=False) as f:
@@ -174,30 +160,10 @@ def _written(out_dir: str, export_format: str, slides):
     for slide in slides:
         try:
             with h5py.File(os.path.join(out_dir, fmt.slide_file('h5', slide)), 'r') as f:
-                arrays = {k: _decoded(f[k][()]) for k in ('paths', 'labels') if k in f}
+                arrays = {k: f[k].asstr()[()] for k in ('paths', 'labels') if k in f}
                 yield slide, dict(arrays, coords=f['coords'][()]), dict(f['coords'].attrs)
         except (OSError, KeyError, ValueError):
             continue
-
-
-def stale_slides(out_dir: str, export_format: str, source, groups) -> Dict[str, str]:
-    """{slide_id: why} of the slides whose file in `out_dir` was made from other patches
-    than the source lists now: other coordinates, patch files or labels, or another
-    tiling (the coordinate file's attributes: patch size, resolution)."""
-    by_path = not source.from_slides
-    tiling = {} if by_path else {s.slide_id: s.coords.attrs for s in source.slides}
-    stale = {}
-    for slide, arrays, written in _written(out_dir, export_format, groups):
-        changed = [k for k, v in tiling.get(slide, {}).items()
-                   if k not in ('tiling_key', 'slide_path')
-                   and not _same(_decoded([written.get(k)])[0], _decoded([v])[0])]
-        if changed:
-            stale[slide] = f'it was tiled again ({", ".join(sorted(changed))} differ)'
-        elif not _is_subsequence(_stored_rows(arrays, by_path),
-                                 _rows(source, groups[slide], by_path)):
-            stale[slide] = ('its patches (files or coordinates) changed' if by_path else
-                            'its patch coordinates changed')
-    return stale
 
 
 @dataclasses.dataclass
@@ -209,7 +175,6 @@ class ExportJob:
     options: EmbedOptions
     normalization: run_dir.Normalization
     choice: object = 'latest'      # export.checkpoint: latest | best | a step
-    # The `export` section given, resolved against the run (for export_info.json).
     export_settings: dict = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
@@ -233,10 +198,23 @@ class ExportJob:
                                           sort_keys=True)}
 
     def _drop_stale(self):
-        """Deletes the files of slides whose patches changed since (their features
-        describe other patches), so that they are exported again."""
-        stale = stale_slides(self.out_dir, self.options.export_format, self.source,
-                             group_by_slide(self.source))
+        """Deletes the files of slides made from other patches (files, coordinates, labels
+        or tiling) than the source lists now, to export them again."""
+        source, groups = self.source, group_by_slide(self.source)
+        by_path = not source.from_slides
+        tiling = {} if by_path else {s.slide_id: s.coords.attrs for s in source.slides}
+        stale = {}
+        for slide, arrays, written in _written(self.out_dir, self.options.export_format,
+                                               groups):
+            changed = [k for k, v in tiling.get(slide, {}).items()
+                       if k not in ('tiling_key', 'slide_path')
+                       and not _same(_text(written.get(k)), _text(v))]
+            if changed:
+                stale[slide] = f'it was tiled again ({", ".join(sorted(changed))} differ)'
+            elif not _is_subsequence(_stored_rows(arrays, by_path),
+                                     _rows(source, groups[slide], by_path)):
+                stale[slide] = ('its patches (files or coordinates) changed' if by_path else
+                                'its patch coordinates changed')
         if not stale:
             return
         log.warning('export: %d slides are exported again because their patches changed '
@@ -252,15 +230,6 @@ class ExportJob:
                 if os.path.exists(path):
                     os.remove(path)
 
-    @property
-    def checkpoint_note(self) -> str:
-        """Which checkpoint and why, for export_info.json."""
-        best = run_dir.read_best(self.run.workdir)
-        if best is not None and best['step'] == self.run.step and self.choice == 'best':
-            return (f"best: step {best['step']} by {best['metric']} = {best['value']:.6g} "
-                    f"({best['mode']})")
-        return f'{self.choice}: step {self.run.step}'
-
     def run_export(self) -> List[dict]:
         """Embeds and writes; returns the manifest rows; DataError if nothing was read."""
         log.info('export: step %d of %s, %s -> %s (%d slides, %d patches at %d px; '
@@ -270,9 +239,12 @@ class ExportJob:
         self._drop_stale()
         embedder = Embedder(self.run.network, self.run.weights.online_variables,
                             self.normalization.mean, self.normalization.std, self.run.step)
+        best = run_dir.read_best(self.run.workdir)   # which checkpoint and why
+        note = (f"best: step {best['step']} by {best['metric']} = {best['value']:.6g} "
+                f"({best['mode']})" if best is not None and best['step'] == self.run.step
+                and self.choice == 'best' else f'{self.choice}: step {self.run.step}')
         info = {'workdir': os.path.abspath(self.run.workdir), 'data_path': self.data_path,
-                'weights_sha256': self.weights_sha256,
-                'checkpoint': self.checkpoint_note,
+                'weights_sha256': self.weights_sha256, 'checkpoint': note,
                 'normalization': self.normalization.to_json(),
                 'config': json.loads(run_dir.config_text(self.run.config)),
                 'export': dict(self.export_settings, checkpoint_step=self.run.step)}
@@ -280,43 +252,14 @@ class ExportJob:
         n_patches = sum(r['n_patches'] for r in rows)
         if not n_patches:
             raise DataError(f'no readable patch in {self.data_path}: nothing was exported '
-                            f'(unreadable files: '
-                            f'{os.path.join(self.out_dir, fmt.SKIPPED_NAME)})')
+                            f'(unreadable files: {os.path.join(self.out_dir, fmt.SKIPPED_NAME)})')
         log.info('export: %d slides, %d patches in %s', len(rows), n_patches, self.out_dir)
         return rows
 
 
-def _slide_dir(data_path, exp, trained_on) -> str:
-    """`export.slide_dir`, else the run's when the export reads the run's own data."""
-    return exp.slide_dir or (trained_on.slide_dir if data_path == trained_on.path else '')
-
-
-def _open(data_path, exp, trained_on):
-    """The source to export (_slide_dir); slide sources only as per-slide h5."""
-    source = sources_lib.open_source(data_path, _slide_dir(data_path, exp, trained_on))
-    if exp.format == 'npz' and source.from_slides:
-        raise ConfigError(f'{data_path} is read from whole slides: export it as per-slide '
-                          f"h5 files (export.format=h5), which carry each slide's tiling "
-                          f'attributes and slide path')
-    return source
-
-
-def effective_settings(exp, out_dir: str, data_path: str, choice, options: EmbedOptions,
-                       trained_on) -> dict:
-    """The `export` section given, with its folder, data, slide folder, checkpoint and
-    image size as resolved."""
-    settings = json.loads(json.dumps(exp.to_dict(), default=str))
-    settings.update(out_dir=os.path.abspath(out_dir), data_path=data_path,
-                    slide_dir=_slide_dir(data_path, exp, trained_on),
-                    checkpoint=choice if isinstance(choice, int) else str(choice),
-                    image_size=options.image_size)
-    return settings
-
-
 def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalization] = None
                    ) -> ExportJob:
-    """Restores the run's weights and lists what to embed (`exp`: a validated `export`
-    section; `normalization`: one given on the command line)."""
+    """The run's weights and what to embed (`normalization`: the command line's)."""
     choice = parse_checkpoint_choice(exp.checkpoint)
     run = run_dir.load_run(workdir, choice)
     data_path = exp.data_path or run.config.data.path
@@ -339,20 +282,30 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     if options.image_size != trained_at:
         log.warning('export: embedding at %d px; the run trained at %d px (data.image_size)',
                     options.image_size, trained_at)
+    # export.slide_dir, else the run's when the export reads the run's own data.
+    slide_dir = exp.slide_dir or (run.config.data.slide_dir
+                                  if data_path == run.config.data.path else '')
+    source = sources_lib.open_source(data_path, slide_dir)
+    if exp.format == 'npz' and source.from_slides:
+        raise ConfigError(f'{data_path} is read from whole slides: export it as per-slide '
+                          f"h5 files (export.format=h5), which carry each slide's tiling "
+                          f'attributes and slide path')
     out_dir = exp.out_dir or os.path.join(workdir, DEFAULT_DIR)
+    # The `export` section given, as resolved (for export_info.json).
+    settings = dict(json.loads(json.dumps(exp.to_dict(), default=str)),
+                    out_dir=os.path.abspath(out_dir), data_path=data_path, slide_dir=slide_dir,
+                    checkpoint=choice if isinstance(choice, int) else str(choice),
+                    image_size=options.image_size)
     job = ExportJob(run=run, data_path=data_path, choice=choice, out_dir=out_dir,
-                    source=_open(data_path, exp, run.config.data), options=options,
-                    normalization=resolve_normalization(run, normalization),
-                    export_settings=effective_settings(exp, out_dir, data_path, choice,
-                                                       options, run.config.data))
+                    source=source, options=options, export_settings=settings,
+                    normalization=resolve_normalization(run, normalization))
     check_out_dir(job.out_dir, options.export_format, workdir, job.settings, job.slide_ids)
     return job
 
 
 def export(workdir, exp, normalization=None, argv=None) -> str:
-    """The export action (also after training, export.after_training): embeds, then
-    writes the QuPath tiles, the cluster maps and, with export.atlas, the atlas, holding
-    the folder's lock; returns it."""
+    """Embeds, then writes the QuPath tiles, cluster maps and atlas asked for, holding
+    the folder's lock; returns the folder."""
     with folder_lock(workdir, exp, argv):
         job = prepare_export(workdir, exp, normalization)
         if exp.cluster_maps:
