@@ -1,14 +1,8 @@
-"""The export's on-disk layout (docs/formats.md): names, writers, readers and the resume
-check. The only module that knows it: an export copied elsewhere is read without the run.
-
-  h5_files/<slide>.h5   CLAM's layout (`features`, `coords` level-0 x, y or -1, with the
-                        tiling's attrs) plus `cluster_ids`, `cluster_logits`, `paths`,
-                        `labels`, `projections`; file attrs: the run, step, settings
-  pt_files/<slide>.pt   with export.pt_files: `features` as a torch tensor (CLAM's MIL)
-  embeddings.npz        (format npz) the same arrays over all patches, `slide_ids`
-  manifest.csv, export_info.json, skipped_files.txt
-  cluster_maps/<slide>.png (maps.py), qupath/<slide>.geojson (qupath.py), atlas/ (eval)
-"""
+"""The export's on-disk layout (docs/formats.md), its only owner: an export copied elsewhere
+is read without the run. h5_files/<slide>.h5 (CLAM's layout plus cluster ids, logits,
+paths, labels; the run in the attrs) or embeddings.npz, pt_files/, manifest.csv,
+export_info.json, skipped_files.txt; cluster_maps/, qupath/ and atlas/ beside them."""
+import collections
 import hashlib
 import json
 import logging
@@ -36,11 +30,8 @@ MANIFEST_FIELDS = ('slide_id', 'n_patches', 'label', 'file')
 log = logging.getLogger('clusiam_jax')
 
 
-# ------------------------------------------------------------------------- names
-
 def slide_file_name(slide_id: str) -> str:
-    """The stem of a slide's files: the id itself, so two ids never share a file;
-    DataError for an id that is no plain file name, which could write elsewhere."""
+    """The stem of a slide's files: the id itself (DataError when it could write elsewhere)."""
     return coords_lib.check_slide_id(slide_id)
 
 
@@ -57,15 +48,12 @@ def pt_file(out_dir: str, slide_id: str) -> str:
 
 
 def map_file(out_dir: str, row: dict) -> str:
-    """Where a slide's cluster map goes: named like its h5 file (older exports named
-    files after a cleaned-up id), or by slide id."""
+    """A slide's cluster map: named like its h5 file (older exports' cleaned-up ids)."""
     if row['file'].endswith('.h5'):
         return os.path.join(out_dir, MAPS_DIR,
                             os.path.splitext(os.path.basename(row['file']))[0] + '.png')
     return coords_lib.slide_path(os.path.join(out_dir, MAPS_DIR), row['slide_id'], '.png')
 
-
-# ------------------------------------------------------------------------ writing
 
 def prepare_out_dir(out_dir: str, export_format: str):
     """Creates the folders, deletes temporaries a killed export left, and the manifest
@@ -87,11 +75,9 @@ def write_slide_h5(path: str, arrays: Dict[str, np.ndarray], attrs: dict, coords
     import h5py  # only exports need it
     with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
         for name, value in arrays.items():
-            if value.dtype.kind in 'OU':
-                f.create_dataset(name, data=np.asarray(value, dtype=object),
-                                 dtype=h5py.string_dtype('utf-8'))
-            else:
-                f.create_dataset(name, data=value)
+            text = value.dtype.kind in 'OU'
+            f.create_dataset(name, data=np.asarray(value, dtype=object) if text else value,
+                             dtype=h5py.string_dtype('utf-8') if text else None)
         f.attrs.update(attrs)
         f['coords'].attrs.update(coords_attrs)
 
@@ -106,8 +92,7 @@ def write_slide_pt(out_dir: str, slide_id: str, features: np.ndarray):
 
 
 def write_npz(path: str, parts, attrs: dict):
-    """The arrays of all slides (`parts`: [(slide_id, arrays)]), strings as unicode so that
-    loading needs no pickle, plus `attrs`."""
+    """The arrays of all `parts` [(slide_id, arrays)], strings as unicode (no pickle)."""
     out = {}
     for name in sorted({k for _, arrays in parts for k in arrays}):
         # Only `labels` can be missing for some slides: '' keeps the arrays aligned.
@@ -118,8 +103,7 @@ def write_npz(path: str, parts, attrs: dict):
     out['slide_ids'] = (np.concatenate([np.full(len(arrays['coords']), slide)
                                         for slide, arrays in parts]).astype(str)
                         if parts else np.zeros((0,), str))
-    for name, value in attrs.items():
-        out[name] = np.asarray(value)
+    out.update({name: np.asarray(value) for name, value in attrs.items()})
     with atomic_write(path) as tmp, open(tmp, 'wb') as f:
         np.savez(f, **out)
 
@@ -132,8 +116,6 @@ def write_info(out_dir: str, info: dict):
     fileio.write_json(os.path.join(out_dir, INFO_NAME), info, default=str)
 
 
-# ----------------------------------------------------------------- resume check
-
 def export_key(attrs: dict) -> str:
     """A digest of what makes two exports of a slide the same (run, weights, settings,
     format version): a rerun skips a slide only when its file carries the same key."""
@@ -143,8 +125,7 @@ def export_key(attrs: dict) -> str:
 
 
 def file_attrs(path: str, keys) -> dict:
-    """Those of `keys` a slide file records (npz: as arrays, 0-d ones as scalars); OSError,
-    KeyError or ValueError when it is missing or unreadable."""
+    """Those of `keys` a slide file records; OSError, KeyError or ValueError if unreadable."""
     if path.endswith('.npz'):
         with np.load(path, allow_pickle=False) as f:
             return {k: (f[k].item() if f[k].ndim == 0 else f[k]) for k in keys if k in f.files}
@@ -155,8 +136,7 @@ def file_attrs(path: str, keys) -> dict:
 
 def is_finished(out_dir: str, export_format: str, slide_id: str, key: str,
                 n_records: int) -> bool:
-    """Whether the slide (every slide, for npz) is written with this export key and this
-    many patch records: then a rerun skips it."""
+    """Whether a rerun skips the slide (npz: all): same export key and record count."""
     try:
         attrs = file_attrs(os.path.join(out_dir, slide_file(export_format, slide_id)),
                            ('export_key', 'n_records'))
@@ -167,18 +147,16 @@ def is_finished(out_dir: str, export_format: str, slide_id: str, key: str,
 
 
 def written_counts(out_dir: str, export_format: str, slide_ids) -> Dict[str, int]:
-    """{slide_id: patches written}, read back from the files (the manifest describes
-    what is on disk, not what was planned)."""
-    counts = {}
+    """{slide_id: patches written}, from the files: the manifest describes what is on disk."""
     if export_format == 'npz':
         path = os.path.join(out_dir, NPZ_NAME)
-        if os.path.exists(path):
-            with np.load(path) as f:
-                ids, n = np.unique(f['slide_ids'], return_counts=True)
-            stored = dict(zip(ids.tolist(), n.tolist()))
-            counts = {s: stored[s] for s in slide_ids if stored.get(s)}
-        return counts
+        if not os.path.exists(path):
+            return {}
+        with np.load(path) as f:
+            stored = collections.Counter(f['slide_ids'].tolist())
+        return {s: stored[s] for s in slide_ids if stored[s]}
     import h5py
+    counts = {}
     for slide in slide_ids:
         path = os.path.join(out_dir, slide_file('h5', slide))
         if os.path.exists(path):
@@ -186,8 +164,6 @@ def written_counts(out_dir: str, export_format: str, slide_ids) -> Dict[str, int
                 counts[slide] = int(f['features'].shape[0])
     return counts
 
-
-# ------------------------------------------------------------------------ reading
 
 def read_export_manifest(out_dir: str) -> List[dict]:
     """The export's manifest rows (slide_id, n_patches, label, file)."""
@@ -212,11 +188,6 @@ def read_export_info(out_dir: str) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def _decode(values):
-    return np.array([v.decode('utf-8') if isinstance(v, bytes) else str(v) for v in values],
-                    dtype=object)
-
-
 def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
     """{name: array} of one manifest row, plus `patch_size` (level-0 px) and, from
     slides, `slide_path` and `level0_dimensions`; strings as str objects."""
@@ -225,7 +196,7 @@ def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
         return _npz_slides(path, [row['slide_id']])[row['slide_id']]
     import h5py
     with h5py.File(path, 'r') as f:
-        out = {name: (_decode(ds[()]) if ds.dtype.kind in 'OS' else ds[()])
+        out = {name: (ds.asstr()[()] if ds.dtype.kind in 'OS' else ds[()])
                for name, ds in f.items()}
         coords = f['coords'].attrs
         # TRIDENT's `patch_size` is at the target resolution; CLAM's is level 0.
@@ -254,24 +225,27 @@ def _npz_slides(path: str, slide_ids) -> Dict[str, dict]:
     return out
 
 
+def iter_slides(out_dir: str, rows):
+    """(row, arrays) per manifest row, one h5 slide in memory at a time (an npz read once)."""
+    npz = [row['slide_id'] for row in rows if row['file'].endswith('.npz')]
+    loaded = _npz_slides(os.path.join(out_dir, NPZ_NAME), npz) if npz else {}
+    for row in rows:
+        slide_id = row['slide_id']
+        yield row, loaded.pop(slide_id) if slide_id in loaded else read_slide(out_dir, row)
+
+
 def read_export(out_dir: str, slides=None) -> Dict[str, dict]:
     """{slide_id: arrays + its manifest `label`} for every slide (or only `slides`)."""
     rows = [row for row in read_export_manifest(out_dir)
             if slides is None or row['slide_id'] in slides]
-    npz = [row['slide_id'] for row in rows if row['file'].endswith('.npz')]
-    data = _npz_slides(os.path.join(out_dir, NPZ_NAME), npz) if npz else {}
-    for row in rows:
-        arrays = data[row['slide_id']] if row['slide_id'] in data else read_slide(out_dir, row)
-        data[row['slide_id']] = dict(arrays, label=row['label'])
-    return {row['slide_id']: data[row['slide_id']] for row in rows}
+    return {row['slide_id']: dict(arrays, label=row['label'])
+            for row, arrays in iter_slides(out_dir, rows)}
 
 
 def clustered_slides(out_dir: str, what: str):
-    """(manifest row, arrays, bool [N] of patches with coordinates, K) of each slide with
-    coordinates and cluster ids, in manifest order; nothing when there is no cluster head."""
-    data = read_export(out_dir)
-    for row in read_export_manifest(out_dir):
-        arrays = data[row['slide_id']]
+    """(row, arrays, bool [N] of patches with coordinates, K) of each slide with
+    coordinates; nothing without a cluster head."""
+    for row, arrays in iter_slides(out_dir, read_export_manifest(out_dir)):
         if 'cluster_ids' not in arrays:
             log.info('%s: the model has no cluster head; nothing to draw', what)
             return
@@ -285,8 +259,7 @@ def clustered_slides(out_dir: str, what: str):
 
 
 def slide_feature_files(features: str) -> Dict[str, str]:
-    """{slide_id: path of its HDF5 file} of an export of ours (through its manifest) or
-    of a folder of CLAM-style `<slide_id>.h5` feature files."""
+    """{slide_id: path of its HDF5 file} of an export of ours or a CLAM-style folder."""
     if os.path.isfile(os.path.join(features, MANIFEST_NAME)):
         rows = read_export_manifest(features)
         if any(not row['file'].endswith('.h5') for row in rows):
