@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from clusiam_jax.data import image_io
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export.maps import exported_slide, share_text
@@ -62,8 +63,7 @@ class Atlas:
 
 
 def typicality(logits, ids):
-    """float64 [N]: each patch's log-odds of its own cluster, `l_c - logsumexp(l_other)`;
-    zeros without logits or with one cluster."""
+    """float64 [N]: each patch's `l_c - logsumexp(l_other)` (0 without two logits)."""
     ids = np.asarray(ids, np.int64)
     if logits is None or np.asarray(logits).shape[1] < 2:
         return np.zeros(len(ids))
@@ -87,9 +87,8 @@ def _best_per_cluster(ids, scores, n):
 
 
 def choose(candidates, n):
-    """At most n Picks of one cluster's `candidates`, most typical first: at most
-    ceil(n / slides) from a slide while other slides have candidates left, then the best
-    remaining."""
+    """At most n of one cluster's Picks, most typical first: ceil(n / slides) per slide
+    while other slides have candidates left, then the best remaining."""
     ranked = sorted(candidates, key=lambda p: (-p.score, p.slide_id, p.index))
     cap = max(1, math.ceil(n / max(1, len({p.slide_id for p in ranked}))))
     taken, per_slide = [], collections.Counter()
@@ -102,20 +101,8 @@ def choose(candidates, n):
     return sorted(taken, key=lambda p: (-p.score, p.slide_id, p.index))
 
 
-def _export_slides(out_dir, rows):
-    """(slide_id, arrays) per manifest row, one slide in memory at a time (an npz export
-    is read once)."""
-    npz = {row['slide_id'] for row in rows if row['file'].endswith('.npz')}
-    loaded = fmt.read_export(out_dir, slides=npz) if npz else {}
-    for row in rows:
-        slide_id = row['slide_id']
-        yield slide_id, loaded.pop(slide_id) if slide_id in loaded else \
-            fmt.read_slide(out_dir, row)
-
-
 def _readable(arrays):
-    """bool [N]: the patches whose pixels can be read back (known coordinates on a
-    recorded slide, or a recorded patch file)."""
+    """bool [N]: the patches whose pixels can be read back (from the slide or a file)."""
     if arrays.get('slide_path'):
         return np.all(np.asarray(arrays['coords']) >= 0, axis=1)
     if 'paths' in arrays:
@@ -123,52 +110,39 @@ def _readable(arrays):
     return np.zeros(len(arrays['cluster_ids']), bool)
 
 
-def _read_slide_patches(slide_id, info, picks, tile):
-    """{index: uint8 [tile, tile, 3]} of the picks of one slide, read from the slide."""
-    fix = f"move the slide back to {info['slide_path']}, or draw the atlas where the slides are"
-    with exported_slide('atlas', slide_id, info['slide_path'], info.get('level0_dimensions'),
-                        fix) as slide:
-        return {p.index: read_patch(slide, *(int(v) for v in info['coords'][p.index]),
-                                    float(info['patch_size']), tile) for p in picks}
-
-
-def _read_patch_files(info, picks, tile, unreadable):
-    """{index: uint8 [tile, tile, 3]} of the picks' patch files; the unreadable ones are
-    appended to `unreadable` (path: why) and left out."""
-    from clusiam_jax.data import image_io
-    out = {}
-    for pick in picks:
-        try:
-            rgb = image_io.load_rgb(str(info['paths'][pick.index]))
-        except image_io.BadImageError as e:
-            unreadable.append(str(e))
-            continue
-        if rgb.shape[:2] != (tile, tile):
-            interp = cv2.INTER_AREA if max(rgb.shape[:2]) > tile else cv2.INTER_LINEAR
-            rgb = cv2.resize(rgb, (tile, tile), interpolation=interp)
-        out[pick.index] = rgb
-    return out
-
-
 def _read_picks(entries, kept, tile):
-    """({(slide_id, index): image}, [unreadable patch files]) of every pick, each slide
-    opened once."""
+    """({(slide_id, index): uint8 [tile, tile, 3]}, [unreadable patch files]) of every
+    pick, each slide opened once; unreadable patch files are left out."""
     by_slide = collections.defaultdict(list)
-    for entry in entries:
-        for pick in entry.picks:
-            by_slide[pick.slide_id].append(pick)
+    for pick in (pick for entry in entries for pick in entry.picks):
+        by_slide[pick.slide_id].append(pick)
     images, unreadable = {}, []
     for slide_id, picks in by_slide.items():
         info = kept[slide_id]
-        read = _read_slide_patches(slide_id, info, picks, tile) if info.get('slide_path') \
-            else _read_patch_files(info, picks, tile, unreadable)
-        images.update({(slide_id, index): image for index, image in read.items()})
+        if info.get('slide_path'):
+            fix = (f"move the slide back to {info['slide_path']}, or draw the atlas where the "
+                   f'slides are')
+            with exported_slide('atlas', slide_id, info['slide_path'],
+                                info.get('level0_dimensions'), fix) as slide:
+                images.update({(slide_id, p.index): read_patch(
+                    slide, *(int(v) for v in info['coords'][p.index]),
+                    float(info['patch_size']), tile) for p in picks})
+            continue
+        for pick in picks:
+            try:
+                rgb = image_io.load_rgb(str(info['paths'][pick.index]))
+            except image_io.BadImageError as e:
+                unreadable.append(str(e))
+                continue
+            if rgb.shape[:2] != (tile, tile):
+                interp = cv2.INTER_AREA if max(rgb.shape[:2]) > tile else cv2.INTER_LINEAR
+                rgb = cv2.resize(rgb, (tile, tile), interpolation=interp)
+            images[(slide_id, pick.index)] = rgb
     return images, unreadable
 
 
 def _where(pick, info):
-    """A patch's label on the sheet, to find it again: its slide and level-0 (x, y), or
-    its file name."""
+    """A patch's label on the sheet: its slide and level-0 (x, y), or its file name."""
     if info.get('slide_path'):
         x, y = (int(v) for v in info['coords'][pick.index])
         return f'{pick.slide_id} · {x}, {y}'
@@ -200,8 +174,7 @@ def caption_lines(entry, n_patches, n_slides):
 
 
 def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS):
-    """(RGB PIL image, [(x0, y0, x1, y1)] of each image): the caption (a swatch of
-    `color`, `title`, `details`) over a grid of `images` [tile, tile, 3], each labelled."""
+    """(RGB PIL image, [(x0, y0, x1, y1)] per image): the caption over the labelled grid."""
     columns = max(1, min(columns, len(images))) if images else columns
     margin, gap, swatch, label_height = 16, 8, 44, 20
     title_font, text_font, label_font = (ImageFont.load_default(size=s) for s in (26, 17, 14))
@@ -236,9 +209,8 @@ def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS
 
 
 def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
-    """Writes `<out_dir>/atlas/`: cluster_<id>.png per cluster with patches and
-    index.html; returns the Atlas (None when the model has no cluster head, or the export
-    records neither slides nor patch files)."""
+    """Writes `<out_dir>/atlas/`; returns the Atlas, None without a cluster head or any
+    readable patch."""
     if int(per_cluster) < 1:
         raise ConfigError(f'the atlas needs at least 1 patch per cluster; got {per_cluster}')
     if int(tile) < 16:
@@ -246,7 +218,8 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
     counts, kept = {}, {}           # kept: slide_id -> what reading its picks needs
     candidates = collections.defaultdict(list)
     k, readable_any = 0, False
-    for slide_id, arrays in _export_slides(out_dir, fmt.read_export_manifest(out_dir)):
+    for row, arrays in fmt.iter_slides(out_dir, fmt.read_export_manifest(out_dir)):
+        slide_id = row['slide_id']
         if 'cluster_ids' not in arrays:
             log.info('atlas: the model has no cluster head; no atlas')
             return None
@@ -353,12 +326,10 @@ window.addEventListener('load', function () {
 def render_index(atlas, palette, info, per_cluster):
     """The atlas page (see the module docstring)."""
     esc = html.escape
-    run = []
-    if info.get('workdir'):
-        run.append(f"run {os.path.basename(os.path.normpath(str(info['workdir'])))}")
-    if info.get('checkpoint_step') is not None:
-        run.append(f"step {info['checkpoint_step']}")
-    title = ' · '.join(['Cluster atlas'] + run + [f'K={atlas.num_clusters}'])
+    step, workdir = info.get('checkpoint_step'), info.get('workdir')
+    title = ' · '.join(p for p in (
+        'Cluster atlas', workdir and f'run {os.path.basename(os.path.normpath(str(workdir)))}',
+        step is not None and f'step {step}', f'K={atlas.num_clusters}') if p)
     n_slides = atlas.n_slides
     parts = ['<!DOCTYPE html>', '<html lang="en">', '<head>', '<meta charset="utf-8">',
              f'<title>{esc(title)}</title>', f'<style>{_STYLE}</style>', '</head>',

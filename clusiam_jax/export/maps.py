@@ -41,8 +41,7 @@ def header_height(map_height, map_width, title):
 
 
 def _title_band(title, width, map_height, map_width):
-    """The title in black on white, at least `width` wide (wider when it does not fit at
-    the smallest font), over a grey rule."""
+    """The title over a grey rule, at least `width` wide (wider if 12 px does not fit)."""
     height = header_height(map_height, map_width, title)
     size = title_font_size(map_height, map_width)
     margin = max(6, size // 2)
@@ -69,16 +68,15 @@ def share_text(count, total):
 
 
 def legend_order(ids, counts):
-    """(ids, counts) by decreasing count, ties by id: the clusters covering most of a
-    slide come first, not among 1-patch ones."""
+    """(ids, counts) by decreasing count, ties by id."""
     ids, counts = np.asarray(ids), np.asarray(counts)
     order = np.lexsort((ids, -counts))
     return ids[order], counts[order]
 
 
 def _legend(ids, counts, colors, map_height):
-    """A white panel, a header over each column, then per cluster its swatch, id, patch
-    count and share; at least as high as the map, and high enough for 16 rows (or all)."""
+    """Per cluster its swatch, id, patch count and share, in columns at least as high as
+    the map and as 16 rows."""
     size = legend_font_size(map_height)
     font = ImageFont.load_default(size=size)
     row = int(round(1.5 * size))
@@ -108,8 +106,7 @@ def _legend(ids, counts, colors, map_height):
 
 
 def map_background(path):
-    """What the map at `path` was drawn over (BACKGROUNDS); None when unreadable or not
-    recorded (an older version's map)."""
+    """What the map at `path` was drawn over (BACKGROUNDS); None if unknown."""
     try:
         with Image.open(path) as image:
             value = getattr(image, 'text', {}).get(BACKGROUND_KEY)
@@ -154,7 +151,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
         if slide_dimensions is not None:
             extent = np.asarray(slide_dimensions, np.float64)
         elif coords.size:
-            extent = coords.max(axis=0).astype(np.float64) + patch_size
+            extent = coords.max(axis=0) + patch_size
         else:
             extent = np.array([patch_size, patch_size], np.float64)
         if downsample is None:
@@ -207,8 +204,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
 
 
 def check_thumbnail(thumbnail, n_slides):
-    """ConfigError when `thumbnail` is missing, or one file for several slides (checked
-    before an export embeds anything)."""
+    """ConfigError when `thumbnail` is missing, or one file for several slides."""
     if not thumbnail:
         return
     if not os.path.exists(thumbnail):
@@ -247,22 +243,6 @@ def exported_slide(what, slide_id, path, dimensions, fix):
         except (openslide.OpenSlideError, ValueError) as e:   # ValueError: a damaged tile
             raise DataError(f"{what}: reading slide {slide_id} ({path}) failed "
                             f"({' '.join(str(e).split())}); {fix}") from None
-
-
-def mosaic_path(path):
-    """Where a mosaic map goes: `path`, unless the map there was drawn over a slide or
-    thumbnail (or by an older version), which is kept: then `<stem>.mosaic.png`."""
-    if not os.path.exists(path):
-        return path
-    drawn_over = map_background(path)
-    if drawn_over == 'mosaic':
-        return path
-    other = os.path.splitext(path)[0] + MOSAIC_SUFFIX
-    how = (f'over its {drawn_over}' if drawn_over else
-           'by an older version that did not record over what')
-    log.warning('cluster maps: %s was drawn %s and is kept; the map without a thumbnail '
-                'goes to %s (give the thumbnail, or the slide, to redraw it)', path, how, other)
-    return other
 
 
 def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_side=2048,
@@ -308,8 +288,16 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
             drawn_over = 'slide'
         path = fmt.map_file(out_dir, row)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if drawn_over == 'mosaic':
-            path = mosaic_path(path)
+        if drawn_over == 'mosaic' and os.path.exists(path):
+            before = map_background(path)   # a map over a slide or thumbnail is kept
+            if before != 'mosaic':
+                other = os.path.splitext(path)[0] + MOSAIC_SUFFIX
+                how = (f'over its {before}' if before else
+                       'by an older version that did not record over what')
+                log.warning('cluster maps: %s was drawn %s and is kept; the map without a '
+                            'thumbnail goes to %s (give the thumbnail, or the slide, to redraw '
+                            'it)', path, how, other)
+                path = other
         step = info.get('checkpoint_step')
         title = ' · '.join(p for p in (slide_id, step is not None and f'step {step}',
                                        k and f'K={k}', run) if p)
