@@ -235,8 +235,7 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
             _eval_parser(tasks.add_parser(task, prog=f'{prog} {task}'), task)
     elif mode == 'convert':
         _convert_parsers(parser.add_subparsers(dest='direction', required=True,
-                                               metavar='DIRECTION', parser_class=_Parser),
-                         prog)
+                                               metavar='DIRECTION', parser_class=_Parser), prog)
     return parser
 
 

@@ -147,8 +147,6 @@ METHOD_RECIPES = {
 
 def method_config(name: str) -> ml_collections.ConfigDict:
     """default_config() with the paper's settings for method `name`."""
-    if name not in METHOD_RECIPES:
-        raise ConfigError(f'model.name must be one of {", ".join(METHOD_RECIPES)}; got {name!r}')
     c = default_config()
     c.model.name = name
     for key, value in METHOD_RECIPES[name].items():
@@ -363,11 +361,9 @@ def best_mode(train) -> str:
 def parse_checkpoint_choice(text) -> object:
     """'latest' | 'best' | a step (int), from export.checkpoint / --checkpoint."""
     text = str(text).strip()
-    if text in ('latest', 'best'):
-        return text
-    if text.isdigit():
-        return int(text)
-    raise ConfigError(f"a checkpoint is 'latest', 'best' or a step number; got {text!r}")
+    _refuse(text not in ('latest', 'best') and not text.isdigit(),
+            f"a checkpoint is 'latest', 'best' or a step number; got {text!r}")
+    return int(text) if text.isdigit() else text
 
 
 def validate_tile(t):
