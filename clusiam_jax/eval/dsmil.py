@@ -18,9 +18,8 @@ from clusiam_jax.models.heads import TorchLinear
 
 
 class DSMIL(nn.Module):
-    """DSMIL on a padded bag: feats [N, D], mask [N] (True = real; one at least).
-    Returns (bag_logits [C], max_instance_logits [C], extras: instance_logits [N, C],
-    attention [N, C] (zero on padding), critical [C])."""
+    """DSMIL on a padded bag: feats [N, D], mask [N] (True = real; one at least). Returns
+    (bag_logits [C], max_instance_logits [C], extras: instance_logits, attention, critical)."""
     num_classes: int
     query_dim: int = 128
 
@@ -37,8 +36,7 @@ class DSMIL(nn.Module):
         attention = jax.nn.softmax(jnp.where(mask[:, None], attn_logits, -jnp.inf), axis=0)
         bag_embedding = attention.T @ feats                               # [C, D]
         bag_logits = TorchLinear(c, True, name='bag_classifier')(bag_embedding.reshape(-1))
-        extras = {'instance_logits': instance_logits, 'attention': attention,
-                  'critical': critical}
+        extras = {'instance_logits': instance_logits, 'attention': attention, 'critical': critical}
         return bag_logits, max_instance_logits, extras
 
 
@@ -93,10 +91,8 @@ def _select(labels, scores, losses):
 
 
 def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0):
-    """Trains DSMIL (mil.train) on lists of (features [N, D], class index), one-hot targets
-    over C sigmoid outputs. Returns {best_epoch, thresholds [C] (Youden's on validation),
-    val and test: {both accuracies, auc (per class), mean_auc, loss}, test_scores [B, C],
-    history, params}."""
+    """Trains DSMIL (mil.train) with one-hot targets over C sigmoid outputs; its thresholds [C]
+    are Youden's on validation."""
     config = config or DSMILConfig()
     trainer = mil.steps(DSMIL(num_classes, config.query_dim), dsmil_loss, dsmil_score,
                         config.betas, config.weight_decay)
@@ -123,9 +119,7 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
 
 
 def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None):
-    """DSMIL over seeds on per-slide features (an export or a CLAM folder). Returns
-    {class_names, seeds, runs (without params), summary (seed_stats of the test scores),
-    accuracies, and seed_mean_intervals' block}."""
+    """DSMIL over seeds on per-slide features (an export or a CLAM folder), one splits file."""
     splits, class_names = class_splits(splits_path, 'dsmil')
     for split in ('train', 'val'):
         if not splits[split]:

@@ -56,8 +56,7 @@ def _fit_lbfgs(x, y, weight_decay, num_classes, max_iter, tol):
     def step(carry):
         params, state, _, it = carry
         value, grad = value_and_grad(params, state=state)
-        updates, state = solver.update(grad, state, params, value=value, grad=grad,
-                                       value_fn=fun)
+        updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=fun)
         return optax.apply_updates(params, updates), state, optax.tree.norm(grad), it + 1
 
     init = (params, solver.init(params), jnp.array(jnp.inf, jnp.float32), jnp.array(0))
@@ -81,9 +80,8 @@ def fit_sweep(x, y, num_classes, weight_decays):
 def linear_probe(train_x, train_y, test_x, test_y, val_x=None, val_y=None,
                  weight_decays=DEFAULT_WEIGHT_DECAYS, groups=None, seed=0, positive_label=None):
     """Linear-probe classification_metrics on test, with the weight decay best on validation
-    accuracy (the larger on ties: the most regularized model that does as well). Without a
-    validation set, 20% of the training set is held out (whole `groups`, e.g. slides, when
-    given; `seed` picks them). Returns {weight_decay, val_scores, val, test, classes}."""
+    accuracy (the larger on ties: the most regularized that does as well). Without a validation
+    set, 20% of the training set (whole `groups`, e.g. slides; `seed` picks them) is held out."""
     train_x, train_y = np.asarray(train_x, np.float32), np.asarray(train_y)
     if val_x is None:
         tr, va = validation_split(train_y, 0.2, seed, groups)

@@ -19,13 +19,11 @@ def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f'y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D')
-    labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else \
-        np.asarray(labels)
+    labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else np.asarray(labels)
     _, recall, f1, support = skm.precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
     out = {'n': int(y_true.size), 'accuracy': float(np.mean(y_true == y_pred)),
-           'balanced_accuracy': float(np.mean(recall[support > 0])),
-           'macro_f1': float(np.mean(f1)),
+           'balanced_accuracy': float(np.mean(recall[support > 0])), 'macro_f1': float(np.mean(f1)),
            'per_class_f1': {c: float(v) for c, v in zip(labels.tolist(), f1)}}
     if positive_label is not None:
         out['positive_f1'] = out['per_class_f1'].get(np.asarray(positive_label).item(), 0.0)
@@ -90,8 +88,7 @@ def argmax_balanced_accuracy(labels, scores):
     support = np.bincount(labels, minlength=c)
     hits = np.bincount(labels[np.argmax(scores, axis=1) == labels], minlength=c)
     present = support > 0
-    return float(np.mean(hits[present] / support[present])) if present.any() else \
-        float('nan')
+    return float(np.mean(hits[present] / support[present])) if present.any() else float('nan')
 
 
 def slide_auc(labels, probs):
@@ -104,8 +101,7 @@ def slide_auc(labels, probs):
 
 # name: (score(labels, probs), needs every class); the scores of slide_metrics.
 SLIDE_SCORES = {'accuracy': (argmax_accuracy, False),
-                'balanced_accuracy': (argmax_balanced_accuracy, True),
-                'auc': (slide_auc, True)}
+                'balanced_accuracy': (argmax_balanced_accuracy, True), 'auc': (slide_auc, True)}
 
 
 def slide_metrics(labels, logits):
@@ -123,8 +119,7 @@ def seed_stats(values):
     values = np.asarray(values, np.float64)
     finite = np.isfinite(values).any()
     return {'mean': float(np.nanmean(values)) if finite else float('nan'),
-            'std': float(np.nanstd(values)) if finite else float('nan'),
-            'values': values.tolist()}
+            'std': float(np.nanstd(values)) if finite else float('nan'), 'values': values.tolist()}
 
 
 def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAMPLES,
@@ -157,8 +152,8 @@ def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAM
 
 
 def count_test_slides(labels, class_names):
-    """{n_test_slides, n_test_per_class, caution (one line when the test set or a class
-    is too small, else None)}."""
+    """{n_test_slides, n_test_per_class, caution (one line when the test set or a class is
+    too small, else None)}."""
     labels = np.asarray(labels, np.int64).ravel()
     counts = np.bincount(labels, minlength=len(class_names))
     per_class = {str(name): int(c) for name, c in zip(class_names, counts)}

@@ -41,8 +41,7 @@ def adam_l2(betas, weight_decay):
 
 
 class Steps:
-    """Jitted init, train and eval steps of a module with `loss(outputs, target)` and
-    `score(outputs)`, per bag (one compile per bucket length)."""
+    """Jitted steps of a module with `loss(outputs, target)` and `score(outputs)`."""
 
     def __init__(self, model, loss, score, optimizer):
         self.optimizer = optimizer
@@ -64,16 +63,14 @@ class Steps:
         self.eval_step = jax.jit(eval_step)
 
     def evaluate(self, params, bags):
-        """(scores [B, ...], losses [B]) of padded device bags, gathered on the host
-        (jnp.stack would compile once per list length)."""
+        """(scores, losses) gathered on the host (jnp.stack would compile once per list length)."""
         out = jax.device_get([self.eval_step(params, *bag[:2], bag[3]) for bag in bags])
         return np.stack([s for s, _ in out]), np.array([loss for _, loss in out])
 
 
 @functools.lru_cache(maxsize=16)
 def steps(model, loss, score, betas, weight_decay):
-    """Steps shared by runs of one model and optimizer: jit caches per function object,
-    so seeds (and tests) compile each bucket once."""
+    """Cached: jit caches per function object, so seeds (and tests) compile each bucket once."""
     return Steps(model, loss, score, adam_l2(tuple(betas), float(weight_decay)))
 
 
@@ -85,11 +82,9 @@ def device_bags(bags, min_bucket, target):
 
 def train(trainer, config, bags, target, select, seed=0, learning_rate=None):
     """Trains on bags['train'] ([(features [N, D], class index)]), one bag per step in an
-    order drawn from `seed`, at `learning_rate(epoch)` (0-based; default config.lr). Keeps
+    order drawn from `seed`, at `learning_rate(epoch)` (0-based; default config.lr), and keeps
     the epoch best on bags['val'] by `select(labels, scores, losses) -> (auc, loss)`: higher
-    AUC (NaN worst), then lower loss; scores bags['test'] once, with it. Returns
-    {best_epoch (1-based), params (host), history, val and test: (labels, scores, losses)}.
-    """
+    AUC (NaN worst), then lower loss. bags['test'] is scored once, with the kept epoch."""
     if not bags['train'] or not bags['val']:
         raise ValueError('multiple-instance training needs training and validation bags')
     dim = np.shape(bags['train'][0][0])[1]
@@ -122,14 +117,12 @@ def train(trainer, config, bags, target, select, seed=0, learning_rate=None):
            'val': best['val']}
     if bags.get('test'):
         test = device_bags(bags['test'], config.min_bucket, target)
-        out['test'] = (np.array([bag[2] for bag in test]),
-                       *trainer.evaluate(best['params'], test))
+        out['test'] = (np.array([bag[2] for bag in test]), *trainer.evaluate(best['params'], test))
     return out
 
 
 def read_array(files, slide, key, missing=None):
-    """One array of a slide's HDF5 file; DataError naming the slide if it cannot be read
-    (`missing`: the message when the file lacks `key`)."""
+    """One array of a slide's HDF5 file; DataError naming the slide (or `missing`) if unreadable."""
     try:
         return read_h5_array(files[slide], key)
     except OSError as e:
@@ -153,9 +146,8 @@ def slide_features(files, slide):
 
 
 def read_slides(export_dir, splits_path, splits, describe=slide_features):
-    """{split: ([describe(files, slide) per slide], labels [n])} of the listed slides of an
-    export of ours or a folder of CLAM-style `<slide_id>.h5`; DataError naming the slides
-    it lacks, or when their vectors differ in size."""
+    """{split: ([describe(files, slide)], labels [n])} of the listed slides of an export of ours
+    or a CLAM-style folder; DataError for missing slides or vectors of different sizes."""
     files = slide_feature_files(str(export_dir))
     require_in_export(splits_path, [s for rows in splits.values() for s, _ in rows], files)
     out = {split: ([describe(files, slide) for slide, _ in rows],

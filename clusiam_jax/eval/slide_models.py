@@ -142,8 +142,7 @@ def abmil_attention(params, features, num_classes, config=None):
 
 
 def train_abmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0):
-    """Trains gated attention MIL (mil.train) on lists of (features [N, D], class index).
-    Returns {seed, best_epoch, val, test (slide_metrics), test_probs, history, params}."""
+    """Trains gated attention MIL (mil.train) on lists of (features [N, D], class index)."""
     config = config or ABMILConfig()
     if not test_bags:
         raise ValueError('ABMIL needs training, validation and test bags')
@@ -159,9 +158,7 @@ def train_abmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
 
 
 def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None):
-    """ABMIL over seeds on per-slide features (an export or a CLAM folder), all on the same
-    splits. Returns {class_names, n_<split>, config, runs (seed, best_epoch, val, test),
-    summary (seed_stats of the test metrics), and slide_intervals' block}."""
+    """ABMIL over seeds on per-slide features (an export or a CLAM folder), one splits file."""
     config = config or ABMILConfig()
     splits, names = labelled_splits(splits_path, 'abmil')
     sets = mil.read_slides(export_dir, splits_path, splits)
@@ -174,17 +171,15 @@ def run_abmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None):
     summary = {key: metrics.seed_stats([r['test'][key] for r in runs])
                for key in metrics.SLIDE_SCORES}
     return {'class_names': names, **_counts(splits), 'config': dataclasses.asdict(config),
-            'runs': runs, 'summary': summary,
-            **slide_intervals(sets['test'][1], names, probs)}
+            'runs': runs, 'summary': summary, **slide_intervals(sets['test'][1], names, probs)}
 
 
 SLIDE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def slide_logistic_regression(sets, num_classes):
-    """linear.py's logistic regression on {split: (vectors [n, F], class indices [n])},
-    standardized with train statistics; the weight decay best on val (AUC, then loss; the
-    larger on ties) wins."""
+    """linear.py's logistic regression on {split: (vectors [n, F], class indices [n])}; the weight
+    decay best on val (AUC, then loss; the larger on ties) wins."""
     z = standardizer(sets['train'][0])
     data = {split: (z(x), np.asarray(y)) for split, (x, y) in sets.items()}
     fits = fit_sweep(*data['train'], num_classes, SLIDE_WEIGHT_DECAYS)

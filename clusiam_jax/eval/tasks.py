@@ -23,8 +23,7 @@ def annotation_labels(folder, slide, arrays):
                         f'cannot label them')
     path = ann.find_annotation_file(folder, slide)
     if path is None:
-        log.info('eval: no annotation file for %s in %s: its patches are "normal"', slide,
-                 folder)
+        log.info('eval: no annotation file for %s in %s: its patches are "normal"', slide, folder)
         return np.full(len(coords), 'normal', dtype=object)
     centres = ann.patch_centres(coords, arrays['patch_size'])
     return ann.label_points(ann.read_annotations(path), centres)
@@ -99,8 +98,7 @@ def log_slide_result(result):
 
 
 def _slide_task(task, result, drop=()):
-    """The logged result, without the per-slide scores and per-epoch history (`drop`, of the
-    result and its runs) that would make its JSON line unreadable."""
+    """The logged result without `drop` (per-slide scores, history), which bloat its JSON line."""
     for part in (result, *result.get('runs', ())):
         for key in drop:
             part.pop(key, None)
