@@ -1,6 +1,5 @@
-"""Orbax checkpoints (train state and data iterator state) in `<workdir>/checkpoints/<step>/`,
-written asynchronously and atomically, restored onto an abstract target with this mesh's
-shardings; inference restores the weights only, without an optimizer.
+"""Orbax checkpoints (train and data iterator state) in `<workdir>/checkpoints/<step>/`,
+written asynchronously, restored onto this mesh's shardings; inference restores weights only.
 """
 import logging
 import os
@@ -41,8 +40,7 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def checked_step(self, step=None) -> int:
-        """`step` (default: the latest) if there is a checkpoint there, else
-        CheckpointError listing the steps there are."""
+        """`step` (default: the latest) if it has a checkpoint, else CheckpointError."""
         steps = self.all_steps()
         if not steps and os.path.basename(self.directory) == BEST_DIR:
             raise CheckpointError(f'no best checkpoint in {self.directory}: no monitor epoch '
@@ -56,8 +54,7 @@ class Checkpointer:
         return steps[-1] if step is None else step
 
     def save(self, step: int, state, data_state=None):
-        """Starts writing checkpoint `step`; CheckpointError when orbax declines (it skips a
-        step not beyond its newest silently)."""
+        """Starts writing checkpoint `step`; CheckpointError when orbax silently declines."""
         items = {'state': ocp.args.StandardSave(state)}
         if data_state is not None:
             items['data'] = ocp.args.JsonSave(data_state)
@@ -67,8 +64,7 @@ class Checkpointer:
                                   f'{max(self.all_steps())}')
 
     def restore(self, step: int, abstract_state):
-        """(state, data_state or None); ConfigError, before any array is read, for a
-        checkpoint of another model or optimizer."""
+        """(state, data_state or None); ConfigError first for another model or optimizer."""
         self._check_shapes(step, abstract_state)
         items = {'state': ocp.args.StandardRestore(abstract_state)}
         # Items are sub-directories (orbax's item metadata warns about unhandled items).
@@ -102,9 +98,9 @@ class Checkpointer:
                 if attempt == 2:
                     raise CheckpointError(f'the checkpoint at step {step} in '
                                           f'{self.directory} cannot be read '
-                                          f'({_one_line(e)})') from e
+                                          f'({one_line(e)})') from e
                 log.warning('reading the checkpoint at step %d in %s failed (%s); trying '
-                            'again in %g s', step, self.directory, _one_line(e), RETRY_S)
+                            'again in %g s', step, self.directory, one_line(e), RETRY_S)
                 time.sleep(RETRY_S)  # a passing failure (a network file system) passes
                 interrupts.check()
 
@@ -152,7 +148,7 @@ class Checkpointer:
             except CheckpointError as e:  # failed twice, and no stop request: damaged
                 log.warning('checkpoint at step %d in %s cannot be restored (%s); '
                             'falling back to the previous one', step, self.directory,
-                            _one_line(e.__cause__ or e))
+                            one_line(e.__cause__ or e))
                 unreadable.append(step)
                 continue
             if unreadable and set_aside:
@@ -173,8 +169,7 @@ class Checkpointer:
                     target = os.path.join(self.directory, f'unreadable-{step}-{n}')
                     n += 1
                 os.replace(os.path.join(self.directory, str(step)), target)
-                log.warning('moved the unreadable checkpoint at step %d aside to %s', step,
-                            target)
+                log.warning('moved the unreadable checkpoint at step %d aside to %s', step, target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices('clusiam_jax: unreadable checkpoints')
         self.manager.reload()
@@ -192,12 +187,11 @@ class Checkpointer:
             return call()
         except OSError as e:
             if e.filename is None and e.errno is not None:
-                raise OSError(e.errno, e.strerror or os.strerror(e.errno),
-                              self.directory) from e
+                raise OSError(e.errno, e.strerror or os.strerror(e.errno), self.directory) from e
             raise
 
 
-def _one_line(error, limit=300):
+def one_line(error, limit=300):
     return f'{type(error).__name__}: ' + ' '.join(str(error).split())[:limit]
 
 

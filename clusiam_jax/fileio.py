@@ -1,6 +1,5 @@
-"""The one file-I/O module: atomic writes, CSV, and failures from outside the code (a CSV
-that is not UTF-8, a full disk, a folder gone) told in one line naming the file and the fix.
-Standard library only: grain workers and the slide code use it too.
+"""The one file-I/O module: atomic writes, CSV, and outside failures (a CSV not UTF-8, a full
+disk, a folder gone) told in one line. Standard library only: grain workers use it too.
 """
 import contextlib
 import csv
@@ -9,6 +8,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import re
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -48,13 +48,11 @@ def write_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
 
 
 def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Dict[str, str]]]:
-    """(column names stripped of spaces, rows) of a UTF-8 CSV with a header; `what` names
-    the file in the one-line DataError."""
+    """(stripped column names, rows) of a UTF-8 CSV; `what` names it in the DataError."""
     if not os.path.isfile(path):
         raise DataError(f'{what} not found: {path}')
     try:
-        with open(path, 'rb') as f:
-            raw = f.read()
+        raw = pathlib.Path(path).read_bytes()
     except OSError as e:
         raise DataError(f'{what} {path}: cannot read it ({e.strerror})') from None
     try:
@@ -140,22 +138,17 @@ def environment_failure(error: BaseException) -> Optional[str]:
 
 
 def _message(code: int, path: Optional[str]) -> str:
-    reason = os.strerror(code)
+    head = os.strerror(code)
     if path is not None:
         checkpoint = _ORBAX_TMP.sub('', path)
-        target = (f'the checkpoint {checkpoint}' if checkpoint != path
-                  else _ATOMIC_TMP.sub('', path))
-        verb = 'cannot write' if code in _WRITE_ERRNOS else 'cannot access'
-        head = f'{verb} {target}: {reason}'
-    else:
-        head = reason
+        target = f'the checkpoint {checkpoint}' if checkpoint != path else _ATOMIC_TMP.sub('', path)
+        head = f'{"cannot write" if code in _WRITE_ERRNOS else "cannot access"} {target}: {head}'
     return f'{head} ({errno.errorcode.get(code, code)}); {_ADVICE[code]}'
 
 
 @contextlib.contextmanager
 def quiet_environment_tracebacks():
-    """For the body, absl records about an environment failure lose their traceback (orbax
-    logs one per thread of a failed save, pages before the one-line error)."""
+    """absl records of environment failures lose their traceback (orbax logs one a thread)."""
     def drop_traceback(record):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and environment_failure(exc) is not None:

@@ -1,7 +1,6 @@
-"""SIGTERM and Ctrl-C stop any command cleanly. The handler only records the signal (raised
-there, an exception lands in whatever runs); safe points (`check()`) raise `Interrupted`, a
-watchdog ends code reaching none within `GRACE_S`, the training loop (`deferred()`) saves
-and returns; a second signal stops at once. Exits skip interpreter teardown (`exit_now`).
+"""SIGTERM and Ctrl-C stop any command cleanly: the handler only records the signal; safe
+points (`check()`) raise `Interrupted`, a watchdog ends code reaching none within `GRACE_S`,
+the training loop (`deferred()`) saves first; a second signal stops at once.
 """
 import contextlib
 import functools
@@ -78,14 +77,13 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def install(signals=SIGNALS, status=lambda signum: 128 + signum) -> dict:
-    """Make `signals` record a stop; `status(signum)` is the exit status after one. Returns
-    the replaced handlers, for `restore`."""
+def install(status=lambda signum: 128 + signum) -> dict:
+    """SIGNALS record a stop, exiting with `status(signum)`; returns the handlers replaced."""
     previous = {}
     if _in_main_thread():
         reset()
         _State.status, _State.installed = status, True
-        for sig in signals:
+        for sig in SIGNALS:
             # A signal the parent ignores stays ignored, as Python itself leaves it.
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, _handle)
@@ -158,6 +156,5 @@ def _init_worker(parent: int, *_):
 
 
 def worker_initializer():
-    """Workers ignore the process group's signals (this process stops them) and exit once
-    it is gone (`kill -9`). Picklable."""
+    """Workers ignore the group's signals (this process stops them) and exit once it is gone."""
     return functools.partial(_init_worker, os.getpid())

@@ -1,6 +1,5 @@
-"""Cosine k-nearest neighbours for the evaluation and the training monitor. References stream
-to the device in chunks, each merged into a running top-k per query by one jitted call over
-fixed-size (padded) query chunks, compiled once.
+"""Cosine k-nearest neighbours for the evaluation and the monitor: references stream to the
+device in chunks, merged into a running top-k by one jitted call compiled once (padded shapes).
 """
 import functools
 
@@ -17,8 +16,7 @@ def l2_normalize(x, eps=1e-12, dtype=np.float32):
 
 @functools.partial(jax.jit, static_argnames=('k',), donate_argnums=(0, 1))
 def _merge_reference_chunk(best_sims, best_idx, queries, refs, ref_offset, n_refs, k):
-    """Merges refs [r_chunk, D] (zero-padded past n_refs) into the running top-k
-    [n_qchunks, q_chunk, k] of queries [n_qchunks, q_chunk, D]."""
+    """Merges refs (zero-padded past n_refs) into the running top-k of each query chunk."""
     global_idx = ref_offset + jnp.arange(refs.shape[0], dtype=jnp.int32)
     pad_penalty = jnp.where(global_idx < n_refs, 0.0, -jnp.inf)
 
@@ -35,31 +33,24 @@ def _merge_reference_chunk(best_sims, best_idx, queries, refs, ref_offset, n_ref
     return jax.lax.map(one_query_chunk, (best_sims, best_idx, queries))
 
 
-def _pad_rows(x, rows):
-    return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)])
-
-
-def knn_search(queries, references, k=1, query_chunk=1024, ref_chunk=32768, normalize=True):
-    """(similarities [Q, k] float32, indices [Q, k] int64) of the top-k references by
-    cosine similarity, best first, ties to the smaller index."""
-    queries = np.asarray(queries, dtype=np.float32)
-    references = np.asarray(references, dtype=np.float32)
+def knn_search(queries, references, k=1, query_chunk=1024, ref_chunk=32768):
+    """(cosine similarities, int64 indices) [Q, k] of the top-k references, ties to the first."""
+    queries, references = l2_normalize(queries), l2_normalize(references)
     n_q, dim = queries.shape
     n_r = references.shape[0]
     if references.shape[1] != dim:
         raise ValueError(f'dimension mismatch: queries {dim}, references {references.shape[1]}')
     if not 1 <= k <= n_r:
         raise ValueError(f'k={k} must be in [1, {n_r}]')
-    if normalize:
-        queries, references = l2_normalize(queries), l2_normalize(references)
     query_chunk, ref_chunk = max(1, min(query_chunk, n_q)), max(1, min(ref_chunk, n_r))
     n_qchunks = -(-n_q // query_chunk)
-    q_dev = jnp.asarray(_pad_rows(queries, n_qchunks * query_chunk).reshape(
+    q_dev = jnp.asarray(np.pad(queries, ((0, n_qchunks * query_chunk - n_q), (0, 0))).reshape(
         n_qchunks, query_chunk, dim))
     best_sims = jnp.full((n_qchunks, query_chunk, k), -jnp.inf, jnp.float32)
     best_idx = jnp.full((n_qchunks, query_chunk, k), -1, jnp.int32)
     for start in range(0, n_r, ref_chunk):
-        chunk = _pad_rows(references[start:start + ref_chunk], ref_chunk)
+        chunk = references[start:start + ref_chunk]
+        chunk = np.pad(chunk, ((0, ref_chunk - len(chunk)), (0, 0)))
         best_sims, best_idx = _merge_reference_chunk(best_sims, best_idx, q_dev, jnp.asarray(chunk),
                                                      jnp.int32(start), jnp.int32(n_r), k=k)
     sims = np.asarray(best_sims).reshape(-1, k)[:n_q]
@@ -67,8 +58,7 @@ def knn_search(queries, references, k=1, query_chunk=1024, ref_chunk=32768, norm
 
 
 def majority_vote(neighbour_labels):
-    """The most frequent label of each row of [Q, k] labels (nearest first); ties go to
-    the one ranked first."""
+    """The most frequent label of each row of [Q, k] labels; ties go to the nearest."""
     classes, codes = np.unique(np.asarray(neighbour_labels), return_inverse=True)
     codes = codes.reshape(np.shape(neighbour_labels))
     n_q, k = codes.shape

@@ -4,25 +4,21 @@ noise as an argument (parity tests feed fixed noise).
 import jax
 import jax.numpy as jnp
 
-COSINE_EPS = 1e-8     # torch.nn.CosineSimilarity / F.cosine_similarity default
-NORMALIZE_EPS = 1e-8  # the original's eps for F.normalize in the cluster loss
 
-
-def safe_norm(x, axis=-1, keepdims=True):
-    """L2 norm whose gradient at an all-zero row is 0, as PyTorch's for an empty
-    cluster's centroid, not NaN ("double where")."""
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)
+def safe_norm(x, keepdims=True):
+    """Row-wise L2 norm whose gradient at an all-zero row is 0, as PyTorch's, not NaN."""
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=keepdims)
     positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
-def l2_normalize(x, eps=NORMALIZE_EPS):
-    """F.normalize: x / max(|x|, eps) row-wise."""
+def l2_normalize(x, eps=1e-8):
+    """F.normalize (the original's eps): x / max(|x|, eps) row-wise."""
     return x / jnp.maximum(safe_norm(x), eps)
 
 
-def cosine_similarity(a, b, eps=COSINE_EPS):
-    """Row-wise a.b / max(|a||b|, eps) in float32."""
+def cosine_similarity(a, b, eps=1e-8):
+    """Row-wise a.b / max(|a||b|, eps) in float32 (F.cosine_similarity's eps)."""
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     dot = jnp.sum(a * b, axis=-1)
     return dot / jnp.maximum(safe_norm(a, keepdims=False) * safe_norm(b, keepdims=False), eps)
@@ -60,8 +56,7 @@ def cluster_similarity(reps, logits, gumbel):
     sims = centroids @ centroids.T
     k = sims.shape[0]
     upper = jnp.triu(jnp.ones((k, k), dtype=bool), k=1)
-    # The original averages the non-zero entries of the strict upper triangle: empty
-    # clusters have zero centroids, hence zero similarities, and drop out.
+    # The original's mean of the non-zero upper triangle: empty clusters drop out.
     mask = upper & (sims != 0)
     num = jnp.sum(mask)
     mean = jnp.sum(jnp.where(mask, sims, 0.0)) / jnp.maximum(num, 1)

@@ -26,8 +26,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-    """Joins a multi-process run; without arguments JAX finds the coordinator on TPU,
-    under SLURM or from JAX_COORDINATOR_ADDRESS etc. CPU processes need gloo, chosen first."""
+    """Joins a multi-process run (JAX finds the coordinator when not given); CPU needs gloo."""
     if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator_address,

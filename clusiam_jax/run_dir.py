@@ -1,6 +1,5 @@
-"""A run's work directory: config.json (over today's defaults), normalization.json (so
-export and conversion never rescan the data) and checkpoints/<step>/. Reading restores the
-weights only: no optimizer, nothing from `train/`.
+"""A run's work directory: config.json (over today's defaults), normalization.json and
+checkpoints/<step>/. Reading restores the weights only: no optimizer, nothing from `train/`.
 """
 import contextlib
 import dataclasses
@@ -150,12 +149,10 @@ def read_best(workdir: str) -> Optional[dict]:
         return json.load(f)
 
 
-def load_run(workdir: str, step=None, mesh=None) -> Run:
-    """A run with the weights of checkpoint `step` (a number, 'latest'/None or 'best'),
-    replicated onto `mesh` (default: this process's devices)."""
+def load_run(workdir: str, step=None) -> Run:
+    """A run with the weights of checkpoint `step`: a number, 'latest'/None or 'best'."""
     config = read_run_config(workdir)
-    mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
-    replicated = parallel.replicated(mesh)
+    replicated = parallel.replicated(parallel.make_mesh(jax.local_devices()))
     shapes = abstract_weights(config)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

@@ -31,15 +31,12 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array      # raw uint32[2] key; each step folds in its step number
 
     def weights(self) -> Weights:
-        return Weights(step=self.step, params=self.params, batch_stats=self.batch_stats,
-                       target_params=self.target_params,
-                       target_batch_stats=self.target_batch_stats)
+        return Weights(**{name: getattr(self, name) for name in Weights.__dataclass_fields__})
 
 
 def init_weights(network, has_target: bool, seed: int, image_size: int) -> Weights:
     """Freshly initialised weights at step 0 (the target an exact copy of the encoder)."""
-    # 'rbg': one XLA op per draw instead of an unrolled threefry (far faster to compile
-    # on CPU); deterministic in the seed on a given backend.
+    # 'rbg': one XLA op per draw, far faster to compile on CPU than an unrolled threefry.
     init_key = jax.random.key(seed, impl='rbg')
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = network.init(init_key, dummy, train=True)
@@ -55,12 +52,9 @@ def fresh_weights(params, batch_stats, has_target: bool) -> Weights:
 
 
 def state_from_weights(weights: Weights, tx, seed: int) -> TrainState:
-    """A TrainState around given weights with a fresh optimizer state. The training
-    stream (Gumbel noise, on-device augmentation) is threefry: sharding-independent."""
-    return TrainState(step=weights.step, params=weights.params,
-                      batch_stats=weights.batch_stats, opt_state=tx.init(weights.params),
-                      target_params=weights.target_params,
-                      target_batch_stats=weights.target_batch_stats,
+    """A TrainState around `weights`, a fresh optimizer state and a threefry rng stream."""
+    return TrainState(**{name: getattr(weights, name) for name in Weights.__dataclass_fields__},
+                      opt_state=tx.init(weights.params),
                       rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
 
 

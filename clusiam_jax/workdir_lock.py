@@ -1,6 +1,5 @@
-"""One command per folder (a work directory, a tiling's or an export's output): a second
-ends with one line naming the first. `fcntl.flock` on `<folder>/.clusiam.lock` (the kernel
-drops it however its process ends; the text names the holder); where flock is refused, an
+"""One command per folder: a second ends with one line naming the first. `flock` on
+`<folder>/.clusiam.lock` (dropped however its process ends); where flock is refused, an
 O_EXCL file, taken over only from a gone pid of this host.
 """
 import contextlib

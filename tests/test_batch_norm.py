@@ -63,7 +63,7 @@ def test_bfloat16_keeps_activation_dtype_and_float32_statistics():
 @pytest.mark.parametrize('affine', [True, False])
 def test_module_running_statistics_follow_pytorch(affine):
     x, _, _, dy = random_inputs((4, 3, 3, 5), seed=1)
-    bn = BatchNorm(use_running_average=False, use_scale=affine, use_bias=affine)
+    bn = BatchNorm(use_running_average=False, affine=affine)
     variables = bn.init(jax.random.PRNGKey(0), x)
     assert ('params' in variables) == affine
     y, mutated = bn.apply(variables, x, mutable=['batch_stats'])
@@ -75,7 +75,7 @@ def test_module_running_statistics_follow_pytorch(affine):
     expected = (xs - xs.mean(0)) / np.sqrt(xs.var(0) + BN_EPSILON)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 5), expected, rtol=1e-4, atol=1e-5)
     # Inference mode normalizes with the running statistics it was given.
-    inference = BatchNorm(use_running_average=True, use_scale=affine, use_bias=affine)
+    inference = BatchNorm(use_running_average=True, affine=affine)
     stats = mutated['batch_stats']
     y_eval = inference.apply({**variables, 'batch_stats': stats}, x)
     expected_eval = ((xs - np.asarray(stats['mean']))

@@ -1,2 +1,1 @@
-"""PyTorch in and out: layout.py (names and array layouts), read_weights.py (PyTorch,
-safetensors and our runs -> our variables), from_torch.py and to_torch.py (`convert`)."""
+"""PyTorch in and out: names and layouts, reading foreign weights, `convert` both ways."""

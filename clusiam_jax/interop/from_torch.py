@@ -1,11 +1,5 @@
-"""`convert from-torch`: an original CluSiam / CluBYOL checkpoint -> a weights-only run.
-
-The original's `save_checkpoint` writes `{'epoch', 'state_dict', 'optimizer'}` (keys in
-layout.py, `module.` under DataParallel). The import is strict (read_weights.py): no
-silent partial loads, as the original's own export script did without noticing. The run
-holds the weights at step 0 and no optimizer state, which export, `convert to-torch` and
-train.init_from read; the original's epoch goes to `imported_from.json`, the
-normalization (when given) to `normalization.json`.
+"""`convert from-torch`: an original CluSiam / CluBYOL checkpoint, read strictly, -> a
+weights-only run at step 0; its epoch goes to `imported_from.json`.
 """
 import os
 import shutil
@@ -25,9 +19,10 @@ from clusiam_jax.state import Weights
 IMPORT_INFO = 'imported_from.json'
 
 
-def config_for(state_dict: Dict, model: Optional[str] = None, seed: int = 0,
-               mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
-    """The method's recipe with the checkpoint's method and sizes (from its shapes)."""
+def import_state_dict(state_dict: Dict, model: Optional[str] = None, seed: int = 0,
+                      mean: Optional[Sequence[float]] = None,
+                      std: Optional[Sequence[float]] = None):
+    """(the recipe with the checkpoint's sizes, Weights at step 0) of an original state_dict."""
     detected = 'clubyol' if any(k.startswith('target_encoder.') for k in state_dict) else 'clusiam'
     if model is not None and model != detected:
         raise ConversionError(
@@ -47,31 +42,20 @@ def config_for(state_dict: Dict, model: Optional[str] = None, seed: int = 0,
         config.data.mean = tuple(float(v) for v in mean)
     if std is not None:
         config.data.std = tuple(float(v) for v in std)
-    return config
+    return config, weights_of(*read_weights.state_dict_to_variables(state_dict, config))
 
 
 def weights_of(params, batch_stats, target_params=None, target_batch_stats=None,
                step: int = 0) -> Weights:
-    """Weights (JAX arrays) around NumPy trees."""
     return jax.tree.map(jnp.asarray, Weights(
         step=np.asarray(step, np.int32), params=params, batch_stats=batch_stats,
         target_params=target_params or {}, target_batch_stats=target_batch_stats or {}))
 
 
-def import_state_dict(state_dict: Dict, model: Optional[str] = None, seed: int = 0,
-                      mean=None, std=None):
-    """(config, Weights at step 0) from an original-format state_dict of NumPy arrays."""
-    config = config_for(state_dict, model, seed, mean, std)
-    return config, weights_of(*read_weights.state_dict_to_variables(state_dict, config))
-
-
 def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: int = 0,
                       mean=None, std=None):
     """Writes `out` as a weights-only run of the checkpoint; returns (config, weights).
-
-    The run is written into a hidden folder beside `out` and that folder is renamed onto
-    it (a directory: fileio.atomic_write handles files), so a command stopped halfway
-    leaves no `out` that looks like a run and holds no weights."""
+    Written in a hidden folder beside `out`, renamed onto it when complete."""
     if os.path.isfile(out):
         raise ConversionError(f'--out {out} is a file, not a folder')
     if os.path.isdir(out) and os.listdir(out):
@@ -80,9 +64,8 @@ def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: in
         raise CheckpointError(f'{out} already {what}; choose another --out')
     state_dict, epoch = read_weights.load_state_dict_file(path)
     config, weights = import_state_dict(state_dict, model, seed, mean, std)
-    normalization = (run_dir.Normalization(tuple(config.data.mean), tuple(config.data.std),
-                                           'given to convert from-torch')
-                     if mean is not None else None)
+    normalization = (None if mean is None else run_dir.Normalization(
+        tuple(config.data.mean), tuple(config.data.std), 'given to convert from-torch'))
     m = config.model
     info = {'source': os.path.abspath(path), 'epoch': epoch, 'model': m.name,
             'backbone': m.backbone, 'feat_size': m.feat_size, 'pred_hidden': m.pred_hidden,

@@ -1,12 +1,6 @@
-"""Weights under our variable names, from PyTorch files (.pth/.pt need torch,
-.safetensors not), the original CluSiam/CluBYOL checkpoint and runs of ours: strictly for
-`convert from-torch` (`state_dict_to_variables`: every key used, every variable filled),
-what fits for train.init_from (`read_weights`, applied by train/init_from.py).
-
-The original's frozen projector bias `fc.6.bias` is folded into the following
-BatchNorm's running mean: in inference BN(Wx + b) with mean m equals BN(Wx) with m - b,
-and in training the batch mean absorbs it. Running statistics are copied as they are
-(models/batch_norm.py keeps PyTorch's semantics); `num_batches_tracked` is dropped.
+"""Weights under our variable names from PyTorch files and our runs: strictly for `convert
+from-torch`, what fits for train.init_from. The original's frozen `fc.6.bias` folds into the
+next BatchNorm's running mean (BN(Wx + b) with mean m is BN(Wx) with m - b).
 """
 import dataclasses
 import os
@@ -18,7 +12,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from clusiam_jax import run_dir
-from clusiam_jax.checkpoint import leaf_name
+from clusiam_jax.checkpoint import leaf_name, one_line
 from clusiam_jax.errors import CheckpointError, ConfigError, ConversionError
 from clusiam_jax.interop import layout
 from clusiam_jax.models import BACKBONES
@@ -30,8 +24,7 @@ ORIGINAL = 'original CluSiam/CluBYOL checkpoint'
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Weights to start from, named like our variables ('params/encoder/backbone/conv1/
-    kernel', ...), as NumPy arrays in our layouts."""
+    """Weights to start from, as NumPy arrays under our variable names and layouts."""
     path: str
     kind: str                                 # what the file or directory is, for the log
     arrays: Dict[str, np.ndarray]
@@ -41,8 +34,7 @@ class Source:
 
 def variable_names(variables: Dict) -> Dict[str, object]:
     """{'params': ..., 'batch_stats': ...} -> {'params/encoder/.../kernel': leaf}."""
-    return {leaf_name(path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+    return {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
 
 
 def listing(names, limit: int = 20) -> str:
@@ -51,52 +43,41 @@ def listing(names, limit: int = 20) -> str:
     return shown + (f' ... ({len(names) - limit} more)' if len(names) > limit else '')
 
 
-def _one_line(error) -> str:
-    return ' '.join(str(error).split())
-
-
-# ------------------------------------------------------------------- files -> arrays
-
 def load_state_dict_file(path: str):
-    """(state_dict of NumPy arrays, epoch or None) of a `.safetensors` file (no torch) or
-    of anything torch.save wrote (.pth, .pt, .pth.tar, .bin), read with weights_only:
-    unpickling arbitrary objects would run the sender's code. `module.` (DataParallel)
-    is stripped."""
+    """(state_dict of NumPy arrays, epoch or None) of a `.safetensors` file or anything
+    torch.save wrote (read weights_only: unpickling would run the sender's code)."""
     if not os.path.isfile(path):
         raise ConversionError(f'checkpoint not found: {path}')
+    epoch = None
     if path.endswith('.safetensors'):
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
         try:
-            return _unwrapped(load_file(path)), None
+            state_dict = load_file(path)
         except (SafetensorError, OSError, ValueError, TypeError) as e:
             raise ConversionError(f'{path} is not a safetensors file NumPy can read '
-                                  f'({type(e).__name__}: {_one_line(e)[:300]})') from None
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError('reading a PyTorch checkpoint needs torch: '
-                              'pip install -r requirements-torch.txt') from None
-    try:
-        blob = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises many kinds for a foreign file
-        raise ConversionError(f'{path} is not a PyTorch checkpoint torch.load can read '
-                              f'({type(e).__name__}: {_one_line(e)[:300]})') from None
-    epoch = None
-    if isinstance(blob, dict) and 'state_dict' in blob:
-        epoch, blob = blob.get('epoch'), blob['state_dict']
-    if not isinstance(blob, dict) or not all(torch.is_tensor(v) for v in blob.values()):
-        raise ConversionError(f'{path} holds neither a state_dict nor a '
-                              f'{{"epoch", "state_dict", "optimizer"}} checkpoint')
-    return _unwrapped({k: (t.float() if t.is_floating_point() else t).detach().cpu().numpy()
-                       for k, t in blob.items()}), epoch
-
-
-def _unwrapped(state_dict: Dict) -> Dict:
-    """Without the `module.` DataParallel / DistributedDataParallel put before each key."""
-    if state_dict and all(k.startswith('module.') for k in state_dict):
-        return {k[len('module.'):]: v for k, v in state_dict.items()}
-    return state_dict
+                                  f'({one_line(e)})') from None
+    else:
+        try:
+            import torch
+        except ImportError:
+            raise ConversionError('reading a PyTorch checkpoint needs torch: '
+                                  'pip install -r requirements-torch.txt') from None
+        try:
+            blob = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # torch raises many kinds for a foreign file
+            raise ConversionError(f'{path} is not a PyTorch checkpoint torch.load can read '
+                                  f'({one_line(e)})') from None
+        if isinstance(blob, dict) and 'state_dict' in blob:
+            epoch, blob = blob.get('epoch'), blob['state_dict']
+        if not isinstance(blob, dict) or not all(torch.is_tensor(v) for v in blob.values()):
+            raise ConversionError(f'{path} holds neither a state_dict nor a '
+                                  f'{{"epoch", "state_dict", "optimizer"}} checkpoint')
+        state_dict = {k: (t.float() if t.is_floating_point() else t).detach().cpu().numpy()
+                      for k, t in blob.items()}
+    if state_dict and all(k.startswith('module.') for k in state_dict):  # (Distributed)DataParallel
+        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    return state_dict, epoch
 
 
 def infer_backbone(state_dict: Dict, prefix: str = 'encoder.') -> str:
@@ -123,21 +104,17 @@ def infer_backbone(state_dict: Dict, prefix: str = 'encoder.') -> str:
                           f'{found[2]} is none of our backbones ({", ".join(BACKBONES)})')
 
 
-# ------------------------------------------------------------- tensors -> variables
-
 def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, problems: Dict,
                    encoder: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], np.ndarray]:
-    """{(collection, *module path, leaf): array}, each popped from `remaining`; missing
-    keys and shape mismatches go to `problems`, so one error lists them all. When the
-    projector of the encoder (at `encoder` in `abstract`) is filled, the original's
-    frozen projector bias is folded into its bn3 (module docstring)."""
+    """{(collection, *module path, leaf): array}, each popped from `remaining`; missing keys
+    and shape mismatches go to `problems`; the frozen projector bias folds into bn3."""
     out = {}
     for collection, path, leaf, shape_dtype in layout.iter_leaves(abstract):
         key = prefix + layout.torch_key(module_fn, collection, path, leaf)
         if key not in remaining:
             problems['missing'].append(key)
             continue
-        value = layout.from_torch_layout(leaf, remaining.pop(key)).astype(np.float32)
+        value = layout.torch_layout(leaf, remaining.pop(key), inverse=True).astype(np.float32)
         if value.shape != tuple(shape_dtype.shape):
             problems['shape'].append(f'{key}: checkpoint {tuple(value.shape)} (our layout) '
                                      f'vs model {tuple(shape_dtype.shape)}')
@@ -157,8 +134,7 @@ def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, prob
 
 
 def state_dict_to_variables(state_dict: Dict, config):
-    """(params, batch_stats, target_params, target_batch_stats) from an original-format
-    state_dict; raises ConversionError listing every key that does not fit."""
+    """The four weight trees of an original state_dict; ConversionError lists what misfits."""
     shapes = run_dir.abstract_weights(config)
     remaining, problems = dict(state_dict), {'missing': [], 'shape': []}
     online = unflatten_dict(fill_variables(remaining, shapes.online_variables,
@@ -166,28 +142,20 @@ def state_dict_to_variables(state_dict: Dict, config):
     target = unflatten_dict(fill_variables(remaining, {'params': shapes.target_params,
                                                        'batch_stats': shapes.target_batch_stats},
                                            layout.encoder_module, 'target_encoder.', problems))
-    if problems['missing'] or problems['shape'] or remaining:
-        lines = [f'the checkpoint does not match a {config.model.name} '
-                 f'{config.model.backbone} network:']
-        if problems['missing']:
-            lines.append(f'  missing keys ({len(problems["missing"])}): '
-                         f'{listing(sorted(problems["missing"]), 40)}')
-        if remaining:
-            lines.append(f'  unexpected keys ({len(remaining)}): '
-                         f'{listing(sorted(remaining), 40)}')
-        if problems['shape']:
-            lines.append(f'  shape mismatches ({len(problems["shape"])}): '
-                         + '; '.join(problems['shape'][:20]))
-        raise ConversionError('\n'.join(lines))
+    missing, shapes = problems['missing'], problems['shape']
+    if missing or shapes or remaining:
+        parts = [('missing keys', missing, listing(sorted(missing), 40)),
+                 ('unexpected keys', remaining, listing(sorted(remaining), 40)),
+                 ('shape mismatches', shapes, '; '.join(shapes[:20]))]
+        raise ConversionError('\n'.join(
+            [f'the checkpoint does not match a {config.model.name} {config.model.backbone} '
+             f'network:'] + [f'  {what} ({len(got)}): {text}' for what, got, text in parts if got]))
     return (online['params'], online['batch_stats'], target.get('params', {}),
             target.get('batch_stats', {}))
 
 
-# ------------------------------------------------------------------ train.init_from
-
 def state_dict_source(state_dict, config, path: str) -> Source:
-    """What of a state_dict (torchvision/timm: the backbone, `fc.0 ... fc.7` the
-    projector; the original's: all but `target_encoder.*`) fits `config`'s network."""
+    """What of a torchvision/timm or original state_dict fits `config`'s network."""
     online = run_dir.abstract_weights(config).online_variables
     if any(key.startswith('encoder.') for key in state_dict):
         kind, module_fn, encoder = ORIGINAL, layout.network_module, ('encoder',)
@@ -216,13 +184,22 @@ def state_dict_source(state_dict, config, path: str) -> Source:
                   unused=tuple(unused), notes=tuple(problems['shape']))
 
 
-def read_run(path: str, config) -> Source:
-    """The online weights of another run: its latest checkpoint, or RUN/checkpoints/<step>."""
+def read_weights(path: str, config) -> Source:
+    """train.init_from's source: a weights file, or the online weights of a run of ours
+    (its latest checkpoint, or RUN/checkpoints/<step>)."""
+    if not os.path.isdir(path):
+        try:
+            state_dict, _ = load_state_dict_file(path)
+        except ConversionError as e:
+            raise ConversionError(f'train.init_from: {e}') from None
+        if not state_dict:
+            raise ConversionError(f'train.init_from={path} holds no tensors')
+        return state_dict_source(state_dict, config, path)
     workdir, step = run_dir.checkpoint_location(path)
     try:
         run = run_dir.load_run(workdir, step)
     except (CheckpointError, ConfigError) as e:
-        raise type(e)(f'train.init_from={path}: {_one_line(e)}') from None
+        raise type(e)(f'train.init_from={path}: {" ".join(str(e).split())}') from None
     if run.config.model.backbone != config.model.backbone:
         raise ConfigError(f'train.init_from={path} is a run with a {run.config.model.backbone}'
                           f' backbone; this run trains a {config.model.backbone} '
@@ -230,16 +207,3 @@ def read_run(path: str, config) -> Source:
     arrays = jax.device_get(variable_names(run.weights.online_variables))
     kind = f'{run.config.model.name} run (checkpoint at step {run.step})'
     return Source(path=os.path.abspath(path), kind=kind, arrays=arrays)
-
-
-def read_weights(path: str, config) -> Source:
-    """train.init_from's source: a run of ours (a directory), else a weights file."""
-    if os.path.isdir(path):
-        return read_run(path, config)
-    try:
-        state_dict, _ = load_state_dict_file(path)
-    except ConversionError as e:
-        raise ConversionError(f'train.init_from: {e}') from None
-    if not state_dict:
-        raise ConversionError(f'train.init_from={path} holds no tensors')
-    return state_dict_source(state_dict, config, path)

@@ -1,12 +1,7 @@
-"""`convert to-torch`: our weights as PyTorch state_dicts ({name: array}): the backbone
-with torchvision keys (strict=True into a resnet whose fc is nn.Identity, as CLAM, TRIDENT
-and timm load it), the encoder (plus the projector as the original's `encoder.fc`) or the
-whole original-format network. `fc.6.bias` is written as zeros: our BatchNorm after it
-averaged without it. `.safetensors` is written with NumPy (metadata in its header), `.pth`
-/ `.pt` with torch.save (metadata in `<file>.json`); the metadata says how the export fed
-the network (README.md has it as code, which tests/test_torch_preprocessing.py runs).
+"""`convert to-torch`: the backbone with torchvision keys (fc removed, as CLAM, TRIDENT and
+timm load it), the encoder (projector as `encoder.fc`) or the original-format network, in
+.safetensors or .pth/.pt (+ `<file>.json`), with metadata on how the export fed the network.
 """
-import io
 import json
 import os
 from typing import Dict, Optional
@@ -22,8 +17,7 @@ from clusiam_jax.interop import layout
 SAFETENSORS = ('.safetensors',)
 TORCH_PICKLE = ('.pth', '.pt')
 
-# How the export turns a slide region into the network's input (slides/reader.read_patch,
-# export/embed.py, data/augment.resized_crop, models/preprocess.normalize_input).
+# How the export turns a slide region into the network's input (slides/, export/embed.py).
 PATCH_READ = ("slides: the level-0 square of patch_size_level0 px (the tiling's coords "
               'attribute, round(patch_size_px * target_mpp / level-0 µm/px)) read from the '
               'coarsest pyramid level not coarser than target_mpp (1% tolerance), transparent '
@@ -36,11 +30,11 @@ RESIZE = ('the whole patch (no crop) resized to image_size x image_size: PIL bil
 
 def variables_to_state_dict(variables: Dict, module_fn, step: int = 0,
                             prefix: str = '') -> Dict[str, np.ndarray]:
-    """{'params', 'batch_stats'} -> torch names via `module_fn`, arrays in torch layout."""
+    """{'params', 'batch_stats'} -> torch names via `module_fn`, in torch layout."""
     out = {}
     for collection, path, leaf, array in layout.iter_leaves(variables):
         key = prefix + layout.torch_key(module_fn, collection, path, leaf)
-        out[key] = layout.to_torch_layout(leaf, np.asarray(array, dtype=np.float32))
+        out[key] = layout.torch_layout(leaf, np.asarray(array, dtype=np.float32))
     for module in layout.bn_modules(variables, module_fn):
         # Each step applies every module once per view: two BatchNorm updates per step.
         out[f'{prefix}{module}.num_batches_tracked'] = np.asarray(2 * int(step), np.int64)
@@ -77,8 +71,7 @@ def network_state_dict(params, batch_stats, target_params=None, target_stats=Non
 
 
 def check_destination(path: str):
-    """ConversionError (one line) unless `path` is a file this format can be written to:
-    a .safetensors / .pth / .pt name, not a folder, in an existing folder."""
+    """ConversionError (one line) unless `path` is a writable .safetensors / .pth / .pt."""
     if os.path.splitext(path)[1].lower() not in SAFETENSORS + TORCH_PICKLE:
         raise ConversionError(f'{path}: name the file .safetensors (no torch needed) or '
                               f'.pth / .pt (torch.save, needs torch)')
@@ -99,29 +92,24 @@ def check_destination(path: str):
 
 def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
                     metadata: Optional[Dict[str, str]] = None):
-    """Writes `path` in the format its extension names, atomically; ConversionError (one
-    line naming the path and why) when it cannot."""
+    """Writes `path` in the format its extension names, atomically; else ConversionError."""
     check_destination(path)
-    metadata = metadata or {}
-    if path.lower().endswith(SAFETENSORS):
-        from safetensors.numpy import save
-        # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
-        data = save(state_dict, metadata={'format': 'pt', **metadata})
-    else:
+    metadata, torch = metadata or {}, None
+    if not path.lower().endswith(SAFETENSORS):
         try:
             import torch
         except ImportError:
             raise ConversionError('writing a .pth / .pt file needs torch (pip install -r '
-                                  'requirements-torch.txt); a .safetensors file does '
-                                  'not') from None
-        buffer = io.BytesIO()
-        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, buffer)
-        data = buffer.getvalue()
+                                  'requirements-torch.txt); a .safetensors file does not') from None
     try:
-        if not path.lower().endswith(SAFETENSORS):
-            write_json(path + '.json', metadata)
-        with atomic_write(path) as tmp, open(tmp, 'wb') as f:
-            f.write(data)
+        with atomic_write(path) as tmp:
+            if torch is None:
+                from safetensors.numpy import save_file
+                # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
+                save_file(state_dict, tmp, metadata={'format': 'pt', **metadata})
+            else:
+                write_json(path + '.json', metadata)
+                torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, tmp)
     except OSError as e:
         raise ConversionError(f'{path}: cannot write it ({e.strerror or e})') from None
 
@@ -132,8 +120,8 @@ def _unknown_field(why: str) -> Dict[str, str]:
 
 
 def _coords_resolution(coord_file: str):
-    """(target_mpp, patch size in px, target_magnification), each None when unknown, of a
-    coordinate file (CLAM's patch size is at its patch_level); None when it does not read."""
+    """(target_mpp, patch size in px, target_magnification) of a coordinate file, each None
+    when unknown; None when it does not read."""
     from clusiam_jax.slides import coords as coords_lib
     try:
         found = coords_lib.read_coords(coord_file)
@@ -147,10 +135,8 @@ def _coords_resolution(coord_file: str):
 
 
 def training_field_of_view(config) -> Dict[str, str]:
-    """What the run's training data (config.data.path) says about the patches the encoder
-    saw, as metadata strings (JSON, `null` when unknown): `target_mpp`, `patch_size_px`,
-    `field_of_view_um` and `resolution_source` (where from, or why unknown). Only a
-    tiling (coordinate files) records a resolution."""
+    """`target_mpp`, `patch_size_px`, `field_of_view_um` (JSON, `null` when unknown) and
+    `resolution_source` of the run's training data; only a tiling records a resolution."""
     path = str(config.data.path or '')
     if not path:
         return _unknown_field('the run records no data.path (an imported checkpoint?): '
@@ -189,8 +175,7 @@ def training_field_of_view(config) -> Dict[str, str]:
 
 def write_torch_weights(workdir: str, out: str, with_projector: bool = False,
                         target: bool = False, step=None) -> Dict[str, str]:
-    """Writes a run's encoder (online or EMA target) to `out`; returns the metadata.
-    `step`: a step, 'latest' (None) or 'best'."""
+    """Writes a run's encoder (online or EMA target) at `step` to `out`; returns the metadata."""
     check_destination(out)   # before the run is read
     run = run_dir.load_run(workdir, step)
     config, weights = run.config, run.weights

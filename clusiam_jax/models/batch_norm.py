@@ -1,10 +1,9 @@
-"""BatchNorm with PyTorch's semantics, so running statistics match the original's: the
-running variance averages the *unbiased* batch variance (flax's the biased one). Float32
-statistics over every axis but the last (the global batch under jit); training mode has the
-textbook backward, fewer passes than autodiff of the two-pass variance.
+"""BatchNorm with PyTorch's semantics: the running variance averages the *unbiased* batch
+variance (flax's the biased one), float32 statistics over the global batch; training mode has
+the textbook backward, fewer passes than autodiff of the two-pass variance.
 """
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,9 +54,8 @@ normalize_with_batch_stats.defvjp(_normalize_fwd, _normalize_bwd)
 class BatchNorm(nn.Module):
     use_running_average: bool
     dtype: Any = jnp.float32
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Callable = nn.initializers.ones
+    affine: bool = True      # scale and bias
+    zero_init: bool = False  # the scale starts at 0 (a residual block's last BN)
 
     @nn.compact
     def __call__(self, x):
@@ -65,10 +63,11 @@ class BatchNorm(nn.Module):
         axes = tuple(range(x.ndim - 1))
         running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
         running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
-        scale = (self.param('scale', self.scale_init, (features,), jnp.float32)
-                 if self.use_scale else jnp.ones((features,), jnp.float32))
-        bias = (self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-                if self.use_bias else jnp.zeros((features,), jnp.float32))
+        scale, bias = jnp.ones((features,), jnp.float32), jnp.zeros((features,), jnp.float32)
+        if self.affine:
+            init = nn.initializers.zeros if self.zero_init else nn.initializers.ones
+            scale = self.param('scale', init, (features,), jnp.float32)
+            bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
         if self.use_running_average:
             y = ((x.astype(jnp.float32) - running_mean.value)
                  * jax.lax.rsqrt(running_var.value + BN_EPSILON))
@@ -86,7 +85,4 @@ class BatchNorm(nn.Module):
 
 def batch_norm(train: bool, dtype: Any, name: str, zero_init: bool = False,
                affine: bool = True) -> BatchNorm:
-    """`zero_init`: a residual block's last BN (zero_init_residual); `affine=False`: no
-    scale and bias."""
-    return BatchNorm(not train, dtype, affine, affine,
-                     nn.initializers.zeros if zero_init else nn.initializers.ones, name=name)
+    return BatchNorm(not train, dtype, affine, zero_init, name=name)

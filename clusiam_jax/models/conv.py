@@ -1,7 +1,6 @@
-"""2-D convolution for the ResNet: XLA's, or (`conv_impl='im2col'`, `auto` on CPU) XLA's
-behind a `fusion_barrier` where XLA:CPU is fast and matrix products where it is slow (maps
-smaller than the kernel, the 1x1 strided filter gradient, the max-pool's gradient), without
-YNNPACK (`compiler_options`). Same maths, another summation order (bench/conv_kernels.py).
+"""2-D convolution for the ResNet: XLA's, or (`im2col`, `auto` on CPU) XLA's behind a
+`fusion_barrier` where XLA:CPU is fast and matrix products where it is slow, without YNNPACK
+(`compiler_options`). Same maths, another summation order (bench/conv_kernels.py).
 """
 from functools import partial
 from typing import Sequence
@@ -20,16 +19,13 @@ _NHWC_SPECS = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 def resolve_conv_impl(name: str) -> str:
     """'auto' -> 'im2col' on the CPU backend, 'xla' on accelerators."""
-    if name == 'auto':
-        return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
-    return name
+    return name if name != 'auto' else 'im2col' if jax.default_backend() == 'cpu' else 'xla'
 
 
 def compiler_options(impl: str):
     """`jax.jit(..., compiler_options=...)` for a network run with `impl`; None: defaults."""
-    if resolve_conv_impl(impl) == 'im2col' and jax.default_backend() == 'cpu':
-        return dict(_CPU_COMPILER_OPTIONS)
-    return None
+    cpu_im2col = resolve_conv_impl(impl) == 'im2col' and jax.default_backend() == 'cpu'
+    return dict(_CPU_COMPILER_OPTIONS) if cpu_im2col else None
 
 
 def _xla_conv(x, w, strides, padding):
@@ -84,8 +80,7 @@ def _valid_taps(x_shape, w_shape, strides, padding):
 
 
 def _place(product, at, size, stride):
-    """Zero-pad a [N, rows, cols, C] product into a [N, *size, C] map at `at`, spaced by
-    `stride` (the transpose of `_strided_window`)."""
+    """The transpose of `_strided_window`: `product` zero-padded into a `size` map at `at`."""
     (top, left), (rows, cols) = at, product.shape[1:3]
     config = [(0, 0, 0),
               (top, size[0] - top - stride[0] * (rows - 1) - 1, stride[0] - 1),
@@ -119,8 +114,7 @@ def _valid_tap_conv_bwd(strides, padding, residuals, g):
     tap_grads = {}
     for i, j, window, (h0, hn, w0, wn) in taps:
         g_tap = g[:, h0:h0 + hn, w0:w0 + wn, :]
-        dx_tap = jnp.einsum('nhwo,co->nhwc', g_tap, w[i, j],
-                            preferred_element_type=jnp.float32)
+        dx_tap = jnp.einsum('nhwo,co->nhwc', g_tap, w[i, j], preferred_element_type=jnp.float32)
         dx = dx + _place(dx_tap, window[:2], x.shape[1:3], strides)
         tap_grads[i, j] = jnp.einsum('nhwc,nhwo->co', _strided_window(x, window, strides),
                                      g_tap, preferred_element_type=jnp.float32)
@@ -193,8 +187,7 @@ def flax_conv_fn(impl: str):
             raise NotImplementedError(
                 'conv_impl=im2col covers the ResNet convolutions only (NHWC, explicit '
                 'padding, no dilation or groups); use model.conv_impl=xla')
-        return im2col_conv(lhs, rhs, tuple(window_strides),
-                           tuple(tuple(p) for p in padding))
+        return im2col_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
 
     return conv_general_dilated
 

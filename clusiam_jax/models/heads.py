@@ -1,6 +1,5 @@
-"""Projector, predictor and cluster head of docs/method.md §2, in PyTorch's default init
-(torch.nn.Linear: weight and bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in))), which matters
-for reproducing the method; Flax's defaults differ.
+"""Projector, predictor and cluster head of docs/method.md §2 in torch.nn.Linear's default
+init (Flax's differs), which matters for reproducing the method.
 """
 from typing import Any
 

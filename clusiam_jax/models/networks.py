@@ -38,8 +38,7 @@ class Encoder(nn.Module):
 
 
 class SSLNetwork(nn.Module):
-    """One method's online network on one view: {'features' (pooled backbone, what
-    evaluation uses), 'z' (projection), 'p' (prediction), 'logits' (with a cluster head)}."""
+    """One method's online network on one view: {'features', 'z', 'p', 'logits' (clusters)}."""
     method: str
     backbone: str = 'resnet18'
     feat_size: int = 2048
@@ -57,8 +56,7 @@ class SSLNetwork(nn.Module):
                       dtype=self.dtype, name='predictor')(z, train)
         out = {'features': features, 'z': z, 'p': p.astype(jnp.float32)}
         if spec.has_cluster_head:
-            # CluSiam's cluster projector is 512 wide (its predictor's hidden width);
-            # CluBYOL's keeps the projection width D (docs/method.md §2).
+            # CluSiam's is the predictor's hidden width, CluBYOL's D (docs/method.md §2).
             hidden = self.feat_size if spec.has_target else self.pred_hidden
             out['logits'] = ClusterHead(hidden, self.num_clusters, self.dtype,
                                         name='cluster_head')(z, train)

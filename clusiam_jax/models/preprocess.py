@@ -13,13 +13,9 @@ def normalize_input(x, mean, std, dtype=jnp.float32):
 
 
 def embed_images(network, variables, images, mean, std, with_projection=False):
-    """The online network in inference mode on uint8 images: {'features', 'logits' (with a
-    cluster head), 'projections' (on request)}."""
-    out = network.apply(variables, normalize_input(images, mean, std, network.dtype),
-                        train=False)
-    result = {'features': out['features'].astype(jnp.float32)}
-    if 'logits' in out:
-        result['logits'] = out['logits'].astype(jnp.float32)
+    """{'features', 'logits' (with a cluster head), 'projections' (on request)} of images."""
+    out = network.apply(variables, normalize_input(images, mean, std, network.dtype), train=False)
+    result = {k: out[k] for k in ('features', 'logits') if k in out}   # float32 already
     if with_projection:
         result['projections'] = out['z']
     return result

@@ -1,6 +1,5 @@
-"""A torchvision-compatible ResNet in Flax, layer for layer, so weights move between the two:
-explicit paddings, no conv biases, He-normal fan_out init, PyTorch-semantics BatchNorm, each
-block's last BN zero-initialised (`zero_init_residual`), no `fc` (average-pooled features).
+"""A torchvision-compatible ResNet in Flax, layer for layer, so weights move between the two
+(explicit paddings, no conv biases, `zero_init_residual`, no `fc`: average-pooled features).
 """
 from functools import partial
 from typing import Any, Sequence
@@ -23,8 +22,7 @@ def conv(features: int, kernel: int, stride: int, dtype: Any, impl: str, name: s
 
 
 class BasicBlock(nn.Module):
-    """torchvision's BasicBlock (3x3, 3x3), or with `bottleneck` its Bottleneck (1x1,
-    3x3 strided as torchvision v1.5, 1x1 with 4x expansion)."""
+    """torchvision's BasicBlock, or with `bottleneck` its Bottleneck (v1.5, 4x expansion)."""
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
@@ -44,8 +42,7 @@ class BasicBlock(nn.Module):
             y = batch_norm(train, self.dtype, f'bn{i}', zero_init=last)(y)
             y = y if last else nn.relu(y)
         if self.stride != 1 or x.shape[-1] != out_features:
-            x = conv(out_features, 1, self.stride, self.dtype, self.conv_impl,
-                     'downsample_conv')(x)
+            x = conv(out_features, 1, self.stride, self.dtype, self.conv_impl, 'downsample_conv')(x)
             x = batch_norm(train, self.dtype, 'downsample_bn')(x)
         return nn.relu(y + x)
 
@@ -81,5 +78,4 @@ ResNet50 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck)
 ResNetTiny = partial(ResNet, stage_sizes=(1, 1, 1, 1), block=BasicBlock, width=8)
 
 BACKBONES = {'resnet18': ResNet18, 'resnet50': ResNet50, 'resnet_tiny': ResNetTiny}
-# Width of the pooled features, which the projector takes as input.
 FEATURE_WIDTH = {'resnet18': 512, 'resnet50': 2048, 'resnet_tiny': 64}

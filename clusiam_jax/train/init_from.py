@@ -1,6 +1,5 @@
-"""train.init_from: a fresh run whose online network takes every array of a source
-(interop/read_weights.py) that fits by name and shape; the backbone must load completely.
-Step, optimizer, rng and schedules start fresh; a BYOL-type target copies the encoder.
+"""train.init_from: a fresh run (step, optimizer, rng) whose online network takes every array
+of a source that fits by name and shape; the backbone must load completely.
 """
 import dataclasses
 import logging
@@ -89,16 +88,15 @@ def _grouped(names: Sequence[str], spell_out: int = 3) -> str:
 
 
 def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState, Report]:
-    """The fresh `state` with the source's arrays where they fit; ConfigError when the
-    backbone does not load completely."""
-    online = variable_names({'params': state.params, 'batch_stats': state.batch_stats})
+    """The fresh `state` with the source's arrays that fit; the backbone must load whole."""
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    online = variable_names(variables)
     loaded, fresh, misshapen = [], [], list(source.notes)
     for name, leaf in online.items():
         value = source.arrays.get(name)
-        if value is not None and tuple(value.shape) != tuple(leaf.shape):
-            misshapen.append(f'{name}: source {tuple(value.shape)} vs model '
-                             f'{tuple(leaf.shape)}')
         fits = value is not None and tuple(value.shape) == tuple(leaf.shape)
+        if value is not None and not fits:
+            misshapen.append(f'{name}: source {tuple(value.shape)} vs model {tuple(leaf.shape)}')
         (loaded if fits else fresh).append(name)
     missing = [n for n in fresh if _module(n)[:2] == BACKBONE]
     extra = [n for n in source.arrays if n not in online and _module(n)[:2] == BACKBONE]
@@ -123,8 +121,7 @@ def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState
         weights = fresh_weights(params, batch_stats, trainer.has_target)
         return state_from_weights(weights, trainer.tx, trainer.config.train.seed)
 
-    placed = jax.tree_util.tree_map_with_path(take, {'params': state.params,
-                                                     'batch_stats': state.batch_stats})
+    placed = jax.tree_util.tree_map_with_path(take, variables)
     return jax.jit(fresh_start, out_shardings=parallel.replicated(trainer.mesh))(**placed), report
 
 
