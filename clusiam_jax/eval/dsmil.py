@@ -2,7 +2,6 @@
 The original's bag classifier, a Conv1d with kernel size = feature size over the C rows of
 the bag embedding, is a Linear over the flattened C*D. Thresholds come from validation."""
 import dataclasses
-import functools
 import math
 
 import flax.linen as nn
@@ -99,7 +98,7 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
     eye = np.eye(num_classes, dtype=np.float32)
     fit = mil.train(trainer, config, {'train': train_bags, 'val': val_bags, 'test': test_bags},
                     lambda label: eye[label], _select, seed,
-                    functools.partial(epoch_learning_rate, config))
+                    lambda epoch: epoch_learning_rate(config, epoch))
     val_labels, val_scores, _ = fit['val']
     thresholds = np.array([metrics.youden_threshold(val_labels == c, val_scores[:, c])
                            for c in range(num_classes)])

@@ -1,6 +1,4 @@
 """Patch-level kNN evaluation (docs/method.md §7); the search is clusiam_jax/knn.py's."""
-import numpy as np
-
 from clusiam_jax.eval.metrics import classification_metrics
 from clusiam_jax.knn import knn_predict
 
@@ -10,6 +8,5 @@ def knn_evaluate(ref_embeddings, ref_labels, query_embeddings, query_labels, ks=
     """{'k=1': metrics.classification_metrics of the queries, ...} per k. References and
     queries must come from disjoint slides (patch-level splits leak)."""
     predictions = knn_predict(ref_embeddings, ref_labels, query_embeddings, ks=ks)
-    return {f'k={k}': classification_metrics(np.asarray(query_labels), pred,
-                                             positive_label=positive_label)
+    return {f'k={k}': classification_metrics(query_labels, pred, positive_label=positive_label)
             for k, pred in predictions.items()}

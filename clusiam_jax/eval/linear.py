@@ -92,8 +92,7 @@ def linear_probe(train_x, train_y, test_x, test_y, val_x=None, val_y=None,
 
     def metrics(params, x, y):
         predicted = np.argmax(z(x) @ params['w'] + params['b'], axis=1)
-        return classification_metrics(np.asarray(y), classes[predicted],
-                                      positive_label=positive_label)
+        return classification_metrics(y, classes[predicted], positive_label=positive_label)
 
     fits = fit_sweep(z(train_x), np.searchsorted(classes, train_y), classes.size, weight_decays)
     val = {wd: metrics(params, val_x, val_y) for wd, params in fits.items()}

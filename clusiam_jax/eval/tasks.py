@@ -53,9 +53,8 @@ def patch_sets(export_dir, splits_path, key='features', annotations=None):
             if not label:
                 raise DataError(f'slide {slide} has no label (splits file or manifest)')
             labels = np.full(n, label, dtype=object)
-        parts[split][0].append(arrays[key])
-        parts[split][1].append(labels)
-        parts[split][2].append(np.full(n, slide, dtype=object))
+        for part, value in zip(parts[split], (arrays[key], labels, np.full(n, slide, object))):
+            part.append(value)
     out = {split: (np.concatenate(x).astype(np.float32), np.concatenate(y).astype(str),
                    np.concatenate(g).astype(str)) for split, (x, y, g) in parts.items() if x}
     for split in ('train', 'test'):
