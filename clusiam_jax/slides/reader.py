@@ -1,19 +1,7 @@
 """Whole-slide images: a `Slide` (one level list over its readers) and patches read at a
-physical resolution.
-
-OpenSlide (the `openslide-bin` wheel) is the reader of record: it reads every format our
-users scan to. For TIFF-based slides, slides/tiles.py reads level 0 tile by tile when it
-reads it exactly as OpenSlide does, and the reduced levels of an OME-TIFF that OpenSlide
-does not list ("hidden" levels, numbered after OpenSlide's). A remote reader would be one
-more backend: an object with `read(level, x0, y0, w, h)` serving some of the levels.
-
-Resolution (docs/method.md §9): the level-0 µm/px comes from `openslide.mpp-x/y`, else 10 /
-objective power (an estimate), else the user's default (`tile.mpp_default`), else the
-slide is refused, never guessed. A value no scan has (an image editor's dpi, anything
-outside MPP_RANGE) counts as none, and says why (`Resolution.implausible`).
-
-A patch of `out_size` px covering `size_level0` level-0 px is read from the coarsest level
-not coarser than it and area-resized, so 40x and 20x scans of a slide give one patch.
+physical resolution (docs/method.md §9). OpenSlide is the reader of record; slides/tiles.py
+reads TIFF tiles directly where it reads them as OpenSlide does, and an OME-TIFF's hidden
+SubIFD levels. A remote reader would be one more backend with `read(level, x0, y0, w, h)`.
 """
 import dataclasses
 import logging
@@ -28,8 +16,7 @@ from clusiam_jax.errors import DataError
 
 log = logging.getLogger('clusiam_jax')
 
-# What a folder of slides is searched for (lower case; `.ome.tif(f)` ends in `.tif(f)`).
-# A DICOM slide is a folder of .dcm instances, opened through one (dicom_file).
+# What a folder is searched for (`.ome.tif(f)` ends in `.tif(f)`; DICOM: a folder of .dcm).
 SLIDE_EXTENSIONS = ('.svs', '.tif', '.tiff', '.ndpi', '.mrxs', '.scn', '.bif', '.vms',
                     '.vmu', '.svslide', '.czi')
 DICOM_EXTENSION = '.dcm'
@@ -46,11 +33,9 @@ SLIDE_ONLY_EXTENSIONS = tuple(e for e in SLIDE_EXTENSIONS if e not in ('.tif', '
 TILE_CACHE_BYTES = 64 * 1024 * 1024
 # Scanners write downsamples like 4.0002: reading the next finer level costs 4x pixels.
 _LEVEL_TOLERANCE = 1e-2
-# A thumbnail decoding more pixels than this (no reduced level near it, or a header
-# claiming far more pixels than the file holds) would take minutes: it is refused.
+# A thumbnail decoding more pixels than this would take minutes: it is refused.
 MAX_THUMBNAIL_READ_PIXELS = 2 ** 30
 MAX_THUMBNAIL_PIXELS = 2 ** 28
-# The origin of a Resolution without µm/px nor objective power (tile.mpp_default's case).
 NO_MPP_ORIGIN = "no µm/px or objective power in the slide's metadata"
 
 
@@ -64,8 +49,7 @@ class SlideTooLarge(DataError):
 
 @dataclasses.dataclass(frozen=True)
 class Resolution:
-    """Level-0 µm/px (None: unknown) and its origin; `implausible`: why the slide's own
-    value was set aside, else ''."""
+    """Level-0 µm/px (None: unknown), its origin, why the slide's own was set aside."""
     mpp: Optional[float]
     origin: str
     implausible: str = ''
@@ -85,13 +69,10 @@ def implausible_mpp(mpp: float) -> Optional[str]:
     return None
 
 
-def level0_resolution(slide, forced: Optional[float] = None,
-                      forced_origin: str = 'tile.mpp', default: Optional[float] = None,
+def level0_resolution(slide, default: Optional[float] = None,
                       default_origin: str = 'tile.mpp_default') -> Resolution:
-    """`forced`, else the metadata's (see module), else `default` for a slide without a
-    usable value (not for non-square pixels: their metadata is wrong otherwise)."""
-    if forced:
-        return Resolution(float(forced), forced_origin)
+    """`openslide.mpp-x/y`, else 10 / objective power, else `default` (not for non-square
+    pixels: their metadata is wrong otherwise); a value no scan has counts as none."""
     props = slide.properties
     try:
         mpp_x = float(props.get('openslide.mpp-x', 'nan'))
@@ -122,8 +103,8 @@ def level0_resolution(slide, forced: Optional[float] = None,
 
 
 def dicom_file(folder: str, names: Optional[List[str]] = None) -> Optional[str]:
-    """The .dcm file of `folder` to open its DICOM slide with: the first, by name, that
-    OpenSlide detects as DICOM WSI (not an annotation or report), else the first."""
+    """The first .dcm of `folder` OpenSlide detects as DICOM WSI (not an annotation or
+    report), else the first."""
     import openslide
     if names is None:
         names = os.listdir(folder)
@@ -139,8 +120,7 @@ def dicom_file(folder: str, names: Optional[List[str]] = None) -> Optional[str]:
 
 
 def slide_id_of(path: str) -> str:
-    """A file's name without its (possibly double) extension; of a DICOM instance, its
-    folder's name (the folder is the slide)."""
+    """A file's name without its (possibly double) extension; a DICOM folder's name."""
     name = os.path.basename(path)
     lower = name.lower()
     if lower.endswith(DICOM_EXTENSION):
@@ -153,16 +133,6 @@ def slide_id_of(path: str) -> str:
 
 # ------------------------------------------------------------------------ the slide
 
-def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """OpenSlide's RGBA (transparent outside the scanned area) over white."""
-    rgb = rgba[..., :3]
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    a = alpha.astype(np.uint16)
-    return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-
-
 class OpenSlideLevels:
     """The backend of the levels OpenSlide lists."""
 
@@ -170,10 +140,13 @@ class OpenSlideLevels:
         self.handle = handle
 
     def read(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        """uint8 [h, w, 3] of `level` from level-0 (x0, y0): OpenSlide places it with
-        sub-pixel precision."""
-        rgba = self.handle.read_region((int(x0), int(y0)), level, (w, h))
-        return rgba_to_rgb(np.asarray(rgba))
+        """RGB over white (OpenSlide's RGBA is transparent outside the scanned area)."""
+        rgba = np.asarray(self.handle.read_region((int(x0), int(y0)), level, (w, h)))
+        rgb, alpha = rgba[..., :3], rgba[..., 3:4]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        a = alpha.astype(np.uint16)
+        return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +161,7 @@ class Slide:
     """One open slide: the OpenSlide handle, the direct TIFF reader when there is one,
     and one list of levels (OpenSlide's, then the hidden ones)."""
 
-    def __init__(self, handle, direct=None, path: str = ''):
-        tiles = direct   # a slides.tiles.TiffTiles
+    def __init__(self, handle, tiles=None, path: str = ''):   # tiles: a tiles.TiffTiles
         self.handle, self.tiles, self.path = handle, tiles, path or str(handle)
         self.dimensions = tuple(handle.dimensions)
         self.properties = getattr(handle, 'properties', {})
@@ -198,10 +170,9 @@ class Slide:
         self.levels = []
         for index, (ds, size) in enumerate(zip(handle.level_downsamples,
                                                handle.level_dimensions)):
-            backend = tiles if tiles is not None and index in tiles.levels else \
-                openslide_levels
+            backend = tiles if index in getattr(tiles, 'levels', ()) else openslide_levels
             self.levels.append(Level(float(ds), tuple(size), self._tile_of(index), backend))
-        for index, lv in sorted(tiles.levels.items() if tiles is not None else ()):
+        for index, lv in sorted(getattr(tiles, 'levels', {}).items()):
             if index >= self.listed:
                 self.levels.append(Level(self.dimensions[0] / lv.width,
                                          (lv.width, lv.height), (lv.tile_w, lv.tile_h), tiles))
@@ -245,20 +216,15 @@ class Slide:
         """uint8 [h, w, 3] of `level` from level-0 (x0, y0), white outside the image."""
         return self.levels[level].backend.read(level, x0, y0, w, h)
 
-    def drop_hidden_levels(self):
-        self.levels = self.levels[:self.listed]
-
     def warn_once(self, message: str, *args):
-        """log.warning(message, *args) the first time this slide says `message`."""
         if message not in self._said:
             self._said.add(message)
             log.warning(message, *args)
 
 
 def open_slide(path: str, cache=None, direct: bool = True) -> Slide:
-    """A Slide with a bounded OpenSlide tile cache (`cache`, shared by the caller's
-    handles, or its own) and, unless `direct` is False, the direct TIFF reader;
-    SlideError (one line) when the file is no readable slide."""
+    """A Slide with a bounded tile cache (`cache`: shared by the caller's handles) and,
+    unless `direct` is False, the direct TIFF reader; SlideError when it is no slide."""
     import openslide  # local: the package import stays light for grain workers
 
     from clusiam_jax.slides import tiles
@@ -283,38 +249,35 @@ def open_slide(path: str, cache=None, direct: bool = True) -> Slide:
 
 def read_patch(slide: Slide, x: int, y: int, size_level0: float, out_size: int
                ) -> np.ndarray:
-    """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`,
-    read from the best level and area-resized. A hidden level that does not decode there
-    is read from OpenSlide's levels instead (said once per slide): slower, same patch."""
+    """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`
+    from the coarsest level not coarser than it (so 40x and 20x scans give one patch),
+    area-resized; a hidden level that does not decode falls back to OpenSlide's."""
+    def square(level):
+        side = max(1, int(round(size_level0 / slide.levels[level].downsample)))
+        return slide.read(level, x, y, side, side), side
+
     downsample = size_level0 / out_size
     level = slide.best_level(downsample)
     try:
-        rgb, side = _read_square(slide, level, x, y, size_level0)
+        rgb, side = square(level)
     except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
         if level < slide.listed:
             raise
         slide.warn_once('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) '
                         "(%s); such patches are read from OpenSlide's levels", slide, level,
                         x, y, e)
-        rgb, side = _read_square(slide, slide.best_level(downsample, listed_only=True), x, y,
-                                 size_level0)
+        rgb, side = square(slide.best_level(downsample, listed_only=True))
     if side == out_size:
         return rgb
     interp = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
     return cv2.resize(rgb, (out_size, out_size), interpolation=interp)
 
 
-def _read_square(slide, level, x, y, size_level0) -> Tuple[np.ndarray, int]:
-    side = max(1, int(round(size_level0 / slide.levels[level].downsample)))
-    return slide.read(level, x, y, side, side), side
-
-
 def thumbnail_problem(slide: Slide, downsample: float) -> Optional[str]:
-    """Why a thumbnail at `downsample` level-0 px per pixel would take too long (the
-    pixels it decodes, or its own size), or None."""
+    """Why a thumbnail at `downsample` would take minutes (the pixels it decodes, or its
+    own size), or None."""
     width, height = slide.dimensions
-    out_w = max(1, int(round(width / downsample)))
-    out_h = max(1, int(round(height / downsample)))
+    out_w, out_h = _out_size(slide, downsample)
     if out_w * out_h > MAX_THUMBNAIL_PIXELS:
         return (f'{width} x {height} px at level 0: a thumbnail at {downsample:.4g} level-0 '
                 f'px per pixel would be {out_w} x {out_h} px (more than '
@@ -335,9 +298,7 @@ def thumbnail_problem(slide: Slide, downsample: float) -> Optional[str]:
 def thumbnail(slide: Slide, downsample: float, band_pixels: int = 32 * 1024 * 1024
               ) -> Tuple[np.ndarray, float]:
     """(uint8 RGB image, exact level-0 px per image px in x) of the whole slide at about
-    `downsample`, read from the best level in bands of at most `band_pixels` and
-    area-resized band by band. Hidden levels that fail to decode are given up for
-    OpenSlide's, with a warning; SlideTooLarge before reading when it would take minutes."""
+    `downsample`, area-resized in bands of at most `band_pixels`; SlideTooLarge first."""
     problem = thumbnail_problem(slide, downsample)
     if problem is not None:
         error = SlideTooLarge(f'{slide}: {problem}')
@@ -349,14 +310,16 @@ def thumbnail(slide: Slide, downsample: float, band_pixels: int = 32 * 1024 * 10
         except (ValueError, OSError) as e:   # a damaged tile, a codec tifffile lacks
             log.warning('%s: a reduced level OpenSlide does not list is unreadable (%s); '
                         'reading the levels OpenSlide lists instead', slide, e)
-            slide.drop_hidden_levels()
+            slide.levels = slide.levels[:slide.listed]
     return _thumbnail(slide, downsample, band_pixels)
 
 
+def _out_size(slide, downsample):
+    return tuple(max(1, int(round(side / downsample))) for side in slide.dimensions)
+
+
 def _thumbnail(slide, downsample, band_pixels):
-    width, height = slide.dimensions
-    out_w = max(1, int(round(width / downsample)))
-    out_h = max(1, int(round(height / downsample)))
+    out_w, out_h = _out_size(slide, downsample)
     level = slide.best_level(downsample)
     ds, (lw, lh) = slide.levels[level].downsample, slide.levels[level].size
     out = np.empty((out_h, out_w, 3), np.uint8)
@@ -368,9 +331,8 @@ def _thumbnail(slide, downsample, band_pixels):
         band = slide.read(level, 0, int(round(y0 * ds)), lw, y1 - y0)
         out[r0:r1] = cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA) \
             if band.shape[:2] != (r1 - r0, out_w) else band
-    return out, width / out_w
+    return out, slide.dimensions[0] / out_w
 
 
 def thumbnail_for_side(slide: Slide, max_side: int = 2048) -> Tuple[np.ndarray, float]:
-    """A thumbnail whose longest side is at most `max_side` (and not above level 0)."""
     return thumbnail(slide, max(1.0, max(slide.dimensions) / max_side))
