@@ -1,12 +1,7 @@
-"""The direct backend of TIFF-based slides: tiles read with one `pread` each and decoded
-by tifffile's codecs (imagecodecs), without OpenSlide's per-read machinery, which
-dominates when training reads each patch once per epoch in random order.
-
-Level 0 is read here only when one tile reads exactly as OpenSlide reads it (else the
-slide is OpenSlide's alone): the pixels stay OpenSlide's. The exception are the reduced
-levels an OME-TIFF keeps in SubIFDs, which OpenSlide does not list (it would decode level
-0 for a thumbnail): tifffile lists them, and they are read here as the file's own pixels,
-numbered after OpenSlide's levels.
+"""The direct backend of TIFF-based slides: tiles read with one `pread` each and decoded by
+tifffile's codecs, without OpenSlide's per-read machinery (training reads each patch once
+per epoch in random order). Level 0 only where a tile reads exactly as OpenSlide reads it;
+an OME-TIFF's SubIFD levels, which OpenSlide does not list, numbered after OpenSlide's.
 """
 import dataclasses
 import logging
@@ -43,8 +38,8 @@ class TiffTiles:
 
     @classmethod
     def open(cls, path: str, slide) -> Optional['TiffTiles']:
-        """The reader of `path` (`slide`: its OpenSlide handle): level 0 when tifffile
-        reads it as OpenSlide does, then the hidden levels; None when level 0 does not."""
+        """The reader of `path` (`slide`: its OpenSlide handle), or None when tifffile does
+        not read level 0 as OpenSlide does."""
         if not path.lower().endswith(('.svs', '.tif', '.tiff')):
             return None
         try:
@@ -52,15 +47,14 @@ class TiffTiles:
             tiff = tifffile.TiffFile(path)
         except Exception:  # not a TIFF tifffile understands: OpenSlide reads it all
             return None
-        # Not OpenSlide's coarser levels: it places their regions with sub-pixel precision,
-        # which whole tiles cannot match.
+        # Not OpenSlide's coarser levels: their sub-pixel placement is no whole tile's.
         kept = None
         try:   # closes `tiff` unless kept, also when OpenSlide's check read raises
             reader = cls(tiff, {}, slide.dimensions[0])
             size = tuple(slide.level_dimensions[0])
             candidate = next((_level_from_page(page) for page in tiff.pages
                               if (page.imagewidth, page.imagelength) == size), None)
-            if candidate is not None and reader._agrees(slide, 0, candidate):
+            if candidate is not None and reader._agrees(slide, candidate):
                 reader.levels[0] = candidate
                 reader._add_hidden_levels(slide)
                 kept = reader
@@ -70,9 +64,8 @@ class TiffTiles:
         return kept
 
     def _add_hidden_levels(self, slide):
-        """The reduced levels of tifffile's first series past OpenSlide's own (an
-        OME-TIFF's SubIFDs), numbered after them, down to the first that is not an RGB
-        tiled page or whose middle tile does not decode."""
+        """The reduced levels of tifffile's first series past OpenSlide's own, down to the
+        first that is not an RGB tiled page or whose middle tile does not decode."""
         try:
             series = self._tiff.series[0]
             levels = series.levels if (series.levels[0].keyframe.imagewidth,
@@ -82,7 +75,13 @@ class TiffTiles:
             return
         for index in range(slide.level_count, len(levels)):
             level = _level_from_page(levels[index].keyframe)
-            if level is None or not self._decodes(index, level):
+            if level is None:
+                return
+            try:
+                self._tile(level, (level.height // 2 // level.tile_h) * level.tiles_across
+                           + level.width // 2 // level.tile_w)
+            except Exception as e:  # a codec tifffile lacks, a damaged tile
+                log.debug('hidden level %d: not readable by tifffile (%s)', index, e)
                 return
             self.levels[index] = level
 
@@ -122,37 +121,22 @@ class TiffTiles:
                     ax0 - tx * level.tile_w:ax1 - tx * level.tile_w]
         return out
 
-    def _decodes(self, level_index: int, level: _Level) -> bool:
-        """Whether the middle tile of a level without an OpenSlide reading decodes."""
-        index = (level.height // 2 // level.tile_h) * level.tiles_across + (
-            level.width // 2 // level.tile_w)
-        try:
-            self._tile(level, index)
-            return True
-        except Exception as e:  # a codec tifffile lacks, a damaged tile
-            log.debug('hidden level %d: not readable by tifffile (%s)', level_index, e)
-            return False
-
-    def _agrees(self, slide, level_index: int, level: _Level) -> bool:
-        """Whether the tile at the middle of the level reads here exactly as OpenSlide
-        reads it (whole tiles only: no sub-pixel placement at coarse levels)."""
+    def _agrees(self, slide, level: _Level) -> bool:
+        """Whether the middle tile of level 0 reads here exactly as OpenSlide's."""
         tx = min(level.tiles_across - 1, (level.width // 2) // level.tile_w)
         ty = min(-(-level.height // level.tile_h) - 1, (level.height // 2) // level.tile_h)
         x, y = tx * level.tile_w, ty * level.tile_h
         w, h = min(level.tile_w, level.width - x), min(level.tile_h, level.height - y)
-        self.levels[level_index] = level
+        self.levels[0] = level
         try:
-            mine = self.read(level_index, x, y, w, h)
+            mine = self.read(0, x, y, w, h)
         except Exception as e:  # a codec tifffile lacks, a damaged tile
-            log.debug('%s level %d: tiles not readable by tifffile (%s)', slide, level_index, e)
+            log.debug('%s level 0: tiles not readable by tifffile (%s)', slide, e)
             return False
         finally:
-            del self.levels[level_index]
-        ds = slide.level_downsamples[level_index]
-        theirs = np.asarray(slide.read_region((int(round(x * ds)), int(round(y * ds))),
-                                              level_index, (w, h)))
-        rgb, alpha = theirs[..., :3], theirs[..., 3:]
-        theirs = np.where(alpha == 255, rgb, WHITE).astype(np.uint8)
+            del self.levels[0]
+        theirs = np.asarray(slide.read_region((x, y), 0, (w, h)))
+        theirs = np.where(theirs[..., 3:] == 255, theirs[..., :3], WHITE).astype(np.uint8)
         return bool(np.array_equal(mine, theirs))
 
 
