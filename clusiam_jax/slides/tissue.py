@@ -1,9 +1,6 @@
 """Tissue detection on a low-resolution image of a slide (docs/method.md §9), as CLAM,
-TRIDENT's classic path and histolab do, every step a key of the `tile` config section:
-the slide at `tile.tissue_mpp`; HSV saturation, median-blurred; a threshold (Otsu's, never
-below `tile.min_saturation`, or fixed), pixels darker than `tile.black_value` excluded;
-closing then opening; small holes filled and small components dropped (µm²). Supplied
-polygons (`polygon_mask`) replace it.
+TRIDENT's classic path and histolab do, every step a key of the `tile` config section.
+Supplied polygons (`polygon_mask`) replace it.
 """
 import dataclasses
 
@@ -32,52 +29,37 @@ def _odd(n: int) -> int:
     return max(1, int(n) | 1)
 
 
-def saturation_threshold(saturation: np.ndarray, params: TissueParams) -> int:
-    """The threshold used on the blurred saturation (see module docstring)."""
-    if params.saturation_threshold > 0:
-        return int(params.saturation_threshold)
-    otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return max(int(otsu), int(params.min_saturation))
-
-
-def _fill_small_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
-    """Background components not touching the border and below `max_hole_px` -> tissue."""
-    background = (~mask).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(background, connectivity=4)
-    h, w = mask.shape
-    out = mask.copy()
-    for i in range(1, n):
-        x, y, bw, bh, area = stats[i]
-        touches_border = x == 0 or y == 0 or x + bw == w or y + bh == h
-        if not touches_border and area <= max_hole_px:
-            out[labels == i] = True
-    return out
-
-
-def _drop_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray:
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
-                                                           connectivity=8)
-    keep = np.zeros(n, bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area_px
-    return keep[labels]
-
-
 def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
-    """bool [H, W]: the tissue of an RGB image at `mpp` µm/px."""
+    """bool [H, W]: the tissue of an RGB image at `mpp` µm/px: saturation over the fixed
+    threshold or Otsu's (never below `min_saturation`) and value over `black_value`, closed
+    then opened; holes not touching the border under `max_hole_um2` filled, components
+    under `min_area_um2` dropped."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     saturation = cv2.medianBlur(hsv[..., 1], _odd(params.median_blur))
     value = cv2.medianBlur(hsv[..., 2], _odd(params.median_blur))
-    mask = (saturation > saturation_threshold(saturation, params)) & (
-        value > params.black_value)
+    threshold = params.saturation_threshold if params.saturation_threshold > 0 else max(int(
+        cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]),
+        params.min_saturation)
+    mask = (saturation > threshold) & (value > params.black_value)
     if params.morph_kernel > 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (params.morph_kernel,) * 2)
         m = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel)
         mask = cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel).astype(bool)
-    px_area = mpp * mpp
     if params.max_hole_um2 > 0:
-        mask = _fill_small_holes(mask, params.max_hole_um2 / px_area)
+        _, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8),
+                                                               connectivity=4)
+        x, y, bw, bh, area = stats.T
+        h, w = mask.shape
+        fill = (x > 0) & (y > 0) & (x + bw < w) & (y + bh < h) & (
+            area <= params.max_hole_um2 / (mpp * mpp))
+        fill[0] = False
+        mask = mask | fill[labels]
     if params.min_area_um2 > 0:
-        mask = _drop_small_components(mask, params.min_area_um2 / px_area)
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
+                                                               connectivity=8)
+        keep = stats[:, cv2.CC_STAT_AREA] >= params.min_area_um2 / (mpp * mpp)
+        keep[0] = False
+        mask = keep[labels]
     return mask
 
 
@@ -97,11 +79,8 @@ def polygon_mask(annotations, shape, downsample: float) -> np.ndarray:
     return canvas.astype(bool)
 
 
-def patch_tissue_fraction(rgb: np.ndarray, min_saturation: int = 15,
-                          black_value: int = 30, median_blur: int = 5) -> float:
-    """Fraction of a patch's pixels that are tissue: `data.min_tissue` for patch
-    folders, with a fixed saturation threshold (Otsu on one patch of glass splits noise)."""
+def patch_tissue_fraction(rgb: np.ndarray) -> float:
+    """Fraction of a patch's pixels that are tissue (`data.min_tissue`), with a fixed
+    threshold: Otsu on one patch of glass splits noise."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    saturation = cv2.medianBlur(hsv[..., 1], _odd(median_blur))
-    tissue = (saturation > min_saturation) & (hsv[..., 2] > black_value)
-    return float(tissue.mean())
+    return float(((cv2.medianBlur(hsv[..., 1], 5) > 15) & (hsv[..., 2] > 30)).mean())
