@@ -1,18 +1,11 @@
-"""`tile.align`: a patch grid laid on the scanner's own tiles.
-
-Reading a patch decodes every tile it touches: a patch on the regular grid straddles
-tile borders. Here every patch lies inside as few tiles as it can, at the level
-reader.read_patch reads it from: patches no larger than a tile are packed into each tile
-from its corner, a larger one starts on a tile corner. A slide where the strips left
-over would exceed 1 - MIN_COVERAGE of the area, or that does not report its tile size,
-is tiled on the regular grid instead, with the reason in its slides.csv row.
+"""`tile.align`: a patch grid laid on the scanner's own tiles, so that reading a patch
+decodes as few tiles as it can (a patch on the regular grid straddles tile borders), at the
+level reader.read_patch reads it from: patches no larger than a tile packed into each tile
+from its corner, a larger one starting on a tile corner.
 
 Level-0 starts are the smallest x with floor(x / downsample) = the level start, as
-OpenSlide computes it to find a region's first tile: for a fractional downsample (4443
-px over 2221 is 2.0005...) a rounded product can fall a pixel short of the tile corner.
-There OpenSlide's region also reaches that fraction of a pixel past its end, so a
-patch that ends exactly on a tile edge (side a divisor or multiple of the tile) touches
-the next tile too; 224-px patches on 240-, 256- or 512-px tiles never do.
+OpenSlide finds a region's first tile: for a fractional downsample a rounded product can
+fall a pixel short of the tile corner.
 """
 import dataclasses
 import math
@@ -32,12 +25,10 @@ class AlignedGrid:
     ys: np.ndarray               # and of the rows (every pair is a patch)
     tile: Tuple[int, int]        # the scanner's tile (width, height) at `level`
     level: int                   # the pyramid level the patches are read from
-    coverage: float              # fraction of the area under patches
 
 
 def _axis(extent0: int, size0: int, side: int, tile: int, ds: float
           ) -> Tuple[np.ndarray, float]:
-    """(level-0 starts along one axis whose whole patch fits, covered fraction)."""
     if side <= tile:
         offsets, period = np.arange(tile // side) * side, tile
     else:
@@ -70,4 +61,4 @@ def aligned_grid(slide: reader.Slide, size0: int, patch_size: int
     if coverage < MIN_COVERAGE:
         return (f'{side}-px patches on its {tile[0]}x{tile[1]}-px tiles (level {level}) '
                 f'would cover {coverage:.0%} of the area (less than {MIN_COVERAGE:.0%})')
-    return AlignedGrid(xs, ys, tuple(tile), level, coverage)
+    return AlignedGrid(xs, ys, tuple(tile), level)

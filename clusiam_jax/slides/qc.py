@@ -1,10 +1,6 @@
-"""The QC picture of a tiled slide, `masks/<slide_id>.png`: thumbnail, tissue contour and
-kept patches under the words that say how it was tiled (also in the PNG's "Title" text),
-with a scale bar in µm.
-"""
+"""The QC picture of a tiled slide, `masks/<slide_id>.png`."""
 import dataclasses
 import os
-import zlib
 from typing import List, Optional
 
 import cv2
@@ -27,7 +23,7 @@ QC_HOLE_SHARE, QC_SPECK_SHARE = 1e-3, 2e-4
 def picture(thumb, mask_small, coords, size0, downsample, lines,
             thumb_mpp: Optional[float]) -> np.ndarray:
     """Thumbnail, tissue contour (green) and kept patches (blue squares) under `lines` of
-    words, with a scale bar in µm when `thumb_mpp` (µm per thumbnail px) is known."""
+    words, with a scale bar when `thumb_mpp` (µm per thumbnail px) is known."""
     from PIL import Image, ImageDraw
     image = thumb.copy()
     h, w = image.shape[:2]
@@ -58,8 +54,8 @@ def picture(thumb, mask_small, coords, size0, downsample, lines,
 
 
 def _qc_font(size: int):
-    """(a scalable font, whether it draws µ): DejaVu Sans where the system has it, else
-    Pillow's own (which has no µ: the picture then says um; its PNG text keeps µm)."""
+    """(a scalable font, whether it draws µ): DejaVu Sans, else Pillow's own (no µ: the
+    picture then says um; its PNG text keeps µm)."""
     from PIL import ImageFont
     try:
         font = ImageFont.truetype('DejaVuSans.ttf', size)
@@ -74,7 +70,6 @@ def _qc_font(size: int):
 
 
 def _wrapped(line: str, font, width: int) -> List[str]:
-    """`line` broken at spaces into pieces at most `width` px wide in `font`."""
     out, current = [], ''
     for word in line.split(' '):
         trial = f'{current} {word}' if current else word
@@ -101,32 +96,25 @@ def _scale_bar(draw, font, mpp: float, w: int, bottom: int, um: str):
 
 
 def write(out_dir: str, entry, image: np.ndarray, lines: List[str]) -> str:
-    """masks/<id>.png, its words also in the PNG's text ("Title")."""
-    ok, encoded = cv2.imencode('.png', cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    """masks/<id>.png, its words also in the PNG's text ("Title", UTF-8)."""
+    from PIL import Image, PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt('Title', '\n'.join(lines))
     path = coords_lib.slide_path(os.path.join(out_dir, MASKS_DIR), entry.slide_id, '.png')
     with slides_csv.writing(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_write(path) as tmp, open(tmp, 'wb') as f:
-            f.write(_with_text(encoded.tobytes(), 'Title', '\n'.join(lines)))
+        with atomic_write(path) as tmp:
+            Image.fromarray(image).save(tmp, format='PNG', pnginfo=info)
     return path
-
-
-def _with_text(png: bytes, key: str, text: str) -> bytes:
-    """`png` with an iTXt chunk (UTF-8 text) after its header chunk."""
-    data = key.encode('latin-1') + b'\0\0\0\0\0' + text.encode('utf-8')
-    chunk = (len(data).to_bytes(4, 'big') + b'iTXt' + data
-             + zlib.crc32(b'iTXt' + data).to_bytes(4, 'big'))
-    end_of_header = 8 + 4 + 4 + 13 + 4   # signature, IHDR's length, type, data, CRC
-    return png[:end_of_header] + chunk + png[end_of_header:]
 
 
 def no_grid_picture(slide, entry, detection: tissue.TissueParams, title: str):
     """(picture, its words) of a slide without µm/px: its thumbnail and tissue, no grid,
     `title` saying what to set; None when the thumbnail would take minutes."""
-    downsample = max(1.0, max(slide.dimensions) / QC_MAX_SIDE)
-    if reader.thumbnail_problem(slide, downsample) is not None:
+    try:
+        thumb, ds = reader.thumbnail_for_side(slide, QC_MAX_SIDE)
+    except reader.SlideTooLarge:
         return None
-    thumb, ds = reader.thumbnail(slide, downsample)
     # Holes and specks by their share of the picture (the keys in µm² need µm/px).
     area = thumb.shape[0] * thumb.shape[1]
     by_share = dataclasses.replace(detection, max_hole_um2=area * QC_HOLE_SHARE,

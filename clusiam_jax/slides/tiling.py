@@ -1,27 +1,7 @@
-r"""`--mode tile`: a folder (or CSV) of slides -> per-slide patch coordinates.
-
-  python launch.py --mode tile --config configs/<recipe>.py \
-      --config.tile.slides=DIR_OR_CSV --config.tile.out_dir=DIR
-
-Writes (docs/formats.md, "Tiling output") `patches/<slide_id>_patches.h5` (level-0
-coordinates and TRIDENT's attributes), `masks/<slide_id>.png` (the QC picture, qc.py) and
-`slides.csv` (one row per slide, slides_csv.py).
-
-The grid: patches of `tile.patch_size` px at `tile.target_mpp` µm/px, stepped by
-(patch_size - overlap) from the slide's top-left corner, whole patches only, row by row
-(`tile.align`: on the scanner's tiles, aligned_grid.py); a patch is kept when at least
-`tile.min_tissue` of it is tissue (tissue.py, or the polygons of `tile.masks`). The
-coordinates are a function of the slide and the config, the same on every rerun.
-
-A slide's level-0 µm/px, first found first: the slide CSV's `mpp` column,
-`tile.mpp_override` (a slide whose metadata it contradicts says so in its row), the
-metadata (reader.level0_resolution), `tile.mpp_default` (for slides without a usable
-value), else a `no_mpp` or `bad_mpp` row naming the key that fixes it.
-
-A slide that fails in any way is a row with its status and reason, never the end of the
-job; failing to write the output (a full disk) stops the job, finished slides kept. A
-rerun reuses the slides tiled with the same settings (retile.py); slides.csv is read again
-before each write, so the rows of slides this job does not (yet) redo stay as they are.
+"""`--mode tile`: a folder (or CSV) of slides -> `patches/<slide_id>_patches.h5`,
+`masks/<slide_id>.png` and `slides.csv` (docs/formats.md, "Tiling output"). The grid is a
+function of the slide and the config, the same on every rerun; a slide that fails is a row
+with its reason, never the end of the job; failing to write the output stops the job.
 """
 import concurrent.futures
 import dataclasses
@@ -70,9 +50,7 @@ class TileParams:
 
 
 def list_slides(slides: str) -> List[SlideEntry]:
-    """The slides of `tile.slides`: a folder searched recursively (each folder of DICOM
-    instances one slide), a CSV, or one slide. The files of a folder that are not slides
-    are counted in one log line."""
+    """The slides of `tile.slides`: a folder searched recursively, a CSV, or one slide."""
     if not slides:
         raise ConfigError('tile.slides is empty: give a folder of slides or a CSV with a '
                           '"path" column (--config.tile.slides=...)')
@@ -100,13 +78,6 @@ def list_slides(slides: str) -> List[SlideEntry]:
     return entries   # slides sharing an id are rows of their own (tile_slides)
 
 
-def grid(width: int, height: int, size0: int, step0: int) -> np.ndarray:
-    """int64 [N, 2] top-left corners of the whole patches, row by row."""
-    xs = np.arange(0, width - size0 + 1, step0, dtype=np.int64)
-    ys = np.arange(0, height - size0 + 1, step0, dtype=np.int64)
-    return mesh(xs, ys)
-
-
 def mesh(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """int64 [N, 2]: every (x, y) of the starts along each axis, row by row."""
     yy, xx = np.meshgrid(ys, xs, indexing='ij')
@@ -121,10 +92,8 @@ def cell_fractions(mask: np.ndarray, coords: np.ndarray, size0: float,
         return np.zeros(0)
     integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_64F)
     h, w = mask.shape
-    x0 = np.clip(np.round(coords[:, 0] / downsample).astype(np.int64), 0, w)
-    y0 = np.clip(np.round(coords[:, 1] / downsample).astype(np.int64), 0, h)
-    x1 = np.clip(np.round((coords[:, 0] + size0) / downsample).astype(np.int64), 0, w)
-    y1 = np.clip(np.round((coords[:, 1] + size0) / downsample).astype(np.int64), 0, h)
+    box = np.round(np.concatenate([coords, coords + size0], axis=1) / downsample)
+    x0, y0, x1, y1 = np.clip(box.astype(np.int64), 0, [w, h, w, h]).T
     x1, y1 = np.maximum(x1, x0 + 1).clip(max=w), np.maximum(y1, y0 + 1).clip(max=h)
     total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
@@ -132,12 +101,11 @@ def cell_fractions(mask: np.ndarray, coords: np.ndarray, size0: float,
 
 
 def _resolution(slide, entry: SlideEntry, params: TileParams):
-    """(the slide's level-0 reader.Resolution, a note when tile.mpp_override contradicts
-    the slide's metadata, else ''); the order is the module's."""
+    """(level-0 reader.Resolution, a note when tile.mpp_override contradicts the metadata),
+    first found first: the CSV's mpp column, mpp_override, metadata, tile.mpp_default."""
     if entry.mpp:
         return reader.Resolution(entry.mpp, "the slide list's mpp column"), ''
-    own = reader.level0_resolution(slide, default=params.mpp_default or None,
-                                   default_origin=DEFAULT_ORIGIN)
+    own = reader.level0_resolution(slide, default=params.mpp_default or None)
     if not params.mpp_override:
         if own.mpp is not None and own.implausible:
             return own, f'{DEFAULT_ORIGIN} {own.mpp:g} used: {own.implausible}'
@@ -150,33 +118,25 @@ def _resolution(slide, entry: SlideEntry, params: TileParams):
                     f'{own.mpp:.4g} ({own.origin}): x{forced.mpp / own.mpp:.3g}')
 
 
-def _no_mpp_reason(res: reader.Resolution) -> str:
+def _no_mpp_words(res: reader.Resolution):
+    """(the row's reason, the QC picture's title) of a slide without a usable µm/px."""
     if res.implausible:
         return (f'{res.implausible}: set --config.tile.mpp_default=... (used for slides '
                 f'without a usable µm/px) or the slide CSV\'s "mpp" column '
-                f'(tile.slides=slides.csv)')
+                f'(tile.slides=slides.csv)',
+                f'{res.implausible}: set tile.mpp_default or the CSV mpp column')
     if res.origin == reader.NO_MPP_ORIGIN:
         return (f'{res.origin}: give it with --config.tile.mpp_default=... (used only for '
                 f'slides without µm/px) or in an "mpp" column of a slide CSV '
-                f'(tile.slides=slides.csv)')
+                f'(tile.slides=slides.csv)', 'no µm/px: set tile.mpp_default or the CSV mpp column')
     return (f'{res.origin}: give its µm/px in an "mpp" column of a slide CSV '
             f'(tile.slides=slides.csv), or --config.tile.mpp_override=... when every slide '
-            f'of the list has that µm/px')
-
-
-def _no_mpp_title(res: reader.Resolution) -> str:
-    """The QC picture's words for a slide without a usable µm/px: what, and the fix."""
-    if res.implausible:
-        return f'{res.implausible}: set tile.mpp_default or the CSV mpp column'
-    if res.origin == reader.NO_MPP_ORIGIN:
-        return 'no µm/px: set tile.mpp_default or the CSV mpp column'
-    return f'{res.origin}: set the CSV mpp column'
+            f'of the list has that µm/px', f'{res.origin}: set the CSV mpp column')
 
 
 def _no_grid_row(slide, entry, params, out_dir, status, reason, title) -> dict:
-    """The row of a slide without a usable µm/px (none, or one no scan has), after its QC
-    picture: the thumbnail and its tissue, no grid, `title` saying what to set. A slide
-    whose thumbnail cannot be made keeps its row, which says so."""
+    """The row of a slide without a usable µm/px, after its QC picture (`title`: what to
+    set); a slide whose thumbnail cannot be made keeps its row, which says so."""
     try:
         picture = qc.no_grid_picture(slide, entry, params.detection, title)
     except OutputError:
@@ -215,7 +175,7 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
     except OutputError:
         raise
     except reader.SlideTooLarge as e:
-        return table.row(entry, table.TOO_LARGE, getattr(e, 'problem', str(e)))
+        return table.row(entry, table.TOO_LARGE, e.problem)
     except Exception as e:  # a truncated file fails while reading its pixels; any failure
         # of one slide is that slide's row, never the end of the job
         log.debug('tile: %s failed', entry.slide_id, exc_info=True)
@@ -229,8 +189,7 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
     res, mpp_note = _resolution(slide, entry, params)
     if res.mpp is None:
         status = table.BAD_MPP if res.implausible else table.NO_MPP
-        return _no_grid_row(slide, entry, params, out_dir, status, _no_mpp_reason(res),
-                            _no_mpp_title(res))
+        return _no_grid_row(slide, entry, params, out_dir, status, *_no_mpp_words(res))
     if res.origin.startswith('estimated'):
         log.warning('%s: level-0 µm/px %s (%s)', entry.slide_id, f'{res.mpp:.4g}', res.origin)
     width, height = slide.dimensions
@@ -246,11 +205,13 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
         return table.row(entry, table.TOO_LARGE, too_large, res.mpp, res.origin)
     small, ds = reader.thumbnail(slide, ds)
     if params.masks:
-        mask = _supplied_mask(params.masks, entry, small.shape[:2], ds)
-        if mask is None:
+        from clusiam_jax.slides import annotations
+        found = annotations.find_annotation_file(params.masks, entry.slide_id)
+        if found is None:
             return table.row(entry, table.NO_TISSUE, f'no annotation file for '
                              f'{entry.slide_id} in tile.masks {params.masks}', res.mpp,
                              res.origin)
+        mask = tissue.polygon_mask(annotations.read_annotations(found), small.shape[:2], ds)
     else:
         mask = tissue.tissue_mask(small, res.mpp * ds, params.detection)
     candidates, grid_attrs, align_note = _candidates(slide, entry, params, size0, step0)
@@ -268,7 +229,7 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
              os.path.abspath(entry.path), 'tiling_key': tiling_key(entry, params),
              'tiling_inputs': json.dumps(retile.key_inputs(entry, params), sort_keys=True,
                                          default=str),
-             'tissue_fraction': float(mask.mean()), 'tiling_note': note, **grid_attrs}
+             'tissue_fraction': tissue_fraction, 'tiling_note': note, **grid_attrs}
     lines = [f'{entry.slide_id}: {len(kept)} patches kept',
              f'patch tile.patch_size {params.patch_size} px at tile.target_mpp '
              f'{params.target_mpp:g} µm/px = {params.patch_size * params.target_mpp:g} µm '
@@ -300,19 +261,9 @@ def _candidates(slide, entry, params, size0, step0):
         log.warning('%s: %s', entry.slide_id, note)
     else:
         note = ''
-    width, height = slide.dimensions
-    return grid(width, height, size0, step0), {'step_level0': np.int64(step0)}, note
+    xs, ys = (np.arange(0, side - size0 + 1, step0, dtype=np.int64) for side in slide.dimensions)
+    return mesh(xs, ys), {'step_level0': np.int64(step0)}, note
 
-
-def _supplied_mask(folder, entry, shape, downsample):
-    from clusiam_jax.slides import annotations
-    path = annotations.find_annotation_file(folder, entry.slide_id)
-    if path is None:
-        return None
-    return tissue.polygon_mask(annotations.read_annotations(path), shape, downsample)
-
-
-# --------------------------------------------------------------------- the job
 
 def _clear_stale(out_dir: str, entry: SlideEntry):
     """A slide redone (changed config or file) must not keep an old coordinate file if
