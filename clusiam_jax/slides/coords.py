@@ -1,13 +1,7 @@
-"""Per-slide coordinate files: TRIDENT's (which `--mode tile` writes) and CLAM's.
-
-TRIDENT, `patches/<slide_id>_patches.h5`: `coords` int64 [N, 2] (level-0 top-left x, y)
-with `patch_size` in pixels at the target resolution and `patch_size_level0`; we add
-`target_mpp`, `level0_mpp` and `tiling_key`. CLAM, `patches/<slide_id>.h5`: `patch_size`
-in pixels *at* `patch_level`. `read_coords` turns both into a SlideCoords after checking
-the coordinates, so a damaged or foreign file is refused in one line.
-
-A slide id names every file written for the slide verbatim; `slide_path` is the one way
-to such a file, and refuses ids that are no file name of their folder (`id_problem`).
+"""Per-slide coordinate files (docs/formats.md): TRIDENT's `patches/<id>_patches.h5`, which
+`--mode tile` writes, and CLAM's `patches/<id>.h5`; `read_coords` checks either, so a
+damaged or foreign file is refused in one line. A slide id names its files verbatim:
+`slide_path` is the one way to them, refusing ids that are no file name (`id_problem`).
 """
 import dataclasses
 import os
@@ -39,7 +33,7 @@ class SlideCoords:
 
 def id_problem(slide_id: str) -> Optional[str]:
     """Why `slide_id` cannot name a file of its own in a folder (completing "slide id
-    '...' ..."), or None; ids are kept verbatim, so `x y` and `x_y` stay two files."""
+    '...' ..."), or None."""
     if not slide_id:
         return 'is empty'
     if '/' in slide_id or '\\' in slide_id:
@@ -60,7 +54,6 @@ def id_problem(slide_id: str) -> Optional[str]:
 
 
 def check_slide_id(slide_id: str) -> str:
-    """`slide_id` when it can name a file (id_problem), else DataError (one line)."""
     problem = id_problem(slide_id)
     if problem is not None:
         raise DataError(f'slide id {slide_id!r} {problem}: a slide id names its files, so it '
@@ -72,7 +65,6 @@ def check_slide_id(slide_id: str) -> str:
 def slide_path(folder: str, slide_id: str, suffix: str) -> str:
     """`folder/<slide_id><suffix>`: a file inside `folder` whatever the id, or DataError."""
     path = os.path.join(folder, check_slide_id(slide_id) + suffix)
-    # Said once more: this keeps every file written for a slide inside its folder.
     if os.path.dirname(os.path.normpath(path)) != os.path.normpath(folder):
         raise DataError(f'slide id {slide_id!r} leads outside {folder}')
     return path
@@ -83,7 +75,6 @@ def trident_file(out_dir: str, slide_id: str) -> str:
 
 
 def write_trident(path: str, coords: np.ndarray, attrs: dict):
-    """Writes a TRIDENT coordinate file atomically."""
     import h5py
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
@@ -94,18 +85,13 @@ def write_trident(path: str, coords: np.ndarray, attrs: dict):
 def slide_id_of_file(name: str) -> str:
     """`<id>_patches.h5` (TRIDENT) or `<id>.h5` (CLAM) -> id."""
     base = os.path.basename(name)
-    if base.endswith(TRIDENT_SUFFIX):
-        return base[:-len(TRIDENT_SUFFIX)]
-    return re.sub(r'\.h5$', '', base)
+    return base[:-len(TRIDENT_SUFFIX)] if base.endswith(TRIDENT_SUFFIX) else re.sub(
+        r'\.h5$', '', base)
 
 
-def _attr(attrs, key, default=None):
-    value = attrs.get(key, default)
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value
+def _attr(value):
+    value = value.decode() if isinstance(value, bytes) else value
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def read_coords(path: str) -> SlideCoords:
@@ -117,7 +103,7 @@ def read_coords(path: str) -> SlideCoords:
                 raise DataError(f'{path}: no "coords" dataset (not a CLAM/TRIDENT patch file)')
             ds = f['coords']
             raw = np.asarray(ds[()])
-            attrs = {k: _attr(ds.attrs, k) for k in ds.attrs.keys()}
+            attrs = {k: _attr(v) for k, v in ds.attrs.items()}
     except OSError as e:
         raise DataError(f'{path}: not a readable HDF5 file ({e})') from None
     coords = _checked_coords(path, raw, attrs)
@@ -141,9 +127,8 @@ def read_coords(path: str) -> SlideCoords:
 
 
 def _checked_coords(path: str, raw: np.ndarray, attrs: dict) -> np.ndarray:
-    """int64 [N, 2] of a file's `coords`, or DataError saying what is wrong with them.
-    Each patch must start inside the slide (CLAM pads patches past the edge); the size is
-    known here from TRIDENT's attributes only (CLAM's: when the slide is opened)."""
+    """int64 [N, 2] of a file's `coords`, or DataError saying what is wrong with them;
+    each patch must start inside the slide (CLAM pads patches past the edge)."""
     if raw.size == 0:
         return np.zeros((0, 2), np.int64)
     if raw.ndim != 2 or raw.shape[1] != 2:
@@ -166,7 +151,7 @@ def _checked_coords(path: str, raw: np.ndarray, attrs: dict) -> np.ndarray:
         raise DataError(f'{path}: coords are of type {raw.dtype}, not integers (level-0 '
                         f'pixels)')
     coords = raw.astype(np.int64)
-    width, height = _attr(attrs, 'level0_width'), _attr(attrs, 'level0_height')
+    width, height = attrs.get('level0_width'), attrs.get('level0_height')
     outside = (coords < 0).any(axis=1)
     where = ''
     if isinstance(width, (int, float)) and isinstance(height, (int, float)):
@@ -175,7 +160,7 @@ def _checked_coords(path: str, raw: np.ndarray, attrs: dict) -> np.ndarray:
     if outside.any():
         raise DataError(f'{path}: {int(outside.sum())} of {len(coords)} patches start outside '
                         f'the slide{where}, e.g. {tuple(coords[outside.argmax()].tolist())}')
-    step = _attr(attrs, 'step_level0')
+    step = attrs.get('step_level0')
     if isinstance(step, (int, float)) and step > 0:
         off = ((coords - coords[0]) % int(step) != 0).any(axis=1)
         if off.any():

@@ -1,6 +1,5 @@
-"""The slides of `tile.slides`: the slide files under a folder (each folder of DICOM
-instances one slide, named after the folder), or the rows of a CSV of slides.
-"""
+"""The slides of `tile.slides`: the slide files under a folder (a folder of DICOM
+instances is one slide, named after the folder), or the rows of a CSV of slides."""
 import dataclasses
 import os
 from typing import Dict, List, Optional
@@ -12,7 +11,6 @@ from clusiam_jax.slides import reader, slides_csv
 
 @dataclasses.dataclass(frozen=True)
 class SlideEntry:
-    """A slide to tile: from a folder (path only) or a CSV row."""
     slide_id: str
     path: str
     mpp: Optional[float] = None   # the CSV's `mpp` column
@@ -25,9 +23,8 @@ _SIDECARS = {'.vms': ('.jpg', '.jpeg', '.opt'), '.vmu': ('.jpg', '.jpeg', '.opt'
 
 
 def find_slides(folder: str):
-    """(the slides under `folder` at any depth, {extension: count} of the other files but
-    those slides need beside them); hidden files and a MIRAX slide's data folder (`X/`
-    beside `X.mrxs`) are left out."""
+    """(the slides under `folder`, {extension: count} of the other files but those slides
+    need); hidden files and a MIRAX slide's data folder (`X/` by `X.mrxs`) left out."""
     found, skipped = [], {}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         names = sorted(n for n in filenames if not n.startswith('.'))
@@ -88,8 +85,7 @@ def read_slide_list(path: str) -> List[SlideEntry]:
 
 
 def duplicate_rows(entries: List[SlideEntry]) -> Dict[int, dict]:
-    """{index in entries: its row} of every slide whose id another slide has too: none of
-    them is tiled, as their files would be one."""
+    """{index in entries: its row} of every slide whose id another has too: none is tiled."""
     paths: Dict[str, List[str]] = {}
     for e in entries:
         paths.setdefault(e.slide_id, []).append(e.path)

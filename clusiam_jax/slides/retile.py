@@ -1,7 +1,6 @@
 """What a rerun of `--mode tile` reuses: a slide whose coordinate file carries the same
-`tiling_key` (config + slide file size and modification time) and, when its µm/px came
-from `tile.mpp_default`, the same default. The others are redone, each with one line
-saying what changed (from the key's inputs, which the file records as `tiling_inputs`).
+`tiling_key` (config, slide file size and time) and, for a µm/px from `tile.mpp_default`,
+the same default. The others are redone, saying what changed (from `tiling_inputs`).
 """
 import dataclasses
 import hashlib
@@ -26,8 +25,8 @@ def _file_identity(path: Optional[str]):
 
 
 def key_inputs(entry, params) -> dict:
-    """What tiling_key hashes. Not tile.mpp_default: it changes only the slides whose
-    µm/px came from it (previous). Keys of older tilings stay as they were."""
+    """What tiling_key hashes; not tile.mpp_default, which changes only the slides whose
+    µm/px came from it (previous)."""
     mask = None
     if params.masks:
         from clusiam_jax.slides import annotations
@@ -42,7 +41,6 @@ def key_inputs(entry, params) -> dict:
 
 
 def tiling_key(entry, params) -> str:
-    """A hash of the config and the slide file's (and mask file's) identity."""
     inputs = key_inputs(entry, params)
     payload = json.dumps([inputs['file'], inputs['mask'], inputs['mpp_column'],
                           inputs['settings']], sort_keys=True, default=str)
@@ -51,7 +49,6 @@ def tiling_key(entry, params) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Redo:
-    """A finished slide a rerun redoes: why, and what it had."""
     why: str
     mpp: str
     origin: str
@@ -59,8 +56,8 @@ class Redo:
 
 
 def previous(entry, params, out_dir: str):
-    """(the row of a slide already tiled with these settings, else None; a Redo when its
-    coordinate file was made otherwise, else None)."""
+    """(the row of a slide tiled with these settings, a Redo of one tiled otherwise);
+    None for each that is not."""
     path = coords_lib.trident_file(out_dir, entry.slide_id)
     if not os.path.exists(path):
         return None, None
@@ -83,7 +80,7 @@ def previous(entry, params, out_dir: str):
 
 
 def _flat_settings(settings: dict) -> dict:
-    """tile.<key> -> value of key_inputs' settings (today's key names)."""
+    """tile.<key> -> value of key_inputs' settings."""
     flat = {'align': False}
     for key, value in settings.items():
         if isinstance(value, dict):
@@ -100,8 +97,7 @@ def _shown(value) -> str:
 
 
 def _changes(attrs: dict, entry, params) -> List[str]:
-    """What differs between the tiling of a coordinate file (its attributes) and this
-    one, in words; a file from before `tiling_inputs` was recorded says less."""
+    """What differs between the tiling of a coordinate file and this one, in words."""
     new = json.loads(json.dumps(key_inputs(entry, params), default=str))
     try:
         old = json.loads(attrs['tiling_inputs'])

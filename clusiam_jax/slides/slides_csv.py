@@ -1,6 +1,5 @@
-"""`slides.csv`, the table of a tiling folder: one row per slide with its resolution and
-its origin, patch count, tissue fraction, status and reason. `--mode tile` writes it, the
-slide source reads it; nothing else opens it.
+"""`slides.csv`, the table of a tiling folder (one row per slide): `--mode tile` writes it,
+the slide source reads it; nothing else opens it.
 """
 import contextlib
 import errno
@@ -48,7 +47,6 @@ def has_table(folder: str) -> bool:
 
 def row(entry, status: str, reason: str = '', mpp: Optional[float] = None, origin: str = '',
         n: int = 0, fraction: Optional[float] = None) -> dict:
-    """The row of `entry` (a listing.SlideEntry)."""
     return {'slide_id': entry.slide_id, 'path': entry.path, 'label': entry.label,
             'level0_mpp': '' if mpp is None else f'{mpp:.6g}', 'mpp_origin': origin,
             'n_patches': n, 'tissue_fraction': '' if fraction is None else f'{fraction:.4f}',
@@ -62,7 +60,6 @@ def read_rows(folder: str) -> List[dict]:
 
 
 def tiled_rows(folder: str) -> List[dict]:
-    """The rows of the slides tiled; DataError when there is none."""
     rows = [r for r in read_rows(folder) if r['status'] == TILED]
     if not rows:
         raise DataError(f'{folder}: slides.csv lists no tiled slide (see its status and '
@@ -71,8 +68,7 @@ def tiled_rows(folder: str) -> List[dict]:
 
 
 def rows_on_disk(folder: str) -> List[dict]:
-    """The rows slides.csv has now ([] without one): those of earlier jobs, and of any
-    job writing into the folder meanwhile."""
+    """The rows slides.csv has now ([] without one), also of a job writing there meanwhile."""
     if not has_table(folder):
         return []
     try:
@@ -83,10 +79,9 @@ def rows_on_disk(folder: str) -> List[dict]:
 
 
 def merged_rows(folder: str, finished: Dict[str, List[dict]], order: List[str]) -> List[dict]:
-    """The rows on disk, read again now, with this job's finished rows in place of theirs
-    and new slides after them. Rows of slides this job has not finished (yet) are kept:
-    their coordinate files are still there, and another job may have written them.
-    `finished`: slide id -> its rows (several only for `duplicate_id` rows)."""
+    """The rows on disk, read again now, with this job's `finished` rows (slide id -> its
+    rows) in place of theirs and new slides after them; rows of slides not finished (yet)
+    are kept: their coordinate files are still there."""
     rows, on_disk = [], {}
     for r in rows_on_disk(folder):
         on_disk.setdefault(r['slide_id'], []).append(r)
