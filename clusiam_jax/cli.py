@@ -169,8 +169,7 @@ def run_eval(args, config, overrides):
         try:
             fileio.write_text(args.out, text + '\n')
         except OSError as e:
-            raise errors.ConfigError(f'--out {args.out}: cannot write it ({e.strerror})') \
-                from None
+            raise errors.ConfigError(f'--out {args.out}: cannot write it ({e.strerror})') from None
     return 0
 
 

@@ -183,8 +183,7 @@ def _eval_parser(sub, task: str):
     if task == 'maps':
         sub.add_argument('--thumbnail', help='thumbnail file or folder')
         sub.add_argument('--downsample', type=float, help='level-0 px per thumbnail px')
-        sub.add_argument('--alpha', type=float, default=0.5,
-                         help='opacity of the cluster colours (default 0.5)')
+        sub.add_argument('--alpha', type=float, default=0.5, help='cluster colour opacity (0.5)')
     sub.add_argument('--out', help='also write the JSON line here')
 
 

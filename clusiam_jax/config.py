@@ -15,9 +15,8 @@ from clusiam_jax.errors import ConfigError
 from clusiam_jax.models import BACKBONES, METHOD_SPECS
 from clusiam_jax.models.conv import CONV_IMPLS
 
-MONITOR_METRICS = ('rankme', 'alignment', 'uniformity', 'active_clusters',
-                   'active_clusters_gumbel', 'gumbel_agreement', 'cluster_entropy',
-                   'knn_top1', 'knn_balanced')
+MONITOR_METRICS = ('rankme', 'alignment', 'uniformity', 'active_clusters', 'active_clusters_gumbel',
+                   'gumbel_agreement', 'cluster_entropy', 'knn_top1', 'knn_balanced')
 CLUSTER_METRICS = ('active_clusters', 'active_clusters_gumbel', 'gumbel_agreement',
                    'cluster_entropy')
 LOWER_IS_BETTER = ('alignment', 'uniformity')
@@ -136,13 +135,10 @@ _CLUSIAM = {'model.feat_size': 2048, 'model.pred_hidden': 512, 'loss.alpha': 0.5
 # The original forces fix_pred_lr off for CluBYOL.
 _CLUBYOL = {'model.feat_size': 256, 'model.pred_hidden': 4096, 'loss.alpha': 0.9,
             'optim.fix_pred_lr': False, 'ema.momentum': 0.99}
-METHOD_RECIPES = {
-    'clusiam': _CLUSIAM,
-    'clubyol': _CLUBYOL,
-    # The baselines of the paper's tables: the same networks without the cluster term.
-    'simsiam': dict(_CLUSIAM, **{'loss.alpha': 0.0}),
-    'byol': dict(_CLUBYOL, **{'loss.alpha': 0.0}),
-}
+# simsiam and byol, the baselines of the paper's tables: the networks without the cluster term.
+METHOD_RECIPES = {'clusiam': _CLUSIAM, 'clubyol': _CLUBYOL,
+                  'simsiam': dict(_CLUSIAM, **{'loss.alpha': 0.0}),
+                  'byol': dict(_CLUBYOL, **{'loss.alpha': 0.0})}
 
 
 def method_config(name: str) -> ml_collections.ConfigDict:
