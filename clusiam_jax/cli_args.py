@@ -86,10 +86,8 @@ def load_config_file(path: str):
                                  + ' '.join(text.split())) from None
     import ml_collections
     if not isinstance(config, ml_collections.ConfigDict):
-        # A recipe that forgot its `return config` would fail later, far from its cause.
-        raise errors.ConfigError(f'--config {path}: get_config() returned '
-                                 f'{type(config).__name__}, not a ConfigDict (does it end '
-                                 f'with `return config`?)')
+        raise errors.ConfigError(f'--config {path}: get_config() returned {type(config).__name__}'
+                                 ', not a ConfigDict (does it end with `return config`?)')
     return config.lock()
 
 
