@@ -1,5 +1,3 @@
-"""Whole-slide images: reading at a physical resolution, tissue detection, tiling, the
-coordinate files of CLAM and TRIDENT, and annotations.
-
+"""Whole-slide images: reading at a µm/px, tissue, tiling, coordinate files, annotations.
 Nothing here imports JAX: grain worker processes read slides through this package.
 """

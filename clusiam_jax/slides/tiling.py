@@ -369,13 +369,13 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
                 interrupts.check()
                 done(entry, tile_slide(entry, params, out_dir))
     except BaseException:
-        bar.close()
         try:   # what is finished is kept on Ctrl-C or a full disk
             table.write(out_dir, rows, order)
         except DataError as e:   # the disk is still full: the first error is the one told
             log.warning('tile: %s', e)
         raise
-    bar.close()
+    finally:
+        bar.close()
     table.write(out_dir, rows, order)
     final = [r for s in order for r in rows[s]]
     n_ok = sum(r['status'] == TILED for r in final)
