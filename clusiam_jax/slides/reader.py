@@ -161,8 +161,8 @@ class Slide:
     """One open slide: the OpenSlide handle, the direct TIFF reader when there is one,
     and one list of levels (OpenSlide's, then the hidden ones)."""
 
-    def __init__(self, handle, tiles=None, path: str = ''):   # tiles: a tiles.TiffTiles
-        self.handle, self.tiles, self.path = handle, tiles, path or str(handle)
+    def __init__(self, handle, tiff=None, path: str = ''):   # tiff: a tiles.TiffTiles
+        self.handle, self.tiles, self.path = handle, tiff, path or str(handle)
         self.dimensions = tuple(handle.dimensions)
         self.properties = getattr(handle, 'properties', {})
         self.listed = handle.level_count   # the levels OpenSlide lists come first
@@ -170,12 +170,12 @@ class Slide:
         self.levels = []
         for index, (ds, size) in enumerate(zip(handle.level_downsamples,
                                                handle.level_dimensions)):
-            backend = tiles if index in getattr(tiles, 'levels', ()) else openslide_levels
+            backend = tiff if index in getattr(tiff, 'levels', ()) else openslide_levels
             self.levels.append(Level(float(ds), tuple(size), self._tile_of(index), backend))
-        for index, lv in sorted(getattr(tiles, 'levels', {}).items()):
+        for index, lv in sorted(getattr(tiff, 'levels', {}).items()):
             if index >= self.listed:
                 self.levels.append(Level(self.dimensions[0] / lv.width,
-                                         (lv.width, lv.height), (lv.tile_w, lv.tile_h), tiles))
+                                         (lv.width, lv.height), (lv.tile_w, lv.tile_h), tiff))
         self._said = set()
 
     def _tile_of(self, level: int) -> Optional[Tuple[int, int]]:
