@@ -102,14 +102,14 @@ def save_state_dict(state_dict: Dict[str, np.ndarray], path: str,
             raise ConversionError('writing a .pth / .pt file needs torch (pip install -r '
                                   'requirements-torch.txt); a .safetensors file does not') from None
     try:
-        with atomic_write(path) as tmp:
+        with atomic_write(path) as tmp, open(tmp, 'wb') as f:
             if torch is None:
-                from safetensors.numpy import save_file
+                from safetensors.numpy import save
                 # 'format': 'pt' tells Hugging Face-style loaders these are PyTorch tensors.
-                save_file(state_dict, tmp, metadata={'format': 'pt', **metadata})
+                f.write(save(state_dict, metadata={'format': 'pt', **metadata}))
             else:
                 write_json(path + '.json', metadata)
-                torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, tmp)
+                torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, f)
     except OSError as e:
         raise ConversionError(f'{path}: cannot write it ({e.strerror or e})') from None
 
