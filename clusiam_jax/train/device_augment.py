@@ -1,15 +1,8 @@
 """On-device augmentation (data.augment_on_device): docs/method.md §1 steps 2-5 in JAX.
 
-The CPU workers only crop (and vflip / rot90) to uint8; the colour and blur ops, most of
-the CPU cost of a pair, run inside the jitted step with per-sample parameters from the
-distributions of augment.sample_view_params. Vectorised over the batch with no
-per-sample control flow: the random jitter order is applied as blend slots before and
-after one hue rotation, and an op a sample does not get is masked out with jnp.where.
-Float32 in [0, 1], clamped after each op as PIL's uint8 blends are, but not rounded to 256
-levels between ops: within 1-2 levels of the CPU path, hue in float HSV like
-torchvision's tensor path (tests/test_device_augment.py). vflip / rot90 commute with every
-op here, so the orientations keep the CPU path's distribution. Draws come from
-jax.random, so a seed does not give the CPU path's draws; the distributions are the same.
+Vectorised with no per-sample control flow: jitter order as blend slots around one hue
+rotation, ops a sample does not get masked with jnp.where; float32 in [0, 1], clamped after
+each op like PIL's uint8 blends (within 1-2 levels of the CPU path, tests/test_device_augment.py).
 """
 import math
 from typing import Dict
@@ -26,10 +19,7 @@ LUMA = (0.299, 0.587, 0.114)
 def sample_device_params(key, n: int, cfg: AugmentConfig) -> Dict[str, jax.Array]:
     """Everything random about n views, as arrays of leading size n (jittable)."""
     keys = jax.random.split(key, 10)
-
-    def uniform(k, lo, hi):
-        return jax.random.uniform(k, (n,), jnp.float32, lo, hi)
-
+    uniform = lambda k, lo, hi: jax.random.uniform(k, (n,), jnp.float32, lo, hi)
     return {
         'jitter': jax.random.bernoulli(keys[0], cfg.jitter_p, (n,)),
         # A uniformly random permutation of the 4 jitter ops per sample.
@@ -44,8 +34,6 @@ def sample_device_params(key, n: int, cfg: AugmentConfig) -> Dict[str, jax.Array
         'hflip': jax.random.bernoulli(keys[9], cfg.hflip_p, (n,)),
     }
 
-
-# The operations: float32 [N, H, W, 3] in [0, 1]; per-sample parameters [N].
 
 def _per_sample(v):
     return jnp.asarray(v, jnp.float32).reshape(-1, 1, 1, 1)
@@ -86,22 +74,18 @@ def adjust_hue(x, shift):
     """Rotate the hue by `shift` turns through float HSV (torchvision's tensor path)."""
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     maxc = jnp.max(x, axis=-1)
-    minc = jnp.min(x, axis=-1)
-    chroma = maxc - minc
+    chroma = maxc - jnp.min(x, axis=-1)
     flat = chroma == 0
     sat = chroma / jnp.where(flat, 1.0, maxc)
     div = jnp.where(flat, 1.0, chroma)
     rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    h = jnp.where(maxc == r, bc - gc,
-                  jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = jnp.where(maxc == r, bc - gc, jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     h = jnp.where(flat, 0.0, h) / 6.0
     h = jnp.mod(h + shift.reshape(-1, 1, 1), 1.0)
     # Channel n of (R, G, B) = (5, 3, 1): v - v s clip(min(k, 4 - k), 0, 1), k = n + 6h mod 6.
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = jnp.mod(n + 6.0 * h, 6.0)
-        out.append(maxc - maxc * sat * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0))
-    return jnp.clip(jnp.stack(out, axis=-1), 0.0, 1.0)
+    k = jnp.mod(jnp.asarray([5.0, 3.0, 1.0]) + 6.0 * h[..., None], 6.0)
+    v = maxc[..., None]
+    return jnp.clip(v - v * sat[..., None] * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0), 0.0, 1.0)
 
 
 def _blend_slot(x, op, active, brightness, contrast, saturation):
@@ -110,9 +94,8 @@ def _blend_slot(x, op, active, brightness, contrast, saturation):
                        jnp.where(op == CONTRAST, _per_sample(contrast),
                                  _per_sample(saturation)))
     y = luma(x)
-    degenerate = jnp.where(op == BRIGHTNESS, 0.0,
-                           jnp.where(op == CONTRAST,
-                                     jnp.mean(y, axis=(1, 2, 3), keepdims=True), y))
+    mean = jnp.mean(y, axis=(1, 2, 3), keepdims=True)
+    degenerate = jnp.where(op == BRIGHTNESS, 0.0, jnp.where(op == CONTRAST, mean, y))
     return jnp.where(active, _blend(degenerate, x, factor), x)
 
 
@@ -147,15 +130,11 @@ def blur_kernels(sigma, support: int):
 
 def _filter_axis(x, kernels, axis):
     """Per-sample 1-D filter along `axis` (1: rows of H, 2: columns of W), edge padding."""
-    r = (kernels.shape[1] - 1) // 2
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (r, r)
-    xp = jnp.pad(x, pad, mode='edge')
-    size = x.shape[axis]
+    r, size = (kernels.shape[1] - 1) // 2, x.shape[axis]
+    xp = jnp.pad(x, [(r, r) if a == axis else (0, 0) for a in range(x.ndim)], mode='edge')
     out = 0.0
     for t in range(2 * r + 1):
-        tap = jax.lax.slice_in_dim(xp, t, t + size, axis=axis)
-        out = out + kernels[:, t].reshape(-1, 1, 1, 1) * tap
+        out = out + _per_sample(kernels[:, t]) * jax.lax.slice_in_dim(xp, t, t + size, axis=axis)
     return out
 
 
@@ -177,8 +156,7 @@ def apply_device_params(images, params, cfg: AugmentConfig):
                             params['saturation'], params['hue'])
     x = jnp.where(_mask(params['jitter']), jittered, x)
     x = jnp.where(_mask(params['gray']), grayscale(x), x)
-    x = jnp.where(_mask(params['blur']),
-                  gaussian_blur(x, params['sigma'], blur_support(cfg)), x)
+    x = jnp.where(_mask(params['blur']), gaussian_blur(x, params['sigma'], blur_support(cfg)), x)
     return jnp.where(_mask(params['hflip']), hflip(x), x)
 
 
