@@ -1,15 +1,7 @@
-"""The two-view augmentation of docs/method.md §1 on uint8 RGB numpy arrays, with
-torchvision's order and distributions (as the original used them).
-
-Each view's parameters are drawn (``sample_view_params``), then applied
-(``apply_view``), so the distributions are testable. Fidelity to PIL's operations (tests
-compare against PIL itself): brightness, contrast, saturation and grayscale are bit-exact
-(PIL's float32 blend with truncation, its fixed-point luma); crop + resize is OpenCV's
-bilinear (PIL's up to fixed-point rounding) when nothing shrinks, PIL's antialiased
-resize otherwise; blur is PIL's three extended-box passes as one separable kernel,
-rounded once instead of six times; hue uses OpenCV's 8-bit HSV, a level or so from PIL's
-(its HSV round trip alone costs more than a whole view). Draws come from numpy, not
-torch: the distributions are the original's, not its draws.
+"""The two-view augmentation of docs/method.md §1 on uint8 RGB arrays, in torchvision's
+order and distributions; parameters are drawn (`sample_view_params`), then applied
+(`apply_view`), so the distributions are testable. Jitter, gray and blur match PIL
+(tests compare against it; hue within a level); draws come from numpy, not torch.
 """
 import dataclasses
 import math
@@ -67,8 +59,8 @@ class ViewParams:
     rot90: int = 0
 
 
-def sample_crop(rng: np.random.Generator, height: int, width: int,
-                scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+def sample_crop(rng: np.random.Generator, height: int, width: int, scale=(0.2, 1.0),
+                ratio=(3.0 / 4.0, 4.0 / 3.0)):
     """torchvision RandomResizedCrop.get_params: (top, left, h, w)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -128,8 +120,7 @@ _LEVELS = np.arange(256, dtype=np.float32)
 
 
 def luma(img: np.ndarray) -> np.ndarray:
-    """PIL's RGB->L exactly: (r*19595 + g*38470 + b*7471 + 2**15) >> 16 stays below
-    2**24, so a float32 dot product computes it without rounding."""
+    """PIL's RGB->L exactly: the sum stays below 2**24, so float32 does not round."""
     s = img.reshape(-1, 3).astype(np.float32) @ _LUMA_WEIGHTS
     s += np.float32(32768.0)
     s *= np.float32(1.0 / 65536.0)
@@ -137,8 +128,7 @@ def luma(img: np.ndarray) -> np.ndarray:
 
 
 def _blend_table(degenerate, factor: float) -> np.ndarray:
-    """PIL's Image.blend (``d + factor * (x - d)`` in float32, truncated) for every level:
-    a 256 table for a scalar ``degenerate``, a 256x256 one [d, x] for the levels."""
+    """PIL's Image.blend (float32, truncated) for every level: [256], or [d, x] for levels."""
     d = np.asarray(degenerate, np.float32)
     out = d + np.float32(factor) * (_LEVELS - d)
     return np.clip(out, 0, 255).astype(np.uint8)
@@ -186,8 +176,7 @@ def _box_kernel(radius: float) -> np.ndarray:
 
 
 def box_radius(sigma, xp=np):
-    """The extended-box radius of PIL's GaussianBlur(radius=sigma), three passes (xp:
-    numpy, or jax.numpy on the device)."""
+    """The extended-box radius of PIL's GaussianBlur(radius=sigma) (xp: numpy or jnp)."""
     sigma2 = sigma * sigma / 3.0
     small_l = xp.floor((xp.sqrt(sigma2 * 12.0 + 1.0) - 1.0) / 2.0)
     a = (2 * small_l + 1) * (small_l * (small_l + 1) - 3 * sigma2)
@@ -207,19 +196,15 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.filter2D(out, -1, k[:, None], borderType=cv2.BORDER_REPLICATE)
 
 
-_ROTATIONS = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180,
-              3: cv2.ROTATE_90_CLOCKWISE}
+_ROTATIONS = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
 
-_JITTER_OPS = {
-    BRIGHTNESS: lambda img, p: adjust_brightness(img, p.brightness),
-    CONTRAST: lambda img, p: adjust_contrast(img, p.contrast),
-    SATURATION: lambda img, p: adjust_saturation(img, p.saturation),
-    HUE: lambda img, p: adjust_hue(img, p.hue),
-}
+_JITTER_OPS = {BRIGHTNESS: lambda img, p: adjust_brightness(img, p.brightness),
+               CONTRAST: lambda img, p: adjust_contrast(img, p.contrast),
+               SATURATION: lambda img, p: adjust_saturation(img, p.saturation),
+               HUE: lambda img, p: adjust_hue(img, p.hue)}
 
 
-def apply_view(img: np.ndarray, params: ViewParams, size: int,
-               crop_only: bool = False) -> np.ndarray:
+def apply_view(img: np.ndarray, params: ViewParams, size: int, crop_only: bool = False):
     """One augmented view (uint8 size x size x 3); `crop_only`: the CPU share of
     data.augment_on_device (crop, vflip, rot90: the device ops commute with the last two)."""
     out = resized_crop(img, params.crop, size)
@@ -240,8 +225,7 @@ def apply_view(img: np.ndarray, params: ViewParams, size: int,
 
 
 def two_views(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig):
-    """(view1, view2): two independent draws applied to the same image (with
-    cfg.on_device, their crops: the same draws, so the same crops)."""
+    """(view1, view2): two independent draws on the same image (on_device: their crops)."""
     h, w = img.shape[:2]
     params = [sample_view_params(rng, h, w, cfg) for _ in range(2)]
     return tuple(apply_view(img, p, cfg.image_size, cfg.on_device) for p in params)

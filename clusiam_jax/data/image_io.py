@@ -1,9 +1,6 @@
-"""Reading patch files into RGB uint8 arrays, and telling bad files apart.
-
-PNG and JPEG go through OpenCV's decoder (pixel-identical to PIL's for PNG and baseline
-JPEG, checked in tests), the rest through PIL. Gray is replicated, alpha dropped, palettes
-expanded, 16 bits scaled by round(v / 257) (the original crashed on RGBA). What does not
-decode raises BadImageError, which the pipeline skips; any other exception is a bug.
+"""Patch files into RGB uint8 arrays (PNG/JPEG through OpenCV, pixel-identical to PIL's;
+the rest through PIL). What does not decode raises BadImageError, which the pipeline skips;
+any other exception is a bug.
 """
 import io
 import os
@@ -25,8 +22,7 @@ _SUBIFDS = 330   # the TIFF tag of an OME-TIFF's reduced levels
 
 
 class BadImageError(ValueError):
-    """A file that is not a readable image; `subject`: what the skip list names (a slide,
-    once for all its patches), else the patch."""
+    """A file that is not a readable image; `subject`: what the skip list names (a slide)."""
 
     def __init__(self, message: str, subject: Optional[str] = None):
         super().__init__(message)
@@ -90,7 +86,6 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 
 def load_rgb(path: str) -> np.ndarray:
-    """Reads an image file as HxWx3 uint8 RGB; BadImageError if unreadable."""
     try:
         with open(path, 'rb') as f:
             data = f.read()
@@ -103,9 +98,8 @@ def load_rgb(path: str) -> np.ndarray:
 
 
 def tiff_is_slide(path: str) -> bool:
-    """Whether a .tif/.tiff file is a whole slide: a pyramid (several images, or SubIFDs
-    as OME-TIFF keeps them), or tiled and larger than MAX_PATCH_SIDE. A file that is no
-    readable TIFF is not a slide (decoding it tells what it is)."""
+    """Whether a .tif/.tiff file is a whole slide: a pyramid (pages or SubIFDs), or tiled and
+    larger than MAX_PATCH_SIDE. An unreadable TIFF is not a slide (decoding tells)."""
     try:
         with tifffile.TiffFile(path) as tiff:
             page = tiff.pages.first

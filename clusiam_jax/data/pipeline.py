@@ -1,11 +1,8 @@
 """The training stream: shuffled records -> two augmented views -> batches (grain).
 
-Every element is a pure function of its position, so the stream resumes exactly and does
-not depend on the number of workers: element k of a process is at place s * B_global +
-process_index * B_local + j of epoch e's order (drawn from (seed, e)), so the global batch
-is the same for any process count; its views are drawn from (seed, e, place). An
-unreadable file gives way to a substitute drawn from (seed, e, place, attempt), is logged
-once and listed in <workdir>/skipped_files.txt: files are checked when read, not before.
+Every element is a pure function of its place in epoch e's order (drawn from (seed, e)), so
+the stream resumes exactly for any worker or process count; an unreadable file gives way to
+a substitute drawn from (seed, e, place, attempt) and is listed in skipped_files.txt.
 """
 import dataclasses
 import logging
@@ -41,8 +38,7 @@ class EpochPlan:
     num_epochs: int
     seed: int
     sampling: str = 'uniform'             # uniform | slide_balanced (config data.sampling)
-    slide_index: Optional[np.ndarray] = dataclasses.field(default=None, compare=False,
-                                                          repr=False)  # [N] slide of each
+    slide_index: Optional[np.ndarray] = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.steps_per_epoch == 0:
@@ -77,9 +73,8 @@ class EpochPlan:
 
 
 def balanced_order(slide_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """N record indices drawing every slide equally often (the remainder of N // S to
-    random slides), each slide's patches without repeats until all were seen; shuffled
-    at the end so batches mix slides."""
+    """N record indices drawing every slide equally often, each slide's patches without
+    repeats until all were seen; shuffled so batches mix slides."""
     n = len(slide_index)
     members = np.argsort(slide_index, kind='stable')
     counts = np.bincount(slide_index)
@@ -92,10 +87,8 @@ def balanced_order(slide_index: np.ndarray, rng: np.random.Generator) -> np.ndar
     for slide, q in zip(present, quota):
         own = members[starts[slide]:starts[slide] + counts[slide]]
         rounds = -(-q // len(own))
-        picks.append(np.concatenate([own[rng.permutation(len(own))]
-                                     for _ in range(rounds)])[:q])
-    order = np.concatenate(picks)
-    return order[rng.permutation(n)]
+        picks.append(np.concatenate([own[rng.permutation(len(own))] for _ in range(rounds)])[:q])
+    return np.concatenate(picks)[rng.permutation(n)]
 
 
 class PairMaker:
@@ -129,8 +122,7 @@ class PairMaker:
             img = self.source.load(index)
         except image_io.BadImageError as e:
             self._bad.add(index)
-            self.skip_log.record(e.subject or self.source.path(index),
-                                 str(e).split(': ', 1)[-1])
+            self.skip_log.record(e.subject or self.source.path(index), str(e).split(': ', 1)[-1])
             return None
         if self.min_tissue > 0:
             fraction = tissue.patch_tissue_fraction(img)
@@ -143,8 +135,8 @@ class PairMaker:
         return img
 
     def _substitute(self, index: int, attempt: int, rng) -> int:
-        """A record in place of an unreadable one: slide-balanced, first from the same
-        slide (keeping the balance), then from anywhere (the slide may be gone)."""
+        """A record in place of an unreadable one: first from the same slide (balanced
+        sampling), then from anywhere (the slide may be gone)."""
         if self.plan.sampling == 'slide_balanced' and attempt <= _SAME_SLIDE_ATTEMPTS:
             if self._members is None:
                 order = np.argsort(self.plan.slide_index, kind='stable')
@@ -178,8 +170,8 @@ class PairMaker:
 
 
 class BatchIterator:
-    """The loader's batches, the number drawn being the whole state (grain's own state
-    describes its workers: a run could not resume with another data.num_workers)."""
+    """The loader's batches, the number drawn being the whole state (grain's own depends
+    on the worker count)."""
 
     def __init__(self, loader: 'TrainLoader', start: int = 0):
         self._loader, self._next, self._it = loader, int(start), None
@@ -214,8 +206,7 @@ class BatchIterator:
 
 
 def batches_drawn(state: dict) -> int:
-    """The batches drawn before `state`: ours, or grain's (`next_index`; under mp_prefetch
-    workers take batches in turn: the sum of theirs)."""
+    """The batches drawn before `state`: ours, or grain's (under mp_prefetch: the sum)."""
     try:
         if STATE_KEY in state:
             return int(state[STATE_KEY])
@@ -236,12 +227,10 @@ class TrainLoader:
                  held_out: Optional[PatchSource] = None):
         self.source, self.plan, self.aug = source, plan, aug
         self.held_out = held_out   # the monitor set's slides, held out of `source`
-        self.mean = tuple(float(v) for v in mean)
-        self.std = tuple(float(v) for v in std)
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
         self.normalization_origin = normalization_origin
-        self.num_workers = int(num_workers)
+        self.num_workers, self.min_tissue = int(num_workers), float(min_tissue)
         self.skip_log = skips.SkipLog(skip_list)
-        self.min_tissue = float(min_tissue)
 
     num_records = property(lambda self: self.plan.num_records)
     steps_per_epoch = property(lambda self: self.plan.steps_per_epoch)
@@ -254,8 +243,7 @@ class TrainLoader:
         """The grain IterDataset of batches over all epochs, from batch `start_batch` on."""
         import grain  # pylint: disable=g-import-not-at-top
         start = int(start_batch) * self.plan.local_batch
-        ds = (grain.MapDataset.range(start, self.plan.local_elements)
-              .map(self.pair_maker())
+        ds = (grain.MapDataset.range(start, self.plan.local_elements).map(self.pair_maker())
               .batch(self.plan.local_batch, drop_remainder=True))
         # One reading thread (the parallelism is in the workers); a short buffer of batches.
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
@@ -263,14 +251,11 @@ class TrainLoader:
             from absl import flags  # grain reads absl flags a non-absl caller never parsed
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
-            it_ds = it_ds.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                             per_worker_buffer_size=1),
-                worker_init_fn=interrupts.worker_initializer())
+            options = grain.MultiprocessingOptions(self.num_workers, per_worker_buffer_size=1)
+            it_ds = it_ds.mp_prefetch(options, worker_init_fn=interrupts.worker_initializer())
         return it_ds
 
     def iterator(self) -> BatchIterator:
-        """The batches of all epochs; get_state/set_state resume it, any worker count."""
         return BatchIterator(self)
 
     def skipped_files(self):
@@ -284,19 +269,14 @@ class TrainLoader:
 
 def create_train_loader(config, workdir: Optional[str] = None, process_index: int = 0,
                         process_count: int = 1, recorded=None) -> TrainLoader:
-    """The training loader of this process, from a validated ``config``.
-
-    The normalization is ``data.mean/std`` when set, else ``recorded`` (what a resumed
-    run recorded, with ``mean``, ``std`` and ``origin``), else computed over the training
-    list (cached). DataError (one line) for a source that lists nothing usable.
-    """
+    """The training loader of this process. The normalization is data.mean/std when set,
+    else what a resumed run `recorded` (mean, std, origin), else computed (cached)."""
     data = config.data
     source = sources_lib.open_source(data.path, data.slide_dir, int(data.open_slides))
     held_out = None
     mon = config.get('monitor')
     if mon is not None and mon.every_epochs > 0 and not mon.data_path and mon.holdout > 0:
-        keep, held = sources_lib.holdout_slides(source, float(mon.holdout),
-                                                int(config.train.seed))
+        keep, held = sources_lib.holdout_slides(source, float(mon.holdout), int(config.train.seed))
         logger.info('monitor: %d patches of the training source held out (monitor.holdout '
                     '%g of its slides); training on the other %d', len(held), mon.holdout,
                     len(keep))
@@ -310,8 +290,7 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     mean, std, origin = data.mean, data.std, 'config data.mean/std'
     if mean is None and recorded is not None:
         mean, std, origin = recorded.mean, recorded.std, recorded.origin
-        logger.info('normalization recorded by the run: mean %s std %s (%s)', mean, std,
-                    origin)
+        logger.info('normalization recorded by the run: mean %s std %s (%s)', mean, std, origin)
     elif mean is None:
         sample = (stats_lib.sample_indices(len(source), int(data.stats_sample))
                   if source.from_slides else None)   # slides: millions of patches

@@ -1,7 +1,5 @@
-"""What a patch is (PatchRecord), what serves patches (PatchSource), and the listing of
-patch files: a folder at any depth (``<class>/<slide>/<x>_<y>.png`` as the original),
-a manifest CSV (``path``[, ``slide_id``, ``label``, ``x``, ``y``]) or a built dataset.
-Sorted by path, so a shuffle drawn from the seed ignores the file system's order.
+"""PatchRecord, the PatchSource protocol, and the listing of patch files (a folder, a
+manifest CSV or a built dataset), sorted so a seeded shuffle ignores the file system's order.
 """
 import dataclasses
 import glob
@@ -80,8 +78,8 @@ class Subset(PatchSource):
 
 
 def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:
-    """Slide id (the parent folder), coordinates and, for a file exactly two folders below
-    ``root`` (``<class>/<slide>/file``), the label, read off the path."""
+    """Slide id (the parent folder), coordinates and, under ``root/<class>/<slide>/``, the
+    label, read off the path."""
     match = _COORDS_RE.search(os.path.splitext(os.path.basename(path))[0])
     x, y = (int(match.group(1)), int(match.group(2))) if match else (None, None)
     label = None
@@ -93,9 +91,8 @@ def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:
 
 
 def discover_folder(root: str) -> List[PatchRecord]:
-    """All image files under ``root`` (any depth, symlinks followed), sorted. A folder
-    holding whole slides is refused: training on the few small images beside them
-    (labels, thumbnails) would look like success."""
+    """All image files under ``root``, sorted. Whole slides are refused: training on the
+    small images beside them (labels, thumbnails) would look like success."""
     root = os.path.abspath(root)
     records, slides = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -120,8 +117,7 @@ def discover_folder(root: str) -> List[PatchRecord]:
             + (f' (or move the slides out of {root} to train on its images)'
                if records else ''))
     if not records:
-        raise DataError(
-            f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
+        raise DataError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
     records.sort(key=lambda r: r.path)
     return records
 
@@ -136,7 +132,7 @@ def _optional_int(value: str, column: str, line: int, csv_path: str):
 
 
 def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
-    """Records from a manifest CSV (``path`` required; see module docstring)."""
+    """Records from a manifest CSV (path[, slide_id, label, x, y])."""
     base = os.path.dirname(os.path.abspath(csv_path))
     columns, rows = fileio.read_csv_rows(csv_path, 'manifest')
     if 'path' not in columns:
@@ -165,7 +161,6 @@ def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
 
 
 def write_patch_manifest(records, csv_path: str) -> None:
-    """Writes records as a manifest CSV (absolute paths, empty = unknown)."""
     fileio.write_csv(csv_path, MANIFEST_COLUMNS, (
         {'path': r.path, 'slide_id': r.slide_id or '', 'label': r.label or '',
          'x': '' if r.x is None else r.x, 'y': '' if r.y is None else r.y}
@@ -173,8 +168,7 @@ def write_patch_manifest(records, csv_path: str) -> None:
 
 
 def find_tfds_dataset(path: str) -> Optional[str]:
-    """The folder holding ``dataset_info.json`` of a built dataset at or at most three
-    levels below `path` (``out/<name>/<version>/``), or None."""
+    """The folder of a built dataset's dataset_info.json, at most 3 levels below, or None."""
     if not os.path.isdir(path):
         return None
     for depth in range(4):
@@ -190,8 +184,8 @@ def find_tfds_dataset(path: str) -> Optional[str]:
 def discover(path: str) -> List[PatchRecord]:
     """The training list of a patch source (folder, manifest CSV or built dataset)."""
     if not path:
-        raise DataError('data.path is empty: give a patch folder, a manifest CSV '
-                         'or a built dataset folder')
+        raise DataError('data.path is empty: give a patch folder, a manifest CSV or a built '
+                        'dataset folder')
     if not os.path.exists(path):
         raise DataError(f'patch source not found: {path}')
     if os.path.isfile(path):

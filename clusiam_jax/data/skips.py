@@ -1,7 +1,5 @@
-"""The list of skipped (unreadable) files: logged once, kept in the workdir.
-
-Worker processes meeting the same bad file share the list file: a path is appended under
-an exclusive flock only if it is not listed yet, and only the process appending it logs.
+"""The list of skipped (unreadable) files in the workdir, shared by worker processes: a path
+is appended under a flock only if not listed yet, and only the process appending it logs.
 """
 import fcntl
 import logging
@@ -34,7 +32,12 @@ class SkipLog:
             logger.warning('skipping %s (%s)', path, reason)
 
     def paths(self) -> List[str]:
-        return read_list(self.list_path) if self.list_path else sorted(self._seen)
+        if not self.list_path:
+            return sorted(self._seen)
+        if not os.path.exists(self.list_path):
+            return []
+        with open(self.list_path) as f:
+            return [line for line in f.read().splitlines() if line]
 
 
 def _append_once(list_path: str, path: str) -> bool:
@@ -46,10 +49,3 @@ def _append_once(list_path: str, path: str) -> bool:
             return False
         f.write(path + '\n')
         return True
-
-
-def read_list(list_path: str) -> List[str]:
-    if not os.path.exists(list_path):
-        return []
-    with open(list_path) as f:
-        return [line for line in f.read().splitlines() if line]

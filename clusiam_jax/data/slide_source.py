@@ -1,10 +1,6 @@
-"""Patches read straight from whole slides: a PatchSource over (slide, x, y).
-
-Two layouts (docs/formats.md): our tiling (slides.csv + patches/<id>_patches.h5), and
-TRIDENT's or CLAM's patches/*.h5 with data.slide_dir saying where the slides are. Slides
-open lazily in each process, at most `open_slides` at a time with one bounded tile cache,
-so memory stays flat over thousands of slides. An unreadable slide or region is a
-BadImageError; a damaged coordinate file leaves its slide out with a warning.
+"""Patches read straight from whole slides (our tiling, or CLAM/TRIDENT patches/*.h5 with
+data.slide_dir): slides open lazily per process, at most `open_slides` at a time with one
+bounded tile cache, so memory stays flat over thousands of slides.
 """
 import collections
 import dataclasses
@@ -39,8 +35,7 @@ class SlideSource(PatchSource):
 
     def __init__(self, slides: List[SlidePatches], open_slides: int = 512,
                  fast_tiles: bool = True):
-        self.slides = [dataclasses.replace(s, coords=dataclasses.replace(s.coords,
-                                                                         coords=None))
+        self.slides = [dataclasses.replace(s, coords=dataclasses.replace(s.coords, coords=None))
                        for s in slides]
         self.slide_ids = np.array([s.slide_id for s in slides], dtype=str)
         counts = [len(s.coords.coords) for s in slides]
@@ -53,8 +48,8 @@ class SlideSource(PatchSource):
         self._reset()
 
     def _reset(self):
-        """The per-process state, never pickled (handles must not cross a fork). An evicted
-        or failed handle is dropped, never closed: another export thread may read it."""
+        """The per-process state, never pickled. An evicted or failed handle is dropped, never
+        closed: another export thread may read it."""
         self._handles = collections.OrderedDict()
         self._bad: Dict[int, str] = {}
         self._sizes: Dict[int, tuple] = {}
@@ -83,8 +78,7 @@ class SlideSource(PatchSource):
                 for s in self.slide_index[np.asarray(indices, np.int64)]]
 
     def coords_attrs(self, slide_id: str) -> dict:
-        """A slide's coordinate-file attributes (for its export file), with its path and the
-        `patch_size_level0` and level-0 size CLAM files lack."""
+        """A slide's coordinate-file attributes, completed with what CLAM files lack."""
         index = self.slide_ids.tolist().index(slide_id)
         slide = self.slides[index]
         attrs = dict(slide.coords.attrs, slide_path=os.path.abspath(slide.path))
@@ -123,7 +117,7 @@ class SlideSource(PatchSource):
             return opened
 
     def _outside(self, s: int, dimensions) -> str:
-        """Why slide s's patches do not fit it (a CLAM file's, a slide replaced), or ''."""
+        """Why slide s's patches do not fit it (a slide replaced), or ''."""
         xy = self._xy[self._starts[s]:self._starts[s + 1]]
         width, height = dimensions
         bad = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
@@ -160,16 +154,13 @@ class SlideSource(PatchSource):
                 with self._lock:
                     if self._handles.get(s) is opened:
                         del self._handles[s]
-            raise image_io.BadImageError(
-                f'{self.path(index)}: region unreadable ({" ".join(str(e).split())})') \
-                from None
+            why = ' '.join(str(e).split())
+            raise image_io.BadImageError(f'{self.path(index)}: region unreadable ({why})') from None
 
 
 def _slide_error(path: str, reason: str) -> image_io.BadImageError:
     return image_io.BadImageError(f'{path}: {reason}', subject=path)
 
-
-# -------------------------------------------------------------------- discovery
 
 def _has_h5(folder: str) -> bool:
     return any(n.endswith('.h5') for n in os.listdir(folder))
@@ -203,8 +194,7 @@ def _index_slides(slide_dir: str) -> Dict[str, str]:
 
 
 def _usable(coord_file: str, slide_id: str, left_out: List[str]):
-    """The SlideCoords of a coordinate file, or None (that slide left out: why in
-    `left_out` and the log)."""
+    """The SlideCoords of a coordinate file, or None (why: in `left_out` and the log)."""
     try:
         return coords_lib.read_coords(coord_file)
     except DataError as e:

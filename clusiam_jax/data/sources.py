@@ -1,7 +1,5 @@
-"""`open_source`: the one way to a PatchSource (records.py), whatever data.path holds.
-
-Sources pickle cheaply (grain sends them to spawned workers): per-patch columns in numpy
-arrays, readers opened lazily in each process.
+"""`open_source`: the one way to a PatchSource, whatever data.path holds. Sources pickle
+cheaply for grain's workers: per-patch numpy columns, readers opened lazily per process.
 """
 import logging
 import os
@@ -19,8 +17,7 @@ _NONE = np.iinfo(np.int64).min   # a coordinate the record does not have
 
 
 class FileSource(PatchSource):
-    """Patch files (a folder or a manifest), or the images of a built dataset
-    (`dataset_dir`, ArrayRecord)."""
+    """Patch files (a folder or a manifest), or a built dataset's images (`dataset_dir`)."""
 
     def __init__(self, records: Sequence[PatchRecord], dataset_dir: Optional[str] = None):
         self.dataset_dir = dataset_dir
@@ -70,24 +67,21 @@ class FileSource(PatchSource):
 
 
 def open_source(path: str, slide_dir: str = '', open_slides: int = 512) -> PatchSource:
-    """The source of a tiling output or CLAM/TRIDENT patch folder (slides read directly;
-    `slide_dir`: where the latter's slides are), a patch folder, a manifest CSV or a
-    built dataset."""
+    """The source of a tiling output or CLAM/TRIDENT patch folder (`slide_dir`: its slides),
+    a patch folder, a manifest CSV or a built dataset."""
     if slide_source.is_slide_source(path):
         return slide_source.open_slide_source(path, slide_dir, open_slides)
     if slide_dir:
         raise DataError(f'data.slide_dir is set but {path} is not a CLAM/TRIDENT patch '
                         f'folder (no patches/*.h5): drop data.slide_dir or point data.path '
                         f'at the folder holding patches/')
-    recs = records_lib.discover(path)
-    return FileSource(recs, records_lib.find_tfds_dataset(path) if os.path.isdir(path)
-                      else None)
+    dataset_dir = records_lib.find_tfds_dataset(path) if os.path.isdir(path) else None
+    return FileSource(records_lib.discover(path), dataset_dir)
 
 
 def holdout_slides(source: PatchSource, fraction: float, seed: int):
-    """(training indices, held-out indices): `fraction` of the slides (at least one, never
-    all), drawn from `seed`, held out whole: patches of one slide are correlated, so a
-    monitor set sharing slides with training would flatter it."""
+    """(training, held-out indices): `fraction` of the slides (at least one, never all) held
+    out whole, since a monitor set sharing slides with training would flatter it."""
     ids, codes = source.slide_ids, source.slide_index
     if (ids[np.unique(codes)] == '').any():   # no slide ids: the folder is the slide
         keys = [str(ids[c]) or os.path.dirname(source.path(i)) for i, c in enumerate(codes)]

@@ -1,13 +1,7 @@
-"""Per-channel normalization statistics over the exact training list (docs/method.md §1).
-
-mean: the mean over images of each image's per-channel mean (pixels in [0, 1]); std: the
-population std of the pixels, every image weighted equally (for images of one size, the
-std over all pixels). The original computed them over a glob one level shallower than it
-trained on. Cached, keyed by a hash of the list, in `$XDG_CACHE_HOME/clusiam_jax/stats/`
-(else the run's folder), never inside the source (input: read-only, shared). Statistics
-that would poison every run are never used or cached: a flat channel is refused; a mostly
-unreadable sample is used but not cached; an entry made while files were unreadable
-remembers their size and time, so that repairing them recomputes.
+"""Per-channel normalization statistics over the exact training list (docs/method.md §1),
+cached by a hash of the list outside the (read-only) source. Statistics that would poison
+every run are never used or cached; an entry made while files were unreadable remembers
+them, so that repairing them recomputes.
 """
 import concurrent.futures
 import hashlib
@@ -44,11 +38,6 @@ def list_key(paths: Sequence[str]) -> str:
     return f'{_KEY_VERSION}-{len(paths)}-{digest.hexdigest()}'
 
 
-def _file_of(path: str) -> str:
-    """The file behind a patch path (a slide source's are `<slide>#x=..,y=..`)."""
-    return path.split('#x=', 1)[0]
-
-
 def file_states(paths) -> List[list]:
     """[path, size, mtime_ns] of each distinct file (None, None when missing)."""
     out = []
@@ -76,8 +65,7 @@ def check_stats(mean, std, what: str = 'the images'):
 
 
 def _chunk_moments(source, indices):
-    """Sums over a chunk of each image's per-channel E[x] and E[x^2] (x in [0, 1]), the
-    count, and the unreadable (path, reason)s."""
+    """Sums of each image's per-channel E[x] and E[x^2], the count, the unreadable."""
     s1, s2, n, bad = np.zeros(3), np.zeros(3), 0, []
     for i in map(int, indices):
         try:
@@ -92,8 +80,7 @@ def _chunk_moments(source, indices):
 
 
 def sample_indices(n: int, size: int, seed=_SAMPLE_SEED) -> np.ndarray:
-    """A fixed, sorted sample of `size` of n indices drawn from `seed` (all when n <=
-    size): for the statistics of a slide source, and the monitor set."""
+    """A fixed, sorted sample of `size` of n indices (all when n <= size)."""
     if n <= size:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
@@ -101,8 +88,7 @@ def sample_indices(n: int, size: int, seed=_SAMPLE_SEED) -> np.ndarray:
 
 def compute_stats(source, num_workers: int = 0, skip_log=None, indices=None,
                   unreadable: Optional[list] = None, what: str = 'the images'):
-    """(mean, std) tuples over the readable images of ``source`` (or of ``indices``);
-    (path, reason) of each unreadable one appended to ``unreadable``."""
+    """(mean, std) tuples over the readable images; `unreadable` gets (path, reason)s."""
     indices = np.arange(len(source)) if indices is None else np.asarray(indices)
     chunks = [indices[i:i + _CHUNK] for i in range(0, len(indices), _CHUNK)]
     total1, total2, count = np.zeros(3), np.zeros(3), 0
@@ -142,17 +128,14 @@ def compute_stats(source, num_workers: int = 0, skip_log=None, indices=None,
 
 
 def cache_file(data_path: str, dataset_dir: Optional[str] = None) -> str:
-    """The user's cache file of a patch source (of a built dataset: its folder)."""
-    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'),
-                                                            '.cache')
+    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     source = os.path.abspath(dataset_dir if dataset_dir is not None else data_path)
     digest = hashlib.sha1(os.fsencode(source)).hexdigest()
     return os.path.join(os.path.abspath(root), CACHE_SUBDIR, f'{digest}.json')
 
 
 def _read_cache(path: str, key: str):
-    """(mean, std) of the entry `key`; None without one, or when it is degenerate or its
-    unreadable files have changed since."""
+    """(mean, std) of the entry `key`; None when absent, degenerate or stale."""
     try:
         with open(path) as f:
             entry = json.load(f).get(key)
@@ -195,8 +178,7 @@ def _write_cache(path: str, key: str, mean, std, unreadable_files) -> bool:
 
 def cached_stats(data_path: str, source, workdir: Optional[str] = None,
                  num_workers: int = 0, skip_log=None, indices=None):
-    """(mean, std, origin) from the cache, or computed over ``source`` (or its sample
-    ``indices``) and cached; origin says which (normalization.json)."""
+    """(mean, std, origin) from the cache, or computed and cached; origin says which."""
     over = range(len(source)) if indices is None else indices
     key = list_key([source.path(int(i)) for i in over])
     origin = f'computed over the training list of {data_path}'
@@ -214,7 +196,7 @@ def cached_stats(data_path: str, source, workdir: Optional[str] = None,
     mean, std = compute_stats(source, num_workers=num_workers, skip_log=skip_log,
                               indices=indices, unreadable=unreadable,
                               what=f'the patches of {data_path}')
-    files = file_states(_file_of(p) for p, _ in unreadable)
+    files = file_states(p.split('#x=', 1)[0] for p, _ in unreadable)   # a slide's file
     if len(unreadable) > MAX_UNREADABLE_TO_CACHE * len(over) or len(files) > _MAX_REMEMBERED:
         logger.warning('normalization: %d of the %d patches sampled from %s were unreadable '
                        '(skipped_files.txt); the statistics of the others are used but not '
