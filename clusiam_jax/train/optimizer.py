@@ -1,10 +1,5 @@
-"""SGD with PyTorch-style coupled weight decay and the original's per-epoch schedules
-(LARS with warmup as a pod-scale option).
-
-PyTorch's SGD does d = g + wd * p; buf = momentum * buf + d; p -= lr * buf: in optax,
-add_decayed_weights -> trace -> scale by -lr, in this order (decay before the momentum
-buffer, unlike AdamW-style decoupled decay).
-"""
+"""SGD with PyTorch-style coupled weight decay (decay before the momentum buffer, unlike
+AdamW) and the original's per-epoch schedules; LARS with warmup as a pod-scale option."""
 import jax
 import jax.numpy as jnp
 import optax
@@ -38,22 +33,11 @@ def coupled_sgd(learning_rate, weight_decay: float, momentum: float):
                        optax.scale_by_learning_rate(learning_rate))
 
 
-def predictor_labels(params):
-    """'fixed' for the predictor's leaves, 'scheduled' for everything else."""
-    return {name: jax.tree.map(lambda _, n=name: 'fixed' if n == 'predictor' else 'scheduled',
-                               sub)
-            for name, sub in params.items()}
-
-
-def is_matrix(params):
-    """LARS: kernels get weight decay and trust-ratio scaling; 1-d leaves neither."""
-    return jax.tree.map(lambda x: x.ndim > 1, params)
-
-
 def base_optimizer(config, learning_rate):
-    """optim.name: 'sgd' or 'lars'."""
+    """optim.name: 'sgd' or 'lars' (kernels get weight decay and trust ratio, 1-d leaves not)."""
     opt = config.optim
     if opt.name == 'lars':
+        is_matrix = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
         return optax.lars(learning_rate, weight_decay=opt.weight_decay,
                           weight_decay_mask=is_matrix, trust_ratio_mask=is_matrix,
                           momentum=opt.momentum)
@@ -68,13 +52,15 @@ def make_optimizer(config, steps_per_epoch: int):
     scheduled = base_optimizer(config, schedule)
     if not config.optim.fix_pred_lr:
         return scheduled, schedule
+    labels = lambda params: {n: jax.tree.map(
+        lambda _, n=n: 'fixed' if n == 'predictor' else 'scheduled', sub)
+        for n, sub in params.items()}
     return optax.multi_transform({'scheduled': scheduled, 'fixed': base_optimizer(config, lr)},
-                                 predictor_labels), schedule
+                                 labels), schedule
 
 
 def ema_momentum(config, total_steps: int):
-    """Target momentum: constant (original) or, with ema.schedule='cosine', BYOL's cosine
-    m0 -> 1."""
+    """Target momentum: constant (original) or BYOL's cosine m0 -> 1 (ema.schedule)."""
     m0 = config.ema.momentum
     if config.ema.schedule == 'cosine':
         return lambda step: 1.0 - (1.0 - m0) * 0.5 * (1.0 + jnp.cos(jnp.pi * step / total_steps))

@@ -9,11 +9,9 @@ import numpy as np
 def to_device(batch: Mapping, sharding):
     """Each process's local rows -> global arrays sharded along the batch axis;
     ``sharding``: one for every entry, or a mapping from entry name to sharding."""
-    out = {}
-    for name, value in batch.items():
-        s = sharding[name] if isinstance(sharding, Mapping) else sharding
-        out[name] = jax.make_array_from_process_local_data(s, np.asarray(value))
-    return out
+    return {name: jax.make_array_from_process_local_data(
+        sharding[name] if isinstance(sharding, Mapping) else sharding, np.asarray(value))
+        for name, value in batch.items()}
 
 
 def prefetch_to_device(iterator: Iterator, sharding, size: int = 2, with_state: bool = False):

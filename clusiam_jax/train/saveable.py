@@ -1,10 +1,6 @@
-"""What may be checkpointed: a state whose every float is finite and not exploded.
-
-A learning rate far too large can drive the parameters to 1e35 through steps whose loss
-and gradients are finite (the per-step guard, train/metrics.py); a checkpoint of that
-state, rotated in by train.keep_checkpoints, would delete the last good one. So every
-save first checks the whole state, in one reduction per save.
-"""
+"""What may be checkpointed: a state whose every float is finite and not exploded. A run
+can diverge through steps with a finite loss and gradients; saving that state would rotate
+out the last good checkpoint, so every save checks the whole state first."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +8,7 @@ import numpy as np
 from clusiam_jax.checkpoint import leaf_name
 from clusiam_jax.errors import NonFiniteError
 
-# Trained weights are O(1) and BatchNorm variances and optimizer moments stay far below
-# this; a diverging run passes it on its way to float32's overflow.
+# Far above trained weights, BatchNorm variances and optimizer moments; below float32's overflow.
 EXPLODED = 1e10
 
 

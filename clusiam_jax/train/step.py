@@ -1,9 +1,5 @@
-"""One pure training step: two views -> networks once per view -> loss -> SGD -> EMA.
-
-`make_train_step` closes over everything static and returns `step(state, batch) ->
-(state, metrics)`, which trainer.py jits over the mesh. Views arrive as uint8 and are
-normalized here, on the device (after device_augment with data.augment_on_device).
-"""
+"""One pure training step: two uint8 views -> (device augmentation) -> normalize ->
+networks once per view -> loss -> SGD -> EMA; trainer.py jits it over the mesh."""
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,17 +20,14 @@ def make_input_views(config, mean, std, dtype):
                                    for name in ('view1', 'view2')]
     cfg = AugmentConfig.from_config(config)
 
-    def views(key, batch):
-        return [normalize_input(device_augment.augment_views(k, batch[name], cfg),
-                                mean, std, dtype)
-                for k, name in zip(jax.random.split(key), ('view1', 'view2'))]
-    return views
+    return lambda key, batch: [
+        normalize_input(device_augment.augment_views(k, batch[name], cfg), mean, std, dtype)
+        for k, name in zip(jax.random.split(key), ('view1', 'view2'))]
 
 
 def apply_per_view(module, params, batch_stats, views):
     """`module` on each view in turn, threading BatchNorm statistics (docs/method.md §3):
-    each view has its own batch statistics and the running averages update once per
-    view, view 1 first. Never concatenate the views into one batch."""
+    each view has its own batch statistics. Never concatenate the views into one batch."""
     outputs = []
     for x in views:
         out, mutated = module.apply({'params': params, 'batch_stats': batch_stats}, x,
@@ -51,24 +44,12 @@ def cluster_diagnostics(key, logits):
     k = logits.shape[-1]
     clean = jnp.argmax(logits, axis=-1)
     noisy = jnp.argmax(logits + losses.sample_gumbel(key, logits.shape), axis=-1)
-    usage = jnp.sum(jax.nn.one_hot(clean, k), axis=0)
-    noisy_usage = jnp.sum(jax.nn.one_hot(noisy, k), axis=0)
+    usage, noisy_usage = (jnp.sum(jax.nn.one_hot(a, k), axis=0) for a in (clean, noisy))
     freq = usage / logits.shape[0]
     entropy = -jnp.sum(jnp.where(freq > 0, freq * jnp.log(jnp.where(freq > 0, freq, 1.0)), 0.0))
     return {'active_clusters': jnp.sum(usage > 0),
             'active_clusters_gumbel': jnp.sum(noisy_usage > 0),
             'gumbel_agreement': jnp.mean(clean == noisy), 'cluster_entropy': entropy}
-
-
-def keep_floats_unless(accept, new_state, old_state):
-    """new_state where `accept`, else old_state's float leaves with new_state's integer
-    ones (train.on_nonfinite='skip'): the counters (step, schedule counts) still advance,
-    so data, noise and the lr and EMA schedules stay tied to the step."""
-    def pick(new, old):
-        if jnp.issubdtype(new.dtype, jnp.floating):
-            return jnp.where(accept, new, old)
-        return new
-    return jax.tree.map(pick, new_state, old_state)
 
 
 def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
@@ -136,8 +117,12 @@ def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
                                   target_params=target_params,
                                   target_batch_stats=target_batch_stats)
         if skip_nonfinite:
+            # The old floats, but the counters advance: data, noise and schedules stay tied
+            # to the step.
             finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
-            new_state = keep_floats_unless(finite, new_state, state)
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old) if
+                                     jnp.issubdtype(new.dtype, jnp.floating) else new,
+                                     new_state, state)
             metrics['skipped'] = jnp.where(finite, 0.0, 1.0)
         return new_state, metrics
 

@@ -1,9 +1,5 @@
 """The one builder of what trains (the loop, every benchmark and test): network,
-optimizer, schedules, state and the step jitted over the mesh, from a validated config.
-
-    trainer = build_trainer(config, mesh, steps_per_epoch, mean, std)
-    state, metrics = trainer.step(trainer.init_state(), batch)  # donates the state
-"""
+optimizer, schedules, state and the step jitted over the mesh, from a validated config."""
 import dataclasses
 import functools
 import time
@@ -61,8 +57,7 @@ class Trainer:
                        compiler_options=compiler_options(self.network.conv_impl))
 
     def compile(self, state, batch):
-        """(compiled step, seconds) for the avals of `state` and `batch`, so throughput
-        excludes compiling; it takes only inputs like these."""
+        """(compiled step, seconds) for inputs like `state` and `batch` only."""
         start = time.perf_counter()
         compiled = self.step.lower(state, batch).compile()
         return compiled, time.perf_counter() - start
@@ -81,8 +76,7 @@ def build_trainer(config, mesh=None, steps_per_epoch: int = 1, mean=None, std=No
     tx, lr_schedule = make_optimizer(config, steps_per_epoch)
     ema_schedule = ema_momentum(config, steps_per_epoch * config.train.num_epochs)
     step_fn = make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule)
-    return Trainer(config=config, mesh=mesh, network=network, tx=tx, mean=mean, std=std,
-                   step_fn=step_fn)
+    return Trainer(config, mesh, network, tx, mean, std, step_fn)
 
 
 def random_batch(trainer: Trainer, seed: int = 0, batch_size=None):
