@@ -189,7 +189,7 @@ def test_bad_files_are_skipped_once_and_listed(tmp_path):
     assert all(b['view1'].shape == (5, 16, 16, 3) for b in batches)
     listed = (workdir / 'skipped_files.txt').read_text().splitlines()
     assert sorted(listed) == sorted(bad)  # exactly the bad ones, each once
-    assert loader.num_skipped == len(bad)
+    assert len(loader.skipped_files()) == len(bad)
     # the stats were computed over the readable files only
     assert all(0 < s < 0.5 for s in loader.std)
 
@@ -315,7 +315,7 @@ def test_real_crchp_images_read_and_augment(tmp_path):
     loader = data.create_train_loader(data_config(manifest, batch=4, epochs=1, size=64),
                                       workdir=str(tmp_path))
     batches = list(loader.iterator())
-    assert len(batches) == 2 and loader.num_skipped == 0
+    assert len(batches) == 2 and not loader.skipped_files()
     for b in batches:
         assert b['view1'].shape == (4, 64, 64, 3)
         assert b['view1'].std() > 5  # real texture survived the augmentation

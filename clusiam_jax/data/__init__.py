@@ -1,11 +1,5 @@
-"""The input pipeline: patch sources, the two-view augmentation, the grain loader.
-
-    loader = data.create_train_loader(config, workdir=workdir, process_index=...,
-                                      process_count=...)
-    batch = next(loader.iterator())   # dict(view1, view2): uint8 [B_local, H, W, 3]
-
-Importing it imports no JAX, TensorFlow or tensorflow-datasets: grain worker processes
-import it to unpickle their transforms (train/prefetch.py puts batches on the devices).
+"""The input pipeline: patch sources, the two-view augmentation, the grain loader. It imports
+no JAX, TensorFlow or tensorflow-datasets: grain workers import it to unpickle their work.
 """
 from clusiam_jax.data.augment import AugmentConfig, two_views
 from clusiam_jax.data.image_io import BadImageError, decode_rgb, load_rgb

@@ -88,12 +88,11 @@ def sample_view_params(rng: np.random.Generator, height: int, width: int,
     crop = sample_crop(rng, height, width, cfg.scale, cfg.ratio)
     jitter = {'jitter_order': None}
     if rng.random() < cfg.jitter_p:
-        jitter = dict(
-            jitter_order=tuple(int(i) for i in rng.permutation(4)),
-            brightness=float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)),
-            contrast=float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)),
-            saturation=float(rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)),
-            hue=float(rng.uniform(-cfg.hue, cfg.hue)))
+        jitter = dict(jitter_order=tuple(int(i) for i in rng.permutation(4)),
+                      brightness=float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)),
+                      contrast=float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)),
+                      saturation=float(rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)),
+                      hue=float(rng.uniform(-cfg.hue, cfg.hue)))
     gray = bool(rng.random() < cfg.gray_p)
     blur = float(rng.uniform(*cfg.blur_sigma)) if rng.random() < cfg.blur_p else None
     return ViewParams(crop=crop, gray=gray, blur_sigma=blur, **jitter,

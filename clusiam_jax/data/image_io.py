@@ -49,16 +49,6 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
 _CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
 
 
-def _decode_with_cv2(data: bytes) -> np.ndarray:
-    if data.startswith(_JPEG_MAGIC) and b'\xff\xd9' not in data[-64:]:
-        # libjpeg pads a truncated JPEG with gray and only warns; PIL refuses it.
-        raise BadImageError('truncated JPEG (no end-of-image marker)')
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
-    if arr is None or arr.size == 0:
-        raise BadImageError('not decodable')
-    return _to_rgb_uint8(arr)
-
-
 def _decode_with_pil(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -76,8 +66,14 @@ def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded image bytes -> HxWx3 uint8 RGB; BadImageError if not an image."""
     if not data:
         raise BadImageError('empty file')
-    if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
-        arr = _decode_with_cv2(data)
+    if data.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
+        if data.startswith(_JPEG_MAGIC) and b'\xff\xd9' not in data[-64:]:
+            # libjpeg pads a truncated JPEG with gray and only warns; PIL refuses it.
+            raise BadImageError('truncated JPEG (no end-of-image marker)')
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
+        if arr is None or arr.size == 0:
+            raise BadImageError('not decodable')
+        arr = _to_rgb_uint8(arr)
     else:
         arr = _decode_with_pil(data)
     if arr.shape[0] < 1 or arr.shape[1] < 1:

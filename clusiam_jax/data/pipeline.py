@@ -262,10 +262,6 @@ class TrainLoader:
         """Paths skipped so far (by any process writing to the same list)."""
         return self.skip_log.paths()
 
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped_files())
-
 
 def create_train_loader(config, workdir: Optional[str] = None, process_index: int = 0,
                         process_count: int = 1, recorded=None) -> TrainLoader:

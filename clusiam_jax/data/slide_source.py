@@ -33,8 +33,7 @@ class SlideSource(PatchSource):
     """Patches of whole slides, index -> uint8 [S, S, 3] (S: the slide's patch size)."""
     from_slides = True
 
-    def __init__(self, slides: List[SlidePatches], open_slides: int = 512,
-                 fast_tiles: bool = True):
+    def __init__(self, slides: List[SlidePatches], open_slides: int = 512):
         self.slides = [dataclasses.replace(s, coords=dataclasses.replace(s.coords, coords=None))
                        for s in slides]
         self.slide_ids = np.array([s.slide_id for s in slides], dtype=str)
@@ -44,7 +43,6 @@ class SlideSource(PatchSource):
                     if slides else np.zeros((0, 2), np.int64))
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.open_slides = int(open_slides)
-        self.fast_tiles = fast_tiles   # False: every read through OpenSlide (benchmarks)
         self._reset()
 
     def _reset(self):
@@ -102,7 +100,7 @@ class SlideSource(PatchSource):
                 self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
             path = self.slides[s].path
             try:
-                opened = reader.open_slide(path, cache=self._cache, direct=self.fast_tiles)
+                opened = reader.open_slide(path, cache=self._cache)
             except DataError as e:
                 self._bad[s] = str(e).split(': ', 1)[-1]
                 raise _slide_error(path, self._bad[s]) from None

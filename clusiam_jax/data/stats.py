@@ -4,6 +4,7 @@ every run are never used or cached; an entry made while files were unreadable re
 them, so that repairing them recomputes.
 """
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -92,32 +93,26 @@ def compute_stats(source, num_workers: int = 0, skip_log=None, indices=None,
     indices = np.arange(len(source)) if indices is None else np.asarray(indices)
     chunks = [indices[i:i + _CHUNK] for i in range(0, len(indices), _CHUNK)]
     total1, total2, count = np.zeros(3), np.zeros(3), 0
-    progress = tqdm.tqdm(total=len(indices), desc='normalization stats', unit='img',
-                         mininterval=1.0)
-
-    def consume(result, size):
-        nonlocal total1, total2, count
-        interrupts.check()  # a safe point per chunk
-        s1, s2, n, bad = result
-        total1, total2, count = total1 + s1, total2 + s2, count + n
-        for path, reason in bad:
-            if unreadable is not None:
-                unreadable.append((path, reason))
-            if skip_log is not None:
-                skip_log.record(path, reason)
-        progress.update(size)
-
-    if num_workers > 0 and len(chunks) > 1:
-        with concurrent.futures.ProcessPoolExecutor(   # workers ignore the terminal's signals
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(tqdm.tqdm(total=len(indices), desc='normalization stats',
+                                                 unit='img', mininterval=1.0))
+        if num_workers > 0 and len(chunks) > 1:   # workers ignore the terminal's signals
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
                 num_workers, mp_context=multiprocessing.get_context('spawn'),
-                initializer=interrupts.worker_initializer()) as pool:
+                initializer=interrupts.worker_initializer()))
             futures = {pool.submit(_chunk_moments, source, c): len(c) for c in chunks}
-            for fut in concurrent.futures.as_completed(futures):
-                consume(fut.result(), futures[fut])
-    else:
-        for c in chunks:
-            consume(_chunk_moments(source, c), len(c))
-    progress.close()
+            results = ((f.result(), futures[f]) for f in concurrent.futures.as_completed(futures))
+        else:
+            results = ((_chunk_moments(source, c), len(c)) for c in chunks)
+        for (s1, s2, n, bad), size in results:
+            interrupts.check()  # a safe point per chunk
+            total1, total2, count = total1 + s1, total2 + s2, count + n
+            for path, reason in bad:
+                if unreadable is not None:
+                    unreadable.append((path, reason))
+                if skip_log is not None:
+                    skip_log.record(path, reason)
+            progress.update(size)
     if count == 0:
         raise DataError(f'no readable image to compute normalization stats from '
                         f'({len(indices)} of {what} tried)')
