@@ -204,8 +204,7 @@ _JITTER_OPS = {BRIGHTNESS: lambda img, p: adjust_brightness(img, p.brightness),
 
 
 def apply_view(img: np.ndarray, params: ViewParams, size: int, crop_only: bool = False):
-    """One augmented view (uint8 size x size x 3); `crop_only`: the CPU share of
-    data.augment_on_device (crop, vflip, rot90: the device ops commute with the last two)."""
+    """One augmented view; `crop_only`: data.augment_on_device's CPU share (crop, vflip, rot90)."""
     out = resized_crop(img, params.crop, size)
     if not crop_only:
         for op in params.jitter_order or ():

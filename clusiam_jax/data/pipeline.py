@@ -135,8 +135,7 @@ class PairMaker:
         return img
 
     def _substitute(self, index: int, attempt: int, rng) -> int:
-        """A record in place of an unreadable one: first from the same slide (balanced
-        sampling), then from anywhere (the slide may be gone)."""
+        """A stand-in record: from the same slide (balanced sampling), then from anywhere."""
         if self.plan.sampling == 'slide_balanced' and attempt <= _SAME_SLIDE_ATTEMPTS:
             if self._members is None:
                 order = np.argsort(self.plan.slide_index, kind='stable')
@@ -170,8 +169,7 @@ class PairMaker:
 
 
 class BatchIterator:
-    """The loader's batches, the number drawn being the whole state (grain's own depends
-    on the worker count)."""
+    """The loader's batches; the number drawn is the whole state (grain's needs the workers)."""
 
     def __init__(self, loader: 'TrainLoader', start: int = 0):
         self._loader, self._next, self._it = loader, int(start), None

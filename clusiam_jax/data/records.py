@@ -32,8 +32,7 @@ class PatchRecord:
 
 
 class PatchSource:
-    """The protocol of every patch source (files, a built dataset, slides, a subset of
-    one). Records are made on access: tens of millions would fill every worker's memory."""
+    """Every patch source's protocol; records are made on access (millions fill memory)."""
     slide_ids: np.ndarray      # str [S]: each slide's id ('' for patch files without one)
     slide_index: np.ndarray    # int [N]: each patch's slide, an index into slide_ids
     dataset_dir: Optional[str] = None   # a built dataset's folder
@@ -78,8 +77,7 @@ class Subset(PatchSource):
 
 
 def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:
-    """Slide id (the parent folder), coordinates and, under ``root/<class>/<slide>/``, the
-    label, read off the path."""
+    """Slide id, coordinates and (under root/<class>/<slide>/) label, read off the path."""
     match = _COORDS_RE.search(os.path.splitext(os.path.basename(path))[0])
     x, y = (int(match.group(1)), int(match.group(2))) if match else (None, None)
     label = None

@@ -46,8 +46,7 @@ class SlideSource(PatchSource):
         self._reset()
 
     def _reset(self):
-        """The per-process state, never pickled. An evicted or failed handle is dropped, never
-        closed: another export thread may read it."""
+        """Per-process state; a dropped handle is never closed: another thread may read it."""
         self._handles = collections.OrderedDict()
         self._bad: Dict[int, str] = {}
         self._sizes: Dict[int, tuple] = {}
@@ -230,8 +229,7 @@ def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[Slide
 
 def _patch_folder_slides(path: str, folder: str, slide_dir: str,
                          left_out: List[str]) -> List[SlidePatches]:
-    """Slides of a patches/ folder: found in `slide_dir` by id, else at the `slide_path`
-    our tiling records (CLAM and TRIDENT files record none)."""
+    """Slides of a patches/ folder: by id in `slide_dir`, else at the recorded `slide_path`."""
     files = {s: _usable(p, s, left_out) for s, p in coords_lib.list_coord_files(folder).items()}
     files = {s: c for s, c in files.items() if c is not None}
     if not files:

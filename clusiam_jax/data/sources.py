@@ -67,8 +67,7 @@ class FileSource(PatchSource):
 
 
 def open_source(path: str, slide_dir: str = '', open_slides: int = 512) -> PatchSource:
-    """The source of a tiling output or CLAM/TRIDENT patch folder (`slide_dir`: its slides),
-    a patch folder, a manifest CSV or a built dataset."""
+    """The source of a slide layout (`slide_dir`: its slides), patch folder, manifest or dataset."""
     if slide_source.is_slide_source(path):
         return slide_source.open_slide_source(path, slide_dir, open_slides)
     if slide_dir:
