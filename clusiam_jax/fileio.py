@@ -10,6 +10,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -17,16 +18,22 @@ from clusiam_jax.errors import ConfigError, DataError
 
 
 @contextlib.contextmanager
-def atomic_write(path: str):
-    """Yields `<path>.tmp<pid>`, renamed onto `path` only if the body finishes."""
-    tmp = f'{path}.tmp{os.getpid()}'
+def atomic_write(path: str, folder: bool = False):
+    """Yields `<path>.tmp<pid>` (a new hidden folder beside `path` with folder=True),
+    renamed onto `path` (a folder: a missing or empty one) only if the body finishes."""
+    if folder:
+        parent, name = os.path.split(os.path.abspath(path))
+        tmp = tempfile.mkdtemp(prefix=f'.{name}.tmp{os.getpid()}-', dir=parent)
+    else:
+        tmp = f'{path}.tmp{os.getpid()}'
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def write_text(path: str, text: str) -> None:

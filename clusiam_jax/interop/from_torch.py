@@ -2,8 +2,6 @@
 weights-only run at step 0; its epoch goes to `imported_from.json`.
 """
 import os
-import shutil
-import tempfile
 from typing import Dict, Optional, Sequence
 
 import jax
@@ -70,18 +68,13 @@ def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: in
     info = {'source': os.path.abspath(path), 'epoch': epoch, 'model': m.name,
             'backbone': m.backbone, 'feat_size': m.feat_size, 'pred_hidden': m.pred_hidden,
             'num_clusters': m.num_clusters, 'tensors': len(state_dict), 'step': 0}
-    out, staging = os.path.abspath(out), None
+    out = os.path.abspath(out)
     interrupts.check()
     try:
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.importing-',
-                                   dir=os.path.dirname(out))
-        run_dir.write_run(staging, config, weights, normalization)
-        fileio.write_json(os.path.join(staging, IMPORT_INFO), info)
-        os.replace(staging, out)   # onto a missing or empty folder
+        with fileio.atomic_write(out, folder=True) as staging:
+            run_dir.write_run(staging, config, weights, normalization)
+            fileio.write_json(os.path.join(staging, IMPORT_INFO), info)
     except OSError as e:
         raise ConversionError(f'--out {out}: cannot write there ({e.strerror})') from None
-    finally:
-        if staging is not None and os.path.isdir(staging):
-            shutil.rmtree(staging, ignore_errors=True)
     return config, weights
