@@ -49,19 +49,6 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
 _CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
 
 
-def _decode_with_pil(data: bytes) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
-                return _to_rgb_uint8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
-            return np.asarray(im.convert('RGB'))
-    except BadImageError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise BadImageError(f'{type(e).__name__}: {e}') from None
-
-
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded image bytes -> HxWx3 uint8 RGB; BadImageError if not an image."""
     if not data:
@@ -75,7 +62,17 @@ def decode_rgb(data: bytes) -> np.ndarray:
             raise BadImageError('not decodable')
         arr = _to_rgb_uint8(arr)
     else:
-        arr = _decode_with_pil(data)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
+                    arr = _to_rgb_uint8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
+                else:
+                    arr = np.asarray(im.convert('RGB'))
+        except BadImageError:
+            raise
+        except Exception as e:  # PIL raises many types for corrupt data
+            raise BadImageError(f'{type(e).__name__}: {e}') from None
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise BadImageError(f'empty image {arr.shape}')
     return arr

@@ -54,10 +54,6 @@ class EpochPlan:
     def steps_per_epoch(self) -> int:
         return self.num_records // self.global_batch
 
-    @property
-    def local_elements(self) -> int:
-        return self.num_epochs * self.steps_per_epoch * self.local_batch
-
     def locate(self, k: int) -> Tuple[int, int]:
         """(epoch, position in the epoch's global order) of local element k."""
         epoch, rest = divmod(k, self.steps_per_epoch * self.local_batch)
@@ -239,10 +235,11 @@ class TrainLoader:
 
     def dataset(self, start_batch: int = 0):
         """The grain IterDataset of batches over all epochs, from batch `start_batch` on."""
-        import grain  # pylint: disable=g-import-not-at-top
-        start = int(start_batch) * self.plan.local_batch
-        ds = (grain.MapDataset.range(start, self.plan.local_elements).map(self.pair_maker())
-              .batch(self.plan.local_batch, drop_remainder=True))
+        import grain
+        b = self.plan.local_batch
+        end = self.num_epochs * self.steps_per_epoch * b
+        ds = (grain.MapDataset.range(int(start_batch) * b, end).map(self.pair_maker())
+              .batch(b, drop_remainder=True))
         # One reading thread (the parallelism is in the workers); a short buffer of batches.
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
         if self.num_workers > 0:
