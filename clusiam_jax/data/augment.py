@@ -166,14 +166,6 @@ def grayscale(img: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(luma(img), cv2.COLOR_GRAY2RGB)
 
 
-def _box_kernel(radius: float) -> np.ndarray:
-    """PIL's extended box: 2*floor(r)+1 full taps and two fractional end taps."""
-    whole = int(math.floor(radius))
-    k = np.ones(2 * whole + 3, np.float64)
-    k[0] = k[-1] = radius - whole
-    return k / (2 * radius + 1)
-
-
 def box_radius(sigma, xp=np):
     """The extended-box radius of PIL's GaussianBlur(radius=sigma) (xp: numpy or jnp)."""
     sigma2 = sigma * sigma / 3.0
@@ -183,8 +175,12 @@ def box_radius(sigma, xp=np):
 
 
 def pil_gaussian_kernel(sigma: float) -> np.ndarray:
-    """The 1-D kernel equal to PIL's GaussianBlur(radius=sigma) (3 box passes)."""
-    box = _box_kernel(float(box_radius(sigma)))
+    """The 1-D kernel equal to PIL's GaussianBlur(radius=sigma): 3 extended-box passes."""
+    radius = float(box_radius(sigma))
+    whole = int(math.floor(radius))
+    box = np.ones(2 * whole + 3, np.float64)
+    box[0] = box[-1] = radius - whole   # the two fractional end taps
+    box = box / (2 * radius + 1)
     return np.convolve(np.convolve(box, box), box)
 
 
