@@ -1,12 +1,7 @@
 """The training loop: build, restore, compile, run epochs, log, checkpoint, stop, resume.
 
-Started again on its work directory a run resumes from the latest checkpoint (state and
-data iterator). SIGTERM or Ctrl-C finishes the step in flight, saves and returns.
-
-Work between epochs is done by hooks: `hook(epoch, step, state, data_state)` after each
-epoch returns (metrics named as in TensorBoard, 'monitor/rankme', which join the epoch's
-metrics.csv row as 'monitor_rankme'; a reason to stop after a checkpoint, or None), and
-`hook.close()` at the end. The one hook is the monitor's (train/monitor.py).
+Work between epochs is done by hooks (the monitor's, train/monitor.py): `hook(epoch, step,
+state, data_state)` -> (metrics named as in TensorBoard, a reason to stop or None).
 """
 import contextlib
 import itertools
@@ -43,9 +38,8 @@ log = logging.getLogger('clusiam_jax')
 
 
 class _StopRequest:
-    """Whether to checkpoint at this step and stop: a SIGTERM or SIGINT seen by this
-    process; with several processes, JAX's preemption sync point (every process saves at
-    the same step), while Ctrl-C stops at once without a checkpoint."""
+    """Whether to checkpoint and stop at this step: a signal seen by this process or, with
+    several processes, JAX's preemption sync point (all save at the same step)."""
 
     def __init__(self):
         self._multi_process = jax.process_count() > 1
@@ -61,8 +55,7 @@ class _StopRequest:
         try:
             reached = multihost_utils.reached_preemption_sync_point(step)
         except RuntimeError:  # no preemption service in this cluster set-up
-            log.warning('no preemption sync service: SIGTERM will not checkpoint this '
-                        'multi-process run')
+            log.warning('no preemption sync service: SIGTERM will not checkpoint this run')
             self._multi_process = False
             return False
         if reached:
@@ -75,14 +68,12 @@ class _StopRequest:
 
 
 def _restore_other_run(path, target):
-    """(step, state, data_state) of train.resume_from: another run's directory (its
-    latest readable checkpoint) or one of its `checkpoints/<step>` folders."""
+    """(step, state, data_state) of train.resume_from: a run directory or a checkpoint."""
     workdir, step = run_dir.checkpoint_location(path)
     try:
         with contextlib.closing(Checkpointer(workdir, create=False)) as other:
             if step is None:
-                step, state, data_state = other.restore_latest_readable(target,
-                                                                        set_aside=False)
+                step, state, data_state = other.restore_latest_readable(target, set_aside=False)
                 if step is None:
                     raise CheckpointError(f'no checkpoint in {other.directory}')
             else:
@@ -94,7 +85,7 @@ def _restore_other_run(path, target):
 
 
 def _record_run(workdir, config, loader):
-    """config.json (naming keys changed since the last start) and normalization.json."""
+    """config.json (naming changed keys) and normalization.json."""
     if run_dir.is_run_dir(workdir):
         changes = config_changes(run_dir.read_run_config(workdir), config)
         if changes:
@@ -112,10 +103,8 @@ def _record_run(workdir, config, loader):
 
 
 def train(config, workdir: str, loader=None, mesh=None):
-    """Trains per `config` in `workdir`; returns the final TrainState (or the one a
-    signal checkpointed: `interrupts.received()` says which). `loader`: default the data
-    pipeline of data.path (tests inject one: steps_per_epoch, mean, std, iterator()).
-    `mesh`: default all devices."""
+    """Trains per `config` in `workdir`; returns the final (or signal-checkpointed) state.
+    `loader`: default data.path's pipeline; `mesh`: default all devices."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
     os.makedirs(workdir, exist_ok=True)
@@ -126,9 +115,8 @@ def train(config, workdir: str, loader=None, mesh=None):
         loader = create_train_loader(config, workdir=workdir, process_index=jax.process_index(),
                                      process_count=jax.process_count(), recorded=recorded)
     interrupts.check()
-    log.info('building %s (%s, %d clusters) and its initial state on %d devices',
-             config.model.name, config.model.backbone, config.model.num_clusters,
-             mesh.devices.size)
+    log.info('building %s (%s, %d clusters) and its initial state on %d devices', config.model.name,
+             config.model.backbone, config.model.num_clusters, mesh.devices.size)
     trainer = build_trainer(config, mesh, loader.steps_per_epoch, loader.mean, loader.std)
     run = _Run(config, workdir, trainer, loader.steps_per_epoch)
     with contextlib.closing(Checkpointer(workdir, config.train.keep_checkpoints)) as ckpt, \
@@ -159,18 +147,15 @@ class _Run:
 
     def __init__(self, config, workdir, trainer, steps_per_epoch):
         self.config, self.workdir, self.trainer = config, workdir, trainer
-        self.steps_per_epoch = steps_per_epoch
-        self.num_epochs = config.train.num_epochs
+        self.steps_per_epoch, self.num_epochs = steps_per_epoch, config.train.num_epochs
         self.total_steps = steps_per_epoch * self.num_epochs
         self.is_main = jax.process_index() == 0
         self.has_cluster_head = METHOD_SPECS[config.model.name].has_cluster_head
         self.hooks = []
 
     def restore(self, ckpt, loader):
-        """(state, data iterator state or None): the latest readable checkpoint, else
-        train.resume_from's, else a fresh state (with train.init_from's weights)."""
-        config = self.config
-        target = self.trainer.abstract_state()
+        """(state, data state or None): the latest checkpoint, train.resume_from's, or fresh."""
+        config, target = self.config, self.trainer.abstract_state()
         latest, restored, data_state = ckpt.restore_latest_readable(target)
         if latest is None and config.train.resume_from:
             latest, restored, data_state = _restore_other_run(config.train.resume_from, target)
@@ -184,32 +169,29 @@ class _Run:
         if latest is None:
             return restored, None
         if latest >= self.total_steps:
-            log.info('run in %s is complete (step %d of %d); nothing to do', self.workdir,
-                     latest, self.total_steps)
+            log.info('run in %s is complete (step %d of %d); nothing to do', self.workdir, latest,
+                     self.total_steps)
         else:
-            log.info('resuming from the checkpoint at step %d of %d (epoch %d of %d, '
-                     '%d steps in)', latest, self.total_steps,
-                     latest // self.steps_per_epoch + 1, self.num_epochs,
-                     latest % self.steps_per_epoch)
+            log.info('resuming from the checkpoint at step %d of %d (epoch %d of %d, %d steps in)',
+                     latest, self.total_steps, latest // self.steps_per_epoch + 1,
+                     self.num_epochs, latest % self.steps_per_epoch)
         return restored, data_state
 
     def epochs(self, state, batches, ckpt, writer):
         config, is_main = self.config, self.is_main
         head = next(batches)
         # Said out loud: the first compile of a ResNet step looks like a hang.
-        log.info('compiling the train step (%s, %s, batch %d at %d px on %d devices); the '
-                 'first compile takes a while', config.model.name, config.model.backbone,
-                 config.train.batch_size, config.data.image_size,
-                 self.trainer.mesh.devices.size)
+        log.info('compiling the train step (%s, %s, batch %d at %d px on %d devices); the first '
+                 'compile takes a while', config.model.name, config.model.backbone,
+                 config.train.batch_size, config.data.image_size, self.trainer.mesh.devices.size)
         step_fn, seconds = self.trainer.compile(state, head[0])
         log.info('compiled in %.1f s', seconds)
         interrupts.check()
         batches = itertools.chain([head], batches)
         if is_main:
             log.info('TensorBoard: tensorboard --logdir %s', os.path.join(self.workdir, TB_DIR))
-        step = int(jax.device_get(state.step))
+        step, data_state = int(jax.device_get(state.step)), None
         log_every = max(1, config.train.log_every_steps)
-        data_state = None
         skips = (SkippedSteps(self.workdir, config.train.max_consecutive_skips, write=is_main)
                  if config.train.on_nonfinite == 'skip' else None)
         stop = _StopRequest()
@@ -225,8 +207,7 @@ class _Run:
             ckpt.wait()  # inside the deferral: a signal now cannot cut the save short
             bar.update(step - synced)
             log.warning('%s: saved a checkpoint at step %d of %d and stopped%s', reason, step,
-                        self.total_steps,
-                        '; start the same command again to resume' if resume else '')
+                        self.total_steps, '; start the same command again to resume' * resume)
             return state
 
         with interrupts.deferred(enabled=jax.process_count() == 1), contextlib.closing(bar):
@@ -251,8 +232,8 @@ class _Run:
                         rate = (step - first) * config.train.batch_size / max(elapsed, 1e-9)
                         bar.update(step - synced)
                         synced = step
-                        bar.set_postfix(loss=f"{window.get('loss', math.nan):.4f}",
-                                        pairs_s=f'{rate:.1f}')
+                        loss = window.get('loss', math.nan)
+                        bar.set_postfix(loss=f'{loss:.4f}', pairs_s=f'{rate:.1f}')
                         writer.scalars(step, window)
                     if step < end and stop.requested(step):
                         return stop_here(stop.reason(), saved=False)
@@ -265,8 +246,8 @@ class _Run:
                     stops += [reason] if reason else []
                 self.end_epoch(epoch, stats, step, first, elapsed, writer, hooked)
                 every = config.train.checkpoint_every_epochs
-                saved = ((every > 0 and (epoch + 1) % every == 0) or step == self.total_steps
-                         or bool(stops))
+                saved = (bool(stops) or step == self.total_steps
+                         or (every > 0 and (epoch + 1) % every == 0))
                 if saved:
                     check_saveable(state, step, ckpt)
                     ckpt.save(step, state, data_state)
@@ -285,8 +266,7 @@ class _Run:
                    pairs_per_s=round((step - first) * pairs_per_step / elapsed, 3))
         row.update({k.replace('/', '_'): v for k, v in hooked.items()})
         writer.epoch_row(row)
-        writer.scalars(epoch + 1, {'epoch/pairs_per_s': row['pairs_per_s'], **hooked},
-                       prefix='')
+        writer.scalars(epoch + 1, {'epoch/pairs_per_s': row['pairs_per_s'], **hooked}, prefix='')
         if not self.is_main:
             return
         log.info('epoch %d/%d: %s', epoch + 1, self.num_epochs,

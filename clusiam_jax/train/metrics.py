@@ -12,12 +12,11 @@ from clusiam_jax.fileio import read_csv_rows, write_csv
 
 log = logging.getLogger('clusiam_jax')
 
+_CLUSTERS = ('active_clusters', 'active_clusters_gumbel', 'gumbel_agreement', 'cluster_entropy')
 CSV_FIELDS = ('epoch', 'step', 'time_s', 'pairs_per_s', 'lr', 'loss', 'invariance', 'cluster',
-              'active_clusters', 'active_clusters_gumbel', 'gumbel_agreement',
-              'cluster_entropy', 'monitor_rankme', 'monitor_alignment', 'monitor_uniformity',
-              'monitor_active_clusters', 'monitor_active_clusters_gumbel',
-              'monitor_gumbel_agreement', 'monitor_cluster_entropy', 'monitor_knn_top1',
-              'monitor_knn_balanced', 'monitor_collapse', 'monitor_seconds')
+              *_CLUSTERS, *(f'monitor_{k}' for k in ('rankme', 'alignment', 'uniformity',
+                                                      *_CLUSTERS, 'knn_top1', 'knn_balanced',
+                                                      'collapse', 'seconds')))
 TB_DIR = 'tb'
 
 
@@ -38,9 +37,8 @@ class MetricWriter:
             self._tb.add_scalar(prefix + name, value, step)
 
     def epoch_row(self, row: dict):
-        """metrics.csv with `row` after the rows of the epochs before it: a resumed run
-        replays the epochs after its last checkpoint, and the file keeps one row per
-        epoch (under the current header, should a column have been added since)."""
+        """metrics.csv with `row` after the earlier epochs' rows: a resumed run replays the
+        epochs after its checkpoint, and the file keeps one row per epoch."""
         if not self.enabled:
             return
         if self.rows is None:
@@ -88,8 +86,7 @@ class EpochStats:
     metric raises NonFiniteError; with `skips`, steps marked `skipped` go there instead."""
 
     def __init__(self, skips: SkippedSteps = None):
-        self.pending, self.sums, self.count = [], collections.defaultdict(float), 0
-        self.skips, self.skipped = skips, 0
+        self.pending, self.sums, self.count, self.skips, self.skipped = [], {}, 0, skips, 0
 
     def add(self, step, metrics):
         self.pending.append((step, metrics))
@@ -111,11 +108,9 @@ class EpochStats:
                     raise NonFiniteError(f'non-finite {name}={value} at step {step}; '
                                          f'no checkpoint was written for it')
                 window[name] += value
-                self.sums[name] += value
+                self.sums[name] = self.sums.get(name, 0.0) + value
             n += 1
-        self.count += n
-        self.skipped += skipped
-        self.pending = []
+        self.count, self.skipped, self.pending = self.count + n, self.skipped + skipped, []
         return self._means(window, n, skipped)
 
     def means(self):
@@ -131,9 +126,7 @@ class EpochStats:
 
 def collapse_warnings(means: dict, num_clusters: int, num_samples: int):
     """The original's two collapse modes (docs/method.md §6), from means over `num_samples`
-    cluster assignments. Mode 2 (near-uniform logits: Gumbel and clean argmax agree about
-    1/K of the time) only when a one-sided 5% test rejects 'agreement >= 1.5/K': a small
-    epoch measures the agreement far more coarsely than 1/K."""
+    cluster assignments; mode 2 only when a one-sided 5% test rejects 'agreement >= 1.5/K'."""
     found = []
     gumbel_active = means.get('active_clusters_gumbel')
     if gumbel_active is not None and gumbel_active <= max(2.0, num_clusters / 50):

@@ -1,10 +1,6 @@
 """Representation monitoring without labels and the best checkpoint (docs/method.md §6):
-the training loop's one optional hook (MonitorHook), built only with monitor.every_epochs.
-
-Every monitor.every_epochs-th epoch (and the last) the online network, in inference mode,
-embeds a fixed monitor set: whole patches plus two augmented views of each, drawn once
-with a fixed seed and kept on the devices, so a monitor epoch is one forward pass and no
-recompilation. Its scores go to metrics.csv (monitor_*), TensorBoard and the log.
+the loop's optional hook. A fixed set (whole patches and two seeded views of each) stays on
+the devices, so a monitor epoch is one forward pass with no recompilation.
 """
 import dataclasses
 import logging
@@ -74,8 +70,7 @@ def knn_scores(features, labels, slides) -> Optional[Dict[str, float]]:
 
 @dataclasses.dataclass(frozen=True)
 class MonitorSet:
-    """uint8 images [M, S, S, 3] (whole patches), two views of each, labels (None unless
-    every patch has one) and slides ('' when unknown)."""
+    """uint8 patches [M, S, S, 3], two views of each, labels (None unless all have one), slides."""
     images: np.ndarray
     view1: np.ndarray
     view2: np.ndarray
@@ -84,8 +79,7 @@ class MonitorSet:
 
 
 def build_monitor_set(source, indices, config, seed: int) -> MonitorSet:
-    """`indices` of `source` resized to data.image_size (unreadable ones left out), with
-    views from the training's augmentation drawn with a fixed seed."""
+    """`indices` of `source` (unreadable ones left out) at data.image_size, with seeded views."""
     size = int(config.data.image_size)
     aug = dataclasses.replace(augment.AugmentConfig.from_config(config), on_device=False)
     images, v1, v2, labels, slides = [], [], [], [], []
@@ -99,11 +93,10 @@ def build_monitor_set(source, indices, config, seed: int) -> MonitorSet:
         h, w = img.shape[:2]
         images.append(img if (h, w) == (size, size) else
                       augment.resized_crop(img, (0, 0, h, w), size))
-        v1.append(a)
-        v2.append(b)
         record = source.record(i)
-        labels.append(record.label or '')
-        slides.append(record.slide_id or '')
+        for out, value in zip((v1, v2, labels, slides),
+                              (a, b, record.label or '', record.slide_id or '')):
+            out.append(value)
     if len(images) < 2:
         raise DataError(f'the monitor set has {len(images)} readable patches of '
                         f'{len(indices)} drawn: give monitor.data_path a readable source')
@@ -117,12 +110,10 @@ class Monitor:
 
     def __init__(self, network, mean, std, monitor_set: MonitorSet, mesh, num_clusters,
                  min_rankme: float, seed: int):
-        self.set = monitor_set
-        self.num_clusters, self.min_rankme = num_clusters, min_rankme
-        self.gumbel_key = jax.random.PRNGKey(seed ^ _GUMBEL)
+        self.set, self.num_clusters, self.min_rankme = monitor_set, num_clusters, min_rankme
+        self.gumbel_key, self.warnings = jax.random.PRNGKey(seed ^ _GUMBEL), []
         ndev = mesh.devices.size
         self.batch = -(-min(_BATCH, len(monitor_set.images)) // ndev) * ndev
-        self.warnings = []
         # Replicated outputs: every process can fetch them.
         self._embed = jax.jit(
             lambda variables, images: embed_images(network, variables, images, mean, std),
@@ -130,8 +121,7 @@ class Monitor:
             out_shardings=parallel.replicated(mesh),
             compiler_options=compiler_options(network.conv_impl))
 
-        # The three sets, padded to whole batches, on the devices once; every process
-        # holds the whole (deterministic) set and places its own shards.
+        # Padded to whole batches; every process holds the whole set and places its shards.
         stacked = np.concatenate([monitor_set.images, monitor_set.view1, monitor_set.view2])
         stacked = np.concatenate([stacked, np.zeros((-len(stacked) % self.batch,) +
                                                     stacked.shape[1:], stacked.dtype)])
@@ -146,9 +136,8 @@ class Monitor:
         return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
     def scores(self, variables, judge_clusters: bool = True) -> Dict[str, float]:
-        """rankme, alignment, uniformity, the step's cluster diagnostics, knn_* (with
-        labels) and collapse (1 on a RankMe below monitor.min_rankme or, when
-        `judge_clusters`, a collapse mode: logits start near uniform, so not at epoch 1)."""
+        """rankme, alignment, uniformity, the step's cluster diagnostics, knn_* (with labels)
+        and collapse (low RankMe or, with `judge_clusters`, a collapse mode)."""
         m = len(self.set.images)
         out = self.embed_all(variables)
         images, view1, view2 = np.split(out['features'], 3)
@@ -171,9 +160,8 @@ class Monitor:
 
 
 class BestCheckpoint:
-    """train.best_metric: the best state so far in best_checkpoint/ (one kept) and
-    best_checkpoint.json, beside the latest checkpoints (which resume uses). `latest`
-    is the loop's Checkpointer, named when a state is refused."""
+    """train.best_metric: the best state so far in best_checkpoint/ and best_checkpoint.json;
+    `latest` (the loop's Checkpointer) is named when a state is refused."""
 
     def __init__(self, workdir, config, latest=None):
         self.workdir, self.metric, self.latest = workdir, config.train.best_metric, latest
@@ -181,8 +169,7 @@ class BestCheckpoint:
         # Every process saves (orbax writes each one's shards); process 0 writes the json.
         self.ckpt = Checkpointer(workdir, 1, subdir=BEST_DIR) if self.metric else None
         recorded = run_dir.read_best(workdir) if self.metric else None
-        same = recorded and (recorded['metric'], recorded.get('mode')) == (self.metric,
-                                                                           self.mode)
+        same = recorded and (recorded['metric'], recorded.get('mode')) == (self.metric, self.mode)
         self.value = recorded['value'] if same else None
 
     def offer(self, step, epoch, scores, state, data_state):
@@ -213,13 +200,11 @@ class BestCheckpoint:
 
 
 class MonitorHook:
-    """The loop's epoch hook (train/loop.py) of a run with monitor.every_epochs: scores,
-    the best checkpoint and, with train.stop_on_collapse, a stop on collapse."""
+    """The loop's epoch hook: scores, the best checkpoint, train.stop_on_collapse."""
 
     def __init__(self, config, workdir, loader, trainer, ckpt):
         self.config, mon, seed = config, config.monitor, int(config.train.seed)
-        # monitor.data_path, or the slides the data pipeline held out (a loader given to
-        # train() holds none out).
+        # monitor.data_path, or the slides the data pipeline held out (an injected loader: none).
         source = (open_source(mon.data_path, config.data.slide_dir) if mon.data_path else
                   getattr(loader, 'held_out', None))
         if source is None:
@@ -236,8 +221,7 @@ class MonitorHook:
                  mon.data_path or f'{mon.holdout:g} of the training slides held out',
                  mon.every_epochs, '' if monitor_set.labels is None else ', with labels (kNN)')
         self.monitor = Monitor(trainer.network, trainer.mean, trainer.std, monitor_set,
-                               trainer.mesh, config.model.num_clusters,
-                               float(mon.min_rankme), seed)
+                               trainer.mesh, config.model.num_clusters, float(mon.min_rankme), seed)
         self.best = BestCheckpoint(workdir, config, ckpt)
 
     def __call__(self, epoch, step, state, data_state):

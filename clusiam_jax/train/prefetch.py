@@ -7,17 +7,15 @@ import numpy as np
 
 
 def to_device(batch: Mapping, sharding):
-    """Each process's local rows -> global arrays sharded along the batch axis;
-    ``sharding``: one for every entry, or a mapping from entry name to sharding."""
+    """Each process's local rows -> global arrays; ``sharding``: one, or one per entry."""
     return {name: jax.make_array_from_process_local_data(
         sharding[name] if isinstance(sharding, Mapping) else sharding, np.asarray(value))
         for name, value in batch.items()}
 
 
 def prefetch_to_device(iterator: Iterator, sharding, size: int = 2, with_state: bool = False):
-    """Device batches, ``size`` asynchronous transfers in flight ahead. With
-    ``with_state``, (batch, iterator.get_state() right after it was drawn): a checkpoint
-    saved after the batch resumes on the next, however far ahead the prefetch read."""
+    """Device batches, ``size`` transfers ahead; ``with_state``: (batch, iterator state right
+    after it), so a checkpoint resumes on the next batch however far the prefetch read."""
     queue = collections.deque()
     size = max(1, int(size))
     for batch in iterator:

@@ -24,8 +24,7 @@ def _largest_magnitudes(tree):
 
 
 def check_saveable(state, step: int, ckpt=None):
-    """NonFiniteError (nothing is saved) when any float of `state` is NaN, Inf or beyond
-    EXPLODED; `ckpt` holds the checkpoint a restart would resume from."""
+    """NonFiniteError when a float of `state` is NaN, Inf or beyond EXPLODED; `ckpt`: the run's."""
     magnitudes = np.asarray(jax.device_get(_largest_magnitudes(state)), np.float64)
     bad = ~(np.isfinite(magnitudes) & (magnitudes <= EXPLODED))
     if not bad.any():

@@ -13,13 +13,11 @@ from clusiam_jax.train.optimizer import ema_update
 
 
 def make_input_views(config, mean, std, dtype):
-    """`views(key, batch)`: the two normalized views of a batch, in the network's dtype;
-    with data.augment_on_device, augmented here first, each view with its own key."""
+    """`views(key, batch)`: the two normalized views (data.augment_on_device: augmented first)."""
     if not config.data.augment_on_device:
         return lambda key, batch: [normalize_input(batch[name], mean, std, dtype)
                                    for name in ('view1', 'view2')]
     cfg = AugmentConfig.from_config(config)
-
     return lambda key, batch: [
         normalize_input(device_augment.augment_views(k, batch[name], cfg), mean, std, dtype)
         for k, name in zip(jax.random.split(key), ('view1', 'view2'))]
@@ -38,9 +36,8 @@ def apply_per_view(module, params, batch_stats, views):
 
 
 def cluster_diagnostics(key, logits):
-    """Collapse diagnostics over logits [N, K] (docs/method.md §6), for the step and
-    the monitor: clusters used by the argmax without and with Gumbel noise, how often the
-    two agree (about 1/K for near-uniform logits) and the entropy (nats) of the usage."""
+    """Collapse diagnostics over logits [N, K] (docs/method.md §6), for the step and the
+    monitor: clusters used with and without Gumbel noise, their agreement, usage entropy."""
     k = logits.shape[-1]
     clean = jnp.argmax(logits, axis=-1)
     noisy = jnp.argmax(logits + losses.sample_gumbel(key, logits.shape), axis=-1)

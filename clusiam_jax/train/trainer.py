@@ -51,16 +51,14 @@ class Trainer:
     def step(self):
         """jit over the mesh: state replicated (and donated), batch split along `data`."""
         replicated = parallel.replicated(self.mesh)
-        return jax.jit(self.step_fn,
-                       in_shardings=(replicated, parallel.batch_sharded(self.mesh)),
+        return jax.jit(self.step_fn, in_shardings=(replicated, parallel.batch_sharded(self.mesh)),
                        out_shardings=(replicated, replicated), donate_argnums=0,
                        compiler_options=compiler_options(self.network.conv_impl))
 
     def compile(self, state, batch):
         """(compiled step, seconds) for inputs like `state` and `batch` only."""
         start = time.perf_counter()
-        compiled = self.step.lower(state, batch).compile()
-        return compiled, time.perf_counter() - start
+        return self.step.lower(state, batch).compile(), time.perf_counter() - start
 
 
 def build_trainer(config, mesh=None, steps_per_epoch: int = 1, mean=None, std=None) -> Trainer:
