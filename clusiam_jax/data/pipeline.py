@@ -116,19 +116,16 @@ class PairMaker:
             return None
         try:
             img = self.source.load(index)
+            fraction = tissue.patch_tissue_fraction(img) if self.min_tissue > 0 else 1.0
+            if fraction < self.min_tissue:
+                raise image_io.BadImageError(
+                    f'{self.source.path(index)}: background: tissue {fraction:.0%} < '
+                    f'data.min_tissue {self.min_tissue:g}')
+            return img
         except image_io.BadImageError as e:
             self._bad.add(index)
             self.skip_log.record(e.subject or self.source.path(index), str(e).split(': ', 1)[-1])
             return None
-        if self.min_tissue > 0:
-            fraction = tissue.patch_tissue_fraction(img)
-            if fraction < self.min_tissue:
-                self._bad.add(index)
-                self.skip_log.record(self.source.path(index),
-                                     f'background: tissue {fraction:.0%} < data.min_tissue '
-                                     f'{self.min_tissue:g}')
-                return None
-        return img
 
     def _substitute(self, index: int, attempt: int, rng) -> int:
         """A stand-in record: from the same slide (balanced sampling), then from anywhere."""
