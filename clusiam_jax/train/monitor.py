@@ -123,8 +123,7 @@ class Monitor:
 
         # Padded to whole batches; every process holds the whole set and places its shards.
         stacked = np.concatenate([monitor_set.images, monitor_set.view1, monitor_set.view2])
-        stacked = np.concatenate([stacked, np.zeros((-len(stacked) % self.batch,) +
-                                                    stacked.shape[1:], stacked.dtype)])
+        stacked = np.pad(stacked, [(0, -len(stacked) % self.batch)] + [(0, 0)] * 3)
         self.batches = [jax.make_array_from_callback(chunk.shape, parallel.batch_sharded(mesh),
                                                      lambda index, chunk=chunk: chunk[index])
                         for chunk in np.split(stacked, len(stacked) // self.batch)]
