@@ -17,7 +17,6 @@ from clusiam_jax.slides.reader import SLIDE_ONLY_EXTENSIONS
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
 # `<x>_<y>` (level-0 pixels) ending the file stem, optionally after a prefix and `_`/`-`.
 _COORDS_RE = re.compile(r'(?:^|[_\-])(\d+)_(\d+)$')
-MANIFEST_COLUMNS = ('path', 'slide_id', 'label', 'x', 'y')
 DATASET_MANIFEST = 'records.csv'   # a built dataset's records, in its ArrayRecord order
 
 
@@ -159,7 +158,7 @@ def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
 
 
 def write_patch_manifest(records, csv_path: str) -> None:
-    fileio.write_csv(csv_path, MANIFEST_COLUMNS, (
+    fileio.write_csv(csv_path, ('path', 'slide_id', 'label', 'x', 'y'), (
         {'path': r.path, 'slide_id': r.slide_id or '', 'label': r.label or '',
          'x': '' if r.x is None else r.x, 'y': '' if r.y is None else r.y}
         for r in records))

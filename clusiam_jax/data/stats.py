@@ -22,7 +22,6 @@ from clusiam_jax.errors import DataError
 logger = logging.getLogger(__name__)
 
 CACHE_NAME = 'clusiam_stats.json'
-CACHE_SUBDIR = os.path.join('clusiam_jax', 'stats')
 _CHUNK = 256
 _SAMPLE_SEED = 0x57A7
 # A flatter channel is a blank or uniform data set, whose normalization would blow noise up.
@@ -126,7 +125,7 @@ def cache_file(data_path: str, dataset_dir: Optional[str] = None) -> str:
     root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     source = os.path.abspath(dataset_dir if dataset_dir is not None else data_path)
     digest = hashlib.sha1(os.fsencode(source)).hexdigest()
-    return os.path.join(os.path.abspath(root), CACHE_SUBDIR, f'{digest}.json')
+    return os.path.join(os.path.abspath(root), 'clusiam_jax', 'stats', f'{digest}.json')
 
 
 def _read_cache(path: str, key: str):
