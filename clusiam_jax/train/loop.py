@@ -150,7 +150,6 @@ class _Run:
         self.steps_per_epoch, self.num_epochs = steps_per_epoch, config.train.num_epochs
         self.total_steps = steps_per_epoch * self.num_epochs
         self.is_main = jax.process_index() == 0
-        self.has_cluster_head = METHOD_SPECS[config.model.name].has_cluster_head
         self.hooks = []
 
     def restore(self, ckpt, loader):
@@ -272,7 +271,7 @@ class _Run:
         log.info('epoch %d/%d: %s', epoch + 1, self.num_epochs,
                  ', '.join(f'{k}={v:.4g}' for k, v in sorted(means.items())))
         # Logits start near uniform: judge collapse only after a full epoch.
-        if self.has_cluster_head and epoch > 0:
+        if METHOD_SPECS[self.config.model.name].has_cluster_head and epoch > 0:
             samples = stats.count * 2 * pairs_per_step  # assignments in the means
             for warning in collapse_warnings(means, self.config.model.num_clusters, samples):
                 log.warning('epoch %d: %s', epoch + 1, warning)
