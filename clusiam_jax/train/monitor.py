@@ -207,9 +207,8 @@ class MonitorHook:
         source = (open_source(mon.data_path, config.data.slide_dir) if mon.data_path else
                   getattr(loader, 'held_out', None))
         if source is None:
-            raise ConfigError("monitor.holdout holds out slides of the data pipeline's "
-                              'source; this run was given its own loader: use '
-                              'monitor.data_path')
+            raise ConfigError("monitor.holdout holds out slides of the data pipeline's source; "
+                              'this run was given its own loader: use monitor.data_path')
         chosen = sample_indices(len(source), int(mon.num_patches), [seed, _SAMPLE])
         monitor_set = build_monitor_set(source, chosen, config, seed)
         if config.train.best_metric.startswith('monitor/knn') and (
