@@ -1,6 +1,4 @@
-"""Orbax checkpoints (train and data iterator state) in `<workdir>/checkpoints/<step>/`,
-written asynchronously, restored onto this mesh's shardings; inference restores weights only.
-"""
+"""Orbax checkpoints (train state, data iterator state) in `<workdir>/checkpoints/<step>/`."""
 import logging
 import os
 import time
@@ -16,8 +14,7 @@ from clusiam_jax.errors import CheckpointError, ConfigError
 log = logging.getLogger('clusiam_jax')
 
 LATEST_DIR = 'checkpoints'
-# The best checkpoint by train.best_metric; BEST_JSON says its step, metric and value.
-BEST_DIR = 'best_checkpoint'
+BEST_DIR = 'best_checkpoint'  # by train.best_metric; BEST_JSON says its step and value
 BEST_JSON = 'best_checkpoint.json'
 RETRY_S = 1.0  # pause before the second try of a failed checkpoint read
 
@@ -40,7 +37,6 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def checked_step(self, step=None) -> int:
-        """`step` (default: the latest) if it has a checkpoint, else CheckpointError."""
         steps = self.all_steps()
         if not steps and os.path.basename(self.directory) == BEST_DIR:
             raise CheckpointError(f'no best checkpoint in {self.directory}: no monitor epoch '
@@ -54,7 +50,6 @@ class Checkpointer:
         return steps[-1] if step is None else step
 
     def save(self, step: int, state, data_state=None):
-        """Starts writing checkpoint `step`; CheckpointError when orbax silently declines."""
         items = {'state': ocp.args.StandardSave(state)}
         if data_state is not None:
             items['data'] = ocp.args.JsonSave(data_state)
@@ -76,7 +71,6 @@ class Checkpointer:
         return restored['state'], (restored['data'] if has_data else None)
 
     def restore_weights(self, step: int, abstract_weights: dict) -> dict:
-        """`abstract_weights`' top-level state fields of checkpoint `step` (partial restore)."""
         self._check_shapes(step, abstract_weights, partial=True,
                            advice="the run's config.json does not match its checkpoints")
         args = ocp.args.PyTreeRestore(
@@ -110,8 +104,7 @@ class Checkpointer:
     def _check_shapes(self, step, abstract_state, partial=False,
                       advice="use the config it was trained with (the run's config.json) "
                              'or a new --workdir'):
-        """ConfigError naming the first array (parameters first) whose stored shape differs
-        (`partial`: abstract_state's top-level fields only); unreadable metadata passes."""
+        """ConfigError naming the first array (parameters first) whose stored shape differs."""
         try:
             # The item handler: a Checkpointer would warn about step metadata.
             stored = ocp.StandardCheckpointHandler().metadata(self._state_path(step))
@@ -136,9 +129,8 @@ class Checkpointer:
                           f'{hint}): {advice}')
 
     def restore_latest_readable(self, abstract_state, set_aside: bool = True):
-        """(step, state, data_state) of the newest checkpoint that restores, else Nones. With
-        `set_aside` newer damaged ones become `unreadable-<step>` (listed, orbax would skip
-        every save up to their step)."""
+        """(step, state, data_state) of the newest checkpoint that restores, else Nones; newer
+        damaged ones become `unreadable-<step>` (orbax would skip every save up to them)."""
         unreadable = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
@@ -182,8 +174,7 @@ class Checkpointer:
         self.manager.close()
 
     def _writing(self, call):
-        """`call()`; an OS error naming no file (orbax's background writes) names this folder."""
-        try:
+        try:  # an OS error naming no file (orbax's background writes) names this folder
             return call()
         except OSError as e:
             if e.filename is None and e.errno is not None:
@@ -195,8 +186,7 @@ def one_line(error, limit=300):
     return f'{type(error).__name__}: ' + ' '.join(str(error).split())[:limit]
 
 
-def leaf_name(path) -> str:
-    """'params/encoder/.../kernel' for a pytree key path (state and stored metadata alike)."""
+def leaf_name(path) -> str:  # 'params/encoder/.../kernel'
     return jax.tree_util.keystr(path, simple=True, separator='/')
 
 

@@ -1,8 +1,5 @@
-"""The config: defaults for every key, the methods' recipes, and every check of its values.
-
-The config is locked, so ml_collections refuses unknown keys and wrong types; `validate`
-runs the RULES table and the cross-field rules: the builders downstream trust its result.
-"""
+"""The config: defaults for every key, the methods' recipes, and every check of its values
+(locked: ml_collections refuses unknown keys and wrong types; `validate` runs the rest)."""
 import difflib
 import functools
 import os
@@ -142,7 +139,6 @@ METHOD_RECIPES = {'clusiam': _CLUSIAM, 'clubyol': _CLUBYOL,
 
 
 def method_config(name: str) -> ml_collections.ConfigDict:
-    """default_config() with the paper's settings for method `name`."""
     c = default_config()
     c.model.name = name
     for key, value in METHOD_RECIPES[name].items():
@@ -151,7 +147,7 @@ def method_config(name: str) -> ml_collections.ConfigDict:
 
 
 def flatten(config, prefix: str = '') -> dict:
-    """{'train.batch_size': 512, ...} for a ConfigDict (or a plain nested dict)."""
+    """{'train.batch_size': 512, ...} for a ConfigDict or nested dict."""
     out = {}
     for key, value in config.items():
         name = f'{prefix}{key}'
@@ -184,8 +180,7 @@ def _unknown_key(config, key: str, name: str) -> str:
 
 
 def _check_types(config):
-    """Unknown keys and wrong types of a config not built on the locked defaults (a recipe
-    that rebuilt a section), by ConfigDict's own checks on assignment."""
+    """Unknown keys and wrong types in a section a recipe rebuilt (ConfigDict's own checks)."""
     schema = default_config()
     for key, value in flatten(config).items():
         try:
@@ -262,7 +257,6 @@ def _refuse(broken, message: str):
 
 
 def _check_rules(section, name: str):
-    """The RULES of the config section `name`."""
     for key, rule in RULES.items():
         if not key.startswith(name + '.'):
             continue
@@ -289,8 +283,7 @@ validate_model = functools.partial(_check_rules, name='model')
 
 
 def validate(config, num_devices: int = 1, check_data_path: bool = True):
-    """Raise ConfigError (one line) for anything that would fail later or compute nonsense;
-    check_data_path=False for callers that bring their own data (tests, benchmarks)."""
+    """ConfigError (one line) for anything that would fail later or compute nonsense."""
     _check_types(config)
     for name in config.keys():
         if name != 'tile':
@@ -349,7 +342,6 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
 
 
 def best_mode(train) -> str:
-    """train.best_mode, or the metric's own direction when it is ''."""
     lower = train.best_metric.removeprefix('monitor/') in LOWER_IS_BETTER
     return train.best_mode or ('min' if lower else 'max')
 
@@ -363,7 +355,6 @@ def parse_checkpoint_choice(text) -> object:
 
 
 def validate_tile(t):
-    """The `tile` section (--mode tile)."""
     _refuse(not t.slides, 'tile.slides is not set: --config.tile.slides=DIR (a folder of slides) '
             'or a CSV with a "path" column')
     _refuse(not t.out_dir, 'tile.out_dir is not set: --config.tile.out_dir=DIR')
