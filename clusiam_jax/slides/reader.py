@@ -69,8 +69,7 @@ def implausible_mpp(mpp: float) -> Optional[str]:
     return None
 
 
-def level0_resolution(slide, default: Optional[float] = None,
-                      default_origin: str = 'tile.mpp_default') -> Resolution:
+def level0_resolution(slide, default: Optional[float] = None) -> Resolution:
     """`openslide.mpp-x/y`, else 10 / objective power, else `default` (not for non-square
     pixels: their metadata is wrong otherwise); a value no scan has counts as none."""
     props = slide.properties
@@ -95,10 +94,10 @@ def level0_resolution(slide, default: Optional[float] = None,
         if problem is None:
             return own
         problem = f'{problem} ({own.origin})'
-        return Resolution(float(default), default_origin, problem) if default else \
+        return Resolution(float(default), 'tile.mpp_default', problem) if default else \
             Resolution(None, own.origin, problem)
     if default:
-        return Resolution(float(default), default_origin)
+        return Resolution(float(default), 'tile.mpp_default')
     return Resolution(None, NO_MPP_ORIGIN)
 
 
@@ -176,7 +175,7 @@ class Slide:
             if index >= self.listed:
                 self.levels.append(Level(self.dimensions[0] / lv.width,
                                          (lv.width, lv.height), (lv.tile_w, lv.tile_h), tiff))
-        self._said = set()
+        self.fallback_said = False
 
     def _tile_of(self, level: int) -> Optional[Tuple[int, int]]:
         try:
@@ -215,11 +214,6 @@ class Slide:
     def read(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """uint8 [h, w, 3] of `level` from level-0 (x0, y0), white outside the image."""
         return self.levels[level].backend.read(level, x0, y0, w, h)
-
-    def warn_once(self, message: str, *args):
-        if message not in self._said:
-            self._said.add(message)
-            log.warning(message, *args)
 
 
 def open_slide(path: str, cache=None, direct: bool = True) -> Slide:
@@ -263,9 +257,10 @@ def read_patch(slide: Slide, x: int, y: int, size_level0: float, out_size: int
     except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
         if level < slide.listed:
             raise
-        slide.warn_once('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) '
-                        "(%s); such patches are read from OpenSlide's levels", slide, level,
-                        x, y, e)
+        if not slide.fallback_said:
+            slide.fallback_said = True
+            log.warning('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) (%s); '
+                        "such patches are read from OpenSlide's levels", slide, level, x, y, e)
         rgb, side = square(slide.best_level(downsample, listed_only=True))
     if side == out_size:
         return rgb
