@@ -1,7 +1,6 @@
-"""Representation monitoring without labels and the best checkpoint (docs/method.md §6):
-the loop's optional hook. A fixed set (whole patches and two seeded views of each) stays on
-the devices, so a monitor epoch is one forward pass with no recompilation.
-"""
+"""Label-free representation monitoring and the best checkpoint (docs/method.md §6), the loop's
+optional hook. A fixed set (patches, two seeded views of each) stays on the devices: one forward
+pass per monitor epoch, no recompilation."""
 import dataclasses
 import logging
 import math
@@ -34,8 +33,7 @@ _BATCH = 128
 
 
 def rankme(features: np.ndarray, eps: float = 1e-7) -> float:
-    """RankMe (Garrido et al. 2023): exp(entropy) of the singular values of [M, D],
-    normalized to sum 1: the number of directions in use."""
+    """RankMe (Garrido et al. 2023): exp(entropy) of the normalized singular values."""
     sigma = np.linalg.svd(np.asarray(features, np.float64), compute_uv=False)
     p = sigma / max(sigma.sum(), eps) + eps
     return float(np.exp(-np.sum(p * np.log(p))))
@@ -55,8 +53,7 @@ def uniformity(features: np.ndarray, t: float = 2.0) -> float:
 
 
 def knn_scores(features, labels, slides) -> Optional[Dict[str, float]]:
-    """Cosine 1-NN of the second half of the slides' patches among the first half's (no
-    slide on both sides); None with fewer than 2 slides."""
+    """Cosine 1-NN of the later half of the slides among the earlier half; None under 2 slides."""
     names = sorted(set(slides))
     if len(names) < 2:
         return None
@@ -64,8 +61,7 @@ def knn_scores(features, labels, slides) -> Optional[Dict[str, float]]:
     predicted = knn_predict(features[reference], labels[reference], features[~reference])[1]
     truth = labels[~reference]
     recalls = [np.mean(predicted[truth == c] == c) for c in np.unique(truth)]
-    return {'knn_top1': float(np.mean(predicted == truth)),
-            'knn_balanced': float(np.mean(recalls))}
+    return {'knn_top1': float(np.mean(predicted == truth)), 'knn_balanced': float(np.mean(recalls))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +102,6 @@ def build_monitor_set(source, indices, config, seed: int) -> MonitorSet:
 
 
 class Monitor:
-    """Embeds the monitor set with the online network and scores it."""
 
     def __init__(self, network, mean, std, monitor_set: MonitorSet, mesh, num_clusters,
                  min_rankme: float, seed: int):
@@ -121,7 +116,6 @@ class Monitor:
             out_shardings=parallel.replicated(mesh),
             compiler_options=compiler_options(network.conv_impl))
 
-        # Padded to whole batches; every process holds the whole set and places its shards.
         stacked = np.concatenate([monitor_set.images, monitor_set.view1, monitor_set.view2])
         stacked = np.pad(stacked, [(0, -len(stacked) % self.batch)] + [(0, 0)] * 3)
         self.batches = [jax.make_array_from_callback(chunk.shape, parallel.batch_sharded(mesh),
@@ -135,10 +129,9 @@ class Monitor:
         return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
     def scores(self, variables, judge_clusters: bool = True) -> Dict[str, float]:
-        """rankme, alignment, uniformity, the step's cluster diagnostics, knn_* (with labels)
-        and collapse (low RankMe or, with `judge_clusters`, a collapse mode)."""
-        m = len(self.set.images)
-        out = self.embed_all(variables)
+        """The scores; collapse: low RankMe or (with `judge_clusters`) a collapse mode."""
+        m, out = len(self.set.images), self.embed_all(variables)
+
         images, view1, view2 = np.split(out['features'], 3)
         result = {'rankme': rankme(images), 'alignment': alignment(view1, view2),
                   'uniformity': uniformity(images)}
@@ -159,8 +152,7 @@ class Monitor:
 
 
 class BestCheckpoint:
-    """train.best_metric: the best state so far in best_checkpoint/ and best_checkpoint.json;
-    `latest` (the loop's Checkpointer) is named when a state is refused."""
+    """train.best_metric: the best state so far in best_checkpoint/ and best_checkpoint.json."""
 
     def __init__(self, workdir, config, latest=None):
         self.workdir, self.metric, self.latest = workdir, config.train.best_metric, latest
@@ -172,7 +164,6 @@ class BestCheckpoint:
         self.value = recorded['value'] if same else None
 
     def offer(self, step, epoch, scores, state, data_state):
-        """Saves `state` when its score beats the best so far and it did not collapse."""
         value = scores.get(self.metric.removeprefix('monitor/'), math.nan)
         if self.ckpt is None or scores.get('collapse') or not math.isfinite(value) or (
                 self.value is not None and (value <= self.value if self.mode == 'max'
@@ -199,7 +190,6 @@ class BestCheckpoint:
 
 
 class MonitorHook:
-    """The loop's epoch hook: scores, the best checkpoint, train.stop_on_collapse."""
 
     def __init__(self, config, workdir, loader, trainer, ckpt):
         self.config, mon, seed = config, config.monitor, int(config.train.seed)
