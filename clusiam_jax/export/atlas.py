@@ -190,8 +190,7 @@ def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS
                    fill=tuple(int(v) for v in color), outline=(0, 0, 0), width=2)
     left = margin + swatch + 14
     draw.text((left, margin - 2), title, fill=(0, 0, 0), font=title_font)
-    draw.text((left, margin + swatch - 2), details, fill=(60, 60, 60), font=text_font,
-              anchor='lb')
+    draw.text((left, margin + swatch - 2), details, fill=(60, 60, 60), font=text_font, anchor='lb')
     draw.line([(margin, header - margin // 2), (width - margin, header - margin // 2)],
               fill=(200, 200, 200))
     boxes = []
@@ -227,8 +226,7 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         logits = arrays.get('cluster_logits')
         if ids.size and ids.min() < 0:
             raise DataError(f'atlas: slide {slide_id} has negative cluster ids')
-        k = max(k, logits.shape[1] if logits is not None else 0,
-                int(ids.max(initial=-1)) + 1)
+        k = max(k, logits.shape[1] if logits is not None else 0, int(ids.max(initial=-1)) + 1)
         counts[slide_id] = np.bincount(ids, minlength=1)
         rows_ok = np.flatnonzero(_readable(arrays))
         readable_any |= bool(rows_ok.size)

@@ -120,8 +120,7 @@ def _prefetched(loads, executor, window):
 class _SlideWriter:
     """Writes each slide's file when its last record is through (npz: all at the end)."""
 
-    def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log,
-                 source=None):
+    def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log, source=None):
         self.groups, self.out_dir, self.options = groups, out_dir, options
         self.attrs, self.skip_log = attrs, skip_log
         # Slide sources know each slide's tiling (coords attributes, the slide file).
@@ -207,8 +206,7 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
     """Embeds every patch of `source` into `out_dir`; returns the manifest rows. A rerun
     skips slides written with the same export key and patch count. `info` goes into
     export_info.json and, in part, the files' attributes."""
-    mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(
-        jax.local_devices())
+    mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(jax.local_devices())
     embedder = dataclasses.replace(embedder, mesh=mesh)
     step, fmt_name = embedder.checkpoint_step, options.export_format
     groups = group_by_slide(source)
@@ -246,8 +244,7 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
     if missing:
         log.info('export: pt files of %d finished slides written from their h5 features',
                  len(missing))
-    writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log,
-                          source)
+    writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log, source)
     stream = _Stream(source, groups, todo)
     if len(stream):
         _embed_stream(embedder, source, stream, writer, options)

@@ -67,8 +67,7 @@ def prepare_out_dir(out_dir: str, export_format: str):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
     except OSError as e:
-        raise DataError(f'export.out_dir {out_dir}: cannot write there ({e.strerror})') \
-            from None
+        raise DataError(f'export.out_dir {out_dir}: cannot write there ({e.strerror})') from None
 
 
 def write_slide_h5(path: str, arrays: Dict[str, np.ndarray], attrs: dict, coords_attrs: dict):
@@ -134,8 +133,7 @@ def file_attrs(path: str, keys) -> dict:
         return {k: f.attrs[k] for k in keys if k in f.attrs}
 
 
-def is_finished(out_dir: str, export_format: str, slide_id: str, key: str,
-                n_records: int) -> bool:
+def is_finished(out_dir: str, export_format: str, slide_id: str, key: str, n_records: int) -> bool:
     """Whether a rerun skips the slide (npz: all): same export key and record count."""
     try:
         attrs = file_attrs(os.path.join(out_dir, slide_file(export_format, slide_id)),
@@ -204,8 +202,7 @@ def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
         if 'slide_path' in f.attrs:
             out['slide_path'] = str(f.attrs['slide_path'])
         if 'level0_width' in coords:
-            out['level0_dimensions'] = (int(coords['level0_width']),
-                                        int(coords['level0_height']))
+            out['level0_dimensions'] = (int(coords['level0_width']), int(coords['level0_height']))
         return out
 
 

@@ -100,8 +100,7 @@ def _legend(ids, counts, colors, map_height):
         top = y + (row - size) // 2
         draw.rectangle([x, top, x + size - 1, top + size - 1],
                        fill=tuple(int(v) for v in color), outline=(0, 0, 0))
-        draw.text((x + size + gap, y + row // 2), text, fill=(0, 0, 0), font=font,
-                  anchor='lm')
+        draw.text((x + size + gap, y + row // 2), text, fill=(0, 0, 0), font=font, anchor='lm')
     return np.asarray(panel)
 
 
@@ -275,8 +274,7 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
             try:
                 thumb, scale = Image.open(thumb_path).convert('RGB'), downsample
             except OSError as e:  # PIL's UnidentifiedImageError is one
-                raise DataError(f'thumbnail {thumb_path} is not a readable image ({e})') \
-                    from None
+                raise DataError(f'thumbnail {thumb_path} is not a readable image ({e})') from None
             drawn_over = 'thumbnail'
         elif arrays.get('slide_path'):
             fix = (f"move the slide back to {arrays['slide_path']}, or give its thumbnail and "

@@ -73,8 +73,7 @@ def _same(a, b) -> bool:
     return a.shape == b.shape and bool(np.all(a == b))
 
 
-def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
-                  slide_ids):
+def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict, slide_ids):
     """Refuses a folder holding another run's export (one inside the run is its own, even
     when the run moved); says why files of `slide_ids` are exported again."""
     folder = os.path.join(out_dir, fmt.H5_DIR)
@@ -204,8 +203,7 @@ class ExportJob:
         by_path = not source.from_slides
         tiling = {} if by_path else {s.slide_id: s.coords.attrs for s in source.slides}
         stale = {}
-        for slide, arrays, written in _written(self.out_dir, self.options.export_format,
-                                               groups):
+        for slide, arrays, written in _written(self.out_dir, self.options.export_format, groups):
             changed = [k for k, v in tiling.get(slide, {}).items()
                        if k not in ('tiling_key', 'slide_path')
                        and not _same(_text(written.get(k)), _text(v))]
