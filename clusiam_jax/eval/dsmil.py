@@ -1,6 +1,5 @@
-"""DSMIL (docs/method.md §7), written from its description, on the trainer of eval/mil.py.
-The original's bag classifier, a Conv1d with kernel size = feature size over the C rows of
-the bag embedding, is a Linear over the flattened C*D. Thresholds come from validation."""
+"""DSMIL (docs/method.md §7) on eval/mil.py's trainer. The original's bag classifier, a Conv1d
+with kernel size = feature size over the C rows, is a Linear over the flattened C*D."""
 import dataclasses
 import math
 
@@ -90,8 +89,7 @@ def _select(labels, scores, losses):
 
 
 def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=0):
-    """Trains DSMIL (mil.train) with one-hot targets over C sigmoid outputs; its thresholds [C]
-    are Youden's on validation."""
+    """Trains DSMIL (mil.train) on one-hot targets; thresholds [C]: Youden's on validation."""
     config = config or DSMILConfig()
     trainer = mil.steps(DSMIL(num_classes, config.query_dim), dsmil_loss, dsmil_score,
                         config.betas, config.weight_decay)

@@ -5,8 +5,7 @@ from clusiam_jax.knn import knn_predict
 
 def knn_evaluate(ref_embeddings, ref_labels, query_embeddings, query_labels, ks=(1,),
                  positive_label=None):
-    """{'k=1': metrics.classification_metrics of the queries, ...} per k. References and
-    queries must come from disjoint slides (patch-level splits leak)."""
+    """{'k=1': classification_metrics of the queries, ...}; references from other slides."""
     predictions = knn_predict(ref_embeddings, ref_labels, query_embeddings, ks=ks)
     return {f'k={k}': classification_metrics(query_labels, pred, positive_label=positive_label)
             for k, pred in predictions.items()}

@@ -1,7 +1,6 @@
-"""Linear probe: multinomial logistic regression on frozen embeddings standardized by the
-training part, fitted full-batch with optax's L-BFGS from zero weights: strictly convex for a
-weight decay > 0, so the fit depends on no seed or order. The training set lives on the device
-in full; the weight decay is chosen on validation, never on test."""
+"""Linear probe: logistic regression on standardized frozen embeddings, full-batch L-BFGS
+from zero weights (strictly convex for weight decay > 0: no seed or order matters); the
+weight decay is chosen on validation, never on test."""
 import functools
 
 import jax
@@ -15,8 +14,7 @@ DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def standardizer(train_x):
-    """x -> float32 z-scores by the per-feature mean and std of `train_x` (std floored,
-    so constant features stay finite)."""
+    """x -> float32 z-scores by `train_x`'s per-feature mean and std (floored: finite)."""
     x = np.asarray(train_x, np.float64)
     mean = x.mean(axis=0).astype(np.float32)
     std = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
@@ -24,9 +22,8 @@ def standardizer(train_x):
 
 
 def validation_split(labels, fraction=0.2, seed=0, groups=None):
-    """Indices (train, val) holding out about `fraction` of the samples: whole `groups`
-    (slides: patches of one slide never on both sides), else stratified by label with
-    at least one sample per class left in train."""
+    """Indices (train, val) holding out about `fraction`: whole `groups` (slides), else
+    stratified by label with at least one sample per class left in train."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     if groups is not None:
@@ -79,9 +76,8 @@ def fit_sweep(x, y, num_classes, weight_decays):
 
 def linear_probe(train_x, train_y, test_x, test_y, val_x=None, val_y=None,
                  weight_decays=DEFAULT_WEIGHT_DECAYS, groups=None, seed=0, positive_label=None):
-    """Linear-probe classification_metrics on test, with the weight decay best on validation
-    accuracy (the larger on ties: the most regularized that does as well). Without a validation
-    set, 20% of the training set (whole `groups`, e.g. slides; `seed` picks them) is held out."""
+    """Test classification_metrics with the weight decay best on val accuracy (larger on ties);
+    without val, 20% of train (whole `groups`, e.g. slides; `seed` picks them) is held out."""
     train_x, train_y = np.asarray(train_x, np.float32), np.asarray(train_y)
     if val_x is None:
         tr, va = validation_split(train_y, 0.2, seed, groups)

@@ -1,6 +1,5 @@
 """The evaluators' scores, the bootstrap interval over test slides and the small-test-set
-caution. Scores a bootstrap takes thousands of times (AUC, argmax accuracies) are NumPy, as
-a scikit-learn call spends longer checking its input than these take."""
+caution. Scores a bootstrap repeats are NumPy: scikit-learn checks its input for longer."""
 import numpy as np
 from sklearn import metrics as skm
 
@@ -13,9 +12,8 @@ MIN_TEST_PER_CLASS = 5
 
 
 def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
-    """{n, accuracy, balanced_accuracy (mean recall over the classes of y_true), macro_f1,
-    per_class_f1 {label: F1}} over `labels` (default: the sorted union of both), and with
-    `positive_label` its F1 as positive_f1 (0 when the class never occurs)."""
+    """{n, accuracy, balanced_accuracy (over y_true's classes), macro_f1, per_class_f1} over
+    `labels` (default: all seen), and positive_f1 of `positive_label` (0 if never seen)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f'y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D')
@@ -31,8 +29,7 @@ def classification_metrics(y_true, y_pred, labels=None, positive_label=None):
 
 
 def roc_auc(y_true, scores):
-    """ROC AUC (truthy y_true = positive), ties counting half; NaN with one class absent
-    (where scikit-learn raises), so a summary over seeds goes on."""
+    """ROC AUC (truthy y_true = positive, ties half); NaN, not an error, with a class absent."""
     y = np.asarray(y_true).astype(bool).ravel()
     s = np.asarray(scores, np.float64).ravel()
     positive, negative = s[y], np.sort(s[~y])
@@ -61,8 +58,7 @@ def roc_curve(y_true, scores):
 
 
 def youden_threshold(y_true, scores):
-    """The threshold maximizing Youden's J = TPR - FPR (the first maximum); 0.5, the cut
-    of a sigmoid, when one class is absent."""
+    """The first threshold maximizing Youden's J = TPR - FPR; 0.5 with one class absent."""
     y = np.asarray(y_true).astype(bool).ravel()
     if y.all() or not y.any():
         return 0.5
@@ -117,17 +113,15 @@ def slide_metrics(labels, logits):
 def seed_stats(values):
     """{mean, std (population), values} over seeds, NaN ignored."""
     values = np.asarray(values, np.float64)
-    finite = np.isfinite(values).any()
-    return {'mean': float(np.nanmean(values)) if finite else float('nan'),
-            'std': float(np.nanstd(values)) if finite else float('nan'), 'values': values.tolist()}
+    std = float(np.nanstd(values)) if np.isfinite(values).any() else float('nan')
+    return {'mean': nanmean(values), 'std': std, 'values': values.tolist()}
 
 
 def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAMPLES,
                  seed=BOOTSTRAP_SEED):
-    """Percentile bootstrap interval of `statistic(idx)`, a score on the test samples `idx`
-    (with repeats; `arange(n)` gives the estimate). The resamples, drawn from `seed`, are the
-    same for every score of a test set; one scored NaN, or with `per_class` lacking a class
-    of `labels`, is skipped and counted. low and high are None when nothing was scored."""
+    """Percentile bootstrap interval of `statistic(idx)`, a score on test samples `idx`, over
+    resamples drawn from `seed` (the same for every score); one scored NaN, or (`per_class`)
+    lacking a class, is skipped and counted. low and high are None when nothing was scored."""
     labels = np.asarray(labels).ravel()
     n = labels.size
     estimate = float(statistic(np.arange(n))) if n else float('nan')
@@ -152,8 +146,7 @@ def bootstrap_ci(statistic, labels, per_class=False, n_resamples=BOOTSTRAP_RESAM
 
 
 def count_test_slides(labels, class_names):
-    """{n_test_slides, n_test_per_class, caution (one line when the test set or a class is
-    too small, else None)}."""
+    """{n_test_slides, n_test_per_class, caution (a line when too few slides, else None)}."""
     labels = np.asarray(labels, np.int64).ravel()
     counts = np.bincount(labels, minlength=len(class_names))
     per_class = {str(name): int(c) for name, c in zip(class_names, counts)}
@@ -169,8 +162,7 @@ def count_test_slides(labels, class_names):
 
 
 def slide_scores_report(labels, class_names, scores, n_seeds=1):
-    """count_test_slides' block, confidence_intervals {name: bootstrap_ci} of `scores`
-    {name: (statistic(idx), per_class)}, and bootstrap: how, in one line."""
+    """count_test_slides + {name: bootstrap_ci} of `scores` {name: (statistic, per_class)}."""
     labels = np.asarray(labels, np.int64).ravel()
     out = count_test_slides(labels, class_names)
     out['confidence_intervals'] = {name: bootstrap_ci(statistic, labels, per_class)
@@ -191,8 +183,7 @@ def slide_scores_report(labels, class_names, scores, n_seeds=1):
 
 def seed_mean_intervals(labels, class_names, scores, per_seed):
     """slide_scores_report of the seed mean of `scores` {name: (score(labels, data, *rest),
-    per_class)} over `per_seed` [(data [n, ...], *rest)]: each resample scores every seed on
-    the same slides, as the summary over seeds averages them."""
+    per_class)} over `per_seed` [(data [n, ...], *rest)], every seed on the same resample."""
     labels = np.asarray(labels, np.int64)
 
     def seed_mean(score):

@@ -1,6 +1,5 @@
-"""The one trainer of multiple-instance models over slides (docs/method.md §7); DSMIL and
-ABMIL are a module, a loss and a score on it. A bag (patch embeddings [N, D]) is zero-padded
-to a short ladder of lengths with a mask, so jit compiles a handful of shapes."""
+"""The one trainer of multiple-instance models (docs/method.md §7): DSMIL and ABMIL are a
+module, a loss and a score. Bags are zero-padded to a ladder of lengths: few jit shapes."""
 import functools
 import math
 
@@ -15,8 +14,7 @@ from clusiam_jax.export.format import read_h5_array, slide_feature_files
 
 
 def bucket_length(n, min_size=64):
-    """Smallest size >= n on the ladder min_size, x sqrt(2), ... (multiples of 8): it pads
-    at most ~41% and has ~2 shapes per doubling of bag size."""
+    """Smallest size >= n on the ladder min_size, x sqrt(2), ... (multiples of 8)."""
     if n < 1:
         raise ValueError('a bag needs at least one instance')
     size = min_size
@@ -81,10 +79,9 @@ def device_bags(bags, min_bucket, target):
 
 
 def train(trainer, config, bags, target, select, seed=0, learning_rate=None):
-    """Trains on bags['train'] ([(features [N, D], class index)]), one bag per step in an
-    order drawn from `seed`, at `learning_rate(epoch)` (0-based; default config.lr), and keeps
-    the epoch best on bags['val'] by `select(labels, scores, losses) -> (auc, loss)`: higher
-    AUC (NaN worst), then lower loss. bags['test'] is scored once, with the kept epoch."""
+    """Trains on bags['train'] ([(features [N, D], class index)]) one bag per step, at
+    `learning_rate(epoch)` (default config.lr); keeps the epoch best on bags['val'] by `select`
+    -> (auc, loss): higher AUC (NaN worst), then lower loss; scores bags['test'] with it."""
     if not bags['train'] or not bags['val']:
         raise ValueError('multiple-instance training needs training and validation bags')
     dim = np.shape(bags['train'][0][0])[1]
@@ -146,8 +143,7 @@ def slide_features(files, slide):
 
 
 def read_slides(export_dir, splits_path, splits, describe=slide_features):
-    """{split: ([describe(files, slide)], labels [n])} of the listed slides of an export of ours
-    or a CLAM-style folder; DataError for missing slides or vectors of different sizes."""
+    """{split: ([describe(files, slide)], labels [n])} from an export or a CLAM-style folder."""
     files = slide_feature_files(str(export_dir))
     require_in_export(splits_path, [s for rows in splits.values() for s, _ in rows], files)
     out = {split: ([describe(files, slide) for slide, _ in rows],

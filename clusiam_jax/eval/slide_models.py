@@ -1,7 +1,6 @@
 """Slide-level evaluators beside DSMIL (docs/method.md §7), selected on validation only:
-abmil (gated attention MIL, Ilse et al. 2018, on eval/mil.py's trainer); clusters and
-meanpool, a logistic regression on one vector per slide (its cluster composition, its mean
-patch embedding: the floor MIL has to beat)."""
+abmil (gated attention MIL on eval/mil.py's trainer); clusters and meanpool, a logistic
+regression on each slide's cluster composition or mean patch embedding (MIL's floor)."""
 import dataclasses
 import operator
 
@@ -19,9 +18,8 @@ from clusiam_jax.models.heads import TorchLinear
 
 
 def labelled_splits(splits_path, task, holdout_seed=0, val_fraction=0.2):
-    """splits.class_splits; without val slides, `val_fraction` of the train slides
-    (stratified, `holdout_seed` picks them) are held out. DataError unless there are two
-    classes or more, each in train, val and test."""
+    """class_splits, with `val_fraction` of train held out when there is no val; DataError
+    unless two classes or more are each in train, val and test."""
     splits, names = class_splits(splits_path, task)
     if len(names) < 2:
         raise DataError(f'{splits_path}: every slide has label {names[0]!r}; {task} needs '
@@ -52,8 +50,7 @@ def mean_embedding(files, slide):
 
 
 def cluster_composition(files, slide):
-    """clusters' slide vector [2K]: the share of the slide's patches per cluster, then the
-    mean softmax of their logits."""
+    """clusters' slide vector [2K]: each cluster's share of patches, then the mean softmax."""
     missing = (f'slide {slide}: {files[slide]} has no cluster_ids / cluster_logits (a model '
                f'without a cluster head?); clusters needs them, meanpool and abmil do not')
     ids = mil.read_array(files, slide, 'cluster_ids', missing)
@@ -84,9 +81,8 @@ def _counts(splits):
 
 
 class GatedAttentionMIL(nn.Module):
-    """Gated attention MIL on a padded bag [N, D], mask [N]: h = ReLU(W x) (none when
-    hidden_dim is 0), a = softmax(w . (tanh(V h) * sigmoid(U h))) over the real instances.
-    Returns (classifier(sum a h) [C], attention [N])."""
+    """Gated attention MIL (Ilse et al. 2018) on a padded bag [N, D], mask [N]: returns
+    (classifier(sum a h) [C], attention a [N]); h = ReLU(W x), or x when hidden_dim is 0."""
     num_classes: int
     hidden_dim: int = 128
     attention_dim: int = 128
@@ -106,8 +102,7 @@ class GatedAttentionMIL(nn.Module):
 
 @dataclasses.dataclass
 class ABMILConfig:
-    """CLAM's published recipe for attention MIL (Adam with L2, constant lr, one bag per
-    step), without dropout, the epoch chosen on validation instead of early stopping."""
+    """CLAM's attention-MIL recipe, without dropout; the epoch chosen on validation."""
     epochs: int = 100
     lr: float = 2e-4
     betas: tuple = (0.9, 0.999)
@@ -178,8 +173,7 @@ SLIDE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def slide_logistic_regression(sets, num_classes):
-    """linear.py's logistic regression on {split: (vectors [n, F], class indices [n])}; the weight
-    decay best on val (AUC, then loss; the larger on ties) wins."""
+    """linear.py's fits on {split: (x [n, F], y [n])}; best val AUC, loss, then larger decay."""
     z = standardizer(sets['train'][0])
     data = {split: (z(x), np.asarray(y)) for split, (x, y) in sets.items()}
     fits = fit_sweep(*data['train'], num_classes, SLIDE_WEIGHT_DECAYS)

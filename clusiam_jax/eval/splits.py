@@ -1,6 +1,5 @@
-"""Splits files (slide_id,split[,label]; split train, val or validation, test). Splits are by
-slide, never by patch: patches of one slide are correlated, and a patch split would let a
-probe learn the slide instead of the class."""
+"""Splits files (slide_id,split[,label]; split train, val or validation, test): by slide,
+never by patch, or a probe would learn the slide instead of the class."""
 from typing import Dict, Tuple
 
 from clusiam_jax.errors import DataError
@@ -29,9 +28,8 @@ def read_splits(path: str) -> Dict[str, Tuple[str, str]]:
 
 
 def class_splits(path, task):
-    """({split: [(slide_id, class index)]}, class names) of a splits file with labels, by
-    the one convention: labels that are all integers are class indices, others are names,
-    sorted. DataError for a slide without a label or an integer label below 0."""
+    """({split: [(slide_id, class index)]}, class names): labels that are all integers are
+    class indices, others sorted names. DataError for a missing or negative label."""
     table = read_splits(path)
     unlabeled = [slide for slide, (_, label) in table.items() if not label]
     if unlabeled:

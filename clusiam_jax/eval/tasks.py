@@ -1,6 +1,5 @@
 """The evaluators over an export, by the CLI's task names; each returns one JSON-able dict.
-knn and linear are patch-level (train slides against test slides); the slide tasks log their
-scores with bootstrap intervals, and a caution for a small test set."""
+knn and linear are patch-level; slide tasks log bootstrap intervals and a small-set caution."""
 import logging
 import os
 
@@ -30,8 +29,7 @@ def annotation_labels(folder, slide, arrays):
 
 
 def patch_sets(export_dir, splits_path, key='features', annotations=None):
-    """{split: (embeddings [N, D], labels [N], slide ids [N])} over the listed slides; a
-    patch's label from annotations, else its own in the export, else its slide's."""
+    """{split: (embeddings, labels, slide ids)}; labels from annotations, export or slide."""
     if annotations and not os.path.isdir(annotations):
         raise DataError(f'annotations folder not found: {annotations}')
     splits = read_splits(splits_path)
@@ -138,8 +136,7 @@ def run_meanpool(export_dir, splits_path, seed=0):
 
 def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None,
              atlas=True):
-    """The cluster maps, then (with `atlas`) the atlas: its index.html under 'atlas', None
-    when the export has no cluster head or no pixels."""
+    """The cluster maps, then (with `atlas`) the atlas index.html or None under 'atlas'."""
     from clusiam_jax.export.atlas import write_atlas
     from clusiam_jax.export.maps import draw_export_maps
     result = {'task': 'maps', 'written': draw_export_maps(export_dir, thumbnail, downsample,
