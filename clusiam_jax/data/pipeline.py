@@ -1,8 +1,5 @@
-"""The training stream: shuffled records -> two augmented views -> batches (grain).
-
-Every element is a pure function of its place in epoch e's order (drawn from (seed, e)), so
-the stream resumes exactly for any worker or process count; an unreadable file gives way to
-a substitute drawn from (seed, e, place, attempt) and is listed in skipped_files.txt.
+"""The training stream (grain): every element is a pure function of (seed, epoch, place), so
+it resumes exactly for any worker or process count; an unreadable file gets a seeded substitute.
 """
 import dataclasses
 import logging
@@ -68,20 +65,24 @@ class EpochPlan:
         return rng.permutation(self.num_records)
 
 
+def _members(slide_index: np.ndarray):
+    """(patches sorted by slide, each slide's start in them; one more: the end)."""
+    counts = np.bincount(slide_index)
+    return np.argsort(slide_index, kind='stable'), np.concatenate([[0], np.cumsum(counts)])
+
+
 def balanced_order(slide_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """N record indices drawing every slide equally often, each slide's patches without
     repeats until all were seen; shuffled so batches mix slides."""
     n = len(slide_index)
-    members = np.argsort(slide_index, kind='stable')
-    counts = np.bincount(slide_index)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    present = np.flatnonzero(counts)
+    members, starts = _members(slide_index)
+    present = np.flatnonzero(np.diff(starts))
     base, extra = divmod(n, len(present))
     quota = np.full(len(present), base)
     quota[rng.permutation(len(present))[:extra]] += 1
     picks = []
     for slide, q in zip(present, quota):
-        own = members[starts[slide]:starts[slide] + counts[slide]]
+        own = members[starts[slide]:starts[slide + 1]]
         rounds = -(-q // len(own))
         picks.append(np.concatenate([own[rng.permutation(len(own))] for _ in range(rounds)])[:q])
     return np.concatenate(picks)[rng.permutation(n)]
@@ -131,9 +132,7 @@ class PairMaker:
         """A stand-in record: from the same slide (balanced sampling), then from anywhere."""
         if self.plan.sampling == 'slide_balanced' and attempt <= _SAME_SLIDE_ATTEMPTS:
             if self._members is None:
-                order = np.argsort(self.plan.slide_index, kind='stable')
-                counts = np.bincount(self.plan.slide_index)
-                self._members = (order, np.concatenate([[0], np.cumsum(counts)]))
+                self._members = _members(self.plan.slide_index)
             order, starts = self._members
             slide = self.plan.slide_index[index]
             lo, hi = starts[slide], starts[slide + 1]
@@ -265,9 +264,8 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     mon = config.get('monitor')
     if mon is not None and mon.every_epochs > 0 and not mon.data_path and mon.holdout > 0:
         keep, held = sources_lib.holdout_slides(source, float(mon.holdout), int(config.train.seed))
-        logger.info('monitor: %d patches of the training source held out (monitor.holdout '
-                    '%g of its slides); training on the other %d', len(held), mon.holdout,
-                    len(keep))
+        logger.info('monitor: %d patches of the training source held out (monitor.holdout %g '
+                    'of its slides); training on the other %d', len(held), mon.holdout, len(keep))
         source, held_out = source.subset(keep), source.subset(held)
     plan = EpochPlan(num_records=len(source), global_batch=int(config.train.batch_size),
                      process_index=int(process_index), process_count=int(process_count),
