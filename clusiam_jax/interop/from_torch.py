@@ -1,6 +1,4 @@
-"""`convert from-torch`: an original CluSiam / CluBYOL checkpoint, read strictly, -> a
-weights-only run at step 0; its epoch goes to `imported_from.json`.
-"""
+"""`convert from-torch`: an original checkpoint -> a weights-only run (+ imported_from.json)."""
 import os
 from typing import Dict, Optional, Sequence
 
@@ -52,8 +50,7 @@ def weights_of(params, batch_stats, target_params=None, target_batch_stats=None,
 
 def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: int = 0,
                       mean=None, std=None):
-    """Writes `out` as a weights-only run of the checkpoint; returns (config, weights).
-    Written in a hidden folder beside `out`, renamed onto it when complete."""
+    """Writes `out`, atomically, as a weights-only run of the checkpoint; (config, weights)."""
     if os.path.isfile(out):
         raise ConversionError(f'--out {out} is a file, not a folder')
     if os.path.isdir(out) and os.listdir(out):

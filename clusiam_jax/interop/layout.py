@@ -1,6 +1,5 @@
 """Where each of our variables lives in a PyTorch state_dict (docs/method.md §2), and its
-layout: conv kernels HWIO here, OIHW in torch; dense kernels transposed. Pure NumPy.
-"""
+layout: conv kernels HWIO here, OIHW in torch; dense kernels transposed. Pure NumPy."""
 import re
 from typing import Dict, Iterator, Tuple
 

@@ -1,7 +1,5 @@
-"""Weights under our variable names from PyTorch files and our runs: strictly for `convert
-from-torch`, what fits for train.init_from. The original's frozen `fc.6.bias` folds into the
-next BatchNorm's running mean (BN(Wx + b) with mean m is BN(Wx) with m - b).
-"""
+"""Weights under our names from PyTorch files and our runs (strict for convert from-torch).
+The frozen `fc.6.bias` folds into bn3's running mean: BN(Wx + b) with m is BN(Wx) with m - b."""
 import dataclasses
 import os
 import re
@@ -44,8 +42,7 @@ def listing(names, limit: int = 20) -> str:
 
 
 def load_state_dict_file(path: str):
-    """(state_dict of NumPy arrays, epoch or None) of a `.safetensors` file or anything
-    torch.save wrote (read weights_only: unpickling would run the sender's code)."""
+    """(NumPy state_dict, epoch or None) of a .safetensors or torch.save file (weights_only)."""
     if not os.path.isfile(path):
         raise ConversionError(f'checkpoint not found: {path}')
     epoch = None
@@ -106,8 +103,7 @@ def infer_backbone(state_dict: Dict, prefix: str = 'encoder.') -> str:
 
 def fill_variables(remaining: Dict, abstract: Dict, module_fn, prefix: str, problems: Dict,
                    encoder: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], np.ndarray]:
-    """{(collection, *module path, leaf): array}, each popped from `remaining`; missing keys
-    and shape mismatches go to `problems`; the frozen projector bias folds into bn3."""
+    """{(collection, *module path, leaf): array} popped from `remaining`; misfits to `problems`."""
     out = {}
     for collection, path, leaf, shape_dtype in layout.iter_leaves(abstract):
         key = prefix + layout.torch_key(module_fn, collection, path, leaf)
@@ -185,8 +181,7 @@ def state_dict_source(state_dict, config, path: str) -> Source:
 
 
 def read_weights(path: str, config) -> Source:
-    """train.init_from's source: a weights file, or the online weights of a run of ours
-    (its latest checkpoint, or RUN/checkpoints/<step>)."""
+    """train.init_from's source: a weights file, or a run's (or checkpoint's) online weights."""
     if not os.path.isdir(path):
         try:
             state_dict, _ = load_state_dict_file(path)

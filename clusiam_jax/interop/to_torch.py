@@ -1,7 +1,5 @@
-"""`convert to-torch`: the backbone with torchvision keys (fc removed, as CLAM, TRIDENT and
-timm load it), the encoder (projector as `encoder.fc`) or the original-format network, in
-.safetensors or .pth/.pt (+ `<file>.json`), with metadata on how the export fed the network.
-"""
+"""`convert to-torch`: the backbone (torchvision keys, no fc), encoder or original network as
+.safetensors or .pth/.pt (+ `<file>.json`), with metadata on how the export fed the network."""
 import json
 import os
 from typing import Dict, Optional
@@ -120,8 +118,7 @@ def _unknown_field(why: str) -> Dict[str, str]:
 
 
 def _coords_resolution(coord_file: str):
-    """(target_mpp, patch size in px, target_magnification) of a coordinate file, each None
-    when unknown; None when it does not read."""
+    """(target_mpp, patch px, target_magnification), each or all None: unknown, unreadable."""
     from clusiam_jax.slides import coords as coords_lib
     try:
         found = coords_lib.read_coords(coord_file)
@@ -135,8 +132,7 @@ def _coords_resolution(coord_file: str):
 
 
 def training_field_of_view(config) -> Dict[str, str]:
-    """`target_mpp`, `patch_size_px`, `field_of_view_um` (JSON, `null` when unknown) and
-    `resolution_source` of the run's training data; only a tiling records a resolution."""
+    """target_mpp, patch_size_px, field_of_view_um (JSON) and resolution_source of the data."""
     path = str(config.data.path or '')
     if not path:
         return _unknown_field('the run records no data.path (an imported checkpoint?): '

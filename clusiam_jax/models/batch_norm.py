@@ -1,7 +1,5 @@
-"""BatchNorm with PyTorch's semantics: the running variance averages the *unbiased* batch
-variance (flax's the biased one), float32 statistics over the global batch; training mode has
-the textbook backward, fewer passes than autodiff of the two-pass variance.
-"""
+"""BatchNorm with PyTorch's semantics (running variance of the *unbiased* batch variance),
+float32 statistics over the global batch, and the textbook backward (fewer passes)."""
 from functools import partial
 from typing import Any
 
@@ -21,8 +19,7 @@ def batch_moments(x32, axes):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def normalize_with_batch_stats(x, scale, bias, epsilon: float, out_dtype):
-    """(x - batch mean) / sqrt(batch var + eps) * scale + bias over all axes but the last;
-    x is the backward's residual in its own dtype (bf16 stays bf16), the rest float32."""
+    """Batch-normalized x * scale + bias; x kept for the backward in its dtype, the rest f32."""
     return _normalize_fwd(x, scale, bias, epsilon, out_dtype)[0]
 
 

@@ -1,7 +1,5 @@
 """2-D convolution for the ResNet: XLA's, or (`im2col`, `auto` on CPU) XLA's behind a
-`fusion_barrier` where XLA:CPU is fast and matrix products where it is slow, without YNNPACK
-(`compiler_options`). Same maths, another summation order (bench/conv_kernels.py).
-"""
+`fusion_barrier` where XLA:CPU is fast, matrix products where slow, without YNNPACK."""
 from functools import partial
 from typing import Sequence
 
@@ -63,8 +61,7 @@ def _valid_range(size, out_size, tap, stride, pad_before):
 
 def _valid_taps(x_shape, w_shape, strides, padding):
     """Per kernel tap that meets real input: (i, j, input window (top, left, rows, cols),
-    output rectangle (first row, rows, first col, cols)); taps that only meet padding add
-    nothing and get a zero filter gradient."""
+    output rectangle (first row, rows, first col, cols))."""
     kh, kw = w_shape[:2]
     ho, wo = _output_hw(x_shape, (kh, kw), strides, padding)
     taps = []
@@ -96,8 +93,7 @@ def _keep_inputs(f):
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _valid_tap_conv(x, w, strides, padding):
-    """The convolution as one matrix product per kernel tap over real input only (im2col
-    would multiply the padding too); the backward stacks the taps' filter gradients."""
+    """The convolution as one matrix product per kernel tap over real input only."""
     taps, out_size = _valid_taps(x.shape, w.shape, strides, padding)
     out = jnp.zeros((x.shape[0], *out_size, w.shape[-1]), jnp.float32)
     for i, j, window, (h0, _, w0, _) in taps:
@@ -194,8 +190,7 @@ def flax_conv_fn(impl: str):
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def tap_max_pool(x, window, strides, padding):
-    """NHWC max pooling whose gradient goes to the first maximum in row-major window order
-    (as PyTorch's), through one strided window per tap (JAX's index maps are slow on CPU)."""
+    """NHWC max pooling, gradient to the first maximum (as PyTorch's) via per-tap windows."""
     return _xla_max_pool(x, window, strides, padding)
 
 

@@ -1,6 +1,4 @@
-"""Projector, predictor and cluster head of docs/method.md §2 in torch.nn.Linear's default
-init (Flax's differs), which matters for reproducing the method.
-"""
+"""docs/method.md §2's projector, predictor and cluster head, in torch.nn.Linear's init."""
 from typing import Any
 
 import flax.linen as nn
@@ -14,8 +12,7 @@ linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unif
 
 
 class TorchLinear(nn.Module):
-    """torch.nn.Linear, float32 parameters named as nn.Dense's; the product in the compute
-    dtype, the bias added in float32 (its gradient reduced in float32 under bfloat16)."""
+    """torch.nn.Linear (float32 params, nn.Dense's names): product in dtype, bias in float32."""
     features: int
     use_bias: bool
     dtype: Any = jnp.float32
@@ -35,8 +32,7 @@ class TorchLinear(nn.Module):
 
 
 class Projector(nn.Module):
-    """Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN(no affine), SimSiam's 3-layer projector.
-    No Linear bias: the original freezes the last one at its init, and a BN cancels it."""
+    """SimSiam's projector, (Linear-BN-ReLU) x 2, Linear-BN(no affine); no bias (BN cancels)."""
     hidden: int
     out: int
     dtype: Any = jnp.float32

@@ -1,6 +1,5 @@
 """The four methods' networks: `SSLNetwork`, applied once per view (per-view BatchNorm,
-docs/method.md §3). Its `encoder` sub-tree is what the BYOL-type EMA target holds.
-"""
+docs/method.md §3). Its `encoder` sub-tree is what the BYOL-type EMA target holds."""
 import dataclasses
 from typing import Any
 

@@ -1,6 +1,4 @@
-"""The network's input for training, export and augmentation (ToTensor + Normalize of
-docs/method.md §1), and inference on images for the export and the monitor.
-"""
+"""The network's input (ToTensor + Normalize, docs/method.md §1) and inference on images."""
 import jax.numpy as jnp
 
 

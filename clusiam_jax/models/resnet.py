@@ -1,6 +1,5 @@
 """A torchvision-compatible ResNet in Flax, layer for layer, so weights move between the two
-(explicit paddings, no conv biases, `zero_init_residual`, no `fc`: average-pooled features).
-"""
+(explicit paddings, no conv biases, `zero_init_residual`, no `fc`: average-pooled features)."""
 from functools import partial
 from typing import Any, Sequence
 
