@@ -1,7 +1,5 @@
-"""The two-view augmentation of docs/method.md §1 on uint8 RGB arrays, in torchvision's
-order and distributions; parameters are drawn (`sample_view_params`), then applied
-(`apply_view`), so the distributions are testable. Jitter, gray and blur match PIL
-(tests compare against it; hue within a level); draws come from numpy, not torch.
+"""The two-view augmentation of docs/method.md §1 in torchvision's order and distributions,
+drawn (`sample_view_params`) then applied (`apply_view`); jitter, gray and blur match PIL.
 """
 import dataclasses
 import math
@@ -18,7 +16,6 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Parameters of the augmentation; the defaults are docs/method.md §1."""
     image_size: int = 224
     scale: Tuple[float, float] = (0.2, 1.0)
     ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -45,7 +42,6 @@ class AugmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ViewParams:
-    """Everything random about one view."""
     crop: Tuple[int, int, int, int]          # top, left, height, width
     jitter_order: Optional[Tuple[int, ...]]  # None: ColorJitter not applied
     brightness: float = 1.0
@@ -84,7 +80,6 @@ def sample_crop(rng: np.random.Generator, height: int, width: int, scale=(0.2, 1
 
 def sample_view_params(rng: np.random.Generator, height: int, width: int,
                        cfg: AugmentConfig) -> ViewParams:
-    """Draws one view's parameters in the original's order of operations."""
     crop = sample_crop(rng, height, width, cfg.scale, cfg.ratio)
     jitter = {'jitter_order': None}
     if rng.random() < cfg.jitter_p:
@@ -100,8 +95,6 @@ def sample_view_params(rng: np.random.Generator, height: int, width: int,
                       vflip=bool(rng.random() < 0.5) if cfg.vflip else False,
                       rot90=int(rng.integers(0, 4)) if cfg.rot90 else 0)
 
-
-# The operations: uint8 HxWx3 in, uint8 HxWx3 out.
 
 def resized_crop(img: np.ndarray, crop, size: int) -> np.ndarray:
     """Crop (top, left, h, w) and bilinear resize to size x size."""

@@ -1,7 +1,5 @@
-"""Patch files into RGB uint8 arrays (PNG/JPEG through OpenCV, pixel-identical to PIL's;
-the rest through PIL). What does not decode raises BadImageError, which the pipeline skips;
-any other exception is a bug.
-"""
+"""Patch files into RGB uint8 arrays (PNG/JPEG through OpenCV, pixel-identical to PIL's; the
+rest through PIL); what does not decode raises BadImageError, which the pipeline skips."""
 import io
 import os
 import struct
@@ -30,7 +28,6 @@ class BadImageError(ValueError):
 
 
 def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
-    """HxW, HxWx1..4 of uint8/uint16 -> HxWx3 uint8 RGB."""
     if arr.dtype == np.uint16:
         arr = ((arr.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)  # round(v/257)
     elif arr.dtype != np.uint8:

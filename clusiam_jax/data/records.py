@@ -1,6 +1,5 @@
-"""PatchRecord, the PatchSource protocol, and the listing of patch files (a folder, a
-manifest CSV or a built dataset), sorted so a seeded shuffle ignores the file system's order.
-"""
+"""PatchRecord, the PatchSource protocol, and the sorted listing of patch files (a folder, a
+manifest CSV or a built dataset): a seeded shuffle then ignores the file system's order."""
 import dataclasses
 import glob
 import os
@@ -22,7 +21,6 @@ DATASET_MANIFEST = 'records.csv'   # a built dataset's records, in its ArrayReco
 
 @dataclasses.dataclass(frozen=True)
 class PatchRecord:
-    """One patch: its file and the metadata export/evaluation needs."""
     path: str
     slide_id: Optional[str] = None
     label: Optional[str] = None

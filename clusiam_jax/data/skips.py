@@ -1,6 +1,5 @@
-"""The list of skipped (unreadable) files in the workdir, shared by worker processes: a path
-is appended under a flock only if not listed yet, and only the process appending it logs.
-"""
+"""The workdir's list of skipped (unreadable) files, shared by worker processes: a path is
+appended under a flock only if not listed yet, and only the process appending it logs."""
 import fcntl
 import logging
 import os

@@ -1,7 +1,5 @@
-"""Patches read straight from whole slides (our tiling, or CLAM/TRIDENT patches/*.h5 with
-data.slide_dir): slides open lazily per process, at most `open_slides` at a time with one
-bounded tile cache, so memory stays flat over thousands of slides.
-"""
+"""Patches read straight from whole slides (our tiling, or CLAM/TRIDENT patches/*.h5): slides
+open lazily per process, at most `open_slides` at a time, so memory stays flat."""
 import collections
 import dataclasses
 import logging
@@ -22,7 +20,6 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SlidePatches:
-    """One slide of a slide source."""
     slide_id: str
     path: str                  # the slide file
     label: str

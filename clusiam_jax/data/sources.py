@@ -1,6 +1,5 @@
-"""`open_source`: the one way to a PatchSource, whatever data.path holds. Sources pickle
-cheaply for grain's workers: per-patch numpy columns, readers opened lazily per process.
-"""
+"""`open_source`: the one way to a PatchSource. Sources pickle cheaply for grain's workers:
+per-patch numpy columns, readers opened lazily per process."""
 import logging
 import os
 from typing import Optional, Sequence

@@ -1,7 +1,5 @@
-"""Per-channel normalization statistics over the exact training list (docs/method.md §1),
-cached by a hash of the list outside the (read-only) source. Statistics that would poison
-every run are never used or cached; an entry made while files were unreadable remembers
-them, so that repairing them recomputes.
+"""Per-channel normalization statistics over the exact training list, cached by its hash; an
+entry made while files were unreadable remembers them, so that repairing them recomputes.
 """
 import concurrent.futures
 import contextlib

@@ -1,8 +1,5 @@
-"""Packing a patch source into a TFDS dataset of ArrayRecord shards, and reading it back.
-
-RGB 8-bit PNG and JPEG files are stored byte for byte, anything else as a lossless RGB PNG, so
-every image decodes to the pixels training would read from the file. Examples keep the source's
-order: row i of ``records.csv`` beside the shards is example i.
+"""A patch source packed into TFDS ArrayRecord shards (example i: row i of records.csv), and read
+back. RGB 8-bit PNG/JPEG are stored as is, the rest as lossless PNG: the pixels stay the file's.
 """
 import contextlib
 import io
@@ -15,15 +12,12 @@ import tqdm
 from PIL import Image
 
 from clusiam_jax import fileio
-from clusiam_jax.data import image_io
+from clusiam_jax.data import image_io, skips
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.errors import DataError
 
-SKIPPED_FILE = 'skipped_files.txt'
-
 
 def _stored_bytes(path: str) -> bytes:
-    """The bytes to store for one file; BadImageError if it is not an image."""
     with open(path, 'rb') as f:
         data = f.read()
     rgb = image_io.decode_rgb(data)  # validates; raises BadImageError
@@ -92,8 +86,7 @@ def build_dataset(source: str, out_dir: str) -> str:
         raise DataError(f'no readable image in {source}')
     records_lib.write_patch_manifest(
         builder.written, os.path.join(builder.data_dir, records_lib.DATASET_MANIFEST))
-    # The unreadable files, one per line with the reason.
-    fileio.write_text(os.path.join(builder.data_dir, SKIPPED_FILE),
+    fileio.write_text(os.path.join(builder.data_dir, skips.SKIPPED_FILES),
                       ''.join(line + '\n' for line in builder.skipped))
     return builder.data_dir
 
