@@ -1,11 +1,7 @@
-"""The command line: runs one action per command (the modes and their flags: cli_args.py).
-
-Bad input ends in one `error:` line and exit status 2; a disk or folder failing under the
-command (full, read-only, deleted) in one naming the file and status 1. A second command on a
-work directory, tiling output or export folder is refused (2) naming the first (workdir_lock).
-SIGTERM ends training with 0 (resumable, with a checkpoint once training started), Ctrl-C
-with 130; other actions stopped by a signal exit 128 + the signal number, as a killed one does.
-"""
+"""The command line: one action per command (modes and flags: cli_args.py). Exit statuses:
+2 and one `error:` line for bad input or a folder in use (workdir_lock); 1 for a disk or folder
+failing under it; SIGTERM ends training with 0 (resumable), Ctrl-C with 130, other actions
+stopped by a signal 128 + its number, as a killed one does."""
 import contextlib
 import json
 import logging
@@ -33,8 +29,7 @@ class _ConsoleHandler(logging.Handler):
 
 
 def setup_logging():
-    """The project's INFO lines on the console; other libraries' (JAX, orbax) from WARNING up."""
-    root = logging.getLogger()
+    root = logging.getLogger()  # the project's INFO lines; other libraries' from WARNING up
     handler = _ConsoleHandler()
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S'))
     root.addHandler(handler)
@@ -45,8 +40,7 @@ def setup_logging():
 
 
 class _RunLogFile(logging.FileHandler):
-    """log.txt of a run: a write that fails (a full disk, a deleted folder) drops this
-    file with one warning on the console, instead of a traceback per log line."""
+    """log.txt of a run: a failed write drops the file with one warning, not a traceback a line."""
 
     def handleError(self, record):
         error = sys.exc_info()[1]
@@ -60,7 +54,6 @@ class _RunLogFile(logging.FileHandler):
 
 
 def log_to_workdir(workdir: str, argv):
-    """Appends this command's log, from the command line on, to <workdir>/log.txt."""
     path = os.path.abspath(os.path.join(workdir, LOG_NAME))
     try:
         handler = _RunLogFile(path)
@@ -199,7 +192,6 @@ ACTIONS = {'tile': run_tile, 'train': run_train, 'export': run_export,
 
 
 def stop_status(mode, signum) -> int:
-    """The exit status of a command stopped by `signum` (see the module docstring)."""
     return 0 if mode == 'train' and signum == signal.SIGTERM else 128 + signum
 
 
@@ -213,7 +205,6 @@ def console() -> int:
 
 
 def main(argv=None) -> int:
-    """Runs one action; returns its exit status (the module docstring lists them)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     root = logging.getLogger()
     root_state = (root.level, list(root.handlers))

@@ -58,18 +58,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def program_name() -> str:
-    """How the user called us: `clusiam` (the installed script) or `launch.py`."""
     return 'clusiam' if os.path.basename(sys.argv[0] or '') == 'clusiam' else 'launch.py'
 
 
 def command_hint(*words) -> str:
-    """A command line the user can paste, its words shell-quoted."""
     program = 'clusiam' if program_name() == 'clusiam' else 'python launch.py'
     return ' '.join([program] + [shlex.quote(str(w)) for w in words])
 
 
 def load_config_file(path: str):
-    """`get_config()` of a recipe file (configs/<recipe>.py), locked."""
     if not os.path.isfile(path):
         raise errors.ConfigError(f'--config {path}: no such file')
     try:
@@ -119,8 +116,7 @@ def _used(mode: str, key: str, config) -> bool:
 
 
 def _refuse_unknown_flags(parser, argv):
-    """A misspelt flag is named, with the closest one (argparse would first complain
-    about the required flag it hides, e.g. --workdir behind --workdri)."""
+    """A misspelt flag, named with the closest one (before argparse's required-flag error)."""
     parsers = [parser] + [sub for action in parser._actions
                           if isinstance(action, argparse._SubParsersAction)
                           for sub in action.choices.values()]
@@ -137,8 +133,7 @@ def _refuse_unknown_flags(parser, argv):
 
 
 def _step_flag(parser, instead: str):
-    """`--step N`, retired for one way to pick a checkpoint: refused, naming `instead`."""
-    def refuse(text):
+    def refuse(text):  # `--step N`, retired: one way to pick a checkpoint
         raise argparse.ArgumentTypeError(f'give {instead}{text} instead')
     parser.add_argument('--step', type=refuse, help=argparse.SUPPRESS)
 
@@ -152,7 +147,6 @@ def _ints(text):
 
 
 def _eval_parser(sub, task: str):
-    """The flags of an eval task, named as its evaluator's arguments (eval/tasks.py)."""
     sub.add_argument('--export', required=True, dest='export_dir', metavar='DIR',
                      help='export directory (has manifest.csv)')
     if task != 'maps':
@@ -237,7 +231,6 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
 
 
 def mode_of(argv) -> str:
-    """The --mode of `argv` as far as it can be told before parsing (train by default)."""
     for i, arg in enumerate(argv):
         if arg.startswith('--mode='):
             return arg.split('=', 1)[1]
@@ -247,8 +240,7 @@ def mode_of(argv) -> str:
 
 
 def parse(argv):
-    """(mode, args, config or None, overrides): the config with the overrides applied,
-    validated, and every override the action would not read refused."""
+    """(mode, args, config or None, overrides): the config overridden and validated."""
     mode_parser = _Parser(prog=program_name(), add_help=False)
     mode_parser.add_argument('--mode', choices=list(MODES), default=None)
     mode_parser.add_argument('-h', '--help', action='store_true')

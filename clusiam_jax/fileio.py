@@ -1,6 +1,5 @@
-"""The one file-I/O module: atomic writes, CSV, and outside failures (a CSV not UTF-8, a full
-disk, a folder gone) told in one line. Standard library only: grain workers use it too.
-"""
+"""The one file-I/O module: atomic writes, CSV, and outside failures told in one line.
+Standard library only: grain workers use it too."""
 import contextlib
 import csv
 import errno
@@ -47,7 +46,6 @@ def write_json(path: str, obj, **dump_kwargs) -> None:
 
 
 def write_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
-    """Rows (dicts; a key outside `columns` is an error) under a header line."""
     with atomic_write(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
@@ -128,8 +126,7 @@ def _errno_and_path(error: BaseException) -> Tuple[Optional[int], Optional[str]]
 
 
 def environment_failure(error: BaseException) -> Optional[str]:
-    """One line for an error from (or raised while handling a write failure of) an OS error
-    of ENVIRONMENT_ERRNOS; None otherwise, so a bug keeps its traceback."""
+    """One line for an OS error of ENVIRONMENT_ERRNOS behind `error`; None: a bug's traceback."""
     seen, pending = set(), [(error, ENVIRONMENT_ERRNOS)]
     while pending:
         current, accepted = pending.pop(0)
@@ -155,8 +152,7 @@ def _message(code: int, path: Optional[str]) -> str:
 
 @contextlib.contextmanager
 def quiet_environment_tracebacks():
-    """absl records of environment failures lose their traceback (orbax logs one a thread)."""
-    def drop_traceback(record):
+    def drop_traceback(record):  # absl records of environment failures (orbax: one a thread)
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and environment_failure(exc) is not None:
             record.exc_info, record.exc_text = None, None
@@ -170,14 +166,13 @@ def quiet_environment_tracebacks():
 
 
 def remove_temporaries(folder: str) -> None:
-    """Deletes the temporaries of atomic_write that a killed process left in `folder`."""
+    """Deletes atomic_write's temporaries that a killed process left in `folder`."""
     for name in os.listdir(folder):
         if _ATOMIC_TMP.search(name):
             os.remove(os.path.join(folder, name))
 
 
 def writable_folder(path: str, flag: str) -> None:
-    """Creates `path` if needed; ConfigError (one line) when it cannot be written there."""
     if os.path.isfile(path):
         raise ConfigError(f'{flag} {path} is a file, not a folder')
     try:

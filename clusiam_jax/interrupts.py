@@ -30,7 +30,7 @@ class _State:
     received = None     # the first signal of this command (or stop notice), or None
     deferring = 0       # > 0 inside deferred()
     status = None       # exit status after a signal, set by install
-    installed = False   # the command line's handlers are in place (watchdog and exits)
+    installed = False   # the command line's handlers are in place
     watchdog = None
 
 
@@ -102,14 +102,12 @@ def received():
     return _State.received
 
 
-def check():
-    """A safe point: raises Interrupted after a signal, except inside `deferred()`."""
+def check():  # a safe point
     if _State.received is not None and not _State.deferring and _State.installed:
         raise Interrupted(_State.received)
 
 
-def note(signum: int):
-    """Records a stop decided elsewhere (JAX's multi-process preemption notice)."""
+def note(signum: int):  # a stop decided elsewhere (JAX's multi-process preemption notice)
     _State.received = signum
 
 
@@ -120,8 +118,7 @@ def reset():
 
 @contextlib.contextmanager
 def deferred(enabled: bool = True):
-    """Inside, `check()` does nothing: the training loop polls `received()`. `enabled=False`
-    (several processes, which agree on the step through JAX's preemption sync): a no-op."""
+    """Inside, `check()` does nothing: the training loop polls `received()`."""
     if not enabled:
         yield
         return

@@ -1,6 +1,5 @@
-"""Cosine k-nearest neighbours for the evaluation and the monitor: references stream to the
-device in chunks, merged into a running top-k by one jitted call compiled once (padded shapes).
-"""
+"""Cosine k-nearest neighbours (evaluation and monitor): references stream to the device in
+padded chunks, merged into a running top-k by one jitted call compiled once."""
 import functools
 
 import jax
@@ -9,7 +8,6 @@ import numpy as np
 
 
 def l2_normalize(x, eps=1e-12, dtype=np.float32):
-    """Row-wise x / max(|x|, eps); an all-zero row stays zero."""
     x = np.asarray(x, dtype=dtype)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 

@@ -45,9 +45,8 @@ def straight_through_assignment(logits, gumbel):
 
 
 def cluster_similarity(reps, logits, gumbel):
-    """S, the mean pairwise cosine between the centroids of the non-empty clusters of
-    [N, D] `reps` (no gradient into them) by [N, K] `logits` + Gumbel noise; 1 (zero
-    gradient) with at most one non-empty cluster."""
+    """S: the mean pairwise cosine between the centroids of the non-empty clusters of
+    [N, D] `reps` (no gradient) by [N, K] `logits` + noise; 1 with at most one cluster."""
     reps = l2_normalize(jax.lax.stop_gradient(reps.astype(jnp.float32)))
     assign = straight_through_assignment(logits.astype(jnp.float32), gumbel.astype(jnp.float32))
     counts = jnp.sum(assign, axis=0)

@@ -1,6 +1,5 @@
 """Device mesh and shardings: the batch split along a `data` axis, the state replicated, so
-BatchNorm statistics and the cluster loss see the global batch, as the single-GPU original.
-"""
+BatchNorm statistics and the cluster loss see the global batch, as the single-GPU original."""
 import os
 
 import jax
@@ -21,13 +20,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the devices."""
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-    """Joins a multi-process run (JAX finds the coordinator when not given); CPU needs gloo."""
+def initialize_distributed():
+    """Joins a multi-process run (JAX finds the coordinator); CPU needs gloo."""
     if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize()

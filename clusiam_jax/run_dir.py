@@ -1,6 +1,5 @@
-"""A run's work directory: config.json (over today's defaults), normalization.json and
-checkpoints/<step>/. Reading restores the weights only: no optimizer, nothing from `train/`.
-"""
+"""A run's work directory: config.json, normalization.json and checkpoints/<step>/. Reading
+restores the weights only: no optimizer, nothing from `train/`."""
 import contextlib
 import dataclasses
 import json
@@ -24,8 +23,7 @@ CONFIG_NAME = 'config.json'
 NORMALIZATION_NAME = 'normalization.json'
 
 
-def _tuples(value):
-    """JSON lists -> tuples (ConfigDict's tuple fields reject lists)."""
+def _tuples(value):  # ConfigDict's tuple fields reject lists
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
@@ -49,8 +47,7 @@ def is_run_dir(path: str) -> bool:
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was written with, over today's defaults."""
-    path = os.path.join(workdir, CONFIG_NAME)
+    path = os.path.join(workdir, CONFIG_NAME)  # read over today's defaults
     if not os.path.isdir(workdir):
         raise CheckpointError(f'run directory not found: {workdir}')
     if not os.path.isfile(path):
@@ -110,7 +107,6 @@ def read_normalization(workdir: str, fallback_config=None) -> Optional[Normaliza
 
 
 def abstract_weights(config) -> Weights:
-    """ShapeDtypeStructs of a run's Weights, as training creates them; no compute."""
     network = build_network(config.model)
     has_target = METHOD_SPECS[config.model.name].has_target
     return jax.eval_shape(lambda: init_weights(network, has_target, config.train.seed,
@@ -132,8 +128,7 @@ class Run:
 
 
 def checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
-    """(run directory, step or None) of a run directory or its `checkpoints/<step>`."""
-    path = os.path.abspath(path)
+    path = os.path.abspath(path)  # a run directory or its checkpoints/<step>
     parent, name = os.path.split(path)
     if os.path.basename(parent) == 'checkpoints' and name.isdigit():
         return os.path.dirname(parent), int(name)
@@ -141,7 +136,6 @@ def checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
 
 
 def read_best(workdir: str) -> Optional[dict]:
-    """best_checkpoint.json of a run (step, metric, value, mode, epoch), or None."""
     path = os.path.join(workdir, BEST_JSON)
     if not os.path.isfile(path):
         return None
@@ -167,7 +161,6 @@ def load_run(workdir: str, step=None) -> Run:
 
 
 def write_run(workdir: str, config, state, normalization: Optional[Normalization] = None):
-    """config.json (+ normalization.json) + checkpoints/<step>/, as training leaves them."""
     os.makedirs(workdir, exist_ok=True)
     write_run_config(workdir, config)
     if normalization is not None:

@@ -16,8 +16,7 @@ class Weights(flax.struct.PyTreeNode):
     target_batch_stats: Any
 
     @property
-    def online_variables(self):
-        """{'params', 'batch_stats'} of the online network, for `network.apply`."""
+    def online_variables(self):  # for `network.apply`
         return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
@@ -35,7 +34,6 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def init_weights(network, has_target: bool, seed: int, image_size: int) -> Weights:
-    """Freshly initialised weights at step 0 (the target an exact copy of the encoder)."""
     # 'rbg': one XLA op per draw, far faster to compile on CPU than an unrolled threefry.
     init_key = jax.random.key(seed, impl='rbg')
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
@@ -52,7 +50,6 @@ def fresh_weights(params, batch_stats, has_target: bool) -> Weights:
 
 
 def state_from_weights(weights: Weights, tx, seed: int) -> TrainState:
-    """A TrainState around `weights`, a fresh optimizer state and a threefry rng stream."""
     return TrainState(**{name: getattr(weights, name) for name in Weights.__dataclass_fields__},
                       opt_state=tx.init(weights.params),
                       rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))

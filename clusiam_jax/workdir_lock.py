@@ -1,7 +1,5 @@
-"""One command per folder: a second ends with one line naming the first. `flock` on
-`<folder>/.clusiam.lock` (dropped however its process ends); where flock is refused, an
-O_EXCL file, taken over only from a gone pid of this host.
-"""
+"""One command per folder: `flock` on `<folder>/.clusiam.lock`; where flock is refused, an
+O_EXCL file, taken over only from a gone pid of this host."""
 import contextlib
 import datetime
 import errno
@@ -29,8 +27,7 @@ def lock_path(folder: str) -> str:
 
 
 def _read_holder(path: str, fd: Optional[int] = None, tries: int = 10) -> Optional[dict]:
-    """The holder the lock file names; an empty one (being written) is read again."""
-    for attempt in range(tries):
+    for attempt in range(tries):  # an empty lock file (being written) is read again
         try:
             if fd is None:
                 with open(path, 'rb') as f:
@@ -66,7 +63,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _flock_refused(folder: str) -> Optional[str]:
-    """Why `folder`'s file system refuses flock, or None (probed on a file of its own)."""
     with tempfile.TemporaryFile(dir=folder) as probe:
         try:
             fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -159,7 +155,6 @@ class FolderLock:
             raise OSError(e.errno, e.strerror, self.path) from None
 
     def release(self):
-        """Unlinks the lock file while still holding it, then drops the lock."""
         if self._fd is None:
             return
         try:
@@ -174,8 +169,7 @@ class FolderLock:
 @contextlib.contextmanager
 def hold(folder: str, what: str, argv: Optional[Sequence[str]] = None,
          enabled: bool = True, created: bool = False):
-    """Holds `folder`'s lock for the body (a no-op when not `enabled` or already held here);
-    a `created` folder goes again if the command leaves it empty."""
+    """Holds `folder`'s lock (unless held here); a `created` folder left empty is removed."""
     key = os.path.realpath(folder)
     if not enabled or key in _held:
         yield None
