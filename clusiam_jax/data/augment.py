@@ -97,7 +97,6 @@ def sample_view_params(rng: np.random.Generator, height: int, width: int,
 
 
 def resized_crop(img: np.ndarray, crop, size: int) -> np.ndarray:
-    """Crop (top, left, h, w) and bilinear resize to size x size."""
     top, left, h, w = crop
     if h <= size and w <= size:
         patch = img[top:top + h, left:left + w]

@@ -47,7 +47,6 @@ _CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIE
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> HxWx3 uint8 RGB; BadImageError if not an image."""
     if not data:
         raise BadImageError('empty file')
     if data.startswith((_PNG_MAGIC, _JPEG_MAGIC)):

@@ -58,7 +58,6 @@ class EpochPlan:
         return epoch, step * self.global_batch + self.process_index * self.local_batch + slot
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The epoch's order: N record indices drawn from (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch, _SHUFFLE])
         if self.sampling == 'slide_balanced':
             return balanced_order(self.slide_index, rng)
@@ -209,8 +208,6 @@ def batches_drawn(state: dict) -> int:
 
 
 class TrainLoader:
-    """The training stream of one process (see module docstring)."""
-
     def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
                  mean, std, num_workers: int = 0, skip_list: Optional[str] = None,
                  normalization_origin: str = 'given', min_tissue: float = 0.0,

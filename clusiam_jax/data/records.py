@@ -177,7 +177,6 @@ def find_tfds_dataset(path: str) -> Optional[str]:
 
 
 def discover(path: str) -> List[PatchRecord]:
-    """The training list of a patch source (folder, manifest CSV or built dataset)."""
     if not path:
         raise DataError('data.path is empty: give a patch folder, a manifest CSV or a built '
                         'dataset folder')

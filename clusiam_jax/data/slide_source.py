@@ -122,7 +122,6 @@ class SlideSource(PatchSource):
                 f'its coordinate file is not of this slide')
 
     def _patch_sizes(self, s: int, opened: reader.Slide) -> tuple:
-        """(level-0 side, output side) of slide s's patches."""
         if s not in self._sizes:
             c = self.slides[s].coords
             size0, out = c.patch_size_level0, c.patch_size
@@ -173,7 +172,6 @@ def _patches_folder(path: str):
 
 
 def is_slide_source(path: str) -> bool:
-    """Our tiling output, or a CLAM/TRIDENT patch folder."""
     return _patches_folder(path) is not None
 
 
@@ -188,7 +186,6 @@ def _index_slides(slide_dir: str) -> Dict[str, str]:
 
 
 def _usable(coord_file: str, slide_id: str, left_out: List[str]):
-    """The SlideCoords of a coordinate file, or None (why: in `left_out` and the log)."""
     try:
         return coords_lib.read_coords(coord_file)
     except DataError as e:
@@ -251,7 +248,6 @@ def _patch_folder_slides(path: str, folder: str, slide_dir: str,
 
 
 def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512) -> SlideSource:
-    """The SlideSource of a tiling output or a CLAM/TRIDENT patch folder."""
     if slide_dir and not os.path.isdir(slide_dir):
         raise DataError(f'slide folder not found: {slide_dir}')
     left_out: List[str] = []

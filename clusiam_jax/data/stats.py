@@ -49,7 +49,6 @@ def file_states(paths) -> List[list]:
 
 
 def check_stats(mean, std, what: str = 'the images'):
-    """DataError for statistics no run should use: a flat channel, or not finite."""
     mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
         raise DataError(f'normalization statistics of {what} are not finite (mean '
@@ -63,7 +62,6 @@ def check_stats(mean, std, what: str = 'the images'):
 
 
 def _chunk_moments(source, indices):
-    """Sums of each image's per-channel E[x] and E[x^2], the count, the unreadable."""
     s1, s2, n, bad = np.zeros(3), np.zeros(3), 0, []
     for i in map(int, indices):
         try:
