@@ -85,38 +85,6 @@ def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:
     return PatchRecord(path, os.path.basename(os.path.dirname(path)) or None, label, x, y)
 
 
-def discover_folder(root: str) -> List[PatchRecord]:
-    """All image files under ``root``, sorted. Whole slides are refused: training on the
-    small images beside them (labels, thumbnails) would look like success."""
-    root = os.path.abspath(root)
-    records, slides = [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-        for name in filenames:
-            if name.startswith('.'):
-                continue
-            path, lower = os.path.join(dirpath, name), name.lower()
-            if lower.endswith(SLIDE_ONLY_EXTENSIONS) or (
-                    lower.endswith(('.tif', '.tiff')) and image_io.tiff_is_slide(path)):
-                slides.append(path)
-            elif lower.endswith(IMAGE_EXTENSIONS):
-                records.append(parse_patch_path(path, root))
-    if slides:
-        slides.sort()
-        beside = f' beside {len(records)} images' if records else ''
-        raise DataError(
-            f'{root} holds {len(slides)} whole-slide file{"s" if len(slides) > 1 else ""} '
-            f'(e.g. {os.path.relpath(slides[0], root)}){beside}, which are not patches: '
-            f'tile them first: python launch.py --mode tile --config.tile.slides={root} '
-            f'--config.tile.out_dir=TILES, then train with --config.data.path=TILES'
-            + (f' (or move the slides out of {root} to train on its images)'
-               if records else ''))
-    if not records:
-        raise DataError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
-    records.sort(key=lambda r: r.path)
-    return records
-
-
 def _optional_int(value: str, column: str, line: int, csv_path: str):
     value = (value or '').strip()
     try:
@@ -187,12 +155,39 @@ def discover(path: str) -> List[PatchRecord]:
             raise DataError(f'{path} is a file but not a manifest CSV')
         return read_patch_manifest(path)
     dataset_dir = find_tfds_dataset(path)
-    if dataset_dir is None:
-        return discover_folder(path)
-    manifest = os.path.join(dataset_dir, DATASET_MANIFEST)
-    if not os.path.exists(manifest):
-        raise DataError(f'built dataset {dataset_dir} has no {DATASET_MANIFEST}')
-    _, rows = fileio.read_csv_rows(manifest, 'built dataset records')
-    return [PatchRecord(r['path'], r['slide_id'] or None, r['label'] or None,
-                        int(r['x']) if r['x'] else None, int(r['y']) if r['y'] else None)
-            for r in rows]   # the stored order: that of the ArrayRecord index
+    if dataset_dir is not None:
+        manifest = os.path.join(dataset_dir, DATASET_MANIFEST)
+        if not os.path.exists(manifest):
+            raise DataError(f'built dataset {dataset_dir} has no {DATASET_MANIFEST}')
+        _, rows = fileio.read_csv_rows(manifest, 'built dataset records')
+        return [PatchRecord(r['path'], r['slide_id'] or None, r['label'] or None,
+                            int(r['x']) if r['x'] else None, int(r['y']) if r['y'] else None)
+                for r in rows]   # the stored order: that of the ArrayRecord index
+    # Whole slides are refused: training on the images beside them would look like success.
+    root = os.path.abspath(path)
+    records, slides = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+        for name in filenames:
+            if name.startswith('.'):
+                continue
+            path, lower = os.path.join(dirpath, name), name.lower()
+            if lower.endswith(SLIDE_ONLY_EXTENSIONS) or (
+                    lower.endswith(('.tif', '.tiff')) and image_io.tiff_is_slide(path)):
+                slides.append(path)
+            elif lower.endswith(IMAGE_EXTENSIONS):
+                records.append(parse_patch_path(path, root))
+    if slides:
+        slides.sort()
+        beside = f' beside {len(records)} images' if records else ''
+        raise DataError(
+            f'{root} holds {len(slides)} whole-slide file{"s" if len(slides) > 1 else ""} '
+            f'(e.g. {os.path.relpath(slides[0], root)}){beside}, which are not patches: '
+            f'tile them first: python launch.py --mode tile --config.tile.slides={root} '
+            f'--config.tile.out_dir=TILES, then train with --config.data.path=TILES'
+            + (f' (or move the slides out of {root} to train on its images)'
+               if records else ''))
+    if not records:
+        raise DataError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
+    records.sort(key=lambda r: r.path)
+    return records
