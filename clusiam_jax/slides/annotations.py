@@ -67,8 +67,7 @@ def read_annotations(path: str) -> List[Annotation]:
 
 
 def find_annotation_file(folder: str, slide_id: str) -> Optional[str]:
-    """`<folder>/<slide_id><ext>` for the first extension that exists (lower case, then
-    upper: some exports write `.XML`), or None: a slide may have no annotations."""
+    """The first `<folder>/<slide_id><ext>` found (`.XML` too), or None."""
     for ext in ANNOTATION_EXTENSIONS:
         for variant in (ext, ext.upper()):
             candidate = os.path.join(folder, slide_id + variant)

@@ -78,10 +78,10 @@ def rows_on_disk(folder: str) -> List[dict]:
                         f'list anew') from None
 
 
-def merged_rows(folder: str, finished: Dict[str, List[dict]], order: List[str]) -> List[dict]:
-    """The rows on disk, read again now, with this job's `finished` rows (slide id -> its
-    rows) in place of theirs and new slides after them; rows of slides not finished (yet)
-    are kept: their coordinate files are still there."""
+def write(folder: str, finished: Dict[str, List[dict]], order: List[str]):
+    """slides.csv: the rows on disk, read again now, with this job's `finished` rows (slide
+    id -> its rows) in place of theirs and new slides after them; rows of slides not
+    finished (yet) are kept: their coordinate files are still there."""
     rows, on_disk = [], {}
     for r in rows_on_disk(folder):
         on_disk.setdefault(r['slide_id'], []).append(r)
@@ -92,12 +92,7 @@ def merged_rows(folder: str, finished: Dict[str, List[dict]], order: List[str]) 
             rows.extend({r['path']: r for r in found}.values())
         else:
             rows.append(found[0])
-    return rows + [r for s in order if s in finished and s not in on_disk
-                   for r in finished[s]]
-
-
-def write(folder: str, finished: Dict[str, List[dict]], order: List[str]):
+    rows += [r for s in order if s in finished and s not in on_disk for r in finished[s]]
     path = os.path.join(folder, SLIDES_CSV)
-    rows = merged_rows(folder, finished, order)
     with writing(path):
         fileio.write_csv(path, SLIDES_FIELDS, rows)

@@ -78,12 +78,6 @@ def list_slides(slides: str) -> List[SlideEntry]:
     return entries   # slides sharing an id are rows of their own (tile_slides)
 
 
-def mesh(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """int64 [N, 2]: every (x, y) of the starts along each axis, row by row."""
-    yy, xx = np.meshgrid(ys, xs, indexing='ij')
-    return np.stack([xx.ravel(), yy.ravel()], axis=1)
-
-
 def cell_fractions(mask: np.ndarray, coords: np.ndarray, size0: float,
                    downsample: float) -> np.ndarray:
     """Fraction of each patch's area that is tissue, from a mask at `downsample` level-0
@@ -250,19 +244,21 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
 
 
 def _candidates(slide, entry, params, size0, step0):
-    """(every patch corner before the tissue test, the coordinate file's attributes that
-    say which grid, why tile.align did not apply or '')."""
+    """(every patch corner before the tissue test, row by row; the coordinate file's
+    attributes that say which grid; why tile.align did not apply or '')."""
+    note, attrs = '', {'step_level0': np.int64(step0)}
+    xs, ys = (np.arange(0, side - size0 + 1, step0, dtype=np.int64) for side in slide.dimensions)
     if params.align:
         aligned = aligned_grid.aligned_grid(slide, size0, params.patch_size)
-        if not isinstance(aligned, str):
-            return mesh(aligned.xs, aligned.ys), {'aligned_to_tiles': np.array(
-                [aligned.tile[0], aligned.tile[1], aligned.level], np.int64)}, ''
-        note = f'tile.align: {aligned}; tiled on the regular grid'   # aligned: the reason
-        log.warning('%s: %s', entry.slide_id, note)
-    else:
-        note = ''
-    xs, ys = (np.arange(0, side - size0 + 1, step0, dtype=np.int64) for side in slide.dimensions)
-    return mesh(xs, ys), {'step_level0': np.int64(step0)}, note
+        if isinstance(aligned, str):   # the reason
+            note = f'tile.align: {aligned}; tiled on the regular grid'
+            log.warning('%s: %s', entry.slide_id, note)
+        else:
+            xs, ys = aligned.xs, aligned.ys
+            attrs = {'aligned_to_tiles': np.array(
+                [aligned.tile[0], aligned.tile[1], aligned.level], np.int64)}
+    yy, xx = np.meshgrid(ys, xs, indexing='ij')
+    return np.stack([xx.ravel(), yy.ravel()], axis=1), attrs, note
 
 
 def _clear_stale(out_dir: str, entry: SlideEntry):
