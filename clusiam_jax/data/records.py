@@ -99,9 +99,8 @@ def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
     base = os.path.dirname(os.path.abspath(csv_path))
     columns, rows = fileio.read_csv_rows(csv_path, 'manifest')
     if 'path' not in columns:
-        raise DataError(
-            f'manifest {csv_path} has no "path" column (columns: {columns}); '
-            f'expected path[,slide_id][,label][,x,y]')
+        raise DataError(f'manifest {csv_path} has no "path" column (columns: {columns}); '
+                        f'expected path[,slide_id][,label][,x,y]')
     if ('x' in columns) != ('y' in columns):
         raise DataError(f'manifest {csv_path} has only one of the columns "x", "y"')
     records = []
@@ -185,8 +184,7 @@ def discover(path: str) -> List[PatchRecord]:
             f'(e.g. {os.path.relpath(slides[0], root)}){beside}, which are not patches: '
             f'tile them first: python launch.py --mode tile --config.tile.slides={root} '
             f'--config.tile.out_dir=TILES, then train with --config.data.path=TILES'
-            + (f' (or move the slides out of {root} to train on its images)'
-               if records else ''))
+            + (f' (or move the slides out of {root} to train on its images)' if records else ''))
     if not records:
         raise DataError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
     records.sort(key=lambda r: r.path)

@@ -129,8 +129,6 @@ def _read_cache(path: str, key: str):
     try:
         with open(path) as f:
             entry = json.load(f).get(key)
-        if not entry:
-            return None
         mean, std = tuple(entry['mean']), tuple(entry['std'])
         remembered = entry.get('unreadable_files') or []
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
