@@ -1,8 +1,6 @@
-"""Cluster atlas: `<export>/atlas/cluster_<id>.png` per cluster (its color, id, share and
-slides over a grid of its most typical patches) and a self-contained index.html. Typical
-= highest log-odds `logit_c - logsumexp(other logits)` (no float32 saturation at 1.0),
-at most ceil(N / slides) per slide while other slides have candidates left.
-"""
+"""Cluster atlas: `<export>/atlas/cluster_<id>.png` (a grid of its most typical patches) and
+an index.html. Typical = highest log-odds `logit_c - logsumexp(other logits)` (no float32
+saturation), at most ceil(N / slides) per slide while other slides have candidates left."""
 import collections
 import dataclasses
 import html
@@ -87,8 +85,7 @@ def _best_per_cluster(ids, scores, n):
 
 
 def choose(candidates, n):
-    """At most n of one cluster's Picks, most typical first: ceil(n / slides) per slide
-    while other slides have candidates left, then the best remaining."""
+    """At most n Picks, most typical first, spread over slides (module docstring)."""
     ranked = sorted(candidates, key=lambda p: (-p.score, p.slide_id, p.index))
     cap = max(1, math.ceil(n / max(1, len({p.slide_id for p in ranked}))))
     taken, per_slide = [], collections.Counter()
@@ -111,8 +108,7 @@ def _readable(arrays):
 
 
 def _read_picks(entries, kept, tile):
-    """({(slide_id, index): uint8 [tile, tile, 3]}, [unreadable patch files]) of every
-    pick, each slide opened once; unreadable patch files are left out."""
+    """({(slide_id, index): uint8 [tile, tile, 3]}, [unreadable patch files])."""
     by_slide = collections.defaultdict(list)
     for pick in (pick for entry in entries for pick in entry.picks):
         by_slide[pick.slide_id].append(pick)
@@ -208,8 +204,7 @@ def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS
 
 
 def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
-    """Writes `<out_dir>/atlas/`; returns the Atlas, None without a cluster head or any
-    readable patch."""
+    """Writes `<out_dir>/atlas/`; the Atlas, None without a cluster head or readable patch."""
     if int(per_cluster) < 1:
         raise ConfigError(f'the atlas needs at least 1 patch per cluster; got {per_cluster}')
     if int(tile) < 16:
@@ -278,7 +273,6 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         info = PngInfo()
         info.add_text('Title', title)
         info.add_text('Description', details)
-        # PNG compression level 1: most of the saving time goes, the files grow a little.
         with atomic_write(entry.png) as tmp:
             sheet.save(tmp, format='PNG', pnginfo=info, compress_level=1)
         written.add(name)

@@ -123,13 +123,10 @@ class _SlideWriter:
     def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log, source=None):
         self.groups, self.out_dir, self.options = groups, out_dir, options
         self.attrs, self.skip_log = attrs, skip_log
-        # Slide sources know each slide's tiling (coords attributes, the slide file).
         self.slide_attrs = source.coords_attrs if source.from_slides else None
         self.rows = {s: [] for s in groups}
         self.seen = collections.Counter()
-        self.patch_size = {}
-        self.npz_parts = []
-        self.resize_noted = False
+        self.patch_size, self.npz_parts, self.resize_noted = {}, [], False
 
     def add(self, slide, record, outputs: Optional[dict], shape_or_reason):
         self.seen[slide] += 1
@@ -203,9 +200,8 @@ class _SlideWriter:
 
 def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOptions,
                       info: dict) -> List[dict]:
-    """Embeds every patch of `source` into `out_dir`; returns the manifest rows. A rerun
-    skips slides written with the same export key and patch count. `info` goes into
-    export_info.json and, in part, the files' attributes."""
+    """Embeds every patch of `source` into `out_dir`; the manifest rows. A rerun skips slides
+    written with the same export key and patch count."""
     mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(jax.local_devices())
     embedder = dataclasses.replace(embedder, mesh=mesh)
     step, fmt_name = embedder.checkpoint_step, options.export_format
@@ -251,7 +247,6 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
         writer.close(len(source))
 
     counts = fmt.written_counts(out_dir, fmt_name, list(groups))
-    # A slide's label: the one label its patches share, else ''.
     labels = {s: {label for label in source.labels(groups[s]) if label} for s in counts}
     rows = [{'slide_id': s, 'n_patches': counts[s],
              'label': labels[s].pop() if len(labels[s]) == 1 else '',

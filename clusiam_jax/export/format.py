@@ -56,8 +56,7 @@ def map_file(out_dir: str, row: dict) -> str:
 
 
 def prepare_out_dir(out_dir: str, export_format: str):
-    """Creates the folders, deletes temporaries a killed export left, and the manifest
-    and info of a previous one: until this export finishes, it must not read as done."""
+    """Creates the folders; deletes temporaries and the previous manifest and info."""
     folders = [out_dir] + ([os.path.join(out_dir, H5_DIR)] if export_format == 'h5' else [])
     try:
         for folder in folders:
@@ -116,8 +115,7 @@ def write_info(out_dir: str, info: dict):
 
 
 def export_key(attrs: dict) -> str:
-    """A digest of what makes two exports of a slide the same (run, weights, settings,
-    format version): a rerun skips a slide only when its file carries the same key."""
+    """A digest of what makes two exports of a slide the same: a rerun skips a slide by it."""
     fields = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
               for k, v in sorted(attrs.items())}
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
@@ -187,8 +185,7 @@ def read_export_info(out_dir: str) -> dict:
 
 
 def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
-    """{name: array} of one manifest row, plus `patch_size` (level-0 px) and, from
-    slides, `slide_path` and `level0_dimensions`; strings as str objects."""
+    """{name: array} of one manifest row, plus `patch_size` and the slide's path and size."""
     path = os.path.join(out_dir, row['file'])
     if row['file'].endswith('.npz'):
         return _npz_slides(path, [row['slide_id']])[row['slide_id']]
@@ -240,8 +237,7 @@ def read_export(out_dir: str, slides=None) -> Dict[str, dict]:
 
 
 def clustered_slides(out_dir: str, what: str):
-    """(row, arrays, bool [N] of patches with coordinates, K) of each slide with
-    coordinates; nothing without a cluster head."""
+    """(row, arrays, bool [N] of patches with coordinates, K); nothing without a cluster head."""
     for row, arrays in iter_slides(out_dir, read_export_manifest(out_dir)):
         if 'cluster_ids' not in arrays:
             log.info('%s: the model has no cluster head; nothing to draw', what)

@@ -75,8 +75,7 @@ def legend_order(ids, counts):
 
 
 def _legend(ids, counts, colors, map_height):
-    """Per cluster its swatch, id, patch count and share, in columns at least as high as
-    the map and as 16 rows."""
+    """Per cluster its swatch, id, patch count and share, in columns of at least 16 rows."""
     size = legend_font_size(map_height)
     font = ImageFont.load_default(size=size)
     row = int(round(1.5 * size))
@@ -125,9 +124,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
                      num_clusters=None, legend=True, max_side=2048, out_path=None,
                      title=None, png_text=None, annotations=None):
     """uint8 RGB: each patch's cell blended `(1 - alpha) * under + alpha * color` over
-    `thumbnail` or a `background` canvas (sized by `slide_dimensions`, else the patches'
-    extent, at most `max_side`); `out_path` records what it was drawn over, the map's top
-    row and the downsample in the PNG."""
+    `thumbnail` or a `background` canvas of at most `max_side` px."""
     coords = np.asarray(coords, np.float64)
     cluster_ids = np.asarray(cluster_ids).astype(np.int64)
     if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != cluster_ids.shape[0]:
@@ -214,8 +211,7 @@ def check_thumbnail(thumbnail, n_slides):
 
 
 def find_thumbnail(thumbnail, slide_id):
-    """`thumbnail` itself when a file (one-slide exports), else
-    `<thumbnail>/<slide_id>[_thumb].<ext>`; None if absent."""
+    """`thumbnail` if a file, else `<thumbnail>/<slide_id>[_thumb].<ext>`; None if absent."""
     if os.path.isfile(thumbnail):
         return thumbnail
     paths = (os.path.join(thumbnail, stem + ext) for stem in (slide_id, slide_id + '_thumb')
@@ -225,8 +221,7 @@ def find_thumbnail(thumbnail, slide_id):
 
 @contextlib.contextmanager
 def exported_slide(what, slide_id, path, dimensions, fix):
-    """The slide an export was made from, open; DataError naming it, its file and `fix`
-    when it is unreadable or not the size it was exported at."""
+    """The slide an export was made from, open; DataError with `fix` if unreadable or resized."""
     import openslide
     try:
         slide = reader.open_slide(path)
@@ -246,10 +241,8 @@ def exported_slide(what, slide_id, path, dimensions, fix):
 
 def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_side=2048,
                      annotations=None):
-    """`<out_dir>/cluster_maps/<slide>.png` of every slide with coordinates and cluster ids
-    (returns their paths), over its thumbnail in `thumbnail`, else its slide (DataError when
-    gone: never a blank canvas), else (patch exports) a mosaic canvas; `annotations`: a
-    folder of annotation files outlined on their slide's map."""
+    """Paths of `<out_dir>/cluster_maps/<slide>.png`, over the thumbnail, else the slide (never
+    a blank canvas when it is gone), else (patch exports) a mosaic canvas."""
     if annotations and not os.path.isdir(annotations):
         raise ConfigError(f'annotations folder not found: {annotations}')
     if downsample is not None and downsample <= 0:

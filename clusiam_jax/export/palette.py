@@ -21,9 +21,8 @@ def _srgb_to_lab(rgb):
 
 
 def delta_e_2000(lab1, lab2):
-    """CIEDE2000 difference of CIELAB colors (broadcast, [..., 3]): unlike CIE76 it does
-    not overrate differences among saturated blues; about 2 is just noticeable, 10 or more
-    another color at a glance (Sharma, Wu & Dalal 2005, whose test pairs it matches)."""
+    """CIEDE2000 difference of CIELAB colors [..., 3] (Sharma, Wu & Dalal 2005): unlike CIE76
+    it does not overrate differences among saturated blues."""
     lab1, lab2 = np.broadcast_arrays(np.asarray(lab1, np.float64), np.asarray(lab2, np.float64))
     l1, a1, b1 = np.moveaxis(lab1, -1, 0)
     l2, a2, b2 = np.moveaxis(lab2, -1, 0)
@@ -73,9 +72,8 @@ def in_he_hues(lab):
 
 @functools.lru_cache(maxsize=8)
 def _palette(n):
-    # Each new color is the candidate farthest from the chosen ones and the H&E
-    # references (chosen from the start); ties go to the first candidate, so a prefix of
-    # a longer palette is the shorter palette.
+    # Greedy farthest-first from the H&E references; ties go to the first candidate, so a
+    # prefix of a longer palette is the shorter palette.
     levels = np.linspace(0.0, 1.0, _GRID_LEVELS)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing='ij'), -1).reshape(-1, 3)
     lab = _srgb_to_lab(grid)
@@ -97,8 +95,7 @@ def _palette(n):
 
 
 def cluster_palette(n=128):
-    """[n, 3] uint8 colors, most distinct first; cluster c gets `cluster_palette(K)[c % K]`.
-    A Glasbey palette spreads as well but puts colors on H&E's own pinks and purples."""
+    """[n, 3] uint8 colors, most distinct first (Glasbey's would fall on H&E's pinks)."""
     return np.array(_palette(int(n)))
 
 

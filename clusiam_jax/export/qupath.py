@@ -27,9 +27,7 @@ def write_export_geojson(out_dir):
 
 def write_cluster_geojson(path: str, coords: np.ndarray, patch_size_level0: float,
                           cluster_ids: np.ndarray, palette: np.ndarray, slide_id: str) -> None:
-    """One Feature per patch: a closed square in level-0 pixels with `objectType` 'tile',
-    `classification` {name 'cluster c', color palette[c % K]}, `cluster` and `slide_id`;
-    written compactly (slides have 100k tiles)."""
+    """One 'tile' Feature per patch (a level-0 square, class 'cluster c'), written compactly."""
     coords, cluster_ids = np.asarray(coords), np.asarray(cluster_ids).reshape(-1)
     if coords.ndim != 2 or coords.shape[1] != 2 or len(cluster_ids) != len(coords):
         raise ValueError(f'coords {coords.shape} must be [N, 2], N = {len(cluster_ids)} ids')

@@ -30,8 +30,7 @@ DEFAULT_DIR = 'export'
 
 
 def resolve_normalization(run: run_dir.Run, given: Optional[run_dir.Normalization]):
-    """The run's normalization; `given` (command line) only for runs that recorded none:
-    other statistics than training's change every feature."""
+    """The run's normalization; `given` (command line) only for runs that recorded none."""
     recorded = run.normalization
     if recorded is not None:
         if given is not None and (tuple(given.mean), tuple(given.std)) != (recorded.mean,
@@ -48,8 +47,7 @@ def resolve_normalization(run: run_dir.Run, given: Optional[run_dir.Normalizatio
 
 
 def weights_digest(variables) -> str:
-    """sha256 over every leaf's path, dtype, shape and bytes, in path order: the same step
-    of a run trained again, or of another run, gives another digest."""
+    """sha256 over every leaf's path, dtype, shape and bytes, in path order."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))
     digest = hashlib.sha256()
     for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
@@ -74,8 +72,7 @@ def _same(a, b) -> bool:
 
 
 def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict, slide_ids):
-    """Refuses a folder holding another run's export (one inside the run is its own, even
-    when the run moved); says why files of `slide_ids` are exported again."""
+    """Refuses a folder holding another run's export; says why files are exported again."""
     folder = os.path.join(out_dir, fmt.H5_DIR)
     paths = ([os.path.join(out_dir, fmt.NPZ_NAME)] if export_format == 'npz' else
              [os.path.join(folder, name) for name in sorted(os.listdir(folder))
@@ -197,8 +194,7 @@ class ExportJob:
                                           sort_keys=True)}
 
     def _drop_stale(self):
-        """Deletes the files of slides made from other patches (files, coordinates, labels
-        or tiling) than the source lists now, to export them again."""
+        """Deletes the files of slides made from other patches than the source lists now."""
         source, groups = self.source, group_by_slide(self.source)
         by_path = not source.from_slides
         tiling = {} if by_path else {s.slide_id: s.coords.attrs for s in source.slides}
@@ -280,7 +276,6 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     if options.image_size != trained_at:
         log.warning('export: embedding at %d px; the run trained at %d px (data.image_size)',
                     options.image_size, trained_at)
-    # export.slide_dir, else the run's when the export reads the run's own data.
     slide_dir = exp.slide_dir or (run.config.data.slide_dir
                                   if data_path == run.config.data.path else '')
     source = sources_lib.open_source(data_path, slide_dir)
@@ -289,7 +284,6 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
                           f"h5 files (export.format=h5), which carry each slide's tiling "
                           f'attributes and slide path')
     out_dir = exp.out_dir or os.path.join(workdir, DEFAULT_DIR)
-    # The `export` section given, as resolved (for export_info.json).
     settings = dict(json.loads(json.dumps(exp.to_dict(), default=str)),
                     out_dir=os.path.abspath(out_dir), data_path=data_path, slide_dir=slide_dir,
                     checkpoint=choice if isinstance(choice, int) else str(choice),
@@ -302,8 +296,7 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
 
 
 def export(workdir, exp, normalization=None, argv=None) -> str:
-    """Embeds, then writes the QuPath tiles, cluster maps and atlas asked for, holding
-    the folder's lock; returns the folder."""
+    """Embeds, then writes the QuPath tiles, cluster maps and atlas asked for; the folder."""
     with folder_lock(workdir, exp, argv):
         job = prepare_export(workdir, exp, normalization)
         if exp.cluster_maps:
