@@ -73,9 +73,8 @@ class Checkpointer:
     def restore_weights(self, step: int, abstract_weights: dict) -> dict:
         self._check_shapes(step, abstract_weights, partial=True,
                            advice="the run's config.json does not match its checkpoints")
-        args = ocp.args.PyTreeRestore(
-            item=abstract_weights, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_weights))
+        args = ocp.args.PyTreeRestore(item=abstract_weights, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_weights))
         try:
             return self._read(step, lambda: ocp.PyTreeCheckpointHandler().restore(
                 self._state_path(step), args=args))

@@ -196,8 +196,7 @@ def stop_status(mode, signum) -> int:
 
 
 def console() -> int:
-    """launch.py and the `clusiam` script: `main`, then, after a signal, an exit that
-    does not tear down native threads mid-flight (interrupts.exit_now)."""
+    """`main`; after a signal, an exit that leaves native threads alone (launch.py, clusiam)."""
     status = main()
     if interrupts.received() is not None:
         interrupts.exit_now(status)

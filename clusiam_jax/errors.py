@@ -1,6 +1,5 @@
 """The errors the user reads: bad input stops a command with a one-line `ClusiamError`
-(`cli.main` prints `error: <message>`; anything else keeps its traceback). Imports nothing.
-"""
+(`cli.main` prints `error: <message>`; anything else keeps its traceback). Imports nothing."""
 
 
 class ClusiamError(Exception):

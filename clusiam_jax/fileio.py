@@ -41,8 +41,7 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj, **dump_kwargs) -> None:
-    dump_kwargs.setdefault('indent', 2)
-    write_text(path, json.dumps(obj, **dump_kwargs) + '\n')
+    write_text(path, json.dumps(obj, **{'indent': 2, **dump_kwargs}) + '\n')
 
 
 def write_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:

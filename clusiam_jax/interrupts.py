@@ -1,7 +1,6 @@
 """SIGTERM and Ctrl-C stop any command cleanly: the handler only records the signal; safe
 points (`check()`) raise `Interrupted`, a watchdog ends code reaching none within `GRACE_S`,
-the training loop (`deferred()`) saves first; a second signal stops at once.
-"""
+the training loop (`deferred()`) saves first; a second signal stops at once."""
 import contextlib
 import functools
 import os
@@ -73,14 +72,10 @@ def _cancel_watchdog():
         _State.watchdog = None
 
 
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 def install(status=lambda signum: 128 + signum) -> dict:
     """SIGNALS record a stop, exiting with `status(signum)`; returns the handlers replaced."""
     previous = {}
-    if _in_main_thread():
+    if threading.current_thread() is threading.main_thread():
         reset()
         _State.status, _State.installed = status, True
         for sig in SIGNALS:
@@ -93,7 +88,7 @@ def install(status=lambda signum: 128 + signum) -> dict:
 def restore(previous: dict):
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-    if _in_main_thread():
+    if threading.current_thread() is threading.main_thread():
         _State.installed = False
         _cancel_watchdog()
 
@@ -123,7 +118,7 @@ def deferred(enabled: bool = True):
         yield
         return
     previous = {}
-    if _in_main_thread() and not _State.installed:
+    if threading.current_thread() is threading.main_thread() and not _State.installed:
         reset()
         previous = {sig: signal.signal(sig, _handle) for sig in SIGNALS}
     _State.deferring += 1

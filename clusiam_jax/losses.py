@@ -1,6 +1,5 @@
 """Losses of docs/method.md §4, pure and in float32. `cluster_similarity` takes the Gumbel
-noise as an argument (parity tests feed fixed noise).
-"""
+noise as an argument (parity tests feed fixed noise)."""
 import jax
 import jax.numpy as jnp
 

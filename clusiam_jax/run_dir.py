@@ -148,9 +148,8 @@ def load_run(workdir: str, step=None) -> Run:
     config = read_run_config(workdir)
     replicated = parallel.replicated(parallel.make_mesh(jax.local_devices()))
     shapes = abstract_weights(config)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        {name: getattr(shapes, name) for name in Weights.__dataclass_fields__})
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            {name: getattr(shapes, name) for name in Weights.__dataclass_fields__})
     subdir = BEST_DIR if step == 'best' else LATEST_DIR
     with contextlib.closing(Checkpointer(workdir, create=False, subdir=subdir)) as checkpointer:
         step = checkpointer.checked_step(None if step in ('latest', 'best') else step)

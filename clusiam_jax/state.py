@@ -1,6 +1,5 @@
 """What a run learns: the train state, and the `Weights` export and conversion read (no
-optimizer). The BYOL-type target keeps its own BatchNorm statistics (docs/method.md §5).
-"""
+optimizer). The BYOL-type target keeps its own BatchNorm statistics (docs/method.md §5)."""
 from typing import Any
 
 import flax.struct

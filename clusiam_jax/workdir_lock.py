@@ -62,17 +62,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _flock_refused(folder: str) -> Optional[str]:
-    with tempfile.TemporaryFile(dir=folder) as probe:
-        try:
-            fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in _NO_FLOCK:
-                return e.strerror
-            raise
-    return None
-
-
 class FolderLock:
     """An exclusive lock on `folder` (which must exist); `what` names it in the refusal."""
 
@@ -89,7 +78,14 @@ class FolderLock:
                           f'{extra}')
 
     def acquire(self):
-        refused = _flock_refused(self.folder)
+        refused = None  # why the file system refuses flock (probed on a file of its own)
+        with tempfile.TemporaryFile(dir=self.folder) as probe:
+            try:
+                fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in _NO_FLOCK:
+                    raise
+                refused = e.strerror
         if refused is not None:
             log.info('%s: the file system does not support flock (%s); locking with an '
                      'exclusive lock file', self.folder, refused)
