@@ -89,11 +89,6 @@ def slide_id_of_file(name: str) -> str:
         r'\.h5$', '', base)
 
 
-def _attr(value):
-    value = value.decode() if isinstance(value, bytes) else value
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def read_coords(path: str) -> SlideCoords:
     """A coordinate file of either schema; DataError (one line) when it is neither."""
     import h5py
@@ -103,7 +98,8 @@ def read_coords(path: str) -> SlideCoords:
                 raise DataError(f'{path}: no "coords" dataset (not a CLAM/TRIDENT patch file)')
             ds = f['coords']
             raw = np.asarray(ds[()])
-            attrs = {k: _attr(v) for k, v in ds.attrs.items()}
+            attrs = {k: v.decode() if isinstance(v, bytes) else v.item()
+                     if isinstance(v, np.generic) else v for k, v in ds.attrs.items()}
     except OSError as e:
         raise DataError(f'{path}: not a readable HDF5 file ({e})') from None
     coords = _checked_coords(path, raw, attrs)

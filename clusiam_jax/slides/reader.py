@@ -269,8 +269,7 @@ def read_patch(slide: Slide, x: int, y: int, size_level0: float, out_size: int
 
 
 def thumbnail_problem(slide: Slide, downsample: float) -> Optional[str]:
-    """Why a thumbnail at `downsample` would take minutes (the pixels it decodes, or its
-    own size), or None."""
+    """Why a thumbnail at `downsample` would take minutes, or None."""
     width, height = slide.dimensions
     out_w, out_h = _out_size(slide, downsample)
     if out_w * out_h > MAX_THUMBNAIL_PIXELS:

@@ -56,8 +56,7 @@ class Redo:
 
 
 def previous(entry, params, out_dir: str):
-    """(the row of a slide tiled with these settings, a Redo of one tiled otherwise);
-    None for each that is not."""
+    """(the row of a slide tiled with these settings, or a Redo of one tiled otherwise)."""
     path = coords_lib.trident_file(out_dir, entry.slide_id)
     if not os.path.exists(path):
         return None, None

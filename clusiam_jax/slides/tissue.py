@@ -25,18 +25,14 @@ class TissueParams:
         return cls(**{f.name: type(f.default)(tile[f.name]) for f in dataclasses.fields(cls)})
 
 
-def _odd(n: int) -> int:
-    return max(1, int(n) | 1)
-
-
 def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray:
     """bool [H, W]: the tissue of an RGB image at `mpp` µm/px: saturation over the fixed
     threshold or Otsu's (never below `min_saturation`) and value over `black_value`, closed
     then opened; holes not touching the border under `max_hole_um2` filled, components
     under `min_area_um2` dropped."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    saturation = cv2.medianBlur(hsv[..., 1], _odd(params.median_blur))
-    value = cv2.medianBlur(hsv[..., 2], _odd(params.median_blur))
+    blur = max(1, int(params.median_blur) | 1)   # odd
+    saturation, value = cv2.medianBlur(hsv[..., 1], blur), cv2.medianBlur(hsv[..., 2], blur)
     threshold = params.saturation_threshold if params.saturation_threshold > 0 else max(int(
         cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]),
         params.min_saturation)
@@ -68,9 +64,7 @@ def polygon_mask(annotations, shape, downsample: float) -> np.ndarray:
     `downsample` level-0 px per pixel; holes stay holes."""
     canvas = np.zeros(shape, np.uint8)
     for annotation in annotations:
-        geometry = annotation.geometry
-        polygons = getattr(geometry, 'geoms', [geometry])
-        for polygon in polygons:
+        for polygon in getattr(annotation.geometry, 'geoms', [annotation.geometry]):
             outer = np.round(np.asarray(polygon.exterior.coords) / downsample).astype(np.int32)
             cv2.fillPoly(canvas, [outer], 1)
             for hole in polygon.interiors:
