@@ -78,8 +78,7 @@ def run_train(args, config, overrides):
         initialize_distributed()
     import jax
     main_process = jax.process_index() == 0
-    # One run per work directory (process 0 holds it for the run's processes), export
-    # after training included; before log.txt, which a refused start must not touch.
+    # One run per work directory (held by process 0), before log.txt: a refused start writes none.
     with workdir_lock.hold(args.workdir, '--workdir', args.argv, enabled=main_process), \
             fileio.quiet_environment_tracebacks():
         if main_process:
@@ -209,14 +208,12 @@ def main(argv=None) -> int:
     root_state = (root.level, list(root.handlers))
     setup_logging()
     mode = mode_of(argv)
-    # First of all: parsing loads the recipe (and JAX with it), seconds in which a signal
-    # must already be recorded rather than kill the command with no word.
+    # First: parsing loads the recipe (and JAX), seconds in which a signal must be recorded.
     previous = interrupts.install(status=lambda signum: stop_status(mode, signum))
     try:
         mode, args, config, overrides = parse(argv)
         if mode == 'train' and is_distributed(config) and signal.SIGTERM in previous:
-            # Several processes leave SIGTERM to JAX's preemption service, which turns it
-            # into a step all processes agree on.
+            # Several processes: JAX's preemption service turns SIGTERM into a step all agree on.
             signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
         interrupts.check()
         return ACTIONS[mode](args, config, overrides)

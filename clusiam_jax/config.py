@@ -125,8 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c.lock()
 
 
-# The settings that make each method the paper's (docs/method.md, "Networks" and
-# "Optimization"); everything else is default_config's.
+# The settings that make each method the paper's (docs/method.md); the rest is default_config's.
 _CLUSIAM = {'model.feat_size': 2048, 'model.pred_hidden': 512, 'loss.alpha': 0.5,
             'optim.fix_pred_lr': True}
 # The original forces fix_pred_lr off for CluBYOL.
@@ -213,8 +212,7 @@ def override(config, key: str, text: str):
         raise ConfigError(f'bad config override {flag}: ' + '; '.join(map(str, e.args))) from None
 
 
-# Each key's own rule: a tuple of choices, an interval, or 'path' / 'folder' (when set, it
-# must exist / be a folder). Rules between keys are code, in validate.
+# Each key's own rule: choices, an interval, or 'path'/'folder' (when set: exists/is a folder).
 RULES = {
     'model.name': tuple(METHOD_SPECS),
     'model.backbone': tuple(BACKBONES),

@@ -34,8 +34,7 @@ def _merge_reference_chunk(best_sims, best_idx, queries, refs, ref_offset, n_ref
 def knn_search(queries, references, k=1, query_chunk=1024, ref_chunk=32768):
     """(cosine similarities, int64 indices) [Q, k] of the top-k references, ties to the first."""
     queries, references = l2_normalize(queries), l2_normalize(references)
-    n_q, dim = queries.shape
-    n_r = references.shape[0]
+    (n_q, dim), n_r = queries.shape, references.shape[0]
     if references.shape[1] != dim:
         raise ValueError(f'dimension mismatch: queries {dim}, references {references.shape[1]}')
     if not 1 <= k <= n_r:

@@ -49,11 +49,9 @@ def cluster_similarity(reps, logits, gumbel):
     reps = l2_normalize(jax.lax.stop_gradient(reps.astype(jnp.float32)))
     assign = straight_through_assignment(logits.astype(jnp.float32), gumbel.astype(jnp.float32))
     counts = jnp.sum(assign, axis=0)
-    centroids = (assign.T @ reps) / jnp.maximum(counts, 1.0)[:, None]
-    centroids = l2_normalize(centroids)
+    centroids = l2_normalize((assign.T @ reps) / jnp.maximum(counts, 1.0)[:, None])
     sims = centroids @ centroids.T
-    k = sims.shape[0]
-    upper = jnp.triu(jnp.ones((k, k), dtype=bool), k=1)
+    upper = jnp.triu(jnp.ones(sims.shape, dtype=bool), k=1)
     # The original's mean of the non-zero upper triangle: empty clusters drop out.
     mask = upper & (sims != 0)
     num = jnp.sum(mask)
