@@ -1,7 +1,5 @@
-"""The embedding loop (docs/method.md §7): whole patches at `image_size` through the online
-network in inference mode, decoded by a thread pool ahead of one jitted pass over the
-mesh; each slide's file is written when its last patch is through, so an interrupted
-export keeps every finished slide."""
+"""The embedding loop (docs/method.md §7): patches decoded by a thread pool ahead of one jitted
+pass over the mesh; each slide's file is written when its last patch is through."""
 import collections
 import concurrent.futures
 import dataclasses
@@ -200,8 +198,7 @@ class _SlideWriter:
 
 def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOptions,
                       info: dict) -> List[dict]:
-    """Embeds every patch of `source` into `out_dir`; the manifest rows. A rerun skips slides
-    written with the same export key and patch count."""
+    """Embeds every patch of `source` into `out_dir` (a rerun skips finished slides)."""
     mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(jax.local_devices())
     embedder = dataclasses.replace(embedder, mesh=mesh)
     step, fmt_name = embedder.checkpoint_step, options.export_format

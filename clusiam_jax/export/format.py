@@ -1,7 +1,6 @@
-"""The export's on-disk layout (docs/formats.md), its only owner: an export copied elsewhere
-is read without the run. h5_files/<slide>.h5 (CLAM's layout plus cluster ids, logits,
-paths, labels; the run in the attrs) or embeddings.npz, pt_files/, manifest.csv,
-export_info.json, skipped_files.txt; cluster_maps/, qupath/ and atlas/ beside them."""
+"""The export's on-disk layout (docs/formats.md), its only owner: an export copied elsewhere is
+read without the run. h5_files/<slide>.h5 (CLAM's layout plus cluster ids, logits, paths, labels)
+or embeddings.npz, pt_files/, manifest.csv, export_info.json, skipped_files.txt."""
 import collections
 import hashlib
 import json
@@ -257,8 +256,7 @@ def slide_feature_files(features: str) -> Dict[str, str]:
         rows = read_export_manifest(features)
         if any(not row['file'].endswith('.h5') for row in rows):
             raise DataError(f'{features} is an npz export; slide-level evaluation reads '
-                            f'per-slide HDF5 files (export again with '
-                            f'--config.export.format=h5)')
+                            f'per-slide HDF5 files (export again with --config.export.format=h5)')
         return {row['slide_id']: os.path.join(features, row['file']) for row in rows}
     if not os.path.isdir(features):
         raise DataError(f'features folder not found: {features}')

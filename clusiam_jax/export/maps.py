@@ -1,7 +1,5 @@
-"""Cluster maps: each patch's cluster painted over a slide thumbnail or a mosaic canvas,
-at `downsample` level-0 px per map pixel, with a title band above (the map shifted down
-by `header_height`) and a legend on the right, their fonts growing with the map. Each PNG
-records what it was drawn over, so a mosaic map never replaces one over a slide."""
+"""Cluster maps: each patch's cluster painted over a slide thumbnail or a mosaic canvas, with a
+title band and a legend; each PNG records what it was drawn over (a mosaic never replaces it)."""
 import contextlib
 import logging
 import math
@@ -123,8 +121,7 @@ def draw_cluster_map(coords, cluster_ids, patch_size, thumbnail=None, downsample
                      slide_dimensions=None, alpha=0.5, background=(255, 255, 255),
                      num_clusters=None, legend=True, max_side=2048, out_path=None,
                      title=None, png_text=None, annotations=None):
-    """uint8 RGB: each patch's cell blended `(1 - alpha) * under + alpha * color` over
-    `thumbnail` or a `background` canvas of at most `max_side` px."""
+    """uint8 RGB: each patch's cell blended with its color over `thumbnail` or a canvas."""
     coords = np.asarray(coords, np.float64)
     cluster_ids = np.asarray(cluster_ids).astype(np.int64)
     if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != cluster_ids.shape[0]:
@@ -261,9 +258,8 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
         thumb, scale, drawn_over = None, None, 'mosaic'
         if thumb_path:
             if not downsample:
-                raise ConfigError('a thumbnail needs its downsample (level-0 pixels per '
-                                  'thumbnail pixel: export.thumbnail_downsample, or '
-                                  '--downsample)')
+                raise ConfigError('a thumbnail needs its downsample (level-0 pixels per thumbnail '
+                                  'pixel: export.thumbnail_downsample, or --downsample)')
             try:
                 thumb, scale = Image.open(thumb_path).convert('RGB'), downsample
             except OSError as e:  # PIL's UnidentifiedImageError is one

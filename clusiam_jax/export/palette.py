@@ -1,6 +1,5 @@
-"""The clusters' colors on maps, QuPath tiles and the atlas: greedy farthest points in
-CIEDE2000 over an sRGB grid, away from H&E's own colors and hues, so no two clusters
-look alike and no overlay reads as stain, for K up to 100 and more."""
+"""The clusters' colors on maps, QuPath tiles and the atlas: greedy farthest points in CIEDE2000
+over an sRGB grid, away from H&E's own colors and hues, so no overlay reads as stain."""
 import functools
 
 import numpy as np
@@ -56,11 +55,9 @@ def delta_e_2000(lab1, lab2):
 HE_REFERENCES = np.array([[80, 60, 140], [50, 30, 100], [230, 150, 190], [200, 100, 170],
                           [160, 110, 170], [245, 215, 235], [255, 255, 255]], np.uint8)
 HE_MIN_DELTA_E = 20.0
-# CIELAB hues (degrees) no cluster color has: H&E's purple to pink (its references lie
-# at 305-347) with a margin; a magenta overlay blended over eosin reads as darker eosin.
+# CIELAB hues (degrees) no cluster color has: H&E's purple to pink, with a margin.
 HE_HUES = (285.0, 20.0)
-# Candidates: an 18-level sRGB grid, visible over tissue and white (L* in (30, 88)) and
-# not greyish (chroma above 30: a grey overlay reads as "no cluster").
+# Candidates: visible over tissue and white, not greyish (grey reads as "no cluster").
 _GRID_LEVELS, _LIGHTNESS, _MIN_CHROMA = 18, (30.0, 88.0), 30.0
 
 

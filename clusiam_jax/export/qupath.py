@@ -1,6 +1,5 @@
 """`<export>/qupath/<slide>.geojson` (export.qupath): each patch a QuPath tile classified
-`cluster c` in its map color, to inspect the clusters over the full-resolution slide in
-QuPath (File > Import objects). Coordinates are level-0 pixels, as QuPath's."""
+`cluster c` in its map color, in level-0 pixels (QuPath: File > Import objects)."""
 import json
 import os
 

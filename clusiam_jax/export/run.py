@@ -1,7 +1,5 @@
-"""The export action: a run's checkpoint over a patch source (model, image size and
-normalization the run's; all that can fail on bad input before a patch is read), then
-what export.* asks to draw. A rerun never keeps features of other weights or patches:
-another run's folder is refused, slides whose patches changed are exported again."""
+"""The export action: a run's checkpoint over a patch source, checked before a patch is read.
+A rerun refuses another run's folder and exports again the slides whose patches changed."""
 import dataclasses
 import functools
 import hashlib
@@ -57,7 +55,6 @@ def weights_digest(variables) -> str:
     return digest.hexdigest()
 
 
-# What an earlier export's files are compared on (besides the run), named in the log.
 _SETTINGS = ('checkpoint_step', 'weights_sha256', 'image_size', 'with_projection',
              'norm_mean', 'norm_std', 'data_path', 'config_json')
 
@@ -85,7 +82,6 @@ def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
             continue
     if not files:
         return
-    # Files of these very weights are this run's, wherever the run was moved since.
     mine = os.path.realpath(workdir)
     inside = os.path.realpath(out_dir).startswith(mine + os.sep)
     foreign = {p: a for p, a in files.items()
@@ -115,8 +111,7 @@ def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
 
 
 def _rows(source, indices, by_path: bool):
-    """Each patch as the export's files record it: (path, x, y, label), or (x, y, label)
-    for slide sources (the slide file may move; its coordinates say which patch)."""
+    """Each patch as the export's files record it: ([path,] x, y, label); slides by coordinates."""
     return [((r.path,) if by_path else ()) + (-1 if r.x is None else int(r.x),
                                               -1 if r.y is None else int(r.y), r.label or '')
             for r in map(source.record, indices)]
