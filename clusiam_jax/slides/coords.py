@@ -32,8 +32,7 @@ class SlideCoords:
 
 
 def id_problem(slide_id: str) -> Optional[str]:
-    """Why `slide_id` cannot name a file of its own in a folder (completing "slide id
-    '...' ..."), or None."""
+    """Why `slide_id` cannot name a file of its own (after "slide id '...'"), or None."""
     if not slide_id:
         return 'is empty'
     if '/' in slide_id or '\\' in slide_id:

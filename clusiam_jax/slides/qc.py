@@ -54,8 +54,7 @@ def picture(thumb, mask_small, coords, size0, downsample, lines,
 
 
 def _qc_font(size: int):
-    """(a scalable font, whether it draws µ): DejaVu Sans, else Pillow's own (no µ: the
-    picture then says um; its PNG text keeps µm)."""
+    """(DejaVu Sans, else Pillow's own font; whether it draws µ, else the picture says um)."""
     from PIL import ImageFont
     try:
         font = ImageFont.truetype('DejaVuSans.ttf', size)

@@ -129,8 +129,7 @@ def _no_mpp_words(res: reader.Resolution):
 
 
 def _no_grid_row(slide, entry, params, out_dir, status, reason, title) -> dict:
-    """The row of a slide without a usable µm/px, after its QC picture (`title`: what to
-    set); a slide whose thumbnail cannot be made keeps its row, which says so."""
+    """The row of a slide without a usable µm/px, after its QC picture if one can be made."""
     try:
         picture = qc.no_grid_picture(slide, entry, params.detection, title)
     except OutputError:

@@ -60,8 +60,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams) -> np.ndarray
 
 
 def polygon_mask(annotations, shape, downsample: float) -> np.ndarray:
-    """bool [H, W]: the union of the annotations' polygons (level-0 px) on a grid of
-    `downsample` level-0 px per pixel; holes stay holes."""
+    """bool [H, W]: the annotations' polygons, holes kept, at `downsample` level-0 px/px."""
     canvas = np.zeros(shape, np.uint8)
     for annotation in annotations:
         for polygon in getattr(annotation.geometry, 'geoms', [annotation.geometry]):
