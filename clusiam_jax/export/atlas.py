@@ -164,8 +164,8 @@ def _fit(text, font, width):
 def caption_lines(entry, n_patches, n_slides):
     """The sheet's caption: the title line and the details line."""
     return (f'Cluster {entry.cluster_id}',
-            f"{share_text(entry.n_patches, n_patches)} of patches "
-            f"({entry.n_patches:,} of {n_patches:,}) · in {entry.n_slides} of {n_slides} "
+            f"{share_text(entry.n_patches, n_patches)} of patches ({entry.n_patches:,} of "
+            f"{n_patches:,}) · in {entry.n_slides} of {n_slides} "
             f"slide{'s' if n_slides != 1 else ''}")
 
 
@@ -229,9 +229,8 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         # Arrays, not Picks: a cohort holds slides x K x per_cluster candidates.
         for c, best in _best_per_cluster(ids[rows_ok], scores, int(per_cluster)).items():
             candidates[c].append((slide_id, rows_ok[best].astype(np.int64), scores[best]))
-        kept[slide_id] = {key: arrays[key] for key in
-                          ('coords', 'paths', 'slide_path', 'patch_size', 'level0_dimensions')
-                          if key in arrays}
+        kept[slide_id] = {key: arrays[key] for key in (
+            'coords', 'paths', 'slide_path', 'patch_size', 'level0_dimensions') if key in arrays}
     if not readable_any:
         log.warning('atlas: the export records neither its slides nor its patch files '
                     '(coordinates and slide_path, or paths); no atlas')
@@ -327,24 +326,21 @@ def render_index(atlas, palette, info, per_cluster):
              f'<title>{esc(title)}</title>', f'<style>{_STYLE}</style>', '</head>',
              '<body>', f'<h1>{esc(title)}</h1>',
              f'<p class="meta">{atlas.n_patches:,} patches of {n_slides} slide'
-             f'{"s" if n_slides != 1 else ""}; {len(atlas.entries)} of '
-             f'{atlas.num_clusters} clusters hold patches, listed by their share of the '
-             f'patches.</p>',
+             f'{"s" if n_slides != 1 else ""}; {len(atlas.entries)} of {atlas.num_clusters} '
+             f'clusters hold patches, listed by their share of the patches.</p>',
              f'<p class="how">Each cluster shows its {per_cluster} most typical patches (the '
-             f"highest probability of that cluster), from several slides, most typical "
-             f"first; under each patch, its slide and level-0 x, y (or its file); the "
-             f"cluster's color is the one on the cluster maps.</p>",
+             f"highest probability of that cluster), from several slides, most typical first; "
+             f"under each patch, its slide and level-0 x, y (or its file); the cluster's color "
+             f"is the one on the cluster maps.</p>",
              '<p id="missing" hidden>Some images did not load: keep this page in its '
              'atlas folder, next to its cluster_*.png files.</p>',
              '<table class="toc"><tr><th>cluster</th><th>patches</th><th>share</th>'
              '<th>slides</th></tr>']
     for entry in atlas.entries:
         parts.append(
-            f'<tr><td><span class="swatch" style="background:'
-            f'{_hex(palette[entry.cluster_id])}"></span>'
-            f'<a href="#cluster-{entry.cluster_id}">cluster {entry.cluster_id}</a></td>'
-            f'<td>{entry.n_patches:,}</td>'
-            f'<td>{share_text(entry.n_patches, atlas.n_patches)}</td>'
+            f'<tr><td><span class="swatch" style="background:{_hex(palette[entry.cluster_id])}">'
+            f'</span><a href="#cluster-{entry.cluster_id}">cluster {entry.cluster_id}</a></td>'
+            f'<td>{entry.n_patches:,}</td><td>{share_text(entry.n_patches, atlas.n_patches)}</td>'
             f'<td>{entry.n_slides} of {n_slides}</td></tr>')
     parts.append('</table>')
     for entry in atlas.entries:

@@ -296,10 +296,9 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
             contours = found and ann_lib.read_annotations(found)
         with atomic_write(path) as tmp:
             draw_cluster_map(arrays['coords'][known], arrays['cluster_ids'][known],
-                             arrays.get('patch_size') or 224, thumbnail=thumb,
-                             downsample=scale, slide_dimensions=dimensions, alpha=alpha,
-                             num_clusters=k, max_side=int(max_side), out_path=tmp,
-                             title=title, png_text={BACKGROUND_KEY: drawn_over},
-                             annotations=contours)
+                             arrays.get('patch_size') or 224, thumbnail=thumb, downsample=scale,
+                             slide_dimensions=dimensions, alpha=alpha, num_clusters=k,
+                             max_side=int(max_side), out_path=tmp, title=title,
+                             png_text={BACKGROUND_KEY: drawn_over}, annotations=contours)
         written.append(path)
     return written

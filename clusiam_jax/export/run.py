@@ -258,10 +258,9 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
         raise DataError(f"the patches to export are gone: {data_path} (the run's data.path);"
                         f' set --config.export.data_path=DIR')
     trained_at = run.config.data.image_size
-    options = EmbedOptions(image_size=exp.image_size or trained_at,
-                           batch_size=exp.batch_size, export_format=exp.format,
-                           with_projection=exp.with_projection, num_workers=exp.num_workers,
-                           pt_files=exp.pt_files)
+    options = EmbedOptions(image_size=exp.image_size or trained_at, batch_size=exp.batch_size,
+                           export_format=exp.format, with_projection=exp.with_projection,
+                           num_workers=exp.num_workers, pt_files=exp.pt_files)
     if exp.pt_files:
         try:
             import torch  # noqa: F401
