@@ -1,9 +1,5 @@
-"""On-device augmentation (data.augment_on_device): docs/method.md §1 steps 2-5 in JAX.
-
-Vectorised with no per-sample control flow: jitter order as blend slots around one hue
-rotation, ops a sample does not get masked with jnp.where; float32 in [0, 1], clamped after
-each op like PIL's uint8 blends (within 1-2 levels of the CPU path, tests/test_device_augment.py).
-"""
+"""On-device augmentation (data.augment_on_device, docs/method.md §1 steps 2-5): no per-sample
+control flow (jitter as blend slots around one hue rotation, jnp.where masks), PIL-like clamps."""
 import math
 from typing import Dict
 
@@ -35,7 +31,7 @@ def sample_device_params(key, n: int, cfg: AugmentConfig) -> Dict[str, jax.Array
     }
 
 
-def _per_sample(v):
+def _per_sample(v):  # [N] -> [N, 1, 1, 1]
     return jnp.asarray(v, jnp.float32).reshape(-1, 1, 1, 1)
 
 
@@ -44,7 +40,6 @@ def _mask(flag):
 
 
 def luma(x):
-    """[N, H, W, 1] ITU-R 601-2 luma."""
     return jnp.sum(x * jnp.asarray(LUMA, x.dtype), axis=-1, keepdims=True)
 
 
@@ -118,7 +113,7 @@ def blur_support(cfg: AugmentConfig) -> int:
 
 
 def blur_kernels(sigma, support: int):
-    """[N, 6 * support + 1] PIL GaussianBlur kernels (3 box passes), one per sigma."""
+    """PIL GaussianBlur kernels (3 box passes), one per sigma."""
     radius = box_radius(jnp.asarray(sigma, jnp.float32), jnp)[:, None]
     whole = jnp.floor(radius)
     taps = jnp.abs(jnp.arange(-support, support + 1, dtype=jnp.float32))[None, :]
@@ -148,7 +143,6 @@ def hflip(x):
 
 
 def apply_device_params(images, params, cfg: AugmentConfig):
-    """uint8 (or float in [0, 1]) [N, H, W, 3] -> float32 in [0, 1]."""
     x = images.astype(jnp.float32)
     if images.dtype == jnp.uint8:
         x = x / 255.0

@@ -1,6 +1,4 @@
-"""train.init_from: a fresh run (step, optimizer, rng) whose online network takes every array
-of a source that fits by name and shape; the backbone must load completely.
-"""
+"""train.init_from: a fresh run takes every source array that fits by name and shape."""
 import dataclasses
 import logging
 from typing import Optional, Sequence, Tuple
@@ -45,13 +43,11 @@ class Report:
 
 
 def _module(name: str) -> Tuple[str, ...]:
-    """'params/encoder/backbone/conv1/kernel' -> ('encoder', 'backbone', 'conv1', 'kernel')."""
     return tuple(name.split('/')[1:])
 
 
 def compact(names: Sequence[str], every: Sequence[str]) -> str:
-    """`names` among `every`, a module all of whose arrays are in `names` named once with
-    their count ('encoder/backbone (120)')."""
+    """`names` among `every`; a module wholly in `names` named once ('encoder/backbone (120)')."""
     chosen = {_module(n) for n in names}
     universe = sorted({_module(n) for n in every})
     if not chosen:
@@ -88,7 +84,6 @@ def _grouped(names: Sequence[str], spell_out: int = 3) -> str:
 
 
 def apply_source(trainer, state: TrainState, source: Source) -> Tuple[TrainState, Report]:
-    """The fresh `state` with the source's arrays that fit; the backbone must load whole."""
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     online = variable_names(variables)
     loaded, fresh, misshapen = [], [], list(source.notes)

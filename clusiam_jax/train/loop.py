@@ -1,8 +1,5 @@
-"""The training loop: build, restore, compile, run epochs, log, checkpoint, stop, resume.
-
-Work between epochs is done by hooks (the monitor's, train/monitor.py): `hook(epoch, step,
-state, data_state)` -> (metrics named as in TensorBoard, a reason to stop or None).
-"""
+"""The training loop. Work between epochs is done by hooks (train/monitor.py): `hook(epoch, step,
+state, data_state)` -> (metrics named as in TensorBoard, a reason to stop or None)."""
 import contextlib
 import itertools
 import logging
@@ -38,8 +35,7 @@ log = logging.getLogger('clusiam_jax')
 
 
 class _StopRequest:
-    """Whether to checkpoint and stop at this step: a signal seen by this process or, with
-    several processes, JAX's preemption sync point (all save at the same step)."""
+    """Stop at this step: a signal here or, with several processes, JAX's preemption sync point."""
 
     def __init__(self):
         self._multi_process = jax.process_count() > 1
@@ -61,10 +57,6 @@ class _StopRequest:
         if reached:
             interrupts.note(signal.SIGTERM)
         return reached
-
-    @staticmethod
-    def reason() -> str:
-        return signal.Signals(interrupts.received()).name
 
 
 def _restore_other_run(path, target):
@@ -103,8 +95,7 @@ def _record_run(workdir, config, loader):
 
 
 def train(config, workdir: str, loader=None, mesh=None):
-    """Trains per `config` in `workdir`; returns the final (or signal-checkpointed) state.
-    `loader`: default data.path's pipeline; `mesh`: default all devices."""
+    """The final (or signal-checkpointed) state; default loader: data.path's, mesh: all devices."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
     os.makedirs(workdir, exist_ok=True)
@@ -143,8 +134,6 @@ def train(config, workdir: str, loader=None, mesh=None):
 
 
 class _Run:
-    """One start of a run: what it restores, compiles and trains, and how it reports."""
-
     def __init__(self, config, workdir, trainer, steps_per_epoch):
         self.config, self.workdir, self.trainer = config, workdir, trainer
         self.steps_per_epoch, self.num_epochs = steps_per_epoch, config.train.num_epochs
@@ -179,7 +168,6 @@ class _Run:
     def epochs(self, state, batches, ckpt, writer):
         config, is_main = self.config, self.is_main
         head = next(batches)
-        # Said out loud: the first compile of a ResNet step looks like a hang.
         log.info('compiling the train step (%s, %s, batch %d at %d px on %d devices); the first '
                  'compile takes a while', config.model.name, config.model.backbone,
                  config.train.batch_size, config.data.image_size, self.trainer.mesh.devices.size)
@@ -208,7 +196,6 @@ class _Run:
             log.warning('%s: saved a checkpoint at step %d of %d and stopped%s', reason, step,
                         self.total_steps, '; start the same command again to resume' * resume)
             return state
-
         with interrupts.deferred(enabled=jax.process_count() == 1), contextlib.closing(bar):
             for epoch in range(step // self.steps_per_epoch, self.num_epochs):
                 stats = EpochStats(skips)
@@ -235,7 +222,7 @@ class _Run:
                         bar.set_postfix(loss=f'{loss:.4f}', pairs_s=f'{rate:.1f}')
                         writer.scalars(step, window)
                     if step < end and stop.requested(step):
-                        return stop_here(stop.reason(), saved=False)
+                        return stop_here(signal.Signals(interrupts.received()).name, saved=False)
                 # The epoch is complete: its row and checkpoint first, then a pending stop.
                 elapsed = time.perf_counter() - start_time   # the hooks' time is their own
                 hooked, stops = {}, []
@@ -253,12 +240,11 @@ class _Run:
                 if stops:
                     return stop_here('; '.join(stops), saved=True, resume=False)
                 if stop.requested(step):
-                    return stop_here(stop.reason(), saved)
+                    return stop_here(signal.Signals(interrupts.received()).name, saved)
             ckpt.wait()
         return state
 
     def end_epoch(self, epoch, stats, step, first, elapsed, writer, hooked):
-        """The epoch's CSV row, TensorBoard scalars, log line and collapse warnings."""
         pairs_per_step = self.config.train.batch_size
         means = stats.means()
         row = dict(means, epoch=epoch + 1, step=step, time_s=round(elapsed, 3),

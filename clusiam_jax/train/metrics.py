@@ -1,5 +1,4 @@
-"""What a run reports: per-step metrics fetched at log steps, the per-epoch CSV, TensorBoard
-scalars, skipped non-finite steps and the collapse warnings (files: process 0 only)."""
+"""Metrics fetched at log steps, metrics.csv, TensorBoard, skipped steps (files: process 0 only)."""
 import collections
 import logging
 import math
@@ -21,8 +20,6 @@ TB_DIR = 'tb'
 
 
 class MetricWriter:
-    """One row per epoch in <workdir>/metrics.csv, TensorBoard events in <workdir>/tb."""
-
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled, self.rows, self._tb = enabled, None, None
         self.csv_path = os.path.join(workdir, 'metrics.csv')
@@ -37,8 +34,7 @@ class MetricWriter:
             self._tb.add_scalar(prefix + name, value, step)
 
     def epoch_row(self, row: dict):
-        """metrics.csv with `row` after the earlier epochs' rows: a resumed run replays the
-        epochs after its checkpoint, and the file keeps one row per epoch."""
+        """A resumed run replays the epochs after its checkpoint: one row per epoch is kept."""
         if not self.enabled:
             return
         if self.rows is None:
@@ -58,9 +54,7 @@ class MetricWriter:
 
 
 class SkippedSteps:
-    """train.on_nonfinite='skip': each step the train step rejected is logged and listed in
-    nonfinite_steps.txt; more than `max_in_a_row` in a row (in this process) end the run."""
-
+    """train.on_nonfinite='skip': rejected steps logged and listed; too many in a row end a run."""
     FILE_NAME = 'nonfinite_steps.txt'
 
     def __init__(self, workdir: str, max_in_a_row: int, write: bool):
@@ -82,8 +76,7 @@ class SkippedSteps:
 
 
 class EpochStats:
-    """Host-side means of the per-step metrics, fetched only at log steps. A non-finite
-    metric raises NonFiniteError; with `skips`, steps marked `skipped` go there instead."""
+    """Host-side means of the per-step metrics; non-finite raises (`skips` take skipped steps)."""
 
     def __init__(self, skips: SkippedSteps = None):
         self.pending, self.sums, self.count, self.skips, self.skipped = [], {}, 0, skips, 0
@@ -92,7 +85,6 @@ class EpochStats:
         self.pending.append((step, metrics))
 
     def flush(self):
-        """Fetches the pending device metrics (a host sync) and returns their means."""
         fetched = jax.device_get([m for _, m in self.pending])
         window, n, skipped = collections.defaultdict(float), 0, 0
         for (step, _), metrics in zip(self.pending, fetched):

@@ -1,6 +1,5 @@
-"""Label-free representation monitoring and the best checkpoint (docs/method.md §6), the loop's
-optional hook. A fixed set (patches, two seeded views of each) stays on the devices: one forward
-pass per monitor epoch, no recompilation."""
+"""Label-free monitoring and the best checkpoint (docs/method.md §6), the loop's optional hook.
+A fixed set stays on the devices: one forward pass per monitor epoch, no recompilation."""
 import dataclasses
 import logging
 import math
@@ -66,7 +65,6 @@ def knn_scores(features, labels, slides) -> Optional[Dict[str, float]]:
 
 @dataclasses.dataclass(frozen=True)
 class MonitorSet:
-    """uint8 patches [M, S, S, 3], two views of each, labels (None unless all have one), slides."""
     images: np.ndarray
     view1: np.ndarray
     view2: np.ndarray
@@ -102,7 +100,6 @@ def build_monitor_set(source, indices, config, seed: int) -> MonitorSet:
 
 
 class Monitor:
-
     def __init__(self, network, mean, std, monitor_set: MonitorSet, mesh, num_clusters,
                  min_rankme: float, seed: int):
         self.set, self.num_clusters, self.min_rankme = monitor_set, num_clusters, min_rankme
@@ -115,7 +112,6 @@ class Monitor:
             in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
             out_shardings=parallel.replicated(mesh),
             compiler_options=compiler_options(network.conv_impl))
-
         stacked = np.concatenate([monitor_set.images, monitor_set.view1, monitor_set.view2])
         stacked = np.pad(stacked, [(0, -len(stacked) % self.batch)] + [(0, 0)] * 3)
         self.batches = [jax.make_array_from_callback(chunk.shape, parallel.batch_sharded(mesh),
@@ -125,13 +121,11 @@ class Monitor:
     def embed_all(self, variables) -> Dict[str, np.ndarray]:
         """{'features', 'logits'?} over images, view1, view2 (in that order, unpadded)."""
         outs = jax.device_get([self._embed(variables, b) for b in self.batches])
-        n = 3 * len(self.set.images)
-        return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+        return {k: np.concatenate([o[k] for o in outs])[:3 * len(self.set.images)] for k in outs[0]}
 
     def scores(self, variables, judge_clusters: bool = True) -> Dict[str, float]:
         """The scores; collapse: low RankMe or (with `judge_clusters`) a collapse mode."""
         m, out = len(self.set.images), self.embed_all(variables)
-
         images, view1, view2 = np.split(out['features'], 3)
         result = {'rankme': rankme(images), 'alignment': alignment(view1, view2),
                   'uniformity': uniformity(images)}
@@ -170,8 +164,7 @@ class BestCheckpoint:
                                             else value >= self.value)):
             return
         check_saveable(state, step, self.latest)
-        # A run resumed from before an earlier best replays steps: orbax only saves steps
-        # beyond the last it holds, so the old best goes first.
+        # Orbax saves only steps beyond its last: a replayed step's old best goes first.
         for old in self.ckpt.all_steps():
             if old >= step:
                 self.ckpt.manager.delete(old)
@@ -190,7 +183,6 @@ class BestCheckpoint:
 
 
 class MonitorHook:
-
     def __init__(self, config, workdir, loader, trainer, ckpt):
         self.config, mon, seed = config, config.monitor, int(config.train.seed)
         # monitor.data_path, or the slides the data pipeline held out (an injected loader: none).

@@ -10,8 +10,7 @@ def initial_lr(config) -> float:
     return config.optim.base_lr * config.train.batch_size / 256
 
 
-def per_epoch_cosine(init_lr: float, steps_per_epoch: int, num_epochs: int,
-                     warmup_epochs: int = 0):
+def per_epoch_cosine(init_lr: float, steps_per_epoch: int, num_epochs: int, warmup_epochs: int = 0):
     """lr * 0.5 * (1 + cos(pi * e / epochs)), constant within epoch e (docs/method.md §5);
     with warmup (as BYOL), a linear ramp per step first, then the cosine over the rest."""
     warmup_steps = warmup_epochs * steps_per_epoch
@@ -45,7 +44,6 @@ def base_optimizer(config, learning_rate):
 
 
 def make_optimizer(config, steps_per_epoch: int):
-    """(optax transformation, lr schedule of the scheduled groups)."""
     lr = initial_lr(config)
     schedule = per_epoch_cosine(lr, steps_per_epoch, config.train.num_epochs,
                                 config.optim.warmup_epochs)
@@ -68,5 +66,4 @@ def ema_momentum(config, total_steps: int):
 
 
 def ema_update(target, online, momentum):
-    """target = m * target + (1 - m) * online, leaf by leaf."""
     return jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o, target, online)

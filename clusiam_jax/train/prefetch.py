@@ -14,8 +14,7 @@ def to_device(batch: Mapping, sharding):
 
 
 def prefetch_to_device(iterator: Iterator, sharding, size: int = 2, with_state: bool = False):
-    """Device batches, ``size`` transfers ahead; ``with_state``: (batch, iterator state right
-    after it), so a checkpoint resumes on the next batch however far the prefetch read."""
+    """Device batches ``size`` ahead; ``with_state``: (batch, iterator's state right after it)."""
     queue = collections.deque()
     size = max(1, int(size))
     for batch in iterator:

@@ -1,6 +1,5 @@
-"""What may be checkpointed: a state whose every float is finite and not exploded. A run
-can diverge through steps with a finite loss and gradients; saving that state would rotate
-out the last good checkpoint, so every save checks the whole state first."""
+"""What may be checkpointed: every float finite and not exploded. A run can diverge through
+steps with a finite loss and gradients; saving then would rotate out the last good checkpoint."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +18,6 @@ def _float_leaves(tree):
 
 @jax.jit
 def _largest_magnitudes(tree):
-    """max |x| of every float leaf (NaN when the leaf holds a NaN)."""
     return [jnp.max(jnp.abs(leaf)) for _, leaf in _float_leaves(tree)]
 
 

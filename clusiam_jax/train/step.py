@@ -1,5 +1,4 @@
-"""One pure training step: two uint8 views -> (device augmentation) -> normalize ->
-networks once per view -> loss -> SGD -> EMA; trainer.py jits it over the mesh."""
+"""One training step: uint8 views -> (augment) -> normalize -> networks -> loss -> SGD -> EMA."""
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,7 +12,6 @@ from clusiam_jax.train.optimizer import ema_update
 
 
 def make_input_views(config, mean, std, dtype):
-    """`views(key, batch)`: the two normalized views (data.augment_on_device: augmented first)."""
     if not config.data.augment_on_device:
         return lambda key, batch: [normalize_input(batch[name], mean, std, dtype)
                                    for name in ('view1', 'view2')]
@@ -36,8 +34,7 @@ def apply_per_view(module, params, batch_stats, views):
 
 
 def cluster_diagnostics(key, logits):
-    """Collapse diagnostics over logits [N, K] (docs/method.md §6), for the step and the
-    monitor: clusters used with and without Gumbel noise, their agreement, usage entropy."""
+    """Collapse diagnostics over logits [N, K] for the step and the monitor (docs/method.md §6)."""
     k = logits.shape[-1]
     clean = jnp.argmax(logits, axis=-1)
     noisy = jnp.argmax(logits + losses.sample_gumbel(key, logits.shape), axis=-1)
@@ -62,7 +59,6 @@ def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
         # split(key): adding the augmentation key leaves the Gumbel draws as they were.
         gumbel_key, diagnostics_key, augment_key = jax.random.split(key, 3)
         views = input_views(augment_key, batch)
-
         if spec.has_target:
             # The target runs in training mode too and updates its own BN statistics.
             target_out, target_batch_stats = apply_per_view(
@@ -88,11 +84,9 @@ def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
             else:
                 loss = invariance  # alpha is 0 without a cluster head (config check)
             return loss, aux
-
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-
         # Weighted parts, as the original logs them: loss = invariance + cluster.
         metrics = {'loss': loss, 'invariance': (1.0 - alpha) * aux['invariance'],
                    'lr': lr_schedule(state.step),
@@ -108,14 +102,12 @@ def make_train_step(network, tx, config, mean, std, lr_schedule, ema_schedule):
             metrics['cluster'] = alpha * aux['cluster']
             metrics['cluster_similarity'] = aux['cluster']
             metrics.update(cluster_diagnostics(diagnostics_key, aux['logits']))
-
         new_state = state.replace(step=state.step + 1, params=params,
                                   batch_stats=aux['batch_stats'], opt_state=opt_state,
                                   target_params=target_params,
                                   target_batch_stats=target_batch_stats)
         if skip_nonfinite:
-            # The old floats, but the counters advance: data, noise and schedules stay tied
-            # to the step.
+            # Old floats, advanced counters: data, noise and schedules stay tied to the step.
             finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
             new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old) if
                                      jnp.issubdtype(new.dtype, jnp.floating) else new,

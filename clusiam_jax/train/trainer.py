@@ -1,5 +1,4 @@
-"""The one builder of what trains (the loop, every benchmark and test): network,
-optimizer, schedules, state and the step jitted over the mesh, from a validated config."""
+"""The one builder of what trains (the loop, benchmarks, tests), from a validated config."""
 import dataclasses
 import functools
 import time
@@ -33,16 +32,14 @@ class Trainer:
         return METHOD_SPECS[self.network.method].has_target
 
     def new_state(self) -> TrainState:
-        """The initial state, unplaced (call under jit or eval_shape)."""
+        """Unplaced: call under jit or eval_shape."""
         return create_train_state(self.network, self.tx, self.has_target,
                                   self.config.train.seed, self.config.data.image_size)
 
     def init_state(self) -> TrainState:
-        """The initial state, created on the devices already replicated."""
         return jax.jit(self.new_state, out_shardings=parallel.replicated(self.mesh))()
 
     def abstract_state(self) -> TrainState:
-        """The state's ShapeDtypeStructs, replicated: a checkpoint restore's target."""
         replicated = parallel.replicated(self.mesh)
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             jax.eval_shape(self.new_state))
@@ -56,14 +53,12 @@ class Trainer:
                        compiler_options=compiler_options(self.network.conv_impl))
 
     def compile(self, state, batch):
-        """(compiled step, seconds) for inputs like `state` and `batch` only."""
         start = time.perf_counter()
         return self.step.lower(state, batch).compile(), time.perf_counter() - start
 
 
 def build_trainer(config, mesh=None, steps_per_epoch: int = 1, mean=None, std=None) -> Trainer:
-    """Everything a run trains with. steps_per_epoch shapes the lr and EMA schedules;
-    mean/std (default data.mean/std) normalize on the device, in the step."""
+    """steps_per_epoch shapes schedules; mean/std (default data.mean/std) normalize in the step."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     mean = config.data.mean if mean is None else mean
     std = config.data.std if std is None else std
