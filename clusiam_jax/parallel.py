@@ -23,8 +23,9 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def initialize_distributed():
-    """Joins a multi-process run (JAX finds the coordinator); CPU needs gloo."""
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+    """Joins a multi-process run (JAX finds the coordinator when not given); CPU needs gloo."""
     if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
