@@ -77,6 +77,22 @@ def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Di
     return columns, rows
 
 
+def read_path_csv(path: str, what: str, expected: str) -> Tuple[List[str], List[Dict[str, str]]]:
+    """read_csv_rows of a CSV with a `path` column, each row's `path` resolved against the
+    CSV's folder (an absolute one stays) and normalised; `expected` lists the columns."""
+    base = os.path.dirname(os.path.abspath(path))
+    columns, rows = read_csv_rows(path, what)
+    if 'path' not in columns:
+        raise DataError(f'{what} {path} has no "path" column (columns: {columns}); '
+                        f'expected {expected}')
+    for line, row in enumerate(rows, start=2):
+        raw = (row.get('path') or '').strip()
+        if not raw:
+            raise DataError(f'{path}:{line}: empty "path"')
+        row['path'] = os.path.normpath(os.path.join(base, raw))
+    return columns, rows
+
+
 # The disk or the folder failed, not the input or the code.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOENT, errno.EACCES,
                       errno.EPERM, errno.EIO, errno.EFBIG, errno.ESTALE}

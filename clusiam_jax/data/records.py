@@ -96,25 +96,17 @@ def _optional_int(value: str, column: str, line: int, csv_path: str):
 
 def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
     """Records from a manifest CSV (path[, slide_id, label, x, y])."""
-    base = os.path.dirname(os.path.abspath(csv_path))
-    columns, rows = fileio.read_csv_rows(csv_path, 'manifest')
-    if 'path' not in columns:
-        raise DataError(f'manifest {csv_path} has no "path" column (columns: {columns}); '
-                        f'expected path[,slide_id][,label][,x,y]')
+    columns, rows = fileio.read_path_csv(csv_path, 'manifest', 'path[,slide_id][,label][,x,y]')
     if ('x' in columns) != ('y' in columns):
         raise DataError(f'manifest {csv_path} has only one of the columns "x", "y"')
     records = []
     for line, row in enumerate(rows, start=2):
-        raw = (row.get('path') or '').strip()
-        if not raw:
-            raise DataError(f'{csv_path}:{line}: empty "path"')
-        path = raw if os.path.isabs(raw) else os.path.normpath(os.path.join(base, raw))
-        parsed = parse_patch_path(path)
+        parsed = parse_patch_path(row['path'])
         slide = (row.get('slide_id') or '').strip() if 'slide_id' in columns else None
         x, y = ((_optional_int(row.get(c), c, line, csv_path) for c in 'xy')
                 if 'x' in columns else (parsed.x, parsed.y))
         records.append(PatchRecord(
-            path, slide or (None if 'slide_id' in columns else parsed.slide_id),
+            row['path'], slide or (None if 'slide_id' in columns else parsed.slide_id),
             (row.get('label') or '').strip() or None, x, y))
     if not records:
         raise DataError(f'manifest {csv_path} lists no patches')

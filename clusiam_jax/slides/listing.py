@@ -58,17 +58,10 @@ def skipped_line(skipped: Dict[str, int]) -> str:
 
 def read_slide_list(path: str) -> List[SlideEntry]:
     """The rows of a CSV of slides: path[,slide_id][,mpp][,label]."""
-    base = os.path.dirname(os.path.abspath(path))
-    columns, rows = fileio.read_csv_rows(path, 'tile.slides CSV')
-    if 'path' not in columns:
-        raise DataError(f'{path} has no "path" column (columns: {columns}); expected '
-                        f'path[,slide_id][,mpp][,label]')
+    _, rows = fileio.read_path_csv(path, 'tile.slides CSV', 'path[,slide_id][,mpp][,label]')
     entries = []
     for line, row in enumerate(rows, start=2):
-        raw = (row.get('path') or '').strip()
-        if not raw:
-            raise DataError(f'{path}:{line}: empty "path"')
-        slide_path = os.path.abspath(os.path.join(base, raw))   # an absolute raw stays
+        slide_path = row['path']
         if os.path.isdir(slide_path):   # a folder of DICOM instances
             slide_path = reader.dicom_file(slide_path) or slide_path
         mpp_text = (row.get('mpp') or '').strip()
