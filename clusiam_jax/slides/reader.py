@@ -1,7 +1,6 @@
-"""Whole-slide images: a `Slide` (one level list over its readers) and patches read at a
-physical resolution (docs/method.md §9). OpenSlide is the reader of record; slides/tiles.py
-reads TIFF tiles directly where it reads them as OpenSlide does, and an OME-TIFF's hidden
-SubIFD levels. A remote reader would be one more backend with `read(level, x0, y0, w, h)`.
+"""Whole-slide images: a `Slide` (one level list over its backends: OpenSlide, the reader of
+record, and slides/tiles.py's direct TIFF reads) and patches read at a physical resolution
+(docs/method.md §9). A remote reader would be one more backend with `read(level, ...)`.
 """
 import dataclasses
 import logging
@@ -132,22 +131,6 @@ def slide_id_of(path: str) -> str:
 
 # ------------------------------------------------------------------------ the slide
 
-class OpenSlideLevels:
-    """The backend of the levels OpenSlide lists."""
-
-    def __init__(self, handle):
-        self.handle = handle
-
-    def read(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        """RGB over white (OpenSlide's RGBA is transparent outside the scanned area)."""
-        rgba = np.asarray(self.handle.read_region((int(x0), int(y0)), level, (w, h)))
-        rgb, alpha = rgba[..., :3], rgba[..., 3:4]
-        if alpha.min() == 255:
-            return np.ascontiguousarray(rgb)
-        a = alpha.astype(np.uint16)
-        return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-
-
 @dataclasses.dataclass(frozen=True)
 class Level:
     downsample: float                 # level-0 px per pixel
@@ -158,24 +141,23 @@ class Level:
 
 class Slide:
     """One open slide: the OpenSlide handle, the direct TIFF reader when there is one,
-    and one list of levels (OpenSlide's, then the hidden ones)."""
+    and one list of levels (OpenSlide's, then the hidden ones); the Slide itself is the
+    backend of OpenSlide's."""
 
     def __init__(self, handle, tiff=None, path: str = ''):   # tiff: a tiles.TiffTiles
         self.handle, self.tiles, self.path = handle, tiff, path or str(handle)
         self.dimensions = tuple(handle.dimensions)
         self.properties = getattr(handle, 'properties', {})
         self.listed = handle.level_count   # the levels OpenSlide lists come first
-        openslide_levels = OpenSlideLevels(handle)
-        self.levels = []
-        for index, (ds, size) in enumerate(zip(handle.level_downsamples,
-                                               handle.level_dimensions)):
-            backend = tiff if index in getattr(tiff, 'levels', ()) else openslide_levels
-            self.levels.append(Level(float(ds), tuple(size), self._tile_of(index), backend))
-        for index, lv in sorted(getattr(tiff, 'levels', {}).items()):
-            if index >= self.listed:
-                self.levels.append(Level(self.dimensions[0] / lv.width,
-                                         (lv.width, lv.height), (lv.tile_w, lv.tile_h), tiff))
-        self.fallback_said = False
+        direct = getattr(tiff, 'levels', {})
+        self.levels = [Level(float(ds), tuple(size), self._tile_of(index),
+                             tiff if index in direct else self)
+                       for index, (ds, size) in enumerate(zip(handle.level_downsamples,
+                                                              handle.level_dimensions))]
+        self.levels += [Level(self.dimensions[0] / lv.width, (lv.width, lv.height),
+                              (lv.tile_w, lv.tile_h), tiff)
+                        for index, lv in sorted(direct.items()) if index >= self.listed]
+        self._hidden_failed = False
 
     def _tile_of(self, level: int) -> Optional[Tuple[int, int]]:
         try:
@@ -212,8 +194,42 @@ class Slide:
         return self.levels[level].tile
 
     def read(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        """uint8 [h, w, 3] of `level` from level-0 (x0, y0), white outside the image."""
-        return self.levels[level].backend.read(level, x0, y0, w, h)
+        """uint8 [h, w, 3] of `level` from level-0 (x0, y0), white outside the image (over
+        white where OpenSlide's RGBA is transparent)."""
+        backend = self.levels[level].backend
+        if backend is not self:
+            return backend.read(level, x0, y0, w, h)
+        rgba = np.asarray(self.handle.read_region((int(x0), int(y0)), level, (w, h)))
+        rgb, alpha = rgba[..., :3], rgba[..., 3:4]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        a = alpha.astype(np.uint16)
+        return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+    def read_square(self, x: int, y: int, size_level0: float, downsample: float):
+        """(pixels, side) of the level-0 square at (x, y) from the coarsest level within
+        `downsample`; a hidden level that fails falls back to OpenSlide's (said once)."""
+        def square(level):
+            side = max(1, int(round(size_level0 / self.levels[level].downsample)))
+            return self.read(level, x, y, side, side), side
+
+        level = self.best_level(downsample)
+        try:
+            return square(level)
+        except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
+            if level < self.listed:
+                raise
+            if not self._hidden_failed:
+                self._hidden_failed = True
+                log.warning('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) '
+                            "(%s); such patches are read from OpenSlide's levels", self,
+                            level, x, y, e)
+            return square(self.best_level(downsample, listed_only=True))
+
+    def drop_hidden_levels(self, why: Exception):
+        log.warning('%s: a reduced level OpenSlide does not list is unreadable (%s); '
+                    'reading the levels OpenSlide lists instead', self, why)
+        self.levels = self.levels[:self.listed]
 
 
 def open_slide(path: str, cache=None, direct: bool = True) -> Slide:
@@ -243,25 +259,9 @@ def open_slide(path: str, cache=None, direct: bool = True) -> Slide:
 
 def read_patch(slide: Slide, x: int, y: int, size_level0: float, out_size: int
                ) -> np.ndarray:
-    """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`
-    from the coarsest level not coarser than it (so 40x and 20x scans give one patch),
-    area-resized; a hidden level that does not decode falls back to OpenSlide's."""
-    def square(level):
-        side = max(1, int(round(size_level0 / slide.levels[level].downsample)))
-        return slide.read(level, x, y, side, side), side
-
-    downsample = size_level0 / out_size
-    level = slide.best_level(downsample)
-    try:
-        rgb, side = square(level)
-    except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
-        if level < slide.listed:
-            raise
-        if not slide.fallback_said:
-            slide.fallback_said = True
-            log.warning('%s: level %d (not listed by OpenSlide) unreadable at (%d, %d) (%s); '
-                        "such patches are read from OpenSlide's levels", slide, level, x, y, e)
-        rgb, side = square(slide.best_level(downsample, listed_only=True))
+    """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`,
+    area-resized from the coarsest level not coarser (so 40x and 20x scans give one patch)."""
+    rgb, side = slide.read_square(x, y, size_level0, size_level0 / out_size)
     if side == out_size:
         return rgb
     interp = cv2.INTER_AREA if side > out_size else cv2.INTER_LINEAR
@@ -302,9 +302,7 @@ def thumbnail(slide: Slide, downsample: float, band_pixels: int = 32 * 1024 * 10
         try:
             return _thumbnail(slide, downsample, band_pixels)
         except (ValueError, OSError) as e:   # a damaged tile, a codec tifffile lacks
-            log.warning('%s: a reduced level OpenSlide does not list is unreadable (%s); '
-                        'reading the levels OpenSlide lists instead', slide, e)
-            slide.levels = slide.levels[:slide.listed]
+            slide.drop_hidden_levels(e)
     return _thumbnail(slide, downsample, band_pixels)
 
 
@@ -320,8 +318,8 @@ def _thumbnail(slide, downsample, band_pixels):
     rows_per_band = max(1, int(band_pixels // max(lw, 1) * out_h // max(lh, 1)))
     for r0 in range(0, out_h, rows_per_band):
         r1 = min(out_h, r0 + rows_per_band)
-        y0, y1 = int(round(r0 * lh / out_h)), max(int(round(r1 * lh / out_h)),
-                                                   int(round(r0 * lh / out_h)) + 1)
+        y0 = int(round(r0 * lh / out_h))
+        y1 = max(int(round(r1 * lh / out_h)), y0 + 1)
         band = slide.read(level, 0, int(round(y0 * ds)), lw, y1 - y0)
         out[r0:r1] = cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA) \
             if band.shape[:2] != (r1 - r0, out_w) else band

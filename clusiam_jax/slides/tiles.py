@@ -50,12 +50,11 @@ class TiffTiles:
         # Not OpenSlide's coarser levels: their sub-pixel placement is no whole tile's.
         kept = None
         try:   # closes `tiff` unless kept, also when OpenSlide's check read raises
-            reader = cls(tiff, {}, slide.dimensions[0])
             size = tuple(slide.level_dimensions[0])
             candidate = next((_level_from_page(page) for page in tiff.pages
                               if (page.imagewidth, page.imagelength) == size), None)
-            if candidate is not None and reader._agrees(slide, candidate):
-                reader.levels[0] = candidate
+            reader = cls(tiff, {0: candidate}, slide.dimensions[0])
+            if candidate is not None and reader._agrees(slide):
                 reader._add_hidden_levels(slide)
                 kept = reader
         finally:
@@ -121,36 +120,33 @@ class TiffTiles:
                     ax0 - tx * level.tile_w:ax1 - tx * level.tile_w]
         return out
 
-    def _agrees(self, slide, level: _Level) -> bool:
+    def _agrees(self, slide) -> bool:
         """Whether the middle tile of level 0 reads here exactly as OpenSlide's."""
+        level = self.levels[0]
         tx = min(level.tiles_across - 1, (level.width // 2) // level.tile_w)
         ty = min(-(-level.height // level.tile_h) - 1, (level.height // 2) // level.tile_h)
         x, y = tx * level.tile_w, ty * level.tile_h
         w, h = min(level.tile_w, level.width - x), min(level.tile_h, level.height - y)
-        self.levels[0] = level
         try:
             mine = self.read(0, x, y, w, h)
         except Exception as e:  # a codec tifffile lacks, a damaged tile
             log.debug('%s level 0: tiles not readable by tifffile (%s)', slide, e)
             return False
-        finally:
-            del self.levels[0]
         theirs = np.asarray(slide.read_region((x, y), 0, (w, h)))
         theirs = np.where(theirs[..., 3:] == 255, theirs[..., :3], WHITE).astype(np.uint8)
         return bool(np.array_equal(mine, theirs))
 
 
 def _level_from_page(page) -> Optional[_Level]:
-    """The page as a level read tile by tile, if it is tiled, 8-bit RGB, contiguous."""
+    """The page as a level read tile by tile, if it is tiled, 8-bit RGB, contiguous (RGB
+    only: an alpha channel would need OpenSlide's compositing over white)."""
     width, height = page.imagewidth, page.imagelength
-    # RGB only: an alpha channel would need OpenSlide's compositing over white.
-    if not page.is_tiled or page.planarconfig != 1 or page.samplesperpixel != 3:
+    if not page.is_tiled or page.planarconfig != 1 or page.samplesperpixel != 3 or any(
+            b != 8 for b in np.atleast_1d(page.bitspersample)):
         return None
-    if any(b != 8 for b in np.atleast_1d(page.bitspersample)):
+    across, down = -(-width // page.tilewidth), -(-height // page.tilelength)
+    if len(page.dataoffsets) != across * down:
         return None
-    if len(page.dataoffsets) != (-(-width // page.tilewidth)) * (-(-height //
-                                                                  page.tilelength)):
-        return None
-    return _Level(page, width, height, page.tilewidth, page.tilelength,
-                  -(-width // page.tilewidth), np.asarray(page.dataoffsets, np.int64),
+    return _Level(page, width, height, page.tilewidth, page.tilelength, across,
+                  np.asarray(page.dataoffsets, np.int64),
                   np.asarray(page.databytecounts, np.int64))
