@@ -2,10 +2,6 @@
 decodes as few tiles as it can (a patch on the regular grid straddles tile borders), at the
 level reader.read_patch reads it from: patches no larger than a tile packed into each tile
 from its corner, a larger one starting on a tile corner.
-
-Level-0 starts are the smallest x with floor(x / downsample) = the level start, as
-OpenSlide finds a region's first tile: for a fractional downsample a rounded product can
-fall a pixel short of the tile corner.
 """
 import dataclasses
 import math
@@ -37,7 +33,8 @@ def _axis(extent0: int, size0: int, side: int, tile: int, ds: float
     level_starts = (periods[:, None] + offsets[None, :]).ravel()
     starts = np.ceil(level_starts * ds).astype(np.int64)
     # The smallest level-0 start whose floor(start / ds), in OpenSlide's floating point,
-    # is the level start: the product above can round either way.
+    # is the level start, as OpenSlide finds a region's first tile: for a fractional ds the
+    # product above can fall a pixel short of the tile corner.
     starts += np.floor(starts / ds) < level_starts
     starts -= np.floor((starts - 1) / ds) >= level_starts
     return starts[starts + size0 <= extent0], len(offsets) * side / period

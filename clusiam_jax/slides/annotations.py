@@ -99,7 +99,8 @@ def _flat_parts(geometry) -> Iterable[object]:
 
 
 def _parse_geojson(path: str, raw: bytes) -> List[tuple]:
-    """(name, polygonal geometry or None) of each feature."""
+    """(name, polygonal geometry or None) of each feature of a FeatureCollection, a
+    Feature, a bare list (QuPath before 0.3), or a geometry."""
     try:
         data = json.loads(raw)  # bytes: json detects UTF-8/16/32 and a byte-order mark
     except json.JSONDecodeError as e:
@@ -108,12 +109,6 @@ def _parse_geojson(path: str, raw: bytes) -> List[tuple]:
     except UnicodeDecodeError as e:
         raise DataError(f'{path}: not valid JSON text ({e.reason} at byte {e.start})') \
             from None
-    return [(_feature_name(feature), _feature_geometry(path, index, feature))
-            for index, feature in enumerate(_features(path, data))]
-
-
-def _features(path: str, data) -> List[dict]:
-    """A FeatureCollection's, a Feature, a bare list (QuPath before 0.3), or a geometry."""
     if isinstance(data, list):
         features = data
     elif isinstance(data, dict) and data.get('type') == 'FeatureCollection':
@@ -127,7 +122,7 @@ def _features(path: str, data) -> List[dict]:
                         f'or list of Features)')
     if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
         raise DataError(f'{path}: GeoJSON whose features are not a list of objects')
-    return features
+    return [(_feature_name(f), _feature_geometry(path, i, f)) for i, f in enumerate(features)]
 
 
 def _feature_geometry(path: str, index: int, feature: dict) -> Optional[object]:
@@ -162,7 +157,10 @@ def _parse_asap(path: str, raw: bytes) -> List[tuple]:
         if element.get('Type', 'Polygon').strip().lower() in _ASAP_AREA_TYPES:
             points = _asap_points(path, index, element)
             geometry = _polygonal(Polygon(points)) if len(points) >= 3 else None
-        found.append((_asap_name(element), geometry))
+        name = (element.get('PartOfGroup') or '').strip()
+        if name.lower() in _ASAP_NO_GROUP:   # in no group: by its own name
+            name = (element.get('Name') or '').strip() or DEFAULT_NAME
+        found.append((name, geometry))
     return found
 
 
@@ -190,13 +188,6 @@ def _asap_number(value: Optional[str]) -> float:
     if not math.isfinite(number):
         raise ValueError(value)
     return number
-
-
-def _asap_name(element) -> str:
-    group = (element.get('PartOfGroup') or '').strip()
-    if group.lower() not in _ASAP_NO_GROUP:
-        return group
-    return (element.get('Name') or '').strip() or DEFAULT_NAME
 
 
 def patch_centres(coords: np.ndarray, patch_size_level0: float) -> np.ndarray:

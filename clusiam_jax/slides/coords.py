@@ -5,7 +5,6 @@ damaged or foreign file is refused in one line. A slide id names its files verba
 """
 import dataclasses
 import os
-import re
 from typing import Optional
 
 import numpy as np
@@ -84,8 +83,8 @@ def write_trident(path: str, coords: np.ndarray, attrs: dict):
 def slide_id_of_file(name: str) -> str:
     """`<id>_patches.h5` (TRIDENT) or `<id>.h5` (CLAM) -> id."""
     base = os.path.basename(name)
-    return base[:-len(TRIDENT_SUFFIX)] if base.endswith(TRIDENT_SUFFIX) else re.sub(
-        r'\.h5$', '', base)
+    return base.removesuffix(TRIDENT_SUFFIX) if base.endswith(TRIDENT_SUFFIX) else \
+        base.removesuffix('.h5')
 
 
 def read_coords(path: str) -> SlideCoords:

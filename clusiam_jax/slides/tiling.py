@@ -132,8 +132,6 @@ def _no_grid_row(slide, entry, params, out_dir, status, reason, title) -> dict:
     """The row of a slide without a usable µm/px, after its QC picture if one can be made."""
     try:
         picture = qc.no_grid_picture(slide, entry, params.detection, title)
-    except OutputError:
-        raise
     except Exception as e:  # a slide whose pixels do not decode: its row says what it is
         log.debug('tile: %s: no QC picture', entry.slide_id, exc_info=True)
         return table.row(entry, status, f'{reason}; no QC picture ({entry.path}: '
@@ -163,19 +161,18 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
         slide = reader.open_slide(entry.path)
     except DataError as e:
         return table.row(entry, table.UNREADABLE, str(e))
-    try:
-        return _tile_open_slide(slide, entry, params, out_dir)
-    except OutputError:
-        raise
-    except reader.SlideTooLarge as e:
-        return table.row(entry, table.TOO_LARGE, e.problem)
-    except Exception as e:  # a truncated file fails while reading its pixels; any failure
-        # of one slide is that slide's row, never the end of the job
-        log.debug('tile: %s failed', entry.slide_id, exc_info=True)
-        return table.row(entry, table.UNREADABLE, f'{entry.path}: {type(e).__name__}: '
-                         f'{" ".join(str(e).split())}')
-    finally:
-        slide.close()
+    with slide:
+        try:
+            return _tile_open_slide(slide, entry, params, out_dir)
+        except OutputError:
+            raise
+        except reader.SlideTooLarge as e:
+            return table.row(entry, table.TOO_LARGE, e.problem)
+        except Exception as e:  # a truncated file fails while reading its pixels; any
+            # failure of one slide is that slide's row, never the end of the job
+            log.debug('tile: %s failed', entry.slide_id, exc_info=True)
+            return table.row(entry, table.UNREADABLE, f'{entry.path}: {type(e).__name__}: '
+                             f'{" ".join(str(e).split())}')
 
 
 def _tile_open_slide(slide, entry, params, out_dir) -> dict:
@@ -261,8 +258,7 @@ def _candidates(slide, entry, params, size0, step0):
 
 
 def _clear_stale(out_dir: str, entry: SlideEntry):
-    """A slide redone (changed config or file) must not keep an old coordinate file if
-    it now fails or has no tissue."""
+    """A slide redone must not keep an old coordinate file if it now fails or has no tissue."""
     if coords_lib.id_problem(entry.slide_id) is not None:
         return   # no file of this slide was ever written: its id names none
     path = coords_lib.trident_file(out_dir, entry.slide_id)

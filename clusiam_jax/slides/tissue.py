@@ -64,11 +64,9 @@ def polygon_mask(annotations, shape, downsample: float) -> np.ndarray:
     canvas = np.zeros(shape, np.uint8)
     for annotation in annotations:
         for polygon in getattr(annotation.geometry, 'geoms', [annotation.geometry]):
-            outer = np.round(np.asarray(polygon.exterior.coords) / downsample).astype(np.int32)
-            cv2.fillPoly(canvas, [outer], 1)
-            for hole in polygon.interiors:
-                inner = np.round(np.asarray(hole.coords) / downsample).astype(np.int32)
-                cv2.fillPoly(canvas, [inner], 0)
+            for ring, value in [(polygon.exterior, 1), *((h, 0) for h in polygon.interiors)]:
+                points = np.round(np.asarray(ring.coords) / downsample).astype(np.int32)
+                cv2.fillPoly(canvas, [points], value)   # holes cut back out
     return canvas.astype(bool)
 
 
