@@ -16,7 +16,6 @@ log = logging.getLogger('clusiam_jax')
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'best_checkpoint'  # by train.best_metric; BEST_JSON says its step and value
 BEST_JSON = 'best_checkpoint.json'
-RETRY_S = 1.0  # pause before the second try of a failed checkpoint read
 
 
 class Checkpointer:
@@ -93,8 +92,8 @@ class Checkpointer:
                                           f'{self.directory} cannot be read '
                                           f'({one_line(e)})') from e
                 log.warning('reading the checkpoint at step %d in %s failed (%s); trying '
-                            'again in %g s', step, self.directory, one_line(e), RETRY_S)
-                time.sleep(RETRY_S)  # a passing failure (a network file system) passes
+                            'again in 1 s', step, self.directory, one_line(e))
+                time.sleep(1.0)  # a passing failure (a network file system) passes
                 interrupts.check()
 
     def _state_path(self, step):

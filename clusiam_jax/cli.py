@@ -15,6 +15,7 @@ from clusiam_jax.cli_args import command_hint, mode_of, parse
 log = logging.getLogger('clusiam_jax')
 
 LOG_NAME = 'log.txt'
+_TRAIN_ON = ('--config', 'configs/clubyol.py', '--workdir', 'RUN')  # the next step's command
 
 
 class _ConsoleHandler(logging.Handler):
@@ -135,8 +136,7 @@ def run_tile(args, config, overrides):
                                   t.out_dir, num_workers=int(t.num_workers))
     n_ok = sum(r['status'] == tiling.TILED for r in rows)
     print(f'{n_ok} of {len(rows)} slides tiled into {t.out_dir}; train on them: '
-          + command_hint('--config', 'configs/clubyol.py', '--workdir', 'RUN',
-                         f'--config.data.path={t.out_dir}'))
+          + command_hint(*_TRAIN_ON, f'--config.data.path={t.out_dir}'))
     return 0
 
 
@@ -145,8 +145,7 @@ def run_build_dataset(args, config, overrides):
     from clusiam_jax import data
     path = data.build_dataset(config.data.path, args.out)
     print(f'dataset written to {path}; train on it: '
-          + command_hint('--config', 'configs/clubyol.py', '--workdir', 'RUN',
-                         f'--config.data.path={path}'))
+          + command_hint(*_TRAIN_ON, f'--config.data.path={path}'))
     return 0
 
 
@@ -179,9 +178,8 @@ def run_convert(args, config, overrides):
     else:
         from clusiam_jax.config import parse_checkpoint_choice
         from clusiam_jax.interop.to_torch import write_torch_weights
-        choice = parse_checkpoint_choice(args.checkpoint or 'latest')
-        metadata = write_torch_weights(args.workdir, args.out, args.with_projector,
-                                       args.target, choice)
+        metadata = write_torch_weights(args.workdir, args.out, args.with_projector, args.target,
+                                       parse_checkpoint_choice(args.checkpoint or 'latest'))
         print(f'wrote {args.out}: ' + json.dumps(metadata))
     return 0
 

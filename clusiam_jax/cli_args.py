@@ -121,10 +121,7 @@ def _refuse_unknown_flags(parser, argv):
                           if isinstance(action, argparse._SubParsersAction)
                           for sub in action.choices.values()]
     known = {flag for p in parsers for action in p._actions for flag in action.option_strings}
-    for arg in argv:
-        if not arg.startswith('--') or arg == '--':
-            continue
-        flag = arg.split('=', 1)[0]
+    for flag in [arg.split('=', 1)[0] for arg in argv if arg.startswith('--') and arg != '--']:
         if flag not in known and len([k for k in known if k.startswith(flag)]) != 1:
             close = difflib.get_close_matches(flag, sorted(known), n=1)
             raise errors.ConfigError(f'unknown flag {flag}'

@@ -1,7 +1,5 @@
-"""The config: defaults for every key, the methods' recipes, and every check of its values
-(locked: ml_collections refuses unknown keys and wrong types; `validate` runs the rest)."""
+"""Every key's default, the methods' recipes, and the checks a locked ConfigDict leaves out."""
 import difflib
-import functools
 import os
 
 import ml_collections
@@ -230,9 +228,8 @@ RULES = {
     'export.map_alpha': '(0, 1]',
     'tile.patch_size': '[8, inf)',
 }
-_POSITIVE = '(0, inf)'
 RULES.update({key: rule for rule, keys in {
-    _POSITIVE: 'model.feat_size model.pred_hidden model.num_clusters train.batch_size '
+    '(0, inf)': 'model.feat_size model.pred_hidden model.num_clusters train.batch_size '
                'train.num_epochs train.max_consecutive_skips tile.target_mpp tile.tissue_mpp',
     # keep_checkpoints=0 would train and keep nothing to resume from or export.
     '[1, inf)': 'data.image_size data.stats_sample data.open_slides train.keep_checkpoints '
@@ -254,7 +251,8 @@ def _refuse(broken, message: str):
         raise ConfigError(message)
 
 
-def _check_rules(section, name: str):
+def check_rules(section, name: str):
+    """RULES for one section (`model` again when a run's config.json is read back)."""
     for key, rule in RULES.items():
         if not key.startswith(name + '.'):
             continue
@@ -272,12 +270,8 @@ def _check_rules(section, name: str):
             inside = ((low <= value if rule[0] == '[' else low < value)
                       and (value <= high if rule[-1] == ']' else value < high))
             words = (f'in {rule}' if not rule.endswith('inf)') else
-                     'positive' if rule == _POSITIVE else f'at least {low:g}')
+                     'positive' if rule == '(0, inf)' else f'at least {low:g}')
             _refuse(not inside, f'{key} must be {words}; got {value}')
-
-
-# The `model` section alone (checked again when a run's config.json is read back).
-validate_model = functools.partial(_check_rules, name='model')
 
 
 def validate(config, num_devices: int = 1, check_data_path: bool = True):
@@ -285,7 +279,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     _check_types(config)
     for name in config.keys():
         if name != 'tile':
-            _check_rules(config[name], name)
+            check_rules(config[name], name)
     t, d, mon, exp = config.train, config.data, config.monitor, config.export
     method, alpha, warmup = config.model.name, config.loss.alpha, config.optim.warmup_epochs
     has_clusters = METHOD_SPECS[method].has_cluster_head
@@ -356,7 +350,7 @@ def validate_tile(t):
     _refuse(not t.slides, 'tile.slides is not set: --config.tile.slides=DIR (a folder of slides) '
             'or a CSV with a "path" column')
     _refuse(not t.out_dir, 'tile.out_dir is not set: --config.tile.out_dir=DIR')
-    _check_rules(t, 'tile')
+    check_rules(t, 'tile')
     _refuse(not 0 <= t.overlap < t.patch_size,
             f'tile.overlap must be in [0, tile.patch_size); got {t.overlap}')
     _refuse(t.align and t.overlap, f'tile.align steps by whole scanner tiles, so tile.overlap '

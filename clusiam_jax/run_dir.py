@@ -12,7 +12,7 @@ import ml_collections
 
 from clusiam_jax import fileio, parallel
 from clusiam_jax.checkpoint import BEST_DIR, BEST_JSON, LATEST_DIR, Checkpointer
-from clusiam_jax.config import default_config, validate_model
+from clusiam_jax.config import check_rules, default_config
 from clusiam_jax.errors import CheckpointError, ConfigError
 from clusiam_jax.models import METHOD_SPECS, SSLNetwork, build_network
 from clusiam_jax.state import Weights, init_weights
@@ -62,7 +62,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     config = default_config()
     _merge(config, saved)
     try:
-        validate_model(config.model)
+        check_rules(config.model, 'model')
     except ConfigError as e:
         raise ConfigError(f'{path}: {e}') from None
     return config

@@ -7,6 +7,7 @@ import fcntl
 import json
 import logging
 import os
+import pathlib
 import socket
 import sys
 import tempfile
@@ -29,11 +30,7 @@ def lock_path(folder: str) -> str:
 def _read_holder(path: str, fd: Optional[int] = None, tries: int = 10) -> Optional[dict]:
     for attempt in range(tries):  # an empty lock file (being written) is read again
         try:
-            if fd is None:
-                with open(path, 'rb') as f:
-                    raw = f.read()
-            else:
-                raw = os.pread(fd, 65536, 0)
+            raw = pathlib.Path(path).read_bytes() if fd is None else os.pread(fd, 65536, 0)
             holder = json.loads(raw.decode('utf-8', 'replace'))
             int(holder['pid'])
             return holder
