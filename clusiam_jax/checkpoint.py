@@ -54,8 +54,7 @@ class Checkpointer:
             items['data'] = ocp.args.JsonSave(data_state)
         if not self._writing(lambda: self.manager.save(step, args=ocp.args.Composite(**items))):
             raise CheckpointError(f'the checkpoint at step {step} was not written: '
-                                  f'{self.directory} already lists step '
-                                  f'{max(self.all_steps())}')
+                                  f'{self.directory} already lists step {max(self.all_steps())}')
 
     def restore(self, step: int, abstract_state):
         """(state, data_state or None); ConfigError first for another model or optimizer."""
@@ -72,8 +71,9 @@ class Checkpointer:
     def restore_weights(self, step: int, abstract_weights: dict) -> dict:
         self._check_shapes(step, abstract_weights, partial=True,
                            advice="the run's config.json does not match its checkpoints")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_weights)
         args = ocp.args.PyTreeRestore(item=abstract_weights, partial_restore=True,
-                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_weights))
+                                      restore_args=restore_args)
         try:
             return self._read(step, lambda: ocp.PyTreeCheckpointHandler().restore(
                 self._state_path(step), args=args))
@@ -88,9 +88,8 @@ class Checkpointer:
             except Exception as e:  # orbax and tensorstore raise many kinds
                 interrupts.check()  # an interrupted read says nothing about the file
                 if attempt == 2:
-                    raise CheckpointError(f'the checkpoint at step {step} in '
-                                          f'{self.directory} cannot be read '
-                                          f'({one_line(e)})') from e
+                    raise CheckpointError(f'the checkpoint at step {step} in {self.directory} '
+                                          f'cannot be read ({one_line(e)})') from e
                 log.warning('reading the checkpoint at step %d in %s failed (%s); trying '
                             'again in 1 s', step, self.directory, one_line(e))
                 time.sleep(1.0)  # a passing failure (a network file system) passes
@@ -105,8 +104,7 @@ class Checkpointer:
         """ConfigError naming the first array (parameters first) whose stored shape differs."""
         try:
             # The item handler: a Checkpointer would warn about step metadata.
-            stored = ocp.StandardCheckpointHandler().metadata(self._state_path(step))
-            have = _shapes_by_path(stored)
+            have = _shapes_by_path(ocp.StandardCheckpointHandler().metadata(self._state_path(step)))
         except Exception:  # damaged or foreign: restore() reports it
             return
         want = _shapes_by_path(abstract_state)
@@ -136,9 +134,8 @@ class Checkpointer:
             except ConfigError:
                 raise  # an intact checkpoint of another model: falling back cannot help
             except CheckpointError as e:  # failed twice, and no stop request: damaged
-                log.warning('checkpoint at step %d in %s cannot be restored (%s); '
-                            'falling back to the previous one', step, self.directory,
-                            one_line(e.__cause__ or e))
+                log.warning('checkpoint at step %d in %s cannot be restored (%s); falling back '
+                            'to the previous one', step, self.directory, one_line(e.__cause__ or e))
                 unreadable.append(step)
                 continue
             if unreadable and set_aside:

@@ -36,10 +36,9 @@ MODES = {
     'convert': 'from-torch: an original PyTorch checkpoint -> a run; to-torch: a run -> '
                'torchvision weights',
 }
-CONFIG_MODES = ('train', 'export', 'build_dataset', 'tile')
 EVAL_TASKS = ('knn', 'linear', 'dsmil', 'abmil', 'clusters', 'meanpool', 'maps')
-# The config keys each action reads (its --help), and why it refuses the others.
-_READS = {
+# The actions that take a config: the keys each reads (its --help), and why it refuses others.
+CONFIG_MODES = {
     'tile': 'tiling reads --config.tile.* only',
     'build_dataset': 'it reads --config.data.path only, packed into --out',
     'export': "the run's config.json fixes the model, the image size and the data; export "
@@ -208,7 +207,7 @@ def _mode_parser(mode: str) -> argparse.ArgumentParser:
                             help='recipe file, configs/<recipe>.py'
                                  + ('' if mode == 'train' else ' (optional: defaults)'))
         parser.epilog = ('Config keys: --config.<section>.<key>=VALUE (clusiam_jax/config.py '
-                         f'lists them); {_READS[mode]}.')
+                         f'lists them); {CONFIG_MODES[mode]}.')
     if mode in ('train', 'export'):
         parser.add_argument('--workdir', required=True, help='work directory of the run'
                             if mode == 'train' else 'the run to export')
@@ -265,7 +264,7 @@ def parse(argv):
     for key, text in overrides:
         if not _used(mode, key, config):
             raise errors.ConfigError(f'--config.{key}={text} is not used by --mode {mode}: '
-                                     f'{_READS[mode]}')
+                                     f'{CONFIG_MODES[mode]}')
     if mode == 'tile':
         validate_tile(config.tile)
     else:  # before anything is created; an export's data is its run's

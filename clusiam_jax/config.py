@@ -235,10 +235,9 @@ RULES.update({key: rule for rule, keys in {
     '[1, inf)': 'data.image_size data.stats_sample data.open_slides train.keep_checkpoints '
                 'export.batch_size export.num_workers',
     '[0, inf)': 'data.num_workers train.checkpoint_every_epochs monitor.every_epochs '
-                'export.image_size export.thumbnail_downsample tile.mpp_default '
-                'tile.mpp_override tile.num_workers tile.median_blur tile.saturation_threshold '
-                'tile.min_saturation tile.black_value tile.morph_kernel tile.max_hole_um2 '
-                'tile.min_area_um2',
+                'export.image_size export.thumbnail_downsample tile.mpp_default tile.mpp_override '
+                'tile.num_workers tile.median_blur tile.saturation_threshold tile.min_saturation '
+                'tile.black_value tile.morph_kernel tile.max_hole_um2 tile.min_area_um2',
     '[0, 1]': 'loss.alpha data.min_tissue tile.min_tissue',
     'path': 'train.resume_from train.init_from monitor.data_path export.data_path '
             'export.thumbnail tile.slides',
@@ -302,9 +301,8 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
             'monitor.every_epochs needs a monitor set: monitor.data_path=DIR or '
             'monitor.holdout=0.05 (a fraction of the training slides)')
     _refuse(mon.data_path and mon.holdout, 'set monitor.data_path or monitor.holdout, not both')
-    _refuse(mon.holdout and not mon.every_epochs,
-            'monitor.holdout holds slides out of training for the monitor: set '
-            'monitor.every_epochs too (or drop monitor.holdout)')
+    _refuse(mon.holdout and not mon.every_epochs, 'monitor.holdout holds slides out of '
+            'training for the monitor: set monitor.every_epochs too (or drop monitor.holdout)')
     _refuse(t.best_metric.removeprefix('monitor/') in CLUSTER_METRICS and not has_clusters,
             f'train.best_metric={t.best_metric}: {method} has no cluster head')
     _refuse(exp.after_training and str(exp.checkpoint) == 'best' and not t.best_metric,
@@ -318,9 +316,8 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     for key in ('annotations', 'thumbnail'):
         _refuse(exp[key] and not exp.cluster_maps,
                 f'export.{key} is used only with export.cluster_maps=True')
-    _refuse(exp.thumbnail and not exp.thumbnail_downsample,
-            'export.thumbnail needs export.thumbnail_downsample (level-0 pixels per thumbnail '
-            'pixel, e.g. 8)')
+    _refuse(exp.thumbnail and not exp.thumbnail_downsample, 'export.thumbnail needs '
+            'export.thumbnail_downsample (level-0 pixels per thumbnail pixel, e.g. 8)')
     _refuse(exp.pt_files and exp.format != 'h5',
             'export.pt_files goes with export.format=h5 (per-slide files)')
     if not check_data_path:

@@ -45,9 +45,8 @@ def _handle(signum, frame):
     if _State.received is not None:
         # Straight to the descriptor: the main thread may hold sys.stderr's lock.
         with contextlib.suppress(OSError):
-            os.write(2, f'stopped by {signal.Signals(signum).name} again, at once, without '
-                        f'a checkpoint of the step in flight; the last checkpoint stands\n'
-                        .encode())
+            os.write(2, f'stopped by {signal.Signals(signum).name} again, at once, without a '
+                        f'checkpoint of the step in flight; the last checkpoint stands\n'.encode())
         exit_now(128 + signum)
     _State.received = signum
     if not _State.deferring and _State.installed:

@@ -154,9 +154,8 @@ def load_run(workdir: str, step=None) -> Run:
     with contextlib.closing(Checkpointer(workdir, create=False, subdir=subdir)) as checkpointer:
         step = checkpointer.checked_step(None if step in ('latest', 'best') else step)
         restored = checkpointer.restore_weights(step, abstract)
-    return Run(workdir=os.path.abspath(workdir), config=config,
-               network=build_network(config.model), weights=Weights(**restored),
-               normalization=read_normalization(workdir, config))
+    return Run(workdir=os.path.abspath(workdir), config=config, network=build_network(config.model),
+               weights=Weights(**restored), normalization=read_normalization(workdir, config))
 
 
 def write_run(workdir: str, config, state, normalization: Optional[Normalization] = None):

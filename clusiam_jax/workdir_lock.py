@@ -71,8 +71,7 @@ class FolderLock:
 
     def _refuse(self, holder, extra=''):
         raise ConfigError(f'{self.what} {self.folder} is in use by another command: '
-                          f'{describe(holder)}; wait for it to end or use another folder'
-                          f'{extra}')
+                          f'{describe(holder)}; wait for it to end or use another folder{extra}')
 
     def acquire(self):
         refused = None  # why the file system refuses flock (probed on a file of its own)
@@ -125,8 +124,7 @@ class FolderLock:
             holder = _read_holder(self.path)
         if holder is None:
             if os.path.exists(self.path):
-                self._refuse(None, f' (or, if no command is running there, delete '
-                                   f'{self.path})')
+                self._refuse(None, f' (or, if no command is running there, delete {self.path})')
             return None  # released as we looked
         if holder.get('host') != socket.gethostname() or _pid_alive(int(holder['pid'])):
             self._refuse(holder, f' (if it is not running any more, delete {self.path})')
