@@ -83,8 +83,7 @@ def write_trident(path: str, coords: np.ndarray, attrs: dict):
 def slide_id_of_file(name: str) -> str:
     """`<id>_patches.h5` (TRIDENT) or `<id>.h5` (CLAM) -> id."""
     base = os.path.basename(name)
-    return base.removesuffix(TRIDENT_SUFFIX) if base.endswith(TRIDENT_SUFFIX) else \
-        base.removesuffix('.h5')
+    return base.removesuffix(TRIDENT_SUFFIX if base.endswith(TRIDENT_SUFFIX) else '.h5')
 
 
 def read_coords(path: str) -> SlideCoords:

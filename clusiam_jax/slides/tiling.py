@@ -251,8 +251,7 @@ def _candidates(slide, entry, params, size0, step0):
             log.warning('%s: %s', entry.slide_id, note)
         else:
             xs, ys = aligned.xs, aligned.ys
-            attrs = {'aligned_to_tiles': np.array(
-                [aligned.tile[0], aligned.tile[1], aligned.level], np.int64)}
+            attrs = {'aligned_to_tiles': np.array([*aligned.tile, aligned.level], np.int64)}
     yy, xx = np.meshgrid(ys, xs, indexing='ij')
     return np.stack([xx.ravel(), yy.ravel()], axis=1), attrs, note
 
