@@ -1,5 +1,4 @@
-r"""`python -m clusiam_jax.convert from-torch|to-torch ...`: an alias of
-`python launch.py --mode convert ...` (clusiam_jax/cli.py), kept for existing scripts."""
+"""`python -m clusiam_jax.convert ...` is `launch.py --mode convert ...`, for existing scripts."""
 import sys
 
 from clusiam_jax import cli

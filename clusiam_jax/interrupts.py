@@ -121,8 +121,7 @@ def deferred(enabled: bool = True):
         reset()
         previous = {sig: signal.signal(sig, _handle) for sig in SIGNALS}
     _State.deferring += 1
-    if _State.watchdog is not None:
-        _State.watchdog.cancel()  # the loop saves and stops: no hard exit
+    _cancel_watchdog()  # the loop saves and stops: no hard exit
     try:
         yield
     finally:
