@@ -192,10 +192,8 @@ def seed_mean_intervals(labels, class_names, scores, per_seed):
                                   for data, *rest in per_seed) if np.isfinite(v)]
             return sum(finite) / len(finite) if finite else float('nan')
         return statistic
-    return slide_scores_report(labels, class_names,
-                               {name: (seed_mean(score), per_class)
-                                for name, (score, per_class) in scores.items()},
-                               n_seeds=len(per_seed))
+    means = {name: (seed_mean(score), per_class) for name, (score, per_class) in scores.items()}
+    return slide_scores_report(labels, class_names, means, n_seeds=len(per_seed))
 
 
 def format_interval(ci, digits=3):

@@ -105,8 +105,7 @@ def train(trainer, config, bags, target, select, seed=0, learning_rate=None):
                         'val_loss': val_loss, 'val_auc': auc})
         key = (auc if np.isfinite(auc) else -1.0, -val_loss)
         if best is None or key > best['key']:
-            # A real host copy: on CPU device_get may alias the buffers that the next
-            # (donating) step reuses.
+            # A real copy: on CPU device_get may alias buffers the next (donating) step reuses.
             kept = jax.tree.map(lambda a: np.array(a, copy=True), params)
             best = {'key': key, 'epoch': epoch, 'params': kept,
                     'val': (val_labels, scores, val_losses)}

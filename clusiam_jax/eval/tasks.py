@@ -134,8 +134,7 @@ def run_meanpool(export_dir, splits_path, seed=0):
     return _slide_task('meanpool', run_meanpool(export_dir, splits_path, seed), ('test_probs',))
 
 
-def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None,
-             atlas=True):
+def run_maps(export_dir, thumbnail=None, downsample=None, alpha=0.5, annotations=None, atlas=True):
     """The cluster maps, then (with `atlas`) the atlas index.html or None under 'atlas'."""
     from clusiam_jax.export.atlas import write_atlas
     from clusiam_jax.export.maps import draw_export_maps

@@ -21,9 +21,9 @@ def import_state_dict(state_dict: Dict, model: Optional[str] = None, seed: int =
     """(the recipe with the checkpoint's sizes, Weights at step 0) of an original state_dict."""
     detected = 'clubyol' if any(k.startswith('target_encoder.') for k in state_dict) else 'clusiam'
     if model is not None and model != detected:
-        raise ConversionError(
-            f'--model {model} but the checkpoint is a {detected} one (it '
-            f'{"has" if detected == "clubyol" else "has no"} target_encoder.* keys)')
+        has = 'has' if detected == 'clubyol' else 'has no'
+        raise ConversionError(f'--model {model} but the checkpoint is a {detected} one (it '
+                              f'{has} target_encoder.* keys)')
     sizes = {'feat_size': 'encoder.fc.6.weight', 'pred_hidden': 'predictor.0.weight',
              'num_clusters': 'cluster_assigner.0.weight'}
     missing = sorted(key for key in sizes.values() if key not in state_dict)

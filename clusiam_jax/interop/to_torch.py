@@ -8,9 +8,11 @@ import jax
 import numpy as np
 
 from clusiam_jax import run_dir
+from clusiam_jax.data import slide_source
 from clusiam_jax.errors import ConversionError, DataError
 from clusiam_jax.fileio import atomic_write, write_json
 from clusiam_jax.interop import layout
+from clusiam_jax.slides import coords as coords_lib
 
 SAFETENSORS = ('.safetensors',)
 TORCH_PICKLE = ('.pth', '.pt')
@@ -119,7 +121,6 @@ def _unknown_field(why: str) -> Dict[str, str]:
 
 def _coords_resolution(coord_file: str):
     """(target_mpp, patch px, target_magnification), each or all None: unknown, unreadable."""
-    from clusiam_jax.slides import coords as coords_lib
     try:
         found = coords_lib.read_coords(coord_file)
     except DataError:
@@ -140,11 +141,9 @@ def training_field_of_view(config) -> Dict[str, str]:
     if not os.path.exists(path):
         return _unknown_field(f'data.path {path} is not found here: the µm/px it trained at '
                               f'is unknown (convert where the tiling is to record it)')
-    from clusiam_jax.data import slide_source
     if not slide_source.is_slide_source(path):
         return _unknown_field(f'trained on image files ({path}), which record no µm/px: '
                               f'feed patches at the resolution and size of those files')
-    from clusiam_jax.slides import coords as coords_lib
     inner = os.path.join(path, coords_lib.PATCHES_DIR)
     try:
         files = coords_lib.list_coord_files(inner if os.path.isdir(inner) else path).values()
@@ -177,9 +176,8 @@ def write_torch_weights(workdir: str, out: str, with_projector: bool = False,
     config, weights = run.config, run.weights
     if target and not weights.target_params:
         raise ConversionError(f'{config.model.name} has no EMA target encoder; drop --target')
-    params, stats = jax.device_get(
-        (weights.target_params, weights.target_batch_stats) if target
-        else (weights.params['encoder'], weights.batch_stats['encoder']))
+    params, stats = jax.device_get((weights.target_params, weights.target_batch_stats) if target
+                                   else (weights.params['encoder'], weights.batch_stats['encoder']))
     to_state_dict = encoder_state_dict if with_projector else backbone_state_dict
     normalization = (run.normalization.to_json() if run.normalization is not None else
                      {'mean': None, 'std': None, 'origin': 'the run records none'})
@@ -188,8 +186,7 @@ def write_torch_weights(workdir: str, out: str, with_projector: bool = False,
                             else 'backbone (torchvision keys, fc removed)',
                 'network': 'ema target' if target else 'online',
                 'step': str(run.step), 'feat_size': str(config.model.feat_size),
-                'image_size': str(config.data.image_size),
-                **training_field_of_view(config),
+                'image_size': str(config.data.image_size), **training_field_of_view(config),
                 'patch_read': PATCH_READ, 'resize': RESIZE,
                 'source': run.workdir, 'normalization': json.dumps(normalization)}
     save_state_dict(to_state_dict(params, stats, run.step), out, metadata)
