@@ -1,5 +1,5 @@
 """docs/method.md §2's projector, predictor and cluster head, in torch.nn.Linear's init."""
-from typing import Any
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
@@ -47,29 +47,18 @@ class Projector(nn.Module):
         return batch_norm(train, jnp.float32, 'bn3', affine=False)(x)
 
 
-class Predictor(nn.Module):
-    """Linear-BN-ReLU-Linear bottleneck (SimSiam: no first bias; BYOL: with)."""
+class Head(nn.Module):
+    """Linear-BN-ReLU-Linear, float32 out: the predictor (SimSiam: no first bias; BYOL: with)
+    and, under its own `names`, the cluster head (cluster projector, then the assigner)."""
     hidden: int
     out: int
     first_bias: bool
     dtype: Any = jnp.float32
+    names: Tuple[str, str, str] = ('linear1', 'bn1', 'linear2')
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = TorchLinear(self.hidden, self.first_bias, self.dtype, name='linear1')(x)
-        x = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))
-        return TorchLinear(self.out, True, self.dtype, name='linear2')(x)
-
-
-class ClusterHead(nn.Module):
-    """Cluster projector Linear-BN-ReLU, then the assigner Linear -> K float32 logits."""
-    hidden: int
-    num_clusters: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, z, train: bool):
-        h = TorchLinear(self.hidden, True, self.dtype, name='projector_linear')(z)
-        h = nn.relu(batch_norm(train, self.dtype, 'projector_bn')(h))
-        logits = TorchLinear(self.num_clusters, True, self.dtype, name='assigner')(h)
-        return logits.astype(jnp.float32)
+        first, bn, last = self.names
+        x = TorchLinear(self.hidden, self.first_bias, self.dtype, name=first)(x)
+        x = nn.relu(batch_norm(train, self.dtype, bn)(x))
+        return TorchLinear(self.out, True, self.dtype, name=last)(x)

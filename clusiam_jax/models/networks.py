@@ -6,7 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clusiam_jax.models.heads import ClusterHead, Predictor, Projector
+from clusiam_jax.models.heads import Head, Projector
 from clusiam_jax.models.resnet import BACKBONES, FEATURE_WIDTH
 
 
@@ -51,14 +51,14 @@ class SSLNetwork(nn.Module):
         spec = METHOD_SPECS[self.method]
         features, z = Encoder(self.backbone, self.feat_size, self.dtype, self.conv_impl,
                               name='encoder')(x, train)
-        p = Predictor(self.pred_hidden, self.feat_size, first_bias=spec.has_target,
-                      dtype=self.dtype, name='predictor')(z, train)
+        p = Head(self.pred_hidden, self.feat_size, spec.has_target, self.dtype,
+                 name='predictor')(z, train)
         out = {'features': features, 'z': z, 'p': p.astype(jnp.float32)}
         if spec.has_cluster_head:
             # CluSiam's is the predictor's hidden width, CluBYOL's D (docs/method.md §2).
             hidden = self.feat_size if spec.has_target else self.pred_hidden
-            out['logits'] = ClusterHead(hidden, self.num_clusters, self.dtype,
-                                        name='cluster_head')(z, train)
+            out['logits'] = Head(hidden, self.num_clusters, True, self.dtype, (
+                'projector_linear', 'projector_bn', 'assigner'), name='cluster_head')(z, train)
         return out
 
 
