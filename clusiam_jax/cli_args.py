@@ -138,8 +138,7 @@ def _ints(text):
     try:
         return tuple(int(v) for v in text.split(',') if v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}') \
-            from None
+        raise argparse.ArgumentTypeError(f'not comma-separated integers: {text!r}') from None
 
 
 def _eval_parser(sub, task: str):

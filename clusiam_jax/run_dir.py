@@ -94,9 +94,8 @@ def read_normalization(workdir: str, fallback_config=None) -> Optional[Normaliza
         with open(path) as f:
             try:
                 saved = json.load(f)
-                return Normalization(tuple(float(v) for v in saved['mean']),
-                                     tuple(float(v) for v in saved['std']),
-                                     str(saved.get('origin', '')))
+                mean, std = (tuple(float(v) for v in saved[key]) for key in ('mean', 'std'))
+                return Normalization(mean, std, str(saved.get('origin', '')))
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f'{path} is damaged ({e}); delete it and give '
                                       f'--config.data.mean/std') from None
