@@ -151,27 +151,23 @@ def _hex(color):
 
 def _fit(text, font, width):
     """`text`, shortened with an ellipsis in the middle to fit `width` px."""
-    def cut(keep):
-        return text[:keep // 2] + '…' + text[len(text) - keep // 2:]
-    if font.getlength(text) <= width:
-        return text
-    keep = len(text)
-    while keep > 2 and font.getlength(cut(keep)) > width:
+    fitted, keep = text, len(text)
+    while keep > 2 and font.getlength(fitted) > width:
         keep -= 1
-    return cut(keep)
+        fitted = text[:keep // 2] + '…' + text[len(text) - keep // 2:]
+    return fitted
 
 
 def caption_lines(entry, n_patches, n_slides):
-    """The sheet's caption: the title line and the details line."""
     return (f'Cluster {entry.cluster_id}',
             f"{share_text(entry.n_patches, n_patches)} of patches ({entry.n_patches:,} of "
             f"{n_patches:,}) · in {entry.n_slides} of {n_slides} "
             f"slide{'s' if n_slides != 1 else ''}")
 
 
-def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS):
+def draw_sheet(images, labels, title, details, color, tile=TILE):
     """(RGB PIL image, [(x0, y0, x1, y1)] per image): the caption over the labelled grid."""
-    columns = max(1, min(columns, len(images))) if images else columns
+    columns = max(1, min(COLUMNS, len(images))) if images else COLUMNS
     margin, gap, swatch, label_height = 16, 8, 44, 20
     title_font, text_font, label_font = (ImageFont.load_default(size=s) for s in (26, 17, 14))
     grid_width = columns * tile + (columns - 1) * gap
@@ -203,7 +199,7 @@ def draw_sheet(images, labels, title, details, color, tile=TILE, columns=COLUMNS
     return sheet, boxes
 
 
-def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
+def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE):
     """Writes `<out_dir>/atlas/`; the Atlas, None without a cluster head or readable patch."""
     if int(per_cluster) < 1:
         raise ConfigError(f'the atlas needs at least 1 patch per cluster; got {per_cluster}')
@@ -265,8 +261,7 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE, columns=COLUMNS):
         title, details = caption_lines(entry, n_patches, len(slide_ids))
         sheet, entry.boxes = draw_sheet([images[(p.slide_id, p.index)] for p in entry.picks],
                                         [_where(p, kept[p.slide_id]) for p in entry.picks],
-                                        title, details, palette[entry.cluster_id],
-                                        int(tile), int(columns))
+                                        title, details, palette[entry.cluster_id], int(tile))
         name = f'cluster_{entry.cluster_id:0{len(str(k - 1))}d}.png'
         entry.png = os.path.join(folder, name)
         info = PngInfo()
@@ -315,7 +310,6 @@ window.addEventListener('load', function () {
 
 
 def render_index(atlas, palette, info, per_cluster):
-    """The atlas page (see the module docstring)."""
     esc = html.escape
     step, workdir = info.get('checkpoint_step'), info.get('workdir')
     title = ' · '.join(p for p in (

@@ -19,6 +19,7 @@ from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.export import format as fmt
 from clusiam_jax.models.conv import compiler_options
 from clusiam_jax.models.preprocess import embed_images
+from clusiam_jax.slides import coords as coords_lib
 
 log = logging.getLogger('clusiam_jax')
 
@@ -68,26 +69,10 @@ def group_by_slide(source) -> Dict[str, np.ndarray]:
     names = np.where(names == '', UNKNOWN_SLIDE, names.astype(object)).astype(str)
     names, merged = np.unique(names, return_inverse=True)   # '' and a literal id agree
     codes = merged.reshape(-1)[codes]
-    _, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    present, first, counts = np.unique(codes, return_index=True, return_counts=True)
     members = np.split(np.argsort(codes, kind='stable'), np.cumsum(counts)[:-1])
-    present = np.unique(codes)
     return collections.OrderedDict((str(names[present[k]]), members[k].astype(np.int64))
                                    for k in np.argsort(first))
-
-
-class _Stream:
-    """(slide, record, index) of every patch of `slides`; iterable more than once."""
-
-    def __init__(self, source, groups, slides):
-        self.source, self.groups, self.slides = source, groups, slides
-
-    def __len__(self) -> int:
-        return int(sum(len(self.groups[s]) for s in self.slides))
-
-    def __iter__(self):
-        for slide in self.slides:
-            for i in self.groups[slide]:
-                yield slide, self.source.record(int(i)), int(i)
 
 
 def _load_patch(source, index, size):
@@ -177,16 +162,16 @@ class _SlideWriter:
                             'downsample': np.array([1.0, 1.0]), 'name': slide}
         fmt.write_slide_h5(os.path.join(self.out_dir, fmt.slide_file('h5', slide)), arrays,
                            attrs, coords_attrs)
-        if self.options.pt_files:
-            fmt.write_slide_pt(self.out_dir, slide, arrays['features'])
-        elif os.path.exists(fmt.pt_file(self.out_dir, slide)):
+        pt = fmt.pt_file(self.out_dir, slide)
+        if self.options.pt_files or os.path.exists(pt):
             try:   # a pt file never holds other features than its h5 file
                 fmt.write_slide_pt(self.out_dir, slide, arrays['features'])
             except ImportError:
-                os.remove(fmt.pt_file(self.out_dir, slide))
+                if self.options.pt_files:
+                    raise
+                os.remove(pt)
                 log.warning('export: removed %s, made with other features (torch is not '
-                            'installed to rewrite it; export.pt_files=True needs it)',
-                            fmt.pt_file(self.out_dir, slide))
+                            'installed to rewrite it; export.pt_files=True needs it)', pt)
 
     def close(self, n_records: int):
         if self.options.export_format == 'npz':
@@ -204,7 +189,7 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
     step, fmt_name = embedder.checkpoint_step, options.export_format
     groups = group_by_slide(source)
     for slide in groups:   # every slide's files are named by its id: refuse, before any
-        fmt.slide_file_name(slide)   # work, an id that would name a file elsewhere
+        coords_lib.check_slide_id(slide)   # work, an id that would name a file elsewhere
     fmt.prepare_out_dir(out_dir, fmt_name)
     skip_log = skips.SkipLog(os.path.join(out_dir, fmt.SKIPPED_NAME))
 
@@ -237,9 +222,8 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
         log.info('export: pt files of %d finished slides written from their h5 features',
                  len(missing))
     writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log, source)
-    stream = _Stream(source, groups, todo)
-    if len(stream):
-        _embed_stream(embedder, source, stream, writer, options)
+    if sum(len(groups[s]) for s in todo):
+        _embed_stream(embedder, source, writer, options)
         writer.close(len(source))
 
     counts = fmt.written_counts(out_dir, fmt_name, list(groups))
@@ -258,17 +242,19 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
     return rows
 
 
-def _embed_stream(embedder, source, stream, writer, options):
-    """Fixed-size batches of decoded patches through the network."""
-    ndev = embedder.mesh.devices.size
+def _embed_stream(embedder, source, writer, options):
+    """Fixed-size batches of the writer's slides' decoded patches through the network."""
+    ndev, total = embedder.mesh.devices.size, sum(map(len, writer.groups.values()))
     # One compiled shape: a multiple of the devices, no larger than the work.
-    batch = min(-(-options.batch_size // ndev) * ndev, -(-len(stream) // ndev) * ndev)
+    batch = min(-(-options.batch_size // ndev) * ndev, -(-total // ndev) * ndev)
     embed = embedder.embed_fn(options.with_projection)
     size = options.image_size
-    loads = (lambda i=i: _load_patch(source, i, size) for _, _, i in stream)
-    bar = tqdm(total=len(stream), unit='patch', desc='export', dynamic_ncols=True)
+    loads = (lambda i=int(i): _load_patch(source, i, size)
+             for indices in writer.groups.values() for i in indices)
+    bar = tqdm(total=total, unit='patch', desc='export', dynamic_ncols=True)
     pool = concurrent.futures.ThreadPoolExecutor(max(1, options.num_workers))
-    items = zip(stream, _prefetched(loads, pool, window=2 * batch))
+    items = zip(((slide, int(i)) for slide, indices in writer.groups.items() for i in indices),
+                _prefetched(loads, pool, window=2 * batch))
     try:
         while chunk := list(itertools.islice(items, batch)):   # padded to `batch`
             images = np.zeros((batch, size, size, 3), np.uint8)
@@ -276,8 +262,8 @@ def _embed_stream(embedder, source, stream, writer, options):
             for i in valid:
                 images[i] = chunk[i][1][0]
             outputs = jax.device_get(embed(embedder.variables, images)) if valid else {}
-            for i, ((slide, record, _), (img, shape)) in enumerate(chunk):
-                writer.add(slide, record, None if img is None else
+            for i, ((slide, index), (img, shape)) in enumerate(chunk):
+                writer.add(slide, source.record(index), None if img is None else
                            {k: v[i] for k, v in outputs.items()}, shape)
             bar.update(len(chunk))
     finally:

@@ -29,11 +29,6 @@ MANIFEST_FIELDS = ('slide_id', 'n_patches', 'label', 'file')
 log = logging.getLogger('clusiam_jax')
 
 
-def slide_file_name(slide_id: str) -> str:
-    """The stem of a slide's files: the id itself (DataError when it could write elsewhere)."""
-    return coords_lib.check_slide_id(slide_id)
-
-
 def slide_file(export_format: str, slide_id: str) -> str:
     """The file (relative to the export) that holds a slide's arrays."""
     if export_format == 'npz':
@@ -184,12 +179,9 @@ def read_export_info(out_dir: str) -> dict:
 
 
 def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
-    """{name: array} of one manifest row, plus `patch_size` and the slide's path and size."""
-    path = os.path.join(out_dir, row['file'])
-    if row['file'].endswith('.npz'):
-        return _npz_slides(path, [row['slide_id']])[row['slide_id']]
+    """{name: array} of an h5 manifest row, plus `patch_size` and the slide's path and size."""
     import h5py
-    with h5py.File(path, 'r') as f:
+    with h5py.File(os.path.join(out_dir, row['file']), 'r') as f:
         out = {name: (ds.asstr()[()] if ds.dtype.kind in 'OS' else ds[()])
                for name, ds in f.items()}
         coords = f['coords'].attrs

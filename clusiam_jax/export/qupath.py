@@ -9,14 +9,15 @@ from clusiam_jax.errors import DataError
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export.palette import palette_for
 from clusiam_jax.fileio import atomic_write
+from clusiam_jax.slides import coords as coords_lib
 
 
 def write_export_geojson(out_dir):
     """The GeoJSON of every slide with coordinates and cluster ids; returns the paths."""
     written = []
     for row, arrays, known, k in fmt.clustered_slides(out_dir, 'qupath'):
-        path = os.path.join(out_dir, fmt.QUPATH_DIR,
-                            fmt.slide_file_name(row['slide_id']) + '.geojson')
+        path = coords_lib.slide_path(os.path.join(out_dir, fmt.QUPATH_DIR), row['slide_id'],
+                                     '.geojson')
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_cluster_geojson(path, arrays['coords'][known], arrays.get('patch_size') or 224,
                               arrays['cluster_ids'][known], palette_for(k), row['slide_id'])

@@ -55,21 +55,18 @@ def weights_digest(variables) -> str:
     return digest.hexdigest()
 
 
-_SETTINGS = ('checkpoint_step', 'weights_sha256', 'image_size', 'with_projection',
-             'norm_mean', 'norm_std', 'data_path', 'config_json')
-
-
 def _same(a, b) -> bool:
+    a, b = (v.decode('utf-8') if isinstance(v, bytes) else v for v in (a, b))
     if a is None or b is None:
         return a is b
-    if isinstance(a, (str, bytes)) or isinstance(b, (str, bytes)):
+    if isinstance(a, str) or isinstance(b, str):
         return str(a) == str(b)
     a, b = np.asarray(a), np.asarray(b)
     return a.shape == b.shape and bool(np.all(a == b))
 
 
 def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict, slide_ids):
-    """Refuses a folder holding another run's export; says why files are exported again."""
+    """Refuses another run's export; says which of `current` (ExportJob.settings) differ."""
     folder = os.path.join(out_dir, fmt.H5_DIR)
     paths = ([os.path.join(out_dir, fmt.NPZ_NAME)] if export_format == 'npz' else
              [os.path.join(folder, name) for name in sorted(os.listdir(folder))
@@ -77,7 +74,7 @@ def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
     files = {}
     for path in paths:   # unreadable files are left out: the export redoes them
         try:
-            files[path] = fmt.file_attrs(path, _SETTINGS + ('workdir', 'slide_id'))
+            files[path] = fmt.file_attrs(path, tuple(current) + ('workdir', 'slide_id'))
         except (OSError, KeyError, ValueError):
             continue
     if not files:
@@ -99,7 +96,7 @@ def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
     ours = set(slide_ids)
     files = {p: a for p, a in files.items()
              if export_format == 'npz' or str(a.get('slide_id')) in ours}
-    differ = [name for name in _SETTINGS
+    differ = [name for name in current
               if any(not _same(a.get(name), current[name]) for a in files.values())]
     if differ:
         steps = sorted({int(a['checkpoint_step']) for a in files.values()
@@ -129,10 +126,6 @@ def _is_subsequence(stored, current) -> bool:
         return stored == current
     it = iter(current)
     return all(any(row == c for c in it) for row in stored)
-
-
-def _text(value):
-    return value.decode('utf-8') if isinstance(value, bytes) else value
 
 
 def _written(out_dir: str, export_format: str, slides):
@@ -178,7 +171,7 @@ class ExportJob:
 
     @property
     def settings(self) -> dict:
-        """This export's values of what its files record (_SETTINGS)."""
+        """What the export's files record that makes them this export's (check_out_dir)."""
         return {'checkpoint_step': self.run.step, 'weights_sha256': self.weights_sha256,
                 'image_size': self.options.image_size,
                 'with_projection': self.options.with_projection,
@@ -197,7 +190,7 @@ class ExportJob:
         for slide, arrays, written in _written(self.out_dir, self.options.export_format, groups):
             changed = [k for k, v in tiling.get(slide, {}).items()
                        if k not in ('tiling_key', 'slide_path')
-                       and not _same(_text(written.get(k)), _text(v))]
+                       and not _same(written.get(k), v)]
             if changed:
                 stale[slide] = f'it was tiled again ({", ".join(sorted(changed))} differ)'
             elif not _is_subsequence(_stored_rows(arrays, by_path),
