@@ -2,6 +2,7 @@
 `tiling_key` (config, slide file size and time) and, for a µm/px from `tile.mpp_default`,
 the same default. The others are redone, saying what changed (from `tiling_inputs`).
 """
+import collections
 import dataclasses
 import hashlib
 import json
@@ -47,22 +48,15 @@ def tiling_key(entry, params) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
-@dataclasses.dataclass(frozen=True)
-class Redo:
-    why: str
-    mpp: str
-    origin: str
-    n_patches: int
+# A slide tiled before with other settings: why it is redone, and what it was.
+Redo = collections.namedtuple('Redo', 'why mpp origin n_patches')
 
 
 def previous(entry, params, out_dir: str):
     """(the row of a slide tiled with these settings, or a Redo of one tiled otherwise)."""
-    path = coords_lib.trident_file(out_dir, entry.slide_id)
-    if not os.path.exists(path):
-        return None, None
     try:
-        found = coords_lib.read_coords(path)
-    except DataError:
+        found = coords_lib.read_coords(coords_lib.trident_file(out_dir, entry.slide_id))
+    except DataError:   # none, or unreadable: tiled anew
         return None, None
     attrs = found.attrs
     mpp, origin = float(attrs['level0_mpp']), str(attrs.get('mpp_origin', ''))

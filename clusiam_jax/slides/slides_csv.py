@@ -23,8 +23,7 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class OutputError(DataError):
-    """Writing the job's output failed (a full disk, a read-only folder): an error of the
-    job, which stops, not of the slide being written."""
+    """Writing the output failed (a full disk, a read-only folder): the job stops."""
 
 
 @contextlib.contextmanager
