@@ -194,14 +194,15 @@ def test_stop_on_collapse_ends_with_a_checkpoint(patches, tmp_path):
     assert _rows(workdir)[0]['monitor_collapse'] == '1.0'
 
 
-def test_a_collapsed_state_is_never_kept_as_best(tmp_path):
-    from clusiam_jax.train.monitor import BestCheckpoint as _BestCheckpoint
+def test_a_collapsed_state_is_never_kept_as_best(patches, tmp_path):
     config = tiny_config('clusiam')
     config.train.best_metric = 'monitor/alignment'   # a collapsed encoder aligns perfectly
-    best = _BestCheckpoint(str(tmp_path), config)
+    config.monitor.data_path, config.monitor.num_patches = str(patches), 8
+    trainer, _ = _monitor(config, patches, mesh_of(1))
+    best = monitor_lib.MonitorHook(config, str(tmp_path), trainer)
     assert best.mode == 'min'                       # the metric's own direction
     best.offer(3, 1, {'alignment': 0.0, 'collapse': 1.0}, None, None)
-    assert best.value is None and run_dir.read_best(str(tmp_path)) is None
+    assert best.best_value is None and run_dir.read_best(str(tmp_path)) is None
     best.close()
 
 

@@ -94,96 +94,88 @@ def _record_run(workdir, config, loader):
     run_dir.write_normalization(workdir, normalization)
 
 
+def _restore(config, workdir, trainer, ckpt, loader):
+    """(state, data state or None): the latest checkpoint, train.resume_from's, or fresh."""
+    target, total_steps = trainer.abstract_state(), loader.steps_per_epoch * config.train.num_epochs
+    latest, restored, data_state = ckpt.restore_latest_readable(target)
+    if latest is None and config.train.resume_from:
+        latest, restored, data_state = _restore_other_run(config.train.resume_from, target)
+    if latest is None:  # before config.json: weights that do not fit leave no trace
+        restored, _ = init_from.initial_state(trainer)
+    elif config.train.init_from:
+        log.info('train.init_from=%s is not applied: this run resumes from its checkpoint '
+                 '(init_from only starts a fresh run)', config.train.init_from)
+    if jax.process_index() == 0:  # only now: a config the checkpoints refuse keeps the run's
+        _record_run(workdir, config, loader)
+    if latest is None:
+        return restored, None
+    if latest >= total_steps:
+        log.info('run in %s is complete (step %d of %d); nothing to do', workdir, latest,
+                 total_steps)
+    else:
+        log.info('resuming from the checkpoint at step %d of %d (epoch %d of %d, %d steps in)',
+                 latest, total_steps, latest // loader.steps_per_epoch + 1,
+                 config.train.num_epochs, latest % loader.steps_per_epoch)
+    return restored, data_state
+
+
 def train(config, workdir: str, loader=None, mesh=None):
     """The final (or signal-checkpointed) state; default loader: data.path's, mesh: all devices."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
     os.makedirs(workdir, exist_ok=True)
     interrupts.check()  # safe points: a signal before the loop stops the command here
+    held_out = None  # the monitor's slides: only the data pipeline's own loader holds some out
     if loader is None:
         # A resumed run keeps the normalization it started with, whatever the data now.
         recorded = run_dir.read_normalization(workdir) if config.data.mean is None else None
         loader = create_train_loader(config, workdir=workdir, process_index=jax.process_index(),
                                      process_count=jax.process_count(), recorded=recorded)
+        held_out = loader.held_out
     interrupts.check()
     log.info('building %s (%s, %d clusters) and its initial state on %d devices', config.model.name,
              config.model.backbone, config.model.num_clusters, mesh.devices.size)
     trainer = build_trainer(config, mesh, loader.steps_per_epoch, loader.mean, loader.std)
-    run = _Run(config, workdir, trainer, loader.steps_per_epoch)
-    with contextlib.closing(Checkpointer(workdir, config.train.keep_checkpoints)) as ckpt, \
-            contextlib.ExitStack() as hooks:
+    steps_per_epoch, num_epochs = loader.steps_per_epoch, config.train.num_epochs
+    total_steps, is_main = steps_per_epoch * num_epochs, jax.process_index() == 0
+    # Closed in reverse: the bar and the signal deferral, the writer, the iterator, hooks, ckpt.
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(contextlib.closing(
+            Checkpointer(workdir, config.train.keep_checkpoints)))
+        hooks = []
         if config.monitor.every_epochs:
-            run.hooks.append(hooks.enter_context(contextlib.closing(
-                MonitorHook(config, workdir, loader, trainer, ckpt))))
+            hooks.append(stack.enter_context(contextlib.closing(
+                MonitorHook(config, workdir, trainer, held_out, ckpt))))
         interrupts.check()
-        state, data_state = run.restore(ckpt, loader)
+        state, data_state = _restore(config, workdir, trainer, ckpt, loader)
         interrupts.check()
-        if int(jax.device_get(state.step)) >= run.total_steps:
+        if int(jax.device_get(state.step)) >= total_steps:
             return state
         iterator = loader.iterator()
         if data_state is not None:
             iterator.set_state(data_state)
-        try:
-            batches = prefetch_to_device(iterator, parallel.batch_sharded(mesh),
-                                         config.data.prefetch, with_state=True)
-            with contextlib.closing(MetricWriter(workdir, enabled=run.is_main)) as writer:
-                return run.epochs(state, batches, ckpt, writer)
-        finally:
-            if hasattr(iterator, 'close'):
-                iterator.close()
-
-
-class _Run:
-    def __init__(self, config, workdir, trainer, steps_per_epoch):
-        self.config, self.workdir, self.trainer = config, workdir, trainer
-        self.steps_per_epoch, self.num_epochs = steps_per_epoch, config.train.num_epochs
-        self.total_steps = steps_per_epoch * self.num_epochs
-        self.is_main = jax.process_index() == 0
-        self.hooks = []
-
-    def restore(self, ckpt, loader):
-        """(state, data state or None): the latest checkpoint, train.resume_from's, or fresh."""
-        config, target = self.config, self.trainer.abstract_state()
-        latest, restored, data_state = ckpt.restore_latest_readable(target)
-        if latest is None and config.train.resume_from:
-            latest, restored, data_state = _restore_other_run(config.train.resume_from, target)
-        if latest is None:  # before config.json: weights that do not fit leave no trace
-            restored, _ = init_from.initial_state(self.trainer)
-        elif config.train.init_from:
-            log.info('train.init_from=%s is not applied: this run resumes from its checkpoint '
-                     '(init_from only starts a fresh run)', config.train.init_from)
-        if self.is_main:  # only now: a config the checkpoints refuse must not replace the run's
-            _record_run(self.workdir, config, loader)
-        if latest is None:
-            return restored, None
-        if latest >= self.total_steps:
-            log.info('run in %s is complete (step %d of %d); nothing to do', self.workdir, latest,
-                     self.total_steps)
-        else:
-            log.info('resuming from the checkpoint at step %d of %d (epoch %d of %d, %d steps in)',
-                     latest, self.total_steps, latest // self.steps_per_epoch + 1,
-                     self.num_epochs, latest % self.steps_per_epoch)
-        return restored, data_state
-
-    def epochs(self, state, batches, ckpt, writer):
-        config, is_main = self.config, self.is_main
+        if hasattr(iterator, 'close'):
+            stack.callback(iterator.close)
+        batches = prefetch_to_device(iterator, parallel.batch_sharded(mesh),
+                                     config.data.prefetch, with_state=True)
+        writer = stack.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_main)))
         head = next(batches)
         log.info('compiling the train step (%s, %s, batch %d at %d px on %d devices); the first '
                  'compile takes a while', config.model.name, config.model.backbone,
-                 config.train.batch_size, config.data.image_size, self.trainer.mesh.devices.size)
-        step_fn, seconds = self.trainer.compile(state, head[0])
+                 config.train.batch_size, config.data.image_size, mesh.devices.size)
+        step_fn, seconds = trainer.compile(state, head[0])
         log.info('compiled in %.1f s', seconds)
         interrupts.check()
         batches = itertools.chain([head], batches)
         if is_main:
-            log.info('TensorBoard: tensorboard --logdir %s', os.path.join(self.workdir, TB_DIR))
+            log.info('TensorBoard: tensorboard --logdir %s', os.path.join(workdir, TB_DIR))
         step, data_state = int(jax.device_get(state.step)), None
         log_every = max(1, config.train.log_every_steps)
-        skips = (SkippedSteps(self.workdir, config.train.max_consecutive_skips, write=is_main)
+        skips = (SkippedSteps(workdir, config.train.max_consecutive_skips, write=is_main)
                  if config.train.on_nonfinite == 'skip' else None)
         stop = _StopRequest()
         # Moved at log steps, after the fetch: counting async dispatches swings the ETA.
-        bar = tqdm(total=self.total_steps, initial=step, unit='step', disable=not is_main,
+        bar = tqdm(total=total_steps, initial=step, unit='step', disable=not is_main,
                    dynamic_ncols=True, smoothing=0.1)
 
         def stop_here(reason, saved, resume=True):
@@ -194,70 +186,67 @@ class _Run:
             ckpt.wait()  # inside the deferral: a signal now cannot cut the save short
             bar.update(step - synced)
             log.warning('%s: saved a checkpoint at step %d of %d and stopped%s', reason, step,
-                        self.total_steps, '; start the same command again to resume' * resume)
+                        total_steps, '; start the same command again to resume' * resume)
             return state
-        with interrupts.deferred(enabled=jax.process_count() == 1), contextlib.closing(bar):
-            for epoch in range(step // self.steps_per_epoch, self.num_epochs):
-                stats = EpochStats(skips)
-                first = synced = step
-                end = (epoch + 1) * self.steps_per_epoch
-                bar.set_description(f'epoch {epoch + 1}/{self.num_epochs}')
-                start_time = time.perf_counter()
-                while step < end:
-                    try:
-                        batch, data_state = next(batches)
-                    except StopIteration:
-                        raise RuntimeError(f'the data iterator ended at step {step}, before '
-                                           f'the {self.total_steps} steps of the run') from None
-                    state, metrics = step_fn(state, batch)
-                    stats.add(step, metrics)
-                    step += 1
-                    if step % log_every == 0 or step == end:
-                        window = stats.flush()
-                        elapsed = time.perf_counter() - start_time
-                        rate = (step - first) * config.train.batch_size / max(elapsed, 1e-9)
-                        bar.update(step - synced)
-                        synced = step
-                        loss = window.get('loss', math.nan)
-                        bar.set_postfix(loss=f'{loss:.4f}', pairs_s=f'{rate:.1f}')
-                        writer.scalars(step, window)
-                    if step < end and stop.requested(step):
-                        return stop_here(signal.Signals(interrupts.received()).name, saved=False)
-                # The epoch is complete: its row and checkpoint first, then a pending stop.
-                elapsed = time.perf_counter() - start_time   # the hooks' time is their own
-                hooked, stops = {}, []
-                for hook in self.hooks:
-                    metrics, reason = hook(epoch + 1, step, state, data_state)
-                    hooked.update(metrics)
-                    stops += [reason] if reason else []
-                self.end_epoch(epoch, stats, step, first, elapsed, writer, hooked)
-                every = config.train.checkpoint_every_epochs
-                saved = (bool(stops) or step == self.total_steps
-                         or (every > 0 and (epoch + 1) % every == 0))
-                if saved:
-                    check_saveable(state, step, ckpt)
-                    ckpt.save(step, state, data_state)
-                if stops:
-                    return stop_here('; '.join(stops), saved=True, resume=False)
-                if stop.requested(step):
-                    return stop_here(signal.Signals(interrupts.received()).name, saved)
-            ckpt.wait()
+        stack.enter_context(interrupts.deferred(enabled=jax.process_count() == 1))
+        stack.enter_context(contextlib.closing(bar))
+        for epoch in range(step // steps_per_epoch, num_epochs):
+            stats = EpochStats(skips)
+            first = synced = step
+            end = (epoch + 1) * steps_per_epoch
+            bar.set_description(f'epoch {epoch + 1}/{num_epochs}')
+            start_time = time.perf_counter()
+            while step < end:
+                try:
+                    batch, data_state = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f'the data iterator ended at step {step}, before '
+                                       f'the {total_steps} steps of the run') from None
+                state, metrics = step_fn(state, batch)
+                stats.add(step, metrics)
+                step += 1
+                if step % log_every == 0 or step == end:
+                    window = stats.flush()
+                    elapsed = time.perf_counter() - start_time
+                    rate = (step - first) * config.train.batch_size / max(elapsed, 1e-9)
+                    bar.update(step - synced)
+                    synced = step
+                    loss = window.get('loss', math.nan)
+                    bar.set_postfix(loss=f'{loss:.4f}', pairs_s=f'{rate:.1f}')
+                    writer.scalars(step, window)
+                if step < end and stop.requested(step):
+                    return stop_here(signal.Signals(interrupts.received()).name, saved=False)
+            # The epoch is complete: its row and checkpoint first, then a pending stop.
+            elapsed = time.perf_counter() - start_time   # the hooks' time is their own
+            hooked, stops = {}, []
+            for hook in hooks:
+                metrics, reason = hook(epoch + 1, step, state, data_state)
+                hooked.update(metrics)
+                stops += [reason] if reason else []
+            means = stats.means()
+            row = dict(means, epoch=epoch + 1, step=step, time_s=round(elapsed, 3),
+                       pairs_per_s=round((step - first) * config.train.batch_size / elapsed, 3))
+            row.update({k.replace('/', '_'): v for k, v in hooked.items()})
+            writer.epoch_row(row)
+            writer.scalars(epoch + 1, {'epoch/pairs_per_s': row['pairs_per_s'], **hooked},
+                           prefix='')
+            if is_main:
+                log.info('epoch %d/%d: %s', epoch + 1, num_epochs,
+                         ', '.join(f'{k}={v:.4g}' for k, v in sorted(means.items())))
+            # Logits start near uniform: judge collapse only after a full epoch.
+            if is_main and METHOD_SPECS[config.model.name].has_cluster_head and epoch > 0:
+                samples = stats.count * 2 * config.train.batch_size  # assignments in the means
+                for warning in collapse_warnings(means, config.model.num_clusters, samples):
+                    log.warning('epoch %d: %s', epoch + 1, warning)
+            every = config.train.checkpoint_every_epochs
+            saved = (bool(stops) or step == total_steps
+                     or (every > 0 and (epoch + 1) % every == 0))
+            if saved:
+                check_saveable(state, step, ckpt)
+                ckpt.save(step, state, data_state)
+            if stops:
+                return stop_here('; '.join(stops), saved=True, resume=False)
+            if stop.requested(step):
+                return stop_here(signal.Signals(interrupts.received()).name, saved)
+        ckpt.wait()
         return state
-
-    def end_epoch(self, epoch, stats, step, first, elapsed, writer, hooked):
-        pairs_per_step = self.config.train.batch_size
-        means = stats.means()
-        row = dict(means, epoch=epoch + 1, step=step, time_s=round(elapsed, 3),
-                   pairs_per_s=round((step - first) * pairs_per_step / elapsed, 3))
-        row.update({k.replace('/', '_'): v for k, v in hooked.items()})
-        writer.epoch_row(row)
-        writer.scalars(epoch + 1, {'epoch/pairs_per_s': row['pairs_per_s'], **hooked}, prefix='')
-        if not self.is_main:
-            return
-        log.info('epoch %d/%d: %s', epoch + 1, self.num_epochs,
-                 ', '.join(f'{k}={v:.4g}' for k, v in sorted(means.items())))
-        # Logits start near uniform: judge collapse only after a full epoch.
-        if METHOD_SPECS[self.config.model.name].has_cluster_head and epoch > 0:
-            samples = stats.count * 2 * pairs_per_step  # assignments in the means
-            for warning in collapse_warnings(means, self.config.model.num_clusters, samples):
-                log.warning('epoch %d: %s', epoch + 1, warning)

@@ -145,49 +145,15 @@ class Monitor:
         return {k: (float(v) if math.isfinite(v) else math.nan) for k, v in result.items()}
 
 
-class BestCheckpoint:
-    """train.best_metric: the best state so far in best_checkpoint/ and best_checkpoint.json."""
-
-    def __init__(self, workdir, config, latest=None):
-        self.workdir, self.metric, self.latest = workdir, config.train.best_metric, latest
-        self.mode = best_mode(config.train)
-        # Every process saves (orbax writes each one's shards); process 0 writes the json.
-        self.ckpt = Checkpointer(workdir, 1, subdir=BEST_DIR) if self.metric else None
-        recorded = run_dir.read_best(workdir) if self.metric else None
-        same = recorded and (recorded['metric'], recorded.get('mode')) == (self.metric, self.mode)
-        self.value = recorded['value'] if same else None
-
-    def offer(self, step, epoch, scores, state, data_state):
-        value = scores.get(self.metric.removeprefix('monitor/'), math.nan)
-        if self.ckpt is None or scores.get('collapse') or not math.isfinite(value) or (
-                self.value is not None and (value <= self.value if self.mode == 'max'
-                                            else value >= self.value)):
-            return
-        check_saveable(state, step, self.latest)
-        # Orbax saves only steps beyond its last: a replayed step's old best goes first.
-        for old in self.ckpt.all_steps():
-            if old >= step:
-                self.ckpt.manager.delete(old)
-        self.ckpt.save(step, state, data_state)
-        self.ckpt.wait()
-        self.value = value
-        if jax.process_index() == 0:
-            write_json(os.path.join(self.workdir, BEST_JSON), {
-                'step': step, 'epoch': epoch, 'metric': self.metric, 'value': value,
-                'mode': self.mode}, indent=1)
-            log.info('best checkpoint: step %d (%s %.4g)', step, self.metric, value)
-
-    def close(self):
-        if self.ckpt is not None:
-            self.ckpt.close()
-
-
 class MonitorHook:
-    def __init__(self, config, workdir, loader, trainer, ckpt):
-        self.config, mon, seed = config, config.monitor, int(config.train.seed)
-        # monitor.data_path, or the slides the data pipeline held out (an injected loader: none).
-        source = (open_source(mon.data_path, config.data.slide_dir) if mon.data_path else
-                  getattr(loader, 'held_out', None))
+    """The monitor every monitor.every_epochs (and the last) epoch; with train.best_metric, the
+    best state so far in best_checkpoint/ and best_checkpoint.json."""
+
+    def __init__(self, config, workdir, trainer, held_out=None, latest=None):
+        """`held_out`: the slides the data pipeline held out; `latest`: the run's Checkpointer."""
+        self.config, self.workdir, self.latest = config, workdir, latest
+        mon, seed = config.monitor, int(config.train.seed)
+        source = open_source(mon.data_path, config.data.slide_dir) if mon.data_path else held_out
         if source is None:
             raise ConfigError("monitor.holdout holds out slides of the data pipeline's source; "
                               'this run was given its own loader: use monitor.data_path')
@@ -202,7 +168,12 @@ class MonitorHook:
                  mon.every_epochs, '' if monitor_set.labels is None else ', with labels (kNN)')
         self.monitor = Monitor(trainer.network, trainer.mean, trainer.std, monitor_set,
                                trainer.mesh, config.model.num_clusters, float(mon.min_rankme), seed)
-        self.best = BestCheckpoint(workdir, config, ckpt)
+        self.metric, self.mode = config.train.best_metric, best_mode(config.train)
+        # Every process saves (orbax writes each one's shards); process 0 writes the json.
+        self.best_ckpt = Checkpointer(workdir, 1, subdir=BEST_DIR) if self.metric else None
+        recorded = run_dir.read_best(workdir) if self.metric else None
+        same = recorded and (recorded['metric'], recorded.get('mode')) == (self.metric, self.mode)
+        self.best_value = recorded['value'] if same else None
 
     def __call__(self, epoch, step, state, data_state):
         if epoch % self.config.monitor.every_epochs and epoch != self.config.train.num_epochs:
@@ -216,12 +187,33 @@ class MonitorHook:
                      ', '.join(f'{k}={v:.4g}' for k, v in sorted(scores.items())))
             for warning in self.monitor.warnings:
                 log.warning('epoch %d monitor: %s', epoch, warning)
-        self.best.offer(step, epoch, scores, state, data_state)
+        self.offer(step, epoch, scores, state, data_state)
         stop = None
         if scores['collapse'] and self.config.train.stop_on_collapse:
             stop = (f'train.stop_on_collapse: the monitor flags collapse at epoch {epoch} '
                     f'({"; ".join(self.monitor.warnings)})')
         return {f'monitor/{k}': v for k, v in scores.items()}, stop
 
+    def offer(self, step, epoch, scores, state, data_state):
+        """Keep `state` as the best checkpoint if its score beats the best so far."""
+        value, best = scores.get(self.metric.removeprefix('monitor/'), math.nan), self.best_value
+        if self.best_ckpt is None or scores.get('collapse') or not math.isfinite(value) or (
+                best is not None and (value <= best if self.mode == 'max' else value >= best)):
+            return
+        check_saveable(state, step, self.latest)
+        # Orbax saves only steps beyond its last: a replayed step's old best goes first.
+        for old in self.best_ckpt.all_steps():
+            if old >= step:
+                self.best_ckpt.manager.delete(old)
+        self.best_ckpt.save(step, state, data_state)
+        self.best_ckpt.wait()
+        self.best_value = value
+        if jax.process_index() == 0:
+            write_json(os.path.join(self.workdir, BEST_JSON), {
+                'step': step, 'epoch': epoch, 'metric': self.metric, 'value': value,
+                'mode': self.mode}, indent=1)
+            log.info('best checkpoint: step %d (%s %.4g)', step, self.metric, value)
+
     def close(self):
-        self.best.close()
+        if self.best_ckpt is not None:
+            self.best_ckpt.close()
