@@ -342,9 +342,8 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
 
     try:
         if num_workers > 0 and len(todo) > 1:
-            ctx = multiprocessing.get_context('spawn')
             with concurrent.futures.ProcessPoolExecutor(
-                    min(num_workers, len(todo)), mp_context=ctx,
+                    min(num_workers, len(todo)), mp_context=multiprocessing.get_context('spawn'),
                     initializer=interrupts.worker_initializer()) as pool:
                 futures = {pool.submit(tile_slide, e, params, out_dir): e for e in todo}
                 try:
