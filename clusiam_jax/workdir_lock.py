@@ -74,18 +74,16 @@ class FolderLock:
                           f'{describe(holder)}; wait for it to end or use another folder{extra}')
 
     def acquire(self):
-        refused = None  # why the file system refuses flock (probed on a file of its own)
+        take = self._take_flock  # unless the file system refuses flock (probed on a file apart)
         with tempfile.TemporaryFile(dir=self.folder) as probe:
             try:
                 fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno not in _NO_FLOCK:
                     raise
-                refused = e.strerror
-        if refused is not None:
-            log.info('%s: the file system does not support flock (%s); locking with an '
-                     'exclusive lock file', self.folder, refused)
-        take = self._take_flock if refused is None else self._take_exclusive
+                log.info('%s: the file system does not support flock (%s); locking with an '
+                         'exclusive lock file', self.folder, e.strerror)
+                take = self._take_exclusive
         for _ in range(10):  # None: the lock file changed as we looked; look again
             fd = take()
             if fd is not None:
