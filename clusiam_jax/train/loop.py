@@ -19,13 +19,7 @@ from clusiam_jax.data import create_train_loader
 from clusiam_jax.errors import CheckpointError
 from clusiam_jax.models import METHOD_SPECS
 from clusiam_jax.train import init_from
-from clusiam_jax.train.metrics import (
-    TB_DIR,
-    EpochStats,
-    MetricWriter,
-    SkippedSteps,
-    collapse_warnings,
-)
+from clusiam_jax.train.metrics import EpochStats, MetricWriter, SkippedSteps, collapse_warnings
 from clusiam_jax.train.monitor import MonitorHook
 from clusiam_jax.train.prefetch import prefetch_to_device
 from clusiam_jax.train.saveable import check_saveable
@@ -168,7 +162,7 @@ def train(config, workdir: str, loader=None, mesh=None):
         interrupts.check()
         batches = itertools.chain([head], batches)
         if is_main:
-            log.info('TensorBoard: tensorboard --logdir %s', os.path.join(workdir, TB_DIR))
+            log.info('TensorBoard: tensorboard --logdir %s', writer.tb_dir)
         step, data_state = int(jax.device_get(state.step)), None
         log_every = max(1, config.train.log_every_steps)
         skips = (SkippedSteps(workdir, config.train.max_consecutive_skips, write=is_main)

@@ -16,16 +16,16 @@ CSV_FIELDS = ('epoch', 'step', 'time_s', 'pairs_per_s', 'lr', 'loss', 'invarianc
               *_CLUSTERS, *(f'monitor_{k}' for k in ('rankme', 'alignment', 'uniformity',
                                                       *_CLUSTERS, 'knn_top1', 'knn_balanced',
                                                       'collapse', 'seconds')))
-TB_DIR = 'tb'
 
 
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled, self.rows, self._tb = enabled, None, None
         self.csv_path = os.path.join(workdir, 'metrics.csv')
+        self.tb_dir = os.path.join(workdir, 'tb')
         if enabled:
             from tensorboardX import SummaryWriter  # no TensorFlow needed
-            self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
+            self._tb = SummaryWriter(self.tb_dir)
 
     def scalars(self, step: int, values: dict, prefix: str = 'train/'):
         if not self.enabled:
