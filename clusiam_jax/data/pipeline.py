@@ -1,6 +1,5 @@
 """The training stream (grain): every element is a pure function of (seed, epoch, place), so
-it resumes exactly for any worker or process count; an unreadable file gets a seeded substitute.
-"""
+it resumes exactly for any worker or process count; an unreadable file gets a seeded substitute."""
 import dataclasses
 import logging
 import os
@@ -71,8 +70,7 @@ def _members(slide_index: np.ndarray):
 
 
 def balanced_order(slide_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """N record indices drawing every slide equally often, each slide's patches without
-    repeats until all were seen; shuffled so batches mix slides."""
+    """N indices drawing each slide equally often, its patches repeated only once all were seen."""
     n = len(slide_index)
     members, starts = _members(slide_index)
     present = np.flatnonzero(np.diff(starts))
@@ -94,17 +92,10 @@ class PairMaker:
                  skip_log: skips.SkipLog, min_tissue: float = 0.0):
         self.source, self.plan, self.aug = source, plan, aug
         self.skip_log, self.min_tissue = skip_log, float(min_tissue)
-        self._reset()
-
-    def _reset(self):   # per process
         self._perm_epoch, self._perm, self._bad, self._members = None, None, set(), None
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if not k.startswith('_')}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._reset()
+    def __reduce__(self):   # the state above starts afresh in each process
+        return PairMaker, (self.source, self.plan, self.aug, self.skip_log, self.min_tissue)
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:  # one epoch at a time: elements arrive in order
@@ -215,9 +206,8 @@ class TrainLoader:
         self.source, self.plan, self.aug = source, plan, aug
         self.held_out = held_out   # the monitor set's slides, held out of `source`
         self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
-        self.normalization_origin = normalization_origin
         self.num_workers, self.min_tissue = int(num_workers), float(min_tissue)
-        self.skip_log = skips.SkipLog(skip_list)
+        self.normalization_origin, self.skip_log = normalization_origin, skips.SkipLog(skip_list)
 
     num_records = property(lambda self: self.plan.num_records)
     steps_per_epoch = property(lambda self: self.plan.steps_per_epoch)

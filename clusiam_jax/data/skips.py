@@ -16,19 +16,23 @@ class SkipLog:
     def __init__(self, list_path: Optional[str]):
         self.list_path, self._seen = list_path, set()
 
-    def __getstate__(self):
-        return (self.list_path,)
-
-    def __setstate__(self, state):
-        self.__init__(*state)
+    def __reduce__(self):
+        return SkipLog, (self.list_path,)
 
     def record(self, path: str, reason: str) -> None:
         """Notes an unreadable file; logged the first time any process sees it."""
         if path in self._seen:
             return
         self._seen.add(path)
-        if self.list_path is None or _append_once(self.list_path, path):
-            logger.warning('skipping %s (%s)', path, reason)
+        if self.list_path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.list_path)), exist_ok=True)
+            with open(self.list_path, 'a+') as f:   # closing it (flushed) releases the lock
+                fcntl.flock(f, fcntl.LOCK_EX)
+                f.seek(0)
+                if path in f.read().splitlines():
+                    return
+                f.write(path + '\n')
+        logger.warning('skipping %s (%s)', path, reason)
 
     def paths(self) -> List[str]:
         if not self.list_path:
@@ -38,13 +42,3 @@ class SkipLog:
         with open(self.list_path) as f:
             return [line for line in f.read().splitlines() if line]
 
-
-def _append_once(list_path: str, path: str) -> bool:
-    os.makedirs(os.path.dirname(os.path.abspath(list_path)), exist_ok=True)
-    with open(list_path, 'a+') as f:   # closing it (flushed) releases the lock
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        if path in f.read().splitlines():
-            return False
-        f.write(path + '\n')
-        return True

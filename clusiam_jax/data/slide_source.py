@@ -40,23 +40,20 @@ class SlideSource(PatchSource):
                     if slides else np.zeros((0, 2), np.int64))
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.open_slides = int(open_slides)
-        self._reset()
-
-    def _reset(self):
-        """Per-process state; a dropped handle is never closed: another thread may read it."""
-        self._handles = collections.OrderedDict()
-        self._bad: Dict[int, str] = {}
-        self._sizes: Dict[int, tuple] = {}
-        self._lock = threading.Lock()
-        self._cache = None   # one tile cache for all the handles of this process
+        self.__setstate__({})
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items()
                 if k not in ('_handles', '_bad', '_sizes', '_lock', '_cache')}
 
     def __setstate__(self, state):
+        """Fresh per-process state; a dropped handle is never closed: another thread may read it."""
         self.__dict__.update(state)
-        self._reset()
+        self._handles = collections.OrderedDict()
+        self._bad: Dict[int, str] = {}
+        self._sizes: Dict[int, tuple] = {}
+        self._lock = threading.Lock()
+        self._cache = None   # one tile cache for all the handles of this process
 
     def path(self, index: int) -> str:
         x, y = self._xy[index]
@@ -141,8 +138,7 @@ class SlideSource(PatchSource):
             import openslide
             if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)):
                 raise
-            # OpenSlideError leaves the handle unusable: reopen later. A tile that does not
-            # decode (ValueError) is that tile alone.
+            # OpenSlideError leaves the handle unusable (reopen later); a ValueError: one tile.
             if not isinstance(e, ValueError):
                 with self._lock:
                     if self._handles.get(s) is opened:
@@ -196,10 +192,9 @@ def _usable(coord_file: str, slide_id: str, left_out: List[str]):
 
 def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[SlidePatches]:
     """The tiled slides of slides.csv, looked up by id in `slide_dir` when given."""
-    rows = slides_csv.tiled_rows(path)
     moved = _index_slides(slide_dir) if slide_dir else None
     out = []
-    for row in rows:
+    for row in slides_csv.tiled_rows(path):
         try:   # a hand-edited slides.csv may hold an id that leads out of `path`
             coord_file = coords_lib.trident_file(path, row['slide_id'])
         except DataError as e:
