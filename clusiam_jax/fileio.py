@@ -78,8 +78,7 @@ def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Di
 
 
 def read_path_csv(path: str, what: str, expected: str) -> Tuple[List[str], List[Dict[str, str]]]:
-    """read_csv_rows of a CSV with a `path` column, each row's `path` resolved against the
-    CSV's folder (an absolute one stays) and normalised; `expected` lists the columns."""
+    """read_csv_rows, each row's `path` normalised against the CSV's folder; `expected`: columns."""
     base = os.path.dirname(os.path.abspath(path))
     columns, rows = read_csv_rows(path, what)
     if 'path' not in columns:

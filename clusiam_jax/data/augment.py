@@ -1,6 +1,5 @@
 """The two-view augmentation of docs/method.md §1 in torchvision's order and distributions,
-drawn (`sample_view_params`) then applied (`apply_view`); jitter, gray and blur match PIL.
-"""
+drawn (`sample_view_params`) then applied (`apply_view`); jitter, gray and blur match PIL."""
 import dataclasses
 import math
 from typing import Optional, Tuple
@@ -66,9 +65,7 @@ def sample_crop(rng: np.random.Generator, height: int, width: int, scale=(0.2, 1
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     # The largest center crop with an aspect ratio inside `ratio`.
     w, h = width, height
     if width / height < min(ratio):

@@ -65,8 +65,6 @@ def decode_rgb(data: bytes) -> np.ndarray:
                     arr = _to_rgb_uint8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
                 else:
                     arr = np.asarray(im.convert('RGB'))
-        except BadImageError:
-            raise
         except Exception as e:  # PIL raises many types for corrupt data
             raise BadImageError(f'{type(e).__name__}: {e}') from None
     if arr.shape[0] < 1 or arr.shape[1] < 1:
@@ -77,11 +75,9 @@ def decode_rgb(data: bytes) -> np.ndarray:
 def load_rgb(path: str) -> np.ndarray:
     try:
         with open(path, 'rb') as f:
-            data = f.read()
+            return decode_rgb(f.read())
     except OSError as e:
         raise BadImageError(f'{path}: {e.strerror or e}') from None
-    try:
-        return decode_rgb(data)
     except BadImageError as e:
         raise BadImageError(f'{os.fspath(path)}: {e}') from None
 

@@ -77,12 +77,9 @@ def parse_patch_path(path: str, root: Optional[str] = None) -> PatchRecord:
     """Slide id, coordinates and (under root/<class>/<slide>/) label, read off the path."""
     match = _COORDS_RE.search(os.path.splitext(os.path.basename(path))[0])
     x, y = (int(match.group(1)), int(match.group(2))) if match else (None, None)
-    label = None
-    if root is not None:
-        rel_parts = os.path.relpath(path, root).split(os.sep)
-        if len(rel_parts) == 3:
-            label = rel_parts[0]
-    return PatchRecord(path, os.path.basename(os.path.dirname(path)) or None, label, x, y)
+    parts = os.path.relpath(path, root).split(os.sep) if root is not None else ()
+    return PatchRecord(path, os.path.basename(os.path.dirname(path)) or None,
+                       parts[0] if len(parts) == 3 else None, x, y)
 
 
 def _optional_int(value: str, column: str, line: int, csv_path: str):
@@ -95,7 +92,6 @@ def _optional_int(value: str, column: str, line: int, csv_path: str):
 
 
 def read_patch_manifest(csv_path: str) -> List[PatchRecord]:
-    """Records from a manifest CSV (path[, slide_id, label, x, y])."""
     columns, rows = fileio.read_path_csv(csv_path, 'manifest', 'path[,slide_id][,label][,x,y]')
     if ('x' in columns) != ('y' in columns):
         raise DataError(f'manifest {csv_path} has only one of the columns "x", "y"')

@@ -56,13 +56,11 @@ class FileSource(PatchSource):
             from clusiam_jax.data import tfds_builder  # tensorflow-datasets: only here
             self._reader = tfds_builder.open_data_source(self.dataset_dir)
         try:
-            example = self._reader[index]
-        except Exception as e:  # a damaged shard: treat like a damaged file
-            raise image_io.BadImageError(f'{self.path(index)}: record {index}: {e}') from None
-        try:
-            return image_io.decode_rgb(example['image'])
+            return image_io.decode_rgb(self._reader[index]['image'])
         except image_io.BadImageError as e:
             raise image_io.BadImageError(f'{self.path(index)}: {e}') from None
+        except Exception as e:  # a damaged shard: treat like a damaged file
+            raise image_io.BadImageError(f'{self.path(index)}: record {index}: {e}') from None
 
 
 def open_source(path: str, slide_dir: str = '', open_slides: int = 512) -> PatchSource:

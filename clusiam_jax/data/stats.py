@@ -1,6 +1,5 @@
 """Per-channel normalization statistics over the exact training list, cached by its hash; an
-entry made while files were unreadable remembers them, so that repairing them recomputes.
-"""
+entry made while files were unreadable remembers them, so that repairing them recomputes."""
 import concurrent.futures
 import contextlib
 import hashlib

@@ -1,6 +1,5 @@
 """A patch source packed into TFDS ArrayRecord shards (example i: row i of records.csv), and read
-back. RGB 8-bit PNG/JPEG are stored as is, the rest as lossless PNG: the pixels stay the file's.
-"""
+back. RGB 8-bit PNG/JPEG are stored as is, the rest as lossless PNG: the pixels stay the file's."""
 import contextlib
 import io
 import os
@@ -32,8 +31,6 @@ def _stored_bytes(path: str) -> bytes:
 
 
 class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
-    """Histopathology patches with slide id, label and level-0 coordinates."""
-
     name = 'clusiam_patches'  # a stable name whatever the class is called
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'First version.'}
@@ -71,8 +68,7 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
 
 
 def build_dataset(source: str, out_dir: str) -> str:
-    """Packs a patch folder or manifest CSV into ``out_dir``; returns the dataset folder
-    (``out_dir/clusiam_patches/1.0.0``, which data.path takes, as does ``out_dir``)."""
+    """The dataset folder `out_dir/clusiam_patches/1.0.0` (data.path takes it or `out_dir`)."""
     recs = records_lib.discover(source)
     if records_lib.find_tfds_dataset(source) is not None:
         raise DataError(f'{source} is already a built dataset')
@@ -92,6 +88,5 @@ def build_dataset(source: str, out_dir: str) -> str:
 
 
 def open_data_source(dataset_dir: str):
-    """The train split as a random-access sequence of dicts, image left encoded."""
     builder = tfds.builder_from_directory(dataset_dir)
     return builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})

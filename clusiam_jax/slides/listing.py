@@ -17,8 +17,7 @@ class SlideEntry:
     label: str = ''
 
 
-# Files a slide beside them needs, by the extension of that slide: not slides themselves,
-# nor files left out (VMS/VMU: the JPEG tiles and the optimisation file they list).
+# Sidecars by slide extension, neither slides nor skipped files (VMS/VMU: JPEG tiles, .opt).
 _SIDECARS = {'.vms': ('.jpg', '.jpeg', '.opt'), '.vmu': ('.jpg', '.jpeg', '.opt')}
 
 
@@ -29,14 +28,12 @@ def find_slides(folder: str):
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         names = sorted(n for n in filenames if not n.startswith('.'))
         lower = [n.lower() for n in names]
-        mirax = {os.path.splitext(n)[0] for n, low in zip(names, lower)
-                 if low.endswith('.mrxs')}
+        mirax = {os.path.splitext(n)[0] for n, low in zip(names, lower) if low.endswith('.mrxs')}
         dirnames[:] = sorted(d for d in dirnames if not d.startswith('.') and d not in mirax)
         needed = tuple(e for low in lower for ext, sidecars in _SIDECARS.items()
                        if low.endswith(ext) for e in sidecars)
         if any(low.endswith(reader.DICOM_EXTENSION) for low in lower):
-            found.append(SlideEntry(os.path.basename(dirpath),
-                                    reader.dicom_file(dirpath, names)))
+            found.append(SlideEntry(os.path.basename(dirpath), reader.dicom_file(dirpath, names)))
         for name, low in zip(names, lower):
             if low.endswith(reader.SLIDE_EXTENSIONS):
                 path = os.path.join(dirpath, name)
@@ -57,7 +54,6 @@ def skipped_line(skipped: Dict[str, int]) -> str:
 
 
 def read_slide_list(path: str) -> List[SlideEntry]:
-    """The rows of a CSV of slides: path[,slide_id][,mpp][,label]."""
     _, rows = fileio.read_path_csv(path, 'tile.slides CSV', 'path[,slide_id][,mpp][,label]')
     entries = []
     for line, row in enumerate(rows, start=2):
