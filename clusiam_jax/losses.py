@@ -51,9 +51,8 @@ def cluster_similarity(reps, logits, gumbel):
     counts = jnp.sum(assign, axis=0)
     centroids = l2_normalize((assign.T @ reps) / jnp.maximum(counts, 1.0)[:, None])
     sims = centroids @ centroids.T
-    upper = jnp.triu(jnp.ones(sims.shape, dtype=bool), k=1)
     # The original's mean of the non-zero upper triangle: empty clusters drop out.
-    mask = upper & (sims != 0)
+    mask = jnp.triu(jnp.ones(sims.shape, dtype=bool), k=1) & (sims != 0)
     num = jnp.sum(mask)
     mean = jnp.sum(jnp.where(mask, sims, 0.0)) / jnp.maximum(num, 1)
     return jnp.where(num > 0, mean, jnp.ones_like(mean))

@@ -96,8 +96,7 @@ class GatedAttentionMIL(nn.Module):
         u = jax.nn.sigmoid(TorchLinear(self.attention_dim, True, name='attention_U')(h))
         scores = TorchLinear(1, True, name='attention_w')(v * u)[:, 0]
         attention = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf))
-        logits = TorchLinear(self.num_classes, True, name='classifier')(attention @ h)
-        return logits, attention
+        return TorchLinear(self.num_classes, True, name='classifier')(attention @ h), attention
 
 
 @dataclasses.dataclass

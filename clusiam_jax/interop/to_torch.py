@@ -28,9 +28,8 @@ RESIZE = ('the whole patch (no crop) resized to image_size x image_size: PIL bil
           '(x - mean) / std per channel')
 
 
-def variables_to_state_dict(variables: Dict, module_fn, step: int = 0,
-                            prefix: str = '') -> Dict[str, np.ndarray]:
-    """{'params', 'batch_stats'} -> torch names via `module_fn`, in torch layout."""
+def variables_to_state_dict(variables: Dict, module_fn, step: int = 0, prefix: str = '') -> dict:
+    """{'params', 'batch_stats'} -> {torch name (`module_fn`): array in torch layout}."""
     out = {}
     for collection, path, leaf, array in layout.iter_leaves(variables):
         key = prefix + layout.torch_key(module_fn, collection, path, leaf)
@@ -48,8 +47,7 @@ def backbone_state_dict(encoder_params, encoder_stats, step: int = 0) -> Dict[st
                                    layout.backbone_module, step)
 
 
-def encoder_state_dict(encoder_params, encoder_stats, step: int = 0,
-                       prefix: str = '') -> Dict[str, np.ndarray]:
+def encoder_state_dict(encoder_params, encoder_stats, step: int = 0, prefix: str = '') -> dict:
     """Backbone + projector as the original's `encoder` (torchvision ResNet, fc = projector)."""
     out = variables_to_state_dict({'params': encoder_params, 'batch_stats': encoder_stats},
                                   layout.encoder_module, step, prefix)
