@@ -76,10 +76,8 @@ def _grouped(names: Sequence[str], spell_out: int = 3) -> str:
         groups.setdefault(top, []).append(name)
     parts = []
     for top, members in sorted(groups.items()):
-        if len(members) <= spell_out:
-            parts.extend(sorted(members))
-        else:
-            parts.append(f'{top}{"/" if "/" in members[0] else "."}* ({len(members)})')
+        parts += (sorted(members) if len(members) <= spell_out else
+                  [f'{top}{"/" if "/" in members[0] else "."}* ({len(members)})'])
     return listing(parts)
 
 
