@@ -9,7 +9,7 @@ import pytest
 from shapely.geometry import Polygon
 
 from clusiam_jax.errors import DataError
-from clusiam_jax.export.qupath import write_cluster_geojson
+from clusiam_jax.export.maps import write_cluster_geojson
 from clusiam_jax.slides.annotations import (
     ANNOTATION_EXTENSIONS,
     Annotation,

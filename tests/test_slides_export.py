@@ -146,9 +146,9 @@ def _count_embedded_slides(monkeypatch):
     calls = []
     original = embed._embed_stream
 
-    def counting(embedder, source, stream, writer, options):
-        calls.append({s for s, _, _ in stream})
-        return original(embedder, source, stream, writer, options)
+    def counting(embedder, source, writer, options):
+        calls.append(set(writer.groups))
+        return original(embedder, source, writer, options)
     monkeypatch.setattr(embed, '_embed_stream', counting)
     return calls
 

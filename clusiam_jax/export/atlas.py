@@ -65,10 +65,9 @@ def typicality(logits, ids):
     ids = np.asarray(ids, np.int64)
     if logits is None or np.asarray(logits).shape[1] < 2:
         return np.zeros(len(ids))
-    logits = np.asarray(logits, np.float64)
+    others = np.array(logits, np.float64)   # a copy
     rows = np.arange(len(ids))
-    own = logits[rows, ids]
-    others = logits.copy()
+    own = others[rows, ids]
     others[rows, ids] = -np.inf
     top = others.max(axis=1)
     return own - (top + np.log(np.exp(others - top[:, None]).sum(axis=1)))

@@ -65,10 +65,9 @@ class Embedder:
 
 def group_by_slide(source) -> Dict[str, np.ndarray]:
     """{slide_id: int64 indices of its patches}, slides in order of first appearance."""
-    names, codes = source.slide_ids, source.slide_index
-    names = np.where(names == '', UNKNOWN_SLIDE, names.astype(object)).astype(str)
-    names, merged = np.unique(names, return_inverse=True)   # '' and a literal id agree
-    codes = merged.reshape(-1)[codes]
+    names = np.where(source.slide_ids == '', UNKNOWN_SLIDE, source.slide_ids.astype(object))
+    names, merged = np.unique(names.astype(str), return_inverse=True)   # '' and a literal id agree
+    codes = merged.reshape(-1)[source.slide_index]
     present, first, counts = np.unique(codes, return_index=True, return_counts=True)
     members = np.split(np.argsort(codes, kind='stable'), np.cumsum(counts)[:-1])
     return collections.OrderedDict((str(names[present[k]]), members[k].astype(np.int64))
@@ -132,9 +131,8 @@ class _SlideWriter:
         recs = [r for r, _ in rows]
         out = {'coords': np.array([[-1 if r.x is None else r.x, -1 if r.y is None else r.y]
                                    for r in recs], np.int64).reshape(-1, 2),
-               'paths': np.array([r.path for r in recs], dtype=object)}
-        for name in rows[0][1]:
-            out[name] = np.stack([o[name] for _, o in rows])
+               'paths': np.array([r.path for r in recs], dtype=object),
+               **{name: np.stack([o[name] for _, o in rows]) for name in rows[0][1]}}
         if 'cluster_logits' in out:
             out['cluster_ids'] = np.argmax(out['cluster_logits'], axis=1).astype(np.int32)
         if any(r.label for r in recs):

@@ -1,6 +1,5 @@
-"""The export's on-disk layout (docs/formats.md), its only owner: an export copied elsewhere is
-read without the run. h5_files/<slide>.h5 (CLAM's layout plus cluster ids, logits, paths, labels)
-or embeddings.npz, pt_files/, manifest.csv, export_info.json, skipped_files.txt."""
+"""The export's on-disk layout (docs/formats.md; h5 files: CLAM's plus cluster ids, logits, paths
+and labels), its only owner: an export copied elsewhere is read without the run."""
 import collections
 import hashlib
 import json
@@ -215,8 +214,7 @@ def iter_slides(out_dir: str, rows):
     npz = [row['slide_id'] for row in rows if row['file'].endswith('.npz')]
     loaded = _npz_slides(os.path.join(out_dir, NPZ_NAME), npz) if npz else {}
     for row in rows:
-        slide_id = row['slide_id']
-        yield row, loaded.pop(slide_id) if slide_id in loaded else read_slide(out_dir, row)
+        yield row, loaded.pop(row['slide_id'], None) or read_slide(out_dir, row)
 
 
 def read_export(out_dir: str, slides=None) -> Dict[str, dict]:

@@ -14,8 +14,7 @@ def _srgb_to_lab(rgb):
                   [0.0193339, 0.1191920, 0.9503041]])
     xyz = linear @ m.T / np.array([0.95047, 1.0, 1.08883])
     f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16,
-                     500 * (f[..., 0] - f[..., 1]),
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
                      200 * (f[..., 1] - f[..., 2])], axis=-1)
 
 
@@ -39,8 +38,7 @@ def delta_e_2000(lab1, lab2):
                                            np.where(h_sum < 360, h_sum + 360, h_sum - 360),
                                            h_sum) / 2)
     t = (1 - 0.17 * np.cos(np.radians(h_mean - 30)) + 0.24 * np.cos(np.radians(2 * h_mean))
-         + 0.32 * np.cos(np.radians(3 * h_mean + 6))
-         - 0.20 * np.cos(np.radians(4 * h_mean - 63)))
+         + 0.32 * np.cos(np.radians(3 * h_mean + 6)) - 0.20 * np.cos(np.radians(4 * h_mean - 63)))
     c_mean7 = c_mean ** 7
     r_t = (-np.sin(np.radians(60 * np.exp(-(((h_mean - 275) / 25) ** 2))))
            * 2 * np.sqrt(c_mean7 / (c_mean7 + 25.0 ** 7)))
@@ -84,9 +82,8 @@ def _palette(n):
         nxt = int(np.argmax(dist))
         chosen.append(nxt)
         dist = np.minimum(dist, delta_e_2000(lab, lab[nxt]))
-    colors = np.round(grid[chosen] * 255).astype(np.uint8)
-    if len(colors) < n:   # more clusters than candidates: colors repeat
-        colors = np.resize(colors, (n, 3))
+    # More clusters than candidates: the colors repeat.
+    colors = np.resize(np.round(grid[chosen] * 255).astype(np.uint8), (n, 3))
     colors.setflags(write=False)
     return colors
 

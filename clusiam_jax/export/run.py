@@ -18,8 +18,7 @@ from clusiam_jax.errors import ClusiamError, ConfigError, DataError
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export.atlas import write_atlas
 from clusiam_jax.export.embed import Embedder, EmbedOptions, export_embeddings, group_by_slide
-from clusiam_jax.export.maps import check_thumbnail, draw_export_maps
-from clusiam_jax.export.qupath import write_export_geojson
+from clusiam_jax.export.maps import check_thumbnail, draw_export_maps, write_export_geojson
 from clusiam_jax.fileio import writable_folder
 
 log = logging.getLogger('clusiam_jax')
@@ -77,8 +76,6 @@ def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict,
             files[path] = fmt.file_attrs(path, tuple(current) + ('workdir', 'slide_id'))
         except (OSError, KeyError, ValueError):
             continue
-    if not files:
-        return
     mine = os.path.realpath(workdir)
     inside = os.path.realpath(out_dir).startswith(mine + os.sep)
     foreign = {p: a for p, a in files.items()
@@ -297,8 +294,7 @@ def export(workdir, exp, normalization=None, argv=None) -> str:
             if exp.cluster_maps:
                 maps = draw_export_maps(job.out_dir, thumbnail=exp.thumbnail or None,
                                         downsample=exp.thumbnail_downsample or None,
-                                        alpha=exp.map_alpha,
-                                        annotations=exp.annotations or None)
+                                        alpha=exp.map_alpha, annotations=exp.annotations or None)
                 if maps:
                     log.info('cluster maps: %s', ', '.join(maps))
             if exp.atlas:
