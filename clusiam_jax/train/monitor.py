@@ -112,6 +112,7 @@ class Monitor:
             in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
             out_shardings=parallel.replicated(mesh),
             compiler_options=compiler_options(network.conv_impl))
+        # Padded to whole batches; every process holds the whole set and places its shards.
         stacked = np.concatenate([monitor_set.images, monitor_set.view1, monitor_set.view2])
         stacked = np.pad(stacked, [(0, -len(stacked) % self.batch)] + [(0, 0)] * 3)
         self.batches = [jax.make_array_from_callback(chunk.shape, parallel.batch_sharded(mesh),
