@@ -1,0 +1,250 @@
+"""The one path layer: local paths and gs:// / s3:// URLs (fsspec's gcsfs and s3fs, which read
+each cloud's own environment: credentials, AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).
+Local paths go through os as before. An object is written in one upload: a streamed fsspec
+file that an exception closes commits a truncated object, which a restart would trust."""
+import contextlib
+import os
+import posixpath
+import random
+import shutil
+import tempfile
+import threading
+import time
+from typing import List, Sequence, Tuple
+
+from clusiam_jax.errors import DataError
+
+SCHEMES = ('gs://', 's3://')
+_ATTEMPTS, _FIRST_PAUSE_S = 6, 0.2
+# Reads in flight per host: a bucket answers in tens of ms (docs/storage.md).
+MAX_IN_FLIGHT = 64
+
+
+def is_url(path) -> bool:
+    return isinstance(path, str) and path.startswith(SCHEMES)
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_url(base) else os.path.join(base, *parts)
+
+
+def resolve(base: str, path: str) -> str:
+    """`path` (a URL, absolute or relative to the folder `base`) as one normalised path or URL."""
+    if is_url(path):
+        return path
+    if not is_url(base):
+        return os.path.normpath(os.path.join(base, path))
+    scheme, rest = base.split('://', 1)
+    return f'{scheme}://{posixpath.normpath(posixpath.join(rest, path))}'
+
+
+def split(path: str) -> Tuple[str, str]:
+    return posixpath.split(path.rstrip('/')) if is_url(path) else os.path.split(path)
+
+
+def _filesystem(url: str):
+    if url.startswith('gs://') and os.environ.get('STORAGE_EMULATOR_HOST'):
+        # gcsfs asks the bucket type over gRPC, which an emulator never answers (60 s a call).
+        os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+    import fsspec  # here: a local run never imports the cloud clients
+    kwargs = ({'config_kwargs': {'max_pool_connections': MAX_IN_FLIGHT}}
+              if url.startswith('s3://') else {})
+    return fsspec.filesystem(url.split('://', 1)[0], **kwargs)
+
+
+class Telemetry:
+    """What this process asked of the buckets since the last `take()` (the loop's log window)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self):
+        self.requests = self.bytes = self.retries = self.errors = 0
+        self.latencies = []
+
+    def add(self, requests: int, nbytes: int, seconds: float, retries: int = 0, errors: int = 0):
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+            self.retries += retries
+            self.errors += errors
+            if requests:
+                self.latencies.append(seconds)
+
+    def take(self) -> dict:
+        with self._lock:
+            seconds = sorted(self.latencies)
+            out = {'requests': self.requests, 'bytes': self.bytes, 'retries': self.retries,
+                   'errors': self.errors,
+                   'latency_mean_ms': 1e3 * sum(seconds) / len(seconds) if seconds else 0.0,
+                   'latency_p99_ms': 1e3 * seconds[int(0.99 * (len(seconds) - 1))]
+                   if seconds else 0.0}
+            self._reset()
+        return out
+
+
+telemetry = Telemetry()
+
+
+def _transient(error: BaseException) -> bool:
+    """HTTP 429/5xx, timeouts and dropped connections: worth another try; the rest is not."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return True
+    text = f'{type(error).__name__} {error}'
+    return any(s in text for s in ('429', '500', '502', '503', '504', 'SlowDown', 'Timeout',
+                                   'timed out', 'Connection', 'ServerDisconnected',
+                                   'ClientPayloadError', 'IncompleteRead', 'reset by peer'))
+
+
+def _retried(what: str, url: str, call):
+    """call() with exponential backoff on transient failures; a lasting one is a DataError."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            return call()
+        except Exception as e:  # cloud clients raise many types: sorted by _transient
+            if not _transient(e) or attempt == _ATTEMPTS - 1:
+                telemetry.add(0, 0, 0.0, errors=1)
+                raise DataError(f'cannot {what} {url}: {_reason(e)}') from None
+            telemetry.add(0, 0, 0.0, retries=1)
+            time.sleep(_FIRST_PAUSE_S * 2 ** attempt * (0.5 + random.random()))
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError):
+        return 'no such object or bucket'
+    if isinstance(error, PermissionError):
+        return 'access denied (check the credentials in the environment)'
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]
+
+
+def exists(path: str) -> bool:
+    if not is_url(path):
+        return os.path.exists(path)
+    return _retried('look up', path, lambda: _filesystem(path).exists(path))
+
+
+def isdir(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isdir(path)
+    return _retried('look up', path, lambda: _filesystem(path).isdir(path))
+
+
+def isfile(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isfile(path)
+    return _retried('look up', path, lambda: _filesystem(path).isfile(path))
+
+
+def listdir(path: str) -> List[str]:
+    """Names in a folder (another host's writes included: the listing cache is dropped)."""
+    if not is_url(path):
+        return os.listdir(path)
+    fs = _filesystem(path)
+    fs.invalidate_cache(path)
+    entries = _retried('list', path, lambda: fs.ls(path, detail=False))
+    return sorted(posixpath.basename(e.rstrip('/')) for e in entries)
+
+
+def makedirs(path: str) -> None:
+    """A local folder; in a bucket folders are name prefixes, so only the bucket must exist."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    bucket = path.split('://', 1)[0] + '://' + path.split('://', 1)[1].split('/', 1)[0]
+    if not _retried('look up', bucket, lambda: _filesystem(path).exists(bucket)):
+        raise DataError(f'cannot write {path}: the bucket {bucket} does not exist')
+
+
+def read_bytes(path: str) -> bytes:
+    if not is_url(path):
+        with open(path, 'rb') as f:
+            return f.read()
+    start = time.perf_counter()
+    data = _retried('read', path, lambda: _filesystem(path).cat_file(path))
+    telemetry.add(1, len(data), time.perf_counter() - start)
+    return data
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """One upload: the object appears whole or not at all."""
+    _retried('write', url, lambda: _filesystem(url).pipe_file(url, data))
+
+
+def upload(local_path: str, url: str, recursive: bool = False) -> None:
+    """A file (or with `recursive` a folder's files, each one upload) to `url`."""
+    fs = _filesystem(url)
+    if not recursive:
+        _retried('write', url, lambda: fs.put_file(local_path, url))
+        return
+    for folder, _, names in os.walk(local_path):
+        for name in sorted(names):
+            source = os.path.join(folder, name)
+            target = join(url, *os.path.relpath(source, local_path).split(os.sep))
+            _retried('write', target, lambda s=source, t=target: fs.put_file(s, t))
+
+
+def download(url: str, local_path: str) -> None:
+    _retried('read', url, lambda: _filesystem(url).get_file(url, local_path))
+
+
+def remove(path: str, recursive: bool = False) -> None:
+    if not is_url(path):
+        if os.path.isdir(path) and recursive:
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        return
+    fs = _filesystem(path)
+    try:
+        _retried('delete', path, lambda: fs.rm(path, recursive=recursive))
+    except DataError:
+        if fs.exists(path):
+            raise
+
+
+def read_ranges(path: str, ranges: Sequence[Tuple[int, int]]) -> List[bytes]:
+    """The byte ranges [start, end) of one object or file, all requested at once (a bucket's
+    latency is hidden by concurrency, not by a faster request)."""
+    if not ranges:
+        return []
+    if not is_url(path):
+        with open(path, 'rb') as f:
+            out = []
+            for start, end in ranges:
+                f.seek(start)
+                out.append(f.read(end - start))
+            return out
+    fs, begin = _filesystem(path), time.perf_counter()
+    starts, ends = [s for s, _ in ranges], [e for _, e in ranges]
+    data = _retried('read', path, lambda: fs.cat_ranges([path] * len(ranges), starts, ends,
+                                                        on_error='raise'))
+    telemetry.add(len(ranges), sum(map(len, data)), time.perf_counter() - begin)
+    return data
+
+
+def open_header(path: str):
+    """A read-only file object for parsing a file's header over the network: small blocks,
+    read ahead (fsspec's default reads 50 MiB at the first touch)."""
+    if not is_url(path):
+        return open(path, 'rb')
+    return _retried('open', path, lambda: _filesystem(path).open(
+        path, 'rb', block_size=2 ** 16, cache_type='readahead'))
+
+
+@contextlib.contextmanager
+def local_copy(path: str):
+    """A local file with `path`'s bytes (a temporary download for a URL), for libraries that
+    only read local files."""
+    if not is_url(path):
+        yield path
+        return
+    folder = tempfile.mkdtemp(prefix='clusiam-')
+    try:
+        local = os.path.join(folder, posixpath.basename(path.rstrip('/')))
+        download(path, local)
+        yield local
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
