@@ -248,3 +248,17 @@ def local_copy(path: str):
         yield local
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_bytes(url: str, data: bytes) -> bool:
+    """One upload only if no object has the name (GCS ifGenerationMatch=0, S3 IfNoneMatch='*'):
+    False when one exists. The lock of a work directory in a bucket, where no flock exists."""
+    fs = _filesystem(url)
+
+    def put():
+        try:
+            fs.pipe_file(url, data, mode='create')
+        except FileExistsError:
+            return False
+        return True
+    return _retried('create', url, put)
