@@ -262,3 +262,32 @@ def create_bytes(url: str, data: bytes) -> bool:
             return False
         return True
     return _retried('create', url, put)
+
+
+def find(url: str) -> List[str]:
+    """Every object under the folder `url`, as names relative to it (a fresh listing)."""
+    fs = _filesystem(url)
+    fs.invalidate_cache(url)
+    prefix = url.split('://', 1)[1].rstrip('/') + '/'
+    found = _retried('list', url, lambda: fs.find(url))
+    return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
+
+
+def copy(source: str, target: str) -> None:
+    """One object, copied inside the store (no download)."""
+    _retried('copy', source, lambda: _filesystem(source).copy(source, target))
+
+
+def find_files(url: str) -> List[str]:
+    """Every object under the folder `url` (fresh listing), as sorted paths relative to it."""
+    fs = _filesystem(url)
+    fs.invalidate_cache(url)
+    root = url.split('://', 1)[1].rstrip('/') + '/'
+    found = _retried('list', url, lambda: fs.find(url, withdirs=False))
+    return sorted(f[len(root):] for f in found if f.startswith(root))
+
+
+def version(url: str) -> Tuple[int, str]:
+    """(size, ETag) of an object: what changes when it is written again (a rerun redoes it)."""
+    info = _retried('look up', url, lambda: _filesystem(url).info(url))
+    return int(info['size']), str(info.get('ETag') or info.get('etag') or '').strip('"')
