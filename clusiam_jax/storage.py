@@ -264,15 +264,6 @@ def create_bytes(url: str, data: bytes) -> bool:
     return _retried('create', url, put)
 
 
-def find(url: str) -> List[str]:
-    """Every object under the folder `url`, as names relative to it (a fresh listing)."""
-    fs = _filesystem(url)
-    fs.invalidate_cache(url)
-    prefix = url.split('://', 1)[1].rstrip('/') + '/'
-    found = _retried('list', url, lambda: fs.find(url))
-    return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
-
-
 def copy(source: str, target: str) -> None:
     """One object, copied inside the store (no download)."""
     _retried('copy', source, lambda: _filesystem(source).copy(source, target))
