@@ -1,0 +1,111 @@
+"""The remote backend of TIFF-based slides: a slide's tiles fetched by exact byte ranges, all
+a read needs in one batch (a bucket's latency is hidden by concurrency, storage.read_ranges),
+from its tile index (tile_index.py) instead of a parsed header, decoded as tifffile decodes
+them and placed by TiffTiles' own region code: the same pixels as the local direct reads.
+"""
+import collections
+import threading
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+
+from clusiam_jax.slides import tiles as tiles_lib
+from clusiam_jax.slides.tile_index import IndexLevel, TileIndex
+
+# Decoded tiles kept per backend: a 224 px patch spans about 3.5 tiles of 256 px, and
+# neighbouring patches share tiles. 64 RGB tiles of 256 px are 12 MiB.
+CACHED_TILES = 64
+
+Region = Tuple[int, int, int, int, int]   # (level, x0, y0, w, h), x0 and y0 at level 0
+ReadRanges = Callable[[str, Sequence[Tuple[int, int]]], List[bytes]]
+
+
+class RemoteTiles(tiles_lib.TiffTiles):
+    """Reads of the indexed levels of the slide at `path` through `read_ranges(path, [(start,
+    end), ...]) -> [bytes]` (end exclusive), with a small LRU of decoded tiles; threads may
+    share it (the slide source's handles are shared by its threads)."""
+
+    def __init__(self, index: TileIndex, path: str, read_ranges: ReadRanges,
+                 cached_tiles: int = CACHED_TILES):
+        # Not TiffTiles.__init__: no file, no header. read() below is TiffTiles'.
+        self.index, self.path, self._read_ranges = index, path, read_ranges
+        self.levels = dict(index.levels)
+        self.width0 = index.width0
+        self._number = {id(lv): number for number, lv in self.levels.items()}
+        self._cached_tiles = cached_tiles
+        self._cache = collections.OrderedDict()   # (level, tile) -> decoded tile
+        self._lock = threading.Lock()             # guards the cache
+        self._local = threading.local()           # .batch: this thread's read's tiles
+
+    def close(self):
+        with self._lock:
+            self._cache.clear()
+
+    def read(self, level_index: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        return self.read_regions([(level_index, x0, y0, w, h)])[0]
+
+    def read_regions(self, regions: Sequence[Region]) -> List[np.ndarray]:
+        """Each region as TiffTiles.read returns it; every tile they need that is not cached
+        comes from one read_ranges call."""
+        needed, batch = {}, {}
+        with self._lock:
+            for level_index, x0, y0, w, h in regions:
+                level = self.levels[level_index]
+                for tile in _tiles_of(level, self.width0, x0, y0, w, h):
+                    key = (level_index, tile)
+                    if key in self._cache:
+                        self._cache.move_to_end(key)
+                        batch[key] = self._cache[key]
+                    else:
+                        needed[key] = level
+        batch.update(self._fetch(needed))
+        self._local.batch = batch
+        try:
+            return [super(RemoteTiles, self).read(*region) for region in regions]
+        finally:
+            self._local.batch = None
+
+    def _fetch(self, needed: dict) -> dict:
+        """The tiles `needed` ({(level, tile): IndexLevel}) decoded from one batch of ranges;
+        an empty tile (no bytes stored) is decoded from b'' as TiffTiles' pread gives it."""
+        keys = [k for k, lv in needed.items() if lv.counts[k[1]] > 0]
+        ranges = [(int(needed[k].offsets[k[1]]),
+                   int(needed[k].offsets[k[1]] + needed[k].counts[k[1]])) for k in keys]
+        fetched = dict(zip(keys, self._read_ranges(self.path, ranges) if ranges else [],
+                           strict=True))
+        decoded = {key: _decoded(level, key[1], fetched.get(key, b''))
+                   for key, level in needed.items()}
+        if self._cached_tiles > 0:
+            with self._lock:
+                for key, tile in decoded.items():
+                    self._cache[key] = tile
+                    self._cache.move_to_end(key)
+                while len(self._cache) > self._cached_tiles:
+                    self._cache.popitem(last=False)
+        return decoded
+
+    def _tile(self, level: IndexLevel, index: int) -> np.ndarray:
+        return self._local.batch[(self._number[id(level)], index)]
+
+
+def _decoded(level: IndexLevel, index: int, data: bytes) -> np.ndarray:
+    try:
+        tile = level.codec.decode(data, level.tile_h, level.tile_w)
+    except Exception as e:  # the codec's own error type: as TiffTiles reports it
+        raise ValueError(f'tile {index} does not decode '
+                         f'({type(e).__name__}: {" ".join(str(e).split())})') from None
+    tile.flags.writeable = False   # shared by the cache
+    return tile
+
+
+def _tiles_of(level, width0: int, x0: int, y0: int, w: int, h: int) -> List[int]:
+    """The tiles TiffTiles.read decodes for this region (its own placement arithmetic)."""
+    ds = width0 / level.width
+    x, y = int(round(x0 / ds)), int(round(y0 / ds))
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, level.width), min(y + h, level.height)
+    if x0 >= x1 or y0 >= y1:
+        return []
+    return [ty * level.tiles_across + tx
+            for ty in range(y0 // level.tile_h, (y1 - 1) // level.tile_h + 1)
+            for tx in range(x0 // level.tile_w, (x1 - 1) // level.tile_w + 1)]
