@@ -3,6 +3,7 @@ each cloud's own environment: credentials, AWS_ENDPOINT_URL, STORAGE_EMULATOR_HO
 Local paths go through os as before. An object is written in one upload: a streamed fsspec
 file that an exception closes commits a truncated object, which a restart would trust."""
 import contextlib
+import math
 import os
 import posixpath
 import random
@@ -78,7 +79,7 @@ class Telemetry:
             out = {'requests': self.requests, 'bytes': self.bytes, 'retries': self.retries,
                    'errors': self.errors,
                    'latency_mean_ms': 1e3 * sum(seconds) / len(seconds) if seconds else 0.0,
-                   'latency_p99_ms': 1e3 * seconds[int(0.99 * (len(seconds) - 1))]
+                   'latency_p99_ms': 1e3 * seconds[math.ceil(0.99 * len(seconds)) - 1]
                    if seconds else 0.0}
             self._reset()
         return out
