@@ -1,5 +1,6 @@
 """One command per folder: `flock` on `<folder>/.clusiam.lock`; where flock is refused, an
-O_EXCL file, taken over only from a gone pid of this host."""
+O_EXCL file, taken over only from a gone pid of this host; in a bucket, a lock object created
+only if absent (no flock there), taken over likewise."""
 import contextlib
 import datetime
 import errno
@@ -12,9 +13,11 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from typing import Optional, Sequence
 
-from clusiam_jax.errors import ConfigError
+from clusiam_jax import storage
+from clusiam_jax.errors import ConfigError, DataError
 
 log = logging.getLogger('clusiam_jax')
 
@@ -24,7 +27,7 @@ _held = {}  # folders this process holds: holding one again inside is no refusal
 
 
 def lock_path(folder: str) -> str:
-    return os.path.join(folder, LOCK_NAME)
+    return storage.join(folder, LOCK_NAME)
 
 
 def _read_holder(path: str, fd: Optional[int] = None, tries: int = 10) -> Optional[dict]:
@@ -155,21 +158,70 @@ class FolderLock:
             self._fd = None
 
 
+class BucketLock(FolderLock):
+    """The lock of a folder in a bucket: an object uploaded only if none has its name (GCS
+    ifGenerationMatch=0, S3 IfNoneMatch='*'). No process keeps it alive: a holder killed on
+    another host leaves it, and only deleting it frees the folder."""
+
+    def acquire(self):
+        log.info('%s %s is in a bucket: locked by the object %s, which a command killed on '
+                 'another host leaves behind (delete it then)', self.what, self.folder, self.path)
+        token = uuid.uuid4().hex  # ours: a retried upload that had landed finds itself
+        text = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'token': token,
+                           'started': datetime.datetime.now().isoformat(timespec='seconds'),
+                           'command': self.command}) + '\n'
+        for _ in range(10):
+            if storage.create_bytes(self.path, text.encode('utf-8')):
+                self._fd = token
+                return self
+            try:
+                holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
+                int(holder['pid'])
+            except DataError:
+                continue  # released as we looked
+            except (ValueError, TypeError, KeyError):
+                self._refuse(None, f' (or, if no command is running there, delete {self.path})')
+            if holder.get('token') == token:
+                self._fd = token
+                return self
+            if holder.get('host') != socket.gethostname() or _pid_alive(int(holder['pid'])):
+                self._refuse(holder, f' (if it is not running any more, delete {self.path})')
+            log.info('%s %s: taking over the lock of a command that is gone (%s)', self.what,
+                     self.folder, describe(holder))
+            storage.remove(self.path)
+        raise ConfigError(f'{self.what} {self.folder}: cannot take its lock {self.path} '
+                          f'(it keeps changing)')
+
+    def release(self):
+        if self._fd is None:
+            return
+        try:  # only our own object: a folder taken over since is not ours to free
+            holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
+            if holder.get('token') == self._fd:
+                storage.remove(self.path)
+        except (DataError, ValueError, AttributeError) as e:
+            log.warning('%s: could not release the lock %s (%s); delete it before the next '
+                        'command there', self.folder, self.path, e)
+        finally:
+            self._fd = None
+
+
 @contextlib.contextmanager
 def hold(folder: str, what: str, argv: Optional[Sequence[str]] = None,
          enabled: bool = True, created: bool = False):
     """Holds `folder`'s lock (unless held here); a `created` folder left empty is removed."""
-    key = os.path.realpath(folder)
+    remote = storage.is_url(folder)
+    key = folder.rstrip('/') if remote else os.path.realpath(folder)
     if not enabled or key in _held:
         yield None
         return
     try:
-        _held[key] = FolderLock(folder, what, argv).acquire()
+        _held[key] = (BucketLock if remote else FolderLock)(folder, what, argv).acquire()
         yield _held[key]
     finally:
         lock = _held.pop(key, None)
         if lock is not None:
             lock.release()
-        if created:
+        if created and not remote:
             with contextlib.suppress(OSError):  # not empty: the command wrote there
                 os.rmdir(folder)
