@@ -4,7 +4,6 @@ import contextlib
 import itertools
 import logging
 import math
-import os
 import signal
 import time
 
@@ -12,7 +11,7 @@ import jax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from clusiam_jax import interrupts, parallel, run_dir
+from clusiam_jax import interrupts, parallel, run_dir, storage
 from clusiam_jax.checkpoint import Checkpointer
 from clusiam_jax.config import config_changes, validate
 from clusiam_jax.data import create_train_loader
@@ -117,7 +116,7 @@ def train(config, workdir: str, loader=None, mesh=None):
     """The final (or signal-checkpointed) state; default loader: data.path's, mesh: all devices."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)  # a bucket: only the bucket must exist
     interrupts.check()  # safe points: a signal before the loop stops the command here
     held_out = None  # the monitor's slides: only the data pipeline's own loader holds some out
     if loader is None:
