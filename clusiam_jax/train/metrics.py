@@ -1,11 +1,17 @@
-"""Metrics fetched at log steps, metrics.csv, TensorBoard, skipped steps (files: process 0 only)."""
+"""Metrics fetched at log steps, metrics.csv, TensorBoard, skipped steps (files: process 0 only).
+In a bucket (objects cannot be appended) each file is rewritten whole: metrics.csv at each epoch
+row; TensorBoard's events are written to a local folder and uploaded at each epoch row and at the
+end (tensorboardX's own s3/gs writers hold the file in memory and upload it unretried from a
+thread, with their own endpoint variables)."""
 import collections
 import logging
 import math
-import os
+import shutil
+import tempfile
 
 import jax
 
+from clusiam_jax import storage
 from clusiam_jax.errors import NonFiniteError
 from clusiam_jax.fileio import read_csv_rows, write_csv
 
@@ -20,12 +26,14 @@ CSV_FIELDS = ('epoch', 'step', 'time_s', 'pairs_per_s', 'lr', 'loss', 'invarianc
 
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
-        self.enabled, self.rows, self._tb = enabled, None, None
-        self.csv_path = os.path.join(workdir, 'metrics.csv')
-        self.tb_dir = os.path.join(workdir, 'tb')
+        self.enabled, self.rows, self._tb, self._staged = enabled, None, None, None
+        self.csv_path = storage.join(workdir, 'metrics.csv')
+        self.tb_dir = storage.join(workdir, 'tb')
         if enabled:
             from tensorboardX import SummaryWriter  # no TensorFlow needed
-            self._tb = SummaryWriter(self.tb_dir)
+            if storage.is_url(workdir):
+                self._staged = tempfile.mkdtemp(prefix='clusiam-tb-')
+            self._tb = SummaryWriter(self._staged or self.tb_dir)
 
     def scalars(self, step: int, values: dict, prefix: str = 'train/'):
         if not self.enabled:
@@ -39,7 +47,7 @@ class MetricWriter:
             return
         if self.rows is None:
             old = (read_csv_rows(self.csv_path, 'metrics file')[1]
-                   if os.path.exists(self.csv_path) else [])
+                   if storage.exists(self.csv_path) else [])
             # A row damaged by hand (no epoch number) is kept, not judged.
             self.rows = [r for r in old if not (r.get('epoch') or '').isdigit() or
                          int(r['epoch']) < int(row['epoch'])]
@@ -47,10 +55,21 @@ class MetricWriter:
         write_csv(self.csv_path, CSV_FIELDS,
                   ({k: r.get(k, '') for k in CSV_FIELDS} for r in self.rows))
         self._tb.flush()
+        self._upload_tb()
+
+    def _upload_tb(self):
+        """This run's events files, each uploaded whole (earlier runs' stay as they are)."""
+        if self._staged is not None:
+            storage.upload(self._staged, self.tb_dir, recursive=True)
 
     def close(self):
         if self._tb is not None:
             self._tb.close()
+            try:
+                self._upload_tb()
+            finally:
+                if self._staged is not None:
+                    shutil.rmtree(self._staged, ignore_errors=True)
 
 
 class SkippedSteps:
@@ -58,7 +77,7 @@ class SkippedSteps:
     FILE_NAME = 'nonfinite_steps.txt'
 
     def __init__(self, workdir: str, max_in_a_row: int, write: bool):
-        self.path = os.path.join(workdir, self.FILE_NAME) if write else None
+        self.path = storage.join(workdir, self.FILE_NAME) if write else None
         self.max_in_a_row, self.in_a_row = max_in_a_row, 0
 
     def skipped(self, step: int, metrics: dict):
@@ -66,7 +85,10 @@ class SkippedSteps:
         values = f"loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])}"
         log.warning('step %d: %s; skipped (the state is unchanged, the batch is consumed)',
                     step, values)
-        if self.path:
+        if self.path and storage.is_url(self.path):  # rare: the object is rewritten whole
+            old = storage.read_bytes(self.path) if storage.isfile(self.path) else b''
+            storage.write_bytes(self.path, old + f'{step} {values}\n'.encode('utf-8'))
+        elif self.path:
             with open(self.path, 'a') as f:
                 f.write(f'{step} {values}\n')
         if self.in_a_row > self.max_in_a_row:
