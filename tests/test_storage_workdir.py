@@ -1,0 +1,133 @@
+"""A work directory in a bucket (gs://, s3://, loopback servers: tests/objstore.py): training
+there equals training on local disk (metrics.csv rows, final parameters bit for bit), every
+file is a whole object, and one lock object keeps a second command out."""
+import csv
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from clusiam_jax import cli, interrupts, storage, workdir_lock
+from clusiam_jax.data.skips import SkipLog
+from clusiam_jax.errors import ConfigError
+from clusiam_jax.train.loop import train as train_on
+from tests.helpers import PreemptedLoader, SyntheticLoader, assert_trees_equal, mesh_of, tiny_config
+
+SIZES = dict(steps_per_epoch=3, num_epochs=2, batch_size=8, image_size=32)
+TIME_COLUMNS = ('time_s', 'pairs_per_s')
+
+
+def train(config, workdir, loader):
+    return train_on(config, workdir, loader, mesh_of(1))
+
+
+def metric_rows(raw: bytes):
+    rows = list(csv.DictReader(io.StringIO(raw.decode('utf-8'))))
+    return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in rows]
+
+
+@pytest.fixture(scope='module')
+def on_disk(tmp_path_factory):
+    """The reference: the same run on local disk."""
+    config = tiny_config('clubyol', num_epochs=2)
+    workdir = str(tmp_path_factory.mktemp('local'))
+    state = jax.device_get(train(config, workdir, SyntheticLoader(**SIZES)))
+    with open(os.path.join(workdir, 'metrics.csv'), 'rb') as f:
+        return config, state, metric_rows(f.read())
+
+
+@pytest.mark.slow  # two tiny runs of about 30 s each (compiling)
+def test_training_in_a_bucket_equals_local_disk(on_disk, bucket, objstore):
+    config, reference, rows = on_disk
+    workdir = f'{bucket}/runs/a'
+    state = jax.device_get(train(config, workdir, SyntheticLoader(**SIZES)))
+    assert_trees_equal(state, reference)
+    objects = objstore.objects(workdir)
+    assert metric_rows(objects['metrics.csv']) == rows and len(rows) == 2
+    assert {'config.json', 'normalization.json'} <= set(objects)
+    events = [k for k in objects if k.startswith('tb/events.out.tfevents')]
+    assert len(events) == 1 and objects[events[0]]  # uploaded whole at the end
+    assert not os.path.exists(os.path.join(os.getcwd(), 's3:'))  # nothing staged beside us
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_in_a_bucket_is_bit_exact(on_disk, bucket, objstore):
+    config, reference, rows = on_disk
+    workdir = f'{bucket}/runs/b'
+    stopped = train(config, workdir, PreemptedLoader(at=4, signum=signal.SIGTERM, **SIZES))
+    assert interrupts.received() == signal.SIGTERM
+    assert 1 <= int(stopped.step) < 6
+    resumed = jax.device_get(train(config, workdir, SyntheticLoader(**SIZES)))
+    assert_trees_equal(resumed, reference)
+    assert metric_rows(objstore.read(f'{workdir}/metrics.csv')) == rows
+
+
+def test_a_second_command_is_refused_while_the_lock_object_is_held(bucket, objstore):
+    folder = f'{bucket}/run'
+    with workdir_lock.hold(folder, '--workdir', ['--workdir', folder]):
+        held = objstore.read(f'{folder}/{workdir_lock.LOCK_NAME}')
+        assert b'"pid"' in held
+        with pytest.raises(ConfigError, match='is in use by another command: pid'):
+            workdir_lock.BucketLock(folder, '--workdir').acquire()
+        # Another process (the CLI's own check) is refused the same way, with one line.
+        code = ('import sys; from clusiam_jax import workdir_lock\n'
+                'try:\n    workdir_lock.BucketLock(sys.argv[1], "--workdir").acquire()\n'
+                'except Exception as e:\n    print(e); sys.exit(3)\n')
+        other = subprocess.run([sys.executable, '-c', code, folder], capture_output=True,
+                               text=True, env={**os.environ, 'PYTHONPATH': os.getcwd()})
+        assert other.returncode == 3 and 'in use by another command' in other.stdout
+        assert objstore.read(f'{folder}/{workdir_lock.LOCK_NAME}') == held
+    assert workdir_lock.LOCK_NAME not in objstore.keys(bucket + '/run')
+    # A holder killed on this host (its pid gone) is taken over, as on local disk.
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True).stdout.strip()
+    storage.write_bytes(f'{folder}/{workdir_lock.LOCK_NAME}',
+                        ('{"host": "%s", "pid": %s}' % (os.uname().nodename, dead)).encode())
+    lock = workdir_lock.BucketLock(folder, '--workdir').acquire()
+    lock.release()
+    assert workdir_lock.LOCK_NAME not in objstore.keys(bucket + '/run')
+
+
+def test_log_txt_in_a_bucket_is_rewritten_whole_and_goes_on(bucket, objstore, monkeypatch):
+    workdir = f'{bucket}/run'
+    url = f'{workdir}/{cli.LOG_NAME}'
+    root = logging.getLogger()
+    logger = logging.getLogger('clusiam_jax')
+    logger.setLevel(logging.INFO)
+
+    def session(lines):
+        before = list(root.handlers)
+        cli.log_to_workdir(workdir, ['--workdir', workdir])
+        handler = next(h for h in root.handlers if h not in before)
+        try:
+            for line in lines:
+                logger.info(line)
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+
+    monkeypatch.setattr(cli, 'LOG_UPLOAD_EVERY_S', 1e9)
+    session(['first run'])  # uploaded at the end only
+    text = objstore.read(url).decode()
+    assert text.count('launch.py --workdir') == 1 and text.endswith('first run\n')
+    monkeypatch.setattr(cli, 'LOG_UPLOAD_EVERY_S', 0.0)  # every line: the object is whole
+    session(['resumed'])
+    text = objstore.read(url).decode()
+    assert text.count('launch.py --workdir') == 2
+    assert text.index('first run') < text.index('resumed') and text.endswith('resumed\n')
+
+
+def test_skip_list_in_a_bucket_is_shared_and_whole(bucket, objstore, caplog):
+    url = f'{bucket}/run/skipped_files.txt'
+    with caplog.at_level(logging.WARNING):
+        SkipLog(url).record('a.svs', 'unreadable')
+        SkipLog(url).record('a.svs', 'unreadable')  # another worker: listed once, logged once
+        SkipLog(url).record('b.svs', 'unreadable')
+    assert objstore.read(url) == b'a.svs\nb.svs\n'
+    assert sum('skipping a.svs' in r.getMessage() for r in caplog.records) == 1
+    assert SkipLog(url).paths() == ['a.svs', 'b.svs']
