@@ -2,9 +2,10 @@
 instances is one slide, named after the folder), or the rows of a CSV of slides."""
 import dataclasses
 import os
+import posixpath
 from typing import Dict, List, Optional
 
-from clusiam_jax import fileio
+from clusiam_jax import fileio, storage
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import reader, slides_csv
 
@@ -24,23 +25,58 @@ _SIDECARS = {'.vms': ('.jpg', '.jpeg', '.opt'), '.vmu': ('.jpg', '.jpeg', '.opt'
 def find_slides(folder: str):
     """(the slides under `folder`, {extension: count} of the other files but those slides
     need); hidden files and a MIRAX slide's data folder (`X/` by `X.mrxs`) left out."""
+    if storage.is_url(folder):
+        return _find_in_bucket(folder)
     found, skipped = [], {}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         names = sorted(n for n in filenames if not n.startswith('.'))
-        lower = [n.lower() for n in names]
-        mirax = {os.path.splitext(n)[0] for n, low in zip(names, lower) if low.endswith('.mrxs')}
+        mirax = _scan(dirpath, names, found, skipped)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith('.') and d not in mirax)
-        needed = tuple(e for low in lower for ext, sidecars in _SIDECARS.items()
-                       if low.endswith(ext) for e in sidecars)
-        if any(low.endswith(reader.DICOM_EXTENSION) for low in lower):
-            found.append(SlideEntry(os.path.basename(dirpath), reader.dicom_file(dirpath, names)))
-        for name, low in zip(names, lower):
-            if low.endswith(reader.SLIDE_EXTENSIONS):
-                path = os.path.join(dirpath, name)
-                found.append(SlideEntry(reader.slide_id_of(path), path))
-            elif not low.endswith((reader.DICOM_EXTENSION,) + needed):
-                ext = os.path.splitext(low)[1] or 'without extension'
-                skipped[ext] = skipped.get(ext, 0) + 1
+    return sorted(found, key=lambda e: e.path), skipped
+
+
+def _scan(dirpath: str, names: List[str], found: List[SlideEntry], skipped: Dict[str, int]):
+    """Adds the slides of one folder's visible `names` to `found`, the other files to
+    `skipped`; returns the names of its MIRAX data folders."""
+    lower = [n.lower() for n in names]
+    mirax = {os.path.splitext(n)[0] for n, low in zip(names, lower) if low.endswith('.mrxs')}
+    needed = tuple(e for low in lower for ext, sidecars in _SIDECARS.items()
+                   if low.endswith(ext) for e in sidecars)
+    if any(low.endswith(reader.DICOM_EXTENSION) for low in lower):
+        dicom = (storage.join(dirpath, min(n for n, low in zip(names, lower)
+                                           if low.endswith(reader.DICOM_EXTENSION)))
+                 if storage.is_url(dirpath) else reader.dicom_file(dirpath, names))
+        found.append(SlideEntry(storage.split(dirpath)[1], dicom))
+    for name, low in zip(names, lower):
+        if low.endswith(reader.SLIDE_EXTENSIONS):
+            path = storage.join(dirpath, name)
+            found.append(SlideEntry(reader.slide_id_of(path), path))
+        elif not low.endswith((reader.DICOM_EXTENSION,) + needed):
+            ext = os.path.splitext(low)[1] or 'without extension'
+            skipped[ext] = skipped.get(ext, 0) + 1
+    return mirax
+
+
+def _find_in_bucket(folder: str):
+    """find_slides over a bucket's flat listing, folder by folder as os.walk gives them."""
+    folder = folder.rstrip('/')
+    names: Dict[str, List[str]] = {}
+    for rel in storage.find_files(folder):
+        parent, name = posixpath.split(rel)
+        names.setdefault(parent, []).append(name)
+    found, skipped, mirax = [], {}, {}
+
+    def hidden(rel: str) -> bool:   # under a hidden or MIRAX data folder
+        if not rel:
+            return False
+        parent, name = posixpath.split(rel)
+        return hidden(parent) or name.startswith('.') or name in mirax.get(parent, ())
+
+    for rel in sorted(names, key=lambda r: (r.count('/') if r else -1, r)):   # parents first
+        if not hidden(rel):
+            visible = sorted(n for n in names[rel] if not n.startswith('.'))
+            mirax[rel] = _scan(storage.join(folder, rel) if rel else folder, visible, found,
+                               skipped)
     return sorted(found, key=lambda e: e.path), skipped
 
 
@@ -58,7 +94,7 @@ def read_slide_list(path: str) -> List[SlideEntry]:
     entries = []
     for line, row in enumerate(rows, start=2):
         slide_path = row['path']
-        if os.path.isdir(slide_path):   # a folder of DICOM instances
+        if not storage.is_url(slide_path) and os.path.isdir(slide_path):   # DICOM instances
             slide_path = reader.dicom_file(slide_path) or slide_path
         mpp_text = (row.get('mpp') or '').strip()
         try:
