@@ -156,3 +156,24 @@ def test_tile_command_with_slides_and_output_in_buckets(slide_folder, bucket, ca
         ('s1', f'{url}/s1.tif', 'a', 'tiled'), ('s2', f'{url}/sub/s2.tif', 'b', 'tiled')]
     assert cli.main(args + ['--config.tile.host_count=2', '--config.tile.host_index=2']) == 2
     assert 'tile.host_index must be below tile.host_count' in capsys.readouterr().err
+
+
+def test_several_file_slides_in_a_bucket_are_listed_as_on_disk_and_refused_in_their_row(
+        bucket, tmp_path):
+    root = tmp_path / 'wsi'
+    for rel in ('case/1.dcm', 'case/2.dcm', 'm.mrxs', 'm/Index.dat', 'm/Data0.dat', 'x.svs',
+                '.git/y.svs', 'r.txt'):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b'not a slide')
+    url = uploaded(str(root), bucket)
+    local, skipped = listing.find_slides(str(root))
+    found, skipped_there = listing.find_slides(url)
+    assert skipped_there == skipped == {'.txt': 1}
+    assert [(e.slide_id, e.path.replace(str(root), url)) for e in local] == \
+        [(e.slide_id, e.path) for e in found] == [
+            ('case', f'{url}/case/1.dcm'), ('m', f'{url}/m.mrxs'), ('x', f'{url}/x.svs')]
+    out = storage.join(bucket, 'tiling')
+    reasons = {e.slide_id: tiling.tile_slide(e, params(), out)['reason'] for e in found}
+    assert 'a slide of several files' in reasons['case'] and reasons['m'] == \
+        reasons['case'].replace(f'{url}/case/1.dcm', f'{url}/m.mrxs')
+    assert reasons['x'].startswith(f'{url}/x.svs: not a readable slide')
