@@ -10,11 +10,13 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from clusiam_jax import cli, interrupts, storage, workdir_lock
 from clusiam_jax.data.skips import SkipLog
 from clusiam_jax.errors import ConfigError
+from clusiam_jax.interop.read_weights import read_weights, variable_names
 from clusiam_jax.train.loop import train as train_on
 from tests.helpers import PreemptedLoader, SyntheticLoader, assert_trees_equal, mesh_of, tiny_config
 
@@ -53,15 +55,28 @@ def test_training_in_a_bucket_equals_local_disk(on_disk, bucket, objstore):
     events = [k for k in objects if k.startswith('tb/events.out.tfevents')]
     assert len(events) == 1 and objects[events[0]]  # uploaded whole at the end
     assert not os.path.exists(os.path.join(os.getcwd(), 's3:'))  # nothing staged beside us
+    # train.init_from=<the run in the bucket> reads its online weights.
+    source = read_weights(workdir, config)
+    assert source.path == workdir and source.arrays
+    trained = variable_names({'params': reference.params, 'batch_stats': reference.batch_stats})
+    assert set(source.arrays) <= set(trained)
+    for name, value in source.arrays.items():
+        np.testing.assert_array_equal(value, trained[name])
 
 
 @pytest.mark.slow
-def test_resume_after_sigterm_in_a_bucket_is_bit_exact(on_disk, bucket, objstore):
+def test_resume_after_sigterm_in_a_bucket_is_bit_exact(on_disk, bucket, objstore, tmp_path):
     config, reference, rows = on_disk
     workdir = f'{bucket}/runs/b'
     stopped = train(config, workdir, PreemptedLoader(at=4, signum=signal.SIGTERM, **SIZES))
     assert interrupts.received() == signal.SIGTERM
     assert 1 <= int(stopped.step) < 6
+    # train.resume_from=<the bucket run>: a new local run continues it exactly.
+    elsewhere = config.copy_and_resolve_references()
+    elsewhere.train.resume_from = workdir
+    continued = jax.device_get(train(elsewhere, str(tmp_path / 'continued'),
+                                     SyntheticLoader(**SIZES)))
+    assert_trees_equal(continued, reference)
     resumed = jax.device_get(train(config, workdir, SyntheticLoader(**SIZES)))
     assert_trees_equal(resumed, reference)
     assert metric_rows(objstore.read(f'{workdir}/metrics.csv')) == rows
