@@ -114,7 +114,7 @@ class Checkpointer:
         if not self._staged:
             self.manager.delete(step)
             return
-        if os.path.isdir(os.path.join(self._orbax_dir, str(step))):
+        if step in self.manager.all_steps():  # its staged copy
             self.manager.delete(step)
         self._delete_remote(step)
 

@@ -145,6 +145,41 @@ def test_no_readable_step_is_one_checkpoint_error(bucket, objstore):
         restored(url)
 
 
+def test_delete_removes_a_step_from_the_bucket(bucket, objstore, tmp_path):
+    """What the monitor does before it keeps a replayed step's best again."""
+    url, local = f'{bucket}/run', str(tmp_path / 'run')
+    for workdir in (url, local):
+        save_steps(workdir, [1, 2])
+        ckpt = Checkpointer(workdir)
+        try:
+            ckpt.delete(2)
+            assert ckpt.all_steps() == [1]
+            ckpt.save(2, state_at(20), {'index': 200})
+            ckpt.wait()
+        finally:
+            ckpt.close()
+    assert sorted(step_keys(objstore, url)) == ['1', '2']
+    assert_same(restored(url), restored(local))
+
+
+def test_staging_a_killed_process_left_is_removed(objstore, tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    url = objstore.new_bucket('s3') + '/run'
+    key = checkpoint_module.hashlib.sha256(f'{url}/checkpoints'.encode()).hexdigest()[:16]
+    root = os.path.join(os.environ['XDG_CACHE_HOME'], 'clusiam_jax', 'staging')
+    os.makedirs(os.path.join(root, f'{key}-{dead}-left', '3'))
+    mine = Checkpointer(url)
+    try:
+        assert [n for n in os.listdir(root) if n.startswith(key)] == [
+            os.path.basename(mine._orbax_dir)]
+    finally:
+        mine.close()
+    assert not [n for n in os.listdir(root) if n.startswith(key)]
+
+
 def test_an_s3_work_directory_takes_one_process(monkeypatch):
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
     with pytest.raises(ConfigError, match='s3:// takes one process') as err:
