@@ -101,6 +101,36 @@ def test_bucket_checkpoints_equal_local_disk_and_keep_prunes_the_bucket(
         assert not os.path.isdir(staging) or not os.listdir(staging)
 
 
+@pytest.fixture(scope='module')
+def tiny_trainer():
+    from clusiam_jax.train.trainer import build_trainer
+    from tests.helpers import SyntheticLoader, mesh_of, tiny_config
+    trainer = build_trainer(tiny_config('clubyol'), mesh_of(8), 3, SyntheticLoader.mean,
+                            SyntheticLoader.std)
+    return trainer, trainer.init_state()
+
+
+def test_a_train_state_sharded_over_8_devices_equals_local_disk(bucket, tmp_path,
+                                                                tiny_trainer):
+    trainer, state = tiny_trainer
+    out = {}
+    for name, workdir in (('bucket', f'{bucket}/run'), ('local', str(tmp_path / 'run'))):
+        ckpt = Checkpointer(workdir)
+        try:
+            ckpt.save(3, state, {'index': 3})
+            ckpt.wait()
+        finally:
+            ckpt.close()
+        ckpt = Checkpointer(workdir, create=False)
+        try:
+            out[name] = ckpt.restore_latest_readable(trainer.abstract_state())
+        finally:
+            ckpt.close()
+    assert_same(out['bucket'], out['local'])
+    for a, b in zip(jax.tree.leaves(out['bucket'][1]), jax.tree.leaves(out['local'][1])):
+        assert a.sharding == b.sharding
+
+
 def test_a_step_without_its_marker_is_never_trusted(bucket, objstore, tmp_path):
     """A half-uploaded (s3) or unfinished (gs) step: restore takes the one before, and the
     step is saved again cleanly."""
