@@ -3,6 +3,8 @@ files and QC pictures as tiling the same slides from local disk to local disk; a
 over hosts merges into the slides.csv one host writes, and a host interrupted and run again
 redoes only its unfinished slides. Against both loopback servers (tests/objstore.py).
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -158,11 +160,11 @@ def test_tile_command_with_slides_and_output_in_buckets(slide_folder, bucket, ca
     assert 'tile.host_index must be below tile.host_count' in capsys.readouterr().err
 
 
-def test_several_file_slides_in_a_bucket_are_listed_as_on_disk_and_refused_in_their_row(
+def test_several_file_slides_in_a_bucket_are_listed_as_on_disk_and_staged_whole(
         bucket, tmp_path):
     root = tmp_path / 'wsi'
     for rel in ('case/1.dcm', 'case/2.dcm', 'm.mrxs', 'm/Index.dat', 'm/Data0.dat', 'x.svs',
-                '.git/y.svs', 'r.txt'):
+                'x.vms', '.git/y.svs', 'r.txt'):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b'not a slide')
     url = uploaded(str(root), bucket)
@@ -171,9 +173,31 @@ def test_several_file_slides_in_a_bucket_are_listed_as_on_disk_and_refused_in_th
     assert skipped_there == skipped == {'.txt': 1}
     assert [(e.slide_id, e.path.replace(str(root), url)) for e in local] == \
         [(e.slide_id, e.path) for e in found] == [
-            ('case', f'{url}/case/1.dcm'), ('m', f'{url}/m.mrxs'), ('x', f'{url}/x.svs')]
+            ('case', f'{url}/case/1.dcm'), ('m', f'{url}/m.mrxs'), ('x', f'{url}/x.svs'),
+            ('x', f'{url}/x.vms')]
+    with listing.staged(f'{url}/m.mrxs') as staged:   # with its data folder
+        assert sorted(os.listdir(os.path.dirname(staged))) == ['m', 'm.mrxs']
+        assert sorted(os.listdir(os.path.join(os.path.dirname(staged), 'm'))) == \
+            ['Data0.dat', 'Index.dat']
+    assert not os.path.exists(staged)
     out = storage.join(bucket, 'tiling')
-    reasons = {e.slide_id: tiling.tile_slide(e, params(), out)['reason'] for e in found}
-    assert 'a slide of several files' in reasons['case'] and reasons['m'] == \
-        reasons['case'].replace(f'{url}/case/1.dcm', f'{url}/m.mrxs')
-    assert reasons['x'].startswith(f'{url}/x.svs: not a readable slide')
+    reasons = [tiling.tile_slide(e, params(), out)['reason'] for e in found]
+    assert [r.split(': ')[:2] for r in reasons[:3]] == [
+        [e.path, 'not a readable slide (OpenSlideUnsupportedFormatError'] for e in found[:3]]
+    assert reasons[3].startswith(f'{url}/x.vms: a VMS/VMU slide')
+
+
+def test_a_dicom_folder_in_a_bucket_is_tiled_as_on_disk(bucket, tmp_path):
+    pytest.importorskip('pydicom')
+    from tests.test_tile_listing import synthetic_base, write_dicom_slide
+    root = tmp_path / 'wsi'
+    write_dicom_slide(str(root / 'HE-slide'), synthetic_base(1.0), 1.0)
+    url = uploaded(str(root), bucket)
+    entries = tiling.list_slides(url)
+    # The bucket's listing cannot tell a level from the report: the first instance by name.
+    assert [(e.slide_id, e.path) for e in entries] == [('HE-slide', f'{url}/HE-slide/0_report.dcm')]
+    out, local_out = storage.join(bucket, 'tiling'), str(tmp_path / 'out')
+    tiling.tile_slides(entries, params(), out)
+    tiling.tile_slides(tiling.list_slides(str(root)), params(), local_out)
+    assert [r['status'] for r in slides_csv.read_rows(out)] == ['tiled']
+    assert_same_tiling(out, local_out, ['HE-slide'])

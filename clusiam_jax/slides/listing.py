@@ -1,9 +1,13 @@
 """The slides of `tile.slides`: the slide files under a folder (a folder of DICOM
-instances is one slide, named after the folder), or the rows of a CSV of slides."""
+instances is one slide, named after the folder), or the rows of a CSV of slides; a slide in
+a bucket staged to local files (`staged`) for the readers that only read those."""
+import contextlib
 import dataclasses
 import os
 import posixpath
-from typing import Dict, List, Optional
+import shutil
+import tempfile
+from typing import Dict, Iterator, List, Optional
 
 from clusiam_jax import fileio, storage
 from clusiam_jax.errors import DataError
@@ -128,3 +132,37 @@ def duplicate_rows(entries: List[SlideEntry]) -> Dict[int, dict]:
             f'({where}); none of them is tiled: give each its own id (the slide_id column '
             f'of a slide CSV, tile.slides=slides.csv) or remove the copies')
     return rows
+
+
+# Slides of several files that `staged` cannot gather (VMS/VMU: sidecars named in the file).
+UNSTAGED = ('.vms', '.vmu')
+
+
+@contextlib.contextmanager
+def staged(path: str) -> Iterator[str]:
+    """The slide at `path` as a local file, downloaded with the files it needs (a DICOM
+    slide's folder of .dcm, a MIRAX slide's data folder) and deleted after; `path` itself
+    when local."""
+    low = path.lower()
+    if not storage.is_url(path) or not low.endswith((reader.DICOM_EXTENSION, '.mrxs')):
+        with storage.local_copy(path) as local:
+            yield local
+        return
+    folder = tempfile.mkdtemp(prefix='clusiam-slide-')
+    try:
+        parent, name = storage.split(path)
+        if low.endswith('.mrxs'):   # X.mrxs and its data folder X/
+            data = storage.join(parent, name[:-len('.mrxs')])
+            files = [name] + [f'{name[:-len(".mrxs")]}/{rel}' for rel in storage.find_files(data)]
+            local_parent = folder
+        else:   # every instance of the folder: OpenSlide reads the levels from all
+            files = [n for n in storage.listdir(parent) if n.lower().endswith('.dcm')]
+            local_parent = os.path.join(folder, storage.split(parent)[1])
+        for rel in files:
+            local = os.path.join(local_parent, *rel.split('/'))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            storage.download(storage.join(parent, rel), local)
+        yield (os.path.join(local_parent, name) if low.endswith('.mrxs')
+               else reader.dicom_file(local_parent) or os.path.join(local_parent, name))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

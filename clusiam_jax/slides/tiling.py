@@ -28,8 +28,6 @@ from clusiam_jax.slides.slides_csv import DEFAULT_ORIGIN, OVERRIDE_ORIGIN, TILED
 
 log = logging.getLogger('clusiam_jax')
 
-# Slides of more than one file, which staging one object from a bucket cannot open.
-MULTI_FILE = (reader.DICOM_EXTENSION, '.mrxs', '.vms', '.vmu')
 # Slides in a bucket that get a tile index (tile_index.py): the TIFF family.
 TIFF_FAMILY = ('.svs', '.tif', '.tiff', '.ndpi', '.scn', '.bif')
 
@@ -166,13 +164,13 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
         return bad
     if not storage.is_url(entry.path):
         return _tile_file(entry, entry.path, params, out_dir)
-    if entry.path.lower().endswith(MULTI_FILE):
-        return table.row(entry, table.UNREADABLE, f'{entry.path}: a slide of several files '
-                         f'(DICOM folder, MIRAX, VMS/VMU) is tiled from local disk only: copy '
-                         f'it out of the bucket and list the copy')
+    if entry.path.lower().endswith(listing.UNSTAGED):
+        return table.row(entry, table.UNREADABLE, f'{entry.path}: a VMS/VMU slide (files named '
+                         f'inside it) is tiled from local disk only: copy it out of the bucket '
+                         f'and list the copy')
     with contextlib.ExitStack() as stack:   # staged whole, one slide at a time per worker
         try:
-            local = stack.enter_context(storage.local_copy(entry.path))
+            local = stack.enter_context(listing.staged(entry.path))
         except DataError as e:
             return table.row(entry, table.UNREADABLE, str(e))
         return _tile_file(entry, local, params, out_dir)
