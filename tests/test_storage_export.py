@@ -85,6 +85,23 @@ def _info(data: bytes) -> dict:
     return info
 
 
+def _count_embedded_slides(monkeypatch):
+    """Per embedding pass of an export, the set of slides embedded (test_slides_export.py)."""
+    embedded, original = [], embed._embed_stream
+    monkeypatch.setattr(embed, '_embed_stream', lambda embedder, source, writer, options: (
+        embedded.append(set(writer.groups)), original(embedder, source, writer, options)))
+    return embedded
+
+
+def _same_export(a, b):
+    here, there = fmt.read_export(a), fmt.read_export(b)
+    assert sorted(there) == sorted(here)
+    for slide, arrays in here.items():
+        assert sorted(there[slide]) == sorted(arrays)
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(there[slide][name], value, err_msg=name)
+
+
 def test_an_export_to_a_bucket_holds_the_local_files_and_resumes(exported, bucket, monkeypatch,
                                                                  capsys):
     config, workdir, local, splits = exported
@@ -100,9 +117,7 @@ def test_an_export_to_a_bucket_holds_the_local_files_and_resumes(exported, bucke
         assert there[name] == here[name], name
 
     # A rerun into the bucket folder: every slide is found finished there, none embedded.
-    embedded, original = [], embed._embed_stream
-    monkeypatch.setattr(embed, '_embed_stream', lambda embedder, source, writer, options: (
-        embedded.append(set(writer.groups)), original(embedder, source, writer, options)))
+    embedded = _count_embedded_slides(monkeypatch)
     _export(config, workdir, url)
     assert embedded == []
     again = _files(url)
@@ -123,6 +138,14 @@ def test_an_export_to_a_bucket_holds_the_local_files_and_resumes(exported, bucke
                          '--ks', '1,3']) == 0
         printed.append(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed[1] == printed[0] and json.loads(printed[0])['task'] == 'knn'
+    # The slide-level evaluators' reader (eval/mil.py), on the export and on its h5 folder.
+    for folder in ('', '/h5_files'):
+        files = fmt.slide_feature_files(url + folder)
+        assert files == {s: p.replace(local, url) for s, p in
+                         fmt.slide_feature_files(local + folder).items()}
+        for path in files.values():
+            np.testing.assert_array_equal(fmt.read_h5_array(path),
+                                          fmt.read_h5_array(path.replace(url, local)))
 
 
 def test_another_runs_export_in_the_bucket_folder_is_refused(exported, bucket, tmp_path):
@@ -147,9 +170,17 @@ def test_a_run_in_a_bucket_exports_into_its_own_folder_there(exported, bucket):
     assert out == workdir + '/export'
     info = fmt.read_export_info(out)
     assert info['workdir'] == workdir and info['n_patches'] == 19
-    here, there = fmt.read_export(local), fmt.read_export(out)
-    assert sorted(there) == sorted(here)
-    for slide, arrays in here.items():
-        assert sorted(there[slide]) == sorted(arrays)
-        for name, value in arrays.items():
-            np.testing.assert_array_equal(there[slide][name], value, err_msg=name)
+    _same_export(local, out)
+
+
+def test_an_npz_export_in_a_bucket_reads_back_and_resumes(exported, bucket, tmp_path,
+                                                          monkeypatch):
+    config, workdir, _, _ = exported
+    plain = dict(format='npz', pt_files=False, cluster_maps=False, atlas=False, qupath=False)
+    local, url = str(tmp_path / 'npz'), bucket + '/npz'
+    _export(config, workdir, local, **plain)
+    _export(config, workdir, url, **plain)
+    _same_export(local, url)
+    embedded = _count_embedded_slides(monkeypatch)
+    _export(config, workdir, url, **plain)
+    assert embedded == []
