@@ -201,3 +201,18 @@ def test_a_dicom_folder_in_a_bucket_is_tiled_as_on_disk(bucket, tmp_path):
     tiling.tile_slides(tiling.list_slides(str(root)), params(), local_out)
     assert [r['status'] for r in slides_csv.read_rows(out)] == ['tiled']
     assert_same_tiling(out, local_out, ['HE-slide'])
+
+
+def test_two_hosts_on_a_shared_disk_merge_into_one_hosts_table(slide_folder, tmp_path):
+    entries = tiling.list_slides(slide_folder)
+    one, split = str(tmp_path / 'one'), str(tmp_path / 'split')
+    assert tiling.tile_slides(entries, params(), one) == \
+        [dict(r, n_patches=int(r['n_patches'])) for r in slides_csv.read_rows(one)]
+    for host in (1, 0):
+        tiling.tile_slides(entries, params(), split, host_index=host, host_count=2)
+    with open(os.path.join(split, 'slides.csv'), 'rb') as a, \
+            open(os.path.join(one, 'slides.csv'), 'rb') as b:
+        assert a.read() == b.read()
+    assert sorted(os.listdir(split)) == ['masks', 'patches', 'slides-0-of-2.csv',
+                                         'slides-1-of-2.csv', 'slides.csv']
+    assert_same_tiling(split, one, ['s1', 's2', 's3', 's4'], same_where=True)

@@ -335,6 +335,9 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
         log.info('tile: host %d of %d tiles %d of the %d slides (by sorted slide id); its rows '
                  'go to %s, merged into %s by the last host to finish', host_index, host_count,
                  len(shares[host_index]), len(order), part, table.SLIDES_CSV)
+        # The part holds this run's rows only: it lists the whole share once this run is done.
+        with table.writing(storage.join(out_dir, part)):
+            storage.remove(storage.join(out_dir, part))
         mine = _tile_share([e for e in entries if e.slide_id in shares[host_index]], params,
                            out_dir, num_workers, part)
         final = table.merge_parts(out_dir, order, shares)
