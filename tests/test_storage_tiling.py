@@ -156,6 +156,12 @@ def test_tile_command_with_slides_and_output_in_buckets(slide_folder, bucket, ca
     rows = slides_csv.read_rows(out)
     assert [(r['slide_id'], r['path'], r['label'], r['status']) for r in rows] == [
         ('s1', f'{url}/s1.tif', 'a', 'tiled'), ('s2', f'{url}/sub/s2.tif', 'b', 'tiled')]
+    split = [a.replace(out, storage.join(bucket, 'split')) for a in args]
+    for host in (0, 1):   # each host runs the same command with its own index
+        assert cli.main(split + ['--config.tile.host_count=2',
+                                 f'--config.tile.host_index={host}']) == 0
+    assert storage.read_bytes(storage.join(bucket, 'split', 'slides.csv')) == \
+        storage.read_bytes(storage.join(out, 'slides.csv'))
     assert cli.main(args + ['--config.tile.host_count=2', '--config.tile.host_index=2']) == 2
     assert 'tile.host_index must be below tile.host_count' in capsys.readouterr().err
 
