@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from clusiam_jax import cli, run_dir, storage
-from clusiam_jax.errors import ConfigError
 from clusiam_jax.export import embed
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export import run as export_run
@@ -161,7 +160,8 @@ def test_an_export_to_a_bucket_holds_the_local_files_and_resumes(exported, bucke
                                           fmt.read_h5_array(path.replace(url, local)))
 
 
-def test_another_runs_export_in_the_bucket_folder_is_refused(exported, bucket, tmp_path):
+def test_another_runs_export_in_the_bucket_folder_is_refused(exported, bucket, tmp_path,
+                                                            capsys):
     config, workdir, local, _ = exported
     other = str(tmp_path / 'other.h5')
     with open(other, 'wb') as f:
@@ -169,8 +169,12 @@ def test_another_runs_export_in_the_bucket_folder_is_refused(exported, bucket, t
     with h5py.File(other, 'r+') as f:   # as exported by another run
         f.attrs['weights_sha256'], f.attrs['workdir'] = '0' * 64, '/runs/another'
     storage.upload(other, bucket + '/exp/h5_files/slide_a.h5')
-    with pytest.raises(ConfigError, match='holds 1 files of another export'):
-        _export(config, workdir, bucket + '/exp')
+    capsys.readouterr()
+    assert cli.main(['--mode', 'export', '--workdir', workdir,
+                     f'--config.export.out_dir={bucket}/exp',
+                     f'--config.export.data_path={config.export.data_path}']) == 2
+    assert 'holds 1 files of another export' in capsys.readouterr().err
+    assert storage.listdir(bucket + '/exp') == ['h5_files']   # the folder's lock is gone
     assert storage.listdir(bucket + '/exp/h5_files') == ['slide_a.h5']
 
 

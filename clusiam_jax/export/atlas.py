@@ -270,8 +270,8 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE):
         with atomic_write(entry.png) as tmp:
             sheet.save(tmp, format='PNG', pnginfo=info, compress_level=1)
         written.add(name)
-    for name in storage.listdir(folder) if storage.isdir(folder) else []:   # sheets of
-        # clusters that have no patch now
+    present = storage.listdir(folder) if storage.isdir(folder) else []   # a bucket: maybe none
+    for name in present:   # sheets of clusters that have no patch now
         if _SHEET.match(name) and name not in written:
             storage.remove(storage.join(folder, name))
     atlas = Atlas(storage.join(folder, INDEX_NAME), entries, n_patches, len(slide_ids), k)
