@@ -18,6 +18,7 @@ from clusiam_jax.data.skips import SkipLog
 from clusiam_jax.errors import ConfigError
 from clusiam_jax.interop.read_weights import read_weights, variable_names
 from clusiam_jax.train.loop import train as train_on
+from tests import helpers
 from tests.helpers import PreemptedLoader, SyntheticLoader, assert_trees_equal, mesh_of, tiny_config
 
 SIZES = dict(steps_per_epoch=3, num_epochs=2, batch_size=8, image_size=32)
@@ -146,3 +147,32 @@ def test_skip_list_in_a_bucket_is_shared_and_whole(bucket, objstore, caplog):
     assert objstore.read(url) == b'a.svs\nb.svs\n'
     assert sum('skipping a.svs' in r.getMessage() for r in caplog.records) == 1
     assert SkipLog(url).paths() == ['a.svs', 'b.svs']
+
+
+@pytest.mark.slow
+def test_launch_py_with_the_work_directory_in_a_bucket(bucket, objstore, demo_tiles):
+    """The command a pod runs: training, its log, its lock; a second command on the same
+    work directory meanwhile is refused with one line and writes nothing there."""
+    workdir = f'{bucket}/run'
+    args = [sys.executable, 'launch.py', '--config', 'configs/demo.py', '--workdir', workdir,
+            f'--config.data.path={demo_tiles}', '--config.model.backbone=resnet_tiny',
+            '--config.data.image_size=32', '--config.export.after_training=False',
+            '--config.train.num_epochs=2']
+    where = dict(cwd=helpers.REPO, env=helpers.subprocess_env(), text=True)
+    first = subprocess.Popen(args, stderr=subprocess.PIPE, **where)
+    seen = []
+    for line in first.stderr:  # the lock is held from before this line to the end
+        seen.append(line)
+        if 'compiling the train step' in line:
+            break
+    second = subprocess.run(args, capture_output=True, timeout=300, **where)
+    rest = first.communicate(timeout=600)[1]
+    assert first.returncode == 0, ''.join(seen) + rest
+    assert second.returncode == 2 and second.stderr.count('error:') == 1, second.stderr
+    assert f'--workdir {workdir} is in use by another command' in second.stderr
+    keys = objstore.keys(workdir)
+    assert workdir_lock.LOCK_NAME not in keys  # released
+    assert {'config.json', 'normalization.json', 'metrics.csv', cli.LOG_NAME} <= set(keys)
+    log = objstore.read(f'{workdir}/{cli.LOG_NAME}').decode()
+    assert log.count('launch.py --config') == 1  # the refused command wrote no line
+    assert 'compiled in' in log and f'run complete: {workdir}' in log

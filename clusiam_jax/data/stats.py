@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import tqdm
 
-from clusiam_jax import fileio, interrupts
+from clusiam_jax import fileio, interrupts, storage
 from clusiam_jax.data import image_io
 from clusiam_jax.errors import DataError
 
@@ -173,7 +173,9 @@ def cached_stats(data_path: str, source, workdir: Optional[str] = None,
         origin = (f'computed over a fixed sample of {len(indices)} of the {len(source)} '
                   f'patches of {data_path}')
     candidates = [cache_file(data_path, source.dataset_dir)]   # then the run's folder
-    candidates += [os.path.join(os.path.abspath(workdir), CACHE_NAME)] if workdir else []
+    # A work directory in a bucket keeps none (normalization.json records what the run used).
+    candidates += ([os.path.join(os.path.abspath(workdir), CACHE_NAME)]
+                   if workdir and not storage.is_url(workdir) else [])
     for path in candidates:
         hit = _read_cache(path, key)
         if hit is not None:
