@@ -5,8 +5,9 @@ the benchmark runs it as its own process, so its CPU is not counted as the reade
 
     python -m bench.objstore_proxy --target http://127.0.0.1:9000 --delay 0.05
 
-prints one JSON line {"url": ...} and serves until SIGTERM; `control(url, ...)` sets its
-faults and reads its counters from another process (GET /_proxy/stats, /_proxy/set?...).
+prints one JSON line {"url": ...} and serves until SIGTERM (`spawn()` does this from
+Python); `control(url, ...)` sets its faults and reads its counters from another process
+(GET /_proxy/stats, /_proxy/set?...).
 
 The delay is applied once, when a whole request has arrived: a byte-level proxy that delays
 each chunk would charge an S3 GET (written in two chunks by aiobotocore) twice. Requests
@@ -15,10 +16,13 @@ proxy makes up keeps the client's connection usable, as a real server's would. S
 """
 import argparse
 import collections
+import contextlib
 import json
 import signal
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -132,6 +136,10 @@ class _Held:
             self.last = b''
 
 
+class _Stale(Exception):
+    """The server closed the connection before answering."""
+
+
 class _Dropped(Exception):
     """The proxy cut a response short on purpose."""
 
@@ -211,9 +219,10 @@ class FaultProxy:
 
     def stats(self):
         """Counters since the last reset: requests seen, forwarded to the server, answered
-        with an error, dropped; body bytes sent up (bytes_in) and down (bytes_out)."""
+        with an error, dropped; body bytes sent up (bytes_in) and down (bytes_out); and the
+        CPU seconds of this process so far (cpu_s: the proxy's own, when it runs alone)."""
         with self._lock:
-            return dict(self._stats)
+            return dict(self._stats, cpu_s=time.process_time())
 
     def _count(self, **add):
         with self._lock:
@@ -265,11 +274,25 @@ class FaultProxy:
                 if status is not None:
                     self._answer(client, method, path, status)
                     continue
-                if upstream is None:
-                    upstream = _Conn(socket.create_connection(self.target))
-                upstream.sock.sendall(b''.join(lines) + b'\r\n' + bytes(body))
-                if not self._relay(upstream, client, method, path,
-                                   self._take('drop', method, path)):
+                drop = self._take('drop', method, path)
+                for reused in (upstream is not None, False):
+                    if upstream is None:
+                        upstream = _Conn(socket.create_connection(self.target))
+                    try:
+                        try:
+                            upstream.sock.sendall(b''.join(lines) + b'\r\n' + bytes(body))
+                        except (BrokenPipeError, ConnectionResetError):
+                            raise _Stale from None
+                        keep = self._relay(upstream, client, method, path, drop)
+                        break
+                    except _Stale:
+                        # A kept-alive server connection closed while idle: once more on
+                        # a new one, as any proxy does (not a fault of this one's making).
+                        upstream.close()
+                        upstream = None
+                        if not reused:
+                            raise ConnectionError('server closed the connection') from None
+                if not keep:
                     return
         except _Dropped:
             return
@@ -283,9 +306,12 @@ class FaultProxy:
     def _relay(self, upstream, client, method, path, drop):
         """Forward one response; returns whether the client's connection stays open."""
         while True:
-            head = _read_head(upstream.rfile)
+            try:
+                head = _read_head(upstream.rfile)
+            except ConnectionResetError:
+                head = None
             if head is None:
-                raise ConnectionError('server closed the connection')
+                raise _Stale
             status = int(head[0].split()[1])
             if status >= 200:
                 break
@@ -366,6 +392,26 @@ def control(url, action='stats', **params):
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
     with urllib.request.urlopen(f'{url}{_CONTROL}{action}?{query}', timeout=10) as answer:
         return json.loads(answer.read())
+
+
+@contextlib.contextmanager
+def spawn(target, flavor='s3', delay=0.0):
+    """This proxy in a child process, for the benchmark: its CPU is not the reader's.
+    Yields its url; stopped (by its pid) on exit."""
+    proc = subprocess.Popen([sys.executable, __file__, '--target', target, '--flavor', flavor,
+                             '--delay', str(delay)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f'the proxy did not start (exit code {proc.wait()})')
+        yield json.loads(line)['url']
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv=None):

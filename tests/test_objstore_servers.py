@@ -10,7 +10,6 @@ What the clients retry by default (measured here, pinned versions):
 - gs: gcsfs, 6 attempts for 5xx, 408, 429 and broken responses, backoff rand()+2**n s (1, 2, 4,
   8, 16 s: a dead object costs about 31 s). A 403 is not retried (OSError 'Forbidden').
 """
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import types
 import fsspec
 import pytest
 
-from bench.objstore_proxy import FaultProxy, control
+from bench.objstore_proxy import FaultProxy, control, spawn
 from tests.helpers import subprocess_env
 from tests.objstore import routed
 
@@ -190,23 +189,16 @@ def test_403_is_an_error_without_retries(proxied):
 def test_proxy_in_its_own_process_is_controlled_over_http(objstore):
     bucket = objstore.urls['s3']
     objstore.fs('s3').pipe_file(f'{bucket}/p.bin', b'x' * 1000)
-    proc = subprocess.Popen([sys.executable, '-m', 'bench.objstore_proxy', '--target',
-                             objstore.endpoints['s3'], '--delay', '0.1'],
-                            stdout=subprocess.PIPE, text=True, env=subprocess_env())
-    try:
-        url = json.loads(proc.stdout.readline())['url']
+    with spawn(objstore.endpoints['s3'], 's3', delay=0.1) as url:
         fs = objstore.fs('s3', url)
         assert fs.cat_file(f'{bucket}/p.bin', start=0, end=10) == b'x' * 10
         stats = control(url)
-        assert stats['requests'] == 1 and stats['bytes_out'] == 10
+        assert stats['requests'] == 1 and stats['bytes_out'] == 10 and stats['cpu_s'] > 0
         assert stats['delayed_s'] == pytest.approx(0.1)
         control(url, 'set', fail=503, count=1)
         control(url, 'reset')
         assert fs.cat_file(f'{bucket}/p.bin', start=0, end=10) == b'x' * 10
-        assert control(url)['failed'] == 1
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        assert control(url)['failed'] == 1 and control(url)['forwarded'] == 1
 
 
 def _no_backoff(monkeypatch):
