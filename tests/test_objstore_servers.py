@@ -1,6 +1,7 @@
 """The loopback object stores and the fault proxy behave as the storage tests rely on:
 s3fs and gcsfs write, read, range-read and list on moto and fake-gcs-server through the
-environment alone (also in a child process); the proxy adds its delay once per request, and
+environment alone (also in a child process), and tensorstore (orbax's arrays) and array_record
+through their own variables; the proxy adds its delay once per request, and
 its 503 bursts, dropped connections and 403s reach the client as each library handles them.
 
 What the clients retry by default (measured here, pinned versions):
@@ -74,6 +75,28 @@ def test_tensorstore_gcs_kvstore_reaches_fake_gcs(objstore):
     store.write('v', b'tensorstore bytes').result()
     assert objstore.read(f'{bucket}/k/v') == b'tensorstore bytes'
     assert store.read('v').result().value == b'tensorstore bytes'
+
+
+def test_array_record_reads_a_shard_from_fake_gcs(objstore, tmp_path):
+    """array_record reads gs:// itself (google-cloud-cpp), pointed at the emulator by
+    CLOUD_STORAGE_EMULATOR_ENDPOINT; without it the reader waits minutes for real GCS, so
+    the read runs in a child process under a timeout."""
+    pytest.importorskip('array_record')
+    from array_record.python.array_record_module import ArrayRecordWriter
+    bucket = objstore.new_bucket('gs')
+    records = [os.urandom(100 + i) for i in range(50)]
+    writer = ArrayRecordWriter(str(tmp_path / 'shard.ar'), 'group_size:1')
+    for record in records:
+        writer.write(record)
+    writer.close()
+    objstore.fs('gs').put_file(str(tmp_path / 'shard.ar'), f'{bucket}/ds/shard.ar')
+    code = ('import sys; from array_record.python.array_record_module import '
+            'ArrayRecordReader as R; r = R(sys.argv[1], "readahead_buffer_size:0"); '
+            'assert r.ok(); sys.stdout.buffer.write(b"".join(r.read([0, 7, 49])))')
+    done = subprocess.run([sys.executable, '-c', code, f'{bucket}/ds/shard.ar'],
+                          env=subprocess_env(), capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == records[0] + records[7] + records[49]
 
 
 @pytest.fixture(scope='module')
