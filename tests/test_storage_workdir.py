@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -17,8 +18,9 @@ from clusiam_jax import cli, interrupts, storage, workdir_lock
 from clusiam_jax.data.skips import SkipLog
 from clusiam_jax.errors import ConfigError
 from clusiam_jax.interop.read_weights import read_weights, variable_names
+from clusiam_jax.run_dir import load_run
 from clusiam_jax.train.loop import train as train_on
-from tests import helpers
+from tests import helpers, kill_worker
 from tests.helpers import PreemptedLoader, SyntheticLoader, assert_trees_equal, mesh_of, tiny_config
 
 SIZES = dict(steps_per_epoch=3, num_epochs=2, batch_size=8, image_size=32)
@@ -176,3 +178,31 @@ def test_launch_py_with_the_work_directory_in_a_bucket(bucket, objstore, demo_ti
     log = objstore.read(f'{workdir}/{cli.LOG_NAME}').decode()
     assert log.count('launch.py --config') == 1  # the refused command wrote no line
     assert 'compiled in' in log and f'run complete: {workdir}' in log
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_in_a_bucket_then_restart_equals_uninterrupted(bucket, objstore,
+                                                                         tmp_path):
+    """kill -9 in epoch 2 of a run in a bucket (as tests/test_kill.py on disk): the restart
+    trusts only the step with its marker and ends bit for bit as an uninterrupted run."""
+    workdir = f'{bucket}/killed'
+    worker = [sys.executable, os.path.join(helpers.REPO, 'tests', 'kill_worker.py'), workdir]
+    proc = subprocess.Popen(worker, env=helpers.subprocess_env(BATCH_DELAY_S='1.0'),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while 'checkpoints/3/commit_success.txt' not in objstore.keys(workdir):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, 'no checkpoint after the first epoch'
+        time.sleep(0.2)
+    time.sleep(1.5)  # into the second epoch (1 s per batch), before its checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows_before = objstore.read(f'{workdir}/metrics.csv')
+    restarted = subprocess.run(worker, capture_output=True, text=True, timeout=900,
+                               env=helpers.subprocess_env())
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert 'epoch 2/3' in restarted.stderr and 'epoch 1/3' not in restarted.stderr
+    reference = kill_worker.run(str(tmp_path / 'straight'))
+    assert_trees_equal(load_run(workdir).weights, reference.weights())
+    rows = metric_rows(objstore.read(f'{workdir}/metrics.csv'))
+    assert metric_rows(rows_before) == rows[:1] and [r['epoch'] for r in rows] == ['1', '2', '3']
