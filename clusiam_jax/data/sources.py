@@ -1,11 +1,15 @@
 """`open_source`: the one way to a PatchSource. Sources pickle cheaply for grain's workers:
 per-patch numpy columns, readers opened lazily per process."""
+import contextlib
+import hashlib
+import json
 import logging
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
+from clusiam_jax import storage
 from clusiam_jax.data import image_io, slide_source
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.data.records import PatchRecord, PatchSource
@@ -13,6 +17,7 @@ from clusiam_jax.errors import DataError
 
 logger = logging.getLogger(__name__)
 _NONE = np.iinfo(np.int64).min   # a coordinate the record does not have
+STAGED_MARKER = '.staged.json'   # a staged s3:// dataset's objects (written last)
 
 
 class FileSource(PatchSource):
@@ -63,16 +68,66 @@ class FileSource(PatchSource):
             raise image_io.BadImageError(f'{self.path(index)}: record {index}: {e}') from None
 
 
-def open_source(path: str, slide_dir: str = '', open_slides: int = 512) -> PatchSource:
-    """The source of a slide layout (`slide_dir`: its slides), patch folder, manifest or dataset."""
+def open_source(path: str, slide_dir: str = '', open_slides: int = 512,
+                cache_dir: str = '') -> PatchSource:
+    """The source of a slide layout (`slide_dir`: its slides), patch folder, manifest or dataset
+    (a dataset's gs:// or s3:// URL too; `cache_dir`: where an s3:// one is staged)."""
     if slide_source.is_slide_source(path):
         return slide_source.open_slide_source(path, slide_dir, open_slides)
     if slide_dir:
         raise DataError(f'data.slide_dir is set but {path} is not a CLAM/TRIDENT patch '
                         f'folder (no patches/*.h5): drop data.slide_dir or point data.path '
                         f'at the folder holding patches/')
+    if storage.is_url(path):
+        return _bucket_dataset(path, cache_dir)
     dataset_dir = records_lib.find_tfds_dataset(path) if os.path.isdir(path) else None
     return FileSource(records_lib.discover(path), dataset_dir)
+
+
+def _bucket_dataset(url: str, cache_dir: str) -> FileSource:
+    """A built dataset in a bucket: gs:// read in place by array_record, s3:// (which it
+    cannot read) from a local copy of its shards, staged once per host."""
+    dataset_dir = records_lib.find_tfds_dataset(url)
+    if dataset_dir is None:
+        raise DataError(f'{url}: no built dataset (dataset_info.json) there; in a bucket '
+                        f'data.path is a built dataset (--mode build_dataset --out {url})')
+    if dataset_dir.startswith('s3://'):
+        dataset_dir = stage_dataset(dataset_dir, cache_dir)
+    return FileSource(records_lib.discover(dataset_dir), dataset_dir)
+
+
+def stage_dataset(url: str, cache_dir: str = '') -> str:
+    """The local copy of the dataset folder `url`: `<cache>/datasets/<sha1 of url>/`, where
+    <cache> is `cache_dir` or $XDG_CACHE_HOME/clusiam_jax. Each file is downloaded whole to a
+    temporary name then renamed, and `.staged.json` (the objects' sizes and ETags) written last:
+    a later open whose objects match it downloads nothing; a changed dataset is staged again."""
+    root = cache_dir or os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(
+        os.path.expanduser('~'), '.cache'), 'clusiam_jax')
+    local = os.path.join(os.path.abspath(root), 'datasets',
+                         hashlib.sha1(url.encode()).hexdigest()[:20])
+    names = [n for n in storage.find_files(url) if '/' not in n]
+    versions = {'url': url, 'objects': {n: list(storage.version(storage.join(url, n)))
+                                        for n in names}}
+    marker = os.path.join(local, STAGED_MARKER)
+    with contextlib.suppress(OSError, ValueError), open(marker) as f:
+        if json.load(f) == versions and all(os.path.isfile(os.path.join(local, n))
+                                            for n in names):
+            return local
+    os.makedirs(local, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(marker)   # what follows may change files the old marker vouched for
+    logger.info('staging %s (%d files, %.1f MB) into %s', url, len(names),
+                sum(v[0] for v in versions['objects'].values()) / 1e6, local)
+    last = 'dataset_info.json'
+    for name in sorted(names, key=lambda n: (n == last, n)):
+        tmp = os.path.join(local, f'.{name}.tmp{os.getpid()}')
+        storage.download(storage.join(url, name), tmp)
+        os.replace(tmp, os.path.join(local, name))
+    tmp = f'{marker}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(versions, f)
+    os.replace(tmp, marker)
+    return local
 
 
 def holdout_slides(source: PatchSource, fraction: float, seed: int):

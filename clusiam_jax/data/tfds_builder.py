@@ -3,6 +3,7 @@ back. RGB 8-bit PNG/JPEG are stored as is, the rest as lossless PNG: the pixels 
 import contextlib
 import io
 import os
+import tempfile
 from typing import List
 
 import numpy as np
@@ -10,10 +11,10 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-from clusiam_jax import fileio
+from clusiam_jax import fileio, storage
 from clusiam_jax.data import image_io, skips
 from clusiam_jax.data import records as records_lib
-from clusiam_jax.errors import DataError
+from clusiam_jax.errors import ConfigError, DataError
 
 
 def _stored_bytes(path: str) -> bytes:
@@ -67,11 +68,36 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
                           'y': -1 if rec.y is None else rec.y}
 
 
+# Uploaded last: a reader takes the folder for a dataset only once dataset_info.json is there.
+_METADATA_LAST = ('features.json', records_lib.DATASET_MANIFEST, skips.SKIPPED_FILES,
+                  'dataset_info.json')
+
+
 def build_dataset(source: str, out_dir: str) -> str:
-    """The dataset folder `out_dir/clusiam_patches/1.0.0` (data.path takes it or `out_dir`)."""
+    """The dataset folder `out_dir/clusiam_patches/1.0.0` (data.path takes it or `out_dir`).
+    A gs:// or s3:// `out_dir` is built in a local temporary folder (array_record writes
+    local files only), then uploaded file by file, each whole, the metadata last."""
     recs = records_lib.discover(source)
     if records_lib.find_tfds_dataset(source) is not None:
         raise DataError(f'{source} is already a built dataset')
+    if not storage.is_url(out_dir):
+        return _build(recs, source, out_dir)
+    target = storage.join(out_dir, ClusiamPatches.name, str(ClusiamPatches.VERSION))
+    storage.makedirs(target)   # the bucket exists
+    if storage.exists(storage.join(target, 'dataset_info.json')):
+        raise DataError(f'a dataset is already built at {target}; '
+                        f'remove it or choose another --out')
+    with tempfile.TemporaryDirectory(prefix='clusiam-dataset-') as local:
+        built = _build(recs, source, local)
+        if storage.find_files(target):   # an earlier build's half upload: none of it is kept
+            storage.remove(target, recursive=True)
+        names = sorted(os.listdir(built))
+        for name in [n for n in names if n not in _METADATA_LAST] + list(_METADATA_LAST):
+            storage.upload(os.path.join(built, name), storage.join(target, name))
+    return target
+
+
+def _build(recs: List[records_lib.PatchRecord], source: str, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     builder = ClusiamPatches(records=recs, data_dir=out_dir, file_format='array_record')
     if os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
@@ -88,5 +114,28 @@ def build_dataset(source: str, out_dir: str) -> str:
 
 
 def open_data_source(dataset_dir: str):
+    """The examples of a built dataset on local disk or at a gs:// URL (array_record reads
+    GCS itself; an s3:// dataset is read from its local copy: sources.stage_dataset)."""
+    if dataset_dir.startswith('s3://'):
+        raise DataError(f'{dataset_dir}: array_record cannot read s3:// (stage it locally)')
     builder = tfds.builder_from_directory(dataset_dir)
+    if storage.is_url(dataset_dir):
+        _check_readable(builder.info.splits['train'].filepaths)
     return builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def _check_readable(shards) -> None:
+    """array_record never raises on a shard it cannot open: it reads as empty (ok() False)."""
+    if os.environ.get('STORAGE_EMULATOR_HOST') and not os.environ.get(
+            'CLOUD_STORAGE_EMULATOR_ENDPOINT'):
+        raise ConfigError('STORAGE_EMULATOR_HOST is set but CLOUD_STORAGE_EMULATOR_ENDPOINT is '
+                          'not: array_record (google-cloud-cpp) reads only the latter; set it '
+                          'to the same endpoint')
+    from array_record.python import array_record_module
+    for shard in shards:
+        reader = array_record_module.ArrayRecordReader(str(shard))
+        if not reader.ok():   # (closing a failed reader raises its error again)
+            raise DataError(f'cannot read {shard}: array_record cannot open it (a missing '
+                            f'object or no access; GCS credentials come from '
+                            f'GOOGLE_APPLICATION_CREDENTIALS)')
+        reader.close()
