@@ -47,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.min_tissue = 0.0           # patch files with less tissue are skipped (listed)
     c.data.stats_sample = 4096        # slide sources: normalization over this many patches
     c.data.open_slides = 512          # slide handles kept open per worker (LRU)
+    c.data.cache_dir = ''             # slides staged from a bucket ('' ~/.cache/clusiam_jax/slides)
+    c.data.cache_gb = 50.0            # that cache's size per host (least recently opened evicted)
 
     c.train.batch_size = 512          # global batch (pairs per step)
     c.train.num_epochs = 50
@@ -232,8 +234,9 @@ RULES = {
     'tile.patch_size': '[8, inf)',
 }
 RULES.update({key: rule for rule, keys in {
-    '(0, inf)': 'model.feat_size model.pred_hidden model.num_clusters train.batch_size '
-               'train.num_epochs train.max_consecutive_skips tile.target_mpp tile.tissue_mpp',
+    '(0, inf)': 'data.cache_gb model.feat_size model.pred_hidden model.num_clusters '
+               'train.batch_size train.num_epochs train.max_consecutive_skips tile.target_mpp '
+               'tile.tissue_mpp',
     # keep_checkpoints=0 would train and keep nothing to resume from or export.
     '[1, inf)': 'data.image_size data.stats_sample data.open_slides train.keep_checkpoints '
                 'export.batch_size export.num_workers tile.host_count',

@@ -276,7 +276,8 @@ def test_index_file_round_trip_and_stale_checks(pyramids, tmp_path):
         tile_index.TileIndex.from_bytes(b'garbage', size)
     old = io.BytesIO()
     np.savez(old, meta=np.array('{"version": 0}'))
-    with pytest.raises(DataError, match='tile index format 0, this version reads 1'):
+    with pytest.raises(DataError, match=f'tile index format 0, this version reads '
+                                        f'{tile_index.FORMAT_VERSION}'):
         tile_index.TileIndex.from_bytes(old.getvalue(), size)
 
 

@@ -1,5 +1,6 @@
 """Patches read straight from whole slides (our tiling, or CLAM/TRIDENT patches/*.h5): slides
-open lazily per process, at most `open_slides` at a time, so memory stays flat."""
+open lazily per process, at most `open_slides` at a time, so memory stays flat. Slides at
+gs:// / s3:// URLs are read through data/slide_cache.py (tile index, staged cache)."""
 import collections
 import dataclasses
 import logging
@@ -9,11 +10,12 @@ from typing import Dict, List
 
 import numpy as np
 
-from clusiam_jax.data import image_io
+from clusiam_jax import storage
+from clusiam_jax.data import image_io, slide_cache
 from clusiam_jax.data.records import PatchRecord, PatchSource
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import coords as coords_lib
-from clusiam_jax.slides import reader, slides_csv
+from clusiam_jax.slides import reader, slides_csv, tile_index
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +26,15 @@ class SlidePatches:
     path: str                  # the slide file
     label: str
     coords: coords_lib.SlideCoords
+    index: str = ''            # a slide in a bucket: its tile index (missing: staged whole)
 
 
 class SlideSource(PatchSource):
     """Patches of whole slides, index -> uint8 [S, S, 3] (S: the slide's patch size)."""
     from_slides = True
 
-    def __init__(self, slides: List[SlidePatches], open_slides: int = 512):
+    def __init__(self, slides: List[SlidePatches], open_slides: int = 512, cache_dir: str = '',
+                 cache_gb: float = slide_cache.DEFAULT_CACHE_GB):
         self.slides = [dataclasses.replace(s, coords=dataclasses.replace(s.coords, coords=None))
                        for s in slides]
         self.slide_ids = np.array([s.slide_id for s in slides], dtype=str)
@@ -40,6 +44,7 @@ class SlideSource(PatchSource):
                     if slides else np.zeros((0, 2), np.int64))
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.open_slides = int(open_slides)
+        self.slide_cache = slide_cache.SlideCache(cache_dir, float(cache_gb) * 2 ** 30)
         self.__setstate__({})
 
     def __getstate__(self):
@@ -72,7 +77,7 @@ class SlideSource(PatchSource):
         """A slide's coordinate-file attributes, completed with what CLAM files lack."""
         index = self.slide_ids.tolist().index(slide_id)
         slide = self.slides[index]
-        attrs = dict(slide.coords.attrs, slide_path=os.path.abspath(slide.path))
+        attrs = dict(slide.coords.attrs, slide_path=storage.resolve(os.getcwd(), slide.path))
         if 'patch_size_level0' not in attrs or 'level0_width' not in attrs:
             opened = self._handle(index)
             attrs.setdefault('patch_size_level0', self._patch_sizes(index, opened)[0])
@@ -93,7 +98,9 @@ class SlideSource(PatchSource):
                 self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
             path = self.slides[s].path
             try:
-                opened = reader.open_slide(path, cache=self._cache)
+                opened = (slide_cache.open_remote_slide(path, self.slides[s].index,
+                                                        self.slide_cache, self._cache)
+                          if storage.is_url(path) else reader.open_slide(path, cache=self._cache))
             except DataError as e:
                 self._bad[s] = str(e).split(': ', 1)[-1]
                 raise _slide_error(path, self._bad[s]) from None
@@ -123,7 +130,7 @@ class SlideSource(PatchSource):
             c = self.slides[s].coords
             size0, out = c.patch_size_level0, c.patch_size
             if c.patch_level is not None:  # CLAM without `downsample`: from the slide
-                size0 = out * opened.handle.level_downsamples[c.patch_level]
+                size0 = out * opened.levels[c.patch_level].downsample
             self._sizes[s] = (float(size0), int(out))
         return self._sizes[s]
 
@@ -136,9 +143,10 @@ class SlideSource(PatchSource):
             return reader.read_patch(opened, x, y, size0, out)
         except Exception as e:
             import openslide
-            if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)):
+            if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError, DataError)):
                 raise
-            # OpenSlideError leaves the handle unusable (reopen later); a ValueError: one tile.
+            # OpenSlideError leaves the handle unusable (reopen later); a ValueError: one tile;
+            # a DataError: a bucket read that failed after its retries (reopened later).
             if not isinstance(e, ValueError):
                 with self._lock:
                     if self._handles.get(s) is opened:
@@ -168,6 +176,8 @@ def _patches_folder(path: str):
 
 
 def is_slide_source(path: str) -> bool:
+    if storage.is_url(path):   # a tiling in a bucket (CLAM folders are read from disk)
+        return slides_csv.has_table(path)
     return _patches_folder(path) is not None
 
 
@@ -201,7 +211,7 @@ def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[Slide
             left_out.append(str(e))
             logger.warning('slide %r left out: %s', row['slide_id'], e)
             continue
-        if not os.path.exists(coord_file):
+        if not storage.exists(coord_file):
             raise DataError(f'{path}: slides.csv lists {row["slide_id"]} as tiled but '
                             f'{coord_file} is missing (tile again: --mode tile)')
         slide_path = row['path']
@@ -212,7 +222,9 @@ def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[Slide
             slide_path = moved[row['slide_id']]
         coords = _usable(coord_file, row['slide_id'], left_out)
         if coords is not None:
-            out.append(SlidePatches(row['slide_id'], slide_path, row['label'], coords))
+            index = (tile_index.index_file(path, row['slide_id'])
+                     if storage.is_url(slide_path) else '')
+            out.append(SlidePatches(row['slide_id'], slide_path, row['label'], coords, index))
     return out
 
 
@@ -242,7 +254,9 @@ def _patch_folder_slides(path: str, folder: str, slide_dir: str,
     return [SlidePatches(s, on_disk[s], '', c) for s, c in files.items() if s in on_disk]
 
 
-def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512) -> SlideSource:
+def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512,
+                      cache_dir: str = '', cache_gb: float = slide_cache.DEFAULT_CACHE_GB
+                      ) -> SlideSource:
     if slide_dir and not os.path.isdir(slide_dir):
         raise DataError(f'slide folder not found: {slide_dir}')
     left_out: List[str] = []
@@ -255,4 +269,4 @@ def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512) ->
         why = (f' ({len(left_out)} coordinate files left out; the first: {left_out[0]})'
                if left_out else '')
         raise DataError(f'{path}: no slide has usable patch coordinates{why}')
-    return SlideSource(slides, open_slides)
+    return SlideSource(slides, open_slides, cache_dir, cache_gb)

@@ -3,7 +3,9 @@ taken from the TIFF header once at tiling time, so a host reading the slide from
 fetches tiles by exact byte ranges and never parses the header over the network (issue 25).
 
 One .npz per slide: numpy alone reads it (no h5py in grain workers), from bytes fetched in one
-GET, without pickle; it is written whole in one upload.
+GET, without pickle; it is written whole in one upload. Since version 2 it also holds the
+`layout` of the slide as reader.Slide opens it locally (reader.layout_of: OpenSlide's levels and
+which ones the direct reader covers), so a remote Slide picks the same levels with no header.
 """
 import dataclasses
 import io
@@ -21,7 +23,7 @@ from clusiam_jax.slides import tiles as tiles_lib
 
 log = logging.getLogger('clusiam_jax')
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX_DIR = 'tile_index'
 # tifffile's decode paths (TiffPage.decode): JPEG with tables and colour spaces; codecs that
 # return whole images; byte codecs followed by a predictor. Others are not indexed.
@@ -101,10 +103,11 @@ class TileIndex:
     width0: int
     height0: int
     levels: Dict[int, IndexLevel]   # by the level's number in tifffile's first series
+    layout: Optional[dict] = None   # reader.layout_of the slide opened locally (build_for_slide)
 
     def to_bytes(self) -> bytes:
         meta = {'version': FORMAT_VERSION, 'file_size': self.file_size, 'width0': self.width0,
-                'height0': self.height0, 'levels': {}}
+                'height0': self.height0, 'levels': {}, 'layout': self.layout}
         arrays = {}
         for number, lv in self.levels.items():
             c = lv.codec
@@ -142,7 +145,8 @@ class TileIndex:
                 raise
             raise DataError(f'{name}: not a readable tile index ({type(e).__name__}: '
                             f'{" ".join(str(e).split())})') from None
-        return cls(meta['file_size'], meta['width0'], meta['height0'], levels)
+        return cls(meta['file_size'], meta['width0'], meta['height0'], levels,
+                   meta.get('layout'))
 
 
 def _level_from_meta(m: dict, npz, key: str) -> IndexLevel:
@@ -175,6 +179,17 @@ def read(path: str, file_size: int) -> TileIndex:
 
 
 # ------------------------------------------------------------------------ building
+
+def build_for_slide(path: str, name: str = 'slide') -> TileIndex:
+    """The index of the local slide file at `path` (the tiling job's staged copy) with its
+    layout as reader.open_slide opens it: the levels a host in the bucket must pick alike."""
+    from clusiam_jax.slides import reader
+    with reader.open_slide(path) as slide:
+        layout = reader.layout_of(slide)
+    with open(path, 'rb') as fh:
+        index = build(fh, name=name)
+    return dataclasses.replace(index, layout=layout)
+
 
 def build(fh, levels: Optional[Iterable[int]] = None, name: str = 'slide') -> TileIndex:
     """The index of the TIFF in the binary file object `fh` (a local file, or an fsspec file

@@ -268,8 +268,7 @@ def _write_tile_index(staged: str, entry: SlideEntry, out_dir: str):
     ranges without parsing its header; one it cannot index they stage whole."""
     from clusiam_jax.slides import tile_index
     try:
-        with open(staged, 'rb') as fh:
-            index = tile_index.build(fh, name=entry.path)
+        index = tile_index.build_for_slide(staged, name=entry.path)
     except tile_index.Unindexable as e:
         log.info('tile: %s: no tile index (%s); reading it from the bucket stages it whole',
                  entry.slide_id, e)

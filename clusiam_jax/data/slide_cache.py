@@ -1,0 +1,167 @@
+"""Slides in a bucket, opened for training and export (issue 25). A slide with a tile index
+(slides/tile_index.py) is a reader.RemoteSlide: the levels the local Slide reads directly come
+by exact byte ranges; the levels it reads through OpenSlide, and slides without an index
+(formats only OpenSlide reads), come from the slide staged whole into a bounded per-host cache.
+
+Requests in flight per host: one storage.read_ranges per patch, all the tiles the patch needs
+at once (about 4 for 224 px over 256 px tiles), per reading thread: data.num_workers workers x
+grain's one read thread each. Patches are read in the epoch plan's random order, so tiles
+seldom repeat; more in flight needs more workers (each a process with its own handles).
+"""
+import fcntl
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from typing import Callable, Optional, Tuple
+
+from clusiam_jax import storage
+from clusiam_jax.errors import DataError
+from clusiam_jax.slides import reader
+
+DEFAULT_CACHE_GB = 50.0
+# A staging folder older than this belongs to a killed process: removed at the next eviction.
+STALE_STAGING_S = 6 * 3600
+_STAGING = '.staging-'
+_LOCK = '.lock'
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'clusiam_jax', 'slides')
+
+
+class SlideCache:
+    """Whole slides staged from a bucket into `folder`, at most `max_bytes` in all, the least
+    recently opened evicted first. Several processes of one host share it: a slide is
+    downloaded to a staging folder then renamed into place, and the accounting and renames
+    happen under an flock of `folder/.lock` (held for metadata only, never for a download).
+    A slide evicted while another process has it open stays readable to that process (its
+    files are unlinked, not truncated); a slide larger than the whole cache is refused."""
+
+    def __init__(self, folder: str = '', max_bytes: Optional[float] = None):
+        self.folder = folder or default_cache_dir()
+        self.max_bytes = int(DEFAULT_CACHE_GB * 2 ** 30 if max_bytes is None else max_bytes)
+        self.hits = self.misses = 0
+
+    def open(self, url: str, version: Tuple[int, str], opener: Callable[[str], object]):
+        """opener(local path) of the slide at `url` in `version` (storage.version), staged
+        first when not cached; the open happens under the lock, so no eviction races it."""
+        key = hashlib.sha256(f'{url}\0{version[0]}\0{version[1]}'.encode()).hexdigest()[:32]
+        entry = os.path.join(self.folder, key)
+        local = os.path.join(entry, posixpath.basename(url))
+        os.makedirs(self.folder, exist_ok=True)
+        with self._locked():
+            if os.path.isdir(entry):
+                os.utime(entry)
+                self.hits += 1
+                return opener(local)
+        if version[0] > self.max_bytes:
+            raise DataError(f'{url}: {version[0] / 2 ** 30:.3g} GiB, more than the whole slide '
+                            f'cache (data.cache_gb {self.max_bytes / 2 ** 30:.3g})')
+        staging = tempfile.mkdtemp(prefix=_STAGING, dir=self.folder)
+        try:
+            _download_slide(url, staging)
+            with self._locked():
+                self.misses += 1
+                if not os.path.isdir(entry):   # else another process staged it meanwhile
+                    self._evict(_size(staging))
+                    os.rename(staging, entry)
+                os.utime(entry)
+                return opener(local)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def used_bytes(self) -> int:
+        return sum(_size(os.path.join(self.folder, n)) for n in self._entries())
+
+    def _entries(self):
+        return [n for n in os.listdir(self.folder) if not n.startswith('.')]
+
+    def _evict(self, incoming: int):
+        """Removes the least recently opened slides until `incoming` more bytes fit."""
+        now = time.time()
+        for name in os.listdir(self.folder):
+            path = os.path.join(self.folder, name)
+            if name.startswith(_STAGING) and now - os.path.getmtime(path) > STALE_STAGING_S:
+                shutil.rmtree(path, ignore_errors=True)
+        entries = sorted((os.path.getmtime(os.path.join(self.folder, n)), n)
+                         for n in self._entries())
+        used = sum(_size(os.path.join(self.folder, n)) for _, n in entries)
+        for _, name in entries:
+            if used + incoming <= self.max_bytes:
+                break
+            path = os.path.join(self.folder, name)
+            used -= _size(path)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _locked(self):
+        return _FileLock(os.path.join(self.folder, _LOCK))
+
+
+class _FileLock:
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _size(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder)
+               for f in files)
+
+
+def _download_slide(url: str, into: str) -> None:
+    """The slide object into `into` under its own name, with the files OpenSlide reads beside
+    it: a MIRAX slide's data folder, a DICOM slide's other .dcm instances."""
+    parent, name = storage.split(url)
+    low = name.lower()
+    if low.endswith('.mrxs'):
+        data = name[:-len('.mrxs')]
+        files = [name] + [f'{data}/{rel}' for rel in storage.find_files(storage.join(parent, data))]
+    elif low.endswith(reader.DICOM_EXTENSION):
+        files = [n for n in storage.listdir(parent) if n.lower().endswith(reader.DICOM_EXTENSION)]
+    else:
+        files = [name]
+    for rel in files:
+        local = os.path.join(into, *rel.split('/'))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        storage.download(storage.join(parent, rel), local)
+
+
+def open_remote_slide(url: str, index_url: str, cache: SlideCache,
+                      openslide_cache=None) -> reader.Slide:
+    """The slide at `url`: a RemoteSlide from its tile index at `index_url` ('' or no such
+    object: none), else the slide staged whole. One HEAD (the slide's size and ETag: a slide
+    written again must not be read through an old index or cached copy) and one GET of the
+    index per open; no read of the slide's header."""
+    from clusiam_jax.slides import remote_tiles, tile_index
+    version = storage.version(url)
+
+    def stage():
+        return cache.open(url, version, lambda local: reader.open_slide(local,
+                                                                        cache=openslide_cache))
+    raw = None
+    if index_url:
+        try:
+            raw = storage.read_bytes(index_url)
+        except (DataError, FileNotFoundError):
+            if storage.exists(index_url):
+                raise
+    if raw is None:
+        return stage()
+    index = tile_index.TileIndex.from_bytes(raw, version[0], index_url)
+    if not index.layout:
+        raise DataError(f"{index_url}: a tile index without the slide's layout; tile the "
+                        f'slide again')
+    tiles = remote_tiles.RemoteTiles(index, url, storage.read_ranges)
+    return reader.RemoteSlide(index.layout, tiles, stage, url)
