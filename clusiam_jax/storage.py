@@ -67,6 +67,7 @@ class Telemetry:
     _HIST_FIRST_S, _HIST_RATIO, _HIST_BUCKETS = 1e-4, 2 ** 0.25, 84
     COUNTERS = ('requests', 'bytes', 'retries', 'errors', 'slides_opened', 'cache_hits',
                 'cache_misses', 'calls', 'latency_us')
+    SIZE = len(COUNTERS) + _HIST_BUCKETS   # of take_counts()
 
     def __init__(self):
         self._lock = threading.Lock()

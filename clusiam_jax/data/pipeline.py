@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from clusiam_jax import interrupts
+from clusiam_jax import interrupts, storage
 from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
@@ -22,6 +22,17 @@ _SHUFFLE, _AUGMENT, _SUBSTITUTE = 0x5, 0xA, 0xB
 _MAX_SUBSTITUTES = 100
 _SAME_SLIDE_ATTEMPTS = 3
 STATE_KEY = 'batches_drawn'   # a checkpoint's data item: {STATE_KEY: batches drawn}
+# The bucket reads an element cost, carried with it (storage.Telemetry.take_counts).
+#
+# The reads happen in grain's worker processes, whose storage.telemetry the main process
+# never sees. Two ways back were weighed: a shared-memory array of counters that each
+# worker's Telemetry adds into (created by the parent before the workers start: it must
+# outlive worker restarts, be named to spawned workers, and count reads of batches read
+# ahead but never consumed), or the counters carried with each element through grain and
+# summed on the host as batches are drawn. The second is used: no shared state or locks,
+# the same code for 0 or N workers and any process count, and a window counts exactly the
+# reads of the batches drawn in it; it costs ~100 int64 per element next to ~300 KB of pixels.
+IO_KEY = 'input_io'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +100,14 @@ class PairMaker:
     """Local element index -> dict(view1, view2) (runs in grain workers)."""
 
     def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
-                 skip_log: skips.SkipLog, min_tissue: float = 0.0):
+                 skip_log: skips.SkipLog, min_tissue: float = 0.0, count_io: bool = False):
         self.source, self.plan, self.aug = source, plan, aug
-        self.skip_log, self.min_tissue = skip_log, float(min_tissue)
+        self.skip_log, self.min_tissue, self.count_io = skip_log, float(min_tissue), count_io
         self._perm_epoch, self._perm, self._bad, self._members = None, None, set(), None
 
     def __reduce__(self):   # the state above starts afresh in each process
-        return PairMaker, (self.source, self.plan, self.aug, self.skip_log, self.min_tissue)
+        return PairMaker, (self.source, self.plan, self.aug, self.skip_log, self.min_tissue,
+                           self.count_io)
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:  # one epoch at a time: elements arrive in order
@@ -116,6 +128,10 @@ class PairMaker:
         except image_io.BadImageError as e:
             self._bad.add(index)
             self.skip_log.record(e.subject or self.source.path(index), str(e).split(': ', 1)[-1])
+            return None
+        except storage.Unreadable as e:   # an object gone or failing after the retries
+            self._bad.add(index)
+            self.skip_log.record(self.source.path(index), str(e))
             return None
 
     def _substitute(self, index: int, attempt: int, rng) -> int:
@@ -147,7 +163,10 @@ class PairMaker:
             img = self._load(self._substitute(index, attempt, sub_rng))
         rng = np.random.default_rng([self.plan.seed, epoch, pos, _AUGMENT])
         view1, view2 = augment.two_views(img, rng, self.aug)
-        return {'view1': view1, 'view2': view2}
+        if not self.count_io:
+            return {'view1': view1, 'view2': view2}
+        return {'view1': view1, 'view2': view2,
+                IO_KEY: np.asarray(storage.telemetry.take_counts(), np.int64)}
 
 
 class BatchIterator:
@@ -155,6 +174,7 @@ class BatchIterator:
 
     def __init__(self, loader: 'TrainLoader', start: int = 0):
         self._loader, self._next, self._it = loader, int(start), None
+        self._io = None   # the summed bucket counters of the batches drawn since the last take
 
     def __iter__(self):
         return self
@@ -164,7 +184,19 @@ class BatchIterator:
             self._it = iter(self._loader.dataset(start_batch=self._next))
         batch = next(self._it)
         self._next += 1
+        io = batch.pop(IO_KEY, None)
+        if io is not None:
+            io = io.sum(axis=0)
+            self._io = io if self._io is None else self._io + io
         return batch
+
+    def take_input_counts(self) -> Optional[np.ndarray]:
+        """storage.Telemetry counts of the batches drawn since the last call; None when the
+        source reads no bucket."""
+        if not self._loader.count_io:
+            return None
+        io, self._io = self._io, None
+        return np.zeros(storage.Telemetry.SIZE, np.int64) if io is None else io
 
     def get_state(self) -> dict:
         return {STATE_KEY: self._next}
@@ -202,8 +234,9 @@ class TrainLoader:
     def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
                  mean, std, num_workers: int = 0, skip_list: Optional[str] = None,
                  normalization_origin: str = 'given', min_tissue: float = 0.0,
-                 held_out: Optional[PatchSource] = None):
+                 held_out: Optional[PatchSource] = None, count_io: bool = False):
         self.source, self.plan, self.aug = source, plan, aug
+        self.count_io = count_io   # elements carry their bucket reads (IO_KEY)
         self.held_out = held_out   # the monitor set's slides, held out of `source`
         self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
         self.num_workers, self.min_tissue = int(num_workers), float(min_tissue)
@@ -214,7 +247,8 @@ class TrainLoader:
     num_epochs = property(lambda self: self.plan.num_epochs)
 
     def pair_maker(self) -> PairMaker:
-        return PairMaker(self.source, self.plan, self.aug, self.skip_log, self.min_tissue)
+        return PairMaker(self.source, self.plan, self.aug, self.skip_log, self.min_tissue,
+                         self.count_io)
 
     def dataset(self, start_batch: int = 0):
         """The grain IterDataset of batches over all epochs, from batch `start_batch` on."""
@@ -273,4 +307,10 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
                        num_workers=int(data.num_workers), skip_list=skip_list,
                        normalization_origin=origin, min_tissue=float(data.min_tissue),
-                       held_out=held_out)
+                       held_out=held_out, count_io=reads_bucket(data, source))
+
+
+def reads_bucket(data, source: PatchSource) -> bool:
+    """Whether training reads a bucket (then its reads are counted: storage.Telemetry)."""
+    return any(storage.is_url(p) for p in (data.path, data.slide_dir or '',
+                                           source.path(0) if len(source) else ''))

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 
 import jax
+import numpy as np
 
 from clusiam_jax import storage
 from clusiam_jax.errors import NonFiniteError
@@ -22,6 +23,57 @@ CSV_FIELDS = ('epoch', 'step', 'time_s', 'pairs_per_s', 'lr', 'loss', 'invarianc
               *_CLUSTERS, *(f'monitor_{k}' for k in ('rankme', 'alignment', 'uniformity',
                                                       *_CLUSTERS, 'knn_top1', 'knn_balanced',
                                                       'collapse', 'seconds')))
+# Only a run that reads a bucket has these columns (a local run's metrics.csv is unchanged).
+INPUT_FIELDS = ('input_requests', 'input_bytes', 'input_read_ms_mean', 'input_read_ms_p99',
+                'input_retries', 'input_read_errors', 'input_slides_opened',
+                'input_cache_hit_rate')
+_INPUT_NAMES = {'requests': 'requests', 'bytes': 'bytes', 'latency_mean_ms': 'read_ms_mean',
+                'latency_p99_ms': 'read_ms_p99', 'retries': 'retries', 'errors': 'read_errors',
+                'slides_opened': 'slides_opened', 'cache_hit_rate': 'cache_hit_rate'}
+
+
+class InputTelemetry:
+    """The bucket reads behind the batches drawn (data/pipeline.py IO_KEY), per log window
+    (TensorBoard input/...) and per epoch (metrics.csv input_..., the epoch's log line)."""
+
+    def __init__(self, iterator, loader):
+        self._take = getattr(iterator, 'take_input_counts', None)
+        self.slides = getattr(getattr(loader, 'source', None), 'from_slides', False)
+        self.epoch_counts = None
+
+    def window(self):
+        """This window's values named as in TensorBoard (None: the input reads no bucket)."""
+        counts = self._take() if self._take is not None else None
+        if counts is None:
+            return None
+        self.epoch_counts = counts if self.epoch_counts is None else self.epoch_counts + counts
+        return self._named(counts)
+
+    def epoch(self):
+        """The epoch's values (metrics.csv's input_ columns; {} without bucket reads)."""
+        counts, self.epoch_counts = self.epoch_counts, None
+        if counts is None:
+            return {}
+        return {f'input_{k}': v for k, v in self._named(counts).items()}
+
+    def _named(self, counts):
+        summary = storage.Telemetry.summary(np.asarray(counts), slides=self.slides)
+        return {_INPUT_NAMES[k]: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in summary.items() if v is not None}
+
+
+def input_line(row: dict) -> str:
+    """The epoch's bucket reads for the log ('' without them)."""
+    if 'input_requests' not in row:
+        return ''
+    line = (f"; input: {row['input_requests']} requests, {row['input_bytes'] / 1e6:.1f} MB, "
+            f"read {row['input_read_ms_mean']:.1f} ms mean / {row['input_read_ms_p99']:.1f} ms "
+            f"p99, {row['input_retries']} retries, {row['input_read_errors']} read errors")
+    if 'input_slides_opened' in row:
+        line += f", {row['input_slides_opened']} slides opened"
+    if 'input_cache_hit_rate' in row:
+        line += f", slide cache hit rate {row['input_cache_hit_rate']:.2f}"
+    return line
 
 
 class MetricWriter:
@@ -52,8 +104,9 @@ class MetricWriter:
             self.rows = [r for r in old if not (r.get('epoch') or '').isdigit() or
                          int(r['epoch']) < int(row['epoch'])]
         self.rows.append(row)
-        write_csv(self.csv_path, CSV_FIELDS,
-                  ({k: r.get(k, '') for k in CSV_FIELDS} for r in self.rows))
+        fields = CSV_FIELDS + (INPUT_FIELDS if any(r.get('input_requests') not in (None, '')
+                                                   for r in self.rows) else ())
+        write_csv(self.csv_path, fields, ({k: r.get(k, '') for k in fields} for r in self.rows))
         self._tb.flush()
         self._upload_tb()
 
