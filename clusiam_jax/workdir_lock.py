@@ -1,6 +1,6 @@
 """One command per folder: `flock` on `<folder>/.clusiam.lock`; where flock is refused, an
 O_EXCL file, taken over only from a gone pid of this host; in a bucket, a lock object created
-only if absent (no flock there), taken over likewise."""
+only if absent (no flock there), renewed by its holder, taken over when its lease ends."""
 import contextlib
 import datetime
 import errno
@@ -12,6 +12,7 @@ import pathlib
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Optional, Sequence
@@ -160,20 +161,17 @@ class FolderLock:
 
 class BucketLock(FolderLock):
     """The lock of a folder in a bucket: an object uploaded only if none has its name (GCS
-    ifGenerationMatch=0, S3 IfNoneMatch='*'). No process keeps it alive: a holder killed on
-    another host leaves it, and only deleting it frees the folder."""
+    ifGenerationMatch=0, S3 IfNoneMatch='*'). No process keeps it alive as a flock is, so the
+    holder renews it every RENEW_S; one not renewed for STALE_S (a host killed or preempted;
+    host clocks agree to seconds) is taken over, as is one of a gone pid of this host."""
+    RENEW_S, STALE_S = 60.0, 600.0
 
     def acquire(self):
-        log.info('%s %s is in a bucket: locked by the object %s, which a command killed on '
-                 'another host leaves behind (delete it then)', self.what, self.folder, self.path)
-        token = uuid.uuid4().hex  # ours: a retried upload that had landed finds itself
-        text = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'token': token,
-                           'started': datetime.datetime.now().isoformat(timespec='seconds'),
-                           'command': self.command}) + '\n'
+        self._token = uuid.uuid4().hex  # ours: a retried upload that had landed finds itself
+        self._started = datetime.datetime.now().isoformat(timespec='seconds')
         for _ in range(10):
-            if storage.create_bytes(self.path, text.encode('utf-8')):
-                self._fd = token
-                return self
+            if storage.create_bytes(self.path, self._text()):
+                return self._held()
             try:
                 holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
                 int(holder['pid'])
@@ -181,23 +179,55 @@ class BucketLock(FolderLock):
                 continue  # released as we looked
             except (ValueError, TypeError, KeyError):
                 self._refuse(None, f' (or, if no command is running there, delete {self.path})')
-            if holder.get('token') == token:
-                self._fd = token
-                return self
-            if holder.get('host') != socket.gethostname() or _pid_alive(int(holder['pid'])):
-                self._refuse(holder, f' (if it is not running any more, delete {self.path})')
-            log.info('%s %s: taking over the lock of a command that is gone (%s)', self.what,
-                     self.folder, describe(holder))
+            if holder.get('token') == self._token:
+                return self._held()
+            age = time.time() - float(holder.get('renewed', time.time()))
+            gone = (holder.get('host') == socket.gethostname()
+                    and not _pid_alive(int(holder['pid'])))
+            if not gone and age <= self.STALE_S:
+                self._refuse(holder, f' (if it is not running any more, delete {self.path}, '
+                                     f'or wait {self.STALE_S - age:.0f} s: its lease ends)')
+            log.info('%s %s: taking over the lock of a command that is gone (%s%s)', self.what,
+                     self.folder, describe(holder),
+                     '' if gone else f'; not renewed for {age:.0f} s')
             storage.remove(self.path)
         raise ConfigError(f'{self.what} {self.folder}: cannot take its lock {self.path} '
                           f'(it keeps changing)')
 
+    def _text(self) -> bytes:
+        return (json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                            'token': self._token, 'started': self._started,
+                            'renewed': time.time(), 'command': self.command}) + '\n').encode()
+
+    def _mine(self) -> bool:
+        holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
+        return holder.get('token') == self._token
+
+    def _held(self):
+        self._fd, self._stop = self._token, threading.Event()
+        self._renewer = threading.Thread(target=self._renew, daemon=True,
+                                         name='clusiam-lock-renewal')
+        self._renewer.start()
+        return self
+
+    def _renew(self):
+        while not self._stop.wait(self.RENEW_S):
+            try:
+                if not self._mine():  # taken over (we stalled past the lease): say it once
+                    log.warning('%s %s: another command took over its lock %s', self.what,
+                                self.folder, self.path)
+                    return
+                storage.write_bytes(self.path, self._text())
+            except (DataError, ValueError, AttributeError) as e:  # tried again next time
+                log.warning('%s: could not renew the lock %s (%s)', self.folder, self.path, e)
+
     def release(self):
         if self._fd is None:
             return
+        self._stop.set()
+        self._renewer.join()
         try:  # only our own object: a folder taken over since is not ours to free
-            holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
-            if holder.get('token') == self._fd:
+            if self._mine():
                 storage.remove(self.path)
         except (DataError, ValueError, AttributeError) as e:
             log.warning('%s: could not release the lock %s (%s); delete it before the next '

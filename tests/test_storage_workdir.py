@@ -3,6 +3,7 @@ there equals training on local disk (metrics.csv rows, final parameters bit for 
 file is a whole object, and one lock object keeps a second command out."""
 import csv
 import io
+import json
 import logging
 import os
 import signal
@@ -109,6 +110,33 @@ def test_a_second_command_is_refused_while_the_lock_object_is_held(bucket, objst
     lock = workdir_lock.BucketLock(folder, '--workdir').acquire()
     lock.release()
     assert workdir_lock.LOCK_NAME not in objstore.keys(bucket + '/run')
+
+
+def test_the_lock_object_is_renewed_and_taken_over_when_its_lease_ends(bucket, objstore,
+                                                                       monkeypatch):
+    """A host killed or preempted cannot release its lock: the holder renews it, and a
+    lock left unrenewed for STALE_S is taken over (by a restart on another host)."""
+    folder, now = f'{bucket}/run', time.time()
+    url = f'{folder}/{workdir_lock.LOCK_NAME}'
+
+    def elsewhere(renewed):
+        storage.write_bytes(url, json.dumps({'host': 'another-vm', 'pid': 1, 'token': 'x',
+                                             'renewed': renewed}).encode())
+
+    elsewhere(now - 5)
+    with pytest.raises(ConfigError, match='in use by another command: pid 1 on host another'):
+        workdir_lock.BucketLock(folder, '--workdir').acquire()
+    elsewhere(now - workdir_lock.BucketLock.STALE_S - 5)
+    monkeypatch.setattr(workdir_lock.BucketLock, 'RENEW_S', 0.1)
+    lock = workdir_lock.BucketLock(folder, '--workdir').acquire()
+    first = json.loads(objstore.read(url))
+    assert first['pid'] == os.getpid() and first['renewed'] >= now
+    deadline = time.time() + 20
+    while json.loads(objstore.read(url))['renewed'] == first['renewed']:
+        assert time.time() < deadline, 'never renewed'
+        time.sleep(0.05)
+    lock.release()
+    assert workdir_lock.LOCK_NAME not in objstore.keys(folder)
 
 
 def test_log_txt_in_a_bucket_is_rewritten_whole_and_goes_on(bucket, objstore, monkeypatch):
