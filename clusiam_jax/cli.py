@@ -187,7 +187,7 @@ def run_tile(args, config, overrides):
 def run_build_dataset(args, config, overrides):
     fileio.writable_folder(args.out, '--out')
     from clusiam_jax import data
-    path = data.build_dataset(config.data.path, args.out)
+    path = data.build_dataset(config.data.path, args.out, config.data.slide_dir)
     print(f'dataset written to {path}; train on it: '
           + command_hint(*_TRAIN_ON, f'--config.data.path={path}'))
     return 0

@@ -143,3 +143,31 @@ def test_cli_build_dataset_into_a_bucket(objstore, patches, capsys):
     assert cli.main(['--mode', 'build_dataset', f'--config.data.path={src}', '--out', out]) == 0
     assert f'dataset written to {out}/{VERSION}' in capsys.readouterr().out
     assert data.discover(out) == data.discover(local)
+
+
+def test_a_tiling_is_packed_with_slide_ids_and_coords(objstore, demo_tiles, tmp_path,
+                                                      monkeypatch):
+    """Patches read from the slides once: each example holds the pixels the tiling gives,
+    its slide id and level-0 coordinates; the bucket build equals the local one."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    tiles = data.open_source(demo_tiles)
+    keep = np.arange(0, len(tiles), max(1, len(tiles) // 12))   # a dozen patches: fast
+    from clusiam_jax.data import slide_source
+    real_open = slide_source.open_slide_source
+    monkeypatch.setattr(slide_source, 'open_slide_source',
+                        lambda *a, **k: real_open(*a, **k).subset(keep))
+    local = data.build_dataset(demo_tiles, str(tmp_path / 'local'))
+    url = data.build_dataset(demo_tiles, objstore.new_bucket('gs') + '/ds')
+    monkeypatch.undo()
+    packed = data.open_source(url)
+    assert len(packed) == len(keep)
+    for i, index in enumerate(keep):
+        want = tiles.record(int(index))
+        got = packed.record(i)
+        assert (got.slide_id, got.x, got.y, got.label) == (want.slide_id, want.x, want.y,
+                                                           want.label)
+        assert got.path == want.path
+        np.testing.assert_array_equal(packed.load(i), tiles.load(int(index)))
+    assert data.discover(url) == data.discover(local)
+    with pytest.raises(DataError, match='data.slide_dir is set but'):
+        data.build_dataset(str(tmp_path / 'local'), str(tmp_path / 'x'), slide_dir=demo_tiles)

@@ -1,10 +1,12 @@
 """A patch source packed into TFDS ArrayRecord shards (example i: row i of records.csv), and read
-back. RGB 8-bit PNG/JPEG are stored as is, the rest as lossless PNG: the pixels stay the file's."""
+back. RGB 8-bit PNG/JPEG are stored as is, the rest as lossless PNG: the pixels stay the file's.
+A tiling's patches are read from its slides once and stored as lossless PNG with their slide id
+and level-0 coordinates (the `path` names the slide and the coordinates)."""
 import contextlib
 import io
 import os
 import tempfile
-from typing import List
+from typing import Callable, List, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -12,7 +14,7 @@ import tqdm
 from PIL import Image
 
 from clusiam_jax import fileio, storage
-from clusiam_jax.data import image_io, skips
+from clusiam_jax.data import image_io, skips, slide_source
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.errors import ConfigError, DataError
 
@@ -26,6 +28,10 @@ def _stored_bytes(path: str) -> bytes:
         with contextlib.suppress(Exception), Image.open(io.BytesIO(data)) as im:
             if im.mode == 'RGB':
                 return data
+    return _png(rgb)
+
+
+def _png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb, 'RGB').save(buf, format='PNG', compress_level=1)
     return buf.getvalue()
@@ -36,8 +42,11 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'First version.'}
 
-    def __init__(self, *, records: List[records_lib.PatchRecord], **kwargs):
+    def __init__(self, *, records: List[records_lib.PatchRecord],
+                 encode: Optional[Callable[[int, records_lib.PatchRecord], bytes]] = None,
+                 **kwargs):
         self._source_records = records
+        self._encode = encode or (lambda index, rec: _stored_bytes(rec.path))
         self.skipped: List[str] = []
         self.written: List[records_lib.PatchRecord] = []
         super().__init__(**kwargs)
@@ -58,7 +67,7 @@ class ClusiamPatches(tfds.core.GeneratorBasedBuilder):
         for index, rec in enumerate(tqdm.tqdm(self._source_records, desc='packing patches',
                                               unit='patch', mininterval=1.0)):
             try:
-                data = _stored_bytes(rec.path)
+                data = self._encode(index, rec)
             except (image_io.BadImageError, OSError) as e:
                 self.skipped.append(f'{rec.path}\t{e}')
                 continue
@@ -73,22 +82,21 @@ _METADATA_LAST = ('features.json', records_lib.DATASET_MANIFEST, skips.SKIPPED_F
                   'dataset_info.json')
 
 
-def build_dataset(source: str, out_dir: str) -> str:
+def build_dataset(source: str, out_dir: str, slide_dir: str = '') -> str:
     """The dataset folder `out_dir/clusiam_patches/1.0.0` (data.path takes it or `out_dir`).
+    `source`: a patch folder, a manifest, or a tiling (`slide_dir`: as data.slide_dir).
     A gs:// or s3:// `out_dir` is built in a local temporary folder (array_record writes
     local files only), then uploaded file by file, each whole, the metadata last."""
-    recs = records_lib.discover(source)
-    if records_lib.find_tfds_dataset(source) is not None:
-        raise DataError(f'{source} is already a built dataset')
+    recs, encode = _records_of(source, slide_dir)
     if not storage.is_url(out_dir):
-        return _build(recs, source, out_dir)
+        return _build(recs, encode, source, out_dir)
     target = storage.join(out_dir, ClusiamPatches.name, str(ClusiamPatches.VERSION))
     storage.makedirs(target)   # the bucket exists
     if storage.exists(storage.join(target, 'dataset_info.json')):
         raise DataError(f'a dataset is already built at {target}; '
                         f'remove it or choose another --out')
     with tempfile.TemporaryDirectory(prefix='clusiam-dataset-') as local:
-        built = _build(recs, source, local)
+        built = _build(recs, encode, source, local)
         if storage.find_files(target):   # an earlier build's half upload: none of it is kept
             storage.remove(target, recursive=True)
         names = sorted(os.listdir(built))
@@ -97,9 +105,25 @@ def build_dataset(source: str, out_dir: str) -> str:
     return target
 
 
-def _build(recs: List[records_lib.PatchRecord], source: str, out_dir: str) -> str:
+def _records_of(source: str, slide_dir: str):
+    """(records, encode) of a tiling (patches read from its slides) or of patch files."""
+    if slide_source.is_slide_source(source):
+        patches = slide_source.open_slide_source(source, slide_dir)
+        return ([patches.record(i) for i in range(len(patches))],
+                lambda index, rec: _png(patches.load(index)))
+    if slide_dir:
+        raise DataError(f'data.slide_dir is set but {source} is not a tiling or CLAM/TRIDENT '
+                        f'patch folder (no patches/*.h5): drop data.slide_dir')
+    recs = records_lib.discover(source)
+    if records_lib.find_tfds_dataset(source) is not None:
+        raise DataError(f'{source} is already a built dataset')
+    return recs, None
+
+
+def _build(recs, encode, source: str, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    builder = ClusiamPatches(records=recs, data_dir=out_dir, file_format='array_record')
+    builder = ClusiamPatches(records=recs, encode=encode, data_dir=out_dir,
+                             file_format='array_record')
     if os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
         raise DataError(f'a dataset is already built at {builder.data_dir}; '
                         f'remove it or choose another --out')
