@@ -125,13 +125,23 @@ def test_train_batches_from_the_bucket_equal_local_disk(tiled, tmp_path, monkeyp
     expected = take(data.create_train_loader(data_config(
         out, batch=8, slide_dir=local, mean=MEAN, std=STD)).iterator(), 4)
     for workers in (0, 2):
-        got = take(data.create_train_loader(data_config(
-            out, batch=8, workers=workers, mean=MEAN, std=STD)).iterator(), 4)
+        it = data.create_train_loader(data_config(
+            out, batch=8, workers=workers, mean=MEAN, std=STD)).iterator()
+        got = take(it, 4)
+        it.close()
         for a, b in zip(got, expected):
             for k in ('view1', 'view2'):
                 on_device = prefetch.to_device(a, {'view1': sharding, 'view2': sharding})[k]
                 np.testing.assert_array_equal(np.asarray(on_device), b[k])
     assert os.listdir(tmp_path / 'xdg' / 'clusiam_jax' / 'slides')
+    # Two processes' shares from the bucket assemble the one-process batch from local disk.
+    shares = [take(data.create_train_loader(data_config(out, batch=8, mean=MEAN, std=STD),
+                                            process_index=p, process_count=2).iterator(), 2)
+              for p in range(2)]
+    for step in range(2):
+        for k in ('view1', 'view2'):
+            np.testing.assert_array_equal(
+                np.concatenate([shares[0][step][k], shares[1][step][k]]), expected[step][k])
 
 
 def test_cache_stays_under_its_size_and_evicts_the_least_recently_opened(
@@ -177,3 +187,22 @@ def test_cache_stays_under_its_size_and_evicts_the_least_recently_opened(
     assert len(shared._entries()) == 1 and len(found) == 4
     assert all(f == open(os.path.join(slide_folder, 'a.tif'), 'rb').read() for f in found)
     assert not [n for n in os.listdir(shared.folder) if n.startswith('.staging-')]
+
+
+def test_a_failed_bucket_read_is_a_skipped_patch_not_a_fallback_level(tiled, tmp_path,
+                                                                      monkeypatch):
+    """A hidden level whose tile is damaged falls back to OpenSlide's levels (other pixels,
+    said once); a bucket read that failed after its retries must not: the patch is skipped."""
+    from clusiam_jax.data import image_io
+    remote, _ = _sources(tiled, tmp_path / 'cache')
+    c = next(i for i in range(len(remote)) if remote.slides[remote.slide_index[i]].slide_id == 'c')
+    remote.load(c)
+
+    def failing(path, ranges):
+        raise DataError(f'cannot read {path}: 503 Slow Down')
+    handle = remote._handle(int(remote.slide_index[c]))
+    monkeypatch.setattr(handle.tiles, '_read_ranges', failing)
+    handle.tiles.close()   # no cached tiles
+    with pytest.raises(image_io.BadImageError, match='503 Slow Down'):
+        remote.load(c)
+    assert not handle._hidden_failed and len(handle.levels) > handle.listed

@@ -219,7 +219,7 @@ class Slide:
         try:
             return square(level)
         except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
-            if level < self.listed:
+            if level < self.listed or isinstance(e, DataError):   # DataError: a bucket read
                 raise
             if not self._hidden_failed:
                 self._hidden_failed = True
