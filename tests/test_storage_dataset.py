@@ -171,3 +171,22 @@ def test_a_tiling_is_packed_with_slide_ids_and_coords(objstore, demo_tiles, tmp_
     assert data.discover(url) == data.discover(local)
     with pytest.raises(DataError, match='data.slide_dir is set but'):
         data.build_dataset(str(tmp_path / 'local'), str(tmp_path / 'x'), slide_dir=demo_tiles)
+
+
+def test_export_reads_a_bucket_dataset_as_the_local_one(bucket, tmp_path, monkeypatch):
+    from tests.helpers import tiny_config
+    from tests.test_export import _write_patches
+    from tests.test_storage_export import _export, _same_export, _write_run
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    patches = tmp_path / 'patches'
+    _write_patches(patches)
+    local = data.build_dataset(str(patches), str(tmp_path / 'ds'))
+    url = data.build_dataset(str(patches), bucket + '/ds')
+    config = tiny_config('clusiam', batch_size=8, image_size=32, num_epochs=1)
+    config.export.batch_size = 8
+    workdir = str(tmp_path / 'run')
+    _write_run(workdir, config)
+    light = {'pt_files': False, 'qupath': False, 'cluster_maps': False, 'atlas': False}
+    for data_path, out in ((local, 'from_disk'), (url, 'from_bucket')):
+        _export(config, workdir, str(tmp_path / out), data_path=data_path, **light)
+    _same_export(str(tmp_path / 'from_disk'), str(tmp_path / 'from_bucket'))

@@ -18,6 +18,7 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
 # `<x>_<y>` (level-0 pixels) ending the file stem, optionally after a prefix and `_`/`-`.
 _COORDS_RE = re.compile(r'(?:^|[_\-])(\d+)_(\d+)$')
 DATASET_MANIFEST = 'records.csv'   # a built dataset's records, in its ArrayRecord order
+BUILT_FOLDER = 'clusiam_patches/1.0.0'   # build_dataset's folder under --out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +139,9 @@ def _find_dataset_in_bucket(url: str) -> Optional[str]:
     """find_tfds_dataset in a bucket. dataset_info.json is uploaded last, so shards without it
     are a build that stopped uploading: refused, never read as a dataset."""
     url = url.rstrip('/')
+    for folder in ('', f'{BUILT_FOLDER}/'):   # where data.path points: no listing of a bucket
+        if storage.isfile(f'{url}/{folder}dataset_info.json'):
+            return storage.resolve(url, folder or '.').rstrip('/')
     names = [n for n in storage.find_files(url) if n.count('/') <= 3]
     hits = sorted(n for n in names if posixpath.basename(n) == 'dataset_info.json')
     if len(hits) > 1:
