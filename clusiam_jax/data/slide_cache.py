@@ -53,23 +53,24 @@ class SlideCache:
         entry = os.path.join(self.folder, key)
         local = os.path.join(entry, posixpath.basename(url))
         os.makedirs(self.folder, exist_ok=True)
-        with self._locked():
+        with self._locked() as lock:
             if os.path.isdir(entry):
-                os.utime(entry)
+                lock.touch(entry)
                 self.hits += 1
                 return opener(local)
         if version[0] > self.max_bytes:
-            raise DataError(f'{url}: {version[0] / 2 ** 30:.3g} GiB, more than the whole slide '
-                            f'cache (data.cache_gb {self.max_bytes / 2 ** 30:.3g})')
+            raise reader.SlideError(f'{url}: {version[0] / 2 ** 30:.3g} GiB, more than the '
+                                    f'whole slide cache (data.cache_gb '
+                                    f'{self.max_bytes / 2 ** 30:.3g})')
         staging = tempfile.mkdtemp(prefix=_STAGING, dir=self.folder)
         try:
             _download_slide(url, staging)
-            with self._locked():
+            with self._locked() as lock:
                 self.misses += 1
                 if not os.path.isdir(entry):   # else another process staged it meanwhile
                     self._evict(_size(staging))
                     os.rename(staging, entry)
-                os.utime(entry)
+                lock.touch(entry)
                 return opener(local)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -87,7 +88,7 @@ class SlideCache:
             path = os.path.join(self.folder, name)
             if name.startswith(_STAGING) and now - os.path.getmtime(path) > STALE_STAGING_S:
                 shutil.rmtree(path, ignore_errors=True)
-        entries = sorted((os.path.getmtime(os.path.join(self.folder, n)), n)
+        entries = sorted((os.stat(os.path.join(self.folder, n)).st_mtime_ns, n)
                          for n in self._entries())
         used = sum(_size(os.path.join(self.folder, n)) for _, n in entries)
         for _, name in entries:
@@ -102,8 +103,18 @@ class SlideCache:
 
 
 class _FileLock:
+    """flock of the cache's lock file, which also holds the last LRU stamp: file times tick
+    coarsely (ms), so two opens in one tick would tie; stamps strictly increase."""
+
     def __init__(self, path):
         self.path = path
+
+    def touch(self, entry: str):
+        """Marks `entry` opened now: its mtime set to a stamp above every earlier one."""
+        raw = os.pread(self.fd, 32, 0)
+        stamp = max(time.time_ns(), int(raw or b'0') + 1)
+        os.pwrite(self.fd, str(stamp).encode().ljust(32), 0)
+        os.utime(entry, ns=(stamp, stamp))
 
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -154,14 +165,17 @@ def open_remote_slide(url: str, index_url: str, cache: SlideCache,
     if index_url:
         try:
             raw = storage.read_bytes(index_url)
-        except (DataError, FileNotFoundError):
+        except (storage.Unreadable, FileNotFoundError):   # none, or failing: which?
             if storage.exists(index_url):
                 raise
     if raw is None:
         return stage()
-    index = tile_index.TileIndex.from_bytes(raw, version[0], index_url)
+    try:   # an index of another version or another state of the slide: this slide's error
+        index = tile_index.TileIndex.from_bytes(raw, version[0], index_url)
+    except DataError as e:
+        raise reader.SlideError(str(e)) from None
     if not index.layout:
-        raise DataError(f"{index_url}: a tile index without the slide's layout; tile the "
-                        f'slide again')
+        raise reader.SlideError(f"{index_url}: a tile index without the slide's layout; tile "
+                                f'the slide again')
     tiles = remote_tiles.RemoteTiles(index, url, storage.read_ranges)
     return reader.RemoteSlide(index.layout, tiles, stage, url)

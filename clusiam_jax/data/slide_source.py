@@ -101,7 +101,10 @@ class SlideSource(PatchSource):
                 opened = (slide_cache.open_remote_slide(path, self.slides[s].index,
                                                         self.slide_cache, self._cache)
                           if storage.is_url(path) else reader.open_slide(path, cache=self._cache))
-            except DataError as e:
+            except DataError as e:   # in a bucket: the slide's own, not the credentials'
+                if storage.is_url(path) and not isinstance(e, (reader.SlideError,
+                                                               storage.Unreadable)):
+                    raise
                 self._bad[s] = str(e).split(': ', 1)[-1]
                 raise _slide_error(path, self._bad[s]) from None
             outside = self._outside(s, opened.dimensions)
@@ -143,10 +146,13 @@ class SlideSource(PatchSource):
             return reader.read_patch(opened, x, y, size0, out)
         except Exception as e:
             import openslide
-            if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError, DataError)):
-                raise
-            # OpenSlideError leaves the handle unusable (reopen later); a ValueError: one tile;
-            # a DataError: a bucket read that failed after its retries (reopened later).
+            if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)) or (
+                    isinstance(e, DataError)
+                    and not isinstance(e, (storage.Unreadable, reader.SlideError))):
+                raise   # a plain DataError: the bucket refused us (credentials): end the run
+            # OpenSlideError leaves the handle unusable (reopen later); a ValueError: one tile
+            # (storage.Unreadable: a bucket read that failed after its retries; SlideError: a
+            # slide staged on first need that could not be).
             if not isinstance(e, ValueError):
                 with self._lock:
                     if self._handles.get(s) is opened:
