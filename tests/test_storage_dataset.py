@@ -119,8 +119,16 @@ def test_an_s3_dataset_is_staged_once(objstore, patches, monkeypatch, tmp_path):
     second = sources.open_source(url)
     assert len(downloads) == len(os.listdir(local)) and second.dataset_dir == staged
     np.testing.assert_array_equal(second.load(4), data.open_source(local).load(4))
-    # data.cache_dir's folder when given
-    sources.open_source(url, cache_dir=str(tmp_path / 'mine'))
+    # Rebuilt from other patches: staged again, and only the new build's files are there.
+    storage.remove(url, recursive=True)
+    os.remove(os.path.join(src, os.listdir(src)[0], 'slide_0', '0_0.png'))
+    data.build_dataset(src, url.split('/clusiam_patches')[0])
+    third = sources.open_source(url)
+    assert third.dataset_dir == staged and len(third) == len(first) - 1
+    assert sorted(os.listdir(staged)) == sorted(os.listdir(local) + [sources.STAGED_MARKER])
+    # Training stages into data.cache_dir when it is set.
+    data.create_train_loader(data_config(url, mean=MEAN, std=STD,
+                                         cache_dir=str(tmp_path / 'mine')))
     assert os.listdir(tmp_path / 'mine' / 'datasets')
 
 

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from clusiam_jax import interrupts, storage
-from clusiam_jax.data import augment, image_io, skips
+from clusiam_jax.data import augment, image_io, skips, slide_cache
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.data.records import PatchSource
@@ -280,7 +280,9 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     """The training loader of this process. The normalization is data.mean/std when set,
     else what a resumed run `recorded` (mean, std, origin), else computed (cached)."""
     data = config.data
-    source = sources_lib.open_source(data.path, data.slide_dir, int(data.open_slides))
+    source = sources_lib.open_source(data.path, data.slide_dir, int(data.open_slides),
+                                     data.get('cache_dir', ''),
+                                     data.get('cache_gb', slide_cache.DEFAULT_CACHE_GB))
     held_out = None
     mon = config.get('monitor')
     if mon is not None and mon.every_epochs > 0 and not mon.data_path and mon.holdout > 0:

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from clusiam_jax import storage
-from clusiam_jax.data import image_io, slide_source
+from clusiam_jax.data import image_io, slide_cache, slide_source
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.data.records import PatchRecord, PatchSource
 from clusiam_jax.errors import DataError
@@ -68,12 +68,13 @@ class FileSource(PatchSource):
             raise image_io.BadImageError(f'{self.path(index)}: record {index}: {e}') from None
 
 
-def open_source(path: str, slide_dir: str = '', open_slides: int = 512,
-                cache_dir: str = '') -> PatchSource:
+def open_source(path: str, slide_dir: str = '', open_slides: int = 512, cache_dir: str = '',
+                cache_gb: float = slide_cache.DEFAULT_CACHE_GB) -> PatchSource:
     """The source of a slide layout (`slide_dir`: its slides), patch folder, manifest or dataset
-    (a dataset's gs:// or s3:// URL too; `cache_dir`: where an s3:// one is staged)."""
+    (a dataset's gs:// or s3:// URL too). `cache_dir`, `cache_gb`: data.cache_dir/cache_gb,
+    where slides from a bucket are staged, and an s3:// dataset (in `cache_dir`/datasets)."""
     if slide_source.is_slide_source(path):
-        return slide_source.open_slide_source(path, slide_dir, open_slides)
+        return slide_source.open_slide_source(path, slide_dir, open_slides, cache_dir, cache_gb)
     if slide_dir:
         raise DataError(f'data.slide_dir is set but {path} is not a CLAM/TRIDENT patch '
                         f'folder (no patches/*.h5): drop data.slide_dir or point data.path '
@@ -123,6 +124,9 @@ def stage_dataset(url: str, cache_dir: str = '') -> str:
         tmp = os.path.join(local, f'.{name}.tmp{os.getpid()}')
         storage.download(storage.join(url, name), tmp)
         os.replace(tmp, os.path.join(local, name))
+    for stale in set(os.listdir(local)) - set(names):   # an earlier build's shards
+        if not stale.startswith('.'):
+            os.remove(os.path.join(local, stale))
     tmp = f'{marker}.tmp{os.getpid()}'
     with open(tmp, 'w') as f:
         json.dump(versions, f)
