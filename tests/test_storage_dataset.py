@@ -1,6 +1,7 @@
 """Built datasets (ArrayRecord shards) in a bucket: built locally and uploaded (metadata last),
 read back by training from gs:// (array_record itself) and s3:// (staged once per host), each
 checked against the same dataset built on local disk (tests/objstore.py's loopback servers)."""
+import concurrent.futures
 import os
 
 import numpy as np
@@ -107,7 +108,9 @@ def test_an_s3_dataset_is_staged_once(objstore, patches, monkeypatch, tmp_path):
     downloads = []
     real = storage.download
     monkeypatch.setattr(storage, 'download', lambda u, p: (downloads.append(u), real(u, p)))
-    first = sources.open_source(url)
+    # Two openers at once (processes of a host; threads here, flock excludes them alike).
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first, _ = pool.map(sources.open_source, [url, url])
     assert len(downloads) == len(os.listdir(local))
     assert downloads[-1].endswith('/dataset_info.json')
     staged = first.dataset_dir

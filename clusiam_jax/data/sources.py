@@ -1,6 +1,7 @@
 """`open_source`: the one way to a PatchSource. Sources pickle cheaply for grain's workers:
 per-patch numpy columns, readers opened lazily per process."""
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -101,7 +102,8 @@ def stage_dataset(url: str, cache_dir: str = '') -> str:
     """The local copy of the dataset folder `url`: `<cache>/datasets/<sha1 of url>/`, where
     <cache> is `cache_dir` or $XDG_CACHE_HOME/clusiam_jax. Each file is downloaded whole to a
     temporary name then renamed, and `.staged.json` (the objects' sizes and ETags) written last:
-    a later open whose objects match it downloads nothing; a changed dataset is staged again."""
+    a later open whose objects match it downloads nothing; a changed dataset is staged again.
+    The processes of a host take turns (a file lock): one downloads, the others reuse it."""
     root = cache_dir or os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(
         os.path.expanduser('~'), '.cache'), 'clusiam_jax')
     local = os.path.join(os.path.abspath(root), 'datasets',
@@ -109,29 +111,38 @@ def stage_dataset(url: str, cache_dir: str = '') -> str:
     names = [n for n in storage.find_files(url) if '/' not in n]
     versions = {'url': url, 'objects': {n: list(storage.version(storage.join(url, n)))
                                         for n in names}}
-    marker = os.path.join(local, STAGED_MARKER)
-    with contextlib.suppress(OSError, ValueError), open(marker) as f:
-        if json.load(f) == versions and all(os.path.isfile(os.path.join(local, n))
-                                            for n in names):
-            return local
+    if _staged(local, versions):
+        return local
     os.makedirs(local, exist_ok=True)
+    with open(f'{local}.lock', 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when closed (or its process dies)
+        if not _staged(local, versions):
+            _stage(url, local, versions)
+    return local
+
+
+def _staged(local: str, versions: dict) -> bool:
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(local, STAGED_MARKER)) as f:
+        return json.load(f) == versions and all(
+            os.path.isfile(os.path.join(local, n)) for n in versions['objects'])
+    return False
+
+
+def _stage(url: str, local: str, versions: dict) -> None:
+    marker, names = os.path.join(local, STAGED_MARKER), sorted(versions['objects'])
     with contextlib.suppress(FileNotFoundError):
         os.remove(marker)   # what follows may change files the old marker vouched for
     logger.info('staging %s (%d files, %.1f MB) into %s', url, len(names),
                 sum(v[0] for v in versions['objects'].values()) / 1e6, local)
-    last = 'dataset_info.json'
-    for name in sorted(names, key=lambda n: (n == last, n)):
-        tmp = os.path.join(local, f'.{name}.tmp{os.getpid()}')
+    for name in sorted(names, key=lambda n: (n == 'dataset_info.json', n)):
+        tmp = os.path.join(local, f'.{name}.tmp')
         storage.download(storage.join(url, name), tmp)
         os.replace(tmp, os.path.join(local, name))
-    for stale in set(os.listdir(local)) - set(names):   # an earlier build's shards
-        if not stale.startswith('.'):
-            os.remove(os.path.join(local, stale))
-    tmp = f'{marker}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
+    for stale in set(os.listdir(local)) - set(names):   # an earlier build's, a killed stager's
+        os.remove(os.path.join(local, stale))
+    with open(f'{marker}.tmp', 'w') as f:
         json.dump(versions, f)
-    os.replace(tmp, marker)
-    return local
+    os.replace(f'{marker}.tmp', marker)
 
 
 def holdout_slides(source: PatchSource, fraction: float, seed: int):
