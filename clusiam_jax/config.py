@@ -332,7 +332,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     _refuse(not d.path, 'data.path is not set: pass --config.data.path=DIR (a patch folder, a '
             'manifest CSV or a built dataset)')
     tiled = config.tile.slides and os.path.abspath(config.tile.out_dir) == os.path.abspath(d.path)
-    _refuse(not os.path.exists(d.path), f'data.path does not exist: {d.path}' + (
+    _refuse(not storage.exists(d.path), f'data.path does not exist: {d.path}' + (
         '; it is the tiling output of tile.slides: tile first (python launch.py --mode tile '
         '--config ...)' if tiled else ''))
 

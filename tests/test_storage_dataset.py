@@ -201,3 +201,16 @@ def test_export_reads_a_bucket_dataset_as_the_local_one(bucket, tmp_path, monkey
     for data_path, out in ((local, 'from_disk'), (url, 'from_bucket')):
         _export(config, workdir, str(tmp_path / out), data_path=data_path, **light)
     _same_export(str(tmp_path / 'from_disk'), str(tmp_path / 'from_bucket'))
+
+
+def test_the_config_takes_a_dataset_url_as_data_path(objstore, patches):
+    from clusiam_jax.config import validate
+    from configs import demo
+    src, _ = patches
+    url = objstore.new_bucket('gs') + '/ds'
+    config = demo.get_config()
+    config.data.path = url
+    with pytest.raises(ConfigError, match='data.path does not exist'):
+        validate(config)
+    data.build_dataset(src, url)
+    validate(config)
