@@ -169,20 +169,22 @@ _TRANSIENT_TYPES = (('aiohttp', 'ClientError'), ('botocore.exceptions', 'HTTPCli
 
 
 def _http_status(error: BaseException):
-    """The HTTP status an error or its cause carries (gcsfs's HttpError.code, aiohttp's
-    .status, botocore's response, under s3fs's translated OSError), or None."""
+    """The HTTP status of a store's answer that an error or its cause carries (gcsfs's
+    HttpError.code, aiohttp's ClientResponseError.status, botocore's response under s3fs's
+    translated OSError), or None. Not any `code`: aiohttp's parser gives a cut body 400."""
+    aiohttp = sys.modules.get('aiohttp')
     for _ in range(4):
         if error is None:
             return None
         response = getattr(error, 'response', None)
-        if isinstance(response, dict):
-            status = response.get('ResponseMetadata', {}).get('HTTPStatusCode')
-            if isinstance(status, int):
-                return status
-        for name in ('status', 'code'):
-            value = getattr(error, name, None)
-            if isinstance(value, int) and 100 <= value < 600:
-                return value
+        status = (response.get('ResponseMetadata', {}).get('HTTPStatusCode')
+                  if isinstance(response, dict) else None)
+        if type(error).__module__.startswith('gcsfs'):
+            status = getattr(error, 'code', None)
+        elif aiohttp is not None and isinstance(error, aiohttp.ClientResponseError):
+            status = error.status
+        if isinstance(status, int):
+            return status
         error = error.__cause__
     return None
 
@@ -274,8 +276,20 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
         return
     bucket = path.split('://', 1)[0] + '://' + path.split('://', 1)[1].split('/', 1)[0]
-    if not _retried('look up', bucket, lambda: _filesystem(path).exists(bucket)):
+    if not _retried('look up', bucket, lambda: _bucket_exists(_filesystem(path), bucket)):
         raise DataError(f'cannot write {path}: the bucket {bucket} does not exist')
+
+
+def _bucket_exists(fs, bucket: str) -> bool:
+    """s3fs's exists() answers False for any failure (403, 503 included): S3 is asked
+    HEAD bucket itself, so that bad credentials and outages are told as what they are."""
+    if not bucket.startswith('s3://'):
+        return fs.exists(bucket)
+    try:
+        fs.call_s3('head_bucket', Bucket=bucket[len('s3://'):])
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def read_bytes(path: str) -> bytes:
