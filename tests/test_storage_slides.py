@@ -205,3 +205,27 @@ def test_a_failed_bucket_read_is_a_skipped_patch_not_a_fallback_level(tiled, tmp
     with pytest.raises(image_io.BadImageError, match='503 Slow Down'):
         remote.load(c)
     assert not handle._hidden_failed and len(handle.levels) > handle.listed
+
+
+def test_prefetched_patches_load_without_another_request(tiled, tmp_path, monkeypatch):
+    """prefetch reads the tiles of the patches a worker reads next in background threads;
+    load() then finds them (cached, or awaits the fetch under way) and asks for nothing."""
+    remote, on_disk = _sources(tiled, tmp_path / 'cache')
+    direct = [i for i in range(len(remote)) if remote.slides[remote.slide_index[i]].slide_id
+              in ('a', 'c')]
+    reads = []
+    real = storage.read_ranges
+
+    def counted(path, ranges):
+        reads.append(len(ranges))
+        return real(path, ranges)
+    monkeypatch.setattr(storage, 'read_ranges', counted)
+    remote.prefetch(direct[:3])
+    remote.load(direct[0])     # may meet its own prefetch under way: waits for it
+    remote.prefetch(direct)
+    remote._pool.shutdown(wait=True)
+    asked = len(reads)
+    assert asked and len(reads) <= len(direct)
+    for i in direct:
+        np.testing.assert_array_equal(remote.load(i), on_disk.load(i))
+    assert len(reads) == asked, 'a prefetched patch was read again'

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from clusiam_jax import interrupts, storage
-from clusiam_jax.data import augment, image_io, skips, slide_cache
+from clusiam_jax.data import augment, image_io, skips, slide_cache, slide_source
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.data.records import PatchSource
@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 _SHUFFLE, _AUGMENT, _SUBSTITUTE = 0x5, 0xA, 0xB
 _MAX_SUBSTITUTES = 100
 _SAME_SLIDE_ATTEMPTS = 3
+# Elements a worker asks its source to read ahead (slides in a bucket: slide_source.prefetch).
+_PREFETCH_AHEAD = slide_source.PREFETCH_THREADS
 STATE_KEY = 'batches_drawn'   # a checkpoint's data item: {STATE_KEY: batches drawn}
 # The bucket reads an element cost, carried with it (storage.Telemetry.take_counts).
 #
@@ -149,8 +151,19 @@ class PairMaker:
         epoch, pos = self.plan.locate(k)
         return epoch, pos, int(self._order(epoch)[pos])
 
+    def _prefetch_after(self, k: int):
+        """Asks a source that can (slide_source.prefetch: slides in a bucket) to start on the
+        next elements of k's batch, which this worker reads next; pixels do not change."""
+        prefetch = getattr(self.source, 'prefetch', None)
+        if prefetch is None:
+            return
+        batch = k // self.plan.local_batch
+        ahead = range(k + 1, min(k + 1 + _PREFETCH_AHEAD, (batch + 1) * self.plan.local_batch))
+        prefetch([self.record_index(j)[2] for j in ahead])
+
     def __call__(self, k: int):
         epoch, pos, index = self.record_index(int(k))
+        self._prefetch_after(int(k))
         img = self._load(index)
         attempt = 0
         while img is None:

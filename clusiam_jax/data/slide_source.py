@@ -1,7 +1,14 @@
 """Patches read straight from whole slides (our tiling, or CLAM/TRIDENT patches/*.h5): slides
 open lazily per process, at most `open_slides` at a time, so memory stays flat. Slides at
-gs:// / s3:// URLs are read through data/slide_cache.py (tile index, staged cache)."""
+gs:// / s3:// URLs are read through data/slide_cache.py (tile index, staged cache).
+
+Requests in flight per host from slides in a bucket: `prefetch` reads up to PREFETCH_THREADS
+patches at once in each worker process besides the one being loaded, each one read_ranges call
+of its tiles (about 4 for 224 px over 256 px tiles), so up to about 4 x (PREFETCH_THREADS + 1)
+per worker and data.num_workers times that per host. Why 16: at 50 ms a request, a worker
+making about 300 pairs/s has 300 x 0.05 = 15 patches waiting on the bucket (Little's law)."""
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -18,6 +25,9 @@ from clusiam_jax.slides import coords as coords_lib
 from clusiam_jax.slides import reader, slides_csv, tile_index
 
 logger = logging.getLogger(__name__)
+
+PREFETCH_THREADS = 16   # patches fetched ahead at once per process (module docstring)
+_PREFETCH_REMEMBERED = 4096   # indices already asked for, not asked again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +59,8 @@ class SlideSource(PatchSource):
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items()
-                if k not in ('_handles', '_bad', '_sizes', '_lock', '_cache')}
+                if k not in ('_handles', '_bad', '_sizes', '_lock', '_cache', '_pool',
+                             '_asked', '_opening')}
 
     def __setstate__(self, state):
         """Fresh per-process state; a dropped handle is never closed: another thread may read it."""
@@ -59,6 +70,9 @@ class SlideSource(PatchSource):
         self._sizes: Dict[int, tuple] = {}
         self._lock = threading.Lock()
         self._cache = None   # one tile cache for all the handles of this process
+        self._pool = None    # prefetch threads (made in the process that uses them)
+        self._asked = collections.OrderedDict()   # indices given to prefetch lately
+        self._opening: Dict[int, threading.Lock] = {}   # slides being opened: by whom
 
     def path(self, index: int) -> str:
         x, y = self._xy[index]
@@ -86,36 +100,61 @@ class SlideSource(PatchSource):
         return attrs
 
     def _handle(self, s: int) -> reader.Slide:
+        """Slide s's open handle; opened outside the source's lock (a slide in a bucket takes
+        two requests to open), once, by the first thread that asks."""
         with self._lock:
-            if s in self._bad:
-                raise _slide_error(self.slides[s].path, self._bad[s])
-            opened = self._handles.get(s)
+            opened = self._open_handle(s)
             if opened is not None:
-                self._handles.move_to_end(s)
                 return opened
-            if self._cache is None:
-                import openslide
-                self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
-            path = self.slides[s].path
+            opening = self._opening.setdefault(s, threading.Lock())
+        with opening:
+            with self._lock:
+                opened = self._open_handle(s)   # opened meanwhile by another thread
+                if opened is not None:
+                    return opened
+                if self._cache is None:
+                    import openslide
+                    self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
             try:
-                opened = (slide_cache.open_remote_slide(path, self.slides[s].index,
-                                                        self.slide_cache, self._cache)
-                          if storage.is_url(path) else reader.open_slide(path, cache=self._cache))
-            except DataError as e:   # in a bucket: the slide's own, not the credentials'
-                if storage.is_url(path) and not isinstance(e, (reader.SlideError,
-                                                               storage.Unreadable)):
-                    raise
+                opened = self._open(s)
+                with self._lock:
+                    self._handles[s] = opened
+                    while len(self._handles) > self.open_slides:
+                        self._handles.popitem(last=False)
+                return opened
+            finally:
+                with self._lock:
+                    self._opening.pop(s, None)
+
+    def _open_handle(self, s: int):
+        """(under the lock) slide s's handle if open, else None; its error if it is bad."""
+        if s in self._bad:
+            raise _slide_error(self.slides[s].path, self._bad[s])
+        opened = self._handles.get(s)
+        if opened is not None:
+            self._handles.move_to_end(s)
+        return opened
+
+    def _open(self, s: int) -> reader.Slide:
+        path = self.slides[s].path
+        try:
+            opened = (slide_cache.open_remote_slide(path, self.slides[s].index,
+                                                    self.slide_cache, self._cache)
+                      if storage.is_url(path) else reader.open_slide(path, cache=self._cache))
+        except DataError as e:   # in a bucket: the slide's own, not the credentials'
+            if storage.is_url(path) and not isinstance(e, (reader.SlideError,
+                                                           storage.Unreadable)):
+                raise
+            with self._lock:
                 self._bad[s] = str(e).split(': ', 1)[-1]
-                raise _slide_error(path, self._bad[s]) from None
-            outside = self._outside(s, opened.dimensions)
-            if outside:
-                opened.close()
+            raise _slide_error(path, self._bad[s]) from None
+        outside = self._outside(s, opened.dimensions)
+        if outside:
+            opened.close()
+            with self._lock:
                 self._bad[s] = outside
-                raise _slide_error(path, outside)
-            self._handles[s] = opened
-            while len(self._handles) > self.open_slides:
-                self._handles.popitem(last=False)
-            return opened
+            raise _slide_error(path, outside)
+        return opened
 
     def _outside(self, s: int, dimensions) -> str:
         """Why slide s's patches do not fit it (a slide replaced), or ''."""
@@ -136,6 +175,38 @@ class SlideSource(PatchSource):
                 size0 = out * opened.levels[c.patch_level].downsample
             self._sizes[s] = (float(size0), int(out))
         return self._sizes[s]
+
+    def prefetch(self, indices) -> None:
+        """Starts reading, in background threads, the tiles of these patches that are in a
+        bucket, so that load() finds them cached or under way. Only when it pays: slides at
+        URLs; each index once. Errors are left to load(), which reads again and reports."""
+        with self._lock:
+            fresh = [int(i) for i in indices if int(i) not in self._asked
+                     and storage.is_url(self.slides[self.slide_index[int(i)]].path)]
+            for i in fresh:
+                self._asked[i] = None
+            while len(self._asked) > _PREFETCH_REMEMBERED:
+                self._asked.popitem(last=False)
+            if fresh and self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    PREFETCH_THREADS, thread_name_prefix='slide-prefetch')
+        for i in fresh:
+            self._pool.submit(self._warm, i)
+
+    def _warm(self, index: int) -> None:
+        """Reads the tiles load(index) reads by byte ranges, into the slide's tile cache."""
+        try:
+            s = int(self.slide_index[index])
+            opened = self._handle(s)
+            size0, out = self._patch_sizes(s, opened)
+            level = opened.best_level(size0 / out)
+            backend = opened.levels[level].backend
+            if hasattr(backend, 'read_regions'):
+                side = max(1, int(round(size0 / opened.levels[level].downsample)))
+                x, y = self._xy[index]
+                backend.read_regions([(level, int(x), int(y), side, side)])
+        except Exception as e:  # load() meets it again, and reports it there
+            logger.debug('prefetch of %s failed: %s', self.path(index), e)
 
     def load(self, index: int) -> np.ndarray:
         s = int(self.slide_index[index])

@@ -4,6 +4,7 @@ from its tile index (tile_index.py) instead of a parsed header, decoded as tifff
 them and placed by TiffTiles' own region code: the same pixels as the local direct reads.
 """
 import collections
+import concurrent.futures
 import threading
 from typing import Callable, List, Sequence, Tuple
 
@@ -34,7 +35,8 @@ class RemoteTiles(tiles_lib.TiffTiles):
         self._number = {id(lv): number for number, lv in self.levels.items()}
         self._cached_tiles = cached_tiles
         self._cache = collections.OrderedDict()   # (level, tile) -> decoded tile
-        self._lock = threading.Lock()             # guards the cache
+        self._pending = {}                        # (level, tile) -> Future of a fetch under way
+        self._lock = threading.Lock()             # guards the cache and _pending
         self._local = threading.local()           # .batch: this thread's read's tiles
 
     def close(self):
@@ -45,9 +47,10 @@ class RemoteTiles(tiles_lib.TiffTiles):
         return self.read_regions([(level_index, x0, y0, w, h)])[0]
 
     def read_regions(self, regions: Sequence[Region]) -> List[np.ndarray]:
-        """Each region as TiffTiles.read returns it; every tile they need that is not cached
-        comes from one read_ranges call."""
-        needed, batch = {}, {}
+        """Each region as TiffTiles.read returns it; every tile they need that is neither cached
+        nor being fetched by another thread (a prefetch) comes from one read_ranges call."""
+        needed, batch, waits = {}, {}, {}
+        mine = concurrent.futures.Future()
         with self._lock:
             for level_index, x0, y0, w, h in regions:
                 level = self.levels[level_index]
@@ -56,9 +59,27 @@ class RemoteTiles(tiles_lib.TiffTiles):
                     if key in self._cache:
                         self._cache.move_to_end(key)
                         batch[key] = self._cache[key]
+                    elif key in self._pending:
+                        waits[key] = (self._pending[key], level)
                     else:
                         needed[key] = level
-        batch.update(self._fetch(needed))
+                        self._pending[key] = mine
+        try:
+            fetched = self._fetch(needed)
+            mine.set_result(fetched)
+        except BaseException as e:
+            mine.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                for key in needed:
+                    self._pending.pop(key, None)
+        batch.update(fetched)
+        for key, (future, level) in waits.items():
+            try:
+                batch[key] = future.result()[key]
+            except Exception:   # that fetch failed: this read tries again (and reports it)
+                batch.update(self._fetch({key: level}))
         self._local.batch = batch
         try:
             return [super(RemoteTiles, self).read(*region) for region in regions]
