@@ -73,6 +73,7 @@ def _sources(tiled, cache_dir, cache_gb=1.0):
 
 
 def test_every_patch_from_the_bucket_equals_local_disk(tiled, tmp_path, monkeypatch):
+    monkeypatch.setattr(slide_source, 'REMOTE_TILES', 5)   # one decoded-tile LRU, tiny
     remote, on_disk = _sources(tiled, tmp_path / 'cache')
     calls = []
     for name in ('read_bytes', 'open_header', 'download', 'local_copy', 'read_ranges'):
@@ -85,6 +86,7 @@ def test_every_patch_from_the_bucket_equals_local_disk(tiled, tmp_path, monkeypa
 
     for index in range(len(remote)):
         np.testing.assert_array_equal(remote.load(index), on_disk.load(index), str(index))
+    assert 0 < len(remote._tiles) <= 5   # all the slides' tiles together
 
     by_id = {s.slide_id: remote._handle(i) for i, s in enumerate(remote.slides)}
     size0 = {s.slide_id: remote._patch_sizes(i, by_id[s.slide_id])[0]

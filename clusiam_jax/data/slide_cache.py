@@ -57,6 +57,7 @@ class SlideCache:
             if os.path.isdir(entry):
                 lock.touch(entry)
                 self.hits += 1
+                storage.telemetry.note(cache_hits=1)
                 return opener(local)
         if version[0] > self.max_bytes:
             raise reader.SlideError(f'{url}: {version[0] / 2 ** 30:.3g} GiB, more than the '
@@ -67,6 +68,7 @@ class SlideCache:
             _download_slide(url, staging)
             with self._locked() as lock:
                 self.misses += 1
+                storage.telemetry.note(cache_misses=1)
                 if not os.path.isdir(entry):   # else another process staged it meanwhile
                     self._evict(_size(staging))
                     os.rename(staging, entry)
@@ -149,14 +151,16 @@ def _download_slide(url: str, into: str) -> None:
         storage.download(storage.join(parent, rel), local)
 
 
-def open_remote_slide(url: str, index_url: str, cache: SlideCache,
-                      openslide_cache=None) -> reader.Slide:
+def open_remote_slide(url: str, index_url: str, cache: SlideCache, openslide_cache=None,
+                      tile_cache=None) -> reader.Slide:
     """The slide at `url`: a RemoteSlide from its tile index at `index_url` ('' or no such
     object: none), else the slide staged whole. One HEAD (the slide's size and ETag: a slide
     written again must not be read through an old index or cached copy) and one GET of the
-    index per open; no read of the slide's header."""
+    index per open; no read of the slide's header. `tile_cache`: a remote_tiles.TileCache
+    shared by the caller's slides."""
     from clusiam_jax.slides import remote_tiles, tile_index
     version = storage.version(url)
+    storage.telemetry.note(slides_opened=1)
 
     def stage():
         return cache.open(url, version, lambda local: reader.open_slide(local,
@@ -177,5 +181,5 @@ def open_remote_slide(url: str, index_url: str, cache: SlideCache,
     if not index.layout:
         raise reader.SlideError(f"{index_url}: a tile index without the slide's layout; tile "
                                 f'the slide again')
-    tiles = remote_tiles.RemoteTiles(index, url, storage.read_ranges)
+    tiles = remote_tiles.RemoteTiles(index, url, storage.read_ranges, cache=tile_cache)
     return reader.RemoteSlide(index.layout, tiles, stage, url)

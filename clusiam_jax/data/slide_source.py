@@ -27,6 +27,9 @@ from clusiam_jax.slides import reader, slides_csv, tile_index
 logger = logging.getLogger(__name__)
 
 PREFETCH_THREADS = 16   # patches fetched ahead at once per process (module docstring)
+# Decoded tiles of slides in a bucket kept per process (all its slides together): 256 RGB
+# tiles of 256 px are 48 MiB, room for the patches under way and their neighbours' tiles.
+REMOTE_TILES = 256
 _PREFETCH_REMEMBERED = 4096   # indices already asked for, not asked again
 
 
@@ -60,7 +63,7 @@ class SlideSource(PatchSource):
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items()
                 if k not in ('_handles', '_bad', '_sizes', '_lock', '_cache', '_pool',
-                             '_asked', '_opening')}
+                             '_asked', '_opening', '_tiles')}
 
     def __setstate__(self, state):
         """Fresh per-process state; a dropped handle is never closed: another thread may read it."""
@@ -73,6 +76,7 @@ class SlideSource(PatchSource):
         self._pool = None    # prefetch threads (made in the process that uses them)
         self._asked = collections.OrderedDict()   # indices given to prefetch lately
         self._opening: Dict[int, threading.Lock] = {}   # slides being opened: by whom
+        self._tiles = None   # decoded tiles of the slides in a bucket (remote_tiles.TileCache)
 
     def path(self, index: int) -> str:
         x, y = self._xy[index]
@@ -114,7 +118,10 @@ class SlideSource(PatchSource):
                     return opened
                 if self._cache is None:
                     import openslide
+
+                    from clusiam_jax.slides import remote_tiles
                     self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
+                    self._tiles = remote_tiles.TileCache(REMOTE_TILES)
             try:
                 opened = self._open(s)
                 with self._lock:
@@ -138,8 +145,8 @@ class SlideSource(PatchSource):
     def _open(self, s: int) -> reader.Slide:
         path = self.slides[s].path
         try:
-            opened = (slide_cache.open_remote_slide(path, self.slides[s].index,
-                                                    self.slide_cache, self._cache)
+            opened = (slide_cache.open_remote_slide(path, self.slides[s].index, self.slide_cache,
+                                                    self._cache, self._tiles)
                       if storage.is_url(path) else reader.open_slide(path, cache=self._cache))
         except DataError as e:   # in a bucket: the slide's own, not the credentials'
             if storage.is_url(path) and not isinstance(e, (reader.SlideError,

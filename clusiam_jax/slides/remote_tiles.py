@@ -5,8 +5,9 @@ them and placed by TiffTiles' own region code: the same pixels as the local dire
 """
 import collections
 import concurrent.futures
+import itertools
 import threading
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,29 +20,65 @@ CACHED_TILES = 64
 
 Region = Tuple[int, int, int, int, int]   # (level, x0, y0, w, h), x0 and y0 at level 0
 ReadRanges = Callable[[str, Sequence[Tuple[int, int]]], List[bytes]]
+_OWNERS = itertools.count()
+
+
+class TileCache:
+    """Decoded tiles, the least recently used dropped first. One per process can serve all
+    its remote slides, so memory stays bounded however many slides are open."""
+
+    def __init__(self, max_tiles: int = CACHED_TILES):
+        self.max_tiles = int(max_tiles)
+        self._tiles = collections.OrderedDict()   # (owner, level, tile) -> decoded tile
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._tiles)
+
+    def get(self, key) -> Optional[np.ndarray]:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+            return tile
+
+    def put(self, items: dict):
+        if self.max_tiles <= 0:
+            return
+        with self._lock:
+            for key, tile in items.items():
+                self._tiles[key] = tile
+                self._tiles.move_to_end(key)
+            while len(self._tiles) > self.max_tiles:
+                self._tiles.popitem(last=False)
+
+    def drop(self, owner: int):
+        with self._lock:
+            for key in [k for k in self._tiles if k[0] == owner]:
+                del self._tiles[key]
 
 
 class RemoteTiles(tiles_lib.TiffTiles):
     """Reads of the indexed levels of the slide at `path` through `read_ranges(path, [(start,
-    end), ...]) -> [bytes]` (end exclusive), with a small LRU of decoded tiles; threads may
-    share it (the slide source's handles are shared by its threads)."""
+    end), ...]) -> [bytes]` (end exclusive), with an LRU of decoded tiles (`cache`, shared by a
+    process's slides, else its own of `cached_tiles`); threads may share it (the slide
+    source's handles are shared by its threads)."""
 
     def __init__(self, index: TileIndex, path: str, read_ranges: ReadRanges,
-                 cached_tiles: int = CACHED_TILES):
+                 cached_tiles: int = CACHED_TILES, cache: Optional[TileCache] = None):
         # Not TiffTiles.__init__: no file, no header. read() below is TiffTiles'.
         self.index, self.path, self._read_ranges = index, path, read_ranges
         self.levels = dict(index.levels)
         self.width0 = index.width0
         self._number = {id(lv): number for number, lv in self.levels.items()}
-        self._cached_tiles = cached_tiles
-        self._cache = collections.OrderedDict()   # (level, tile) -> decoded tile
+        self._cache = cache if cache is not None else TileCache(cached_tiles)
+        self._owner = next(_OWNERS)               # this slide's part of the cache's keys
         self._pending = {}                        # (level, tile) -> Future of a fetch under way
-        self._lock = threading.Lock()             # guards the cache and _pending
+        self._lock = threading.Lock()             # guards _pending
         self._local = threading.local()           # .batch: this thread's read's tiles
 
     def close(self):
-        with self._lock:
-            self._cache.clear()
+        self._cache.drop(self._owner)
 
     def read(self, level_index: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         return self.read_regions([(level_index, x0, y0, w, h)])[0]
@@ -56,9 +93,9 @@ class RemoteTiles(tiles_lib.TiffTiles):
                 level = self.levels[level_index]
                 for tile in _tiles_of(level, self.width0, x0, y0, w, h):
                     key = (level_index, tile)
-                    if key in self._cache:
-                        self._cache.move_to_end(key)
-                        batch[key] = self._cache[key]
+                    cached = self._cache.get((self._owner, *key))
+                    if cached is not None:
+                        batch[key] = cached
                     elif key in self._pending:
                         waits[key] = (self._pending[key], level)
                     else:
@@ -96,13 +133,7 @@ class RemoteTiles(tiles_lib.TiffTiles):
                            strict=True))
         decoded = {key: _decoded(level, key[1], fetched.get(key, b''))
                    for key, level in needed.items()}
-        if self._cached_tiles > 0:
-            with self._lock:
-                for key, tile in decoded.items():
-                    self._cache[key] = tile
-                    self._cache.move_to_end(key)
-                while len(self._cache) > self._cached_tiles:
-                    self._cache.popitem(last=False)
+        self._cache.put({(self._owner, *key): tile for key, tile in decoded.items()})
         return decoded
 
     def _tile(self, level: IndexLevel, index: int) -> np.ndarray:
