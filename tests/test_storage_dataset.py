@@ -214,3 +214,42 @@ def test_the_config_takes_a_dataset_url_as_data_path(objstore, patches):
         validate(config)
     data.build_dataset(src, url)
     validate(config)
+
+
+class _Counting:
+    """A data source that records each read: ('one', key) or ('many', keys)."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, []
+
+    def __getitem__(self, key):
+        self.reads.append(('one', key))
+        return self.inner[key]
+
+    def __getitems__(self, keys):
+        self.reads.append(('many', list(keys)))
+        return self.inner.__getitems__(keys)
+
+
+def test_prefetched_records_of_a_gs_dataset_come_in_one_read(objstore, patches, monkeypatch):
+    import pickle
+    src, local = patches
+    url, _ = _built_in_bucket(src, objstore.new_bucket('gs'), monkeypatch)
+    source, reference = sources.open_source(url), data.open_source(local)
+    np.testing.assert_array_equal(source.load(0), reference.load(0))
+    counting = source._reader = _Counting(source._reader)
+    source.prefetch(range(1, 9))
+    for i in range(1, 9):
+        np.testing.assert_array_equal(source.load(i), reference.load(i))
+    assert counting.reads == [('many', list(range(1, 9)))]
+    # A miss takes the named ones along; with none named it is read alone.
+    source.prefetch([5])
+    source.load(0)
+    source.load(5)
+    source.load(0)
+    assert counting.reads[1:] == [('many', [0, 5]), ('one', 0)]
+    # A copy for a worker carries nothing read ahead.
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy._reader is None and not copy._ahead and not copy._wanted
+    reference.prefetch(range(3))   # local: nothing to hide
+    assert not reference._wanted

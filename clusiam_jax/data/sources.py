@@ -1,11 +1,13 @@
 """`open_source`: the one way to a PatchSource. Sources pickle cheaply for grain's workers:
 per-patch numpy columns, readers opened lazily per process."""
+import collections
 import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,6 +21,8 @@ from clusiam_jax.errors import DataError
 logger = logging.getLogger(__name__)
 _NONE = np.iinfo(np.int64).min   # a coordinate the record does not have
 STAGED_MARKER = '.staged.json'   # a staged s3:// dataset's objects (written last)
+# Records of a bucket dataset read ahead per process, at most (prefetch; ~50 KB each).
+_READ_AHEAD = 64
 
 
 class FileSource(PatchSource):
@@ -38,9 +42,17 @@ class FileSource(PatchSource):
         self._xy = np.array([(_NONE if r.x is None else r.x, _NONE if r.y is None else r.y)
                              for r in records], np.int64).reshape(-1, 2)
         self._reader = None
+        self._lock = threading.Lock()
+        self._wanted = collections.OrderedDict()   # indices prefetch() named, not yet read
+        self._ahead = collections.OrderedDict()    # index -> encoded image, read with another
 
     def __getstate__(self):
-        return dict(self.__dict__, _reader=None)   # reopened in each process
+        # Reopened in each process; what it read ahead stays with the process that read it.
+        return dict(self.__dict__, _reader=None, _lock=None, _wanted=collections.OrderedDict(),
+                    _ahead=collections.OrderedDict())
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def path(self, index: int) -> str:
         return os.fsdecode(self._paths[index])
@@ -50,6 +62,20 @@ class FileSource(PatchSource):
         return PatchRecord(self.path(index), str(self.slide_ids[self.slide_index[index]])
                            or None, str(self._labels[index]) or None, x, y)
 
+    def prefetch(self, indices) -> None:
+        """Notes patches load() will want soon. A built dataset in a bucket then reads them
+        with the next one load() misses, in one concurrent array_record read, instead of a
+        bucket round trip each (measured on loopback, 16 named ahead: 54 -> 5.8 ms a patch
+        at 50 ms a request)."""
+        if self.dataset_dir is None or not storage.is_url(self.dataset_dir):
+            return
+        with self._lock:
+            for i in map(int, indices):
+                if i not in self._ahead:
+                    self._wanted[i] = None
+            while len(self._wanted) > _READ_AHEAD:
+                self._wanted.popitem(last=False)
+
     def load(self, index: int) -> np.ndarray:
         if self.dataset_dir is None:
             img = image_io.load_rgb(self.path(index))
@@ -58,15 +84,37 @@ class FileSource(PatchSource):
                     f'{self.path(index)}: {img.shape[1]}x{img.shape[0]} px is far larger '
                     f'than a patch (a slide or a slide region? tile it: --mode tile)')
             return img
-        if self._reader is None:
-            from clusiam_jax.data import tfds_builder  # tensorflow-datasets: only here
-            self._reader = tfds_builder.open_data_source(self.dataset_dir)
         try:
-            return image_io.decode_rgb(self._reader[index]['image'])
+            return image_io.decode_rgb(self._encoded(index))
         except image_io.BadImageError as e:
             raise image_io.BadImageError(f'{self.path(index)}: {e}') from None
         except Exception as e:  # a damaged shard: treat like a damaged file
             raise image_io.BadImageError(f'{self.path(index)}: record {index}: {e}') from None
+
+    def _encoded(self, index: int) -> bytes:
+        """Record `index`'s image bytes: read ahead, or read now with the wanted ones."""
+        with self._lock:
+            if self._reader is None:
+                from clusiam_jax.data import tfds_builder  # tensorflow-datasets: only here
+                self._reader = tfds_builder.open_data_source(self.dataset_dir)
+            if index in self._ahead:
+                return self._ahead.pop(index)
+            self._wanted.pop(index, None)
+            others = list(self._wanted)
+            self._wanted.clear()
+        if others:
+            try:
+                got = self._reader.__getitems__([index] + others)
+            except Exception:  # a damaged neighbour: this record is read alone below
+                got = None
+            if got is not None:
+                with self._lock:
+                    for i, example in zip(others, got[1:]):
+                        self._ahead[i] = example['image']
+                    while len(self._ahead) > _READ_AHEAD:
+                        self._ahead.popitem(last=False)
+                return got[0]['image']
+        return self._reader[index]['image']
 
 
 def open_source(path: str, slide_dir: str = '', open_slides: int = 512, cache_dir: str = '',
