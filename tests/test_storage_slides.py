@@ -231,3 +231,10 @@ def test_prefetched_patches_load_without_another_request(tiled, tmp_path, monkey
     for i in direct:
         np.testing.assert_array_equal(remote.load(i), on_disk.load(i))
     assert len(reads) == asked, 'a prefetched patch was read again'
+    # b's patches need its staged copy: prefetch stages it ahead of the first load.
+    b = [i for i in range(len(remote)) if remote.slides[remote.slide_index[i]].slide_id == 'b']
+    remote._pool = None
+    remote.prefetch(b[:1])
+    remote._pool.shutdown(wait=True)
+    assert remote._handles[int(remote.slide_index[b[0]])]._staged is not None
+    np.testing.assert_array_equal(remote.load(b[0]), on_disk.load(b[0]))

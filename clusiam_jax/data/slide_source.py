@@ -201,7 +201,8 @@ class SlideSource(PatchSource):
             self._pool.submit(self._warm, i)
 
     def _warm(self, index: int) -> None:
-        """Reads the tiles load(index) reads by byte ranges, into the slide's tile cache."""
+        """Opens the slide and reads the tiles load(index) reads by byte ranges into the tile
+        cache, or stages the slide whole into the slide cache when load(index) needs that."""
         try:
             s = int(self.slide_index[index])
             opened = self._handle(s)
@@ -212,6 +213,8 @@ class SlideSource(PatchSource):
                 side = max(1, int(round(size0 / opened.levels[level].downsample)))
                 x, y = self._xy[index]
                 backend.read_regions([(level, int(x), int(y), side, side)])
+            elif isinstance(opened, reader.RemoteSlide):   # a level only the staged copy has
+                opened.staged()
         except Exception as e:  # load() meets it again, and reports it there
             logger.debug('prefetch of %s failed: %s', self.path(index), e)
 
