@@ -4,6 +4,7 @@ byte ranges, its OpenSlide-read levels (and slides without an index) from the sl
 whole into a bounded LRU cache; every patch and every batch equals reading the slides from
 local disk. Against both loopback servers (tests/objstore.py).
 """
+import json
 import os
 import threading
 
@@ -60,6 +61,11 @@ def tiled(slide_folder, bucket):
     assert [r['status'] for r in rows] == ['tiled'] * 4, rows
     storage.remove(tile_index.index_file(out, 'd'))
     return out, slide_folder
+
+
+def batches_equal(a, b):
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True)
+               for k in ('view1', 'view2'))
 
 
 def _sources(tiled, cache_dir, cache_gb=1.0):
@@ -136,6 +142,10 @@ def test_train_batches_from_the_bucket_equal_local_disk(tiled, tmp_path, monkeyp
                 on_device = prefetch.to_device(a, {'view1': sharding, 'view2': sharding})[k]
                 np.testing.assert_array_equal(np.asarray(on_device), b[k])
     assert os.listdir(tmp_path / 'xdg' / 'clusiam_jax' / 'slides')
+    # Resumed mid-epoch from a saved position: the local run's next batches.
+    it = data.create_train_loader(data_config(out, batch=8, mean=MEAN, std=STD)).iterator()
+    it.set_state(json.loads(json.dumps({'batches_drawn': 2})))
+    assert batches_equal(take(it, 2), expected[2:4])
     # Two processes' shares from the bucket assemble the one-process batch from local disk.
     shares = [take(data.create_train_loader(data_config(out, batch=8, mean=MEAN, std=STD),
                                             process_index=p, process_count=2).iterator(), 2)
