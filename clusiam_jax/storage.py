@@ -321,7 +321,9 @@ def upload(local_path: str, url: str, recursive: bool = False) -> None:
 
 
 def download(url: str, local_path: str) -> None:
+    start = time.perf_counter()
     _retried('read', url, lambda: _filesystem(url).get_file(url, local_path))
+    telemetry.add(1, os.path.getsize(local_path), time.perf_counter() - start)
 
 
 def remove(path: str, recursive: bool = False) -> None:

@@ -23,7 +23,7 @@ from clusiam_jax import storage
 from clusiam_jax.data import augment, pipeline, skips
 from clusiam_jax.data.records import PatchSource
 from clusiam_jax.errors import DataError
-from tests import helpers
+from tests import helpers, test_storage_slides
 from tests.objstore import env_for, routed
 
 DATA = os.urandom(300_000)  # more than one read chunk: a drop lands mid-body
@@ -268,3 +268,47 @@ def test_metrics_csv_has_input_columns_only_for_a_run_reading_a_bucket(tmp_path)
     with open(tmp_path / 'remote' / 'metrics.csv') as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == CSV_FIELDS + INPUT_FIELDS and rows[0]['input_requests'] == '8'
+
+
+@pytest.fixture(scope='module')
+def slide_folder(tmp_path_factory):
+    """test_storage_slides' four small pyramids."""
+    return test_storage_slides.slide_folder.__wrapped__(tmp_path_factory)
+
+
+def test_training_from_a_bucket_reports_its_reads_and_local_training_does_not(
+        slide_folder, objstore, tmp_path, monkeypatch, caplog):
+    """Slides in an s3 bucket (gs reads through the same storage calls), read by one grain
+    worker process: the reads reach the main process with the batches, per log window in
+    TensorBoard (input/...) and per epoch in metrics.csv and the log; the same run from
+    local disk has metrics.csv's usual columns."""
+    import logging
+
+    from clusiam_jax.train.loop import train
+    from clusiam_jax.train.metrics import CSV_FIELDS, INPUT_FIELDS
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    out, local = test_storage_slides.tiled.__wrapped__(slide_folder, objstore.new_bucket('s3'))
+    rows = {}
+    for where, path, slide_dir, workers in (('bucket', out, '', 1), ('disk', out, local, 0)):
+        config = helpers.tiny_config(batch_size=8, num_epochs=1)
+        config.data.path, config.data.slide_dir = path, slide_dir
+        config.data.num_workers = workers
+        config.data.mean, config.data.std = helpers.MEAN, helpers.STD
+        workdir = str(tmp_path / where)
+        with caplog.at_level(logging.INFO, logger='clusiam_jax'):
+            train(config, workdir, mesh=helpers.mesh_of(1))
+        with open(os.path.join(workdir, 'metrics.csv')) as f:
+            rows[where] = list(csv.DictReader(f))
+        tb = os.path.join(workdir, 'tb')
+        events = b''.join(open(os.path.join(tb, n), 'rb').read() for n in os.listdir(tb))
+        assert (b'input/requests' in events) == (where == 'bucket')
+    assert tuple(rows['disk'][0]) == CSV_FIELDS
+    row = rows['bucket'][0]
+    assert tuple(row) == CSV_FIELDS + INPUT_FIELDS, row
+    assert int(row['input_requests']) > 0 and int(row['input_bytes']) > 0, row
+    # One failed read: slide d's tile index, removed by the fixture (a 404, then staged whole).
+    assert int(row['input_read_errors']) == 1 and int(row['input_slides_opened']) >= 4, row
+    assert 0 <= float(row['input_cache_hit_rate']) <= 1, row  # b and d are staged whole
+    assert float(row['input_read_ms_p99']) >= float(row['input_read_ms_mean']) > 0, row
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('epoch 1/1')]
+    assert len(lines) == 2 and '; input: ' in lines[0] and 'input' not in lines[1], lines

@@ -32,8 +32,9 @@ STATE_KEY = 'batches_drawn'   # a checkpoint's data item: {STATE_KEY: batches dr
 # outlive worker restarts, be named to spawned workers, and count reads of batches read
 # ahead but never consumed), or the counters carried with each element through grain and
 # summed on the host as batches are drawn. The second is used: no shared state or locks,
-# the same code for 0 or N workers and any process count, and a window counts exactly the
-# reads of the batches drawn in it; it costs ~100 int64 per element next to ~300 KB of pixels.
+# the same code for 0 or N workers and any process count, and a window counts the reads a
+# worker made up to the batches drawn in it (its read-ahead threads' too: each element takes
+# what its process counted since the last one); ~100 int64 per element next to ~300 KB of pixels.
 IO_KEY = 'input_io'
 
 
@@ -194,6 +195,8 @@ class BatchIterator:
 
     def __next__(self):
         if self._it is None:   # started lazily: set_state right after creation is free
+            if self._loader.count_io:   # this process's reads so far (stats, a restore)
+                storage.telemetry.take_counts()   # are not the batches' (0 workers)
             self._it = iter(self._loader.dataset(start_batch=self._next))
         batch = next(self._it)
         self._next += 1
@@ -322,10 +325,12 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
                        num_workers=int(data.num_workers), skip_list=skip_list,
                        normalization_origin=origin, min_tissue=float(data.min_tissue),
-                       held_out=held_out, count_io=reads_bucket(data, source))
+                       held_out=held_out, count_io=reads_bucket(source))
 
 
-def reads_bucket(data, source: PatchSource) -> bool:
-    """Whether training reads a bucket (then its reads are counted: storage.Telemetry)."""
-    return any(storage.is_url(p) for p in (data.path, data.slide_dir or '',
-                                           source.path(0) if len(source) else ''))
+def reads_bucket(source: PatchSource) -> bool:
+    """Whether the elements are read from a bucket through storage, which counts the reads:
+    slides in a bucket, not a built dataset (array_record reads gs:// by itself, unseen by
+    storage, and an s3:// one is staged first) nor local slides of a tiling in a bucket."""
+    return (len(source) > 0 and source.dataset_dir is None
+            and storage.is_url(source.path(0)))
