@@ -90,6 +90,16 @@ def test_a_dropped_connection_mid_read_is_retried(proxied):
     assert storage.telemetry.take()['retries'] == 1
 
 
+def test_a_503_burst_during_a_write_is_retried_and_the_object_is_whole(proxied, objstore):
+    bucket, proxy = proxied
+    proxy.set(fail=503, count=_CLIENT_TRIES[bucket[:2]] + 1,
+              match=lambda method, path: method in ('PUT', 'POST'))
+    storage.write_bytes(f'{bucket}/y.bin', DATA)
+    assert objstore.read(f'{bucket}/y.bin') == DATA
+    assert storage.telemetry.take()['retries'] >= 1
+    assert proxy.stats()['failed'] == _CLIENT_TRIES[bucket[:2]] + 1
+
+
 def test_a_slow_answer_is_waited_for_and_timed(proxied):
     bucket, proxy = proxied
     proxy.set(delay=0.3)
@@ -222,15 +232,17 @@ def test_data_path_in_a_missing_bucket_is_one_error_line(scheme, objstore, tmp_p
     assert missing in _one_error(done)
 
 
-def test_bad_credentials_are_one_error_line(bucket, objstore, tmp_path, demo_tiles):
+@pytest.mark.parametrize('in_bucket', ['workdir', 'data.path'])
+def test_bad_credentials_are_one_error_line(in_bucket, bucket, objstore, tmp_path, demo_tiles):
     """Every request answered 403, as a store answers a wrong key: the run stops before
-    training with one line, and nothing reaches the bucket."""
+    training with one line (not 'does not exist'), and nothing reaches the bucket."""
     scheme = bucket[:2]
+    args = ([f'--workdir={bucket}/run', f'--config.data.path={demo_tiles}']
+            if in_bucket == 'workdir' else
+            [f'--workdir={tmp_path / "run"}', f'--config.data.path={bucket}/tiles'])
     with FaultProxy(objstore.endpoints[scheme], _flavor(scheme)) as proxy:
         proxy.set(fail=403, count=None)
-        done = _cli([f'--workdir={bucket}/run', f'--config.data.path={demo_tiles}'],
-                    env_for(scheme, proxy.url), tmp_path)
-        line = _one_error(done)
+        line = _one_error(_cli(args, env_for(scheme, proxy.url), tmp_path))
         assert proxy.stats()['forwarded'] == 0
     assert 'access denied' in line and bucket in line, line
     assert objstore.keys(bucket) == []
