@@ -32,6 +32,7 @@ with tifffile into a temporary folder (or --slide): never committed.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import resource
 import shutil
@@ -172,8 +173,27 @@ def prepare_loader_data(workdir: str, copies: int, bucket: str):
     storage.upload(wsi, f'{bucket}/wsi', recursive=True)
     bucket_tiles = f'{bucket}/tiles'
     tiling.tile_slides(tiling.list_slides(f'{bucket}/wsi'), params, bucket_tiles)
-    packed = tfds_builder.build_dataset(local_tiles, f'{bucket}/packed')
+    with contextlib.redirect_stdout(sys.stderr):   # tfds prints its progress on stdout
+        packed = tfds_builder.build_dataset(local_tiles, f'{bucket}/packed')
     return local_tiles, bucket_tiles, packed
+
+
+def reader_rss_bytes(me: int) -> int:
+    """RSS of this process and its children but the server and the proxy (processes of
+    their own here; fake-gcs-server holds the bucket in memory)."""
+    total = process_tree_rss_bytes(me)
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                stat = f.read()
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(')') + 2:].split()[1]) == me and (
+                b'fake-gcs-server' in cmd or b'objstore_proxy' in cmd):
+            total -= process_tree_rss_bytes(int(entry))
+    return total
 
 
 def time_loader(data_path: str, batches: int, batch_size: int, workers: int, seed: int,
@@ -201,7 +221,7 @@ def time_loader(data_path: str, batches: int, batch_size: int, workers: int, see
     wall0, rss = time.perf_counter(), []
     for _ in range(batches):
         next(it)
-        rss.append(process_tree_rss_bytes(me))
+        rss.append(reader_rss_bytes(me))
     wall = time.perf_counter() - wall0
     cpu = process_tree_cpu_s(me) - cpu0 - (others() - others0)
     counts = it.take_input_counts()
@@ -211,7 +231,7 @@ def time_loader(data_path: str, batches: int, batch_size: int, workers: int, see
                cpu_ms_per_pair=round(1000 * cpu / pairs, 3),
                pairs_per_cpu_s=round(pairs / cpu, 1), records=len(loader.source),
                rss_mb_at_10pct=round(rss[max(0, len(rss) // 10 - 1)] / 2**20, 1),
-               rss_mb_end=round(rss[-1] / 2**20, 1),   # rss_*: the process tree
+               rss_mb_end=round(rss[-1] / 2**20, 1),   # this process and its grain workers
                max_rss_mb_main=round(max_rss_bytes() / 2**20, 1))
     if counts is not None:
         t = storage.Telemetry.summary(counts, slides=True)
