@@ -18,8 +18,8 @@ direct TIFF reads of slides/tiles.py); from the bucket slides/remote_tiles.Remot
 storage.read_ranges, with the slide's tile index (slides/tile_index.py) written to the bucket
 and read back as the tiling job leaves it. Each patch is a random level-0 224 px square
 (seeded, the same squares in every setting, checked bit-equal to the local read), then
-data.augment.two_views. Read-ahead 1 is what a grain worker does today (one patch, one
-fetch of its ~3.5 tiles, then the next); read-ahead K keeps the next K patches being read,
+data.augment.two_views. Read-ahead 1: one patch, one fetch of its ~3.5 tiles, then the
+next (a worker without read-ahead); read-ahead K keeps the next K patches being read,
 --chunk of them per RemoteTiles.read_regions call (one storage.read_ranges), K / chunk calls
 at once on background threads, while this thread augments (what would hide the latency).
 Requests in flight: ranges per call times calls at once.
@@ -442,8 +442,9 @@ def main():
 
 def loader_phase(args, base, workdir, server, server_url, bucket):
     """The same comparison through the training loader itself (data.create_train_loader:
-    SlideSource over RemoteSlide for a tiling in the bucket, array_record for the packed
-    dataset), on copies of the real CC0 slide; one JSON line per setting."""
+    SlideSource over RemoteSlide for a tiling in the bucket, reading ahead the rest of each
+    batch; array_record for the packed dataset), on copies of the real CC0 slide; one JSON
+    line per setting. Small slides: its shared tile cache hits more than on 40x slides."""
     from bench import objstore_proxy
     route(server_url)
     prepared = prepare_loader_data(workdir, args.loader_copies, bucket)
