@@ -21,8 +21,12 @@ logger = logging.getLogger(__name__)
 _SHUFFLE, _AUGMENT, _SUBSTITUTE = 0x5, 0xA, 0xB
 _MAX_SUBSTITUTES = 100
 _SAME_SLIDE_ATTEMPTS = 3
-# Elements a worker asks its source to read ahead (slides in a bucket: slide_source.prefetch).
-_PREFETCH_AHEAD = slide_source.PREFETCH_THREADS
+# Elements a worker asks its source to read ahead, across its batch boundaries (slides in a
+# bucket: slide_source.prefetch). Why 32: at 50 ms a request one worker keeps ~15 patches
+# waiting (slide_source's docstring), so 32 covers the wait at a batch boundary (measured:
+# bench/objstore_read.py); 32 patches x ~4 tiles is half of slide_source.REMOTE_TILES, so tiles
+# read ahead are not evicted before they are used, and the queue holds at most 32 patches.
+_PREFETCH_AHEAD = 2 * slide_source.PREFETCH_THREADS
 STATE_KEY = 'batches_drawn'   # a checkpoint's data item: {STATE_KEY: batches drawn}
 # The bucket reads an element cost, carried with it (storage.Telemetry.take_counts).
 #
@@ -103,19 +107,25 @@ class PairMaker:
     """Local element index -> dict(view1, view2) (runs in grain workers)."""
 
     def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
-                 skip_log: skips.SkipLog, min_tissue: float = 0.0, count_io: bool = False):
+                 skip_log: skips.SkipLog, min_tissue: float = 0.0, count_io: bool = False,
+                 stride: int = 1):
         self.source, self.plan, self.aug = source, plan, aug
         self.skip_log, self.min_tissue, self.count_io = skip_log, float(min_tissue), count_io
-        self._perm_epoch, self._perm, self._bad, self._members = None, None, set(), None
+        # Batches between two batches of one worker: grain's mp_prefetch gives worker w the
+        # batches w, w + num_workers, ... of the stream (one worker, or none: every batch).
+        self.stride = max(1, int(stride))
+        self._perms, self._bad, self._members = {}, set(), None
 
     def __reduce__(self):   # the state above starts afresh in each process
         return PairMaker, (self.source, self.plan, self.aug, self.skip_log, self.min_tissue,
-                           self.count_io)
+                           self.count_io, self.stride)
 
     def _order(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:  # one epoch at a time: elements arrive in order
-            self._perm, self._perm_epoch = self.plan.permutation(epoch), epoch
-        return self._perm
+        if epoch not in self._perms:  # elements arrive in order: this epoch and the next
+            if len(self._perms) >= 2:   # (read ahead) are all that is ever asked
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = self.plan.permutation(epoch)
+        return self._perms[epoch]
 
     def _load(self, index: int) -> Optional[np.ndarray]:
         if index in self._bad:
@@ -152,15 +162,28 @@ class PairMaker:
         epoch, pos = self.plan.locate(k)
         return epoch, pos, int(self._order(epoch)[pos])
 
+    def next_elements(self, k: int, count: int) -> list:
+        """The (up to) `count` local elements this worker loads after element k: the rest of
+        k's batch, then its next batches (`stride` apart), up to the end of the run."""
+        b = self.plan.local_batch
+        end = self.plan.num_epochs * self.plan.steps_per_epoch * b
+        out, j = [], k + 1
+        while len(out) < count and j < end:
+            if j % b == 0:   # past k's batch: this worker's next one
+                j += (self.stride - 1) * b
+                if j >= end:
+                    break
+            out.append(j)
+            j += 1
+        return out
+
     def _prefetch_after(self, k: int):
         """Asks a source that can (slide_source.prefetch: slides in a bucket) to start on the
-        next elements of k's batch, which this worker reads next; pixels do not change."""
+        next elements this worker loads, across batch boundaries; pixels do not change."""
         prefetch = getattr(self.source, 'prefetch', None)
         if prefetch is None:
             return
-        batch = k // self.plan.local_batch
-        ahead = range(k + 1, min(k + 1 + _PREFETCH_AHEAD, (batch + 1) * self.plan.local_batch))
-        prefetch([self.record_index(j)[2] for j in ahead])
+        prefetch([self.record_index(j)[2] for j in self.next_elements(k, _PREFETCH_AHEAD)])
 
     def __call__(self, k: int):
         epoch, pos, index = self.record_index(int(k))
@@ -264,7 +287,7 @@ class TrainLoader:
 
     def pair_maker(self) -> PairMaker:
         return PairMaker(self.source, self.plan, self.aug, self.skip_log, self.min_tissue,
-                         self.count_io)
+                         self.count_io, stride=self.num_workers)
 
     def dataset(self, start_batch: int = 0):
         """The grain IterDataset of batches over all epochs, from batch `start_batch` on."""

@@ -6,7 +6,9 @@ Requests in flight per host from slides in a bucket: `prefetch` reads up to PREF
 patches at once in each worker process besides the one being loaded, each one read_ranges call
 of its tiles (about 4 for 224 px over 256 px tiles), so up to about 4 x (PREFETCH_THREADS + 1)
 per worker and data.num_workers times that per host. Why 16: at 50 ms a request, a worker
-making about 300 pairs/s has 300 x 0.05 = 15 patches waiting on the bucket (Little's law)."""
+making about 300 pairs/s has 300 x 0.05 = 15 patches waiting on the bucket (Little's law).
+The loader names the next patches of its worker across batch boundaries (pipeline.py); at
+most _PREFETCH_QUEUED of them wait for a thread, so what the read-ahead holds stays bounded."""
 import collections
 import concurrent.futures
 import dataclasses
@@ -31,6 +33,9 @@ PREFETCH_THREADS = 16   # patches fetched ahead at once per process (module docs
 # tiles of 256 px are 48 MiB, room for the patches under way and their neighbours' tiles.
 REMOTE_TILES = 256
 _PREFETCH_REMEMBERED = 4096   # indices already asked for, not asked again
+# Patches handed to the prefetch threads and not yet done, per process: a loader outrunning
+# its read-ahead (cached tiles) would otherwise queue without end; the rest are asked again.
+_PREFETCH_QUEUED = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +68,7 @@ class SlideSource(PatchSource):
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items()
                 if k not in ('_handles', '_bad', '_sizes', '_lock', '_cache', '_pool',
-                             '_asked', '_opening', '_tiles')}
+                             '_asked', '_opening', '_tiles', '_queued')}
 
     def __setstate__(self, state):
         """Fresh per-process state; a dropped handle is never closed: another thread may read it."""
@@ -75,6 +80,7 @@ class SlideSource(PatchSource):
         self._cache = None   # one tile cache for all the handles of this process
         self._pool = None    # prefetch threads (made in the process that uses them)
         self._asked = collections.OrderedDict()   # indices given to prefetch lately
+        self._queued = 0     # prefetches submitted and not done (_PREFETCH_QUEUED)
         self._opening: Dict[int, threading.Lock] = {}   # slides being opened: by whom
         self._tiles = None   # decoded tiles of the slides in a bucket (remote_tiles.TileCache)
 
@@ -190,6 +196,8 @@ class SlideSource(PatchSource):
         with self._lock:
             fresh = [int(i) for i in indices if int(i) not in self._asked
                      and storage.is_url(self.slides[self.slide_index[int(i)]].path)]
+            fresh = list(dict.fromkeys(fresh))[:max(0, _PREFETCH_QUEUED - self._queued)]
+            self._queued += len(fresh)
             for i in fresh:
                 self._asked[i] = None
             while len(self._asked) > _PREFETCH_REMEMBERED:
@@ -217,6 +225,9 @@ class SlideSource(PatchSource):
                 opened.staged()
         except Exception as e:  # load() meets it again, and reports it there
             logger.debug('prefetch of %s failed: %s', self.path(index), e)
+        finally:
+            with self._lock:
+                self._queued -= 1
 
     def load(self, index: int) -> np.ndarray:
         s = int(self.slide_index[index])

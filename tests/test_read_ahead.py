@@ -1,0 +1,81 @@
+"""The train loader reads slides in a bucket ahead across its batch boundaries (issue 25): each
+worker names the next patches it will load from the epoch plan (its own batches, as grain's
+mp_prefetch deals them out), so the next batch's patches are fetched before they are asked
+for; the pixels of every batch stay those of local disk (0 and 2 grain workers: also
+test_storage_slides' train-batches test)."""
+import numpy as np
+import pytest
+
+from clusiam_jax import data, storage
+from clusiam_jax.data import pipeline
+from tests.helpers import MEAN, STD, data_config
+from tests.test_storage_slides import slide_folder, tiled  # noqa: F401  (fixtures)
+
+
+@pytest.mark.parametrize('stride', [1, 2, 3])
+@pytest.mark.parametrize('start', [0, 1])
+def test_next_elements_follow_the_batches_grain_deals_a_worker(stride, start):
+    """grain's mp_prefetch slices the batched stream: worker w gets batches w, w + N, ..."""
+    import grain
+    plan = pipeline.EpochPlan(num_records=40, global_batch=4, process_index=0,
+                              process_count=1, num_epochs=2, seed=0)
+    pm = pipeline.PairMaker(None, plan, None, None, stride=stride)
+    b, end = plan.local_batch, 2 * plan.steps_per_epoch * plan.local_batch
+    batches = grain.MapDataset.range(start * b, end).batch(b, drop_remainder=True)
+    for worker in range(stride):
+        mine = [int(k) for batch in batches.slice(slice(worker, None, stride))
+                for k in batch]
+        for i, k in enumerate(mine):
+            assert pm.next_elements(k, 9) == mine[i + 1:i + 10], (worker, k)
+
+
+def _counting(monkeypatch):
+    reads = []
+    real = storage.read_ranges
+
+    def counted(path, ranges):
+        reads.append(len(ranges))
+        return real(path, ranges)
+    monkeypatch.setattr(storage, 'read_ranges', counted)
+    return reads
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_the_next_batch_is_fetched_before_it_is_asked_for(tiled, tmp_path,  # noqa: F811
+                                                          monkeypatch, workers):
+    out, local = tiled
+    reads = _counting(monkeypatch)
+    loader = data.create_train_loader(data_config(out, batch=4, workers=workers, mean=MEAN,
+                                                  std=STD, cache_dir=str(tmp_path / 'c')))
+    on_disk = data.create_train_loader(data_config(out, batch=4, slide_dir=local, mean=MEAN,
+                                                   std=STD))
+    pm, reference = loader.pair_maker(), on_disk.pair_maker()
+    assert pm.stride == max(1, workers)
+    source = loader.source
+    direct = {i for i, s in enumerate(source.slides) if s.slide_id in ('a', 'c')}
+    b, stride = loader.plan.local_batch, pm.stride
+
+    def by_range(k):   # a's and c's patches are read by byte ranges
+        return int(source.slide_index[pm.record_index(k)[2]]) in direct
+
+    # The last patch of a batch names the worker's next batch, `stride` batches on.
+    last = next(k for k in range(b - 1, 40 * b, b)
+                if any(by_range(j) for j in range(k + 1 + (stride - 1) * b, k + 1 + stride * b)))
+    ahead = pm.next_elements(last, pipeline._PREFETCH_AHEAD)
+    assert ahead[:b] == list(range(last + 1 + (stride - 1) * b, last + 1 + stride * b))
+    got = pm(last)
+    source._pool.shutdown(wait=True)
+    fetched = len(reads)
+    for k in ahead[:b]:   # the next batch: no request left to make
+        if by_range(k):
+            source.load(pm.record_index(k)[2])
+    assert len(reads) == fetched, 'the next batch was not read ahead'
+    # The same pixels as local disk, with the read-ahead and without.
+    source._pool = None
+    want = reference(last)
+    for key in ('view1', 'view2'):
+        np.testing.assert_array_equal(got[key], want[key])
+    for k in ahead:
+        got, want = pm(k), reference(k)
+        for key in ('view1', 'view2'):
+            np.testing.assert_array_equal(got[key], want[key])
