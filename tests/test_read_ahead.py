@@ -79,3 +79,25 @@ def test_the_next_batch_is_fetched_before_it_is_asked_for(tiled, tmp_path,  # no
         got, want = pm(k), reference(k)
         for key in ('view1', 'view2'):
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_a_loaded_patch_is_read_ahead_again_in_its_next_epoch(tiled, tmp_path,  # noqa: F811
+                                                              monkeypatch):
+    """prefetch asks for an index once until it is loaded: a small data set's next epoch
+    reads its patches ahead again (their tiles long evicted from the tile cache)."""
+    out, _ = tiled
+    reads = _counting(monkeypatch)
+    source = data.create_train_loader(data_config(
+        out, batch=4, mean=MEAN, std=STD, cache_dir=str(tmp_path / 'c'))).source
+    index = next(i for i in range(len(source))
+                 if source.slides[source.slide_index[i]].slide_id == 'a')
+    for epoch in range(2):
+        source.prefetch([index])
+        source.prefetch([index])   # under way: not asked twice
+        source._pool.shutdown(wait=True)
+        source._pool = None
+        fetched = len(reads)
+        assert fetched == epoch + 1
+        source.load(index)
+        assert len(reads) == fetched, 'read ahead, then read again'
+        source._tiles._tiles.clear()   # evicted before the next epoch

@@ -26,7 +26,7 @@ _SAME_SLIDE_ATTEMPTS = 3
 # waiting (slide_source's docstring), so 32 covers the wait at a batch boundary (measured:
 # bench/objstore_read.py); 32 patches x ~4 tiles is half of slide_source.REMOTE_TILES, so tiles
 # read ahead are not evicted before they are used, and the queue holds at most 32 patches.
-_PREFETCH_AHEAD = 2 * slide_source.PREFETCH_THREADS
+_PREFETCH_AHEAD = 32
 STATE_KEY = 'batches_drawn'   # a checkpoint's data item: {STATE_KEY: batches drawn}
 # The bucket reads an element cost, carried with it (storage.Telemetry.take_counts).
 #

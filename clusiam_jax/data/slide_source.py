@@ -32,7 +32,9 @@ PREFETCH_THREADS = 16   # patches fetched ahead at once per process (module docs
 # Decoded tiles of slides in a bucket kept per process (all its slides together): 256 RGB
 # tiles of 256 px are 48 MiB, room for the patches under way and their neighbours' tiles.
 REMOTE_TILES = 256
-_PREFETCH_REMEMBERED = 4096   # indices already asked for, not asked again
+# Indices asked for and not loaded since, not asked again (load() forgets its index, so a
+# record of a small data set is read ahead again in its next epoch).
+_PREFETCH_REMEMBERED = 4096
 # Patches handed to the prefetch threads and not yet done, per process: a loader outrunning
 # its read-ahead (cached tiles) would otherwise queue without end; the rest are asked again.
 _PREFETCH_QUEUED = 64
@@ -192,7 +194,8 @@ class SlideSource(PatchSource):
     def prefetch(self, indices) -> None:
         """Starts reading, in background threads, the tiles of these patches that are in a
         bucket, so that load() finds them cached or under way. Only when it pays: slides at
-        URLs; each index once. Errors are left to load(), which reads again and reports."""
+        URLs; each index once until it is loaded. Errors are left to load(), which reads
+        again and reports."""
         with self._lock:
             fresh = [int(i) for i in indices if int(i) not in self._asked
                      and storage.is_url(self.slides[self.slide_index[int(i)]].path)]
@@ -230,6 +233,9 @@ class SlideSource(PatchSource):
                 self._queued -= 1
 
     def load(self, index: int) -> np.ndarray:
+        if self._asked:
+            with self._lock:
+                self._asked.pop(int(index), None)
         s = int(self.slide_index[index])
         opened = self._handle(s)
         size0, out = self._patch_sizes(s, opened)
