@@ -16,7 +16,7 @@ from etils.epath import backend as epath_backend
 from jax.experimental import multihost_utils
 
 from clusiam_jax import interrupts, storage
-from clusiam_jax.errors import CheckpointError, ConfigError
+from clusiam_jax.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger('clusiam_jax')
 
@@ -163,6 +163,8 @@ class Checkpointer:
                 if name != MARKER:
                     os.makedirs(os.path.dirname(os.path.join(partial, name)), exist_ok=True)
                     storage.download(storage.join(url, name), os.path.join(partial, name))
+        except DataError:  # the store failing (an outage, a 403): not the step's damage
+            raise
         except Exception as e:  # a transient failure is retried inside; the rest is damage
             interrupts.check()
             raise CheckpointError(f'the checkpoint at step {step} in {self.directory} '
@@ -178,12 +180,19 @@ class Checkpointer:
             except Exception as e:  # orbax and tensorstore raise many kinds
                 interrupts.check()  # an interrupted read says nothing about the file
                 if attempt == 2:
+                    self._store_answers(step)  # else an outage would set a good step aside
                     raise CheckpointError(f'the checkpoint at step {step} in {self.directory} '
                                           f'cannot be read ({one_line(e)})') from e
                 log.warning('reading the checkpoint at step %d in %s failed (%s); trying '
                             'again in 1 s', step, self.directory, one_line(e))
                 time.sleep(1.0)  # a passing failure (a network file system) passes
                 interrupts.check()
+
+    def _store_answers(self, step):
+        """A DataError if the bucket does not answer for `step` (orbax's own reads of gs://
+        say no HTTP status): a read that failed then is no sign of damage."""
+        if storage.is_url(self.directory):
+            storage.read_bytes(storage.join(self.directory, str(step), MARKER))
 
     def _state_path(self, step):
         return epath.Path(self._orbax_dir) / str(step) / 'state'
@@ -216,14 +225,15 @@ class Checkpointer:
 
     def restore_latest_readable(self, abstract_state, set_aside: bool = True):
         """(step, state, data_state) of the newest checkpoint that restores, else Nones; newer
-        damaged ones become `unreadable-<step>` (orbax would skip every save up to them)."""
+        damaged ones become `unreadable-<step>` (orbax would skip every save up to them); a
+        bucket failing (storage's DataError) ends the command as it is: a restart retries."""
         unreadable = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 state, data_state = self.restore(step, abstract_state)
             except ConfigError:
                 raise  # an intact checkpoint of another model: falling back cannot help
-            except CheckpointError as e:  # failed twice, and no stop request: damaged
+            except CheckpointError as e:  # failed twice, the store answers, no stop: damaged
                 log.warning('checkpoint at step %d in %s cannot be restored (%s); falling back '
                             'to the previous one', step, self.directory, one_line(e.__cause__ or e))
                 unreadable.append(step)

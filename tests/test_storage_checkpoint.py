@@ -221,3 +221,29 @@ def test_a_missing_bucket_is_one_line(bucket):
     with pytest.raises(DataError, match='does not exist') as err:
         Checkpointer(f'{bucket}-missing/run')
     assert '\n' not in str(err.value)
+
+
+def test_an_outage_while_restoring_the_newest_step_fails_and_keeps_it(bucket, objstore,
+                                                                      monkeypatch):
+    """A bucket failing (an outage, a 403) is no damage: the command ends with storage's
+    DataError, and the newest step keeps its marker (it was set aside before)."""
+    from clusiam_jax import storage
+    url = f'{bucket}/run'
+    save_steps(url, [1, 2])
+
+    def outage(path, *args, **kwargs):
+        raise storage.Unreadable(f'cannot read {path}: 503 Service Unavailable')
+
+    def orbax_fails(self, step, *args, **kwargs):  # gs://: orbax reads the bucket itself
+        raise ValueError(f'tensorstore: reading step {step} failed')
+    monkeypatch.setattr(storage, 'download', outage)        # s3://: staging the step
+    monkeypatch.setattr(storage, 'read_bytes', outage)      # gs://: asking the bucket after
+    if bucket.startswith('gs://'):
+        monkeypatch.setattr(ocp.CheckpointManager, 'restore', orbax_fails)
+    with pytest.raises(DataError, match='503') as err:
+        restored(url)
+    assert not isinstance(err.value, checkpoint_module.CheckpointError)
+    monkeypatch.undo()
+    folders = step_keys(objstore, url)
+    assert sorted(folders) == ['1', '2'] and MARKER in folders['2']
+    assert restored(url)[0] == 2
