@@ -2,13 +2,15 @@
 worker names the next patches it will load from the epoch plan (its own batches, as grain's
 mp_prefetch deals them out), so the next batch's patches are fetched before they are asked
 for; the pixels of every batch stay those of local disk (0 and 2 grain workers: also
-test_storage_slides' train-batches test)."""
+test_storage_slides' train-batches test). A read's tiles that are neighbours in the file come
+in one ranged request, with the same pixels."""
 import numpy as np
 import pytest
 
 from clusiam_jax import data, storage
 from clusiam_jax.data import pipeline
-from tests.helpers import MEAN, STD, data_config
+from clusiam_jax.slides import reader, remote_tiles, tile_index
+from tests.helpers import MEAN, STD, data_config, synthetic_tissue, write_pyramid
 from tests.test_storage_slides import slide_folder, tiled  # noqa: F401  (fixtures)
 
 
@@ -101,3 +103,42 @@ def test_a_loaded_patch_is_read_ahead_again_in_its_next_epoch(tiled, tmp_path,  
         source.load(index)
         assert len(reads) == fetched, 'read ahead, then read again'
         source._tiles._tiles.clear()   # evicted before the next epoch
+
+
+def test_merged_ranges_join_neighbours_at_most_the_gap_apart():
+    ranges = [(300, 400), (0, 100), (100, 200), (264, 300), (200 + 64, 250), (1000, 1010)]
+    spans, where = remote_tiles.merged_ranges(ranges, 64)
+    assert spans == [(0, 400), (1000, 1010)]
+    data = bytes(range(256)) * 4 + bytes(range(10))
+    got = [data[slice(*spans[m])][at:at + end - start]
+           for (start, end), (m, at) in zip(ranges, where)]
+    assert got == [data[start:end] for start, end in ranges]
+    assert remote_tiles.merged_ranges(ranges, 63)[0] == [(0, 200), (264, 400), (1000, 1010)]
+    assert remote_tiles.merged_ranges(ranges, -1)[0] == sorted(ranges)
+
+
+def test_neighbouring_tiles_come_in_one_request_with_the_same_pixels(tmp_path, monkeypatch):
+    side = 1024
+    rgb = synthetic_tissue(side, side, [(side * 0.5, side * 0.5, side * 0.4)], seed=3)
+    path = write_pyramid(str(tmp_path / 's.tif'), rgb, 0.5)
+    with open(path, 'rb') as f:
+        index = tile_index.build(f, name=path)
+    rng = np.random.default_rng(0)
+    requests = {}
+    with reader.open_slide(path) as local:
+        levels = sorted(set(local.tiles.levels) & set(index.levels))   # the direct reads'
+        assert levels
+        regions = [(level, int(x), int(y), 224, 224) for level in levels
+                   for x, y in rng.integers(0, side - 224, (20, 2))]
+        for gap in (-1, remote_tiles.MERGE_GAP):
+            calls = []
+
+            def counting(p, ranges, calls=calls):
+                calls.append(len(ranges))
+                return storage.read_ranges(p, ranges)
+            monkeypatch.setattr(remote_tiles, 'MERGE_GAP', gap)
+            remote = remote_tiles.RemoteTiles(index, path, counting, cached_tiles=0)
+            for region in regions:
+                np.testing.assert_array_equal(remote.read(*region), local.tiles.read(*region))
+            requests[gap] = sum(calls)
+    assert requests[remote_tiles.MERGE_GAP] < 0.75 * requests[-1], requests

@@ -59,6 +59,13 @@ def pyramids(tmp_path_factory):
     return {codec: _write(str(root / f'{codec}.tif'), codec) for codec in CODECS}
 
 
+@pytest.fixture(autouse=True)
+def _tile_by_tile(monkeypatch):
+    """One range per tile (the index's own ranges); neighbours joined into one request:
+    tests/test_read_ahead.py."""
+    monkeypatch.setattr(remote_tiles, 'MERGE_GAP', -1)
+
+
 class Counting:
     """read_ranges over a local file, recording each call's ranges."""
 

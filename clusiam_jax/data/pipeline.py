@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from clusiam_jax import interrupts, storage
-from clusiam_jax.data import augment, image_io, skips, slide_cache, slide_source
+from clusiam_jax.data import augment, image_io, skips, slide_cache
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.data.records import PatchSource
@@ -25,7 +25,7 @@ _SAME_SLIDE_ATTEMPTS = 3
 # bucket: slide_source.prefetch). Why 32: at 50 ms a request one worker keeps ~15 patches
 # waiting (slide_source's docstring), so 32 covers the wait at a batch boundary (measured:
 # bench/objstore_read.py); 32 patches x ~4 tiles is half of slide_source.REMOTE_TILES, so tiles
-# read ahead are not evicted before they are used, and the queue holds at most 32 patches.
+# read ahead are not evicted before they are used (slide_source bounds the queue: 64).
 _PREFETCH_AHEAD = 32
 STATE_KEY = 'batches_drawn'   # a checkpoint's data item: {STATE_KEY: batches drawn}
 # The bucket reads an element cost, carried with it (storage.Telemetry.take_counts).
