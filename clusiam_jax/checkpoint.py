@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 
@@ -17,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from clusiam_jax import interrupts, storage
 from clusiam_jax.errors import CheckpointError, ConfigError, DataError
+from clusiam_jax.workdir_lock import pid_alive
 
 log = logging.getLogger('clusiam_jax')
 
@@ -308,27 +310,20 @@ def _forget_listings(url: str) -> None:
 
 def _staging_folder(url: str) -> str:
     """A fresh local folder for one Checkpointer of `url`: `$XDG_CACHE_HOME/clusiam_jax/
-    staging/<hash of url>-<pid>-*`; folders a killed process left for the same url go."""
+    staging/<hash of url>-<pid>-<host>-*`; folders a killed process of this host left for the
+    same url go (~/.cache may be shared over NFS: another host's pids are not looked at)."""
     cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
     root = os.path.join(cache, 'clusiam_jax', 'staging')
     os.makedirs(root, exist_ok=True)
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    host = socket.gethostname().replace('/', '_')
     for name in os.listdir(root):
+        # mkdtemp's suffix has no '-'; a host name may have some.
         parts = name.split('-')
-        if parts[0] == key and len(parts) > 2 and parts[1].isdigit() and not _alive(
-                int(parts[1])):
+        if (len(parts) > 3 and parts[0] == key and parts[1].isdigit()
+                and '-'.join(parts[2:-1]) == host and not pid_alive(int(parts[1]))):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f'{key}-{os.getpid()}-', dir=root)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return tempfile.mkdtemp(prefix=f'{key}-{os.getpid()}-{host}-', dir=root)
 
 
 def one_line(error, limit=300):

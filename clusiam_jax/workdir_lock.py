@@ -53,7 +53,7 @@ def describe(holder: Optional[dict]) -> str:
     return text + (f" ({holder['command']})" if holder.get('command') else '')
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -128,7 +128,7 @@ class FolderLock:
             if os.path.exists(self.path):
                 self._refuse(None, f' (or, if no command is running there, delete {self.path})')
             return None  # released as we looked
-        if holder.get('host') != socket.gethostname() or _pid_alive(int(holder['pid'])):
+        if holder.get('host') != socket.gethostname() or pid_alive(int(holder['pid'])):
             self._refuse(holder, f' (if it is not running any more, delete {self.path})')
         log.info('%s %s: taking over the lock of a command that is gone (%s)', self.what,
                  self.folder, describe(holder))
@@ -183,7 +183,7 @@ class BucketLock(FolderLock):
                 return self._held()
             age = time.time() - float(holder.get('renewed', time.time()))
             gone = (holder.get('host') == socket.gethostname()
-                    and not _pid_alive(int(holder['pid'])))
+                    and not pid_alive(int(holder['pid'])))
             if not gone and age <= self.STALE_S:
                 self._refuse(holder, f' (if it is not running any more, delete {self.path}, '
                                      f'or wait {self.STALE_S - age:.0f} s: its lease ends)')

@@ -200,14 +200,21 @@ def test_staging_a_killed_process_left_is_removed(objstore, tmp_path):
     url = objstore.new_bucket('s3') + '/run'
     key = checkpoint_module.hashlib.sha256(f'{url}/checkpoints'.encode()).hexdigest()[:16]
     root = os.path.join(os.environ['XDG_CACHE_HOME'], 'clusiam_jax', 'staging')
-    os.makedirs(os.path.join(root, f'{key}-{dead}-left', '3'))
+    host = checkpoint_module.socket.gethostname()
+    os.makedirs(os.path.join(root, f'{key}-{dead}-{host}-left', '3'))
+    # ~/.cache shared over NFS: another host's folder, whatever its pid, is not ours to judge.
+    elsewhere = f'{key}-{dead}-other-host-7-left'
+    os.makedirs(os.path.join(root, elsewhere, '3'))
     mine = Checkpointer(url)
     try:
-        assert [n for n in os.listdir(root) if n.startswith(key)] == [
-            os.path.basename(mine._orbax_dir)]
+        assert sorted(n for n in os.listdir(root) if n.startswith(key)) == sorted([
+            os.path.basename(mine._orbax_dir), elsewhere])
+        assert os.path.basename(mine._orbax_dir).startswith(f'{key}-{os.getpid()}-{host}-')
     finally:
         mine.close()
-    assert not [n for n in os.listdir(root) if n.startswith(key)]
+    assert [n for n in os.listdir(root) if n.startswith(key)] == [elsewhere]
+    import shutil
+    shutil.rmtree(os.path.join(root, elsewhere))  # other tests expect no staging left
 
 
 def test_an_s3_work_directory_takes_one_process(monkeypatch):
