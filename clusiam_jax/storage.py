@@ -32,13 +32,34 @@ def join(base: str, *parts: str) -> str:
 
 
 def resolve(base: str, path: str) -> str:
-    """`path` (a URL, absolute or relative to the folder `base`) as one normalised path or URL."""
+    """`path` (a URL, absolute or relative to the folder `base`) as one normalised path or URL.
+    Under a URL, a local absolute path or a '..' above the bucket is a DataError (no guessing)."""
     if is_url(path):
         return path
     if not is_url(base):
         return os.path.normpath(os.path.join(base, path))
     scheme, rest = base.split('://', 1)
-    return f'{scheme}://{posixpath.normpath(posixpath.join(rest, path))}'
+    bucket = rest.split('/', 1)[0]
+    if path.startswith('/'):
+        raise DataError(f'{path} is a local path, relative to nothing in {scheme}://{bucket} '
+                        f'(give a URL or a path relative to {base})')
+    joined = posixpath.normpath(posixpath.join(rest, path))
+    if _climbs(rest, path):
+        raise DataError(f'{path} climbs above the bucket {scheme}://{bucket} (relative to {base})')
+    return f'{scheme}://{joined}'
+
+
+def _climbs(folder: str, path: str) -> bool:
+    """Whether '..' in `path`, relative to `folder` ('bucket/a/b'), goes above the bucket."""
+    depth = len([p for p in folder.split('/') if p]) - 1
+    for part in path.split('/'):
+        if part == '..':
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ('', '.'):
+            depth += 1
+    return False
 
 
 def split(path: str) -> Tuple[str, str]:
@@ -58,9 +79,10 @@ def _filesystem(url: str):
 class Telemetry:
     """What this process asked of the buckets since the last `take()` (the loop's log window).
     Latency is per read call (one batch of concurrent ranges counts once); `retries` and
-    `errors` are this layer's, after the client library's own retries. Besides the exact
-    list for `take()`, latencies go into a fixed log-spaced histogram, so that counts from
-    several processes add up (`take_counts`, `summary`). A slide reader notes the slides it
+    `errors` are this layer's, after the client library's own retries. Latencies are kept as
+    a sum and a fixed log-spaced histogram only (a process that never takes them, export or
+    tiling, stays small), so that counts from several processes add up (`take_counts`,
+    `summary`). A slide reader notes the slides it
     opens and its whole-slide cache's hits and misses (`note`)."""
     # Histogram: bucket i holds latencies up to _HIST_FIRST_S * _HIST_RATIO ** i (the last:
     # any longer), so a p99 read from it is at most 19% above the true one.
@@ -76,7 +98,7 @@ class Telemetry:
     def _reset(self):
         self.requests = self.bytes = self.retries = self.errors = 0
         self.slides_opened = self.cache_hits = self.cache_misses = 0
-        self.latencies = []
+        self.calls, self.latency_us = 0, 0
         self._histogram = [0] * self._HIST_BUCKETS
 
     def add(self, requests: int, nbytes: int, seconds: float, retries: int = 0, errors: int = 0):
@@ -86,7 +108,8 @@ class Telemetry:
             self.retries += retries
             self.errors += errors
             if requests:
-                self.latencies.append(seconds)
+                self.calls += 1
+                self.latency_us += round(1e6 * seconds)
                 self._histogram[self._bucket(seconds)] += 1
 
     def note(self, slides_opened: int = 0, cache_hits: int = 0, cache_misses: int = 0):
@@ -103,23 +126,16 @@ class Telemetry:
         return min(i, cls._HIST_BUCKETS - 1)
 
     def take(self) -> dict:
-        with self._lock:
-            seconds = sorted(self.latencies)
-            out = {'requests': self.requests, 'bytes': self.bytes, 'retries': self.retries,
-                   'errors': self.errors,
-                   'latency_mean_ms': 1e3 * sum(seconds) / len(seconds) if seconds else 0.0,
-                   'latency_p99_ms': 1e3 * seconds[math.ceil(0.99 * len(seconds)) - 1]
-                   if seconds else 0.0}
-            self._reset()
-        return out
+        """The counters since the last take, reset (p99: the upper edge of its bucket)."""
+        return self.summary(self.take_counts())
 
     def take_counts(self) -> List[int]:
         """The counters as integers (COUNTERS, then the latency histogram), reset: summed
         over elements, workers and processes, `summary` turns them into `take()`'s dict."""
         with self._lock:
             out = [self.requests, self.bytes, self.retries, self.errors, self.slides_opened,
-                   self.cache_hits, self.cache_misses, len(self.latencies),
-                   round(1e6 * sum(self.latencies)), *self._histogram]
+                   self.cache_hits, self.cache_misses, self.calls, self.latency_us,
+                   *self._histogram]
             self._reset()
         return out
 
@@ -216,8 +232,30 @@ def _transient(error: BaseException) -> bool:
 
 
 class Unreadable(DataError):
-    """An object that stays unreadable after the retries (missing, or failing): a pipeline
-    skips it like a damaged file. Bad credentials stay a plain DataError: they end a run."""
+    """A missing object (no such object, 404): a pipeline skips it like a damaged file. An
+    outage or bad credentials stay a plain DataError: they end a run (which then resumes
+    exactly; skipping would make it read other batches than an undisturbed run)."""
+
+
+# The clients' own error types besides OSError, which _retried turns into DataErrors; any
+# other exception (a TypeError from a bug) passes through unchanged.
+_CLIENT_TYPES = _TRANSIENT_TYPES + (('gcsfs.retry', 'HttpError'),
+                                    ('botocore.exceptions', 'BotoCoreError'),
+                                    ('botocore.exceptions', 'ClientError'))
+
+
+def _client_error(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return True
+    for module, name in _CLIENT_TYPES:
+        kind = getattr(sys.modules.get(module), name, None)
+        if isinstance(kind, type) and isinstance(error, kind):
+            return True
+    return False
+
+
+def _missing(error: BaseException) -> bool:
+    return isinstance(error, FileNotFoundError) or _http_status(error) == 404
 
 
 def _retried(what: str, url: str, call):
@@ -226,9 +264,11 @@ def _retried(what: str, url: str, call):
         try:
             return call()
         except Exception as e:  # cloud clients raise many types: sorted by _transient
+            if not _client_error(e):
+                raise
             if not _transient(e) or attempt == _ATTEMPTS - 1:
                 telemetry.add(0, 0, 0.0, errors=1)
-                kind = DataError if _forbidden(e) else Unreadable
+                kind = Unreadable if _missing(e) and not _forbidden(e) else DataError
                 raise kind(f'cannot {what} {url}: {_reason(e)}') from None
             telemetry.add(0, 0, 0.0, retries=1)
             time.sleep(_FIRST_PAUSE_S * 2 ** attempt * (0.5 + random.random()))
@@ -245,19 +285,27 @@ def _reason(error: BaseException) -> str:
 def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.exists(path)
-    return _retried('look up', path, lambda: _filesystem(path).exists(path))
+    return _retried('look up', path, lambda: _fresh(path).exists(path))
 
 
 def isdir(path: str) -> bool:
     if not is_url(path):
         return os.path.isdir(path)
-    return _retried('look up', path, lambda: _filesystem(path).isdir(path))
+    return _retried('look up', path, lambda: _fresh(path).isdir(path))
 
 
 def isfile(path: str) -> bool:
     if not is_url(path):
         return os.path.isfile(path)
-    return _retried('look up', path, lambda: _filesystem(path).isfile(path))
+    return _retried('look up', path, lambda: _fresh(path).isfile(path))
+
+
+def _fresh(path: str):
+    """The filesystem of `path` with its cached listings of `path` and its folders dropped:
+    another process (host) may have written or deleted it since they were listed here."""
+    fs = _filesystem(path)
+    fs.invalidate_cache(path)
+    return fs
 
 
 def listdir(path: str) -> List[str]:
@@ -337,7 +385,7 @@ def remove(path: str, recursive: bool = False) -> None:
     try:
         _retried('delete', path, lambda: fs.rm(path, recursive=recursive))
     except DataError:
-        if fs.exists(path):
+        if _fresh(path).exists(path):
             raise
 
 
@@ -416,5 +464,5 @@ def find_files(url: str) -> List[str]:
 
 def version(url: str) -> Tuple[int, str]:
     """(size, ETag) of an object: what changes when it is written again (a rerun redoes it)."""
-    info = _retried('look up', url, lambda: _filesystem(url).info(url))
+    info = _retried('look up', url, lambda: _fresh(url).info(url))
     return int(info['size']), str(info.get('ETag') or info.get('etag') or '').strip('"')

@@ -108,14 +108,99 @@ def test_a_slow_answer_is_waited_for_and_timed(proxied):
     assert counts['retries'] == 0 and counts['latency_mean_ms'] >= 300
 
 
-def test_a_503_without_end_is_one_unreadable_error(proxied, monkeypatch):
+def test_a_503_without_end_is_one_error_that_ends_the_run_not_a_skip(proxied, monkeypatch):
+    """An outage is no damaged file: skipped, the run would read other batches than an
+    undisturbed one; a plain DataError ends it (it then resumes exactly)."""
     bucket, proxy = proxied
     monkeypatch.setattr(storage, '_ATTEMPTS', 2)
     proxy.set(fail=503, count=None)
-    with pytest.raises(storage.Unreadable, match='cannot read .*x.bin'):
+    with pytest.raises(DataError, match='cannot read .*x.bin') as failed:
         storage.read_bytes(f'{bucket}/x.bin')
+    assert not isinstance(failed.value, storage.Unreadable)
     counts = storage.telemetry.take()
     assert counts['retries'] == 1 and counts['errors'] == 1
+
+
+def test_a_lost_connection_is_one_error_that_ends_the_run_not_a_skip(monkeypatch):
+    monkeypatch.setattr(storage, '_FIRST_PAUSE_S', 0.0)
+
+    def refused():
+        raise ConnectionRefusedError(111, 'Connection refused')
+    with pytest.raises(DataError, match='cannot read s3://b/x.svs') as failed:
+        storage._retried('read', 's3://b/x.svs', refused)
+    assert not isinstance(failed.value, storage.Unreadable)
+    storage.telemetry.take()
+
+
+def test_a_programming_error_passes_through_and_client_errors_become_one_line():
+    import gcsfs.retry
+
+    def bug():
+        raise TypeError('unsupported operand')
+    with pytest.raises(TypeError, match='unsupported operand'):
+        storage._retried('read', 'gs://b/x.bin', bug)
+
+    def refused():   # gcsfs's own type, no OSError
+        raise gcsfs.retry.HttpError({'code': 400, 'message': 'Bad Request'})
+    with pytest.raises(DataError, match='cannot read gs://b/x.bin: Bad Request') as failed:
+        storage._retried('read', 'gs://b/x.bin', refused)
+    assert not isinstance(failed.value, storage.Unreadable)
+    storage.telemetry.take()
+
+
+def test_lookups_see_what_another_process_wrote_after_a_listing(bucket, objstore):
+    """isfile/exists/isdir/version answer from the store, not from a listing made before
+    another process (here another client) wrote."""
+    folder = f'{bucket}/run'
+    storage.write_bytes(f'{folder}/a.csv', b'1')
+    assert storage.listdir(folder) == ['a.csv'] and storage.find_files(folder) == ['a.csv']
+    assert not storage.isfile(f'{folder}/b.csv') and not storage.isdir(f'{folder}/sub')
+    other = objstore.fs(bucket[:2])
+    other.pipe_file(f'{folder}/b.csv', b'2')
+    other.pipe_file(f'{folder}/a.csv', b'3333')
+    other.pipe_file(f'{folder}/sub/c.csv', b'4')
+    assert storage.isfile(f'{folder}/b.csv') and storage.exists(f'{folder}/b.csv')
+    assert storage.isdir(f'{folder}/sub')
+    assert storage.version(f'{folder}/a.csv')[0] == 4
+    other.rm(f'{folder}/b.csv')
+    assert not storage.exists(f'{folder}/b.csv')
+
+
+def test_resolve_keeps_a_relative_path_in_its_bucket():
+    assert storage.resolve('gs://b/dir', 'x.svs') == 'gs://b/dir/x.svs'
+    assert storage.resolve('gs://b/dir', '../x.svs') == 'gs://b/x.svs'
+    assert storage.resolve('gs://b/dir', 's3://o/x.svs') == 's3://o/x.svs'
+    with pytest.raises(DataError, match='/data/x.svs is a local path'):
+        storage.resolve('gs://b/dir', '/data/x.svs')
+    for climbing in ('../../other/x.svs', 'a/../../../other/x.svs'):
+        with pytest.raises(DataError, match='climbs above the bucket gs://b'):
+            storage.resolve('gs://b/dir', climbing)
+
+
+def test_a_slide_list_in_a_bucket_names_the_row_of_a_path_out_of_it(bucket):
+    from clusiam_jax import fileio
+    url = f'{bucket}/lists/slides.csv'
+    storage.write_bytes(url, b'path\nx.svs\n/data/y.svs\n')
+    with pytest.raises(DataError, match=r'slides\.csv:3: /data/y\.svs is a local path'):
+        fileio.read_path_csv(url, 'slide list', 'path')
+
+
+def test_telemetry_keeps_no_list_of_latencies():
+    """A process that never takes its counters (export, tiling) must not grow."""
+    import tracemalloc
+    counts = storage.Telemetry()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(20_000):
+        counts.add(1, 10, 0.01)
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 20_000, grown
+    counts.add(1, 10, 1.0)
+    taken = counts.take()
+    assert taken['requests'] == 20_001 and taken['bytes'] == 200_010
+    assert 10.0 <= taken['latency_p99_ms'] <= 10.0 * 1.19
+    assert abs(taken['latency_mean_ms'] - 1e3 * (200 + 1.0) / 20_001) < 1e-3
 
 
 def test_a_missing_object_and_bad_credentials_are_not_retried(proxied):
