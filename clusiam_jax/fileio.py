@@ -95,7 +95,10 @@ def read_path_csv(path: str, what: str, expected: str) -> Tuple[List[str], List[
         raw = (row.get('path') or '').strip()
         if not raw:
             raise DataError(f'{path}:{line}: empty "path"')
-        row['path'] = storage.resolve(base, raw)
+        try:
+            row['path'] = storage.resolve(base, raw)
+        except DataError as e:   # a local path, or one above the bucket, in a bucket's CSV
+            raise DataError(f'{path}:{line}: {e}') from None
     return columns, rows
 
 
