@@ -179,6 +179,30 @@ def test_skip_list_in_a_bucket_is_shared_and_whole(bucket, objstore, caplog):
     assert SkipLog(url).paths() == ['a.svs', 'b.svs']
 
 
+def test_a_cleared_skip_list_in_a_bucket_starts_anew(bucket, objstore):
+    """The host's local copy holds no lines the object has: a list removed (a new run) is
+    not filled again with the old run's lines."""
+    url = f'{bucket}/run/skipped_files.txt'
+    SkipLog(url).record('old.svs', 'unreadable')
+    objstore.fs(bucket[:2]).rm(url)
+    SkipLog(url).record('new.svs', 'unreadable')
+    assert objstore.read(url) == b'new.svs\n'
+
+
+def test_each_process_writes_its_own_skip_list_in_a_bucket(bucket, objstore, monkeypatch):
+    """Several processes: skipped_files-<process>.txt each (no host rewrites another's);
+    a worker process keeps its parent's name."""
+    import pickle
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(jax, 'process_index', lambda: 1)
+    log = SkipLog(f'{bucket}/run/skipped_files.txt')
+    log.record('a.svs', 'unreadable')
+    monkeypatch.setattr(jax, 'process_index', lambda: 0)
+    pickle.loads(pickle.dumps(log)).record('b.svs', 'unreadable')
+    assert objstore.keys(f'{bucket}/run') == ['skipped_files-1.txt']
+    assert objstore.read(f'{bucket}/run/skipped_files-1.txt') == b'a.svs\nb.svs\n'
+
+
 @pytest.mark.slow
 def test_launch_py_with_the_work_directory_in_a_bucket(bucket, objstore, demo_tiles):
     """The command a pod runs: training, its log, its lock; a second command on the same

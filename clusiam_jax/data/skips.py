@@ -1,11 +1,14 @@
 """The workdir's list of skipped (unreadable) files, shared by worker processes: a path is
 appended under a flock only if not listed yet, and only the process appending it logs.
-In a bucket (no append, no flock) the workers share a local copy on this host, and each new
-path rewrites the whole object (the object's lines first): skips are rare, so one upload each."""
+In a bucket (no append, no flock) the workers of a host take turns under a flock on a local
+file, which holds only the lines not uploaded yet (an upload failed); each new path rewrites
+the whole object (its current lines first): skips are rare, so one upload each.
+In a bucket each of several processes (hosts) writes its own skipped_files-<process>.txt."""
 import fcntl
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 from typing import List, Optional
 
@@ -23,14 +26,27 @@ def _local_copy(url: str) -> str:
     return os.path.join(tempfile.gettempdir(), 'clusiam-skips', name)
 
 
+def _process_list(url: str) -> str:
+    """skipped_files-<process>.txt of a bucket list when several processes run (no host
+    rewrites another's object: a read-modify-write of one shared object would drop lines)."""
+    folder, name = storage.split(url)
+    jax = sys.modules.get('jax')   # a process that never imported jax is the only one
+    if name != SKIPPED_FILES or jax is None or jax.process_count() == 1:
+        return url
+    stem, ext = os.path.splitext(SKIPPED_FILES)
+    return storage.join(folder, f'{stem}-{jax.process_index()}{ext}')
+
+
 class SkipLog:
     """Pickles as the list file's path alone (for worker processes)."""
 
-    def __init__(self, list_path: Optional[str]):
+    def __init__(self, list_path: Optional[str], per_process: bool = True):
+        if per_process and storage.is_url(list_path):
+            list_path = _process_list(list_path)
         self.list_path, self._seen = list_path, set()
 
-    def __reduce__(self):
-        return SkipLog, (self.list_path,)
+    def __reduce__(self):   # a worker keeps the name its process chose
+        return SkipLog, (self.list_path, False)
 
     def record(self, path: str, reason: str) -> None:
         """Notes an unreadable file; logged the first time any process sees it."""
@@ -55,18 +71,17 @@ class SkipLog:
                     return False
                 f.write(path + '\n')
                 return True
-            known = self._remote_lines()
+            known = self._remote_lines()   # the object as it is now (cleared, perhaps)
             listed = known + [p for p in listed if p and p not in known]
             if path in listed:
                 return False
             text = '\n'.join(listed + [path]) + '\n'
             f.seek(0)
             f.truncate()
-            f.write(text)
-            f.flush()
             try:
                 storage.write_bytes(self.list_path, text.encode('utf-8'))
             except DataError as e:  # kept here: the next skipped file uploads it again
+                f.write(text)
                 logger.warning('%s; the list stays in %s until the next skipped file', e, local)
             return True
 
