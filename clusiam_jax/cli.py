@@ -10,7 +10,7 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
+import threading
 
 from clusiam_jax import errors, fileio, interrupts, storage, workdir_lock
 from clusiam_jax.cli_args import command_hint, mode_of, parse
@@ -61,8 +61,9 @@ class _RunLogFile(logging.FileHandler):
 
 
 class _StagedRunLog(_RunLogFile):
-    """log.txt of a run in a bucket: lines go to a local copy (the object's lines first), and
-    the whole object is uploaded at the first line after LOG_UPLOAD_EVERY_S and at the end."""
+    """log.txt of a run in a bucket: lines go to a local copy (the object's lines first); a
+    thread uploads the whole object every LOG_UPLOAD_EVERY_S (one try each), close() the last
+    time: emit() never waits on the bucket (a failing one stalled every logging thread)."""
 
     def __init__(self, url: str):
         self.url, self._folder = url, tempfile.mkdtemp(prefix='clusiam-log-')
@@ -70,22 +71,43 @@ class _StagedRunLog(_RunLogFile):
         if storage.isfile(url):  # a resumed run's log goes on
             storage.download(url, local)
         super().__init__(local)
-        self._uploaded = time.monotonic()
+        self._written = self._sent = 0  # lines written locally / in the last upload
+        self._stop = threading.Event()
+        self._uploader = threading.Thread(target=self._upload_every, daemon=True,
+                                          name='clusiam-log-upload')
+        self._uploader.start()
 
     def emit(self, record):
         super().emit(record)
-        if time.monotonic() - self._uploaded >= LOG_UPLOAD_EVERY_S:
-            self.upload()
+        self._written += 1
+
+    def _upload_every(self):
+        while not self._stop.wait(min(max(LOG_UPLOAD_EVERY_S, 0.05), threading.TIMEOUT_MAX)):
+            if self._written != self._sent:
+                self.upload()
 
     def upload(self):
-        self._uploaded = time.monotonic()
+        """The local copy as it is now, in one upload (outside the handler's lock)."""
+        self.acquire()
         try:
+            written = self._written
+            if self.stream is None:
+                return
             self.flush()
-            storage.upload(self.baseFilename, self.url)
+            with open(self.baseFilename, 'rb') as f:
+                data = f.read()
+        finally:
+            self.release()
+        try:
+            storage.write_bytes(self.url, data)
+            self._sent = written
         except errors.DataError as e:  # the next upload tries again; the console has it all
             log.warning('%s; trying again in %.0f s', e, LOG_UPLOAD_EVERY_S)
 
     def close(self):
+        self._stop.set()
+        if self._uploader.is_alive() and self._uploader is not threading.current_thread():
+            self._uploader.join()
         if self.stream is not None:
             self.upload()
         super().close()

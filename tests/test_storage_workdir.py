@@ -168,6 +168,44 @@ def test_log_txt_in_a_bucket_is_rewritten_whole_and_goes_on(bucket, objstore, mo
     assert text.index('first run') < text.index('resumed') and text.endswith('resumed\n')
 
 
+def test_a_failing_bucket_never_stalls_logging(bucket, objstore, monkeypatch):
+    """log.txt is uploaded from a thread (one try per interval): a bucket that hangs for
+    seconds and then fails holds no logging call; the last upload at close has every line."""
+    from clusiam_jax.errors import DataError
+    workdir = f'{bucket}/run'
+    url = f'{workdir}/{cli.LOG_NAME}'
+    real, calls = storage.write_bytes, []
+
+    def hanging(target, data):
+        calls.append(target)
+        if len(calls) == 1:
+            time.sleep(3.0)
+            raise DataError(f'cannot write {target}: 503 Service Unavailable')
+        real(target, data)
+    monkeypatch.setattr(storage, 'write_bytes', hanging)
+    monkeypatch.setattr(storage, 'upload', lambda local, target: hanging(
+        target, open(local, 'rb').read()))
+    monkeypatch.setattr(cli, 'LOG_UPLOAD_EVERY_S', 0.05)
+    logger = logging.getLogger('clusiam_jax')
+    logger.setLevel(logging.INFO)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    cli.log_to_workdir(workdir, ['--workdir', workdir])
+    handler = next(h for h in root.handlers if h not in before)
+    try:
+        start = time.monotonic()
+        for i in range(40):
+            logger.info('line %d', i)
+            time.sleep(0.02)
+        assert time.monotonic() - start < 2.5, 'a logging call waited on the bucket'
+        assert len(calls) == 1  # the first upload still hangs: no second one queued
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    text = objstore.read(url).decode()
+    assert text.endswith('line 39\n')
+
+
 def test_skip_list_in_a_bucket_is_shared_and_whole(bucket, objstore, caplog):
     url = f'{bucket}/run/skipped_files.txt'
     with caplog.at_level(logging.WARNING):
