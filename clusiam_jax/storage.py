@@ -466,3 +466,45 @@ def version(url: str) -> Tuple[int, str]:
     """(size, ETag) of an object: what changes when it is written again (a rerun redoes it)."""
     info = _retried('look up', url, lambda: _fresh(url).info(url))
     return int(info['size']), str(info.get('ETag') or info.get('etag') or '').strip('"')
+
+
+def object_version(url: str) -> str:
+    """What `replace_bytes` names: the object's GCS generation or S3 ETag."""
+    info = _retried('look up', url, lambda: _filesystem(url).info(url))
+    return str(info.get('generation') if url.startswith('gs://') else info.get('ETag'))
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """HTTP 412; s3fs keeps botocore's answer only as the context of its OSError."""
+    return any(_http_status(e) == 412 for e in (error, error.__context__) if e is not None)
+
+
+def replace_bytes(url: str, data: bytes, version: str) -> bool:
+    """One upload only if the object is still at `version` (GCS ifGenerationMatch, S3 IfMatch):
+    False when another writer replaced or deleted it since (the bucket lock's lease)."""
+    fs = _filesystem(url)
+
+    def put():
+        try:
+            if url.startswith('s3://'):
+                fs.pipe_file(url, data, IfMatch=version)
+            else:  # gcsfs's pipe_file names no generation: its multipart upload, with one
+                import json
+                from urllib.parse import quote
+                bucket, key, _ = fs.split_path(url)
+                head = ('--==0==\nContent-Type: application/json; charset=UTF-8\n\n'
+                        f'{json.dumps({"name": key})}\n--==0==\n'
+                        'Content-Type: application/octet-stream\n\n').encode()
+                fs.call('POST', f'{fs._location}/upload/storage/v1/b/{quote(bucket)}/o',
+                        uploadType='multipart', ifGenerationMatch=version,
+                        data=head + data + b'\n--==0==--', json_out=True,
+                        headers={'Content-Type': 'multipart/related; boundary="==0=="'})
+                fs.invalidate_cache(url)
+        except (FileExistsError, FileNotFoundError):  # gcsfs's 412; the object deleted
+            return False
+        except OSError as e:
+            if _precondition_failed(e):
+                return False
+            raise
+        return True
+    return _retried('replace', url, put)
