@@ -214,3 +214,11 @@ def writable_folder(path: str, flag: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f'{flag} {path}: cannot write there ({e.strerror})') from None
+
+
+def cache_root(kind: str = '') -> str:
+    """This host's cache folder for `kind` (slides, datasets, stats, staging):
+    $XDG_CACHE_HOME/clusiam_jax/<kind> (~/.cache by default), absolute."""
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(os.path.abspath(base), 'clusiam_jax', kind) if kind else \
+        os.path.join(os.path.abspath(base), 'clusiam_jax')

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from clusiam_jax import storage
+from clusiam_jax import fileio, storage
 from clusiam_jax.data import image_io, slide_cache, slide_source
 from clusiam_jax.data import records as records_lib
 from clusiam_jax.data.records import PatchRecord, PatchSource
@@ -152,9 +152,9 @@ def stage_dataset(url: str, cache_dir: str = '') -> str:
     temporary name then renamed, and `.staged.json` (the objects' sizes and ETags) written last:
     a later open whose objects match it downloads nothing; a changed dataset is staged again.
     The processes of a host take turns (a file lock): one downloads, the others reuse it."""
-    root = cache_dir or os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(
-        os.path.expanduser('~'), '.cache'), 'clusiam_jax')
-    local = os.path.join(os.path.abspath(root), 'datasets',
+    root = os.path.join(os.path.abspath(cache_dir), 'datasets') if cache_dir else \
+        fileio.cache_root('datasets')
+    local = os.path.join(root,
                          hashlib.sha1(url.encode()).hexdigest()[:20])
     names = [n for n in storage.find_files(url) if '/' not in n]
     versions = {'url': url, 'objects': {n: list(storage.version(storage.join(url, n)))

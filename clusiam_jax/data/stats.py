@@ -117,10 +117,9 @@ def compute_stats(source, num_workers: int = 0, skip_log=None, indices=None,
 
 
 def cache_file(data_path: str, dataset_dir: Optional[str] = None) -> str:
-    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     source = os.path.abspath(dataset_dir if dataset_dir is not None else data_path)
     digest = hashlib.sha1(os.fsencode(source)).hexdigest()
-    return os.path.join(os.path.abspath(root), 'clusiam_jax', 'stats', f'{digest}.json')
+    return os.path.join(fileio.cache_root('stats'), f'{digest}.json')
 
 
 def _read_cache(path: str, key: str):
