@@ -6,6 +6,8 @@ One .npz per slide: numpy alone reads it (no h5py in grain workers), from bytes 
 GET, without pickle; it is written whole in one upload. Since version 2 it also holds the
 `layout` of the slide as reader.Slide opens it locally (reader.layout_of: OpenSlide's levels and
 which ones the direct reader covers), so a remote Slide picks the same levels with no header.
+Since version 3 it holds the slide object's ETag at tiling (storage.version): a slide written
+again with the same byte count is not read through the old index. Local slides have no index.
 """
 import dataclasses
 import io
@@ -23,7 +25,7 @@ from clusiam_jax.slides import tiles as tiles_lib
 
 log = logging.getLogger('clusiam_jax')
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 INDEX_DIR = 'tile_index'
 # tifffile's decode paths (TiffPage.decode): JPEG with tables and colour spaces; codecs that
 # return whole images; byte codecs followed by a predictor. Others are not indexed.
@@ -104,10 +106,12 @@ class TileIndex:
     height0: int
     levels: Dict[int, IndexLevel]   # by the level's number in tifffile's first series
     layout: Optional[dict] = None   # reader.layout_of the slide opened locally (build_for_slide)
+    etag: str = ''                  # the slide object's ETag when tiled ('' unknown)
 
     def to_bytes(self) -> bytes:
-        meta = {'version': FORMAT_VERSION, 'file_size': self.file_size, 'width0': self.width0,
-                'height0': self.height0, 'levels': {}, 'layout': self.layout}
+        meta = {'version': FORMAT_VERSION, 'file_size': self.file_size, 'etag': self.etag,
+                'width0': self.width0, 'height0': self.height0, 'levels': {},
+                'layout': self.layout}
         arrays = {}
         for number, lv in self.levels.items():
             c = lv.codec
@@ -125,9 +129,11 @@ class TileIndex:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, raw: bytes, file_size: int, name: str = 'tile index') -> 'TileIndex':
+    def from_bytes(cls, raw: bytes, file_size: int, name: str = 'tile index',
+                   etag: str = '') -> 'TileIndex':
         """The index in `raw`; DataError when it is no index of this version or was written
-        for another state of the slide (`file_size`: the slide's size now)."""
+        for another state of the slide (`file_size`, `etag`: the slide's now; the ETags are
+        compared when both are known)."""
         try:
             with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
                 meta = json.loads(str(npz['meta']))
@@ -138,6 +144,10 @@ class TileIndex:
                 if meta['file_size'] != file_size:
                     raise DataError(f"{name}: the slide is {file_size} bytes, its tile index "
                                     f"was written for {meta['file_size']}; tile it again")
+                if etag and meta.get('etag') and meta['etag'] != etag:
+                    raise DataError(f"{name}: the slide was written again (ETag {etag}, its "
+                                    f"tile index was written for {meta['etag']}); tile it "
+                                    f'again')
                 levels = {int(k): _level_from_meta(m, npz, k)
                           for k, m in meta['levels'].items()}
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
@@ -146,7 +156,7 @@ class TileIndex:
             raise DataError(f'{name}: not a readable tile index ({type(e).__name__}: '
                             f'{" ".join(str(e).split())})') from None
         return cls(meta['file_size'], meta['width0'], meta['height0'], levels,
-                   meta.get('layout'))
+                   meta.get('layout'), meta.get('etag') or '')
 
 
 def _level_from_meta(m: dict, npz, key: str) -> IndexLevel:
@@ -169,26 +179,27 @@ def write(path: str, index: TileIndex) -> None:
         f.write(data)
 
 
-def read(path: str, file_size: int) -> TileIndex:
-    """The index at `path`, checked against the slide's size now (see from_bytes)."""
+def read(path: str, file_size: int, etag: str = '') -> TileIndex:
+    """The index at `path`, checked against the slide's size and ETag now (see from_bytes)."""
     try:
         raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise DataError(f'{path}: no tile index (tile the slide first)') from None
-    return TileIndex.from_bytes(raw, file_size, path)
+    return TileIndex.from_bytes(raw, file_size, path, etag)
 
 
 # ------------------------------------------------------------------------ building
 
-def build_for_slide(path: str, name: str = 'slide') -> TileIndex:
+def build_for_slide(path: str, name: str = 'slide', etag: str = '') -> TileIndex:
     """The index of the local slide file at `path` (the tiling job's staged copy) with its
-    layout as reader.open_slide opens it: the levels a host in the bucket must pick alike."""
+    layout as reader.open_slide opens it: the levels a host in the bucket must pick alike.
+    `etag`: the object's, looked up before it was staged (a later write then mismatches)."""
     from clusiam_jax.slides import reader
     with reader.open_slide(path) as slide:
         layout = reader.layout_of(slide)
     with open(path, 'rb') as fh:
         index = build(fh, name=name)
-    return dataclasses.replace(index, layout=layout)
+    return dataclasses.replace(index, layout=layout, etag=etag)
 
 
 def build(fh, levels: Optional[Iterable[int]] = None, name: str = 'slide') -> TileIndex:
