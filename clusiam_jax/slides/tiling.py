@@ -169,14 +169,16 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
                          f'inside it) is tiled from local disk only: copy it out of the bucket '
                          f'and list the copy')
     with contextlib.ExitStack() as stack:   # staged whole, one slide at a time per worker
-        try:
+        try:   # the ETag first: a write during the download then fails the index's check
+            etag = storage.version(entry.path)[1]
             local = stack.enter_context(listing.staged(entry.path))
         except DataError as e:
             return table.row(entry, table.UNREADABLE, str(e))
-        return _tile_file(entry, local, params, out_dir)
+        return _tile_file(entry, local, params, out_dir, etag)
 
 
-def _tile_file(entry: SlideEntry, local: str, params: TileParams, out_dir: str) -> dict:
+def _tile_file(entry: SlideEntry, local: str, params: TileParams, out_dir: str,
+               etag: str = '') -> dict:
     """tile_slide of the slide file at `local` (entry.path, or its staged copy)."""
     try:
         slide = reader.open_slide(local)
@@ -185,7 +187,7 @@ def _tile_file(entry: SlideEntry, local: str, params: TileParams, out_dir: str) 
     with slide:
         try:
             return _tile_open_slide(slide, entry, params, out_dir,
-                                    local if storage.is_url(entry.path) else None)
+                                    local if storage.is_url(entry.path) else None, etag)
         except OutputError:
             raise
         except reader.SlideTooLarge as e:
@@ -197,7 +199,8 @@ def _tile_file(entry: SlideEntry, local: str, params: TileParams, out_dir: str) 
                              f'{" ".join(str(e).split())}')
 
 
-def _tile_open_slide(slide, entry, params, out_dir, staged: Optional[str] = None) -> dict:
+def _tile_open_slide(slide, entry, params, out_dir, staged: Optional[str] = None,
+                     etag: str = '') -> dict:
     res, mpp_note = _resolution(slide, entry, params)
     if res.mpp is None:
         status = table.BAD_MPP if res.implausible else table.NO_MPP
@@ -256,19 +259,19 @@ def _tile_open_slide(slide, entry, params, out_dir, staged: Optional[str] = None
                          f'{params.min_tissue:g} (tissue {tissue_fraction:.1%} of the slide; '
                          f'see {qc_path})', res.mpp, res.origin, 0, tissue_fraction)
     if staged is not None and entry.path.lower().endswith(TIFF_FAMILY):
-        _write_tile_index(staged, entry, out_dir)   # before the coordinates a rerun reuses
+        _write_tile_index(staged, entry, out_dir, etag)   # before the coordinates a rerun reuses
     coords_path = coords_lib.trident_file(out_dir, entry.slide_id)
     with table.writing(coords_path):
         coords_lib.write_trident(coords_path, kept, attrs)
     return table.row(entry, TILED, note, res.mpp, res.origin, len(kept), tissue_fraction)
 
 
-def _write_tile_index(staged: str, entry: SlideEntry, out_dir: str):
+def _write_tile_index(staged: str, entry: SlideEntry, out_dir: str, etag: str = ''):
     """`tile_index/<id>.npz`: hosts reading the slide from its bucket fetch tiles by byte
     ranges without parsing its header; one it cannot index they stage whole."""
     from clusiam_jax.slides import tile_index
     try:
-        index = tile_index.build_for_slide(staged, name=entry.path)
+        index = tile_index.build_for_slide(staged, name=entry.path, etag=etag)
     except tile_index.Unindexable as e:
         log.info('tile: %s: no tile index (%s); reading it from the bucket stages it whole',
                  entry.slide_id, e)
