@@ -10,27 +10,30 @@ seldom repeat; more in flight needs more workers (each a process with its own ha
 """
 import fcntl
 import hashlib
+import logging
 import os
-import posixpath
 import shutil
 import tempfile
 import time
 from typing import Callable, Optional, Tuple
 
-from clusiam_jax import storage
+from clusiam_jax import fileio, storage
 from clusiam_jax.errors import DataError
-from clusiam_jax.slides import reader
+from clusiam_jax.slides import listing, reader
+
+log = logging.getLogger('clusiam_jax')
 
 DEFAULT_CACHE_GB = 50.0
-# A staging folder older than this belongs to a killed process: removed at the next eviction.
+# Staging folders are named `.staging-<host>-<pid>-...`: this host's dead processes' are removed
+# at the next staging or eviction; another host's (a cache on a shared disk) once this old.
 STALE_STAGING_S = 6 * 3600
 _STAGING = '.staging-'
 _LOCK = '.lock'
+_unindexed_warned = set()   # slides told once per process to have no tile index
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return os.path.join(base, 'clusiam_jax', 'slides')
+    return fileio.cache_root('slides')
 
 
 class SlideCache:
@@ -48,24 +51,32 @@ class SlideCache:
 
     def open(self, url: str, version: Tuple[int, str], opener: Callable[[str], object]):
         """opener(local path) of the slide at `url` in `version` (storage.version), staged
-        first when not cached; the open happens under the lock, so no eviction races it."""
-        key = hashlib.sha256(f'{url}\0{version[0]}\0{version[1]}'.encode()).hexdigest()[:32]
+        first when not cached; the open happens under the lock, so no eviction races it. A
+        slide of several objects (MIRAX, DICOM) is keyed by every object's version: one
+        listing and a HEAD per sidecar each open, so a changed sidecar is staged again."""
+        files = listing.slide_files(url)
+        parent = storage.split(url)[0]
+        versions = [(files[0],) + tuple(version)] + [
+            (rel,) + storage.version(storage.join(parent, rel)) for rel in files[1:]]
+        text = '\0'.join([url] + [f'{rel}\0{size}\0{etag}' for rel, size, etag in versions])
+        key = hashlib.sha256(text.encode()).hexdigest()[:32]
         entry = os.path.join(self.folder, key)
-        local = os.path.join(entry, posixpath.basename(url))
         os.makedirs(self.folder, exist_ok=True)
         with self._locked() as lock:
             if os.path.isdir(entry):
                 lock.touch(entry)
                 self.hits += 1
                 storage.telemetry.note(cache_hits=1)
-                return opener(local)
-        if version[0] > self.max_bytes:
-            raise reader.SlideError(f'{url}: {version[0] / 2 ** 30:.3g} GiB, more than the '
+                return opener(listing.local_slide(url, entry))
+        size = sum(v[1] for v in versions)
+        if size > self.max_bytes:
+            raise reader.SlideError(f'{url}: {size / 2 ** 30:.3g} GiB, more than the '
                                     f'whole slide cache (data.cache_gb '
                                     f'{self.max_bytes / 2 ** 30:.3g})')
-        staging = tempfile.mkdtemp(prefix=_STAGING, dir=self.folder)
+        listing.remove_dead_staging(self.folder, _STAGING)
+        staging = tempfile.mkdtemp(prefix=f'{_STAGING}{listing.owner_tag()}-', dir=self.folder)
         try:
-            _download_slide(url, staging)
+            listing.stage_into(url, staging, files)
             with self._locked() as lock:
                 self.misses += 1
                 storage.telemetry.note(cache_misses=1)
@@ -73,7 +84,7 @@ class SlideCache:
                     self._evict(_size(staging))
                     os.rename(staging, entry)
                 lock.touch(entry)
-                return opener(local)
+                return opener(listing.local_slide(url, entry))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -85,10 +96,12 @@ class SlideCache:
 
     def _evict(self, incoming: int):
         """Removes the least recently opened slides until `incoming` more bytes fit."""
-        now = time.time()
+        now, here = time.time(), f'{_STAGING}{listing.owner_tag().rsplit("-", 1)[0]}-'
+        listing.remove_dead_staging(self.folder, _STAGING)
         for name in os.listdir(self.folder):
             path = os.path.join(self.folder, name)
-            if name.startswith(_STAGING) and now - os.path.getmtime(path) > STALE_STAGING_S:
+            if (name.startswith(_STAGING) and not name.startswith(here)
+                    and now - os.path.getmtime(path) > STALE_STAGING_S):
                 shutil.rmtree(path, ignore_errors=True)
         entries = sorted((os.stat(os.path.join(self.folder, n)).st_mtime_ns, n)
                          for n in self._entries())
@@ -133,24 +146,6 @@ def _size(folder: str) -> int:
                for f in files)
 
 
-def _download_slide(url: str, into: str) -> None:
-    """The slide object into `into` under its own name, with the files OpenSlide reads beside
-    it: a MIRAX slide's data folder, a DICOM slide's other .dcm instances."""
-    parent, name = storage.split(url)
-    low = name.lower()
-    if low.endswith('.mrxs'):
-        data = name[:-len('.mrxs')]
-        files = [name] + [f'{data}/{rel}' for rel in storage.find_files(storage.join(parent, data))]
-    elif low.endswith(reader.DICOM_EXTENSION):
-        files = [n for n in storage.listdir(parent) if n.lower().endswith(reader.DICOM_EXTENSION)]
-    else:
-        files = [name]
-    for rel in files:
-        local = os.path.join(into, *rel.split('/'))
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        storage.download(storage.join(parent, rel), local)
-
-
 def open_remote_slide(url: str, index_url: str, cache: SlideCache, openslide_cache=None,
                       tile_cache=None) -> reader.Slide:
     """The slide at `url`: a RemoteSlide from its tile index at `index_url` ('' or no such
@@ -173,9 +168,10 @@ def open_remote_slide(url: str, index_url: str, cache: SlideCache, openslide_cac
             if storage.exists(index_url):
                 raise
     if raw is None:
+        _warn_unindexed(url, index_url)
         return stage()
     try:   # an index of another version or another state of the slide: this slide's error
-        index = tile_index.TileIndex.from_bytes(raw, version[0], index_url)
+        index = tile_index.TileIndex.from_bytes(raw, version[0], index_url, etag=version[1])
     except DataError as e:
         raise reader.SlideError(str(e)) from None
     if not index.layout:
@@ -183,3 +179,14 @@ def open_remote_slide(url: str, index_url: str, cache: SlideCache, openslide_cac
                                 f'the slide again')
     tiles = remote_tiles.RemoteTiles(index, url, storage.read_ranges, cache=tile_cache)
     return reader.RemoteSlide(index.layout, tiles, stage, url)
+
+
+def _warn_unindexed(url: str, index_url: str) -> None:
+    """Once per slide and process: a slide without an index is downloaded whole on every host."""
+    if url in _unindexed_warned:
+        return
+    _unindexed_warned.add(url)
+    where = f'none at {index_url}' if index_url else 'no tile index folder'
+    log.warning('%s: no tile index (%s): every host downloads the whole slide into its slide '
+                'cache. Tiling the slides from the bucket writes one, except for formats only '
+                'OpenSlide reads (not TIFF-based)', url, where)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 from typing import Dict, Iterator, List, Optional
 
@@ -138,31 +139,99 @@ def duplicate_rows(entries: List[SlideEntry]) -> Dict[int, dict]:
 UNSTAGED = ('.vms', '.vmu')
 
 
+# `staged` downloads into <tmp>/clusiam-staging/<host>-<pid>/: a process of this host removes
+# the folders of its dead processes (a SIGKILL runs no cleanup) when it first stages a slide.
+STAGING_PARENT = 'clusiam-staging'
+_cleaned = set()
+
+
 @contextlib.contextmanager
 def staged(path: str) -> Iterator[str]:
-    """The slide at `path` as a local file, downloaded with the files it needs (a DICOM
-    slide's folder of .dcm, a MIRAX slide's data folder) and deleted after; `path` itself
-    when local."""
-    low = path.lower()
-    if not storage.is_url(path) or not low.endswith((reader.DICOM_EXTENSION, '.mrxs')):
-        with storage.local_copy(path) as local:
-            yield local
+    """The slide at `path` as a local file, downloaded with the files it needs (stage_into)
+    and deleted after; `path` itself when local."""
+    if not storage.is_url(path):
+        yield path
         return
-    folder = tempfile.mkdtemp(prefix='clusiam-slide-')
+    parent = os.path.join(tempfile.gettempdir(), STAGING_PARENT)
+    if parent not in _cleaned:
+        remove_dead_staging(parent, '')
+        _cleaned.add(parent)
+    mine = os.path.join(parent, owner_tag())
+    os.makedirs(mine, exist_ok=True)
+    folder = tempfile.mkdtemp(dir=mine)
     try:
-        parent, name = storage.split(path)
-        if low.endswith('.mrxs'):   # X.mrxs and its data folder X/
-            data = storage.join(parent, name[:-len('.mrxs')])
-            files = [name] + [f'{name[:-len(".mrxs")]}/{rel}' for rel in storage.find_files(data)]
-            local_parent = folder
-        else:   # every instance of the folder: OpenSlide reads the levels from all
-            files = [n for n in storage.listdir(parent) if n.lower().endswith('.dcm')]
-            local_parent = os.path.join(folder, storage.split(parent)[1])
-        for rel in files:
-            local = os.path.join(local_parent, *rel.split('/'))
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            storage.download(storage.join(parent, rel), local)
-        yield (os.path.join(local_parent, name) if low.endswith('.mrxs')
-               else reader.dicom_file(local_parent) or os.path.join(local_parent, name))
+        yield stage_into(path, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def slide_files(url: str) -> List[str]:
+    """The objects a slide in a bucket is read from, relative to its folder, the slide first:
+    a MIRAX slide's data folder `X/` by `X.mrxs`, every .dcm instance of a DICOM folder
+    (OpenSlide reads the levels from all of them)."""
+    parent, name = storage.split(url)
+    low = name.lower()
+    if low.endswith('.mrxs'):
+        data = name[:-len('.mrxs')]
+        return [name] + [f'{data}/{rel}' for rel in storage.find_files(storage.join(parent, data))]
+    if low.endswith(reader.DICOM_EXTENSION):
+        return [name] + sorted(n for n in storage.listdir(parent)
+                               if n.lower().endswith(reader.DICOM_EXTENSION) and n != name)
+    return [name]
+
+
+def stage_into(url: str, folder: str, files: Optional[List[str]] = None) -> str:
+    """Downloads the slide at `url` (`files`: slide_files(url)) into the empty local `folder`;
+    returns the file to open (local_slide)."""
+    parent = storage.split(url)[0]
+    into = _local_parent(url, folder)
+    for rel in slide_files(url) if files is None else files:
+        local = os.path.join(into, *rel.split('/'))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        storage.download(storage.join(parent, rel), local)
+    return local_slide(url, folder)
+
+
+def local_slide(url: str, folder: str) -> str:
+    """The file to open of the slide at `url` staged into `folder`: a DICOM folder's instance
+    OpenSlide detects as the slide (reader.dicom_file), as on disk; else the slide's own."""
+    into, name = _local_parent(url, folder), storage.split(url)[1]
+    if name.lower().endswith(reader.DICOM_EXTENSION):
+        return reader.dicom_file(into) or os.path.join(into, name)
+    return os.path.join(into, name)
+
+
+def _local_parent(url: str, folder: str) -> str:
+    """A DICOM slide's instances go to a subfolder named as theirs (the slide's id)."""
+    parent, name = storage.split(url)
+    if name.lower().endswith(reader.DICOM_EXTENSION):
+        return os.path.join(folder, storage.split(parent)[1])
+    return folder
+
+
+def owner_tag() -> str:
+    """'<host>-<pid>': names a staging folder so its owner's death can be told."""
+    return f'{socket.gethostname()}-{os.getpid()}'
+
+
+def remove_dead_staging(parent: str, prefix: str) -> None:
+    """Removes the folders `<prefix><host>-<pid>...` in `parent` of this host's processes that
+    no longer run (other hosts' are left: their pids mean nothing here)."""
+    mine = f'{prefix}{socket.gethostname()}-'
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(parent):
+            if not name.startswith(mine):
+                continue
+            pid = name[len(mine):].split('-', 1)[0]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's
+        return True
+    return True
