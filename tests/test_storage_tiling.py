@@ -143,6 +143,37 @@ def test_two_hosts_merge_into_one_hosts_table_and_a_rerun_redoes_only_the_unfini
     assert_same_tiling(split, one, ['s1', 's2', 's3', 's4'], same_where=True)
 
 
+def test_a_failed_version_lookup_is_the_slides_row_not_a_silent_retiling(
+        slide_folder, bucket, monkeypatch):
+    """During an outage a rerun cannot tell whether a slide changed: its row says so
+    (unreadable, with the error) rather than tiling every slide anew."""
+    from clusiam_jax.errors import DataError
+    url = uploaded(slide_folder, bucket)
+    out = storage.join(bucket, 'out')
+    entries = tiling.list_slides(url)
+    tiling.tile_slides(entries, params(), out)
+
+    def outage(path):
+        raise DataError(f'cannot look up {path}: 503 Service Unavailable')
+    version = storage.version
+    monkeypatch.setattr(storage, 'version', outage)
+    calls = []
+    real = tiling.tile_slide
+    monkeypatch.setattr(tiling, 'tile_slide', lambda entry, *a: calls.append(entry.slide_id)
+                        or real(entry, *a))
+    with pytest.raises(DataError, match='no slide could be tiled'):
+        tiling.tile_slides(entries, params(), out)
+    assert calls == ['zz_broken']   # never tiled: no coordinate file to compare
+    rows = {r['slide_id']: r for r in slides_csv.read_rows(out)}
+    for slide_id in ('s1', 's2', 's3', 's4'):
+        assert rows[slide_id]['status'] == slides_csv.UNREADABLE
+        assert '503 Service Unavailable' in rows[slide_id]['reason']
+    monkeypatch.setattr(storage, 'version', version)   # the store is back: all reused
+    rows = {r['slide_id']: r for r in tiling.tile_slides(entries, params(), out)}
+    assert calls == ['zz_broken'] * 2
+    assert all(rows[s]['status'] == slides_csv.TILED for s in ('s1', 's2', 's3', 's4'))
+
+
 def test_tile_command_with_slides_and_output_in_buckets(slide_folder, bucket, capsys):
     url = uploaded(slide_folder, bucket)
     listed = storage.join(bucket, 'list.csv')   # a CSV in the bucket, paths relative to it

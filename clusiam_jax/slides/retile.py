@@ -17,13 +17,14 @@ from clusiam_jax.slides.slides_csv import DEFAULT_ORIGIN
 
 
 def _file_identity(path: Optional[str]):
-    """[where, size, mtime] of a file; an object's ETag in place of its time."""
+    """[where, size, mtime] of a file; an object's ETag in place of its time. A lookup that
+    fails (an outage) raises: guessed, it would redo every slide."""
     if not path:
         return None
     if storage.is_url(path):
         try:
             return [path, *storage.version(path)]
-        except DataError:
+        except storage.Unreadable:   # missing, as a missing local file
             return [path, None, None]
     try:
         st = os.stat(path)
@@ -67,8 +68,12 @@ def previous(entry, params, out_dir: str):
         return None, None
     attrs = found.attrs
     mpp, origin = float(attrs['level0_mpp']), str(attrs.get('mpp_origin', ''))
+    try:
+        key = tiling_key(entry, params)
+    except DataError as e:   # its slide or mask could not be looked up: not tiled anew
+        return slides_csv.row(entry, slides_csv.UNREADABLE, str(e)), None
     why = []
-    if attrs.get('tiling_key') != tiling_key(entry, params):
+    if attrs.get('tiling_key') != key:
         why = _changes(attrs, entry, params)
     if origin == DEFAULT_ORIGIN and mpp != params.mpp_default:
         why.append(f'its µm/px came from {DEFAULT_ORIGIN} {mpp:g}, now '

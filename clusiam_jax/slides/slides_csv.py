@@ -76,8 +76,9 @@ def tiled_rows(folder: str) -> List[dict]:
     return rows
 
 
-def rows_on_disk(folder: str, name: str = SLIDES_CSV) -> List[dict]:
-    """The rows slides.csv has now ([] without one), also of a job writing there meanwhile."""
+def current_rows(folder: str, name: str = SLIDES_CSV) -> List[dict]:
+    """The rows slides.csv has now, on disk or in a bucket ([] without one), also of a job
+    writing there meanwhile."""
     if not has_table(folder, name):
         return []
     try:
@@ -89,11 +90,11 @@ def rows_on_disk(folder: str, name: str = SLIDES_CSV) -> List[dict]:
 
 def write(folder: str, finished: Dict[str, List[dict]], order: List[str],
           name: str = SLIDES_CSV):
-    """slides.csv: the rows on disk, read again now, with this job's `finished` rows (slide
+    """slides.csv: the rows stored, read again now, with this job's `finished` rows (slide
     id -> its rows) in place of theirs and new slides after them; rows of slides not
     finished (yet) are kept: their coordinate files are still there."""
     rows, on_disk = [], {}
-    for r in rows_on_disk(folder, name):
+    for r in current_rows(folder, name):
         on_disk.setdefault(r['slide_id'], []).append(r)
     for slide_id, found in on_disk.items():
         if slide_id in finished:
@@ -114,7 +115,7 @@ def merge_parts(folder: str, order: List[str], shares: List[set]) -> Optional[Li
     finished: Dict[str, List[dict]] = {}
     for host, share in enumerate(shares):
         found: Dict[str, List[dict]] = {}
-        for r in rows_on_disk(folder, part_name(host, len(shares))):
+        for r in current_rows(folder, part_name(host, len(shares))):
             found.setdefault(r['slide_id'], []).append(r)
         if not share <= set(found):
             return None

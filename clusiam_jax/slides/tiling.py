@@ -324,7 +324,7 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
     with table.writing(out_dir):
         storage.makedirs(storage.join(out_dir, coords_lib.PATCHES_DIR))
     order = list(dict.fromkeys(e.slide_id for e in entries))   # slides sharing an id: one
-    kept = {r['slide_id'] for r in table.rows_on_disk(out_dir)} - set(order)
+    kept = {r['slide_id'] for r in table.current_rows(out_dir)} - set(order)
     if kept:
         log.info('tile: %d slides of an earlier run into %s are kept in its slides.csv',
                  len(kept), out_dir)
