@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pathlib
+import signal
 import socket
 import sys
 import tempfile
@@ -17,8 +18,9 @@ import time
 import uuid
 from typing import Optional, Sequence
 
-from clusiam_jax import storage
+from clusiam_jax import interrupts, storage
 from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.storage import Unreadable
 
 log = logging.getLogger('clusiam_jax')
 
@@ -163,20 +165,23 @@ class BucketLock(FolderLock):
     """The lock of a folder in a bucket: an object uploaded only if none has its name (GCS
     ifGenerationMatch=0, S3 IfNoneMatch='*'). No process keeps it alive as a flock is, so the
     holder renews it every RENEW_S; one not renewed for STALE_S (a host killed or preempted;
-    host clocks agree to seconds) is taken over, as is one of a gone pid of this host."""
+    host clocks agree to seconds) is taken over, as is one of a gone pid of this host. Renewal
+    and takeover replace only the version read (generation / ETag): of two commands taking
+    over one lease, one wins; a holder that loses its lease stops at the next safe point.
+    Left: release() deletes after reading its token, without a precondition."""
     RENEW_S, STALE_S = 60.0, 600.0
 
     def acquire(self):
         self._token = uuid.uuid4().hex  # ours: a retried upload that had landed finds itself
         self._started = datetime.datetime.now().isoformat(timespec='seconds')
+        self.lost = False
         for _ in range(10):
             if storage.create_bytes(self.path, self._text()):
                 return self._held()
             try:
-                holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
-                int(holder['pid'])
-            except DataError:
-                continue  # released as we looked
+                version, holder = self._read()
+            except Unreadable:
+                continue  # released as we looked (an outage is a DataError: it ends here)
             except (ValueError, TypeError, KeyError):
                 self._refuse(None, f' (or, if no command is running there, delete {self.path})')
             if holder.get('token') == self._token:
@@ -187,10 +192,12 @@ class BucketLock(FolderLock):
             if not gone and age <= self.STALE_S:
                 self._refuse(holder, f' (if it is not running any more, delete {self.path}, '
                                      f'or wait {self.STALE_S - age:.0f} s: its lease ends)')
-            log.info('%s %s: taking over the lock of a command that is gone (%s%s)', self.what,
-                     self.folder, describe(holder),
-                     '' if gone else f'; not renewed for {age:.0f} s')
-            storage.remove(self.path)
+            # Only the version we judged: another command taking it over first wins.
+            if storage.replace_bytes(self.path, self._text(), version):
+                log.info('%s %s: took over the lock of a command that is gone (%s%s)',
+                         self.what, self.folder, describe(holder),
+                         '' if gone else f'; not renewed for {age:.0f} s')
+                return self._held()
         raise ConfigError(f'{self.what} {self.folder}: cannot take its lock {self.path} '
                           f'(it keeps changing)')
 
@@ -198,6 +205,13 @@ class BucketLock(FolderLock):
         return (json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
                             'token': self._token, 'started': self._started,
                             'renewed': time.time(), 'command': self.command}) + '\n').encode()
+
+    def _read(self):
+        """(version, holder): the version first, so a holder newer than it fails to replace."""
+        version = storage.object_version(self.path)
+        holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
+        int(holder['pid'])
+        return version, holder
 
     def _mine(self) -> bool:
         holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
@@ -213,13 +227,24 @@ class BucketLock(FolderLock):
     def _renew(self):
         while not self._stop.wait(self.RENEW_S):
             try:
-                if not self._mine():  # taken over (we stalled past the lease): say it once
-                    log.warning('%s %s: another command took over its lock %s', self.what,
-                                self.folder, self.path)
-                    return
-                storage.write_bytes(self.path, self._text())
-            except (DataError, ValueError, AttributeError) as e:  # tried again next time
+                version, holder = self._read()
+                if (holder.get('token') == self._token
+                        and storage.replace_bytes(self.path, self._text(), version)):
+                    continue
+            except Unreadable:  # deleted: another command may hold the folder by now
+                pass
+            except (DataError, ValueError, TypeError, KeyError) as e:  # tried again next time
                 log.warning('%s: could not renew the lock %s (%s)', self.folder, self.path, e)
+                continue
+            self._lose()
+            return
+
+    def _lose(self):
+        """Another command took the folder over (we stalled past the lease): stop."""
+        self.lost = True
+        log.warning('%s %s: another command took over its lock %s; stopping at the next safe '
+                    'point', self.what, self.folder, self.path)
+        interrupts.note(signal.SIGTERM)
 
     def release(self):
         if self._fd is None:
@@ -227,13 +252,17 @@ class BucketLock(FolderLock):
         self._stop.set()
         self._renewer.join()
         try:  # only our own object: a folder taken over since is not ours to free
-            if self._mine():
+            if not self.lost and self._mine():
                 storage.remove(self.path)
         except (DataError, ValueError, AttributeError) as e:
             log.warning('%s: could not release the lock %s (%s); delete it before the next '
                         'command there', self.folder, self.path, e)
         finally:
             self._fd = None
+        if self.lost:
+            raise ConfigError(f'{self.what} {self.folder}: another command took over its lock '
+                              f'(this one stalled past the {self.STALE_S:.0f} s lease) and this '
+                              f'one stopped; check which run the folder holds now')
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -137,6 +138,69 @@ def test_the_lock_object_is_renewed_and_taken_over_when_its_lease_ends(bucket, o
         time.sleep(0.05)
     lock.release()
     assert workdir_lock.LOCK_NAME not in objstore.keys(folder)
+
+
+def stale_lease(url):
+    storage.write_bytes(url, json.dumps({'host': 'another-vm', 'pid': 1, 'token': 'old',
+                                         'renewed': time.time() - 10_000}).encode())
+
+
+def test_of_two_commands_taking_over_one_stale_lease_one_wins(bucket, objstore, monkeypatch):
+    """Both read the stale lease; B takes it over before A acts: A's takeover (only of the
+    version it read) fails and A is refused, instead of deleting B's lock and holding too."""
+    folder = f'{bucket}/run'
+    url = f'{folder}/{workdir_lock.LOCK_NAME}'
+    stale_lease(url)
+    real, held, b = storage.read_bytes, [], workdir_lock.BucketLock(folder, '--workdir', ['b'])
+
+    def b_first(path):
+        data = real(path)
+        if path == url and not held:
+            held.append(b)
+            b.acquire()
+        return data
+    monkeypatch.setattr(storage, 'read_bytes', b_first)
+    with pytest.raises(ConfigError, match='in use by another command'):
+        workdir_lock.BucketLock(folder, '--workdir', ['a']).acquire()
+    monkeypatch.undo()
+    assert json.loads(objstore.read(url))['token'] == held[0]._token
+    held[0].release()
+    assert workdir_lock.LOCK_NAME not in objstore.keys(folder)
+
+
+def test_a_holder_that_loses_its_lease_stops_and_leaves_the_new_lock(bucket, objstore,
+                                                                     monkeypatch):
+    """Another command takes the lock over between the renewal's read and its write: the
+    renewal (only of the version read) fails, the command is asked to stop (SIGTERM at the
+    next safe point), and release ends in one line, leaving the other's lock."""
+    folder = f'{bucket}/run'
+    url = f'{folder}/{workdir_lock.LOCK_NAME}'
+    monkeypatch.setattr(workdir_lock.BucketLock, 'RENEW_S', 0.1)
+    real, other = storage.read_bytes, json.dumps({'host': 'another-vm', 'pid': 1,
+                                                  'token': 'theirs',
+                                                  'renewed': time.time()}).encode()
+
+    def taken_meanwhile(path):
+        data = real(path)
+        if path == url and threading.current_thread().name == 'clusiam-lock-renewal':
+            storage.write_bytes(url, other)
+        return data
+    interrupts.reset()
+    lock = workdir_lock.BucketLock(folder, '--workdir').acquire()
+    monkeypatch.setattr(storage, 'read_bytes', taken_meanwhile)
+    try:
+        deadline = time.time() + 20
+        while not lock.lost:
+            assert time.time() < deadline, 'the lost lease was never noticed'
+            time.sleep(0.05)
+        assert interrupts.received() == signal.SIGTERM
+        monkeypatch.undo()
+        with pytest.raises(ConfigError, match='another command took over its lock') as err:
+            lock.release()
+        assert '\n' not in str(err.value)
+    finally:
+        interrupts.reset()
+    assert objstore.read(url) == other
 
 
 def test_log_txt_in_a_bucket_is_rewritten_whole_and_goes_on(bucket, objstore, monkeypatch):
