@@ -235,7 +235,7 @@ def test_transient_is_told_by_type_and_status_not_by_text():
 
 class BucketPatches(PatchSource):
     """PNG patches that are objects in a bucket, each read whole through storage (the
-    pipeline's view of any bucket source: reads counted, a lasting failure Unreadable)."""
+    pipeline's view of any bucket source: reads counted, a missing object Unreadable)."""
 
     def __init__(self, urls):
         self.urls = list(urls)
