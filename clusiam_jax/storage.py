@@ -508,3 +508,19 @@ def replace_bytes(url: str, data: bytes, version: str) -> bool:
             raise
         return True
     return _retried('replace', url, put)
+
+
+def versions(url: str, recursive: bool = True) -> dict:
+    """{path relative to the folder `url`: version()} of its objects from one fresh listing
+    (`recursive` False: only those directly in it): many objects' versions in one request."""
+    fs = _filesystem(url)
+    fs.invalidate_cache(url)
+    root = url.split('://', 1)[1].rstrip('/') + '/'
+    if recursive:
+        found = _retried('list', url, lambda: fs.find(url, withdirs=False, detail=True))
+    else:
+        found = {e['name']: e for e in _retried('list', url, lambda: fs.ls(url, detail=True))
+                 if e.get('type') == 'file'}
+    return {name[len(root):]: (int(info['size']), str(info.get('ETag') or info.get('etag')
+                                                      or '').strip('"'))
+            for name, info in sorted(found.items()) if name.startswith(root)}
