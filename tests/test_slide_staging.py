@@ -74,7 +74,7 @@ def test_a_slide_without_an_index_is_told_once_and_staged_whole(tiled_slide, tmp
     assert (cache.misses, cache.hits) == (1, 2)
 
 
-def test_a_changed_sidecar_is_staged_again(bucket, tmp_path):
+def test_a_changed_sidecar_is_staged_again(bucket, tmp_path, monkeypatch):
     """A MIRAX slide's data folder is part of the key: a changed data file is a new entry."""
     url = storage.join(bucket, 'slides')
     storage.write_bytes(storage.join(url, 'm.mrxs'), b'index')
@@ -86,8 +86,14 @@ def test_a_changed_sidecar_is_staged_again(bucket, tmp_path):
         local = cache.open(slide, storage.version(slide), lambda p: p)
         with open(os.path.join(os.path.dirname(local), 'm', 'Data0.dat'), 'rb') as f:
             return f.read()
-    assert data_file() == b'old tiles' and data_file() == b'old tiles'
-    assert (cache.misses, cache.hits) == (1, 1)
+    assert data_file() == b'old tiles'
+    data = storage.join(url, 'm', 'Data0.dat')
+    assert listing.sidecars(slide) == {'m/Data0.dat': storage.version(data)}
+    heads = []
+    monkeypatch.setattr(storage, 'version', lambda u, _real=storage.version: heads.append(u)
+                        or _real(u))
+    assert data_file() == b'old tiles'
+    assert (cache.misses, cache.hits) == (1, 1) and heads == [slide]   # the sidecars: listed
     storage.write_bytes(storage.join(url, 'm', 'Data0.dat'), b'new tiles')
     assert data_file() == b'new tiles' and cache.misses == 2
 

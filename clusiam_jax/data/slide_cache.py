@@ -52,12 +52,11 @@ class SlideCache:
     def open(self, url: str, version: Tuple[int, str], opener: Callable[[str], object]):
         """opener(local path) of the slide at `url` in `version` (storage.version), staged
         first when not cached; the open happens under the lock, so no eviction races it. A
-        slide of several objects (MIRAX, DICOM) is keyed by every object's version: one
-        listing and a HEAD per sidecar each open, so a changed sidecar is staged again."""
-        files = listing.slide_files(url)
-        parent = storage.split(url)[0]
-        versions = [(files[0],) + tuple(version)] + [
-            (rel,) + storage.version(storage.join(parent, rel)) for rel in files[1:]]
+        slide of several objects (MIRAX, DICOM) is keyed by every object's version, from one
+        listing each open: a changed sidecar is staged again."""
+        others = listing.sidecars(url)
+        files = [storage.split(url)[1]] + list(others)
+        versions = [(files[0],) + tuple(version)] + [(rel,) + others[rel] for rel in files[1:]]
         text = '\0'.join([url] + [f'{rel}\0{size}\0{etag}' for rel, size, etag in versions])
         key = hashlib.sha256(text.encode()).hexdigest()[:32]
         entry = os.path.join(self.folder, key)

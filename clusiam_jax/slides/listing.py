@@ -8,9 +8,9 @@ import posixpath
 import shutil
 import socket
 import tempfile
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
-from clusiam_jax import fileio, storage
+from clusiam_jax import fileio, storage, workdir_lock
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import reader, slides_csv
 
@@ -166,18 +166,26 @@ def staged(path: str) -> Iterator[str]:
 
 
 def slide_files(url: str) -> List[str]:
-    """The objects a slide in a bucket is read from, relative to its folder, the slide first:
-    a MIRAX slide's data folder `X/` by `X.mrxs`, every .dcm instance of a DICOM folder
-    (OpenSlide reads the levels from all of them)."""
+    """The objects a slide in a bucket is read from, relative to its folder, the slide first
+    (then its sidecars)."""
+    return [storage.split(url)[1]] + list(sidecars(url))
+
+
+def sidecars(url: str) -> Dict[str, Tuple[int, str]]:
+    """{object relative to the slide's folder: storage.version} of the other objects OpenSlide
+    reads with the slide at `url`, from one listing: a MIRAX slide's data folder `X/` by
+    `X.mrxs`, every other .dcm instance of a DICOM folder (the levels are spread over them);
+    {} for a slide of one file (no request)."""
     parent, name = storage.split(url)
     low = name.lower()
     if low.endswith('.mrxs'):
         data = name[:-len('.mrxs')]
-        return [name] + [f'{data}/{rel}' for rel in storage.find_files(storage.join(parent, data))]
+        return {f'{data}/{rel}': v
+                for rel, v in storage.versions(storage.join(parent, data)).items()}
     if low.endswith(reader.DICOM_EXTENSION):
-        return [name] + sorted(n for n in storage.listdir(parent)
-                               if n.lower().endswith(reader.DICOM_EXTENSION) and n != name)
-    return [name]
+        return {n: v for n, v in storage.versions(parent, recursive=False).items()
+                if n.lower().endswith(reader.DICOM_EXTENSION) and n != name}
+    return {}
 
 
 def stage_into(url: str, folder: str, files: Optional[List[str]] = None) -> str:
@@ -223,15 +231,5 @@ def remove_dead_staging(parent: str, prefix: str) -> None:
             if not name.startswith(mine):
                 continue
             pid = name[len(mine):].split('-', 1)[0]
-            if pid.isdigit() and not _running(int(pid)):
+            if pid.isdigit() and not workdir_lock.pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's
-        return True
-    return True
