@@ -126,8 +126,8 @@ def test_what_a_killed_process_staged_is_removed_by_the_next_one(bucket, tmp_pat
     # another host's (recent) stay.
     folder = tmp_path / 'c'
     folder.mkdir()
-    names = {f'.staging-{host}-{dead}-x1': False, f'.staging-{host}-{os.getppid()}-x2': True,
-             f'.staging-other-host-{dead}-x3': True}
+    names = {f'.staging-{dead}@{host}@x1': False, f'.staging-{os.getppid()}@{host}@x2': True,
+             f'.staging-{dead}@{host}-2@x3': True}   # another host's name begins with ours
     for name in names:
         (folder / name).mkdir()
         (folder / name / 's.tif').write_bytes(b'partial')
@@ -141,15 +141,15 @@ def test_what_a_killed_process_staged_is_removed_by_the_next_one(bucket, tmp_pat
     monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
     monkeypatch.setattr(listing, '_cleaned', set())
     parent = tmp_path / 'tmp' / listing.STAGING_PARENT
-    (parent / f'{host}-{dead}' / 'x').mkdir(parents=True)
-    (parent / f'{host}-{dead}' / 'x' / 's.tif').write_bytes(b'partial')
-    (parent / f'{host}-{os.getppid()}').mkdir()
+    (parent / f'{dead}@{host}' / 'x').mkdir(parents=True)
+    (parent / f'{dead}@{host}' / 'x' / 's.tif').write_bytes(b'partial')
+    (parent / f'{os.getppid()}@{host}').mkdir()
     with listing.staged(url) as local:
-        assert local.startswith(str(parent / f'{host}-{os.getpid()}') + os.sep)
+        assert local.startswith(str(parent / f'{os.getpid()}@{host}') + os.sep)
         assert open(local, 'rb').read() == b'slide bytes'
     assert not os.path.exists(local)
-    assert sorted(os.listdir(parent)) == sorted([f'{host}-{os.getppid()}',
-                                                 f'{host}-{os.getpid()}'])
+    assert sorted(os.listdir(parent)) == sorted([f'{os.getppid()}@{host}',
+                                                 f'{os.getpid()}@{host}'])
 
 
 def test_every_cache_is_under_one_root(monkeypatch, tmp_path):

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from typing import Callable, Optional, Tuple
@@ -24,7 +25,7 @@ from clusiam_jax.slides import listing, reader
 log = logging.getLogger('clusiam_jax')
 
 DEFAULT_CACHE_GB = 50.0
-# Staging folders are named `.staging-<host>-<pid>-...`: this host's dead processes' are removed
+# Staging folders are named `.staging-<pid>@<host>@...`: this host's dead processes' are removed
 # at the next staging or eviction; another host's (a cache on a shared disk) once this old.
 STALE_STAGING_S = 6 * 3600
 _STAGING = '.staging-'
@@ -73,7 +74,7 @@ class SlideCache:
                                     f'whole slide cache (data.cache_gb '
                                     f'{self.max_bytes / 2 ** 30:.3g})')
         listing.remove_dead_staging(self.folder, _STAGING)
-        staging = tempfile.mkdtemp(prefix=f'{_STAGING}{listing.owner_tag()}-', dir=self.folder)
+        staging = tempfile.mkdtemp(prefix=f'{_STAGING}{listing.owner_tag()}@', dir=self.folder)
         try:
             listing.stage_into(url, staging, files)
             with self._locked() as lock:
@@ -95,11 +96,12 @@ class SlideCache:
 
     def _evict(self, incoming: int):
         """Removes the least recently opened slides until `incoming` more bytes fit."""
-        now, here = time.time(), f'{_STAGING}{listing.owner_tag().rsplit("-", 1)[0]}-'
+        now, host = time.time(), socket.gethostname()
         listing.remove_dead_staging(self.folder, _STAGING)
         for name in os.listdir(self.folder):
             path = os.path.join(self.folder, name)
-            if (name.startswith(_STAGING) and not name.startswith(here)
+            owner = listing.staging_owner(name, _STAGING)
+            if (name.startswith(_STAGING) and (owner is None or owner[1] != host)
                     and now - os.path.getmtime(path) > STALE_STAGING_S):
                 shutil.rmtree(path, ignore_errors=True)
         entries = sorted((os.stat(os.path.join(self.folder, n)).st_mtime_ns, n)

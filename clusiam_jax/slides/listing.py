@@ -139,7 +139,7 @@ def duplicate_rows(entries: List[SlideEntry]) -> Dict[int, dict]:
 UNSTAGED = ('.vms', '.vmu')
 
 
-# `staged` downloads into <tmp>/clusiam-staging/<host>-<pid>/: a process of this host removes
+# `staged` downloads into <tmp>/clusiam-staging/<pid>@<host>/: a process of this host removes
 # the folders of its dead processes (a SIGKILL runs no cleanup) when it first stages a slide.
 STAGING_PARENT = 'clusiam-staging'
 _cleaned = set()
@@ -218,18 +218,25 @@ def _local_parent(url: str, folder: str) -> str:
 
 
 def owner_tag() -> str:
-    """'<host>-<pid>': names a staging folder so its owner's death can be told."""
-    return f'{socket.gethostname()}-{os.getpid()}'
+    """'<pid>@<host>': names a staging folder so its owner's death can be told ('@' is in no
+    host name, so no host's tag begins another's)."""
+    return f'{os.getpid()}@{socket.gethostname()}'
+
+
+def staging_owner(name: str, prefix: str) -> Optional[Tuple[int, str]]:
+    """(pid, host) of a folder named `<prefix><owner_tag>[@...]`, else None."""
+    if not name.startswith(prefix):
+        return None
+    parts = name[len(prefix):].split('@')
+    return (int(parts[0]), parts[1]) if len(parts) > 1 and parts[0].isdigit() else None
 
 
 def remove_dead_staging(parent: str, prefix: str) -> None:
-    """Removes the folders `<prefix><host>-<pid>...` in `parent` of this host's processes that
+    """Removes the folders `<prefix><pid>@<host>...` in `parent` of this host's processes that
     no longer run (other hosts' are left: their pids mean nothing here)."""
-    mine = f'{prefix}{socket.gethostname()}-'
+    host = socket.gethostname()
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(parent):
-            if not name.startswith(mine):
-                continue
-            pid = name[len(mine):].split('-', 1)[0]
-            if pid.isdigit() and not workdir_lock.pid_alive(int(pid)):
+            owner = staging_owner(name, prefix)
+            if owner and owner[1] == host and not workdir_lock.pid_alive(owner[0]):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
