@@ -168,7 +168,8 @@ class BucketLock(FolderLock):
     host clocks agree to seconds) is taken over, as is one of a gone pid of this host. Renewal
     and takeover replace only the version read (generation / ETag): of two commands taking
     over one lease, one wins; a holder that loses its lease stops at the next safe point.
-    Left: release() deletes after reading its token, without a precondition."""
+    Left: release() deletes after reading its token (no precondition), and a train loop that
+    loses its lease at an epoch's end may still save that epoch's checkpoint before it stops."""
     RENEW_S, STALE_S = 60.0, 600.0
 
     def acquire(self):
