@@ -16,7 +16,7 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from jax.experimental import multihost_utils
 
-from clusiam_jax import interrupts, storage
+from clusiam_jax import fileio, interrupts, storage
 from clusiam_jax.errors import CheckpointError, ConfigError, DataError
 from clusiam_jax.workdir_lock import pid_alive
 
@@ -312,8 +312,7 @@ def _staging_folder(url: str) -> str:
     """A fresh local folder for one Checkpointer of `url`: `$XDG_CACHE_HOME/clusiam_jax/
     staging/<hash of url>-<pid>-<host>-*`; folders a killed process of this host left for the
     same url go (~/.cache may be shared over NFS: another host's pids are not looked at)."""
-    cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
-    root = os.path.join(cache, 'clusiam_jax', 'staging')
+    root = fileio.cache_root('staging')
     os.makedirs(root, exist_ok=True)
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     host = socket.gethostname().replace('/', '_')
