@@ -267,8 +267,7 @@ def _tile_open_slide(slide, entry, params, out_dir, staged: Optional[str] = None
 
 
 def _write_tile_index(staged: str, entry: SlideEntry, out_dir: str, etag: str = ''):
-    """`tile_index/<id>.npz`: hosts reading the slide from its bucket fetch tiles by byte
-    ranges without parsing its header; one it cannot index they stage whole."""
+    """`tile_index/<id>.npz`: tiles fetched by byte range, no header parsed over the network."""
     from clusiam_jax.slides import tile_index
     try:
         index = tile_index.build_for_slide(staged, name=entry.path, etag=etag)
@@ -309,8 +308,7 @@ def _clear_stale(out_dir: str, entry: SlideEntry):
 
 
 def host_shares(slide_ids: List[str], host_count: int) -> List[set]:
-    """Each host's slide ids: the sorted ids at positions host, host + count, ... (the same
-    on every host and every rerun)."""
+    """Each host's slide ids: the sorted ids at h, h + count, ... (alike on every host, rerun)."""
     ordered = sorted(set(slide_ids))
     return [set(ordered[h::host_count]) for h in range(host_count)]
 
