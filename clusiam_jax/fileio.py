@@ -220,4 +220,5 @@ def cache_root(kind: str = '') -> str:
     """This host's cache folder for `kind` (slides, datasets, stats, staging):
     $XDG_CACHE_HOME/clusiam_jax/<kind> (~/.cache by default), absolute."""
     base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return os.path.join(os.path.abspath(base), 'clusiam_jax', kind)
+    root = os.path.join(os.path.abspath(base), 'clusiam_jax')
+    return os.path.join(root, kind) if kind else root
