@@ -6,15 +6,21 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
+import threading
 
-from clusiam_jax import errors, fileio, interrupts, workdir_lock
+from clusiam_jax import errors, fileio, interrupts, storage, workdir_lock
 from clusiam_jax.cli_args import command_hint, mode_of, parse
 
 log = logging.getLogger('clusiam_jax')
 
 LOG_NAME = 'log.txt'
+# A bucket's log.txt is rewritten whole this often (objects cannot be appended): a host killed
+# loses at most this much of it, and a long run pays one small upload per half minute.
+LOG_UPLOAD_EVERY_S = 30.0
 _TRAIN_ON = ('--config', 'configs/clubyol.py', '--workdir', 'RUN')  # the next step's command
 
 
@@ -54,10 +60,66 @@ class _RunLogFile(logging.FileHandler):
                     self.baseFilename, error.strerror or error)
 
 
+class _StagedRunLog(_RunLogFile):
+    """log.txt of a run in a bucket: lines go to a local copy (the object's lines first); a
+    thread uploads the whole object every LOG_UPLOAD_EVERY_S (one try each), close() the last
+    time: emit() never waits on the bucket (a failing one stalled every logging thread)."""
+
+    def __init__(self, url: str):
+        self.url, self._folder = url, tempfile.mkdtemp(prefix='clusiam-log-')
+        local = os.path.join(self._folder, LOG_NAME)
+        if storage.isfile(url):  # a resumed run's log goes on
+            storage.download(url, local)
+        super().__init__(local)
+        self._written = self._sent = 0  # lines written locally / in the last upload
+        self._stop = threading.Event()
+        self._uploader = threading.Thread(target=self._upload_every, daemon=True,
+                                          name='clusiam-log-upload')
+        self._uploader.start()
+
+    def emit(self, record):
+        super().emit(record)
+        self._written += 1
+
+    def _upload_every(self):
+        while not self._stop.wait(min(max(LOG_UPLOAD_EVERY_S, 0.05), threading.TIMEOUT_MAX)):
+            if self._written != self._sent:
+                self.upload()
+
+    def upload(self):
+        """The local copy as it is now, in one upload (outside the handler's lock)."""
+        self.acquire()
+        try:
+            written = self._written
+            if self.stream is None:
+                return
+            self.flush()
+            with open(self.baseFilename, 'rb') as f:
+                data = f.read()
+        finally:
+            self.release()
+        try:
+            storage.write_bytes(self.url, data)
+            self._sent = written
+        except errors.DataError as e:  # the next upload tries again; the console has it all
+            log.warning('%s; trying again in %.0f s', e, LOG_UPLOAD_EVERY_S)
+
+    def close(self):
+        self._stop.set()
+        if self._uploader.is_alive() and self._uploader is not threading.current_thread():
+            self._uploader.join()
+        if self.stream is not None:
+            self.upload()
+        super().close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
 def log_to_workdir(workdir: str, argv):
-    path = os.path.abspath(os.path.join(workdir, LOG_NAME))
+    remote = storage.is_url(workdir)
+    path = storage.join(workdir, LOG_NAME) if remote else os.path.abspath(
+        os.path.join(workdir, LOG_NAME))
     try:
-        handler = _RunLogFile(path)
+        handler = _StagedRunLog(path) if remote else _RunLogFile(path)
     except OSError as e:  # another user's run, read-only: the console still has it all
         log.warning('cannot write %s (%s); logging to the console only', path, e.strerror)
         return
@@ -130,10 +192,14 @@ def run_tile(args, config, overrides):
     t = config.tile
     fileio.writable_folder(t.out_dir, '--config.tile.out_dir')
     from clusiam_jax.slides import tiling
-    with workdir_lock.hold(t.out_dir, '--config.tile.out_dir', args.argv):
-        log_to_workdir(t.out_dir, args.argv)
+    # Hosts splitting the slides share the folder (each writes its own part): no lock then.
+    with workdir_lock.hold(t.out_dir, '--config.tile.out_dir', args.argv,
+                           enabled=t.host_count == 1):
+        if t.host_index == 0:   # one log.txt; the other hosts log to their console
+            log_to_workdir(t.out_dir, args.argv)
         rows = tiling.tile_slides(tiling.list_slides(t.slides), tiling.TileParams.from_config(t),
-                                  t.out_dir, num_workers=int(t.num_workers))
+                                  t.out_dir, num_workers=int(t.num_workers),
+                                  host_index=t.host_index, host_count=t.host_count)
     n_ok = sum(r['status'] == tiling.TILED for r in rows)
     print(f'{n_ok} of {len(rows)} slides tiled into {t.out_dir}; train on them: '
           + command_hint(*_TRAIN_ON, f'--config.data.path={t.out_dir}'))
@@ -143,7 +209,7 @@ def run_tile(args, config, overrides):
 def run_build_dataset(args, config, overrides):
     fileio.writable_folder(args.out, '--out')
     from clusiam_jax import data
-    path = data.build_dataset(config.data.path, args.out)
+    path = data.build_dataset(config.data.path, args.out, config.data.slide_dir)
     print(f'dataset written to {path}; train on it: '
           + command_hint(*_TRAIN_ON, f'--config.data.path={path}'))
     return 0

@@ -30,7 +30,8 @@ MODES = {
             'layout) into tile.out_dir',
     'train': 'train per --config in --workdir (the default); started again, it resumes',
     'export': 'embeddings and cluster assignments of a run, per slide (CLAM-style HDF5)',
-    'build_dataset': 'pack a patch folder or manifest CSV into ArrayRecord shards (--out)',
+    'build_dataset': 'pack a patch folder, manifest CSV or tiling into ArrayRecord shards '
+                     '(--out, a folder or a gs:// / s3:// URL)',
     'eval': 'evaluate an export: knn, linear, dsmil, abmil, clusters, meanpool (need '
             '--splits) or maps',
     'convert': 'from-torch: an original PyTorch checkpoint -> a run; to-torch: a run -> '
@@ -40,7 +41,7 @@ EVAL_TASKS = ('knn', 'linear', 'dsmil', 'abmil', 'clusters', 'meanpool', 'maps')
 # The actions that take a config: the keys each reads (its --help), and why it refuses others.
 CONFIG_MODES = {
     'tile': 'tiling reads --config.tile.* only',
-    'build_dataset': 'it reads --config.data.path only, packed into --out',
+    'build_dataset': 'it reads --config.data.path (and data.slide_dir), packed into --out',
     'export': "the run's config.json fixes the model, the image size and the data; export "
               'reads --config.export.* (e.g. export.data_path, export.image_size) and, for '
               'runs that record no normalization, --config.data.mean/std',
@@ -107,7 +108,7 @@ def _used(mode: str, key: str, config) -> bool:
     if mode == 'tile':
         return key.startswith('tile.')
     if mode == 'build_dataset':
-        return key == 'data.path'
+        return key in ('data.path', 'data.slide_dir')
     exporting = key.startswith('export.') and key != 'export.after_training'
     if mode == 'export':
         return exporting or key in ('data.mean', 'data.std')

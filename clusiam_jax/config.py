@@ -6,6 +6,7 @@ import ml_collections
 from absl import flags
 from ml_collections.config_flags import config_path, tuple_parser
 
+from clusiam_jax import storage
 from clusiam_jax.errors import ConfigError
 from clusiam_jax.models import BACKBONES, METHOD_SPECS
 from clusiam_jax.models.conv import CONV_IMPLS
@@ -46,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.min_tissue = 0.0           # patch files with less tissue are skipped (listed)
     c.data.stats_sample = 4096        # slide sources: normalization over this many patches
     c.data.open_slides = 512          # slide handles kept open per worker (LRU)
+    c.data.cache_dir = ''             # slides staged from a bucket ('' ~/.cache/clusiam_jax/slides)
+    c.data.cache_gb = 50.0            # that cache's size per host (least recently opened evicted)
 
     c.train.batch_size = 512          # global batch (pairs per step)
     c.train.num_epochs = 50
@@ -112,6 +115,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.tile.mpp = 0.0                  # renamed: refused when set (mpp_default / mpp_override)
     c.tile.masks = ''                 # folder of <slide_id>.geojson/.xml tissue polygons
     c.tile.num_workers = 2            # slides tiled in parallel (processes)
+    c.tile.host_count = 1             # hosts sharing the slides (each the sorted ids i, i+count..)
+    c.tile.host_index = 0             # this host's share; each writes slides-<i>-of-<count>.csv
     c.tile.tissue_mpp = 8.0           # µm/px of the image tissue is detected on
     c.tile.median_blur = 7            # px (of that image)
     c.tile.saturation_threshold = 0   # 0: Otsu on the saturation
@@ -229,15 +234,17 @@ RULES = {
     'tile.patch_size': '[8, inf)',
 }
 RULES.update({key: rule for rule, keys in {
-    '(0, inf)': 'model.feat_size model.pred_hidden model.num_clusters train.batch_size '
-               'train.num_epochs train.max_consecutive_skips tile.target_mpp tile.tissue_mpp',
+    '(0, inf)': 'data.cache_gb model.feat_size model.pred_hidden model.num_clusters '
+               'train.batch_size train.num_epochs train.max_consecutive_skips tile.target_mpp '
+               'tile.tissue_mpp',
     # keep_checkpoints=0 would train and keep nothing to resume from or export.
     '[1, inf)': 'data.image_size data.stats_sample data.open_slides train.keep_checkpoints '
-                'export.batch_size export.num_workers',
+                'export.batch_size export.num_workers tile.host_count',
     '[0, inf)': 'data.num_workers train.checkpoint_every_epochs monitor.every_epochs '
                 'export.image_size export.thumbnail_downsample tile.mpp_default tile.mpp_override '
                 'tile.num_workers tile.median_blur tile.saturation_threshold tile.min_saturation '
-                'tile.black_value tile.morph_kernel tile.max_hole_um2 tile.min_area_um2',
+                'tile.black_value tile.morph_kernel tile.max_hole_um2 tile.min_area_um2 '
+                'tile.host_index',
     '[0, 1]': 'loss.alpha data.min_tissue tile.min_tissue',
     'path': 'train.resume_from train.init_from monitor.data_path export.data_path '
             'export.thumbnail tile.slides',
@@ -261,9 +268,9 @@ def check_rules(section, name: str):
                      'one of ' + ', '.join(map(repr, rule)))
             _refuse(value not in rule, f'{key} must be {words}; got {value!r}')
         elif rule == 'path':
-            _refuse(value and not os.path.exists(value), f'{key} does not exist: {value}')
+            _refuse(value and not storage.exists(value), f'{key} does not exist: {value}')
         elif rule == 'folder':
-            _refuse(value and not os.path.isdir(value), f'{key} is not a folder: {value}')
+            _refuse(value and not storage.isdir(value), f'{key} is not a folder: {value}')
         else:
             low, high = (float(v) for v in rule[1:-1].split(','))
             inside = ((low <= value if rule[0] == '[' else low < value)
@@ -325,7 +332,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     _refuse(not d.path, 'data.path is not set: pass --config.data.path=DIR (a patch folder, a '
             'manifest CSV or a built dataset)')
     tiled = config.tile.slides and os.path.abspath(config.tile.out_dir) == os.path.abspath(d.path)
-    _refuse(not os.path.exists(d.path), f'data.path does not exist: {d.path}' + (
+    _refuse(not storage.exists(d.path), f'data.path does not exist: {d.path}' + (
         '; it is the tiling output of tile.slides: tile first (python launch.py --mode tile '
         '--config ...)' if tiled else ''))
 
@@ -350,6 +357,8 @@ def validate_tile(t):
     check_rules(t, 'tile')
     _refuse(not 0 <= t.overlap < t.patch_size,
             f'tile.overlap must be in [0, tile.patch_size); got {t.overlap}')
+    _refuse(t.host_index >= t.host_count, f'tile.host_index must be below tile.host_count '
+            f'({t.host_count}); got {t.host_index}')
     _refuse(t.align and t.overlap, f'tile.align steps by whole scanner tiles, so tile.overlap '
             f'({t.overlap}) cannot apply: set one of them')
     _refuse(t.mpp, f'tile.mpp is split in two: --config.tile.mpp_default={t.mpp:g} sets the '

@@ -1,5 +1,5 @@
-"""The one file-I/O module: atomic writes, CSV, and outside failures told in one line.
-Standard library only: grain workers use it too."""
+"""The one file-I/O module: atomic writes, CSV, and outside failures told in one line; a path
+may be a gs:// or s3:// URL (storage.py). No JAX: grain workers use it too."""
 import contextlib
 import csv
 import errno
@@ -7,19 +7,26 @@ import io
 import json
 import logging
 import os
-import pathlib
 import re
 import shutil
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from clusiam_jax import storage
 from clusiam_jax.errors import ConfigError, DataError
 
 
 @contextlib.contextmanager
 def atomic_write(path: str, folder: bool = False):
     """Yields `<path>.tmp<pid>` (a new hidden folder beside `path` with folder=True),
-    renamed onto `path` (a folder: a missing or empty one) only if the body finishes."""
+    renamed onto `path` (a folder: a missing or empty one) only if the body finishes.
+    For a URL: a local temporary, uploaded in one piece (a folder: file by file) at the end."""
+    if storage.is_url(path):
+        with tempfile.TemporaryDirectory(prefix='clusiam-') as local:
+            tmp = local if folder else os.path.join(local, storage.split(path)[1])
+            yield tmp
+            storage.upload(tmp, path, recursive=folder)
+        return
     if folder:
         parent, name = os.path.split(os.path.abspath(path))
         tmp = tempfile.mkdtemp(prefix=f'.{name}.tmp{os.getpid()}-', dir=parent)
@@ -53,10 +60,10 @@ def write_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
 
 def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Dict[str, str]]]:
     """(stripped column names, rows) of a UTF-8 CSV; `what` names it in the DataError."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise DataError(f'{what} not found: {path}')
     try:
-        raw = pathlib.Path(path).read_bytes()
+        raw = storage.read_bytes(path)
     except OSError as e:
         raise DataError(f'{what} {path}: cannot read it ({e.strerror})') from None
     try:
@@ -79,7 +86,7 @@ def read_csv_rows(path: str, what: str = 'CSV file') -> Tuple[List[str], List[Di
 
 def read_path_csv(path: str, what: str, expected: str) -> Tuple[List[str], List[Dict[str, str]]]:
     """read_csv_rows, each row's `path` normalised against the CSV's folder; `expected`: columns."""
-    base = os.path.dirname(os.path.abspath(path))
+    base = storage.split(path if storage.is_url(path) else os.path.abspath(path))[0]
     columns, rows = read_csv_rows(path, what)
     if 'path' not in columns:
         raise DataError(f'{what} {path} has no "path" column (columns: {columns}); '
@@ -88,7 +95,10 @@ def read_path_csv(path: str, what: str, expected: str) -> Tuple[List[str], List[
         raw = (row.get('path') or '').strip()
         if not raw:
             raise DataError(f'{path}:{line}: empty "path"')
-        row['path'] = os.path.normpath(os.path.join(base, raw))
+        try:
+            row['path'] = storage.resolve(base, raw)
+        except DataError as e:   # a local path, or one above the bucket, in a bucket's CSV
+            raise DataError(f'{path}:{line}: {e}') from None
     return columns, rows
 
 
@@ -187,6 +197,15 @@ def remove_temporaries(folder: str) -> None:
 
 
 def writable_folder(path: str, flag: str) -> None:
+    if storage.is_url(path):
+        probe = storage.join(path, f'.write-test-{os.getpid()}')
+        try:
+            storage.makedirs(path)
+            storage.write_bytes(probe, b'')
+            storage.remove(probe)
+        except DataError as e:
+            raise ConfigError(f'{flag} {path}: cannot write there ({e})') from None
+        return
     if os.path.isfile(path):
         raise ConfigError(f'{flag} {path} is a file, not a folder')
     try:
@@ -195,3 +214,11 @@ def writable_folder(path: str, flag: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f'{flag} {path}: cannot write there ({e.strerror})') from None
+
+
+def cache_root(kind: str = '') -> str:
+    """This host's cache folder for `kind` (slides, datasets, stats, staging):
+    $XDG_CACHE_HOME/clusiam_jax/<kind> (~/.cache by default), absolute."""
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    root = os.path.join(os.path.abspath(base), 'clusiam_jax')
+    return os.path.join(root, kind) if kind else root

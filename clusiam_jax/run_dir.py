@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import jax
 import ml_collections
 
-from clusiam_jax import fileio, parallel
+from clusiam_jax import fileio, parallel, storage
 from clusiam_jax.checkpoint import BEST_DIR, BEST_JSON, LATEST_DIR, Checkpointer
 from clusiam_jax.config import check_rules, default_config
 from clusiam_jax.errors import CheckpointError, ConfigError
@@ -43,22 +43,21 @@ def config_text(config) -> str:
 
 
 def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_NAME))
+    return storage.isfile(storage.join(path, CONFIG_NAME))
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_NAME)  # read over today's defaults
-    if not os.path.isdir(workdir):
-        raise CheckpointError(f'run directory not found: {workdir}')
-    if not os.path.isfile(path):
+    path = storage.join(workdir, CONFIG_NAME)  # read over today's defaults
+    if not storage.isfile(path):  # a bucket has no folders: only the object tells
+        if not storage.is_url(workdir) and not os.path.isdir(workdir):
+            raise CheckpointError(f'run directory not found: {workdir}')
         raise CheckpointError(f'{workdir} has no {CONFIG_NAME}: not a run directory (train '
                               f'first, or point at a run)')
-    with open(path) as f:
-        try:
-            saved = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f'{path} is not valid JSON ({e}); restore it from the '
-                              f'config the run was started with') from None
+    try:
+        saved = json.loads(storage.read_bytes(path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f'{path} is not valid JSON ({e}); restore it from the '
+                          f'config the run was started with') from None
     config = default_config()
     _merge(config, saved)
     try:
@@ -69,7 +68,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def write_run_config(workdir: str, config):
-    fileio.write_text(os.path.join(workdir, CONFIG_NAME), config_text(config))
+    fileio.write_text(storage.join(workdir, CONFIG_NAME), config_text(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,21 +83,20 @@ class Normalization:
 
 
 def write_normalization(workdir: str, normalization: Normalization):
-    fileio.write_json(os.path.join(workdir, NORMALIZATION_NAME), normalization.to_json())
+    fileio.write_json(storage.join(workdir, NORMALIZATION_NAME), normalization.to_json())
 
 
 def read_normalization(workdir: str, fallback_config=None) -> Optional[Normalization]:
     """normalization.json, else `fallback_config`'s data.mean/std when set, else None."""
-    path = os.path.join(workdir, NORMALIZATION_NAME)
-    if os.path.isfile(path):
-        with open(path) as f:
-            try:
-                saved = json.load(f)
-                mean, std = (tuple(float(v) for v in saved[key]) for key in ('mean', 'std'))
-                return Normalization(mean, std, str(saved.get('origin', '')))
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f'{path} is damaged ({e}); delete it and give '
-                                      f'--config.data.mean/std') from None
+    path = storage.join(workdir, NORMALIZATION_NAME)
+    if storage.isfile(path):
+        try:
+            saved = json.loads(storage.read_bytes(path))
+            mean, std = (tuple(float(v) for v in saved[key]) for key in ('mean', 'std'))
+            return Normalization(mean, std, str(saved.get('origin', '')))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f'{path} is damaged ({e}); delete it and give '
+                                  f'--config.data.mean/std') from None
     data = fallback_config.data if fallback_config is not None else None
     if data is not None and data.mean is not None and data.std is not None:
         return Normalization(tuple(data.mean), tuple(data.std), "the run config's data.mean/std")
@@ -127,19 +125,18 @@ class Run:
 
 
 def checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
-    path = os.path.abspath(path)  # a run directory or its checkpoints/<step>
-    parent, name = os.path.split(path)
-    if os.path.basename(parent) == 'checkpoints' and name.isdigit():
-        return os.path.dirname(parent), int(name)
+    path = path.rstrip('/') if storage.is_url(path) else os.path.abspath(path)
+    parent, name = storage.split(path)  # a run directory or its checkpoints/<step>
+    if storage.split(parent)[1] == 'checkpoints' and name.isdigit():
+        return storage.split(parent)[0], int(name)
     return path, None
 
 
 def read_best(workdir: str) -> Optional[dict]:
-    path = os.path.join(workdir, BEST_JSON)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, BEST_JSON)
+    if not storage.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_bytes(path))
 
 
 def load_run(workdir: str, step=None) -> Run:
@@ -153,12 +150,13 @@ def load_run(workdir: str, step=None) -> Run:
     with contextlib.closing(Checkpointer(workdir, create=False, subdir=subdir)) as checkpointer:
         step = checkpointer.checked_step(None if step in ('latest', 'best') else step)
         restored = checkpointer.restore_weights(step, abstract)
-    return Run(workdir=os.path.abspath(workdir), config=config, network=build_network(config.model),
+    where = workdir if storage.is_url(workdir) else os.path.abspath(workdir)
+    return Run(workdir=where, config=config, network=build_network(config.model),
                weights=Weights(**restored), normalization=read_normalization(workdir, config))
 
 
 def write_run(workdir: str, config, state, normalization: Optional[Normalization] = None):
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     write_run_config(workdir, config)
     if normalization is not None:
         write_normalization(workdir, normalization)

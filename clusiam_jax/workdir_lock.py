@@ -1,5 +1,6 @@
 """One command per folder: `flock` on `<folder>/.clusiam.lock`; where flock is refused, an
-O_EXCL file, taken over only from a gone pid of this host."""
+O_EXCL file, taken over only from a gone pid of this host; in a bucket, a lock object created
+only if absent (no flock there), renewed by its holder, taken over when its lease ends."""
 import contextlib
 import datetime
 import errno
@@ -8,13 +9,18 @@ import json
 import logging
 import os
 import pathlib
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from typing import Optional, Sequence
 
-from clusiam_jax.errors import ConfigError
+from clusiam_jax import interrupts, storage
+from clusiam_jax.errors import ConfigError, DataError
+from clusiam_jax.storage import Unreadable
 
 log = logging.getLogger('clusiam_jax')
 
@@ -24,7 +30,7 @@ _held = {}  # folders this process holds: holding one again inside is no refusal
 
 
 def lock_path(folder: str) -> str:
-    return os.path.join(folder, LOCK_NAME)
+    return storage.join(folder, LOCK_NAME)
 
 
 def _read_holder(path: str, fd: Optional[int] = None, tries: int = 10) -> Optional[dict]:
@@ -49,7 +55,7 @@ def describe(holder: Optional[dict]) -> str:
     return text + (f" ({holder['command']})" if holder.get('command') else '')
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,7 +130,7 @@ class FolderLock:
             if os.path.exists(self.path):
                 self._refuse(None, f' (or, if no command is running there, delete {self.path})')
             return None  # released as we looked
-        if holder.get('host') != socket.gethostname() or _pid_alive(int(holder['pid'])):
+        if holder.get('host') != socket.gethostname() or pid_alive(int(holder['pid'])):
             self._refuse(holder, f' (if it is not running any more, delete {self.path})')
         log.info('%s %s: taking over the lock of a command that is gone (%s)', self.what,
                  self.folder, describe(holder))
@@ -155,21 +161,127 @@ class FolderLock:
             self._fd = None
 
 
+class BucketLock(FolderLock):
+    """The lock of a folder in a bucket: an object uploaded only if none has its name (GCS
+    ifGenerationMatch=0, S3 IfNoneMatch='*'). No process keeps it alive as a flock is, so the
+    holder renews it every RENEW_S; one not renewed for STALE_S (a host killed or preempted;
+    host clocks agree to seconds) is taken over, as is one of a gone pid of this host. Renewal
+    and takeover replace only the version read (generation / ETag): of two commands taking
+    over one lease, one wins; a holder that loses its lease stops at the next safe point.
+    Left: release() deletes after reading its token (no precondition), and a train loop that
+    loses its lease at an epoch's end may still save that epoch's checkpoint before it stops."""
+    RENEW_S, STALE_S = 60.0, 600.0
+
+    def acquire(self):
+        self._token = uuid.uuid4().hex  # ours: a retried upload that had landed finds itself
+        self._started = datetime.datetime.now().isoformat(timespec='seconds')
+        self.lost = False
+        for _ in range(10):
+            if storage.create_bytes(self.path, self._text()):
+                return self._held()
+            try:
+                version, holder = self._read()
+            except Unreadable:
+                continue  # released as we looked (an outage is a DataError: it ends here)
+            except (ValueError, TypeError, KeyError):
+                self._refuse(None, f' (or, if no command is running there, delete {self.path})')
+            if holder.get('token') == self._token:
+                return self._held()
+            age = time.time() - float(holder.get('renewed', time.time()))
+            gone = (holder.get('host') == socket.gethostname()
+                    and not pid_alive(int(holder['pid'])))
+            if not gone and age <= self.STALE_S:
+                self._refuse(holder, f' (if it is not running any more, delete {self.path}, '
+                                     f'or wait {self.STALE_S - age:.0f} s: its lease ends)')
+            # Only the version we judged: another command taking it over first wins.
+            if storage.replace_bytes(self.path, self._text(), version):
+                log.info('%s %s: took over the lock of a command that is gone (%s%s)',
+                         self.what, self.folder, describe(holder),
+                         '' if gone else f'; not renewed for {age:.0f} s')
+                return self._held()
+        raise ConfigError(f'{self.what} {self.folder}: cannot take its lock {self.path} '
+                          f'(it keeps changing)')
+
+    def _text(self) -> bytes:
+        return (json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                            'token': self._token, 'started': self._started,
+                            'renewed': time.time(), 'command': self.command}) + '\n').encode()
+
+    def _read(self):
+        """(version, holder): the version first, so a holder newer than it fails to replace."""
+        version = storage.object_version(self.path)
+        holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
+        int(holder['pid'])
+        return version, holder
+
+    def _mine(self) -> bool:
+        holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
+        return holder.get('token') == self._token
+
+    def _held(self):
+        self._fd, self._stop = self._token, threading.Event()
+        self._renewer = threading.Thread(target=self._renew, daemon=True,
+                                         name='clusiam-lock-renewal')
+        self._renewer.start()
+        return self
+
+    def _renew(self):
+        while not self._stop.wait(self.RENEW_S):
+            try:
+                version, holder = self._read()
+                if (holder.get('token') == self._token
+                        and storage.replace_bytes(self.path, self._text(), version)):
+                    continue
+            except Unreadable:  # deleted: another command may hold the folder by now
+                pass
+            except (DataError, ValueError, TypeError, KeyError) as e:  # tried again next time
+                log.warning('%s: could not renew the lock %s (%s)', self.folder, self.path, e)
+                continue
+            self._lose()
+            return
+
+    def _lose(self):
+        """Another command took the folder over (we stalled past the lease): stop."""
+        self.lost = True
+        log.warning('%s %s: another command took over its lock %s; stopping at the next safe '
+                    'point', self.what, self.folder, self.path)
+        interrupts.note(signal.SIGTERM)
+
+    def release(self):
+        if self._fd is None:
+            return
+        self._stop.set()
+        self._renewer.join()
+        try:  # only our own object: a folder taken over since is not ours to free
+            if not self.lost and self._mine():
+                storage.remove(self.path)
+        except (DataError, ValueError, AttributeError) as e:
+            log.warning('%s: could not release the lock %s (%s); delete it before the next '
+                        'command there', self.folder, self.path, e)
+        finally:
+            self._fd = None
+        if self.lost:
+            raise ConfigError(f'{self.what} {self.folder}: another command took over its lock '
+                              f'(this one stalled past the {self.STALE_S:.0f} s lease) and this '
+                              f'one stopped; check which run the folder holds now')
+
+
 @contextlib.contextmanager
 def hold(folder: str, what: str, argv: Optional[Sequence[str]] = None,
          enabled: bool = True, created: bool = False):
     """Holds `folder`'s lock (unless held here); a `created` folder left empty is removed."""
-    key = os.path.realpath(folder)
+    remote = storage.is_url(folder)
+    key = folder.rstrip('/') if remote else os.path.realpath(folder)
     if not enabled or key in _held:
         yield None
         return
     try:
-        _held[key] = FolderLock(folder, what, argv).acquire()
+        _held[key] = (BucketLock if remote else FolderLock)(folder, what, argv).acquire()
         yield _held[key]
     finally:
         lock = _held.pop(key, None)
         if lock is not None:
             lock.release()
-        if created:
+        if created and not remote:
             with contextlib.suppress(OSError):  # not empty: the command wrote there
                 os.rmdir(folder)

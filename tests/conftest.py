@@ -16,6 +16,10 @@ os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='clusiam-test-cache-')
 
 import pytest
 
+# Loopback S3 and GCS servers, started by the first test that asks (tests/objstore.py);
+# importing it also turns gcsfs's gRPC bucket probe off before anything imports gcsfs.
+from tests.objstore import bucket, objstore  # noqa: F401
+
 
 @pytest.fixture(scope='session')
 def demo_tiles(tmp_path_factory):

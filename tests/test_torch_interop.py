@@ -321,3 +321,23 @@ def test_an_import_stopped_while_writing_leaves_no_half_run(tmp_path, monkeypatc
     assert not os.path.exists(out) and os.listdir(tmp_path) == ['checkpoint.pth.tar']
     assert convert.main(['from-torch', ckpt, '--out', out, '--model', 'clusiam']) == 0
     assert int(run_dir.load_run(out).step) == 0
+
+
+def test_a_bucket_url_as_from_torch_out_or_to_torch_out_is_one_line(imported, tmp_path,
+                                                                    capsys, monkeypatch):
+    """os.path would write (or look for) a local './gs:' folder: refused, nothing written."""
+    _, _, out = imported
+    ckpt = str(tmp_path / 'c.pth.tar')
+    save_original_checkpoint(reference_model('clusiam'), ckpt)
+    monkeypatch.chdir(tmp_path)
+    for url in ('gs://b/run', 's3://b/run'):
+        assert convert.main(['from-torch', ckpt, '--out', url]) == 2
+        err = capsys.readouterr().err
+        assert 'writes a local folder only' in err and err.count('\n') == 1
+        assert convert.main(['from-torch', url + '/c.pth', '--out', 'run']) == 2
+        assert 'reads a local checkpoint file only' in capsys.readouterr().err
+        assert convert.main(['to-torch', '--workdir', out, '--out',
+                             url + '/w.safetensors']) == 2
+        err = capsys.readouterr().err
+        assert 'writes a local file only' in err and err.count('\n') == 1
+    assert sorted(os.listdir(tmp_path)) == ['c.pth.tar']

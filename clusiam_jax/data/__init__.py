@@ -14,6 +14,6 @@ __all__ = ['BadImageError', 'PatchRecord', 'build_dataset', 'create_train_loader
            'discover', 'load_rgb', 'open_source', 'read_patch_manifest', 'write_patch_manifest']
 
 
-def build_dataset(source: str, out_dir: str) -> str:
+def build_dataset(source: str, out_dir: str, slide_dir: str = '') -> str:
     from clusiam_jax.data import tfds_builder  # tensorflow-datasets only when building
-    return tfds_builder.build_dataset(source, out_dir)
+    return tfds_builder.build_dataset(source, out_dir, slide_dir)

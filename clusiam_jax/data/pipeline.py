@@ -7,8 +7,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from clusiam_jax import interrupts
-from clusiam_jax.data import augment, image_io, skips
+from clusiam_jax import interrupts, storage
+from clusiam_jax.data import augment, image_io, skips, slide_cache
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.data.records import PatchSource
@@ -21,7 +21,25 @@ logger = logging.getLogger(__name__)
 _SHUFFLE, _AUGMENT, _SUBSTITUTE = 0x5, 0xA, 0xB
 _MAX_SUBSTITUTES = 100
 _SAME_SLIDE_ATTEMPTS = 3
+# Elements a worker asks its source to read ahead, across its batch boundaries (slides in a
+# bucket: slide_source.prefetch). Why 32: at 50 ms a request one worker keeps ~15 patches
+# waiting (slide_source's docstring), so 32 covers the wait at a batch boundary (measured:
+# bench/objstore_read.py); 32 patches x ~4 tiles is half of slide_source.REMOTE_TILES, so tiles
+# read ahead are not evicted before they are used (slide_source bounds the queue: 64).
+_PREFETCH_AHEAD = 32
 STATE_KEY = 'batches_drawn'   # a checkpoint's data item: {STATE_KEY: batches drawn}
+# The bucket reads an element cost, carried with it (storage.Telemetry.take_counts).
+#
+# The reads happen in grain's worker processes, whose storage.telemetry the main process
+# never sees. Two ways back were weighed: a shared-memory array of counters that each
+# worker's Telemetry adds into (created by the parent before the workers start: it must
+# outlive worker restarts, be named to spawned workers, and count reads of batches read
+# ahead but never consumed), or the counters carried with each element through grain and
+# summed on the host as batches are drawn. The second is used: no shared state or locks,
+# the same code for 0 or N workers and any process count, and a window counts the reads a
+# worker made up to the batches drawn in it (its read-ahead threads' too: each element takes
+# what its process counted since the last one); ~100 int64 per element next to ~300 KB of pixels.
+IO_KEY = 'input_io'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,18 +107,25 @@ class PairMaker:
     """Local element index -> dict(view1, view2) (runs in grain workers)."""
 
     def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
-                 skip_log: skips.SkipLog, min_tissue: float = 0.0):
+                 skip_log: skips.SkipLog, min_tissue: float = 0.0, count_io: bool = False,
+                 stride: int = 1):
         self.source, self.plan, self.aug = source, plan, aug
-        self.skip_log, self.min_tissue = skip_log, float(min_tissue)
-        self._perm_epoch, self._perm, self._bad, self._members = None, None, set(), None
+        self.skip_log, self.min_tissue, self.count_io = skip_log, float(min_tissue), count_io
+        # Batches between two batches of one worker: grain's mp_prefetch gives worker w the
+        # batches w, w + num_workers, ... of the stream (one worker, or none: every batch).
+        self.stride = max(1, int(stride))
+        self._perms, self._bad, self._members = {}, set(), None
 
     def __reduce__(self):   # the state above starts afresh in each process
-        return PairMaker, (self.source, self.plan, self.aug, self.skip_log, self.min_tissue)
+        return PairMaker, (self.source, self.plan, self.aug, self.skip_log, self.min_tissue,
+                           self.count_io, self.stride)
 
     def _order(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:  # one epoch at a time: elements arrive in order
-            self._perm, self._perm_epoch = self.plan.permutation(epoch), epoch
-        return self._perm
+        if epoch not in self._perms:  # elements arrive in order: this epoch and the next
+            if len(self._perms) >= 2:   # (read ahead) are all that is ever asked
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = self.plan.permutation(epoch)
+        return self._perms[epoch]
 
     def _load(self, index: int) -> Optional[np.ndarray]:
         if index in self._bad:
@@ -116,6 +141,10 @@ class PairMaker:
         except image_io.BadImageError as e:
             self._bad.add(index)
             self.skip_log.record(e.subject or self.source.path(index), str(e).split(': ', 1)[-1])
+            return None
+        except storage.Unreadable as e:   # an object gone or failing after the retries
+            self._bad.add(index)
+            self.skip_log.record(self.source.path(index), str(e))
             return None
 
     def _substitute(self, index: int, attempt: int, rng) -> int:
@@ -133,8 +162,32 @@ class PairMaker:
         epoch, pos = self.plan.locate(k)
         return epoch, pos, int(self._order(epoch)[pos])
 
+    def next_elements(self, k: int, count: int) -> list:
+        """The (up to) `count` local elements this worker loads after element k: the rest of
+        k's batch, then its next batches (`stride` apart), up to the end of the run."""
+        b = self.plan.local_batch
+        end = self.plan.num_epochs * self.plan.steps_per_epoch * b
+        out, j = [], k + 1
+        while len(out) < count and j < end:
+            if j % b == 0:   # past k's batch: this worker's next one
+                j += (self.stride - 1) * b
+                if j >= end:
+                    break
+            out.append(j)
+            j += 1
+        return out
+
+    def _prefetch_after(self, k: int):
+        """Asks a source that can (slide_source.prefetch: slides in a bucket) to start on the
+        next elements this worker loads, across batch boundaries; pixels do not change."""
+        prefetch = getattr(self.source, 'prefetch', None)
+        if prefetch is None:
+            return
+        prefetch([self.record_index(j)[2] for j in self.next_elements(k, _PREFETCH_AHEAD)])
+
     def __call__(self, k: int):
         epoch, pos, index = self.record_index(int(k))
+        self._prefetch_after(int(k))
         img = self._load(index)
         attempt = 0
         while img is None:
@@ -147,7 +200,10 @@ class PairMaker:
             img = self._load(self._substitute(index, attempt, sub_rng))
         rng = np.random.default_rng([self.plan.seed, epoch, pos, _AUGMENT])
         view1, view2 = augment.two_views(img, rng, self.aug)
-        return {'view1': view1, 'view2': view2}
+        if not self.count_io:
+            return {'view1': view1, 'view2': view2}
+        return {'view1': view1, 'view2': view2,
+                IO_KEY: np.asarray(storage.telemetry.take_counts(), np.int64)}
 
 
 class BatchIterator:
@@ -155,16 +211,31 @@ class BatchIterator:
 
     def __init__(self, loader: 'TrainLoader', start: int = 0):
         self._loader, self._next, self._it = loader, int(start), None
+        self._io = None   # the summed bucket counters of the batches drawn since the last take
 
     def __iter__(self):
         return self
 
     def __next__(self):
         if self._it is None:   # started lazily: set_state right after creation is free
+            if self._loader.count_io:   # this process's reads so far (stats, a restore)
+                storage.telemetry.take_counts()   # are not the batches' (0 workers)
             self._it = iter(self._loader.dataset(start_batch=self._next))
         batch = next(self._it)
         self._next += 1
+        io = batch.pop(IO_KEY, None)
+        if io is not None:
+            io = io.sum(axis=0)
+            self._io = io if self._io is None else self._io + io
         return batch
+
+    def take_input_counts(self) -> Optional[np.ndarray]:
+        """storage.Telemetry counts of the batches drawn since the last call; None when the
+        source reads no bucket."""
+        if not self._loader.count_io:
+            return None
+        io, self._io = self._io, None
+        return np.zeros(storage.Telemetry.SIZE, np.int64) if io is None else io
 
     def get_state(self) -> dict:
         return {STATE_KEY: self._next}
@@ -202,8 +273,9 @@ class TrainLoader:
     def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
                  mean, std, num_workers: int = 0, skip_list: Optional[str] = None,
                  normalization_origin: str = 'given', min_tissue: float = 0.0,
-                 held_out: Optional[PatchSource] = None):
+                 held_out: Optional[PatchSource] = None, count_io: bool = False):
         self.source, self.plan, self.aug = source, plan, aug
+        self.count_io = count_io   # elements carry their bucket reads (IO_KEY)
         self.held_out = held_out   # the monitor set's slides, held out of `source`
         self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
         self.num_workers, self.min_tissue = int(num_workers), float(min_tissue)
@@ -214,7 +286,8 @@ class TrainLoader:
     num_epochs = property(lambda self: self.plan.num_epochs)
 
     def pair_maker(self) -> PairMaker:
-        return PairMaker(self.source, self.plan, self.aug, self.skip_log, self.min_tissue)
+        return PairMaker(self.source, self.plan, self.aug, self.skip_log, self.min_tissue,
+                         self.count_io, stride=self.num_workers)
 
     def dataset(self, start_batch: int = 0):
         """The grain IterDataset of batches over all epochs, from batch `start_batch` on."""
@@ -246,7 +319,9 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     """The training loader of this process. The normalization is data.mean/std when set,
     else what a resumed run `recorded` (mean, std, origin), else computed (cached)."""
     data = config.data
-    source = sources_lib.open_source(data.path, data.slide_dir, int(data.open_slides))
+    source = sources_lib.open_source(data.path, data.slide_dir, int(data.open_slides),
+                                     data.get('cache_dir', ''),
+                                     data.get('cache_gb', slide_cache.DEFAULT_CACHE_GB))
     held_out = None
     mon = config.get('monitor')
     if mon is not None and mon.every_epochs > 0 and not mon.data_path and mon.holdout > 0:
@@ -273,4 +348,12 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
                        num_workers=int(data.num_workers), skip_list=skip_list,
                        normalization_origin=origin, min_tissue=float(data.min_tissue),
-                       held_out=held_out)
+                       held_out=held_out, count_io=reads_bucket(source))
+
+
+def reads_bucket(source: PatchSource) -> bool:
+    """Whether the elements are read from a bucket through storage, which counts the reads:
+    slides in a bucket, not a built dataset (array_record reads gs:// by itself, unseen by
+    storage, and an s3:// one is staged first) nor local slides of a tiling in a bucket."""
+    return (len(source) > 0 and source.dataset_dir is None
+            and storage.is_url(source.path(0)))

@@ -3,12 +3,13 @@ manifest CSV or a built dataset): a seeded shuffle then ignores the file system'
 import dataclasses
 import glob
 import os
+import posixpath
 import re
 from typing import List, Optional
 
 import numpy as np
 
-from clusiam_jax import fileio
+from clusiam_jax import fileio, storage
 from clusiam_jax.data import image_io
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides.reader import SLIDE_ONLY_EXTENSIONS
@@ -17,6 +18,7 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
 # `<x>_<y>` (level-0 pixels) ending the file stem, optionally after a prefix and `_`/`-`.
 _COORDS_RE = re.compile(r'(?:^|[_\-])(\d+)_(\d+)$')
 DATASET_MANIFEST = 'records.csv'   # a built dataset's records, in its ArrayRecord order
+BUILT_FOLDER = 'clusiam_patches/1.0.0'   # build_dataset's folder under --out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,8 @@ def write_patch_manifest(records, csv_path: str) -> None:
 
 def find_tfds_dataset(path: str) -> Optional[str]:
     """The folder of a built dataset's dataset_info.json, at most 3 levels below, or None."""
+    if storage.is_url(path):
+        return _find_dataset_in_bucket(path)
     if not os.path.isdir(path):
         return None
     for depth in range(4):
@@ -131,10 +135,50 @@ def find_tfds_dataset(path: str) -> Optional[str]:
     return None
 
 
+def _find_dataset_in_bucket(url: str) -> Optional[str]:
+    """find_tfds_dataset in a bucket. dataset_info.json is uploaded last, so shards without it
+    are a build that stopped uploading: refused, never read as a dataset."""
+    url = url.rstrip('/')
+    for folder in ('', f'{BUILT_FOLDER}/'):   # where data.path points: no listing of a bucket
+        if storage.isfile(f'{url}/{folder}dataset_info.json'):
+            return storage.resolve(url, folder or '.').rstrip('/')
+    names = [n for n in storage.find_files(url) if n.count('/') <= 3]
+    hits = sorted(n for n in names if posixpath.basename(n) == 'dataset_info.json')
+    if len(hits) > 1:
+        raise DataError(f'{url} holds several built datasets: '
+                        f'{[storage.join(url, posixpath.dirname(h)) for h in hits]}; '
+                        f'point data.path at one')
+    if hits:
+        return storage.resolve(url, posixpath.dirname(hits[0])).rstrip('/')
+    shards = [n for n in names if '.array_record-' in posixpath.basename(n)]
+    if shards:
+        raise DataError(f'{storage.join(url, posixpath.dirname(shards[0]))} has ArrayRecord '
+                        f'shards but no dataset_info.json: its build stopped before uploading '
+                        f'all of it; build it again (--mode build_dataset)')
+    return None
+
+
+def _dataset_records(dataset_dir: str) -> List[PatchRecord]:
+    manifest = storage.join(dataset_dir, DATASET_MANIFEST)
+    if not storage.exists(manifest):
+        raise DataError(f'built dataset {dataset_dir} has no {DATASET_MANIFEST}')
+    _, rows = fileio.read_csv_rows(manifest, 'built dataset records')
+    return [PatchRecord(r['path'], r['slide_id'] or None, r['label'] or None,
+                        int(r['x']) if r['x'] else None, int(r['y']) if r['y'] else None)
+            for r in rows]   # the stored order: that of the ArrayRecord index
+
+
 def discover(path: str) -> List[PatchRecord]:
     if not path:
         raise DataError('data.path is empty: give a patch folder, a manifest CSV or a built '
                         'dataset folder')
+    if storage.is_url(path):
+        dataset_dir = find_tfds_dataset(path)
+        if dataset_dir is None:
+            raise DataError(f'{path}: no built dataset (dataset_info.json) in the bucket; a '
+                            f'patch folder is read from local disk, or packed with --mode '
+                            f'build_dataset --out {path}')
+        return _dataset_records(dataset_dir)
     if not os.path.exists(path):
         raise DataError(f'patch source not found: {path}')
     if os.path.isfile(path):
@@ -143,13 +187,7 @@ def discover(path: str) -> List[PatchRecord]:
         return read_patch_manifest(path)
     dataset_dir = find_tfds_dataset(path)
     if dataset_dir is not None:
-        manifest = os.path.join(dataset_dir, DATASET_MANIFEST)
-        if not os.path.exists(manifest):
-            raise DataError(f'built dataset {dataset_dir} has no {DATASET_MANIFEST}')
-        _, rows = fileio.read_csv_rows(manifest, 'built dataset records')
-        return [PatchRecord(r['path'], r['slide_id'] or None, r['label'] or None,
-                            int(r['x']) if r['x'] else None, int(r['y']) if r['y'] else None)
-                for r in rows]   # the stored order: that of the ArrayRecord index
+        return _dataset_records(dataset_dir)
     # Whole slides are refused: training on the images beside them would look like success.
     root = os.path.abspath(path)
     records, slides = [], []

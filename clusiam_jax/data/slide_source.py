@@ -1,6 +1,16 @@
 """Patches read straight from whole slides (our tiling, or CLAM/TRIDENT patches/*.h5): slides
-open lazily per process, at most `open_slides` at a time, so memory stays flat."""
+open lazily per process, at most `open_slides` at a time, so memory stays flat. Slides at
+gs:// / s3:// URLs are read through data/slide_cache.py (tile index, staged cache).
+
+Requests in flight per host from slides in a bucket: `prefetch` reads up to PREFETCH_THREADS
+patches at once in each worker process besides the one being loaded, each one read_ranges call
+of its tiles (about 4 for 224 px over 256 px tiles), so up to about 4 x (PREFETCH_THREADS + 1)
+per worker and data.num_workers times that per host. Why 16: at 50 ms a request, a worker
+making about 300 pairs/s has 300 x 0.05 = 15 patches waiting on the bucket (Little's law).
+The loader names the next patches of its worker across batch boundaries (pipeline.py); at
+most _PREFETCH_QUEUED of them wait for a thread, so what the read-ahead holds stays bounded."""
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -9,13 +19,25 @@ from typing import Dict, List
 
 import numpy as np
 
-from clusiam_jax.data import image_io
+from clusiam_jax import storage
+from clusiam_jax.data import image_io, slide_cache
 from clusiam_jax.data.records import PatchRecord, PatchSource
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import coords as coords_lib
-from clusiam_jax.slides import reader, slides_csv
+from clusiam_jax.slides import reader, slides_csv, tile_index
 
 logger = logging.getLogger(__name__)
+
+PREFETCH_THREADS = 16   # patches fetched ahead at once per process (module docstring)
+# Decoded tiles of slides in a bucket kept per process (all its slides together): 256 RGB
+# tiles of 256 px are 48 MiB, room for the patches under way and their neighbours' tiles.
+REMOTE_TILES = 256
+# Indices asked for and not loaded since, not asked again (load() forgets its index, so a
+# record of a small data set is read ahead again in its next epoch).
+_PREFETCH_REMEMBERED = 4096
+# Patches handed to the prefetch threads and not yet done, per process: a loader outrunning
+# its read-ahead (cached tiles) would otherwise queue without end; the rest are asked again.
+_PREFETCH_QUEUED = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,13 +46,15 @@ class SlidePatches:
     path: str                  # the slide file
     label: str
     coords: coords_lib.SlideCoords
+    index: str = ''            # a slide in a bucket: its tile index (missing: staged whole)
 
 
 class SlideSource(PatchSource):
     """Patches of whole slides, index -> uint8 [S, S, 3] (S: the slide's patch size)."""
     from_slides = True
 
-    def __init__(self, slides: List[SlidePatches], open_slides: int = 512):
+    def __init__(self, slides: List[SlidePatches], open_slides: int = 512, cache_dir: str = '',
+                 cache_gb: float = slide_cache.DEFAULT_CACHE_GB):
         self.slides = [dataclasses.replace(s, coords=dataclasses.replace(s.coords, coords=None))
                        for s in slides]
         self.slide_ids = np.array([s.slide_id for s in slides], dtype=str)
@@ -40,11 +64,13 @@ class SlideSource(PatchSource):
                     if slides else np.zeros((0, 2), np.int64))
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.open_slides = int(open_slides)
+        self.slide_cache = slide_cache.SlideCache(cache_dir, float(cache_gb) * 2 ** 30)
         self.__setstate__({})
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items()
-                if k not in ('_handles', '_bad', '_sizes', '_lock', '_cache')}
+                if k not in ('_handles', '_bad', '_sizes', '_lock', '_cache', '_pool',
+                             '_asked', '_opening', '_tiles', '_queued')}
 
     def __setstate__(self, state):
         """Fresh per-process state; a dropped handle is never closed: another thread may read it."""
@@ -54,6 +80,11 @@ class SlideSource(PatchSource):
         self._sizes: Dict[int, tuple] = {}
         self._lock = threading.Lock()
         self._cache = None   # one tile cache for all the handles of this process
+        self._pool = None    # prefetch threads (made in the process that uses them)
+        self._asked = collections.OrderedDict()   # indices given to prefetch lately
+        self._queued = 0     # prefetches submitted and not done (_PREFETCH_QUEUED)
+        self._opening: Dict[int, threading.Lock] = {}   # slides being opened: by whom
+        self._tiles = None   # decoded tiles of the slides in a bucket (remote_tiles.TileCache)
 
     def path(self, index: int) -> str:
         x, y = self._xy[index]
@@ -72,7 +103,7 @@ class SlideSource(PatchSource):
         """A slide's coordinate-file attributes, completed with what CLAM files lack."""
         index = self.slide_ids.tolist().index(slide_id)
         slide = self.slides[index]
-        attrs = dict(slide.coords.attrs, slide_path=os.path.abspath(slide.path))
+        attrs = dict(slide.coords.attrs, slide_path=storage.resolve(os.getcwd(), slide.path))
         if 'patch_size_level0' not in attrs or 'level0_width' not in attrs:
             opened = self._handle(index)
             attrs.setdefault('patch_size_level0', self._patch_sizes(index, opened)[0])
@@ -81,31 +112,64 @@ class SlideSource(PatchSource):
         return attrs
 
     def _handle(self, s: int) -> reader.Slide:
+        """Slide s's open handle; opened outside the source's lock (a slide in a bucket takes
+        two requests to open), once, by the first thread that asks."""
         with self._lock:
-            if s in self._bad:
-                raise _slide_error(self.slides[s].path, self._bad[s])
-            opened = self._handles.get(s)
+            opened = self._open_handle(s)
             if opened is not None:
-                self._handles.move_to_end(s)
                 return opened
-            if self._cache is None:
-                import openslide
-                self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
-            path = self.slides[s].path
+            opening = self._opening.setdefault(s, threading.Lock())
+        with opening:
+            with self._lock:
+                opened = self._open_handle(s)   # opened meanwhile by another thread
+                if opened is not None:
+                    return opened
+                if self._cache is None:
+                    import openslide
+
+                    from clusiam_jax.slides import remote_tiles
+                    self._cache = openslide.OpenSlideCache(reader.TILE_CACHE_BYTES)
+                    self._tiles = remote_tiles.TileCache(REMOTE_TILES)
             try:
-                opened = reader.open_slide(path, cache=self._cache)
-            except DataError as e:
+                opened = self._open(s)
+                with self._lock:
+                    self._handles[s] = opened
+                    while len(self._handles) > self.open_slides:
+                        self._handles.popitem(last=False)
+                return opened
+            finally:
+                with self._lock:
+                    self._opening.pop(s, None)
+
+    def _open_handle(self, s: int):
+        """(under the lock) slide s's handle if open, else None; its error if it is bad."""
+        if s in self._bad:
+            raise _slide_error(self.slides[s].path, self._bad[s])
+        opened = self._handles.get(s)
+        if opened is not None:
+            self._handles.move_to_end(s)
+        return opened
+
+    def _open(self, s: int) -> reader.Slide:
+        path = self.slides[s].path
+        try:
+            opened = (slide_cache.open_remote_slide(path, self.slides[s].index, self.slide_cache,
+                                                    self._cache, self._tiles)
+                      if storage.is_url(path) else reader.open_slide(path, cache=self._cache))
+        except DataError as e:   # in a bucket: the slide's own, not the credentials'
+            if storage.is_url(path) and not isinstance(e, (reader.SlideError,
+                                                           storage.Unreadable)):
+                raise
+            with self._lock:
                 self._bad[s] = str(e).split(': ', 1)[-1]
-                raise _slide_error(path, self._bad[s]) from None
-            outside = self._outside(s, opened.dimensions)
-            if outside:
-                opened.close()
+            raise _slide_error(path, self._bad[s]) from None
+        outside = self._outside(s, opened.dimensions)
+        if outside:
+            opened.close()
+            with self._lock:
                 self._bad[s] = outside
-                raise _slide_error(path, outside)
-            self._handles[s] = opened
-            while len(self._handles) > self.open_slides:
-                self._handles.popitem(last=False)
-            return opened
+            raise _slide_error(path, outside)
+        return opened
 
     def _outside(self, s: int, dimensions) -> str:
         """Why slide s's patches do not fit it (a slide replaced), or ''."""
@@ -123,11 +187,55 @@ class SlideSource(PatchSource):
             c = self.slides[s].coords
             size0, out = c.patch_size_level0, c.patch_size
             if c.patch_level is not None:  # CLAM without `downsample`: from the slide
-                size0 = out * opened.handle.level_downsamples[c.patch_level]
+                size0 = out * opened.levels[c.patch_level].downsample
             self._sizes[s] = (float(size0), int(out))
         return self._sizes[s]
 
+    def prefetch(self, indices) -> None:
+        """Starts reading, in background threads, the tiles of these patches that are in a
+        bucket, so that load() finds them cached or under way. Only when it pays: slides at
+        URLs; each index once until it is loaded. Errors are left to load(), which reads
+        again and reports."""
+        with self._lock:
+            fresh = [int(i) for i in indices if int(i) not in self._asked
+                     and storage.is_url(self.slides[self.slide_index[int(i)]].path)]
+            fresh = list(dict.fromkeys(fresh))[:max(0, _PREFETCH_QUEUED - self._queued)]
+            self._queued += len(fresh)
+            for i in fresh:
+                self._asked[i] = None
+            while len(self._asked) > _PREFETCH_REMEMBERED:
+                self._asked.popitem(last=False)
+            if fresh and self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    PREFETCH_THREADS, thread_name_prefix='slide-prefetch')
+        for i in fresh:
+            self._pool.submit(self._warm, i)
+
+    def _warm(self, index: int) -> None:
+        """Opens the slide and reads the tiles load(index) reads by byte ranges into the tile
+        cache, or stages the slide whole into the slide cache when load(index) needs that."""
+        try:
+            s = int(self.slide_index[index])
+            opened = self._handle(s)
+            size0, out = self._patch_sizes(s, opened)
+            level = opened.best_level(size0 / out)
+            backend = opened.levels[level].backend
+            if hasattr(backend, 'read_regions'):
+                side = max(1, int(round(size0 / opened.levels[level].downsample)))
+                x, y = self._xy[index]
+                backend.read_regions([(level, int(x), int(y), side, side)])
+            elif isinstance(opened, reader.RemoteSlide):   # a level only the staged copy has
+                opened.staged()
+        except Exception as e:  # load() meets it again, and reports it there
+            logger.debug('prefetch of %s failed: %s', self.path(index), e)
+        finally:
+            with self._lock:
+                self._queued -= 1
+
     def load(self, index: int) -> np.ndarray:
+        if self._asked:
+            with self._lock:
+                self._asked.pop(int(index), None)
         s = int(self.slide_index[index])
         opened = self._handle(s)
         size0, out = self._patch_sizes(s, opened)
@@ -136,9 +244,13 @@ class SlideSource(PatchSource):
             return reader.read_patch(opened, x, y, size0, out)
         except Exception as e:
             import openslide
-            if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)):
-                raise
-            # OpenSlideError leaves the handle unusable (reopen later); a ValueError: one tile.
+            if not isinstance(e, (openslide.OpenSlideError, OSError, ValueError)) or (
+                    isinstance(e, DataError)
+                    and not isinstance(e, (storage.Unreadable, reader.SlideError))):
+                raise   # a plain DataError: the bucket refused us (credentials): end the run
+            # OpenSlideError leaves the handle unusable (reopen later); a ValueError: one tile
+            # (storage.Unreadable: a bucket read that failed after its retries; SlideError: a
+            # slide staged on first need that could not be).
             if not isinstance(e, ValueError):
                 with self._lock:
                     if self._handles.get(s) is opened:
@@ -168,6 +280,8 @@ def _patches_folder(path: str):
 
 
 def is_slide_source(path: str) -> bool:
+    if storage.is_url(path):   # a tiling in a bucket (CLAM folders are read from disk)
+        return slides_csv.has_table(path)
     return _patches_folder(path) is not None
 
 
@@ -201,7 +315,7 @@ def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[Slide
             left_out.append(str(e))
             logger.warning('slide %r left out: %s', row['slide_id'], e)
             continue
-        if not os.path.exists(coord_file):
+        if not storage.exists(coord_file):
             raise DataError(f'{path}: slides.csv lists {row["slide_id"]} as tiled but '
                             f'{coord_file} is missing (tile again: --mode tile)')
         slide_path = row['path']
@@ -212,7 +326,9 @@ def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[Slide
             slide_path = moved[row['slide_id']]
         coords = _usable(coord_file, row['slide_id'], left_out)
         if coords is not None:
-            out.append(SlidePatches(row['slide_id'], slide_path, row['label'], coords))
+            index = (tile_index.index_file(path, row['slide_id'])
+                     if storage.is_url(slide_path) else '')
+            out.append(SlidePatches(row['slide_id'], slide_path, row['label'], coords, index))
     return out
 
 
@@ -242,7 +358,9 @@ def _patch_folder_slides(path: str, folder: str, slide_dir: str,
     return [SlidePatches(s, on_disk[s], '', c) for s, c in files.items() if s in on_disk]
 
 
-def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512) -> SlideSource:
+def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512,
+                      cache_dir: str = '', cache_gb: float = slide_cache.DEFAULT_CACHE_GB
+                      ) -> SlideSource:
     if slide_dir and not os.path.isdir(slide_dir):
         raise DataError(f'slide folder not found: {slide_dir}')
     left_out: List[str] = []
@@ -255,4 +373,4 @@ def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512) ->
         why = (f' ({len(left_out)} coordinate files left out; the first: {left_out[0]})'
                if left_out else '')
         raise DataError(f'{path}: no slide has usable patch coordinates{why}')
-    return SlideSource(slides, open_slides)
+    return SlideSource(slides, open_slides, cache_dir, cache_gb)

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import tqdm
 
-from clusiam_jax import fileio, interrupts
+from clusiam_jax import fileio, interrupts, storage
 from clusiam_jax.data import image_io
 from clusiam_jax.errors import DataError
 
@@ -117,10 +117,9 @@ def compute_stats(source, num_workers: int = 0, skip_log=None, indices=None,
 
 
 def cache_file(data_path: str, dataset_dir: Optional[str] = None) -> str:
-    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     source = os.path.abspath(dataset_dir if dataset_dir is not None else data_path)
     digest = hashlib.sha1(os.fsencode(source)).hexdigest()
-    return os.path.join(os.path.abspath(root), 'clusiam_jax', 'stats', f'{digest}.json')
+    return os.path.join(fileio.cache_root('stats'), f'{digest}.json')
 
 
 def _read_cache(path: str, key: str):
@@ -173,7 +172,9 @@ def cached_stats(data_path: str, source, workdir: Optional[str] = None,
         origin = (f'computed over a fixed sample of {len(indices)} of the {len(source)} '
                   f'patches of {data_path}')
     candidates = [cache_file(data_path, source.dataset_dir)]   # then the run's folder
-    candidates += [os.path.join(os.path.abspath(workdir), CACHE_NAME)] if workdir else []
+    # A work directory in a bucket keeps none (normalization.json records what the run used).
+    candidates += ([os.path.join(os.path.abspath(workdir), CACHE_NAME)]
+                   if workdir and not storage.is_url(workdir) else [])
     for path in candidates:
         hit = _read_cache(path, key)
         if hit is not None:

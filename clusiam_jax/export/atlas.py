@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from clusiam_jax import storage
 from clusiam_jax.data import image_io
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
@@ -251,8 +252,8 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE):
     if unreadable:
         log.warning('atlas: %d patch files are unreadable and left out of the grids; the '
                     'first: %s', len(unreadable), unreadable[0])
-    folder = os.path.join(out_dir, ATLAS_DIR)
-    os.makedirs(folder, exist_ok=True)
+    folder = storage.join(out_dir, ATLAS_DIR)
+    fmt.make_parent(storage.join(folder, INDEX_NAME))
     palette = palette_for(k)
     written = set()
     for entry in entries:
@@ -262,17 +263,18 @@ def write_atlas(out_dir, per_cluster=PER_CLUSTER, tile=TILE):
                                         [_where(p, kept[p.slide_id]) for p in entry.picks],
                                         title, details, palette[entry.cluster_id], int(tile))
         name = f'cluster_{entry.cluster_id:0{len(str(k - 1))}d}.png'
-        entry.png = os.path.join(folder, name)
+        entry.png = storage.join(folder, name)
         info = PngInfo()
         info.add_text('Title', title)
         info.add_text('Description', details)
         with atomic_write(entry.png) as tmp:
             sheet.save(tmp, format='PNG', pnginfo=info, compress_level=1)
         written.add(name)
-    for name in os.listdir(folder):   # sheets of clusters that have no patch now
+    present = storage.listdir(folder) if storage.isdir(folder) else []   # a bucket: maybe none
+    for name in present:   # sheets of clusters that have no patch now
         if _SHEET.match(name) and name not in written:
-            os.remove(os.path.join(folder, name))
-    atlas = Atlas(os.path.join(folder, INDEX_NAME), entries, n_patches, len(slide_ids), k)
+            storage.remove(storage.join(folder, name))
+    atlas = Atlas(storage.join(folder, INDEX_NAME), entries, n_patches, len(slide_ids), k)
     write_text(atlas.index, render_index(atlas, palette, fmt.read_export_info(out_dir),
                                          int(per_cluster)))
     log.info('cluster atlas: %s (%d clusters)', atlas.index, len(entries))

@@ -2,19 +2,21 @@
 pass over the mesh; each slide's file is written when its last patch is through."""
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import itertools
 import json
 import logging
 import os
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from clusiam_jax import interrupts, parallel
+from clusiam_jax import interrupts, parallel, storage
 from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.export import format as fmt
 from clusiam_jax.models.conv import compiler_options
@@ -158,30 +160,56 @@ class _SlideWriter:
         else:
             coords_attrs = {'patch_level': 0, 'patch_size': self.patch_size[slide],
                             'downsample': np.array([1.0, 1.0]), 'name': slide}
-        fmt.write_slide_h5(os.path.join(self.out_dir, fmt.slide_file('h5', slide)), arrays,
+        fmt.write_slide_h5(storage.join(self.out_dir, fmt.slide_file('h5', slide)), arrays,
                            attrs, coords_attrs)
         pt = fmt.pt_file(self.out_dir, slide)
-        if self.options.pt_files or os.path.exists(pt):
+        if self.options.pt_files or storage.exists(pt):
             try:   # a pt file never holds other features than its h5 file
                 fmt.write_slide_pt(self.out_dir, slide, arrays['features'])
             except ImportError:
                 if self.options.pt_files:
                     raise
-                os.remove(pt)
+                storage.remove(pt)
                 log.warning('export: removed %s, made with other features (torch is not '
                             'installed to rewrite it; export.pt_files=True needs it)', pt)
 
     def close(self, n_records: int):
         if self.options.export_format == 'npz':
             keep = ('export_key', 'workdir', 'weights_sha256', 'norm_mean', 'norm_std')
-            fmt.write_npz(os.path.join(self.out_dir, fmt.NPZ_NAME), self.npz_parts,
+            fmt.write_npz(storage.join(self.out_dir, fmt.NPZ_NAME), self.npz_parts,
                           dict({k: self.attrs[k] for k in keep}, n_records=np.int64(n_records),
                                checkpoint_step=np.int64(self.attrs['checkpoint_step'])))
+
+
+@contextlib.contextmanager
+def _skip_log(out_dir: str):
+    """The export's list of unreadable files; in a bucket a local copy (SkipLog appends under a
+    flock), uploaded whole at the end, interrupted or not."""
+    path = storage.join(out_dir, fmt.SKIPPED_NAME)
+    if not storage.is_url(out_dir):
+        yield skips.SkipLog(path)
+        return
+    with tempfile.TemporaryDirectory(prefix='clusiam-') as folder:
+        local = os.path.join(folder, fmt.SKIPPED_NAME)
+        before = storage.read_bytes(path) if storage.exists(path) else None
+        if before is not None:
+            with open(local, 'wb') as f:
+                f.write(before)
+        try:
+            yield skips.SkipLog(local)
+        finally:
+            if os.path.exists(local) and storage.read_bytes(local) != before:
+                storage.upload(local, path)
 
 
 def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOptions,
                       info: dict) -> List[dict]:
     """Embeds every patch of `source` into `out_dir` (a rerun skips finished slides)."""
+    with _skip_log(out_dir) as skip_log:
+        return _export(embedder, source, out_dir, options, info, skip_log)
+
+
+def _export(embedder, source, out_dir, options, info, skip_log):
     mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(jax.local_devices())
     embedder = dataclasses.replace(embedder, mesh=mesh)
     step, fmt_name = embedder.checkpoint_step, options.export_format
@@ -189,7 +217,6 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
     for slide in groups:   # every slide's files are named by its id: refuse, before any
         coords_lib.check_slide_id(slide)   # work, an id that would name a file elsewhere
     fmt.prepare_out_dir(out_dir, fmt_name)
-    skip_log = skips.SkipLog(os.path.join(out_dir, fmt.SKIPPED_NAME))
 
     attrs = {'checkpoint_step': step, 'method': embedder.network.method,
              'backbone': embedder.network.backbone, 'image_size': options.image_size,
@@ -211,11 +238,11 @@ def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOp
                  '%d; skipping them', len(groups) - len(todo), len(groups), step)
     # pt files change no feature: those of finished slides are made from their h5 file.
     finished = set(groups).difference(todo) if options.pt_files else set()
-    missing = [s for s in groups if s in finished and not os.path.exists(fmt.pt_file(out_dir, s))]
+    missing = [s for s in groups if s in finished and not storage.exists(fmt.pt_file(out_dir, s))]
     for slide in missing:
         interrupts.check()
         fmt.write_slide_pt(out_dir, slide, fmt.read_h5_array(
-            os.path.join(out_dir, fmt.slide_file('h5', slide))))
+            storage.join(out_dir, fmt.slide_file('h5', slide))))
     if missing:
         log.info('export: pt files of %d finished slides written from their h5 features',
                  len(missing))

@@ -1,7 +1,9 @@
 """The export's on-disk layout (docs/formats.md; h5 files: CLAM's plus cluster ids, logits, paths
 and labels), its only owner: an export copied elsewhere is read without the run."""
 import collections
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -9,7 +11,7 @@ from typing import Dict, Iterable, List
 
 import numpy as np
 
-from clusiam_jax import fileio
+from clusiam_jax import fileio, storage
 from clusiam_jax.errors import DataError
 from clusiam_jax.fileio import atomic_write
 from clusiam_jax.slides import coords as coords_lib
@@ -24,6 +26,8 @@ SKIPPED_NAME = 'skipped_files.txt'
 MAPS_DIR = 'cluster_maps'
 QUPATH_DIR = 'qupath'
 MANIFEST_FIELDS = ('slide_id', 'n_patches', 'label', 'file')
+# What reading a file of an export can raise when it is damaged or gone (a bucket's: DataError).
+UNREADABLE = (OSError, KeyError, ValueError, DataError)
 
 log = logging.getLogger('clusiam_jax')
 
@@ -37,19 +41,49 @@ def slide_file(export_format: str, slide_id: str) -> str:
 
 def pt_file(out_dir: str, slide_id: str) -> str:
     """Where a slide's CLAM-style torch features go (export.pt_files)."""
-    return coords_lib.slide_path(os.path.join(out_dir, PT_DIR), slide_id, '.pt')
+    return coords_lib.slide_path(storage.join(out_dir, PT_DIR), slide_id, '.pt')
 
 
 def map_file(out_dir: str, row: dict) -> str:
     """A slide's cluster map: named like its h5 file (older exports' cleaned-up ids)."""
     if row['file'].endswith('.h5'):
-        return os.path.join(out_dir, MAPS_DIR,
+        return storage.join(out_dir, MAPS_DIR,
                             os.path.splitext(os.path.basename(row['file']))[0] + '.png')
-    return coords_lib.slide_path(os.path.join(out_dir, MAPS_DIR), row['slide_id'], '.png')
+    return coords_lib.slide_path(storage.join(out_dir, MAPS_DIR), row['slide_id'], '.png')
+
+
+def make_parent(path: str):
+    """The folder a file goes in (a bucket has none to make: names are prefixes)."""
+    if not storage.is_url(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+@contextlib.contextmanager
+def open_h5(path: str):
+    """An h5 file to read attributes and small arrays from; in a bucket through small ranged
+    reads (the header and the arrays asked for travel, never the features)."""
+    import h5py  # only exports need it
+    if not storage.is_url(path):
+        with h5py.File(path, 'r') as f:
+            yield f
+        return
+    with storage.open_header(path) as raw, h5py.File(raw, 'r') as f:
+        yield f
+
+
+def _whole(path: str):
+    """A file read whole: from a bucket in one request into memory (reading every array
+    through small blocks would cost a request a block)."""
+    return io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
 
 
 def prepare_out_dir(out_dir: str, export_format: str):
     """Creates the folders; deletes temporaries and the previous manifest and info."""
+    if storage.is_url(out_dir):   # objects are uploaded whole: no temporaries to delete
+        storage.makedirs(out_dir)
+        for name in (MANIFEST_NAME, INFO_NAME):
+            storage.remove(storage.join(out_dir, name))
+        return
     folders = [out_dir] + ([os.path.join(out_dir, H5_DIR)] if export_format == 'h5' else [])
     try:
         for folder in folders:
@@ -77,7 +111,7 @@ def write_slide_pt(out_dir: str, slide_id: str, features: np.ndarray):
     """The features as a torch tensor, what CLAM's MIL training loads."""
     import torch
     path = pt_file(out_dir, slide_id)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_parent(path)
     with atomic_write(path) as tmp, open(tmp, 'wb') as f:
         torch.save(torch.from_numpy(np.ascontiguousarray(features, np.float32)), f)
 
@@ -100,11 +134,11 @@ def write_npz(path: str, parts, attrs: dict):
 
 
 def write_manifest(out_dir: str, rows: Iterable[dict]):
-    fileio.write_csv(os.path.join(out_dir, MANIFEST_NAME), MANIFEST_FIELDS, rows)
+    fileio.write_csv(storage.join(out_dir, MANIFEST_NAME), MANIFEST_FIELDS, rows)
 
 
 def write_info(out_dir: str, info: dict):
-    fileio.write_json(os.path.join(out_dir, INFO_NAME), info, default=str)
+    fileio.write_json(storage.join(out_dir, INFO_NAME), info, default=str)
 
 
 def export_key(attrs: dict) -> str:
@@ -115,21 +149,20 @@ def export_key(attrs: dict) -> str:
 
 
 def file_attrs(path: str, keys) -> dict:
-    """Those of `keys` a slide file records; OSError, KeyError or ValueError if unreadable."""
+    """Those of `keys` a slide file records; one of UNREADABLE if unreadable."""
     if path.endswith('.npz'):
-        with np.load(path, allow_pickle=False) as f:
+        with storage.open_header(path) as raw, np.load(raw, allow_pickle=False) as f:
             return {k: (f[k].item() if f[k].ndim == 0 else f[k]) for k in keys if k in f.files}
-    import h5py
-    with h5py.File(path, 'r') as f:
+    with open_h5(path) as f:
         return {k: f.attrs[k] for k in keys if k in f.attrs}
 
 
 def is_finished(out_dir: str, export_format: str, slide_id: str, key: str, n_records: int) -> bool:
     """Whether a rerun skips the slide (npz: all): same export key and record count."""
     try:
-        attrs = file_attrs(os.path.join(out_dir, slide_file(export_format, slide_id)),
+        attrs = file_attrs(storage.join(out_dir, slide_file(export_format, slide_id)),
                            ('export_key', 'n_records'))
-    except (OSError, KeyError, ValueError):
+    except UNREADABLE:
         return False
     return (str(attrs.get('export_key', '')) == key
             and int(attrs.get('n_records', -1)) == n_records)
@@ -138,26 +171,25 @@ def is_finished(out_dir: str, export_format: str, slide_id: str, key: str, n_rec
 def written_counts(out_dir: str, export_format: str, slide_ids) -> Dict[str, int]:
     """{slide_id: patches written}, from the files: the manifest describes what is on disk."""
     if export_format == 'npz':
-        path = os.path.join(out_dir, NPZ_NAME)
-        if not os.path.exists(path):
+        path = storage.join(out_dir, NPZ_NAME)
+        if not storage.exists(path):
             return {}
-        with np.load(path) as f:
+        with storage.open_header(path) as raw, np.load(raw) as f:
             stored = collections.Counter(f['slide_ids'].tolist())
         return {s: stored[s] for s in slide_ids if stored[s]}
-    import h5py
     counts = {}
     for slide in slide_ids:
-        path = os.path.join(out_dir, slide_file('h5', slide))
-        if os.path.exists(path):
-            with h5py.File(path, 'r') as f:
+        path = storage.join(out_dir, slide_file('h5', slide))
+        if storage.exists(path):
+            with open_h5(path) as f:
                 counts[slide] = int(f['features'].shape[0])
     return counts
 
 
 def read_export_manifest(out_dir: str) -> List[dict]:
     """The export's manifest rows (slide_id, n_patches, label, file)."""
-    path = os.path.join(out_dir, MANIFEST_NAME)
-    if not os.path.isfile(path):
+    path = storage.join(out_dir, MANIFEST_NAME)
+    if not storage.isfile(path):
         raise DataError(f'{out_dir} is not an export: it has no {MANIFEST_NAME} (export '
                         f'first: python launch.py --mode export --workdir RUN)')
     return fileio.read_csv_rows(path, 'export manifest')[1]
@@ -165,13 +197,14 @@ def read_export_manifest(out_dir: str) -> List[dict]:
 
 def read_export_info(out_dir: str) -> dict:
     """The export's export_info.json; {} when missing or unreadable (with a warning)."""
-    path = os.path.join(out_dir, INFO_NAME)
+    path = storage.join(out_dir, INFO_NAME)
     try:
-        with open(path) as f:
-            info = json.load(f)
+        if not storage.exists(path):
+            return {}
+        info = json.loads(storage.read_bytes(path))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, DataError) as e:
         log.warning('%s is unreadable (%s); titles omit the run and step', path, e)
         return {}
     return info if isinstance(info, dict) else {}
@@ -180,7 +213,7 @@ def read_export_info(out_dir: str) -> dict:
 def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
     """{name: array} of an h5 manifest row, plus `patch_size` and the slide's path and size."""
     import h5py
-    with h5py.File(os.path.join(out_dir, row['file']), 'r') as f:
+    with h5py.File(_whole(storage.join(out_dir, row['file'])), 'r') as f:
         out = {name: (ds.asstr()[()] if ds.dtype.kind in 'OS' else ds[()])
                for name, ds in f.items()}
         coords = f['coords'].attrs
@@ -195,7 +228,7 @@ def read_slide(out_dir: str, row: dict) -> Dict[str, np.ndarray]:
 
 def _npz_slides(path: str, slide_ids) -> Dict[str, dict]:
     """{slide_id: arrays} of an embeddings.npz, each array read once."""
-    with np.load(path) as f:
+    with np.load(_whole(path)) as f:
         arrays = {k: f[k] for k in f.files}
     owner = arrays.pop('slide_ids')
     per_patch = {k: v for k, v in arrays.items()
@@ -212,7 +245,7 @@ def _npz_slides(path: str, slide_ids) -> Dict[str, dict]:
 def iter_slides(out_dir: str, rows):
     """(row, arrays) per manifest row, one h5 slide in memory at a time (an npz read once)."""
     npz = [row['slide_id'] for row in rows if row['file'].endswith('.npz')]
-    loaded = _npz_slides(os.path.join(out_dir, NPZ_NAME), npz) if npz else {}
+    loaded = _npz_slides(storage.join(out_dir, NPZ_NAME), npz) if npz else {}
     for row in rows:
         yield row, loaded.pop(row['slide_id'], None) or read_slide(out_dir, row)
 
@@ -242,22 +275,22 @@ def clustered_slides(out_dir: str, what: str):
 
 def slide_feature_files(features: str) -> Dict[str, str]:
     """{slide_id: path of its HDF5 file} of an export of ours or a CLAM-style folder."""
-    if os.path.isfile(os.path.join(features, MANIFEST_NAME)):
+    if storage.isfile(storage.join(features, MANIFEST_NAME)):
         rows = read_export_manifest(features)
         if any(not row['file'].endswith('.h5') for row in rows):
             raise DataError(f'{features} is an npz export; slide-level evaluation reads '
                             f'per-slide HDF5 files (export again with --config.export.format=h5)')
-        return {row['slide_id']: os.path.join(features, row['file']) for row in rows}
-    if not os.path.isdir(features):
+        return {row['slide_id']: storage.join(features, row['file']) for row in rows}
+    if not storage.isdir(features):
         raise DataError(f'features folder not found: {features}')
-    return {os.path.splitext(name)[0]: os.path.join(features, name)
-            for name in sorted(os.listdir(features)) if name.endswith('.h5')}
+    return {os.path.splitext(name)[0]: storage.join(features, name)
+            for name in sorted(storage.listdir(features)) if name.endswith('.h5')}
 
 
 def read_h5_array(path: str, key: str = 'features') -> np.ndarray:
     """One array of a per-slide HDF5 file (ours or CLAM's), as float32."""
     import h5py
-    with h5py.File(path, 'r') as f:
+    with h5py.File(_whole(path), 'r') as f:
         if key not in f:
             raise DataError(f'{path} has no {key!r} array (it has {", ".join(f.keys())})')
         return np.asarray(f[key], np.float32)

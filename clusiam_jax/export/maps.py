@@ -3,6 +3,7 @@ title band and a legend; each PNG records what it was drawn over (a mosaic never
 QuPath tiles (export.qupath): `<export>/qupath/<slide>.geojson`, each patch a tile classified
 `cluster c` in its map color, in level-0 pixels (QuPath: File > Import objects)."""
 import contextlib
+import io
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from clusiam_jax import storage
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export.palette import palette_for
@@ -108,9 +110,10 @@ def _legend(ids, counts, colors, map_height):
 def map_background(path):
     """What the map at `path` was drawn over (BACKGROUNDS); None if unknown."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path)
+                        else path) as image:
             value = getattr(image, 'text', {}).get(BACKGROUND_KEY)
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, DataError):
         return None
     return value if value in BACKGROUNDS else None
 
@@ -278,8 +281,8 @@ def draw_export_maps(out_dir, thumbnail=None, downsample=None, alpha=0.5, max_si
                 thumb, scale = reader.thumbnail_for_side(slide, int(max_side))
             drawn_over = 'slide'
         path = fmt.map_file(out_dir, row)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if drawn_over == 'mosaic' and os.path.exists(path):
+        fmt.make_parent(path)
+        if drawn_over == 'mosaic' and storage.exists(path):
             before = map_background(path)   # a map over a slide or thumbnail is kept
             if before != 'mosaic':
                 other = os.path.splitext(path)[0] + MOSAIC_SUFFIX
@@ -310,9 +313,9 @@ def write_export_geojson(out_dir):
     """The GeoJSON of every slide with coordinates and cluster ids; returns the paths."""
     written = []
     for row, arrays, known, k in fmt.clustered_slides(out_dir, 'qupath'):
-        path = coords_lib.slide_path(os.path.join(out_dir, fmt.QUPATH_DIR), row['slide_id'],
+        path = coords_lib.slide_path(storage.join(out_dir, fmt.QUPATH_DIR), row['slide_id'],
                                      '.geojson')
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fmt.make_parent(path)
         write_cluster_geojson(path, arrays['coords'][known], arrays.get('patch_size') or 224,
                               arrays['cluster_ids'][known], palette_for(k), row['slide_id'])
         written.append(path)

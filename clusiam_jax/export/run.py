@@ -11,7 +11,7 @@ from typing import List, Optional
 import jax
 import numpy as np
 
-from clusiam_jax import run_dir, workdir_lock
+from clusiam_jax import run_dir, storage, workdir_lock
 from clusiam_jax.config import parse_checkpoint_choice
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.errors import ClusiamError, ConfigError, DataError
@@ -64,23 +64,32 @@ def _same(a, b) -> bool:
     return a.shape == b.shape and bool(np.all(a == b))
 
 
+def _absolute(path: str) -> str:
+    """A folder as the export's files record it: a URL as given, a local path absolute."""
+    return path.rstrip('/') if storage.is_url(path) else os.path.abspath(path)
+
+
+def _canonical(path: str) -> str:
+    return path.rstrip('/') if storage.is_url(path) else os.path.realpath(path)
+
+
 def check_out_dir(out_dir: str, export_format: str, workdir: str, current: dict, slide_ids):
     """Refuses another run's export; says which of `current` (ExportJob.settings) differ."""
-    folder = os.path.join(out_dir, fmt.H5_DIR)
-    paths = ([os.path.join(out_dir, fmt.NPZ_NAME)] if export_format == 'npz' else
-             [os.path.join(folder, name) for name in sorted(os.listdir(folder))
-              if name.endswith('.h5')] if os.path.isdir(folder) else [])
+    folder = storage.join(out_dir, fmt.H5_DIR)
+    paths = ([storage.join(out_dir, fmt.NPZ_NAME)] if export_format == 'npz' else
+             [storage.join(folder, name) for name in sorted(storage.listdir(folder))
+              if name.endswith('.h5')] if storage.isdir(folder) else [])
     files = {}
     for path in paths:   # unreadable files are left out: the export redoes them
         try:
             files[path] = fmt.file_attrs(path, tuple(current) + ('workdir', 'slide_id'))
-        except (OSError, KeyError, ValueError):
+        except fmt.UNREADABLE:
             continue
-    mine = os.path.realpath(workdir)
-    inside = os.path.realpath(out_dir).startswith(mine + os.sep)
+    mine = _canonical(workdir)
+    inside = _canonical(out_dir).startswith(mine + '/')
     foreign = {p: a for p, a in files.items()
                if a.get('weights_sha256') != current.get('weights_sha256')
-               and not (a.get('workdir') and os.path.realpath(str(a['workdir'])) == mine)}
+               and not (a.get('workdir') and _canonical(str(a['workdir'])) == mine)}
     if foreign and not inside:
         path, attrs = next(iter(foreign.items()))
         whose = (f"the run {attrs['workdir']}" if attrs.get('workdir') else
@@ -129,22 +138,24 @@ def _written(out_dir: str, export_format: str, slides):
     """(slide, {coords, paths, labels}, coords attrs) of each readable file of `slides`."""
     if export_format == 'npz':
         try:
-            with np.load(os.path.join(out_dir, fmt.NPZ_NAME), allow_pickle=False) as f:
+            with storage.open_header(storage.join(out_dir, fmt.NPZ_NAME)) as raw, \
+                    np.load(raw, allow_pickle=False) as f:
                 owner = f['slide_ids']
                 arrays = {k: f[k] for k in ('coords', 'paths', 'labels') if k in f.files}
-        except (OSError, ValueError, KeyError):   # FileNotFoundError included
+        except fmt.UNREADABLE:   # FileNotFoundError included
             return
         for slide in slides:
             yield slide, {k: v[owner == slide] for k, v in arrays.items()}, {}
         return
-    import h5py
     for slide in slides:
+        path = storage.join(out_dir, fmt.slide_file('h5', slide))
         try:
-            with h5py.File(os.path.join(out_dir, fmt.slide_file('h5', slide)), 'r') as f:
+            with fmt.open_h5(path) as f:
                 arrays = {k: f[k].asstr()[()] for k in ('paths', 'labels') if k in f}
-                yield slide, dict(arrays, coords=f['coords'][()]), dict(f['coords'].attrs)
-        except (OSError, KeyError, ValueError):
+                found = dict(arrays, coords=f['coords'][()]), dict(f['coords'].attrs)
+        except fmt.UNREADABLE:
             continue
+        yield (slide,) + found
 
 
 @dataclasses.dataclass
@@ -201,13 +212,13 @@ class ExportJob:
                     '; '.join(f'{s}: {why}' for s, why in list(stale.items())[:5])
                     + (' ...' if len(stale) > 5 else ''))
         if self.options.export_format == 'npz':
-            os.remove(os.path.join(self.out_dir, fmt.NPZ_NAME))
+            storage.remove(storage.join(self.out_dir, fmt.NPZ_NAME))
             return
         for slide in stale:
-            for path in (os.path.join(self.out_dir, fmt.slide_file('h5', slide)),
+            for path in (storage.join(self.out_dir, fmt.slide_file('h5', slide)),
                          fmt.pt_file(self.out_dir, slide)):
-                if os.path.exists(path):
-                    os.remove(path)
+                if storage.exists(path):
+                    storage.remove(path)
 
     def run_export(self) -> List[dict]:
         """Embeds and writes; returns the manifest rows; DataError if nothing was read."""
@@ -222,7 +233,7 @@ class ExportJob:
         note = (f"best: step {best['step']} by {best['metric']} = {best['value']:.6g} "
                 f"({best['mode']})" if best is not None and best['step'] == self.run.step
                 and self.choice == 'best' else f'{self.choice}: step {self.run.step}')
-        info = {'workdir': os.path.abspath(self.run.workdir), 'data_path': self.data_path,
+        info = {'workdir': _absolute(self.run.workdir), 'data_path': self.data_path,
                 'weights_sha256': self.weights_sha256, 'checkpoint': note,
                 'normalization': self.normalization.to_json(),
                 'config': json.loads(run_dir.config_text(self.run.config)),
@@ -231,7 +242,7 @@ class ExportJob:
         n_patches = sum(r['n_patches'] for r in rows)
         if not n_patches:
             raise DataError(f'no readable patch in {self.data_path}: nothing was exported '
-                            f'(unreadable files: {os.path.join(self.out_dir, fmt.SKIPPED_NAME)})')
+                            f'(unreadable files: {storage.join(self.out_dir, fmt.SKIPPED_NAME)})')
         log.info('export: %d slides, %d patches in %s', len(rows), n_patches, self.out_dir)
         return rows
 
@@ -244,7 +255,7 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     data_path = exp.data_path or run.config.data.path
     if not data_path:
         raise ConfigError('nothing to export: set --config.export.data_path=DIR')
-    if not os.path.exists(data_path):
+    if not storage.exists(data_path):
         raise DataError(f"the patches to export are gone: {data_path} (the run's data.path);"
                         f' set --config.export.data_path=DIR')
     trained_at = run.config.data.image_size
@@ -267,9 +278,9 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
         raise ConfigError(f'{data_path} is read from whole slides: export it as per-slide '
                           f"h5 files (export.format=h5), which carry each slide's tiling "
                           f'attributes and slide path')
-    out_dir = exp.out_dir or os.path.join(workdir, DEFAULT_DIR)
+    out_dir = exp.out_dir or storage.join(workdir, DEFAULT_DIR)
     settings = dict(json.loads(json.dumps(exp.to_dict(), default=str)),
-                    out_dir=os.path.abspath(out_dir), data_path=data_path, slide_dir=slide_dir,
+                    out_dir=_absolute(out_dir), data_path=data_path, slide_dir=slide_dir,
                     checkpoint=choice if isinstance(choice, int) else str(choice),
                     image_size=options.image_size)
     job = ExportJob(run=run, data_path=data_path, choice=choice, out_dir=out_dir,
@@ -307,7 +318,7 @@ def export(workdir, exp, normalization=None, argv=None) -> str:
 
 def folder_lock(workdir, exp, argv=None):
     """The lock of the folder an export writes, created if needed: one export per folder."""
-    out_dir = exp.out_dir or os.path.join(workdir, DEFAULT_DIR)
-    created = not os.path.isdir(out_dir)
+    out_dir = exp.out_dir or storage.join(workdir, DEFAULT_DIR)
+    created = not storage.is_url(out_dir) and not os.path.isdir(out_dir)
     writable_folder(out_dir, '--config.export.out_dir')
     return workdir_lock.hold(out_dir, '--config.export.out_dir', argv, created=created)

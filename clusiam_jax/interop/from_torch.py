@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clusiam_jax import fileio, interrupts, run_dir
+from clusiam_jax import fileio, interrupts, run_dir, storage
 from clusiam_jax.config import method_config
-from clusiam_jax.errors import CheckpointError, ConversionError
+from clusiam_jax.errors import CheckpointError, ConfigError, ConversionError
 from clusiam_jax.interop import read_weights
 from clusiam_jax.state import Weights
 
@@ -51,6 +51,13 @@ def weights_of(params, batch_stats, target_params=None, target_batch_stats=None,
 def import_checkpoint(path: str, out: str, model: Optional[str] = None, seed: int = 0,
                       mean=None, std=None):
     """Writes `out`, atomically, as a weights-only run of the checkpoint; (config, weights)."""
+    if storage.is_url(out):  # os.path would write a local './gs:' folder
+        raise ConfigError(f'--out {out}: convert from-torch writes a local folder only (a bucket '
+                          f'run needs its checkpoint markers); convert locally, then train with '
+                          f'train.init_from=<that folder>')
+    if storage.is_url(path):
+        raise ConfigError(f'{path}: convert from-torch reads a local checkpoint file only; '
+                          f'download it first')
     if os.path.isfile(out):
         raise ConversionError(f'--out {out} is a file, not a folder')
     if os.path.isdir(out) and os.listdir(out):

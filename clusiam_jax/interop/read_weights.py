@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
-from clusiam_jax import run_dir
+from clusiam_jax import run_dir, storage
 from clusiam_jax.checkpoint import leaf_name, one_line
 from clusiam_jax.errors import CheckpointError, ConfigError, ConversionError
 from clusiam_jax.interop import layout
@@ -176,15 +176,16 @@ def state_dict_source(state_dict, config, path: str) -> Source:
     where = () if encoder else ('encoder',)   # a torchvision file fills the encoder
     arrays = {'/'.join((key[0], *where, *key[1:])): value for key, value in filled.items()}
     unused = sorted(key for key in remaining if not key.endswith('.num_batches_tracked'))
-    return Source(path=os.path.abspath(path), kind=kind, arrays=arrays,
-                  unused=tuple(unused), notes=tuple(problems['shape']))
+    return Source(path=path if storage.is_url(path) else os.path.abspath(path), kind=kind,
+                  arrays=arrays, unused=tuple(unused), notes=tuple(problems['shape']))
 
 
 def read_weights(path: str, config) -> Source:
     """train.init_from's source: a weights file, or a run's (or checkpoint's) online weights."""
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         try:
-            state_dict, _ = load_state_dict_file(path)
+            with storage.local_copy(path) as local:  # a URL: torch reads local files only
+                state_dict, _ = load_state_dict_file(local)
         except ConversionError as e:
             raise ConversionError(f'train.init_from: {e}') from None
         if not state_dict:
@@ -201,4 +202,5 @@ def read_weights(path: str, config) -> Source:
                           f'(model.backbone)')
     arrays = jax.device_get(variable_names(run.weights.online_variables))
     kind = f'{run.config.model.name} run (checkpoint at step {run.step})'
-    return Source(path=os.path.abspath(path), kind=kind, arrays=arrays)
+    return Source(path=path if storage.is_url(path) else os.path.abspath(path), kind=kind,
+                  arrays=arrays)

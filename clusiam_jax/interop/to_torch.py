@@ -13,6 +13,7 @@ from clusiam_jax.errors import ConversionError, DataError
 from clusiam_jax.fileio import atomic_write, write_json
 from clusiam_jax.interop import layout
 from clusiam_jax.slides import coords as coords_lib
+from clusiam_jax.storage import is_url
 
 SAFETENSORS = ('.safetensors',)
 TORCH_PICKLE = ('.pth', '.pt')
@@ -70,6 +71,9 @@ def network_state_dict(params, batch_stats, target_params=None, target_stats=Non
 
 def check_destination(path: str):
     """ConversionError (one line) unless `path` is a writable .safetensors / .pth / .pt."""
+    if is_url(path):  # os.path would look for a local './gs:' folder
+        raise ConversionError(f'--out {path}: convert to-torch writes a local file only; '
+                              f'upload it afterwards')
     if os.path.splitext(path)[1].lower() not in SAFETENSORS + TORCH_PICKLE:
         raise ConversionError(f'{path}: name the file .safetensors (no torch needed) or '
                               f'.pth / .pt (torch.save, needs torch)')

@@ -7,7 +7,6 @@ import colorsys
 import dataclasses
 import json
 import math
-import os
 import xml.etree.ElementTree as ET
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -17,6 +16,7 @@ import shapely
 from shapely.errors import ShapelyError
 from shapely.geometry import MultiPolygon, Polygon, shape
 
+from clusiam_jax import storage
 from clusiam_jax.errors import DataError
 
 # Searched in this order next to a slide; `.json` is QuPath's other GeoJSON extension.
@@ -45,11 +45,10 @@ class Annotation:
 def read_annotations(path: str) -> List[Annotation]:
     """The polygonal annotations of a file, in file order; DataError also when it holds
     none, which would silently call every patch 'normal'."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise DataError(f'{path}: no such annotation file')
-    try:
-        with open(path, 'rb') as f:   # bytes: ElementTree honours XML's declared encoding
-            data = f.read()
+    try:   # bytes: ElementTree honours XML's declared encoding
+        data = storage.read_bytes(path)
     except OSError as e:
         raise DataError(f'{path}: cannot read the annotation file ({e.strerror})') from None
     start = data.lstrip(b'\xef\xbb\xbf \t\r\n')[:1]
@@ -70,8 +69,8 @@ def find_annotation_file(folder: str, slide_id: str) -> Optional[str]:
     """The first `<folder>/<slide_id><ext>` found (`.XML` too), or None."""
     for ext in ANNOTATION_EXTENSIONS:
         for variant in (ext, ext.upper()):
-            candidate = os.path.join(folder, slide_id + variant)
-            if os.path.isfile(candidate):
+            candidate = storage.join(folder, slide_id + variant)
+            if storage.isfile(candidate):
                 return candidate
     return None
 

@@ -4,11 +4,13 @@ damaged or foreign file is refused in one line. A slide id names its files verba
 `slide_path` is the one way to them, refusing ids that are no file name (`id_problem`).
 """
 import dataclasses
+import io
 import os
 from typing import Optional
 
 import numpy as np
 
+from clusiam_jax import storage
 from clusiam_jax.errors import DataError
 from clusiam_jax.fileio import atomic_write
 
@@ -62,19 +64,20 @@ def check_slide_id(slide_id: str) -> str:
 
 def slide_path(folder: str, slide_id: str, suffix: str) -> str:
     """`folder/<slide_id><suffix>`: a file inside `folder` whatever the id, or DataError."""
-    path = os.path.join(folder, check_slide_id(slide_id) + suffix)
+    path = storage.join(folder, check_slide_id(slide_id) + suffix)
     if os.path.dirname(os.path.normpath(path)) != os.path.normpath(folder):
         raise DataError(f'slide id {slide_id!r} leads outside {folder}')
     return path
 
 
 def trident_file(out_dir: str, slide_id: str) -> str:
-    return slide_path(os.path.join(out_dir, PATCHES_DIR), slide_id, TRIDENT_SUFFIX)
+    return slide_path(storage.join(out_dir, PATCHES_DIR), slide_id, TRIDENT_SUFFIX)
 
 
 def write_trident(path: str, coords: np.ndarray, attrs: dict):
     import h5py
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not storage.is_url(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
         ds = f.create_dataset('coords', data=np.asarray(coords, np.int64).reshape(-1, 2))
         ds.attrs.update(attrs)
@@ -89,8 +92,10 @@ def slide_id_of_file(name: str) -> str:
 def read_coords(path: str) -> SlideCoords:
     """A coordinate file of either schema; DataError (one line) when it is neither."""
     import h5py
+    # A file in a bucket is read in one GET; h5py reads the bytes from memory.
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
     try:
-        with h5py.File(path, 'r') as f:
+        with h5py.File(source, 'r') as f:
             if 'coords' not in f:
                 raise DataError(f'{path}: no "coords" dataset (not a CLAM/TRIDENT patch file)')
             ds = f['coords']
@@ -165,11 +170,12 @@ def _checked_coords(path: str, raw: np.ndarray, attrs: dict) -> np.ndarray:
 
 def list_coord_files(folder: str):
     """{slide_id: path} of the *.h5 coordinate files of a `patches/` folder, sorted."""
-    names = sorted(n for n in os.listdir(folder) if n.endswith('.h5') and not n.startswith('.'))
+    names = sorted(n for n in storage.listdir(folder)
+                   if n.endswith('.h5') and not n.startswith('.'))
     out = {}
     for name in names:
         slide_id = slide_id_of_file(name)
         if slide_id in out:
             raise DataError(f'{folder}: two coordinate files for slide {slide_id!r}')
-        out[slide_id] = os.path.join(folder, name)
+        out[slide_id] = storage.join(folder, name)
     return out

@@ -6,6 +6,7 @@ from typing import List, Optional
 import cv2
 import numpy as np
 
+from clusiam_jax import storage
 from clusiam_jax.fileio import atomic_write
 from clusiam_jax.slides import coords as coords_lib
 from clusiam_jax.slides import reader, slides_csv, tissue
@@ -99,9 +100,10 @@ def write(out_dir: str, entry, image: np.ndarray, lines: List[str]) -> str:
     from PIL import Image, PngImagePlugin
     info = PngImagePlugin.PngInfo()
     info.add_itxt('Title', '\n'.join(lines))
-    path = coords_lib.slide_path(os.path.join(out_dir, MASKS_DIR), entry.slide_id, '.png')
+    path = coords_lib.slide_path(storage.join(out_dir, MASKS_DIR), entry.slide_id, '.png')
     with slides_csv.writing(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not storage.is_url(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_write(path) as tmp:
             Image.fromarray(image).save(tmp, format='PNG', pnginfo=info)
     return path

@@ -1,11 +1,13 @@
 """Whole-slide images: a `Slide` (one level list over its backends: OpenSlide, the reader of
 record, and slides/tiles.py's direct TIFF reads) and patches read at a physical resolution
-(docs/method.md §9). A remote reader would be one more backend with `read(level, ...)`.
+(docs/method.md §9). A slide in a bucket is a RemoteSlide: the local Slide's level list, read
+from its tile index's layout (slides/tile_index.py), with remote backends.
 """
 import dataclasses
 import logging
 import math
 import os
+import threading
 from typing import List, Optional, Tuple
 
 import cv2
@@ -217,7 +219,7 @@ class Slide:
         try:
             return square(level)
         except (ValueError, KeyError, IndexError) as e:   # damaged, or given up meanwhile
-            if level < self.listed:
+            if level < self.listed or isinstance(e, DataError):   # DataError: a bucket read
                 raise
             if not self._hidden_failed:
                 self._hidden_failed = True
@@ -230,6 +232,54 @@ class Slide:
         log.warning('%s: a reduced level OpenSlide does not list is unreadable (%s); '
                     'reading the levels OpenSlide lists instead', self, why)
         self.levels = self.levels[:self.listed]
+
+
+def layout_of(slide: Slide) -> dict:
+    """What a host needs to lay out the Slide of this file without opening it (JSON): each
+    level's downsample, size and tile, how many OpenSlide lists, which the direct reader reads."""
+    return {'dimensions': [int(v) for v in slide.dimensions], 'listed': int(slide.listed),
+            'levels': [[lv.downsample, int(lv.size[0]), int(lv.size[1]),
+                        *(int(v) for v in (lv.tile or (0, 0)))] for lv in slide.levels],
+            'direct': [i for i, lv in enumerate(slide.levels)
+                       if slide.tiles is not None and lv.backend is slide.tiles]}
+
+
+class RemoteSlide(Slide):
+    """A slide in a bucket with the local Slide's levels (`layout`: layout_of it). Levels the
+    local Slide reads directly and `tiles` (a RemoteTiles) indexes are read by byte ranges;
+    the rest (OpenSlide's placement) from the slide staged whole by `stage()` -> Slide, the
+    first time one is needed: the same backends as local, so the same pixels."""
+
+    def __init__(self, layout: dict, tiles, stage, path: str):
+        self.handle, self.tiles, self.path = None, tiles, path
+        self.dimensions = tuple(layout['dimensions'])
+        self.properties = {}
+        self.listed = int(layout['listed'])
+        direct = set(layout['direct']) & set(getattr(tiles, 'levels', {}))
+        self.levels = [Level(float(ds), (int(w), int(h)), (int(tw), int(th)) if tw and th
+                             else None, tiles if index in direct else self)
+                       for index, (ds, w, h, tw, th) in enumerate(layout['levels'])]
+        self._stage, self._staged, self._stage_lock = stage, None, threading.Lock()
+        self._hidden_failed = False
+
+    def staged(self) -> Slide:
+        """The local Slide of the staged copy (staged on first call)."""
+        with self._stage_lock:
+            if self._staged is None:
+                self._staged = self._stage()
+            return self._staged
+
+    def read(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        backend = self.levels[level].backend
+        if backend is not self:
+            return backend.read(level, x0, y0, w, h)
+        return self.staged().read(level, x0, y0, w, h)
+
+    def close(self):
+        if self.tiles is not None:
+            self.tiles.close()
+        if self._staged is not None:
+            self._staged.close()
 
 
 def open_slide(path: str, cache=None, direct: bool = True) -> Slide:

@@ -9,6 +9,7 @@ import json
 import os
 from typing import List, Optional
 
+from clusiam_jax import storage
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import coords as coords_lib
 from clusiam_jax.slides import slides_csv
@@ -16,8 +17,15 @@ from clusiam_jax.slides.slides_csv import DEFAULT_ORIGIN
 
 
 def _file_identity(path: Optional[str]):
+    """[where, size, mtime] of a file; an object's ETag in place of its time. A lookup that
+    fails (an outage) raises: guessed, it would redo every slide."""
     if not path:
         return None
+    if storage.is_url(path):
+        try:
+            return [path, *storage.version(path)]
+        except storage.Unreadable:   # missing, as a missing local file
+            return [path, None, None]
     try:
         st = os.stat(path)
         return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
@@ -60,8 +68,12 @@ def previous(entry, params, out_dir: str):
         return None, None
     attrs = found.attrs
     mpp, origin = float(attrs['level0_mpp']), str(attrs.get('mpp_origin', ''))
+    try:
+        key = tiling_key(entry, params)
+    except DataError as e:   # its slide or mask could not be looked up: not tiled anew
+        return slides_csv.row(entry, slides_csv.UNREADABLE, str(e)), None
     why = []
-    if attrs.get('tiling_key') != tiling_key(entry, params):
+    if attrs.get('tiling_key') != key:
         why = _changes(attrs, entry, params)
     if origin == DEFAULT_ORIGIN and mpp != params.mpp_default:
         why.append(f'its µm/px came from {DEFAULT_ORIGIN} {mpp:g}, now '
@@ -102,7 +114,7 @@ def _changes(attrs: dict, entry, params) -> List[str]:
             before, now = attrs.get(key), getattr(params, key)
             if before is not None and before != now:
                 out.append(f'tile.{key} {_shown(before)} -> {_shown(now)}')
-        if os.path.abspath(entry.path) != attrs.get('slide_path'):
+        if storage.resolve(os.getcwd(), entry.path) != attrs.get('slide_path'):
             out.append(f'the slide file is now {entry.path} (was {attrs.get("slide_path")})')
         return out or ['other settings or a changed slide file (the coordinate file does '
                        'not record which)']

@@ -6,7 +6,7 @@ import errno
 import os
 from typing import Dict, List, Optional
 
-from clusiam_jax import fileio
+from clusiam_jax import fileio, storage
 from clusiam_jax.errors import DataError
 
 SLIDES_CSV = 'slides.csv'
@@ -31,6 +31,11 @@ def writing(path: str):
     """Turns a failure to write `path` into the job's OutputError (one line)."""
     try:
         yield
+    except OutputError:
+        raise
+    except DataError as e:   # a bucket refused the upload (storage told why, in one line)
+        raise OutputError(f'{e}: fix the output bucket and rerun; finished slides are '
+                          f'kept') from None
     except OSError as e:
         text = ' '.join(str(e).split())
         if e.errno in _FULL or any(os.strerror(c) in text for c in _FULL):
@@ -40,8 +45,13 @@ def writing(path: str):
                           f'folder and rerun; finished slides are kept') from None
 
 
-def has_table(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, SLIDES_CSV))
+def has_table(folder: str, name: str = SLIDES_CSV) -> bool:
+    return storage.isfile(storage.join(folder, name))
+
+
+def part_name(host_index: int, host_count: int) -> str:
+    """The part of slides.csv one host of a split tiling writes (tile.host_index)."""
+    return f'slides-{host_index}-of-{host_count}.csv'
 
 
 def row(entry, status: str, reason: str = '', mpp: Optional[float] = None, origin: str = '',
@@ -52,9 +62,9 @@ def row(entry, status: str, reason: str = '', mpp: Optional[float] = None, origi
             'status': status, 'reason': reason}
 
 
-def read_rows(folder: str) -> List[dict]:
-    """The rows of `folder`'s slides.csv, every field present ('' when empty)."""
-    _, rows = fileio.read_csv_rows(os.path.join(folder, SLIDES_CSV), SLIDES_CSV)
+def read_rows(folder: str, name: str = SLIDES_CSV) -> List[dict]:
+    """The rows of `folder`'s slides.csv (or a host's part), every field present."""
+    _, rows = fileio.read_csv_rows(storage.join(folder, name), name)
     return [{k: r.get(k) or '' for k in SLIDES_FIELDS} for r in rows]
 
 
@@ -66,23 +76,25 @@ def tiled_rows(folder: str) -> List[dict]:
     return rows
 
 
-def rows_on_disk(folder: str) -> List[dict]:
-    """The rows slides.csv has now ([] without one), also of a job writing there meanwhile."""
-    if not has_table(folder):
+def current_rows(folder: str, name: str = SLIDES_CSV) -> List[dict]:
+    """The rows slides.csv has now, on disk or in a bucket ([] without one), also of a job
+    writing there meanwhile."""
+    if not has_table(folder, name):
         return []
     try:
-        return read_rows(folder)
+        return read_rows(folder, name)
     except DataError as e:
         raise DataError(f'{e}: it lists the slides tiled there; move it away to start the '
                         f'list anew') from None
 
 
-def write(folder: str, finished: Dict[str, List[dict]], order: List[str]):
-    """slides.csv: the rows on disk, read again now, with this job's `finished` rows (slide
+def write(folder: str, finished: Dict[str, List[dict]], order: List[str],
+          name: str = SLIDES_CSV):
+    """slides.csv: the rows stored, read again now, with this job's `finished` rows (slide
     id -> its rows) in place of theirs and new slides after them; rows of slides not
     finished (yet) are kept: their coordinate files are still there."""
     rows, on_disk = [], {}
-    for r in rows_on_disk(folder):
+    for r in current_rows(folder, name):
         on_disk.setdefault(r['slide_id'], []).append(r)
     for slide_id, found in on_disk.items():
         if slide_id in finished:
@@ -92,6 +104,21 @@ def write(folder: str, finished: Dict[str, List[dict]], order: List[str]):
         else:
             rows.append(found[0])
     rows += [r for s in order if s in finished and s not in on_disk for r in finished[s]]
-    path = os.path.join(folder, SLIDES_CSV)
+    path = storage.join(folder, name)
     with writing(path):
         fileio.write_csv(path, SLIDES_FIELDS, rows)
+
+
+def merge_parts(folder: str, order: List[str], shares: List[set]) -> Optional[List[dict]]:
+    """slides.csv from the hosts' parts (`shares`: each host's slide ids) once every part
+    has rows for its whole share, as one host tiling `order` writes it; None before."""
+    finished: Dict[str, List[dict]] = {}
+    for host, share in enumerate(shares):
+        found: Dict[str, List[dict]] = {}
+        for r in current_rows(folder, part_name(host, len(shares))):
+            found.setdefault(r['slide_id'], []).append(r)
+        if not share <= set(found):
+            return None
+        finished.update((s, found[s]) for s in share)
+    write(folder, finished, order)
+    return [r for s in order for r in finished[s]]

@@ -4,6 +4,7 @@ function of the slide and the config, the same on every rerun; a slide that fail
 with its reason, never the end of the job; failing to write the output stops the job.
 """
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,7 +17,7 @@ import cv2
 import numpy as np
 import tqdm
 
-from clusiam_jax import interrupts
+from clusiam_jax import interrupts, storage
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.slides import aligned_grid, listing, qc, reader, retile, tissue
 from clusiam_jax.slides import coords as coords_lib
@@ -26,6 +27,9 @@ from clusiam_jax.slides.retile import tiling_key
 from clusiam_jax.slides.slides_csv import DEFAULT_ORIGIN, OVERRIDE_ORIGIN, TILED, OutputError
 
 log = logging.getLogger('clusiam_jax')
+
+# Slides in a bucket that get a tile index (tile_index.py): the TIFF family.
+TIFF_FAMILY = ('.svs', '.tif', '.tiff', '.ndpi', '.scn', '.bif')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +58,11 @@ def list_slides(slides: str) -> List[SlideEntry]:
     if not slides:
         raise ConfigError('tile.slides is empty: give a folder of slides or a CSV with a '
                           '"path" column (--config.tile.slides=...)')
-    if not os.path.exists(slides):
+    if not storage.exists(slides):
         raise DataError(f'tile.slides not found: {slides}')
-    slides = os.path.abspath(slides)   # slides.csv records where the slides are, for good
-    if os.path.isfile(slides):
+    # slides.csv records where the slides are, for good
+    slides = storage.resolve(os.getcwd(), slides)
+    if storage.isfile(slides):
         if slides.lower().endswith(reader.SLIDE_EXTENSIONS + (reader.DICOM_EXTENSION,)):
             entries = [SlideEntry(reader.slide_id_of(slides), slides)]
         elif not slides.lower().endswith('.csv'):
@@ -157,13 +162,32 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
     bad = _bad_id_row(entry)
     if bad is not None:
         return bad
+    if not storage.is_url(entry.path):
+        return _tile_file(entry, entry.path, params, out_dir)
+    if entry.path.lower().endswith(listing.UNSTAGED):
+        return table.row(entry, table.UNREADABLE, f'{entry.path}: a VMS/VMU slide (files named '
+                         f'inside it) is tiled from local disk only: copy it out of the bucket '
+                         f'and list the copy')
+    with contextlib.ExitStack() as stack:   # staged whole, one slide at a time per worker
+        try:   # the ETag first: a write during the download then fails the index's check
+            etag = storage.version(entry.path)[1]
+            local = stack.enter_context(listing.staged(entry.path))
+        except DataError as e:
+            return table.row(entry, table.UNREADABLE, str(e))
+        return _tile_file(entry, local, params, out_dir, etag)
+
+
+def _tile_file(entry: SlideEntry, local: str, params: TileParams, out_dir: str,
+               etag: str = '') -> dict:
+    """tile_slide of the slide file at `local` (entry.path, or its staged copy)."""
     try:
-        slide = reader.open_slide(entry.path)
+        slide = reader.open_slide(local)
     except DataError as e:
-        return table.row(entry, table.UNREADABLE, str(e))
+        return table.row(entry, table.UNREADABLE, str(e).replace(local, entry.path))
     with slide:
         try:
-            return _tile_open_slide(slide, entry, params, out_dir)
+            return _tile_open_slide(slide, entry, params, out_dir,
+                                    local if storage.is_url(entry.path) else None, etag)
         except OutputError:
             raise
         except reader.SlideTooLarge as e:
@@ -175,7 +199,8 @@ def tile_slide(entry: SlideEntry, params: TileParams, out_dir: str) -> dict:
                              f'{" ".join(str(e).split())}')
 
 
-def _tile_open_slide(slide, entry, params, out_dir) -> dict:
+def _tile_open_slide(slide, entry, params, out_dir, staged: Optional[str] = None,
+                     etag: str = '') -> dict:
     res, mpp_note = _resolution(slide, entry, params)
     if res.mpp is None:
         status = table.BAD_MPP if res.implausible else table.NO_MPP
@@ -216,7 +241,7 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
              'overlap': params.overlap, 'level0_width': width, 'level0_height': height,
              'name': entry.slide_id, 'target_mpp': params.target_mpp,
              'level0_mpp': res.mpp, 'mpp_origin': res.origin, 'slide_path':
-             os.path.abspath(entry.path), 'tiling_key': tiling_key(entry, params),
+             storage.resolve(os.getcwd(), entry.path), 'tiling_key': tiling_key(entry, params),
              'tiling_inputs': json.dumps(retile.key_inputs(entry, params), sort_keys=True,
                                          default=str),
              'tissue_fraction': tissue_fraction, 'tiling_note': note, **grid_attrs}
@@ -233,10 +258,26 @@ def _tile_open_slide(slide, entry, params, out_dir) -> dict:
         return table.row(entry, table.NO_TISSUE, f'no patch with tissue >= tile.min_tissue '
                          f'{params.min_tissue:g} (tissue {tissue_fraction:.1%} of the slide; '
                          f'see {qc_path})', res.mpp, res.origin, 0, tissue_fraction)
+    if staged is not None and entry.path.lower().endswith(TIFF_FAMILY):
+        _write_tile_index(staged, entry, out_dir, etag)   # before the coordinates a rerun reuses
     coords_path = coords_lib.trident_file(out_dir, entry.slide_id)
     with table.writing(coords_path):
         coords_lib.write_trident(coords_path, kept, attrs)
     return table.row(entry, TILED, note, res.mpp, res.origin, len(kept), tissue_fraction)
+
+
+def _write_tile_index(staged: str, entry: SlideEntry, out_dir: str, etag: str = ''):
+    """`tile_index/<id>.npz`: tiles fetched by byte range, no header parsed over the network."""
+    from clusiam_jax.slides import tile_index
+    try:
+        index = tile_index.build_for_slide(staged, name=entry.path, etag=etag)
+    except tile_index.Unindexable as e:
+        log.info('tile: %s: no tile index (%s); reading it from the bucket stages it whole',
+                 entry.slide_id, e)
+        return
+    path = tile_index.index_file(out_dir, entry.slide_id)
+    with table.writing(path):
+        tile_index.write(path, index)
 
 
 def _candidates(slide, entry, params, size0, step0):
@@ -261,23 +302,63 @@ def _clear_stale(out_dir: str, entry: SlideEntry):
     if coords_lib.id_problem(entry.slide_id) is not None:
         return   # no file of this slide was ever written: its id names none
     path = coords_lib.trident_file(out_dir, entry.slide_id)
-    if os.path.exists(path):
-        with table.writing(path):
-            os.remove(path)
+    with table.writing(path):
+        if storage.exists(path):
+            storage.remove(path)
+
+
+def host_shares(slide_ids: List[str], host_count: int) -> List[set]:
+    """Each host's slide ids: the sorted ids at h, h + count, ... (alike on every host, rerun)."""
+    ordered = sorted(set(slide_ids))
+    return [set(ordered[h::host_count]) for h in range(host_count)]
 
 
 def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
-                num_workers: int = 0) -> List[dict]:
-    """Tiles every slide (reusing finished ones); writes slides.csv as slides finish.
-    DataError when no slide could be tiled; OutputError when the output cannot be
+                num_workers: int = 0, host_index: int = 0, host_count: int = 1) -> List[dict]:
+    """Tiles every slide (reusing finished ones) or, over `host_count` hosts, this host's
+    share; writes slides.csv (a host its own part, merged by the last to finish) as slides
+    finish. DataError when no slide could be tiled; OutputError when the output cannot be
     written (the job stops, the slides finished so far are kept)."""
     with table.writing(out_dir):
-        os.makedirs(os.path.join(out_dir, coords_lib.PATCHES_DIR), exist_ok=True)
+        storage.makedirs(storage.join(out_dir, coords_lib.PATCHES_DIR))
     order = list(dict.fromkeys(e.slide_id for e in entries))   # slides sharing an id: one
-    kept = {r['slide_id'] for r in table.rows_on_disk(out_dir)} - set(order)
+    kept = {r['slide_id'] for r in table.current_rows(out_dir)} - set(order)
     if kept:
         log.info('tile: %d slides of an earlier run into %s are kept in its slides.csv',
                  len(kept), out_dir)
+    where = storage.join(out_dir, table.SLIDES_CSV)
+    if host_count == 1:
+        final = _tile_share(entries, params, out_dir, num_workers, table.SLIDES_CSV)
+    else:
+        shares = host_shares(order, host_count)
+        part = table.part_name(host_index, host_count)
+        log.info('tile: host %d of %d tiles %d of the %d slides (by sorted slide id); its rows '
+                 'go to %s, merged into %s by the last host to finish', host_index, host_count,
+                 len(shares[host_index]), len(order), part, table.SLIDES_CSV)
+        # The part holds this run's rows only: it lists the whole share once this run is done.
+        with table.writing(storage.join(out_dir, part)):
+            storage.remove(storage.join(out_dir, part))
+        mine = _tile_share([e for e in entries if e.slide_id in shares[host_index]], params,
+                           out_dir, num_workers, part)
+        final = table.merge_parts(out_dir, order, shares)
+        if final is None:
+            log.info('tile: host %d: %d of %d slides tiled; %s is written by the last host '
+                     'to finish (or any rerun)', host_index,
+                     sum(r['status'] == TILED for r in mine), len(mine), where)
+            return mine
+    n_ok = sum(r['status'] == TILED for r in final)
+    n_patches = sum(int(r['n_patches']) for r in final if r['status'] == TILED)
+    log.info('tile: %d of %d slides tiled, %d patches -> %s (%s)', n_ok, len(final),
+             n_patches, out_dir, where)
+    if not n_ok:
+        raise DataError(f'no slide could be tiled; the reasons are in {where}')
+    return final
+
+
+def _tile_share(entries: List[SlideEntry], params: TileParams, out_dir: str,
+                num_workers: int, csv_name: str) -> List[dict]:
+    """Tiles `entries`, rewriting their rows of `csv_name` as slides finish."""
+    order = list(dict.fromkeys(e.slide_id for e in entries))
     if params.mpp_override:
         log.info("tile: %s forces level-0 µm/px %g on every slide (but those a slide CSV's "
                  '"mpp" column gives); each slide whose metadata says otherwise is logged',
@@ -337,7 +418,7 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
         rows[entry.slide_id] = [row]
         bar.update(1)
         if time.monotonic() - last_write > 2.0:
-            table.write(out_dir, rows, order)
+            table.write(out_dir, rows, order, csv_name)
             last_write = time.monotonic()
 
     try:
@@ -359,19 +440,11 @@ def tile_slides(entries: List[SlideEntry], params: TileParams, out_dir: str,
                 done(entry, tile_slide(entry, params, out_dir))
     except BaseException:
         try:   # what is finished is kept on Ctrl-C or a full disk
-            table.write(out_dir, rows, order)
+            table.write(out_dir, rows, order, csv_name)
         except DataError as e:   # the disk is still full: the first error is the one told
             log.warning('tile: %s', e)
         raise
     finally:
         bar.close()
-    table.write(out_dir, rows, order)
-    final = [r for s in order for r in rows[s]]
-    n_ok = sum(r['status'] == TILED for r in final)
-    n_patches = sum(int(r['n_patches']) for r in final if r['status'] == TILED)
-    log.info('tile: %d of %d slides tiled, %d patches -> %s (%s)', n_ok, len(final),
-             n_patches, out_dir, os.path.join(out_dir, table.SLIDES_CSV))
-    if not n_ok:
-        raise DataError(f'no slide could be tiled; the reasons are in '
-                        f'{os.path.join(out_dir, table.SLIDES_CSV)}')
-    return final
+    table.write(out_dir, rows, order, csv_name)
+    return [r for s in order for r in rows[s]]

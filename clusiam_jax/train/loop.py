@@ -4,7 +4,6 @@ import contextlib
 import itertools
 import logging
 import math
-import os
 import signal
 import time
 
@@ -12,14 +11,21 @@ import jax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from clusiam_jax import interrupts, parallel, run_dir
+from clusiam_jax import interrupts, parallel, run_dir, storage
 from clusiam_jax.checkpoint import Checkpointer
 from clusiam_jax.config import config_changes, validate
 from clusiam_jax.data import create_train_loader
 from clusiam_jax.errors import CheckpointError
 from clusiam_jax.models import METHOD_SPECS
 from clusiam_jax.train import init_from
-from clusiam_jax.train.metrics import EpochStats, MetricWriter, SkippedSteps, collapse_warnings
+from clusiam_jax.train.metrics import (
+    EpochStats,
+    InputTelemetry,
+    MetricWriter,
+    SkippedSteps,
+    collapse_warnings,
+    input_line,
+)
 from clusiam_jax.train.monitor import MonitorHook
 from clusiam_jax.train.prefetch import prefetch_to_device
 from clusiam_jax.train.saveable import check_saveable
@@ -117,7 +123,7 @@ def train(config, workdir: str, loader=None, mesh=None):
     """The final (or signal-checkpointed) state; default loader: data.path's, mesh: all devices."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)  # a bucket: only the bucket must exist
     interrupts.check()  # safe points: a signal before the loop stops the command here
     held_out = None  # the monitor's slides: only the data pipeline's own loader holds some out
     if loader is None:
@@ -153,6 +159,8 @@ def train(config, workdir: str, loader=None, mesh=None):
         batches = prefetch_to_device(iterator, parallel.batch_sharded(mesh),
                                      config.data.prefetch, with_state=True)
         writer = stack.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_main)))
+        # Bucket reads of this process's batches (process 0 logs its own: hosts read alike).
+        reads = InputTelemetry(iterator, loader)
         head = next(batches)
         log.info('compiling the train step (%s, %s, batch %d at %d px on %d devices); the first '
                  'compile takes a while', config.model.name, config.model.backbone,
@@ -208,6 +216,9 @@ def train(config, workdir: str, loader=None, mesh=None):
                     loss = window.get('loss', math.nan)
                     bar.set_postfix(loss=f'{loss:.4f}', pairs_s=f'{rate:.1f}')
                     writer.scalars(step, window)
+                    window_reads = reads.window()
+                    if window_reads is not None:
+                        writer.scalars(step, window_reads, prefix='input/')
                 if step < end and stop.requested(step):
                     return stop_here(signal.Signals(interrupts.received()).name, saved=False)
             # The epoch is complete: its row and checkpoint first, then a pending stop.
@@ -221,12 +232,14 @@ def train(config, workdir: str, loader=None, mesh=None):
             row = dict(means, epoch=epoch + 1, step=step, time_s=round(elapsed, 3),
                        pairs_per_s=round((step - first) * config.train.batch_size / elapsed, 3))
             row.update({k.replace('/', '_'): v for k, v in hooked.items()})
+            row.update(reads.epoch())
             writer.epoch_row(row)
             writer.scalars(epoch + 1, {'epoch/pairs_per_s': row['pairs_per_s'], **hooked},
                            prefix='')
             if is_main:
-                log.info('epoch %d/%d: %s', epoch + 1, num_epochs,
-                         ', '.join(f'{k}={v:.4g}' for k, v in sorted(means.items())))
+                log.info('epoch %d/%d: %s%s', epoch + 1, num_epochs,
+                         ', '.join(f'{k}={v:.4g}' for k, v in sorted(means.items())),
+                         input_line(row))
             # Logits start near uniform: judge collapse only after a full epoch.
             if is_main and METHOD_SPECS[config.model.name].has_cluster_head and epoch > 0:
                 samples = stats.count * 2 * config.train.batch_size  # assignments in the means

@@ -1,11 +1,18 @@
-"""Metrics fetched at log steps, metrics.csv, TensorBoard, skipped steps (files: process 0 only)."""
+"""Metrics fetched at log steps, metrics.csv, TensorBoard, skipped steps (files: process 0 only).
+In a bucket (objects cannot be appended) each file is rewritten whole: metrics.csv at each epoch
+row; TensorBoard's events are written to a local folder and uploaded at each epoch row and at the
+end (tensorboardX's own s3/gs writers hold the file in memory and upload it unretried from a
+thread, with their own endpoint variables)."""
 import collections
 import logging
 import math
-import os
+import shutil
+import tempfile
 
 import jax
+import numpy as np
 
+from clusiam_jax import storage
 from clusiam_jax.errors import NonFiniteError
 from clusiam_jax.fileio import read_csv_rows, write_csv
 
@@ -16,16 +23,69 @@ CSV_FIELDS = ('epoch', 'step', 'time_s', 'pairs_per_s', 'lr', 'loss', 'invarianc
               *_CLUSTERS, *(f'monitor_{k}' for k in ('rankme', 'alignment', 'uniformity',
                                                       *_CLUSTERS, 'knn_top1', 'knn_balanced',
                                                       'collapse', 'seconds')))
+# Only a run that reads a bucket has these columns (a local run's metrics.csv is unchanged).
+INPUT_FIELDS = ('input_requests', 'input_bytes', 'input_read_ms_mean', 'input_read_ms_p99',
+                'input_retries', 'input_read_errors', 'input_slides_opened',
+                'input_cache_hit_rate')
+_INPUT_NAMES = {'requests': 'requests', 'bytes': 'bytes', 'latency_mean_ms': 'read_ms_mean',
+                'latency_p99_ms': 'read_ms_p99', 'retries': 'retries', 'errors': 'read_errors',
+                'slides_opened': 'slides_opened', 'cache_hit_rate': 'cache_hit_rate'}
+
+
+class InputTelemetry:
+    """The bucket reads behind the batches drawn (data/pipeline.py IO_KEY), per log window
+    (TensorBoard input/...) and per epoch (metrics.csv input_..., the epoch's log line)."""
+
+    def __init__(self, iterator, loader):
+        self._take = getattr(iterator, 'take_input_counts', None)
+        self.slides = getattr(getattr(loader, 'source', None), 'from_slides', False)
+        self.epoch_counts = None
+
+    def window(self):
+        """This window's values named as in TensorBoard (None: the input reads no bucket)."""
+        counts = self._take() if self._take is not None else None
+        if counts is None:
+            return None
+        self.epoch_counts = counts if self.epoch_counts is None else self.epoch_counts + counts
+        return self._named(counts)
+
+    def epoch(self):
+        """The epoch's values (metrics.csv's input_ columns; {} without bucket reads)."""
+        counts, self.epoch_counts = self.epoch_counts, None
+        if counts is None:
+            return {}
+        return {f'input_{k}': v for k, v in self._named(counts).items()}
+
+    def _named(self, counts):
+        summary = storage.Telemetry.summary(np.asarray(counts), slides=self.slides)
+        return {_INPUT_NAMES[k]: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in summary.items() if v is not None}
+
+
+def input_line(row: dict) -> str:
+    """The epoch's bucket reads for the log ('' without them)."""
+    if 'input_requests' not in row:
+        return ''
+    line = (f"; input: {row['input_requests']} requests, {row['input_bytes'] / 1e6:.1f} MB, "
+            f"read {row['input_read_ms_mean']:.1f} ms mean / {row['input_read_ms_p99']:.1f} ms "
+            f"p99, {row['input_retries']} retries, {row['input_read_errors']} read errors")
+    if 'input_slides_opened' in row:
+        line += f", {row['input_slides_opened']} slides opened"
+    if 'input_cache_hit_rate' in row:
+        line += f", slide cache hit rate {row['input_cache_hit_rate']:.2f}"
+    return line
 
 
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
-        self.enabled, self.rows, self._tb = enabled, None, None
-        self.csv_path = os.path.join(workdir, 'metrics.csv')
-        self.tb_dir = os.path.join(workdir, 'tb')
+        self.enabled, self.rows, self._tb, self._staged = enabled, None, None, None
+        self.csv_path = storage.join(workdir, 'metrics.csv')
+        self.tb_dir = storage.join(workdir, 'tb')
         if enabled:
             from tensorboardX import SummaryWriter  # no TensorFlow needed
-            self._tb = SummaryWriter(self.tb_dir)
+            if storage.is_url(workdir):
+                self._staged = tempfile.mkdtemp(prefix='clusiam-tb-')
+            self._tb = SummaryWriter(self._staged or self.tb_dir)
 
     def scalars(self, step: int, values: dict, prefix: str = 'train/'):
         if not self.enabled:
@@ -39,18 +99,30 @@ class MetricWriter:
             return
         if self.rows is None:
             old = (read_csv_rows(self.csv_path, 'metrics file')[1]
-                   if os.path.exists(self.csv_path) else [])
+                   if storage.exists(self.csv_path) else [])
             # A row damaged by hand (no epoch number) is kept, not judged.
             self.rows = [r for r in old if not (r.get('epoch') or '').isdigit() or
                          int(r['epoch']) < int(row['epoch'])]
         self.rows.append(row)
-        write_csv(self.csv_path, CSV_FIELDS,
-                  ({k: r.get(k, '') for k in CSV_FIELDS} for r in self.rows))
+        fields = CSV_FIELDS + (INPUT_FIELDS if any(r.get('input_requests') not in (None, '')
+                                                   for r in self.rows) else ())
+        write_csv(self.csv_path, fields, ({k: r.get(k, '') for k in fields} for r in self.rows))
         self._tb.flush()
+        self._upload_tb()
+
+    def _upload_tb(self):
+        """This run's events files, each uploaded whole (earlier runs' stay as they are)."""
+        if self._staged is not None:
+            storage.upload(self._staged, self.tb_dir, recursive=True)
 
     def close(self):
         if self._tb is not None:
             self._tb.close()
+            try:
+                self._upload_tb()
+            finally:
+                if self._staged is not None:
+                    shutil.rmtree(self._staged, ignore_errors=True)
 
 
 class SkippedSteps:
@@ -58,7 +130,7 @@ class SkippedSteps:
     FILE_NAME = 'nonfinite_steps.txt'
 
     def __init__(self, workdir: str, max_in_a_row: int, write: bool):
-        self.path = os.path.join(workdir, self.FILE_NAME) if write else None
+        self.path = storage.join(workdir, self.FILE_NAME) if write else None
         self.max_in_a_row, self.in_a_row = max_in_a_row, 0
 
     def skipped(self, step: int, metrics: dict):
@@ -66,7 +138,10 @@ class SkippedSteps:
         values = f"loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])}"
         log.warning('step %d: %s; skipped (the state is unchanged, the batch is consumed)',
                     step, values)
-        if self.path:
+        if self.path and storage.is_url(self.path):  # rare: the object is rewritten whole
+            old = storage.read_bytes(self.path) if storage.isfile(self.path) else b''
+            storage.write_bytes(self.path, old + f'{step} {values}\n'.encode('utf-8'))
+        elif self.path:
             with open(self.path, 'a') as f:
                 f.write(f'{step} {values}\n')
         if self.in_a_row > self.max_in_a_row:

@@ -205,7 +205,7 @@ class MonitorHook:
         # Orbax saves only steps beyond its last: a replayed step's old best goes first.
         for old in self.best_ckpt.all_steps():
             if old >= step:
-                self.best_ckpt.manager.delete(old)
+                self.best_ckpt.delete(old)
         self.best_ckpt.save(step, state, data_state)
         self.best_ckpt.wait()
         self.best_value = value
