@@ -21,7 +21,8 @@ LOWER_IS_BETTER = ('alignment', 'uniformity')
 def default_config() -> ml_collections.ConfigDict:
     """Every key a run may use, locked: ConfigDict refuses an unknown key or another type."""
     c = ml_collections.ConfigDict({section: {} for section in (
-        'model', 'loss', 'data', 'train', 'monitor', 'optim', 'ema', 'export', 'tile')})
+        'model', 'loss', 'data', 'augment', 'train', 'monitor', 'optim', 'ema', 'export',
+        'tile')})
     c.model.name = 'clusiam'          # clusiam | clubyol | simsiam | byol
     c.model.backbone = 'resnet18'     # resnet18 | resnet50 (| resnet_tiny: tests only)
     c.model.feat_size = 2048          # D: projector output size
@@ -43,12 +44,22 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.rot90 = False              # histology option: random 90-degree rotations
     c.data.augment_on_device = False  # workers decode + crop; the rest runs in the jitted step
     c.data.slide_dir = ''             # slides of a CLAM/TRIDENT data.path (a tiling has its own)
-    c.data.sampling = 'uniform'       # uniform over patches (original) | slide_balanced
+    c.data.sampling = 'uniform'       # uniform over patches (original) | slide_balanced |
+    #                                   tissue_random (fresh positions in the tissue each epoch)
+    c.data.patches_per_slide = 0      # tissue_random: patches per slide and epoch (0: the grid's)
+    c.data.mpps = ()                  # µm/px each sample is drawn at (): the tiling's target_mpp
+    c.data.mpp_weights = ()           # their probabilities (normalised); (): equal
+    c.data.cross_scale = False        # the two views of a pair at independently drawn µm/px
+    c.data.stain_norm = ''            # '' | macenko | reinhard: training and export inputs
+    c.data.stain_reference = ''       # image the stain target is fitted on; '': a data sample
     c.data.min_tissue = 0.0           # patch files with less tissue are skipped (listed)
     c.data.stats_sample = 4096        # slide sources: normalization over this many patches
     c.data.open_slides = 512          # slide handles kept open per worker (LRU)
     c.data.cache_dir = ''             # slides staged from a bucket ('' ~/.cache/clusiam_jax/slides)
     c.data.cache_gb = 50.0            # that cache's size per host (least recently opened evicted)
+
+    # Histology options of the augmentation (docs/method.md); off: the paper's pipeline.
+    c.augment.hed = 0.0               # HED stain jitter strength (Tellez et al. 2018: 0.05)
 
     c.train.batch_size = 512          # global batch (pairs per step)
     c.train.num_epochs = 50
@@ -101,6 +112,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.annotations = ''         # cluster maps: folder of <slide_id>.geojson/.xml contours
     c.export.qupath = False           # also qupath/<slide>.geojson: clusters as QuPath tiles
     c.export.atlas = False            # also atlas/index.html: each cluster's typical patches
+    c.export.mpps = ()                # features at each µm/px for the same grid (multi-scale)
+    c.export.augment_copies = 0       # K HED-jittered embeddings per patch too (augment.hed)
 
     # Tiling whole slides (python launch.py --mode tile), docs/method.md §9.
     c.tile.slides = ''                # slide folder | CSV path[,slide_id,mpp,label] | one slide
@@ -221,7 +234,9 @@ RULES = {
     'model.backbone': tuple(BACKBONES),
     'model.dtype': ('float32', 'bfloat16'),
     'model.conv_impl': tuple(CONV_IMPLS),
-    'data.sampling': ('uniform', 'slide_balanced'),
+    'data.sampling': ('uniform', 'slide_balanced', 'tissue_random'),
+    'data.stain_norm': ('', 'macenko', 'reinhard'),
+    'augment.hed': '[0, 1)',
     'train.on_nonfinite': ('stop', 'skip'),
     'train.best_metric': ('',) + tuple(f'monitor/{m}' for m in MONITOR_METRICS),
     'train.best_mode': ('', 'max', 'min'),   # '': the metric's own direction
@@ -241,13 +256,14 @@ RULES.update({key: rule for rule, keys in {
     '[1, inf)': 'data.image_size data.stats_sample data.open_slides train.keep_checkpoints '
                 'export.batch_size export.num_workers tile.host_count',
     '[0, inf)': 'data.num_workers train.checkpoint_every_epochs monitor.every_epochs '
+                'data.patches_per_slide export.augment_copies '
                 'export.image_size export.thumbnail_downsample tile.mpp_default tile.mpp_override '
                 'tile.num_workers tile.median_blur tile.saturation_threshold tile.min_saturation '
                 'tile.black_value tile.morph_kernel tile.max_hole_um2 tile.min_area_um2 '
                 'tile.host_index',
     '[0, 1]': 'loss.alpha data.min_tissue tile.min_tissue',
-    'path': 'train.resume_from train.init_from monitor.data_path export.data_path '
-            'export.thumbnail tile.slides',
+    'path': 'data.stain_reference train.resume_from train.init_from monitor.data_path '
+            'export.data_path export.thumbnail tile.slides',
     'folder': 'data.slide_dir export.slide_dir export.annotations tile.masks',
 }.items() for key in keys.split()})
 
@@ -301,6 +317,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     _refuse((d.mean is None) != (d.std is None),
             'set both data.mean and data.std, or neither (computed)')
     _refuse(d.std is not None and min(d.std) <= 0, f'data.std must be positive; got {d.std!r}')
+    _check_mpps(d, exp, config.augment)
     _refuse(t.init_from and t.resume_from,
             'set train.init_from or train.resume_from, not both: resume_from continues a run '
             '(optimizer, step, schedules), init_from starts one from weights')
@@ -335,6 +352,30 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     _refuse(not storage.exists(d.path), f'data.path does not exist: {d.path}' + (
         '; it is the tiling output of tile.slides: tile first (python launch.py --mode tile '
         '--config ...)' if tiled else ''))
+
+
+def _check_mpps(d, exp, augment):
+    """The histology options' cross-key rules (docs/method.md)."""
+    for key, values in (('data.mpps', d.mpps), ('export.mpps', exp.mpps),
+                        ('data.mpp_weights', d.mpp_weights)):
+        _refuse(any(not isinstance(v, (int, float)) or not v > 0 for v in values),
+                f'{key} must hold positive numbers; got {tuple(values)!r}')
+    for key, values in (('data.mpps', d.mpps), ('export.mpps', exp.mpps)):
+        _refuse(len(set(values)) != len(values), f'{key} repeats a resolution: {tuple(values)!r}')
+    _refuse(d.mpp_weights and len(d.mpp_weights) != len(d.mpps),
+            f'data.mpp_weights has {len(d.mpp_weights)} weights for the {len(d.mpps)} '
+            f'resolutions of data.mpps {tuple(d.mpps)!r}: give one weight per resolution')
+    _refuse(d.cross_scale and len(d.mpps) < 2,
+            'data.cross_scale draws the two views at different µm/px: give data.mpps at least '
+            f'two resolutions; got {tuple(d.mpps)!r}')
+    _refuse(d.patches_per_slide and d.sampling != 'tissue_random',
+            'data.patches_per_slide is the number of fresh positions per slide: set '
+            'data.sampling=tissue_random too')
+    _refuse(d.stain_reference and not d.stain_norm, 'data.stain_reference is the target of '
+            'data.stain_norm: set data.stain_norm=macenko or reinhard too')
+    _refuse(exp.augment_copies and not augment.hed,
+            f'export.augment_copies={exp.augment_copies} jitters the stains with augment.hed: '
+            "set its strength (0.05 is Tellez et al.'s)")
 
 
 def best_mode(train) -> str:
