@@ -13,7 +13,6 @@ import os
 import time
 from typing import Dict, List, Optional
 
-import cv2
 import numpy as np
 import tqdm
 
@@ -25,6 +24,7 @@ from clusiam_jax.slides import slides_csv as table
 from clusiam_jax.slides.listing import SlideEntry
 from clusiam_jax.slides.retile import tiling_key
 from clusiam_jax.slides.slides_csv import DEFAULT_ORIGIN, OVERRIDE_ORIGIN, TILED, OutputError
+from clusiam_jax.slides.tissue_positions import cell_fractions, keeps_rule  # noqa: F401
 
 log = logging.getLogger('clusiam_jax')
 
@@ -81,22 +81,6 @@ def list_slides(slides: str) -> List[SlideEntry]:
     if not entries:
         raise DataError(f'{slides} lists no slides')
     return entries   # slides sharing an id are rows of their own (tile_slides)
-
-
-def cell_fractions(mask: np.ndarray, coords: np.ndarray, size0: float,
-                   downsample: float) -> np.ndarray:
-    """Fraction of each patch's area that is tissue, from a mask at `downsample` level-0
-    px per pixel (an integral image: exact over the mask's pixels)."""
-    if not len(coords):
-        return np.zeros(0)
-    integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_64F)
-    h, w = mask.shape
-    box = np.round(np.concatenate([coords, coords + size0], axis=1) / downsample)
-    x0, y0, x1, y1 = np.clip(box.astype(np.int64), 0, [w, h, w, h]).T
-    x1, y1 = np.maximum(x1, x0 + 1).clip(max=w), np.maximum(y1, y0 + 1).clip(max=h)
-    total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    area = np.maximum((x1 - x0) * (y1 - y0), 1)
-    return total / area
 
 
 def _resolution(slide, entry: SlideEntry, params: TileParams):
@@ -231,9 +215,8 @@ def _tile_open_slide(slide, entry, params, out_dir, staged: Optional[str] = None
         mask = tissue.tissue_mask(small, res.mpp * ds, params.detection)
     candidates, grid_attrs, align_note = _candidates(slide, entry, params, size0, step0)
     note = '; '.join(n for n in (mpp_note, align_note) if n)
-    fractions = cell_fractions(mask, candidates, size0, ds)
-    keep = (fractions >= params.min_tissue) & (fractions > 0)
-    kept = candidates[keep]
+    # The rule (tissue_positions owns it: fresh positions of tissue_random keep it too).
+    kept = candidates[keeps_rule(mask, candidates, size0, ds, params.min_tissue)]
     tissue_fraction = float(mask.mean())
     attrs = {'patch_size': params.patch_size, 'patch_size_level0': size0,
              'level0_magnification': 10.0 / res.mpp,
@@ -262,7 +245,10 @@ def _tile_open_slide(slide, entry, params, out_dir, staged: Optional[str] = None
         _write_tile_index(staged, entry, out_dir, etag)   # before the coordinates a rerun reuses
     coords_path = coords_lib.trident_file(out_dir, entry.slide_id)
     with table.writing(coords_path):
-        coords_lib.write_trident(coords_path, kept, attrs)
+        # The mask the patches were kept by (the polygons', with tile.masks): fresh
+        # positions (data.sampling=tissue_random) are drawn from it by the same rule.
+        coords_lib.write_trident(coords_path, kept, attrs, coords_lib.TissueMask(
+            mask, ds, params.min_tissue, (width, height)))
     return table.row(entry, TILED, note, res.mpp, res.origin, len(kept), tissue_fraction)
 
 
