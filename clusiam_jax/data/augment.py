@@ -1,5 +1,6 @@
 """The two-view augmentation of docs/method.md §1 in torchvision's order and distributions,
-drawn (`sample_view_params`) then applied (`apply_view`); jitter, gray and blur match PIL."""
+drawn (`sample_view_params`) then applied (`apply_view`); jitter, gray and blur match PIL.
+augment.hed (off by default) adds HED stain jitter (data/stain.py) right after the crop."""
 import dataclasses
 import math
 from typing import Optional, Tuple
@@ -7,6 +8,8 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 from PIL import Image
+
+from clusiam_jax.data import stain
 
 cv2.setNumThreads(1)  # the parallelism is in the worker processes
 
@@ -30,13 +33,16 @@ class AugmentConfig:
     vflip: bool = False
     rot90: bool = False
     on_device: bool = False   # crops only here; the rest in the step (train/device_augment)
+    hed: float = 0.0          # HED stain jitter strength; 0: off, nothing drawn (the paper)
 
     @classmethod
     def from_config(cls, config) -> 'AugmentConfig':
+        section = config.get('augment')  # configs written before the section existed: off
         return cls(image_size=int(config.data.image_size),
                    vflip=bool(config.data.get('vflip', False)),
                    rot90=bool(config.data.get('rot90', False)),
-                   on_device=bool(config.data.augment_on_device))
+                   on_device=bool(config.data.augment_on_device),
+                   hed=float(section.get('hed', 0.0)) if section is not None else 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,8 @@ class ViewParams:
     hflip: bool = False
     vflip: bool = False
     rot90: int = 0
+    hed_alpha: Optional[Tuple[float, float, float]] = None  # None: no HED jitter
+    hed_beta: Optional[Tuple[float, float, float]] = None
 
 
 def sample_crop(rng: np.random.Generator, height: int, width: int, scale=(0.2, 1.0),
@@ -87,10 +95,15 @@ def sample_view_params(rng: np.random.Generator, height: int, width: int,
                       hue=float(rng.uniform(-cfg.hue, cfg.hue)))
     gray = bool(rng.random() < cfg.gray_p)
     blur = float(rng.uniform(*cfg.blur_sigma)) if rng.random() < cfg.blur_p else None
-    return ViewParams(crop=crop, gray=gray, blur_sigma=blur, **jitter,
-                      hflip=bool(rng.random() < cfg.hflip_p),
-                      vflip=bool(rng.random() < 0.5) if cfg.vflip else False,
-                      rot90=int(rng.integers(0, 4)) if cfg.rot90 else 0)
+    flips = dict(hflip=bool(rng.random() < cfg.hflip_p),
+                 vflip=bool(rng.random() < 0.5) if cfg.vflip else False,
+                 rot90=int(rng.integers(0, 4)) if cfg.rot90 else 0)
+    hed = {}
+    if cfg.hed > 0:  # drawn last and only when on: the paper's draws stay as they were
+        alpha, beta = stain.sample_hed(rng, cfg.hed)
+        hed = dict(hed_alpha=tuple(float(a) for a in alpha),
+                   hed_beta=tuple(float(b) for b in beta))
+    return ViewParams(crop=crop, gray=gray, blur_sigma=blur, **jitter, **flips, **hed)
 
 
 def resized_crop(img: np.ndarray, crop, size: int) -> np.ndarray:
@@ -192,6 +205,11 @@ def apply_view(img: np.ndarray, params: ViewParams, size: int, crop_only: bool =
     """One augmented view; `crop_only`: data.augment_on_device's CPU share (crop, vflip, rot90)."""
     out = resized_crop(img, params.crop, size)
     if not crop_only:
+        # HED first: it models the staining, which happens to the slide before any scanner
+        # images it, so it precedes what models the acquisition (jitter, grey, blur). Per
+        # pixel, it runs after the crop at the output size, whatever the source size.
+        if params.hed_alpha is not None:
+            out = stain.apply_hed(out, params.hed_alpha, params.hed_beta)
         for op in params.jitter_order or ():
             out = _JITTER_OPS[op](out, params)
         if params.gray:
