@@ -1,11 +1,13 @@
 """On-device augmentation (data.augment_on_device, docs/method.md §1 steps 2-5): no per-sample
-control flow (jitter as blend slots around one hue rotation, jnp.where masks), PIL-like clamps."""
+control flow (jitter as blend slots around one hue rotation, jnp.where masks), PIL-like clamps.
+augment.hed's stain jitter runs first, as on the CPU path (data/augment.apply_view)."""
 import math
 from typing import Dict
 
 import jax
 import jax.numpy as jnp
 
+from clusiam_jax.data import stain
 from clusiam_jax.data.augment import BRIGHTNESS, CONTRAST, HUE, AugmentConfig, box_radius
 
 # ITU-R 601-2 luma, as PIL's convert('L') (which uses the 16-bit fixed-point version).
@@ -14,9 +16,13 @@ LUMA = (0.299, 0.587, 0.114)
 
 def sample_device_params(key, n: int, cfg: AugmentConfig) -> Dict[str, jax.Array]:
     """Everything random about n views, as arrays of leading size n (jittable)."""
+    hed = {}
+    if cfg.hed > 0:  # only when on, so that off the paper path's keys are what they were
+        key, hed_key = jax.random.split(key)
+        hed = sample_hed(hed_key, n, cfg.hed)
     keys = jax.random.split(key, 10)
     uniform = lambda k, lo, hi: jax.random.uniform(k, (n,), jnp.float32, lo, hi)
-    return {
+    return hed | {
         'jitter': jax.random.bernoulli(keys[0], cfg.jitter_p, (n,)),
         # A uniformly random permutation of the 4 jitter ops per sample.
         'order': jnp.argsort(jax.random.uniform(keys[1], (n, 4)), axis=1).astype(jnp.int32),
@@ -29,6 +35,28 @@ def sample_device_params(key, n: int, cfg: AugmentConfig) -> Dict[str, jax.Array
         'sigma': uniform(keys[8], cfg.blur_sigma[0], cfg.blur_sigma[1]),
         'hflip': jax.random.bernoulli(keys[9], cfg.hflip_p, (n,)),
     }
+
+
+def sample_hed(key, n: int, strength: float) -> Dict[str, jax.Array]:
+    """Per view alpha [n, 3] ~ U(1 - s, 1 + s) and beta [n, 3] ~ U(-s, s) (stain.sample_hed)."""
+    ka, kb = jax.random.split(key)
+    return {'hed_alpha': jax.random.uniform(ka, (n, 3), jnp.float32, 1 - strength, 1 + strength),
+            'hed_beta': jax.random.uniform(kb, (n, 3), jnp.float32, -strength, strength)}
+
+
+def _mix(x, matrix):
+    """x [..., 3] @ matrix [..., 3, 3] as multiply-adds: exact float32 where a matmul on a
+    GPU could round through TF32, and cheap at a contraction of 3."""
+    return sum(x[..., k, None] * matrix[..., k, :] for k in range(3))
+
+
+def apply_hed(x, alpha, beta):
+    """stain.apply_hed in float (x [N, H, W, 3] in [0, 1], alpha/beta [N, 3]), unrounded."""
+    od = -jnp.log10(jnp.maximum(x, stain.MIN_INTENSITY))
+    hed = _mix(od, jnp.asarray(stain.HED_FROM_RGB, jnp.float32))
+    hed = hed * alpha[:, None, None, :] + beta[:, None, None, :]
+    od = _mix(hed, jnp.asarray(stain.RGB_FROM_HED, jnp.float32))
+    return jnp.clip(jnp.power(10.0, -od), 0.0, 1.0)
 
 
 def _per_sample(v):  # [N] -> [N, 1, 1, 1]
@@ -146,6 +174,8 @@ def apply_device_params(images, params, cfg: AugmentConfig):
     x = images.astype(jnp.float32)
     if images.dtype == jnp.uint8:
         x = x / 255.0
+    if 'hed_alpha' in params:
+        x = apply_hed(x, params['hed_alpha'], params['hed_beta'])
     jittered = color_jitter(x, params['order'], params['brightness'], params['contrast'],
                             params['saturation'], params['hue'])
     x = jnp.where(_mask(params['jitter']), jittered, x)
