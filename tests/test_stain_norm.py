@@ -135,6 +135,11 @@ def test_background_and_specks_pass_unchanged(kind):
     speck[:3, :3] = beer_lambert(concentrations(3, 3), STAINS_B, (3, 3))   # 9 of 4096 pixels
     for img in (white, grey, speck, np.full((64, 64, 3), 255, np.uint8)):
         assert np.array_equal(normalise(img), img)
+    # one flat colour: no two stains (Macenko leaves it), no spread (Reinhard only shifts it)
+    pink = np.full((64, 64, 3), (200, 120, 180), np.uint8)
+    out = normalise(pink)
+    assert out.dtype == np.uint8 and len(np.unique(out.reshape(-1, 3), axis=0)) == 1
+    assert np.array_equal(out, pink) == (kind == 'macenko')
     with pytest.raises(DataError, match='no tissue'):
         stain_norm.fit(kind, [white, grey])
 
@@ -164,13 +169,12 @@ def test_a_real_he_region_stays_a_plausible_image(kind):
         # clearly stained pixels stay tissue (pale ones near the threshold may cross it)
         stained = saturated(img, over=30)
         assert (stained & saturated(out)).sum() > 0.95 * stained.sum()
-    # glass more than 5 px from tissue stays glass (nearer, Reinhard's map fades out);
-    # Macenko tints it a little: its grey is projected onto the H-E plane, as it always is
+    # glass more than 5 px from tissue stays glass (nearer, the normalisation fades out)
     glass = cv2.erode((~saturated(mixed) & (mixed.min(axis=2) > 200)).astype(np.uint8),
                       np.ones((11, 11), np.uint8)).astype(bool)
     assert glass.sum() > 0.5 * glass.size
     change = np.abs(normalise(mixed)[glass].astype(int) - mixed[glass]).max(axis=1)
-    assert np.percentile(change, 99) <= (1 if kind == 'reinhard' else 8)
+    assert np.percentile(change, 99) <= 1
     # the patch moves towards the reference: its tissue's colour (Reinhard), its stain
     # vectors (Macenko's own estimate: what it matches, not the mean colour)
     if kind == 'reinhard':
