@@ -8,6 +8,7 @@ equal tissue detection run here on OpenSlide's own read of the same level, or th
 polygon drawn here.
 """
 import json
+import math
 
 import h5py
 import numpy as np
@@ -41,8 +42,8 @@ def fraction(mask, x, y, size0, ds):
 def valid_positions(mask, ds, size0, min_tissue, width, height):
     """Every integer position whose square lies in the slide and keeps the rule."""
     out = []
-    for y in range(height - size0 + 1):
-        for x in range(width - size0 + 1):
+    for y in range(math.floor(height - size0) + 1):
+        for x in range(math.floor(width - size0) + 1):
             f = fraction(mask, x, y, size0, ds)
             if f >= min_tissue and f > 0:
                 out.append((x, y))
@@ -50,9 +51,10 @@ def valid_positions(mask, ds, size0, min_tissue, width, height):
 
 
 @pytest.mark.parametrize('ds, size0, min_tissue', [
-    (1.0, 5, 0.5), (4.0, 8, 0.5), (3.7, 11, 0.25), (2.5, 6, 0.0), (3.0, 7, 1.0)])
+    (1.0, 5, 0.5), (4.0, 8, 0.5), (3.7, 11, 0.25), (2.5, 6, 0.0), (3.0, 7, 1.0),
+    (3.0, 9.5, 0.5)])   # a fractional side: a patch at another µm/px than the grid's
 def test_draws_hit_exactly_the_positions_that_keep_the_rule(ds, size0, min_tissue):
-    rng = np.random.default_rng(int(ds * 10) + size0)
+    rng = np.random.default_rng(int(ds * 10 + size0))
     mask = rng.random((11, 13)) < 0.5
     mask[3:8, 4:10] = True   # a block, so that even min_tissue 1 has positions
     width, height = int(13 * ds), int(11 * ds)
@@ -97,6 +99,7 @@ def test_the_same_numbers_draw_the_same_positions_and_others_do_not():
                                                      slide)
     first = draw(0, 0, 0)
     np.testing.assert_array_equal(first, draw(0, 0, 0))
+    assert (draw(-1, 0, 0) != first).any()   # a negative seed is a seed too
     sampler = TissueSampler(mask, 4.0, 32, 0.5)   # kept for many epochs: the same draws
     np.testing.assert_array_equal(sampler.draw(500, 0, 0, 0), first)
     for other in (draw(0, 1, 0), draw(0, 0, 1), draw(1, 0, 0)):

@@ -30,9 +30,11 @@ _BLOCK = 1 << 21
 
 
 def _integral(mask: np.ndarray) -> np.ndarray:
-    """int64 [H + 1, W + 1]: the number of tissue pixels above and left of each corner."""
-    out = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    np.cumsum(np.cumsum(np.asarray(mask, bool), axis=0, dtype=np.int64), axis=1, out=out[1:, 1:])
+    """[H + 1, W + 1]: the number of tissue pixels above and left of each corner (int32 when
+    it fits: a sampler kept per slide holds it)."""
+    dtype = np.int32 if mask.size < 2 ** 31 else np.int64
+    out = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype)
+    np.cumsum(np.cumsum(np.asarray(mask, bool), axis=0, dtype=dtype), axis=1, out=out[1:, 1:])
     return out
 
 
@@ -72,8 +74,8 @@ def keeps_rule(mask: np.ndarray, coords: np.ndarray, size0: float, downsample: f
 class _Axis:
     """The runs of one axis: integer starts in [0, side0 - size0] sharing a pixel span."""
 
-    def __init__(self, side0: int, size0: int, downsample: float, n: int):
-        p = np.arange(0, max(side0 - size0 + 1, 0), dtype=np.int64)
+    def __init__(self, side0: int, size0: float, downsample: float, n: int):
+        p = np.arange(0, max(math.floor(side0 - size0) + 1, 0), dtype=np.int64)
         first, end = _span(p.astype(np.float64), size0, downsample, n)
         if len(p):
             new = np.flatnonzero(np.r_[True, (first[1:] != first[:-1]) | (end[1:] != end[:-1])])
@@ -90,17 +92,19 @@ class _Axis:
 
 class TissueSampler:
     """The positions of one slide that keep the rule, counted once; `draw` is then cheap.
-    Holds the mask's integral image (8 bytes a mask pixel) and a few numbers per run."""
+    Holds the mask's integral image (4 bytes a mask pixel) and a few numbers per run.
+    `size0` may be fractional (a patch at another µm/px than the grid's)."""
 
-    def __init__(self, mask: np.ndarray, downsample: float, size0: int, min_tissue: float,
+    def __init__(self, mask: np.ndarray, downsample: float, size0: float, min_tissue: float,
                  level0_size: Optional[Tuple[int, int]] = None, name: str = 'the slide'):
         mask = np.asarray(mask, bool)
         if mask.ndim != 2:
             raise DataError(f'{name}: the tissue mask has shape {list(mask.shape)}, not [H, W]')
         h, w = mask.shape
-        self.downsample, self.size0 = float(downsample), int(size0)
+        self.downsample, self.size0 = float(downsample), float(size0)
         self.min_tissue, self.name = float(min_tissue), name
-        if not self.downsample > 0 or self.size0 < 1:
+        if not (self.downsample > 0 and self.size0 > 0 and math.isfinite(self.downsample)
+                and math.isfinite(self.size0)):
             raise DataError(f'{name}: no positions for squares of {size0} level-0 px on a mask '
                             f'at {downsample} level-0 px per pixel')
         if level0_size is None:   # the mask covers the slide (the tiling's thumbnail)
@@ -112,11 +116,16 @@ class TissueSampler:
         self._y = _Axis(self.level0_size[1], self.size0, self.downsample, h)
         # Only runs whose squares meet the tissue's bounding box can have tissue.
         cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+        self._xi = self._yi = np.zeros(0, np.int64)
         if len(cols):
-            self._xi = self._x.near(cols[0], cols[-1] + 1)
-            self._yi = self._y.near(rows[0], rows[-1] + 1)
-        else:
-            self._xi = self._yi = np.zeros(0, np.int64)
+            xi, yi = self._x.near(cols[0], cols[-1] + 1), self._y.near(rows[0], rows[-1] + 1)
+            if len(xi) and len(yi):
+                self._xi, self._yi = xi, yi
+        # The x-runs' mask columns, relative to the band of integral columns they need.
+        first, end = self._x.first[self._xi], self._x.end[self._xi]
+        self._lo = int(first.min()) if len(first) else 0
+        self._x0, self._x1 = first - self._lo, end - self._lo
+        self._hi = int(end.max()) + 1 if len(end) else 0
         # Positions that keep the rule in each run row: y-run count x sum of x-run counts.
         per_row = np.zeros(len(self._yi), np.int64)
         chunk = max(1, _BLOCK // max(len(self._xi), 1))
@@ -128,21 +137,26 @@ class TissueSampler:
 
     def _row_weights(self, rows: np.ndarray) -> np.ndarray:
         """int64 [len(rows), x-runs]: x-run count where the cell keeps the rule, else 0."""
-        yi, xi = self._yi[rows], self._xi
-        y0, y1 = self._y.first[yi][:, None], self._y.end[yi][:, None]
-        x0, x1 = self._x.first[xi][None, :], self._x.end[xi][None, :]
-        total, fraction = _fractions(self._integral, y0, y1, x0, x1)
-        keep = (fraction >= self.min_tissue) & (total > 0)
-        return np.where(keep, self._x.count[xi][None, :], 0)
+        yi = self._yi[rows]
+        y0, y1 = self._y.first[yi], self._y.end[yi]
+        # Tissue pixels of each row band left of each column, then two columns per cell:
+        # the same counts and areas as cell_fractions, so the same fractions.
+        band = self._integral[y1, self._lo:self._hi] - self._integral[y0, self._lo:self._hi]
+        total = np.take(band, self._x1, axis=1) - np.take(band, self._x0, axis=1)
+        area = np.maximum((y1 - y0)[:, None] * (self._x1 - self._x0)[None, :], 1)
+        keep = (total / area >= self.min_tissue) & (total > 0)
+        return np.where(keep, self._x.count[self._xi][None, :], 0)
 
     def draw(self, n: int, seed: int, epoch: int, slide_index: int) -> np.ndarray:
         """int64 [n, 2] level-0 top-left (x, y): n independent uniform draws among the
-        positions that keep the rule, the same for the same (seed, epoch, slide_index)."""
+        positions that keep the rule, the same for the same (seed, epoch, slide_index)
+        (each taken modulo 2**64: a negative seed is a seed too)."""
         if self.total == 0:
-            raise DataError(f'{self.name}: no square of {self.size0} level-0 px has tissue '
+            raise DataError(f'{self.name}: no square of {self.size0:g} level-0 px has tissue '
                             f'>= {self.min_tissue:g} of its area inside the slide '
                             f'({self.level0_size[0]} x {self.level0_size[1]} px at level 0)')
-        rng = np.random.default_rng([int(seed), int(epoch), int(slide_index), STREAM_TAG])
+        rng = np.random.default_rng([int(v) % 2 ** 64 for v in (seed, epoch, slide_index)]
+                                    + [STREAM_TAG])
         u = rng.integers(0, self.total, size=int(n), dtype=np.int64)
         out = np.zeros((len(u), 2), np.int64)
         if not len(u):
@@ -169,7 +183,7 @@ class TissueSampler:
         return out
 
 
-def draw_positions(mask: np.ndarray, downsample: float, size0: int, n: int,
+def draw_positions(mask: np.ndarray, downsample: float, size0: float, n: int,
                    min_tissue: float, seed: int, epoch: int, slide_index: int,
                    level0_size: Optional[Tuple[int, int]] = None,
                    name: str = 'the slide') -> np.ndarray:
