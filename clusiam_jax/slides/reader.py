@@ -310,7 +310,10 @@ def open_slide(path: str, cache=None, direct: bool = True) -> Slide:
 def read_patch(slide: Slide, x: int, y: int, size_level0: float, out_size: int
                ) -> np.ndarray:
     """uint8 [out_size, out_size, 3]: the level-0 square at (x, y) of side `size_level0`,
-    area-resized from the coarsest level not coarser (so 40x and 20x scans give one patch)."""
+    area-resized from the coarsest level not coarser (so 40x and 20x scans give one patch).
+    The square may reach past the slide's edges (a patch at a coarser µm/px around a grid
+    square near them): what lies outside is white, as background glass, from every backend
+    (OpenSlide's transparent over white, tiles.TiffTiles' own fill)."""
     rgb, side = slide.read_square(x, y, size_level0, size_level0 / out_size)
     if side == out_size:
         return rgb
