@@ -8,19 +8,21 @@ of its tiles (about 4 for 224 px over 256 px tiles), so up to about 4 x (PREFETC
 per worker and data.num_workers times that per host. Why 16: at 50 ms a request, a worker
 making about 300 pairs/s has 300 x 0.05 = 15 patches waiting on the bucket (Little's law).
 The loader names the next patches of its worker across batch boundaries (pipeline.py); at
-most _PREFETCH_QUEUED of them wait for a thread, so what the read-ahead holds stays bounded."""
+most _PREFETCH_QUEUED of them wait for a thread, so what the read-ahead holds stays bounded.
+The threads (read_ahead.DaemonPool) never hold up a process's exit."""
 import collections
-import concurrent.futures
 import dataclasses
 import logging
 import os
 import threading
-from typing import Dict, List
+import weakref
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 from clusiam_jax import storage
 from clusiam_jax.data import image_io, slide_cache
+from clusiam_jax.data.read_ahead import DaemonPool
 from clusiam_jax.data.records import PatchRecord, PatchSource
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import coords as coords_lib
@@ -38,6 +40,8 @@ _PREFETCH_REMEMBERED = 4096
 # Patches handed to the prefetch threads and not yet done, per process: a loader outrunning
 # its read-ahead (cached tiles) would otherwise queue without end; the rest are asked again.
 _PREFETCH_QUEUED = 64
+# What a patch read is: (slide, level-0 x, y of its top-left, level-0 side, output side).
+Region = Tuple[int, int, int, float, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,7 @@ class SlidePatches:
     label: str
     coords: coords_lib.SlideCoords
     index: str = ''            # a slide in a bucket: its tile index (missing: staged whole)
+    coord_file: str = ''       # where `coords` was read (its tissue mask: slide_sampler.py)
 
 
 class SlideSource(PatchSource):
@@ -81,7 +86,7 @@ class SlideSource(PatchSource):
         self._lock = threading.Lock()
         self._cache = None   # one tile cache for all the handles of this process
         self._pool = None    # prefetch threads (made in the process that uses them)
-        self._asked = collections.OrderedDict()   # indices given to prefetch lately
+        self._asked = collections.OrderedDict()   # regions given to prefetch lately
         self._queued = 0     # prefetches submitted and not done (_PREFETCH_QUEUED)
         self._opening: Dict[int, threading.Lock] = {}   # slides being opened: by whom
         self._tiles = None   # decoded tiles of the slides in a bucket (remote_tiles.TileCache)
@@ -182,64 +187,106 @@ class SlideSource(PatchSource):
                 f'({width} x {height} px at level 0), e.g. {tuple(xy[bad.argmax()].tolist())}: '
                 f'its coordinate file is not of this slide')
 
-    def _patch_sizes(self, s: int, opened: reader.Slide) -> tuple:
+    def _patch_sizes(self, s: int, opened=None) -> tuple:
+        """(level-0 side, output side) of slide s's tiled patches; opens the slide only when
+        its file does not say (CLAM without `downsample`)."""
         if s not in self._sizes:
             c = self.slides[s].coords
             size0, out = c.patch_size_level0, c.patch_size
             if c.patch_level is not None:  # CLAM without `downsample`: from the slide
+                opened = opened if opened is not None else self._handle(s)
                 size0 = out * opened.levels[c.patch_level].downsample
             self._sizes[s] = (float(size0), int(out))
         return self._sizes[s]
+
+    def grid_region(self, index: int) -> Region:
+        """The region load(index) reads: the tiled patch, at the tiling's resolution."""
+        s = int(self.slide_index[index])
+        size0, out = self._patch_sizes(s)
+        x, y = self._xy[index]
+        return s, int(x), int(y), size0, out
+
+    @property
+    def remote(self) -> bool:
+        """Whether any slide is read from a bucket (where read-ahead pays)."""
+        return any(storage.is_url(s.path) for s in self.slides)
 
     def prefetch(self, indices) -> None:
         """Starts reading, in background threads, the tiles of these patches that are in a
         bucket, so that load() finds them cached or under way. Only when it pays: slides at
         URLs; each index once until it is loaded. Errors are left to load(), which reads
         again and reports."""
+        remote = [int(i) for i in indices
+                  if storage.is_url(self.slides[self.slide_index[int(i)]].path)]
+        regions = []
+        for i in remote:
+            try:
+                regions.append(self.grid_region(i))
+            except Exception as e:  # a slide that does not open: load() reports it
+                logger.debug('prefetch of %s skipped: %s', self.path(i), e)
+        self.prefetch_regions(regions)
+
+    def prefetch_regions(self, regions) -> None:
+        """prefetch() of regions (read(*region) reads them): each once until it is read."""
         with self._lock:
-            fresh = [int(i) for i in indices if int(i) not in self._asked
-                     and storage.is_url(self.slides[self.slide_index[int(i)]].path)]
+            fresh = [r for r in regions if r not in self._asked
+                     and storage.is_url(self.slides[r[0]].path)]
             fresh = list(dict.fromkeys(fresh))[:max(0, _PREFETCH_QUEUED - self._queued)]
             self._queued += len(fresh)
-            for i in fresh:
-                self._asked[i] = None
+            for r in fresh:
+                self._asked[r] = None
             while len(self._asked) > _PREFETCH_REMEMBERED:
                 self._asked.popitem(last=False)
             if fresh and self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    PREFETCH_THREADS, thread_name_prefix='slide-prefetch')
-        for i in fresh:
-            self._pool.submit(self._warm, i)
+                self._pool = DaemonPool(PREFETCH_THREADS, 'slide-prefetch')
+                # A source dropped without close() stops its idle threads at once.
+                weakref.finalize(self, self._pool.shutdown)
+            pool = self._pool
+        for r in fresh:
+            if not pool.submit(self._warm, r):
+                with self._lock:
+                    self._queued -= 1
 
-    def _warm(self, index: int) -> None:
-        """Opens the slide and reads the tiles load(index) reads by byte ranges into the tile
-        cache, or stages the slide whole into the slide cache when load(index) needs that."""
+    def close(self) -> None:
+        """Stops the read-ahead without waiting for a read under way (queued ones are
+        dropped); the source stays usable (a later prefetch starts new threads)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            dropped = pool.shutdown(wait=False)
+            with self._lock:
+                self._queued -= dropped
+                self._asked.clear()
+
+    def _warm(self, region: Region) -> None:
+        """Opens the slide and reads the tiles read(*region) reads by byte ranges into the
+        tile cache, or stages the slide whole into the slide cache when the read needs that."""
         try:
-            s = int(self.slide_index[index])
+            s, x, y, size0, out = region
             opened = self._handle(s)
-            size0, out = self._patch_sizes(s, opened)
             level = opened.best_level(size0 / out)
             backend = opened.levels[level].backend
             if hasattr(backend, 'read_regions'):
                 side = max(1, int(round(size0 / opened.levels[level].downsample)))
-                x, y = self._xy[index]
                 backend.read_regions([(level, int(x), int(y), side, side)])
             elif isinstance(opened, reader.RemoteSlide):   # a level only the staged copy has
                 opened.staged()
-        except Exception as e:  # load() meets it again, and reports it there
-            logger.debug('prefetch of %s failed: %s', self.path(index), e)
+        except Exception as e:  # the read meets it again, and reports it there
+            logger.debug('prefetch of %s failed: %s', self.slides[region[0]].path, e)
         finally:
             with self._lock:
                 self._queued -= 1
 
     def load(self, index: int) -> np.ndarray:
+        return self.read(*self.grid_region(index))
+
+    def read(self, s: int, x: int, y: int, size0: float, out: int) -> np.ndarray:
+        """uint8 [out, out, 3]: slide s's level-0 square at (x, y) of side size0 (pixels
+        outside the slide white); BadImageError when the slide or the region is unreadable."""
         if self._asked:
             with self._lock:
-                self._asked.pop(int(index), None)
-        s = int(self.slide_index[index])
+                self._asked.pop((s, x, y, size0, out), None)
         opened = self._handle(s)
-        size0, out = self._patch_sizes(s, opened)
-        x, y = self._xy[index]
         try:
             return reader.read_patch(opened, x, y, size0, out)
         except Exception as e:
@@ -256,7 +303,10 @@ class SlideSource(PatchSource):
                     if self._handles.get(s) is opened:
                         del self._handles[s]
             why = ' '.join(str(e).split())
-            raise image_io.BadImageError(f'{self.path(index)}: region unreadable ({why})') from None
+            where = f'{self.slides[s].path}#x={x},y={y}'
+            if (size0, out) != self._sizes.get(s, (size0, out)):   # not the tiling's size
+                where += f',size0={size0:g}'
+            raise image_io.BadImageError(f'{where}: region unreadable ({why})') from None
 
 
 def _slide_error(path: str, reason: str) -> image_io.BadImageError:
@@ -328,14 +378,16 @@ def _tiling_slides(path: str, slide_dir: str, left_out: List[str]) -> List[Slide
         if coords is not None:
             index = (tile_index.index_file(path, row['slide_id'])
                      if storage.is_url(slide_path) else '')
-            out.append(SlidePatches(row['slide_id'], slide_path, row['label'], coords, index))
+            out.append(SlidePatches(row['slide_id'], slide_path, row['label'], coords, index,
+                                    coord_file))
     return out
 
 
 def _patch_folder_slides(path: str, folder: str, slide_dir: str,
                          left_out: List[str]) -> List[SlidePatches]:
     """Slides of a patches/ folder: by id in `slide_dir`, else at the recorded `slide_path`."""
-    files = {s: _usable(p, s, left_out) for s, p in coords_lib.list_coord_files(folder).items()}
+    paths = coords_lib.list_coord_files(folder)
+    files = {s: _usable(p, s, left_out) for s, p in paths.items()}
     files = {s: c for s, c in files.items() if c is not None}
     if not files:
         return []
@@ -355,7 +407,8 @@ def _patch_folder_slides(path: str, folder: str, slide_dir: str,
         logger.warning('%d of %d slides of %s are not in %s and are left out: %s%s',
                        len(missing), len(files), path, slide_dir, ', '.join(missing[:5]),
                        ' ...' if len(missing) > 5 else '')
-    return [SlidePatches(s, on_disk[s], '', c) for s, c in files.items() if s in on_disk]
+    return [SlidePatches(s, on_disk[s], '', c, coord_file=paths[s])
+            for s, c in files.items() if s in on_disk]
 
 
 def open_slide_source(path: str, slide_dir: str = '', open_slides: int = 512,
