@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from clusiam_jax import interrupts, storage
-from clusiam_jax.data import augment, image_io, skips, slide_cache
+from clusiam_jax.data import augment, image_io, skips, slide_cache, slide_sampler
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.data.records import PatchSource
@@ -17,8 +17,9 @@ from clusiam_jax.slides import tissue
 
 logger = logging.getLogger(__name__)
 
-# Stream tags mixed into the seeds: shuffle, augmentation and substitutes never share draws.
-_SHUFFLE, _AUGMENT, _SUBSTITUTE = 0x5, 0xA, 0xB
+# Stream tags mixed into the seeds: shuffle, augmentation, substitutes and the resolution
+# draw (data.mpps) never share draws.
+_SHUFFLE, _AUGMENT, _SUBSTITUTE, _SCALE = 0x5, 0xA, 0xB, 0x5CA1E
 _MAX_SUBSTITUTES = 100
 _SAME_SLIDE_ATTEMPTS = 3
 # Elements a worker asks its source to read ahead, across its batch boundaries (slides in a
@@ -103,22 +104,61 @@ def balanced_order(slide_index: np.ndarray, rng: np.random.Generator) -> np.ndar
     return np.concatenate(picks)[rng.permutation(n)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Scales:
+    """data.mpps: the µm/px a sample is read at, their probabilities, and whether the two
+    views draw theirs independently (data.cross_scale)."""
+    mpps: Tuple[float, ...]
+    weights: Tuple[float, ...]
+    cross: bool = False
+
+    @classmethod
+    def from_config(cls, data) -> Optional['Scales']:
+        mpps = tuple(float(m) for m in data.get('mpps', ()))
+        if not mpps:
+            return None
+        weights = np.asarray(data.get('mpp_weights', ()) or [1.0] * len(mpps), np.float64)
+        return cls(mpps, tuple((weights / weights.sum()).tolist()),
+                   bool(data.get('cross_scale', False)))
+
+    def draw(self, seed: int, epoch: int, pos: int) -> Tuple[float, float]:
+        """(view 1's µm/px, view 2's) of element `pos` of `epoch`: its own stream."""
+        rng = np.random.default_rng([seed, epoch, pos, _SCALE])
+        picks = rng.choice(len(self.mpps), size=2 if self.cross else 1, p=self.weights)
+        return self.mpps[picks[0]], self.mpps[picks[-1]]
+
+
+def two_views_of(imgs, rng: np.random.Generator, cfg: augment.AugmentConfig):
+    """augment.two_views with each view from its own image (a cross-scale pair): the same
+    draws in the same order, view 1's parameters then view 2's."""
+    params = [augment.sample_view_params(rng, *img.shape[:2], cfg) for img in imgs]
+    return tuple(augment.apply_view(img, p, cfg.image_size, cfg.on_device)
+                 for img, p in zip(imgs, params))
+
+
 class PairMaker:
-    """Local element index -> dict(view1, view2) (runs in grain workers)."""
+    """Local element index -> dict(view1, view2) (runs in grain workers). With `scales` or a
+    slide_sampler source (data.mpps, tissue_random), each element reads its record at its
+    drawn µm/px and epoch; `transform` (uint8 image -> uint8 image, picklable: stain
+    normalisation) is applied to every loaded patch before the augmentation."""
 
     def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
                  skip_log: skips.SkipLog, min_tissue: float = 0.0, count_io: bool = False,
-                 stride: int = 1):
+                 stride: int = 1, scales: Optional[Scales] = None, transform=None):
         self.source, self.plan, self.aug = source, plan, aug
         self.skip_log, self.min_tissue, self.count_io = skip_log, float(min_tissue), count_io
         # Batches between two batches of one worker: grain's mp_prefetch gives worker w the
         # batches w, w + num_workers, ... of the stream (one worker, or none: every batch).
         self.stride = max(1, int(stride))
+        self.scales, self.transform = scales, transform
+        # Records read per (epoch, µm/px): a slide sampler's (data.mpps, tissue_random).
+        self.sampled = hasattr(source, 'load_sample')
+        self._fresh = bool(getattr(source, 'fresh', False))
         self._perms, self._bad, self._members = {}, set(), None
 
     def __reduce__(self):   # the state above starts afresh in each process
         return PairMaker, (self.source, self.plan, self.aug, self.skip_log, self.min_tissue,
-                           self.count_io, self.stride)
+                           self.count_io, self.stride, self.scales, self.transform)
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:  # elements arrive in order: this epoch and the next
@@ -127,11 +167,16 @@ class PairMaker:
             self._perms[epoch] = self.plan.permutation(epoch)
         return self._perms[epoch]
 
-    def _load(self, index: int) -> Optional[np.ndarray]:
-        if index in self._bad:
+    def _load(self, index: int, epoch: int = 0, mpp: Optional[float] = None
+              ) -> Optional[np.ndarray]:
+        # What failed once is not read again: a record, or a sample (a fresh position is
+        # another square in each epoch; another µm/px reads another level).
+        key = index if not self.sampled else (index, epoch if self._fresh else 0, mpp)
+        if key in self._bad:
             return None
         try:
-            img = self.source.load(index)
+            img = (self.source.load_sample(index, epoch, mpp) if self.sampled
+                   else self.source.load(index))
             fraction = tissue.patch_tissue_fraction(img) if self.min_tissue > 0 else 1.0
             if fraction < self.min_tissue:
                 raise image_io.BadImageError(
@@ -139,13 +184,21 @@ class PairMaker:
                     f'data.min_tissue {self.min_tissue:g}')
             return img
         except image_io.BadImageError as e:
-            self._bad.add(index)
+            self._bad.add(key)
             self.skip_log.record(e.subject or self.source.path(index), str(e).split(': ', 1)[-1])
             return None
         except storage.Unreadable as e:   # an object gone or failing after the retries
-            self._bad.add(index)
+            self._bad.add(key)
             self.skip_log.record(self.source.path(index), str(e))
             return None
+
+    def _images(self, epoch: int, index: int, mpps) -> Optional[tuple]:
+        """The record's image for each view (one read when both views share a µm/px)."""
+        first = self._load(index, epoch, mpps[0])
+        if first is None or mpps[1] == mpps[0]:
+            return None if first is None else (first,)
+        second = self._load(index, epoch, mpps[1])
+        return None if second is None else (first, second)
 
     def _substitute(self, index: int, attempt: int, rng) -> int:
         """A stand-in record: from the same slide (balanced sampling), then from anywhere."""
@@ -177,9 +230,22 @@ class PairMaker:
             j += 1
         return out
 
+    def _mpps(self, epoch: int, pos: int) -> Tuple[Optional[float], Optional[float]]:
+        if self.scales is None:
+            return None, None
+        return self.scales.draw(self.plan.seed, epoch, pos)
+
     def _prefetch_after(self, k: int):
         """Asks a source that can (slide_source.prefetch: slides in a bucket) to start on the
-        next elements this worker loads, across batch boundaries; pixels do not change."""
+        next elements this worker loads, across batch boundaries; pixels do not change. A
+        slide sampler is told what each will read (its µm/px, its epoch's position)."""
+        if self.sampled:
+            samples = []
+            for j in self.next_elements(k, _PREFETCH_AHEAD):
+                epoch, pos, index = self.record_index(j)
+                samples += [(index, epoch, m) for m in dict.fromkeys(self._mpps(epoch, pos))]
+            self.source.prefetch_samples(samples)
+            return
         prefetch = getattr(self.source, 'prefetch', None)
         if prefetch is None:
             return
@@ -188,18 +254,24 @@ class PairMaker:
     def __call__(self, k: int):
         epoch, pos, index = self.record_index(int(k))
         self._prefetch_after(int(k))
-        img = self._load(index)
+        mpps = self._mpps(epoch, pos)   # the substitutes keep the element's µm/px
+        imgs = self._images(epoch, index, mpps)
         attempt = 0
-        while img is None:
+        while imgs is None:
             attempt += 1
             if attempt > _MAX_SUBSTITUTES:
                 raise DataError(
                     f'{_MAX_SUBSTITUTES} substitutes in a row were unreadable: is the patch '
                     f'source mostly broken? See {self.skip_log.list_path}')
             sub_rng = np.random.default_rng([self.plan.seed, epoch, pos, _SUBSTITUTE, attempt])
-            img = self._load(self._substitute(index, attempt, sub_rng))
+            imgs = self._images(epoch, self._substitute(index, attempt, sub_rng), mpps)
+        if self.transform is not None:
+            imgs = tuple(self.transform(img) for img in imgs)
         rng = np.random.default_rng([self.plan.seed, epoch, pos, _AUGMENT])
-        view1, view2 = augment.two_views(img, rng, self.aug)
+        if len(imgs) == 1:
+            view1, view2 = augment.two_views(imgs[0], rng, self.aug)
+        else:
+            view1, view2 = two_views_of(imgs, rng, self.aug)
         if not self.count_io:
             return {'view1': view1, 'view2': view2}
         return {'view1': view1, 'view2': view2,
@@ -273,8 +345,12 @@ class TrainLoader:
     def __init__(self, source: PatchSource, plan: EpochPlan, aug: augment.AugmentConfig,
                  mean, std, num_workers: int = 0, skip_list: Optional[str] = None,
                  normalization_origin: str = 'given', min_tissue: float = 0.0,
-                 held_out: Optional[PatchSource] = None, count_io: bool = False):
+                 held_out: Optional[PatchSource] = None, count_io: bool = False,
+                 scales: Optional[Scales] = None, transform=None):
         self.source, self.plan, self.aug = source, plan, aug
+        # data.mpps (with a slide_sampler source); a uint8 -> uint8 callable applied to every
+        # patch before the augmentation (stain normalisation), picklable for the workers.
+        self.scales, self.transform = scales, transform
         self.count_io = count_io   # elements carry their bucket reads (IO_KEY)
         self.held_out = held_out   # the monitor set's slides, held out of `source`
         self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
@@ -287,7 +363,8 @@ class TrainLoader:
 
     def pair_maker(self) -> PairMaker:
         return PairMaker(self.source, self.plan, self.aug, self.skip_log, self.min_tissue,
-                         self.count_io, stride=self.num_workers)
+                         self.count_io, stride=self.num_workers, scales=self.scales,
+                         transform=self.transform)
 
     def dataset(self, start_batch: int = 0):
         """The grain IterDataset of batches over all epochs, from batch `start_batch` on."""
@@ -309,6 +386,12 @@ class TrainLoader:
     def iterator(self) -> BatchIterator:
         return BatchIterator(self)
 
+    def close(self):
+        """Stops this process's read-ahead threads of the source, without waiting."""
+        close = getattr(self.source, 'close', None)
+        if close is not None:
+            close()
+
     def skipped_files(self):
         """Paths skipped so far (by any process writing to the same list)."""
         return self.skip_log.paths()
@@ -329,6 +412,12 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
         logger.info('monitor: %d patches of the training source held out (monitor.holdout %g '
                     'of its slides); training on the other %d', len(held), mon.holdout, len(keep))
         source, held_out = source.subset(keep), source.subset(held)
+    grid, scales = source, Scales.from_config(data)   # the grid: what the statistics read
+    fresh = data.sampling == 'tissue_random'
+    if scales is not None or fresh:
+        source = slide_sampler.training_sampler(
+            source, data.path, scales.mpps if scales else (), fresh,
+            int(data.get('patches_per_slide', 0)), int(config.train.seed))
     plan = EpochPlan(num_records=len(source), global_batch=int(config.train.batch_size),
                      process_index=int(process_index), process_count=int(process_count),
                      num_epochs=int(config.train.num_epochs), seed=int(config.train.seed),
@@ -340,15 +429,15 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
         mean, std, origin = recorded.mean, recorded.std, recorded.origin
         logger.info('normalization recorded by the run: mean %s std %s (%s)', mean, std, origin)
     elif mean is None:
-        sample = (stats_lib.sample_indices(len(source), int(data.stats_sample))
-                  if source.from_slides else None)   # slides: millions of patches
+        sample = (stats_lib.sample_indices(len(grid), int(data.stats_sample))
+                  if grid.from_slides else None)   # slides: millions of patches
         mean, std, origin = stats_lib.cached_stats(
-            data.path, source, workdir=workdir, num_workers=int(data.num_workers),
+            data.path, grid, workdir=workdir, num_workers=int(data.num_workers),
             skip_log=skips.SkipLog(skip_list), indices=sample)
     return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
                        num_workers=int(data.num_workers), skip_list=skip_list,
                        normalization_origin=origin, min_tissue=float(data.min_tissue),
-                       held_out=held_out, count_io=reads_bucket(source))
+                       held_out=held_out, count_io=reads_bucket(source), scales=scales)
 
 
 def reads_bucket(source: PatchSource) -> bool:
