@@ -348,8 +348,8 @@ def test_the_transform_sees_every_loaded_patch_before_the_augmentation(scan, key
 
 def test_the_transform_travels_to_the_workers(scan):
     _, _, out = scan
-    loader = data.create_train_loader(_config(out, workers=2, augment_on_device=True))
-    loader.transform = _Paint(9)
+    loader = data.create_train_loader(_config(out, workers=2, augment_on_device=True),
+                                      transform=_Paint(9))
     assert all((b['view1'] == 9).all() for b in _batches(loader, 2))
 
 

@@ -398,9 +398,10 @@ class TrainLoader:
 
 
 def create_train_loader(config, workdir: Optional[str] = None, process_index: int = 0,
-                        process_count: int = 1, recorded=None) -> TrainLoader:
+                        process_count: int = 1, recorded=None, transform=None) -> TrainLoader:
     """The training loader of this process. The normalization is data.mean/std when set,
-    else what a resumed run `recorded` (mean, std, origin), else computed (cached)."""
+    else what a resumed run `recorded` (mean, std, origin), else computed (cached).
+    `transform`: TrainLoader's (stain normalisation)."""
     data = config.data
     source = sources_lib.open_source(data.path, data.slide_dir, int(data.open_slides),
                                      data.get('cache_dir', ''),
@@ -437,7 +438,8 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     return TrainLoader(source, plan, augment.AugmentConfig.from_config(config), mean, std,
                        num_workers=int(data.num_workers), skip_list=skip_list,
                        normalization_origin=origin, min_tissue=float(data.min_tissue),
-                       held_out=held_out, count_io=reads_bucket(source), scales=scales)
+                       held_out=held_out, count_io=reads_bucket(source), scales=scales,
+                       transform=transform)
 
 
 def reads_bucket(source: PatchSource) -> bool:
