@@ -1,6 +1,7 @@
 """DSMIL (docs/method.md §7) on eval/mil.py's trainer. The original's bag classifier, a Conv1d
 with kernel size = feature size over the C rows, is a Linear over the flattened C*D."""
 import dataclasses
+import logging
 import math
 
 import flax.linen as nn
@@ -12,7 +13,10 @@ import optax
 from clusiam_jax.errors import DataError
 from clusiam_jax.eval import metrics, mil
 from clusiam_jax.eval.splits import class_splits
+from clusiam_jax.export import format as fmt
 from clusiam_jax.models.heads import TorchLinear
+
+log = logging.getLogger('clusiam_jax')
 
 
 class DSMIL(nn.Module):
@@ -115,25 +119,78 @@ def train_dsmil(train_bags, val_bags, test_bags, num_classes, config=None, seed=
     return result
 
 
-def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None):
-    """DSMIL over seeds on per-slide features (an export or a CLAM folder), one splits file."""
+BAGS = ('auto', 'features', 'cat')
+
+
+def _holds(path, key) -> bool:
+    try:
+        with fmt.open_h5(path) as f:
+            return key in f
+    except fmt.UNREADABLE:
+        return False   # reading the bags names the unreadable file
+
+
+def bag_key(export_dir, slides, bags='auto') -> str:
+    """Which array a slide's bag is: `cat` (a multi-scale export's patch features followed by
+    their coarser parents', DSMIL's multi-scale bags) or `features`; 'auto': `cat` when every
+    listed slide's file holds it."""
+    if bags not in BAGS:
+        raise DataError(f'dsmil bags must be one of {", ".join(BAGS)}; got {bags!r}')
+    if bags != 'auto':
+        return bags
+    files = fmt.slide_feature_files(str(export_dir))
+    having = [s for s in slides if s in files and _holds(files[s], fmt.CAT)]
+    if having and len(having) < len(slides):
+        missing = next(s for s in slides if s not in having)
+        raise DataError(f'{export_dir}: {len(having)} of {len(slides)} slides have multi-scale '
+                        f'bags ({fmt.CAT}) and slide {missing} has not: export them all with '
+                        f'the same export.mpps, or pass bags=features')
+    return fmt.CAT if having else 'features'
+
+
+def _with_copies(key):
+    """describe(files, slide) -> [1 + K, N, D]: the bag and its K stain-augmented copies."""
+    def describe(files, slide):
+        plain = mil.slide_features(files, slide, key)
+        copies = mil.slide_features(files, slide, key + fmt.AUGMENTED, ndim=3)
+        if copies.shape[0] != plain.shape[0] or copies.shape[2] != plain.shape[1]:
+            raise DataError(f'slide {slide}: {files[slide]} holds {key}{fmt.AUGMENTED} of '
+                            f'shape {list(copies.shape)} for {key} of {list(plain.shape)}')
+        return np.concatenate([plain[None], copies.transpose(1, 0, 2)])
+    return describe
+
+
+def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None, bags='auto',
+              augmented=False):
+    """DSMIL over seeds on per-slide features (an export or a CLAM folder), one splits file.
+    `bags`: bag_key's; `augmented`: train on each slide's bag and its stain-augmented copies
+    (export.augment_copies) as as many bags, validate and test on the plain ones."""
     splits, class_names = class_splits(splits_path, 'dsmil')
     for split in ('train', 'val'):
         if not splits[split]:
             raise DataError(f'{splits_path} lists no {split} slide (DSMIL chooses its epoch '
                             f'and thresholds on val)')
-    sets = mil.read_slides(export_dir, splits_path, splits)
-    bags = {split: list(zip(*sets[split])) for split in sets}
+    bag = bag_key(export_dir, [s for rows in splits.values() for s, _ in rows], bags)
+    describe = (_with_copies(bag) if augmented else
+                lambda files, slide: mil.slide_features(files, slide, bag))
+    sets = mil.read_slides(export_dir, splits_path, splits, describe)
+    by_split = {split: list(zip(*sets[split])) for split in sets}
+    if augmented:   # every copy a training bag; the plain bag for choosing and scoring
+        by_split = {split: [(v, y) for x, y in rows
+                            for v in (x if split == 'train' else x[:1])]
+                    for split, rows in by_split.items()}
+    log.info('dsmil: bags of %s%s (%d training bags)', bag,
+             ' and its stain-augmented copies' if augmented else '', len(by_split['train']))
     runs = []
     for seed in seeds:
-        result = train_dsmil(bags['train'], bags['val'], bags['test'], len(class_names),
-                             config, seed=seed)
+        result = train_dsmil(by_split['train'], by_split['val'], by_split['test'],
+                             len(class_names), config, seed=seed)
         result.pop('params')
         result['seed'] = seed
         result['test_scores'] = np.asarray(result.get('test_scores', [])).tolist()
         runs.append(result)
     summary = None
-    if bags['test']:
+    if by_split['test']:
         tests = [r['test'] for r in runs]
         summary = {key: metrics.seed_stats([t[key] for t in tests])
                    for key in ('accuracy_argmax', 'accuracy_val_thresholds', 'mean_auc')}
@@ -147,6 +204,7 @@ def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), config=None):
               'mean_auc': (lambda y, s, t: metrics.nanmean(metrics.per_class_auc(y, s)), True)}
     for c, name in enumerate(class_names):
         scores[f'auc_{name}'] = (lambda y, s, t, c=c: metrics.roc_auc(y == c, s[:, c]), True)
-    return {'class_names': class_names, 'seeds': list(seeds), 'runs': runs,
+    return {'class_names': class_names, 'seeds': list(seeds), 'runs': runs, 'bags': bag,
+            'augmented': bool(augmented),
             'summary': summary, 'accuracies': dict(ACCURACIES),
             **metrics.seed_mean_intervals(labels, class_names, scores, per_seed)}

@@ -130,14 +130,16 @@ def read_array(files, slide, key, missing=None):
         raise DataError(missing) from None
 
 
-def slide_features(files, slide):
-    """The patch embeddings [N, D] of a slide, checked: two-dimensional, N >= 1, finite."""
-    x = read_array(files, slide, 'features')
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise DataError(f'slide {slide}: {files[slide]} holds features of shape '
-                        f'{list(x.shape)}; expected [patches >= 1, dim]')
+def slide_features(files, slide, key='features', ndim=2):
+    """The patch embeddings [N, D] of a slide (`key`: another array of them, e.g. the
+    multi-scale `cat`; ndim 3: augmented copies [N, K, D]), checked: N >= 1, finite."""
+    x = read_array(files, slide, key)
+    if x.ndim != ndim or x.shape[0] == 0:
+        expected = '[patches >= 1, copies, dim]' if ndim == 3 else '[patches >= 1, dim]'
+        raise DataError(f'slide {slide}: {files[slide]} holds {key} of shape '
+                        f'{list(x.shape)}; expected {expected}')
     if not np.isfinite(x).all():
-        raise DataError(f'slide {slide}: {files[slide]} has non-finite features')
+        raise DataError(f'slide {slide}: {files[slide]} has non-finite {key}')
     return x
 
 

@@ -5,12 +5,14 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import logging
 import os
 import tempfile
-from typing import Dict, List, Optional, Sequence
+import zlib
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from clusiam_jax import interrupts, parallel, storage
 from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.export import format as fmt
+from clusiam_jax.export import scales
 from clusiam_jax.models.conv import compiler_options
 from clusiam_jax.models.preprocess import embed_images
 from clusiam_jax.slides import coords as coords_lib
@@ -37,6 +40,19 @@ class EmbedOptions:
     with_projection: bool
     num_workers: int               # image-decoding threads
     pt_files: bool = False         # also pt_files/<slide>.pt (h5 only)
+    mpps: Tuple[float, ...] = ()   # export.mpps, finest first (export/scales.py)
+    augment_copies: int = 0        # K HED-jittered embeddings of every patch too
+    augment_hed: float = 0.0       # their strength (augment.hed)
+    augment_seed: int = 0          # their draws: from (seed, slide, scale, patch, copy)
+    # uint8 -> uint8 on every patch read, before resizing and the model's normalization
+    # (stain normalisation); its name goes into the files and the export key.
+    transform: Optional[Callable] = None
+    transform_name: str = ''
+
+    @property
+    def copies(self) -> int:
+        """Images embedded per patch: the plain one and the augmented copies."""
+        return 1 + self.augment_copies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,16 +92,40 @@ def group_by_slide(source) -> Dict[str, np.ndarray]:
                                    for k in np.argsort(first))
 
 
-def _load_patch(source, index, size):
+def _load_patch(source, index, size, transform=None):
     """(uint8 [size, size, 3], original (h, w)) or (None, the BadImageError)."""
     try:
         img = source.load(index)
     except image_io.BadImageError as e:
         return None, e
+    return _input(img, size, transform)
+
+
+def _input(img, size, transform):
+    """(the patch as the model takes it: transformed, resized to `size`; its (h, w))."""
     h, w = img.shape[:2]
+    if transform is not None:
+        img = transform(img)
     if (h, w) != (size, size):
         img = augment.resized_crop(img, (0, 0, h, w), size)
     return img, (h, w)
+
+
+def copy_rng(seed: int, slide: str, scale: int, position: int, copy: int):
+    """The generator of one augmented copy: the same for any batch size, worker count or
+    rerun (the slide by a CRC of its id, the patch by its place in the slide's list)."""
+    return np.random.default_rng([int(seed), zlib.crc32(slide.encode('utf-8')), int(scale),
+                                  int(position), int(copy)])
+
+
+def _copies(img, options, slide, scale, position):
+    """[img] and its export.augment_copies HED-jittered copies."""
+    if not options.augment_copies:
+        return [img]
+    from clusiam_jax.data import stain
+    return [img] + [stain.hed_jitter(img, copy_rng(options.augment_seed, slide, scale, position,
+                                                   k), options.augment_hed)
+                    for k in range(options.augment_copies)]
 
 
 def _prefetched(loads, executor, window):
@@ -102,21 +142,60 @@ def _prefetched(loads, executor, window):
 
 
 class _SlideWriter:
-    """Writes each slide's file when its last record is through (npz: all at the end)."""
+    """Writes each slide's file when its last patch (of every scale) is through (npz: all at
+    the end)."""
 
-    def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log, source=None):
+    def __init__(self, groups, out_dir, options: EmbedOptions, attrs: dict, skip_log, source,
+                 plans=None):
         self.groups, self.out_dir, self.options = groups, out_dir, options
-        self.attrs, self.skip_log = attrs, skip_log
+        self.attrs, self.skip_log, self.source = attrs, skip_log, source
         self.slide_attrs = source.coords_attrs if source.from_slides else None
+        self.plans = {s: p for s, p in (plans or {}).items() if s in groups}
         self.rows = {s: [] for s in groups}
+        self.positions = {s: [] for s in groups}     # each row's place in the slide's list
+        self.coarse = {s: [{} for _ in p.scales[1:]] for s, p in self.plans.items()}
+        self.expected = {s: len(g) + (sum(len(c.coords) for c in self.plans[s].scales[1:])
+                                      if s in self.plans else 0) for s, g in groups.items()}
         self.seen = collections.Counter()
         self.patch_size, self.npz_parts, self.resize_noted = {}, [], False
 
-    def add(self, slide, record, outputs: Optional[dict], shape_or_reason):
+    def units(self):
+        """(slide, scale, position) of every patch to embed, in writing order: a slide's
+        grid patches, then its coarser scales' (export.mpps)."""
+        for slide, indices in self.groups.items():
+            yield from ((slide, 0, p) for p in range(len(indices)))
+            plan = self.plans.get(slide)
+            for s, scale in enumerate(plan.scales[1:] if plan else (), start=1):
+                yield from ((slide, s, j) for j in range(len(scale.coords)))
+
+    def read(self, slide, scale, position):
+        """The unit's images (the plain one, then its copies) or None, and its original
+        (h, w) or the BadImageError."""
+        options, plan = self.options, self.plans.get(slide)
+        size, transform = options.image_size, options.transform
+        if plan is None or (scale == 0 and plan.native):
+            img, shape = _load_patch(self.source, int(self.groups[slide][position]), size,
+                                     transform)
+        else:
+            try:
+                # Centred squares at another µm/px (white past the slide's edges).
+                img, shape = _input(self.source.read(plan.slide_index,
+                                                     *plan.square(scale, position),
+                                                     plan.out_size), size, transform)
+            except image_io.BadImageError as e:
+                img, shape = None, e
+        return (None if img is None else _copies(img, options, slide, scale, position)), shape
+
+    def add(self, slide, scale, position, outputs: Optional[List[dict]], shape_or_reason):
+        """A unit's outputs (one dict per image: the plain one first), None if unreadable."""
         self.seen[slide] += 1
+        record = self.source.record(int(self.groups[slide][position])) if scale == 0 else None
         if outputs is None:  # a slide that cannot be opened is listed once, not per patch
-            self.skip_log.record(getattr(shape_or_reason, 'subject', None) or record.path,
-                                 str(shape_or_reason).split(': ', 1)[-1])
+            where = getattr(shape_or_reason, 'subject', None) or (
+                record.path if record is not None else str(shape_or_reason).split(': ')[0])
+            self.skip_log.record(where, str(shape_or_reason).split(': ', 1)[-1])
+        elif scale:
+            self.coarse[slide][scale - 1][position] = self._with_copies(outputs, {})
         else:   # said once: right (training saw whole tiles), but not obvious
             size, shape = self.options.image_size, shape_or_reason
             if not self.resize_noted and tuple(shape) != (size, size):
@@ -125,9 +204,18 @@ class _SlideWriter:
                          'run trained at; --config.export.image_size embeds at another)',
                          shape[1], shape[0], size)
             self.patch_size.setdefault(slide, int(shape_or_reason[1]))
-            self.rows[slide].append((record, outputs))
-        if self.seen[slide] == len(self.groups[slide]):
+            self.rows[slide].append((record, self._with_copies(outputs, outputs[0])))
+            self.positions[slide].append(position)
+        if self.seen[slide] == self.expected[slide]:
             self._finish(slide)
+
+    @staticmethod
+    def _with_copies(outputs, kept):
+        """`kept` plus `features_augmented` [K, D] from the copies' outputs."""
+        out = dict(kept) if kept else {'features': outputs[0]['features']}
+        if len(outputs) > 1:
+            out['features_augmented'] = np.stack([o['features'] for o in outputs[1:]])
+        return out
 
     def _arrays(self, rows):
         recs = [r for r, _ in rows]
@@ -142,11 +230,22 @@ class _SlideWriter:
         return out
 
     def _finish(self, slide):
-        rows = self.rows.pop(slide)
+        rows, positions = self.rows.pop(slide), np.array(self.positions.pop(slide), np.int64)
+        plan, coarse = self.plans.get(slide), self.coarse.pop(slide, None)
+        if plan is not None and rows:   # a patch whose coarser square is unreadable goes too
+            keep = scales.readable(plan, positions, coarse)
+            if not keep.all():
+                log.warning('export: slide %s: %d patches left out, a coarser patch holding '
+                            'them being unreadable', slide, int((~keep).sum()))
+            rows, positions = [r for r, k in zip(rows, keep) if k], positions[keep]
         if not rows:
             log.warning('export: slide %s has no readable patch; no file written', slide)
             return
-        arrays = self._arrays(rows)
+        arrays, dataset_attrs = self._arrays(rows), {}
+        if plan is not None:
+            extra, dataset_attrs = scales.assemble(plan, positions, coarse, arrays['features'],
+                                                   arrays.get('features_augmented'))
+            arrays.update(extra)
         if self.options.export_format == 'npz':
             arrays['patch_sizes'] = np.full(len(rows), self.patch_size[slide], np.int32)
             self.npz_parts.append((slide, arrays))
@@ -161,7 +260,7 @@ class _SlideWriter:
             coords_attrs = {'patch_level': 0, 'patch_size': self.patch_size[slide],
                             'downsample': np.array([1.0, 1.0]), 'name': slide}
         fmt.write_slide_h5(storage.join(self.out_dir, fmt.slide_file('h5', slide)), arrays,
-                           attrs, coords_attrs)
+                           attrs, coords_attrs, dataset_attrs)
         pt = fmt.pt_file(self.out_dir, slide)
         if self.options.pt_files or storage.exists(pt):
             try:   # a pt file never holds other features than its h5 file
@@ -175,7 +274,8 @@ class _SlideWriter:
 
     def close(self, n_records: int):
         if self.options.export_format == 'npz':
-            keep = ('export_key', 'workdir', 'weights_sha256', 'norm_mean', 'norm_std')
+            keep = ('export_key', 'workdir', 'weights_sha256', 'norm_mean', 'norm_std') + tuple(
+                k for k in fmt.OPTION_ATTRS if k in self.attrs)
             fmt.write_npz(storage.join(self.out_dir, fmt.NPZ_NAME), self.npz_parts,
                           dict({k: self.attrs[k] for k in keep}, n_records=np.int64(n_records),
                                checkpoint_step=np.int64(self.attrs['checkpoint_step'])))
@@ -203,13 +303,29 @@ def _skip_log(out_dir: str):
 
 
 def export_embeddings(embedder: Embedder, source, out_dir: str, options: EmbedOptions,
-                      info: dict) -> List[dict]:
-    """Embeds every patch of `source` into `out_dir` (a rerun skips finished slides)."""
+                      info: dict, plans=None) -> List[dict]:
+    """Embeds every patch of `source` into `out_dir` (a rerun skips finished slides);
+    `plans`: {slide: scales.SlidePlan} of export.mpps."""
     with _skip_log(out_dir) as skip_log:
-        return _export(embedder, source, out_dir, options, info, skip_log)
+        return _export(embedder, source, out_dir, options, info, skip_log, plans or {})
 
 
-def _export(embedder, source, out_dir, options, info, skip_log):
+def option_attrs(options: EmbedOptions) -> dict:
+    """The file attributes of the options that change features, only those set: an export
+    without them keeps the attributes (and export key) it always had."""
+    attrs = {}
+    if options.mpps:
+        attrs['export_mpps'] = np.asarray(options.mpps, np.float64)
+    if options.augment_copies:
+        attrs.update(augment_copies=int(options.augment_copies),
+                     augment_hed=float(options.augment_hed),
+                     augment_seed=int(options.augment_seed))
+    if options.transform is not None:
+        attrs['input_transform'] = options.transform_name or repr(options.transform)
+    return attrs
+
+
+def _export(embedder, source, out_dir, options, info, skip_log, plans):
     mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(jax.local_devices())
     embedder = dataclasses.replace(embedder, mesh=mesh)
     step, fmt_name = embedder.checkpoint_step, options.export_format
@@ -227,7 +343,8 @@ def _export(embedder, source, out_dir, options, info, skip_log):
              'config_json': json.dumps(info['config'], sort_keys=True),
              'data_path': info['data_path'],
              # the run and its exact weights: another checkpoint is never "already done"
-             'workdir': info.get('workdir', ''), 'weights_sha256': info.get('weights_sha256', '')}
+             'workdir': info.get('workdir', ''), 'weights_sha256': info.get('weights_sha256', ''),
+             **option_attrs(options)}
     attrs['export_key'] = key = fmt.export_key(attrs)
     if fmt_name == 'npz':
         todo = [] if fmt.is_finished(out_dir, 'npz', '', key, len(source)) else list(groups)
@@ -246,7 +363,8 @@ def _export(embedder, source, out_dir, options, info, skip_log):
     if missing:
         log.info('export: pt files of %d finished slides written from their h5 features',
                  len(missing))
-    writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log, source)
+    writer = _SlideWriter({s: groups[s] for s in todo}, out_dir, options, attrs, skip_log, source,
+                          plans)
     if sum(len(groups[s]) for s in todo):
         _embed_stream(embedder, source, writer, options)
         writer.close(len(source))
@@ -267,30 +385,41 @@ def _export(embedder, source, out_dir, options, info, skip_log):
     return rows
 
 
+def _unit(writer, unit):
+    return (unit,) + writer.read(*unit)
+
+
 def _embed_stream(embedder, source, writer, options):
-    """Fixed-size batches of the writer's slides' decoded patches through the network."""
-    ndev, total = embedder.mesh.devices.size, sum(map(len, writer.groups.values()))
+    """Fixed-size batches of the writer's decoded patches (each with its augmented copies)
+    through the network; a patch goes to the writer when its last image is through."""
+    ndev, copies = embedder.mesh.devices.size, options.copies
+    n_units = sum(writer.expected.values())
     # One compiled shape: a multiple of the devices, no larger than the work.
-    batch = min(-(-options.batch_size // ndev) * ndev, -(-total // ndev) * ndev)
+    batch = min(-(-options.batch_size // ndev) * ndev, -(-n_units * copies // ndev) * ndev)
     embed = embedder.embed_fn(options.with_projection)
     size = options.image_size
-    loads = (lambda i=int(i): _load_patch(source, i, size)
-             for indices in writer.groups.values() for i in indices)
-    bar = tqdm(total=total, unit='patch', desc='export', dynamic_ncols=True)
+    loads = (functools.partial(_unit, writer, unit) for unit in writer.units())
+    bar = tqdm(total=n_units, unit='patch', desc='export', dynamic_ncols=True)
     pool = concurrent.futures.ThreadPoolExecutor(max(1, options.num_workers))
-    items = zip(((slide, int(i)) for slide, indices in writer.groups.items() for i in indices),
-                _prefetched(loads, pool, window=2 * batch))
+    # One item per image: (unit number, unit, images of the unit, image or None, shape/error).
+    items = ((n, unit, len(images or [None]), img, shape)
+             for n, (unit, images, shape) in enumerate(_prefetched(loads, pool, 2 * batch))
+             for img in (images or [None]))
+    done = {}
     try:
         while chunk := list(itertools.islice(items, batch)):   # padded to `batch`
             images = np.zeros((batch, size, size, 3), np.uint8)
-            valid = [i for i, (_, (img, _)) in enumerate(chunk) if img is not None]
+            valid = [i for i, item in enumerate(chunk) if item[3] is not None]
             for i in valid:
-                images[i] = chunk[i][1][0]
+                images[i] = chunk[i][3]
             outputs = jax.device_get(embed(embedder.variables, images)) if valid else {}
-            for i, ((slide, index), (img, shape)) in enumerate(chunk):
-                writer.add(slide, source.record(index), None if img is None else
-                           {k: v[i] for k, v in outputs.items()}, shape)
-            bar.update(len(chunk))
+            for i, (n, unit, count, img, shape) in enumerate(chunk):
+                done.setdefault(n, []).append(
+                    None if img is None else {k: v[i] for k, v in outputs.items()})
+                if len(done[n]) == count:
+                    results = done.pop(n)
+                    writer.add(*unit, None if results[0] is None else results, shape)
+                    bar.update(1)
     finally:
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)

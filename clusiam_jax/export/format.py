@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import os
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -26,6 +26,14 @@ SKIPPED_NAME = 'skipped_files.txt'
 MAPS_DIR = 'cluster_maps'
 QUPATH_DIR = 'qupath'
 MANIFEST_FIELDS = ('slide_id', 'n_patches', 'label', 'file')
+# File attributes of the options that change features (export/embed.option_attrs), present
+# only when set; an npz export keeps them among its scalars.
+OPTION_ATTRS = ('export_mpps', 'augment_copies', 'augment_hed', 'augment_seed',
+                'input_transform')
+# The bags of a multi-scale export (docs/formats.md): each patch's feature followed by its
+# coarser parents'; augmented copies [N, K, D] of the features (export.augment_copies).
+CAT = 'cat'
+AUGMENTED = '_augmented'   # features_augmented, cat_augmented, features_scale1_augmented
 # What reading a file of an export can raise when it is damaged or gone (a bucket's: DataError).
 UNREADABLE = (OSError, KeyError, ValueError, DataError)
 
@@ -96,7 +104,9 @@ def prepare_out_dir(out_dir: str, export_format: str):
         raise DataError(f'export.out_dir {out_dir}: cannot write there ({e.strerror})') from None
 
 
-def write_slide_h5(path: str, arrays: Dict[str, np.ndarray], attrs: dict, coords_attrs: dict):
+def write_slide_h5(path: str, arrays: Dict[str, np.ndarray], attrs: dict, coords_attrs: dict,
+                   dataset_attrs: Optional[Dict[str, dict]] = None):
+    """`dataset_attrs`: {dataset: attributes} besides `coords`' (multi-scale: each one's mpp)."""
     import h5py  # only exports need it
     with atomic_write(path) as tmp, h5py.File(tmp, 'w') as f:
         for name, value in arrays.items():
@@ -105,6 +115,8 @@ def write_slide_h5(path: str, arrays: Dict[str, np.ndarray], attrs: dict, coords
                              dtype=h5py.string_dtype('utf-8') if text else None)
         f.attrs.update(attrs)
         f['coords'].attrs.update(coords_attrs)
+        for name, extra in (dataset_attrs or {}).items():
+            f[name].attrs.update(extra)
 
 
 def write_slide_pt(out_dir: str, slide_id: str, features: np.ndarray):

@@ -16,8 +16,15 @@ from clusiam_jax.config import parse_checkpoint_choice
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.errors import ClusiamError, ConfigError, DataError
 from clusiam_jax.export import format as fmt
+from clusiam_jax.export import scales
 from clusiam_jax.export.atlas import write_atlas
-from clusiam_jax.export.embed import Embedder, EmbedOptions, export_embeddings, group_by_slide
+from clusiam_jax.export.embed import (
+    Embedder,
+    EmbedOptions,
+    export_embeddings,
+    group_by_slide,
+    option_attrs,
+)
 from clusiam_jax.export.maps import check_thumbnail, draw_export_maps, write_export_geojson
 from clusiam_jax.fileio import writable_folder
 
@@ -168,6 +175,7 @@ class ExportJob:
     normalization: run_dir.Normalization
     choice: object = 'latest'      # export.checkpoint: latest | best | a step
     export_settings: dict = dataclasses.field(default_factory=dict)
+    plans: dict = dataclasses.field(default_factory=dict)   # export.mpps: scales.SlidePlan
 
     @functools.cached_property
     def slide_ids(self) -> List[str]:
@@ -187,7 +195,8 @@ class ExportJob:
                 'norm_std': np.asarray(self.normalization.std, np.float64),
                 'data_path': self.data_path,
                 'config_json': json.dumps(json.loads(run_dir.config_text(self.run.config)),
-                                          sort_keys=True)}
+                                          sort_keys=True),
+                **option_attrs(self.options)}
 
     def _drop_stale(self):
         """Deletes the files of slides made from other patches than the source lists now."""
@@ -238,7 +247,8 @@ class ExportJob:
                 'normalization': self.normalization.to_json(),
                 'config': json.loads(run_dir.config_text(self.run.config)),
                 'export': dict(self.export_settings, checkpoint_step=self.run.step)}
-        rows = export_embeddings(embedder, self.source, self.out_dir, self.options, info)
+        rows = export_embeddings(embedder, self.source, self.out_dir, self.options, info,
+                                 self.plans)
         n_patches = sum(r['n_patches'] for r in rows)
         if not n_patches:
             raise DataError(f'no readable patch in {self.data_path}: nothing was exported '
@@ -247,9 +257,12 @@ class ExportJob:
         return rows
 
 
-def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalization] = None
-                   ) -> ExportJob:
-    """The run's weights and what to embed (`normalization`: the command line's)."""
+def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalization] = None,
+                   hed: float = 0.0, transform=None, transform_name: str = '') -> ExportJob:
+    """The run's weights and what to embed (`normalization`: the command line's; `hed`: the
+    strength of export.augment_copies, 0: the run's augment.hed; `transform`: uint8 -> uint8
+    on every patch read, before the model's input, e.g. stain normalisation, recorded in the
+    files as `transform_name`)."""
     choice = parse_checkpoint_choice(exp.checkpoint)
     run = run_dir.load_run(workdir, choice)
     data_path = exp.data_path or run.config.data.path
@@ -259,9 +272,19 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
         raise DataError(f"the patches to export are gone: {data_path} (the run's data.path);"
                         f' set --config.export.data_path=DIR')
     trained_at = run.config.data.image_size
+    hed = float(hed or run.config.augment.hed)
+    if exp.augment_copies and not hed:
+        raise ConfigError(f'export.augment_copies={exp.augment_copies} jitters the stains with '
+                          f"augment.hed, which the run did not train with: set its strength "
+                          f"(--config.augment.hed=0.05, Tellez et al.'s)")
     options = EmbedOptions(image_size=exp.image_size or trained_at, batch_size=exp.batch_size,
                            export_format=exp.format, with_projection=exp.with_projection,
-                           num_workers=exp.num_workers, pt_files=exp.pt_files)
+                           num_workers=exp.num_workers, pt_files=exp.pt_files,
+                           mpps=tuple(sorted(float(m) for m in exp.mpps)),
+                           augment_copies=int(exp.augment_copies),
+                           augment_hed=hed if exp.augment_copies else 0.0,
+                           augment_seed=int(run.config.train.seed), transform=transform,
+                           transform_name=transform_name)
     if exp.pt_files:
         try:
             import torch  # noqa: F401
@@ -278,22 +301,26 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
         raise ConfigError(f'{data_path} is read from whole slides: export it as per-slide '
                           f"h5 files (export.format=h5), which carry each slide's tiling "
                           f'attributes and slide path')
+    # Before any weight is read to the device or anything compiles: one line per refusal.
+    plans = scales.plan_slides(source, options.mpps, group_by_slide(source), data_path)
     out_dir = exp.out_dir or storage.join(workdir, DEFAULT_DIR)
     settings = dict(json.loads(json.dumps(exp.to_dict(), default=str)),
                     out_dir=_absolute(out_dir), data_path=data_path, slide_dir=slide_dir,
                     checkpoint=choice if isinstance(choice, int) else str(choice),
                     image_size=options.image_size)
     job = ExportJob(run=run, data_path=data_path, choice=choice, out_dir=out_dir,
-                    source=source, options=options, export_settings=settings,
+                    source=source, options=options, export_settings=settings, plans=plans,
                     normalization=resolve_normalization(run, normalization))
     check_out_dir(job.out_dir, options.export_format, workdir, job.settings, job.slide_ids)
     return job
 
 
-def export(workdir, exp, normalization=None, argv=None) -> str:
-    """Embeds, then writes the QuPath tiles, cluster maps and atlas asked for; the folder."""
+def export(workdir, exp, normalization=None, argv=None, hed=0.0, transform=None,
+           transform_name='') -> str:
+    """Embeds, then writes the QuPath tiles, cluster maps and atlas asked for; the folder
+    (`hed`, `transform`: prepare_export's)."""
     with folder_lock(workdir, exp, argv):
-        job = prepare_export(workdir, exp, normalization)
+        job = prepare_export(workdir, exp, normalization, hed, transform, transform_name)
         if exp.cluster_maps:
             check_thumbnail(exp.thumbnail, len(job.slide_ids))  # before embedding
         job.run_export()
