@@ -207,10 +207,10 @@ def test_a_full_disk_stops_the_tiling_job_and_keeps_finished_slides(slide, tmp_p
     write_trident = coords_lib.write_trident
     written = []
 
-    def filling_up(path, coords, attrs):
+    def filling_up(path, coords, attrs, *rest):
         if len(written) == 2:
             raise OSError(code, os.strerror(code), path)
-        write_trident(path, coords, attrs)
+        write_trident(path, coords, attrs, *rest)
         written.append(path)
 
     monkeypatch.setattr(coords_lib, 'write_trident', filling_up)

@@ -247,3 +247,15 @@ def test_detection_thumbnail_is_the_level_the_reference_reads(slide):
         rgb = np.asarray(osl.read_region((0, 0), 2, osl.level_dimensions[2]))[..., :3]
     assert ds == 4.0
     np.testing.assert_array_equal(small, rgb)
+
+
+def test_a_rerun_redoes_a_slide_tiled_before_masks_were_stored(slide, tmp_path, caplog):
+    path, params = tile(slide, tmp_path)
+    found = coords_lib.read_coords(path)
+    coords_lib.write_trident(path, found.coords, found.attrs)   # as tiled before
+    assert coords_lib.read_tissue(path) is None
+    with caplog.at_level('INFO', logger='clusiam_jax'):
+        tiling.tile_slides([tiling.SlideEntry('two_discs', slide)], params, str(tmp_path))
+    assert 'tiled before the tissue mask was stored' in caplog.text
+    assert coords_lib.read_tissue(path) is not None
+    np.testing.assert_array_equal(coords_lib.read_coords(path).coords, found.coords)

@@ -75,6 +75,9 @@ def previous(entry, params, out_dir: str):
     why = []
     if attrs.get('tiling_key') != key:
         why = _changes(attrs, entry, params)
+    elif not found.has_tissue_mask:
+        why = ['tiled before the tissue mask was stored (data.sampling=tissue_random draws '
+               'from it)']
     if origin == DEFAULT_ORIGIN and mpp != params.mpp_default:
         why.append(f'its µm/px came from {DEFAULT_ORIGIN} {mpp:g}, now '
                    + (f'{params.mpp_default:g}' if params.mpp_default else 'unset'))
