@@ -283,3 +283,34 @@ def test_a_finest_resolution_other_than_the_grids_keeps_its_centres(made):
     top_left = coarse.coords[coarse.parent]
     assert np.all(top_left <= grid + size0 / 2)
     assert np.all(grid + size0 / 2 < top_left + coarse.size_level0)
+
+
+def _invert(img):
+    return 255 - img
+
+
+def test_the_transform_is_applied_to_every_patch_read_and_recorded(made):
+    out = made['base'] / 'inverted'
+    export_run.export(made['workdir'], _exp(made['config'], made['tiles'], out, mpps=MPPS[:2]),
+                      None, transform=_invert, transform_name='invert')
+    run = load_run(made['workdir'])
+    a, attrs = _read(_slide_file(out, 'delta'))
+    assert attrs['']['input_transform'] == 'invert'
+    b, _ = _read(_slide_file(made['multi'], 'delta'))
+    source = sources_lib.open_source(str(made['tiles']))
+    picks = [i for i in range(len(source)) if source.record(i).slide_id == 'delta'][:3]
+    reads = [source.load(i) for i in picks]
+    # the coarse patches too: read as the reference, from the slide at 2 µm/px
+    side = int(round(attrs['coords_scale1']['patch_size_level0']))
+    reads += [_openslide_square(made['slides'] / 'delta.tif', *a['coords_scale1'][j], side, 64)
+              for j in range(2)]
+    images = np.stack([augment.resized_crop(255 - r, (0, 0, 64, 64), 32) for r in reads])
+    x = normalize_input(images, run.normalization.mean, run.normalization.std)
+    want = np.asarray(run.network.apply(run.weights.online_variables, x,
+                                        train=False)['features'])
+    got = np.concatenate([a['features'][:3], a['features_scale1'][:2]])
+    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-4, atol=1e-5)
+    # (a rounding apart, as in the test above; the untransformed ones are far from them)
+    err = np.abs(got[3:] - want[3:]).max()
+    assert err < 0.05 * np.abs(got[3:] - b['features_scale1'][:2]).max()
+    assert np.abs(a['features'] - b['features']).max() > 0.1 * np.abs(b['features']).mean()

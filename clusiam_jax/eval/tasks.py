@@ -109,11 +109,15 @@ def _trained(task, seeds, epochs):
         raise DataError(f'{task} needs --epochs of at least 1; got {epochs}')
 
 
-def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200):
+def run_dsmil(export_dir, splits_path, seeds=(0, 1, 2, 3, 4), epochs=200, bags='auto',
+              augmented=False):
+    """`bags`: auto (a multi-scale export's `cat`, else `features`) | features | cat;
+    `augmented`: also train on the export's stain-augmented copies (export.augment_copies)."""
     from clusiam_jax.eval import dsmil
     _trained('dsmil', seeds, epochs)
     return _slide_task('dsmil', dsmil.run_dsmil(export_dir, splits_path, seeds,
-                                                dsmil.DSMILConfig(epochs=epochs)),
+                                                dsmil.DSMILConfig(epochs=epochs), bags,
+                                                augmented),
                        ('history', 'test_scores'))
 
 
