@@ -306,6 +306,8 @@ def test_read_ahead_reads_what_each_drawn_sample_reads(bucket_tiling, tmp_path, 
     monkeypatch.setattr(sampler.base, '_warm', recorded)
     last = next(k for k in range(b - 1, 40 * b, b) if any(ranged(j) for j in range(k + 1,
                                                                                   k + 1 + b)))
+    for s in np.unique(sampler.slide_index):   # a worker past its first sample of each slide
+        sampler.region(int(np.argmax(sampler.slide_index == s)), 0, None)
     got = pm(last)
     sampler.base._pool.shutdown(wait=True)
     fetched = len(reads)

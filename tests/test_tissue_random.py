@@ -75,6 +75,8 @@ def test_positions_lie_on_tissue_and_change_every_epoch(tiled):
             assert 0 <= x <= w - size0 and 0 <= y <= h - size0
             fraction = _fraction(found.mask, found.downsample, x, y, size0)
             assert fraction >= min_tissue and fraction > 0, (slide.slide_id, x, y, fraction)
+            if slide.slide_id == 's40':   # read from level 1: on its pixels (even x, y)
+                assert x % 2 == 0 and y % 2 == 0
         epochs.append({(s, x, y) for s, x, y, _, _ in squares})
     for a in range(3):
         for b in range(a):

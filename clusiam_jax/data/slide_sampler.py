@@ -92,7 +92,7 @@ class SlideSampler(PatchSource):
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items()
-                if k not in ('_lock', '_samplers', '_drawn')}
+                if k not in ('_lock', '_samplers', '_drawn', '_downsamples')}
 
     def __setstate__(self, state):
         """Fresh per-process caches."""
@@ -100,6 +100,7 @@ class SlideSampler(PatchSource):
         self._lock = threading.Lock()
         self._samplers = collections.OrderedDict()   # slide -> (TissueSampler, bytes)
         self._drawn = collections.OrderedDict()      # (epoch, slide) -> int64 [n, 2]
+        self._downsamples = {}                       # slide -> its levels' downsamples
 
     # ----------------------------------------------------------------- start checks
 
@@ -179,8 +180,23 @@ class SlideSampler(PatchSource):
         side = out * float(mpp) / float(self._level0[s])
         if abs(side - size0) <= 0.5:   # the tiling's own µm/px: its own square
             return s, x, y, size0, out
-        shift = (size0 - side) / 2
-        return s, int(math.floor(x + shift + 0.5)), int(math.floor(y + shift + 0.5)), side, out
+        shift, step = (size0 - side) / 2, self._step(s, side, out)
+        x, y = (int(math.floor((v + shift) / step + 0.5)) * step for v in (x, y))
+        return s, x, y, side, out
+
+    def _step(self, s: int, side: float, out: int) -> int:
+        """The level-0 px of one pixel of the level a square of `side` is read from, when
+        whole (else 1). Squares start on that level's pixels: OpenSlide places a square
+        starting between them by resampling the level (slower, and a sub-pixel blur)."""
+        with self._lock:
+            downsamples = self._downsamples.get(s)
+        if downsamples is None:
+            downsamples = tuple(lv.downsample for lv in self.base._handle(s).levels)
+            with self._lock:
+                self._downsamples[s] = downsamples
+        ds = downsamples[reader.coarsest_within(downsamples, side / out)]
+        step = int(round(ds))
+        return step if step > 1 and abs(ds - step) < 1e-6 else 1
 
     def load(self, index: int) -> np.ndarray:
         """The record at the tiling's µm/px (fresh positions: epoch 0's)."""
@@ -195,6 +211,8 @@ class SlideSampler(PatchSource):
             return
         regions = []
         for index, epoch, mpp in samples:
+            if int(self.slide_index[index]) not in self._downsamples:
+                continue   # not opened yet by this process: its first load opens it
             try:
                 regions.append(self.region(index, epoch, mpp))
             except Exception:  # a slide or mask that does not open: the load reports it
@@ -214,7 +232,8 @@ class SlideSampler(PatchSource):
             if drawn is not None:
                 self._drawn.move_to_end(key)
                 return drawn
-        drawn = self._sampler(s).draw(int(self._count[s]), self.seed, epoch, s)
+        sampler, step = self._sampler(s)
+        drawn = sampler.draw(int(self._count[s]), self.seed, epoch, s) * step
         with self._lock:
             self._drawn[key] = drawn
             rows = sum(len(v) for v in self._drawn.values())
@@ -222,12 +241,15 @@ class SlideSampler(PatchSource):
                 rows -= len(self._drawn.popitem(last=False)[1])
         return drawn
 
-    def _sampler(self, s: int) -> tissue_positions.TissueSampler:
+    def _sampler(self, s: int):
+        """(slide s's TissueSampler, its lattice step): positions are drawn in units of one
+        pixel of the level the tiling's square is read from (_step), under the rule at
+        level 0 (x = step * p: the mask's pixels per unit are its downsample / step)."""
         with self._lock:
             kept = self._samplers.get(s)
             if kept is not None:
                 self._samplers.move_to_end(s)
-                return kept[0]
+                return kept[0], kept[2]
         slide = self.base.slides[s]
         found = coords_lib.read_tissue(slide.coord_file)
         if found is None:   # the file was replaced since the start
@@ -237,13 +259,16 @@ class SlideSampler(PatchSource):
         if math.isnan(min_tissue):
             raise DataError(f'{self._name(s)}: {slide.coord_file} does not record the '
                             f'tile.min_tissue its patches were kept by: tile again')
+        step = self._step(s, self._size0[s], int(self._out[s]))
+        level0 = (None if found.level0_size is None
+                  else tuple(side // step for side in found.level0_size))
         sampler = tissue_positions.TissueSampler(
-            found.mask, found.downsample, int(round(self._size0[s])), float(min_tissue),
-            found.level0_size, name=self._name(s))
-        size = (found.mask.shape[0] + 1) * (found.mask.shape[1] + 1) * 8   # its integral
+            found.mask, found.downsample / step, self._size0[s] / step, float(min_tissue),
+            level0, name=self._name(s))
+        size = (found.mask.shape[0] + 1) * (found.mask.shape[1] + 1) * 8   # its integral, at most
         with self._lock:
-            self._samplers[s] = (sampler, size)
+            self._samplers[s] = (sampler, size, step)
             held = sum(v[1] for v in self._samplers.values())
             while held > _SAMPLER_BYTES and len(self._samplers) > 1:
                 held -= self._samplers.popitem(last=False)[1][1]
-        return sampler
+        return sampler, step

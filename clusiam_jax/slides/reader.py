@@ -186,11 +186,7 @@ class Slide:
     def best_level(self, downsample: float, listed_only: bool = False) -> int:
         """The coarsest level whose downsample does not exceed `downsample` (within 1%)."""
         levels = self.levels[:self.listed] if listed_only else self.levels
-        best = 0
-        for level, lv in enumerate(levels):
-            if lv.downsample <= downsample * (1 + _LEVEL_TOLERANCE):
-                best = level if lv.downsample >= levels[best].downsample else best
-        return best
+        return coarsest_within([lv.downsample for lv in levels], downsample)
 
     def tile_size(self, level: int) -> Optional[Tuple[int, int]]:
         return self.levels[level].tile
@@ -232,6 +228,15 @@ class Slide:
         log.warning('%s: a reduced level OpenSlide does not list is unreadable (%s); '
                     'reading the levels OpenSlide lists instead', self, why)
         self.levels = self.levels[:self.listed]
+
+
+def coarsest_within(downsamples, downsample: float) -> int:
+    """Slide.best_level over a list of level downsamples."""
+    best = 0
+    for level, ds in enumerate(downsamples):
+        if ds <= downsample * (1 + _LEVEL_TOLERANCE):
+            best = level if ds >= downsamples[best] else best
+    return best
 
 
 def layout_of(slide: Slide) -> dict:
