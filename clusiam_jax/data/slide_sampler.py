@@ -98,7 +98,7 @@ class SlideSampler(PatchSource):
         """Fresh per-process caches."""
         self.__dict__.update(state)
         self._lock = threading.Lock()
-        self._samplers = collections.OrderedDict()   # slide -> (TissueSampler, bytes)
+        self._samplers = collections.OrderedDict()   # slide -> (TissueSampler, bytes, step)
         self._drawn = collections.OrderedDict()      # (epoch, slide) -> int64 [n, 2]
         self._downsamples = {}                       # slide -> its levels' downsamples
 
@@ -110,7 +110,7 @@ class SlideSampler(PatchSource):
     def _checked_level0(self, s: int) -> float:
         """Slide s's level-0 µm/px: what our tiling recorded (the one its grid used: a CSV
         column or tile.mpp_override included), else the slide's metadata; refused when
-        unknown or coarser than a data.mpps resolution."""
+        unknown or coarser than a data.mpps resolution asks for."""
         recorded = self.base.slides[s].coords.attrs.get('level0_mpp')
         if isinstance(recorded, (int, float)) and recorded > 0:
             level0, origin = float(recorded), 'recorded by the tiling'
