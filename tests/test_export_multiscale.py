@@ -314,3 +314,18 @@ def test_the_transform_is_applied_to_every_patch_read_and_recorded(made):
     err = np.abs(got[3:] - want[3:]).max()
     assert err < 0.05 * np.abs(got[3:] - b['features_scale1'][:2]).max()
     assert np.abs(a['features'] - b['features']).max() > 0.1 * np.abs(b['features']).mean()
+
+
+def test_augmented_copies_of_a_patch_folder_in_npz(made, tmp_path):
+    patches = tmp_path / 'patches'
+    write_patches(str(patches), 6)
+    out = tmp_path / 'npz'
+    export_run.export(made['workdir'], _exp(made['config'], patches, out, format='npz',
+                                            augment_copies=COPIES), None, hed=HED)
+    with np.load(out / fmt.NPZ_NAME) as f:
+        features, copies = f['features'], f['features_augmented']
+        assert int(f['augment_copies']) == COPIES and float(f['augment_hed']) == HED
+    assert copies.shape == (len(features), COPIES, features.shape[1])
+    assert np.abs(copies - features[:, None]).max(axis=2).min() > 0
+    slides = fmt.read_export(str(out))
+    assert sum(len(a['features_augmented']) for a in slides.values()) == len(features)
