@@ -156,7 +156,8 @@ def run_train(args, config, overrides):
         step = int(jax.device_get(state.step))
         if config.export.after_training:
             from clusiam_jax.export.run import export
-            out_dir = export(args.workdir, config.export, argv=args.argv)
+            out_dir = export(args.workdir, config.export, argv=args.argv,
+                             hed=config.augment.hed)
             log.info('run complete: %s at step %d, exported to %s; next: %s', args.workdir, step,
                      out_dir, command_hint('--mode', 'eval', 'knn', '--export', out_dir,
                                            '--splits', 'SPLITS.csv'))
@@ -184,7 +185,8 @@ def run_export(args, config, overrides):
         if args.config:
             log.info('export: the export section of %s; the model, image size and data '
                      "are the run's (config.json)", args.config)
-        export_run.export(args.workdir, config.export, normalization, argv=args.argv)
+        export_run.export(args.workdir, config.export, normalization, argv=args.argv,
+                          hed=config.augment.hed)
     return 0
 
 

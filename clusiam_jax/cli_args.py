@@ -165,6 +165,12 @@ def _eval_parser(sub, task: str):
         epochs = 200 if task == 'dsmil' else 100
         sub.add_argument('--epochs', type=int, default=epochs,
                          help=f'epochs (default {epochs}; the best on val is kept)')
+    if task == 'dsmil':
+        sub.add_argument('--bags', choices=('auto', 'features', 'cat'), default='auto',
+                         help="a slide's bag: auto (a multi-scale export's cat, else features)")
+        sub.add_argument('--augmented', action='store_true',
+                         help="also train on the export's stain-augmented copies "
+                              '(export.augment_copies)')
     if task in ('clusters', 'meanpool'):
         sub.add_argument('--seed', type=int, default=0, help='picks the validation slides '
                          '(20%% of train) when the splits file has none')

@@ -317,7 +317,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     _refuse((d.mean is None) != (d.std is None),
             'set both data.mean and data.std, or neither (computed)')
     _refuse(d.std is not None and min(d.std) <= 0, f'data.std must be positive; got {d.std!r}')
-    _check_mpps(d, exp, config.augment)
+    _check_mpps(d, exp)
     _refuse(t.init_from and t.resume_from,
             'set train.init_from or train.resume_from, not both: resume_from continues a run '
             '(optimizer, step, schedules), init_from starts one from weights')
@@ -354,7 +354,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
         '--config ...)' if tiled else ''))
 
 
-def _check_mpps(d, exp, augment):
+def _check_mpps(d, exp):
     """The histology options' cross-key rules (docs/method.md)."""
     for key, values in (('data.mpps', d.mpps), ('export.mpps', exp.mpps),
                         ('data.mpp_weights', d.mpp_weights)):
@@ -373,9 +373,6 @@ def _check_mpps(d, exp, augment):
             'data.sampling=tissue_random too')
     _refuse(d.stain_reference and not d.stain_norm, 'data.stain_reference is the target of '
             'data.stain_norm: set data.stain_norm=macenko or reinhard too')
-    _refuse(exp.augment_copies and not augment.hed,
-            f'export.augment_copies={exp.augment_copies} jitters the stains with augment.hed: '
-            "set its strength (0.05 is Tellez et al.'s)")
 
 
 def best_mode(train) -> str:

@@ -329,3 +329,30 @@ def test_augmented_copies_of_a_patch_folder_in_npz(made, tmp_path):
     assert np.abs(copies - features[:, None]).max(axis=2).min() > 0
     slides = fmt.read_export(str(out))
     assert sum(len(a['features_augmented']) for a in slides.values()) == len(features)
+
+
+def test_a_run_trained_with_stain_norm_exports_normalised_patches(made):
+    """The run's data.stain_norm and recorded target reach the export by themselves (the
+    command line and the after-training export pass no transform)."""
+    from clusiam_jax import run_dir
+    from clusiam_jax.data import stain_norm
+    workdir = made['base'] / 'run_stain'
+    shutil.copytree(made['workdir'], workdir)
+    config = run_dir.read_run_config(str(workdir))
+    config.data.stain_norm = 'reinhard'
+    run_dir.write_run_config(str(workdir), config)
+    source = sources_lib.open_source(str(made['tiles']))
+    target = stain_norm.fit('reinhard', [source.load(i) for i in range(0, len(source), 7)])
+    (workdir / stain_norm.TARGET_NAME).write_text(target.to_json())
+    by_run = made['base'] / 'by_run'
+    export_run.export(str(workdir), _exp(made['config'], made['tiles'], by_run), None)
+    given = made['base'] / 'given'
+    export_run.export(made['workdir'], _exp(made['config'], made['tiles'], given), None,
+                      transform=stain_norm.StainNormalizer(target),
+                      transform_name='stain_norm=reinhard')
+    a, attrs = _read(_slide_file(by_run, 'alpha'))
+    b, _ = _read(_slide_file(given, 'alpha'))
+    plain, _ = _read(_slide_file(made['plain'], 'alpha'))
+    assert attrs['']['input_transform'] == 'stain_norm=reinhard'
+    np.testing.assert_array_equal(a['features'], b['features'])
+    assert not np.allclose(a['features'], plain['features'])

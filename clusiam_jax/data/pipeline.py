@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from clusiam_jax import interrupts, storage
-from clusiam_jax.data import augment, image_io, skips, slide_cache, slide_sampler
+from clusiam_jax.data import augment, image_io, skips, slide_cache, slide_sampler, stain, stain_norm
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
 from clusiam_jax.data.records import PatchSource
@@ -401,7 +401,7 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
                         process_count: int = 1, recorded=None, transform=None) -> TrainLoader:
     """The training loader of this process. The normalization is data.mean/std when set,
     else what a resumed run `recorded` (mean, std, origin), else computed (cached).
-    `transform`: TrainLoader's (stain normalisation)."""
+    `transform`: TrainLoader's; None: data.stain_norm's (stain_norm.prepare)."""
     data = config.data
     source = sources_lib.open_source(data.path, data.slide_dir, int(data.open_slides),
                                      data.get('cache_dir', ''),
@@ -414,6 +414,10 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
                     'of its slides); training on the other %d', len(held), mon.holdout, len(keep))
         source, held_out = source.subset(keep), source.subset(held)
     grid, scales = source, Scales.from_config(data)   # the grid: what the statistics read
+    if 'augment' in config and float(config.augment.hed) > 0:
+        stain.require_colour_of(grid, data.path)
+    if transform is None:   # every process fits the same target; process 0 records it
+        transform = stain_norm.prepare(config, workdir, grid, record=process_index == 0)
     fresh = data.sampling == 'tissue_random'
     if scales is not None or fresh:
         source = slide_sampler.training_sampler(
@@ -429,6 +433,10 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     if mean is None and recorded is not None:
         mean, std, origin = recorded.mean, recorded.std, recorded.origin
         logger.info('normalization recorded by the run: mean %s std %s (%s)', mean, std, origin)
+    elif mean is None and transform is not None:
+        mean, std, origin = stain_norm.normalized_stats(
+            grid, transform, data.path, int(data.stats_sample), int(data.num_workers),
+            skips.SkipLog(skip_list))
     elif mean is None:
         sample = (stats_lib.sample_indices(len(grid), int(data.stats_sample))
                   if grid.from_slides else None)   # slides: millions of patches

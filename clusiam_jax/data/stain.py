@@ -88,6 +88,18 @@ def is_grayscale(img: np.ndarray) -> bool:
                 and np.array_equal(img[..., 0], img[..., 2]))
 
 
+def require_colour_of(source, where: str, count: int = 16) -> None:
+    """require_colour over a fixed sample of `source` (unreadable patches left to training)."""
+    from clusiam_jax.data import image_io, stats
+    images = []
+    for i in stats.sample_indices(len(source), count):
+        try:
+            images.append(source.load(int(i)))
+        except (image_io.BadImageError, DataError, OSError):
+            continue
+    require_colour(images, where)
+
+
 def require_colour(images: Iterable[np.ndarray], where: str) -> None:
     """Refuse HED jitter on grayscale data: it would invent stains (grey deconvolves into
     haematoxylin plus DAB with a negative eosin). A sample refuses only when every image is

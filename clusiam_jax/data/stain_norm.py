@@ -322,7 +322,7 @@ def prepare(config, workdir: Optional[str], source=None,
     <workdir>/stain_target.json when there is one (a resumed run, its export), else fitted
     on data.stain_reference or a fixed sample of `source`, and recorded there when `record`
     (the main process; every process fits the same target from the same sample)."""
-    kind = config.data.stain_norm
+    kind = config.data.get('stain_norm', '')
     if not kind:
         return None
     if kind not in KINDS:
@@ -352,3 +352,32 @@ def prepare(config, workdir: Optional[str], source=None,
     logger.info('stain normalisation (%s) to a target fitted on %s (%d pixels)%s', kind,
                 target.fitted_on, target.pixels, f', recorded in {recorded}' if recorded else '')
     return StainNormalizer(target)
+
+
+class NormalizedSource:
+    """`source` with its patches stain-normalised, for the normalisation statistics: a run
+    with data.stain_norm standardises what the network sees, not the raw colours."""
+
+    def __init__(self, source, normalizer: StainNormalizer):
+        self.source, self.normalizer = source, normalizer
+
+    def __len__(self):
+        return len(self.source)
+
+    def path(self, index: int) -> str:
+        return self.source.path(index)
+
+    def load(self, index: int) -> np.ndarray:
+        return self.normalizer(self.source.load(index))
+
+
+def normalized_stats(source, normalizer: StainNormalizer, data_path: str, sample_size: int,
+                     num_workers: int = 0, skip_log=None):
+    """(mean, std, origin) over a fixed sample of the normalised patches. Not cached: the
+    cache is keyed by the patch list alone, which the raw statistics share."""
+    sample = stats.sample_indices(len(source), sample_size)
+    mean, std = stats.compute_stats(NormalizedSource(source, normalizer), num_workers, skip_log,
+                                    sample, what=f'the patches of {data_path}')
+    return mean, std, (f'computed over a fixed sample of {len(sample)} of the {len(source)} '
+                       f'patches of {data_path} after stain normalisation '
+                       f'({normalizer.target.kind})')

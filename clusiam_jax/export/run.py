@@ -14,6 +14,7 @@ import numpy as np
 from clusiam_jax import run_dir, storage, workdir_lock
 from clusiam_jax.config import parse_checkpoint_choice
 from clusiam_jax.data import sources as sources_lib
+from clusiam_jax.data import stain_norm
 from clusiam_jax.errors import ClusiamError, ConfigError, DataError
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export import scales
@@ -272,6 +273,9 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
         raise DataError(f"the patches to export are gone: {data_path} (the run's data.path);"
                         f' set --config.export.data_path=DIR')
     trained_at = run.config.data.image_size
+    if transform is None:   # a run trained on stain-normalised patches embeds them so too
+        transform = stain_norm.prepare(run.config, workdir, None, record=False)
+        transform_name = f'stain_norm={transform.target.kind}' if transform else ''
     hed = float(hed or run.config.augment.hed)
     if exp.augment_copies and not hed:
         raise ConfigError(f'export.augment_copies={exp.augment_copies} jitters the stains with '

@@ -72,14 +72,15 @@ class MonitorSet:
     slides: np.ndarray
 
 
-def build_monitor_set(source, indices, config, seed: int) -> MonitorSet:
-    """`indices` of `source` (unreadable ones left out) at data.image_size, with seeded views."""
+def build_monitor_set(source, indices, config, seed: int, transform=None) -> MonitorSet:
+    """`indices` of `source` (unreadable ones left out) at data.image_size, with seeded views;
+    `transform`: the training loader's (stain normalisation), so the monitor sees its input."""
     size = int(config.data.image_size)
     aug = dataclasses.replace(augment.AugmentConfig.from_config(config), on_device=False)
     images, v1, v2, labels, slides = [], [], [], [], []
     for i in map(int, indices):
         try:
-            img = source.load(i)
+            img = source.load(i) if transform is None else transform(source.load(i))
         except (image_io.BadImageError, DataError, OSError) as e:
             log.warning('monitor: skipping %s (%s)', source.path(i), e)
             continue
@@ -150,8 +151,9 @@ class MonitorHook:
     """The monitor every monitor.every_epochs (and the last) epoch; with train.best_metric, the
     best state so far in best_checkpoint/ and best_checkpoint.json."""
 
-    def __init__(self, config, workdir, trainer, held_out=None, latest=None):
-        """`held_out`: the slides the data pipeline held out; `latest`: the run's Checkpointer."""
+    def __init__(self, config, workdir, trainer, held_out=None, latest=None, transform=None):
+        """`held_out`: the slides the data pipeline held out; `latest`: the run's Checkpointer;
+        `transform`: the loader's patch transform (stain normalisation)."""
         self.config, self.workdir, self.latest = config, workdir, latest
         mon, seed = config.monitor, int(config.train.seed)
         source = open_source(mon.data_path, config.data.slide_dir) if mon.data_path else held_out
@@ -159,7 +161,7 @@ class MonitorHook:
             raise ConfigError("monitor.holdout holds out slides of the data pipeline's source; "
                               'this run was given its own loader: use monitor.data_path')
         chosen = sample_indices(len(source), int(mon.num_patches), [seed, _SAMPLE])
-        monitor_set = build_monitor_set(source, chosen, config, seed)
+        monitor_set = build_monitor_set(source, chosen, config, seed, transform)
         if config.train.best_metric.startswith('monitor/knn') and (
                 monitor_set.labels is None or len(set(monitor_set.slides)) < 2):
             raise ConfigError(f'train.best_metric={config.train.best_metric} needs a monitor '
