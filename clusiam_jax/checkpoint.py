@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from clusiam_jax import fileio, interrupts, storage
 from clusiam_jax.errors import CheckpointError, ConfigError, DataError
-from clusiam_jax.workdir_lock import pid_alive
+from clusiam_jax.workdir_lock import check_lease, pid_alive
 
 log = logging.getLogger('clusiam_jax')
 
@@ -33,6 +33,7 @@ MARKER = 'commit_success.txt'
 class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int = 3, create: bool = True,
                  subdir: str = LATEST_DIR):
+        self.workdir = workdir
         self.directory = storage.join(workdir if storage.is_url(workdir)
                                       else os.path.abspath(workdir), subdir)
         # s3: orbax sees the staging folder; the bucket's steps are the ones with a marker.
@@ -83,6 +84,9 @@ class Checkpointer:
         return steps[-1] if step is None else step
 
     def save(self, step: int, state, data_state=None):
+        # Never into a bucket folder another command took over (its lease renewed otherwise,
+        # so the save has a whole lease); tensorstore's writes pass by storage's fence.
+        check_lease(self.workdir)
         items = {'state': ocp.args.StandardSave(state)}
         if data_state is not None:
             items['data'] = ocp.args.JsonSave(data_state)

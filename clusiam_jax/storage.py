@@ -262,11 +262,13 @@ def read_bytes(path: str) -> bytes:
 
 def write_bytes(url: str, data: bytes) -> None:
     """One upload: the object appears whole or not at all."""
+    _unfenced(url)
     _retried('write', url, lambda: _filesystem(url).pipe_file(url, data))
 
 
 def upload(local_path: str, url: str, recursive: bool = False) -> None:
     """A file (or with `recursive` a folder's files, each one upload) to `url`."""
+    _unfenced(url)
     fs = _filesystem(url)
     if not recursive:
         _retried('write', url, lambda: fs.put_file(local_path, url))
@@ -291,6 +293,7 @@ def remove(path: str, recursive: bool = False) -> None:
         elif os.path.exists(path):
             os.remove(path)
         return
+    _unfenced(path)
     fs = _filesystem(path)
     try:
         _retried('delete', path, lambda: fs.rm(path, recursive=recursive))
@@ -360,6 +363,7 @@ def create_bytes(url: str, data: bytes) -> bool:
 
 def copy(source: str, target: str) -> None:
     """One object, copied inside the store (no download)."""
+    _unfenced(target)
     _retried('copy', source, lambda: _filesystem(source).copy(source, target))
 
 
@@ -372,15 +376,26 @@ def find_files(url: str) -> List[str]:
     return sorted(f[len(root):] for f in found if f.startswith(root))
 
 
+def _version_of(url: str, info: dict) -> str:
+    """What tells one state of an object from another: GCS's generation (a new one at every
+    write, kept by a metadata-only update, which changes GCS's ETag), S3's ETag (S3 has no
+    metadata-only update: changing metadata copies the object)."""
+    if url.startswith('gs://'):
+        return str(info.get('generation') or '')
+    return str(info.get('ETag') or info.get('etag') or '').strip('"')
+
+
 def version(url: str) -> Tuple[int, str]:
-    """(size, ETag) of an object: what changes when it is written again (a rerun redoes it)."""
+    """(size, generation or ETag) of an object: what changes when it is written again (a
+    rerun redoes it), and only then."""
     info = _retried('look up', url, lambda: _fresh(url).info(url))
-    return int(info['size']), str(info.get('ETag') or info.get('etag') or '').strip('"')
+    return int(info['size']), _version_of(url, info)
 
 
 def object_version(url: str) -> str:
-    """What `replace_bytes` names: the object's GCS generation or S3 ETag."""
-    info = _retried('look up', url, lambda: _filesystem(url).info(url))
+    """What `replace_bytes` and `remove_version` name: the object's GCS generation or S3
+    ETag (quoted, as S3's If-Match takes it), looked up fresh."""
+    info = _retried('look up', url, lambda: _fresh(url).info(url))
     return str(info.get('generation') if url.startswith('gs://') else info.get('ETag'))
 
 
@@ -420,6 +435,67 @@ def replace_bytes(url: str, data: bytes, version: str) -> bool:
     return _retried('replace', url, put)
 
 
+class ConditionRefused(DataError):
+    """The store does not do this conditional request (501 Not Implemented: an S3-compatible
+    server without conditional deletes)."""
+
+
+def remove_version(url: str, version: str) -> bool:
+    """Deletes the object only while it is at `version` (`object_version`; GCS
+    ifGenerationMatch, S3 If-Match, which AWS takes on DELETE since September 2025): False
+    when another writer replaced or deleted it since, ConditionRefused where the store does
+    not take the condition. A server that ignores it (fake-gcs-server does) deletes anyway:
+    whoever calls this has checked the object's content first."""
+    _unfenced(url)
+    fs = _filesystem(url)
+    bucket, key, _ = fs.split_path(url)
+
+    def delete():
+        try:
+            if url.startswith('s3://'):
+                fs.call_s3('delete_object', Bucket=bucket, Key=key, IfMatch=version)
+            else:
+                fs.call('DELETE', 'b/{}/o/{}', bucket, key, ifGenerationMatch=version)
+        except (FileExistsError, FileNotFoundError):  # gcsfs's 412; gone (either store)
+            return False
+        except Exception as e:  # sorted by status, as _retried sorts them
+            if _precondition_failed(e):
+                return False
+            if any(_http_status(x) == 501 for x in (e, e.__context__) if x is not None):
+                raise ConditionRefused(f'cannot delete {url} only at version {version}: the '
+                                       f'store does not take the condition') from None
+            raise
+        finally:
+            fs.invalidate_cache(url)
+        return True
+    return _retried('delete', url, delete)
+
+
+# Folders this process must not write to any more, and why: its lock on them was taken over
+# by another command (workdir_lock), whose files they are now.
+_fences = {}
+
+
+class Fenced(DataError):
+    """A write into a folder this process no longer holds (see `fence`)."""
+
+
+def fence(folder: str, why: str) -> None:
+    """From now on, this process's writes, uploads and deletes under the bucket folder
+    `folder` raise Fenced(`why`): they would overwrite another command's files."""
+    _fences[folder.rstrip('/') + '/'] = why
+
+
+def unfence(folder: str) -> None:
+    _fences.pop(folder.rstrip('/') + '/', None)
+
+
+def _unfenced(url: str) -> None:
+    for prefix, why in list(_fences.items()):
+        if url.startswith(prefix) or url.rstrip('/') + '/' == prefix:
+            raise Fenced(f'cannot write {url}: {why}')
+
+
 def versions(url: str, recursive: bool = True) -> dict:
     """{path relative to the folder `url`: version()} of its objects from one fresh listing
     (`recursive` False: only those directly in it): many objects' versions in one request."""
@@ -431,6 +507,5 @@ def versions(url: str, recursive: bool = True) -> dict:
     else:
         found = {e['name']: e for e in _retried('list', url, lambda: fs.ls(url, detail=True))
                  if e.get('type') == 'file'}
-    return {name[len(root):]: (int(info['size']), str(info.get('ETag') or info.get('etag')
-                                                      or '').strip('"'))
+    return {name[len(root):]: (int(info['size']), _version_of(url, info))
             for name, info in sorted(found.items()) if name.startswith(root)}

@@ -165,17 +165,19 @@ class BucketLock(FolderLock):
     """The lock of a folder in a bucket: an object uploaded only if none has its name (GCS
     ifGenerationMatch=0, S3 IfNoneMatch='*'). No process keeps it alive as a flock is, so the
     holder renews it every RENEW_S; one not renewed for STALE_S (a host killed or preempted;
-    host clocks agree to seconds) is taken over, as is one of a gone pid of this host. Renewal
-    and takeover replace only the version read (generation / ETag): of two commands taking
-    over one lease, one wins; a holder that loses its lease stops at the next safe point.
-    Left: release() deletes after reading its token (no precondition), and a train loop that
-    loses its lease at an epoch's end may still save that epoch's checkpoint before it stops."""
+    host clocks agree to seconds) is taken over, as is one of a gone pid of this host. Renewal,
+    takeover and release act only on the version read (generation / ETag): of two commands
+    taking over one lease, one wins, and a release never deletes a lock taken over since it
+    looked. A holder that loses its lease writes nothing more to the folder (storage.fence)
+    and stops at the next safe point; training checks the lease (`check_lease`) before each
+    checkpoint and epoch row, renewing it, so that a write it starts has a whole lease."""
     RENEW_S, STALE_S = 60.0, 600.0
 
     def acquire(self):
         self._token = uuid.uuid4().hex  # ours: a retried upload that had landed finds itself
         self._started = datetime.datetime.now().isoformat(timespec='seconds')
-        self.lost = False
+        self.lost = self._reported = False
+        self._renewing = threading.Lock()   # the renewal thread and check() take turns
         for _ in range(10):
             if storage.create_bytes(self.path, self._text()):
                 return self._held()
@@ -214,56 +216,123 @@ class BucketLock(FolderLock):
         int(holder['pid'])
         return version, holder
 
-    def _mine(self) -> bool:
-        holder = json.loads(storage.read_bytes(self.path).decode('utf-8', 'replace'))
-        return holder.get('token') == self._token
-
     def _held(self):
+        storage.unfence(self.folder)  # held again: an earlier loss here is over
         self._fd, self._stop = self._token, threading.Event()
         self._renewer = threading.Thread(target=self._renew, daemon=True,
                                          name='clusiam-lock-renewal')
         self._renewer.start()
         return self
 
-    def _renew(self):
-        while not self._stop.wait(self.RENEW_S):
+    def _renew_once(self) -> bool:
+        """Renews the lease if the lock is still ours (the version read, replaced only at that
+        version); False when another command holds it (or it was deleted)."""
+        with self._renewing:
+            if self.lost:
+                return False
             try:
                 version, holder = self._read()
                 if (holder.get('token') == self._token
                         and storage.replace_bytes(self.path, self._text(), version)):
-                    continue
+                    return True
             except Unreadable:  # deleted: another command may hold the folder by now
                 pass
+            self._lose()
+            return False
+
+    def _renew(self):
+        while not self._stop.wait(self.RENEW_S):
+            try:
+                if not self._renew_once():
+                    return
             except (DataError, ValueError, TypeError, KeyError) as e:  # tried again next time
                 log.warning('%s: could not renew the lock %s (%s)', self.folder, self.path, e)
-                continue
-            self._lose()
-            return
+
+    def check(self):
+        """Raises LeaseLost if the lock is no longer ours; renews it otherwise (a lock object
+        that is no lock of ours any more, unreadable JSON included, is lost). An outage is
+        the storage's DataError: a write now would fail alike."""
+        try:
+            held = self._renew_once()
+        except DataError:
+            raise
+        except (ValueError, TypeError, KeyError):   # no lock of ours in the object now
+            with self._renewing:
+                self._lose()
+            held = False
+        if not held:
+            self._reported = True
+            raise LeaseLost(self._lost_message())
 
     def _lose(self):
-        """Another command took the folder over (we stalled past the lease): stop."""
+        """Another command took the folder over (we stalled past the lease): write nothing
+        more there, and stop."""
+        if self.lost:
+            return
         self.lost = True
+        storage.fence(self.folder, f'another command took over the lock of {self.what} '
+                                   f'{self.folder}')
         log.warning('%s %s: another command took over its lock %s; stopping at the next safe '
-                    'point', self.what, self.folder, self.path)
+                    'point, writing nothing more there', self.what, self.folder, self.path)
         interrupts.note(signal.SIGTERM)
+
+    def _lost_message(self) -> str:
+        return (f'{self.what} {self.folder}: another command took over its lock (this one '
+                f'stalled past the {self.STALE_S:.0f} s lease) and this one stopped, writing '
+                f'nothing more there; check which run the folder holds now')
 
     def release(self):
         if self._fd is None:
             return
         self._stop.set()
         self._renewer.join()
-        try:  # only our own object: a folder taken over since is not ours to free
-            if not self.lost and self._mine():
-                storage.remove(self.path)
-        except (DataError, ValueError, AttributeError) as e:
+        try:
+            if not self.lost:
+                self._delete_if_ours()
+        except (DataError, ValueError, TypeError, KeyError) as e:
             log.warning('%s: could not release the lock %s (%s); delete it before the next '
                         'command there', self.folder, self.path, e)
         finally:
             self._fd = None
-        if self.lost:
-            raise ConfigError(f'{self.what} {self.folder}: another command took over its lock '
-                              f'(this one stalled past the {self.STALE_S:.0f} s lease) and this '
-                              f'one stopped; check which run the folder holds now')
+        if self.lost and not self._reported:  # said once: check() may have raised it
+            self._reported = True
+            raise LeaseLost(self._lost_message())
+
+    def _delete_if_ours(self):
+        """Deletes the lock only at the version whose token was ours: a command that took it
+        over after that look keeps it (the store refuses the delete). Where the store does
+        not take the condition, the delete follows the look unconditionally, and a takeover
+        in the milliseconds between them would lose its lock; a store that ignores the
+        condition (fake-gcs-server) leaves that same window."""
+        try:
+            version, holder = self._read()
+        except Unreadable:
+            return   # already gone
+        if holder.get('token') != self._token:
+            return   # not ours any more: not ours to free
+        try:
+            deleted = storage.remove_version(self.path, version)
+        except storage.ConditionRefused:
+            storage.remove(self.path)
+            return
+        if not deleted:
+            log.info('%s: the lock %s changed as it was released (taken over, or gone); left '
+                     'as it is', self.folder, self.path)
+
+
+class LeaseLost(ConfigError):
+    """This command's lock on a bucket folder was taken over by another command."""
+
+
+def check_lease(folder: str) -> None:
+    """Before a write a restart would trust (a checkpoint, an epoch's row): LeaseLost if this
+    process's lock on the bucket folder `folder` was taken over, else the lease renewed, so
+    that the write has a whole lease (STALE_S) to finish in. A local folder's flock cannot be
+    lost, and a folder this process does not hold (the other processes of a pod: process 0
+    holds it) has nothing to check."""
+    lock = _held.get(folder.rstrip('/')) if storage.is_url(folder) else None
+    if isinstance(lock, BucketLock):
+        lock.check()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import jax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from clusiam_jax import interrupts, parallel, run_dir, storage
+from clusiam_jax import interrupts, parallel, run_dir, storage, workdir_lock
 from clusiam_jax.checkpoint import Checkpointer
 from clusiam_jax.config import config_changes, validate
 from clusiam_jax.data import create_train_loader
@@ -57,6 +57,15 @@ class _StopRequest:
         if reached:
             interrupts.note(signal.SIGTERM)
         return reached
+
+
+def _close_writer(writer):
+    """A lost lease fenced the work directory (storage.fence): this run's last events stay
+    unwritten there; the one line that ends the run says why."""
+    try:
+        writer.close()
+    except storage.Fenced:
+        pass
 
 
 def _restore_other_run(path, target):
@@ -158,7 +167,8 @@ def train(config, workdir: str, loader=None, mesh=None):
             stack.callback(iterator.close)
         batches = prefetch_to_device(iterator, parallel.batch_sharded(mesh),
                                      config.data.prefetch, with_state=True)
-        writer = stack.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_main)))
+        writer = MetricWriter(workdir, enabled=is_main)
+        stack.callback(_close_writer, writer)
         # Bucket reads of this process's batches (process 0 logs its own: hosts read alike).
         reads = InputTelemetry(iterator, loader)
         head = next(batches)
@@ -181,6 +191,8 @@ def train(config, workdir: str, loader=None, mesh=None):
                    dynamic_ncols=True, smoothing=0.1)
 
         def stop_here(reason, saved, resume=True):
+            # A lost lease asks to stop as SIGTERM does: then nothing more is saved.
+            workdir_lock.check_lease(workdir)
             if not saved:
                 stats.flush()  # never checkpoint a non-finite state
                 check_saveable(state, step, ckpt)
@@ -221,8 +233,11 @@ def train(config, workdir: str, loader=None, mesh=None):
                         writer.scalars(step, window_reads, prefix='input/')
                 if step < end and stop.requested(step):
                     return stop_here(signal.Signals(interrupts.received()).name, saved=False)
-            # The epoch is complete: its row and checkpoint first, then a pending stop.
+            # The epoch is complete: its row and checkpoint first, then a pending stop; none
+            # of them once another command took the work directory over (the lease renewed
+            # here gives them a whole lease to finish in).
             elapsed = time.perf_counter() - start_time   # the hooks' time is their own
+            workdir_lock.check_lease(workdir)
             hooked, stops = {}, []
             for hook in hooks:
                 metrics, reason = hook(epoch + 1, step, state, data_state)
