@@ -87,15 +87,14 @@ class FileSource(PatchSource):
             return image_io.decode_rgb(self._encoded(index))
         except image_io.BadImageError as e:
             raise image_io.BadImageError(f'{self.path(index)}: {e}') from None
+        except DataError:   # the bucket failing under the dataset (_read_failed): no skip
+            raise
         except Exception as e:  # a damaged shard: treat like a damaged file
             raise image_io.BadImageError(f'{self.path(index)}: record {index}: {e}') from None
 
     def _encoded(self, index: int) -> bytes:
         """Record `index`'s image bytes: read ahead, or read now with the wanted ones."""
         with self._lock:
-            if self._reader is None:
-                from clusiam_jax.data import tfds_builder  # tensorflow-datasets: only here
-                self._reader = tfds_builder.open_data_source(self.dataset_dir)
             if index in self._ahead:
                 return self._ahead.pop(index)
             self._wanted.pop(index, None)
@@ -103,7 +102,7 @@ class FileSource(PatchSource):
             self._wanted.clear()
         if others:
             try:
-                got = self._reader.__getitems__([index] + others)
+                got = self._reader_now().__getitems__([index] + others)
             except Exception:  # a damaged neighbour: this record is read alone below
                 got = None
             if got is not None:
@@ -113,7 +112,46 @@ class FileSource(PatchSource):
                     while len(self._ahead) > _READ_AHEAD:
                         self._ahead.popitem(last=False)
                 return got[0]['image']
-        return self._reader[index]['image']
+        try:
+            return self._reader_now()[index]['image']
+        except Exception as e:
+            if not storage.is_url(self.dataset_dir):
+                raise
+            return self._read_failed(index, e)
+
+    def _reader_now(self):
+        with self._lock:
+            if self._reader is None:
+                from clusiam_jax.data import tfds_builder  # tensorflow-datasets: only here
+                self._reader = tfds_builder.open_data_source(self.dataset_dir)
+            return self._reader
+
+    def _read_failed(self, index: int, error: Exception) -> bytes:
+        """Record `index` of a gs:// dataset could not be read. array_record says why only in
+        its message (a RuntimeError for an outage, a refusal and a damaged chunk alike), and
+        after a failed request its reader of that shard fails every read. So the shard is
+        looked at through storage, whose errors say what they are (after its retries): an
+        outage or a refusal is that DataError, which ends the run (skipping would read other
+        batches than an undisturbed run); a missing shard is Unreadable, skipped and listed
+        like a missing slide; a shard the bucket serves is read again through a new reader,
+        and a record that fails again is damaged (the caller skips it)."""
+        storage.version(self._shard_of(index))
+        with self._lock:
+            self._reader = None   # its failed reader of that shard would fail every read
+        try:
+            return self._reader_now()[index]['image']
+        except Exception as again:
+            raise again from error
+
+    def _shard_of(self, index: int) -> str:
+        """The shard object holding record `index` (tfds's split info: the shards in order
+        and their record counts); the dataset's info where the reader could not be opened."""
+        reader = self._reader
+        if reader is None:   # the dataset's own files failed: the folder is looked at
+            return storage.join(self.dataset_dir, 'dataset_info.json')
+        split = reader.dataset_info.splits[reader.split]
+        ends = np.cumsum(split.shard_lengths)
+        return str(split.filepaths[int(np.searchsorted(ends, index, side='right'))])
 
 
 def open_source(path: str, slide_dir: str = '', open_slides: int = 512, cache_dir: str = '',
@@ -148,7 +186,7 @@ def _bucket_dataset(url: str, cache_dir: str) -> FileSource:
 def stage_dataset(url: str, cache_dir: str = '') -> str:
     """The local copy of the dataset folder `url`: `<cache>/datasets/<sha1 of url>/`, where
     <cache> is `cache_dir` or $XDG_CACHE_HOME/clusiam_jax. Each file is downloaded whole to a
-    temporary name then renamed, and `.staged.json` (the objects' sizes and ETags) written last:
+    temporary name then renamed, and `.staged.json` (the objects' storage.version) written last:
     a later open whose objects match it downloads nothing; a changed dataset is staged again.
     The processes of a host take turns (a file lock): one downloads, the others reuse it."""
     root = os.path.join(os.path.abspath(cache_dir), 'datasets') if cache_dir else \
