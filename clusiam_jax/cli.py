@@ -101,6 +101,8 @@ class _StagedRunLog(_RunLogFile):
         try:
             storage.write_bytes(self.url, data)
             self._sent = written
+        except storage.Fenced:  # another command holds the folder: its log.txt now
+            self._sent = written
         except errors.DataError as e:  # the next upload tries again; the console has it all
             log.warning('%s; trying again in %.0f s', e, LOG_UPLOAD_EVERY_S)
 

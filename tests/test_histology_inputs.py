@@ -71,3 +71,15 @@ def test_hed_on_grayscale_data_is_refused_at_start(tmp_path):
     data.create_train_loader(with_augment(data_config(gray), 0.0))   # off: no check
     colour = write_folder(tmp_path / 'colour', 6)
     data.create_train_loader(with_augment(data_config(colour), 0.05))
+
+
+def test_the_monitor_sees_the_patches_training_sees(tmp_path):
+    from clusiam_jax.data import sources
+    from clusiam_jax.train import monitor
+    from tests.helpers import tiny_config
+    patches = write_folder(tmp_path / 'patches', 6)
+    source = sources.open_source(str(patches))
+    config = tiny_config(image_size=40)
+    plain = monitor.build_monitor_set(source, range(6), config, 0)
+    inverted = monitor.build_monitor_set(source, range(6), config, 0, lambda img: 255 - img)
+    np.testing.assert_array_equal(inverted.images, 255 - plain.images)

@@ -25,7 +25,8 @@ from clusiam_jax.slides import tiles as tiles_lib
 
 log = logging.getLogger('clusiam_jax')
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4   # 'etag' holds storage.version()[1]: a gs:// generation since 4
+READABLE_VERSIONS = (3, 4)
 INDEX_DIR = 'tile_index'
 # tifffile's decode paths (TiffPage.decode): JPEG with tables and colour spaces; codecs that
 # return whole images; byte codecs followed by a predictor. Others are not indexed.
@@ -138,13 +139,14 @@ class TileIndex:
             with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
                 meta = json.loads(str(npz['meta']))
                 version = meta.get('version')
-                if version != FORMAT_VERSION:
+                if version not in READABLE_VERSIONS:
                     raise DataError(f'{name}: tile index format {version}, this version reads '
                                     f'{FORMAT_VERSION}; tile the slide again')
                 if meta['file_size'] != file_size:
                     raise DataError(f"{name}: the slide is {file_size} bytes, its tile index "
                                     f"was written for {meta['file_size']}; tile it again")
-                if etag and meta.get('etag') and meta['etag'] != etag:
+                # Format 3 kept a gs:// slide's ETag where 4 keeps its generation: size only.
+                if etag and meta.get('etag') and meta['etag'] != etag and version != 3:
                     raise DataError(f"{name}: the slide was written again (ETag {etag}, its "
                                     f"tile index was written for {meta['etag']}); tile it "
                                     f'again')

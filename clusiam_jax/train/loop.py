@@ -134,13 +134,14 @@ def train(config, workdir: str, loader=None, mesh=None):
     validate(config, num_devices=mesh.devices.size, check_data_path=loader is None)
     storage.makedirs(workdir)  # a bucket: only the bucket must exist
     interrupts.check()  # safe points: a signal before the loop stops the command here
-    held_out = None  # the monitor's slides: only the data pipeline's own loader holds some out
+    # The monitor's slides and patch transform: only the data pipeline's own loader has them.
+    held_out = transform = None
     if loader is None:
         # A resumed run keeps the normalization it started with, whatever the data now.
         recorded = run_dir.read_normalization(workdir) if config.data.mean is None else None
         loader = create_train_loader(config, workdir=workdir, process_index=jax.process_index(),
                                      process_count=jax.process_count(), recorded=recorded)
-        held_out = loader.held_out
+        held_out, transform = loader.held_out, loader.transform
     interrupts.check()
     log.info('building %s (%s, %d clusters) and its initial state on %d devices', config.model.name,
              config.model.backbone, config.model.num_clusters, mesh.devices.size)
@@ -154,7 +155,7 @@ def train(config, workdir: str, loader=None, mesh=None):
         hooks = []
         if config.monitor.every_epochs:
             hooks.append(stack.enter_context(contextlib.closing(
-                MonitorHook(config, workdir, trainer, held_out, ckpt))))
+                MonitorHook(config, workdir, trainer, held_out, ckpt, transform))))
         interrupts.check()
         state, data_state = _restore(config, workdir, trainer, ckpt, loader)
         interrupts.check()
@@ -165,6 +166,8 @@ def train(config, workdir: str, loader=None, mesh=None):
             iterator.set_state(data_state)
         if hasattr(iterator, 'close'):
             stack.callback(iterator.close)
+        if hasattr(loader, 'close'):   # the read-ahead threads stop with the loop
+            stack.callback(loader.close)
         batches = prefetch_to_device(iterator, parallel.batch_sharded(mesh),
                                      config.data.prefetch, with_state=True)
         writer = MetricWriter(workdir, enabled=is_main)
