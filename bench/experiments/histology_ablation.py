@@ -56,7 +56,8 @@ def parse_args():
     p.add_argument('--slides', default=os.path.join(SHARED, 'slides', 'cmu-1-small-region.svs'))
     p.add_argument('--workdir', default=os.path.join(REPO, 'runs', 'histology_ablation'))
     p.add_argument('--variants', default=','.join(VARIANTS))
-    p.add_argument('--seeds', default='0,1,2')
+    p.add_argument('--seeds', default='0,1,2', help='training seeds, one run each')
+    p.add_argument('--seed', type=int, default=0, help='draws the evaluation nuclei')
     p.add_argument('--backbone', default='resnet_tiny',
                    help='resnet18 is the measurement a GPU affords; resnet_tiny fits the CPU')
     p.add_argument('--patch', type=int, default=64, help='tile.patch_size at 0.5 µm/px')
