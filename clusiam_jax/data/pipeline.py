@@ -416,6 +416,7 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     grid, scales = source, Scales.from_config(data)   # the grid: what the statistics read
     if 'augment' in config and float(config.augment.hed) > 0:
         stain.require_colour_of(grid, data.path)
+        logger.info('augment.hed %g: HED stain jitter of every view', config.augment.hed)
     if transform is None:   # every process fits the same target; process 0 records it
         transform = stain_norm.prepare(config, workdir, grid, record=process_index == 0)
     fresh = data.sampling == 'tissue_random'

@@ -16,6 +16,7 @@ epoch's permutation (EpochPlan, unchanged) orders them like grid records.
 """
 import collections
 import json
+import logging
 import math
 import threading
 from typing import Optional, Sequence
@@ -27,6 +28,8 @@ from clusiam_jax.data.slide_source import Region, SlideSource
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.slides import coords as coords_lib
 from clusiam_jax.slides import reader, tissue_positions
+
+logger = logging.getLogger(__name__)
 
 # A resolution at most this much finer than a slide's level 0 is read from level 0 and
 # enlarged a little (scanners write 0.2527 µm/px for what a recipe calls 0.25).
@@ -55,8 +58,13 @@ def training_sampler(source: PatchSource, path: str, mpps: Sequence[float] = (),
                           f'slides (--mode tile) and train on the tiling')
     grid = (source.indices if isinstance(source, Subset)
             else np.arange(len(base), dtype=np.int64))
-    return SlideSampler(base, grid, tuple(float(m) for m in mpps), bool(fresh),
-                        int(patches_per_slide), int(seed))
+    sampler = SlideSampler(base, grid, tuple(float(m) for m in mpps), bool(fresh),
+                           int(patches_per_slide), int(seed))
+    said = ([f'each sample at one of {", ".join(f"{m:g}" for m in mpps)} µm/px'] if mpps
+            else []) + ([f'fresh positions inside the tissue every epoch ({len(sampler)} '
+                         f'patches an epoch)'] if fresh else [])
+    logger.info('training from slides: %s', '; '.join(said))
+    return sampler
 
 
 class SlideSampler(PatchSource):
