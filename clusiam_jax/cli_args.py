@@ -111,7 +111,7 @@ def _used(mode: str, key: str, config) -> bool:
         return key in ('data.path', 'data.slide_dir')
     exporting = key.startswith('export.') and key != 'export.after_training'
     if mode == 'export':
-        return exporting or key in ('data.mean', 'data.std')
+        return exporting or key in ('data.mean', 'data.std', 'augment.hed')
     return not exporting or config.export.after_training
 
 

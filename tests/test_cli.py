@@ -64,6 +64,14 @@ def test_values_an_action_does_not_use_are_refused(tmp_path, capsys, argv, messa
     assert message in one_error(capsys, cli.main(argv))
 
 
+def test_export_takes_the_hed_strength_of_its_augmented_copies(tmp_path, capsys):
+    """--config.augment.hed reaches --mode export (export.augment_copies jitters with it):
+    the run check, not the unused-value refusal, answers."""
+    argv = ['--mode', 'export', '--workdir', str(tmp_path), '--config.augment.hed=0.05',
+            '--config.export.augment_copies=2']
+    assert 'no config.json: not a run directory' in one_error(capsys, cli.main(argv))
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--config', 'configs/nope.py', '--workdir', 'RUN', '--config.train.batch_size=8'],
      'configs/nope.py: no such file'),

@@ -41,9 +41,14 @@ def test_stain_norm_is_fitted_recorded_applied_and_in_the_statistics(tmp_path):
     config = data_config(patches, stain_norm='reinhard')
     loader = data.create_train_loader(config, workdir=str(run))
     normalizer = loader.pair_maker().transform
+    # recorded when the run starts for real (the loop, beside config.json), not by a start
+    # that may still be refused
+    assert isinstance(normalizer, stain_norm.StainNormalizer)
+    assert not (run / stain_norm.TARGET_NAME).exists()
+    stain_norm.record(str(run), normalizer)
     recorded = stain_norm.StainTarget.from_dict(
         json.loads((run / stain_norm.TARGET_NAME).read_text()))
-    assert isinstance(normalizer, stain_norm.StainNormalizer) and normalizer.target == recorded
+    assert normalizer.target == recorded
     # the statistics are those of the normalised patches, computed independently here
     source = loader.source
     images = [normalizer(source.load(i)).reshape(-1, 3) / 255.0 for i in range(len(source))]

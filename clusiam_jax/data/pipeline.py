@@ -240,6 +240,8 @@ class PairMaker:
         next elements this worker loads, across batch boundaries; pixels do not change. A
         slide sampler is told what each will read (its µm/px, its epoch's position)."""
         if self.sampled:
+            if not self.source.base.remote:   # local slides: nothing to read ahead
+                return
             samples = []
             for j in self.next_elements(k, _PREFETCH_AHEAD):
                 epoch, pos, index = self.record_index(j)
@@ -417,8 +419,8 @@ def create_train_loader(config, workdir: Optional[str] = None, process_index: in
     if 'augment' in config and float(config.augment.hed) > 0:
         stain.require_colour_of(grid, data.path)
         logger.info('augment.hed %g: HED stain jitter of every view', config.augment.hed)
-    if transform is None:   # every process fits the same target; process 0 records it
-        transform = stain_norm.prepare(config, workdir, grid, record=process_index == 0)
+    if transform is None:   # every process fits the same target; the loop records it
+        transform = stain_norm.prepare(config, workdir, grid, record=False)
     fresh = data.sampling == 'tissue_random'
     if scales is not None or fresh:
         source = slide_sampler.training_sampler(

@@ -64,6 +64,11 @@ def training_sampler(source: PatchSource, path: str, mpps: Sequence[float] = (),
             else []) + ([f'fresh positions inside the tissue every epoch ({len(sampler)} '
                          f'patches an epoch)'] if fresh else [])
     logger.info('training from slides: %s', '; '.join(said))
+    if fresh and len(sampler) > _POSITION_ROWS:
+        logger.warning('tissue_random: %d patches an epoch, more than the %d drawn positions a '
+                       'worker keeps; slides whose positions were dropped are drawn again when '
+                       'next asked (slower input): data.patches_per_slide caps the epoch',
+                       len(sampler), _POSITION_ROWS)
     return sampler
 
 

@@ -4,6 +4,7 @@ statistics of the tissue) or Macenko et al. 2009 (H and E optical-density vector
 maximum concentrations). The target is recorded in <workdir>/stain_target.json, so that a
 resumed run and its export use the same one. NumPy/OpenCV only: it runs in grain workers."""
 import dataclasses
+import hashlib
 import json
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -352,6 +353,25 @@ def prepare(config, workdir: Optional[str], source=None,
     logger.info('stain normalisation (%s) to a target fitted on %s (%d pixels)%s', kind,
                 target.fitted_on, target.pixels, f', recorded in {recorded}' if recorded else '')
     return StainNormalizer(target)
+
+
+def record(workdir: str, normalizer: Optional[StainNormalizer]) -> None:
+    """Records the run's target once it starts for real (beside config.json, process 0): a
+    start refused before that leaves no target for the next start to take as the run's."""
+    if normalizer is None:
+        return
+    recorded = storage.join(workdir, TARGET_NAME)
+    if not storage.exists(recorded):
+        storage.makedirs(workdir)
+        fileio.write_text(recorded, normalizer.target.to_json())
+        logger.info('stain target recorded in %s', recorded)
+
+
+def digest(normalizer: StainNormalizer) -> str:
+    """A short name of the target (exports record it: another target, another export)."""
+    target = normalizer.target
+    text = StainTarget.from_dict(target.to_dict()).to_json().encode()   # as read back
+    return f'stain_norm={target.kind}:{hashlib.sha256(text).hexdigest()[:12]}'
 
 
 class NormalizedSource:

@@ -275,7 +275,7 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     trained_at = run.config.data.image_size
     if transform is None:   # a run trained on stain-normalised patches embeds them so too
         transform = stain_norm.prepare(run.config, workdir, None, record=False)
-        transform_name = f'stain_norm={transform.target.kind}' if transform else ''
+        transform_name = stain_norm.digest(transform) if transform else ''
     hed = float(hed or run.config.augment.hed)
     if exp.augment_copies and not hed:
         raise ConfigError(f'export.augment_copies={exp.augment_copies} jitters the stains with '

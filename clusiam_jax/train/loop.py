@@ -14,7 +14,7 @@ from tqdm import tqdm
 from clusiam_jax import interrupts, parallel, run_dir, storage, workdir_lock
 from clusiam_jax.checkpoint import Checkpointer
 from clusiam_jax.config import config_changes, validate
-from clusiam_jax.data import create_train_loader
+from clusiam_jax.data import create_train_loader, stain_norm
 from clusiam_jax.errors import CheckpointError
 from clusiam_jax.models import METHOD_SPECS
 from clusiam_jax.train import init_from
@@ -93,6 +93,7 @@ def _record_run(workdir, config, loader):
             log.warning('config differs from the one this work directory last ran with: '
                         '%s; continuing with the new one (config.json)', '; '.join(changes))
     run_dir.write_run_config(workdir, config)
+    stain_norm.record(workdir, getattr(loader, 'transform', None))
     origin = getattr(loader, 'normalization_origin', 'given by the caller of train()')
     normalization = run_dir.Normalization(tuple(loader.mean), tuple(loader.std), origin)
     recorded = run_dir.read_normalization(workdir)
