@@ -1,18 +1,18 @@
 """The one path layer: local paths and gs:// / s3:// URLs (fsspec's gcsfs and s3fs, which read
 each cloud's own environment: credentials, AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).
 Local paths go through os as before. An object is written in one upload: a streamed fsspec
-file that an exception closes commits a truncated object, which a restart would trust."""
+file that an exception closes commits a truncated object, which a restart would trust.
+Which client errors are worth another try is storage_errors' to tell; the retry loop is here."""
 import contextlib
-import errno
 import os
 import posixpath
 import random
 import shutil
-import sys
 import tempfile
 import time
 from typing import List, Sequence, Tuple
 
+from clusiam_jax import storage_errors
 from clusiam_jax.errors import DataError
 from clusiam_jax.io_telemetry import Telemetry, telemetry  # noqa: F401 (storage.Telemetry)
 
@@ -75,97 +75,10 @@ def _filesystem(url: str):
     return fsspec.filesystem(url.split('://', 1)[0], **kwargs)
 
 
-
-# HTTP answers worth another try: timeouts, throttling, server errors.
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-# s3fs turns ServiceUnavailable/SlowDown (503) into EBUSY and InternalError (500) into
-# EREMOTEIO; the rest are a connection's.
-_TRANSIENT_ERRNO = frozenset({errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET,
-                              errno.ECONNABORTED, errno.EPIPE})
-# The clients' own types for a cut or failed connection (looked up only once imported: a
-# local run never imports them): aiohttp's (gcsfs, and s3fs for a cut body; ClientPayloadError
-# is no OSError), botocore's, urllib3's and requests' (gcsfs answers a 502 with ProxyError).
-_TRANSIENT_TYPES = (('aiohttp', 'ClientError'), ('botocore.exceptions', 'HTTPClientError'),
-                    ('botocore.exceptions', 'ConnectionError'),
-                    ('botocore.parsers', 'ResponseParserError'),
-                    ('urllib3.exceptions', 'ProtocolError'),
-                    ('requests.exceptions', 'ConnectionError'), ('requests.exceptions', 'Timeout'),
-                    ('requests.exceptions', 'ChunkedEncodingError'),
-                    ('http.client', 'IncompleteRead'))
-
-
-def _http_status(error: BaseException):
-    """The HTTP status of a store's answer that an error or its cause carries (gcsfs's
-    HttpError.code, aiohttp's ClientResponseError.status, botocore's response under s3fs's
-    translated OSError), or None. Not any `code`: aiohttp's parser gives a cut body 400."""
-    aiohttp = sys.modules.get('aiohttp')
-    for _ in range(4):
-        if error is None:
-            return None
-        response = getattr(error, 'response', None)
-        status = (response.get('ResponseMetadata', {}).get('HTTPStatusCode')
-                  if isinstance(response, dict) else None)
-        if type(error).__module__.startswith('gcsfs'):
-            status = getattr(error, 'code', None)
-        elif aiohttp is not None and isinstance(error, aiohttp.ClientResponseError):
-            status = error.status
-        if isinstance(status, int):
-            return status
-        error = error.__cause__
-    return None
-
-
-def _forbidden(error: BaseException) -> bool:
-    """Bad or missing credentials: s3fs raises PermissionError, gcsfs OSError('Forbidden')."""
-    return (isinstance(error, PermissionError) or _http_status(error) in (401, 403)
-            or (type(error) is OSError and str(error).startswith('Forbidden')))
-
-
-def _transient(error: BaseException) -> bool:
-    """HTTP 408/429/5xx, timeouts and dropped connections: worth another try; the rest is not.
-    Decided by type and status, never by message text (a path may hold '503')."""
-    if _forbidden(error) or isinstance(error, (FileNotFoundError, FileExistsError,
-                                               IsADirectoryError, NotADirectoryError)):
-        return False
-    status = _http_status(error)
-    if status is not None:
-        return status in _TRANSIENT_STATUS
-    if isinstance(error, (TimeoutError, ConnectionError)):
-        return True
-    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNO:
-        return True
-    for module, name in _TRANSIENT_TYPES:
-        kind = getattr(sys.modules.get(module), name, None)
-        if isinstance(kind, type) and isinstance(error, kind):
-            return True
-    return False
-
-
 class Unreadable(DataError):
     """A missing object (no such object, 404): a pipeline skips it like a damaged file. An
     outage or bad credentials stay a plain DataError: they end a run (which then resumes
     exactly; skipping would make it read other batches than an undisturbed run)."""
-
-
-# The clients' own error types besides OSError, which _retried turns into DataErrors; any
-# other exception (a TypeError from a bug) passes through unchanged.
-_CLIENT_TYPES = _TRANSIENT_TYPES + (('gcsfs.retry', 'HttpError'),
-                                    ('botocore.exceptions', 'BotoCoreError'),
-                                    ('botocore.exceptions', 'ClientError'))
-
-
-def _client_error(error: BaseException) -> bool:
-    if isinstance(error, OSError):
-        return True
-    for module, name in _CLIENT_TYPES:
-        kind = getattr(sys.modules.get(module), name, None)
-        if isinstance(kind, type) and isinstance(error, kind):
-            return True
-    return False
-
-
-def _missing(error: BaseException) -> bool:
-    return isinstance(error, FileNotFoundError) or _http_status(error) == 404
 
 
 def _retried(what: str, url: str, call):
@@ -173,23 +86,16 @@ def _retried(what: str, url: str, call):
     for attempt in range(_ATTEMPTS):
         try:
             return call()
-        except Exception as e:  # cloud clients raise many types: sorted by _transient
-            if not _client_error(e):
+        except Exception as e:  # cloud clients raise many types: sorted by storage_errors
+            if not storage_errors.client_error(e):
                 raise
-            if not _transient(e) or attempt == _ATTEMPTS - 1:
+            if not storage_errors.transient(e) or attempt == _ATTEMPTS - 1:
                 telemetry.add(0, 0, 0.0, errors=1)
-                kind = Unreadable if _missing(e) and not _forbidden(e) else DataError
-                raise kind(f'cannot {what} {url}: {_reason(e)}') from None
+                gone = storage_errors.missing(e) and not storage_errors.forbidden(e)
+                kind = Unreadable if gone else DataError
+                raise kind(f'cannot {what} {url}: {storage_errors.reason(e)}') from None
             telemetry.add(0, 0, 0.0, retries=1)
             time.sleep(_FIRST_PAUSE_S * 2 ** attempt * (0.5 + random.random()))
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, FileNotFoundError):
-        return 'no such object or bucket'
-    if _forbidden(error):
-        return 'access denied (check the credentials in the environment)'
-    return (str(error).splitlines() or [type(error).__name__])[0][:300]
 
 
 def exists(path: str) -> bool:
@@ -399,11 +305,6 @@ def object_version(url: str) -> str:
     return str(info.get('generation') if url.startswith('gs://') else info.get('ETag'))
 
 
-def _precondition_failed(error: BaseException) -> bool:
-    """HTTP 412; s3fs keeps botocore's answer only as the context of its OSError."""
-    return any(_http_status(e) == 412 for e in (error, error.__context__) if e is not None)
-
-
 def replace_bytes(url: str, data: bytes, version: str) -> bool:
     """One upload only if the object is still at `version` (GCS ifGenerationMatch, S3 IfMatch):
     False when another writer replaced or deleted it since (the bucket lock's lease)."""
@@ -428,7 +329,7 @@ def replace_bytes(url: str, data: bytes, version: str) -> bool:
         except (FileExistsError, FileNotFoundError):  # gcsfs's 412; the object deleted
             return False
         except OSError as e:
-            if _precondition_failed(e):
+            if storage_errors.precondition_failed(e):
                 return False
             raise
         return True
@@ -459,9 +360,10 @@ def remove_version(url: str, version: str) -> bool:
         except (FileExistsError, FileNotFoundError):  # gcsfs's 412; gone (either store)
             return False
         except Exception as e:  # sorted by status, as _retried sorts them
-            if _precondition_failed(e):
+            if storage_errors.precondition_failed(e):
                 return False
-            if any(_http_status(x) == 501 for x in (e, e.__context__) if x is not None):
+            if any(storage_errors.http_status(x) == 501
+                   for x in (e, e.__context__) if x is not None):
                 raise ConditionRefused(f'cannot delete {url} only at version {version}: the '
                                        f'store does not take the condition') from None
             raise

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clusiam_jax import data, storage
-from clusiam_jax.data import pipeline
+from clusiam_jax.data import epoch_plan, pipeline
 from clusiam_jax.slides import reader, remote_tiles, tile_index
 from tests.helpers import MEAN, STD, data_config, synthetic_tissue, write_pyramid
 from tests.test_storage_slides import slide_folder, tiled  # noqa: F401  (fixtures)
@@ -19,8 +19,8 @@ from tests.test_storage_slides import slide_folder, tiled  # noqa: F401  (fixtur
 def test_next_elements_follow_the_batches_grain_deals_a_worker(stride, start):
     """grain's mp_prefetch slices the batched stream: worker w gets batches w, w + N, ..."""
     import grain
-    plan = pipeline.EpochPlan(num_records=40, global_batch=4, process_index=0,
-                              process_count=1, num_epochs=2, seed=0)
+    plan = epoch_plan.EpochPlan(num_records=40, global_batch=4, process_index=0,
+                                process_count=1, num_epochs=2, seed=0)
     pm = pipeline.PairMaker(None, plan, None, None, stride=stride)
     b, end = plan.local_batch, 2 * plan.steps_per_epoch * plan.local_batch
     batches = grain.MapDataset.range(start * b, end).batch(b, drop_remainder=True)

@@ -18,7 +18,7 @@ import pytest
 
 from clusiam_jax import cli, data
 from clusiam_jax.config import default_config
-from clusiam_jax.data import image_io, pipeline
+from clusiam_jax.data import epoch_plan, image_io
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import coords as coords_lib
@@ -629,9 +629,9 @@ def test_a_damaged_tile_is_a_skipped_patch_not_a_crash(scans, tmp_path):
 def test_slide_balanced_draws_every_slide_equally_often():
     # 3 slides of 2, 5 and 40 patches.
     slide_index = np.repeat(np.arange(3, dtype=np.int32), [2, 5, 40])
-    plan = pipeline.EpochPlan(num_records=47, global_batch=4, process_index=0,
-                              process_count=1, num_epochs=1, seed=3,
-                              sampling='slide_balanced', slide_index=slide_index)
+    plan = epoch_plan.EpochPlan(num_records=47, global_batch=4, process_index=0,
+                                process_count=1, num_epochs=1, seed=3,
+                                sampling='slide_balanced', slide_index=slide_index)
     order = plan.permutation(0)
     counts = np.bincount(slide_index[order], minlength=3)
     assert len(order) == 47 and counts.max() - counts.min() <= 1
@@ -642,8 +642,8 @@ def test_slide_balanced_draws_every_slide_equally_often():
     assert per_patch.max() - per_patch.min() <= 1
     big = order[slide_index[order] == 2]
     assert len(set(big.tolist())) == len(big)   # no repeats in the big slide
-    uniform = pipeline.EpochPlan(num_records=47, global_batch=4, process_index=0,
-                                 process_count=1, num_epochs=1, seed=3)
+    uniform = epoch_plan.EpochPlan(num_records=47, global_batch=4, process_index=0,
+                                   process_count=1, num_epochs=1, seed=3)
     assert sorted(uniform.permutation(0).tolist()) == list(range(47))
 
 

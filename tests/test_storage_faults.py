@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from bench.objstore_proxy import FaultProxy
-from clusiam_jax import storage
-from clusiam_jax.data import augment, pipeline, skips
+from clusiam_jax import storage, storage_errors
+from clusiam_jax.data import augment, epoch_plan, pipeline, skips
 from clusiam_jax.data.records import PatchSource
 from clusiam_jax.errors import DataError
 from tests import helpers, test_storage_slides
@@ -220,15 +220,15 @@ def test_a_missing_object_and_bad_credentials_are_not_retried(proxied):
 def test_transient_is_told_by_type_and_status_not_by_text():
     import aiohttp
     import gcsfs.retry
-    assert storage._transient(gcsfs.retry.HttpError({'code': 503, 'message': 'x'}))
-    assert storage._transient(aiohttp.ClientPayloadError('cut'))
-    assert storage._transient(aiohttp.ServerDisconnectedError())
-    assert storage._transient(OSError(16, 'Service Unavailable'))  # s3fs's EBUSY
-    assert storage._transient(TimeoutError())
-    assert not storage._transient(gcsfs.retry.HttpError({'code': 400, 'message': '503'}))
-    assert not storage._transient(OSError('Forbidden: b/slide_503.svs'))
-    assert not storage._transient(FileNotFoundError('b/500_1000.png'))
-    assert not storage._transient(ValueError('Timeout 503 Connection'))
+    assert storage_errors.transient(gcsfs.retry.HttpError({'code': 503, 'message': 'x'}))
+    assert storage_errors.transient(aiohttp.ClientPayloadError('cut'))
+    assert storage_errors.transient(aiohttp.ServerDisconnectedError())
+    assert storage_errors.transient(OSError(16, 'Service Unavailable'))  # s3fs's EBUSY
+    assert storage_errors.transient(TimeoutError())
+    assert not storage_errors.transient(gcsfs.retry.HttpError({'code': 400, 'message': '503'}))
+    assert not storage_errors.transient(OSError('Forbidden: b/slide_503.svs'))
+    assert not storage_errors.transient(FileNotFoundError('b/500_1000.png'))
+    assert not storage_errors.transient(ValueError('Timeout 503 Connection'))
 
 
 # ---------------------------------------------------------------- the training pipeline
@@ -269,8 +269,8 @@ def test_an_object_deleted_between_epochs_is_skipped_listed_and_training_goes_on
     for i, url in enumerate(urls):
         fs.pipe_file(url, _png(i))
     config = helpers.tiny_config(batch_size=4, num_epochs=2)
-    plan = pipeline.EpochPlan(num_records=8, global_batch=4, process_index=0, process_count=1,
-                              num_epochs=2, seed=0)
+    plan = epoch_plan.EpochPlan(num_records=8, global_batch=4, process_index=0, process_count=1,
+                                num_epochs=2, seed=0)
     skip_list = str(tmp_path / skips.SKIPPED_FILES)
     loader = pipeline.TrainLoader(BucketPatches(urls), plan,
                                   augment.AugmentConfig.from_config(config), helpers.MEAN,

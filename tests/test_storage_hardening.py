@@ -216,15 +216,15 @@ def test_an_outage_under_a_gs_dataset_ends_the_run_not_a_skip(gs_dataset, objsto
     the training loader ends with one DataError, skipping nothing, where it took the record
     for damaged, skipped it, and read other batches than an undisturbed run. (tfds's reads of
     the dataset's own files pass, so that the failure comes where array_record reads.)"""
-    from clusiam_jax.data import augment, pipeline, skips
+    from clusiam_jax.data import augment, epoch_plan, pipeline, skips
     url, reference = gs_dataset
     shard = lambda method, path: '.array_record-' in path
     with FaultProxy(objstore.endpoints['gs'], 'gcs') as reads, \
             FaultProxy(objstore.endpoints['gs'], 'gcs') as ours, _through(reads, ours):
         source = sources.open_source(url)
         config = helpers.tiny_config(batch_size=4, num_epochs=3)
-        plan = pipeline.EpochPlan(num_records=len(source), global_batch=4, process_index=0,
-                                  process_count=1, num_epochs=3, seed=0)
+        plan = epoch_plan.EpochPlan(num_records=len(source), global_batch=4, process_index=0,
+                                    process_count=1, num_epochs=3, seed=0)
         skip_list = str(tmp_path / skips.SKIPPED_FILES)
         loader = pipeline.TrainLoader(source, plan, augment.AugmentConfig.from_config(config),
                                       helpers.MEAN, helpers.STD, skip_list=skip_list)

@@ -11,15 +11,16 @@ from clusiam_jax import interrupts, storage
 from clusiam_jax.data import augment, image_io, skips, slide_cache, slide_sampler, stain, stain_norm
 from clusiam_jax.data import sources as sources_lib
 from clusiam_jax.data import stats as stats_lib
+from clusiam_jax.data.epoch_plan import EpochPlan, slide_members
 from clusiam_jax.data.records import PatchSource
 from clusiam_jax.errors import DataError
 from clusiam_jax.slides import tissue
 
 logger = logging.getLogger(__name__)
 
-# Stream tags mixed into the seeds: shuffle, augmentation, substitutes and the resolution
-# draw (data.mpps) never share draws.
-_SHUFFLE, _AUGMENT, _SUBSTITUTE, _SCALE = 0x5, 0xA, 0xB, 0x5CA1E
+# Stream tags mixed into the seeds: shuffle (epoch_plan._SHUFFLE, 0x5), augmentation,
+# substitutes and the resolution draw (data.mpps) never share draws.
+_AUGMENT, _SUBSTITUTE, _SCALE = 0xA, 0xB, 0x5CA1E
 _MAX_SUBSTITUTES = 100
 _SAME_SLIDE_ATTEMPTS = 3
 # Elements a worker asks its source to read ahead, across its batch boundaries (slides in a
@@ -41,67 +42,6 @@ STATE_KEY = 'batches_drawn'   # a checkpoint's data item: {STATE_KEY: batches dr
 # worker made up to the batches drawn in it (its read-ahead threads' too: each element takes
 # what its process counted since the last one); ~100 int64 per element next to ~300 KB of pixels.
 IO_KEY = 'input_io'
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochPlan:
-    """Which record and which random stream each element of this process gets."""
-    num_records: int
-    global_batch: int
-    process_index: int
-    process_count: int
-    num_epochs: int
-    seed: int
-    sampling: str = 'uniform'             # uniform | slide_balanced (config data.sampling)
-    slide_index: Optional[np.ndarray] = dataclasses.field(default=None, compare=False, repr=False)
-
-    def __post_init__(self):
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f'train.batch_size {self.global_batch} is larger than the {self.num_records} '
-                f'records of the training list: not one full batch per epoch')
-
-    @property
-    def local_batch(self) -> int:
-        return self.global_batch // self.process_count
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_records // self.global_batch
-
-    def locate(self, k: int) -> Tuple[int, int]:
-        """(epoch, position in the epoch's global order) of local element k."""
-        epoch, rest = divmod(k, self.steps_per_epoch * self.local_batch)
-        step, slot = divmod(rest, self.local_batch)
-        return epoch, step * self.global_batch + self.process_index * self.local_batch + slot
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, _SHUFFLE])
-        if self.sampling == 'slide_balanced':
-            return balanced_order(self.slide_index, rng)
-        return rng.permutation(self.num_records)
-
-
-def _members(slide_index: np.ndarray):
-    """(patches sorted by slide, each slide's start in them; one more: the end)."""
-    counts = np.bincount(slide_index)
-    return np.argsort(slide_index, kind='stable'), np.concatenate([[0], np.cumsum(counts)])
-
-
-def balanced_order(slide_index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """N indices drawing each slide equally often, its patches repeated only once all were seen."""
-    n = len(slide_index)
-    members, starts = _members(slide_index)
-    present = np.flatnonzero(np.diff(starts))
-    base, extra = divmod(n, len(present))
-    quota = np.full(len(present), base)
-    quota[rng.permutation(len(present))[:extra]] += 1
-    picks = []
-    for slide, q in zip(present, quota):
-        own = members[starts[slide]:starts[slide + 1]]
-        rounds = -(-q // len(own))
-        picks.append(np.concatenate([own[rng.permutation(len(own))] for _ in range(rounds)])[:q])
-    return np.concatenate(picks)[rng.permutation(n)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +144,7 @@ class PairMaker:
         """A stand-in record: from the same slide (balanced sampling), then from anywhere."""
         if self.plan.sampling == 'slide_balanced' and attempt <= _SAME_SLIDE_ATTEMPTS:
             if self._members is None:
-                self._members = _members(self.plan.slide_index)
+                self._members = slide_members(self.plan.slide_index)
             order, starts = self._members
             slide = self.plan.slide_index[index]
             lo, hi = starts[slide], starts[slide + 1]
