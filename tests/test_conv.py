@@ -221,3 +221,18 @@ def test_max_pool_matches_xla_and_routes_ties_like_pytorch(size):
             np.testing.assert_allclose(
                 jax.grad(lambda a, pool=pool: jnp.sum(pool(a) * g))(x_untied),
                 numpy_max_pool_grad(np.asarray(x_untied), g), rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_max_pool_gradient_is_the_float32_one_rounded_once():
+    """tap_max_pool's bf16 backward routes and sums in float32 (overlapping windows add up
+    to four gradients per input) and rounds once; XLA:CPU's bf16 fusion of the same
+    chain ran ~15x slower than float32's (issue 27)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 16, 16, 8)), jnp.bfloat16)
+    pool = lambda a: max_pool(a, (3, 3), (2, 2), ((1, 1), (1, 1)), 'im2col')
+    g = jnp.asarray(rng.normal(size=pool(x).shape), jnp.float32)
+    dx16 = jax.vjp(pool, x)[1](g.astype(jnp.bfloat16))[0]
+    dx32 = jax.vjp(pool, x.astype(jnp.float32))[1](g.astype(jnp.bfloat16).astype(jnp.float32))[0]
+    assert dx16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(dx16, np.float32),
+                                  np.asarray(dx32.astype(jnp.bfloat16), np.float32))

@@ -2,6 +2,7 @@
 statistics, logits, losses, reductions, gradients, optimizer state and EMA target; and
 learning curves within run-to-run noise of float32's."""
 import itertools
+import re
 from functools import partial
 
 import jax
@@ -14,7 +15,7 @@ from clusiam_jax.models import resnet
 from clusiam_jax.models.preprocess import normalize_input
 from clusiam_jax.state import create_train_state
 from clusiam_jax.train.trainer import build_trainer
-from tests.helpers import SyntheticLoader, tiny_config
+from tests.helpers import SyntheticLoader, mesh_of, tiny_config
 
 METHODS = ['clusiam', 'clubyol']
 STEPS = 30
@@ -185,3 +186,49 @@ def test_bfloat16_learning_curve_is_within_seed_noise(method, micro_backbone):
     # Both learn: the loss falls from its start by more than that noise.
     for curves in (f32, bf16):
         assert curves[:, -10:].mean() < curves[:, 0].mean() - 3 * stderr
+
+
+def compiled_dot_operand_dtypes(compiled_text):
+    """(op_name, operand dtypes) of every dot in compiled HLO, fusion bodies included.
+    XLA:CPU has no bf16 kernel for a dot with bf16 output, or one contracting its lhs's
+    leading dimension: it converts such a dot's bf16 operands to float32 (~4x slower than
+    the bf16 kernel it has for bf16 x bf16 -> float32 on this project's CPUs, issue 27)."""
+    dtype_of = dict(re.findall(r'%([\w.\-]+) = \(?(\w+)\[', compiled_text))
+    dots = re.finditer(r'= \w+\[[^\n]* dot\(%([\w.\-]+), %([\w.\-]+)\)([^\n]*)', compiled_text)
+    return [(re.search(r'op_name="([^"]*)"', m.group(3)).group(1)
+             if 'op_name="' in m.group(3) else '',
+             (dtype_of.get(m.group(1)), dtype_of.get(m.group(2)))) for m in dots]
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_compiled_step_keeps_the_networks_matmuls_in_bfloat16(method):
+    """Every dot of the networks (heads forward and both gradients, 1x1 and small-map
+    convolutions) reaches the compiled step with bf16 operands: none upcast to float32."""
+    c = tiny_config(method)
+    c.model.dtype = 'bfloat16'
+    # One device: split over the 8 simulated ones, a filter gradient contracts 2 rows,
+    # which XLA:CPU's loop emitter (not a matrix kernel) computes, in float32.
+    trainer = build_trainer(c, mesh_of(1), STEPS, SyntheticLoader.mean, SyntheticLoader.std)
+    state = new_state(trainer, c)
+    # At the optimization level training compiles with (conftest lowers the tests' to 0).
+    text = trainer.step.lower(state, first_batch(c)).compile(
+        compiler_options={'xla_backend_optimization_level': 2}).as_text()
+    dots = [(name, dtypes) for name, dtypes in compiled_dot_operand_dtypes(text)
+            if 'SSLNetwork' in name or 'Encoder' in name]
+    assert len(dots) >= 10
+    assert [d for d in dots if d[1] != ('bf16', 'bf16')] == []
+
+
+def test_low_precision_matmul_gradients():
+    from clusiam_jax.models.heads import low_precision_matmul
+    rng = np.random.default_rng(0)
+    x, k, g = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((8, 24), (24, 40), (8, 40)))
+    x16, k16 = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    y, vjp = jax.vjp(low_precision_matmul, x16, k16)
+    dx, dk = vjp(g.astype(jnp.bfloat16))
+    assert y.dtype == dx.dtype == dk.dtype == jnp.bfloat16
+    # float32 reference on the same (rounded) operands: one bf16 rounding off at most.
+    x32, k32, g32 = x16.astype(jnp.float32), k16.astype(jnp.float32), g.astype(jnp.bfloat16)
+    for got, want in ((y, x32 @ k32), (dx, g32.astype(jnp.float32) @ k32.T),
+                      (dk, x32.T @ g32.astype(jnp.float32))):
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2)

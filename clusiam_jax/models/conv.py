@@ -91,6 +91,18 @@ def _keep_inputs(f):
     return lambda x, w, strides, padding: (f(x, w, strides, padding), (x, w))
 
 
+def _filter_product(x, g):
+    """[C, O] float32 sum over N, H, W of x[..., C] g[..., O]: a filter gradient.
+
+    In bf16, x^T is materialized first: XLA folds a transpose into the dot, and XLA:CPU
+    upcasts a bf16 dot contracting its lhs's leading dimension to a float32 one (~4x
+    slower than its bf16 kernel for bf16 x bf16 -> float32, issue 27)."""
+    if x.dtype == jnp.float32:
+        return jnp.einsum('nhwc,nhwo->co', x, g, preferred_element_type=jnp.float32)
+    return jnp.matmul(fusion_barrier(x.reshape(-1, x.shape[-1]).T),
+                      g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _valid_tap_conv(x, w, strides, padding):
     """The convolution as one matrix product per kernel tap over real input only."""
@@ -112,8 +124,7 @@ def _valid_tap_conv_bwd(strides, padding, residuals, g):
         g_tap = g[:, h0:h0 + hn, w0:w0 + wn, :]
         dx_tap = jnp.einsum('nhwo,co->nhwc', g_tap, w[i, j], preferred_element_type=jnp.float32)
         dx = dx + _place(dx_tap, window[:2], x.shape[1:3], strides)
-        tap_grads[i, j] = jnp.einsum('nhwc,nhwo->co', _strided_window(x, window, strides),
-                                     g_tap, preferred_element_type=jnp.float32)
+        tap_grads[i, j] = _filter_product(_strided_window(x, window, strides), g_tap)
     zero = jnp.zeros(w.shape[2:], jnp.float32)   # taps that only meet padding
     dw = jnp.stack([tap_grads.get((i, j), zero)
                     for i in range(w.shape[0]) for j in range(w.shape[1])])
@@ -159,9 +170,12 @@ def _pointwise_conv_bwd(strides, padding, residuals, g):
     _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding), x)
     (dx,) = input_vjp(g)
     (window,) = _tap_windows(x, (1, 1), strides, padding)
-    # g^T @ window, then transposed (a little faster than window^T @ g).
-    dw = jnp.matmul(g.reshape(-1, w.shape[-1]).T, window.reshape(-1, x.shape[-1]),
-                    preferred_element_type=jnp.float32).T
+    if g.dtype == jnp.float32:
+        # g^T @ window, then transposed (a little faster than window^T @ g).
+        dw = jnp.matmul(g.reshape(-1, w.shape[-1]).T, window.reshape(-1, x.shape[-1]),
+                        preferred_element_type=jnp.float32).T
+    else:
+        dw = _filter_product(window, g)
     return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
@@ -202,15 +216,20 @@ def _xla_max_pool(x, window, strides, padding):
 
 def _tap_max_pool_bwd(window, strides, padding, residuals, g):
     x, y = residuals
+    # Routed and summed in float32 (exact: widening), rounded once: in bfloat16 XLA:CPU
+    # fuses the tap chain with converts into a loop ~15x slower than float32's.
     windows, scatter_back = jax.vjp(
-        lambda x_: _tap_windows(x_, window, strides, padding, -jnp.inf), x)
+        lambda x_: _tap_windows(x_, window, strides, padding, -jnp.inf),
+        x.astype(jnp.float32))
+    y, g = y.astype(jnp.float32), g.astype(jnp.float32)
     taken = jnp.zeros(y.shape, bool)
     routed = []
     for tap in windows:  # row-major, so a tie goes to the first maximum
         hit = (tap == y) & ~taken
         taken = taken | hit
         routed.append(jnp.where(hit, g, jnp.zeros_like(g)))
-    return scatter_back(routed)
+    (dx,) = scatter_back(routed)
+    return (dx.astype(x.dtype),)
 
 
 def _tap_max_pool_fwd(x, window, strides, padding):
