@@ -205,7 +205,17 @@ def flax_conv_fn(impl: str):
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def tap_max_pool(x, window, strides, padding):
     """NHWC max pooling, gradient to the first maximum (as PyTorch's) via per-tap windows."""
-    return _xla_max_pool(x, window, strides, padding)
+    return _tap_max(x, window, strides, padding)
+
+
+def _tap_max(x, window, strides, padding):
+    """The max pool as an elementwise maximum of the tap windows: the same values as
+    reduce_window, which XLA:CPU runs 2x (float32) to 5x (bf16) slower (issue 27)."""
+    taps = _tap_windows(x, window, strides, padding, -jnp.inf)
+    out = taps[0]
+    for tap in taps[1:]:
+        out = jnp.maximum(out, tap)
+    return out
 
 
 def _xla_max_pool(x, window, strides, padding):
