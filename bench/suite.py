@@ -13,8 +13,12 @@ line it gets and one `ratio` line per setting (ours / original, medians over rep
 Interleaving keeps the ratio meaningful on a shared machine, where absolute times drift.
 
 Presets (the settings the performance targets are measured at):
-  cpu  train: both methods at 224 px batch 32 and 64 px batch 64, float32 (--dtypes to
-       add bfloat16); data: 0/1/2 workers, CPU augmentation and data.augment_on_device;
+  cpu  train: both methods at 224 px batch 32 and 64 px batch 64, ours in float32 and
+       bfloat16 (--dtypes to choose) alternated with the original in float32 and with bf16
+       autocast + channels_last; every ratio line carries the step's FLOPs (XLA's count)
+       and the fraction of the CPU's float32 FMA and AMX bf16 peaks each side reaches
+       (bench/train_step.py cpu_peak: cores x clock x 64 or 1024 flops/cycle);
+       data: 0/1/2 workers, CPU augmentation and data.augment_on_device;
        e2e: pipeline + step at 64 px batch 64.
   gpu  train: both methods at 224 px batch 512 then 256, float32 against the original in
        float32, bfloat16 against the original with bf16 autocast and channels_last;
@@ -37,8 +41,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_HARNESS = os.path.join(REPO, '..', 'shared', 'bench', 'torch_original.py')
 METHODS = ('clusiam', 'clubyol')
 PRESETS = {
+    # Each train setting alternates ours in float32 and bfloat16 with the original in
+    # float32 and with bf16 autocast + channels_last: a ratio line for every pair.
     'cpu': dict(train=[(size, batch) for size, batch in ((224, 32), (64, 64))],
-                dtypes=['float32'], steps=5, warmup=2, sync_every=1, threads=2,
+                dtypes=['float32', 'bfloat16'], original_both=True,
+                steps=5, warmup=2, sync_every=1, threads=2,
                 torch_device='cpu', variants=[],
                 data_workers=[0, 1, 2], e2e=dict(size=64, batch=64, workers=1, steps=10,
                                                  dtype='float32', patches=512,
@@ -107,11 +114,71 @@ class Suite:
                                ratio=round(ratio, 3)))
 
 
+ORIGINAL_SETTINGS = {'float32': [], 'amp+channels_last': ['--amp', '--channels-last']}
+PEAK_KEYS = ('peak_gflops_f32_fma', 'peak_gflops_amx_bf16')
+
+
+def fractions_of_peak(flops, pairs_per_s, batch, peaks):
+    """{fraction_of_<peak>_peak: ...} for a step of `flops` run at pairs_per_s."""
+    if not flops or not pairs_per_s:
+        return {}
+    gflops = flops * pairs_per_s / batch / 1e9
+    return {f"fraction_of_{key[len('peak_gflops_'):]}_peak": round(gflops / peaks[key], 4)
+            for key in PEAK_KEYS if peaks.get(key)}
+
+
+def train_grid(suite, preset, theirs, args, size, batch, model):
+    """Ours in each dtype and the original in float32 and amp+channels_last, alternated
+    (the order reverses every repeat); a ratio line for each (ours, original) pair, with
+    the fraction of the CPU's peaks both reach (FLOPs: XLA's count of our step)."""
+    py = sys.executable
+    common = ['--model', model, '--image-size', str(size), '--batch-size', str(batch),
+              '--steps', str(preset['steps']), '--warmup', str(preset['warmup'])]
+    runs = [(('ours', dtype), [py, '-m', 'bench.train_step', '--dtype', dtype,
+                               '--sync-every', str(preset['sync_every'])] + common)
+            for dtype in args.dtypes or preset['dtypes']]
+    if theirs:
+        runs += [(('original', name), theirs + ['--bench', 'train', '--threads',
+                                                str(preset['threads']), '--device',
+                                                preset['torch_device']] + flags + common)
+                 for name, flags in ORIGINAL_SETTINGS.items()]
+    got = {key: [] for key, _ in runs}
+    info = {}
+    for i in range(args.repeats):
+        for key, cmd in (runs if i % 2 == 0 else runs[::-1]):
+            record = suite.run_json(cmd)
+            if record is not None:
+                got[key].append(record['pairs_per_s' if key[0] == 'ours' else 'images_per_s'])
+                if key[0] == 'ours':
+                    info[key] = record
+    label = f'train {model} {size}px batch {batch}'
+    for (who, dtype), ours in got.items():
+        if who != 'ours' or not ours:
+            continue
+        mine = info[(who, dtype)]
+        peaks = {k: mine[k] for k in PEAK_KEYS if k in mine}
+        flops = mine.get('flops_per_step')
+        for (other, name), original in got.items():
+            if other != 'original' or not original:
+                continue
+            ours_m, theirs_m = statistics.median(ours), statistics.median(original)
+            suite.emit(dict(
+                bench='ratio', setting=f'{label} ours {dtype} vs original {name}',
+                metric='pairs_per_s', ours=ours_m, original=theirs_m,
+                ratio=round(ours_m / theirs_m, 3), flops_per_step=flops, **peaks,
+                ours_peak=fractions_of_peak(flops, ours_m, batch, peaks),
+                original_peak=fractions_of_peak(flops, theirs_m, batch, peaks)))
+
+
 def train_part(suite, preset, theirs, args, settings, variants=()):
     """variants: XLA options ('key=value') to also try on ours in float32 (train_step.py
     --xla-option), one extra run each, beside the default build."""
     py = sys.executable
     for size, batch in settings:
+        if preset.get('original_both'):
+            for model in METHODS:
+                train_grid(suite, preset, theirs, args, size, batch, model)
+            continue
         for dtype in args.dtypes or preset['dtypes']:
             for model in METHODS:
                 common = ['--model', model, '--image-size', str(size),

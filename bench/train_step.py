@@ -4,14 +4,17 @@ r"""Train-step throughput of one method: compile time and pairs/s of the jitted 
   python -m bench.train_step --model clubyol --image-size 64 --batch-size 64 --dtype bfloat16
   python -m bench.train_step --batch-size 512 --xla-option xla_gpu_force_conv_nhwc=true
 
-Prints one JSON line. A pair is one image's two views. The step is the training loop's
-own (train/trainer.py: same jit, shardings, buffer donation and compiler options), so
-what is timed here is what training runs. The batch is synthetic uint8 data already on
-the devices, so this measures the step alone (normalization included); see
-bench/data_pipeline.py for the input side. Compare against ../shared/bench/torch_original.py
---bench train at the same settings, run side by side on the same machine.
+Prints one JSON line. A pair is one image's two views. On a CPU the line also carries the
+step's FLOPs (XLA's cost analysis of the compiled step), the GFLOP/s achieved and their
+fraction of the CPU's float32 FMA and AMX bf16 peaks (cpu_peak says how they are derived).
+The step is the training loop's own (train/trainer.py: same jit, shardings, buffer donation
+and compiler options), so what is timed here is what training runs. The batch is synthetic
+uint8 data already on the devices, so this measures the step alone (normalization
+included); see bench/data_pipeline.py for the input side. Compare against
+../shared/bench/torch_original.py --bench train at the same settings, side by side.
 """
 import argparse
+import os
 import time
 
 import jax
@@ -26,6 +29,57 @@ from bench.common import (
     recipe_config,
 )
 from clusiam_jax.train.trainer import random_batch
+
+# Floating-point operations per cycle per core. AVX-512: 2 FMA units x 16 float32 lanes x 2
+# (multiply and add). AMX on 4th Gen Xeon (Sapphire Rapids): 1,024 BF16 operations per cycle
+# (Intel, "Accelerate AI Workloads with Intel AMX", p. 4, as cited by PyTorch's AMX recipe,
+# pytorch.org/tutorials/recipes/amx.html, beside 64 FP32 operations per cycle for AVX-512).
+F32_FMA_FLOPS_PER_CYCLE = 2 * 16 * 2
+AMX_BF16_FLOPS_PER_CYCLE = 1024
+
+
+def cpu_peak():
+    """The CPU's peak GFLOP/s, float32 FMA and AMX bf16, from the cores this process may
+    run on and the clock /proc/cpuinfo reports (the mean of its `cpu MHz` lines: the
+    nominal clock on a VM, so turbo would make the true peak higher)."""
+    with open('/proc/cpuinfo') as f:
+        cpuinfo = f.read()
+    mhz = [float(line.split(':')[1]) for line in cpuinfo.splitlines()
+           if line.startswith('cpu MHz')]
+    cores = len(os.sched_getaffinity(0))
+    ghz = sum(mhz) / len(mhz) / 1000 if mhz else None
+    if ghz is None:
+        return {}
+    peak = dict(cpu_cores=cores, cpu_ghz=round(ghz, 3),
+                peak_gflops_f32_fma=round(cores * ghz * F32_FMA_FLOPS_PER_CYCLE, 1))
+    if 'amx_bf16' in cpuinfo.split():
+        peak['peak_gflops_amx_bf16'] = round(cores * ghz * AMX_BF16_FLOPS_PER_CYCLE, 1)
+    return peak
+
+
+def step_flops(compiled):
+    """FLOPs of one step by XLA's cost analysis of the compiled step (None if absent)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get('flops')
+    return float(flops) if flops else None
+
+
+def peak_fractions(flops, step_s, peak):
+    """Achieved GFLOP/s and its fraction of each peak in `peak`."""
+    if not flops or not peak:
+        return {}
+    gflops = flops / step_s / 1e9
+    out = dict(achieved_gflops=round(gflops, 1))
+    for key in ('peak_gflops_f32_fma', 'peak_gflops_amx_bf16'):
+        if key in peak:
+            name = key[len('peak_gflops_'):]
+            out[f'fraction_of_{name}_peak'] = round(gflops / peak[key], 4)
+    return out
 
 
 def parse_xla_option(parser, text):
@@ -85,6 +139,13 @@ def main():
                   step_s_median=round(median, 4), steps_per_s=round(1 / median, 3),
                   pairs_per_s=round(args.batch_size / median, 2),
                   loss=float(metrics['loss']))
+    flops = step_flops(compiled)
+    if flops:
+        record['flops_per_step'] = flops
+        if jax.default_backend() == 'cpu':
+            peak_cpu = cpu_peak()
+            record.update(peak_cpu)
+            record.update(peak_fractions(flops, median, peak_cpu))
     peak = peak_device_bytes()
     if peak is not None:
         record['peak_device_bytes'] = peak
