@@ -64,7 +64,13 @@ def transient(error: BaseException) -> bool:
         return True
     if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNO:
         return True
-    for module, name in _TRANSIENT_TYPES:
+    return _of_types(error, _TRANSIENT_TYPES)
+
+
+def _of_types(error: BaseException, types) -> bool:
+    """Whether `error` is one of these (module, name) types: only modules already imported
+    are looked at, so a client that was never used costs no import."""
+    for module, name in types:
         kind = getattr(sys.modules.get(module), name, None)
         if isinstance(kind, type) and isinstance(error, kind):
             return True
@@ -79,13 +85,7 @@ _CLIENT_TYPES = _TRANSIENT_TYPES + (('gcsfs.retry', 'HttpError'),
 
 
 def client_error(error: BaseException) -> bool:
-    if isinstance(error, OSError):
-        return True
-    for module, name in _CLIENT_TYPES:
-        kind = getattr(sys.modules.get(module), name, None)
-        if isinstance(kind, type) and isinstance(error, kind):
-            return True
-    return False
+    return isinstance(error, OSError) or _of_types(error, _CLIENT_TYPES)
 
 
 def missing(error: BaseException) -> bool:
