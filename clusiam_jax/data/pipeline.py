@@ -24,8 +24,8 @@ _AUGMENT, _SUBSTITUTE, _SCALE = 0xA, 0xB, 0x5CA1E
 _MAX_SUBSTITUTES = 100
 _SAME_SLIDE_ATTEMPTS = 3
 # Elements a worker asks its source to read ahead, across its batch boundaries (slides in a
-# bucket: slide_source.prefetch). Why 32: at 50 ms a request one worker keeps ~15 patches
-# waiting (slide_source's docstring), so 32 covers the wait at a batch boundary (measured:
+# bucket: slide_source.prefetch). Why 32: one worker keeps about 15 patches waiting on the
+# bucket (slide_source's docstring), so 32 covers the wait at a batch boundary (measured:
 # bench/objstore_read.py); 32 patches x ~4 tiles is half of slide_source.REMOTE_TILES, so tiles
 # read ahead are not evicted before they are used (slide_source bounds the queue: 64).
 _PREFETCH_AHEAD = 32

@@ -5,8 +5,9 @@ gs:// / s3:// URLs are read through data/slide_cache.py (tile index, staged cach
 Requests in flight per host from slides in a bucket: `prefetch` reads up to PREFETCH_THREADS
 patches at once in each worker process besides the one being loaded, each one read_ranges call
 of its tiles (about 4 for 224 px over 256 px tiles), so up to about 4 x (PREFETCH_THREADS + 1)
-per worker and data.num_workers times that per host. Why 16: at 50 ms a request, a worker
-making about 300 pairs/s has 300 x 0.05 = 15 patches waiting on the bucket (Little's law).
+per worker and data.num_workers times that per host. Why 16: by Little's law a worker making
+R pairs a second against a bucket answering in L seconds has R x L patches waiting; at the
+rates and latencies docs/storage.md measured and models, that is about 15.
 The loader names the next patches of its worker across batch boundaries (pipeline.py); at
 most _PREFETCH_QUEUED of them wait for a thread, so what the read-ahead holds stays bounded.
 The threads (read_ahead.DaemonPool) never hold up a process's exit."""

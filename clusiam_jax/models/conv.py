@@ -227,7 +227,7 @@ def _xla_max_pool(x, window, strides, padding):
 def _tap_max_pool_bwd(window, strides, padding, residuals, g):
     x, y = residuals
     # Routed and summed in float32 (exact: widening), rounded once: in bfloat16 XLA:CPU
-    # fuses the tap chain with converts into a loop ~15x slower than float32's.
+    # fuses the tap chain with converts into a slow loop (bench/experiments/bf16_cpu.py).
     windows, scatter_back = jax.vjp(
         lambda x_: _tap_windows(x_, window, strides, padding, -jnp.inf),
         x.astype(jnp.float32))

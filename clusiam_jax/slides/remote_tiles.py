@@ -18,8 +18,9 @@ from clusiam_jax.slides.tile_index import IndexLevel, TileIndex
 # neighbouring patches share tiles. 64 RGB tiles of 256 px are 12 MiB.
 CACHED_TILES = 64
 # Tiles whose bytes lie at most this far apart in the file come in one ranged request (the
-# gap read and dropped): a request costs a round trip (20-50 ms to a bucket), 64 KiB of gap
-# about 1 ms of transfer. A 224 px patch's tiles side by side are neighbours in the file.
+# gap read and dropped): a request costs a whole round trip to the bucket, while 64 KiB of
+# gap is a small fraction of one at a bucket's bandwidth (docs/storage.md: costs of a read).
+# A 224 px patch's tiles side by side are neighbours in the file.
 MERGE_GAP = 64 * 1024
 
 Region = Tuple[int, int, int, int, int]   # (level, x0, y0, w, h), x0 and y0 at level 0
