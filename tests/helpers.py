@@ -156,6 +156,25 @@ def write_patches(root, n, size=32, seed=0):
     return paths
 
 
+def same_views(a, b):
+    """Two lists of batches hold the same views, batch for batch."""
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True)
+               for k in ('view1', 'view2'))
+
+
+def count_range_reads(monkeypatch):
+    """A list that gets, per storage.read_ranges call, how many ranges it asked for."""
+    from clusiam_jax import storage
+    reads = []
+    real = storage.read_ranges
+
+    def counted(path, ranges):
+        reads.append(len(ranges))
+        return real(path, ranges)
+    monkeypatch.setattr(storage, 'read_ranges', counted)
+    return reads
+
+
 def take(it, n):
     return [next(it) for _ in range(n)]
 

@@ -14,14 +14,16 @@ import openslide
 import pytest
 import tifffile
 
-from clusiam_jax import data, storage
+from clusiam_jax import data
 from clusiam_jax.data import augment, pipeline, slide_sampler
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.slides import reader, tiling
 from tests.helpers import (
     MEAN,
     STD,
+    count_range_reads,
     data_config,
+    same_views,
     take,
     within,
     write_patches,
@@ -190,11 +192,6 @@ def _batches(loader, n):
         it.close()
 
 
-def _same(a, b):
-    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True)
-               for k in ('view1', 'view2'))
-
-
 def test_no_mpps_is_the_grid_stream_and_the_own_mpp_reads_the_same_pixels(scan):
     """mpps=() is the paper's stream: element (epoch, pos) is the permutation's record read
     as tiled, augmented with its own stream. data.mpps=(the tiling's µm/px,) reads the same
@@ -203,7 +200,7 @@ def test_no_mpps_is_the_grid_stream_and_the_own_mpp_reads_the_same_pixels(scan):
     plain = data.create_train_loader(_config(out))
     got = _batches(plain, 3)
     own = _batches(data.create_train_loader(_config(out, mpps=(0.5,))), 3)
-    assert _same(got, own)
+    assert same_views(got, own)
     pm = plain.pair_maker()
     for step, batch in enumerate(got):
         for slot in range(plain.plan.local_batch):
@@ -218,7 +215,8 @@ def test_batches_same_for_0_and_2_workers_1_and_2_processes_and_resumed(scan):
     _, _, out = scan
     keys = dict(mpps=(0.5, 1.0, 2.0), mpp_weights=(1, 1, 2), cross_scale=True)
     serial = _batches(data.create_train_loader(_config(out, **keys)), 4)
-    assert _same(serial, _batches(data.create_train_loader(_config(out, workers=2, **keys)), 4))
+    parallel = _batches(data.create_train_loader(_config(out, workers=2, **keys)), 4)
+    assert same_views(serial, parallel)
     shares = [_batches(data.create_train_loader(_config(out, **keys), process_index=p,
                                                 process_count=2), 4) for p in range(2)]
     for step in range(4):
@@ -231,7 +229,7 @@ def test_batches_same_for_0_and_2_workers_1_and_2_processes_and_resumed(scan):
     it.close()
     again = data.create_train_loader(_config(out, **keys)).iterator()
     again.set_state(state)
-    assert _same(take(again, 3), serial[1:])
+    assert same_views(take(again, 3), serial[1:])
     again.close()
 
 
@@ -280,13 +278,7 @@ def test_read_ahead_reads_what_each_drawn_sample_reads(bucket_tiling, tmp_path, 
     position) are fetched before they are asked for, so reading them makes no request; the
     pixels are those of the slides on local disk."""
     out, local = bucket_tiling
-    reads = []
-    real = storage.read_ranges
-
-    def counted(path, ranges):
-        reads.append(len(ranges))
-        return real(path, ranges)
-    monkeypatch.setattr(storage, 'read_ranges', counted)
+    reads = count_range_reads(monkeypatch)
     keys = dict(mpps=(1.0, 2.0), cross_scale=True, sampling='tissue_random')
     loader = data.create_train_loader(_config(out, cache_dir=str(tmp_path / 'c'), **keys))
     on_disk = data.create_train_loader(_config(out, slide_dir=local, **keys))

@@ -10,7 +10,7 @@ import pytest
 from clusiam_jax import data, storage
 from clusiam_jax.data import epoch_plan, pipeline
 from clusiam_jax.slides import reader, remote_tiles, tile_index
-from tests.helpers import MEAN, STD, data_config, synthetic_tissue, write_pyramid
+from tests.helpers import MEAN, STD, count_range_reads, data_config, synthetic_tissue, write_pyramid
 from tests.test_storage_slides import slide_folder, tiled  # noqa: F401  (fixtures)
 
 
@@ -31,22 +31,11 @@ def test_next_elements_follow_the_batches_grain_deals_a_worker(stride, start):
             assert pm.next_elements(k, 9) == mine[i + 1:i + 10], (worker, k)
 
 
-def _counting(monkeypatch):
-    reads = []
-    real = storage.read_ranges
-
-    def counted(path, ranges):
-        reads.append(len(ranges))
-        return real(path, ranges)
-    monkeypatch.setattr(storage, 'read_ranges', counted)
-    return reads
-
-
 @pytest.mark.parametrize('workers', [0, 2])
 def test_the_next_batch_is_fetched_before_it_is_asked_for(tiled, tmp_path,  # noqa: F811
                                                           monkeypatch, workers):
     out, local = tiled
-    reads = _counting(monkeypatch)
+    reads = count_range_reads(monkeypatch)
     loader = data.create_train_loader(data_config(out, batch=4, workers=workers, mean=MEAN,
                                                   std=STD, cache_dir=str(tmp_path / 'c')))
     on_disk = data.create_train_loader(data_config(out, batch=4, slide_dir=local, mean=MEAN,
@@ -88,7 +77,7 @@ def test_a_loaded_patch_is_read_ahead_again_in_its_next_epoch(tiled, tmp_path,  
     """prefetch asks for an index once until it is loaded: a small data set's next epoch
     reads its patches ahead again (their tiles long evicted from the tile cache)."""
     out, _ = tiled
-    reads = _counting(monkeypatch)
+    reads = count_range_reads(monkeypatch)
     source = data.create_train_loader(data_config(
         out, batch=4, mean=MEAN, std=STD, cache_dir=str(tmp_path / 'c'))).source
     index = next(i for i in range(len(source))

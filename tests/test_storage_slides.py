@@ -19,6 +19,7 @@ from clusiam_jax.slides import reader, remote_tiles, tile_index, tiling
 from tests.helpers import (
     MEAN,
     STD,
+    count_range_reads,
     data_config,
     mesh_of,
     synthetic_tissue,
@@ -226,13 +227,7 @@ def test_prefetched_patches_load_without_another_request(tiled, tmp_path, monkey
     remote, on_disk = _sources(tiled, tmp_path / 'cache')
     direct = [i for i in range(len(remote)) if remote.slides[remote.slide_index[i]].slide_id
               in ('a', 'c')]
-    reads = []
-    real = storage.read_ranges
-
-    def counted(path, ranges):
-        reads.append(len(ranges))
-        return real(path, ranges)
-    monkeypatch.setattr(storage, 'read_ranges', counted)
+    reads = count_range_reads(monkeypatch)
     remote.prefetch(direct[:3])
     remote.load(direct[0])     # may meet its own prefetch under way: waits for it
     remote.prefetch(direct)

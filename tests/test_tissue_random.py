@@ -19,7 +19,7 @@ from clusiam_jax.data import slide_sampler
 from clusiam_jax.errors import ConfigError, DataError
 from clusiam_jax.slides import coords as coords_lib
 from clusiam_jax.slides import tiling
-from tests.helpers import MEAN, STD, data_config, take, write_patches, write_pyramid
+from tests.helpers import MEAN, STD, data_config, same_views, take, write_patches, write_pyramid
 from tests.test_multi_mpp import _openslide_patch
 from tests.test_slides import synthetic_base, tile_params
 
@@ -99,11 +99,6 @@ def _batches(loader, n, state=None):
         it.close()
 
 
-def _same(a, b):
-    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True)
-               for k in ('view1', 'view2'))
-
-
 def test_same_for_0_and_2_workers_1_and_2_processes_and_resumed(tiled):
     """patches_per_slide 6 of 2 slides: 12 records, 3 batches of 4 an epoch; 7 batches
     cross two epoch boundaries. With data.mpps too (the centre of each fresh square)."""
@@ -113,7 +108,8 @@ def test_same_for_0_and_2_workers_1_and_2_processes_and_resumed(tiled):
     assert len(loader.source) == 12 and loader.steps_per_epoch == 3
     assert np.bincount(loader.source.slide_index).tolist() == [6, 6]
     serial = _batches(loader, 7)
-    assert _same(serial, _batches(data.create_train_loader(_config(out, workers=2, **keys)), 7))
+    parallel = _batches(data.create_train_loader(_config(out, workers=2, **keys)), 7)
+    assert same_views(serial, parallel)
     shares = [_batches(data.create_train_loader(_config(out, **keys), process_index=p,
                                                 process_count=2), 7) for p in range(2)]
     for step in range(7):
@@ -124,7 +120,8 @@ def test_same_for_0_and_2_workers_1_and_2_processes_and_resumed(tiled):
     take(it, 4)   # mid-epoch 1
     state = it.get_state()
     it.close()
-    assert _same(_batches(data.create_train_loader(_config(out, **keys)), 3, state), serial[4:])
+    resumed = _batches(data.create_train_loader(_config(out, **keys)), 3, state)
+    assert same_views(resumed, serial[4:])
     # Another epoch, other positions: the same record's pixels differ.
     assert not np.array_equal(loader.source.load_sample(0, 0, None),
                               loader.source.load_sample(0, 1, None))
