@@ -114,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.atlas = False            # also atlas/index.html: each cluster's typical patches
     c.export.mpps = ()                # features at each µm/px for the same grid (multi-scale)
     c.export.augment_copies = 0       # K HED-jittered embeddings per patch too (augment.hed)
+    c.export.dtype = 'model'          # embedding compute: model (model.dtype) | float32 | bfloat16
 
     # Tiling whole slides (python launch.py --mode tile), docs/method.md §9.
     c.tile.slides = ''                # slide folder | CSV path[,slide_id,mpp,label] | one slide
@@ -243,6 +244,7 @@ RULES = {
     'optim.name': ('sgd', 'lars'),
     'ema.schedule': ('constant', 'cosine'),
     'export.format': ('h5', 'npz'),
+    'export.dtype': ('model', 'float32', 'bfloat16'),
     'monitor.holdout': '[0, 1)',
     'monitor.num_patches': '[8, 8192]',      # the scores compare every pair
     'export.map_alpha': '(0, 1]',

@@ -15,6 +15,7 @@ import zlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -48,6 +49,9 @@ class EmbedOptions:
     # (stain normalisation); its name goes into the files and the export key.
     transform: Optional[Callable] = None
     transform_name: str = ''
+    # export.dtype where it is not the run's model.dtype ('': the run's own): the network
+    # computes in it from the same float32 parameters; its name goes into the export key.
+    dtype: str = ''
 
     @property
     def copies(self) -> int:
@@ -274,7 +278,8 @@ class _SlideWriter:
 
     def close(self, n_records: int):
         if self.options.export_format == 'npz':
-            keep = ('export_key', 'workdir', 'weights_sha256', 'norm_mean', 'norm_std') + tuple(
+            keep = ('export_key', 'workdir', 'weights_sha256', 'norm_mean', 'norm_std',
+                    'compute_dtype') + tuple(
                 k for k in fmt.OPTION_ATTRS if k in self.attrs)
             fmt.write_npz(storage.join(self.out_dir, fmt.NPZ_NAME), self.npz_parts,
                           dict({k: self.attrs[k] for k in keep}, n_records=np.int64(n_records),
@@ -322,12 +327,17 @@ def option_attrs(options: EmbedOptions) -> dict:
                      augment_seed=int(options.augment_seed))
     if options.transform is not None:
         attrs['input_transform'] = options.transform_name or repr(options.transform)
+    if options.dtype:
+        attrs['compute_dtype'] = options.dtype
     return attrs
 
 
 def _export(embedder, source, out_dir, options, info, skip_log, plans):
     mesh = embedder.mesh if embedder.mesh is not None else parallel.make_mesh(jax.local_devices())
-    embedder = dataclasses.replace(embedder, mesh=mesh)
+    network = embedder.network
+    if options.dtype:   # the model's own dtype path: layers cast the float32 parameters
+        network = network.clone(dtype=jnp.dtype(options.dtype))
+    embedder = dataclasses.replace(embedder, mesh=mesh, network=network)
     step, fmt_name = embedder.checkpoint_step, options.export_format
     groups = group_by_slide(source)
     for slide in groups:   # every slide's files are named by its id: refuse, before any
@@ -346,6 +356,8 @@ def _export(embedder, source, out_dir, options, info, skip_log, plans):
              'workdir': info.get('workdir', ''), 'weights_sha256': info.get('weights_sha256', ''),
              **option_attrs(options)}
     attrs['export_key'] = key = fmt.export_key(attrs)
+    # Recorded always; in the key only as export.dtype (the run's own is in config_json).
+    attrs.setdefault('compute_dtype', jnp.dtype(network.dtype).name)
     if fmt_name == 'npz':
         todo = [] if fmt.is_finished(out_dir, 'npz', '', key, len(source)) else list(groups)
     else:

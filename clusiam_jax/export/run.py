@@ -288,7 +288,11 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
                            augment_copies=int(exp.augment_copies),
                            augment_hed=hed if exp.augment_copies else 0.0,
                            augment_seed=int(run.config.train.seed), transform=transform,
-                           transform_name=transform_name)
+                           transform_name=transform_name,
+                           # the run's dtype named explicitly is the same arithmetic: the
+                           # same files and export key as export.dtype=model
+                           dtype='' if exp.dtype in ('model', run.config.model.dtype)
+                           else exp.dtype)
     if exp.pt_files:
         try:
             import torch  # noqa: F401
@@ -311,7 +315,8 @@ def prepare_export(workdir: str, exp, normalization: Optional[run_dir.Normalizat
     settings = dict(json.loads(json.dumps(exp.to_dict(), default=str)),
                     out_dir=_absolute(out_dir), data_path=data_path, slide_dir=slide_dir,
                     checkpoint=choice if isinstance(choice, int) else str(choice),
-                    image_size=options.image_size)
+                    image_size=options.image_size,
+                    compute_dtype=options.dtype or run.config.model.dtype)
     job = ExportJob(run=run, data_path=data_path, choice=choice, out_dir=out_dir,
                     source=source, options=options, export_settings=settings, plans=plans,
                     normalization=resolve_normalization(run, normalization))
