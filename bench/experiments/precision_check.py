@@ -2,7 +2,7 @@ r"""model.dtype=bfloat16 against float32 on a short real-data run, beside seed n
 
   python -m bench.experiments.precision_check [--data ../shared/data/crchp]
       [--methods clusiam,clubyol] [--backbone resnet18] [--image-size 64] [--batch 32]
-      [--steps 60] [--last 20]
+      [--steps 60] [--last 20] [--conv-impl IMPL] [--plot curves.png]
 
 For each method, three runs of --steps steps on the *same* batches (augmented views of
 real H&E tiles, drawn once by the project's data pipeline):
@@ -19,12 +19,23 @@ when its gap to the f32 reference is of the size of the seed-B gap: compare
 differs). One pair of seeds is a noisy yardstick: run with other --seed-b values before
 reading much into a ratio near 1.
 
+The summary's `verdict` says whether bf16 diverged: a non-finite bf16 loss, or a bf16
+gap more than --diverge-factor times the seed gap, on the final level or on the whole
+curve's mean |difference|. The final-level yardstick is the larger of the seed pair's
+final gap and its curve mean |difference|, because one pair's final levels can agree
+by chance and a near-zero yardstick would call ordinary noise a divergence.
+
+--plot writes one PNG with, per method, the three loss curves overlaid
+(bench/plot_curves.py, Pillow). --conv-impl sets model.conv_impl for every run (default:
+the config's), so the same check reruns on another convolution kernel.
+
 Data: the 100 500x500 crchp images (../shared/data/README.md; research use, never
 committed) cut into --tile px tiles in a temporary folder (or --workdir, reused), then
 the recipe's augmentation crops them to --image-size. One JSON line per run, one summary
 per method, and a last line with the machine and the command.
 """
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -52,7 +63,20 @@ def parse_args():
     parser.add_argument('--clusters', type=int, default=None, help="default: the recipe's")
     parser.add_argument('--seed-a', type=int, default=0)
     parser.add_argument('--seed-b', type=int, default=1)
+    parser.add_argument('--conv-impl', default=None, choices=conv_impls(),
+                        help="model.conv_impl for every run (default: the config's)")
+    parser.add_argument('--diverge-factor', type=float, default=3.0,
+                        help='bf16 "diverged" when its gap exceeds this times the seed gap')
+    parser.add_argument('--plot', default=None, metavar='PATH.png',
+                        help='write the loss curves, per method, overlaid in one PNG')
     return parser.parse_args()
+
+
+def conv_impls():
+    """The convolution implementations the config accepts (the models' list, so a new
+    kernel is selectable here as soon as the config takes it)."""
+    from clusiam_jax.models.conv import CONV_IMPLS
+    return CONV_IMPLS
 
 
 def make_tiles(data_dir, work, tile):
@@ -68,6 +92,8 @@ def run_config(method, args, tiles, dtype, seed):
     from clusiam_jax.config import method_config
     c = method_config(method)
     c.model.backbone, c.model.dtype = args.backbone, dtype
+    if args.conv_impl:
+        c.model.conv_impl = args.conv_impl
     if args.clusters:
         c.model.num_clusters = args.clusters
     c.data.path, c.data.image_size = tiles, args.image_size
@@ -118,7 +144,9 @@ def method_runs(method, args, tiles, batches, mean, std):
         curves, step_s = train_curve(compiled[dtype], state, batches)
         runs[label] = curves
         emit({'bench': 'precision_check', 'method': method, 'run': label, 'dtype': dtype,
-              'seed': seed, 'compile_s': round(compile_s, 1), 'step_s_median': round(step_s, 3),
+              'seed': seed, 'conv_impl': config.model.conv_impl,
+              'finite': bool(all(math.isfinite(x) for x in curves['loss'])),
+              'compile_s': round(compile_s, 1), 'step_s_median': round(step_s, 3),
               'loss_step0': round(float(curves['loss'][0]), 5),
               **{f'{k}_last{args.last}_mean': round(float(v[-args.last:].mean()), 5)
                  for k, v in curves.items()},
@@ -136,6 +164,49 @@ def gaps(reference, other, last):
             'step0_abs': round(float(abs(b[0] - a[0])), 5)}
 
 
+def verdict(gap_bf16, gap_seed, runs, factor):
+    """Whether bf16 diverged from the float32 reference, and why (module docstring).
+    None when the float32 runs themselves are not finite: then nothing is measured."""
+    def finite(label):
+        return all(math.isfinite(x) for x in runs[label]['loss'])
+    if not (finite('f32') and finite('f32_seed_b')):
+        return {'diverged': None, 'reasons': ['a float32 run has a non-finite loss']}
+    tol_final = factor * max(abs(gap_seed['final']), gap_seed['curve_mean_abs'])
+    tol_curve = factor * gap_seed['curve_mean_abs']
+    reasons = []
+    if not finite('bf16'):
+        reasons.append('non-finite bf16 loss')
+    else:
+        if abs(gap_bf16['final']) > tol_final:
+            reasons.append(f"|final gap| {abs(gap_bf16['final']):.5f} > {tol_final:.5f}")
+        if gap_bf16['curve_mean_abs'] > tol_curve:
+            reasons.append(f"curve mean |gap| {gap_bf16['curve_mean_abs']:.5f} > "
+                           f'{tol_curve:.5f}')
+    return {'diverged': bool(reasons), 'reasons': reasons, 'factor': factor,
+            'tolerance_final': round(tol_final, 5), 'tolerance_curve': round(tol_curve, 5)}
+
+
+def plot(path, args, conv_impl, results):
+    """One PNG: per method, the three loss curves overlaid, the gaps in the subtitle."""
+    from bench.plot_curves import save_curve_panels
+    names = {'f32': f'float32, seed {args.seed_a}', 'bf16': f'bfloat16, seed {args.seed_a}',
+             'f32_seed_b': f'float32, seed {args.seed_b}'}
+    panels = []
+    for method, runs, summary in results:
+        diverged = {True: 'yes', False: 'no', None: 'unknown'}[summary['verdict']['diverged']]
+        panels.append((f'{method}: gap to float32 seed {args.seed_a} in the mean of the last '
+                       f"{args.last} steps: bfloat16 {summary['gap_bf16']['final']:+.5f}, "
+                       f"float32 seed {args.seed_b} {summary['gap_seed']['final']:+.5f}; "
+                       f'diverged: {diverged}',
+                       [(names[k], list(map(float, runs[k]['loss']))) for k in names]))
+    title = (f'bfloat16 vs float32 training loss, {args.methods.replace(",", " / ")}\n'
+             f'{args.backbone}, {args.image_size} px, batch {args.batch}, {args.steps} steps, '
+             f'lr {args.base_lr} x batch/256, conv_impl {conv_impl}; same real-tissue '
+             f'batches (crchp tiles) for all runs')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_curve_panels(path, title, panels)
+
+
 def main():
     args = parse_args()
     data = os.path.abspath(args.data)
@@ -149,15 +220,23 @@ def main():
         tiles = make_tiles(data, work, args.tile)
         batches, mean, std = fixed_batches(
             run_config('clusiam', args, tiles, 'float32', args.seed_a), work, args.steps)
+        conv_impl = run_config('clusiam', args, tiles, 'float32', 0).model.conv_impl
+        results = []
         for method in args.methods.split(','):
             runs = method_runs(method, args, tiles, batches, mean, std)
+            summary = {'gap_bf16': gaps(runs['f32'], runs['bf16'], args.last),
+                       'gap_seed': gaps(runs['f32'], runs['f32_seed_b'], args.last)}
+            summary['verdict'] = verdict(summary['gap_bf16'], summary['gap_seed'], runs,
+                                         args.diverge_factor)
             emit({'bench': 'precision_check', 'method': method, 'summary': True,
-                  'last': args.last, 'steps': args.steps,
-                  'gap_bf16': gaps(runs['f32'], runs['bf16'], args.last),
-                  'gap_seed': gaps(runs['f32'], runs['f32_seed_b'], args.last)})
+                  'last': args.last, 'steps': args.steps, 'conv_impl': conv_impl, **summary})
+            results.append((method, runs, summary))
+    if args.plot:
+        plot(args.plot, args, conv_impl, results)
     emit({**machine_info(), 'bench': 'precision_check', 'backbone': args.backbone,
           'image_size': args.image_size, 'batch': args.batch, 'steps': args.steps,
-          'base_lr': args.base_lr, 'tile': args.tile, 'data': data})
+          'base_lr': args.base_lr, 'tile': args.tile, 'conv_impl': conv_impl,
+          'plot': args.plot, 'data': data})
     return 0
 
 
