@@ -1,5 +1,8 @@
 """2-D convolution for the ResNet: XLA's, or (`im2col`, `auto` on CPU) XLA's behind a
-`fusion_barrier` where XLA:CPU is fast, matrix products where slow, without YNNPACK."""
+`fusion_barrier` where XLA:CPU is fast, matrix products where slow, without YNNPACK, or
+(`onednn`) oneDNN's kernels through a custom call (onednn.py)."""
+import functools
+import logging
 from functools import partial
 from typing import Sequence
 
@@ -7,7 +10,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ('auto', 'xla', 'im2col')
+from clusiam_jax.models import onednn
+
+CONV_IMPLS = ('auto', 'xla', 'im2col', 'onednn')
 # XLA:CPU's default YNNPACK fusions less INDIVIDUAL_CONVOLUTION (tests/test_conv.py).
 _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
@@ -15,15 +20,32 @@ _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
 _NHWC_SPECS = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
-def resolve_conv_impl(name: str) -> str:
-    """'auto' -> 'im2col' on the CPU backend, 'xla' on accelerators."""
-    return name if name != 'auto' else 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+def resolve_conv_impl(name: str, dtype=jnp.float32) -> str:
+    """'auto' -> on the CPU backend 'onednn' for bfloat16 where oneDNN is installed (XLA:CPU
+    computes bf16 convolutions in float32; float32 stays on 'im2col', which the recipes were
+    measured with), else 'im2col'; 'xla' on accelerators."""
+    if name != 'auto':
+        return name
+    if jax.default_backend() != 'cpu':
+        return 'xla'
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        reason = onednn.unavailable_reason()
+        if reason is None:
+            return 'onednn'
+        _warn_once(f'model.conv_impl=auto: bfloat16 convolutions stay on XLA:CPU (float32 '
+                   f'arithmetic) because {reason}')
+    return 'im2col'
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
 
 
 def compiler_options(impl: str):
     """`jax.jit(..., compiler_options=...)` for a network run with `impl`; None: defaults."""
-    cpu_im2col = resolve_conv_impl(impl) == 'im2col' and jax.default_backend() == 'cpu'
-    return dict(_CPU_COMPILER_OPTIONS) if cpu_im2col else None
+    cpu = resolve_conv_impl(impl) in ('im2col', 'onednn') and jax.default_backend() == 'cpu'
+    return dict(_CPU_COMPILER_OPTIONS) if cpu else None
 
 
 def _xla_conv(x, w, strides, padding):
@@ -195,9 +217,12 @@ def flax_conv_fn(impl: str):
             lhs.shape, rhs.shape, dimension_numbers) == _NHWC_SPECS)
         if dilated or feature_group_count != 1 or not nhwc or isinstance(padding, str):
             raise NotImplementedError(
-                'conv_impl=im2col covers the ResNet convolutions only (NHWC, explicit '
+                f'conv_impl={impl} covers the ResNet convolutions only (NHWC, explicit '
                 'padding, no dilation or groups); use model.conv_impl=xla')
-        return im2col_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+        strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
+        if resolve_conv_impl(impl, lhs.dtype) == 'onednn':
+            return onednn.onednn_conv(lhs, rhs, strides, padding)
+        return im2col_conv(lhs, rhs, strides, padding)
 
     return conv_general_dilated
 
@@ -251,7 +276,12 @@ tap_max_pool.defvjp(_tap_max_pool_fwd, _tap_max_pool_bwd)
 
 
 def max_pool(x, window, strides, padding, impl: str):
-    """ResNet's max pooling: XLA's for conv_impl 'xla', tap_max_pool for 'im2col'."""
-    if resolve_conv_impl(impl) == 'xla':
+    """ResNet's max pooling: XLA's for conv_impl 'xla', tap_max_pool for 'im2col', oneDNN's
+for 'onednn'."""
+    impl = resolve_conv_impl(impl, x.dtype)
+    if impl == 'xla':
         return _xla_max_pool(x, window, strides, padding)
-    return tap_max_pool(x, tuple(window), tuple(strides), tuple(tuple(p) for p in padding))
+    window, strides, padding = tuple(window), tuple(strides), tuple(tuple(p) for p in padding)
+    if impl == 'onednn':
+        return onednn.onednn_max_pool(x, window, strides, padding)
+    return tap_max_pool(x, window, strides, padding)

@@ -1,0 +1,181 @@
+"""oneDNN convolutions for XLA:CPU (`model.conv_impl=onednn`): the model's NHWC x HWIO
+convolutions as custom calls into oneDNN, the library behind PyTorch's CPU autocast.
+
+Why: jaxlib's XLA:CPU turns each bfloat16 convolution into a float32 one, so bf16 never
+reaches the CPU's bf16 matrix units (AMX); oneDNN runs bf16 there and float32 on its own
+AVX-512 kernels. The kernel (onednn_conv.cc, shipped in the package) is compiled on first
+use with the system's C++ compiler against jaxlib's FFI headers and the oneDNN wheel
+(requirements.txt), into `$XDG_CACHE_HOME/clusiam_jax/onednn/`, once per source, jaxlib
+and oneDNN version. Gradients: the input gradient in the activations' dtype, the kernel
+gradient accumulated and returned in float32 then cast to the kernel's dtype (as XLA's).
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clusiam_jax import fileio
+from clusiam_jax.errors import ConfigError
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_conv.cc')
+_TARGETS = {'clusiam_onednn_conv_forward': 'ClusiamConvForward',
+            'clusiam_onednn_conv_backward_data': 'ClusiamConvBackwardData',
+            'clusiam_onednn_conv_backward_weights': 'ClusiamConvBackwardWeights',
+            'clusiam_onednn_max_pool_forward': 'ClusiamMaxPoolForward',
+            'clusiam_onednn_max_pool_backward': 'ClusiamMaxPoolBackward'}
+_lock = threading.Lock()
+_loaded = []
+# oneDNN's OpenMP team inside an XLA:CPU thunk: XLA's own pool threads wait beside it,
+# and a team of several threads stalls at its barriers when one of them loses its core
+# (bench/experiments/bf16_cpu.py --parts onednn); one thread a call is the robust choice,
+# and XLA still runs independent convolutions (the two views) side by side.
+THREADS_ENV = 'CLUSIAM_ONEDNN_THREADS'
+
+
+def _onednn_prefix():
+    """The installation prefix holding oneDNN's header and library (the pip wheels put
+    them under sys.prefix), or None."""
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, '/usr/local', '/usr')):
+        header = os.path.join(prefix, 'include', 'oneapi', 'dnnl', 'dnnl.hpp')
+        if os.path.exists(header) and any(
+                os.path.exists(os.path.join(prefix, lib, 'libdnnl.so'))
+                for lib in ('lib', 'lib64', 'lib/x86_64-linux-gnu')):
+            return prefix
+    return None
+
+
+def unavailable_reason():
+    """Why conv_impl=onednn cannot run here (one line), or None when it can."""
+    if jax.default_backend() != 'cpu':
+        return f'model.conv_impl=onednn runs on the CPU backend only, not {jax.default_backend()}'
+    if _onednn_prefix() is None:
+        return ('model.conv_impl=onednn needs oneDNN: pip install onednn-cpu-gomp '
+                'onednn-devel-cpu-gomp (requirements.txt pins them; x86-64 Linux)')
+    if shutil.which(os.environ.get('CXX', 'g++')) is None:
+        return ('model.conv_impl=onednn builds its kernel on first use and needs a C++ '
+                'compiler: install g++ (or set CXX)')
+    return None
+
+
+def _library_path(prefix):
+    with open(_SOURCE, 'rb') as f:
+        digest = hashlib.sha256(f.read())
+    digest.update(jax.__version__.encode())
+    digest.update(os.path.realpath(os.path.join(prefix, 'lib', 'libdnnl.so')).encode())
+    return os.path.join(fileio.cache_root('onednn'), f'onednn_conv-{digest.hexdigest()[:16]}.so')
+
+
+def _build(prefix, target):
+    """Compile the kernel to `target` (atomically: two processes may build at once)."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with fileio.atomic_write(target) as tmp:
+        command = [os.environ.get('CXX', 'g++'), '-O2', '-std=c++17', '-shared', '-fPIC',
+                   '-fopenmp', '-w', f'-I{jax.ffi.include_dir()}',
+                   f'-I{os.path.join(prefix, "include")}', _SOURCE,
+                   f'-L{os.path.join(prefix, "lib")}', '-ldnnl',
+                   f'-Wl,-rpath,{os.path.join(prefix, "lib")}', '-o', tmp]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ['(no output)'])[-1]
+            raise ConfigError(f'model.conv_impl=onednn: building its kernel failed: {tail}')
+
+
+def load():
+    """Build (once) and register the kernel with XLA; ConfigError in one line if it
+    cannot run here."""
+    with _lock:
+        if _loaded:
+            return
+        reason = unavailable_reason()
+        if reason:
+            raise ConfigError(reason)
+        prefix = _onednn_prefix()
+        path = _library_path(prefix)
+        if not os.path.exists(path):
+            _build(prefix, path)
+        library = ctypes.cdll.LoadLibrary(path)
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                        platform='cpu')
+        _loaded.append(library)
+
+
+def _threads():
+    value = os.environ.get(THREADS_ENV, str(len(os.sched_getaffinity(0))))
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f'{THREADS_ENV}={value!r}: a whole number of threads >= 1')
+    return int(value)
+
+
+def _attributes(strides, padding):
+    (top, bottom), (left, right) = padding
+    return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(top),
+                pb=np.int64(bottom), pl=np.int64(left), pr=np.int64(right),
+                threads=np.int64(_threads()))
+
+
+def _output_shape(x_shape, window, strides, padding, channels):
+    return (x_shape[0],
+            *((x_shape[1 + a] + sum(padding[a]) - window[a]) // strides[a] + 1 for a in (0, 1)),
+            channels)
+
+
+def _call(target, shape, dtype, *operands, strides, padding, **window):
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype))(
+        *operands, **_attributes(strides, padding),
+        **{k: np.int64(v) for k, v in window.items()})
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def onednn_conv(x, w, strides, padding):
+    """NHWC x HWIO convolution (float32 or bfloat16, one dtype for both) by oneDNN."""
+    load()
+    shape = _output_shape(x.shape, w.shape[:2], strides, padding, w.shape[3])
+    return _call('clusiam_onednn_conv_forward', shape, x.dtype, x, w.astype(x.dtype),
+                 strides=strides, padding=padding)
+
+
+def _forward(x, w, strides, padding):
+    return onednn_conv(x, w, strides, padding), (x, w)
+
+
+def _backward(strides, padding, residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = _call('clusiam_onednn_conv_backward_data', x.shape, x.dtype, g, w.astype(x.dtype),
+               strides=strides, padding=padding)
+    dw = _call('clusiam_onednn_conv_backward_weights', w.shape, jnp.float32, x, g,
+               strides=strides, padding=padding)
+    return dx, dw.astype(w.dtype)
+
+
+onednn_conv.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def onednn_max_pool(x, window, strides, padding):
+    """NHWC max pooling by oneDNN (padding never wins a window, as PyTorch's)."""
+    load()
+    shape = _output_shape(x.shape, window, strides, padding, x.shape[3])
+    return _call('clusiam_onednn_max_pool_forward', shape, x.dtype, x, strides=strides,
+                 padding=padding, kh=window[0], kw=window[1])
+
+
+def _pool_forward(x, window, strides, padding):
+    return onednn_max_pool(x, window, strides, padding), x
+
+
+def _pool_backward(window, strides, padding, x, g):
+    return (_call('clusiam_onednn_max_pool_backward', x.shape, x.dtype, x, g.astype(x.dtype),
+                  strides=strides, padding=padding, kh=window[0], kw=window[1]),)
+
+
+onednn_max_pool.defvjp(_pool_forward, _pool_backward)

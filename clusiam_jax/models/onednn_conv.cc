@@ -1,0 +1,385 @@
+// oneDNN convolutions as XLA:CPU custom calls (clusiam_jax/models/onednn.py builds and
+// registers this file). Why: XLA:CPU in jaxlib 0.10.2 compiles every bfloat16
+// convolution to a float32 one, so model.dtype=bfloat16 never reaches the CPU's bf16
+// matrix units (AMX); oneDNN, the library PyTorch's CPU autocast uses, does.
+//
+// Layouts are the model's: activations NHWC, kernels HWIO, both row-major, float32 or
+// bfloat16. Kernels enter in any layout oneDNN likes (format `any`, reordered from and
+// to HWIO), activations stay NHWC (no reorder). Primitives are built once per shape and
+// kept: building one costs more than running a small one.
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include <omp.h>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Dims = memory::dims;
+using Tag = memory::format_tag;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+memory::data_type DnnlType(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return memory::data_type::f32;
+    case ffi::DataType::BF16: return memory::data_type::bf16;
+    default: return memory::data_type::undef;
+  }
+}
+
+// One convolution's geometry in oneDNN's logical order (N, C, H, W) / (O, I, KH, KW).
+struct Geometry {
+  Dims src, wei, dst, strides, pad_l, pad_r;
+  memory::data_type type;
+  std::string Key(const char* kind) const {
+    std::string key(kind);
+    for (const Dims* d : {&src, &wei, &dst, &strides, &pad_l, &pad_r})
+      for (auto v : *d) key += "," + std::to_string(v);
+    return key + ":" + std::to_string(static_cast<int>(type));
+  }
+};
+
+// x: NHWC, w: HWIO, y: NHWC buffers' dimensions.
+Geometry Describe(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                  ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
+                  int64_t pb, int64_t pl, int64_t pr, ffi::DataType type) {
+  return Geometry{{x[0], x[3], x[1], x[2]}, {w[3], w[2], w[0], w[1]},
+                  {y[0], y[3], y[1], y[2]}, {sh, sw}, {pt, pl}, {pb, pr},
+                  DnnlType(type)};
+}
+
+memory::desc Nhwc(const Dims& d, memory::data_type t) { return memory::desc(d, t, Tag::nhwc); }
+memory::desc Any(const Dims& d, memory::data_type t) { return memory::desc(d, t, Tag::any); }
+memory::desc Hwio(const Dims& d, memory::data_type t) { return memory::desc(d, t, Tag::hwio); }
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      Nhwc(g.src, g.type), Any(g.wei, g.type), Nhwc(g.dst, g.type), g.strides, g.pad_l,
+      g.pad_r);
+}
+
+// A primitive with the kernel-side reorder it needs (none when oneDNN takes HWIO).
+struct Plan {
+  dnnl::primitive conv;      // the convolution (or pooling) primitive
+  memory::desc kernel_desc;  // the layout it wants for the kernel (pooling: its workspace)
+  std::unique_ptr<dnnl::reorder> kernel_reorder;
+};
+
+std::mutex plans_mutex;
+std::map<std::string, std::shared_ptr<Plan>> plans;
+
+template <typename Build>
+std::shared_ptr<Plan> Cached(const std::string& key, Build build) {
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  auto found = plans.find(key);
+  if (found != plans.end()) return found->second;
+  auto plan = std::make_shared<Plan>(build());
+  plans[key] = plan;
+  return plan;
+}
+
+// The kernel in `plan`'s layout: a reorder of `user` (HWIO) into a scratch buffer, or
+// `user` itself.
+memory KernelIn(const Plan& plan, memory user, dnnl::stream& stream) {
+  if (!plan.kernel_reorder) return user;
+  memory inner(plan.kernel_desc, Engine());
+  plan.kernel_reorder->execute(stream, user, inner);
+  return inner;
+}
+
+Plan WithReorder(dnnl::primitive conv, const memory::desc& wanted, const memory::desc& user,
+                 bool to_user) {
+  Plan plan{conv, wanted, nullptr};
+  if (wanted != user) {
+    plan.kernel_reorder = to_user
+        ? std::make_unique<dnnl::reorder>(dnnl::reorder::primitive_desc(
+              Engine(), wanted, Engine(), user))
+        : std::make_unique<dnnl::reorder>(dnnl::reorder::primitive_desc(
+              Engine(), user, Engine(), wanted));
+  }
+  return plan;
+}
+
+ffi::Error Checked(ffi::DataType type, const char* what) {
+  if (DnnlType(type) == memory::data_type::undef)
+    return ffi::Error::InvalidArgument(std::string(what) + ": float32 or bfloat16 only");
+  return ffi::Error::Success();
+}
+
+// One thread runs every oneDNN call, with its OpenMP team of `threads`: XLA:CPU calls
+// from several pool threads at once, and OpenMP teams started from several of them
+// deadlocked on a 2-core machine; XLA's calling thread sleeps until the call is done.
+class Runner {
+ public:
+  Runner() : worker_([this] { Loop(); }) {}
+  void Run(int threads, const std::function<void()>& job) {
+    std::promise<void> done;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back([&] {
+        omp_set_num_threads(threads);
+        try {
+          job();
+          done.set_value();
+        } catch (...) {
+          done.set_exception(std::current_exception());
+        }
+      });
+    }
+    wake_.notify_one();
+    done.get_future().get();
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [this] { return !queue_.empty(); });
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      job();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> queue_;
+  std::thread worker_;
+};
+
+Runner& TheRunner() {
+  static Runner* runner = new Runner();  // never destroyed: its thread lives to exit
+  return *runner;
+}
+
+template <typename F>
+ffi::Error Guarded(int64_t threads, F body) {
+  try {
+    TheRunner().Run(static_cast<int>(threads), body);
+    return ffi::Error::Success();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
+  }
+}
+
+// y = conv(x, w).
+ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                           int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                           int64_t pr, int64_t threads) {
+  if (auto e = Checked(x.element_type(), "oneDNN convolution"); e.failure()) return e;
+  Geometry g = Describe(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl,
+                        pr, x.element_type());
+  return Guarded(threads, [&] {
+    auto plan = Cached(g.Key("fwd"), [&] {
+      auto pd = ForwardDesc(g);
+      return WithReorder(dnnl::convolution_forward(pd), pd.weights_desc(),
+                         Hwio(g.wei, g.type), false);
+    });
+    dnnl::stream stream(Engine());
+    memory src(Nhwc(g.src, g.type), Engine(), x.untyped_data());
+    memory user_w(Hwio(g.wei, g.type), Engine(), w.untyped_data());
+    memory dst(Nhwc(g.dst, g.type), Engine(), y->untyped_data());
+    memory wei = KernelIn(*plan, user_w, stream);
+    plan->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei},
+                                {DNNL_ARG_DST, dst}});
+    stream.wait();
+  });
+}
+
+// dx = the input gradient of conv(., w) at output gradient dy.
+ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w,
+                                ffi::Result<ffi::AnyBuffer> dx, int64_t sh, int64_t sw,
+                                int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                                int64_t threads) {
+  if (auto e = Checked(dy.element_type(), "oneDNN convolution"); e.failure()) return e;
+  Geometry g = Describe(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb,
+                        pl, pr, dy.element_type());
+  return Guarded(threads, [&] {
+    auto plan = Cached(g.Key("bwd_data"), [&] {
+      auto pd = dnnl::convolution_backward_data::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct, Nhwc(g.src, g.type),
+          Any(g.wei, g.type), Nhwc(g.dst, g.type), g.strides, g.pad_l, g.pad_r,
+          ForwardDesc(g));
+      return WithReorder(dnnl::convolution_backward_data(pd), pd.weights_desc(),
+                         Hwio(g.wei, g.type), false);
+    });
+    dnnl::stream stream(Engine());
+    memory diff_dst(Nhwc(g.dst, g.type), Engine(), dy.untyped_data());
+    memory user_w(Hwio(g.wei, g.type), Engine(), w.untyped_data());
+    memory diff_src(Nhwc(g.src, g.type), Engine(), dx->untyped_data());
+    memory wei = KernelIn(*plan, user_w, stream);
+    plan->conv.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei},
+                                {DNNL_ARG_DIFF_SRC, diff_src}});
+    stream.wait();
+  });
+}
+
+// dw (float32, HWIO) = the kernel gradient of conv(x, .) at output gradient dy.
+ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                                   ffi::Result<ffi::AnyBuffer> dw, int64_t sh, int64_t sw,
+                                   int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                                   int64_t threads) {
+  if (auto e = Checked(x.element_type(), "oneDNN convolution"); e.failure()) return e;
+  if (dw->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("oneDNN kernel gradient: float32 output only");
+  Geometry g = Describe(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb,
+                        pl, pr, x.element_type());
+  const auto f32 = memory::data_type::f32;
+  return Guarded(threads, [&] {
+    auto plan = Cached(g.Key("bwd_weights"), [&] {
+      auto pd = dnnl::convolution_backward_weights::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct, Nhwc(g.src, g.type),
+          Any(g.wei, f32), Nhwc(g.dst, g.type), g.strides, g.pad_l, g.pad_r,
+          ForwardDesc(g));
+      return WithReorder(dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
+                         Hwio(g.wei, f32), true);
+    });
+    dnnl::stream stream(Engine());
+    memory src(Nhwc(g.src, g.type), Engine(), x.untyped_data());
+    memory diff_dst(Nhwc(g.dst, g.type), Engine(), dy.untyped_data());
+    memory user_dw(Hwio(g.wei, f32), Engine(), dw->untyped_data());
+    memory inner = plan->kernel_reorder ? memory(plan->kernel_desc, Engine()) : user_dw;
+    plan->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                                {DNNL_ARG_DIFF_WEIGHTS, inner}});
+    if (plan->kernel_reorder) plan->kernel_reorder->execute(stream, inner, user_dw);
+    stream.wait();
+  });
+}
+
+template <typename Binding>
+auto WithGeometry(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("sh")
+      .template Attr<int64_t>("sw")
+      .template Attr<int64_t>("pt")
+      .template Attr<int64_t>("pb")
+      .template Attr<int64_t>("pl")
+      .template Attr<int64_t>("pr")
+      .template Attr<int64_t>("threads");
+}
+
+
+// Max pooling (PyTorch's rule: the gradient goes to one maximum of each window) on NHWC.
+dnnl::pooling_forward::primitive_desc PoolDesc(const Dims& src, const Dims& dst,
+                                               memory::data_type type, const Dims& kernel,
+                                               const Dims& strides, const Dims& pad_l,
+                                               const Dims& pad_r) {
+  return dnnl::pooling_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max,
+      Nhwc(src, type), Nhwc(dst, type), strides, kernel, Dims{0, 0}, pad_l, pad_r);
+}
+
+Dims Nchw(ffi::Span<const int64_t> nhwc) { return {nhwc[0], nhwc[3], nhwc[1], nhwc[2]}; }
+
+// y = the maximum over each window of x.
+ffi::Error PoolForwardImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t kh,
+                           int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                           int64_t pl, int64_t pr, int64_t threads) {
+  if (auto e = Checked(x.element_type(), "oneDNN max pooling"); e.failure()) return e;
+  Dims src = Nchw(x.dimensions()), dst = Nchw(y->dimensions());
+  auto type = DnnlType(x.element_type());
+  return Guarded(threads, [&] {
+    auto pd = PoolDesc(src, dst, type, {kh, kw}, {sh, sw}, {pt, pl}, {pb, pr});
+    auto plan = Cached(Geometry{src, {kh, kw}, dst, {sh, sw}, {pt, pl}, {pb, pr}, type}
+                           .Key("pool_fwd"),
+                       [&] { return Plan{dnnl::pooling_forward(pd), pd.workspace_desc(), nullptr}; });
+    dnnl::stream stream(Engine());
+    memory in(Nhwc(src, type), Engine(), x.untyped_data());
+    memory out(Nhwc(dst, type), Engine(), y->untyped_data());
+    memory workspace(plan->kernel_desc, Engine());
+    plan->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out},
+                                {DNNL_ARG_WORKSPACE, workspace}});
+    stream.wait();
+  });
+}
+
+// dx = dy routed to the maximum of each window of x (the forward is run again for its
+// record of where the maxima are: one more pass over x, no workspace kept between calls).
+ffi::Error PoolBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                            ffi::Result<ffi::AnyBuffer> dx, int64_t kh, int64_t kw,
+                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                            int64_t pr, int64_t threads) {
+  if (auto e = Checked(x.element_type(), "oneDNN max pooling"); e.failure()) return e;
+  Dims src = Nchw(x.dimensions()), dst = Nchw(dy.dimensions());
+  auto type = DnnlType(x.element_type());
+  Geometry g{src, {kh, kw}, dst, {sh, sw}, {pt, pl}, {pb, pr}, type};
+  return Guarded(threads, [&] {
+    auto forward_pd = PoolDesc(src, dst, type, {kh, kw}, {sh, sw}, {pt, pl}, {pb, pr});
+    auto forward = Cached(g.Key("pool_fwd"), [&] {
+      return Plan{dnnl::pooling_forward(forward_pd), forward_pd.workspace_desc(), nullptr};
+    });
+    auto backward = Cached(g.Key("pool_bwd"), [&] {
+      auto pd = dnnl::pooling_backward::primitive_desc(
+          Engine(), dnnl::algorithm::pooling_max, Nhwc(src, type), Nhwc(dst, type),
+          {sh, sw}, {kh, kw}, Dims{0, 0}, {pt, pl}, {pb, pr}, forward_pd);
+      return Plan{dnnl::pooling_backward(pd), pd.workspace_desc(), nullptr};
+    });
+    dnnl::stream stream(Engine());
+    memory in(Nhwc(src, type), Engine(), x.untyped_data());
+    memory out(Nhwc(dst, type), Engine());
+    memory workspace(forward->kernel_desc, Engine());
+    forward->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out},
+                                   {DNNL_ARG_WORKSPACE, workspace}});
+    memory diff_dst(Nhwc(dst, type), Engine(), dy.untyped_data());
+    memory diff_src(Nhwc(src, type), Engine(), dx->untyped_data());
+    backward->conv.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
+                                    {DNNL_ARG_DIFF_SRC, diff_src},
+                                    {DNNL_ARG_WORKSPACE, workspace}});
+    stream.wait();
+  });
+}
+
+template <typename Binding>
+auto WithWindow(Binding binding) {
+  return WithGeometry(std::move(binding).template Attr<int64_t>("kh").template Attr<int64_t>("kw"));
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvForward, ConvForwardImpl,
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Arg<ffi::AnyBuffer>()
+                                               .Arg<ffi::AnyBuffer>()
+                                               .Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvBackwardData, ConvBackwardDataImpl,
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Arg<ffi::AnyBuffer>()
+                                               .Arg<ffi::AnyBuffer>()
+                                               .Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvBackwardWeights, ConvBackwardWeightsImpl,
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Arg<ffi::AnyBuffer>()
+                                               .Arg<ffi::AnyBuffer>()
+                                               .Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamMaxPoolForward, PoolForwardImpl,
+                              WithWindow(ffi::Ffi::Bind()
+                                             .Arg<ffi::AnyBuffer>()
+                                             .Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamMaxPoolBackward, PoolBackwardImpl,
+                              WithWindow(ffi::Ffi::Bind()
+                                             .Arg<ffi::AnyBuffer>()
+                                             .Arg<ffi::AnyBuffer>()
+                                             .Ret<ffi::AnyBuffer>()));
