@@ -7,6 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clusiam_jax.models import onednn
+from clusiam_jax.models.conv import resolve_conv_impl
+
 BN_MOMENTUM = 0.9   # Flax convention: new = m * old + (1 - m) * batch; PyTorch momentum 0.1
 BN_EPSILON = 1e-5
 
@@ -53,6 +56,7 @@ class BatchNorm(nn.Module):
     dtype: Any = jnp.float32
     affine: bool = True      # scale and bias
     zero_init: bool = False  # the scale starts at 0 (a residual block's last BN)
+    conv_impl: str = 'xla'   # 'onednn' (or 'auto' resolving to it): oneDNN's kernel (4-D)
 
     @nn.compact
     def __call__(self, x):
@@ -69,17 +73,23 @@ class BatchNorm(nn.Module):
             y = ((x.astype(jnp.float32) - running_mean.value)
                  * jax.lax.rsqrt(running_var.value + BN_EPSILON))
             return (y * scale + bias).astype(self.dtype)
-        if not self.is_initializing():
+        if x.ndim == 4 and resolve_conv_impl(self.conv_impl, self.dtype) == 'onednn':
+            y, mean, var = onednn.onednn_batch_norm(x.astype(self.dtype), scale, bias,
+                                                    BN_EPSILON)
+            mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+        else:
             # The normalization's statistics (XLA computes them once), without gradient.
             mean, var = batch_moments(jax.lax.stop_gradient(x).astype(jnp.float32), axes)
+            y = normalize_with_batch_stats(x, scale, bias, BN_EPSILON, self.dtype)
+        if not self.is_initializing():
             n = x.size // features
             unbiased = var * (n / max(n - 1, 1))
             m = BN_MOMENTUM
             running_mean.value = m * running_mean.value + (1 - m) * mean
             running_var.value = m * running_var.value + (1 - m) * unbiased
-        return normalize_with_batch_stats(x, scale, bias, BN_EPSILON, self.dtype)
+        return y
 
 
 def batch_norm(train: bool, dtype: Any, name: str, zero_init: bool = False,
-               affine: bool = True) -> BatchNorm:
-    return BatchNorm(not train, dtype, affine, zero_init, name=name)
+               affine: bool = True, conv_impl: str = 'xla') -> BatchNorm:
+    return BatchNorm(not train, dtype, affine, zero_init, conv_impl, name=name)

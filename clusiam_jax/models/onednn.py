@@ -30,7 +30,9 @@ _TARGETS = {'clusiam_onednn_conv_forward': 'ClusiamConvForward',
             'clusiam_onednn_conv_backward_data': 'ClusiamConvBackwardData',
             'clusiam_onednn_conv_backward_weights': 'ClusiamConvBackwardWeights',
             'clusiam_onednn_max_pool_forward': 'ClusiamMaxPoolForward',
-            'clusiam_onednn_max_pool_backward': 'ClusiamMaxPoolBackward'}
+            'clusiam_onednn_max_pool_backward': 'ClusiamMaxPoolBackward',
+            'clusiam_onednn_batch_norm_forward': 'ClusiamBatchNormForward',
+            'clusiam_onednn_batch_norm_backward': 'ClusiamBatchNormBackward'}
 _lock = threading.Lock()
 _loaded = []
 # oneDNN's OpenMP team inside an XLA:CPU thunk: XLA's own pool threads wait beside it,
@@ -84,8 +86,9 @@ def _build(prefix, target):
                    f'-Wl,-rpath,{os.path.join(prefix, "lib")}', '-o', tmp]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ['(no output)'])[-1]
-            raise ConfigError(f'model.conv_impl=onednn: building its kernel failed: {tail}')
+            lines = done.stderr.strip().splitlines() or ['(no output)']
+            first = next((line for line in lines if 'error' in line), lines[-1])
+            raise ConfigError(f'model.conv_impl=onednn: building its kernel failed: {first}')
 
 
 def load():
@@ -179,3 +182,36 @@ def _pool_backward(window, strides, padding, x, g):
 
 
 onednn_max_pool.defvjp(_pool_forward, _pool_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def onednn_batch_norm(x, scale, bias, epsilon):
+    """(batch-normalized NHWC x * scale + bias in x's dtype, the batch's float32 mean and
+    biased variance) by oneDNN; the statistics are for the running averages (no gradient
+    flows back through them)."""
+    load()
+    channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+    return jax.ffi.ffi_call('clusiam_onednn_batch_norm_forward',
+                            (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels))(
+        x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=np.float32(epsilon),
+        threads=np.int64(_threads()))
+
+
+def _bn_forward(x, scale, bias, epsilon):
+    y, mean, var = onednn_batch_norm(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, mean, var)
+
+
+def _bn_backward(epsilon, residuals, cotangents):
+    x, scale, mean, var = residuals
+    g = cotangents[0]
+    channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+    dx, dscale, dbias = jax.ffi.ffi_call(
+        'clusiam_onednn_batch_norm_backward',
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels))(
+        x, g.astype(x.dtype), scale.astype(jnp.float32), mean, var,
+        epsilon=np.float32(epsilon), threads=np.int64(_threads()))
+    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+onednn_batch_norm.defvjp(_bn_forward, _bn_backward)

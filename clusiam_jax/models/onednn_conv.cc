@@ -357,6 +357,89 @@ auto WithWindow(Binding binding) {
   return WithGeometry(std::move(binding).template Attr<int64_t>("kh").template Attr<int64_t>("kw"));
 }
 
+// Batch normalization in training mode with float32 scale, shift and statistics, the
+// activations in their dtype (NHWC): the biased batch mean and variance come back for
+// the running statistics.
+const auto kBnFlags =
+    dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+
+dnnl::batch_normalization_forward::primitive_desc BnDesc(const Dims& src,
+                                                         memory::data_type type,
+                                                         float epsilon) {
+  return dnnl::batch_normalization_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, Nhwc(src, type), Nhwc(src, type), epsilon,
+      kBnFlags);
+}
+
+memory Channels(ffi::AnyBuffer buffer) {
+  return memory(memory::desc({buffer.dimensions()[0]}, memory::data_type::f32, Tag::a),
+                Engine(), buffer.untyped_data());
+}
+
+memory Channels(ffi::Result<ffi::AnyBuffer>& buffer) {
+  return memory(memory::desc({buffer->dimensions()[0]}, memory::data_type::f32, Tag::a),
+                Engine(), buffer->untyped_data());
+}
+
+std::string BnKey(const char* kind, const Dims& src, memory::data_type type, float epsilon) {
+  return Geometry{src, {}, {}, {}, {}, {}, type}.Key(kind) + ":" + std::to_string(epsilon);
+}
+
+// (y, mean, variance) = batch_norm(x; scale, shift).
+ffi::Error BnForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer shift,
+                         ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> mean,
+                         ffi::Result<ffi::AnyBuffer> variance, float epsilon,
+                         int64_t threads) {
+  if (auto e = Checked(x.element_type(), "oneDNN batch norm"); e.failure()) return e;
+  Dims src = Nchw(x.dimensions());
+  auto type = DnnlType(x.element_type());
+  return Guarded(threads, [&] {
+    auto plan = Cached(BnKey("bn_fwd", src, type, epsilon), [&] {
+      return Plan{dnnl::batch_normalization_forward(BnDesc(src, type, epsilon)), {}, nullptr};
+    });
+    dnnl::stream stream(Engine());
+    memory in(Nhwc(src, type), Engine(), x.untyped_data());
+    memory out(Nhwc(src, type), Engine(), y->untyped_data());
+    plan->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out},
+                                {DNNL_ARG_SCALE, Channels(scale)},
+                                {DNNL_ARG_SHIFT, Channels(shift)},
+                                {DNNL_ARG_MEAN, Channels(mean)},
+                                {DNNL_ARG_VARIANCE, Channels(variance)}});
+    stream.wait();
+  });
+}
+
+// (dx, dscale, dshift) of batch_norm at x, the batch's statistics included in dx.
+ffi::Error BnBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer scale,
+                          ffi::AnyBuffer mean, ffi::AnyBuffer variance,
+                          ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
+                          ffi::Result<ffi::AnyBuffer> dshift, float epsilon,
+                          int64_t threads) {
+  if (auto e = Checked(x.element_type(), "oneDNN batch norm"); e.failure()) return e;
+  Dims src = Nchw(x.dimensions());
+  auto type = DnnlType(x.element_type());
+  return Guarded(threads, [&] {
+    auto plan = Cached(BnKey("bn_bwd", src, type, epsilon), [&] {
+      auto pd = dnnl::batch_normalization_backward::primitive_desc(
+          Engine(), dnnl::prop_kind::backward, Nhwc(src, type), Nhwc(src, type),
+          Nhwc(src, type), epsilon, kBnFlags, BnDesc(src, type, epsilon));
+      return Plan{dnnl::batch_normalization_backward(pd), {}, nullptr};
+    });
+    dnnl::stream stream(Engine());
+    memory in(Nhwc(src, type), Engine(), x.untyped_data());
+    memory diff_dst(Nhwc(src, type), Engine(), dy.untyped_data());
+    memory diff_src(Nhwc(src, type), Engine(), dx->untyped_data());
+    plan->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DIFF_DST, diff_dst},
+                                {DNNL_ARG_SCALE, Channels(scale)},
+                                {DNNL_ARG_MEAN, Channels(mean)},
+                                {DNNL_ARG_VARIANCE, Channels(variance)},
+                                {DNNL_ARG_DIFF_SRC, diff_src},
+                                {DNNL_ARG_DIFF_SCALE, Channels(dscale)},
+                                {DNNL_ARG_DIFF_SHIFT, Channels(dshift)}});
+    stream.wait();
+  });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvForward, ConvForwardImpl,
@@ -383,3 +466,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamMaxPoolBackward, PoolBackwardImpl,
                                              .Arg<ffi::AnyBuffer>()
                                              .Arg<ffi::AnyBuffer>()
                                              .Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamBatchNormForward, BnForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamBatchNormBackward, BnBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("threads"));
