@@ -166,6 +166,7 @@ def train_grid(suite, preset, theirs, args, size, batch, model):
                 bench='ratio', setting=f'{label} ours {dtype} vs original {name}',
                 metric='pairs_per_s', ours=ours_m, original=theirs_m,
                 ratio=round(ours_m / theirs_m, 3), flops_per_step=flops, **peaks,
+                ours_conv_impl=mine.get('conv_impl_resolved'),
                 ours_peak=fractions_of_peak(flops, ours_m, batch, peaks),
                 original_peak=fractions_of_peak(flops, theirs_m, batch, peaks)))
 
