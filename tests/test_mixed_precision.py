@@ -26,9 +26,10 @@ MICRO = 'resnet_micro_test'
 REDUCTIONS = ('reduce_sum', 'reduce_max', 'reduce_min', 'argmax', 'cumsum')
 
 
-def build(method, dtype, base_lr=None, backbone=None, image_size=32):
+def build(method, dtype, base_lr=None, backbone=None, image_size=32, conv_impl='auto'):
     c = tiny_config(method, image_size=image_size)
     c.model.dtype = dtype
+    c.model.conv_impl = conv_impl
     if base_lr is not None:
         c.optim.base_lr = base_lr
     if backbone is not None:
@@ -74,6 +75,27 @@ def operand_dtypes(eqn):
     return tuple(str(v.aval.dtype) for v in eqn.invars)
 
 
+def onednn_calls(eqns, kind):
+    """The oneDNN custom calls (models/onednn.py) whose target names `kind` (conv, pool)."""
+    return [e for e in eqns if e.primitive.name == 'ffi_call'
+            and e.params['target_name'].startswith(f'clusiam_onednn_{kind}')]
+
+
+def convolutions(eqns, conv_impl):
+    """The network's convolutions: XLA's primitive for im2col (XLA's path), else oneDNN's
+    calls, which must have replaced every XLA convolution."""
+    xla = [e for e in eqns if e.primitive.name == 'conv_general_dilated']
+    if conv_impl == 'im2col':
+        return xla
+    assert xla == []
+    return onednn_calls(eqns, 'conv')
+
+
+# The XLA path (im2col: XLA's convolutions and matmuls), and oneDNN's custom calls, which
+# 'auto' picks for bfloat16 on CPU: both take bf16 operands.
+CONV_IMPLS = ['im2col', 'onednn']
+
+
 @pytest.mark.parametrize('method', METHODS)
 def test_state_is_float32_with_the_float32_tree(method):
     bf16, f32 = abstract_state(method, 'bfloat16'), abstract_state(method, 'float32')
@@ -85,9 +107,10 @@ def test_state_is_float32_with_the_float32_tree(method):
     assert shapes(bf16) == shapes(f32)
 
 
+@pytest.mark.parametrize('conv_impl', CONV_IMPLS)
 @pytest.mark.parametrize('method', METHODS)
-def test_forward_convs_and_matmuls_run_in_bfloat16(method):
-    c, network, trainer, _ = build(method, 'bfloat16')
+def test_forward_convs_and_matmuls_run_in_bfloat16(method, conv_impl):
+    c, network, trainer, _ = build(method, 'bfloat16', conv_impl=conv_impl)
     variables = jax.eval_shape(lambda: new_state(trainer, c))
     x = normalize_input(first_batch(c)['view1'], SyntheticLoader.mean, SyntheticLoader.std,
                         network.dtype)
@@ -95,9 +118,18 @@ def test_forward_convs_and_matmuls_run_in_bfloat16(method):
                                          mutable=['batch_stats'])
     closed = jax.make_jaxpr(forward)(variables.params, variables.batch_stats)
     eqns = list(equations(closed.jaxpr))
-    products = [e for e in eqns if e.primitive.name in ('conv_general_dilated', 'dot_general')]
+    convs = convolutions(eqns, conv_impl)
+    products = convs + [e for e in eqns if e.primitive.name == 'dot_general']
     assert len(products) >= 10
+    # oneDNN takes every one of resnet_tiny's 12 (stem, 8 in blocks, 3 downsamples); im2col
+    # turns those on maps smaller than the kernel into dots.
+    assert conv_impl == 'im2col' or len(convs) == 12
     assert all(operand_dtypes(e) == ('bfloat16', 'bfloat16') for e in products)
+    assert all(operand_dtypes(e) == ('bfloat16',) for e in onednn_calls(eqns, 'max_pool'))
+    assert (conv_impl == 'onednn') == bool(onednn_calls(eqns, 'max_pool'))
+    for e in onednn_calls(eqns, 'batch_norm'):   # bf16 activations, float32 statistics
+        assert operand_dtypes(e)[0] == 'bfloat16'
+        assert [str(v.aval.dtype) for v in e.outvars] == ['bfloat16', 'float32', 'float32']
     # BN mean/var and the pooling reduce in float32, never in bfloat16.
     assert {o for e in eqns if e.primitive.name in REDUCTIONS for o in operand_dtypes(e)} == {
         'float32'}
@@ -107,15 +139,22 @@ def test_forward_convs_and_matmuls_run_in_bfloat16(method):
     assert float_leaf_dtypes(mutated) == {'float32'}
 
 
+@pytest.mark.parametrize('conv_impl', CONV_IMPLS)
 @pytest.mark.parametrize('method', METHODS)
-def test_train_step_reduces_and_updates_in_float32(method):
-    c, _, trainer, step = build(method, 'bfloat16')
+def test_train_step_reduces_and_updates_in_float32(method, conv_impl):
+    c, _, trainer, step = build(method, 'bfloat16', conv_impl=conv_impl)
     state = jax.eval_shape(lambda: new_state(trainer, c))
     batch = first_batch(c)
     eqns = list(equations(jax.make_jaxpr(step)(state, batch).jaxpr))
-    convs = [e for e in eqns if e.primitive.name == 'conv_general_dilated']
+    convs = convolutions(eqns, conv_impl)
     # Forward and input/filter gradients of the backbone: all bfloat16.
     assert convs and all(operand_dtypes(e) == ('bfloat16', 'bfloat16') for e in convs)
+    if conv_impl == 'onednn':
+        assert {e.params['target_name'].rsplit('_conv_', 1)[1] for e in convs} == {
+            'forward', 'backward_data', 'backward_weights'}
+        # The filter gradient comes back in float32, as XLA's preferred_element_type does.
+        assert {str(e.outvars[0].aval.dtype) for e in convs
+                if e.params['target_name'].endswith('weights')} == {'float32'}
     assert any(operand_dtypes(e) == ('bfloat16', 'bfloat16')
                for e in eqns if e.primitive.name == 'dot_general')
     # No reduction anywhere in the step runs in bfloat16: BN statistics and their
@@ -206,6 +245,7 @@ def test_compiled_step_keeps_the_networks_matmuls_in_bfloat16(method):
     convolutions) reaches the compiled step with bf16 operands: none upcast to float32."""
     c = tiny_config(method)
     c.model.dtype = 'bfloat16'
+    c.model.conv_impl = 'im2col'   # XLA's path: oneDNN's convolutions are no dots
     # One device: split over the 8 simulated ones, a filter gradient contracts 2 rows,
     # which XLA:CPU's loop emitter (not a matrix kernel) computes, in float32.
     trainer = build_trainer(c, mesh_of(1), STEPS, SyntheticLoader.mean, SyntheticLoader.std)
