@@ -2,13 +2,14 @@
 import difflib
 import os
 
+import jax
 import ml_collections
 from absl import flags
 from ml_collections.config_flags import config_path, tuple_parser
 
 from clusiam_jax import storage
 from clusiam_jax.errors import ConfigError
-from clusiam_jax.models import BACKBONES, METHOD_SPECS
+from clusiam_jax.models import BACKBONES, METHOD_SPECS, onednn
 from clusiam_jax.models.conv import CONV_IMPLS
 
 MONITOR_METRICS = ('rankme', 'alignment', 'uniformity', 'active_clusters', 'active_clusters_gumbel',
@@ -29,7 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.pred_hidden = 512         # predictor hidden width (4096 for BYOL-type)
     c.model.num_clusters = 100        # K
     c.model.dtype = 'float32'         # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.conv_impl = 'auto'        # auto (im2col gradients on CPU, else XLA) | xla | im2col
+    # auto | xla | im2col | onednn (CPU: oneDNN's kernels, built on first use). auto: on CPU,
+    # onednn for bfloat16 where oneDNN is installed, else im2col; on GPU/TPU, xla
+    c.model.conv_impl = 'auto'
 
     c.loss.alpha = 0.5                # L = (1 - alpha) * L_inv + alpha * S
 
@@ -307,6 +310,8 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     t, d, mon, exp = config.train, config.data, config.monitor, config.export
     method, alpha, warmup = config.model.name, config.loss.alpha, config.optim.warmup_epochs
     has_clusters = METHOD_SPECS[method].has_cluster_head
+    reason = _onednn_refusal(config)
+    _refuse(reason, str(reason))
     _refuse(not has_clusters and alpha != 0.0,
             f'{method} has no cluster term: loss.alpha must be 0; got {alpha}')
     _refuse(t.batch_size % num_devices,
@@ -354,6 +359,19 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     _refuse(not storage.exists(d.path), f'data.path does not exist: {d.path}' + (
         '; it is the tiling output of tile.slides: tile first (python launch.py --mode tile '
         '--config ...)' if tiled else ''))
+
+
+def _onednn_refusal(config):
+    """Why an explicit model.conv_impl=onednn cannot run here (at start, not at the first
+    step's compile), or None. The check asks for JAX's backend, which starts it: the
+    processes of a distributed run must join first, so theirs waits for the loop's
+    validation after joining (train/loop.py)."""
+    if config.model.conv_impl != 'onednn':
+        return None
+    joining = config.train.distributed or os.environ.get('CLUSIAM_DISTRIBUTED') == '1'
+    if joining and not jax.distributed.is_initialized():
+        return None
+    return onednn.unavailable_reason()
 
 
 def _check_mpps(d, exp):

@@ -122,3 +122,27 @@ def test_cli_errors_are_one_line_before_compiling(tmp_path, demo_tiles, args, me
     errors = [line for line in out.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
     assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_an_explicit_onednn_where_it_cannot_run_is_one_line_at_start(tmp_path, capsys,
+                                                                    monkeypatch):
+    from clusiam_jax import cli
+    from clusiam_jax.models import onednn
+    monkeypatch.setattr(onednn, '_onednn_prefix', lambda: None)   # oneDNN not installed
+    reason = onednn.unavailable_reason()
+    assert cli.main(['--config', os.path.join(REPO, 'configs', 'demo.py'), '--workdir',
+                     str(tmp_path / 'run'), f'--config.data.path={tmp_path}',
+                     '--config.model.conv_impl=onednn']) == 2
+    assert [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith('error:')] == [f'error: {reason}']
+    assert not (tmp_path / 'run').exists()
+    c = with_path(clusiam.get_config(), str(tmp_path))
+    c.model.conv_impl = 'auto'   # falls back to im2col (conv.py): nothing to refuse
+    validate(c)
+    # A distributed run's processes must join before the check starts JAX's backend: the
+    # loop validates again after joining (train/loop.py).
+    c.model.conv_impl, c.train.distributed = 'onednn', True
+    validate(c)
+    c.train.distributed = False
+    with pytest.raises(ConfigError, match='pip install onednn-cpu-gomp'):
+        validate(c)
