@@ -35,10 +35,10 @@ _TARGETS = {'clusiam_onednn_conv_forward': 'ClusiamConvForward',
             'clusiam_onednn_batch_norm_backward': 'ClusiamBatchNormBackward'}
 _lock = threading.Lock()
 _loaded = []
-# oneDNN's OpenMP team inside an XLA:CPU thunk: XLA's own pool threads wait beside it,
-# and a team of several threads stalls at its barriers when one of them loses its core
-# (bench/experiments/bf16_cpu.py --parts onednn); one thread a call is the robust choice,
-# and XLA still runs independent convolutions (the two views) side by side.
+# oneDNN's OpenMP threads per call. One by default: a team of two stalled at its barriers
+# whenever the machine had other work (XLA's own pool threads, another process): steps
+# many times slower (docs/benchmarks.md, "bfloat16 on this CPU"), while one thread a call
+# lost little on an idle machine. On a dedicated machine set more.
 THREADS_ENV = 'CLUSIAM_ONEDNN_THREADS'
 
 
@@ -61,7 +61,8 @@ def unavailable_reason():
     if _onednn_prefix() is None:
         return ('model.conv_impl=onednn needs oneDNN: pip install onednn-cpu-gomp '
                 'onednn-devel-cpu-gomp (requirements.txt pins them; x86-64 Linux)')
-    if shutil.which(os.environ.get('CXX', 'g++')) is None:
+    if (shutil.which(os.environ.get('CXX', 'g++')) is None
+            and not os.path.exists(_library_path(_onednn_prefix()))):
         return ('model.conv_impl=onednn builds its kernel on first use and needs a C++ '
                 'compiler: install g++ (or set CXX)')
     return None
@@ -112,7 +113,7 @@ def load():
 
 
 def _threads():
-    value = os.environ.get(THREADS_ENV, str(len(os.sched_getaffinity(0))))
+    value = os.environ.get(THREADS_ENV, '1')
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f'{THREADS_ENV}={value!r}: a whole number of threads >= 1')
     return int(value)
