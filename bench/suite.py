@@ -141,7 +141,8 @@ def train_grid(suite, preset, theirs, args, size, batch, model):
         runs += [(('original', name), theirs + ['--bench', 'train', '--threads',
                                                 str(preset['threads']), '--device',
                                                 preset['torch_device']] + flags + common)
-                 for name, flags in ORIGINAL_SETTINGS.items()]
+                 for name, flags in ORIGINAL_SETTINGS.items()
+                 if name in (args.original_settings or ORIGINAL_SETTINGS)]
     got = {key: [] for key, _ in runs}
     info = {}
     for i in range(args.repeats):
@@ -245,6 +246,8 @@ def main():
     parser.add_argument('--harness', default=DEFAULT_HARNESS)
     parser.add_argument('--torch-python', default=sys.executable)
     parser.add_argument('--dtypes', nargs='+', choices=['float32', 'bfloat16'])
+    parser.add_argument('--original-settings', nargs='+', choices=sorted(ORIGINAL_SETTINGS),
+                        help="the original's settings the cpu preset alternates with (all)")
     parser.add_argument('--train-settings', nargs='+', metavar='SIZExBATCH',
                         help="override the preset's train settings, e.g. 64x8 224x32")
     parser.add_argument('--steps', type=int, help="override the preset's timed steps")

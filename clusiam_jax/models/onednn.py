@@ -35,10 +35,11 @@ _TARGETS = {'clusiam_onednn_conv_forward': 'ClusiamConvForward',
             'clusiam_onednn_batch_norm_backward': 'ClusiamBatchNormBackward'}
 _lock = threading.Lock()
 _loaded = []
-# oneDNN's OpenMP threads per call. One by default: a team of two stalled at its barriers
-# whenever the machine had other work (XLA's own pool threads, another process): steps
-# many times slower (docs/benchmarks.md, "bfloat16 on this CPU"), while one thread a call
-# lost little on an idle machine. On a dedicated machine set more.
+# oneDNN's OpenMP threads per call: the usable cores in a one-device process, one where
+# XLA:CPU simulates several devices (their threads compete with the team). oneDNN's teams
+# wait for each other at barriers by spinning, so whenever other work holds a core (other
+# processes on a shared machine, XLA's device threads) a team's step can stall many times
+# over (docs/benchmarks.md, "bfloat16 on this CPU"): CLUSIAM_ONEDNN_THREADS=1 there.
 THREADS_ENV = 'CLUSIAM_ONEDNN_THREADS'
 
 
@@ -113,7 +114,9 @@ def load():
 
 
 def _threads():
-    value = os.environ.get(THREADS_ENV, '1')
+    value = os.environ.get(THREADS_ENV)
+    if value is None:
+        return len(os.sched_getaffinity(0)) if jax.local_device_count() == 1 else 1
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f'{THREADS_ENV}={value!r}: a whole number of threads >= 1')
     return int(value)
