@@ -185,6 +185,25 @@ ffi::Error Guarded(int64_t threads, F body) {
   }
 }
 
+// An NHWC activation buffer and the primitive argument it is.
+struct Activation {
+  int arg;
+  Dims dims;
+  void* data;
+};
+
+// Runs a forward or input-gradient plan: one activation and the HWIO kernel `w` in, the
+// other activation out.
+void RunWithKernel(const Plan& plan, const Geometry& g, const Activation& in, void* w,
+                   const Activation& out) {
+  dnnl::stream stream(Engine());
+  memory input(Nhwc(in.dims, g.type), Engine(), in.data);
+  memory output(Nhwc(out.dims, g.type), Engine(), out.data);
+  memory wei = KernelIn(plan, memory(Hwio(g.wei, g.type), Engine(), w), stream);
+  plan.conv.execute(stream, {{in.arg, input}, {DNNL_ARG_WEIGHTS, wei}, {out.arg, output}});
+  stream.wait();
+}
+
 // y = conv(x, w).
 ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
@@ -198,14 +217,8 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::
       return WithReorder(dnnl::convolution_forward(pd), pd.weights_desc(),
                          Hwio(g.wei, g.type), false);
     });
-    dnnl::stream stream(Engine());
-    memory src(Nhwc(g.src, g.type), Engine(), x.untyped_data());
-    memory user_w(Hwio(g.wei, g.type), Engine(), w.untyped_data());
-    memory dst(Nhwc(g.dst, g.type), Engine(), y->untyped_data());
-    memory wei = KernelIn(*plan, user_w, stream);
-    plan->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei},
-                                {DNNL_ARG_DST, dst}});
-    stream.wait();
+    RunWithKernel(*plan, g, {DNNL_ARG_SRC, g.src, x.untyped_data()}, w.untyped_data(),
+                  {DNNL_ARG_DST, g.dst, y->untyped_data()});
   });
 }
 
@@ -226,14 +239,8 @@ ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w,
       return WithReorder(dnnl::convolution_backward_data(pd), pd.weights_desc(),
                          Hwio(g.wei, g.type), false);
     });
-    dnnl::stream stream(Engine());
-    memory diff_dst(Nhwc(g.dst, g.type), Engine(), dy.untyped_data());
-    memory user_w(Hwio(g.wei, g.type), Engine(), w.untyped_data());
-    memory diff_src(Nhwc(g.src, g.type), Engine(), dx->untyped_data());
-    memory wei = KernelIn(*plan, user_w, stream);
-    plan->conv.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei},
-                                {DNNL_ARG_DIFF_SRC, diff_src}});
-    stream.wait();
+    RunWithKernel(*plan, g, {DNNL_ARG_DIFF_DST, g.dst, dy.untyped_data()}, w.untyped_data(),
+                  {DNNL_ARG_DIFF_SRC, g.src, dx->untyped_data()});
   });
 }
 
