@@ -310,7 +310,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
     t, d, mon, exp = config.train, config.data, config.monitor, config.export
     method, alpha, warmup = config.model.name, config.loss.alpha, config.optim.warmup_epochs
     has_clusters = METHOD_SPECS[method].has_cluster_head
-    reason = _onednn_refusal(config)
+    reason = _onednn_refusal(config, num_devices)
     _refuse(reason, str(reason))
     _refuse(not has_clusters and alpha != 0.0,
             f'{method} has no cluster term: loss.alpha must be 0; got {alpha}')
@@ -361,7 +361,7 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
         '--config ...)' if tiled else ''))
 
 
-def _onednn_refusal(config):
+def _onednn_refusal(config, num_devices):
     """Why an explicit model.conv_impl=onednn cannot run here (at start, not at the first
     step's compile), or None. The check asks for JAX's backend, which starts it: the
     processes of a distributed run must join first, so theirs waits for the loop's
@@ -371,7 +371,7 @@ def _onednn_refusal(config):
     joining = config.train.distributed or os.environ.get('CLUSIAM_DISTRIBUTED') == '1'
     if joining and not jax.distributed.is_initialized():
         return None
-    return onednn.unavailable_reason()
+    return onednn.unavailable_reason(config.model.dtype, num_devices)
 
 
 def _check_mpps(d, exp):

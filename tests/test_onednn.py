@@ -180,15 +180,18 @@ def test_resnet_matches_im2col_features_and_parameter_gradients():
         variables = net.init(jax.random.PRNGKey(0), images, train=False)
 
         def loss(params, net=net, variables=variables):
-            features, _ = net.apply({**variables, 'params': params}, images, train=True,
-                                    mutable=['batch_stats'])
-            return jnp.sum(jnp.tanh(features) * weights), features
+            features, updated = net.apply({**variables, 'params': params}, images, train=True,
+                                          mutable=['batch_stats'])
+            return jnp.sum(jnp.tanh(features) * weights), (features, updated['batch_stats'])
 
         results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
-    ((_, want_features), want_grads), ((_, features), grads) = (results['im2col'],
-                                                               results['onednn'])
+    ((_, (want_features, want_stats)), want_grads), ((_, (features, stats)), grads) = (
+        results['im2col'], results['onednn'])
     # float32 sums in other orders (oneDNN's batch norm statistics too): ~1e-6 of the largest.
     assert relative_error(features, want_features) < 1e-5
+    # The running statistics from oneDNN's batch mean and biased variance (made unbiased).
+    for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
     for path, got, want in zip(jax.tree_util.tree_leaves_with_path(grads),
                                jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
@@ -287,3 +290,43 @@ def test_the_kernel_is_built_once_into_the_cache_and_reused(tmp_path):
     assert load_in_a_new_process(cache, CXX='false') == path
     assert os.stat(path).st_mtime_ns == built
     assert os.listdir(folder) == [os.path.basename(path)]
+
+
+def test_auto_takes_onednn_for_bf16_only_with_amx_and_one_device(monkeypatch):
+    """Without AMX oneDNN's bf16 convolution was slower than im2col (AVX-512) or absent
+    (AVX2); on several devices each would compute the whole batch."""
+    from clusiam_jax.models import conv
+    monkeypatch.setattr(jax, 'local_device_count', lambda: 1)   # the tests simulate several
+    assert conv.resolve_conv_impl('auto', jnp.float32) == 'im2col'
+    has_amx = 'amx_bf16' in onednn.cpu_flags()
+    assert conv.resolve_conv_impl('auto', jnp.bfloat16) == ('onednn' if has_amx else 'im2col')
+    monkeypatch.setattr(onednn, 'cpu_flags', lambda: frozenset({'avx512bw', 'avx512_bf16'}))
+    assert conv.resolve_conv_impl('auto', jnp.bfloat16) == 'im2col'
+    monkeypatch.setattr(onednn, 'cpu_flags', lambda: frozenset({'avx2'}))
+    assert onednn.unavailable_reason(jnp.bfloat16) == (
+        'model.conv_impl=onednn in bfloat16 needs a CPU with AVX-512 (no avx512bw here)')
+    assert onednn.unavailable_reason(jnp.float32) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(jax, 'local_device_count', lambda: 8)
+    assert conv.resolve_conv_impl('auto', jnp.bfloat16) == 'im2col'
+    assert 'runs on one device: with 8' in onednn.unavailable_reason(jnp.bfloat16, 8)
+
+
+def test_auto_falls_back_in_one_warning_when_the_build_fails(monkeypatch, fresh_load, caplog):
+    from clusiam_jax.models import conv
+    monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
+    monkeypatch.setattr(onednn, 'cpu_flags', lambda: frozenset({'avx512bw', 'amx_bf16'}))
+    monkeypatch.setenv('CXX', 'false')
+    monkeypatch.setattr(onednn, '_warn_once', lambda message: onednn.logging.getLogger(
+        onednn.__name__).warning(message))
+    with caplog.at_level('WARNING'):
+        assert conv.resolve_conv_impl('auto', jnp.bfloat16) == 'im2col'
+    assert 'building its kernel failed' in caplog.text
+
+
+def test_an_unwritable_cache_is_one_config_error(monkeypatch, fresh_load, tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(blocker))   # a file where a folder must go
+    with pytest.raises(ConfigError, match='cannot write its kernel'):
+        onednn.load()

@@ -23,7 +23,7 @@ from clusiam_jax import interrupts, parallel, storage
 from clusiam_jax.data import augment, image_io, skips
 from clusiam_jax.export import format as fmt
 from clusiam_jax.export import scales
-from clusiam_jax.models.conv import compiler_options
+from clusiam_jax.models.conv import compiler_options, resolve_conv_impl
 from clusiam_jax.models.preprocess import embed_images
 from clusiam_jax.slides import coords as coords_lib
 
@@ -355,6 +355,10 @@ def _export(embedder, source, out_dir, options, info, skip_log, plans):
              # the run and its exact weights: another checkpoint is never "already done"
              'workdir': info.get('workdir', ''), 'weights_sha256': info.get('weights_sha256', ''),
              **option_attrs(options)}
+    if resolve_conv_impl(network.conv_impl, network.dtype) == 'onednn':
+        # oneDNN rounds to bf16 between layers where XLA:CPU kept float32: other features,
+        # so another key than an export the same run made on XLA's kernels
+        attrs['conv_kernels'] = 'onednn'
     attrs['export_key'] = key = fmt.export_key(attrs)
     # Recorded always; in the key only as export.dtype (the run's own is in config_json).
     attrs.setdefault('compute_dtype', jnp.dtype(network.dtype).name)

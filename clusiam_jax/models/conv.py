@@ -1,8 +1,6 @@
 """2-D convolution for the ResNet: XLA's, or (`im2col`, `auto` on CPU) XLA's behind a
 `fusion_barrier` where XLA:CPU is fast, matrix products where slow, without YNNPACK, or
 (`onednn`) oneDNN's kernels through a custom call (onednn.py)."""
-import functools
-import logging
 from functools import partial
 from typing import Sequence
 
@@ -21,25 +19,15 @@ _NHWC_SPECS = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
 def resolve_conv_impl(name: str, dtype=jnp.float32) -> str:
-    """'auto' -> on the CPU backend 'onednn' for bfloat16 where oneDNN is installed (XLA:CPU
-    computes bf16 convolutions in float32; float32 stays on 'im2col', which the recipes were
-    measured with), else 'im2col'; 'xla' on accelerators."""
+    """'auto' -> on the CPU backend 'onednn' for bfloat16 on one device of a CPU with AMX
+    where oneDNN builds (onednn.auto_picks_onednn; XLA:CPU computes bf16 convolutions in
+    float32), else 'im2col' (float32 stays there: the recipes were measured with it);
+    'xla' on accelerators."""
     if name != 'auto':
         return name
     if jax.default_backend() != 'cpu':
         return 'xla'
-    if jnp.dtype(dtype) == jnp.bfloat16:
-        reason = onednn.unavailable_reason()
-        if reason is None:
-            return 'onednn'
-        _warn_once(f'model.conv_impl=auto: bfloat16 convolutions stay on XLA:CPU (float32 '
-                   f'arithmetic) because {reason}')
-    return 'im2col'
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    logging.getLogger(__name__).warning(message)
+    return 'onednn' if onednn.auto_picks_onednn(dtype) else 'im2col'
 
 
 def compiler_options(impl: str):

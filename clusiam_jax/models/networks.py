@@ -1,11 +1,13 @@
 """The four methods' networks: `SSLNetwork`, applied once per view (per-view BatchNorm,
 docs/method.md §3). Its `encoder` sub-tree is what the BYOL-type EMA target holds."""
 import dataclasses
+import logging
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clusiam_jax.models import onednn
 from clusiam_jax.models.heads import Head, Projector
 from clusiam_jax.models.resnet import BACKBONES, FEATURE_WIDTH
 
@@ -63,11 +65,20 @@ class SSLNetwork(nn.Module):
 
 
 def build_network(model_config) -> SSLNetwork:
-    """SSLNetwork from a config's `model` section."""
+    """SSLNetwork from a config's `model` section. A run trained with conv_impl=onednn
+    read where oneDNN cannot run (another machine's export, a GPU) computes with `auto`'s
+    kernels, said once: the same maths (training itself refuses at start, config.validate)."""
     m = model_config
+    conv_impl = m.conv_impl
+    if conv_impl == 'onednn':
+        reason = onednn.unavailable_reason(m.dtype)
+        if reason:
+            logging.getLogger(__name__).warning(
+                'the run was trained with model.conv_impl=onednn; using auto here: %s', reason)
+            conv_impl = 'auto'
     return SSLNetwork(method=m.name, backbone=m.backbone, feat_size=m.feat_size,
                       pred_hidden=m.pred_hidden, num_clusters=m.num_clusters,
-                      dtype=jnp.dtype(m.dtype), conv_impl=m.conv_impl)
+                      dtype=jnp.dtype(m.dtype), conv_impl=conv_impl)
 
 
 def build_target_encoder(network: SSLNetwork) -> Encoder:

@@ -12,6 +12,7 @@ gradient accumulated and returned in float32 then cast to the kernel's dtype (as
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -35,11 +36,10 @@ _TARGETS = {'clusiam_onednn_conv_forward': 'ClusiamConvForward',
             'clusiam_onednn_batch_norm_backward': 'ClusiamBatchNormBackward'}
 _lock = threading.Lock()
 _loaded = []
-# oneDNN's OpenMP threads per call: the usable cores in a one-device process, one where
-# XLA:CPU simulates several devices (their threads compete with the team). oneDNN's teams
-# wait for each other at barriers by spinning, so whenever other work holds a core (other
-# processes on a shared machine, XLA's device threads) a team's step can stall many times
-# over (docs/benchmarks.md, "bfloat16 on this CPU"): CLUSIAM_ONEDNN_THREADS=1 there.
+# oneDNN's OpenMP threads per call, the usable cores by default. oneDNN's threads wait for
+# each other at barriers by spinning, so whenever other work holds a core (other processes
+# on a shared machine) a team's step can stall many times over (docs/benchmarks.md,
+# "bfloat16 on this CPU"): CLUSIAM_ONEDNN_THREADS=1 there.
 THREADS_ENV = 'CLUSIAM_ONEDNN_THREADS'
 
 
@@ -55,37 +55,95 @@ def _onednn_prefix():
     return None
 
 
-def unavailable_reason():
-    """Why conv_impl=onednn cannot run here (one line), or None when it can."""
+def cpu_flags():
+    """The CPU's feature flags (/proc/cpuinfo), empty where unreadable."""
+    try:
+        with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
+            for line in f:
+                if line.startswith('flags'):
+                    return frozenset(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def unavailable_reason(dtype=None, devices: int = 1):
+    """Why conv_impl=onednn cannot run here (one line), or None when it can. bfloat16
+    needs AVX-512 (oneDNN has no bf16 convolution below it); several devices are refused:
+    the custom calls have no sharding rule, so each device would compute the whole batch."""
     if jax.default_backend() != 'cpu':
         return f'model.conv_impl=onednn runs on the CPU backend only, not {jax.default_backend()}'
-    if _onednn_prefix() is None:
+    if devices > 1:
+        return (f'model.conv_impl=onednn runs on one device: with {devices} each would compute '
+                'the whole batch (use im2col)')
+    if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and 'avx512bw' not in cpu_flags():
+        return 'model.conv_impl=onednn in bfloat16 needs a CPU with AVX-512 (no avx512bw here)'
+    prefix = _onednn_prefix()
+    if prefix is None:
         return ('model.conv_impl=onednn needs oneDNN: pip install onednn-cpu-gomp '
                 'onednn-devel-cpu-gomp (requirements.txt pins them; x86-64 Linux)')
     if (shutil.which(os.environ.get('CXX', 'g++')) is None
-            and not os.path.exists(_library_path(_onednn_prefix()))):
+            and not os.path.exists(_library_path(prefix))):
         return ('model.conv_impl=onednn builds its kernel on first use and needs a C++ '
                 'compiler: install g++ (or set CXX)')
     return None
 
 
+def auto_picks_onednn(dtype) -> bool:
+    """conv_impl=auto's choice: oneDNN for bfloat16 on one CPU device with AMX (bf16 matrix
+    units) when the kernel builds; without AMX oneDNN's bf16 was slower than im2col."""
+    if jnp.dtype(dtype) != jnp.bfloat16 or 'amx_bf16' not in cpu_flags():
+        return False
+    reason = unavailable_reason(dtype, jax.local_device_count())
+    if reason is None:
+        try:
+            load()
+            return True
+        except ConfigError as error:
+            reason = str(error)
+    _warn_once(f'model.conv_impl=auto: bfloat16 convolutions stay on XLA:CPU (float32 '
+               f'arithmetic) because {reason}')
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
+
+
+def _library_dir(prefix):
+    return next(os.path.join(prefix, lib) for lib in ('lib', 'lib64', 'lib/x86_64-linux-gnu')
+                if os.path.exists(os.path.join(prefix, lib, 'libdnnl.so')))
+
+
 def _library_path(prefix):
+    """The cached kernel's path: named by the source, jax, and the oneDNN library file
+    (size and time: the wheel's libdnnl.so files are copies, not links to a versioned one)."""
     with open(_SOURCE, 'rb') as f:
         digest = hashlib.sha256(f.read())
     digest.update(jax.__version__.encode())
-    digest.update(os.path.realpath(os.path.join(prefix, 'lib', 'libdnnl.so')).encode())
+    library = os.stat(os.path.join(_library_dir(prefix), 'libdnnl.so'))
+    digest.update(f'{library.st_size}:{library.st_mtime_ns}'.encode())
     return os.path.join(fileio.cache_root('onednn'), f'onednn_conv-{digest.hexdigest()[:16]}.so')
 
 
 def _build(prefix, target):
     """Compile the kernel to `target` (atomically: two processes may build at once)."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _compile(prefix, target)
+    except OSError as error:
+        raise ConfigError(f'model.conv_impl=onednn: cannot write its kernel to '
+                          f'{os.path.dirname(target)}: {error.strerror}') from error
+
+
+def _compile(prefix, target):
     with fileio.atomic_write(target) as tmp:
         command = [os.environ.get('CXX', 'g++'), '-O2', '-std=c++17', '-shared', '-fPIC',
                    '-fopenmp', '-w', f'-I{jax.ffi.include_dir()}',
                    f'-I{os.path.join(prefix, "include")}', _SOURCE,
-                   f'-L{os.path.join(prefix, "lib")}', '-ldnnl',
-                   f'-Wl,-rpath,{os.path.join(prefix, "lib")}', '-o', tmp]
+                   f'-L{_library_dir(prefix)}', '-ldnnl', f'-Wl,-rpath,{_library_dir(prefix)}',
+                   '-o', tmp]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or ['(no output)']
@@ -116,7 +174,7 @@ def load():
 def _threads():
     value = os.environ.get(THREADS_ENV)
     if value is None:
-        return len(os.sched_getaffinity(0)) if jax.local_device_count() == 1 else 1
+        return len(os.sched_getaffinity(0))
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f'{THREADS_ENV}={value!r}: a whole number of threads >= 1')
     return int(value)

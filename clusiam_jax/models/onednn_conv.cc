@@ -9,6 +9,7 @@
 // kept: building one costs more than running a small one.
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <future>
@@ -86,14 +87,18 @@ struct Plan {
 
 std::mutex plans_mutex;
 std::map<std::string, std::shared_ptr<Plan>> plans;
+// The OpenMP threads of the call being run: a primitive keeps the team size it was
+// built for, so the threads are part of its key.
+int current_threads = 1;
 
 template <typename Build>
 std::shared_ptr<Plan> Cached(const std::string& key, Build build) {
   std::lock_guard<std::mutex> lock(plans_mutex);
-  auto found = plans.find(key);
+  const std::string full_key = key + ":t" + std::to_string(current_threads);
+  auto found = plans.find(full_key);
   if (found != plans.end()) return found->second;
   auto plan = std::make_shared<Plan>(build());
-  plans[key] = plan;
+  plans[full_key] = plan;
   return plan;
 }
 
@@ -137,6 +142,7 @@ class Runner {
       std::lock_guard<std::mutex> lock(mutex_);
       queue_.push_back([&] {
         omp_set_num_threads(threads);
+        current_threads = threads;
         try {
           job();
           done.set_value();
@@ -389,7 +395,9 @@ memory Channels(ffi::Result<ffi::AnyBuffer>& buffer) {
 }
 
 std::string BnKey(const char* kind, const Dims& src, memory::data_type type, float epsilon) {
-  return Geometry{src, {}, {}, {}, {}, {}, type}.Key(kind) + ":" + std::to_string(epsilon);
+  uint32_t bits;
+  std::memcpy(&bits, &epsilon, sizeof bits);  // every epsilon its own key
+  return Geometry{src, {}, {}, {}, {}, {}, type}.Key(kind) + ":" + std::to_string(bits);
 }
 
 // (y, mean, variance) = batch_norm(x; scale, shift).
