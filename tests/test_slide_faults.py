@@ -137,7 +137,8 @@ def test_ids_differing_in_punctuation_are_exported_to_their_own_files(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     source = sources_lib.open_source(str(tmp_path / 'patches.csv'))
-    embedder = _MeanEmbedder(types.SimpleNamespace(method='clusiam', backbone='none'), {},
+    embedder = _MeanEmbedder(types.SimpleNamespace(
+        method='clusiam', backbone='none', dtype='float32', conv_impl='xla'), {},
                              (0.0,) * 3, (1.0,) * 3, 0,
                              parallel.make_mesh(jax.local_devices()[:1]))
     options = embed.EmbedOptions(image_size=8, batch_size=4, export_format='h5',
