@@ -17,6 +17,7 @@ from clusiam_jax.config import config_changes, validate
 from clusiam_jax.data import create_train_loader, stain_norm
 from clusiam_jax.errors import CheckpointError
 from clusiam_jax.models import METHOD_SPECS
+from clusiam_jax.models.conv import resolve_conv_impl
 from clusiam_jax.train import init_from
 from clusiam_jax.train.metrics import (
     EpochStats,
@@ -176,8 +177,10 @@ def train(config, workdir: str, loader=None, mesh=None):
         # Bucket reads of this process's batches (process 0 logs its own: hosts read alike).
         reads = InputTelemetry(iterator, loader)
         head = next(batches)
-        log.info('compiling the train step (%s, %s, batch %d at %d px on %d devices); the first '
-                 'compile takes a while', config.model.name, config.model.backbone,
+        log.info('compiling the train step (%s, %s, %s on %s convolutions, batch %d at %d px on '
+                 '%d devices); the first compile takes a while', config.model.name,
+                 config.model.backbone, config.model.dtype,
+                 resolve_conv_impl(config.model.conv_impl, config.model.dtype),
                  config.train.batch_size, config.data.image_size, mesh.devices.size)
         step_fn, seconds = trainer.compile(state, head[0])
         log.info('compiled in %.1f s', seconds)
