@@ -55,8 +55,10 @@ def _onednn_prefix():
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flags():
-    """The CPU's feature flags (/proc/cpuinfo), empty where unreadable."""
+    """The CPU's feature flags (/proc/cpuinfo, read once: auto asks per convolution), empty
+    where unreadable."""
     try:
         with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
             for line in f:

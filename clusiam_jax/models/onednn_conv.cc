@@ -455,23 +455,20 @@ ffi::Error BnBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer sc
   });
 }
 
+// The convolutions' signature: two NHWC/HWIO buffers in, one out, the geometry.
+auto ConvBinding() {
+  return WithGeometry(
+      ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvForward, ConvForwardImpl,
-                              WithGeometry(ffi::Ffi::Bind()
-                                               .Arg<ffi::AnyBuffer>()
-                                               .Arg<ffi::AnyBuffer>()
-                                               .Ret<ffi::AnyBuffer>()));
+                              ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvBackwardData, ConvBackwardDataImpl,
-                              WithGeometry(ffi::Ffi::Bind()
-                                               .Arg<ffi::AnyBuffer>()
-                                               .Arg<ffi::AnyBuffer>()
-                                               .Ret<ffi::AnyBuffer>()));
+                              ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvBackwardWeights, ConvBackwardWeightsImpl,
-                              WithGeometry(ffi::Ffi::Bind()
-                                               .Arg<ffi::AnyBuffer>()
-                                               .Arg<ffi::AnyBuffer>()
-                                               .Ret<ffi::AnyBuffer>()));
+                              ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamMaxPoolForward, PoolForwardImpl,
                               WithWindow(ffi::Ffi::Bind()
                                              .Arg<ffi::AnyBuffer>()
