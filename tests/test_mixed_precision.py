@@ -129,7 +129,11 @@ def test_forward_convs_and_matmuls_run_in_bfloat16(method, conv_impl):
     assert (conv_impl == 'onednn') == bool(onednn_calls(eqns, 'max_pool'))
     for e in onednn_calls(eqns, 'batch_norm'):   # bf16 activations, float32 statistics
         assert operand_dtypes(e)[0] == 'bfloat16'
-        assert [str(v.aval.dtype) for v in e.outvars] == ['bfloat16', 'float32', 'float32']
+        assert [str(v.aval.dtype) for v in e.outvars] == ['bfloat16', 'float32', 'float32',
+                                                          'uint8']   # the ReLU's mask
+    assert all(operand_dtypes(e) == ('bfloat16', 'bfloat16')
+               for e in onednn_calls(eqns, 'add_relu'))
+    assert (conv_impl == 'onednn') == bool(onednn_calls(eqns, 'add_relu'))
     # BN mean/var and the pooling reduce in float32, never in bfloat16.
     assert {o for e in eqns if e.primitive.name in REDUCTIONS for o in operand_dtypes(e)} == {
         'float32'}

@@ -19,6 +19,7 @@ from jax import lax
 
 from clusiam_jax.errors import ConfigError
 from clusiam_jax.models import onednn
+from clusiam_jax.models.batch_norm import BN_EPSILON, batch_moments, normalize_with_batch_stats
 from clusiam_jax.models.conv import tap_max_pool
 from clusiam_jax.models.resnet import ResNetTiny
 
@@ -168,16 +169,77 @@ def test_bfloat16_max_pool_gradient_is_within_its_roundings():
     assert np.all(np.abs(got - want) <= 4 * 2.0 ** -8 * scale)
 
 
+def batch_norm_and_vjp(norm, x, scale, bias, g):
+    (y, mean, var), vjp = jax.vjp(norm, x, scale, bias)
+    return (y, mean, var, *vjp((g, jnp.zeros_like(mean), jnp.zeros_like(var))))
+
+
+def xla_batch_norm(relu):
+    """The im2col path's batch norm (batch_norm.py), through ReLU when asked."""
+    def norm(x, scale, bias):
+        mean, var = batch_moments(lax.stop_gradient(x).astype(jnp.float32), (0, 1, 2))
+        y = normalize_with_batch_stats(x, scale, bias, BN_EPSILON, x.dtype)
+        return (jax.nn.relu(y) if relu else y), mean, var
+    return norm
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('relu', [False, True])
+def test_batch_norm_matches_the_xla_one_values_statistics_and_gradients(dtype, relu):
+    """Training-mode batch norm, and with `relu` the ReLU fused into it (the gradient masked
+    from oneDNN's workspace): against XLA's on the same inputs, about half of the outputs
+    negative before the ReLU. float32 agrees to summation order; bf16 to a rounding of the
+    outputs (both compute in float32 and round once)."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 5, 7, 16)) * 2 + 0.5, dtype)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, size=16), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=16) * 0.5, jnp.float32)
+    g = jnp.asarray(rng.normal(size=x.shape), dtype)
+    got = batch_norm_and_vjp(lambda *a: onednn.onednn_batch_norm(*a, BN_EPSILON, relu),
+                             x, scale, bias, g)
+    want = batch_norm_and_vjp(xla_batch_norm(relu), x, scale, bias, g)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2.0 ** -7
+    for name, a, b in zip(('y', 'mean', 'var', 'dx', 'dscale', 'dbias'), got, want):
+        assert a.dtype == b.dtype, name
+        assert relative_error(a, b) < tolerance, name
+    if relu:   # the case is one where the mask matters
+        assert 0.3 < np.mean(np.asarray(got[0], np.float32) == 0) < 0.7
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_add_relu_is_xlas_exactly(dtype):
+    """relu(a + b) and its gradient: one rounding of a float32 sum either way, so exact."""
+    rng = np.random.default_rng(5)
+    a, b, g = (jnp.asarray(rng.normal(size=(2, 6, 5, 24)), dtype) for _ in range(3))
+    results = []
+    for add_relu in (onednn.onednn_add_relu, lambda a, b: jax.nn.relu(a + b)):
+        y, vjp = jax.vjp(add_relu, a, b)
+        results.append((y, *vjp(g)))
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def away_from_zero(path, param):
+    name = jax.tree_util.keystr(path)
+    if 'scale' in name:
+        return jnp.linspace(0.5, 1.5, param.size)
+    return jnp.linspace(-0.2, 0.2, param.size) if 'bias' in name else param
+
+
 def test_resnet_matches_im2col_features_and_parameter_gradients():
     """resnet_tiny at 32 px (maps 16 -> 8 -> 8, 4, 2, 1: the stem, pool, strided, 1x1 and
-    smaller-than-kernel convolutions, and the training-mode batch norms) in float32, same
-    parameters and batch."""
+    smaller-than-kernel convolutions, the training-mode batch norms with their fused ReLUs,
+    the residual add-ReLUs) in float32, same parameters and batch."""
     images = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3))
     weights = jnp.linspace(-1.0, 1.0, 64)
     results = {}
     for impl in ('im2col', 'onednn'):
         net = ResNetTiny(conv_impl=impl)
         variables = net.init(jax.random.PRNGKey(0), images, train=False)
+        # Scales away from zero_init's 0 and biases away from 0: gradients then flow through
+        # every block's batch norms and ReLUs (a zero scale would block them).
+        variables = {**variables, 'params': jax.tree_util.tree_map_with_path(
+            away_from_zero, variables['params'])}
 
         def loss(params, net=net, variables=variables):
             features, updated = net.apply({**variables, 'params': params}, images, train=True,
@@ -187,7 +249,9 @@ def test_resnet_matches_im2col_features_and_parameter_gradients():
         results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
     ((_, (want_features, want_stats)), want_grads), ((_, (features, stats)), grads) = (
         results['im2col'], results['onednn'])
-    # float32 sums in other orders (oneDNN's batch norm statistics too): ~1e-6 of the largest.
+    # float32 sums in other orders (oneDNN's batch norm statistics too), through a network:
+    # ~1e-6 of the largest feature; gradients to ~2e-5 of their tensor's largest, 2e-3 of
+    # themselves (batch norms over 4 values at layer4's 1x1 maps amplify the differences).
     assert relative_error(features, want_features) < 1e-5
     # The running statistics from oneDNN's batch mean and biased variance (made unbiased).
     for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats)):
@@ -195,8 +259,8 @@ def test_resnet_matches_im2col_features_and_parameter_gradients():
     assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
     for path, got, want in zip(jax.tree_util.tree_leaves_with_path(grads),
                                jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(got, want, rtol=1e-3,
-                                   atol=1e-5 * float(jnp.max(jnp.abs(want))) + 1e-7,
+        np.testing.assert_allclose(got, want, rtol=5e-3,
+                                   atol=5e-5 * float(jnp.max(jnp.abs(want))) + 1e-7,
                                    err_msg=jax.tree_util.keystr(path[0]))
 
 
@@ -248,12 +312,16 @@ def test_a_failing_build_is_one_line_and_leaves_no_library(monkeypatch, fresh_lo
 def test_library_name_follows_the_kernel_source(monkeypatch, fresh_load):
     prefix = onednn._onednn_prefix()
     before = onednn._library_path(prefix)
-    edited = fresh_load / 'onednn_conv.cc'
-    with open(onednn._SOURCE) as f:
-        edited.write_text(f.read() + '\n// edited\n')
-    monkeypatch.setattr(onednn, '_SOURCE', str(edited))
-    # An edited kernel is built afresh, never mistaken for the old build.
-    assert onednn._library_path(prefix) != before
+    # An edit to any of its sources (the shared header too) builds the kernel afresh,
+    # never mistaken for the old build.
+    for index, source in enumerate(onednn._SOURCES):
+        edited = fresh_load / os.path.basename(source)
+        with open(source) as f:
+            edited.write_text(f.read() + '\n// edited\n')
+        sources = list(onednn._SOURCES)
+        sources[index] = str(edited)
+        monkeypatch.setattr(onednn, '_SOURCES', tuple(sources))
+        assert onednn._library_path(prefix) != before
 
 
 LOAD_AND_RUN = textwrap.dedent("""

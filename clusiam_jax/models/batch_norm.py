@@ -57,6 +57,7 @@ class BatchNorm(nn.Module):
     affine: bool = True      # scale and bias
     zero_init: bool = False  # the scale starts at 0 (a residual block's last BN)
     conv_impl: str = 'xla'   # 'onednn' (or 'auto' resolving to it): oneDNN's kernel (4-D)
+    relu: bool = False       # a ReLU after (in oneDNN's kernel, the same pass)
 
     @nn.compact
     def __call__(self, x):
@@ -72,15 +73,16 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             y = ((x.astype(jnp.float32) - running_mean.value)
                  * jax.lax.rsqrt(running_var.value + BN_EPSILON))
-            return (y * scale + bias).astype(self.dtype)
+            return self._activate((y * scale + bias).astype(self.dtype))
         if x.ndim == 4 and resolve_conv_impl(self.conv_impl, self.dtype) == 'onednn':
             y, mean, var = onednn.onednn_batch_norm(x.astype(self.dtype), scale, bias,
-                                                    BN_EPSILON)
+                                                    BN_EPSILON, self.relu)
             mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         else:
             # The normalization's statistics (XLA computes them once), without gradient.
             mean, var = batch_moments(jax.lax.stop_gradient(x).astype(jnp.float32), axes)
-            y = normalize_with_batch_stats(x, scale, bias, BN_EPSILON, self.dtype)
+            y = self._activate(normalize_with_batch_stats(x, scale, bias, BN_EPSILON,
+                                                          self.dtype))
         if not self.is_initializing():
             n = x.size // features
             unbiased = var * (n / max(n - 1, 1))
@@ -89,7 +91,10 @@ class BatchNorm(nn.Module):
             running_var.value = m * running_var.value + (1 - m) * unbiased
         return y
 
+    def _activate(self, y):
+        return jax.nn.relu(y) if self.relu else y
+
 
 def batch_norm(train: bool, dtype: Any, name: str, zero_init: bool = False,
-               affine: bool = True, conv_impl: str = 'xla') -> BatchNorm:
-    return BatchNorm(not train, dtype, affine, zero_init, conv_impl, name=name)
+               affine: bool = True, conv_impl: str = 'xla', relu: bool = False) -> BatchNorm:
+    return BatchNorm(not train, dtype, affine, zero_init, conv_impl, relu, name=name)

@@ -1,10 +1,13 @@
-"""oneDNN convolutions for XLA:CPU (`model.conv_impl=onednn`): the model's NHWC x HWIO
-convolutions as custom calls into oneDNN, the library behind PyTorch's CPU autocast.
+"""oneDNN kernels for XLA:CPU (`model.conv_impl=onednn`): the ResNet's NHWC x HWIO
+convolutions, max pool, training-mode batch norms (with the ReLU after them fused in) and
+residual add-ReLUs as custom calls into oneDNN, the library behind PyTorch's CPU autocast.
 
 Why: jaxlib's XLA:CPU turns each bfloat16 convolution into a float32 one, so bf16 never
 reaches the CPU's bf16 matrix units (AMX); oneDNN runs bf16 there and float32 on its own
-AVX-512 kernels. The kernel (onednn_conv.cc, shipped in the package) is compiled on first
-use with the system's C++ compiler against jaxlib's FFI headers and the oneDNN wheel
+AVX-512 kernels, and its element-wise passes in bf16 were several times faster than
+XLA:CPU's. The kernel (onednn_common.h, onednn_conv.cc, onednn_norm.cc, shipped in the
+package) is compiled on first use with the system's C++ compiler against jaxlib's FFI
+headers and the oneDNN wheel
 (requirements.txt), into `$XDG_CACHE_HOME/clusiam_jax/onednn/`, once per source, jaxlib
 and oneDNN version. Gradients: the input gradient in the activations' dtype, the kernel
 gradient accumulated and returned in float32 then cast to the kernel's dtype (as XLA's).
@@ -26,14 +29,19 @@ import numpy as np
 from clusiam_jax import fileio
 from clusiam_jax.errors import ConfigError
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_conv.cc')
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The kernel's sources: the shared header, the convolutions and pooling, the normalization.
+_SOURCES = tuple(os.path.join(_HERE, name)
+                 for name in ('onednn_common.h', 'onednn_conv.cc', 'onednn_norm.cc'))
 _TARGETS = {'clusiam_onednn_conv_forward': 'ClusiamConvForward',
             'clusiam_onednn_conv_backward_data': 'ClusiamConvBackwardData',
             'clusiam_onednn_conv_backward_weights': 'ClusiamConvBackwardWeights',
             'clusiam_onednn_max_pool_forward': 'ClusiamMaxPoolForward',
             'clusiam_onednn_max_pool_backward': 'ClusiamMaxPoolBackward',
             'clusiam_onednn_batch_norm_forward': 'ClusiamBatchNormForward',
-            'clusiam_onednn_batch_norm_backward': 'ClusiamBatchNormBackward'}
+            'clusiam_onednn_batch_norm_backward': 'ClusiamBatchNormBackward',
+            'clusiam_onednn_add_relu_forward': 'ClusiamAddReluForward',
+            'clusiam_onednn_add_relu_backward': 'ClusiamAddReluBackward'}
 _lock = threading.Lock()
 _loaded = []
 # oneDNN's OpenMP threads per call, the usable cores by default. oneDNN's threads wait for
@@ -121,8 +129,10 @@ def _library_dir(prefix):
 def _library_path(prefix):
     """The cached kernel's path: named by the source, jax, and the oneDNN library file
     (size and time: the wheel's libdnnl.so files are copies, not links to a versioned one)."""
-    with open(_SOURCE, 'rb') as f:
-        digest = hashlib.sha256(f.read())
+    digest = hashlib.sha256()
+    for source in _SOURCES:
+        with open(source, 'rb') as f:
+            digest.update(f.read())
     digest.update(jax.__version__.encode())
     library = os.stat(os.path.join(_library_dir(prefix), 'libdnnl.so'))
     digest.update(f'{library.st_size}:{library.st_mtime_ns}'.encode())
@@ -143,7 +153,8 @@ def _compile(prefix, target):
     with fileio.atomic_write(target) as tmp:
         command = [os.environ.get('CXX', 'g++'), '-O2', '-std=c++17', '-shared', '-fPIC',
                    '-fopenmp', '-w', f'-I{jax.ffi.include_dir()}',
-                   f'-I{os.path.join(prefix, "include")}', _SOURCE,
+                   f'-I{os.path.join(prefix, "include")}',
+                   *(source for source in _SOURCES if source.endswith('.cc')),
                    f'-L{_library_dir(prefix)}', '-ldnnl', f'-Wl,-rpath,{_library_dir(prefix)}',
                    '-o', tmp]
         done = subprocess.run(command, capture_output=True, text=True)
@@ -248,34 +259,80 @@ def _pool_backward(window, strides, padding, x, g):
 onednn_max_pool.defvjp(_pool_forward, _pool_backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def onednn_batch_norm(x, scale, bias, epsilon):
-    """(batch-normalized NHWC x * scale + bias in x's dtype, the batch's float32 mean and
-    biased variance) by oneDNN; the statistics are for the running averages (no gradient
-    flows back through them)."""
+def _workspace_bytes(shape, dtype):
+    """The bytes oneDNN's batch norm with a fused ReLU keeps for its backward (asked of the
+    library: a bit per element on its CPU kernels, but that is its choice)."""
+    function = _loaded[0].ClusiamBnReluWorkspaceBytes
+    function.restype = ctypes.c_int64
+    size = function(*(ctypes.c_int64(v) for v in shape),
+                    ctypes.c_int64(int(jnp.dtype(dtype) == jnp.bfloat16)))
+    if size < 0:
+        raise ValueError(f'oneDNN has no fused batch norm + ReLU for {dtype} {shape}')
+    return size
+
+
+def _bn_call(target, outputs, *operands, epsilon, relu):
+    return jax.ffi.ffi_call(target, outputs)(
+        *operands, epsilon=np.float32(epsilon), relu=np.int64(relu), threads=np.int64(_threads()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def onednn_batch_norm(x, scale, bias, epsilon, relu=False):
+    """(batch-normalized NHWC x * scale + bias in x's dtype, through a ReLU in the same pass
+    if `relu`; the batch's float32 mean and biased variance) by oneDNN; the statistics are
+    for the running averages (no gradient flows back through them)."""
+    return _bn_forward(x, scale, bias, epsilon, relu)[0]
+
+
+def _bn_forward(x, scale, bias, epsilon, relu):
     load()
     channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-    return jax.ffi.ffi_call('clusiam_onednn_batch_norm_forward',
-                            (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels))(
-        x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=np.float32(epsilon),
-        threads=np.int64(_threads()))
+    workspace = jax.ShapeDtypeStruct((_workspace_bytes(x.shape, x.dtype) if relu else 0,),
+                                     jnp.uint8)
+    y, mean, var, mask = _bn_call(
+        'clusiam_onednn_batch_norm_forward',
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels, workspace),
+        x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=epsilon, relu=relu)
+    return (y, mean, var), (x, scale, mean, var, mask)
 
 
-def _bn_forward(x, scale, bias, epsilon):
-    y, mean, var = onednn_batch_norm(x, scale, bias, epsilon)
-    return (y, mean, var), (x, scale, mean, var)
-
-
-def _bn_backward(epsilon, residuals, cotangents):
-    x, scale, mean, var = residuals
-    g = cotangents[0]
+def _bn_backward(epsilon, relu, residuals, cotangents):
+    x, scale, mean, var, mask = residuals
     channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-    dx, dscale, dbias = jax.ffi.ffi_call(
+    dx, dscale, dbias = _bn_call(
         'clusiam_onednn_batch_norm_backward',
-        (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels))(
-        x, g.astype(x.dtype), scale.astype(jnp.float32), mean, var,
-        epsilon=np.float32(epsilon), threads=np.int64(_threads()))
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels),
+        x, cotangents[0].astype(x.dtype), scale.astype(jnp.float32), mean, var, mask,
+        epsilon=epsilon, relu=relu)
     return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
 onednn_batch_norm.defvjp(_bn_forward, _bn_backward)
+
+
+@jax.custom_vjp
+def onednn_add_relu(a, b):
+    """relu(a + b) (NHWC, one shape and dtype) in one pass by oneDNN: a residual block's
+    ending."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f'onednn_add_relu: {a.dtype}{list(a.shape)} and '
+                         f'{b.dtype}{list(b.shape)} differ')
+    load()
+    return jax.ffi.ffi_call('clusiam_onednn_add_relu_forward',
+                            jax.ShapeDtypeStruct(a.shape, a.dtype))(
+        a, b, threads=np.int64(_threads()))
+
+
+def _add_relu_forward(a, b):
+    out = onednn_add_relu(a, b)
+    return out, out
+
+
+def _add_relu_backward(out, g):
+    dz = jax.ffi.ffi_call('clusiam_onednn_add_relu_backward',
+                          jax.ShapeDtypeStruct(out.shape, out.dtype))(
+        out, g.astype(out.dtype), threads=np.int64(_threads()))
+    return dz, dz
+
+
+onednn_add_relu.defvjp(_add_relu_forward, _add_relu_backward)

@@ -7,56 +7,10 @@
 // bfloat16. Kernels enter in any layout oneDNN likes (format `any`, reordered from and
 // to HWIO), activations stay NHWC (no reorder). Primitives are built once per shape and
 // kept: building one costs more than running a small one.
-#include <condition_variable>
-#include <cstdint>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <future>
-#include <map>
-#include <memory>
-#include <mutex>
-#include <string>
-#include <thread>
-#include <tuple>
-#include <vector>
+#include "onednn_common.h"
 
-#include <omp.h>
-
-#include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
-using dnnl::memory;
-using Dims = memory::dims;
-using Tag = memory::format_tag;
-
+namespace clusiam_onednn {
 namespace {
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
-memory::data_type DnnlType(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32: return memory::data_type::f32;
-    case ffi::DataType::BF16: return memory::data_type::bf16;
-    default: return memory::data_type::undef;
-  }
-}
-
-// One convolution's geometry in oneDNN's logical order (N, C, H, W) / (O, I, KH, KW).
-struct Geometry {
-  Dims src, wei, dst, strides, pad_l, pad_r;
-  memory::data_type type;
-  std::string Key(const char* kind) const {
-    std::string key(kind);
-    for (const Dims* d : {&src, &wei, &dst, &strides, &pad_l, &pad_r})
-      for (auto v : *d) key += "," + std::to_string(v);
-    return key + ":" + std::to_string(static_cast<int>(type));
-  }
-};
 
 // x: NHWC, w: HWIO, y: NHWC buffers' dimensions.
 Geometry Describe(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
@@ -67,7 +21,6 @@ Geometry Describe(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                   DnnlType(type)};
 }
 
-memory::desc Nhwc(const Dims& d, memory::data_type t) { return memory::desc(d, t, Tag::nhwc); }
 memory::desc Any(const Dims& d, memory::data_type t) { return memory::desc(d, t, Tag::any); }
 memory::desc Hwio(const Dims& d, memory::data_type t) { return memory::desc(d, t, Tag::hwio); }
 
@@ -76,30 +29,6 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
       Nhwc(g.src, g.type), Any(g.wei, g.type), Nhwc(g.dst, g.type), g.strides, g.pad_l,
       g.pad_r);
-}
-
-// A primitive with the kernel-side reorder it needs (none when oneDNN takes HWIO).
-struct Plan {
-  dnnl::primitive conv;      // the convolution (or pooling) primitive
-  memory::desc kernel_desc;  // the layout it wants for the kernel (pooling: its workspace)
-  std::unique_ptr<dnnl::reorder> kernel_reorder;
-};
-
-std::mutex plans_mutex;
-std::map<std::string, std::shared_ptr<Plan>> plans;
-// The OpenMP threads of the call being run: a primitive keeps the team size it was
-// built for, so the threads are part of its key.
-int current_threads = 1;
-
-template <typename Build>
-std::shared_ptr<Plan> Cached(const std::string& key, Build build) {
-  std::lock_guard<std::mutex> lock(plans_mutex);
-  const std::string full_key = key + ":t" + std::to_string(current_threads);
-  auto found = plans.find(full_key);
-  if (found != plans.end()) return found->second;
-  auto plan = std::make_shared<Plan>(build());
-  plans[full_key] = plan;
-  return plan;
 }
 
 // The kernel in `plan`'s layout: a reorder of `user` (HWIO) into a scratch buffer, or
@@ -122,73 +51,6 @@ Plan WithReorder(dnnl::primitive conv, const memory::desc& wanted, const memory:
               Engine(), user, Engine(), wanted));
   }
   return plan;
-}
-
-ffi::Error Checked(ffi::DataType type, const char* what) {
-  if (DnnlType(type) == memory::data_type::undef)
-    return ffi::Error::InvalidArgument(std::string(what) + ": float32 or bfloat16 only");
-  return ffi::Error::Success();
-}
-
-// One thread runs every oneDNN call, with its OpenMP team of `threads`: XLA:CPU calls
-// from several pool threads at once, and OpenMP teams started from several of them
-// deadlocked on a 2-core machine; XLA's calling thread sleeps until the call is done.
-class Runner {
- public:
-  Runner() : worker_([this] { Loop(); }) {}
-  void Run(int threads, const std::function<void()>& job) {
-    std::promise<void> done;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      queue_.push_back([&] {
-        omp_set_num_threads(threads);
-        current_threads = threads;
-        try {
-          job();
-          done.set_value();
-        } catch (...) {
-          done.set_exception(std::current_exception());
-        }
-      });
-    }
-    wake_.notify_one();
-    done.get_future().get();
-  }
-
- private:
-  void Loop() {
-    for (;;) {
-      std::function<void()> job;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [this] { return !queue_.empty(); });
-        job = std::move(queue_.front());
-        queue_.pop_front();
-      }
-      job();
-    }
-  }
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::deque<std::function<void()>> queue_;
-  std::thread worker_;
-};
-
-Runner& TheRunner() {
-  static Runner* runner = new Runner();  // never destroyed: its thread lives to exit
-  return *runner;
-}
-
-template <typename F>
-ffi::Error Guarded(int64_t threads, F body) {
-  try {
-    TheRunner().Run(static_cast<int>(threads), body);
-    return ffi::Error::Success();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
-  }
 }
 
 // An NHWC activation buffer and the primitive argument it is.
@@ -305,8 +167,6 @@ dnnl::pooling_forward::primitive_desc PoolDesc(const Dims& src, const Dims& dst,
       Nhwc(src, type), Nhwc(dst, type), strides, kernel, Dims{0, 0}, pad_l, pad_r);
 }
 
-Dims Nchw(ffi::Span<const int64_t> nhwc) { return {nhwc[0], nhwc[3], nhwc[1], nhwc[2]}; }
-
 // y = the maximum over each window of x.
 ffi::Error PoolForwardImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t kh,
                            int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
@@ -369,99 +229,15 @@ template <typename Binding>
 auto WithWindow(Binding binding) {
   return WithGeometry(std::move(binding).template Attr<int64_t>("kh").template Attr<int64_t>("kw"));
 }
-
-// Batch normalization in training mode with float32 scale, shift and statistics, the
-// activations in their dtype (NHWC): the biased batch mean and variance come back for
-// the running statistics.
-const auto kBnFlags =
-    dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
-
-dnnl::batch_normalization_forward::primitive_desc BnDesc(const Dims& src,
-                                                         memory::data_type type,
-                                                         float epsilon) {
-  return dnnl::batch_normalization_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, Nhwc(src, type), Nhwc(src, type), epsilon,
-      kBnFlags);
-}
-
-memory Channels(ffi::AnyBuffer buffer) {
-  return memory(memory::desc({buffer.dimensions()[0]}, memory::data_type::f32, Tag::a),
-                Engine(), buffer.untyped_data());
-}
-
-memory Channels(ffi::Result<ffi::AnyBuffer>& buffer) {
-  return memory(memory::desc({buffer->dimensions()[0]}, memory::data_type::f32, Tag::a),
-                Engine(), buffer->untyped_data());
-}
-
-std::string BnKey(const char* kind, const Dims& src, memory::data_type type, float epsilon) {
-  uint32_t bits;
-  std::memcpy(&bits, &epsilon, sizeof bits);  // every epsilon its own key
-  return Geometry{src, {}, {}, {}, {}, {}, type}.Key(kind) + ":" + std::to_string(bits);
-}
-
-// (y, mean, variance) = batch_norm(x; scale, shift).
-ffi::Error BnForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer shift,
-                         ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> mean,
-                         ffi::Result<ffi::AnyBuffer> variance, float epsilon,
-                         int64_t threads) {
-  if (auto e = Checked(x.element_type(), "oneDNN batch norm"); e.failure()) return e;
-  Dims src = Nchw(x.dimensions());
-  auto type = DnnlType(x.element_type());
-  return Guarded(threads, [&] {
-    auto plan = Cached(BnKey("bn_fwd", src, type, epsilon), [&] {
-      return Plan{dnnl::batch_normalization_forward(BnDesc(src, type, epsilon)), {}, nullptr};
-    });
-    dnnl::stream stream(Engine());
-    memory in(Nhwc(src, type), Engine(), x.untyped_data());
-    memory out(Nhwc(src, type), Engine(), y->untyped_data());
-    plan->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out},
-                                {DNNL_ARG_SCALE, Channels(scale)},
-                                {DNNL_ARG_SHIFT, Channels(shift)},
-                                {DNNL_ARG_MEAN, Channels(mean)},
-                                {DNNL_ARG_VARIANCE, Channels(variance)}});
-    stream.wait();
-  });
-}
-
-// (dx, dscale, dshift) of batch_norm at x, the batch's statistics included in dx.
-ffi::Error BnBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer scale,
-                          ffi::AnyBuffer mean, ffi::AnyBuffer variance,
-                          ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
-                          ffi::Result<ffi::AnyBuffer> dshift, float epsilon,
-                          int64_t threads) {
-  if (auto e = Checked(x.element_type(), "oneDNN batch norm"); e.failure()) return e;
-  Dims src = Nchw(x.dimensions());
-  auto type = DnnlType(x.element_type());
-  return Guarded(threads, [&] {
-    auto plan = Cached(BnKey("bn_bwd", src, type, epsilon), [&] {
-      auto pd = dnnl::batch_normalization_backward::primitive_desc(
-          Engine(), dnnl::prop_kind::backward, Nhwc(src, type), Nhwc(src, type),
-          Nhwc(src, type), epsilon, kBnFlags, BnDesc(src, type, epsilon));
-      return Plan{dnnl::batch_normalization_backward(pd), {}, nullptr};
-    });
-    dnnl::stream stream(Engine());
-    memory in(Nhwc(src, type), Engine(), x.untyped_data());
-    memory diff_dst(Nhwc(src, type), Engine(), dy.untyped_data());
-    memory diff_src(Nhwc(src, type), Engine(), dx->untyped_data());
-    plan->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DIFF_DST, diff_dst},
-                                {DNNL_ARG_SCALE, Channels(scale)},
-                                {DNNL_ARG_MEAN, Channels(mean)},
-                                {DNNL_ARG_VARIANCE, Channels(variance)},
-                                {DNNL_ARG_DIFF_SRC, diff_src},
-                                {DNNL_ARG_DIFF_SCALE, Channels(dscale)},
-                                {DNNL_ARG_DIFF_SHIFT, Channels(dshift)}});
-    stream.wait();
-  });
-}
-
 // The convolutions' signature: two NHWC/HWIO buffers in, one out, the geometry.
 auto ConvBinding() {
   return WithGeometry(
       ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 }
-
 }  // namespace
+}  // namespace clusiam_onednn
+
+using namespace clusiam_onednn;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvForward, ConvForwardImpl,
                               ConvBinding());
@@ -478,25 +254,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamMaxPoolBackward, PoolBackwardImpl,
                                              .Arg<ffi::AnyBuffer>()
                                              .Arg<ffi::AnyBuffer>()
                                              .Ret<ffi::AnyBuffer>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamBatchNormForward, BnForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int64_t>("threads"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamBatchNormBackward, BnBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int64_t>("threads"));

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clusiam_jax.models.batch_norm import batch_norm
-from clusiam_jax.models.conv import flax_conv_fn, max_pool
+from clusiam_jax.models.conv import add_relu, flax_conv_fn, max_pool
 
 # kaiming_normal_(mode='fan_out', nonlinearity='relu'): an untruncated normal.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -38,12 +38,12 @@ class BasicBlock(nn.Module):
             last = i == len(layers)
             y = conv(out_features if last else self.features, kernel, stride, self.dtype,
                      self.conv_impl, f'conv{i}')(y)
-            y = batch_norm(train, self.dtype, f'bn{i}', zero_init=last, conv_impl=self.conv_impl)(y)
-            y = y if last else nn.relu(y)
+            y = batch_norm(train, self.dtype, f'bn{i}', zero_init=last, conv_impl=self.conv_impl,
+                           relu=not last)(y)
         if self.stride != 1 or x.shape[-1] != out_features:
             x = conv(out_features, 1, self.stride, self.dtype, self.conv_impl, 'downsample_conv')(x)
             x = batch_norm(train, self.dtype, 'downsample_bn', conv_impl=self.conv_impl)(x)
-        return nn.relu(y + x)
+        return add_relu(y, x, self.conv_impl)
 
 
 Bottleneck = partial(BasicBlock, bottleneck=True)
@@ -60,7 +60,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         x = conv(self.width, 7, 2, self.dtype, self.conv_impl, 'conv1')(x.astype(self.dtype))
-        x = nn.relu(batch_norm(train, self.dtype, 'bn1', conv_impl=self.conv_impl)(x))
+        x = batch_norm(train, self.dtype, 'bn1', conv_impl=self.conv_impl, relu=True)(x)
         x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), self.conv_impl)
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
