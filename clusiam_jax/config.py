@@ -362,11 +362,16 @@ def validate(config, num_devices: int = 1, check_data_path: bool = True):
 
 
 def _onednn_refusal(config, num_devices):
-    """Why an explicit model.conv_impl=onednn cannot run here (at start, not at the first
-    step's compile), or None. The check asks for JAX's backend, which starts it: the
-    processes of a distributed run must join first, so theirs waits for the loop's
-    validation after joining (train/loop.py)."""
-    if config.model.conv_impl != 'onednn':
+    """Why an explicit model.conv_impl=onednn cannot run here, or a bad thread count where
+    oneDNN may run (at start, not at the first step's compile), or None. The check asks
+    for JAX's backend, which starts it: the processes of a distributed run must join
+    first, so theirs waits for the loop's validation after joining (train/loop.py)."""
+    m = config.model
+    if m.conv_impl == 'onednn' or (m.conv_impl == 'auto' and m.dtype == 'bfloat16'):
+        problem = onednn.threads_env_problem()   # read wherever oneDNN may run
+        if problem:
+            return problem
+    if m.conv_impl != 'onednn':
         return None
     joining = config.train.distributed or os.environ.get('CLUSIAM_DISTRIBUTED') == '1'
     if joining and not jax.distributed.is_initialized():

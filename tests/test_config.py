@@ -146,3 +146,20 @@ def test_an_explicit_onednn_where_it_cannot_run_is_one_line_at_start(tmp_path, c
     c.train.distributed = False
     with pytest.raises(ConfigError, match='pip install onednn-cpu-gomp'):
         validate(c)
+
+
+@pytest.mark.parametrize('conv_impl,dtype,refused', [('onednn', 'float32', True),
+                                                     ('auto', 'bfloat16', True),
+                                                     ('auto', 'float32', False),
+                                                     ('im2col', 'bfloat16', False)])
+def test_a_bad_onednn_thread_count_is_refused_at_start_where_onednn_may_run(
+        tmp_path, monkeypatch, conv_impl, dtype, refused):
+    from clusiam_jax.models import onednn
+    monkeypatch.setenv(onednn.THREADS_ENV, 'two')
+    c = with_path(clusiam.get_config(), str(tmp_path))
+    c.model.conv_impl, c.model.dtype = conv_impl, dtype
+    if refused:
+        with pytest.raises(ConfigError, match=f"{onednn.THREADS_ENV}='two'"):
+            validate(c)
+    else:
+        validate(c)

@@ -360,6 +360,24 @@ def test_the_kernel_is_built_once_into_the_cache_and_reused(tmp_path):
     assert os.listdir(folder) == [os.path.basename(path)]
 
 
+@pytest.mark.parametrize('cpu_max,cap', [('50000 100000\n', 1), ('150000 100000\n', 2),
+                                         ('max 100000\n', None), ('garbled\n', None),
+                                         (None, None)])
+def test_the_default_thread_count_is_capped_by_a_cgroup_cpu_quota(monkeypatch, tmp_path,
+                                                                   cpu_max, cap):
+    """Affinity 4 cores; a cgroup v2 quota of 0.5 or 1.5 CPUs caps the team at 1 or 2;
+    no quota, an unreadable or missing file: the affinity."""
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv(onednn.THREADS_ENV, raising=False)
+    path = tmp_path / 'cpu.max'
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    monkeypatch.setattr(onednn, 'CGROUP_CPU_MAX', str(path))
+    assert onednn._threads() == (cap or 4)
+    monkeypatch.setenv(onednn.THREADS_ENV, '3')   # an explicit count wins
+    assert onednn._threads() == 3
+
+
 def test_auto_takes_onednn_for_bf16_only_with_amx_and_one_device(monkeypatch):
     """Without AMX oneDNN's bf16 convolution was slower than im2col (AVX-512) or absent
     (AVX2); on several devices each would compute the whole batch."""

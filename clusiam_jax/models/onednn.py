@@ -16,6 +16,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -49,6 +50,7 @@ _loaded = []
 # on a shared machine) a team's step can stall many times over (docs/benchmarks.md,
 # "bfloat16 on this CPU"): CLUSIAM_ONEDNN_THREADS=1 there.
 THREADS_ENV = 'CLUSIAM_ONEDNN_THREADS'
+CGROUP_CPU_MAX = '/sys/fs/cgroup/cpu.max'   # "quota period" or "max period" (cgroup v2)
 
 
 def _onednn_prefix():
@@ -184,13 +186,36 @@ def load():
         _loaded.append(library)
 
 
-def _threads():
+def threads_env_problem():
+    """What is wrong with CLUSIAM_ONEDNN_THREADS (one line), or None: checked at start
+    (config.validate) rather than at the first step's compile."""
     value = os.environ.get(THREADS_ENV)
-    if value is None:
-        return len(os.sched_getaffinity(0))
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f'{THREADS_ENV}={value!r}: a whole number of threads >= 1')
-    return int(value)
+    if value is not None and (not value.isdigit() or int(value) < 1):
+        return f'{THREADS_ENV}={value!r}: a whole number of threads >= 1'
+    return None
+
+
+def usable_cores():
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (containers are often limited by quota, not affinity, and oneDNN's spinning threads
+    stall when they outnumber the cores they get)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        with open(CGROUP_CPU_MAX, encoding='ascii') as f:
+            quota, period = f.read().split()[:2]
+        if quota != 'max':
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):   # no cgroup v2 file, or one this cannot read
+        pass
+    return cores
+
+
+def _threads():
+    problem = threads_env_problem()
+    if problem:
+        raise ConfigError(problem)
+    value = os.environ.get(THREADS_ENV)
+    return usable_cores() if value is None else int(value)
 
 
 def _attributes(strides, padding):
