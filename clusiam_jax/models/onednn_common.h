@@ -152,6 +152,28 @@ ffi::Error Guarded(int64_t threads, F body) {
   }
 }
 
+// An FFI binding with N (>= 1) more buffer arguments / results: the handlers' signatures
+// (a binding cannot be copied or moved, only extended, hence no N = 0).
+template <int N, typename Binding>
+auto Args(Binding binding) {
+  static_assert(N >= 1);
+  if constexpr (N == 1) {
+    return std::move(binding).template Arg<ffi::AnyBuffer>();
+  } else {
+    return Args<N - 1>(std::move(binding).template Arg<ffi::AnyBuffer>());
+  }
+}
+
+template <int N, typename Binding>
+auto Rets(Binding binding) {
+  static_assert(N >= 1);
+  if constexpr (N == 1) {
+    return std::move(binding).template Ret<ffi::AnyBuffer>();
+  } else {
+    return Rets<N - 1>(std::move(binding).template Ret<ffi::AnyBuffer>());
+  }
+}
+
 }  // namespace clusiam_onednn
 
 #endif  // CLUSIAM_JAX_MODELS_ONEDNN_COMMON_H_

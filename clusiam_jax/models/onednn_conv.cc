@@ -176,9 +176,10 @@ ffi::Error PoolForwardImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int6
   auto type = DnnlType(x.element_type());
   return Guarded(threads, [&] {
     auto pd = PoolDesc(src, dst, type, {kh, kw}, {sh, sw}, {pt, pl}, {pb, pr});
-    auto plan = Cached(Geometry{src, {kh, kw}, dst, {sh, sw}, {pt, pl}, {pb, pr}, type}
-                           .Key("pool_fwd"),
-                       [&] { return Plan{dnnl::pooling_forward(pd), pd.workspace_desc(), nullptr}; });
+    Geometry g{src, {kh, kw}, dst, {sh, sw}, {pt, pl}, {pb, pr}, type};
+    auto plan = Cached(g.Key("pool_fwd"), [&] {
+      return Plan{dnnl::pooling_forward(pd), pd.workspace_desc(), nullptr};
+    });
     dnnl::stream stream(Engine());
     memory in(Nhwc(src, type), Engine(), x.untyped_data());
     memory out(Nhwc(dst, type), Engine(), y->untyped_data());
@@ -229,28 +230,20 @@ template <typename Binding>
 auto WithWindow(Binding binding) {
   return WithGeometry(std::move(binding).template Attr<int64_t>("kh").template Attr<int64_t>("kw"));
 }
+
 // The convolutions' signature: two NHWC/HWIO buffers in, one out, the geometry.
-auto ConvBinding() {
-  return WithGeometry(
-      ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-}
+auto ConvBinding() { return WithGeometry(Rets<1>(Args<2>(ffi::Ffi::Bind()))); }
+
 }  // namespace
 }  // namespace clusiam_onednn
 
 using namespace clusiam_onednn;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvForward, ConvForwardImpl,
-                              ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvBackwardData, ConvBackwardDataImpl,
-                              ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvForward, ConvForwardImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvBackwardData, ConvBackwardDataImpl, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamConvBackwardWeights, ConvBackwardWeightsImpl,
                               ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamMaxPoolForward, PoolForwardImpl,
-                              WithWindow(ffi::Ffi::Bind()
-                                             .Arg<ffi::AnyBuffer>()
-                                             .Ret<ffi::AnyBuffer>()));
+                              WithWindow(Rets<1>(Args<1>(ffi::Ffi::Bind()))));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamMaxPoolBackward, PoolBackwardImpl,
-                              WithWindow(ffi::Ffi::Bind()
-                                             .Arg<ffi::AnyBuffer>()
-                                             .Arg<ffi::AnyBuffer>()
-                                             .Ret<ffi::AnyBuffer>()));
+                              WithWindow(Rets<1>(Args<2>(ffi::Ffi::Bind()))));

@@ -1,8 +1,9 @@
 // Batch normalization (training mode, with the ReLU after it fused in) and a residual
 // block's add + ReLU as XLA:CPU custom calls into oneDNN, beside its convolutions
 // (onednn_conv.cc): XLA:CPU's own bf16 element-wise passes between the convolutions were
-// several times slower than oneDNN's, a fifth of a bf16 training step.
+// several times slower than oneDNN's (docs/benchmarks.md, "bfloat16 on this CPU").
 #include <cstring>
+#include <stdexcept>
 #include <unordered_map>
 
 #include "onednn_common.h"
@@ -14,7 +15,7 @@ namespace {
 // activations in their dtype (NHWC): the biased batch mean and variance come back for
 // the running statistics. With `relu` the ReLU that follows is applied in the same pass
 // (oneDNN's fuse_norm_relu), recording where the output is positive in a workspace the
-// backward reads: the network's separate ReLU passes were a fifth of a bf16 step.
+// backward reads instead of a separate ReLU pass and its gradient pass.
 dnnl::normalization_flags BnFlags(bool relu) {
   auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
   return relu ? flags | dnnl::normalization_flags::fuse_norm_relu : flags;
@@ -46,14 +47,18 @@ std::string BnKey(const char* kind, const Dims& src, memory::data_type type, flo
          (relu ? ":relu" : "");
 }
 
-// The workspace the fused ReLU needs, as a memory over `data` (an empty one without it);
-// the caller's buffer was sized by ClusiamBnReluWorkspaceBytes.
-ffi::Error Workspace(const Plan& plan, bool relu, size_t bytes, void* data, memory* out) {
-  if (!relu) return ffi::Error::Success();
-  if (bytes < plan.kernel_desc.get_size())
-    return ffi::Error::InvalidArgument("oneDNN batch norm: workspace too small");
-  *out = memory(plan.kernel_desc, Engine(), data);
-  return ffi::Error::Success();
+// Runs a batch-norm plan on `args`, with the fused ReLU's workspace over the caller's
+// buffer (sized by ClusiamBnReluWorkspaceBytes, checked against the plan's) if `relu`.
+void RunBn(const Plan& plan, bool relu, size_t workspace_bytes, void* workspace,
+           std::unordered_map<int, memory> args) {
+  if (relu) {
+    if (workspace_bytes < plan.kernel_desc.get_size())
+      throw std::invalid_argument("batch norm workspace too small");
+    args[DNNL_ARG_WORKSPACE] = memory(plan.kernel_desc, Engine(), workspace);
+  }
+  dnnl::stream stream(Engine());
+  plan.conv.execute(stream, args);
+  stream.wait();
 }
 
 std::shared_ptr<Plan> BnForwardPlan(const Dims& src, memory::data_type type, float epsilon,
@@ -73,24 +78,15 @@ ffi::Error BnForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer 
   if (auto e = Checked(x.element_type(), "oneDNN batch norm"); e.failure()) return e;
   Dims src = Nchw(x.dimensions());
   auto type = DnnlType(x.element_type());
-  ffi::Error status = ffi::Error::Success();
-  auto done = Guarded(threads, [&] {
+  return Guarded(threads, [&] {
     auto plan = BnForwardPlan(src, type, epsilon, relu != 0);
-    memory ws;
-    status = Workspace(*plan, relu != 0, workspace->size_bytes(), workspace->untyped_data(), &ws);
-    if (status.failure()) return;
-    dnnl::stream stream(Engine());
     memory in(Nhwc(src, type), Engine(), x.untyped_data());
     memory out(Nhwc(src, type), Engine(), y->untyped_data());
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out}, {DNNL_ARG_SCALE, Channels(scale)},
-        {DNNL_ARG_SHIFT, Channels(shift)}, {DNNL_ARG_MEAN, Channels(mean)},
-        {DNNL_ARG_VARIANCE, Channels(variance)}};
-    if (relu) args[DNNL_ARG_WORKSPACE] = ws;
-    plan->conv.execute(stream, args);
-    stream.wait();
+    RunBn(*plan, relu != 0, workspace->size_bytes(), workspace->untyped_data(),
+          {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out}, {DNNL_ARG_SCALE, Channels(scale)},
+           {DNNL_ARG_SHIFT, Channels(shift)}, {DNNL_ARG_MEAN, Channels(mean)},
+           {DNNL_ARG_VARIANCE, Channels(variance)}});
   });
-  return done.failure() ? done : status;
 }
 
 // (dx, dscale, dshift) of batch_norm (and the fused ReLU, from the workspace) at x, the
@@ -104,31 +100,22 @@ ffi::Error BnBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer sc
   if (auto e = Checked(x.element_type(), "oneDNN batch norm"); e.failure()) return e;
   Dims src = Nchw(x.dimensions());
   auto type = DnnlType(x.element_type());
-  ffi::Error status = ffi::Error::Success();
-  auto done = Guarded(threads, [&] {
+  return Guarded(threads, [&] {
     auto plan = Cached(BnKey("bn_bwd", src, type, epsilon, relu != 0), [&] {
       auto pd = dnnl::batch_normalization_backward::primitive_desc(
           Engine(), dnnl::prop_kind::backward, Nhwc(src, type), Nhwc(src, type),
           Nhwc(src, type), epsilon, BnFlags(relu != 0), BnDesc(src, type, epsilon, relu != 0));
       return Plan{dnnl::batch_normalization_backward(pd), pd.workspace_desc(), nullptr};
     });
-    memory ws;
-    status = Workspace(*plan, relu != 0, workspace.size_bytes(), workspace.untyped_data(), &ws);
-    if (status.failure()) return;
-    dnnl::stream stream(Engine());
     memory in(Nhwc(src, type), Engine(), x.untyped_data());
     memory diff_dst(Nhwc(src, type), Engine(), dy.untyped_data());
     memory diff_src(Nhwc(src, type), Engine(), dx->untyped_data());
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, in}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_SCALE, Channels(scale)},
-        {DNNL_ARG_MEAN, Channels(mean)}, {DNNL_ARG_VARIANCE, Channels(variance)},
-        {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_DIFF_SCALE, Channels(dscale)},
-        {DNNL_ARG_DIFF_SHIFT, Channels(dshift)}};
-    if (relu) args[DNNL_ARG_WORKSPACE] = ws;
-    plan->conv.execute(stream, args);
-    stream.wait();
+    RunBn(*plan, relu != 0, workspace.size_bytes(), workspace.untyped_data(),
+          {{DNNL_ARG_SRC, in}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_SCALE, Channels(scale)},
+           {DNNL_ARG_MEAN, Channels(mean)}, {DNNL_ARG_VARIANCE, Channels(variance)},
+           {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_DIFF_SCALE, Channels(dscale)},
+           {DNNL_ARG_DIFF_SHIFT, Channels(dshift)}});
   });
-  return done.failure() ? done : status;
 }
 
 // A residual block's ending, relu(a + b), in one pass (oneDNN's binary add with a ReLU
@@ -149,10 +136,11 @@ ffi::Error AddReluForwardImpl(ffi::AnyBuffer a, ffi::AnyBuffer b,
                                              Nhwc(dims, type), attr);
       return Plan{dnnl::binary(pd), {}, nullptr};
     });
+    auto at = [&](void* data) { return memory(Nhwc(dims, type), Engine(), data); };
     dnnl::stream stream(Engine());
-    plan->conv.execute(stream, {{DNNL_ARG_SRC_0, memory(Nhwc(dims, type), Engine(), a.untyped_data())},
-                                {DNNL_ARG_SRC_1, memory(Nhwc(dims, type), Engine(), b.untyped_data())},
-                                {DNNL_ARG_DST, memory(Nhwc(dims, type), Engine(), out->untyped_data())}});
+    plan->conv.execute(stream, {{DNNL_ARG_SRC_0, at(a.untyped_data())},
+                                {DNNL_ARG_SRC_1, at(b.untyped_data())},
+                                {DNNL_ARG_DST, at(out->untyped_data())}});
     stream.wait();
   });
 }
@@ -173,10 +161,11 @@ ffi::Error AddReluBackwardImpl(ffi::AnyBuffer out, ffi::AnyBuffer g,
                                                        0.f, 0.f, hint);
       return Plan{dnnl::eltwise_backward(pd), {}, nullptr};
     });
+    auto at = [&](void* data) { return memory(Nhwc(dims, type), Engine(), data); };
     dnnl::stream stream(Engine());
-    plan->conv.execute(stream, {{DNNL_ARG_DST, memory(Nhwc(dims, type), Engine(), out.untyped_data())},
-                                {DNNL_ARG_DIFF_DST, memory(Nhwc(dims, type), Engine(), g.untyped_data())},
-                                {DNNL_ARG_DIFF_SRC, memory(Nhwc(dims, type), Engine(), dz->untyped_data())}});
+    plan->conv.execute(stream, {{DNNL_ARG_DST, at(out.untyped_data())},
+                                {DNNL_ARG_DIFF_DST, at(g.untyped_data())},
+                                {DNNL_ARG_DIFF_SRC, at(dz->untyped_data())}});
     stream.wait();
   });
 }
@@ -186,44 +175,25 @@ ffi::Error AddReluBackwardImpl(ffi::AnyBuffer out, ffi::AnyBuffer g,
 
 using namespace clusiam_onednn;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamBatchNormForward, BnForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("threads"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamBatchNormBackward, BnBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("threads"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamAddReluForward, AddReluForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("threads"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamAddReluBackward, AddReluBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("threads"));
+// Batch norm: (x, scale, shift) -> (y, mean, variance, workspace); backward: (x, dy,
+// scale, mean, variance, workspace) -> (dx, dscale, dshift).
+template <int kArgs, int kRets>
+auto BnBinding() {
+  return Rets<kRets>(Args<kArgs>(ffi::Ffi::Bind()))
+      .template Attr<float>("epsilon")
+      .template Attr<int64_t>("relu")
+      .template Attr<int64_t>("threads");
+}
+
+// Add-ReLU: (a, b) -> out; backward: (out, g) -> dz.
+auto AddReluBinding() {
+  return Rets<1>(Args<2>(ffi::Ffi::Bind())).Attr<int64_t>("threads");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamBatchNormForward, BnForwardImpl, (BnBinding<3, 4>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamBatchNormBackward, BnBackwardImpl, (BnBinding<6, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamAddReluForward, AddReluForwardImpl, AddReluBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClusiamAddReluBackward, AddReluBackwardImpl, AddReluBinding());
 
 // The bytes of the workspace a fused batch norm + ReLU of NHWC dims (n, h, w, c) needs
 // (a bit per element on oneDNN 3.2's CPU kernels); -1 where oneDNN refuses the shape.
@@ -231,7 +201,8 @@ extern "C" int64_t ClusiamBnReluWorkspaceBytes(int64_t n, int64_t h, int64_t w, 
                                                int64_t bf16) {
   try {
     auto type = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
-    return static_cast<int64_t>(BnDesc({n, c, h, w}, type, 1e-5f, true).workspace_desc().get_size());
+    auto pd = BnDesc({n, c, h, w}, type, 1e-5f, true);
+    return static_cast<int64_t>(pd.workspace_desc().get_size());
   } catch (const std::exception&) {
     return -1;
   }
