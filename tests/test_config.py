@@ -158,6 +158,11 @@ def test_a_bad_onednn_thread_count_is_refused_at_start_where_onednn_may_run(
     monkeypatch.setenv(onednn.THREADS_ENV, 'two')
     c = with_path(clusiam.get_config(), str(tmp_path))
     c.model.conv_impl, c.model.dtype = conv_impl, dtype
+    if refused:   # a non-ASCII digit is one line too, not int()'s ValueError
+        monkeypatch.setenv(onednn.THREADS_ENV, '\u00b2')
+        with pytest.raises(ConfigError, match=onednn.THREADS_ENV):
+            validate(c)
+        monkeypatch.setenv(onednn.THREADS_ENV, 'two')
     if refused:
         with pytest.raises(ConfigError, match=f"{onednn.THREADS_ENV}='two'"):
             validate(c)

@@ -230,7 +230,7 @@ def test_resnet_matches_im2col_features_and_parameter_gradients():
     """resnet_tiny at 32 px (maps 16 -> 8 -> 8, 4, 2, 1: the stem, pool, strided, 1x1 and
     smaller-than-kernel convolutions, the training-mode batch norms with their fused ReLUs,
     the residual add-ReLUs) in float32, same parameters and batch."""
-    images = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3))
     weights = jnp.linspace(-1.0, 1.0, 64)
     results = {}
     for impl in ('im2col', 'onednn'):
@@ -250,8 +250,8 @@ def test_resnet_matches_im2col_features_and_parameter_gradients():
     ((_, (want_features, want_stats)), want_grads), ((_, (features, stats)), grads) = (
         results['im2col'], results['onednn'])
     # float32 sums in other orders (oneDNN's batch norm statistics too), through a network:
-    # ~1e-6 of the largest feature; gradients to ~2e-5 of their tensor's largest, 2e-3 of
-    # themselves (batch norms over 4 values at layer4's 1x1 maps amplify the differences).
+    # ~1e-6 of the largest feature. Batch 8: layer4's batch norms over 1x1 maps then see 8
+    # values (over 4 they amplified those differences past 1e-5, flags-dependent).
     assert relative_error(features, want_features) < 1e-5
     # The running statistics from oneDNN's batch mean and biased variance (made unbiased).
     for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats)):
@@ -259,8 +259,8 @@ def test_resnet_matches_im2col_features_and_parameter_gradients():
     assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
     for path, got, want in zip(jax.tree_util.tree_leaves_with_path(grads),
                                jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(got, want, rtol=5e-3,
-                                   atol=5e-5 * float(jnp.max(jnp.abs(want))) + 1e-7,
+        np.testing.assert_allclose(got, want, rtol=1e-3,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(want))) + 1e-7,
                                    err_msg=jax.tree_util.keystr(path[0]))
 
 
@@ -314,11 +314,12 @@ def test_library_name_follows_the_kernel_source(monkeypatch, fresh_load):
     before = onednn._library_path(prefix)
     # An edit to any of its sources (the shared header too) builds the kernel afresh,
     # never mistaken for the old build.
-    for index, source in enumerate(onednn._SOURCES):
+    original = onednn._SOURCES
+    for index, source in enumerate(original):
         edited = fresh_load / os.path.basename(source)
         with open(source) as f:
             edited.write_text(f.read() + '\n// edited\n')
-        sources = list(onednn._SOURCES)
+        sources = list(original)   # only this one edited
         sources[index] = str(edited)
         monkeypatch.setattr(onednn, '_SOURCES', tuple(sources))
         assert onednn._library_path(prefix) != before
@@ -360,19 +361,27 @@ def test_the_kernel_is_built_once_into_the_cache_and_reused(tmp_path):
     assert os.listdir(folder) == [os.path.basename(path)]
 
 
-@pytest.mark.parametrize('cpu_max,cap', [('50000 100000\n', 1), ('150000 100000\n', 2),
-                                         ('max 100000\n', None), ('garbled\n', None),
-                                         (None, None)])
-def test_the_default_thread_count_is_capped_by_a_cgroup_cpu_quota(monkeypatch, tmp_path,
-                                                                   cpu_max, cap):
-    """Affinity 4 cores; a cgroup v2 quota of 0.5 or 1.5 CPUs caps the team at 1 or 2;
-    no quota, an unreadable or missing file: the affinity."""
+@pytest.mark.parametrize('quotas,cap', [
+    ({'a/b': '50000 100000'}, 1),                            # half a CPU: one thread
+    ({'a/b': '150000 100000'}, 1),                           # 1.5: whole CPUs only
+    ({'a/b': '250000 100000'}, 2),
+    ({'a/b': 'max 100000', 'a': '250000 100000'}, 2),        # a parent's quota binds
+    ({'a/b': '300000 100000', 'a': 'max 100000', '': '100000 100000'}, 1),
+    ({'a/b': 'max 100000'}, None),                           # no quota: the affinity
+    ({'a/b': 'garbled'}, None),
+    ({}, None)])                                             # no cpu.max files at all
+def test_the_default_thread_count_is_capped_by_cgroup_cpu_quotas(monkeypatch, tmp_path,
+                                                                 quotas, cap):
+    """Affinity 4 cores, the process in cgroup /a/b: the least whole-CPU quota along the
+    path caps the team."""
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})
     monkeypatch.delenv(onednn.THREADS_ENV, raising=False)
-    path = tmp_path / 'cpu.max'
-    if cpu_max is not None:
-        path.write_text(cpu_max)
-    monkeypatch.setattr(onednn, 'CGROUP_CPU_MAX', str(path))
+    (tmp_path / 'proc_cgroup').write_text('0::/a/b\n')
+    for folder, text in quotas.items():
+        (tmp_path / 'fs' / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'fs' / folder / 'cpu.max').write_text(text + '\n')
+    monkeypatch.setattr(onednn, 'PROC_CGROUP', str(tmp_path / 'proc_cgroup'))
+    monkeypatch.setattr(onednn, 'CGROUP_ROOT', str(tmp_path / 'fs'))
     assert onednn._threads() == (cap or 4)
     monkeypatch.setenv(onednn.THREADS_ENV, '3')   # an explicit count wins
     assert onednn._threads() == 3

@@ -278,6 +278,7 @@ for 'onednn'."""
 def add_relu(a, b, impl: str):
     """A residual block's ending, relu(a + b): one oneDNN pass for 'onednn' (XLA:CPU's bf16
     element-wise passes were several times slower), XLA's otherwise."""
-    if a.ndim == 4 and resolve_conv_impl(impl, a.dtype) == 'onednn':
-        return onednn.onednn_add_relu(a, b.astype(a.dtype))
+    dtype = jnp.result_type(a, b)   # XLA's promotion, on either path
+    if a.ndim == 4 and resolve_conv_impl(impl, dtype) == 'onednn':
+        return onednn.onednn_add_relu(a.astype(dtype), b.astype(dtype))
     return jax.nn.relu(a + b)

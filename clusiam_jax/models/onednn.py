@@ -16,7 +16,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -50,7 +49,10 @@ _loaded = []
 # on a shared machine) a team's step can stall many times over (docs/benchmarks.md,
 # "bfloat16 on this CPU"): CLUSIAM_ONEDNN_THREADS=1 there.
 THREADS_ENV = 'CLUSIAM_ONEDNN_THREADS'
-CGROUP_CPU_MAX = '/sys/fs/cgroup/cpu.max'   # "quota period" or "max period" (cgroup v2)
+# cgroup v2: the process's cgroup ("0::/path") and each cgroup's cpu.max ("quota period",
+# or "max period" without a quota).
+PROC_CGROUP = '/proc/self/cgroup'
+CGROUP_ROOT = '/sys/fs/cgroup'
 
 
 def _onednn_prefix():
@@ -190,24 +192,42 @@ def threads_env_problem():
     """What is wrong with CLUSIAM_ONEDNN_THREADS (one line), or None: checked at start
     (config.validate) rather than at the first step's compile."""
     value = os.environ.get(THREADS_ENV)
-    if value is not None and (not value.isdigit() or int(value) < 1):
+    if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
         return f'{THREADS_ENV}={value!r}: a whole number of threads >= 1'
     return None
 
 
 def usable_cores():
-    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
-    (containers are often limited by quota, not affinity, and oneDNN's spinning threads
-    stall when they outnumber the cores they get)."""
+    """The cores this process may use: its CPU affinity, capped by the whole CPUs of a
+    cgroup v2 CPU quota (containers and systemd units are often limited by quota, not
+    affinity, and oneDNN's spinning threads stall when they outnumber the cores they get,
+    so a 1.5-CPU quota gets one thread)."""
     cores = len(os.sched_getaffinity(0))
+    quota = _cgroup_quota_cores()
+    return cores if quota is None else min(cores, quota)
+
+
+def _cgroup_quota_cores():
+    """The least whole-CPU quota (at least 1) along this process's cgroup v2 path up to
+    the root (a parent's quota binds its children), or None where there is none."""
     try:
-        with open(CGROUP_CPU_MAX, encoding='ascii') as f:
-            quota, period = f.read().split()[:2]
-        if quota != 'max':
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):   # no cgroup v2 file, or one this cannot read
-        pass
-    return cores
+        with open(PROC_CGROUP, encoding='utf-8') as f:
+            path = next(line.split(':', 2)[2].strip() for line in f if line.startswith('0::'))
+    except (OSError, StopIteration):
+        path = '/'
+    limits = []
+    while True:
+        try:
+            with open(os.path.join(CGROUP_ROOT, path.lstrip('/'), 'cpu.max'),
+                      encoding='ascii') as f:
+                quota, period = f.read().split()[:2]
+            if quota != 'max':
+                limits.append(max(1, int(quota) // int(period)))
+        except (OSError, ValueError):   # no cpu.max here (the root has none), or unreadable
+            pass
+        if path in ('', '/'):
+            return min(limits) if limits else None
+        path = os.path.dirname(path)
 
 
 def _threads():
@@ -338,7 +358,8 @@ onednn_batch_norm.defvjp(_bn_forward, _bn_backward)
 @jax.custom_vjp
 def onednn_add_relu(a, b):
     """relu(a + b) (NHWC, one shape and dtype) in one pass by oneDNN: a residual block's
-    ending."""
+    ending. Unlike XLA's ReLU, oneDNN's turns a NaN into 0 (so does the batch norm's fused
+    one); a training step still sees it, in the gradients its non-finite check reads."""
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f'onednn_add_relu: {a.dtype}{list(a.shape)} and '
                          f'{b.dtype}{list(b.shape)} differ')
