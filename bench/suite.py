@@ -127,6 +127,11 @@ def fractions_of_peak(flops, pairs_per_s, batch, peaks):
             for key in PEAK_KEYS if peaks.get(key)}
 
 
+def _ours_name(dtype, conv_impl):
+    """How a ratio line names our run: the dtype, and the kernels when not the default."""
+    return dtype if conv_impl == 'auto' else f'{dtype} conv_impl={conv_impl}'
+
+
 def train_grid(suite, preset, theirs, args, size, batch, model):
     """Ours in each dtype and the original in float32 and amp+channels_last, alternated
     (the order reverses every repeat); a ratio line for each (ours, original) pair, with
@@ -134,9 +139,10 @@ def train_grid(suite, preset, theirs, args, size, batch, model):
     py = sys.executable
     common = ['--model', model, '--image-size', str(size), '--batch-size', str(batch),
               '--steps', str(preset['steps']), '--warmup', str(preset['warmup'])]
-    runs = [(('ours', dtype), [py, '-m', 'bench.train_step', '--dtype', dtype,
-                               '--sync-every', str(preset['sync_every'])] + common)
-            for dtype in args.dtypes or preset['dtypes']]
+    runs = [(('ours', _ours_name(dtype, impl)),
+             [py, '-m', 'bench.train_step', '--dtype', dtype, '--conv-impl', impl,
+              '--sync-every', str(preset['sync_every'])] + common)
+            for dtype in args.dtypes or preset['dtypes'] for impl in args.conv_impls]
     if theirs:
         runs += [(('original', name), theirs + ['--bench', 'train', '--threads',
                                                 str(preset['threads']), '--device',
@@ -256,6 +262,9 @@ def main():
     parser.add_argument('--xla-variant', action='append', metavar='KEY=VALUE',
                         help="an XLA option to also try on ours at the first train setting in "
                              "float32 (repeatable; default: the preset's variants)")
+    parser.add_argument('--conv-impls', nargs='+', default=['auto'],
+                        choices=['auto', 'xla', 'im2col', 'onednn'],
+                        help='ours with each model.conv_impl (cpu preset; default: auto)')
     parser.add_argument('--out', help='also append every JSON line to this file')
     args = parser.parse_args()
     preset = dict(PRESETS[args.preset])
@@ -263,6 +272,8 @@ def main():
         preset['train'] = [tuple(int(v) for v in s.split('x')) for s in args.train_settings]
     if args.steps:
         preset['steps'] = args.steps
+    if args.conv_impls != ['auto'] and not preset.get('original_both'):
+        parser.error(f'--conv-impls: the {args.preset} preset runs ours with auto only')
     if args.repeats is None:
         args.repeats = 1 if args.preset == 'gpu' else 2
     theirs = None
