@@ -361,6 +361,15 @@ def test_the_kernel_is_built_once_into_the_cache_and_reused(tmp_path):
     assert os.listdir(folder) == [os.path.basename(path)]
 
 
+@pytest.fixture
+def uncached_cores():
+    """usable_cores() is read once per process: afresh for this test, and not its faked
+    count for later ones."""
+    onednn.usable_cores.cache_clear()
+    yield
+    onednn.usable_cores.cache_clear()
+
+
 @pytest.mark.parametrize('quotas,cap', [
     ({'a/b': '50000 100000'}, 1),                            # half a CPU: one thread
     ({'a/b': '150000 100000'}, 1),                           # 1.5: whole CPUs only
@@ -371,7 +380,7 @@ def test_the_kernel_is_built_once_into_the_cache_and_reused(tmp_path):
     ({'a/b': 'garbled'}, None),
     ({}, None)])                                             # no cpu.max files at all
 def test_the_default_thread_count_is_capped_by_cgroup_cpu_quotas(monkeypatch, tmp_path,
-                                                                 quotas, cap):
+                                                                 uncached_cores, quotas, cap):
     """Affinity 4 cores, the process in cgroup /a/b: the least whole-CPU quota along the
     path caps the team."""
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})

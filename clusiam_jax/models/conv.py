@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from clusiam_jax.models import onednn
+from clusiam_jax.models.geometry import output_hw
 
 CONV_IMPLS = ('auto', 'xla', 'im2col', 'onednn')
 # XLA:CPU's default YNNPACK fusions less INDIVIDUAL_CONVOLUTION (tests/test_conv.py).
@@ -41,11 +42,6 @@ def _xla_conv(x, w, strides, padding):
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _output_hw(x_shape, kernel_hw, strides, padding):
-    return tuple((x_shape[1 + a] + sum(padding[a]) - kernel_hw[a]) // strides[a] + 1
-                 for a in (0, 1))
-
-
 def _strided_window(x, window, strides):
     """x[:, top::sh, left::sw, :] cut to (rows, cols): window = (top, left, rows, cols)."""
     top, left, rows, cols = window
@@ -55,7 +51,7 @@ def _strided_window(x, window, strides):
 
 def _tap_windows(x, kernel_hw, strides, padding, pad_value=0.0):
     """For each kernel tap (i, j), row-major: the [N, Ho, Wo, C] input window it sees."""
-    ho, wo = _output_hw(x.shape, kernel_hw, strides, padding)
+    ho, wo = output_hw(x.shape, kernel_hw, strides, padding)
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)),
                 constant_values=pad_value)
     return [_strided_window(x, (i, j, ho, wo), strides)
@@ -73,7 +69,7 @@ def _valid_taps(x_shape, w_shape, strides, padding):
     """Per kernel tap that meets real input: (i, j, input window (top, left, rows, cols),
     output rectangle (first row, rows, first col, cols))."""
     kh, kw = w_shape[:2]
-    ho, wo = _output_hw(x_shape, (kh, kw), strides, padding)
+    ho, wo = output_hw(x_shape, (kh, kw), strides, padding)
     taps = []
     for i in range(kh):
         h0, hn = _valid_range(x_shape[1], ho, i, strides[0], padding[0][0])
@@ -147,7 +143,7 @@ _valid_tap_conv.defvjp(_keep_inputs(_valid_tap_conv), _valid_tap_conv_bwd)
 def im2col_conv(x, w, strides, padding):
     """NHWC x HWIO convolution whose slow XLA:CPU parts are matrix products."""
     kh, kw = w.shape[:2]
-    out_h, out_w = _output_hw(x.shape, (kh, kw), strides, padding)
+    out_h, out_w = output_hw(x.shape, (kh, kw), strides, padding)
     if min(x.shape[1], out_h) < kh or min(x.shape[2], out_w) < kw:  # a map < the kernel
         return _valid_tap_conv(x, w, strides, padding)
     if (kh, kw) == (1, 1):

@@ -28,6 +28,7 @@ import numpy as np
 
 from clusiam_jax import fileio
 from clusiam_jax.errors import ConfigError
+from clusiam_jax.models.geometry import output_hw
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # The kernel's sources: the shared header, the convolutions and pooling, the normalization.
@@ -182,6 +183,7 @@ def load():
         if not os.path.exists(path):
             _build(prefix, path)
         library = ctypes.cdll.LoadLibrary(path)
+        library.ClusiamBnReluWorkspaceBytes.restype = ctypes.c_int64
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                         platform='cpu')
@@ -197,11 +199,12 @@ def threads_env_problem():
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def usable_cores():
     """The cores this process may use: its CPU affinity, capped by the whole CPUs of a
     cgroup v2 CPU quota (containers and systemd units are often limited by quota, not
     affinity, and oneDNN's spinning threads stall when they outnumber the cores they get,
-    so a 1.5-CPU quota gets one thread)."""
+    so a 1.5-CPU quota gets one thread). Read once: every custom call asks at trace time."""
     cores = len(os.sched_getaffinity(0))
     quota = _cgroup_quota_cores()
     return cores if quota is None else min(cores, quota)
@@ -238,23 +241,23 @@ def _threads():
     return usable_cores() if value is None else int(value)
 
 
-def _attributes(strides, padding):
-    (top, bottom), (left, right) = padding
-    return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(top),
-                pb=np.int64(bottom), pl=np.int64(left), pr=np.int64(right),
-                threads=np.int64(_threads()))
-
-
-def _output_shape(x_shape, window, strides, padding, channels):
-    return (x_shape[0],
-            *((x_shape[1 + a] + sum(padding[a]) - window[a]) // strides[a] + 1 for a in (0, 1)),
-            channels)
+def _run(target, outputs, *operands, **attributes):
+    """One oneDNN custom call: `outputs` a ShapeDtypeStruct or a tuple of them; float
+    attributes go as float32, the rest (ints, bools) as int64, with the thread count."""
+    typed = {k: np.float32(v) if isinstance(v, float) else np.int64(v)
+             for k, v in attributes.items()}
+    return jax.ffi.ffi_call(target, outputs)(*operands, **typed, threads=np.int64(_threads()))
 
 
 def _call(target, shape, dtype, *operands, strides, padding, **window):
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype))(
-        *operands, **_attributes(strides, padding),
-        **{k: np.int64(v) for k, v in window.items()})
+    """A convolution or pooling call: one output, the geometry as attributes."""
+    (top, bottom), (left, right) = padding
+    return _run(target, jax.ShapeDtypeStruct(shape, dtype), *operands, sh=strides[0],
+                sw=strides[1], pt=top, pb=bottom, pl=left, pr=right, **window)
+
+
+def _output_shape(x_shape, window, strides, padding, channels):
+    return (x_shape[0], *output_hw(x_shape, window, strides, padding), channels)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -307,18 +310,11 @@ onednn_max_pool.defvjp(_pool_forward, _pool_backward)
 def _workspace_bytes(shape, dtype):
     """The bytes oneDNN's batch norm with a fused ReLU keeps for its backward (asked of the
     library: a bit per element on its CPU kernels, but that is its choice)."""
-    function = _loaded[0].ClusiamBnReluWorkspaceBytes
-    function.restype = ctypes.c_int64
-    size = function(*(ctypes.c_int64(v) for v in shape),
-                    ctypes.c_int64(int(jnp.dtype(dtype) == jnp.bfloat16)))
+    size = _loaded[0].ClusiamBnReluWorkspaceBytes(
+        *(ctypes.c_int64(v) for v in shape), ctypes.c_int64(int(jnp.dtype(dtype) == jnp.bfloat16)))
     if size < 0:
         raise ValueError(f'oneDNN has no fused batch norm + ReLU for {dtype} {shape}')
     return size
-
-
-def _bn_call(target, outputs, *operands, epsilon, relu):
-    return jax.ffi.ffi_call(target, outputs)(
-        *operands, epsilon=np.float32(epsilon), relu=np.int64(relu), threads=np.int64(_threads()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -334,21 +330,22 @@ def _bn_forward(x, scale, bias, epsilon, relu):
     channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
     workspace = jax.ShapeDtypeStruct((_workspace_bytes(x.shape, x.dtype) if relu else 0,),
                                      jnp.uint8)
-    y, mean, var, mask = _bn_call(
+    y, mean, var, mask = _run(
         'clusiam_onednn_batch_norm_forward',
         (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels, workspace),
-        x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=epsilon, relu=relu)
+        x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=float(epsilon),
+        relu=relu)
     return (y, mean, var), (x, scale, mean, var, mask)
 
 
 def _bn_backward(epsilon, relu, residuals, cotangents):
     x, scale, mean, var, mask = residuals
     channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-    dx, dscale, dbias = _bn_call(
+    dx, dscale, dbias = _run(
         'clusiam_onednn_batch_norm_backward',
         (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels),
         x, cotangents[0].astype(x.dtype), scale.astype(jnp.float32), mean, var, mask,
-        epsilon=epsilon, relu=relu)
+        epsilon=float(epsilon), relu=relu)
     return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
@@ -364,9 +361,7 @@ def onednn_add_relu(a, b):
         raise ValueError(f'onednn_add_relu: {a.dtype}{list(a.shape)} and '
                          f'{b.dtype}{list(b.shape)} differ')
     load()
-    return jax.ffi.ffi_call('clusiam_onednn_add_relu_forward',
-                            jax.ShapeDtypeStruct(a.shape, a.dtype))(
-        a, b, threads=np.int64(_threads()))
+    return _run('clusiam_onednn_add_relu_forward', jax.ShapeDtypeStruct(a.shape, a.dtype), a, b)
 
 
 def _add_relu_forward(a, b):
@@ -375,9 +370,8 @@ def _add_relu_forward(a, b):
 
 
 def _add_relu_backward(out, g):
-    dz = jax.ffi.ffi_call('clusiam_onednn_add_relu_backward',
-                          jax.ShapeDtypeStruct(out.shape, out.dtype))(
-        out, g.astype(out.dtype), threads=np.int64(_threads()))
+    dz = _run('clusiam_onednn_add_relu_backward', jax.ShapeDtypeStruct(out.shape, out.dtype),
+              out, g.astype(out.dtype))
     return dz, dz
 
 

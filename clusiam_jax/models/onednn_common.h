@@ -63,8 +63,8 @@ inline Dims Nchw(ffi::Span<const int64_t> nhwc) {
 
 // A primitive with the kernel-side reorder it needs (none when oneDNN takes HWIO).
 struct Plan {
-  dnnl::primitive conv;      // the primitive (convolution, pooling, normalization, ...)
-  memory::desc kernel_desc;  // the layout it wants for the kernel (else: its workspace)
+  dnnl::primitive primitive;  // convolution, pooling, normalization, ...
+  memory::desc kernel_desc;   // the layout it wants for the kernel (else: its workspace)
   std::unique_ptr<dnnl::reorder> kernel_reorder;
 };
 

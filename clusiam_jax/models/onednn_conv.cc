@@ -40,9 +40,9 @@ memory KernelIn(const Plan& plan, memory user, dnnl::stream& stream) {
   return inner;
 }
 
-Plan WithReorder(dnnl::primitive conv, const memory::desc& wanted, const memory::desc& user,
+Plan WithReorder(dnnl::primitive primitive, const memory::desc& wanted, const memory::desc& user,
                  bool to_user) {
-  Plan plan{conv, wanted, nullptr};
+  Plan plan{primitive, wanted, nullptr};
   if (wanted != user) {
     plan.kernel_reorder = to_user
         ? std::make_unique<dnnl::reorder>(dnnl::reorder::primitive_desc(
@@ -68,7 +68,7 @@ void RunWithKernel(const Plan& plan, const Geometry& g, const Activation& in, vo
   memory input(Nhwc(in.dims, g.type), Engine(), in.data);
   memory output(Nhwc(out.dims, g.type), Engine(), out.data);
   memory wei = KernelIn(plan, memory(Hwio(g.wei, g.type), Engine(), w), stream);
-  plan.conv.execute(stream, {{in.arg, input}, {DNNL_ARG_WEIGHTS, wei}, {out.arg, output}});
+  plan.primitive.execute(stream, {{in.arg, input}, {DNNL_ARG_WEIGHTS, wei}, {out.arg, output}});
   stream.wait();
 }
 
@@ -137,7 +137,7 @@ ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
     memory diff_dst(Nhwc(g.dst, g.type), Engine(), dy.untyped_data());
     memory user_dw(Hwio(g.wei, f32), Engine(), dw->untyped_data());
     memory inner = plan->kernel_reorder ? memory(plan->kernel_desc, Engine()) : user_dw;
-    plan->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+    plan->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
                                 {DNNL_ARG_DIFF_WEIGHTS, inner}});
     if (plan->kernel_reorder) plan->kernel_reorder->execute(stream, inner, user_dw);
     stream.wait();
@@ -184,7 +184,7 @@ ffi::Error PoolForwardImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int6
     memory in(Nhwc(src, type), Engine(), x.untyped_data());
     memory out(Nhwc(dst, type), Engine(), y->untyped_data());
     memory workspace(plan->kernel_desc, Engine());
-    plan->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out},
+    plan->primitive.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out},
                                 {DNNL_ARG_WORKSPACE, workspace}});
     stream.wait();
   });
@@ -215,11 +215,11 @@ ffi::Error PoolBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
     memory in(Nhwc(src, type), Engine(), x.untyped_data());
     memory out(Nhwc(dst, type), Engine());
     memory workspace(forward->kernel_desc, Engine());
-    forward->conv.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out},
+    forward->primitive.execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out},
                                    {DNNL_ARG_WORKSPACE, workspace}});
     memory diff_dst(Nhwc(dst, type), Engine(), dy.untyped_data());
     memory diff_src(Nhwc(src, type), Engine(), dx->untyped_data());
-    backward->conv.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
+    backward->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
                                     {DNNL_ARG_DIFF_SRC, diff_src},
                                     {DNNL_ARG_WORKSPACE, workspace}});
     stream.wait();

@@ -57,7 +57,7 @@ void RunBn(const Plan& plan, bool relu, size_t workspace_bytes, void* workspace,
     args[DNNL_ARG_WORKSPACE] = memory(plan.kernel_desc, Engine(), workspace);
   }
   dnnl::stream stream(Engine());
-  plan.conv.execute(stream, args);
+  plan.primitive.execute(stream, args);
   stream.wait();
 }
 
@@ -138,7 +138,7 @@ ffi::Error AddReluForwardImpl(ffi::AnyBuffer a, ffi::AnyBuffer b,
     });
     auto at = [&](void* data) { return memory(Nhwc(dims, type), Engine(), data); };
     dnnl::stream stream(Engine());
-    plan->conv.execute(stream, {{DNNL_ARG_SRC_0, at(a.untyped_data())},
+    plan->primitive.execute(stream, {{DNNL_ARG_SRC_0, at(a.untyped_data())},
                                 {DNNL_ARG_SRC_1, at(b.untyped_data())},
                                 {DNNL_ARG_DST, at(out->untyped_data())}});
     stream.wait();
@@ -163,7 +163,7 @@ ffi::Error AddReluBackwardImpl(ffi::AnyBuffer out, ffi::AnyBuffer g,
     });
     auto at = [&](void* data) { return memory(Nhwc(dims, type), Engine(), data); };
     dnnl::stream stream(Engine());
-    plan->conv.execute(stream, {{DNNL_ARG_DST, at(out.untyped_data())},
+    plan->primitive.execute(stream, {{DNNL_ARG_DST, at(out.untyped_data())},
                                 {DNNL_ARG_DIFF_DST, at(g.untyped_data())},
                                 {DNNL_ARG_DIFF_SRC, at(dz->untyped_data())}});
     stream.wait();
